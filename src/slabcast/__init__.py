@@ -1,0 +1,62 @@
+"""slabcast: one broker fans live streams out to many processes through shared memory."""
+
+# General layout, bottom to top:
+#
+#   _shm        shared-memory segments: created and unlinked by the broker, mapped by clients
+#   _rechunk    the rechunking rules (size, clip, sampler), pure index arithmetic, no data
+#   _protocol   wire protocol v1: msgpack arrays over ZeroMQ (docs/protocol.md)
+#   _broker     the broker: slab pool, one Rechunker per subscriber, notices, leases
+#   _client     a client's connection: handshake, broker-death detection, error mapping
+#   _publisher  Publisher: copies each frame once into a slab, sends FRAME
+#   _subscriber Subscriber/Chunk: zero-copy read-only numpy views, releases when views die
+#   _process    BrokerProcess: a broker in a child process
+#   _cli        the `slabcast` command
+
+from ._exceptions import BrokerGoneError as BrokerGoneError
+from ._exceptions import BrokerRunningError as BrokerRunningError
+from ._exceptions import ClosedError as ClosedError
+from ._exceptions import EndOfStream as EndOfStream
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import PublisherGoneError as PublisherGoneError
+from ._exceptions import RequestError as RequestError
+from ._exceptions import ShmFullError as ShmFullError
+from ._exceptions import SlabcastError as SlabcastError
+from ._exceptions import StreamExistsError as StreamExistsError
+from ._exceptions import StreamNotFoundError as StreamNotFoundError
+from ._exceptions import WouldBlock as WouldBlock
+from ._exceptions import WriteTimeout as WriteTimeout
+
+__version__ = "0.1.0"
+
+from ._address import default_address as default_address
+from ._control import broker_status as broker_status
+from ._info import StreamInfo as StreamInfo
+from ._info import SubscriberStatistics as SubscriberStatistics
+from ._process import BrokerProcess as BrokerProcess
+from ._publisher import Publisher as Publisher
+from ._subscriber import Chunk as Chunk
+from ._subscriber import Subscriber as Subscriber
+
+__all__ = [
+    "BrokerGoneError",
+    "BrokerProcess",
+    "BrokerRunningError",
+    "Chunk",
+    "ClosedError",
+    "EndOfStream",
+    "ProtocolError",
+    "Publisher",
+    "PublisherGoneError",
+    "RequestError",
+    "ShmFullError",
+    "SlabcastError",
+    "StreamExistsError",
+    "StreamInfo",
+    "StreamNotFoundError",
+    "Subscriber",
+    "SubscriberStatistics",
+    "WouldBlock",
+    "WriteTimeout",
+    "broker_status",
+    "default_address",
+]

@@ -1,0 +1,101 @@
+"""Broker addresses: the per-user default, ipc path checks, and the lock that keeps one broker per address."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+
+from ._exceptions import BrokerRunningError
+
+__all__ = ["AddressLock", "default_address", "ipc_path", "normalize"]
+
+ENV = "SLABCAST_ADDRESS"
+_IPC_MAX = 107  # sun_path is 108 bytes including the NUL
+
+
+def default_address() -> str:
+    """Return ``$SLABCAST_ADDRESS``, else ``ipc://<runtime dir>/slabcast/broker.sock``.
+
+    The runtime dir is ``$XDG_RUNTIME_DIR`` when set, else ``<tmp>/slabcast-<uid>``.
+    """
+    env = os.environ.get(ENV)
+    if env:
+        return normalize(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"slabcast-{os.getuid()}")
+    return f"ipc://{os.path.join(runtime, 'slabcast', 'broker.sock')}"
+
+
+def normalize(address: str | os.PathLike[str] | None) -> str:
+    """Return a ZeroMQ endpoint: ``None`` -> the default, a bare path -> ``ipc://<absolute path>``.
+
+    Raises
+    ------
+    ValueError
+        If the address is neither ``ipc://``, ``tcp://`` nor a path, or if an ipc
+        path is longer than the 107 bytes a Unix socket address can hold.
+    """
+    if address is None:
+        return default_address()
+    text = os.fspath(address)
+    if not text:
+        raise ValueError("address must be an ipc:// endpoint, a tcp:// endpoint or a socket path, got ''")
+    if text.startswith("tcp://"):
+        return text
+    if "://" in text and not text.startswith("ipc://"):
+        raise ValueError(f"address must be an ipc:// endpoint, a tcp:// endpoint or a socket path, got {text!r}")
+    path = os.path.abspath(text.removeprefix("ipc://"))
+    if len(path.encode()) > _IPC_MAX:
+        raise ValueError(f"ipc socket path must be at most {_IPC_MAX} bytes, got {len(path.encode())}: {path!r}")
+    return f"ipc://{path}"
+
+
+def ipc_path(address: str) -> str | None:
+    """Return the socket file path of an ``ipc://`` address, ``None`` for other transports."""
+    return address[len("ipc://") :] if address.startswith("ipc://") else None
+
+
+class AddressLock:
+    """An exclusive ``flock`` on ``<socket path>.lock``, held for the broker's lifetime.
+
+    ZeroMQ lets a second process bind the same ipc path and silently take the
+    traffic; the lock makes the second broker fail loudly instead.  The lock file
+    holds the pid of its owner.  The socket's directory is created ``0o700``.
+    """
+
+    def __init__(self, address: str) -> None:
+        path = ipc_path(address)
+        if path is None:
+            raise ValueError(f"only ipc:// addresses are locked, got {address!r}")
+        self.sock_path = path
+        self.path = path + ".lock"
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise BrokerRunningError(
+                f"a broker (pid {owner}) already serves {address}; stop it first or choose another address"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+        # The lock is ours, so a socket file here is a dead broker's leftover.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def release(self) -> None:
+        """Remove the socket and lock files and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        for p in (self.sock_path, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        os.close(self._fd)
+        self._fd = None

@@ -1,0 +1,760 @@
+"""The broker: owns every stream's slabs, rechunks for each subscriber, sends notices, reclaims leases.
+
+One thread, one ZeroMQ ROUTER socket.  Publishers copy each frame once into a
+slab the broker granted them and send a small FRAME notice; the broker runs every
+subscriber's :class:`~slabcast._rechunk.Rechunker` over the frame's position and
+sends each completed chunk as a CHUNK notice (offset, length, t0, seq).  A chunk's
+slab is leased until the subscriber releases it, and only slabs with no lease go
+back to the publisher.  See docs/protocol.md for the messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import _protocol as P
+from ._address import AddressLock, ipc_path, normalize
+from ._exceptions import ProtocolError, ShmFullError
+from ._rechunk import Rechunker
+from ._shm import HEADER_BYTES, Segment, pid_alive, reap_stale, segment_prefix
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("slabcast.broker")
+
+_SWEEP_INTERVAL = 0.5  # seconds between liveness checks of client processes
+_GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
+_MAX_SUBSCRIBERS = 256  # per stream
+_MAX_INFLIGHT = 1024
+_PAUSE_PREFETCH_MAX = 4096
+
+# Slab states.
+_FREE, _GRANTED, _CURRENT, _RETIRED = range(4)
+
+
+class _Refused(Exception):
+    """A request the broker answers with ERROR ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Client:
+    __slots__ = ("ident", "label", "pid", "role", "stream", "sub")
+
+    def __init__(self, ident: bytes, pid: int, role: str, label: str) -> None:
+        self.ident = ident
+        self.pid = pid
+        self.role = role
+        self.label = label
+        self.stream: _Stream | None = None  # the stream this client publishes
+        self.sub: _Sub | None = None
+
+
+class _Sub:
+    """One subscription: its rechunker, its leases and its flow control."""
+
+    __slots__ = (
+        "backlog",
+        "chunker",
+        "client",
+        "const_pause",
+        "delivered",
+        "dropped",
+        "end",
+        "inflight",
+        "last_pause",
+        "leases",
+        "max_inflight",
+        "pauses",
+        "policy",
+        "seq",
+        "stream",
+    )
+
+    def __init__(
+        self, client: _Client, stream: _Stream, size: int, clip: bool, policy: str, max_inflight: int, sampler: Any
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.policy = policy
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.leases: dict[int, int] = {}  # seq -> slab
+        self.backlog: deque[tuple[int, bytes]] = deque()  # (seq, packed CHUNK) waiting for credit
+        self.seq = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.end: tuple[str, str] | None = None  # END to send once the backlog is empty
+        self.pauses: deque[float] = deque()
+        self.last_pause = 0.0
+        self.const_pause: float | None = None
+        next_pause: Callable[[], float] | None = None
+        if isinstance(sampler, int | float):
+            self.const_pause = float(sampler)
+            next_pause = self._const
+        elif isinstance(sampler, tuple):
+            self.pauses.extend(sampler)
+            next_pause = self._next_pause
+        self.chunker = Rechunker(size, clip, stream.rate, next_pause)
+
+    def _const(self) -> float:
+        return self.const_pause  # type: ignore[return-value]
+
+    def _next_pause(self) -> float:
+        # Pauses are drawn in the subscriber's process ahead of use; when it has fallen
+        # further behind than its prefetch, the last value drawn stands in.
+        if self.pauses:
+            self.last_pause = self.pauses.popleft()
+        return self.last_pause
+
+
+class _Stream:
+    """A stream's segment, slab states and the position of its newest sample."""
+
+    def __init__(
+        self,
+        name: str,
+        dtype: np.dtype[Any],
+        channels: int,
+        rate: float | None,
+        slab_bytes: int,
+        nslabs: int,
+        reserve: int,
+        channel_names: list[str],
+        segment: Segment,
+    ) -> None:
+        self.name = name
+        self.dtype = dtype
+        self.channels = channels
+        self.rate = rate
+        self.sample_bytes = dtype.itemsize * channels
+        self.slab_bytes = slab_bytes
+        self.nslabs = nslabs
+        self.reserve = reserve
+        self.channel_names = channel_names
+        self.segment = segment
+        self.u8 = np.frombuffer(segment.buf, dtype=np.uint8)
+        self.state = [_FREE] * nslabs
+        self.leases = [0] * nslabs
+        self.free: deque[int] = deque(range(nslabs))
+        self.granted: deque[int] = deque()
+        self.current: int | None = None
+        self.base_index = 0  # offset(index) = base_offset + (index - base_index) * sample_bytes
+        self.base_offset = 0
+        self.next_offset = -1
+        self.slab_end = 0
+        self.head = 0  # index of the next sample
+        self.frames = 0
+        self.publisher: _Client | None = None
+        self.subs: list[_Sub] = []
+        self.ended = False
+        self.created = time.time()
+
+    def slab_start(self, slab: int) -> int:
+        return HEADER_BYTES + slab * self.slab_bytes
+
+    def unpin(self, slab: int) -> None:
+        self.leases[slab] -= 1
+        if self.leases[slab] == 0 and self.state[slab] == _RETIRED:
+            self.state[slab] = _FREE
+            self.free.append(slab)
+
+
+class Broker:
+    """The broker's state and event loop.
+
+    Parameters
+    ----------
+    address : str, optional
+        ``ipc://path``, a socket path, or ``None`` for the per-user default.
+    shm_mode : int
+        Permission bits of the segments it creates (``0o600``, or ``0o660`` for
+        consumers in a shared group).
+
+    Notes
+    -----
+    Construct it, then call :meth:`serve` (blocking).  SIGINT and SIGTERM, or
+    :meth:`stop` from a signal handler, end :meth:`serve` cleanly: every client is
+    told, every segment is unlinked, the socket and lock files are removed.
+    """
+
+    def __init__(self, address: str | None = None, *, shm_mode: int = 0o600) -> None:
+        self.address = normalize(address)
+        self.shm_mode = shm_mode
+        self.pid = os.getpid()
+        self.epoch = secrets.randbits(32)
+        self.started = time.time()
+        self._lock = AddressLock(self.address) if ipc_path(self.address) else None
+        reaped = reap_stale()
+        if reaped:
+            log.info("removed %d segments of dead brokers: %s", len(reaped), ", ".join(reaped))
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        self._router.setsockopt(zmq.SNDHWM, 0)  # credit-based flow control bounds what we queue
+        self._router.setsockopt(zmq.RCVHWM, 0)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._router.bind(self.address)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            if self._lock:
+                self._lock.release()
+            raise OSError(f"cannot bind the broker to {self.address}: {exc}") from exc
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._clients: dict[bytes, _Client] = {}
+        self._streams: dict[str, _Stream] = {}  # open streams by name
+        self._draining: list[_Stream] = []  # ended streams whose subscribers are still attached
+        self._outbox: dict[bytes, deque[bytes]] = {}
+        self._segments = 0
+        self._stopping = False
+        self._last_sweep = 0.0
+        self._handlers: dict[int, Callable[[_Client, tuple[Any, ...]], None]] = {
+            P.OPEN: self._on_open,
+            P.FRAME: self._on_frame,
+            P.CLOSE: self._on_close,
+            P.SUBSCRIBE: self._on_subscribe,
+            P.RELEASE: self._on_release,
+            P.BYE: self._on_bye,
+            P.STATUS: self._on_status,
+            P.UNSUBSCRIBE: self._on_unsubscribe,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def stop(self, *_: Any) -> None:
+        """Ask :meth:`serve` to finish (safe from a signal handler)."""
+        self._stopping = True
+
+    def serve(self, ready: Callable[[], None] | None = None, handle_signals: bool = True) -> None:
+        """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old: list[Any] = []
+        if handle_signals:
+            old = [signal.signal(signal.SIGTERM, self.stop), signal.signal(signal.SIGINT, self.stop)]
+            old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        log.info("broker %d serving %s", self.pid, self.address)
+        if ready is not None:
+            ready()
+        try:
+            while not self._stopping:
+                events = dict(poller.poll(int(_SWEEP_INTERVAL * 1000)))
+                if self._router in events:
+                    self._drain()
+                if self._monitor in events:
+                    self._drain_monitor()
+                if wake_r.fileno() in events:
+                    with contextlib.suppress(OSError):
+                        wake_r.recv(4096)
+                if self._outbox:
+                    self._flush_outbox()
+                if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:
+                    self._sweep()
+        finally:
+            if handle_signals:
+                signal.set_wakeup_fd(old_fd)
+                signal.signal(signal.SIGTERM, old[0])
+                signal.signal(signal.SIGINT, old[1])
+            wake_r.close()
+            wake_w.close()
+            self._shutdown()
+
+    def _drain(self, limit: int = 10_000) -> None:
+        router = self._router
+        for _ in range(limit):
+            try:
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(parts) != 2:
+                if parts:
+                    self._error(parts[0], P.ERR_MALFORMED, f"expected one message part, got {len(parts) - 1}")
+                continue
+            self._on_message(parts[0], parts[1])
+
+    def _drain_monitor(self) -> None:
+        disconnected = False
+        while True:
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            disconnected = True
+        if disconnected:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop clients whose process has died (after handling what they sent)."""
+        self._last_sweep = time.monotonic()
+        dead = [c for c in self._clients.values() if c.pid > 0 and not pid_alive(c.pid)]
+        if not dead:
+            return
+        self._drain()
+        for client in dead:
+            if client.ident in self._clients:
+                log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid, client.role)
+                self._drop_client(client, gone=True)
+
+    # ------------------------------------------------------------- messages
+
+    def _on_message(self, ident: bytes, raw: bytes) -> None:
+        client = self._clients.get(ident)
+        try:
+            msg = P.unpack(raw)
+            if client is None:
+                if msg[0] != P.HELLO:
+                    raise ProtocolError(f"expected HELLO as the first message, got kind {msg[0]}")
+                self._on_hello(ident, msg)
+                return
+            handler = self._handlers.get(msg[0])
+            if handler is None:
+                raise ProtocolError(f"unknown message kind {msg[0]}")
+            handler(client, msg)
+        except ProtocolError as exc:
+            self._error(ident, P.ERR_MALFORMED, str(exc))
+        except _Refused as exc:
+            self._error(ident, exc.code, str(exc))
+        except Exception as exc:  # one bad message must never take the broker down
+            log.exception("error handling a message from %r", ident)
+            self._error(ident, P.ERR_MALFORMED, f"{type(exc).__name__}: {exc}")
+
+    def _send(self, ident: bytes, payload: bytes) -> None:
+        box = self._outbox.get(ident)
+        if box is not None:
+            box.append(payload)
+            return
+        try:
+            self._router.send_multipart((ident, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self._outbox[ident] = deque([payload])
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                client = self._clients.get(ident)
+                if client is not None:
+                    self._drop_client(client, gone=True)
+            else:
+                raise
+
+    def _flush_outbox(self) -> None:
+        for ident in list(self._outbox):
+            box = self._outbox[ident]
+            while box:
+                try:
+                    self._router.send_multipart((ident, box[0]), zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    box.clear()
+                    break
+                box.popleft()
+            if not box:
+                del self._outbox[ident]
+
+    def _error(self, ident: bytes, code: str, message: str) -> None:
+        self._send(ident, P.pack([P.ERROR, code, message]))
+
+    def _on_hello(self, ident: bytes, msg: tuple[Any, ...]) -> None:
+        if len(msg) < 2 or type(msg[1]) is not int:
+            raise ProtocolError("HELLO must start [HELLO, version, ...]")
+        if msg[1] != P.VERSION:
+            raise _Refused(
+                P.ERR_VERSION,
+                f"protocol version mismatch: broker speaks version {P.VERSION}, client speaks version {msg[1]}",
+            )
+        P.check_fields(msg, int, int, str, str)
+        role = msg[3]
+        if role not in ("pub", "sub", "ctl"):
+            raise ProtocolError(f"HELLO role must be 'pub', 'sub' or 'ctl', got {role!r}")
+        self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128])
+        self._send(ident, P.pack([P.WELCOME, P.VERSION, self.pid, self.epoch]))
+
+    def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)))
+        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names = msg
+        if client.role != "pub" or client.stream is not None or client.sub is not None:
+            raise _Refused(P.ERR_BAD_REQUEST, "OPEN is for a publisher connection that has no stream yet")
+        try:
+            P.check_stream_name(name)
+            dtype = P.check_dtype(dtype_s)
+        except (TypeError, ValueError) as exc:
+            raise _Refused(P.ERR_BAD_REQUEST, str(exc)) from None
+        if not 1 <= channels <= 65535:
+            raise _Refused(P.ERR_BAD_REQUEST, f"channels must be 1..65535, got {channels}")
+        if rate is not None and not (rate > 0 and rate < float("inf")):
+            raise _Refused(P.ERR_BAD_REQUEST, f"rate must be a positive number of Hz or nil, got {rate!r}")
+        if slab_bytes < 4096 or slab_bytes % 4096 or slab_bytes > 1 << 30:
+            raise _Refused(P.ERR_BAD_REQUEST, f"slab_bytes must be a multiple of 4096 in 4096..2**30, got {slab_bytes}")
+        if not 2 <= nslabs <= 4096:
+            raise _Refused(P.ERR_BAD_REQUEST, f"nslabs must be 2..4096, got {nslabs}")
+        sample_bytes = dtype.itemsize * channels
+        reserve = max_chunk_bytes // sample_bytes * sample_bytes
+        if reserve < sample_bytes or slab_bytes - reserve < sample_bytes:
+            raise _Refused(
+                P.ERR_BAD_REQUEST,
+                f"max_chunk_bytes must leave room for one sample ({sample_bytes} bytes) on each side of "
+                f"a {slab_bytes}-byte slab, got {max_chunk_bytes}",
+            )
+        if names is None:
+            names = [f"ch_{i}" for i in range(channels)]
+        elif len(names) != channels or not all(isinstance(n, str) for n in names):
+            raise _Refused(P.ERR_BAD_REQUEST, f"channel_names must be {channels} strings, got {names!r}")
+        if name in self._streams:
+            raise _Refused(P.ERR_STREAM_EXISTS, f"stream {name!r} already has a publisher")
+        seg_name = segment_prefix(self.pid, self.epoch) + str(self._segments)
+        self._segments += 1
+        try:
+            segment = Segment(seg_name, HEADER_BYTES + nslabs * slab_bytes, self.shm_mode)
+        except ShmFullError as exc:
+            raise _Refused(P.ERR_SHM_FULL, str(exc)) from None
+        segment.write_header(
+            slab_bytes=slab_bytes,
+            nslabs=nslabs,
+            sample_bytes=sample_bytes,
+            channels=channels,
+            broker_pid=self.pid,
+            rate=rate,
+            dtype=dtype.str,
+            epoch=self.epoch,
+            name=name,
+        )
+        stream = _Stream(name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve,
+                         list(names), segment)  # fmt: skip
+        stream.publisher = client
+        client.stream = stream
+        self._streams[name] = stream
+        log.info("stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes", name, client.label,
+                 dtype, channels, rate, nslabs, slab_bytes)  # fmt: skip
+        self._send(
+            client.ident,
+            P.pack([P.OPENED, seg_name, segment.nbytes, HEADER_BYTES, slab_bytes, nslabs, reserve, sample_bytes]),
+        )
+        self._grant(stream)
+
+    def _grant(self, stream: _Stream) -> None:
+        publisher = stream.publisher
+        if publisher is None:
+            return
+        while stream.free and len(stream.granted) < _GRANT_AHEAD:
+            slab = stream.free.popleft()
+            stream.state[slab] = _GRANTED
+            stream.granted.append(slab)
+            self._send(publisher.ident, P.pack([P.GRANT, slab]))
+
+    def _on_frame(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        if len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
+            P.check_fields(msg, int, int, (int, float))
+        _, offset, n, t0 = msg
+        stream = client.stream
+        if stream is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
+        nbytes = n * stream.sample_bytes
+        if n <= 0:
+            raise _Refused(P.ERR_FRAME, f"FRAME must hold at least one sample, got n={n}")
+        if offset != stream.next_offset:
+            # The first frame of a new slab: the publisher moved to the oldest slab it was granted.
+            if not stream.granted or offset != stream.slab_start(stream.granted[0]) + stream.reserve:
+                expected = f"{stream.next_offset}" if stream.current is not None else "none yet"
+                raise _Refused(
+                    P.ERR_FRAME,
+                    f"FRAME offset {offset} is neither the next offset ({expected}) nor the data start "
+                    f"of the next granted slab (granted: {list(stream.granted)})",
+                )
+            self._switch_slab(stream, stream.granted.popleft())
+        if offset + nbytes > stream.slab_end:
+            raise _Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
+        stream.next_offset = offset + nbytes
+        index = stream.head
+        stream.head = index + n
+        stream.frames += 1
+        for sub in stream.subs:
+            chunks = sub.chunker.feed(index, n, t0)
+            if chunks:
+                for start, length, ct0 in chunks:
+                    self._emit(stream, sub, start, length, ct0)
+
+    def _switch_slab(self, stream: _Stream, slab: int) -> None:
+        start = stream.slab_start(slab)
+        new_base = start + stream.reserve
+        old = stream.current
+        if old is not None:
+            # Carry what subscribers have accumulated so every chunk stays inside one slab.
+            pending = [s.chunker.start for s in stream.subs if s.chunker.start is not None]
+            if pending:
+                lo = min(pending)
+                nbytes = (stream.head - lo) * stream.sample_bytes
+                src = stream.base_offset + (lo - stream.base_index) * stream.sample_bytes
+                stream.u8[new_base - nbytes : new_base] = stream.u8[src : src + nbytes]
+            stream.state[old] = _RETIRED
+            if stream.leases[old] == 0:
+                stream.state[old] = _FREE
+                stream.free.append(old)
+        stream.state[slab] = _CURRENT
+        stream.current = slab
+        stream.base_index = stream.head
+        stream.base_offset = new_base
+        stream.slab_end = start + stream.slab_bytes
+        self._grant(stream)
+
+    def _emit(self, stream: _Stream, sub: _Sub, start: int, length: int, t0: float) -> None:
+        seq = sub.seq
+        sub.seq = seq + 1
+        if sub.policy == "drop" and (sub.inflight >= sub.max_inflight or sub.backlog):
+            sub.dropped += 1
+            return
+        offset = stream.base_offset + (start - stream.base_index) * stream.sample_bytes
+        payload = P.pack([P.CHUNK, seq, start, length, t0, offset, 0])
+        slab = stream.current
+        assert slab is not None
+        stream.leases[slab] += 1
+        sub.leases[seq] = slab
+        if sub.inflight < sub.max_inflight and not sub.backlog:
+            sub.inflight += 1
+            sub.delivered += 1
+            self._send(sub.client.ident, payload)
+        else:
+            sub.backlog.append((seq, payload))
+
+    def _on_close(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg)
+        if client.stream is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "CLOSE from a connection that publishes no stream")
+        self._end_stream(client.stream, P.END_CLOSED, "the publisher closed the stream")
+
+    def _end_stream(self, stream: _Stream, code: str, message: str) -> None:
+        if stream.ended:
+            return
+        stream.ended = True
+        log.info("stream %r ended (%s) after %d samples", stream.name, code, stream.head)
+        if stream.publisher is not None:
+            stream.publisher.stream = None
+            stream.publisher = None
+        self._streams.pop(stream.name, None)
+        for slab in stream.granted:
+            stream.state[slab] = _FREE
+        stream.granted.clear()
+        for sub in stream.subs:
+            if sub.backlog:
+                sub.end = (code, message)  # sent once the backlog has drained
+            else:
+                self._send(sub.client.ident, P.pack([P.END, code, message]))
+        if stream.subs:
+            self._draining.append(stream)
+        else:
+            self._destroy(stream)
+
+    def _destroy(self, stream: _Stream) -> None:
+        del stream.u8
+        stream.segment.destroy()
+        with contextlib.suppress(ValueError):
+            self._draining.remove(stream)
+        log.info("stream %r: segment %s unlinked", stream.name, stream.segment.name)
+
+    def _on_subscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None)
+        _, name, size, seconds, clip, policy, max_inflight, sampler = msg
+        if client.role != "sub" or client.sub is not None:
+            raise _Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
+        stream = self._streams.get(name)
+        if stream is None:
+            known = ", ".join(sorted(self._streams)) or "none"
+            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
+        if policy not in P.POLICIES:
+            raise _Refused(P.ERR_BAD_REQUEST, f"policy must be 'block' or 'drop', got {policy!r}")
+        if not 1 <= max_inflight <= _MAX_INFLIGHT:
+            raise _Refused(P.ERR_BAD_REQUEST, f"max_inflight must be 1..{_MAX_INFLIGHT}, got {max_inflight}")
+        if (size is None) == (seconds is None):
+            raise _Refused(P.ERR_BAD_REQUEST, "give exactly one of size (samples) and seconds")
+        if seconds is not None:
+            if stream.rate is None:
+                raise _Refused(P.ERR_BAD_REQUEST, f"seconds= needs a stream with a rate; {name!r} has none, use size=")
+            if not seconds > 0:
+                raise _Refused(P.ERR_BAD_REQUEST, f"seconds must be > 0, got {seconds!r}")
+            size = max(1, round(seconds * stream.rate))
+        assert size is not None
+        if size <= 0:
+            raise _Refused(P.ERR_BAD_REQUEST, f"size must be a positive integer number of samples, got {size}")
+        if size * stream.sample_bytes > stream.reserve:
+            raise _Refused(
+                P.ERR_BAD_REQUEST,
+                f"a chunk of {size} samples ({size * stream.sample_bytes} bytes) is larger than stream {name!r} "
+                f"allows (max_chunk_bytes={stream.reserve}); open the stream with larger slab_bytes/max_chunk_bytes",
+            )
+        if sampler is not None and not isinstance(sampler, int | float | tuple):
+            raise ProtocolError(f"SUBSCRIBE sampler must be nil, a number or an array of numbers, got {sampler!r}")
+        values = sampler if isinstance(sampler, tuple) else (sampler,) if sampler is not None else ()
+        if len(values) > _PAUSE_PREFETCH_MAX or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
+            raise _Refused(P.ERR_BAD_REQUEST, f"sampler values must be numbers >= 0, got {sampler!r}")
+        if len(stream.subs) >= _MAX_SUBSCRIBERS:
+            raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
+        sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler)
+        client.sub = sub
+        stream.subs.append(sub)
+        log.info("%s subscribed to %r: size=%d clip=%s policy=%s", client.label, name, size, clip, policy)
+        self._send(
+            client.ident,
+            P.pack([P.SUBSCRIBED, stream.segment.name, stream.segment.nbytes, stream.dtype.str, stream.channels,
+                    stream.rate, size, stream.head, stream.channel_names]),  # fmt: skip
+        )
+
+    def _on_release(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg, tuple, tuple)
+        sub = client.sub
+        if sub is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription")
+        stream = sub.stream
+        unknown = []
+        for seq in msg[1]:
+            slab = sub.leases.pop(seq, None) if type(seq) is int else None
+            if slab is None:
+                unknown.append(seq)
+                continue
+            sub.inflight -= 1
+            stream.unpin(slab)
+        for value in msg[2][: _PAUSE_PREFETCH_MAX - len(sub.pauses)]:
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                sub.pauses.append(float(value))
+        while sub.backlog and sub.inflight < sub.max_inflight:
+            _, payload = sub.backlog.popleft()
+            sub.inflight += 1
+            sub.delivered += 1
+            self._send(client.ident, payload)
+        if sub.end is not None and not sub.backlog:
+            code, message = sub.end
+            sub.end = None
+            self._send(client.ident, P.pack([P.END, code, message]))
+        if not stream.ended:
+            self._grant(stream)
+        if unknown:
+            raise ProtocolError(f"RELEASE of chunks this subscriber does not hold: {unknown[:10]!r}")
+
+    def _on_bye(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        self._drop_client(client, gone=False)
+
+    def _on_unsubscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        # No more chunks; the leases it holds stay until RELEASE, BYE or its death.
+        sub = client.sub
+        if sub is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "UNSUBSCRIBE from a connection with no subscription")
+        self._detach(sub)
+
+    def _detach(self, sub: _Sub) -> None:
+        stream = sub.stream
+        for seq, _ in sub.backlog:
+            stream.unpin(sub.leases.pop(seq))
+        sub.backlog.clear()
+        if sub in stream.subs:
+            stream.subs.remove(sub)
+        if stream.ended and not stream.subs:
+            if stream in self._draining:
+                self._destroy(stream)
+        elif not stream.ended:
+            self._grant(stream)
+
+    def _drop_client(self, client: _Client, gone: bool) -> None:
+        """Forget a client: reclaim its leases, or end the stream it publishes."""
+        self._clients.pop(client.ident, None)
+        self._outbox.pop(client.ident, None)
+        if client.stream is not None:
+            self._end_stream(client.stream, P.END_PUBLISHER_GONE, f"the publisher ({client.label}) went away")
+        sub = client.sub
+        if sub is not None:
+            client.sub = None
+            stream = sub.stream
+            log.info("%s left %r (%s)", client.label, stream.name, "died" if gone else "bye")
+            self._detach(sub)
+            for slab in sub.leases.values():
+                stream.unpin(slab)
+            sub.leases.clear()
+            if stream.ended and not stream.subs and stream in self._draining:
+                self._destroy(stream)
+            elif not stream.ended:
+                self._grant(stream)
+
+    def _on_status(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))
+
+    def status(self) -> dict[str, Any]:
+        """Return the broker's state as plain data (streams, subscribers, pool use)."""
+        streams = []
+        for s in [*self._streams.values(), *self._draining]:
+            streams.append(
+                {
+                    "name": s.name,
+                    "dtype": s.dtype.str,
+                    "channels": s.channels,
+                    "rate": s.rate,
+                    "samples": s.head,
+                    "frames": s.frames,
+                    "ended": s.ended,
+                    "slabs": s.nslabs,
+                    "slab_bytes": s.slab_bytes,
+                    "slabs_free": len(s.free),
+                    "subscribers": [
+                        {
+                            "label": u.client.label,
+                            "pid": u.client.pid,
+                            "size": u.chunker.size,
+                            "clip": u.chunker.clip,
+                            "policy": u.policy,
+                            "seq": u.seq,
+                            "delivered": u.delivered,
+                            "dropped": u.dropped,
+                            "leases": len(u.leases),
+                            "lag_samples": s.head - (u.chunker.start if u.chunker.start is not None else s.head),
+                        }
+                        for u in s.subs
+                    ],
+                }
+            )
+        return {"pid": self.pid, "address": self.address, "uptime": time.time() - self.started, "streams": streams}
+
+    # -------------------------------------------------------------- shutdown
+
+    def _shutdown(self) -> None:
+        log.info("broker %d shutting down", self.pid)
+        with contextlib.suppress(zmq.ZMQError):
+            self._drain()
+        bye = P.pack([P.END, P.END_BROKER_SHUTDOWN, "the broker shut down"])
+        for ident in list(self._clients):
+            with contextlib.suppress(zmq.ZMQError):
+                self._send(ident, bye)
+        with contextlib.suppress(zmq.ZMQError):
+            self._flush_outbox()
+        for stream in [*self._streams.values(), *self._draining]:
+            self._destroy(stream)
+        self._streams.clear()
+        self._close_sockets()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _close_sockets(self) -> None:
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            self._router.disable_monitor()
+            monitor.close(linger=0)
+        self._router.close(linger=1000)
+        self._ctx.term()

@@ -1,0 +1,91 @@
+"""The ``slabcast`` command: ``broker``, ``demo``, ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._exceptions import SlabcastError
+
+__all__ = ["main"]
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from ._broker import Broker
+
+    shm_mode = int(args.shm_mode, 8)
+    broker = Broker(args.address, shm_mode=shm_mode)
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"ready {os.getpid()}\n".encode())
+            os.close(args.ready_fd)
+        else:
+            print(f"slabcast broker {os.getpid()} serving {broker.address}", flush=True)
+
+    broker.serve(ready)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ._control import broker_status
+
+    status = broker_status(args.address)
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"broker pid {status['pid']} at {status['address']}, up {status['uptime']:.1f} s")
+    for s in status["streams"]:
+        rate = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
+        print(f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
+              f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}")  # fmt: skip
+        for u in s["subscribers"]:
+            print(f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
+                  f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']}")  # fmt: skip
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(duration=args.duration, out=args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = argparse.ArgumentParser(prog="slabcast", description="Shared-memory stream fan-out broker.")
+    parser.add_argument("--version", action="version", version=f"slabcast {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run a broker until SIGINT/SIGTERM")
+    p.add_argument("--address", default=None, help="ipc://PATH or a socket path (default: $SLABCAST_ADDRESS or per-user)")
+    p.add_argument("--shm-mode", default="600", help="octal permission of shared-memory segments (600 or 660)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("status", help="print the state of a running broker")
+    p.add_argument("--address", default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("demo", help="broker + synthetic 48 kHz stereo source + three workers")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds to run (default 15)")
+    p.add_argument("--out", default=None, help="directory for the WAV files (default: a temporary one, removed)")
+    p.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except SlabcastError as exc:
+        print(f"slabcast: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,97 @@
+"""The exceptions slabcast raises, one hierarchy rooted at :class:`SlabcastError`.
+
+::
+
+    SlabcastError
+    ├── ClosedError            you closed this object; it cannot be used any more
+    ├── BrokerGoneError        the broker died, shut down or cannot be reached
+    ├── BrokerRunningError     another broker already serves this address
+    ├── ProtocolError          a peer spoke another protocol version or sent a malformed message
+    ├── StreamNotFoundError    no stream of that name exists on the broker
+    ├── StreamExistsError      a publisher already owns a stream of that name
+    ├── RequestError           the broker refused a request (bad settings, limits)
+    ├── ShmFullError           /dev/shm has no room for a stream's slabs
+    ├── WriteTimeout           a publisher waited longer than its timeout for free slabs
+    ├── WouldBlock             ``recv_nowait`` found no chunk ready
+    └── EndOfStream            the publisher closed the stream; no more chunks will come
+        └── PublisherGoneError the publisher died without closing the stream
+
+``zmq`` and ``msgpack`` errors never escape the public API: they are mapped to
+these where slabcast calls those libraries.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerGoneError",
+    "BrokerRunningError",
+    "ClosedError",
+    "EndOfStream",
+    "ProtocolError",
+    "PublisherGoneError",
+    "RequestError",
+    "ShmFullError",
+    "SlabcastError",
+    "StreamExistsError",
+    "StreamNotFoundError",
+    "WouldBlock",
+    "WriteTimeout",
+]
+
+
+class SlabcastError(Exception):
+    """Base class of every error slabcast raises on purpose."""
+
+
+class ClosedError(SlabcastError):
+    """The object was closed by its owner and cannot be used any more."""
+
+
+class BrokerGoneError(SlabcastError):
+    """The broker died, shut down, or could not be reached in time."""
+
+
+class BrokerRunningError(SlabcastError):
+    """Another live broker already serves the requested address."""
+
+
+class ProtocolError(SlabcastError):
+    """A peer speaks another protocol version or sent a malformed message."""
+
+
+class StreamNotFoundError(SlabcastError):
+    """The broker has no stream of the requested name."""
+
+
+class StreamExistsError(SlabcastError):
+    """A publisher already owns a stream of the requested name."""
+
+
+class RequestError(SlabcastError):
+    """The broker refused a request: settings out of range or a limit reached."""
+
+
+class ShmFullError(SlabcastError, OSError):
+    """``/dev/shm`` has no room for the slabs of a stream."""
+
+
+class WriteTimeout(SlabcastError, TimeoutError):
+    """A publisher waited longer than its ``timeout`` for a free slab.
+
+    Nothing of the frame was written; the same frame may be written again.
+    """
+
+
+class WouldBlock(SlabcastError):
+    """``recv_nowait`` found no chunk ready."""
+
+
+class EndOfStream(SlabcastError):
+    """The publisher closed the stream and every complete chunk was delivered."""
+
+
+class PublisherGoneError(EndOfStream):
+    """The publisher died (or disconnected) without closing its stream.
+
+    Every complete chunk written before it died was delivered first.
+    """

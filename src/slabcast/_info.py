@@ -1,0 +1,57 @@
+"""Plain records shared by clients: what a stream carries, and subscriber counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["StreamInfo", "SubscriberStatistics"]
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a stream carries, as declared by its publisher.
+
+    Attributes
+    ----------
+    name : str
+    dtype : numpy.dtype
+    channels : int
+    rate : float or None
+        Samples per second, ``None`` when the stream has no fixed rate.
+    channel_names : tuple of str
+        ``("ch_0", ..., "ch_{n-1}")`` unless the publisher named them.
+    """
+
+    name: str
+    dtype: np.dtype  # type: ignore[type-arg]
+    channels: int
+    rate: float | None
+    channel_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubscriberStatistics:
+    """Counters of one subscriber, as seen from its own process.
+
+    Attributes
+    ----------
+    received : int
+        Chunks handed to the caller.
+    released : int
+        Chunks whose memory went back to the broker.
+    held : int
+        Chunks received and not yet released (their views are alive).
+    dropped : int
+        Chunks the broker cut for this subscriber but did not deliver
+        (``policy="drop"``), exact: the gaps in ``seq``.
+    last_seq : int
+        ``seq`` of the newest chunk received, -1 before the first.
+    """
+
+    received: int
+    released: int
+    held: int
+    dropped: int
+    last_seq: int

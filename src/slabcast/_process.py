@@ -1,0 +1,114 @@
+"""BrokerProcess: start a broker as a child process, wait until it is ready, stop and reap it."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+
+from ._address import normalize
+from ._exceptions import BrokerGoneError
+
+__all__ = ["BrokerProcess"]
+
+
+class BrokerProcess:
+    """A broker running in a child process (``python -m slabcast broker``).
+
+    Parameters
+    ----------
+    address : str, optional
+        Where it listens; default ``$SLABCAST_ADDRESS`` or the per-user default.
+    args : sequence of str
+        Extra command-line arguments for ``slabcast broker``.
+    startup_timeout : float
+        Seconds to wait for the broker's ready signal.
+
+    Examples
+    --------
+    >>> with slabcast.BrokerProcess(tmp_path / "b.sock") as broker:   # doctest: +SKIP
+    ...     pub = slabcast.Publisher("mic", address=broker.address)
+    """
+
+    def __init__(self, address: str | os.PathLike[str] | None = None, *, args: tuple[str, ...] = (),
+                 startup_timeout: float = 10.0) -> None:  # fmt: skip
+        self.address = normalize(address)
+        self.args = tuple(args)
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The broker's process id."""
+        if self.process is None:
+            raise RuntimeError("the broker is not started")
+        return self.process.pid
+
+    def start(self) -> BrokerProcess:
+        """Spawn the broker and block until it serves, or raise with what it printed."""
+        read_fd, write_fd = os.pipe()
+        self._stderr = tempfile.TemporaryFile()  # a pipe nobody reads would stall a chatty broker
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "slabcast", "broker", "--address", self.address,
+                 "--ready-fd", str(write_fd), *self.args],  # fmt: skip
+                pass_fds=(write_fd,),
+                stderr=self._stderr,
+            )
+        finally:
+            os.close(write_fd)
+        try:
+            ready, _, _ = select.select([read_fd], [], [], self.startup_timeout)
+            line = os.read(read_fd, 64) if ready else b""
+        finally:
+            os.close(read_fd)
+        if not line.startswith(b"ready"):
+            self.stop(timeout=2)
+            err = self.stderr()
+            raise BrokerGoneError(
+                f"the broker at {self.address} did not start within {self.startup_timeout} s "
+                f"(exit code {self.process.returncode}): {err or 'no output'}"
+            )
+        return self
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM the broker, wait ``timeout`` s, SIGKILL it if it must; return its exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stderr(self) -> str:
+        """What the broker wrote to its standard error so far."""
+        f = getattr(self, "_stderr", None)
+        if f is None:
+            return ""
+        f.seek(0)
+        return f.read().decode(errors="replace").strip()
+
+    def kill(self) -> None:
+        """SIGKILL the broker (to test crash handling) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the broker to exit by itself; return its exit code."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

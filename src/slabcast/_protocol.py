@@ -1,0 +1,159 @@
+"""Wire protocol version 1: message kinds, field order and checked decoding (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ._exceptions import ProtocolError
+
+VERSION = 1
+
+# Client -> broker.  Every message is a msgpack array whose first element is its kind.
+HELLO = 1  # [HELLO, version, pid, role, label]
+OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil]
+FRAME = 3  # [FRAME, offset, n, t0]
+CLOSE = 4  # [CLOSE]
+SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler]
+RELEASE = 6  # [RELEASE, [seq, ...], [pause, ...]]
+BYE = 7  # [BYE]
+STATUS = 8  # [STATUS]
+UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
+
+# Broker -> client.
+WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
+OPENED = 102  # [OPENED, segment, segment_bytes, header_bytes, slab_bytes, nslabs, reserve, sample_bytes]
+GRANT = 103  # [GRANT, slab]
+SUBSCRIBED = 104  # [SUBSCRIBED, segment, segment_bytes, dtype, channels, rate|nil, size, start, channel_names]
+CHUNK = 105  # [CHUNK, seq, index, n, t0, offset, flags]
+END = 106  # [END, code, message]
+ERROR = 107  # [ERROR, code, message]
+STATUS_REPLY = 108  # [STATUS_REPLY, map]
+
+NAMES = {
+    HELLO: "HELLO",
+    OPEN: "OPEN",
+    FRAME: "FRAME",
+    CLOSE: "CLOSE",
+    SUBSCRIBE: "SUBSCRIBE",
+    RELEASE: "RELEASE",
+    BYE: "BYE",
+    STATUS: "STATUS",
+    UNSUBSCRIBE: "UNSUBSCRIBE",
+    WELCOME: "WELCOME",
+    OPENED: "OPENED",
+    GRANT: "GRANT",
+    SUBSCRIBED: "SUBSCRIBED",
+    CHUNK: "CHUNK",
+    END: "END",
+    ERROR: "ERROR",
+    STATUS_REPLY: "STATUS_REPLY",
+}
+
+# CHUNK flags.
+FLAG_DISCONTINUITY = 1
+
+# END codes.
+END_CLOSED = "closed"
+END_PUBLISHER_GONE = "publisher-gone"
+END_BROKER_SHUTDOWN = "broker-shutdown"
+
+# ERROR codes.
+ERR_MALFORMED = "malformed"
+ERR_VERSION = "version"
+ERR_UNKNOWN_STREAM = "unknown-stream"
+ERR_STREAM_EXISTS = "stream-exists"
+ERR_BAD_REQUEST = "bad-request"
+ERR_SHM_FULL = "shm-full"
+ERR_FRAME = "bad-frame"
+
+POLICIES = ("block", "drop")
+MAX_MESSAGE_BYTES = 1 << 20
+STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+DTYPE_KINDS = "biufc"
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+pack = _packer.pack
+
+
+def unpack(raw: bytes) -> tuple[Any, ...]:
+    """Decode one message into a tuple whose first item is an ``int`` kind.
+
+    Raises
+    ------
+    ProtocolError
+        If ``raw`` is not a msgpack array starting with an integer kind.
+    """
+    try:
+        msg = msgpack.unpackb(raw, use_list=False, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises a zoo of types; none may escape
+        raise ProtocolError(f"expected a msgpack array, got {len(raw)} undecodable bytes ({exc})") from exc
+    if not isinstance(msg, tuple) or not msg or type(msg[0]) is not int:
+        raise ProtocolError(f"expected a msgpack array starting with an integer kind, got {_brief(msg)}")
+    return msg
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_fields(msg: tuple[Any, ...], *types: Any) -> None:
+    """Check that ``msg[1:]`` has one field per entry of ``types``, each of that type.
+
+    An entry may be a type, a tuple of types, or ``None`` for "any".  ``bool`` is
+    not accepted where ``int`` is expected.
+
+    Raises
+    ------
+    ProtocolError
+        Naming the message, the field position and what came instead.
+    """
+    name = NAMES.get(msg[0], str(msg[0]))
+    if len(msg) - 1 != len(types):
+        raise ProtocolError(f"{name} takes {len(types)} fields, got {len(msg) - 1}")
+    for i, (value, expected) in enumerate(zip(msg[1:], types, strict=True), start=1):
+        if expected is None:
+            continue
+        if isinstance(value, bool) and expected in (int, float, (int, float)):
+            ok = False
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            want = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
+            raise ProtocolError(f"{name} field {i} must be {want}, got {_brief(value)}")
+
+
+def check_dtype(dtype: Any) -> np.dtype[Any]:
+    """Return ``dtype`` as a numpy dtype if it is a plain numeric one.
+
+    Raises
+    ------
+    TypeError
+        If it is not a boolean, integer, float or complex dtype.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be a numeric numpy dtype, got {dtype!r}") from exc
+    if dt.kind not in DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise TypeError(f"dtype must be a numeric numpy dtype (bool, int, uint, float, complex), got {dt}")
+    return dt
+
+
+def check_stream_name(name: Any) -> str:
+    """Return ``name`` if it is a valid stream name.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If it is not a string of 1 to 64 characters from ``A-Z a-z 0-9 _ . : -``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"stream name must be a str, got {type(name).__name__}")
+    if not STREAM_NAME.fullmatch(name):
+        raise ValueError(f"stream name must be 1 to 64 characters from A-Z a-z 0-9 _ . : -, got {name!r}")
+    return name

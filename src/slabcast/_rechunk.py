@@ -1,0 +1,145 @@
+"""The rechunking rules: which samples of a stream make up each chunk of one subscriber.
+
+A :class:`Rechunker` never touches sample data.  It is fed the position of each
+frame (absolute index of its first sample, its length, its timestamp) and answers
+with the chunks that frame completes, as ``(start_index, length, t0)``.  The broker
+runs one per subscriber over shared memory; :class:`slabcast.BufferEmit` runs one
+over its in-process buffers.  Both therefore cut exactly the same chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+__all__ = ["Rechunker", "check_sampler", "check_size"]
+
+# Timestamps are floats; a sample whose time is within this of the pause end counts as after it.
+_EPS = 1e-9
+
+
+def check_size(size: Any, what: str = "size") -> int:
+    """Return ``size`` if it is a positive integer, else raise a clear error."""
+    if isinstance(size, bool) or not isinstance(size, int | Real) or int(size) != size:
+        raise TypeError(f"{what} must be a positive integer number of samples, got {size!r}")
+    if size <= 0:
+        raise ValueError(f"{what} must be a positive integer number of samples, got {size!r}")
+    return int(size)
+
+
+def check_sampler(sampler: Any) -> Callable[[], float] | None:
+    """Normalise a sampler: ``None``/``0`` -> no sampler, a number -> constant, a callable -> itself.
+
+    As in ocycle, a sampler of ``0`` means "no sampler", while a callable that
+    returns ``0`` is a sampler (and so drops the remainder after each chunk).
+
+    Raises
+    ------
+    TypeError
+        If ``sampler`` is neither a number nor a zero-argument callable.
+    ValueError
+        If it is a negative or non-finite number.
+    """
+    if sampler is None:
+        return None
+    if callable(sampler):
+        return sampler  # type: ignore[no-any-return]
+    if isinstance(sampler, bool) or not isinstance(sampler, Real):
+        raise TypeError(f"sampler must be seconds (a number) or a zero-argument callable, got {sampler!r}")
+    value = float(sampler)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sampler must be a finite number of seconds >= 0, got {sampler!r}")
+    if value == 0:
+        return None
+    return lambda: value
+
+
+class Rechunker:
+    """Cut one subscriber's chunks out of a stream of frames.
+
+    Parameters
+    ----------
+    size : int
+        Chunk size in samples.
+    clip : bool
+        ``False``: a chunk is emitted once at least ``size`` samples have
+        accumulated and holds whole frames.  ``True``: every chunk has exactly
+        ``size`` samples and the remainder starts the next chunk.
+    rate : float or None
+        Samples per second.  With a rate, chunk ``t0`` is exact to the sample
+        and the sampler skips by sample time; without one, ``t0`` is that of the
+        frame holding the chunk's first sample and the sampler skips whole frames
+        (ocycle's rule).
+    sampler : callable or None
+        Returns the seconds of stream time to skip after each chunk.  With a
+        sampler, the remainder after a chunk is dropped, never carried.
+    """
+
+    __slots__ = ("clip", "pause_until", "rate", "sampler", "size", "start", "t0")
+
+    def __init__(
+        self,
+        size: int,
+        clip: bool = False,
+        rate: float | None = None,
+        sampler: Callable[[], float] | None = None,
+    ) -> None:
+        self.size = check_size(size)
+        self.clip = bool(clip)
+        self.rate = float(rate) if rate else None
+        self.sampler = sampler
+        self.start: int | None = None  # index of the first pending sample
+        self.t0 = 0.0  # time of the first pending sample
+        self.pause_until: float | None = None
+
+    def feed(self, index: int, n: int, t0: float) -> list[tuple[int, int, float]]:
+        """Account for a frame of ``n`` samples starting at stream index ``index`` at time ``t0``.
+
+        Frames must be fed in order and without gaps.  Returns the chunks this
+        frame completes, oldest first, as ``(start_index, length, t0)``.
+        """
+        end = index + n
+        start = self.start
+        # Fast path: no pause, chunk still incomplete after this frame.
+        if self.pause_until is None and start is not None and end - start < self.size:
+            return []
+        rate = self.rate
+        out: list[tuple[int, int, float]] = []
+        pos = index
+        while True:
+            if self.pause_until is not None:
+                if rate is None:
+                    # Whole-frame skipping; after a sampled chunk the rest of its frame is dropped.
+                    if pos != index or t0 < self.pause_until:
+                        break
+                else:
+                    skip = math.ceil((self.pause_until - t0) * rate - _EPS)
+                    if index + skip >= end:
+                        break
+                    pos = max(pos, index + skip)
+                self.pause_until = None
+            if self.start is None:
+                self.start = pos
+                self.t0 = t0 + (pos - index) / rate if rate else t0
+            start = self.start
+            if end - start < self.size:
+                break
+            length = self.size if self.clip else end - start
+            out.append((start, length, self.t0))
+            stop = start + length
+            if self.sampler is not None:
+                pause = float(self.sampler())
+                if not pause >= 0:  # also catches NaN
+                    raise ValueError(f"sampler must return seconds >= 0, got {pause!r}")
+                self.pause_until = (self.t0 + length / rate if rate else t0) + pause
+                self.start = None
+                pos = stop
+                continue
+            if stop >= end:
+                self.start = None
+                break
+            self.start = pos = stop
+            self.t0 = t0 + (stop - index) / rate if rate else t0
+        return out

@@ -1,0 +1,178 @@
+"""Shared-memory segments: the broker creates and unlinks them, clients only map them.
+
+One segment per stream.  Its layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic            b"SLABCAST"
+    8       4     u32 layout       1
+    12      4     u32 header_bytes 4096: where slab 0 starts
+    16      8     u64 slab_bytes   size of one slab, a multiple of 4096
+    24      4     u32 nslabs       number of slabs
+    28      4     u32 sample_bytes dtype itemsize * channels
+    32      4     u32 channels
+    36      4     u32 broker_pid
+    40      8     f64 rate         samples per second, 0.0 when unknown
+    48      16    dtype            numpy dtype string ("<f4", "|u1"), NUL padded
+    64      8     u64 epoch        random number chosen at broker start
+    72      64    stream name      UTF-8, NUL padded
+    136     ...   zero up to header_bytes
+    4096 + i * slab_bytes          slab i
+
+Within a slab, the first ``reserve`` bytes receive the samples a subscriber had
+accumulated in the previous slab (copied by the broker when the publisher moves
+on), so every chunk lies contiguously inside one slab.
+
+Segments are named ``slabcast.<broker pid>.<epoch hex>.<n>`` so that a broker can
+tell which segments belong to a broker that no longer runs (see :func:`reap_stale`).
+Only the broker unlinks.  Clients map segments with ``shm_open`` + ``mmap``
+directly, never through :class:`multiprocessing.shared_memory.SharedMemory`, so
+Python's resource tracker never learns of (and never unlinks) them.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import struct
+from multiprocessing import shared_memory
+from typing import Any
+
+import _posixshmem  # the C module behind multiprocessing.shared_memory (POSIX only)
+
+from ._exceptions import ShmFullError
+
+__all__ = ["HEADER_BYTES", "Segment", "attach", "pid_alive", "reap_stale", "segment_prefix"]
+
+MAGIC = b"SLABCAST"
+LAYOUT = 1
+HEADER_BYTES = 4096
+_HEADER = struct.Struct("<8sIIQIIIId16sQ64s")
+SHM_DIR = "/dev/shm"
+_NAME = re.compile(r"slabcast\.(\d+)\.[0-9a-f]+\.\d+")
+
+
+def segment_prefix(pid: int, epoch: int) -> str:
+    """Return the name prefix of every segment made by broker ``pid`` in ``epoch``."""
+    return f"slabcast.{pid}.{epoch:08x}."
+
+
+class Segment:
+    """A segment created by the broker: mapped read-write, unlinked by :meth:`destroy`."""
+
+    def __init__(self, name: str, nbytes: int, mode: int = 0o600) -> None:
+        try:
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        except OSError as exc:
+            raise ShmFullError(f"cannot create shared-memory segment {name!r} of {nbytes} bytes: {exc}") from exc
+        try:
+            # ftruncate alone succeeds on a full tmpfs and the first touch of a page then
+            # kills the process with SIGBUS; allocating every page now fails cleanly instead.
+            os.posix_fallocate(self._shm._fd, 0, nbytes)  # type: ignore[attr-defined]
+            if mode != 0o600:
+                os.fchmod(self._shm._fd, mode)  # type: ignore[attr-defined]
+        except OSError as exc:
+            self._shm.close()
+            self._shm.unlink()
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise ShmFullError(
+                    f"/dev/shm has no room for {nbytes} bytes (segment {name!r}): {exc.strerror}; "
+                    "free space there, or ask for fewer/smaller slabs (nslabs, slab_bytes)"
+                ) from exc
+            raise
+        self.name = name
+        self.nbytes = nbytes
+        self.buf: memoryview = self._shm.buf  # type: ignore[assignment]
+
+    def write_header(self, **fields: Any) -> None:
+        """Fill the header described in this module's docstring."""
+        packed = _HEADER.pack(
+            MAGIC,
+            LAYOUT,
+            HEADER_BYTES,
+            fields["slab_bytes"],
+            fields["nslabs"],
+            fields["sample_bytes"],
+            fields["channels"],
+            fields["broker_pid"],
+            float(fields["rate"] or 0.0),
+            fields["dtype"].encode(),
+            fields["epoch"],
+            fields["name"].encode(),
+        )
+        self.buf[: len(packed)] = packed
+
+    def destroy(self) -> None:
+        """Unmap and unlink the segment (idempotent)."""
+        if self._shm is None:
+            return
+        shm, self._shm = self._shm, None
+        del self.buf
+        try:
+            shm.close()
+        except BufferError:  # a view is still alive somewhere in the broker; the unlink still happens
+            pass
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def attach(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
+    """Map an existing segment, without registering it with the resource tracker.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the segment does not exist (the broker is gone or restarted).
+    """
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR if writable else os.O_RDONLY, 0)
+    try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise ValueError(f"segment {name!r} has {size} bytes, expected at least {nbytes}")
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        return mmap.mmap(fd, nbytes, access=access)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Return whether process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no procfs: trust kill()
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def reap_stale(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink the segments of brokers that no longer run; return their names.
+
+    Only names of the form ``slabcast.<pid>.<epoch>.<n>`` whose ``pid`` is not
+    alive are touched: other software's segments, and those of live brokers,
+    are left alone.
+    """
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            _posixshmem.shm_unlink("/" + name)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
