@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from ._address import normalize
 from ._exceptions import BrokerGoneError
@@ -39,6 +40,8 @@ class BrokerProcess:
         self.args = tuple(args)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._stderr_text = ""
 
     @property
     def pid(self) -> int:
@@ -56,6 +59,7 @@ class BrokerProcess:
                 [sys.executable, "-m", "slabcast", "broker", "--address", self.address,
                  "--ready-fd", str(write_fd), *self.args],  # fmt: skip
                 pass_fds=(write_fd,),
+                start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
                 stderr=self._stderr,
             )
         finally:
@@ -86,20 +90,27 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._stderr_text = self.stderr()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
         return proc.returncode
 
     def stderr(self) -> str:
         """What the broker wrote to its standard error so far."""
-        f = getattr(self, "_stderr", None)
+        f = self._stderr
         if f is None:
-            return ""
+            return self._stderr_text
         f.seek(0)
         return f.read().decode(errors="replace").strip()
 
-    def kill(self) -> None:
-        """SIGKILL the broker (to test crash handling) and reap it."""
+    def kill(self, group: bool = False) -> None:
+        """SIGKILL the broker (``group=True``: its whole process group) and reap it."""
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+            if group:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.kill()
             self.process.wait()
 
     def wait_exit(self, timeout: float) -> int:

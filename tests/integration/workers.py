@@ -1,0 +1,74 @@
+"""Worker functions run in spawned processes by the integration tests (importable by spawn)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+
+import slabcast
+
+
+def frames_for(spec, dtype="float32", channels=2, rate=1000.0, t_start=100.0):
+    """Deterministic frames: ``spec`` is a list of frame lengths; returns [(array, t0)]."""
+    out, index = [], 0
+    for n in spec:
+        values = np.arange(index * channels, (index + n) * channels, dtype=np.int64)
+        arr = (values % 32749).astype(dtype)
+        if channels > 1:
+            arr = arr.reshape(n, channels)
+        out.append((arr, t_start + index / rate if rate else t_start + len(out)))
+        index += n
+    return out
+
+
+def publish(address, name, spec, kwargs, ready_q, go_event, result_q):
+    """Open a stream, wait for the go signal, write the frames of ``spec``, close."""
+    try:
+        pub = slabcast.Publisher(name, address=address, **kwargs)
+        ready_q.put(("pub-ready", os.getpid()))
+        go_event.wait(30)
+        dtype = kwargs.get("dtype", "float32")
+        channels = kwargs.get("channels", 1)
+        for arr, t0 in frames_for(spec, dtype, channels, kwargs.get("rate")):
+            pub.write(arr, t0=t0)
+        pub.close()
+        result_q.put(("pub-done", pub.frames))
+    except BaseException as exc:
+        result_q.put(("pub-error", repr(exc)))
+        raise
+
+
+def subscribe(address, name, kwargs, tag, ready_q, result_q):
+    """Subscribe, signal ready, and report every chunk as (seq, index, n, t0, crc) until the end."""
+    try:
+        sub = slabcast.Subscriber(name, address=address, **kwargs)
+        ready_q.put(("sub-ready", tag))
+        got = []
+        end = "end"
+        try:
+            for chunk in sub:
+                with chunk:
+                    d = chunk.data
+                    got.append((chunk.seq, chunk.index, len(d), chunk.t0, zlib.crc32(d.tobytes())))
+        except slabcast.SlabcastError as exc:
+            end = type(exc).__name__
+        stats = sub.statistics()
+        sub.close()
+        result_q.put((tag, got, end, stats.dropped))
+    except BaseException as exc:
+        result_q.put((tag, repr(exc), "crash", -1))
+        raise
+
+
+def hold_and_wait(address, name, size, ready_q):
+    """Subscribe, receive one chunk and keep it forever (to be killed with SIGKILL)."""
+    sub = slabcast.Subscriber(name, size=size, clip=True, address=address, max_inflight=2)
+    ready_q.put(("sub-ready", os.getpid()))
+    chunks = [sub.recv(timeout=30) for _ in range(2)]
+    ready_q.put(("holding", [c.seq for c in chunks]))
+    os.read(os.open("/dev/null", os.O_RDONLY), 1)  # block until killed (read of /dev/null returns at once)
+    import threading
+
+    threading.Event().wait()

@@ -1,0 +1,103 @@
+"""Unit tests of the rechunking rules against the brute-force oracle in tests/reference.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slabcast._rechunk import Rechunker, check_sampler, check_size
+from tests.reference import expected_chunks
+
+
+def run(frames, size, clip, rate=None, pause=None):
+    r = Rechunker(size, clip, rate, (lambda: pause) if pause is not None else None)
+    out, index = [], 0
+    for n, t0 in frames:
+        out.extend(r.feed(index, n, t0))
+        index += n
+    return out
+
+
+def test_clip_one_frame_completes_several_chunks():
+    assert run([(10, 0.0)], 3, True) == [(0, 3, 0.0), (3, 3, 0.0), (6, 3, 0.0)]
+
+
+def test_noclip_holds_whole_frames():
+    assert run([(4, 0.0), (4, 1.0), (4, 2.0), (4, 3.0)], 7, False) == [(0, 8, 0.0), (8, 8, 2.0)]
+
+
+def test_clip_t0_with_rate_is_exact_to_the_sample():
+    chunks = run([(10, 100.0), (10, 101.0)], 4, True, rate=10.0)
+    assert [c[:2] for c in chunks] == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]
+    assert [c[2] for c in chunks] == pytest.approx([100.0, 100.4, 100.8, 101.2, 101.6])
+
+
+def test_ocycle_readme_configuration_clip15():
+    # ocycle's README: frames b'0000', b'1111', ... clipped at 15.
+    frames = [(4, float(i + 1)) for i in range(12)]
+    data = b"".join(str(i % 10).encode() * 4 for i in range(12))
+    got = [data[i : i + n] for i, n, _ in run(frames, 15, True)]
+    assert got == [b"000011112222333", b"344445555666677", b"778888999900001"]
+
+
+def test_sampler_without_rate_skips_whole_frames_and_drops_remainder():
+    frames = [(4, float(t)) for t in range(10)]
+    # chunk at frame 1 (t=1) -> pause until 3.5: frames t=2,3 skipped; t=4 starts the next.
+    assert run(frames, 6, True, pause=2.5) == [(0, 6, 0.0), (16, 6, 4.0), (32, 6, 8.0)]
+
+
+def test_sampler_with_rate_skips_by_sample_time():
+    # 100 Hz, one frame of 1000 samples: chunk 10 samples (0.1 s) then skip 0.05 s = 5 samples.
+    chunks = run([(1000, 0.0)], 10, True, rate=100.0, pause=0.05)
+    assert [c[0] for c in chunks[:4]] == [0, 15, 30, 45]
+    assert chunks[1][2] == pytest.approx(0.15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(st.integers(1, 40), min_size=1, max_size=40),
+    size=st.integers(1, 60),
+    clip=st.booleans(),
+    rate=st.sampled_from([None, 10.0, 48000.0]),
+    pause=st.sampled_from([None, 0.0, 0.25, 1.0, 3.7]),
+)
+def test_matches_the_oracle(frames, size, clip, rate, pause):
+    t, timed = 1000.0, []
+    for n in frames:
+        timed.append((n, t))
+        t += n / rate if rate else 1.0
+    got = run(timed, size, clip, rate, pause)
+    want = expected_chunks(timed, size, clip, rate, pause)
+    assert [c[:2] for c in got] == [c[:2] for c in want]
+    assert [c[2] for c in got] == pytest.approx([c[2] for c in want], abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=st.lists(st.integers(1, 50), min_size=1, max_size=50), size=st.integers(1, 70))
+def test_clipped_chunks_concatenate_to_the_stream(frames, size):
+    chunks = run([(n, 0.0) for n in frames], size, True)
+    total = sum(frames)
+    assert [c[0] for c in chunks] == list(range(0, total - size + 1, size))
+    assert all(c[1] == size for c in chunks)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "3", None, True])
+def test_bad_sizes_are_refused(bad):
+    with pytest.raises((TypeError, ValueError), match="size must be a positive integer"):
+        check_size(bad)
+
+
+@pytest.mark.parametrize(("bad", "exc"), [(-1, ValueError), (float("nan"), ValueError), ("1", TypeError), ([], TypeError)])
+def test_bad_samplers_are_refused(bad, exc):
+    with pytest.raises(exc, match="sampler"):
+        check_sampler(bad)
+
+
+def test_sampler_zero_means_none_and_callable_returning_negative_is_refused():
+    assert check_sampler(0) is None
+    r = Rechunker(2, True, None, lambda: -1.0)
+    with pytest.raises(ValueError, match="sampler must return seconds >= 0"):
+        list(itertools.chain(r.feed(0, 4, 1.0)))
