@@ -350,11 +350,9 @@ class Broker:
         except zmq.Again:
             self._outbox[ident] = deque([payload])
         except zmq.ZMQError as exc:
-            if exc.errno == errno.EHOSTUNREACH:
-                client = self._clients.get(ident)
-                if client is not None:
-                    self._drop_client(client, gone=True)
-            else:
+            # EHOSTUNREACH: the peer's connection is gone, but what it sent before may still
+            # be queued here; it is dropped on its BYE or when its process is found dead.
+            if exc.errno != errno.EHOSTUNREACH:
                 raise
 
     def _flush_outbox(self) -> None:
@@ -540,7 +538,9 @@ class Broker:
         P.check_fields(msg)
         if client.stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "CLOSE from a connection that publishes no stream")
-        self._end_stream(client.stream, P.END_CLOSED, "the publisher closed the stream")
+        stream = client.stream
+        self._end_stream(stream, P.END_CLOSED, "the publisher closed the stream")
+        self._send(client.ident, P.pack([P.END, P.END_CLOSED, f"stream {stream.name!r} closed", 0]))
 
     def _end_stream(self, stream: _Stream, code: str, message: str) -> None:
         if stream.ended:
@@ -558,7 +558,7 @@ class Broker:
             if sub.backlog:
                 sub.end = (code, message)  # sent once the backlog has drained
             else:
-                self._send(sub.client.ident, P.pack([P.END, code, message]))
+                self._send(sub.client.ident, P.pack([P.END, code, message, sub.seq]))
         if stream.subs:
             self._draining.append(stream)
         else:
@@ -645,14 +645,16 @@ class Broker:
         if sub.end is not None and not sub.backlog:
             code, message = sub.end
             sub.end = None
-            self._send(client.ident, P.pack([P.END, code, message]))
+            self._send(client.ident, P.pack([P.END, code, message, sub.seq]))
         if not stream.ended:
             self._grant(stream)
         if unknown:
             raise ProtocolError(f"RELEASE of chunks this subscriber does not hold: {unknown[:10]!r}")
 
     def _on_bye(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        seq = client.sub.seq if client.sub is not None else 0
         self._drop_client(client, gone=False)
+        self._send(client.ident, P.pack([P.END, P.END_BYE, "goodbye", seq]))
 
     def _on_unsubscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
         # No more chunks; the leases it holds stay until RELEASE, BYE or its death.
@@ -738,10 +740,10 @@ class Broker:
         log.info("broker %d shutting down", self.pid)
         with contextlib.suppress(zmq.ZMQError):
             self._drain()
-        bye = P.pack([P.END, P.END_BROKER_SHUTDOWN, "the broker shut down"])
-        for ident in list(self._clients):
+        for ident, client in list(self._clients.items()):
+            seq = client.sub.seq if client.sub is not None else 0
             with contextlib.suppress(zmq.ZMQError):
-                self._send(ident, bye)
+                self._send(ident, P.pack([P.END, P.END_BROKER_SHUTDOWN, "the broker shut down", seq]))
         with contextlib.suppress(zmq.ZMQError):
             self._flush_outbox()
         for stream in [*self._streams.values(), *self._draining]:

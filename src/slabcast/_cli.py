@@ -61,21 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = argparse.ArgumentParser(prog="slabcast", description="Shared-memory stream fan-out broker.")
     parser.add_argument("--version", action="version", version=f"slabcast {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("broker", help="run a broker until SIGINT/SIGTERM")
+    p = sub.add_parser("broker", parents=[common], help="run a broker until SIGINT/SIGTERM")
     p.add_argument("--address", default=None, help="ipc://PATH or a socket path (default: $SLABCAST_ADDRESS or per-user)")
     p.add_argument("--shm-mode", default="600", help="octal permission of shared-memory segments (600 or 660)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_broker)
 
-    p = sub.add_parser("status", help="print the state of a running broker")
+    p = sub.add_parser("status", parents=[common], help="print the state of a running broker")
     p.add_argument("--address", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("demo", help="broker + synthetic 48 kHz stereo source + three workers")
+    p = sub.add_parser("demo", parents=[common], help="broker + synthetic 48 kHz stereo source + three workers")
     p.add_argument("--duration", type=float, default=15.0, help="seconds to run (default 15)")
     p.add_argument("--out", default=None, help="directory for the WAV files (default: a temporary one, removed)")
     p.set_defaults(func=_demo)

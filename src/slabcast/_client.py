@@ -28,6 +28,7 @@ from ._exceptions import (
 __all__ = ["Connection", "error_for"]
 
 CONNECT_TIMEOUT = 5.0
+BYE_TIMEOUT = 2.0
 
 _ctx_lock = threading.Lock()
 _ctx: zmq.Context[Any] | None = None
@@ -175,10 +176,16 @@ class Connection:
             self.closed = True
             return
         if bye and not self.gone:
-            with contextlib.suppress(zmq.ZMQError):
+            # BYE is answered, so everything sent before it has been handled when we go.
+            with contextlib.suppress(zmq.ZMQError, BrokerGoneError, ProtocolError):
                 self.sock.send(P.pack([P.BYE]), zmq.NOBLOCK)
+                deadline = time.monotonic() + BYE_TIMEOUT
+                while (left := deadline - time.monotonic()) > 0:
+                    msg = self.recv(left)
+                    if msg is None or (msg[0] == P.END and len(msg) > 1 and msg[1] == P.END_BYE):
+                        break
         self.closed = True
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self._monitor.close(linger=0)
-        self.sock.close(linger=200 if bye and not self.gone else 0)
+        self.sock.close(linger=0)

@@ -29,7 +29,7 @@ OPENED = 102  # [OPENED, segment, segment_bytes, header_bytes, slab_bytes, nslab
 GRANT = 103  # [GRANT, slab]
 SUBSCRIBED = 104  # [SUBSCRIBED, segment, segment_bytes, dtype, channels, rate|nil, size, start, channel_names]
 CHUNK = 105  # [CHUNK, seq, index, n, t0, offset, flags]
-END = 106  # [END, code, message]
+END = 106  # [END, code, message, seq]
 ERROR = 107  # [ERROR, code, message]
 STATUS_REPLY = 108  # [STATUS_REPLY, map]
 
@@ -60,6 +60,7 @@ FLAG_DISCONTINUITY = 1
 END_CLOSED = "closed"
 END_PUBLISHER_GONE = "publisher-gone"
 END_BROKER_SHUTDOWN = "broker-shutdown"
+END_BYE = "bye"
 
 # ERROR codes.
 ERR_MALFORMED = "malformed"

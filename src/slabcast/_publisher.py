@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _protocol as P
 from ._client import Connection, error_for
-from ._exceptions import BrokerGoneError, ClosedError, ProtocolError, WriteTimeout
+from ._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
 from ._shm import attach
 
 __all__ = ["Publisher", "check_frame"]
@@ -231,9 +231,15 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(BrokerGoneError, ClosedError):
+        with contextlib.suppress(SlabcastError):
             if not self._conn.gone:
+                # CLOSE is answered by END once every frame sent before it was handled.
                 self._conn.send([P.CLOSE])
+                deadline = time.monotonic() + self.timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    msg = self._conn.recv(left)
+                    if msg is None or msg[0] in (P.END, P.ERROR):
+                        break
         self._conn.close()
         self._u8 = None  # type: ignore[assignment]
         if self._mm is not None:

@@ -167,6 +167,7 @@ class Subscriber:
         self._received = 0
         self._released = 0
         self._last_seq = -1
+        self._cut = 0  # chunks the broker cut for us, as told by END
         self._mm: Any = None
         self._conn = Connection(address, "sub", f"subscriber:{stream}")
         try:
@@ -243,6 +244,8 @@ class Subscriber:
                 exc2 = error_for(msg, self._where)
                 if kind == P.END:
                     self._end = exc2  # type: ignore[assignment]
+                    if len(msg) > 3 and type(msg[3]) is int:
+                        self._cut = msg[3]
                 raise exc2
             raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
 
@@ -288,7 +291,7 @@ class Subscriber:
             received=self._received,
             released=self._released,
             held=self._received - self._released,
-            dropped=self._last_seq + 1 - self._received,
+            dropped=max(self._last_seq + 1, self._cut) - self._received,
             last_seq=self._last_seq,
         )
 

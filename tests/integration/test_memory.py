@@ -1,0 +1,107 @@
+"""Zero copy, leases and the slab pool: held chunks stay intact, policies, limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slabcast
+
+
+def small_stream(broker, name, **kw):
+    args = {"dtype": "int32", "channels": 1, "slab_bytes": 8192, "nslabs": 4, "address": broker.address}
+    args.update(kw)
+    return slabcast.Publisher(name, **args)
+
+
+def test_chunk_data_is_a_read_only_view_of_shared_memory(broker, stream_name):
+    with small_stream(broker, stream_name) as pub:
+        sub = slabcast.Subscriber(stream_name, size=10, clip=True, address=broker.address)
+        pub.write(np.arange(10, dtype=np.int32))
+        chunk = sub.recv(timeout=5)
+        assert not chunk.data.flags.writeable
+        assert not chunk.data.flags.owndata
+        with pytest.raises(ValueError, match="read-only"):
+            chunk.data[0] = 1
+        chunk.release()
+        with pytest.raises(slabcast.ClosedError, match="released"):
+            _ = chunk.data
+        sub.close()
+
+
+def test_held_view_stays_intact_while_the_publisher_writes_many_pools(broker, stream_name):
+    frame = 256  # samples; 1 KiB
+    with small_stream(broker, stream_name, timeout=5) as pub:
+        pool_bytes = 4 * 8192
+        sub = slabcast.Subscriber(stream_name, size=frame, clip=True, address=broker.address)
+        pub.write(np.full(frame, 7, dtype=np.int32))
+        first = sub.recv(timeout=5)
+        view = first.data[10:20]  # a view that outlives the chunk
+        first.release()
+        n = 6 * pool_bytes // (frame * 4)
+        for i in range(1, n):
+            pub.write(np.full(frame, i + 100, dtype=np.int32))
+            with sub.recv(timeout=5) as chunk:
+                assert (chunk.data == i + 100).all()
+        assert (view == 7).all(), "a held view was overwritten"
+        status = slabcast.broker_status(broker.address)["streams"][0]
+        assert status["subscribers"][0]["leases"] == 1  # only the chunk behind `view`
+        del view
+        pub.write(np.zeros(frame, dtype=np.int32))
+        sub.recv(timeout=5).release()
+        status = slabcast.broker_status(broker.address)["streams"][0]
+        assert status["subscribers"][0]["leases"] == 0
+        sub.close()
+
+
+def test_block_policy_makes_the_writer_time_out_and_loses_nothing(broker, stream_name):
+    with small_stream(broker, stream_name, timeout=0.3) as pub:
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, max_inflight=1, address=broker.address)
+        written = 0
+        with pytest.raises(slabcast.WriteTimeout, match="nothing of this frame was written"):
+            for _ in range(1000):
+                pub.write(np.full(256, written, dtype=np.int32))
+                written += 1
+        assert 4 <= written < 1000
+        got = []
+        while len(got) < written:
+            with sub.recv(timeout=5) as chunk:
+                got.append(int(chunk.data[0]))
+        pub.write(np.full(256, written, dtype=np.int32))  # the pool came back
+        with sub.recv(timeout=5) as chunk:
+            got.append(int(chunk.data[0]))
+        assert got == list(range(written + 1))
+        sub.close()
+
+
+def test_drop_policy_never_blocks_and_counts_drops_exactly(broker, stream_name):
+    with small_stream(broker, stream_name, timeout=2) as pub:
+        slow = slabcast.Subscriber(stream_name, size=256, clip=True, policy="drop", max_inflight=2,
+                                   address=broker.address)  # fmt: skip
+        for i in range(200):
+            pub.write(np.full(256, i, dtype=np.int32))
+        pub.close()
+        got = [(c.seq, int(c.data[0])) for c in slow]
+        stats = slow.statistics()
+        slow.close()
+    assert got[:2] == [(0, 0), (1, 1)]
+    assert all(seq == value for seq, value in got), "seq must match the chunk's position in the stream"
+    assert stats.dropped == 200 - len(got) > 0
+
+
+def test_limits_give_clear_errors(broker, stream_name):
+    with small_stream(broker, stream_name) as pub:
+        with pytest.raises(slabcast.RequestError, match=r"a chunk of 2000 samples \(8000 bytes\) is larger"):
+            slabcast.Subscriber(stream_name, size=2000, address=broker.address)
+        with pytest.raises(ValueError, match="larger than stream .* allows"):
+            pub.write(np.zeros(1500, dtype=np.int32))
+        with pytest.raises(slabcast.RequestError, match="seconds= needs a stream with a rate"):
+            slabcast.Subscriber(stream_name, seconds=1.0, address=broker.address)
+
+
+def test_full_dev_shm_is_a_clear_error_not_sigbus(broker, stream_name):
+    # 4096 slabs of 1 GiB cannot be allocated anywhere; ftruncate alone would succeed.
+    with pytest.raises(slabcast.ShmFullError, match="no room"):
+        slabcast.Publisher(stream_name, slab_bytes=1 << 30, nslabs=4096, address=broker.address)
+    with small_stream(broker, stream_name) as pub:  # the broker is unharmed
+        pub.write(np.zeros(4, dtype=np.int32))
