@@ -234,6 +234,7 @@ class Broker:
             P.BYE: self._on_bye,
             P.STATUS: self._on_status,
             P.UNSUBSCRIBE: self._on_unsubscribe,
+            P.SYNC: self._on_sync,
         }
 
     # ------------------------------------------------------------------ loop
@@ -695,6 +696,10 @@ class Broker:
                 self._destroy(stream)
             elif not stream.ended:
                 self._grant(stream)
+
+    def _on_sync(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg, int)
+        self._send(client.ident, P.pack([P.SYNCED, msg[1]]))
 
     def _on_status(self, client: _Client, msg: tuple[Any, ...]) -> None:
         self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))

@@ -22,6 +22,7 @@ RELEASE = 6  # [RELEASE, [seq, ...], [pause, ...]]
 BYE = 7  # [BYE]
 STATUS = 8  # [STATUS]
 UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
+SYNC = 10  # [SYNC, token]
 
 # Broker -> client.
 WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
@@ -32,6 +33,7 @@ CHUNK = 105  # [CHUNK, seq, index, n, t0, offset, flags]
 END = 106  # [END, code, message, seq]
 ERROR = 107  # [ERROR, code, message]
 STATUS_REPLY = 108  # [STATUS_REPLY, map]
+SYNCED = 109  # [SYNCED, token]
 
 NAMES = {
     HELLO: "HELLO",
@@ -43,6 +45,8 @@ NAMES = {
     BYE: "BYE",
     STATUS: "STATUS",
     UNSUBSCRIBE: "UNSUBSCRIBE",
+    SYNC: "SYNC",
+    SYNCED: "SYNCED",
     WELCOME: "WELCOME",
     OPENED: "OPENED",
     GRANT: "GRANT",

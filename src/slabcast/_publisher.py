@@ -150,6 +150,7 @@ class Publisher:
         self._end = 0  # no slab yet
         self._frame_limit = self.slab_bytes - self.reserve
         self._next_check = 0.0
+        self._sync_token = 0
         self.frames = 0
         self.samples = 0
 
@@ -199,6 +200,36 @@ class Publisher:
         self._offset = offset + nbytes
         self.frames += 1
         self.samples += n
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker has handled every frame written so far.
+
+        ``write`` returns once the frame is in shared memory and its notice is
+        queued; a process killed right after may lose notices still queued in its
+        socket.  After ``flush`` they are with the broker.
+
+        Raises
+        ------
+        WriteTimeout
+            If the broker did not answer within ``timeout`` (default: the
+            publisher's ``timeout``).
+        """
+        if self._closed:
+            raise ClosedError(f"publisher of {self._where} is closed")
+        self._sync_token += 1
+        self._conn.send([P.SYNC, self._sync_token])
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._conn.recv(left)
+            if msg is None:
+                break
+            if msg[0] == P.SYNCED and msg[1] == self._sync_token:
+                return
+            if msg[0] == P.GRANT:
+                self._grants.append(msg[1])
+            elif msg[0] in (P.ERROR, P.END):
+                raise error_for(msg, self._where)
+        raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
     def _next_slab(self) -> int:
         self._take_messages(0)

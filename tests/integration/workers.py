@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -68,7 +69,16 @@ def hold_and_wait(address, name, size, ready_q):
     ready_q.put(("sub-ready", os.getpid()))
     chunks = [sub.recv(timeout=30) for _ in range(2)]
     ready_q.put(("holding", [c.seq for c in chunks]))
-    os.read(os.open("/dev/null", os.O_RDONLY), 1)  # block until killed (read of /dev/null returns at once)
-    import threading
+    threading.Event().wait()  # until killed
 
+
+def publish_and_hang(address, name, spec, ready_q, go_event, result_q):
+    """Write the frames of ``spec`` (int32 mono) and then wait, never closing, to be killed."""
+    pub = slabcast.Publisher(name, dtype="int32", address=address)
+    ready_q.put(("pub-ready", os.getpid()))
+    go_event.wait(30)
+    for arr, t0 in frames_for(spec, "int32", 1, None):
+        pub.write(arr, t0=t0)
+    pub.flush()  # notices still queued in a killed process's socket are lost; flush bounds that
+    result_q.put(("pub-wrote", len(spec)))
     threading.Event().wait()

@@ -1,0 +1,265 @@
+"""Crashes and hostile input: kill -9 of each party, malformed messages, a second broker, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import slabcast
+from slabcast import _protocol as P
+from tests.conftest import slabcast_segments
+from tests.integration import workers as W
+
+FRAME = 256  # int32 samples = 1 KiB
+
+
+def consume_all(address, name, out, ready):
+    """Thread body: a healthy lossless subscriber that records the first value of every chunk."""
+    sub = slabcast.Subscriber(name, size=FRAME, clip=True, address=address)
+    ready.set()
+    try:
+        for chunk in sub:
+            with chunk:
+                out.append(int(chunk.data[0]))
+    except slabcast.SlabcastError as exc:
+        out.append(type(exc).__name__)
+    finally:
+        sub.close()
+
+
+def test_kill9_subscriber_holding_chunks_unblocks_the_publisher(broker, workers, queue, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=4, timeout=10, address=broker.address)
+    healthy: list = []
+    ready = threading.Event()
+    t = threading.Thread(target=consume_all, args=(broker.address, stream_name, healthy, ready))
+    t.start()
+    assert ready.wait(10)
+    victim = workers.spawn(W.hold_and_wait, broker.address, stream_name, FRAME, queue)
+    assert queue.get(timeout=30)[0] == "sub-ready"
+    for i in range(2):
+        pub.write(np.full(FRAME, i, dtype=np.int32))
+    assert queue.get(timeout=30) == ("holding", [0, 1])
+
+    done = threading.Event()
+    written = []
+
+    def writer():
+        for i in range(2, 60):  # far more than the 4-slab pool: blocks on the victim's backlog
+            pub.write(np.full(FRAME, i, dtype=np.int32))
+            written.append(i)
+        done.set()
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert not done.wait(0.5), "the publisher should be held back by the block-policy victim"
+    killed_at = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    assert done.wait(5), "publisher still blocked after the subscriber died"
+    unblocked = time.monotonic() - killed_at
+    w.join()
+    assert unblocked < 2.0, f"leases reclaimed after {unblocked:.2f} s"
+    status = slabcast.broker_status(broker.address)["streams"][0]
+    assert [s["pid"] for s in status["subscribers"]] == [os.getpid()]
+    pub.close()
+    t.join(10)
+    assert healthy == list(range(60)), "the healthy subscriber lost or reordered chunks"
+
+
+def test_kill9_publisher_mid_stream_ends_with_publisher_gone(broker, workers, queue, stream_name):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    spec = [FRAME] * 10
+    sub_done = ctx.Queue()
+    # A publisher that writes 10 frames and then never closes; we kill it.
+    pub_proc = workers.spawn(W.publish_and_hang, broker.address, stream_name, spec, queue, go, results)
+    assert queue.get(timeout=30)[0] == "pub-ready"
+    workers.spawn(W.subscribe, broker.address, stream_name, {"size": 300, "clip": True}, "s", queue, sub_done)
+    assert queue.get(timeout=30)[0] == "sub-ready"
+    go.set()
+    assert results.get(timeout=30) == ("pub-wrote", 10)
+    t = time.monotonic()
+    os.kill(pub_proc.pid, signal.SIGKILL)
+    tag, got, end, _ = sub_done.get(timeout=10)
+    elapsed = time.monotonic() - t
+    assert end == "PublisherGoneError"
+    assert elapsed < 2.0
+    assert [g[1] for g in got] == list(range(0, 10 * FRAME - 299, 300))  # every complete chunk
+    for q in (results, sub_done):
+        q.close()
+        q.join_thread()
+
+
+def test_kill9_broker_raises_broker_gone_and_a_new_broker_takes_over(broker, stream_name, tmp_path):
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=FRAME, address=broker.address)
+    pub.write(np.zeros(FRAME, dtype=np.int32))
+    sub.recv(timeout=5).release()
+    segments = {n for n in slabcast_segments() if n.startswith(f"slabcast.{broker.pid}.")}
+    assert len(segments) == 1
+    t = time.monotonic()
+    broker.kill(group=True)  # broker and its resource tracker: the segments leak
+    with pytest.raises(slabcast.BrokerGoneError):
+        sub.recv(timeout=5)
+    assert time.monotonic() - t < 2.0
+    with pytest.raises(slabcast.BrokerGoneError):
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            pub.write(np.zeros(FRAME, dtype=np.int32))
+    assert segments <= slabcast_segments(), "the whole group was killed: nobody unlinked"
+    with slabcast.BrokerProcess(broker.address) as second:
+        assert not segments & slabcast_segments(), "the new broker did not reap the dead broker's segments"
+        with slabcast.Publisher(stream_name, address=second.address) as p2:
+            p2.write(np.zeros(3, dtype=np.float32))
+    sub.close()
+    pub.close()
+
+
+def test_second_broker_at_the_same_address_is_refused(broker):
+    with pytest.raises(slabcast.BrokerGoneError, match=f"already serves {broker.address}"):
+        slabcast.BrokerProcess(broker.address).start()
+    assert slabcast.broker_status(broker.address)["pid"] == broker.pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_broker_cleanly(tmp_path, sig, stream_name):
+    proc = slabcast.BrokerProcess(tmp_path / "b.sock").start()
+    try:
+        pub = slabcast.Publisher(stream_name, address=proc.address)
+        sub = slabcast.Subscriber(stream_name, size=10, address=proc.address)
+        pub.write(np.zeros(10, dtype=np.float32))
+        chunk = sub.recv(timeout=5)
+        proc.process.send_signal(sig)
+        assert proc.wait_exit(10) == 0
+        assert float(chunk.data.sum()) == 0.0  # still mapped after the unlink
+        chunk.release()
+        with pytest.raises(slabcast.BrokerGoneError):
+            sub.recv(timeout=5)
+        sub.close()
+        pub.close()
+        assert not any(n.startswith(f"slabcast.{proc.pid}.") for n in slabcast_segments())
+        assert not (tmp_path / "b.sock").exists()
+    finally:
+        proc.stop()
+
+
+def test_version_mismatch_names_both_versions(broker, stream_name, monkeypatch):
+    monkeypatch.setattr(P, "VERSION", 2)
+    with pytest.raises(slabcast.ProtocolError, match="broker speaks version 1, client speaks version 2"):
+        slabcast.Subscriber(stream_name, size=1, address=broker.address)
+
+
+def raw_socket(address):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.connect(address)
+    return s
+
+
+MALFORMED = [
+    (b"", "expected a msgpack array"),
+    (b"\xc1\xc1\xc1", "expected a msgpack array"),
+    (msgpack.packb({"a": 1}), "starting with an integer kind"),
+    (msgpack.packb([]), "starting with an integer kind"),
+    (msgpack.packb(["HELLO"]), "starting with an integer kind"),
+    (msgpack.packb([P.FRAME, 0, 1, 0.0]), "expected HELLO as the first message"),
+    (msgpack.packb([P.HELLO]), "HELLO must start"),
+    (msgpack.packb([P.HELLO, 1, "pid", "sub", "x"]), "HELLO field 2 must be int"),
+    (msgpack.packb([P.HELLO, 1, 1, "boss", "x"]), "role must be"),
+]
+
+
+def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    healthy: list = []
+    ready = threading.Event()
+    t = threading.Thread(target=consume_all, args=(broker.address, stream_name, healthy, ready))
+    t.start()
+    assert ready.wait(10)
+    s = raw_socket(broker.address)
+    for i, (raw, expect) in enumerate(MALFORMED):
+        pub.write(np.full(FRAME, i, dtype=np.int32))
+        s.send(raw)
+        reply = msgpack.unpackb(s.recv())
+        assert reply[:2] == [P.ERROR, P.ERR_MALFORMED], reply
+        assert expect in reply[2]
+    # After a proper HELLO: wrong arity, wrong types, unknown kinds, out-of-role requests.
+    s.send(msgpack.packb([P.HELLO, 1, 0, "sub", "fuzz"]))
+    assert msgpack.unpackb(s.recv())[0] == P.WELCOME
+    for raw, code, expect in [
+        (msgpack.packb([99]), P.ERR_MALFORMED, "unknown message kind 99"),
+        (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 fields, got 1"),
+        (msgpack.packb([P.SUBSCRIBE, stream_name, -5, None, True, "block", 8, None]), P.ERR_BAD_REQUEST,
+         "size must be a positive integer"),
+        (msgpack.packb([P.SUBSCRIBE, "nope", 5, None, True, "block", 8, None]), P.ERR_UNKNOWN_STREAM,
+         "no stream named 'nope'"),
+        (msgpack.packb([P.FRAME, 0, 1, 0.0]), P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream"),
+        (msgpack.packb([P.RELEASE, [1, 2], []]), P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription"),
+        (msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None]), P.ERR_BAD_REQUEST, "OPEN is for a publisher"),
+    ]:  # fmt: skip
+        pub.write(np.full(FRAME, 0, dtype=np.int32))
+        s.send(raw)
+        reply = msgpack.unpackb(s.recv())
+        assert reply[:2] == [P.ERROR, code], reply
+        assert expect in reply[2], reply
+    s.send_multipart([b"two", b"parts"])
+    assert "expected one message part" in msgpack.unpackb(s.recv())[2]
+    s.close()
+    pub.close()
+    t.join(10)
+    assert healthy[: len(MALFORMED)] == list(range(len(MALFORMED)))
+    assert len(healthy) == len(MALFORMED) + 7 and healthy[-7:] == [0] * 7
+
+
+def test_bad_frames_are_refused_and_nothing_is_written(broker, stream_name):
+    with slabcast.Publisher(stream_name, dtype="float32", channels=2, address=broker.address) as pub:
+        sub = slabcast.Subscriber(stream_name, size=2, clip=True, address=broker.address)
+        cases = [
+            (np.zeros((3, 2), dtype=np.float64), TypeError, "frame dtype must be float32 .* got float64"),
+            (np.zeros((3, 3), dtype=np.float32), ValueError, r"frame shape must be \(n, 2\) .* got \(3, 3\)"),
+            (np.zeros(6, dtype=np.float32), ValueError, r"frame shape must be \(n, 2\)"),
+            (np.zeros((0, 2), dtype=np.float32), ValueError, "at least one sample"),
+            (b"\x00" * 8, TypeError, "bytes are accepted only on a byte stream"),
+            ([[0.0, 0.0]], TypeError, "must be a numpy array"),
+        ]
+        for data, exc, match in cases:
+            with pytest.raises(exc, match=match):
+                pub.write(data)
+        good = np.arange(4, dtype=np.float32).reshape(2, 2)
+        pub.write(good, t0=5.0)
+        with sub.recv(timeout=5) as chunk:
+            assert chunk.index == 0 and chunk.t0 == 5.0
+            np.testing.assert_array_equal(chunk.data, good)
+        sub.close()
+
+
+def test_bad_arguments_and_unknown_stream(broker, stream_name):
+    with pytest.raises(slabcast.StreamNotFoundError, match=f"no stream named '{stream_name}'"):
+        slabcast.Subscriber(stream_name, size=10, address=broker.address)
+    with pytest.raises(ValueError, match="size must be a positive integer number of samples, got 0"):
+        slabcast.Subscriber(stream_name, size=0, address=broker.address)
+    with pytest.raises(ValueError, match="got -3"):
+        slabcast.Subscriber(stream_name, size=-3, address=broker.address)
+    with pytest.raises(TypeError, match="exactly one of size"):
+        slabcast.Subscriber(stream_name, address=broker.address)
+    with pytest.raises(ValueError, match="policy must be"):
+        slabcast.Subscriber(stream_name, size=1, policy="maybe", address=broker.address)
+    with pytest.raises(TypeError, match="numeric numpy dtype"):
+        slabcast.Publisher(stream_name, dtype=object, address=broker.address)
+    with pytest.raises(ValueError, match="stream name must be"):
+        slabcast.Publisher("bad name!", address=broker.address)
+    with slabcast.Publisher(stream_name, address=broker.address):
+        with pytest.raises(slabcast.StreamExistsError, match="already has a publisher"):
+            slabcast.Publisher(stream_name, address=broker.address)
+    with pytest.raises(slabcast.BrokerGoneError, match="no broker at"):
+        slabcast.Subscriber(stream_name, size=1, address=str(broker.address) + ".nothing")
