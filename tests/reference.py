@@ -39,4 +39,3 @@ def expected_chunks(frames, size, clip, rate=None, pause=None):
             k += 1
         index += n
     return out
-

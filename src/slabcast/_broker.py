@@ -438,13 +438,22 @@ class Broker:
             epoch=self.epoch,
             name=name,
         )
-        stream = _Stream(name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve,
-                         list(names), segment)  # fmt: skip
+        stream = _Stream(
+            name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve, list(names), segment
+        )
         stream.publisher = client
         client.stream = stream
         self._streams[name] = stream
-        log.info("stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes", name, client.label,
-                 dtype, channels, rate, nslabs, slab_bytes)  # fmt: skip
+        log.info(
+            "stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes",
+            name,
+            client.label,
+            dtype,
+            channels,
+            rate,
+            nslabs,
+            slab_bytes,
+        )
         self._send(
             client.ident,
             P.pack([P.OPENED, seg_name, segment.nbytes, HEADER_BYTES, slab_bytes, nslabs, reserve, sample_bytes]),
@@ -617,8 +626,19 @@ class Broker:
         log.info("%s subscribed to %r: size=%d clip=%s policy=%s", client.label, name, size, clip, policy)
         self._send(
             client.ident,
-            P.pack([P.SUBSCRIBED, stream.segment.name, stream.segment.nbytes, stream.dtype.str, stream.channels,
-                    stream.rate, size, stream.head, stream.channel_names]),  # fmt: skip
+            P.pack(
+                [
+                    P.SUBSCRIBED,
+                    stream.segment.name,
+                    stream.segment.nbytes,
+                    stream.dtype.str,
+                    stream.channels,
+                    stream.rate,
+                    size,
+                    stream.head,
+                    stream.channel_names,
+                ]
+            ),
         )
 
     def _on_release(self, client: _Client, msg: tuple[Any, ...]) -> None:

@@ -43,11 +43,15 @@ def _status(args: argparse.Namespace) -> int:
     print(f"broker pid {status['pid']} at {status['address']}, up {status['uptime']:.1f} s")
     for s in status["streams"]:
         rate = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
-        print(f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
-              f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}")  # fmt: skip
+        print(
+            f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
+            f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}"
+        )
         for u in s["subscribers"]:
-            print(f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
-                  f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']}")  # fmt: skip
+            print(
+                f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
+                f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']}"
+            )
     return 0
 
 
@@ -66,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", parents=[common], help="run a broker until SIGINT/SIGTERM")
-    p.add_argument("--address", default=None, help="ipc://PATH or a socket path (default: $SLABCAST_ADDRESS or per-user)")
+    p.add_argument(
+        "--address", default=None, help="ipc://PATH or a socket path (default: $SLABCAST_ADDRESS or per-user)"
+    )
     p.add_argument("--shm-mode", default="600", help="octal permission of shared-memory segments (600 or 660)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_broker)

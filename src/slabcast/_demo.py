@@ -39,8 +39,10 @@ def spl_worker(address: str, ready: Any) -> None:
             with chunk:
                 rms = np.sqrt(np.mean(np.square(chunk.data, dtype=np.float64), axis=0))
             level = 20 * np.log10(np.maximum(rms, 1e-12))
-            print(f"[spl   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L={level[0]:6.1f} dBFS  R={level[1]:6.1f} dBFS",
-                  flush=True)  # fmt: skip
+            print(
+                f"[spl   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L={level[0]:6.1f} dBFS  R={level[1]:6.1f} dBFS",
+                flush=True,
+            )
 
 
 def wav_worker(address: str, ready: Any, out_dir: str) -> None:
@@ -73,8 +75,10 @@ def peak_worker(address: str, ready: Any) -> None:
                 spectrum = np.abs(np.fft.rfft(chunk.data * np.hanning(n)[:, None], axis=0))
             freqs = np.fft.rfftfreq(n, 1 / RATE)
             peaks = freqs[np.argmax(spectrum, axis=0)]
-            print(f"[peak  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L peak {peaks[0]:7.1f} Hz  R peak {peaks[1]:7.1f} Hz",
-                  flush=True)  # fmt: skip
+            print(
+                f"[peak  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L peak {peaks[0]:7.1f} Hz  R peak {peaks[1]:7.1f} Hz",
+                flush=True,
+            )
 
 
 def synthetic_frames(rng: np.random.Generator, index: int) -> np.ndarray[Any, Any]:
@@ -98,8 +102,9 @@ def run_demo(duration: float = 15.0, out: str | None = None) -> int:
     print(f"slabcast demo: broker + 48 kHz stereo source + 3 workers for {duration:g} s (Ctrl-C stops)", flush=True)
     try:
         with BrokerProcess(os.path.join(workdir, "broker.sock")) as broker:
-            with Publisher(STREAM, dtype="float32", channels=2, rate=RATE, address=broker.address,
-                           channel_names=["left", "right"]) as pub:  # fmt: skip
+            with Publisher(
+                STREAM, dtype="float32", channels=2, rate=RATE, address=broker.address, channel_names=["left", "right"]
+            ) as pub:
                 procs = [
                     ctx.Process(target=spl_worker, args=(broker.address, ready), name="spl"),
                     ctx.Process(target=wav_worker, args=(broker.address, ready, out_dir), name="wav"),

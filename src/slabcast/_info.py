@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class StreamInfo:
     """
 
     name: str
-    dtype: np.dtype  # type: ignore[type-arg]
+    dtype: np.dtype[Any]
     channels: int
     rate: float | None
     channel_names: tuple[str, ...]

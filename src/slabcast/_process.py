@@ -34,8 +34,13 @@ class BrokerProcess:
     ...     pub = slabcast.Publisher("mic", address=broker.address)
     """
 
-    def __init__(self, address: str | os.PathLike[str] | None = None, *, args: tuple[str, ...] = (),
-                 startup_timeout: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        address: str | os.PathLike[str] | None = None,
+        *,
+        args: tuple[str, ...] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
         self.address = normalize(address)
         self.args = tuple(args)
         self.startup_timeout = startup_timeout
@@ -53,11 +58,20 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         """Spawn the broker and block until it serves, or raise with what it printed."""
         read_fd, write_fd = os.pipe()
-        self._stderr = tempfile.TemporaryFile()  # a pipe nobody reads would stall a chatty broker
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)  # a pipe nobody reads would stall a chatty broker
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "slabcast", "broker", "--address", self.address,
-                 "--ready-fd", str(write_fd), *self.args],  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "slabcast",
+                    "broker",
+                    "--address",
+                    self.address,
+                    "--ready-fd",
+                    str(write_fd),
+                    *self.args,
+                ],
                 pass_fds=(write_fd,),
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
                 stderr=self._stderr,
@@ -102,7 +116,7 @@ class BrokerProcess:
         if f is None:
             return self._stderr_text
         f.seek(0)
-        return f.read().decode(errors="replace").strip()
+        return str(f.read().decode(errors="replace").strip())
 
     def kill(self, group: bool = False) -> None:
         """SIGKILL the broker (``group=True``: its whole process group) and reap it."""

@@ -141,7 +141,7 @@ def check_dtype(dtype: Any) -> np.dtype[Any]:
         If it is not a boolean, integer, float or complex dtype.
     """
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as exc:
         raise TypeError(f"dtype must be a numeric numpy dtype, got {dtype!r}") from exc
     if dt.kind not in DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None:

@@ -45,14 +45,14 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
             raise TypeError(f"frame dtype must be {dtype} for {where}, got {data.dtype} (nothing is cast)")
         arr = data
     else:
-        raise TypeError(f"a frame must be a numpy array (or bytes on a byte stream) for {where}, got {type(data).__name__}")
+        raise TypeError(
+            f"a frame must be a numpy array (or bytes on a byte stream) for {where}, got {type(data).__name__}"
+        )
     shape = arr.shape
-    if arr.ndim == 1 and channels == 1:
-        pass
-    elif arr.ndim == 2 and shape[1] == channels:
+    if (arr.ndim == 1 and channels == 1) or (arr.ndim == 2 and shape[1] == channels):
         pass
     else:
-        want = f"(n,) or (n, 1)" if channels == 1 else f"(n, {channels})"
+        want = "(n,) or (n, 1)" if channels == 1 else f"(n, {channels})"
         raise ValueError(f"frame shape must be {want} (sample-major) for {where}, got {shape}")
     if shape[0] < 1:
         raise ValueError(f"a frame must hold at least one sample, got shape {shape} for {where}")
@@ -125,9 +125,17 @@ class Publisher:
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             self._conn.send(
-                [P.OPEN, stream, self.dtype.str, channels, self.rate, slab_bytes, nslabs,
-                 max_chunk_bytes if max_chunk_bytes is not None else slab_bytes // 2,
-                 list(channel_names) if channel_names is not None else None]  # fmt: skip
+                [
+                    P.OPEN,
+                    stream,
+                    self.dtype.str,
+                    channels,
+                    self.rate,
+                    slab_bytes,
+                    nslabs,
+                    max_chunk_bytes if max_chunk_bytes is not None else slab_bytes // 2,
+                    list(channel_names) if channel_names is not None else None,
+                ]
             )
             reply = self._conn.recv(timeout)
             if reply is None:
@@ -246,7 +254,7 @@ class Publisher:
         slab = self._grants.popleft()
         start = self._header + slab * self.slab_bytes
         self._end = start + self.slab_bytes
-        return start + self.reserve
+        return int(start + self.reserve)
 
     def _take_messages(self, timeout: float) -> None:
         msg = self._conn.recv(timeout)

@@ -22,7 +22,7 @@ _EPS = 1e-9
 
 def check_size(size: Any, what: str = "size") -> int:
     """Return ``size`` if it is a positive integer, else raise a clear error."""
-    if isinstance(size, bool) or not isinstance(size, int | Real) or int(size) != size:
+    if isinstance(size, bool) or not isinstance(size, int | float) or int(size) != size:
         raise TypeError(f"{what} must be a positive integer number of samples, got {size!r}")
     if size <= 0:
         raise ValueError(f"{what} must be a positive integer number of samples, got {size!r}")

@@ -31,6 +31,8 @@ Python's resource tracker never learns of (and never unlinks) them.
 
 from __future__ import annotations
 
+import _posixshmem  # the C module behind multiprocessing.shared_memory (POSIX only)
+import contextlib
 import errno
 import mmap
 import os
@@ -38,8 +40,6 @@ import re
 import struct
 from multiprocessing import shared_memory
 from typing import Any
-
-import _posixshmem  # the C module behind multiprocessing.shared_memory (POSIX only)
 
 from ._exceptions import ShmFullError
 
@@ -63,7 +63,9 @@ class Segment:
 
     def __init__(self, name: str, nbytes: int, mode: int = 0o600) -> None:
         try:
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
+                name=name, create=True, size=nbytes
+            )
         except OSError as exc:
             raise ShmFullError(f"cannot create shared-memory segment {name!r} of {nbytes} bytes: {exc}") from exc
         try:
@@ -109,14 +111,10 @@ class Segment:
             return
         shm, self._shm = self._shm, None
         del self.buf
-        try:
+        with contextlib.suppress(BufferError):  # a view is still alive in the broker; unlink anyway
             shm.close()
-        except BufferError:  # a view is still alive somewhere in the broker; the unlink still happens
-            pass
-        try:
+        with contextlib.suppress(FileNotFoundError):
             shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def attach(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
@@ -161,7 +159,7 @@ def reap_stale(shm_dir: str = SHM_DIR) -> list[str]:
     alive are touched: other software's segments, and those of live brokers,
     are left alone.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,6 +21,11 @@ from ._shm import attach
 __all__ = ["Chunk", "Subscriber"]
 
 _CONNECTIONS_KEPT: list[Connection] = []  # see Subscriber.close
+
+
+def _on_dead(dead: deque[int], seq: int, _ref: object) -> None:
+    # Runs when the last view of a chunk dies, in whatever thread dropped it: only queue.
+    dead.append(seq)
 
 
 class Chunk:
@@ -255,7 +261,7 @@ class Subscriber:
         base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
         # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
         dead = self._dead
-        self._refs[seq] = weakref.ref(base, lambda _ref, seq=seq: dead.append(seq))
+        self._refs[seq] = weakref.ref(base, functools.partial(_on_dead, dead, seq))
         self._received += 1
         self._last_seq = seq
         return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)

@@ -19,8 +19,9 @@ def expected(spec, sub_kwargs, dtype, channels, rate):
     size = sub_kwargs.get("size") or round(sub_kwargs["seconds"] * rate)
     out = []
     for seq, (i, n, t0) in enumerate(
-        expected_chunks([(len(a), t) for a, t in frames], size, sub_kwargs.get("clip", False), rate,
-                        sub_kwargs.get("sampler"))  # fmt: skip
+        expected_chunks(
+            [(len(a), t) for a, t in frames], size, sub_kwargs.get("clip", False), rate, sub_kwargs.get("sampler")
+        )
     ):
         out.append((seq, i, n, t0, zlib.crc32(whole[i : i + n].tobytes())))
     return out

@@ -88,7 +88,7 @@ def test_kill9_publisher_mid_stream_ends_with_publisher_gone(broker, workers, qu
     assert results.get(timeout=30) == ("pub-wrote", 10)
     t = time.monotonic()
     os.kill(pub_proc.pid, signal.SIGKILL)
-    tag, got, end, _ = sub_done.get(timeout=10)
+    _, got, end, _ = sub_done.get(timeout=10)
     elapsed = time.monotonic() - t
     assert end == "PublisherGoneError"
     assert elapsed < 2.0
@@ -199,14 +199,24 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
     for raw, code, expect in [
         (msgpack.packb([99]), P.ERR_MALFORMED, "unknown message kind 99"),
         (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 fields, got 1"),
-        (msgpack.packb([P.SUBSCRIBE, stream_name, -5, None, True, "block", 8, None]), P.ERR_BAD_REQUEST,
-         "size must be a positive integer"),
-        (msgpack.packb([P.SUBSCRIBE, "nope", 5, None, True, "block", 8, None]), P.ERR_UNKNOWN_STREAM,
-         "no stream named 'nope'"),
+        (
+            msgpack.packb([P.SUBSCRIBE, stream_name, -5, None, True, "block", 8, None]),
+            P.ERR_BAD_REQUEST,
+            "size must be a positive integer",
+        ),
+        (
+            msgpack.packb([P.SUBSCRIBE, "nope", 5, None, True, "block", 8, None]),
+            P.ERR_UNKNOWN_STREAM,
+            "no stream named 'nope'",
+        ),
         (msgpack.packb([P.FRAME, 0, 1, 0.0]), P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream"),
         (msgpack.packb([P.RELEASE, [1, 2], []]), P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription"),
-        (msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None]), P.ERR_BAD_REQUEST, "OPEN is for a publisher"),
-    ]:  # fmt: skip
+        (
+            msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None]),
+            P.ERR_BAD_REQUEST,
+            "OPEN is for a publisher",
+        ),
+    ]:
         pub.write(np.full(FRAME, 0, dtype=np.int32))
         s.send(raw)
         reply = msgpack.unpackb(s.recv())
@@ -258,8 +268,10 @@ def test_bad_arguments_and_unknown_stream(broker, stream_name):
         slabcast.Publisher(stream_name, dtype=object, address=broker.address)
     with pytest.raises(ValueError, match="stream name must be"):
         slabcast.Publisher("bad name!", address=broker.address)
-    with slabcast.Publisher(stream_name, address=broker.address):
-        with pytest.raises(slabcast.StreamExistsError, match="already has a publisher"):
-            slabcast.Publisher(stream_name, address=broker.address)
+    with (
+        slabcast.Publisher(stream_name, address=broker.address),
+        pytest.raises(slabcast.StreamExistsError, match="already has a publisher"),
+    ):
+        slabcast.Publisher(stream_name, address=broker.address)
     with pytest.raises(slabcast.BrokerGoneError, match="no broker at"):
         slabcast.Subscriber(stream_name, size=1, address=str(broker.address) + ".nothing")

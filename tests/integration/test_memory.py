@@ -76,8 +76,9 @@ def test_block_policy_makes_the_writer_time_out_and_loses_nothing(broker, stream
 
 def test_drop_policy_never_blocks_and_counts_drops_exactly(broker, stream_name):
     with small_stream(broker, stream_name, timeout=2) as pub:
-        slow = slabcast.Subscriber(stream_name, size=256, clip=True, policy="drop", max_inflight=2,
-                                   address=broker.address)  # fmt: skip
+        slow = slabcast.Subscriber(
+            stream_name, size=256, clip=True, policy="drop", max_inflight=2, address=broker.address
+        )
         for i in range(200):
             pub.write(np.full(256, i, dtype=np.int32))
         pub.close()
@@ -93,7 +94,7 @@ def test_limits_give_clear_errors(broker, stream_name):
     with small_stream(broker, stream_name) as pub:
         with pytest.raises(slabcast.RequestError, match=r"a chunk of 2000 samples \(8000 bytes\) is larger"):
             slabcast.Subscriber(stream_name, size=2000, address=broker.address)
-        with pytest.raises(ValueError, match="larger than stream .* allows"):
+        with pytest.raises(ValueError, match=r"larger than stream .* allows"):
             pub.write(np.zeros(1500, dtype=np.int32))
         with pytest.raises(slabcast.RequestError, match="seconds= needs a stream with a rate"):
             slabcast.Subscriber(stream_name, seconds=1.0, address=broker.address)

@@ -24,8 +24,9 @@ subscriber = st.tuples(st.integers(1, 1500), st.booleans(), st.sampled_from([Non
 def test_concatenation_rule_through_the_broker(broker, stream_name, frames, subs):
     name = f"{stream_name}-{next(_names)}"
     rate = 1000.0
-    pub = slabcast.Publisher(name, dtype="int16", channels=2, rate=rate, slab_bytes=16384, nslabs=32,
-                             address=broker.address)  # fmt: skip
+    pub = slabcast.Publisher(
+        name, dtype="int16", channels=2, rate=rate, slab_bytes=16384, nslabs=32, address=broker.address
+    )
     readers = [
         slabcast.Subscriber(name, size=size, clip=clip, sampler=pause, address=broker.address)
         for size, clip, pause in subs

@@ -90,7 +90,9 @@ def test_bad_sizes_are_refused(bad):
         check_size(bad)
 
 
-@pytest.mark.parametrize(("bad", "exc"), [(-1, ValueError), (float("nan"), ValueError), ("1", TypeError), ([], TypeError)])
+@pytest.mark.parametrize(
+    ("bad", "exc"), [(-1, ValueError), (float("nan"), ValueError), ("1", TypeError), ([], TypeError)]
+)
 def test_bad_samplers_are_refused(bad, exc):
     with pytest.raises(exc, match="sampler"):
         check_sampler(bad)
