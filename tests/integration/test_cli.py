@@ -1,0 +1,76 @@
+"""The command line: demo, standalone broker, status, and the default address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+import slabcast
+
+
+def run_cli(*args, env=None, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "slabcast", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_demo_runs_three_workers_and_leaves_nothing_behind():
+    result = run_cli("demo", "--duration", "3.2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    spl = [line for line in lines if line.startswith("[spl")]
+    wav = [line for line in lines if line.startswith("[wav")]
+    peak = [line for line in lines if line.startswith("[peak")]
+    assert len(spl) == 6  # 3.2 s in 0.5 s chunks
+    assert len(wav) == 1  # one 3 s file
+    assert len(peak) == 2  # 0.5 s analysed every 2 s
+    assert all("440.0 Hz" in line and "1000.0 Hz" in line for line in peak)
+    assert "done, 3.2 s of audio streamed" in lines[-1]
+
+
+def test_standalone_broker_status_and_default_address(tmp_path, stream_name):
+    address = f"ipc://{tmp_path}/s/b.sock"
+    env = {**os.environ, "SLABCAST_ADDRESS": address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slabcast", "broker"], stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        assert f"serving {address}" in proc.stdout.readline()
+        assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+        os.environ["SLABCAST_ADDRESS"] = address
+        try:
+            pub = slabcast.Publisher(stream_name, dtype="int16", channels=3, rate=100.0)
+            sub = slabcast.Subscriber(stream_name, seconds=0.5, clip=True, policy="drop")
+        finally:
+            del os.environ["SLABCAST_ADDRESS"]
+        pub.write(np.zeros((60, 3), dtype=np.int16))
+        status = json.loads(run_cli("status", "--json", env=env).stdout)
+        (stream,) = status["streams"]
+        assert stream["name"] == stream_name
+        assert (stream["channels"], stream["rate"], stream["samples"]) == (3, 100.0, 60)
+        (s,) = stream["subscribers"]
+        assert (s["size"], s["clip"], s["policy"], s["pid"]) == (50, True, "drop", os.getpid())
+        text = run_cli("status", env=env).stdout
+        assert f"stream {stream_name}: <i2 x 3, 100 Hz, 60 samples" in text
+        assert sub.info.channel_names == ("ch_0", "ch_1", "ch_2")
+        sub.close()
+        pub.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert not (tmp_path / "s" / "b.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_status_without_a_broker_is_a_clear_error(tmp_path):
+    result = run_cli("status", "--address", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert "no broker at" in result.stderr
