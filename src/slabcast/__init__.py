@@ -12,10 +12,12 @@
 #   _process    BrokerProcess: a broker in a child process
 #   _cli        the `slabcast` command
 
+from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
 from ._exceptions import BrokerRunningError as BrokerRunningError
 from ._exceptions import ClosedError as ClosedError
 from ._exceptions import EndOfStream as EndOfStream
+from ._exceptions import EvictedError as EvictedError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import PublisherGoneError as PublisherGoneError
 from ._exceptions import RequestError as RequestError
@@ -38,12 +40,14 @@ from ._subscriber import Chunk as Chunk
 from ._subscriber import Subscriber as Subscriber
 
 __all__ = [
+    "AccessDeniedError",
     "BrokerGoneError",
     "BrokerProcess",
     "BrokerRunningError",
     "Chunk",
     "ClosedError",
     "EndOfStream",
+    "EvictedError",
     "ProtocolError",
     "Publisher",
     "PublisherGoneError",

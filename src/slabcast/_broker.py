@@ -38,8 +38,11 @@ log = logging.getLogger("slabcast.broker")
 _SWEEP_INTERVAL = 0.5  # seconds between liveness checks of client processes
 _GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
 _MAX_SUBSCRIBERS = 256  # per stream
+_REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
 _MAX_INFLIGHT = 1024
 _PAUSE_PREFETCH_MAX = 4096
+
+_TCP = b"T"  # routing ids of TCP clients get this prefix (ZeroMQ's own ids start with 0x00)
 
 # Slab states.
 _FREE, _GRANTED, _CURRENT, _RETIRED = range(4)
@@ -54,10 +57,12 @@ class _Refused(Exception):
 
 
 class _Client:
-    __slots__ = ("ident", "label", "pid", "role", "stream", "sub")
+    __slots__ = ("ident", "label", "last_seen", "pid", "remote", "role", "stream", "sub")
 
     def __init__(self, ident: bytes, pid: int, role: str, label: str) -> None:
-        self.ident = ident
+        self.ident = ident  # routing id; prefixed with b"T" for clients of the TCP socket
+        self.remote = ident[:1] == _TCP
+        self.last_seen = time.monotonic()
         self.pid = pid
         self.role = role
         self.label = label
@@ -74,6 +79,7 @@ class _Sub:
         "client",
         "const_pause",
         "delivered",
+        "delivered_at",
         "dropped",
         "end",
         "inflight",
@@ -82,6 +88,7 @@ class _Sub:
         "max_inflight",
         "pauses",
         "policy",
+        "remote_held",
         "seq",
         "stream",
     )
@@ -95,7 +102,9 @@ class _Sub:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.leases: dict[int, int] = {}  # seq -> slab
-        self.backlog: deque[tuple[int, bytes]] = deque()  # (seq, packed CHUNK) waiting for credit
+        self.backlog: deque[tuple[int, bytes, int, int]] = deque()  # (seq, CHUNK, offset, nbytes) awaiting credit
+        self.delivered_at: deque[tuple[int, float]] = deque()  # (seq, monotonic time), oldest first
+        self.remote_held: set[int] = set()  # chunks sent by value to a TCP client, not yet released
         self.seq = 0
         self.delivered = 0
         self.dropped = 0
@@ -193,9 +202,19 @@ class Broker:
     told, every segment is unlinked, the socket and lock files are removed.
     """
 
-    def __init__(self, address: str | None = None, *, shm_mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        shm_mode: int = 0o600,
+        lease_timeout: float = 30.0,
+        tcp: str | None = None,
+        curve_secret: str | None = None,
+        curve_clients: str | None = None,
+    ) -> None:
         self.address = normalize(address)
         self.shm_mode = shm_mode
+        self.lease_timeout = lease_timeout
         self.pid = os.getpid()
         self.epoch = secrets.randbits(32)
         self.started = time.time()
@@ -218,10 +237,15 @@ class Broker:
                 self._lock.release()
             raise OSError(f"cannot bind the broker to {self.address}: {exc}") from exc
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tcp: zmq.Socket[Any] | None = None
+        self._auth: Any = None
+        self.tcp_address: str | None = None
+        if tcp is not None:
+            self._bind_tcp(tcp, curve_secret, curve_clients)
         self._clients: dict[bytes, _Client] = {}
         self._streams: dict[str, _Stream] = {}  # open streams by name
         self._draining: list[_Stream] = []  # ended streams whose subscribers are still attached
-        self._outbox: dict[bytes, deque[bytes]] = {}
+        self._outbox: dict[bytes, deque[Any]] = {}
         self._segments = 0
         self._stopping = False
         self._last_sweep = 0.0
@@ -236,6 +260,37 @@ class Broker:
             P.UNSUBSCRIBE: self._on_unsubscribe,
             P.SYNC: self._on_sync,
         }
+
+    def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
+        """Listen on TCP for remote subscribers; CURVE encryption and a client allow-list are required."""
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not curve_secret or not curve_clients:
+            self._close_sockets()
+            raise ValueError("TCP needs CURVE: give the broker's secret key file and a directory of client public keys")
+        public, secret = load_certificate(curve_secret)
+        if secret is None:
+            self._close_sockets()
+            raise ValueError(f"{curve_secret} holds no secret key (use the *.key_secret file from `slabcast keygen`)")
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("slabcast.broker.auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=curve_clients)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        endpoint = tcp if tcp.startswith("tcp://") else f"tcp://{tcp}"
+        sock.bind(endpoint)
+        self._tcp = sock
+        self.tcp_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     # ------------------------------------------------------------------ loop
 
@@ -256,14 +311,18 @@ class Broker:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        if self._tcp is not None:
+            poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
         if ready is not None:
-            ready()
+            ready()  # the TCP endpoint, if any, is in self.tcp_address
         try:
             while not self._stopping:
                 events = dict(poller.poll(int(_SWEEP_INTERVAL * 1000)))
                 if self._router in events:
                     self._drain()
+                if self._tcp is not None and self._tcp in events:
+                    self._drain(self._tcp)
                 if self._monitor in events:
                     self._drain_monitor()
                 if wake_r.fileno() in events:
@@ -282,18 +341,19 @@ class Broker:
             wake_w.close()
             self._shutdown()
 
-    def _drain(self, limit: int = 10_000) -> None:
-        router = self._router
+    def _drain(self, sock: zmq.Socket[Any] | None = None, limit: int = 10_000) -> None:
+        router = sock if sock is not None else self._router
+        prefix = _TCP if router is self._tcp else b""
         for _ in range(limit):
             try:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
+            key = prefix + parts[0]
             if len(parts) != 2:
-                if parts:
-                    self._error(parts[0], P.ERR_MALFORMED, f"expected one message part, got {len(parts) - 1}")
+                self._error(key, P.ERR_MALFORMED, f"expected one message part, got {len(parts) - 1}")
                 continue
-            self._on_message(parts[0], parts[1])
+            self._on_message(key, parts[1])
 
     def _drain_monitor(self) -> None:
         disconnected = False
@@ -307,21 +367,56 @@ class Broker:
             self._sweep()
 
     def _sweep(self) -> None:
-        """Drop clients whose process has died (after handling what they sent)."""
-        self._last_sweep = time.monotonic()
-        dead = [c for c in self._clients.values() if c.pid > 0 and not pid_alive(c.pid)]
+        """Drop dead clients (after handling what they sent); evict subscribers that hold leases too long."""
+        now = self._last_sweep = time.monotonic()
+        if self.lease_timeout > 0:
+            for stream in list(self._streams.values()):
+                for sub in list(stream.subs):
+                    self._check_leases(sub, now)
+        dead = [
+            c
+            for c in self._clients.values()
+            if (c.pid > 0 and not c.remote and not pid_alive(c.pid))
+            or (c.remote and now - c.last_seen > _REMOTE_SILENCE)
+        ]
         if not dead:
             return
         self._drain()
+        if self._tcp is not None:
+            self._drain(self._tcp)
         for client in dead:
             if client.ident in self._clients:
                 log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid, client.role)
                 self._drop_client(client, gone=True)
 
+    def _check_leases(self, sub: _Sub, now: float) -> None:
+        held = sub.delivered_at
+        while held and held[0][0] not in sub.leases and held[0][0] not in sub.remote_held:
+            held.popleft()
+        if not held or now - held[0][1] <= self.lease_timeout:
+            return
+        # Evicting stops the chunks and frees its queue; memory it may still see stays leased
+        # until it releases it or dies, because overwriting a visible chunk is never an option.
+        log.warning(
+            "evicting %s (pid %d) from %r: chunk seq=%d held for %.1f s > lease_timeout %.1f s",
+            sub.client.label,
+            sub.client.pid,
+            sub.stream.name,
+            held[0][0],
+            now - held[0][1],
+            self.lease_timeout,
+        )
+        held.clear()
+        self._detach(sub)
+        message = f"evicted: a chunk was held longer than the broker's lease_timeout ({self.lease_timeout:g} s)"
+        self._send(sub.client.ident, P.pack([P.END, P.END_EVICTED, message, sub.seq]))
+
     # ------------------------------------------------------------- messages
 
     def _on_message(self, ident: bytes, raw: bytes) -> None:
         client = self._clients.get(ident)
+        if client is not None:
+            client.last_seen = time.monotonic()
         try:
             msg = P.unpack(raw)
             if client is None:
@@ -347,7 +442,7 @@ class Broker:
             box.append(payload)
             return
         try:
-            self._router.send_multipart((ident, payload), zmq.NOBLOCK)
+            self._sock_for(ident).send_multipart((ident.removeprefix(_TCP), payload), zmq.NOBLOCK)
         except zmq.Again:
             self._outbox[ident] = deque([payload])
         except zmq.ZMQError as exc:
@@ -356,12 +451,35 @@ class Broker:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
 
+    def _sock_for(self, ident: bytes) -> zmq.Socket[Any]:
+        if ident[:1] == _TCP and self._tcp is not None:
+            return self._tcp
+        return self._router
+
+    def _send_chunk_by_value(self, ident: bytes, payload: bytes, data: Any) -> None:
+        # A TCP client shares no memory with us: the samples travel in a second frame.
+        parts = (ident.removeprefix(_TCP), payload, data)
+        box = self._outbox.get(ident)
+        if box is None:
+            try:
+                self._sock_for(ident).send_multipart(parts, zmq.NOBLOCK, copy=True)
+                return
+            except zmq.Again:
+                box = self._outbox[ident] = deque()
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                return
+        box.append((payload, bytes(data)))
+
     def _flush_outbox(self) -> None:
         for ident in list(self._outbox):
             box = self._outbox[ident]
             while box:
+                head = box[0]
+                frames = head if isinstance(head, tuple) else (head,)
                 try:
-                    self._router.send_multipart((ident, box[0]), zmq.NOBLOCK)
+                    self._sock_for(ident).send_multipart((ident.removeprefix(_TCP), *frames), zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 except zmq.ZMQError:
@@ -394,6 +512,8 @@ class Broker:
         _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names = msg
         if client.role != "pub" or client.stream is not None or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "OPEN is for a publisher connection that has no stream yet")
+        if client.remote:
+            raise _Refused(P.ERR_BAD_REQUEST, "publishers must run on the broker's host (they write shared memory)")
         try:
             P.check_stream_name(name)
             dtype = P.check_dtype(dtype_s)
@@ -532,17 +652,28 @@ class Broker:
             sub.dropped += 1
             return
         offset = stream.base_offset + (start - stream.base_index) * stream.sample_bytes
-        payload = P.pack([P.CHUNK, seq, start, length, t0, offset, 0])
+        remote = sub.client.remote
+        payload = P.pack([P.CHUNK, seq, start, length, t0, 0 if remote else offset, P.FLAG_INLINE if remote else 0])
         slab = stream.current
         assert slab is not None
         stream.leases[slab] += 1
         sub.leases[seq] = slab
         if sub.inflight < sub.max_inflight and not sub.backlog:
-            sub.inflight += 1
-            sub.delivered += 1
-            self._send(sub.client.ident, payload)
+            self._deliver(sub, seq, payload, offset, length * stream.sample_bytes)
         else:
-            sub.backlog.append((seq, payload))
+            sub.backlog.append((seq, payload, offset, length * stream.sample_bytes))
+
+    def _deliver(self, sub: _Sub, seq: int, payload: bytes, offset: int, nbytes: int) -> None:
+        sub.inflight += 1
+        sub.delivered += 1
+        sub.delivered_at.append((seq, time.monotonic()))
+        if sub.client.remote:
+            stream = sub.stream
+            self._send_chunk_by_value(sub.client.ident, payload, stream.u8[offset : offset + nbytes])
+            stream.unpin(sub.leases.pop(seq))  # the bytes were copied into the message
+            sub.remote_held.add(seq)
+        else:
+            self._send(sub.client.ident, payload)
 
     def _on_close(self, client: _Client, msg: tuple[Any, ...]) -> None:
         P.check_fields(msg)
@@ -650,19 +781,19 @@ class Broker:
         unknown = []
         for seq in msg[1]:
             slab = sub.leases.pop(seq, None) if type(seq) is int else None
-            if slab is None:
+            if slab is not None:
+                stream.unpin(slab)
+            elif seq in sub.remote_held:
+                sub.remote_held.discard(seq)
+            else:
                 unknown.append(seq)
                 continue
             sub.inflight -= 1
-            stream.unpin(slab)
         for value in msg[2][: _PAUSE_PREFETCH_MAX - len(sub.pauses)]:
             if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
                 sub.pauses.append(float(value))
-        while sub.backlog and sub.inflight < sub.max_inflight:
-            _, payload = sub.backlog.popleft()
-            sub.inflight += 1
-            sub.delivered += 1
-            self._send(client.ident, payload)
+        while sub.backlog and sub.inflight < sub.max_inflight and sub in stream.subs:
+            self._deliver(sub, *sub.backlog.popleft())
         if sub.end is not None and not sub.backlog:
             code, message = sub.end
             sub.end = None
@@ -686,7 +817,7 @@ class Broker:
 
     def _detach(self, sub: _Sub) -> None:
         stream = sub.stream
-        for seq, _ in sub.backlog:
+        for seq, *_ in sub.backlog:
             stream.unpin(sub.leases.pop(seq))
         sub.backlog.clear()
         if sub in stream.subs:
@@ -779,9 +910,15 @@ class Broker:
             self._lock.release()
 
     def _close_sockets(self) -> None:
+        self._tcp = getattr(self, "_tcp", None)
+        self._auth = getattr(self, "_auth", None)
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             self._router.disable_monitor()
             monitor.close(linger=0)
         self._router.close(linger=1000)
+        if self._tcp is not None:
+            self._tcp.close(linger=1000)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()

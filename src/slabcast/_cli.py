@@ -19,16 +19,34 @@ def _broker(args: argparse.Namespace) -> int:
     from ._broker import Broker
 
     shm_mode = int(args.shm_mode, 8)
-    broker = Broker(args.address, shm_mode=shm_mode)
+    broker = Broker(
+        args.address,
+        shm_mode=shm_mode,
+        lease_timeout=args.lease_timeout,
+        tcp=args.tcp,
+        curve_secret=args.curve_secret,
+        curve_clients=args.curve_clients,
+    )
 
     def ready() -> None:
+        where = broker.address + (f" and {broker.tcp_address}" if broker.tcp_address else "")
         if args.ready_fd is not None:
-            os.write(args.ready_fd, f"ready {os.getpid()}\n".encode())
+            os.write(args.ready_fd, f"ready {os.getpid()} {where}\n".encode())
             os.close(args.ready_fd)
         else:
-            print(f"slabcast broker {os.getpid()} serving {broker.address}", flush=True)
+            print(f"slabcast broker {os.getpid()} serving {where}", flush=True)
 
     broker.serve(ready)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from zmq.auth import create_certificates
+
+    os.makedirs(args.dir, exist_ok=True)
+    public, secret = create_certificates(args.dir, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 
 
@@ -74,8 +92,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--address", default=None, help="ipc://PATH or a socket path (default: $SLABCAST_ADDRESS or per-user)"
     )
     p.add_argument("--shm-mode", default="600", help="octal permission of shared-memory segments (600 or 660)")
+    p.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=30.0,
+        help="evict a subscriber holding a chunk longer than this many seconds (0: never)",
+    )
+    p.add_argument("--tcp", default=None, metavar="HOST:PORT", help="also serve remote subscribers over TCP (CURVE)")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's *.key_secret (with --tcp)")
+    p.add_argument("--curve-clients", default=None, metavar="DIR", help="directory of accepted client *.key files")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_broker)
+
+    p = sub.add_parser("keygen", parents=[common], help="make a CURVE key pair for TCP")
+    p.add_argument("name", help="base name of the key files")
+    p.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
+    p.set_defaults(func=_keygen)
 
     p = sub.add_parser("status", parents=[common], help="print the state of a running broker")
     p.add_argument("--address", default=None)

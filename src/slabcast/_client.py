@@ -13,9 +13,11 @@ import zmq
 from . import _protocol as P
 from ._address import ipc_path, normalize
 from ._exceptions import (
+    AccessDeniedError,
     BrokerGoneError,
     ClosedError,
     EndOfStream,
+    EvictedError,
     ProtocolError,
     PublisherGoneError,
     RequestError,
@@ -45,7 +47,10 @@ _ENDS: dict[str, type[SlabcastError]] = {
     P.END_CLOSED: EndOfStream,
     P.END_PUBLISHER_GONE: PublisherGoneError,
     P.END_BROKER_SHUTDOWN: BrokerGoneError,
+    P.END_EVICTED: EvictedError,
 }
+_AUTH_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_KEEPALIVE = 1.0  # seconds between pings while a TCP client waits (the broker drops it after 10 s of silence)
 
 
 def _context() -> zmq.Context[Any]:
@@ -80,8 +85,18 @@ class Connection:
         A name for logs and ``slabcast status``.
     """
 
-    def __init__(self, address: str | None, role: str, label: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        role: str,
+        label: str,
+        timeout: float = CONNECT_TIMEOUT,
+        curve: tuple[str, str] | None = None,
+    ) -> None:
         self.address = normalize(address)
+        self.remote = self.address.startswith("tcp://")
+        self.payload: Any = None  # the data frame of the last message, for TCP chunks
+        self._last_send = 0.0
         self.where = f"broker at {self.address}"
         path = ipc_path(self.address)
         if path is not None and not os.path.exists(path):
@@ -94,7 +109,11 @@ class Connection:
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if self.remote:
+            self._setup_curve(curve)
+        elif curve is not None:
+            raise ValueError("curve= is for tcp:// addresses; ipc connections are protected by file permissions")
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _AUTH_FAILED)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -118,12 +137,33 @@ class Connection:
         self.broker_pid: int = reply[2]
         self.epoch: int = reply[3]
 
+    def _setup_curve(self, curve: tuple[str, str] | None) -> None:
+        from zmq.auth import load_certificate
+
+        if curve is None:
+            self.sock.close(linger=0)
+            raise ValueError(
+                f"a tcp:// broker requires CURVE: pass curve=(client secret key file, broker public key file) "
+                f"made by `slabcast keygen` (address {self.address})"
+            )
+        public, secret = load_certificate(curve[0])
+        server_public, _ = load_certificate(curve[1])
+        if secret is None:
+            self.sock.close(linger=0)
+            raise ValueError(f"{curve[0]} holds no secret key (pass the *.key_secret file)")
+        self.sock.curve_publickey = public
+        self.sock.curve_secretkey = secret
+        self.sock.curve_serverkey = server_public
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+
     def send(self, msg: list[Any]) -> None:
         """Send one message; raise :class:`BrokerGoneError` if the socket is unusable."""
         if self.closed:
             raise ClosedError("this connection was closed")
         try:
             self.sock.send(P.pack(msg), copy=True)
+            self._last_send = time.monotonic()
         except zmq.ZMQError as exc:
             raise BrokerGoneError(f"cannot send to the {self.where}: {exc}") from exc
 
@@ -140,6 +180,7 @@ class Connection:
         while True:
             try:
                 raw = sock.recv(zmq.NOBLOCK)
+                self.payload = sock.recv(copy=False) if self.remote and sock.rcvmore else None
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
@@ -155,17 +196,30 @@ class Connection:
                 if left <= 0:
                     return None
                 wait = max(1, int(left * 1000))
+            if self.remote:
+                # A remote client proves it is alive by talking; the broker has no pid to check.
+                if time.monotonic() - self._last_send >= _KEEPALIVE:
+                    self.send([P.SYNC, 0])
+                wait = int(_KEEPALIVE * 1000) if wait < 0 else min(wait, int(_KEEPALIVE * 1000))
             events = dict(self._poller.poll(wait))
             if self._monitor in events:
-                with contextlib.suppress(zmq.Again):
-                    while True:
-                        self._monitor.recv_multipart(zmq.NOBLOCK)
+                self._read_monitor()
+
+    def _read_monitor(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        with contextlib.suppress(zmq.Again):
+            while True:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
+                if event & _AUTH_FAILED:
+                    self.gone = True
+                    raise AccessDeniedError(f"the {self.where} refused this client's CURVE key")
                 self.gone = True
 
     def poll_gone(self) -> bool:
         """Check, without blocking, whether the broker connection dropped."""
         if not self.gone and self._monitor.poll(0):
-            self.gone = True
+            self._read_monitor()
         return self.gone
 
     def close(self, bye: bool = True) -> None:

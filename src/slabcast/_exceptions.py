@@ -6,6 +6,8 @@
     ├── ClosedError            you closed this object; it cannot be used any more
     ├── BrokerGoneError        the broker died, shut down or cannot be reached
     ├── BrokerRunningError     another broker already serves this address
+    ├── AccessDeniedError      the broker refused this client's CURVE key (TCP)
+    ├── EvictedError           the broker evicted this subscriber (a chunk held past lease_timeout)
     ├── ProtocolError          a peer spoke another protocol version or sent a malformed message
     ├── StreamNotFoundError    no stream of that name exists on the broker
     ├── StreamExistsError      a publisher already owns a stream of that name
@@ -23,10 +25,12 @@ these where slabcast calls those libraries.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "BrokerGoneError",
     "BrokerRunningError",
     "ClosedError",
     "EndOfStream",
+    "EvictedError",
     "ProtocolError",
     "PublisherGoneError",
     "RequestError",
@@ -53,6 +57,17 @@ class BrokerGoneError(SlabcastError):
 
 class BrokerRunningError(SlabcastError):
     """Another live broker already serves the requested address."""
+
+
+class AccessDeniedError(SlabcastError):
+    """The broker refused this client's CURVE key (TCP connections only)."""
+
+
+class EvictedError(SlabcastError):
+    """The broker evicted this subscriber: it held a chunk longer than the broker's ``lease_timeout``.
+
+    Chunks it still holds stay intact until released; no more chunks come.
+    """
 
 
 class ProtocolError(SlabcastError):

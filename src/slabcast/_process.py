@@ -47,6 +47,7 @@ class BrokerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
         self._stderr_text = ""
+        self.tcp_address: str | None = None  # set when started with --tcp
 
     @property
     def pid(self) -> int:
@@ -80,7 +81,7 @@ class BrokerProcess:
             os.close(write_fd)
         try:
             ready, _, _ = select.select([read_fd], [], [], self.startup_timeout)
-            line = os.read(read_fd, 64) if ready else b""
+            line = os.read(read_fd, 4096) if ready else b""
         finally:
             os.close(read_fd)
         if not line.startswith(b"ready"):
@@ -90,6 +91,9 @@ class BrokerProcess:
                 f"the broker at {self.address} did not start within {self.startup_timeout} s "
                 f"(exit code {self.process.returncode}): {err or 'no output'}"
             )
+        words = line.decode().split()
+        if "and" in words:
+            self.tcp_address = words[words.index("and") + 1]
         return self
 
     def stop(self, timeout: float = 5.0) -> int | None:

@@ -59,12 +59,14 @@ NAMES = {
 
 # CHUNK flags.
 FLAG_DISCONTINUITY = 1
+FLAG_INLINE = 2  # the samples follow in a second message frame (TCP clients); offset is 0
 
 # END codes.
 END_CLOSED = "closed"
 END_PUBLISHER_GONE = "publisher-gone"
 END_BROKER_SHUTDOWN = "broker-shutdown"
 END_BYE = "bye"
+END_EVICTED = "evicted"
 
 # ERROR codes.
 ERR_MALFORMED = "malformed"

@@ -118,7 +118,11 @@ class Subscriber:
     max_inflight : int
         Chunks delivered and not yet released before the policy applies.
     address : str, optional
-        Broker address.
+        Broker address: ``ipc://...`` (shared memory, zero copy) or ``tcp://host:port``
+        (a remote broker: chunks travel inside the messages, same semantics).
+    curve : (str, str), optional
+        For ``tcp://``: this client's secret key file and the broker's public key
+        file, as written by ``slabcast keygen``.
     timeout : float
         Seconds to wait for the broker's answer to the subscription.
 
@@ -141,6 +145,7 @@ class Subscriber:
         policy: str = "block",
         max_inflight: int = 8,
         address: str | None = None,
+        curve: tuple[str, str] | None = None,
         timeout: float = 10.0,
     ) -> None:
         P.check_stream_name(stream)
@@ -175,7 +180,7 @@ class Subscriber:
         self._last_seq = -1
         self._cut = 0  # chunks the broker cut for us, as told by END
         self._mm: Any = None
-        self._conn = Connection(address, "sub", f"subscriber:{stream}")
+        self._conn = Connection(address, "sub", f"subscriber:{stream}", curve=curve)
         try:
             self._conn.send([P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler])
             reply = self._conn.recv(timeout)
@@ -186,7 +191,8 @@ class Subscriber:
             if reply[0] != P.SUBSCRIBED:
                 raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
             _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply
-            self._mm = attach(seg, seg_bytes)
+            if not self._conn.remote:
+                self._mm = attach(seg, seg_bytes)
         except BaseException:
             self._conn.close()
             raise
@@ -246,6 +252,8 @@ class Subscriber:
             kind = msg[0]
             if kind == P.CHUNK:
                 return self._chunk(msg)
+            if kind == P.SYNCED:  # the answer to a keep-alive
+                continue
             if kind in (P.END, P.ERROR):
                 exc2 = error_for(msg, self._where)
                 if kind == P.END:
@@ -258,7 +266,14 @@ class Subscriber:
     def _chunk(self, msg: tuple[Any, ...]) -> Chunk:
         _, seq, index, n, t0, offset, flags = msg
         channels = self._channels
-        base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
+        if flags & P.FLAG_INLINE:
+            frame = self._conn.payload
+            if frame is None or len(frame) != n * channels * self._dtype.itemsize:
+                got = "none" if frame is None else f"{len(frame)} bytes"
+                raise ProtocolError(f"CHUNK seq={seq} announced {n} samples inline, got {got} ({self._where})")
+            base = np.frombuffer(frame.buffer, dtype=self._dtype)
+        else:
+            base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
         # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
         dead = self._dead
         self._refs[seq] = weakref.ref(base, functools.partial(_on_dead, dead, seq))

@@ -1,0 +1,78 @@
+"""Remote subscribers over ZeroMQ TCP with CURVE: same chunks as local ones, strangers refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import slabcast
+from tests.reference import expected_chunks
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Key pairs made by `slabcast keygen`: the broker, an accepted client, a stranger."""
+    clients = tmp_path / "clients"
+    for name, where in (("broker", tmp_path), ("client", clients), ("stranger", tmp_path / "other")):
+        out = subprocess.run(
+            [sys.executable, "-m", "slabcast", "keygen", name, "--dir", str(where)],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert "secret key" in out.stdout
+    assert (tmp_path / "broker.key_secret").stat().st_mode & 0o777 == 0o600
+    return tmp_path
+
+
+@pytest.fixture
+def tcp_broker(tmp_path, keys):
+    proc = slabcast.BrokerProcess(
+        tmp_path / "b.sock",
+        args=("--tcp", "127.0.0.1:0", "--curve-secret", str(keys / "broker.key_secret"),
+              "--curve-clients", str(keys / "clients")),
+    )  # fmt: skip
+    proc.start()
+    yield proc
+    assert proc.stop() == 0
+
+
+def test_remote_subscriber_gets_the_same_chunks_as_a_local_one(tcp_broker, keys, stream_name):
+    assert tcp_broker.tcp_address.startswith("tcp://127.0.0.1:")
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    pub = slabcast.Publisher(stream_name, dtype="float32", channels=2, rate=1000.0, address=tcp_broker.address,
+                             slab_bytes=16384, nslabs=8)  # fmt: skip
+    local = slabcast.Subscriber(stream_name, size=300, clip=True, address=tcp_broker.address)
+    remote = slabcast.Subscriber(stream_name, size=300, clip=True, address=tcp_broker.tcp_address, curve=curve)
+    sampled = slabcast.Subscriber(stream_name, size=100, clip=True, sampler=0.2, address=tcp_broker.tcp_address,
+                                  curve=curve)  # fmt: skip
+    assert remote.info == local.info
+    rng = np.random.default_rng(1)
+    frames, t = [], 100.0
+    for _ in range(40):
+        n = int(rng.integers(1, 400))
+        pub.write(rng.standard_normal((n, 2)).astype(np.float32), t0=t)
+        frames.append((n, t))
+        t += n / 1000.0
+    pub.close()
+
+    def collect(sub):
+        out = [(c.seq, c.index, c.t0, zlib.crc32(c.data.tobytes())) for c in sub]
+        sub.close()
+        return out
+
+    got_local, got_remote, got_sampled = collect(local), collect(remote), collect(sampled)
+    assert len(got_local) > 10
+    assert got_remote == got_local
+    assert [s[1] for s in got_sampled] == [i for i, _, _ in expected_chunks(frames, 100, True, 1000.0, 0.2)]
+
+
+def test_client_without_an_accepted_key_is_refused(tcp_broker, keys, stream_name):
+    with slabcast.Publisher(stream_name, address=tcp_broker.address):
+        stranger = (str(keys / "other" / "stranger.key_secret"), str(keys / "broker.key"))
+        with pytest.raises(slabcast.AccessDeniedError, match="refused this client's CURVE key"):
+            slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
+        with pytest.raises(ValueError, match="requires CURVE"):
+            slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address)
