@@ -108,11 +108,14 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._close_stderr()
+        return proc.returncode
+
+    def _close_stderr(self) -> None:
         self._stderr_text = self.stderr()
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        return proc.returncode
 
     def stderr(self) -> str:
         """What the broker wrote to its standard error so far."""
@@ -130,6 +133,7 @@ class BrokerProcess:
             else:
                 self.process.kill()
             self.process.wait()
+        self._close_stderr()
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the broker to exit by itself; return its exit code."""

@@ -1,0 +1,155 @@
+"""Hard to break: eviction, a storm of malformed messages, crash/restart cycles, permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import slabcast
+from slabcast import _protocol as P
+from tests.conftest import slabcast_segments
+
+
+def test_a_lease_held_past_lease_timeout_evicts_and_never_overwrites(tmp_path, stream_name):
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=4, timeout=5,
+                                 address=broker.address)  # fmt: skip
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, max_inflight=2, address=broker.address)
+        pub.write(np.full(256, 42, dtype=np.int32))
+        held = sub.recv(timeout=5)
+        t = time.monotonic()
+        # The stuck subscriber would block this writer for good; eviction frees it.
+        for i in range(40):
+            pub.write(np.full(256, i, dtype=np.int32))
+        assert time.monotonic() - t < 3.0
+        assert (held.data == 42).all(), "an evicted subscriber's chunk was overwritten"
+        with pytest.raises(slabcast.EvictedError, match=r"lease_timeout \(0.5 s\)"):
+            while True:
+                sub.recv(timeout=5).release()
+        held.release()
+        sub.close()
+        pub.close()
+
+
+def _fuzz_messages(rng: np.random.Generator, name: str, n: int):
+    """Yield (raw bytes, expects_reply) for malformed, truncated, wrong-typed and out-of-order messages."""
+    good = [
+        [P.OPEN, name, "<f4", 1, None, 4096, 2, 2048, None],
+        [P.FRAME, 4096, 10, 1.0],
+        [P.SUBSCRIBE, name, 10, None, True, "block", 8, None],
+        [P.RELEASE, [1, 2, 3], []],
+        [P.CLOSE],
+        [P.SYNC, 1],
+        [P.UNSUBSCRIBE],
+    ]
+    junk = [None, True, -1, 2**63, 1.5, "x" * 70, b"\x00\xff", [], {}, [[1]], {"k": [1, 2]}, "<O8", -(2**40)]
+    for _ in range(n):
+        kind = rng.integers(0, 6)
+        if kind == 0:  # random bytes
+            yield rng.bytes(int(rng.integers(0, 64))), True
+        elif kind == 1:  # truncated valid message
+            raw = msgpack.packb(good[rng.integers(len(good))])
+            yield raw[: int(rng.integers(0, len(raw)))], True
+        elif kind == 2:  # a field replaced by junk
+            msg = list(good[rng.integers(len(good))])
+            if len(msg) > 1:
+                msg[int(rng.integers(1, len(msg)))] = junk[rng.integers(len(junk))]
+            yield msgpack.packb(msg), True
+        elif kind == 3:  # unknown kinds and wrong arity
+            yield msgpack.packb([int(rng.integers(11, 200))] + [1] * int(rng.integers(0, 4))), True
+        elif kind == 4:  # a valid message out of order or out of role
+            yield msgpack.packb(good[rng.integers(len(good))]), True
+        else:  # extra fields
+            yield msgpack.packb([*good[rng.integers(len(good))], 1, 2]), True
+
+
+def test_ten_thousand_malformed_messages_from_several_clients(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    healthy: list[int] = []
+    ready = threading.Event()
+
+    def consume():
+        with slabcast.Subscriber(stream_name, size=64, clip=True, address=broker.address) as sub:
+            ready.set()
+            for chunk in sub:
+                with chunk:
+                    healthy.append(int(chunk.data[0]))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert ready.wait(10)
+    errors = {"replies": 0, "sent": 0}
+    lock = threading.Lock()
+
+    def fuzz(seed: int, greeted: bool):
+        rng = np.random.default_rng(seed)
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 5000)
+        s.connect(broker.address)
+        if greeted:
+            s.send(msgpack.packb([P.HELLO, 1, 0, ["pub", "sub"][seed % 2], f"fuzz{seed}"]))
+            assert msgpack.unpackb(s.recv())[0] == P.WELCOME
+        sent = replies = 0
+        for raw, _ in _fuzz_messages(rng, f"{stream_name}-{seed}", 2500):
+            s.send(raw)
+            sent += 1
+            while s.poll(0):
+                reply = msgpack.unpackb(s.recv(), strict_map_key=False)
+                replies += reply[0] == P.ERROR and isinstance(reply[2], str) and len(reply[2]) > 10
+        deadline = time.monotonic() + 10
+        while replies < sent and time.monotonic() < deadline and s.poll(1000):
+            reply = msgpack.unpackb(s.recv(), strict_map_key=False)
+            replies += reply[0] == P.ERROR
+        s.close()
+        with lock:
+            errors["sent"] += sent
+            errors["replies"] += replies
+
+    fuzzers = [threading.Thread(target=fuzz, args=(i, i % 2 == 1)) for i in range(4)]
+    for f in fuzzers:
+        f.start()
+    written = 0
+    while any(f.is_alive() for f in fuzzers):
+        pub.write(np.full(64, written, dtype=np.int32))
+        written += 1
+    for f in fuzzers:
+        f.join()
+    pub.close()
+    consumer.join(10)
+    assert errors["sent"] == 10_000
+    # Valid requests in the mix (a SYNC, an OPEN on a fresh name) get answers that are not errors.
+    assert errors["replies"] >= 9_000, errors
+    assert healthy == list(range(written)), "the healthy subscriber lost chunks during the storm"
+    assert slabcast.broker_status(broker.address)["pid"] == broker.pid
+
+
+def test_fifty_crash_restart_cycles_leave_no_stale_segments(tmp_path, stream_name):
+    address = tmp_path / "b.sock"
+    before = slabcast_segments()
+    for i in range(50):
+        proc = slabcast.BrokerProcess(address).start()
+        pub = slabcast.Publisher(f"{stream_name}-{i}", slab_bytes=4096, nslabs=2, address=proc.address)
+        proc.kill(group=True)  # broker and resource tracker: nobody unlinks
+        pub.close()
+    with slabcast.BrokerProcess(address):
+        assert slabcast_segments() == before
+    assert not address.exists()
+
+
+def test_group_mode_segments_and_private_socket_directory(tmp_path, stream_name):
+    with slabcast.BrokerProcess(tmp_path / "sub" / "b.sock", args=("--shm-mode", "660")) as broker:
+        with slabcast.Publisher(stream_name, address=broker.address) as pub:
+            mode = stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode)
+            assert mode == 0o660
+        assert stat.S_IMODE(os.stat(tmp_path / "sub").st_mode) == 0o700
+    with slabcast.BrokerProcess(tmp_path / "b2.sock") as broker:
+        with slabcast.Publisher(stream_name, address=broker.address) as pub:
+            assert stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode) == 0o600
