@@ -194,6 +194,8 @@ class Connection:
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if self.poll_gone():
+                        continue  # deliver what is queued, then raise
                     return None
                 wait = max(1, int(left * 1000))
             if self.remote:

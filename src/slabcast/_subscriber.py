@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import _protocol as P
 from ._client import Connection, error_for
-from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, WouldBlock
+from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
 from ._info import StreamInfo, SubscriberStatistics
 from ._rechunk import check_sampler, check_size
 from ._shm import attach
@@ -125,6 +126,11 @@ class Subscriber:
         file, as written by ``slabcast keygen``.
     timeout : float
         Seconds to wait for the broker's answer to the subscription.
+    reconnect : bool or float
+        When the broker goes away, wait up to this many seconds (``True``: 60)
+        for a broker at the same address with this stream and subscribe again
+        with the same settings.  The first chunk after that has
+        ``discontinuity`` set; ``seq`` and ``index`` restart with the new broker.
 
     Raises
     ------
@@ -147,6 +153,7 @@ class Subscriber:
         address: str | None = None,
         curve: tuple[str, str] | None = None,
         timeout: float = 10.0,
+        reconnect: bool | float = False,
     ) -> None:
         P.check_stream_name(stream)
         if (size is None) == (seconds is None):
@@ -179,27 +186,60 @@ class Subscriber:
         self._released = 0
         self._last_seq = -1
         self._cut = 0  # chunks the broker cut for us, as told by END
+        self._epoch_received = 0  # chunks received from the current broker
+        self._dropped_before = 0  # drops counted under earlier brokers (reconnect=)
         self._mm: Any = None
-        self._conn = Connection(address, "sub", f"subscriber:{stream}", curve=curve)
+        self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
+        self._jumped = False  # the next chunk follows a broker restart
+        self._request = [P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler]
+        self._curve = curve
+        self._timeout = timeout
+        self._connect(address)
+
+    def _connect(self, address: str | None) -> None:
+        conn = Connection(address, "sub", f"subscriber:{self.name}", curve=self._curve)
         try:
-            self._conn.send([P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler])
-            reply = self._conn.recv(timeout)
+            conn.send(self._request)
+            reply = conn.recv(self._timeout)
             if reply is None:
-                raise BrokerGoneError(f"no answer to SUBSCRIBE from the {self._conn.where} within {timeout} s")
+                raise BrokerGoneError(f"no answer to SUBSCRIBE from the {conn.where} within {self._timeout} s")
             if reply[0] == P.ERROR:
                 raise error_for(reply, self._where)
             if reply[0] != P.SUBSCRIBED:
                 raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
             _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply
-            if not self._conn.remote:
-                self._mm = attach(seg, seg_bytes)
+            mm = None if conn.remote else attach(seg, seg_bytes)
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
-        self.address = self._conn.address
-        self.info = StreamInfo(stream, np.dtype(dtype), channels, rate, tuple(names))
+        self._conn = conn
+        self._mm = mm  # an older mapping lives on in the views taken from it
+        self.address = conn.address
+        self.epoch = conn.epoch
+        self.info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names))
         self._dtype = self.info.dtype
         self._channels = channels
+
+    def _resubscribe(self, cause: BrokerGoneError) -> None:
+        """After a broker restart: subscribe again with the same settings (``reconnect=``)."""
+        deadline = time.monotonic() + self._reconnect
+        old = self._conn
+        old.close(bye=False)
+        # Releases of chunks from the old broker mean nothing to the new one.
+        self._dead = deque()
+        self._refs = {}
+        while True:
+            try:
+                self._connect(old.address)
+            except (BrokerGoneError, StreamNotFoundError):
+                if time.monotonic() >= deadline:
+                    raise cause from None
+                time.sleep(0.05)  # back off between attempts to reach the new broker
+                continue
+            self._jumped = True
+            self._dropped_before = self.statistics().dropped
+            self._epoch_received, self._last_seq, self._cut = 0, -1, 0
+            return
 
     def _pause(self) -> float:
         value = float(self._sampler())  # type: ignore[misc]
@@ -245,8 +285,11 @@ class Subscriber:
             try:
                 msg = self._conn.recv(timeout)
             except BrokerGoneError as exc:
-                self._end = exc
-                raise
+                if not self._reconnect:
+                    self._end = exc
+                    raise
+                self._resubscribe(exc)
+                continue
             if msg is None:
                 return None
             kind = msg[0]
@@ -256,6 +299,9 @@ class Subscriber:
                 continue
             if kind in (P.END, P.ERROR):
                 exc2 = error_for(msg, self._where)
+                if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN and self._reconnect:
+                    self._resubscribe(exc2)  # type: ignore[arg-type]
+                    continue
                 if kind == P.END:
                     self._end = exc2  # type: ignore[assignment]
                     if len(msg) > 3 and type(msg[3]) is int:
@@ -278,7 +324,11 @@ class Subscriber:
         dead = self._dead
         self._refs[seq] = weakref.ref(base, functools.partial(_on_dead, dead, seq))
         self._received += 1
+        self._epoch_received += 1
         self._last_seq = seq
+        if self._jumped:
+            self._jumped = False
+            flags |= P.FLAG_DISCONTINUITY
         return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
 
     def _flush_releases(self) -> None:
@@ -312,7 +362,7 @@ class Subscriber:
             received=self._received,
             released=self._released,
             held=self._received - self._released,
-            dropped=max(self._last_seq + 1, self._cut) - self._received,
+            dropped=self._dropped_before + max(self._last_seq + 1, self._cut) - self._epoch_received,
             last_seq=self._last_seq,
         )
 

@@ -275,3 +275,29 @@ def test_bad_arguments_and_unknown_stream(broker, stream_name):
         slabcast.Publisher(stream_name, address=broker.address)
     with pytest.raises(slabcast.BrokerGoneError, match="no broker at"):
         slabcast.Subscriber(stream_name, size=1, address=str(broker.address) + ".nothing")
+
+
+def test_reconnect_resubscribes_after_a_broker_restart(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=FRAME, clip=True, address=broker.address, reconnect=10)
+    pub.write(np.full(FRAME, 1, dtype=np.int32))
+    with sub.recv(timeout=5) as chunk:
+        assert (chunk.seq, chunk.index, chunk.discontinuity) == (0, 0, False)
+    first_epoch = sub.epoch
+    broker.kill()
+    pub.close()
+    with slabcast.BrokerProcess(broker.address) as second:
+        pub2 = slabcast.Publisher(stream_name, dtype="int32", address=second.address)
+        with pytest.raises(slabcast.WouldBlock):
+            sub.recv_nowait()  # notices the restart and subscribes again, same settings
+        assert sub.epoch != first_epoch
+        pub2.write(np.full(FRAME, 2, dtype=np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert (chunk.seq, chunk.index, chunk.discontinuity) == (0, 0, True)
+            assert (chunk.data == 2).all()
+        pub2.write(np.full(FRAME, 3, dtype=np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert (chunk.seq, chunk.discontinuity, int(chunk.data[0])) == (1, False, 3)
+        assert sub.statistics().dropped == 0
+        pub2.close()
+        sub.close()
