@@ -76,3 +76,81 @@ def test_client_without_an_accepted_key_is_refused(tcp_broker, keys, stream_name
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
         with pytest.raises(ValueError, match="requires CURVE"):
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address)
+
+
+REMOTE_SCRIPT = """
+import json, sys, zlib
+import slabcast
+sub = slabcast.Subscriber(sys.argv[1], size=int(sys.argv[2]), clip=True, address=sys.argv[3],
+                          curve=(sys.argv[4], sys.argv[5]))
+print("ready", flush=True)
+for chunk in sub:
+    with chunk:
+        print(json.dumps([chunk.seq, chunk.index, zlib.crc32(chunk.data.tobytes())]), flush=True)
+sub.close()
+print("end", flush=True)
+"""
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: (namespace, host address)."""
+    import secrets
+
+    tag = secrets.token_hex(3)
+    ns, host_if, ns_if = f"sc{tag}", f"sch{tag}", f"scn{tag}"
+    octet = int(tag[:2], 16) % 250 + 2
+    host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+    steps = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", ns],
+        ["ip", "addr", "add", f"{host_ip}/30", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
+        pytest.skip(f"cannot make a network namespace here (needs root and iproute2): {exc}")
+    try:
+        yield ns, host_ip
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
+
+
+def test_subscriber_in_another_network_namespace(tmp_path, keys, netns, stream_name):
+    ns, host_ip = netns
+    args = ("--tcp", f"{host_ip}:0", "--curve-secret", str(keys / "broker.key_secret"),
+            "--curve-clients", str(keys / "clients"))  # fmt: skip
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=args) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address)
+        remote = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", REMOTE_SCRIPT, stream_name, "1000",
+             broker.tcp_address, str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert remote.stdout.readline().strip() == "ready"
+            data = np.random.default_rng(3).integers(0, 256, 50_000, dtype=np.uint8)
+            for i in range(0, len(data), 777):
+                pub.write(data[i : i + 777].tobytes())
+            pub.close()
+            lines = [line for line in remote.stdout.read().splitlines() if line.startswith("[")]
+            assert remote.wait(20) == 0
+        finally:
+            if remote.poll() is None:
+                remote.kill()
+                remote.wait()
+            remote.stdout.close()
+    import json
+
+    got = [json.loads(line) for line in lines]
+    want = [[k, k * 1000, zlib.crc32(data[k * 1000 : (k + 1) * 1000].tobytes())] for k in range(50)]
+    assert got == want, "the bytes received in the other namespace differ from those published"
