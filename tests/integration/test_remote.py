@@ -154,3 +154,39 @@ def test_subscriber_in_another_network_namespace(tmp_path, keys, netns, stream_n
     got = [json.loads(line) for line in lines]
     want = [[k, k * 1000, zlib.crc32(data[k * 1000 : (k + 1) * 1000].tobytes())] for k in range(50)]
     assert got == want, "the bytes received in the other namespace differ from those published"
+
+
+def test_malformed_messages_over_tcp_hurt_no_one(tcp_broker, keys, stream_name):
+    import msgpack
+    import zmq
+    from zmq.auth import load_certificate
+
+    from slabcast import _protocol as P
+    from tests.integration.test_reliability import _fuzz_messages
+
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=tcp_broker.address)
+    local = slabcast.Subscriber(stream_name, size=8, clip=True, address=tcp_broker.address)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.curve_publickey, s.curve_secretkey = load_certificate(str(keys / "clients" / "client.key_secret"))
+    s.curve_serverkey, _ = load_certificate(str(keys / "broker.key"))
+    s.connect(tcp_broker.tcp_address)
+    s.send(msgpack.packb([P.HELLO, 1, 0, "sub", "tcp-fuzz"]))
+    assert msgpack.unpackb(s.recv())[0] == P.WELCOME
+    rng = np.random.default_rng(11)
+    errors = 0
+    for i, (raw, _) in enumerate(_fuzz_messages(rng, stream_name + "-x", 1000)):
+        s.send(raw)
+        if i % 100 == 0:
+            pub.write(np.full(8, i, dtype=np.int32))
+        while s.poll(0):
+            errors += msgpack.unpackb(s.recv(), strict_map_key=False)[0] == P.ERROR
+    while s.poll(1000):
+        errors += msgpack.unpackb(s.recv(), strict_map_key=False)[0] == P.ERROR
+    s.close()
+    pub.close()
+    got = [int(c.data[0]) for c in local]
+    local.close()
+    assert got == list(range(0, 1000, 100))
+    assert errors >= 900
