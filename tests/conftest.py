@@ -1,19 +1,19 @@
-"""Shared fixtures: an isolated broker per test, spawned worker processes, leak checks."""
+"""Shared fixtures: slabcast's own tests use the fixtures of its pytest plugin (slabcast.testing)."""
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import slabcast
+from slabcast.testing import Workers
 
 CTX = mp.get_context("spawn")
+collect_ignore = ["plugin_project"]  # a user's project, run by test_plugin.py as its own pytest session
 
 
 def slabcast_segments() -> set[str]:
@@ -34,62 +34,23 @@ def no_leaked_segments() -> Iterator[None]:
 
 
 @pytest.fixture
-def stream_name(request: pytest.FixtureRequest) -> str:
-    """A stream name unique to this test."""
-    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
-    return f"t{digest}"
+def stream_name(slabcast_stream_name: str) -> str:
+    """A stream name unique to this test (the plugin's)."""
+    return slabcast_stream_name
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[slabcast.BrokerProcess]:
-    """A broker process at a socket under ``tmp_path``; stopped, reaped and checked afterwards."""
-    proc = slabcast.BrokerProcess(tmp_path / "broker.sock")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        code = proc.stop()
-        sock = slabcast._address.ipc_path(proc.address)
-        assert sock is not None
-        if code == 0:
-            assert not os.path.exists(sock), "the broker left its socket file"
-            assert not os.path.exists(sock + ".lock"), "the broker left its lock file"
-        else:
-            # A test that killed the broker on purpose: the reaper of the next broker
-            # cleans up; here we unlink what it made so the leak check stays meaningful.
-            slabcast._shm.reap_stale()
-
-
-class Workers:
-    """Spawned processes that are killed and reaped when the test ends."""
-
-    def __init__(self) -> None:
-        self.procs: list[Any] = []
-
-    def spawn(self, target: Callable[..., Any], *args: Any) -> Any:
-        proc = CTX.Process(target=target, args=args, daemon=True)
-        proc.start()
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for p in self.procs:
-            p.close()
+def broker(slabcast_broker: slabcast.BrokerProcess) -> slabcast.BrokerProcess:
+    """The plugin's isolated broker."""
+    return slabcast_broker
 
 
 @pytest.fixture
 def workers() -> Iterator[Workers]:
-    """Start helper processes with ``workers.spawn(fn, *args)``; all are reaped at the end."""
+    """The plugin's worker pool, without the exit-code check (some tests kill workers on purpose)."""
     w = Workers()
-    try:
-        yield w
-    finally:
-        w.close()
+    yield w
+    w.close()
 
 
 @pytest.fixture

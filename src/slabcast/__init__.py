@@ -30,6 +30,11 @@ from ._exceptions import WriteTimeout as WriteTimeout
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# Library code is silent unless the application configures logging.
+_logging.getLogger("slabcast").addHandler(_logging.NullHandler())
+
 from ._address import default_address as default_address
 from ._control import broker_status as broker_status
 from ._info import StreamInfo as StreamInfo

@@ -1,0 +1,171 @@
+"""pytest plugin: an isolated broker per test, workers in spawned processes, feeding a stream, leak checks.
+
+Registered through the ``pytest11`` entry point, so installing slabcast makes these
+fixtures available in any project (see docs/testing.md):
+
+``slabcast_broker``
+    A :class:`~slabcast.BrokerProcess` on a socket under ``tmp_path``, stopped after
+    the test; the test fails if the broker did not exit cleanly or left its socket
+    file or any shared-memory segment behind.
+``slabcast_stream_name``
+    A stream name unique to the test.
+``slabcast_workers``
+    ``slabcast_workers.spawn(fn, *args)`` runs ``fn(*args)`` in a spawned process;
+    at the end every worker is joined (killed after ``timeout``); the test fails if
+    one had to be killed or exited with a non-zero code (unless ``check=False``).
+``slabcast_feed``
+    ``slabcast_feed(name, array, frame=..., rate=..., ready=...)`` publishes an
+    array as a stream in frames and closes it; ``ready()`` runs once the stream
+    exists, before the first frame (start and await your workers there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ._address import ipc_path
+from ._process import BrokerProcess
+from ._publisher import Publisher
+from ._shm import SHM_DIR
+
+__all__ = ["Workers", "broker_segments", "feed"]
+
+
+def broker_segments(pid: int) -> list[str]:
+    """Names of the shared-memory segments of broker ``pid`` that exist now."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(f"slabcast.{pid}."))
+    except FileNotFoundError:
+        return []
+
+
+class Workers:
+    """Worker processes started with the ``spawn`` method, reaped when the test ends.
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds each worker may take to finish after the test body.
+    """
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self._ctx = mp.get_context("spawn")
+        self.procs: list[tuple[Any, bool]] = []
+
+    def spawn(self, target: Callable[..., Any], *args: Any, check: bool = True) -> Any:
+        """Start ``target(*args)`` in a new process and return the ``multiprocessing.Process``."""
+        proc = self._ctx.Process(target=target, args=args, daemon=True)
+        proc.start()
+        self.procs.append((proc, check))
+        return proc
+
+    def queue(self) -> Any:
+        """A queue that spawned workers can use to send results or ready signals."""
+        return self._ctx.Queue()
+
+    def close(self) -> list[str]:
+        """Join every worker (kill those still running after ``timeout``); return the problems."""
+        problems = []
+        for proc, check in self.procs:
+            proc.join(self.timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+                problems.append(f"worker {proc.pid} ({proc.name}) was still running and had to be killed")
+            elif check and proc.exitcode != 0:
+                problems.append(f"worker {proc.pid} ({proc.name}) exited with code {proc.exitcode}")
+        for proc, _ in self.procs:
+            proc.close()
+        self.procs.clear()
+        return problems
+
+
+def feed(
+    name: str,
+    array: Any,
+    *,
+    frame: int = 1024,
+    rate: float | None = None,
+    t0: float = 0.0,
+    address: str | None = None,
+    close: bool = True,
+    ready: Callable[[], Any] | None = None,
+    **publisher_options: Any,
+) -> Publisher:
+    """Publish ``array`` (``(n,)`` or ``(n, channels)``) as stream ``name`` in frames of ``frame`` samples.
+
+    Frame ``k`` gets ``t0 + k * frame / rate`` (or ``t0 + k`` without a rate).
+    ``ready()``, if given, is called once the stream exists and before the first
+    frame: start the workers there and wait until they have subscribed, so they see
+    the stream from its first sample.  Returns the publisher (closed unless
+    ``close=False``).
+    """
+    data = np.ascontiguousarray(array)
+    channels = 1 if data.ndim == 1 else data.shape[1]
+    pub = Publisher(name, dtype=data.dtype, channels=channels, rate=rate, address=address, **publisher_options)
+    if ready is not None:
+        ready()
+    for k, start in enumerate(range(0, len(data), frame)):
+        pub.write(data[start : start + frame], t0=t0 + (start / rate if rate else k))
+    if close:
+        pub.close()
+    return pub
+
+
+@pytest.fixture
+def slabcast_stream_name(request: pytest.FixtureRequest) -> str:
+    """A stream name unique to this test."""
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+
+
+@pytest.fixture
+def slabcast_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A broker on a socket under ``tmp_path``; the test fails if it leaves anything behind."""
+    proc = BrokerProcess(tmp_path / "broker.sock")
+    proc.start()
+    killed = False
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        killed = code not in (0, None)
+        sock = ipc_path(proc.address)
+        leftovers = broker_segments(proc.pid)
+        if killed:
+            from ._shm import reap_stale
+
+            reap_stale()  # the test killed it on purpose; a new broker would clean up the same way
+        else:
+            assert not leftovers, f"the broker left shared-memory segments behind: {leftovers}"
+            assert sock is None or not os.path.exists(sock), f"the broker left its socket file {sock}"
+
+
+@pytest.fixture
+def slabcast_workers() -> Iterator[Workers]:
+    """Start worker processes with ``slabcast_workers.spawn(fn, *args)``; checked and reaped at the end."""
+    workers = Workers()
+    try:
+        yield workers
+    finally:
+        problems = workers.close()
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture
+def slabcast_feed(slabcast_broker: BrokerProcess) -> Callable[..., Publisher]:
+    """``slabcast_feed(name, array, frame=..., rate=...)``: publish an array to the test's broker."""
+
+    def _feed(name: str, array: Any, **options: Any) -> Publisher:
+        options.setdefault("address", slabcast_broker.address)
+        return feed(name, array, **options)
+
+    return _feed

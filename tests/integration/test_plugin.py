@@ -1,0 +1,36 @@
+"""The pytest plugin, used by a user's project (tests/plugin_project) in its own pytest session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).parent.parent / "plugin_project"
+
+
+def run_project(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=PROJECT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_user_project_tests_its_worker_with_the_fixtures():
+    result = run_project("test_pipeline.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_the_plugin_fails_a_test_that_leaves_a_worker_running():
+    result = run_project("leaky_check.py")
+    assert result.returncode == 1, result.stdout
+    assert "1 passed, 1 error" in result.stdout
+    assert "was still running and had to be killed" in result.stdout
+
+
+def test_the_plugin_is_registered_through_its_entry_point():
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="pytest11") if ep.name == "slabcast"]
+    assert ep.value == "slabcast.testing"
