@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from myworkers import spl_worker
 
 
