@@ -12,6 +12,11 @@
 #   _process    BrokerProcess: a broker in a child process
 #   _cli        the `slabcast` command
 
+import logging as _logging
+
+from . import aio as aio
+from ._address import default_address as default_address
+from ._control import broker_status as broker_status
 from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
 from ._exceptions import BrokerRunningError as BrokerRunningError
@@ -27,22 +32,17 @@ from ._exceptions import StreamExistsError as StreamExistsError
 from ._exceptions import StreamNotFoundError as StreamNotFoundError
 from ._exceptions import WouldBlock as WouldBlock
 from ._exceptions import WriteTimeout as WriteTimeout
-
-__version__ = "0.1.0"
-
-import logging as _logging
-
-# Library code is silent unless the application configures logging.
-_logging.getLogger("slabcast").addHandler(_logging.NullHandler())
-
-from ._address import default_address as default_address
-from ._control import broker_status as broker_status
 from ._info import StreamInfo as StreamInfo
 from ._info import SubscriberStatistics as SubscriberStatistics
 from ._process import BrokerProcess as BrokerProcess
 from ._publisher import Publisher as Publisher
 from ._subscriber import Chunk as Chunk
 from ._subscriber import Subscriber as Subscriber
+
+__version__ = "0.1.0"
+
+# Library code is silent unless the application configures logging.
+_logging.getLogger("slabcast").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AccessDeniedError",

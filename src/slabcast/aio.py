@@ -1,0 +1,109 @@
+"""asyncio subscriber: ``async for chunk in slabcast.aio.Subscriber(...)``, same semantics as the blocking one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+
+from . import _protocol as P
+from ._exceptions import EndOfStream, WouldBlock
+from ._subscriber import Chunk
+from ._subscriber import Subscriber as _BlockingSubscriber
+
+__all__ = ["Subscriber"]
+
+_KEEPALIVE = 1.0
+
+
+class Subscriber:
+    """An asyncio subscriber; takes the same arguments as :class:`slabcast.Subscriber`.
+
+    Waiting never blocks the event loop: the socket's file descriptor is watched
+    by the loop.  Cancelling a task that awaits :meth:`recv` takes nothing from the
+    stream; leaving ``async with`` (or cancelling ``async for``) closes the
+    subscription and releases every chunk no longer viewed.
+
+    Examples
+    --------
+    >>> async with slabcast.aio.Subscriber("mic", seconds=0.5, clip=True) as sub:  # doctest: +SKIP
+    ...     async for chunk in sub:
+    ...         with chunk:
+    ...             level = float(abs(chunk.data).max())
+    """
+
+    def __init__(self, stream: str, size: int | None = None, **options: Any) -> None:
+        self._sub = _BlockingSubscriber(stream, size, **options)
+        self.info = self._sub.info
+        self.size = self._sub.size
+
+    async def recv(self, timeout: float | None = None) -> Chunk:
+        """Wait for the next chunk; raises as :meth:`slabcast.Subscriber.recv` does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = self._sub._conn
+        while True:
+            try:
+                return self._sub.recv_nowait()
+            except WouldBlock:
+                pass
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"no chunk within {timeout} s (async subscriber of {self._sub.name!r})")
+            if conn.remote and time.monotonic() - conn._last_send >= _KEEPALIVE:
+                conn.send([P.SYNC, 0])  # keep-alive: a remote client proves it is alive by talking
+            await _readable((conn.sock, conn._monitor), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        try:
+            while True:
+                try:
+                    chunk = await self.recv()
+                except EndOfStream as exc:
+                    if type(exc) is EndOfStream:
+                        return
+                    raise
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.close()
+            raise
+
+    def statistics(self) -> Any:
+        """This subscriber's counters (see :meth:`slabcast.Subscriber.statistics`)."""
+        return self._sub.statistics()
+
+    def close(self) -> None:
+        """Unsubscribe and release every chunk no longer viewed (idempotent)."""
+        self._sub.close()
+
+    async def __aenter__(self) -> Subscriber:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _readable(sockets: tuple[zmq.Socket[Any], ...], timeout: float) -> None:
+    """Wait until one of the ZeroMQ sockets may have input, or ``timeout`` seconds pass."""
+    loop = asyncio.get_running_loop()
+    # ZeroMQ's descriptor is edge-triggered: look at EVENTS before sleeping on it.
+    if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in sockets):
+        return
+    ready = loop.create_future()
+    fds = [s.getsockopt(zmq.FD) for s in sockets]
+    for fd in fds:
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in sockets):
+            return
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)

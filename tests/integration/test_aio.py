@@ -1,0 +1,95 @@
+"""The asyncio subscriber: same chunks as the blocking one, end of stream, timeouts, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import numpy as np
+import pytest
+
+import slabcast
+from tests.reference import expected_chunks
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@pytest.mark.parametrize(("size", "clip", "sampler"), [(300, True, None), (700, False, None), (100, True, 0.25)])
+def test_async_for_gets_exactly_the_rule_chunks(broker, stream_name, size, clip, sampler):
+    rate = 1000.0
+    pub = slabcast.Publisher(stream_name, dtype="float32", channels=2, rate=rate, slab_bytes=16384, nslabs=16,
+                             address=broker.address)  # fmt: skip
+    sub = slabcast.aio.Subscriber(stream_name, size, clip=clip, sampler=sampler, address=broker.address)
+    rng = np.random.default_rng(5)
+    frames, t, blobs = [], 10.0, []
+    for _ in range(30):
+        n = int(rng.integers(1, 500))
+        data = rng.standard_normal((n, 2)).astype(np.float32)
+        blobs.append(data)
+        frames.append((n, t))
+        t += n / rate
+
+    async def consume():
+        got = []
+        async for chunk in sub:
+            with chunk:
+                got.append((chunk.index, len(chunk.data), chunk.t0, zlib.crc32(chunk.data.tobytes())))
+        return got
+
+    async def main():
+        task = asyncio.create_task(consume())
+        for data, (_, t0) in zip(blobs, frames, strict=True):
+            pub.write(data, t0=t0)
+            await asyncio.sleep(0)  # let the consumer run between frames (not a readiness wait)
+        pub.close()
+        return await task
+
+    got = run(main())
+    sub.close()
+    whole = np.concatenate(blobs)
+    want = [(i, n, t0, zlib.crc32(whole[i : i + n].tobytes())) for i, n, t0 in
+            expected_chunks(frames, size, clip, rate, sampler)]  # fmt: skip
+    assert [g[:2] + g[3:] for g in got] == [w[:2] + w[3:] for w in want]
+    assert np.allclose([g[2] for g in got], [w[2] for w in want], atol=1e-9)
+
+
+def test_await_recv_timeout_and_cancellation_release(broker, stream_name):
+    async def main():
+        pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+        async with slabcast.aio.Subscriber(stream_name, 4, clip=True, max_inflight=1, address=broker.address) as sub:
+            with pytest.raises(TimeoutError):
+                await sub.recv(timeout=0.05)
+            waiter = asyncio.create_task(sub.recv())
+            await asyncio.sleep(0)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            pub.write(np.arange(8, dtype=np.int32))
+            first = await sub.recv(timeout=5)  # the cancelled wait took nothing
+            assert list(first.data) == [0, 1, 2, 3]
+            first.release()  # max_inflight=1: the next chunk comes only after this release
+            second = await sub.recv(timeout=5)
+            assert list(second.data) == [4, 5, 6, 7]
+
+            holding = asyncio.Event()
+
+            async def hold_forever():
+                async for chunk in sub:
+                    with chunk:
+                        holding.set()
+                        await asyncio.Event().wait()
+
+            pub.write(np.arange(4, dtype=np.int32))
+            holder = asyncio.create_task(hold_forever())
+            second.release()
+            await holding.wait()
+            assert sub.statistics().held == 1
+            holder.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holder
+            assert sub.statistics().held == 0  # cancelling released the chunk it held
+        pub.close()
+
+    run(main())
