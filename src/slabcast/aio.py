@@ -92,14 +92,19 @@ async def _readable(sockets: tuple[zmq.Socket[Any], ...], timeout: float) -> Non
     """Wait until one of the ZeroMQ sockets may have input, or ``timeout`` seconds pass."""
     loop = asyncio.get_running_loop()
     # ZeroMQ's descriptor is edge-triggered: look at EVENTS before sleeping on it.
-    if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in sockets):
+    if _has_input(sockets):
         return
-    ready = loop.create_future()
-    fds = [s.getsockopt(zmq.FD) for s in sockets]
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fds = [int(s.getsockopt(zmq.FD)) for s in sockets]
     for fd in fds:
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(fd, wake)
     try:
-        if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in sockets):
+        if _has_input(sockets):
             return
         await asyncio.wait_for(ready, timeout)
     except TimeoutError:
@@ -107,3 +112,7 @@ async def _readable(sockets: tuple[zmq.Socket[Any], ...], timeout: float) -> Non
     finally:
         for fd in fds:
             loop.remove_reader(fd)
+
+
+def _has_input(sockets: tuple[zmq.Socket[Any], ...]) -> bool:
+    return any(int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN for s in sockets)
