@@ -298,8 +298,19 @@ class Broker:
         """Ask :meth:`serve` to finish (safe from a signal handler)."""
         self._stopping = True
 
-    def serve(self, ready: Callable[[], None] | None = None, handle_signals: bool = True) -> None:
-        """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly."""
+    def serve(
+        self,
+        ready: Callable[[], None] | None = None,
+        handle_signals: bool = True,
+        start: Callable[[], None] | None = None,
+        ready_when: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly.
+
+        ``start()`` runs once the socket is bound, before the loop (start hosted
+        sources there); ``ready()`` runs as soon as ``ready_when()`` is true
+        (checked every loop turn; at once without it).
+        """
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -314,11 +325,16 @@ class Broker:
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
-        if ready is not None:
-            ready()  # the TCP endpoint, if any, is in self.tcp_address
+        if start is not None:
+            start()
+        pending_ready = ready
         try:
             while not self._stopping:
-                events = dict(poller.poll(int(_SWEEP_INTERVAL * 1000)))
+                if pending_ready is not None and (ready_when is None or ready_when()):
+                    pending_ready()  # the TCP endpoint, if any, is in self.tcp_address
+                    pending_ready = None
+                timeout = _SWEEP_INTERVAL if pending_ready is None else 0.01
+                events = dict(poller.poll(int(timeout * 1000)))
                 if self._router in events:
                     self._drain()
                 if self._tcp is not None and self._tcp in events:

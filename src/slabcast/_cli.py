@@ -17,6 +17,13 @@ __all__ = ["main"]
 
 def _broker(args: argparse.Namespace) -> int:
     from ._broker import Broker
+    from ._sources import SourceThread, parse_source
+
+    try:
+        sources = [parse_source(spec) for spec in args.source]
+    except (TypeError, ValueError) as exc:
+        print(f"slabcast broker: {exc}", file=sys.stderr)
+        return 2
 
     shm_mode = int(args.shm_mode, 8)
     broker = Broker(
@@ -28,6 +35,15 @@ def _broker(args: argparse.Namespace) -> int:
         curve_clients=args.curve_clients,
     )
 
+    threads = [SourceThread(src, broker.address) for src in sources]
+
+    def start() -> None:
+        for t in threads:
+            t.start()
+
+    def sources_open() -> bool:
+        return all(t.opened.is_set() or not t.is_alive() for t in threads)
+
     def ready() -> None:
         where = broker.address + (f" and {broker.tcp_address}" if broker.tcp_address else "")
         if args.ready_fd is not None:
@@ -36,7 +52,13 @@ def _broker(args: argparse.Namespace) -> int:
         else:
             print(f"slabcast broker {os.getpid()} serving {where}", flush=True)
 
-    broker.serve(ready)
+    try:
+        broker.serve(ready, start=start, ready_when=sources_open)
+    finally:
+        for t in threads:
+            t.stopping.set()
+        for t in threads:
+            t.join(5)
     return 0
 
 
@@ -101,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tcp", default=None, metavar="HOST:PORT", help="also serve remote subscribers over TCP (CURVE)")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="the broker's *.key_secret (with --tcp)")
     p.add_argument("--curve-clients", default=None, metavar="DIR", help="directory of accepted client *.key files")
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="KIND:OPTIONS",
+        help="host a source, e.g. synthetic:name=mic,rate=48000,channels=2 or "
+        "stdin:name=mic,dtype=int16,channels=2,rate=48000 (repeatable)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_broker)
 

@@ -1,0 +1,233 @@
+"""Sources hosted by the broker: the ``Source`` protocol, ``synthetic`` and ``stdin``, and their acquisition threads.
+
+A source runs on its own thread inside the broker process and writes through an
+ordinary :class:`~slabcast.Publisher`: its samples go straight into shared memory,
+only the small FRAME notice crosses the (in-host) socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from ._exceptions import SlabcastError
+from ._info import StreamInfo
+from ._protocol import check_dtype, check_stream_name
+from ._publisher import Publisher
+
+__all__ = ["Source", "SourceThread", "StdinSource", "SyntheticSource", "parse_source"]
+
+log = logging.getLogger("slabcast.source")
+
+
+class Source(Protocol):
+    """What the broker needs of a source.
+
+    ``read`` must not block for long: it returns what has arrived since the last
+    call, as ``(data, timestamps)`` with ``data`` sample-major ``(n, channels)`` and
+    ``timestamps`` the ``(n,)`` times of its samples, or ``None`` when nothing is
+    ready yet.  It raises :class:`EOFError` when the source has ended.
+    """
+
+    def connect(self) -> StreamInfo:
+        """Open the device or file and say what it carries."""
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return new samples and their timestamps, or ``None``."""
+
+    def disconnect(self) -> None:
+        """Release the device or file."""
+
+
+class SyntheticSource:
+    """Sine tones plus noise, paced by the clock so that ``rate`` samples arrive per second without drift.
+
+    Parameters
+    ----------
+    name : str
+    rate : float
+    channels : int
+    frame : int
+        Samples per ``read`` at most (the pacing granularity).
+    freqs : list of float
+        One tone per channel (cycled).
+    noise : float
+        Standard deviation of the added Gaussian noise.
+    dtype : str
+        ``float32`` or ``float64``.
+    """
+
+    def __init__(self, name: str = "synthetic", rate: float = 48_000.0, channels: int = 2, frame: int = 480,
+                 freqs: list[float] | None = None, noise: float = 0.01, amplitude: float = 0.5,
+                 dtype: str = "float32") -> None:  # fmt: skip
+        self.info = StreamInfo(check_stream_name(name), check_dtype(dtype), int(channels), float(rate),
+                               tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
+        self.frame = int(frame)
+        self.freqs = np.resize(np.asarray(freqs or [440.0, 1000.0], dtype=np.float64), int(channels))
+        self.noise = float(noise)
+        self.amplitude = float(amplitude)
+        self._rng = np.random.default_rng()
+        self._start = 0.0
+        self._produced = 0
+
+    def connect(self) -> StreamInfo:
+        """Start the clock."""
+        self._start = time.time()
+        self._produced = 0
+        return self.info
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return the samples due since the last call (at most ``frame``), stamped from the start time."""
+        rate = self.info.rate
+        assert rate is not None
+        due = int((time.time() - self._start) * rate) - self._produced
+        if due < 1:
+            return None
+        n = min(due, self.frame)
+        index = self._produced + np.arange(n)
+        t = index / rate
+        data = self.amplitude * np.sin(2 * np.pi * t[:, None] * self.freqs[None, :])
+        data += self.noise * self._rng.standard_normal(data.shape)
+        self._produced += n
+        return data.astype(self.info.dtype), self._start + t
+
+    def disconnect(self) -> None:
+        """Nothing to release."""
+
+    def wait(self) -> float:
+        """Seconds until the next frame is due (for the acquisition thread's pacing)."""
+        rate = self.info.rate or 1.0
+        return max(0.0, self._start + (self._produced + self.frame) / rate - time.time())
+
+
+class StdinSource:
+    """Raw bytes or typed samples from standard input (``arecord ... | slabcast broker --source stdin:...``).
+
+    Timestamps are the arrival time of each read, back-dated by the samples it
+    holds when the rate is known.
+    """
+
+    def __init__(self, name: str = "stdin", dtype: str = "uint8", channels: int = 1, rate: float | None = None,
+                 frame: int = 4096, fd: int | None = None) -> None:  # fmt: skip
+        dt = check_dtype(dtype)
+        self.info = StreamInfo(check_stream_name(name), dt, int(channels), float(rate) if rate else None,
+                               tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.read_bytes = int(frame) * dt.itemsize * int(channels)
+        self._sample_bytes = dt.itemsize * int(channels)
+        self._pending = b""
+
+    def connect(self) -> StreamInfo:
+        """Nothing to open: standard input is already there."""
+        return self.info
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return whole samples read so far; raise :class:`EOFError` at the end of input."""
+        ready, _, _ = select.select([self.fd], [], [], 0.05)
+        if not ready:
+            return None
+        block = os.read(self.fd, self.read_bytes)
+        if not block:
+            raise EOFError("end of standard input")
+        data = self._pending + block
+        whole = len(data) // self._sample_bytes * self._sample_bytes
+        self._pending = data[whole:]
+        if not whole:
+            return None
+        arr = np.frombuffer(data[:whole], dtype=self.info.dtype)
+        n = len(arr) // self.info.channels
+        if self.info.channels > 1:
+            arr = arr.reshape(n, self.info.channels)
+        now = time.time()
+        rate = self.info.rate
+        stamps = now - (n - np.arange(n)) / rate if rate else np.full(n, now)
+        return arr, stamps
+
+    def disconnect(self) -> None:
+        """Nothing to release."""
+
+
+_KINDS: dict[str, type] = {"synthetic": SyntheticSource, "stdin": StdinSource}
+
+
+def parse_source(spec: str) -> Any:
+    """Build a source from ``kind:key=value,key=value`` (e.g. ``synthetic:name=mic,rate=48000,channels=2``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown kind or a malformed option.
+    """
+    kind, _, rest = spec.partition(":")
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown source kind {kind!r} in {spec!r}; known: {', '.join(sorted(_KINDS))}")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"source option must be key=value, got {item!r} in {spec!r}")
+        options[key.strip()] = _parse_value(value.strip())
+    if "freqs" in options and not isinstance(options["freqs"], list):
+        options["freqs"] = [options["freqs"]]
+    return cls(**options)
+
+
+def _parse_value(text: str) -> Any:
+    if "/" in text:
+        return [_parse_value(t) for t in text.split("/")]
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+class SourceThread(threading.Thread):
+    """The acquisition thread of one source: read, write, repeat, until stopped or the source ends."""
+
+    def __init__(self, source: Any, address: str, **publisher_options: Any) -> None:
+        super().__init__(name=f"source-{getattr(source, 'info', None) and source.info.name}", daemon=True)
+        self.source = source
+        self.address = address
+        self.publisher_options = publisher_options
+        self.stopping = threading.Event()
+        self.opened = threading.Event()  # the stream exists on the broker
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Connect the source, publish what it reads, close the stream at its end."""
+        info = self.source.connect()
+        pub = Publisher(info.name, dtype=info.dtype, channels=info.channels, rate=info.rate,
+                        channel_names=list(info.channel_names), address=self.address,
+                        **self.publisher_options)  # fmt: skip
+        log.info("source %r started", info.name)
+        self.opened.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    got = self.source.read()
+                except EOFError:
+                    break
+                if got is None:
+                    wait = getattr(self.source, "wait", None)
+                    self.stopping.wait(wait() if wait else 0.002)
+                    continue
+                data, stamps = got
+                pub.write(data, t0=float(stamps[0]))
+        except SlabcastError as exc:  # the broker is shutting down under us
+            log.info("source %r stopped: %s", info.name, exc)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("source %r failed", info.name)
+        finally:
+            self.source.disconnect()
+            pub.close()
