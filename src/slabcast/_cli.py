@@ -95,6 +95,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from ._up import run_up
+
+    try:
+        return run_up(args.config, output=lambda line: print(line, flush=True))
+    except (OSError, ValueError, ImportError, AttributeError) as exc:
+        print(f"slabcast up: {exc}", file=sys.stderr)
+        return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -143,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("up", parents=[common], help="start a broker, its sources and supervised task workers")
+    p.add_argument("config", help="TOML file (see broker/slabcast.toml)")
+    p.set_defaults(func=_up)
 
     p = sub.add_parser("demo", parents=[common], help="broker + synthetic 48 kHz stereo source + three workers")
     p.add_argument("--duration", type=float, default=15.0, help="seconds to run (default 15)")

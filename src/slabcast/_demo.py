@@ -8,11 +8,11 @@ import shutil
 import signal
 import tempfile
 import time
-import wave
 from typing import Any
 
 import numpy as np
 
+from . import examples
 from ._process import BrokerProcess
 from ._publisher import Publisher
 from ._subscriber import Subscriber
@@ -24,61 +24,14 @@ FRAME = 480  # 10 ms
 STREAM = "mic"
 
 
-def _worker_setup() -> None:
+def _worker(address: str, ready: Any, name: str, fn: Any, options: dict[str, Any], **settings: Any) -> None:
     # Ctrl-C reaches the whole terminal process group; workers end with the stream instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def spl_worker(address: str, ready: Any) -> None:
-    """Sound pressure level of each channel, every 0.5 s."""
-    _worker_setup()
-    sub = Subscriber(STREAM, seconds=0.5, clip=True, address=address)
-    ready.put("spl")
-    with sub:
+    with Subscriber(STREAM, address=address, label=f"demo:{name}", **settings) as sub:
+        ready.put(name)
         for chunk in sub:
             with chunk:
-                rms = np.sqrt(np.mean(np.square(chunk.data, dtype=np.float64), axis=0))
-            level = 20 * np.log10(np.maximum(rms, 1e-12))
-            print(
-                f"[spl   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L={level[0]:6.1f} dBFS  R={level[1]:6.1f} dBFS",
-                flush=True,
-            )
-
-
-def wav_worker(address: str, ready: Any, out_dir: str) -> None:
-    """A 16-bit stereo WAV file of every 3 s of the stream."""
-    _worker_setup()
-    sub = Subscriber(STREAM, seconds=3.0, clip=True, address=address)
-    ready.put("wav")
-    with sub:
-        for chunk in sub:
-            with chunk:
-                pcm = (np.clip(chunk.data, -1, 1) * 32767).astype("<i2")
-            path = os.path.join(out_dir, f"mic-{chunk.index:012d}.wav")
-            with wave.open(path, "wb") as w:
-                w.setnchannels(2)
-                w.setsampwidth(2)
-                w.setframerate(RATE)
-                w.writeframes(pcm.tobytes())
-            print(f"[wav   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(pcm) / RATE:.2f} s)", flush=True)
-
-
-def peak_worker(address: str, ready: Any) -> None:
-    """Spectral peak of 0.5 s of audio, then skip 1.5 s (a sampler): one analysis every 2 s."""
-    _worker_setup()
-    sub = Subscriber(STREAM, seconds=0.5, clip=True, sampler=1.5, address=address)
-    ready.put("peak")
-    with sub:
-        for chunk in sub:
-            with chunk:
-                n = len(chunk.data)
-                spectrum = np.abs(np.fft.rfft(chunk.data * np.hanning(n)[:, None], axis=0))
-            freqs = np.fft.rfftfreq(n, 1 / RATE)
-            peaks = freqs[np.argmax(spectrum, axis=0)]
-            print(
-                f"[peak  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  L peak {peaks[0]:7.1f} Hz  R peak {peaks[1]:7.1f} Hz",
-                flush=True,
-            )
+                fn(chunk, **options)
 
 
 def synthetic_frames(rng: np.random.Generator, index: int) -> np.ndarray[Any, Any]:
@@ -105,10 +58,14 @@ def run_demo(duration: float = 15.0, out: str | None = None) -> int:
             with Publisher(
                 STREAM, dtype="float32", channels=2, rate=RATE, address=broker.address, channel_names=["left", "right"]
             ) as pub:
+                tasks = [  # SPL every 0.5 s; a WAV file every 3 s; 0.5 s analysed of every 2 s (a sampler)
+                    ("spl", examples.spl, {}, {"seconds": 0.5, "clip": True}),
+                    ("wav", examples.wav_file, {"out": out_dir, "rate": RATE}, {"seconds": 3.0, "clip": True}),
+                    ("peak", examples.spectral_peak, {"rate": RATE}, {"seconds": 0.5, "clip": True, "sampler": 1.5}),
+                ]
                 procs = [
-                    ctx.Process(target=spl_worker, args=(broker.address, ready), name="spl"),
-                    ctx.Process(target=wav_worker, args=(broker.address, ready, out_dir), name="wav"),
-                    ctx.Process(target=peak_worker, args=(broker.address, ready), name="peak"),
+                    ctx.Process(target=_worker, args=(broker.address, ready, n, fn, opts), kwargs=kw, name=n)
+                    for n, fn, opts, kw in tasks
                 ]
                 for p in procs:
                     p.start()

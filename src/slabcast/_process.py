@@ -16,6 +16,16 @@ from ._exceptions import BrokerGoneError
 __all__ = ["BrokerProcess"]
 
 
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask for SIGTERM when the parent dies.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class BrokerProcess:
     """A broker running in a child process (``python -m slabcast broker``).
 
@@ -27,6 +37,9 @@ class BrokerProcess:
         Extra command-line arguments for ``slabcast broker``.
     startup_timeout : float
         Seconds to wait for the broker's ready signal.
+    die_with_parent : bool
+        Have the kernel send the broker SIGTERM when this process dies (Linux),
+        so a crashed test or supervisor leaves no orphan broker.
 
     Examples
     --------
@@ -40,6 +53,7 @@ class BrokerProcess:
         *,
         args: tuple[str, ...] = (),
         startup_timeout: float = 10.0,
+        die_with_parent: bool = True,
     ) -> None:
         self.address = normalize(address)
         self.args = tuple(args)
@@ -48,6 +62,7 @@ class BrokerProcess:
         self._stderr: Any = None
         self._stderr_text = ""
         self.tcp_address: str | None = None  # set when started with --tcp
+        self.die_with_parent = die_with_parent
 
     @property
     def pid(self) -> int:
@@ -74,6 +89,7 @@ class BrokerProcess:
                     *self.args,
                 ],
                 pass_fds=(write_fd,),
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
                 stderr=self._stderr,
             )

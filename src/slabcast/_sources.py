@@ -155,10 +155,14 @@ class StdinSource:
 
 
 _KINDS: dict[str, type] = {"synthetic": SyntheticSource, "stdin": StdinSource}
+_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes"}
 
 
 def parse_source(spec: str) -> Any:
     """Build a source from ``kind:key=value,key=value`` (e.g. ``synthetic:name=mic,rate=48000,channels=2``).
+
+    ``slab_bytes``, ``nslabs`` and ``max_chunk_bytes`` size the stream's pool
+    (the largest chunk a subscriber may ask for); the other options go to the source.
 
     Raises
     ------
@@ -170,14 +174,18 @@ def parse_source(spec: str) -> Any:
     if cls is None:
         raise ValueError(f"unknown source kind {kind!r} in {spec!r}; known: {', '.join(sorted(_KINDS))}")
     options: dict[str, Any] = {}
+    pool: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"source option must be key=value, got {item!r} in {spec!r}")
-        options[key.strip()] = _parse_value(value.strip())
+        key = key.strip()
+        (pool if key in _POOL_KEYS else options)[key] = _parse_value(value.strip())
     if "freqs" in options and not isinstance(options["freqs"], list):
         options["freqs"] = [options["freqs"]]
-    return cls(**options)
+    source = cls(**options)
+    source.publisher_options = pool  # the stream's pool: slab_bytes, nslabs, max_chunk_bytes
+    return source
 
 
 def _parse_value(text: str) -> Any:
@@ -198,7 +206,7 @@ class SourceThread(threading.Thread):
         super().__init__(name=f"source-{getattr(source, 'info', None) and source.info.name}", daemon=True)
         self.source = source
         self.address = address
-        self.publisher_options = publisher_options
+        self.publisher_options = {**getattr(source, "publisher_options", {}), **publisher_options}
         self.stopping = threading.Event()
         self.opened = threading.Event()  # the stream exists on the broker
         self.error: BaseException | None = None

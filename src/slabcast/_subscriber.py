@@ -126,6 +126,11 @@ class Subscriber:
         file, as written by ``slabcast keygen``.
     timeout : float
         Seconds to wait for the broker's answer to the subscription.
+    wait : float
+        Seconds to wait for the stream to appear when it does not exist yet
+        (a worker started before its source); 0 raises at once.
+    label : str, optional
+        This subscriber's name in logs and ``slabcast status``.
     reconnect : bool or float
         When the broker goes away, wait up to this many seconds (``True``: 60)
         for a broker at the same address with this stream and subscribe again
@@ -154,6 +159,8 @@ class Subscriber:
         curve: tuple[str, str] | None = None,
         timeout: float = 10.0,
         reconnect: bool | float = False,
+        wait: float = 0.0,
+        label: str | None = None,
     ) -> None:
         P.check_stream_name(stream)
         if (size is None) == (seconds is None):
@@ -194,10 +201,19 @@ class Subscriber:
         self._request = [P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler]
         self._curve = curve
         self._timeout = timeout
-        self._connect(address)
+        self._label = label or f"subscriber:{stream}"
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._connect(address)
+                break
+            except StreamNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)  # poll for the stream; its publisher may still be starting
 
     def _connect(self, address: str | None) -> None:
-        conn = Connection(address, "sub", f"subscriber:{self.name}", curve=self._curve)
+        conn = Connection(address, "sub", self._label, curve=self._curve)
         try:
             conn.send(self._request)
             reply = conn.recv(self._timeout)

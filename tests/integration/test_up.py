@@ -1,0 +1,117 @@
+"""`slabcast up` with the example config: tasks in their own processes, restarts, clean stop; status."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import slabcast
+from slabcast._shm import pid_alive
+
+CONFIG = Path(__file__).parent.parent.parent / "broker" / "slabcast.toml"
+
+
+class Lines:
+    """The output lines of a process, read on a thread so waits can time out."""
+
+    def __init__(self, stream):
+        self.q: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.q.put(line.rstrip("\n"))
+        self.q.put("<eof>")
+
+    def expect(self, pattern, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            self.seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+            assert line != "<eof>", f"output ended before {pattern!r}: {self.seen[-20:]}"
+
+
+def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
+    address = f"ipc://{tmp_path}/b.sock"
+    env = {**os.environ, "SLABCAST_ADDRESS": address}
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(CONFIG)], stdout=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # fmt: skip
+    lines = Lines(proc.stdout)
+    try:
+        broker_pid = int(lines.expect(r"broker (\d+) serving")[1])
+        pids = {}
+        for _ in range(3):
+            m = lines.expect(r"task (\w+)#0 started, pid (\d+)")
+            pids[m[1]] = int(m[2])
+        assert set(pids) == {"spl", "recorder", "model"}
+        assert len(set(pids.values()) | {broker_pid, proc.pid}) == 5  # each task its own process
+        lines.expect(r"^\[spl")  # the SPL task is receiving chunks
+        lines.expect(r"^\[peak")  # so is the model task
+
+        status = slabcast.broker_status(address)
+        (mic,) = status["streams"]
+        subs = {s["label"]: s for s in mic["subscribers"]}
+        assert subs["task:spl#0"]["size"] == 24_000 and subs["task:spl#0"]["policy"] == "drop"
+        assert subs["task:recorder#0"]["size"] == 480_000 and subs["task:recorder#0"]["policy"] == "block"
+        assert subs["task:model#0"]["pid"] == pids["model"]
+
+        os.kill(pids["spl"], signal.SIGKILL)
+        lines.expect(r"task spl#0 exited with code -9; restart 1 in 0.5 s")
+        new_pid = int(lines.expect(r"task spl#0 started, pid (\d+)")[1])
+        assert new_pid != pids["spl"]
+        lines.expect(r"^\[spl")  # the restarted worker receives chunks again
+
+        proc.send_signal(signal.SIGINT)
+        lines.expect(r"stopped \(broker exit code 0, 1 restarts\)")
+        assert proc.wait(15) == 0
+        for pid in [broker_pid, new_pid, *pids.values()]:
+            assert not pid_alive(pid), f"process {pid} was left running"
+        assert not Path(f"{tmp_path}/b.sock").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\n", "give exactly one of 'size' and 'seconds'"),
+        ("[[tasks]]\nname='a'\ncall='xy'\nstream='s'\nsize=3\n", "'call' must be 'module:function'"),
+        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\nsize=3\ncolour=1\n", "unknown keys ['colour']"),
+        ("[[tasks]]\nname='a'\ncall='no_such_module_x:y'\nstream='s'\nsize=3\n", "No module named 'no_such_module_x'"),
+        ("[broker\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_are_clear_errors(tmp_path, text, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "slabcast", "up", str(cfg)], capture_output=True, text=True,
+                            timeout=30)  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_status_json_reports_uptime_and_pool(broker, stream_name):
+    with slabcast.Publisher(stream_name, address=broker.address, nslabs=4) as pub:
+        pub.write(__import__("numpy").zeros(5, dtype="float32"))
+        status = json.loads(subprocess.run([sys.executable, "-m", "slabcast", "status", "--json", "--address",
+                                            broker.address], capture_output=True, text=True, timeout=30).stdout)  # fmt: skip
+    assert status["pid"] == broker.pid
+    assert status["uptime"] > 0
+    assert status["streams"][0]["slabs"] == 4
