@@ -80,6 +80,7 @@ class _Sub:
         "const_pause",
         "delivered",
         "delivered_at",
+        "starts",
         "dropped",
         "end",
         "inflight",
@@ -104,6 +105,7 @@ class _Sub:
         self.leases: dict[int, int] = {}  # seq -> slab
         self.backlog: deque[tuple[int, bytes, int, int]] = deque()  # (seq, CHUNK, offset, nbytes) awaiting credit
         self.delivered_at: deque[tuple[int, float]] = deque()  # (seq, monotonic time), oldest first
+        self.starts: dict[int, int] = {}  # seq -> stream index of the chunk's first sample, while leased
         self.remote_held: set[int] = set()  # chunks sent by value to a TCP client, not yet released
         self.seq = 0
         self.delivered = 0
@@ -674,6 +676,7 @@ class Broker:
         assert slab is not None
         stream.leases[slab] += 1
         sub.leases[seq] = slab
+        sub.starts[seq] = start
         if sub.inflight < sub.max_inflight and not sub.backlog:
             self._deliver(sub, seq, payload, offset, length * stream.sample_bytes)
         else:
@@ -796,6 +799,7 @@ class Broker:
         stream = sub.stream
         unknown = []
         for seq in msg[1]:
+            sub.starts.pop(seq, None)
             slab = sub.leases.pop(seq, None) if type(seq) is int else None
             if slab is not None:
                 stream.unpin(slab)
@@ -871,6 +875,12 @@ class Broker:
     def _on_status(self, client: _Client, msg: tuple[Any, ...]) -> None:
         self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))
 
+    @staticmethod
+    def _lag(stream: _Stream, sub: _Sub) -> int:
+        """Samples between the oldest one this subscriber is not done with and the newest."""
+        oldest = min(sub.starts.values(), default=sub.chunker.start if sub.chunker.start is not None else stream.head)
+        return stream.head - oldest
+
     def status(self) -> dict[str, Any]:
         """Return the broker's state as plain data (streams, subscribers, pool use)."""
         streams = []
@@ -898,13 +908,26 @@ class Broker:
                             "delivered": u.delivered,
                             "dropped": u.dropped,
                             "leases": len(u.leases),
-                            "lag_samples": s.head - (u.chunker.start if u.chunker.start is not None else s.head),
+                            "lag_samples": self._lag(s, u),
+                            "lag_seconds": self._lag(s, u) / s.rate if s.rate else None,
+                            "backlog": len(u.backlog),
                         }
                         for u in s.subs
                     ],
                 }
             )
-        return {"pid": self.pid, "address": self.address, "uptime": time.time() - self.started, "streams": streams}
+        from . import __version__
+
+        return {
+            "pid": self.pid,
+            "version": __version__,
+            "protocol": P.VERSION,
+            "address": self.address,
+            "tcp_address": self.tcp_address,
+            "uptime": time.time() - self.started,
+            "clients": len(self._clients),
+            "streams": streams,
+        }
 
     # -------------------------------------------------------------- shutdown
 

@@ -105,6 +105,12 @@ def _up(args: argparse.Namespace) -> int:
         return 2
 
 
+def _top(args: argparse.Namespace) -> int:
+    from ._top import run_top
+
+    return run_top(args.address, args.interval)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -153,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("top", parents=[common], help="live view of a broker's streams and subscribers")
+    p.add_argument("--address", default=None)
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
+    p.set_defaults(func=_top)
 
     p = sub.add_parser("up", parents=[common], help="start a broker, its sources and supervised task workers")
     p.add_argument("config", help="TOML file (see broker/slabcast.toml)")

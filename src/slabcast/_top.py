@@ -1,0 +1,102 @@
+"""``slabcast top``: the broker's status refreshed in the terminal (rates, lag bars, drops highlighted)."""
+
+from __future__ import annotations
+
+import contextlib
+import curses
+import time
+from typing import Any
+
+from ._control import broker_status
+from ._exceptions import SlabcastError
+
+__all__ = ["render", "run_top"]
+
+_BAR = 16
+
+
+def _bar(fraction: float) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * _BAR)
+    return "[" + "#" * filled + "." * (_BAR - filled) + "]"
+
+
+def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -> list[tuple[str, bool]]:
+    """Return the screen as ``(line, highlight)`` pairs; ``highlight`` marks subscribers that dropped chunks."""
+    lines = [
+        (
+            f"slabcast top - broker {status['pid']} v{status.get('version', '?')} at {status['address']}"
+            f" - up {status['uptime']:.0f} s - {status.get('clients', 0)} clients - q quits",
+            False,
+        ),
+        ("", False),
+    ]
+    before = {s["name"]: s for s in (previous or {}).get("streams", [])}
+    for s in status["streams"]:
+        old = before.get(s["name"])
+        observed = (s["samples"] - old["samples"]) / dt if old and dt > 0 else 0.0
+        nominal = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
+        state = " ENDED" if s["ended"] else ""
+        lines.append(
+            (
+                f"{s['name']:<16} {s['dtype']} x {s['channels']:<3} {nominal:>10}  observed {observed:>10.0f}/s  "
+                f"{s['samples']:>12} samples  slabs free {s['slabs_free']}/{s['slabs']}{state}",
+                False,
+            )
+        )
+        lines.append(
+            (
+                f"  {'subscriber':<22} {'pid':>7} {'size':>8} clip {'policy':<6} {'delivered':>9} {'dropped':>8} "
+                f"{'leases':>6}  lag",
+                False,
+            )
+        )
+        for u in s["subscribers"]:
+            lag_s = u.get("lag_seconds")
+            lag = f"{lag_s:6.2f} s" if lag_s is not None else f"{u['lag_samples']} samples"
+            fraction = u["lag_samples"] / (2 * u["size"]) if u["size"] else 0.0
+            lines.append(
+                (
+                    f"  {u['label'][:22]:<22} {u['pid']:>7} {u['size']:>8} {'yes' if u['clip'] else 'no ':<4} "
+                    f"{u['policy']:<6} {u['delivered']:>9} {u['dropped']:>8} {u['leases']:>6}  {_bar(fraction)} {lag}",
+                    u["dropped"] > 0,
+                )
+            )
+        lines.append(("", False))
+    if not status["streams"]:
+        lines.append(("no streams", False))
+    return lines
+
+
+def run_top(address: str | None, interval: float = 0.5) -> int:
+    """Show the status until ``q`` or Ctrl-C; return the exit code."""
+
+    def loop(screen: Any) -> None:
+        curses.curs_set(0)
+        screen.nodelay(True)
+        curses.use_default_colors()
+        previous: dict[str, Any] | None = None
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                status = broker_status(address, timeout=2.0)
+                lines = render(status, previous, now - last)
+                previous, last = status, now
+            except SlabcastError as exc:
+                lines = [(f"slabcast top - no broker: {exc}", True), ("retrying; q quits", False)]
+                previous = None
+            screen.erase()
+            height, width = screen.getmaxyx()
+            for y, (text, highlight) in enumerate(lines[: height - 1]):
+                screen.addnstr(y, 0, text, width - 1, curses.A_REVERSE if highlight else curses.A_NORMAL)
+            screen.refresh()
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                key = screen.getch()
+                if key in (ord("q"), ord("Q")):
+                    return
+                curses.napms(20)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C quits as cleanly as q
+        curses.wrapper(loop)
+    return 0
