@@ -1,0 +1,71 @@
+"""Window: the latest seconds of an N-channel stream, independent readers, exact envelopes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slabcast
+from slabcast._window import envelope
+
+
+def test_window_holds_the_last_samples_written_channels_first(broker, stream_name):
+    rate, channels = 1000.0, 5
+    pub = slabcast.Publisher(stream_name, dtype="float64", channels=channels, rate=rate, address=broker.address)
+    short = slabcast.Window(stream_name, 0.5, address=broker.address)
+    long = slabcast.Window(stream_name, 2.0, address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address)
+    rng = np.random.default_rng(2)
+    written = rng.standard_normal((3000, channels))
+    # Before enough data: what there is.
+    pub.write(written[:123], t0=0.0)
+    assert short.wait(123, timeout=5)
+    data, times = short.get()
+    assert data.shape == (channels, 123)
+    np.testing.assert_array_equal(data, written[:123].T)
+    for start in range(123, 3000, 77):
+        pub.write(written[start : start + 77], t0=start / rate)
+    assert short.wait(3000, timeout=5)
+    assert long.wait(3000, timeout=5)
+    data, times = short.get()
+    np.testing.assert_array_equal(data, written[-500:].T)
+    np.testing.assert_allclose(times, np.arange(2500, 3000) / rate, atol=1e-9)
+    data, _ = long.get()
+    np.testing.assert_array_equal(data, written[-2000:].T)
+    # Neither window took anything from the subscriber: it still gets every chunk.
+    indexes = []
+    for _ in range(30):
+        with sub.recv(timeout=5) as chunk:
+            indexes.append(chunk.index)
+    assert indexes == list(range(0, 3000, 100))
+    mins, maxs, _ = long.get_display(64)
+    assert mins.shape == maxs.shape == (channels, 64)
+    np.testing.assert_array_equal(mins.min(axis=1), written[-2000:].min(axis=0))
+    np.testing.assert_array_equal(maxs.max(axis=1), written[-2000:].max(axis=0))
+    for w in (short, long):
+        w.close()
+    sub.close()
+    pub.close()
+
+
+@pytest.mark.parametrize(("n", "pixels"), [(1000, 7), (10, 3), (5, 50), (1, 1), (997, 996)])
+def test_envelope_equals_the_true_min_and_max_of_each_column(n, pixels):
+    data = np.random.default_rng(n).standard_normal((3, n))
+    times = np.arange(n) * 0.1
+    mins, maxs, cols = envelope(data, times, pixels)
+    columns = min(n, pixels)
+    bounds = [(k * n) // columns for k in range(columns)] + [n]
+    for k in range(columns):
+        part = data[:, bounds[k] : bounds[k + 1]]
+        assert part.shape[1] >= 1
+        np.testing.assert_array_equal(mins[:, k], part.min(axis=1))
+        np.testing.assert_array_equal(maxs[:, k], part.max(axis=1))
+    assert cols[0] == 0.0
+
+
+def test_window_needs_a_rate(broker, stream_name):
+    with (
+        slabcast.Publisher(stream_name, address=broker.address),
+        pytest.raises(ValueError, match="needs a stream with a rate"),
+    ):
+        slabcast.Window(stream_name, 1.0, address=broker.address)
