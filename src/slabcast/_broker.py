@@ -612,6 +612,7 @@ class Broker:
         if len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
             P.check_fields(msg, int, int, (int, float))
         _, offset, n, t0 = msg
+        t0 = float(t0)  # CHUNK carries t0 as a float whatever the FRAME held
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
@@ -824,12 +825,14 @@ class Broker:
             raise ProtocolError(f"RELEASE of chunks this subscriber does not hold: {unknown[:10]!r}")
 
     def _on_bye(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg)
         seq = client.sub.seq if client.sub is not None else 0
         self._drop_client(client, gone=False)
         self._send(client.ident, P.pack([P.END, P.END_BYE, "goodbye", seq]))
 
     def _on_unsubscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
         # No more chunks; the leases it holds stay until RELEASE, BYE or its death.
+        P.check_fields(msg)
         sub = client.sub
         if sub is None:
             raise _Refused(P.ERR_BAD_REQUEST, "UNSUBSCRIBE from a connection with no subscription")
@@ -873,6 +876,7 @@ class Broker:
         self._send(client.ident, P.pack([P.SYNCED, msg[1]]))
 
     def _on_status(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg)
         self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))
 
     @staticmethod

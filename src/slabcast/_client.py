@@ -134,6 +134,7 @@ class Connection:
             self.close(bye=False)
             got = reply[1] if len(reply) > 1 and reply[0] == P.WELCOME else f"a {P.NAMES.get(reply[0], reply[0])}"
             raise ProtocolError(f"protocol version mismatch: client speaks version {P.VERSION}, broker answered {got}")
+        P.need(reply, 3)
         self.broker_pid: int = reply[2]
         self.epoch: int = reply[3]
 

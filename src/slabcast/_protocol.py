@@ -134,6 +134,19 @@ def check_fields(msg: tuple[Any, ...], *types: Any) -> None:
             raise ProtocolError(f"{name} field {i} must be {want}, got {_brief(value)}")
 
 
+def need(msg: tuple[Any, ...], fields: int) -> None:
+    """Check that ``msg`` has at least ``fields`` fields after its kind (more are ignored: schema evolution).
+
+    Raises
+    ------
+    ProtocolError
+        Naming the message and how many fields came.
+    """
+    if len(msg) - 1 < fields:
+        name = NAMES.get(msg[0], str(msg[0]))
+        raise ProtocolError(f"{name} must have at least {fields} fields, got {len(msg) - 1}")
+
+
 def check_dtype(dtype: Any) -> np.dtype[Any]:
     """Return ``dtype`` as a numpy dtype if it is a plain numeric one.
 

@@ -144,7 +144,8 @@ class Publisher:
                 raise error_for(reply, self._where)
             if reply[0] != P.OPENED:
                 raise ProtocolError(f"expected OPENED, got {P.NAMES.get(reply[0], reply[0])}")
-            _, seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply
+            P.need(reply, 7)  # fields appended by a later version are ignored
+            _, seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:8]
             self._mm = attach(seg, seg_bytes, writable=True)
         except BaseException:
             self._conn.close()

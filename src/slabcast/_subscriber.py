@@ -223,7 +223,8 @@ class Subscriber:
                 raise error_for(reply, self._where)
             if reply[0] != P.SUBSCRIBED:
                 raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
-            _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply
+            P.need(reply, 8)  # fields appended by a later version are ignored
+            _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:9]
             mm = None if conn.remote else attach(seg, seg_bytes)
         except BaseException:
             conn.close()
@@ -326,7 +327,8 @@ class Subscriber:
             raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
 
     def _chunk(self, msg: tuple[Any, ...]) -> Chunk:
-        _, seq, index, n, t0, offset, flags = msg
+        P.need(msg, 6)
+        _, seq, index, n, t0, offset, flags = msg[:7]
         channels = self._channels
         if flags & P.FLAG_INLINE:
             frame = self._conn.payload

@@ -1,0 +1,147 @@
+/* slabcast.h: C subscriber of a slabcast broker (wire protocol version 1, docs/protocol.md). */
+#ifndef SLABCAST_H
+#define SLABCAST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The wire protocol version this library speaks. */
+#define SC_PROTOCOL_VERSION 1
+
+/*
+ * Return codes.  SC_OK is success; every other code comes with a message from
+ * sc_errmsg().  A code that ends the subscription (SC_EOF, SC_EBROKERGONE,
+ * SC_EPUBGONE, SC_EEVICTED, SC_EEND) is sticky: later sc_recv() calls return it
+ * again.  sc_strerror() gives a code's name.
+ */
+typedef enum sc_status {
+    SC_OK = 0,
+    SC_EOF = -1,          /* END "closed": the publisher closed the stream; every chunk was received */
+    SC_ETIMEOUT = -2,     /* nothing within the timeout (not an error of the connection) */
+    SC_EBROKERGONE = -3,  /* the broker died, shut down (END "broker-shutdown") or never answered */
+    SC_EPUBGONE = -4,     /* END "publisher-gone": the publisher died or left without closing */
+    SC_EEVICTED = -5,     /* END "evicted": a chunk was held longer than the broker's lease timeout */
+    SC_EEND = -6,         /* END with a code this version does not know */
+    SC_EVERSION = -7,     /* protocol version mismatch (the message names both versions) */
+    SC_EPROTO = -8,       /* malformed or unexpected message, or ERROR "malformed" from the broker */
+    SC_ENOSTREAM = -9,    /* ERROR "unknown-stream": no publisher for that stream name */
+    SC_EREQUEST = -10,    /* the broker refused the request (ERROR "bad-request", "shm-full", ...) */
+    SC_EINVAL = -11,      /* an invalid argument, or a call in the wrong state */
+    SC_ESYS = -12,        /* a system or ZeroMQ call failed (shm_open, mmap, zmq_*) */
+    SC_ENOMEM = -13       /* out of memory */
+} sc_status;
+
+/* One client connection.  Not thread-safe: use one client per thread. */
+typedef struct sc_client sc_client;
+
+/* Subscription settings (see sc_sub_options_init for the defaults). */
+typedef struct sc_sub_options {
+    uint64_t size;          /* chunk size in samples (bytes on a byte stream); 0 to use seconds */
+    double seconds;         /* chunk size in seconds (streams with a rate); 0 to use size */
+    int clip;               /* 1: every chunk has exactly `size` samples; 0: whole frames, n >= size */
+    const char *policy;     /* "block" (lossless, the publisher waits) or "drop" (gaps in seq) */
+    unsigned max_inflight;  /* chunks held (received, not released) before the policy applies, 1..1024 */
+} sc_sub_options;
+
+/* What SUBSCRIBED said about the stream; valid while the client lives. */
+typedef struct sc_stream_info {
+    const char *name;       /* stream name */
+    const char *dtype;      /* numpy dtype string, e.g. "<f4", "<i2", "|u1" */
+    unsigned itemsize;      /* bytes per value of dtype */
+    unsigned channels;      /* values per sample */
+    size_t sample_bytes;    /* itemsize * channels */
+    double rate;            /* samples per second, 0.0 when the stream has none */
+    uint64_t size;          /* samples per chunk (computed by the broker when seconds were given) */
+    uint64_t start;         /* stream index of the first sample this subscriber can receive */
+    const char *segment;    /* shared-memory segment name (no leading slash) */
+    size_t segment_bytes;   /* bytes mapped */
+} sc_stream_info;
+
+/* One chunk.  `data` points into the read-only shared mapping and stays valid until
+ * sc_release() of this chunk or sc_close(); the bytes never change while it is held. */
+typedef struct sc_chunk {
+    const void *data;       /* n * sample_bytes bytes, sample-major (channels interleaved) */
+    uint64_t n;             /* samples */
+    size_t nbytes;          /* n * sample_bytes */
+    const char *dtype;      /* the stream's dtype string (owned by the client) */
+    unsigned channels;
+    double t0;              /* time of the chunk's first sample, seconds */
+    uint64_t seq;           /* this subscriber's chunk counter from 0; a gap means dropped chunks */
+    uint64_t index;         /* stream index of the first sample */
+    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk */
+} sc_chunk;
+
+#define SC_FLAG_DISCONTINUITY 1u
+
+/* Counters of one subscription. */
+typedef struct sc_stats {
+    uint64_t received;      /* chunks returned by sc_recv */
+    uint64_t released;      /* chunks given back */
+    uint64_t cut;           /* chunks the broker cut for us, as told by END (0 before END) */
+    int64_t last_seq;       /* seq of the last chunk received, -1 before the first */
+} sc_stats;
+
+/* Allocate a client (NULL only when out of memory).  sc_errmsg() works on it from now on. */
+sc_client *sc_new(void);
+
+/* Set the label the broker shows in logs and `slabcast status` (before sc_connect). */
+int sc_set_label(sc_client *c, const char *label);
+
+/* Milliseconds to wait for the broker's answers to HELLO and SUBSCRIBE; default 5000. */
+int sc_set_timeout(sc_client *c, int timeout_ms);
+
+/* Speak another protocol version in HELLO.  For tests of version negotiation only. */
+int sc_set_protocol_version(sc_client *c, unsigned version);
+
+/* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path)
+ * and complete the HELLO/WELCOME handshake as a subscriber. */
+int sc_connect(sc_client *c, const char *address);
+
+/* Fill `opts` with the defaults: size 0, seconds 0, clip 0, policy "block", max_inflight 8. */
+void sc_sub_options_init(sc_sub_options *opts);
+
+/* Subscribe to `stream` (give exactly one of opts->size and opts->seconds) and map its
+ * segment read-only.  One subscription per client. */
+int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
+
+/* The stream's description after a successful sc_subscribe (NULL before). */
+const sc_stream_info *sc_info(const sc_client *c);
+
+/* Wait up to `timeout_ms` (-1: forever, 0: do not wait) for the next chunk.
+ * SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream;
+ * SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke. */
+int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms);
+
+/* Wait up to `timeout_ms` until sc_recv(c, ..., 0) has something to return without
+ * waiting: SC_OK, or SC_ETIMEOUT.  For event loops and measurements. */
+int sc_wait(sc_client *c, int timeout_ms);
+
+/* Give a chunk back; its memory may be reused by the publisher afterwards. */
+int sc_release(sc_client *c, const sc_chunk *chunk);
+
+/* Give back the chunk numbered `seq`. */
+int sc_release_seq(sc_client *c, uint64_t seq);
+
+/* This subscription's counters. */
+void sc_get_stats(const sc_client *c, sc_stats *out);
+
+/* Say BYE (unless the broker is gone), wait a bounded time for its answer, close the
+ * sockets (linger 200 ms), unmap the segment (never unlink it) and free the client.
+ * Accepts NULL.  Chunks still held are given back by the BYE. */
+void sc_close(sc_client *c);
+
+/* The message of the last error on `c`: what was expected, what came, and where. */
+const char *sc_errmsg(const sc_client *c);
+
+/* The name of a return code, e.g. "SC_EBROKERGONE". */
+const char *sc_strerror(int code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SLABCAST_H */

@@ -1,0 +1,539 @@
+"""The C subscriber (clients/c): built with make, run as real processes beside the Python client, checked chunk for chunk."""
+
+from __future__ import annotations
+
+import _posixshmem
+import mmap
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import slabcast
+from slabcast._rechunk import Rechunker
+from tests.integration import workers as W
+
+ROOT = Path(__file__).resolve().parents[2]
+C_DIR = ROOT / "clients" / "c"
+INSTALL = "apt-get install libzmq3-dev libmsgpack-dev"
+HEADER = 4096  # header_bytes of every segment (docs/protocol.md 6.1)
+LINE = re.compile(r"seq=(\d+) index=(\d+) n=(\d+) t0=(-?\d+\.\d{9}) crc=([0-9a-f]{8})")
+
+# ----------------------------------------------------------------- building
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires the C client (SLABCAST_REQUIRE_C=1)."""
+    if os.environ.get("SLABCAST_REQUIRE_C") == "1":
+        pytest.fail(f"{reason} (SLABCAST_REQUIRE_C=1: the C client's tests must run, not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def c_sub() -> Path:
+    """Build clients/c once per session; return the path of slabcast-sub."""
+    make = shutil.which("make")
+    if make is None:
+        _unavailable(f"the C client needs make and a C compiler: apt-get install build-essential, then {INSTALL}")
+    assert make is not None
+    deps = subprocess.run([make, "-s", "-C", str(C_DIR), "check-deps"], capture_output=True, text=True, timeout=120)
+    if deps.returncode != 0:
+        said = (deps.stdout.strip() or deps.stderr.strip()).replace("\n", "; ")
+        hint = "" if INSTALL in said else f"; install them with: {INSTALL}"
+        _unavailable(f"the C client cannot be built: {said}{hint}")
+    build = subprocess.run([make, "-C", str(C_DIR)], capture_output=True, text=True, timeout=300)
+    if build.returncode != 0:
+        pytest.fail(f"`make -C clients/c` failed (exit {build.returncode}):\n{build.stdout}\n{build.stderr}")
+    exe = C_DIR / "build" / "slabcast-sub"
+    assert exe.is_file(), f"make succeeded but {exe} is missing"
+    return exe
+
+
+# ------------------------------------------------------------ C processes
+
+
+class CSub:
+    """A running slabcast-sub: threads collect its output; ``ready`` and chunk lines can be awaited."""
+
+    def __init__(self, exe: Path, address: str, stream: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(exe), "--address", address, "--stream", stream, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.err: list[str] = []
+        self.saw_ready = False
+        self._cond = threading.Condition()
+        self._eof = False
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            with self._cond:
+                if line == "ready" and not self.saw_ready:
+                    self.saw_ready = True
+                else:
+                    self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.err.append(raw.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.err)
+
+    def _wait_for(self, pred: Any, timeout: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred() or self._eof, timeout):
+                raise AssertionError(f"slabcast-sub: no {what} within {timeout} s; stderr: {self.stderr!r}")
+            if not pred():
+                rc = self.proc.wait(5)
+                for t in self._threads:
+                    t.join(5)
+                raise AssertionError(f"slabcast-sub exited ({rc}) before {what}; stderr: {self.stderr!r}")
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until it printed ``ready`` (subscribed)."""
+        self._wait_for(lambda: self.saw_ready, timeout, "`ready` line")
+
+    def wait_lines(self, count: int, timeout: float = 10.0) -> None:
+        """Block until it printed ``count`` chunk lines."""
+        self._wait_for(lambda: len(self.lines) >= count, timeout, f"{count} chunk lines")
+
+    def finish(self, timeout: float = 30.0) -> int:
+        """Wait for it to exit by itself; return its exit status (all output read)."""
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(10)
+        return rc
+
+    def chunks(self) -> list[tuple[int, int, int, str, int]]:
+        """The chunk lines, parsed as (seq, index, n, t0 text, crc)."""
+        out = []
+        for line in self.lines:
+            m = LINE.fullmatch(line)
+            assert m, f"unexpected output line from slabcast-sub: {line!r}"
+            out.append((int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5], 16)))
+        return out
+
+    def close(self) -> None:
+        """Kill it if it still runs, reap it, close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for t in self._threads:
+            t.join(10)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+# ----------------------------------------------------------- conformance
+
+
+def make_frames(case: dict[str, Any]) -> tuple[list[tuple[Any, float]], bytes]:
+    """Frames of varying sizes with known content and explicit t0; also all their bytes, in order."""
+    rng = np.random.default_rng(case["seed"])
+    dtype, channels, rate = np.dtype(case["dtype"]), case["channels"], case["rate"]
+    sizes = [int(x) for x in rng.integers(1, case["max_frame"] + 1, case["frames"])]
+    total = sum(sizes)
+    if dtype == np.uint8:
+        whole = rng.integers(0, 256, total, dtype=np.uint8)
+    else:
+        whole = (np.arange(total * channels, dtype=np.int64) * 7919 % 30011 - 15000).astype(dtype)
+        whole = whole.reshape(total, channels) if channels > 1 else whole
+    frames, index = [], 0
+    for k, n in enumerate(sizes):
+        part = whole[index : index + n]
+        # Explicit t0 values, with jitter a rate-less stream keeps as given.
+        t0 = 1000.0 + index / rate + k * 1e-4 if rate else 50.0 + k * 0.013 + (k % 3) * 1e-6
+        frames.append((part.tobytes() if case.get("as_bytes") else part, t0))
+        index += n
+    return frames, whole.tobytes()
+
+
+def expected_chunks(
+    frames: list[tuple[Any, float]], size: int, clip: bool, rate: float | None, sample_bytes: int, data: bytes
+) -> list[tuple[int, int, int, str, int]]:
+    """What the rechunking rules promise a subscriber: (seq, index, n, t0 text, crc)."""
+    chunker = Rechunker(size, clip, rate)
+    out, index = [], 0
+    for frame, t0 in frames:
+        n = len(frame) // sample_bytes if isinstance(frame, bytes) else len(frame)
+        for start, length, ct0 in chunker.feed(index, n, t0):
+            crc = zlib.crc32(data[start * sample_bytes : (start + length) * sample_bytes])
+            out.append((len(out), start, length, f"{ct0:.9f}", crc))
+        index += n
+    return out
+
+
+CASES = {
+    "float32-stereo": {
+        "dtype": "float32", "channels": 2, "rate": 1000.0, "slab_bytes": 1 << 16, "nslabs": 6,
+        "frames": 150, "max_frame": 900, "seed": 1,
+        "subs": [("size", 500, True), ("size", 777, False), ("seconds", 0.25, True)],
+    },
+    "int16-mono-small-slabs": {
+        "dtype": "int16", "channels": 1, "rate": None, "slab_bytes": 8192, "nslabs": 4,
+        "frames": 200, "max_frame": 700, "seed": 2, "subs": [("size", 300, True), ("size", 1000, False)],
+    },
+    "bytes-small-slabs": {
+        "dtype": "uint8", "channels": 1, "rate": 8000.0, "slab_bytes": 8192, "nslabs": 4, "as_bytes": True,
+        "frames": 200, "max_frame": 1500, "seed": 3, "subs": [("size", 1024, True), ("size", 1500, False)],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
+    c_sub, broker, workers, queue, stream_name, case_name
+):
+    case = CASES[case_name]
+    frames, data = make_frames(case)
+    sample_bytes = np.dtype(case["dtype"]).itemsize * case["channels"]
+    pub = slabcast.Publisher(
+        stream_name,
+        dtype=case["dtype"],
+        channels=case["channels"],
+        rate=case["rate"],
+        address=broker.address,
+        slab_bytes=case["slab_bytes"],
+        nslabs=case["nslabs"],
+    )
+    csubs: list[CSub] = []
+    try:
+        for how, value, clip in case["subs"]:  # a C and a Python subscriber with each setting
+            csubs.append(CSub(c_sub, broker.address, stream_name, f"--{how}", str(value), *(["--clip"] * clip)))
+            kwargs = {how: value, "clip": clip}
+            workers.spawn(W.subscribe, broker.address, stream_name, kwargs, (how, value, clip), queue, queue)
+        for c in csubs:
+            c.wait_ready()
+        for _ in case["subs"]:
+            msg = queue.get(timeout=30)
+            assert msg[0] == "sub-ready", msg
+        for frame, t0 in frames:  # every subscriber exists before the first write
+            pub.write(frame, t0=t0)
+        pub.close()
+        py = {}
+        for _ in case["subs"]:
+            tag, got, end, dropped = queue.get(timeout=60)
+            assert end == "end" and dropped == 0, (tag, got, end)
+            py[tag] = [(s, i, n, f"{t0:.9f}", crc) for s, i, n, t0, crc in got]
+        for c, (how, value, clip) in zip(csubs, case["subs"], strict=True):
+            where = f"{how}={value} clip={clip}"
+            assert c.finish(30) == 0, c.stderr
+            assert c.stderr == ""
+            size = value if how == "size" else round(value * case["rate"])
+            want = expected_chunks(frames, size, clip, case["rate"], sample_bytes, data)
+            got = c.chunks()
+            assert len(want) > 10
+            assert [g[:3] for g in got] == [w[:3] for w in want], f"C {where}: seq/index/n differ"
+            assert [g[4] for g in got] == [w[4] for w in want], f"C {where}: chunk bytes differ"
+            assert [g[3] for g in got] == [w[3] for w in want], f"C {where}: t0 differs"
+            assert got == py[(how, value, clip)], f"C and Python subscribers differ for {where}"
+    finally:
+        for c in csubs:
+            c.close()
+        pub.close()
+
+
+def test_chunks_cross_slab_changes_in_the_small_slab_cases():
+    """The small-slab cases really make chunks that were carried into a new slab (the broker's tail copy)."""
+    for name in ("int16-mono-small-slabs", "bytes-small-slabs"):
+        case = CASES[name]
+        sample_bytes = np.dtype(case["dtype"]).itemsize * case["channels"]
+        frames, _ = make_frames(case)
+        frame_limit = case["slab_bytes"] // 2  # the default max_chunk_bytes leaves half a slab to frames
+        # Replay the publisher's packing: a slab change happens when a frame does not fit.
+        used, boundaries, index = frame_limit, [], 0
+        for frame, _ in frames:
+            nbytes = len(frame) if isinstance(frame, bytes) else frame.nbytes
+            if used + nbytes > frame_limit:
+                boundaries.append(index)
+                used = 0
+            used += nbytes
+            index += nbytes // sample_bytes
+        for _, size, clip in case["subs"]:
+            chunks = Rechunker(size, clip, case["rate"])
+            crossing, index = 0, 0
+            for frame, t0 in frames:
+                n = len(frame) // sample_bytes if isinstance(frame, bytes) else len(frame)
+                for start, length, _ in chunks.feed(index, n, t0):
+                    crossing += any(start < b < start + length for b in boundaries)
+                index += n
+            assert crossing >= 5, (name, size, clip, crossing)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_version_mismatch_names_both_versions(c_sub, broker, stream_name):
+    c = CSub(c_sub, broker.address, stream_name, "--size", "10", "--protocol-version", "2")
+    try:
+        rc = c.finish(10)
+        assert rc == 5, c.stderr
+        assert "broker speaks version 1, client speaks version 2" in c.stderr
+        assert not c.saw_ready
+    finally:
+        c.close()
+
+
+def test_broker_killed_while_waiting_exits_within_2_s(c_sub, broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="float32", address=broker.address, timeout=2.0)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip")
+    try:
+        c.wait_ready()
+        pub.write(np.arange(250, dtype=np.float32), t0=5.0)
+        c.wait_lines(2)  # in its receive loop, holding nothing
+        broker.kill()
+        t = time.monotonic()
+        rc = c.finish(2.0)
+        assert time.monotonic() - t < 2.0
+        assert rc == 3, c.stderr
+        assert "broker" in c.stderr and "gone" in c.stderr, c.stderr
+    finally:
+        c.close()
+        pub.close()
+
+
+def test_unknown_stream_is_a_clear_error(c_sub, broker, stream_name):
+    c = CSub(c_sub, broker.address, "no-such-stream", "--size", "10")
+    try:
+        assert c.finish(10) == 6, c.stderr
+        assert "no stream named 'no-such-stream'" in c.stderr
+        assert "unknown-stream" in c.stderr
+    finally:
+        c.close()
+
+
+def test_no_broker_is_a_clear_error(c_sub, tmp_path):
+    c = CSub(c_sub, f"ipc://{tmp_path}/nobody.sock", "s", "--size", "10")
+    try:
+        assert c.finish(10) == 3, c.stderr
+        assert f"no broker at ipc://{tmp_path}/nobody.sock" in c.stderr
+    finally:
+        c.close()
+
+
+def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int16", address=broker.address, slab_bytes=8192, nslabs=2)
+    try:
+        too_big = CSub(c_sub, broker.address, stream_name, "--size", "100000")
+        try:
+            assert too_big.finish(10) == 1
+            assert "bad-request" in too_big.stderr and "larger than stream" in too_big.stderr
+        finally:
+            too_big.close()
+        usage = CSub(c_sub, broker.address, stream_name, "--size", "5", "--seconds", "1")
+        try:
+            assert usage.finish(10) == 2
+            assert "exactly one of --size and --seconds" in usage.stderr
+        finally:
+            usage.close()
+    finally:
+        pub.close()
+
+
+def test_publisher_killed_is_its_own_error(c_sub, broker, workers, queue, stream_name):
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    proc = workers.spawn(W.publish_and_hang, broker.address, stream_name, [400] * 5, queue, go, results)
+    c = None
+    try:
+        assert queue.get(timeout=30)[0] == "pub-ready"
+        c = CSub(c_sub, broker.address, stream_name, "--size", "300", "--clip")
+        c.wait_ready()
+        go.set()
+        assert results.get(timeout=30) == ("pub-wrote", 5)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert c.finish(5) == 4, c.stderr
+        assert "publisher is gone" in c.stderr
+        assert [g[1] for g in c.chunks()] == [0, 300, 600, 900, 1200, 1500]
+    finally:
+        if c is not None:
+            c.close()
+        results.close()
+        results.join_thread()
+
+
+def test_count_stops_early_and_bye_gives_the_leases_back(c_sub, broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=8192, nslabs=2, timeout=5.0)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "1000", "--count", "3", "--max-inflight", "1")
+    try:
+        c.wait_ready()
+        for k in range(3):
+            pub.write(bytes([k]) * 1000, t0=float(k))
+        assert c.finish(10) == 0, c.stderr
+        assert [g[1] for g in c.chunks()] == [0, 1000, 2000]
+        for k in range(40):  # ten times the pool: only possible if the C client's role is gone
+            pub.write(bytes([k]) * 1000, t0=float(k))
+        pub.flush(5)
+        assert slabcast.broker_status(broker.address)["streams"][0]["subscribers"] == ()
+    finally:
+        c.close()
+        pub.close()
+
+
+# ------------------------------------------- the client against a scripted broker
+
+
+class ScriptedBroker:
+    """A ROUTER socket that plays the broker's part by hand, to check what the C client sends."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.address = f"ipc://{tmp_path}/scripted.sock"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+        self.ident = b""
+
+    def recv(self, timeout: float = 10.0) -> list[Any]:
+        assert self.sock.poll(int(timeout * 1000)), "the C client sent nothing"
+        self.ident, raw = self.sock.recv_multipart()
+        return msgpack.unpackb(raw)  # type: ignore[no-any-return]
+
+    def send(self, msg: list[Any]) -> None:
+        self.sock.send_multipart([self.ident, msgpack.packb(msg, use_bin_type=True)])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def scripted(tmp_path: Path) -> Any:
+    """A scripted broker at a socket under ``tmp_path``."""
+    b = ScriptedBroker(tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+class ScriptedSegment:
+    """A shared-memory segment laid out as docs/protocol.md 6.1 says, made without the resource tracker."""
+
+    def __init__(self, nslabs: int = 2, slab_bytes: int = 8192) -> None:
+        epoch = int.from_bytes(os.urandom(4), "little")
+        self.name = f"slabcast.{os.getpid()}.{epoch:08x}.0"
+        self.nbytes = HEADER + nslabs * slab_bytes
+        fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes)
+            self.mm = mmap.mmap(fd, self.nbytes)
+        finally:
+            os.close(fd)
+        header = struct.pack(
+            "<8sIIQIIIId16sQ64s", b"SLABCAST", 1, HEADER, slab_bytes, nslabs, 2, 1, os.getpid(), 0.0, b"<i2", epoch,
+            b"scripted",
+        )  # fmt: skip
+        self.mm[: len(header)] = header
+        self.data = np.arange(nslabs * slab_bytes // 2, dtype=np.int16).tobytes()
+        self.mm[HEADER:] = self.data
+
+    def destroy(self) -> None:
+        self.mm.close()
+        _posixshmem.shm_unlink("/" + self.name)
+
+
+@pytest.fixture
+def segment() -> Any:
+    """A real int16 segment (header and two slabs of known values), as the broker would make it."""
+    seg = ScriptedSegment()
+    try:
+        yield seg
+    finally:
+        seg.destroy()
+
+
+def handshake(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, welcome: list[Any]) -> None:
+    """Check HELLO and SUBSCRIBE as sent; answer with ``welcome`` and a SUBSCRIBED (both with appended fields)."""
+    assert b.recv() == [1, 1, c.proc.pid, "sub", "slabcast-sub"]  # HELLO: version, getpid(), role, label
+    b.send(welcome)
+    assert b.recv() == [5, "scripted", 4, None, True, "drop", 3, None]
+    b.send([104, segment.name, segment.nbytes, "<i2", 1, None, 4, 0, ["ch_0"], "appended"])
+    c.wait_ready()
+
+
+def test_client_follows_the_protocol(c_sub, scripted, segment):
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    try:
+        handshake(scripted, c, segment, [101, 1, os.getpid(), 1234, "appended"])
+        # Appended fields and unknown flag bits are ignored; SYNCED is not a chunk.
+        scripted.send([105, 0, 0, 4, 1.5, HEADER, 4, "appended"])
+        scripted.send([109, 7])
+        scripted.send([105, 2, 8, 4, 2.25, HEADER + 16, 1])  # seq 1 was dropped: a gap
+        assert scripted.recv() == [6, [0], []]  # RELEASE after reading
+        assert scripted.recv() == [6, [2], []]
+        scripted.send([106, "closed", "the publisher closed the stream", 3])
+        assert scripted.recv() == [7]  # BYE, then it waits for END bye
+        scripted.send([106, "bye", "goodbye", 3])
+        assert c.finish(10) == 0, c.stderr
+        data = segment.data
+        assert c.chunks() == [
+            (0, 0, 4, "1.500000000", zlib.crc32(data[0:8])),
+            (2, 8, 4, "2.250000000", zlib.crc32(data[16:24])),
+        ]
+    finally:
+        c.close()
+
+
+def test_welcome_of_another_version_names_both_versions(c_sub, scripted):
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4")
+    try:
+        assert scripted.recv()[:2] == [1, 1]
+        scripted.send([101, 2, os.getpid(), 1234])
+        assert c.finish(10) == 5, c.stderr
+        assert "broker speaks version 2, client speaks version 1" in c.stderr
+    finally:
+        c.close()
+
+
+def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    try:
+        handshake(scripted, c, segment, [101, 1, os.getpid(), 1234])
+        scripted.send([105, 0, 0, 4, 1.0, segment.nbytes - 4, 0])  # runs past the segment's end
+        assert c.finish(10) == 1
+        assert "lies outside" in c.stderr and "[SC_EPROTO]" in c.stderr
+        assert scripted.recv() == [7]  # a protocol error still ends with BYE
+    finally:
+        c.close()
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    try:
+        handshake(scripted, c, segment, [101, 1, os.getpid(), 1234])
+        scripted.send([106, "broker-shutdown", "the broker shut down", 0])
+        assert c.finish(10) == 3
+        assert "the broker is gone: the broker shut down" in c.stderr
+        assert not scripted.sock.poll(300), "no BYE to a broker that is gone"
+    finally:
+        c.close()
