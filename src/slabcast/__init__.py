@@ -17,6 +17,8 @@ import logging as _logging
 from . import aio as aio
 from ._address import default_address as default_address
 from ._control import broker_status as broker_status
+from ._control import stream_statistics as stream_statistics
+from ._emit import BufferEmit as BufferEmit
 from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
 from ._exceptions import BrokerRunningError as BrokerRunningError
@@ -33,11 +35,13 @@ from ._exceptions import StreamNotFoundError as StreamNotFoundError
 from ._exceptions import WouldBlock as WouldBlock
 from ._exceptions import WriteTimeout as WriteTimeout
 from ._info import StreamInfo as StreamInfo
+from ._info import StreamStatistics as StreamStatistics
 from ._info import SubscriberStatistics as SubscriberStatistics
 from ._process import BrokerProcess as BrokerProcess
 from ._publisher import Publisher as Publisher
 from ._subscriber import Chunk as Chunk
 from ._subscriber import Subscriber as Subscriber
+from ._window import Window as Window
 
 __version__ = "0.1.0"
 
@@ -49,6 +53,7 @@ __all__ = [
     "BrokerGoneError",
     "BrokerProcess",
     "BrokerRunningError",
+    "BufferEmit",
     "Chunk",
     "ClosedError",
     "EndOfStream",
@@ -62,10 +67,13 @@ __all__ = [
     "StreamExistsError",
     "StreamInfo",
     "StreamNotFoundError",
+    "StreamStatistics",
     "Subscriber",
     "SubscriberStatistics",
+    "Window",
     "WouldBlock",
     "WriteTimeout",
     "broker_status",
     "default_address",
+    "stream_statistics",
 ]

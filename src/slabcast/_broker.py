@@ -80,17 +80,18 @@ class _Sub:
         "const_pause",
         "delivered",
         "delivered_at",
-        "starts",
         "dropped",
         "end",
         "inflight",
         "last_pause",
         "leases",
         "max_inflight",
+        "overflows",
         "pauses",
         "policy",
         "remote_held",
         "seq",
+        "starts",
         "stream",
     )
 
@@ -110,6 +111,7 @@ class _Sub:
         self.seq = 0
         self.delivered = 0
         self.dropped = 0
+        self.overflows = 0  # chunks that had to wait for credit (policy="block")
         self.end: tuple[str, str] | None = None  # END to send once the backlog is empty
         self.pauses: deque[float] = deque()
         self.last_pause = 0.0
@@ -175,6 +177,56 @@ class _Stream:
         self.subs: list[_Sub] = []
         self.ended = False
         self.created = time.time()
+        self.stats_window = 0.0  # seconds of stream time kept for rolling statistics; 0: none
+        # Per frame: (t0, arrival, n, sum, sum of squares, min, max), the last three per channel.
+        self.stat_frames: deque[tuple[float, float, int, Any, Any, Any, Any]] = deque()
+
+    def account(self, offset: int, n: int, t0: float) -> None:
+        """Add a frame to the rolling statistics: a few vectorised reductions, no per-sample Python."""
+        v = self.u8[offset : offset + n * self.sample_bytes].view(self.dtype).reshape(n, self.channels)
+        f = v if self.dtype.kind == "f" else v.astype(np.float64)
+        frames = self.stat_frames
+        frames.append(
+            (
+                t0,
+                time.monotonic(),
+                n,
+                f.sum(axis=0, dtype=np.float64),
+                np.einsum("ij,ij->j", f, f, dtype=np.float64),
+                v.min(axis=0),
+                v.max(axis=0),
+            )
+        )
+        # Keep the frames that start within the last window of stream time (up to the newest sample's end).
+        horizon = t0 + (n / self.rate if self.rate else 0.0) - self.stats_window - 1e-9
+        while frames[0][0] < horizon:
+            frames.popleft()
+
+    def statistics(self) -> dict[str, Any]:
+        """Rolling per-channel statistics over the last ``stats_window`` seconds, plus totals."""
+        out: dict[str, Any] = {"name": self.name, "samples": self.head, "frames": self.frames,
+                               "window_seconds": self.stats_window}  # fmt: skip
+        frames = self.stat_frames
+        if not frames:
+            return out
+        n = sum(f[2] for f in frames)
+        total = np.sum([f[3] for f in frames], axis=0)
+        squares = np.sum([f[4] for f in frames], axis=0)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+        lo = np.min([f[5] for f in frames], axis=0)
+        hi = np.max([f[6] for f in frames], axis=0)
+        span = frames[-1][1] - frames[0][1]
+        out.update(
+            window_samples=n,
+            observed_rate=(n - frames[0][2]) / span if span > 0 else None,
+            mean=mean.tolist(),
+            std=std.tolist(),
+            min=lo.tolist(),
+            max=hi.tolist(),
+            ptp=(hi.astype(np.float64) - lo).tolist(),
+        )
+        return out
 
     def slab_start(self, slab: int) -> int:
         return HEADER_BYTES + slab * self.slab_bytes
@@ -261,6 +313,7 @@ class Broker:
             P.STATUS: self._on_status,
             P.UNSUBSCRIBE: self._on_unsubscribe,
             P.SYNC: self._on_sync,
+            P.STATS: self._on_stats,
         }
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
@@ -526,8 +579,8 @@ class Broker:
         self._send(ident, P.pack([P.WELCOME, P.VERSION, self.pid, self.epoch]))
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)))
-        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names = msg
+        P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float))
+        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window = msg
         if client.role != "pub" or client.stream is not None or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "OPEN is for a publisher connection that has no stream yet")
         if client.remote:
@@ -579,6 +632,9 @@ class Broker:
         stream = _Stream(
             name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve, list(names), segment
         )
+        if stats_window < 0 or stats_window > 3600:
+            raise _Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
+        stream.stats_window = float(stats_window) if dtype.kind in "iuf" else 0.0
         stream.publisher = client
         client.stream = stream
         self._streams[name] = stream
@@ -635,6 +691,8 @@ class Broker:
         index = stream.head
         stream.head = index + n
         stream.frames += 1
+        if stream.stats_window:
+            stream.account(offset, n, t0)
         for sub in stream.subs:
             chunks = sub.chunker.feed(index, n, t0)
             if chunks:
@@ -682,6 +740,7 @@ class Broker:
             self._deliver(sub, seq, payload, offset, length * stream.sample_bytes)
         else:
             sub.backlog.append((seq, payload, offset, length * stream.sample_bytes))
+            sub.overflows += 1
 
     def _deliver(self, sub: _Sub, seq: int, payload: bytes, offset: int, nbytes: int) -> None:
         sub.inflight += 1
@@ -871,6 +930,20 @@ class Broker:
             elif not stream.ended:
                 self._grant(stream)
 
+    def _on_stats(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        P.check_fields(msg, str)
+        stream = self._streams.get(msg[1]) or next((s for s in self._draining if s.name == msg[1]), None)
+        if stream is None:
+            known = ", ".join(sorted(self._streams)) or "none"
+            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg[1]!r} on this broker (streams: {known})")
+        stats = stream.statistics()
+        stats["subscribers"] = [
+            {"label": u.client.label, "pid": u.client.pid, "delivered": u.delivered, "dropped": u.dropped,
+             "overflows": u.overflows}
+            for u in stream.subs
+        ]  # fmt: skip
+        self._send(client.ident, P.pack([P.STATS_REPLY, stats]))
+
     def _on_sync(self, client: _Client, msg: tuple[Any, ...]) -> None:
         P.check_fields(msg, int)
         self._send(client.ident, P.pack([P.SYNCED, msg[1]]))
@@ -901,6 +974,8 @@ class Broker:
                     "slabs": s.nslabs,
                     "slab_bytes": s.slab_bytes,
                     "slabs_free": len(s.free),
+                    "statistics": s.statistics(),
+                    "channel_names": s.channel_names,
                     "subscribers": [
                         {
                             "label": u.client.label,
@@ -915,6 +990,7 @@ class Broker:
                             "lag_samples": self._lag(s, u),
                             "lag_seconds": self._lag(s, u) / s.rate if s.rate else None,
                             "backlog": len(u.backlog),
+                            "overflows": u.overflows,
                         }
                         for u in s.subs
                     ],

@@ -87,6 +87,13 @@ def _status(args: argparse.Namespace) -> int:
             f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
             f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}"
         )
+        st = s.get("statistics", {})
+        if st.get("mean"):
+            rate_seen = f", observed {st['observed_rate']:.0f}/s" if st.get("observed_rate") else ""
+            print(f"    last {st['window_seconds']:g} s ({st['window_samples']} samples{rate_seen}):")
+            for i, name in enumerate(s.get("channel_names") or [f"ch_{i}" for i in range(s["channels"])]):
+                print(f"      {name}: mean {st['mean'][i]:.6g} std {st['std'][i]:.6g} "
+                      f"min {st['min'][i]:.6g} max {st['max'][i]:.6g} ptp {st['ptp'][i]:.6g}")  # fmt: skip
         for u in s["subscribers"]:
             print(
                 f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "

@@ -7,8 +7,40 @@ from typing import Any
 from . import _protocol as P
 from ._client import Connection, error_for
 from ._exceptions import BrokerGoneError, ProtocolError
+from ._info import StreamStatistics
 
-__all__ = ["broker_status"]
+__all__ = ["broker_status", "stream_statistics"]
+
+
+def _request(address: str | None, msg: list[Any], expect: int, timeout: float) -> Any:
+    conn = Connection(address, "ctl", "control")
+    try:
+        conn.send(msg)
+        reply = conn.recv(timeout)
+    finally:
+        conn.close()
+    if reply is None:
+        raise BrokerGoneError(f"no answer from the broker at {conn.address} within {timeout} s")
+    if reply[0] == P.ERROR:
+        raise error_for(reply, P.NAMES[msg[0]].lower())
+    if reply[0] != expect:
+        raise ProtocolError(f"expected {P.NAMES[expect]}, got {P.NAMES.get(reply[0], reply[0])}")
+    return reply[1]
+
+
+def stream_statistics(name: str, address: str | None = None, timeout: float = 5.0) -> StreamStatistics:
+    """Return a stream's totals and rolling per-channel statistics (mean, std, min, max, peak-to-peak).
+
+    Raises
+    ------
+    StreamNotFoundError
+        If the broker has no such stream.
+    BrokerGoneError
+        If no broker answers at ``address``.
+    """
+    raw = _request(address, [P.STATS, name], P.STATS_REPLY, timeout)
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in raw.items()}
+    return StreamStatistics(**{k: v for k, v in fields.items() if k in StreamStatistics.__dataclass_fields__})
 
 
 def broker_status(address: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -19,16 +51,4 @@ def broker_status(address: str | None = None, timeout: float = 5.0) -> dict[str,
     BrokerGoneError
         If no broker answers at ``address``.
     """
-    conn = Connection(address, "ctl", "status")
-    try:
-        conn.send([P.STATUS])
-        reply = conn.recv(timeout)
-    finally:
-        conn.close()
-    if reply is None:
-        raise BrokerGoneError(f"no STATUS answer from the broker at {conn.address} within {timeout} s")
-    if reply[0] == P.ERROR:
-        raise error_for(reply, "status")
-    if reply[0] != P.STATUS_REPLY:
-        raise ProtocolError(f"expected STATUS_REPLY, got {P.NAMES.get(reply[0], reply[0])}")
-    return reply[1]  # type: ignore[no-any-return]
+    return _request(address, [P.STATUS], P.STATUS_REPLY, timeout)  # type: ignore[no-any-return]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StreamInfo", "SubscriberStatistics"]
+__all__ = ["StreamInfo", "StreamStatistics", "SubscriberStatistics"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,40 @@ class SubscriberStatistics:
     held: int
     dropped: int
     last_seq: int
+
+
+@dataclass(frozen=True)
+class StreamStatistics:
+    """A stream's totals and rolling per-channel statistics, as kept by the broker.
+
+    Attributes
+    ----------
+    name : str
+    samples, frames : int
+        Totals since the stream opened.
+    window_seconds : float
+        Stream time the rolling figures cover (0: the publisher turned them off).
+    window_samples : int
+        Samples in that window.
+    observed_rate : float or None
+        Samples per second actually arriving (wall clock), over the window.
+    mean, std, min, max, ptp : tuple of float
+        Per channel, over the window.
+    subscribers : tuple of dict
+        Per subscriber: ``label``, ``pid``, ``delivered``, ``dropped`` (chunks lost
+        under ``policy="drop"``) and ``overflows`` (chunks that had to wait for
+        credit under ``policy="block"``).
+    """
+
+    name: str
+    samples: int
+    frames: int
+    window_seconds: float
+    window_samples: int = 0
+    observed_rate: float | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    min: tuple[float, ...] = ()
+    max: tuple[float, ...] = ()
+    ptp: tuple[float, ...] = ()
+    subscribers: tuple[dict[str, Any], ...] = ()

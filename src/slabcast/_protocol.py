@@ -14,7 +14,7 @@ VERSION = 1
 
 # Client -> broker.  Every message is a msgpack array whose first element is its kind.
 HELLO = 1  # [HELLO, version, pid, role, label]
-OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil]
+OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil, stats_s]
 FRAME = 3  # [FRAME, offset, n, t0]
 CLOSE = 4  # [CLOSE]
 SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler]
@@ -23,6 +23,7 @@ BYE = 7  # [BYE]
 STATUS = 8  # [STATUS]
 UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
+STATS = 11  # [STATS, name]
 
 # Broker -> client.
 WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
@@ -34,6 +35,7 @@ END = 106  # [END, code, message, seq]
 ERROR = 107  # [ERROR, code, message]
 STATUS_REPLY = 108  # [STATUS_REPLY, map]
 SYNCED = 109  # [SYNCED, token]
+STATS_REPLY = 110  # [STATS_REPLY, map]
 
 NAMES = {
     HELLO: "HELLO",
@@ -47,6 +49,8 @@ NAMES = {
     UNSUBSCRIBE: "UNSUBSCRIBE",
     SYNC: "SYNC",
     SYNCED: "SYNCED",
+    STATS: "STATS",
+    STATS_REPLY: "STATS_REPLY",
     WELCOME: "WELCOME",
     OPENED: "OPENED",
     GRANT: "GRANT",

@@ -84,6 +84,10 @@ class Publisher:
         Seconds a ``write`` waits for a free slab before :class:`WriteTimeout`.
     channel_names : list of str, optional
         Defaults to ``ch_0 ... ch_{n-1}``.
+    statistics : float
+        Seconds of stream time over which the broker keeps rolling per-channel
+        statistics (:func:`slabcast.stream_statistics`); 0 turns them off.  Kept
+        for integer and float streams only.
 
     Raises
     ------
@@ -108,6 +112,7 @@ class Publisher:
         max_chunk_bytes: int | None = None,
         timeout: float = 10.0,
         channel_names: list[str] | None = None,
+        statistics: float = 10.0,
     ) -> None:
         P.check_stream_name(stream)
         self.dtype = P.check_dtype(dtype)
@@ -135,6 +140,7 @@ class Publisher:
                     nslabs,
                     max_chunk_bytes if max_chunk_bytes is not None else slab_bytes // 2,
                     list(channel_names) if channel_names is not None else None,
+                    float(statistics),
                 ]
             )
             reply = self._conn.recv(timeout)

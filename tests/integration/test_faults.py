@@ -212,7 +212,7 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
         (msgpack.packb([P.FRAME, 0, 1, 0.0]), P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream"),
         (msgpack.packb([P.RELEASE, [1, 2], []]), P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription"),
         (
-            msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None]),
+            msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None, 0.0]),
             P.ERR_BAD_REQUEST,
             "OPEN is for a publisher",
         ),

@@ -1,0 +1,59 @@
+"""Broker-side rolling statistics equal numpy's over the same data; totals, drops and overflows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import slabcast
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_statistics_equal_numpy_over_the_window(broker, stream_name, dtype):
+    rate, channels = 1000.0, 3
+    pub = slabcast.Publisher(stream_name, dtype=dtype, channels=channels, rate=rate, statistics=2.0,
+                             address=broker.address)  # fmt: skip
+    rng = np.random.default_rng(4)
+    data = (rng.standard_normal((5000, channels)) * 1000).astype(dtype)
+    frame = 100
+    for start in range(0, 5000, frame):
+        pub.write(data[start : start + frame], t0=start / rate)
+    pub.flush()
+    stats = slabcast.stream_statistics(stream_name, address=broker.address)
+    assert (stats.samples, stats.frames) == (5000, 50)
+    # The window: frames starting in the last 2 s of stream time (the newest ends at 5.0 s).
+    window = data[3000:].astype(np.float64)
+    assert stats.window_samples == len(window)
+    np.testing.assert_allclose(stats.mean, window.mean(axis=0), rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(stats.std, window.std(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(stats.min, window.min(axis=0))
+    np.testing.assert_array_equal(stats.max, window.max(axis=0))
+    np.testing.assert_array_equal(stats.ptp, np.ptp(window, axis=0))
+    assert stats.observed_rate is None or stats.observed_rate > 0
+    text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    assert f"ch_0: mean {window.mean(axis=0)[0]:.6g}" in text
+    pub.close()
+
+
+def test_drops_and_overflows_per_subscriber(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, timeout=1)
+    drop = slabcast.Subscriber(stream_name, size=10, clip=True, policy="drop", max_inflight=1, address=broker.address,
+                               label="dropper")  # fmt: skip
+    block = slabcast.Subscriber(stream_name, size=10, clip=True, max_inflight=2, address=broker.address,
+                                label="blocker")  # fmt: skip
+    for i in range(5):
+        pub.write(np.full(10, i, dtype=np.int32))
+    pub.flush()
+    stats = slabcast.stream_statistics(stream_name, address=broker.address)
+    subs = {s["label"]: s for s in stats.subscribers}
+    assert (subs["dropper"]["delivered"], subs["dropper"]["dropped"]) == (1, 4)
+    assert (subs["blocker"]["delivered"], subs["blocker"]["overflows"]) == (2, 3)
+    with pytest.raises(slabcast.StreamNotFoundError, match="no stream named 'nope'"):
+        slabcast.stream_statistics("nope", address=broker.address)
+    drop.close()
+    block.close()
+    pub.close()
