@@ -112,6 +112,17 @@ def _up(args: argparse.Namespace) -> int:
         return 2
 
 
+def _record(args: argparse.Namespace) -> int:
+    from ._record import record
+
+    try:
+        record(args.stream, args.out, seconds=args.seconds, address=args.address)
+    except FileExistsError as exc:
+        print(f"slabcast record: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _top(args: argparse.Namespace) -> int:
     from ._top import run_top
 
@@ -152,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="KIND:OPTIONS",
         help="host a source, e.g. synthetic:name=mic,rate=48000,channels=2 or "
-        "stdin:name=mic,dtype=int16,channels=2,rate=48000 (repeatable)",
+        "stdin:name=mic,dtype=int16,channels=2,rate=48000 or replay:path=REC,speed=1,loop=0 (repeatable)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_broker)
@@ -166,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--address", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("record", parents=[common], help="record a stream losslessly to a directory")
+    p.add_argument("stream")
+    p.add_argument("--out", required=True, help="directory to create (info.json, samples.bin, frames.bin)")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=_record)
 
     p = sub.add_parser("top", parents=[common], help="live view of a broker's streams and subscribers")
     p.add_argument("--address", default=None)

@@ -22,7 +22,7 @@ from ._info import StreamInfo
 from ._protocol import check_dtype, check_stream_name
 from ._publisher import Publisher
 
-__all__ = ["Source", "SourceThread", "StdinSource", "SyntheticSource", "parse_source"]
+__all__ = ["ReplaySource", "Source", "SourceThread", "StdinSource", "SyntheticSource", "parse_source"]
 
 log = logging.getLogger("slabcast.source")
 
@@ -154,8 +154,101 @@ class StdinSource:
         """Nothing to release."""
 
 
-_KINDS: dict[str, type] = {"synthetic": SyntheticSource, "stdin": StdinSource}
+class ReplaySource:
+    """A recording played back as a live stream, paced against the clock (``speed`` 2.0: twice as fast).
+
+    Frames come out exactly as recorded, with their original timestamps (shifted by
+    the recording's length on each ``loop``), so record -> replay -> record is
+    bit-exact.  ``wait_for=N`` holds playback until the stream has N subscribers,
+    so they see it from its first sample.
+    """
+
+    def __init__(self, path: str, speed: float = 1.0, loop: int = 0, name: str | None = None,
+                 wait_for: int = 0, address: str | None = None) -> None:  # fmt: skip
+        from ._record import Recording
+
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        self.recording = Recording.open(path)
+        rec = self.recording.info
+        self.info = StreamInfo(check_stream_name(name or rec.name), rec.dtype, rec.channels, rec.rate,
+                               rec.channel_names)  # fmt: skip
+        self.speed = float(speed)
+        self.loop = bool(loop)
+        self.wait_for = int(wait_for)
+        self.address = address
+        self._next = 0
+        self._lap = 0
+        self._start = 0.0
+
+    def connect(self) -> StreamInfo:
+        """Say what the recording carries."""
+        return self.info
+
+    def _due(self, k: int) -> float:
+        frames = self.recording.frames
+        offset = float(frames["t0"][k] - frames["t0"][0]) + self._lap * self._length()
+        return self._start + offset / self.speed
+
+    def _length(self) -> float:
+        rec = self.recording
+        frames = rec.frames
+        last = float(frames["t0"][-1] - frames["t0"][0])
+        if rec.info.rate:
+            last += float(frames["n"][-1]) / rec.info.rate
+        return last
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return the next frame once its time has come; :class:`EOFError` at the end (unless looping)."""
+        frames = self.recording.frames
+        if not len(frames):
+            raise EOFError("empty recording")
+        if self._start == 0.0:
+            if self.wait_for and not self._enough_subscribers():
+                return None
+            self._start = time.time()
+        if self._next >= len(frames):
+            if not self.loop:
+                raise EOFError("end of recording")
+            self._next = 0
+            self._lap += 1
+        k = self._next
+        if time.time() < self._due(k):
+            return None
+        index, n, t0 = int(frames["index"][k]), int(frames["n"][k]), float(frames["t0"][k])
+        first = int(frames["index"][0])
+        data = np.asarray(self.recording.samples[index - first : index - first + n])
+        t0 += self._lap * self._length()
+        rate = self.info.rate
+        stamps = t0 + np.arange(n) / rate if rate else np.full(n, t0)
+        self._next += 1
+        return (data if self.info.channels > 1 else data[:, 0]), stamps
+
+    def wait(self) -> float:
+        """Seconds until the next frame is due."""
+        if self._start == 0.0:
+            return 0.01
+        k = min(self._next, len(self.recording.frames) - 1)
+        return max(0.0, self._due(k) - time.time())
+
+    def _enough_subscribers(self) -> bool:
+        from ._control import broker_status
+
+        try:
+            streams = broker_status(self.address, timeout=1.0)["streams"]
+        except Exception:  # the broker is starting or stopping; try again on the next read
+            return False
+        mine = [s for s in streams if s["name"] == self.info.name]
+        return bool(mine) and len(mine[0]["subscribers"]) >= self.wait_for
+
+    def disconnect(self) -> None:
+        """Close the recording's memory map."""
+        self.recording.samples = np.zeros((0, self.info.channels), dtype=self.info.dtype)
+
+
+_KINDS: dict[str, type] = {"synthetic": SyntheticSource, "stdin": StdinSource, "replay": ReplaySource}
 _POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes"}
+_LIST_KEYS = {"freqs"}  # values written a/b/c
 
 
 def parse_source(spec: str) -> Any:
@@ -179,18 +272,15 @@ def parse_source(spec: str) -> Any:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"source option must be key=value, got {item!r} in {spec!r}")
-        key = key.strip()
-        (pool if key in _POOL_KEYS else options)[key] = _parse_value(value.strip())
-    if "freqs" in options and not isinstance(options["freqs"], list):
-        options["freqs"] = [options["freqs"]]
+        key, value = key.strip(), value.strip()
+        parsed = [_parse_value(v) for v in value.split("/")] if key in _LIST_KEYS else _parse_value(value)
+        (pool if key in _POOL_KEYS else options)[key] = parsed
     source = cls(**options)
     source.publisher_options = pool  # the stream's pool: slab_bytes, nslabs, max_chunk_bytes
     return source
 
 
 def _parse_value(text: str) -> Any:
-    if "/" in text:
-        return [_parse_value(t) for t in text.split("/")]
     for convert in (int, float):
         try:
             return convert(text)
@@ -203,6 +293,8 @@ class SourceThread(threading.Thread):
     """The acquisition thread of one source: read, write, repeat, until stopped or the source ends."""
 
     def __init__(self, source: Any, address: str, **publisher_options: Any) -> None:
+        if hasattr(source, "address") and source.address is None:
+            source.address = address  # a replay waiting for subscribers asks this broker
         super().__init__(name=f"source-{getattr(source, 'info', None) and source.info.name}", daemon=True)
         self.source = source
         self.address = address

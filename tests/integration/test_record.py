@@ -1,0 +1,90 @@
+"""Recording and replay: a record -> replay -> record round trip is bit-exact, replay keeps time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import slabcast
+from slabcast._record import Recording
+
+
+def record_cli(address, stream, out, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "slabcast", "record", stream, "--out", str(out), "--address", address, *extra],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in ("samples.bin", "frames.bin")}
+
+
+def test_record_replay_record_is_bit_exact_and_replay_keeps_time(broker, stream_name, tmp_path):
+    rate, channels = 1000.0, 2
+    first = tmp_path / "first"
+    pub = slabcast.Publisher(stream_name, dtype="float32", channels=channels, rate=rate, address=broker.address,
+                             channel_names=["left", "right"])  # fmt: skip
+    rec = record_cli(broker.address, stream_name, first)
+    # The recorder is subscribed once the broker lists it (its label says so).
+    deadline = time.monotonic() + 20
+    while not any(s["label"].startswith("record:") for s in slabcast.broker_status(broker.address)["streams"][0]
+                  ["subscribers"]):  # fmt: skip
+        assert time.monotonic() < deadline, "the recorder never subscribed"
+        time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+    rng = np.random.default_rng(9)
+    data = rng.standard_normal((2000, channels)).astype(np.float32)
+    sizes = rng.integers(1, 90, 100)
+    start = 0
+    for n in sizes:
+        if start >= 2000:
+            break
+        pub.write(data[start : start + n], t0=100.0 + start / rate)
+        start += int(n)
+    pub.close()
+    assert rec.wait(20) == 0
+    assert "recorded" in rec.stderr.read()
+    rec.stderr.close()
+    recording = Recording.open(str(first))
+    np.testing.assert_array_equal(recording.samples, data[:start])
+    assert recording.info.channel_names == ("left", "right")
+    assert recording.info.rate == rate
+
+    # Replay it (a source in a second broker) and record the replay.
+    second = tmp_path / "second"
+    source = f"replay:path={first},speed=1,wait_for=2"
+    with slabcast.BrokerProcess(tmp_path / "b2.sock", args=("--source", source)) as replay_broker:
+        sub = slabcast.Subscriber(stream_name, 1, address=replay_broker.address, wait=10)
+        rec2 = record_cli(replay_broker.address, stream_name, second)
+        t_first = t_last = None
+        for chunk in sub:  # wait_for=2: playback starts once this reader and the recorder are in
+            with chunk:
+                t_first = t_first or time.monotonic()
+                t_last = time.monotonic()
+        sub.close()
+        assert rec2.wait(20) == 0
+        rec2.stderr.close()
+    assert files(second) == files(first), "record -> replay -> record changed the samples or frames"
+    info1 = (first / "info.json").read_text().splitlines()
+    info2 = (second / "info.json").read_text().splitlines()
+    assert [x for x in info1 if "created" not in x] == [x for x in info2 if "created" not in x]
+    # The last frame starts this long after the first: replay must take as long (speed 1), +-5 %.
+    span = float(recording.frames["t0"][-1]) - float(recording.frames["t0"][0])
+    assert abs((t_last - t_first) - span) <= 0.05 * span + 0.02, (t_last - t_first, span)
+
+
+def test_a_recording_directory_is_never_overwritten(broker, stream_name, tmp_path):
+    out = tmp_path / "rec"
+    out.mkdir()
+    (out / "info.json").write_text("{}")
+    with slabcast.Publisher(stream_name, address=broker.address):
+        result = subprocess.run(
+            [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address", broker.address],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "already holds a recording" in result.stderr
