@@ -83,6 +83,7 @@ class _Sub:
         "dropped",
         "end",
         "inflight",
+        "jumped",
         "last_pause",
         "leases",
         "max_inflight",
@@ -112,6 +113,7 @@ class _Sub:
         self.delivered = 0
         self.dropped = 0
         self.overflows = 0  # chunks that had to wait for credit (policy="block")
+        self.jumped = False  # the next chunk follows a discontinuity
         self.end: tuple[str, str] | None = None  # END to send once the backlog is empty
         self.pauses: deque[float] = deque()
         self.last_pause = 0.0
@@ -665,7 +667,12 @@ class Broker:
             self._send(publisher.ident, P.pack([P.GRANT, slab]))
 
     def _on_frame(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        if len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
+        jump = False
+        if len(msg) == 5:  # [FRAME, offset, n, t0, flags]
+            P.check_fields(msg, int, int, (int, float), int)
+            jump = bool(msg[4] & P.FLAG_DISCONTINUITY)
+            msg = msg[:4]
+        elif len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
             P.check_fields(msg, int, int, (int, float))
         _, offset, n, t0 = msg
         t0 = float(t0)  # CHUNK carries t0 as a float whatever the FRAME held
@@ -691,6 +698,11 @@ class Broker:
         index = stream.head
         stream.head = index + n
         stream.frames += 1
+        if jump:
+            # The source was swapped or reconnected: no chunk may span the jump.
+            for sub in stream.subs:
+                sub.chunker.start = None
+                sub.jumped = True
         if stream.stats_window:
             stream.account(offset, n, t0)
         for sub in stream.subs:
@@ -730,7 +742,11 @@ class Broker:
             return
         offset = stream.base_offset + (start - stream.base_index) * stream.sample_bytes
         remote = sub.client.remote
-        payload = P.pack([P.CHUNK, seq, start, length, t0, 0 if remote else offset, P.FLAG_INLINE if remote else 0])
+        flags = P.FLAG_INLINE if remote else 0
+        if sub.jumped:
+            sub.jumped = False
+            flags |= P.FLAG_DISCONTINUITY
+        payload = P.pack([P.CHUNK, seq, start, length, t0, 0 if remote else offset, flags])
         slab = stream.current
         assert slab is not None
         stream.leases[slab] += 1

@@ -169,7 +169,7 @@ class Publisher:
         self.frames = 0
         self.samples = 0
 
-    def write(self, data: Any, t0: float | None = None) -> None:
+    def write(self, data: Any, t0: float | None = None, discontinuity: bool = False) -> None:
         """Append one frame to the stream.
 
         Parameters
@@ -178,6 +178,11 @@ class Publisher:
             ``(n,)`` or ``(n, channels)`` samples of the stream's dtype, n >= 1.
         t0 : float, optional
             Time of the frame's first sample; default ``time.time()``.
+        discontinuity : bool
+            The stream jumps before this frame (a device was swapped or
+            reconnected): samples accumulated by subscribers are dropped so no
+            chunk spans the jump, and each subscriber's next chunk has
+            ``discontinuity`` set.
 
         Raises
         ------
@@ -211,7 +216,10 @@ class Publisher:
         if offset + nbytes > self._end:
             offset = self._next_slab()
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
-        self._conn.send([P.FRAME, offset, n, float(t0)])
+        if discontinuity:
+            self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY])
+        else:
+            self._conn.send([P.FRAME, offset, n, float(t0)])
         self._offset = offset + nbytes
         self.frames += 1
         self.samples += n

@@ -301,6 +301,7 @@ class SourceThread(threading.Thread):
         self.publisher_options = {**getattr(source, "publisher_options", {}), **publisher_options}
         self.stopping = threading.Event()
         self.opened = threading.Event()  # the stream exists on the broker
+        self.reconnects = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -311,18 +312,25 @@ class SourceThread(threading.Thread):
                         **self.publisher_options)  # fmt: skip
         log.info("source %r started", info.name)
         self.opened.set()
+        jumped = False
         try:
             while not self.stopping.is_set():
                 try:
                     got = self.source.read()
                 except EOFError:
                     break
+                except OSError as exc:
+                    # The device went away: reconnect, keeping the stream and its subscribers.
+                    log.warning("source %r lost (%s); reconnecting", info.name, exc)
+                    jumped = self._reconnect(info)
+                    continue
                 if got is None:
                     wait = getattr(self.source, "wait", None)
                     self.stopping.wait(wait() if wait else 0.002)
                     continue
                 data, stamps = got
-                pub.write(data, t0=float(stamps[0]))
+                pub.write(data, t0=float(stamps[0]), discontinuity=jumped)
+                jumped = False
         except SlabcastError as exc:  # the broker is shutting down under us
             log.info("source %r stopped: %s", info.name, exc)
         except BaseException as exc:
@@ -331,3 +339,22 @@ class SourceThread(threading.Thread):
         finally:
             self.source.disconnect()
             pub.close()
+
+    def _reconnect(self, info: StreamInfo) -> bool:
+        """Reconnect the source (backing off up to 2 s); it must still carry the same kind of samples."""
+        delay = 0.05
+        while not self.stopping.is_set():
+            try:
+                self.source.disconnect()
+                again = self.source.connect()
+            except OSError as exc:
+                log.info("source %r: reconnect failed (%s)", info.name, exc)
+                self.stopping.wait(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            if (again.dtype, again.channels) != (info.dtype, info.channels):
+                raise ValueError(f"source {info.name!r} came back as {again.dtype} x {again.channels}, "
+                                 f"was {info.dtype} x {info.channels}")  # fmt: skip
+            self.reconnects += 1
+            return True
+        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -70,3 +71,58 @@ def test_unknown_source_kind_is_a_clear_error(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown source kind 'mic'" in result.stderr
+
+
+class FlakySource:
+    """A source whose device drops out every ``every`` reads (OSError), as a USB microphone might."""
+
+    def __init__(self, name, every=5):
+        self.info = slabcast.StreamInfo(name, np.dtype("int32"), 1, 1000.0, ("ch_0",))
+        self.every = every
+        self.reads = 0
+        self.index = 0
+        self.connects = 0
+        self.gate = threading.Event()  # produce nothing until the test's subscriber is in
+
+    def connect(self):
+        self.connects += 1
+        return self.info
+
+    def read(self):
+        if not self.gate.is_set():
+            return None
+        self.reads += 1
+        if self.reads % self.every == 0:
+            raise OSError("device unplugged")
+        data = np.arange(self.index, self.index + 10, dtype=np.int32)
+        self.index += 10
+        return data, self.index / 1000.0 + np.arange(10) / 1000.0
+
+    def disconnect(self):
+        pass
+
+
+def test_a_swapped_source_keeps_the_stream_and_flags_the_jump(broker, stream_name):
+    from slabcast._sources import SourceThread
+
+    source = FlakySource(stream_name, every=5)
+    thread = SourceThread(source, broker.address)
+    thread.start()
+    assert thread.opened.wait(10)
+    sub = slabcast.Subscriber(stream_name, size=20, clip=True, address=broker.address)
+    source.gate.set()
+    got = []
+    for _ in range(12):
+        with sub.recv(timeout=10) as chunk:
+            got.append((int(chunk.data[0]), len(chunk.data), chunk.discontinuity))
+    thread.stopping.set()
+    thread.join(10)
+    sub.close()
+    assert thread.error is None
+    assert thread.reconnects >= 2 and source.connects >= 3
+    # Reads 1-4 give samples 0-39 (two chunks); read 5 fails; after the reconnect the next
+    # chunk is flagged and starts a fresh accumulation (nothing spans the jump).
+    assert got[0] == (0, 20, False) and got[1] == (20, 20, False)
+    assert got[2] == (40, 20, True)
+    assert [g[2] for g in got].count(True) >= 2
+    assert all(n == 20 for _, n, _ in got)
