@@ -22,7 +22,7 @@ from ._info import StreamInfo
 from ._protocol import check_dtype, check_stream_name
 from ._publisher import Publisher
 
-__all__ = ["ReplaySource", "Source", "SourceThread", "StdinSource", "SyntheticSource", "parse_source"]
+__all__ = ["LslSource", "ReplaySource", "Source", "SourceThread", "StdinSource", "SyntheticSource", "parse_source"]
 
 log = logging.getLogger("slabcast.source")
 
@@ -246,7 +246,75 @@ class ReplaySource:
         self.recording.samples = np.zeros((0, self.info.channels), dtype=self.info.dtype)
 
 
-_KINDS: dict[str, type] = {"synthetic": SyntheticSource, "stdin": StdinSource, "replay": ReplaySource}
+class LslSource:
+    """An inlet of a Lab Streaming Layer stream (extra ``lsl``: ``pip install slabcast[lsl]``).
+
+    Parameters
+    ----------
+    name : str
+        The slabcast stream name.
+    stream : str, optional
+        The LSL stream name to resolve (default: ``name``).
+    timeout : float
+        Seconds to wait for the LSL stream to be found.
+
+    LSL timestamps (its local clock) are mapped to ``time.time()``; LSL's own clock
+    offset correction is applied as the inlet learns it.
+    """
+
+    _FORMATS = {1: "float32", 2: "float64", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
+
+    def __init__(self, name: str, stream: str | None = None, timeout: float = 5.0, max_samples: int = 4096) -> None:
+        try:
+            import pylsl
+        except ImportError as exc:
+            raise ImportError("the lsl source needs pylsl: pip install 'slabcast[lsl]'") from exc
+        self._lsl = pylsl
+        self.name = check_stream_name(name)
+        self.stream = stream or name
+        self.timeout = float(timeout)
+        self.max_samples = int(max_samples)
+        self._inlet: Any = None
+        self._offset = 0.0
+
+    def connect(self) -> StreamInfo:
+        """Resolve the LSL stream and open an inlet (``OSError`` if it is not found)."""
+        lsl = self._lsl
+        found = lsl.resolve_byprop("name", self.stream, timeout=self.timeout)
+        if not found:
+            raise OSError(f"no LSL stream named {self.stream!r} found within {self.timeout} s")
+        info = found[0]
+        fmt = self._FORMATS.get(info.channel_format())
+        if fmt is None:
+            raise ValueError(f"LSL stream {self.stream!r} carries strings or an unknown format; only numbers stream")
+        self._inlet = lsl.StreamInlet(info, max_chunklen=self.max_samples, recover=True)
+        self._offset = time.time() - lsl.local_clock()
+        rate = info.nominal_srate() or None
+        n = info.channel_count()
+        self.info = StreamInfo(self.name, np.dtype(fmt), n, rate, tuple(f"ch_{i}" for i in range(n)))
+        return self.info
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Pull what has arrived, without waiting."""
+        samples, stamps = self._inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
+        if not stamps:
+            return None
+        data = np.asarray(samples, dtype=self.info.dtype).reshape(len(stamps), self.info.channels)
+        return (data if self.info.channels > 1 else data[:, 0]), np.asarray(stamps) + self._offset
+
+    def disconnect(self) -> None:
+        """Close the inlet."""
+        if self._inlet is not None:
+            self._inlet.close_stream()
+            self._inlet = None
+
+
+_KINDS: dict[str, type] = {
+    "synthetic": SyntheticSource,
+    "stdin": StdinSource,
+    "replay": ReplaySource,
+    "lsl": LslSource,
+}
 _POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes"}
 _LIST_KEYS = {"freqs"}  # values written a/b/c
 

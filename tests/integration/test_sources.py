@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import slabcast
 
@@ -126,3 +127,23 @@ def test_a_swapped_source_keeps_the_stream_and_flags_the_jump(broker, stream_nam
     assert got[2] == (40, 20, True)
     assert [g[2] for g in got].count(True) >= 2
     assert all(n == 20 for _, n, _ in got)
+
+
+def test_lsl_inlet_receives_a_real_outlet_on_loopback(tmp_path, stream_name):
+    pylsl = pytest.importorskip("pylsl", reason="the lsl extra: pip install 'slabcast[lsl]'")
+    lsl_name = f"sc-{stream_name}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(lsl_name, "EEG", 4, 250, "float32", lsl_name))
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=10"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        sub = slabcast.Subscriber(stream_name, size=50, clip=True, address=broker.address, wait=20)
+        assert (sub.info.channels, sub.info.rate, sub.info.dtype) == (4, 250.0, np.dtype("float32"))
+        assert outlet.wait_for_consumers(10)
+        data = np.arange(4 * 500, dtype=np.float32).reshape(500, 4)
+        for start in range(0, 500, 25):
+            outlet.push_chunk(data[start : start + 25].tolist())
+        got = []
+        while len(got) < 10:
+            with sub.recv(timeout=10) as chunk:
+                got.append(chunk.data.copy())
+        sub.close()
+    np.testing.assert_array_equal(np.concatenate(got), data)
