@@ -147,3 +147,16 @@ def test_lsl_inlet_receives_a_real_outlet_on_loopback(tmp_path, stream_name):
                 got.append(chunk.data.copy())
         sub.close()
     np.testing.assert_array_equal(np.concatenate(got), data)
+
+
+def test_sound_card_source_where_the_machine_has_one(tmp_path):
+    sd = pytest.importorskip("sounddevice", reason="the audio extra (sounddevice + PortAudio) is not installed")
+    try:
+        if not any(d["max_input_channels"] > 0 for d in sd.query_devices()):
+            pytest.skip("this machine has no sound input device")
+    except Exception as exc:
+        pytest.skip(f"PortAudio cannot list devices here: {exc}")
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", "audio:name=mic,channels=1")) as broker:
+        with slabcast.Subscriber("mic", seconds=0.1, clip=True, address=broker.address, wait=10) as sub:
+            with sub.recv(timeout=10) as chunk:
+                assert chunk.data.shape == (4800,)
