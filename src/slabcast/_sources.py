@@ -13,7 +13,7 @@ import select
 import sys
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -271,7 +271,7 @@ class LslSource:
     offset correction is applied as the inlet learns it.
     """
 
-    _FORMATS = {1: "float32", 2: "float64", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
+    _FORMATS: ClassVar[dict[int, str]] = {1: "float32", 2: "float64", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
 
     def __init__(self, name: str, stream: str | None = None, timeout: float = 5.0, max_samples: int = 4096) -> None:
         try:

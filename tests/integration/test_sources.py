@@ -156,7 +156,9 @@ def test_sound_card_source_where_the_machine_has_one(tmp_path):
             pytest.skip("this machine has no sound input device")
     except Exception as exc:
         pytest.skip(f"PortAudio cannot list devices here: {exc}")
-    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", "audio:name=mic,channels=1")) as broker:
-        with slabcast.Subscriber("mic", seconds=0.1, clip=True, address=broker.address, wait=10) as sub:
-            with sub.recv(timeout=10) as chunk:
-                assert chunk.data.shape == (4800,)
+    with (
+        slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", "audio:name=mic,channels=1")) as broker,
+        slabcast.Subscriber("mic", seconds=0.1, clip=True, address=broker.address, wait=10) as sub,
+        sub.recv(timeout=10) as chunk,
+    ):
+        assert chunk.data.shape == (4800,)

@@ -137,27 +137,31 @@ def test_readme_example(capsys):
         BufferEmit(lambda v, t: None, consume_size).write("asdfghjkl;")
 
 
+def say(*args):
+    """print(*args), in one write: lines printed by several threads at once stay whole."""
+    print(" ".join(map(str, args)) + "\n", end="")
+
+
 def test_readme_configuration_example(capfd):
     size = 15
     buffers = []
 
     def on_emit(label):  # callback
-        # print(label, buff.getvalue(), t0), in one write so that a thread's line stays whole
-        return lambda buff, t0: print(f"{label} {buff.getvalue()} {t0}\n", end="")
+        return lambda buff, t0: say(label, buff.getvalue(), t0)
 
     # default operation (the README's callback reads buff.getvalue(), so it asks for the buffer)
     buffers.append(BufferEmit(on_emit("default"), size=size, asbuffer=True))
     # execute the callback in a thread
     buffers.append(BufferEmit(on_emit("im in a thread!"), size=size, mode="thread", asbuffer=True))
     # the rows of its printed output that its code does not show
-    buffers.append(BufferEmit(lambda x, t0: print("gets value, not buffer object", x, t0), size=size))
-    buffers.append(BufferEmit(lambda x, t0: print("value clipped to size", x, t0), size=size, clip=True))
+    buffers.append(BufferEmit(lambda x, t0: say("gets value, not buffer object", x, t0), size=size))
+    buffers.append(BufferEmit(lambda x, t0: say("value clipped to size", x, t0), size=size, clip=True))
     # execute the callback in a separate process, `on_done` in the main process
     returned = []
     buffers.append(
         BufferEmit(
             on_process_emit,
-            on_done=lambda res: (returned.append(res), print("The process returned:", res)),
+            on_done=lambda res: (returned.append(res), say("The process returned:", res)),
             size=size,
             mode="process",
             asbuffer=True,
@@ -172,7 +176,7 @@ def test_readme_configuration_example(capfd):
 
     t0 = 1585253921.0
     for i, x in enumerate(list(generate_data(4, n=2))[:14]):  # the printed output stops after 14 writes
-        print("writing", x)
+        say("writing", x)
         for b in buffers:
             b.write(x, t0=t0 + i)
     for b in buffers:
@@ -532,6 +536,24 @@ def test_async_chunks_arrive_intact_through_recycled_buffers(mode, monkeypatch):
     assert sorted(r[:4] for r in results) == sorted(expect)
     assert pool.next_id <= pool.max_slabs  # buffers were recycled, never more than the pool holds
     assert len(stream) > 10 * pool.slab_bytes
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_frames_that_outgrow_the_buffers_get_bigger_ones(mode, monkeypatch):
+    monkeypatch.setattr(_emit, "_SLAB_MIN", 4096)
+    monkeypatch.setattr(_emit, "_SERIAL_MIN", 4096)
+    rng = np.random.default_rng(5)
+    frames = [rng.bytes(n) for n in [10, 300, 20, 5000, 70_000, 30, 300_000, 100, 10]]
+    results = []
+    emit = BufferEmit(crc_of, 700, clip=True, mode=mode, npool=2, on_done=results.append)
+    for i, frame in enumerate(frames):
+        emit.write(frame, t0=1.0 + i)
+    pool = emit._pool
+    emit.close()
+    stream = b"".join(frames)
+    want = expected_chunks([(len(f), 1.0 + i) for i, f in enumerate(frames)], 700, True)
+    assert sorted(r[:3] for r in results) == sorted((t0, zlib.crc32(stream[i : i + n]), n) for i, n, t0 in want)
+    assert pool.slab_bytes >= 4 * 300_000  # grown; the small buffers were unlinked on the way
 
 
 def test_process_workers_run_elsewhere_and_are_reaped_at_close():
