@@ -10,6 +10,13 @@
 #   _publisher  Publisher: copies each frame once into a slab, sends FRAME
 #   _subscriber Subscriber/Chunk: zero-copy read-only numpy views, releases when views die
 #   _process    BrokerProcess: a broker in a child process
+#   _sources    sources hosted by the broker (synthetic, stdin, replay, lsl, audio)
+#   _window     Window: the latest seconds of a stream, and a display envelope
+#   _record     recordings: append-only directories, read back for replay
+#   _emit       BufferEmit: ocycle's in-process API on the same rechunking rules
+#   aio         the asyncio subscriber
+#   testing     the pytest plugin
+#   _up, _top   `slabcast up` (supervisor) and `slabcast top` (live view)
 #   _cli        the `slabcast` command
 
 import logging as _logging
@@ -32,6 +39,7 @@ from ._exceptions import ShmFullError as ShmFullError
 from ._exceptions import SlabcastError as SlabcastError
 from ._exceptions import StreamExistsError as StreamExistsError
 from ._exceptions import StreamNotFoundError as StreamNotFoundError
+from ._exceptions import WorkerDiedError as WorkerDiedError
 from ._exceptions import WouldBlock as WouldBlock
 from ._exceptions import WriteTimeout as WriteTimeout
 from ._info import StreamInfo as StreamInfo
@@ -71,6 +79,7 @@ __all__ = [
     "Subscriber",
     "SubscriberStatistics",
     "Window",
+    "WorkerDiedError",
     "WouldBlock",
     "WriteTimeout",
     "broker_status",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._exceptions import ClosedError, SlabcastError
+from ._exceptions import ClosedError, WorkerDiedError
 from ._rechunk import Rechunker, check_sampler, check_size
 from ._shm import Segment, attach, segment_prefix
 
@@ -48,14 +48,6 @@ _BATCH_SECONDS = 0.001
 _START_ATTEMPTS = 3
 _JOIN_TIMEOUT = 10.0
 _now = time.time
-
-
-class WorkerDiedError(SlabcastError):
-    """A worker process of a ``mode="process"`` :class:`BufferEmit` died.
-
-    The chunk it was running, if any, is lost; the pool starts another worker
-    for the chunks that follow.
-    """
 
 
 # -- process mode: the notices between the owner and its worker processes -------------------

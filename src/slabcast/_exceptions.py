@@ -15,6 +15,7 @@
     ├── ShmFullError           /dev/shm has no room for a stream's slabs
     ├── WriteTimeout           a publisher waited longer than its timeout for free slabs
     ├── WouldBlock             ``recv_nowait`` found no chunk ready
+    ├── WorkerDiedError        a worker process of a ``mode="process"`` BufferEmit died
     └── EndOfStream            the publisher closed the stream; no more chunks will come
         └── PublisherGoneError the publisher died without closing the stream
 
@@ -38,6 +39,7 @@ __all__ = [
     "SlabcastError",
     "StreamExistsError",
     "StreamNotFoundError",
+    "WorkerDiedError",
     "WouldBlock",
     "WriteTimeout",
 ]
@@ -99,6 +101,14 @@ class WriteTimeout(SlabcastError, TimeoutError):
 
 class WouldBlock(SlabcastError):
     """``recv_nowait`` found no chunk ready."""
+
+
+class WorkerDiedError(SlabcastError):
+    """A worker process of a ``mode="process"`` :class:`~slabcast.BufferEmit` died.
+
+    The chunk it was running, if any, is lost; the pool starts another worker
+    for the chunks that follow.
+    """
 
 
 class EndOfStream(SlabcastError):

@@ -156,6 +156,8 @@ def test_group_mode_segments_and_private_socket_directory(tmp_path, stream_name)
             mode = stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode)
             assert mode == 0o660
         assert stat.S_IMODE(os.stat(tmp_path / "sub").st_mode) == 0o700
-    with slabcast.BrokerProcess(tmp_path / "b2.sock") as broker:
-        with slabcast.Publisher(stream_name, address=broker.address) as pub:
-            assert stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode) == 0o600
+    with (
+        slabcast.BrokerProcess(tmp_path / "b2.sock") as broker,
+        slabcast.Publisher(stream_name, address=broker.address) as pub,
+    ):
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode) == 0o600

@@ -444,11 +444,15 @@ def test_an_unclosed_emitter_is_cleaned_up_when_collected():
 
 
 def test_serial_callback_error_is_raised_from_that_write_after_the_other_chunks():
-    emit = BufferEmit(fail_on_bad, 2, clip=True)
+    results = []
+    emit = BufferEmit(fail_on_bad, 2, clip=True, on_done=results.append)
     emit.write(b"ok", t0=1.0)
     with pytest.raises(ValueError, match=r"bad chunk at 2.0"):
         emit.write(b"BBok", t0=2.0)
+    assert results == [1.0, 2.0]  # the chunk after the failed one was still handed out
+    emit.write(b"ok", t0=3.0)
     emit.close()
+    assert results == [1.0, 2.0, 3.0]
 
 
 def test_errors_go_to_on_error_when_given():
