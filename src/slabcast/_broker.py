@@ -310,6 +310,7 @@ class Broker:
         self._handlers: dict[int, Callable[[_Client, tuple[Any, ...]], None]] = {
             P.OPEN: self._on_open,
             P.FRAME: self._on_frame,
+            P.FRAMES: self._on_frames,
             P.CLOSE: self._on_close,
             P.SUBSCRIBE: self._on_subscribe,
             P.RELEASE: self._on_release,
@@ -679,10 +680,29 @@ class Broker:
         elif len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
             P.check_fields(msg, int, int, (int, float))
         _, offset, n, t0 = msg
-        t0 = float(t0)  # CHUNK carries t0 as a float whatever the FRAME held
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
+        self._frame(stream, offset, n, float(t0), jump)  # CHUNK carries t0 as a float whatever FRAME held
+
+    def _on_frames(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        # [FRAMES, offset, [n, ...], [t0, ...]]: frames packed back to back from offset, in one slab.
+        P.check_fields(msg, int, tuple, tuple)
+        _, offset, ns, t0s = msg
+        stream = client.stream
+        if stream is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "FRAMES from a connection that publishes no stream")
+        if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
+            raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
+        for n, t0 in zip(ns, t0s, strict=True):
+            if type(n) is not int or type(t0) not in (float, int):
+                raise ProtocolError(f"FRAMES sizes must be int and times numbers, got {n!r} and {t0!r}")
+        for n, t0 in zip(ns, t0s, strict=True):
+            self._frame(stream, offset, n, float(t0), False)
+            offset += n * stream.sample_bytes
+
+    def _frame(self, stream: _Stream, offset: int, n: int, t0: float, jump: bool) -> None:
+        """Account for one frame the publisher wrote at ``offset``: cut and send the chunks it completes."""
         nbytes = n * stream.sample_bytes
         if n <= 0:
             raise _Refused(P.ERR_FRAME, f"FRAME must hold at least one sample, got n={n}")

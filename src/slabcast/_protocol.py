@@ -24,6 +24,7 @@ STATUS = 8  # [STATUS]
 UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
+FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...]]
 
 # Broker -> client.
 WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
@@ -50,6 +51,7 @@ NAMES = {
     SYNC: "SYNC",
     SYNCED: "SYNCED",
     STATS: "STATS",
+    FRAMES: "FRAMES",
     STATS_REPLY: "STATS_REPLY",
     WELCOME: "WELCOME",
     OPENED: "OPENED",
@@ -83,6 +85,7 @@ ERR_FRAME = "bad-frame"
 
 POLICIES = ("block", "drop")
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_BATCH = 4096  # frames in one FRAMES message
 STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 DTYPE_KINDS = "biufc"
 

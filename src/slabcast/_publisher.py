@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -18,6 +19,12 @@ __all__ = ["Publisher", "check_frame"]
 
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
+# Notice batching: a write less than _SPORADIC seconds after the previous notice joins a
+# batch (one FRAMES message) sent when it holds _BATCH frames or is _BATCH_DELAY old.
+# Sporadic writers (every frame later than that) keep one immediate FRAME each: no delay.
+_SPORADIC = 50e-6
+_BATCH = 64
+_BATCH_DELAY = 0.5e-3
 
 
 def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> np.ndarray[Any, Any]:
@@ -166,6 +173,14 @@ class Publisher:
         self._frame_limit = self.slab_bytes - self.reserve
         self._next_check = 0.0
         self._sync_token = 0
+        # One lock for the socket: the writer and the batch flusher both send on it.
+        self._lock = threading.Lock()
+        self._pend_offset = 0
+        self._pend_n: list[int] = []
+        self._pend_t: list[float] = []
+        self._last_send = 0.0
+        self._kick = threading.Event()
+        threading.Thread(target=self._flusher, name=f"slabcast-flush-{stream}", daemon=True).start()
         self.frames = 0
         self.samples = 0
 
@@ -216,10 +231,22 @@ class Publisher:
         if offset + nbytes > self._end:
             offset = self._next_slab()
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
-        if discontinuity:
-            self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY])
-        else:
-            self._conn.send([P.FRAME, offset, n, float(t0)])
+        with self._lock:
+            if discontinuity:
+                self._flush_pending()
+                self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY])
+                self._last_send = now
+            elif not self._pend_n and now - self._last_send >= _SPORADIC:
+                self._conn.send([P.FRAME, offset, n, float(t0)])
+                self._last_send = now
+            else:
+                if not self._pend_n:
+                    self._pend_offset = offset
+                    self._kick.set()  # the flusher sends this batch if no write fills it
+                self._pend_n.append(n)
+                self._pend_t.append(float(t0))
+                if len(self._pend_n) >= _BATCH:
+                    self._flush_pending()
         self._offset = offset + nbytes
         self.frames += 1
         self.samples += n
@@ -240,10 +267,13 @@ class Publisher:
         if self._closed:
             raise ClosedError(f"publisher of {self._where} is closed")
         self._sync_token += 1
-        self._conn.send([P.SYNC, self._sync_token])
+        with self._lock:
+            self._flush_pending()
+            self._conn.send([P.SYNC, self._sync_token])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while (left := deadline - time.monotonic()) > 0:
-            msg = self._conn.recv(left)
+            with self._lock:
+                msg = self._conn.recv(left)
             if msg is None:
                 break
             if msg[0] == P.SYNCED and msg[1] == self._sync_token:
@@ -254,7 +284,34 @@ class Publisher:
                 raise error_for(msg, self._where)
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
+    def _flush_pending(self) -> None:
+        """Send the batched frame notices (caller holds the lock)."""
+        if self._pend_n:
+            if len(self._pend_n) == 1:
+                self._conn.send([P.FRAME, self._pend_offset, self._pend_n[0], self._pend_t[0]])
+            else:
+                self._conn.send([P.FRAMES, self._pend_offset, self._pend_n, self._pend_t])
+            self._pend_n = []
+            self._pend_t = []
+            self._last_send = time.monotonic()
+
+    def _flusher(self) -> None:
+        # Sends a batch that no later write filled, at most _BATCH_DELAY after it began.
+        while not self._closed:
+            self._kick.wait()
+            if self._closed:
+                return
+            time.sleep(_BATCH_DELAY)
+            with self._lock:
+                self._kick.clear()
+                if self._closed or self._conn.closed:
+                    return
+                with contextlib.suppress(SlabcastError):
+                    self._flush_pending()
+
     def _next_slab(self) -> int:
+        with self._lock:
+            self._flush_pending()  # subscribers may wait for these before they free a slab
         self._take_messages(0)
         if not self._grants:
             deadline = time.monotonic() + self.timeout
@@ -272,20 +329,24 @@ class Publisher:
         return int(start + self.reserve)
 
     def _take_messages(self, timeout: float) -> None:
-        msg = self._conn.recv(timeout)
-        while msg is not None:
-            if msg[0] == P.GRANT:
-                self._grants.append(msg[1])
-            elif msg[0] in (P.ERROR, P.END):
-                raise error_for(msg, self._where)
-            msg = self._conn.recv(0)
+        with self._lock:
+            msg = self._conn.recv(timeout)
+            while msg is not None:
+                if msg[0] == P.GRANT:
+                    self._grants.append(msg[1])
+                elif msg[0] in (P.ERROR, P.END):
+                    raise error_for(msg, self._where)
+                msg = self._conn.recv(0)
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
         if self._closed:
             return
+        with self._lock, contextlib.suppress(SlabcastError):
+            self._flush_pending()
         self._closed = True
-        with contextlib.suppress(SlabcastError):
+        self._kick.set()  # let the flusher thread end
+        with self._lock, contextlib.suppress(SlabcastError):
             if not self._conn.gone:
                 # CLOSE is answered by END once every frame sent before it was handled.
                 self._conn.send([P.CLOSE])
@@ -294,7 +355,8 @@ class Publisher:
                     msg = self._conn.recv(left)
                     if msg is None or msg[0] in (P.END, P.ERROR):
                         break
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
         self._u8 = None  # type: ignore[assignment]
         if self._mm is not None:
             with contextlib.suppress(BufferError):

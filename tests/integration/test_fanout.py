@@ -98,3 +98,18 @@ def test_bytes_are_accepted_on_a_byte_stream(broker, stream_name):
         got = [bytes(c.data) for c in sub]
         sub.close()
     assert got == [b"hello", b" worl"]
+
+
+def test_fast_small_frames_are_batched_without_losing_a_frame_or_its_time(broker, stream_name):
+    with slabcast.Publisher(stream_name, dtype="uint8", address=broker.address) as pub:
+        sub = slabcast.Subscriber(stream_name, size=1, address=broker.address, max_inflight=1024)
+        for i in range(3000):  # far faster than one message each: notices go in FRAMES batches
+            pub.write(bytes([i % 256]) * 3, t0=1000.0 + i)
+        # No flush, no close: the tail of the last batch must arrive by itself.
+        got = []
+        while len(got) < 3000:
+            with sub.recv(timeout=5) as chunk:
+                got.append((chunk.index, len(chunk.data), chunk.t0, int(chunk.data[0])))
+        assert got == [(3 * i, 3, 1000.0 + i, i % 256) for i in range(3000)]
+        assert slabcast.broker_status(broker.address)["streams"][0]["frames"] == 3000
+        sub.close()
