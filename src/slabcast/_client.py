@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -50,6 +51,9 @@ _ENDS: dict[str, type[SlabcastError]] = {
     P.END_EVICTED: EvictedError,
 }
 _AUTH_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _KEEPALIVE = 1.0  # seconds between pings while a TCP client waits (the broker drops it after 10 s of silence)
 
 
@@ -168,11 +172,18 @@ class Connection:
         except zmq.ZMQError as exc:
             raise BrokerGoneError(f"cannot send to the {self.where}: {exc}") from exc
 
-    def recv(self, timeout: float | None) -> tuple[Any, ...] | None:
+    def has_input(self) -> bool:
+        """Whether a message is waiting to be received (no system call when one is)."""
+        return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)
+
+    def recv(
+        self, timeout: float | None, before_wait: Callable[[], None] | None = None
+    ) -> tuple[Any, ...] | None:
         """Return the next message, ``None`` after ``timeout`` seconds (``None``: wait forever).
 
-        Messages the broker sent before it died are still returned; after them,
-        :class:`BrokerGoneError` is raised.
+        ``before_wait()`` runs whenever no message is ready, before waiting (or
+        before returning ``None``).  Messages the broker sent before it died are
+        still returned; after them, :class:`BrokerGoneError` is raised.
         """
         if self.closed:
             raise ClosedError("this connection was closed")
@@ -180,7 +191,7 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                raw = sock.recv(zmq.NOBLOCK)
+                raw = sock.recv(_NOBLOCK)
                 self.payload = sock.recv(copy=False) if self.remote and sock.rcvmore else None
             except zmq.Again:
                 pass
@@ -188,6 +199,8 @@ class Connection:
                 raise BrokerGoneError(f"cannot receive from the {self.where}: {exc}") from exc
             else:
                 return P.unpack(raw)
+            if before_wait is not None:
+                before_wait()
             if self.gone:
                 raise BrokerGoneError(f"the {self.where} went away")
             if deadline is None:

@@ -79,7 +79,7 @@ class Chunk:
         """Give the chunk back (idempotent); its memory is reused once no view of it remains."""
         if self._data is not None:
             self._data = None
-            self._sub._flush_releases()
+            self._sub._on_release()
 
     def __len__(self) -> int:
         return 0 if self._data is None else len(self._data)
@@ -172,6 +172,7 @@ class Subscriber:
         if policy not in P.POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         max_inflight = check_size(max_inflight, "max_inflight")
+        self._release_batch = max(1, max_inflight // 2)
         self._sampler = check_sampler(sampler)
         self._prefetch = 0
         wire_sampler: Any = None
@@ -294,13 +295,16 @@ class Subscriber:
     def _recv(self, timeout: float | None) -> Chunk | None:
         if self._closed:
             raise ClosedError(f"{self._where} is closed")
-        if self._dead:
+        if len(self._dead) >= self._release_batch:
             self._flush_releases()
         if self._end is not None:
+            self._flush_releases()
             raise self._end
         while True:
             try:
-                msg = self._conn.recv(timeout)
+                # Releases go out in one message when this subscriber is behind (notices
+                # waiting), and at the latest before it waits for the next notice.
+                msg = self._conn.recv(timeout, self._flush_releases)
             except BrokerGoneError as exc:
                 if not self._reconnect:
                     self._end = exc
@@ -348,6 +352,13 @@ class Subscriber:
             self._jumped = False
             flags |= P.FLAG_DISCONTINUITY
         return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
+
+    def _on_release(self) -> None:
+        # A chunk was given back: send now, unless more notices are already waiting, in
+        # which case the next recv sends this release together with the next ones.
+        dead = self._dead
+        if dead and (len(dead) >= self._release_batch or self._conn.closed or not self._conn.has_input()):
+            self._flush_releases()
 
     def _flush_releases(self) -> None:
         dead = self._dead
