@@ -123,6 +123,26 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    # The harness lives in the source checkout (benchmarks/, with the `bench` extra), not in the wheel.
+    here = Path(__file__).resolve().parents[2] / "benchmarks"
+    script = here / ("run_all.py" if args.scenarios == ["core"] else "compare_all.py")
+    if not script.exists():
+        print(f"slabcast bench: needs the benchmarks/ directory of a source checkout (looked for {script})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sys.path.insert(0, str(here))
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [] if args.scenarios == ["core"] else list(args.scenarios)
+    return int(module.main([*argv, *(["--quick"] if args.quick else [])]) or 0)
+
+
 def _top(args: argparse.Namespace) -> int:
     from ._top import run_top
 
@@ -184,6 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
     p.add_argument("--address", default=None)
     p.set_defaults(func=_record)
+
+    p = sub.add_parser("bench", parents=[common], help="run the benchmark harness (source checkout, bench extra)")
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        default=[],
+        help="fanout latency small soak emit (default: all but soak), or core for the issue-2 harness",
+    )
+    p.add_argument("--quick", action="store_true", help="small runs, for a smoke test")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("top", parents=[common], help="live view of a broker's streams and subscribers")
     p.add_argument("--address", default=None)
