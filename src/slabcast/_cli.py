@@ -136,7 +136,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     sys.path.insert(0, str(here))
     spec = importlib.util.spec_from_file_location(script.stem, script)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     argv = [] if args.scenarios == ["core"] else list(args.scenarios)
