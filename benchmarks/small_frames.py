@@ -1,0 +1,363 @@
+"""Small frames (issue 7): 256-byte frames into slabcast as fast as possible, one subscriber.
+
+A publisher process writes 256 B uint8 frames back to back for ``--seconds``
+(default 3) to a broker process; one subscriber process takes 64 KiB chunks
+(``clip=True``), touches one byte per 4 KiB page and releases them.  Frames/s
+ingested = frames written / (first write -> the subscriber's end of stream, i.e.
+everything delivered).  ``write_fps`` (first write -> last write returned) is in
+the JSON too.  Variants: the library's defaults, and ``Publisher(statistics=0)``
+(no rolling per-frame statistics in the broker).  Target: >= 300,000 frames/s.
+
+Then one more trial (defaults) with py-spy on the publisher and on the broker
+(``py-spy record --function --format raw``, plus one ``py-spy dump`` of each
+mid-run): the top functions by own time (leaf of the sampled stacks) and by
+inclusive time are printed and stored; the raw stacks go to
+``benchmarks/results/small-<time>-{publisher,broker}.txt``.
+
+    .venv/bin/python benchmarks/small_frames.py [--trials 3] [--seconds 3] [--no-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+FRAME = 256
+CHUNK = 64 * C.KiB
+TARGET_FPS = 300_000
+POOL = {"slab_bytes": 4 * C.MiB, "nslabs": 8, "max_chunk_bytes": 1 * C.MiB}
+
+
+def _pub(address: str, stream: str, seconds: float, stats: float | None, ready, go, results) -> None:
+    import slabcast
+
+    extra = {} if stats is None else {"statistics": stats}
+    pub = slabcast.Publisher(stream, dtype="uint8", address=address, timeout=60, **POOL, **extra)
+    frames = C.frame_pattern(FRAME, 4)
+    ready.put(("pub-ready", os.getpid()))
+    go.wait()
+    cpu0 = C.worker_cpu()
+    write = pub.write
+    t_first = time.monotonic()
+    deadline = t_first + seconds
+    k = 0
+    while True:
+        for _ in range(1024):
+            write(frames[k & 3])
+            k += 1
+        if time.monotonic() > deadline:
+            break
+    t_written = time.monotonic()
+    pub.close()
+    results.put(
+        (
+            "pub",
+            {
+                "t_first": t_first,
+                "t_written": t_written,
+                "t_closed": time.monotonic(),
+                "frames": k,
+                "cpu": C.worker_cpu() - cpu0,
+            },
+        )
+    )
+
+
+def _sub(address: str, stream: str, ready, results) -> None:
+    import slabcast
+
+    sub = slabcast.Subscriber(stream, size=CHUNK, clip=True, address=address)
+    ready.put(("sub-ready", os.getpid()))
+    cpu0 = C.worker_cpu()
+    nbytes = acc = 0
+    for chunk in sub:
+        with chunk:
+            d = chunk.data
+            acc += int(d[::4096].sum())
+            nbytes += d.shape[0]
+            del d
+    results.put(
+        (
+            "sub",
+            {
+                "t_end": time.monotonic(),
+                "bytes": nbytes,
+                "dropped": sub.statistics().dropped,
+                "cpu": C.worker_cpu() - cpu0,
+            },
+        )
+    )
+    sub.close()
+
+
+def _rss(pid: int) -> int:
+    """VmRSS of ``pid`` in bytes (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _spy_exe() -> str | None:
+    exe = Path(sys.executable).with_name("py-spy")
+    return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+def trial(broker: Any, tag: str, seconds: float, stats: float | None, profile: Path | None = None) -> dict[str, Any]:
+    stream = f"small{tag}"
+    spies: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    dumps: dict[str, str] = {}
+    with C.Workers() as w:
+        ready, results, go = C.CTX.Queue(), C.CTX.Queue(), C.CTX.Event()
+        pub = w.spawn(_pub, broker.address, stream, seconds, stats, ready, go, results)
+        _, pub_pid = C.get(ready, 60, [pub])
+        w.spawn(_sub, broker.address, stream, ready, results)
+        C.get(ready, 60, w.procs)
+        exe = _spy_exe() if profile else None
+        if exe and profile:
+            for name, pid in (("publisher", pub_pid), ("broker", broker.pid)):
+                path = profile.with_name(f"{profile.name}-{name}.txt")
+                cmd = [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--function",
+                    "--nonblocking",
+                    "-o",
+                    str(path),
+                ]
+                spies.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path))
+            time.sleep(1.0)
+        meter = C.CpuMeter([broker.pid])
+        b0 = C.pid_cpu(broker.pid)
+        go.set()
+        if exe and profile:
+            time.sleep(seconds / 2)
+            for name, pid in (("publisher", pub_pid), ("broker", broker.pid)):
+                r = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True)
+                dumps[name] = r.stdout[-4000:]
+        rss0 = _rss(broker.pid)
+        rss_max = rss0
+        out: dict[str, Any] = {}
+        t_end = time.monotonic() + 120 + seconds * 10
+        while len(out) < 2:  # sample the broker's RSS while the frames flow
+            try:
+                k, v = results.get(timeout=0.2)
+                out[k] = v
+            except Exception:
+                if any(p.exitcode not in (None, 0) for p in w.procs) or time.monotonic() > t_end:
+                    raise RuntimeError("a worker died or the trial timed out") from None
+            rss_max = max(rss_max, _rss(broker.pid))
+        b_cpu = C.pid_cpu(broker.pid) - b0
+        cpu = meter.stop(out["pub"]["cpu"] + out["sub"]["cpu"])
+    prof: dict[str, Any] = {}
+    for name, spy, path in spies:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+        err = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+        if spy.stderr:
+            spy.stderr.close()
+        prof[name] = top_functions(path) | {"raw": str(path), "dump": dumps.get(name, ""), "stderr": err[-500:]}
+    p, s = out["pub"], out["sub"]
+    wall = s["t_end"] - p["t_first"]
+    return {
+        "statistics": stats,
+        "frames": p["frames"],
+        "fps": p["frames"] / wall,
+        "write_fps": p["frames"] / (p["t_written"] - p["t_first"]),
+        "MBps": p["frames"] * FRAME / wall / 1e6,
+        "delivered": s["bytes"],
+        "expected": p["frames"] * FRAME // CHUNK * CHUNK,
+        "dropped": s["dropped"],
+        "complete": s["bytes"] == p["frames"] * FRAME // CHUNK * CHUNK,
+        "broker_rss_before": rss0,
+        "broker_rss_max": rss_max,
+        "cpu": cpu | {"publisher_cpu_s": p["cpu"], "broker_cpu_s": b_cpu, "subscriber_cpu_s": s["cpu"]},
+        "profile": prof,
+    }
+
+
+_BORING = ("multiprocessing/", "<frozen", "<module>", "_cli.py", "__main__", "process ", "Broker.serve", "_pub (")
+
+
+def top_functions(path: Path, n: int = 12) -> dict[str, Any]:
+    """Own (leaf) and inclusive sample shares per function from py-spy's raw collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {"samples": 0, "own": [], "inclusive": []}
+    for line in lines:
+        stack, _, cnt = line.rpartition(" ")
+        if not stack or not cnt.isdigit():
+            continue
+        c = int(cnt)
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        total += c
+        own[frames[-1]] += c
+        for f in set(frames):
+            if not any(x in f for x in _BORING):
+                incl[f] += c
+
+    def pct(cnt: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(k, 100.0 * v / total) for k, v in cnt.most_common(n)] if total else []
+
+    return {"samples": total, "own": pct(own), "inclusive": pct(incl)}
+
+
+def run(trials: int = 3, seconds: float = 3.0, profile: bool = True, verbose: bool = True) -> dict[str, Any]:
+    machine = C.machine_info()
+    raw: dict[str, list[dict[str, Any]]] = {"default": [], "statistics=0": []}
+    prof = None
+    ts = C.timestamp()
+    t0 = time.monotonic()
+    with C.scratch_dir() as tmp, C.broker_at(tmp / "broker.sock") as broker:
+        for t in range(trials):
+            for label, stats in (("default", None), ("statistics=0", 0.0)):
+                rec = trial(broker, f"{t}{label[0]}", seconds, stats)
+                raw[label].append(rec)
+                if verbose:
+                    print(
+                        f"  [{time.monotonic() - t0:4.0f}s] trial {t} {label:13s}: {rec['fps']:9.0f} frames/s "
+                        f"({rec['MBps']:.1f} MB/s; writes {rec['write_fps']:.0f}/s), complete {rec['complete']}, "
+                        f"CPU pub {rec['cpu']['publisher_cpu_s']:.1f} s broker {rec['cpu']['broker_cpu_s']:.1f} s "
+                        f"sub {rec['cpu']['subscriber_cpu_s']:.1f} s, "
+                        f"broker RSS {rec['broker_rss_before'] / C.MiB:.0f}->"
+                        f"{rec['broker_rss_max'] / C.MiB:.0f} MiB, foreign {rec['cpu']['foreign_cores']:.2f} cores",
+                        flush=True,
+                    )
+        if profile:
+            if _spy_exe() is None:
+                print("  py-spy not installed: no profile (.venv/bin/pip install py-spy)")
+            else:
+                C.RESULTS.mkdir(exist_ok=True)
+                prof = trial(broker, "prof", seconds, None, profile=C.RESULTS / f"small-{ts}")
+                if verbose:
+                    print(
+                        f"  [{time.monotonic() - t0:4.0f}s] profiled trial: {prof['fps']:.0f} frames/s "
+                        "(py-spy attached)"
+                    )
+    summary = {
+        k: {
+            "fps": C.summarize([r["fps"] for r in v]),
+            "write_fps": C.summarize([r["write_fps"] for r in v]),
+            "foreign_cores": C.summarize([r["cpu"]["foreign_cores"] for r in v]),
+            "broker_rss_max": C.summarize([r["broker_rss_max"] for r in v]),
+            "complete": all(r["complete"] for r in v),
+        }
+        for k, v in raw.items()
+    }
+    best = max(s["fps"]["median"] for s in summary.values())
+    return {
+        "machine": machine,
+        "trials": trials,
+        "seconds": seconds,
+        "frame": FRAME,
+        "chunk": CHUNK,
+        "summary": summary,
+        "raw": raw,
+        "profiled": prof,
+        "target_fps": TARGET_FPS,
+        "default_ratio": summary["default"]["fps"]["median"] / TARGET_FPS,
+        "best_ratio": best / TARGET_FPS,
+        "elapsed_s": time.monotonic() - t0,
+        "ts": ts,
+    }
+
+
+def report(res: dict[str, Any]) -> str:
+    rows = []
+    for k, s in res["summary"].items():
+        f, wf = s["fps"], s["write_fps"]
+        rows.append(
+            [
+                k,
+                f"{f['median']:,.0f} [{f['min']:,.0f}-{f['max']:,.0f}]",
+                f"{wf['median']:,.0f}",
+                f"{f['median'] / res['target_fps']:.2f}x",
+                "met" if f["median"] >= res["target_fps"] else "MISSED",
+                "yes" if s["complete"] else "NO",
+                f"{s['foreign_cores']['median']:.2f}",
+                f"{s['broker_rss_max']['max'] / C.MiB:.0f}",
+            ]
+        )
+    out = [
+        f"256 B frames, one subscriber of 64 KiB chunks, median [min-max] of {res['trials']} trials of "
+        f"{res['seconds']:g} s\n\n"
+        + C.table(
+            [
+                "publisher",
+                "frames/s delivered",
+                "writes/s",
+                "vs 300k target",
+                "",
+                "complete",
+                "foreign cores",
+                "broker peak RSS MiB",
+            ],
+            rows,
+        )
+    ]
+    p = res.get("profiled")
+    if p:
+        c = p["cpu"]
+        out.append(
+            f"profiled trial: {p['fps']:,.0f} frames/s; CPU over {c['wall_s']:.1f} s: publisher "
+            f"{c['publisher_cpu_s']:.1f} s, broker {c['broker_cpu_s']:.1f} s, subscriber {c['subscriber_cpu_s']:.1f} s"
+        )
+        for name, pr in p["profile"].items():
+            rows = [[f"{pc:.1f}%", fn] for fn, pc in pr["own"][:10]]
+            out.append(
+                f"{name}: top functions by own time ({pr['samples']} samples; raw stacks {pr['raw']})\n\n"
+                + C.table(["own", "function (file:line)"], rows)
+            )
+            rows = [[f"{pc:.1f}%", fn] for fn, pc in pr["inclusive"][:10]]
+            out.append(f"{name}: top functions by inclusive time\n\n" + C.table(["inclusive", "function"], rows))
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--quick", action="store_true", help="1 trial of 1.5 s")
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args(argv)
+    trials, seconds = (1, 1.5) if a.quick else (a.trials, a.seconds)
+    res = run(trials, seconds, not a.no_profile)
+    path = C.write_json(f"small-frames-{res['ts']}", res)
+    print(report(res))
+    print(f"json: {path}  elapsed {res['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
