@@ -328,3 +328,25 @@ def write_json(name: str, data: Any) -> Path:
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def zmq_subscriber(endpoint: str, sync: str, tag: str, ready: Any) -> tuple[Any, Any, Any]:
+    """A pyzmq SUB baseline consumer, past the slow-joiner handshake: wait for the publisher's
+    "H" hello on the SUB socket, answer on the PUSH ``sync`` socket, then report ready.
+
+    Returns ``(context, sub, push)``; the caller closes them.
+    """
+    import zmq
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(sync)
+    while sub.recv() != b"H":
+        pass
+    push.send(tag.encode())
+    ready.put(("sub-ready", tag))
+    return ctx, sub, push

@@ -196,19 +196,8 @@ def _pub_zmq(endpoint: str, sync: str, frame: int, nframes: int, cap: float, n: 
 
 
 def _sub_zmq(endpoint: str, sync: str, tag: str, size: int, ready, results):
-    import zmq
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(sync)
-    while sub.recv() != b"H":
-        pass
-    push.send(tag.encode())
-    ready.put(("sub-ready", tag))
+    ctx, sub, push = C.zmq_subscriber(endpoint, sync, tag, ready)
     cpu0 = C.worker_cpu()
     buf = np.empty(size + 1 * MiB, dtype=np.uint8)
     fill = nbytes = nchunks = acc = drops = expect = 0

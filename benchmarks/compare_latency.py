@@ -124,19 +124,8 @@ def _pub_zmq(endpoint: str, sync: str, nbytes: int, count: int, rate: float, n: 
 
 
 def _sub_zmq(endpoint: str, sync: str, tag: str, nbytes: int, count: int, ready, results):
-    import zmq
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(sync)
-    while sub.recv() != b"H":
-        pass
-    push.send(tag.encode())
-    ready.put(("sub-ready", tag))
+    ctx, sub, push = C.zmq_subscriber(endpoint, sync, tag, ready)
     cpu0 = C.worker_cpu()
     lat = np.empty(count, dtype=np.int64)
     clock = time.monotonic_ns

@@ -331,19 +331,8 @@ def _zmq_pub(endpoint: str, sync: str, nsubs: int, nframes: int, ready: Any, go:
 
 
 def _zmq_sub(endpoint: str, sync: str, tag: str, size: int, clip: bool, mode: str, ready: Any, results: Any) -> None:
-    import zmq
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(sync)
-    while sub.recv() != b"H":
-        pass
-    push.send(tag.encode())
-    ready.put(("sub-ready", tag))
+    ctx, sub, push = C.zmq_subscriber(endpoint, sync, tag, ready)
     cpu0 = C.worker_cpu()
     buf = np.empty(size + FRAME_BYTES, dtype=np.uint8)
     fill = start = nbytes = nchunks = acc = bad = drops = expect = 0

@@ -163,19 +163,8 @@ def _zmq_pub(endpoint: str, sync: str, nsubs: int, frame_bytes: int, count: int,
 
 
 def _zmq_sub(endpoint: str, sync: str, tag: str, count: int, ready: Any, results: Any) -> None:
-    import zmq
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(sync)
-    while sub.recv() != b"H":
-        pass
-    push.send(tag.encode())
-    ready.put(("sub-ready", tag))
+    ctx, sub, push = C.zmq_subscriber(endpoint, sync, tag, ready)
     lat = np.full(count, -1, dtype=np.int64)
     cpu0 = C.worker_cpu()
     clock = time.monotonic_ns

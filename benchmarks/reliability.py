@@ -9,9 +9,9 @@ import threading
 import time
 
 import numpy as np
+from tests.integration import workers as W
 
 import slabcast
-from tests.integration import workers as W
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
             q.get(timeout=30)
             done = threading.Event()
 
-            def w():
+            def w(pub=pub, done=done):
                 for i in range(40):
                     pub.write(np.full(256, i, np.int32))
                 done.set()
