@@ -12,6 +12,7 @@ import secrets
 import select
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -174,6 +175,10 @@ def _serve(
                         status, payload = _ERROR, _pack_exception(err)
                 result = None
             del value
+            # What the callback printed shows now, not when the worker exits (or never, if it is killed).
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
             _write_all(wfd, _RESULT.pack(seq, status, len(payload)) + payload)
 
 
