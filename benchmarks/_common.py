@@ -350,3 +350,30 @@ def zmq_subscriber(endpoint: str, sync: str, tag: str, ready: Any) -> tuple[Any,
     push.send(tag.encode())
     ready.put(("sub-ready", tag))
     return ctx, sub, push
+
+
+def zmq_publisher(endpoint: str, sync: str) -> tuple[Any, Any, Any]:
+    """A pyzmq PUB baseline publisher: PUB bound at ``endpoint`` (no high-water mark, so
+    nothing is dropped) and a PULL at ``sync`` for the subscribers' handshake answers.
+
+    Returns ``(context, pub, pull)``; the caller closes them.
+    """
+    import zmq
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind(endpoint)
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(sync)
+    return ctx, pub, pull
+
+
+def zmq_handshake(pub: Any, pull: Any, nsubs: int) -> set[bytes]:
+    """Slow-joiner handshake: send "H" hellos until ``nsubs`` subscribers answered (see zmq_subscriber)."""
+    acked: set[bytes] = set()
+    while len(acked) < nsubs:
+        pub.send(b"H")
+        while pull.poll(10):
+            acked.add(pull.recv())
+    return acked

@@ -164,19 +164,9 @@ def _sub_slabcast(address: str, stream: str, tag: str, size: int, ready, results
 
 
 def _pub_zmq(endpoint: str, sync: str, frame: int, nframes: int, cap: float, n: int, ready, go, results):
-    import zmq
 
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(endpoint)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(sync)
-    acked: set[bytes] = set()
-    while len(acked) < n:  # slow-joiner handshake
-        pub.send(b"H")
-        while pull.poll(10):
-            acked.add(pull.recv())
+    ctx, pub, pull = C.zmq_publisher(endpoint, sync)
+    C.zmq_handshake(pub, pull, n)
     ready.put(("pub-ready", os.getpid()))
     go.wait()
     cpu0 = C.worker_cpu()

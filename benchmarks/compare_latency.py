@@ -100,19 +100,9 @@ def _sub_slab(address: str, stream: str, tag: str, nbytes: int, count: int, read
 
 
 def _pub_zmq(endpoint: str, sync: str, nbytes: int, count: int, rate: float, n: int, ready, go, results):
-    import zmq
 
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(endpoint)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(sync)
-    acked: set[bytes] = set()
-    while len(acked) < n:
-        pub.send(b"H")
-        while pull.poll(10):
-            acked.add(pull.recv())
+    ctx, pub, pull = C.zmq_publisher(endpoint, sync)
+    C.zmq_handshake(pub, pull, n)
     ready.put(("pub-ready", os.getpid()))
     go.wait()
     cpu0 = C.worker_cpu()

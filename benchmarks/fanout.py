@@ -298,20 +298,10 @@ def run_ppe(specs: list[tuple[int, bool]], nframes: int, mode: str) -> dict[str,
 
 
 def _zmq_pub(endpoint: str, sync: str, nsubs: int, nframes: int, ready: Any, go: Any, results: Any) -> None:
-    import zmq
 
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 0)  # never drop: queue instead (drops are still counted by the subscribers)
-    pub.bind(endpoint)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(sync)
+    ctx, pub, pull = C.zmq_publisher(endpoint, sync)  # no HWM: queue, never drop (subscribers count drops)
     ready.put(("pub-ready", os.getpid()))
-    acked: set[bytes] = set()
-    while len(acked) < nsubs:  # slow-joiner handshake: hello until every subscriber answered
-        pub.send(b"H")
-        while pull.poll(10):
-            acked.add(pull.recv())
+    acked = C.zmq_handshake(pub, pull, nsubs)
     ready.put(("pub-synced", len(acked)))
     frames = C.frame_pattern(FRAME_BYTES)
     words = [f.view(np.uint64) for f in frames]

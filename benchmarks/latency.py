@@ -126,20 +126,10 @@ def run_slabcast(
 
 
 def _zmq_pub(endpoint: str, sync: str, nsubs: int, frame_bytes: int, count: int, rate: float, ready, go, results):
-    import zmq
 
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(endpoint)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(sync)
+    ctx, pub, pull = C.zmq_publisher(endpoint, sync)
     ready.put(("pub-ready", os.getpid()))
-    acked: set[bytes] = set()
-    while len(acked) < nsubs:  # slow-joiner handshake
-        pub.send(b"H")
-        while pull.poll(10):
-            acked.add(pull.recv())
+    acked = C.zmq_handshake(pub, pull, nsubs)
     ready.put(("pub-synced", len(acked)))
     frame = C.frame_pattern(frame_bytes, 1)[0]
     words = frame.view(np.uint64)
