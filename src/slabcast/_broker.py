@@ -182,7 +182,6 @@ class _Stream:
         self.publisher: _Client | None = None
         self.subs: list[_Sub] = []
         self.ended = False
-        self.created = time.time()
         self.stats_window = 0.0  # seconds of stream time kept for rolling statistics; 0: none
         # Per frame: (t0, arrival, n, sum, sum of squares, min, max), the last three per channel.
         self.stat_frames: deque[tuple[float, float, int, Any, Any, Any, Any]] = deque()
@@ -1005,10 +1004,25 @@ class Broker:
         self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))
 
     @staticmethod
-    def _lag(stream: _Stream, sub: _Sub) -> int:
-        """Samples between the oldest one this subscriber is not done with and the newest."""
-        oldest = min(sub.starts.values(), default=sub.chunker.start if sub.chunker.start is not None else stream.head)
-        return stream.head - oldest
+    def _sub_status(stream: _Stream, sub: _Sub) -> dict[str, Any]:
+        # Lag: samples between the oldest one this subscriber is not done with and the newest.
+        pending = sub.chunker.start if sub.chunker.start is not None else stream.head
+        lag = stream.head - min(sub.starts.values(), default=pending)
+        return {
+            "label": sub.client.label,
+            "pid": sub.client.pid,
+            "size": sub.chunker.size,
+            "clip": sub.chunker.clip,
+            "policy": sub.policy,
+            "seq": sub.seq,
+            "delivered": sub.delivered,
+            "dropped": sub.dropped,
+            "leases": len(sub.leases),
+            "lag_samples": lag,
+            "lag_seconds": lag / stream.rate if stream.rate else None,
+            "backlog": len(sub.backlog),
+            "overflows": sub.overflows,
+        }
 
     def status(self) -> dict[str, Any]:
         """Return the broker's state as plain data (streams, subscribers, pool use)."""
@@ -1028,24 +1042,7 @@ class Broker:
                     "slabs_free": len(s.free),
                     "statistics": s.statistics(),
                     "channel_names": s.channel_names,
-                    "subscribers": [
-                        {
-                            "label": u.client.label,
-                            "pid": u.client.pid,
-                            "size": u.chunker.size,
-                            "clip": u.chunker.clip,
-                            "policy": u.policy,
-                            "seq": u.seq,
-                            "delivered": u.delivered,
-                            "dropped": u.dropped,
-                            "leases": len(u.leases),
-                            "lag_samples": self._lag(s, u),
-                            "lag_seconds": self._lag(s, u) / s.rate if s.rate else None,
-                            "backlog": len(u.backlog),
-                            "overflows": u.overflows,
-                        }
-                        for u in s.subs
-                    ],
+                    "subscribers": [self._sub_status(s, u) for u in s.subs],
                 }
             )
         from . import __version__
