@@ -373,6 +373,19 @@ class _Pool:
 
     def shutdown(self, wait: bool) -> None:
         """Stop the workers (after the chunks out with them are done, if ``wait``) and free the buffers."""
+        if wait:
+            self.drain()
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._closing()
+        self._stop(wait)
+
+    def _closing(self) -> None:
+        """Called once, under the lock, as the pool closes (no new chunk can be dispatched)."""
+
+    def _stop(self, wait: bool) -> None:
         raise NotImplementedError
 
     def owns(self, thread: threading.Thread) -> bool:
@@ -454,14 +467,8 @@ class _ThreadPool(_Pool):
         """Whether ``thread`` is one of this pool's."""
         return thread in self.threads
 
-    def shutdown(self, wait: bool) -> None:
-        if wait:
-            self.drain()
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            threads = list(self.threads)
+    def _stop(self, wait: bool) -> None:
+        threads = list(self.threads)
         for _ in threads:
             self.tasks.put(None)
         if wait:
@@ -515,6 +522,7 @@ class _ProcessPool(_Pool):
 
     def __init__(self, core: _Core, npool: int, asbuffer: bool) -> None:
         super().__init__(core, npool, _SLAB_MIN)
+        self._stopping: list[_Worker] = []  # the workers being stopped (see _closing)
         self.ctx = mp.get_context("spawn")
         self.prefix = segment_prefix(os.getpid(), secrets.randbits(32))
         self.asbuffer = asbuffer
@@ -767,18 +775,15 @@ class _ProcessPool(_Pool):
         """Whether ``thread`` is this pool's collector."""
         return thread is self.collector
 
-    def shutdown(self, wait: bool) -> None:
-        if wait:
-            self.drain()
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            workers = list(self.workers)
-            for w in workers:
-                w.stopping = True
-                with contextlib.suppress(OSError):
-                    w.notices.close()  # end-of-file: the worker exits once its notices are done
+    def _closing(self) -> None:
+        self._stopping = list(self.workers)
+        for w in self._stopping:
+            w.stopping = True
+            with contextlib.suppress(OSError):
+                w.notices.close()  # end-of-file: the worker exits once its notices are done
+
+    def _stop(self, wait: bool) -> None:
+        workers = self._stopping
         for w in workers:
             w.proc.join(_JOIN_TIMEOUT if wait else 1.0)
             if w.proc.exitcode is None:
