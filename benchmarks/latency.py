@@ -50,18 +50,12 @@ def _pace(period: float, t_next: float) -> float:
     return t_next + period
 
 
-# ----------------------------------------------------------------------------- slabcast
-
-
-def _slab_pub(address: str, stream: str, frame_bytes: int, count: int, rate: float, stats, ready, go, results):
-    import slabcast
-
-    extra = {} if stats is None else {"statistics": stats}  # None: the library's default
-    pub = slabcast.Publisher(stream, dtype="uint8", channels=1, address=address, timeout=60, **POOL, **extra)
+def _paced_writes(send, frame_bytes: int, count: int, rate: float, go) -> tuple[np.ndarray, float]:
+    """After ``go``, send ``count`` frames at ``rate``/s, each stamped with its number and the send time
+    (monotonic ns, read by the consumer); return each send's duration (ns) and the CPU time at the start."""
     frame = C.frame_pattern(frame_bytes, 1)[0]
     words = frame.view(np.uint64)
     write_ns = np.empty(count, dtype=np.int64)
-    ready.put(("pub-ready", os.getpid()))
     go.wait()
     cpu0 = C.worker_cpu()
     period = 1.0 / rate
@@ -71,8 +65,21 @@ def _slab_pub(address: str, stream: str, frame_bytes: int, count: int, rate: flo
         t_next = _pace(period, t_next)
         words[0] = k
         words[1] = t = clock()
-        pub.write(frame)
+        send(frame)
         write_ns[k] = clock() - t
+    return write_ns, cpu0
+
+
+# ----------------------------------------------------------------------------- slabcast
+
+
+def _slab_pub(address: str, stream: str, frame_bytes: int, count: int, rate: float, stats, ready, go, results):
+    import slabcast
+
+    extra = {} if stats is None else {"statistics": stats}  # None: the library's default
+    pub = slabcast.Publisher(stream, dtype="uint8", channels=1, address=address, timeout=60, **POOL, **extra)
+    ready.put(("pub-ready", os.getpid()))
+    write_ns, cpu0 = _paced_writes(pub.write, frame_bytes, count, rate, go)
     pub.close()
     results.put(("pub", {"write_ns": write_ns, "cpu": C.worker_cpu() - cpu0}))
 
@@ -131,20 +138,7 @@ def _zmq_pub(endpoint: str, sync: str, nsubs: int, frame_bytes: int, count: int,
     ready.put(("pub-ready", os.getpid()))
     acked = C.zmq_handshake(pub, pull, nsubs)
     ready.put(("pub-synced", len(acked)))
-    frame = C.frame_pattern(frame_bytes, 1)[0]
-    words = frame.view(np.uint64)
-    write_ns = np.empty(count, dtype=np.int64)
-    go.wait()
-    cpu0 = C.worker_cpu()
-    period = 1.0 / rate
-    t_next = time.monotonic() + period
-    clock = time.monotonic_ns
-    for k in range(count):
-        t_next = _pace(period, t_next)
-        words[0] = k
-        words[1] = t = clock()
-        pub.send(frame, copy=True)
-        write_ns[k] = clock() - t
+    write_ns, cpu0 = _paced_writes(lambda frame: pub.send(frame, copy=True), frame_bytes, count, rate, go)
     pub.send(b"E")
     pull.close(linger=0)
     pub.close(linger=-1)
@@ -207,21 +201,12 @@ def _unix_pub(path: str, nsubs: int, frame_bytes: int, count: int, rate: float, 
     for c in conns:
         c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * C.MiB)
     ready.put(("pub-synced", nsubs))
-    frame = C.frame_pattern(frame_bytes, 1)[0]
-    words = frame.view(np.uint64)
-    write_ns = np.empty(count, dtype=np.int64)
-    go.wait()
-    cpu0 = C.worker_cpu()
-    period = 1.0 / rate
-    t_next = time.monotonic() + period
-    clock = time.monotonic_ns
-    for k in range(count):
-        t_next = _pace(period, t_next)
-        words[0] = k
-        words[1] = t = clock()
+
+    def send(frame):
         for c in conns:
             c.send(frame)
-        write_ns[k] = clock() - t
+
+    write_ns, cpu0 = _paced_writes(send, frame_bytes, count, rate, go)
     for c in conns:
         c.send(b"E")
         c.close()
