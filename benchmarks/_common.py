@@ -238,10 +238,9 @@ def broker_at(address: Path) -> Iterator[Any]:
 
 def segments_of(pid: int) -> list[str]:
     """The /dev/shm segments of broker ``pid`` that still exist."""
-    try:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"slabcast.{pid}."))
-    except FileNotFoundError:
-        return []
+    from slabcast._shm import broker_segments
+
+    return broker_segments(pid)
 
 
 def get(queue: Any, timeout: float, procs: Sequence[Any] = ()) -> Any:

@@ -43,7 +43,7 @@ from typing import Any
 
 from ._exceptions import ShmFullError
 
-__all__ = ["HEADER_BYTES", "Segment", "attach", "pid_alive", "reap_stale", "segment_prefix"]
+__all__ = ["HEADER_BYTES", "Segment", "attach", "broker_segments", "pid_alive", "reap_stale", "segment_prefix"]
 
 MAGIC = b"SLABCAST"
 LAYOUT = 1
@@ -150,6 +150,15 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no procfs: trust kill()
     return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def broker_segments(pid: int | None = None, shm_dir: str = SHM_DIR) -> list[str]:
+    """Names of the slabcast segments that exist now: all of them, or those of broker ``pid``."""
+    prefix = "slabcast." if pid is None else f"slabcast.{pid}."
+    try:
+        return sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
 
 
 def reap_stale(shm_dir: str = SHM_DIR) -> list[str]:

@@ -34,17 +34,9 @@ import pytest
 from ._address import ipc_path
 from ._process import BrokerProcess
 from ._publisher import Publisher
-from ._shm import SHM_DIR
+from ._shm import broker_segments
 
 __all__ = ["Workers", "broker_segments", "feed"]
-
-
-def broker_segments(pid: int) -> list[str]:
-    """Names of the shared-memory segments of broker ``pid`` that exist now."""
-    try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(f"slabcast.{pid}."))
-    except FileNotFoundError:
-        return []
 
 
 class Workers:
