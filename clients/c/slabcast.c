@@ -36,7 +36,7 @@ enum {
 
 /* Segment header (docs/protocol.md 6.1), little-endian; only what we check is read. */
 #define HDR_MAGIC 0              /* 8 bytes "SLABCAST" */
-#define HDR_LAYOUT 8             /* u32, 1 */
+#define HDR_LAYOUT 8             /* u32, 2 (1 before the generation table; same fields for us) */
 #define HDR_HEADER_BYTES 12      /* u32, where slab 0 starts */
 #define HDR_SAMPLE_BYTES 28      /* u32, dtype size * channels */
 #define HDR_MIN_BYTES 136
@@ -610,8 +610,8 @@ static int map_segment(sc_client *c, size_t nbytes)
     const unsigned char *h = c->map;
     uint32_t layout = read_u32le(h + HDR_LAYOUT), header = read_u32le(h + HDR_HEADER_BYTES);
     uint32_t sample_bytes = read_u32le(h + HDR_SAMPLE_BYTES);
-    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || layout != 1)
-        return fail(c, SC_EPROTO, "segment %s does not start with magic SLABCAST and layout 1 (%s)", shm_name,
+    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || (layout != 1 && layout != 2))
+        return fail(c, SC_EPROTO, "segment %s does not start with magic SLABCAST and layout 1 or 2 (%s)", shm_name,
                     c->where);
     if (sample_bytes != c->info.sample_bytes || header < HDR_MIN_BYTES || header > nbytes)
         return fail(c, SC_EPROTO,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -28,8 +30,9 @@ import zmq
 from . import _protocol as P
 from ._address import AddressLock, ipc_path, normalize
 from ._exceptions import ProtocolError, ShmFullError
+from ._pool import SlabPool
 from ._rechunk import Rechunker
-from ._shm import HEADER_BYTES, Segment, pid_alive, reap_stale, segment_prefix
+from ._shm import GEN_OFFSET, Segment, header_bytes, lock_slab, pid_alive, reap_stale, segment_prefix
 
 __all__ = ["Broker"]
 
@@ -48,8 +51,9 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 
-# Slab states.
-_FREE, _GRANTED, _CURRENT, _RETIRED = range(4)
+_MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
+_NOTICE_HWM = 100_000  # notices queued per subscriber before the notice socket drops (visible as a seq gap)
+_TOKEN_TTL = 30.0  # seconds a notice-socket token seen before its SUBSCRIBE is remembered
 
 
 class _Refused(Exception):
@@ -61,31 +65,42 @@ class _Refused(Exception):
 
 
 class _Client:
-    __slots__ = ("ident", "label", "last_seen", "pid", "remote", "role", "stream", "sub")
+    __slots__ = ("ident", "label", "last_seen", "pid", "remote", "role", "stream", "sub", "version")
 
-    def __init__(self, ident: bytes, pid: int, role: str, label: str) -> None:
+    def __init__(self, ident: bytes, pid: int, role: str, label: str, version: int) -> None:
         self.ident = ident  # routing id; prefixed with b"T" for clients of the TCP socket
         self.remote = ident[:1] == _TCP
         self.last_seen = time.monotonic()
         self.pid = pid
         self.role = role
         self.label = label
+        self.version = version
         self.stream: _Stream | None = None  # the stream this client publishes
         self.sub: _Sub | None = None
 
 
 class _Sub:
-    """One subscription: its rechunker, its leases and its flow control."""
+    """One subscription.
+
+    ``cut == "local"``: the subscriber cuts its own chunks from the stream's frame
+    notices; the broker only keeps its cursor (for ``block``) and its counters as
+    reported by ACK.  ``cut == "broker"`` (protocol version 1 and TCP clients): the
+    broker runs its rechunker, leases and flow control as version 1 did.
+    """
 
     __slots__ = (
         "backlog",
         "chunker",
         "client",
+        "clip",
         "const_pause",
+        "cursor",
+        "cut",
         "delivered",
         "delivered_at",
         "dropped",
         "end",
+        "held",
         "inflight",
         "jumped",
         "last_pause",
@@ -96,17 +111,33 @@ class _Sub:
         "policy",
         "remote_held",
         "seq",
+        "size",
+        "stalled_since",
         "starts",
         "stream",
     )
 
     def __init__(
-        self, client: _Client, stream: _Stream, size: int, clip: bool, policy: str, max_inflight: int, sampler: Any
+        self,
+        client: _Client,
+        stream: _Stream,
+        size: int,
+        clip: bool,
+        policy: str,
+        max_inflight: int,
+        sampler: Any,
+        cut: str,
     ) -> None:
         self.client = client
         self.stream = stream
+        self.size = size
+        self.clip = clip
+        self.cut = cut
         self.policy = policy
         self.max_inflight = max_inflight
+        self.cursor = stream.head  # local cut: index just past the last frame it has read
+        self.stalled_since: float | None = None
+        self.held = 0  # local cut: chunks it holds, as last reported
         self.inflight = 0
         self.leases: dict[int, int] = {}  # seq -> slab
         self.backlog: deque[tuple[int, bytes, int, int]] = deque()  # (seq, CHUNK, offset, nbytes) awaiting credit
@@ -129,7 +160,7 @@ class _Sub:
         elif isinstance(sampler, tuple):
             self.pauses.extend(sampler)
             next_pause = self._next_pause
-        self.chunker = Rechunker(size, clip, stream.rate, next_pause)
+        self.chunker = Rechunker(size, clip, stream.rate, next_pause) if cut == "broker" else None
 
     def _const(self) -> float:
         return self.const_pause  # type: ignore[return-value]
@@ -143,11 +174,12 @@ class _Sub:
 
 
 class _Stream:
-    """A stream's segment, slab states and the position of its newest sample."""
+    """A stream's segment, slab pool, notice counter and the position of its newest sample."""
 
     def __init__(
         self,
         name: str,
+        sid: int,
         dtype: np.dtype[Any],
         channels: int,
         rate: float | None,
@@ -156,8 +188,11 @@ class _Stream:
         reserve: int,
         channel_names: list[str],
         segment: Segment,
+        header: int,
     ) -> None:
         self.name = name
+        self.sid = sid
+        self.topic = P.stream_topic(name)
         self.dtype = dtype
         self.channels = channels
         self.rate = rate
@@ -165,37 +200,82 @@ class _Stream:
         self.slab_bytes = slab_bytes
         self.nslabs = nslabs
         self.reserve = reserve
+        self.header = header
         self.channel_names = channel_names
         self.segment = segment
         self.u8 = np.frombuffer(segment.buf, dtype=np.uint8)
-        self.state = [_FREE] * nslabs
-        self.leases = [0] * nslabs
-        self.free: deque[int] = deque(range(nslabs))
-        self.granted: deque[int] = deque()
-        self.current: int | None = None
+        self.gens = np.frombuffer(segment.buf, dtype="<u4", count=nslabs, offset=GEN_OFFSET)
+        fd = segment.fd
+
+        def take(slab: int) -> bool:
+            return lock_slab(fd, slab, fcntl.F_WRLCK)
+
+        def put(slab: int) -> None:
+            lock_slab(fd, slab, fcntl.F_UNLCK)
+
+        self.pool = SlabPool(nslabs, self.gens, take, put)  # type: ignore[arg-type]
         self.base_index = 0  # offset(index) = base_offset + (index - base_index) * sample_bytes
         self.base_offset = 0
         self.next_offset = -1
         self.slab_end = 0
+        self.floor = 0  # lowest index readable contiguously from the current slab (its carry)
+        self.carry = 0  # bytes of each slab's tail the publisher copies into the next (asked)
         self.head = 0  # index of the next sample
         self.frames = 0
+        self.notice_seq = 0
         self.publisher: _Client | None = None
         self.subs: list[_Sub] = []
         self.ended = False
-        self.stats_window = 0.0  # seconds of stream time kept for rolling statistics; 0: none
-        # Per frame: (t0, arrival, n, sum, sum of squares, min, max), the last three per channel.
-        self.stat_frames: deque[tuple[float, float, int, Any, Any, Any, Any]] = deque()
+        self.stats = _Statistics(dtype, channels, rate)
 
-    def account(self, offset: int, n: int, t0: float) -> None:
-        """Add a frame to the rolling statistics: a few vectorised reductions, no per-sample Python."""
-        v = self.u8[offset : offset + n * self.sample_bytes].view(self.dtype).reshape(n, self.channels)
+    def slab_start(self, slab: int) -> int:
+        return self.header + slab * self.slab_bytes
+
+    def floor_index(self) -> int | None:
+        """The lowest cursor of the lossless local subscribers, or None if there are none."""
+        cursors = [u.cursor for u in self.subs if u.cut == "local" and u.policy == "block"]
+        return min(cursors) if cursors else None
+
+    def needed_carry(self) -> int:
+        """Bytes of tail every subscriber's chunks may need carried into a new slab."""
+        size = max((u.size for u in self.subs), default=0)
+        return min(self.reserve, size * self.sample_bytes)
+
+
+class _Statistics:
+    """Rolling per-channel statistics over the last ``window`` seconds of stream time.
+
+    Bounded whatever the frames' ``t0`` (constant, NaN, backwards, longer than the
+    window): frames are kept by *sample count* (``window * rate`` samples, at
+    least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.
+    Nothing here is on the notice path: the broker calls :meth:`account` after the
+    notices are out, and an error in it is logged and switches statistics off.
+    """
+
+    def __init__(self, dtype: np.dtype[Any], channels: int, rate: float | None) -> None:
+        self.dtype = dtype
+        self.channels = channels
+        self.rate = rate
+        self.window = 0.0
+        self.limit = 0  # samples kept
+        self.kept = 0
+        # Per frame: (arrival, n, sum, sum of squares, min, max), the last four per channel.
+        self.frames: deque[tuple[float, int, Any, Any, Any, Any]] = deque()
+
+    def configure(self, window: float) -> None:
+        self.window = window
+        self.limit = max(1, round(window * self.rate)) if self.rate else 0
+
+    def account(self, u8: np.ndarray[Any, Any], offset: int, n: int) -> None:
+        """Add a frame: a few vectorised reductions, no per-sample Python."""
+        sample_bytes = self.dtype.itemsize * self.channels
+        v = u8[offset : offset + n * sample_bytes].view(self.dtype).reshape(n, self.channels)
         # Reductions down the strided sample axis are several times slower than along
         # contiguous rows: one channels-first copy pays for itself.
         w = np.ascontiguousarray(v.T)
-        frames = self.stat_frames
+        frames = self.frames
         frames.append(
             (
-                t0,
                 time.monotonic(),
                 n,
                 w.sum(axis=1, dtype=np.float64),
@@ -204,29 +284,34 @@ class _Stream:
                 w.max(axis=1),
             )
         )
-        # Keep the frames that start within the last window of stream time (up to the newest sample's end).
-        horizon = t0 + (n / self.rate if self.rate else 0.0) - self.stats_window - 1e-9
-        while frames[0][0] < horizon:
-            frames.popleft()
+        self.kept += n
+        if self.rate:
+            # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
+            while len(frames) > 1 and self.kept - frames[0][1] >= self.limit:
+                self.kept -= frames.popleft()[1]
+        else:
+            # No rate: the window is arrival time, which only moves forward.
+            horizon = frames[-1][0] - self.window
+            while len(frames) > 1 and frames[0][0] < horizon:
+                self.kept -= frames.popleft()[1]
+        while len(frames) > _MAX_STAT_FRAMES:
+            self.kept -= frames.popleft()[1]
 
-    def statistics(self) -> dict[str, Any]:
-        """Rolling per-channel statistics over the last ``stats_window`` seconds, plus totals."""
-        out: dict[str, Any] = {"name": self.name, "samples": self.head, "frames": self.frames,
-                               "window_seconds": self.stats_window}  # fmt: skip
-        frames = self.stat_frames
+    def summary(self, out: dict[str, Any]) -> dict[str, Any]:
+        frames = self.frames
         if not frames:
             return out
-        n = sum(f[2] for f in frames)
-        total = np.sum([f[3] for f in frames], axis=0)
-        squares = np.sum([f[4] for f in frames], axis=0)
+        n = sum(f[1] for f in frames)
+        total = np.sum([f[2] for f in frames], axis=0)
+        squares = np.sum([f[3] for f in frames], axis=0)
         mean = total / n
         std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-        lo = np.min([f[5] for f in frames], axis=0)
-        hi = np.max([f[6] for f in frames], axis=0)
-        span = frames[-1][1] - frames[0][1]
+        lo = np.min([f[4] for f in frames], axis=0)
+        hi = np.max([f[5] for f in frames], axis=0)
+        span = frames[-1][0] - frames[0][0]
         out.update(
             window_samples=n,
-            observed_rate=(n - frames[0][2]) / span if span > 0 else None,
+            observed_rate=(n - frames[0][1]) / span if span > 0 else None,
             mean=mean.tolist(),
             std=std.tolist(),
             min=lo.tolist(),
@@ -234,15 +319,6 @@ class _Stream:
             ptp=(hi.astype(np.float64) - lo).tolist(),
         )
         return out
-
-    def slab_start(self, slab: int) -> int:
-        return HEADER_BYTES + slab * self.slab_bytes
-
-    def unpin(self, slab: int) -> None:
-        self.leases[slab] -= 1
-        if self.leases[slab] == 0 and self.state[slab] == _RETIRED:
-            self.state[slab] = _FREE
-            self.free.append(slab)
 
 
 class Broker:
@@ -298,6 +374,22 @@ class Broker:
                 self._lock.release()
             raise OSError(f"cannot bind the broker to {self.address}: {exc}") from exc
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Frame notices: one XPUB send reaches every local subscriber of a stream (topic = stream name).
+        self._pub = self._ctx.socket(zmq.XPUB)
+        self._pub.setsockopt(zmq.SNDHWM, _NOTICE_HWM)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        path = ipc_path(self.address)
+        self.notice_address: str | None = None
+        if path is not None:
+            self.notice_address = f"ipc://{path}.n"
+            try:
+                self._pub.bind(self.notice_address)
+            except zmq.ZMQError as exc:
+                self._close_sockets()
+                if self._lock:
+                    self._lock.release()
+                raise OSError(f"cannot bind the broker's notice socket to {self.notice_address}: {exc}") from exc
         self._tcp: zmq.Socket[Any] | None = None
         self._auth: Any = None
         self.tcp_address: str | None = None
@@ -306,6 +398,7 @@ class Broker:
         self._clients: dict[bytes, _Client] = {}
         self._streams: dict[str, _Stream] = {}  # open streams by name
         self._draining: list[_Stream] = []  # ended streams whose subscribers are still attached
+        self._pending: dict[str, list[tuple[_Client, tuple[Any, ...]]]] = {}  # SUBSCRIBE before OPEN
         self._outbox: dict[bytes, deque[Any]] = {}
         self._segments = 0
         self._stopping = False
@@ -322,6 +415,7 @@ class Broker:
             P.UNSUBSCRIBE: self._on_unsubscribe,
             P.SYNC: self._on_sync,
             P.STATS: self._on_stats,
+            P.ACK: self._on_ack,
         }
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
@@ -385,6 +479,7 @@ class Broker:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        poller.register(self._pub, zmq.POLLIN)
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
@@ -402,6 +497,8 @@ class Broker:
                     self._drain()
                 if self._tcp is not None and self._tcp in events:
                     self._drain(self._tcp)
+                if self._pub in events:
+                    self._drain_subscriptions()
                 if self._monitor in events:
                     self._drain_monitor()
                 if wake_r.fileno() in events:
@@ -439,6 +536,22 @@ class Broker:
                 continue
             self._on_message(key, parts[0])
 
+    def _drain_subscriptions(self) -> None:
+        """Answer each new token subscription on the notice socket with JOINED on that token.
+
+        A subscriber subscribes to its stream's topic and then to a random token
+        topic on the same socket; once JOINED arrives it knows every later notice
+        of its stream reaches it, and only then sends SUBSCRIBE (no slow joiner).
+        """
+        while True:
+            try:
+                event = self._pub.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            if len(event) > 2 and event[0] == 1 and event[1] == 1:
+                with contextlib.suppress(zmq.Again):
+                    self._pub.send(event[1:] + P.pack([P.JOINED]), _NOBLOCK)
+
     def _drain_monitor(self) -> None:
         disconnected = False
         while True:
@@ -453,10 +566,14 @@ class Broker:
     def _sweep(self) -> None:
         """Drop dead clients (after handling what they sent); evict subscribers that hold leases too long."""
         now = self._last_sweep = time.monotonic()
-        if self.lease_timeout > 0:
-            for stream in list(self._streams.values()):
+        for stream in list(self._streams.values()):
+            # Readers that died (kill -9) dropped their lease locks with their descriptors.
+            self._grant(stream)
+            if self.lease_timeout > 0:
+                self._check_gating(stream, now)
                 for sub in list(stream.subs):
-                    self._check_leases(sub, now)
+                    if sub.chunker is not None:
+                        self._check_leases(sub, now)
         dead = [
             c
             for c in self._clients.values()
@@ -472,6 +589,37 @@ class Broker:
             if client.ident in self._clients:
                 log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid, client.role)
                 self._drop_client(client, gone=True)
+
+    def _check_gating(self, stream: _Stream, now: float) -> None:
+        """Evict a lossless local subscriber whose cursor has kept the publisher without a slab too long."""
+        if stream.publisher is None or stream.pool.granted:
+            for sub in stream.subs:
+                sub.stalled_since = None
+            return
+        floor = stream.floor_index()
+        if floor is None or stream.pool.gated(floor) is None:
+            return
+        for sub in list(stream.subs):
+            if sub.cut != "local" or sub.policy != "block" or sub.cursor != floor:
+                continue
+            if sub.stalled_since is None:
+                sub.stalled_since = now
+            elif now - sub.stalled_since > self.lease_timeout:
+                # Chunks it holds stay intact (its lease locks); only its claim on unread frames ends.
+                log.warning(
+                    "evicting %s (pid %d) from %r: it kept the publisher waiting %.1f s > lease_timeout %.1f s",
+                    sub.client.label,
+                    sub.client.pid,
+                    stream.name,
+                    now - sub.stalled_since,
+                    self.lease_timeout,
+                )
+                self._detach(sub)
+                message = (
+                    f"evicted: a chunk was held (or the stream left unread) longer than the broker's "
+                    f"lease_timeout ({self.lease_timeout:g} s) while the publisher waited"
+                )
+                self._send(sub.client.ident, P.pack([P.END, P.END_EVICTED, message, sub.seq]))
 
     def _check_leases(self, sub: _Sub, now: float) -> None:
         held = sub.delivered_at
@@ -581,7 +729,7 @@ class Broker:
     def _on_hello(self, ident: bytes, msg: tuple[Any, ...]) -> None:
         if len(msg) < 2 or type(msg[1]) is not int:
             raise ProtocolError("HELLO must start [HELLO, version, ...]")
-        if msg[1] != P.VERSION:
+        if msg[1] != P.VERSION and msg[1] not in P.LEGACY_VERSIONS:
             raise _Refused(
                 P.ERR_VERSION,
                 f"protocol version mismatch: broker speaks version {P.VERSION}, client speaks version {msg[1]}",
@@ -590,8 +738,15 @@ class Broker:
         role = msg[3]
         if role not in ("pub", "sub", "ctl"):
             raise ProtocolError(f"HELLO role must be 'pub', 'sub' or 'ctl', got {role!r}")
-        self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128])
-        self._send(ident, P.pack([P.WELCOME, P.VERSION, self.pid, self.epoch]))
+        version = msg[1]
+        if version != P.VERSION and role == "pub":
+            raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
+        self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
+        if version == P.VERSION:
+            notices = None if ident[:1] == _TCP else self.notice_address
+            self._send(ident, P.pack([P.WELCOME, P.VERSION, self.pid, self.epoch, notices]))
+        else:
+            self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
         P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float))
@@ -625,15 +780,20 @@ class Broker:
             names = [f"ch_{i}" for i in range(channels)]
         elif len(names) != channels or not all(isinstance(n, str) for n in names):
             raise _Refused(P.ERR_BAD_REQUEST, f"channel_names must be {channels} strings, got {names!r}")
+        if not 0 <= stats_window <= 3600:
+            raise _Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
         if name in self._streams:
             raise _Refused(P.ERR_STREAM_EXISTS, f"stream {name!r} already has a publisher")
-        seg_name = segment_prefix(self.pid, self.epoch) + str(self._segments)
+        sid = self._segments
+        seg_name = segment_prefix(self.pid, self.epoch) + str(sid)
         self._segments += 1
+        header = header_bytes(nslabs)
         try:
-            segment = Segment(seg_name, HEADER_BYTES + nslabs * slab_bytes, self.shm_mode)
+            segment = Segment(seg_name, header + nslabs * slab_bytes, self.shm_mode)
         except ShmFullError as exc:
             raise _Refused(P.ERR_SHM_FULL, str(exc)) from None
         segment.write_header(
+            header_bytes=header,
             slab_bytes=slab_bytes,
             nslabs=nslabs,
             sample_bytes=sample_bytes,
@@ -645,13 +805,22 @@ class Broker:
             name=name,
         )
         stream = _Stream(
-            name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve, list(names), segment
+            name,
+            sid,
+            dtype,
+            channels,
+            float(rate) if rate else None,
+            slab_bytes,
+            nslabs,
+            reserve,
+            list(names),
+            segment,
+            header,
         )
-        if stats_window < 0 or stats_window > 3600:
-            raise _Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
-        stream.stats_window = float(stats_window) if dtype.kind in "iuf" and not byte_stream else 0.0
+        if dtype.kind in "iuf" and not byte_stream and stats_window > 0:
+            stream.stats.configure(float(stats_window))
         stream.publisher = client
         client.stream = stream
         self._streams[name] = stream
@@ -667,106 +836,184 @@ class Broker:
         )
         self._send(
             client.ident,
-            P.pack([P.OPENED, seg_name, segment.nbytes, HEADER_BYTES, slab_bytes, nslabs, reserve, sample_bytes]),
+            P.pack([P.OPENED, seg_name, segment.nbytes, header, slab_bytes, nslabs, reserve, sample_bytes]),
         )
+        for waiting, request in self._pending.pop(name, []):
+            if waiting.ident in self._clients and waiting.sub is None:
+                self._on_message_safely(waiting, functools.partial(self._on_subscribe, waiting, request))
+        self._update_carry(stream)
         self._grant(stream)
+
+    def _on_message_safely(self, client: _Client, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except _Refused as exc:
+            self._error(client.ident, exc.code, str(exc))
+        except ProtocolError as exc:
+            self._error(client.ident, P.ERR_MALFORMED, str(exc))
+
+    def _update_carry(self, stream: _Stream) -> None:
+        carry = stream.needed_carry()
+        if carry != stream.carry and stream.publisher is not None:
+            stream.carry = carry
+            self._send(stream.publisher.ident, P.pack([P.CARRY, carry]))
 
     def _grant(self, stream: _Stream) -> None:
         publisher = stream.publisher
         if publisher is None:
             return
-        while stream.free and len(stream.granted) < _GRANT_AHEAD:
-            slab = stream.free.popleft()
-            stream.state[slab] = _GRANTED
-            stream.granted.append(slab)
+        pool = stream.pool
+        pool.advance(stream.floor_index())
+        for slab in pool.grant(_GRANT_AHEAD):
             self._send(publisher.ident, P.pack([P.GRANT, slab]))
 
     def _on_frame(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        jump = False
-        if len(msg) == 5:  # [FRAME, offset, n, t0, flags]
-            P.check_fields(msg, int, int, (int, float), int)
-            jump = bool(msg[4] & P.FLAG_DISCONTINUITY)
-            msg = msg[:4]
-        elif len(msg) != 4 or type(msg[1]) is not int or type(msg[2]) is not int or type(msg[3]) not in (float, int):
-            P.check_fields(msg, int, int, (int, float))
-        _, offset, n, t0 = msg
+        # [FRAME, offset, n, t0, flags, carry]; version-2 publishers always send all six.
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
-        self._frame(stream, offset, n, float(t0), jump)  # CHUNK carries t0 as a float whatever FRAME held
+        if (
+            len(msg) != 6
+            or type(msg[1]) is not int
+            or type(msg[2]) is not int
+            or type(msg[3]) not in (float, int)
+            or type(msg[4]) is not int
+            or type(msg[5]) is not int
+        ):
+            P.check_fields(msg, int, int, (int, float), int, int)
+        _, offset, n, t0, flags, carry = msg
+        t0 = float(t0)  # notices carry t0 as a float whatever FRAME held
+        index = stream.head
+        slab, gen = self._frame(stream, offset, n, t0, flags & P.FLAG_DISCONTINUITY, carry)
+        self._notify(stream, index, slab, gen, offset, n, t0, flags & P.FLAG_DISCONTINUITY)
+        self._after_frames(stream, offset, (n,))
 
     def _on_frames(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        # [FRAMES, offset, [n, ...], [t0, ...]]: frames packed back to back from offset, in one slab.
-        P.check_fields(msg, int, tuple, tuple)
-        _, offset, ns, t0s = msg
+        # [FRAMES, offset, [n, ...], [t0, ...], carry]: frames packed back to back from offset, in one slab.
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "FRAMES from a connection that publishes no stream")
+        P.check_fields(msg, int, tuple, tuple, int)
+        _, offset, ns, t0s, carry = msg
         if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
             raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
         for n, t0 in zip(ns, t0s, strict=True):
-            if type(n) is not int or type(t0) not in (float, int):
-                raise ProtocolError(f"FRAMES sizes must be int and times numbers, got {n!r} and {t0!r}")
-        for n, t0 in zip(ns, t0s, strict=True):
-            self._frame(stream, offset, n, float(t0), False)
-            offset += n * stream.sample_bytes
+            if type(n) is not int or type(t0) not in (float, int) or n <= 0:
+                raise ProtocolError(f"FRAMES sizes must be positive ints and times numbers, got {n!r} and {t0!r}")
+        total = sum(ns)
+        t0s = tuple(float(t) for t in t0s)
+        index = stream.head
+        slab, gen = self._frame(stream, offset, total, t0s[0], 0, carry, ns, t0s)
+        self._notify(stream, index, slab, gen, offset, ns, t0s, 0)
+        self._after_frames(stream, offset, ns)
 
-    def _frame(self, stream: _Stream, offset: int, n: int, t0: float, jump: bool) -> None:
-        """Account for one frame the publisher wrote at ``offset``: cut and send the chunks it completes."""
+    def _frame(
+        self,
+        stream: _Stream,
+        offset: int,
+        n: int,
+        t0: float,
+        jump: int,
+        carry: int,
+        ns: tuple[int, ...] | None = None,
+        t0s: tuple[float, ...] | None = None,
+    ) -> tuple[int, int]:
+        """Account for frames (``n`` samples in all) the publisher wrote at ``offset``; return (slab, gen).
+
+        Broker-cut subscribers get their chunks here; local-cut ones cut their own
+        from the notice sent next.
+        """
         nbytes = n * stream.sample_bytes
         if n <= 0:
             raise _Refused(P.ERR_FRAME, f"FRAME must hold at least one sample, got n={n}")
         if offset != stream.next_offset:
             # The first frame of a new slab: the publisher moved to the oldest slab it was granted.
-            if not stream.granted or offset != stream.slab_start(stream.granted[0]) + stream.reserve:
-                expected = f"{stream.next_offset}" if stream.current is not None else "none yet"
+            granted = stream.pool.granted
+            if not granted or offset != stream.slab_start(granted[0]) + stream.reserve:
+                expected = f"{stream.next_offset}" if stream.pool.current is not None else "none yet"
                 raise _Refused(
                     P.ERR_FRAME,
                     f"FRAME offset {offset} is neither the next offset ({expected}) nor the data start "
-                    f"of the next granted slab (granted: {list(stream.granted)})",
+                    f"of the next granted slab (granted: {list(granted)})",
                 )
-            self._switch_slab(stream, stream.granted.popleft())
+            if not 0 <= carry <= stream.reserve:
+                raise _Refused(P.ERR_FRAME, f"FRAME carry must be 0..{stream.reserve} bytes, got {carry}")
+            self._switch_slab(stream, granted[0], carry)
         if offset + nbytes > stream.slab_end:
             raise _Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
         stream.next_offset = offset + nbytes
-        index = stream.head
-        stream.head = index + n
-        stream.frames += 1
-        if jump:
-            # The source was swapped or reconnected: no chunk may span the jump.
-            for sub in stream.subs:
-                sub.chunker.start = None
-                sub.jumped = True
-        for sub in stream.subs:
-            chunks = sub.chunker.feed(index, n, t0)
-            if chunks:
-                for start, length, ct0 in chunks:
-                    self._emit(stream, sub, start, length, ct0)
-        if stream.stats_window:  # after the notices are out: off the latency path
-            stream.account(offset, n, t0)
+        slab = stream.pool.current
+        assert slab is not None
+        broker_cut = [u for u in stream.subs if u.chunker is not None]
+        if broker_cut:
+            if jump:
+                # The source was swapped or reconnected: no chunk may span the jump.
+                for sub in broker_cut:
+                    sub.chunker.start = None  # type: ignore[union-attr]
+                    sub.jumped = True
+            for k, t in zip(ns or (n,), t0s or (t0,), strict=True):
+                index = stream.head
+                stream.head = index + k
+                for sub in broker_cut:
+                    chunks = sub.chunker.feed(index, k, t)  # type: ignore[union-attr]
+                    for start, length, ct0 in chunks:
+                        self._emit(stream, sub, start, length, ct0)
+        else:
+            stream.head += n
+        stream.frames += len(ns) if ns else 1
+        return slab, int(stream.gens[slab])
 
-    def _switch_slab(self, stream: _Stream, slab: int) -> None:
+    def _notify(
+        self, stream: _Stream, index: int, slab: int, gen: int, offset: int, ns: Any, t0s: Any, flags: int
+    ) -> None:
+        """One message on the notice socket reaches every local-cut subscriber of the stream."""
+        seq = stream.notice_seq
+        stream.notice_seq = seq + 1
+        payload = P.pack([P.NOTICE, stream.sid, seq, index, slab, gen, offset, ns, t0s, flags, stream.floor])
+        # A full subscriber pipe drops for that subscriber only (it sees the seq gap); send never blocks.
+        with contextlib.suppress(zmq.Again):
+            self._pub.send(stream.topic + payload, _NOBLOCK)
+
+    def _after_frames(self, stream: _Stream, offset: int, ns: tuple[int, ...]) -> None:
+        """Statistics, after the notices are out: off the latency path, and never able to stop it."""
+        stats = stream.stats
+        if not stats.window:
+            return
+        try:
+            for n in ns:
+                stats.account(stream.u8, offset, n)
+                offset += n * stream.sample_bytes
+        except Exception:
+            log.exception("statistics of stream %r failed; turning them off for this stream", stream.name)
+            stats.window = 0.0
+
+    def _switch_slab(self, stream: _Stream, slab: int, carry: int) -> None:
+        head = stream.head
+        old_end = stream.next_offset
+        old = stream.pool.switch(slab, head)
         start = stream.slab_start(slab)
-        new_base = start + stream.reserve
-        old = stream.current
-        if old is not None:
-            # Carry what subscribers have accumulated so every chunk stays inside one slab.
-            pending = [s.chunker.start for s in stream.subs if s.chunker.start is not None]
-            if pending:
-                lo = min(pending)
-                nbytes = (stream.head - lo) * stream.sample_bytes
-                src = stream.base_offset + (lo - stream.base_index) * stream.sample_bytes
-                stream.u8[new_base - nbytes : new_base] = stream.u8[src : src + nbytes]
-            stream.state[old] = _RETIRED
-            if stream.leases[old] == 0:
-                stream.state[old] = _FREE
-                stream.free.append(old)
-        stream.state[slab] = _CURRENT
-        stream.current = slab
-        stream.base_index = stream.head
-        stream.base_offset = new_base
+        need = stream.needed_carry()
+        if old is not None and carry < need:
+            # A subscription arrived after the publisher last heard how much to carry: copy the
+            # missing older part here (the old slab is intact: only we decide when it is reused).
+            data = start + stream.reserve
+            stream.u8[data - need : data - carry] = stream.u8[old_end - need : old_end - carry]
+            carry = need
+        stream.base_index = head
+        stream.base_offset = start + stream.reserve
         stream.slab_end = start + stream.slab_bytes
-        self._grant(stream)
+        # The publisher copied the last `carry` bytes before this slab's data: chunks may start there.
+        floor = head - carry // stream.sample_bytes if old is not None else head
+        stream.floor = floor
+        for sub in stream.subs:
+            chunker = sub.chunker
+            if chunker is not None and chunker.start is not None and chunker.start < floor:
+                # Only right after a subscription that asked for a longer carry than this slab got.
+                if chunker.rate:
+                    chunker.t0 += (floor - chunker.start) / chunker.rate
+                chunker.start = floor
+        if old is not None and not stream.ended:
+            self._grant(stream)
 
     def _emit(self, stream: _Stream, sub: _Sub, start: int, length: int, t0: float) -> None:
         seq = sub.seq
@@ -781,9 +1028,9 @@ class Broker:
             sub.jumped = False
             flags |= P.FLAG_DISCONTINUITY
         payload = P.pack([P.CHUNK, seq, start, length, t0, 0 if remote else offset, flags])
-        slab = stream.current
+        slab = stream.pool.current
         assert slab is not None
-        stream.leases[slab] += 1
+        stream.pool.pin(slab)
         sub.leases[seq] = slab
         sub.starts[seq] = start
         if sub.inflight < sub.max_inflight and not sub.backlog:
@@ -799,7 +1046,7 @@ class Broker:
         if sub.client.remote:
             stream = sub.stream
             self._send_chunk_by_value(sub.client.ident, payload, stream.u8[offset : offset + nbytes])
-            stream.unpin(sub.leases.pop(seq))  # the bytes were copied into the message
+            stream.pool.unpin(sub.leases.pop(seq))  # the bytes were copied into the message
             sub.remote_held.add(seq)
         else:
             self._send(sub.client.ident, payload)
@@ -821,10 +1068,17 @@ class Broker:
             stream.publisher.stream = None
             stream.publisher = None
         self._streams.pop(stream.name, None)
-        for slab in stream.granted:
-            stream.state[slab] = _FREE
-        stream.granted.clear()
+        stream.pool.close()
+        # Local-cut subscribers learn it in order with the frame notices.
+        seq = stream.notice_seq
+        stream.notice_seq = seq + 1
+        with contextlib.suppress(zmq.Again):
+            self._pub.send(
+                stream.topic + P.pack([P.NOTICE_END, stream.sid, seq, code, message, stream.head]), _NOBLOCK
+            )
         for sub in stream.subs:
+            if sub.cut == "local":
+                continue
             if sub.backlog:
                 sub.end = (code, message)  # sent once the backlog has drained
             else:
@@ -836,84 +1090,119 @@ class Broker:
 
     def _destroy(self, stream: _Stream) -> None:
         del stream.u8
+        del stream.gens
         stream.segment.destroy()
         with contextlib.suppress(ValueError):
             self._draining.remove(stream)
         log.info("stream %r: segment %s unlinked", stream.name, stream.segment.name)
 
     def _on_subscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None)
-        _, name, size, seconds, clip, policy, max_inflight, sampler = msg
+        if client.version == P.VERSION:
+            P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None, str, bool)
+            _, name, size, seconds, clip, policy, max_inflight, sampler, cut, wait = msg
+        else:
+            P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None)
+            _, name, size, seconds, clip, policy, max_inflight, sampler = msg
+            cut, wait = "broker", False
         if client.role != "sub" or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
-        stream = self._streams.get(name)
-        if stream is None:
-            known = ", ".join(sorted(self._streams)) or "none"
-            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
+        if cut not in P.CUTS:
+            raise _Refused(P.ERR_BAD_REQUEST, f"cut must be 'local' or 'broker', got {cut!r}")
+        if cut == "local" and client.remote:
+            raise _Refused(P.ERR_BAD_REQUEST, "a TCP subscriber shares no memory: it must ask for cut='broker'")
         if policy not in P.POLICIES:
             raise _Refused(P.ERR_BAD_REQUEST, f"policy must be 'block' or 'drop', got {policy!r}")
         if not 1 <= max_inflight <= _MAX_INFLIGHT:
             raise _Refused(P.ERR_BAD_REQUEST, f"max_inflight must be 1..{_MAX_INFLIGHT}, got {max_inflight}")
         if (size is None) == (seconds is None):
             raise _Refused(P.ERR_BAD_REQUEST, "give exactly one of size (samples) and seconds")
+        if seconds is not None and not (seconds > 0 and seconds < float("inf")):
+            raise _Refused(P.ERR_BAD_REQUEST, f"seconds must be a finite number > 0, got {seconds!r}")
+        if size is not None and size <= 0:
+            raise _Refused(P.ERR_BAD_REQUEST, f"size must be a positive integer number of samples, got {size}")
+        if sampler is not None and not isinstance(sampler, int | float | tuple):
+            raise ProtocolError(f"SUBSCRIBE sampler must be nil, a number or an array of numbers, got {sampler!r}")
+        values = sampler if isinstance(sampler, tuple) else (sampler,) if sampler is not None else ()
+        if len(values) > _PAUSE_PREFETCH_MAX or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= P.MAX_SAMPLER_SECONDS
+            for v in values
+        ):
+            raise _Refused(
+                P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, got {sampler!r}"
+            )
+        stream = self._streams.get(name)
+        if stream is None:
+            if wait:
+                # Held until the stream opens; the subscriber's own timeout bounds the wait.
+                self._pending.setdefault(name, []).append((client, msg))
+                log.info("%s waits for stream %r", client.label, name)
+                return
+            known = ", ".join(sorted(self._streams)) or "none"
+            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
         if seconds is not None:
             if stream.rate is None:
                 raise _Refused(P.ERR_BAD_REQUEST, f"seconds= needs a stream with a rate; {name!r} has none, use size=")
-            if not seconds > 0:
-                raise _Refused(P.ERR_BAD_REQUEST, f"seconds must be > 0, got {seconds!r}")
             size = max(1, round(seconds * stream.rate))
         assert size is not None
-        if size <= 0:
-            raise _Refused(P.ERR_BAD_REQUEST, f"size must be a positive integer number of samples, got {size}")
         if size * stream.sample_bytes > stream.reserve:
             raise _Refused(
                 P.ERR_BAD_REQUEST,
                 f"a chunk of {size} samples ({size * stream.sample_bytes} bytes) is larger than stream {name!r} "
                 f"allows (max_chunk_bytes={stream.reserve}); open the stream with larger slab_bytes/max_chunk_bytes",
             )
-        if sampler is not None and not isinstance(sampler, int | float | tuple):
-            raise ProtocolError(f"SUBSCRIBE sampler must be nil, a number or an array of numbers, got {sampler!r}")
-        values = sampler if isinstance(sampler, tuple) else (sampler,) if sampler is not None else ()
-        if len(values) > _PAUSE_PREFETCH_MAX or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values
-        ):
-            raise _Refused(P.ERR_BAD_REQUEST, f"sampler values must be numbers >= 0, got {sampler!r}")
         if len(stream.subs) >= _MAX_SUBSCRIBERS:
             raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
-        sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler)
+        sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)
         client.sub = sub
         stream.subs.append(sub)
-        log.info("%s subscribed to %r: size=%d clip=%s policy=%s", client.label, name, size, clip, policy)
-        self._send(
-            client.ident,
-            P.pack(
-                [
-                    P.SUBSCRIBED,
-                    stream.segment.name,
-                    stream.segment.nbytes,
-                    stream.dtype.str,
-                    stream.channels,
-                    stream.rate,
-                    size,
-                    stream.head,
-                    stream.channel_names,
-                ]
-            ),
-        )
+        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", client.label, name, size, clip, policy, cut)
+        reply = [
+            P.SUBSCRIBED,
+            stream.segment.name,
+            stream.segment.nbytes,
+            stream.dtype.str,
+            stream.channels,
+            stream.rate,
+            size,
+            stream.head,
+            stream.channel_names,
+        ]
+        if client.version == P.VERSION:
+            reply += [stream.sid, stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
+                      stream.notice_seq]  # fmt: skip
+        self._send(client.ident, P.pack(reply))
+        self._update_carry(stream)
+
+    def _on_ack(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        # [ACK, consumed_index, delivered, dropped, held]: cumulative, so a late one costs nothing.
+        P.check_fields(msg, int, int, int, int)
+        sub = client.sub
+        if sub is None or sub.cut != "local":
+            raise _Refused(P.ERR_BAD_REQUEST, "ACK from a connection with no local-cut subscription")
+        stream = sub.stream
+        if msg[1] > stream.head:
+            raise ProtocolError(f"ACK cursor {msg[1]} is past the stream's newest sample ({stream.head})")
+        if msg[1] > sub.cursor:
+            sub.cursor = msg[1]
+            sub.stalled_since = None
+        sub.delivered, sub.dropped, sub.held = msg[2], msg[3], msg[4]
+        sub.seq = sub.delivered + sub.dropped
+        if not stream.ended:
+            self._grant(stream)
 
     def _on_release(self, client: _Client, msg: tuple[Any, ...]) -> None:
         if len(msg) != 3 or type(msg[1]) is not tuple or type(msg[2]) is not tuple:
             P.check_fields(msg, tuple, tuple)
         sub = client.sub
-        if sub is None:
-            raise _Refused(P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription")
+        if sub is None or sub.cut != "broker":
+            raise _Refused(P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription cut by the broker")
         stream = sub.stream
         unknown = []
         for seq in msg[1]:
             sub.starts.pop(seq, None)
             slab = sub.leases.pop(seq, None) if type(seq) is int else None
             if slab is not None:
-                stream.unpin(slab)
+                stream.pool.unpin(slab)
             elif seq in sub.remote_held:
                 sub.remote_held.discard(seq)
             else:
@@ -921,7 +1210,7 @@ class Broker:
                 continue
             sub.inflight -= 1
         for value in msg[2][: _PAUSE_PREFETCH_MAX - len(sub.pauses)]:
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= P.MAX_SAMPLER_SECONDS:
                 sub.pauses.append(float(value))
         while sub.backlog and sub.inflight < sub.max_inflight and sub in stream.subs:
             self._deliver(sub, *sub.backlog.popleft())
@@ -951,7 +1240,7 @@ class Broker:
     def _detach(self, sub: _Sub) -> None:
         stream = sub.stream
         for seq, *_ in sub.backlog:
-            stream.unpin(sub.leases.pop(seq))
+            stream.pool.unpin(sub.leases.pop(seq))
         sub.backlog.clear()
         if sub in stream.subs:
             stream.subs.remove(sub)
@@ -959,12 +1248,15 @@ class Broker:
             if stream in self._draining:
                 self._destroy(stream)
         elif not stream.ended:
+            self._update_carry(stream)
             self._grant(stream)
 
     def _drop_client(self, client: _Client, gone: bool) -> None:
         """Forget a client: reclaim its leases, or end the stream it publishes."""
         self._clients.pop(client.ident, None)
         self._outbox.pop(client.ident, None)
+        for waiting in self._pending.values():
+            waiting[:] = [(c, m) for c, m in waiting if c is not client]
         if client.stream is not None:
             self._end_stream(client.stream, P.END_PUBLISHER_GONE, f"the publisher ({client.label}) went away")
         sub = client.sub
@@ -974,7 +1266,7 @@ class Broker:
             log.info("%s left %r (%s)", client.label, stream.name, "died" if gone else "bye")
             self._detach(sub)
             for slab in sub.leases.values():
-                stream.unpin(slab)
+                stream.pool.unpin(slab)
             sub.leases.clear()
             if stream.ended and not stream.subs and stream in self._draining:
                 self._destroy(stream)
@@ -987,13 +1279,19 @@ class Broker:
         if stream is None:
             known = ", ".join(sorted(self._streams)) or "none"
             raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg[1]!r} on this broker (streams: {known})")
-        stats = stream.statistics()
+        stats = self._statistics(stream)
         stats["subscribers"] = [
             {"label": u.client.label, "pid": u.client.pid, "delivered": u.delivered, "dropped": u.dropped,
              "overflows": u.overflows}
             for u in stream.subs
         ]  # fmt: skip
         self._send(client.ident, P.pack([P.STATS_REPLY, stats]))
+
+    @staticmethod
+    def _statistics(stream: _Stream) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": stream.name, "samples": stream.head, "frames": stream.frames,
+                               "window_seconds": stream.stats.window}  # fmt: skip
+        return stream.stats.summary(out)
 
     def _on_sync(self, client: _Client, msg: tuple[Any, ...]) -> None:
         P.check_fields(msg, int)
@@ -1006,18 +1304,24 @@ class Broker:
     @staticmethod
     def _sub_status(stream: _Stream, sub: _Sub) -> dict[str, Any]:
         # Lag: samples between the oldest one this subscriber is not done with and the newest.
-        pending = sub.chunker.start if sub.chunker.start is not None else stream.head
-        lag = stream.head - min(sub.starts.values(), default=pending)
+        if sub.chunker is not None:
+            pending = sub.chunker.start if sub.chunker.start is not None else stream.head
+            lag = stream.head - min(sub.starts.values(), default=pending)
+            leases = len(sub.leases)
+        else:
+            lag = stream.head - sub.cursor
+            leases = sub.held
         return {
             "label": sub.client.label,
             "pid": sub.client.pid,
-            "size": sub.chunker.size,
-            "clip": sub.chunker.clip,
+            "size": sub.size,
+            "clip": sub.clip,
             "policy": sub.policy,
+            "cut": sub.cut,
             "seq": sub.seq,
             "delivered": sub.delivered,
             "dropped": sub.dropped,
-            "leases": len(sub.leases),
+            "leases": leases,
             "lag_samples": lag,
             "lag_seconds": lag / stream.rate if stream.rate else None,
             "backlog": len(sub.backlog),
@@ -1039,8 +1343,8 @@ class Broker:
                     "ended": s.ended,
                     "slabs": s.nslabs,
                     "slab_bytes": s.slab_bytes,
-                    "slabs_free": len(s.free),
-                    "statistics": s.statistics(),
+                    "slabs_free": len(s.pool.free),
+                    "statistics": self._statistics(s),
                     "channel_names": s.channel_names,
                     "subscribers": [self._sub_status(s, u) for u in s.subs],
                 }
@@ -1084,6 +1388,13 @@ class Broker:
         if monitor is not None:
             self._router.disable_monitor()
             monitor.close(linger=0)
+        pub = getattr(self, "_pub", None)
+        if pub is not None:
+            pub.close(linger=0)
+            path = ipc_path(getattr(self, "notice_address", None) or "")
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         self._router.close(linger=1000)
         if self._tcp is not None:
             self._tcp.close(linger=1000)

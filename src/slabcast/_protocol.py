@@ -1,4 +1,8 @@
-"""Wire protocol version 1: message kinds, field order and checked decoding (see docs/protocol.md)."""
+"""Wire protocol version 2: message kinds, field order and checked decoding (see docs/protocol.md).
+
+Version 1 clients (the C client before its port, older Python clients) are still served:
+they get broker-cut CHUNK notices, exactly as version 1 specified.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +14,42 @@ import numpy as np
 
 from ._exceptions import ProtocolError
 
-VERSION = 1
+VERSION = 2
+LEGACY_VERSIONS = (1,)  # served with broker-cut chunks
 
 # Client -> broker.  Every message is a msgpack array whose first element is its kind.
 HELLO = 1  # [HELLO, version, pid, role, label]
 OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil, stats_s]
 FRAME = 3  # [FRAME, offset, n, t0]
 CLOSE = 4  # [CLOSE]
-SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler]
+SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler, cut, wait]
 RELEASE = 6  # [RELEASE, [seq, ...], [pause, ...]]
 BYE = 7  # [BYE]
 STATUS = 8  # [STATUS]
 UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
-FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...]]
+FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...], carry]
+ACK = 13  # [ACK, consumed_index, delivered, dropped, held]  (local-cut subscriber; when its slab, drops or
+#          leases changed, at most once before each wait)
 
 # Broker -> client.
-WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
+WELCOME = 101  # [WELCOME, version, broker_pid, epoch, notice_endpoint]
 OPENED = 102  # [OPENED, segment, segment_bytes, header_bytes, slab_bytes, nslabs, reserve, sample_bytes]
 GRANT = 103  # [GRANT, slab]
-SUBSCRIBED = 104  # [SUBSCRIBED, segment, segment_bytes, dtype, channels, rate|nil, size, start, channel_names]
+SUBSCRIBED = 104  # [SUBSCRIBED, segment, segment_bytes, dtype, channels, rate|nil, size, start, channel_names,
+#                    stream_id, header_bytes, slab_bytes, nslabs, sample_bytes, notice_seq]
 CHUNK = 105  # [CHUNK, seq, index, n, t0, offset, flags]
 END = 106  # [END, code, message, seq]
 ERROR = 107  # [ERROR, code, message]
 STATUS_REPLY = 108  # [STATUS_REPLY, map]
 SYNCED = 109  # [SYNCED, token]
 STATS_REPLY = 110  # [STATS_REPLY, map]
+CARRY = 111  # [CARRY, bytes]  to a publisher: copy this much of the old slab's tail into each new slab
+# Published on the notice socket (XPUB), one message part: topic + msgpack array.
+NOTICE = 120  # [NOTICE, stream_id, notice_seq, index, slab, gen, offset, n|[n...], t0|[t0...], flags, floor]
+NOTICE_END = 121  # [NOTICE_END, stream_id, notice_seq, code, message, head]
+JOINED = 122  # [JOINED]  published on a token topic as soon as the broker sees its subscription
 
 NAMES = {
     HELLO: "HELLO",
@@ -61,6 +74,11 @@ NAMES = {
     END: "END",
     ERROR: "ERROR",
     STATUS_REPLY: "STATUS_REPLY",
+    ACK: "ACK",
+    CARRY: "CARRY",
+    NOTICE: "NOTICE",
+    NOTICE_END: "NOTICE_END",
+    JOINED: "JOINED",
 }
 
 # CHUNK flags.
@@ -84,10 +102,24 @@ ERR_SHM_FULL = "shm-full"
 ERR_FRAME = "bad-frame"
 
 POLICIES = ("block", "drop")
+CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber itself (v2) or the broker (v1, TCP)
+MAX_SAMPLER_SECONDS = 1e9  # a pause longer than ~31 years is a mistake, not a setting
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_BATCH = 4096  # frames in one FRAMES message
 STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 DTYPE_KINDS = "biufc"
+
+
+
+def stream_topic(name: str) -> bytes:
+    """The notice-socket topic of stream ``name`` (NUL-terminated: ``mic`` never matches ``mic2``)."""
+    return name.encode() + b"\x00"
+
+
+def token_topic(token: bytes) -> bytes:
+    """The notice-socket topic a subscriber listens on to learn that its socket is connected."""
+    return b"\x01" + token
+
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 pack = _packer.pack

@@ -168,6 +168,8 @@ class Publisher:
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
         self._grants: deque[int] = deque()
+        self._carry = 0  # bytes of the old slab's tail to copy into each new slab (the broker says how many)
+        self._slab_carry = 0  # what was carried into the slab being written
         self._offset = 0
         self._end = 0  # no slab yet
         self._frame_limit = self.slab_bytes - self.reserve
@@ -234,10 +236,10 @@ class Publisher:
         with self._lock:
             if discontinuity:
                 self._flush_pending()
-                self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY])
+                self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY, self._slab_carry])
                 self._last_send = now
             elif not self._pend_n and now - self._last_send >= _SPORADIC:
-                self._conn.send([P.FRAME, offset, n, float(t0)])
+                self._conn.send([P.FRAME, offset, n, float(t0), 0, self._slab_carry])
                 self._last_send = now
             else:
                 if not self._pend_n:
@@ -280,6 +282,8 @@ class Publisher:
                 return
             if msg[0] == P.GRANT:
                 self._grants.append(msg[1])
+            elif msg[0] == P.CARRY:
+                self._carry = min(int(msg[1]), self.reserve)
             elif msg[0] in (P.ERROR, P.END):
                 raise error_for(msg, self._where)
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
@@ -288,9 +292,9 @@ class Publisher:
         """Send the batched frame notices (caller holds the lock)."""
         if self._pend_n:
             if len(self._pend_n) == 1:
-                self._conn.send([P.FRAME, self._pend_offset, self._pend_n[0], self._pend_t[0]])
+                self._conn.send([P.FRAME, self._pend_offset, self._pend_n[0], self._pend_t[0], 0, self._slab_carry])
             else:
-                self._conn.send([P.FRAMES, self._pend_offset, self._pend_n, self._pend_t])
+                self._conn.send([P.FRAMES, self._pend_offset, self._pend_n, self._pend_t, self._slab_carry])
             self._pend_n = []
             self._pend_t = []
             self._last_send = time.monotonic()
@@ -325,8 +329,16 @@ class Publisher:
                 self._take_messages(left)
         slab = self._grants.popleft()
         start = self._header + slab * self.slab_bytes
+        data = start + self.reserve
+        # Copy the tail subscribers may still be accumulating just before the new slab's data,
+        # so that every chunk lies contiguously in the slab of the frame that completes it.
+        carry = self._carry if self._end else 0
+        if carry:
+            u8 = self._u8
+            u8[data - carry : data] = u8[self._offset - carry : self._offset]
+        self._slab_carry = carry
         self._end = start + self.slab_bytes
-        return int(start + self.reserve)
+        return int(data)
 
     def _take_messages(self, timeout: float) -> None:
         with self._lock:
@@ -334,6 +346,8 @@ class Publisher:
             while msg is not None:
                 if msg[0] == P.GRANT:
                     self._grants.append(msg[1])
+                elif msg[0] == P.CARRY:
+                    self._carry = min(int(msg[1]), self.reserve)
                 elif msg[0] in (P.ERROR, P.END):
                     raise error_for(msg, self._where)
                 msg = self._conn.recv(0)

@@ -15,12 +15,25 @@ One segment per stream.  Its layout (all integers little-endian)::
     48      16    dtype            numpy dtype string ("<f4", "|u1"), NUL padded
     64      8     u64 epoch        random number chosen at broker start
     72      64    stream name      UTF-8, NUL padded
-    136     ...   zero up to header_bytes
-    4096 + i * slab_bytes          slab i
+    136     120   zero
+    256     4*n   u32 gen[nslabs]  generation of each slab, bumped by the broker each time it
+                                   hands the slab to the publisher to be written again
+    ...     ...   zero up to header_bytes = 4096 * ceil((256 + 4 * nslabs) / 4096)
+    header_bytes + i * slab_bytes  slab i
 
-Within a slab, the first ``reserve`` bytes receive the samples a subscriber had
-accumulated in the previous slab (copied by the broker when the publisher moves
-on), so every chunk lies contiguously inside one slab.
+Within a slab, the first ``reserve`` bytes receive the tail of the previous slab
+(``carry`` bytes, copied by the publisher when it moves on), so every chunk lies
+contiguously inside the slab of the frame that completes it.
+
+Leases are kernel record locks (``F_OFD_SETLK``) on the segment's file, on the
+byte ``LOCK_BASE + i`` for slab ``i`` (far past the end of the data: the locks
+guard nothing by themselves, they are a cross-process, crash-safe reference
+count).  A reader takes a shared lock, *then* checks that ``gen[i]`` is still the
+generation its notice named; the broker takes an exclusive lock, *then* bumps
+``gen[i]``, before it lets the publisher overwrite slab ``i``.  The kernel orders
+the two, so a reader either holds a slab the broker cannot take, or sees the new
+generation and knows its chunk is gone.  A process that dies, even by
+``kill -9``, loses its locks with its file descriptors.
 
 Segments are named ``slabcast.<broker pid>.<epoch hex>.<n>`` so that a broker can
 tell which segments belong to a broker that no longer runs (see :func:`reap_stale`).
@@ -34,6 +47,7 @@ from __future__ import annotations
 import _posixshmem  # the C module behind multiprocessing.shared_memory (POSIX only)
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -43,14 +57,54 @@ from typing import Any
 
 from ._exceptions import ShmFullError
 
-__all__ = ["HEADER_BYTES", "Segment", "attach", "broker_segments", "pid_alive", "reap_stale", "segment_prefix"]
+__all__ = [
+    "GEN_OFFSET",
+    "HEADER_BYTES",
+    "Segment",
+    "attach",
+    "broker_segments",
+    "header_bytes",
+    "lock_slab",
+    "open_locks",
+    "pid_alive",
+    "reap_stale",
+    "segment_prefix",
+]
 
 MAGIC = b"SLABCAST"
-LAYOUT = 1
-HEADER_BYTES = 4096
+LAYOUT = 2
+HEADER_BYTES = 4096  # the smallest header; see header_bytes()
+GEN_OFFSET = 256
+LOCK_BASE = 1 << 40  # lock byte of slab i: LOCK_BASE + i
+# struct flock on Linux x86-64/aarch64: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
 _HEADER = struct.Struct("<8sIIQIIIId16sQ64s")
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"slabcast\.(\d+)\.[0-9a-f]+\.\d+")
+
+
+def header_bytes(nslabs: int) -> int:
+    """Bytes before slab 0 for a pool of ``nslabs`` slabs (room for the generation table)."""
+    return -(-(GEN_OFFSET + 4 * nslabs) // HEADER_BYTES) * HEADER_BYTES
+
+
+def lock_slab(fd: int, slab: int, kind: int) -> bool:
+    """Take (``fcntl.F_RDLCK``/``F_WRLCK``) or drop (``F_UNLCK``) the lease lock of ``slab``; never waits.
+
+    Returns ``False`` when a conflicting lock is held by another open file.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, 0, LOCK_BASE + slab, 1, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def open_locks(name: str) -> int:
+    """Open segment ``name`` read-only for lease locks; the caller closes the descriptor."""
+    return int(_posixshmem.shm_open("/" + name, os.O_RDONLY, 0))
 
 
 def segment_prefix(pid: int, epoch: int) -> str:
@@ -85,6 +139,7 @@ class Segment:
             raise
         self.name = name
         self.nbytes = nbytes
+        self.fd: int = self._shm._fd  # type: ignore[attr-defined]
         self.buf: memoryview = self._shm.buf  # type: ignore[assignment]
 
     def write_header(self, **fields: Any) -> None:
@@ -92,7 +147,7 @@ class Segment:
         packed = _HEADER.pack(
             MAGIC,
             LAYOUT,
-            HEADER_BYTES,
+            fields["header_bytes"],
             fields["slab_bytes"],
             fields["nslabs"],
             fields["sample_bytes"],

@@ -1,9 +1,24 @@
-"""The subscriber: receives chunk notices and hands out zero-copy, read-only numpy views of shared memory."""
+"""The subscriber: cuts its own chunks from the stream's frame notices and hands out zero-copy, read-only views.
+
+Local subscribers (``ipc://``) read one notice per publisher message from the
+broker's notice socket (a ZeroMQ SUB shared by every subscriber of the stream),
+run their own :class:`~slabcast._rechunk.Rechunker` (sampler included, in this
+process), take a kernel lease lock on the slab of each chunk (once per slab, not
+per chunk) and tell the broker how far they have read with one cumulative ACK
+per slab.  Nothing any subscriber does can slow the broker's loop for the others.
+Remote subscribers (``tcp://``) get chunks cut by the broker, by value.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import logging
+import math
+import os
+import struct
+import threading
 import time
 import weakref
 from collections import deque
@@ -11,22 +26,123 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import zmq
 
 from . import _protocol as P
-from ._client import Connection, error_for
+from ._client import Connection, _context, error_for
 from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
 from ._info import StreamInfo, SubscriberStatistics
-from ._rechunk import check_sampler, check_size
-from ._shm import attach
+from ._rechunk import Rechunker, check_sampler, check_size
+from ._shm import GEN_OFFSET, attach, lock_slab, open_locks
 
 __all__ = ["Chunk", "Subscriber"]
 
 _CONNECTIONS_KEPT: list[Connection] = []  # see Subscriber.close
+log = logging.getLogger("slabcast.subscriber")
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_GEN = struct.Struct("<I")
+_ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
 
 
 def _on_dead(dead: deque[int], seq: int, _ref: object) -> None:
     # Runs when the last view of a chunk dies, in whatever thread dropped it: only queue.
     dead.append(seq)
+
+
+class _Leases:
+    """This subscriber's kernel lease locks, one per slab it has chunks in (see :mod:`slabcast._shm`).
+
+    Kept apart from the :class:`Subscriber` so that views outliving it (or its
+    ``close()``) still give their slab back the moment they die.
+    """
+
+    def __init__(self, fd: int, mm: Any) -> None:
+        self.fd = fd
+        self.mm = mm
+        self.guard = threading.Lock()
+        self.locks: dict[int, list[int]] = {}  # slab -> [generation, chunks in it still viewed or queued]
+        self.slab_of: dict[int, int] = {}  # seq -> slab, for chunks handed out
+        self.refs: dict[int, Any] = {}  # seq -> weakref whose callback says the last view died
+        self.dead: deque[int] = deque()  # seqs whose last view died
+        self.released = 0
+        self.unlocked = False
+        self.closed = False
+
+    def claim(self, slab: int, gen: int) -> bool:
+        """Lease ``slab`` for one more chunk: lock it, then check it still holds generation ``gen``."""
+        with self.guard:
+            entry = self.locks.get(slab)
+            if entry is not None:
+                if entry[0] != gen:
+                    return False  # a notice older than our lease: its data is gone
+                entry[1] += 1
+                return True
+            if not lock_slab(self.fd, slab, fcntl.F_RDLCK):
+                return False  # the broker is handing it to the publisher right now
+            if _GEN.unpack_from(self.mm, GEN_OFFSET + 4 * slab)[0] != gen:
+                lock_slab(self.fd, slab, fcntl.F_UNLCK)
+                return False
+            self.locks[slab] = [gen, 1]
+            return True
+
+    def unclaim(self, slab: int) -> None:
+        with self.guard:
+            self.locks[slab][1] -= 1
+
+    def on_dead(self, seq: int, _ref: object) -> None:
+        # Runs when the last view of a chunk dies, in whatever thread dropped it.
+        self.dead.append(seq)
+        if self.closed:
+            self.reap()
+
+    def reap(self) -> None:
+        """Account for chunks whose last view died."""
+        dead = self.dead
+        with self.guard:
+            while dead:
+                seq = dead.popleft()
+                self.refs.pop(seq, None)
+                slab = self.slab_of.pop(seq, None)
+                self.released += 1
+                entry = self.locks.get(slab) if slab is not None else None
+                if entry is not None:
+                    entry[1] -= 1
+                    if self.closed and entry[1] == 0:
+                        self._unlock(slab)  # type: ignore[arg-type]
+
+    def _unlock(self, slab: int) -> None:
+        # Caller holds the guard.
+        del self.locks[slab]
+        if self.fd >= 0:
+            lock_slab(self.fd, slab, fcntl.F_UNLCK)
+        self.unlocked = True
+        if self.closed and not self.locks and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def unlock_idle(self, keep: int) -> None:
+        """Drop the leases of slabs with no chunk left, except ``keep`` (saves a lock per chunk)."""
+        if self.dead:
+            self.reap()
+        with self.guard:
+            for slab, entry in list(self.locks.items()):
+                if entry[1] == 0 and slab != keep:
+                    self._unlock(slab)
+
+    def close(self) -> None:
+        """No more chunks: leases go as soon as their last view dies (now, for most)."""
+        with self.guard:
+            self.closed = True
+        self.reap()
+        with self.guard:
+            for slab, entry in list(self.locks.items()):
+                if entry[1] <= 0:
+                    self._unlock(slab)
+            if not self.locks and self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class Chunk:
@@ -167,8 +283,10 @@ class Subscriber:
             raise TypeError(f"give exactly one of size= (samples) and seconds=, got size={size!r} seconds={seconds!r}")
         if size is not None:
             size = check_size(size)
-        elif isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        elif isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+            raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
+        if isinstance(sampler, int | float) and not isinstance(sampler, bool) and sampler > P.MAX_SAMPLER_SECONDS:
+            raise ValueError(f"sampler must be a number of seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {sampler!r}")
         if policy not in P.POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         max_inflight = check_size(max_inflight, "max_inflight")
@@ -200,34 +318,45 @@ class Subscriber:
         self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
         self._jumped = False  # the next chunk follows a broker restart
         self._request = [P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler]
+        self._max_inflight = max_inflight
         self._curve = curve
         self._timeout = timeout
+        self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                self._connect(address)
-                break
-            except StreamNotFoundError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)  # poll for the stream; its publisher may still be starting
+        self._local = False
+        self._notices: Any = None
+        self._sampler_error: BaseException | None = None
+        self._connect(address)
 
     def _connect(self, address: str | None) -> None:
         conn = Connection(address, "sub", self._label, curve=self._curve)
+        notices = None
         try:
-            conn.send(self._request)
-            reply = conn.recv(self._timeout)
+            local = not conn.remote and conn.notice_address is not None
+            if local:
+                notices = self._join(conn)
+            wire_sampler = None if local else self._request[7]
+            conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0])
+            reply = conn.recv(self._timeout + self._wait)
             if reply is None:
+                if self._wait > 0:
+                    raise StreamNotFoundError(
+                        f"stream {self.name!r} did not appear within wait={self._wait:g} s ({conn.where})"
+                    )
                 raise BrokerGoneError(f"no answer to SUBSCRIBE from the {conn.where} within {self._timeout} s")
             if reply[0] == P.ERROR:
                 raise error_for(reply, self._where)
             if reply[0] != P.SUBSCRIBED:
                 raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
-            P.need(reply, 8)  # fields appended by a later version are ignored
+            P.need(reply, 14 if local else 8)  # fields appended by a later version are ignored
             _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:9]
             mm = None if conn.remote else attach(seg, seg_bytes)
+            if local:
+                self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, self._nseq = reply[9:15]
+                lock_fd = open_locks(seg)
         except BaseException:
+            if notices is not None:
+                notices.close(linger=0)
             conn.close()
             raise
         self._conn = conn
@@ -237,12 +366,85 @@ class Subscriber:
         self.info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names))
         self._dtype = self.info.dtype
         self._channels = channels
+        self._local = local
+        if local:
+            self._notices = notices
+            self._leases = _Leases(lock_fd, mm)
+            self._topic = P.stream_topic(self.name)
+            sampler = self._checked_pause if self._sampler is not None else None
+            self._chunker = Rechunker(self.size, self.clip, rate, sampler)
+            self._ready: deque[tuple[int, int, int, float, int, int, int]] = deque()
+            self._frames: deque[list[Any]] = deque()  # unread frames: notices not yet cut
+            self._seq = 0
+            self._dropped = 0
+            self._cursor = self.start_index
+            self._cur_slab = -1
+            self._acked = (-1, -1, -1)  # (slab, dropped, held) at the last ACK
+            self._acked_at = 0.0
+            self._stream_end: tuple[str, str, int] | None = None
+            self._poller = zmq.Poller()
+            for sock in self._sockets():
+                self._poller.register(sock, zmq.POLLIN)
+
+    def _join(self, conn: Connection) -> Any:
+        """Connect a SUB socket to the notice socket and wait until the broker proves it reaches us."""
+        sock = _context().socket(zmq.SUB)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)  # a subscriber that lags keeps its own backlog, not the broker
+            sock.connect(conn.notice_address)
+            sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(self.name))
+            token = P.token_topic(os.urandom(8))
+            sock.setsockopt(zmq.SUBSCRIBE, token)
+            deadline = time.monotonic() + self._timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    raise BrokerGoneError(
+                        f"the {conn.where} did not answer on its notice socket within {self._timeout} s"
+                    )
+                if sock.recv().startswith(token):
+                    break
+            sock.setsockopt(zmq.UNSUBSCRIBE, token)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _sockets(self) -> tuple[Any, ...]:
+        """The ZeroMQ sockets whose input wakes this subscriber (for event loops)."""
+        conn = self._conn
+        if self._local:
+            return (self._notices, conn.sock, conn._monitor)
+        return (conn.sock, conn._monitor)
+
+    def _checked_pause(self) -> float:
+        # Runs inside the rechunker: whatever the user's sampler does, the rechunker gets a
+        # valid pause (0), and the error is raised from recv() once, with no chunk lost.
+        try:
+            value = float(self._sampler())  # type: ignore[misc]
+        except Exception as exc:
+            self._sampler_error = exc
+            return 0.0
+        if not 0 <= value <= P.MAX_SAMPLER_SECONDS:
+            self._sampler_error = ValueError(
+                f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({self._where})"
+            )
+            return 0.0
+        return value
 
     def _resubscribe(self, cause: BrokerGoneError) -> None:
         """After a broker restart: subscribe again with the same settings (``reconnect=``)."""
         deadline = time.monotonic() + self._reconnect
         old = self._conn
         old.close(bye=False)
+        dropped = self.statistics().dropped
+        if self._local:
+            for item in self._ready:
+                self._leases.unclaim(item[5])
+            self._ready.clear()
+            self._notices.close(linger=0)
+            self._leases.close()  # the old segment is gone with its broker; views keep their mapping
         # Releases of chunks from the old broker mean nothing to the new one.
         self._dead = deque()
         self._refs = {}
@@ -255,7 +457,7 @@ class Subscriber:
                 time.sleep(0.05)  # back off between attempts to reach the new broker
                 continue
             self._jumped = True
-            self._dropped_before = self.statistics().dropped
+            self._dropped_before = dropped
             self._epoch_received, self._last_seq, self._cut = 0, -1, 0
             return
 
@@ -295,6 +497,15 @@ class Subscriber:
     def _recv(self, timeout: float | None) -> Chunk | None:
         if self._closed:
             raise ClosedError(f"{self._where} is closed")
+        if self._local:
+            while True:
+                try:
+                    return self._recv_local(timeout)
+                except BrokerGoneError as exc:
+                    if not self._reconnect:
+                        self._end = exc
+                        raise
+                    self._resubscribe(exc)
         if len(self._dead) >= self._release_batch:
             self._flush_releases()
         if self._end is not None:
@@ -330,6 +541,185 @@ class Subscriber:
                 raise exc2
             raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
 
+    # ------------------------------------------------------- local cutting
+
+    def _recv_local(self, timeout: float | None) -> Chunk | None:
+        if self._leases.dead:
+            self._leases.reap()
+        if self._end is not None:
+            raise self._end
+        deadline = None if timeout is None else time.monotonic() + timeout
+        notices = self._notices
+        conn = self._conn
+        while True:
+            if self._sampler_error is not None:
+                exc, self._sampler_error = self._sampler_error, None
+                raise exc
+            if self._ready:
+                return self._hand_out()
+            if self._frames:
+                self._step()
+                continue
+            if self._stream_end is not None:
+                code, message, _ = self._stream_end
+                self._send_ack(force=True)
+                self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
+                raise self._end  # type: ignore[misc]
+            try:
+                raw = notices.recv(_NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                self._on_notice(raw)
+                continue
+            if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+                self._on_direct(conn.recv(0))
+                continue
+            if conn.gone or conn.poll_gone():
+                raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+            # About to wait: give back what is no longer needed, tell the broker where we are.
+            self._unlock_idle()
+            self._send_ack()
+            if deadline is None:
+                wait = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait = max(1, int(left * 1000))
+            events = dict(self._poller.poll(wait))
+            if conn._monitor in events:
+                with contextlib.suppress(zmq.ZMQError):
+                    conn._read_monitor()
+
+    def _on_direct(self, msg: tuple[Any, ...] | None) -> None:
+        """A message from the broker on our own connection: an END (evicted, shutdown) or an ERROR."""
+        if msg is None or msg[0] == P.SYNCED:
+            return
+        kind = msg[0]
+        if kind in (P.END, P.ERROR):
+            exc = error_for(msg, self._where)
+            if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN:
+                raise exc  # BrokerGoneError: reconnect= may take over
+            if kind == P.END:
+                self._end = exc  # type: ignore[assignment]
+            raise exc
+        raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
+
+    def _on_notice(self, raw: bytes) -> None:
+        topic = self._topic
+        if not raw.startswith(topic):
+            return  # a JOINED of another subscriber's token
+        msg = P.unpack(raw[len(topic) :])
+        if len(msg) < 3 or msg[1] != self._sid:
+            return  # an earlier stream of the same name
+        seq = msg[2]
+        if seq < self._nseq:
+            return  # from before this subscription started
+        flags = 0
+        if seq > self._nseq:
+            # Notices were lost on the way (this subscriber's queue overflowed): never cut across the hole.
+            log.warning("%s: %d notices lost; the next chunk is flagged as a discontinuity", self._where,
+                        seq - self._nseq)  # fmt: skip
+            flags = P.FLAG_DISCONTINUITY
+        self._nseq = seq + 1
+        if msg[0] == P.NOTICE_END:
+            P.need(msg, 5)
+            self._stream_end = (msg[3], msg[4], msg[5])
+            return
+        if msg[0] != P.NOTICE:
+            raise ProtocolError(f"unexpected {P.NAMES.get(msg[0], msg[0])} on the notice socket ({self._where})")
+        P.need(msg, 10)
+        _, _, _, index, slab, gen, offset, ns, t0s, jump, floor = msg[:11]
+        if type(ns) is int:
+            ns, t0s = (ns,), (t0s,)
+        self._frames.append([index, slab, gen, offset, ns, t0s, 0, flags | jump, floor])
+
+    def _step(self) -> None:
+        """Cut the chunks of the next unread frame (one at a time: a drop subscriber's max_inflight counts
+        the chunks it holds, not those a long notice batch would cut at once)."""
+        entry = self._frames[0]
+        index, slab, gen, offset, ns, t0s, i, flags, floor = entry
+        chunker = self._chunker
+        if i == 0:
+            if flags & P.FLAG_DISCONTINUITY:
+                chunker.start = None
+                self._jumped = True
+            start = chunker.start
+            if start is not None and start < floor:
+                # The slab's carry does not reach back that far; the broker makes this impossible
+                # for every subscription it knew of at the slab change.
+                log.warning("%s: samples %d..%d not contiguous; skipped", self._where, start, floor)
+                if chunker.rate:
+                    chunker.t0 += (floor - start) / chunker.rate
+                chunker.start = floor
+                self._jumped = True
+            if slab != self._cur_slab:
+                self._cur_slab = slab
+                self._unlock_idle()
+        n = ns[i]
+        chunks = chunker.feed(index, n, t0s[i])
+        if chunks:
+            sb = self._sample_bytes
+            for cstart, length, ct0 in chunks:
+                self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+        self._cursor = index + n
+        if i + 1 < len(ns):
+            entry[0] = index + n
+            entry[3] = offset + n * self._sample_bytes
+            entry[6] = i + 1
+            return
+        self._frames.popleft()
+        if self._acked[0] != slab:
+            self._send_ack()  # the broker may free the slab we left
+
+    def _cut_chunk(self, start: int, length: int, t0: float, offset: int, slab: int, gen: int) -> None:
+        seq = self._seq
+        self._seq = seq + 1
+        if self.policy == "drop" and len(self._ready) + self._received - self._leases.released >= self._max_inflight:
+            self._dropped += 1
+            return
+        if not self._leases.claim(slab, gen):
+            # The publisher already reuses this slab: only a drop subscriber that fell a pool behind.
+            self._dropped += 1
+            return
+        flags = 0
+        if self._jumped:
+            self._jumped = False
+            flags = P.FLAG_DISCONTINUITY
+        self._ready.append((seq, start, length, t0, offset, slab, flags))
+
+    def _hand_out(self) -> Chunk:
+        seq, index, n, t0, offset, slab, flags = self._ready.popleft()
+        channels = self._channels
+        base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
+        # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
+        leases = self._leases
+        leases.slab_of[seq] = slab
+        leases.refs[seq] = weakref.ref(base, functools.partial(leases.on_dead, seq))
+        self._received += 1
+        self._last_seq = seq
+        return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
+
+    def _unlock_idle(self) -> None:
+        self._leases.unlock_idle(self._cur_slab)
+
+    def _send_ack(self, force: bool = False) -> None:
+        """Tell the broker how far we have read: at once when we left a slab or gave one back, otherwise
+        (counters for ``slabcast status``) at most every ``_ACK_INTERVAL`` seconds."""
+        state = (self._cur_slab, self._dropped, self._received - self._leases.released)
+        acked = self._acked
+        if self._conn.closed:
+            return
+        urgent = force or self._leases.unlocked or state[0] != acked[0]
+        if not urgent and (state == acked or time.monotonic() - self._acked_at < _ACK_INTERVAL):
+            return
+        self._acked = state
+        self._acked_at = time.monotonic()
+        self._leases.unlocked = False
+        with contextlib.suppress(BrokerGoneError):
+            self._conn.send([P.ACK, self._cursor, self._received, self._dropped, state[2]])
+
     def _chunk(self, msg: tuple[Any, ...]) -> Chunk:
         P.need(msg, 6)
         _, seq, index, n, t0, offset, flags = msg[:7]
@@ -354,6 +744,13 @@ class Subscriber:
         return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
 
     def _on_release(self) -> None:
+        if self._local:
+            leases = self._leases
+            if leases.dead:
+                leases.reap()
+                if leases.unlocked and not self._conn.closed and not self._conn.has_input():
+                    self._send_ack()
+            return
         # A chunk was given back: send now, unless more notices are already waiting, in
         # which case the next recv sends this release together with the next ones.
         dead = self._dead
@@ -386,7 +783,24 @@ class Subscriber:
             yield chunk
 
     def statistics(self) -> SubscriberStatistics:
-        """Return this subscriber's counters."""
+        """Return this subscriber's counters (and bring the broker's copy, shown by ``slabcast status``, up to date).
+
+        ``dropped`` counts the chunks cut from every frame notice read so far
+        that were not handed out: the newest count once :meth:`recv` has run.
+        """
+        if self._local:
+            leases = self._leases
+            if leases.dead:
+                leases.reap()
+            if not self._closed:
+                self._send_ack(force=True)
+            return SubscriberStatistics(
+                received=self._received,
+                released=leases.released,
+                held=self._received - leases.released,
+                dropped=self._dropped_before + self._dropped,
+                last_seq=self._last_seq,
+            )
         return SubscriberStatistics(
             received=self._received,
             released=self._released,
@@ -407,6 +821,9 @@ class Subscriber:
             return
         self._closed = True
         conn = self._conn
+        if self._local:
+            self._close_local()
+            return
         if conn.closed:
             return
         # Notices already queued were never seen by the caller: give them straight back.
@@ -423,6 +840,17 @@ class Subscriber:
             _CONNECTIONS_KEPT.append(conn)
         else:
             conn.close()
+
+    def _close_local(self) -> None:
+        leases = self._leases
+        for item in self._ready:  # cut but never handed out
+            leases.unclaim(item[5])
+        self._ready.clear()
+        self._notices.close(linger=0)
+        # The broker forgets us at once; a chunk still viewed keeps its slab through its lease
+        # lock, which goes when the last view does (whether or not this object still exists).
+        leases.close()
+        self._conn.close()
 
     def __enter__(self) -> Subscriber:
         return self

@@ -54,7 +54,7 @@ class Subscriber:
                 raise TimeoutError(f"no chunk within {timeout} s (async subscriber of {self._sub.name!r})")
             if conn.remote and time.monotonic() - conn._last_send >= _KEEPALIVE:
                 conn.send([P.SYNC, 0])  # keep-alive: a remote client proves it is alive by talking
-            await _readable((conn.sock, conn._monitor), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
+            await _readable(self._sub._sockets(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()

@@ -296,11 +296,11 @@ def test_chunks_cross_slab_changes_in_the_small_slab_cases():
 
 
 def test_version_mismatch_names_both_versions(c_sub, broker, stream_name):
-    c = CSub(c_sub, broker.address, stream_name, "--size", "10", "--protocol-version", "2")
+    c = CSub(c_sub, broker.address, stream_name, "--size", "10", "--protocol-version", "3")
     try:
         rc = c.finish(10)
         assert rc == 5, c.stderr
-        assert "broker speaks version 1, client speaks version 2" in c.stderr
+        assert "broker speaks version 2, client speaks version 3" in c.stderr
         assert not c.saw_ready
     finally:
         c.close()

@@ -152,8 +152,8 @@ def test_signals_stop_the_broker_cleanly(tmp_path, sig, stream_name):
 
 
 def test_version_mismatch_names_both_versions(broker, stream_name, monkeypatch):
-    monkeypatch.setattr(P, "VERSION", 2)
-    with pytest.raises(slabcast.ProtocolError, match="broker speaks version 1, client speaks version 2"):
+    monkeypatch.setattr(P, "VERSION", 3)
+    with pytest.raises(slabcast.ProtocolError, match="broker speaks version 2, client speaks version 3"):
         slabcast.Subscriber(stream_name, size=1, address=broker.address)
 
 

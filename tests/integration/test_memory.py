@@ -85,7 +85,9 @@ def test_drop_policy_never_blocks_and_counts_drops_exactly(broker, stream_name):
         got = [(c.seq, int(c.data[0])) for c in slow]
         stats = slow.statistics()
         slow.close()
-    assert got[:2] == [(0, 0), (1, 1)]
+    # The publisher never waited: the oldest chunks' slabs were written again before the
+    # subscriber read their notices, so those are dropped; the newest survive.
+    assert got and got[-1] == (199, 199)
     assert all(seq == value for seq, value in got), "seq must match the chunk's position in the stream"
     assert stats.dropped == 200 - len(got) > 0
 

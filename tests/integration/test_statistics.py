@@ -48,10 +48,18 @@ def test_drops_and_overflows_per_subscriber(broker, stream_name):
     for i in range(5):
         pub.write(np.full(10, i, dtype=np.int32))
     pub.flush()
+    held = drop.recv(timeout=5)  # max_inflight=1: while it is held, every later chunk is dropped
+    with pytest.raises(slabcast.WouldBlock):
+        drop.recv_nowait()
+    kept = [block.recv(timeout=5), block.recv(timeout=5)]  # the other three wait in its queue
+    assert (drop.statistics().dropped, block.statistics().dropped) == (4, 0)  # statistics() reports to the broker
     stats = slabcast.stream_statistics(stream_name, address=broker.address)
     subs = {s["label"]: s for s in stats.subscribers}
     assert (subs["dropper"]["delivered"], subs["dropper"]["dropped"]) == (1, 4)
-    assert (subs["blocker"]["delivered"], subs["blocker"]["overflows"]) == (2, 3)
+    assert (subs["blocker"]["delivered"], subs["blocker"]["dropped"]) == (2, 0)
+    held.release()
+    for chunk in kept:
+        chunk.release()
     with pytest.raises(slabcast.StreamNotFoundError, match="no stream named 'nope'"):
         slabcast.stream_statistics("nope", address=broker.address)
     drop.close()

@@ -38,6 +38,10 @@ def test_top_renders_and_quits_with_q(broker, stream_name, tmp_path):
     for _ in range(10):
         pub.write(np.zeros((100, 2), dtype=np.int16))
         fast.recv(timeout=5).release()
+    held = slow.recv(timeout=5)  # the other nine are dropped while it holds this one
+    with pytest.raises(slabcast.WouldBlock):
+        slow.recv_nowait()
+    fast.statistics(), slow.statistics()  # report to the broker now (otherwise within 0.1 s of a wait)
     session = f"sctop{stream_name}"
     done = tmp_path / "exit"
     cmd = f"{sys.executable} -m slabcast top --address {broker.address} --interval 0.2; echo $? > {done}"
@@ -60,6 +64,7 @@ def test_top_renders_and_quits_with_q(broker, stream_name, tmp_path):
         assert done.read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
+        held.release()
         slow.close()
         fast.close()
         pub.close()
