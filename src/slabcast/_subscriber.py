@@ -296,8 +296,8 @@ class Subscriber:
         wire_sampler: Any = None
         if self._sampler is not None:
             if callable(sampler):
+                # Drawn ahead only for a broker-cut (TCP) subscription; a local one calls it in place.
                 self._prefetch = max_inflight + 4
-                wire_sampler = [self._pause() for _ in range(self._prefetch)]
             else:
                 wire_sampler = float(sampler)  # type: ignore[arg-type]
         self.name = stream
@@ -336,6 +336,8 @@ class Subscriber:
             if local:
                 notices = self._join(conn)
             wire_sampler = None if local else self._request[7]
+            if not local and self._prefetch:
+                wire_sampler = [self._pause() for _ in range(self._prefetch)]
             conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0])
             reply = conn.recv(self._timeout + self._wait)
             if reply is None:

@@ -1,0 +1,168 @@
+"""Data path v2: one subscriber's settings, callables and stalls can only hurt that subscriber."""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+
+import numpy as np
+import pytest
+
+import slabcast
+
+
+def test_a_sampler_returning_inf_hurts_only_its_own_subscriber(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "float32", 1, rate=1000.0, address=broker.address)
+    odd = slabcast.Subscriber(stream_name, size=100, sampler=lambda: math.inf, address=broker.address)
+    other = slabcast.Subscriber(stream_name, size=100, address=broker.address)
+    for i in range(5):
+        pub.write(np.full(100, i, np.float32), t0=i * 0.1)
+    assert [int(other.recv(timeout=5).data[0]) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"sampler must return seconds in 0\.\.1e\+09, got inf"):
+        odd.recv(timeout=5)
+    chunk = odd.recv(timeout=5)  # the chunk whose sampler call failed is still delivered
+    assert chunk.index == 0
+    chunk.release()
+    with pytest.raises(ValueError, match="sampler must be a number of seconds in 0..1e"):
+        slabcast.Subscriber(stream_name, size=100, sampler=1e306, address=broker.address)
+    for s in (odd, other):
+        s.close()
+    pub.close()
+
+
+def test_a_sampler_that_raises_once_loses_no_chunk_and_no_lease(broker, stream_name):
+    calls = []
+
+    def sampler():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("model not loaded yet")
+        return 0.0
+
+    pub = slabcast.Publisher(stream_name, "int32", 1, rate=100.0, address=broker.address, slab_bytes=8192, nslabs=4)
+    sub = slabcast.Subscriber(stream_name, size=10, clip=True, sampler=sampler, address=broker.address)
+    for i in range(50):
+        pub.write(np.full(10, i, np.int32), t0=i * 0.1)
+    pub.close()
+    got, errors = [], 0
+    while True:
+        try:
+            with sub.recv(timeout=5) as chunk:
+                got.append(int(chunk.data[0]))
+        except RuntimeError:
+            errors += 1
+        except slabcast.EndOfStream:
+            break
+    stats = sub.statistics()
+    sub.close()
+    assert errors == 1
+    assert got == list(range(50)), "a sampler of 0 s drops nothing, before or after the error"
+    assert stats.held == 0 and stats.dropped == 0
+
+
+def test_frames_longer_than_the_statistics_window_lose_nothing(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "float32", 1, rate=100.0, address=broker.address, statistics=1.0)
+    sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=broker.address)
+    for i in range(10):
+        pub.write(np.full(1100, i, np.float32), t0=11.0 * i)
+    pub.flush()
+    got = 0
+    while got < 11000:
+        with sub.recv(timeout=5) as chunk:
+            got += len(chunk)
+    stats = slabcast.stream_statistics(stream_name, address=broker.address)
+    assert got == 11000 and stats.samples == 11000
+    assert stats.window_samples == 1100  # the newest frame only: the window is 100 samples
+    sub.close()
+    pub.close()
+
+
+def test_statistics_stay_bounded_when_t0_never_advances(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "float32", 1, rate=48000.0, address=broker.address, statistics=1.0)
+    for _ in range(5000):
+        pub.write(np.ones(48, np.float32), t0=0.0)
+    pub.flush()
+    stats = slabcast.stream_statistics(stream_name, address=broker.address)
+    assert stats.samples == 240_000
+    assert 48_000 <= stats.window_samples < 48_000 + 48  # one second of samples, whatever t0 says
+    pub.close()
+
+
+def test_a_subscriber_created_before_its_stream_gets_index_0(broker, stream_name):
+    box: dict = {}
+    made = threading.Event()
+
+    def subscribe():
+        box["sub"] = slabcast.Subscriber(stream_name, size=5, clip=True, wait=10, address=broker.address)
+        made.set()
+
+    t = threading.Thread(target=subscribe)
+    t.start()
+    # The subscription is held by the broker, not polled for: wait until the broker has it.
+    for _ in range(200):
+        if slabcast.broker_status(broker.address)["clients"] >= 1:
+            break
+        made.wait(0.01)
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    pub.write(np.arange(20, dtype=np.int32))
+    t.join(10)
+    sub = box["sub"]
+    assert sub.start_index == 0
+    with sub.recv(timeout=5) as chunk:
+        assert (chunk.index, list(chunk.data)) == (0, [0, 1, 2, 3, 4])
+    with pytest.raises(slabcast.StreamNotFoundError, match="did not appear within wait=0.2 s"):
+        slabcast.Subscriber(stream_name + "x", size=5, wait=0.2, address=broker.address)
+    sub.close()
+    pub.close()
+
+
+def test_sixteen_subscribers_one_stalled_drop_holding_chunks_the_rest_exact(broker, stream_name):
+    frames, n = 400, 256
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=16384, nslabs=8, timeout=5)
+    stalled = slabcast.Subscriber(stream_name, size=n, clip=True, policy="drop", max_inflight=2,
+                                  address=broker.address)  # fmt: skip
+    subs = [slabcast.Subscriber(stream_name, size=n * (1 + i % 3), clip=True, address=broker.address)
+            for i in range(15)]  # fmt: skip
+    pub.write(np.full(n, -1, np.int32))
+    held = [stalled.recv(timeout=5)]  # it holds this chunk and never reads again
+    expect = [-1, *range(frames)]
+    got: list[list[int]] = [[] for _ in subs]
+    for i in range(frames):
+        pub.write(np.full(n, i, np.int32))  # would time out if anyone's stall blocked the publisher
+        for k, s in enumerate(subs):
+            while True:
+                try:
+                    chunk = s.recv_nowait()
+                except slabcast.WouldBlock:
+                    break
+                with chunk:
+                    got[k].extend(chunk.data[::n].tolist())
+    pub.close()
+    for k, s in enumerate(subs):
+        for chunk in s:
+            with chunk:
+                got[k].extend(chunk.data[::n].tolist())
+        size = 1 + k % 3
+        assert got[k] == expect[: len(expect) // size * size], k
+        s.close()
+    assert (held[0].data == -1).all(), "a held chunk was overwritten"
+    held.pop().release()
+    stalled.close()
+
+
+def test_a_view_kept_past_close_gives_its_slab_back_when_it_dies(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=8192, nslabs=3, timeout=2)
+    views = []
+    for _ in range(3):  # each round pins one slab through a view that outlives its subscriber
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address)
+        pub.write(np.full(256, 7, np.int32))
+        with sub.recv(timeout=5) as chunk:
+            views.append(chunk.data[:4])
+        sub.close()
+    assert all((v == 7).all() for v in views)
+    views.clear()
+    gc.collect()
+    for i in range(40):  # the pool is whole again: no WriteTimeout
+        pub.write(np.full(256, i, np.int32))
+    pub.close()
