@@ -1,11 +1,12 @@
-"""The broker: owns every stream's slabs, rechunks for each subscriber, sends notices, reclaims leases.
+"""The broker: owns every stream's slabs, grants them, tracks readers' cursors and liveness, reclaims slabs.
 
-One thread, one ZeroMQ ROUTER socket.  Publishers copy each frame once into a
-slab the broker granted them and send a small FRAME notice; the broker runs every
-subscriber's :class:`~slabcast._rechunk.Rechunker` over the frame's position and
-sends each completed chunk as a CHUNK notice (offset, length, t0, seq).  A chunk's
-slab is leased until the subscriber releases it, and only slabs with no lease go
-back to the publisher.  See docs/protocol.md for the messages.
+One thread, one ZeroMQ ROUTER socket, the control plane only.  Publishers copy
+each frame once into a slab the broker granted them, publish one notice on their
+own notice socket (read by every local subscriber of the stream, who cut their
+own chunks) and send the broker a FRAME so it knows the stream's head.  The
+broker grants slabs, holds back their reuse for lossless subscribers' cursors
+(reported by ACK), and cuts chunks itself only for version-1 and TCP
+subscribers.  See docs/architecture.md and docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 
 _MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
-_NOTICE_HWM = 100_000  # notices queued per subscriber before the notice socket drops (visible as a seq gap)
-_TOKEN_TTL = 30.0  # seconds a notice-socket token seen before its SUBSCRIBE is remembered
 
 
 class _Refused(Exception):
@@ -115,6 +114,7 @@ class _Sub:
         "stalled_since",
         "starts",
         "stream",
+        "token",
     )
 
     def __init__(
@@ -137,6 +137,7 @@ class _Sub:
         self.max_inflight = max_inflight
         self.cursor = stream.head  # local cut: index just past the last frame it has read
         self.stalled_since: float | None = None
+        self.token = b""  # local cut: the token topic it waits to see JOINED on
         self.held = 0  # local cut: chunks it holds, as last reported
         self.inflight = 0
         self.leases: dict[int, int] = {}  # seq -> slab
@@ -189,10 +190,11 @@ class _Stream:
         channel_names: list[str],
         segment: Segment,
         header: int,
+        notice_path: str,
     ) -> None:
         self.name = name
         self.sid = sid
-        self.topic = P.stream_topic(name)
+        self.notice_path = notice_path  # the publisher's notice socket (ipc file)
         self.dtype = dtype
         self.channels = channels
         self.rate = rate
@@ -222,9 +224,10 @@ class _Stream:
         self.carry = 0  # bytes of each slab's tail the publisher copies into the next (asked)
         self.head = 0  # index of the next sample
         self.frames = 0
-        self.notice_seq = 0
         self.publisher: _Client | None = None
         self.subs: list[_Sub] = []
+        self.joining: list[_Sub] = []  # local subscriptions waiting until the publisher carries enough
+        self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
         self.stats = _Statistics(dtype, channels, rate)
 
@@ -238,7 +241,7 @@ class _Stream:
 
     def needed_carry(self) -> int:
         """Bytes of tail every subscriber's chunks may need carried into a new slab."""
-        size = max((u.size for u in self.subs), default=0)
+        size = max((u.size for u in [*self.subs, *self.joining]), default=0)
         return min(self.reserve, size * self.sample_bytes)
 
 
@@ -374,22 +377,6 @@ class Broker:
                 self._lock.release()
             raise OSError(f"cannot bind the broker to {self.address}: {exc}") from exc
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        # Frame notices: one XPUB send reaches every local subscriber of a stream (topic = stream name).
-        self._pub = self._ctx.socket(zmq.XPUB)
-        self._pub.setsockopt(zmq.SNDHWM, _NOTICE_HWM)
-        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        path = ipc_path(self.address)
-        self.notice_address: str | None = None
-        if path is not None:
-            self.notice_address = f"ipc://{path}.n"
-            try:
-                self._pub.bind(self.notice_address)
-            except zmq.ZMQError as exc:
-                self._close_sockets()
-                if self._lock:
-                    self._lock.release()
-                raise OSError(f"cannot bind the broker's notice socket to {self.notice_address}: {exc}") from exc
         self._tcp: zmq.Socket[Any] | None = None
         self._auth: Any = None
         self.tcp_address: str | None = None
@@ -416,6 +403,7 @@ class Broker:
             P.SYNC: self._on_sync,
             P.STATS: self._on_stats,
             P.ACK: self._on_ack,
+            P.CARRIED: self._on_carried,
         }
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
@@ -479,7 +467,6 @@ class Broker:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        poller.register(self._pub, zmq.POLLIN)
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
@@ -497,8 +484,6 @@ class Broker:
                     self._drain()
                 if self._tcp is not None and self._tcp in events:
                     self._drain(self._tcp)
-                if self._pub in events:
-                    self._drain_subscriptions()
                 if self._monitor in events:
                     self._drain_monitor()
                 if wake_r.fileno() in events:
@@ -535,22 +520,6 @@ class Broker:
                 self._error(key, P.ERR_MALFORMED, f"expected one message part, got {len(parts)}")
                 continue
             self._on_message(key, parts[0])
-
-    def _drain_subscriptions(self) -> None:
-        """Answer each new token subscription on the notice socket with JOINED on that token.
-
-        A subscriber subscribes to its stream's topic and then to a random token
-        topic on the same socket; once JOINED arrives it knows every later notice
-        of its stream reaches it, and only then sends SUBSCRIBE (no slow joiner).
-        """
-        while True:
-            try:
-                event = self._pub.recv(_NOBLOCK)
-            except zmq.Again:
-                return
-            if len(event) > 2 and event[0] == 1 and event[1] == 1:
-                with contextlib.suppress(zmq.Again):
-                    self._pub.send(event[1:] + P.pack([P.JOINED]), _NOBLOCK)
 
     def _drain_monitor(self) -> None:
         disconnected = False
@@ -742,11 +711,7 @@ class Broker:
         if version != P.VERSION and role == "pub":
             raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
         self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
-        if version == P.VERSION:
-            notices = None if ident[:1] == _TCP else self.notice_address
-            self._send(ident, P.pack([P.WELCOME, P.VERSION, self.pid, self.epoch, notices]))
-        else:
-            self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
+        self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
         P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float))
@@ -785,6 +750,10 @@ class Broker:
         if name in self._streams:
             raise _Refused(P.ERR_STREAM_EXISTS, f"stream {name!r} already has a publisher")
         sid = self._segments
+        path = ipc_path(self.address)
+        if path is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "publishers need a broker on an ipc:// address")
+        notice_path = f"{path}.{sid}"
         seg_name = segment_prefix(self.pid, self.epoch) + str(sid)
         self._segments += 1
         header = header_bytes(nslabs)
@@ -816,6 +785,7 @@ class Broker:
             list(names),
             segment,
             header,
+            notice_path,
         )
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
@@ -834,14 +804,34 @@ class Broker:
             nslabs,
             slab_bytes,
         )
-        self._send(
-            client.ident,
-            P.pack([P.OPENED, seg_name, segment.nbytes, header, slab_bytes, nslabs, reserve, sample_bytes]),
-        )
+        # Subscribers that came first start at index 0: the publisher waits (bounded) until
+        # each has joined its notice socket before it writes.
+        stream.publisher = None  # no CARRY before OPENED: OPENED itself says how much to carry
         for waiting, request in self._pending.pop(name, []):
             if waiting.ident in self._clients and waiting.sub is None:
-                self._on_message_safely(waiting, functools.partial(self._on_subscribe, waiting, request))
-        self._update_carry(stream)
+                self._on_message_safely(waiting, functools.partial(self._on_subscribe, waiting, request, True))
+        stream.publisher = client
+        stream.carry = stream.needed_carry()
+        self._send(
+            client.ident,
+            P.pack(
+                [
+                    P.OPENED,
+                    seg_name,
+                    segment.nbytes,
+                    header,
+                    slab_bytes,
+                    nslabs,
+                    reserve,
+                    sample_bytes,
+                    f"ipc://{notice_path}",
+                    sid,
+                    stream.carry,
+                    stream.tokens,
+                ]
+            ),
+        )
+        stream.tokens = []
         self._grant(stream)
 
     def _on_message_safely(self, client: _Client, call: Callable[[], None]) -> None:
@@ -857,6 +847,18 @@ class Broker:
         if carry != stream.carry and stream.publisher is not None:
             stream.carry = carry
             self._send(stream.publisher.ident, P.pack([P.CARRY, carry]))
+
+    def _on_carried(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        # [CARRIED, bytes]: from now on every slab change carries this much; waiting subscriptions start.
+        P.check_fields(msg, int)
+        stream = client.stream
+        if stream is None:
+            raise _Refused(P.ERR_BAD_REQUEST, "CARRIED from a connection that publishes no stream")
+        ready = [u for u in stream.joining if u.size * stream.sample_bytes <= msg[1]]
+        for sub in ready:
+            stream.joining.remove(sub)
+            if sub.client.ident in self._clients:
+                self._activate(stream, sub)
 
     def _grant(self, stream: _Stream) -> None:
         publisher = stream.publisher
@@ -882,10 +884,7 @@ class Broker:
         ):
             P.check_fields(msg, int, int, (int, float), int, int)
         _, offset, n, t0, flags, carry = msg
-        t0 = float(t0)  # notices carry t0 as a float whatever FRAME held
-        index = stream.head
-        slab, gen = self._frame(stream, offset, n, t0, flags & P.FLAG_DISCONTINUITY, carry)
-        self._notify(stream, index, slab, gen, offset, n, t0, flags & P.FLAG_DISCONTINUITY)
+        self._frame(stream, offset, n, float(t0), flags & P.FLAG_DISCONTINUITY, carry)
         self._after_frames(stream, offset, (n,))
 
     def _on_frames(self, client: _Client, msg: tuple[Any, ...]) -> None:
@@ -901,10 +900,7 @@ class Broker:
             if type(n) is not int or type(t0) not in (float, int) or n <= 0:
                 raise ProtocolError(f"FRAMES sizes must be positive ints and times numbers, got {n!r} and {t0!r}")
         total = sum(ns)
-        t0s = tuple(float(t) for t in t0s)
-        index = stream.head
-        slab, gen = self._frame(stream, offset, total, t0s[0], 0, carry, ns, t0s)
-        self._notify(stream, index, slab, gen, offset, ns, t0s, 0)
+        self._frame(stream, offset, total, float(t0s[0]), 0, carry, ns, tuple(float(t) for t in t0s))
         self._after_frames(stream, offset, ns)
 
     def _frame(
@@ -917,11 +913,11 @@ class Broker:
         carry: int,
         ns: tuple[int, ...] | None = None,
         t0s: tuple[float, ...] | None = None,
-    ) -> tuple[int, int]:
-        """Account for frames (``n`` samples in all) the publisher wrote at ``offset``; return (slab, gen).
+    ) -> None:
+        """Account for frames (``n`` samples in all) the publisher wrote at ``offset``.
 
         Broker-cut subscribers get their chunks here; local-cut ones cut their own
-        from the notice sent next.
+        from the publisher's notice.
         """
         nbytes = n * stream.sample_bytes
         if n <= 0:
@@ -942,8 +938,6 @@ class Broker:
         if offset + nbytes > stream.slab_end:
             raise _Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
         stream.next_offset = offset + nbytes
-        slab = stream.pool.current
-        assert slab is not None
         broker_cut = [u for u in stream.subs if u.chunker is not None]
         if broker_cut:
             if jump:
@@ -961,18 +955,6 @@ class Broker:
         else:
             stream.head += n
         stream.frames += len(ns) if ns else 1
-        return slab, int(stream.gens[slab])
-
-    def _notify(
-        self, stream: _Stream, index: int, slab: int, gen: int, offset: int, ns: Any, t0s: Any, flags: int
-    ) -> None:
-        """One message on the notice socket reaches every local-cut subscriber of the stream."""
-        seq = stream.notice_seq
-        stream.notice_seq = seq + 1
-        payload = P.pack([P.NOTICE, stream.sid, seq, index, slab, gen, offset, ns, t0s, flags, stream.floor])
-        # A full subscriber pipe drops for that subscriber only (it sees the seq gap); send never blocks.
-        with contextlib.suppress(zmq.Again):
-            self._pub.send(stream.topic + payload, _NOBLOCK)
 
     def _after_frames(self, stream: _Stream, offset: int, ns: tuple[int, ...]) -> None:
         """Statistics, after the notices are out: off the latency path, and never able to stop it."""
@@ -1068,16 +1050,19 @@ class Broker:
             stream.publisher.stream = None
             stream.publisher = None
         self._streams.pop(stream.name, None)
+        for sub in stream.joining:
+            self._send(sub.client.ident, P.pack([P.END, code, message, 0, stream.head]))
+            sub.client.sub = None
+        stream.joining.clear()
+        # The publisher removes its notice socket's file; not if it died.
+        with contextlib.suppress(OSError):
+            os.unlink(stream.notice_path)
         stream.pool.close()
-        # Local-cut subscribers learn it in order with the frame notices.
-        seq = stream.notice_seq
-        stream.notice_seq = seq + 1
-        with contextlib.suppress(zmq.Again):
-            self._pub.send(
-                stream.topic + P.pack([P.NOTICE_END, stream.sid, seq, code, message, stream.head]), _NOBLOCK
-            )
         for sub in stream.subs:
             if sub.cut == "local":
+                # It ends once it has read the notices up to `head` (the publisher's own NOTICE_END
+                # usually gets there first, in order with them).
+                self._send(sub.client.ident, P.pack([P.END, code, message, sub.seq, stream.head]))
                 continue
             if sub.backlog:
                 sub.end = (code, message)  # sent once the backlog has drained
@@ -1096,14 +1081,17 @@ class Broker:
             self._draining.remove(stream)
         log.info("stream %r: segment %s unlinked", stream.name, stream.segment.name)
 
-    def _on_subscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
+    def _on_subscribe(self, client: _Client, msg: tuple[Any, ...], opening: bool = False) -> None:
         if client.version == P.VERSION:
-            P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None, str, bool)
-            _, name, size, seconds, clip, policy, max_inflight, sampler, cut, wait = msg
+            none = type(None)
+            P.check_fields(msg, str, (int, none), (int, float, none), bool, str, int, None, str, bool, (bytes, none))
+            _, name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token = msg
         else:
             P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None)
             _, name, size, seconds, clip, policy, max_inflight, sampler = msg
-            cut, wait = "broker", False
+            cut, wait, token = "broker", False, None
+        if cut == "local" and (token is None or not 1 <= len(token) <= 32):
+            raise _Refused(P.ERR_BAD_REQUEST, "a local subscription needs a token of 1..32 bytes")
         if client.role != "sub" or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
         if cut not in P.CUTS:
@@ -1154,8 +1142,23 @@ class Broker:
             raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
         sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)
         client.sub = sub
+        if cut == "local":
+            sub.token = P.token_topic(token)
+            if opening:
+                stream.tokens.append(sub.token)
+            elif size * stream.sample_bytes > stream.carry and stream.publisher is not None:
+                # Its chunks need a longer carry than the publisher makes: start once it confirms.
+                stream.joining.append(sub)
+                self._update_carry(stream)
+                return
+        self._activate(stream, sub)
+
+    def _activate(self, stream: _Stream, sub: _Sub) -> None:
+        client = sub.client
+        sub.cursor = stream.head
         stream.subs.append(sub)
-        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", client.label, name, size, clip, policy, cut)
+        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", client.label, stream.name, sub.size,
+                 sub.clip, sub.policy, sub.cut)  # fmt: skip
         reply = [
             P.SUBSCRIBED,
             stream.segment.name,
@@ -1163,13 +1166,13 @@ class Broker:
             stream.dtype.str,
             stream.channels,
             stream.rate,
-            size,
+            sub.size,
             stream.head,
             stream.channel_names,
         ]
         if client.version == P.VERSION:
             reply += [stream.sid, stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
-                      stream.notice_seq]  # fmt: skip
+                      f"ipc://{stream.notice_path}"]  # fmt: skip
         self._send(client.ident, P.pack(reply))
         self._update_carry(stream)
 
@@ -1180,8 +1183,7 @@ class Broker:
         if sub is None or sub.cut != "local":
             raise _Refused(P.ERR_BAD_REQUEST, "ACK from a connection with no local-cut subscription")
         stream = sub.stream
-        if msg[1] > stream.head:
-            raise ProtocolError(f"ACK cursor {msg[1]} is past the stream's newest sample ({stream.head})")
+        # The cursor may run ahead of `head`: notices reach subscribers before FRAME reaches us.
         if msg[1] > sub.cursor:
             sub.cursor = msg[1]
             sub.stalled_since = None
@@ -1244,6 +1246,8 @@ class Broker:
         sub.backlog.clear()
         if sub in stream.subs:
             stream.subs.remove(sub)
+        if sub in stream.joining:
+            stream.joining.remove(sub)
         if stream.ended and not stream.subs:
             if stream in self._draining:
                 self._destroy(stream)
@@ -1388,13 +1392,6 @@ class Broker:
         if monitor is not None:
             self._router.disable_monitor()
             monitor.close(linger=0)
-        pub = getattr(self, "_pub", None)
-        if pub is not None:
-            pub.close(linger=0)
-            path = ipc_path(getattr(self, "notice_address", None) or "")
-            if path:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
         self._router.close(linger=1000)
         if self._tcp is not None:
             self._tcp.close(linger=1000)

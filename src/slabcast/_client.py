@@ -134,14 +134,13 @@ class Connection:
         if reply[0] == P.ERROR:
             self.close(bye=False)
             raise error_for(reply, self.where)
-        if reply[0] != P.WELCOME or len(reply) < 5 or reply[1] != P.VERSION:
+        if reply[0] != P.WELCOME or len(reply) < 4 or reply[1] != P.VERSION:
             self.close(bye=False)
             got = reply[1] if len(reply) > 1 and reply[0] == P.WELCOME else f"a {P.NAMES.get(reply[0], reply[0])}"
             raise ProtocolError(f"protocol version mismatch: client speaks version {P.VERSION}, broker answered {got}")
         P.need(reply, 3)
         self.broker_pid: int = reply[2]
         self.epoch: int = reply[3]
-        self.notice_address: str | None = reply[4] if isinstance(reply[4], str) else None
 
     def _setup_curve(self, curve: tuple[str, str] | None) -> None:
         from zmq.auth import load_certificate

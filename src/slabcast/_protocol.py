@@ -22,7 +22,7 @@ HELLO = 1  # [HELLO, version, pid, role, label]
 OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil, stats_s]
 FRAME = 3  # [FRAME, offset, n, t0]
 CLOSE = 4  # [CLOSE]
-SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler, cut, wait]
+SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler, cut, wait, token|nil]
 RELEASE = 6  # [RELEASE, [seq, ...], [pause, ...]]
 BYE = 7  # [BYE]
 STATUS = 8  # [STATUS]
@@ -30,26 +30,28 @@ UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
 FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...], carry]
+CARRIED = 14  # [CARRIED, bytes]  a publisher confirms it now carries that much at every slab change
 ACK = 13  # [ACK, consumed_index, delivered, dropped, held]  (local-cut subscriber; when its slab, drops or
 #          leases changed, at most once before each wait)
 
 # Broker -> client.
-WELCOME = 101  # [WELCOME, version, broker_pid, epoch, notice_endpoint]
-OPENED = 102  # [OPENED, segment, segment_bytes, header_bytes, slab_bytes, nslabs, reserve, sample_bytes]
+WELCOME = 101  # [WELCOME, version, broker_pid, epoch]
+OPENED = 102  # [OPENED, segment, segment_bytes, header_bytes, slab_bytes, nslabs, reserve, sample_bytes,
+#               notice_endpoint, stream_id, carry, [token topic, ...]]
 GRANT = 103  # [GRANT, slab]
 SUBSCRIBED = 104  # [SUBSCRIBED, segment, segment_bytes, dtype, channels, rate|nil, size, start, channel_names,
-#                    stream_id, header_bytes, slab_bytes, nslabs, sample_bytes, notice_seq]
+#                    stream_id, header_bytes, slab_bytes, nslabs, sample_bytes, notice_endpoint]
 CHUNK = 105  # [CHUNK, seq, index, n, t0, offset, flags]
-END = 106  # [END, code, message, seq]
+END = 106  # [END, code, message, seq, head]  (head: for local-cut subscribers)
 ERROR = 107  # [ERROR, code, message]
 STATUS_REPLY = 108  # [STATUS_REPLY, map]
 SYNCED = 109  # [SYNCED, token]
 STATS_REPLY = 110  # [STATS_REPLY, map]
 CARRY = 111  # [CARRY, bytes]  to a publisher: copy this much of the old slab's tail into each new slab
-# Published on the notice socket (XPUB), one message part: topic + msgpack array.
+# Published by the publisher on its notice socket (XPUB), one message part: topic + msgpack array.
 NOTICE = 120  # [NOTICE, stream_id, notice_seq, index, slab, gen, offset, n|[n...], t0|[t0...], flags, floor]
 NOTICE_END = 121  # [NOTICE_END, stream_id, notice_seq, code, message, head]
-JOINED = 122  # [JOINED]  published on a token topic as soon as the broker sees its subscription
+JOINED = 122  # [JOINED]  published on a token topic as soon as the publisher sees its subscription
 
 NAMES = {
     HELLO: "HELLO",
@@ -75,6 +77,7 @@ NAMES = {
     ERROR: "ERROR",
     STATUS_REPLY: "STATUS_REPLY",
     ACK: "ACK",
+    CARRIED: "CARRIED",
     CARRY: "CARRY",
     NOTICE: "NOTICE",
     NOTICE_END: "NOTICE_END",

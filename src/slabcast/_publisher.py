@@ -1,19 +1,28 @@
-"""The publisher: validates each frame, copies it once into a granted slab, tells the broker."""
+"""The publisher: validates each frame, copies it once into a granted slab, tells subscribers and the broker.
+
+Each write publishes one NOTICE on the publisher's own notice socket (a ZeroMQ
+XPUB that every local subscriber of the stream reads: one hop, one send whatever
+their number) and one FRAME to the broker, which keeps the head, the slab pool
+and the statistics.  Fast writers batch both.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import struct
 import threading
 import time
 from collections import deque
 from typing import Any
 
 import numpy as np
+import zmq
 
 from . import _protocol as P
-from ._client import Connection, error_for
+from ._client import Connection, _context, error_for
 from ._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
-from ._shm import attach
+from ._shm import GEN_OFFSET, attach
 
 __all__ = ["Publisher", "check_frame"]
 
@@ -25,6 +34,12 @@ DEFAULT_NSLABS = 8
 _SPORADIC = 50e-6
 _BATCH = 64
 _BATCH_DELAY = 0.5e-3
+_SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
+_NOTICE_HWM = 100_000  # notices queued per subscriber before that subscriber loses some (it sees the gap)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_GEN = struct.Struct("<I")
 
 
 def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> np.ndarray[Any, Any]:
@@ -157,19 +172,29 @@ class Publisher:
                 raise error_for(reply, self._where)
             if reply[0] != P.OPENED:
                 raise ProtocolError(f"expected OPENED, got {P.NAMES.get(reply[0], reply[0])}")
-            P.need(reply, 7)  # fields appended by a later version are ignored
+            P.need(reply, 11)  # fields appended by a later version are ignored
             _, seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:8]
+            endpoint, self._sid, carry, tokens = reply[8:12]
             self._mm = attach(seg, seg_bytes, writable=True)
+            self._xpub = self._bind_notices(endpoint, tokens, timeout)
         except BaseException:
             self._conn.close()
             raise
+        self._notice_path = endpoint[len("ipc://") :]
         self.address = self._conn.address
         self.segment = seg
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
         self._grants: deque[int] = deque()
-        self._carry = 0  # bytes of the old slab's tail to copy into each new slab (the broker says how many)
+        self._carry = min(int(carry), self.reserve)  # bytes of the old slab's tail to copy into each new one
         self._slab_carry = 0  # what was carried into the slab being written
+        self._slab = -1
+        self._gen = 0
+        self._floor = 0  # lowest stream index readable contiguously in the current slab
+        self._nseq = 0  # notices published
+        self._topic = P.stream_topic(stream)
+        self._pend_index = 0
+        self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._offset = 0
         self._end = 0  # no slab yet
         self._frame_limit = self.slab_bytes - self.reserve
@@ -180,6 +205,7 @@ class Publisher:
         self._pend_offset = 0
         self._pend_n: list[int] = []
         self._pend_t: list[float] = []
+        self._unnoticed = 0  # the last frames of the batch whose notice is not sent yet
         self._last_send = 0.0
         self._kick = threading.Event()
         threading.Thread(target=self._flusher, name=f"slabcast-flush-{stream}", daemon=True).start()
@@ -226,6 +252,8 @@ class Publisher:
         now = time.monotonic()
         if now >= self._next_check:  # errors and the broker's death are noticed within 50 ms
             self._next_check = now + 0.05
+            if self._failure is not None:
+                raise self._failure
             self._take_messages(0)
             if self._conn.poll_gone():
                 raise BrokerGoneError(f"the {self._conn.where} went away ({self._where})")
@@ -233,22 +261,33 @@ class Publisher:
         if offset + nbytes > self._end:
             offset = self._next_slab()
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
+        t0 = float(t0)
+        index = self.samples
         with self._lock:
             if discontinuity:
                 self._flush_pending()
-                self._conn.send([P.FRAME, offset, n, float(t0), P.FLAG_DISCONTINUITY, self._slab_carry])
-                self._last_send = now
-            elif not self._pend_n and now - self._last_send >= _SPORADIC:
-                self._conn.send([P.FRAME, offset, n, float(t0), 0, self._slab_carry])
+                self._notice(index, offset, n, t0, P.FLAG_DISCONTINUITY)
+                self._conn.send([P.FRAME, offset, n, t0, P.FLAG_DISCONTINUITY, self._slab_carry])
                 self._last_send = now
             else:
-                if not self._pend_n:
-                    self._pend_offset = offset
-                    self._kick.set()  # the flusher sends this batch if no write fills it
-                self._pend_n.append(n)
-                self._pend_t.append(float(t0))
-                if len(self._pend_n) >= _BATCH:
-                    self._flush_pending()
+                # The broker's FRAME(S) are always batched (sent within _BATCH_DELAY): it needs the
+                # head for grants and status, nobody waits on it.  The notice is what subscribers
+                # wait for: at once for a sporadic writer, batched for a fast one.
+                if not self._pend_n and now - self._last_send >= _SPORADIC:
+                    # A sporadic writer: notice and FRAME at once, no batch, no thread to wake.
+                    self._notice(index, offset, n, t0, 0)
+                    self._conn.send([P.FRAME, offset, n, t0, 0, self._slab_carry])
+                    self._last_send = now
+                else:
+                    if not self._pend_n:
+                        self._pend_offset = offset
+                        self._pend_index = index
+                        self._kick.set()  # the flusher sends this batch if no write fills it
+                    self._pend_n.append(n)
+                    self._pend_t.append(t0)
+                    self._unnoticed += 1
+                    if len(self._pend_n) >= _BATCH:
+                        self._flush_pending()
         self._offset = offset + nbytes
         self.frames += 1
         self.samples += n
@@ -283,35 +322,95 @@ class Publisher:
             if msg[0] == P.GRANT:
                 self._grants.append(msg[1])
             elif msg[0] == P.CARRY:
-                self._carry = min(int(msg[1]), self.reserve)
+                with self._lock:
+                    self._on_carry(msg)
             elif msg[0] in (P.ERROR, P.END):
                 raise error_for(msg, self._where)
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
+    def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int) -> None:
+        """Publish one NOTICE to every local subscriber (caller holds the lock)."""
+        seq = self._nseq
+        self._nseq = seq + 1
+        payload = P.pack([P.NOTICE, self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor])
+        # A subscriber whose queue is full loses this one (it sees the seq gap); nobody waits.
+        with contextlib.suppress(zmq.Again):
+            self._xpub.send(self._topic + payload, _NOBLOCK)
+
+    def _bind_notices(self, endpoint: str, tokens: Any, timeout: float) -> Any:
+        """Bind the notice socket; wait (bounded) until subscribers that came before the stream joined it."""
+        sock = _context().socket(zmq.XPUB)
+        try:
+            sock.setsockopt(zmq.SNDHWM, _NOTICE_HWM)
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            sock.setsockopt(zmq.LINGER, 500)
+            sock.bind(endpoint)
+            waiting = {bytes(t) for t in tokens}
+            deadline = time.monotonic() + min(timeout, 5.0)
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                if sock.poll(int(left * 1000) + 1):
+                    event = sock.recv()
+                    self._answer_join(sock, event)
+                    waiting.discard(event[1:])
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    @staticmethod
+    def _answer_join(sock: Any, event: bytes) -> None:
+        # A new token subscription: say JOINED on it, so the subscriber knows every later notice reaches it.
+        if len(event) > 2 and event[0] == 1 and event[1] == 1:
+            with contextlib.suppress(zmq.Again):
+                sock.send(event[1:] + P.pack([P.JOINED]), _NOBLOCK)
+
+    def _serve_joins(self) -> None:
+        """Answer subscribers joining the notice socket (caller holds the lock)."""
+        sock = self._xpub
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            self._answer_join(sock, sock.recv(_NOBLOCK))
+
     def _flush_pending(self) -> None:
-        """Send the batched frame notices (caller holds the lock)."""
-        if self._pend_n:
-            if len(self._pend_n) == 1:
-                self._conn.send([P.FRAME, self._pend_offset, self._pend_n[0], self._pend_t[0], 0, self._slab_carry])
+        """Send the batched notices, then the batch's FRAME(S) to the broker (caller holds the lock)."""
+        ns, ts = self._pend_n, self._pend_t
+        if not ns:
+            return
+        if self._unnoticed:
+            k = len(ns) - self._unnoticed
+            before = sum(ns[:k])
+            index, offset = self._pend_index + before, self._pend_offset + before * self.sample_bytes
+            if self._unnoticed == 1:
+                self._notice(index, offset, ns[-1], ts[-1], 0)
             else:
-                self._conn.send([P.FRAMES, self._pend_offset, self._pend_n, self._pend_t, self._slab_carry])
-            self._pend_n = []
-            self._pend_t = []
+                self._notice(index, offset, ns[k:], ts[k:], 0)
+            self._unnoticed = 0
             self._last_send = time.monotonic()
+        if len(ns) == 1:
+            self._conn.send([P.FRAME, self._pend_offset, ns[0], ts[0], 0, self._slab_carry])
+        else:
+            self._conn.send([P.FRAMES, self._pend_offset, ns, ts, self._slab_carry])
+        self._pend_n = []
+        self._pend_t = []
 
     def _flusher(self) -> None:
-        # Sends a batch that no later write filled, at most _BATCH_DELAY after it began.
+        # Sends a batch that no later write filled, at most _BATCH_DELAY after it began; and every
+        # _SERVICE seconds answers joining subscribers and the broker's CARRY, even while no one writes.
         while not self._closed:
-            self._kick.wait()
-            if self._closed:
-                return
-            time.sleep(_BATCH_DELAY)
+            if self._kick.wait(_SERVICE):
+                time.sleep(_BATCH_DELAY)
             with self._lock:
                 self._kick.clear()
                 if self._closed or self._conn.closed:
                     return
-                with contextlib.suppress(SlabcastError):
+                try:
                     self._flush_pending()
+                    self._serve_joins()
+                    self._take_locked(0)
+                except SlabcastError as exc:
+                    self._failure = exc
+                    return
+                except zmq.ZMQError:
+                    return
 
     def _next_slab(self) -> int:
         with self._lock:
@@ -328,6 +427,8 @@ class Publisher:
                     )
                 self._take_messages(left)
         slab = self._grants.popleft()
+        self._slab = slab
+        self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
         start = self._header + slab * self.slab_bytes
         data = start + self.reserve
         # Copy the tail subscribers may still be accumulating just before the new slab's data,
@@ -337,27 +438,43 @@ class Publisher:
             u8 = self._u8
             u8[data - carry : data] = u8[self._offset - carry : self._offset]
         self._slab_carry = carry
+        self._floor = self.samples - carry // self.sample_bytes
         self._end = start + self.slab_bytes
         return int(data)
 
     def _take_messages(self, timeout: float) -> None:
         with self._lock:
-            msg = self._conn.recv(timeout)
-            while msg is not None:
-                if msg[0] == P.GRANT:
-                    self._grants.append(msg[1])
-                elif msg[0] == P.CARRY:
-                    self._carry = min(int(msg[1]), self.reserve)
-                elif msg[0] in (P.ERROR, P.END):
-                    raise error_for(msg, self._where)
-                msg = self._conn.recv(0)
+            self._take_locked(timeout)
+            self._serve_joins()
+
+    def _take_locked(self, timeout: float) -> None:
+        msg = self._conn.recv(timeout)
+        while msg is not None:
+            if msg[0] == P.GRANT:
+                self._grants.append(msg[1])
+            elif msg[0] == P.CARRY:
+                self._on_carry(msg)
+            elif msg[0] in (P.ERROR, P.END):
+                raise error_for(msg, self._where)
+            msg = self._conn.recv(0)
+
+    def _on_carry(self, msg: tuple[Any, ...]) -> None:
+        # From the next slab on; confirmed at once, so the broker can start the subscriber that needs it.
+        self._carry = min(int(msg[1]), self.reserve)
+        self._conn.send([P.CARRIED, self._carry])
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
         if self._closed:
             return
-        with self._lock, contextlib.suppress(SlabcastError):
+        with self._lock, contextlib.suppress(SlabcastError, zmq.ZMQError):
             self._flush_pending()
+            if self._conn.poll_gone():
+                raise BrokerGoneError("no stream to close: the broker is gone")  # suppressed just above
+            # In order after the last notice: subscribers end once they have read everything.
+            end = [P.NOTICE_END, self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples]
+            self._xpub.send(self._topic + P.pack(end), _NOBLOCK)
+            self._nseq += 1
         self._closed = True
         self._kick.set()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
@@ -371,6 +488,9 @@ class Publisher:
                         break
         with self._lock:
             self._conn.close()
+            self._xpub.close()  # lingers up to 0.5 s for subscribers still reading
+        with contextlib.suppress(OSError):
+            os.unlink(self._notice_path)
         self._u8 = None  # type: ignore[assignment]
         if self._mm is not None:
             with contextlib.suppress(BufferError):

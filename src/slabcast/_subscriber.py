@@ -44,6 +44,8 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _GEN = struct.Struct("<I")
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
+_END_GRACE = 0.5  # seconds to wait for notices still on their way once the stream's end is known
+_LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
 
 
 def _on_dead(dead: deque[int], seq: int, _ref: object) -> None:
@@ -332,13 +334,13 @@ class Subscriber:
         conn = Connection(address, "sub", self._label, curve=self._curve)
         notices = None
         try:
-            local = not conn.remote and conn.notice_address is not None
-            if local:
-                notices = self._join(conn)
+            local = not conn.remote
+            token = os.urandom(8)
             wire_sampler = None if local else self._request[7]
             if not local and self._prefetch:
                 wire_sampler = [self._pause() for _ in range(self._prefetch)]
-            conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0])
+            conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0,
+                       token if local else None])  # fmt: skip
             reply = conn.recv(self._timeout + self._wait)
             if reply is None:
                 if self._wait > 0:
@@ -348,14 +350,17 @@ class Subscriber:
                 raise BrokerGoneError(f"no answer to SUBSCRIBE from the {conn.where} within {self._timeout} s")
             if reply[0] == P.ERROR:
                 raise error_for(reply, self._where)
+            if reply[0] == P.END:  # the stream ended while we waited to start
+                raise error_for(reply, self._where)
             if reply[0] != P.SUBSCRIBED:
                 raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
             P.need(reply, 14 if local else 8)  # fields appended by a later version are ignored
             _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:9]
             mm = None if conn.remote else attach(seg, seg_bytes)
             if local:
-                self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, self._nseq = reply[9:15]
+                self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, endpoint = reply[9:15]
                 lock_fd = open_locks(seg)
+                notices = self._join(conn, endpoint, P.token_topic(token))
         except BaseException:
             if notices is not None:
                 notices.close(linger=0)
@@ -379,31 +384,32 @@ class Subscriber:
             self._frames: deque[list[Any]] = deque()  # unread frames: notices not yet cut
             self._seq = 0
             self._dropped = 0
+            self._nseq = -1  # the next notice seq expected; -1: none seen yet
             self._cursor = self.start_index
             self._cur_slab = -1
             self._acked = (-1, -1, -1)  # (slab, dropped, held) at the last ACK
             self._acked_at = 0.0
             self._stream_end: tuple[str, str, int] | None = None
-            self._poller = zmq.Poller()
-            for sock in self._sockets():
-                self._poller.register(sock, zmq.POLLIN)
+            self._end_seen = 0.0
+            self._rcvtimeo = -1
 
-    def _join(self, conn: Connection) -> Any:
-        """Connect a SUB socket to the notice socket and wait until the broker proves it reaches us."""
+    def _join(self, conn: Connection, endpoint: str, token: bytes) -> Any:
+        """Connect a SUB socket to the publisher's notice socket; wait until it proves it reaches us."""
         sock = _context().socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)  # a subscriber that lags keeps its own backlog, not the broker
-            sock.connect(conn.notice_address)
+            sock.setsockopt(zmq.RCVHWM, 0)  # a subscriber that lags keeps its own backlog, not the publisher
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the publisher may bind a moment after we connect
+            sock.connect(endpoint)
             sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(self.name))
-            token = P.token_topic(os.urandom(8))
             sock.setsockopt(zmq.SUBSCRIBE, token)
             deadline = time.monotonic() + self._timeout
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sock.poll(int(left * 1000) + 1):
                     raise BrokerGoneError(
-                        f"the {conn.where} did not answer on its notice socket within {self._timeout} s"
+                        f"the publisher of stream {self.name!r} did not answer on its notice socket "
+                        f"{endpoint} within {self._timeout} s"
                     )
                 if sock.recv().startswith(token):
                     break
@@ -562,7 +568,12 @@ class Subscriber:
             if self._frames:
                 self._step()
                 continue
-            if self._stream_end is not None:
+            if self._stream_end is not None and (
+                self._cursor >= self._stream_end[2] or time.monotonic() - self._end_seen > _END_GRACE
+            ):
+                # Everything the stream held is cut (or its publisher died with notices unsent).
+                if conn.poll_gone():
+                    raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
                 code, message, _ = self._stream_end
                 self._send_ack(force=True)
                 self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
@@ -589,16 +600,29 @@ class Subscriber:
                 if left <= 0:
                     return None
                 wait = max(1, int(left * 1000))
-            events = dict(self._poller.poll(wait))
-            if conn._monitor in events:
-                with contextlib.suppress(zmq.ZMQError):
-                    conn._read_monitor()
+            # Wait in the notice socket itself (what a plain SUB does: the lowest latency), looking
+            # at our own connection (END, eviction, the broker's death) at least every _LOOK seconds.
+            wait = _LOOK_MS if wait < 0 else min(wait, _LOOK_MS)
+            if wait != self._rcvtimeo:
+                notices.setsockopt(zmq.RCVTIMEO, wait)
+                self._rcvtimeo = wait
+            try:
+                raw = notices.recv()
+            except zmq.Again:
+                continue
+            self._on_notice(raw)
 
     def _on_direct(self, msg: tuple[Any, ...] | None) -> None:
         """A message from the broker on our own connection: an END (evicted, shutdown) or an ERROR."""
         if msg is None or msg[0] == P.SYNCED:
             return
         kind = msg[0]
+        if kind == P.END and msg[1] in (P.END_CLOSED, P.END_PUBLISHER_GONE) and len(msg) > 4:
+            # The stream ended: finish what its notices hold first (they may still be on their way).
+            if self._stream_end is None:
+                self._stream_end = (msg[1], msg[2], int(msg[4]))
+                self._end_seen = time.monotonic()
+            return
         if kind in (P.END, P.ERROR):
             exc = error_for(msg, self._where)
             if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN:
@@ -617,9 +641,9 @@ class Subscriber:
             return  # an earlier stream of the same name
         seq = msg[2]
         if seq < self._nseq:
-            return  # from before this subscription started
+            return  # duplicate or stale
         flags = 0
-        if seq > self._nseq:
+        if self._nseq >= 0 and seq > self._nseq:
             # Notices were lost on the way (this subscriber's queue overflowed): never cut across the hole.
             log.warning("%s: %d notices lost; the next chunk is flagged as a discontinuity", self._where,
                         seq - self._nseq)  # fmt: skip
@@ -628,6 +652,7 @@ class Subscriber:
         if msg[0] == P.NOTICE_END:
             P.need(msg, 5)
             self._stream_end = (msg[3], msg[4], msg[5])
+            self._end_seen = time.monotonic()
             return
         if msg[0] != P.NOTICE:
             raise ProtocolError(f"unexpected {P.NAMES.get(msg[0], msg[0])} on the notice socket ({self._where})")
@@ -635,6 +660,8 @@ class Subscriber:
         _, _, _, index, slab, gen, offset, ns, t0s, jump, floor = msg[:11]
         if type(ns) is int:
             ns, t0s = (ns,), (t0s,)
+        if index < self._cursor:
+            return  # written before this subscription started (the notice socket was already connected)
         self._frames.append([index, slab, gen, offset, ns, t0s, 0, flags | jump, floor])
 
     def _step(self) -> None:
