@@ -1,4 +1,14 @@
-/* slabcast.h: C subscriber of a slabcast broker (wire protocol version 1, docs/protocol.md). */
+/*
+ * slabcast.h: C subscriber of a slabcast broker (wire protocol version 2, docs/protocol.md; version 1 on request).
+ *
+ * Version 2 (the default): the broker grants the subscription; the client reads the publisher's frame
+ * notices on the stream's notice socket and cuts its own chunks with the rechunking rules of
+ * docs/protocol.md section 8 (the same rules as slabcast's Python Rechunker).  Its leases are kernel
+ * record locks on the segment (one per slab, not per chunk) checked against the slab generation table;
+ * it tells the broker how far it has read with a cumulative ACK, never a message per chunk.
+ * Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks, sends one CHUNK notice each and
+ * the client answers each release with RELEASE.  A version-2 broker serves both.
+ */
 #ifndef SLABCAST_H
 #define SLABCAST_H
 
@@ -9,8 +19,8 @@
 extern "C" {
 #endif
 
-/* The wire protocol version this library speaks. */
-#define SC_PROTOCOL_VERSION 1
+/* The wire protocol version this library speaks by default (see sc_set_protocol_version). */
+#define SC_PROTOCOL_VERSION 2
 
 /*
  * Return codes.  SC_OK is success; every other code comes with a message from
@@ -44,7 +54,10 @@ typedef struct sc_sub_options {
     double seconds;         /* chunk size in seconds (streams with a rate); 0 to use size */
     int clip;               /* 1: every chunk has exactly `size` samples; 0: whole frames, n >= size */
     const char *policy;     /* "block" (lossless, the publisher waits) or "drop" (gaps in seq) */
-    unsigned max_inflight;  /* chunks held (received, not released) before the policy applies, 1..1024 */
+    unsigned max_inflight;  /* chunks held (received, not released) before the policy applies, 1..1024.
+                             * Version 2: only "drop" uses it (a chunk cut while this many are held, or
+                             * waiting to be received, is dropped); "block" holds the publisher back by
+                             * this subscriber's read position instead. */
 } sc_sub_options;
 
 /* What SUBSCRIBED said about the stream; valid while the client lives. */
@@ -62,7 +75,9 @@ typedef struct sc_stream_info {
 } sc_stream_info;
 
 /* One chunk.  `data` points into the read-only shared mapping and stays valid until
- * sc_release() of this chunk or sc_close(); the bytes never change while it is held. */
+ * sc_release() of this chunk or sc_close(); the bytes never change while it is held
+ * (version 2: this client's shared lock on the chunk's slab keeps the broker from handing
+ * the slab back to the publisher). */
 typedef struct sc_chunk {
     const void *data;       /* n * sample_bytes bytes, sample-major (channels interleaved) */
     uint64_t n;             /* samples */
@@ -72,7 +87,8 @@ typedef struct sc_chunk {
     double t0;              /* time of the chunk's first sample, seconds */
     uint64_t seq;           /* this subscriber's chunk counter from 0; a gap means dropped chunks */
     uint64_t index;         /* stream index of the first sample */
-    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk */
+    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or,
+                             * version 2, notices were lost on the way: no chunk spans the hole) */
 } sc_chunk;
 
 #define SC_FLAG_DISCONTINUITY 1u
@@ -81,8 +97,11 @@ typedef struct sc_chunk {
 typedef struct sc_stats {
     uint64_t received;      /* chunks returned by sc_recv */
     uint64_t released;      /* chunks given back */
-    uint64_t cut;           /* chunks the broker cut for us, as told by END (0 before END) */
+    uint64_t cut;           /* chunks cut for us in all, delivered or dropped: version 1, as told by END
+                             * (0 before END); version 2, counted by this client (set at the end) */
     int64_t last_seq;       /* seq of the last chunk received, -1 before the first */
+    uint64_t dropped;       /* chunks cut for us and never received (policy "drop", or a slab already
+                             * written again); version 1 knows of drops only up to the last seq seen */
 } sc_stats;
 
 /* Allocate a client (NULL only when out of memory).  sc_errmsg() works on it from now on. */
@@ -91,10 +110,13 @@ sc_client *sc_new(void);
 /* Set the label the broker shows in logs and `slabcast status` (before sc_connect). */
 int sc_set_label(sc_client *c, const char *label);
 
-/* Milliseconds to wait for the broker's answers to HELLO and SUBSCRIBE; default 5000. */
+/* Milliseconds to wait for the broker's answers to HELLO and SUBSCRIBE, and (version 2) for the
+ * publisher's notice socket to confirm that it reaches this client (JOINED); default 5000. */
 int sc_set_timeout(sc_client *c, int timeout_ms);
 
-/* Speak another protocol version in HELLO.  For tests of version negotiation only. */
+/* Speak protocol version `version` (before sc_connect): 2 (the default) cuts chunks in this client,
+ * 1 lets the broker cut them (CHUNK/RELEASE).  Other values are sent as they are, for tests of
+ * version negotiation: the broker refuses them with SC_EVERSION. */
 int sc_set_protocol_version(sc_client *c, unsigned version);
 
 /* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path)
@@ -105,22 +127,30 @@ int sc_connect(sc_client *c, const char *address);
 void sc_sub_options_init(sc_sub_options *opts);
 
 /* Subscribe to `stream` (give exactly one of opts->size and opts->seconds) and map its
- * segment read-only.  One subscription per client. */
+ * segment read-only.  Version 2 also connects to the stream's notice socket and waits (up to
+ * the timeout of sc_set_timeout) until the publisher confirms it reaches this client, so every
+ * sample from sc_info()->start on is received.  One subscription per client. */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */
 const sc_stream_info *sc_info(const sc_client *c);
 
 /* Wait up to `timeout_ms` (-1: forever, 0: do not wait) for the next chunk.
- * SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream;
- * SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke. */
+ * SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
+ * complete chunk received); SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke.
+ * Version 2 cuts chunks from the notices here, gives back the locks of slabs it no longer
+ * holds a chunk of and sends ACK before it waits. */
 int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms);
 
 /* Wait up to `timeout_ms` until sc_recv(c, ..., 0) has something to return without
- * waiting: SC_OK, or SC_ETIMEOUT.  For event loops and measurements. */
+ * waiting (a chunk, or the end of the subscription): SC_OK, or SC_ETIMEOUT.  For event loops
+ * and measurements.  Version 2 cuts chunks from the notices that arrive meanwhile, so it may
+ * also return an error that sc_recv would have returned (SC_EPROTO, SC_EREQUEST, ...). */
 int sc_wait(sc_client *c, int timeout_ms);
 
-/* Give a chunk back; its memory may be reused by the publisher afterwards. */
+/* Give a chunk back; its memory may be reused by the publisher afterwards.  Version 1 sends
+ * RELEASE; version 2 sends nothing: the slab's lock goes once no chunk of it is held (at the
+ * latest before sc_recv waits) and the next ACK says so. */
 int sc_release(sc_client *c, const sc_chunk *chunk);
 
 /* Give back the chunk numbered `seq`. */
@@ -131,7 +161,8 @@ void sc_get_stats(const sc_client *c, sc_stats *out);
 
 /* Say BYE (unless the broker is gone), wait a bounded time for its answer, close the
  * sockets (linger 200 ms), unmap the segment (never unlink it) and free the client.
- * Accepts NULL.  Chunks still held are given back by the BYE. */
+ * Accepts NULL.  Chunks still held are given back: version 2 closes the descriptor that
+ * holds the lease locks (before BYE), version 1 by the BYE. */
 void sc_close(sc_client *c);
 
 /* The message of the last error on `c`: what was expected, what came, and where. */
