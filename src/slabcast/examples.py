@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["spectral_peak", "spl", "wav_file"]
+__all__ = ["flac_file", "full_scale", "spectral_peak", "spl", "wav_file"]
 
 
 def _say(line: str) -> None:
@@ -22,9 +22,25 @@ def _say(line: str) -> None:
     os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
+def full_scale(data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Return ``data`` as float64 in [-1, 1): floats as they are, integers over their dtype's full scale.
+
+    ``int16`` is divided by 32768, ``int32`` by 2**31; unsigned PCM (``uint8``, as in
+    8-bit WAV) is centred first (128 is silence).
+    """
+    dt = data.dtype
+    if dt.kind == "f":
+        return data.astype(np.float64, copy=False)
+    if dt.kind not in "iu":
+        raise TypeError(f"audio samples must be float or integer PCM, got {dt}")
+    half = float(2 ** (8 * dt.itemsize - 1))
+    x = data.astype(np.float64)
+    return (x - half) / half if dt.kind == "u" else x / half
+
+
 def spl(chunk: Any) -> None:
-    """Print the sound level of each channel in dBFS."""
-    rms = np.sqrt(np.mean(np.square(chunk.data, dtype=np.float64), axis=0))
+    """Print the sound level of each channel in dBFS (0 dBFS: a full-scale square wave; a full-scale sine is -3.01)."""
+    rms = np.sqrt(np.mean(np.square(full_scale(chunk.data)), axis=0))
     levels = "  ".join(
         f"ch{i}={v:6.1f} dBFS" for i, v in enumerate(np.atleast_1d(20 * np.log10(np.maximum(rms, 1e-12))))
     )
@@ -32,17 +48,46 @@ def spl(chunk: Any) -> None:
 
 
 def wav_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
-    """Write the chunk as a 16-bit WAV file ``<out>/<stream index>.wav`` (float samples in [-1, 1])."""
+    """Write the chunk as a WAV file ``<out>/<stream index>.wav``, without losing a bit.
+
+    Integer PCM keeps its width (``uint8`` 8-bit, ``int16`` 16-bit, ``int32``
+    32-bit); float samples in [-1, 1] become 16-bit PCM (use :func:`flac_file` or
+    ``soundfile`` to keep floats).
+    """
     data = chunk.data
-    pcm = (np.clip(data, -1, 1) * 32767).astype("<i2") if data.dtype.kind == "f" else data.astype("<i2")
+    dt = data.dtype
+    if dt.kind == "f":
+        pcm = (np.clip(data, -1, 1) * 32767).astype("<i2")
+    elif (dt.kind, dt.itemsize) in (("u", 1), ("i", 2), ("i", 4)):
+        pcm = data.astype(dt.newbyteorder("<"), copy=False)
+    else:
+        raise TypeError(f"wav_file writes uint8, int16, int32 or float samples, got {dt}")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{chunk.index:012d}.wav")
     with wave.open(path, "wb") as w:
         w.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
-        w.setsampwidth(2)
+        w.setsampwidth(pcm.dtype.itemsize)
         w.setframerate(rate)
         w.writeframes(pcm.tobytes())
     _say(f"[wav   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(pcm) / rate:.2f} s)")
+
+
+def flac_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
+    """Write the chunk as a FLAC file ``<out>/<stream index>.flac`` through ``soundfile`` (libsndfile).
+
+    ``int16`` stays 16-bit and ``int32`` becomes 24-bit (FLAC's widest); floats in
+    [-1, 1] become 24-bit.  Needs the ``files`` extra (``pip install slabcast[files]``).
+    """
+    try:
+        import soundfile
+    except ImportError as exc:
+        raise ImportError("flac_file needs soundfile: pip install 'slabcast[files]'") from exc
+    data = chunk.data
+    subtype = "PCM_16" if data.dtype == np.int16 else "PCM_24"
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{chunk.index:012d}.flac")
+    soundfile.write(path, data, int(rate), subtype=subtype, format="FLAC")
+    _say(f"[flac  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(data) / rate:.2f} s)")
 
 
 def spectral_peak(chunk: Any, rate: float = 48_000.0) -> None:
