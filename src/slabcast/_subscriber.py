@@ -193,6 +193,11 @@ class Chunk:
         """Whether the stream jumped right before this chunk."""
         return bool(self.flags & P.FLAG_DISCONTINUITY)
 
+    @property
+    def partial(self) -> bool:
+        """Whether this is the shorter last chunk of an ended stream (``partial_tail=True``)."""
+        return bool(self.flags & P.FLAG_PARTIAL)
+
     def release(self) -> None:
         """Give the chunk back (idempotent); its memory is reused once no view of it remains."""
         if self._data is not None:
@@ -249,6 +254,10 @@ class Subscriber:
         (a worker started before its source); 0 raises at once.
     label : str, optional
         This subscriber's name in logs and ``slabcast status``.
+    partial_tail : bool
+        When the stream ends, hand out the samples accumulated towards an
+        unfinished chunk as one last, shorter chunk with ``partial`` set (a
+        recorder loses nothing).  Local (``ipc://``) subscribers only.
     reconnect : bool or float
         When the broker goes away, wait up to this many seconds (``True``: 60)
         for a broker at the same address with this stream and subscribe again
@@ -279,6 +288,7 @@ class Subscriber:
         reconnect: bool | float = False,
         wait: float = 0.0,
         label: str | None = None,
+        partial_tail: bool = False,
     ) -> None:
         P.check_stream_name(stream)
         if (size is None) == (seconds is None):
@@ -321,6 +331,7 @@ class Subscriber:
         self._jumped = False  # the next chunk follows a broker restart
         self._request = [P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler]
         self._max_inflight = max_inflight
+        self._partial_tail = bool(partial_tail)
         self._curve = curve
         self._timeout = timeout
         self._wait = float(wait)
@@ -335,6 +346,8 @@ class Subscriber:
         notices = None
         try:
             local = not conn.remote
+            if self._partial_tail and not local:
+                raise ValueError(f"partial_tail=True needs a local (ipc://) broker, got {conn.address}")
             token = os.urandom(8)
             wire_sampler = None if local else self._request[7]
             if not local and self._prefetch:
@@ -390,6 +403,7 @@ class Subscriber:
             self._acked = (-1, -1, -1)  # (slab, dropped, held) at the last ACK
             self._acked_at = 0.0
             self._stream_end: tuple[str, str, int] | None = None
+            self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
             self._end_seen = 0.0
             self._rcvtimeo = -1
 
@@ -574,6 +588,8 @@ class Subscriber:
                 # Everything the stream held is cut (or its publisher died with notices unsent).
                 if conn.poll_gone():
                     raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                if self._partial_tail and self._cut_tail():
+                    continue
                 code, message, _ = self._stream_end
                 self._send_ack(force=True)
                 self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
@@ -693,6 +709,7 @@ class Subscriber:
             for cstart, length, ct0 in chunks:
                 self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
         self._cursor = index + n
+        self._last = (slab, gen, offset + n * self._sample_bytes)
         if i + 1 < len(ns):
             entry[0] = index + n
             entry[3] = offset + n * self._sample_bytes
@@ -702,7 +719,22 @@ class Subscriber:
         if self._acked[0] != slab:
             self._send_ack()  # the broker may free the slab we left
 
-    def _cut_chunk(self, start: int, length: int, t0: float, offset: int, slab: int, gen: int) -> None:
+    def _cut_tail(self) -> bool:
+        """At the end of the stream: the unfinished chunk, as one partial chunk (once)."""
+        self._partial_tail = False
+        chunker = self._chunker
+        start = chunker.start
+        if start is None or start >= self._cursor:
+            return False
+        slab, gen, end = self._last
+        n = self._cursor - start
+        chunker.start = None
+        self._cut_chunk(start, n, chunker.t0, end - n * self._sample_bytes, slab, gen, P.FLAG_PARTIAL)
+        return True
+
+    def _cut_chunk(
+        self, start: int, length: int, t0: float, offset: int, slab: int, gen: int, flags: int = 0
+    ) -> None:
         seq = self._seq
         self._seq = seq + 1
         if self.policy == "drop" and len(self._ready) + self._received - self._leases.released >= self._max_inflight:
@@ -712,10 +744,9 @@ class Subscriber:
             # The publisher already reuses this slab: only a drop subscriber that fell a pool behind.
             self._dropped += 1
             return
-        flags = 0
         if self._jumped:
             self._jumped = False
-            flags = P.FLAG_DISCONTINUITY
+            flags |= P.FLAG_DISCONTINUITY
         self._ready.append((seq, start, length, t0, offset, slab, flags))
 
     def _hand_out(self) -> Chunk:

@@ -166,3 +166,19 @@ def test_a_view_kept_past_close_gives_its_slab_back_when_it_dies(broker, stream_
     for i in range(40):  # the pool is whole again: no WriteTimeout
         pub.write(np.full(256, i, np.int32))
     pub.close()
+
+
+@pytest.mark.parametrize("policy", ["block", "drop"])
+def test_partial_tail_hands_out_the_unfinished_last_chunk(broker, stream_name, policy):
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=8192, nslabs=4)
+    sub = slabcast.Subscriber(stream_name, size=400, clip=True, partial_tail=True, policy=policy,
+                              address=broker.address)  # fmt: skip
+    plain = slabcast.Subscriber(stream_name, size=400, clip=True, address=broker.address)
+    for k in range(0, 1000, 300):
+        pub.write(np.arange(k, min(k + 300, 1000), dtype=np.int32))
+    pub.close()
+    got = [(c.index, len(c), c.partial, int(c.data[0]), int(c.data[-1])) for c in sub]
+    assert got == [(0, 400, False, 0, 399), (400, 400, False, 400, 799), (800, 200, True, 800, 999)]
+    assert [len(c) for c in plain] == [400, 400]  # without it the tail is dropped, as before
+    sub.close()
+    plain.close()
