@@ -1076,6 +1076,7 @@ class Broker:
     def _destroy(self, stream: _Stream) -> None:
         del stream.u8
         del stream.gens
+        stream.pool.gens = []  # the last view of the segment: it can be unmapped
         stream.segment.destroy()
         with contextlib.suppress(ValueError):
             self._draining.remove(stream)
@@ -1354,6 +1355,7 @@ class Broker:
                 }
             )
         from . import __version__
+        from ._sources import RUNNING
 
         return {
             "pid": self.pid,
@@ -1364,6 +1366,7 @@ class Broker:
             "uptime": time.time() - self.started,
             "clients": len(self._clients),
             "streams": streams,
+            "sources": [thread.status() for thread in list(RUNNING.values())],
         }
 
     # -------------------------------------------------------------- shutdown

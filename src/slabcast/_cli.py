@@ -106,7 +106,7 @@ def _up(args: argparse.Namespace) -> int:
     from ._up import run_up
 
     try:
-        return run_up(args.config, output=lambda line: print(line, flush=True))
+        return run_up(args.config, output=lambda line: print(line, flush=True), log_level=args.log_level.upper())
     except (OSError, ValueError, ImportError, AttributeError) as exc:
         print(f"slabcast up: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,9 @@ class BrokerProcess:
     die_with_parent : bool
         Have the kernel send the broker SIGTERM when this process dies (Linux),
         so a crashed test or supervisor leaves no orphan broker.
+    inherit_stderr : bool
+        Let the broker's log lines go to this process's standard error (as
+        ``slabcast up`` does) instead of keeping them for :meth:`stderr`.
 
     Examples
     --------
@@ -54,8 +57,10 @@ class BrokerProcess:
         args: tuple[str, ...] = (),
         startup_timeout: float = 10.0,
         die_with_parent: bool = True,
+        inherit_stderr: bool = False,
     ) -> None:
         self.address = normalize(address)
+        self.inherit_stderr = inherit_stderr
         self.args = tuple(args)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -74,7 +79,8 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         """Spawn the broker and block until it serves, or raise with what it printed."""
         read_fd, write_fd = os.pipe()
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)  # a pipe nobody reads would stall a chatty broker
+        if not self.inherit_stderr:
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)  # a pipe nobody reads would stall a chatty broker
         try:
             self.process = subprocess.Popen(
                 [
@@ -91,7 +97,7 @@ class BrokerProcess:
                 pass_fds=(write_fd,),
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
-                stderr=self._stderr,
+                stderr=self._stderr,  # None: the broker writes to our standard error (slabcast up)
             )
         finally:
             os.close(write_fd)

@@ -17,12 +17,13 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ._exceptions import SlabcastError
+from ._exceptions import SlabcastError, WriteTimeout
 from ._info import StreamInfo
 from ._protocol import check_dtype, check_stream_name
 from ._publisher import Publisher
 
 __all__ = [
+    "FileSource",
     "LslSource",
     "ReplaySource",
     "SoundCardSource",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("slabcast.source")
+
+# The source threads of this process (the broker's), for `slabcast status`.
+RUNNING: dict[str, SourceThread] = {}
 
 
 class Source(Protocol):
@@ -116,22 +120,107 @@ class SyntheticSource:
         return max(0.0, self._start + (self._produced + self.frame) / rate - time.time())
 
 
-class StdinSource:
-    """Raw bytes or typed samples from standard input (``arecord ... | slabcast broker --source stdin:...``).
+class _Clocked:
+    """Sample-clock timestamps, optional pacing and ``wait_for`` for sources read from a pipe or a file.
 
-    Timestamps are the arrival time of each read, back-dated by the samples it
-    holds when the rate is known.
+    ``t0`` of sample ``k`` is ``start + k / rate``: the time the first sample was
+    taken, plus its position (never the arrival time of a read, which jitters).
+    With ``pace``, samples are released no faster than ``rate * speed``;
+    without it, as fast as they come (a file: as fast as the subscribers take
+    them, since a ``block`` subscriber holds the publisher back).  ``wait_for=N``
+    holds the first sample until the stream has N subscribers, so a short file or
+    pipe is not over before the workers that read it have started.
+    """
+
+    info: StreamInfo
+    address: str | None
+
+    def _clock_init(self, pace: Any, speed: float, wait_for: int) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        self.pace = bool(pace)
+        self.speed = float(speed)
+        self.wait_for = int(wait_for)
+        self.address = None
+        self._start = 0.0
+        self._produced = 0
+
+    def _ready(self) -> bool:
+        """Whether samples may go out now (subscribers there, started)."""
+        if self._start:
+            return True
+        if self.wait_for and not _enough_subscribers(self.address, self.info.name, self.wait_for):
+            return False
+        self._start = time.time()
+        return True
+
+    def _allowed(self) -> int | None:
+        """Samples that may go out now without running ahead of the clock (None: no limit)."""
+        rate = self.info.rate
+        if not self.pace or not rate:
+            return None
+        return int((time.time() - self._start) * rate * self.speed) - self._produced
+
+    def _stamps(self, n: int) -> np.ndarray[Any, Any]:
+        rate = self.info.rate
+        first = self._produced
+        self._produced += n
+        if rate:
+            return self._start + (first + np.arange(n)) / (rate * (self.speed if self.pace else 1.0))
+        return np.full(n, time.time())
+
+    def wait(self) -> float:
+        """Seconds until more samples are due."""
+        rate = self.info.rate
+        if not self._start:
+            return 0.01
+        if not self.pace or not rate:
+            return 0.0
+        return max(0.0, self._start + (self._produced + 1) / (rate * self.speed) - time.time())
+
+
+def _enough_subscribers(address: str | None, name: str, wanted: int) -> bool:
+    from ._control import broker_status
+
+    try:
+        streams = broker_status(address, timeout=1.0)["streams"]
+    except Exception:  # the broker is starting or stopping; try again on the next read
+        return False
+    mine = [s for s in streams if s["name"] == name and not s["ended"]]
+    return bool(mine) and len(mine[0]["subscribers"]) >= wanted
+
+
+class StdinSource(_Clocked):
+    """Raw bytes or typed samples from standard input (``arecord ... | slabcast up ...``).
+
+    Parameters
+    ----------
+    name, dtype, channels, rate :
+        What the bytes are: ``int16`` stereo at 48 kHz is ``dtype=int16,channels=2,rate=48000``.
+    frame : int
+        Samples per read at most.
+    pace : bool
+        Release samples no faster than ``rate`` (for a pipe fed faster than real
+        time, e.g. ``sox file.wav -t raw -``); a live device paces itself.
+    wait_for : int
+        Hold the first sample until the stream has this many subscribers.
+
+    Timestamps follow the sample clock: ``t0 = start + index / rate`` (the
+    arrival time of each read when there is no rate).
     """
 
     def __init__(self, name: str = "stdin", dtype: str = "uint8", channels: int = 1, rate: float | None = None,
-                 frame: int = 4096, fd: int | None = None) -> None:  # fmt: skip
+                 frame: int = 4096, fd: int | None = None, pace: Any = False, speed: float = 1.0,
+                 wait_for: int = 0) -> None:  # fmt: skip
         dt = check_dtype(dtype)
         self.info = StreamInfo(check_stream_name(name), dt, int(channels), float(rate) if rate else None,
                                tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
         self.fd = sys.stdin.fileno() if fd is None else fd
-        self.read_bytes = int(frame) * dt.itemsize * int(channels)
+        self.frame = int(frame)
         self._sample_bytes = dt.itemsize * int(channels)
         self._pending = b""
+        self._eof = False
+        self._clock_init(pace, speed, wait_for)
 
     def connect(self) -> StreamInfo:
         """Nothing to open: standard input is already there."""
@@ -139,28 +228,121 @@ class StdinSource:
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
         """Return whole samples read so far; raise :class:`EOFError` at the end of input."""
-        ready, _, _ = select.select([self.fd], [], [], 0.05)
-        if not ready:
+        if not self._ready():
             return None
-        block = os.read(self.fd, self.read_bytes)
-        if not block:
-            raise EOFError("end of standard input")
-        data = self._pending + block
-        whole = len(data) // self._sample_bytes * self._sample_bytes
-        self._pending = data[whole:]
+        allowed = self._allowed()
+        want = self.frame if allowed is None else min(self.frame, allowed)
+        if want < 1:
+            return None
+        need = want * self._sample_bytes - len(self._pending)
+        if need > 0 and not self._eof:
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                block = os.read(self.fd, need)
+                if block:
+                    self._pending += block
+                else:
+                    self._eof = True
+        whole = min(len(self._pending) // self._sample_bytes, want) * self._sample_bytes
         if not whole:
+            if self._eof:
+                raise EOFError("end of standard input")
             return None
-        arr = np.frombuffer(data[:whole], dtype=self.info.dtype)
+        data, self._pending = self._pending[:whole], self._pending[whole:]
+        arr = np.frombuffer(data, dtype=self.info.dtype)
         n = len(arr) // self.info.channels
         if self.info.channels > 1:
             arr = arr.reshape(n, self.info.channels)
-        now = time.time()
-        rate = self.info.rate
-        stamps = now - (n - np.arange(n)) / rate if rate else np.full(n, now)
-        return arr, stamps
+        return arr, self._stamps(n)
 
     def disconnect(self) -> None:
         """Nothing to release."""
+
+
+class FileSource(_Clocked):
+    """An audio file read through ``soundfile`` (libsndfile: WAV, FLAC, OGG, AIFF ...; extra ``files``).
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    name : str, optional
+        Stream name (default: the file's name without extension, made valid).
+    dtype : str, optional
+        Sample type delivered: default ``int16`` for 16-bit and 8-bit PCM,
+        ``int32`` for 24/32-bit PCM, ``float32`` otherwise.
+    frame : int
+        Samples per frame.
+    pace : bool
+        Release samples at the file's rate (times ``speed``); default: as fast as
+        the subscribers take them.
+    loop : bool
+        Start again at the end (the first frame of each lap has ``discontinuity``).
+    wait_for : int
+        Hold the first sample until the stream has this many subscribers.
+    """
+
+    def __init__(self, path: str, name: str | None = None, dtype: str | None = None, frame: int = 4800,
+                 pace: Any = False, speed: float = 1.0, loop: Any = False, wait_for: int = 0) -> None:  # fmt: skip
+        try:
+            import soundfile
+        except ImportError as exc:
+            raise ImportError("the file source needs soundfile: pip install 'slabcast[files]'") from exc
+        self._sf = soundfile
+        self.path = str(path)
+        try:
+            meta = soundfile.info(self.path)
+        except Exception as exc:  # soundfile raises its own LibsndfileError (a RuntimeError) or OSError
+            raise OSError(f"cannot read audio file {self.path!r}: {exc}") from exc
+        if dtype is None:
+            dtype = "int16" if meta.subtype in ("PCM_16", "PCM_S8", "PCM_U8") else (
+                "int32" if meta.subtype in ("PCM_24", "PCM_32") else "float32")  # fmt: skip
+        dt = check_dtype(dtype)
+        if dt.name not in ("int16", "int32", "float32", "float64"):
+            raise ValueError(f"dtype must be int16, int32, float32 or float64 for a file, got {dt}")
+        stem = os.path.splitext(os.path.basename(self.path))[0]
+        default = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in stem)[:64] or "file"
+        self.info = StreamInfo(check_stream_name(name or default), dt, int(meta.channels), float(meta.samplerate),
+                               tuple(f"ch_{i}" for i in range(int(meta.channels))))  # fmt: skip
+        self.frames_total = int(meta.frames)
+        self.frame = int(frame)
+        self.loop = bool(loop)
+        self.laps = 0
+        self._file: Any = None
+        self._clock_init(pace, speed, wait_for)
+
+    def connect(self) -> StreamInfo:
+        """Open the file."""
+        self._file = self._sf.SoundFile(self.path)
+        return self.info
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return the next frame; :class:`EOFError` at the end (unless looping)."""
+        if not self._ready():
+            return None
+        allowed = self._allowed()
+        want = self.frame if allowed is None else min(self.frame, allowed)
+        if want < 1:
+            return None
+        data = self._file.read(want, dtype=self.info.dtype.name, always_2d=True)
+        if not len(data):
+            if not self.loop:
+                raise EOFError(f"end of {self.path}")
+            self._file.seek(0)
+            self.laps += 1
+            raise _Lap()
+        data = np.ascontiguousarray(data)
+        return (data if self.info.channels > 1 else data[:, 0]), self._stamps(len(data))
+
+    def disconnect(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Lap(Exception):  # a signal between a looping source and its thread, not an error
+    """A looping source started again at its beginning: the next frame follows a jump."""
 
 
 class ReplaySource:
@@ -241,14 +423,7 @@ class ReplaySource:
         return max(0.0, self._due(k) - time.time())
 
     def _enough_subscribers(self) -> bool:
-        from ._control import broker_status
-
-        try:
-            streams = broker_status(self.address, timeout=1.0)["streams"]
-        except Exception:  # the broker is starting or stopping; try again on the next read
-            return False
-        mine = [s for s in streams if s["name"] == self.info.name]
-        return bool(mine) and len(mine[0]["subscribers"]) >= self.wait_for
+        return _enough_subscribers(self.address, self.info.name, self.wait_for)
 
     def disconnect(self) -> None:
         """Close the recording's memory map."""
@@ -384,10 +559,11 @@ _KINDS: dict[str, type] = {
     "audio": SoundCardSource,
     "synthetic": SyntheticSource,
     "stdin": StdinSource,
+    "file": FileSource,
     "replay": ReplaySource,
     "lsl": LslSource,
 }
-_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes"}
+_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout"}
 _LIST_KEYS = {"freqs"}  # values written a/b/c
 
 
@@ -395,7 +571,9 @@ def parse_source(spec: str) -> Any:
     """Build a source from ``kind:key=value,key=value`` (e.g. ``synthetic:name=mic,rate=48000,channels=2``).
 
     ``slab_bytes``, ``nslabs`` and ``max_chunk_bytes`` size the stream's pool
-    (the largest chunk a subscriber may ask for); the other options go to the source.
+    (the largest chunk a subscriber may ask for), ``write_timeout`` is how long a
+    write waits for a slab before the source says it is held back (it then keeps
+    waiting); the other options go to the source.
 
     Raises
     ------
@@ -438,10 +616,16 @@ class SourceThread(threading.Thread):
         super().__init__(name=f"source-{getattr(source, 'info', None) and source.info.name}", daemon=True)
         self.source = source
         self.address = address
-        self.publisher_options = {**getattr(source, "publisher_options", {}), **publisher_options}
+        options = {**getattr(source, "publisher_options", {}), **publisher_options}
+        if "write_timeout" in options:
+            options["timeout"] = float(options.pop("write_timeout"))
+        self.publisher_options = options
         self.stopping = threading.Event()
         self.opened = threading.Event()  # the stream exists on the broker
         self.reconnects = 0
+        self.blocked_episodes = 0
+        self.blocked_seconds = 0.0
+        self.state = "starting"
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -451,14 +635,20 @@ class SourceThread(threading.Thread):
                         channel_names=list(info.channel_names), address=self.address,
                         **self.publisher_options)  # fmt: skip
         log.info("source %r started", info.name)
+        RUNNING[info.name] = self
+        self.state = "running"
         self.opened.set()
         jumped = False
         try:
             while not self.stopping.is_set():
                 try:
                     got = self.source.read()
-                except EOFError:
+                except EOFError as exc:
+                    log.info("source %r ended: %s", info.name, exc)
                     break
+                except _Lap:
+                    jumped = True
+                    continue
                 except OSError as exc:
                     # The device went away: reconnect, keeping the stream and its subscribers.
                     log.warning("source %r lost (%s); reconnecting", info.name, exc)
@@ -469,16 +659,52 @@ class SourceThread(threading.Thread):
                     self.stopping.wait(wait() if wait else 0.002)
                     continue
                 data, stamps = got
-                pub.write(data, t0=float(stamps[0]), discontinuity=jumped)
+                self._write(pub, info.name, data, float(stamps[0]), jumped)
                 jumped = False
+            self.state = "ended"
         except SlabcastError as exc:  # the broker is shutting down under us
+            self.state = "stopped"
             log.info("source %r stopped: %s", info.name, exc)
         except BaseException as exc:
             self.error = exc
+            self.state = "failed"
             log.exception("source %r failed", info.name)
         finally:
             self.source.disconnect()
             pub.close()
+
+    def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool) -> None:
+        """Write one frame; while a ``block`` subscriber holds every slab, wait (nothing is dropped) and say so."""
+        since = 0.0
+        while True:
+            try:
+                pub.write(data, t0=t0, discontinuity=jumped)
+            except WriteTimeout:
+                if self.stopping.is_set():
+                    raise
+                if not since:
+                    since = time.monotonic()
+                    self.state = "blocked"
+                    log.warning("source %r is held back by a policy='block' subscriber (no free slab for %g s); "
+                                "waiting, nothing is dropped", name, pub.timeout)  # fmt: skip
+                self.blocked_seconds = time.monotonic() - since + pub.timeout
+                continue
+            if since:
+                self.state = "running"
+                log.warning("source %r resumed after %.1f s held back", name, time.monotonic() - since + pub.timeout)
+                self.blocked_episodes += 1
+            return
+
+    def status(self) -> dict[str, Any]:
+        """This source's state for ``slabcast status``."""
+        return {
+            "name": getattr(self.source, "info", None) and self.source.info.name,
+            "kind": type(self.source).__name__,
+            "state": self.state,
+            "reconnects": self.reconnects,
+            "blocked_episodes": self.blocked_episodes,
+            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+        }
 
     def _reconnect(self, info: StreamInfo) -> bool:
         """Reconnect the source (backing off up to 2 s); it must still carry the same kind of samples."""

@@ -1,11 +1,23 @@
-"""``slabcast up CONFIG``: start the broker, its sources and one supervised worker process per task."""
+"""``slabcast up CONFIG``: check the whole config, then start the broker, its sources and supervised task workers.
+
+Everything is checked before anything starts: unknown keys (with the closest
+known one), types, values, the streams tasks name, options against the task
+callable's signature, and whether each task's chunks fit the stream's pool; the
+pool is sized from the largest chunk when the config does not size it, and
+``/dev/shm`` is checked for room.  A worker whose stream ends exits 0 and is
+done; when every worker is done (finite sources: a file, a pipe), ``up`` exits 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
+import inspect
 import logging
+import math
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -16,14 +28,27 @@ from typing import Any
 from ._address import normalize
 from ._process import BrokerProcess
 
-__all__ = ["Task", "load_config", "run_up"]
+__all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
 
 log = logging.getLogger("slabcast.up")
 
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
+_HEALTHY = 60.0  # seconds a worker must live for its restart back-off to start again from the first step
+_STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted workers)
+_TOP_KEYS = {"broker", "sources", "tasks"}
+_BROKER_KEYS = {"address", "lease_timeout", "shm_mode", "log_level"}
 _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "policy", "workers", "options",
-              "max_inflight"}  # fmt: skip
+              "max_inflight", "partial_tail", "restart_on_end", "external"}  # fmt: skip
+_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout"}
+_FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
+_DEFAULT_SLAB = 4 << 20
+_DEFAULT_NSLABS = 8
+_SHM = "/dev/shm"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the file, the table, the key and what was expected."""
 
 
 @dataclass
@@ -41,62 +66,244 @@ class Task:
     workers: int = 1
     max_inflight: int = 8
     options: dict[str, Any] = field(default_factory=dict)
+    partial_tail: bool = False
+    restart_on_end: bool = False
+    external: bool = False
 
 
 @dataclass
 class Config:
-    """A parsed config file."""
+    """A checked config file."""
 
     address: str
     broker_args: list[str]
     tasks: list[Task]
+    lease_timeout: float = 30.0
+    shm_bytes: int = 0  # /dev/shm the sources' pools take
 
 
-def load_config(path: str) -> Config:
-    """Read and check a TOML config; errors name the file, the table and the key.
+def _unknown(where: str, got: dict[str, Any], known: set[str]) -> None:
+    for key in sorted(set(got) - known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _number(where: str, key: str, value: Any, *, integer: bool = False, low: float = 0.0, low_ok: bool = False,
+            high: float = math.inf) -> Any:  # fmt: skip
+    """Check a number: its type (a string is not a number), finite, and in range."""
+    want = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        got = f"{value!r} (a {type(value).__name__})"
+        raise ConfigError(f"{where}: {key!r} must be {want}, got {got}")
+    if not math.isfinite(value) or value < low or (value == low and not low_ok) or value > high:
+        bound = f">= {low:g}" if low_ok else f"> {low:g}"
+        limit = f" and <= {high:g}" if high < math.inf else ""
+        raise ConfigError(f"{where}: {key!r} must be {want} {bound}{limit}, got {value!r}")
+    return value
+
+
+def _bool(where: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(where: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+    return str(value)
+
+
+def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip: int) -> None:
+    """Check keyword options against ``fn``'s signature (``skip`` leading positional parameters)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: nothing to check against
+    params = list(sig.parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known)) or 'none'}"
+            raise ConfigError(f"{where}: {what} has no option {key!r}{hint}")
+
+
+def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
+    """Check one [[sources]] table; return (kind, source options, pool options, source object)."""
+    from ._sources import _KINDS
+
+    where = f"{path}: [[sources]] #{i + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table, got {raw!r}")
+    kind = _choice(where, "kind", raw.get("kind"), tuple(sorted(_KINDS)))
+    opts = {k: v for k, v in raw.items() if k != "kind"}
+    pool = {k: opts.pop(k) for k in list(opts) if k in _POOL_KEYS}
+    for key, value in pool.items():
+        _number(where, key, value, integer=key != "write_timeout")
+    cls: Any = _KINDS[kind]
+    _check_options(where, f"a {kind} source", cls, opts, skip=0)
+    try:
+        source = cls(**opts)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError, OSError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return kind, opts, pool, source
+
+
+def _task(path: str, i: int, raw: Any) -> Task:
+    where = f"{path}: [[tasks]] #{i + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table, got {raw!r}")
+    where += f" ({raw.get('name', '?')})"
+    _unknown(where, raw, _TASK_KEYS)
+    for key in ("name", "call", "stream"):
+        if not isinstance(raw.get(key), str):
+            raise ConfigError(f"{where}: {key!r} must be a string, got {raw.get(key)!r}")
+    if ":" not in raw["call"]:
+        raise ConfigError(f"{where}: 'call' must be 'module:function', got {raw['call']!r}")
+    if ("size" in raw) == ("seconds" in raw):
+        raise ConfigError(f"{where}: give exactly one of 'size' (samples) and 'seconds'")
+    task = Task(**raw)
+    if task.size is not None:
+        _number(where, "size", task.size, integer=True)
+    if task.seconds is not None:
+        _number(where, "seconds", task.seconds)
+    if task.sampler is not None:
+        _number(where, "sampler", task.sampler, low_ok=True, high=1e9)
+    _number(where, "workers", task.workers, integer=True, low=1, low_ok=True)
+    _number(where, "max_inflight", task.max_inflight, integer=True, low=1, low_ok=True, high=1024)
+    _choice(where, "policy", task.policy, ("block", "drop"))
+    for key in ("clip", "partial_tail", "restart_on_end", "external"):
+        _bool(where, key, getattr(task, key))
+    if not isinstance(task.options, dict):
+        raise ConfigError(f"{where}: 'options' must be a table, got {task.options!r}")
+    try:
+        fn = resolve(task.call)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{where}: cannot import {task.call!r}: {exc}") from exc
+    if not callable(fn):
+        raise ConfigError(f"{where}: {task.call!r} is not callable")
+    _check_options(where, task.call, fn, task.options, skip=1)
+    return task
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: list[Task]) -> int:
+    """Check that every task's chunk fits the stream's pool, size the pool when the config does not;
+    return the bytes of /dev/shm it takes."""
+    where = f"{path}: source {name!r}"
+    sample = info.dtype.itemsize * info.channels
+    largest, who = 0, ""
+    for t in tasks:
+        if t.seconds is not None and not info.rate:
+            raise ConfigError(f"{path}: task {t.name!r} asks for seconds = {t.seconds} but stream {name!r} has no rate")
+        n = t.size if t.size is not None else max(1, round(float(t.seconds or 0) * info.rate))
+        if n * sample > largest:
+            largest, who = n * sample, t.name
+    if "max_chunk_bytes" in pool:
+        if largest > pool["max_chunk_bytes"]:
+            raise ConfigError(
+                f"{where}: task {who!r} asks for chunks of {largest} bytes, larger than its max_chunk_bytes "
+                f"({pool['max_chunk_bytes']}); raise it (and slab_bytes), or leave the pool out to have it sized"
+            )
+    elif largest:
+        pool["max_chunk_bytes"] = _round_up(largest, sample)
+    slab = pool.get("slab_bytes")
+    if slab is None:
+        chunk = pool.get("max_chunk_bytes", _DEFAULT_SLAB // 2)
+        slab = pool["slab_bytes"] = max(_DEFAULT_SLAB, _round_up(2 * chunk, 4096))
+    if pool.get("max_chunk_bytes", slab // 2) >= slab:
+        raise ConfigError(f"{where}: max_chunk_bytes ({pool['max_chunk_bytes']}) must be smaller than "
+                          f"slab_bytes ({slab}): a slab holds the carried chunk and at least one frame")  # fmt: skip
+    nslabs = pool.setdefault("nslabs", _DEFAULT_NSLABS)
+    return int(slab * nslabs + 4096 * (1 + nslabs // 1000))
+
+
+def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        mib = -(-needed // (1 << 20))
+        raise ConfigError(
+            f"{path}: the sources' pools need {mib} MiB of {shm_dir}, which has {free / (1 << 20):.0f} MiB free. "
+            f"Free some, give it more (Docker: docker run --shm-size={2 * mib}m ...; Kubernetes: an emptyDir "
+            f"with medium: Memory at /dev/shm), or ask for fewer or smaller slabs (nslabs, slab_bytes)"
+        )
+
+
+def load_config(path: str, shm_dir: str = _SHM) -> Config:
+    """Read and check a TOML config before anything starts.
 
     Raises
     ------
-    ValueError
-        For a missing or unknown key, or a value of the wrong type.
+    ConfigError
+        Naming the file, the table, the key and what was expected: unknown keys,
+        wrong types or values, a task's stream that no source provides, options a
+        callable does not take, chunks larger than the pool, a ``/dev/shm`` too small.
     """
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    _unknown(path, raw, _TOP_KEYS)
     broker = raw.get("broker", {})
+    if not isinstance(broker, dict):
+        raise ConfigError(f"{path}: [broker] must be a table")
+    _unknown(f"{path}: [broker]", broker, _BROKER_KEYS)
     args: list[str] = []
-    if "lease_timeout" in broker:
-        args += ["--lease-timeout", str(float(broker["lease_timeout"]))]
+    lease_timeout = float(_number(f"{path}: [broker]", "lease_timeout", broker.get("lease_timeout", 30.0)))
+    args += ["--lease-timeout", str(lease_timeout)]
     if "shm_mode" in broker:
-        args += ["--shm-mode", str(broker["shm_mode"])]
-    for i, src in enumerate(raw.get("sources", [])):
-        if "kind" not in src or "name" not in src:
-            raise ValueError(f"{path}: [[sources]] #{i + 1} needs 'kind' and 'name'")
-        opts = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
-                        for k, v in src.items() if k != "kind")  # fmt: skip
-        args += ["--source", f"{src['kind']}:{opts}"]
-    tasks = []
-    for i, t in enumerate(raw.get("tasks", [])):
-        where = f"{path}: [[tasks]] #{i + 1} ({t.get('name', '?')})"
-        unknown = set(t) - _TASK_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_TASK_KEYS)}")
-        for key in ("name", "call", "stream"):
-            if not isinstance(t.get(key), str):
-                raise ValueError(f"{where}: '{key}' must be a string, got {t.get(key)!r}")
-        if ":" not in t["call"]:
-            raise ValueError(f"{where}: 'call' must be 'module:function', got {t['call']!r}")
-        if ("size" in t) == ("seconds" in t):
-            raise ValueError(f"{where}: give exactly one of 'size' and 'seconds'")
-        task = Task(**t)
-        if not isinstance(task.workers, int) or task.workers < 1:
-            raise ValueError(f"{where}: 'workers' must be a positive integer, got {task.workers!r}")
-        tasks.append(task)
+        mode = str(broker["shm_mode"])
+        if mode not in ("600", "660", "640", "644", "666"):
+            raise ConfigError(f"{path}: [broker] 'shm_mode' must be an octal mode like \"660\", got {mode!r}")
+        args += ["--shm-mode", mode]
+    if "log_level" in broker:
+        args += ["--log-level", _choice(f"{path}: [broker]", "log_level", str(broker["log_level"]).upper(),
+                                        ("DEBUG", "INFO", "WARNING", "ERROR"))]  # fmt: skip
+    tasks = [_task(path, i, t) for i, t in enumerate(raw.get("tasks", []))]
     if not tasks:
-        raise ValueError(f"{path}: no [[tasks]]")
-    return Config(normalize(broker.get("address")), args, tasks)
+        raise ConfigError(f"{path}: no [[tasks]]: nothing to run")
+    sources = [_source(path, i, s) for i, s in enumerate(raw.get("sources", []))]
+    names = [(getattr(src, "info", None) and src.info.name) or opts.get("name") for _, opts, _, src in sources]
+    for t in tasks:
+        if t.stream not in names and not t.external:
+            close = difflib.get_close_matches(t.stream, [n for n in names if n], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{path}: task {t.name!r} reads stream {t.stream!r}, which no [[sources]] provides "
+                f"(sources: {', '.join(map(repr, names)) or 'none'}){hint}; set external = true for a stream "
+                f"another program publishes"
+            )
+    shm = 0
+    for (kind, opts, pool, src), name in zip(sources, names, strict=True):
+        mine = [t for t in tasks if t.stream == name]
+        info = getattr(src, "info", None)
+        if info is not None:
+            shm += _size_pool(path, str(name), info, pool, mine)
+        if kind in _FINITE and "wait_for" not in opts:
+            opts["wait_for"] = sum(t.workers for t in mine)  # a short file must not end before its tasks start
+        spec = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in {**opts, **pool}.items())  # fmt: skip
+        args += ["--source", f"{kind}:{spec}"]
+    _check_shm(path, shm, shm_dir)
+    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm)
 
 
 def resolve(call: str) -> Any:
@@ -109,14 +316,19 @@ def resolve(call: str) -> Any:
 
 
 def task_main(task: Task, address: str, index: int) -> None:
-    """A worker process: subscribe with the task's settings and call the task on every chunk."""
+    """A worker process: subscribe with the task's settings and call the task on every chunk.
+
+    Returns (exit code 0) when the stream ends; any error ends the process with a traceback.
+    """
     from ._subscriber import Subscriber
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fn = resolve(task.call)
+    # The broker holds the subscription until the stream exists: a worker may start first.
     with Subscriber(task.stream, task.size, seconds=task.seconds, clip=task.clip, sampler=task.sampler,
-                    policy=task.policy, max_inflight=task.max_inflight, address=address, wait=60.0,
-                    label=f"task:{task.name}#{index}") as sub:  # fmt: skip
+                    policy=task.policy, max_inflight=task.max_inflight, address=address, wait=86400.0,
+                    label=f"task:{task.name}#{index}", partial_tail=task.partial_tail) as sub:  # fmt: skip
         for chunk in sub:
             with chunk:
                 fn(chunk, **task.options)
@@ -128,52 +340,76 @@ class _Slot:
     index: int
     proc: Any = None
     restarts: int = 0
+    streak: int = 0  # crashes in a row (the back-off step)
+    started: float = 0.0
     due: float = 0.0
+    done: bool = False
+    seen: bool = False  # it has been seen subscribed in the broker's status
+    missing_since: float = 0.0
 
     @property
     def name(self) -> str:
         return f"{self.task.name}#{self.index}"
 
+    @property
+    def label(self) -> str:
+        return f"task:{self.name}"
 
-def run_up(path: str, output: Any = print) -> int:
-    """Run the system described by the config at ``path`` until SIGINT/SIGTERM; return the exit code."""
+
+def _subscribed_labels(address: str) -> set[tuple[str, int]]:
+    from ._control import broker_status
+
+    status = broker_status(address, timeout=1.0)
+    return {(u["label"], u["pid"]) for s in status["streams"] for u in s["subscribers"]}
+
+
+def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
+    """Run the system described by the config at ``path`` until SIGINT/SIGTERM, or until every task is done.
+
+    Returns the exit code: 0 after a clean stop or when every worker finished its
+    stream, 1 if the broker failed.
+    """
     config = load_config(path)
 
     def say(line: str) -> None:
         with contextlib.suppress(BrokenPipeError, ValueError):  # a closed stdout must not stop the shutdown
             output(line)
 
-    for task in config.tasks:
-        resolve(task.call)  # fail now, not in a crash loop
     stop = threading.Event()
     old = [signal.signal(signal.SIGTERM, lambda *_: stop.set()), signal.signal(signal.SIGINT, lambda *_: stop.set())]
     ctx = mp.get_context("spawn")
     slots = [_Slot(t, i) for t in config.tasks for i in range(t.workers)]
-    broker = BrokerProcess(config.address, args=tuple(config.broker_args))
+    args = tuple(config.broker_args)
+    if "--log-level" not in args:
+        args += ("--log-level", log_level)
+    # The broker's and its sources' log lines go to our standard error, prefixed by component.
+    broker = BrokerProcess(config.address, args=args, inherit_stderr=True)
+    finished = False
     try:
         broker.start()
         say(f"broker {broker.pid} serving {broker.address}")
+        next_status = time.monotonic() + _STATUS_EVERY
         while not stop.is_set():
             now = time.monotonic()
             for slot in slots:
                 if slot.proc is not None and not slot.proc.is_alive():
-                    code = slot.proc.exitcode
-                    slot.proc.close()
-                    slot.proc = None
-                    slot.restarts += 1
-                    delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (slot.restarts - 1))
-                    slot.due = now + delay
-                    say(f"task {slot.name} exited with code {code}; restart {slot.restarts} in {delay:g} s")
-                    log.warning("task %s exited with code %s; restart %d in %g s", slot.name, code, slot.restarts,
-                                delay)  # fmt: skip
-                if slot.proc is None and now >= slot.due:
+                    _reap(slot, now, say)
+                if slot.proc is None and not slot.done and now >= slot.due:
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     slot.proc.start()
+                    slot.started, slot.seen, slot.missing_since = now, False, 0.0
                     say(f"task {slot.name} started, pid {slot.proc.pid}")
+            if all(slot.done for slot in slots):
+                say("every task finished its stream")
+                finished = True
+                break
             if broker.process is not None and broker.process.poll() is not None:
                 say(f"the broker exited with code {broker.process.returncode}; stopping")
                 break
+            if now >= next_status:
+                next_status = now + _STATUS_EVERY
+                _check_evicted(slots, broker.address, config.lease_timeout, now, say)
             stop.wait(0.1)
     finally:
         say("stopping")
@@ -191,4 +427,46 @@ def run_up(path: str, output: Any = print) -> int:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
+    if finished:
+        return 0
     return 0 if code in (0, None) else 1
+
+
+def _reap(slot: _Slot, now: float, say: Any) -> None:
+    """A worker exited: done (code 0, its stream ended) or crashed (restart with back-off)."""
+    code = slot.proc.exitcode
+    slot.proc.close()
+    slot.proc = None
+    if code == 0 and not slot.task.restart_on_end:
+        slot.done = True
+        say(f"task {slot.name} finished its stream")
+        return
+    if now - slot.started >= _HEALTHY:
+        slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again
+    slot.restarts += 1
+    slot.streak += 1
+    delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (slot.streak - 1))
+    slot.due = now + delay
+    say(f"task {slot.name} exited with code {code}; restart {slot.restarts} in {delay:g} s")
+
+
+def _check_evicted(slots: list[_Slot], address: str, lease_timeout: float, now: float, say: Any) -> None:
+    """A live worker that the broker no longer lists (evicted: stuck past its lease) is killed and restarted."""
+    try:
+        present = _subscribed_labels(address)
+    except Exception:  # the broker is busy or stopping; look again next time
+        return
+    for slot in slots:
+        if slot.proc is None or not slot.proc.is_alive():
+            continue
+        if (slot.label, slot.proc.pid) in present:
+            slot.seen, slot.missing_since = True, 0.0
+            continue
+        if not slot.seen:
+            continue  # still starting, or waiting for its stream
+        if not slot.missing_since:
+            slot.missing_since = now
+        elif now - slot.missing_since >= min(5.0, lease_timeout):
+            say(f"task {slot.name} (pid {slot.proc.pid}) lost its subscription (evicted: stuck past the "
+                f"lease timeout); killing it to restart")  # fmt: skip
+            slot.proc.kill()

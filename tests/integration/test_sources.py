@@ -162,3 +162,28 @@ def test_sound_card_source_where_the_machine_has_one(tmp_path):
         sub.recv(timeout=10) as chunk,
     ):
         assert chunk.data.shape == (4800,)
+
+
+def test_a_source_held_back_by_a_block_subscriber_waits_says_so_and_resumes(tmp_path, stream_name):
+    spec = (f"synthetic:name={stream_name},rate=8000,channels=1,frame=256,slab_bytes=8192,nslabs=2,"
+            "max_chunk_bytes=4096,write_timeout=0.2")  # fmt: skip
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec)) as broker:
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address, wait=10)
+        first = sub.recv(timeout=10)  # held: the two slabs fill and the source has to wait
+        deadline = time.monotonic() + 10
+        while True:
+            sources = slabcast.broker_status(broker.address)["sources"]
+            if sources and sources[0]["state"] == "blocked":
+                break
+            assert time.monotonic() < deadline, sources
+            time.sleep(0.05)  # polling the broker's status; there is no event to wait on
+        index = first.index + 256
+        first.release()
+        for _ in range(40):  # it resumed; nothing was dropped for this lossless subscriber
+            with sub.recv(timeout=10) as chunk:
+                assert chunk.index == index
+                index += 256
+        status = slabcast.broker_status(broker.address)["sources"][0]
+        assert status["state"] == "running" and status["blocked_episodes"] >= 1
+        sub.close()
+    assert "is held back by a policy='block' subscriber" in broker.stderr()

@@ -88,12 +88,26 @@ def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
         proc.stdout.close()
 
 
+SOURCE = "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\n"
+TASK = ("[[tasks]]\nname = 'spl'\ncall = 'slabcast.examples:spectral_peak'\nstream = 'mic'\nseconds = 0.5\n"
+        "policy = 'drop'\noptions = { rate = 48000 }\n")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\n", "give exactly one of 'size' and 'seconds'"),
+        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\n", "give exactly one of 'size' (samples) and 'seconds'"),
         ("[[tasks]]\nname='a'\ncall='xy'\nstream='s'\nsize=3\n", "'call' must be 'module:function'"),
-        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\nsize=3\ncolour=1\n", "unknown keys ['colour']"),
+        ("[[tasks]]\nname='a'\ncall='x:y'\nstream='s'\nsize=3\ncolour=1\n", "unknown key 'colour'"),
+        # Issue 12, item 7: each of these started and then crash-looped or waited in silence.
+        (SOURCE + "[broker]\nlease_timout = 3\n" + TASK, "[broker]: unknown key 'lease_timout'; did you mean 'lease_timeout'?"),
+        (SOURCE + TASK.replace("'drop'", "'dorp'"), "'policy' must be one of 'block', 'drop', got 'dorp'; did you mean 'drop'?"),
+        (SOURCE + TASK.replace("seconds = 0.5", "seconds = '0.5'"), "'seconds' must be a number, got '0.5' (a str)"),
+        (SOURCE + TASK.replace("seconds = 0.5", "seconds = 0"), "'seconds' must be a number > 0, got 0"),
+        (SOURCE + TASK.replace("{ rate = 48000 }", "{ rat = 48000 }"), "has no option 'rat'; did you mean 'rate'?"),
+        (SOURCE + TASK.replace("stream = 'mic'", "stream = 'mci'"), "no [[sources]] provides (sources: 'mic'); did you mean 'mic'?"),
+        (SOURCE + "max_chunk_bytes = 65536\n" + TASK, "asks for chunks of 192000 bytes, larger than its max_chunk_bytes (65536)"),
+        (SOURCE.replace("rate = 48000", "rate = 48000\nfreq = [1.0]") + TASK, "has no option 'freq'; did you mean 'freqs'?"),
         ("[[tasks]]\nname='a'\ncall='no_such_module_x:y'\nstream='s'\nsize=3\n", "No module named 'no_such_module_x'"),
         ("[broker\n", "not valid TOML"),
     ],
