@@ -4,15 +4,16 @@
 #
 #   _shm        shared-memory segments: created and unlinked by the broker, mapped by clients
 #   _rechunk    the rechunking rules (size, clip, sampler), pure index arithmetic, no data
-#   _protocol   wire protocol v1: msgpack arrays over ZeroMQ (docs/protocol.md)
-#   _broker     the broker: slab pool, one Rechunker per subscriber, notices, leases
+#   _pool       the slab pool state machine (sans-io): grants, retiring, cursors, reader locks
+#   _protocol   wire protocol v2 (and v1, still served): msgpack arrays over ZeroMQ (docs/protocol.md)
+#   _broker     the broker: control plane (streams, grants, cursors, liveness); cuts chunks only for v1/TCP
 #   _client     a client's connection: handshake, broker-death detection, error mapping
-#   _publisher  Publisher: copies each frame once into a slab, sends FRAME
-#   _subscriber Subscriber/Chunk: zero-copy read-only numpy views, releases when views die
+#   _publisher  Publisher: copies each frame once into a slab, publishes its notice, tells the broker
+#   _subscriber Subscriber/Chunk: cuts its own chunks, zero-copy read-only views, kernel lease locks
 #   _process    BrokerProcess: a broker in a child process
 #   _sources    sources hosted by the broker (synthetic, stdin, replay, lsl, audio)
 #   _window     Window: the latest seconds of a stream, and a display envelope
-#   _record     recordings: append-only directories, read back for replay
+#   _record     recordings: WAV/FLAC (soundfile), Zarr v3, or append-only directories; replay
 #   _emit       BufferEmit: ocycle's in-process API on the same rechunking rules
 #   aio         the asyncio subscriber
 #   testing     the pytest plugin
@@ -47,6 +48,8 @@ from ._info import StreamStatistics as StreamStatistics
 from ._info import SubscriberStatistics as SubscriberStatistics
 from ._process import BrokerProcess as BrokerProcess
 from ._publisher import Publisher as Publisher
+from ._record import Recording as Recording
+from ._record import open_recording as open_recording
 from ._subscriber import Chunk as Chunk
 from ._subscriber import Subscriber as Subscriber
 from ._window import Window as Window
@@ -69,6 +72,7 @@ __all__ = [
     "ProtocolError",
     "Publisher",
     "PublisherGoneError",
+    "Recording",
     "RequestError",
     "ShmFullError",
     "SlabcastError",
@@ -84,5 +88,6 @@ __all__ = [
     "WriteTimeout",
     "broker_status",
     "default_address",
+    "open_recording",
     "stream_statistics",
 ]

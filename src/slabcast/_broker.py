@@ -226,7 +226,8 @@ class _Stream:
         self.frames = 0
         self.publisher: _Client | None = None
         self.subs: list[_Sub] = []
-        self.joining: list[_Sub] = []  # local subscriptions waiting until the publisher carries enough
+        self.waiting: list[_Sub] = []  # local subscriptions waiting until the publisher carries enough
+        self.joining: list[_Sub] = []  # offered (SUBSCRIBED), waiting for their ATTACH
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
         self.stats = _Statistics(dtype, channels, rate)
@@ -241,7 +242,7 @@ class _Stream:
 
     def needed_carry(self) -> int:
         """Bytes of tail every subscriber's chunks may need carried into a new slab."""
-        size = max((u.size for u in [*self.subs, *self.joining]), default=0)
+        size = max((u.size for u in [*self.subs, *self.waiting, *self.joining]), default=0)
         return min(self.reserve, size * self.sample_bytes)
 
 
@@ -404,6 +405,7 @@ class Broker:
             P.STATS: self._on_stats,
             P.ACK: self._on_ack,
             P.CARRIED: self._on_carried,
+            P.ATTACH: self._on_attach,
         }
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
@@ -854,11 +856,11 @@ class Broker:
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "CARRIED from a connection that publishes no stream")
-        ready = [u for u in stream.joining if u.size * stream.sample_bytes <= msg[1]]
+        ready = [u for u in stream.waiting if u.size * stream.sample_bytes <= msg[1]]
         for sub in ready:
-            stream.joining.remove(sub)
+            stream.waiting.remove(sub)
             if sub.client.ident in self._clients:
-                self._activate(stream, sub)
+                self._activate(stream, sub, offer_only=True)
 
     def _grant(self, stream: _Stream) -> None:
         publisher = stream.publisher
@@ -1050,9 +1052,10 @@ class Broker:
             stream.publisher.stream = None
             stream.publisher = None
         self._streams.pop(stream.name, None)
-        for sub in stream.joining:
+        for sub in [*stream.waiting, *stream.joining]:
             self._send(sub.client.ident, P.pack([P.END, code, message, 0, stream.head]))
             sub.client.sub = None
+        stream.waiting.clear()
         stream.joining.clear()
         # The publisher removes its notice socket's file; not if it died.
         with contextlib.suppress(OSError):
@@ -1148,18 +1151,22 @@ class Broker:
             if opening:
                 stream.tokens.append(sub.token)
             elif size * stream.sample_bytes > stream.carry and stream.publisher is not None:
-                # Its chunks need a longer carry than the publisher makes: start once it confirms.
-                stream.joining.append(sub)
+                # Its chunks need a longer carry than the publisher makes: offer it once it confirms.
+                stream.waiting.append(sub)
                 self._update_carry(stream)
+                return
+            else:
+                self._activate(stream, sub, offer_only=True)
                 return
         self._activate(stream, sub)
 
-    def _activate(self, stream: _Stream, sub: _Sub) -> None:
+    def _activate(self, stream: _Stream, sub: _Sub, offer_only: bool = False) -> None:
+        """Send SUBSCRIBED; a broker-cut (or opening) subscription starts now, a local one at its ATTACH."""
         client = sub.client
-        sub.cursor = stream.head
-        stream.subs.append(sub)
-        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", client.label, stream.name, sub.size,
-                 sub.clip, sub.policy, sub.cut)  # fmt: skip
+        if offer_only:
+            stream.joining.append(sub)  # until ATTACH: its notice socket is not proven connected yet
+        else:
+            self._start(stream, sub)
         reply = [
             P.SUBSCRIBED,
             stream.segment.name,
@@ -1176,6 +1183,26 @@ class Broker:
                       f"ipc://{stream.notice_path}"]  # fmt: skip
         self._send(client.ident, P.pack(reply))
         self._update_carry(stream)
+
+    def _start(self, stream: _Stream, sub: _Sub) -> None:
+        sub.cursor = stream.head
+        stream.subs.append(sub)
+        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, stream.name, sub.size,
+                 sub.clip, sub.policy, sub.cut)  # fmt: skip
+
+    def _on_attach(self, client: _Client, msg: tuple[Any, ...]) -> None:
+        # [ATTACH]: the subscriber's notice socket is connected (JOINED came): it starts at the head.
+        P.check_fields(msg)
+        sub = client.sub
+        if sub is None or sub.cut != "local":
+            raise _Refused(P.ERR_BAD_REQUEST, "ATTACH from a connection with no local subscription")
+        stream = sub.stream
+        if sub in stream.waiting:
+            raise _Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
+        if sub in stream.joining:
+            stream.joining.remove(sub)
+            self._start(stream, sub)
+        self._send(client.ident, P.pack([P.ATTACHED, sub.cursor]))
 
     def _on_ack(self, client: _Client, msg: tuple[Any, ...]) -> None:
         # [ACK, consumed_index, delivered, dropped, held]: cumulative, so a late one costs nothing.
@@ -1247,8 +1274,9 @@ class Broker:
         sub.backlog.clear()
         if sub in stream.subs:
             stream.subs.remove(sub)
-        if sub in stream.joining:
-            stream.joining.remove(sub)
+        for pending in (stream.waiting, stream.joining):
+            if sub in pending:
+                pending.remove(sub)
         if stream.ended and not stream.subs:
             if stream in self._draining:
                 self._destroy(stream)

@@ -117,7 +117,7 @@ def _record(args: argparse.Namespace) -> int:
 
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError, ImportError) as exc:
         print(f"slabcast record: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -199,9 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("record", parents=[common], help="record a stream losslessly to a directory")
+    p = sub.add_parser("record", parents=[common], help="record a stream losslessly (WAV, FLAC, Zarr or a directory)")
     p.add_argument("stream")
-    p.add_argument("--out", required=True, help="directory to create (info.json, samples.bin, frames.bin)")
+    p.add_argument("--out", required=True, help="file.wav, file.flac (soundfile), dir.zarr (Zarr v3), or a new "
+                   "directory (info.json, samples.bin, frames.bin)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
     p.add_argument("--address", default=None)
     p.set_defaults(func=_record)

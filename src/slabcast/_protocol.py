@@ -30,6 +30,7 @@ UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
 FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...], carry]
+ATTACH = 15  # [ATTACH]  a local subscriber's notice socket is connected (it got JOINED): start it
 CARRIED = 14  # [CARRIED, bytes]  a publisher confirms it now carries that much at every slab change
 ACK = 13  # [ACK, consumed_index, delivered, dropped, held]  (local-cut subscriber; when its slab, drops or
 #          leases changed, at most once before each wait)
@@ -51,6 +52,7 @@ CARRY = 111  # [CARRY, bytes]  to a publisher: copy this much of the old slab's 
 # Published by the publisher on its notice socket (XPUB), one message part: topic + msgpack array.
 NOTICE = 120  # [NOTICE, stream_id, notice_seq, index, slab, gen, offset, n|[n...], t0|[t0...], flags, floor]
 NOTICE_END = 121  # [NOTICE_END, stream_id, notice_seq, code, message, head]
+ATTACHED = 112  # [ATTACHED, start]  the answer to ATTACH: the stream index this subscriber starts at
 JOINED = 122  # [JOINED]  published on a token topic as soon as the publisher sees its subscription
 
 NAMES = {
@@ -78,6 +80,8 @@ NAMES = {
     STATUS_REPLY: "STATUS_REPLY",
     ACK: "ACK",
     CARRIED: "CARRIED",
+    ATTACH: "ATTACH",
+    ATTACHED: "ATTACHED",
     CARRY: "CARRY",
     NOTICE: "NOTICE",
     NOTICE_END: "NOTICE_END",

@@ -1,4 +1,18 @@
-"""Recordings: a stream written losslessly to an append-only directory, and read back for replay.
+"""Recordings: a stream written losslessly to a standard file or an append-only directory, read back for replay.
+
+``slabcast record STREAM --out PATH`` picks the format from ``PATH``:
+
+- ``*.wav``, ``*.flac`` (and what libsndfile writes: ``*.aiff``, ``*.ogg``): audio
+  through ``soundfile``, readable by any audio tool; beside it ``PATH.json`` (the
+  stream info) and ``PATH.frames`` (one 24-byte record per frame: first sample
+  index, samples, ``t0``), so replay is bit-exact and keeps every timestamp;
+- ``*.zarr``: a Zarr v3 group, for multichannel signals of any dtype: arrays
+  ``samples`` ``(n, channels)`` and ``frames/index``, ``frames/n``, ``frames/t0``,
+  the stream info in the group's attributes (``slabcast``);
+- anything else: the directory format below.
+
+Each is crash-safe for what was flushed (every 0.5 s): after a ``kill -9`` of the
+recorder, :func:`open_recording` reads everything written up to the last flush.
 
 Layout of a recording directory (format "slabcast-recording", version 1)::
 
@@ -26,7 +40,10 @@ import numpy as np
 
 from ._info import StreamInfo
 
-__all__ = ["Recording", "record", "write_info"]
+__all__ = ["Recording", "open_recording", "record", "write_info"]
+
+_FLUSH = 0.5  # seconds between flushes: what a kill -9 can lose at most
+_AUDIO = (".wav", ".flac", ".aiff", ".aif", ".ogg")
 
 FORMAT = "slabcast-recording"
 FRAME_RECORD = np.dtype([("index", "<u8"), ("n", "<u8"), ("t0", "<f8")])
@@ -53,7 +70,19 @@ def write_info(path: str, info: StreamInfo) -> None:
 
 @dataclass
 class Recording:
-    """A recording read back: its stream info, every sample, and its frames."""
+    """A recording read back (see :func:`open_recording`): its stream info, every sample, and its frames.
+
+    Attributes
+    ----------
+    info : StreamInfo
+        Name, dtype, channels, rate (Hz) and channel names of the recorded stream.
+    samples : array-like
+        ``(n, channels)`` samples in the stream's dtype, read on demand (a memory
+        map, a Zarr array, or an audio file read through soundfile).
+    frames : numpy.ndarray
+        One record per frame as written: ``index`` (first sample), ``n``,
+        ``t0`` (seconds, the publisher's clock, ``time.time()`` for hosted sources).
+    """
 
     info: StreamInfo
     samples: np.ndarray[Any, Any]  # (n, channels), memory-mapped
@@ -97,6 +126,279 @@ class Recording:
         return float(self.frames["t0"][-1] - self.frames["t0"][0]) if len(self.frames) else 0.0
 
 
+def open_recording(path: str) -> Recording:
+    """Open a recording of any format slabcast writes (an audio file, a Zarr group, a recording directory).
+
+    Returns a :class:`Recording`: ``info`` (a :class:`~slabcast.StreamInfo`),
+    ``samples`` (an array-like of ``(n, channels)`` samples, read on demand),
+    ``frames`` (per frame: first sample ``index``, ``n``, ``t0``; for an audio file
+    without its ``.frames`` sidecar, one frame per second of the file).
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is none of them.
+    """
+    path = os.fspath(path)
+    low = path.rstrip("/").lower()
+    if low.endswith(".zarr"):
+        return _open_zarr(path)
+    if low.endswith(_AUDIO):
+        return _open_audio(path)
+    return Recording.open(path)
+
+
+def _meta(info: StreamInfo) -> dict[str, Any]:
+    return {"format": FORMAT, "version": 1, "name": info.name, "dtype": info.dtype.str, "channels": info.channels,
+            "rate": info.rate, "channel_names": list(info.channel_names), "created": time.time()}  # fmt: skip
+
+
+def _info_from(meta: dict[str, Any], path: str) -> StreamInfo:
+    try:
+        return StreamInfo(meta["name"], np.dtype(meta["dtype"]), int(meta["channels"]), meta["rate"],
+                          tuple(meta["channel_names"]))  # fmt: skip
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: the stream info is incomplete ({exc})") from None
+
+
+class _ZarrSamples:
+    """The samples of a Zarr recording, read on demand (``(n, channels)``; ``len`` works, unlike zarr's)."""
+
+    def __init__(self, array: Any, n: int) -> None:
+        self.array, self.n = array, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, int(self.array.shape[1]))
+
+    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            return np.asarray(self.array[start:stop])[::step]
+        return np.asarray(self.array[: self.n])[key]  # type: ignore[no-any-return]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
+
+
+class _AudioSamples:
+    """The samples of an audio file, read on demand through soundfile (``(n, channels)``)."""
+
+    def __init__(self, path: str, n: int, info: StreamInfo) -> None:
+        self.path, self.n, self.info = path, n, info
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.info.channels)
+
+    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
+        import soundfile
+
+        if not isinstance(key, slice):
+            return np.asarray(self[:])[key]  # type: ignore[no-any-return]
+        start, stop, step = key.indices(self.n)
+        with soundfile.SoundFile(self.path) as f:
+            f.seek(start)
+            data = f.read(max(0, stop - start), dtype=self.info.dtype.name, always_2d=True)
+        return data[::step]  # type: ignore[no-any-return]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
+
+
+def _open_audio(path: str) -> Recording:
+    try:
+        import soundfile
+    except ImportError as exc:
+        raise ImportError("reading audio recordings needs soundfile: pip install 'slabcast[files]'") from exc
+    try:
+        meta_sf = soundfile.info(path)
+    except Exception as exc:  # LibsndfileError (a RuntimeError) or OSError
+        raise ValueError(f"{path}: not an audio file soundfile can read ({exc})") from exc
+    frames = np.zeros(0, dtype=FRAME_RECORD)
+    if os.path.exists(path + ".frames"):
+        frames = np.fromfile(path + ".frames", dtype=FRAME_RECORD)
+    if os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            info = _info_from(json.load(f), path)
+    else:
+        dtype = "int16" if meta_sf.subtype in ("PCM_16", "PCM_S8", "PCM_U8") else (
+            "int32" if meta_sf.subtype in ("PCM_24", "PCM_32") else "float32")  # fmt: skip
+        name = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in os.path.basename(path))[:64]
+        info = StreamInfo(name, np.dtype(dtype), meta_sf.channels, float(meta_sf.samplerate),
+                          tuple(f"ch_{i}" for i in range(meta_sf.channels)))  # fmt: skip
+    if len(frames):
+        n = int(frames["n"].sum())
+    elif 0 <= meta_sf.frames < 1 << 40:
+        n = int(meta_sf.frames)
+        step = max(1, int(info.rate or 1))
+        starts = np.arange(0, n, step)
+        frames = np.zeros(len(starts), dtype=FRAME_RECORD)
+        frames["index"], frames["n"] = starts, np.minimum(step, n - starts)
+        frames["t0"] = starts / (info.rate or 1.0)
+    else:
+        raise ValueError(f"{path}: the file does not say how long it is and has no .frames sidecar")
+    return Recording(info, _AudioSamples(path, n, info), frames)  # type: ignore[arg-type]
+
+
+def _open_zarr(path: str) -> Recording:
+    try:
+        import zarr
+    except ImportError as exc:
+        raise ImportError("reading Zarr recordings needs zarr: pip install 'slabcast[zarr]'") from exc
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as exc:  # zarr raises several kinds for a path that is not a group
+        raise ValueError(f"{path}: not a Zarr group ({exc})") from exc
+    meta = dict(group.attrs).get("slabcast")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a Zarr group without slabcast's stream info (attribute 'slabcast')")
+    info = _info_from(meta, path)
+    arrays: dict[str, Any] = {k: group[f"frames/{k}"] for k in ("index", "n", "t0")}
+    index, n, t0 = (np.asarray(arrays[k][:]) for k in ("index", "n", "t0"))
+    count = min(len(index), len(n), len(t0))
+    frames = np.zeros(count, dtype=FRAME_RECORD)
+    frames["index"], frames["n"], frames["t0"] = index[:count], n[:count], t0[:count]
+    samples: Any = group["samples"]
+    total = int(frames["n"].sum())
+    if samples.shape[0] < total:
+        raise ValueError(f"{path}: 'samples' is shorter than its frames say ({samples.shape[0]} < {total})")
+    return Recording(info, _ZarrSamples(samples, total), frames)  # type: ignore[arg-type]
+
+
+class _Writer:
+    """Where a recording goes: ``write`` frames, ``flush`` now and then, ``close`` at the end."""
+
+    def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _DirWriter(_Writer):
+    def __init__(self, path: str, info: StreamInfo) -> None:
+        write_info(path, info)
+        self.samples = open(os.path.join(path, "samples.bin"), "ab")  # noqa: SIM115 (closed in close)
+        self.frames = open(os.path.join(path, "frames.bin"), "ab")  # noqa: SIM115
+
+    def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
+        self.samples.write(np.ascontiguousarray(data).tobytes())
+        self.frames.write(np.array([(index, len(data), t0)], dtype=FRAME_RECORD).tobytes())
+
+    def flush(self) -> None:
+        self.samples.flush()
+        self.frames.flush()
+
+    def close(self) -> None:
+        self.samples.close()
+        self.frames.close()
+
+
+_SUBTYPES = {  # (format, dtype) -> libsndfile subtype; what is missing does not fit losslessly
+    ("WAV", "int16"): "PCM_16", ("WAV", "int32"): "PCM_32", ("WAV", "uint8"): "PCM_U8",
+    ("WAV", "float32"): "FLOAT", ("WAV", "float64"): "DOUBLE",
+    ("FLAC", "int16"): "PCM_16", ("FLAC", "int8"): "PCM_S8",
+    ("AIFF", "int16"): "PCM_16", ("AIFF", "int32"): "PCM_32", ("AIFF", "float32"): "FLOAT",
+}  # fmt: skip
+
+
+class _AudioWriter(_Writer):
+    def __init__(self, path: str, info: StreamInfo) -> None:
+        try:
+            import soundfile
+        except ImportError as exc:
+            raise ImportError("recording to audio files needs soundfile: pip install 'slabcast[files]'") from exc
+        fmt = {".wav": "WAV", ".flac": "FLAC", ".aiff": "AIFF", ".aif": "AIFF", ".ogg": "OGG"}[
+            os.path.splitext(path.lower())[1]]  # fmt: skip
+        subtype = _SUBTYPES.get((fmt, info.dtype.name))
+        if fmt == "OGG" and info.dtype.kind == "f":
+            subtype = "VORBIS"  # lossy by design: the user asked for Ogg
+        if subtype is None or not info.rate:
+            fits = sorted({d for f, d in _SUBTYPES if f == fmt})
+            raise ValueError(
+                f"{fmt} cannot hold {info.dtype} samples{'' if info.rate else ' of a stream without a rate'} "
+                f"losslessly (it takes {', '.join(fits)} with a rate); record to a .zarr or a directory instead"
+            )
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; choose another --out")
+        self.file = soundfile.SoundFile(path, "x", int(info.rate), info.channels, subtype=subtype, format=fmt)
+        with open(path + ".json", "x") as f:
+            json.dump(_meta(info), f, indent=2)
+        self.frames = open(path + ".frames", "ab")  # noqa: SIM115 (closed in close)
+
+    def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
+        self.file.write(data)
+        self.frames.write(np.array([(index, len(data), t0)], dtype=FRAME_RECORD).tobytes())
+
+    def flush(self) -> None:
+        self.file.flush()  # libsndfile rewrites a WAV header here: a kill -9 leaves a valid file
+        self.frames.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.frames.close()
+
+
+class _ZarrWriter(_Writer):
+    def __init__(self, path: str, info: StreamInfo) -> None:
+        try:
+            import zarr
+        except ImportError as exc:
+            raise ImportError("recording to Zarr needs zarr: pip install 'slabcast[zarr]'") from exc
+        try:
+            self.group = zarr.open_group(path, mode="w-", zarr_format=3)
+        except Exception as exc:  # ContainsGroupError, FileExistsError ...
+            raise FileExistsError(f"{path} already holds something ({exc}); choose another --out") from exc
+        self.group.attrs["slabcast"] = _meta(info)
+        block = max(4096, int(info.rate or 4096))  # about a second of samples per Zarr chunk
+        self.samples = self.group.create_array("samples", shape=(0, info.channels), dtype=info.dtype,
+                                               chunks=(block, info.channels))  # fmt: skip
+        self.index = self.group.create_array("frames/index", shape=(0,), dtype="<u8", chunks=(4096,))
+        self.n = self.group.create_array("frames/n", shape=(0,), dtype="<u8", chunks=(4096,))
+        self.t0 = self.group.create_array("frames/t0", shape=(0,), dtype="<f8", chunks=(4096,))
+        self.pending: list[np.ndarray[Any, Any]] = []
+        self.pending_frames: list[tuple[int, int, float]] = []
+
+    def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
+        self.pending.append(np.array(data if data.ndim == 2 else data[:, None]))
+        self.pending_frames.append((index, len(data), t0))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        # Samples first, then the frames that describe them: a kill between the two loses frames, not sense.
+        self.samples.append(np.concatenate(self.pending), axis=0)
+        frames = np.array(self.pending_frames, dtype=FRAME_RECORD)
+        self.index.append(frames["index"])
+        self.n.append(frames["n"])
+        self.t0.append(frames["t0"])
+        self.pending, self.pending_frames = [], []
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _writer(out: str, info: StreamInfo) -> _Writer:
+    low = out.rstrip("/").lower()
+    if low.endswith(".zarr"):
+        return _ZarrWriter(out, info)
+    if low.endswith(_AUDIO):
+        return _AudioWriter(out, info)
+    return _DirWriter(out, info)
+
+
 def record(stream: str, out: str, seconds: float | None = None, address: str | None = None,
            progress: bool = True) -> int:  # fmt: skip
     """Record ``stream`` into the directory ``out`` until it ends, ``seconds`` of it are written, or Ctrl-C.
@@ -109,38 +411,42 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
 
     sub = Subscriber(stream, 1, policy="block", address=address, wait=30.0, label=f"record:{stream}")
     written = 0
+    writer: _Writer | None = None
     try:
-        write_info(out, sub.info)
+        writer = _writer(out, sub.info)
         rate = sub.info.rate
         limit = None if seconds is None else (round(seconds * rate) if rate else None)
         t_first: float | None = None
-        last_report = 0.0
-        with open(os.path.join(out, "samples.bin"), "ab") as samples, open(os.path.join(out, "frames.bin"), "ab") as fr:
-            try:
-                while limit is None or written < limit:
-                    try:
-                        chunk = sub.recv(timeout=1.0)
-                    except TimeoutError:
-                        continue
-                    with chunk:
-                        data = chunk.data
-                        n = len(data) if limit is None else min(len(data), limit - written)
-                        samples.write(np.ascontiguousarray(data[:n]).tobytes())
-                        fr.write(np.array([(chunk.index, n, chunk.t0)], dtype=FRAME_RECORD).tobytes())
-                    written += n
-                    t_first = chunk.t0 if t_first is None else t_first
-                    if not rate and seconds is not None and chunk.t0 - t_first >= seconds:
-                        break
-                    now = time.monotonic()
-                    if progress and now - last_report >= 0.5:
-                        last_report = now
-                        secs = written / rate if rate else chunk.t0 - t_first
-                        mb = written * sub.info.dtype.itemsize * sub.info.channels / 1e6
-                        print(f"\rrecording {stream}: {secs:8.1f} s, {written} samples, {mb:.1f} MB ", end="",
-                              file=sys.stderr, flush=True)  # fmt: skip
-            except (EndOfStream, KeyboardInterrupt):
-                pass
+        last_report = last_flush = time.monotonic()
+        try:
+            while limit is None or written < limit:
+                try:
+                    chunk = sub.recv(timeout=_FLUSH)
+                except TimeoutError:
+                    writer.flush()
+                    continue
+                with chunk:
+                    n = len(chunk.data) if limit is None else min(len(chunk.data), limit - written)
+                    writer.write(chunk.data[:n], chunk.index, chunk.t0)
+                written += n
+                t_first = chunk.t0 if t_first is None else t_first
+                if not rate and seconds is not None and chunk.t0 - t_first >= seconds:
+                    break
+                now = time.monotonic()
+                if now - last_flush >= _FLUSH:
+                    last_flush = now
+                    writer.flush()
+                if progress and now - last_report >= 0.5:
+                    last_report = now
+                    secs = written / rate if rate else chunk.t0 - t_first
+                    mb = written * sub.info.dtype.itemsize * sub.info.channels / 1e6
+                    print(f"\rrecording {stream}: {secs:8.1f} s, {written} samples, {mb:.1f} MB ", end="",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        except (EndOfStream, KeyboardInterrupt):
+            pass
     finally:
+        if writer is not None:
+            writer.close()
         sub.close()
     if progress:
         print(f"\rrecorded {stream}: {written} samples to {out}" + " " * 20, file=sys.stderr, flush=True)

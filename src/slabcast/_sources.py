@@ -124,7 +124,8 @@ class _Clocked:
     """Sample-clock timestamps, optional pacing and ``wait_for`` for sources read from a pipe or a file.
 
     ``t0`` of sample ``k`` is ``start + k / rate``: the time the first sample was
-    taken, plus its position (never the arrival time of a read, which jitters).
+    taken, plus its position (never the arrival time of a read, which jitters;
+    ``speed`` changes when samples are released, not their timestamps).
     With ``pace``, samples are released no faster than ``rate * speed``;
     without it, as fast as they come (a file: as fast as the subscribers take
     them, since a ``block`` subscriber holds the publisher back).  ``wait_for=N``
@@ -166,7 +167,7 @@ class _Clocked:
         first = self._produced
         self._produced += n
         if rate:
-            return self._start + (first + np.arange(n)) / (rate * (self.speed if self.pace else 1.0))
+            return self._start + (first + np.arange(n)) / rate  # stream time: speed changes when, not what
         return np.full(n, time.time())
 
     def wait(self) -> float:
@@ -346,7 +347,8 @@ class _Lap(Exception):  # a signal between a looping source and its thread, not 
 
 
 class ReplaySource:
-    """A recording played back as a live stream, paced against the clock (``speed`` 2.0: twice as fast).
+    """A recording (any format :func:`slabcast.open_recording` reads) played back as a live stream, paced
+    against the clock (``speed`` 2.0: twice as fast).
 
     Frames come out exactly as recorded, with their original timestamps (shifted by
     the recording's length on each ``loop``), so record -> replay -> record is
@@ -356,11 +358,11 @@ class ReplaySource:
 
     def __init__(self, path: str, speed: float = 1.0, loop: int = 0, name: str | None = None,
                  wait_for: int = 0, address: str | None = None) -> None:  # fmt: skip
-        from ._record import Recording
+        from ._record import open_recording
 
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed!r}")
-        self.recording = Recording.open(path)
+        self.recording = open_recording(path)
         rec = self.recording.info
         self.info = StreamInfo(check_stream_name(name or rec.name), rec.dtype, rec.channels, rec.rate,
                                rec.channel_names)  # fmt: skip
@@ -408,7 +410,7 @@ class ReplaySource:
             return None
         index, n, t0 = int(frames["index"][k]), int(frames["n"][k]), float(frames["t0"][k])
         first = int(frames["index"][0])
-        data = np.asarray(self.recording.samples[index - first : index - first + n])
+        data = np.asarray(self.recording.samples[index - first : index - first + n]).reshape(n, -1)
         t0 += self._lap * self._length()
         rate = self.info.rate
         stamps = t0 + np.arange(n) / rate if rate else np.full(n, t0)

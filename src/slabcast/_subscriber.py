@@ -374,6 +374,18 @@ class Subscriber:
                 self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, endpoint = reply[9:15]
                 lock_fd = open_locks(seg)
                 notices = self._join(conn, endpoint, P.token_topic(token))
+                # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
+                # a subscription made before the stream existed).
+                conn.send([P.ATTACH])
+                reply = conn.recv(self._timeout)
+                if reply is None:
+                    raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {self._timeout} s")
+                if reply[0] in (P.ERROR, P.END):
+                    raise error_for(reply, self._where)
+                if reply[0] != P.ATTACHED:
+                    raise ProtocolError(f"expected ATTACHED, got {P.NAMES.get(reply[0], reply[0])}")
+                P.need(reply, 1)
+                self.start_index = reply[1]
         except BaseException:
             if notices is not None:
                 notices.close(linger=0)

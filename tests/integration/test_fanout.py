@@ -111,5 +111,6 @@ def test_fast_small_frames_are_batched_without_losing_a_frame_or_its_time(broker
             with sub.recv(timeout=5) as chunk:
                 got.append((chunk.index, len(chunk.data), chunk.t0, int(chunk.data[0])))
         assert got == [(3 * i, 3, 1000.0 + i, i % 256) for i in range(3000)]
+        pub.flush()  # notices reach subscribers before the FRAMEs reach the broker: wait for those
         assert slabcast.broker_status(broker.address)["streams"][0]["frames"] == 3000
         sub.close()
