@@ -33,7 +33,18 @@ from ._address import AddressLock, ipc_path, normalize
 from ._exceptions import ProtocolError, ShmFullError
 from ._pool import SlabPool
 from ._rechunk import Rechunker
-from ._shm import GEN_OFFSET, Segment, header_bytes, lock_slab, pid_alive, reap_stale, segment_prefix
+from ._shm import (
+    CLIENT_BASE,
+    GEN_OFFSET,
+    PUBLISHER_BYTE,
+    Segment,
+    header_bytes,
+    lock_held,
+    lock_slab,
+    pid_alive,
+    reap_stale,
+    segment_prefix,
+)
 
 __all__ = ["Broker"]
 
@@ -64,7 +75,7 @@ class _Refused(Exception):
 
 
 class _Client:
-    __slots__ = ("ident", "label", "last_seen", "pid", "remote", "role", "stream", "sub", "version")
+    __slots__ = ("ident", "label", "last_seen", "live", "pid", "remote", "role", "stream", "sub", "version")
 
     def __init__(self, ident: bytes, pid: int, role: str, label: str, version: int) -> None:
         self.ident = ident  # routing id; prefixed with b"T" for clients of the TCP socket
@@ -76,6 +87,8 @@ class _Client:
         self.version = version
         self.stream: _Stream | None = None  # the stream this client publishes
         self.sub: _Sub | None = None
+        # (segment's stream, lock byte) this client holds while it lives; None: judged by its pid.
+        self.live: tuple[_Stream, int] | None = None
 
 
 class _Sub:
@@ -545,12 +558,7 @@ class Broker:
                 for sub in list(stream.subs):
                     if sub.chunker is not None:
                         self._check_leases(sub, now)
-        dead = [
-            c
-            for c in self._clients.values()
-            if (c.pid > 0 and not c.remote and not pid_alive(c.pid))
-            or (c.remote and now - c.last_seen > _REMOTE_SILENCE)
-        ]
+        dead = [c for c in self._clients.values() if not self._alive(c, now)]
         if not dead:
             return
         self._drain()
@@ -560,6 +568,21 @@ class Broker:
             if client.ident in self._clients:
                 log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid, client.role)
                 self._drop_client(client, gone=True)
+
+    def _alive(self, client: _Client, now: float) -> bool:
+        """Whether a client still lives: by the lock it holds on its stream's segment when it has one (true
+        in any PID namespace), by its silence over TCP, else by its pid."""
+        if client.remote:
+            return now - client.last_seen <= _REMOTE_SILENCE
+        live = client.live
+        if live is None and client.stream is not None and client.stream.frames:
+            live = (client.stream, PUBLISHER_BYTE)  # a publisher holds it from before its first frame
+        if live is not None:
+            stream, byte = live
+            if not stream.ended or stream in self._draining:
+                with contextlib.suppress(OSError):
+                    return lock_held(stream.segment.fd, byte)
+        return client.pid <= 0 or pid_alive(client.pid)
 
     def _check_gating(self, stream: _Stream, now: float) -> None:
         """Evict a lossless local subscriber whose cursor has kept the publisher without a slab too long."""
@@ -1191,14 +1214,21 @@ class Broker:
                  sub.clip, sub.policy, sub.cut)  # fmt: skip
 
     def _on_attach(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        # [ATTACH]: the subscriber's notice socket is connected (JOINED came): it starts at the head.
-        P.check_fields(msg)
+        # [ATTACH, slot|nil]: the subscriber's notice socket is connected (JOINED came): it starts at the head.
+        # `slot`: it holds a shared lock on byte CLIENT_BASE + slot of the segment while it lives.
+        if len(msg) == 1:
+            msg = (*msg, None)
+        P.check_fields(msg, (int, type(None)))
         sub = client.sub
         if sub is None or sub.cut != "local":
             raise _Refused(P.ERR_BAD_REQUEST, "ATTACH from a connection with no local subscription")
         stream = sub.stream
         if sub in stream.waiting:
             raise _Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
+        if msg[1] is not None:
+            if not 0 <= msg[1] < 1 << 31:
+                raise _Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg[1]}")
+            client.live = (stream, CLIENT_BASE + msg[1])
         if sub in stream.joining:
             stream.joining.remove(sub)
             self._start(stream, sub)

@@ -30,7 +30,8 @@ UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
 FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...], carry]
-ATTACH = 15  # [ATTACH]  a local subscriber's notice socket is connected (it got JOINED): start it
+ATTACH = 15  # [ATTACH, slot]  a local subscriber's notice socket is connected (it got JOINED): start it;
+#              it holds a shared lock on byte CLIENT_BASE + slot of the segment while it lives
 CARRIED = 14  # [CARRIED, bytes]  a publisher confirms it now carries that much at every slab change
 ACK = 13  # [ACK, consumed_index, delivered, dropped, held]  (local-cut subscriber; when its slab, drops or
 #          leases changed, at most once before each wait)

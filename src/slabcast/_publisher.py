@@ -22,7 +22,7 @@ import zmq
 from . import _protocol as P
 from ._client import Connection, _context, error_for
 from ._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
-from ._shm import GEN_OFFSET, attach
+from ._shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks
 
 __all__ = ["Publisher", "check_frame"]
 
@@ -176,6 +176,9 @@ class Publisher:
             _, seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:8]
             endpoint, self._sid, carry, tokens = reply[8:12]
             self._mm = attach(seg, seg_bytes, writable=True)
+            # "This stream's publisher is alive", as the broker tells it in any PID namespace.
+            self._live_fd = open_locks(seg)
+            hold(self._live_fd, PUBLISHER_BYTE)
             self._xpub = self._bind_notices(endpoint, tokens, timeout)
         except BaseException:
             self._conn.close()
@@ -491,6 +494,8 @@ class Publisher:
             self._xpub.close()  # lingers up to 0.5 s for subscribers still reading
         with contextlib.suppress(OSError):
             os.unlink(self._notice_path)
+        with contextlib.suppress(OSError):
+            os.close(self._live_fd)
         self._u8 = None  # type: ignore[assignment]
         if self._mm is not None:
             with contextlib.suppress(BufferError):

@@ -35,6 +35,13 @@ the two, so a reader either holds a slab the broker cannot take, or sees the new
 generation and knows its chunk is gone.  A process that dies, even by
 ``kill -9``, loses its locks with its file descriptors.
 
+Liveness is told by locks too, never by a process id (PIDs differ between PID
+namespaces: containers that share ``/dev/shm``).  The broker holds an exclusive
+lock on byte ``OWNER_BYTE`` of each segment it created, for as long as it lives;
+the publisher a shared lock on ``PUBLISHER_BYTE``; each local subscriber a shared
+lock on ``CLIENT_BASE + slot`` (its random slot, sent in ATTACH).  Whoever asks
+"is it alive?" tests the byte with ``F_OFD_GETLK``.
+
 Segments are named ``slabcast.<broker pid>.<epoch hex>.<n>`` so that a broker can
 tell which segments belong to a broker that no longer runs (see :func:`reap_stale`).
 Only the broker unlinks.  Clients map segments with ``shm_open`` + ``mmap``
@@ -51,8 +58,9 @@ import fcntl
 import mmap
 import os
 import re
+import secrets
 import struct
-from multiprocessing import shared_memory
+import time
 from typing import Any
 
 from ._exceptions import ShmFullError
@@ -64,6 +72,8 @@ __all__ = [
     "attach",
     "broker_segments",
     "header_bytes",
+    "hold",
+    "lock_held",
     "lock_slab",
     "open_locks",
     "pid_alive",
@@ -76,6 +86,11 @@ LAYOUT = 2
 HEADER_BYTES = 4096  # the smallest header; see header_bytes()
 GEN_OFFSET = 256
 LOCK_BASE = 1 << 40  # lock byte of slab i: LOCK_BASE + i
+OWNER_BYTE = 1 << 41  # held (exclusive) by the broker that created the segment, for its lifetime
+PUBLISHER_BYTE = OWNER_BYTE + 1  # held (shared) by the stream's publisher
+CLIENT_BASE = 1 << 42  # CLIENT_BASE + slot: held (shared) by a local subscriber
+_TMP_PREFIX = "slabcast-new."  # a segment being created; renamed once locked and allocated
+_YOUNG = 60.0  # seconds: a segment still being created is never older than this
 # struct flock on Linux x86-64/aarch64: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
 _HEADER = struct.Struct("<8sIIQIIIId16sQ64s")
@@ -102,6 +117,17 @@ def lock_slab(fd: int, slab: int, kind: int) -> bool:
     return True
 
 
+def lock_held(fd: int, byte: int) -> bool:
+    """Whether another open file holds a lock on ``byte`` (its owner is alive, in whatever PID namespace)."""
+    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, 0, byte, 1, 0))
+    return bool(_FLOCK.unpack(raw)[0] != fcntl.F_UNLCK)
+
+
+def hold(fd: int, byte: int, kind: int = fcntl.F_RDLCK) -> None:
+    """Take a lock on ``byte`` for as long as ``fd`` stays open (a liveness mark)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, 0, byte, 1, 0))
+
+
 def open_locks(name: str) -> int:
     """Open segment ``name`` read-only for lease locks; the caller closes the descriptor."""
     return int(_posixshmem.shm_open("/" + name, os.O_RDONLY, 0))
@@ -113,24 +139,34 @@ def segment_prefix(pid: int, epoch: int) -> str:
 
 
 class Segment:
-    """A segment created by the broker: mapped read-write, unlinked by :meth:`destroy`."""
+    """A segment created by the broker: mapped read-write, unlinked by :meth:`destroy`.
 
-    def __init__(self, name: str, nbytes: int, mode: int = 0o600) -> None:
+    It is created under a temporary name, locked (``OWNER_BYTE``), allocated and
+    only then renamed to ``name``: a reaper never sees a segment of that name
+    unlocked while its creator lives, in whatever PID namespace.  Python's resource
+    tracker is not involved: after a ``kill -9`` of the broker, the next broker
+    removes its segments (:func:`reap_stale`).
+    """
+
+    def __init__(self, name: str, nbytes: int, mode: int = 0o600, shm_dir: str = SHM_DIR) -> None:
+        tmp = f"{_TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
         try:
-            self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
-                name=name, create=True, size=nbytes
-            )
+            fd = _posixshmem.shm_open("/" + tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
         except OSError as exc:
             raise ShmFullError(f"cannot create shared-memory segment {name!r} of {nbytes} bytes: {exc}") from exc
         try:
+            hold(fd, OWNER_BYTE, fcntl.F_WRLCK)  # "its broker is alive", until the descriptor closes
+            os.ftruncate(fd, nbytes)
             # ftruncate alone succeeds on a full tmpfs and the first touch of a page then
             # kills the process with SIGBUS; allocating every page now fails cleanly instead.
-            os.posix_fallocate(self._shm._fd, 0, nbytes)  # type: ignore[attr-defined]
-            if mode != 0o600:
-                os.fchmod(self._shm._fd, mode)  # type: ignore[attr-defined]
+            os.posix_fallocate(fd, 0, nbytes)
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+            os.rename(os.path.join(shm_dir, tmp), os.path.join(shm_dir, name))
+            mm = mmap.mmap(fd, nbytes)
         except OSError as exc:
-            self._shm.close()
-            self._shm.unlink()
+            with contextlib.suppress(OSError):
+                _posixshmem.shm_unlink("/" + tmp)
+            os.close(fd)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise ShmFullError(
                     f"/dev/shm has no room for {nbytes} bytes (segment {name!r}): {exc.strerror}; "
@@ -139,8 +175,9 @@ class Segment:
             raise
         self.name = name
         self.nbytes = nbytes
-        self.fd: int = self._shm._fd  # type: ignore[attr-defined]
-        self.buf: memoryview = self._shm.buf  # type: ignore[assignment]
+        self.fd = fd  # holds the owner lock until closed
+        self._mm: mmap.mmap | None = mm
+        self.buf: memoryview = memoryview(mm)
 
     def write_header(self, **fields: Any) -> None:
         """Fill the header described in this module's docstring."""
@@ -161,15 +198,18 @@ class Segment:
         self.buf[: len(packed)] = packed
 
     def destroy(self) -> None:
-        """Unmap and unlink the segment (idempotent)."""
-        if self._shm is None:
+        """Unlink and unmap the segment (idempotent); the owner lock goes last, with the descriptor."""
+        mm, self._mm = self._mm, None
+        if mm is None:
             return
-        shm, self._shm = self._shm, None
+        with contextlib.suppress(BufferError):  # views of it are alive: they keep the mapping
+            self.buf.release()
         del self.buf
-        with contextlib.suppress(BufferError):  # a view is still alive in the broker; unlink anyway
-            shm.close()
         with contextlib.suppress(FileNotFoundError):
-            shm.unlink()
+            _posixshmem.shm_unlink("/" + self.name)
+        with contextlib.suppress(BufferError):  # a view is still alive in the broker: it keeps the mapping
+            mm.close()
+        os.close(self.fd)
 
 
 def attach(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
@@ -219,9 +259,11 @@ def broker_segments(pid: int | None = None, shm_dir: str = SHM_DIR) -> list[str]
 def reap_stale(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink the segments of brokers that no longer run; return their names.
 
-    Only names of the form ``slabcast.<pid>.<epoch>.<n>`` whose ``pid`` is not
-    alive are touched: other software's segments, and those of live brokers,
-    are left alone.
+    Only names of the form ``slabcast.<pid>.<epoch>.<n>`` are looked at, and a
+    segment is left alone while its owner lock is held: a live broker holds it,
+    whatever its PID namespace (a PID seen from here says nothing about a broker
+    in another container sharing ``/dev/shm``).  Other software's segments are
+    never touched.
     """
     removed: list[str] = []
     try:
@@ -229,8 +271,20 @@ def reap_stale(shm_dir: str = SHM_DIR) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        m = _NAME.fullmatch(name)
-        if m is None or pid_alive(int(m.group(1))):
+        creating = name.startswith(_TMP_PREFIX)
+        if _NAME.fullmatch(name) is None and not creating:
+            continue
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, 0)
+        except OSError:
+            continue
+        try:
+            alive = lock_held(fd, OWNER_BYTE)
+            if creating and not alive:  # its creator may lock it any microsecond now: only if long left
+                alive = time.time() - os.fstat(fd).st_ctime < _YOUNG
+        finally:
+            os.close(fd)
+        if alive:
             continue
         try:
             _posixshmem.shm_unlink("/" + name)

@@ -33,7 +33,7 @@ from ._client import Connection, _context, error_for
 from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
 from ._info import StreamInfo, SubscriberStatistics
 from ._rechunk import Rechunker, check_sampler, check_size
-from ._shm import GEN_OFFSET, attach, lock_slab, open_locks
+from ._shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks
 
 __all__ = ["Chunk", "Subscriber"]
 
@@ -376,7 +376,10 @@ class Subscriber:
                 notices = self._join(conn, endpoint, P.token_topic(token))
                 # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
                 # a subscription made before the stream existed).
-                conn.send([P.ATTACH])
+                # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
+                slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+                hold(lock_fd, CLIENT_BASE + slot)
+                conn.send([P.ATTACH, slot])
                 reply = conn.recv(self._timeout)
                 if reply is None:
                     raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {self._timeout} s")
