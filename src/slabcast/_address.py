@@ -13,6 +13,7 @@ __all__ = ["AddressLock", "default_address", "ipc_path", "normalize"]
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
+_NOTICE_SUFFIX = 8  # ".<stream id>": each stream's notice socket sits beside the broker's (docs/protocol.md 0.1)
 
 
 def default_address() -> str:
@@ -24,7 +25,12 @@ def default_address() -> str:
     if env:
         return normalize(env)
     runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"slabcast-{os.getuid()}")
-    return f"ipc://{os.path.join(runtime, 'slabcast', 'broker.sock')}"
+    path = os.path.join(runtime, "slabcast", "broker.sock")
+    try:
+        return normalize(path)
+    except ValueError as exc:
+        raise ValueError(f"the default broker address comes from XDG_RUNTIME_DIR={runtime!r} and {exc}; "
+                         f"set {ENV} to a shorter socket path") from None  # fmt: skip
 
 
 def normalize(address: str | os.PathLike[str] | None) -> str:
@@ -45,9 +51,19 @@ def normalize(address: str | os.PathLike[str] | None) -> str:
         return text
     if "://" in text and not text.startswith("ipc://"):
         raise ValueError(f"address must be an ipc:// endpoint, a tcp:// endpoint or a socket path, got {text!r}")
-    path = os.path.abspath(text.removeprefix("ipc://"))
-    if len(path.encode()) > _IPC_MAX:
-        raise ValueError(f"ipc socket path must be at most {_IPC_MAX} bytes, got {len(path.encode())}: {path!r}")
+    raw = text.removeprefix("ipc://")
+    if raw.startswith("@"):
+        raise ValueError(
+            f"abstract sockets ({text!r}) are not supported: a broker keeps its lock file and its streams' notice "
+            f"sockets beside its socket file; give a path"
+        )
+    path = os.path.abspath(raw)
+    limit = _IPC_MAX - _NOTICE_SUFFIX
+    if len(path.encode()) > limit:
+        raise ValueError(
+            f"ipc socket path must be at most {limit} bytes (a Unix socket address holds {_IPC_MAX}, and each "
+            f"stream's notice socket adds up to {_NOTICE_SUFFIX}), got {len(path.encode())}: {path!r}"
+        )
     return f"ipc://{path}"
 
 

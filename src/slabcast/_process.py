@@ -10,7 +10,7 @@ import sys
 import tempfile
 from typing import Any
 
-from ._address import normalize
+from ._address import AddressLock, ipc_path, normalize
 from ._exceptions import BrokerGoneError
 
 __all__ = ["BrokerProcess"]
@@ -77,7 +77,18 @@ class BrokerProcess:
         return self.process.pid
 
     def start(self) -> BrokerProcess:
-        """Spawn the broker and block until it serves, or raise with what it printed."""
+        """Spawn the broker and block until it serves, or raise with what it printed.
+
+        Raises
+        ------
+        BrokerRunningError
+            At once, if a broker already serves this address.
+        BrokerGoneError
+            If the broker did not start within ``startup_timeout``.
+        """
+        path = ipc_path(self.address)
+        if path is not None and os.path.exists(path + ".lock"):
+            AddressLock(self.address).release()  # BrokerRunningError now, rather than a timeout later
         read_fd, write_fd = os.pipe()
         if not self.inherit_stderr:
             self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)  # a pipe nobody reads would stall a chatty broker

@@ -61,7 +61,13 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
                 f"bytes are accepted only on a byte stream (dtype=uint8, channels=1); {where} carries "
                 f"{dtype} x {channels}: pass a numpy array of shape (n, {channels}) and dtype {dtype}"
             )
-        arr = np.frombuffer(data, dtype=np.uint8)
+        try:
+            arr = np.frombuffer(data, dtype=np.uint8)
+        except BufferError:  # a strided memoryview
+            raise TypeError(
+                f"a bytes-like frame must be contiguous for {where}; got a strided memoryview "
+                f"(pass bytes(view), or a numpy array)"
+            ) from None
     elif isinstance(data, np.ndarray):
         if data.dtype != dtype:
             raise TypeError(f"frame dtype must be {dtype} for {where}, got {data.dtype} (nothing is cast)")

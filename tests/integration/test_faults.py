@@ -124,7 +124,7 @@ def test_kill9_broker_raises_broker_gone_and_a_new_broker_takes_over(broker, str
 
 
 def test_second_broker_at_the_same_address_is_refused(broker):
-    with pytest.raises(slabcast.BrokerGoneError, match=f"already serves {broker.address}"):
+    with pytest.raises(slabcast.BrokerRunningError, match=f"already serves {broker.address}"):
         slabcast.BrokerProcess(broker.address).start()
     assert slabcast.broker_status(broker.address)["pid"] == broker.pid
 
@@ -301,3 +301,25 @@ def test_reconnect_resubscribes_after_a_broker_restart(broker, stream_name):
         assert sub.statistics().dropped == 0
         pub2.close()
         sub.close()
+
+
+def test_limits_of_names_and_numbers_are_clear_errors_where_they_enter(broker, stream_name, monkeypatch, tmp_path):
+    # Issue 14, items 5-8.
+    with pytest.raises(slabcast.BrokerRunningError, match="already serves"):
+        slabcast.BrokerProcess(broker.address, startup_timeout=30).start()  # at once, not after 30 s
+    pub = slabcast.Publisher(stream_name, "uint8", address=broker.address)
+    with pytest.raises(TypeError, match="must be contiguous"):
+        pub.write(memoryview(b"abcdef")[::2])
+    sub = slabcast.Subscriber(stream_name, size=2, sampler=lambda: -1.0, address=broker.address)
+    pub.write(b"abcd")
+    with pytest.raises(ValueError, match=r"sampler must return seconds in 0\.\.1e\+09, got -1\.0"):
+        sub.recv(timeout=5)
+    assert bytes(sub.recv(timeout=5).data) == b"abcd"  # the chunk is still there, the error came once
+    sub.close()
+    pub.close()
+    monkeypatch.delenv("SLABCAST_ADDRESS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/tmp/" + "x" * 100)
+    with pytest.raises(ValueError, match=r"XDG_RUNTIME_DIR=.* ipc socket path must be at most 99 bytes"):
+        slabcast.default_address()
+    with pytest.raises(ValueError, match="abstract sockets"):
+        slabcast.Subscriber(stream_name, size=1, address="ipc://@slabcast")

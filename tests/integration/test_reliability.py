@@ -48,6 +48,13 @@ def _fuzz_messages(rng: np.random.Generator, name: str, n: int):
         [P.CLOSE],
         [P.SYNC, 1],
         [P.UNSUBSCRIBE],
+        # Protocol v2.
+        [P.FRAME, 4096, 10, 1.0, 0, 0],
+        [P.FRAMES, 4096, [10, 20], [1.0, 2.0], 0],
+        [P.SUBSCRIBE, name, 10, None, True, "drop", 8, None, "local", False, b"token123"],
+        [P.ACK, 100, 3, 0, 1],
+        [P.ATTACH, 12345],
+        [P.CARRIED, 4096],
     ]
     junk = [None, True, -1, 2**63, 1.5, "x" * 70, b"\x00\xff", [], {}, [[1]], {"k": [1, 2]}, "<O8", -(2**40)]
     for _ in range(n):
@@ -94,8 +101,8 @@ def test_ten_thousand_malformed_messages_from_several_clients(broker, stream_nam
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVTIMEO, 5000)
         s.connect(broker.address)
-        if greeted:
-            s.send(msgpack.packb([P.HELLO, 1, 0, ["pub", "sub"][seed % 2], f"fuzz{seed}"]))
+        if greeted:  # subscribers: seed 1 speaks protocol v1, seed 3 v2
+            s.send(msgpack.packb([P.HELLO, 2 if seed == 3 else 1, 0, "sub", f"fuzz{seed}"]))
             assert msgpack.unpackb(s.recv())[0] == P.WELCOME
         sent = replies = 0
         for raw, _ in _fuzz_messages(rng, f"{stream_name}-{seed}", 2500):
