@@ -72,10 +72,14 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
+    return (args.curve[0], args.curve[1]) if args.curve else None
+
+
 def _status(args: argparse.Namespace) -> int:
     from ._control import broker_status
 
-    status = broker_status(args.address)
+    status = broker_status(args.address, curve=_curve(args))
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         print()
@@ -147,7 +151,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from ._top import run_top
 
-    return run_top(args.address, args.interval)
+    return run_top(args.address, args.interval, curve=_curve(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -194,8 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
     p.set_defaults(func=_keygen)
 
+    curve_help = "for a tcp:// address: this client's secret key file and the broker's public key file (keygen)"
     p = sub.add_parser("status", parents=[common], help="print the state of a running broker")
     p.add_argument("--address", default=None)
+    p.add_argument("--curve", nargs=2, metavar=("CLIENT_SECRET", "BROKER_PUBLIC"), default=None, help=curve_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
@@ -219,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("top", parents=[common], help="live view of a broker's streams and subscribers")
     p.add_argument("--address", default=None)
+    p.add_argument("--curve", nargs=2, metavar=("CLIENT_SECRET", "BROKER_PUBLIC"), default=None, help=curve_help)
     p.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
     p.set_defaults(func=_top)
 
@@ -238,5 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlabcastError as exc:
         print(f"slabcast: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as exc:  # bad addresses, key files: say what, never a traceback
+        print(f"slabcast {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

@@ -12,8 +12,9 @@ from ._info import StreamStatistics
 __all__ = ["broker_status", "stream_statistics"]
 
 
-def _request(address: str | None, msg: list[Any], expect: int, timeout: float) -> Any:
-    conn = Connection(address, "ctl", "control")
+def _request(address: str | None, msg: list[Any], expect: int, timeout: float,
+             curve: tuple[str, str] | None = None) -> Any:  # fmt: skip
+    conn = Connection(address, "ctl", "control", curve=curve)
     try:
         conn.send(msg)
         reply = conn.recv(timeout)
@@ -28,8 +29,12 @@ def _request(address: str | None, msg: list[Any], expect: int, timeout: float) -
     return reply[1]
 
 
-def stream_statistics(name: str, address: str | None = None, timeout: float = 5.0) -> StreamStatistics:
+def stream_statistics(name: str, address: str | None = None, timeout: float = 5.0,
+                      curve: tuple[str, str] | None = None) -> StreamStatistics:  # fmt: skip
     """Return a stream's totals and rolling per-channel statistics (mean, std, min, max, peak-to-peak).
+
+    ``curve``: for a ``tcp://`` address, this client's secret key file and the
+    broker's public key file (``slabcast keygen``).
 
     Raises
     ------
@@ -38,17 +43,21 @@ def stream_statistics(name: str, address: str | None = None, timeout: float = 5.
     BrokerGoneError
         If no broker answers at ``address``.
     """
-    raw = _request(address, [P.STATS, name], P.STATS_REPLY, timeout)
+    raw = _request(address, [P.STATS, name], P.STATS_REPLY, timeout, curve)
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in raw.items()}
     return StreamStatistics(**{k: v for k, v in fields.items() if k in StreamStatistics.__dataclass_fields__})
 
 
-def broker_status(address: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def broker_status(address: str | None = None, timeout: float = 5.0,
+                  curve: tuple[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Return the broker's streams, subscribers and pool use as plain data.
+
+    ``curve``: for a ``tcp://`` address, this client's secret key file and the
+    broker's public key file (``slabcast keygen``).
 
     Raises
     ------
     BrokerGoneError
         If no broker answers at ``address``.
     """
-    return _request(address, [P.STATUS], P.STATUS_REPLY, timeout)  # type: ignore[no-any-return]
+    return _request(address, [P.STATUS], P.STATUS_REPLY, timeout, curve)  # type: ignore[no-any-return]

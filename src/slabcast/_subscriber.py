@@ -805,6 +805,7 @@ class Subscriber:
                 got = "none" if frame is None else f"{len(frame)} bytes"
                 raise ProtocolError(f"CHUNK seq={seq} announced {n} samples inline, got {got} ({self._where})")
             base = np.frombuffer(frame.buffer, dtype=self._dtype)
+            base.flags.writeable = False  # read-only, as a local chunk is: the same code works with both
         else:
             base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
         # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.

@@ -67,7 +67,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
     return lines
 
 
-def run_top(address: str | None, interval: float = 0.5) -> int:
+def run_top(address: str | None, interval: float = 0.5, curve: tuple[str, str] | None = None) -> int:
     """Show the status until ``q`` or Ctrl-C; return the exit code."""
 
     def loop(screen: Any) -> None:
@@ -79,7 +79,7 @@ def run_top(address: str | None, interval: float = 0.5) -> int:
         while True:
             now = time.monotonic()
             try:
-                status = broker_status(address, timeout=2.0)
+                status = broker_status(address, timeout=2.0, curve=curve)
                 lines = render(status, previous, now - last)
                 previous, last = status, now
             except SlabcastError as exc:

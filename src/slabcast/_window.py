@@ -30,6 +30,9 @@ class Window:
     address : str, optional
     wait : float
         Seconds to wait for the stream to appear.
+    curve : (str, str), optional
+        For a ``tcp://`` address: this client's secret key file and the broker's
+        public key file (``slabcast keygen``).
 
     Raises
     ------
@@ -37,11 +40,12 @@ class Window:
         If the stream has no rate.
     """
 
-    def __init__(self, stream: str, seconds: float, *, address: str | None = None, wait: float = 0.0) -> None:
-        if not seconds > 0:
-            raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    def __init__(self, stream: str, seconds: float, *, address: str | None = None, wait: float = 0.0,
+                 curve: tuple[str, str] | None = None) -> None:  # fmt: skip
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+            raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
         self._sub = Subscriber(stream, 1, policy="drop", max_inflight=256, address=address, wait=wait,
-                               label=f"window:{stream}")  # fmt: skip
+                               curve=curve, label=f"window:{stream}")  # fmt: skip
         info = self._sub.info
         if info.rate is None:
             self._sub.close()

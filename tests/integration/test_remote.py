@@ -190,3 +190,29 @@ def test_malformed_messages_over_tcp_hurt_no_one(tcp_broker, keys, stream_name):
     local.close()
     assert got == list(range(0, 1000, 100))
     assert errors >= 900
+
+
+def test_every_client_entry_point_works_over_tcp_with_curve(tcp_broker, keys, stream_name):
+    # Issue 14, item 3: status, top's data, statistics and Window over TCP; chunks read-only wherever they come from.
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    pub = slabcast.Publisher(stream_name, dtype="float32", rate=1000.0, address=tcp_broker.address)
+    status = slabcast.broker_status(tcp_broker.tcp_address, curve=curve)
+    assert status["pid"] == tcp_broker.pid
+    win = slabcast.Window(stream_name, 1.0, address=tcp_broker.tcp_address, curve=curve)
+    remote = slabcast.Subscriber(stream_name, size=100, address=tcp_broker.tcp_address, curve=curve)
+    pub.write(np.arange(100, dtype=np.float32), t0=0.0)
+    pub.flush()
+    with remote.recv(timeout=10) as chunk:
+        assert not chunk.data.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            chunk.data[0] = 1.0
+    assert slabcast.stream_statistics(stream_name, address=tcp_broker.tcp_address, curve=curve).samples == 100
+    cli = subprocess.run([sys.executable, "-m", "slabcast", "status", "--json", "--address", tcp_broker.tcp_address,
+                          "--curve", *curve], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert cli.returncode == 0 and f'"pid": {tcp_broker.pid}' in cli.stdout
+    bad = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", tcp_broker.tcp_address],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and "requires CURVE" in bad.stderr and "Traceback" not in bad.stderr
+    win.close()
+    remote.close()
+    pub.close()
