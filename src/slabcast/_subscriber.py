@@ -337,6 +337,7 @@ class Subscriber:
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
         self._local = False
+        self._auto_reconnect = True  # False: BrokerGoneError goes to the caller, which calls _resubscribe
         self._notices: Any = None
         self._sampler_error: BaseException | None = None
         self._connect(address)
@@ -470,6 +471,15 @@ class Subscriber:
             return 0.0
         return value
 
+    def _gone(self, exc: BrokerGoneError) -> None:
+        """The broker went away: the end, or (``reconnect=``) subscribe again, here or by our caller."""
+        if not self._reconnect:
+            self._end = exc
+            raise exc
+        if not self._auto_reconnect:
+            raise exc  # aio.Subscriber resubscribes in a thread: its event loop never waits
+        self._resubscribe(exc)
+
     def _resubscribe(self, cause: BrokerGoneError) -> None:
         """After a broker restart: subscribe again with the same settings (``reconnect=``)."""
         deadline = time.monotonic() + self._reconnect
@@ -539,10 +549,7 @@ class Subscriber:
                 try:
                     return self._recv_local(timeout)
                 except BrokerGoneError as exc:
-                    if not self._reconnect:
-                        self._end = exc
-                        raise
-                    self._resubscribe(exc)
+                    self._gone(exc)
         if len(self._dead) >= self._release_batch:
             self._flush_releases()
         if self._end is not None:
@@ -554,10 +561,7 @@ class Subscriber:
                 # waiting), and at the latest before it waits for the next notice.
                 msg = self._conn.recv(timeout, self._flush_releases)
             except BrokerGoneError as exc:
-                if not self._reconnect:
-                    self._end = exc
-                    raise
-                self._resubscribe(exc)
+                self._gone(exc)
                 continue
             if msg is None:
                 return None
@@ -569,7 +573,7 @@ class Subscriber:
             if kind in (P.END, P.ERROR):
                 exc2 = error_for(msg, self._where)
                 if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN and self._reconnect:
-                    self._resubscribe(exc2)  # type: ignore[arg-type]
+                    self._gone(exc2)  # type: ignore[arg-type]
                     continue
                 if kind == P.END:
                     self._end = exc2  # type: ignore[assignment]

@@ -10,7 +10,7 @@ from typing import Any
 import zmq
 
 from . import _protocol as P
-from ._exceptions import EndOfStream, WouldBlock
+from ._exceptions import BrokerGoneError, EndOfStream, WouldBlock
 from ._subscriber import Chunk
 from ._subscriber import Subscriber as _BlockingSubscriber
 
@@ -37,6 +37,7 @@ class Subscriber:
 
     def __init__(self, stream: str, size: int | None = None, **options: Any) -> None:
         self._sub = _BlockingSubscriber(stream, size, **options)
+        self._sub._auto_reconnect = False  # we resubscribe in a worker thread (reconnect=)
         self.info = self._sub.info
         self.size = self._sub.size
 
@@ -49,12 +50,22 @@ class Subscriber:
                 return self._sub.recv_nowait()
             except WouldBlock:
                 pass
+            except BrokerGoneError as exc:
+                if not self._sub._reconnect:
+                    raise
+                # Waiting for the next broker takes seconds: off the event loop.
+                await asyncio.to_thread(self._sub._resubscribe, exc)
+                conn = self._sub._conn
+                continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"no chunk within {timeout} s (async subscriber of {self._sub.name!r})")
             if conn.remote and time.monotonic() - conn._last_send >= _KEEPALIVE:
                 conn.send([P.SYNC, 0])  # keep-alive: a remote client proves it is alive by talking
-            await _readable(self._sub._sockets(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
+            try:
+                await _readable(self._sub._sockets(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
+            except BrokerGoneError:
+                continue  # recv_nowait() says so, and resubscribes when asked to
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
@@ -100,7 +111,10 @@ async def _readable(sockets: tuple[zmq.Socket[Any], ...], timeout: float) -> Non
         if not ready.done():
             ready.set_result(None)
 
-    fds = [int(s.getsockopt(zmq.FD)) for s in sockets]
+    try:
+        fds = [int(s.getsockopt(zmq.FD)) for s in sockets]
+    except zmq.ZMQError as exc:  # a socket closed under us: the broker connection is gone
+        raise BrokerGoneError(f"the broker connection closed while waiting ({exc})") from exc
     for fd in fds:
         loop.add_reader(fd, wake)
     try:
@@ -115,4 +129,7 @@ async def _readable(sockets: tuple[zmq.Socket[Any], ...], timeout: float) -> Non
 
 
 def _has_input(sockets: tuple[zmq.Socket[Any], ...]) -> bool:
-    return any(int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN for s in sockets)
+    try:
+        return any(int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN for s in sockets)
+    except zmq.ZMQError as exc:  # never a raw zmq error out of slabcast
+        raise BrokerGoneError(f"the broker connection closed while waiting ({exc})") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 
 import numpy as np
@@ -93,3 +94,50 @@ def test_await_recv_timeout_and_cancellation_release(broker, stream_name):
         pub.close()
 
     run(main())
+
+
+def test_reconnect_never_blocks_the_event_loop_and_resumes_with_a_discontinuity(tmp_path, stream_name):
+    # Issue 14, item 4: the broker killed and restarted 1 s later.
+    address = tmp_path / "b.sock"
+    first = slabcast.BrokerProcess(address).start()
+
+    async def main():
+        pub = slabcast.Publisher(stream_name, dtype="int32", address=first.address)
+        sub = slabcast.aio.Subscriber(stream_name, 4, clip=True, address=first.address, reconnect=20)
+        pub.write(np.arange(4, dtype=np.int32))
+        with await sub.recv(timeout=5) as chunk:
+            assert not chunk.discontinuity
+        gaps = []
+
+        async def ticker():
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        waiting = asyncio.create_task(sub.recv(timeout=20))
+        await asyncio.sleep(0.2)
+        first.kill()
+        pub.close()
+        await asyncio.sleep(1.0)
+        second = slabcast.BrokerProcess(address).start()
+        try:
+            pub2 = slabcast.Publisher(stream_name, dtype="int32", address=second.address)
+            while not waiting.done():  # it resubscribes in the background; write until it has it
+                pub2.write(np.full(4, 7, dtype=np.int32))
+                await asyncio.sleep(0.05)
+            chunk = waiting.result()
+            assert chunk.discontinuity and (chunk.data == 7).all()
+            chunk.release()
+            tick.cancel()
+            sub.close()
+            pub2.close()
+        finally:
+            second.stop()
+        return max(gaps)
+
+    longest = run(main())
+    assert longest < 0.3, f"the event loop stalled {longest:.2f} s"
