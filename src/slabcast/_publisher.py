@@ -35,6 +35,7 @@ _SPORADIC = 50e-6
 _BATCH = 64
 _BATCH_DELAY = 0.5e-3
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
+_SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _NOTICE_HWM = 100_000  # notices queued per subscriber before that subscriber loses some (it sees the gap)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
@@ -149,6 +150,7 @@ class Publisher:
         if rate is not None and (isinstance(rate, bool) or not rate > 0):
             raise ValueError(f"rate must be a positive number of samples per second or None, got {rate!r}")
         self.name = stream
+        self._pid = os.getpid()
         self.channels = channels
         self.rate = float(rate) if rate is not None else None
         self.timeout = timeout
@@ -209,6 +211,7 @@ class Publisher:
         self._frame_limit = self.slab_bytes - self.reserve
         self._next_check = 0.0
         self._sync_token = 0
+        self._synced = 0  # the highest SYNC token the broker answered
         # One lock for the socket: the writer and the batch flusher both send on it.
         self._lock = threading.Lock()
         self._pend_offset = 0
@@ -248,6 +251,11 @@ class Publisher:
         """
         if self._closed:
             raise ClosedError(f"publisher of {self._where} is closed")
+        if os.getpid() != self._pid:
+            raise ClosedError(
+                f"the publisher of {self._where} was created in process {self._pid}; its ZeroMQ sockets do not "
+                "survive fork(): create the Publisher in the process that writes"
+            )
         arr = check_frame(data, self.dtype, self.channels, self._where)
         n = arr.shape[0]
         nbytes = n * self.sample_bytes
@@ -321,20 +329,14 @@ class Publisher:
             self._flush_pending()
             self._conn.send([P.SYNC, self._sync_token])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while (left := deadline - time.monotonic()) > 0:
+        token = self._sync_token
+        # The background thread may take the answer off the socket too: both go through _take_locked,
+        # which notes it; wait in short slices so either way it is seen at once.
+        while self._synced < token and (left := deadline - time.monotonic()) > 0:
             with self._lock:
-                msg = self._conn.recv(left)
-            if msg is None:
-                break
-            if msg[0] == P.SYNCED and msg[1] == self._sync_token:
-                return
-            if msg[0] == P.GRANT:
-                self._grants.append(msg[1])
-            elif msg[0] == P.CARRY:
-                with self._lock:
-                    self._on_carry(msg)
-            elif msg[0] in (P.ERROR, P.END):
-                raise error_for(msg, self._where)
+                self._take_locked(min(left, _SLICE))
+        if self._synced >= token:
+            return
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
     def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int) -> None:
@@ -434,7 +436,7 @@ class Publisher:
                         f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber "
                         "holds them; nothing of this frame was written"
                     )
-                self._take_messages(left)
+                self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
         slab = self._grants.popleft()
         self._slab = slab
         self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
@@ -463,6 +465,8 @@ class Publisher:
                 self._grants.append(msg[1])
             elif msg[0] == P.CARRY:
                 self._on_carry(msg)
+            elif msg[0] == P.SYNCED:
+                self._synced = max(self._synced, int(msg[1]))
             elif msg[0] in (P.ERROR, P.END):
                 raise error_for(msg, self._where)
             msg = self._conn.recv(0)
@@ -475,6 +479,9 @@ class Publisher:
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
         if self._closed:
+            return
+        if os.getpid() != self._pid:  # inherited through fork(): the parent's to close, not ours
+            self._closed = True
             return
         with self._lock, contextlib.suppress(SlabcastError, zmq.ZMQError):
             self._flush_pending()
