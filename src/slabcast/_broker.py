@@ -464,12 +464,15 @@ class Broker:
         handle_signals: bool = True,
         start: Callable[[], None] | None = None,
         ready_when: Callable[[], bool] | None = None,
+        parent_fd: int | None = None,
     ) -> None:
         """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly.
 
         ``start()`` runs once the socket is bound, before the loop (start hosted
         sources there); ``ready()`` runs as soon as ``ready_when()`` is true
-        (checked every loop turn; at once without it).
+        (checked every loop turn; at once without it).  ``parent_fd``: the read end
+        of a pipe whose writer is the process that started us; its end of file
+        (that process died) stops the broker.
         """
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -482,6 +485,8 @@ class Broker:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        if parent_fd is not None:
+            poller.register(parent_fd, zmq.POLLIN)
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
@@ -504,6 +509,9 @@ class Broker:
                 if wake_r.fileno() in events:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
+                if parent_fd is not None and parent_fd in events and not os.read(parent_fd, 64):
+                    log.warning("the process that started this broker is gone; stopping")
+                    self._stopping = True
                 if self._outbox:
                     self._flush_outbox()
                 if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:

@@ -53,7 +53,7 @@ def _broker(args: argparse.Namespace) -> int:
             print(f"slabcast broker {os.getpid()} serving {where}", flush=True)
 
     try:
-        broker.serve(ready, start=start, ready_when=sources_open)
+        broker.serve(ready, start=start, ready_when=sources_open, parent_fd=args.parent_fd)
     finally:
         for t in threads:
             t.stopping.set()
@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stdin:name=mic,dtype=int16,channels=2,rate=48000 or replay:path=REC,speed=1,loop=0 (repeatable)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)  # EOF: our starter died
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("keygen", parents=[common], help="make a CURVE key pair for TCP")

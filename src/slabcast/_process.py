@@ -16,16 +16,6 @@ from ._exceptions import BrokerGoneError
 __all__ = ["BrokerProcess"]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask for SIGTERM when the parent dies.
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class BrokerProcess:
     """A broker running in a child process (``python -m slabcast broker``).
 
@@ -38,8 +28,11 @@ class BrokerProcess:
     startup_timeout : float
         Seconds to wait for the broker's ready signal.
     die_with_parent : bool
-        Have the kernel send the broker SIGTERM when this process dies (Linux),
-        so a crashed test or supervisor leaves no orphan broker.
+        Stop the broker when this process dies, so a crashed test or supervisor
+        leaves no orphan broker.  The broker watches a pipe whose other end only
+        this process holds (the kernel closes it when the *process* ends, whichever
+        thread started the broker; ``PR_SET_PDEATHSIG`` would fire when that thread
+        ended).
     inherit_stderr : bool
         Let the broker's log lines go to this process's standard error (as
         ``slabcast up`` does) instead of keeping them for :meth:`stderr`.
@@ -68,6 +61,7 @@ class BrokerProcess:
         self._stderr_text = ""
         self.tcp_address: str | None = None  # set when started with --tcp
         self.die_with_parent = die_with_parent
+        self._parent_w = -1
 
     @property
     def pid(self) -> int:
@@ -90,6 +84,11 @@ class BrokerProcess:
         if path is not None and os.path.exists(path + ".lock"):
             AddressLock(self.address).release()  # BrokerRunningError now, rather than a timeout later
         read_fd, write_fd = os.pipe()
+        watch: list[str] = []
+        keep: tuple[int, ...] = (write_fd,)
+        if self.die_with_parent:
+            watch_r, self._parent_w = os.pipe()  # ours stays non-inheritable: only this process holds it
+            watch, keep = ["--parent-fd", str(watch_r)], (write_fd, watch_r)
         if not self.inherit_stderr:
             self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)  # a pipe nobody reads would stall a chatty broker
         try:
@@ -103,15 +102,16 @@ class BrokerProcess:
                     self.address,
                     "--ready-fd",
                     str(write_fd),
+                    *watch,
                     *self.args,
                 ],
-                pass_fds=(write_fd,),
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                pass_fds=keep,
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
                 stderr=self._stderr,  # None: the broker writes to our standard error (slabcast up)
             )
         finally:
-            os.close(write_fd)
+            for fd in keep:
+                os.close(fd)
         try:
             ready, _, _ = select.select([read_fd], [], [], self.startup_timeout)
             line = os.read(read_fd, 4096) if ready else b""
@@ -144,7 +144,13 @@ class BrokerProcess:
         self._close_stderr()
         return proc.returncode
 
+    def _close_parent_pipe(self) -> None:
+        if self._parent_w >= 0:
+            os.close(self._parent_w)
+            self._parent_w = -1
+
     def _close_stderr(self) -> None:
+        self._close_parent_pipe()
         self._stderr_text = self.stderr()
         if self._stderr is not None:
             self._stderr.close()

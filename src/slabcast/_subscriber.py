@@ -336,6 +336,7 @@ class Subscriber:
         self._timeout = timeout
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
+        self._pid = os.getpid()
         self._local = False
         self._auto_reconnect = True  # False: BrokerGoneError goes to the caller, which calls _resubscribe
         self._notices: Any = None
@@ -544,6 +545,11 @@ class Subscriber:
     def _recv(self, timeout: float | None) -> Chunk | None:
         if self._closed:
             raise ClosedError(f"{self._where} is closed")
+        if os.getpid() != self._pid:
+            raise ClosedError(
+                f"{self._where} was created in process {self._pid}; its ZeroMQ sockets do not survive fork(): "
+                "create the Subscriber in the process that uses it"
+            )
         if self._local:
             while True:
                 try:
@@ -900,6 +906,8 @@ class Subscriber:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:  # inherited through fork(): the parent's to close, not ours
+            return
         conn = self._conn
         if self._local:
             self._close_local()

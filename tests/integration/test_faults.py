@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -323,3 +325,57 @@ def test_limits_of_names_and_numbers_are_clear_errors_where_they_enter(broker, s
         slabcast.default_address()
     with pytest.raises(ValueError, match="abstract sockets"):
         slabcast.Subscriber(stream_name, size=1, address="ipc://@slabcast")
+
+
+def test_a_broker_outlives_the_thread_that_started_it_and_dies_with_its_process(tmp_path, stream_name):
+    # Issue 14: PR_SET_PDEATHSIG fires when the *thread* that started a child ends; the broker watches a pipe
+    # only its starting *process* holds instead.
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("b", slabcast.BrokerProcess(tmp_path / "t.sock").start()))
+    t.start()
+    t.join(30)
+    broker = box["b"]
+    try:
+        assert slabcast.broker_status(broker.address)["pid"] == broker.pid  # alive after its thread ended
+    finally:
+        assert broker.stop() == 0
+    code = f"""
+import slabcast, sys
+b = slabcast.BrokerProcess({str(tmp_path / "p.sock")!r}).start()
+print(b.pid, flush=True)
+sys.stdin.read()
+"""
+    starter = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(starter.stdout.readline())
+    starter.kill()  # kill -9 of the process that started the broker
+    starter.wait(10)
+    starter.stdin.close()
+    starter.stdout.close()
+    deadline = time.monotonic() + 10
+    while slabcast._shm.pid_alive(pid):
+        assert time.monotonic() < deadline, "the broker outlived the process that started it"
+        time.sleep(0.05)  # waiting for another process to exit: no signal reaches us
+    slabcast.BrokerProcess(tmp_path / "p.sock").start().stop()  # its segments and socket are cleaned up
+
+
+def test_a_client_inherited_through_fork_says_so_instead_of_hanging(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "uint8", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=1, address=broker.address)
+    pid = os.fork()
+    if pid == 0:  # the child: both must refuse at once, and closing them must not touch the parent's sockets
+        code = 0
+        for call in (lambda: sub.recv(timeout=1), lambda: pub.write(b"x")):
+            try:
+                call()
+                code += 1
+            except slabcast.ClosedError as exc:
+                code += 0 if "do not survive fork()" in str(exc) else 10
+        sub.close()
+        pub.close()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    pub.write(b"y")  # the parent's are intact
+    assert bytes(sub.recv(timeout=5).data) == b"y"
+    sub.close()
+    pub.close()
