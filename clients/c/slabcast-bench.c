@@ -1,4 +1,4 @@
-/* slabcast-bench.c: per-chunk overhead of the C subscriber (notice received -> release sent), for benchmarks/c_overhead.py. */
+/* slabcast-bench.c: per-chunk overhead of the C subscriber (chunk ready -> released), for benchmarks/c_overhead.py. */
 #define _POSIX_C_SOURCE 200809L
 
 #include "slabcast.h"
@@ -20,9 +20,13 @@ static int64_t now_ns(void)
 /*
  * usage: slabcast-bench ADDRESS STREAM SIZE
  * Prints `ready`, then after the end of the stream one line per chunk:
- * `<overhead ns> <latency ns>`, where overhead runs from a notice being ready on the
- * socket to its RELEASE being sent, and latency from the chunk's t0 (which the
- * benchmark's publisher sets to time.monotonic() at write) to the notice being ready.
+ * `<overhead ns> <latency ns>`, where overhead runs from sc_wait() returning to the chunk
+ * being released, and latency from the chunk's t0 (which the benchmark's publisher sets to
+ * time.monotonic() at write) to sc_wait() returning.  Protocol version 1: sc_wait returns when
+ * the broker's CHUNK notice is on the socket, so overhead covers decoding it and sending RELEASE.
+ * Version 2 (the default): sc_wait returns once a chunk is cut from the publisher's notice and
+ * leased, so that work is in the latency, and overhead covers handing it out and releasing it
+ * (no message).
  */
 int main(int argc, char **argv)
 {

@@ -13,13 +13,15 @@
 static const char USAGE[] =
     "usage: slabcast-sub --address ADDR --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
-    "                    [--timeout-ms MS] [--protocol-version V]\n"
+    "                    [--timeout-ms MS] [--protocol-version V] [--show-flags]\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
     "  seq=<seq> index=<index> n=<samples> t0=<seconds> crc=<crc32 of the chunk's bytes>\n"
+    "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk).\n"
     "Exit status: 0 at the end of the stream (or after --count chunks), 2 usage, 3 broker gone,\n"
     "4 publisher gone, 5 protocol version mismatch, 6 unknown stream, 1 any other error.\n"
-    "--protocol-version is for tests of version negotiation only.\n";
+    "--protocol-version: 2 (default) cuts the chunks in this program from the publisher's notices;\n"
+    "1 lets the broker cut them (CHUNK/RELEASE); other values test version negotiation.\n";
 
 static volatile sig_atomic_t stop_signal = 0;
 
@@ -92,7 +94,7 @@ int main(int argc, char **argv)
     sc_sub_options opts;
     sc_sub_options_init(&opts);
     uint64_t count = 0, version = SC_PROTOCOL_VERSION, max_inflight = opts.max_inflight, timeout_ms = 5000;
-    int have_count = 0;
+    int have_count = 0, show_flags = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -102,6 +104,9 @@ int main(int argc, char **argv)
             return 0;
         } else if (strcmp(a, "--clip") == 0) {
             opts.clip = 1;
+            continue;
+        } else if (strcmp(a, "--show-flags") == 0) {
+            show_flags = 1;
             continue;
         }
         if (v == NULL)
@@ -189,8 +194,11 @@ int main(int argc, char **argv)
         if (rc != SC_OK)
             break;
         uint32_t crc = crc32_of(ch.data, ch.nbytes);
-        printf("seq=%" PRIu64 " index=%" PRIu64 " n=%" PRIu64 " t0=%.9f crc=%08" PRIx32 "\n", ch.seq, ch.index, ch.n,
-               ch.t0, crc);
+        printf("seq=%" PRIu64 " index=%" PRIu64 " n=%" PRIu64 " t0=%.9f crc=%08" PRIx32, ch.seq, ch.index, ch.n, ch.t0,
+               crc);
+        if (show_flags)
+            printf(" flags=%u", ch.flags);
+        putchar('\n');
         fflush(stdout);
         got++;
         if ((rc = sc_release(c, &ch)) != SC_OK)

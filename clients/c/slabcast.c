@@ -1,5 +1,15 @@
-/* slabcast.c: a subscriber of the slabcast wire protocol version 1 over libzmq and msgpack-c. */
-#define _POSIX_C_SOURCE 200809L
+/*
+ * slabcast.c: a subscriber of the slabcast wire protocol over libzmq and msgpack-c.
+ *
+ * Version 2 (the default, docs/protocol.md section 0): the client cuts its own chunks from the
+ * publisher's NOTICEs (rechunk_feed is a port of src/slabcast/_rechunk.py's Rechunker.feed), leases
+ * them with OFD record locks checked against the segment's generation table, and reports how far it
+ * has read with ACK.  The receive loop (pump) mirrors Subscriber._recv_local in
+ * src/slabcast/_subscriber.py.  Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks
+ * (CHUNK) and the client gives each back (RELEASE).
+ */
+#define _GNU_SOURCE             /* F_OFD_SETLK, getrandom */
+#define _FILE_OFFSET_BITS 64    /* lock offsets past 2^40 in struct flock */
 
 #include "slabcast.h"
 
@@ -12,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,12 +30,18 @@
 #include <msgpack.h>
 #include <zmq.h>
 
-/* Message kinds (docs/protocol.md sections 4 and 5). */
+/*
+ * Message kinds: the table of src/slabcast/_protocol.py, the single source of truth
+ * (tests/integration/test_c_client.py checks that every kind here matches it, and that none is missing).
+ */
 enum {
     K_HELLO = 1, K_OPEN = 2, K_FRAME = 3, K_CLOSE = 4, K_SUBSCRIBE = 5, K_RELEASE = 6,
-    K_BYE = 7, K_STATUS = 8, K_UNSUBSCRIBE = 9, K_SYNC = 10,
+    K_BYE = 7, K_STATUS = 8, K_UNSUBSCRIBE = 9, K_SYNC = 10, K_STATS = 11, K_FRAMES = 12,
+    K_ACK = 13, K_CARRIED = 14, K_ATTACH = 15,
     K_WELCOME = 101, K_OPENED = 102, K_GRANT = 103, K_SUBSCRIBED = 104, K_CHUNK = 105,
-    K_END = 106, K_ERROR = 107, K_STATUS_REPLY = 108, K_SYNCED = 109
+    K_END = 106, K_ERROR = 107, K_STATUS_REPLY = 108, K_SYNCED = 109, K_STATS_REPLY = 110,
+    K_CARRY = 111, K_ATTACHED = 112,
+    K_NOTICE = 120, K_NOTICE_END = 121, K_JOINED = 122
 };
 
 #define FLAG_INLINE 2u           /* CHUNK bytes travel in a second frame: TCP clients only */
@@ -34,12 +51,59 @@ enum {
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 
+/* Version 2 (values of src/slabcast/_subscriber.py, _shm.py and _rechunk.py; checked by the tests). */
+#define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE; its topic is 0x01 + token */
+#define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
+#define END_GRACE_MS 500         /* once the end is known: wait this long for notices still on their way */
+#define LOOK_MS 100              /* while waiting, look at the broker connection at least this often */
+#define RECHUNK_EPS 1e-9         /* a sample within this of the pause end counts as after it */
+#define GEN_OFFSET 256           /* u32 gen[nslabs] in the segment header */
+#define LOCK_BASE (1ull << 40)   /* lease lock byte of slab i: LOCK_BASE + i */
+#define SEG_LAYOUT 2             /* segment layout with the generation table */
+
 /* Segment header (docs/protocol.md 6.1), little-endian; only what we check is read. */
 #define HDR_MAGIC 0              /* 8 bytes "SLABCAST" */
-#define HDR_LAYOUT 8             /* u32, 2 (1 before the generation table; same fields for us) */
+#define HDR_LAYOUT 8             /* u32, 2 (1 before the generation table; same fields for version 1) */
 #define HDR_HEADER_BYTES 12      /* u32, where slab 0 starts */
+#define HDR_SLAB_BYTES 16        /* u64 */
+#define HDR_NSLABS 24            /* u32 */
 #define HDR_SAMPLE_BYTES 28      /* u32, dtype size * channels */
 #define HDR_MIN_BYTES 136
+
+/* A chunk handed out and not yet released. */
+typedef struct held_chunk {
+    uint64_t seq;
+    uint32_t slab;               /* version 2: the slab whose lease it counts in */
+} held_chunk;
+
+/* A chunk cut (version 2) and leased, not yet handed out by sc_recv. */
+typedef struct ready_chunk {
+    uint64_t seq, index, n, offset;
+    double t0;
+    uint32_t slab;
+    unsigned flags;
+} ready_chunk;
+
+/* This client's lease on one slab: a shared OFD lock while `locked`. */
+typedef struct slab_lease {
+    uint32_t gen;                /* the generation the lock was taken for */
+    uint32_t count;              /* chunks of it handed out and not released, or cut and not handed out */
+    bool locked;
+} slab_lease;
+
+/* The rechunking rules of docs/protocol.md section 8: src/slabcast/_rechunk.py's Rechunker. */
+typedef struct rechunker {
+    uint64_t size;
+    bool clip;
+    double rate;                 /* 0.0: the stream has none */
+    bool sampler;                /* a constant pause after each chunk (no C option sets it yet) */
+    double pause;
+    bool has_start;              /* Rechunker.start is not None */
+    uint64_t start;              /* index of the first pending sample */
+    double t0;                   /* time of the first pending sample */
+    bool pausing;                /* Rechunker.pause_until is not None */
+    double pause_until;
+} rechunker;
 
 struct sc_client {
     void *ctx;
@@ -51,6 +115,7 @@ struct sc_client {
     msgpack_sbuffer sbuf;
     msgpack_packer pk;
     unsigned version;
+    bool local;                  /* version 2: this client cuts its own chunks from the notices */
     int timeout_ms;
     bool connected;              /* WELCOME received */
     bool gone;                   /* the connection dropped (monitor) or END broker-shutdown */
@@ -68,14 +133,57 @@ struct sc_client {
     const unsigned char *map;
     size_t map_bytes;
     size_t header_bytes;
-    uint64_t *held;              /* seqs received and not released, at most max_inflight */
-    unsigned nheld;
-    unsigned max_held;
+    held_chunk *held;            /* chunks received and not released */
+    size_t nheld, held_cap;
+    unsigned max_held;           /* max_inflight */
+    bool drop;                   /* policy "drop" */
     sc_stats stats;
+
+    /* Version 2. */
+    void *notices;               /* SUB connected to the publisher's notice socket */
+    msgpack_unpacked nunp;       /* the last notice decoded */
+    int lock_fd;                 /* the segment opened O_RDONLY: holds our lease locks */
+    uint64_t sid;                /* stream_id of SUBSCRIBED: notices of other ids are ignored */
+    uint64_t slab_bytes;
+    uint32_t nslabs;
+    char endpoint[256];          /* the notice socket */
+    unsigned char topic[66];     /* stream name + NUL */
+    size_t topic_len;
+    unsigned char token[1 + TOKEN_BYTES];  /* token topic: 0x01 + token */
+    rechunker rk;
+    slab_lease *leases;          /* nslabs entries */
+    uint32_t *locked;            /* the slabs we hold a lock on */
+    uint32_t nlocked;
+    bool unlocked;               /* a lock was given back since the last ACK */
+    /* The notice being cut (at most one at a time: the next is read once it is done). */
+    bool have_frames;
+    uint64_t fr_index, fr_slab, fr_gen, fr_offset, fr_floor;  /* index/offset: of frame fr_i */
+    unsigned fr_flags;
+    uint32_t fr_i, fr_count, fr_cap;
+    uint64_t *fr_n;
+    double *fr_t0;
+    /* Chunks cut and leased, not yet handed out. */
+    ready_chunk *ready;
+    size_t rhead, rcount, rcap;
+    uint64_t next_seq;           /* chunks cut, delivered or dropped */
+    uint64_t dropped;
+    uint64_t cursor;             /* index just past the last frame cut */
+    int64_t cur_slab;            /* slab of the frames being cut, -1 before the first */
+    bool jumped;                 /* the next chunk handed out is flagged as a discontinuity */
+    int64_t nseq;                /* the next notice_seq expected, -1 before the first */
+    int64_t acked_slab, acked_dropped, acked_held;  /* state at the last ACK */
+    int64_t acked_at;
+    int cut_rc;                  /* an error met while cutting a frame, returned once it is done */
+    bool have_end;               /* the stream's end is known (NOTICE_END, or END with head) */
+    char end_code_s[64];
+    char end_text[768];
+    uint64_t end_head;
+    int64_t end_seen;            /* ms when the end became known */
+    int64_t last_notice;         /* ms when the last notice of the stream was read */
+
     char err[1024];
     char end_msg[1024];
 };
-
 /* ------------------------------------------------------------------ errors */
 
 static int fail(sc_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -139,6 +247,11 @@ static const char *kind_name(uint64_t kind)
     case K_STATUS: return "STATUS";
     case K_UNSUBSCRIBE: return "UNSUBSCRIBE";
     case K_SYNC: return "SYNC";
+    case K_STATS: return "STATS";
+    case K_FRAMES: return "FRAMES";
+    case K_ACK: return "ACK";
+    case K_CARRIED: return "CARRIED";
+    case K_ATTACH: return "ATTACH";
     case K_WELCOME: return "WELCOME";
     case K_OPENED: return "OPENED";
     case K_GRANT: return "GRANT";
@@ -148,6 +261,12 @@ static const char *kind_name(uint64_t kind)
     case K_ERROR: return "ERROR";
     case K_STATUS_REPLY: return "STATUS_REPLY";
     case K_SYNCED: return "SYNCED";
+    case K_STATS_REPLY: return "STATS_REPLY";
+    case K_CARRY: return "CARRY";
+    case K_ATTACHED: return "ATTACHED";
+    case K_NOTICE: return "NOTICE";
+    case K_NOTICE_END: return "NOTICE_END";
+    case K_JOINED: return "JOINED";
     default: return "an unknown kind";
     }
 }
@@ -306,37 +425,47 @@ static int decode(sc_client *c, msgview *m)
     return SC_OK;
 }
 
+/* Take the message waiting on the DEALER, if any: SC_OK (decoded into `m`), SC_ETIMEOUT (none now),
+ * or an error. */
+static int recv_direct(sc_client *c, msgview *m)
+{
+    if (c->msg_live) {
+        zmq_msg_close(&c->msg);
+        c->msg_live = false;
+    }
+    zmq_msg_init(&c->msg);
+    c->msg_live = true;
+    if (zmq_msg_recv(&c->msg, c->sock, ZMQ_DONTWAIT) >= 0) {
+        if (zmq_msg_more(&c->msg)) {
+            /* Only inline CHUNKs (TCP) have a second frame: drop it; take_chunk refuses the flag. */
+            zmq_msg_t extra;
+            int more = 1;
+            while (more) {
+                zmq_msg_init(&extra);
+                if (zmq_msg_recv(&extra, c->sock, 0) < 0) {
+                    zmq_msg_close(&extra);
+                    break;
+                }
+                more = zmq_msg_more(&extra);
+                zmq_msg_close(&extra);
+            }
+        }
+        return decode(c, m);
+    }
+    int e = zmq_errno();
+    if (e == EAGAIN || e == EINTR)
+        return SC_ETIMEOUT;
+    return fail(c, SC_ESYS, "cannot receive from the broker at %s: %s", c->address, zmq_strerror(e));
+}
+
 /* Wait until `deadline` (ms on the monotonic clock, -1: forever) for the next message.
  * Messages the broker sent before it died are returned first; then SC_EBROKERGONE. */
 static int next_msg(sc_client *c, int64_t deadline, msgview *m)
 {
     for (;;) {
-        if (c->msg_live) {
-            zmq_msg_close(&c->msg);
-            c->msg_live = false;
-        }
-        zmq_msg_init(&c->msg);
-        c->msg_live = true;
-        if (zmq_msg_recv(&c->msg, c->sock, ZMQ_DONTWAIT) >= 0) {
-            if (zmq_msg_more(&c->msg)) {
-                /* Only inline CHUNKs (TCP) have a second frame: drop it; take_chunk refuses the flag. */
-                zmq_msg_t extra;
-                int more = 1;
-                while (more) {
-                    zmq_msg_init(&extra);
-                    if (zmq_msg_recv(&extra, c->sock, 0) < 0) {
-                        zmq_msg_close(&extra);
-                        break;
-                    }
-                    more = zmq_msg_more(&extra);
-                    zmq_msg_close(&extra);
-                }
-            }
-            return decode(c, m);
-        }
-        int e = zmq_errno();
-        if (e != EAGAIN && e != EINTR)
-            return fail(c, SC_ESYS, "cannot receive from the broker at %s: %s", c->address, zmq_strerror(e));
+        int rc = recv_direct(c, m);
+        if (rc != SC_ETIMEOUT)
+            return rc;
         if (c->gone)
             return fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped)", c->address);
         long wait = -1;
@@ -389,9 +518,11 @@ sc_client *sc_new(void)
     c->version = SC_PROTOCOL_VERSION;
     c->timeout_ms = DEFAULT_TIMEOUT_MS;
     c->stats.last_seq = -1;
+    c->lock_fd = -1;
     snprintf(c->label, sizeof c->label, "c-subscriber");
     snprintf(c->where, sizeof c->where, "not connected");
     msgpack_unpacked_init(&c->unp);
+    msgpack_unpacked_init(&c->nunp);
     msgpack_sbuffer_init(&c->sbuf);
     msgpack_packer_init(&c->pk, &c->sbuf, msgpack_sbuffer_write);
     return c;
@@ -521,6 +652,7 @@ int sc_connect(sc_client *c, const char *address)
     if ((rc = need_fields(c, &m, 3)) || (rc = field_uint(c, &m, 1, "broker_pid", &c->broker_pid)) ||
         (rc = field_uint(c, &m, 2, "epoch", &c->epoch)))
         return rc;
+    c->local = c->version >= 2;  /* version 1: the broker cuts our chunks */
     c->connected = true;
     return SC_OK;
 }
@@ -574,12 +706,23 @@ static uint32_t read_u32le(const unsigned char *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* Map the segment read-only and check its header against SUBSCRIBED.  Never unlinks. */
+static uint64_t read_u64le(const unsigned char *p)
+{
+    return (uint64_t)read_u32le(p) | (uint64_t)read_u32le(p + 4) << 32;
+}
+
+/* Map the segment read-only and check its header against SUBSCRIBED.  Never unlinks.
+ * Version 2 keeps the descriptor (a read-only open file description of its own) for the
+ * lease locks and checks the layout with the generation table. */
 static int map_segment(sc_client *c, size_t nbytes)
 {
     if (c->map != NULL) {  /* left by a failed earlier attempt */
         munmap((void *)c->map, c->map_bytes);
         c->map = NULL;
+    }
+    if (c->lock_fd >= 0) {
+        close(c->lock_fd);
+        c->lock_fd = -1;
     }
     char shm_name[sizeof c->segment + 1];
     snprintf(shm_name, sizeof shm_name, "/%s", c->segment);
@@ -601,7 +744,10 @@ static int map_segment(sc_client *c, size_t nbytes)
     }
     void *p = mmap(NULL, nbytes, PROT_READ, MAP_SHARED, fd, 0);
     int e = errno;
-    close(fd);  /* the mapping stays valid without the descriptor */
+    if (c->local)
+        c->lock_fd = fd;  /* shm_open sets FD_CLOEXEC: a program we exec never inherits our leases */
+    else
+        close(fd);  /* the mapping stays valid without the descriptor */
     if (p == MAP_FAILED)
         return fail(c, SC_ESYS, "cannot map segment %s (%zu bytes) read-only: %s (%s)", shm_name, nbytes,
                     strerror(e), c->where);
@@ -610,7 +756,7 @@ static int map_segment(sc_client *c, size_t nbytes)
     const unsigned char *h = c->map;
     uint32_t layout = read_u32le(h + HDR_LAYOUT), header = read_u32le(h + HDR_HEADER_BYTES);
     uint32_t sample_bytes = read_u32le(h + HDR_SAMPLE_BYTES);
-    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || (layout != 1 && layout != 2))
+    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || (layout != 1 && layout != SEG_LAYOUT))
         return fail(c, SC_EPROTO, "segment %s does not start with magic SLABCAST and layout 1 or 2 (%s)", shm_name,
                     c->where);
     if (sample_bytes != c->info.sample_bytes || header < HDR_MIN_BYTES || header > nbytes)
@@ -618,8 +764,137 @@ static int map_segment(sc_client *c, size_t nbytes)
                     "segment %s header says sample_bytes=%u header_bytes=%u; SUBSCRIBED said dtype %s x %u "
                     "(%zu bytes per sample) (%s)", shm_name, sample_bytes, header, c->dtype, c->info.channels,
                     c->info.sample_bytes, c->where);
+    if (c->local) {
+        uint64_t slab_bytes = read_u64le(h + HDR_SLAB_BYTES);
+        uint32_t nslabs = read_u32le(h + HDR_NSLABS);
+        if (layout != SEG_LAYOUT)
+            return fail(c, SC_EPROTO, "segment %s has layout %u; version 2 needs layout %d (the generation table) (%s)",
+                        shm_name, layout, SEG_LAYOUT, c->where);
+        if (header != c->header_bytes || slab_bytes != c->slab_bytes || nslabs != c->nslabs ||
+            (uint64_t)GEN_OFFSET + 4ull * nslabs > header || (uint64_t)header + (uint64_t)nslabs * slab_bytes > nbytes)
+            return fail(c, SC_EPROTO,
+                        "segment %s header says header_bytes=%u slab_bytes=%llu nslabs=%u; SUBSCRIBED said "
+                        "header_bytes=%zu slab_bytes=%llu nslabs=%u for %zu bytes (%s)", shm_name, header,
+                        (unsigned long long)slab_bytes, nslabs, c->header_bytes, (unsigned long long)c->slab_bytes,
+                        c->nslabs, nbytes, c->where);
+    }
     c->header_bytes = header;
     return SC_OK;
+}
+
+/* TOKEN_BYTES random bytes (the kernel's; a clock-and-pid mix if it refuses). */
+static void make_token(unsigned char *out)
+{
+    if (getrandom(out, TOKEN_BYTES, GRND_NONBLOCK) == TOKEN_BYTES)
+        return;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t x = (uint64_t)ts.tv_nsec ^ (uint64_t)ts.tv_sec << 30 ^ (uint64_t)getpid() << 16 ^ (uint64_t)(uintptr_t)out;
+    for (int i = 0; i < TOKEN_BYTES; i++) {  /* splitmix64 */
+        x += 0x9E3779B97F4A7C15ull;
+        uint64_t z = x;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        out[i] = (unsigned char)(z ^ (z >> 31));
+    }
+}
+
+/* Connect a SUB socket to the publisher's notice socket and wait (bounded by the client's timeout)
+ * until JOINED on our token topic proves that every later notice reaches us (Subscriber._join). */
+static int join_notices(sc_client *c)
+{
+    c->notices = zmq_socket(c->ctx, ZMQ_SUB);
+    if (c->notices == NULL)
+        return fail(c, SC_ESYS, "cannot create a SUB socket: %s (%s)", zmq_strerror(zmq_errno()), c->where);
+    int zero = 0, ivl = 10;
+    zmq_setsockopt(c->notices, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(c->notices, ZMQ_RCVHWM, &zero, sizeof zero);  /* a lagging subscriber keeps its own backlog */
+    zmq_setsockopt(c->notices, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);  /* the publisher may bind a moment later */
+    if (zmq_connect(c->notices, c->endpoint) != 0)
+        return fail(c, SC_ESYS, "cannot connect to the notice socket %s: %s (%s)", c->endpoint,
+                    zmq_strerror(zmq_errno()), c->where);
+    if (zmq_setsockopt(c->notices, ZMQ_SUBSCRIBE, c->topic, c->topic_len) != 0 ||
+        zmq_setsockopt(c->notices, ZMQ_SUBSCRIBE, c->token, sizeof c->token) != 0)
+        return fail(c, SC_ESYS, "cannot subscribe on the notice socket %s: %s (%s)", c->endpoint,
+                    zmq_strerror(zmq_errno()), c->where);
+    int64_t deadline = deadline_for(c->timeout_ms);
+    for (;;) {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (zmq_msg_recv(&msg, c->notices, ZMQ_DONTWAIT) >= 0) {
+            /* Anything before JOINED is dropped, as the Python subscriber does. */
+            bool joined = zmq_msg_size(&msg) >= sizeof c->token &&
+                          memcmp(zmq_msg_data(&msg), c->token, sizeof c->token) == 0;
+            zmq_msg_close(&msg);
+            if (joined)
+                break;
+            continue;
+        }
+        zmq_msg_close(&msg);
+        int e = zmq_errno();
+        if (e != EAGAIN && e != EINTR)
+            return fail(c, SC_ESYS, "cannot receive from the notice socket %s: %s (%s)", c->endpoint,
+                        zmq_strerror(e), c->where);
+        int64_t left = deadline - now_ms();
+        if (left <= 0)
+            return fail(c, SC_EBROKERGONE,
+                        "the publisher of stream '%s' did not answer on its notice socket %s within %d ms (%s)",
+                        c->stream, c->endpoint, c->timeout_ms, c->where);
+        zmq_pollitem_t item = {c->notices, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, (long)left) < 0 && zmq_errno() != EINTR)
+            return fail(c, SC_ESYS, "cannot poll the notice socket %s: %s (%s)", c->endpoint,
+                        zmq_strerror(zmq_errno()), c->where);
+    }
+    zmq_setsockopt(c->notices, ZMQ_UNSUBSCRIBE, c->token, sizeof c->token);
+    return SC_OK;
+}
+
+static int take_end(sc_client *c, const msgview *m);
+
+/* JOINED came: send ATTACH; the broker starts us at its head (0 for a subscription made before the
+ * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */
+static int attach(sc_client *c, uint64_t *start)
+{
+    msgpack_sbuffer_clear(&c->sbuf);
+    msgpack_pack_array(&c->pk, 1);
+    msgpack_pack_uint64(&c->pk, K_ATTACH);
+    int rc = send_packed(c, "ATTACH");
+    if (rc)
+        return rc;
+    msgview m;
+    rc = next_msg(c, deadline_for(c->timeout_ms), &m);
+    if (rc == SC_ETIMEOUT)
+        return fail(c, SC_EBROKERGONE, "no answer to ATTACH from the broker within %d ms (%s)", c->timeout_ms,
+                    c->where);
+    if (rc)
+        return rc;
+    if (m.kind == K_ERROR)
+        return broker_error(c, &m);
+    if (m.kind == K_END)
+        return take_end(c, &m);
+    if (m.kind != K_ATTACHED)
+        return fail(c, SC_EPROTO, "expected ATTACHED, got %s (kind %llu) (%s)", kind_name(m.kind),
+                    (unsigned long long)m.kind, c->where);
+    if ((rc = need_fields(c, &m, 1)) || (rc = field_uint(c, &m, 0, "start", start)))
+        return rc;
+    return SC_OK;
+}
+
+/* Forget what a failed earlier sc_subscribe left (it may be retried). */
+static void reset_subscription(sc_client *c)
+{
+    if (c->notices != NULL) {
+        zmq_close(c->notices);
+        c->notices = NULL;
+    }
+    free(c->held);
+    c->held = NULL;
+    c->nheld = c->held_cap = 0;
+    free(c->leases);
+    c->leases = NULL;
+    free(c->locked);
+    c->locked = NULL;
+    c->nlocked = 0;
 }
 
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
@@ -650,14 +925,17 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         return fail(c, SC_EINVAL, "max_inflight must be 1..%d, got %u", MAX_INFLIGHT, opts->max_inflight);
     snprintf(c->stream, sizeof c->stream, "%s", stream);
     snprintf(c->where, sizeof c->where, "subscriber of stream '%s' at %s", stream, c->address);
-    free(c->held);  /* a failed attempt (unknown stream, ...) may be retried */
-    c->held = calloc(opts->max_inflight, sizeof *c->held);
-    if (c->held == NULL)
-        return fail(c, SC_ENOMEM, "out of memory");
+    reset_subscription(c);
+    c->end_code = 0;
     c->max_held = opts->max_inflight;
+    c->drop = strcmp(policy, "drop") == 0;
+    c->topic_len = strlen(stream) + 1;  /* the NUL keeps "mic" from matching "mic2" */
+    memcpy(c->topic, stream, c->topic_len);
+    c->token[0] = 0x01;
+    make_token(c->token + 1);
 
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 8);
+    msgpack_pack_array(&c->pk, c->local ? 11 : 8);
     msgpack_pack_uint64(&c->pk, K_SUBSCRIBE);
     pack_str(c, stream);
     if (by_size) {
@@ -673,7 +951,13 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_false(&c->pk);
     pack_str(c, policy);
     msgpack_pack_uint64(&c->pk, opts->max_inflight);
-    msgpack_pack_nil(&c->pk);  /* sampler: none */
+    msgpack_pack_nil(&c->pk);  /* sampler: none (version 2: a local subscriber's sampler stays with it) */
+    if (c->local) {
+        pack_str(c, "local");      /* cut: this client cuts its own chunks */
+        msgpack_pack_false(&c->pk);  /* wait: an unknown stream is an error at once */
+        msgpack_pack_bin(&c->pk, TOKEN_BYTES);
+        msgpack_pack_bin_body(&c->pk, c->token + 1, TOKEN_BYTES);
+    }
     int rc = send_packed(c, "SUBSCRIBE");
     if (rc)
         return rc;
@@ -687,12 +971,15 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         return rc;
     if (m.kind == K_ERROR)
         return broker_error(c, &m);
+    if (m.kind == K_END)  /* the stream ended while the broker held our request */
+        return take_end(c, &m);
     if (m.kind != K_SUBSCRIBED)
         return fail(c, SC_EPROTO, "expected SUBSCRIBED, got %s (kind %llu) (%s)", kind_name(m.kind),
                     (unsigned long long)m.kind, c->where);
     uint64_t seg_bytes, channels, size, start;
     double rate = 0.0;
-    if ((rc = need_fields(c, &m, 8)) || (rc = field_str(c, &m, 0, "segment", c->segment, sizeof c->segment)) ||
+    if ((rc = need_fields(c, &m, c->local ? 14 : 8)) ||
+        (rc = field_str(c, &m, 0, "segment", c->segment, sizeof c->segment)) ||
         (rc = field_uint(c, &m, 1, "segment_bytes", &seg_bytes)) ||
         (rc = field_str(c, &m, 2, "dtype", c->dtype, sizeof c->dtype)) ||
         (rc = field_uint(c, &m, 3, "channels", &channels)) ||
@@ -706,6 +993,25 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (itemsize == 0 || channels < 1 || channels > 65535 || size < 1 || seg_bytes > SIZE_MAX)
         return fail(c, SC_EPROTO, "SUBSCRIBED announced dtype '%s', %llu channels, size %llu: not a valid stream (%s)",
                     c->dtype, (unsigned long long)channels, (unsigned long long)size, c->where);
+    if (c->local) {
+        uint64_t header, slab_bytes, nslabs, sample_bytes;
+        if ((rc = field_uint(c, &m, 8, "stream_id", &c->sid)) || (rc = field_uint(c, &m, 9, "header_bytes", &header)) ||
+            (rc = field_uint(c, &m, 10, "slab_bytes", &slab_bytes)) ||
+            (rc = field_uint(c, &m, 11, "nslabs", &nslabs)) ||
+            (rc = field_uint(c, &m, 12, "sample_bytes", &sample_bytes)) ||
+            (rc = field_str(c, &m, 13, "notice_endpoint", c->endpoint, sizeof c->endpoint)))
+            return rc;
+        if (sample_bytes != (uint64_t)itemsize * channels || nslabs < 1 || nslabs > 1u << 20 || slab_bytes < 1 ||
+            header > seg_bytes)
+            return fail(c, SC_EPROTO,
+                        "SUBSCRIBED announced sample_bytes=%llu (dtype '%s' x %llu channels), nslabs=%llu, "
+                        "slab_bytes=%llu, header_bytes=%llu: not a valid stream (%s)", (unsigned long long)sample_bytes,
+                        c->dtype, (unsigned long long)channels, (unsigned long long)nslabs,
+                        (unsigned long long)slab_bytes, (unsigned long long)header, c->where);
+        c->header_bytes = (size_t)header;
+        c->slab_bytes = slab_bytes;
+        c->nslabs = (uint32_t)nslabs;
+    }
     c->info.name = c->stream;
     c->info.dtype = c->dtype;
     c->info.itemsize = itemsize;
@@ -718,6 +1024,28 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     c->info.segment_bytes = (size_t)seg_bytes;
     if ((rc = map_segment(c, (size_t)seg_bytes)))
         return rc;
+    if (c->local) {
+        c->leases = calloc(c->nslabs, sizeof *c->leases);
+        c->locked = calloc(c->nslabs, sizeof *c->locked);
+        if (c->leases == NULL || c->locked == NULL)
+            return fail(c, SC_ENOMEM, "out of memory");
+        if ((rc = join_notices(c)) || (rc = attach(c, &start)))
+            return rc;
+        c->info.start = start;
+        c->rk = (rechunker){.size = size, .clip = opts->clip != 0, .rate = rate};
+        c->have_frames = false;
+        c->rhead = c->rcount = 0;
+        c->next_seq = c->dropped = 0;
+        c->cursor = start;
+        c->cur_slab = -1;
+        c->jumped = false;
+        c->nseq = -1;
+        c->acked_slab = c->acked_dropped = c->acked_held = -1;
+        c->acked_at = 0;
+        c->cut_rc = SC_OK;
+        c->have_end = false;
+        c->unlocked = false;
+    }
     c->subscribed = true;
     return SC_OK;
 }
@@ -728,6 +1056,56 @@ const sc_stream_info *sc_info(const sc_client *c)
 }
 
 /* -------------------------------------------------------------- receiving */
+
+/* Room for one more held chunk. */
+static int grow_held(sc_client *c)
+{
+    if (c->nheld < c->held_cap)
+        return SC_OK;
+    size_t cap = c->held_cap ? 2 * c->held_cap : 16;
+    held_chunk *p = realloc(c->held, cap * sizeof *p);
+    if (p == NULL)
+        return fail(c, SC_ENOMEM, "out of memory");
+    c->held = p;
+    c->held_cap = cap;
+    return SC_OK;
+}
+
+/* The END code `code` with text `text` as a return code, made the sticky end of the subscription. */
+static int end_from(sc_client *c, const char *code, const char *text)
+{
+    int rc;
+    if (strcmp(code, "closed") == 0)
+        rc = fail(c, SC_EOF, "end of stream: %s (%s)", text, c->where);
+    else if (strcmp(code, "publisher-gone") == 0)
+        rc = fail(c, SC_EPUBGONE, "the publisher is gone: %s (%s)", text, c->where);
+    else if (strcmp(code, "broker-shutdown") == 0) {
+        c->gone = true;
+        rc = fail(c, SC_EBROKERGONE, "the broker is gone: %s (%s)", text, c->where);
+    } else if (strcmp(code, "evicted") == 0)
+        rc = fail(c, SC_EEVICTED, "%s (%s)", text, c->where);
+    else
+        rc = fail(c, SC_EEND, "the stream ended (%s): %s (%s)", code, text, c->where);
+    return end_with(c, rc);
+}
+
+/* An END: the subscription is over; remember why. */
+static int take_end(sc_client *c, const msgview *m)
+{
+    char code[64], text[768];
+    int rc;
+    if ((rc = need_fields(c, m, 2)) || (rc = field_str(c, m, 0, "code", code, sizeof code)) ||
+        (rc = field_str(c, m, 1, "message", text, sizeof text)))
+        return rc;
+    uint64_t cut;
+    if (!c->local && m->nf >= 3 && field_uint(c, m, 2, "seq", &cut) == SC_OK)
+        c->stats.cut = cut;
+    if (c->local)
+        c->stats.cut = c->next_seq;
+    return end_from(c, code, text);
+}
+
+/* ................................................... version 1: CHUNK, RELEASE */
 
 /* Fill `chunk` from a CHUNK message, checking that it lies inside the mapping. */
 static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
@@ -754,7 +1132,9 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
     if (c->nheld >= c->max_held)
         return fail(c, SC_EPROTO, "CHUNK seq=%llu exceeds max_inflight=%u chunks held (%s)",
                     (unsigned long long)seq, c->max_held, c->where);
-    c->held[c->nheld++] = seq;
+    if ((rc = grow_held(c)))
+        return rc;
+    c->held[c->nheld++] = (held_chunk){.seq = seq};
     chunk->data = c->map + offset;
     chunk->n = n;
     chunk->nbytes = (size_t)n * sb;
@@ -769,40 +1149,8 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
     return SC_OK;
 }
 
-/* An END: the subscription is over; remember why. */
-static int take_end(sc_client *c, const msgview *m)
+static int recv_v1(sc_client *c, sc_chunk *chunk, int64_t deadline)
 {
-    char code[64], text[768];
-    int rc;
-    if ((rc = need_fields(c, m, 2)) || (rc = field_str(c, m, 0, "code", code, sizeof code)) ||
-        (rc = field_str(c, m, 1, "message", text, sizeof text)))
-        return rc;
-    uint64_t cut;
-    if (m->nf >= 3 && field_uint(c, m, 2, "seq", &cut) == SC_OK)
-        c->stats.cut = cut;
-    if (strcmp(code, "closed") == 0)
-        rc = fail(c, SC_EOF, "end of stream: %s (%s)", text, c->where);
-    else if (strcmp(code, "publisher-gone") == 0)
-        rc = fail(c, SC_EPUBGONE, "the publisher is gone: %s (%s)", text, c->where);
-    else if (strcmp(code, "broker-shutdown") == 0) {
-        c->gone = true;
-        rc = fail(c, SC_EBROKERGONE, "the broker is gone: %s (%s)", text, c->where);
-    } else if (strcmp(code, "evicted") == 0)
-        rc = fail(c, SC_EEVICTED, "%s (%s)", text, c->where);
-    else
-        rc = fail(c, SC_EEND, "the stream ended (%s): %s (%s)", code, text, c->where);
-    return end_with(c, rc);
-}
-
-int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms)
-{
-    if (!c->subscribed)
-        return fail(c, SC_EINVAL, "sc_recv needs a subscription (call sc_subscribe first)");
-    if (c->end_code) {
-        memcpy(c->err, c->end_msg, sizeof c->err);
-        return c->end_code;
-    }
-    int64_t deadline = deadline_for(timeout_ms);
     for (;;) {
         msgview m;
         int rc = next_msg(c, deadline, &m);
@@ -822,6 +1170,582 @@ int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms)
     }
 }
 
+/* ......................................... version 2: the rechunking rules */
+
+typedef int (*emit_fn)(sc_client *c, uint64_t start, uint64_t length, double t0);
+
+/*
+ * Account for a frame of `n` samples starting at stream index `index` at time `t0`, and call `emit`
+ * for each chunk it completes, oldest first: Rechunker.feed of src/slabcast/_rechunk.py, line for line
+ * (docs/protocol.md section 8), so both clients cut the same chunks with the same float arithmetic.
+ */
+static int rechunk_feed(rechunker *r, uint64_t index, uint64_t n, double t0, emit_fn emit, sc_client *c)
+{
+    uint64_t end = index + n;
+    /* Fast path: no pause, chunk still incomplete after this frame. */
+    if (!r->pausing && r->has_start && end - r->start < r->size)
+        return SC_OK;
+    double rate = r->rate;
+    uint64_t pos = index;
+    for (;;) {
+        if (r->pausing) {
+            if (rate == 0.0) {
+                /* Whole-frame skipping; after a sampled chunk the rest of its frame is dropped. */
+                if (pos != index || t0 < r->pause_until)
+                    break;
+            } else {
+                double skip = ceil((r->pause_until - t0) * rate - RECHUNK_EPS);
+                if (!(skip < (double)n))  /* index + skip >= end */
+                    break;
+                if (skip > 0 && index + (uint64_t)skip > pos)
+                    pos = index + (uint64_t)skip;
+            }
+            r->pausing = false;
+        }
+        if (!r->has_start) {
+            r->has_start = true;
+            r->start = pos;
+            r->t0 = rate != 0.0 ? t0 + (double)(pos - index) / rate : t0;
+        }
+        uint64_t start = r->start;
+        if (end - start < r->size)
+            break;
+        uint64_t length = r->clip ? r->size : end - start;
+        int rc = emit(c, start, length, r->t0);
+        if (rc)
+            return rc;
+        uint64_t stop = start + length;
+        if (r->sampler) {
+            r->pause_until = (rate != 0.0 ? r->t0 + (double)length / rate : t0) + r->pause;
+            r->pausing = true;
+            r->has_start = false;
+            pos = stop;
+            continue;
+        }
+        if (stop >= end) {
+            r->has_start = false;
+            break;
+        }
+        r->start = pos = stop;
+        r->t0 = rate != 0.0 ? t0 + (double)(stop - index) / rate : t0;
+    }
+    return SC_OK;
+}
+
+/* ................................................ version 2: leases (locks) */
+
+/* Take (F_RDLCK) or drop (F_UNLCK) our lease lock on `slab`; never waits.
+ * 1: done; 0: refused (the broker holds it, handing the slab to the publisher); <0: error. */
+static int lock_slab(sc_client *c, uint32_t slab, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);  /* l_pid must be 0 for open file description locks */
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)(LOCK_BASE + slab);
+    fl.l_len = 1;
+    if (fcntl(c->lock_fd, F_OFD_SETLK, &fl) == 0)
+        return 1;
+    if (errno == EAGAIN || errno == EACCES)
+        return 0;
+    return fail(c, SC_ESYS, "cannot %s the lease lock of slab %u: %s (%s)", type == F_UNLCK ? "drop" : "take", slab,
+                strerror(errno), c->where);
+}
+
+/* Lease `slab` for one more chunk: lock it, then check it still holds generation `gen`
+ * (_Leases.claim).  1: leased; 0: the slab was written again (the chunk is dropped); <0: error. */
+static int claim(sc_client *c, uint32_t slab, uint32_t gen)
+{
+    slab_lease *l = &c->leases[slab];
+    if (l->locked) {
+        if (l->gen != gen)
+            return 0;  /* a notice older than our lease: its data is gone */
+        l->count++;
+        return 1;
+    }
+    int got = lock_slab(c, slab, F_RDLCK);
+    if (got <= 0)
+        return got;  /* refused: the broker is handing it to the publisher right now */
+    uint32_t now = __atomic_load_n((const uint32_t *)(c->map + GEN_OFFSET + 4 * (size_t)slab), __ATOMIC_ACQUIRE);
+    if (now != gen) {  /* the table is little-endian, like every host this client runs on (x86-64, aarch64) */
+        lock_slab(c, slab, F_UNLCK);
+        return 0;
+    }
+    *l = (slab_lease){.gen = gen, .count = 1, .locked = true};
+    c->locked[c->nlocked++] = slab;
+    return 1;
+}
+
+/* Drop the locks of slabs with no chunk left, except `keep` (the slab being read). */
+static void unlock_idle(sc_client *c, int64_t keep)
+{
+    for (uint32_t i = 0; i < c->nlocked;) {
+        uint32_t slab = c->locked[i];
+        slab_lease *l = &c->leases[slab];
+        if (l->count == 0 && (int64_t)slab != keep) {
+            lock_slab(c, slab, F_UNLCK);
+            l->locked = false;
+            c->locked[i] = c->locked[--c->nlocked];
+            c->unlocked = true;
+        } else {
+            i++;
+        }
+    }
+}
+
+/* Tell the broker how far we have read (Subscriber._send_ack): at once when we started on another
+ * slab, gave a lock back or `force`; otherwise (counters for `slabcast status`) at most every
+ * ACK_INTERVAL_MS. */
+static void send_ack(sc_client *c, bool force)
+{
+    if (c->gone)
+        return;
+    int64_t held = (int64_t)c->nheld, dropped = (int64_t)c->dropped;
+    bool urgent = force || c->unlocked || c->cur_slab != c->acked_slab;
+    int64_t now = now_ms();
+    if (!urgent && ((dropped == c->acked_dropped && held == c->acked_held) || now - c->acked_at < ACK_INTERVAL_MS))
+        return;
+    c->acked_slab = c->cur_slab;
+    c->acked_dropped = dropped;
+    c->acked_held = held;
+    c->acked_at = now;
+    c->unlocked = false;
+    msgpack_sbuffer_clear(&c->sbuf);
+    msgpack_pack_array(&c->pk, 5);
+    msgpack_pack_uint64(&c->pk, K_ACK);
+    msgpack_pack_uint64(&c->pk, c->cursor);
+    msgpack_pack_uint64(&c->pk, c->stats.received);
+    msgpack_pack_uint64(&c->pk, c->dropped);
+    msgpack_pack_uint64(&c->pk, (uint64_t)held);
+    send_packed(c, "ACK");  /* a broker that is gone is noticed by the monitor */
+}
+
+/* ............................................. version 2: cutting chunks */
+
+/* A chunk the rechunker completed in the current frame: locate it, lease it, queue it (_cut_chunk). */
+static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
+{
+    uint64_t seq = c->next_seq++;
+    if (c->drop && c->rcount + c->nheld >= c->max_held) {
+        c->dropped++;
+        return SC_OK;
+    }
+    /* At offset - (index - start) * sample_bytes (docs/protocol.md 0.3), in this frame's slab, which
+     * holds every sample from the notice's floor on; the chunk may also start inside the frame (clip). */
+    int64_t sb = (int64_t)c->info.sample_bytes;
+    int64_t slab_start = (int64_t)(c->header_bytes + c->fr_slab * c->slab_bytes);
+    int64_t at = (int64_t)c->fr_offset - ((int64_t)c->fr_index - (int64_t)start) * sb;
+    if (at < slab_start || length > c->slab_bytes / (uint64_t)sb ||
+        at + (int64_t)length * sb > slab_start + (int64_t)c->slab_bytes) {
+        c->dropped++;
+        if (c->cut_rc == SC_OK)
+            c->cut_rc = fail(c, SC_EPROTO,
+                             "chunk seq=%llu (samples %llu..%llu) does not lie in slab %llu of the segment: the notice "
+                             "of the frame at index %llu, offset %llu, floor %llu is wrong (%s)",
+                             (unsigned long long)seq, (unsigned long long)start,
+                             (unsigned long long)(start + length - 1), (unsigned long long)c->fr_slab,
+                             (unsigned long long)c->fr_index, (unsigned long long)c->fr_offset,
+                             (unsigned long long)c->fr_floor, c->where);
+        return SC_OK;
+    }
+    int got = claim(c, (uint32_t)c->fr_slab, (uint32_t)c->fr_gen);
+    if (got < 0)
+        return got;
+    if (got == 0) {
+        /* The publisher already reuses this slab: only a drop subscriber that fell a pool behind. */
+        c->dropped++;
+        return SC_OK;
+    }
+    if (c->rhead + c->rcount == c->rcap) {
+        if (c->rhead > 0) {  /* only when empty in practice: one frame's chunks at a time */
+            memmove(c->ready, c->ready + c->rhead, c->rcount * sizeof *c->ready);
+            c->rhead = 0;
+        } else {
+            size_t cap = c->rcap ? 2 * c->rcap : 16;
+            ready_chunk *p = realloc(c->ready, cap * sizeof *p);
+            if (p == NULL) {
+                c->leases[c->fr_slab].count--;
+                return fail(c, SC_ENOMEM, "out of memory");
+            }
+            c->ready = p;
+            c->rcap = cap;
+        }
+    }
+    unsigned flags = 0;
+    if (c->jumped) {
+        c->jumped = false;
+        flags = SC_FLAG_DISCONTINUITY;
+    }
+    c->ready[c->rhead + c->rcount++] = (ready_chunk){
+        .seq = seq, .index = start, .n = length, .offset = (uint64_t)at, .t0 = t0,
+        .slab = (uint32_t)c->fr_slab, .flags = flags};
+    return SC_OK;
+}
+
+/* Cut the chunks of the next frame of the current notice (Subscriber._step): one frame at a time, so
+ * that a drop subscriber's max_inflight counts the chunks it holds, not those of a whole batch. */
+static int step(sc_client *c)
+{
+    if (c->fr_i == 0) {
+        if (c->fr_flags & SC_FLAG_DISCONTINUITY) {
+            c->rk.has_start = false;
+            c->jumped = true;
+        }
+        if (c->rk.has_start && c->rk.start < c->fr_floor) {
+            /* The slab's carry does not reach back that far; the broker makes this impossible for
+             * every subscription it knew of at the slab change.  Skip, and flag the jump. */
+            if (c->rk.rate != 0.0)
+                c->rk.t0 += (double)(c->fr_floor - c->rk.start) / c->rk.rate;
+            c->rk.start = c->fr_floor;
+            c->jumped = true;
+        }
+        if ((int64_t)c->fr_slab != c->cur_slab) {
+            c->cur_slab = (int64_t)c->fr_slab;
+            unlock_idle(c, c->cur_slab);
+        }
+    }
+    uint64_t n = c->fr_n[c->fr_i];
+    int rc = rechunk_feed(&c->rk, c->fr_index, n, c->fr_t0[c->fr_i], cut_chunk, c);
+    c->cursor = c->fr_index + n;
+    if (c->fr_i + 1 < c->fr_count) {
+        c->fr_index += n;
+        c->fr_offset += n * c->info.sample_bytes;
+        c->fr_i++;
+    } else {
+        c->have_frames = false;
+        if (c->acked_slab != (int64_t)c->fr_slab)
+            send_ack(c, false);  /* the broker may free the slab we left */
+    }
+    if (rc == SC_OK && c->cut_rc != SC_OK) {
+        rc = c->cut_rc;
+        c->cut_rc = SC_OK;
+    }
+    return rc;
+}
+
+/* A uint field of a notice, or a protocol error naming it. */
+static int notice_uint(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what,
+                       uint64_t *out)
+{
+    if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        return fail(c, SC_EPROTO, "%s field %u (%s) must be a uint, got %s (%s)", kind, i, what, type_name(o),
+                    c->where);
+    *out = o->via.u64;
+    return SC_OK;
+}
+
+static int notice_num(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what,
+                      double *out)
+{
+    switch (o->type) {
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64: *out = o->via.f64; return SC_OK;
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: *out = (double)o->via.u64; return SC_OK;
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER: *out = (double)o->via.i64; return SC_OK;
+    default:
+        return fail(c, SC_EPROTO, "%s field %u (%s) must be a number, got %s (%s)", kind, i, what, type_name(o),
+                    c->where);
+    }
+}
+
+static int notice_str(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what, char *buf,
+                      size_t cap)
+{
+    if (o->type != MSGPACK_OBJECT_STR)
+        return fail(c, SC_EPROTO, "%s field %u (%s) must be a str, got %s (%s)", kind, i, what, type_name(o),
+                    c->where);
+    size_t n = o->via.str.size < cap ? o->via.str.size : cap - 1;  /* a long text is cut, not refused */
+    memcpy(buf, o->via.str.ptr, n);
+    buf[n] = '\0';
+    return SC_OK;
+}
+
+/* One message from the notice socket (Subscriber._on_notice): a NOTICE becomes the frames to cut,
+ * a NOTICE_END the stream's end. */
+static int on_notice(sc_client *c, const unsigned char *data, size_t len)
+{
+    if (len < c->topic_len || memcmp(data, c->topic, c->topic_len) != 0)
+        return SC_OK;  /* a JOINED of another subscriber's token */
+    size_t off = 0, body = len - c->topic_len;
+    msgpack_unpack_return r = msgpack_unpack_next(&c->nunp, (const char *)data + c->topic_len, body, &off);
+    if (r == MSGPACK_UNPACK_NOMEM_ERROR)
+        return fail(c, SC_ENOMEM, "out of memory decoding a %zu-byte notice (%s)", body, c->where);
+    const msgpack_object *o = &c->nunp.data;
+    if (r != MSGPACK_UNPACK_SUCCESS || off != body || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size == 0 ||
+        o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        return fail(c, SC_EPROTO, "expected a msgpack array starting with a uint kind after the topic, got %zu "
+                    "undecodable bytes on the notice socket %s (%s)", body, c->endpoint, c->where);
+    uint64_t kind = o->via.array.ptr[0].via.u64;
+    const msgpack_object *f = o->via.array.ptr + 1;
+    uint32_t nf = o->via.array.size - 1;
+    if (nf < 2 || f[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || f[0].via.u64 != c->sid)
+        return SC_OK;  /* an earlier stream of the same name */
+    const char *kn = kind_name(kind);
+    uint64_t seq = 0;
+    int rc;
+    if ((rc = notice_uint(c, &f[1], kn, 2, "notice_seq", &seq)))
+        return rc;
+    if (c->nseq >= 0 && seq < (uint64_t)c->nseq)
+        return SC_OK;  /* duplicate or stale */
+    unsigned flags = 0;
+    if (c->nseq >= 0 && seq > (uint64_t)c->nseq)
+        flags = SC_FLAG_DISCONTINUITY;  /* notices were lost on the way: never cut across the hole */
+    c->nseq = (int64_t)seq + 1;
+    c->last_notice = now_ms();
+    if (kind == K_NOTICE_END) {
+        uint64_t head = 0;
+        if (nf < 5)
+            return fail(c, SC_EPROTO, "NOTICE_END needs at least 5 fields, got %u (%s)", nf, c->where);
+        if ((rc = notice_str(c, &f[2], kn, 3, "code", c->end_code_s, sizeof c->end_code_s)) ||
+            (rc = notice_str(c, &f[3], kn, 4, "message", c->end_text, sizeof c->end_text)) ||
+            (rc = notice_uint(c, &f[4], kn, 5, "head", &head)))
+            return rc;
+        c->end_head = head;
+        c->have_end = true;
+        c->end_seen = c->last_notice;
+        return SC_OK;
+    }
+    if (kind != K_NOTICE)
+        return fail(c, SC_EPROTO, "unexpected %s (kind %llu) on the notice socket %s (%s)", kn,
+                    (unsigned long long)kind, c->endpoint, c->where);
+    if (nf < 10)
+        return fail(c, SC_EPROTO, "NOTICE needs at least 10 fields, got %u (%s)", nf, c->where);
+    uint64_t index = 0, slab = 0, gen = 0, offset = 0, jump = 0, floor = 0;
+    if ((rc = notice_uint(c, &f[2], kn, 3, "index", &index)) || (rc = notice_uint(c, &f[3], kn, 4, "slab", &slab)) ||
+        (rc = notice_uint(c, &f[4], kn, 5, "gen", &gen)) || (rc = notice_uint(c, &f[5], kn, 6, "offset", &offset)) ||
+        (rc = notice_uint(c, &f[8], kn, 9, "flags", &jump)) || (rc = notice_uint(c, &f[9], kn, 10, "floor", &floor)))
+        return rc;
+    if (index < c->cursor)
+        return SC_OK;  /* written before this subscription started */
+    const msgpack_object *ns = &f[6], *ts = &f[7];
+    uint32_t count = 1;
+    bool batch = ns->type == MSGPACK_OBJECT_ARRAY;
+    if (batch) {
+        count = ns->via.array.size;
+        if (count == 0 || ts->type != MSGPACK_OBJECT_ARRAY || ts->via.array.size != count)
+            return fail(c, SC_EPROTO, "NOTICE fields 7 and 8 (n, t0) must be arrays of the same non-zero length, or "
+                        "a uint and a number (%s)", c->where);
+    }
+    if (count > c->fr_cap) {
+        uint64_t *pn = realloc(c->fr_n, count * sizeof *pn);
+        if (pn == NULL)
+            return fail(c, SC_ENOMEM, "out of memory");
+        c->fr_n = pn;
+        double *pt = realloc(c->fr_t0, count * sizeof *pt);
+        if (pt == NULL)
+            return fail(c, SC_ENOMEM, "out of memory");
+        c->fr_t0 = pt;
+        c->fr_cap = count;
+    }
+    uint64_t total = 0;
+    size_t sb = c->info.sample_bytes;
+    for (uint32_t i = 0; i < count; i++) {
+        const msgpack_object *on = batch ? &ns->via.array.ptr[i] : ns, *ot = batch ? &ts->via.array.ptr[i] : ts;
+        if ((rc = notice_uint(c, on, kn, 7, "n", &c->fr_n[i])) || (rc = notice_num(c, ot, kn, 8, "t0", &c->fr_t0[i])))
+            return rc;
+        if (c->fr_n[i] < 1 || c->fr_n[i] > c->slab_bytes / sb)
+            return fail(c, SC_EPROTO, "NOTICE frame of %llu samples: not 1..%llu (%s)",
+                        (unsigned long long)c->fr_n[i], (unsigned long long)(c->slab_bytes / sb), c->where);
+        total += c->fr_n[i];
+    }
+    uint64_t slab_start = c->header_bytes + slab * c->slab_bytes;
+    if (slab >= c->nslabs || gen > UINT32_MAX || floor > index || offset < slab_start ||
+        offset > slab_start + c->slab_bytes || total > (slab_start + c->slab_bytes - offset) / sb)
+        return fail(c, SC_EPROTO,
+                    "NOTICE of %llu samples at index %llu, slab %llu (gen %llu), offset %llu, floor %llu does not lie "
+                    "in the segment's %u slabs of %llu bytes (%s)", (unsigned long long)total,
+                    (unsigned long long)index, (unsigned long long)slab, (unsigned long long)gen,
+                    (unsigned long long)offset, (unsigned long long)floor, c->nslabs,
+                    (unsigned long long)c->slab_bytes, c->where);
+    c->have_frames = true;
+    c->fr_index = index;
+    c->fr_slab = slab;
+    c->fr_gen = gen;
+    c->fr_offset = offset;
+    c->fr_floor = floor;
+    c->fr_flags = flags | (unsigned)(jump & SC_FLAG_DISCONTINUITY);
+    c->fr_i = 0;
+    c->fr_count = count;
+    return SC_OK;
+}
+
+/* Take the message waiting on the notice socket, if any: SC_OK (handled), SC_ETIMEOUT (none), or an error. */
+static int recv_notice(sc_client *c)
+{
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    if (zmq_msg_recv(&msg, c->notices, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&msg);
+        int e = zmq_errno();
+        if (e == EAGAIN || e == EINTR)
+            return SC_ETIMEOUT;
+        return fail(c, SC_ESYS, "cannot receive from the notice socket %s: %s (%s)", c->endpoint, zmq_strerror(e),
+                    c->where);
+    }
+    int more = zmq_msg_more(&msg);
+    int rc = on_notice(c, zmq_msg_data(&msg), zmq_msg_size(&msg));
+    zmq_msg_close(&msg);
+    while (more) {  /* notices are one part; a stray second one is skipped */
+        zmq_msg_t part;
+        zmq_msg_init(&part);
+        if (zmq_msg_recv(&part, c->notices, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&part);
+            break;
+        }
+        more = zmq_msg_more(&part);
+        zmq_msg_close(&part);
+    }
+    return rc;
+}
+
+/* A message from the broker on our own connection (Subscriber._on_direct). */
+static int on_direct(sc_client *c, const msgview *m)
+{
+    if (m->kind == K_SYNCED)
+        return SC_OK;
+    if (m->kind == K_END && m->nf >= 4 && m->f[0].type == MSGPACK_OBJECT_STR &&
+        m->f[3].type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+        char code[64] = "";
+        field_str(c, m, 0, "code", code, sizeof code);
+        if (strcmp(code, "closed") == 0 || strcmp(code, "publisher-gone") == 0) {
+            /* The stream ended: finish what its notices hold first (they may still be on their way). */
+            if (!c->have_end) {
+                char text[768] = "";
+                if (m->f[1].type == MSGPACK_OBJECT_STR)
+                    notice_str(c, &m->f[1], "END", 2, "message", text, sizeof text);
+                snprintf(c->end_code_s, sizeof c->end_code_s, "%s", code);
+                snprintf(c->end_text, sizeof c->end_text, "%s", text);
+                c->end_head = m->f[3].via.u64;
+                c->have_end = true;
+                c->end_seen = now_ms();
+            }
+            return SC_OK;
+        }
+    }
+    if (m->kind == K_END)
+        return take_end(c, m);  /* evicted, broker-shutdown, ...: sticky */
+    if (m->kind == K_ERROR)
+        return broker_error(c, m);
+    return fail(c, SC_EPROTO, "unexpected %s (kind %llu) from the broker (%s)", kind_name(m->kind),
+                (unsigned long long)m->kind, c->where);
+}
+
+/* Everything the stream held is cut (or its publisher died with notices unsent): report its end. */
+static int finish_end(sc_client *c)
+{
+    read_monitor(c);
+    if (c->gone)
+        return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
+                                c->address, c->where));
+    send_ack(c, true);
+    c->stats.cut = c->next_seq;
+    return end_from(c, c->end_code_s, c->end_text);
+}
+
+/*
+ * Version 2: run until a chunk is ready (SC_OK), the subscription ends (its sticky code), `deadline`
+ * passes (SC_ETIMEOUT) or an error comes.  Subscriber._recv_local: cut what was read, read notices, look
+ * at the broker connection; before waiting, give back idle slab locks and send ACK.
+ */
+static int pump(sc_client *c, int64_t deadline)
+{
+    for (;;) {
+        if (c->rcount > 0)
+            return SC_OK;
+        if (c->have_frames) {
+            int rc = step(c);
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (c->have_end && c->cursor >= c->end_head)
+            return finish_end(c);
+        int rc = recv_notice(c);
+        if (rc != SC_ETIMEOUT) {
+            if (rc)
+                return rc;
+            continue;
+        }
+        msgview m;
+        rc = recv_direct(c, &m);
+        if (rc == SC_OK) {
+            if ((rc = on_direct(c, &m)))
+                return rc;
+            continue;
+        }
+        if (rc != SC_ETIMEOUT)
+            return rc;
+        read_monitor(c);
+        if (c->gone)
+            return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
+                                    c->address, c->where));
+        int64_t now = now_ms();
+        if (c->have_end) {
+            /* No notice is waiting: end once none came for END_GRACE_MS (a publisher that died may
+             * have taken some with it). */
+            int64_t quiet = now - (c->last_notice > c->end_seen ? c->last_notice : c->end_seen);
+            if (quiet > END_GRACE_MS)
+                return finish_end(c);
+        }
+        /* About to wait: give back what is no longer needed, tell the broker where we are. */
+        unlock_idle(c, c->cur_slab);
+        send_ack(c, false);
+        long wait = LOOK_MS;
+        if (deadline >= 0) {
+            int64_t left = deadline - now;
+            if (left <= 0)
+                return SC_ETIMEOUT;
+            if (left < wait)
+                wait = (long)left;
+        }
+        zmq_pollitem_t items[3] = {
+            {c->notices, 0, ZMQ_POLLIN, 0}, {c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(items, 3, wait) < 0 && zmq_errno() != EINTR)
+            return fail(c, SC_ESYS, "cannot poll the sockets of %s: %s", c->where, zmq_strerror(zmq_errno()));
+    }
+}
+
+/* Hand out the oldest chunk cut (Subscriber._hand_out). */
+static int hand_out(sc_client *c, sc_chunk *chunk)
+{
+    int rc = grow_held(c);
+    if (rc)
+        return rc;
+    ready_chunk r = c->ready[c->rhead++];
+    if (--c->rcount == 0)
+        c->rhead = 0;
+    c->held[c->nheld++] = (held_chunk){.seq = r.seq, .slab = r.slab};
+    chunk->data = c->map + r.offset;
+    chunk->n = r.n;
+    chunk->nbytes = (size_t)r.n * c->info.sample_bytes;
+    chunk->dtype = c->dtype;
+    chunk->channels = c->info.channels;
+    chunk->t0 = r.t0;
+    chunk->seq = r.seq;
+    chunk->index = r.index;
+    chunk->flags = r.flags;
+    c->stats.received++;
+    c->stats.last_seq = (int64_t)r.seq;
+    return SC_OK;
+}
+
+int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms)
+{
+    if (!c->subscribed)
+        return fail(c, SC_EINVAL, "sc_recv needs a subscription (call sc_subscribe first)");
+    if (c->end_code) {
+        memcpy(c->err, c->end_msg, sizeof c->err);
+        return c->end_code;
+    }
+    int64_t deadline = deadline_for(timeout_ms);
+    if (!c->local)
+        return recv_v1(c, chunk, deadline);
+    int rc = pump(c, deadline);
+    if (rc)
+        return rc;
+    return hand_out(c, chunk);
+}
+
 int sc_wait(sc_client *c, int timeout_ms)
 {
     if (c->sock == NULL)
@@ -829,6 +1753,10 @@ int sc_wait(sc_client *c, int timeout_ms)
     if (c->end_code || c->gone)
         return SC_OK;
     int64_t deadline = deadline_for(timeout_ms);
+    if (c->local && c->subscribed) {
+        int rc = pump(c, deadline);
+        return c->end_code ? SC_OK : rc;  /* the end is for sc_recv to return */
+    }
     for (;;) {
         zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
         long wait = -1;
@@ -852,14 +1780,21 @@ int sc_release_seq(sc_client *c, uint64_t seq)
 {
     if (!c->subscribed)
         return fail(c, SC_EINVAL, "sc_release needs a subscription");
-    unsigned i = 0;
-    while (i < c->nheld && c->held[i] != seq)
+    size_t i = 0;
+    while (i < c->nheld && c->held[i].seq != seq)
         i++;
     if (i == c->nheld)
         return fail(c, SC_EINVAL, "chunk seq=%llu is not held (never received, or released twice) (%s)",
                     (unsigned long long)seq, c->where);
+    uint32_t slab = c->held[i].slab;
     c->held[i] = c->held[--c->nheld];
     c->stats.released++;
+    if (c->local) {
+        /* No message: the slab's lock goes once no chunk of it is held, at the latest before the
+         * next wait in sc_recv, and the ACK then sent says so. */
+        c->leases[slab].count--;
+        return SC_OK;
+    }
     if (c->gone)  /* a dead broker holds no lease to give back */
         return SC_OK;
     msgpack_sbuffer_clear(&c->sbuf);
@@ -881,6 +1816,14 @@ int sc_release(sc_client *c, const sc_chunk *chunk)
 void sc_get_stats(const sc_client *c, sc_stats *out)
 {
     *out = c->stats;
+    if (c->local) {
+        out->dropped = c->dropped;
+    } else {
+        uint64_t cut = (uint64_t)(c->stats.last_seq + 1);
+        if (c->stats.cut > cut)
+            cut = c->stats.cut;
+        out->dropped = cut > c->stats.received ? cut - c->stats.received : 0;
+    }
 }
 
 /* ----------------------------------------------------------------- closing */
@@ -889,6 +1832,10 @@ void sc_close(sc_client *c)
 {
     if (c == NULL)
         return;
+    if (c->notices != NULL)
+        zmq_close(c->notices);  /* linger 0 */
+    if (c->lock_fd >= 0)
+        close(c->lock_fd);  /* the kernel drops every lease lock of ours with it, before we say BYE */
     if (c->connected && !c->gone) {
         /* BYE is answered by END bye once everything we sent before it was handled. */
         msgpack_sbuffer_clear(&c->sbuf);
@@ -920,7 +1867,13 @@ void sc_close(sc_client *c)
     if (c->map != NULL)
         munmap((void *)c->map, c->map_bytes);
     msgpack_unpacked_destroy(&c->unp);
+    msgpack_unpacked_destroy(&c->nunp);
     msgpack_sbuffer_destroy(&c->sbuf);
     free(c->held);
+    free(c->leases);
+    free(c->locked);
+    free(c->fr_n);
+    free(c->fr_t0);
+    free(c->ready);
     free(c);
 }

@@ -69,7 +69,8 @@ typedef struct sc_stream_info {
     size_t sample_bytes;    /* itemsize * channels */
     double rate;            /* samples per second, 0.0 when the stream has none */
     uint64_t size;          /* samples per chunk (computed by the broker when seconds were given) */
-    uint64_t start;         /* stream index of the first sample this subscriber can receive */
+    uint64_t start;         /* stream index of the first sample this subscriber can receive
+                             * (version 2: as ATTACHED said) */
     const char *segment;    /* shared-memory segment name (no leading slash) */
     size_t segment_bytes;   /* bytes mapped */
 } sc_stream_info;
@@ -127,9 +128,10 @@ int sc_connect(sc_client *c, const char *address);
 void sc_sub_options_init(sc_sub_options *opts);
 
 /* Subscribe to `stream` (give exactly one of opts->size and opts->seconds) and map its
- * segment read-only.  Version 2 also connects to the stream's notice socket and waits (up to
- * the timeout of sc_set_timeout) until the publisher confirms it reaches this client, so every
- * sample from sc_info()->start on is received.  One subscription per client. */
+ * segment read-only.  Version 2 also connects to the stream's notice socket, waits (up to
+ * the timeout of sc_set_timeout) until the publisher confirms it reaches this client (JOINED),
+ * then sends ATTACH; the broker's ATTACHED gives sc_info()->start, from which every sample is
+ * received.  One subscription per client. */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */

@@ -1,8 +1,14 @@
-"""The C subscriber (clients/c): built with make, run as real processes beside the Python client, checked chunk for chunk."""
+"""The C subscriber (clients/c): built with make, run as real processes beside the Python client, checked chunk for chunk.
+
+The C client speaks protocol version 2 by default (it cuts its own chunks from the publisher's notices);
+one conformance case and the scripted-broker tests of CHUNK/RELEASE run it with ``--protocol-version 1``.
+"""
 
 from __future__ import annotations
 
 import _posixshmem
+import ast
+import fcntl
 import mmap
 import multiprocessing as mp
 import os
@@ -23,6 +29,8 @@ import pytest
 import zmq
 
 import slabcast
+from slabcast import _protocol as P
+from slabcast import _rechunk, _shm, _subscriber
 from slabcast._rechunk import Rechunker
 from tests.integration import workers as W
 
@@ -30,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 C_DIR = ROOT / "clients" / "c"
 INSTALL = "apt-get install libzmq3-dev libmsgpack-dev"
 HEADER = 4096  # header_bytes of every segment (docs/protocol.md 6.1)
-LINE = re.compile(r"seq=(\d+) index=(\d+) n=(\d+) t0=(-?\d+\.\d{9}) crc=([0-9a-f]{8})")
+LINE = re.compile(r"seq=(\d+) index=(\d+) n=(\d+) t0=(-?\d+\.\d{9}) crc=([0-9a-f]{8})(?: flags=(\d+))?")
 
 # ----------------------------------------------------------------- building
 
@@ -144,6 +152,10 @@ class CSub:
             out.append((int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5], 16)))
         return out
 
+    def flags(self) -> list[int]:
+        """The chunk flags of each line (run with ``--show-flags``)."""
+        return [int(LINE.fullmatch(line)[6]) for line in self.lines]  # type: ignore[index]
+
     def close(self) -> None:
         """Kill it if it still runs, reap it, close its pipes."""
         if self.proc.poll() is None:
@@ -212,9 +224,14 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case_name", list(CASES))
+# Every case with the C client on protocol version 2 (it cuts its own chunks), and one on version 1
+# (the broker cuts them), so that both paths of the C client stay checked against the same rules.
+CONFORMANCE = [(name, 2) for name in CASES] + [("bytes-small-slabs", 1)]
+
+
+@pytest.mark.parametrize(("case_name", "version"), CONFORMANCE, ids=[f"{n}-v{v}" for n, v in CONFORMANCE])
 def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
-    c_sub, broker, workers, queue, stream_name, case_name
+    c_sub, broker, workers, queue, stream_name, case_name, version
 ):
     case = CASES[case_name]
     frames, data = make_frames(case)
@@ -231,7 +248,10 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
     csubs: list[CSub] = []
     try:
         for how, value, clip in case["subs"]:  # a C and a Python subscriber with each setting
-            csubs.append(CSub(c_sub, broker.address, stream_name, f"--{how}", str(value), *(["--clip"] * clip)))
+            csubs.append(
+                CSub(c_sub, broker.address, stream_name, f"--{how}", str(value), *(["--clip"] * clip),
+                     "--protocol-version", str(version))
+            )  # fmt: skip
             kwargs = {how: value, "clip": clip}
             workers.spawn(W.subscribe, broker.address, stream_name, kwargs, (how, value, clip), queue, queue)
         for c in csubs:
@@ -239,6 +259,9 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
         for _ in case["subs"]:
             msg = queue.get(timeout=30)
             assert msg[0] == "sub-ready", msg
+        subs = slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
+        cuts = [u["cut"] for u in subs if u["label"] == "slabcast-sub"]
+        assert cuts == ["local" if version == 2 else "broker"] * len(csubs), subs
         for frame, t0 in frames:  # every subscriber exists before the first write
             pub.write(frame, t0=t0)
         pub.close()
@@ -385,6 +408,9 @@ def test_publisher_killed_is_its_own_error(c_sub, broker, workers, queue, stream
 
 
 def test_count_stops_early_and_bye_gives_the_leases_back(c_sub, broker, stream_name):
+    # Version 2: the C client's leases are lock records on its own descriptor of the segment (closed by
+    # sc_close, before BYE) and its read position holds the publisher back until BYE removes it;
+    # --max-inflight 1 limits only a "drop" subscriber.  The pool must come free all the same.
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=8192, nslabs=2, timeout=5.0)
     c = CSub(c_sub, broker.address, stream_name, "--size", "1000", "--count", "3", "--max-inflight", "1")
     try:
@@ -395,8 +421,13 @@ def test_count_stops_early_and_bye_gives_the_leases_back(c_sub, broker, stream_n
         assert [g[1] for g in c.chunks()] == [0, 1000, 2000]
         for k in range(40):  # ten times the pool: only possible if the C client's role is gone
             pub.write(bytes([k]) * 1000, t0=float(k))
-        pub.flush(5)
-        assert slabcast.broker_status(broker.address)["streams"][0]["subscribers"] == ()
+        # Not pub.flush(): the publisher's background thread may take the SYNCED it waits for (a race
+        # in _publisher.py, seen with Python subscribers too).  The broker's head tells the same.
+        deadline = time.monotonic() + 5
+        while (stream := slabcast.broker_status(broker.address)["streams"][0])["samples"] < 43000:
+            assert time.monotonic() < deadline, stream
+            time.sleep(0.02)
+        assert stream["subscribers"] == ()
     finally:
         c.close()
         pub.close()
@@ -410,11 +441,13 @@ class ScriptedBroker:
 
     def __init__(self, tmp_path: Path) -> None:
         self.address = f"ipc://{tmp_path}/scripted.sock"
+        self.notice_endpoint = f"ipc://{tmp_path}/scripted.sock.7"
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.address)
         self.ident = b""
+        self.xpub: Any = None
 
     def recv(self, timeout: float = 10.0) -> list[Any]:
         assert self.sock.poll(int(timeout * 1000)), "the C client sent nothing"
@@ -424,7 +457,19 @@ class ScriptedBroker:
     def send(self, msg: list[Any]) -> None:
         self.sock.send_multipart([self.ident, msgpack.packb(msg, use_bin_type=True)])
 
+    def bind_notices(self) -> None:
+        """Play the publisher's notice socket (version 2): an XPUB that sees each subscription."""
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.LINGER, 0)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.bind(self.notice_endpoint)
+
+    def notice(self, msg: list[Any], topic: bytes = b"scripted\x00") -> None:
+        self.xpub.send(topic + msgpack.packb(msg, use_bin_type=True))
+
     def close(self) -> None:
+        if self.xpub is not None:
+            self.xpub.close(linger=0)
         self.sock.close(linger=0)
         self.ctx.term()
 
@@ -440,11 +485,15 @@ def scripted(tmp_path: Path) -> Any:
 
 
 class ScriptedSegment:
-    """A shared-memory segment laid out as docs/protocol.md 6.1 says, made without the resource tracker."""
+    """A shared-memory segment laid out as docs/protocol.md 6.1 and 0.4 say (layout 2: generation table),
+    made without the resource tracker."""
 
     def __init__(self, nslabs: int = 2, slab_bytes: int = 8192) -> None:
         epoch = int.from_bytes(os.urandom(4), "little")
-        self.name = f"slabcast.{os.getpid()}.{epoch:08x}.0"
+        # Not "slabcast.<pid>.<epoch>.<n>": a broker that starts meanwhile (another test's) reaps those
+        # when no live broker owns them.  The client maps whatever name SUBSCRIBED gives.
+        self.name = f"slabcast-scripted.{os.getpid()}.{epoch:08x}"
+        self.nslabs, self.slab_bytes = nslabs, slab_bytes
         self.nbytes = HEADER + nslabs * slab_bytes
         fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -453,12 +502,21 @@ class ScriptedSegment:
         finally:
             os.close(fd)
         header = struct.pack(
-            "<8sIIQIIIId16sQ64s", b"SLABCAST", 1, HEADER, slab_bytes, nslabs, 2, 1, os.getpid(), 0.0, b"<i2", epoch,
-            b"scripted",
+            "<8sIIQIIIId16sQ64s", b"SLABCAST", _shm.LAYOUT, HEADER, slab_bytes, nslabs, 2, 1, os.getpid(), 0.0,
+            b"<i2", epoch, b"scripted",
         )  # fmt: skip
         self.mm[: len(header)] = header
+        for slab in range(nslabs):  # every slab granted once: generation 1
+            struct.pack_into("<I", self.mm, _shm.GEN_OFFSET + 4 * slab, 1)
         self.data = np.arange(nslabs * slab_bytes // 2, dtype=np.int16).tobytes()
         self.mm[HEADER:] = self.data
+
+    def slab(self, i: int) -> int:
+        """Byte offset of slab ``i``."""
+        return HEADER + i * self.slab_bytes
+
+    def crc(self, offset: int, nbytes: int) -> int:
+        return zlib.crc32(self.data[offset - HEADER : offset - HEADER + nbytes])
 
     def destroy(self) -> None:
         self.mm.close()
@@ -467,7 +525,7 @@ class ScriptedSegment:
 
 @pytest.fixture
 def segment() -> Any:
-    """A real int16 segment (header and two slabs of known values), as the broker would make it."""
+    """A real int16 segment (header, generation table and two slabs of known values), as the broker would make it."""
     seg = ScriptedSegment()
     try:
         yield seg
@@ -476,7 +534,7 @@ def segment() -> Any:
 
 
 def handshake(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, welcome: list[Any]) -> None:
-    """Check HELLO and SUBSCRIBE as sent; answer with ``welcome`` and a SUBSCRIBED (both with appended fields)."""
+    """Version 1: check HELLO and SUBSCRIBE as sent; answer ``welcome`` and a SUBSCRIBED (both with appended fields)."""
     assert b.recv() == [1, 1, c.proc.pid, "sub", "slabcast-sub"]  # HELLO: version, getpid(), role, label
     b.send(welcome)
     assert b.recv() == [5, "scripted", 4, None, True, "drop", 3, None]
@@ -484,8 +542,38 @@ def handshake(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, welcome: lis
     c.wait_ready()
 
 
-def test_client_follows_the_protocol(c_sub, scripted, segment):
-    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+def handshake_v2(b: ScriptedBroker, c: CSub, segment: ScriptedSegment) -> bytes:
+    """Version 2: check HELLO and the 10 fields of SUBSCRIBE; answer WELCOME and SUBSCRIBED (with appended
+    fields), then play the publisher (see the stream and token subscriptions, say JOINED) and the broker
+    (ATTACH, ATTACHED).  Returns the token."""
+    assert b.recv() == [1, 2, c.proc.pid, "sub", "slabcast-sub"]
+    b.send([101, 2, os.getpid(), 1234, "appended"])
+    sub = b.recv()
+    # name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token
+    assert sub[:10] == [5, "scripted", 4, None, True, "drop", 3, None, "local", False], sub
+    token = sub[10]
+    assert isinstance(token, bytes) and len(token) == 8, sub
+    b.bind_notices()
+    b.send([104, segment.name, segment.nbytes, "<i2", 1, None, 4, 0, ["ch_0"],
+            7, HEADER, segment.slab_bytes, segment.nslabs, 2, b.notice_endpoint, "appended"])  # fmt: skip
+    seen: set[bytes] = set()
+    want = {b"\x01" + P.stream_topic("scripted"), b"\x01" + P.token_topic(token)}
+    while not want <= seen:
+        assert b.xpub.poll(10000), f"the C client did not subscribe on the notice socket (saw {seen})"
+        seen.add(b.xpub.recv())
+    b.xpub.send(P.token_topic(token) + msgpack.packb([P.JOINED]))
+    assert b.recv() == [P.ATTACH]  # once JOINED proved its notice socket connected
+    b.send([P.ATTACHED, 0, "appended"])  # its start index
+    c.wait_ready()
+    # Before it first waits it reports its counters, as the Python subscriber does:
+    # [ACK, cursor (its start), delivered, dropped, held].
+    assert b.recv() == [13, 0, 0, 0, 0]
+    return token
+
+
+def test_client_follows_the_protocol_version_1(c_sub, scripted, segment):
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3",
+             "--protocol-version", "1")  # fmt: skip
     try:
         handshake(scripted, c, segment, [101, 1, os.getpid(), 1234, "appended"])
         # Appended fields and unknown flag bits are ignored; SYNCED is not a chunk.
@@ -507,19 +595,69 @@ def test_client_follows_the_protocol(c_sub, scripted, segment):
         c.close()
 
 
+def test_client_follows_the_protocol_version_2(c_sub, scripted, segment):
+    """Notices cut locally, one lease lock per slab checked against the generation table, ACKs, drops."""
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3",
+             "--show-flags")  # fmt: skip
+    locks = _posixshmem.shm_open("/" + segment.name, os.O_RDWR, 0)  # the broker's exclusive locks need write access
+    s0, s1 = segment.slab(0), segment.slab(1)
+    try:
+        handshake_v2(scripted, c, segment)
+        # A batch notice of two frames (3 + 6 samples, no rate): chunks [0, 4) and [4, 8); sample 8 pends.
+        # Notices of another stream_id, and appended fields, are ignored.
+        scripted.notice([120, 6, 0, 0, 0, 1, s0, 5, 1.0, 0, 0])
+        scripted.notice([120, 7, 0, 0, 0, 1, s0, [3, 6], [1.5, 2.0], 0, 0, "appended"])
+        # [ACK, cursor, delivered, dropped, held]: once the frames of a new slab are cut (before hand-out).
+        assert scripted.recv() == [13, 9, 0, 0, 0]
+        c.wait_lines(2)
+        # Released, but slab 0 is the one it reads: it keeps its shared lock, so the broker could not
+        # take the slab back yet.
+        assert not _shm.lock_slab(locks, 0, fcntl.F_WRLCK)
+        # notice_seq 1 is lost: no chunk spans the hole (sample 8 is dropped) and the next one is flagged.
+        # One frame of 20 samples completes 5 chunks; "drop" with max_inflight 3 keeps the first 3.
+        scripted.notice([120, 7, 2, 9, 1, 1, s1, 20, 3.0, 0, 8])
+        # It left slab 0 (lock given back) for slab 1: ACK at once.
+        assert scripted.recv() == [13, 29, 2, 2, 0]
+        assert _shm.lock_slab(locks, 0, fcntl.F_WRLCK), "the C client still holds slab 0"
+        _shm.lock_slab(locks, 0, fcntl.F_UNLCK)
+        c.wait_lines(5)
+        # A notice naming generation 5 of slab 0 when the table says 1: the slab was written again; dropped.
+        scripted.notice([120, 7, 3, 29, 0, 5, s0 + 32, 4, 4.0, 0, 29])
+        assert scripted.recv() == [13, 33, 5, 3, 0]
+        scripted.notice([120, 7, 4, 33, 0, 1, s0 + 40, 4, 5.0, 0, 29])
+        scripted.notice([121, 7, 5, "closed", "the publisher closed the stream", 37])
+        assert scripted.recv() == [13, 37, 6, 3, 0]  # the last ACK, forced, at the end
+        assert scripted.recv() == [7]  # BYE; no RELEASE was ever sent
+        scripted.send([106, "bye", "goodbye", 9])
+        assert c.finish(10) == 0, c.stderr
+        assert c.chunks() == [
+            (0, 0, 4, "1.500000000", segment.crc(s0, 8)),
+            (1, 4, 4, "2.000000000", segment.crc(s0 + 8, 8)),
+            (2, 9, 4, "3.000000000", segment.crc(s1, 8)),
+            (3, 13, 4, "3.000000000", segment.crc(s1 + 8, 8)),
+            (4, 17, 4, "3.000000000", segment.crc(s1 + 16, 8)),
+            (8, 33, 4, "5.000000000", segment.crc(s0 + 40, 8)),
+        ]
+        assert c.flags() == [0, 0, P.FLAG_DISCONTINUITY, 0, 0, 0]
+    finally:
+        os.close(locks)
+        c.close()
+
+
 def test_welcome_of_another_version_names_both_versions(c_sub, scripted):
     c = CSub(c_sub, scripted.address, "scripted", "--size", "4")
     try:
-        assert scripted.recv()[:2] == [1, 1]
-        scripted.send([101, 2, os.getpid(), 1234])
+        assert scripted.recv()[:2] == [1, 2]
+        scripted.send([101, 1, os.getpid(), 1234])
         assert c.finish(10) == 5, c.stderr
-        assert "broker speaks version 2, client speaks version 1" in c.stderr
+        assert "broker speaks version 1, client speaks version 2" in c.stderr
     finally:
         c.close()
 
 
 def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
-    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    args = ("--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    c = CSub(c_sub, scripted.address, "scripted", *args, "--protocol-version", "1")
     try:
         handshake(scripted, c, segment, [101, 1, os.getpid(), 1234])
         scripted.send([105, 0, 0, 4, 1.0, segment.nbytes - 4, 0])  # runs past the segment's end
@@ -528,12 +666,82 @@ def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
         assert scripted.recv() == [7]  # a protocol error still ends with BYE
     finally:
         c.close()
-    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    scripted.xpub = None
+    c = CSub(c_sub, scripted.address, "scripted", *args)
     try:
-        handshake(scripted, c, segment, [101, 1, os.getpid(), 1234])
+        handshake_v2(scripted, c, segment)
+        scripted.notice([120, 7, 0, 0, 1, 1, segment.nbytes - 4, 4, 1.0, 0, 0])  # runs past slab 1's end
+        assert c.finish(10) == 1
+        assert "does not lie in the segment" in c.stderr and "[SC_EPROTO]" in c.stderr
+        assert scripted.recv() == [7]
+    finally:
+        c.close()
+        scripted.xpub.close(linger=0)
+    scripted.xpub = None
+    c = CSub(c_sub, scripted.address, "scripted", *args)
+    try:
+        handshake_v2(scripted, c, segment)
         scripted.send([106, "broker-shutdown", "the broker shut down", 0])
         assert c.finish(10) == 3
         assert "the broker is gone: the broker shut down" in c.stderr
         assert not scripted.sock.poll(300), "no BYE to a broker that is gone"
     finally:
         c.close()
+
+
+# ------------------------------------------------- the constants of the C client
+
+
+def _c_value(text: str) -> float:
+    """The value of a C constant expression of the kinds slabcast.c uses: 256, 2u, (1ull << 40), 1e-9."""
+    expr = re.sub(r"(?<=\d)(?:ull|ul|ll|u|l)\b", "", text.strip(), flags=re.IGNORECASE)
+    node = ast.parse(expr, mode="eval").body
+
+    def ev(n: ast.AST) -> float:
+        if isinstance(n, ast.Constant) and isinstance(n.value, int | float):
+            return n.value
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.LShift):
+            return int(ev(n.left)) << int(ev(n.right))
+        raise AssertionError(f"unexpected C constant expression {text!r}")
+
+    return ev(node)
+
+
+def test_c_constants_match_the_protocol_table():
+    """The C client's message kinds and shared-memory constants are the ones of slabcast._protocol / _shm."""
+    source = (C_DIR / "slabcast.c").read_text()
+    header = (C_DIR / "slabcast.h").read_text()
+    kinds = {m[1]: int(m[2]) for m in re.finditer(r"\bK_([A-Z_]+) = (\d+)", source)}
+    assert kinds == {name: kind for kind, name in P.NAMES.items()}, "C message kinds differ from _protocol.NAMES"
+    defines = {
+        m[1]: m[2]
+        for m in re.finditer(r"^#define (\w+) +([^/\n]+?)\s*(?:/\*.*)?$", source + header, flags=re.MULTILINE)
+    }
+
+    def const(name: str) -> float:
+        assert name in defines, f"#define {name} is missing from clients/c"
+        return _c_value(defines[name])
+
+    assert const("SC_PROTOCOL_VERSION") == P.VERSION
+    assert 1 in P.LEGACY_VERSIONS  # what --protocol-version 1 relies on
+    assert const("SC_FLAG_DISCONTINUITY") == P.FLAG_DISCONTINUITY
+    assert const("FLAG_INLINE") == P.FLAG_INLINE
+    assert const("GEN_OFFSET") == _shm.GEN_OFFSET
+    assert const("LOCK_BASE") == _shm.LOCK_BASE
+    assert const("SEG_LAYOUT") == _shm.LAYOUT
+    # Header field offsets: those of the segment header's struct layout in _shm.
+    fmt = _shm._HEADER.format
+    for name, fields in (("HDR_LAYOUT", 1), ("HDR_HEADER_BYTES", 2), ("HDR_SLAB_BYTES", 3), ("HDR_NSLABS", 4),
+                         ("HDR_SAMPLE_BYTES", 5)):  # fmt: skip
+        prefix = "<" + "".join(re.findall(r"\d*[a-zA-Z]", fmt.lstrip("<"))[:fields])
+        assert const(name) == struct.calcsize(prefix), name
+    # The local-cut subscriber's rules: the Rechunker's epsilon, the ACK interval and end grace of _subscriber.
+    assert const("RECHUNK_EPS") == _rechunk._EPS
+    assert const("ACK_INTERVAL_MS") == round(_subscriber._ACK_INTERVAL * 1000)
+    assert const("END_GRACE_MS") == round(_subscriber._END_GRACE * 1000)
+    assert const("LOOK_MS") == _subscriber._LOOK_MS
+    # Codes and settings the C client sends or recognises, spelt as the protocol spells them.
+    for word in (P.END_CLOSED, P.END_PUBLISHER_GONE, P.END_BROKER_SHUTDOWN, P.END_BYE, P.END_EVICTED,
+                 P.ERR_MALFORMED, P.ERR_VERSION, P.ERR_UNKNOWN_STREAM, *P.POLICIES, "local"):  # fmt: skip
+        assert f'"{word}"' in source, word
+    assert "local" in P.CUTS
