@@ -59,6 +59,7 @@ enum {
 #define RECHUNK_EPS 1e-9         /* a sample within this of the pause end counts as after it */
 #define GEN_OFFSET 256           /* u32 gen[nslabs] in the segment header */
 #define LOCK_BASE (1ull << 40)   /* lease lock byte of slab i: LOCK_BASE + i */
+#define CLIENT_BASE (1ull << 42) /* liveness lock byte of a local subscriber: CLIENT_BASE + its ATTACH slot */
 #define SEG_LAYOUT 2             /* segment layout with the generation table */
 
 /* Segment header (docs/protocol.md 6.1), little-endian; only what we check is read. */
@@ -855,9 +856,24 @@ static int take_end(sc_client *c, const msgview *m);
  * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */
 static int attach(sc_client *c, uint64_t *start)
 {
+    /* Our liveness mark, which the broker tests in any PID namespace (docs/protocol.md 0.4): a shared
+     * lock on CLIENT_BASE + slot of the segment, held while lock_fd is open (gone when we die). */
+    uint32_t slot = 0;
+    if (getrandom(&slot, sizeof slot, GRND_NONBLOCK) != (ssize_t)sizeof slot)
+        slot = (uint32_t)getpid() ^ (uint32_t)now_ms();
+    slot &= 0x7fffffffu;
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)(CLIENT_BASE + slot);
+    fl.l_len = 1;
+    if (fcntl(c->lock_fd, F_OFD_SETLK, &fl) != 0)
+        return fail(c, SC_ESYS, "cannot take the liveness lock: %s (%s)", strerror(errno), c->where);
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 1);
+    msgpack_pack_array(&c->pk, 2);
     msgpack_pack_uint64(&c->pk, K_ATTACH);
+    msgpack_pack_uint32(&c->pk, slot);
     int rc = send_packed(c, "ATTACH");
     if (rc)
         return rc;

@@ -562,7 +562,8 @@ def handshake_v2(b: ScriptedBroker, c: CSub, segment: ScriptedSegment) -> bytes:
         assert b.xpub.poll(10000), f"the C client did not subscribe on the notice socket (saw {seen})"
         seen.add(b.xpub.recv())
     b.xpub.send(P.token_topic(token) + msgpack.packb([P.JOINED]))
-    assert b.recv() == [P.ATTACH]  # once JOINED proved its notice socket connected
+    attach = b.recv()  # once JOINED proved its notice socket connected, with its liveness slot
+    assert attach[0] == P.ATTACH and len(attach) == 2 and 0 <= attach[1] < 2**31
     b.send([P.ATTACHED, 0, "appended"])  # its start index
     c.wait_ready()
     # Before it first waits it reports its counters, as the Python subscriber does:
@@ -728,6 +729,7 @@ def test_c_constants_match_the_protocol_table():
     assert const("FLAG_INLINE") == P.FLAG_INLINE
     assert const("GEN_OFFSET") == _shm.GEN_OFFSET
     assert const("LOCK_BASE") == _shm.LOCK_BASE
+    assert const("CLIENT_BASE") == _shm.CLIENT_BASE
     assert const("SEG_LAYOUT") == _shm.LAYOUT
     # Header field offsets: those of the segment header's struct layout in _shm.
     fmt = _shm._HEADER.format
