@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +67,18 @@ _RCVMORE = int(zmq.RCVMORE)
 _MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
 
 
+def _peer_pid(frame: zmq.Frame) -> int:
+    """The pid of the process at the other end of the ipc connection a message came on, in our PID namespace
+    (``SO_PEERCRED``; 0 when that process is outside our namespace or the transport has none)."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+        with socket.socket(fileno=os.dup(fd)) as peer:
+            pid, _, _ = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, zmq.ZMQError, ValueError):
+        return 0
+    return int(pid)
+
+
 class _Refused(Exception):
     """A request the broker answers with ERROR ``code``."""
 
@@ -75,13 +88,15 @@ class _Refused(Exception):
 
 
 class _Client:
-    __slots__ = ("ident", "label", "last_seen", "live", "pid", "remote", "role", "stream", "sub", "version")
+    __slots__ = ("ident", "label", "last_seen", "live", "local_pid", "pid", "remote", "role", "stream", "sub",
+                 "version")  # fmt: skip
 
     def __init__(self, ident: bytes, pid: int, role: str, label: str, version: int) -> None:
         self.ident = ident  # routing id; prefixed with b"T" for clients of the TCP socket
         self.remote = ident[:1] == _TCP
         self.last_seen = time.monotonic()
-        self.pid = pid
+        self.pid = pid  # as the client said (its own namespace): for logs and status
+        self.local_pid = 0  # as our namespace sees it (SO_PEERCRED); 0: unknown
         self.role = role
         self.label = label
         self.version = version
@@ -401,6 +416,7 @@ class Broker:
         self._draining: list[_Stream] = []  # ended streams whose subscribers are still attached
         self._pending: dict[str, list[tuple[_Client, tuple[Any, ...]]]] = {}  # SUBSCRIBE before OPEN
         self._outbox: dict[bytes, deque[Any]] = {}
+        self._peer_pid = 0  # of the connection the last new client's first message came on
         self._segments = 0
         self._stopping = False
         self._last_sweep = 0.0
@@ -535,10 +551,16 @@ class Broker:
                 ident = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            parts = [recv(_NOBLOCK)]  # a ROUTER delivers whole messages: the rest is there
+            key = prefix + ident
+            if key in self._clients or prefix:
+                parts = [recv(_NOBLOCK)]  # a ROUTER delivers whole messages: the rest is there
+            else:
+                # A new local client: learn its pid as *our* PID namespace sees it, from the socket.
+                frame = router.recv(_NOBLOCK, copy=False)
+                self._peer_pid = _peer_pid(frame)
+                parts = [frame.bytes]
             while router.getsockopt(_RCVMORE):
                 parts.append(recv(_NOBLOCK))
-            key = prefix + ident
             if len(parts) != 1:
                 self._error(key, P.ERR_MALFORMED, f"expected one message part, got {len(parts)}")
                 continue
@@ -590,7 +612,9 @@ class Broker:
             if not stream.ended or stream in self._draining:
                 with contextlib.suppress(OSError):
                     return lock_held(stream.segment.fd, byte)
-        return client.pid <= 0 or pid_alive(client.pid)
+        if client.role == "ctl":
+            return True  # holds nothing; it says BYE
+        return client.local_pid <= 0 or pid_alive(client.local_pid)
 
     def _check_gating(self, stream: _Stream, now: float) -> None:
         """Evict a lossless local subscriber whose cursor has kept the publisher without a slab too long."""
@@ -743,7 +767,9 @@ class Broker:
         version = msg[1]
         if version != P.VERSION and role == "pub":
             raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
-        self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
+        client = self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
+        # Liveness by pid uses the socket's view (our namespace), never the pid the client says it has.
+        client.local_pid = 0 if client.remote else self._peer_pid
         self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:

@@ -70,3 +70,31 @@ def test_a_subscriber_that_is_pid_1_of_its_namespace_killed_9_unblocks_the_publi
     assert time.monotonic() - t < 2.5
     assert not slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
     pub.close()
+
+
+def test_host_clients_of_a_broker_inside_a_pid_namespace_are_not_declared_dead(stream_name, tmp_path):
+    address = tmp_path / "ns.sock"
+    inside = in_new_pid_namespace(f"""
+        import sys, slabcast
+        b = slabcast.BrokerProcess({str(address)!r}).start()
+        print("ready", flush=True)
+        sys.stdin.read()
+        b.stop()
+    """, stdin=subprocess.PIPE)
+    try:
+        assert inside.stdout.readline().strip() == "ready"
+        pub = slabcast.Publisher(stream_name, "uint8", address=str(address))
+        sub = slabcast.Subscriber(stream_name, size=1, address=str(address))
+        # The broker checks its clients every 0.5 s: let several checks pass (a wait for time, not readiness).
+        time.sleep(1.5)
+        pub.write(b"z")
+        with sub.recv(timeout=5) as chunk:
+            assert bytes(chunk.data) == b"z"
+        status = slabcast.broker_status(str(address))
+        assert len(status["streams"][0]["subscribers"]) == 1
+        sub.close()
+        pub.close()
+    finally:
+        inside.stdin.close()
+        inside.wait(20)
+        inside.stdout.close()
