@@ -238,7 +238,7 @@ def broker_at(address: Path) -> Iterator[Any]:
 
 def segments_of(pid: int) -> list[str]:
     """The /dev/shm segments of broker ``pid`` that still exist."""
-    from slabcast._shm import broker_segments
+    from slabcast.core.shm import broker_segments
 
     return broker_segments(pid)
 

@@ -62,7 +62,7 @@ def main():
                 pubgone.append(time.monotonic() - t0)
             sub.close()
             pub.close()
-        slabcast._shm.reap_stale()
+        slabcast.core.shm.reap_stale()
     for name, xs in (
         ("reclaim after kill -9 of a subscriber", rec),
         ("subscriber detects broker kill -9", det),

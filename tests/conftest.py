@@ -18,7 +18,7 @@ collect_ignore = ["plugin_project"]  # a user's project, run by test_plugin.py a
 
 def slabcast_segments() -> set[str]:
     """Names of slabcast's shared-memory segments that exist now."""
-    return set(slabcast._shm.broker_segments())
+    return set(slabcast.core.shm.broker_segments())
 
 
 def _ours_or_orphaned(name: str) -> bool:
@@ -27,7 +27,7 @@ def _ours_or_orphaned(name: str) -> bool:
     pid = int(name.split(".")[1])
     if pid == os.getpid():  # made by this process itself (BufferEmit's process mode)
         return True
-    if not slabcast._shm.pid_alive(pid):
+    if not slabcast.core.shm.pid_alive(pid):
         return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

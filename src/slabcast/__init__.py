@@ -1,32 +1,21 @@
 """slabcast: one broker fans live streams out to many processes through shared memory."""
 
-# General layout, bottom to top:
+# General layout, bottom to top; each layer is a subpackage and uses only those below it:
 #
-#   _shm        shared-memory segments: created and unlinked by the broker, mapped by clients
-#   _rechunk    the rechunking rules (size, clip, sampler), pure index arithmetic, no data
-#   _pool       the slab pool state machine (sans-io): grants, retiring, cursors, reader locks
-#   _protocol   wire protocol v2 (and v1, still served): msgpack arrays over ZeroMQ (docs/protocol.md)
-#   _broker     the broker: control plane (streams, grants, cursors, liveness); cuts chunks only for v1/TCP
-#   _client     a client's connection: handshake, broker-death detection, error mapping
-#   _publisher  Publisher: copies each frame once into a slab, publishes its notice, tells the broker
-#   _subscriber Subscriber/Chunk: cuts its own chunks, zero-copy read-only views, kernel lease locks
-#   _process    BrokerProcess: a broker in a child process
-#   _sources    sources hosted by the broker (synthetic, stdin, replay, lsl, audio)
-#   _window     Window: the latest seconds of a stream, and a display envelope
-#   _record     recordings: WAV/FLAC (soundfile), Zarr v3, or append-only directories; replay
-#   _emit       BufferEmit: ocycle's in-process API on the same rechunking rules
-#   aio         the asyncio subscriber
-#   testing     the pytest plugin
-#   _up, _top   `slabcast up` (supervisor) and `slabcast top` (live view)
-#   _cli        the `slabcast` command
+#   core/       sans-io: rechunk (the rules: size, clip, sampler; index arithmetic, no data),
+#               pool (the slab pool state machine), shm (segment layout, creation, lease and liveness locks)
+#   wire/       protocol: every message kind and field order, defined once (docs/protocol.md, v2 and v1)
+#   client/     connection (handshake, broker death, error mapping), publisher (one copy, one notice),
+#               subscriber (cuts its own chunks, zero-copy read-only views), window, control, record
+#   broker/     server (the control plane: streams, grants, cursors, liveness), process (BrokerProcess),
+#               sources (synthetic, stdin, file, replay, lsl, audio), address
+#   emit/       BufferEmit: ocycle's in-process API on the same rechunking rules
+#   cli/        the `slabcast` command: main, up (supervisor), top, demo
+#   aio         the asyncio subscriber;  testing: the pytest plugin;  examples: task callables
 
 import logging as _logging
 
 from . import aio as aio
-from ._address import default_address as default_address
-from ._control import broker_status as broker_status
-from ._control import stream_statistics as stream_statistics
-from ._emit import BufferEmit as BufferEmit
 from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
 from ._exceptions import BrokerRunningError as BrokerRunningError
@@ -46,13 +35,17 @@ from ._exceptions import WriteTimeout as WriteTimeout
 from ._info import StreamInfo as StreamInfo
 from ._info import StreamStatistics as StreamStatistics
 from ._info import SubscriberStatistics as SubscriberStatistics
-from ._process import BrokerProcess as BrokerProcess
-from ._publisher import Publisher as Publisher
-from ._record import Recording as Recording
-from ._record import open_recording as open_recording
-from ._subscriber import Chunk as Chunk
-from ._subscriber import Subscriber as Subscriber
-from ._window import Window as Window
+from .broker.address import default_address as default_address
+from .broker.process import BrokerProcess as BrokerProcess
+from .client.control import broker_status as broker_status
+from .client.control import stream_statistics as stream_statistics
+from .client.publisher import Publisher as Publisher
+from .client.record import Recording as Recording
+from .client.record import open_recording as open_recording
+from .client.subscriber import Chunk as Chunk
+from .client.subscriber import Subscriber as Subscriber
+from .client.window import Window as Window
+from .emit.emit import BufferEmit as BufferEmit
 
 __version__ = "0.1.0"
 
@@ -91,3 +84,14 @@ __all__ = [
     "open_recording",
     "stream_statistics",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    # Tracebacks and reprs show the public name (slabcast.Subscriber), not the layer it lives in.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("slabcast."):
+            obj.__module__ = "slabcast"
+
+
+_fixup_module_metadata()

@@ -9,10 +9,10 @@ from typing import Any
 
 import zmq
 
-from . import _protocol as P
 from ._exceptions import BrokerGoneError, EndOfStream, WouldBlock
-from ._subscriber import Chunk
-from ._subscriber import Subscriber as _BlockingSubscriber
+from .client.subscriber import Chunk
+from .client.subscriber import Subscriber as _BlockingSubscriber
+from .wire import protocol as P
 
 __all__ = ["Subscriber"]
 

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ._address import ipc_path
-from ._process import BrokerProcess
-from ._publisher import Publisher
-from ._shm import broker_segments
+from .broker.address import ipc_path
+from .broker.process import BrokerProcess
+from .client.publisher import Publisher
+from .core.shm import broker_segments
 
 __all__ = ["Workers", "broker_segments", "feed"]
 
@@ -133,7 +133,7 @@ def slabcast_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
         sock = ipc_path(proc.address)
         leftovers = broker_segments(proc.pid)
         if killed:
-            from ._shm import reap_stale
+            from .core.shm import reap_stale
 
             reap_stale()  # the test killed it on purpose; a new broker would clean up the same way
         else:

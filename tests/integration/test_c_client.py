@@ -29,9 +29,11 @@ import pytest
 import zmq
 
 import slabcast
-from slabcast import _protocol as P
-from slabcast import _rechunk, _shm, _subscriber
-from slabcast._rechunk import Rechunker
+from slabcast.client import subscriber as _subscriber
+from slabcast.core import rechunk as _rechunk
+from slabcast.core import shm as _shm
+from slabcast.core.rechunk import Rechunker
+from slabcast.wire import protocol as P
 from tests.integration import workers as W
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -709,7 +711,7 @@ def _c_value(text: str) -> float:
 
 
 def test_c_constants_match_the_protocol_table():
-    """The C client's message kinds and shared-memory constants are the ones of slabcast._protocol / _shm."""
+    """The C client's message kinds and shared-memory constants are the ones of slabcast.wire.protocol / _shm."""
     source = (C_DIR / "slabcast.c").read_text()
     header = (C_DIR / "slabcast.h").read_text()
     kinds = {m[1]: int(m[2]) for m in re.finditer(r"\bK_([A-Z_]+) = (\d+)", source)}

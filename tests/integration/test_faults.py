@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 import slabcast
-from slabcast import _protocol as P
+from slabcast.wire import protocol as P
 from tests.conftest import slabcast_segments
 from tests.integration import workers as W
 
@@ -352,7 +352,7 @@ sys.stdin.read()
     starter.stdin.close()
     starter.stdout.close()
     deadline = time.monotonic() + 10
-    while slabcast._shm.pid_alive(pid):
+    while slabcast.core.shm.pid_alive(pid):
         assert time.monotonic() < deadline, "the broker outlived the process that started it"
         time.sleep(0.05)  # waiting for another process to exit: no signal reaches us
     slabcast.BrokerProcess(tmp_path / "p.sock").start().stop()  # its segments and socket are cleaned up

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import slabcast
-from slabcast._record import Recording
+from slabcast.client.record import Recording
 
 
 def record_cli(address, stream, out, *extra):

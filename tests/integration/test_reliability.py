@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import slabcast
-from slabcast import _protocol as P
+from slabcast.wire import protocol as P
 from tests.conftest import slabcast_segments
 
 

@@ -161,7 +161,7 @@ def test_malformed_messages_over_tcp_hurt_no_one(tcp_broker, keys, stream_name):
     import zmq
     from zmq.auth import load_certificate
 
-    from slabcast import _protocol as P
+    from slabcast.wire import protocol as P
     from tests.integration.test_reliability import _fuzz_messages
 
     pub = slabcast.Publisher(stream_name, dtype="int32", address=tcp_broker.address)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import slabcast
-from slabcast._shm import pid_alive
+from slabcast.core.shm import pid_alive
 
 CONFIG = Path(__file__).parent.parent.parent / "broker" / "slabcast.toml"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import slabcast
-from slabcast._window import envelope
+from slabcast.client.window import envelope
 
 
 def test_window_holds_the_last_samples_written_channels_first(broker, stream_name):

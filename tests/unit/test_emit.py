@@ -19,8 +19,9 @@ import ocycle
 import pytest
 
 import slabcast
-from slabcast import _emit, _shm
-from slabcast._emit import BufferEmit, WorkerDiedError
+from slabcast.core import shm as _shm
+from slabcast.emit import emit as _emit
+from slabcast.emit.emit import BufferEmit, WorkerDiedError
 from tests.reference import expected_chunks
 
 MODES = ["serial", "thread", "process"]
@@ -667,7 +668,7 @@ def test_close_from_a_thread_of_the_pool_is_refused():
 CRASHER = textwrap.dedent(
     """
     import os, sys
-    from slabcast._emit import BufferEmit
+    from slabcast.emit.emit import BufferEmit
     from tests.unit.test_emit import pid_of
 
     if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import pkgutil
 
@@ -23,8 +24,30 @@ def test_every_public_name_and_module_has_a_docstring():
             for attr, member in vars(obj).items():
                 if not attr.startswith("_") and callable(member):
                     assert inspect.getdoc(member), f"slabcast.{name}.{attr} has no docstring"
-    for info in pkgutil.iter_modules(slabcast.__path__):
-        path = f"{slabcast.__path__[0]}/{info.name}.py"
-        with open(path) as f:
+    for info in pkgutil.walk_packages(slabcast.__path__, "slabcast."):
+        spec = importlib.util.find_spec(info.name)
+        assert spec is not None and spec.origin is not None
+        with open(spec.origin) as f:
             doc = ast.get_docstring(ast.parse(f.read()))
-        assert doc and doc.strip(), f"slabcast.{info.name} has no module docstring"
+        assert doc and doc.strip(), f"{info.name} has no module docstring"
+
+
+def test_the_layers_are_subpackages_and_public_names_report_the_public_module():
+    layers = {info.name for info in pkgutil.iter_modules(slabcast.__path__) if info.ispkg}
+    assert layers == {"broker", "cli", "client", "core", "emit", "wire"}
+    for name in slabcast.__all__:
+        obj = getattr(slabcast, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__module__ == "slabcast", f"slabcast.{name} reports {obj.__module__}"
+
+
+def test_the_core_does_no_input_or_output():
+    # The sans-io core: no sockets, no threads, no clock in the rechunker and the pool (models: h11, iceoryx2).
+    for module in ("slabcast.core.rechunk", "slabcast.core.pool"):
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None
+        with open(spec.origin) as f:
+            tree = ast.parse(f.read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"zmq", "socket", "threading", "time", "os", "select", "asyncio"}, (module, imported)

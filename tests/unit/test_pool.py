@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slabcast._pool import CURRENT, FREE, GRANTED, RETIRED, SlabPool
+from slabcast.core.pool import CURRENT, FREE, GRANTED, RETIRED, SlabPool
 
 
 class Locks:

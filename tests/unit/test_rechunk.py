@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slabcast._rechunk import Rechunker, check_sampler, check_size
+from slabcast.core.rechunk import Rechunker, check_sampler, check_size
 from tests.reference import expected_chunks
 
 

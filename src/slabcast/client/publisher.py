@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import _protocol as P
-from ._client import Connection, _context, error_for
-from ._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
-from ._shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks
+from .._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
+from ..client.connection import Connection, _context, error_for
+from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks
+from ..wire import protocol as P
 
 __all__ = ["Publisher", "check_frame"]
 

@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import _protocol as P
-from ._address import AddressLock, ipc_path, normalize
-from ._exceptions import ProtocolError, ShmFullError
-from ._pool import SlabPool
-from ._rechunk import Rechunker
-from ._shm import (
+from .._exceptions import ProtocolError, ShmFullError
+from ..broker.address import AddressLock, ipc_path, normalize
+from ..core.pool import SlabPool
+from ..core.rechunk import Rechunker
+from ..core.shm import (
     CLIENT_BASE,
     GEN_OFFSET,
     PUBLISHER_BYTE,
@@ -46,6 +45,7 @@ from ._shm import (
     reap_stale,
     segment_prefix,
 )
+from ..wire import protocol as P
 
 __all__ = ["Broker"]
 
@@ -1446,8 +1446,8 @@ class Broker:
                     "subscribers": [self._sub_status(s, u) for u in s.subs],
                 }
             )
-        from . import __version__
-        from ._sources import RUNNING
+        from .. import __version__
+        from ..broker.sources import RUNNING
 
         return {
             "pid": self.pid,

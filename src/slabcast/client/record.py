@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._info import StreamInfo
+from .._info import StreamInfo
 
 __all__ = ["Recording", "open_recording", "record", "write_info"]
 
@@ -406,8 +406,8 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
     A ``policy="block"`` subscriber taking whole frames, so nothing is lost or cut.
     Returns the number of samples written.
     """
-    from ._exceptions import EndOfStream
-    from ._subscriber import Subscriber
+    from .._exceptions import EndOfStream
+    from ..client.subscriber import Subscriber
 
     sub = Subscriber(stream, 1, policy="block", address=address, wait=30.0, label=f"record:{stream}")
     written = 0

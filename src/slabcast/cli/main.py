@@ -9,15 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from ._exceptions import SlabcastError
+from .. import __version__
+from .._exceptions import SlabcastError
 
 __all__ = ["main"]
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from ._broker import Broker
-    from ._sources import SourceThread, parse_source
+    from ..broker.server import Broker
+    from ..broker.sources import SourceThread, parse_source
 
     try:
         sources = [parse_source(spec) for spec in args.source]
@@ -77,7 +77,7 @@ def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ._control import broker_status
+    from ..client.control import broker_status
 
     status = broker_status(args.address, curve=_curve(args))
     if args.json:
@@ -107,7 +107,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from ._up import run_up
+    from ..cli.up import run_up
 
     try:
         return run_up(args.config, output=lambda line: print(line, flush=True), log_level=args.log_level.upper())
@@ -117,7 +117,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from ._record import record
+    from ..client.record import record
 
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address)
@@ -149,13 +149,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from ._top import run_top
+    from ..cli.top import run_top
 
     return run_top(args.address, args.interval, curve=_curve(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from ..cli.demo import run_demo
 
     return run_demo(duration=args.duration, out=args.out)
 

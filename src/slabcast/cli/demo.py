@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from . import examples
-from ._process import BrokerProcess
-from ._publisher import Publisher
-from ._subscriber import Subscriber
+from .. import examples
+from ..broker.process import BrokerProcess
+from ..client.publisher import Publisher
+from ..client.subscriber import Subscriber
 
 __all__ = ["run_demo"]
 

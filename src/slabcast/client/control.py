@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _protocol as P
-from ._client import Connection, error_for
-from ._exceptions import BrokerGoneError, ProtocolError
-from ._info import StreamStatistics
+from .._exceptions import BrokerGoneError, ProtocolError
+from .._info import StreamStatistics
+from ..client.connection import Connection, error_for
+from ..wire import protocol as P
 
 __all__ = ["broker_status", "stream_statistics"]
 

@@ -10,8 +10,8 @@ import sys
 import tempfile
 from typing import Any
 
-from ._address import AddressLock, ipc_path, normalize
-from ._exceptions import BrokerGoneError
+from .._exceptions import BrokerGoneError
+from ..broker.address import AddressLock, ipc_path, normalize
 
 __all__ = ["BrokerProcess"]
 

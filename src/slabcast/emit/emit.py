@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ._exceptions import ClosedError, WorkerDiedError
-from ._rechunk import Rechunker, check_sampler, check_size
-from ._shm import Segment, attach, segment_prefix
+from .._exceptions import ClosedError, WorkerDiedError
+from ..core.rechunk import Rechunker, check_sampler, check_size
+from ..core.shm import Segment, attach, segment_prefix
 
 __all__ = ["BufferEmit", "WorkerDiedError"]
 
@@ -817,7 +817,7 @@ class BufferEmit:
     """Collect frames of any size and call ``callback(value, t0)`` each time ``size`` samples have come.
 
     A drop-in for ``ocycle.BufferEmit``, cutting its chunks with the same rules as
-    the broker's subscribers (:class:`slabcast._rechunk.Rechunker`).
+    the broker's subscribers (:class:`slabcast.core.rechunk.Rechunker`).
 
     Parameters
     ----------

@@ -7,8 +7,8 @@ import curses
 import time
 from typing import Any
 
-from ._control import broker_status
-from ._exceptions import SlabcastError
+from .._exceptions import SlabcastError
+from ..client.control import broker_status
 
 __all__ = ["render", "run_top"]
 

@@ -17,10 +17,10 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ._exceptions import SlabcastError, WriteTimeout
-from ._info import StreamInfo
-from ._protocol import check_dtype, check_stream_name
-from ._publisher import Publisher
+from .._exceptions import SlabcastError, WriteTimeout
+from .._info import StreamInfo
+from ..client.publisher import Publisher
+from ..wire.protocol import check_dtype, check_stream_name
 
 __all__ = [
     "FileSource",
@@ -181,7 +181,7 @@ class _Clocked:
 
 
 def _enough_subscribers(address: str | None, name: str, wanted: int) -> bool:
-    from ._control import broker_status
+    from ..client.control import broker_status
 
     try:
         streams = broker_status(address, timeout=1.0)["streams"]
@@ -358,7 +358,7 @@ class ReplaySource:
 
     def __init__(self, path: str, speed: float = 1.0, loop: int = 0, name: str | None = None,
                  wait_for: int = 0, address: str | None = None) -> None:  # fmt: skip
-        from ._record import open_recording
+        from ..client.record import open_recording
 
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed!r}")

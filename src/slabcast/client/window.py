@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ._exceptions import ClosedError, EndOfStream, SlabcastError
-from ._info import StreamInfo
-from ._subscriber import Subscriber
+from .._exceptions import ClosedError, EndOfStream, SlabcastError
+from .._info import StreamInfo
+from ..client.subscriber import Subscriber
 
 __all__ = ["Window"]
 

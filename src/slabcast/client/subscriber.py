@@ -2,7 +2,7 @@
 
 Local subscribers (``ipc://``) read one notice per publisher message from the
 broker's notice socket (a ZeroMQ SUB shared by every subscriber of the stream),
-run their own :class:`~slabcast._rechunk.Rechunker` (sampler included, in this
+run their own :class:`~slabcast.core.rechunk.Rechunker` (sampler included, in this
 process), take a kernel lease lock on the slab of each chunk (once per slab, not
 per chunk) and tell the broker how far they have read with one cumulative ACK
 per slab.  Nothing any subscriber does can slow the broker's loop for the others.
@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import _protocol as P
-from ._client import Connection, _context, error_for
-from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
-from ._info import StreamInfo, SubscriberStatistics
-from ._rechunk import Rechunker, check_sampler, check_size
-from ._shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks
+from .._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
+from .._info import StreamInfo, SubscriberStatistics
+from ..client.connection import Connection, _context, error_for
+from ..core.rechunk import Rechunker, check_sampler, check_size
+from ..core.shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks
+from ..wire import protocol as P
 
 __all__ = ["Chunk", "Subscriber"]
 
@@ -54,7 +54,7 @@ def _on_dead(dead: deque[int], seq: int, _ref: object) -> None:
 
 
 class _Leases:
-    """This subscriber's kernel lease locks, one per slab it has chunks in (see :mod:`slabcast._shm`).
+    """This subscriber's kernel lease locks, one per slab it has chunks in (see :mod:`slabcast.core.shm`).
 
     Kept apart from the :class:`Subscriber` so that views outliving it (or its
     ``close()``) still give their slab back the moment they die.

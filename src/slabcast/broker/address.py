@@ -7,7 +7,7 @@ import fcntl
 import os
 import tempfile
 
-from ._exceptions import BrokerRunningError
+from .._exceptions import BrokerRunningError
 
 __all__ = ["AddressLock", "default_address", "ipc_path", "normalize"]
 

@@ -63,7 +63,7 @@ import struct
 import time
 from typing import Any
 
-from ._exceptions import ShmFullError
+from .._exceptions import ShmFullError
 
 __all__ = [
     "GEN_OFFSET",

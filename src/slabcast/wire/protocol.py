@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ._exceptions import ProtocolError
+from .._exceptions import ProtocolError
 
 VERSION = 2
 LEGACY_VERSIONS = (1,)  # served with broker-cut chunks

@@ -11,9 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _protocol as P
-from ._address import ipc_path, normalize
-from ._exceptions import (
+from .._exceptions import (
     AccessDeniedError,
     BrokerGoneError,
     ClosedError,
@@ -27,6 +25,8 @@ from ._exceptions import (
     StreamExistsError,
     StreamNotFoundError,
 )
+from ..broker.address import ipc_path, normalize
+from ..wire import protocol as P
 
 __all__ = ["Connection", "error_for"]
 

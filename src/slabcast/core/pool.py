@@ -10,7 +10,7 @@ need it).  A retired slab returns to the pool once
   subscriber and has not seen released).
 
 Chunks that subscribers hold are protected separately, by kernel lease locks
-(see :mod:`slabcast._shm`): a free slab is handed out again only when
+(see :mod:`slabcast.core.shm`): a free slab is handed out again only when
 ``take(slab)`` (an exclusive, non-blocking lock) succeeds, and then its
 generation is bumped before ``put(slab)`` drops the lock.  Slabs are handed out
 oldest-freed first, which gives ``drop`` subscribers that lag the longest

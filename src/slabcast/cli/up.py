@@ -25,8 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._address import normalize
-from ._process import BrokerProcess
+from ..broker.address import normalize
+from ..broker.process import BrokerProcess
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
 
@@ -136,7 +136,7 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
 
 def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
     """Check one [[sources]] table; return (kind, source options, pool options, source object)."""
-    from ._sources import _KINDS
+    from ..broker.sources import _KINDS
 
     where = f"{path}: [[sources]] #{i + 1}"
     if not isinstance(raw, dict):
@@ -320,7 +320,7 @@ def task_main(task: Task, address: str, index: int) -> None:
 
     Returns (exit code 0) when the stream ends; any error ends the process with a traceback.
     """
-    from ._subscriber import Subscriber
+    from ..client.subscriber import Subscriber
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -357,7 +357,7 @@ class _Slot:
 
 
 def _subscribed_labels(address: str) -> set[tuple[str, int]]:
-    from ._control import broker_status
+    from ..client.control import broker_status
 
     status = broker_status(address, timeout=1.0)
     return {(u["label"], u["pid"]) for s in status["streams"] for u in s["subscribers"]}

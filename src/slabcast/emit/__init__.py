@@ -1,0 +1,3 @@
+"""BufferEmit: ocycle's in-process API on the same rechunking rules.
+
+Internal: the public names are re-exported by :mod:`slabcast`."""
