@@ -4,8 +4,10 @@ every sample accounted for, recordings read back with soundfile, `up` exiting 0 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +86,32 @@ def test_a_pool_that_does_not_fit_dev_shm_is_refused_with_how_to_fix_it(tmp_path
                             timeout=30)  # fmt: skip
     assert result.returncode == 2
     assert "need 4194305 MiB of /dev/shm" in result.stderr and "docker run --shm-size=" in result.stderr
+
+
+def test_a_restarted_lossless_task_is_told_what_it_missed(tmp_path):
+    cfg = tmp_path / "crash.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'live'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'crashy'\ncall = 'tests.integration.workers:crash_after'\nstream = 'live'\nsize = 800\n"
+        "options = { n = 20 }\n"  # 2 s of stream per worker: long enough for the supervisor to see its progress
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent.parent)  # fmt: skip
+    try:
+        pattern = re.compile(r"task crashy#0 restarted at stream index (\d+): samples (\d+)\.\.(\d+) \((\d+)\)")
+        deadline = time.monotonic() + 40
+        for line in proc.stderr:  # the workers' log lines reach up's standard error
+            m = pattern.search(line)
+            if m:
+                start, first, last, count = map(int, m.groups())
+                assert first < start and last == start - 1 and count == start - first > 0
+                break
+            assert time.monotonic() < deadline, "no missed-range line"
+        else:
+            raise AssertionError("up ended without the line")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "task crashy#0 exited with code 1; restart 1 in 0.5 s" in out

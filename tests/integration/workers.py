@@ -82,3 +82,13 @@ def publish_and_hang(address, name, spec, ready_q, go_event, result_q):
     pub.flush()  # notices still queued in a killed process's socket are lost; flush bounds that
     result_q.put(("pub-wrote", len(spec)))
     threading.Event().wait()
+
+
+_seen = [0]
+
+
+def crash_after(chunk, n: int = 3) -> None:
+    """A task callable (for `slabcast up` tests) that fails on its n-th chunk in each worker process."""
+    _seen[0] += 1
+    if _seen[0] >= n:
+        raise RuntimeError(f"crash_after: chunk {_seen[0]} (index {chunk.index})")

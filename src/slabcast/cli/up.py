@@ -315,10 +315,12 @@ def resolve(call: str) -> Any:
     return obj
 
 
-def task_main(task: Task, address: str, index: int) -> None:
+def task_main(task: Task, address: str, index: int, reached: int | None = None) -> None:
     """A worker process: subscribe with the task's settings and call the task on every chunk.
 
-    Returns (exit code 0) when the stream ends; any error ends the process with a traceback.
+    ``reached``: for a restarted worker, the stream index its predecessor had read up to;
+    the samples between it and this worker's start are reported as missed.  Returns
+    (exit code 0) when the stream ends; any error ends the process with a traceback.
     """
     from ..client.subscriber import Subscriber
 
@@ -329,6 +331,12 @@ def task_main(task: Task, address: str, index: int) -> None:
     with Subscriber(task.stream, task.size, seconds=task.seconds, clip=task.clip, sampler=task.sampler,
                     policy=task.policy, max_inflight=task.max_inflight, address=address, wait=86400.0,
                     label=f"task:{task.name}#{index}", partial_tail=task.partial_tail) as sub:  # fmt: skip
+        if reached is not None and sub.start_index > reached:
+            # A restarted worker: what its predecessor did not read is not ours to see (a lossless
+            # task must know what it missed).
+            line = (f"task {task.name}#{index} restarted at stream index {sub.start_index}: samples "
+                    f"{reached}..{sub.start_index - 1} ({sub.start_index - reached}) were not processed")  # fmt: skip
+            logging.getLogger("slabcast.up").warning(line)
         for chunk in sub:
             with chunk:
                 fn(chunk, **task.options)
@@ -346,6 +354,7 @@ class _Slot:
     done: bool = False
     seen: bool = False  # it has been seen subscribed in the broker's status
     missing_since: float = 0.0
+    reached: int | None = None  # the stream index its last worker had read up to (as last seen in status)
 
     @property
     def name(self) -> str:
@@ -356,11 +365,13 @@ class _Slot:
         return f"task:{self.name}"
 
 
-def _subscribed_labels(address: str) -> set[tuple[str, int]]:
+def _subscribed_labels(address: str) -> dict[tuple[str, int], int]:
+    """(label, pid) of every subscriber -> the stream index it has read up to (its cursor)."""
     from ..client.control import broker_status
 
     status = broker_status(address, timeout=1.0)
-    return {(u["label"], u["pid"]) for s in status["streams"] for u in s["subscribers"]}
+    return {(u["label"], u["pid"]): int(s["samples"] - u["lag_samples"]) for s in status["streams"]
+            for u in s["subscribers"]}  # fmt: skip
 
 
 def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
@@ -395,7 +406,8 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 if slot.proc is not None and not slot.proc.is_alive():
                     _reap(slot, now, say)
                 if slot.proc is None and not slot.done and now >= slot.due:
-                    slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index),
+                    slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
+                                                                    slot.reached),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     slot.proc.start()
                     slot.started, slot.seen, slot.missing_since = now, False, 0.0
@@ -461,6 +473,7 @@ def _check_evicted(slots: list[_Slot], address: str, lease_timeout: float, now: 
             continue
         if (slot.label, slot.proc.pid) in present:
             slot.seen, slot.missing_since = True, 0.0
+            slot.reached = present[(slot.label, slot.proc.pid)]
             continue
         if not slot.seen:
             continue  # still starting, or waiting for its stream
