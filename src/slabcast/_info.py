@@ -23,6 +23,12 @@ class StreamInfo:
         Samples per second, ``None`` when the stream has no fixed rate.
     channel_names : tuple of str
         ``("ch_0", ..., "ch_{n-1}")`` unless the publisher named them.
+    channel_types : tuple of str
+        Per channel, e.g. ``"EEG"``, ``"EMG"`` (LSL's ``type``); empty when not given.
+    channel_units : tuple of str
+        Per channel, e.g. ``"microvolts"``; empty when not given.
+    source_id : str
+        A unique id of the data's origin (LSL's ``source_id``: a device serial), or ``""``.
     """
 
     name: str
@@ -30,6 +36,41 @@ class StreamInfo:
     channels: int
     rate: float | None
     channel_names: tuple[str, ...]
+    channel_types: tuple[str, ...] = ()
+    channel_units: tuple[str, ...] = ()
+    source_id: str = ""
+
+    def metadata(self) -> dict[str, Any]:
+        """The optional fields as plain data (what travels in OPEN/SUBSCRIBED and into recordings)."""
+        return {"channel_types": list(self.channel_types), "channel_units": list(self.channel_units),
+                "source_id": self.source_id}  # fmt: skip
+
+    @staticmethod
+    def check_metadata(meta: Any, channels: int) -> dict[str, Any]:
+        """Validate ``meta`` (``None`` or a map of the optional fields) for a stream of ``channels``.
+
+        Raises
+        ------
+        ValueError
+            Naming the field and what was expected.
+        """
+        if meta is None:
+            return {"channel_types": [], "channel_units": [], "source_id": ""}
+        if not isinstance(meta, dict):
+            raise ValueError(f"stream metadata must be a map, got {type(meta).__name__}")
+        unknown = set(meta) - {"channel_types", "channel_units", "source_id"}
+        if unknown:
+            known = "channel_types, channel_units, source_id"
+            raise ValueError(f"unknown stream metadata {sorted(unknown)}; known: {known}")
+        out: dict[str, Any] = {"source_id": meta.get("source_id") or ""}
+        if not isinstance(out["source_id"], str) or len(out["source_id"]) > 256:
+            raise ValueError(f"source_id must be a string of at most 256 characters, got {out['source_id']!r}")
+        for key in ("channel_types", "channel_units"):
+            values = list(meta.get(key) or ())
+            if values and (len(values) != channels or not all(isinstance(v, str) and len(v) <= 64 for v in values)):
+                raise ValueError(f"{key} must be {channels} strings of at most 64 characters, got {values!r}")
+            out[key] = values
+        return out
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from .._exceptions import ProtocolError, ShmFullError
+from .._info import StreamInfo
 from ..broker.address import AddressLock, ipc_path, normalize
 from ..core.pool import SlabPool
 from ..core.rechunk import Rechunker
@@ -256,6 +257,7 @@ class _Stream:
         self.subs: list[_Sub] = []
         self.waiting: list[_Sub] = []  # local subscriptions waiting until the publisher carries enough
         self.joining: list[_Sub] = []  # offered (SUBSCRIBED), waiting for their ATTACH
+        self.meta: dict[str, Any] = StreamInfo.check_metadata(None, channels)  # channel types, units, source_id
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
         self.stats = _Statistics(dtype, channels, rate)
@@ -773,8 +775,13 @@ class Broker:
         self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float))
-        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window = msg
+        if len(msg) == 10:
+            msg = (*msg, None)  # the stream metadata map came with version 2; it may be absent
+        P.check_fields(
+            msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float),
+            (dict, type(None)),
+        )  # fmt: skip
+        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window, meta = msg
         if client.role != "pub" or client.stream is not None or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "OPEN is for a publisher connection that has no stream yet")
         if client.remote:
@@ -804,6 +811,10 @@ class Broker:
             names = [f"ch_{i}" for i in range(channels)]
         elif len(names) != channels or not all(isinstance(n, str) for n in names):
             raise _Refused(P.ERR_BAD_REQUEST, f"channel_names must be {channels} strings, got {names!r}")
+        try:
+            meta = StreamInfo.check_metadata(meta, channels)
+        except ValueError as exc:
+            raise _Refused(P.ERR_BAD_REQUEST, str(exc)) from None
         if not 0 <= stats_window <= 3600:
             raise _Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
         if name in self._streams:
@@ -846,6 +857,7 @@ class Broker:
             header,
             notice_path,
         )
+        stream.meta = meta
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
         if dtype.kind in "iuf" and not byte_stream and stats_window > 0:
@@ -1237,7 +1249,7 @@ class Broker:
         ]
         if client.version == P.VERSION:
             reply += [stream.sid, stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
-                      f"ipc://{stream.notice_path}"]  # fmt: skip
+                      f"ipc://{stream.notice_path}", stream.meta]  # fmt: skip
         self._send(client.ident, P.pack(reply))
         self._update_carry(stream)
 
@@ -1443,6 +1455,7 @@ class Broker:
                     "slabs_free": len(s.pool.free),
                     "statistics": self._statistics(s),
                     "channel_names": s.channel_names,
+                    **s.meta,
                     "subscribers": [self._sub_status(s, u) for u in s.subs],
                 }
             )

@@ -76,6 +76,15 @@ def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
     return (args.curve[0], args.curve[1]) if args.curve else None
 
 
+def _lsl_out(args: argparse.Namespace) -> int:
+    from ..client.lsl import run_outlet
+
+    sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type, source_id=args.source_id,
+                      curve=_curve(args))  # fmt: skip
+    print(f"lsl-out: {sent} samples of {args.stream} sent", file=sys.stderr)
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from ..client.control import broker_status
 
@@ -223,6 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small runs, for a smoke test")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("lsl-out", parents=[common], help="serve a stream as a Lab Streaming Layer outlet")
+    p.add_argument("stream")
+    p.add_argument("--name", default=None, help="LSL stream name (default: the slabcast name)")
+    p.add_argument("--type", default=None, help="LSL content type (default: the first channel type, or 'slabcast')")
+    p.add_argument("--source-id", default=None, help="LSL source_id (default: the stream's, or slabcast:<name>)")
+    p.add_argument("--address", default=None)
+    p.add_argument("--curve", nargs=2, metavar=("CLIENT_SECRET", "BROKER_PUBLIC"), default=None, help=curve_help)
+    p.set_defaults(func=_lsl_out)
 
     p = sub.add_parser("top", parents=[common], help="live view of a broker's streams and subscribers")
     p.add_argument("--address", default=None)

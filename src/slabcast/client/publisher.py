@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from .._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
+from .._info import StreamInfo
 from ..client.connection import Connection, _context, error_for
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import protocol as P
@@ -113,6 +114,10 @@ class Publisher:
         Seconds a ``write`` waits for a free slab before :class:`WriteTimeout`.
     channel_names : list of str, optional
         Defaults to ``ch_0 ... ch_{n-1}``.
+    channel_types, channel_units : list of str, optional
+        Per channel (``"EMG"``, ``"microvolts"``), for subscribers, recordings and LSL outlets.
+    source_id : str, optional
+        A unique id of the data's origin (a device serial), as LSL uses it.
     statistics : float
         Seconds of stream time over which the broker keeps rolling per-channel
         statistics (:func:`slabcast.stream_statistics`); 0 turns them off.  Kept
@@ -142,6 +147,9 @@ class Publisher:
         timeout: float = 10.0,
         channel_names: list[str] | None = None,
         statistics: float = 10.0,
+        channel_types: list[str] | None = None,
+        channel_units: list[str] | None = None,
+        source_id: str | None = None,
     ) -> None:
         P.check_stream_name(stream)
         self.dtype = P.check_dtype(dtype)
@@ -171,6 +179,10 @@ class Publisher:
                     max_chunk_bytes if max_chunk_bytes is not None else slab_bytes // 2,
                     list(channel_names) if channel_names is not None else None,
                     float(statistics),
+                    StreamInfo.check_metadata(
+                        {"channel_types": channel_types, "channel_units": channel_units, "source_id": source_id},
+                        channels,
+                    ),
                 ]
             )
             reply = self._conn.recv(timeout)

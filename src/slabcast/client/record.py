@@ -63,6 +63,7 @@ def write_info(path: str, info: StreamInfo) -> None:
         "rate": info.rate,
         "channel_names": list(info.channel_names),
         "created": time.time(),
+        **info.metadata(),
     }
     with open(os.path.join(path, "info.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -107,7 +108,7 @@ class Recording:
                 f"{path}: expected format {FORMAT} version 1, got {meta.get('format')} {meta.get('version')}"
             )
         dtype = np.dtype(meta["dtype"])
-        info = StreamInfo(meta["name"], dtype, meta["channels"], meta["rate"], tuple(meta["channel_names"]))
+        info = _info_from(meta, path)
         frames = np.fromfile(os.path.join(path, "frames.bin"), dtype=FRAME_RECORD)
         total = int(frames["n"].sum()) if len(frames) else 0
         sample_path = os.path.join(path, "samples.bin")
@@ -150,13 +151,15 @@ def open_recording(path: str) -> Recording:
 
 def _meta(info: StreamInfo) -> dict[str, Any]:
     return {"format": FORMAT, "version": 1, "name": info.name, "dtype": info.dtype.str, "channels": info.channels,
-            "rate": info.rate, "channel_names": list(info.channel_names), "created": time.time()}  # fmt: skip
+            "rate": info.rate, "channel_names": list(info.channel_names), "created": time.time(),
+            **info.metadata()}  # fmt: skip
 
 
 def _info_from(meta: dict[str, Any], path: str) -> StreamInfo:
     try:
         return StreamInfo(meta["name"], np.dtype(meta["dtype"]), int(meta["channels"]), meta["rate"],
-                          tuple(meta["channel_names"]))  # fmt: skip
+                          tuple(meta["channel_names"]), tuple(meta.get("channel_types") or ()),
+                          tuple(meta.get("channel_units") or ()), meta.get("source_id") or "")  # fmt: skip
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: the stream info is incomplete ({exc})") from None
 

@@ -194,6 +194,11 @@ class Chunk:
         return bool(self.flags & P.FLAG_DISCONTINUITY)
 
     @property
+    def info(self) -> StreamInfo:
+        """What the chunk's stream carries (name, dtype, channels, rate, channel names, types, units)."""
+        return self._sub.info
+
+    @property
     def partial(self) -> bool:
         """Whether this is the shorter last chunk of an ended stream (``partial_tail=True``)."""
         return bool(self.flags & P.FLAG_PARTIAL)
@@ -346,6 +351,7 @@ class Subscriber:
     def _connect(self, address: str | None) -> None:
         conn = Connection(address, "sub", self._label, curve=self._curve)
         notices = None
+        meta: dict[str, Any] = {}
         try:
             local = not conn.remote
             if self._partial_tail and not local:
@@ -374,6 +380,7 @@ class Subscriber:
             mm = None if conn.remote else attach(seg, seg_bytes)
             if local:
                 self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, endpoint = reply[9:15]
+                meta = reply[15] if len(reply) > 15 and isinstance(reply[15], dict) else {}
                 lock_fd = open_locks(seg)
                 notices = self._join(conn, endpoint, P.token_topic(token))
                 # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
@@ -400,7 +407,9 @@ class Subscriber:
         self._mm = mm  # an older mapping lives on in the views taken from it
         self.address = conn.address
         self.epoch = conn.epoch
-        self.info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names))
+        self.info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names),
+                               tuple(meta.get("channel_types") or ()), tuple(meta.get("channel_units") or ()),
+                               meta.get("source_id") or "")  # fmt: skip
         self._dtype = self.info.dtype
         self._channels = channels
         self._local = local

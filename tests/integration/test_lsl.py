@@ -1,0 +1,153 @@
+"""Lab Streaming Layer both ways (issue 13), against real pylsl outlets and inlets on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import slabcast
+
+pylsl = pytest.importorskip("pylsl", reason="the lsl extra: pip install 'slabcast[lsl]'")
+
+
+def emg_outlet(name, source_id, channels=4, rate=512.0):
+    info = pylsl.StreamInfo(name, "EMG", channels, rate, "float32", source_id)
+    chans = info.desc().append_child("channels")
+    for i in range(channels):
+        ch = chans.append_child("channel")
+        ch.append_child_value("label", f"EMG{i + 1:02d}")
+        ch.append_child_value("type", "EMG")
+        ch.append_child_value("unit", "microvolts")
+    return pylsl.StreamOutlet(info)
+
+
+def push(outlet, start, n, channels=4):
+    data = (np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones(channels, np.float32))
+    outlet.push_chunk(data)
+    return data
+
+
+def test_labels_units_and_source_id_reach_subscribers_windows_and_recordings(tmp_path, stream_name):
+    lsl_name = f"sc-{stream_name}"
+    outlet = emg_outlet(lsl_name, f"dev-{stream_name}")
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=2"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        sub = slabcast.Subscriber(stream_name, size=64, clip=True, address=broker.address, wait=20)
+        info = sub.info
+        assert info.channel_names == ("EMG01", "EMG02", "EMG03", "EMG04")
+        assert info.channel_types == ("EMG",) * 4 and info.channel_units == ("microvolts",) * 4
+        assert info.source_id == f"dev-{stream_name}" and info.rate == 512.0
+        win = slabcast.Window(stream_name, 1.0, address=broker.address)
+        assert win.info.channel_units == info.channel_units
+        out = tmp_path / "emg.zarr"
+        rec = subprocess.Popen([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out),
+                                "--address", broker.address, "--seconds", "0.5"],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert outlet.wait_for_consumers(10)
+        for k in range(0, 1024, 64):
+            push(outlet, k, 64)
+        with sub.recv(timeout=10) as chunk:
+            assert chunk.info.channel_names[0] == "EMG01" and chunk.data.shape == (64, 4)
+        assert rec.wait(30) == 0, rec.stderr.read()
+        rec.stderr.close()
+        win.close()
+        sub.close()
+    recording = slabcast.open_recording(str(out))
+    assert recording.info.channel_units == ("microvolts",) * 4 and recording.info.source_id == f"dev-{stream_name}"
+
+
+def test_an_outlet_started_after_the_broker_and_restarted_is_followed_with_a_discontinuity(tmp_path, stream_name):
+    lsl_name = f"sc-{stream_name}"
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=0.5,lost_after=1.0"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        # No outlet yet: the broker serves, the source waits (a subscriber waits for the stream).
+        assert not slabcast.broker_status(broker.address)["streams"]
+        time.sleep(3.0)  # the outlet comes 3 s after the broker (a wait for time, not readiness)
+        outlet = emg_outlet(lsl_name, "same-device")
+        sub = slabcast.Subscriber(stream_name, size=128, clip=True, address=broker.address, wait=20)
+        assert outlet.wait_for_consumers(10)
+        first = push(outlet, 0, 256)
+        got = [sub.recv(timeout=10), sub.recv(timeout=10)]
+        assert [c.discontinuity for c in got] == [False, False]
+        assert np.array_equal(np.concatenate([c.data for c in got]), first)
+        for c in got:
+            c.release()
+        del outlet  # the device goes away ...
+        time.sleep(2.0)  # ... for 2 s (longer than lost_after) ...
+        outlet = emg_outlet(lsl_name, "same-device")  # ... and comes back
+        deadline = time.monotonic() + 20
+        k = 1000
+        while True:  # until the source has found it again
+            push(outlet, k, 128)
+            k += 128
+            try:
+                chunk = sub.recv(timeout=0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "the restarted outlet was never followed"
+        assert chunk.discontinuity and chunk.data[0, 0] >= 1000
+        chunk.release()
+        sub.close()
+
+
+def test_a_marker_stream_is_refused_in_one_clear_line(tmp_path, stream_name):
+    lsl_name = f"sc-{stream_name}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(lsl_name, "Markers", 1, 0, "string", lsl_name))
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=2"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        deadline = time.monotonic() + 15
+        while not any(s["state"] == "failed" for s in slabcast.broker_status(broker.address)["sources"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)  # polling the broker's status: no event says a source gave up
+        assert slabcast.broker_status(broker.address)["pid"] == broker.pid  # the broker is unharmed
+    err = broker.stderr()
+    assert "carries strings (a marker stream); slabcast streams numbers" in err and "Traceback" not in err
+    del outlet
+
+
+def test_slabcast_lsl_out_serves_a_stream_to_a_pylsl_inlet_exactly(broker, stream_name):
+    lsl_name = f"out-{stream_name}"
+    pub = slabcast.Publisher(stream_name, "float32", 3, rate=250.0, address=broker.address,
+                             channel_names=["Fz", "Cz", "Pz"], channel_types=["EEG"] * 3,
+                             channel_units=["microvolts"] * 3)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", stream_name, "--name", lsl_name,
+                             "--address", broker.address], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        found = pylsl.resolve_byprop("name", lsl_name, 1, 20)
+        assert found, "the outlet never appeared"
+        inlet = pylsl.StreamInlet(found[0])
+        full = inlet.info(10)
+        ch = full.desc().child("channels").child("channel")
+        assert (ch.child_value("label"), ch.child_value("type"), ch.child_value("unit")) == ("Fz", "EEG",
+                                                                                             "microvolts")  # fmt: skip
+        assert (full.channel_count(), full.nominal_srate(), full.type()) == (3, 250.0, "EEG")
+        inlet.open_stream(10)
+        time.sleep(0.5)  # LSL's inlet needs a moment after open_stream before it receives (no signal exists)
+        data = np.arange(3 * 500, dtype=np.float32).reshape(500, 3)
+        t0 = time.time()
+        for k in range(0, 500, 50):
+            pub.write(data[k : k + 50], t0=t0 + k / 250.0)
+        got, stamps = [], []
+        deadline = time.monotonic() + 20
+        while sum(len(g) for g in got) < 500 and time.monotonic() < deadline:
+            samples, ts = inlet.pull_chunk(timeout=1.0)
+            if ts:
+                got.append(np.asarray(samples, dtype=np.float32))
+                stamps.extend(ts)
+        values = np.concatenate(got)
+        assert np.array_equal(values, data)
+        # Timestamps on LSL's clock: sample k at t0 + k/250, within the clock offset measurement.
+        offset = time.time() - pylsl.local_clock()
+        assert np.allclose(np.asarray(stamps) + offset, t0 + np.arange(500) / 250.0, atol=0.01)
+        pub.close()
+        assert proc.wait(20) == 0
+        assert "500 samples" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
