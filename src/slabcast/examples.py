@@ -47,13 +47,24 @@ def spl(chunk: Any) -> None:
     _say(f"[spl   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  {levels}")
 
 
-def wav_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
-    """Write the chunk as a WAV file ``<out>/<stream index>.wav``, without losing a bit.
+def _rate(chunk: Any, rate: float | None) -> int:
+    """The sample rate to write: the one given, else the stream's."""
+    if rate:
+        return int(rate)
+    info = getattr(chunk, "info", None)
+    if info is None or not info.rate:
+        raise ValueError("the stream has no rate: pass rate= in the task's options")
+    return int(info.rate)
 
-    Integer PCM keeps its width (``uint8`` 8-bit, ``int16`` 16-bit, ``int32``
-    32-bit); float samples in [-1, 1] become 16-bit PCM (use :func:`flac_file` or
-    ``soundfile`` to keep floats).
+
+def wav_file(chunk: Any, out: str = ".", rate: float | None = None) -> None:
+    """Write the chunk as a WAV file ``<out>/<stream index>.wav`` at the stream's rate (or ``rate``).
+
+    Integer PCM is written bit for bit at its width (``uint8`` 8-bit, ``int16``
+    16-bit, ``int32`` 32-bit); float samples in [-1, 1] become 16-bit PCM (record
+    with ``slabcast record --out x.wav`` or ``soundfile`` to keep floats).
     """
+    rate = _rate(chunk, rate)
     data = chunk.data
     dt = data.dtype
     if dt.kind == "f":
@@ -72,8 +83,9 @@ def wav_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
     _say(f"[wav   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(pcm) / rate:.2f} s)")
 
 
-def flac_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
-    """Write the chunk as a FLAC file ``<out>/<stream index>.flac`` through ``soundfile`` (libsndfile).
+def flac_file(chunk: Any, out: str = ".", rate: float | None = None) -> None:
+    """Write the chunk as a FLAC file ``<out>/<stream index>.flac`` through ``soundfile`` (libsndfile),
+    at the stream's rate (or ``rate``).
 
     ``int16`` stays 16-bit and ``int32`` becomes 24-bit (FLAC's widest); floats in
     [-1, 1] become 24-bit.  Needs the ``files`` extra (``pip install slabcast[files]``).
@@ -82,6 +94,7 @@ def flac_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
         import soundfile
     except ImportError as exc:
         raise ImportError("flac_file needs soundfile: pip install 'slabcast[files]'") from exc
+    rate = _rate(chunk, rate)
     data = chunk.data
     subtype = "PCM_16" if data.dtype == np.int16 else "PCM_24"
     os.makedirs(out, exist_ok=True)
@@ -90,8 +103,9 @@ def flac_file(chunk: Any, out: str = ".", rate: int = 48_000) -> None:
     _say(f"[flac  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(data) / rate:.2f} s)")
 
 
-def spectral_peak(chunk: Any, rate: float = 48_000.0) -> None:
+def spectral_peak(chunk: Any, rate: float | None = None) -> None:
     """Print the frequency of the strongest spectral peak of each channel (a stand-in for a model)."""
+    rate = _rate(chunk, rate)
     data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
     n = len(data)
     spectrum = np.abs(np.fft.rfft(data * np.hanning(n)[:, None], axis=0))

@@ -27,7 +27,7 @@ def test_demo_runs_three_workers_and_leaves_nothing_behind():
     wav = [line for line in lines if line.startswith("[wav")]
     peak = [line for line in lines if line.startswith("[peak")]
     assert len(spl) == 6  # 3.2 s in 0.5 s chunks
-    assert len(wav) == 1  # one 3 s file
+    assert len(wav) == 2 and "(0.20 s)" in wav[1]  # one 3 s file, then the last 0.2 s (partial_tail)
     assert len(peak) == 2  # 0.5 s analysed every 2 s
     assert all("440.0 Hz" in line and "1000.0 Hz" in line for line in peak)
     assert "done, 3.2 s of audio streamed" in lines[-1]

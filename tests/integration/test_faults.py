@@ -379,3 +379,31 @@ def test_a_client_inherited_through_fork_says_so_instead_of_hanging(broker, stre
     assert bytes(sub.recv(timeout=5).data) == b"y"
     sub.close()
     pub.close()
+
+
+def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, tmp_path):
+    # Found by a newcomer trying the README: each of these was late, cryptic or silent.
+    t = time.monotonic()
+    with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.5 s"):
+        slabcast.Subscriber(stream_name, size=1, wait=0.5, timeout=10, address=broker.address)
+    assert time.monotonic() - t < 3.0  # wait= bounds it, not wait + timeout (was 10.5 s)
+    with pytest.raises(ValueError, match=r"rate must be a positive number .* got '48000'"):
+        slabcast.Publisher(stream_name, "float32", rate="48000", address=broker.address)
+    bad = subprocess.run([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(tmp_path / "y.mp3"),
+                          "--address", broker.address], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and "unknown recording format '.mp3'" in bad.stderr
+    from slabcast.cli.up import resolve
+
+    with pytest.raises(AttributeError, match="did you mean 'spl'"):
+        resolve("slabcast.examples:spll")
+
+
+def test_the_synthetic_source_writes_whole_frames(tmp_path, stream_name):
+    spec = f"synthetic:name={stream_name},rate=48000,channels=1,frame=480"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec)) as b:
+        sub = slabcast.Subscriber(stream_name, size=4800, clip=True, address=b.address, wait=10)
+        for _ in range(3):
+            sub.recv(timeout=5).release()
+        stream = slabcast.broker_status(b.address)["streams"][0]
+        assert stream["samples"] == 480 * stream["frames"]  # never a frame of what came due during a write
+        sub.close()

@@ -101,9 +101,9 @@ class SyntheticSource:
         rate = self.info.rate
         assert rate is not None
         due = int((time.time() - self._start) * rate) - self._produced
-        if due < 1:
-            return None
-        n = min(due, self.frame)
+        if due < self.frame:
+            return None  # whole frames only: a frame of what came due during the last write would be tiny
+        n = self.frame
         index = self._produced + np.arange(n)
         t = index / rate
         data = self.amplitude * np.sin(2 * np.pi * t[:, None] * self.freqs[None, :])
@@ -247,6 +247,9 @@ class StdinSource(_Clocked):
         whole = min(len(self._pending) // self._sample_bytes, want) * self._sample_bytes
         if not whole:
             if self._eof:
+                if self._pending:
+                    log.warning("stdin source %r: the input ended inside a sample; its last %d bytes were dropped "
+                                "(a sample is %d bytes)", self.info.name, len(self._pending), self._sample_bytes)
                 raise EOFError("end of standard input")
             return None
         data, self._pending = self._pending[:whole], self._pending[whole:]
@@ -291,6 +294,8 @@ class FileSource(_Clocked):
             raise ImportError("the file source needs soundfile: pip install 'slabcast[files]'") from exc
         self._sf = soundfile
         self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise OSError(f"no audio file at {self.path!r}")
         try:
             meta = soundfile.info(self.path)
         except Exception as exc:  # soundfile raises its own LibsndfileError (a RuntimeError) or OSError

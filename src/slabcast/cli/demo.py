@@ -58,10 +58,10 @@ def run_demo(duration: float = 15.0, out: str | None = None) -> int:
             with Publisher(
                 STREAM, dtype="float32", channels=2, rate=RATE, address=broker.address, channel_names=["left", "right"]
             ) as pub:
-                tasks = [  # SPL every 0.5 s; a WAV file every 3 s; 0.5 s analysed of every 2 s (a sampler)
+                tasks = [  # SPL every 0.5 s; a WAV every 3 s (and the rest at the end); 0.5 s of every 2 s
                     ("spl", examples.spl, {}, {"seconds": 0.5, "clip": True}),
-                    ("wav", examples.wav_file, {"out": out_dir, "rate": RATE}, {"seconds": 3.0, "clip": True}),
-                    ("peak", examples.spectral_peak, {"rate": RATE}, {"seconds": 0.5, "clip": True, "sampler": 1.5}),
+                    ("wav", examples.wav_file, {"out": out_dir}, {"seconds": 3.0, "clip": True, "partial_tail": True}),
+                    ("peak", examples.spectral_peak, {}, {"seconds": 0.5, "clip": True, "sampler": 1.5}),
                 ]
                 procs = [
                     ctx.Process(target=_worker, args=(broker.address, ready, n, fn, opts), kwargs=kw, name=n)

@@ -131,7 +131,7 @@ def _record(args: argparse.Namespace) -> int:
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address)
     except (FileExistsError, ValueError, ImportError) as exc:
-        print(f"slabcast record: {exc}", file=sys.stderr)
+        print(f"\nslabcast record: {exc}", file=sys.stderr)
         return 2
     return 0
 

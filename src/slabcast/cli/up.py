@@ -307,10 +307,20 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
 
 
 def resolve(call: str) -> Any:
-    """Import ``module:function``."""
+    """Import ``module:function``.
+
+    Raises
+    ------
+    ImportError, AttributeError
+        The latter naming the closest existing name.
+    """
     module, _, name = call.partition(":")
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
+        if not hasattr(obj, part):
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"{getattr(obj, '__name__', obj)!s} has no {part!r}{hint}")
         obj = getattr(obj, part)
     return obj
 
@@ -324,7 +334,12 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None) 
     """
     from ..client.subscriber import Subscriber
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM ...
+
+    def stop(*_: Any) -> None:
+        raise SystemExit(0)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
+
+    signal.signal(signal.SIGTERM, stop)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fn = resolve(task.call)
     # The broker holds the subscription until the stream exists: a worker may start first.

@@ -9,6 +9,7 @@ and the statistics.  Fast writers batch both.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 import threading
@@ -155,7 +156,8 @@ class Publisher:
         self.dtype = P.check_dtype(dtype)
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        if rate is not None and (isinstance(rate, bool) or not rate > 0):
+        numeric = isinstance(rate, int | float) and not isinstance(rate, bool)
+        if rate is not None and (not numeric or not 0 < rate < math.inf):
             raise ValueError(f"rate must be a positive number of samples per second or None, got {rate!r}")
         self.name = stream
         self._pid = os.getpid()

@@ -393,6 +393,19 @@ class _ZarrWriter(_Writer):
         self.flush()
 
 
+def _check_out(out: str) -> None:
+    """Refuse an --out that cannot be written, before waiting for the stream."""
+    low = out.rstrip("/").lower()
+    ext = os.path.splitext(low)[1]
+    if ext and ext not in (*_AUDIO, ".zarr"):
+        raise ValueError(f"unknown recording format {ext!r} in {out!r}: use .wav, .flac, .aiff, .ogg (soundfile), "
+                         f".zarr (Zarr v3), or a directory name without an extension")  # fmt: skip
+    if os.path.exists(os.path.join(out, "info.json")):
+        raise FileExistsError(f"{out} already holds a recording; choose another --out")
+    if ext and os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; choose another --out")
+
+
 def _writer(out: str, info: StreamInfo) -> _Writer:
     low = out.rstrip("/").lower()
     if low.endswith(".zarr"):
@@ -412,7 +425,10 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
     from .._exceptions import EndOfStream
     from ..client.subscriber import Subscriber
 
-    sub = Subscriber(stream, 1, policy="block", address=address, wait=30.0, label=f"record:{stream}")
+    _check_out(out)
+    if progress:
+        print(f"recording {stream}: waiting for the stream", end="", file=sys.stderr, flush=True)
+    sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}")
     written = 0
     writer: _Writer | None = None
     try:

@@ -362,7 +362,7 @@ class Subscriber:
                 wire_sampler = [self._pause() for _ in range(self._prefetch)]
             conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0,
                        token if local else None])  # fmt: skip
-            reply = conn.recv(self._timeout + self._wait)
+            reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
             if reply is None:
                 if self._wait > 0:
                     raise StreamNotFoundError(
@@ -426,7 +426,7 @@ class Subscriber:
             self._nseq = -1  # the next notice seq expected; -1: none seen yet
             self._cursor = self.start_index
             self._cur_slab = -1
-            self._acked = (-1, -1, -1)  # (slab, dropped, held) at the last ACK
+            self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
             self._acked_at = 0.0
             self._stream_end: tuple[str, str, int] | None = None
             self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
@@ -801,7 +801,7 @@ class Subscriber:
     def _send_ack(self, force: bool = False) -> None:
         """Tell the broker how far we have read: at once when we left a slab or gave one back, otherwise
         (counters for ``slabcast status``) at most every ``_ACK_INTERVAL`` seconds."""
-        state = (self._cur_slab, self._dropped, self._received - self._leases.released)
+        state = (self._cur_slab, self._dropped, self._received - self._leases.released, self._received)
         acked = self._acked
         if self._conn.closed:
             return
