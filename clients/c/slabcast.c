@@ -854,6 +854,29 @@ static int take_end(sc_client *c, const msgview *m);
 
 /* JOINED came: send ATTACH; the broker starts us at its head (0 for a subscription made before the
  * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */
+/* Send the packed request `what` and wait (the client's timeout) for its answer of kind `want`:
+ * ERROR and END (e.g. the stream ended while the broker held the request) become their errors. */
+static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
+{
+    int rc = send_packed(c, what);
+    if (rc)
+        return rc;
+    rc = next_msg(c, deadline_for(c->timeout_ms), m);
+    if (rc == SC_ETIMEOUT)
+        return fail(c, SC_EBROKERGONE, "no answer to %s from the broker within %d ms (%s)", what, c->timeout_ms,
+                    c->where);
+    if (rc)
+        return rc;
+    if (m->kind == K_ERROR)
+        return broker_error(c, m);
+    if (m->kind == K_END)
+        return take_end(c, m);
+    if (m->kind != want)
+        return fail(c, SC_EPROTO, "expected %s, got %s (kind %llu) (%s)", kind_name(want), kind_name(m->kind),
+                    (unsigned long long)m->kind, c->where);
+    return SC_OK;
+}
+
 static int attach(sc_client *c, uint64_t *start)
 {
     /* Our liveness mark, which the broker tests in any PID namespace (docs/protocol.md 0.4): a shared
@@ -874,23 +897,10 @@ static int attach(sc_client *c, uint64_t *start)
     msgpack_pack_array(&c->pk, 2);
     msgpack_pack_uint64(&c->pk, K_ATTACH);
     msgpack_pack_uint32(&c->pk, slot);
-    int rc = send_packed(c, "ATTACH");
-    if (rc)
-        return rc;
     msgview m;
-    rc = next_msg(c, deadline_for(c->timeout_ms), &m);
-    if (rc == SC_ETIMEOUT)
-        return fail(c, SC_EBROKERGONE, "no answer to ATTACH from the broker within %d ms (%s)", c->timeout_ms,
-                    c->where);
+    int rc = request(c, "ATTACH", K_ATTACHED, &m);
     if (rc)
         return rc;
-    if (m.kind == K_ERROR)
-        return broker_error(c, &m);
-    if (m.kind == K_END)
-        return take_end(c, &m);
-    if (m.kind != K_ATTACHED)
-        return fail(c, SC_EPROTO, "expected ATTACHED, got %s (kind %llu) (%s)", kind_name(m.kind),
-                    (unsigned long long)m.kind, c->where);
     if ((rc = need_fields(c, &m, 1)) || (rc = field_uint(c, &m, 0, "start", start)))
         return rc;
     return SC_OK;
@@ -974,24 +984,10 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_bin(&c->pk, TOKEN_BYTES);
         msgpack_pack_bin_body(&c->pk, c->token + 1, TOKEN_BYTES);
     }
-    int rc = send_packed(c, "SUBSCRIBE");
-    if (rc)
-        return rc;
-
     msgview m;
-    rc = next_msg(c, deadline_for(c->timeout_ms), &m);
-    if (rc == SC_ETIMEOUT)
-        return fail(c, SC_EBROKERGONE, "no answer to SUBSCRIBE from the broker within %d ms (%s)", c->timeout_ms,
-                    c->where);
+    int rc = request(c, "SUBSCRIBE", K_SUBSCRIBED, &m);
     if (rc)
         return rc;
-    if (m.kind == K_ERROR)
-        return broker_error(c, &m);
-    if (m.kind == K_END)  /* the stream ended while the broker held our request */
-        return take_end(c, &m);
-    if (m.kind != K_SUBSCRIBED)
-        return fail(c, SC_EPROTO, "expected SUBSCRIBED, got %s (kind %llu) (%s)", kind_name(m.kind),
-                    (unsigned long long)m.kind, c->where);
     uint64_t seg_bytes, channels, size, start;
     double rate = 0.0;
     if ((rc = need_fields(c, &m, c->local ? 14 : 8)) ||

@@ -135,6 +135,7 @@ class _Clocked:
 
     info: StreamInfo
     address: str | None
+    frame: int
 
     def _clock_init(self, pace: Any, speed: float, wait_for: int) -> None:
         if not speed > 0:
@@ -154,6 +155,13 @@ class _Clocked:
             return False
         self._start = time.time()
         return True
+
+    def _want(self) -> int:
+        """Samples that may go out now, at most a frame (0: none yet)."""
+        if not self._ready():
+            return 0
+        allowed = self._allowed()
+        return self.frame if allowed is None else min(self.frame, allowed)
 
     def _allowed(self) -> int | None:
         """Samples that may go out now without running ahead of the clock (None: no limit)."""
@@ -229,10 +237,7 @@ class StdinSource(_Clocked):
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
         """Return whole samples read so far; raise :class:`EOFError` at the end of input."""
-        if not self._ready():
-            return None
-        allowed = self._allowed()
-        want = self.frame if allowed is None else min(self.frame, allowed)
+        want = self._want()
         if want < 1:
             return None
         need = want * self._sample_bytes - len(self._pending)
@@ -324,10 +329,7 @@ class FileSource(_Clocked):
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
         """Return the next frame; :class:`EOFError` at the end (unless looping)."""
-        if not self._ready():
-            return None
-        allowed = self._allowed()
-        want = self.frame if allowed is None else min(self.frame, allowed)
+        want = self._want()
         if want < 1:
             return None
         data = self._file.read(want, dtype=self.info.dtype.name, always_2d=True)
