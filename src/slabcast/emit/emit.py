@@ -11,7 +11,6 @@ import queue
 import secrets
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from .._exceptions import ClosedError, WorkerDiedError
 from ..core.rechunk import Rechunker, check_sampler, check_size
 from ..core.shm import Segment, attach, segment_prefix
+from ..wire import protocol as P
 
 __all__ = ["BufferEmit", "WorkerDiedError"]
 
@@ -60,23 +60,11 @@ _now = time.time
 # tells of the worker's death as soon as the kernel closes its files.  The chunk data itself
 # never crosses a pipe: it stays in a shared-memory slab.
 #
-# notice (owner -> worker), 44 bytes, little-endian; a write this small is atomic:
-#     offset  size  field
-#     0       8     i64 seq        chunk number (>= 0), or _DROP
-#     8       4     u32 slab       slab number: segment "<prefix><slab>"
-#     12      8     u64 slab_bytes size of that segment
-#     20      8     u64 offset     where the chunk starts in the slab
-#     28      8     u64 nbytes     chunk length in bytes
-#     36      8     f64 t0         time of the chunk's first frame
-# result (worker -> owner), a 13-byte header then ``length`` bytes of pickle:
-#     0       8     i64 seq        the notice's seq; -1 with _READY
-#     8       1     u8  status     _OK (payload: return value, empty if unwanted), _ERROR
-#                                  (payload: the exception) or _READY (callback loaded)
-#     9       4     u32 length
-_NOTICE = struct.Struct("<qIQQQd")
-_RESULT = struct.Struct("<qBI")
-_DROP = -2  # unmap slab: the owner unlinks it
-_OK, _ERROR, _READY = 0, 1, 2
+# Their two messages, the notice (owner -> worker, 44 bytes: a pipe write this small is atomic)
+# and the result (worker -> owner), are defined with every other message in wire/protocol.py.
+_NOTICE, _RESULT = P.EMIT_NOTICE, P.EMIT_RESULT
+_DROP = P.EMIT_DROP
+_OK, _ERROR, _READY = P.EMIT_OK, P.EMIT_ERROR, P.EMIT_READY
 
 
 def _write_all(fd: int, data: bytes) -> None:

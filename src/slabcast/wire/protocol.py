@@ -7,6 +7,7 @@ they get broker-cut CHUNK notices, exactly as version 1 specified.
 from __future__ import annotations
 
 import re
+import struct
 from typing import Any
 
 import msgpack
@@ -118,6 +119,28 @@ MAX_BATCH = 4096  # frames in one FRAMES message
 STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 DTYPE_KINDS = "biufc"
 
+
+
+# BufferEmit's process mode (in-process API, emit/emit.py): fixed binary records over a pipe per
+# worker, not msgpack (a notice must be one atomic pipe write; results carry a pickle).
+#
+# EMIT_NOTICE (owner -> worker), 44 bytes, little-endian:
+#     offset  size  field
+#     0       8     i64 seq        chunk number (>= 0), or EMIT_DROP
+#     8       4     u32 slab       slab number: segment "<prefix><slab>"
+#     12      8     u64 slab_bytes size of that segment
+#     20      8     u64 offset     where the chunk starts in the slab
+#     28      8     u64 nbytes     chunk length in bytes
+#     36      8     f64 t0         time of the chunk's first frame
+# EMIT_RESULT (worker -> owner), a 13-byte header then ``length`` bytes of pickle:
+#     0       8     i64 seq        the notice's seq; -1 with EMIT_READY
+#     8       1     u8  status     EMIT_OK (payload: return value, empty if unwanted), EMIT_ERROR
+#                                  (payload: the exception) or EMIT_READY (callback loaded)
+#     9       4     u32 length
+EMIT_NOTICE = struct.Struct("<qIQQQd")
+EMIT_RESULT = struct.Struct("<qBI")
+EMIT_DROP = -2  # unmap slab: the owner unlinks it
+EMIT_OK, EMIT_ERROR, EMIT_READY = 0, 1, 2
 
 
 def stream_topic(name: str) -> bytes:
