@@ -29,6 +29,9 @@ class StreamInfo:
         Per channel, e.g. ``"microvolts"``; empty when not given.
     source_id : str
         A unique id of the data's origin (LSL's ``source_id``: a device serial), or ``""``.
+    timestamps : bool
+        Every sample carries its own time (``chunk.times`` reads them in place);
+        otherwise sample ``k`` of a frame is at ``t0 + k / rate``.
     """
 
     name: str
@@ -39,11 +42,12 @@ class StreamInfo:
     channel_types: tuple[str, ...] = ()
     channel_units: tuple[str, ...] = ()
     source_id: str = ""
+    timestamps: bool = False
 
     def metadata(self) -> dict[str, Any]:
         """The optional fields as plain data (what travels in OPEN/SUBSCRIBED and into recordings)."""
         return {"channel_types": list(self.channel_types), "channel_units": list(self.channel_units),
-                "source_id": self.source_id}  # fmt: skip
+                "source_id": self.source_id, "timestamps": self.timestamps}  # fmt: skip
 
     @staticmethod
     def check_metadata(meta: Any, channels: int) -> dict[str, Any]:
@@ -55,14 +59,16 @@ class StreamInfo:
             Naming the field and what was expected.
         """
         if meta is None:
-            return {"channel_types": [], "channel_units": [], "source_id": ""}
+            return {"channel_types": [], "channel_units": [], "source_id": "", "timestamps": False}
         if not isinstance(meta, dict):
             raise ValueError(f"stream metadata must be a map, got {type(meta).__name__}")
-        unknown = set(meta) - {"channel_types", "channel_units", "source_id"}
+        unknown = set(meta) - {"channel_types", "channel_units", "source_id", "timestamps"}
         if unknown:
-            known = "channel_types, channel_units, source_id"
+            known = "channel_types, channel_units, source_id, timestamps"
             raise ValueError(f"unknown stream metadata {sorted(unknown)}; known: {known}")
-        out: dict[str, Any] = {"source_id": meta.get("source_id") or ""}
+        out: dict[str, Any] = {"source_id": meta.get("source_id") or "", "timestamps": meta.get("timestamps") or False}
+        if not isinstance(out["timestamps"], bool):
+            raise ValueError(f"timestamps must be true or false, got {out['timestamps']!r}")
         if not isinstance(out["source_id"], str) or len(out["source_id"]) > 256:
             raise ValueError(f"source_id must be a string of at most 256 characters, got {out['source_id']!r}")
         for key in ("channel_types", "channel_units"):

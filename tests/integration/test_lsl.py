@@ -60,13 +60,13 @@ def test_labels_units_and_source_id_reach_subscribers_windows_and_recordings(tmp
     assert recording.info.channel_units == ("microvolts",) * 4 and recording.info.source_id == f"dev-{stream_name}"
 
 
-def test_an_outlet_started_after_the_broker_and_restarted_is_followed_with_a_discontinuity(tmp_path, stream_name):
+def test_an_outlet_started_10_s_after_the_broker_and_restarted_is_followed_with_a_discontinuity(tmp_path, stream_name):
     lsl_name = f"sc-{stream_name}"
     spec = f"lsl:name={stream_name},stream={lsl_name},timeout=0.5,lost_after=1.0"
     with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
         # No outlet yet: the broker serves, the source waits (a subscriber waits for the stream).
         assert not slabcast.broker_status(broker.address)["streams"]
-        time.sleep(3.0)  # the outlet comes 3 s after the broker (a wait for time, not readiness)
+        time.sleep(10.0)  # the outlet comes 10 s after the broker (a wait for time, not readiness)
         outlet = emg_outlet(lsl_name, "same-device")
         sub = slabcast.Subscriber(stream_name, size=128, clip=True, address=broker.address, wait=20)
         assert outlet.wait_for_consumers(10)
@@ -151,3 +151,53 @@ def test_slabcast_lsl_out_serves_a_stream_to_a_pylsl_inlet_exactly(broker, strea
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_each_samples_own_lsl_time_reaches_chunk_times_and_a_recording(tmp_path, stream_name):
+    lsl_name = f"sc-{stream_name}"
+    outlet = emg_outlet(lsl_name, f"dev-{stream_name}", channels=2, rate=100.0)
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=2"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        sub = slabcast.Subscriber(stream_name, size=50, clip=True, address=broker.address, wait=20)
+        assert sub.info.timestamps
+        out = tmp_path / "t.zarr"
+        rec = subprocess.Popen([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out),
+                                "--address", broker.address, "--seconds", "1.0"],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert outlet.wait_for_consumers(10)
+        # Jittered stamps, as a real device's are: each sample keeps its own.
+        base = pylsl.local_clock()
+        stamps = base + np.arange(100) / 100.0 + np.random.default_rng(1).uniform(0, 0.003, 100)
+        data = np.arange(200, dtype=np.float32).reshape(100, 2)
+        for k in range(100):
+            outlet.push_sample(data[k], stamps[k])
+        offset = time.time() - pylsl.local_clock()
+        with sub.recv(timeout=10) as chunk:
+            assert np.allclose(chunk.times, stamps[:50] + offset, atol=0.005)
+            assert not np.allclose(np.diff(chunk.times), 0.01, atol=1e-6)  # the jitter is there, not t0 + k/rate
+            assert not chunk.times.flags.writeable
+        assert rec.wait(30) == 0, rec.stderr.read()
+        rec.stderr.close()
+        sub.close()
+    recording = slabcast.open_recording(str(out))
+    assert recording.times is not None and len(recording.times) == len(recording.samples) == 100
+    assert np.allclose(recording.times, stamps + offset, atol=0.005)
+
+
+def test_a_publisher_with_timestamps_and_chunk_times(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "int16", rate=1000.0, timestamps=True, address=broker.address,
+                             slab_bytes=4096, nslabs=3, max_chunk_bytes=1024)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=300, clip=True, address=broker.address)
+    plain = slabcast.Subscriber(stream_name, size=300, clip=True, address=broker.address)
+    times = 5.0 + np.sort(np.random.default_rng(2).uniform(0, 10, 3000))
+    for k in range(0, 3000, 100):  # several slabs: times are carried with the samples
+        pub.write(np.arange(k, k + 100, dtype=np.int16), times=times[k : k + 100])
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(100,\), got \(3,\)"):
+        pub.write(np.zeros(100, np.int16), times=[1.0, 2.0, 3.0])
+    pub.close()
+    got = [(c.index, c.times.copy(), c.t0) for c in sub]
+    assert [g[0] for g in got] == list(range(0, 3000, 300))
+    for index, t, t0 in got:
+        assert np.array_equal(t, times[index : index + 300]) and t0 == times[index]
+    sub.close()
+    plain.close()

@@ -45,6 +45,7 @@ from ..core.shm import (
     pid_alive,
     reap_stale,
     segment_prefix,
+    time_at,
 )
 from ..wire import protocol as P
 
@@ -828,7 +829,9 @@ class Broker:
         self._segments += 1
         header = header_bytes(nslabs)
         try:
-            segment = Segment(seg_name, header + nslabs * slab_bytes, self.shm_mode)
+            slots = slab_bytes // sample_bytes
+            times = 8 * slots * nslabs if meta.get("timestamps") else 0  # per-sample times, when asked for
+            segment = Segment(seg_name, header + nslabs * slab_bytes + times, self.shm_mode)
         except ShmFullError as exc:
             raise _Refused(P.ERR_SHM_FULL, str(exc)) from None
         segment.write_header(
@@ -1051,6 +1054,12 @@ class Broker:
             # missing older part here (the old slab is intact: only we decide when it is reused).
             data = start + stream.reserve
             stream.u8[data - need : data - carry] = stream.u8[old_end - need : old_end - carry]
+            if stream.meta.get("timestamps"):  # and the times of those samples
+
+                def at(offset: int) -> int:
+                    return time_at(offset, stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes)
+
+                stream.u8[at(data - need) : at(data - carry)] = stream.u8[at(old_end - need) : at(old_end - carry)]
             carry = need
         stream.base_index = head
         stream.base_offset = start + stream.reserve

@@ -372,7 +372,8 @@ class ReplaySource:
         self.recording = open_recording(path)
         rec = self.recording.info
         self.info = StreamInfo(check_stream_name(name or rec.name), rec.dtype, rec.channels, rec.rate,
-                               rec.channel_names, rec.channel_types, rec.channel_units, rec.source_id)  # fmt: skip
+                               rec.channel_names, rec.channel_types, rec.channel_units, rec.source_id,
+                               rec.timestamps and self.recording.times is not None)  # fmt: skip
         self.speed = float(speed)
         self.loop = bool(loop)
         self.wait_for = int(wait_for)
@@ -420,7 +421,10 @@ class ReplaySource:
         data = np.asarray(self.recording.samples[index - first : index - first + n]).reshape(n, -1)
         t0 += self._lap * self._length()
         rate = self.info.rate
-        stamps = t0 + np.arange(n) / rate if rate else np.full(n, t0)
+        if self.recording.times is not None:  # each sample's own time, as recorded
+            stamps = np.asarray(self.recording.times[index - first : index - first + n]) + self._lap * self._length()
+        else:
+            stamps = t0 + np.arange(n) / rate if rate else np.full(n, t0)
         self._next += 1
         return (data if self.info.channels > 1 else data[:, 0]), stamps
 
@@ -534,7 +538,7 @@ class LslSource:
         self._last_data = time.monotonic()
         self.info = StreamInfo(self.name, np.dtype(fmt), n, rate, tuple(labels),
                                tuple(types) if any(types) else (), tuple(units) if any(units) else (),
-                               full.source_id())  # fmt: skip
+                               full.source_id(), timestamps=True)  # each sample keeps its LSL stamp
         log.info("LSL outlet %r (source_id %r, %d x %s @ %s Hz) feeds stream %r", full.name(), full.source_id(), n,
                  fmt, rate, self.name)  # fmt: skip
         return self.info
@@ -738,7 +742,7 @@ class SourceThread(threading.Thread):
         pub = Publisher(info.name, dtype=info.dtype, channels=info.channels, rate=info.rate,
                         channel_names=list(info.channel_names), address=self.address,
                         channel_types=list(info.channel_types) or None, channel_units=list(info.channel_units) or None,
-                        source_id=info.source_id or None,
+                        source_id=info.source_id or None, timestamps=info.timestamps,
                         **self.publisher_options)  # fmt: skip
         log.info("source %r started", info.name)
         self.state = "running"
@@ -767,7 +771,7 @@ class SourceThread(threading.Thread):
                 take_jump = getattr(self.source, "take_jump", None)
                 if take_jump is not None and take_jump():
                     jumped = True
-                self._write(pub, info.name, data, float(stamps[0]), jumped)
+                self._write(pub, info.name, data, float(stamps[0]), jumped, stamps if info.timestamps else None)
                 jumped = False
             self.state = "ended"
         except SlabcastError as exc:  # the broker is shutting down under us
@@ -781,12 +785,12 @@ class SourceThread(threading.Thread):
             self.source.disconnect()
             pub.close()
 
-    def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool) -> None:
+    def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool, times: Any = None) -> None:
         """Write one frame; while a ``block`` subscriber holds every slab, wait (nothing is dropped) and say so."""
         since = 0.0
         while True:
             try:
-                pub.write(data, t0=t0, discontinuity=jumped)
+                pub.write(data, t0=t0, discontinuity=jumped, times=times)
             except WriteTimeout:
                 if self.stopping.is_set():
                     raise

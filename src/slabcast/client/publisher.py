@@ -23,7 +23,7 @@ import zmq
 from .._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
 from ..client.connection import Connection, _context, error_for
-from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks
+from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
 from ..wire import protocol as P
 
 __all__ = ["Publisher", "check_frame"]
@@ -119,6 +119,9 @@ class Publisher:
         Per channel (``"EMG"``, ``"microvolts"``), for subscribers, recordings and LSL outlets.
     source_id : str, optional
         A unique id of the data's origin (a device serial), as LSL uses it.
+    timestamps : bool
+        Keep a time per sample (``write(..., times=)``; subscribers read them as
+        ``chunk.times``, in place).  Costs 8 bytes of shared memory per sample slot.
     statistics : float
         Seconds of stream time over which the broker keeps rolling per-channel
         statistics (:func:`slabcast.stream_statistics`); 0 turns them off.  Kept
@@ -151,6 +154,7 @@ class Publisher:
         channel_types: list[str] | None = None,
         channel_units: list[str] | None = None,
         source_id: str | None = None,
+        timestamps: bool = False,
     ) -> None:
         P.check_stream_name(stream)
         self.dtype = P.check_dtype(dtype)
@@ -182,7 +186,12 @@ class Publisher:
                     list(channel_names) if channel_names is not None else None,
                     float(statistics),
                     StreamInfo.check_metadata(
-                        {"channel_types": channel_types, "channel_units": channel_units, "source_id": source_id},
+                        {
+                            "channel_types": channel_types,
+                            "channel_units": channel_units,
+                            "source_id": source_id,
+                            "timestamps": bool(timestamps),
+                        },
                         channels,
                     ),
                 ]
@@ -210,6 +219,7 @@ class Publisher:
         self.segment = seg
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+        self.timestamps = bool(timestamps)
         self._grants: deque[int] = deque()
         self._carry = min(int(carry), self.reserve)  # bytes of the old slab's tail to copy into each new one
         self._slab_carry = 0  # what was carried into the slab being written
@@ -238,7 +248,7 @@ class Publisher:
         self.frames = 0
         self.samples = 0
 
-    def write(self, data: Any, t0: float | None = None, discontinuity: bool = False) -> None:
+    def write(self, data: Any, t0: float | None = None, discontinuity: bool = False, times: Any = None) -> None:
         """Append one frame to the stream.
 
         Parameters
@@ -252,6 +262,9 @@ class Publisher:
             reconnected): samples accumulated by subscribers are dropped so no
             chunk spans the jump, and each subscriber's next chunk has
             ``discontinuity`` set.
+        times : array-like, optional
+            ``(n,)`` seconds, one per sample, for a stream opened with
+            ``timestamps=True`` (default: ``t0 + k / rate``); ``t0`` defaults to ``times[0]``.
 
         Raises
         ------
@@ -278,6 +291,11 @@ class Publisher:
                 f"a frame of {n} samples ({nbytes} bytes) is larger than {self._where} allows "
                 f"({self._frame_limit} bytes: slab_bytes - max_chunk_bytes); split it or use larger slabs"
             )
+        stamps = None
+        if times is not None or self.timestamps:
+            stamps = self._check_times(times, n, t0)
+            if t0 is None:
+                t0 = float(stamps[0])
         if t0 is None:
             t0 = time.time()
         now = time.monotonic()
@@ -292,6 +310,9 @@ class Publisher:
         if offset + nbytes > self._end:
             offset = self._next_slab()
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
+        if stamps is not None:
+            at = time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
+            self._u8[at : at + 8 * n] = stamps.view(np.uint8)
         t0 = float(t0)
         index = self.samples
         with self._lock:
@@ -322,6 +343,19 @@ class Publisher:
         self._offset = offset + nbytes
         self.frames += 1
         self.samples += n
+
+    def _check_times(self, times: Any, n: int, t0: float | None) -> np.ndarray[Any, Any]:
+        """``times`` as ``(n,)`` float64, or the rate's times from ``t0`` when none are given."""
+        if not self.timestamps:
+            raise ValueError(f"times= needs a stream opened with timestamps=True; {self._where} was not")
+        if times is None:
+            start = time.time() if t0 is None else float(t0)
+            step = 1.0 / self.rate if self.rate else 0.0
+            return start + np.arange(n, dtype=np.float64) * step
+        stamps = np.ascontiguousarray(times, dtype=np.float64)
+        if stamps.shape != (n,):
+            raise ValueError(f"times must have one value per sample, shape ({n},), got {stamps.shape} ({self._where})")
+        return stamps
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has handled every frame written so far.
@@ -462,6 +496,12 @@ class Publisher:
         if carry:
             u8 = self._u8
             u8[data - carry : data] = u8[self._offset - carry : self._offset]
+            if self.timestamps:  # and the times of the carried samples
+
+                def at(offset: int) -> int:
+                    return time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
+
+                u8[at(data - carry) : at(data)] = u8[at(self._offset - carry) : at(self._offset)]
         self._slab_carry = carry
         self._floor = self.samples - carry // self.sample_bytes
         self._end = start + self.slab_bytes

@@ -83,11 +83,14 @@ class Recording:
     frames : numpy.ndarray
         One record per frame as written: ``index`` (first sample), ``n``,
         ``t0`` (seconds, the publisher's clock, ``time.time()`` for hosted sources).
+    times : array-like or None
+        ``(n,)`` seconds per sample, when the stream kept them (``info.timestamps``).
     """
 
     info: StreamInfo
     samples: np.ndarray[Any, Any]  # (n, channels), memory-mapped
     frames: np.ndarray[Any, Any]  # FRAME_RECORD per frame
+    times: Any = None  # (n,) float64 per sample, for a stream with per-sample timestamps
 
     @classmethod
     def open(cls, path: str) -> Recording:
@@ -117,7 +120,7 @@ class Recording:
         samples: np.ndarray[Any, Any] = np.zeros((0, info.channels), dtype=dtype)
         if total:
             samples = np.memmap(sample_path, dtype=dtype, mode="r", shape=(total, info.channels))
-        return cls(info, samples, frames)
+        return cls(info, samples, frames, _times_file(os.path.join(path, "times.bin"), total))
 
     @property
     def duration(self) -> float:
@@ -155,11 +158,20 @@ def _meta(info: StreamInfo) -> dict[str, Any]:
             **info.metadata()}  # fmt: skip
 
 
+def _times_file(path: str, n: int) -> np.ndarray[Any, Any] | None:
+    """A per-sample time sidecar (f64 each), as long as the samples, or None."""
+    if not os.path.exists(path):
+        return None
+    times = np.fromfile(path, dtype="<f8")
+    return times[:n] if len(times) >= n else None
+
+
 def _info_from(meta: dict[str, Any], path: str) -> StreamInfo:
     try:
         return StreamInfo(meta["name"], np.dtype(meta["dtype"]), int(meta["channels"]), meta["rate"],
                           tuple(meta["channel_names"]), tuple(meta.get("channel_types") or ()),
-                          tuple(meta.get("channel_units") or ()), meta.get("source_id") or "")  # fmt: skip
+                          tuple(meta.get("channel_units") or ()), meta.get("source_id") or "",
+                          bool(meta.get("timestamps")))  # fmt: skip
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: the stream info is incomplete ({exc})") from None
 
@@ -249,7 +261,7 @@ def _open_audio(path: str) -> Recording:
         frames["t0"] = starts / (info.rate or 1.0)
     else:
         raise ValueError(f"{path}: the file does not say how long it is and has no .frames sidecar")
-    return Recording(info, _AudioSamples(path, n, info), frames)  # type: ignore[arg-type]
+    return Recording(info, _AudioSamples(path, n, info), frames, _times_file(path + ".times", n))  # type: ignore[arg-type]
 
 
 def _open_zarr(path: str) -> Recording:
@@ -274,14 +286,22 @@ def _open_zarr(path: str) -> Recording:
     total = int(frames["n"].sum())
     if samples.shape[0] < total:
         raise ValueError(f"{path}: 'samples' is shorter than its frames say ({samples.shape[0]} < {total})")
-    return Recording(info, _ZarrSamples(samples, total), frames)  # type: ignore[arg-type]
+    times_array: Any = group.get("times", None)
+    times = np.asarray(times_array[:total]) if times_array is not None else None
+    return Recording(info, _ZarrSamples(samples, total), frames, times)  # type: ignore[arg-type]
 
 
 class _Writer:
     """Where a recording goes: ``write`` frames, ``flush`` now and then, ``close`` at the end."""
 
+    times: Any = None  # where per-sample times go (a file or a Zarr array), for streams that have them
+
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
         raise NotImplementedError
+
+    def write_times(self, times: np.ndarray[Any, Any]) -> None:
+        """Per-sample times of the frame just written (only for streams with ``timestamps``)."""
+        self.times.write(np.ascontiguousarray(times, dtype="<f8").tobytes())
 
     def flush(self) -> None:
         raise NotImplementedError
@@ -295,6 +315,8 @@ class _DirWriter(_Writer):
         write_info(path, info)
         self.samples = open(os.path.join(path, "samples.bin"), "ab")  # noqa: SIM115 (closed in close)
         self.frames = open(os.path.join(path, "frames.bin"), "ab")  # noqa: SIM115
+        if info.timestamps:
+            self.times = open(os.path.join(path, "times.bin"), "ab")  # noqa: SIM115
 
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
         self.samples.write(np.ascontiguousarray(data).tobytes())
@@ -303,10 +325,14 @@ class _DirWriter(_Writer):
     def flush(self) -> None:
         self.samples.flush()
         self.frames.flush()
+        if self.times is not None:
+            self.times.flush()
 
     def close(self) -> None:
         self.samples.close()
         self.frames.close()
+        if self.times is not None:
+            self.times.close()
 
 
 _SUBTYPES = {  # (format, dtype) -> libsndfile subtype; what is missing does not fit losslessly
@@ -340,6 +366,8 @@ class _AudioWriter(_Writer):
         with open(path + ".json", "x") as f:
             json.dump(_meta(info), f, indent=2)
         self.frames = open(path + ".frames", "ab")  # noqa: SIM115 (closed in close)
+        if info.timestamps:
+            self.times = open(path + ".times", "ab")  # noqa: SIM115
 
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
         self.file.write(data)
@@ -348,10 +376,14 @@ class _AudioWriter(_Writer):
     def flush(self) -> None:
         self.file.flush()  # libsndfile rewrites a WAV header here: a kill -9 leaves a valid file
         self.frames.flush()
+        if self.times is not None:
+            self.times.flush()
 
     def close(self) -> None:
         self.file.close()
         self.frames.close()
+        if self.times is not None:
+            self.times.close()
 
 
 class _ZarrWriter(_Writer):
@@ -373,6 +405,12 @@ class _ZarrWriter(_Writer):
         self.t0 = self.group.create_array("frames/t0", shape=(0,), dtype="<f8", chunks=(4096,))
         self.pending: list[np.ndarray[Any, Any]] = []
         self.pending_frames: list[tuple[int, int, float]] = []
+        self.pending_times: list[np.ndarray[Any, Any]] = []
+        if info.timestamps:
+            self.times = self.group.create_array("times", shape=(0,), dtype="<f8", chunks=(block,))
+
+    def write_times(self, times: np.ndarray[Any, Any]) -> None:
+        self.pending_times.append(np.array(times, dtype="<f8"))
 
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
         self.pending.append(np.array(data if data.ndim == 2 else data[:, None]))
@@ -383,6 +421,9 @@ class _ZarrWriter(_Writer):
             return
         # Samples first, then the frames that describe them: a kill between the two loses frames, not sense.
         self.samples.append(np.concatenate(self.pending), axis=0)
+        if self.pending_times:
+            self.times.append(np.concatenate(self.pending_times))
+            self.pending_times = []
         frames = np.array(self.pending_frames, dtype=FRAME_RECORD)
         self.index.append(frames["index"])
         self.n.append(frames["n"])
@@ -447,6 +488,8 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
                 with chunk:
                     n = len(chunk.data) if limit is None else min(len(chunk.data), limit - written)
                     writer.write(chunk.data[:n], chunk.index, chunk.t0)
+                    if writer.times is not None:
+                        writer.write_times(chunk.times[:n])
                 written += n
                 t_first = chunk.t0 if t_first is None else t_first
                 if not rate and seconds is not None and chunk.t0 - t_first >= seconds:

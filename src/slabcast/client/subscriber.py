@@ -32,7 +32,7 @@ from .._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolErr
 from .._info import StreamInfo, SubscriberStatistics
 from ..client.connection import Connection, _context, error_for
 from ..core.rechunk import Rechunker, check_sampler, check_size
-from ..core.shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks
+from ..core.shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks, time_at
 from ..wire import protocol as P
 
 __all__ = ["Chunk", "Subscriber"]
@@ -171,10 +171,12 @@ class Chunk:
     view kept past the release stays intact.
     """
 
-    __slots__ = ("_data", "_sub", "flags", "index", "seq", "t0")
+    __slots__ = ("_data", "_offset", "_sub", "flags", "index", "seq", "t0")
 
-    def __init__(self, sub: Subscriber, data: np.ndarray[Any, Any], seq: int, index: int, t0: float, flags: int):
+    def __init__(self, sub: Subscriber, data: np.ndarray[Any, Any], seq: int, index: int, t0: float, flags: int,
+                 offset: int = -1):  # fmt: skip
         self._sub = sub
+        self._offset = offset  # where in the segment (local chunks), for the per-sample times
         self._data: np.ndarray[Any, Any] | None = data
         self.seq = seq
         self.index = index
@@ -192,6 +194,18 @@ class Chunk:
     def discontinuity(self) -> bool:
         """Whether the stream jumped right before this chunk."""
         return bool(self.flags & P.FLAG_DISCONTINUITY)
+
+    @property
+    def times(self) -> np.ndarray[Any, Any]:
+        """``(n,)`` seconds, one per sample, on the publisher's clock (``time.time()`` for hosted sources).
+
+        In place (read-only, valid while the chunk is) for a stream with
+        ``info.timestamps`` (an LSL source keeps each sample's own stamp); else
+        computed as ``t0 + k / rate`` (``t0`` for every sample without a rate).
+        """
+        if self._data is None:
+            raise ClosedError(f"chunk seq={self.seq} was released")
+        return self._sub._times(self)
 
     @property
     def info(self) -> StreamInfo:
@@ -379,7 +393,7 @@ class Subscriber:
             _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:9]
             mm = None if conn.remote else attach(seg, seg_bytes)
             if local:
-                self._sid, _header, _slab_bytes, _nslabs, self._sample_bytes, endpoint = reply[9:15]
+                self._sid, self._header, self._slab_bytes, self._nslabs, self._sample_bytes, endpoint = reply[9:15]
                 meta = reply[15] if len(reply) > 15 and isinstance(reply[15], dict) else {}
                 lock_fd = open_locks(seg)
                 notices = self._join(conn, endpoint, P.token_topic(token))
@@ -409,7 +423,7 @@ class Subscriber:
         self.epoch = conn.epoch
         self.info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names),
                                tuple(meta.get("channel_types") or ()), tuple(meta.get("channel_units") or ()),
-                               meta.get("source_id") or "")  # fmt: skip
+                               meta.get("source_id") or "", bool(meta.get("timestamps")))  # fmt: skip
         self._dtype = self.info.dtype
         self._channels = channels
         self._local = local
@@ -783,6 +797,15 @@ class Subscriber:
             flags |= P.FLAG_DISCONTINUITY
         self._ready.append((seq, start, length, t0, offset, slab, flags))
 
+    def _times(self, chunk: Chunk) -> np.ndarray[Any, Any]:
+        info = self.info
+        n = len(chunk)
+        if info.timestamps and self._local and chunk._offset >= 0:
+            at = time_at(chunk._offset, self._header, self._slab_bytes, self._nslabs, self._sample_bytes)
+            return np.frombuffer(self._mm, dtype="<f8", count=n, offset=at)
+        step = 1.0 / info.rate if info.rate else 0.0
+        return chunk.t0 + np.arange(n, dtype=np.float64) * step
+
     def _hand_out(self) -> Chunk:
         seq, index, n, t0, offset, slab, flags = self._ready.popleft()
         channels = self._channels
@@ -793,7 +816,7 @@ class Subscriber:
         leases.refs[seq] = weakref.ref(base, functools.partial(leases.on_dead, seq))
         self._received += 1
         self._last_seq = seq
-        return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
+        return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags, offset)
 
     def _unlock_idle(self) -> None:
         self._leases.unlock_idle(self._cur_slab)

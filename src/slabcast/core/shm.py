@@ -79,6 +79,8 @@ __all__ = [
     "pid_alive",
     "reap_stale",
     "segment_prefix",
+    "time_at",
+    "times_offset",
 ]
 
 MAGIC = b"SLABCAST"
@@ -96,6 +98,22 @@ _FLOCK = struct.Struct("hhqqi4x")
 _HEADER = struct.Struct("<8sIIQIIIId16sQ64s")
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"slabcast\.(\d+)\.[0-9a-f]+\.\d+")
+
+
+def times_offset(header: int, slab_bytes: int, nslabs: int) -> int:
+    """Where the per-sample time table of a stream with ``timestamps`` starts: right after the slabs.
+
+    Sample slot ``k`` of slab ``i`` (the sample at byte ``header + i * slab_bytes + k * sample_bytes``)
+    has its time, an ``f64`` (seconds, the publisher's clock), at ``times_offset + 8 * (i * slots + k)``
+    with ``slots = slab_bytes // sample_bytes``.
+    """
+    return header + nslabs * slab_bytes
+
+
+def time_at(offset: int, header: int, slab_bytes: int, nslabs: int, sample_bytes: int) -> int:
+    """The byte where the time of the sample at segment byte ``offset`` is kept (see :func:`times_offset`)."""
+    slab, within = divmod(offset - header, slab_bytes)
+    return times_offset(header, slab_bytes, nslabs) + 8 * (slab * (slab_bytes // sample_bytes) + within // sample_bytes)
 
 
 def header_bytes(nslabs: int) -> int:
