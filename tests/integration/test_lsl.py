@@ -60,7 +60,9 @@ def test_labels_units_and_source_id_reach_subscribers_windows_and_recordings(tmp
     assert recording.info.channel_units == ("microvolts",) * 4 and recording.info.source_id == f"dev-{stream_name}"
 
 
-def test_an_outlet_started_10_s_after_the_broker_and_restarted_is_followed_with_a_discontinuity(tmp_path, stream_name):
+@pytest.mark.parametrize("second", ["same-device", "new-device"])  # restarted, or replaced by another outlet
+def test_an_outlet_started_10_s_after_the_broker_then_gone_is_followed_with_a_discontinuity(tmp_path, stream_name,
+                                                                                          second):  # fmt: skip
     lsl_name = f"sc-{stream_name}"
     spec = f"lsl:name={stream_name},stream={lsl_name},timeout=0.5,lost_after=1.0"
     with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
@@ -78,7 +80,7 @@ def test_an_outlet_started_10_s_after_the_broker_and_restarted_is_followed_with_
             c.release()
         del outlet  # the device goes away ...
         time.sleep(2.0)  # ... for 2 s (longer than lost_after) ...
-        outlet = emg_outlet(lsl_name, "same-device")  # ... and comes back
+        outlet = emg_outlet(lsl_name, second)  # ... and comes back, or another takes its place
         deadline = time.monotonic() + 20
         k = 1000
         while True:  # until the source has found it again
