@@ -129,3 +129,20 @@ def test_status_json_reports_uptime_and_pool(broker, stream_name):
     assert status["pid"] == broker.pid
     assert status["uptime"] > 0
     assert status["streams"][0]["slabs"] == 4
+
+
+def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
+    from slabcast.cli.up import load_config
+
+    cfg = tmp_path / "h.toml"
+    cfg.write_text(
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\nhistory = 30.0\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nseconds = 10.0\nclip = true\n"
+    )
+    config = load_config(str(cfg))
+    spec = next(a for a in config.broker_args if a.startswith("synthetic:"))
+    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    chunk = 480000 * 8  # 10 s of 48 kHz stereo float32
+    assert int(opts["max_chunk_bytes"]) == chunk and int(opts["slab_bytes"]) == 2 * chunk
+    # 30 s of stream (11.52 MB) over 3.84 MB of data per slab: 3 slabs, plus 3.
+    assert int(opts["nslabs"]) == 6

@@ -40,7 +40,7 @@ _TOP_KEYS = {"broker", "sources", "tasks"}
 _BROKER_KEYS = {"address", "lease_timeout", "shm_mode", "log_level"}
 _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "policy", "workers", "options",
               "max_inflight", "partial_tail", "restart_on_end", "external"}  # fmt: skip
-_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout"}
+_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout", "history"}
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB = 4 << 20
 _DEFAULT_NSLABS = 8
@@ -145,7 +145,7 @@ def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str,
     opts = {k: v for k, v in raw.items() if k != "kind"}
     pool = {k: opts.pop(k) for k in list(opts) if k in _POOL_KEYS}
     for key, value in pool.items():
-        _number(where, key, value, integer=key != "write_timeout")
+        _number(where, key, value, integer=key not in ("write_timeout", "history"))
     cls: Any = _KINDS[kind]
     _check_options(where, f"a {kind} source", cls, opts, skip=0)
     try:
@@ -225,6 +225,14 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
     if pool.get("max_chunk_bytes", slab // 2) >= slab:
         raise ConfigError(f"{where}: max_chunk_bytes ({pool['max_chunk_bytes']}) must be smaller than "
                           f"slab_bytes ({slab}): a slab holds the carried chunk and at least one frame")  # fmt: skip
+    history = pool.pop("history", None)
+    if history is not None and "nslabs" not in pool:
+        # Enough slabs to hold `history` seconds behind the one being written (plus the two granted ahead),
+        # so block tasks may fall that far behind before the source waits.
+        if not info.rate:
+            raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")
+        data = slab - pool.get("max_chunk_bytes", slab // 2)
+        pool["nslabs"] = max(4, -(-int(history * info.rate * sample) // data) + 3)
     nslabs = pool.setdefault("nslabs", _DEFAULT_NSLABS)
     return int(slab * nslabs + 4096 * (1 + nslabs // 1000))
 
