@@ -69,3 +69,18 @@ def test_window_needs_a_rate(broker, stream_name):
         pytest.raises(ValueError, match="needs a stream with a rate"),
     ):
         slabcast.Window(stream_name, 1.0, address=broker.address)
+
+
+def test_display_envelope_by_tsdownsample_keeps_every_peak_like_numpy():
+    pytest.importorskip("tsdownsample")
+    from slabcast.client.window import envelope, envelope_tsdownsample
+
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((8, 20480)).astype(np.float32)
+    data[3, 12345] = 50.0  # a single-sample spike must survive decimation
+    times = np.arange(20480) / 2048.0
+    for fn in (envelope, envelope_tsdownsample):
+        mins, maxs, cols = fn(data, times, 1200)
+        assert mins.shape == maxs.shape == (8, 1200) and cols.shape == (1200,)
+        assert maxs[3].max() == 50.0 and np.array_equal(mins.min(axis=1), data.min(axis=1))
+        assert np.all(np.diff(cols) > 0)

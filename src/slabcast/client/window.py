@@ -123,17 +123,25 @@ class Window:
                 times = np.concatenate([self._times[end:], self._times[:end]])
         return data.T.copy(), times
 
-    def get_display(self, n_pixels: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    def get_display(
+        self, n_pixels: int, method: str = "numpy"
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Return ``(mins, maxs, times)``: a per-channel min/max envelope of :meth:`get` in ``n_pixels`` columns.
 
         Every sample falls in exactly one column, so every peak survives; each column
         reports the smallest and largest value in it (``(channels, columns)`` each) and
         the time of its first sample.  With fewer samples than pixels, each sample is
-        its own column.
+        its own column.  ``method``: ``"numpy"`` (the default: the faster, measured by
+        ``benchmarks/display.py``) or ``"tsdownsample"`` (its MinMax downsampler; the
+        ``display`` extra).
         """
         if not isinstance(n_pixels, int) or n_pixels < 1:
             raise ValueError(f"n_pixels must be a positive integer, got {n_pixels!r}")
+        if method not in ("numpy", "tsdownsample"):
+            raise ValueError(f"method must be 'numpy' or 'tsdownsample', got {method!r}")
         data, times = self.get()
+        if method == "tsdownsample":
+            return envelope_tsdownsample(data, times, n_pixels)
         return envelope(data, times, n_pixels)
 
     def close(self) -> None:
@@ -162,3 +170,29 @@ def envelope(
     columns = min(n_pixels, n)
     edges = (np.arange(columns) * n) // columns  # start of each column; all distinct since columns <= n
     return np.minimum.reduceat(data, edges, axis=1), np.maximum.reduceat(data, edges, axis=1), times[edges]
+
+
+def envelope_tsdownsample(
+    data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], n_pixels: int
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The same envelope through ``tsdownsample``'s MinMax downsampler (Rust, SIMD): its own column edges.
+
+    Raises
+    ------
+    ImportError
+        Without the ``display`` extra (``pip install 'slabcast[display]'``).
+    """
+    try:
+        from tsdownsample import MinMaxDownsampler
+    except ImportError as exc:
+        raise ImportError("method='tsdownsample' needs tsdownsample: pip install 'slabcast[display]'") from exc
+    channels, n = data.shape
+    if n <= 2 * n_pixels:
+        return envelope(data, times, n_pixels)
+    sampler = MinMaxDownsampler()  # type: ignore[no-untyped-call]
+    # Two indices per column (its min and its max, in time order); one column per pixel.
+    idx = np.stack([np.asarray(sampler.downsample(np.ascontiguousarray(row), n_out=2 * n_pixels)) for row in data])
+    columns = idx.shape[1] // 2
+    values = np.take_along_axis(data, idx, axis=1).reshape(channels, columns, 2)
+    first = idx.reshape(channels, columns, 2).min(axis=2).min(axis=0)
+    return values.min(axis=2), values.max(axis=2), times[first]
