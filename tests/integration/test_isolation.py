@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -182,3 +183,99 @@ def test_partial_tail_hands_out_the_unfinished_last_chunk(broker, stream_name, p
     assert [len(c) for c in plain] == [400, 400]  # without it the tail is dropped, as before
     sub.close()
     plain.close()
+
+
+# Found by a review of data path v2: each was reproduced before it was fixed.
+
+
+def test_a_drop_subscriber_keeps_receiving_after_a_broker_restart(tmp_path, stream_name):
+    address = tmp_path / "b.sock"
+    first = slabcast.BrokerProcess(address).start()
+    pub = slabcast.Publisher(stream_name, "int32", address=first.address)
+    sub = slabcast.Subscriber(stream_name, size=4, clip=True, policy="drop", max_inflight=2, reconnect=20,
+                              address=first.address)  # fmt: skip
+    for i in range(5):
+        pub.write(np.full(4, i, np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert chunk.data[0] == i
+    first.kill()
+    pub.close()
+    with slabcast.BrokerProcess(address) as second:
+        pub = slabcast.Publisher(stream_name, "int32", address=second.address)
+        with pytest.raises(slabcast.WouldBlock):
+            sub.recv_nowait()  # it notices the restart and subscribes again
+        got = []
+        for i in range(5):
+            pub.write(np.full(4, 10 + i, np.int32))
+            with sub.recv(timeout=5) as chunk:
+                got.append(int(chunk.data[0]))
+        assert got == [10, 11, 12, 13, 14]  # not dropped as if the old broker's chunks were still held
+        sub.close()
+        pub.close()
+
+
+def test_paused_drop_subscribers_hold_no_slab(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=8192, nslabs=4, timeout=2)
+    viewers = [slabcast.Subscriber(stream_name, size=256, policy="drop", address=broker.address) for _ in range(3)]
+    pub.write(np.zeros(256, np.int32))
+    for v in viewers:
+        v.recv(timeout=5).release()  # each read once, gave it back, and now pauses
+        with pytest.raises(slabcast.WouldBlock):
+            v.recv_nowait()
+    for i in range(40):  # 10 pools' worth: would time out if the paused viewers kept slabs locked
+        pub.write(np.full(256, i, np.int32))
+    for v in viewers:
+        v.close()
+    pub.close()
+
+
+def test_a_publisher_dropped_without_close_is_collected_and_its_stream_ends(broker, stream_name):
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    pub.write(np.zeros(4, np.int32))
+    ref = weakref.ref(pub)
+    del pub
+    gc.collect()
+    assert ref() is None  # its background thread held it alive before
+    again = slabcast.Publisher(stream_name, "int32", address=broker.address)  # the name is free again
+    again.close()
+
+
+def test_a_short_stream_that_ends_before_a_waiting_subscriber_attaches_is_all_received(broker, stream_name):
+    for k in range(5):
+        name = f"{stream_name}{k}"
+        box: dict = {}
+        made = threading.Event()
+
+        def subscribe(name=name, box=box, made=made):
+            box["sub"] = slabcast.Subscriber(name, size=1, wait=10, address=broker.address)
+            made.set()
+
+        t = threading.Thread(target=subscribe)
+        t.start()
+        for _ in range(200):  # the broker holds the subscription before the stream exists
+            if slabcast.broker_status(broker.address)["clients"] >= 1:
+                break
+            made.wait(0.01)
+        pub = slabcast.Publisher(name, "uint8", address=broker.address)
+        for i in range(20):
+            pub.write(bytes([i]))
+        pub.close()
+        t.join(10)
+        sub = box["sub"]
+        assert [bytes(c.data)[0] for c in sub] == list(range(20))
+        sub.close()
+
+
+def test_an_old_publisher_closing_after_a_broker_restart_leaves_the_new_stream_alone(tmp_path, stream_name):
+    address = tmp_path / "b.sock"
+    first = slabcast.BrokerProcess(address).start()
+    old = slabcast.Publisher(stream_name, "uint8", address=first.address)
+    first.kill()
+    with slabcast.BrokerProcess(address) as second:
+        new = slabcast.Publisher(stream_name, "uint8", address=second.address)  # stream id 0 again
+        old.close()  # removes its own notice socket file, not the new one's
+        sub = slabcast.Subscriber(stream_name, size=1, address=second.address, timeout=5)
+        new.write(b"n")
+        assert bytes(sub.recv(timeout=5).data) == b"n"
+        sub.close()
+        new.close()

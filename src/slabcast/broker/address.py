@@ -13,7 +13,7 @@ __all__ = ["AddressLock", "default_address", "ipc_path", "normalize"]
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
-_NOTICE_SUFFIX = 8  # ".<stream id>": each stream's notice socket sits beside the broker's (docs/protocol.md 0.1)
+_NOTICE_SUFFIX = 17  # ".<epoch>.<stream id>": each stream's notice socket sits beside the broker's (protocol.md 0.1)
 
 
 def default_address() -> str:

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -252,6 +253,7 @@ class _Stream:
         self.slab_end = 0
         self.floor = 0  # lowest index readable contiguously from the current slab (its carry)
         self.carry = 0  # bytes of each slab's tail the publisher copies into the next (asked)
+        self.carried = 0  # ... (confirmed by the publisher: new subscriptions are admitted against this)
         self.head = 0  # index of the next sample
         self.frames = 0
         self.publisher: _Client | None = None
@@ -394,6 +396,8 @@ class Broker:
         reaped = reap_stale()
         if reaped:
             log.info("removed %d segments of dead brokers: %s", len(reaped), ", ".join(reaped))
+        if self._lock is not None:
+            self._remove_stale_notice_sockets()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -439,6 +443,18 @@ class Broker:
             P.CARRIED: self._on_carried,
             P.ATTACH: self._on_attach,
         }
+
+    def _remove_stale_notice_sockets(self) -> None:
+        """The address is ours (its lock): notice sockets beside it are those of dead brokers' publishers."""
+        path = ipc_path(self.address)
+        assert path is not None
+        directory, base = os.path.split(path)
+        pattern = re.compile(re.escape(base) + r"\.[0-9a-f]{8}\.\d+")
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                if pattern.fullmatch(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
         """Listen on TCP for remote subscribers; CURVE encryption and a client allow-list are required."""
@@ -824,7 +840,7 @@ class Broker:
         path = ipc_path(self.address)
         if path is None:
             raise _Refused(P.ERR_BAD_REQUEST, "publishers need a broker on an ipc:// address")
-        notice_path = f"{path}.{sid}"
+        notice_path = f"{path}.{self.epoch:08x}.{sid}"  # never the path of an earlier broker's stream
         seg_name = segment_prefix(self.pid, self.epoch) + str(sid)
         self._segments += 1
         header = header_bytes(nslabs)
@@ -885,7 +901,7 @@ class Broker:
             if waiting.ident in self._clients and waiting.sub is None:
                 self._on_message_safely(waiting, functools.partial(self._on_subscribe, waiting, request, True))
         stream.publisher = client
-        stream.carry = stream.needed_carry()
+        stream.carry = stream.carried = stream.needed_carry()  # OPENED tells the publisher: confirmed
         self._send(
             client.ident,
             P.pack(
@@ -928,6 +944,7 @@ class Broker:
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "CARRIED from a connection that publishes no stream")
+        stream.carried = max(0, msg[1])
         ready = [u for u in stream.waiting if u.size * stream.sample_bytes <= msg[1]]
         for sub in ready:
             stream.waiting.remove(sub)
@@ -1228,7 +1245,7 @@ class Broker:
             sub.token = P.token_topic(token)
             if opening:
                 stream.tokens.append(sub.token)
-            elif size * stream.sample_bytes > stream.carry and stream.publisher is not None:
+            elif size * stream.sample_bytes > stream.carried and stream.publisher is not None:
                 # Its chunks need a longer carry than the publisher makes: offer it once it confirms.
                 stream.waiting.append(sub)
                 self._update_carry(stream)

@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -43,6 +44,18 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _GEN = struct.Struct("<I")
+
+
+def _flusher_main(ref: weakref.ref[Publisher], kick: threading.Event) -> None:
+    """The publisher's background thread: sends a batch no later write filled (within _BATCH_DELAY), and
+    every _SERVICE seconds answers joining subscribers and the broker's CARRY, even while no one writes."""
+    while True:
+        if kick.wait(_SERVICE):
+            time.sleep(_BATCH_DELAY)
+        pub = ref()
+        if pub is None or not pub._service():
+            return
+        del pub  # between turns, only the weak reference
 
 
 def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> np.ndarray[Any, Any]:
@@ -212,6 +225,11 @@ class Publisher:
             hold(self._live_fd, PUBLISHER_BYTE)
             self._xpub = self._bind_notices(endpoint, tokens, timeout)
         except BaseException:
+            with contextlib.suppress(OSError, AttributeError):
+                os.close(self._live_fd)
+            if self._mm is not None:
+                with contextlib.suppress(BufferError):
+                    self._mm.close()
             self._conn.close()
             raise
         self._notice_path = endpoint[len("ipc://") :]
@@ -244,7 +262,10 @@ class Publisher:
         self._unnoticed = 0  # the last frames of the batch whose notice is not sent yet
         self._last_send = 0.0
         self._kick = threading.Event()
-        threading.Thread(target=self._flusher, name=f"slabcast-flush-{stream}", daemon=True).start()
+        # The thread holds only a weak reference: a Publisher dropped without close() is still collected
+        # (its __del__ closes the stream).
+        threading.Thread(target=_flusher_main, args=(weakref.ref(self), self._kick), daemon=True,
+                         name=f"slabcast-flush-{stream}").start()  # fmt: skip
         self.frames = 0
         self.samples = 0
 
@@ -451,25 +472,22 @@ class Publisher:
         self._pend_n = []
         self._pend_t = []
 
-    def _flusher(self) -> None:
-        # Sends a batch that no later write filled, at most _BATCH_DELAY after it began; and every
-        # _SERVICE seconds answers joining subscribers and the broker's CARRY, even while no one writes.
-        while not self._closed:
-            if self._kick.wait(_SERVICE):
-                time.sleep(_BATCH_DELAY)
-            with self._lock:
-                self._kick.clear()
-                if self._closed or self._conn.closed:
-                    return
-                try:
-                    self._flush_pending()
-                    self._serve_joins()
-                    self._take_locked(0)
-                except SlabcastError as exc:
-                    self._failure = exc
-                    return
-                except zmq.ZMQError:
-                    return
+    def _service(self) -> bool:
+        """One turn of the background thread; False when it should end."""
+        with self._lock:
+            self._kick.clear()
+            if self._closed or self._conn.closed:
+                return False
+            try:
+                self._flush_pending()
+                self._serve_joins()
+                self._take_locked(0)
+            except SlabcastError as exc:
+                self._failure = exc
+                return False
+            except zmq.ZMQError:
+                return False
+        return True
 
     def _next_slab(self) -> int:
         with self._lock:
@@ -481,8 +499,8 @@ class Publisher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WriteTimeout(
-                        f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber "
-                        "holds them; nothing of this frame was written"
+                        f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber is "
+                        "behind, or subscribers hold chunks in every slab; nothing of this frame was written"
                     )
                 self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
         slab = self._grants.popleft()

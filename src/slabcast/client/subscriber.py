@@ -44,6 +44,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _GEN = struct.Struct("<I")
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
+_NOTICE_BACKLOG = 50_000  # notices a subscriber queues before newer ones are dropped for it (it sees the gap)
 _END_GRACE = 0.5  # seconds to wait for notices still on their way once the stream's end is known
 _LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
 
@@ -63,11 +64,12 @@ class _Leases:
     def __init__(self, fd: int, mm: Any) -> None:
         self.fd = fd
         self.mm = mm
-        self.guard = threading.Lock()
+        self.guard = threading.RLock()  # a view dying in a GC run inside a guarded section calls back in
         self.locks: dict[int, list[int]] = {}  # slab -> [generation, chunks in it still viewed or queued]
         self.slab_of: dict[int, int] = {}  # seq -> slab, for chunks handed out
         self.refs: dict[int, Any] = {}  # seq -> weakref whose callback says the last view died
         self.dead: deque[int] = deque()  # seqs whose last view died
+        self.handed = 0  # chunks handed out under these leases (this broker's segment)
         self.released = 0
         self.unlocked = False
         self.closed = False
@@ -171,12 +173,11 @@ class Chunk:
     view kept past the release stays intact.
     """
 
-    __slots__ = ("_data", "_offset", "_sub", "flags", "index", "seq", "t0")
+    __slots__ = ("_data", "_sub", "_times_at", "flags", "index", "seq", "t0")
 
-    def __init__(self, sub: Subscriber, data: np.ndarray[Any, Any], seq: int, index: int, t0: float, flags: int,
-                 offset: int = -1):  # fmt: skip
+    def __init__(self, sub: Subscriber, data: np.ndarray[Any, Any], seq: int, index: int, t0: float, flags: int):
         self._sub = sub
-        self._offset = offset  # where in the segment (local chunks), for the per-sample times
+        self._times_at: tuple[Any, int] | None = None  # (mapping, byte) of its per-sample times, if kept
         self._data: np.ndarray[Any, Any] | None = data
         self.seq = seq
         self.index = index
@@ -356,6 +357,7 @@ class Subscriber:
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
         self._pid = os.getpid()
+        self._owner_thread = threading.get_ident()
         self._local = False
         self._auto_reconnect = True  # False: BrokerGoneError goes to the caller, which calls _resubscribe
         self._notices: Any = None
@@ -365,6 +367,9 @@ class Subscriber:
     def _connect(self, address: str | None) -> None:
         conn = Connection(address, "sub", self._label, curve=self._curve)
         notices = None
+        lock_fd = -1
+        mm: Any = None
+        early_end: tuple[str, str, int] | None = None
         meta: dict[str, Any] = {}
         try:
             local = not conn.remote
@@ -403,9 +408,15 @@ class Subscriber:
                 slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
                 hold(lock_fd, CLIENT_BASE + slot)
                 conn.send([P.ATTACH, slot])
-                reply = conn.recv(self._timeout)
-                if reply is None:
-                    raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {self._timeout} s")
+                while True:
+                    reply = conn.recv(self._timeout)
+                    if reply is None:
+                        raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {self._timeout} s")
+                    if reply[0] == P.END and len(reply) > 4 and reply[1] in (P.END_CLOSED, P.END_PUBLISHER_GONE):
+                        # A short stream may end before our ATTACH is answered: its notices are with us.
+                        early_end = (reply[1], reply[2], int(reply[4]))
+                        continue
+                    break
                 if reply[0] in (P.ERROR, P.END):
                     raise error_for(reply, self._where)
                 if reply[0] != P.ATTACHED:
@@ -415,6 +426,11 @@ class Subscriber:
         except BaseException:
             if notices is not None:
                 notices.close(linger=0)
+            if lock_fd >= 0:
+                os.close(lock_fd)  # else it would keep the (soon unlinked) segment's memory alive
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()
             conn.close()
             raise
         self._conn = conn
@@ -442,9 +458,9 @@ class Subscriber:
             self._cur_slab = -1
             self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
             self._acked_at = 0.0
-            self._stream_end: tuple[str, str, int] | None = None
+            self._stream_end: tuple[str, str, int] | None = early_end
+            self._end_seen = time.monotonic()
             self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
-            self._end_seen = 0.0
             self._rcvtimeo = -1
 
     def _join(self, conn: Connection, endpoint: str, token: bytes) -> Any:
@@ -452,20 +468,30 @@ class Subscriber:
         sock = _context().socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)  # a subscriber that lags keeps its own backlog, not the publisher
+            # A paused subscriber's backlog is bounded: past it the publisher's socket drops notices for
+            # it alone, and it sees the gap (a discontinuity) when it comes back.
+            sock.setsockopt(zmq.RCVHWM, _NOTICE_BACKLOG)
             sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the publisher may bind a moment after we connect
             sock.connect(endpoint)
             sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(self.name))
             sock.setsockopt(zmq.SUBSCRIBE, token)
             deadline = time.monotonic() + self._timeout
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(conn.sock, zmq.POLLIN)  # the stream may end, or the broker go, meanwhile
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                events = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+                if not events:
                     raise BrokerGoneError(
                         f"the publisher of stream {self.name!r} did not answer on its notice socket "
                         f"{endpoint} within {self._timeout} s"
                     )
-                if sock.recv().startswith(token):
+                if conn.sock in events:
+                    msg = conn.recv(0)
+                    if msg is not None and msg[0] in (P.END, P.ERROR):
+                        raise error_for(msg, self._where)
+                if sock in events and sock.recv().startswith(token):
                     break
             sock.setsockopt(zmq.UNSUBSCRIBE, token)
         except BaseException:
@@ -573,6 +599,7 @@ class Subscriber:
                 f"{self._where} was created in process {self._pid}; its ZeroMQ sockets do not survive fork(): "
                 "create the Subscriber in the process that uses it"
             )
+        self._owner_thread = threading.get_ident()  # the thread that receives is the one that sends
         if self._local:
             while True:
                 try:
@@ -630,7 +657,15 @@ class Subscriber:
             if self._frames:
                 self._step()
                 continue
+            try:
+                raw = notices.recv(_NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                self._on_notice(raw)
+                continue
             if self._stream_end is not None and (
+                # (notices already with us come first: only an empty socket lets the grace end it)
                 self._cursor >= self._stream_end[2] or time.monotonic() - self._end_seen > _END_GRACE
             ):
                 # Everything the stream held is cut (or its publisher died with notices unsent).
@@ -642,20 +677,14 @@ class Subscriber:
                 self._send_ack(force=True)
                 self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
                 raise self._end  # type: ignore[misc]
-            try:
-                raw = notices.recv(_NOBLOCK)
-            except zmq.Again:
-                pass
-            else:
-                self._on_notice(raw)
-                continue
             if conn.sock.getsockopt(_EVENTS) & _POLLIN:
                 self._on_direct(conn.recv(0))
                 continue
             if conn.gone or conn.poll_gone():
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
-            # About to wait: give back what is no longer needed, tell the broker where we are.
-            self._unlock_idle()
+            # About to wait: give back every slab no chunk of ours is in (a paused subscriber must
+            # not hold any), tell the broker where we are.
+            self._leases.unlock_idle(-1)
             self._send_ack()
             if deadline is None:
                 wait = -1
@@ -785,7 +814,8 @@ class Subscriber:
     ) -> None:
         seq = self._seq
         self._seq = seq + 1
-        if self.policy == "drop" and len(self._ready) + self._received - self._leases.released >= self._max_inflight:
+        leases = self._leases
+        if self.policy == "drop" and len(self._ready) + leases.handed - leases.released >= self._max_inflight:
             self._dropped += 1
             return
         if not self._leases.claim(slab, gen):
@@ -800,9 +830,12 @@ class Subscriber:
     def _times(self, chunk: Chunk) -> np.ndarray[Any, Any]:
         info = self.info
         n = len(chunk)
-        if info.timestamps and self._local and chunk._offset >= 0:
-            at = time_at(chunk._offset, self._header, self._slab_bytes, self._nslabs, self._sample_bytes)
-            return np.frombuffer(self._mm, dtype="<f8", count=n, offset=at)
+        if info.timestamps and chunk._times_at is not None:
+            mm, at = chunk._times_at
+            # A copy (8 bytes a sample): it stays right after the chunk is released and its slab reused.
+            times = np.frombuffer(mm, dtype="<f8", count=n, offset=at).copy()
+            times.flags.writeable = False
+            return times
         step = 1.0 / info.rate if info.rate else 0.0
         return chunk.t0 + np.arange(n, dtype=np.float64) * step
 
@@ -814,9 +847,14 @@ class Subscriber:
         leases = self._leases
         leases.slab_of[seq] = slab
         leases.refs[seq] = weakref.ref(base, functools.partial(leases.on_dead, seq))
+        leases.handed += 1
         self._received += 1
         self._last_seq = seq
-        return Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags, offset)
+        chunk = Chunk(self, base.reshape(n, channels) if channels > 1 else base, seq, index, t0, flags)
+        if self.info.timestamps:
+            chunk._times_at = (self._mm, time_at(offset, self._header, self._slab_bytes, self._nslabs,
+                                                 self._sample_bytes))  # fmt: skip
+        return chunk
 
     def _unlock_idle(self) -> None:
         self._leases.unlock_idle(self._cur_slab)
@@ -824,7 +862,7 @@ class Subscriber:
     def _send_ack(self, force: bool = False) -> None:
         """Tell the broker how far we have read: at once when we left a slab or gave one back, otherwise
         (counters for ``slabcast status``) at most every ``_ACK_INTERVAL`` seconds."""
-        state = (self._cur_slab, self._dropped, self._received - self._leases.released, self._received)
+        state = (self._cur_slab, self._dropped, self._leases.handed - self._leases.released, self._received)
         acked = self._acked
         if self._conn.closed:
             return
@@ -865,10 +903,10 @@ class Subscriber:
         if self._local:
             leases = self._leases
             if leases.dead:
-                leases.reap()
-                if leases.unlocked and not self._conn.closed and not self._conn.has_input():
-                    self._send_ack()
+                leases.reap()  # the broker hears of freed slabs with our next ACK (and retries them itself)
             return
+        if threading.get_ident() != self._owner_thread:
+            return  # ZeroMQ sockets are not thread-safe: the thread that receives sends the releases
         # A chunk was given back: send now, unless more notices are already waiting, in
         # which case the next recv sends this release together with the next ones.
         dead = self._dead
