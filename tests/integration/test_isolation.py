@@ -279,3 +279,23 @@ def test_an_old_publisher_closing_after_a_broker_restart_leaves_the_new_stream_a
         assert bytes(sub.recv(timeout=5).data) == b"n"
         sub.close()
         new.close()
+
+
+def test_carried_is_confirmed_only_after_the_frame_of_a_slab_change_made_with_the_old_carry(broker, stream_name):
+    # A subscriber the broker starts on CARRIED must never meet a slab change that carried less than it needs.
+    from slabcast.wire import protocol as P
+
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    sent = []
+    real_send = pub._conn.send
+    pub._conn.send = lambda msg: (sent.append(msg[0]), real_send(msg))
+    with pub._lock:
+        pub._switch_unsent = True  # a slab change whose FRAME has not gone out yet
+        pub._on_carry((P.CARRY, 4096))
+        assert P.CARRIED not in sent
+        pub._frame_sent()
+        assert sent == [P.CARRIED]
+        pub._on_carry((P.CARRY, 8192))  # no change in flight: at once
+        assert sent == [P.CARRIED, P.CARRIED]
+    pub._conn.send = real_send
+    pub.close()

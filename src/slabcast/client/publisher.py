@@ -241,6 +241,8 @@ class Publisher:
         self._grants: deque[int] = deque()
         self._carry = min(int(carry), self.reserve)  # bytes of the old slab's tail to copy into each new one
         self._slab_carry = 0  # what was carried into the slab being written
+        self._switch_unsent = False  # a slab change whose FRAME has not gone to the broker yet
+        self._carried_due: int | None = None  # a CARRIED to send right after that FRAME
         self._slab = -1
         self._gen = 0
         self._floor = 0  # lowest stream index readable contiguously in the current slab
@@ -341,6 +343,7 @@ class Publisher:
                 self._flush_pending()
                 self._notice(index, offset, n, t0, P.FLAG_DISCONTINUITY)
                 self._conn.send([P.FRAME, offset, n, t0, P.FLAG_DISCONTINUITY, self._slab_carry])
+                self._frame_sent()
                 self._last_send = now
             else:
                 # The broker's FRAME(S) are always batched (sent within _BATCH_DELAY): it needs the
@@ -350,6 +353,7 @@ class Publisher:
                     # A sporadic writer: notice and FRAME at once, no batch, no thread to wake.
                     self._notice(index, offset, n, t0, 0)
                     self._conn.send([P.FRAME, offset, n, t0, 0, self._slab_carry])
+                    self._frame_sent()
                     self._last_send = now
                 else:
                     if not self._pend_n:
@@ -469,6 +473,7 @@ class Publisher:
             self._conn.send([P.FRAME, self._pend_offset, ns[0], ts[0], 0, self._slab_carry])
         else:
             self._conn.send([P.FRAMES, self._pend_offset, ns, ts, self._slab_carry])
+        self._frame_sent()
         self._pend_n = []
         self._pend_t = []
 
@@ -503,7 +508,11 @@ class Publisher:
                         "behind, or subscribers hold chunks in every slab; nothing of this frame was written"
                     )
                 self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
-        slab = self._grants.popleft()
+        with self._lock:  # the carry read here and CARRY answered by the background thread: one order
+            return self._switch_to(self._grants.popleft())
+
+    def _switch_to(self, slab: int) -> int:
+        """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
         self._slab = slab
         self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
         start = self._header + slab * self.slab_bytes
@@ -521,6 +530,7 @@ class Publisher:
 
                 u8[at(data - carry) : at(data)] = u8[at(self._offset - carry) : at(self._offset)]
         self._slab_carry = carry
+        self._switch_unsent = bool(self._end)  # its first FRAME tells the broker of the change
         self._floor = self.samples - carry // self.sample_bytes
         self._end = start + self.slab_bytes
         return int(data)
@@ -544,9 +554,21 @@ class Publisher:
             msg = self._conn.recv(0)
 
     def _on_carry(self, msg: tuple[Any, ...]) -> None:
-        # From the next slab on; confirmed at once, so the broker can start the subscriber that needs it.
+        # From the next slab on (caller holds the lock).  Confirmed at once, unless a slab change made with
+        # the old carry has not reached the broker yet: then right after its FRAME, so that a subscriber the
+        # broker starts on this confirmation never sees a slab change that carried less than it needs.
         self._carry = min(int(msg[1]), self.reserve)
-        self._conn.send([P.CARRIED, self._carry])
+        if self._switch_unsent:
+            self._carried_due = self._carry
+        else:
+            self._conn.send([P.CARRIED, self._carry])
+
+    def _frame_sent(self) -> None:
+        """A FRAME(S) went to the broker (caller holds the lock): a slab change it announced is known there."""
+        self._switch_unsent = False
+        if self._carried_due is not None:
+            self._conn.send([P.CARRIED, self._carried_due])
+            self._carried_due = None
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
