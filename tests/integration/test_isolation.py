@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -298,4 +299,25 @@ def test_carried_is_confirmed_only_after_the_frame_of_a_slab_change_made_with_th
         pub._on_carry((P.CARRY, 8192))  # no change in flight: at once
         assert sent == [P.CARRIED, P.CARRIED]
     pub._conn.send = real_send
+    pub.close()
+
+
+def test_a_subscriber_that_waits_for_every_chunk_sends_no_message_per_chunk(broker, stream_name):
+    # Data path v2's promise: ACKs per slab (or to refresh counters at most every 0.1 s), never per chunk.
+    from slabcast.wire import protocol as P
+
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=4, address=broker.address)
+    sent = []
+    real_send = sub._conn.send
+    sub._conn.send = lambda msg: (sent.append(msg[0]), real_send(msg))
+    t = time.monotonic()
+    for _ in range(200):
+        pub.write(np.zeros(4, np.int32))
+        with sub.recv(timeout=5):
+            pass
+    elapsed = time.monotonic() - t
+    assert sent.count(P.ACK) <= 2 + elapsed / 0.1  # one slab; counters at most every 0.1 s
+    sub._conn.send = real_send
+    sub.close()
     pub.close()

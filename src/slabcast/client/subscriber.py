@@ -126,14 +126,21 @@ class _Leases:
             os.close(self.fd)
             self.fd = -1
 
-    def unlock_idle(self, keep: int) -> None:
-        """Drop the leases of slabs with no chunk left, except ``keep`` (saves a lock per chunk)."""
+    def unlock_idle(self, keep: int, current: int = -1) -> None:
+        """Drop the leases of slabs with no chunk left, except ``keep``.
+
+        Giving back ``current`` (the slab still being read) is not worth an ACK: the broker
+        does not wait for it, and it is locked again with the next chunk.
+        """
         if self.dead:
             self.reap()
         with self.guard:
+            unlocked = self.unlocked
             for slab, entry in list(self.locks.items()):
                 if entry[1] == 0 and slab != keep:
                     self._unlock(slab)
+                    unlocked = unlocked or slab != current
+            self.unlocked = unlocked
 
     def close(self) -> None:
         """No more chunks: leases go as soon as their last view dies (now, for most)."""
@@ -684,7 +691,7 @@ class Subscriber:
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
             # About to wait: give back every slab no chunk of ours is in (a paused subscriber must
             # not hold any), tell the broker where we are.
-            self._leases.unlock_idle(-1)
+            self._leases.unlock_idle(-1, self._cur_slab)
             self._send_ack()
             if deadline is None:
                 wait = -1
