@@ -207,9 +207,10 @@ class Chunk:
     def times(self) -> np.ndarray[Any, Any]:
         """``(n,)`` seconds, one per sample, on the publisher's clock (``time.time()`` for hosted sources).
 
-        In place (read-only, valid while the chunk is) for a stream with
-        ``info.timestamps`` (an LSL source keeps each sample's own stamp); else
-        computed as ``t0 + k / rate`` (``t0`` for every sample without a rate).
+        For a stream with ``info.timestamps`` (an LSL source keeps each sample's own
+        stamp), read from the chunk's slab: a read-only copy (8 bytes a sample) that
+        stays valid after the chunk is released; else computed as ``t0 + k / rate``
+        (``t0`` for every sample without a rate).
         """
         if self._data is None:
             raise ClosedError(f"chunk seq={self.seq} was released")
