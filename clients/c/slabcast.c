@@ -358,6 +358,21 @@ static int64_t now_ms(void)
 }
 
 /* Read pending monitor events; a disconnection means the broker is gone. */
+/* Receive and drop the rest of a multipart message (`more`: the part just read said more follow). */
+static void skip_parts(void *sock, int more)
+{
+    while (more) {
+        zmq_msg_t part;
+        zmq_msg_init(&part);
+        if (zmq_msg_recv(&part, sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&part);
+            return;
+        }
+        more = zmq_msg_more(&part);
+        zmq_msg_close(&part);
+    }
+}
+
 static void read_monitor(sc_client *c)
 {
     for (;;) {
@@ -375,16 +390,7 @@ static void read_monitor(sc_client *c)
         }
         int more = zmq_msg_more(&ev);
         zmq_msg_close(&ev);
-        while (more) { /* the second frame holds the endpoint */
-            zmq_msg_t part;
-            zmq_msg_init(&part);
-            if (zmq_msg_recv(&part, c->mon, ZMQ_DONTWAIT) < 0) {
-                zmq_msg_close(&part);
-                break;
-            }
-            more = zmq_msg_more(&part);
-            zmq_msg_close(&part);
-        }
+        skip_parts(c->mon, more); /* the second frame holds the endpoint */
     }
 }
 
@@ -1597,16 +1603,7 @@ static int recv_notice(sc_client *c)
     int more = zmq_msg_more(&msg);
     int rc = on_notice(c, zmq_msg_data(&msg), zmq_msg_size(&msg));
     zmq_msg_close(&msg);
-    while (more) {  /* notices are one part; a stray second one is skipped */
-        zmq_msg_t part;
-        zmq_msg_init(&part);
-        if (zmq_msg_recv(&part, c->notices, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&part);
-            break;
-        }
-        more = zmq_msg_more(&part);
-        zmq_msg_close(&part);
-    }
+    skip_parts(c->notices, more); /* notices are one part; a stray second one is skipped */
     return rc;
 }
 

@@ -258,6 +258,7 @@ class _Stream:
         self.frames = 0
         self.publisher: _Client | None = None
         self.subs: list[_Sub] = []
+        self.broker_cut: list[_Sub] = []  # subs whose chunks the broker cuts (v1, TCP): kept, not searched per frame
         self.waiting: list[_Sub] = []  # local subscriptions waiting until the publisher carries enough
         self.joining: list[_Sub] = []  # offered (SUBSCRIBED), waiting for their ATTACH
         self.meta: dict[str, Any] = StreamInfo.check_metadata(None, channels)  # channel types, units, source_id
@@ -1029,7 +1030,7 @@ class Broker:
         if offset + nbytes > stream.slab_end:
             raise _Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
         stream.next_offset = offset + nbytes
-        broker_cut = [u for u in stream.subs if u.chunker is not None]
+        broker_cut = stream.broker_cut
         if broker_cut:
             if jump:
                 # The source was swapped or reconnected: no chunk may span the jump.
@@ -1282,6 +1283,8 @@ class Broker:
     def _start(self, stream: _Stream, sub: _Sub) -> None:
         sub.cursor = stream.head
         stream.subs.append(sub)
+        if sub.chunker is not None:
+            stream.broker_cut.append(sub)
         log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, stream.name, sub.size,
                  sub.clip, sub.policy, sub.cut)  # fmt: skip
 
@@ -1376,6 +1379,8 @@ class Broker:
         sub.backlog.clear()
         if sub in stream.subs:
             stream.subs.remove(sub)
+        if sub in stream.broker_cut:
+            stream.broker_cut.remove(sub)
         for pending in (stream.waiting, stream.joining):
             if sub in pending:
                 pending.remove(sub)

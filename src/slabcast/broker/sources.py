@@ -315,10 +315,8 @@ class FileSource(_Clocked):
         default = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in stem)[:64] or "file"
         self.info = StreamInfo(check_stream_name(name or default), dt, int(meta.channels), float(meta.samplerate),
                                tuple(f"ch_{i}" for i in range(int(meta.channels))))  # fmt: skip
-        self.frames_total = int(meta.frames)
         self.frame = int(frame)
         self.loop = bool(loop)
-        self.laps = 0
         self._file: Any = None
         self._clock_init(pace, speed, wait_for)
 
@@ -337,7 +335,6 @@ class FileSource(_Clocked):
             if not self.loop:
                 raise EOFError(f"end of {self.path}")
             self._file.seek(0)
-            self.laps += 1
             raise _Lap()
         data = np.ascontiguousarray(data)
         return (data if self.info.channels > 1 else data[:, 0]), self._stamps(len(data))
@@ -501,7 +498,6 @@ class LslSource:
         self._last_data = 0.0
         self._last_stamp: float | None = None
         self._jump = False
-        self._waiting_logged = False
 
     def connect(self) -> StreamInfo:
         """Resolve the outlet and open an inlet (``OSError`` while none is there; ``ValueError`` for strings)."""
@@ -709,7 +705,6 @@ class SourceThread(threading.Thread):
         self.stream_name: str = info0.name if info0 is not None else str(getattr(source, "name", "?"))
         self.reconnects = 0
         self.blocked_episodes = 0
-        self.blocked_seconds = 0.0
         self.state = "starting"
         self.error: BaseException | None = None
 
@@ -799,7 +794,6 @@ class SourceThread(threading.Thread):
                     self.state = "blocked"
                     log.warning("source %r is held back by a policy='block' subscriber (no free slab for %g s); "
                                 "waiting, nothing is dropped", name, pub.timeout)  # fmt: skip
-                self.blocked_seconds = time.monotonic() - since + pub.timeout
                 continue
             if since:
                 self.state = "running"

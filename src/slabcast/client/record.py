@@ -176,57 +176,57 @@ def _info_from(meta: dict[str, Any], path: str) -> StreamInfo:
         raise ValueError(f"{path}: the stream info is incomplete ({exc})") from None
 
 
-class _ZarrSamples:
-    """The samples of a Zarr recording, read on demand (``(n, channels)``; ``len`` works, unlike zarr's)."""
+class _LazySamples:
+    """``(n, channels)`` samples of a recording, read on demand: ``len``, ``shape``, slicing, ``np.asarray``."""
+
+    def __init__(self, n: int, channels: int) -> None:
+        self.n, self.channels = n, channels
+
+    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.channels)
+
+    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
+        if not isinstance(key, slice):
+            return self[:][key]  # type: ignore[no-any-return]
+        start, stop, step = key.indices(self.n)
+        return self._read(start, max(start, stop))[::step]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
+
+
+class _ZarrSamples(_LazySamples):
+    """The samples of a Zarr recording (``len`` works, unlike zarr's own arrays)."""
 
     def __init__(self, array: Any, n: int) -> None:
-        self.array, self.n = array, n
+        super().__init__(n, int(array.shape[1]))
+        self.array = array
 
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, int(self.array.shape[1]))
-
-    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.n)
-            return np.asarray(self.array[start:stop])[::step]
-        return np.asarray(self.array[: self.n])[key]  # type: ignore[no-any-return]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
-        data = self[:]
-        return data if dtype is None else data.astype(dtype)
+    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        return np.asarray(self.array[start:stop])
 
 
-class _AudioSamples:
-    """The samples of an audio file, read on demand through soundfile (``(n, channels)``)."""
+class _AudioSamples(_LazySamples):
+    """The samples of an audio file, through soundfile."""
 
     def __init__(self, path: str, n: int, info: StreamInfo) -> None:
-        self.path, self.n, self.info = path, n, info
+        super().__init__(n, info.channels)
+        self.path, self.info = path, info
 
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.info.channels)
-
-    def __getitem__(self, key: Any) -> np.ndarray[Any, Any]:
+    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
         import soundfile
 
-        if not isinstance(key, slice):
-            return np.asarray(self[:])[key]  # type: ignore[no-any-return]
-        start, stop, step = key.indices(self.n)
         with soundfile.SoundFile(self.path) as f:
             f.seek(start)
-            data = f.read(max(0, stop - start), dtype=self.info.dtype.name, always_2d=True)
-        return data[::step]  # type: ignore[no-any-return]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
-        data = self[:]
-        return data if dtype is None else data.astype(dtype)
+            return f.read(stop - start, dtype=self.info.dtype.name, always_2d=True)  # type: ignore[no-any-return]
 
 
 def _open_audio(path: str) -> Recording:
