@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -76,9 +77,19 @@ def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
     return (args.curve[0], args.curve[1]) if args.curve else None
 
 
+def _term_as_interrupt() -> None:
+    """SIGTERM (a supervisor, `kill`) ends a client command as Ctrl-C does: it leaves with a goodbye."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _lsl_out(args: argparse.Namespace) -> int:
     from ..client.lsl import run_outlet
 
+    _term_as_interrupt()
     sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type, source_id=args.source_id,
                       curve=_curve(args))  # fmt: skip
     print(f"lsl-out: {sent} samples of {args.stream} sent", file=sys.stderr)
@@ -128,10 +139,11 @@ def _up(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     from ..client.record import record
 
+    _term_as_interrupt()
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address)
     except (FileExistsError, ValueError, ImportError) as exc:
-        print(f"\nslabcast record: {exc}", file=sys.stderr)
+        print(f"slabcast record: {exc}", file=sys.stderr)
         return 2
     return 0
 

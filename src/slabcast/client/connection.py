@@ -148,8 +148,9 @@ class Connection:
         if curve is None:
             self.sock.close(linger=0)
             raise ValueError(
-                f"a tcp:// broker requires CURVE: pass curve=(client secret key file, broker public key file) "
-                f"made by `slabcast keygen` (address {self.address})"
+                f"a tcp:// broker requires CURVE keys: this client's secret key file and the broker's public key "
+                f"file, made by `slabcast keygen` (curve=(secret, public) in Python, --curve SECRET PUBLIC on the "
+                f"command line; address {self.address})"
             )
         public, secret = load_certificate(curve[0])
         server_public, _ = load_certificate(curve[1])

@@ -506,6 +506,10 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
                           file=sys.stderr, flush=True)  # fmt: skip
         except (EndOfStream, KeyboardInterrupt):
             pass
+    except BaseException:
+        if progress:
+            print(file=sys.stderr)  # end the progress line before the error is told
+        raise
     finally:
         if writer is not None:
             writer.close()
