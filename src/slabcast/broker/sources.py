@@ -19,6 +19,7 @@ import numpy as np
 
 from .._exceptions import SlabcastError, WriteTimeout
 from .._info import StreamInfo
+from ..bridge.zenoh import ZenohSource
 from ..client.publisher import Publisher
 from ..wire.protocol import check_dtype, check_stream_name
 
@@ -641,6 +642,7 @@ _KINDS: dict[str, type] = {
     "file": FileSource,
     "replay": ReplaySource,
     "lsl": LslSource,
+    "zenoh": ZenohSource,
 }
 _POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout"}
 _LIST_KEYS = {"freqs"}  # values written a/b/c

@@ -264,6 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", help="TOML file (see broker/slabcast.toml)")
     p.set_defaults(func=_up)
 
+    from . import bridge, view
+
+    p = sub.add_parser("view", parents=[common], help="live view of a broker's streams in the browser (view extra)")
+    view.add_arguments(p)
+    p.set_defaults(func=view.run)
+
+    p = sub.add_parser("bridge", parents=[common], help="publish streams to other hosts through Zenoh (zenoh extra)")
+    bridge.add_arguments(p)
+    p.set_defaults(func=bridge.run)
+
     p = sub.add_parser("demo", parents=[common], help="broker + synthetic 48 kHz stereo source + three workers")
     p.add_argument("--duration", type=float, default=15.0, help="seconds to run (default 15)")
     p.add_argument("--out", default=None, help="directory for the WAV files (default: a temporary one, removed)")

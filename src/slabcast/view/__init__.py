@@ -1,0 +1,1 @@
+"""``slabcast view``: a live view of a broker's streams in the browser (the ``view`` extra)."""
