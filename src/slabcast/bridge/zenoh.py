@@ -1,28 +1,455 @@
-"""Zenoh bridge and source (work in progress)."""
+"""Streams across hosts through Zenoh: :class:`ZenohBridge` publishes them, :class:`ZenohSource` re-serves one.
+
+``slabcast bridge --zenoh`` runs a :class:`ZenohBridge` beside a broker: one
+subscriber per stream, each frame put on ``<prefix>/<stream>`` (samples as the
+payload, index/t0/times in the attachment, see :mod:`slabcast.bridge._format`),
+the stream info answered on ``<prefix>/<stream>/@info``.  A broker on another
+host hosts a :class:`ZenohSource` (``--source zenoh:key=<prefix>/<stream>``)
+that re-publishes those frames into its own shared memory.  Needs the ``zenoh``
+extra (``pip install 'slabcast[zenoh]'``); ``zenoh`` is imported only when used.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import queue as _queue
+import socket
+import threading
+from collections.abc import Sequence
 from typing import Any
 
-from .._info import StreamInfo
+import numpy as np
 
-__all__ = ["ZenohSource"]
+from .._exceptions import BrokerGoneError, EndOfStream, StreamNotFoundError
+from .._info import StreamInfo
+from ..wire.protocol import check_stream_name
+from ._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
+
+__all__ = ["ZenohBridge", "ZenohSource", "default_prefix", "open_session", "zenoh_config"]
+
+log = logging.getLogger("slabcast.bridge")
+
+
+def _zenoh() -> Any:
+    try:
+        import zenoh
+    except ImportError as exc:
+        raise ImportError("the Zenoh bridge and source need eclipse-zenoh: pip install 'slabcast[zenoh]'") from exc
+    return zenoh
+
+
+def _endpoints(value: str | Sequence[str] | None) -> list[str]:
+    """Endpoints from a list, or from one string separated by ``;`` (a source option cannot hold commas)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [e.strip() for e in value.split(";") if e.strip()]
+    return [str(e) for e in value]
+
+
+def _flag(value: Any) -> bool:
+    """A boolean option, also when it comes as text from ``--source kind:key=value``."""
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
+def default_prefix() -> str:
+    """``slabcast/<host>``: the key prefix a bridge uses unless told otherwise."""
+    return f"slabcast/{socket.gethostname()}"
+
+
+def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = None,
+                 listen: str | Sequence[str] | None = None, config: str | None = None, multicast: Any = None,
+                 cfg: str | Sequence[str] | None = None) -> Any:  # fmt: skip
+    """A ``zenoh.Config``: a file (``config``) or Zenoh's defaults, then these settings over it.
+
+    Parameters
+    ----------
+    mode : {"peer", "client", "router"}, optional
+    connect, listen : str or list of str, optional
+        Endpoints (``tcp/10.0.0.5:7447``); one string may hold several separated by ``;``.
+    config : str, optional
+        A Zenoh JSON5 configuration file.
+    multicast : bool, optional
+        Multicast scouting (Zenoh's default: on); off for explicit endpoints only.
+    cfg : str or list of str, optional
+        ``KEY:JSON5`` settings (``"transport/unicast/max_links:2"``), as Zenoh's own tools take ``--cfg``.
+
+    Raises
+    ------
+    ValueError
+        For a setting Zenoh refuses (naming it).
+    """
+    zenoh = _zenoh()
+    try:
+        conf = zenoh.Config.from_file(config) if config else zenoh.Config()
+        if mode:
+            conf.insert_json5("mode", json.dumps(mode))
+        if connect:
+            conf.insert_json5("connect/endpoints", json.dumps(_endpoints(connect)))
+        if listen:
+            conf.insert_json5("listen/endpoints", json.dumps(_endpoints(listen)))
+        if multicast is not None:
+            conf.insert_json5("scouting/multicast/enabled", json.dumps(_flag(multicast)))
+        for item in _endpoints(cfg):
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"a Zenoh setting is KEY:JSON5, got {item!r}")
+            conf.insert_json5(key.strip(), value.strip())
+    except zenoh.ZError as exc:
+        raise ValueError(f"Zenoh configuration refused: {exc}") from exc
+    return conf
+
+
+def open_session(conf: Any) -> Any:
+    """Open a Zenoh session (``OSError`` naming why it cannot)."""
+    zenoh = _zenoh()
+    try:
+        return zenoh.open(conf)
+    except zenoh.ZError as exc:
+        raise OSError(f"cannot open a Zenoh session: {exc}") from exc
 
 
 class ZenohSource:
-    """A stream received from a Zenoh key expression (not built yet)."""
+    """A stream bridged by ``slabcast bridge --zenoh`` on another host, re-served from this broker's shared memory.
 
-    def __init__(self, key: str, name: str | None = None) -> None:
-        self.key = key
-        self.name = name
+    Parameters
+    ----------
+    key : str
+        The bridged stream's key expression, ``slabcast/<host>/<stream>``.
+    name : str, optional
+        The local stream name (default: the key's last chunk).
+    connect, listen : str, optional
+        Zenoh endpoints, several separated by ``;`` (``tcp/10.0.0.5:7447``).
+    config : str, optional
+        A Zenoh JSON5 configuration file (the other options apply over it).
+    mode : str
+        ``peer`` (default) or ``client`` (through a Zenoh router).
+    multicast : bool, optional
+        Multicast scouting (default: Zenoh's, on).
+    cfg : str, optional
+        More Zenoh settings, ``KEY:JSON5`` separated by ``;``.
+    timeout : float
+        Seconds each query for the stream info waits.  A bridge that is not there
+        yet is waited for (the queries repeat, logged), never a failure.
+    policy : {"block", "drop"}
+        When ``queue`` frames wait for the local publisher (a ``block`` subscriber
+        here holds it back): ``block`` holds Zenoh's delivery back (with a bridge
+        in ``--policy block``, back to the origin: lossless end to end); ``drop``
+        drops frames here, seen as gaps.
+    queue : int
+        Frames received and not yet written locally, at most.
+
+    What is exact: samples (bit for bit), ``t0`` of every frame, per-sample times
+    of a stream that has them, channel names, types, units, rate and source_id.
+    Indices: the local index is the origin's index minus the samples this source
+    did not receive (it joined late, frames were dropped, the bridge restarted);
+    with the source up before the stream starts and nothing lost, they are equal.
+    Every gap (a jump in the origin's index, or a new stream behind the key) makes
+    the next frame a ``discontinuity``, and is logged with both indices.
+    """
+
+    def __init__(self, key: str, name: str | None = None, connect: str | None = None, listen: str | None = None,
+                 config: str | None = None, mode: str = "peer", multicast: Any = None, cfg: str | None = None,
+                 timeout: float = 2.0, policy: str = "block", queue: int = 256) -> None:  # fmt: skip
+        _zenoh()  # a missing extra is said at once, not on the source's thread
+        self.key = str(key).rstrip("/")
+        if not self.key or "*" in self.key or "@" in self.key:
+            raise ValueError(f"key must be one bridged stream's key, slabcast/<host>/<stream>, got {key!r}")
+        self.name = check_stream_name(name or self.key.rsplit("/", 1)[-1])
+        if policy not in ("block", "drop"):
+            raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
+        self.policy = policy
+        self.timeout = float(timeout)
+        self._conf_args = {"mode": mode, "connect": connect, "listen": listen, "config": config,
+                           "multicast": multicast, "cfg": cfg}  # fmt: skip
+        zenoh_config(**self._conf_args)  # bad settings fail here, where the broker reports them
+        self._frames: _queue.Queue[tuple[bytes, bytes]] = _queue.Queue(max(1, int(queue)))
+        self._session: Any = None
+        self._subscriber: Any = None
+        self._closing = threading.Event()
+        self._info: StreamInfo | None = None
+        self._epoch = 0
+        self._next: int | None = None  # the origin index expected next
+        self._local = 0  # samples written locally since connect
+        self._jump = False
+        self.dropped = 0  # frames dropped here (policy="drop"), or refused (malformed)
+        self.gaps = 0
+
+    def _on_sample(self, sample: Any) -> None:
+        # On Zenoh's thread: copy out and queue; never touch numpy or the publisher here.
+        attachment = sample.attachment
+        item = (sample.payload.to_bytes(), attachment.to_bytes() if attachment is not None else b"")
+        if self.policy == "drop":
+            try:
+                self._frames.put_nowait(item)
+            except _queue.Full:
+                self.dropped += 1
+            return
+        while not self._closing.is_set():
+            try:
+                self._frames.put(item, timeout=0.1)
+                return
+            except _queue.Full:
+                continue
 
     def connect(self) -> StreamInfo:
-        """Not built yet."""
-        raise NotImplementedError("the zenoh source is not built yet")
+        """Open the session, subscribe, ask the bridge for the stream info (``OSError`` while none answers)."""
+        if self._session is None:
+            self._closing.clear()
+            self._session = open_session(zenoh_config(**self._conf_args))
+            self._subscriber = self._session.declare_subscriber(self.key, self._on_sample)
+        info, epoch = self._query_info()
+        self._info, self._epoch = info, epoch
+        self._next = None
+        self._local = 0
+        log.info("zenoh key %r (epoch %x: %d x %s @ %s Hz) feeds stream %r", self.key, epoch, info.channels,
+                 info.dtype, info.rate, self.name)  # fmt: skip
+        return info
 
-    def read(self) -> Any:
-        """Not built yet."""
-        raise NotImplementedError
+    def _query_info(self) -> tuple[StreamInfo, int]:
+        zenoh = _zenoh()
+        try:
+            replies = list(self._session.get(f"{self.key}/@info", timeout=self.timeout))
+        except zenoh.ZError as exc:
+            raise OSError(f"query of {self.key}/@info failed: {exc}") from exc
+        for reply in replies:
+            if reply.ok is not None:
+                try:
+                    return decode_info(reply.ok.payload.to_bytes(), self.name)
+                except ValueError as exc:
+                    raise OSError(f"{self.key}/@info: {exc}") from exc
+        raise OSError(f"no slabcast bridge answers at {self.key}/@info (yet)")
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Return the next frame received (waiting up to 50 ms), or ``None``.
+
+        Raises
+        ------
+        OSError
+            When the bridge serves another kind of samples under the key (the
+            broker reconnects, then refuses a changed dtype or channel count).
+        """
+        try:
+            payload, attachment = self._frames.get(timeout=0.05)
+        except _queue.Empty:
+            return None
+        info = self._info
+        assert info is not None
+        try:
+            head, times = FrameHeader.decode(attachment, len(payload))
+        except ValueError as exc:
+            self.dropped += 1
+            log.warning("stream %r: a frame on %r was refused: %s", self.name, self.key, exc)
+            return None
+        if (head.dtype, head.channels) != (info.dtype, info.channels):
+            raise OSError(f"{self.key} now carries {head.channels} x {head.dtype}, was {info.channels} x {info.dtype}")
+        if head.epoch != self._epoch:
+            log.info("stream %r: the bridge of %r (re)subscribed (epoch %x)", self.name, self.key, head.epoch)
+            self._epoch = head.epoch
+        if self._next is None:
+            self._next = head.index
+            if head.index:
+                log.info("stream %r: first frame at origin index %d (local %d)", self.name, head.index, self._local)
+        elif head.index != self._next:
+            self.gaps += 1
+            self._jump = True
+            log.warning("stream %r: %s at origin index %d (expected %d; local index %d): discontinuity", self.name,
+                        "a gap" if head.index > self._next else "a new stream", head.index, self._next,
+                        self._local)  # fmt: skip
+        if head.flags & FLAG_DISCONTINUITY:
+            self._jump = True
+        self._next = head.index + head.n
+        self._local += head.n
+        data = np.frombuffer(payload, dtype=head.dtype)
+        if head.channels > 1:
+            data = data.reshape(head.n, head.channels)
+        if times is None:
+            rate = info.rate
+            times = head.t0 + np.arange(head.n) / rate if rate else np.full(head.n, head.t0)
+        return data, times
+
+    def wait(self) -> float:
+        """``read`` waits by itself: no pause between reads."""
+        return 0.0
+
+    def take_jump(self) -> bool:
+        """Whether the next frame follows a hole (cleared by asking)."""
+        jump, self._jump = self._jump, False
+        return jump
 
     def disconnect(self) -> None:
-        """Nothing to release."""
+        """Undeclare the subscription and close the session."""
+        self._closing.set()
+        if self._session is not None:
+            try:
+                self._session.close()
+            except Exception as exc:  # zenoh.ZError: closing is best effort
+                log.debug("closing the Zenoh session: %s", exc)
+            self._session = self._subscriber = None
+        while not self._frames.empty():
+            self._frames.get_nowait()
+
+
+class _Forwarder(threading.Thread):
+    """One stream: a slabcast subscriber, each chunk (one frame) put on Zenoh."""
+
+    def __init__(self, bridge: ZenohBridge, stream: str) -> None:
+        super().__init__(name=f"bridge-{stream}", daemon=True)
+        self.bridge = bridge
+        self.stream = stream
+        self.key = f"{bridge.prefix}/{stream}"
+        self.info_reply: bytes | None = None
+        self.frames = 0
+        self.bytes = 0
+        self.error: BaseException | None = None
+
+    def _on_query(self, query: Any) -> None:
+        reply = self.info_reply
+        if reply is not None:  # no stream here now: no answer, the asker waits
+            query.reply(f"{self.key}/@info", reply)
+
+    def run(self) -> None:
+        b = self.bridge
+        zenoh = _zenoh()
+        congestion = zenoh.CongestionControl.BLOCK if b.policy == "block" else zenoh.CongestionControl.DROP
+        publisher = b.session.declare_publisher(self.key, congestion_control=congestion)
+        queryable = b.session.declare_queryable(f"{self.key}/@info", self._on_query)
+        try:
+            while not b.stopping.is_set():
+                self._serve_once(publisher)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("bridge of stream %r failed", self.stream)
+            b.stopping.set()
+        finally:
+            self.info_reply = None
+            for entity in (queryable, publisher):
+                try:
+                    entity.undeclare()
+                except Exception as exc:  # the session may be closing: best effort
+                    log.debug("undeclare: %s", exc)
+
+    def _serve_once(self, publisher: Any) -> None:
+        from ..client.subscriber import Subscriber
+
+        b = self.bridge
+        try:
+            # A subscription made before the stream exists starts at its index 0.
+            sub = Subscriber(self.stream, 1, policy=b.policy, max_inflight=64, address=b.address, wait=1.0,
+                             label=f"bridge:{self.stream}")  # fmt: skip
+        except StreamNotFoundError:
+            return
+        except (BrokerGoneError, EndOfStream) as exc:
+            log.info("stream %r: %s; trying again", self.stream, exc)
+            b.stopping.wait(1.0)
+            return
+        epoch = int.from_bytes(os.urandom(8), "little")
+        info = sub.info
+        timestamps = info.timestamps
+        self.info_reply = encode_info(info, epoch, b.host)
+        print(f"bridge: {self.stream} -> {self.key} from index {sub.start_index} (epoch {epoch:x})", flush=True)
+        dtype, channels = info.dtype, info.channels
+        try:
+            while not b.stopping.is_set():
+                try:
+                    chunk = sub.recv(timeout=0.2)
+                except TimeoutError:
+                    continue
+                with chunk:
+                    data = chunk.data
+                    n = len(data)
+                    head = FrameHeader(FLAG_DISCONTINUITY if chunk.discontinuity else 0, channels, dtype, epoch,
+                                       chunk.index, chunk.t0, n)  # fmt: skip
+                    attachment = head.encode(chunk.times if timestamps else None)
+                    payload = data.tobytes()  # Zenoh takes bytes: the one copy out of shared memory
+                publisher.put(payload, attachment=attachment)
+                self.frames += 1
+                self.bytes += len(payload)
+        except EndOfStream as exc:
+            log.info("stream %r ended (%s); waiting for it to come back", self.stream, exc)
+            print(f"bridge: {self.stream} ended", flush=True)
+        except BrokerGoneError as exc:
+            log.warning("stream %r: %s; waiting for the broker", self.stream, exc)
+            print(f"bridge: {self.stream} lost its broker", flush=True)
+            b.stopping.wait(1.0)
+        finally:
+            self.info_reply = None
+            sub.close()
+
+
+class ZenohBridge:
+    """Publish a broker's streams on Zenoh (``slabcast bridge --zenoh``).
+
+    Parameters
+    ----------
+    streams : list of str
+        Streams to publish; empty: every stream of the broker, found as they appear.
+    address : str, optional
+        The local broker.
+    prefix : str, optional
+        Key prefix, default ``slabcast/<host>``; stream ``mic`` goes on ``<prefix>/mic``.
+    policy : {"drop", "block"}
+        ``drop`` (default): a slow network never slows the local stream; frames it
+        cannot take are dropped (here, or by Zenoh's congestion control) and the far
+        side sees index gaps as discontinuities.  ``block``: lossless end to end;
+        a slow network or far side holds the local publisher back.
+    session : zenoh.Session
+        An open session (the bridge does not close it).
+    """
+
+    def __init__(self, session: Any, streams: Sequence[str] = (), address: str | None = None,
+                 prefix: str | None = None, policy: str = "drop") -> None:  # fmt: skip
+        if policy not in ("block", "drop"):
+            raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
+        self.session = session
+        self.streams = [check_stream_name(s) for s in streams]
+        self.address = address
+        self.prefix = (prefix or default_prefix()).rstrip("/")
+        self.host = socket.gethostname()
+        self.policy = policy
+        self.stopping = threading.Event()
+        self.forwarders: dict[str, _Forwarder] = {}
+
+    def _add(self, stream: str) -> None:
+        if stream not in self.forwarders:
+            fw = self.forwarders[stream] = _Forwarder(self, stream)
+            fw.start()
+
+    def run(self) -> None:
+        """Forward until :meth:`stop` (or a forwarder fails); stream ends and broker restarts are followed."""
+        from ..client.control import broker_status
+
+        for s in self.streams:
+            self._add(s)
+        while not self.stopping.is_set():
+            if not self.streams:
+                try:
+                    names = [s["name"] for s in broker_status(self.address, timeout=1.0)["streams"] if not s["ended"]]
+                except BrokerGoneError:
+                    names = []
+                for name in names:
+                    self._add(name)
+            self.stopping.wait(1.0)
+        for fw in self.forwarders.values():
+            fw.join(5.0)
+
+    def stop(self) -> None:
+        """Ask every forwarder to leave (within about a second)."""
+        self.stopping.set()
+
+    def totals(self) -> tuple[int, int]:
+        """Frames and payload bytes put on Zenoh so far."""
+        return (sum(f.frames for f in self.forwarders.values()), sum(f.bytes for f in self.forwarders.values()))
+
+    def failed(self) -> BaseException | None:
+        """The first error a forwarder stopped on, if any."""
+        return next((f.error for f in self.forwarders.values() if f.error is not None), None)
+

@@ -1,0 +1,207 @@
+"""Fan-out beyond one machine through Zenoh (issue 15): `slabcast bridge --zenoh` and the `zenoh` source kind.
+
+Real processes: broker A with publishers in this process, the bridge as `python -m slabcast bridge --zenoh`,
+broker B hosting `zenoh` sources, its subscribers here; a Zenoh session on loopback (or across a veth into
+another network namespace), multicast scouting off, explicit endpoints on a free port per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+import slabcast
+
+pytest.importorskip("zenoh", reason="the zenoh extra: pip install 'slabcast[zenoh]'")
+
+from slabcast.bridge._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
+from tests.integration.test_remote import netns  # noqa: F401  (the fixture)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lines:
+    """A subprocess's standard output, line by line, waited on with a bound."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, start: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if line.startswith(start):
+                return line
+        raise AssertionError(f"no line starting {start!r} within {timeout} s; got {self.seen}")
+
+
+def start_bridge(address: str, streams: list[str], prefix: str, listen: str,
+                 *extra: str) -> tuple[subprocess.Popen[str], Lines]:  # fmt: skip
+    cmd = [sys.executable, "-m", "slabcast", "bridge", "--zenoh", *streams, "--address", address,
+           "--key-prefix", prefix, "--listen", listen, "--no-multicast", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(proc)
+    lines.expect("bridge: ready")
+    return proc, lines
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    """Stop a process (SIGKILL after 10 s), reap it, return its standard error."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+    return err
+
+
+def source_spec(stream: str, prefix: str, endpoint: str, *extra: str) -> str:
+    return ",".join([f"zenoh:key={prefix}/{stream}", f"connect={endpoint}", "multicast=false", "timeout=0.5",
+                     "slab_bytes=262144", "nslabs=8", *extra])  # fmt: skip
+
+
+def collect(sub: slabcast.Subscriber, count: int) -> list[tuple[int, float, bool, int, bytes]]:
+    out = []
+    for _ in range(count):
+        with sub.recv(timeout=15) as c:
+            out.append((c.index, c.t0, c.discontinuity, zlib.crc32(c.data.tobytes()), c.times.tobytes()))
+    return out
+
+
+# ------------------------------------------------------------------ what crosses the network
+
+
+def test_frame_header_and_info_round_trip_and_refuse_garbage():
+    times = np.array([1.5, 2.25, 3.0])
+    head = FrameHeader(FLAG_DISCONTINUITY, 2, np.dtype("<i2"), 2**63 + 5, 123456789012, 1.0e9 + 0.125, 3)
+    raw = head.encode(times)
+    back, got = FrameHeader.decode(raw, 3 * 2 * 2)
+    assert back == head and np.array_equal(got, times)
+    assert FrameHeader.decode(head.encode(), 12) == (head, None)
+    with pytest.raises(ValueError, match="the payload has 11"):
+        FrameHeader.decode(raw, 11)
+    with pytest.raises(ValueError, match="format 1 expected, got 9"):
+        FrameHeader.decode(b"\x09" + raw[1:], 12)
+    with pytest.raises(ValueError, match="header is 40 bytes"):
+        FrameHeader.decode(b"\x01", 0)
+    info = slabcast.StreamInfo("emg", np.dtype("<f4"), 2, 512.0, ("a", "b"), ("EMG", "EMG"), ("uV", "uV"),
+                               "dev-7", True)  # fmt: skip
+    back_info, epoch = decode_info(encode_info(info, 42, "hostA"), "emg-remote")
+    assert epoch == 42 and back_info == dataclasses.replace(info, name="emg-remote")
+    with pytest.raises(ValueError, match="not a slabcast stream info"):
+        decode_info(b"[1, 2]", "x")
+
+
+def test_bad_options_and_a_missing_extra_are_said_plainly(monkeypatch):
+    from slabcast.broker.sources import parse_source
+
+    with pytest.raises(ValueError, match="one bridged stream's key"):
+        parse_source("zenoh:key=slabcast/*/mic")
+    with pytest.raises(ValueError, match="policy must be 'block' or 'drop'"):
+        parse_source("zenoh:key=slabcast/h/mic,policy=maybe")
+    with pytest.raises(ValueError, match="KEY:JSON5"):
+        parse_source("zenoh:key=slabcast/h/mic,cfg=nocolon")
+    assert parse_source("zenoh:key=slabcast/h/mic-1").name == "mic-1"
+    monkeypatch.setitem(sys.modules, "zenoh", None)
+    with pytest.raises(ImportError, match=r"pip install 'slabcast\[zenoh\]'"):
+        parse_source("zenoh:key=slabcast/h/mic")
+    out = subprocess.run([sys.executable, "-m", "slabcast", "bridge", "mic"], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 2 and "--zenoh" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ two brokers through Zenoh
+
+
+def test_two_streams_cross_exactly_samples_indices_times_and_info(tmp_path, broker, stream_name):
+    plain, stamped = f"{stream_name}-p", f"{stream_name}-s"
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [plain, stamped], prefix, endpoint)
+    specs = ("--source", source_spec(plain, prefix, endpoint), "--source", source_spec(stamped, prefix, endpoint))
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=specs)
+    try:
+        far.start()
+        pub_p = slabcast.Publisher(plain, dtype="int16", channels=3, rate=1000.0, address=broker.address,
+                                   channel_names=["x", "y", "z"], channel_units=["mV", "mV", "mV"],
+                                   source_id="dev-p", slab_bytes=65536)  # fmt: skip
+        pub_s = slabcast.Publisher(stamped, dtype="float64", channels=1, rate=None, address=broker.address,
+                                   timestamps=True, channel_types=["EEG"], slab_bytes=65536)  # fmt: skip
+        lines.expect(f"bridge: {plain} -> {prefix}/{plain} from index 0")
+        lines.expect(f"bridge: {stamped} -> {prefix}/{stamped} from index 0")
+        # The far broker's streams appear once its sources got the info; its subscribers come before any frame.
+        far_p = slabcast.Subscriber(plain, size=250, clip=True, address=far.address, wait=20)
+        far_p2 = slabcast.Subscriber(plain, size=700, address=far.address, wait=20)  # whole frames, >= 700
+        far_s = slabcast.Subscriber(stamped, size=64, clip=True, address=far.address, wait=20)
+        near_p = slabcast.Subscriber(plain, size=250, clip=True, address=broker.address)
+        near_p2 = slabcast.Subscriber(plain, size=700, address=broker.address)
+        near_s = slabcast.Subscriber(stamped, size=64, clip=True, address=broker.address)
+        assert far_p.info == near_p.info and far_s.info == near_s.info
+        assert far_p.info.channel_units == ("mV",) * 3 and far_p.info.source_id == "dev-p"
+        assert far_s.info.timestamps and far_s.info.channel_types == ("EEG",)
+        rng = np.random.default_rng(5)
+        t = 1_700_000_000.0
+        total_p = total_s = 0
+        for k in range(60):
+            n = int(rng.integers(1, 300))
+            pub_p.write(rng.integers(-(2**15), 2**15, (n, 3), dtype=np.int16), t0=t, discontinuity=(k == 31))
+            t += n / 1000.0 + (0.5 if k == 31 else 0.0)
+            total_p += n
+            m = int(rng.integers(1, 80))
+            pub_s.write(rng.standard_normal(m), times=np.sort(rng.uniform(t, t + 1.0, m)))
+            total_s += m
+        assert total_p > 5000 and total_s > 1000
+        wanted = {}
+        for far_sub, near_sub, count in ((far_p, near_p, total_p // 250 - 2), (far_s, near_s, total_s // 64),
+                                         (far_p2, near_p2, 6)):  # fmt: skip
+            got, want = collect(far_sub, count), collect(near_sub, count)
+            assert got == want, "the far broker's chunks differ from the near one's"
+            wanted[far_sub.name, far_sub.size] = want
+        assert sum(c[2] for c in wanted[plain, 250]) == 1  # the discontinuity crossed too
+        deadline = time.monotonic() + 10  # the statistics are the far broker's own
+        while (stats := slabcast.stream_statistics(plain, address=far.address)).samples < total_p:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert (stats.samples, stats.frames) == (total_p, 60)
+        pub_p.close()
+        pub_s.close()
+        lines.expect(f"bridge: {plain} ended")
+        for sub in (far_p, far_p2, far_s, near_p, near_p2, near_s):
+            sub.close()
+    finally:
+        err = stop(bridge)
+        far.stop()
+    assert bridge.returncode == 0, err
+    assert "frames" in err and "Traceback" not in err
