@@ -25,7 +25,13 @@ import slabcast
 pytest.importorskip("zenoh", reason="the zenoh extra: pip install 'slabcast[zenoh]'")
 
 from slabcast.bridge._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
-from tests.integration.test_remote import netns  # noqa: F401  (the fixture)
+from tests.integration.test_remote import netns as _veth  # noqa: F401  (test_remote's fixture, as `_veth`)
+
+
+@pytest.fixture
+def namespace(request):
+    """A network namespace joined to this one by a veth pair: (namespace, host address)."""
+    return request.getfixturevalue("_veth")
 
 
 def free_port() -> int:
@@ -205,3 +211,123 @@ def test_two_streams_cross_exactly_samples_indices_times_and_info(tmp_path, brok
         far.stop()
     assert bridge.returncode == 0, err
     assert "frames" in err and "Traceback" not in err
+
+
+class Writer(threading.Thread):
+    """Frames of 100 int64 samples whose values are their own index, t0 = T + index / rate, until stopped."""
+
+    T = 1_000_000.0
+
+    def __init__(self, pub: slabcast.Publisher) -> None:
+        super().__init__(daemon=True)
+        self.pub = pub
+        self.stopping = threading.Event()
+        self.index = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.pub.write(np.arange(self.index, self.index + 100, dtype=np.int64), t0=self.T + self.index / 1000.0)
+            self.index += 100
+            self.stopping.wait(0.005)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+def check_exact(chunks: list[tuple[int, float, bool, np.ndarray]]) -> int:
+    """Every chunk holds the origin's samples and t0; local indices trail the origin's by the samples lost.
+
+    Returns the number of discontinuities.
+    """
+    lost = 0
+    jumps = 0
+    for k, (index, t0, disc, data) in enumerate(chunks):
+        origin = int(data[0])
+        assert np.array_equal(data, np.arange(origin, origin + 100)), f"chunk {k}: samples differ"
+        assert t0 == Writer.T + origin / 1000.0, f"chunk {k}: t0 {t0!r} is not the origin's"
+        if k:
+            expected = int(chunks[k - 1][3][0]) + 100
+            assert disc == (origin != expected), f"chunk {k}: origin index {origin}, expected {expected}, {disc=}"
+            lost += origin - expected
+            jumps += disc
+        assert index == origin - lost, f"chunk {k}: local index {index}, origin {origin}, {lost} lost"
+    return jumps
+
+
+def receive(sub: slabcast.Subscriber, out: list[tuple[int, float, bool, np.ndarray]], count: int) -> None:
+    for _ in range(count):
+        with sub.recv(timeout=20) as c:
+            out.append((c.index, c.t0, c.discontinuity, c.data.copy()))
+
+
+def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path, broker, stream_name):
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    writer = None
+    try:
+        far.start()
+        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536)
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far.address, wait=20)
+        writer = Writer(pub)
+        writer.start()
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        receive(sub, chunks, 10)
+        stop(bridge, signal.SIGKILL)
+        before = writer.index
+        bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
+        line = lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index ")
+        assert int(line.split("from index ")[1].split()[0]) >= before  # it joined at the head, not at 0
+        deadline = time.monotonic() + 20
+        while not any(c[2] for c in chunks):
+            assert time.monotonic() < deadline, "no discontinuity after the bridge came back"
+            receive(sub, chunks, 1)
+        receive(sub, chunks, 10)
+        writer.stop()
+        assert check_exact(chunks) == 1
+        assert chunks[-1][0] < int(chunks[-1][3][0])  # the gap: the local index trails the origin's
+        sub.close()
+        pub.close()
+    finally:
+        if writer is not None:
+            writer.stop()
+        err = stop(bridge)
+        far.stop()
+    assert "a gap at origin index" in far.stderr()
+    assert "Traceback" not in err
+
+
+def test_a_broker_in_another_network_namespace_reserves_the_stream(tmp_path, broker, stream_name, namespace):
+    ns, host_ip = namespace
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/{host_ip}:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
+    far_address = f"ipc://{tmp_path}/far.sock"
+    far = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "slabcast", "broker", "--address", far_address,
+         "--source", source_spec(stream_name, prefix, endpoint)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    writer = None
+    try:
+        Lines(far).expect("slabcast broker ")
+        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536)
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far_address, wait=20)
+        writer = Writer(pub)
+        writer.start()
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        receive(sub, chunks, 30)
+        writer.stop()
+        assert check_exact(chunks) == 0
+        assert [c[0] for c in chunks] == list(range(0, 3000, 100))  # nothing lost: the same indices
+        sub.close()
+        pub.close()
+    finally:
+        if writer is not None:
+            writer.stop()
+        err = stop(bridge)
+        far_err = stop(far)
+    assert far.returncode == 0, far_err
+    assert "Traceback" not in err + far_err
