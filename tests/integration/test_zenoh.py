@@ -331,3 +331,35 @@ def test_a_broker_in_another_network_namespace_reserves_the_stream(tmp_path, bro
         far_err = stop(far)
     assert far.returncode == 0, far_err
     assert "Traceback" not in err + far_err
+
+
+def test_every_stream_is_bridged_as_it_appears_and_a_restarted_stream_is_followed(tmp_path, broker, stream_name):
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [], prefix, endpoint, "--policy", "block")  # no STREAM: all
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    try:
+        far.start()
+        sub = None
+        got: list[tuple[int, float, bool, np.ndarray]] = []
+        for lap in range(2):  # the origin's stream, then the same stream opened again by a new publisher
+            pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address,
+                                     slab_bytes=65536)  # fmt: skip
+            lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+            if sub is None:
+                sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far.address, wait=20)
+            for i in range(0, 1000, 100):
+                pub.write(np.arange(i, i + 100, dtype=np.int64), t0=lap * 10.0 + i / 1000.0)
+            receive(sub, got, 10)
+            pub.close()
+            lines.expect(f"bridge: {stream_name} ended")
+        assert sub is not None
+        sub.close()
+    finally:
+        err = stop(bridge, signal.SIGINT)
+        far.stop()
+    assert bridge.returncode == 0 and "Traceback" not in err, err
+    assert [c[0] for c in got] == list(range(0, 2000, 100))  # the local stream goes on
+    assert [int(c[3][0]) for c in got] == list(range(0, 1000, 100)) * 2
+    assert [c[2] for c in got] == [False] * 10 + [True] + [False] * 9
+    assert [c[1] for c in got] == [lap * 10.0 + i / 1000.0 for lap in range(2) for i in range(0, 1000, 100)]
+    assert "a new stream at origin index 0 (expected 1000; local index 1000)" in far.stderr()

@@ -452,4 +452,3 @@ class ZenohBridge:
     def failed(self) -> BaseException | None:
         """The first error a forwarder stopped on, if any."""
         return next((f.error for f in self.forwarders.values() if f.error is not None), None)
-

@@ -18,9 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="the local broker (default: $SLABCAST_ADDRESS or per-user)")
     p.add_argument("--key-prefix", default=None, metavar="PREFIX",
                    help="stream S goes on PREFIX/S (default: slabcast/<host>)")  # fmt: skip
-    p.add_argument("--policy", choices=("drop", "block"), default="drop",
-                   help="drop (default): a slow network never slows the local stream, losses are gaps the far "
-                        "side shows as discontinuities; block: lossless, a slow network holds the publisher back")
+    p.add_argument(
+        "--policy",
+        choices=("drop", "block"),
+        default="drop",
+        help="drop (default): a slow network never slows the local stream, losses are gaps the far "
+        "side shows as discontinuities; block: lossless, a slow network holds the publisher back",
+    )
     p.add_argument("--mode", choices=("peer", "client", "router"), default=None, help="Zenoh mode (default: peer)")
     p.add_argument("--connect", action="append", default=[], metavar="ENDPOINT",
                    help="Zenoh endpoint to connect to, e.g. tcp/10.0.0.5:7447 (repeatable)")  # fmt: skip
