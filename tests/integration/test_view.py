@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import selectors
@@ -22,14 +23,14 @@ import numpy as np
 import pytest
 
 import slabcast
+from slabcast.view.frames import StreamList, levels, pack_frame, stream_envelope
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs chromium (apt-get install chromium)")
+needs_browser = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs chromium (apt-get install chromium)")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 RATE = 8000.0
@@ -98,6 +99,7 @@ class Signal(threading.Thread):
 
 @contextlib.contextmanager
 def browser_page(url):
+    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
@@ -120,6 +122,7 @@ def last(page, name):
     )
 
 
+@needs_browser
 def test_view_draws_the_signal_and_follows_streams(broker, stream_name):
     signal = Signal(stream_name, broker.address)
     signal.start()
@@ -201,9 +204,11 @@ def test_view_draws_the_signal_and_follows_streams(broker, stream_name):
         signal.close()
 
 
-def test_view_preselects_channels(broker, stream_name):
+@needs_browser
+def test_view_preselects_channels_and_explains_what_it_cannot_draw(broker, stream_name):
     signal = Signal(stream_name, broker.address)
     signal.start()
+    norate = slabcast.Publisher(stream_name + "n", dtype="float32", channels=1, address=broker.address)
     try:
         with view_server("--address", broker.address, "--seconds", "1", "--stream", stream_name,
                          "--channels", "square") as (url, _), browser_page(url) as page:  # fmt: skip
@@ -216,7 +221,14 @@ def test_view_preselects_channels(broker, stream_name):
             assert frame["names"] == ["square"] and frame["channels"][0]["index"] == 1
             assert max(frame["channels"][0]["max"]) == pytest.approx(0.25)
             assert page.locator(f'section.panel[data-name="{stream_name}"] .row').count() == 1
+            # Only the preselected stream is drawn; ticking another draws it, or says why it cannot.
+            assert page.locator("section.panel").count() == 1
+            page.locator(f'#streams li[data-name="{stream_name}n"] input').check()
+            note = page.locator(f'section.panel[data-name="{stream_name}n"] .note')
+            sync_api = pytest.importorskip("playwright.sync_api")
+            sync_api.expect(note).to_contain_text("needs a stream with a rate", timeout=TIMEOUT_MS)
     finally:
+        norate.close()
         signal.close()
 
 
@@ -255,3 +267,50 @@ def test_view_without_broker_says_so(tmp_path):
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 1
     assert "no broker" in done.stderr and "slabcast broker" in done.stderr and "Traceback" not in done.stderr
+
+
+# The sans-io core, without processes.
+
+
+def test_stream_list_follows_streams_appearing_ending_and_leaving():
+    lst = StreamList(keep_ended=10.0)
+    live = {"name": "a", "ended": False, "subscribers": [{"pid": 1}]}
+    assert [s["name"] for s in lst.update({"streams": [live]}, 0.0)] == ["a"] and lst.live("a")
+    (entry,) = lst.update({"streams": [{**live, "ended": True}]}, 1.0)
+    assert entry["ended"] and not entry["gone"] and not lst.live("a")
+    (entry,) = lst.update({"streams": []}, 2.0)  # the broker let it go: still listed, as ended and gone
+    assert entry["ended"] and entry["gone"] and entry["subscribers"] == []
+    assert lst.update({"streams": []}, 11.5) == []  # kept keep_ended seconds after it ended
+    lst.update({"streams": [live]}, 20.0)
+    lst.update({"streams": []}, 21.0)  # gone without an ended status in between: ended when first missed
+    (entry,) = lst.update({"streams": [live]}, 22.0)  # the same name again: live again
+    assert not entry["ended"] and lst.live("a")
+
+
+def test_levels_are_dbfs_against_the_dtype_full_scale():
+    half = np.full((2, 100), 16384, dtype=np.int16)
+    half[1] = 0
+    loud, silent = levels(half, audio=True)
+    assert loud == {"rms": 16384.0, "peak": 16384.0, "dbfs": pytest.approx(-6.02, abs=0.01)}
+    assert silent["dbfs"] is None and silent["rms"] == 0.0
+    (eeg,) = levels(np.full((1, 10), 20.0), audio=False)
+    assert eeg == {"rms": 20.0, "peak": 20.0, "dbfs": None}
+
+
+def test_frame_layout_round_trips():
+    rate, n = 1000.0, 5000
+    data = np.stack([np.arange(n) % 7, -np.ones(n)]).astype(np.float32)
+    times = 1e9 + np.arange(n) / rate + np.random.default_rng(0).normal(0, 1e-3, n)  # a jittery clock
+    part = stream_envelope("s", data, times, rate, [1, 0], width=100, seconds=2.0, audio=True)
+    blob = pack_frame(7, [part], {"pending": ["t"]})
+    (hlen,) = np.frombuffer(blob[:4], "<u4")
+    head = json.loads(blob[4 : 4 + hlen])
+    payload = np.frombuffer(blob[4 + hlen :], "<f4")
+    assert hlen % 4 == 0 and head["seq"] == 7 and head["pending"] == ["t"]
+    (s,) = head["streams"]
+    assert s["columns"] == 100 and s["channels"] == [1, 0] and s["samples_shown"] == 2000 and s["span"] == 2.0
+    x = payload[:100]
+    assert x[0] == pytest.approx(-2.0) and x[-1] == pytest.approx(-0.02) and np.all(np.diff(x) > 0)
+    assert np.all(payload[100:200] == -1) and np.all(payload[200:300] == -1)  # channel 1 first, as asked
+    assert np.all(payload[300:400] == 0) and np.all(payload[400:500] == 6)  # channel 0: 0..6 in every column
+    assert len(payload) == 500

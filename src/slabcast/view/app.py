@@ -299,15 +299,25 @@ class _Page:
         pusher = asyncio.get_running_loop().create_task(self.push_status())
         try:
             async for text in self.ws.iter_text():
-                msg = json.loads(text)
-                if not isinstance(msg, dict):
+                try:
+                    msg = json.loads(text)
+                    kind = msg.get("type")
+                    if kind == "frame":
+                        width = max(1, min(int(msg.get("width", 1000)), 8192))
+                        seconds = float(msg.get("seconds", cfg.seconds))
+                        if not 0 < seconds < math.inf:
+                            raise ValueError(f"seconds must be positive, got {seconds}")
+                    elif kind == "select":
+                        wanted = {str(k): None if v is None else [str(c) for c in v]
+                                  for k, v in dict(msg["streams"]).items()}  # fmt: skip
+                    else:
+                        raise ValueError(f"unknown message type {kind!r}")
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    log.warning("ignored a malformed message from a page: %s (%.80r)", exc, text)
                     continue
-                if msg.get("type") == "frame":
-                    width = int(msg.get("width", 1000))
-                    seconds = float(msg.get("seconds", cfg.seconds))
-                    await self.frame(max(1, min(width, 8192)), max(1e-3, seconds))
-                elif msg.get("type") == "select" and isinstance(msg.get("streams"), dict):
-                    wanted = {str(k): (None if v is None else [str(c) for c in v]) for k, v in msg["streams"].items()}
+                if kind == "frame":
+                    await self.frame(width, seconds)
+                else:
                     await self.select(wanted)
         except WebSocketDisconnect:
             pass

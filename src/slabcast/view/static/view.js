@@ -118,7 +118,8 @@
     }
     for (const name of head.pending) {
       const p = panels.get(name);
-      if (p && !p.plots.length) p.note.textContent = "waiting for data…";
+      const st = view.status && view.status.streams.find((s) => s.name === name);
+      if (p && !p.plots.length && !(st && st.view_error)) p.note.textContent = "waiting for data…";
     }
     view.frames += 1;
     const now = performance.now();
@@ -197,7 +198,7 @@
           scales: { x: { time: false, auto: false, range: () => [-seconds, 0] } },
           axes: [
             { size: i === n - 1 ? 30 : 8, values: i === n - 1 ? (u, v) => v.map((s) => s + " s") : () => [] },
-            { size: 56 },
+            { size: 56, space: 22 },
           ],
           series: [
             {},
@@ -344,7 +345,10 @@
       if ((k === "view drops" || k.startsWith("drops")) && v !== "0") f.classList.add("bad");
       p.head.append(f);
     }
-    if (s.view_error) p.head.append(el("span", "fig bad", s.view_error));
+    if (s.view_error) {
+      p.head.append(el("span", "fig bad", s.view_error));
+      if (!p.plots.length) p.note.textContent = `cannot draw it: ${s.view_error}`;
+    }
     const body = p.details;
     body.textContent = "";
     if (st.mean && st.mean.length) {
