@@ -371,7 +371,7 @@ def test_no_broker_is_a_clear_error(c_sub, tmp_path):
 def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name):
     pub = slabcast.Publisher(stream_name, dtype="int16", address=broker.address, slab_bytes=8192, nslabs=2)
     try:
-        too_big = CSub(c_sub, broker.address, stream_name, "--size", "100000")
+        too_big = CSub(c_sub, broker.address, stream_name, "--size", "40000000")  # 80 MB: past 64 MiB
         try:
             assert too_big.finish(10) == 1
             assert "bad-request" in too_big.stderr and "larger than stream" in too_big.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -93,13 +95,61 @@ def test_drop_policy_never_blocks_and_counts_drops_exactly(broker, stream_name):
 
 
 def test_limits_give_clear_errors(broker, stream_name):
-    with small_stream(broker, stream_name) as pub:
+    with small_stream(broker, stream_name, max_chunk_bytes=4096) as pub:
         with pytest.raises(slabcast.RequestError, match=r"a chunk of 2000 samples \(8000 bytes\) is larger"):
             slabcast.Subscriber(stream_name, size=2000, address=broker.address)
         with pytest.raises(ValueError, match=r"larger than stream .* allows"):
             pub.write(np.zeros(1500, dtype=np.int32))
         with pytest.raises(slabcast.RequestError, match="seconds= needs a stream with a rate"):
             slabcast.Subscriber(stream_name, seconds=1.0, address=broker.address)
+
+
+def _pool(broker, name):
+    status = slabcast.broker_status(broker.address)
+    return next(s for s in status["streams"] if s["name"] == name)
+
+
+def test_the_pool_grows_when_a_subscriber_asks_for_longer_chunks(broker, stream_name):
+    # Frames up to 4096 bytes; chunks may grow to 64 MiB, with memory only for what is asked.
+    with small_stream(broker, stream_name) as pub:
+        before = _pool(broker, stream_name)
+        assert before["carried_bytes"] == 4096 and before["max_chunk_bytes"] >= 64 << 20
+        small = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address)
+        big = slabcast.Subscriber(stream_name, size=3000, clip=True, address=broker.address)  # 12000 bytes
+        grown = _pool(broker, stream_name)
+        assert grown["carried_bytes"] == 12000
+        assert grown["shm_bytes"] - before["shm_bytes"] >= 4 * (12000 - 4096)
+        sent = np.arange(30_000, dtype=np.int32)
+        got_big, got_small = [], []
+        for frame in np.split(sent, 30):  # 1000 samples a frame: every big chunk spans 3-4 frames and slabs
+            pub.write(frame)
+            for sub, got in ((big, got_big), (small, got_small)):
+                with contextlib.suppress(slabcast.WouldBlock):
+                    while True:
+                        with sub.recv_nowait() as chunk:
+                            got.append((chunk.index, chunk.data.copy()))
+        got_small += [(c.index, c.data.copy()) for c in (small.recv(timeout=10) for _ in range(300 - len(got_small)))]
+        got_big += [(c.index, c.data.copy()) for c in (big.recv(timeout=10) for _ in range(10 - len(got_big)))]
+        assert [index for index, _ in got_big] == list(range(0, 30_000, 3000))
+        assert all(np.array_equal(data, sent[index : index + 3000]) for index, data in got_big)
+        assert np.array_equal(np.concatenate([data for _, data in got_small]), sent)
+        big.close()
+        small.close()
+        too_long = 17 << 20  # samples: 68 MiB, past the 64 MiB limit
+        with pytest.raises(slabcast.RequestError, match=r"larger than stream .* allows \(max_chunk_bytes=\d+\)"):
+            slabcast.Subscriber(stream_name, size=too_long, address=broker.address)
+
+
+def test_growing_past_dev_shm_is_a_clear_error_and_the_stream_goes_on(broker, stream_name):
+    # 4096 slabs that may carry chunks of almost 1 GiB, with memory for 4 KiB frames only.
+    with small_stream(broker, stream_name, slab_bytes=1 << 30, nslabs=4096, max_chunk_bytes=(1 << 30) - 4096) as pub:
+        with pytest.raises(slabcast.ShmFullError, match=r"no room for \d+ more bytes .*--shm-size"):
+            slabcast.Subscriber(stream_name, size=50_000_000, address=broker.address)  # 4096 x 200 MB
+        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=broker.address)
+        pub.write(np.arange(1000, dtype=np.int32))
+        with sub.recv(timeout=10) as chunk:
+            assert np.array_equal(chunk.data, np.arange(1000))
+        sub.close()
 
 
 def test_full_dev_shm_is_a_clear_error_not_sigbus(broker, stream_name):

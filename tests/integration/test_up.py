@@ -143,6 +143,16 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     spec = next(a for a in config.broker_args if a.startswith("synthetic:"))
     opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
     chunk = 480000 * 8  # 10 s of 48 kHz stereo float32
-    assert int(opts["max_chunk_bytes"]) == chunk and int(opts["slab_bytes"]) == 2 * chunk
-    # 30 s of stream (11.52 MB) over 3.84 MB of data per slab: 3 slabs, plus 3.
-    assert int(opts["nslabs"]) == 6
+    # Under the 64 MiB a default pool grows to: no max_chunk_bytes, the slabs keep 2 MiB for frames.
+    assert "max_chunk_bytes" not in opts and "slab_bytes" not in opts
+    # 30 s of stream (11.52 MB) over 2 MiB of frames per slab: 6 slabs, plus 3.
+    assert int(opts["nslabs"]) == 9
+    # /dev/shm: each slab's frames and the 10 s chunk it may carry.
+    assert config.shm_bytes == 9 * ((2 << 20) + chunk) + 4096
+
+    huge = tmp_path / "huge.toml"  # 400 s of 48 kHz stereo float32 (153.6 MB) is past that
+    huge.write_text(cfg.read_text().replace("seconds = 10.0", "seconds = 400.0"))
+    spec = next(a for a in load_config(str(huge)).broker_args if a.startswith("synthetic:"))
+    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    assert int(opts["max_chunk_bytes"]) == 400 * 48000 * 8
+    assert int(opts["slab_bytes"]) == 400 * 48000 * 8 + (2 << 20)

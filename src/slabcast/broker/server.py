@@ -232,7 +232,8 @@ class _Stream:
         self.sample_bytes = dtype.itemsize * channels
         self.slab_bytes = slab_bytes
         self.nslabs = nslabs
-        self.reserve = reserve
+        self.reserve = reserve  # the carried part of each slab: the largest chunk any subscriber may ask for
+        self.committed = reserve  # how much of it has its memory allocated (grown as subscribers ask)
         self.header = header
         self.channel_names = channel_names
         self.segment = segment
@@ -269,6 +270,22 @@ class _Stream:
     def slab_start(self, slab: int) -> int:
         return self.header + slab * self.slab_bytes
 
+    def grow(self, need: int) -> bool:
+        """Commit each slab's carried part up to ``need`` bytes (a new subscriber's chunk); True if it grew.
+
+        Raises
+        ------
+        ShmFullError
+            /dev/shm has no room for it; the pool stays as it was.
+        """
+        if need <= self.committed:
+            return False
+        hi = min(self.reserve, -(-need // self.sample_bytes) * self.sample_bytes)
+        self.segment.commit(_pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                                         bool(self.meta.get("timestamps")), self.committed, hi))  # fmt: skip
+        self.committed = hi
+        return True
+
     def floor_index(self) -> int | None:
         """The lowest cursor of the lossless local subscribers, or None if there are none."""
         cursors = [u.cursor for u in self.subs if u.cut == "local" and u.policy == "block"]
@@ -278,6 +295,25 @@ class _Stream:
         """Bytes of tail every subscriber's chunks may need carried into a new slab."""
         size = max((u.size for u in [*self.subs, *self.waiting, *self.joining]), default=0)
         return min(self.reserve, size * self.sample_bytes)
+
+
+def _pool_ranges(header: int, slab_bytes: int, nslabs: int, reserve: int, sample_bytes: int, timestamps: bool,
+                 lo: int, hi: int, frames: bool = False) -> list[tuple[int, int]]:  # fmt: skip
+    """The ``(offset, length)`` ranges of every slab's carried part between ``lo`` and ``hi`` bytes before its
+    data (and, with ``frames``, of its frame area), with their per-sample times when the stream keeps them.
+
+    A slab is ``reserve`` bytes for the tail carried from the slab before, then its frames; the carried part
+    is committed from its end backwards, as subscribers ask for longer chunks (``Stream.grow``).
+    """
+    out: list[tuple[int, int]] = []
+    for slab in range(nslabs):
+        data = header + slab * slab_bytes + reserve
+        first, end = data - hi, (header + (slab + 1) * slab_bytes if frames else data - lo)
+        out.append((first, end - first))
+        if timestamps:
+            at = time_at(first, header, slab_bytes, nslabs, sample_bytes)
+            out.append((at, time_at(end - 1, header, slab_bytes, nslabs, sample_bytes) + 8 - at))
+    return out
 
 
 class _Statistics:
@@ -848,7 +884,13 @@ class Broker:
         try:
             slots = slab_bytes // sample_bytes
             times = 8 * slots * nslabs if meta.get("timestamps") else 0  # per-sample times, when asked for
-            segment = Segment(seg_name, header + nslabs * slab_bytes + times, self.shm_mode)
+            # Memory for the frame area and as much carried room as frames; the rest of the carried part
+            # stays address space until a subscriber asks for longer chunks.
+            committed = min(reserve, (slab_bytes - reserve) // sample_bytes * sample_bytes)
+            ranges = _pool_ranges(header, slab_bytes, nslabs, reserve, sample_bytes, bool(meta.get("timestamps")),
+                                  0, committed, frames=True)  # fmt: skip
+            segment = Segment(seg_name, header + nslabs * slab_bytes + times, self.shm_mode,
+                              commit=[(0, header), *ranges])  # fmt: skip
         except ShmFullError as exc:
             raise _Refused(P.ERR_SHM_FULL, str(exc)) from None
         segment.write_header(
@@ -878,6 +920,7 @@ class Broker:
             notice_path,
         )
         stream.meta = meta
+        stream.committed = committed
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
         if dtype.kind in "iuf" and not byte_stream and stats_window > 0:
@@ -1236,8 +1279,14 @@ class Broker:
             raise _Refused(
                 P.ERR_BAD_REQUEST,
                 f"a chunk of {size} samples ({size * stream.sample_bytes} bytes) is larger than stream {name!r} "
-                f"allows (max_chunk_bytes={stream.reserve}); open the stream with larger slab_bytes/max_chunk_bytes",
+                f"allows (max_chunk_bytes={stream.reserve}); open the stream with a larger max_chunk_bytes",
             )
+        try:
+            if stream.grow(size * stream.sample_bytes):
+                log.info("stream %r: slabs grown to carry chunks of %d bytes (%d bytes of shared memory)",
+                         name, stream.committed, stream.segment.committed)  # fmt: skip
+        except ShmFullError as exc:
+            raise _Refused(P.ERR_SHM_FULL, f"chunks of {size} samples on stream {name!r}: {exc}") from None
         if len(stream.subs) >= _MAX_SUBSCRIBERS:
             raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
         sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)
@@ -1483,6 +1532,9 @@ class Broker:
                     "ended": s.ended,
                     "slabs": s.nslabs,
                     "slab_bytes": s.slab_bytes,
+                    "max_chunk_bytes": s.reserve,
+                    "carried_bytes": s.committed,
+                    "shm_bytes": s.segment.committed,
                     "slabs_free": len(s.pool.free),
                     "statistics": self._statistics(s),
                     "channel_names": s.channel_names,

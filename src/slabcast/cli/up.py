@@ -27,6 +27,7 @@ from typing import Any
 
 from ..broker.address import normalize
 from ..broker.process import BrokerProcess
+from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
 
@@ -42,8 +43,7 @@ _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "p
               "max_inflight", "partial_tail", "restart_on_end", "external"}  # fmt: skip
 _POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout", "history"}
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
-_DEFAULT_SLAB = 4 << 20
-_DEFAULT_NSLABS = 8
+_DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _SHM = "/dev/shm"
 
 
@@ -210,31 +210,34 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
         n = t.size if t.size is not None else max(1, round(float(t.seconds or 0) * info.rate))
         if n * sample > largest:
             largest, who = n * sample, t.name
-    if "max_chunk_bytes" in pool:
+    explicit = "max_chunk_bytes" in pool
+    if explicit:
         if largest > pool["max_chunk_bytes"]:
             raise ConfigError(
                 f"{where}: task {who!r} asks for chunks of {largest} bytes, larger than its max_chunk_bytes "
                 f"({pool['max_chunk_bytes']}); raise it (and slab_bytes), or leave the pool out to have it sized"
             )
-    elif largest:
+    elif largest > DEFAULT_CHUNK_LIMIT:  # past what a default pool grows to: make the carried part that long
         pool["max_chunk_bytes"] = _round_up(largest, sample)
-    slab = pool.get("slab_bytes")
-    if slab is None:
-        chunk = pool.get("max_chunk_bytes", _DEFAULT_SLAB // 2)
-        slab = pool["slab_bytes"] = max(_DEFAULT_SLAB, _round_up(2 * chunk, 4096))
-    if pool.get("max_chunk_bytes", slab // 2) >= slab:
+        explicit = True
+        pool["slab_bytes"] = _round_up(pool["max_chunk_bytes"] + pool.get("slab_bytes", _DEFAULT_SLAB) // 2, 4096)
+    slab = pool.setdefault("slab_bytes", _DEFAULT_SLAB) if explicit else pool.get("slab_bytes", _DEFAULT_SLAB)
+    if explicit and pool["max_chunk_bytes"] >= slab:
         raise ConfigError(f"{where}: max_chunk_bytes ({pool['max_chunk_bytes']}) must be smaller than "
                           f"slab_bytes ({slab}): a slab holds the carried chunk and at least one frame")  # fmt: skip
+    # Room for frames in each slab, and the carried part the tasks' chunks need (memory is committed for
+    # as much as the frames' room at first, then grown as subscribers ask: see Publisher's max_chunk_bytes).
+    frames = slab - pool["max_chunk_bytes"] if explicit else slab // 2
+    carried = max(largest, min(pool["max_chunk_bytes"] if explicit else max(DEFAULT_CHUNK_LIMIT, frames), frames))
     history = pool.pop("history", None)
     if history is not None and "nslabs" not in pool:
         # Enough slabs to hold `history` seconds behind the one being written (plus the two granted ahead),
         # so block tasks may fall that far behind before the source waits.
         if not info.rate:
             raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")
-        data = slab - pool.get("max_chunk_bytes", slab // 2)
-        pool["nslabs"] = max(4, -(-int(history * info.rate * sample) // data) + 3)
+        pool["nslabs"] = max(4, -(-int(history * info.rate * sample) // frames) + 3)
     nslabs = pool.setdefault("nslabs", _DEFAULT_NSLABS)
-    return int(slab * nslabs + 4096 * (1 + nslabs // 1000))
+    return int((frames + carried) * nslabs + 4096 * (1 + nslabs // 1000))
 
 
 def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:

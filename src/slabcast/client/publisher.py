@@ -31,6 +31,7 @@ __all__ = ["Publisher", "check_frame"]
 
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
+DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
 # Notice batching: a write less than _SPORADIC seconds after the previous notice joins a
 # batch (one FRAMES message) sent when it holds _BATCH frames or is _BATCH_DELAY old.
 # Sporadic writers (every frame later than that) keep one immediate FRAME each: no delay.
@@ -121,9 +122,17 @@ class Publisher:
         Broker address (default: ``$SLABCAST_ADDRESS`` or the per-user default).
     slab_bytes, nslabs : int
         The stream's pool: ``nslabs`` slabs of ``slab_bytes`` (a multiple of 4096).
+        Each slab is a carried part (the tail of the slab before, so that every
+        chunk is contiguous) followed by room for frames.
     max_chunk_bytes : int, optional
-        Largest chunk a subscriber may ask for; default half a slab.  The rest
-        of each slab, ``slab_bytes - max_chunk_bytes``, bounds the frame size.
+        Largest chunk a subscriber may ask for: the carried part of each slab,
+        whose memory the broker allocates only as subscribers ask for longer
+        chunks (at first as much as the frames' room).  Given, the slabs are
+        ``slab_bytes`` and frames may be up to ``slab_bytes - max_chunk_bytes``.
+        By default frames may be up to ``slab_bytes // 2`` and chunks grow to
+        64 MiB (or ``slab_bytes // 2`` if more): the slabs are then that much
+        longer (``self.slab_bytes``), in address space, with ``slab_bytes`` of
+        each in memory until a subscriber asks for longer chunks.
     timeout : float
         Seconds a ``write`` waits for a free slab before :class:`WriteTimeout`.
     channel_names : list of str, optional
@@ -184,6 +193,9 @@ class Publisher:
         self._where = f"stream {stream!r}"
         self._closed = False
         self._mm: Any = None
+        layout = slab_bytes
+        if max_chunk_bytes is None:  # frames up to half the slab, chunks up to the limit (memory on demand)
+            layout = -(-(slab_bytes // 2 + max(DEFAULT_CHUNK_LIMIT, slab_bytes // 2)) // 4096) * 4096
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             self._conn.send(
@@ -193,9 +205,9 @@ class Publisher:
                     self.dtype.str,
                     channels,
                     self.rate,
-                    slab_bytes,
+                    layout,
                     nslabs,
-                    max_chunk_bytes if max_chunk_bytes is not None else slab_bytes // 2,
+                    max_chunk_bytes if max_chunk_bytes is not None else layout - slab_bytes // 2,
                     list(channel_names) if channel_names is not None else None,
                     float(statistics),
                     StreamInfo.check_metadata(

@@ -61,6 +61,7 @@ import re
 import secrets
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import ShmFullError
@@ -166,36 +167,74 @@ class Segment:
     removes its segments (:func:`reap_stale`).
     """
 
-    def __init__(self, name: str, nbytes: int, mode: int = 0o600, shm_dir: str = SHM_DIR) -> None:
+    def __init__(
+        self,
+        name: str,
+        nbytes: int,
+        mode: int = 0o600,
+        shm_dir: str = SHM_DIR,
+        commit: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         tmp = f"{_TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
         try:
             fd = _posixshmem.shm_open("/" + tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
         except OSError as exc:
             raise ShmFullError(f"cannot create shared-memory segment {name!r} of {nbytes} bytes: {exc}") from exc
+        self.name = name
+        self.nbytes = nbytes
+        self.fd = fd  # holds the owner lock until closed
+        self.committed = 0
         try:
             hold(fd, OWNER_BYTE, fcntl.F_WRLCK)  # "its broker is alive", until the descriptor closes
             os.ftruncate(fd, nbytes)
             # ftruncate alone succeeds on a full tmpfs and the first touch of a page then
-            # kills the process with SIGBUS; allocating every page now fails cleanly instead.
-            os.posix_fallocate(fd, 0, nbytes)
+            # kills the process with SIGBUS; allocating the pages first fails cleanly instead.
+            self.commit([(0, nbytes)] if commit is None else commit)
             os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
             os.rename(os.path.join(shm_dir, tmp), os.path.join(shm_dir, name))
             mm = mmap.mmap(fd, nbytes)
-        except OSError as exc:
+        except OSError:
             with contextlib.suppress(OSError):
                 _posixshmem.shm_unlink("/" + tmp)
             os.close(fd)
-            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise ShmFullError(
-                    f"/dev/shm has no room for {nbytes} bytes (segment {name!r}): {exc.strerror}; "
-                    "free space there, or ask for fewer/smaller slabs (nslabs, slab_bytes)"
-                ) from exc
             raise
-        self.name = name
-        self.nbytes = nbytes
-        self.fd = fd  # holds the owner lock until closed
         self._mm: mmap.mmap | None = mm
         self.buf: memoryview = memoryview(mm)
+
+    def commit(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Allocate the pages of ``ranges`` (``(offset, length)`` in bytes) so that writing them cannot SIGBUS.
+
+        The rest of the segment stays a hole: address space, no memory.  Only
+        committed bytes may be written; reading a hole reads zeros.
+
+        Raises
+        ------
+        ShmFullError
+            When /dev/shm has no room for them (nothing written is lost: the
+            segment stays as it was, usable up to what was committed before).
+        """
+        need = sum(length for _, length in ranges)
+        try:
+            st = os.fstatvfs(self.fd)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = need
+        try:
+            if need > free:  # fail before filling /dev/shm for everyone else, one slab at a time
+                raise OSError(errno.ENOSPC, f"{free} bytes are free")
+            for offset, length in ranges:
+                if length > 0:
+                    os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                mib = -(-need // (1 << 20))
+                raise ShmFullError(
+                    f"/dev/shm has no room for {need} more bytes ({mib} MiB) of segment {self.name!r}: "
+                    f"{exc.strerror}; free space there, give it more (Docker: docker run --shm-size=...; "
+                    "Kubernetes: an emptyDir with medium: Memory), or ask for fewer/smaller slabs (nslabs, slab_bytes)"
+                ) from exc
+            raise
+        self.committed += need
 
     def write_header(self, **fields: Any) -> None:
         """Fill the header described in this module's docstring."""
