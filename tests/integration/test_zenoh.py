@@ -363,3 +363,39 @@ def test_every_stream_is_bridged_as_it_appears_and_a_restarted_stream_is_followe
     assert [c[2] for c in got] == [False] * 10 + [True] + [False] * 9
     assert [c[1] for c in got] == [lap * 10.0 + i / 1000.0 for lap in range(2) for i in range(0, 1000, 100)]
     assert "a new stream at origin index 0 (expected 1000; local index 1000)" in far.stderr()
+
+
+def test_the_origin_broker_killed_and_restarted_is_followed(tmp_path, stream_name):
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    origin = slabcast.BrokerProcess(tmp_path / "a.sock").start()
+    bridge, lines = start_bridge(origin.address, [stream_name], prefix, endpoint)
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    got: list[tuple[int, float, bool, np.ndarray]] = []
+    try:
+        far.start()
+        sub = None
+        for lap in range(2):
+            pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=origin.address,
+                                     slab_bytes=65536)  # fmt: skip
+            lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+            if sub is None:
+                sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far.address, wait=20)
+            for i in range(0, 500, 100):
+                pub.write(np.arange(i, i + 100, dtype=np.int64), t0=lap * 10.0 + i / 1000.0)
+            receive(sub, got, 5)
+            if lap == 0:
+                origin.kill()  # SIGKILL: the publisher's broker is gone; a new one comes at the same address
+                lines.expect(f"bridge: {stream_name} lost its broker")
+                pub.close()
+                origin = slabcast.BrokerProcess(tmp_path / "a.sock").start()
+        assert sub is not None
+        sub.close()
+        pub.close()
+    finally:
+        err = stop(bridge)
+        far.stop()
+        origin.stop()
+    assert bridge.returncode == 0 and "Traceback" not in err, err
+    assert [c[0] for c in got] == list(range(0, 1000, 100))
+    assert [int(c[3][0]) for c in got] == list(range(0, 500, 100)) * 2
+    assert [c[2] for c in got] == [False] * 5 + [True] + [False] * 4
