@@ -399,3 +399,37 @@ def test_the_origin_broker_killed_and_restarted_is_followed(tmp_path, stream_nam
     assert [c[0] for c in got] == list(range(0, 1000, 100))
     assert [int(c[3][0]) for c in got] == list(range(0, 500, 100)) * 2
     assert [c[2] for c in got] == [False] * 5 + [True] + [False] * 4
+
+
+def test_a_far_broker_that_joins_late_starts_where_it_joined(tmp_path, broker, stream_name):
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
+    pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536)
+    writer = Writer(pub)
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint),
+                                                              "--log-level", "INFO"))  # fmt: skip
+    try:
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        writer.start()
+        deadline = time.monotonic() + 20
+        while writer.index < 2000:  # the stream has been flowing for a while
+            assert writer.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        far.start()
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far.address, wait=20)
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        receive(sub, chunks, 10)
+        writer.stop()
+        sub.close()
+    finally:
+        writer.stop()
+        err = stop(bridge)
+        far.stop()
+        pub.close()
+    assert "Traceback" not in err
+    first = int(far.stderr().split("first frame at origin index ")[1].split()[0])
+    assert first >= 2000
+    for index, t0, disc, data in chunks:
+        origin = int(data[0])
+        assert np.array_equal(data, np.arange(origin, origin + 100)) and t0 == Writer.T + origin / 1000.0
+        assert index == origin - first and not disc
