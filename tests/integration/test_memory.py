@@ -140,6 +140,30 @@ def test_the_pool_grows_when_a_subscriber_asks_for_longer_chunks(broker, stream_
             slabcast.Subscriber(stream_name, size=too_long, address=broker.address)
 
 
+def test_a_grown_pool_keeps_per_sample_times(broker, stream_name):
+    with small_stream(broker, stream_name, timestamps=True) as pub:
+        sub = slabcast.Subscriber(stream_name, size=2500, clip=True, address=broker.address)  # 10000 bytes > 4096
+        assert _pool(broker, stream_name)["carried_bytes"] == 10000
+        times = 1000.0 + np.cumsum(np.full(10_000, 1e-3))
+        seen = []
+
+        def check(chunk):
+            with chunk:
+                assert np.array_equal(chunk.data, np.arange(chunk.index, chunk.index + 2500))
+                assert np.array_equal(chunk.times, times[chunk.index : chunk.index + 2500])
+                seen.append(chunk.index)
+
+        for k in range(10):  # 1000 samples a frame, 4 slabs: a lossless subscriber must keep up
+            pub.write(np.arange(k * 1000, (k + 1) * 1000, dtype=np.int32), times=times[k * 1000 : (k + 1) * 1000])
+            with contextlib.suppress(slabcast.WouldBlock):
+                while True:
+                    check(sub.recv_nowait())
+        while len(seen) < 4:
+            check(sub.recv(timeout=10))
+        assert seen == [0, 2500, 5000, 7500]
+        sub.close()
+
+
 def test_growing_past_dev_shm_is_a_clear_error_and_the_stream_goes_on(broker, stream_name):
     # 4096 slabs that may carry chunks of almost 1 GiB, with memory for 4 KiB frames only.
     with small_stream(broker, stream_name, slab_bytes=1 << 30, nslabs=4096, max_chunk_bytes=(1 << 30) - 4096) as pub:
