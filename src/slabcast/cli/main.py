@@ -111,6 +111,10 @@ def _status(args: argparse.Namespace) -> int:
             f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
             f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}"
         )
+        if "shm_bytes" in s:
+            mib = 1 << 20
+            print(f"    pool: {s['shm_bytes'] / mib:.1f} MiB of shared memory; chunks up to "
+                  f"{s['carried_bytes'] / mib:.1f} MiB (may grow to {s['max_chunk_bytes'] / mib:.1f} MiB)")  # fmt: skip
         st = s.get("statistics", {})
         if st.get("mean"):
             rate_seen = f", observed {st['observed_rate']:.0f}/s" if st.get("observed_rate") else ""
