@@ -214,28 +214,35 @@ def test_two_streams_cross_exactly_samples_indices_times_and_info(tmp_path, brok
 
 
 class Writer(threading.Thread):
-    """Frames of 100 int64 samples whose values are their own index, t0 = T + index / rate, until stopped."""
+    """Frames of ``n`` int64 samples whose values are their own index, t0 = T + index / rate, until stopped."""
 
     T = 1_000_000.0
 
-    def __init__(self, pub: slabcast.Publisher) -> None:
+    def __init__(self, pub: slabcast.Publisher, n: int = 100, pause: float = 0.005) -> None:
         super().__init__(daemon=True)
         self.pub = pub
+        self.n = n
+        self.pause = pause
         self.stopping = threading.Event()
         self.index = 0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        while not self.stopping.is_set():
-            self.pub.write(np.arange(self.index, self.index + 100, dtype=np.int64), t0=self.T + self.index / 1000.0)
-            self.index += 100
-            self.stopping.wait(0.005)
+        n = self.n
+        try:
+            while not self.stopping.is_set():
+                self.pub.write(np.arange(self.index, self.index + n, dtype=np.int64), t0=self.T + self.index / 1000.0)
+                self.index += n
+                self.stopping.wait(self.pause)
+        except BaseException as exc:
+            self.error = exc
 
     def stop(self) -> None:
         self.stopping.set()
         self.join(10)
 
 
-def check_exact(chunks: list[tuple[int, float, bool, np.ndarray]]) -> int:
+def check_exact(chunks: list[tuple[int, float, bool, np.ndarray]], n: int = 100) -> int:
     """Every chunk holds the origin's samples and t0; local indices trail the origin's by the samples lost.
 
     Returns the number of discontinuities.
@@ -244,10 +251,10 @@ def check_exact(chunks: list[tuple[int, float, bool, np.ndarray]]) -> int:
     jumps = 0
     for k, (index, t0, disc, data) in enumerate(chunks):
         origin = int(data[0])
-        assert np.array_equal(data, np.arange(origin, origin + 100)), f"chunk {k}: samples differ"
+        assert np.array_equal(data, np.arange(origin, origin + n)), f"chunk {k}: samples differ"
         assert t0 == Writer.T + origin / 1000.0, f"chunk {k}: t0 {t0!r} is not the origin's"
         if k:
-            expected = int(chunks[k - 1][3][0]) + 100
+            expected = int(chunks[k - 1][3][0]) + n
             assert disc == (origin != expected), f"chunk {k}: origin index {origin}, expected {expected}, {disc=}"
             lost += origin - expected
             jumps += disc
@@ -433,3 +440,43 @@ def test_a_far_broker_that_joins_late_starts_where_it_joined(tmp_path, broker, s
         origin = int(data[0])
         assert np.array_equal(data, np.arange(origin, origin + 100)) and t0 == Writer.T + origin / 1000.0
         assert index == origin - first and not disc
+
+
+def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_path, broker, stream_name):
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)  # --policy drop: the default
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    writer = None
+    try:
+        far.start()
+        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
+                                 timeout=2.0)  # fmt: skip
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        # A lossless subscriber on the far broker that does not read: its pool, the source's queue, Zenoh's
+        # and TCP's buffers fill up; the bridge drops; the origin's publisher must never wait.
+        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)
+        writer = Writer(pub, n=1000, pause=0.0002)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while writer.index < 40_000_000 // 8:  # 40 MB through the bridge: far more than every buffer on the way
+            assert writer.is_alive() and writer.error is None, writer.error
+            assert time.monotonic() < deadline, f"the origin wrote only {writer.index * 8} bytes in 30 s"
+            time.sleep(0.05)
+        writer.pause = 0.005  # from now on the far side keeps up: it sees the gap when frames come again
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        deadline = time.monotonic() + 20
+        while not any(c[2] for c in chunks):
+            assert time.monotonic() < deadline, "no discontinuity on the far side"
+            receive(sub, chunks, 1)
+        receive(sub, chunks, 3)
+        writer.stop()
+        assert writer.error is None, writer.error
+        assert check_exact(chunks, n=1000) >= 1
+        sub.close()
+        pub.close()
+    finally:
+        if writer is not None:
+            writer.stop()
+        err = stop(bridge)
+        far.stop()
+    assert "Traceback" not in err

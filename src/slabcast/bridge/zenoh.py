@@ -178,7 +178,7 @@ class ZenohSource:
         self._info: StreamInfo | None = None
         self._epoch = 0
         self._next: int | None = None  # the origin index expected next
-        self._local = 0  # samples written locally since connect
+        self._local = 0  # samples this source has written (the local index of the next one)
         self._jump = False
         self.dropped = 0  # frames dropped here (policy="drop"), or refused (malformed)
         self.gaps = 0
@@ -208,8 +208,7 @@ class ZenohSource:
             self._subscriber = self._session.declare_subscriber(self.key, self._on_sample)
         info, epoch = self._query_info()
         self._info, self._epoch = info, epoch
-        self._next = None
-        self._local = 0
+        self._next = None  # the local stream goes on (its index with it); the first frame is not a gap
         log.info("zenoh key %r (epoch %x: %d x %s @ %s Hz) feeds stream %r", self.key, epoch, info.channels,
                  info.dtype, info.rate, self.name)  # fmt: skip
         return info
