@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
             create_app(config),
             log_level=args.log_level.lower(),
             access_log=False,
-            ws="websockets-sansio",
+            # The sans-io websocket protocol where this uvicorn has it (the legacy one is deprecated by websockets).
+            ws="websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "auto",
             lifespan="on",
             timeout_graceful_shutdown=2,
         )
