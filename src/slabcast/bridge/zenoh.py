@@ -88,6 +88,8 @@ def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = 
         For a setting Zenoh refuses (naming it).
     """
     zenoh = _zenoh()
+    if config and not os.path.isfile(config):
+        raise ValueError(f"no Zenoh configuration file at {config!r}")
     try:
         conf = zenoh.Config.from_file(config) if config else zenoh.Config()
         if mode:
