@@ -22,7 +22,7 @@ def _broker(args: argparse.Namespace) -> int:
 
     try:
         sources = [parse_source(spec) for spec in args.source]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ImportError) as exc:  # ImportError: the source's extra is missing
         print(f"slabcast broker: {exc}", file=sys.stderr)
         return 2
 
