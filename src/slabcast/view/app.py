@@ -124,6 +124,7 @@ class Hub:
         self.version = 0
         self.changed = asyncio.Condition()
         self._entries: dict[str, _Entry] = {}
+        self._opening: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
         self._pid = os.getpid()
 
     # ------------------------------------------------------------ status
@@ -132,21 +133,27 @@ class Hub:
         """Poll the broker until cancelled."""
         while True:
             try:
-                status = await asyncio.to_thread(broker_status, self.config.address, 2.0, self.config.curve)
-            except SlabcastError as exc:
-                self.error = f"no broker: {exc}"
-                self.broker = None
-                self.listed = self.streams.update({"streams": []}, time.time())
-            else:
-                self.error = None
-                self.broker = {k: status.get(k) for k in ("pid", "version", "address", "tcp_address", "uptime",
-                                                          "clients")}  # fmt: skip
-                self.listed = self.streams.update(status, time.time())
-            await self._sync_windows()
+                await self._poll()
+            except Exception:  # a bug here must not freeze every page's stream list: log it, poll again
+                log.exception("slabcast view: polling the broker failed")
             async with self.changed:
                 self.version += 1
                 self.changed.notify_all()
             await asyncio.sleep(POLL)
+
+    async def _poll(self) -> None:
+        try:
+            status = await asyncio.to_thread(broker_status, self.config.address, 2.0, self.config.curve)
+        except SlabcastError as exc:
+            self.error = f"no broker: {exc}"
+            self.broker = None
+            self.listed = self.streams.update({"streams": []}, time.time())
+        else:
+            self.error = None
+            keys = ("pid", "version", "address", "tcp_address", "uptime", "clients")
+            self.broker = {k: status.get(k) for k in keys}
+            self.listed = self.streams.update(status, time.time())
+        await self._sync_windows()
 
     def status_message(self) -> dict[str, Any]:
         """What the page shows beside the plots: streams, their statistics and subscribers, errors."""
@@ -193,9 +200,13 @@ class Hub:
                     entry.error = f"{type(window.error).__name__}: {window.error}"
                 entry.live = False
                 await asyncio.to_thread(window.close)
-            if live and not entry.live and not entry.opening and not entry.permanent:
+            if not live:
+                entry.permanent = False  # a stream of the same name may come back with a rate
+            elif not entry.live and not entry.opening and not entry.permanent:
                 entry.opening = True
-                asyncio.get_running_loop().create_task(self._open(name, entry))
+                task = asyncio.get_running_loop().create_task(self._open(name, entry))
+                self._opening.add(task)
+                task.add_done_callback(self._opening.discard)
 
     async def _open(self, name: str, entry: _Entry) -> None:
         cfg = self.config
@@ -234,7 +245,8 @@ class Hub:
         return part
 
     async def close(self) -> None:
-        """Close every window."""
+        """Close every window (after those being opened)."""
+        await asyncio.gather(*self._opening, return_exceptions=True)
         for entry in list(self._entries.values()):
             if entry.window is not None:
                 await asyncio.to_thread(entry.window.close)

@@ -271,7 +271,16 @@
     }
   }
 
+  let listKey = null;
+
   function renderList(streams) {
+    // Rebuilt only when something in it changed: a checkbox replaced under the pointer would lose a click.
+    const key = JSON.stringify([
+      streams.map((s) => [s.name, s.ended, s.gone, s.dtype, s.channels, s.rate, s.channel_names]),
+      view.selected,
+    ]);
+    if (key === listKey) return;
+    listKey = key;
     const ul = $("streams");
     ul.textContent = "";
     if (!streams.length) ul.append(el("li", "none", "no streams"));
