@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             # The sans-io websocket protocol where this uvicorn has it (the legacy one is deprecated by websockets).
             ws="websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "auto",
             lifespan="on",
+            ws_per_message_deflate=False,  # float32 envelopes barely compress: deflate cost more CPU than all else
             timeout_graceful_shutdown=2,
         )
     )
