@@ -210,8 +210,9 @@ def test_view_preselects_channels_and_explains_what_it_cannot_draw(broker, strea
     signal.start()
     norate = slabcast.Publisher(stream_name + "n", dtype="float32", channels=1, address=broker.address)
     try:
-        with view_server("--address", broker.address, "--seconds", "1", "--stream", stream_name,
-                         "--channels", "square") as (url, _), browser_page(url) as page:  # fmt: skip
+        # --channels names the channels of --stream options that name none: not this one's.
+        with view_server("--address", broker.address, "--seconds", "1", "--stream", f"{stream_name}=square",
+                         "--channels", "tone") as (url, _), browser_page(url) as page:  # fmt: skip
             page.wait_for_function(
                 "(n) => { const f = window.slabcastView.last[n]; return f && f.span >= 0.5; }",
                 arg=stream_name,

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
     p.add_argument("--token", default=None, help="require this token on every request (?token=...)")
     p.add_argument("--seconds", type=float, default=10.0, help="window length: the longest span shown (default 10)")
-    p.add_argument("--stream", action="append", default=[], metavar="NAME[:CH,CH]",
+    p.add_argument("--stream", action="append", default=[], metavar="NAME[=CH,CH]",
                    help="draw this stream on page load, optionally only these channels (repeatable; default: "
                         "every stream as it appears)")  # fmt: skip
     p.add_argument(
@@ -56,7 +56,7 @@ def _preselect(streams: list[str], channels: str | None) -> dict[str, list[str] 
     default = [c for c in channels.split(",") if c] if channels else None
     out: dict[str, list[str] | None] = {}
     for spec in streams:
-        name, sep, chans = spec.partition(":")
+        name, sep, chans = spec.partition("=")  # "=" is never in a stream name; ":" can be
         if not name:
             raise ValueError(f"--stream needs a stream name, got {spec!r}")
         out[name] = [c for c in chans.split(",") if c] if sep else default
