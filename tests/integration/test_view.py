@@ -212,7 +212,7 @@ def test_view_preselects_channels_and_explains_what_it_cannot_draw(broker, strea
     try:
         # --channels names the channels of --stream options that name none: not this one's.
         with view_server("--address", broker.address, "--seconds", "1", "--stream", f"{stream_name}=square",
-                         "--channels", "tone") as (url, _), browser_page(url) as page:  # fmt: skip
+                         "--channels", "tone", "--stream", "nosuch") as (url, _), browser_page(url) as page:  # fmt: skip
             page.wait_for_function(
                 "(n) => { const f = window.slabcastView.last[n]; return f && f.span >= 0.5; }",
                 arg=stream_name,
@@ -222,12 +222,15 @@ def test_view_preselects_channels_and_explains_what_it_cannot_draw(broker, strea
             assert frame["names"] == ["square"] and frame["channels"][0]["index"] == 1
             assert max(frame["channels"][0]["max"]) == pytest.approx(0.25)
             assert page.locator(f'section.panel[data-name="{stream_name}"] .row').count() == 1
-            # Only the preselected stream is drawn; ticking another draws it, or says why it cannot.
-            assert page.locator("section.panel").count() == 1
+            expect = pytest.importorskip("playwright.sync_api").expect
+            # A preselected stream that does not exist yet is awaited.
+            awaited = page.locator('section.panel[data-name="nosuch"] .note')
+            expect(awaited).to_contain_text("waiting for stream nosuch to appear", timeout=TIMEOUT_MS)
+            # Only the preselected streams are drawn; ticking another draws it, or says why it cannot.
+            assert page.locator("section.panel").count() == 2
             page.locator(f'#streams li[data-name="{stream_name}n"] input').check()
             note = page.locator(f'section.panel[data-name="{stream_name}n"] .note')
-            sync_api = pytest.importorskip("playwright.sync_api")
-            sync_api.expect(note).to_contain_text("needs a stream with a rate", timeout=TIMEOUT_MS)
+            expect(note).to_contain_text("needs a stream with a rate", timeout=TIMEOUT_MS)
     finally:
         norate.close()
         signal.close()

@@ -119,7 +119,7 @@
     for (const name of head.pending) {
       const p = panels.get(name);
       const st = view.status && view.status.streams.find((s) => s.name === name);
-      if (p && !p.plots.length && !(st && st.view_error)) p.note.textContent = "waiting for data…";
+      if (p && !p.plots.length && st && !st.view_error) p.note.textContent = "waiting for data…";
     }
     view.frames += 1;
     const now = performance.now();
@@ -137,6 +137,7 @@
     const e = el("section", "panel");
     e.dataset.name = name;
     const head = el("div", "phead");
+    head.append(el("span", "name", name));
     const note = el("div", "note", "opening…");
     const rows = el("div", "rows");
     const details = el("details");
@@ -267,7 +268,10 @@
       if (p) renderPanelStatus(p, s);
     }
     for (const name of Object.keys(view.selected)) {
-      if (!panels.has(name)) panelFor(name);
+      const p = panelFor(name);
+      if (!p.plots.length && !msg.streams.some((s) => s.name === name)) {
+        p.note.textContent = `waiting for stream ${name} to appear at the broker…`;
+      }
     }
   }
 
