@@ -273,6 +273,13 @@ def test_view_without_broker_says_so(tmp_path):
     assert "no broker" in done.stderr and "slabcast broker" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_view_without_the_extra_says_how_to_install_it():
+    code = "import sys; sys.modules['uvicorn'] = None; from slabcast.cli.main import main; sys.exit(main(['view']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "pip install 'slabcast[view]'" in done.stderr and "Traceback" not in done.stderr
+
+
 # The sans-io core, without processes.
 
 
