@@ -197,7 +197,7 @@ def test_view_draws_the_signal_and_follows_streams(broker, stream_name):
             conn.request("GET", "/", headers={"Host": f"attacker.example:{port}"})
             assert conn.getresponse().status == 403
             conn.close()
-        assert proc.returncode == -15, proc.returncode  # uvicorn shuts down cleanly, then re-raises SIGTERM
+        assert proc.returncode == 0, proc.returncode  # a clean stop on SIGTERM
     finally:
         if second is not None:
             second.close()

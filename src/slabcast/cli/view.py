@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import secrets
 import socket
 import sys
 import webbrowser
+from collections.abc import Iterator
 
 from .._exceptions import SlabcastError
 
@@ -110,7 +112,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = ViewConfig(address=args.address, seconds=float(args.seconds), curve=curve, token=token,
                         loopback=loopback, preselect=preselect, method=args.method)  # fmt: skip
-    server = uvicorn.Server(
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    # SIGTERM/SIGINT asked for the clean stop that just happened: exit 0, as slabcast's other
+                    # commands do, instead of uvicorn raising the signal again (exit -15/130).
+                    getattr(self, "_captured_signals", []).clear()
+
+    server = _Server(
         uvicorn.Config(
             create_app(config),
             log_level=args.log_level.lower(),
@@ -127,4 +140,5 @@ def run(args: argparse.Namespace) -> int:
     if args.open:
         webbrowser.open(url)
     server.run(sockets=[sock])
+    print("slabcast view: stopped", file=sys.stderr)
     return 0
