@@ -8,6 +8,7 @@ another network namespace), multicast scouting off, explicit endpoints on a free
 from __future__ import annotations
 
 import dataclasses
+import glob
 import queue
 import signal
 import socket
@@ -26,6 +27,14 @@ pytest.importorskip("zenoh", reason="the zenoh extra: pip install 'slabcast[zeno
 
 from slabcast.bridge._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
 from tests.integration.test_remote import netns as _veth  # noqa: F401  (test_remote's fixture, as `_veth`)
+
+
+@pytest.fixture(autouse=True)
+def no_zenoh_files_in_dev_shm():
+    """Zenoh's shared-memory transport is off in our sessions: no <id>.zenoh file is left in /dev/shm."""
+    before = set(glob.glob("/dev/shm/*.zenoh"))
+    yield
+    assert set(glob.glob("/dev/shm/*.zenoh")) <= before
 
 
 @pytest.fixture

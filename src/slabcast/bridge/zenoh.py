@@ -76,7 +76,8 @@ def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = 
     connect, listen : str or list of str, optional
         Endpoints (``tcp/10.0.0.5:7447``); one string may hold several separated by ``;``.
     config : str, optional
-        A Zenoh JSON5 configuration file.
+        A Zenoh JSON5 configuration file.  Without one, Zenoh's defaults with its
+        shared-memory transport off (``transport/shared_memory/enabled``).
     multicast : bool, optional
         Multicast scouting (Zenoh's default: on); off for explicit endpoints only.
     cfg : str or list of str, optional
@@ -92,6 +93,10 @@ def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = 
         raise ValueError(f"no Zenoh configuration file at {config!r}")
     try:
         conf = zenoh.Config.from_file(config) if config else zenoh.Config()
+        if not config:
+            # Zenoh's own shared-memory transport is for peers on one host, where slabcast already is; it
+            # leaves a <id>.zenoh file in /dev/shm per session, even after a clean close. On by `cfg` or a file.
+            conf.insert_json5("transport/shared_memory/enabled", "false")
         if mode:
             conf.insert_json5("mode", json.dumps(mode))
         if connect:
@@ -272,9 +277,8 @@ class ZenohSource:
         data = np.frombuffer(payload, dtype=head.dtype)
         if head.channels > 1:
             data = data.reshape(head.n, head.channels)
-        if times is None:
-            rate = info.rate
-            times = head.t0 + np.arange(head.n) / rate if rate else np.full(head.n, head.t0)
+        if times is None:  # no per-sample times: the first sample's is all the broker takes
+            times = np.array([head.t0])
         return data, times
 
     def wait(self) -> float:

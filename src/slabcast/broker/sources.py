@@ -46,8 +46,9 @@ class Source(Protocol):
 
     ``read`` must not block for long: it returns what has arrived since the last
     call, as ``(data, timestamps)`` with ``data`` sample-major ``(n, channels)`` and
-    ``timestamps`` the ``(n,)`` times of its samples, or ``None`` when nothing is
-    ready yet.  It raises :class:`EOFError` when the source has ended.
+    ``timestamps`` the ``(n,)`` times of its samples (seconds, ``time.time()``'s
+    clock; a stream whose info has no per-sample ``timestamps`` may give only the
+    first sample's, ``(1,)``), or ``None`` when nothing is ready yet.  It raises :class:`EOFError` when the source has ended.
     """
 
     def connect(self) -> StreamInfo:
