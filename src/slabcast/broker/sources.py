@@ -48,7 +48,8 @@ class Source(Protocol):
     call, as ``(data, timestamps)`` with ``data`` sample-major ``(n, channels)`` and
     ``timestamps`` the ``(n,)`` times of its samples (seconds, ``time.time()``'s
     clock; a stream whose info has no per-sample ``timestamps`` may give only the
-    first sample's, ``(1,)``), or ``None`` when nothing is ready yet.  It raises :class:`EOFError` when the source has ended.
+    first sample's, ``(1,)``), or ``None`` when nothing is ready yet.  It raises
+    :class:`EOFError` when the source has ended.
     """
 
     def connect(self) -> StreamInfo:
