@@ -308,6 +308,55 @@ def test_levels_are_dbfs_against_the_dtype_full_scale():
     assert eeg == {"rms": 20.0, "peak": 20.0, "dbfs": None}
 
 
+def test_levels_of_nan_and_overflowing_samples_are_none_not_an_error():
+    data = np.array([[0.5, np.nan, 0.5], [1e200, -1e200, 1.0], [0.5, -0.5, 0.5]])
+    missing, huge, fine = levels(data, audio=False)
+    assert missing == {"rms": None, "peak": None, "dbfs": None}
+    assert huge["rms"] is None and huge["peak"] == 1e200
+    assert fine == {"rms": 0.5, "peak": 0.5, "dbfs": None}
+    part = stream_envelope("s", data, np.arange(3) / 10.0, 10.0, [0, 1, 2], 2, 0.3, audio=True)  # levels of all 3
+    blob = pack_frame(1, [part])  # strict JSON (no NaN) whatever the samples
+    (hlen,) = np.frombuffer(blob[:4], "<u4")
+    assert json.loads(blob[4 : 4 + hlen])["streams"][0]["levels"][0]["rms"] is None
+
+
+def test_a_stream_with_nan_samples_does_not_stop_the_page(broker, stream_name):
+    from websockets.sync.client import connect
+
+    def with_gaps(k):  # a sensor with missing values
+        x = np.sin(k / 10.0).astype(np.float32)
+        x[k % 100 == 3] = np.nan
+        return x
+
+    good = Signal(stream_name, broker.address)
+    sensor = Signal(stream_name + "-nan", broker.address, make=with_gaps, rate=1000.0, frame=50, dtype="float32",
+                    channels=1)  # fmt: skip
+    good.start()
+    sensor.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            url, _ = stack.enter_context(view_server("--address", broker.address))
+            ws = stack.enter_context(connect(url.replace("http://", "ws://") + "ws", max_size=None, open_timeout=10))
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+            ws.send(json.dumps({"type": "select", "streams": {stream_name: None, stream_name + "-nan": None}}))
+            drawn: dict[str, dict] = {}
+            deadline = time.monotonic() + 20
+            while len(drawn) < 2 and time.monotonic() < deadline:  # both windows have data: both drawn
+                ws.send(json.dumps({"type": "frame", "width": 200, "seconds": 2}))
+                while not isinstance(msg := ws.recv(timeout=10), bytes):
+                    pass
+                (hlen,) = np.frombuffer(msg[:4], "<u4")
+                head = json.loads(msg[4 : 4 + hlen])
+                assert not head["failed"], head["failed"]
+                drawn.update({s["name"]: s for s in head["streams"]})
+        assert set(drawn) == {stream_name, stream_name + "-nan"}
+        assert drawn[stream_name]["levels"][0]["rms"] == pytest.approx(0.5 / np.sqrt(2), abs=0.02)
+        assert drawn[stream_name + "-nan"]["levels"][0]["rms"] is None  # a NaN in the last 0.3 s: no figure
+    finally:
+        good.close()
+        sensor.close()
+
+
 def test_frame_layout_round_trips():
     rate, n = 1000.0, 5000
     data = np.stack([np.arange(n) % 7, -np.ones(n)]).astype(np.float32)

@@ -118,6 +118,7 @@ class Hub:
     def __init__(self, config: ViewConfig) -> None:
         self.config = config
         self.streams = StreamList()
+        self.failed: dict[str, str] = {}  # the last error drawing each stream (logged once per message)
         self.listed: list[dict[str, Any]] = []
         self.broker: dict[str, Any] | None = None
         self.error: str | None = None
@@ -290,14 +291,21 @@ class _Page:
         selected = dict(self.selected)
 
         def build() -> bytes:
-            parts, pending = [], []
+            parts, pending, failed = [], [], {}
             for name, channels in selected.items():
-                part = self.hub.envelope(name, channels, width, seconds)
+                try:
+                    part = self.hub.envelope(name, channels, width, seconds)
+                except Exception as exc:  # one stream's bad data must not stop the page's other streams
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    if self.hub.failed.get(name) != failed[name]:
+                        log.warning("stream %r cannot be drawn: %s", name, failed[name])
+                    continue
                 if part is None:
                     pending.append(name)
                 else:
                     parts.append(part)
-            return pack_frame(self.seq, parts, {"pending": pending})
+            self.hub.failed.update(failed)
+            return pack_frame(self.seq, parts, {"pending": pending, "failed": failed})
 
         data = await asyncio.to_thread(build)
         self.seq += 1

@@ -53,21 +53,27 @@ def levels(data: np.ndarray[Any, Any], audio: bool) -> list[dict[str, float | No
 
     dBFS is against the dtype's full scale (``slabcast.examples.full_scale``): a
     full-scale sine is -3.01 dBFS, a full-scale square wave 0. Silence is ``-inf``,
-    sent as ``None``.
+    sent as ``None``, as is any figure a NaN or inf sample makes non-finite.
     """
     out: list[dict[str, float | None]] = []
     if data.shape[1] == 0:
         return [{"rms": None, "peak": None, "dbfs": None} for _ in range(data.shape[0])]
     x = data.astype(np.float64, copy=False)
-    rms = np.sqrt(np.mean(np.square(x), axis=1))
-    peak = np.max(np.abs(x), axis=1)
-    scaled = np.sqrt(np.mean(np.square(full_scale(data)), axis=1)) if audio else None
+    with np.errstate(over="ignore", invalid="ignore"):  # a sensor's NaN, or 1e200 squared: no figure, no error
+        rms = np.sqrt(np.mean(np.square(x), axis=1))
+        peak = np.max(np.abs(x), axis=1)
+        scaled = np.sqrt(np.mean(np.square(full_scale(data)), axis=1)) if audio else None
     for i in range(data.shape[0]):
         dbfs: float | None = None
-        if scaled is not None and scaled[i] > 0:
+        if scaled is not None and math.isfinite(scaled[i]) and scaled[i] > 0:
             dbfs = round(20 * math.log10(float(scaled[i])), 2)
-        out.append({"rms": float(rms[i]), "peak": float(peak[i]), "dbfs": dbfs})
+        out.append({"rms": _finite(rms[i]), "peak": _finite(peak[i]), "dbfs": dbfs})
     return out
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -91,7 +97,7 @@ def stream_envelope(name: str, data: np.ndarray[Any, Any], times: np.ndarray[Any
         mins, maxs, cols = envelope_tsdownsample(data, times, width)
     else:
         mins, maxs, cols = envelope(data, times, width)
-    newest = float(times[-1]) if len(times) else 0.0
+    newest = _finite(times[-1]) if len(times) else 0.0
     # x from sample positions, not timestamps: publishers' clocks jitter, and a plot needs x ascending.
     n = data.shape[1]
     columns = len(cols)
@@ -107,8 +113,9 @@ def stream_envelope(name: str, data: np.ndarray[Any, Any], times: np.ndarray[Any
         "levels": levels(data[:, -level_n:], audio),
     }
     arrays = [x]
-    for i in range(len(channels)):
-        arrays += [mins[i].astype(np.float32, copy=False), maxs[i].astype(np.float32, copy=False)]
+    with np.errstate(over="ignore"):  # float64 values past float32's range are drawn as +-inf
+        for i in range(len(channels)):
+            arrays += [mins[i].astype(np.float32, copy=False), maxs[i].astype(np.float32, copy=False)]
     return StreamEnvelope(header, arrays)
 
 

@@ -121,6 +121,13 @@
       const st = view.status && view.status.streams.find((s) => s.name === name);
       if (p && !p.plots.length && st && !st.view_error) p.note.textContent = "waiting for data…";
     }
+    for (const [name, error] of Object.entries(head.failed || {})) {
+      const p = panels.get(name);
+      if (p) {
+        p.note.textContent = `cannot draw it: ${error}`;
+        p.note.style.display = "";
+      }
+    }
     view.frames += 1;
     const now = performance.now();
     frameTimes.push(now);
