@@ -489,3 +489,54 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
         err = stop(bridge)
         far.stop()
     assert "Traceback" not in err
+
+
+def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_path, stream_name):
+    # Any peer on the Zenoh network may put on the key. Here the "bridge" is this test's own session.
+    from slabcast._info import StreamInfo
+    from slabcast.bridge._format import FORMAT, HEADER
+    from slabcast.bridge.zenoh import open_session, zenoh_config
+
+    port = free_port()
+    key = f"test/{stream_name}/x"
+    address = f"ipc://{tmp_path}/b.sock"
+    spec = f"zenoh:key={key},name={stream_name},listen=tcp/127.0.0.1:{port},multicast=false,timeout=0.5"
+    info = StreamInfo("x", np.dtype("<f4"), 2, 48000.0, ("a", "b"), timestamps=True)
+    session = open_session(zenoh_config("peer", connect=f"tcp/127.0.0.1:{port}", multicast=False))
+    try:
+        session.declare_queryable(f"{key}/@info",
+                                  lambda query: query.reply(f"{key}/@info", encode_info(info, 1, "peer")))  # fmt: skip
+        put = session.declare_publisher(key).put
+        with slabcast.BrokerProcess(address, args=("--source", spec)) as broker:
+            sub = slabcast.Subscriber(stream_name, size=480, clip=True, address=broker.address, wait=30)
+            t0 = 1.7e9
+            index = 0
+
+            def frame(n, times=True):
+                nonlocal index
+                data = np.repeat(np.arange(index, index + n, dtype="<f4")[:, None], 2, axis=1)
+                stamps = t0 + np.arange(index, index + n) / 48000.0
+                put(data.tobytes(), attachment=FrameHeader(0, 2, np.dtype("<f4"), 1, index, float(stamps[0]), n)
+                    .encode(stamps if times else None))  # fmt: skip
+                index += n
+
+            frame(480)
+            put(b"\0" * 3840, attachment=HEADER.pack(FORMAT, 0, 2, b"xx", 1, index, t0, 480))  # not a dtype
+            put(b"", attachment=FrameHeader(0, 2, np.dtype("<f4"), 1, index, t0, 0).encode())  # no sample
+            frame(480, times=False)  # a timestamps stream's frame without times: the rate's
+            frame(1 << 19)  # 4 MiB: twice what the local slabs take in one frame
+            frame(480)
+            total = index
+            got = 0
+            while got < total // 480:
+                with sub.recv(timeout=15) as chunk:
+                    want = np.arange(chunk.index, chunk.index + 480)
+                    assert np.array_equal(chunk.data[:, 0], want) and np.array_equal(chunk.data[:, 1], want)
+                    assert np.allclose(chunk.times, t0 + want / 48000.0, rtol=0, atol=1e-6)
+                    assert chunk.index == 480 * got and not chunk.discontinuity
+                    got += 1
+            (source,) = slabcast.broker_status(broker.address)["sources"]
+            assert source["state"] == "running" and source["error"] is None
+            sub.close()
+    finally:
+        session.close()

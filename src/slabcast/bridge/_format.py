@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
+from ..wire.protocol import check_dtype
 
 __all__ = ["FLAG_DISCONTINUITY", "FLAG_TIMES", "FORMAT", "HEADER", "FrameHeader", "decode_info", "encode_info"]
 
@@ -85,7 +86,13 @@ class FrameHeader:
         version, flags, channels, dt, epoch, index, t0, n = HEADER.unpack_from(attachment)
         if version != FORMAT:
             raise ValueError(f"slabcast frame format {FORMAT} expected, got {version}")
-        dtype = np.dtype(dt.rstrip(b"\0").decode())
+        try:
+            dtype = check_dtype(dt.rstrip(b"\0").decode("ascii"))
+        except (TypeError, UnicodeDecodeError):
+            raise ValueError(f"a numeric dtype expected in the frame header, got {dt!r}") from None
+        if not 1 <= channels <= 65535 or n < 1 or index < 0:
+            raise ValueError(f"a frame of 1..65535 channels, n >= 1 samples at index >= 0 expected, got "
+                             f"{channels} channels, n={n}, index={index}")  # fmt: skip
         if payload_bytes != n * channels * dtype.itemsize:
             raise ValueError(f"a frame of {n} x {channels} {dtype} is {n * channels * dtype.itemsize} bytes, "
                              f"the payload has {payload_bytes}")  # fmt: skip
@@ -119,11 +126,18 @@ def decode_info(raw: bytes, name: str) -> tuple[StreamInfo, int]:
         d = json.loads(raw)
         if d.get("format") != FORMAT:
             raise ValueError(f"stream info format {FORMAT} expected, got {d.get('format')!r}")
+        channels, rate, names = d["channels"], d["rate"], d["channel_names"]
+        if type(channels) is not int or not 1 <= channels <= 65535:
+            raise ValueError(f"channels must be 1..65535, got {channels!r}")
+        if rate is not None and not (isinstance(rate, int | float) and 0 < rate < float("inf")):
+            raise ValueError(f"rate must be a positive number of Hz or null, got {rate!r}")
+        if not isinstance(names, list) or len(names) != channels or not all(isinstance(c, str) for c in names):
+            raise ValueError(f"channel_names must be {channels} strings, got {names!r}")
         meta = StreamInfo.check_metadata({k: d.get(k) for k in ("channel_types", "channel_units", "source_id",
-                                                                 "timestamps")}, int(d["channels"]))  # fmt: skip
-        info = StreamInfo(name, np.dtype(d["dtype"]), int(d["channels"]), float(d["rate"]) if d["rate"] else None,
-                          tuple(d["channel_names"]), tuple(meta["channel_types"]), tuple(meta["channel_units"]),
-                          meta["source_id"], meta["timestamps"])  # fmt: skip
+                                                                 "timestamps")}, channels)  # fmt: skip
+        info = StreamInfo(name, check_dtype(d["dtype"]), channels, float(rate) if rate else None, tuple(names),
+                          tuple(meta["channel_types"]), tuple(meta["channel_units"]), meta["source_id"],
+                          meta["timestamps"])  # fmt: skip
         return info, int(d["epoch"])
     except (KeyError, TypeError, json.JSONDecodeError, AttributeError) as exc:
         raise ValueError(f"not a slabcast stream info: {exc!r}") from exc

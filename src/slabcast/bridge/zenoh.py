@@ -11,6 +11,7 @@ extra (``pip install 'slabcast[zenoh]'``); ``zenoh`` is imported only when used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -260,6 +261,13 @@ class ZenohSource:
         if head.epoch != self._epoch:
             log.info("stream %r: the bridge of %r (re)subscribed (epoch %x)", self.name, self.key, head.epoch)
             self._epoch = head.epoch
+            with contextlib.suppress(OSError):  # no answer now: the frames say enough to go on
+                new, _ = self._query_info()
+                if new != info:
+                    # The local stream keeps its format (dtype and channels are checked per frame); times
+                    # are made up from t0 and the rate when the origin stopped sending them.
+                    log.warning("stream %r: the stream info on %r changed (%s); the local stream keeps %s",
+                                self.name, self.key, new, info)  # fmt: skip
         if self._next is None:
             self._next = head.index
             if head.index:
@@ -277,8 +285,11 @@ class ZenohSource:
         data = np.frombuffer(payload, dtype=head.dtype)
         if head.channels > 1:
             data = data.reshape(head.n, head.channels)
-        if times is None:  # no per-sample times: the first sample's is all the broker takes
+        if not info.timestamps:  # no per-sample times kept: the first sample's is all the broker takes
             times = np.array([head.t0])
+        elif times is None:  # the origin sends none (any more): the rate's
+            rate = info.rate
+            times = head.t0 + np.arange(head.n) / rate if rate else np.full(head.n, head.t0)
         return data, times
 
     def wait(self) -> float:

@@ -709,6 +709,7 @@ class SourceThread(threading.Thread):
         self.stream_name: str = info0.name if info0 is not None else str(getattr(source, "name", "?"))
         self.reconnects = 0
         self.blocked_episodes = 0
+        self.refused = 0  # frames the stream refused (malformed), each lost
         self.state = "starting"
         self.error: BaseException | None = None
 
@@ -738,11 +739,18 @@ class SourceThread(threading.Thread):
             return
         if info is None:
             return
-        pub = Publisher(info.name, dtype=info.dtype, channels=info.channels, rate=info.rate,
-                        channel_names=list(info.channel_names), address=self.address,
-                        channel_types=list(info.channel_types) or None, channel_units=list(info.channel_units) or None,
-                        source_id=info.source_id or None, timestamps=info.timestamps,
-                        **self.publisher_options)  # fmt: skip
+        try:
+            pub = Publisher(info.name, dtype=info.dtype, channels=info.channels, rate=info.rate,
+                            channel_names=list(info.channel_names), address=self.address,
+                            channel_types=list(info.channel_types) or None,
+                            channel_units=list(info.channel_units) or None, source_id=info.source_id or None,
+                            timestamps=info.timestamps, **self.publisher_options)  # fmt: skip
+        except Exception as exc:  # a stream the broker refuses (its info, its pool): the source ends, said once
+            self.error, self.state = exc, "failed"
+            log.error("source %r refused by the broker: %s", self.stream_name, exc)
+            self.source.disconnect()
+            self.opened.set()
+            return
         log.info("source %r started", info.name)
         self.state = "running"
         self.opened.set()
@@ -770,7 +778,14 @@ class SourceThread(threading.Thread):
                 take_jump = getattr(self.source, "take_jump", None)
                 if take_jump is not None and take_jump():
                     jumped = True
-                self._write(pub, info.name, data, float(stamps[0]), jumped, stamps if info.timestamps else None)
+                try:
+                    self._write(pub, info.name, data, float(stamps[0]), jumped, stamps if info.timestamps else None)
+                except (ValueError, TypeError) as exc:  # a frame the stream refuses: it is lost, the source goes on
+                    self.refused += 1
+                    if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... said
+                        log.warning("source %r: a frame was refused (%d so far): %s", info.name, self.refused, exc)
+                    jumped = True
+                    continue
                 jumped = False
             self.state = "ended"
         except SlabcastError as exc:  # the broker is shutting down under us
@@ -785,7 +800,17 @@ class SourceThread(threading.Thread):
             pub.close()
 
     def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool, times: Any = None) -> None:
-        """Write one frame; while a ``block`` subscriber holds every slab, wait (nothing is dropped) and say so."""
+        """Write one frame (in pieces the stream's slabs hold, if it is longer); while a ``block`` subscriber
+        holds every slab, wait (nothing is dropped) and say so."""
+        most = pub.max_frame
+        n = len(data)
+        if n > most:
+            rate = pub.rate
+            for start in range(0, n, most):
+                piece_t0 = float(times[start]) if times is not None else t0 + (start / rate if rate else 0.0)
+                piece_times = times[start : start + most] if times is not None else None
+                self._write(pub, name, data[start : start + most], piece_t0, jumped and start == 0, piece_times)
+            return
         since = 0.0
         while True:
             try:
@@ -813,6 +838,7 @@ class SourceThread(threading.Thread):
             "state": self.state,
             "reconnects": self.reconnects,
             "blocked_episodes": self.blocked_episodes,
+            "refused_frames": self.refused,
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
         }
 

@@ -283,6 +283,11 @@ class Publisher:
         self.frames = 0
         self.samples = 0
 
+    @property
+    def max_frame(self) -> int:
+        """The most samples one :meth:`write` takes (``slab_bytes`` minus the carried part, in samples)."""
+        return int(self._frame_limit // self.sample_bytes)
+
     def write(self, data: Any, t0: float | None = None, discontinuity: bool = False, times: Any = None) -> None:
         """Append one frame to the stream.
 
