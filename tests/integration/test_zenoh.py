@@ -540,3 +540,35 @@ def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_pat
             sub.close()
     finally:
         session.close()
+
+
+def test_every_stream_mode_stops_bridging_a_stream_gone_from_the_broker(broker, stream_name):
+    from slabcast.bridge.zenoh import ZenohBridge, open_session, zenoh_config
+
+    session = open_session(zenoh_config("peer", listen=f"tcp/127.0.0.1:{free_port()}", multicast=False))
+    bridge = ZenohBridge(session, address=broker.address, prefix=f"test/{stream_name}", retire_after=1.0)
+    runner = threading.Thread(target=bridge.run, daemon=True)
+    runner.start()
+    try:
+        with slabcast.Publisher(stream_name, dtype="int16", address=broker.address) as pub:
+            pub.write(np.arange(100, dtype=np.int16))
+            deadline = time.monotonic() + 15
+            # The bridge looks at the broker once a second, then subscribes (info_reply: it serves the stream).
+            while (stream_name not in bridge.forwarders or bridge.forwarders[stream_name].info_reply is None) \
+                    and time.monotonic() < deadline:  # fmt: skip
+                bridge.stopping.wait(0.05)
+            forwarder = bridge.forwarders[stream_name]
+            pub.write(np.arange(100, dtype=np.int16))
+            while forwarder.frames == 0 and time.monotonic() < deadline:
+                bridge.stopping.wait(0.05)
+            assert forwarder.frames >= 1
+        # Closed, drained by the bridge's own subscription, gone from the broker: retired a second later.
+        deadline = time.monotonic() + 15
+        while stream_name in bridge.forwarders and time.monotonic() < deadline:
+            bridge.stopping.wait(0.05)
+        assert stream_name not in bridge.forwarders and forwarder.retire.is_set() and not forwarder.is_alive()
+        assert bridge.totals()[0] >= 1  # its frames still counted
+    finally:
+        bridge.stop()
+        runner.join(10)
+        session.close()

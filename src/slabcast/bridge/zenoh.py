@@ -18,6 +18,7 @@ import os
 import queue as _queue
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -326,6 +327,7 @@ class _Forwarder(threading.Thread):
         self.frames = 0
         self.bytes = 0
         self.error: BaseException | None = None
+        self.retire = threading.Event()  # the stream is gone for good (every-stream mode): leave
 
     def _on_query(self, query: Any) -> None:
         reply = self.info_reply
@@ -339,7 +341,7 @@ class _Forwarder(threading.Thread):
         publisher = b.session.declare_publisher(self.key, congestion_control=congestion)
         queryable = b.session.declare_queryable(f"{self.key}/@info", self._on_query)
         try:
-            while not b.stopping.is_set():
+            while not (b.stopping.is_set() or self.retire.is_set()):
                 self._serve_once(publisher)
         except BaseException as exc:
             self.error = exc
@@ -401,6 +403,10 @@ class _Forwarder(threading.Thread):
             sub.close()
 
 
+RETIRE_AFTER = 60.0
+"""Seconds a stream may be absent from the broker before every-stream mode stops bridging it."""
+
+
 class ZenohBridge:
     """Publish a broker's streams on Zenoh (``slabcast bridge --zenoh``).
 
@@ -419,10 +425,13 @@ class ZenohBridge:
         a slow network or far side holds the local publisher back.
     session : zenoh.Session
         An open session (the bridge does not close it).
+    retire_after : float
+        Seconds a stream may be gone from the broker before every-stream mode (no
+        ``streams``) stops bridging it; one that comes back later is bridged again.
     """
 
     def __init__(self, session: Any, streams: Sequence[str] = (), address: str | None = None,
-                 prefix: str | None = None, policy: str = "drop") -> None:  # fmt: skip
+                 prefix: str | None = None, policy: str = "drop", retire_after: float = RETIRE_AFTER) -> None:  # fmt: skip
         if policy not in ("block", "drop"):
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         self.session = session
@@ -433,6 +442,8 @@ class ZenohBridge:
         self.policy = policy
         self.stopping = threading.Event()
         self.forwarders: dict[str, _Forwarder] = {}
+        self._retired = (0, 0)  # frames and bytes of forwarders retired
+        self.retire_after = float(retire_after)
 
     def _add(self, stream: str) -> None:
         if stream not in self.forwarders:
@@ -445,14 +456,27 @@ class ZenohBridge:
 
         for s in self.streams:
             self._add(s)
+        seen: dict[str, float] = {}
         while not self.stopping.is_set():
             if not self.streams:
                 try:
                     names = [s["name"] for s in broker_status(self.address, timeout=1.0)["streams"] if not s["ended"]]
                 except BrokerGoneError:
-                    names = []
+                    names = list(self.forwarders)  # the broker restarts: nothing is gone for good yet
+                now = time.monotonic()
                 for name in names:
+                    seen[name] = now
                     self._add(name)
+                for name, fw in list(self.forwarders.items()):
+                    if now - seen.get(name, now) > self.retire_after:
+                        # Gone for a while: its key, queryable and subscription attempts go (a broker whose
+                        # stream names change would otherwise keep one forwarder for every name it ever had).
+                        fw.retire.set()
+                        fw.join(5.0)
+                        del self.forwarders[name], seen[name]
+                        frames, nbytes = self._retired
+                        self._retired = (frames + fw.frames, nbytes + fw.bytes)
+                        log.info("stream %r gone for %g s: no longer bridged", name, self.retire_after)
             self.stopping.wait(1.0)
         for fw in self.forwarders.values():
             fw.join(5.0)
@@ -463,7 +487,9 @@ class ZenohBridge:
 
     def totals(self) -> tuple[int, int]:
         """Frames and payload bytes put on Zenoh so far."""
-        return (sum(f.frames for f in self.forwarders.values()), sum(f.bytes for f in self.forwarders.values()))
+        frames, nbytes = self._retired
+        return (frames + sum(f.frames for f in self.forwarders.values()),
+                nbytes + sum(f.bytes for f in self.forwarders.values()))  # fmt: skip
 
     def failed(self) -> BaseException | None:
         """The first error a forwarder stopped on, if any."""

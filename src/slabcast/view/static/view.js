@@ -267,6 +267,16 @@
           changed = true;
         }
       }
+      // A stream the list forgot (ended long ago) goes too: a page left open on a broker whose stream
+      // names change would otherwise keep a window and a panel for each name it ever saw.
+      for (const name of Object.keys(view.selected)) {
+        if (!msg.streams.some((s) => s.name === name)) {
+          delete view.selected[name];
+          delete view.last[name];
+          removePanel(name);
+          changed = true;
+        }
+      }
     }
     if (changed) sendSelect();
     renderList(msg.streams);
