@@ -156,3 +156,9 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
     assert int(opts["max_chunk_bytes"]) == 400 * 48000 * 8
     assert int(opts["slab_bytes"]) == 400 * 48000 * 8 + (2 << 20)
+
+    given = tmp_path / "given.toml"  # max_chunk_bytes given, slab_bytes not: frames get as much room
+    given.write_text(cfg.read_text().replace("history = 30.0\n", "max_chunk_bytes = 8388608\n"))
+    spec = next(a for a in load_config(str(given)).broker_args if a.startswith("synthetic:"))
+    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    assert int(opts["max_chunk_bytes"]) == 8 << 20 and int(opts["slab_bytes"]) == 16 << 20

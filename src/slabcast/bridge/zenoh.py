@@ -431,7 +431,8 @@ class ZenohBridge:
     """
 
     def __init__(self, session: Any, streams: Sequence[str] = (), address: str | None = None,
-                 prefix: str | None = None, policy: str = "drop", retire_after: float = RETIRE_AFTER) -> None:  # fmt: skip
+                 prefix: str | None = None, policy: str = "drop",
+                 retire_after: float = RETIRE_AFTER) -> None:  # fmt: skip
         if policy not in ("block", "drop"):
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         self.session = session

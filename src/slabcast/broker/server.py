@@ -281,8 +281,9 @@ class _Stream:
         if need <= self.committed:
             return False
         hi = min(self.reserve, -(-need // self.sample_bytes) * self.sample_bytes)
-        self.segment.commit(_pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
-                                         bool(self.meta.get("timestamps")), self.committed, hi))  # fmt: skip
+        ranges = _pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                              bool(self.meta.get("timestamps")), self.committed, hi)  # fmt: skip
+        self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
         self.committed = hi
         return True
 
@@ -1281,14 +1282,14 @@ class Broker:
                 f"a chunk of {size} samples ({size * stream.sample_bytes} bytes) is larger than stream {name!r} "
                 f"allows (max_chunk_bytes={stream.reserve}); open the stream with a larger max_chunk_bytes",
             )
+        if len(stream.subs) >= _MAX_SUBSCRIBERS:
+            raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
         try:
             if stream.grow(size * stream.sample_bytes):
                 log.info("stream %r: slabs grown to carry chunks of %d bytes (%d bytes of shared memory)",
                          name, stream.committed, stream.segment.committed)  # fmt: skip
         except ShmFullError as exc:
             raise _Refused(P.ERR_SHM_FULL, f"chunks of {size} samples on stream {name!r}: {exc}") from None
-        if len(stream.subs) >= _MAX_SUBSCRIBERS:
-            raise _Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {_MAX_SUBSCRIBERS} subscribers")
         sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)
         client.sub = sub
         if cut == "local":

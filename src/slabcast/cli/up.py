@@ -221,7 +221,9 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
         pool["max_chunk_bytes"] = _round_up(largest, sample)
         explicit = True
         pool["slab_bytes"] = _round_up(pool["max_chunk_bytes"] + pool.get("slab_bytes", _DEFAULT_SLAB) // 2, 4096)
-    slab = pool.setdefault("slab_bytes", _DEFAULT_SLAB) if explicit else pool.get("slab_bytes", _DEFAULT_SLAB)
+    if explicit and "slab_bytes" not in pool:  # frames get as much room as the longest chunk (4 MiB slabs at least)
+        pool["slab_bytes"] = max(_DEFAULT_SLAB, _round_up(2 * pool["max_chunk_bytes"], 4096))
+    slab = pool.get("slab_bytes", _DEFAULT_SLAB)
     if explicit and pool["max_chunk_bytes"] >= slab:
         raise ConfigError(f"{where}: max_chunk_bytes ({pool['max_chunk_bytes']}) must be smaller than "
                           f"slab_bytes ({slab}): a slab holds the carried chunk and at least one frame")  # fmt: skip

@@ -201,11 +201,14 @@ class Segment:
         self._mm: mmap.mmap | None = mm
         self.buf: memoryview = memoryview(mm)
 
-    def commit(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def commit(self, ranges: Sequence[tuple[int, int]], headroom: bool = False) -> None:
         """Allocate the pages of ``ranges`` (``(offset, length)`` in bytes) so that writing them cannot SIGBUS.
 
         The rest of the segment stays a hole: address space, no memory.  Only
         committed bytes may be written; reading a hole reads zeros.
+
+        ``headroom``: also leave 1/16 of /dev/shm (at most 64 MiB) free for other
+        programs (growing a running stream's pool for a subscriber).
 
         Raises
         ------
@@ -213,15 +216,20 @@ class Segment:
             When /dev/shm has no room for them (nothing written is lost: the
             segment stays as it was, usable up to what was committed before).
         """
-        need = sum(length for _, length in ranges)
+        page = mmap.PAGESIZE
+        need = sum((-(-(off + n) // page) - off // page) * page for off, n in ranges if n > 0)  # whole pages
+        keep = 0
         try:
             st = os.fstatvfs(self.fd)
             free = st.f_bavail * st.f_frsize
+            if headroom:
+                keep = min(64 << 20, st.f_blocks * st.f_frsize // 16)
         except OSError:
             free = need
         try:
-            if need > free:  # fail before filling /dev/shm for everyone else, one slab at a time
-                raise OSError(errno.ENOSPC, f"{free} bytes are free")
+            if need > free - keep:  # fail before filling /dev/shm for everyone else, one slab at a time
+                kept = f", keeping {keep >> 20} MiB free for other programs" if keep else ""
+                raise OSError(errno.ENOSPC, f"{free} bytes are free{kept}")
             for offset, length in ranges:
                 if length > 0:
                     os.posix_fallocate(self.fd, offset, length)
