@@ -88,6 +88,59 @@ def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
         proc.stdout.close()
 
 
+def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(tmp_path):
+    # Ctrl-C or SIGTERM: the sources end their streams, a lossless task gets every sample up to the end,
+    # the last shorter chunk included, and no callback is cut off in the middle.
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'mic'\nsize = 8001\n"
+        f"clip = true\npartial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}' }}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    lines = Lines(proc.stdout)
+    try:
+        lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
+        lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+    rows = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
+    assert len(rows) >= 3
+    assert all(n == 8001 and not partial for _, n, partial in rows[:-1])
+    assert all(rows[k + 1][0] == rows[k][0] + rows[k][1] for k in range(len(rows) - 1)), rows  # contiguous
+    _, n, partial = rows[-1]
+    assert partial and 0 < n < 8001  # the stream ended on a frame of 80, never on a chunk of 8001 here
+
+
+def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):
+    # Its handlers once took a lock (Event.set): a second signal inside the first handler hung `up` for good.
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n" + SOURCE + TASK)
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    lines = Lines(proc.stdout)
+    try:
+        lines.expect(r"^\[peak", timeout=30)
+        for sig in [signal.SIGINT, signal.SIGTERM] * 10:  # a second one also skips the tasks' drain
+            proc.send_signal(sig)
+        lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
 SOURCE = "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\n"
 TASK = ("[[tasks]]\nname = 'spl'\ncall = 'slabcast.examples:spectral_peak'\nstream = 'mic'\nseconds = 0.5\n"
         "policy = 'drop'\noptions = { rate = 48000 }\n")

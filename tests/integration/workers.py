@@ -92,3 +92,10 @@ def crash_after(chunk, n: int = 3) -> None:
     _seen[0] += 1
     if _seen[0] >= n:
         raise RuntimeError(f"crash_after: chunk {_seen[0]} (index {chunk.index})")
+
+
+def tally(chunk, out: str) -> None:
+    """An `up` task: note where each chunk starts, its length and whether it is the partial tail."""
+    with open(out, "a") as f:
+        f.write(f"{chunk.index} {len(chunk)} {int(chunk.partial)}\n")
+    print(f"[tally] {chunk.index} {len(chunk)}", flush=True)

@@ -538,6 +538,7 @@ class Broker:
         start: Callable[[], None] | None = None,
         ready_when: Callable[[], bool] | None = None,
         parent_fd: int | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly.
 
@@ -545,7 +546,8 @@ class Broker:
         sources there); ``ready()`` runs as soon as ``ready_when()`` is true
         (checked every loop turn; at once without it).  ``parent_fd``: the read end
         of a pipe whose writer is the process that started us; its end of file
-        (that process died) stops the broker.
+        (that process died) stops the broker.  ``tick()`` runs every loop turn (at
+        least every sweep interval, and after every signal).
         """
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -589,6 +591,8 @@ class Broker:
                     self._flush_outbox()
                 if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:
                     self._sweep()
+                if tick is not None:
+                    tick()
         finally:
             if handle_signals:
                 signal.set_wakeup_fd(old_fd)

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
         bridge = ZenohBridge(session, args.streams, address=args.address, prefix=args.key_prefix,
                              policy=args.policy)  # fmt: skip
 
+        signals = [0]
+
         def stop(*_: object) -> None:
-            bridge.stop()
+            signals[0] += 1  # only counted here: a lock taken in a handler can deadlock with a second signal
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop)
@@ -64,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         runner = threading.Thread(target=bridge.run, name="bridge", daemon=True)
         runner.start()
         while runner.is_alive():
-            runner.join(0.5)  # the main thread stays free to take the signals
+            runner.join(0.2)  # the main thread stays free to take the signals
+            if signals[0]:
+                bridge.stop()
         frames, nbytes = bridge.totals()
         print(f"bridge: {frames} frames ({nbytes} bytes) sent", file=sys.stderr)
         error = bridge.failed()

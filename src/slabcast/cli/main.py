@@ -15,6 +15,8 @@ from .._exceptions import SlabcastError
 
 __all__ = ["main"]
 
+log = logging.getLogger("slabcast.broker")
+
 
 def _broker(args: argparse.Namespace) -> int:
     from ..broker.server import Broker
@@ -53,8 +55,24 @@ def _broker(args: argparse.Namespace) -> int:
         else:
             print(f"slabcast broker {os.getpid()} serving {where}", flush=True)
 
+    # SIGUSR1: the hosted sources end their streams the normal way (subscribers get every sample, partial
+    # tails included, then the end); the broker goes on serving until SIGTERM. The handler only counts
+    # (a lock taken in a handler can deadlock); the serve loop, woken by the signal, acts.
+    ends = [0, 0]  # asked, done
+
+    def end_sources(*_: object) -> None:
+        ends[0] += 1
+
+    def tick() -> None:
+        if ends[0] != ends[1]:
+            ends[1] = ends[0]
+            log.info("SIGUSR1: ending the hosted sources' streams")
+            for t in threads:
+                t.stopping.set()
+
+    signal.signal(signal.SIGUSR1, end_sources)
     try:
-        broker.serve(ready, start=start, ready_when=sources_open, parent_fd=args.parent_fd)
+        broker.serve(ready, start=start, ready_when=sources_open, parent_fd=args.parent_fd, tick=tick)
     finally:
         for t in threads:
             t.stopping.set()

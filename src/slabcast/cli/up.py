@@ -19,7 +19,6 @@ import math
 import multiprocessing as mp
 import os
 import signal
-import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "p
 _POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout", "history"}
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
+_DRAIN = 10.0  # seconds the tasks get to finish their streams when up stops
 _SHM = "/dev/shm"
 
 
@@ -348,8 +348,12 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None) 
     from ..client.subscriber import Subscriber
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM ...
+    busy = [False, False]  # in the task's callback; a SIGTERM came meanwhile
 
     def stop(*_: Any) -> None:
+        if busy[0]:
+            busy[1] = True  # never in the middle of the callback (a file half written): right after it
+            return
         raise SystemExit(0)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
 
     signal.signal(signal.SIGTERM, stop)
@@ -367,7 +371,13 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None) 
             logging.getLogger("slabcast.up").warning(line)
         for chunk in sub:
             with chunk:
-                fn(chunk, **task.options)
+                busy[0] = True
+                try:
+                    fn(chunk, **task.options)
+                finally:
+                    busy[0] = False
+            if busy[1]:
+                raise SystemExit(0)
 
 
 @dataclass
@@ -414,8 +424,14 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         with contextlib.suppress(BrokenPipeError, ValueError):  # a closed stdout must not stop the shutdown
             output(line)
 
-    stop = threading.Event()
-    old = [signal.signal(signal.SIGTERM, lambda *_: stop.set()), signal.signal(signal.SIGINT, lambda *_: stop.set())]
+    # Signals counted, nothing more: a handler that took a lock (Event.set) deadlocked when a second signal
+    # came while the first handler held it (Ctrl-C relayed twice). The loop looks every 0.1 s.
+    signals = [0]
+
+    def count(*_: Any) -> None:
+        signals[0] += 1
+
+    old = [signal.signal(signal.SIGTERM, count), signal.signal(signal.SIGINT, count)]
     ctx = mp.get_context("spawn")
     slots = [_Slot(t, i) for t in config.tasks for i in range(t.workers)]
     args = tuple(config.broker_args)
@@ -428,7 +444,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         broker.start()
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
-        while not stop.is_set():
+        while not signals[0]:
             now = time.monotonic()
             for slot in slots:
                 if slot.proc is not None and not slot.proc.is_alive():
@@ -450,9 +466,19 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             if now >= next_status:
                 next_status = now + _STATUS_EVERY
                 _check_evicted(slots, broker.address, config.lease_timeout, now, say)
-            stop.wait(0.1)
+            time.sleep(0.1)
     finally:
         say("stopping")
+        if not finished and broker.process is not None and broker.process.poll() is None:
+            # The sources end their streams first, and the tasks on them finish them (every sample, the
+            # last partial chunk too) and exit by themselves; what is still running after _DRAIN is stopped.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker.pid, signal.SIGUSR1)
+            say("the sources end their streams; the tasks finish them (Ctrl-C again: stop now)")
+            deadline = time.monotonic() + _DRAIN
+            waiting = [s.proc for s in slots if s.proc is not None and not s.task.external]
+            while signals[0] < 2 and time.monotonic() < deadline and any(p.is_alive() for p in waiting):
+                time.sleep(0.05)
         for slot in slots:
             if slot.proc is not None and slot.proc.is_alive():
                 slot.proc.terminate()
