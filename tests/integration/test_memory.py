@@ -102,6 +102,11 @@ def test_limits_give_clear_errors(broker, stream_name):
             pub.write(np.zeros(1500, dtype=np.int32))
         with pytest.raises(slabcast.RequestError, match="seconds= needs a stream with a rate"):
             slabcast.Subscriber(stream_name, seconds=1.0, address=broker.address)
+    with pytest.raises(ValueError, match="slab_bytes must be a multiple of 4096 up to 2\\*\\*30, got 5000"):
+        slabcast.Publisher(stream_name, slab_bytes=5000, address=broker.address)
+    # max_chunk_bytes alone: slabs twice that (4 MiB at least), so frames get as much room.
+    with slabcast.Publisher(stream_name, dtype="uint8", max_chunk_bytes=3 << 20, address=broker.address) as pub:
+        assert (pub.slab_bytes, pub.reserve, pub.max_frame) == (6 << 20, 3 << 20, 3 << 20)
 
 
 def _pool(broker, name):

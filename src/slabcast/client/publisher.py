@@ -121,14 +121,16 @@ class Publisher:
     address : str, optional
         Broker address (default: ``$SLABCAST_ADDRESS`` or the per-user default).
     slab_bytes, nslabs : int
-        The stream's pool: ``nslabs`` slabs of ``slab_bytes`` (a multiple of 4096).
+        The stream's pool: ``nslabs`` slabs of ``slab_bytes`` (a multiple of 4096,
+        up to 2**30; default 4 MiB).
         Each slab is a carried part (the tail of the slab before, so that every
         chunk is contiguous) followed by room for frames.
     max_chunk_bytes : int, optional
         Largest chunk a subscriber may ask for: the carried part of each slab,
         whose memory the broker allocates only as subscribers ask for longer
         chunks (at first as much as the frames' room).  Given, the slabs are
-        ``slab_bytes`` and frames may be up to ``slab_bytes - max_chunk_bytes``.
+        ``slab_bytes`` (default: twice ``max_chunk_bytes``, at least 4 MiB) and
+        frames may be up to ``slab_bytes - max_chunk_bytes``.
         By default frames may be up to ``slab_bytes // 2`` and chunks grow to
         64 MiB (or ``slab_bytes // 2`` if more): the slabs are then that much
         longer (``self.slab_bytes``), in address space, with ``slab_bytes`` of
@@ -167,7 +169,7 @@ class Publisher:
         rate: float | None = None,
         *,
         address: str | None = None,
-        slab_bytes: int = DEFAULT_SLAB_BYTES,
+        slab_bytes: int | None = None,
         nslabs: int = DEFAULT_NSLABS,
         max_chunk_bytes: int | None = None,
         timeout: float = 10.0,
@@ -193,6 +195,14 @@ class Publisher:
         self._where = f"stream {stream!r}"
         self._closed = False
         self._mm: Any = None
+        for key, value in (("slab_bytes", slab_bytes), ("max_chunk_bytes", max_chunk_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
+        if slab_bytes is None:  # 4 MiB, or room for frames as long as the longest chunk asked for
+            slab_bytes = DEFAULT_SLAB_BYTES if max_chunk_bytes is None else \
+                max(DEFAULT_SLAB_BYTES, -(-2 * max_chunk_bytes // 4096) * 4096)  # fmt: skip
+        elif slab_bytes % 4096 or slab_bytes > 1 << 30:
+            raise ValueError(f"slab_bytes must be a multiple of 4096 up to 2**30, got {slab_bytes}")
         layout = slab_bytes
         if max_chunk_bytes is None:  # frames up to half the slab, chunks up to the limit (memory on demand)
             layout = -(-(slab_bytes // 2 + max(DEFAULT_CHUNK_LIMIT, slab_bytes // 2)) // 4096) * 4096
