@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import sys
 import time
@@ -88,3 +90,19 @@ def test_a_recording_directory_is_never_overwritten(broker, stream_name, tmp_pat
         )  # fmt: skip
     assert result.returncode == 2
     assert "already holds a recording" in result.stderr
+
+
+def test_record_of_a_stream_the_broker_lacks_says_what_it_has(broker, stream_name, tmp_path):
+    with slabcast.Publisher(stream_name, address=broker.address):
+        proc = subprocess.Popen([sys.executable, "-m", "slabcast", "record", stream_name + "x", "--out",
+                                 str(tmp_path / "r.wav"), "--address", broker.address], stderr=subprocess.PIPE)  # fmt: skip
+        said, deadline = b"", time.monotonic() + 20
+        try:
+            while b"Ctrl-C to give up" not in said and time.monotonic() < deadline:
+                if select.select([proc.stderr], [], [], 1.0)[0]:
+                    said += os.read(proc.stderr.fileno(), 4096)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            proc.stderr.close()
+    assert f"waiting for the stream (the broker has '{stream_name}' now; did you mean '{stream_name}'?".encode() in said

@@ -434,6 +434,23 @@ class _ZarrWriter(_Writer):
         self.flush()
 
 
+def _others(stream: str, address: str | None) -> str:
+    """What the broker has now, when it does not have ``stream`` (a typo waits for nothing)."""
+    import difflib
+
+    from .control import broker_status
+
+    try:
+        names = [s["name"] for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
+    except Exception:  # no broker yet, or busy: the subscription says what it must
+        return ""
+    if stream in names:
+        return ""
+    close = difflib.get_close_matches(stream, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f" (the broker has {', '.join(map(repr, names)) or 'no streams'} now{hint}; Ctrl-C to give up)"
+
+
 def _check_out(out: str) -> None:
     """Refuse an --out that cannot be written, before waiting for the stream."""
     low = out.rstrip("/").lower()
@@ -468,7 +485,8 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
 
     _check_out(out)
     if progress:
-        print(f"recording {stream}: waiting for the stream", end="", file=sys.stderr, flush=True)
+        print(f"recording {stream}: waiting for the stream{_others(stream, address)}", end="", file=sys.stderr,
+              flush=True)  # fmt: skip
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}")
     written = 0
     writer: _Writer | None = None
