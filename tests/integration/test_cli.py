@@ -74,3 +74,14 @@ def test_status_without_a_broker_is_a_clear_error(tmp_path):
     result = run_cli("status", "--address", str(tmp_path / "none.sock"))
     assert result.returncode == 1
     assert "no broker at" in result.stderr
+
+
+def test_top_without_a_terminal_and_status_into_a_closed_pipe_are_quiet(broker):
+    top = subprocess.run([sys.executable, "-m", "slabcast", "top", "--address", broker.address],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert top.returncode == 2 and "needs a terminal" in top.stderr and "Traceback" not in top.stderr
+    with slabcast.Publisher("a", address=broker.address), slabcast.Publisher("b", address=broker.address):
+        # `true` leaves before status writes: its first write meets a closed pipe (EPIPE).
+        status = subprocess.run(["bash", "-c", "set -o pipefail; \"$0\" -m slabcast status --address \"$1\" | true",
+                                 sys.executable, broker.address], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert status.returncode == 0 and status.stderr == ""

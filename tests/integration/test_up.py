@@ -161,6 +161,8 @@ TASK = ("[[tasks]]\nname = 'spl'\ncall = 'slabcast.examples:spectral_peak'\nstre
         (SOURCE + TASK.replace("stream = 'mic'", "stream = 'mci'"), "no [[sources]] provides (sources: 'mic'); did you mean 'mic'?"),
         (SOURCE + "max_chunk_bytes = 65536\n" + TASK, "asks for chunks of 192000 bytes, larger than its max_chunk_bytes (65536)"),
         (SOURCE.replace("rate = 48000", "rate = 48000\nfreq = [1.0]") + TASK, "has no option 'freq'; did you mean 'freqs'?"),
+        (SOURCE.replace("rate = 48000", "rate = '48k'") + TASK, "a synthetic source's option 'rate' must be a number, got '48k' (a str)"),
+        (SOURCE.replace("channels = 2", "channels = 2.5") + TASK, "a synthetic source's option 'channels' must be an integer, got 2.5"),
         ("[[tasks]]\nname='a'\ncall='no_such_module_x:y'\nstream='s'\nsize=3\n", "No module named 'no_such_module_x'"),
         ("[broker\n", "not valid TOML"),
     ],

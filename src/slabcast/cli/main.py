@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -308,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlabcastError as exc:
         print(f"slabcast: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `slabcast status | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as exc:  # bad addresses, key files: say what, never a traceback
         print(f"slabcast {args.command}: {exc}", file=sys.stderr)
         return 2

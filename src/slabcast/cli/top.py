@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import curses
+import sys
 import time
 from typing import Any
 
@@ -97,6 +98,10 @@ def run_top(address: str | None, interval: float = 0.5, curve: tuple[str, str] |
                     return
                 curses.napms(20)
 
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("slabcast top: needs a terminal (stdin and stdout); use 'slabcast status' (--json) in scripts",
+              file=sys.stderr)  # fmt: skip
+        return 2
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C quits as cleanly as q
         curses.wrapper(loop)
     return 0

@@ -126,12 +126,24 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
     params = list(sig.parameters.values())[skip:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
-    known = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    for key in options:
+    known = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in options.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known)) or 'none'}"
             raise ConfigError(f"{where}: {what} has no option {key!r}{hint}")
+        # Plain annotations say what a value must be ("float", "int | None"): a string for a number is
+        # refused here, naming the key, not by the callable with a message that names none.
+        kinds = {str(k).strip() for k in str(known[key].annotation).split("|")}
+        number = "float" in kinds or "int" in kinds
+        if number and (isinstance(value, bool) or not isinstance(value, int | float)) and not (
+            value is None and "None" in kinds
+        ):
+            want = "a number" if "float" in kinds else "an integer"
+            raise ConfigError(f"{where}: {what}'s option {key!r} must be {want}, got {value!r} "
+                              f"(a {type(value).__name__})")  # fmt: skip
+        if kinds == {"int"} and isinstance(value, float):
+            raise ConfigError(f"{where}: {what}'s option {key!r} must be an integer, got {value!r}")
 
 
 def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:

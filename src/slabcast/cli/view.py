@@ -65,6 +65,16 @@ def _preselect(streams: list[str], channels: str | None) -> dict[str, list[str] 
     return out
 
 
+def _reachable_name() -> str:
+    """For a wildcard bind: this host's first non-loopback address, else its name."""
+    name = socket.gethostname()
+    with contextlib.suppress(OSError):
+        for ip in socket.gethostbyname_ex(name)[2]:
+            if not ip.startswith("127."):
+                return ip
+    return name
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the command until SIGINT/SIGTERM; return the exit code."""
     try:
@@ -93,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"slabcast view: {exc}", file=sys.stderr)
         return 2
     except SlabcastError as exc:
-        print(f"slabcast view: no broker to view ({exc}); start one with 'slabcast broker' or pass --address",
-              file=sys.stderr)  # fmt: skip
+        print(f"slabcast view: {exc} (or pass --address)", file=sys.stderr)
         return 1
     loopback = _is_loopback(args.host)
     token = args.token or (None if loopback else secrets.token_urlsafe(18))
@@ -105,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"slabcast view: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
-    shown = args.host if args.host not in ("0.0.0.0", "::", "") else socket.gethostname()  # reachable by name
+    shown = args.host if args.host not in ("0.0.0.0", "::", "") else _reachable_name()
     if ":" in shown:
         shown = f"[{shown}]"
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
