@@ -280,7 +280,8 @@ def receive(sub: slabcast.Subscriber, out: list[tuple[int, float, bool, np.ndarr
 def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path, broker, stream_name):
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
-    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    far = slabcast.BrokerProcess(tmp_path / "far.sock",
+                                 args=("--source", source_spec(stream_name, prefix, endpoint, "lost_after=0.3")))
     writer = None
     try:
         far.start()
@@ -292,6 +293,12 @@ def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path
         chunks: list[tuple[int, float, bool, np.ndarray]] = []
         receive(sub, chunks, 10)
         stop(bridge, signal.SIGKILL)
+        while True:  # what was on its way arrives; then the key is silent (and the far broker says so)
+            try:
+                with sub.recv(timeout=1.0) as c:
+                    chunks.append((c.index, c.t0, c.discontinuity, c.data.copy()))
+            except TimeoutError:
+                break
         before = writer.index
         bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
         line = lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index ")
@@ -312,6 +319,7 @@ def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path
         err = stop(bridge)
         far.stop()
     assert "a gap at origin index" in far.stderr()
+    assert f"no frame on '{prefix}/{stream_name}' for" in far.stderr() and "again after" in far.stderr()
     assert "Traceback" not in err
 
 

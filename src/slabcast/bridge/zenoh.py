@@ -155,6 +155,9 @@ class ZenohSource:
         drops frames here, seen as gaps.
     queue : int
         Frames received and not yet written locally, at most.
+    lost_after : float
+        Seconds without a frame after which the broker's log says the key went
+        silent (a killed bridge or a cut network sends nothing to say so).
 
     What is exact: samples (bit for bit), ``t0`` of every frame, per-sample times
     of a stream that has them, channel names, types, units, rate and source_id.
@@ -167,7 +170,8 @@ class ZenohSource:
 
     def __init__(self, key: str, name: str | None = None, connect: str | None = None, listen: str | None = None,
                  config: str | None = None, mode: str = "peer", multicast: Any = None, cfg: str | None = None,
-                 timeout: float = 2.0, policy: str = "block", queue: int = 256) -> None:  # fmt: skip
+                 timeout: float = 2.0, policy: str = "block", queue: int = 256,
+                 lost_after: float = 2.0) -> None:  # fmt: skip
         _zenoh()  # a missing extra is said at once, not on the source's thread
         self.key = str(key).rstrip("/")
         if not self.key or "*" in self.key or "@" in self.key:
@@ -191,6 +195,9 @@ class ZenohSource:
         self._jump = False
         self.dropped = 0  # frames dropped here (policy="drop"), or refused (malformed)
         self.gaps = 0
+        self.lost_after = float(lost_after)
+        self._last_frame = 0.0  # time.monotonic() of the last frame received
+        self._silent = False
 
     def _on_sample(self, sample: Any) -> None:
         # On Zenoh's thread: copy out and queue; never touch numpy or the publisher here.
@@ -248,7 +255,17 @@ class ZenohSource:
         try:
             payload, attachment = self._frames.get(timeout=0.05)
         except _queue.Empty:
+            silent = time.monotonic() - self._last_frame
+            if self._last_frame and not self._silent and silent > self.lost_after:
+                self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
+                log.warning("stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, or the "
+                            "network is cut); waiting", self.name, self.key, silent)  # fmt: skip
             return None
+        if self._silent:
+            self._silent = False
+            log.warning("stream %r: frames on %r again after %.1f s", self.name, self.key,
+                        time.monotonic() - self._last_frame)  # fmt: skip
+        self._last_frame = time.monotonic()
         info = self._info
         assert info is not None
         try:

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 __all__ = ["add_arguments", "run"]
 
@@ -65,10 +66,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"bridge: ready, zenoh id {session.zid()}, {what} on {bridge.prefix}/<stream>", flush=True)
         runner = threading.Thread(target=bridge.run, name="bridge", daemon=True)
         runner.start()
+        alone_since, said = time.monotonic(), False
         while runner.is_alive():
             runner.join(0.2)  # the main thread stays free to take the signals
             if signals[0]:
                 bridge.stop()
+            # Zenoh puts frames nowhere, silently, while no peer or router is connected: say so, once a spell.
+            if next(iter(session.info.peers_zid()), None) or next(iter(session.info.routers_zid()), None):
+                if said:
+                    print("bridge: a Zenoh peer is connected", flush=True)
+                alone_since, said = time.monotonic(), False
+            elif not said and time.monotonic() - alone_since > 5.0:
+                where = ", ".join(args.connect) or "no --connect endpoint, listening only"
+                print(f"bridge: no Zenoh peer or router connected for 5 s ({where}); frames go nowhere until one "
+                      "is", file=sys.stderr, flush=True)  # fmt: skip
+                said = True
         frames, nbytes = bridge.totals()
         print(f"bridge: {frames} frames ({nbytes} bytes) sent", file=sys.stderr)
         error = bridge.failed()
