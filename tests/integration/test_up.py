@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -43,6 +44,20 @@ class Lines:
             if m:
                 return m
             assert line != "<eof>", f"output ended before {pattern!r}: {self.seen[-20:]}"
+
+
+@contextlib.contextmanager
+def running_up(cfg):
+    """`slabcast up CFG` in its own session; yields (process, its output lines); killed if still running after."""
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        yield proc, Lines(proc.stdout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
@@ -99,20 +114,12 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
         "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'mic'\nsize = 8001\n"
         f"clip = true\npartial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}' }}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    lines = Lines(proc.stdout)
-    try:
+    with running_up(cfg) as (proc, lines):
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         proc.send_signal(signal.SIGTERM)
         lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
         assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
     rows = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
     assert len(rows) >= 3
     assert all(n == 8001 and not partial for _, n, partial in rows[:-1])
@@ -125,20 +132,12 @@ def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):
     # Its handlers once took a lock (Event.set): a second signal inside the first handler hung `up` for good.
     cfg = tmp_path / "up.toml"
     cfg.write_text(f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n" + SOURCE + TASK)
-    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    lines = Lines(proc.stdout)
-    try:
+    with running_up(cfg) as (proc, lines):
         lines.expect(r"^\[peak", timeout=30)
         for sig in [signal.SIGINT, signal.SIGTERM] * 10:  # a second one also skips the tasks' drain
             proc.send_signal(sig)
         lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
         assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
 
 
 SOURCE = "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\n"
