@@ -192,7 +192,7 @@ def test_view_draws_the_signal_and_follows_streams(broker, stream_name):
             assert page.locator(f'#streams li[data-name="{other}"] .state').inner_text().lower() in ("ended", "ending")
 
             # On a loopback bind, a request naming another host (DNS rebinding) is refused.
-            port = int(url.rsplit(":", 1)[1].strip("/"))
+            port = int(url.split("/?")[0].rsplit(":", 1)[1])
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/", headers={"Host": f"attacker.example:{port}"})
             assert conn.getresponse().status == 403
@@ -236,11 +236,12 @@ def test_view_preselects_channels_and_explains_what_it_cannot_draw(broker, strea
         signal.close()
 
 
-def test_token_is_required_off_loopback(broker):
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_a_token_is_required_on_loopback_too(broker, host):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    with view_server("--address", broker.address, "--host", "0.0.0.0") as (url, _):
+    with view_server("--address", broker.address, "--host", host) as (url, _):
         match = re.search(r":(\d+)/\?token=(\S+)$", url)
         assert match, f"no generated token in {url}"
         port, token = int(match.group(1)), match.group(2)
@@ -264,6 +265,16 @@ def test_token_is_required_off_loopback(broker):
             pass  # another site's page, even with the token
         with connect(f"ws://{base}/ws?token={token}", open_timeout=10) as ws:
             assert '"type":"hello"' in ws.recv(timeout=10)
+
+
+def test_no_token_is_for_loopback_only(broker):
+    with view_server("--address", broker.address, "--no-token") as (url, _):
+        assert "token" not in url
+        with urllib.request.urlopen(url, timeout=10) as ok:
+            assert ok.status == 200
+    refused = subprocess.run([sys.executable, "-m", "slabcast", "view", "--address", broker.address, "--host",
+                              "0.0.0.0", "--no-token"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert refused.returncode == 2 and "--no-token is for a loopback --host" in refused.stderr
 
 
 def test_view_without_broker_says_so(tmp_path):
@@ -336,7 +347,9 @@ def test_a_stream_with_nan_samples_does_not_stop_the_page(broker, stream_name):
     try:
         with contextlib.ExitStack() as stack:
             url, _ = stack.enter_context(view_server("--address", broker.address))
-            ws = stack.enter_context(connect(url.replace("http://", "ws://") + "ws", max_size=None, open_timeout=10))
+            base, _, query = url.partition("/?")
+            ws = stack.enter_context(connect(base.replace("http://", "ws://") + "/ws?" + query, max_size=None,
+                                             open_timeout=10))  # fmt: skip
             assert json.loads(ws.recv(timeout=10))["type"] == "hello"
             ws.send(json.dumps({"type": "select", "streams": {stream_name: None, stream_name + "-nan": None}}))
             drawn: dict[str, dict] = {}

@@ -25,10 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1; any other needs a token, generated if not given)",
+        help="address to listen on (default 127.0.0.1: this machine only)",
     )
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
-    p.add_argument("--token", default=None, help="require this token on every request (?token=...)")
+    p.add_argument("--token", default=None,
+                   help="require this token on every request (?token=...; default: a new one, printed in the URL)")
+    p.add_argument("--no-token", action="store_true",
+                   help="no token, on a loopback --host only (a machine whose every local user may see the streams)")
     p.add_argument("--seconds", type=float, default=10.0, help="window length: the longest span shown (default 10)")
     p.add_argument("--stream", action="append", default=[], metavar="NAME[=CH,CH]",
                    help="draw this stream on page load, optionally only these channels (repeatable; default: "
@@ -106,7 +109,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"slabcast view: {exc} (or pass --address)", file=sys.stderr)
         return 1
     loopback = _is_loopback(args.host)
-    token = args.token or (None if loopback else secrets.token_urlsafe(18))
+    if args.no_token and (args.token or not loopback):
+        print("slabcast view: --no-token is for a loopback --host without --token", file=sys.stderr)
+        return 2
+    # A token even on loopback: other users of this machine must not read, through the view, streams whose
+    # shared memory they cannot open (mode 600).
+    token = None if args.no_token else (args.token or secrets.token_urlsafe(18))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
         sock = socket.create_server((args.host, args.port), family=family)
