@@ -145,6 +145,57 @@ def test_the_pool_grows_when_a_subscriber_asks_for_longer_chunks(broker, stream_
             slabcast.Subscriber(stream_name, size=too_long, address=broker.address)
 
 
+def test_the_pool_gives_back_what_no_subscriber_needs_any_more_and_grows_again(broker, stream_name):
+    with small_stream(broker, stream_name, timestamps=True) as pub:
+        before = _pool(broker, stream_name)["shm_bytes"]
+        small = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address)
+        sent = np.arange(200_000, dtype=np.int32)
+        times = 50.0 + sent / 1000.0
+        got: list[np.ndarray] = []
+        index = 0
+
+        big_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        subs = {"big": None}
+
+        def write(n):  # 1000-sample frames (4000 bytes: one a slab), read as they go
+            nonlocal index
+            for _ in range(n // 1000):
+                pub.write(sent[index : index + 1000], times=times[index : index + 1000])
+                index += 1000
+                with contextlib.suppress(slabcast.WouldBlock):
+                    while True:
+                        with small.recv_nowait() as chunk:
+                            assert np.array_equal(chunk.times, times[chunk.index : chunk.index + 100])
+                            got.append(chunk.data.copy())
+                with contextlib.suppress(slabcast.WouldBlock):
+                    while subs["big"] is not None:
+                        with subs["big"].recv_nowait() as chunk:
+                            big_chunks.append((chunk.index, chunk.data.copy(), chunk.times))
+
+        for lap in range(2):
+            big = subs["big"] = slabcast.Subscriber(stream_name, size=50_000, clip=True, address=broker.address)
+            grown = _pool(broker, stream_name)
+            assert grown["carried_bytes"] == 200_000 and grown["shm_bytes"] > before + 4 * 190_000
+            big_chunks.clear()
+            write(60_000)
+            # the 50,000-sample chunk lies in one slab, times and all
+            (start, data, stamps), = big_chunks[:1]
+            assert np.array_equal(data, sent[start : start + 50_000])
+            assert np.array_equal(stamps, times[start : start + 50_000])
+            subs["big"] = None
+            big.close()
+            write(10_000)  # every slab granted again after the big subscriber left: its room given back
+            shrunk = _pool(broker, stream_name)
+            assert shrunk["carried_bytes"] == 4096, lap
+            # (a page only partly inside what is given back is kept: at most 2 a slab, 2 more for its times)
+            assert shrunk["shm_bytes"] <= before + 4 * 4 * 4096, (lap, shrunk["shm_bytes"], before)
+        while len(got) < index // 100:
+            with small.recv(timeout=10) as chunk:
+                got.append(chunk.data.copy())
+        assert np.array_equal(np.concatenate(got), sent[:index])  # the small subscriber lost nothing meanwhile
+        small.close()
+
+
 def test_a_grown_pool_keeps_per_sample_times(broker, stream_name):
     with small_stream(broker, stream_name, timestamps=True) as pub:
         sub = slabcast.Subscriber(stream_name, size=2500, clip=True, address=broker.address)  # 10000 bytes > 4096

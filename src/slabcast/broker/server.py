@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -233,7 +233,9 @@ class _Stream:
         self.slab_bytes = slab_bytes
         self.nslabs = nslabs
         self.reserve = reserve  # the carried part of each slab: the largest chunk any subscriber may ask for
-        self.committed = reserve  # how much of it has its memory allocated (grown as subscribers ask)
+        self.committed = reserve  # how much of it every slab has in memory (grown as subscribers ask)
+        self.first_committed = reserve  # ... when the stream opened: never given back
+        self.slab_committed = [reserve] * nslabs  # per slab (given back one by one as slabs are granted)
         self.header = header
         self.channel_names = channel_names
         self.segment = segment
@@ -282,10 +284,31 @@ class _Stream:
             return False
         hi = min(self.reserve, -(-need // self.sample_bytes) * self.sample_bytes)
         ranges = _pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
-                              bool(self.meta.get("timestamps")), self.committed, hi)  # fmt: skip
+                              bool(self.meta.get("timestamps")), self.slab_committed, hi)  # fmt: skip
         self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
+        self.slab_committed = [max(c, hi) for c in self.slab_committed]
         self.committed = hi
         return True
+
+    def shrink(self, slabs: list[int]) -> int:
+        """Give back the carried part of ``slabs`` (just granted: nobody can read them, the publisher has not
+        been told yet) that no subscriber needs any more; return the bytes given back.
+
+        Never below what the publisher may still carry (asked or confirmed) nor the stream's first size.
+        """
+        keep = max(self.carry, self.carried, self.needed_carry(), self.first_committed)
+        keep = -(-keep // self.sample_bytes) * self.sample_bytes
+        ranges: list[tuple[int, int]] = []
+        for slab in slabs:
+            if self.slab_committed[slab] > keep:
+                ranges += _pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                                       bool(self.meta.get("timestamps")), keep, self.slab_committed[slab],
+                                       slabs=[slab])  # fmt: skip
+                self.slab_committed[slab] = keep
+        if ranges:
+            self.segment.release(ranges)
+            self.committed = min(self.slab_committed)
+        return sum(n for _, n in ranges)
 
     def floor_index(self) -> int | None:
         """The lowest cursor of the lossless local subscribers, or None if there are none."""
@@ -299,17 +322,23 @@ class _Stream:
 
 
 def _pool_ranges(header: int, slab_bytes: int, nslabs: int, reserve: int, sample_bytes: int, timestamps: bool,
-                 lo: int, hi: int, frames: bool = False) -> list[tuple[int, int]]:  # fmt: skip
-    """The ``(offset, length)`` ranges of every slab's carried part between ``lo`` and ``hi`` bytes before its
-    data (and, with ``frames``, of its frame area), with their per-sample times when the stream keeps them.
+                 lo: int | Sequence[int], hi: int, frames: bool = False,
+                 slabs: Iterable[int] | None = None) -> list[tuple[int, int]]:  # fmt: skip
+    """The ``(offset, length)`` ranges of each slab's carried part between ``lo`` (per slab, or one for all)
+    and ``hi`` bytes before its data (and, with ``frames``, of its frame area), with their per-sample times
+    when the stream keeps them; for ``slabs`` (default: all), those whose ``lo`` is below ``hi``.
 
     A slab is ``reserve`` bytes for the tail carried from the slab before, then its frames; the carried part
-    is committed from its end backwards, as subscribers ask for longer chunks (``Stream.grow``).
+    is committed from its end backwards, as subscribers ask for longer chunks (``Stream.grow``), and given
+    back when none needs it any more (``Stream.shrink``).
     """
     out: list[tuple[int, int]] = []
-    for slab in range(nslabs):
+    for slab in range(nslabs) if slabs is None else slabs:
+        low = lo if isinstance(lo, int) else lo[slab]
+        if low >= hi and not frames:
+            continue
         data = header + slab * slab_bytes + reserve
-        first, end = data - hi, (header + (slab + 1) * slab_bytes if frames else data - lo)
+        first, end = data - hi, (header + (slab + 1) * slab_bytes if frames else data - low)
         out.append((first, end - first))
         if timestamps:
             at = time_at(first, header, slab_bytes, nslabs, sample_bytes)
@@ -925,7 +954,8 @@ class Broker:
             notice_path,
         )
         stream.meta = meta
-        stream.committed = committed
+        stream.committed = stream.first_committed = committed
+        stream.slab_committed = [committed] * nslabs
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
         if dtype.kind in "iuf" and not byte_stream and stats_window > 0:
@@ -1006,7 +1036,12 @@ class Broker:
             return
         pool = stream.pool
         pool.advance(stream.floor_index())
-        for slab in pool.grant(_GRANT_AHEAD):
+        granted = pool.grant(_GRANT_AHEAD)
+        if granted and max(stream.slab_committed) > stream.first_committed:
+            freed = stream.shrink(granted)
+            if freed:
+                log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)
+        for slab in granted:
             self._send(publisher.ident, P.pack([P.GRANT, slab]))
 
     def _on_frame(self, client: _Client, msg: tuple[Any, ...]) -> None:
@@ -1539,7 +1574,7 @@ class Broker:
                     "slab_bytes": s.slab_bytes,
                     "max_chunk_bytes": s.reserve,
                     "carried_bytes": s.committed,
-                    "shm_bytes": s.segment.committed,
+                    "shm_bytes": s.segment.allocated,
                     "slabs_free": len(s.pool.free),
                     "statistics": self._statistics(s),
                     "channel_names": s.channel_names,

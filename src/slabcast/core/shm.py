@@ -53,8 +53,11 @@ from __future__ import annotations
 
 import _posixshmem  # the C module behind multiprocessing.shared_memory (POSIX only)
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
+import logging
 import mmap
 import os
 import re
@@ -65,6 +68,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import ShmFullError
+
+log = logging.getLogger("slabcast.shm")
 
 __all__ = [
     "GEN_OFFSET",
@@ -157,6 +162,21 @@ def segment_prefix(pid: int, epoch: int) -> str:
     return f"slabcast.{pid}.{epoch:08x}."
 
 
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+
+
+@functools.cache
+def _libc_fallocate() -> Any:
+    """libc's ``fallocate(2)`` (Python's os module has only posix_fallocate), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class Segment:
     """A segment created by the broker: mapped read-write, unlinked by :meth:`destroy`.
 
@@ -243,6 +263,25 @@ class Segment:
                 ) from exc
             raise
         self.committed += need
+
+    def release(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the whole pages inside ``ranges`` back to /dev/shm (``FALLOC_FL_PUNCH_HOLE``); they read as
+        zeros and must be committed again before anything writes them.  Bytes of a page only partly inside
+        a range are zeroed, the page kept.  Nothing happens where the kernel cannot punch holes.
+        """
+        fallocate = _libc_fallocate()
+        if fallocate is None:
+            return
+        for offset, length in ranges:
+            if length > 0 and fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length) != 0:
+                log.debug("punching a hole in %s failed: errno %d", self.name, ctypes.get_errno())
+                return
+        self.committed = self.allocated
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of /dev/shm the segment holds now (its allocated blocks, not its size)."""
+        return os.fstat(self.fd).st_blocks * 512
 
     def write_header(self, **fields: Any) -> None:
         """Fill the header described in this module's docstring."""
