@@ -236,6 +236,7 @@ class _Stream:
         self.committed = reserve  # how much of it every slab has in memory (grown as subscribers ask)
         self.first_committed = reserve  # ... when the stream opened: never given back
         self.slab_committed = [reserve] * nslabs  # per slab (given back one by one as slabs are granted)
+        self.peak = reserve  # the most any slab has
         self.header = header
         self.channel_names = channel_names
         self.segment = segment
@@ -288,6 +289,7 @@ class _Stream:
         self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
         self.slab_committed = [max(c, hi) for c in self.slab_committed]
         self.committed = hi
+        self.peak = max(self.peak, hi)
         return True
 
     def shrink(self, slabs: list[int]) -> int:
@@ -308,6 +310,7 @@ class _Stream:
         if ranges:
             self.segment.release(ranges)
             self.committed = min(self.slab_committed)
+            self.peak = max(self.slab_committed)
         return sum(n for _, n in ranges)
 
     def floor_index(self) -> int | None:
@@ -954,7 +957,7 @@ class Broker:
             notice_path,
         )
         stream.meta = meta
-        stream.committed = stream.first_committed = committed
+        stream.committed = stream.first_committed = stream.peak = committed
         stream.slab_committed = [committed] * nslabs
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
@@ -1037,7 +1040,7 @@ class Broker:
         pool = stream.pool
         pool.advance(stream.floor_index())
         granted = pool.grant(_GRANT_AHEAD)
-        if granted and max(stream.slab_committed) > stream.first_committed:
+        if granted and stream.peak > stream.first_committed:  # some slab has room it may give back
             freed = stream.shrink(granted)
             if freed:
                 log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)
