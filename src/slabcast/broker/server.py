@@ -237,6 +237,7 @@ class _Stream:
         self.first_committed = reserve  # ... when the stream opened: never given back
         self.slab_committed = [reserve] * nslabs  # per slab (given back one by one as slabs are granted)
         self.peak = reserve  # the most any slab has
+        self.give_back = True  # False where holes cannot be punched
         self.header = header
         self.channel_names = channel_names
         self.segment = segment
@@ -298,19 +299,27 @@ class _Stream:
 
         Never below what the publisher may still carry (asked or confirmed) nor the stream's first size.
         """
+        # Safe because (1) nothing reads or writes a slab between its grant and its GRANT message, (2) the
+        # publisher gets CARRY and GRANT in order on one socket, so it carries at most `carry` into this slab,
+        # and (3) every carry raise goes through grow(), which commits every slab again first. Reading a
+        # punched page allocates it (SIGBUS on a full /dev/shm) just as writing does.
         keep = max(self.carry, self.carried, self.needed_carry(), self.first_committed)
         keep = -(-keep // self.sample_bytes) * self.sample_bytes
         ranges: list[tuple[int, int]] = []
-        for slab in slabs:
-            if self.slab_committed[slab] > keep:
-                ranges += _pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
-                                       bool(self.meta.get("timestamps")), keep, self.slab_committed[slab],
-                                       slabs=[slab])  # fmt: skip
-                self.slab_committed[slab] = keep
-        if ranges:
-            self.segment.release(ranges)
-            self.committed = min(self.slab_committed)
-            self.peak = max(self.slab_committed)
+        shrunk = [s for s in slabs if self.slab_committed[s] > keep]
+        for slab in shrunk:
+            ranges += _pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                                   bool(self.meta.get("timestamps")), keep, self.slab_committed[slab],
+                                   slabs=[slab])  # fmt: skip
+        if not ranges:
+            return 0
+        if not self.segment.release(ranges):
+            self.give_back = False  # not here (no hole punching): the pool keeps what it grew to
+            return 0
+        for slab in shrunk:
+            self.slab_committed[slab] = keep
+        self.committed = min(self.slab_committed)
+        self.peak = max(self.slab_committed)
         return sum(n for _, n in ranges)
 
     def floor_index(self) -> int | None:
@@ -1040,7 +1049,7 @@ class Broker:
         pool = stream.pool
         pool.advance(stream.floor_index())
         granted = pool.grant(_GRANT_AHEAD)
-        if granted and stream.peak > stream.first_committed:  # some slab has room it may give back
+        if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
             freed = stream.shrink(granted)
             if freed:
                 log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)

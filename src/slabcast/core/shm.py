@@ -167,9 +167,10 @@ _KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 
 @functools.cache
 def _libc_fallocate() -> Any:
-    """libc's ``fallocate(2)`` (Python's os module has only posix_fallocate), or None."""
+    """libc's ``fallocate64(2)`` (64-bit offsets on every ABI; Python's os module has only posix_fallocate),
+    or None."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
+        fn = ctypes.CDLL(None, use_errno=True).fallocate64
     except (OSError, AttributeError):
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -264,19 +265,22 @@ class Segment:
             raise
         self.committed += need
 
-    def release(self, ranges: Sequence[tuple[int, int]]) -> None:
+    def release(self, ranges: Sequence[tuple[int, int]]) -> bool:
         """Give the whole pages inside ``ranges`` back to /dev/shm (``FALLOC_FL_PUNCH_HOLE``); they read as
-        zeros and must be committed again before anything writes them.  Bytes of a page only partly inside
-        a range are zeroed, the page kept.  Nothing happens where the kernel cannot punch holes.
+        zeros, and must be committed again before anything reads or writes them.  Bytes of a page only
+        partly inside a range are zeroed, the page kept.  Returns False, having given back nothing more,
+        where the kernel or libc cannot punch holes.
         """
         fallocate = _libc_fallocate()
         if fallocate is None:
-            return
+            return False
         for offset, length in ranges:
             if length > 0 and fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length) != 0:
-                log.debug("punching a hole in %s failed: errno %d", self.name, ctypes.get_errno())
-                return
+                log.warning("shared memory cannot be given back here (fallocate punch hole on %s: %s); pools "
+                            "keep what they grew to", self.name, os.strerror(ctypes.get_errno()))  # fmt: skip
+                return False
         self.committed = self.allocated
+        return True
 
     @property
     def allocated(self) -> int:
