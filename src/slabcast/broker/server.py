@@ -222,6 +222,7 @@ class _Stream:
         segment: Segment,
         header: int,
         notice_path: str,
+        committed: int,
     ) -> None:
         self.name = name
         self.sid = sid
@@ -233,10 +234,11 @@ class _Stream:
         self.slab_bytes = slab_bytes
         self.nslabs = nslabs
         self.reserve = reserve  # the carried part of each slab: the largest chunk any subscriber may ask for
-        self.committed = reserve  # how much of it every slab has in memory (grown as subscribers ask)
-        self.first_committed = reserve  # ... when the stream opened: never given back
-        self.slab_committed = [reserve] * nslabs  # per slab (given back one by one as slabs are granted)
-        self.peak = reserve  # the most any slab has
+        # How much of it is in memory, per slab: grown for all as subscribers ask, given back slab by slab as
+        # slabs are granted again; never below what the stream opened with.
+        self.first_committed = committed
+        self.slab_committed = [committed] * nslabs
+        self.peak = committed  # the most any slab has (looked at on every grant)
         self.give_back = True  # False where holes cannot be punched
         self.header = header
         self.channel_names = channel_names
@@ -274,6 +276,11 @@ class _Stream:
     def slab_start(self, slab: int) -> int:
         return self.header + slab * self.slab_bytes
 
+    @property
+    def committed(self) -> int:
+        """How much of its carried part every slab has in memory: the longest chunk it carries now."""
+        return min(self.slab_committed)
+
     def grow(self, need: int) -> bool:
         """Commit each slab's carried part up to ``need`` bytes (a new subscriber's chunk); True if it grew.
 
@@ -289,7 +296,6 @@ class _Stream:
                               bool(self.meta.get("timestamps")), self.slab_committed, hi)  # fmt: skip
         self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
         self.slab_committed = [max(c, hi) for c in self.slab_committed]
-        self.committed = hi
         self.peak = max(self.peak, hi)
         return True
 
@@ -318,7 +324,6 @@ class _Stream:
             return 0
         for slab in shrunk:
             self.slab_committed[slab] = keep
-        self.committed = min(self.slab_committed)
         self.peak = max(self.slab_committed)
         return sum(n for _, n in ranges)
 
@@ -964,10 +969,9 @@ class Broker:
             segment,
             header,
             notice_path,
+            committed,
         )
         stream.meta = meta
-        stream.committed = stream.first_committed = stream.peak = committed
-        stream.slab_committed = [committed] * nslabs
         # Raw byte streams have no sample values to summarise.
         byte_stream = dtype == np.uint8 and channels == 1
         if dtype.kind in "iuf" and not byte_stream and stats_window > 0:
@@ -1338,7 +1342,7 @@ class Broker:
         try:
             if stream.grow(size * stream.sample_bytes):
                 log.info("stream %r: slabs grown to carry chunks of %d bytes (%d bytes of shared memory)",
-                         name, stream.committed, stream.segment.committed)  # fmt: skip
+                         name, stream.committed, stream.segment.allocated)  # fmt: skip
         except ShmFullError as exc:
             raise _Refused(P.ERR_SHM_FULL, f"chunks of {size} samples on stream {name!r}: {exc}") from None
         sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..broker.address import normalize
 from ..broker.process import BrokerProcess
-from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES
+from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, pool_layout
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
 
@@ -233,16 +233,19 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
         pool["max_chunk_bytes"] = _round_up(largest, sample)
         explicit = True
         pool["slab_bytes"] = _round_up(pool["max_chunk_bytes"] + pool.get("slab_bytes", _DEFAULT_SLAB) // 2, 4096)
-    if explicit and "slab_bytes" not in pool:  # frames get as much room as the longest chunk (4 MiB slabs at least)
-        pool["slab_bytes"] = max(_DEFAULT_SLAB, _round_up(2 * pool["max_chunk_bytes"], 4096))
-    slab = pool.get("slab_bytes", _DEFAULT_SLAB)
-    if explicit and pool["max_chunk_bytes"] >= slab:
-        raise ConfigError(f"{where}: max_chunk_bytes ({pool['max_chunk_bytes']}) must be smaller than "
-                          f"slab_bytes ({slab}): a slab holds the carried chunk and at least one frame")  # fmt: skip
+    try:
+        slab, limit = pool_layout(pool.get("slab_bytes"), pool.get("max_chunk_bytes"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if explicit:
+        pool["slab_bytes"] = slab  # the publisher's choice, written out for the broker's command line
+        if limit >= slab:
+            raise ConfigError(f"{where}: max_chunk_bytes ({limit}) must be smaller than slab_bytes ({slab}): a slab "
+                              "holds the carried chunk and at least one frame")  # fmt: skip
     # Room for frames in each slab, and the carried part the tasks' chunks need (memory is committed for
     # as much as the frames' room at first, then grown as subscribers ask: see Publisher's max_chunk_bytes).
-    frames = slab - pool["max_chunk_bytes"] if explicit else slab // 2
-    carried = max(largest, min(pool["max_chunk_bytes"] if explicit else max(DEFAULT_CHUNK_LIMIT, frames), frames))
+    frames = slab - limit
+    carried = max(largest, min(limit, frames))
     history = pool.pop("history", None)
     if history is not None and "nslabs" not in pool:
         # Enough slabs to hold `history` seconds behind the one being written (plus the two granted ahead),

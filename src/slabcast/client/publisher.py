@@ -104,6 +104,30 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
     return np.ascontiguousarray(arr)
 
 
+def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[int, int]:
+    """The slabs a publisher asks for: ``(slab bytes, carried part)``, from its ``slab_bytes`` and
+    ``max_chunk_bytes`` arguments (see :class:`Publisher`); frames get the rest of each slab.
+
+    Raises
+    ------
+    ValueError
+        For sizes that are not positive integers, or ``slab_bytes`` not a multiple of 4096 up to 2**30.
+    """
+    for key, value in (("slab_bytes", slab_bytes), ("max_chunk_bytes", max_chunk_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
+    if slab_bytes is None:  # 4 MiB, or room for frames as long as the longest chunk asked for
+        slab_bytes = DEFAULT_SLAB_BYTES if max_chunk_bytes is None else \
+            max(DEFAULT_SLAB_BYTES, -(-2 * max_chunk_bytes // 4096) * 4096)  # fmt: skip
+    elif slab_bytes % 4096 or slab_bytes > 1 << 30:
+        raise ValueError(f"slab_bytes must be a multiple of 4096 up to 2**30, got {slab_bytes}")
+    if max_chunk_bytes is not None:
+        return slab_bytes, max_chunk_bytes
+    # Frames up to half the slab, chunks up to the limit: address space, memory on demand.
+    layout = -(-(slab_bytes // 2 + max(DEFAULT_CHUNK_LIMIT, slab_bytes // 2)) // 4096) * 4096
+    return layout, layout - slab_bytes // 2
+
+
 class Publisher:
     """Write frames into a stream that any number of subscribers read.
 
@@ -195,17 +219,7 @@ class Publisher:
         self._where = f"stream {stream!r}"
         self._closed = False
         self._mm: Any = None
-        for key, value in (("slab_bytes", slab_bytes), ("max_chunk_bytes", max_chunk_bytes)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
-        if slab_bytes is None:  # 4 MiB, or room for frames as long as the longest chunk asked for
-            slab_bytes = DEFAULT_SLAB_BYTES if max_chunk_bytes is None else \
-                max(DEFAULT_SLAB_BYTES, -(-2 * max_chunk_bytes // 4096) * 4096)  # fmt: skip
-        elif slab_bytes % 4096 or slab_bytes > 1 << 30:
-            raise ValueError(f"slab_bytes must be a multiple of 4096 up to 2**30, got {slab_bytes}")
-        layout = slab_bytes
-        if max_chunk_bytes is None:  # frames up to half the slab, chunks up to the limit (memory on demand)
-            layout = -(-(slab_bytes // 2 + max(DEFAULT_CHUNK_LIMIT, slab_bytes // 2)) // 4096) * 4096
+        layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             self._conn.send(
@@ -217,7 +231,7 @@ class Publisher:
                     self.rate,
                     layout,
                     nslabs,
-                    max_chunk_bytes if max_chunk_bytes is not None else layout - slab_bytes // 2,
+                    carried,
                     list(channel_names) if channel_names is not None else None,
                     float(statistics),
                     StreamInfo.check_metadata(

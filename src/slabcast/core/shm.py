@@ -204,7 +204,6 @@ class Segment:
         self.name = name
         self.nbytes = nbytes
         self.fd = fd  # holds the owner lock until closed
-        self.committed = 0
         try:
             hold(fd, OWNER_BYTE, fcntl.F_WRLCK)  # "its broker is alive", until the descriptor closes
             os.ftruncate(fd, nbytes)
@@ -263,7 +262,6 @@ class Segment:
                     "Kubernetes: an emptyDir with medium: Memory), or ask for fewer/smaller slabs (nslabs, slab_bytes)"
                 ) from exc
             raise
-        self.committed += need
 
     def release(self, ranges: Sequence[tuple[int, int]]) -> bool:
         """Give the whole pages inside ``ranges`` back to /dev/shm (``FALLOC_FL_PUNCH_HOLE``); they read as
@@ -279,7 +277,6 @@ class Segment:
                 log.warning("shared memory cannot be given back here (fallocate punch hole on %s: %s); pools "
                             "keep what they grew to", self.name, os.strerror(ctypes.get_errno()))  # fmt: skip
                 return False
-        self.committed = self.allocated
         return True
 
     @property
