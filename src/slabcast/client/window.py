@@ -115,13 +115,14 @@ class Window:
         """
         with self._lock:
             n = min(self._count, self.capacity)
-            end = self._count % self.capacity
-            if n < self.capacity:
-                data, times = self._data[:n].copy(), self._times[:n].copy()
-            else:
-                data = np.concatenate([self._data[end:], self._data[:end]])
-                times = np.concatenate([self._times[end:], self._times[:end]])
-        return data.T.copy(), times
+            end = self._count % self.capacity if n == self.capacity else 0  # the oldest sample's slot
+            # One copy, straight into channels-first order (the view calls this every frame).
+            data = np.empty((self._data.shape[1], n), dtype=self._data.dtype)
+            head = n - end
+            data[:, :head] = self._data[end:n].T
+            data[:, head:] = self._data[:end].T
+            times = np.concatenate([self._times[end:n], self._times[:end]])
+        return data, times
 
     def get_display(
         self, n_pixels: int, method: str = "numpy"
