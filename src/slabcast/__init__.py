@@ -25,6 +25,7 @@ from ._exceptions import EvictedError as EvictedError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import PublisherGoneError as PublisherGoneError
 from ._exceptions import RequestError as RequestError
+from ._exceptions import SamplesLostError as SamplesLostError
 from ._exceptions import ShmFullError as ShmFullError
 from ._exceptions import SlabcastError as SlabcastError
 from ._exceptions import StreamExistsError as StreamExistsError
@@ -67,6 +68,7 @@ __all__ = [
     "PublisherGoneError",
     "Recording",
     "RequestError",
+    "SamplesLostError",
     "ShmFullError",
     "SlabcastError",
     "StreamExistsError",

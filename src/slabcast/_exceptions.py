@@ -15,6 +15,7 @@
     ├── ShmFullError           /dev/shm has no room for a stream's slabs
     ├── WriteTimeout           a publisher waited longer than its timeout for free slabs
     ├── WouldBlock             ``recv_nowait`` found no chunk ready
+    ├── SamplesLostError       a lossless subscriber missed a range of samples (named in the error)
     ├── WorkerDiedError        a worker process of a ``mode="process"`` BufferEmit died
     └── EndOfStream            the publisher closed the stream; no more chunks will come
         └── PublisherGoneError the publisher died without closing the stream
@@ -35,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "PublisherGoneError",
     "RequestError",
+    "SamplesLostError",
     "ShmFullError",
     "SlabcastError",
     "StreamExistsError",
@@ -101,6 +103,27 @@ class WriteTimeout(SlabcastError, TimeoutError):
 
 class WouldBlock(SlabcastError):
     """``recv_nowait`` found no chunk ready."""
+
+
+class SamplesLostError(SlabcastError):
+    """A ``policy="block"`` subscriber missed samples ``start`` to ``stop`` (stream indices, ``stop`` excluded).
+
+    Raised by ``recv`` in place of the first chunk after the hole, once every chunk before
+    it was handed out; the next ``recv`` goes on after the hole (its chunk has
+    ``discontinuity`` set), or ends the stream if the hole was its tail.  It never
+    happens while the publisher and this subscriber are alive and connected: the pool
+    holds the publisher back instead.  It names what a crash or a broken notice queue cost.
+
+    Attributes
+    ----------
+    start, stop : int
+        The missing samples, ``[start, stop)`` in the stream's sample index.
+    """
+
+    def __init__(self, message: str, start: int = 0, stop: int = 0) -> None:
+        super().__init__(message)
+        self.start = start
+        self.stop = stop
 
 
 class WorkerDiedError(SlabcastError):
