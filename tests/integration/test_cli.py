@@ -1,4 +1,4 @@
-"""The command line: demo, standalone broker, status, and the default address."""
+"""The command line: standalone broker, status, and the default address (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,6 @@ def run_cli(*args, env=None, timeout=60):
     return subprocess.run(
         [sys.executable, "-m", "slabcast", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
-
-
-def test_demo_runs_three_workers_and_leaves_nothing_behind():
-    result = run_cli("demo", "--duration", "3.2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    spl = [line for line in lines if line.startswith("[spl")]
-    wav = [line for line in lines if line.startswith("[wav")]
-    peak = [line for line in lines if line.startswith("[peak")]
-    assert len(spl) == 6  # 3.2 s in 0.5 s chunks
-    assert len(wav) == 2 and "(0.20 s)" in wav[1]  # one 3 s file, then the last 0.2 s (partial_tail)
-    assert len(peak) == 2  # 0.5 s analysed every 2 s
-    assert all("440.0 Hz" in line and "1000.0 Hz" in line for line in peak)
-    assert "done, 3.2 s of audio streamed" in lines[-1]
 
 
 def test_standalone_broker_status_and_default_address(tmp_path, stream_name):

@@ -22,6 +22,7 @@ __all__ = ["run_demo"]
 RATE = 48_000
 FRAME = 480  # 10 ms
 STREAM = "mic"
+DEFAULT_OUT = "slabcast-demo"  # under the current directory
 
 
 def _worker(address: str, ready: Any, name: str, fn: Any, options: dict[str, Any], **settings: Any) -> None:
@@ -44,11 +45,16 @@ def synthetic_frames(rng: np.random.Generator, index: int) -> np.ndarray[Any, An
     return frame.astype(np.float32)
 
 
-def run_demo(duration: float = 15.0, out: str | None = None) -> int:
-    """Run the demo for ``duration`` seconds (or until Ctrl-C); leave no process or segment behind."""
-    workdir = tempfile.mkdtemp(prefix="slabcast-demo-")
-    out_dir = out or os.path.join(workdir, "wav")
+def run_demo(duration: float = 15.0, out: str = DEFAULT_OUT) -> int:
+    """Run the demo for ``duration`` seconds (or until Ctrl-C); leave no process or segment behind.
+
+    The WAV worker's files are kept in ``out`` (created if needed; files of the same
+    name are overwritten) and the last line names the directory and how many it wrote.
+    """
+    workdir = tempfile.mkdtemp(prefix="slabcast-demo-")  # only the broker's socket: removed at the end
+    out_dir = os.path.abspath(out)
     os.makedirs(out_dir, exist_ok=True)
+    began = time.time()
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     procs: list[Any] = []
@@ -96,5 +102,13 @@ def run_demo(duration: float = 15.0, out: str | None = None) -> int:
         ready.close()
         ready.join_thread()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"slabcast demo: done, {index / RATE:.1f} s of audio streamed" + (f", WAV files in {out}" if out else ""))
+    wavs = _written_since(out_dir, began)
+    print(f"slabcast demo: done, {index / RATE:.1f} s of audio streamed, {wavs} WAV files written to {out_dir}")
     return 0
+
+
+def _written_since(directory: str, began: float) -> int:
+    """How many WAV files in ``directory`` this run wrote (older ones of other names may be there too)."""
+    since = began - 0.1  # file times come from a coarser clock than time.time()
+    with os.scandir(directory) as entries:
+        return sum(1 for e in entries if e.name.endswith(".wav") and e.stat().st_mtime >= since)

@@ -209,7 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slabcast", description="Shared-memory stream fan-out broker.")
     parser.add_argument("--version", action="version", version=f"slabcast {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    common.add_argument(  # any case; anything else is argparse's usage error naming the choices, not a traceback
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING (default), ERROR or CRITICAL",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", parents=[common], help="run a broker until SIGINT/SIGTERM")
@@ -299,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("demo", parents=[common], help="broker + synthetic 48 kHz stereo source + three workers")
     p.add_argument("--duration", type=float, default=15.0, help="seconds to run (default 15)")
-    p.add_argument("--out", default=None, help="directory for the WAV files (default: a temporary one, removed)")
+    p.add_argument("--out", default="slabcast-demo", help="directory for the WAV files, kept (default ./slabcast-demo)")
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
