@@ -13,6 +13,14 @@
 #   cli/        the `slabcast` command: main, up (supervisor), top, demo
 #   aio         the asyncio subscriber;  testing: the pytest plugin;  examples: task callables
 
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):  # checked first: elsewhere the imports below fail obscurely, or later
+    raise ImportError(
+        "slabcast runs on Linux only: it needs open file description locks (F_OFD_SETLK), "
+        f"posix_fallocate and /dev/shm; this is {_sys.platform!r}"
+    )
+
 import logging as _logging
 
 from . import aio as aio
