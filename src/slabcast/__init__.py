@@ -30,6 +30,7 @@ from ._exceptions import BrokerRunningError as BrokerRunningError
 from ._exceptions import ClosedError as ClosedError
 from ._exceptions import EndOfStream as EndOfStream
 from ._exceptions import EvictedError as EvictedError
+from ._exceptions import LimitError as LimitError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import PublisherGoneError as PublisherGoneError
 from ._exceptions import RequestError as RequestError
@@ -71,6 +72,7 @@ __all__ = [
     "ClosedError",
     "EndOfStream",
     "EvictedError",
+    "LimitError",
     "ProtocolError",
     "Publisher",
     "PublisherGoneError",

@@ -6,13 +6,16 @@
     ├── ClosedError            you closed this object; it cannot be used any more
     ├── BrokerGoneError        the broker died, shut down or cannot be reached
     ├── BrokerRunningError     another broker already serves this address
-    ├── AccessDeniedError      the broker refused this client's CURVE key (TCP)
+    ├── AccessDeniedError      the broker refused this client's CURVE key (TCP), or file permissions keep
+    │                          this user from the broker's socket or directory (also a PermissionError)
     ├── EvictedError           the broker evicted this subscriber (a chunk held past lease_timeout)
     ├── ProtocolError          a peer spoke another protocol version or sent a malformed message
     ├── StreamNotFoundError    no stream of that name exists on the broker
     ├── StreamExistsError      a publisher already owns a stream of that name
     ├── RequestError           the broker refused a request (bad settings, limits)
     ├── ShmFullError           /dev/shm has no room for a stream's slabs
+    ├── LimitError             a limit on open files or sockets was reached, in this process or the broker
+    │                          (also an OSError; the message names the limit and how to raise it)
     ├── WriteTimeout           a publisher waited longer than its timeout for free slabs
     ├── WouldBlock             ``recv_nowait`` found no chunk ready
     ├── SamplesLostError       a lossless subscriber missed a range of samples (named in the error)
@@ -33,6 +36,7 @@ __all__ = [
     "ClosedError",
     "EndOfStream",
     "EvictedError",
+    "LimitError",
     "ProtocolError",
     "PublisherGoneError",
     "RequestError",
@@ -63,8 +67,14 @@ class BrokerRunningError(SlabcastError):
     """Another live broker already serves the requested address."""
 
 
-class AccessDeniedError(SlabcastError):
-    """The broker refused this client's CURVE key (TCP connections only)."""
+class AccessDeniedError(SlabcastError, PermissionError):
+    """This client may not use the broker.
+
+    Over TCP: the broker refused this client's CURVE key, or the CURVE handshake
+    failed (a wrong broker public key).  Over ipc: file permissions keep this user
+    from the broker's socket or its directory (the message names the path, its
+    owner and its mode).  Also a :class:`PermissionError`.
+    """
 
 
 class EvictedError(SlabcastError):
@@ -92,6 +102,14 @@ class RequestError(SlabcastError):
 
 class ShmFullError(SlabcastError, OSError):
     """``/dev/shm`` has no room for the slabs of a stream."""
+
+
+class LimitError(SlabcastError, OSError):
+    """A limit on open files or sockets was reached, in this process or in the broker.
+
+    The message names the limit and how to raise it (``ulimit -n``, ``LimitNOFILE=``
+    in a systemd unit, :func:`resource.setrlimit`).  Nothing was opened.
+    """
 
 
 class WriteTimeout(SlabcastError, TimeoutError):

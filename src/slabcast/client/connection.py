@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from .._exceptions import (
     ClosedError,
     EndOfStream,
     EvictedError,
+    LimitError,
     ProtocolError,
     PublisherGoneError,
     RequestError,
@@ -28,7 +32,7 @@ from .._exceptions import (
 from ..broker.address import ipc_path, normalize
 from ..wire import protocol as P
 
-__all__ = ["Connection", "error_for"]
+__all__ = ["Connection", "check_ipc_access", "error_for", "limit_error", "share_socket_file"]
 
 CONNECT_TIMEOUT = 5.0
 BYE_TIMEOUT = 2.0
@@ -43,6 +47,7 @@ _ERRORS: dict[str, type[SlabcastError]] = {
     P.ERR_UNKNOWN_STREAM: StreamNotFoundError,
     P.ERR_STREAM_EXISTS: StreamExistsError,
     P.ERR_SHM_FULL: ShmFullError,
+    P.ERR_LIMIT: LimitError,
 }
 _ENDS: dict[str, type[SlabcastError]] = {
     P.END_CLOSED: EndOfStream,
@@ -57,12 +62,75 @@ _POLLIN = int(zmq.POLLIN)
 _KEEPALIVE = 1.0  # seconds between pings while a TCP client waits (the broker drops it after 10 s of silence)
 
 
+# Descriptors a client needs free before it connects: a Subscriber holds about 9 (its broker connection
+# and monitor, its notice socket, each ZeroMQ socket's mailbox, the segment's lock descriptor), a Publisher
+# about as many; the rest is room for what the program itself opens meanwhile.
+_CLIENT_FDS = 16
+_FDS_PER_CLIENT = 9
+_SOCKETS_PER_CLIENT = 4  # ZeroMQ sockets of a Subscriber or Publisher (connection, monitor pair, notices)
+
+
+def open_fds() -> int:
+    """How many descriptors this process has open now."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir itself used
+    except OSError:
+        return -1
+
+
+def limit_error(what: str) -> LimitError:
+    """The error for a process that ran out of descriptors or ZeroMQ sockets while opening ``what``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = open_fds()
+    hard_s = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    how = (
+        f"close the Subscribers and Publishers you no longer use, or raise the limit: `ulimit -n N` in the shell "
+        f"that starts the program, LimitNOFILE=N in its systemd unit, or resource.setrlimit(resource.RLIMIT_NOFILE, "
+        f"(N, hard)) before its first Subscriber or Publisher (the hard limit is {hard_s})"
+    )
+    sockets = _ctx.get(zmq.MAX_SOCKETS) if _ctx is not None else zmq.MAX_SOCKETS
+    if used < 0 or used + _CLIENT_FDS >= soft:
+        return LimitError(
+            f"cannot open {what}: this process has {used} descriptors open and its open-file limit "
+            f"(RLIMIT_NOFILE) is {soft}; each Subscriber or Publisher holds about {_FDS_PER_CLIENT}, so about "
+            f"{max(0, soft - _CLIENT_FDS) // _FDS_PER_CLIENT} fit: {how}"
+        )
+    return LimitError(
+        f"cannot open {what}: this process reached its limit of {sockets} ZeroMQ sockets (about "
+        f"{_SOCKETS_PER_CLIENT} per Subscriber or Publisher; slabcast sets it to the open-file limit, "
+        f"RLIMIT_NOFILE {soft}, when the process makes its first one): {how}"
+    )
+
+
+class _Context(zmq.Context):  # type: ignore[type-arg]
+    """slabcast's ZeroMQ context: running out of sockets or descriptors is a :class:`LimitError`."""
+
+    def socket(self, socket_type: int, socket_class: Any = None, **kwargs: Any) -> Any:
+        try:
+            return super().socket(socket_type, socket_class, **kwargs)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EMFILE:
+                raise limit_error("a ZeroMQ socket") from exc
+            raise
+
+
 def _context() -> zmq.Context[Any]:
-    """One ZeroMQ context per process (a forked child gets a fresh one)."""
+    """One ZeroMQ context per process (a forked child gets a fresh one).
+
+    pyzmq's default of 1023 sockets is about 255 Subscribers; the context holds as
+    many sockets as the process may open descriptors (each socket needs at least one).
+    """
     global _ctx, _ctx_pid
     with _ctx_lock:
         if _ctx is None or _ctx_pid != os.getpid():
-            _ctx = zmq.Context()
+            ctx = _Context()
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY:
+                soft = 1 << 20
+            most = min(soft, ctx.get(zmq.SOCKET_LIMIT))
+            if most > ctx.get(zmq.MAX_SOCKETS):
+                ctx.set(zmq.MAX_SOCKETS, most)
+            _ctx = ctx
             _ctx_pid = os.getpid()
         return _ctx
 
@@ -74,6 +142,67 @@ def error_for(msg: tuple[Any, ...], where: str) -> SlabcastError:
     if msg[0] == P.END:
         return _ENDS.get(code, EndOfStream)(f"{text} ({where})")
     return _ERRORS.get(code, RequestError)(f"{text} ({where})")
+
+
+_EFFECTIVE = os.access in os.supports_effective_ids  # judge by the effective uid and groups, as connect does
+
+
+def _describe(path: str) -> str:
+    """``mode 0750, owner slabcast, group slabcast`` for a file or directory (numbers where there are no names)."""
+    import grp
+    import pwd
+
+    st = os.stat(path)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"mode {stat.S_IMODE(st.st_mode):04o} ({stat.filemode(st.st_mode)}), owner {owner}, group {group}"
+
+
+def _who() -> str:
+    groups = sorted({os.getegid(), *os.getgroups()})
+    return f"this user (uid {os.geteuid()}, groups {', '.join(map(str, groups))})"
+
+
+def check_ipc_access(path: str, what: str) -> None:
+    """Raise :class:`AccessDeniedError` when this user cannot reach or connect to the socket file ``path``.
+
+    ZeroMQ retries a connect refused by file permissions silently, forever: without
+    this check a client without permission would only see a timeout.
+    """
+    directory = os.path.dirname(path)
+    parts = directory.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        if os.path.isdir(d) and not os.access(d, os.X_OK, effective_ids=_EFFECTIVE):
+            raise AccessDeniedError(
+                f"{_who()} may not enter {d} ({_describe(d)}), the directory of the {what} {path}: a broker "
+                f"started with --shm-mode 660 shares its socket with its group; the directory must let that group "
+                f"in too (e.g. RuntimeDirectoryMode=0750 in its unit) and this user must be in the group"
+            )
+    if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=_EFFECTIVE):
+        raise AccessDeniedError(
+            f"{_who()} may not connect to the {what} {path} ({_describe(path)}): connecting needs write "
+            f"permission; a broker started with --shm-mode 660 gives it to its group (add this user to the group)"
+        )
+
+
+def share_socket_file(endpoint: str, like: str) -> None:
+    """Give the socket file of a bound ``ipc://`` ``endpoint`` the permission bits of the socket file ``like``.
+
+    ZeroMQ creates socket files under the process umask; a stream's notice socket
+    must admit whoever the broker's own socket admits.
+    """
+    path, model = ipc_path(endpoint), ipc_path(like)
+    if path is None or model is None:
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IMODE(os.stat(model).st_mode) & 0o666)
 
 
 class Connection:
@@ -103,21 +232,39 @@ class Connection:
         self._last_send = 0.0
         self.where = f"broker at {self.address}"
         path = ipc_path(self.address)
-        if path is not None and not os.path.exists(path):
-            raise BrokerGoneError(f"no broker at {self.address} (no socket file); start one with `slabcast broker`")
+        if path is not None:
+            check_ipc_access(path, "broker socket")
+            if not os.path.exists(path):
+                raise BrokerGoneError(f"no broker at {self.address} (no socket file); start one with `slabcast broker`")
         self.closed = False
         self.gone = False
+        self._handshaken = False  # a CURVE handshake completed (TCP)
+        self._curve = curve
         self._pid = os.getpid()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and open_fds() + _CLIENT_FDS > soft:
+            # Checked first: libzmq retries a connect that found no descriptor, silently, until a timeout.
+            raise limit_error(f"a connection to the {self.where}")
         ctx = _context()
         self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        if self.remote:
-            self._setup_curve(curve)
-        elif curve is not None:
-            raise ValueError("curve= is for tcp:// addresses; ipc connections are protected by file permissions")
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _AUTH_FAILED)
+        try:
+            self.sock.setsockopt(zmq.LINGER, 500)
+            self.sock.setsockopt(zmq.SNDHWM, 0)
+            self.sock.setsockopt(zmq.RCVHWM, 0)
+            if self.remote:
+                self._setup_curve(curve)
+            elif curve is not None:
+                raise ValueError("curve= is for tcp:// addresses; ipc connections are protected by file permissions")
+            events = zmq.EVENT_DISCONNECTED | _AUTH_FAILED | (zmq.EVENT_HANDSHAKE_SUCCEEDED if self.remote else 0)
+            self._monitor = self.sock.get_monitor_socket(events)
+        except zmq.ZMQError as exc:
+            self.sock.close(linger=0)
+            if exc.errno == errno.EMFILE:
+                raise limit_error(f"a connection to the {self.where}") from exc
+            raise BrokerGoneError(f"cannot connect to the {self.where}: {exc}") from exc
+        except BaseException:
+            self.sock.close(linger=0)
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -130,6 +277,8 @@ class Connection:
             raise
         if reply is None:
             self.close(bye=False)
+            if self.remote and not self._handshaken:
+                raise AccessDeniedError(self._no_handshake(f"within {timeout} s"))
             raise BrokerGoneError(f"no answer from the {self.where} within {timeout} s")
         if reply[0] == P.ERROR:
             self.close(bye=False)
@@ -222,16 +371,31 @@ class Connection:
             if self._monitor in events:
                 self._read_monitor()
 
+    def _no_handshake(self, when: str) -> str:
+        server = f" ({self._curve[1]})" if self._curve else ""
+        return (
+            f"no CURVE handshake with {self.address} {when}: wrong server key{server}, or this client's key is "
+            f"not authorized (its public key must be in the broker's --curve-clients directory)"
+        )
+
     def _read_monitor(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
 
         with contextlib.suppress(zmq.Again):
             while True:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
-                if event & _AUTH_FAILED:
-                    self.gone = True
-                    raise AccessDeniedError(f"the {self.where} refused this client's CURVE key")
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._handshaken = True
+                    continue
                 self.gone = True
+                if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise AccessDeniedError(
+                        f"the {self.where} refused this client's CURVE key (its public key must be in the "
+                        f"broker's --curve-clients directory)"
+                    )
+                if self.remote and not self._handshaken:
+                    # A broker that cannot decrypt our hello (we hold the wrong server key) just hangs up.
+                    raise AccessDeniedError(self._no_handshake("(the broker closed the connection during it)"))
 
     def poll_gone(self) -> bool:
         """Check, without blocking, whether the broker connection dropped."""

@@ -110,6 +110,7 @@ ERR_STREAM_EXISTS = "stream-exists"
 ERR_BAD_REQUEST = "bad-request"
 ERR_SHM_FULL = "shm-full"
 ERR_FRAME = "bad-frame"
+ERR_LIMIT = "limit"  # a descriptor or client limit of the broker; the message says which and how to raise it
 
 POLICIES = ("block", "drop")
 CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber itself (v2) or the broker (v1, TCP)
