@@ -104,3 +104,99 @@ def test_what_was_flushed_before_a_kill_9_of_the_recorder_reads_back(broker, str
     back = np.asarray(recording.samples[:])
     assert np.array_equal(back[:, 0], np.repeat(np.arange(n // 800), 800).astype(np.int16))
     pub.close()
+
+
+def record_all(broker, stream_name, out, dtype, channels, data, rate=8000.0):
+    """Publish ``data`` to a recorder writing ``out``; return the recorder's exit code and stderr."""
+    pub, frames = publish(broker.address, stream_name, dtype, channels, data, rate)
+    rec = record_cli(broker.address, stream_name, out)
+    wait_recorder(broker.address, stream_name)
+    for k, part in frames:
+        pub.write(part, t0=k / rate)
+    pub.close()
+    code = rec.wait(30)
+    said = rec.stderr.read()
+    rec.stderr.close()
+    return code, said
+
+
+def test_a_wav_is_written_ready_for_rf64_and_its_header_is_true_at_each_flush(broker, stream_name, tmp_path):
+    # A WAV of any length reads back whole: it is libsndfile's RF64 with auto-downgrade, a plain WAV with a JUNK
+    # chunk holding room for RF64's ds64 while it is under 4 GiB, RF64 past it (measured by hand, 4.36 GB,
+    # docs/recording.md). A plain WAV (before) has 0xffffffff sizes past 4 GiB and reads back cut.
+    data = (np.arange(24000 * 2) % 30000).astype(np.int16).reshape(-1, 2)
+    out = tmp_path / "take.wav"
+    pub, frames = publish(broker.address, stream_name, "int16", 2, data)
+    rec = record_cli(broker.address, stream_name, out)
+    wait_recorder(broker.address, stream_name)
+    for k, part in frames[: len(frames) // 2]:
+        pub.write(part, t0=k / 8000.0)
+    pub.flush()
+    head = b""
+    deadline = time.monotonic() + 10
+    while True:  # while it records: the header already says how much is there (any tool, not only libsndfile)
+        if out.exists() and len(head := out.read_bytes()[:120]) >= 80 and b"data" in head:
+            size = int.from_bytes(head[head.index(b"data") + 4 :][:4], "little")
+            if size >= 4 * 8000:
+                break
+        assert time.monotonic() < deadline, "the header never said what was flushed"
+        time.sleep(0.05)  # polling the file; the recorder sends no signal
+    for k, part in frames[len(frames) // 2 :]:
+        pub.write(part, t0=k / 8000.0)
+    pub.close()
+    assert rec.wait(30) == 0, rec.stderr.read()
+    rec.stderr.close()
+    raw = out.read_bytes()
+    assert raw[:4] == b"RIFF" and raw[8:16] == b"WAVEJUNK", raw[:16]  # the room for RF64's ds64 chunk
+    assert int.from_bytes(raw[16:20], "little") >= 24
+    back, rate = soundfile.read(str(out), dtype="int16")
+    assert rate == 8000 and np.array_equal(back, data)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "dtype", "channels", "subtype", "as_int16"),
+    [(".wav", "uint8", 2, "PCM_U8", lambda x: (x.astype(np.int16) - 128) << 8),
+     (".flac", "int8", 1, "PCM_S8", lambda x: x.astype(np.int16) << 8)],
+)  # fmt: skip
+def test_8_bit_streams_record_to_the_formats_own_8_bit_subtype(broker, stream_name, tmp_path, suffix, dtype,
+                                                              channels, subtype, as_int16):  # fmt: skip
+    info = np.iinfo(dtype)
+    data = np.random.default_rng(5).integers(info.min, info.max + 1, (8000, channels)).astype(dtype)
+    out = tmp_path / f"take{suffix}"
+    code, said = record_all(broker, stream_name, out, dtype, channels, data)
+    assert code == 0, said
+    assert soundfile.info(str(out)).subtype == subtype
+    back, _ = soundfile.read(str(out), dtype="int16", always_2d=True)
+    assert np.array_equal(back, as_int16(data))
+    recording = slabcast.open_recording(str(out))
+    assert recording.info.dtype == np.dtype(dtype)
+    assert np.array_equal(np.asarray(recording.samples[:]), data)
+
+
+def test_24_bit_samples_record_to_flac(broker, stream_name, tmp_path):
+    # What a 24-bit file source publishes: int32 samples << 8. FLAC holds 24 bits; more is refused, not cut.
+    data = np.random.default_rng(6).integers(-(1 << 23), 1 << 23, (8000, 2)).astype(np.int32) << 8
+    out = tmp_path / "take.flac"
+    code, said = record_all(broker, stream_name, out, "int32", 2, data)
+    assert code == 0, said
+    assert soundfile.info(str(out)).subtype == "PCM_24"
+    back, _ = soundfile.read(str(out), dtype="int32", always_2d=True)
+    assert np.array_equal(back, data)
+    assert np.array_equal(np.asarray(slabcast.open_recording(str(out)).samples[:]), data)
+    wide = tmp_path / "wide.flac"
+    code, said = record_all(broker, stream_name + "w", wide, "int32", 2, data + 1)
+    assert code == 2 and "sample 0 of" in said and "32 significant bits" in said, said
+
+
+def test_a_zarr_recording_opens_in_xarray(broker, stream_name, tmp_path):
+    xarray = pytest.importorskip("xarray")
+    data = np.random.default_rng(7).standard_normal((8000, 3)).astype(np.float32)
+    out = tmp_path / "take.zarr"
+    code, said = record_all(broker, stream_name, out, "float32", 3, data)
+    assert code == 0, said
+    ds = xarray.open_zarr(str(out), consolidated=False)
+    assert ds["samples"].dims == ("sample", "channel")
+    assert np.array_equal(ds["samples"].values, data)
+    assert ds.attrs["slabcast"]["channel_names"] == ["emg00", "emg01", "emg02"]
+    frames = xarray.open_zarr(str(out), group="frames", consolidated=False)
+    assert frames["n"].dims == ("frame",) and int(frames["n"].sum()) == 8000

@@ -21,11 +21,13 @@ log = logging.getLogger("slabcast.broker")
 
 def _broker(args: argparse.Namespace) -> int:
     from ..broker.server import Broker
-    from ..broker.sources import SourceThread, parse_source
+    from ..broker.sources import SourceThread, parse_source, sources_from_json
 
     try:
         sources = [parse_source(spec) for spec in args.source]
-    except (TypeError, ValueError, ImportError) as exc:  # ImportError: the source's extra is missing
+        if args.sources_json is not None:
+            sources += sources_from_json(args.sources_json)
+    except (TypeError, ValueError, OSError, ImportError) as exc:  # ImportError: the source's extra is missing
         print(f"slabcast broker: {exc}", file=sys.stderr)
         return 2
 
@@ -39,7 +41,13 @@ def _broker(args: argparse.Namespace) -> int:
         curve_clients=args.curve_clients,
     )
 
-    threads = [SourceThread(src, broker.address) for src in sources]
+    def subscribers(name: str) -> int:
+        # Read on a source's thread: the broker's loop may change the list meanwhile, a count one
+        # notice stale at worst (the sources only ask "is anybody there").
+        stream = broker._streams.get(name)
+        return len(stream.subs) if stream is not None else 0
+
+    threads = [SourceThread(src, broker.address, subscribers) for src in sources]
 
     def start() -> None:
         for t in threads:
@@ -160,8 +168,22 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from ..client.record import record
+    from ..client.record import record, repair
 
+    if args.repair is not None:
+        if args.stream is not None or args.out is not None:
+            print("slabcast record: --repair FILE takes no STREAM and no --out", file=sys.stderr)
+            return 2
+        try:
+            n = repair(args.repair)
+        except (ValueError, ImportError, OSError) as exc:
+            print(f"slabcast record --repair: {exc}", file=sys.stderr)
+            return 2
+        print(f"repaired {args.repair}: {n} samples", file=sys.stderr)
+        return 0
+    if args.stream is None or args.out is None:
+        print("slabcast record: expected STREAM --out PATH (or --repair FILE)", file=sys.stderr)
+        return 2
     _term_as_interrupt()
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address)
@@ -241,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="host a source, e.g. synthetic:name=mic,rate=48000,channels=2 or "
         "stdin:name=mic,dtype=int16,channels=2,rate=48000 or replay:path=REC,speed=1,loop=0 (repeatable)",
     )
+    p.add_argument("--sources-json", default=None, metavar="JSON",
+                   help='sources as JSON, typed: [{"kind": "file", "options": {"path": "a.wav", "loop": false}}] '
+                   "(what `slabcast up` hands the broker)")  # fmt: skip
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)  # EOF: our starter died
     p.set_defaults(func=_broker)
@@ -257,12 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("record", parents=[common], help="record a stream losslessly (WAV, FLAC, Zarr or a directory)")
-    p.add_argument("stream")
-    p.add_argument("--out", required=True, help="file.wav, file.flac (soundfile), dir.zarr (Zarr v3), or a new "
-                   "directory (info.json, samples.bin, frames.bin)")  # fmt: skip
+    p = sub.add_parser(
+        "record", parents=[common], help="record a stream losslessly (WAV, FLAC, Zarr or a directory)",
+        description="Record STREAM until it ends (exit 0), Ctrl-C/SIGTERM (exit 0), or an early stop: "
+        "evicted, broker gone, or a hole in the stream (exit 1; the file ends before the hole). "
+        "The progress line on stderr never stops a recording. See docs/recording.md.",
+    )  # fmt: skip
+    p.add_argument("stream", nargs="?", default=None)
+    p.add_argument("--out", default=None, help="file.wav (RF64 once past 4 GiB, a plain WAV until then), "
+                   "file.flac (soundfile), dir.zarr (Zarr v3), or a new directory (info.json, samples.bin, "
+                   "frames.bin)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
     p.add_argument("--address", default=None)
+    p.add_argument("--repair", default=None, metavar="FILE", help="make a FLAC/WAV whose recorder was killed "
+                   "readable whole again (every complete block; sidecars cut to match), then exit")  # fmt: skip
     p.set_defaults(func=_record)
 
     p = sub.add_parser("bench", parents=[common], help="run the benchmark harness (source checkout, bench extra)")

@@ -29,6 +29,7 @@ reads it with a memory map, and a sample index is a byte offset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -38,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from .._exceptions import SlabcastError
 from .._info import StreamInfo
 
-__all__ = ["Recording", "open_recording", "record", "write_info"]
+__all__ = ["Recording", "RecordingHoleError", "open_recording", "record", "repair", "write_info"]
 
 _FLUSH = 0.5  # seconds between flushes: what a kill -9 can lose at most
 _AUDIO = (".wav", ".flac", ".aiff", ".aif", ".ogg")
@@ -214,19 +216,89 @@ class _ZarrSamples(_LazySamples):
         return np.asarray(self.array[start:stop])
 
 
-class _AudioSamples(_LazySamples):
-    """The samples of an audio file, through soundfile."""
+# What soundfile reads each libsndfile subtype as, losslessly (8-bit subtypes come as int16, << 8).
+_READ_AS = {"PCM_S8": "int16", "PCM_U8": "int16", "PCM_16": "int16", "PCM_24": "int32", "PCM_32": "int32",
+            "FLOAT": "float32", "DOUBLE": "float64"}  # fmt: skip
 
-    def __init__(self, path: str, n: int, info: StreamInfo) -> None:
-        super().__init__(n, info.channels)
-        self.path, self.info = path, info
 
-    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+def _from_file(data: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """Samples as soundfile read them -> the stream's dtype (8-bit streams are stored in 8-bit subtypes)."""
+    if dtype == np.uint8:
+        return ((data.astype(np.int32) >> 8) + 128).astype(np.uint8)
+    if dtype == np.int8:
+        return (data >> 8).astype(np.int8)
+    return data if data.dtype == dtype else data.astype(dtype)
+
+
+class _Unseekable:
+    """A soundfile reader that never seeks: soundfile seeks after every read, which fails in a FLAC that
+    does not say how long it is (a recorder killed before it closed the file); reading on works."""
+
+    def __init__(self, path: str) -> None:
         import soundfile
 
-        with soundfile.SoundFile(self.path) as f:
-            f.seek(start)
-            return f.read(stop - start, dtype=self.info.dtype.name, always_2d=True)  # type: ignore[no-any-return]
+        class Reader(soundfile.SoundFile):  # type: ignore[misc]
+            def seekable(self) -> bool:
+                return False
+
+        self.file = Reader(path)
+        self.position = 0
+
+    def read(self, n: int, dtype: str) -> np.ndarray[Any, Any]:
+        data = self.file.read(n, dtype=dtype, always_2d=True)
+        self.position += len(data)
+        return data  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _decoded_length(path: str, dtype: str) -> int:
+    """How many samples of an audio file decode, read to the end (for files whose header does not say)."""
+    reader = _Unseekable(path)
+    try:
+        while True:
+            try:
+                if len(reader.read(1 << 16, dtype)) == 0:
+                    break
+            except RuntimeError:  # LibsndfileError: a cut last block; what came before it counts
+                break
+        return reader.position
+    finally:
+        reader.close()
+
+
+class _AudioSamples(_LazySamples):
+    """The samples of an audio file, through soundfile; sequential reads (a replay) go on from where the
+    last one stopped, so a file of unknown length is read once, not once per frame."""
+
+    def __init__(self, path: str, n: int, info: StreamInfo, subtype: str) -> None:
+        super().__init__(n, info.channels)
+        self.path, self.info = path, info
+        self.read_as = _READ_AS.get(subtype, info.dtype.name)
+        self.reader: _Unseekable | None = None
+
+    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        if self.reader is None or self.reader.position > start:
+            if self.reader is not None:
+                self.reader.close()
+            self.reader = _Unseekable(self.path)
+        while self.reader.position < start:  # skip forward by decoding (a seek may fail, see _Unseekable)
+            if not len(self.reader.read(min(1 << 16, start - self.reader.position), self.read_as)):
+                raise ValueError(f"{self.path}: fewer samples decode than {start}")
+        return _from_file(self.reader.read(stop - start, self.read_as), self.info.dtype)
+
+
+def _clip_frames(frames: np.ndarray[Any, Any], n: int) -> np.ndarray[Any, Any]:
+    """The frame records that describe the first ``n`` samples (the last one cut to fit)."""
+    ends = np.cumsum(frames["n"].astype(np.int64))
+    keep = int(np.searchsorted(ends, n, side="left")) + 1 if len(frames) else 0
+    out = frames[:keep].copy()
+    if len(out):
+        out["n"][-1] -= max(0, int(ends[keep - 1]) - n)
+        if out["n"][-1] == 0:
+            out = out[:-1]
+    return out
 
 
 def _open_audio(path: str) -> Recording:
@@ -245,23 +317,26 @@ def _open_audio(path: str) -> Recording:
         with open(path + ".json") as f:
             info = _info_from(json.load(f), path)
     else:
-        dtype = "int16" if meta_sf.subtype in ("PCM_16", "PCM_S8", "PCM_U8") else (
-            "int32" if meta_sf.subtype in ("PCM_24", "PCM_32") else "float32")  # fmt: skip
+        dtype = _READ_AS.get(meta_sf.subtype, "float32")
         name = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in os.path.basename(path))[:64]
         info = StreamInfo(name, np.dtype(dtype), meta_sf.channels, float(meta_sf.samplerate),
                           tuple(f"ch_{i}" for i in range(meta_sf.channels)))  # fmt: skip
+    # A file closed by its recorder says its length; one whose recorder was killed may not (a FLAC says
+    # "unknown" until it is closed): then count what decodes. The frame records never claim more.
+    n = int(meta_sf.frames)
+    if not 0 <= n < 1 << 40:
+        n = _decoded_length(path, _READ_AS.get(meta_sf.subtype, "float32"))
     if len(frames):
-        n = int(frames["n"].sum())
-    elif 0 <= meta_sf.frames < 1 << 40:
-        n = int(meta_sf.frames)
+        n = min(n, int(frames["n"].sum()))
+        frames = _clip_frames(frames, n)
+    else:
         step = max(1, int(info.rate or 1))
         starts = np.arange(0, n, step)
         frames = np.zeros(len(starts), dtype=FRAME_RECORD)
         frames["index"], frames["n"] = starts, np.minimum(step, n - starts)
         frames["t0"] = starts / (info.rate or 1.0)
-    else:
-        raise ValueError(f"{path}: the file does not say how long it is and has no .frames sidecar")
-    return Recording(info, _AudioSamples(path, n, info), frames, _times_file(path + ".times", n))  # type: ignore[arg-type]
+    samples = _AudioSamples(path, n, info, meta_sf.subtype)
+    return Recording(info, samples, frames, _times_file(path + ".times", n))  # type: ignore[arg-type]
 
 
 def _open_zarr(path: str) -> Recording:
@@ -339,30 +414,68 @@ _SUBTYPES = {  # (format, dtype) -> libsndfile subtype; what is missing does not
     ("WAV", "int16"): "PCM_16", ("WAV", "int32"): "PCM_32", ("WAV", "uint8"): "PCM_U8",
     ("WAV", "float32"): "FLOAT", ("WAV", "float64"): "DOUBLE",
     ("FLAC", "int16"): "PCM_16", ("FLAC", "int8"): "PCM_S8",
+    ("FLAC", "int32"): "PCM_24",  # 24-bit samples as int32 (<< 8), what a 24-bit file source publishes
     ("AIFF", "int16"): "PCM_16", ("AIFF", "int32"): "PCM_32", ("AIFF", "float32"): "FLOAT",
 }  # fmt: skip
+
+# libsndfile commands soundfile does not wrap (sndfile.h): write the header's sizes now; write RF64 as a
+# plain WAV (a JUNK chunk keeping room for RF64's ds64) while the file is under 4 GiB.
+_SFC_UPDATE_HEADER_NOW = 0x1060
+_SFC_RF64_AUTO_DOWNGRADE = 0x1210
+
+
+def _sf_command(file: Any, command: int, value: int) -> bool:
+    """A libsndfile ``sf_command`` with an int argument, through soundfile's binding; False if unavailable."""
+    try:
+        from soundfile import _ffi, _snd
+    except ImportError:  # a soundfile without its private binding names: the files stay readable by soundfile
+        return False
+    return bool(_snd.sf_command(file._file, command, _ffi.NULL, value))
+
+
+def _audio_format(path: str) -> str:
+    """``WAV``, ``FLAC``, ``AIFF`` or ``OGG`` from a file name (a ``.wav`` is written as RF64, see below)."""
+    return {".wav": "WAV", ".flac": "FLAC", ".aiff": "AIFF", ".aif": "AIFF", ".ogg": "OGG"}[
+        os.path.splitext(path.lower())[1]]  # fmt: skip
+
+
+def _audio_subtype(fmt: str, info: StreamInfo) -> str:
+    """The libsndfile subtype holding ``info``'s samples losslessly in ``fmt``, or a ValueError saying why not."""
+    subtype = _SUBTYPES.get((fmt, info.dtype.name))
+    if fmt == "OGG" and info.dtype.kind == "f":
+        subtype = "VORBIS"  # lossy by design: the user asked for Ogg
+    if subtype is None or not info.rate:
+        fits = sorted({d for f, d in _SUBTYPES if f == fmt})
+        raise ValueError(
+            f"{fmt} cannot hold {info.dtype} samples{'' if info.rate else ' of a stream without a rate'} "
+            f"losslessly (it takes {', '.join(fits)} with a rate); record to a .zarr or a directory instead"
+        )
+    return subtype
+
+
+def _open_sound_file(path: str, fmt: str, subtype: str, rate: int, channels: int) -> Any:
+    """A new audio file; a WAV is RF64 that libsndfile writes as a plain WAV until it passes 4 GiB."""
+    import soundfile
+
+    if fmt != "WAV":
+        return soundfile.SoundFile(path, "x", rate, channels, subtype=subtype, format=fmt)
+    file = soundfile.SoundFile(path, "x", rate, channels, subtype=subtype, format="RF64")
+    _sf_command(file, _SFC_RF64_AUTO_DOWNGRADE, 1)  # without it: RF64 from the start, soundfile reads it too
+    return file
 
 
 class _AudioWriter(_Writer):
     def __init__(self, path: str, info: StreamInfo) -> None:
         try:
-            import soundfile
+            import soundfile  # noqa: F401 (the error says which extra)
         except ImportError as exc:
             raise ImportError("recording to audio files needs soundfile: pip install 'slabcast[files]'") from exc
-        fmt = {".wav": "WAV", ".flac": "FLAC", ".aiff": "AIFF", ".aif": "AIFF", ".ogg": "OGG"}[
-            os.path.splitext(path.lower())[1]]  # fmt: skip
-        subtype = _SUBTYPES.get((fmt, info.dtype.name))
-        if fmt == "OGG" and info.dtype.kind == "f":
-            subtype = "VORBIS"  # lossy by design: the user asked for Ogg
-        if subtype is None or not info.rate:
-            fits = sorted({d for f, d in _SUBTYPES if f == fmt})
-            raise ValueError(
-                f"{fmt} cannot hold {info.dtype} samples{'' if info.rate else ' of a stream without a rate'} "
-                f"losslessly (it takes {', '.join(fits)} with a rate); record to a .zarr or a directory instead"
-            )
+        self.path, self.fmt = path, _audio_format(path)
+        self.subtype = _audio_subtype(self.fmt, info)
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; choose another --out")
-        self.file = soundfile.SoundFile(path, "x", int(info.rate), info.channels, subtype=subtype, format=fmt)
+        self.file = _open_sound_file(path, self.fmt, self.subtype, int(info.rate or 0), info.channels)
+        self.written = 0
         with open(path + ".json", "x") as f:
             json.dump(_meta(info), f, indent=2)
         self.frames = open(path + ".frames", "ab")  # noqa: SIM115 (closed in close)
@@ -370,14 +483,33 @@ class _AudioWriter(_Writer):
             self.times = open(path + ".times", "ab")  # noqa: SIM115
 
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
-        self.file.write(data)
+        self.file.write(self._to_file(data))
+        self.written += len(data)
         self.frames.write(np.array([(index, len(data), t0)], dtype=FRAME_RECORD).tobytes())
 
+    def _to_file(self, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """soundfile writes float32/64, int16 and int32 arrays only: 8-bit samples go as int16 (<< 8)."""
+        if data.dtype == np.uint8:
+            return (data.astype(np.int16) - 128) << 8
+        if data.dtype == np.int8:
+            return data.astype(np.int16) << 8
+        if self.subtype == "PCM_24" and np.any(data & 0xFF):
+            k = int(np.flatnonzero(np.any(np.asarray(data).reshape(len(data), -1) & 0xFF, axis=1))[0])
+            raise ValueError(
+                f"sample {self.written + k} of {self.path} has 32 significant bits; FLAC holds 24 "
+                "(int32 samples << 8, as a 24-bit file source publishes): record to .wav or .zarr"
+            )
+        return data
+
     def flush(self) -> None:
-        self.file.flush()  # libsndfile rewrites a WAV header here: a kill -9 leaves a valid file
-        self.frames.flush()
+        self.frames.flush()  # the frame records first: a reader takes the shorter of them and the audio
         if self.times is not None:
             self.times.flush()
+        self.file.flush()
+        # A WAV's sizes are written now, so after a kill -9 any tool (not only libsndfile) reads the file
+        # up to here; a FLAC says its length only once closed (see repair()).
+        if self.fmt in ("WAV", "AIFF"):
+            _sf_command(self.file, _SFC_UPDATE_HEADER_NOW, 0)
 
     def close(self) -> None:
         self.file.close()
@@ -398,16 +530,20 @@ class _ZarrWriter(_Writer):
             raise FileExistsError(f"{path} already holds something ({exc}); choose another --out") from exc
         self.group.attrs["slabcast"] = _meta(info)
         block = max(4096, int(info.rate or 4096))  # about a second of samples per Zarr chunk
+        # dimension_names: xarray.open_zarr takes the group as a Dataset (samples: sample x channel).
         self.samples = self.group.create_array("samples", shape=(0, info.channels), dtype=info.dtype,
-                                               chunks=(block, info.channels))  # fmt: skip
-        self.index = self.group.create_array("frames/index", shape=(0,), dtype="<u8", chunks=(4096,))
-        self.n = self.group.create_array("frames/n", shape=(0,), dtype="<u8", chunks=(4096,))
-        self.t0 = self.group.create_array("frames/t0", shape=(0,), dtype="<f8", chunks=(4096,))
+                                               chunks=(block, info.channels),
+                                               dimension_names=("sample", "channel"))  # fmt: skip
+        self.index, self.n, self.t0 = (
+            self.group.create_array(f"frames/{name}", shape=(0,), dtype=dtype, chunks=(4096,),
+                                    dimension_names=("frame",))
+            for name, dtype in (("index", "<u8"), ("n", "<u8"), ("t0", "<f8")))  # fmt: skip
         self.pending: list[np.ndarray[Any, Any]] = []
         self.pending_frames: list[tuple[int, int, float]] = []
         self.pending_times: list[np.ndarray[Any, Any]] = []
         if info.timestamps:
-            self.times = self.group.create_array("times", shape=(0,), dtype="<f8", chunks=(block,))
+            self.times = self.group.create_array("times", shape=(0,), dtype="<f8", chunks=(block,),
+                                                 dimension_names=("sample",))  # fmt: skip
 
     def write_times(self, times: np.ndarray[Any, Any]) -> None:
         self.pending_times.append(np.array(times, dtype="<f8"))
@@ -473,20 +609,58 @@ def _writer(out: str, info: StreamInfo) -> _Writer:
     return _DirWriter(out, info)
 
 
+class RecordingHoleError(SlabcastError):
+    """The stream skipped samples under the recorder (evicted, notices lost, a restarted source): the
+    recording ends at the hole, so audio that never reached it is never written as if contiguous."""
+
+    def __init__(self, stream: str, out: str, expected: int, came: int, written: int) -> None:
+        missing = f"samples {expected} to {came - 1} missing" if came > expected else f"index went back to {came}"
+        super().__init__(
+            f"recording of {stream!r} ended at a hole in the stream: {missing} (the next chunk starts at "
+            f"{came}, {expected} was due); {out} holds the {written} samples before it"
+        )
+        self.expected, self.came, self.written = expected, came, written
+
+
+class _Progress:
+    """The progress line on stderr; it never stops a recording: once stderr is gone (``2>&1 | head -1``,
+    a closed terminal) it stops printing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def say(self, text: str, end: str = "") -> None:
+        if not self.enabled:
+            return
+        try:
+            print(text, end=end, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # EPIPE (Python ignores SIGPIPE), EIO, a closed sys.stderr
+            self.enabled = False
+            with contextlib.suppress(OSError, ValueError):  # what Python would flush at exit goes nowhere, quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def record(stream: str, out: str, seconds: float | None = None, address: str | None = None,
            progress: bool = True) -> int:  # fmt: skip
-    """Record ``stream`` into the directory ``out`` until it ends, ``seconds`` of it are written, or Ctrl-C.
+    """Record ``stream`` into ``out`` until it ends, ``seconds`` of it are written, or Ctrl-C.
 
     A ``policy="block"`` subscriber taking whole frames, so nothing is lost or cut.
     Returns the number of samples written.
+
+    Raises
+    ------
+    RecordingHoleError
+        The stream skipped samples under the recorder (for instance it was evicted after being
+        stopped past the broker's ``lease_timeout``): the file ends before the hole.
+    EvictedError, BrokerGoneError
+        The recording ended early; what was written before stays readable.
     """
     from .._exceptions import EndOfStream
     from ..client.subscriber import Subscriber
 
     _check_out(out)
-    if progress:
-        print(f"recording {stream}: waiting for the stream{_others(stream, address)}", end="", file=sys.stderr,
-              flush=True)  # fmt: skip
+    say = _Progress(progress)
+    say.say(f"recording {stream}: waiting for the stream{_others(stream, address)}")
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}")
     written = 0
     writer: _Writer | None = None
@@ -495,6 +669,7 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
         rate = sub.info.rate
         limit = None if seconds is None else (round(seconds * rate) if rate else None)
         t_first: float | None = None
+        expected: int | None = None  # the index the next chunk must start at
         last_report = last_flush = time.monotonic()
         try:
             while limit is None or written < limit:
@@ -504,10 +679,13 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
                     writer.flush()
                     continue
                 with chunk:
+                    if expected is not None and (chunk.index != expected or chunk.discontinuity):
+                        raise RecordingHoleError(stream, out, expected, chunk.index, written)
                     n = len(chunk.data) if limit is None else min(len(chunk.data), limit - written)
                     writer.write(chunk.data[:n], chunk.index, chunk.t0)
                     if writer.times is not None:
                         writer.write_times(chunk.times[:n])
+                    expected = chunk.index + len(chunk.data)
                 written += n
                 t_first = chunk.t0 if t_first is None else t_first
                 if not rate and seconds is not None and chunk.t0 - t_first >= seconds:
@@ -516,22 +694,74 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
                 if now - last_flush >= _FLUSH:
                     last_flush = now
                     writer.flush()
-                if progress and now - last_report >= 0.5:
+                if now - last_report >= 0.5:
                     last_report = now
                     secs = written / rate if rate else chunk.t0 - t_first
                     mb = written * sub.info.dtype.itemsize * sub.info.channels / 1e6
-                    print(f"\rrecording {stream}: {secs:8.1f} s, {written} samples, {mb:.1f} MB ", end="",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    say.say(f"\rrecording {stream}: {secs:8.1f} s, {written} samples, {mb:.1f} MB ")
         except (EndOfStream, KeyboardInterrupt):
             pass
     except BaseException:
-        if progress:
-            print(file=sys.stderr)  # end the progress line before the error is told
+        say.say("", end="\n")  # end the progress line before the error is told
         raise
     finally:
         if writer is not None:
             writer.close()
         sub.close()
-    if progress:
-        print(f"\rrecorded {stream}: {written} samples to {out}" + " " * 20, file=sys.stderr, flush=True)
+    say.say(f"\rrecorded {stream}: {written} samples to {out}" + " " * 20, end="\n")
     return written
+
+
+def repair(path: str) -> int:
+    """Make a recorder's audio file whole after it was killed; return the samples it now holds.
+
+    A FLAC says how long it is only once its recorder closes it: after a ``kill -9`` soundfile reports
+    2**63-1 frames and cannot read it whole. This decodes every complete FLAC block (all samples but the
+    up to 4096 the encoder had not written out yet), writes them to a new file of the same format beside
+    it, and renames it over ``path``; the ``.frames`` and ``.times`` sidecars are cut to match. A WAV
+    needs it only if data was written after its last flush. Bit-exact: the codecs are lossless.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not an audio file soundfile can open.
+    """
+    import soundfile
+
+    path = os.fspath(path)
+    try:
+        meta = soundfile.info(path)
+    except Exception as exc:  # LibsndfileError or OSError
+        raise ValueError(f"{path}: not an audio file soundfile can open ({exc})") from exc
+    read_as = _READ_AS.get(meta.subtype)
+    if read_as is None:
+        raise ValueError(f"{path}: a {meta.subtype} file is not one slabcast record writes; nothing to repair")
+    fmt = {"WAVEX": "WAV", "RF64": "WAV"}.get(meta.format, meta.format)
+    tmp = path + ".repair" + os.path.splitext(path)[1]
+    reader = _Unseekable(path)
+    try:
+        with _open_sound_file(tmp, fmt, meta.subtype, meta.samplerate, meta.channels) as out:
+            while True:
+                try:
+                    block = reader.read(1 << 16, read_as)
+                except RuntimeError:  # LibsndfileError: a block cut by the kill; everything before it is kept
+                    break
+                if not len(block):
+                    break
+                out.write(block)
+    finally:
+        reader.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the data is on disk before the rename replaces the original
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    n = reader.position
+    if os.path.exists(path + ".frames"):
+        frames = _clip_frames(np.fromfile(path + ".frames", dtype=FRAME_RECORD), n)
+        with open(path + ".frames", "wb") as f:
+            f.write(frames.tobytes())
+    if os.path.exists(path + ".times"):
+        os.truncate(path + ".times", min(os.path.getsize(path + ".times"), n * 8))
+    return n
