@@ -194,8 +194,8 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
         "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nseconds = 10.0\nclip = true\n"
     )
     config = load_config(str(cfg))
-    spec = next(a for a in config.broker_args if a.startswith("synthetic:"))
-    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    (source,) = config.sources
+    opts = source["options"]
     chunk = 480000 * 8  # 10 s of 48 kHz stereo float32
     # Under the 64 MiB a default pool grows to: no max_chunk_bytes, the slabs keep 2 MiB for frames.
     assert "max_chunk_bytes" not in opts and "slab_bytes" not in opts
@@ -206,13 +206,74 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
 
     huge = tmp_path / "huge.toml"  # 400 s of 48 kHz stereo float32 (153.6 MB) is past that
     huge.write_text(cfg.read_text().replace("seconds = 10.0", "seconds = 400.0"))
-    spec = next(a for a in load_config(str(huge)).broker_args if a.startswith("synthetic:"))
-    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    opts = load_config(str(huge)).sources[0]["options"]
     assert int(opts["max_chunk_bytes"]) == 400 * 48000 * 8
     assert int(opts["slab_bytes"]) == 400 * 48000 * 8 + (2 << 20)
 
     given = tmp_path / "given.toml"  # max_chunk_bytes given, slab_bytes not: frames get as much room
     given.write_text(cfg.read_text().replace("history = 30.0\n", "max_chunk_bytes = 8388608\n"))
-    spec = next(a for a in load_config(str(given)).broker_args if a.startswith("synthetic:"))
-    opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+    opts = load_config(str(given)).sources[0]["options"]
     assert int(opts["max_chunk_bytes"]) == 8 << 20 and int(opts["slab_bytes"]) == 16 << 20
+
+
+# Issue 19, item 8: `up` hands the broker the values it checked, typed; the broker never guesses again.
+
+
+def test_up_runs_the_source_options_it_checked_unchanged(tmp_path):
+    # Once re-stringified: loop = false arrived as the string "False" (true: the file looped forever) and the
+    # stream name "1e3" as the number 1000.0.
+    soundfile = pytest.importorskip("soundfile")
+    import numpy as np
+
+    audio = (np.arange(24_000 * 2) % 3000).astype(np.int16).reshape(-1, 2)
+    soundfile.write(str(tmp_path / "a.wav"), audio, 48000, subtype="PCM_16")
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        f"[[sources]]\nkind = 'file'\nname = '1e3'\npath = '{tmp_path}/a.wav'\nloop = false\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = '1e3'\nsize = 10000\n"
+        f"clip = true\npartial_tail = true\noptions = {{ out = '{tally}' }}\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "slabcast", "up", str(cfg)], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every task finished its stream" in result.stdout
+    rows = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
+    assert sum(n for _, n, _ in rows) == 24_000  # the file once, not lap after lap
+
+
+def test_source_values_with_commas_and_digits_keep_their_type_on_the_command_line(tmp_path):
+    from slabcast.broker.options import SourceOptionError, parse_source, source_options
+
+    pytest.importorskip("pylsl")
+    # docs/lsl.md's predicate example exited 2 (its comma split the value); an ALSA device name has one too.
+    spec = "lsl:name=emg,predicate=name='EMG' and starts-with(source_id,'sn'),timeout=0.5"
+    assert parse_source(spec).predicate == "name='EMG' and starts-with(source_id,'sn')"
+    src = parse_source("stdin:name=1234,dtype=int16,channels=2,rate=48000,pace=false,fd=0")
+    assert src.info.name == "1234" and src.pace is False and src.info.channels == 2
+    assert parse_source("synthetic:name=1e3,freqs=440/880").info.name == "1e3"
+    assert source_options("audio", {"device": "hw:1,0"}, text=True)[0] == {"device": "hw:1,0"}
+    assert source_options("audio", {"device": "3"}, text=True)[0] == {"device": 3}
+    with pytest.raises(SourceOptionError, match=r"'loop' must be true or false, got 'maybe'"):
+        parse_source(f"file:path={tmp_path}/x.wav,loop=maybe")
+    with pytest.raises(SourceOptionError, match=r"has no option 'chanels'; did you mean 'channels'\?"):
+        parse_source("synthetic:rate=48000,chanels=2")
+    # The same line as a user types it: the broker starts, its source waiting for the outlet.
+    address = f"ipc://{tmp_path}/b.sock"
+    with slabcast.BrokerProcess(address, args=("--source", spec)) as broker:
+        (source,) = slabcast.broker_status(broker.address)["sources"]
+        assert source["name"] == "emg" and source["state"] in ("starting", "waiting")
+
+
+def test_up_says_why_the_broker_did_not_start(tmp_path):
+    # It said "did not start within 10.0 s ... no output" while the broker had printed its reason.
+    cfg = tmp_path / "up.toml"
+    (tmp_path / "afile").write_text("")
+    cfg.write_text(f"[broker]\naddress = 'ipc://{tmp_path}/afile/b.sock'\n" + SOURCE + TASK)  # not a directory
+    result = subprocess.run([sys.executable, "-m", "slabcast", "up", str(cfg)], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "no output" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"the broker exited with code 2 before serving: slabcast broker: .*afile", last), result.stderr

@@ -34,8 +34,11 @@ class BrokerProcess:
         thread started the broker; ``PR_SET_PDEATHSIG`` would fire when that thread
         ended).
     inherit_stderr : bool
-        Let the broker's log lines go to this process's standard error (as
-        ``slabcast up`` does) instead of keeping them for :meth:`stderr`.
+        Let the broker's log lines go to this process's standard error instead
+        of keeping them for :meth:`stderr`.
+    stderr_fd : int, optional
+        A descriptor for the broker's standard error (``slabcast up`` passes a
+        pipe it copies to its own standard error, keeping the last lines).
 
     Examples
     --------
@@ -51,9 +54,11 @@ class BrokerProcess:
         startup_timeout: float = 10.0,
         die_with_parent: bool = True,
         inherit_stderr: bool = False,
+        stderr_fd: int | None = None,
     ) -> None:
         self.address = normalize(address)
         self.inherit_stderr = inherit_stderr
+        self.stderr_fd = stderr_fd  # the broker's standard error goes there (a pipe `slabcast up` reads)
         self.args = tuple(args)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -107,7 +112,7 @@ class BrokerProcess:
                 ],
                 pass_fds=keep,
                 start_new_session=True,  # its own process group: a terminal's Ctrl-C is ours to relay
-                stderr=self._stderr,  # None: the broker writes to our standard error (slabcast up)
+                stderr=self._stderr if self.stderr_fd is None else self.stderr_fd,  # None: to our standard error
             )
         finally:
             for fd in keep:

@@ -13,6 +13,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -22,6 +23,7 @@ from .._info import StreamInfo
 from ..bridge.zenoh import ZenohSource
 from ..client.publisher import Publisher
 from ..wire.protocol import check_dtype, check_stream_name
+from .options import SourceOptionError, build_source, parse_source, source_options, sources_from_json
 
 __all__ = [
     "FileSource",
@@ -29,10 +31,14 @@ __all__ = [
     "ReplaySource",
     "SoundCardSource",
     "Source",
+    "SourceOptionError",
     "SourceThread",
     "StdinSource",
     "SyntheticSource",
+    "build_source",
     "parse_source",
+    "source_options",
+    "sources_from_json",
 ]
 
 log = logging.getLogger("slabcast.source")
@@ -139,8 +145,9 @@ class _Clocked:
     info: StreamInfo
     address: str | None
     frame: int
+    count_subscribers: Callable[[str], int] | None = None  # set by the broker hosting it: asks no socket
 
-    def _clock_init(self, pace: Any, speed: float, wait_for: int) -> None:
+    def _clock_init(self, pace: bool, speed: float, wait_for: int) -> None:
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed!r}")
         self.pace = bool(pace)
@@ -150,11 +157,16 @@ class _Clocked:
         self._start = 0.0
         self._produced = 0
 
+    @property
+    def waiting(self) -> bool:
+        """Whether the first sample is held until ``wait_for`` subscribers are there."""
+        return not self._start and self.wait_for > 0
+
     def _ready(self) -> bool:
         """Whether samples may go out now (subscribers there, started)."""
         if self._start:
             return True
-        if self.wait_for and not _enough_subscribers(self.address, self.info.name, self.wait_for):
+        if self.wait_for and not _enough_subscribers(self, self.info.name, self.wait_for):
             return False
         self._start = time.time()
         return True
@@ -191,11 +203,16 @@ class _Clocked:
         return max(0.0, self._start + (self._produced + 1) / (rate * self.speed) - time.time())
 
 
-def _enough_subscribers(address: str | None, name: str, wanted: int) -> bool:
+def _enough_subscribers(source: Any, name: str, wanted: int) -> bool:
+    """Whether stream ``name`` has ``wanted`` subscribers: asked of the hosting broker in process when it
+    says how (``count_subscribers``), else over its socket."""
     from ..client.control import broker_status
 
+    count = getattr(source, "count_subscribers", None)
+    if count is not None:
+        return bool(count(name) >= wanted)
     try:
-        streams = broker_status(address, timeout=1.0)["streams"]
+        streams = broker_status(source.address, timeout=1.0)["streams"]
     except Exception:  # the broker is starting or stopping; try again on the next read
         return False
     mine = [s for s in streams if s["name"] == name and not s["ended"]]
@@ -222,8 +239,8 @@ class StdinSource(_Clocked):
     """
 
     def __init__(self, name: str = "stdin", dtype: str = "uint8", channels: int = 1, rate: float | None = None,
-                 frame: int = 4096, fd: int | None = None, pace: Any = False, speed: float = 1.0,
-                 wait_for: int = 0) -> None:  # fmt: skip
+                 frame: int = 4096, fd: int | None = None, pace: bool = False, speed: float = 1.0,
+                 wait_for: int = 1) -> None:  # fmt: skip
         dt = check_dtype(dtype)
         self.info = StreamInfo(check_stream_name(name), dt, int(channels), float(rate) if rate else None,
                                tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
@@ -295,7 +312,7 @@ class FileSource(_Clocked):
     """
 
     def __init__(self, path: str, name: str | None = None, dtype: str | None = None, frame: int = 4800,
-                 pace: Any = False, speed: float = 1.0, loop: Any = False, wait_for: int = 0) -> None:  # fmt: skip
+                 pace: bool = False, speed: float = 1.0, loop: bool = False, wait_for: int = 1) -> None:  # fmt: skip
         try:
             import soundfile
         except ImportError as exc:
@@ -363,7 +380,9 @@ class ReplaySource:
     so they see it from its first sample.
     """
 
-    def __init__(self, path: str, speed: float = 1.0, loop: int = 0, name: str | None = None,
+    count_subscribers: Callable[[str], int] | None = None  # set by the broker hosting it: asks no socket
+
+    def __init__(self, path: str, speed: float = 1.0, loop: bool = False, name: str | None = None,
                  wait_for: int = 0, address: str | None = None) -> None:  # fmt: skip
         from ..client.record import open_recording
 
@@ -435,8 +454,13 @@ class ReplaySource:
         k = min(self._next, len(self.recording.frames) - 1)
         return max(0.0, self._due(k) - time.time())
 
+    @property
+    def waiting(self) -> bool:
+        """Whether playback is held until ``wait_for`` subscribers are there."""
+        return self._start == 0.0 and self.wait_for > 0
+
     def _enough_subscribers(self) -> bool:
-        return _enough_subscribers(self.address, self.info.name, self.wait_for)
+        return _enough_subscribers(self, self.info.name, self.wait_for)
 
     def disconnect(self) -> None:
         """Close the recording's memory map."""
@@ -582,7 +606,7 @@ class SoundCardSource:
     thread takes them from the queue, so the audio thread never waits on slabcast.
     """
 
-    def __init__(self, name: str = "mic", device: Any = None, rate: float = 48_000.0, channels: int = 2,
+    def __init__(self, name: str = "mic", device: int | str | None = None, rate: float = 48_000.0, channels: int = 2,
                  dtype: str = "float32", frame: int = 480) -> None:  # fmt: skip
         try:
             import sounddevice
@@ -646,59 +670,19 @@ _KINDS: dict[str, type] = {
     "lsl": LslSource,
     "zenoh": ZenohSource,
 }
-_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout"}
-_LIST_KEYS = {"freqs"}  # values written a/b/c
-
-
-def parse_source(spec: str) -> Any:
-    """Build a source from ``kind:key=value,key=value`` (e.g. ``synthetic:name=mic,rate=48000,channels=2``).
-
-    ``slab_bytes``, ``nslabs`` and ``max_chunk_bytes`` size the stream's pool
-    (the largest chunk a subscriber may ask for), ``write_timeout`` is how long a
-    write waits for a slab before the source says it is held back (it then keeps
-    waiting); the other options go to the source.
-
-    Raises
-    ------
-    ValueError
-        For an unknown kind or a malformed option.
-    """
-    kind, _, rest = spec.partition(":")
-    cls = _KINDS.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown source kind {kind!r} in {spec!r}; known: {', '.join(sorted(_KINDS))}")
-    options: dict[str, Any] = {}
-    pool: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"source option must be key=value, got {item!r} in {spec!r}")
-        key, value = key.strip(), value.strip()
-        parsed = [_parse_value(v) for v in value.split("/")] if key in _LIST_KEYS else _parse_value(value)
-        (pool if key in _POOL_KEYS else options)[key] = parsed
-    source = cls(**options)
-    source.publisher_options = pool  # the stream's pool: slab_bytes, nslabs, max_chunk_bytes
-    return source
-
-
-def _parse_value(text: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
-
-
 class SourceThread(threading.Thread):
     """The acquisition thread of one source: read, write, repeat, until stopped or the source ends."""
 
-    def __init__(self, source: Any, address: str, **publisher_options: Any) -> None:
+    def __init__(self, source: Any, address: str, subscribers: Callable[[str], int] | None = None,
+                 **publisher_options: Any) -> None:  # fmt: skip
         if hasattr(source, "address") and source.address is None:
             source.address = address  # a replay waiting for subscribers asks this broker
+        if subscribers is not None and hasattr(source, "count_subscribers"):
+            source.count_subscribers = subscribers
         super().__init__(name=f"source-{getattr(source, 'info', None) and source.info.name}", daemon=True)
         self.source = source
         self.address = address
+        self.subscribers = subscribers  # stream name -> its subscribers now (the hosting broker's count)
         options = {**getattr(source, "publisher_options", {}), **publisher_options}
         if "write_timeout" in options:
             options["timeout"] = float(options.pop("write_timeout"))
@@ -707,9 +691,11 @@ class SourceThread(threading.Thread):
         self.opened = threading.Event()  # the stream exists on the broker
         info0 = getattr(source, "info", None)
         self.stream_name: str = info0.name if info0 is not None else str(getattr(source, "name", "?"))
-        self.reconnects = 0
+        self.reconnects = 0  # times the source was lost and reconnection began
         self.blocked_episodes = 0
         self.refused = 0  # frames the stream refused (malformed), each lost
+        self.discarded = 0  # samples written while the stream had no subscriber: nobody will ever see them
+        self.last_sample = 0.0  # time.time() of the last write
         self.state = "starting"
         self.error: BaseException | None = None
 
@@ -721,6 +707,7 @@ class SourceThread(threading.Thread):
                 return self.source.connect()  # type: ignore[no-any-return]
             except OSError as exc:
                 if delay == 0.05:
+                    self.state = "waiting"
                     log.warning("source %r: %s; waiting for it", self.stream_name, exc)
                     self.opened.set()  # the broker is ready; the stream appears when the source does
                 self.stopping.wait(delay)
@@ -768,7 +755,11 @@ class SourceThread(threading.Thread):
                 except OSError as exc:
                     # The device went away: reconnect, keeping the stream and its subscribers.
                     log.warning("source %r lost (%s); reconnecting", info.name, exc)
+                    self.state = "reconnecting"
+                    self.reconnects += 1
                     jumped = self._reconnect(info)
+                    if self.state == "reconnecting":
+                        self.state = "running"
                     continue
                 if got is None:
                     wait = getattr(self.source, "wait", None)
@@ -804,6 +795,13 @@ class SourceThread(threading.Thread):
         holds every slab, wait (nothing is dropped) and say so."""
         most = pub.max_frame
         n = len(data)
+        if self.subscribers is not None and self.subscribers(name) == 0:
+            # Nobody subscribes: the samples go into the pool and out of it unseen. A live source may do so
+            # (nobody asked yet); it is never silent: counted, and said once.
+            if not self.discarded:
+                log.warning("source %r: no subscriber; what it writes meanwhile is discarded (counted in "
+                            "`slabcast status`: discarded); said once", name)  # fmt: skip
+            self.discarded += n
         if n > most:
             rate = pub.rate
             for start in range(0, n, most):
@@ -828,17 +826,27 @@ class SourceThread(threading.Thread):
                 self.state = "running"
                 log.warning("source %r resumed after %.1f s held back", name, time.monotonic() - since + pub.timeout)
                 self.blocked_episodes += 1
+            self.last_sample = time.time()
             return
 
     def status(self) -> dict[str, Any]:
-        """This source's state for ``slabcast status``."""
+        """This source's state for ``slabcast status``.
+
+        ``state``: ``starting``, ``waiting`` (for its device or outlet), ``waiting_for_subscribers``,
+        ``running``, ``blocked``, ``reconnecting``, ``ended``, ``stopped`` or ``failed``.
+        """
+        state = self.state
+        if state == "running" and getattr(self.source, "waiting", False):
+            state = "waiting_for_subscribers"
         return {
             "name": self.stream_name,
             "kind": type(self.source).__name__,
-            "state": self.state,
+            "state": state,
             "reconnects": self.reconnects,
             "blocked_episodes": self.blocked_episodes,
             "refused_frames": self.refused,
+            "discarded_samples": self.discarded,
+            "last_sample_age": time.time() - self.last_sample if self.last_sample else None,
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
         }
 
@@ -857,6 +865,6 @@ class SourceThread(threading.Thread):
             if (again.dtype, again.channels) != (info.dtype, info.channels):
                 raise ValueError(f"source {info.name!r} came back as {again.dtype} x {again.channels}, "
                                  f"was {info.dtype} x {info.channels}")  # fmt: skip
-            self.reconnects += 1
+            log.info("source %r reconnected", info.name)
             return True
         return False

@@ -10,20 +10,24 @@ done; when every worker is done (finite sources: a file, a pipe), ``up`` exits 0
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import importlib
 import inspect
+import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._exceptions import BrokerGoneError
 from ..broker.address import normalize
 from ..broker.process import BrokerProcess
 from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, pool_layout
@@ -40,7 +44,6 @@ _TOP_KEYS = {"broker", "sources", "tasks"}
 _BROKER_KEYS = {"address", "lease_timeout", "shm_mode", "log_level"}
 _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "policy", "workers", "options",
               "max_inflight", "partial_tail", "restart_on_end", "external"}  # fmt: skip
-_POOL_KEYS = {"slab_bytes", "nslabs", "max_chunk_bytes", "write_timeout", "history"}
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _DRAIN = 10.0  # seconds the tasks get to finish their streams when up stops
@@ -80,6 +83,7 @@ class Config:
     tasks: list[Task]
     lease_timeout: float = 30.0
     shm_bytes: int = 0  # /dev/shm the sources' pools take
+    sources: list[dict[str, Any]] = field(default_factory=list)  # {"kind", "options"}: what the broker gets
 
 
 def _unknown(where: str, got: dict[str, Any], known: set[str]) -> None:
@@ -147,24 +151,28 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
 
 
 def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
-    """Check one [[sources]] table; return (kind, source options, pool options, source object)."""
+    """Check one [[sources]] table; return (kind, source options, pool options, source object), typed by the
+    source's signature (the schema the broker checks them against again, never re-parsed from text)."""
+    from ..broker.options import SourceOptionError, source_options
     from ..broker.sources import _KINDS
 
     where = f"{path}: [[sources]] #{i + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table, got {raw!r}")
     kind = _choice(where, "kind", raw.get("kind"), tuple(sorted(_KINDS)))
-    opts = {k: v for k, v in raw.items() if k != "kind"}
-    pool = {k: opts.pop(k) for k in list(opts) if k in _POOL_KEYS}
+    given = {k: v for k, v in raw.items() if k != "kind"}
+    history = given.pop("history", None)
+    try:
+        opts, pool = source_options(kind, given)
+    except SourceOptionError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if history is not None:
+        pool["history"] = _number(where, "history", history)
     for key, value in pool.items():
         _number(where, key, value, integer=key not in ("write_timeout", "history"))
-    cls: Any = _KINDS[kind]
-    _check_options(where, f"a {kind} source", cls, opts, skip=0)
     try:
-        source = cls(**opts)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    except (TypeError, ValueError, OSError) as exc:
+        source = _KINDS[kind](**opts)
+    except (ImportError, TypeError, ValueError, OSError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     return kind, opts, pool, source
 
@@ -320,6 +328,7 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
                 f"another program publishes"
             )
     shm = 0
+    specs: list[dict[str, Any]] = []
     for (kind, opts, pool, src), name in zip(sources, names, strict=True):
         mine = [t for t in tasks if t.stream == name]
         info = getattr(src, "info", None)
@@ -327,11 +336,12 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
             shm += _size_pool(path, str(name), info, pool, mine)
         if kind in _FINITE and "wait_for" not in opts:
             opts["wait_for"] = sum(t.workers for t in mine)  # a short file must not end before its tasks start
-        spec = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
-                        for k, v in {**opts, **pool}.items())  # fmt: skip
-        args += ["--source", f"{kind}:{spec}"]
+        specs.append({"kind": kind, "options": {**opts, **pool}})
     _check_shm(path, shm, shm_dir)
-    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm)
+    if specs:
+        # The checked values go to the broker as they are (JSON keeps "1234" a string and false false).
+        args += ["--sources-json", json.dumps(specs)]
+    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm, specs)
 
 
 def resolve(call: str) -> Any:
@@ -452,11 +462,28 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     args = tuple(config.broker_args)
     if "--log-level" not in args:
         args += ("--log-level", log_level)
-    # The broker's and its sources' log lines go to our standard error, prefixed by component.
-    broker = BrokerProcess(config.address, args=args, inherit_stderr=True)
-    finished = False
+    # The broker's and its sources' log lines go to our standard error, prefixed by component, through a
+    # pipe whose last lines say why, should the broker not start.
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    read_fd, write_fd = os.pipe()
+    pump = threading.Thread(target=_pump, args=(read_fd, tail), name="broker-stderr", daemon=True)
+    pump.start()
+    broker = BrokerProcess(config.address, args=args, stderr_fd=write_fd)
     try:
         broker.start()
+    except BrokerGoneError:
+        os.close(write_fd)
+        pump.join(5)
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+        code = broker.process.returncode if broker.process is not None else None
+        reason = "; ".join(tail) or "it printed nothing"
+        how = f"exited with code {code}" if code is not None else f"did not serve within {broker.startup_timeout} s"
+        say(f"the broker {how} before serving: {reason}")
+        raise BrokerGoneError(f"the broker {how} before serving: {reason}") from None
+    os.close(write_fd)
+    finished = False
+    try:
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
         while not signals[0]:
@@ -511,6 +538,15 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     if finished:
         return 0
     return 0 if code in (0, None) else 1
+
+
+def _pump(fd: int, tail: collections.deque[str]) -> None:
+    """Copy the broker's standard error to ours, keeping its last lines."""
+    with open(fd, "rb") as f:
+        for line in f:
+            tail.append(line.decode(errors="replace").rstrip())
+            with contextlib.suppress(OSError):
+                os.write(2, line)
 
 
 def _reap(slot: _Slot, now: float, say: Any) -> None:
