@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import slabcast
@@ -67,3 +72,83 @@ def test_running_out_of_descriptors_in_a_client_is_a_clear_slabcast_error(broker
     assert "ulimit -n" in error["message"] and "LimitNOFILE" in error["message"]
     assert 5 <= result["opened"] < 20
 
+
+
+class _LimitedBroker:
+    """``slabcast broker`` started with a hard RLIMIT_NOFILE of ``nofile`` (its soft limit too)."""
+
+    def __init__(self, address: str, nofile: int, log: Path) -> None:
+        self.address = f"ipc://{address}"
+        self.log = log
+        read_fd, write_fd = os.pipe()
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "slabcast", "broker", "--address", self.address, "--ready-fd", str(write_fd),
+                 "--log-level", "INFO"],
+                pass_fds=(write_fd,), preexec_fn=limit, stderr=err, start_new_session=True,
+            )  # fmt: skip
+        os.close(write_fd)
+        try:
+            ready, _, _ = select.select([read_fd], [], [], 20)
+            assert ready and os.read(read_fd, 4096).startswith(b"ready"), self.log.read_text()
+        finally:
+            os.close(read_fd)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def test_a_broker_out_of_descriptors_refuses_one_more_client_and_serves_the_others(tmp_path, stream_name):
+    # At nofile 1024, ~1000 subscribers ended the broker in SIGABRT (libzmq: "Too many open files
+    # (src/ipc_listener.cpp:297)") and every stream died (issue 19, item 10). Here with a hard limit of 128.
+    broker = _LimitedBroker(str(tmp_path / "b.sock"), 128, tmp_path / "broker.log")
+    subs: list[slabcast.Subscriber] = []
+    pubs: list[slabcast.Publisher] = []
+    try:
+        pubs = [slabcast.Publisher(f"{stream_name}{i}", dtype="int32", channels=1, address=broker.address)
+                for i in range(3)]  # fmt: skip
+        with pytest.raises(slabcast.LimitError) as refused:
+            while len(subs) < 200:
+                subs.append(slabcast.Subscriber(f"{stream_name}{len(subs) % 3}", size=5, address=broker.address))
+        message = str(refused.value)
+        assert "RLIMIT_NOFILE" in message and "LimitNOFILE=" in message and "ulimit -n" in message, message
+        assert "of its 128 descriptors" in message, message
+        assert 20 <= len(subs) < 128
+        assert broker.proc.poll() is None, "the broker died"
+        # Every stream goes on: each subscriber already there receives what is written now.
+        for i, pub in enumerate(pubs):
+            pub.write(np.full((5, 1), i, dtype=np.int32))
+        for k, sub in enumerate(subs):
+            chunk = sub.recv(timeout=10)
+            assert int(chunk.data[0]) == k % 3
+            chunk.release()
+        # Room comes back as clients leave.
+        for sub in subs[-5:]:
+            sub.close()
+        subs[-5:] = [slabcast.Subscriber(stream_name + "0", size=5, address=broker.address)]
+        # A new stream is refused the same way, not with a misleading /dev/shm error, once the room is gone.
+        with pytest.raises(slabcast.LimitError):
+            while len(subs) < 200:
+                subs.append(slabcast.Subscriber(stream_name + "0", size=5, address=broker.address))
+        assert broker.proc.poll() is None
+    finally:
+        for sub in subs:
+            sub.close()
+        for pub in pubs:
+            pub.close()
+        code = broker.stop()
+    log = broker.log.read_text()
+    assert code == 0, log
+    assert "open-file limit (RLIMIT_NOFILE) 128" in log
+    assert "refused" in log and "LimitNOFILE=" in log, log

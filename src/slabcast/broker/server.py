@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -68,6 +69,39 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 
 _MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
+_REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about clients refused for want of descriptors
+
+
+def _open_fds() -> int:
+    """Descriptors this process has open now."""
+    return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
+
+
+def _raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (the soft limit now, the one before).
+
+    libzmq aborts the whole process when it cannot get a descriptor (an accept or a
+    signaler), so the broker takes every descriptor it is allowed and keeps count.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (1 << 20 if now == resource.RLIM_INFINITY else now), soft
+
+
+def fd_headroom(limit: int) -> int:
+    """Descriptors the broker keeps free for what is not a client's connection (new streams' segments,
+    hosted sources' files, TCP connections that have not said HELLO yet, a burst of connects)."""
+    return max(32, limit // 16)
 
 
 def _peer_pid(frame: zmq.Frame) -> int:
@@ -476,6 +510,11 @@ class Broker:
         self.pid = os.getpid()
         self.epoch = secrets.randbits(32)
         self.started = time.time()
+        self.fd_limit, self._fd_soft_before = _raise_nofile()
+        self._fd_headroom = fd_headroom(self.fd_limit)
+        self._fd_check_at = 0  # number of clients at which to count descriptors again
+        self._refused = 0  # clients refused for want of descriptors since the last log line about it
+        self._refused_logged = 0.0
         self._lock = AddressLock(self.address) if ipc_path(self.address) else None
         reaped = reap_stale()
         if reaped:
@@ -611,6 +650,16 @@ class Broker:
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.info(
+            "open-file limit (RLIMIT_NOFILE) %d (was %d; hard %s): room for about %d more clients (one descriptor "
+            "each, %d kept free); raise it with LimitNOFILE= in the unit or `ulimit -n`",
+            self.fd_limit,
+            self._fd_soft_before,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            self.fd_limit - self._fd_headroom - _open_fds(),
+            self._fd_headroom,
+        )
         if start is not None:
             start()
         pending_ready = ready
@@ -874,10 +923,44 @@ class Broker:
         version = msg[1]
         if version != P.VERSION and role == "pub":
             raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
+        self._check_descriptors(f"{msg[4][:128]} (pid {msg[2]}, {role})")
         client = self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
         # Liveness by pid uses the socket's view (our namespace), never the pid the client says it has.
         client.local_pid = 0 if client.remote else self._peer_pid
         self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
+
+    def _check_descriptors(self, who: str, force: bool = False) -> None:
+        """Refuse (``ERROR limit``) what would take the broker within its headroom of RLIMIT_NOFILE.
+
+        Counting is a directory listing: done again only when the clients that came
+        since could have used half of the room left (at most two descriptors each).
+        """
+        clients = len(self._clients)
+        if clients < self._fd_check_at and not force:
+            return
+        used = _open_fds()
+        free = self.fd_limit - self._fd_headroom - used
+        self._fd_check_at = clients + free // 4
+        if free > 0:
+            return
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused %s: %d descriptors open of the open-file limit %d (RLIMIT_NOFILE; %d kept free) with %d "
+                "clients (%d refused since the last such line); raise the limit: LimitNOFILE= in the unit or "
+                "`ulimit -n` before starting the broker",
+                who, used, self.fd_limit, self._fd_headroom, clients, self._refused,
+            )  # fmt: skip
+            self._refused_logged = now
+            self._refused = 0
+        raise _Refused(
+            P.ERR_LIMIT,
+            f"the broker (pid {self.pid}) cannot take another client: {used} of its {self.fd_limit} descriptors "
+            f"are in use (its open-file limit, RLIMIT_NOFILE; {self._fd_headroom} are kept free so that it never "
+            f"runs out) with {clients} clients; raise the limit where the broker starts: LimitNOFILE=N in its "
+            f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
+        )
 
     def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
         if len(msg) == 10:
@@ -924,6 +1007,7 @@ class Broker:
             raise _Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
         if name in self._streams:
             raise _Refused(P.ERR_STREAM_EXISTS, f"stream {name!r} already has a publisher")
+        self._check_descriptors(f"stream {name!r} of {client.label} (pid {client.pid})", force=True)
         sid = self._segments
         path = ipc_path(self.address)
         if path is None:
