@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -187,3 +188,74 @@ def test_a_source_held_back_by_a_block_subscriber_waits_says_so_and_resumes(tmp_
         assert status["state"] == "running" and status["blocked_episodes"] >= 1
         sub.close()
     assert "is held back by a policy='block' subscriber" in broker.stderr()
+
+
+# Issue 19, item 6: hosted sources never discard silently.
+
+
+def _source_status(address, name, states, timeout=20.0):
+    """Poll the broker's status until source ``name`` is in one of ``states``; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [s for s in slabcast.broker_status(address)["sources"] if s["name"] == name]
+        if found and found[0]["state"] in states:
+            return found[0]
+        assert time.monotonic() < deadline, f"source {name!r} never reached {states}: {found}"
+        time.sleep(0.05)  # polling the broker's status: no event says what a source does
+
+
+def test_a_piped_take_waits_for_its_first_subscriber_and_a_later_recorder_gets_all_of_it(tmp_path):
+    # `sox take.wav -t raw - | slabcast broker --source stdin:...`, then `slabcast record` later: the whole
+    # take once went through before anyone subscribed, nothing said, and the recorder waited forever.
+    soundfile = pytest.importorskip("soundfile")
+    audio = (np.arange(16_000) % 2000 - 1000).astype(np.int16)  # 2 s at 8 kHz mono: fits in a pipe's buffer
+    address = f"ipc://{tmp_path}/b.sock"
+    broker = subprocess.Popen([sys.executable, "-m", "slabcast", "broker", "--address", address, "--source",
+                               "stdin:name=take,dtype=int16,channels=1,rate=8000"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert b"serving" in broker.stdout.readline()
+        broker.stdin.write(audio.tobytes())
+        broker.stdin.close()  # the whole take is in the pipe, and the pipe is over
+        source = _source_status(address, "take", {"waiting_for_subscribers", "ended"})
+        assert source["state"] == "waiting_for_subscribers" and source["discarded_samples"] == 0
+        out = tmp_path / "take.wav"
+        rec = subprocess.run([sys.executable, "-m", "slabcast", "record", "take", "--out", str(out), "--address",
+                              address], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert rec.returncode == 0, rec.stderr
+        back, rate = soundfile.read(str(out), dtype="int16")
+        assert rate == 8000 and np.array_equal(back, audio)
+        assert _source_status(address, "take", {"ended"})["discarded_samples"] == 0
+    finally:
+        broker.terminate()
+        broker.wait(15)
+        err = broker.stderr.read()
+        broker.stdout.close()
+        broker.stderr.close()
+    assert b"discarded" not in err
+
+
+def test_a_source_writing_to_nobody_counts_what_it_discarded_and_says_so_once(tmp_path):
+    from slabcast.cli.top import render
+
+    spec = "synthetic:name=lonely,rate=8000,channels=1,frame=80"
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec)) as broker:
+        deadline = time.monotonic() + 20
+        while (src := slabcast.broker_status(broker.address)["sources"][0])["discarded_samples"] < 800:
+            assert time.monotonic() < deadline, src
+            time.sleep(0.05)  # polling the broker's status
+        assert src["state"] == "running" and src["reconnects"] == 0 and src["last_sample_age"] < 5
+        human = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                               capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        assert re.search(r"source lonely \(SyntheticSource\): running, reconnects 0, discarded \d+ samples, "
+                         r"last sample [\d.]+ s ago", human), human  # fmt: skip
+        lines = render(slabcast.broker_status(broker.address), None, 1.0)
+        assert any(line.startswith("  source lonely (SyntheticSource): running") and hot for line, hot in lines)
+        with slabcast.Subscriber("lonely", size=80, address=broker.address) as sub:
+            sub.recv(timeout=5).release()
+            before = slabcast.broker_status(broker.address)["sources"][0]["discarded_samples"]
+            for _ in range(20):
+                sub.recv(timeout=5).release()
+            assert slabcast.broker_status(broker.address)["sources"][0]["discarded_samples"] == before
+    said = [line for line in broker.stderr().splitlines() if "no subscriber" in line]
+    assert len(said) == 1 and "WARNING" in said[0], said

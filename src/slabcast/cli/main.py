@@ -125,6 +125,7 @@ def _lsl_out(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from ..cli.top import source_line
     from ..client.control import broker_status
 
     status = broker_status(args.address, curve=_curve(args))
@@ -133,6 +134,9 @@ def _status(args: argparse.Namespace) -> int:
         print()
         return 0
     print(f"broker pid {status['pid']} at {status['address']}, up {status['uptime']:.1f} s")
+    sources = {src["name"]: src for src in status.get("sources", [])}
+    for src in sources.values():
+        print(f"  source {source_line(src)}")
     for s in status["streams"]:
         rate = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
         print(
@@ -144,8 +148,11 @@ def _status(args: argparse.Namespace) -> int:
             print(f"    pool: {s['shm_bytes'] / mib:.1f} MiB of shared memory; chunks up to "
                   f"{s['carried_bytes'] / mib:.1f} MiB (may grow to {s['max_chunk_bytes'] / mib:.1f} MiB)")  # fmt: skip
         st = s.get("statistics", {})
+        age = (sources.get(s["name"]) or {}).get("last_sample_age")
         if st.get("mean"):
             rate_seen = f", observed {st['observed_rate']:.0f}/s" if st.get("observed_rate") else ""
+            if age is not None and age > st["window_seconds"]:  # the window is stream time: it stands still
+                rate_seen = f", none for {age:.1f} s"
             print(f"    last {st['window_seconds']:g} s ({st['window_samples']} samples{rate_seen}):")
             for i, name in enumerate(s.get("channel_names") or [f"ch_{i}" for i in range(s["channels"])]):
                 print(f"      {name}: mean {st['mean'][i]:.6g} std {st['std'][i]:.6g} "

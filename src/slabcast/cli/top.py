@@ -11,7 +11,7 @@ from typing import Any
 from .._exceptions import SlabcastError
 from ..client.control import broker_status
 
-__all__ = ["render", "run_top"]
+__all__ = ["render", "run_top", "source_line"]
 
 _BAR = 16
 
@@ -19,6 +19,27 @@ _BAR = 16
 def _bar(fraction: float) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * _BAR)
     return "[" + "#" * filled + "." * (_BAR - filled) + "]"
+
+
+_TROUBLE = ("waiting", "reconnecting", "blocked", "failed")
+
+
+def source_line(src: dict[str, Any]) -> str:
+    """One hosted source, as ``status`` and ``top`` show it: its state, reconnects, samples discarded
+    (written while nobody subscribed) and the age of its last sample."""
+    age = src.get("last_sample_age")
+    last = "no sample yet" if age is None else f"last sample {age:.1f} s ago"
+    line = (f"{src['name']} ({src['kind']}): {src['state']}, reconnects {src['reconnects']}, "
+            f"discarded {src.get('discarded_samples', 0)} samples, {last}")  # fmt: skip
+    if src.get("refused_frames"):
+        line += f", {src['refused_frames']} frames refused"
+    if src.get("error"):
+        line += f" ({src['error']})"
+    return line
+
+
+def _troubled(src: dict[str, Any]) -> bool:
+    return bool(src["state"] in _TROUBLE or src.get("discarded_samples") or src.get("error"))
 
 
 def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -> list[tuple[str, bool]]:
@@ -32,6 +53,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
         ("", False),
     ]
     before = {s["name"]: s for s in (previous or {}).get("streams", [])}
+    sources = {src["name"]: src for src in status.get("sources", [])}
     for s in status["streams"]:
         old = before.get(s["name"])
         observed = (s["samples"] - old["samples"]) / dt if old and dt > 0 else 0.0
@@ -44,6 +66,9 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
                 False,
             )
         )
+        src = sources.pop(s["name"], None)
+        if src is not None:
+            lines.append((f"  source {source_line(src)}", _troubled(src)))
         lines.append(
             (
                 f"  {'subscriber':<22} {'pid':>7} {'size':>8} clip {'policy':<6} {'delivered':>9} {'dropped':>8} "
@@ -63,6 +88,8 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
                 )
             )
         lines.append(("", False))
+    for src in sources.values():  # no stream yet (waiting for its device) or refused
+        lines.append((f"source {source_line(src)}", _troubled(src)))
     if not status["streams"]:
         lines.append(("no streams", False))
     return lines
