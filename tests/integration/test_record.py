@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,3 +109,84 @@ def test_record_of_a_stream_the_broker_lacks_says_what_it_has(broker, stream_nam
             proc.wait(10)
             proc.stderr.close()
     assert f"waiting for the stream (the broker has '{stream_name}' now; did you mean '{stream_name}'?".encode() in said
+
+
+def wait_subscribed(address, name, label="record:"):
+    deadline = time.monotonic() + 20
+    while True:
+        streams = [s for s in slabcast.broker_status(address)["streams"] if s["name"] == name]
+        if streams and any(u["label"].startswith(label) for u in streams[0]["subscribers"]):
+            return
+        assert time.monotonic() < deadline, "the recorder never subscribed"
+        time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+
+
+def test_a_closed_stderr_never_stops_a_recording(broker, stream_name, tmp_path):
+    # `slabcast record ... 2>&1 | head -1`: the reader of the progress line leaves; the recording goes on to the end.
+    out = tmp_path / "piped"
+    pub = slabcast.Publisher(stream_name, dtype="int32", channels=1, rate=1000.0, address=broker.address)
+    rec = record_cli(broker.address, stream_name, out)
+    assert rec.stderr.read(9) == "recording"  # what `head -1` reads before it leaves
+    rec.stderr.close()  # the pipe's only reader is gone: the recorder's next progress write gets EPIPE
+    wait_subscribed(broker.address, stream_name)
+    data = np.arange(3000, dtype=np.int32)
+    for k in range(0, 3000, 50):  # 1.5 s at its rate: progress lines (every 0.5 s) fall into the broken pipe
+        pub.write(data[k : k + 50], t0=k / 1000.0)
+        time.sleep(0.025)  # a producer at its own pace
+    pub.close()
+    assert rec.wait(20) == 0
+    np.testing.assert_array_equal(Recording.open(str(out)).samples[:, 0], data)
+
+
+def test_an_evicted_recorder_ends_its_file_at_the_hole_and_exits_non_zero(stream_name, tmp_path):
+    # SIGSTOP past the lease timeout, then SIGCONT: what was published meanwhile never reached the recorder; it
+    # must not be written as if contiguous (before: the samples after the hole followed those before it, exit 1).
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        out = tmp_path / "take.wav"
+        pub = slabcast.Publisher(stream_name, dtype="int32", channels=1, rate=1000.0, address=broker.address,
+                                 timeout=30.0)  # fmt: skip
+        rec = record_cli(broker.address, stream_name, out)
+        wait_subscribed(broker.address, stream_name)
+        written, stop = [0], threading.Event()
+
+        def produce():  # a ramp, so a splice shows as a jump; fast enough to fill the pool of a stopped reader
+            while not stop.is_set():
+                pub.write(np.arange(written[0], written[0] + 16384, dtype=np.int32), t0=written[0] / 1000.0)
+                written[0] += 16384
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        try:
+            while written[0] < 200_000:
+                time.sleep(0.01)  # waiting for the producer's count (the recorder reads as it goes)
+            rec.send_signal(signal.SIGSTOP)  # mid-stream: it holds chunks
+            deadline = time.monotonic() + 20
+            while any(u["label"].startswith("record:") for s in slabcast.broker_status(broker.address)["streams"]
+                      for u in s["subscribers"]):  # fmt: skip
+                assert time.monotonic() < deadline, "the stopped recorder was never evicted"
+                time.sleep(0.05)  # polling the broker's status
+            after = written[0]
+            while written[0] < after + 1_000_000:  # published after the eviction: never reaches the recorder
+                time.sleep(0.01)
+            rec.send_signal(signal.SIGCONT)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the stream goes on while it wakes up
+                rec.wait(5)
+        finally:
+            rec.send_signal(signal.SIGCONT)
+            stop.set()
+            producer.join(30)
+        code = rec.wait(30)
+        said = rec.stderr.read()
+        rec.stderr.close()
+        pub.close()
+    assert code != 0, said
+    back = slabcast.open_recording(str(out))
+    samples = np.asarray(back.samples[:])[:, 0]
+    assert len(samples) > 0
+    # Contiguous: every sample is the one after the one before it (the ramp has no jump).
+    np.testing.assert_array_equal(samples, np.arange(samples[0], samples[0] + len(samples)))
+    assert int(back.frames["n"].sum()) == len(samples)
+    if "hole" in said:  # the recorder saw chunks after the hole: it names it
+        assert "the next chunk starts at" in said and "missing" in said, said
+    else:
+        assert "evicted" in said, said
