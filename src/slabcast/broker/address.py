@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 
-from .._exceptions import BrokerRunningError
+from .._exceptions import AccessDeniedError, BrokerRunningError
 
-__all__ = ["AddressLock", "default_address", "ipc_path", "normalize"]
+__all__ = ["AddressLock", "check_private_dir", "default_address", "ipc_path", "normalize"]
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -19,18 +20,60 @@ _NOTICE_SUFFIX = 17  # ".<epoch>.<stream id>": each stream's notice socket sits 
 def default_address() -> str:
     """Return ``$SLABCAST_ADDRESS``, else ``ipc://<runtime dir>/slabcast/broker.sock``.
 
-    The runtime dir is ``$XDG_RUNTIME_DIR`` when set, else ``<tmp>/slabcast-<uid>``.
+    The runtime dir is ``$XDG_RUNTIME_DIR`` when set, else ``<tmp>/slabcast-<uid>``,
+    made ``0700`` here if it does not exist yet.
+
+    Raises
+    ------
+    AccessDeniedError
+        If ``<tmp>/slabcast-<uid>`` (or its ``slabcast`` directory) is not a
+        directory owned by this user without group or other write permission:
+        another user made it and could hold the address (as ssh-agent and tmux check).
     """
     env = os.environ.get(ENV)
     if env:
         return normalize(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"slabcast-{os.getuid()}")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        runtime = os.path.join(tempfile.gettempdir(), f"slabcast-{os.getuid()}")
+        # Made now, by us, if nobody made it first; then whoever made it must be us.
+        with contextlib.suppress(OSError):  # exists already, or the temp dir is not writable (the bind says so)
+            os.mkdir(runtime, 0o700)
+        for path in (runtime, os.path.join(runtime, "slabcast")):
+            if os.path.lexists(path):
+                check_private_dir(path)
     path = os.path.join(runtime, "slabcast", "broker.sock")
     try:
         return normalize(path)
     except ValueError as exc:
-        raise ValueError(f"the default broker address comes from XDG_RUNTIME_DIR={runtime!r} and {exc}; "
+        where = f"XDG_RUNTIME_DIR={runtime!r}" if os.environ.get("XDG_RUNTIME_DIR") else f"the temp dir ({runtime!r})"
+        raise ValueError(f"the default broker address comes from {where} and {exc}; "
                          f"set {ENV} to a shorter socket path") from None  # fmt: skip
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a directory that is not ours alone: a symlink, or not owned by this user, or writable by others.
+
+    Raises
+    ------
+    AccessDeniedError
+        Naming the path, its owner and its mode.
+    """
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to another user, not to this one (uid {os.getuid()})"
+    elif mode & 0o022:
+        problem = "can be written by other users"
+    if problem is not None:
+        raise AccessDeniedError(
+            f"refusing the broker directory {path} (owner uid {st.st_uid}, mode {mode:04o}, "
+            f"{stat.filemode(st.st_mode)}): it {problem}, so another user could hold the broker's address there; "
+            f"remove it, or set XDG_RUNTIME_DIR or {ENV}"
+        )
 
 
 def normalize(address: str | os.PathLike[str] | None) -> str:
