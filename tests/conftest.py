@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import secrets
+import select
+import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,28 +26,116 @@ def slabcast_segments() -> set[str]:
     return set(slabcast.core.shm.broker_segments())
 
 
-def _ours_or_orphaned(name: str) -> bool:
-    # Other processes on this machine may run brokers too: a new segment is this test's
-    # leak if its broker is dead, or is still alive as a child of this process.
-    pid = int(name.split(".")[1])
-    if pid == os.getpid():  # made by this process itself (BufferEmit's process mode)
-        return True
-    if not slabcast.core.shm.pid_alive(pid):
-        return True
+# Every process this session starts carries this mark (children inherit it, grandchildren too, even when
+# their parent dies and they are re-parented): the leak guard tells this session's brokers by it.
+SESSION_MARK = f"{os.getpid()}-{secrets.token_hex(4)}"
+os.environ["SLABCAST_TEST_SESSION"] = SESSION_MARK
+
+_IN_CREATE, _IN_MOVED_TO, _IN_Q_OVERFLOW = 0x100, 0x80, 0x4000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len, then the name
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def made_by_this_session(pid: int) -> bool:
+    """Whether process ``pid`` (alive, or a zombie not yet reaped) is this session or was started by it."""
+    me = os.getpid()
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return int(stat[stat.rindex(b")") + 2 :].split()[1]) == os.getpid()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"SLABCAST_TEST_SESSION={SESSION_MARK}".encode() in f.read().split(b"\0"):
+                return True
+        for _ in range(64):  # a zombie has no environment left, but still its parent
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+            pid = _parent(pid)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+class SegmentOwners:
+    """Names of the segments made by this session's processes, learnt as they appear in /dev/shm.
+
+    The owner of a segment may be dead by the time a test ends (killed on purpose, or crashed); then its
+    PID says nothing, and another pytest run's dead broker must not be blamed on this test. So each new
+    segment is attributed when it appears (inotify on the directory; its creator is alive then, or a
+    zombie of ours), by the session mark in its creator's environment or by its ancestry.
+    """
+
+    def __init__(self, directory: str = slabcast.core.shm.SHM_DIR) -> None:
+        self.ours: set[str] = set()
+        self.overflowed = False
+        self._lock = threading.Lock()
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0 or libc.inotify_add_watch(self._fd, directory.encode(), _IN_CREATE | _IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), f"cannot watch {directory}")
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="slabcast-segment-owners", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Attribute every segment that appeared until now (the watch thread does this continuously)."""
+        with self._lock:
+            while True:
+                try:
+                    buf = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    return
+                offset = 0
+                while offset < len(buf):
+                    _, mask, _, length = _EVENT.unpack_from(buf, offset)
+                    name = buf[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0").decode()
+                    offset += _EVENT.size + length
+                    if mask & _IN_Q_OVERFLOW:
+                        self.overflowed = True
+                    elif name.startswith("slabcast.") and made_by_this_session(_owner(name)):
+                        self.ours.add(name)
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        for fd in (self._fd, self._stop_r, self._stop_w):
+            os.close(fd)
+
+
+def _owner(name: str) -> int:
+    try:
+        return int(name.split(".")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+@pytest.fixture(scope="session")
+def segment_owners() -> Iterator[SegmentOwners]:
+    """The session's record of which new segments its own processes made."""
+    owners = SegmentOwners()
+    yield owners
+    owners.close()
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    """Fail a test that leaves a slabcast segment of its own behind."""
+def no_leaked_segments(segment_owners: SegmentOwners) -> Iterator[None]:
+    """Fail a test that leaves a slabcast segment of its own behind (other processes' segments are theirs)."""
     before = slabcast_segments()
     yield
-    leaked = sorted(n for n in slabcast_segments() - before if _ours_or_orphaned(n))
+    segment_owners.catch_up()
+    new = slabcast_segments() - before
+    # Not seen appear (the kernel's event queue overflowed): only a live owner can still be attributed.
+    leaked = sorted(n for n in new if n in segment_owners.ours or made_by_this_session(_owner(n)))
     assert not leaked, f"shared-memory segments left behind: {leaked}"
 
 

@@ -97,15 +97,20 @@ def test_await_recv_timeout_and_cancellation_release(broker, stream_name):
 
 
 def test_reconnect_never_blocks_the_event_loop_and_resumes_with_a_discontinuity(tmp_path, stream_name):
-    # Issue 14, item 4: the broker killed and restarted 1 s later.
+    # Issue 14, item 4: the broker killed and restarted OUTAGE s later. A subscriber that resubscribed on the
+    # event loop would hold it until the new broker serves the stream again: at least OUTAGE. The test's
+    # own blocking calls (starting a broker takes a second or more on a busy machine) run in threads, so
+    # the loop's longest stall is the subscriber's alone; the bound is half the outage (issue 19: a 0.3 s
+    # wall-clock bound failed 3 runs in 3 under load, each time stalled by the test's own broker start).
+    outage = 1.5
     address = tmp_path / "b.sock"
-    first = slabcast.BrokerProcess(address).start()
+    brokers = [slabcast.BrokerProcess(address).start()]
 
     async def main():
-        pub = slabcast.Publisher(stream_name, dtype="int32", address=first.address)
-        sub = slabcast.aio.Subscriber(stream_name, 4, clip=True, address=first.address, reconnect=20)
+        pub = slabcast.Publisher(stream_name, dtype="int32", address=brokers[0].address)
+        sub = slabcast.aio.Subscriber(stream_name, 4, clip=True, address=brokers[0].address, reconnect=20)
         pub.write(np.arange(4, dtype=np.int32))
-        with await sub.recv(timeout=5) as chunk:
+        with await sub.recv(timeout=30) as chunk:
             assert not chunk.discontinuity
         gaps = []
 
@@ -118,26 +123,27 @@ def test_reconnect_never_blocks_the_event_loop_and_resumes_with_a_discontinuity(
                 last = now
 
         tick = asyncio.create_task(ticker())
-        waiting = asyncio.create_task(sub.recv(timeout=20))
+        waiting = asyncio.create_task(sub.recv(timeout=30))
         await asyncio.sleep(0.2)
-        first.kill()
-        pub.close()
-        await asyncio.sleep(1.0)
-        second = slabcast.BrokerProcess(address).start()
-        try:
-            pub2 = slabcast.Publisher(stream_name, dtype="int32", address=second.address)
-            while not waiting.done():  # it resubscribes in the background; write until it has it
-                pub2.write(np.full(4, 7, dtype=np.int32))
-                await asyncio.sleep(0.05)
-            chunk = waiting.result()
-            assert chunk.discontinuity and (chunk.data == 7).all()
-            chunk.release()
-            tick.cancel()
-            sub.close()
-            pub2.close()
-        finally:
-            second.stop()
+        await asyncio.to_thread(brokers[0].kill)
+        await asyncio.to_thread(pub.close)
+        await asyncio.sleep(outage)
+        brokers.append(await asyncio.to_thread(slabcast.BrokerProcess(address).start))
+        pub2 = await asyncio.to_thread(slabcast.Publisher, stream_name, dtype="int32", address=brokers[1].address)
+        while not waiting.done():  # it resubscribes in the background; write until it has it
+            await asyncio.to_thread(pub2.write, np.full(4, 7, dtype=np.int32))
+            await asyncio.wait([waiting], timeout=0.05)
+        chunk = waiting.result()
+        assert chunk.discontinuity and (chunk.data == 7).all()
+        chunk.release()
+        tick.cancel()
+        sub.close()
+        pub2.close()
         return max(gaps)
 
-    longest = run(main())
-    assert longest < 0.3, f"the event loop stalled {longest:.2f} s"
+    try:
+        longest = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        for broker in brokers:
+            broker.stop()
+    assert longest < outage / 2, f"the event loop stalled {longest:.2f} s"
