@@ -98,8 +98,8 @@ class SegmentOwners:
                 offset = 0
                 while offset < len(buf):
                     _, mask, _, length = _EVENT.unpack_from(buf, offset)
-                    name = buf[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0").decode()
-                    offset += _EVENT.size + length
+                    start, offset = offset + _EVENT.size, offset + _EVENT.size + length
+                    name = buf[start:offset].rstrip(b"\0").decode(errors="replace")
                     if mask & _IN_Q_OVERFLOW:
                         self.overflowed = True
                     elif name.startswith("slabcast.") and made_by_this_session(_owner(name)):
