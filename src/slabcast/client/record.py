@@ -1,18 +1,23 @@
 """Recordings: a stream written losslessly to a standard file or an append-only directory, read back for replay.
 
-``slabcast record STREAM --out PATH`` picks the format from ``PATH``:
+``slabcast record STREAM --out PATH`` picks the format from ``PATH`` (docs/recording.md says it all):
 
 - ``*.wav``, ``*.flac`` (and what libsndfile writes: ``*.aiff``, ``*.ogg``): audio
-  through ``soundfile``, readable by any audio tool; beside it ``PATH.json`` (the
-  stream info) and ``PATH.frames`` (one 24-byte record per frame: first sample
-  index, samples, ``t0``), so replay is bit-exact and keeps every timestamp;
+  through ``soundfile``; beside it ``PATH.json`` (the stream info) and ``PATH.frames``
+  (one 24-byte record per frame: first sample index, samples, ``t0``), so replay is
+  bit-exact and keeps every timestamp. A ``.wav`` is libsndfile's RF64 with
+  auto-downgrade: a plain WAV under 4 GiB, RF64 past it, so any length reads back;
 - ``*.zarr``: a Zarr v3 group, for multichannel signals of any dtype: arrays
-  ``samples`` ``(n, channels)`` and ``frames/index``, ``frames/n``, ``frames/t0``,
-  the stream info in the group's attributes (``slabcast``);
+  ``samples`` ``(sample, channel)`` and ``frames/index``, ``frames/n``, ``frames/t0``
+  ``(frame,)``, the stream info in the group's attributes (``slabcast``);
 - anything else: the directory format below.
 
-Each is crash-safe for what was flushed (every 0.5 s): after a ``kill -9`` of the
-recorder, :func:`open_recording` reads everything written up to the last flush.
+What a ``kill -9`` of the recorder leaves: a directory, a Zarr group and a WAV hold
+everything up to the last flush (every 0.5 s; a WAV's header is rewritten at each,
+so any tool reads it); a FLAC holds every block its encoder wrote out (all but the
+last up to 4096 samples) but says its length only once closed: :func:`open_recording`
+reads it as it is, :func:`repair` (``slabcast record --repair FILE``) makes it whole
+for any tool. A hole in the stream (an eviction) ends the recording before the hole.
 
 Layout of a recording directory (format "slabcast-recording", version 1)::
 
@@ -272,16 +277,20 @@ class _AudioSamples(_LazySamples):
     """The samples of an audio file, through soundfile; sequential reads (a replay) go on from where the
     last one stopped, so a file of unknown length is read once, not once per frame."""
 
-    def __init__(self, path: str, n: int, info: StreamInfo, subtype: str) -> None:
+    def __init__(self, path: str, n: int, info: StreamInfo, subtype: str, seekable: bool) -> None:
         super().__init__(n, info.channels)
-        self.path, self.info = path, info
+        self.path, self.info, self.seekable = path, info, seekable
         self.read_as = _READ_AS.get(subtype, info.dtype.name)
         self.reader: _Unseekable | None = None
 
     def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
-        if self.reader is None or self.reader.position > start:
-            if self.reader is not None:
-                self.reader.close()
+        if self.reader is None:
+            self.reader = _Unseekable(self.path)
+        if self.reader.position != start and self.seekable:  # a file that says its length seeks
+            self.reader.file.seek(start)
+            self.reader.position = start
+        elif self.reader.position > start:
+            self.reader.close()
             self.reader = _Unseekable(self.path)
         while self.reader.position < start:  # skip forward by decoding (a seek may fail, see _Unseekable)
             if not len(self.reader.read(min(1 << 16, start - self.reader.position), self.read_as)):
@@ -324,7 +333,8 @@ def _open_audio(path: str) -> Recording:
     # A file closed by its recorder says its length; one whose recorder was killed may not (a FLAC says
     # "unknown" until it is closed): then count what decodes. The frame records never claim more.
     n = int(meta_sf.frames)
-    if not 0 <= n < 1 << 40:
+    seekable = 0 <= n < 1 << 40
+    if not seekable:
         n = _decoded_length(path, _READ_AS.get(meta_sf.subtype, "float32"))
     if len(frames):
         n = min(n, int(frames["n"].sum()))
@@ -335,7 +345,7 @@ def _open_audio(path: str) -> Recording:
         frames = np.zeros(len(starts), dtype=FRAME_RECORD)
         frames["index"], frames["n"] = starts, np.minimum(step, n - starts)
         frames["t0"] = starts / (info.rate or 1.0)
-    samples = _AudioSamples(path, n, info, meta_sf.subtype)
+    samples = _AudioSamples(path, n, info, meta_sf.subtype, seekable)
     return Recording(info, samples, frames, _times_file(path + ".times", n))  # type: ignore[arg-type]
 
 
