@@ -277,3 +277,63 @@ def test_up_says_why_the_broker_did_not_start(tmp_path):
     assert "no output" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert re.search(r"the broker exited with code 2 before serving: slabcast broker: .*afile", last), result.stderr
+
+
+# Issue 19, item 9: tasks are checked where they are declared.
+
+
+def run_up_in(cwd, cfg, **kw):
+    return subprocess.run([sys.executable, "-m", "slabcast", "up", str(cfg)], capture_output=True, text=True,
+                          timeout=60, cwd=cwd, **kw)  # fmt: skip
+
+
+def test_a_task_module_beside_the_config_imports_without_pythonpath(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "my_tasks_19.py").write_text("def count(chunk, label):\n    print(f'[{label}] {len(chunk)}', flush=True)\n")
+    cfg = conf / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'stdin'\nname = 'bytes'\nframe = 100\n"
+        "[[tasks]]\nname = 'count'\ncall = 'my_tasks_19:count'\nstream = 'bytes'\nsize = 100\npartial_tail = true\n"
+        "options = { label = 'mine' }\n"
+    )
+    # From another directory, without PYTHONPATH (`python -m` puts only the working directory on the path).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = run_up_in(tmp_path, cfg, input="x" * 250, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("[mine]")] == \
+        ["[mine] 100", "[mine] 100", "[mine] 50"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "message"),
+    [
+        ("import os\nraise RuntimeError('no licence server')\n", "boom_19:f",
+         r"cannot import 'boom_19:f': RuntimeError: no licence server \(.*boom_19\.py, line 2\)"),
+        ("def f(chunk, out):\n    pass\n", "boom_19:f",
+         r"boom_19:f needs option 'out': options = \{ out = \.\.\. \}"),
+    ],
+)  # fmt: skip
+def test_a_task_that_cannot_run_is_refused_in_one_line_before_anything_starts(tmp_path, module, call, message):
+    (tmp_path / "boom_19.py").write_text(module)
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(SOURCE + TASK.replace("slabcast.examples:spectral_peak", call).replace("options = { rate = 48000 }\n", ""))
+    result = run_up_in(tmp_path, cfg)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_a_task_failing_again_and_again_is_marked_failed_and_up_exits_1(tmp_path):
+    (tmp_path / "crash_19.py").write_text("def crash(chunk):\n    raise ValueError('bad chunk')\n")
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n" + SOURCE + "[[tasks]]\nname = 'crash'\n"
+        "call = 'crash_19:crash'\nstream = 'mic'\nsize = 480\nmax_failures = 3\n"
+    )
+    result = run_up_in(tmp_path, cfg)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "task crash#0 exited with code 1; restart 2 in 1 s" in result.stdout
+    assert "task crash#0 failed: exited with code 1, 3 times in a row; not restarted (max_failures = 3)" in result.stdout
+    assert "every task is done; failed: crash" in result.stdout

@@ -21,9 +21,11 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import tomllib
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,7 @@ _STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted wor
 _TOP_KEYS = {"broker", "sources", "tasks"}
 _BROKER_KEYS = {"address", "lease_timeout", "shm_mode", "log_level"}
 _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "policy", "workers", "options",
-              "max_inflight", "partial_tail", "restart_on_end", "external"}  # fmt: skip
+              "max_inflight", "partial_tail", "restart_on_end", "external", "max_failures"}  # fmt: skip
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _DRAIN = 10.0  # seconds the tasks get to finish their streams when up stops
@@ -72,6 +74,7 @@ class Task:
     partial_tail: bool = False
     restart_on_end: bool = False
     external: bool = False
+    max_failures: int = 5  # failures in a row before the task is marked failed and not restarted (0: never)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Config:
     lease_timeout: float = 30.0
     shm_bytes: int = 0  # /dev/shm the sources' pools take
     sources: list[dict[str, Any]] = field(default_factory=list)  # {"kind", "options"}: what the broker gets
+    directory: str = ""  # the config's directory: first on the tasks' import path
 
 
 def _unknown(where: str, got: dict[str, Any], known: set[str]) -> None:
@@ -128,6 +132,11 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
     except (TypeError, ValueError):
         return  # a builtin without a signature: nothing to check against
     params = list(sig.parameters.values())[skip:]
+    missing = [p.name for p in params if p.default is p.empty and p.name not in options
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
+    if missing:  # caught here, not by a worker restarting forever on the same TypeError
+        given = ", ".join(f"{k} = ..." for k in missing)
+        raise ConfigError(f"{where}: {what} needs option {', '.join(map(repr, missing))}: options = {{ {given} }}")
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
     known = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -204,10 +213,15 @@ def _task(path: str, i: int, raw: Any) -> Task:
         _bool(where, key, getattr(task, key))
     if not isinstance(task.options, dict):
         raise ConfigError(f"{where}: 'options' must be a table, got {task.options!r}")
+    _number(where, "max_failures", task.max_failures, integer=True, low_ok=True)
     try:
         fn = resolve(task.call)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{where}: cannot import {task.call!r}: {exc}") from exc
+    except Exception as exc:  # the module raised at import: one line, where it did, not a traceback
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        raise ConfigError(f"{where}: cannot import {task.call!r}: {type(exc).__name__}: {exc}{at}") from None
     if not callable(fn):
         raise ConfigError(f"{where}: {task.call!r} is not callable")
     _check_options(where, task.call, fn, task.options, skip=1)
@@ -313,6 +327,10 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
     if "log_level" in broker:
         args += ["--log-level", _choice(f"{path}: [broker]", "log_level", str(broker["log_level"]).upper(),
                                         ("DEBUG", "INFO", "WARNING", "ERROR"))]  # fmt: skip
+    # Task modules beside the config import as `python script.py` imports those beside a script.
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
     tasks = [_task(path, i, t) for i, t in enumerate(raw.get("tasks", []))]
     if not tasks:
         raise ConfigError(f"{path}: no [[tasks]]: nothing to run")
@@ -341,7 +359,7 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
     if specs:
         # The checked values go to the broker as they are (JSON keeps "1234" a string and false false).
         args += ["--sources-json", json.dumps(specs)]
-    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm, specs)
+    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm, specs, directory)
 
 
 def resolve(call: str) -> Any:
@@ -363,14 +381,18 @@ def resolve(call: str) -> Any:
     return obj
 
 
-def task_main(task: Task, address: str, index: int, reached: int | None = None) -> None:
+def task_main(task: Task, address: str, index: int, reached: int | None = None, directory: str = "") -> None:
     """A worker process: subscribe with the task's settings and call the task on every chunk.
 
     ``reached``: for a restarted worker, the stream index its predecessor had read up to;
-    the samples between it and this worker's start are reported as missed.  Returns
-    (exit code 0) when the stream ends; any error ends the process with a traceback.
+    the samples between it and this worker's start are reported as missed.  ``directory``
+    (the config's) goes first on the import path.  Returns (exit code 0) when the stream
+    ends; any error ends the process with a traceback.
     """
     from ..client.subscriber import Subscriber
+
+    if directory and directory not in sys.path:
+        sys.path.insert(0, directory)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM ...
     busy = [False, False]  # in the task's callback; a SIGTERM came meanwhile
@@ -415,6 +437,7 @@ class _Slot:
     started: float = 0.0
     due: float = 0.0
     done: bool = False
+    failed: bool = False  # gave up after max_failures in a row
     seen: bool = False  # it has been seen subscribed in the broker's status
     missing_since: float = 0.0
     reached: int | None = None  # the stream index its last worker had read up to (as last seen in status)
@@ -493,13 +516,14 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                     _reap(slot, now, say)
                 if slot.proc is None and not slot.done and now >= slot.due:
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
-                                                                    slot.reached),
+                                                                    slot.reached, config.directory),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     slot.proc.start()
                     slot.started, slot.seen, slot.missing_since = now, False, 0.0
                     say(f"task {slot.name} started, pid {slot.proc.pid}")
             if all(slot.done for slot in slots):
-                say("every task finished its stream")
+                failed = sorted({s.task.name for s in slots if s.failed})
+                say(f"every task is done; failed: {', '.join(failed)}" if failed else "every task finished its stream")
                 finished = True
                 break
             if broker.process is not None and broker.process.poll() is not None:
@@ -535,6 +559,8 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
+    if any(s.failed for s in slots):
+        return 1  # a task gave up: the run did not do all it was asked
     if finished:
         return 0
     return 0 if code in (0, None) else 1
@@ -560,8 +586,13 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
         return
     if now - slot.started >= _HEALTHY:
         slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again
-    slot.restarts += 1
     slot.streak += 1
+    if code != 0 and slot.task.max_failures and slot.streak >= slot.task.max_failures:
+        slot.done = slot.failed = True  # the others go on; up exits 1 at the end
+        say(f"task {slot.name} failed: exited with code {code}, {slot.streak} times in a row; not restarted "
+            f"(max_failures = {slot.task.max_failures})")  # fmt: skip
+        return
+    slot.restarts += 1
     delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (slot.streak - 1))
     slot.due = now + delay
     say(f"task {slot.name} exited with code {code}; restart {slot.restarts} in {delay:g} s")
