@@ -240,3 +240,14 @@ def test_a_flac_whose_recorder_was_killed_reads_back_and_repairs_bit_exact(broke
     assert np.array_equal(back, data[:n])
     again = slabcast.open_recording(str(out))
     assert np.array_equal(np.asarray(again.samples[:]), data[:n]) and int(again.frames["n"].sum()) == n
+
+
+def test_a_format_that_cannot_hold_the_stream_is_refused_before_subscribing(broker, stream_name, tmp_path):
+    out = tmp_path / "take.flac"
+    with slabcast.Publisher(stream_name, dtype="float64", channels=1, rate=8000.0, address=broker.address):
+        result = subprocess.run([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out),
+                                 "--address", broker.address], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 2
+    assert "FLAC cannot hold float64 samples losslessly" in result.stderr
+    assert "waiting for the stream" not in result.stderr  # refused from the broker's status, never subscribed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("take")]

@@ -449,15 +449,15 @@ def _audio_format(path: str) -> str:
         os.path.splitext(path.lower())[1]]  # fmt: skip
 
 
-def _audio_subtype(fmt: str, info: StreamInfo) -> str:
-    """The libsndfile subtype holding ``info``'s samples losslessly in ``fmt``, or a ValueError saying why not."""
-    subtype = _SUBTYPES.get((fmt, info.dtype.name))
-    if fmt == "OGG" and info.dtype.kind == "f":
+def _audio_subtype(fmt: str, dtype: np.dtype[Any], rate: float | None) -> str:
+    """The libsndfile subtype holding such samples losslessly in ``fmt``, or a ValueError saying why not."""
+    subtype = _SUBTYPES.get((fmt, dtype.name))
+    if fmt == "OGG" and dtype.kind == "f":
         subtype = "VORBIS"  # lossy by design: the user asked for Ogg
-    if subtype is None or not info.rate:
+    if subtype is None or not rate:
         fits = sorted({d for f, d in _SUBTYPES if f == fmt})
         raise ValueError(
-            f"{fmt} cannot hold {info.dtype} samples{'' if info.rate else ' of a stream without a rate'} "
+            f"{fmt} cannot hold {dtype} samples{'' if rate else ' of a stream without a rate'} "
             f"losslessly (it takes {', '.join(fits)} with a rate); record to a .zarr or a directory instead"
         )
     return subtype
@@ -481,7 +481,7 @@ class _AudioWriter(_Writer):
         except ImportError as exc:
             raise ImportError("recording to audio files needs soundfile: pip install 'slabcast[files]'") from exc
         self.path, self.fmt = path, _audio_format(path)
-        self.subtype = _audio_subtype(self.fmt, info)
+        self.subtype = _audio_subtype(self.fmt, info.dtype, info.rate)
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; choose another --out")
         self.file = _open_sound_file(path, self.fmt, self.subtype, int(info.rate or 0), info.channels)
@@ -580,17 +580,23 @@ class _ZarrWriter(_Writer):
         self.flush()
 
 
-def _others(stream: str, address: str | None) -> str:
-    """What the broker has now, when it does not have ``stream`` (a typo waits for nothing)."""
+def _others(stream: str, out: str, address: str | None) -> str:
+    """What the broker has now, when it does not have ``stream`` (a typo waits for nothing); when it has it,
+    refuse an audio ``out`` that cannot hold its samples before subscribing (a source that waits for its
+    first subscriber would start for nothing)."""
     import difflib
 
     from .control import broker_status
 
     try:
-        names = [s["name"] for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
+        streams = [s for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
     except Exception:  # no broker yet, or busy: the subscription says what it must
         return ""
+    names = [s["name"] for s in streams]
     if stream in names:
+        if out.rstrip("/").lower().endswith(_AUDIO):
+            s = streams[names.index(stream)]
+            _audio_subtype(_audio_format(out), np.dtype(s["dtype"]), s["rate"])
         return ""
     close = difflib.get_close_matches(stream, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -670,7 +676,8 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
 
     _check_out(out)
     say = _Progress(progress)
-    say.say(f"recording {stream}: waiting for the stream{_others(stream, address)}")
+    others = _others(stream, out, address)  # before anything is printed: it may refuse the format
+    say.say(f"recording {stream}: waiting for the stream{others}")
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}")
     written = 0
     writer: _Writer | None = None
