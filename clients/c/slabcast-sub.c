@@ -19,7 +19,8 @@ static const char USAGE[] =
     "  seq=<seq> index=<index> n=<samples> t0=<seconds> crc=<crc32 of the chunk's bytes>\n"
     "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk).\n"
     "Exit status: 0 at the end of the stream (or after --count chunks), 2 usage, 3 broker gone,\n"
-    "4 publisher gone, 5 protocol version mismatch, 6 unknown stream, 1 any other error.\n"
+    "4 publisher gone, 5 protocol version mismatch, 6 unknown stream,\n"
+    "7 samples lost (policy block: their notices never came; the message names them), 1 any other error.\n"
     "--protocol-version: 2 (default) cuts the chunks in this program from the publisher's notices;\n"
     "1 lets the broker cut them (CHUNK/RELEASE); other values test version negotiation.\n";
 
@@ -62,6 +63,7 @@ static int exit_status(int rc)
     case SC_EPUBGONE: return 4;
     case SC_EVERSION: return 5;
     case SC_ENOSTREAM: return 6;
+    case SC_ELOST: return 7;
     default: return 1;
     }
 }

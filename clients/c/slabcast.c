@@ -226,6 +226,7 @@ const char *sc_strerror(int code)
     case SC_EEND: return "SC_EEND";
     case SC_EVERSION: return "SC_EVERSION";
     case SC_EPROTO: return "SC_EPROTO";
+    case SC_ELOST: return "SC_ELOST";
     case SC_ENOSTREAM: return "SC_ENOSTREAM";
     case SC_EREQUEST: return "SC_EREQUEST";
     case SC_EINVAL: return "SC_EINVAL";
@@ -1506,7 +1507,8 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
     if (c->nseq >= 0 && seq < (uint64_t)c->nseq)
         return SC_OK;  /* duplicate or stale */
     unsigned flags = 0;
-    if (c->nseq >= 0 && seq > (uint64_t)c->nseq)
+    bool first = c->nseq < 0;
+    if (!first && seq > (uint64_t)c->nseq)
         flags = SC_FLAG_DISCONTINUITY;  /* notices were lost on the way: never cut across the hole */
     c->nseq = (int64_t)seq + 1;
     c->last_notice = now_ms();
@@ -1581,9 +1583,20 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
     c->fr_gen = gen;
     c->fr_offset = offset;
     c->fr_floor = floor;
-    c->fr_flags = flags | (unsigned)(jump & SC_FLAG_DISCONTINUITY);
     c->fr_i = 0;
     c->fr_count = count;
+    /* A gap before the first notice is no loss (a frame noticed just before our notice socket joined may
+     * reach the broker after our ATTACH): we start at the first frame we are told of. */
+    uint64_t lost = index > c->cursor && !first ? c->cursor : index;
+    if (lost < index) {
+        flags = SC_FLAG_DISCONTINUITY;  /* samples whose notices were lost: name them (policy block) */
+        c->cursor = index;
+    }
+    c->fr_flags = flags | (unsigned)(jump & SC_FLAG_DISCONTINUITY);
+    if (lost < index && !c->drop)
+        return fail(c, SC_ELOST, "samples %llu..%llu (%llu samples) were lost before this subscriber read them: "
+                    "their notices never reached it (%s)", (unsigned long long)lost, (unsigned long long)index,
+                    (unsigned long long)(index - lost), c->where);
     return SC_OK;
 }
 
@@ -1693,8 +1706,18 @@ static int pump(sc_client *c, int64_t deadline)
             /* No notice is waiting: end once none came for END_GRACE_MS (a publisher that died may
              * have taken some with it). */
             int64_t quiet = now - (c->last_notice > c->end_seen ? c->last_notice : c->end_seen);
-            if (quiet > END_GRACE_MS)
+            if (quiet > END_GRACE_MS) {
+                if (c->cursor < c->end_head && !c->drop && strcmp(c->end_code_s, "closed") == 0) {
+                    /* A clean end after a hole is impossible: name the samples that never came. */
+                    uint64_t start = c->cursor;
+                    c->cursor = c->end_head;
+                    return fail(c, SC_ELOST, "samples %llu..%llu (%llu samples) of the stream were lost before "
+                                "this subscriber read them: their notices never reached it (%s)",
+                                (unsigned long long)start, (unsigned long long)c->end_head,
+                                (unsigned long long)(c->end_head - start), c->where);
+                }
                 return finish_end(c);
+            }
         }
         /* About to wait: give back what is no longer needed, tell the broker where we are. */
         unlock_idle(c, c->cur_slab);

@@ -42,7 +42,9 @@ typedef enum sc_status {
     SC_EREQUEST = -10,    /* the broker refused the request (ERROR "bad-request", "shm-full", ...) */
     SC_EINVAL = -11,      /* an invalid argument, or a call in the wrong state */
     SC_ESYS = -12,        /* a system or ZeroMQ call failed (shm_open, mmap, zmq_*) */
-    SC_ENOMEM = -13       /* out of memory */
+    SC_ENOMEM = -13,      /* out of memory */
+    SC_ELOST = -14        /* policy "block": samples were lost before this client read them (their notices
+                           * never reached it); sc_errmsg names the range; the next sc_recv goes on after it */
 } sc_status;
 
 /* One client connection.  Not thread-safe: use one client per thread. */

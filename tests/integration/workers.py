@@ -99,3 +99,36 @@ def tally(chunk, out: str) -> None:
     with open(out, "a") as f:
         f.write(f"{chunk.index} {len(chunk)} {int(chunk.partial)}\n")
     print(f"[tally] {chunk.index} {len(chunk)}", flush=True)
+
+
+def read_paused(address, name, kwargs, ready_q, go_event, result_q, drained_event=None):
+    """Subscribe, say ready, read nothing until ``go_event``; then report every chunk's (index, n) and every
+    SamplesLostError's (start, stop) in order, and how the stream ended.  With ``drained_event``: set it
+    once nothing more came for 0.5 s (and keep reading)."""
+    try:
+        sub = slabcast.Subscriber(name, address=address, **kwargs)
+        ready_q.put(("sub-ready", os.getpid()))
+        go_event.wait(60)
+        events, end = [], "?"
+        while True:
+            try:
+                chunk = sub.recv(timeout=0.5 if drained_event is not None and not drained_event.is_set() else 60)
+            except TimeoutError:
+                drained_event.set()
+                continue
+            except slabcast.SamplesLostError as exc:
+                events.append(("lost", exc.start, exc.stop, str(exc)))
+                continue
+            except slabcast.SlabcastError as exc:
+                end = type(exc).__name__
+                break
+            with chunk:
+                values = chunk.data
+                ok = bool(np.array_equal(values, (np.arange(chunk.index, chunk.index + len(values)) & 0xFF)))
+                events.append(("chunk", chunk.index, len(values), ok, chunk.discontinuity))
+        stats = sub.statistics()
+        sub.close()
+        result_q.put((events, end, stats.dropped))
+    except BaseException as exc:
+        result_q.put(("sub-error", repr(exc)))
+        raise

@@ -23,7 +23,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
-from ..client.connection import Connection, _context, error_for
+from ..client.connection import Connection, _context, error_for, share_socket_file
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
 from ..wire import protocol as P
 
@@ -40,7 +40,6 @@ _BATCH = 64
 _BATCH_DELAY = 0.5e-3
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
-_NOTICE_HWM = 100_000  # notices queued per subscriber before that subscriber loses some (it sees the gap)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -283,6 +282,8 @@ class Publisher:
         self._gen = 0
         self._floor = 0  # lowest stream index readable contiguously in the current slab
         self._nseq = 0  # notices published
+        self._slab_notices = 0  # notices about the slab being written
+        self._notice_cap = P.notices_per_slab(self.nslabs)
         self._topic = P.stream_topic(stream)
         self._pend_index = 0
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
@@ -371,7 +372,7 @@ class Publisher:
             if self._conn.poll_gone():
                 raise BrokerGoneError(f"the {self._conn.where} went away ({self._where})")
         offset = self._offset
-        if offset + nbytes > self._end:
+        if offset + nbytes > self._end or (self._slab_notices >= self._notice_cap and self._carried_enough()):
             offset = self._next_slab()
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
         if stamps is not None:
@@ -457,6 +458,7 @@ class Publisher:
         """Publish one NOTICE to every local subscriber (caller holds the lock)."""
         seq = self._nseq
         self._nseq = seq + 1
+        self._slab_notices += 1
         payload = P.pack([P.NOTICE, self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor])
         # A subscriber whose queue is full loses this one (it sees the seq gap); nobody waits.
         with contextlib.suppress(zmq.Again):
@@ -466,10 +468,11 @@ class Publisher:
         """Bind the notice socket; wait (bounded) until subscribers that came before the stream joined it."""
         sock = _context().socket(zmq.XPUB)
         try:
-            sock.setsockopt(zmq.SNDHWM, _NOTICE_HWM)
+            sock.setsockopt(zmq.SNDHWM, P.NOTICE_HWM)
             sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             sock.setsockopt(zmq.LINGER, 500)
             sock.bind(endpoint)
+            share_socket_file(endpoint, self._conn.address)  # whoever may reach the broker may join
             waiting = {bytes(t) for t in tokens}
             deadline = time.monotonic() + min(timeout, 5.0)
             while waiting and (left := deadline - time.monotonic()) > 0:
@@ -552,6 +555,12 @@ class Publisher:
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
             return self._switch_to(self._grants.popleft())
 
+    def _carried_enough(self) -> bool:
+        """Whether the slab being written holds the whole tail the next slab must carry (an early move to a
+        new slab, for the notice cap, must not carry less than a full slab would)."""
+        data = self._header + self._slab * self.slab_bytes + self.reserve
+        return bool(self._offset - (data - self._slab_carry) >= self._carry)
+
     def _switch_to(self, slab: int) -> int:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
         self._slab = slab
@@ -571,6 +580,7 @@ class Publisher:
 
                 u8[at(data - carry) : at(data)] = u8[at(self._offset - carry) : at(self._offset)]
         self._slab_carry = carry
+        self._slab_notices = 0
         self._switch_unsent = bool(self._end)  # its first FRAME tells the broker of the change
         self._floor = self.samples - carry // self.sample_bytes
         self._end = start + self.slab_bytes

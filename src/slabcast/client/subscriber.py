@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .._exceptions import BrokerGoneError, ClosedError, EndOfStream, ProtocolError, StreamNotFoundError, WouldBlock
+from .._exceptions import (
+    BrokerGoneError,
+    ClosedError,
+    EndOfStream,
+    ProtocolError,
+    SamplesLostError,
+    StreamNotFoundError,
+    WouldBlock,
+)
 from .._info import StreamInfo, SubscriberStatistics
 from ..client.connection import Connection, _context, error_for
 from ..core.rechunk import Rechunker, check_sampler, check_size
@@ -44,8 +52,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _GEN = struct.Struct("<I")
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
-_NOTICE_BACKLOG = 50_000  # notices a subscriber queues before newer ones are dropped for it (it sees the gap)
-_END_GRACE = 0.5  # seconds to wait for notices still on their way once the stream's end is known
+_END_GRACE = 0.5  # once the stream's end is known: seconds without a notice before the rest counts as lost
 _LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
 
 
@@ -462,6 +469,9 @@ class Subscriber:
             self._seq = 0
             self._dropped = 0
             self._nseq = -1  # the next notice seq expected; -1: none seen yet
+            self._noticed = self.start_index  # the stream index just past the last sample a notice announced
+            self._last_notice = time.monotonic()
+            self._noticed_any = False
             self._cursor = self.start_index
             self._cur_slab = -1
             self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -478,7 +488,7 @@ class Subscriber:
             sock.setsockopt(zmq.LINGER, 0)
             # A paused subscriber's backlog is bounded: past it the publisher's socket drops notices for
             # it alone, and it sees the gap (a discontinuity) when it comes back.
-            sock.setsockopt(zmq.RCVHWM, _NOTICE_BACKLOG)
+            sock.setsockopt(zmq.RCVHWM, P.NOTICE_BACKLOG)
             sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the publisher may bind a moment after we connect
             sock.connect(endpoint)
             sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(self.name))
@@ -672,16 +682,30 @@ class Subscriber:
             else:
                 self._on_notice(raw)
                 continue
-            if self._stream_end is not None and (
-                # (notices already with us come first: only an empty socket lets the grace end it)
-                self._cursor >= self._stream_end[2] or time.monotonic() - self._end_seen > _END_GRACE
-            ):
-                # Everything the stream held is cut (or its publisher died with notices unsent).
+            end = self._stream_end
+            if end is not None and self._cursor < end[2]:
+                # Notices already with us come first: only when none came for _END_GRACE (since the end
+                # was known and since the last one) is the rest lost.
+                if time.monotonic() - max(self._end_seen, self._last_notice) > _END_GRACE:
+                    if conn.poll_gone():
+                        raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                    if self._partial_tail and self._cut_tail():
+                        continue
+                    start = self._cursor
+                    if end[0] == P.END_CLOSED:
+                        self._lost(start, end[2])
+                    else:  # the publisher died with notices unsent: its error names the range
+                        self._cursor = end[2]
+                        self._stream_end = (end[0], f"{end[1]}; samples {start}..{end[2]} never reached this "
+                                            "subscriber", end[2])  # fmt: skip
+                    continue
+            elif end is not None:
+                # Everything the stream held is cut.
                 if conn.poll_gone():
                     raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
                 if self._partial_tail and self._cut_tail():
                     continue
-                code, message, _ = self._stream_end
+                code, message, _ = end
                 self._send_ack(force=True)
                 self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
                 raise self._end  # type: ignore[misc]
@@ -743,13 +767,10 @@ class Subscriber:
         seq = msg[2]
         if seq < self._nseq:
             return  # duplicate or stale
-        flags = 0
-        if self._nseq >= 0 and seq > self._nseq:
-            # Notices were lost on the way (this subscriber's queue overflowed): never cut across the hole.
-            log.warning("%s: %d notices lost; the next chunk is flagged as a discontinuity", self._where,
-                        seq - self._nseq)  # fmt: skip
-            flags = P.FLAG_DISCONTINUITY
+        # Notices lost on the way (this subscriber's queue overflowed): never cut across the hole.
+        flags = P.FLAG_DISCONTINUITY if 0 <= self._nseq < seq else 0
         self._nseq = seq + 1
+        self._last_notice = time.monotonic()
         if msg[0] == P.NOTICE_END:
             P.need(msg, 5)
             self._stream_end = (msg[3], msg[4], msg[5])
@@ -761,14 +782,27 @@ class Subscriber:
         _, _, _, index, slab, gen, offset, ns, t0s, jump, floor = msg[:11]
         if type(ns) is int:
             ns, t0s = (ns,), (t0s,)
-        if index < self._cursor:
+        if index < self._noticed:
             return  # written before this subscription started (the notice socket was already connected)
-        self._frames.append([index, slab, gen, offset, ns, t0s, 0, flags | jump, floor])
+        flags |= jump
+        if index > self._noticed and self._noticed_any:
+            # The samples of the lost notices: named by _lost (a block subscriber raises).
+            self._frames.append([self._noticed, -1, index])
+            flags |= P.FLAG_DISCONTINUITY
+        self._frames.append([index, slab, gen, offset, ns, t0s, 0, flags, floor])
+        self._noticed = index + sum(ns)
+        # (A gap before the first notice is no loss: a frame noticed just before our notice socket
+        # joined may reach the broker after our ATTACH; we start at the first frame we are told of.)
+        self._noticed_any = True
 
     def _step(self) -> None:
         """Cut the chunks of the next unread frame (one at a time: a drop subscriber's max_inflight counts
         the chunks it holds, not those a long notice batch would cut at once)."""
         entry = self._frames[0]
+        if entry[1] < 0:
+            self._frames.popleft()
+            self._lost(entry[0], entry[2])
+            return
         index, slab, gen, offset, ns, t0s, i, flags, floor = entry
         chunker = self._chunker
         if i == 0:
@@ -803,6 +837,19 @@ class Subscriber:
         self._frames.popleft()
         if self._acked[0] != slab:
             self._send_ack()  # the broker may free the slab we left
+
+    def _lost(self, start: int, stop: int) -> None:
+        """Samples ``start`` to ``stop`` will never come (their notices were lost): a ``block`` subscriber says
+        so with :class:`SamplesLostError`, a ``drop`` subscriber counts and logs them."""
+        self._cursor = max(self._cursor, stop)
+        self._jumped = True
+        what = f"samples {start}..{stop} ({stop - start} samples) of stream {self.name!r} were lost"
+        if self.policy == "block":
+            raise SamplesLostError(f"{what} before this subscriber read them: their notices never reached it "
+                                   f"(its notice queue overflowed, or the publisher went away first) "
+                                   f"({self._where})", start, stop)  # fmt: skip
+        self._dropped += -(-(stop - start) // self.size)
+        log.warning("%s: %s (notices lost); the next chunk is flagged as a discontinuity", self._where, what)
 
     def _cut_tail(self) -> bool:
         """At the end of the stream: the unfinished chunk, as one partial chunk (once)."""

@@ -117,6 +117,19 @@ CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber its
 MAX_SAMPLER_SECONDS = 1e9  # a pause longer than ~31 years is a mistake, not a setting
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_BATCH = 4096  # frames in one FRAMES message
+# Notice queues.  A local subscriber's SUB socket queues NOTICE_BACKLOG notices, the publisher's XPUB
+# NOTICE_HWM more per subscriber; past both, ZeroMQ drops notices for that subscriber alone.  A publisher
+# moves to a new slab after notices_per_slab(nslabs) notices (once the slab holds what it must carry),
+# so the notices of a whole pool fit in one subscriber's backlog: a block subscriber, which gates the
+# reuse of every slab it has not read, holds the publisher back before its queue could overflow.
+NOTICE_BACKLOG = 50_000
+NOTICE_HWM = 100_000
+
+
+def notices_per_slab(nslabs: int) -> int:
+    """The most notices a publisher sends about one slab (see NOTICE_BACKLOG)."""
+    return max(1, NOTICE_BACKLOG // max(1, nslabs))
+
 STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 DTYPE_KINDS = "biufc"
 

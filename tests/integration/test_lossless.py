@@ -1,0 +1,172 @@
+"""A lossless (``policy="block"``) subscriber receives every sample, holds the publisher back, or says
+exactly which samples it missed: never a clean end after a hole (issue 19, item 1).
+
+The publisher runs in the test process with every write its own notice (the sporadic path, forced),
+one-sample uint8 frames whose value is their index modulo 256, so every sample can be checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import slabcast
+from slabcast.client import publisher as _publisher
+from slabcast.wire import protocol as P
+from tests.integration import workers as W
+
+from .test_c_client import CSub, c_sub  # noqa: F401  (the session fixture that builds the C client)
+
+
+@pytest.fixture
+def one_notice_per_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of this process's publishers sends its own notice (no batching)."""
+    monkeypatch.setattr(_publisher, "_SPORADIC", 0.0)
+
+
+def _write(pub: slabcast.Publisher, start: int, count: int, held: threading.Event | None = None) -> None:
+    """Write samples start..start+count, one per frame; set ``held`` when a write waits 0.2 s for a slab."""
+    state: dict[str, float | None] = {"since": None}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.01):
+            since = state["since"]
+            if held is not None and since is not None and time.monotonic() - since > 0.2:
+                held.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    one = np.zeros(1, np.uint8)
+    try:
+        for i in range(start, start + count):
+            one[0] = i & 0xFF
+            state["since"] = time.monotonic()
+            pub.write(one)
+            state["since"] = None
+    finally:
+        done.set()
+        watcher.join(5)
+
+
+def _tiles(events: list[tuple], total: int) -> list[tuple[int, int]]:
+    """Check the chunks' and holes' ranges follow each other from 0 to ``total``; return the holes."""
+    at, holes = 0, []
+    for ev in events:
+        if ev[0] == "chunk":
+            _, index, n, ok, _disc = ev
+            assert ok, f"chunk at {index} does not hold the samples written there"
+            assert index == at, f"chunk at {index}, expected {at}: samples {at}..{index} vanished without a word"
+            at = index + n
+        else:
+            _, start, stop, _msg = ev
+            assert start == at, f"a hole reported at {start}, expected {at}"
+            holes.append((start, stop))
+            at = stop
+    assert at == total, f"the stream ended at {at} of {total} samples"
+    return holes
+
+
+def test_paused_block_subscriber_holds_the_publisher_and_gets_every_sample(
+    broker, workers, queue, stream_name, one_notice_per_write
+):
+    # 300,000 notices: more than a subscriber's notice queues hold (P.NOTICE_BACKLOG + P.NOTICE_HWM); before
+    # the fix it received about half and then ended clean.
+    total = 300_000
+    assert total > P.NOTICE_BACKLOG + P.NOTICE_HWM
+    ctx_go, results = workers.queue(), workers.queue()
+    go = workers._ctx.Event()
+    pub = slabcast.Publisher(stream_name, dtype="uint8", rate=16_000, address=broker.address, timeout=60)
+    try:
+        workers.spawn(W.read_paused, broker.address, stream_name,
+                      {"size": 4096, "policy": "block", "partial_tail": True}, queue, go, results)  # fmt: skip
+        assert queue.get(timeout=30)[0] == "sub-ready"
+        held = threading.Event()
+        # The reader starts once the publisher is held back (what a paused block subscriber must cause).
+        threading.Thread(target=lambda: (held.wait(120), go.set()), daemon=True).start()
+        _write(pub, 0, total, held)
+    finally:
+        go.set()
+        pub.close()
+    events, end, dropped = results.get(timeout=120)
+    assert held.is_set(), "the publisher was never held back although the subscriber read nothing"
+    assert _tiles(events, total) == []
+    assert not any(ev[4] for ev in events if ev[0] == "chunk"), "a discontinuity in a stream without holes"
+    assert (end, dropped) == ("EndOfStream", 0)
+    ctx_go.close()
+
+
+@pytest.mark.parametrize("where", ["tail", "middle"])
+def test_lost_notices_are_named_exactly_never_a_clean_end(
+    broker, workers, queue, stream_name, one_notice_per_write, monkeypatch, where
+):
+    # A stopped subscriber process (SIGSTOP: its ZeroMQ threads too) behind a publisher whose notice queue
+    # is tiny: notices are dropped for it, in bursts.  Every sample it missed must be named, exactly.
+    monkeypatch.setattr(P, "NOTICE_HWM", 50)
+    results = workers.queue()
+    go, drained = workers._ctx.Event(), workers._ctx.Event()
+    pub = slabcast.Publisher(stream_name, dtype="uint8", rate=16_000, address=broker.address)
+    first = 20_000
+    try:
+        proc = workers.spawn(W.read_paused, broker.address, stream_name, {"size": 1, "policy": "block"},
+                             queue, go, results, drained if where == "middle" else None)  # fmt: skip
+        assert queue.get(timeout=30)[0] == "sub-ready"
+        go.set()
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            _write(pub, 0, first)
+            if where == "tail":
+                pub.close()  # the notices still queued for the stopped subscriber go with the publisher
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        total = first
+        if where == "middle":
+            assert drained.wait(60), "the subscriber did not drain what it had"
+            _write(pub, first, 40)  # fewer than the notice queue holds: none is dropped
+            total += 40
+    finally:
+        pub.close()
+    events, end, _dropped = results.get(timeout=60)
+    holes = _tiles(events, total)  # every sample is either received intact or inside a named hole
+    assert holes, "notices were dropped, yet no hole was reported"
+    for ev in events:
+        if ev[0] == "lost":
+            assert f"samples {ev[1]}..{ev[2]} " in ev[3] and stream_name in ev[3], ev[3]
+    if where == "tail":
+        assert holes[-1][1] == total, "the lost tail was not reported"
+    else:
+        assert holes[-1][1] <= first, holes
+        after = [ev for ev in events if ev[0] == "chunk" and ev[1] >= holes[-1][1]]
+        assert [ev[1] for ev in after][-40:] == list(range(first, total)), "the samples after the hole are missing"
+        assert after[0][4], "the chunk after the hole is not flagged as a discontinuity"
+    assert end == "EndOfStream"
+
+
+def test_c_client_names_the_lost_samples_and_exits_non_zero(
+    c_sub,  # noqa: F811
+    broker, stream_name, one_notice_per_write, monkeypatch
+):
+    monkeypatch.setattr(P, "NOTICE_HWM", 50)
+    pub = slabcast.Publisher(stream_name, dtype="uint8", rate=16_000, address=broker.address)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "1")
+    try:
+        c.wait_ready()
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            _write(pub, 0, 20_000)
+            pub.close()
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        assert c.finish(60) == 7, c.stderr
+        got = [(index, n) for _seq, index, n, _t0, _crc in c.chunks()]
+        assert got == [(i, 1) for i in range(len(got))], "the C client skipped samples without a word"
+        assert re.search(rf"samples {len(got)}\.\.\d+ \(\d+ samples\) .*were lost", c.stderr), c.stderr
+    finally:
+        pub.close()
+        c.close()
