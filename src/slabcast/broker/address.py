@@ -10,7 +10,7 @@ import tempfile
 
 from .._exceptions import AccessDeniedError, BrokerRunningError
 
-__all__ = ["AddressLock", "check_private_dir", "default_address", "ipc_path", "normalize"]
+__all__ = ["AddressLock", "check_private_dir", "default_address", "dir_mode", "ipc_path", "normalize", "socket_mode"]
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -49,6 +49,28 @@ def default_address() -> str:
         where = f"XDG_RUNTIME_DIR={runtime!r}" if os.environ.get("XDG_RUNTIME_DIR") else f"the temp dir ({runtime!r})"
         raise ValueError(f"the default broker address comes from {where} and {exc}; "
                          f"set {ENV} to a shorter socket path") from None  # fmt: skip
+
+
+def socket_mode(shm_mode: int) -> int:
+    """The mode of the broker's socket files for segments of ``shm_mode``: whoever may read the segments may
+    connect (which needs write permission on the socket file)."""
+    mode = 0o600
+    if shm_mode & 0o060:
+        mode |= 0o060
+    if shm_mode & 0o006:
+        mode |= 0o006
+    return mode
+
+
+def dir_mode(shm_mode: int) -> int:
+    """The mode of the socket's directory the broker makes: entered by whoever may connect, written by the
+    broker's user only."""
+    mode = 0o700
+    if shm_mode & 0o060:
+        mode |= 0o050
+    if shm_mode & 0o006:
+        mode |= 0o005
+    return mode
 
 
 def check_private_dir(path: str) -> None:
@@ -120,17 +142,24 @@ class AddressLock:
 
     ZeroMQ lets a second process bind the same ipc path and silently take the
     traffic; the lock makes the second broker fail loudly instead.  The lock file
-    holds the pid of its owner.  The socket's directory is created ``0o700``.
+    holds the pid of its owner.  The socket's directory is created ``0o700``, or
+    ``0o750`` for group-readable segments (``shm_mode`` ``0o660``).
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, shm_mode: int = 0o600) -> None:
         path = ipc_path(address)
         if path is None:
             raise ValueError(f"only ipc:// addresses are locked, got {address!r}")
         self.sock_path = path
         self.path = path + ".lock"
+        self.shm_mode = shm_mode
         directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        want = dir_mode(shm_mode)
+        os.makedirs(directory, mode=want, exist_ok=True)
+        st = os.stat(directory)
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & want != want:
+            # Ours, made by an earlier broker with a narrower mode (or by the umask): let the group in.
+            os.chmod(directory, stat.S_IMODE(st.st_mode) | want)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,6 +177,10 @@ class AddressLock:
         # The lock is ours, so a socket file here is a dead broker's leftover.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+    def share(self) -> None:
+        """Give the bound socket file the mode that matches the segments' (ZeroMQ creates it under the umask)."""
+        os.chmod(self.sock_path, socket_mode(self.shm_mode))
 
     def release(self) -> None:
         """Remove the socket and lock files and drop the lock (idempotent)."""

@@ -22,6 +22,7 @@ import resource
 import secrets
 import signal
 import socket
+import stat
 import struct
 import time
 from collections import deque
@@ -96,6 +97,28 @@ def _raise_nofile() -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return (1 << 20 if now == resource.RLIM_INFINITY else now), soft
+
+
+def _warn_unreachable(sock_path: str, shm_mode: int) -> None:
+    """Log when the group that ``shm_mode`` shares with cannot even reach the socket's directory."""
+    if not shm_mode & 0o060:
+        return
+    directory = os.path.dirname(sock_path)
+    while True:
+        with contextlib.suppress(OSError):
+            st = os.stat(directory)
+            mode = stat.S_IMODE(st.st_mode)
+            if not (mode & 0o001 or (mode & 0o010 and st.st_gid == os.getegid())):
+                log.warning(
+                    "--shm-mode %o shares the segments with group %d, but %s (mode %04o, group %d) does not let that "
+                    "group reach the socket %s: clients of the group will get a PermissionError",
+                    shm_mode, os.getegid(), directory, mode, st.st_gid, sock_path,
+                )  # fmt: skip
+                return
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
 
 
 def fd_headroom(limit: int) -> int:
@@ -515,7 +538,7 @@ class Broker:
         self._fd_check_at = 0  # number of clients at which to count descriptors again
         self._refused = 0  # clients refused for want of descriptors since the last log line about it
         self._refused_logged = 0.0
-        self._lock = AddressLock(self.address) if ipc_path(self.address) else None
+        self._lock = AddressLock(self.address, shm_mode) if ipc_path(self.address) else None
         reaped = reap_stale()
         if reaped:
             log.info("removed %d segments of dead brokers: %s", len(reaped), ", ".join(reaped))
@@ -535,6 +558,9 @@ class Broker:
             if self._lock:
                 self._lock.release()
             raise OSError(f"cannot bind the broker to {self.address}: {exc}") from exc
+        if self._lock is not None:
+            self._lock.share()
+            _warn_unreachable(self._lock.sock_path, shm_mode)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tcp: zmq.Socket[Any] | None = None
         self._auth: Any = None
