@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import slabcast
+
 
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
@@ -176,3 +178,30 @@ def test_a_group_broker_warns_when_its_group_cannot_reach_the_socket(as_root, sh
     proc = _start_broker(f"ipc://{private}/run/broker.sock", "660", f"synthetic:name={stream_name},rate=8000")
     log = _stop(proc)
     assert f"{private} (mode 0700, group {_GROUP}) does not let that group reach the socket" in log, log
+
+
+def test_a_wrong_curve_key_is_a_clear_error_and_the_broker_logs_it(tmp_path, stream_name):
+    # A wrong broker key said the broker "went away"; the broker logged nothing about refused clients.
+    for name, where in (("broker", tmp_path), ("client", tmp_path / "clients"), ("stranger", tmp_path / "other")):
+        subprocess.run([sys.executable, "-m", "slabcast", "keygen", name, "--dir", str(where)],
+                       capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    broker = slabcast.BrokerProcess(tmp_path / "b.sock", args=(
+        "--tcp", "127.0.0.1:0", "--curve-secret", str(tmp_path / "broker.key_secret"),
+        "--curve-clients", str(tmp_path / "clients")))  # fmt: skip
+    with broker:
+        wrong_server = (str(tmp_path / "clients" / "client.key_secret"), str(tmp_path / "other" / "stranger.key"))
+        t = time.monotonic()
+        with pytest.raises(slabcast.AccessDeniedError, match=rf"no CURVE handshake with {broker.tcp_address} .*: "
+                           r"wrong server key \(.*stranger.key\), or this client's key is not authorized"):  # fmt: skip
+            slabcast.Subscriber(stream_name, size=10, address=broker.tcp_address, curve=wrong_server)
+        assert time.monotonic() - t < 5
+        stranger = (str(tmp_path / "other" / "stranger.key_secret"), str(tmp_path / "broker.key"))
+        with pytest.raises(slabcast.AccessDeniedError, match="refused this client's CURVE key"):
+            slabcast.broker_status(broker.tcp_address, curve=stranger)
+        good = (str(tmp_path / "clients" / "client.key_secret"), str(tmp_path / "broker.key"))
+        assert slabcast.broker_status(broker.tcp_address, curve=good)["pid"] == broker.pid
+        broker.stop()
+    log = broker.stderr()
+    assert f"refused a CURVE handshake on {broker.tcp_address}: its hello could not be decrypted" in log, log
+    public = (tmp_path / "other" / "stranger.key").read_text().split('public-key = "')[1].split('"')[0]
+    assert f"refused a CURVE client at 127.0.0.1: Unknown key (public key {public} is not in" in log, log

@@ -121,6 +121,44 @@ def _warn_unreachable(sock_path: str, shm_mode: int) -> None:
         directory = parent
 
 
+_HANDSHAKE_FAILED = int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_ERRORS = {
+    int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): "its hello could not be decrypted: the client holds another public "
+    "key for this broker (its server key file is not this broker's *.key)",
+    int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "the client does not speak CURVE (no keys given?)",
+}
+
+
+def _authenticator(base: Any, ctx: zmq.Context[Any], clients: str) -> Any:
+    """pyzmq's ZAP authenticator for the ``clients`` key directory, logging each refused key at WARNING with
+    the peer's address (pyzmq logs refusals at DEBUG, so an operator never saw them)."""
+
+    class Authenticator(base):  # type: ignore[misc]
+        peer = "?"
+        key = "?"
+
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            self.peer = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
+            await super().handle_zap_message(msg)
+
+        async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+            from zmq.utils import z85
+
+            self.key = z85.encode(client_key).decode()
+            return await super()._authenticate_curve(domain, client_key)  # type: ignore[no-any-return]
+
+        def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                            user_id: str = "anonymous") -> None:  # fmt: skip
+            if status_code != b"200":
+                log.warning(
+                    "refused a CURVE client at %s: %s (public key %s is not in %s)",
+                    self.peer, status_text.decode(errors="replace"), self.key, clients,
+                )  # fmt: skip
+            super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+    return Authenticator(ctx, log=logging.getLogger("slabcast.broker.auth"))
+
+
 def fd_headroom(limit: int) -> int:
     """Descriptors the broker keeps free for what is not a client's connection (new streams' segments,
     hosted sources' files, TCP connections that have not said HELLO yet, a burst of connects)."""
@@ -564,6 +602,7 @@ class Broker:
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tcp: zmq.Socket[Any] | None = None
         self._auth: Any = None
+        self._tcp_monitor: zmq.Socket[Any] | None = None
         self.tcp_address: str | None = None
         if tcp is not None:
             self._bind_tcp(tcp, curve_secret, curve_clients)
@@ -617,7 +656,7 @@ class Broker:
         if secret is None:
             self._close_sockets()
             raise ValueError(f"{curve_secret} holds no secret key (use the *.key_secret file from `slabcast keygen`)")
-        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("slabcast.broker.auth"))
+        self._auth = _authenticator(ThreadAuthenticator, self._ctx, curve_clients)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=curve_clients)
         sock = self._ctx.socket(zmq.ROUTER)
@@ -635,6 +674,8 @@ class Broker:
         sock.bind(endpoint)
         self._tcp = sock
         self.tcp_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # A client that holds the wrong public key for us fails before the authenticator hears of it.
+        self._tcp_monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
 
     # ------------------------------------------------------------------ loop
 
@@ -675,6 +716,8 @@ class Broker:
             poller.register(parent_fd, zmq.POLLIN)
         if self._tcp is not None:
             poller.register(self._tcp, zmq.POLLIN)
+        if self._tcp_monitor is not None:
+            poller.register(self._tcp_monitor, zmq.POLLIN)
         log.info("broker %d serving %s", self.pid, self.address)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.info(
@@ -702,6 +745,8 @@ class Broker:
                     self._drain(self._tcp)
                 if self._monitor in events:
                     self._drain_monitor()
+                if self._tcp_monitor is not None and self._tcp_monitor in events:
+                    self._log_failed_handshakes(self._tcp_monitor)
                 if wake_r.fileno() in events:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
@@ -758,6 +803,16 @@ class Broker:
             disconnected = True
         if disconnected:
             self._sweep()
+
+    def _log_failed_handshakes(self, monitor: zmq.Socket[Any]) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        with contextlib.suppress(zmq.Again):
+            while True:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+                code = event["value"]
+                reason = _HANDSHAKE_ERRORS.get(code, f"a malformed handshake (ZMTP error {code:#x})")
+                log.warning("refused a CURVE handshake on %s: %s", self.tcp_address, reason)
 
     def _sweep(self) -> None:
         """Drop dead clients (after handling what they sent); evict subscribers that hold leases too long."""
@@ -1750,7 +1805,12 @@ class Broker:
             self._router.disable_monitor()
             monitor.close(linger=0)
         self._router.close(linger=1000)
+        tcp_monitor = getattr(self, "_tcp_monitor", None)
         if self._tcp is not None:
+            if tcp_monitor is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._tcp.disable_monitor()
+                tcp_monitor.close(linger=0)
             self._tcp.close(linger=1000)
         if self._auth is not None:
             self._auth.stop()
