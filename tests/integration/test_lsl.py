@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -203,3 +204,61 @@ def test_a_publisher_with_timestamps_and_chunk_times(broker, stream_name):
         assert np.array_equal(t, times[index : index + 300]) and t0 == times[index]
     sub.close()
     plain.close()
+
+
+def test_an_lsl_source_never_takes_slabcasts_own_outlet_unless_asked_by_name(broker, stream_name):
+    # Issue 19, item 7: with `slabcast lsl-out S` running, an lsl source resolving by type and source_id (the
+    # form docs/lsl.md shows) latched onto slabcast's copy of the device and missed ~4 s when it came back.
+    from slabcast.broker.sources import LslSource
+
+    device = f"dev-{stream_name}"
+    pub = slabcast.Publisher(stream_name, "float32", 2, rate=250.0, address=broker.address,
+                             channel_types=["EMG", "EMG"], source_id=device)  # fmt: skip
+    copy = f"copy-{stream_name}"
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", stream_name, "--name", copy,
+                             "--address", broker.address], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        by_name = LslSource(name="x", stream=copy, timeout=1.0)
+        (found,) = pylsl.resolve_bypred(by_name.predicate, 1, 20)  # asked for by name: it is there
+        assert found.type() == "EMG" and found.source_id() == f"slabcast:{device}"  # never the device's own
+        inlet = pylsl.StreamInlet(found)
+        assert inlet.info(10).desc().child_value("slabcast_outlet") == stream_name  # recognizable
+        inlet.close_stream()
+        for options in ({"type": "EMG", "source_id": device}, {"type": "EMG"},
+                        {"source_id": found.source_id()}, {"predicate": f"name='{copy}'"}):  # fmt: skip
+            source = LslSource(name="y", timeout=1.0, **options)
+            assert not pylsl.resolve_bypred(source.predicate, 0, 1.5), options
+        # The device itself (not slabcast's) is found by the same type and source_id.
+        outlet = emg_outlet(f"real-{stream_name}", device, channels=2)
+        (real,) = pylsl.resolve_bypred(LslSource(name="z", type="EMG", source_id=device).predicate, 1, 20)
+        assert real.name() == f"real-{stream_name}"
+        del outlet
+    finally:
+        pub.close()
+        assert proc.wait(20) == 0
+        proc.stderr.close()
+
+
+def test_status_tells_a_lost_outlet_from_a_running_one(tmp_path, stream_name):
+    lsl_name = f"sc-{stream_name}"
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=0.5,lost_after=0.5"
+    outlet = emg_outlet(lsl_name, f"dev-{stream_name}", channels=2, rate=500.0)
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        sub = slabcast.Subscriber(stream_name, size=50, address=broker.address, wait=20)
+        assert outlet.wait_for_consumers(10)
+        push(outlet, 0, 500, channels=2)
+        sub.recv(timeout=10).release()
+        del outlet  # the device goes away
+        deadline = time.monotonic() + 20
+        while (src := slabcast.broker_status(broker.address)["sources"][0])["state"] != "reconnecting":
+            assert time.monotonic() < deadline, src
+            time.sleep(0.1)  # polling the broker's status
+        assert src["reconnects"] == 1
+        while slabcast.broker_status(broker.address)["sources"][0]["last_sample_age"] < 2.0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        human = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                               capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        assert f"source {stream_name} (LslSource): reconnecting, reconnects 1" in human, human
+        assert "observed" not in human and re.search(r"none for [\d.]+ s", human), human
+        sub.close()

@@ -21,6 +21,7 @@ import numpy as np
 from .._exceptions import SlabcastError, WriteTimeout
 from .._info import StreamInfo
 from ..bridge.zenoh import ZenohSource
+from ..client.lsl import SLABCAST_OUTLET
 from ..client.publisher import Publisher
 from ..wire.protocol import check_dtype, check_stream_name
 from .options import SourceOptionError, build_source, parse_source, source_options, sources_from_json
@@ -516,6 +517,11 @@ class LslSource:
             if source_id:
                 parts.append(f"source_id='{source_id}'")
             predicate = " and ".join(parts)
+        if not stream:
+            # slabcast's own outlets (lsl-out) carry a copy of a stream, maybe of this very device (same type,
+            # same channels): resolved only when asked for by their LSL name, never by type, source_id or a
+            # predicate, which would latch onto the copy while the device is away.
+            predicate = f"({predicate}) and not(desc/{SLABCAST_OUTLET})"
         self.predicate = str(predicate)
         self.timeout = float(timeout)
         self.max_samples = int(max_samples)

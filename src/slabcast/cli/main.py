@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("stream")
     p.add_argument("--name", default=None, help="LSL stream name (default: the slabcast name)")
     p.add_argument("--type", default=None, help="LSL content type (default: the first channel type, or 'slabcast')")
-    p.add_argument("--source-id", default=None, help="LSL source_id (default: the stream's, or slabcast:<name>)")
+    p.add_argument("--source-id", default=None, help="LSL source_id (default: slabcast:<stream's source_id or name>)")
     p.add_argument("--address", default=None)
     p.add_argument("--curve", nargs=2, metavar=("CLIENT_SECRET", "BROKER_PUBLIC"), default=None, help=curve_help)
     p.set_defaults(func=_lsl_out)

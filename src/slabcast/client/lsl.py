@@ -19,6 +19,8 @@ __all__ = ["LslOutlet", "lsl_outlet", "run_outlet"]
 
 log = logging.getLogger("slabcast.lsl")
 
+SLABCAST_OUTLET = "slabcast_outlet"  # desc field marking outlets made by slabcast (the lsl source skips them)
+
 # Sample types LSL carries; unsigned ones go out in the next wider signed type, losslessly.
 _FORMATS = {"float32": "float32", "float64": "double64", "int8": "int8", "int16": "int16", "int32": "int32",
             "int64": "int64", "uint8": "int16", "uint16": "int32", "uint32": "int64"}  # fmt: skip
@@ -43,8 +45,10 @@ class LslOutlet:
         The LSL stream name (default: the slabcast name) and content type
         (default: the first channel type, else ``"slabcast"``).
     source_id : str, optional
-        Default: the stream's ``source_id``, else ``slabcast:<name>`` (so LSL
-        inlets recover across restarts of this outlet).
+        Default: ``slabcast:`` and the stream's ``source_id`` (else its name): stable,
+        so LSL inlets recover across restarts of this outlet, and never the
+        device's own.  The outlet's ``desc`` has ``<slabcast_outlet>`` (the
+        stream's name): slabcast's ``lsl`` source resolves it only by LSL name.
 
     Timestamps: a chunk's ``t0`` (``time.time()`` clock) is put on LSL's clock
     (``local_clock()``), so LSL inlets and LabRecorder see the samples' own times.
@@ -64,8 +68,10 @@ class LslOutlet:
         self.info = info
         self._dtype = np.dtype("float64" if fmt == "double64" else fmt)
         kind = type or (info.channel_types[0] if info.channel_types else "slabcast")
+        # Never the device's own source_id: an inlet of the device (slabcast's lsl source, liblsl recovering
+        # a lost inlet, LabRecorder) must not mistake this copy for the device.
         lsl_info = lsl.StreamInfo(name or info.name, kind, info.channels, info.rate or lsl.IRREGULAR_RATE, fmt,
-                                  source_id or info.source_id or f"slabcast:{info.name}")  # fmt: skip
+                                  source_id or f"slabcast:{info.source_id or info.name}")  # fmt: skip
         channels = lsl_info.desc().append_child("channels")
         for i, label in enumerate(info.channel_names):
             ch = channels.append_child("channel")
@@ -75,6 +81,8 @@ class LslOutlet:
             if info.channel_units:
                 ch.append_child_value("unit", info.channel_units[i])
         lsl_info.desc().append_child_value("manufacturer", "slabcast")
+        # The mark slabcast's lsl source looks for (and skips unless asked by LSL name): the stream it copies.
+        lsl_info.desc().append_child_value(SLABCAST_OUTLET, info.name)
         self._outlet = lsl.StreamOutlet(lsl_info)
         self._offset = time.time() - lsl.local_clock()
         self.pushed = 0
