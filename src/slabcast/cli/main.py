@@ -151,7 +151,7 @@ def _status(args: argparse.Namespace) -> int:
         age = (sources.get(s["name"]) or {}).get("last_sample_age")
         if st.get("mean"):
             rate_seen = f", observed {st['observed_rate']:.0f}/s" if st.get("observed_rate") else ""
-            if age is not None and age > st["window_seconds"]:  # the window is stream time: it stands still
+            if age is not None and age > 1.0:  # the window is stream time: it stands still when nothing comes
                 rate_seen = f", none for {age:.1f} s"
             print(f"    last {st['window_seconds']:g} s ({st['window_samples']} samples{rate_seen}):")
             for i, name in enumerate(s.get("channel_names") or [f"ch_{i}" for i in range(s["channels"])]):
