@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,3 +104,48 @@ def test_sampler_zero_means_none_and_callable_returning_negative_is_refused():
     r = Rechunker(2, True, None, lambda: -1.0)
     with pytest.raises(ValueError, match="sampler must return seconds >= 0"):
         list(itertools.chain(r.feed(0, 4, 1.0)))
+
+
+def _gaps(chunks: list[tuple[int, int, float]]) -> list[int]:
+    """Samples skipped between consecutive chunks."""
+    return [b[0] - (a[0] + a[1]) for a, b in itertools.pairwise(chunks)]
+
+
+@pytest.mark.parametrize("step", [-3600.0, 3600.0])
+def test_a_clock_step_never_changes_what_a_sampler_skips_with_a_rate(step):
+    # sampler=0.5 at 1 kHz, 100-sample frames stamped by a wall clock that steps an hour mid-stream:
+    # before the fix a step back gave no chunk for the hour the clock took to catch up.
+    r = Rechunker(100, True, 1000.0, lambda: 0.5)
+    chunks = []
+    for k in range(200):
+        t0 = 1000.0 + k * 0.1 + (step if k >= 100 else 0.0)
+        chunks += r.feed(k * 100, 100, t0)
+    assert _gaps(chunks) == [500] * (len(chunks) - 1)
+    assert len(chunks) == 34  # one chunk of 100 every 600 samples, steps or not
+
+
+def test_a_clock_step_back_without_a_rate_costs_at_most_one_period_and_is_flagged():
+    r = Rechunker(1, False, None, lambda: 0.5)
+    taken, flagged = [], []
+    for k in range(100):  # one frame every 0.1 s; the clock steps back an hour at frame 50
+        t0 = 1000.0 + k * 0.1 - (3600.0 if k >= 50 else 0.0)
+        got = r.feed(k, 1, t0)
+        if r.jumped:
+            r.jumped = False
+            flagged.append(k)
+        taken += [c[0] for c in got]
+    assert flagged == [50]
+    assert taken == list(range(0, 100, 5))  # every 0.5 s of frames, right through the step
+
+
+def test_sampler_skips_are_exact_in_samples_whatever_the_frame_times():
+    # A paced file source stamps frames with the time it sent them (jitter); sampler=1.5 at 64 kHz must
+    # skip exactly 96,000 samples every time (some skips were 96,001).
+    rng = np.random.default_rng(7)
+    r = Rechunker(1024, True, 64_000.0, lambda: 1.5)
+    chunks, index = [], 0
+    for k in range(2000):
+        chunks += r.feed(index, 1024, 5000.0 + k * 0.016 + rng.uniform(-2e-3, 2e-3))
+        index += 1024
+    assert len(chunks) > 10
+    assert set(_gaps(chunks)) == {96_000}

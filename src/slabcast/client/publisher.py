@@ -321,7 +321,8 @@ class Publisher:
         data : numpy.ndarray or bytes
             ``(n,)`` or ``(n, channels)`` samples of the stream's dtype, n >= 1.
         t0 : float, optional
-            Time of the frame's first sample; default ``time.time()``.
+            Time of the frame's first sample in seconds (any clock the stream agrees on; finite);
+            default ``time.time()`` (wall clock, which NTP or an operator may step).
         discontinuity : bool
             The stream jumps before this frame (a device was swapped or
             reconnected): samples accumulated by subscribers are dropped so no
@@ -363,6 +364,9 @@ class Publisher:
                 t0 = float(stamps[0])
         if t0 is None:
             t0 = time.time()
+        elif isinstance(t0, bool) or not isinstance(t0, int | float | np.integer | np.floating) \
+                or not math.isfinite(t0):  # fmt: skip
+            raise ValueError(f"t0 must be a finite number of seconds, got {t0!r} ({self._where}); nothing was written")
         now = time.monotonic()
         if now >= self._next_check:  # errors and the broker's death are noticed within 50 ms
             self._next_check = now + 0.05
@@ -422,6 +426,10 @@ class Publisher:
         stamps = np.ascontiguousarray(times, dtype=np.float64)
         if stamps.shape != (n,):
             raise ValueError(f"times must have one value per sample, shape ({n},), got {stamps.shape} ({self._where})")
+        if not np.isfinite(stamps).all():
+            bad = int(np.flatnonzero(~np.isfinite(stamps))[0])
+            raise ValueError(f"times must be finite seconds, got {float(stamps[bad])!r} at sample {bad} "
+                             f"({self._where}); nothing was written")  # fmt: skip
         return stamps
 
     def flush(self, timeout: float | None = None) -> None:

@@ -823,6 +823,9 @@ class Subscriber:
                 self._unlock_idle()
         n = ns[i]
         chunks = chunker.feed(index, n, t0s[i])
+        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
+            chunker.jumped = False
+            self._jumped = True
         if chunks:
             sb = self._sample_bytes
             for cstart, length, ct0 in chunks:

@@ -77,7 +77,7 @@ class Rechunker:
         sampler, the remainder after a chunk is dropped, never carried.
     """
 
-    __slots__ = ("clip", "pause_until", "rate", "sampler", "size", "start", "t0")
+    __slots__ = ("clip", "jumped", "last_t0", "pause_at", "pause_until", "rate", "sampler", "size", "start", "t0")
 
     def __init__(
         self,
@@ -92,34 +92,47 @@ class Rechunker:
         self.sampler = sampler
         self.start: int | None = None  # index of the first pending sample
         self.t0 = 0.0  # time of the first pending sample
-        self.pause_until: float | None = None
+        self.pause_until: float | None = None  # no rate: the sampler's pause ends at this frame time
+        self.pause_at: int | None = None  # with a rate: the pause ends at this stream index
+        self.last_t0 = -math.inf  # the previous frame's time (no rate: a clock step back restarts the pause)
+        self.jumped = False  # the schedule restarted on a clock step back (no rate); the caller clears it
 
     def feed(self, index: int, n: int, t0: float) -> list[tuple[int, int, float]]:
         """Account for a frame of ``n`` samples starting at stream index ``index`` at time ``t0``.
 
         Frames must be fed in order and without gaps.  Returns the chunks this
         frame completes, oldest first, as ``(start_index, length, t0)``.
+
+        With a rate the sampler's pause is counted in samples, so a step of the
+        timestamps (``time.time()`` set back or forward) never changes what is
+        skipped.  Without one it is counted in frame time; a frame older than the
+        one before restarts the schedule (the pause ends there) and sets
+        :attr:`jumped`, so the caller can flag its next chunk.
         """
         end = index + n
         start = self.start
         # Fast path: no pause, chunk still incomplete after this frame.
-        if self.pause_until is None and start is not None and end - start < self.size:
+        if self.pause_until is None and self.pause_at is None and start is not None and end - start < self.size:
             return []
         rate = self.rate
+        if rate is None:
+            if t0 < self.last_t0 and self.pause_until is not None:
+                self.pause_until = None  # the clock stepped back: skipping "until then" could last for hours
+                self.jumped = True
+            self.last_t0 = t0
         out: list[tuple[int, int, float]] = []
         pos = index
         while True:
             if self.pause_until is not None:
-                if rate is None:
-                    # Whole-frame skipping; after a sampled chunk the rest of its frame is dropped.
-                    if pos != index or t0 < self.pause_until:
-                        break
-                else:
-                    skip = math.ceil((self.pause_until - t0) * rate - _EPS)
-                    if index + skip >= end:
-                        break
-                    pos = max(pos, index + skip)
+                # Whole-frame skipping; after a sampled chunk the rest of its frame is dropped.
+                if pos != index or t0 < self.pause_until:
+                    break
                 self.pause_until = None
+            elif self.pause_at is not None:
+                if self.pause_at >= end:
+                    break
+                pos = max(pos, self.pause_at)
+                self.pause_at = None
             if self.start is None:
                 self.start = pos
                 self.t0 = t0 + (pos - index) / rate if rate else t0
@@ -133,7 +146,10 @@ class Rechunker:
                 pause = float(self.sampler())
                 if not pause >= 0:  # also catches NaN
                     raise ValueError(f"sampler must return seconds >= 0, got {pause!r}")
-                self.pause_until = (self.t0 + length / rate if rate else t0) + pause
+                if rate:
+                    self.pause_at = stop + math.ceil(pause * rate - _EPS)
+                else:
+                    self.pause_until = t0 + pause
                 self.start = None
                 pos = stop
                 continue
