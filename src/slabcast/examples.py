@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["flac_file", "full_scale", "spectral_peak", "spl", "wav_file"]
+__all__ = ["EXAMPLE_CONFIG", "flac_file", "full_scale", "spectral_peak", "spl", "wav_file"]
 
 
 def _say(line: str) -> None:
@@ -112,3 +112,71 @@ def spectral_peak(chunk: Any, rate: float | None = None) -> None:
     peaks = np.fft.rfftfreq(n, 1 / rate)[np.argmax(spectrum, axis=0)]
     text = "  ".join(f"ch{i} peak {p:7.1f} Hz" for i, p in enumerate(peaks))
     _say(f"[peak  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  {text}")
+
+
+# `slabcast up --example` prints it (a pip install has no broker/ directory); a test keeps it equal to
+# broker/slabcast.toml.
+EXAMPLE_CONFIG = """# slabcast up broker/slabcast.toml
+#
+# The microphone use case: one audio stream, three independent tasks, each in its
+# own process with its own chunk size. `slabcast up` starts the broker with its
+# sources, starts one worker process per task (more with `workers = N`), restarts a
+# worker that crashes (after 0.5 s, then 1, 2, 4 ... up to 30 s). On Ctrl-C or
+# SIGTERM the sources end their streams, the workers finish them (the recorder
+# writes its last, shorter file) and exit, then the broker stops, leaving nothing
+# behind (a second Ctrl-C stops at once).
+
+[broker]
+# address = "ipc:///run/slabcast/broker.sock"   # default: $SLABCAST_ADDRESS or the per-user socket
+lease_timeout = 30.0                              # evict a block subscriber that keeps the source waiting longer (s)
+# shm_mode = "660"                                # segments readable by the group (consumers as another user)
+
+# Sources run on acquisition threads inside the broker; their samples go straight
+# into shared memory. Replace the synthetic one with a real device, e.g. run
+#   arecord -f S16_LE -r 48000 -c 2 | slabcast up broker/slabcast.toml
+# with kind = "stdin", dtype = "int16"; or a file: kind = "file", path = "speech.flac"
+# (docs/up.md lists every source kind and option).
+[[sources]]
+kind = "synthetic"
+name = "mic"
+rate = 48000
+channels = 2
+frame = 480                 # 10 ms per frame
+freqs = [440.0, 1000.0]     # one tone per channel, plus noise
+nslabs = 6                  # the pool: 6 slabs of 2 MiB for frames, each carrying the longest chunk a
+                            # subscriber asks for (the 10 s recorder's 3.84 MB): 34 MiB of /dev/shm
+                            # once it subscribes; see docs/up.md, "Sizing"
+
+# Each task names a callable `module:function` called as function(chunk, **options)
+# for every chunk, in its worker process. chunk.data is a read-only numpy view of
+# shared memory, valid during the call.
+
+[[tasks]]
+name = "spl"                # sound level every 0.5 s; never slows the others down
+call = "slabcast.examples:spl"
+stream = "mic"
+seconds = 0.5
+clip = true
+policy = "drop"
+
+[[tasks]]
+name = "recorder"           # a WAV file every 10 s, lossless from its start to the end, the last partial one too
+call = "slabcast.examples:wav_file"
+stream = "mic"
+seconds = 10.0
+clip = true
+policy = "block"
+partial_tail = true
+options = { out = "/tmp/slabcast-wav" }  # written at the stream's rate
+
+[[tasks]]
+name = "model"              # 1 s of audio to a model, then skip 1 s: it runs every 2 s of stream time
+call = "slabcast.examples:spectral_peak"
+stream = "mic"
+seconds = 1.0
+clip = true
+sampler = 1.0
+policy = "drop"
+workers = 1
+
+"""

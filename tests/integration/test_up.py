@@ -337,3 +337,16 @@ def test_a_task_failing_again_and_again_is_marked_failed_and_up_exits_1(tmp_path
     assert "task crash#0 exited with code 1; restart 2 in 1 s" in result.stdout
     assert "task crash#0 failed: exited with code 1, 3 times in a row; not restarted (max_failures = 3)" in result.stdout
     assert "every task is done; failed: crash" in result.stdout
+
+
+def test_a_pip_user_gets_the_example_config_from_up_example(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "slabcast", "up", "--example"], capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == CONFIG.read_text()  # the same file as the source checkout's broker/slabcast.toml
+    (tmp_path / "up.toml").write_text(result.stdout)
+    from slabcast.cli.up import load_config
+
+    assert [t.name for t in load_config(str(tmp_path / "up.toml")).tasks] == ["spl", "recorder", "model"]
+    bare = subprocess.run([sys.executable, "-m", "slabcast", "up"], capture_output=True, text=True, timeout=30)
+    assert bare.returncode == 2 and "slabcast up --example > slabcast.toml" in bare.stderr

@@ -168,6 +168,15 @@ def _status(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from ..cli.up import run_up
 
+    if args.example:
+        from ..examples import EXAMPLE_CONFIG
+
+        sys.stdout.write(EXAMPLE_CONFIG)
+        return 0
+    if args.config is None:
+        print("slabcast up: give a CONFIG.toml (slabcast up --example > slabcast.toml writes one to start from)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         return run_up(args.config, output=lambda line: print(line, flush=True), log_level=args.log_level.upper())
     except (OSError, ValueError, ImportError, AttributeError) as exc:
@@ -332,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_top)
 
     p = sub.add_parser("up", parents=[common], help="start a broker, its sources and supervised task workers")
-    p.add_argument("config", help="TOML file (see broker/slabcast.toml)")
+    p.add_argument("config", nargs="?", default=None, help="TOML file (docs/up.md; --example prints one)")
+    p.add_argument("--example", action="store_true",
+                   help="print the example config (the microphone use case): slabcast up --example > up.toml")
     p.set_defaults(func=_up)
 
     from . import bridge, view
