@@ -162,7 +162,9 @@ def test_group_mode_segments_and_private_socket_directory(tmp_path, stream_name)
         with slabcast.Publisher(stream_name, address=broker.address) as pub:
             mode = stat.S_IMODE(os.stat(f"/dev/shm/{pub.segment}").st_mode)
             assert mode == 0o660
-        assert stat.S_IMODE(os.stat(tmp_path / "sub").st_mode) == 0o700
+        # The group may enter it to reach the socket, which is 0660 too (issue 19, item 15); only the broker writes.
+        assert stat.S_IMODE(os.stat(tmp_path / "sub").st_mode) == 0o750
+        assert stat.S_IMODE(os.stat(tmp_path / "sub" / "b.sock").st_mode) == 0o660
     with (
         slabcast.BrokerProcess(tmp_path / "b2.sock") as broker,
         slabcast.Publisher(stream_name, address=broker.address) as pub,
