@@ -2,10 +2,10 @@
  * slabcast.c: a subscriber of the slabcast wire protocol over libzmq and msgpack-c.
  *
  * Version 2 (the default, docs/protocol.md section 0): the client cuts its own chunks from the
- * publisher's NOTICEs (rechunk_feed is a port of src/slabcast/_rechunk.py's Rechunker.feed), leases
+ * publisher's NOTICEs (rechunk_feed is a port of src/slabcast/core/rechunk.py's Rechunker.feed), leases
  * them with OFD record locks checked against the segment's generation table, and reports how far it
  * has read with ACK.  The receive loop (pump) mirrors Subscriber._recv_local in
- * src/slabcast/_subscriber.py.  Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks
+ * src/slabcast/client/subscriber.py.  Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks
  * (CHUNK) and the client gives each back (RELEASE).
  */
 #define _GNU_SOURCE             /* F_OFD_SETLK, getrandom */
@@ -31,7 +31,7 @@
 #include <zmq.h>
 
 /*
- * Message kinds: the table of src/slabcast/_protocol.py, the single source of truth
+ * Message kinds: the table of src/slabcast/wire/protocol.py, the single source of truth
  * (tests/integration/test_c_client.py checks that every kind here matches it, and that none is missing).
  */
 enum {
@@ -51,7 +51,7 @@ enum {
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 
-/* Version 2 (values of src/slabcast/_subscriber.py, _shm.py and _rechunk.py; checked by the tests). */
+/* Version 2 (values of src/slabcast/client/subscriber.py, core/shm.py and core/rechunk.py; checked by the tests). */
 #define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE; its topic is 0x01 + token */
 #define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
 #define END_GRACE_MS 500         /* once the end is known: wait this long for notices still on their way */
@@ -92,7 +92,7 @@ typedef struct slab_lease {
     bool locked;
 } slab_lease;
 
-/* The rechunking rules of docs/protocol.md section 8: src/slabcast/_rechunk.py's Rechunker. */
+/* The rechunking rules of docs/protocol.md section 8: src/slabcast/core/rechunk.py's Rechunker. */
 typedef struct rechunker {
     uint64_t size;
     bool clip;
@@ -102,8 +102,12 @@ typedef struct rechunker {
     bool has_start;              /* Rechunker.start is not None */
     uint64_t start;              /* index of the first pending sample */
     double t0;                   /* time of the first pending sample */
-    bool pausing;                /* Rechunker.pause_until is not None */
+    bool pausing;                /* Rechunker.pause_until is not None (no rate) */
     double pause_until;
+    bool pausing_at;             /* Rechunker.pause_at is not None (with a rate: the pause in samples) */
+    uint64_t pause_at;
+    bool has_last;               /* a frame was fed: last_t0 is its time */
+    double last_t0;
 } rechunker;
 
 struct sc_client {
@@ -1195,31 +1199,37 @@ typedef int (*emit_fn)(sc_client *c, uint64_t start, uint64_t length, double t0)
 
 /*
  * Account for a frame of `n` samples starting at stream index `index` at time `t0`, and call `emit`
- * for each chunk it completes, oldest first: Rechunker.feed of src/slabcast/_rechunk.py, line for line
+ * for each chunk it completes, oldest first: Rechunker.feed of src/slabcast/core/rechunk.py, line for line
  * (docs/protocol.md section 8), so both clients cut the same chunks with the same float arithmetic.
  */
 static int rechunk_feed(rechunker *r, uint64_t index, uint64_t n, double t0, emit_fn emit, sc_client *c)
 {
     uint64_t end = index + n;
     /* Fast path: no pause, chunk still incomplete after this frame. */
-    if (!r->pausing && r->has_start && end - r->start < r->size)
+    if (!r->pausing && !r->pausing_at && r->has_start && end - r->start < r->size)
         return SC_OK;
     double rate = r->rate;
+    if (rate == 0.0) {
+        if (r->has_last && t0 < r->last_t0 && r->pausing) {
+            r->pausing = false;  /* the clock stepped back: skipping "until then" could last for hours */
+            c->jumped = true;    /* (Rechunker.jumped) the next chunk is flagged */
+        }
+        r->has_last = true;
+        r->last_t0 = t0;
+    }
     uint64_t pos = index;
     for (;;) {
         if (r->pausing) {
-            if (rate == 0.0) {
-                /* Whole-frame skipping; after a sampled chunk the rest of its frame is dropped. */
-                if (pos != index || t0 < r->pause_until)
-                    break;
-            } else {
-                double skip = ceil((r->pause_until - t0) * rate - RECHUNK_EPS);
-                if (!(skip < (double)n))  /* index + skip >= end */
-                    break;
-                if (skip > 0 && index + (uint64_t)skip > pos)
-                    pos = index + (uint64_t)skip;
-            }
+            /* Whole-frame skipping; after a sampled chunk the rest of its frame is dropped. */
+            if (pos != index || t0 < r->pause_until)
+                break;
             r->pausing = false;
+        } else if (r->pausing_at) {
+            if (r->pause_at >= end)
+                break;
+            if (r->pause_at > pos)
+                pos = r->pause_at;
+            r->pausing_at = false;
         }
         if (!r->has_start) {
             r->has_start = true;
@@ -1235,8 +1245,13 @@ static int rechunk_feed(rechunker *r, uint64_t index, uint64_t n, double t0, emi
             return rc;
         uint64_t stop = start + length;
         if (r->sampler) {
-            r->pause_until = (rate != 0.0 ? r->t0 + (double)length / rate : t0) + r->pause;
-            r->pausing = true;
+            if (rate != 0.0) {
+                r->pause_at = stop + (uint64_t)ceil(r->pause * rate - RECHUNK_EPS);
+                r->pausing_at = true;
+            } else {
+                r->pause_until = t0 + r->pause;
+                r->pausing = true;
+            }
             r->has_start = false;
             pos = stop;
             continue;
