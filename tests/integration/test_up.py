@@ -249,7 +249,7 @@ def test_source_values_with_commas_and_digits_keep_their_type_on_the_command_lin
     pytest.importorskip("pylsl")
     # docs/lsl.md's predicate example exited 2 (its comma split the value); an ALSA device name has one too.
     spec = "lsl:name=emg,predicate=name='EMG' and starts-with(source_id,'sn'),timeout=0.5"
-    assert parse_source(spec).predicate == "name='EMG' and starts-with(source_id,'sn')"
+    assert parse_source(spec).predicate == "(name='EMG' and starts-with(source_id,'sn')) and not(desc/slabcast_outlet)"
     src = parse_source("stdin:name=1234,dtype=int16,channels=2,rate=48000,pace=false,fd=0")
     assert src.info.name == "1234" and src.pace is False and src.info.channels == 2
     assert parse_source("synthetic:name=1e3,freqs=440/880").info.name == "1e3"
