@@ -257,7 +257,7 @@ def test_bad_frames_are_refused_and_nothing_is_written(broker, stream_name):
 
 def test_bad_arguments_and_unknown_stream(broker, stream_name):
     with pytest.raises(slabcast.StreamNotFoundError, match=f"no stream named '{stream_name}'"):
-        slabcast.Subscriber(stream_name, size=10, address=broker.address)
+        slabcast.Subscriber(stream_name, size=10, address=broker.address, wait=0)
     with pytest.raises(ValueError, match="size must be a positive integer number of samples, got 0"):
         slabcast.Subscriber(stream_name, size=0, address=broker.address)
     with pytest.raises(ValueError, match="got -3"):

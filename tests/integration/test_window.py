@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,44 @@ def test_display_envelope_by_tsdownsample_keeps_every_peak_like_numpy():
         assert mins.shape == maxs.shape == (8, 1200) and cols.shape == (1200,)
         assert maxs[3].max() == 50.0 and np.array_equal(mins.min(axis=1), data.min(axis=1))
         assert np.all(np.diff(cols) > 0)
+
+
+def test_window_keeps_each_samples_own_time_on_a_timestamps_stream(broker, stream_name):
+    # An LSL-like stream: irregular stamps per sample.  Before the fix the window gave t0 + k/rate.
+    with slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address, timestamps=True) as pub, \
+            slabcast.Window(stream_name, 1.0, address=broker.address) as win:  # fmt: skip
+        rng = np.random.default_rng(3)
+        stamps = 50.0 + np.cumsum(rng.uniform(0.005, 0.015, 60))
+        for k in range(0, 60, 20):
+            pub.write(np.arange(k, k + 20, dtype=np.float32), times=stamps[k : k + 20])
+        assert win.wait(60, timeout=10)
+        data, times = win.get()
+    np.testing.assert_array_equal(data[0], np.arange(60, dtype=np.float32))
+    np.testing.assert_array_equal(times, stamps)
+
+
+def test_a_subscriber_started_before_its_publisher_waits_for_it_by_default(broker, stream_name):
+    # The everyday race of a worker started before its source: by default the subscriber waits (up to its
+    # timeout) and starts at index 0; wait=0 refuses at once.
+    with pytest.raises(slabcast.StreamNotFoundError, match="no stream named"):
+        slabcast.Subscriber(stream_name, 10, address=broker.address, wait=0)
+    box: dict[str, object] = {}
+    started = threading.Event()
+
+    def subscribe() -> None:
+        started.set()
+        box["sub"] = slabcast.Subscriber(stream_name, 10, address=broker.address)
+
+    t = threading.Thread(target=subscribe)
+    t.start()
+    started.wait(5)
+    with slabcast.Publisher(stream_name, dtype="float32", address=broker.address) as pub:
+        t.join(15)
+        sub = box["sub"]
+        assert isinstance(sub, slabcast.Subscriber)
+        pub.write(np.arange(10, dtype=np.float32), t0=1.0)
+        with sub.recv(timeout=10) as chunk:
+            assert chunk.index == 0
+        sub.close()
+    with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.3 s"):
+        slabcast.Subscriber(stream_name + "x", 10, address=broker.address, timeout=0.3)

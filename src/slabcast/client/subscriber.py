@@ -284,9 +284,10 @@ class Subscriber:
         file, as written by ``slabcast keygen``.
     timeout : float
         Seconds to wait for the broker's answer to the subscription.
-    wait : float
+    wait : float, optional
         Seconds to wait for the stream to appear when it does not exist yet
-        (a worker started before its source); 0 raises at once.
+        (a worker started before its publisher: it then starts at index 0).
+        Default: ``timeout``.  0 raises :class:`StreamNotFoundError` at once.
     label : str, optional
         This subscriber's name in logs and ``slabcast status``.
     partial_tail : bool
@@ -321,7 +322,7 @@ class Subscriber:
         curve: tuple[str, str] | None = None,
         timeout: float = 10.0,
         reconnect: bool | float = False,
-        wait: float = 0.0,
+        wait: float | None = None,
         label: str | None = None,
         partial_tail: bool = False,
     ) -> None:
@@ -369,6 +370,10 @@ class Subscriber:
         self._partial_tail = bool(partial_tail)
         self._curve = curve
         self._timeout = timeout
+        if wait is None:
+            wait = timeout
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < math.inf:
+            raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
         self._pid = os.getpid()

@@ -28,8 +28,8 @@ class Window:
     seconds : float
         Length of the window; the stream must have a rate.
     address : str, optional
-    wait : float
-        Seconds to wait for the stream to appear.
+    wait : float, optional
+        Seconds to wait for the stream to appear (default: the subscriber's timeout, 10 s; 0: not at all).
     curve : (str, str), optional
         For a ``tcp://`` address: this client's secret key file and the broker's
         public key file (``slabcast keygen``).
@@ -40,7 +40,7 @@ class Window:
         If the stream has no rate.
     """
 
-    def __init__(self, stream: str, seconds: float, *, address: str | None = None, wait: float = 0.0,
+    def __init__(self, stream: str, seconds: float, *, address: str | None = None, wait: float | None = None,
                  curve: tuple[str, str] | None = None) -> None:  # fmt: skip
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
@@ -73,7 +73,8 @@ class Window:
                     continue
                 with chunk:
                     data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
-                    times = chunk.t0 + np.arange(len(data)) / rate
+                    # A stream with per-sample times (an LSL source) gives each sample its own stamp.
+                    times = chunk.times if self.info.timestamps else chunk.t0 + np.arange(len(data)) / rate
                     self._append(data, times)
         except EndOfStream:
             pass
