@@ -126,6 +126,9 @@ def test_a_broker_out_of_descriptors_refuses_one_more_client_and_serves_the_othe
         assert "of its 128 descriptors" in message, message
         assert 20 <= len(subs) < 128
         assert broker.proc.poll() is None, "the broker died"
+        # The operator can still look: `slabcast status` answers a full broker.
+        status = slabcast.broker_status(broker.address)
+        assert sum(len(s["subscribers"]) for s in status["streams"]) == len(subs)
         # Every stream goes on: each subscriber already there receives what is written now.
         for i, pub in enumerate(pubs):
             pub.write(np.full((5, 1), i, dtype=np.int32))

@@ -1004,13 +1004,16 @@ class Broker:
         version = msg[1]
         if version != P.VERSION and role == "pub":
             raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
-        self._check_descriptors(f"{msg[4][:128]} (pid {msg[2]}, {role})")
+        # `slabcast status` still answers a full broker: control connections (brief, BYE at once) may use half
+        # of the descriptors kept free.
+        spare = self._fd_headroom // 2 if role == "ctl" else 0
+        self._check_descriptors(f"{msg[4][:128]} (pid {msg[2]}, {role})", spare=spare)
         client = self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
         # Liveness by pid uses the socket's view (our namespace), never the pid the client says it has.
         client.local_pid = 0 if client.remote else self._peer_pid
         self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
 
-    def _check_descriptors(self, who: str, force: bool = False) -> None:
+    def _check_descriptors(self, who: str, force: bool = False, spare: int = 0) -> None:
         """Refuse (``ERROR limit``) what would take the broker within its headroom of RLIMIT_NOFILE.
 
         Counting is a directory listing: done again only when the clients that came
@@ -1022,7 +1025,7 @@ class Broker:
         used = _open_fds()
         free = self.fd_limit - self._fd_headroom - used
         self._fd_check_at = clients + free // 4
-        if free > 0:
+        if free + spare > 0:
             return
         self._refused += 1
         now = time.monotonic()
