@@ -407,3 +407,15 @@ def test_the_synthetic_source_writes_whole_frames(tmp_path, stream_name):
         stream = slabcast.broker_status(b.address)["streams"][0]
         assert stream["samples"] == 480 * stream["frames"]  # never a frame of what came due during a write
         sub.close()
+
+
+def test_bye_from_a_client_the_broker_already_forgot_is_answered(broker):
+    # A local subscriber's liveness lock goes with its lease file; a broker that saw it go first had
+    # forgotten the client and left its BYE unanswered, so close() waited out its 2 s (1 close in 15).
+    s = raw_socket(broker.address)
+    try:
+        s.send(msgpack.packb([P.BYE]))
+        reply = msgpack.unpackb(s.recv())
+    finally:
+        s.close()
+    assert reply[:2] == [P.END, P.END_BYE], reply

@@ -915,6 +915,9 @@ class Broker:
         try:
             msg = P.unpack(raw)
             if client is None:
+                if msg[0] == P.BYE:  # from a client already forgotten (its process looked dead): goodbye
+                    self._send(ident, P.pack([P.END, P.END_BYE, "goodbye", 0]))
+                    return
                 if msg[0] != P.HELLO:
                     raise ProtocolError(f"expected HELLO as the first message, got kind {msg[0]}")
                 self._on_hello(ident, msg)
