@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -520,6 +521,36 @@ static int broker_error(sc_client *c, const msgview *m)
     return fail(c, rc, "the broker refused (%s): %s (%s)", code, text, c->where);
 }
 
+/* ---------------------------------------------------------------- versions */
+
+/* The ABI rules of slabcast.h: the SONAME number is the major version, and no public struct has tail
+ * padding (a field appended later must start past the struct's previous end, so struct_size shows it). */
+_Static_assert(SC_ABI_VERSION == SC_VERSION_MAJOR, "SC_ABI_VERSION (the SONAME's N) must equal SC_VERSION_MAJOR");
+_Static_assert(offsetof(sc_sub_options, struct_size) == 0 && offsetof(sc_chunk, struct_size) == 0 &&
+               offsetof(sc_stats, struct_size) == 0 && offsetof(sc_stream_info, struct_size) == 0,
+               "struct_size comes first in every public struct");
+_Static_assert(offsetof(sc_sub_options, reserved) + sizeof(unsigned) == sizeof(sc_sub_options) &&
+               offsetof(sc_chunk, reserved) + sizeof(unsigned) == sizeof(sc_chunk) &&
+               offsetof(sc_stats, dropped) + sizeof(uint64_t) == sizeof(sc_stats) &&
+               offsetof(sc_stream_info, segment_bytes) + sizeof(size_t) == sizeof(sc_stream_info),
+               "a public struct has tail padding: fill it with a reserved field");
+
+const char *sc_library_version(int *major, int *minor, int *patch)
+{
+    if (major)
+        *major = SC_VERSION_MAJOR;
+    if (minor)
+        *minor = SC_VERSION_MINOR;
+    if (patch)
+        *patch = SC_VERSION_PATCH;
+    return SC_VERSION_STRING;
+}
+
+int sc_abi_version(void)
+{
+    return SC_ABI_VERSION;
+}
+
 /* -------------------------------------------------------------- lifecycle */
 
 sc_client *sc_new(void)
@@ -671,11 +702,55 @@ int sc_connect(sc_client *c, const char *address)
 
 /* ------------------------------------------------------------- subscribing */
 
-void sc_sub_options_init(sc_sub_options *opts)
+static void sub_options_defaults(sc_sub_options *o)
 {
-    memset(opts, 0, sizeof *opts);
-    opts->policy = "block";
-    opts->max_inflight = 8;
+    memset(o, 0, sizeof *o);
+    o->struct_size = sizeof *o;
+    o->policy = "block";
+    o->max_inflight = 8;
+}
+
+void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size)
+{
+    if (opts == NULL || struct_size < sizeof opts->struct_size)
+        return;  /* nothing to fill; sc_subscribe names the bad struct_size */
+    sc_sub_options d;
+    sub_options_defaults(&d);
+    if (struct_size > sizeof d) {
+        memset((char *)opts + sizeof d, 0, struct_size - sizeof d);  /* a newer caller's fields: zero */
+        memcpy(opts, &d, sizeof d);
+    } else {
+        memcpy(opts, &d, struct_size);
+    }
+    opts->struct_size = struct_size;
+}
+
+/* The caller's options as this library's struct: the first struct_size bytes of theirs over the defaults
+ * (an older caller's struct is a prefix); a newer caller's struct is accepted when the fields this library
+ * does not know are zero. */
+static int read_sub_options(sc_client *c, const sc_sub_options *opts, sc_sub_options *out)
+{
+    sub_options_defaults(out);
+    if (opts == NULL)
+        return SC_OK;
+    size_t n = opts->struct_size;
+    if (n < offsetof(sc_sub_options, size) + sizeof opts->size || n > 4096)
+        return fail(c, SC_EINVAL,
+                    "sc_sub_options.struct_size must be the size of the caller's sc_sub_options (%zu in this "
+                    "library's header; set it with sc_sub_options_init), got %zu", sizeof *out, n);
+    if (n > sizeof *out) {
+        const unsigned char *extra = (const unsigned char *)opts + sizeof *out;
+        for (size_t i = 0; i < n - sizeof *out; i++)
+            if (extra[i] != 0)
+                return fail(c, SC_EINVAL,
+                            "sc_sub_options of %zu bytes sets an option this library (version %s, %zu-byte "
+                            "sc_sub_options) does not know: byte %zu is not zero; use a newer libslabcast",
+                            n, SC_VERSION_STRING, sizeof *out, sizeof *out + i);
+        n = sizeof *out;
+    }
+    memcpy(out, opts, n);
+    out->struct_size = sizeof *out;
+    return SC_OK;
 }
 
 static bool valid_stream_name(const char *s)
@@ -945,10 +1020,10 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         return fail(c, SC_EINVAL, "stream name must be 1 to 64 characters from A-Z a-z 0-9 _ . : -, got '%s'",
                     stream ? stream : "(null)");
     sc_sub_options d;
-    if (opts == NULL) {
-        sc_sub_options_init(&d);
-        opts = &d;
-    }
+    int orc = read_sub_options(c, opts, &d);
+    if (orc)
+        return orc;
+    opts = &d;
     bool by_size = opts->size > 0, by_seconds = opts->seconds != 0.0;
     if (by_size == by_seconds)
         return fail(c, SC_EINVAL, "give exactly one of size (samples) and seconds, got size=%llu seconds=%g",
@@ -1035,6 +1110,7 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->slab_bytes = slab_bytes;
         c->nslabs = (uint32_t)nslabs;
     }
+    c->info.struct_size = sizeof c->info;
     c->info.name = c->stream;
     c->info.dtype = c->dtype;
     c->info.itemsize = itemsize;
@@ -1776,7 +1852,7 @@ static int hand_out(sc_client *c, sc_chunk *chunk)
     return SC_OK;
 }
 
-int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms)
+static int recv_chunk(sc_client *c, sc_chunk *chunk, int timeout_ms)
 {
     if (!c->subscribed)
         return fail(c, SC_EINVAL, "sc_recv needs a subscription (call sc_subscribe first)");
@@ -1791,6 +1867,30 @@ int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms)
     if (rc)
         return rc;
     return hand_out(c, chunk);
+}
+
+/* Copy the first `size` bytes of a struct the library filled (`full`, `full_size` bytes, struct_size
+ * first) to the caller's, zero the caller's bytes past ours, and record in struct_size what we filled. */
+static void copy_out(void *dst, size_t size, const void *full, size_t full_size)
+{
+    size_t n = size < full_size ? size : full_size;
+    memcpy(dst, full, n);
+    if (size > full_size)
+        memset((char *)dst + full_size, 0, size - full_size);
+    memcpy(dst, &n, sizeof n);
+}
+
+int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_ms)
+{
+    if (chunk == NULL || chunk_size < sizeof chunk->struct_size || chunk_size > 4096)
+        return fail(c, SC_EINVAL,
+                    "sc_recv needs a chunk and its size (sizeof(sc_chunk) = %zu in this library's header), got %s "
+                    "of %zu bytes", sizeof *chunk, chunk ? "a chunk" : "NULL", chunk_size);
+    sc_chunk full = {0};
+    int rc = recv_chunk(c, &full, timeout_ms);
+    if (rc == SC_OK)
+        copy_out(chunk, chunk_size, &full, sizeof full);
+    return rc;
 }
 
 int sc_wait(sc_client *c, int timeout_ms)
@@ -1860,17 +1960,21 @@ int sc_release(sc_client *c, const sc_chunk *chunk)
     return sc_release_seq(c, chunk->seq);
 }
 
-void sc_get_stats(const sc_client *c, sc_stats *out)
+void sc_get_stats_sized(const sc_client *c, sc_stats *out, size_t out_size)
 {
-    *out = c->stats;
+    if (c == NULL || out == NULL || out_size < sizeof out->struct_size)
+        return;
+    sc_stats full = c->stats;
+    full.struct_size = sizeof full;
     if (c->local) {
-        out->dropped = c->dropped;
+        full.dropped = c->dropped;
     } else {
         uint64_t cut = (uint64_t)(c->stats.last_seq + 1);
         if (c->stats.cut > cut)
             cut = c->stats.cut;
-        out->dropped = cut > c->stats.received ? cut - c->stats.received : 0;
+        full.dropped = cut > c->stats.received ? cut - c->stats.received : 0;
     }
+    copy_out(out, out_size, &full, sizeof full);
 }
 
 /* ----------------------------------------------------------------- closing */

@@ -8,6 +8,53 @@
  * it tells the broker how far it has read with a cumulative ACK, never a message per chunk.
  * Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks, sends one CHUNK notice each and
  * the client answers each release with RELEASE.  A version-2 broker serves both.
+ *
+ * Installing and linking: `make -C clients/c install PREFIX=<dir>` installs this header, libslabcast.so.N
+ * (SONAME libslabcast.so.N), libslabcast.a, slabcast-sub and <dir>/lib/pkgconfig/slabcast.pc; build with
+ * `cc prog.c $(pkg-config --cflags --libs slabcast)` (PKG_CONFIG_PATH=<dir>/lib/pkgconfig for a prefix
+ * outside pkg-config's search path; the .pc of a prefix outside /usr and /lib carries an rpath, so the
+ * program runs without LD_LIBRARY_PATH).  clients/c/README.md says more.
+ *
+ * ABI rules (for C callers and for bindings from other languages):
+ * - SC_ABI_VERSION is the N of the SONAME libslabcast.so.N and equals SC_VERSION_MAJOR.  It goes up (and
+ *   the SONAME with it) on any incompatible change: a function removed or its signature changed, a field
+ *   of a public struct moved, retyped or given another meaning, a return code renumbered.  The minor
+ *   version goes up for compatible additions (new functions, new return codes, fields appended to the end
+ *   of a public struct); the patch version for fixes only.  Exported symbols carry the version node
+ *   SLABCAST_<major>.<minor> of the release that added them.
+ * - Every public struct begins with `size_t struct_size`, and fields are only ever appended, after the
+ *   struct's previous end (no struct has tail padding a new field could slip into unseen: `reserved`
+ *   fields fill it, and slabcast.c asserts it at compile time).  A caller compiled against an older
+ *   header (a smaller struct) keeps working with a newer library, and a newer caller learns from
+ *   struct_size which fields an older library filled.  So a binding declares only the
+ *   prefix of a struct it uses, as the header lays it out, and states its size:
+ *     - sc_sub_options (read by the library): the caller sets struct_size, normally with
+ *       sc_sub_options_init(&o) (a macro passing sizeof o to sc_sub_options_init_sized); the library reads
+ *       only struct_size bytes, gives fields past them their defaults, and refuses (SC_EINVAL) a larger
+ *       struct whose bytes past its own fields are not zero (an option it does not know).
+ *     - sc_chunk and sc_stats (written by the library): the caller passes its size (sc_recv and
+ *       sc_get_stats are macros passing sizeof *chunk / sizeof *out to sc_recv_sized / sc_get_stats_sized);
+ *       the library writes at most that many bytes, zeroes what it has no field for, and sets struct_size
+ *       to the bytes it filled.
+ *     - sc_stream_info (owned by the library, returned by sc_info): struct_size is the library's size;
+ *       read no field that ends past it.
+ * - sc_abi_version() and sc_library_version() tell a program (or a binding that loads the library at run
+ *   time) which library it got: check sc_abi_version() == SC_ABI_VERSION once at start.
+ *
+ * Threads:
+ * - A client (sc_client) is not thread-safe.  Every call that takes a client, sc_close included, must be
+ *   made by one thread at a time; a client may move to another thread if the program orders the calls
+ *   (a mutex, a thread join or a queue: anything that makes one call happen before the next).  Use one
+ *   client per thread for parallel subscriptions: clients share no state (each has its own ZeroMQ
+ *   context), so calls on different clients may run at the same time on different threads.
+ * - sc_errmsg(c) describes the last failed call on `c`; read it on the thread that made that call,
+ *   before the next call on `c` (which may overwrite it).
+ * - A chunk's `data` may be read from any thread while it is held (it is read-only shared memory that
+ *   does not change until released); sc_release of it is a call on the client, so the rule above applies.
+ *   The strings of sc_info() and chunk->dtype stay valid and unchanged until sc_close.
+ * - sc_strerror, sc_library_version and sc_abi_version touch no client: any thread, any time.
+ * - No call is async-signal-safe.  After fork(), the child must not call anything on a client created
+ *   before the fork, not even sc_close (the parent still owns its sockets and leases).
  */
 #ifndef SLABCAST_H
 #define SLABCAST_H
@@ -19,8 +66,19 @@
 extern "C" {
 #endif
 
-/* The wire protocol version this library speaks by default (see sc_set_protocol_version). */
+/* The wire protocol version this library speaks by default (see sc_set_protocol_version).  Not the
+ * library's version: see SC_VERSION_* and SC_ABI_VERSION below. */
 #define SC_PROTOCOL_VERSION 2
+
+/* The version of this header and of the library built from it (semantic versioning, see the ABI rules
+ * above); sc_library_version() gives the library's at run time. */
+#define SC_VERSION_MAJOR 1
+#define SC_VERSION_MINOR 0
+#define SC_VERSION_PATCH 0
+#define SC_VERSION_STRING "1.0.0"
+
+/* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
+#define SC_ABI_VERSION 1
 
 /*
  * Return codes.  SC_OK is success; every other code comes with a message from
@@ -47,11 +105,12 @@ typedef enum sc_status {
                            * never reached it); sc_errmsg names the range; the next sc_recv goes on after it */
 } sc_status;
 
-/* One client connection.  Not thread-safe: use one client per thread. */
+/* One client connection, opaque.  Not thread-safe (see "Threads" above): one thread at a time. */
 typedef struct sc_client sc_client;
 
 /* Subscription settings (see sc_sub_options_init for the defaults). */
 typedef struct sc_sub_options {
+    size_t struct_size;     /* sizeof(sc_sub_options) as the caller was compiled: set by sc_sub_options_init */
     uint64_t size;          /* chunk size in samples (bytes on a byte stream); 0 to use seconds */
     double seconds;         /* chunk size in seconds (streams with a rate); 0 to use size */
     int clip;               /* 1: every chunk has exactly `size` samples; 0: whole frames, n >= size */
@@ -60,10 +119,12 @@ typedef struct sc_sub_options {
                              * Version 2: only "drop" uses it (a chunk cut while this many are held, or
                              * waiting to be received, is dropped); "block" holds the publisher back by
                              * this subscriber's read position instead. */
+    unsigned reserved;      /* 0 (sc_sub_options_init sets it); fills what would be tail padding */
 } sc_sub_options;
 
-/* What SUBSCRIBED said about the stream; valid while the client lives. */
+/* What SUBSCRIBED said about the stream; owned by the client, valid and unchanged until sc_close. */
 typedef struct sc_stream_info {
+    size_t struct_size;     /* sizeof(sc_stream_info) of the library: read no field that ends past it */
     const char *name;       /* stream name */
     const char *dtype;      /* numpy dtype string, e.g. "<f4", "<i2", "|u1" */
     unsigned itemsize;      /* bytes per value of dtype */
@@ -82,6 +143,7 @@ typedef struct sc_stream_info {
  * (version 2: this client's shared lock on the chunk's slab keeps the broker from handing
  * the slab back to the publisher). */
 typedef struct sc_chunk {
+    size_t struct_size;     /* bytes of this struct the library filled (see sc_recv_sized) */
     const void *data;       /* n * sample_bytes bytes, sample-major (channels interleaved) */
     uint64_t n;             /* samples */
     size_t nbytes;          /* n * sample_bytes */
@@ -92,12 +154,14 @@ typedef struct sc_chunk {
     uint64_t index;         /* stream index of the first sample */
     unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or,
                              * version 2, notices were lost on the way: no chunk spans the hole) */
+    unsigned reserved;      /* 0; fills what would be tail padding */
 } sc_chunk;
 
 #define SC_FLAG_DISCONTINUITY 1u
 
 /* Counters of one subscription. */
 typedef struct sc_stats {
+    size_t struct_size;     /* bytes of this struct the library filled (see sc_get_stats_sized) */
     uint64_t received;      /* chunks returned by sc_recv */
     uint64_t released;      /* chunks given back */
     uint64_t cut;           /* chunks cut for us in all, delivered or dropped: version 1, as told by END
@@ -106,6 +170,15 @@ typedef struct sc_stats {
     uint64_t dropped;       /* chunks cut for us and never received (policy "drop", or a slab already
                              * written again); version 1 knows of drops only up to the last seq seen */
 } sc_stats;
+
+/* The library's version, "1.0.0" (SC_VERSION_STRING of the header it was built from); stores the three
+ * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
+const char *sc_library_version(int *major, int *minor, int *patch);
+
+/* The library's ABI version, the N of libslabcast.so.N (SC_ABI_VERSION of the header it was built from).
+ * A program or binding is compatible with the library it loaded when this equals its SC_ABI_VERSION.
+ * Any thread. */
+int sc_abi_version(void);
 
 /* Allocate a client (NULL only when out of memory).  sc_errmsg() works on it from now on. */
 sc_client *sc_new(void);
@@ -126,11 +199,15 @@ int sc_set_protocol_version(sc_client *c, unsigned version);
  * and complete the HELLO/WELCOME handshake as a subscriber. */
 int sc_connect(sc_client *c, const char *address);
 
-/* Fill `opts` with the defaults: size 0, seconds 0, clip 0, policy "block", max_inflight 8. */
-void sc_sub_options_init(sc_sub_options *opts);
+/* Fill the first `struct_size` bytes of `opts` with the defaults (size 0, seconds 0, clip 0, policy
+ * "block", max_inflight 8) and set opts->struct_size = struct_size (pass sizeof *opts; at least
+ * sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
+void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
+#define sc_sub_options_init(opts) sc_sub_options_init_sized((opts), sizeof *(opts))
 
-/* Subscribe to `stream` (give exactly one of opts->size and opts->seconds) and map its
- * segment read-only.  Version 2 also connects to the stream's notice socket, waits (up to
+/* Subscribe to `stream` (give exactly one of opts->size and opts->seconds; opts NULL: the defaults,
+ * which name neither, so SC_EINVAL) and map its segment read-only.  opts->struct_size must be set (see
+ * sc_sub_options_init): fields past it take their defaults.  Version 2 also connects to the stream's notice socket, waits (up to
  * the timeout of sc_set_timeout) until the publisher confirms it reaches this client (JOINED),
  * then sends ATTACH; the broker's ATTACHED gives sc_info()->start, from which every sample is
  * received.  One subscription per client. */
@@ -139,12 +216,15 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 /* The stream's description after a successful sc_subscribe (NULL before). */
 const sc_stream_info *sc_info(const sc_client *c);
 
-/* Wait up to `timeout_ms` (-1: forever, 0: do not wait) for the next chunk.
+/* sc_recv(c, &chunk, timeout_ms): wait up to `timeout_ms` (-1: forever, 0: do not wait) for the next chunk.
  * SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
  * complete chunk received); SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke.
  * Version 2 cuts chunks from the notices here, gives back the locks of slabs it no longer
  * holds a chunk of and sends ACK before it waits. */
-int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms);
+int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_ms);
+/* `chunk_size`: sizeof *chunk as the caller was compiled (at least sizeof(size_t)); the library fills at
+ * most that many bytes and sets chunk->struct_size to the bytes it filled.  C callers use the macro: */
+#define sc_recv(c, chunk, timeout_ms) sc_recv_sized((c), (chunk), sizeof *(chunk), (timeout_ms))
 
 /* Wait up to `timeout_ms` until sc_recv(c, ..., 0) has something to return without
  * waiting (a chunk, or the end of the subscription): SC_OK, or SC_ETIMEOUT.  For event loops
@@ -152,7 +232,7 @@ int sc_recv(sc_client *c, sc_chunk *chunk, int timeout_ms);
  * also return an error that sc_recv would have returned (SC_EPROTO, SC_EREQUEST, ...). */
 int sc_wait(sc_client *c, int timeout_ms);
 
-/* Give a chunk back; its memory may be reused by the publisher afterwards.  Version 1 sends
+/* Give a chunk back (only its seq is read); its memory may be reused by the publisher afterwards.  Version 1 sends
  * RELEASE; version 2 sends nothing: the slab's lock goes once no chunk of it is held (at the
  * latest before sc_recv waits) and the next ACK says so. */
 int sc_release(sc_client *c, const sc_chunk *chunk);
@@ -160,8 +240,10 @@ int sc_release(sc_client *c, const sc_chunk *chunk);
 /* Give back the chunk numbered `seq`. */
 int sc_release_seq(sc_client *c, uint64_t seq);
 
-/* This subscription's counters. */
-void sc_get_stats(const sc_client *c, sc_stats *out);
+/* This subscription's counters: sc_get_stats(c, &stats).  `out_size` is sizeof *out as the caller was
+ * compiled; the library fills at most that many bytes and sets out->struct_size to the bytes it filled. */
+void sc_get_stats_sized(const sc_client *c, sc_stats *out, size_t out_size);
+#define sc_get_stats(c, out) sc_get_stats_sized((c), (out), sizeof *(out))
 
 /* Say BYE (unless the broker is gone), wait a bounded time for its answer, close the
  * sockets (linger 200 ms), unmap the segment (never unlink it) and free the client.
