@@ -14,6 +14,7 @@ static const char USAGE[] =
     "usage: slabcast-sub --address ADDR --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--show-flags]\n"
+    "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
     "  seq=<seq> index=<index> n=<samples> t0=<seconds> crc=<crc32 of the chunk's bytes>\n"
@@ -103,6 +104,11 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             fputs(USAGE, stdout);
+            return 0;
+        }
+        if (strcmp(a, "--version") == 0) {
+            printf("slabcast-sub: libslabcast %s (ABI %d, built with %s), wire protocol %d\n",
+                   sc_library_version(NULL, NULL, NULL), sc_abi_version(), SC_VERSION_STRING, SC_PROTOCOL_VERSION);
             return 0;
         } else if (strcmp(a, "--clip") == 0) {
             opts.clip = 1;

@@ -65,12 +65,12 @@ class Installed:
         assert pc.returncode == 0, f"pkg-config {' '.join(args)} slabcast failed: {pc.stderr}"
         return pc.stdout.strip()
 
-    def compile(self, source: str, out: Path) -> Path:
-        """Compile a C program with the flags pkg-config gives, and nothing else."""
+    def compile(self, source: str, out: Path, *extra: str) -> Path:
+        """Compile a C program with the flags pkg-config gives (and ``extra``), and nothing else."""
         src = out.with_suffix(".c")
         src.write_text(source)
         flags = self.pkg_config("--cflags", "--libs").split()
-        cc = _run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src), *flags])
+        cc = _run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src), *flags, *extra])
         assert cc.returncode == 0, (
             f"compiling {src.name} with `pkg-config --cflags --libs slabcast` failed:\n{cc.stderr}"
         )
@@ -395,3 +395,153 @@ def test_a_caller_that_declares_only_a_prefix_of_each_struct_works(installed, br
             proc.kill()
         proc.communicate(timeout=10)
         pub.close()
+
+
+# ---------------------------------------------------------------------- threads
+
+THREADS = r"""
+/* Two clients, one per thread, receiving at the same time: what slabcast.h's "Threads" allows. */
+#define _POSIX_C_SOURCE 200809L
+#include <slabcast.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const char *address, *stream;
+    uint64_t size;
+    pthread_barrier_t *subscribed;
+    char out[1 << 16];
+    size_t len;
+    int rc;
+} job;
+
+static void *run(void *arg)
+{
+    job *j = arg;
+    sc_sub_options o;
+    sc_sub_options_init(&o);
+    o.size = j->size;
+    o.clip = 1;
+    sc_client *c = sc_new();
+    j->rc = sc_connect(c, j->address);
+    if (j->rc == SC_OK)
+        j->rc = sc_subscribe(c, j->stream, &o);
+    pthread_barrier_wait(j->subscribed);
+    sc_chunk ch;
+    while (j->rc == SC_OK && (j->rc = sc_recv(c, &ch, 10000)) == SC_OK) {
+        unsigned long sum = 0;
+        for (size_t i = 0; i < ch.nbytes; i++)
+            sum = sum * 31 + ((const unsigned char *)ch.data)[i];
+        j->len += (size_t)snprintf(j->out + j->len, sizeof j->out - j->len, "%llu %llu %lx\n",
+                                   (unsigned long long)ch.index, (unsigned long long)ch.n, sum);
+        j->rc = sc_release(c, &ch);
+    }
+    if (j->rc != SC_EOF)
+        fprintf(stderr, "thread: %s (%s)\n", sc_errmsg(c), sc_strerror(j->rc));  /* on the calling thread */
+    sc_close(c);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4)
+        return 2;
+    pthread_barrier_t b;
+    pthread_barrier_init(&b, NULL, 3);
+    static job jobs[2];
+    pthread_t t[2];
+    for (int k = 0; k < 2; k++) {
+        jobs[k] = (job){.address = argv[1], .stream = argv[2], .size = strtoull(argv[3], NULL, 10), .subscribed = &b};
+        pthread_create(&t[k], NULL, run, &jobs[k]);
+    }
+    pthread_barrier_wait(&b);
+    printf("ready\n");
+    fflush(stdout);
+    for (int k = 0; k < 2; k++)
+        pthread_join(t[k], NULL);
+    if (jobs[0].rc != SC_EOF || jobs[1].rc != SC_EOF)
+        return 1;
+    printf("same %d\n%s", strcmp(jobs[0].out, jobs[1].out) == 0, jobs[0].out);
+    return 0;
+}
+"""
+
+
+def test_two_clients_on_two_threads_receive_at_the_same_time(installed, broker, stream_name, tmp_path):
+    """The header's thread rule: one client per thread, clients independent; both get every chunk."""
+    prog = installed.compile(THREADS, tmp_path / "threads", "-pthread")
+    case = {"dtype": "int32", "channels": 1, "rate": None, "frames": 200, "max_frame": 500, "seed": 13}
+    frames, data = make_frames(case)
+    size = 300
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, slab_bytes=1 << 14, nslabs=4)
+    proc = subprocess.Popen(
+        [str(prog), broker.address, stream_name, str(size)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env_without_ld_path(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        for frame, t0 in frames:
+            pub.write(frame, t0=t0)
+        pub.close()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "same 1", err
+        want = expected_chunks(frames, size, True, None, 4, data)
+        assert len(want) > 50
+        assert [tuple(int(x) for x in line.split()[:2]) for line in lines[1:]] == [(w[1], w[2]) for w in want]
+        sums = []
+        for w in want:
+            total = 0
+            for byte in data[w[1] * 4 : (w[1] + w[2]) * 4]:
+                total = (total * 31 + byte) % (1 << 64)
+            sums.append(f"{total:x}")
+        assert [line.split()[2] for line in lines[1:]] == sums
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        pub.close()
+
+
+# ------------------------------------------------------------------------ CMake
+
+CMAKE_PROJECT = """cmake_minimum_required(VERSION 3.16)
+project(uses_slabcast C)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SLABCAST REQUIRED IMPORTED_TARGET slabcast>=1.0)
+add_executable(prog prog.c)
+target_link_libraries(prog PRIVATE PkgConfig::SLABCAST)
+"""
+
+CMAKE_PROG = r"""#include <slabcast.h>
+#include <stdio.h>
+int main(void)
+{
+    printf("%s %d\n", sc_library_version(NULL, NULL, NULL), sc_abi_version());
+    return sc_abi_version() != SC_ABI_VERSION;
+}
+"""
+
+
+def test_a_cmake_project_finds_it_through_pkg_check_modules(installed, tmp_path):
+    """The CMake route the README documents (there is no CMake package config): an imported target from the .pc."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed (optional: the CMake route of clients/c/README.md goes through pkg-config)")
+    src, build = tmp_path / "src", tmp_path / "build"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(CMAKE_PROJECT)
+    (src / "prog.c").write_text(CMAKE_PROG)
+    env = _env_without_ld_path(PKG_CONFIG_PATH=str(installed.pc_path))
+    configure = _run([cmake, "-S", str(src), "-B", str(build)], env=env)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    built = _run([cmake, "--build", str(build)], env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    major, _, _, text = _header_version()
+    assert f"libslabcast.so.{major}" in _dynamic(_readelf(build / "prog"), "NEEDED")
+    ran = _run([str(build / "prog")], env=_env_without_ld_path())
+    assert (ran.returncode, ran.stdout) == (0, f"{text} {major}\n"), ran.stderr
