@@ -45,7 +45,6 @@ from ._exceptions import WriteTimeout as WriteTimeout
 from ._info import StreamInfo as StreamInfo
 from ._info import StreamStatistics as StreamStatistics
 from ._info import SubscriberStatistics as SubscriberStatistics
-from .broker.address import default_address as default_address
 from .broker.process import BrokerProcess as BrokerProcess
 from .client.control import broker_status as broker_status
 from .client.control import stream_statistics as stream_statistics
@@ -56,6 +55,7 @@ from .client.subscriber import Chunk as Chunk
 from .client.subscriber import Subscriber as Subscriber
 from .client.window import Window as Window
 from .emit.emit import BufferEmit as BufferEmit
+from .wire.address import default_address as default_address
 
 __version__ = "0.1.0"
 

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .broker.address import ipc_path
 from .broker.process import BrokerProcess
 from .client.publisher import Publisher
 from .core.shm import broker_segments
+from .wire.address import ipc_path
 
 __all__ = ["Workers", "broker_segments", "feed"]
 

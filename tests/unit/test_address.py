@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import slabcast
-from slabcast.broker.address import check_private_dir, default_address
+from slabcast.wire.address import check_private_dir, default_address
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import tempfile
 from typing import Any
 
 from .._exceptions import BrokerGoneError
-from ..broker.address import AddressLock, ipc_path, normalize
+from ..wire.address import ipc_path, normalize
+from .lock import AddressLock
 
 __all__ = ["BrokerProcess"]
 

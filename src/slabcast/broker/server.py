@@ -34,7 +34,6 @@ import zmq
 
 from .._exceptions import ProtocolError, ShmFullError
 from .._info import StreamInfo
-from ..broker.address import AddressLock, ipc_path, normalize
 from ..core.pool import SlabPool
 from ..core.rechunk import Rechunker
 from ..core.shm import (
@@ -51,6 +50,8 @@ from ..core.shm import (
     time_at,
 )
 from ..wire import protocol as P
+from ..wire.address import ipc_path, normalize
+from .lock import AddressLock
 
 __all__ = ["Broker"]
 

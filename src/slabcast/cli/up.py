@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import BrokerGoneError
-from ..broker.address import normalize
 from ..broker.process import BrokerProcess
 from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, pool_layout
+from ..wire.address import normalize
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
 

@@ -29,8 +29,8 @@ from .._exceptions import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from ..broker.address import ipc_path, normalize
 from ..wire import protocol as P
+from ..wire.address import ipc_path, normalize
 
 __all__ = ["Connection", "check_ipc_access", "error_for", "limit_error", "share_socket_file"]
 
