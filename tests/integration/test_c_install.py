@@ -313,6 +313,11 @@ int main(int argc, char **argv)
     if (rc == SC_OK)
         rc = sc_subscribe(probe, argv[2], &newer.o);
     printf("newer %s %s\n", sc_strerror(rc), sc_errmsg(probe));
+    sc_sub_options unset;  /* struct_size never set: a binding that zeroed the struct and forgot it */
+    memset(&unset, 0, sizeof unset);
+    unset.size = 10;
+    rc = sc_subscribe(probe, argv[2], &unset);
+    printf("unset %s %s\n", sc_strerror(rc), sc_errmsg(probe));
     sc_close(probe);
 
     opts_prefix o = {sizeof o, strtoull(argv[3], NULL, 10), 0.0, 1};  /* policy, max_inflight: defaults */
@@ -377,6 +382,9 @@ def test_a_caller_that_declares_only_a_prefix_of_each_struct_works(installed, br
         newer = proc.stdout.readline()
         assert newer.startswith("newer SC_EINVAL "), newer
         assert "does not know: byte" in newer and "use a newer libslabcast" in newer, newer
+        unset = proc.stdout.readline()
+        assert unset.startswith("unset SC_EINVAL sc_sub_options.struct_size must be the size of the caller's"), unset
+        assert "set it with sc_sub_options_init), got 0" in unset, unset
         assert proc.stdout.readline() == "ready\n", proc.stderr.read() if proc.stderr else ""
         for frame, t0 in frames:
             pub.write(frame, t0=t0)
