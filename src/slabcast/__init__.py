@@ -45,6 +45,7 @@ from ._exceptions import WriteTimeout as WriteTimeout
 from ._info import StreamInfo as StreamInfo
 from ._info import StreamStatistics as StreamStatistics
 from ._info import SubscriberStatistics as SubscriberStatistics
+from ._version import __version__ as __version__
 from .broker.process import BrokerProcess as BrokerProcess
 from .client.control import broker_status as broker_status
 from .client.control import stream_statistics as stream_statistics
@@ -56,8 +57,6 @@ from .client.subscriber import Subscriber as Subscriber
 from .client.window import Window as Window
 from .emit.emit import BufferEmit as BufferEmit
 from .wire.address import default_address as default_address
-
-__version__ = "0.1.0"
 
 # Library code is silent unless the application configures logging.
 _logging.getLogger("slabcast").addHandler(_logging.NullHandler())

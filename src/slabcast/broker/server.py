@@ -1770,7 +1770,7 @@ class Broker:
                     "subscribers": [self._sub_status(s, u) for u in s.subs],
                 }
             )
-        from .. import __version__
+        from .._version import __version__
         from ..broker.sources import RUNNING
 
         return {

@@ -11,8 +11,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
 from .._exceptions import SlabcastError
+from .._version import __version__
 
 __all__ = ["main"]
 

@@ -35,8 +35,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .. import __version__
 from .._exceptions import SlabcastError
+from .._version import __version__
 from ..client.control import broker_status
 from ..client.window import Window
 from .frames import StreamEnvelope, StreamList, is_audio, pack_frame, stream_envelope
