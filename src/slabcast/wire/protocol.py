@@ -184,11 +184,12 @@ def unpack(raw: bytes) -> tuple[Any, ...]:
     except Exception as exc:  # msgpack raises a zoo of types; none may escape
         raise ProtocolError(f"expected a msgpack array, got {len(raw)} undecodable bytes ({exc})") from exc
     if not isinstance(msg, tuple) or not msg or type(msg[0]) is not int:
-        raise ProtocolError(f"expected a msgpack array starting with an integer kind, got {_brief(msg)}")
+        raise ProtocolError(f"expected a msgpack array starting with an integer kind, got {brief(msg)}")
     return msg
 
 
-def _brief(value: Any) -> str:
+def brief(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters, for error messages."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -216,7 +217,7 @@ def check_fields(msg: tuple[Any, ...], *types: Any) -> None:
             ok = isinstance(value, expected)
         if not ok:
             want = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
-            raise ProtocolError(f"{name} field {i} must be {want}, got {_brief(value)}")
+            raise ProtocolError(f"{name} field {i} must be {want}, got {brief(value)}")
 
 
 def need(msg: tuple[Any, ...], fields: int) -> None:
