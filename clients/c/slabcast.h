@@ -207,17 +207,17 @@ void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
 
 /* Subscribe to `stream` (give exactly one of opts->size and opts->seconds; opts NULL: the defaults,
  * which name neither, so SC_EINVAL) and map its segment read-only.  opts->struct_size must be set (see
- * sc_sub_options_init): fields past it take their defaults.  Version 2 also connects to the stream's notice socket, waits (up to
- * the timeout of sc_set_timeout) until the publisher confirms it reaches this client (JOINED),
- * then sends ATTACH; the broker's ATTACHED gives sc_info()->start, from which every sample is
- * received.  One subscription per client. */
+ * sc_sub_options_init) and reach at least past `size`: fields past it take their defaults.  Version 2
+ * also connects to the stream's notice socket, waits (up to the timeout of sc_set_timeout) until the
+ * publisher confirms it reaches this client (JOINED), then sends ATTACH; the broker's ATTACHED gives
+ * sc_info()->start, from which every sample is received.  One subscription per client. */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */
 const sc_stream_info *sc_info(const sc_client *c);
 
-/* sc_recv(c, &chunk, timeout_ms): wait up to `timeout_ms` (-1: forever, 0: do not wait) for the next chunk.
- * SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
+/* sc_recv(c, &chunk, timeout_ms): wait up to `timeout_ms` (-1: forever, 0: do not wait) for the
+ * next chunk.  SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
  * complete chunk received); SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke.
  * Version 2 cuts chunks from the notices here, gives back the locks of slabs it no longer
  * holds a chunk of and sends ACK before it waits. */
@@ -232,9 +232,9 @@ int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_
  * also return an error that sc_recv would have returned (SC_EPROTO, SC_EREQUEST, ...). */
 int sc_wait(sc_client *c, int timeout_ms);
 
-/* Give a chunk back (only its seq is read); its memory may be reused by the publisher afterwards.  Version 1 sends
- * RELEASE; version 2 sends nothing: the slab's lock goes once no chunk of it is held (at the
- * latest before sc_recv waits) and the next ACK says so. */
+/* Give a chunk back (only its seq is read); its memory may be reused by the publisher afterwards.
+ * Version 1 sends RELEASE; version 2 sends nothing: the slab's lock goes once no chunk of it is held
+ * (at the latest before sc_recv waits) and the next ACK says so. */
 int sc_release(sc_client *c, const sc_chunk *chunk);
 
 /* Give back the chunk numbered `seq`. */
