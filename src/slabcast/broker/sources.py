@@ -44,10 +44,6 @@ __all__ = [
 
 log = logging.getLogger("slabcast.source")
 
-# The source threads of this process (the broker's), for `slabcast status`.
-RUNNING: dict[str, SourceThread] = {}
-
-
 class Source(Protocol):
     """What the broker needs of a source.
 
@@ -722,7 +718,6 @@ class SourceThread(threading.Thread):
 
     def run(self) -> None:
         """Connect the source, publish what it reads, close the stream at its end."""
-        RUNNING[self.stream_name] = self
         try:
             info = self._first_connect()
         except Exception as exc:  # refused outright (a marker stream, a bad option): say it in one line

@@ -33,6 +33,7 @@ def _broker(args: argparse.Namespace) -> int:
         return 2
 
     shm_mode = int(args.shm_mode, 8)
+    threads: list[SourceThread] = []
     broker = Broker(
         args.address,
         shm_mode=shm_mode,
@@ -40,6 +41,7 @@ def _broker(args: argparse.Namespace) -> int:
         tcp=args.tcp,
         curve_secret=args.curve_secret,
         curve_clients=args.curve_clients,
+        sources=lambda: [t.status() for t in threads],  # the broker hosts them, and imports none
     )
 
     def subscribers(name: str) -> int:
@@ -48,7 +50,7 @@ def _broker(args: argparse.Namespace) -> int:
         stream = broker._streams.get(name)
         return len(stream.subs) if stream is not None else 0
 
-    threads = [SourceThread(src, broker.address, subscribers) for src in sources]
+    threads += [SourceThread(src, broker.address, subscribers) for src in sources]
 
     def start() -> None:
         for t in threads:
