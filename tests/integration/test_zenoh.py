@@ -25,7 +25,7 @@ import slabcast
 
 pytest.importorskip("zenoh", reason="the zenoh extra: pip install 'slabcast[zenoh]'")
 
-from slabcast.bridge._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
+from slabcast.wire.bridge import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
 from tests.integration.test_remote import netns as _veth  # noqa: F401  (test_remote's fixture, as `_veth`)
 
 
@@ -502,8 +502,8 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
 def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_path, stream_name):
     # Any peer on the Zenoh network may put on the key. Here the "bridge" is this test's own session.
     from slabcast._info import StreamInfo
-    from slabcast.bridge._format import FORMAT, HEADER
     from slabcast.bridge.zenoh import open_session, zenoh_config
+    from slabcast.wire.bridge import FORMAT, HEADER
 
     port = free_port()
     key = f"test/{stream_name}/x"

@@ -2,7 +2,7 @@
 
 ``slabcast bridge --zenoh`` runs a :class:`ZenohBridge` beside a broker: one
 subscriber per stream, each frame put on ``<prefix>/<stream>`` (samples as the
-payload, index/t0/times in the attachment, see :mod:`slabcast.bridge._format`),
+payload, index/t0/times in the attachment, see :mod:`slabcast.wire.bridge`),
 the stream info answered on ``<prefix>/<stream>/@info``.  A broker on another
 host hosts a :class:`ZenohSource` (``--source zenoh:key=<prefix>/<stream>``)
 that re-publishes those frames into its own shared memory.  Needs the ``zenoh``
@@ -26,8 +26,8 @@ import numpy as np
 
 from .._exceptions import BrokerGoneError, EndOfStream, StreamNotFoundError
 from .._info import StreamInfo
+from ..wire.bridge import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
 from ..wire.protocol import check_stream_name
-from ._format import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
 
 __all__ = ["ZenohBridge", "ZenohSource", "default_prefix", "open_session", "zenoh_config"]
 
