@@ -209,7 +209,7 @@ def test_a_publisher_with_timestamps_and_chunk_times(broker, stream_name):
 def test_an_lsl_source_never_takes_slabcasts_own_outlet_unless_asked_by_name(broker, stream_name):
     # Issue 19, item 7: with `slabcast lsl-out S` running, an lsl source resolving by type and source_id (the
     # form docs/lsl.md shows) latched onto slabcast's copy of the device and missed ~4 s when it came back.
-    from slabcast.broker.sources import LslSource
+    from slabcast.sources import LslSource
 
     device = f"dev-{stream_name}"
     pub = slabcast.Publisher(stream_name, "float32", 2, rate=250.0, address=broker.address,

@@ -105,7 +105,7 @@ class FlakySource:
 
 
 def test_a_swapped_source_keeps_the_stream_and_flags_the_jump(broker, stream_name):
-    from slabcast.broker.sources import SourceThread
+    from slabcast.sources import SourceThread
 
     source = FlakySource(stream_name, every=5)
     thread = SourceThread(source, broker.address)

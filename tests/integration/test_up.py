@@ -244,7 +244,7 @@ def test_up_runs_the_source_options_it_checked_unchanged(tmp_path):
 
 
 def test_source_values_with_commas_and_digits_keep_their_type_on_the_command_line(tmp_path):
-    from slabcast.broker.options import SourceOptionError, parse_source, source_options
+    from slabcast.sources import SourceOptionError, parse_source, source_options
 
     pytest.importorskip("pylsl")
     # docs/lsl.md's predicate example exited 2 (its comma split the value); an ALSA device name has one too.

@@ -141,7 +141,7 @@ def test_frame_header_and_info_round_trip_and_refuse_garbage():
 
 
 def test_bad_options_and_a_missing_extra_are_said_plainly(monkeypatch):
-    from slabcast.broker.sources import parse_source
+    from slabcast.sources import parse_source
 
     with pytest.raises(ValueError, match="one bridged stream's key"):
         parse_source("zenoh:key=slabcast/*/mic")

@@ -34,7 +34,7 @@ def test_every_public_name_and_module_has_a_docstring():
 
 def test_the_layers_are_subpackages_and_public_names_report_the_public_module():
     layers = {info.name for info in pkgutil.iter_modules(slabcast.__path__) if info.ispkg}
-    assert layers == {"bridge", "broker", "cli", "client", "core", "emit", "view", "wire"}
+    assert layers == {"bridge", "broker", "cli", "client", "core", "emit", "sources", "view", "wire"}
     for name in slabcast.__all__:
         obj = getattr(slabcast, name)
         if inspect.isclass(obj) or inspect.isfunction(obj):

@@ -20,9 +20,8 @@ log = logging.getLogger("slabcast.broker")
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from ..broker.options import parse_source, sources_from_json
     from ..broker.server import Broker
-    from ..broker.sources import SourceThread
+    from ..sources import SourceThread, parse_source, sources_from_json
 
     try:
         sources = [parse_source(spec) for spec in args.source]

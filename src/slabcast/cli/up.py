@@ -162,13 +162,12 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
 def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
     """Check one [[sources]] table; return (kind, source options, pool options, source object), typed by the
     source's signature (the schema the broker checks them against again, never re-parsed from text)."""
-    from ..broker.options import SourceOptionError, source_options
-    from ..broker.sources import _KINDS
+    from ..sources import SourceOptionError, source_class, source_kinds, source_options
 
     where = f"{path}: [[sources]] #{i + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table, got {raw!r}")
-    kind = _choice(where, "kind", raw.get("kind"), tuple(sorted(_KINDS)))
+    kind = _choice(where, "kind", raw.get("kind"), source_kinds())
     given = {k: v for k, v in raw.items() if k != "kind"}
     history = given.pop("history", None)
     try:
@@ -180,7 +179,7 @@ def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str,
     for key, value in pool.items():
         _number(where, key, value, integer=key not in ("write_timeout", "history"))
     try:
-        source = _KINDS[kind](**opts)
+        source = source_class(kind)(**opts)
     except (ImportError, TypeError, ValueError, OSError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     return kind, opts, pool, source

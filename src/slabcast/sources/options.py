@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any
 
+from .kinds import _KINDS
+
 __all__ = ["SourceOptionError", "build_source", "parse_source", "source_options", "sources_from_json"]
 
 _POOL_TYPES: dict[str, type] = {"slab_bytes": int, "nslabs": int, "max_chunk_bytes": int, "write_timeout": float}
@@ -114,8 +116,6 @@ def source_options(kind: str, options: dict[str, Any], *, text: bool = False) ->
         For an unknown kind, an unknown option (naming the closest one), a value of
         the wrong type, or a required option left out.
     """
-    from .sources import _KINDS
-
     cls = _KINDS.get(kind)
     if cls is None:
         close = difflib.get_close_matches(str(kind), _KINDS, n=1)
@@ -151,10 +151,8 @@ def build_source(kind: str, options: dict[str, Any], *, text: bool = False) -> A
     OSError, ImportError
         A file the source cannot read; the source's extra is missing.
     """
-    from .sources import _KINDS
-
     opts, pool = source_options(kind, options, text=text)
-    source = _KINDS[kind](**opts)
+    source: Any = _KINDS[kind](**opts)  # a Source, given an attribute the protocol does not name
     source.publisher_options = pool  # the stream's pool: slab_bytes, nslabs, max_chunk_bytes, write_timeout
     return source
 
@@ -175,8 +173,6 @@ def parse_source(spec: str) -> Any:
     ValueError
         For an unknown kind or a malformed option.
     """
-    from .sources import _KINDS
-
     kind, _, rest = spec.partition(":")
     cls = _KINDS.get(kind)
     if cls is None:
