@@ -1,17 +1,30 @@
 """slabcast: one broker fans live streams out to many processes through shared memory."""
 
-# General layout, bottom to top; each layer is a subpackage and uses only those below it:
+# General layout, bottom to top. Each layer is a subpackage and imports only itself and the layers above it
+# in this list, never one below (tests/unit/test_layers.py reads every import, lazy ones too, against this):
 #
+#   _exceptions, _info, _version: the exception tree, StreamInfo and the statistics records, the version
 #   core/       sans-io: rechunk (the rules: size, clip, sampler; index arithmetic, no data),
 #               pool (the slab pool state machine), shm (segment layout, creation, lease and liveness locks)
-#   wire/       protocol: every message kind and field order, defined once (docs/protocol.md, v2 and v1)
+#   wire/       protocol: every message kind and field order, defined once (docs/protocol.md, v2 and v1);
+#               address: the default address, endpoint forms and ipc path limits, for clients and broker alike;
+#               bridge: the Zenoh frame header and stream info, for both ends of a bridge
 #   client/     connection (handshake, broker death, error mapping), publisher (one copy, one notice),
-#               subscriber (cuts its own chunks, zero-copy read-only views), window, control, record
+#               subscriber (cuts its own chunks, zero-copy read-only views), window, control, record, lsl;
+#               aio (the asyncio subscriber) and examples (task callables) stand on the client alone
 #   broker/     server (the control plane: streams, grants, cursors, liveness), process (BrokerProcess),
-#               sources (synthetic, stdin, file, replay, lsl, audio), address
+#               lock (one broker per address)
+#   sources/    hosted sources: base (the Source protocol), one module per kind (synthetic, stdin, file,
+#               replay, lsl, audio, zenoh), thread (SourceThread), options (one schema: TOML, JSON, kind:k=v).
+#               The broker hosts them, yet neither imports the other: a source writes through a Publisher
+#               like any client, and `slabcast broker` (cli) starts the threads and hands the broker a
+#               callable for their status. They sit above the broker so that cli alone joins the two.
 #   emit/       BufferEmit: ocycle's in-process API on the same rechunking rules
-#   cli/        the `slabcast` command: main, up (supervisor), top, demo
-#   aio         the asyncio subscriber;  testing: the pytest plugin;  examples: task callables
+#   bridge/     ZenohBridge: streams to other hosts (the Zenoh session set-up is the zenoh source's)
+#   view/       the browser viewer
+#   cli/        the `slabcast` command: main, up (supervisor), top, demo, bridge, view;
+#               testing (the pytest plugin) and __main__ beside it
+#   __init__    this file: re-exports the public names of every layer; nothing in the package imports it
 
 import sys as _sys
 
