@@ -49,6 +49,7 @@ from ..core.shm import (
     segment_prefix,
     time_at,
 )
+from ..wire import messages as M
 from ..wire import protocol as P
 from ..wire.address import ipc_path, normalize
 from .lock import AddressLock
@@ -615,13 +616,13 @@ class Broker:
         self._clients: dict[bytes, _Client] = {}
         self._streams: dict[str, _Stream] = {}  # open streams by name
         self._draining: list[_Stream] = []  # ended streams whose subscribers are still attached
-        self._pending: dict[str, list[tuple[_Client, tuple[Any, ...]]]] = {}  # SUBSCRIBE before OPEN
+        self._pending: dict[str, list[tuple[_Client, M.Subscribe]]] = {}  # SUBSCRIBE before OPEN
         self._outbox: dict[bytes, deque[Any]] = {}
         self._peer_pid = 0  # of the connection the last new client's first message came on
         self._segments = 0
         self._stopping = False
         self._last_sweep = 0.0
-        self._handlers: dict[int, Callable[[_Client, tuple[Any, ...]], None]] = {
+        self._handlers: dict[int, Callable[[_Client, Any], None]] = {
             P.OPEN: self._on_open,
             P.FRAME: self._on_frame,
             P.FRAMES: self._on_frames,
@@ -888,7 +889,7 @@ class Broker:
                     f"evicted: a chunk was held (or the stream left unread) longer than the broker's "
                     f"lease_timeout ({self.lease_timeout:g} s) while the publisher waited"
                 )
-                self._send(sub.client.ident, P.pack([P.END, P.END_EVICTED, message, sub.seq]))
+                self._send(sub.client.ident, M.encode(M.End(P.END_EVICTED, message, sub.seq)))
 
     def _check_leases(self, sub: _Sub, now: float) -> None:
         held = sub.delivered_at
@@ -910,7 +911,7 @@ class Broker:
         held.clear()
         self._detach(sub)
         message = f"evicted: a chunk was held longer than the broker's lease_timeout ({self.lease_timeout:g} s)"
-        self._send(sub.client.ident, P.pack([P.END, P.END_EVICTED, message, sub.seq]))
+        self._send(sub.client.ident, M.encode(M.End(P.END_EVICTED, message, sub.seq)))
 
     # ------------------------------------------------------------- messages
 
@@ -922,7 +923,7 @@ class Broker:
             msg = P.unpack(raw)
             if client is None:
                 if msg[0] == P.BYE:  # from a client already forgotten (its process looked dead): goodbye
-                    self._send(ident, P.pack([P.END, P.END_BYE, "goodbye", 0]))
+                    self._send(ident, M.encode(M.End(P.END_BYE, "goodbye")))
                     return
                 if msg[0] != P.HELLO:
                     raise ProtocolError(f"expected HELLO as the first message, got kind {msg[0]}")
@@ -931,7 +932,9 @@ class Broker:
             handler = self._handlers.get(msg[0])
             if handler is None:
                 raise ProtocolError(f"unknown message kind {msg[0]}")
-            handler(client, msg)
+            # FRAME, one per frame, checks its own fields on a fast path; every other message is decoded
+            # and checked by its type (wire/messages.py).
+            handler(client, msg if msg[0] == P.FRAME else M.decode(msg))
         except ProtocolError as exc:
             self._error(ident, P.ERR_MALFORMED, str(exc))
         except _Refused as exc:
@@ -996,7 +999,7 @@ class Broker:
                 del self._outbox[ident]
 
     def _error(self, ident: bytes, code: str, message: str) -> None:
-        self._send(ident, P.pack([P.ERROR, code, message]))
+        self._send(ident, M.encode(M.Error(code, message)))
 
     def _on_hello(self, ident: bytes, msg: tuple[Any, ...]) -> None:
         if len(msg) < 2 or type(msg[1]) is not int:
@@ -1006,21 +1009,22 @@ class Broker:
                 P.ERR_VERSION,
                 f"protocol version mismatch: broker speaks version {P.VERSION}, client speaks version {msg[1]}",
             )
-        P.check_fields(msg, int, int, str, str)
-        role = msg[3]
+        hello = M.decode(msg)
+        assert isinstance(hello, M.Hello)
+        role = hello.role
         if role not in ("pub", "sub", "ctl"):
             raise ProtocolError(f"HELLO role must be 'pub', 'sub' or 'ctl', got {role!r}")
-        version = msg[1]
+        version = hello.version
         if version != P.VERSION and role == "pub":
             raise _Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
         # `slabcast status` still answers a full broker: control connections (brief, BYE at once) may use half
         # of the descriptors kept free.
         spare = self._fd_headroom // 2 if role == "ctl" else 0
-        self._check_descriptors(f"{msg[4][:128]} (pid {msg[2]}, {role})", spare=spare)
-        client = self._clients[ident] = _Client(ident, msg[2], role, msg[4][:128], version)
+        self._check_descriptors(f"{hello.label[:128]} (pid {hello.pid}, {role})", spare=spare)
+        client = self._clients[ident] = _Client(ident, hello.pid, role, hello.label[:128], version)
         # Liveness by pid uses the socket's view (our namespace), never the pid the client says it has.
         client.local_pid = 0 if client.remote else self._peer_pid
-        self._send(ident, P.pack([P.WELCOME, version, self.pid, self.epoch]))
+        self._send(ident, M.encode(M.Welcome(version, self.pid, self.epoch)))
 
     def _check_descriptors(self, who: str, force: bool = False, spare: int = 0) -> None:
         """Refuse (``ERROR limit``) what would take the broker within its headroom of RLIMIT_NOFILE.
@@ -1055,14 +1059,8 @@ class Broker:
             f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
         )
 
-    def _on_open(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        if len(msg) == 10:
-            msg = (*msg, None)  # the stream metadata map came with version 2; it may be absent
-        P.check_fields(
-            msg, str, str, int, (int, float, type(None)), int, int, int, (tuple, type(None)), (int, float),
-            (dict, type(None)),
-        )  # fmt: skip
-        _, name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window, meta = msg
+    def _on_open(self, client: _Client, msg: M.Open) -> None:
+        name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window, meta = msg
         if client.role != "pub" or client.stream is not None or client.sub is not None:
             raise _Refused(P.ERR_BAD_REQUEST, "OPEN is for a publisher connection that has no stream yet")
         if client.remote:
@@ -1089,8 +1087,8 @@ class Broker:
                 f"a {slab_bytes}-byte slab, got {max_chunk_bytes}",
             )
         if names is None:
-            names = [f"ch_{i}" for i in range(channels)]
-        elif len(names) != channels or not all(isinstance(n, str) for n in names):
+            names = tuple(f"ch_{i}" for i in range(channels))
+        elif len(names) != channels:
             raise _Refused(P.ERR_BAD_REQUEST, f"channel_names must be {channels} strings, got {names!r}")
         try:
             meta = StreamInfo.check_metadata(meta, channels)
@@ -1176,22 +1174,8 @@ class Broker:
         stream.carry = stream.carried = stream.needed_carry()  # OPENED tells the publisher: confirmed
         self._send(
             client.ident,
-            P.pack(
-                [
-                    P.OPENED,
-                    seg_name,
-                    segment.nbytes,
-                    header,
-                    slab_bytes,
-                    nslabs,
-                    reserve,
-                    sample_bytes,
-                    f"ipc://{notice_path}",
-                    sid,
-                    stream.carry,
-                    stream.tokens,
-                ]
-            ),
+            M.encode(M.Opened(seg_name, segment.nbytes, header, slab_bytes, nslabs, reserve, sample_bytes,
+                              f"ipc://{notice_path}", sid, stream.carry, tuple(stream.tokens))),
         )
         stream.tokens = []
         self._grant(stream)
@@ -1208,16 +1192,15 @@ class Broker:
         carry = stream.needed_carry()
         if carry != stream.carry and stream.publisher is not None:
             stream.carry = carry
-            self._send(stream.publisher.ident, P.pack([P.CARRY, carry]))
+            self._send(stream.publisher.ident, M.encode(M.Carry(carry)))
 
-    def _on_carried(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        # [CARRIED, bytes]: from now on every slab change carries this much; waiting subscriptions start.
-        P.check_fields(msg, int)
+    def _on_carried(self, client: _Client, msg: M.Carried) -> None:
+        # From now on every slab change carries this much; waiting subscriptions start.
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "CARRIED from a connection that publishes no stream")
-        stream.carried = max(0, msg[1])
-        ready = [u for u in stream.waiting if u.size * stream.sample_bytes <= msg[1]]
+        stream.carried = max(0, msg.nbytes)
+        ready = [u for u in stream.waiting if u.size * stream.sample_bytes <= msg.nbytes]
         for sub in ready:
             stream.waiting.remove(sub)
             if sub.client.ident in self._clients:
@@ -1235,7 +1218,7 @@ class Broker:
             if freed:
                 log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)
         for slab in granted:
-            self._send(publisher.ident, P.pack([P.GRANT, slab]))
+            self._send(publisher.ident, M.encode(M.Grant(slab)))
 
     def _on_frame(self, client: _Client, msg: tuple[Any, ...]) -> None:
         # [FRAME, offset, n, t0, flags, carry]; version-2 publishers always send all six.
@@ -1250,18 +1233,19 @@ class Broker:
             or type(msg[4]) is not int
             or type(msg[5]) is not int
         ):
-            P.check_fields(msg, int, int, (int, float), int, int)
+            M.decode(msg)  # raises, naming the field
+            if len(msg) != 6:
+                raise ProtocolError(f"FRAME takes 5 fields in protocol version {P.VERSION}, got {len(msg) - 1}")
         _, offset, n, t0, flags, carry = msg
         self._frame(stream, offset, n, float(t0), flags & P.FLAG_DISCONTINUITY, carry)
         self._after_frames(stream, offset, (n,))
 
-    def _on_frames(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        # [FRAMES, offset, [n, ...], [t0, ...], carry]: frames packed back to back from offset, in one slab.
+    def _on_frames(self, client: _Client, msg: M.Frames) -> None:
+        # Frames packed back to back from offset, in one slab.
         stream = client.stream
         if stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "FRAMES from a connection that publishes no stream")
-        P.check_fields(msg, int, tuple, tuple, int)
-        _, offset, ns, t0s, carry = msg
+        offset, ns, t0s, carry = msg
         if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
             raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
         for n, t0 in zip(ns, t0s, strict=True):
@@ -1383,7 +1367,7 @@ class Broker:
         if sub.jumped:
             sub.jumped = False
             flags |= P.FLAG_DISCONTINUITY
-        payload = P.pack([P.CHUNK, seq, start, length, t0, 0 if remote else offset, flags])
+        payload = M.encode(M.Chunk(seq, start, length, t0, 0 if remote else offset, flags))
         slab = stream.pool.current
         assert slab is not None
         stream.pool.pin(slab)
@@ -1407,13 +1391,12 @@ class Broker:
         else:
             self._send(sub.client.ident, payload)
 
-    def _on_close(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg)
+    def _on_close(self, client: _Client, msg: M.Close) -> None:
         if client.stream is None:
             raise _Refused(P.ERR_BAD_REQUEST, "CLOSE from a connection that publishes no stream")
         stream = client.stream
         self._end_stream(stream, P.END_CLOSED, "the publisher closed the stream")
-        self._send(client.ident, P.pack([P.END, P.END_CLOSED, f"stream {stream.name!r} closed", 0]))
+        self._send(client.ident, M.encode(M.End(P.END_CLOSED, f"stream {stream.name!r} closed")))
 
     def _end_stream(self, stream: _Stream, code: str, message: str) -> None:
         if stream.ended:
@@ -1425,7 +1408,7 @@ class Broker:
             stream.publisher = None
         self._streams.pop(stream.name, None)
         for sub in [*stream.waiting, *stream.joining]:
-            self._send(sub.client.ident, P.pack([P.END, code, message, 0, stream.head]))
+            self._send(sub.client.ident, M.encode(M.End(code, message, 0, stream.head)))
             sub.client.sub = None
         stream.waiting.clear()
         stream.joining.clear()
@@ -1437,12 +1420,12 @@ class Broker:
             if sub.cut == "local":
                 # It ends once it has read the notices up to `head` (the publisher's own NOTICE_END
                 # usually gets there first, in order with them).
-                self._send(sub.client.ident, P.pack([P.END, code, message, sub.seq, stream.head]))
+                self._send(sub.client.ident, M.encode(M.End(code, message, sub.seq, stream.head)))
                 continue
             if sub.backlog:
                 sub.end = (code, message)  # sent once the backlog has drained
             else:
-                self._send(sub.client.ident, P.pack([P.END, code, message, sub.seq]))
+                self._send(sub.client.ident, M.encode(M.End(code, message, sub.seq)))
         if stream.subs:
             self._draining.append(stream)
         else:
@@ -1457,15 +1440,8 @@ class Broker:
             self._draining.remove(stream)
         log.info("stream %r: segment %s unlinked", stream.name, stream.segment.name)
 
-    def _on_subscribe(self, client: _Client, msg: tuple[Any, ...], opening: bool = False) -> None:
-        if client.version == P.VERSION:
-            none = type(None)
-            P.check_fields(msg, str, (int, none), (int, float, none), bool, str, int, None, str, bool, (bytes, none))
-            _, name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token = msg
-        else:
-            P.check_fields(msg, str, (int, type(None)), (int, float, type(None)), bool, str, int, None)
-            _, name, size, seconds, clip, policy, max_inflight, sampler = msg
-            cut, wait, token = "broker", False, None
+    def _on_subscribe(self, client: _Client, msg: M.Subscribe, opening: bool = False) -> None:
+        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token = msg
         if cut == "local" and (token is None or not 1 <= len(token) <= 32):
             raise _Refused(P.ERR_BAD_REQUEST, "a local subscription needs a token of 1..32 bytes")
         if client.role != "sub" or client.sub is not None:
@@ -1525,7 +1501,7 @@ class Broker:
         sub = _Sub(client, stream, size, clip, policy, max_inflight, sampler, cut)
         client.sub = sub
         if cut == "local":
-            sub.token = P.token_topic(token)
+            sub.token = P.token_topic(token)  # type: ignore[arg-type]  # cut="local" has one (checked above)
             if opening:
                 stream.tokens.append(sub.token)
             elif size * stream.sample_bytes > stream.carried and stream.publisher is not None:
@@ -1545,21 +1521,12 @@ class Broker:
             stream.joining.append(sub)  # until ATTACH: its notice socket is not proven connected yet
         else:
             self._start(stream, sub)
-        reply = [
-            P.SUBSCRIBED,
-            stream.segment.name,
-            stream.segment.nbytes,
-            stream.dtype.str,
-            stream.channels,
-            stream.rate,
-            sub.size,
-            stream.head,
-            stream.channel_names,
-        ]
-        if client.version == P.VERSION:
-            reply += [stream.sid, stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
-                      f"ipc://{stream.notice_path}", stream.meta]  # fmt: skip
-        self._send(client.ident, P.pack(reply))
+        reply = M.Subscribed(stream.segment.name, stream.segment.nbytes, stream.dtype.str, stream.channels,
+                             stream.rate, sub.size, stream.head, tuple(stream.channel_names), stream.sid,
+                             stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
+                             f"ipc://{stream.notice_path}", stream.meta)  # fmt: skip
+        # A version-1 client gets the fields it knows.
+        self._send(client.ident, M.encode(reply, None if client.version == P.VERSION else 8))
         self._update_carry(stream)
 
     def _start(self, stream: _Stream, sub: _Sub) -> None:
@@ -1570,54 +1537,48 @@ class Broker:
         log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, stream.name, sub.size,
                  sub.clip, sub.policy, sub.cut)  # fmt: skip
 
-    def _on_attach(self, client: _Client, msg: tuple[Any, ...]) -> None:
+    def _on_attach(self, client: _Client, msg: M.Attach) -> None:
         # [ATTACH, slot|nil]: the subscriber's notice socket is connected (JOINED came): it starts at the head.
         # `slot`: it holds a shared lock on byte CLIENT_BASE + slot of the segment while it lives.
-        if len(msg) == 1:
-            msg = (*msg, None)
-        P.check_fields(msg, (int, type(None)))
         sub = client.sub
         if sub is None or sub.cut != "local":
             raise _Refused(P.ERR_BAD_REQUEST, "ATTACH from a connection with no local subscription")
         stream = sub.stream
         if sub in stream.waiting:
             raise _Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
-        if msg[1] is not None:
-            if not 0 <= msg[1] < 1 << 31:
-                raise _Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg[1]}")
-            client.live = (stream, CLIENT_BASE + msg[1])
+        if msg.slot is not None:
+            if not 0 <= msg.slot < 1 << 31:
+                raise _Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
+            client.live = (stream, CLIENT_BASE + msg.slot)
         if sub in stream.joining:
             stream.joining.remove(sub)
             self._start(stream, sub)
-        self._send(client.ident, P.pack([P.ATTACHED, sub.cursor]))
+        self._send(client.ident, M.encode(M.Attached(sub.cursor)))
 
-    def _on_ack(self, client: _Client, msg: tuple[Any, ...]) -> None:
+    def _on_ack(self, client: _Client, msg: M.Ack) -> None:
         # [ACK, consumed_index, delivered, dropped, held]: cumulative, so a late one costs nothing.
-        P.check_fields(msg, int, int, int, int)
         sub = client.sub
         if sub is None or sub.cut != "local":
             raise _Refused(P.ERR_BAD_REQUEST, "ACK from a connection with no local-cut subscription")
         stream = sub.stream
         # The cursor may run ahead of `head`: notices reach subscribers before FRAME reaches us.
-        if msg[1] > sub.cursor:
-            sub.cursor = msg[1]
+        if msg.cursor > sub.cursor:
+            sub.cursor = msg.cursor
             sub.stalled_since = None
-        sub.delivered, sub.dropped, sub.held = msg[2], msg[3], msg[4]
+        sub.delivered, sub.dropped, sub.held = msg.delivered, msg.dropped, msg.held
         sub.seq = sub.delivered + sub.dropped
         if not stream.ended:
             self._grant(stream)
 
-    def _on_release(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        if len(msg) != 3 or type(msg[1]) is not tuple or type(msg[2]) is not tuple:
-            P.check_fields(msg, tuple, tuple)
+    def _on_release(self, client: _Client, msg: M.Release) -> None:
         sub = client.sub
         if sub is None or sub.cut != "broker":
             raise _Refused(P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription cut by the broker")
         stream = sub.stream
         unknown = []
-        for seq in msg[1]:
+        for seq in msg.seqs:
             sub.starts.pop(seq, None)
-            slab = sub.leases.pop(seq, None) if type(seq) is int else None
+            slab = sub.leases.pop(seq, None)
             if slab is not None:
                 stream.pool.unpin(slab)
             elif seq in sub.remote_held:
@@ -1626,29 +1587,27 @@ class Broker:
                 unknown.append(seq)
                 continue
             sub.inflight -= 1
-        for value in msg[2][: _PAUSE_PREFETCH_MAX - len(sub.pauses)]:
-            if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= P.MAX_SAMPLER_SECONDS:
+        for value in msg.pauses[: _PAUSE_PREFETCH_MAX - len(sub.pauses)]:
+            if 0 <= value <= P.MAX_SAMPLER_SECONDS:
                 sub.pauses.append(float(value))
         while sub.backlog and sub.inflight < sub.max_inflight and sub in stream.subs:
             self._deliver(sub, *sub.backlog.popleft())
         if sub.end is not None and not sub.backlog:
             code, message = sub.end
             sub.end = None
-            self._send(client.ident, P.pack([P.END, code, message, sub.seq]))
+            self._send(client.ident, M.encode(M.End(code, message, sub.seq)))
         if not stream.ended:
             self._grant(stream)
         if unknown:
             raise ProtocolError(f"RELEASE of chunks this subscriber does not hold: {unknown[:10]!r}")
 
-    def _on_bye(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg)
+    def _on_bye(self, client: _Client, msg: M.Bye) -> None:
         seq = client.sub.seq if client.sub is not None else 0
         self._drop_client(client, gone=False)
-        self._send(client.ident, P.pack([P.END, P.END_BYE, "goodbye", seq]))
+        self._send(client.ident, M.encode(M.End(P.END_BYE, "goodbye", seq)))
 
-    def _on_unsubscribe(self, client: _Client, msg: tuple[Any, ...]) -> None:
+    def _on_unsubscribe(self, client: _Client, msg: M.Unsubscribe) -> None:
         # No more chunks; the leases it holds stay until RELEASE, BYE or its death.
-        P.check_fields(msg)
         sub = client.sub
         if sub is None:
             raise _Refused(P.ERR_BAD_REQUEST, "UNSUBSCRIBE from a connection with no subscription")
@@ -1695,19 +1654,18 @@ class Broker:
             elif not stream.ended:
                 self._grant(stream)
 
-    def _on_stats(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg, str)
-        stream = self._streams.get(msg[1]) or next((s for s in self._draining if s.name == msg[1]), None)
+    def _on_stats(self, client: _Client, msg: M.Stats) -> None:
+        stream = self._streams.get(msg.name) or next((s for s in self._draining if s.name == msg.name), None)
         if stream is None:
             known = ", ".join(sorted(self._streams)) or "none"
-            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg[1]!r} on this broker (streams: {known})")
+            raise _Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg.name!r} on this broker (streams: {known})")
         stats = self._statistics(stream)
         stats["subscribers"] = [
             {"label": u.client.label, "pid": u.client.pid, "delivered": u.delivered, "dropped": u.dropped,
              "overflows": u.overflows}
             for u in stream.subs
         ]  # fmt: skip
-        self._send(client.ident, P.pack([P.STATS_REPLY, stats]))
+        self._send(client.ident, M.encode(M.StatsReply(stats)))
 
     @staticmethod
     def _statistics(stream: _Stream) -> dict[str, Any]:
@@ -1715,13 +1673,11 @@ class Broker:
                                "window_seconds": stream.stats.window}  # fmt: skip
         return stream.stats.summary(out)
 
-    def _on_sync(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg, int)
-        self._send(client.ident, P.pack([P.SYNCED, msg[1]]))
+    def _on_sync(self, client: _Client, msg: M.Sync) -> None:
+        self._send(client.ident, M.encode(M.Synced(msg.token)))
 
-    def _on_status(self, client: _Client, msg: tuple[Any, ...]) -> None:
-        P.check_fields(msg)
-        self._send(client.ident, P.pack([P.STATUS_REPLY, self.status()]))
+    def _on_status(self, client: _Client, msg: M.Status) -> None:
+        self._send(client.ident, M.encode(M.StatusReply(self.status())))
 
     @staticmethod
     def _sub_status(stream: _Stream, sub: _Sub) -> dict[str, Any]:
@@ -1798,7 +1754,7 @@ class Broker:
         for ident, client in list(self._clients.items()):
             seq = client.sub.seq if client.sub is not None else 0
             with contextlib.suppress(zmq.ZMQError):
-                self._send(ident, P.pack([P.END, P.END_BROKER_SHUTDOWN, "the broker shut down", seq]))
+                self._send(ident, M.encode(M.End(P.END_BROKER_SHUTDOWN, "the broker shut down", seq)))
         with contextlib.suppress(zmq.ZMQError):
             self._flush_outbox()
         for stream in [*self._streams.values(), *self._draining]:
