@@ -12,7 +12,7 @@ import zmq
 from ._exceptions import BrokerGoneError, EndOfStream, WouldBlock
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
-from .wire import protocol as P
+from .wire import messages as M
 
 __all__ = ["Subscriber"]
 
@@ -61,7 +61,7 @@ class Subscriber:
             if left is not None and left <= 0:
                 raise TimeoutError(f"no chunk within {timeout} s (async subscriber of {self._sub.name!r})")
             if conn.remote and time.monotonic() - conn._last_send >= _KEEPALIVE:
-                conn.send([P.SYNC, 0])  # keep-alive: a remote client proves it is alive by talking
+                conn.send(M.Sync(0))  # keep-alive: a remote client proves it is alive by talking
             try:
                 await _readable(self._sub._sockets(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
             except BrokerGoneError:

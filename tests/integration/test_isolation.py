@@ -284,40 +284,40 @@ def test_an_old_publisher_closing_after_a_broker_restart_leaves_the_new_stream_a
 
 def test_carried_is_confirmed_only_after_the_frame_of_a_slab_change_made_with_the_old_carry(broker, stream_name):
     # A subscriber the broker starts on CARRIED must never meet a slab change that carried less than it needs.
-    from slabcast.wire import protocol as P
+    from slabcast.wire import messages as M
 
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
     sent = []
     real_send = pub._conn.send
-    pub._conn.send = lambda msg: (sent.append(msg[0]), real_send(msg))
+    pub._conn.send = lambda msg: (sent.append(msg), real_send(msg))
     with pub._lock:
         pub._switch_unsent = True  # a slab change whose FRAME has not gone out yet
-        pub._on_carry((P.CARRY, 4096))
-        assert P.CARRIED not in sent
+        pub._on_carry(M.Carry(4096))
+        assert not any(isinstance(m, M.Carried) for m in sent)
         pub._frame_sent()
-        assert sent == [P.CARRIED]
-        pub._on_carry((P.CARRY, 8192))  # no change in flight: at once
-        assert sent == [P.CARRIED, P.CARRIED]
+        assert sent == [M.Carried(4096)]
+        pub._on_carry(M.Carry(8192))  # no change in flight: at once
+        assert sent == [M.Carried(4096), M.Carried(8192)]
     pub._conn.send = real_send
     pub.close()
 
 
 def test_a_subscriber_that_waits_for_every_chunk_sends_no_message_per_chunk(broker, stream_name):
     # Data path v2's promise: ACKs per slab (or to refresh counters at most every 0.1 s), never per chunk.
-    from slabcast.wire import protocol as P
+    from slabcast.wire import messages as M
 
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
     sub = slabcast.Subscriber(stream_name, size=4, address=broker.address)
     sent = []
     real_send = sub._conn.send
-    sub._conn.send = lambda msg: (sent.append(msg[0]), real_send(msg))
+    sub._conn.send = lambda msg: (sent.append(type(msg)), real_send(msg))
     t = time.monotonic()
     for _ in range(200):
         pub.write(np.zeros(4, np.int32))
         with sub.recv(timeout=5):
             pass
     elapsed = time.monotonic() - t
-    assert sent.count(P.ACK) <= 2 + elapsed / 0.1  # one slab; counters at most every 0.1 s
+    assert sent.count(M.Ack) <= 2 + elapsed / 0.1  # one slab; counters at most every 0.1 s
     sub._conn.send = real_send
     sub.close()
     pub.close()

@@ -29,6 +29,7 @@ from .._exceptions import (
     StreamExistsError,
     StreamNotFoundError,
 )
+from ..wire import messages as M
 from ..wire import protocol as P
 from ..wire.address import ipc_path, normalize
 
@@ -135,13 +136,16 @@ def _context() -> zmq.Context[Any]:
         return _ctx
 
 
-def error_for(msg: tuple[Any, ...], where: str) -> SlabcastError:
+def error_for(msg: M.End | M.Error, where: str) -> SlabcastError:
     """Turn an ERROR or END message into the exception it stands for."""
-    code = msg[1] if len(msg) > 1 else "?"
-    text = msg[2] if len(msg) > 2 else ""
-    if msg[0] == P.END:
-        return _ENDS.get(code, EndOfStream)(f"{text} ({where})")
-    return _ERRORS.get(code, RequestError)(f"{text} ({where})")
+    if isinstance(msg, M.End):
+        return _ENDS.get(msg.code, EndOfStream)(f"{msg.message} ({where})")
+    return _ERRORS.get(msg.code, RequestError)(f"{msg.message} ({where})")
+
+
+def unexpected(msg: M.Message, expected: str, where: str) -> ProtocolError:
+    """The error for a message that is not the one expected here."""
+    return ProtocolError(f"expected {expected}, got {M.name_of(msg)} ({where})")
 
 
 _EFFECTIVE = os.access in os.supports_effective_ids  # judge by the effective uid and groups, as connect does
@@ -270,7 +274,7 @@ class Connection:
         self._poller.register(self._monitor, zmq.POLLIN)
         try:
             self.sock.connect(self.address)
-            self.send([P.HELLO, P.VERSION, os.getpid(), role, label])
+            self.send(M.Hello(P.VERSION, os.getpid(), role, label))
             reply = self.recv(timeout)
         except BaseException:
             self.close(bye=False)
@@ -280,16 +284,15 @@ class Connection:
             if self.remote and not self._handshaken:
                 raise AccessDeniedError(self._no_handshake(f"within {timeout} s"))
             raise BrokerGoneError(f"no answer from the {self.where} within {timeout} s")
-        if reply[0] == P.ERROR:
+        if isinstance(reply, M.Error):
             self.close(bye=False)
             raise error_for(reply, self.where)
-        if reply[0] != P.WELCOME or len(reply) < 4 or reply[1] != P.VERSION:
+        if not isinstance(reply, M.Welcome) or reply.version != P.VERSION:
             self.close(bye=False)
-            got = reply[1] if len(reply) > 1 and reply[0] == P.WELCOME else f"a {P.NAMES.get(reply[0], reply[0])}"
+            got = reply.version if isinstance(reply, M.Welcome) else f"a {M.name_of(reply)}"
             raise ProtocolError(f"protocol version mismatch: client speaks version {P.VERSION}, broker answered {got}")
-        P.need(reply, 3)
-        self.broker_pid: int = reply[2]
-        self.epoch: int = reply[3]
+        self.broker_pid: int = reply.broker_pid
+        self.epoch: int = reply.epoch
 
     def _setup_curve(self, curve: tuple[str, str] | None) -> None:
         from zmq.auth import load_certificate
@@ -312,12 +315,12 @@ class Connection:
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
 
-    def send(self, msg: list[Any]) -> None:
+    def send(self, msg: M.Message) -> None:
         """Send one message; raise :class:`BrokerGoneError` if the socket is unusable."""
         if self.closed:
             raise ClosedError("this connection was closed")
         try:
-            self.sock.send(P.pack(msg), copy=True)
+            self.sock.send(M.encode(msg), copy=True)
             self._last_send = time.monotonic()
         except zmq.ZMQError as exc:
             raise BrokerGoneError(f"cannot send to the {self.where}: {exc}") from exc
@@ -328,8 +331,11 @@ class Connection:
 
     def recv(
         self, timeout: float | None, before_wait: Callable[[], None] | None = None
-    ) -> tuple[Any, ...] | None:
+    ) -> M.Message | None:
         """Return the next message, ``None`` after ``timeout`` seconds (``None``: wait forever).
+
+        Messages are decoded and checked by their type; fields appended by a later
+        protocol version are ignored.
 
         ``before_wait()`` runs whenever no message is ready, before waiting (or
         before returning ``None``).  Messages the broker sent before it died are
@@ -348,7 +354,7 @@ class Connection:
             except zmq.ZMQError as exc:
                 raise BrokerGoneError(f"cannot receive from the {self.where}: {exc}") from exc
             else:
-                return P.unpack(raw)
+                return M.decode(raw, strict=False)
             if before_wait is not None:
                 before_wait()
             if self.gone:
@@ -365,7 +371,7 @@ class Connection:
             if self.remote:
                 # A remote client proves it is alive by talking; the broker has no pid to check.
                 if time.monotonic() - self._last_send >= _KEEPALIVE:
-                    self.send([P.SYNC, 0])
+                    self.send(M.Sync(0))
                 wait = int(_KEEPALIVE * 1000) if wait < 0 else min(wait, int(_KEEPALIVE * 1000))
             events = dict(self._poller.poll(wait))
             if self._monitor in events:
@@ -413,11 +419,11 @@ class Connection:
         if bye and not self.gone:
             # BYE is answered, so everything sent before it has been handled when we go.
             with contextlib.suppress(zmq.ZMQError, BrokerGoneError, ProtocolError):
-                self.sock.send(P.pack([P.BYE]), zmq.NOBLOCK)
+                self.sock.send(M.encode(M.Bye()), zmq.NOBLOCK)
                 deadline = time.monotonic() + BYE_TIMEOUT
                 while (left := deadline - time.monotonic()) > 0:
                     msg = self.recv(left)
-                    if msg is None or (msg[0] == P.END and len(msg) > 1 and msg[1] == P.END_BYE):
+                    if msg is None or (isinstance(msg, M.End) and msg.code == P.END_BYE):
                         break
         self.closed = True
         with contextlib.suppress(zmq.ZMQError):

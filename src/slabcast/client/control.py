@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._exceptions import BrokerGoneError, ProtocolError
+from .._exceptions import BrokerGoneError
 from .._info import StreamStatistics
-from ..client.connection import Connection, error_for
-from ..wire import protocol as P
+from ..client.connection import Connection, error_for, unexpected
+from ..wire import messages as M
 
 __all__ = ["broker_status", "stream_statistics"]
 
 
-def _request(address: str | None, msg: list[Any], expect: int, timeout: float,
-             curve: tuple[str, str] | None = None) -> Any:  # fmt: skip
+def _request(address: str | None, msg: M.Stats | M.Status, expect: type[M.StatsReply | M.StatusReply],
+             timeout: float, curve: tuple[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     conn = Connection(address, "ctl", "control", curve=curve)
     try:
         conn.send(msg)
@@ -22,11 +22,11 @@ def _request(address: str | None, msg: list[Any], expect: int, timeout: float,
         conn.close()
     if reply is None:
         raise BrokerGoneError(f"no answer from the broker at {conn.address} within {timeout} s")
-    if reply[0] == P.ERROR:
-        raise error_for(reply, P.NAMES[msg[0]].lower())
-    if reply[0] != expect:
-        raise ProtocolError(f"expected {P.NAMES[expect]}, got {P.NAMES.get(reply[0], reply[0])}")
-    return reply[1]
+    if isinstance(reply, M.Error):
+        raise error_for(reply, type(msg).__name__.lower())
+    if not isinstance(reply, expect):
+        raise unexpected(reply, expect.__name__, "control")
+    return reply[0]
 
 
 def stream_statistics(name: str, address: str | None = None, timeout: float = 5.0,
@@ -43,7 +43,7 @@ def stream_statistics(name: str, address: str | None = None, timeout: float = 5.
     BrokerGoneError
         If no broker answers at ``address``.
     """
-    raw = _request(address, [P.STATS, name], P.STATS_REPLY, timeout, curve)
+    raw = _request(address, M.Stats(name), M.StatsReply, timeout, curve)
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in raw.items()}
     return StreamStatistics(**{k: v for k, v in fields.items() if k in StreamStatistics.__dataclass_fields__})
 
@@ -60,4 +60,4 @@ def broker_status(address: str | None = None, timeout: float = 5.0,
     BrokerGoneError
         If no broker answers at ``address``.
     """
-    return _request(address, [P.STATUS], P.STATUS_REPLY, timeout, curve)  # type: ignore[no-any-return]
+    return _request(address, M.Status(), M.StatusReply, timeout, curve)

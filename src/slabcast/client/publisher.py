@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .._exceptions import BrokerGoneError, ClosedError, ProtocolError, SlabcastError, WriteTimeout
+from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
-from ..client.connection import Connection, _context, error_for, share_socket_file
+from ..client.connection import Connection, _context, error_for, share_socket_file, unexpected
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
+from ..wire import messages as M
 from ..wire import protocol as P
 
 __all__ = ["Publisher", "check_frame"]
@@ -221,39 +222,23 @@ class Publisher:
         layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
-            self._conn.send(
-                [
-                    P.OPEN,
-                    stream,
-                    self.dtype.str,
-                    channels,
-                    self.rate,
-                    layout,
-                    nslabs,
-                    carried,
-                    list(channel_names) if channel_names is not None else None,
-                    float(statistics),
-                    StreamInfo.check_metadata(
-                        {
-                            "channel_types": channel_types,
-                            "channel_units": channel_units,
-                            "source_id": source_id,
-                            "timestamps": bool(timestamps),
-                        },
-                        channels,
-                    ),
-                ]
-            )
+            meta = StreamInfo.check_metadata(
+                {"channel_types": channel_types, "channel_units": channel_units, "source_id": source_id,
+                 "timestamps": bool(timestamps)},
+                channels,
+            )  # fmt: skip
+            names = tuple(channel_names) if channel_names is not None else None
+            self._conn.send(M.Open(stream, self.dtype.str, channels, self.rate, layout, nslabs, carried, names,
+                                   float(statistics), meta))  # fmt: skip
             reply = self._conn.recv(timeout)
             if reply is None:
                 raise BrokerGoneError(f"no answer to OPEN from the {self._conn.where} within {timeout} s")
-            if reply[0] == P.ERROR:
+            if isinstance(reply, M.Error):
                 raise error_for(reply, self._where)
-            if reply[0] != P.OPENED:
-                raise ProtocolError(f"expected OPENED, got {P.NAMES.get(reply[0], reply[0])}")
-            P.need(reply, 11)  # fields appended by a later version are ignored
-            _, seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:8]
-            endpoint, self._sid, carry, tokens = reply[8:12]
+            if not isinstance(reply, M.Opened):
+                raise unexpected(reply, "OPENED", self._where)
+            seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:7]
+            endpoint, self._sid, carry, tokens = reply.notice_endpoint, reply.stream_id, reply.carry, reply.tokens
             self._mm = attach(seg, seg_bytes, writable=True)
             # "This stream's publisher is alive", as the broker tells it in any PID namespace.
             self._live_fd = open_locks(seg)
@@ -388,7 +373,7 @@ class Publisher:
             if discontinuity:
                 self._flush_pending()
                 self._notice(index, offset, n, t0, P.FLAG_DISCONTINUITY)
-                self._conn.send([P.FRAME, offset, n, t0, P.FLAG_DISCONTINUITY, self._slab_carry])
+                self._conn.send(M.Frame(offset, n, t0, P.FLAG_DISCONTINUITY, self._slab_carry))
                 self._frame_sent()
                 self._last_send = now
             else:
@@ -398,7 +383,7 @@ class Publisher:
                 if not self._pend_n and now - self._last_send >= _SPORADIC:
                     # A sporadic writer: notice and FRAME at once, no batch, no thread to wake.
                     self._notice(index, offset, n, t0, 0)
-                    self._conn.send([P.FRAME, offset, n, t0, 0, self._slab_carry])
+                    self._conn.send(M.Frame(offset, n, t0, 0, self._slab_carry))
                     self._frame_sent()
                     self._last_send = now
                 else:
@@ -450,7 +435,7 @@ class Publisher:
         self._sync_token += 1
         with self._lock:
             self._flush_pending()
-            self._conn.send([P.SYNC, self._sync_token])
+            self._conn.send(M.Sync(self._sync_token))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         token = self._sync_token
         # The background thread may take the answer off the socket too: both go through _take_locked,
@@ -467,7 +452,7 @@ class Publisher:
         seq = self._nseq
         self._nseq = seq + 1
         self._slab_notices += 1
-        payload = P.pack([P.NOTICE, self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor])
+        payload = M.encode(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
         # A subscriber whose queue is full loses this one (it sees the seq gap); nobody waits.
         with contextlib.suppress(zmq.Again):
             self._xpub.send(self._topic + payload, _NOBLOCK)
@@ -498,7 +483,7 @@ class Publisher:
         # A new token subscription: say JOINED on it, so the subscriber knows every later notice reaches it.
         if len(event) > 2 and event[0] == 1 and event[1] == 1:
             with contextlib.suppress(zmq.Again):
-                sock.send(event[1:] + P.pack([P.JOINED]), _NOBLOCK)
+                sock.send(event[1:] + M.encode(M.Joined()), _NOBLOCK)
 
     def _serve_joins(self) -> None:
         """Answer subscribers joining the notice socket (caller holds the lock)."""
@@ -522,9 +507,9 @@ class Publisher:
             self._unnoticed = 0
             self._last_send = time.monotonic()
         if len(ns) == 1:
-            self._conn.send([P.FRAME, self._pend_offset, ns[0], ts[0], 0, self._slab_carry])
+            self._conn.send(M.Frame(self._pend_offset, ns[0], ts[0], 0, self._slab_carry))
         else:
-            self._conn.send([P.FRAMES, self._pend_offset, ns, ts, self._slab_carry])
+            self._conn.send(M.Frames(self._pend_offset, tuple(ns), tuple(ts), self._slab_carry))
         self._frame_sent()
         self._pend_n = []
         self._pend_t = []
@@ -602,31 +587,31 @@ class Publisher:
     def _take_locked(self, timeout: float) -> None:
         msg = self._conn.recv(timeout)
         while msg is not None:
-            if msg[0] == P.GRANT:
-                self._grants.append(msg[1])
-            elif msg[0] == P.CARRY:
+            if isinstance(msg, M.Grant):
+                self._grants.append(msg.slab)
+            elif isinstance(msg, M.Carry):
                 self._on_carry(msg)
-            elif msg[0] == P.SYNCED:
-                self._synced = max(self._synced, int(msg[1]))
-            elif msg[0] in (P.ERROR, P.END):
+            elif isinstance(msg, M.Synced):
+                self._synced = max(self._synced, msg.token)
+            elif isinstance(msg, M.Error | M.End):
                 raise error_for(msg, self._where)
             msg = self._conn.recv(0)
 
-    def _on_carry(self, msg: tuple[Any, ...]) -> None:
+    def _on_carry(self, msg: M.Carry) -> None:
         # From the next slab on (caller holds the lock).  Confirmed at once, unless a slab change made with
         # the old carry has not reached the broker yet: then right after its FRAME, so that a subscriber the
         # broker starts on this confirmation never sees a slab change that carried less than it needs.
-        self._carry = min(int(msg[1]), self.reserve)
+        self._carry = min(msg.nbytes, self.reserve)
         if self._switch_unsent:
             self._carried_due = self._carry
         else:
-            self._conn.send([P.CARRIED, self._carry])
+            self._conn.send(M.Carried(self._carry))
 
     def _frame_sent(self) -> None:
         """A FRAME(S) went to the broker (caller holds the lock): a slab change it announced is known there."""
         self._switch_unsent = False
         if self._carried_due is not None:
-            self._conn.send([P.CARRIED, self._carried_due])
+            self._conn.send(M.Carried(self._carried_due))
             self._carried_due = None
 
     def close(self) -> None:
@@ -641,19 +626,19 @@ class Publisher:
             if self._conn.poll_gone():
                 raise BrokerGoneError("no stream to close: the broker is gone")  # suppressed just above
             # In order after the last notice: subscribers end once they have read everything.
-            end = [P.NOTICE_END, self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples]
-            self._xpub.send(self._topic + P.pack(end), _NOBLOCK)
+            end = M.NoticeEnd(self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples)
+            self._xpub.send(self._topic + M.encode(end), _NOBLOCK)
             self._nseq += 1
         self._closed = True
         self._kick.set()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
             if not self._conn.gone:
                 # CLOSE is answered by END once every frame sent before it was handled.
-                self._conn.send([P.CLOSE])
+                self._conn.send(M.Close())
                 deadline = time.monotonic() + self.timeout
                 while (left := deadline - time.monotonic()) > 0:
                     msg = self._conn.recv(left)
-                    if msg is None or msg[0] in (P.END, P.ERROR):
+                    if msg is None or isinstance(msg, M.End | M.Error):
                         break
         with self._lock:
             self._conn.close()

@@ -38,9 +38,10 @@ from .._exceptions import (
     WouldBlock,
 )
 from .._info import StreamInfo, SubscriberStatistics
-from ..client.connection import Connection, _context, error_for
+from ..client.connection import Connection, _context, error_for, unexpected
 from ..core.rechunk import Rechunker, check_sampler, check_size
 from ..core.shm import CLIENT_BASE, GEN_OFFSET, attach, hold, lock_slab, open_locks, time_at
+from ..wire import messages as M
 from ..wire import protocol as P
 
 __all__ = ["Chunk", "Subscriber"]
@@ -365,7 +366,8 @@ class Subscriber:
         self._mm: Any = None
         self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
         self._jumped = False  # the next chunk follows a broker restart
-        self._request = [P.SUBSCRIBE, stream, size, seconds, self.clip, policy, max_inflight, wire_sampler]
+        # The settings of SUBSCRIBE (the rest is filled per connection: local or remote).
+        self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler)
         self._max_inflight = max_inflight
         self._partial_tail = bool(partial_tail)
         self._curve = curve
@@ -389,18 +391,18 @@ class Subscriber:
         notices = None
         lock_fd = -1
         mm: Any = None
-        early_end: tuple[str, str, int] | None = None
+        early_end: M.End | None = None
         meta: dict[str, Any] = {}
         try:
             local = not conn.remote
             if self._partial_tail and not local:
                 raise ValueError(f"partial_tail=True needs a local (ipc://) broker, got {conn.address}")
             token = os.urandom(8)
-            wire_sampler = None if local else self._request[7]
+            wire_sampler = None if local else self._request.sampler
             if not local and self._prefetch:
-                wire_sampler = [self._pause() for _ in range(self._prefetch)]
-            conn.send([*self._request[:7], wire_sampler, "local" if local else "broker", self._wait > 0,
-                       token if local else None])  # fmt: skip
+                wire_sampler = tuple(self._pause() for _ in range(self._prefetch))
+            conn.send(self._request._replace(sampler=wire_sampler, cut="local" if local else "broker",
+                                             wait=self._wait > 0, token=token if local else None))  # fmt: skip
             reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
             if reply is None:
                 if self._wait > 0:
@@ -408,18 +410,18 @@ class Subscriber:
                         f"stream {self.name!r} did not appear within wait={self._wait:g} s ({conn.where})"
                     )
                 raise BrokerGoneError(f"no answer to SUBSCRIBE from the {conn.where} within {self._timeout} s")
-            if reply[0] == P.ERROR:
+            if isinstance(reply, M.Error | M.End):  # (END: the stream ended while we waited to start)
                 raise error_for(reply, self._where)
-            if reply[0] == P.END:  # the stream ended while we waited to start
-                raise error_for(reply, self._where)
-            if reply[0] != P.SUBSCRIBED:
-                raise ProtocolError(f"expected SUBSCRIBED, got {P.NAMES.get(reply[0], reply[0])}")
-            P.need(reply, 14 if local else 8)  # fields appended by a later version are ignored
-            _, seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:9]
+            if not isinstance(reply, M.Subscribed):
+                raise unexpected(reply, "SUBSCRIBED", self._where)
+            if local and not reply.notice_endpoint:
+                raise ProtocolError(f"SUBSCRIBED for a local subscriber names no notice endpoint ({self._where})")
+            seg, seg_bytes, dtype, channels, rate, self.size, self.start_index, names = reply[:8]
+            meta = reply.meta or {}
             mm = None if conn.remote else attach(seg, seg_bytes)
             if local:
-                self._sid, self._header, self._slab_bytes, self._nslabs, self._sample_bytes, endpoint = reply[9:15]
-                meta = reply[15] if len(reply) > 15 and isinstance(reply[15], dict) else {}
+                self._sid, self._header, self._slab_bytes = reply.stream_id, reply.header_bytes, reply.slab_bytes
+                self._nslabs, self._sample_bytes, endpoint = reply.nslabs, reply.sample_bytes, reply.notice_endpoint
                 lock_fd = open_locks(seg)
                 notices = self._join(conn, endpoint, P.token_topic(token))
                 # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
@@ -427,22 +429,21 @@ class Subscriber:
                 # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
                 slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
                 hold(lock_fd, CLIENT_BASE + slot)
-                conn.send([P.ATTACH, slot])
+                conn.send(M.Attach(slot))
                 while True:
                     reply = conn.recv(self._timeout)
                     if reply is None:
                         raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {self._timeout} s")
-                    if reply[0] == P.END and len(reply) > 4 and reply[1] in (P.END_CLOSED, P.END_PUBLISHER_GONE):
+                    if isinstance(reply, M.End) and reply.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
                         # A short stream may end before our ATTACH is answered: its notices are with us.
-                        early_end = (reply[1], reply[2], int(reply[4]))
+                        early_end = reply
                         continue
                     break
-                if reply[0] in (P.ERROR, P.END):
+                if isinstance(reply, M.Error | M.End):
                     raise error_for(reply, self._where)
-                if reply[0] != P.ATTACHED:
-                    raise ProtocolError(f"expected ATTACHED, got {P.NAMES.get(reply[0], reply[0])}")
-                P.need(reply, 1)
-                self.start_index = reply[1]
+                if not isinstance(reply, M.Attached):
+                    raise unexpected(reply, "ATTACHED", self._where)
+                self.start_index = reply.start
         except BaseException:
             if notices is not None:
                 notices.close(linger=0)
@@ -481,7 +482,7 @@ class Subscriber:
             self._cur_slab = -1
             self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
             self._acked_at = 0.0
-            self._stream_end: tuple[str, str, int] | None = early_end
+            self._stream_end: M.End | None = early_end  # its head: the samples in the stream
             self._end_seen = time.monotonic()
             self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
             self._rcvtimeo = -1
@@ -512,7 +513,7 @@ class Subscriber:
                     )
                 if conn.sock in events:
                     msg = conn.recv(0)
-                    if msg is not None and msg[0] in (P.END, P.ERROR):
+                    if isinstance(msg, M.End | M.Error):
                         raise error_for(msg, self._where)
                 if sock in events and sock.recv().startswith(token):
                     break
@@ -644,22 +645,20 @@ class Subscriber:
                 continue
             if msg is None:
                 return None
-            kind = msg[0]
-            if kind == P.CHUNK:
+            if isinstance(msg, M.Chunk):
                 return self._chunk(msg)
-            if kind == P.SYNCED:  # the answer to a keep-alive
+            if isinstance(msg, M.Synced):  # the answer to a keep-alive
                 continue
-            if kind in (P.END, P.ERROR):
+            if isinstance(msg, M.End | M.Error):
                 exc2 = error_for(msg, self._where)
-                if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN and self._reconnect:
+                if isinstance(msg, M.End) and msg.code == P.END_BROKER_SHUTDOWN and self._reconnect:
                     self._gone(exc2)  # type: ignore[arg-type]
                     continue
-                if kind == P.END:
+                if isinstance(msg, M.End):
                     self._end = exc2  # type: ignore[assignment]
-                    if len(msg) > 3 and type(msg[3]) is int:
-                        self._cut = msg[3]
+                    self._cut = msg.seq
                 raise exc2
-            raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
+            raise unexpected(msg, "CHUNK or END", self._where)
 
     # ------------------------------------------------------- local cutting
 
@@ -688,7 +687,7 @@ class Subscriber:
                 self._on_notice(raw)
                 continue
             end = self._stream_end
-            if end is not None and self._cursor < end[2]:
+            if end is not None and self._cursor < end.head:
                 # Notices already with us come first: only when none came for _END_GRACE (since the end
                 # was known and since the last one) is the rest lost.
                 if time.monotonic() - max(self._end_seen, self._last_notice) > _END_GRACE:
@@ -697,12 +696,12 @@ class Subscriber:
                     if self._partial_tail and self._cut_tail():
                         continue
                     start = self._cursor
-                    if end[0] == P.END_CLOSED:
-                        self._lost(start, end[2])
+                    if end.code == P.END_CLOSED:
+                        self._lost(start, end.head)
                     else:  # the publisher died with notices unsent: its error names the range
-                        self._cursor = end[2]
-                        self._stream_end = (end[0], f"{end[1]}; samples {start}..{end[2]} never reached this "
-                                            "subscriber", end[2])  # fmt: skip
+                        self._cursor = end.head
+                        self._stream_end = end._replace(
+                            message=f"{end.message}; samples {start}..{end.head} never reached this subscriber")
                     continue
             elif end is not None:
                 # Everything the stream held is cut.
@@ -710,9 +709,8 @@ class Subscriber:
                     raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
                 if self._partial_tail and self._cut_tail():
                     continue
-                code, message, _ = end
                 self._send_ack(force=True)
-                self._end = error_for((P.END, code, message), self._where)  # type: ignore[assignment]
+                self._end = error_for(end, self._where)  # type: ignore[assignment]
                 raise self._end  # type: ignore[misc]
             if conn.sock.getsockopt(_EVENTS) & _POLLIN:
                 self._on_direct(conn.recv(0))
@@ -742,51 +740,50 @@ class Subscriber:
                 continue
             self._on_notice(raw)
 
-    def _on_direct(self, msg: tuple[Any, ...] | None) -> None:
+    def _on_direct(self, msg: M.Message | None) -> None:
         """A message from the broker on our own connection: an END (evicted, shutdown) or an ERROR."""
-        if msg is None or msg[0] == P.SYNCED:
+        if msg is None or isinstance(msg, M.Synced):
             return
-        kind = msg[0]
-        if kind == P.END and msg[1] in (P.END_CLOSED, P.END_PUBLISHER_GONE) and len(msg) > 4:
+        if isinstance(msg, M.End) and msg.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
             # The stream ended: finish what its notices hold first (they may still be on their way).
             if self._stream_end is None:
-                self._stream_end = (msg[1], msg[2], int(msg[4]))
+                self._stream_end = msg
                 self._end_seen = time.monotonic()
             return
-        if kind in (P.END, P.ERROR):
+        if isinstance(msg, M.End | M.Error):
             exc = error_for(msg, self._where)
-            if kind == P.END and msg[1] == P.END_BROKER_SHUTDOWN:
+            if isinstance(msg, M.End) and msg.code == P.END_BROKER_SHUTDOWN:
                 raise exc  # BrokerGoneError: reconnect= may take over
-            if kind == P.END:
+            if isinstance(msg, M.End):
                 self._end = exc  # type: ignore[assignment]
             raise exc
-        raise ProtocolError(f"unexpected {P.NAMES.get(kind, kind)} from the broker ({self._where})")
+        raise unexpected(msg, "END or ERROR", self._where)
 
     def _on_notice(self, raw: bytes) -> None:
         topic = self._topic
         if not raw.startswith(topic):
             return  # a JOINED of another subscriber's token
-        msg = P.unpack(raw[len(topic) :])
-        if len(msg) < 3 or msg[1] != self._sid:
+        raw_msg = P.unpack(raw[len(topic) :])
+        if len(raw_msg) < 3 or raw_msg[1] != self._sid:
             return  # an earlier stream of the same name
-        seq = msg[2]
+        # One per frame or batch: the field count is checked, the values by the cutting that uses them.
+        msg = M.decode(raw_msg, strict=False, check=False)
+        seq = raw_msg[2]
         if seq < self._nseq:
             return  # duplicate or stale
         # Notices lost on the way (this subscriber's queue overflowed): never cut across the hole.
         flags = P.FLAG_DISCONTINUITY if 0 <= self._nseq < seq else 0
         self._nseq = seq + 1
         self._last_notice = time.monotonic()
-        if msg[0] == P.NOTICE_END:
-            P.need(msg, 5)
-            self._stream_end = (msg[3], msg[4], msg[5])
+        if isinstance(msg, M.NoticeEnd):
+            self._stream_end = M.End(msg.code, msg.message, 0, msg.head)
             self._end_seen = time.monotonic()
             return
-        if msg[0] != P.NOTICE:
-            raise ProtocolError(f"unexpected {P.NAMES.get(msg[0], msg[0])} on the notice socket ({self._where})")
-        P.need(msg, 10)
-        _, _, _, index, slab, gen, offset, ns, t0s, jump, floor = msg[:11]
-        if type(ns) is int:
-            ns, t0s = (ns,), (t0s,)
+        if not isinstance(msg, M.Notice):
+            raise unexpected(msg, "NOTICE or NOTICE_END on the notice socket", self._where)
+        _, _, index, slab, gen, offset, n, t0, jump, floor = msg
+        ns: tuple[int, ...] = (n,) if type(n) is int else n  # type: ignore[assignment]
+        t0s = (t0,) if type(n) is int else t0
         if index < self._noticed:
             return  # written before this subscription started (the notice socket was already connected)
         flags |= jump
@@ -936,11 +933,10 @@ class Subscriber:
         self._acked_at = time.monotonic()
         self._leases.unlocked = False
         with contextlib.suppress(BrokerGoneError):
-            self._conn.send([P.ACK, self._cursor, self._received, self._dropped, state[2]])
+            self._conn.send(M.Ack(self._cursor, self._received, self._dropped, state[2]))
 
-    def _chunk(self, msg: tuple[Any, ...]) -> Chunk:
-        P.need(msg, 6)
-        _, seq, index, n, t0, offset, flags = msg[:7]
+    def _chunk(self, msg: M.Chunk) -> Chunk:
+        seq, index, n, t0, offset, flags = msg
         channels = self._channels
         if flags & P.FLAG_INLINE:
             frame = self._conn.payload
@@ -988,7 +984,7 @@ class Subscriber:
         self._released += len(seqs)
         pauses = [self._pause() for _ in seqs] if self._prefetch else []
         with contextlib.suppress(BrokerGoneError):
-            self._conn.send([P.RELEASE, seqs, pauses])
+            self._conn.send(M.Release(tuple(seqs), tuple(pauses)))
 
     def __iter__(self) -> Iterator[Chunk]:
         """Yield chunks until the publisher closes the stream."""
@@ -1050,14 +1046,14 @@ class Subscriber:
         # Notices already queued were never seen by the caller: give them straight back.
         with contextlib.suppress(Exception):
             while (msg := conn.recv(0)) is not None:
-                if msg[0] == P.CHUNK:
-                    self._dead.append(msg[1])
+                if isinstance(msg, M.Chunk):
+                    self._dead.append(msg.seq)
         self._flush_releases()
         if self._refs and not conn.gone:
             # Views are alive: the broker must not reuse their memory, so the lease
             # outlives this object and ends with the process (the broker notices).
             with contextlib.suppress(BrokerGoneError):
-                conn.send([P.UNSUBSCRIBE])
+                conn.send(M.Unsubscribe())
             _CONNECTIONS_KEPT.append(conn)
         else:
             conn.close()

@@ -58,6 +58,7 @@ __all__ = [
     "c_header",
     "decode",
     "encode",
+    "name_of",
 ]
 
 _Check: TypeAlias = Callable[[Any], bool]
@@ -429,6 +430,11 @@ def _spec(cls: type[Any]) -> _Spec:
 _SPECS: dict[int, _Spec] = {kind: _spec(cls) for kind, cls in MESSAGES.items()}
 
 
+def name_of(msg: Message) -> str:
+    """The protocol name of ``msg``'s kind (``"END"``, ``"NOTICE"``...)."""
+    return P.NAMES[_KIND_OF[type(msg)]]
+
+
 def encode(msg: Message, fields: int | None = None) -> bytes:
     """Pack ``msg`` as its msgpack array: ``[KIND, field, ...]``, or only its first ``fields`` fields (for a
     peer of an earlier version, which knows only those)."""
@@ -491,7 +497,7 @@ def c_header() -> str:
     count without the fields appended by later versions.
     """
     lines = [
-        "/* slabcast_wire.h: GENERATED from src/slabcast/wire/messages.py by `python -m slabcast.wire.messages`;",
+        "/* slabcast_wire.h: GENERATED from src/slabcast/wire/messages.py (slabcast.wire.messages.c_header());",
         " * do not edit (tests/unit/test_messages.py keeps it equal to the generated text). */",
         "#ifndef SLABCAST_WIRE_H",
         "#define SLABCAST_WIRE_H",
@@ -520,6 +526,3 @@ def c_header() -> str:
     lines += ["", "#endif", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(c_header(), end="")
