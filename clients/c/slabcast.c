@@ -32,28 +32,30 @@
 #include <zmq.h>
 
 /*
- * Message kinds: the table of src/slabcast/wire/protocol.py, the single source of truth
- * (tests/integration/test_c_client.py checks that every kind here matches it, and that none is missing).
+ * The wire protocol: message kinds (SCW_HELLO...), each message's field positions (SCW_<MESSAGE>_<FIELD>,
+ * 1 = the first field after the kind, so that `a[SCW_X_Y]` of the whole array is that field), END and ERROR
+ * codes, chunk flags, limits.  GENERATED from src/slabcast/wire/messages.py, the single table of every
+ * message (tests/unit/test_messages.py keeps it equal); internal: slabcast.h does not include it.
  */
-enum {
-    K_HELLO = 1, K_OPEN = 2, K_FRAME = 3, K_CLOSE = 4, K_SUBSCRIBE = 5, K_RELEASE = 6,
-    K_BYE = 7, K_STATUS = 8, K_UNSUBSCRIBE = 9, K_SYNC = 10, K_STATS = 11, K_FRAMES = 12,
-    K_ACK = 13, K_CARRIED = 14, K_ATTACH = 15,
-    K_WELCOME = 101, K_OPENED = 102, K_GRANT = 103, K_SUBSCRIBED = 104, K_CHUNK = 105,
-    K_END = 106, K_ERROR = 107, K_STATUS_REPLY = 108, K_SYNCED = 109, K_STATS_REPLY = 110,
-    K_CARRY = 111, K_ATTACHED = 112,
-    K_NOTICE = 120, K_NOTICE_END = 121, K_JOINED = 122
-};
+#include "slabcast_wire.h"
 
-#define FLAG_INLINE 2u           /* CHUNK bytes travel in a second frame: TCP clients only */
+/* What the public header promises is what the wire says. */
+_Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is the wire version");
+_Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC_FLAG_DISCONTINUITY is the wire's");
+
+/* A message field as (position, name) for the field_* readers: AT(SUBSCRIBED, RATE) is
+ * SCW_SUBSCRIBED_RATE, "RATE" (errors spell the name in lower case, as the protocol does). */
+#define AT(msg, field) SCW_##msg##_##field, #field
+
 #define IPC_PATH_MAX 107         /* sun_path holds 108 bytes with the NUL */
 #define MAX_INFLIGHT 1024
 #define BYE_TIMEOUT_MS 1000      /* how long sc_close waits for END bye */
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 
-/* Version 2 (values of src/slabcast/client/subscriber.py, core/shm.py and core/rechunk.py; checked by the tests). */
-#define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE; its topic is 0x01 + token */
+/* Version 2 (values of src/slabcast/client/subscriber.py, core/shm.py and core/rechunk.py, which the wire header
+ * does not carry; checked by tests/integration/test_c_client.py). */
+#define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE (1..32 bytes allowed); its topic is 0x01 + token */
 #define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
 #define END_GRACE_MS 500         /* once the end is known: wait this long for notices still on their way */
 #define LOOK_MS 100              /* while waiting, look at the broker connection at least this often */
@@ -244,36 +246,36 @@ const char *sc_strerror(int code)
 static const char *kind_name(uint64_t kind)
 {
     switch (kind) {
-    case K_HELLO: return "HELLO";
-    case K_OPEN: return "OPEN";
-    case K_FRAME: return "FRAME";
-    case K_CLOSE: return "CLOSE";
-    case K_SUBSCRIBE: return "SUBSCRIBE";
-    case K_RELEASE: return "RELEASE";
-    case K_BYE: return "BYE";
-    case K_STATUS: return "STATUS";
-    case K_UNSUBSCRIBE: return "UNSUBSCRIBE";
-    case K_SYNC: return "SYNC";
-    case K_STATS: return "STATS";
-    case K_FRAMES: return "FRAMES";
-    case K_ACK: return "ACK";
-    case K_CARRIED: return "CARRIED";
-    case K_ATTACH: return "ATTACH";
-    case K_WELCOME: return "WELCOME";
-    case K_OPENED: return "OPENED";
-    case K_GRANT: return "GRANT";
-    case K_SUBSCRIBED: return "SUBSCRIBED";
-    case K_CHUNK: return "CHUNK";
-    case K_END: return "END";
-    case K_ERROR: return "ERROR";
-    case K_STATUS_REPLY: return "STATUS_REPLY";
-    case K_SYNCED: return "SYNCED";
-    case K_STATS_REPLY: return "STATS_REPLY";
-    case K_CARRY: return "CARRY";
-    case K_ATTACHED: return "ATTACHED";
-    case K_NOTICE: return "NOTICE";
-    case K_NOTICE_END: return "NOTICE_END";
-    case K_JOINED: return "JOINED";
+    case SCW_HELLO: return "HELLO";
+    case SCW_OPEN: return "OPEN";
+    case SCW_FRAME: return "FRAME";
+    case SCW_CLOSE: return "CLOSE";
+    case SCW_SUBSCRIBE: return "SUBSCRIBE";
+    case SCW_RELEASE: return "RELEASE";
+    case SCW_BYE: return "BYE";
+    case SCW_STATUS: return "STATUS";
+    case SCW_UNSUBSCRIBE: return "UNSUBSCRIBE";
+    case SCW_SYNC: return "SYNC";
+    case SCW_STATS: return "STATS";
+    case SCW_FRAMES: return "FRAMES";
+    case SCW_ACK: return "ACK";
+    case SCW_CARRIED: return "CARRIED";
+    case SCW_ATTACH: return "ATTACH";
+    case SCW_WELCOME: return "WELCOME";
+    case SCW_OPENED: return "OPENED";
+    case SCW_GRANT: return "GRANT";
+    case SCW_SUBSCRIBED: return "SUBSCRIBED";
+    case SCW_CHUNK: return "CHUNK";
+    case SCW_END: return "END";
+    case SCW_ERROR: return "ERROR";
+    case SCW_STATUS_REPLY: return "STATUS_REPLY";
+    case SCW_SYNCED: return "SYNCED";
+    case SCW_STATS_REPLY: return "STATS_REPLY";
+    case SCW_CARRY: return "CARRY";
+    case SCW_ATTACHED: return "ATTACHED";
+    case SCW_NOTICE: return "NOTICE";
+    case SCW_NOTICE_END: return "NOTICE_END";
+    case SCW_JOINED: return "JOINED";
     default: return "an unknown kind";
     }
 }
@@ -298,14 +300,14 @@ static const char *type_name(const msgpack_object *o)
 
 /* ---------------------------------------------------------- field decoding */
 
-/* A received message: its kind and the fields after it. */
+/* A received message: the whole array, kind first, so that `a[SCW_<MESSAGE>_<FIELD>]` is that field. */
 typedef struct msgview {
     uint64_t kind;
-    const msgpack_object *f;     /* f[0] is the first field after the kind */
-    uint32_t nf;
+    const msgpack_object *a;     /* a[0] is the kind, a[1] the first field */
+    uint32_t nf;                 /* fields after the kind */
 } msgview;
 
-/* Check that `m` has at least `need` fields (later versions may append more, which we ignore). */
+/* Check that `m` has fields up to position `need` (later versions may append more, which we ignore). */
 static int need_fields(sc_client *c, const msgview *m, uint32_t need)
 {
     if (m->nf < need)
@@ -314,44 +316,92 @@ static int need_fields(sc_client *c, const msgview *m, uint32_t need)
     return SC_OK;
 }
 
-static int field_uint(sc_client *c, const msgview *m, uint32_t i, const char *what, uint64_t *out)
+/* Record a protocol error naming field `pos` (its NAME as AT gives it, printed in lower case) of a `kind`
+ * message; return SC_EPROTO (a macro, so that the compiler sees the code). */
+static void bad_field_msg(sc_client *c, uint64_t kind, unsigned pos, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+#define bad_field(...) (bad_field_msg(__VA_ARGS__), SC_EPROTO)
+
+static void bad_field_msg(sc_client *c, uint64_t kind, unsigned pos, const char *name, const char *fmt, ...)
 {
-    const msgpack_object *o = &m->f[i];
+    char low[64], what[256];
+    size_t i = 0;
+    for (; name[i] != '\0' && i < sizeof low - 1; i++)
+        low[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] - 'A' + 'a') : name[i];
+    low[i] = '\0';
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    fail(c, SC_EPROTO, "%s field %u (%s) %s (%s)", kind_name(kind), pos, low, what, c->where);
+}
+
+/* A uint: `o` is field `pos` of a `kind` message, or an element of it (NOTICE's batched n). */
+static int obj_uint(sc_client *c, const msgpack_object *o, uint64_t kind, unsigned pos, const char *name,
+                    uint64_t *out)
+{
     if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a uint, got %s (%s)", kind_name(m->kind), i + 1, what,
-                    type_name(o), c->where);
+        return bad_field(c, kind, pos, name, "must be a uint, got %s", type_name(o));
     *out = o->via.u64;
     return SC_OK;
 }
 
-/* A `number` or `float` field: ints are accepted too (a peer may send t0 = 5 for 5.0). */
-static int field_num(sc_client *c, const msgview *m, uint32_t i, const char *what, double *out)
+/* A `number` or `float`: ints are accepted too (a peer may send t0 = 5 for 5.0). */
+static int obj_num(sc_client *c, const msgpack_object *o, uint64_t kind, unsigned pos, const char *name, double *out)
 {
-    const msgpack_object *o = &m->f[i];
     switch (o->type) {
     case MSGPACK_OBJECT_FLOAT32:
     case MSGPACK_OBJECT_FLOAT64: *out = o->via.f64; return SC_OK;
     case MSGPACK_OBJECT_POSITIVE_INTEGER: *out = (double)o->via.u64; return SC_OK;
     case MSGPACK_OBJECT_NEGATIVE_INTEGER: *out = (double)o->via.i64; return SC_OK;
-    default:
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a number, got %s (%s)", kind_name(m->kind), i + 1,
-                    what, type_name(o), c->where);
+    default: return bad_field(c, kind, pos, name, "must be a number, got %s", type_name(o));
     }
 }
 
-/* Copy a str field into `buf` (NUL-terminated); too long is a protocol error. */
-static int field_str(sc_client *c, const msgview *m, uint32_t i, const char *what, char *buf, size_t cap)
+/* Field `pos` of `m` (AT(MESSAGE, FIELD) gives pos and name; need_fields checked that it is there). */
+static int field_uint(sc_client *c, const msgview *m, unsigned pos, const char *name, uint64_t *out)
 {
-    const msgpack_object *o = &m->f[i];
+    return obj_uint(c, &m->a[pos], m->kind, pos, name, out);
+}
+
+static int field_num(sc_client *c, const msgview *m, unsigned pos, const char *name, double *out)
+{
+    return obj_num(c, &m->a[pos], m->kind, pos, name, out);
+}
+
+/* Copy a str field into `buf` (NUL-terminated); too long is a protocol error, unless `cut`: then the
+ * text is cut to fit (a message meant for people). */
+static int field_str_or_cut(sc_client *c, const msgview *m, unsigned pos, const char *name, char *buf, size_t cap,
+                            bool cut)
+{
+    const msgpack_object *o = &m->a[pos];
     if (o->type != MSGPACK_OBJECT_STR)
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a str, got %s (%s)", kind_name(m->kind), i + 1, what,
-                    type_name(o), c->where);
-    if (o->via.str.size >= cap)
-        return fail(c, SC_EPROTO, "%s field %u (%s) is %u bytes long, at most %zu expected (%s)",
-                    kind_name(m->kind), i + 1, what, o->via.str.size, cap - 1, c->where);
-    memcpy(buf, o->via.str.ptr, o->via.str.size);
-    buf[o->via.str.size] = '\0';
+        return bad_field(c, m->kind, pos, name, "must be a str, got %s", type_name(o));
+    size_t n = o->via.str.size;
+    if (n >= cap && !cut)
+        return bad_field(c, m->kind, pos, name, "is %zu bytes long, at most %zu expected", n, cap - 1);
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(buf, o->via.str.ptr, n);
+    buf[n] = '\0';
     return SC_OK;
+}
+
+static int field_str(sc_client *c, const msgview *m, unsigned pos, const char *name, char *buf, size_t cap)
+{
+    return field_str_or_cut(c, m, pos, name, buf, cap, false);
+}
+
+/* A message text: cut, not refused, when long. */
+static int field_text(sc_client *c, const msgview *m, unsigned pos, const char *name, char *buf, size_t cap)
+{
+    return field_str_or_cut(c, m, pos, name, buf, cap, true);
+}
+
+/* Field `pos` of `m` is there and of msgpack type `type`. */
+static bool field_is(const msgview *m, unsigned pos, msgpack_object_type type)
+{
+    return m->nf >= pos && m->a[pos].type == type;
 }
 
 /* ------------------------------------------------------------ the socket */
@@ -433,7 +483,7 @@ static int decode(sc_client *c, msgview *m)
         return fail(c, SC_EPROTO, "expected a msgpack array starting with a uint kind, got a %s (%s)",
                     o->type == MSGPACK_OBJECT_ARRAY ? "different array" : type_name(o), c->where);
     m->kind = o->via.array.ptr[0].via.u64;
-    m->f = o->via.array.ptr + 1;
+    m->a = o->via.array.ptr;
     m->nf = o->via.array.size - 1;
     return SC_OK;
 }
@@ -505,16 +555,16 @@ static int64_t deadline_for(int timeout_ms)
 static int broker_error(sc_client *c, const msgview *m)
 {
     char code[64] = "?", text[768] = "";
-    if (m->nf >= 1 && m->f[0].type == MSGPACK_OBJECT_STR)
-        field_str(c, m, 0, "code", code, sizeof code);
-    if (m->nf >= 2 && m->f[1].type == MSGPACK_OBJECT_STR && m->f[1].via.str.size < sizeof text)
-        field_str(c, m, 1, "message", text, sizeof text);
+    if (field_is(m, SCW_ERROR_CODE, MSGPACK_OBJECT_STR))
+        field_text(c, m, AT(ERROR, CODE), code, sizeof code);
+    if (field_is(m, SCW_ERROR_MESSAGE, MSGPACK_OBJECT_STR))
+        field_text(c, m, AT(ERROR, MESSAGE), text, sizeof text);
     int rc = SC_EREQUEST;
-    if (strcmp(code, "malformed") == 0)
+    if (strcmp(code, SCW_ERR_MALFORMED) == 0)
         rc = SC_EPROTO;
-    else if (strcmp(code, "version") == 0)
+    else if (strcmp(code, SCW_ERR_VERSION) == 0)
         rc = SC_EVERSION;
-    else if (strcmp(code, "unknown-stream") == 0)
+    else if (strcmp(code, SCW_ERR_UNKNOWN_STREAM) == 0)
         rc = SC_ENOSTREAM;
     if (rc == SC_EVERSION)  /* the broker's message names both versions */
         return fail(c, rc, "%s (%s)", text, c->where);
@@ -663,9 +713,11 @@ int sc_connect(sc_client *c, const char *address)
     if (zmq_connect(c->sock, c->address) != 0)
         return fail(c, SC_ESYS, "cannot connect to %s: %s", c->address, zmq_strerror(zmq_errno()));
 
+    _Static_assert(SCW_HELLO_VERSION == 1 && SCW_HELLO_PID == 2 && SCW_HELLO_ROLE == 3 && SCW_HELLO_LABEL == 4 &&
+                   SCW_HELLO_FIELDS == 4, "HELLO is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 5);
-    msgpack_pack_uint64(&c->pk, K_HELLO);
+    msgpack_pack_array(&c->pk, 1 + SCW_HELLO_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_HELLO);
     msgpack_pack_uint64(&c->pk, c->version);
     msgpack_pack_int64(&c->pk, (int64_t)getpid());
     pack_str(c, "sub");
@@ -680,20 +732,21 @@ int sc_connect(sc_client *c, const char *address)
                     c->timeout_ms);
     if (rc)
         return rc;
-    if (m.kind == K_ERROR)
+    if (m.kind == SCW_ERROR)
         return broker_error(c, &m);
-    if (m.kind != K_WELCOME)
+    if (m.kind != SCW_WELCOME)
         return fail(c, SC_EPROTO, "expected WELCOME, got %s (kind %llu) (%s)", kind_name(m.kind),
                     (unsigned long long)m.kind, c->where);
     uint64_t version;
-    if ((rc = need_fields(c, &m, 1)) || (rc = field_uint(c, &m, 0, "version", &version)))
+    if ((rc = need_fields(c, &m, SCW_WELCOME_VERSION)) || (rc = field_uint(c, &m, AT(WELCOME, VERSION), &version)))
         return rc;
     if (version != c->version)
         return fail(c, SC_EVERSION,
                     "protocol version mismatch: broker speaks version %llu, client speaks version %u (%s)",
                     (unsigned long long)version, c->version, c->where);
-    if ((rc = need_fields(c, &m, 3)) || (rc = field_uint(c, &m, 1, "broker_pid", &c->broker_pid)) ||
-        (rc = field_uint(c, &m, 2, "epoch", &c->epoch)))
+    if ((rc = need_fields(c, &m, SCW_WELCOME_REQUIRED)) ||
+        (rc = field_uint(c, &m, AT(WELCOME, BROKER_PID), &c->broker_pid)) ||
+        (rc = field_uint(c, &m, AT(WELCOME, EPOCH), &c->epoch)))
         return rc;
     c->local = c->version >= 2;  /* version 1: the broker cuts our chunks */
     c->connected = true;
@@ -893,9 +946,12 @@ static int join_notices(sc_client *c)
     c->notices = zmq_socket(c->ctx, ZMQ_SUB);
     if (c->notices == NULL)
         return fail(c, SC_ESYS, "cannot create a SUB socket: %s (%s)", zmq_strerror(zmq_errno()), c->where);
-    int zero = 0, ivl = 10;
+    int zero = 0, ivl = 10, backlog = SCW_NOTICE_BACKLOG;
     zmq_setsockopt(c->notices, ZMQ_LINGER, &zero, sizeof zero);
-    zmq_setsockopt(c->notices, ZMQ_RCVHWM, &zero, sizeof zero);  /* a lagging subscriber keeps its own backlog */
+    /* A paused subscriber's backlog is bounded, as the Python subscriber's: past it (and the publisher's
+     * SCW_NOTICE_HWM) ZeroMQ drops notices for it alone, and it sees the gap when it comes back.  A block
+     * subscriber holds the publisher back long before: a whole pool's notices fit in the backlog. */
+    zmq_setsockopt(c->notices, ZMQ_RCVHWM, &backlog, sizeof backlog);
     zmq_setsockopt(c->notices, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);  /* the publisher may bind a moment later */
     if (zmq_connect(c->notices, c->endpoint) != 0)
         return fail(c, SC_ESYS, "cannot connect to the notice socket %s: %s (%s)", c->endpoint,
@@ -953,9 +1009,9 @@ static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
                     c->where);
     if (rc)
         return rc;
-    if (m->kind == K_ERROR)
+    if (m->kind == SCW_ERROR)
         return broker_error(c, m);
-    if (m->kind == K_END)
+    if (m->kind == SCW_END)
         return take_end(c, m);
     if (m->kind != want)
         return fail(c, SC_EPROTO, "expected %s, got %s (kind %llu) (%s)", kind_name(want), kind_name(m->kind),
@@ -979,15 +1035,16 @@ static int attach(sc_client *c, uint64_t *start)
     fl.l_len = 1;
     if (fcntl(c->lock_fd, F_OFD_SETLK, &fl) != 0)
         return fail(c, SC_ESYS, "cannot take the liveness lock: %s (%s)", strerror(errno), c->where);
+    _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_FIELDS == 1, "ATTACH is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 2);
-    msgpack_pack_uint64(&c->pk, K_ATTACH);
+    msgpack_pack_array(&c->pk, 1 + SCW_ATTACH_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_ATTACH);
     msgpack_pack_uint32(&c->pk, slot);
     msgview m;
-    int rc = request(c, "ATTACH", K_ATTACHED, &m);
+    int rc = request(c, "ATTACH", SCW_ATTACHED, &m);
     if (rc)
         return rc;
-    if ((rc = need_fields(c, &m, 1)) || (rc = field_uint(c, &m, 0, "start", start)))
+    if ((rc = need_fields(c, &m, SCW_ATTACHED_START)) || (rc = field_uint(c, &m, AT(ATTACHED, START), start)))
         return rc;
     return SC_OK;
 }
@@ -1046,9 +1103,15 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     c->token[0] = 0x01;
     make_token(c->token + 1);
 
+    /* Version 1 stops after the sampler (SCW_SUBSCRIBE_REQUIRED fields); version 2 sends them all. */
+    _Static_assert(SCW_SUBSCRIBE_NAME == 1 && SCW_SUBSCRIBE_SIZE == 2 && SCW_SUBSCRIBE_SECONDS == 3 &&
+                   SCW_SUBSCRIBE_CLIP == 4 && SCW_SUBSCRIBE_POLICY == 5 && SCW_SUBSCRIBE_MAX_INFLIGHT == 6 &&
+                   SCW_SUBSCRIBE_SAMPLER == 7 && SCW_SUBSCRIBE_REQUIRED == SCW_SUBSCRIBE_SAMPLER &&
+                   SCW_SUBSCRIBE_CUT == 8 && SCW_SUBSCRIBE_WAIT == 9 && SCW_SUBSCRIBE_TOKEN == 10 &&
+                   SCW_SUBSCRIBE_FIELDS == 10, "SUBSCRIBE is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, c->local ? 11 : 8);
-    msgpack_pack_uint64(&c->pk, K_SUBSCRIBE);
+    msgpack_pack_array(&c->pk, 1 + (c->local ? SCW_SUBSCRIBE_FIELDS : SCW_SUBSCRIBE_REQUIRED));
+    msgpack_pack_uint64(&c->pk, SCW_SUBSCRIBE);
     pack_str(c, stream);
     if (by_size) {
         msgpack_pack_uint64(&c->pk, opts->size);
@@ -1071,33 +1134,36 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_bin_body(&c->pk, c->token + 1, TOKEN_BYTES);
     }
     msgview m;
-    int rc = request(c, "SUBSCRIBE", K_SUBSCRIBED, &m);
+    int rc = request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
     if (rc)
         return rc;
     uint64_t seg_bytes, channels, size, start;
     double rate = 0.0;
-    if ((rc = need_fields(c, &m, c->local ? 14 : 8)) ||
-        (rc = field_str(c, &m, 0, "segment", c->segment, sizeof c->segment)) ||
-        (rc = field_uint(c, &m, 1, "segment_bytes", &seg_bytes)) ||
-        (rc = field_str(c, &m, 2, "dtype", c->dtype, sizeof c->dtype)) ||
-        (rc = field_uint(c, &m, 3, "channels", &channels)) ||
-        (m.f[4].type != MSGPACK_OBJECT_NIL && (rc = field_num(c, &m, 4, "rate", &rate))) ||
-        (rc = field_uint(c, &m, 5, "size", &size)) || (rc = field_uint(c, &m, 6, "start", &start)))
+    if ((rc = need_fields(c, &m, c->local ? SCW_SUBSCRIBED_NOTICE_ENDPOINT : SCW_SUBSCRIBED_REQUIRED)) ||
+        (rc = field_str(c, &m, AT(SUBSCRIBED, SEGMENT), c->segment, sizeof c->segment)) ||
+        (rc = field_uint(c, &m, AT(SUBSCRIBED, SEGMENT_BYTES), &seg_bytes)) ||
+        (rc = field_str(c, &m, AT(SUBSCRIBED, DTYPE), c->dtype, sizeof c->dtype)) ||
+        (rc = field_uint(c, &m, AT(SUBSCRIBED, CHANNELS), &channels)) ||
+        (!field_is(&m, SCW_SUBSCRIBED_RATE, MSGPACK_OBJECT_NIL) &&
+         (rc = field_num(c, &m, AT(SUBSCRIBED, RATE), &rate))) ||
+        (rc = field_uint(c, &m, AT(SUBSCRIBED, SIZE), &size)) ||
+        (rc = field_uint(c, &m, AT(SUBSCRIBED, START), &start)))
         return rc;
-    if (m.f[7].type != MSGPACK_OBJECT_ARRAY)
-        return fail(c, SC_EPROTO, "SUBSCRIBED field 8 (channel_names) must be an array, got %s (%s)",
-                    type_name(&m.f[7]), c->where);
+    if (!field_is(&m, SCW_SUBSCRIBED_CHANNEL_NAMES, MSGPACK_OBJECT_ARRAY))
+        return bad_field(c, m.kind, AT(SUBSCRIBED, CHANNEL_NAMES), "must be an array, got %s",
+                         type_name(&m.a[SCW_SUBSCRIBED_CHANNEL_NAMES]));
     unsigned itemsize = dtype_itemsize(c->dtype);
     if (itemsize == 0 || channels < 1 || channels > 65535 || size < 1 || seg_bytes > SIZE_MAX)
         return fail(c, SC_EPROTO, "SUBSCRIBED announced dtype '%s', %llu channels, size %llu: not a valid stream (%s)",
                     c->dtype, (unsigned long long)channels, (unsigned long long)size, c->where);
     if (c->local) {
         uint64_t header, slab_bytes, nslabs, sample_bytes;
-        if ((rc = field_uint(c, &m, 8, "stream_id", &c->sid)) || (rc = field_uint(c, &m, 9, "header_bytes", &header)) ||
-            (rc = field_uint(c, &m, 10, "slab_bytes", &slab_bytes)) ||
-            (rc = field_uint(c, &m, 11, "nslabs", &nslabs)) ||
-            (rc = field_uint(c, &m, 12, "sample_bytes", &sample_bytes)) ||
-            (rc = field_str(c, &m, 13, "notice_endpoint", c->endpoint, sizeof c->endpoint)))
+        if ((rc = field_uint(c, &m, AT(SUBSCRIBED, STREAM_ID), &c->sid)) ||
+            (rc = field_uint(c, &m, AT(SUBSCRIBED, HEADER_BYTES), &header)) ||
+            (rc = field_uint(c, &m, AT(SUBSCRIBED, SLAB_BYTES), &slab_bytes)) ||
+            (rc = field_uint(c, &m, AT(SUBSCRIBED, NSLABS), &nslabs)) ||
+            (rc = field_uint(c, &m, AT(SUBSCRIBED, SAMPLE_BYTES), &sample_bytes)) ||
+            (rc = field_str(c, &m, AT(SUBSCRIBED, NOTICE_ENDPOINT), c->endpoint, sizeof c->endpoint)))
             return rc;
         if (sample_bytes != (uint64_t)itemsize * channels || nslabs < 1 || nslabs > 1u << 20 || slab_bytes < 1 ||
             header > seg_bytes)
@@ -1174,14 +1240,14 @@ static int grow_held(sc_client *c)
 static int end_from(sc_client *c, const char *code, const char *text)
 {
     int rc;
-    if (strcmp(code, "closed") == 0)
+    if (strcmp(code, SCW_END_CLOSED) == 0)
         rc = fail(c, SC_EOF, "end of stream: %s (%s)", text, c->where);
-    else if (strcmp(code, "publisher-gone") == 0)
+    else if (strcmp(code, SCW_END_PUBLISHER_GONE) == 0)
         rc = fail(c, SC_EPUBGONE, "the publisher is gone: %s (%s)", text, c->where);
-    else if (strcmp(code, "broker-shutdown") == 0) {
+    else if (strcmp(code, SCW_END_BROKER_SHUTDOWN) == 0) {
         c->gone = true;
         rc = fail(c, SC_EBROKERGONE, "the broker is gone: %s (%s)", text, c->where);
-    } else if (strcmp(code, "evicted") == 0)
+    } else if (strcmp(code, SCW_END_EVICTED) == 0)
         rc = fail(c, SC_EEVICTED, "%s (%s)", text, c->where);
     else
         rc = fail(c, SC_EEND, "the stream ended (%s): %s (%s)", code, text, c->where);
@@ -1193,11 +1259,11 @@ static int take_end(sc_client *c, const msgview *m)
 {
     char code[64], text[768];
     int rc;
-    if ((rc = need_fields(c, m, 2)) || (rc = field_str(c, m, 0, "code", code, sizeof code)) ||
-        (rc = field_str(c, m, 1, "message", text, sizeof text)))
+    if ((rc = need_fields(c, m, SCW_END_REQUIRED)) || (rc = field_str(c, m, AT(END, CODE), code, sizeof code)) ||
+        (rc = field_str(c, m, AT(END, MESSAGE), text, sizeof text)))
         return rc;
     uint64_t cut;
-    if (!c->local && m->nf >= 3 && field_uint(c, m, 2, "seq", &cut) == SC_OK)
+    if (!c->local && m->nf >= SCW_END_SEQ && field_uint(c, m, AT(END, SEQ), &cut) == SC_OK)
         c->stats.cut = cut;
     if (c->local)
         c->stats.cut = c->next_seq;
@@ -1212,15 +1278,15 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
     uint64_t seq, index, n, offset, flags;
     double t0;
     int rc;
-    if ((rc = need_fields(c, m, 6)) || (rc = field_uint(c, m, 0, "seq", &seq)) ||
-        (rc = field_uint(c, m, 1, "index", &index)) || (rc = field_uint(c, m, 2, "n", &n)) ||
-        (rc = field_num(c, m, 3, "t0", &t0)) || (rc = field_uint(c, m, 4, "offset", &offset)) ||
-        (rc = field_uint(c, m, 5, "flags", &flags)))
+    if ((rc = need_fields(c, m, SCW_CHUNK_REQUIRED)) || (rc = field_uint(c, m, AT(CHUNK, SEQ), &seq)) ||
+        (rc = field_uint(c, m, AT(CHUNK, INDEX), &index)) || (rc = field_uint(c, m, AT(CHUNK, N), &n)) ||
+        (rc = field_num(c, m, AT(CHUNK, T0), &t0)) || (rc = field_uint(c, m, AT(CHUNK, OFFSET), &offset)) ||
+        (rc = field_uint(c, m, AT(CHUNK, FLAGS), &flags)))
         return rc;
-    if (flags & FLAG_INLINE)
+    if (flags & SCW_FLAG_INLINE)
         return fail(c, SC_EPROTO,
-                    "CHUNK seq=%llu has the inline flag (2), which is for tcp:// clients; this ipc client reads "
-                    "shared memory (%s)", (unsigned long long)seq, c->where);
+                    "CHUNK seq=%llu has the inline flag (%d), which is for tcp:// clients; this ipc client reads "
+                    "shared memory (%s)", (unsigned long long)seq, SCW_FLAG_INLINE, c->where);
     size_t sb = c->info.sample_bytes;
     if (n < 1 || n > (c->map_bytes / sb) || offset < c->header_bytes || offset > c->map_bytes ||
         n * sb > c->map_bytes - offset)
@@ -1258,10 +1324,10 @@ static int recv_v1(sc_client *c, sc_chunk *chunk, int64_t deadline)
         if (rc)
             return rc;
         switch (m.kind) {
-        case K_CHUNK: return take_chunk(c, &m, chunk);
-        case K_SYNCED: continue;
-        case K_END: return take_end(c, &m);
-        case K_ERROR: return broker_error(c, &m);
+        case SCW_CHUNK: return take_chunk(c, &m, chunk);
+        case SCW_SYNCED: continue;
+        case SCW_END: return take_end(c, &m);
+        case SCW_ERROR: return broker_error(c, &m);
         default:
             return fail(c, SC_EPROTO, "unexpected %s (kind %llu) from the broker (%s)", kind_name(m.kind),
                         (unsigned long long)m.kind, c->where);
@@ -1420,9 +1486,11 @@ static void send_ack(sc_client *c, bool force)
     c->acked_held = held;
     c->acked_at = now;
     c->unlocked = false;
+    _Static_assert(SCW_ACK_CURSOR == 1 && SCW_ACK_DELIVERED == 2 && SCW_ACK_DROPPED == 3 && SCW_ACK_HELD == 4 &&
+                   SCW_ACK_FIELDS == 4, "ACK is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 5);
-    msgpack_pack_uint64(&c->pk, K_ACK);
+    msgpack_pack_array(&c->pk, 1 + SCW_ACK_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_ACK);
     msgpack_pack_uint64(&c->pk, c->cursor);
     msgpack_pack_uint64(&c->pk, c->stats.received);
     msgpack_pack_uint64(&c->pk, c->dropped);
@@ -1533,43 +1601,6 @@ static int step(sc_client *c)
     return rc;
 }
 
-/* A uint field of a notice, or a protocol error naming it. */
-static int notice_uint(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what,
-                       uint64_t *out)
-{
-    if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a uint, got %s (%s)", kind, i, what, type_name(o),
-                    c->where);
-    *out = o->via.u64;
-    return SC_OK;
-}
-
-static int notice_num(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what,
-                      double *out)
-{
-    switch (o->type) {
-    case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64: *out = o->via.f64; return SC_OK;
-    case MSGPACK_OBJECT_POSITIVE_INTEGER: *out = (double)o->via.u64; return SC_OK;
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER: *out = (double)o->via.i64; return SC_OK;
-    default:
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a number, got %s (%s)", kind, i, what, type_name(o),
-                    c->where);
-    }
-}
-
-static int notice_str(sc_client *c, const msgpack_object *o, const char *kind, unsigned i, const char *what, char *buf,
-                      size_t cap)
-{
-    if (o->type != MSGPACK_OBJECT_STR)
-        return fail(c, SC_EPROTO, "%s field %u (%s) must be a str, got %s (%s)", kind, i, what, type_name(o),
-                    c->where);
-    size_t n = o->via.str.size < cap ? o->via.str.size : cap - 1;  /* a long text is cut, not refused */
-    memcpy(buf, o->via.str.ptr, n);
-    buf[n] = '\0';
-    return SC_OK;
-}
-
 /* One message from the notice socket (Subscriber._on_notice): a NOTICE becomes the frames to cut,
  * a NOTICE_END the stream's end. */
 static int on_notice(sc_client *c, const unsigned char *data, size_t len)
@@ -1585,15 +1616,14 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
         o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
         return fail(c, SC_EPROTO, "expected a msgpack array starting with a uint kind after the topic, got %zu "
                     "undecodable bytes on the notice socket %s (%s)", body, c->endpoint, c->where);
-    uint64_t kind = o->via.array.ptr[0].via.u64;
-    const msgpack_object *f = o->via.array.ptr + 1;
-    uint32_t nf = o->via.array.size - 1;
-    if (nf < 2 || f[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || f[0].via.u64 != c->sid)
+    const msgview m = {.kind = o->via.array.ptr[0].via.u64, .a = o->via.array.ptr, .nf = o->via.array.size - 1};
+    _Static_assert(SCW_NOTICE_STREAM_ID == SCW_NOTICE_END_STREAM_ID && SCW_NOTICE_NOTICE_SEQ == SCW_NOTICE_END_NOTICE_SEQ,
+                   "NOTICE and NOTICE_END start alike");
+    if (!field_is(&m, SCW_NOTICE_STREAM_ID, MSGPACK_OBJECT_POSITIVE_INTEGER) || m.a[SCW_NOTICE_STREAM_ID].via.u64 != c->sid)
         return SC_OK;  /* an earlier stream of the same name */
-    const char *kn = kind_name(kind);
     uint64_t seq = 0;
     int rc;
-    if ((rc = notice_uint(c, &f[1], kn, 2, "notice_seq", &seq)))
+    if ((rc = need_fields(c, &m, SCW_NOTICE_NOTICE_SEQ)) || (rc = field_uint(c, &m, AT(NOTICE, NOTICE_SEQ), &seq)))
         return rc;
     if (c->nseq >= 0 && seq < (uint64_t)c->nseq)
         return SC_OK;  /* duplicate or stale */
@@ -1603,39 +1633,37 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
         flags = SC_FLAG_DISCONTINUITY;  /* notices were lost on the way: never cut across the hole */
     c->nseq = (int64_t)seq + 1;
     c->last_notice = now_ms();
-    if (kind == K_NOTICE_END) {
+    if (m.kind == SCW_NOTICE_END) {
         uint64_t head = 0;
-        if (nf < 5)
-            return fail(c, SC_EPROTO, "NOTICE_END needs at least 5 fields, got %u (%s)", nf, c->where);
-        if ((rc = notice_str(c, &f[2], kn, 3, "code", c->end_code_s, sizeof c->end_code_s)) ||
-            (rc = notice_str(c, &f[3], kn, 4, "message", c->end_text, sizeof c->end_text)) ||
-            (rc = notice_uint(c, &f[4], kn, 5, "head", &head)))
+        if ((rc = need_fields(c, &m, SCW_NOTICE_END_REQUIRED)) ||
+            (rc = field_text(c, &m, AT(NOTICE_END, CODE), c->end_code_s, sizeof c->end_code_s)) ||
+            (rc = field_text(c, &m, AT(NOTICE_END, MESSAGE), c->end_text, sizeof c->end_text)) ||
+            (rc = field_uint(c, &m, AT(NOTICE_END, HEAD), &head)))
             return rc;
         c->end_head = head;
         c->have_end = true;
         c->end_seen = c->last_notice;
         return SC_OK;
     }
-    if (kind != K_NOTICE)
-        return fail(c, SC_EPROTO, "unexpected %s (kind %llu) on the notice socket %s (%s)", kn,
-                    (unsigned long long)kind, c->endpoint, c->where);
-    if (nf < 10)
-        return fail(c, SC_EPROTO, "NOTICE needs at least 10 fields, got %u (%s)", nf, c->where);
+    if (m.kind != SCW_NOTICE)
+        return fail(c, SC_EPROTO, "unexpected %s (kind %llu) on the notice socket %s (%s)", kind_name(m.kind),
+                    (unsigned long long)m.kind, c->endpoint, c->where);
     uint64_t index = 0, slab = 0, gen = 0, offset = 0, jump = 0, floor = 0;
-    if ((rc = notice_uint(c, &f[2], kn, 3, "index", &index)) || (rc = notice_uint(c, &f[3], kn, 4, "slab", &slab)) ||
-        (rc = notice_uint(c, &f[4], kn, 5, "gen", &gen)) || (rc = notice_uint(c, &f[5], kn, 6, "offset", &offset)) ||
-        (rc = notice_uint(c, &f[8], kn, 9, "flags", &jump)) || (rc = notice_uint(c, &f[9], kn, 10, "floor", &floor)))
+    if ((rc = need_fields(c, &m, SCW_NOTICE_REQUIRED)) || (rc = field_uint(c, &m, AT(NOTICE, INDEX), &index)) ||
+        (rc = field_uint(c, &m, AT(NOTICE, SLAB), &slab)) || (rc = field_uint(c, &m, AT(NOTICE, GEN), &gen)) ||
+        (rc = field_uint(c, &m, AT(NOTICE, OFFSET), &offset)) || (rc = field_uint(c, &m, AT(NOTICE, FLAGS), &jump)) ||
+        (rc = field_uint(c, &m, AT(NOTICE, FLOOR), &floor)))
         return rc;
     if (index < c->cursor)
         return SC_OK;  /* written before this subscription started */
-    const msgpack_object *ns = &f[6], *ts = &f[7];
+    const msgpack_object *ns = &m.a[SCW_NOTICE_N], *ts = &m.a[SCW_NOTICE_T0];
     uint32_t count = 1;
     bool batch = ns->type == MSGPACK_OBJECT_ARRAY;
     if (batch) {
         count = ns->via.array.size;
         if (count == 0 || ts->type != MSGPACK_OBJECT_ARRAY || ts->via.array.size != count)
-            return fail(c, SC_EPROTO, "NOTICE fields 7 and 8 (n, t0) must be arrays of the same non-zero length, or "
-                        "a uint and a number (%s)", c->where);
+            return fail(c, SC_EPROTO, "NOTICE fields %d and %d (n, t0) must be arrays of the same non-zero length, "
+                        "or a uint and a number (%s)", SCW_NOTICE_N, SCW_NOTICE_T0, c->where);
     }
     if (count > c->fr_cap) {
         uint64_t *pn = realloc(c->fr_n, count * sizeof *pn);
@@ -1652,7 +1680,8 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
     size_t sb = c->info.sample_bytes;
     for (uint32_t i = 0; i < count; i++) {
         const msgpack_object *on = batch ? &ns->via.array.ptr[i] : ns, *ot = batch ? &ts->via.array.ptr[i] : ts;
-        if ((rc = notice_uint(c, on, kn, 7, "n", &c->fr_n[i])) || (rc = notice_num(c, ot, kn, 8, "t0", &c->fr_t0[i])))
+        if ((rc = obj_uint(c, on, m.kind, AT(NOTICE, N), &c->fr_n[i])) ||
+            (rc = obj_num(c, ot, m.kind, AT(NOTICE, T0), &c->fr_t0[i])))
             return rc;
         if (c->fr_n[i] < 1 || c->fr_n[i] > c->slab_bytes / sb)
             return fail(c, SC_EPROTO, "NOTICE frame of %llu samples: not 1..%llu (%s)",
@@ -1714,30 +1743,30 @@ static int recv_notice(sc_client *c)
 /* A message from the broker on our own connection (Subscriber._on_direct). */
 static int on_direct(sc_client *c, const msgview *m)
 {
-    if (m->kind == K_SYNCED)
+    if (m->kind == SCW_SYNCED)
         return SC_OK;
-    if (m->kind == K_END && m->nf >= 4 && m->f[0].type == MSGPACK_OBJECT_STR &&
-        m->f[3].type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+    if (m->kind == SCW_END && field_is(m, SCW_END_CODE, MSGPACK_OBJECT_STR) &&
+        field_is(m, SCW_END_HEAD, MSGPACK_OBJECT_POSITIVE_INTEGER)) {
         char code[64] = "";
-        field_str(c, m, 0, "code", code, sizeof code);
-        if (strcmp(code, "closed") == 0 || strcmp(code, "publisher-gone") == 0) {
+        field_text(c, m, AT(END, CODE), code, sizeof code);
+        if (strcmp(code, SCW_END_CLOSED) == 0 || strcmp(code, SCW_END_PUBLISHER_GONE) == 0) {
             /* The stream ended: finish what its notices hold first (they may still be on their way). */
             if (!c->have_end) {
                 char text[768] = "";
-                if (m->f[1].type == MSGPACK_OBJECT_STR)
-                    notice_str(c, &m->f[1], "END", 2, "message", text, sizeof text);
+                if (field_is(m, SCW_END_MESSAGE, MSGPACK_OBJECT_STR))
+                    field_text(c, m, AT(END, MESSAGE), text, sizeof text);
                 snprintf(c->end_code_s, sizeof c->end_code_s, "%s", code);
                 snprintf(c->end_text, sizeof c->end_text, "%s", text);
-                c->end_head = m->f[3].via.u64;
+                c->end_head = m->a[SCW_END_HEAD].via.u64;
                 c->have_end = true;
                 c->end_seen = now_ms();
             }
             return SC_OK;
         }
     }
-    if (m->kind == K_END)
+    if (m->kind == SCW_END)
         return take_end(c, m);  /* evicted, broker-shutdown, ...: sticky */
-    if (m->kind == K_ERROR)
+    if (m->kind == SCW_ERROR)
         return broker_error(c, m);
     return fail(c, SC_EPROTO, "unexpected %s (kind %llu) from the broker (%s)", kind_name(m->kind),
                 (unsigned long long)m->kind, c->where);
@@ -1798,7 +1827,7 @@ static int pump(sc_client *c, int64_t deadline)
              * have taken some with it). */
             int64_t quiet = now - (c->last_notice > c->end_seen ? c->last_notice : c->end_seen);
             if (quiet > END_GRACE_MS) {
-                if (c->cursor < c->end_head && !c->drop && strcmp(c->end_code_s, "closed") == 0) {
+                if (c->cursor < c->end_head && !c->drop && strcmp(c->end_code_s, SCW_END_CLOSED) == 0) {
                     /* A clean end after a hole is impossible: name the samples that never came. */
                     uint64_t start = c->cursor;
                     c->cursor = c->end_head;
@@ -1944,9 +1973,11 @@ int sc_release_seq(sc_client *c, uint64_t seq)
     }
     if (c->gone)  /* a dead broker holds no lease to give back */
         return SC_OK;
+    _Static_assert(SCW_RELEASE_SEQS == 1 && SCW_RELEASE_PAUSES == 2 && SCW_RELEASE_FIELDS == 2,
+                   "RELEASE is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 3);
-    msgpack_pack_uint64(&c->pk, K_RELEASE);
+    msgpack_pack_array(&c->pk, 1 + SCW_RELEASE_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_RELEASE);
     msgpack_pack_array(&c->pk, 1);
     msgpack_pack_uint64(&c->pk, seq);
     msgpack_pack_array(&c->pk, 0);
@@ -1990,14 +2021,16 @@ void sc_close(sc_client *c)
     if (c->connected && !c->gone) {
         /* BYE is answered by END bye once everything we sent before it was handled. */
         msgpack_sbuffer_clear(&c->sbuf);
-        msgpack_pack_array(&c->pk, 1);
-        msgpack_pack_uint64(&c->pk, K_BYE);
+        msgpack_pack_array(&c->pk, 1 + SCW_BYE_FIELDS);
+        msgpack_pack_uint64(&c->pk, SCW_BYE);
         if (send_packed(c, "BYE") == SC_OK) {
             int64_t deadline = deadline_for(BYE_TIMEOUT_MS);
             msgview m;
             while (next_msg(c, deadline, &m) == SC_OK) {
-                if (m.kind == K_END && m.nf >= 1 && m.f[0].type == MSGPACK_OBJECT_STR && m.f[0].via.str.size == 3 &&
-                    memcmp(m.f[0].via.str.ptr, "bye", 3) == 0)
+                const msgpack_object *code = &m.a[SCW_END_CODE];
+                if (m.kind == SCW_END && field_is(&m, SCW_END_CODE, MSGPACK_OBJECT_STR) &&
+                    code->via.str.size == sizeof SCW_END_BYE - 1 &&
+                    memcmp(code->via.str.ptr, SCW_END_BYE, sizeof SCW_END_BYE - 1) == 0)
                     break;
             }
         }

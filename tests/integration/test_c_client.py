@@ -33,6 +33,7 @@ from slabcast.client import subscriber as _subscriber
 from slabcast.core import rechunk as _rechunk
 from slabcast.core import shm as _shm
 from slabcast.core.rechunk import Rechunker
+from slabcast.wire import messages as M
 from slabcast.wire import protocol as P
 from tests.integration import workers as W
 
@@ -692,6 +693,40 @@ def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
         c.close()
 
 
+def _pos(message: type, field: str) -> int:
+    """The position of ``field`` in ``message`` as the wire header counts it (1 = the first after the kind)."""
+    return message._fields.index(field) + 1  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_field_of_the_wrong_type_is_named_by_its_position_in_the_table(c_sub, scripted, segment):
+    """The C client reads fields where wire/messages.py puts them and names them as the Python decoder does."""
+    args = ("--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    c = CSub(c_sub, scripted.address, "scripted", *args, "--protocol-version", "1")
+    try:
+        assert scripted.recv()[0] == P.HELLO
+        scripted.send([P.WELCOME, 1, os.getpid(), 1234])
+        assert scripted.recv()[0] == P.SUBSCRIBE
+        subscribed = [segment.name, segment.nbytes, "<i2", 1, None, 4, 0, ["ch_0"]]
+        subscribed[_pos(M.Subscribed, "rate") - 1] = "fast"
+        scripted.send([P.SUBSCRIBED, *subscribed])
+        assert c.finish(10) == 1
+        assert f"SUBSCRIBED field {_pos(M.Subscribed, 'rate')} (rate) must be a number, got str" in c.stderr
+        assert scripted.recv() == [P.BYE]
+    finally:
+        c.close()
+    c = CSub(c_sub, scripted.address, "scripted", *args)
+    try:
+        handshake_v2(scripted, c, segment)
+        notice = [7, 0, 0, 1, 1, segment.slab(1), 4, 1.0, 0, 0]
+        notice[_pos(M.Notice, "floor") - 1] = "low"
+        scripted.notice([P.NOTICE, *notice])
+        assert c.finish(10) == 1
+        assert f"NOTICE field {_pos(M.Notice, 'floor')} (floor) must be a uint, got str" in c.stderr, c.stderr
+        assert scripted.recv() == [P.BYE]
+    finally:
+        c.close()
+
+
 # ------------------------------------------------- the constants of the C client
 
 
@@ -711,11 +746,36 @@ def _c_value(text: str) -> float:
 
 
 def test_c_constants_match_the_protocol_table():
-    """The C client's message kinds and shared-memory constants are the ones of slabcast.wire.protocol / _shm."""
+    """The C client takes every message kind, field position, END/ERROR code, flag and notice limit from the
+    header generated from wire/messages.py; what is still written by hand in C (shared-memory layout, the
+    local-cut subscriber's timings, words it sends) equals slabcast.wire.protocol / core.shm / client.subscriber."""
     source = (C_DIR / "slabcast.c").read_text()
     header = (C_DIR / "slabcast.h").read_text()
-    kinds = {m[1]: int(m[2]) for m in re.finditer(r"\bK_([A-Z_]+) = (\d+)", source)}
-    assert kinds == {name: kind for kind, name in P.NAMES.items()}, "C message kinds differ from _protocol.NAMES"
+    wire = (C_DIR / "slabcast_wire.h").read_text()
+    assert wire == M.c_header(), "clients/c/slabcast_wire.h is not the header generated from wire/messages.py"
+    assert '#include "slabcast_wire.h"' in source
+    assert "slabcast_wire.h" not in header, "slabcast.h stays self-contained (the wire header is not installed)"
+    makefile = (C_DIR / "Makefile").read_text()
+    rule = re.search(r"^\$\(BUILD\)/slabcast\.o:(.*)$", makefile, flags=re.MULTILINE)
+    assert rule and "slabcast_wire.h" in rule[1].split(), "slabcast.o must be rebuilt when slabcast_wire.h changes"
+    # Nothing of the table is written by hand: no kind numbers, no field indices, no code strings.
+    code = re.sub(r"/\*.*?\*/", "", source, flags=re.DOTALL)  # comments may name things
+    assert not re.search(r"\bK_[A-Z_]+\s*=\s*\d+", code), "a message kind is defined by hand"
+    assert not re.search(r"(?:->|\.)f\[\d+\]|ptr\[[1-9]\d*\]", code), "a field is read by a hand-written index"
+    assert not re.search(r'"[^"\n]*\bfields? \d', code), "an error text names a field position by hand"
+    assert not re.search(r"msgpack_pack_array\(&c->pk, (?:[2-9]|\d\d)\)", code), "a message's length by hand"
+    for code_name in ("END_CLOSED", "END_PUBLISHER_GONE", "END_BROKER_SHUTDOWN", "END_BYE", "END_EVICTED",
+                      "ERR_MALFORMED", "ERR_VERSION", "ERR_UNKNOWN_STREAM"):  # fmt: skip
+        assert f"SCW_{code_name}" in code, code_name
+        assert f'"{getattr(P, code_name)}"' not in code, f"{code_name} is spelt by hand"
+    used = set(re.findall(r"\bSCW_\w+", code))
+    generated = set(re.findall(r"^#define (SCW_\w+)", wire, flags=re.MULTILINE))
+    assert used <= generated, f"slabcast.c uses names the generated header lacks: {sorted(used - generated)}"
+    for name in P.NAMES.values():  # every kind has its name in errors
+        assert f'case SCW_{name}: return "{name}";' in code, name
+    # The notice backlog is Python's (it was unbounded in C).
+    assert re.search(r"backlog = SCW_NOTICE_BACKLOG\b", code) and "ZMQ_RCVHWM, &backlog" in code
+    assert "SCW_FLAG_INLINE" in code
     defines = {
         m[1]: m[2]
         for m in re.finditer(r"^#define (\w+) +([^/\n]+?)\s*(?:/\*.*)?$", source + header, flags=re.MULTILINE)
@@ -725,14 +785,18 @@ def test_c_constants_match_the_protocol_table():
         assert name in defines, f"#define {name} is missing from clients/c"
         return _c_value(defines[name])
 
+    # Public constants of slabcast.h (installed alone, so written there; slabcast.c asserts them equal to
+    # the wire header's at compile time too).
     assert const("SC_PROTOCOL_VERSION") == P.VERSION
+    assert "_Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION" in code
     assert 1 in P.LEGACY_VERSIONS  # what --protocol-version 1 relies on
     assert const("SC_FLAG_DISCONTINUITY") == P.FLAG_DISCONTINUITY
-    assert const("FLAG_INLINE") == P.FLAG_INLINE
+    assert "_Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY" in code
     assert const("GEN_OFFSET") == _shm.GEN_OFFSET
     assert const("LOCK_BASE") == _shm.LOCK_BASE
     assert const("CLIENT_BASE") == _shm.CLIENT_BASE
     assert const("SEG_LAYOUT") == _shm.LAYOUT
+    assert 1 <= const("TOKEN_BYTES") <= 32  # the token length the broker accepts (docs/protocol.md)
     # Header field offsets: those of the segment header's struct layout in _shm.
     fmt = _shm._HEADER.format
     for name, fields in (("HDR_LAYOUT", 1), ("HDR_HEADER_BYTES", 2), ("HDR_SLAB_BYTES", 3), ("HDR_NSLABS", 4),
@@ -744,8 +808,7 @@ def test_c_constants_match_the_protocol_table():
     assert const("ACK_INTERVAL_MS") == round(_subscriber._ACK_INTERVAL * 1000)
     assert const("END_GRACE_MS") == round(_subscriber._END_GRACE * 1000)
     assert const("LOOK_MS") == _subscriber._LOOK_MS
-    # Codes and settings the C client sends or recognises, spelt as the protocol spells them.
-    for word in (P.END_CLOSED, P.END_PUBLISHER_GONE, P.END_BROKER_SHUTDOWN, P.END_BYE, P.END_EVICTED,
-                 P.ERR_MALFORMED, P.ERR_VERSION, P.ERR_UNKNOWN_STREAM, *P.POLICIES, "local"):  # fmt: skip
+    # Settings the C client sends, spelt as the protocol spells them (the table has no constants for them).
+    for word in (*P.POLICIES, "local"):
         assert f'"{word}"' in source, word
     assert "local" in P.CUTS
