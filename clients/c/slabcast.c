@@ -1,7 +1,7 @@
 /*
  * slabcast.c: a subscriber of the slabcast wire protocol over libzmq and msgpack-c.
  *
- * Version 2 (the default, docs/protocol.md section 0): the client cuts its own chunks from the
+ * Version 2 (the default, docs/protocol.md sections 6 and 10): the client cuts its own chunks from the
  * publisher's NOTICEs (rechunk_feed is a port of src/slabcast/core/rechunk.py's Rechunker.feed), leases
  * them with OFD record locks checked against the segment's generation table, and reports how far it
  * has read with ACK.  The receive loop (pump) mirrors Subscriber._recv_local in
@@ -65,7 +65,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define CLIENT_BASE (1ull << 42) /* liveness lock byte of a local subscriber: CLIENT_BASE + its ATTACH slot */
 #define SEG_LAYOUT 2             /* segment layout with the generation table */
 
-/* Segment header (docs/protocol.md 6.1), little-endian; only what we check is read. */
+/* Segment header (docs/protocol.md 7.2), little-endian; only what we check is read. */
 #define HDR_MAGIC 0              /* 8 bytes "SLABCAST" */
 #define HDR_LAYOUT 8             /* u32, 2 (1 before the generation table; same fields for version 1) */
 #define HDR_HEADER_BYTES 12      /* u32, where slab 0 starts */
@@ -1021,7 +1021,7 @@ static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
 
 static int attach(sc_client *c, uint64_t *start)
 {
-    /* Our liveness mark, which the broker tests in any PID namespace (docs/protocol.md 0.4): a shared
+    /* Our liveness mark, which the broker tests in any PID namespace (docs/protocol.md section 3): a shared
      * lock on CLIENT_BASE + slot of the segment, held while lock_fd is open (gone when we die). */
     uint32_t slot = 0;
     if (getrandom(&slot, sizeof slot, GRND_NONBLOCK) != (ssize_t)sizeof slot)
@@ -1508,7 +1508,7 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
         c->dropped++;
         return SC_OK;
     }
-    /* At offset - (index - start) * sample_bytes (docs/protocol.md 0.3), in this frame's slab, which
+    /* At offset - (index - start) * sample_bytes (docs/protocol.md section 8), in this frame's slab, which
      * holds every sample from the notice's floor on; the chunk may also start inside the frame (clip). */
     int64_t sb = (int64_t)c->info.sample_bytes;
     int64_t slab_start = (int64_t)(c->header_bytes + c->fr_slab * c->slab_bytes);

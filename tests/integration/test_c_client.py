@@ -40,7 +40,7 @@ from tests.integration import workers as W
 ROOT = Path(__file__).resolve().parents[2]
 C_DIR = ROOT / "clients" / "c"
 INSTALL = "apt-get install libzmq3-dev libmsgpack-dev"
-HEADER = 4096  # header_bytes of every segment (docs/protocol.md 6.1)
+HEADER = 4096  # header_bytes of every segment of 2 slabs (docs/protocol.md 7.2)
 LINE = re.compile(r"seq=(\d+) index=(\d+) n=(\d+) t0=(-?\d+\.\d{9}) crc=([0-9a-f]{8})(?: flags=(\d+))?")
 
 # ----------------------------------------------------------------- building
@@ -488,7 +488,7 @@ def scripted(tmp_path: Path) -> Any:
 
 
 class ScriptedSegment:
-    """A shared-memory segment laid out as docs/protocol.md 6.1 and 0.4 say (layout 2: generation table),
+    """A shared-memory segment laid out as docs/protocol.md 7.2 and 7.4 say (layout 2: generation table),
     made without the resource tracker."""
 
     def __init__(self, nslabs: int = 2, slab_bytes: int = 8192) -> None:
