@@ -28,7 +28,7 @@
 #define SCW_OPEN_META 10
 #define SCW_FRAME 3
 #define SCW_FRAME_FIELDS 5
-#define SCW_FRAME_REQUIRED 3
+#define SCW_FRAME_REQUIRED 5
 #define SCW_FRAME_OFFSET 1
 #define SCW_FRAME_N 2
 #define SCW_FRAME_T0 3
@@ -215,6 +215,7 @@
 #define SCW_END_PUBLISHER_GONE "publisher-gone"
 #define SCW_ERR_BAD_REQUEST "bad-request"
 #define SCW_ERR_FRAME "bad-frame"
+#define SCW_ERR_INTERNAL "internal"
 #define SCW_ERR_LIMIT "limit"
 #define SCW_ERR_MALFORMED "malformed"
 #define SCW_ERR_SHM_FULL "shm-full"

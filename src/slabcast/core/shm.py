@@ -4,8 +4,8 @@ One segment per stream.  Its layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic            b"SLABCAST"
-    8       4     u32 layout       1
-    12      4     u32 header_bytes 4096: where slab 0 starts
+    8       4     u32 layout       2
+    12      4     u32 header_bytes where slab 0 starts: header_bytes(nslabs), a multiple of 4096
     16      8     u64 slab_bytes   size of one slab, a multiple of 4096
     24      4     u32 nslabs       number of slabs
     28      4     u32 sample_bytes dtype itemsize * channels

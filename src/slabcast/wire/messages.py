@@ -114,8 +114,8 @@ class Frame(NamedTuple):
     offset: int
     n: int
     t0: Number
-    flags: int = 0
-    carry: int = 0  # bytes carried before this slab's data (read on a slab's first frame)
+    flags: int
+    carry: int  # bytes carried before this slab's data (read on a slab's first frame)
 
 
 @_kind(P.CLOSE)

@@ -111,6 +111,7 @@ ERR_BAD_REQUEST = "bad-request"
 ERR_SHM_FULL = "shm-full"
 ERR_FRAME = "bad-frame"
 ERR_LIMIT = "limit"  # a descriptor or client limit of the broker; the message says which and how to raise it
+ERR_INTERNAL = "internal"  # a bug of the broker (logged with its traceback), not the client's fault
 
 POLICIES = ("block", "drop")
 CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber itself (v2) or the broker (v1, TCP)
