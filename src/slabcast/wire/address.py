@@ -15,7 +15,7 @@ __all__ = ["check_private_dir", "default_address", "dir_mode", "ipc_path", "norm
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
-_NOTICE_SUFFIX = 17  # ".<epoch>.<stream id>": each stream's notice socket sits beside the broker's (docs/protocol.md, the notice socket)
+_NOTICE_SUFFIX = 17  # ".<epoch>.<stream id>": each stream's notice socket sits beside the broker's (docs/protocol.md)
 
 
 def default_address() -> str:
