@@ -1,0 +1,115 @@
+"""What the broker checks in a request before it changes anything: OPEN and SUBSCRIBE fields, by themselves.
+
+Pure functions: a bad field raises :class:`Refused` (answered ``ERROR code``) or
+:class:`~slabcast.ProtocolError` (answered ``ERROR malformed``), saying what was
+expected and what came.  Checks that need the broker's state (a stream's rate or
+carried part, a name already taken) are :class:`~slabcast.broker.state.BrokerState`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._exceptions import ProtocolError
+from .._info import StreamInfo
+from ..wire import messages as M
+from ..wire import protocol as P
+
+__all__ = ["MAX_INFLIGHT", "PAUSE_PREFETCH_MAX", "OpenRequest", "Refused", "check_open", "check_subscribe"]
+
+MAX_INFLIGHT = 1024
+PAUSE_PREFETCH_MAX = 4096
+
+
+class Refused(Exception):
+    """A request the broker answers with ERROR ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OpenRequest(NamedTuple):
+    """An OPEN whose fields were checked."""
+
+    name: str
+    dtype: np.dtype[Any]
+    channels: int
+    rate: float | None
+    slab_bytes: int
+    nslabs: int
+    reserve: int  # max_chunk_bytes rounded down to whole samples
+    sample_bytes: int
+    channel_names: tuple[str, ...]
+    stats_window: float
+    meta: dict[str, Any]
+
+
+def check_open(msg: M.Open) -> OpenRequest:
+    """Check an OPEN's fields by themselves."""
+    name, dtype_s, channels, rate, slab_bytes, nslabs, max_chunk_bytes, names, stats_window, meta = msg
+    try:
+        P.check_stream_name(name)
+        dtype = P.check_dtype(dtype_s)
+    except (TypeError, ValueError) as exc:
+        raise Refused(P.ERR_BAD_REQUEST, str(exc)) from None
+    if not 1 <= channels <= 65535:
+        raise Refused(P.ERR_BAD_REQUEST, f"channels must be 1..65535, got {channels}")
+    if rate is not None and not (rate > 0 and rate < float("inf")):
+        raise Refused(P.ERR_BAD_REQUEST, f"rate must be a positive number of Hz or nil, got {rate!r}")
+    if slab_bytes < 4096 or slab_bytes % 4096 or slab_bytes > 1 << 30:
+        raise Refused(P.ERR_BAD_REQUEST, f"slab_bytes must be a multiple of 4096 in 4096..2**30, got {slab_bytes}")
+    if not 2 <= nslabs <= 4096:
+        raise Refused(P.ERR_BAD_REQUEST, f"nslabs must be 2..4096, got {nslabs}")
+    sample_bytes = dtype.itemsize * channels
+    reserve = max_chunk_bytes // sample_bytes * sample_bytes
+    if reserve < sample_bytes or slab_bytes - reserve < sample_bytes:
+        raise Refused(
+            P.ERR_BAD_REQUEST,
+            f"max_chunk_bytes must leave room for one sample ({sample_bytes} bytes) on each side of "
+            f"a {slab_bytes}-byte slab, got {max_chunk_bytes}",
+        )
+    if names is None:
+        names = tuple(f"ch_{i}" for i in range(channels))
+    elif len(names) != channels:
+        raise Refused(P.ERR_BAD_REQUEST, f"channel_names must be {channels} strings, got {names!r}")
+    try:
+        meta = StreamInfo.check_metadata(meta, channels)
+    except ValueError as exc:
+        raise Refused(P.ERR_BAD_REQUEST, str(exc)) from None
+    if not 0 <= stats_window <= 3600:
+        raise Refused(P.ERR_BAD_REQUEST, f"statistics window must be 0..3600 s, got {stats_window!r}")
+    return OpenRequest(name, dtype, channels, float(rate) if rate else None, slab_bytes, nslabs, reserve,
+                       sample_bytes, tuple(names), float(stats_window), meta)  # fmt: skip
+
+
+def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
+    """Check a SUBSCRIBE's fields by themselves (``remote``: it came over TCP)."""
+    _, size, seconds, _, policy, max_inflight, sampler, cut, _, token = msg
+    if cut == "local" and (token is None or not 1 <= len(token) <= 32):
+        raise Refused(P.ERR_BAD_REQUEST, "a local subscription needs a token of 1..32 bytes")
+    if cut not in P.CUTS:
+        raise Refused(P.ERR_BAD_REQUEST, f"cut must be 'local' or 'broker', got {cut!r}")
+    if cut == "local" and remote:
+        raise Refused(P.ERR_BAD_REQUEST, "a TCP subscriber shares no memory: it must ask for cut='broker'")
+    if policy not in P.POLICIES:
+        raise Refused(P.ERR_BAD_REQUEST, f"policy must be 'block' or 'drop', got {policy!r}")
+    if not 1 <= max_inflight <= MAX_INFLIGHT:
+        raise Refused(P.ERR_BAD_REQUEST, f"max_inflight must be 1..{MAX_INFLIGHT}, got {max_inflight}")
+    if (size is None) == (seconds is None):
+        raise Refused(P.ERR_BAD_REQUEST, "give exactly one of size (samples) and seconds")
+    if seconds is not None and not (seconds > 0 and seconds < float("inf")):
+        raise Refused(P.ERR_BAD_REQUEST, f"seconds must be a finite number > 0, got {seconds!r}")
+    if size is not None and size <= 0:
+        raise Refused(P.ERR_BAD_REQUEST, f"size must be a positive integer number of samples, got {size}")
+    if sampler is not None and not isinstance(sampler, int | float | tuple):
+        raise ProtocolError(f"SUBSCRIBE sampler must be nil, a number or an array of numbers, got {sampler!r}")
+    values = sampler if isinstance(sampler, tuple) else (sampler,) if sampler is not None else ()
+    if len(values) > PAUSE_PREFETCH_MAX or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= P.MAX_SAMPLER_SECONDS for v in values
+    ):
+        raise Refused(
+            P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, got {sampler!r}"
+        )

@@ -1,0 +1,422 @@
+"""The broker's plain state: clients, streams, the two kinds of subscription, rolling statistics, pool ranges.
+
+No sockets and no clock: whoever changes these passes the time in.  The decisions
+that change them are :class:`slabcast.broker.state.BrokerState`'s.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import numpy as np
+
+from .._info import StreamInfo
+from ..core.pool import SlabPool
+from ..core.rechunk import Rechunker
+from ..core.shm import GEN_OFFSET, Segment, lock_slab, time_at
+
+__all__ = [
+    "BrokerCutSub",
+    "Client",
+    "Cut",
+    "LocalSub",
+    "Out",
+    "Policy",
+    "Role",
+    "Statistics",
+    "Stream",
+    "Subscription",
+    "pool_ranges",
+]
+
+Role = Literal["pub", "sub", "ctl"]
+Policy = Literal["block", "drop"]
+Cut = Literal["local", "broker"]
+
+TCP_PREFIX = b"T"  # routing ids of TCP clients get this prefix (ZeroMQ's own ids start with 0x00)
+_MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
+
+
+class Out(NamedTuple):
+    """One message to send: to ``client`` (its routing id), ``message`` (a typed message of
+    :mod:`slabcast.wire.messages`, or bytes already encoded), and for a chunk sent by value to a TCP client,
+    its samples as a second message part."""
+
+    client: bytes
+    message: Any
+    data: bytes | None = None
+
+
+class Client:
+    """One connection that said HELLO."""
+
+    __slots__ = ("ident", "label", "last_seen", "live", "local_pid", "pid", "remote", "role", "stream", "sub",
+                 "version")  # fmt: skip
+
+    def __init__(self, ident: bytes, pid: int, role: Role, label: str, version: int, now: float) -> None:
+        self.ident = ident  # routing id; prefixed with b"T" for clients of the TCP socket
+        self.remote = ident[:1] == TCP_PREFIX
+        self.last_seen = now
+        self.pid = pid  # as the client said (its own namespace): for logs and status
+        self.local_pid = 0  # as our namespace sees it (SO_PEERCRED); 0: unknown
+        self.role: Role = role
+        self.label = label
+        self.version = version
+        self.stream: Stream | None = None  # the stream this client publishes
+        self.sub: LocalSub | BrokerCutSub | None = None
+        # (segment's stream, lock byte) this client holds while it lives; None: judged by its pid.
+        self.live: tuple[Stream, int] | None = None
+
+
+class Subscription:
+    """What both kinds of subscription have: who, to what, chunk size and policy, and the counters."""
+
+    cut: ClassVar[Cut]
+    __slots__ = ("client", "clip", "delivered", "dropped", "max_inflight", "overflows", "policy", "seq", "size",
+                 "stream")  # fmt: skip
+
+    def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy,
+                 max_inflight: int) -> None:  # fmt: skip
+        self.client = client
+        self.stream = stream
+        self.size = size
+        self.clip = clip
+        self.policy: Policy = policy
+        self.max_inflight = max_inflight
+        self.seq = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.overflows = 0  # chunks that had to wait for credit (policy="block")
+
+
+class LocalSub(Subscription):
+    """The subscriber cuts its own chunks from the stream's frame notices; the broker keeps its cursor (for
+    ``block``) and its counters as reported by ACK."""
+
+    cut: ClassVar[Cut] = "local"
+    __slots__ = ("cursor", "held", "stalled_since", "token")
+
+    def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
+                 token: bytes) -> None:  # fmt: skip
+        super().__init__(client, stream, size, clip, policy, max_inflight)
+        self.cursor = stream.head  # index just past the last frame it has read
+        self.stalled_since: float | None = None  # since when its cursor gates the publisher
+        self.token = token  # the token topic it waits to see JOINED on
+        self.held = 0  # chunks it holds, as last reported
+
+
+class BrokerCutSub(Subscription):
+    """Protocol version 1 and TCP subscribers: the broker runs the rechunker, leases, backlog and credit."""
+
+    cut: ClassVar[Cut] = "broker"
+    __slots__ = ("backlog", "chunker", "const_pause", "delivered_at", "end", "inflight", "jumped", "last_pause",
+                 "leases", "pauses", "remote_held", "starts")  # fmt: skip
+
+    def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
+                 sampler: Any) -> None:  # fmt: skip
+        super().__init__(client, stream, size, clip, policy, max_inflight)
+        self.inflight = 0
+        self.leases: dict[int, int] = {}  # seq -> slab
+        # (seq, CHUNK, offset, nbytes) awaiting credit
+        self.backlog: deque[tuple[int, Any, int, int]] = deque()
+        self.delivered_at: deque[tuple[int, float]] = deque()  # (seq, time delivered), oldest first
+        self.starts: dict[int, int] = {}  # seq -> stream index of the chunk's first sample, while leased
+        self.remote_held: set[int] = set()  # chunks sent by value to a TCP client, not yet released
+        self.jumped = False  # the next chunk follows a discontinuity
+        self.end: tuple[str, str] | None = None  # END to send once the backlog is empty
+        self.pauses: deque[float] = deque()
+        self.last_pause = 0.0
+        self.const_pause: float | None = None
+        next_pause: Callable[[], float] | None = None
+        if isinstance(sampler, int | float):
+            self.const_pause = float(sampler)
+            next_pause = self._const
+        elif isinstance(sampler, tuple):
+            self.pauses.extend(sampler)
+            next_pause = self._next_pause
+        self.chunker = Rechunker(size, clip, stream.rate, next_pause)
+
+    def _const(self) -> float:
+        return self.const_pause  # type: ignore[return-value]
+
+    def _next_pause(self) -> float:
+        # Pauses are drawn in the subscriber's process ahead of use; when it has fallen
+        # further behind than its prefetch, the last value drawn stands in.
+        if self.pauses:
+            self.last_pause = self.pauses.popleft()
+        return self.last_pause
+
+
+class Stream:
+    """A stream's segment, slab pool, notice counter and the position of its newest sample."""
+
+    def __init__(
+        self,
+        name: str,
+        sid: int,
+        dtype: np.dtype[Any],
+        channels: int,
+        rate: float | None,
+        slab_bytes: int,
+        nslabs: int,
+        reserve: int,
+        channel_names: list[str],
+        segment: Segment,
+        header: int,
+        notice_path: str,
+        committed: int,
+    ) -> None:
+        self.name = name
+        self.sid = sid
+        self.notice_path = notice_path  # the publisher's notice socket (ipc file)
+        self.dtype = dtype
+        self.channels = channels
+        self.rate = rate
+        self.sample_bytes = dtype.itemsize * channels
+        self.slab_bytes = slab_bytes
+        self.nslabs = nslabs
+        self.reserve = reserve  # the carried part of each slab: the largest chunk any subscriber may ask for
+        # How much of it is in memory, per slab: grown for all as subscribers ask, given back slab by slab as
+        # slabs are granted again; never below what the stream opened with.
+        self.first_committed = committed
+        self.slab_committed = [committed] * nslabs
+        self.peak = committed  # the most any slab has (looked at on every grant)
+        self.give_back = True  # False where holes cannot be punched
+        self.header = header
+        self.channel_names = channel_names
+        self.segment = segment
+        self.u8 = np.frombuffer(segment.buf, dtype=np.uint8)
+        self.gens = np.frombuffer(segment.buf, dtype="<u4", count=nslabs, offset=GEN_OFFSET)
+        fd = segment.fd
+
+        def take(slab: int) -> bool:
+            return lock_slab(fd, slab, fcntl.F_WRLCK)
+
+        def put(slab: int) -> None:
+            lock_slab(fd, slab, fcntl.F_UNLCK)
+
+        self.pool = SlabPool(nslabs, self.gens, take, put)  # type: ignore[arg-type]
+        self.base_index = 0  # offset(index) = base_offset + (index - base_index) * sample_bytes
+        self.base_offset = 0
+        self.next_offset = -1
+        self.slab_end = 0
+        self.floor = 0  # lowest index readable contiguously from the current slab (its carry)
+        self.carry = 0  # bytes of each slab's tail the publisher copies into the next (asked)
+        self.carried = 0  # ... (confirmed by the publisher: new subscriptions are admitted against this)
+        self.head = 0  # index of the next sample
+        self.frames = 0
+        self.publisher: Client | None = None
+        self.subs: list[LocalSub | BrokerCutSub] = []
+        self.broker_cut: list[BrokerCutSub] = []  # subs whose chunks the broker cuts: kept, not searched per frame
+        self.waiting: list[LocalSub] = []  # local subscriptions waiting until the publisher carries enough
+        self.joining: list[LocalSub] = []  # offered (SUBSCRIBED), waiting for their ATTACH
+        self.meta: dict[str, Any] = StreamInfo.check_metadata(None, channels)  # channel types, units, source_id
+        self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
+        self.ended = False
+        self.stats = Statistics(dtype, channels, rate)
+
+    def slab_start(self, slab: int) -> int:
+        return self.header + slab * self.slab_bytes
+
+    @property
+    def committed(self) -> int:
+        """How much of its carried part every slab has in memory: the longest chunk it carries now."""
+        return min(self.slab_committed)
+
+    def grow(self, need: int) -> bool:
+        """Commit each slab's carried part up to ``need`` bytes (a new subscriber's chunk); True if it grew.
+
+        Raises
+        ------
+        ShmFullError
+            /dev/shm has no room for it; the pool stays as it was.
+        """
+        if need <= self.committed:
+            return False
+        hi = min(self.reserve, -(-need // self.sample_bytes) * self.sample_bytes)
+        ranges = pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                             bool(self.meta.get("timestamps")), self.slab_committed, hi)  # fmt: skip
+        self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
+        self.slab_committed = [max(c, hi) for c in self.slab_committed]
+        self.peak = max(self.peak, hi)
+        return True
+
+    def shrink(self, slabs: list[int]) -> int:
+        """Give back the carried part of ``slabs`` (just granted: nobody can read them, the publisher has not
+        been told yet) that no subscriber needs any more; return the bytes given back.
+
+        Never below what the publisher may still carry (asked or confirmed) nor the stream's first size.
+        """
+        # Safe because (1) nothing reads or writes a slab between its grant and its GRANT message, (2) the
+        # publisher gets CARRY and GRANT in order on one socket, so it carries at most `carry` into this slab,
+        # and (3) every carry raise goes through grow(), which commits every slab again first. Reading a
+        # punched page allocates it (SIGBUS on a full /dev/shm) just as writing does.
+        keep = max(self.carry, self.carried, self.needed_carry(), self.first_committed)
+        keep = -(-keep // self.sample_bytes) * self.sample_bytes
+        ranges: list[tuple[int, int]] = []
+        shrunk = [s for s in slabs if self.slab_committed[s] > keep]
+        for slab in shrunk:
+            ranges += pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
+                                  bool(self.meta.get("timestamps")), keep, self.slab_committed[slab],
+                                  slabs=[slab])  # fmt: skip
+        if not ranges:
+            return 0
+        if not self.segment.release(ranges):
+            self.give_back = False  # not here (no hole punching): the pool keeps what it grew to
+            return 0
+        for slab in shrunk:
+            self.slab_committed[slab] = keep
+        self.peak = max(self.slab_committed)
+        return sum(n for _, n in ranges)
+
+    def floor_index(self) -> int | None:
+        """The lowest cursor of the lossless local subscribers, or None if there are none."""
+        cursors = [u.cursor for u in self.subs if isinstance(u, LocalSub) and u.policy == "block"]
+        return min(cursors) if cursors else None
+
+    def needed_carry(self) -> int:
+        """Bytes of tail every subscriber's chunks may need carried into a new slab."""
+        size = max((u.size for u in [*self.subs, *self.waiting, *self.joining]), default=0)
+        return min(self.reserve, size * self.sample_bytes)
+
+    def switch_slab(self, slab: int, carry: int) -> bool:
+        """The publisher's first frame in ``slab``, with ``carry`` bytes carried before its data; True when it
+        left a slab (which may then be reclaimed)."""
+        head = self.head
+        old_end = self.next_offset
+        old = self.pool.switch(slab, head)
+        start = self.slab_start(slab)
+        need = self.needed_carry()
+        if old is not None and carry < need:
+            # A subscription arrived after the publisher last heard how much to carry: copy the
+            # missing older part here (the old slab is intact: only we decide when it is reused).
+            data = start + self.reserve
+            self.u8[data - need : data - carry] = self.u8[old_end - need : old_end - carry]
+            if self.meta.get("timestamps"):  # and the times of those samples
+
+                def at(offset: int) -> int:
+                    return time_at(offset, self.header, self.slab_bytes, self.nslabs, self.sample_bytes)
+
+                self.u8[at(data - need) : at(data - carry)] = self.u8[at(old_end - need) : at(old_end - carry)]
+            carry = need
+        self.base_index = head
+        self.base_offset = start + self.reserve
+        self.slab_end = start + self.slab_bytes
+        # The publisher copied the last `carry` bytes before this slab's data: chunks may start there.
+        floor = head - carry // self.sample_bytes if old is not None else head
+        self.floor = floor
+        for sub in self.broker_cut:
+            chunker = sub.chunker
+            if chunker.start is not None and chunker.start < floor:
+                # Only right after a subscription that asked for a longer carry than this slab got.
+                if chunker.rate:
+                    chunker.t0 += (floor - chunker.start) / chunker.rate
+                chunker.start = floor
+        return old is not None
+
+
+def pool_ranges(header: int, slab_bytes: int, nslabs: int, reserve: int, sample_bytes: int, timestamps: bool,
+                lo: int | Sequence[int], hi: int, frames: bool = False,
+                slabs: Iterable[int] | None = None) -> list[tuple[int, int]]:  # fmt: skip
+    """The ``(offset, length)`` ranges of each slab's carried part between ``lo`` (per slab, or one for all)
+    and ``hi`` bytes before its data (and, with ``frames``, of its frame area), with their per-sample times
+    when the stream keeps them; for ``slabs`` (default: all), those whose ``lo`` is below ``hi``.
+
+    A slab is ``reserve`` bytes for the tail carried from the slab before, then its frames; the carried part
+    is committed from its end backwards, as subscribers ask for longer chunks (``Stream.grow``), and given
+    back when none needs it any more (``Stream.shrink``).
+    """
+    out: list[tuple[int, int]] = []
+    for slab in range(nslabs) if slabs is None else slabs:
+        low = lo if isinstance(lo, int) else lo[slab]
+        if low >= hi and not frames:
+            continue
+        data = header + slab * slab_bytes + reserve
+        first, end = data - hi, (header + (slab + 1) * slab_bytes if frames else data - low)
+        out.append((first, end - first))
+        if timestamps:
+            at = time_at(first, header, slab_bytes, nslabs, sample_bytes)
+            out.append((at, time_at(end - 1, header, slab_bytes, nslabs, sample_bytes) + 8 - at))
+    return out
+
+
+class Statistics:
+    """Rolling per-channel statistics over the last ``window`` seconds of stream time.
+
+    Bounded whatever the frames' ``t0`` (constant, NaN, backwards, longer than the
+    window): frames are kept by *sample count* (``window * rate`` samples, at
+    least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.
+    Nothing here is on the notice path: the broker calls :meth:`account` after the
+    notices are out, and an error in it is logged and switches statistics off.
+    """
+
+    def __init__(self, dtype: np.dtype[Any], channels: int, rate: float | None) -> None:
+        self.dtype = dtype
+        self.channels = channels
+        self.rate = rate
+        self.window = 0.0
+        self.limit = 0  # samples kept
+        self.kept = 0
+        # Per frame: (arrival, n, sum, sum of squares, min, max), the last four per channel.
+        self.frames: deque[tuple[float, int, Any, Any, Any, Any]] = deque()
+
+    def configure(self, window: float) -> None:
+        self.window = window
+        self.limit = max(1, round(window * self.rate)) if self.rate else 0
+
+    def account(self, now: float, u8: np.ndarray[Any, Any], offset: int, n: int) -> None:
+        """Add a frame that arrived at ``now``: a few vectorised reductions, no per-sample Python."""
+        sample_bytes = self.dtype.itemsize * self.channels
+        v = u8[offset : offset + n * sample_bytes].view(self.dtype).reshape(n, self.channels)
+        # Reductions down the strided sample axis are several times slower than along
+        # contiguous rows: one channels-first copy pays for itself.
+        w = np.ascontiguousarray(v.T)
+        frames = self.frames
+        frames.append(
+            (
+                now,
+                n,
+                w.sum(axis=1, dtype=np.float64),
+                np.einsum("ij,ij->i", w, w, dtype=np.float64),
+                w.min(axis=1),
+                w.max(axis=1),
+            )
+        )
+        self.kept += n
+        if self.rate:
+            # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
+            while len(frames) > 1 and self.kept - frames[0][1] >= self.limit:
+                self.kept -= frames.popleft()[1]
+        else:
+            # No rate: the window is arrival time, which only moves forward.
+            horizon = frames[-1][0] - self.window
+            while len(frames) > 1 and frames[0][0] < horizon:
+                self.kept -= frames.popleft()[1]
+        while len(frames) > _MAX_STAT_FRAMES:
+            self.kept -= frames.popleft()[1]
+
+    def summary(self, out: dict[str, Any]) -> dict[str, Any]:
+        frames = self.frames
+        if not frames:
+            return out
+        n = sum(f[1] for f in frames)
+        total = np.sum([f[2] for f in frames], axis=0)
+        squares = np.sum([f[3] for f in frames], axis=0)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+        lo = np.min([f[4] for f in frames], axis=0)
+        hi = np.max([f[5] for f in frames], axis=0)
+        span = frames[-1][0] - frames[0][0]
+        out.update(
+            window_samples=n,
+            observed_rate=(n - frames[0][1]) / span if span > 0 else None,
+            mean=mean.tolist(),
+            std=std.tolist(),
+            min=lo.tolist(),
+            max=hi.tolist(),
+            ptp=(hi.astype(np.float64) - lo).tolist(),
+        )
+        return out

@@ -1,0 +1,69 @@
+"""What ``slabcast status`` and STATS show of a stream and its subscribers, as plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .model import BrokerCutSub, LocalSub, Stream
+
+__all__ = ["statistics", "stream_status", "subscriber_status"]
+
+
+def statistics(stream: Stream) -> dict[str, Any]:
+    """A stream's counters and rolling statistics (STATS_REPLY, and the status' ``statistics``)."""
+    out: dict[str, Any] = {"name": stream.name, "samples": stream.head, "frames": stream.frames,
+                           "window_seconds": stream.stats.window}  # fmt: skip
+    return stream.stats.summary(out)
+
+
+def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str, Any]:
+    """One subscription's row of the status."""
+    # Lag: samples between the oldest one this subscriber is not done with and the newest.
+    if isinstance(sub, BrokerCutSub):
+        pending = sub.chunker.start if sub.chunker.start is not None else stream.head
+        lag = stream.head - min(sub.starts.values(), default=pending)
+        leases = len(sub.leases)
+        backlog = len(sub.backlog)
+    else:
+        lag = stream.head - sub.cursor
+        leases = sub.held
+        backlog = 0
+    return {
+        "label": sub.client.label,
+        "pid": sub.client.pid,
+        "size": sub.size,
+        "clip": sub.clip,
+        "policy": sub.policy,
+        "cut": sub.cut,
+        "seq": sub.seq,
+        "delivered": sub.delivered,
+        "dropped": sub.dropped,
+        "leases": leases,
+        "lag_samples": lag,
+        "lag_seconds": lag / stream.rate if stream.rate else None,
+        "backlog": backlog,
+        "overflows": sub.overflows,
+    }
+
+
+def stream_status(s: Stream) -> dict[str, Any]:
+    """One stream's row of the status."""
+    return {
+        "name": s.name,
+        "dtype": s.dtype.str,
+        "channels": s.channels,
+        "rate": s.rate,
+        "samples": s.head,
+        "frames": s.frames,
+        "ended": s.ended,
+        "slabs": s.nslabs,
+        "slab_bytes": s.slab_bytes,
+        "max_chunk_bytes": s.reserve,
+        "carried_bytes": s.committed,
+        "shm_bytes": s.segment.allocated,
+        "slabs_free": len(s.pool.free),
+        "statistics": statistics(s),
+        "channel_names": s.channel_names,
+        **s.meta,
+        "subscribers": [subscriber_status(s, u) for u in s.subs],
+    }

@@ -1,0 +1,366 @@
+"""The broker's decisions, driven through BrokerState with a fake clock and fake liveness probes, no process.
+
+Segments are real (small, in /dev/shm, destroyed by ``shutdown``); time, pids and lease locks are the
+test's.  Every test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from slabcast.broker.model import BrokerCutSub
+from slabcast.broker.state import BrokerState, Out, System
+from slabcast.core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment
+from slabcast.wire import messages as M
+from slabcast.wire import protocol as P
+
+PUB, SUB, SUB2, CTL = b"\x00pub", b"\x00sub", b"\x00sub2", b"\x00ctl"
+SLAB = 16384
+LEASE = 5.0
+
+
+class Harness:
+    """A BrokerState, a clock, and liveness the test decides: pids in ``dead``, lock bytes in ``unlocked``."""
+
+    def __init__(self, tmp_path: Any, segment: Any = Segment) -> None:
+        self.now = 100.0
+        self.dead: set[int] = set()
+        self.unlocked: set[int] = set()
+        self.fds = 10
+        system = System(
+            segment=segment,
+            lock_held=lambda fd, byte: byte not in self.unlocked,
+            pid_alive=lambda pid: pid not in self.dead,
+            open_fds=lambda: self.fds,
+        )
+        self.state = BrokerState(pid=os.getpid(), epoch=int.from_bytes(os.urandom(4), "little"),
+                                 address=f"ipc://{tmp_path}/b.sock", now=self.now, lease_timeout=LEASE,
+                                 fd_limit=1024, fd_headroom=64, system=system)  # fmt: skip
+        self.grants: list[int] = []  # slabs granted to the publisher, oldest first
+        self.offset = -1
+        self.slab_end = 0
+        self.reserve = 0
+
+    def send(self, ident: bytes, msg: Any, peer_pid: int = 0) -> list[Out]:
+        out = self.state.handle(ident, msg, self.now, peer_pid)
+        self._learn(out)
+        return out
+
+    def tick(self, seconds: float) -> list[Out]:
+        self.now += seconds
+        out = self.state.tick(self.now)
+        self._learn(out)
+        return out
+
+    def _learn(self, out: list[Out]) -> None:
+        self.grants += [m.slab for ident, m, _ in out if ident == PUB and isinstance(m, M.Grant)]
+
+    def hello(self, ident: bytes, role: str, pid: int = 0, version: int = P.VERSION) -> None:
+        (reply,) = self.send(ident, M.Hello(version, pid or 1000 + ident[-1], role, ident.decode(errors="replace")),
+                             peer_pid=pid)  # fmt: skip
+        assert isinstance(reply.message, M.Welcome)
+
+    def open(self, name: str = "s", max_chunk: int = 12288, timestamps: bool = False) -> M.Opened:
+        self.hello(PUB, "pub", pid=4242)
+        meta = {"timestamps": True} if timestamps else None
+        out = self.send(PUB, M.Open(name, "<i4", 1, 1000.0, SLAB, 4, max_chunk, None, 0, meta))
+        opened = [m for i, m, _ in out if i == PUB and isinstance(m, M.Opened)]
+        assert len(opened) == 1, out
+        self.reserve = opened[0].reserve
+        return opened[0]
+
+    def write(self, n: int, carry: int = 0) -> list[Out]:
+        """The publisher writes a frame of ``n`` int32 samples (moving to its next granted slab when full)."""
+        if self.offset < 0 or self.offset + 4 * n > self.slab_end:
+            slab = self.grants.pop(0)
+            self.offset = 4096 + slab * SLAB + self.reserve  # header_bytes(4) is one page
+            self.slab_end = 4096 + (slab + 1) * SLAB
+        out = self.send(PUB, (P.FRAME, self.offset, n, 0.0, 0, carry))
+        self.offset += 4 * n
+        return out
+
+
+def to(ident: bytes, out: list[Out], kind: type[Any] | None = None) -> list[Any]:
+    return [m for i, m, _ in out if i == ident and (kind is None or isinstance(m, kind))]
+
+
+def decoded(message: Any) -> Any:
+    return M.decode(message, strict=False) if isinstance(message, bytes) else message
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.state.shutdown()  # destroys every segment (the autouse fixture checks /dev/shm)
+
+
+def subscribe(size: int, cut: str = "local", wait: bool = False, token: bytes | None = b"tok") -> M.Subscribe:
+    return M.Subscribe("s", size, None, True, "block", 8, None, cut, wait, token if cut == "local" else None)
+
+
+def join(h: Harness, ident: bytes, size: int, slot: int = 0) -> None:
+    """A local subscriber subscribes (the publisher confirming the carry it is asked for) and attaches."""
+    out = h.send(ident, subscribe(size))
+    for carry in to(PUB, out, M.Carry):
+        out = h.send(PUB, M.Carried(carry.nbytes))
+    assert to(ident, out, M.Subscribed) or to(ident, out)[0].__class__ is bytes
+    assert to(ident, h.send(ident, M.Attach(slot)), M.Attached)
+
+
+# -------------------------------------------------------------- eviction
+
+
+def test_a_broker_cut_subscriber_holding_a_chunk_past_lease_timeout_is_evicted(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    assert to(SUB, h.send(SUB, subscribe(100, cut="broker")), M.Subscribed)
+    (chunk,) = to(SUB, h.write(100), M.Chunk)
+    assert (chunk.seq, chunk.index, chunk.n) == (0, 0, 100)
+    assert not to(SUB, h.tick(LEASE - 0.5))  # within lease_timeout: nothing
+    (end,) = to(SUB, h.tick(1.0), M.End)
+    assert end.code == P.END_EVICTED and "lease_timeout (5 s)" in end.message
+    assert h.state.streams["s"].subs == []
+
+
+def test_a_lossless_local_subscriber_that_keeps_the_publisher_waiting_is_evicted(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    join(h, SUB, 100)
+    # It never ACKs: once every slab is written the publisher has none left.
+    while h.grants or h.offset + 400 <= h.slab_end:
+        h.write(100)
+    assert not h.state.streams["s"].pool.granted
+    assert not to(SUB, h.tick(0.5))  # the stall starts being timed
+    assert not to(SUB, h.tick(LEASE))
+    out = h.tick(1.0)
+    (end,) = to(SUB, out, M.End)
+    assert end.code == P.END_EVICTED and "while the publisher waited" in end.message
+    # Its claim on unread frames is gone: the publisher gets slabs again at once.
+    assert to(PUB, out, M.Grant)
+
+
+# ------------------------------------------------------ subscriber first
+
+
+def test_a_subscriber_before_its_stream_is_held_then_started_at_index_0_when_it_opens(h: Harness) -> None:
+    h.hello(SUB, "sub")
+    assert h.send(SUB, subscribe(50, wait=True)) == []  # held, no answer yet
+    h.hello(SUB2, "sub")
+    (error,) = to(SUB2, h.send(SUB2, subscribe(50, wait=False)), M.Error)
+    assert error.code == P.ERR_UNKNOWN_STREAM
+    opened = h.open()
+    # OPENED names its token: the publisher waits until the subscriber joined before writing.
+    assert opened.tokens == (P.token_topic(b"tok"),)
+    assert h.state.streams["s"].subs[0].client.ident == SUB
+    h.write(10)
+    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(0)]  # from the first sample
+
+
+def test_the_subscription_held_for_a_stream_is_answered_in_order_before_opened(h: Harness) -> None:
+    h.hello(SUB, "sub")
+    h.send(SUB, subscribe(50, wait=True))
+    h.hello(PUB, "pub", pid=4242)
+    out = h.send(PUB, M.Open("s", "<i4", 1, 1000.0, SLAB, 4, 12288, None, 0, None))
+    kinds = [(i, type(m).__name__) for i, m, _ in out]
+    assert kinds[:2] == [(SUB, "Subscribed"), (PUB, "Opened")], kinds
+    assert decoded(to(SUB, out)[0]).start == 0
+
+
+def test_a_subscriber_that_leaves_before_the_stream_opens_is_forgotten(h: Harness) -> None:
+    h.hello(SUB, "sub")
+    h.send(SUB, subscribe(50, wait=True))
+    assert to(SUB, h.send(SUB, M.Bye()), M.End)[0].code == P.END_BYE
+    assert h.open().tokens == ()
+
+
+# ---------------------------------------------------------- CARRY/CARRIED
+
+
+def test_a_longer_chunk_waits_for_carried_and_carry_goes_out_before_it(h: Harness) -> None:
+    opened = h.open()
+    assert opened.carry == 0  # nobody subscribed yet
+    h.write(10)
+    h.hello(SUB, "sub")
+    out = h.send(SUB, subscribe(200))
+    # Its chunks need 800 bytes carried: the publisher is asked first; the subscriber is not offered yet.
+    assert to(PUB, out, M.Carry) == [M.Carry(800)]
+    assert to(SUB, out) == []
+    (error,) = to(SUB, h.send(SUB, M.Attach(0)), M.Error)
+    assert error.code == P.ERR_BAD_REQUEST and "before SUBSCRIBED" in error.message
+    assert to(SUB, h.send(PUB, M.Carried(400))) == []  # not enough yet
+    (subscribed,) = to(SUB, h.send(PUB, M.Carried(800)))
+    assert decoded(subscribed).size == 200
+    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(10)]  # starts at the head
+
+
+def test_carried_from_a_connection_with_no_stream_is_refused(h: Harness) -> None:
+    h.hello(SUB, "sub")
+    (error,) = h.send(SUB, M.Carried(8))
+    assert error.message.code == P.ERR_BAD_REQUEST
+
+
+# ------------------------------------------------------------ pool memory
+
+
+def test_the_pool_grows_for_a_long_chunk_and_gives_the_memory_back_after(h: Harness) -> None:
+    h.open(max_chunk=12288)
+    stream = h.state.streams["s"]
+    first = stream.committed
+    allocated = stream.segment.allocated
+    assert first == SLAB - 12288  # the frame area's worth
+    h.hello(SUB, "sub")
+    h.send(SUB, subscribe(2048, cut="broker"))  # 8192 bytes: more than is committed
+    assert stream.committed == 8192 and stream.segment.allocated == allocated + 4 * 4096
+    assert h.state.status(h.now)["streams"][0]["carried_bytes"] == 8192
+    h.send(SUB, M.Unsubscribe())
+    # Memory goes back slab by slab, as each is granted again (nobody reads it then).
+    for _ in range(12):
+        h.write(1024)
+    assert stream.committed == first and stream.peak == first
+    assert stream.segment.allocated == allocated
+
+
+def test_a_chunk_longer_than_max_chunk_bytes_is_refused_by_name(h: Harness) -> None:
+    h.open(max_chunk=4096)
+    h.hello(SUB, "sub")
+    (error,) = to(SUB, h.send(SUB, subscribe(2000)), M.Error)
+    assert error.code == P.ERR_BAD_REQUEST and "max_chunk_bytes=4096" in error.message
+
+
+# ----------------------------------------------------------------- liveness
+
+
+def test_a_dead_publisher_ends_its_stream_with_publisher_gone(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    h.send(SUB, subscribe(10, cut="broker"))
+    h.write(10)
+    assert not to(SUB, h.tick(1.0), M.End)  # alive: its lock is held
+    h.unlocked.add(PUBLISHER_BYTE)  # the kernel dropped its lock: the process died
+    (end,) = to(SUB, h.tick(1.0), M.End)
+    assert end.code == P.END_PUBLISHER_GONE and end.seq == 1
+    assert "s" not in h.state.streams and PUB not in h.state.clients
+
+
+def test_a_publisher_before_its_first_frame_is_judged_by_its_pid(h: Harness) -> None:
+    h.open()
+    h.unlocked.add(PUBLISHER_BYTE)  # no frame yet: its lock does not count
+    assert PUB in h.state.clients and not h.tick(1.0)
+    h.dead.add(4242)
+    h.tick(1.0)
+    assert PUB not in h.state.clients and "s" not in h.state.streams
+
+
+def test_a_dead_local_subscriber_is_dropped_by_its_lock_and_releases_the_stream(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub", pid=77)
+    join(h, SUB, 10, slot=3)
+    h.unlocked.add(CLIENT_BASE + 3)
+    h.tick(1.0)
+    assert SUB not in h.state.clients and h.state.streams["s"].subs == []
+
+
+def test_a_tcp_client_silent_too_long_is_dropped(h: Harness) -> None:
+    tcp = b"T\x00remote"
+    h.send(tcp, M.Hello(P.VERSION, 5, "sub", "far"))
+    h.tick(9.0)
+    assert tcp in h.state.clients
+    h.tick(2.0)
+    assert tcp not in h.state.clients
+
+
+# ------------------------------------------------------- errors, by table
+
+
+@pytest.mark.parametrize(
+    ("who", "role", "message", "code", "says"),
+    [
+        (SUB, None, M.Status(), P.ERR_MALFORMED, "expected HELLO"),
+        (SUB, None, b"\xc1", P.ERR_MALFORMED, ""),
+        (SUB, None, (P.HELLO, 99, 1, "sub", "x"), P.ERR_VERSION, "version mismatch"),
+        (SUB, None, M.Hello(P.VERSION, 1, "boss", "x"), P.ERR_MALFORMED, "'pub', 'sub' or 'ctl'"),
+        (PUB, None, M.Hello(1, 1, "pub", "x"), P.ERR_VERSION, "publishers must speak"),
+        (SUB, "sub", M.Open("t", "<i4", 1, None, SLAB, 4, 4096, None, 0, None), P.ERR_BAD_REQUEST, "OPEN is for"),
+        (SUB, "sub", M.Ack(0, 0, 0, 0), P.ERR_BAD_REQUEST, "ACK from"),
+        (SUB, "sub", M.Release((1,), ()), P.ERR_BAD_REQUEST, "RELEASE from"),
+        (SUB, "sub", (P.FRAME, 0, 1, 0.0, 0, 0), P.ERR_BAD_REQUEST, "FRAME from"),
+        (SUB, "sub", (P.SUBSCRIBE, "s", 1), P.ERR_MALFORMED, "SUBSCRIBE takes"),
+        (SUB, "sub", (250,), P.ERR_MALFORMED, "unknown message kind 250"),
+        (SUB, "sub", M.Subscribe("s", 0, None, True, "block", 8, None, "broker"), P.ERR_BAD_REQUEST, "size must"),
+        (SUB, "sub", M.Subscribe("s", 5, None, True, "sometimes", 8, None, "broker"), P.ERR_BAD_REQUEST, "policy"),
+        (SUB, "sub", M.Subscribe("s", 5, None, True, "block", 8, None, "local"), P.ERR_BAD_REQUEST, "token"),
+        (PUB, "pub", M.Subscribe("s", 5, None, True, "block", 8, None, "broker"), P.ERR_BAD_REQUEST, "SUBSCRIBE is"),
+        (PUB, "pub", M.Open("t", "<i4", 0, None, SLAB, 4, 4096, None, 0, None), P.ERR_BAD_REQUEST, "channels"),
+        (PUB, "pub", M.Open("t", "<i4", 1, None, 5000, 4, 4096, None, 0, None), P.ERR_BAD_REQUEST, "slab_bytes"),
+        (CTL, "ctl", M.Stats("nope"), P.ERR_UNKNOWN_STREAM, "'nope'"),
+    ],
+)
+def test_malformed_and_out_of_role_messages_are_answered_with_an_error(
+    h: Harness, who: bytes, role: str | None, message: Any, code: str, says: str
+) -> None:
+    if role is not None:
+        h.hello(who, role)
+    (out,) = h.send(who, message)
+    assert out.client == who and isinstance(out.message, M.Error), out
+    assert out.message.code == code and says in out.message.message, out.message
+    # The connection keeps its state and the broker its own.
+    (after,) = to(who, h.send(who, M.Sync(7)))
+    assert after == M.Synced(7) if role else after.code == P.ERR_MALFORMED
+
+
+def test_a_frame_with_a_wrong_field_names_the_field(h: Harness) -> None:
+    h.open()
+    (error,) = to(PUB, h.send(PUB, (P.FRAME, 4096 + h.reserve, "ten", 0.0, 0, 0)), M.Error)
+    assert error.code == P.ERR_MALFORMED and "field 2 (n)" in error.message
+    (error,) = to(PUB, h.send(PUB, (P.FRAME, 12, 10, 0.0, 0, 0)), M.Error)
+    assert error.code == P.ERR_FRAME and "neither the next offset" in error.message
+
+
+def test_release_of_a_chunk_not_held_is_malformed(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    h.send(SUB, subscribe(10, cut="broker"))
+    h.write(10)
+    (error,) = to(SUB, h.send(SUB, M.Release((0, 5), ())), M.Error)
+    assert error.code == P.ERR_MALFORMED and "[5]" in error.message
+    sub = h.state.streams["s"].subs[0]
+    assert isinstance(sub, BrokerCutSub) and sub.inflight == 0  # seq 0 was released all the same
+
+
+# --------------------------------------------------------------- a bug of ours
+
+
+def test_a_broker_bug_is_answered_internal_and_logged_with_its_traceback(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_segment(*args: Any, **kwargs: Any) -> Segment:
+        raise ZeroDivisionError("a bug in the broker")
+
+    h = Harness(tmp_path, segment=broken_segment)
+    try:
+        h.hello(PUB, "pub")
+        with caplog.at_level(logging.ERROR, logger="slabcast.broker"):
+            (out,) = h.send(PUB, M.Open("s", "<i4", 1, None, SLAB, 4, 4096, None, 0, None))
+        assert out.message.code == P.ERR_INTERNAL, out
+        assert "ZeroDivisionError: a bug in the broker" in out.message.message
+        assert "bug of the broker" in out.message.message
+        (record,) = [r for r in caplog.records if r.exc_info]
+        assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError  # the traceback, logged
+        # The broker goes on: the same client is still served.
+        assert to(PUB, h.send(PUB, M.Sync(1))) == [M.Synced(1)]
+    finally:
+        h.state.shutdown()
+
+
+def test_status_counts_clients_and_uptime_from_the_clock_it_is_given(h: Harness) -> None:
+    h.open()
+    h.now += 12.5
+    status = h.state.status(h.now)
+    assert status["uptime"] == 12.5 and status["clients"] == 1
+    assert [s["name"] for s in status["streams"]] == ["s"]
