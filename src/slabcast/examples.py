@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXAMPLE_CONFIG", "flac_file", "full_scale", "spectral_peak", "spl", "wav_file"]
+__all__ = ["EXAMPLE_CONFIG", "flac_file", "full_scale", "spectral_peak", "spl", "wav_file", "xdf_file"]
 
 
 def _say(line: str) -> None:
@@ -112,6 +112,41 @@ def spectral_peak(chunk: Any, rate: float | None = None) -> None:
     peaks = np.fft.rfftfreq(n, 1 / rate)[np.argmax(spectrum, axis=0)]
     text = "  ".join(f"ch{i} peak {p:7.1f} Hz" for i, p in enumerate(peaks))
     _say(f"[peak  ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  {text}")
+
+
+_XDF: dict[str, Any] = {}  # out path -> (XdfWriter, stream id), one per worker process
+
+
+def _close_xdf() -> None:
+    for writer, _ in _XDF.values():
+        writer.close()
+    _XDF.clear()
+
+
+def xdf_file(chunk: Any, out: str = "recording.xdf", clock: str = "wall") -> None:
+    """Append the chunk to the XDF file ``out`` (one Samples chunk each, written whole: a kill leaves every
+    chunk before it); ``{stream}`` and ``{pid}`` in ``out`` are replaced by the stream name and the worker's pid.
+
+    A task sees one stream, so each task writes its own file (``slabcast record --out s.xdf A B`` puts
+    several streams in one). ClockOffset chunks go out every 5 s (``clock="lsl"``: LSL's
+    ``local_clock`` against wall time; ``"wall"``: 0); the stream footer is written when the worker
+    exits. An existing file is refused (the worker fails, naming it).
+    """
+    import atexit
+
+    from .client.record_xdf import XdfWriter
+
+    info = chunk.info
+    path = out.format(stream=info.name, pid=os.getpid())
+    entry = _XDF.get(path)
+    if entry is None:
+        if not _XDF:
+            atexit.register(_close_xdf)
+        writer = XdfWriter(path, clock)
+        entry = _XDF[path] = (writer, writer.add_stream(info))
+    writer, sid = entry
+    writer.write(sid, chunk.data, chunk.times)
+    writer.tick()
 
 
 # `slabcast up --example` prints it (a pip install has no broker/ directory); a test keeps it equal to

@@ -189,7 +189,7 @@ def _record(args: argparse.Namespace) -> int:
     from ..client.record import record, repair
 
     if args.repair is not None:
-        if args.stream is not None or args.out is not None:
+        if args.stream or args.out is not None:
             print("slabcast record: --repair FILE takes no STREAM and no --out", file=sys.stderr)
             return 2
         try:
@@ -199,12 +199,12 @@ def _record(args: argparse.Namespace) -> int:
             return 2
         print(f"repaired {args.repair}: {n} samples", file=sys.stderr)
         return 0
-    if args.stream is None or args.out is None:
-        print("slabcast record: expected STREAM --out PATH (or --repair FILE)", file=sys.stderr)
+    if not args.stream or args.out is None:
+        print("slabcast record: expected STREAM [STREAM ...] --out PATH (or --repair FILE)", file=sys.stderr)
         return 2
     _term_as_interrupt()
     try:
-        record(args.stream, args.out, seconds=args.seconds, address=args.address)
+        record(args.stream, args.out, seconds=args.seconds, address=args.address, clock=args.clock)
     except (FileExistsError, ValueError, ImportError) as exc:
         print(f"slabcast record: {exc}", file=sys.stderr)
         return 2
@@ -301,15 +301,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_status)
 
     p = sub.add_parser(
-        "record", parents=[common], help="record a stream losslessly (WAV, FLAC, Zarr or a directory)",
+        "record", parents=[common], help="record streams losslessly (XDF, Zarr, WAV, FLAC or a directory)",
         description="Record STREAM until it ends (exit 0), Ctrl-C/SIGTERM (exit 0), or an early stop: "
         "evicted, broker gone, or a hole in the stream (exit 1; the file ends before the hole). "
         "The progress line on stderr never stops a recording. See docs/recording.md.",
     )  # fmt: skip
-    p.add_argument("stream", nargs="?", default=None)
-    p.add_argument("--out", default=None, help="file.wav (RF64 once past 4 GiB, a plain WAV until then), "
-                   "file.flac (soundfile), dir.zarr (Zarr v3), or a new directory (info.json, samples.bin, "
+    p.add_argument("stream", nargs="*", default=[], help="the streams (several only into .xdf or .zarr)")
+    p.add_argument("--out", default=None, help="file.xdf (XDF 1.0, LabRecorder's format; several streams), "
+                   "dir.zarr (Zarr v3; several streams: a group each), file.wav (RF64 once past 4 GiB, a plain "
+                   "WAV until then), file.flac (soundfile), or a new directory (info.json, samples.bin, "
                    "frames.bin)")  # fmt: skip
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "lsl"],
+                   help="XDF: the clock the ClockOffset chunks map the streams onto (auto: lsl when a stream "
+                   "comes from an lsl source and pylsl is installed, else wall)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
     p.add_argument("--address", default=None)
     p.add_argument("--repair", default=None, metavar="FILE", help="make a FLAC/WAV whose recorder was killed "

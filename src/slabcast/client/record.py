@@ -8,16 +8,23 @@
   bit-exact and keeps every timestamp. A ``.wav`` is libsndfile's RF64 with
   auto-downgrade: a plain WAV under 4 GiB, RF64 past it, so any length reads back;
 - ``*.zarr``: a Zarr v3 group, for multichannel signals of any dtype: arrays
-  ``samples`` ``(sample, channel)`` and ``frames/index``, ``frames/n``, ``frames/t0``
-  ``(frame,)``, the stream info in the group's attributes (``slabcast``);
+  ``samples`` ``(sample, channel)``, ``channel`` (the names) and ``frames/index``, ``frames/n``,
+  ``frames/t0`` ``(frame,)``, the stream info in the group's attributes (``slabcast``); several
+  streams: one such group per stream (``record_zarr.py``);
+- ``*.xdf``: XDF 1.0 as LabRecorder writes it, any number of numeric streams in one file, every
+  sample with its stamp, ClockOffset chunks every 5 s (``record_xdf.py``);
 - anything else: the directory format below.
+
+``.xdf`` and ``.zarr`` take several streams (``slabcast record --out s.xdf A B``), each on its own
+subscriber and thread; the other formats take one stream per recorder.
 
 What a ``kill -9`` of the recorder leaves: a directory, a Zarr group and a WAV hold
 everything up to the last flush (every 0.5 s; a WAV's header is rewritten at each,
 so any tool reads it); a FLAC holds every block its encoder wrote out (all but the
 last up to 4096 samples) but says its length only once closed: :func:`open_recording`
 reads it as it is, :func:`repair` (``slabcast record --repair FILE``) makes it whole
-for any tool. A hole in the stream (an eviction) ends the recording before the hole.
+for any tool. An XDF holds every chunk written (one ``write(2)`` per chunk, as it arrives).
+A hole in the stream (an eviction) ends the recording before the hole.
 
 Layout of a recording directory (format "slabcast-recording", version 1)::
 
@@ -38,7 +45,9 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +56,7 @@ import numpy as np
 from .._exceptions import SlabcastError
 from .._info import StreamInfo
 
-__all__ = ["Recording", "RecordingHoleError", "open_recording", "record", "repair", "write_info"]
+__all__ = ["Recording", "RecordingHoleError", "open_recording", "record", "recording_streams", "repair", "write_info"]
 
 _FLUSH = 0.5  # seconds between flushes: what a kill -9 can lose at most
 _AUDIO = (".wav", ".flac", ".aiff", ".aif", ".ogg")
@@ -91,13 +100,17 @@ class Recording:
         One record per frame as written: ``index`` (first sample), ``n``,
         ``t0`` (seconds, the publisher's clock, ``time.time()`` for hosted sources).
     times : array-like or None
-        ``(n,)`` seconds per sample, when the stream kept them (``info.timestamps``).
+        ``(n,)`` seconds per sample, when the stream kept them (``info.timestamps``; always for XDF).
+    clock_offsets : numpy.ndarray or None
+        XDF only: the ClockOffset chunks, ``time`` (on the stream's clock) and ``value`` (add it to
+        ``times`` to put them on the recorder's clock), as pyxdf gives ``clock_times``/``clock_values``.
     """
 
     info: StreamInfo
     samples: np.ndarray[Any, Any]  # (n, channels), memory-mapped
     frames: np.ndarray[Any, Any]  # FRAME_RECORD per frame
     times: Any = None  # (n,) float64 per sample, for a stream with per-sample timestamps
+    clock_offsets: Any = None  # XDF: ClockOffset chunks (time, value)
 
     @classmethod
     def open(cls, path: str) -> Recording:
@@ -137,28 +150,62 @@ class Recording:
         return float(self.frames["t0"][-1] - self.frames["t0"][0]) if len(self.frames) else 0.0
 
 
-def open_recording(path: str) -> Recording:
-    """Open a recording of any format slabcast writes (an audio file, a Zarr group, a recording directory).
+def open_recording(path: str, stream: str | None = None) -> Recording:
+    """Open a recording of any format slabcast writes (an audio file, a Zarr group, an XDF file, a directory).
 
     Returns a :class:`Recording`: ``info`` (a :class:`~slabcast.StreamInfo`),
     ``samples`` (an array-like of ``(n, channels)`` samples, read on demand),
     ``frames`` (per frame: first sample ``index``, ``n``, ``t0``; for an audio file
-    without its ``.frames`` sidecar, one frame per second of the file).
+    without its ``.frames`` sidecar, one frame per second of the file; for XDF, one per
+    Samples chunk). ``stream`` names one stream of an XDF file or a Zarr session (needed
+    when it holds several; :func:`recording_streams` lists them).
 
     Raises
     ------
     ValueError
-        If ``path`` is none of them.
+        If ``path`` is none of them, or holds several streams and ``stream`` names none of them.
     """
     path = os.fspath(path)
     low = path.rstrip("/").lower()
+    if low.endswith(".xdf"):
+        from .record_xdf import read_xdf
+
+        streams = read_xdf(path)
+        if stream is None and len(streams) == 1:
+            stream = next(iter(streams))
+        if stream not in streams:
+            names = ", ".join(map(repr, streams)) or "none"
+            raise ValueError(f"{path} holds the streams {names}; "
+                             + ("name one (stream=...)" if stream is None else f"not {stream!r}"))  # fmt: skip
+        return streams[stream]  # type: ignore[no-any-return]
     if low.endswith(".zarr"):
-        return _open_zarr(path)
+        from .record_zarr import open_zarr
+
+        return open_zarr(path, stream)
+    if stream is not None:
+        raise ValueError(f"stream= names a stream of an .xdf file or a .zarr session; {path} holds one stream")
     if low.endswith(_AUDIO):
         from .record_audio import _open_audio
 
         return _open_audio(path)
     return Recording.open(path)
+
+
+def recording_streams(path: str) -> list[str]:
+    """The names of the streams a recording holds (several for an XDF file or a Zarr session)."""
+    path = os.fspath(path)
+    low = path.rstrip("/").lower()
+    if low.endswith(".xdf"):
+        from .record_xdf import read_xdf
+
+        return list(read_xdf(path))
+    if low.endswith(".zarr"):
+        from .record_zarr import zarr_streams
+
+        names = zarr_streams(path)
+        if names:
+            return names
+    return [open_recording(path).info.name]
 
 
 def _meta(info: StreamInfo) -> dict[str, Any]:
@@ -212,7 +259,7 @@ class _LazySamples:
         return data if dtype is None else data.astype(dtype)
 
 
-class _ZarrSamples(_LazySamples):
+class _ZarrSamples(_LazySamples):  # (record_zarr.open_zarr makes them)
     """The samples of a Zarr recording (``len`` works, unlike zarr's own arrays)."""
 
     def __init__(self, array: Any, n: int) -> None:
@@ -221,33 +268,6 @@ class _ZarrSamples(_LazySamples):
 
     def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
         return np.asarray(self.array[start:stop])
-
-
-def _open_zarr(path: str) -> Recording:
-    try:
-        import zarr
-    except ImportError as exc:
-        raise ImportError("reading Zarr recordings needs zarr: pip install 'slabcast[zarr]'") from exc
-    try:
-        group = zarr.open_group(path, mode="r")
-    except Exception as exc:  # zarr raises several kinds for a path that is not a group
-        raise ValueError(f"{path}: not a Zarr group ({exc})") from exc
-    meta = dict(group.attrs).get("slabcast")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: a Zarr group without slabcast's stream info (attribute 'slabcast')")
-    info = _info_from(meta, path)
-    arrays: dict[str, Any] = {k: group[f"frames/{k}"] for k in ("index", "n", "t0")}
-    index, n, t0 = (np.asarray(arrays[k][:]) for k in ("index", "n", "t0"))
-    count = min(len(index), len(n), len(t0))
-    frames = np.zeros(count, dtype=FRAME_RECORD)
-    frames["index"], frames["n"], frames["t0"] = index[:count], n[:count], t0[:count]
-    samples: Any = group["samples"]
-    total = int(frames["n"].sum())
-    if samples.shape[0] < total:
-        raise ValueError(f"{path}: 'samples' is shorter than its frames say ({samples.shape[0]} < {total})")
-    times_array: Any = group.get("times", None)
-    times = np.asarray(times_array[:total]) if times_array is not None else None
-    return Recording(info, _ZarrSamples(samples, total), frames, times)  # type: ignore[arg-type]
 
 
 class _Writer:
@@ -294,58 +314,6 @@ class _DirWriter(_Writer):
             self.times.close()
 
 
-class _ZarrWriter(_Writer):
-    def __init__(self, path: str, info: StreamInfo) -> None:
-        try:
-            import zarr
-        except ImportError as exc:
-            raise ImportError("recording to Zarr needs zarr: pip install 'slabcast[zarr]'") from exc
-        try:
-            self.group = zarr.open_group(path, mode="w-", zarr_format=3)
-        except Exception as exc:  # ContainsGroupError, FileExistsError ...
-            raise FileExistsError(f"{path} already holds something ({exc}); choose another --out") from exc
-        self.group.attrs["slabcast"] = _meta(info)
-        block = max(4096, int(info.rate or 4096))  # about a second of samples per Zarr chunk
-        # dimension_names: xarray.open_zarr takes the group as a Dataset (samples: sample x channel).
-        self.samples = self.group.create_array("samples", shape=(0, info.channels), dtype=info.dtype,
-                                               chunks=(block, info.channels),
-                                               dimension_names=("sample", "channel"))  # fmt: skip
-        self.index, self.n, self.t0 = (
-            self.group.create_array(f"frames/{name}", shape=(0,), dtype=dtype, chunks=(4096,),
-                                    dimension_names=("frame",))
-            for name, dtype in (("index", "<u8"), ("n", "<u8"), ("t0", "<f8")))  # fmt: skip
-        self.pending: list[np.ndarray[Any, Any]] = []
-        self.pending_frames: list[tuple[int, int, float]] = []
-        self.pending_times: list[np.ndarray[Any, Any]] = []
-        if info.timestamps:
-            self.times = self.group.create_array("times", shape=(0,), dtype="<f8", chunks=(block,),
-                                                 dimension_names=("sample",))  # fmt: skip
-
-    def write_times(self, times: np.ndarray[Any, Any]) -> None:
-        self.pending_times.append(np.array(times, dtype="<f8"))
-
-    def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
-        self.pending.append(np.array(data if data.ndim == 2 else data[:, None]))
-        self.pending_frames.append((index, len(data), t0))
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        # Samples first, then the frames that describe them: a kill between the two loses frames, not sense.
-        self.samples.append(np.concatenate(self.pending), axis=0)
-        if self.pending_times:
-            self.times.append(np.concatenate(self.pending_times))
-            self.pending_times = []
-        frames = np.array(self.pending_frames, dtype=FRAME_RECORD)
-        self.index.append(frames["index"])
-        self.n.append(frames["n"])
-        self.t0.append(frames["t0"])
-        self.pending, self.pending_frames = [], []
-
-    def close(self) -> None:
-        self.flush()
-
-
 def _others(stream: str, out: str, address: str | None) -> str:
     """What the broker has now, when it does not have ``stream`` (a typo waits for nothing); when it has it,
     refuse an audio ``out`` that cannot hold its samples before subscribing (a source that waits for its
@@ -365,6 +333,11 @@ def _others(stream: str, out: str, address: str | None) -> str:
 
             s = streams[names.index(stream)]
             _audio_subtype(_audio_format(out), np.dtype(s["dtype"]), s["rate"])
+        if out.rstrip("/").lower().endswith(".xdf"):
+            from .record_xdf import channel_format
+
+            s = streams[names.index(stream)]
+            channel_format(StreamInfo(stream, np.dtype(s["dtype"]), 1, None, ("ch_0",)))
         return ""
     close = difflib.get_close_matches(stream, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -375,9 +348,9 @@ def _check_out(out: str) -> None:
     """Refuse an --out that cannot be written, before waiting for the stream."""
     low = out.rstrip("/").lower()
     ext = os.path.splitext(low)[1]
-    if ext and ext not in (*_AUDIO, ".zarr"):
+    if ext and ext not in (*_AUDIO, ".zarr", ".xdf"):
         raise ValueError(f"unknown recording format {ext!r} in {out!r}: use .wav, .flac, .aiff, .ogg (soundfile), "
-                         f".zarr (Zarr v3), or a directory name without an extension")  # fmt: skip
+                         f".zarr (Zarr v3), .xdf (XDF 1.0), or a directory name without an extension")  # fmt: skip
     if os.path.exists(os.path.join(out, "info.json")):
         raise FileExistsError(f"{out} already holds a recording; choose another --out")
     if ext and os.path.exists(out):
@@ -387,7 +360,9 @@ def _check_out(out: str) -> None:
 def _writer(out: str, info: StreamInfo) -> _Writer:
     low = out.rstrip("/").lower()
     if low.endswith(".zarr"):
-        return _ZarrWriter(out, info)
+        from .record_zarr import ZarrWriter, create_root
+
+        return ZarrWriter(create_root(out), info, _meta(info))
     if low.endswith(_AUDIO):
         from .record_audio import _AudioWriter
 
@@ -426,12 +401,18 @@ class _Progress:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
-def record(stream: str, out: str, seconds: float | None = None, address: str | None = None,
-           progress: bool = True) -> int:  # fmt: skip
-    """Record ``stream`` into ``out`` until it ends, ``seconds`` of it are written, or Ctrl-C.
+def record(stream: str | Sequence[str], out: str, seconds: float | None = None, address: str | None = None,
+           progress: bool = True, clock: str = "auto") -> int:  # fmt: skip
+    """Record ``stream`` (or several, into an ``.xdf`` or ``.zarr``) into ``out`` until it ends, ``seconds``
+    of it are written, or Ctrl-C.
 
-    A ``policy="block"`` subscriber taking whole frames, so nothing is lost or cut.
-    Returns the number of samples written.
+    A ``policy="block"`` subscriber per stream, taking whole frames, so nothing is lost or cut.
+    Returns the number of samples written (of every stream).
+
+    ``clock`` (XDF only): the clock the ClockOffset chunks map the streams onto: ``"wall"``
+    (offsets 0), ``"lsl"`` (LSL's ``local_clock``, measured every 5 s; needs pylsl), or
+    ``"auto"``: ``"lsl"`` when a recorded stream comes from a hosted ``lsl`` source and pylsl
+    is installed, else ``"wall"``.
 
     Raises
     ------
@@ -444,6 +425,18 @@ def record(stream: str, out: str, seconds: float | None = None, address: str | N
     from .._exceptions import EndOfStream
     from ..client.subscriber import Subscriber
 
+    streams = [stream] if isinstance(stream, str) else list(stream)
+    if not streams or not all(isinstance(s, str) and s for s in streams):
+        raise ValueError(f"expected one or more stream names, got {stream!r}")
+    if len(set(streams)) != len(streams):
+        raise ValueError(f"a stream named twice: {streams}")
+    low = out.rstrip("/").lower()
+    if low.endswith(".xdf") or (low.endswith(".zarr") and len(streams) > 1):
+        return _record_session(streams, out, seconds, address, progress, clock)
+    if len(streams) > 1:
+        raise ValueError(f"{out!r} takes one stream; record several streams into one .xdf or .zarr "
+                         f"(or run one recorder per stream)")  # fmt: skip
+    stream = streams[0]
     _check_out(out)
     say = _Progress(progress)
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
@@ -507,3 +500,181 @@ def repair(path: str) -> int:
     from .record_audio import repair as repair_audio
 
     return repair_audio(path)
+
+
+class _StreamRecorder(threading.Thread):
+    """One stream of a session (XDF or Zarr): its own block subscriber, writing each chunk as it comes."""
+
+    def __init__(self, name: str, session: Any, out: str, seconds: float | None, address: str | None,
+                 stop: threading.Event) -> None:  # fmt: skip
+        super().__init__(name=f"record-{name}", daemon=True)
+        self.stream, self.session, self.out, self.seconds, self.address = name, session, out, seconds, address
+        self.stop = stop
+        self.written = 0
+        self.rate: float | None = None
+        self.error: BaseException | None = None
+        self.started_at: float | None = None
+        self.span = 0.0  # stream seconds written (from the stamps, for a stream without a rate)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # told by the main thread, which stops the others
+            self.error = exc
+            self.stop.set()
+
+    def _subscribe(self) -> Any:
+        from .._exceptions import StreamNotFoundError
+        from ..client.subscriber import Subscriber
+
+        while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
+            try:
+                return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
+                                  label=f"record:{self.stream}")  # fmt: skip
+            except StreamNotFoundError:
+                continue
+        return None
+
+    def _run(self) -> None:
+        from .._exceptions import EndOfStream
+
+        sub = self._subscribe()
+        if sub is None:
+            return
+        try:
+            sid = self.session.add_stream(sub.info)
+            self.rate = rate = sub.info.rate
+            seconds = self.seconds
+            limit = None if seconds is None else (round(seconds * rate) if rate else None)
+            expected: int | None = None
+            last_flush = time.monotonic()
+            while not self.stop.is_set() and (limit is None or self.written < limit):
+                try:
+                    chunk = sub.recv(timeout=_FLUSH)
+                except TimeoutError:
+                    self.session.flush(sid)
+                    continue
+                except EndOfStream:
+                    break
+                with chunk:
+                    if expected is not None and (chunk.index != expected or chunk.discontinuity):
+                        raise RecordingHoleError(self.stream, self.out, expected, chunk.index, self.written)
+                    n = len(chunk.data) if limit is None else min(len(chunk.data), limit - self.written)
+                    times = chunk.times[:n]
+                    self.session.write(sid, chunk.data[:n], times, chunk.index, chunk.t0)
+                    expected = chunk.index + len(chunk.data)
+                self.written += n
+                self.started_at = float(times[0]) if self.started_at is None else self.started_at
+                self.span = float(times[-1]) - self.started_at if n else self.span
+                if not rate and seconds is not None and self.span >= seconds:
+                    break
+                now = time.monotonic()
+                if now - last_flush >= _FLUSH:
+                    last_flush = now
+                    self.session.flush(sid)
+            self.session.flush(sid)
+        finally:
+            sub.close()
+
+
+class _XdfSession:
+    """The XDF writer behind the session interface (its chunks go out as they come: nothing to flush)."""
+
+    def __init__(self, out: str, clock: str) -> None:
+        from .record_xdf import XdfWriter
+
+        self.writer = XdfWriter(out, clock)
+
+    def add_stream(self, info: StreamInfo) -> int:
+        return self.writer.add_stream(info)
+
+    def write(self, sid: int, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], index: int,
+              t0: float) -> None:  # fmt: skip
+        self.writer.write(sid, data, times)
+
+    def flush(self, sid: int) -> None:
+        pass
+
+    def tick(self) -> None:
+        self.writer.tick()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _lsl_fed(streams: list[str], address: str | None) -> bool:
+    """Whether one of ``streams`` is fed by an ``lsl`` source the broker hosts (its status says so)."""
+    from .control import broker_status
+
+    try:
+        sources = broker_status(address, timeout=2.0).get("sources") or []
+    except Exception:  # no broker yet, or busy: nothing says LSL
+        return False
+    return any(s.get("kind") == "LslSource" and s.get("name") in streams for s in sources)
+
+
+def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
+    if clock not in ("auto", "wall", "lsl"):
+        raise ValueError(f"clock must be 'auto', 'wall' or 'lsl', got {clock!r}")
+    if clock != "auto":
+        return clock
+    if not _lsl_fed(streams, address):
+        return "wall"
+    try:
+        import pylsl  # noqa: F401
+    except ImportError:
+        return "wall"
+    return "lsl"
+
+
+def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
+                    clock: str) -> int:  # fmt: skip
+    """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
+    low = out.rstrip("/").lower()
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; choose another --out")
+    say = _Progress(progress)
+    hints = "".join(_others(s, out, address) for s in streams)
+    session: Any
+    if low.endswith(".xdf"):
+        session = _XdfSession(out, _session_clock(clock, streams, address))
+    else:
+        from .record_zarr import ZarrSession
+
+        session = ZarrSession(out, _meta)
+    names = ", ".join(streams)
+    say.say(f"recording {names}: waiting for the streams{hints}")
+    stop = threading.Event()
+    recorders = [_StreamRecorder(s, session, out, seconds, address, stop) for s in streams]
+    last_report = time.monotonic()
+    try:
+        for r in recorders:
+            r.start()
+        try:
+            while any(r.is_alive() for r in recorders):
+                for r in recorders:
+                    r.join(0.1)
+                session.tick()
+                now = time.monotonic()
+                if now - last_report >= 0.5:
+                    last_report = now
+                    parts = ", ".join(f"{r.stream} {r.written}" for r in recorders)
+                    say.say(f"\rrecording: {max(r.span for r in recorders):8.1f} s, samples: {parts} ")
+        except KeyboardInterrupt:
+            pass
+        stop.set()
+        for r in recorders:
+            r.join()
+    except BaseException:
+        say.say("", end="\n")
+        raise
+    finally:
+        stop.set()
+        session.close()
+    for r in recorders:
+        if r.error is not None:
+            say.say("", end="\n")
+            raise r.error
+    written = sum(r.written for r in recorders)
+    say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
+    return written

@@ -22,18 +22,19 @@ class ReplaySource:
     Frames come out exactly as recorded, with their original timestamps (shifted by
     the recording's length on each ``loop``), so record -> replay -> record is
     bit-exact.  ``wait_for=N`` holds playback until the stream has N subscribers,
-    so they see it from its first sample.
+    so they see it from its first sample.  ``stream`` names the stream to play of a
+    recording holding several (an XDF file, a Zarr session).
     """
 
     count_subscribers: Callable[[str], int] | None = None  # set by the broker hosting it: asks no socket
 
     def __init__(self, path: str, speed: float = 1.0, loop: bool = False, name: str | None = None,
-                 wait_for: int = 0, address: str | None = None) -> None:  # fmt: skip
+                 wait_for: int = 0, address: str | None = None, stream: str | None = None) -> None:  # fmt: skip
         from ..client.record import open_recording
 
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed!r}")
-        self.recording = open_recording(path)
+        self.recording = open_recording(path, stream)
         rec = self.recording.info
         self.info = StreamInfo(check_stream_name(name or rec.name), rec.dtype, rec.channels, rec.rate,
                                rec.channel_names, rec.channel_types, rec.channel_units, rec.source_id,
