@@ -1,6 +1,6 @@
 """What the broker checks in a request before it changes anything: OPEN and SUBSCRIBE fields, by themselves.
 
-Pure functions: a bad field raises :class:`Refused` (answered ``ERROR code``) or
+Pure functions (and the descriptor count's guard): a bad field raises :class:`Refused` (answered ``ERROR code``) or
 :class:`~slabcast.ProtocolError` (answered ``ERROR malformed``), saying what was
 expected and what came.  Checks that need the broker's state (a stream's rate or
 carried part, a name already taken) are :class:`~slabcast.broker.state.BrokerState`'s.
@@ -8,6 +8,8 @@ carried part, a name already taken) are :class:`~slabcast.broker.state.BrokerSta
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,10 +19,23 @@ from .._info import StreamInfo
 from ..wire import messages as M
 from ..wire import protocol as P
 
-__all__ = ["MAX_INFLIGHT", "PAUSE_PREFETCH_MAX", "OpenRequest", "Refused", "check_open", "check_subscribe"]
+__all__ = [
+    "MAX_INFLIGHT",
+    "PAUSE_PREFETCH_MAX",
+    "DescriptorGuard",
+    "OpenRequest",
+    "Refused",
+    "check_frame",
+    "check_frames",
+    "check_open",
+    "check_subscribe",
+]
+
+log = logging.getLogger("slabcast.broker")
 
 MAX_INFLIGHT = 1024
 PAUSE_PREFETCH_MAX = 4096
+_REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about clients refused for want of descriptors
 
 
 class Refused(Exception):
@@ -113,3 +128,77 @@ def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
         raise Refused(
             P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, got {sampler!r}"
         )
+
+
+class DescriptorGuard:
+    """Refuses (``ERROR limit``) what would take the broker within ``headroom`` of its open-file limit.
+
+    Counting is a directory listing (``open_fds``): done again only when the clients
+    that came since could have used half of the room left (at most two descriptors each).
+    """
+
+    def __init__(self, pid: int, limit: int, headroom: int, open_fds: Callable[[], int]) -> None:
+        self.pid = pid
+        self.limit = limit
+        self.headroom = headroom
+        self._open_fds = open_fds
+        self._check_at = 0  # number of clients at which to count descriptors again
+        self._refused = 0  # clients refused since the last log line about it
+        self._logged: float | None = None
+
+    def check(self, who: str, clients: int, now: float, force: bool = False, spare: int = 0) -> None:
+        """``who`` (a client or a stream) would come with ``clients`` connected; ``spare``: descriptors of
+        the headroom it may use."""
+        if clients < self._check_at and not force:
+            return
+        used = self._open_fds()
+        free = self.limit - self.headroom - used
+        self._check_at = clients + free // 4
+        if free + spare > 0:
+            return
+        self._refused += 1
+        if self._logged is None or now - self._logged >= _REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused %s: %d descriptors open of the open-file limit %d (RLIMIT_NOFILE; %d kept free) with %d "
+                "clients (%d refused since the last such line); raise the limit: LimitNOFILE= in the unit or "
+                "`ulimit -n` before starting the broker",
+                who, used, self.limit, self.headroom, clients, self._refused,
+            )  # fmt: skip
+            self._logged = now
+            self._refused = 0
+        raise Refused(
+            P.ERR_LIMIT,
+            f"the broker (pid {self.pid}) cannot take another client: {used} of its {self.limit} descriptors "
+            f"are in use (its open-file limit, RLIMIT_NOFILE; {self.headroom} are kept free so that it never "
+            f"runs out) with {clients} clients; raise the limit where the broker starts: LimitNOFILE=N in its "
+            f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
+        )
+
+
+def check_frame(msg: tuple[Any, ...]) -> tuple[int, int, float, int, int]:
+    """A FRAME's fields ``(offset, n, t0, flags, carry)``, from its unpacked array: the fast path of the one
+    message sent per frame (version-2 publishers always send all five fields)."""
+    if (
+        len(msg) != 6
+        or type(msg[1]) is not int
+        or type(msg[2]) is not int
+        or type(msg[3]) not in (float, int)
+        or type(msg[4]) is not int
+        or type(msg[5]) is not int
+    ):
+        M.decode(msg)  # raises, naming the field
+        if len(msg) != 6:
+            raise ProtocolError(f"FRAME takes 5 fields in protocol version {P.VERSION}, got {len(msg) - 1}")
+    _, offset, n, t0, flags, carry = msg
+    return offset, n, float(t0), flags, carry
+
+
+def check_frames(msg: M.Frames) -> tuple[float, ...]:
+    """Check a FRAMES' sizes and times (frames packed back to back in one slab); return the times."""
+    _, ns, t0s, _ = msg
+    if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
+        raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
+    for n, t0 in zip(ns, t0s, strict=True):
+        if type(n) is not int or type(t0) not in (float, int) or n <= 0:
+            raise ProtocolError(f"FRAMES sizes must be positive ints and times numbers, got {n!r} and {t0!r}")
+    return tuple(float(t) for t in t0s)

@@ -14,7 +14,7 @@ from ..wire import protocol as P
 from .checks import PAUSE_PREFETCH_MAX
 from .model import BrokerCutSub, Out, Stream
 
-__all__ = ["cut", "drop_backlog", "overdue", "release"]
+__all__ = ["cut", "overdue", "release"]
 
 log = logging.getLogger("slabcast.broker")
 
@@ -103,13 +103,6 @@ def release(sub: BrokerCutSub, msg: M.Release, now: float, out: list[Out]) -> li
         sub.end = None
         out.append(Out(sub.client.ident, M.End(code, message, sub.seq)))
     return unknown
-
-
-def drop_backlog(sub: BrokerCutSub) -> None:
-    """Forget the chunks waiting for credit (they were never sent) and their pins."""
-    for seq, *_ in sub.backlog:
-        sub.stream.pool.unpin(sub.leases.pop(seq))
-    sub.backlog.clear()
 
 
 def overdue(sub: BrokerCutSub, now: float, lease_timeout: float) -> bool:

@@ -7,16 +7,21 @@ that change them are :class:`slabcast.broker.state.BrokerState`'s.
 from __future__ import annotations
 
 import fcntl
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
+from .._exceptions import ShmFullError
 from .._info import StreamInfo
 from ..core.pool import SlabPool
 from ..core.rechunk import Rechunker
-from ..core.shm import GEN_OFFSET, Segment, lock_slab, time_at
+from ..core.shm import GEN_OFFSET, Segment, header_bytes, lock_slab, time_at
+from ..wire import messages as M
+from ..wire import protocol as P
+from .checks import OpenRequest, Refused
 
 __all__ = [
     "BrokerCutSub",
@@ -29,12 +34,15 @@ __all__ = [
     "Statistics",
     "Stream",
     "Subscription",
+    "open_stream",
     "pool_ranges",
 ]
 
 Role = Literal["pub", "sub", "ctl"]
 Policy = Literal["block", "drop"]
 Cut = Literal["local", "broker"]
+
+log = logging.getLogger("slabcast.broker")
 
 TCP_PREFIX = b"T"  # routing ids of TCP clients get this prefix (ZeroMQ's own ids start with 0x00)
 _MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
@@ -282,6 +290,144 @@ class Stream:
         size = max((u.size for u in [*self.subs, *self.waiting, *self.joining]), default=0)
         return min(self.reserve, size * self.sample_bytes)
 
+    def chunk_size(self, size: int | None, seconds: float | None, max_subscribers: int) -> int:
+        """The chunk size, in samples, of a new subscription asking for ``size`` samples or ``seconds``; its
+        slabs grown to carry such chunks.
+
+        Raises
+        ------
+        Refused
+            ``bad-request`` (no rate for ``seconds``, larger than max_chunk_bytes, too many subscribers) or
+            ``shm-full`` (no room to grow).
+        """
+        if seconds is not None:
+            if self.rate is None:
+                raise Refused(
+                    P.ERR_BAD_REQUEST, f"seconds= needs a stream with a rate; {self.name!r} has none, use size="
+                )
+            size = max(1, round(seconds * self.rate))
+        assert size is not None
+        if size * self.sample_bytes > self.reserve:
+            raise Refused(
+                P.ERR_BAD_REQUEST,
+                f"a chunk of {size} samples ({size * self.sample_bytes} bytes) is larger than stream {self.name!r} "
+                f"allows (max_chunk_bytes={self.reserve}); open the stream with a larger max_chunk_bytes",
+            )
+        if len(self.subs) >= max_subscribers:
+            raise Refused(P.ERR_BAD_REQUEST, f"stream {self.name!r} has the maximum of {max_subscribers} subscribers")
+        try:
+            if self.grow(size * self.sample_bytes):
+                log.info("stream %r: slabs grown to carry chunks of %d bytes (%d bytes of shared memory)",
+                         self.name, self.committed, self.segment.allocated)  # fmt: skip
+        except ShmFullError as exc:
+            raise Refused(P.ERR_SHM_FULL, f"chunks of {size} samples on stream {self.name!r}: {exc}") from None
+        return size
+
+    def start(self, sub: LocalSub | BrokerCutSub) -> None:
+        """A subscription starts: it gets what comes from now on."""
+        if isinstance(sub, LocalSub):
+            sub.cursor = self.head
+        else:
+            self.broker_cut.append(sub)
+        self.subs.append(sub)
+        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, self.name, sub.size,
+                 sub.clip, sub.policy, sub.cut)  # fmt: skip
+
+    def remove(self, sub: LocalSub | BrokerCutSub) -> None:
+        """A subscription ends (or never started): it is in none of the stream's lists any more."""
+        if isinstance(sub, BrokerCutSub):
+            for seq, *_ in sub.backlog:  # never sent: their pins go
+                self.pool.unpin(sub.leases.pop(seq))
+            sub.backlog.clear()
+            if sub in self.broker_cut:
+                self.broker_cut.remove(sub)
+        else:
+            for pending in (self.waiting, self.joining):
+                if sub in pending:
+                    pending.remove(sub)
+        if sub in self.subs:
+            self.subs.remove(sub)
+
+    def end(self, code: str, message: str) -> list[Out]:
+        """The stream ends: the ENDs to send (a broker-cut subscriber with a backlog gets its END after it)."""
+        self.ended = True
+        log.info("stream %r ended (%s) after %d samples", self.name, code, self.head)
+        if self.publisher is not None:
+            self.publisher.stream = None
+            self.publisher = None
+        out = []
+        for sub in [*self.waiting, *self.joining]:
+            out.append(Out(sub.client.ident, M.End(code, message, 0, self.head)))
+            sub.client.sub = None
+        self.waiting.clear()
+        self.joining.clear()
+        self.pool.close()
+        for u in self.subs:
+            if isinstance(u, LocalSub):
+                # It ends once it has read the notices up to `head` (the publisher's own NOTICE_END
+                # usually gets there first, in order with them).
+                out.append(Out(u.client.ident, M.End(code, message, u.seq, self.head)))
+            elif u.backlog:
+                u.end = (code, message)  # sent once the backlog has drained
+            else:
+                out.append(Out(u.client.ident, M.End(code, message, u.seq)))
+        return out
+
+    def destroy(self) -> None:
+        """Unmap and unlink the segment (the stream's last views of it go first)."""
+        del self.u8
+        del self.gens
+        self.pool.gens = []  # the last view of the segment: it can be unmapped
+        self.segment.destroy()
+        log.info("stream %r: segment %s unlinked", self.name, self.segment.name)
+
+    def subscribed(self, size: int) -> M.Subscribed:
+        """SUBSCRIBED for a subscription of chunks of ``size`` samples."""
+        return M.Subscribed(self.segment.name, self.segment.nbytes, self.dtype.str, self.channels, self.rate, size,
+                            self.head, tuple(self.channel_names), self.sid, self.header, self.slab_bytes,
+                            self.nslabs, self.sample_bytes, f"ipc://{self.notice_path}", self.meta)  # fmt: skip
+
+    def place(self, offset: int, n: int, carry: int) -> bool:
+        """Check where a frame of ``n`` samples lands; on a new slab, switch to it (True: the publisher left one,
+        which may now be reclaimed)."""
+        if n <= 0:
+            raise Refused(P.ERR_FRAME, f"FRAME must hold at least one sample, got n={n}")
+        if offset == self.next_offset:
+            return False
+        # The first frame of a new slab: the publisher moved to the oldest slab it was granted.
+        granted = self.pool.granted
+        if not granted or offset != self.slab_start(granted[0]) + self.reserve:
+            expected = f"{self.next_offset}" if self.pool.current is not None else "none yet"
+            raise Refused(
+                P.ERR_FRAME,
+                f"FRAME offset {offset} is neither the next offset ({expected}) nor the data start "
+                f"of the next granted slab (granted: {list(granted)})",
+            )
+        if not 0 <= carry <= self.reserve:
+            raise Refused(P.ERR_FRAME, f"FRAME carry must be 0..{self.reserve} bytes, got {carry}")
+        return self.switch_slab(granted[0], carry)
+
+    def fill(self, offset: int, n: int) -> None:
+        """A frame of ``n`` samples was written at ``offset`` of the current slab."""
+        nbytes = n * self.sample_bytes
+        if offset + nbytes > self.slab_end:
+            raise Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
+        self.next_offset = offset + nbytes
+
+    def account(self, now: float, offset: int, ns: tuple[int, ...]) -> None:
+        """Statistics of frames written from ``offset``, after the notices are out: off the latency path, and
+        never able to stop it (an error turns them off for this stream)."""
+        stats = self.stats
+        if not stats.window:
+            return
+        try:
+            for n in ns:
+                stats.account(now, self.u8, offset, n)
+                offset += n * self.sample_bytes
+        except Exception:
+            log.exception("statistics of stream %r failed; turning them off for this stream", self.name)
+            stats.window = 0.0
+
     def switch_slab(self, slab: int, carry: int) -> bool:
         """The publisher's first frame in ``slab``, with ``carry`` bytes carried before its data; True when it
         left a slab (which may then be reclaimed)."""
@@ -316,6 +462,43 @@ class Stream:
                     chunker.t0 += (floor - chunker.start) / chunker.rate
                 chunker.start = floor
         return old is not None
+
+
+def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str, broker_pid: int, epoch: int,
+                shm_mode: int, make_segment: Callable[..., Segment]) -> Stream:  # fmt: skip
+    """Create a stream's segment (frame areas committed, and as much carried room as a frame area) and its
+    state.
+
+    Raises
+    ------
+    Refused
+        ``shm-full``: /dev/shm has no room for it.
+    """
+    dtype, nslabs, slab_bytes, reserve = req.dtype, req.nslabs, req.slab_bytes, req.reserve
+    sample_bytes = req.sample_bytes
+    header = header_bytes(nslabs)
+    timestamps = bool(req.meta.get("timestamps"))
+    try:
+        times = 8 * (slab_bytes // sample_bytes) * nslabs if timestamps else 0  # per-sample times, if asked
+        # Memory for the frame area and as much carried room as frames; the rest of the carried part
+        # stays address space until a subscriber asks for longer chunks.
+        committed = min(reserve, (slab_bytes - reserve) // sample_bytes * sample_bytes)
+        ranges = pool_ranges(header, slab_bytes, nslabs, reserve, sample_bytes, timestamps, 0, committed, frames=True)
+        segment = make_segment(segment_name, header + nslabs * slab_bytes + times, shm_mode,
+                               commit=[(0, header), *ranges])  # fmt: skip
+    except ShmFullError as exc:
+        raise Refused(P.ERR_SHM_FULL, str(exc)) from None
+    segment.write_header(header_bytes=header, slab_bytes=slab_bytes, nslabs=nslabs, sample_bytes=sample_bytes,
+                         channels=req.channels, broker_pid=broker_pid, rate=req.rate, dtype=dtype.str, epoch=epoch,
+                         name=req.name)  # fmt: skip
+    stream = Stream(req.name, sid, dtype, req.channels, req.rate, slab_bytes, nslabs, reserve,
+                    list(req.channel_names), segment, header, notice_path, committed)  # fmt: skip
+    stream.meta = req.meta
+    # Raw byte streams have no sample values to summarise.
+    byte_stream = dtype == np.uint8 and req.channels == 1
+    if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:
+        stream.stats.configure(req.stats_window)
+    return stream
 
 
 def pool_ranges(header: int, slab_bytes: int, nslabs: int, reserve: int, sample_bytes: int, timestamps: bool,

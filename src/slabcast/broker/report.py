@@ -6,7 +6,7 @@ from typing import Any
 
 from .model import BrokerCutSub, LocalSub, Stream
 
-__all__ = ["statistics", "stream_status", "subscriber_status"]
+__all__ = ["statistics", "stats_reply", "stream_status", "subscriber_status"]
 
 
 def statistics(stream: Stream) -> dict[str, Any]:
@@ -14,6 +14,17 @@ def statistics(stream: Stream) -> dict[str, Any]:
     out: dict[str, Any] = {"name": stream.name, "samples": stream.head, "frames": stream.frames,
                            "window_seconds": stream.stats.window}  # fmt: skip
     return stream.stats.summary(out)
+
+
+def stats_reply(stream: Stream) -> dict[str, Any]:
+    """What STATS_REPLY says of a stream: its statistics and each subscriber's counters."""
+    stats = statistics(stream)
+    stats["subscribers"] = [
+        {"label": u.client.label, "pid": u.client.pid, "delivered": u.delivered, "dropped": u.dropped,
+         "overflows": u.overflows}
+        for u in stream.subs
+    ]  # fmt: skip
+    return stats
 
 
 def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str, Any]:

@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .._exceptions import ProtocolError, ShmFullError
+from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment, header_bytes, lock_held, pid_alive, segment_prefix
+from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
 from ..wire.address import ipc_path
 from . import delivery
-from .checks import Refused, check_open, check_subscribe
-from .model import BrokerCutSub, Client, LocalSub, Out, Stream, pool_ranges
-from .report import statistics, stream_status
+from .checks import DescriptorGuard, Refused, check_frame, check_frames, check_open, check_subscribe
+from .liveness import alive, stalled
+from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
+from .report import stats_reply, stream_status
+from .system import System, open_fds
 
 __all__ = ["BrokerState", "Out", "System", "open_fds"]
 
@@ -45,29 +43,7 @@ log = logging.getLogger("slabcast.broker")
 GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
 MAX_SUBSCRIBERS = 256  # per stream
 REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
-_REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about clients refused for want of descriptors
 _TYPED = frozenset(M.MESSAGES.values())
-
-
-def open_fds() -> int:
-    """Descriptors this process has open now."""
-    return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-@dataclass
-class System:
-    """The broker's seams to the operating system; unit tests replace the ones they fake."""
-
-    segment: Callable[..., Segment] = Segment  # (name, nbytes, mode, commit=ranges) -> a new segment
-    lock_held: Callable[[int, int], bool] = lock_held  # (segment fd, byte): its holder lives
-    pid_alive: Callable[[int], bool] = pid_alive
-    open_fds: Callable[[], int] = open_fds
-    unlink: Callable[[str], None] = _unlink  # a dead publisher's notice socket file
 
 
 class BrokerState:
@@ -98,8 +74,6 @@ class BrokerState:
         self.sources = sources
         self.shm_mode = shm_mode
         self.lease_timeout = lease_timeout
-        self.fd_limit = fd_limit
-        self.fd_headroom = fd_headroom
         self.system = system or System()
         self.started = now
         self.clients: dict[bytes, Client] = {}
@@ -108,9 +82,7 @@ class BrokerState:
         self.pending: dict[str, list[tuple[Client, M.Subscribe]]] = {}  # SUBSCRIBE before OPEN
         self.forgotten: list[bytes] = []  # clients dropped since the shell last looked (it empties their outbox)
         self._segments = 0
-        self._fd_check_at = 0  # number of clients at which to count descriptors again
-        self._refused = 0  # clients refused for want of descriptors since the last log line about it
-        self._refused_logged = -_REFUSAL_LOG_INTERVAL
+        self.descriptors = DescriptorGuard(pid, fd_limit, fd_headroom, self.system.open_fds)
         self._now = now
         self._out: list[Out] = []
         self._handlers: dict[int, Callable[[Client, Any], None]] = {
@@ -179,18 +151,22 @@ class BrokerState:
         for stream in list(self.streams.values()):
             self._grant(stream)
             if self.lease_timeout > 0:
-                self._check_gating(stream, now)
-                for sub in list(stream.broker_cut):
-                    if delivery.overdue(sub, now, self.lease_timeout):
-                        self._detach(sub)
-                        message = (f"evicted: a chunk was held longer than the broker's lease_timeout "
-                                   f"({self.lease_timeout:g} s)")  # fmt: skip
-                        self._send(sub.client.ident, M.End(P.END_EVICTED, message, sub.seq))
+                timeout = f"lease_timeout ({self.lease_timeout:g} s)"
+                for local in stalled(stream, now, self.lease_timeout):
+                    self._evict(local, f"evicted: a chunk was held (or the stream left unread) longer than the "
+                                       f"broker's {timeout} while the publisher waited")  # fmt: skip
+                for cut in list(stream.broker_cut):
+                    if delivery.overdue(cut, now, self.lease_timeout):
+                        self._evict(cut, f"evicted: a chunk was held longer than the broker's {timeout}")
         return out
+
+    def _evict(self, sub: LocalSub | BrokerCutSub, message: str) -> None:
+        self._detach(sub)
+        self._send(sub.client.ident, M.End(P.END_EVICTED, message, sub.seq))
 
     def dead(self, now: float) -> list[Client]:
         """The clients whose process is gone (the shell handles what they sent before calling :meth:`reap`)."""
-        return [c for c in self.clients.values() if not self._alive(c, now)]
+        return [c for c in self.clients.values() if not alive(c, now, self.system, self.draining)]
 
     def reap(self, now: float) -> list[Out]:
         """Forget the clients whose process is gone: reclaim their leases, end the streams they published."""
@@ -228,53 +204,6 @@ class BrokerState:
                                             f"(a bug of the broker; its log has the traceback)")  # fmt: skip
         self._send(ident, error)
 
-    # ------------------------------------------------------------ liveness
-
-    def _alive(self, client: Client, now: float) -> bool:
-        """Whether a client still lives: by the lock it holds on its stream's segment when it has one (true
-        in any PID namespace), by its silence over TCP, else by its pid."""
-        if client.remote:
-            return now - client.last_seen <= REMOTE_SILENCE
-        live = client.live
-        if live is None and client.stream is not None and client.stream.frames:
-            live = (client.stream, PUBLISHER_BYTE)  # a publisher holds it from before its first frame
-        if live is not None:
-            stream, byte = live
-            if not stream.ended or stream in self.draining:
-                with contextlib.suppress(OSError):
-                    return self.system.lock_held(stream.segment.fd, byte)
-        if client.role == "ctl":
-            return True  # holds nothing; it says BYE
-        return client.local_pid <= 0 or self.system.pid_alive(client.local_pid)
-
-    def _check_gating(self, stream: Stream, now: float) -> None:
-        """Evict a lossless local subscriber whose cursor has kept the publisher without a slab too long."""
-        if stream.publisher is None or stream.pool.granted:
-            for sub in stream.subs:
-                if isinstance(sub, LocalSub):
-                    sub.stalled_since = None
-            return
-        floor = stream.floor_index()
-        if floor is None or stream.pool.gated(floor) is None:
-            return
-        for sub in list(stream.subs):
-            if not isinstance(sub, LocalSub) or sub.policy != "block" or sub.cursor != floor:
-                continue
-            if sub.stalled_since is None:
-                sub.stalled_since = now
-            elif now - sub.stalled_since > self.lease_timeout:
-                # Chunks it holds stay intact (its lease locks); only its claim on unread frames ends.
-                log.warning(
-                    "evicting %s (pid %d) from %r: it kept the publisher waiting %.1f s > lease_timeout %.1f s",
-                    sub.client.label, sub.client.pid, stream.name, now - sub.stalled_since, self.lease_timeout,
-                )  # fmt: skip
-                self._detach(sub)
-                message = (
-                    f"evicted: a chunk was held (or the stream left unread) longer than the broker's "
-                    f"lease_timeout ({self.lease_timeout:g} s) while the publisher waited"
-                )
-                self._send(sub.client.ident, M.End(P.END_EVICTED, message, sub.seq))
-
     # ------------------------------------------------------------ clients
 
     def _on_hello(self, ident: bytes, msg: tuple[Any, ...], peer_pid: int) -> None:
@@ -295,45 +224,15 @@ class BrokerState:
             raise Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
         # `slabcast status` still answers a full broker: control connections (brief, BYE at once) may use half
         # of the descriptors kept free.
-        spare = self.fd_headroom // 2 if role == "ctl" else 0
-        self._check_descriptors(f"{hello.label[:128]} (pid {hello.pid}, {role})", spare=spare)
+        spare = self.descriptors.headroom // 2 if role == "ctl" else 0
+        self.descriptors.check(
+            f"{hello.label[:128]} (pid {hello.pid}, {role})", len(self.clients), self._now, spare=spare
+        )
         client = Client(ident, hello.pid, role, hello.label[:128], version, self._now)  # type: ignore[arg-type]
         self.clients[ident] = client
         # Liveness by pid uses the socket's view (our namespace), never the pid the client says it has.
         client.local_pid = 0 if client.remote else peer_pid
         self._send(ident, M.Welcome(version, self.pid, self.epoch))
-
-    def _check_descriptors(self, who: str, force: bool = False, spare: int = 0) -> None:
-        """Refuse (``ERROR limit``) what would take the broker within its headroom of RLIMIT_NOFILE.
-
-        Counting is a directory listing: done again only when the clients that came
-        since could have used half of the room left (at most two descriptors each).
-        """
-        clients = len(self.clients)
-        if clients < self._fd_check_at and not force:
-            return
-        used = self.system.open_fds()
-        free = self.fd_limit - self.fd_headroom - used
-        self._fd_check_at = clients + free // 4
-        if free + spare > 0:
-            return
-        self._refused += 1
-        if self._now - self._refused_logged >= _REFUSAL_LOG_INTERVAL:
-            log.warning(
-                "refused %s: %d descriptors open of the open-file limit %d (RLIMIT_NOFILE; %d kept free) with %d "
-                "clients (%d refused since the last such line); raise the limit: LimitNOFILE= in the unit or "
-                "`ulimit -n` before starting the broker",
-                who, used, self.fd_limit, self.fd_headroom, clients, self._refused,
-            )  # fmt: skip
-            self._refused_logged = self._now
-            self._refused = 0
-        raise Refused(
-            P.ERR_LIMIT,
-            f"the broker (pid {self.pid}) cannot take another client: {used} of its {self.fd_limit} descriptors "
-            f"are in use (its open-file limit, RLIMIT_NOFILE; {self.fd_headroom} are kept free so that it never "
-            f"runs out) with {clients} clients; raise the limit where the broker starts: LimitNOFILE=N in its "
-            f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
-        )
 
     def _on_bye(self, client: Client, msg: M.Bye) -> None:
         seq = client.sub.seq if client.sub is not None else 0
@@ -371,11 +270,12 @@ class BrokerState:
         if client.remote:
             raise Refused(P.ERR_BAD_REQUEST, "publishers must run on the broker's host (they write shared memory)")
         req = check_open(msg)
-        name, dtype, channels, sample_bytes, nslabs, slab_bytes, reserve = (
-            req.name, req.dtype, req.channels, req.sample_bytes, req.nslabs, req.slab_bytes, req.reserve)  # fmt: skip
+        name = req.name
         if name in self.streams:
             raise Refused(P.ERR_STREAM_EXISTS, f"stream {name!r} already has a publisher")
-        self._check_descriptors(f"stream {name!r} of {client.label} (pid {client.pid})", force=True)
+        self.descriptors.check(
+            f"stream {name!r} of {client.label} (pid {client.pid})", len(self.clients), self._now, force=True
+        )
         path = ipc_path(self.address)
         if path is None:
             raise Refused(P.ERR_BAD_REQUEST, "publishers need a broker on an ipc:// address")
@@ -383,33 +283,11 @@ class BrokerState:
         notice_path = f"{path}.{self.epoch:08x}.{sid}"  # never the path of an earlier broker's stream
         seg_name = segment_prefix(self.pid, self.epoch) + str(sid)
         self._segments += 1
-        header = header_bytes(nslabs)
-        timestamps = bool(req.meta.get("timestamps"))
-        try:
-            times = 8 * (slab_bytes // sample_bytes) * nslabs if timestamps else 0  # per-sample times, if asked
-            # Memory for the frame area and as much carried room as frames; the rest of the carried part
-            # stays address space until a subscriber asks for longer chunks.
-            committed = min(reserve, (slab_bytes - reserve) // sample_bytes * sample_bytes)
-            ranges = pool_ranges(header, slab_bytes, nslabs, reserve, sample_bytes, timestamps, 0, committed,
-                                 frames=True)  # fmt: skip
-            segment = self.system.segment(seg_name, header + nslabs * slab_bytes + times, self.shm_mode,
-                                          commit=[(0, header), *ranges])  # fmt: skip
-        except ShmFullError as exc:
-            raise Refused(P.ERR_SHM_FULL, str(exc)) from None
-        segment.write_header(header_bytes=header, slab_bytes=slab_bytes, nslabs=nslabs, sample_bytes=sample_bytes,
-                             channels=channels, broker_pid=self.pid, rate=req.rate, dtype=dtype.str,
-                             epoch=self.epoch, name=name)  # fmt: skip
-        stream = Stream(name, sid, dtype, channels, req.rate, slab_bytes, nslabs, reserve, list(req.channel_names),
-                        segment, header, notice_path, committed)  # fmt: skip
-        stream.meta = req.meta
-        # Raw byte streams have no sample values to summarise.
-        byte_stream = dtype == np.uint8 and channels == 1
-        if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:
-            stream.stats.configure(req.stats_window)
+        stream = open_stream(req, sid, seg_name, notice_path, self.pid, self.epoch, self.shm_mode, self.system.segment)
         client.stream = stream
         self.streams[name] = stream
-        log.info("stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes", name, client.label, dtype,
-                 channels, req.rate, nslabs, slab_bytes)  # fmt: skip
+        log.info("stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes", name, client.label, req.dtype,
+                 req.channels, req.rate, req.nslabs, req.slab_bytes)  # fmt: skip
         # Subscribers that came first start at index 0: the publisher waits (bounded) until
         # each has joined its notice socket before it writes.  No CARRY before OPENED (publisher still
         # None): OPENED itself says how much to carry.
@@ -421,8 +299,9 @@ class BrokerState:
                     self._answer_error(waiting.ident, exc)
         stream.publisher = client
         stream.carry = stream.carried = stream.needed_carry()  # OPENED tells the publisher: confirmed
-        self._send(client.ident, M.Opened(seg_name, segment.nbytes, header, slab_bytes, nslabs, reserve, sample_bytes,
-                                          f"ipc://{notice_path}", sid, stream.carry, tuple(stream.tokens)))  # fmt: skip
+        self._send(client.ident, M.Opened(seg_name, stream.segment.nbytes, stream.header, stream.slab_bytes,
+                                          stream.nslabs, stream.reserve, stream.sample_bytes, f"ipc://{notice_path}",
+                                          sid, stream.carry, tuple(stream.tokens)))  # fmt: skip
         stream.tokens = []
         self._grant(stream)
 
@@ -459,38 +338,22 @@ class BrokerState:
             self._send(publisher.ident, M.Grant(slab))
 
     def _on_frame(self, client: Client, msg: tuple[Any, ...]) -> None:
-        # [FRAME, offset, n, t0, flags, carry]; version-2 publishers always send all six.
+        # The one message per frame: its unpacked array, checked on a fast path.
         stream = client.stream
         if stream is None:
             raise Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
-        if (
-            len(msg) != 6
-            or type(msg[1]) is not int
-            or type(msg[2]) is not int
-            or type(msg[3]) not in (float, int)
-            or type(msg[4]) is not int
-            or type(msg[5]) is not int
-        ):
-            M.decode(msg)  # raises, naming the field
-            if len(msg) != 6:
-                raise ProtocolError(f"FRAME takes 5 fields in protocol version {P.VERSION}, got {len(msg) - 1}")
-        _, offset, n, t0, flags, carry = msg
-        self._frame(stream, offset, n, float(t0), flags & P.FLAG_DISCONTINUITY, carry)
-        self._after_frames(stream, offset, (n,))
+        offset, n, t0, flags, carry = check_frame(msg)
+        self._frame(stream, offset, n, t0, flags & P.FLAG_DISCONTINUITY, carry)
+        stream.account(self._now, offset, (n,))
 
     def _on_frames(self, client: Client, msg: M.Frames) -> None:
         # Frames packed back to back from offset, in one slab.
         stream = client.stream
         if stream is None:
             raise Refused(P.ERR_BAD_REQUEST, "FRAMES from a connection that publishes no stream")
-        offset, ns, t0s, carry = msg
-        if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
-            raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
-        for n, t0 in zip(ns, t0s, strict=True):
-            if type(n) is not int or type(t0) not in (float, int) or n <= 0:
-                raise ProtocolError(f"FRAMES sizes must be positive ints and times numbers, got {n!r} and {t0!r}")
-        self._frame(stream, offset, sum(ns), float(t0s[0]), 0, carry, ns, tuple(float(t) for t in t0s))
-        self._after_frames(stream, offset, ns)
+        t0s = check_frames(msg)
+        self._frame(stream, msg.offset, sum(msg.sizes), t0s[0], 0, msg.carry, msg.sizes, t0s)
+        stream.account(self._now, msg.offset, msg.sizes)
 
     def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
                ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip
@@ -499,44 +362,14 @@ class BrokerState:
         Broker-cut subscribers get their chunks here; local-cut ones cut their own
         from the publisher's notice.
         """
-        nbytes = n * stream.sample_bytes
-        if n <= 0:
-            raise Refused(P.ERR_FRAME, f"FRAME must hold at least one sample, got n={n}")
-        if offset != stream.next_offset:
-            # The first frame of a new slab: the publisher moved to the oldest slab it was granted.
-            granted = stream.pool.granted
-            if not granted or offset != stream.slab_start(granted[0]) + stream.reserve:
-                expected = f"{stream.next_offset}" if stream.pool.current is not None else "none yet"
-                raise Refused(
-                    P.ERR_FRAME,
-                    f"FRAME offset {offset} is neither the next offset ({expected}) nor the data start "
-                    f"of the next granted slab (granted: {list(granted)})",
-                )
-            if not 0 <= carry <= stream.reserve:
-                raise Refused(P.ERR_FRAME, f"FRAME carry must be 0..{stream.reserve} bytes, got {carry}")
-            if stream.switch_slab(granted[0], carry) and not stream.ended:
-                self._grant(stream)
-        if offset + nbytes > stream.slab_end:
-            raise Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
-        stream.next_offset = offset + nbytes
+        if stream.place(offset, n, carry) and not stream.ended:
+            self._grant(stream)
+        stream.fill(offset, n)
         if stream.broker_cut:
             delivery.cut(stream, n, t0, jump, ns, t0s, self._now, self._out)
         else:
             stream.head += n
         stream.frames += len(ns) if ns else 1
-
-    def _after_frames(self, stream: Stream, offset: int, ns: tuple[int, ...]) -> None:
-        """Statistics, after the notices are out: off the latency path, and never able to stop it."""
-        stats = stream.stats
-        if not stats.window:
-            return
-        try:
-            for n in ns:
-                stats.account(self._now, stream.u8, offset, n)
-                offset += n * stream.sample_bytes
-        except Exception:
-            log.exception("statistics of stream %r failed; turning them off for this stream", stream.name)
-            stats.window = 0.0
 
     def _on_close(self, client: Client, msg: M.Close) -> None:
         if client.stream is None:
@@ -548,41 +381,18 @@ class BrokerState:
     def _end_stream(self, stream: Stream, code: str, message: str) -> None:
         if stream.ended:
             return
-        stream.ended = True
-        log.info("stream %r ended (%s) after %d samples", stream.name, code, stream.head)
-        if stream.publisher is not None:
-            stream.publisher.stream = None
-            stream.publisher = None
         self.streams.pop(stream.name, None)
-        for sub in [*stream.waiting, *stream.joining]:
-            self._send(sub.client.ident, M.End(code, message, 0, stream.head))
-            sub.client.sub = None
-        stream.waiting.clear()
-        stream.joining.clear()
+        self._out += stream.end(code, message)
         self.system.unlink(stream.notice_path)  # the publisher removes its notice socket's file; not if it died
-        stream.pool.close()
-        for u in stream.subs:
-            if isinstance(u, LocalSub):
-                # It ends once it has read the notices up to `head` (the publisher's own NOTICE_END
-                # usually gets there first, in order with them).
-                self._send(u.client.ident, M.End(code, message, u.seq, stream.head))
-            elif u.backlog:
-                u.end = (code, message)  # sent once the backlog has drained
-            else:
-                self._send(u.client.ident, M.End(code, message, u.seq))
         if stream.subs:
             self.draining.append(stream)
         else:
             self._destroy(stream)
 
     def _destroy(self, stream: Stream) -> None:
-        del stream.u8
-        del stream.gens
-        stream.pool.gens = []  # the last view of the segment: it can be unmapped
-        stream.segment.destroy()
+        stream.destroy()
         with contextlib.suppress(ValueError):
             self.draining.remove(stream)
-        log.info("stream %r: segment %s unlinked", stream.name, stream.segment.name)
 
     # ------------------------------------------------------ subscriptions
 
@@ -600,25 +410,7 @@ class BrokerState:
                 return
             known = ", ".join(sorted(self.streams)) or "none"
             raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
-        if seconds is not None:
-            if stream.rate is None:
-                raise Refused(P.ERR_BAD_REQUEST, f"seconds= needs a stream with a rate; {name!r} has none, use size=")
-            size = max(1, round(seconds * stream.rate))
-        assert size is not None
-        if size * stream.sample_bytes > stream.reserve:
-            raise Refused(
-                P.ERR_BAD_REQUEST,
-                f"a chunk of {size} samples ({size * stream.sample_bytes} bytes) is larger than stream {name!r} "
-                f"allows (max_chunk_bytes={stream.reserve}); open the stream with a larger max_chunk_bytes",
-            )
-        if len(stream.subs) >= MAX_SUBSCRIBERS:
-            raise Refused(P.ERR_BAD_REQUEST, f"stream {name!r} has the maximum of {MAX_SUBSCRIBERS} subscribers")
-        try:
-            if stream.grow(size * stream.sample_bytes):
-                log.info("stream %r: slabs grown to carry chunks of %d bytes (%d bytes of shared memory)",
-                         name, stream.committed, stream.segment.allocated)  # fmt: skip
-        except ShmFullError as exc:
-            raise Refused(P.ERR_SHM_FULL, f"chunks of {size} samples on stream {name!r}: {exc}") from None
+        size = stream.chunk_size(size, seconds, MAX_SUBSCRIBERS)
         if cut != "local":
             client.sub = sub = BrokerCutSub(client, stream, size, clip, policy, max_inflight, sampler)  # type: ignore[arg-type]
             self._activate(stream, sub)
@@ -643,23 +435,11 @@ class BrokerState:
             assert isinstance(sub, LocalSub)
             stream.joining.append(sub)  # until ATTACH: its notice socket is not proven connected yet
         else:
-            self._start(stream, sub)
-        reply = M.Subscribed(stream.segment.name, stream.segment.nbytes, stream.dtype.str, stream.channels,
-                             stream.rate, sub.size, stream.head, tuple(stream.channel_names), stream.sid,
-                             stream.header, stream.slab_bytes, stream.nslabs, stream.sample_bytes,
-                             f"ipc://{stream.notice_path}", stream.meta)  # fmt: skip
+            stream.start(sub)
+        reply = stream.subscribed(sub.size)
         # A version-1 client gets the fields it knows.
         self._send(client.ident, reply if client.version == P.VERSION else M.encode(reply, 8))
         self._update_carry(stream)
-
-    def _start(self, stream: Stream, sub: LocalSub | BrokerCutSub) -> None:
-        if isinstance(sub, LocalSub):
-            sub.cursor = stream.head
-        else:
-            stream.broker_cut.append(sub)
-        stream.subs.append(sub)
-        log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, stream.name, sub.size,
-                 sub.clip, sub.policy, sub.cut)  # fmt: skip
 
     def _on_attach(self, client: Client, msg: M.Attach) -> None:
         # The subscriber's notice socket is connected (JOINED came): it starts at the head.
@@ -676,7 +456,7 @@ class BrokerState:
             client.live = (stream, CLIENT_BASE + msg.slot)
         if sub in stream.joining:
             stream.joining.remove(sub)
-            self._start(stream, sub)
+            stream.start(sub)
         self._send(client.ident, M.Attached(sub.cursor))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:
@@ -712,16 +492,7 @@ class BrokerState:
 
     def _detach(self, sub: LocalSub | BrokerCutSub) -> None:
         stream = sub.stream
-        if isinstance(sub, BrokerCutSub):
-            delivery.drop_backlog(sub)
-            if sub in stream.broker_cut:
-                stream.broker_cut.remove(sub)
-        else:
-            for pending in (stream.waiting, stream.joining):
-                if sub in pending:
-                    pending.remove(sub)
-        if sub in stream.subs:
-            stream.subs.remove(sub)
+        stream.remove(sub)
         if stream.ended and not stream.subs:
             if stream in self.draining:
                 self._destroy(stream)
@@ -736,13 +507,7 @@ class BrokerState:
         if stream is None:
             known = ", ".join(sorted(self.streams)) or "none"
             raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg.name!r} on this broker (streams: {known})")
-        stats = statistics(stream)
-        stats["subscribers"] = [
-            {"label": u.client.label, "pid": u.client.pid, "delivered": u.delivered, "dropped": u.dropped,
-             "overflows": u.overflows}
-            for u in stream.subs
-        ]  # fmt: skip
-        self._send(client.ident, M.StatsReply(stats))
+        self._send(client.ident, M.StatsReply(stats_reply(stream)))
 
     def _on_sync(self, client: Client, msg: M.Sync) -> None:
         self._send(client.ident, M.Synced(msg.token))
