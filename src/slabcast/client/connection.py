@@ -49,6 +49,7 @@ _ERRORS: dict[str, type[SlabcastError]] = {
     P.ERR_STREAM_EXISTS: StreamExistsError,
     P.ERR_SHM_FULL: ShmFullError,
     P.ERR_LIMIT: LimitError,
+    P.ERR_INTERNAL: SlabcastError,  # a bug of the broker (its log has the traceback): not this request's fault
 }
 _ENDS: dict[str, type[SlabcastError]] = {
     P.END_CLOSED: EndOfStream,
