@@ -364,3 +364,12 @@ def test_status_counts_clients_and_uptime_from_the_clock_it_is_given(h: Harness)
     status = h.state.status(h.now)
     assert status["uptime"] == 12.5 and status["clients"] == 1
     assert [s["name"] for s in status["streams"]] == ["s"]
+
+
+def test_a_client_gets_error_internal_as_a_slabcast_error_not_as_its_own_refused_request() -> None:
+    from slabcast import RequestError, SlabcastError
+    from slabcast.client.connection import error_for
+
+    exc = error_for(M.Error(P.ERR_INTERNAL, "the broker failed on this request: KeyError: 3"), "broker at x")
+    assert type(exc) is SlabcastError and not isinstance(exc, RequestError)
+    assert "KeyError: 3" in str(exc) and "broker at x" in str(exc)
