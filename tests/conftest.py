@@ -10,6 +10,7 @@ import select
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,27 @@ from slabcast.testing import Workers
 
 CTX = mp.get_context("spawn")
 collect_ignore = ["plugin_project"]  # a user's project, run by test_plugin.py as its own pytest session
+
+
+# The lanes, in the order they run: a unit failure shows within seconds, before any process is started.
+LANES = ("unit", "property", "integration")
+_TESTS = Path(__file__).resolve().parent
+
+
+def _lane(item: pytest.Item) -> int:
+    try:
+        return LANES.index(item.path.relative_to(_TESTS).parts[0])
+    except (ValueError, IndexError):
+        return len(LANES)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark everything under tests/integration `integration`, and run the lanes in order (a stable sort)."""
+    for item in items:
+        if _lane(item) == LANES.index("integration"):
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=_lane)
 
 
 def slabcast_segments() -> set[str]:
