@@ -1,8 +1,11 @@
-"""Window: the most recent seconds of a stream, channels-first, and a min/max envelope for display."""
+"""Window: the most recent seconds of a stream, channels-first, a min/max envelope for display, and MNE-LSL's
+``StreamLSL`` reading API (``get_data(winsize, picks)``, ``n_new_samples``, ``ch_names``)."""
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,20 +16,49 @@ from ..client.subscriber import Subscriber
 
 __all__ = ["Window"]
 
+_MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
+
+
+@dataclass(frozen=True)
+class _WindowInfo(StreamInfo):
+    """The stream's info, also readable as MNE's ``info["sfreq"]``, ``info["ch_names"]``, ``info["nchan"]``
+    (what MNE-LSL code reads of ``StreamLSL.info``; ``sfreq`` is 0.0 without a rate, as in LSL)."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _MNE_KEYS:
+            raise KeyError(f"{key!r}: a Window's info reads {', '.join(map(repr, _MNE_KEYS))} as MNE's Info does "
+                           f"(and has the attributes of a StreamInfo)")  # fmt: skip
+        value = getattr(self, _MNE_KEYS[key])
+        if key == "sfreq":
+            return float(value or 0.0)
+        return list(value) if key == "ch_names" else value
+
 
 class Window:
-    """The latest ``seconds`` of a stream, always ready, never queued.
+    """The latest ``seconds`` (or ``samples``) of a stream, always ready, never queued.
 
     A background thread keeps its own subscription (``policy="drop"``, so it
     never slows the publisher or other readers) and copies each frame into a
     ring of ``seconds * rate`` samples.  Every ``Window`` has its own cursor: two
     windows, or a window and a subscriber, never take data from each other.
 
+    Two ways to read it: :meth:`get` (the whole window) and :meth:`get_display` (an
+    envelope, for the view), or MNE-LSL's ``StreamLSL`` API: :meth:`get_data`
+    (``winsize``, ``picks``), :attr:`n_new_samples`, :attr:`ch_names`,
+    :meth:`get_channel_types`, ``info["sfreq"]``, :meth:`connect` and :meth:`disconnect`
+    (docs/lsl.md puts them side by side).
+
     Parameters
     ----------
     stream : str
-    seconds : float
-        Length of the window; the stream must have a rate.
+    seconds : float, optional
+        Length of the window in seconds (the ring holds ``ceil(seconds * rate)`` samples, as
+        MNE-LSL's ``bufsize``); the stream must have a rate.
+    samples : int, optional
+        Length of the window in samples, instead of ``seconds``: any stream, with or without a rate.
+    dtype : numpy dtype, optional
+        The ring's dtype, which :meth:`get` and :meth:`get_data` return: the stream's own by default (as
+        MNE-LSL), ``"float64"`` to have every sample converted as it arrives.
     address : str, optional
     wait : float, optional
         Seconds to wait for the stream to appear (default: the subscriber's timeout, 10 s; 0: not at all).
@@ -37,25 +69,48 @@ class Window:
     Raises
     ------
     ValueError
-        If the stream has no rate.
+        If the stream has no rate and ``samples`` is not given; neither or both of ``seconds``
+        and ``samples``; a ``dtype`` the stream's samples do not convert to.
     """
 
-    def __init__(self, stream: str, seconds: float, *, address: str | None = None, wait: float | None = None,
+    def __init__(self, stream: str, seconds: float | None = None, *, samples: int | None = None, dtype: Any = None,
+                 address: str | None = None, wait: float | None = None,
                  curve: tuple[str, str] | None = None) -> None:  # fmt: skip
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+        if (seconds is None) == (samples is None):
+            raise ValueError(f"give the window's length as seconds or as samples, not both nor neither "
+                             f"(got seconds={seconds!r}, samples={samples!r})")  # fmt: skip
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                                    or not 0 < seconds < float("inf")):  # fmt: skip
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        want = None if dtype is None else np.dtype(dtype)
         self._sub = Subscriber(stream, 1, policy="drop", max_inflight=256, address=address, wait=wait,
                                curve=curve, label=f"window:{stream}")  # fmt: skip
         info = self._sub.info
-        if info.rate is None:
+        if samples is None and info.rate is None:
             self._sub.close()
-            raise ValueError(f"a Window needs a stream with a rate; {stream!r} has none")
-        self.info: StreamInfo = info
-        self.seconds = float(seconds)
-        self.capacity = max(1, round(seconds * info.rate))
-        self._data = np.zeros((self.capacity, info.channels), dtype=info.dtype)
+            raise ValueError(f"a Window of seconds needs a stream with a rate; {stream!r} has none "
+                             f"(give samples= to size it in samples)")  # fmt: skip
+        if want is not None and not np.can_cast(info.dtype, want, casting="same_kind"):
+            self._sub.close()
+            raise ValueError(f"dtype {want} cannot hold the samples of {stream!r} ({info.dtype})")
+        self.info: StreamInfo = _WindowInfo(info.name, info.dtype, info.channels, info.rate, info.channel_names,
+                                            info.channel_types, info.channel_units, info.source_id,
+                                            info.timestamps)  # fmt: skip
+        if samples is not None:
+            self.capacity = samples
+            self.seconds = samples / info.rate if info.rate else math.nan
+        else:
+            assert seconds is not None
+            assert info.rate is not None
+            self.seconds = float(seconds)
+            self.capacity = max(1, math.ceil(seconds * info.rate - 1e-9))  # MNE-LSL's ceil, not fooled by 0.1 * 10
+        self.dtype = want if want is not None else info.dtype
+        self._data = np.zeros((self.capacity, info.channels), dtype=self.dtype)
         self._times = np.zeros(self.capacity, dtype=np.float64)
         self._count = 0  # samples written into the ring in all
+        self._read = 0  # self._count at the last get_data
         self._lock = threading.Condition()
         self._closed = threading.Event()
         self.error: BaseException | None = None
@@ -63,8 +118,6 @@ class Window:
         self._thread.start()
 
     def _run(self) -> None:
-        rate = self.info.rate
-        assert rate is not None
         try:
             while not self._closed.is_set():
                 try:
@@ -73,9 +126,9 @@ class Window:
                     continue
                 with chunk:
                     data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
-                    # A stream with per-sample times (an LSL source) gives each sample its own stamp.
-                    times = chunk.times if self.info.timestamps else chunk.t0 + np.arange(len(data)) / rate
-                    self._append(data, times)
+                    # Each sample's own stamp for a stream with per-sample times (an LSL source), else
+                    # t0 + k / rate (t0 for each sample of a stream without a rate).
+                    self._append(data, chunk.times)
         except EndOfStream:
             pass
         except (SlabcastError, ClosedError) as exc:
@@ -84,10 +137,11 @@ class Window:
 
     def _append(self, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any]) -> None:
         cap = self.capacity
-        if len(data) > cap:
-            data, times = data[-cap:], times[-cap:]
+        skipped = max(0, len(data) - cap)  # a chunk longer than the ring: only its newest samples stay,
+        data, times = data[skipped:], times[skipped:]  # but every one counts (samples, n_new_samples)
         n = len(data)
         with self._lock:
+            self._count += skipped
             start = self._count % cap
             first = min(n, cap - start)
             self._data[start : start + first] = data[:first]
@@ -124,6 +178,123 @@ class Window:
             data[:, head:] = self._data[:end].T
             times = np.concatenate([self._times[end:n], self._times[:end]])
         return data, times
+
+    @property
+    def n_new_samples(self) -> int:
+        """Samples received since the last :meth:`get_data` (since the window opened, before the first), as
+        MNE-LSL's: reset by every :meth:`get_data`, whatever its ``winsize`` and ``picks``; it may exceed
+        the window's capacity when it is read less often than it fills."""
+        with self._lock:
+            return self._count - self._read
+
+    @property
+    def n_buffer(self) -> int:
+        """Samples the window holds at most (MNE-LSL's ``n_buffer``)."""
+        return self.capacity
+
+    @property
+    def ch_names(self) -> list[str]:
+        """The channel names (MNE-LSL's ``ch_names``)."""
+        return list(self.info.channel_names)
+
+    def get_channel_types(self, picks: Any = None, unique: bool = False) -> list[str]:
+        """The channel types (``info.channel_types``, ``""`` where none was given), of ``picks`` (as
+        :meth:`get_data` takes them); ``unique``: each once, in order."""
+        types = [self.info.channel_types[i] if self.info.channel_types else "" for i in self._picks(picks)]
+        return list(dict.fromkeys(types)) if unique else types
+
+    def _picks(self, picks: Any) -> list[int]:
+        """Channel indices for MNE's ``picks``: None, ``"all"``, ``"data"``, an index, a slice, a name, a channel
+        type (any case: ``"eeg"`` picks the channels of type ``"EEG"``), or a list of indices, names or types."""
+        info = self.info
+        n = info.channels
+        if picks is None or (isinstance(picks, str) and picks in ("all", "data")):
+            return list(range(n))
+        if isinstance(picks, slice):
+            return list(range(n))[picks]
+        items = list(picks) if isinstance(picks, list | tuple | np.ndarray | range) else [picks]
+        types = [t.lower() for t in info.channel_types] if info.channel_types else [""] * n
+        out: list[int] = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, str | int | np.integer):
+                raise ValueError(f"picks must be channel indices, names or types, got {item!r}")
+            if isinstance(item, int | np.integer):
+                if not -n <= item < n:
+                    raise ValueError(f"channel index {item} out of range: {info.name!r} has {n} channels")
+                out.append(int(item) % n)
+            elif item in info.channel_names:
+                out.append(info.channel_names.index(item))
+            elif item.lower() in types:
+                out += [i for i, t in enumerate(types) if t == item.lower()]
+            else:
+                kinds = sorted(set(info.channel_types)) or "none given"
+                names = ", ".join(info.channel_names[:8]) + (", ..." if n > 8 else "")
+                raise ValueError(
+                    f"no channel named or typed {item!r} in {info.name!r} (channels {names}; types {kinds})"
+                )
+        if not out:
+            raise ValueError(f"picks {picks!r} select no channel of {info.name!r}")
+        return out
+
+    def get_data(self, winsize: float | None = None, picks: Any = None) -> tuple[np.ndarray[Any, Any],
+                                                                                 np.ndarray[Any, Any]]:  # fmt: skip
+        """Return ``(data, timestamps)``: the newest ``winsize`` of the window, as MNE-LSL's ``StreamLSL.get_data``.
+
+        Parameters
+        ----------
+        winsize : float, optional
+            Seconds (``ceil(winsize * rate)`` samples) for a stream with a rate; samples for a stream
+            without one (as MNE-LSL). ``None``: the whole window.
+        picks : optional
+            Channels: ``None`` or ``"all"`` (every one), an index, a slice, a name, a type (any
+            case), or a list of indices, names or types.
+
+        Returns
+        -------
+        data : numpy.ndarray
+            ``(n_channels, n_times)``, oldest first, in the window's ``dtype``. ``n_times`` is at
+            most what has arrived (MNE-LSL's ring starts zero-filled; this returns no zeros).
+        timestamps : numpy.ndarray
+            ``(n_times,)`` float64 seconds, each sample's own (``time.time()`` clock).
+
+        Resets :attr:`n_new_samples`.
+        """
+        rate = self.info.rate
+        if winsize is None:
+            n = self.capacity
+        elif isinstance(winsize, bool) or not isinstance(winsize, int | float) or not 0 <= winsize < math.inf:
+            raise ValueError(f"winsize must be a finite number >= 0 or None, got {winsize!r}")
+        elif rate:
+            n = math.ceil(winsize * rate - 1e-9)
+        elif winsize != int(winsize):
+            raise ValueError(f"winsize is in samples for {self.info.name!r} (no rate): an integer, got {winsize!r}")
+        else:
+            n = int(winsize)
+        if n > self.capacity:
+            raise ValueError(f"winsize {winsize!r} is {n} samples, more than the window holds ({self.capacity})")
+        index = self._picks(picks)
+        with self._lock:
+            have = min(self._count, self.capacity, n)
+            slots = (self._count - have + np.arange(have)) % self.capacity
+            data = self._data[slots][:, index].T.copy()
+            times = self._times[slots]
+            self._read = self._count
+        return data, times
+
+    def connect(self, *args: Any, **kwargs: Any) -> Window:
+        """Return the window: it connected when made (MNE-LSL's ``StreamLSL(...).connect()`` ports unchanged;
+        its arguments, such as ``acquisition_delay``, have no meaning here and are ignored)."""
+        return self
+
+    @property
+    def connected(self) -> bool:
+        """Whether the window still reads its stream (MNE-LSL's ``connected``)."""
+        return not self._closed.is_set() and self.error is None and self._thread.is_alive()
+
+    def disconnect(self) -> Window:
+        """Close the window (MNE-LSL's ``disconnect``); return it."""
+        self.close()
+        return self
 
     def get_display(
         self, n_pixels: int, method: str = "numpy"
