@@ -185,37 +185,6 @@ def test_status_json_reports_uptime_and_pool(broker, stream_name):
     assert status["streams"][0]["slabs"] == 4
 
 
-def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
-    from slabcast.cli.up import load_config
-
-    cfg = tmp_path / "h.toml"
-    cfg.write_text(
-        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\nhistory = 30.0\n"
-        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nseconds = 10.0\nclip = true\n"
-    )
-    config = load_config(str(cfg))
-    (source,) = config.sources
-    opts = source["options"]
-    chunk = 480000 * 8  # 10 s of 48 kHz stereo float32
-    # Under the 64 MiB a default pool grows to: no max_chunk_bytes, the slabs keep 2 MiB for frames.
-    assert "max_chunk_bytes" not in opts and "slab_bytes" not in opts
-    # 30 s of stream (11.52 MB) over 2 MiB of frames per slab: 6 slabs, plus 3.
-    assert int(opts["nslabs"]) == 9
-    # /dev/shm: each slab's frames and the 10 s chunk it may carry.
-    assert config.shm_bytes == 9 * ((2 << 20) + chunk) + 4096
-
-    huge = tmp_path / "huge.toml"  # 400 s of 48 kHz stereo float32 (153.6 MB) is past that
-    huge.write_text(cfg.read_text().replace("seconds = 10.0", "seconds = 400.0"))
-    opts = load_config(str(huge)).sources[0]["options"]
-    assert int(opts["max_chunk_bytes"]) == 400 * 48000 * 8
-    assert int(opts["slab_bytes"]) == 400 * 48000 * 8 + (2 << 20)
-
-    given = tmp_path / "given.toml"  # max_chunk_bytes given, slab_bytes not: frames get as much room
-    given.write_text(cfg.read_text().replace("history = 30.0\n", "max_chunk_bytes = 8388608\n"))
-    opts = load_config(str(given)).sources[0]["options"]
-    assert int(opts["max_chunk_bytes"]) == 8 << 20 and int(opts["slab_bytes"]) == 16 << 20
-
-
 # Issue 19, item 8: `up` hands the broker the values it checked, typed; the broker never guesses again.
 
 

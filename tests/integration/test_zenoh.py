@@ -7,7 +7,6 @@ another network namespace), multicast scouting off, explicit endpoints on a free
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import queue
 import signal
@@ -25,7 +24,7 @@ import slabcast
 
 pytest.importorskip("zenoh", reason="the zenoh extra: pip install 'slabcast[zenoh]'")
 
-from slabcast.wire.bridge import FLAG_DISCONTINUITY, FrameHeader, decode_info, encode_info
+from slabcast.wire.bridge import FrameHeader, encode_info
 from tests.integration.test_remote import netns as _veth  # noqa: F401  (test_remote's fixture, as `_veth`)
 
 
@@ -116,28 +115,7 @@ def collect(sub: slabcast.Subscriber, count: int) -> list[tuple[int, float, bool
     return out
 
 
-# ------------------------------------------------------------------ what crosses the network
-
-
-def test_frame_header_and_info_round_trip_and_refuse_garbage():
-    times = np.array([1.5, 2.25, 3.0])
-    head = FrameHeader(FLAG_DISCONTINUITY, 2, np.dtype("<i2"), 2**63 + 5, 123456789012, 1.0e9 + 0.125, 3)
-    raw = head.encode(times)
-    back, got = FrameHeader.decode(raw, 3 * 2 * 2)
-    assert back == head and np.array_equal(got, times)
-    assert FrameHeader.decode(head.encode(), 12) == (head, None)
-    with pytest.raises(ValueError, match="the payload has 11"):
-        FrameHeader.decode(raw, 11)
-    with pytest.raises(ValueError, match="format 1 expected, got 9"):
-        FrameHeader.decode(b"\x09" + raw[1:], 12)
-    with pytest.raises(ValueError, match="header is 40 bytes"):
-        FrameHeader.decode(b"\x01", 0)
-    info = slabcast.StreamInfo("emg", np.dtype("<f4"), 2, 512.0, ("a", "b"), ("EMG", "EMG"), ("uV", "uV"),
-                               "dev-7", True)  # fmt: skip
-    back_info, epoch = decode_info(encode_info(info, 42, "hostA"), "emg-remote")
-    assert epoch == 42 and back_info == dataclasses.replace(info, name="emg-remote")
-    with pytest.raises(ValueError, match="not a slabcast stream info"):
-        decode_info(b"[1, 2]", "x")
+# ------------------------------------------ options (the wire format is tested in tests/unit/test_bridge_format.py)
 
 
 def test_bad_options_and_a_missing_extra_are_said_plainly(monkeypatch):
