@@ -40,14 +40,14 @@ class Lab:
     """A 32-channel EEG at 500 Hz (per-sample stamps, jittered, as an LSL source gives them) and a 3-axis
     accelerometer at 100 Hz (no per-sample stamps: t0 + k / rate), published 0.1 s at a time."""
 
-    def __init__(self, address, name, seconds):
+    def __init__(self, address, name, seconds, base=5000.0):
         rng = np.random.default_rng(23)
         self.eeg_name, self.acc_name = name + "eeg", name + "acc"
         n_eeg, n_acc = int(seconds * EEG_RATE), int(seconds * ACC_RATE)
         self.eeg = (rng.standard_normal((n_eeg, 32)) * 50).astype(np.float32)
-        self.eeg_times = 5000.0 + np.arange(n_eeg) / EEG_RATE + rng.uniform(-1e-4, 1e-4, n_eeg)
+        self.eeg_times = base + np.arange(n_eeg) / EEG_RATE + rng.uniform(-1e-4, 1e-4, n_eeg)
         self.acc = rng.integers(-2000, 2000, (n_acc, 3)).astype(np.int16)
-        self.acc_times = 5000.0 + np.arange(n_acc) / ACC_RATE
+        self.acc_times = base + np.arange(n_acc) / ACC_RATE
         self.eeg_pub = slabcast.Publisher(self.eeg_name, "float32", 32, EEG_RATE, address=address,
                                           channel_names=EEG_LABELS, channel_types=["EEG"] * 32,
                                           channel_units=["microvolts"] * 32, source_id="amp-1234",

@@ -1,0 +1,72 @@
+"""Several streams into one Zarr group (issue 23, item 6) and the LSL clock in XDF recordings (item 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slabcast
+from slabcast.client import record as record_module
+from tests.integration.test_record_xdf import Lab, by_name, record_cli, wait_recorders
+
+xarray = pytest.importorskip("xarray")
+pyxdf = pytest.importorskip("pyxdf")
+
+
+def record_lab(broker, stream_name, out, *extra, seconds=1.0, base=5000.0):
+    lab = Lab(broker.address, stream_name, seconds=seconds, base=base)
+    rec = record_cli(broker.address, [lab.eeg_name, lab.acc_name], out, *extra)
+    wait_recorders(broker.address, [lab.eeg_name, lab.acc_name])
+    lab.publish(0, lab.steps)
+    lab.close()
+    assert rec.wait(30) == 0, rec.stderr.read()
+    rec.stderr.close()
+    return lab
+
+
+def test_several_streams_into_one_zarr_open_in_xarray_with_channel_labels(broker, stream_name, tmp_path):
+    out = tmp_path / "session.zarr"
+    lab = record_lab(broker, stream_name, out)
+    eeg = xarray.open_zarr(str(out), group=lab.eeg_name, consolidated=False)
+    assert eeg["samples"].dims == ("sample", "channel")
+    assert list(eeg["channel"].values) == [f"E{k:02d}" for k in range(32)]
+    np.testing.assert_array_equal(eeg["samples"].values, lab.eeg)
+    np.testing.assert_array_equal(eeg["times"].values, lab.eeg_times)  # a stream with per-sample stamps
+    np.testing.assert_array_equal(eeg["samples"].sel(channel="E05").values, lab.eeg[:, 5])
+    acc = xarray.open_zarr(str(out), group=lab.acc_name, consolidated=False)
+    assert list(acc["channel"].values) == ["X", "Y", "Z"] and acc.attrs["slabcast"]["channel_units"] == ["mg"] * 3
+    np.testing.assert_array_equal(acc["samples"].values, lab.acc)
+    assert set(record_module.recording_streams(str(out))) == {lab.eeg_name, lab.acc_name}
+    back = slabcast.open_recording(str(out), stream=lab.acc_name)
+    assert back.info.channel_names == ("X", "Y", "Z") and np.array_equal(np.asarray(back.samples[:]), lab.acc)
+    with pytest.raises(ValueError, match="holds the streams"):
+        slabcast.open_recording(str(out))
+
+
+def test_an_xdf_on_the_lsl_clock_carries_the_measured_offsets(broker, stream_name, tmp_path):
+    pylsl = pytest.importorskip("pylsl")
+    import time
+
+    out = tmp_path / "lsl.xdf"
+    # Stamps on the wall clock, as slabcast's are: pyxdf fits the offsets against them (a line through them).
+    lab = record_lab(broker, stream_name, out, "--clock", "lsl", base=time.time())
+    offset = pylsl.local_clock() - time.time()
+    raw = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
+    eeg = raw[lab.eeg_name]
+    assert np.array_equal(eeg["time_stamps"], lab.eeg_times)  # as written: wall time
+    assert len(eeg["clock_values"]) >= 2
+    np.testing.assert_allclose(eeg["clock_values"], offset, rtol=0, atol=0.01)  # LSL clock - wall clock
+    assert eeg["info"]["desc"][0]["slabcast"][0]["clock"] == ["lsl"]
+    synced = by_name(pyxdf.load_xdf(str(out), dejitter_timestamps=False)[0])
+    np.testing.assert_allclose(synced[lab.eeg_name]["time_stamps"], lab.eeg_times + offset, rtol=0, atol=0.01)
+    np.testing.assert_allclose(synced[lab.acc_name]["time_stamps"], lab.acc_times + offset, rtol=0, atol=0.01)
+
+
+def test_auto_clock_is_lsl_only_for_a_stream_an_lsl_source_feeds(monkeypatch):
+    pytest.importorskip("pylsl")
+    monkeypatch.setattr(record_module, "_lsl_fed", lambda streams, address: "eeg" in streams)
+    assert record_module._session_clock("auto", ["eeg", "acc"], None) == "lsl"
+    assert record_module._session_clock("auto", ["acc"], None) == "wall"
+    assert record_module._session_clock("wall", ["eeg"], None) == "wall"
+    with pytest.raises(ValueError, match="clock must be"):
+        record_module._session_clock("gps", ["eeg"], None)
