@@ -119,6 +119,7 @@ def test_a_subscriber_created_before_its_stream_gets_index_0(broker, stream_name
     pub.close()
 
 
+@pytest.mark.slow
 def test_sixteen_subscribers_one_stalled_drop_holding_chunks_the_rest_exact(broker, stream_name):
     frames, n = 400, 256
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=16384, nslabs=8, timeout=5)

@@ -44,6 +44,7 @@ def _open_many(address: str, soft: int, count: int, streams: list[str]) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_a_process_opens_more_than_255_subscribers(broker, stream_name):
     # pyzmq's context holds 1023 sockets: the 255th Subscriber of a process got a raw ZMQError (issue 19, item 11).
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -109,6 +110,7 @@ class _LimitedBroker:
         return self.proc.returncode
 
 
+@pytest.mark.slow
 def test_a_broker_out_of_descriptors_refuses_one_more_client_and_serves_the_others(tmp_path, stream_name):
     # At nofile 1024, ~1000 subscribers ended the broker in SIGABRT (libzmq: "Too many open files
     # (src/ipc_listener.cpp:297)") and every stream died (issue 19, item 10). Here with a hard limit of 128.

@@ -61,6 +61,7 @@ def test_labels_units_and_source_id_reach_subscribers_windows_and_recordings(tmp
     assert recording.info.channel_units == ("microvolts",) * 4 and recording.info.source_id == f"dev-{stream_name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second", ["same-device", "new-device"])  # restarted, or replaced by another outlet
 def test_an_outlet_started_10_s_after_the_broker_then_gone_is_followed_with_a_discontinuity(tmp_path, stream_name,
                                                                                           second):  # fmt: skip
@@ -206,6 +207,7 @@ def test_a_publisher_with_timestamps_and_chunk_times(broker, stream_name):
     plain.close()
 
 
+@pytest.mark.slow
 def test_an_lsl_source_never_takes_slabcasts_own_outlet_unless_asked_by_name(broker, stream_name):
     # Issue 19, item 7: with `slabcast lsl-out S` running, an lsl source resolving by type and source_id (the
     # form docs/lsl.md shows) latched onto slabcast's copy of the device and missed ~4 s when it came back.

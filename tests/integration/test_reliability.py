@@ -138,6 +138,7 @@ def test_ten_thousand_malformed_messages_from_several_clients(broker, stream_nam
     assert slabcast.broker_status(broker.address)["pid"] == broker.pid
 
 
+@pytest.mark.slow
 def test_fifty_crash_restart_cycles_leave_no_stale_segments(tmp_path, stream_name):
     address = tmp_path / "b.sock"
     pids = []

@@ -255,6 +255,7 @@ def receive(sub: slabcast.Subscriber, out: list[tuple[int, float, bool, np.ndarr
             out.append((c.index, c.t0, c.discontinuity, c.data.copy()))
 
 
+@pytest.mark.slow
 def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path, broker, stream_name):
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
