@@ -101,4 +101,3 @@ def test_a_unit_test_that_starts_a_process_fails_at_once_and_says_where_it_belon
 def test_the_guard_is_on_in_this_lane():
     assert "refused" in os.fork.__qualname__
     assert "refused" in subprocess._fork_exec.__qualname__
-
