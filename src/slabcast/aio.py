@@ -12,7 +12,6 @@ import zmq
 from ._exceptions import BrokerGoneError, EndOfStream, WouldBlock
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
-from .wire import messages as M
 
 __all__ = ["Subscriber"]
 
@@ -37,33 +36,31 @@ class Subscriber:
 
     def __init__(self, stream: str, size: int | None = None, **options: Any) -> None:
         self._sub = _BlockingSubscriber(stream, size, **options)
-        self._sub._auto_reconnect = False  # we resubscribe in a worker thread (reconnect=)
+        self._sub.auto_resubscribe = False  # we resubscribe in a worker thread (reconnect=)
         self.info = self._sub.info
         self.size = self._sub.size
 
     async def recv(self, timeout: float | None = None) -> Chunk:
         """Wait for the next chunk; raises as :meth:`slabcast.Subscriber.recv` does."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn = self._sub._conn
+        sub = self._sub
         while True:
             try:
-                return self._sub.recv_nowait()
+                return sub.recv_nowait()
             except WouldBlock:
                 pass
             except BrokerGoneError as exc:
-                if not self._sub._reconnect:
+                if not sub.reconnect:
                     raise
                 # Waiting for the next broker takes seconds: off the event loop.
-                await asyncio.to_thread(self._sub._resubscribe, exc)
-                conn = self._sub._conn
+                await asyncio.to_thread(sub.resubscribe, exc)
                 continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"no chunk within {timeout} s (async subscriber of {self._sub.name!r})")
-            if conn.remote and time.monotonic() - conn._last_send >= _KEEPALIVE:
-                conn.send(M.Sync(0))  # keep-alive: a remote client proves it is alive by talking
+            sub.keepalive(_KEEPALIVE)  # a remote client proves it is alive by talking
             try:
-                await _readable(self._sub._sockets(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
+                await _readable(sub.pollables(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)
             except BrokerGoneError:
                 continue  # recv_nowait() says so, and resubscribes when asked to
 

@@ -326,6 +326,15 @@ class Connection:
         except zmq.ZMQError as exc:
             raise BrokerGoneError(f"cannot send to the {self.where}: {exc}") from exc
 
+    def pollables(self) -> tuple[Any, Any]:
+        """The connection's socket and its monitor: input on either may wake a client waiting on it."""
+        return (self.sock, self._monitor)
+
+    def keepalive(self, interval: float) -> None:
+        """On a remote connection, send a keep-alive (SYNC 0) if nothing went out for ``interval`` seconds."""
+        if self.remote and time.monotonic() - self._last_send >= interval:
+            self.send(M.Sync(0))
+
     def has_input(self) -> bool:
         """Whether a message is waiting to be received (no system call when one is)."""
         return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)

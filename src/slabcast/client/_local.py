@@ -1,0 +1,667 @@
+"""The local (``ipc://``) transport of a subscriber: it cuts its own chunks from the publisher's frame notices.
+
+A local subscriber reads one notice per publisher message from the publisher's notice
+socket (a ZeroMQ XPUB every local subscriber of the stream joins), runs its own
+:class:`~slabcast.core.rechunk.Rechunker` (sampler included, in this process), takes a
+kernel lease lock on the slab of each chunk (once per slab, not per chunk) and tells the
+broker how far it has read with one cumulative ACK per slab.  Nothing any subscriber does
+can slow the broker's loop for the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import zmq
+
+from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, SlabcastError
+from .._info import StreamInfo
+from ..core.rechunk import Rechunker
+from ..core.shm import CLIENT_BASE, GEN_OFFSET, hold, lock_slab, open_locks, time_at
+from ..wire import messages as M
+from ..wire import protocol as P
+from ._transport import Counts
+from .chunk import Chunk
+from .connection import Connection, _context, error_for, unexpected
+
+__all__ = ["LocalReceiver", "open_local"]
+
+log = logging.getLogger("slabcast.subscriber")
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_GEN = struct.Struct("<I")
+_ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
+_END_GRACE = 0.5  # once the stream's end is known: seconds without a notice before the rest counts as lost
+_LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
+
+
+class _Leases:
+    """This subscriber's kernel lease locks, one per slab it has chunks in (see :mod:`slabcast.core.shm`).
+
+    Kept apart from the receiver so that views outliving it (or the subscriber's
+    ``close()``) still give their slab back the moment they die.
+    """
+
+    def __init__(self, fd: int, mm: Any) -> None:
+        self.fd = fd
+        self.mm = mm
+        self.guard = threading.RLock()  # a view dying in a GC run inside a guarded section calls back in
+        self.locks: dict[int, list[int]] = {}  # slab -> [generation, chunks in it still viewed or queued]
+        self.slab_of: dict[int, int] = {}  # seq -> slab, for chunks handed out
+        self.refs: dict[int, Any] = {}  # seq -> weakref whose callback says the last view died
+        self.dead: deque[int] = deque()  # seqs whose last view died
+        self.handed = 0  # chunks handed out under these leases (this broker's segment)
+        self.released = 0
+        self.unlocked = False
+        self.closed = False
+
+    def claim(self, slab: int, gen: int) -> bool:
+        """Lease ``slab`` for one more chunk: lock it, then check it still holds generation ``gen``."""
+        with self.guard:
+            entry = self.locks.get(slab)
+            if entry is not None:
+                if entry[0] != gen:
+                    return False  # a notice older than our lease: its data is gone
+                entry[1] += 1
+                return True
+            if not lock_slab(self.fd, slab, fcntl.F_RDLCK):
+                return False  # the broker is handing it to the publisher right now
+            if _GEN.unpack_from(self.mm, GEN_OFFSET + 4 * slab)[0] != gen:
+                lock_slab(self.fd, slab, fcntl.F_UNLCK)
+                return False
+            self.locks[slab] = [gen, 1]
+            return True
+
+    def unclaim(self, slab: int) -> None:
+        with self.guard:
+            self.locks[slab][1] -= 1
+
+    def on_dead(self, seq: int, _ref: object) -> None:
+        # Runs when the last view of a chunk dies, in whatever thread dropped it.
+        self.dead.append(seq)
+        if self.closed:
+            self.reap()
+
+    def reap(self) -> None:
+        """Account for chunks whose last view died."""
+        dead = self.dead
+        with self.guard:
+            while dead:
+                seq = dead.popleft()
+                self.refs.pop(seq, None)
+                slab = self.slab_of.pop(seq, None)
+                self.released += 1
+                entry = self.locks.get(slab) if slab is not None else None
+                if entry is not None:
+                    entry[1] -= 1
+                    if self.closed and entry[1] == 0:
+                        self._unlock(slab)  # type: ignore[arg-type]
+
+    def _unlock(self, slab: int) -> None:
+        # Caller holds the guard.
+        del self.locks[slab]
+        if self.fd >= 0:
+            lock_slab(self.fd, slab, fcntl.F_UNLCK)
+        self.unlocked = True
+        if self.closed and not self.locks and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def unlock_idle(self, keep: int, current: int = -1) -> None:
+        """Drop the leases of slabs with no chunk left, except ``keep``.
+
+        Giving back ``current`` (the slab still being read) is not worth an ACK: the broker
+        does not wait for it, and it is locked again with the next chunk.
+        """
+        if self.dead:
+            self.reap()
+        with self.guard:
+            unlocked = self.unlocked
+            for slab, entry in list(self.locks.items()):
+                if entry[1] == 0 and slab != keep:
+                    self._unlock(slab)
+                    unlocked = unlocked or slab != current
+            self.unlocked = unlocked
+
+    def close(self) -> None:
+        """No more chunks: leases go as soon as their last view dies (now, for most)."""
+        with self.guard:
+            self.closed = True
+        self.reap()
+        with self.guard:
+            for slab, entry in list(self.locks.items()):
+                if entry[1] <= 0:
+                    self._unlock(slab)
+            if not self.locks and self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+@dataclass(slots=True)
+class _Frame:
+    """A noticed frame (or batch of frames) not yet cut: where its samples are, and how far cutting got."""
+
+    index: int  # stream index of the next sample to cut
+    slab: int
+    gen: int  # the slab's generation when the notice was sent
+    offset: int  # byte of the sample at ``index``
+    ns: tuple[int, ...]  # samples per frame of the batch
+    t0s: tuple[float, ...]  # time of each frame's first sample
+    i: int  # the next frame of the batch to cut
+    flags: int  # FLAG_DISCONTINUITY: the stream jumped (or notices were lost) before this one
+    floor: int  # the lowest stream index contiguous in the slab (its carried part starts there)
+
+
+class _Gap(NamedTuple):
+    """Samples whose notices never came (this subscriber's notice queue overflowed)."""
+
+    start: int
+    stop: int
+
+
+class _Ready(NamedTuple):
+    """A chunk cut and leased, not yet handed out."""
+
+    seq: int
+    start: int  # stream index of its first sample
+    n: int
+    t0: float
+    offset: int  # byte of its first sample in the segment
+    slab: int
+    flags: int
+
+
+_new_ready = tuple.__new__  # _Ready(...) without NamedTuple's Python-level __new__: this is per chunk
+
+
+class LocalReceiver:
+    """Cut this subscriber's chunks from the notices of one publisher, lease them, hand them out.
+
+    Built by :func:`open_local` once the broker answered SUBSCRIBE; the rules of the end (a grace
+    after the last notice, then the rest is lost) and of lost notices live here.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        reply: M.Subscribed,
+        info: StreamInfo,
+        mm: Any,
+        notices: Any,
+        lock_fd: int,
+        start: int,
+        early_end: M.End | None,
+        *,
+        clip: bool,
+        policy: str,
+        max_inflight: int,
+        partial_tail: bool,
+        sampler: Callable[[], float] | None,
+        where: str,
+    ) -> None:
+        self.end: SlabcastError | None = None
+        self.jumped = False  # the next chunk follows a jump (a broker restart, lost samples)
+        self.size = reply.size
+        self.start = start
+        self.policy = policy
+        self._conn = conn
+        self._mm = mm
+        self._notices = notices
+        self._leases = _Leases(lock_fd, mm)
+        self._info = info
+        self._name = info.name
+        self._dtype = info.dtype
+        self._channels = info.channels
+        self._timestamps = info.timestamps
+        self._where = where
+        self._max_inflight = max_inflight
+        self._partial_tail = partial_tail
+        self._sid, self._header, self._slab_bytes = reply.stream_id, reply.header_bytes, reply.slab_bytes
+        self._nslabs, self._sample_bytes = reply.nslabs, reply.sample_bytes
+        self._topic = P.stream_topic(info.name)
+        self._sampler = sampler
+        self._sampler_error: BaseException | None = None
+        self._chunker = Rechunker(reply.size, clip, info.rate, self._checked_pause if sampler is not None else None)
+        self._ready: deque[_Ready] = deque()
+        self._frames: deque[_Frame | _Gap] = deque()  # unread frames: notices not yet cut
+        self._seq = 0
+        self._received = 0
+        self._last_seq = -1
+        self._dropped = 0
+        self._nseq = -1  # the next notice seq expected; -1: none seen yet
+        self._noticed = start  # the stream index just past the last sample a notice announced
+        self._last_notice = time.monotonic()
+        self._noticed_any = False
+        self._cursor = start
+        self._cur_slab = -1
+        self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
+        self._acked_at = 0.0
+        self._stream_end: M.End | None = early_end  # its head: the samples in the stream
+        self._end_seen = time.monotonic()
+        self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
+        self._rcvtimeo = -1
+        self._on_dead = self._leases.on_dead
+        self._on_release = self.on_release
+
+    # ------------------------------------------------------------ opening
+
+    def pollables(self) -> tuple[Any, ...]:
+        return (self._notices, *self._conn.pollables())
+
+    def keepalive(self, interval: float) -> None:
+        """Nothing to say: a local subscriber's liveness is its lock, which the broker tests."""
+
+    # ------------------------------------------------------------ receiving
+
+    def recv(self, timeout: float | None) -> Chunk | None:
+        if self._leases.dead:
+            self._leases.reap()
+        if self.end is not None:
+            raise self.end
+        deadline = None if timeout is None else time.monotonic() + timeout
+        notices = self._notices
+        conn = self._conn
+        while True:
+            if self._sampler_error is not None:
+                exc, self._sampler_error = self._sampler_error, None
+                raise exc
+            if self._ready:
+                return self._hand_out()
+            if self._frames:
+                self._step()
+                continue
+            try:
+                raw = notices.recv(_NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                self._on_notice(raw)
+                continue
+            end = self._stream_end
+            if end is not None and self._cursor < end.head:
+                # Notices already with us come first: only when none came for _END_GRACE (since the end
+                # was known and since the last one) is the rest lost.
+                if time.monotonic() - max(self._end_seen, self._last_notice) > _END_GRACE:
+                    if conn.poll_gone():
+                        raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                    if self._partial_tail and self._cut_tail():
+                        continue
+                    start = self._cursor
+                    if end.code == P.END_CLOSED:
+                        self._lost(start, end.head)
+                    else:  # the publisher died with notices unsent: its error names the range
+                        self._cursor = end.head
+                        self._stream_end = end._replace(
+                            message=f"{end.message}; samples {start}..{end.head} never reached this subscriber"
+                        )
+                    continue
+            elif end is not None:
+                # Everything the stream held is cut.
+                if conn.poll_gone():
+                    raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                if self._partial_tail and self._cut_tail():
+                    continue
+                self._send_ack(force=True)
+                self.end = error_for(end, self._where)
+                raise self.end
+            if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+                self._on_direct(conn.recv(0))
+                continue
+            if conn.gone or conn.poll_gone():
+                raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+            # About to wait: give back every slab no chunk of ours is in (a paused subscriber must
+            # not hold any), tell the broker where we are.
+            self._leases.unlock_idle(-1, self._cur_slab)
+            self._send_ack()
+            if deadline is None:
+                wait = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait = max(1, int(left * 1000))
+            # Wait in the notice socket itself (what a plain SUB does: the lowest latency), looking
+            # at our own connection (END, eviction, the broker's death) at least every _LOOK seconds.
+            wait = _LOOK_MS if wait < 0 else min(wait, _LOOK_MS)
+            if wait != self._rcvtimeo:
+                notices.setsockopt(zmq.RCVTIMEO, wait)
+                self._rcvtimeo = wait
+            try:
+                raw = notices.recv()
+            except zmq.Again:
+                continue
+            self._on_notice(raw)
+
+    def _on_direct(self, msg: M.Message | None) -> None:
+        """A message from the broker on our own connection: an END (evicted, shutdown) or an ERROR."""
+        if msg is None or isinstance(msg, M.Synced):
+            return
+        if isinstance(msg, M.End) and msg.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
+            # The stream ended: finish what its notices hold first (they may still be on their way).
+            if self._stream_end is None:
+                self._stream_end = msg
+                self._end_seen = time.monotonic()
+            return
+        if isinstance(msg, M.End | M.Error):
+            exc = error_for(msg, self._where)
+            if isinstance(msg, M.End) and msg.code == P.END_BROKER_SHUTDOWN:
+                raise exc  # BrokerGoneError: reconnect= may take over
+            if isinstance(msg, M.End):
+                self.end = exc
+            raise exc
+        raise unexpected(msg, "END or ERROR", self._where)
+
+    def _on_notice(self, raw: bytes) -> None:
+        topic = self._topic
+        if not raw.startswith(topic):
+            return  # a JOINED of another subscriber's token
+        raw_msg = P.unpack(raw[len(topic) :])
+        if len(raw_msg) < 3 or raw_msg[1] != self._sid:
+            return  # an earlier stream of the same name
+        # One per frame or batch: the field count is checked, the values by the cutting that uses them.
+        msg = M.decode(raw_msg, strict=False, check=False)
+        seq = raw_msg[2]
+        if seq < self._nseq:
+            return  # duplicate or stale
+        # Notices lost on the way (this subscriber's queue overflowed): never cut across the hole.
+        flags = P.FLAG_DISCONTINUITY if 0 <= self._nseq < seq else 0
+        self._nseq = seq + 1
+        self._last_notice = time.monotonic()
+        if isinstance(msg, M.NoticeEnd):
+            self._stream_end = M.End(msg.code, msg.message, 0, msg.head)
+            self._end_seen = time.monotonic()
+            return
+        if not isinstance(msg, M.Notice):
+            raise unexpected(msg, "NOTICE or NOTICE_END on the notice socket", self._where)
+        _, _, index, slab, gen, offset, n, t0, jump, floor = msg
+        ns: tuple[int, ...] = (n,) if type(n) is int else n  # type: ignore[assignment]
+        t0s: tuple[float, ...] = (t0,) if type(n) is int else t0  # type: ignore[assignment]
+        if index < self._noticed:
+            return  # written before this subscription started (the notice socket was already connected)
+        flags |= jump
+        if index > self._noticed and self._noticed_any:
+            # The samples of the lost notices: named by _lost (a block subscriber raises).
+            self._frames.append(_Gap(self._noticed, index))
+            flags |= P.FLAG_DISCONTINUITY
+        self._frames.append(_Frame(index, slab, gen, offset, ns, t0s, 0, flags, floor))
+        self._noticed = index + sum(ns)
+        # (A gap before the first notice is no loss: a frame noticed just before our notice socket
+        # joined may reach the broker after our ATTACH; we start at the first frame we are told of.)
+        self._noticed_any = True
+
+    # ------------------------------------------------------------ cutting
+
+    def _step(self) -> None:
+        """Cut the chunks of the next unread frame (one at a time: a drop subscriber's max_inflight counts
+        the chunks it holds, not those a long notice batch would cut at once)."""
+        entry = self._frames[0]
+        if type(entry) is _Gap:
+            self._frames.popleft()
+            self._lost(entry.start, entry.stop)
+            return
+        assert type(entry) is _Frame
+        index, slab, offset, i = entry.index, entry.slab, entry.offset, entry.i
+        chunker = self._chunker
+        if i == 0:
+            if entry.flags & P.FLAG_DISCONTINUITY:
+                chunker.start = None
+                self.jumped = True
+            start = chunker.start
+            floor = entry.floor
+            if start is not None and start < floor:
+                # The slab's carry does not reach back that far; the broker makes this impossible
+                # for every subscription it knew of at the slab change.
+                log.warning("%s: samples %d..%d not contiguous; skipped", self._where, start, floor)
+                if chunker.rate:
+                    chunker.t0 += (floor - start) / chunker.rate
+                chunker.start = floor
+                self.jumped = True
+            if slab != self._cur_slab:
+                self._cur_slab = slab
+                self._leases.unlock_idle(slab)
+        ns = entry.ns
+        n = ns[i]
+        chunks = chunker.feed(index, n, entry.t0s[i])
+        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
+            chunker.jumped = False
+            self.jumped = True
+        if chunks:
+            sb = self._sample_bytes
+            gen = entry.gen
+            for cstart, length, ct0 in chunks:
+                self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+        self._cursor = index + n
+        self._last = (slab, entry.gen, offset + n * self._sample_bytes)
+        if i + 1 < len(ns):
+            entry.index = index + n
+            entry.offset = offset + n * self._sample_bytes
+            entry.i = i + 1
+            return
+        self._frames.popleft()
+        if self._acked[0] != slab:
+            self._send_ack()  # the broker may free the slab we left
+
+    def _lost(self, start: int, stop: int) -> None:
+        """Samples ``start`` to ``stop`` will never come (their notices were lost): a ``block`` subscriber says
+        so with :class:`SamplesLostError`, a ``drop`` subscriber counts and logs them."""
+        self._cursor = max(self._cursor, stop)
+        self.jumped = True
+        what = f"samples {start}..{stop} ({stop - start} samples) of stream {self._name!r} were lost"
+        if self.policy == "block":
+            raise SamplesLostError(f"{what} before this subscriber read them: their notices never reached it "
+                                   f"(its notice queue overflowed, or the publisher went away first) "
+                                   f"({self._where})", start, stop)  # fmt: skip
+        self._dropped += -(-(stop - start) // self.size)
+        log.warning("%s: %s (notices lost); the next chunk is flagged as a discontinuity", self._where, what)
+
+    def _cut_tail(self) -> bool:
+        """At the end of the stream: the unfinished chunk, as one partial chunk (once)."""
+        self._partial_tail = False
+        chunker = self._chunker
+        start = chunker.start
+        if start is None or start >= self._cursor:
+            return False
+        slab, gen, end = self._last
+        n = self._cursor - start
+        chunker.start = None
+        self._cut_chunk(start, n, chunker.t0, end - n * self._sample_bytes, slab, gen, P.FLAG_PARTIAL)
+        return True
+
+    def _cut_chunk(self, start: int, length: int, t0: float, offset: int, slab: int, gen: int, flags: int = 0) -> None:
+        seq = self._seq
+        self._seq = seq + 1
+        leases = self._leases
+        if self.policy == "drop" and len(self._ready) + leases.handed - leases.released >= self._max_inflight:
+            self._dropped += 1
+            return
+        if not leases.claim(slab, gen):
+            # The publisher already reuses this slab: only a drop subscriber that fell a pool behind.
+            self._dropped += 1
+            return
+        if self.jumped:
+            self.jumped = False
+            flags |= P.FLAG_DISCONTINUITY
+        self._ready.append(_new_ready(_Ready, (seq, start, length, t0, offset, slab, flags)))
+
+    def _hand_out(self) -> Chunk:
+        seq, index, n, t0, offset, slab, flags = self._ready.popleft()
+        channels = self._channels
+        base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
+        # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
+        leases = self._leases
+        leases.slab_of[seq] = slab
+        leases.refs[seq] = weakref.ref(base, functools.partial(self._on_dead, seq))
+        leases.handed += 1
+        self._received += 1
+        self._last_seq = seq
+        data = base.reshape(n, channels) if channels > 1 else base
+        if self._timestamps:
+            at = time_at(offset, self._header, self._slab_bytes, self._nslabs, self._sample_bytes)
+            return Chunk(data, seq, index, t0, flags, self._info, self._on_release, (self._mm, at))
+        return Chunk(data, seq, index, t0, flags, self._info, self._on_release)
+
+    def _checked_pause(self) -> float:
+        # Runs inside the rechunker: whatever the user's sampler does, the rechunker gets a
+        # valid pause (0), and the error is raised from recv() once, with no chunk lost.
+        try:
+            value = float(self._sampler())  # type: ignore[misc]
+        except Exception as exc:
+            self._sampler_error = exc
+            return 0.0
+        if not 0 <= value <= P.MAX_SAMPLER_SECONDS:
+            self._sampler_error = ValueError(
+                f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({self._where})"
+            )
+            return 0.0
+        return value
+
+    # ------------------------------------------------------------ the broker's copy of our counters
+
+    def on_release(self) -> None:
+        """A chunk was released: account for views already gone (the broker hears of freed slabs with our
+        next ACK, and retries them itself)."""
+        leases = self._leases
+        if leases.dead:
+            leases.reap()
+
+    def _send_ack(self, force: bool = False) -> None:
+        """Tell the broker how far we have read: at once when we left a slab or gave one back, otherwise
+        (counters for ``slabcast status``) at most every ``_ACK_INTERVAL`` seconds."""
+        state = (self._cur_slab, self._dropped, self._leases.handed - self._leases.released, self._received)
+        acked = self._acked
+        if self._conn.closed:
+            return
+        urgent = force or self._leases.unlocked or state[0] != acked[0]
+        if not urgent and (state == acked or time.monotonic() - self._acked_at < _ACK_INTERVAL):
+            return
+        self._acked = state
+        self._acked_at = time.monotonic()
+        self._leases.unlocked = False
+        with contextlib.suppress(BrokerGoneError):
+            self._conn.send(M.Ack(self._cursor, self._received, self._dropped, state[2]))
+
+    def counts(self, report: bool = True) -> Counts:
+        leases = self._leases
+        if leases.dead:
+            leases.reap()
+        if report:
+            self._send_ack(force=True)
+        return Counts(self._received, leases.released, self._dropped, self._last_seq)
+
+    # ------------------------------------------------------------ closing
+
+    def _drop_ready(self) -> None:
+        leases = self._leases
+        for item in self._ready:  # cut but never handed out
+            leases.unclaim(item.slab)
+        self._ready.clear()
+        self._notices.close(linger=0)
+
+    def close(self) -> None:
+        self._drop_ready()
+        # BYE first: closing the lease file gives up our liveness lock too, and a broker that saw that
+        # before our BYE would forget us as dead and leave BYE unanswered (a 2 s close).  The broker
+        # forgets us at once; a chunk still viewed keeps its slab through its lease lock, which goes
+        # when the last view does (whether or not this object still exists).
+        self._conn.close()
+        self._leases.close()
+
+    def abandon(self) -> None:
+        self._drop_ready()
+        self._leases.close()  # the old segment is gone with its broker; views keep their mapping
+
+
+def open_local(
+    conn: Connection, reply: M.Subscribed, info: StreamInfo, mm: Any, token: bytes, timeout: float, **settings: Any
+) -> LocalReceiver:
+    """Join the publisher's notice socket and ATTACH (``reply`` answered a local SUBSCRIBE with ``token``).
+
+    The receiver's ``start`` is the stream index the subscription starts at.  On an error,
+    what this opened is closed (the connection and the mapping are the caller's).
+    """
+    where = settings["where"]
+    if not reply.notice_endpoint:
+        raise ProtocolError(f"SUBSCRIBED for a local subscriber names no notice endpoint ({where})")
+    notices = None
+    lock_fd = -1
+    early_end: M.End | None = None
+    try:
+        lock_fd = open_locks(reply.segment)
+        notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
+        # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
+        # a subscription made before the stream existed).
+        # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
+        slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        hold(lock_fd, CLIENT_BASE + slot)
+        conn.send(M.Attach(slot))
+        while True:
+            answer = conn.recv(timeout)
+            if answer is None:
+                raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {timeout} s")
+            if isinstance(answer, M.End) and answer.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
+                # A short stream may end before our ATTACH is answered: its notices are with us.
+                early_end = answer
+                continue
+            break
+        if isinstance(answer, M.Error | M.End):
+            raise error_for(answer, where)
+        if not isinstance(answer, M.Attached):
+            raise unexpected(answer, "ATTACHED", where)
+    except BaseException:
+        if notices is not None:
+            notices.close(linger=0)
+        if lock_fd >= 0:
+            os.close(lock_fd)  # else it would keep the (soon unlinked) segment's memory alive
+        raise
+    return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, **settings)
+
+
+def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:
+    """Connect a SUB socket to the publisher's notice socket; wait until it proves it reaches us."""
+    sock = _context().socket(zmq.SUB)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        # A paused subscriber's backlog is bounded: past it the publisher's socket drops notices for
+        # it alone, and it sees the gap (a discontinuity) when it comes back.
+        sock.setsockopt(zmq.RCVHWM, P.NOTICE_BACKLOG)
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the publisher may bind a moment after we connect
+        sock.connect(endpoint)
+        sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(name))
+        sock.setsockopt(zmq.SUBSCRIBE, token)
+        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(conn.sock, zmq.POLLIN)  # the stream may end, or the broker go, meanwhile
+        while True:
+            left = deadline - time.monotonic()
+            events = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if not events:
+                raise BrokerGoneError(
+                    f"the publisher of stream {name!r} did not answer on its notice socket "
+                    f"{endpoint} within {timeout} s"
+                )
+            if conn.sock in events:
+                msg = conn.recv(0)
+                if isinstance(msg, M.End | M.Error):
+                    raise error_for(msg, where)
+            if sock in events and sock.recv().startswith(token):
+                break
+        sock.setsockopt(zmq.UNSUBSCRIBE, token)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
