@@ -27,6 +27,7 @@ __all__ = [
     "Refused",
     "check_frame",
     "check_frames",
+    "check_hello",
     "check_open",
     "check_subscribe",
 ]
@@ -60,6 +61,24 @@ class OpenRequest(NamedTuple):
     channel_names: tuple[str, ...]
     stats_window: float
     meta: dict[str, Any]
+
+
+def check_hello(msg: tuple[Any, ...]) -> M.Hello:
+    """Decode a HELLO from its unpacked array: the version first (a later version may send more fields)."""
+    if len(msg) < 2 or type(msg[1]) is not int:
+        raise ProtocolError("HELLO must start [HELLO, version, ...]")
+    if msg[1] != P.VERSION and msg[1] not in P.LEGACY_VERSIONS:
+        raise Refused(
+            P.ERR_VERSION,
+            f"protocol version mismatch: broker speaks version {P.VERSION}, client speaks version {msg[1]}",
+        )
+    hello = M.decode(msg)
+    assert isinstance(hello, M.Hello)
+    if hello.role not in ("pub", "sub", "ctl"):
+        raise ProtocolError(f"HELLO role must be 'pub', 'sub' or 'ctl', got {hello.role!r}")
+    if hello.version != P.VERSION and hello.role == "pub":
+        raise Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {hello.version}")
+    return hello
 
 
 def check_open(msg: M.Open) -> OpenRequest:

@@ -30,7 +30,15 @@ from ..wire import messages as M
 from ..wire import protocol as P
 from ..wire.address import ipc_path
 from . import delivery
-from .checks import DescriptorGuard, Refused, check_frame, check_frames, check_open, check_subscribe
+from .checks import (
+    DescriptorGuard,
+    Refused,
+    check_frame,
+    check_frames,
+    check_hello,
+    check_open,
+    check_subscribe,
+)
 from .liveness import alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
 from .report import stats_reply, stream_status
@@ -207,21 +215,8 @@ class BrokerState:
     # ------------------------------------------------------------ clients
 
     def _on_hello(self, ident: bytes, msg: tuple[Any, ...], peer_pid: int) -> None:
-        if len(msg) < 2 or type(msg[1]) is not int:
-            raise ProtocolError("HELLO must start [HELLO, version, ...]")
-        if msg[1] != P.VERSION and msg[1] not in P.LEGACY_VERSIONS:
-            raise Refused(
-                P.ERR_VERSION,
-                f"protocol version mismatch: broker speaks version {P.VERSION}, client speaks version {msg[1]}",
-            )
-        hello = M.decode(msg)
-        assert isinstance(hello, M.Hello)
-        role = hello.role
-        if role not in ("pub", "sub", "ctl"):
-            raise ProtocolError(f"HELLO role must be 'pub', 'sub' or 'ctl', got {role!r}")
-        version = hello.version
-        if version != P.VERSION and role == "pub":
-            raise Refused(P.ERR_VERSION, f"publishers must speak protocol version {P.VERSION}, got {version}")
+        hello = check_hello(msg)
+        role, version = hello.role, hello.version
         # `slabcast status` still answers a full broker: control connections (brief, BYE at once) may use half
         # of the descriptors kept free.
         spare = self.descriptors.headroom // 2 if role == "ctl" else 0
