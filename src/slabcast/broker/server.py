@@ -486,11 +486,6 @@ class Broker:
         """Return the broker's state as plain data (streams, subscribers, pool use)."""
         return self.state.status(time.monotonic())
 
-    @property
-    def _streams(self) -> dict[str, Any]:
-        # `slabcast broker` (cli/main.py) still counts a stream's subscribers through this; use subscribers().
-        return self.state.streams
-
     def subscribers(self, name: str) -> int:
         """How many subscribers stream ``name`` has now (0 if it is not open); safe from another thread,
         one message stale at worst."""

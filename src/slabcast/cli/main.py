@@ -43,13 +43,8 @@ def _broker(args: argparse.Namespace) -> int:
         sources=lambda: [t.status() for t in threads],  # the broker hosts them, and imports none
     )
 
-    def subscribers(name: str) -> int:
-        # Read on a source's thread: the broker's loop may change the list meanwhile, a count one
-        # notice stale at worst (the sources only ask "is anybody there").
-        stream = broker._streams.get(name)
-        return len(stream.subs) if stream is not None else 0
-
-    threads += [SourceThread(src, broker.address, subscribers) for src in sources]
+    # Read on a source's thread: a count one message stale at worst (the sources only ask "is anybody there").
+    threads += [SourceThread(src, broker.address, broker.subscribers) for src in sources]
 
     def start() -> None:
         for t in threads:
