@@ -58,7 +58,10 @@ class _Clocked:
         if not self._ready():
             return 0
         allowed = self._allowed()
-        return self.frame if allowed is None else min(self.frame, allowed)
+        if allowed is None:
+            return self.frame
+        # Whole frames only, while the input lasts (its short end goes out once a frame's time has passed).
+        return self.frame if allowed >= self.frame else 0
 
     def _allowed(self) -> int | None:
         """Samples that may go out now without running ahead of the clock (None: no limit)."""
@@ -76,13 +79,14 @@ class _Clocked:
         return np.full(n, time.time())
 
     def wait(self) -> float:
-        """Seconds until more samples are due."""
+        """Seconds until a whole frame is due (paced: a frame of what came due during the last write would be a
+        sample or two, and the thread would spin)."""
         rate = self.info.rate
         if not self._start:
             return 0.01
         if not self.pace or not rate:
             return 0.0
-        return max(0.0, self._start + (self._produced + 1) / (rate * self.speed) - time.time())
+        return max(0.0, self._start + (self._produced + self.frame) / (rate * self.speed) - time.time())
 
 
 def _enough_subscribers(source: Any, name: str, wanted: int) -> bool:

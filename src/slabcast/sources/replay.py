@@ -21,15 +21,16 @@ class ReplaySource:
 
     Frames come out exactly as recorded, with their original timestamps (shifted by
     the recording's length on each ``loop``), so record -> replay -> record is
-    bit-exact.  ``wait_for=N`` holds playback until the stream has N subscribers,
-    so they see it from its first sample.  ``stream`` names the stream to play of a
+    bit-exact.  ``wait_for=N`` (default 1) holds playback until the stream has N
+    subscribers, so they see it from its first sample (a recording, like a file, is
+    over before late subscribers come; ``wait_for=0`` plays at once).  ``stream`` names the stream to play of a
     recording holding several (an XDF file, a Zarr session).
     """
 
     count_subscribers: Callable[[str], int] | None = None  # set by the broker hosting it: asks no socket
 
     def __init__(self, path: str, speed: float = 1.0, loop: bool = False, name: str | None = None,
-                 wait_for: int = 0, address: str | None = None, stream: str | None = None) -> None:  # fmt: skip
+                 wait_for: int = 1, address: str | None = None, stream: str | None = None) -> None:  # fmt: skip
         from ..client.record import open_recording
 
         if not speed > 0:

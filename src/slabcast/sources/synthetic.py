@@ -27,8 +27,11 @@ class SyntheticSource:
         One tone per channel (cycled).
     noise : float
         Standard deviation of the added Gaussian noise.
+    amplitude : float
+        Peak of each tone, in full scale (1.0: the dtype's largest value for an integer dtype).
     dtype : str
-        ``float32`` or ``float64``.
+        ``float32`` (default), ``float64``, or an integer PCM dtype (``int16``, ``int32``): samples are
+        scaled to its range.
     """
 
     def __init__(self, name: str = "synthetic", rate: float = 48_000.0, channels: int = 2, frame: int = 480,
@@ -63,7 +66,14 @@ class SyntheticSource:
         data = self.amplitude * np.sin(2 * np.pi * t[:, None] * self.freqs[None, :])
         data += self.noise * self._rng.standard_normal(data.shape)
         self._produced += n
-        return data.astype(self.info.dtype), self._start + t
+        dtype = self.info.dtype
+        if dtype.kind == "i":  # full scale is the dtype's range (an int16 cast of 0.5 would be silence)
+            top = np.iinfo(dtype).max
+            data = np.clip(np.rint(data * top), np.iinfo(dtype).min, top)
+        elif dtype.kind == "u":  # unsigned PCM: silence is half the range
+            top = np.iinfo(dtype).max
+            data = np.clip(np.rint((data + 1.0) * (top / 2)), 0, top)
+        return data.astype(dtype), self._start + t
 
     def disconnect(self) -> None:
         """Nothing to release."""
