@@ -57,7 +57,7 @@ def _rate(chunk: Any, rate: float | None) -> int:
     return int(info.rate)
 
 
-def wav_file(chunk: Any, out: str = ".", rate: float | None = None) -> None:
+def wav_file(chunk: Any, out: str, rate: float | None = None) -> None:
     """Write the chunk as a WAV file ``<out>/<stream index>.wav`` at the stream's rate (or ``rate``).
 
     Integer PCM is written bit for bit at its width (``uint8`` 8-bit, ``int16``
@@ -83,7 +83,7 @@ def wav_file(chunk: Any, out: str = ".", rate: float | None = None) -> None:
     _say(f"[wav   ] t0={chunk.t0:.3f} seq={chunk.seq:3d}  wrote {path} ({len(pcm) / rate:.2f} s)")
 
 
-def flac_file(chunk: Any, out: str = ".", rate: float | None = None) -> None:
+def flac_file(chunk: Any, out: str, rate: float | None = None) -> None:
     """Write the chunk as a FLAC file ``<out>/<stream index>.flac`` through ``soundfile`` (libsndfile),
     at the stream's rate (or ``rate``).
 

@@ -13,6 +13,7 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     cfg.write_text(
         "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\nhistory = 30.0\n"
         "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nseconds = 10.0\nclip = true\n"
+        "options = { out = 'takes' }\n"
     )
     config = load_config(str(cfg))
     (source,) = config.sources
@@ -35,3 +36,40 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     given.write_text(cfg.read_text().replace("history = 30.0\n", "max_chunk_bytes = 8388608\n"))
     opts = load_config(str(given)).sources[0]["options"]
     assert int(opts["max_chunk_bytes"]) == 8 << 20 and int(opts["slab_bytes"]) == 16 << 20
+
+
+def test_relative_file_names_in_a_config_are_read_beside_it_whatever_the_working_directory(tmp_path, monkeypatch):
+    # Task modules were found beside the config, but `path = "take.wav"` followed the working directory:
+    # `cd / && slabcast up /x/file.toml` said "no audio file at 'take.wav'".
+    soundfile = __import__("pytest").importorskip("soundfile")
+    import numpy as np
+
+    from slabcast.cli.up import load_config
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    soundfile.write(str(conf / "take.wav"), np.zeros(800, np.int16), 8000)
+    (conf / "file.toml").write_text(
+        "[[sources]]\nkind = 'file'\nname = 'take'\npath = 'take.wav'\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'take'\nsize = 100\n"
+        "options = { out = 'takes' }\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("conf/file.toml")
+    assert config.sources[0]["options"]["path"] == str(conf / "take.wav")
+    assert config.tasks[0].options["out"] == str(conf / "takes")
+
+
+def test_a_task_writing_files_must_say_where(tmp_path):
+    # slabcast.examples:wav_file without `out` wrote into whatever directory up was started from.
+    import pytest
+
+    from slabcast.cli.up import ConfigError, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nsize = 100\n"
+    )
+    with pytest.raises(ConfigError, match="out"):
+        load_config(str(cfg))

@@ -169,6 +169,7 @@ def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str,
         raise ConfigError(f"{where}: must be a table, got {raw!r}")
     kind = _choice(where, "kind", raw.get("kind"), source_kinds())
     given = {k: v for k, v in raw.items() if k != "kind"}
+    _beside_config(path, given, ("path",))
     history = given.pop("history", None)
     try:
         opts, pool = source_options(kind, given)
@@ -212,6 +213,7 @@ def _task(path: str, i: int, raw: Any) -> Task:
         _bool(where, key, getattr(task, key))
     if not isinstance(task.options, dict):
         raise ConfigError(f"{where}: 'options' must be a table, got {task.options!r}")
+    _beside_config(path, task.options, ("out", "path"))
     _number(where, "max_failures", task.max_failures, integer=True, low_ok=True)
     try:
         fn = resolve(task.call)
@@ -225,6 +227,16 @@ def _task(path: str, i: int, raw: Any) -> Task:
         raise ConfigError(f"{where}: {task.call!r} is not callable")
     _check_options(where, task.call, fn, task.options, skip=1)
     return task
+
+
+def _beside_config(config: str, options: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Relative file names in a config are read beside the config, as its task modules are (not from the
+    working directory ``up`` was started in)."""
+    base = os.path.dirname(os.path.abspath(config))
+    for key in keys:
+        value = options.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+            options[key] = os.path.join(base, os.path.expanduser(value))  # (an absolute one stays as it is)
 
 
 def _round_up(n: int, step: int) -> int:
