@@ -73,3 +73,29 @@ def test_a_task_writing_files_must_say_where(tmp_path):
     )
     with pytest.raises(ConfigError, match="out"):
         load_config(str(cfg))
+
+
+def test_the_shipped_configs_load(tmp_path, monkeypatch):
+    # docs/up.md runs broker/stdin.toml and broker/file.toml: they must exist and check.
+    import os
+    import pathlib
+    import shutil
+    import sys
+
+    import numpy as np
+    import pytest
+
+    soundfile = pytest.importorskip("soundfile")
+    from slabcast.cli.up import load_config
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "broker"
+    devnull = open(os.devnull)  # noqa: SIM115  (the stdin source reads the process's standard input)
+    monkeypatch.setattr(sys, "stdin", devnull)
+    stdin = load_config(str(root / "stdin.toml"))
+    assert [s["kind"] for s in stdin.sources] == ["stdin"]
+    assert stdin.tasks[1].options["out"] == str(root / "takes")
+    shutil.copy(root / "file.toml", tmp_path / "file.toml")
+    soundfile.write(str(tmp_path / "speech.wav"), np.zeros(4800, np.int16), 48000)
+    file = load_config(str(tmp_path / "file.toml"))
+    assert file.sources[0]["options"]["path"] == str(tmp_path / "speech.wav")
+    devnull.close()
