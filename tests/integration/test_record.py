@@ -190,3 +190,33 @@ def test_an_evicted_recorder_ends_its_file_at_the_hole_and_exits_non_zero(stream
         assert "the next chunk starts at" in said and "missing" in said, said
     else:
         assert "evicted" in said, said
+
+
+def test_record_into_a_pipe_writes_lines_not_carriage_returns_and_repair_names_a_missing_file(broker, stream_name,
+                                                                                              tmp_path):
+    # A log file got "waiting for the stream^Mrecorded ..."; --repair of a missing file said "System error".
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.wav"
+    with slabcast.Publisher(stream_name, dtype="int16", rate=8000, address=broker.address) as pub:
+        rec = subprocess.Popen([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out),
+                                "--address", broker.address], stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not any(s["name"] == stream_name and s["subscribers"]
+                          for s in slabcast.broker_status(broker.address)["streams"]):  # fmt: skip
+                assert time.monotonic() < deadline and rec.poll() is None, "the recorder never subscribed"
+                time.sleep(0.05)  # the broker's status is the only place its subscription shows
+            for k in range(4):
+                pub.write(np.full(100, k, np.int16))
+        except BaseException:
+            rec.kill()
+            rec.wait(10)
+            raise
+    err = rec.communicate(timeout=60)[1]
+    assert rec.returncode == 0, err
+    assert "\r" not in err and "recorded" in err, err
+    bad = subprocess.run([sys.executable, "-m", "slabcast", "record", "--repair", str(tmp_path / "nothere.flac")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "nothere.flac: no such file" in bad.stderr, bad.stderr

@@ -389,10 +389,24 @@ class _Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        try:
+            self.tty = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.last = 0.0
 
     def say(self, text: str, end: str = "") -> None:
         if not self.enabled:
             return
+        if not self.tty:
+            # A log file or a pipe: no carriage returns, and a running line at most every 10 s.
+            final = end == "\n"
+            text = text.lstrip("\r").rstrip()
+            now = time.monotonic()
+            if not final and now - self.last < 10.0:
+                return
+            self.last = now
+            end = "\n"
         try:
             print(text, end=end, file=sys.stderr, flush=True)
         except (OSError, ValueError):  # EPIPE (Python ignores SIGPIPE), EIO, a closed sys.stderr

@@ -268,6 +268,8 @@ def repair(path: str) -> int:
     import soundfile
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     try:
         meta = soundfile.info(path)
     except Exception as exc:  # LibsndfileError or OSError
