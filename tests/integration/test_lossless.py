@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import slabcast
-from slabcast.client import publisher as _publisher
+from slabcast.client import _pubstate
 from slabcast.wire import protocol as P
 from tests.integration import workers as W
 
@@ -27,7 +27,7 @@ from .test_c_client import CSub, c_sub  # noqa: F401  (the session fixture that 
 @pytest.fixture
 def one_notice_per_write(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every write of this process's publishers sends its own notice (no batching)."""
-    monkeypatch.setattr(_publisher, "_SPORADIC", 0.0)
+    monkeypatch.setattr(_pubstate, "SPORADIC", 0.0)
 
 
 def _write(pub: slabcast.Publisher, start: int, count: int, held: threading.Event | None = None) -> None:

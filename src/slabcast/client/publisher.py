@@ -15,7 +15,6 @@ import struct
 import threading
 import time
 import weakref
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -27,18 +26,13 @@ from ..client.connection import Connection, _context, error_for, share_socket_fi
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
 from ..wire import messages as M
 from ..wire import protocol as P
+from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
 
 __all__ = ["Publisher", "check_frame"]
 
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
-# Notice batching: a write less than _SPORADIC seconds after the previous notice joins a
-# batch (one FRAMES message) sent when it holds _BATCH frames or is _BATCH_DELAY old.
-# Sporadic writers (every frame later than that) keep one immediate FRAME each: no delay.
-_SPORADIC = 50e-6
-_BATCH = 64
-_BATCH_DELAY = 0.5e-3
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -48,11 +42,11 @@ _GEN = struct.Struct("<I")
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: threading.Event) -> None:
-    """The publisher's background thread: sends a batch no later write filled (within _BATCH_DELAY), and
+    """The publisher's background thread: sends a batch no later write filled (within BATCH_DELAY), and
     every _SERVICE seconds answers joining subscribers and the broker's CARRY, even while no one writes."""
     while True:
         if kick.wait(_SERVICE):
-            time.sleep(_BATCH_DELAY)
+            time.sleep(BATCH_DELAY)
         pub = ref()
         if pub is None or not pub._service():
             return
@@ -258,33 +252,20 @@ class Publisher:
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
         self.timestamps = bool(timestamps)
-        self._grants: deque[int] = deque()
-        self._carry = min(int(carry), self.reserve)  # bytes of the old slab's tail to copy into each new one
-        self._slab_carry = 0  # what was carried into the slab being written
-        self._switch_unsent = False  # a slab change whose FRAME has not gone to the broker yet
-        self._carried_due: int | None = None  # a CARRIED to send right after that FRAME
+        # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
+        self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
         self._slab = -1
         self._gen = 0
         self._floor = 0  # lowest stream index readable contiguously in the current slab
         self._nseq = 0  # notices published
-        self._slab_notices = 0  # notices about the slab being written
-        self._notice_cap = P.notices_per_slab(self.nslabs)
         self._topic = P.stream_topic(stream)
-        self._pend_index = 0
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
-        self._offset = 0
-        self._end = 0  # no slab yet
         self._frame_limit = self.slab_bytes - self.reserve
         self._next_check = 0.0
         self._sync_token = 0
         self._synced = 0  # the highest SYNC token the broker answered
         # One lock for the socket: the writer and the batch flusher both send on it.
         self._lock = threading.Lock()
-        self._pend_offset = 0
-        self._pend_n: list[int] = []
-        self._pend_t: list[float] = []
-        self._unnoticed = 0  # the last frames of the batch whose notice is not sent yet
-        self._last_send = 0.0
         self._kick = threading.Event()
         # The thread holds only a weak reference: a Publisher dropped without close() is still collected
         # (its __del__ closes the stream).
@@ -360,9 +341,8 @@ class Publisher:
             self._take_messages(0)
             if self._conn.poll_gone():
                 raise BrokerGoneError(f"the {self._conn.where} went away ({self._where})")
-        offset = self._offset
-        if offset + nbytes > self._end or (self._slab_notices >= self._notice_cap and self._carried_enough()):
-            offset = self._next_slab()
+        state = self._state
+        offset = self._next_slab() if state.needs_slab(nbytes) else state.offset
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
         if stamps is not None:
             at = time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
@@ -370,33 +350,19 @@ class Publisher:
         t0 = float(t0)
         index = self.samples
         with self._lock:
-            if discontinuity:
+            # The notice is what subscribers wait for: at once for a sporadic writer, batched (with the
+            # broker's FRAME, which nobody waits on) for a fast one.
+            action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
+            if action == AT_ONCE:
+                flags = P.FLAG_DISCONTINUITY if discontinuity else 0
+                self._flush_pending()  # (a jump: the frames batched before it go first)
+                self._notice(index, offset, n, t0, flags)
+                self._send_frame(M.Frame(offset, n, t0, flags, state.slab_carry))
+                state.last_send = now
+            elif action == OPENED:
+                self._kick.set()  # the flusher sends this batch if no write fills it
+            elif action == FULL:
                 self._flush_pending()
-                self._notice(index, offset, n, t0, P.FLAG_DISCONTINUITY)
-                self._conn.send(M.Frame(offset, n, t0, P.FLAG_DISCONTINUITY, self._slab_carry))
-                self._frame_sent()
-                self._last_send = now
-            else:
-                # The broker's FRAME(S) are always batched (sent within _BATCH_DELAY): it needs the
-                # head for grants and status, nobody waits on it.  The notice is what subscribers
-                # wait for: at once for a sporadic writer, batched for a fast one.
-                if not self._pend_n and now - self._last_send >= _SPORADIC:
-                    # A sporadic writer: notice and FRAME at once, no batch, no thread to wake.
-                    self._notice(index, offset, n, t0, 0)
-                    self._conn.send(M.Frame(offset, n, t0, 0, self._slab_carry))
-                    self._frame_sent()
-                    self._last_send = now
-                else:
-                    if not self._pend_n:
-                        self._pend_offset = offset
-                        self._pend_index = index
-                        self._kick.set()  # the flusher sends this batch if no write fills it
-                    self._pend_n.append(n)
-                    self._pend_t.append(t0)
-                    self._unnoticed += 1
-                    if len(self._pend_n) >= _BATCH:
-                        self._flush_pending()
-        self._offset = offset + nbytes
         self.frames += 1
         self.samples += n
 
@@ -451,7 +417,7 @@ class Publisher:
         """Publish one NOTICE to every local subscriber (caller holds the lock)."""
         seq = self._nseq
         self._nseq = seq + 1
-        self._slab_notices += 1
+        self._state.slab_notices += 1
         payload = M.encode(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
         # A subscriber whose queue is full loses this one (it sees the seq gap); nobody waits.
         with contextlib.suppress(zmq.Again):
@@ -493,26 +459,13 @@ class Publisher:
 
     def _flush_pending(self) -> None:
         """Send the batched notices, then the batch's FRAME(S) to the broker (caller holds the lock)."""
-        ns, ts = self._pend_n, self._pend_t
-        if not ns:
+        if not self._state.pend_n:
             return
-        if self._unnoticed:
-            k = len(ns) - self._unnoticed
-            before = sum(ns[:k])
-            index, offset = self._pend_index + before, self._pend_offset + before * self.sample_bytes
-            if self._unnoticed == 1:
-                self._notice(index, offset, ns[-1], ts[-1], 0)
-            else:
-                self._notice(index, offset, ns[k:], ts[k:], 0)
-            self._unnoticed = 0
-            self._last_send = time.monotonic()
-        if len(ns) == 1:
-            self._conn.send(M.Frame(self._pend_offset, ns[0], ts[0], 0, self._slab_carry))
-        else:
-            self._conn.send(M.Frames(self._pend_offset, tuple(ns), tuple(ts), self._slab_carry))
-        self._frame_sent()
-        self._pend_n = []
-        self._pend_t = []
+        batch = self._state.take_batch(time.monotonic())
+        assert batch is not None
+        if batch.notice is not None:
+            self._notice(*batch.notice, 0)
+        self._send_frame(batch.frame)
 
     def _service(self) -> bool:
         """One turn of the background thread; False when it should end."""
@@ -535,9 +488,10 @@ class Publisher:
         with self._lock:
             self._flush_pending()  # subscribers may wait for these before they free a slab
         self._take_messages(0)
-        if not self._grants:
+        grants = self._state.grants
+        if not grants:
             deadline = time.monotonic() + self.timeout
-            while not self._grants:
+            while not grants:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WriteTimeout(
@@ -546,13 +500,7 @@ class Publisher:
                     )
                 self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
-            return self._switch_to(self._grants.popleft())
-
-    def _carried_enough(self) -> bool:
-        """Whether the slab being written holds the whole tail the next slab must carry (an early move to a
-        new slab, for the notice cap, must not carry less than a full slab would)."""
-        data = self._header + self._slab * self.slab_bytes + self.reserve
-        return bool(self._offset - (data - self._slab_carry) >= self._carry)
+            return self._switch_to(grants.popleft())
 
     def _switch_to(self, slab: int) -> int:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
@@ -560,23 +508,20 @@ class Publisher:
         self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
         start = self._header + slab * self.slab_bytes
         data = start + self.reserve
+        old = self._state.offset
         # Copy the tail subscribers may still be accumulating just before the new slab's data,
         # so that every chunk lies contiguously in the slab of the frame that completes it.
-        carry = self._carry if self._end else 0
+        carry = self._state.switch(start, self.slab_bytes)
         if carry:
             u8 = self._u8
-            u8[data - carry : data] = u8[self._offset - carry : self._offset]
+            u8[data - carry : data] = u8[old - carry : old]
             if self.timestamps:  # and the times of the carried samples
 
                 def at(offset: int) -> int:
                     return time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
 
-                u8[at(data - carry) : at(data)] = u8[at(self._offset - carry) : at(self._offset)]
-        self._slab_carry = carry
-        self._slab_notices = 0
-        self._switch_unsent = bool(self._end)  # its first FRAME tells the broker of the change
+                u8[at(data - carry) : at(data)] = u8[at(old - carry) : at(old)]
         self._floor = self.samples - carry // self.sample_bytes
-        self._end = start + self.slab_bytes
         return int(data)
 
     def _take_messages(self, timeout: float) -> None:
@@ -588,7 +533,7 @@ class Publisher:
         msg = self._conn.recv(timeout)
         while msg is not None:
             if isinstance(msg, M.Grant):
-                self._grants.append(msg.slab)
+                self._state.grants.append(msg.slab)
             elif isinstance(msg, M.Carry):
                 self._on_carry(msg)
             elif isinstance(msg, M.Synced):
@@ -598,21 +543,17 @@ class Publisher:
             msg = self._conn.recv(0)
 
     def _on_carry(self, msg: M.Carry) -> None:
-        # From the next slab on (caller holds the lock).  Confirmed at once, unless a slab change made with
-        # the old carry has not reached the broker yet: then right after its FRAME, so that a subscriber the
-        # broker starts on this confirmation never sees a slab change that carried less than it needs.
-        self._carry = min(msg.nbytes, self.reserve)
-        if self._switch_unsent:
-            self._carried_due = self._carry
-        else:
-            self._conn.send(M.Carried(self._carry))
+        # From the next slab on (caller holds the lock); confirmed when the state says (PublisherState.on_carry).
+        carried = self._state.on_carry(msg.nbytes)
+        if carried is not None:
+            self._conn.send(M.Carried(carried))
 
-    def _frame_sent(self) -> None:
-        """A FRAME(S) went to the broker (caller holds the lock): a slab change it announced is known there."""
-        self._switch_unsent = False
-        if self._carried_due is not None:
-            self._conn.send(M.Carried(self._carried_due))
-            self._carried_due = None
+    def _send_frame(self, frame: M.Frame | M.Frames) -> None:
+        """Send a FRAME(S) to the broker, then a CARRIED that waited for it (caller holds the lock)."""
+        self._conn.send(frame)
+        carried = self._state.frame_sent()
+        if carried is not None:
+            self._conn.send(M.Carried(carried))
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""

@@ -1,0 +1,163 @@
+"""The publisher's rules as a state object with no socket, thread or clock: grants, the carry, batching.
+
+:class:`~slabcast.Publisher` copies frames into shared memory and sends what this
+object says to send; every decision about *when* is taken here, from the events it is
+given (a GRANT or CARRY came, a frame was placed, a FRAME went out) and the ``now`` it
+is handed, so that ``tests/unit/test_publisher_state.py`` checks them in microseconds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from ..wire import messages as M
+
+__all__ = ["AT_ONCE", "BATCH", "BATCHED", "BATCH_DELAY", "FULL", "OPENED", "SPORADIC", "Batch", "PublisherState"]
+
+# Notice batching: a write less than SPORADIC seconds after the previous notice joins a
+# batch (one FRAMES message) sent when it holds BATCH frames or is BATCH_DELAY old.
+# Sporadic writers (every frame later than that) keep one immediate FRAME each: no delay.
+SPORADIC = 50e-6
+BATCH = 64
+BATCH_DELAY = 0.5e-3
+
+# What to do with a frame just placed (PublisherState.place):
+AT_ONCE = 0  # send the batch if any, then this frame's NOTICE and FRAME
+OPENED = 1  # it opened a batch: wake the flusher, which sends it within BATCH_DELAY if no write fills it
+BATCHED = 2  # it joined the batch
+FULL = 3  # it filled the batch: send it now
+
+
+class Batch(NamedTuple):
+    """What to send for the batched frames: their NOTICE's fields (if not sent yet), then their FRAME(S)."""
+
+    notice: tuple[int, int, int | tuple[int, ...], float | tuple[float, ...]] | None  # (index, offset, ns, t0s)
+    frame: M.Frame | M.Frames
+
+
+class PublisherState:
+    """Where the publisher writes, which slabs it was granted, what it carries, and what it has not sent yet.
+
+    Parameters
+    ----------
+    reserve : int
+        Bytes at the start of each slab for the carried part (the most that can be carried).
+    carry : int
+        Bytes of the old slab's tail to copy into each new slab, as the broker said in OPENED.
+    notice_cap : int
+        The most notices about one slab (a subscriber's notice backlog is bounded).
+    sample_bytes : int
+        Bytes per sample (all channels).
+    """
+
+    def __init__(self, reserve: int, carry: int, notice_cap: int, sample_bytes: int) -> None:
+        self.reserve = reserve
+        self.sample_bytes = sample_bytes
+        self.notice_cap = notice_cap
+        self.grants: deque[int] = deque()  # slabs granted and not written yet, in the broker's order
+        self.carry = min(int(carry), reserve)  # bytes of the old slab's tail to copy into each new one
+        self.slab_carry = 0  # what was carried into the slab being written
+        self.slab_data = 0  # byte where the slab being written starts its frames (after the carried part)
+        self.offset = 0  # byte where the next frame goes
+        self.end = 0  # byte just past the slab being written; 0: no slab yet
+        self.slab_notices = 0  # notices about the slab being written
+        self.switch_unsent = False  # a slab change whose FRAME has not gone to the broker yet
+        self.carried_due: int | None = None  # a CARRIED to send right after that FRAME
+        self.last_send = 0.0  # when the last notice went out
+        # The batch: frames placed whose FRAME (and, for `unnoticed` of them, NOTICE) is not sent yet.
+        self.pend_index = 0
+        self.pend_offset = 0
+        self.pend_n: list[int] = []
+        self.pend_t: list[float] = []
+        self.unnoticed = 0
+
+    # ------------------------------------------------------------ slabs
+
+    def carried_enough(self) -> bool:
+        """Whether the slab being written holds the whole tail the next slab must carry (an early move to a
+        new slab, for the notice cap, must not carry less than a full slab would)."""
+        return self.offset - (self.slab_data - self.slab_carry) >= self.carry
+
+    def needs_slab(self, nbytes: int) -> bool:
+        """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its notices."""
+        return self.offset + nbytes > self.end or (self.slab_notices >= self.notice_cap and self.carried_enough())
+
+    def switch(self, start: int, slab_bytes: int) -> int:
+        """Start writing the slab at byte ``start``; return the bytes of the old slab's tail to carry into it
+        (0 for the first slab), which the caller copies to just before the returned data start."""
+        carry = self.carry if self.end else 0
+        self.slab_carry = carry
+        self.slab_notices = 0
+        self.switch_unsent = bool(self.end)  # its first FRAME tells the broker of the change
+        self.slab_data = start + self.reserve
+        self.end = start + slab_bytes
+        return carry
+
+    def place(self, index: int, offset: int, n: int, nbytes: int, t0: float, now: float, jump: bool = False) -> int:
+        """A frame of ``n`` samples (``nbytes``) starting at stream ``index`` was written at byte ``offset``
+        at ``now``; ``jump``: the stream jumps before it.  Return what to send: AT_ONCE, OPENED, BATCHED
+        or FULL (one call per write: this is the publisher's hot path)."""
+        self.offset = offset + nbytes
+        pend_n = self.pend_n
+        if jump or (not pend_n and now - self.last_send >= SPORADIC):
+            return AT_ONCE  # a jump, or a sporadic writer (nothing batched): no delay, no thread to wake
+        if not pend_n:
+            self.pend_offset = offset
+            self.pend_index = index
+        pend_n.append(n)
+        self.pend_t.append(t0)
+        self.unnoticed += 1
+        if len(pend_n) >= BATCH:
+            return FULL
+        return OPENED if len(pend_n) == 1 else BATCHED
+
+    # ------------------------------------------------------------ the carry
+
+    def on_carry(self, nbytes: int) -> int | None:
+        """The broker asked for a new carry (from the next slab on): the CARRIED to send now, or None.
+
+        Confirmed at once, unless a slab change made with the old carry has not reached the broker
+        yet: then right after its FRAME (see :meth:`frame_sent`), so that a subscriber the broker
+        starts on this confirmation never meets a slab change that carried less than it needs.
+        """
+        self.carry = min(nbytes, self.reserve)
+        if self.switch_unsent:
+            self.carried_due = self.carry
+            return None
+        return self.carry
+
+    def frame_sent(self) -> int | None:
+        """A FRAME(S) went to the broker: a slab change it announced is known there.  The CARRIED now due,
+        if any, to send right after it."""
+        self.switch_unsent = False
+        due = self.carried_due
+        self.carried_due = None
+        return due
+
+    # ------------------------------------------------------------ batching
+
+    def take_batch(self, now: float) -> Batch | None:
+        """Empty the batch: what to send for it (None if empty).  ``now``: when its notice goes out."""
+        ns, ts = self.pend_n, self.pend_t
+        if not ns:
+            return None
+        notice: tuple[int, int, int | tuple[int, ...], float | tuple[float, ...]] | None = None
+        if self.unnoticed:
+            k = len(ns) - self.unnoticed
+            before = sum(ns[:k])
+            index, offset = self.pend_index + before, self.pend_offset + before * self.sample_bytes
+            if self.unnoticed == 1:
+                notice = (index, offset, ns[-1], ts[-1])
+            else:
+                notice = (index, offset, tuple(ns[k:]), tuple(ts[k:]))
+            self.unnoticed = 0
+            self.last_send = now
+        frame: M.Frame | M.Frames
+        if len(ns) == 1:
+            frame = M.Frame(self.pend_offset, ns[0], ts[0], 0, self.slab_carry)
+        else:
+            frame = M.Frames(self.pend_offset, tuple(ns), tuple(ts), self.slab_carry)
+        self.pend_n = []
+        self.pend_t = []
+        return Batch(notice, frame)

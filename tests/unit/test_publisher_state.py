@@ -1,0 +1,168 @@
+"""The publisher's rules (grants, the carry, the notice cap, batching) on PublisherState alone: no socket, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from slabcast.client._pubstate import AT_ONCE, BATCH, BATCHED, FULL, OPENED, SPORADIC, Batch, PublisherState
+from slabcast.wire import messages as M
+
+HEADER = 4096
+SLAB = 65536
+RESERVE = 16384
+SAMPLE = 4
+
+
+def state(carry: int = 4096, cap: int = 1000) -> PublisherState:
+    return PublisherState(reserve=RESERVE, carry=carry, notice_cap=cap, sample_bytes=SAMPLE)
+
+
+def start(st: PublisherState, slab: int) -> int:
+    """What the publisher does on a slab change: returns the data start (and the carry the state asked)."""
+    base = HEADER + slab * SLAB
+    st.switch(base, SLAB)
+    st.offset = base + RESERVE
+    return base + RESERVE
+
+
+# ------------------------------------------------------------ the carry and its confirmation
+
+
+def test_carried_waits_for_the_frame_of_a_slab_change_made_with_the_old_carry():
+    st = state()
+    start(st, 0)
+    assert not st.switch_unsent  # the first slab is no change the broker must hear of
+    start(st, 1)
+    assert st.switch_unsent
+    assert st.on_carry(8192) is None  # not yet: the change in flight carried 4096
+    assert st.carry == 8192  # but the next slab carries the new amount
+    assert st.frame_sent() == 8192  # right after the FRAME that announced the change
+    assert st.frame_sent() is None  # once
+    assert st.on_carry(2048) == 2048  # no change in flight: confirmed at once
+
+
+def test_only_the_last_carry_asked_during_a_change_is_confirmed():
+    st = state()
+    start(st, 0)
+    start(st, 1)
+    assert st.on_carry(8192) is None
+    assert st.on_carry(1024) is None
+    assert st.frame_sent() == 1024
+
+
+@pytest.mark.parametrize(("asked", "kept"), [(0, 0), (4096, 4096), (RESERVE, RESERVE), (10 * RESERVE, RESERVE)])
+def test_the_carry_never_exceeds_the_carried_part(asked, kept):
+    assert state(carry=asked).carry == kept
+    st = state()
+    assert st.on_carry(asked) == kept
+
+
+def test_the_first_slab_carries_nothing_and_later_ones_the_carry_of_their_change():
+    st = state(carry=4096)
+    assert st.switch(HEADER, SLAB) == 0
+    assert (st.slab_carry, st.slab_data, st.end) == (0, HEADER + RESERVE, HEADER + SLAB)
+    st.on_carry(8192)
+    assert st.switch(HEADER + SLAB, SLAB) == 8192
+    assert st.slab_carry == 8192
+
+
+# ------------------------------------------------------------ grants and slab changes
+
+
+def test_grants_are_used_in_the_order_the_broker_gave_them():
+    st = state()
+    for slab in (3, 1, 2):
+        st.grants.append(slab)
+    assert [st.grants.popleft() for _ in range(3)] == [3, 1, 2]
+
+
+def test_a_frame_that_does_not_fit_needs_a_new_slab():
+    st = state()
+    assert st.needs_slab(SAMPLE)  # no slab yet
+    data = start(st, 0)
+    room = SLAB - RESERVE
+    assert not st.needs_slab(room)
+    st.offset = data + room - SAMPLE
+    assert not st.needs_slab(SAMPLE)
+    assert st.needs_slab(2 * SAMPLE)
+
+
+def test_the_notice_cap_moves_to_a_new_slab_only_once_the_tail_to_carry_is_written():
+    st = state(carry=4096, cap=3)
+    data = start(st, 0)
+    st.slab_notices = 3
+    st.offset = data + 4096 - SAMPLE
+    assert not st.needs_slab(SAMPLE)  # moving now would carry less than a full slab would
+    st.offset = data + 4096
+    assert st.needs_slab(SAMPLE)
+    start(st, 1)
+    assert st.slab_notices == 0
+
+
+def test_the_tail_carried_into_a_slab_counts_towards_the_next_carry():
+    st = state(carry=4096, cap=1)
+    start(st, 0)
+    st.offset += 4096
+    data = start(st, 1)  # it carried 4096 bytes: already enough for the next slab
+    st.slab_notices = 1
+    assert st.carried_enough()
+    assert st.needs_slab(SAMPLE)
+    st.on_carry(8192)
+    assert not st.carried_enough()
+    st.offset = data + 4096
+    assert st.carried_enough()
+
+
+# ------------------------------------------------------------ batching
+
+
+def test_a_sporadic_writer_sends_each_frame_at_once():
+    st = state()
+    assert st.place(0, 100, 1, SAMPLE, 0.0, now=1.0) == AT_ONCE
+    assert st.offset == 100 + SAMPLE
+    st.last_send = 1.0  # (the publisher notes when it sent)
+    assert st.place(1, 104, 1, SAMPLE, 0.0, now=1.0 + SPORADIC) == AT_ONCE
+    st.last_send = 1.0 + SPORADIC
+    assert st.place(2, 108, 1, SAMPLE, 0.0, now=1.0 + 1.5 * SPORADIC) == OPENED  # a fast writer batches
+    assert st.pend_n == [1]
+
+
+def test_a_frame_joins_an_open_batch_whatever_the_time_and_a_jump_sends_the_batch_first():
+    st = state()
+    st.last_send = 1.0
+    assert st.place(0, 100, 2, 2 * SAMPLE, 5.0, now=1.0) == OPENED  # the flusher must send it in time
+    assert st.place(2, 108, 3, 3 * SAMPLE, 5.5, now=1e9) == BATCHED
+    assert st.place(5, 120, 1, SAMPLE, 6.0, now=1e9, jump=True) == AT_ONCE  # after the batch (caller sends it)
+    assert st.pend_n == [2, 3]
+    assert st.offset == 124
+
+
+def test_a_batch_is_full_at_its_size_and_goes_as_one_notice_and_one_frames():
+    st = state()
+    st.last_send = 1.0
+    for i in range(BATCH - 1):
+        assert st.place(i, 1000 + SAMPLE * i, 1, SAMPLE, float(i), now=1.0) == (OPENED if i == 0 else BATCHED)
+    assert st.place(BATCH - 1, 1000 + SAMPLE * (BATCH - 1), 1, SAMPLE, float(BATCH - 1), now=1.0) == FULL
+    batch = st.take_batch(now=7.0)
+    assert batch == Batch((0, 1000, (1,) * BATCH, tuple(float(i) for i in range(BATCH))),
+                          M.Frames(1000, (1,) * BATCH, tuple(float(i) for i in range(BATCH)), 0))  # fmt: skip
+    assert st.last_send == 7.0
+    assert st.take_batch(now=8.0) is None
+    assert st.place(0, 0, 1, SAMPLE, 0.0, now=7.0) == OPENED  # a new batch
+
+
+def test_a_batch_of_one_frame_is_a_plain_notice_and_frame_with_the_slab_carry():
+    st = state(carry=4096)
+    start(st, 0)
+    st.on_carry(4096)
+    start(st, 1)
+    st.last_send = 1.0
+    assert st.place(10, 500, 3, 3 * SAMPLE, 2.5, now=1.0) == OPENED
+    assert st.take_batch(now=1.0) == Batch((10, 500, 3, 2.5), M.Frame(500, 3, 2.5, 0, 4096))
+
+
+def test_an_empty_batch_sends_nothing_and_keeps_the_last_send_time():
+    st = state()
+    st.last_send = 3.0
+    assert st.take_batch(now=9.0) is None
+    assert st.last_send == 3.0
