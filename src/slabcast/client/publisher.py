@@ -22,7 +22,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
-from ..client.connection import Connection, _context, error_for, share_socket_file, unexpected
+from ..client.connection import FORKS, Connection, _context, error_for, share_socket_file, unexpected
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -207,6 +207,7 @@ class Publisher:
             raise ValueError(f"rate must be a positive number of samples per second or None, got {rate!r}")
         self.name = stream
         self._pid = os.getpid()
+        self._forks = FORKS[0]
         self.channels = channels
         self.rate = float(rate) if rate is not None else None
         self.timeout = timeout
@@ -310,7 +311,7 @@ class Publisher:
         """
         if self._closed:
             raise ClosedError(f"publisher of {self._where} is closed")
-        if os.getpid() != self._pid:
+        if FORKS[0] != self._forks:
             raise ClosedError(
                 f"the publisher of {self._where} was created in process {self._pid}; its ZeroMQ sockets do not "
                 "survive fork(): create the Publisher in the process that writes"

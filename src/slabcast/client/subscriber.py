@@ -27,7 +27,7 @@ from .._exceptions import (
     WouldBlock,
 )
 from .._info import StreamInfo, SubscriberStatistics
-from ..client.connection import Connection, error_for, unexpected
+from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.rechunk import check_sampler, check_size
 from ..core.shm import attach
 from ..wire import messages as M
@@ -41,17 +41,6 @@ from ._transport import Receiver
 from .chunk import Chunk
 
 __all__ = ["Chunk", "Subscriber"]
-
-_forks = 0  # fork()s this process went through: a Subscriber made before the last one is its parent's
-
-
-def _forked() -> None:
-    global _forks
-    _forks += 1
-
-
-# A counter, not os.getpid() (a system call, 0.2 us) at every recv: the local per-chunk cost is ~3.5 us.
-os.register_at_fork(after_in_child=_forked)
 
 
 class Subscriber:
@@ -177,7 +166,7 @@ class Subscriber:
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"
         self._pid = os.getpid()
-        self._forks = _forks
+        self._forks = FORKS[0]
         self.auto_resubscribe = True
         self._rx: Receiver
         self._connect(address)
@@ -332,7 +321,7 @@ class Subscriber:
     def _recv(self, timeout: float | None) -> Chunk | None:
         if self._closed:
             raise ClosedError(f"{self._where} is closed")
-        if _forks != self._forks:
+        if FORKS[0] != self._forks:
             raise ClosedError(
                 f"{self._where} was created in process {self._pid}; its ZeroMQ sockets do not survive fork(): "
                 "create the Subscriber in the process that uses it"
