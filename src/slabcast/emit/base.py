@@ -1,28 +1,27 @@
 """What every BufferEmit mode shares: the buffers (slabs), the callbacks and their errors, the pool interface.
 
 The serial writer uses a slab directly; thread mode (threads.py) and process mode
-(processes.py) implement ``_Pool``, which recycles slabs and runs the callbacks.
+(processes.py) implement ``Pool``, which recycles slabs and runs the callbacks.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ..core.shm import Segment
+from .frames import FrameFormat
 
 _PAGE = 4096
 
 
-def _round_up(nbytes: int) -> int:
+def round_up(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages."""
     return -(-nbytes // _PAGE) * _PAGE
 
 
-class _Slab:
+class Slab:
     """One buffer: a bytearray, or a shared-memory segment in process mode.
 
     A slab has no header: it holds stream bytes only, and a chunk is the bytes
@@ -42,24 +41,7 @@ class _Slab:
         self.retired = False  # the writer moved on; free it when the last lease ends
 
 
-def _value_maker(
-    dtype: np.dtype[Any] | None, channels: int, oned: bool, asbuffer: bool
-) -> Callable[[memoryview, int, int], Any]:
-    """Return ``make(mv, offset, nbytes)`` building a callback's value as a copy it may keep."""
-    if dtype is None:
-        if asbuffer:
-            return lambda mv, off, nb: io.BytesIO(mv[off : off + nb])
-        return lambda mv, off, nb: bytes(mv[off : off + nb])
-    itemsize = dtype.itemsize
-
-    def make(mv: memoryview, off: int, nb: int) -> Any:
-        arr = np.frombuffer(mv, dtype, nb // itemsize, off)
-        return (arr if oned else arr.reshape(-1, channels)).copy()
-
-    return make
-
-
-class _Core:
+class Callbacks:
     """What an emitter shares with its worker threads: the callbacks, the lock, errors to raise."""
 
     def __init__(
@@ -102,21 +84,21 @@ class _Core:
         return errors
 
 
-class _Pool:
+class Pool:
     """The recycled buffers of an asynchronous emitter, and the chunks still out with a callback."""
 
-    def __init__(self, core: _Core, npool: int, slab_min: int) -> None:
-        self.core = core
-        self.lock = core.lock
-        self.cond = threading.Condition(core.lock)
+    def __init__(self, calls: Callbacks, npool: int, slab_min: int) -> None:
+        self.calls = calls
+        self.lock = calls.lock
+        self.cond = threading.Condition(calls.lock)
         self.npool = npool
         # Enough buffers that every worker can hold chunks while the writer fills another;
         # beyond that the writer waits for one to come back (backpressure, not unbounded memory).
         self.max_slabs = 2 * npool + 2
         self.slab_min = slab_min
         self.slab_bytes = 0
-        self.slabs: dict[int, _Slab] = {}
-        self.free: list[_Slab] = []
+        self.slabs: dict[int, Slab] = {}
+        self.free: list[Slab] = []
         self.next_id = 0
         self.outstanding = 0  # chunks handed out whose callback (and on_done) has not finished
         self.waiters = 0  # threads waiting for a buffer or for the last chunk: no batching then
@@ -125,10 +107,10 @@ class _Pool:
 
     # Called by the writer.
 
-    def set_format(self, dtype: np.dtype[Any] | None, channels: int, oned: bool, asbuffer: bool) -> None:
+    def set_format(self, fmt: FrameFormat) -> None:
         """Learn the stream's format from its first frame."""
 
-    def acquire(self, need: int, hint: int) -> _Slab:
+    def acquire(self, need: int, hint: int) -> Slab:
         """Return a free buffer of at least ``need`` bytes; wait only when every buffer is in use."""
         with self.cond:
             while True:
@@ -142,14 +124,14 @@ class _Pool:
                     self._destroy(self.free.pop())
                 if len(self.slabs) < self.max_slabs:
                     if need > self.slab_bytes:
-                        self.slab_bytes = _round_up(max(self.slab_min, 4 * hint, need))
+                        self.slab_bytes = round_up(max(self.slab_min, 4 * hint, need))
                     slab = self._create(self.next_id, self.slab_bytes)
                     self.slabs[slab.id] = slab
                     self.next_id += 1
                     return slab
                 self._wait()
 
-    def retire(self, slab: _Slab) -> None:
+    def retire(self, slab: Slab) -> None:
         """The writer moved on from ``slab``: it is free once its last chunk is done."""
         with self.lock:
             slab.retired = True
@@ -175,12 +157,12 @@ class _Pool:
 
     # Called with the lock held.
 
-    def _release(self, slab: _Slab) -> None:
+    def _release(self, slab: Slab) -> None:
         slab.leases -= 1
         if slab.retired and slab.leases == 0:
             self._free(slab)
 
-    def _free(self, slab: _Slab) -> None:
+    def _free(self, slab: Slab) -> None:
         slab.retired = False
         if self.closed:
             self._destroy(slab)
@@ -188,10 +170,10 @@ class _Pool:
             self.free.append(slab)
             self.cond.notify_all()
 
-    def _create(self, ident: int, nbytes: int) -> _Slab:
-        return _Slab(ident, nbytes)
+    def _create(self, ident: int, nbytes: int) -> Slab:
+        return Slab(ident, nbytes)
 
-    def _destroy(self, slab: _Slab) -> None:
+    def _destroy(self, slab: Slab) -> None:
         self.slabs.pop(slab.id, None)
 
     def _destroy_all(self) -> None:
@@ -201,7 +183,7 @@ class _Pool:
 
     # Implemented by each pool.
 
-    def dispatch(self, slab: _Slab, offset: int, nbytes: int, t0: float) -> None:
+    def dispatch(self, slab: Slab, offset: int, nbytes: int, t0: float) -> None:
         raise NotImplementedError
 
     def shutdown(self, wait: bool) -> None:
@@ -225,7 +207,7 @@ class _Pool:
         raise NotImplementedError
 
 
-def _abandon(pool: _Pool) -> None:
+def abandon(pool: Pool) -> None:
     """Finalizer of an emitter never closed: stop its pool without waiting for its callbacks."""
     here = threading.current_thread()
     if pool.owns(here):

@@ -9,13 +9,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .._exceptions import ClosedError, WorkerDiedError
 from ..core.rechunk import Rechunker, check_sampler, check_size
-from .base import _abandon, _Core, _Pool, _round_up, _Slab, _value_maker
-from .processes import _ProcessPool
-from .threads import _ThreadPool
+from .base import Callbacks, Pool, Slab, abandon, round_up
+from .frames import FrameFormat
+from .processes import ProcessPool
+from .threads import ThreadPool
 
 __all__ = ["BufferEmit", "WorkerDiedError"]
 
@@ -25,9 +24,6 @@ _MODES = ("serial", "thread", "process")
 _SERIAL_MIN = 64 << 10
 _SLAB_MIN = 1 << 20
 _now = time.time
-
-
-# -- the public class ---------------------------------------------------------------------------
 
 
 class BufferEmit:
@@ -166,25 +162,23 @@ class BufferEmit:
         self.on_error = on_error
         self._chunker = chunker
         self._feed = chunker.feed
-        self._core = _Core(callback, on_done, on_error)
-        self._errors = self._core.errors  # checked after every write
-        self._pool: _Pool | None = None
+        self._calls = Callbacks(callback, on_done, on_error)
+        self._errors = self._calls.errors  # checked after every write
+        self._pool: Pool | None = None
         if mode == "thread":
-            self._pool = _ThreadPool(self._core, npool, _SERIAL_MIN)
+            self._pool = ThreadPool(self._calls, npool, _SERIAL_MIN)
         elif mode == "process":
-            self._pool = _ProcessPool(self._core, npool, _SLAB_MIN, self.asbuffer)
-        self._finalizer = weakref.finalize(self, _abandon, self._pool) if self._pool else None
+            self._pool = ProcessPool(self._calls, npool, _SLAB_MIN)
+        self._finalizer = weakref.finalize(self, abandon, self._pool) if self._pool else None
         self._closed = False
         self._fast = False  # the next frame may take the bytes fast path (byte stream, open)
         self._sb = 0  # bytes per sample; 0 until the first frame fixes the format
-        self._dtype: np.dtype[Any] | None = None
-        self._channels = 1
-        self._oned = True
+        self._format: FrameFormat | None = None  # None before the first frame and once closed
         self._make: Callable[[memoryview, int, int], Any] | None = None
         self._head = 0  # stream index of the next sample
         # Writer state: samples [s, head) of the pending tail lie at
         # [pos - (head - s) * sample_bytes, pos) of the current buffer.
-        self._slab: _Slab | None = None
+        self._slab: Slab | None = None
         self._mv: memoryview | None = None
         self._pos = 0
         self._end = 0
@@ -229,8 +223,10 @@ class BufferEmit:
         if self._fast and type(data) is bytes:
             src: Any = data
             n = nbytes = len(data)
+        elif self._format is not None:
+            src, n, nbytes = self._format.take(data)
         else:
-            src, n, nbytes = self._check(data)
+            src, n, nbytes = self._first(data)
         if n:
             # Copy, then feed the rules: whatever they raise, buffer and rules agree on the stream.
             index = self._head
@@ -269,6 +265,7 @@ class BufferEmit:
             )
         self._closed = True
         self._fast = False
+        self._format = None
         self._slab = self._mv = None
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -278,90 +275,34 @@ class BufferEmit:
             except BaseException:
                 self._pool.shutdown(wait=False)
                 raise
-        if self._core.errors:
+        if self._calls.errors:
             self._raise_errors()
 
     # -- internals ---------------------------------------------------------------------------
 
     def _raise_errors(self) -> None:
-        errors = self._core.take_errors()
+        errors = self._calls.take_errors()
         if len(errors) == 1:
             raise errors[0]
         if errors:
             raise ExceptionGroup(f"{len(errors)} callbacks of {self!r} failed", errors)
 
-    def _check(self, data: Any) -> tuple[Any, int, int]:
-        """Validate a frame (the first one fixes the format); return (source buffer, samples, bytes)."""
+    def _first(self, data: Any) -> tuple[Any, int, int]:
+        """Take the first frame (it fixes the stream's format), or refuse a frame once closed."""
         if self._closed:
             raise ClosedError(f"write() on a closed {self!r}")
-        if isinstance(data, np.ndarray):
-            if data.ndim == 1:
-                channels = 1
-            elif data.ndim == 2:
-                channels = data.shape[1]
-            else:
-                raise ValueError(f"a numpy frame must have shape (n,) or (n, channels), got shape {data.shape}")
-            if not self._sb:
-                self._set_format(data.dtype, channels, data.ndim == 1)
-            elif self._dtype is None:
-                raise TypeError(
-                    f"this BufferEmit carries bytes (fixed by its first frame), got a numpy array of dtype "
-                    f"{data.dtype}; nothing of the frame was written"
-                )
-            elif data.dtype != self._dtype:
-                raise TypeError(
-                    f"frame dtype must be {self._dtype} (fixed by the first frame), got {data.dtype}; "
-                    "nothing of the frame was written (nothing is cast)"
-                )
-            elif channels != self._channels:
-                raise ValueError(
-                    f"frame must have {self._channels} channel(s) (fixed by the first frame), got shape "
-                    f"{data.shape}; nothing of the frame was written"
-                )
-            n = data.shape[0]
-            if not n:
-                return None, 0, 0
-            return np.ascontiguousarray(data).reshape(-1).view(np.uint8), n, data.nbytes
-        if isinstance(data, bytes | bytearray | memoryview):
-            if not self._sb:
-                self._set_format(None, 1, True)
-            elif self._dtype is not None:
-                raise TypeError(
-                    f"this BufferEmit carries numpy frames of dtype {self._dtype} x {self._channels} channel(s) "
-                    f"(fixed by its first frame), got {type(data).__name__}; nothing of the frame was written"
-                )
-            view = memoryview(data)
-            if not view.nbytes:
-                return None, 0, 0
-            if not view.c_contiguous:
-                view = memoryview(view.tobytes())
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-            return view, view.nbytes, view.nbytes
-        raise TypeError(f"a frame must be bytes-like or a numpy array, got {type(data).__name__}")
+        fmt = FrameFormat.first(data, self.asbuffer)
+        got = fmt.take(data)
+        self._set_format(fmt)
+        return got
 
-    def _set_format(self, dtype: np.dtype[Any] | None, channels: int, oned: bool) -> None:
-        if dtype is None:
-            sb = 1
-        else:
-            if self.asbuffer:
-                raise TypeError(
-                    f"asbuffer=True hands the callback an io.BytesIO and applies to byte streams, "
-                    f"got a numpy frame of dtype {dtype}"
-                )
-            if dtype.hasobject:
-                raise TypeError(f"numpy frames must hold plain data, got dtype {dtype}")
-            sb = dtype.itemsize * channels
-            if sb <= 0:
-                raise ValueError(f"a sample must have at least one byte, got dtype {dtype} x {channels} channel(s)")
-        self._dtype = dtype
-        self._channels = channels
-        self._oned = oned
-        self._sb = sb
-        self._fast = dtype is None
-        self._make = _value_maker(dtype, channels, oned, self.asbuffer)
+    def _set_format(self, fmt: FrameFormat) -> None:
+        self._format = fmt
+        self._sb = fmt.sample_bytes
+        self._fast = fmt.dtype is None
+        self._make = fmt.copier()
         if self._pool is not None:
-            self._pool.set_format(dtype, channels, oned, self.asbuffer)
+            self._pool.set_format(fmt)
 
     def _make_room(self, index: int, lo: int, nbytes: int) -> int:
         """Make room for ``nbytes`` after the pending samples ``[lo, index)``; return where they go."""
@@ -378,7 +319,7 @@ class BufferEmit:
             hint = self.size * sb + nbytes
             pool = self._pool
             # Serial mode: one buffer, replaced by a bigger one when a frame needs it.
-            new = _Slab(0, _round_up(max(_SERIAL_MIN, 4 * hint, need))) if pool is None else pool.acquire(need, hint)
+            new = Slab(0, round_up(max(_SERIAL_MIN, 4 * hint, need))) if pool is None else pool.acquire(need, hint)
             if keep:
                 new.mv[:keep] = slab.mv[pos - keep : pos]  # type: ignore[union-attr]
             if slab is not None and pool is not None:
@@ -400,17 +341,17 @@ class BufferEmit:
         pool = self._pool
         if pool is None:
             make = self._make
-            core = self._core
+            calls = self._calls
             callback = self.callback
             for start, length, t0 in chunks:
                 value = make(mv, pos - (end - start) * sb, length * sb)  # type: ignore[misc]
                 try:
                     result = callback(value, t0)
                 except Exception as exc:
-                    core.report(exc)
+                    calls.report(exc)
                 else:
-                    if core.on_done is not None:
-                        core.deliver(result)
+                    if calls.on_done is not None:
+                        calls.deliver(result)
         else:
             for start, length, t0 in chunks:
                 pool.dispatch(slab, pos - (end - start) * sb, length * sb, t0)

@@ -12,13 +12,12 @@ import threading
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 from .._exceptions import WorkerDiedError
 from ..core.shm import Segment, segment_prefix
 from ..wire import protocol as P
-from .base import _Core, _Pool, _Slab
-from .worker import _worker_main
+from .base import Callbacks, Pool, Slab
+from .frames import FrameFormat
+from .worker import worker_main
 
 # Chunks queued per worker process.  Results come back in batches (see _BATCH_SECONDS), so a
 # worker needs enough queued to stay busy between two batches; few enough (32 notices are
@@ -76,7 +75,7 @@ class _Worker:
         self.rfd: int = results.fileno()
         # Chunks given to this worker without a result yet, oldest first; the last len(outbox)
         # of them are not sent yet.  The worker answers in order: the oldest sent one is running.
-        self.inflight: deque[tuple[int, _Slab, int, int, float]] = deque()
+        self.inflight: deque[tuple[int, Slab, int, int, float]] = deque()
         self.outbox: list[bytes] = []
         self.rbuf = bytearray()
         self.ready = False  # it loaded the callback
@@ -84,7 +83,7 @@ class _Worker:
         self.gone = False  # a notice could not be written: it died, the collector will see
 
 
-class _ProcessPool(_Pool):
+class ProcessPool(Pool):
     """Callbacks in up to ``npool`` spawned processes, fed chunks through shared-memory slabs.
 
     The writer fills slabs and sends each worker a notice per chunk; a collector
@@ -92,16 +91,15 @@ class _ProcessPool(_Pool):
     replaces workers that die.
     """
 
-    def __init__(self, core: _Core, npool: int, slab_min: int, asbuffer: bool) -> None:
-        super().__init__(core, npool, slab_min)
+    def __init__(self, calls: Callbacks, npool: int, slab_min: int) -> None:
+        super().__init__(calls, npool, slab_min)
         self._stopping: list[_Worker] = []  # the workers being stopped (see _closing)
         self.ctx = mp.get_context("spawn")
         self.prefix = segment_prefix(os.getpid(), secrets.randbits(32))
-        self.asbuffer = asbuffer
-        self.fmt: tuple[str, int, bool] | None = None
+        self.fmt: FrameFormat | None = None  # the stream's, from its first frame
         self.workers: list[_Worker] = []
         self.by_fd: dict[int, _Worker] = {}
-        self.pending: deque[tuple[int, _Slab, int, int, float]] = deque()  # waiting for a worker
+        self.pending: deque[tuple[int, Slab, int, int, float]] = deque()  # waiting for a worker
         self.seq = 0
         self.start_failures = 0
         self.poller = select.poll()
@@ -113,13 +111,13 @@ class _ProcessPool(_Pool):
         self.collector: threading.Thread | None = None
         self.stop_collector = False
 
-    def set_format(self, dtype: np.dtype[Any] | None, channels: int, oned: bool, asbuffer: bool) -> None:
-        self.fmt = None if dtype is None else (dtype.str, channels, oned)
+    def set_format(self, fmt: FrameFormat) -> None:
+        self.fmt = fmt
 
-    def _create(self, ident: int, nbytes: int) -> _Slab:
-        return _Slab(ident, nbytes, Segment(f"{self.prefix}{ident}", nbytes))
+    def _create(self, ident: int, nbytes: int) -> Slab:
+        return Slab(ident, nbytes, Segment(f"{self.prefix}{ident}", nbytes))
 
-    def _destroy(self, slab: _Slab) -> None:
+    def _destroy(self, slab: Slab) -> None:
         super()._destroy(slab)
         drop = _NOTICE.pack(_DROP, slab.id, 0, 0, 0, 0.0)
         for w in self.workers:
@@ -133,7 +131,7 @@ class _ProcessPool(_Pool):
 
     # Called by the writer.
 
-    def dispatch(self, slab: _Slab, offset: int, nbytes: int, t0: float) -> None:
+    def dispatch(self, slab: Slab, offset: int, nbytes: int, t0: float) -> None:
         with self.lock:
             if self.broken is not None:
                 raise self.broken
@@ -175,18 +173,18 @@ class _ProcessPool(_Pool):
             w.outbox.clear()
 
     def _spawn(self) -> _Worker:
+        assert self.fmt is not None  # a chunk was cut, so a frame fixed the format
         r_notices, w_notices = self.ctx.Pipe(duplex=False)
         r_results, w_results = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(
                 r_notices,
                 w_results,
-                self.core.callback,
+                self.calls.callback,
                 self.prefix,
                 self.fmt,
-                self.asbuffer,
-                self.core.on_done is not None,
+                self.calls.on_done is not None,
             ),
             name=f"slabcast-emit-{self.prefix}",
             daemon=True,
@@ -246,7 +244,7 @@ class _ProcessPool(_Pool):
             with self.lock:
                 self.broken = failure
                 self.cond.notify_all()
-            self.core.report(failure)
+            self.calls.report(failure)
 
     def _parse(self, w: _Worker, done: list[tuple[int, Any, float]]) -> None:
         buf = w.rbuf
@@ -310,33 +308,33 @@ class _ProcessPool(_Pool):
             done.append((-3, WorkerDiedError(f"worker process {w.proc.pid} {how} while idle"), 0.0))
 
     def _deliver(self, done: list[tuple[int, Any, float]]) -> None:
-        core = self.core
+        calls = self.calls
         finished = 0
         for status, payload, extra in done:
             if status == _OK:
                 finished += 1
-                if core.on_done is not None:
+                if calls.on_done is not None:
                     try:
                         result = pickle.loads(payload)
                     except Exception as exc:
-                        core.report(exc)
+                        calls.report(exc)
                     else:
-                        core.deliver(result)
+                        calls.deliver(result)
             elif status == _ERROR:
                 finished += 1
                 try:
                     error = pickle.loads(payload)
                 except Exception as failure:
                     error = RuntimeError(f"the callback raised an exception that cannot be unpickled here: {failure!r}")
-                core.report(error)
+                calls.report(error)
             elif status == -1:  # the pool broke: its waiting chunks are dropped
                 finished += int(extra)
-                core.report(payload)
+                calls.report(payload)
             elif status == -2:  # a worker died with a chunk
                 finished += 1
-                core.report(payload)
+                calls.report(payload)
             else:  # a worker died idle
-                core.report(payload)
+                calls.report(payload)
         if finished:
             with self.lock:
                 self.outstanding -= finished

@@ -7,25 +7,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from .base import Callbacks, Pool, Slab
+from .frames import FrameFormat
 
-from .base import _Core, _Pool, _Slab, _value_maker
 
-
-class _ThreadPool(_Pool):
+class ThreadPool(Pool):
     """Callbacks in up to ``npool`` threads, started as the work needs them."""
 
-    def __init__(self, core: _Core, npool: int, slab_min: int) -> None:
-        super().__init__(core, npool, slab_min)
-        self.tasks: queue.SimpleQueue[tuple[_Slab, int, int, float] | None] = queue.SimpleQueue()
+    def __init__(self, calls: Callbacks, npool: int, slab_min: int) -> None:
+        super().__init__(calls, npool, slab_min)
+        self.tasks: queue.SimpleQueue[tuple[Slab, int, int, float] | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.idle = 0
         self.make: Callable[[memoryview, int, int], Any] | None = None
 
-    def set_format(self, dtype: np.dtype[Any] | None, channels: int, oned: bool, asbuffer: bool) -> None:
-        self.make = _value_maker(dtype, channels, oned, asbuffer)
+    def set_format(self, fmt: FrameFormat) -> None:
+        self.make = fmt.copier()
 
-    def dispatch(self, slab: _Slab, offset: int, nbytes: int, t0: float) -> None:
+    def dispatch(self, slab: Slab, offset: int, nbytes: int, t0: float) -> None:
         with self.lock:
             slab.leases += 1
             self.outstanding += 1
@@ -40,7 +39,7 @@ class _ThreadPool(_Pool):
             thread.start()
 
     def _run(self) -> None:
-        core, lock, cond, make = self.core, self.lock, self.cond, self.make
+        calls, lock, cond, make = self.calls, self.lock, self.cond, self.make
         assert make is not None
         while True:
             task = self.tasks.get()
@@ -55,15 +54,15 @@ class _ThreadPool(_Pool):
                     # The value is a copy: the buffer goes back to the pool before the callback runs.
                     with lock:
                         self._release(slab)
-                result = core.callback(value, t0)
+                result = calls.callback(value, t0)
             except Exception as exc:
-                core.report(exc)
+                calls.report(exc)
             except BaseException as exc:  # as ThreadPoolExecutor does: this thread goes on
                 failure = RuntimeError(f"the callback raised {exc!r}")
                 failure.__cause__ = exc
-                core.report(failure)
+                calls.report(failure)
             else:
-                core.deliver(result)
+                calls.deliver(result)
             finally:
                 value = result = None
                 with lock:

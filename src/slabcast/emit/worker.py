@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.shm import attach
 from ..wire import protocol as P
+from .frames import FrameFormat
 
 # The notice (owner -> worker) and the result (worker -> owner) are defined with every other
 # message in wire/protocol.py; processes.py says why each worker has two pipes of its own.
@@ -42,24 +43,20 @@ def _pack_exception(exc: BaseException) -> bytes:
         return pickle.dumps(stand_in, pickle.HIGHEST_PROTOCOL)
 
 
-def _worker_main(
+def worker_main(
     notices: Any,
     results: Any,
     callback: Callable[..., Any],
     prefix: str,
-    fmt: tuple[str, int, bool] | None,
-    asbuffer: bool,
+    fmt: FrameFormat,
     want_result: bool,
 ) -> None:
     """Body of a worker process: map slabs read-only, run the callback on each chunk."""
     # The owner decides when to stop (it closes our notice pipe); a terminal's Ctrl-C is its.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rfd, wfd = notices.fileno(), results.fileno()
-    dtype = np.dtype(fmt[0]) if fmt else None
-    channels = fmt[1] if fmt else 1
-    oned = fmt[2] if fmt else True
     with contextlib.suppress(BrokenPipeError):  # the owner died: nobody to answer
-        _serve(rfd, wfd, callback, prefix, dtype, channels, oned, asbuffer, want_result)
+        _serve(rfd, wfd, callback, prefix, fmt.dtype, fmt.channels, fmt.oned, fmt.asbuffer, want_result)
 
 
 def _serve(
