@@ -22,22 +22,20 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
-from ..client.connection import FORKS, Connection, _context, error_for, share_socket_file, unexpected
+from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
 from ..wire import messages as M
 from ..wire import protocol as P
+from ._notices import NoticeSocket
 from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
 
-__all__ = ["Publisher", "check_frame"]
+__all__ = ["Publisher", "check_frame", "check_times"]
 
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _GEN = struct.Struct("<I")
 
 
@@ -96,6 +94,32 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
     if shape[0] < 1:
         raise ValueError(f"a frame must hold at least one sample, got shape {shape} for {where}")
     return np.ascontiguousarray(arr)
+
+
+def check_times(
+    times: Any, n: int, t0: float | None, rate: float | None, timestamps: bool, where: str
+) -> np.ndarray[Any, Any]:
+    """``times`` as ``(n,)`` float64, or the rate's times from ``t0`` when none are given.
+
+    Raises
+    ------
+    ValueError
+        For a stream without ``timestamps``, a shape other than ``(n,)``, or a time that is not finite.
+    """
+    if not timestamps:
+        raise ValueError(f"times= needs a stream opened with timestamps=True; {where} was not")
+    if times is None:
+        start = time.time() if t0 is None else float(t0)
+        step = 1.0 / rate if rate else 0.0
+        return start + np.arange(n, dtype=np.float64) * step
+    stamps = np.ascontiguousarray(times, dtype=np.float64)
+    if stamps.shape != (n,):
+        raise ValueError(f"times must have one value per sample, shape ({n},), got {stamps.shape} ({where})")
+    if not np.isfinite(stamps).all():
+        bad = int(np.flatnonzero(~np.isfinite(stamps))[0])
+        raise ValueError(f"times must be finite seconds, got {float(stamps[bad])!r} at sample {bad} "
+                         f"({where}); nothing was written")  # fmt: skip
+    return stamps
 
 
 def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[int, int]:
@@ -238,7 +262,7 @@ class Publisher:
             # "This stream's publisher is alive", as the broker tells it in any PID namespace.
             self._live_fd = open_locks(seg)
             hold(self._live_fd, PUBLISHER_BYTE)
-            self._xpub = self._bind_notices(endpoint, tokens, timeout)
+            self._notices = NoticeSocket(endpoint, tokens, timeout, self._conn.address, P.stream_topic(stream))
         except BaseException:
             with contextlib.suppress(OSError, AttributeError):
                 os.close(self._live_fd)
@@ -259,7 +283,6 @@ class Publisher:
         self._gen = 0
         self._floor = 0  # lowest stream index readable contiguously in the current slab
         self._nseq = 0  # notices published
-        self._topic = P.stream_topic(stream)
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._frame_limit = self.slab_bytes - self.reserve
         self._next_check = 0.0
@@ -326,7 +349,7 @@ class Publisher:
             )
         stamps = None
         if times is not None or self.timestamps:
-            stamps = self._check_times(times, n, t0)
+            stamps = check_times(times, n, t0, self.rate, self.timestamps, self._where)
             if t0 is None:
                 t0 = float(stamps[0])
         if t0 is None:
@@ -367,23 +390,6 @@ class Publisher:
         self.frames += 1
         self.samples += n
 
-    def _check_times(self, times: Any, n: int, t0: float | None) -> np.ndarray[Any, Any]:
-        """``times`` as ``(n,)`` float64, or the rate's times from ``t0`` when none are given."""
-        if not self.timestamps:
-            raise ValueError(f"times= needs a stream opened with timestamps=True; {self._where} was not")
-        if times is None:
-            start = time.time() if t0 is None else float(t0)
-            step = 1.0 / self.rate if self.rate else 0.0
-            return start + np.arange(n, dtype=np.float64) * step
-        stamps = np.ascontiguousarray(times, dtype=np.float64)
-        if stamps.shape != (n,):
-            raise ValueError(f"times must have one value per sample, shape ({n},), got {stamps.shape} ({self._where})")
-        if not np.isfinite(stamps).all():
-            bad = int(np.flatnonzero(~np.isfinite(stamps))[0])
-            raise ValueError(f"times must be finite seconds, got {float(stamps[bad])!r} at sample {bad} "
-                             f"({self._where}); nothing was written")  # fmt: skip
-        return stamps
-
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has handled every frame written so far.
 
@@ -419,44 +425,7 @@ class Publisher:
         seq = self._nseq
         self._nseq = seq + 1
         self._state.slab_notices += 1
-        payload = M.encode(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
-        # A subscriber whose queue is full loses this one (it sees the seq gap); nobody waits.
-        with contextlib.suppress(zmq.Again):
-            self._xpub.send(self._topic + payload, _NOBLOCK)
-
-    def _bind_notices(self, endpoint: str, tokens: Any, timeout: float) -> Any:
-        """Bind the notice socket; wait (bounded) until subscribers that came before the stream joined it."""
-        sock = _context().socket(zmq.XPUB)
-        try:
-            sock.setsockopt(zmq.SNDHWM, P.NOTICE_HWM)
-            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-            sock.setsockopt(zmq.LINGER, 500)
-            sock.bind(endpoint)
-            share_socket_file(endpoint, self._conn.address)  # whoever may reach the broker may join
-            waiting = {bytes(t) for t in tokens}
-            deadline = time.monotonic() + min(timeout, 5.0)
-            while waiting and (left := deadline - time.monotonic()) > 0:
-                if sock.poll(int(left * 1000) + 1):
-                    event = sock.recv()
-                    self._answer_join(sock, event)
-                    waiting.discard(event[1:])
-        except BaseException:
-            sock.close(linger=0)
-            raise
-        return sock
-
-    @staticmethod
-    def _answer_join(sock: Any, event: bytes) -> None:
-        # A new token subscription: say JOINED on it, so the subscriber knows every later notice reaches it.
-        if len(event) > 2 and event[0] == 1 and event[1] == 1:
-            with contextlib.suppress(zmq.Again):
-                sock.send(event[1:] + M.encode(M.Joined()), _NOBLOCK)
-
-    def _serve_joins(self) -> None:
-        """Answer subscribers joining the notice socket (caller holds the lock)."""
-        sock = self._xpub
-        while sock.getsockopt(_EVENTS) & _POLLIN:
-            self._answer_join(sock, sock.recv(_NOBLOCK))
+        self._notices.send(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
 
     def _flush_pending(self) -> None:
         """Send the batched notices, then the batch's FRAME(S) to the broker (caller holds the lock)."""
@@ -476,7 +445,7 @@ class Publisher:
                 return False
             try:
                 self._flush_pending()
-                self._serve_joins()
+                self._notices.serve_joins()
                 self._take_locked(0)
             except SlabcastError as exc:
                 self._failure = exc
@@ -528,7 +497,7 @@ class Publisher:
     def _take_messages(self, timeout: float) -> None:
         with self._lock:
             self._take_locked(timeout)
-            self._serve_joins()
+            self._notices.serve_joins()
 
     def _take_locked(self, timeout: float) -> None:
         msg = self._conn.recv(timeout)
@@ -569,7 +538,7 @@ class Publisher:
                 raise BrokerGoneError("no stream to close: the broker is gone")  # suppressed just above
             # In order after the last notice: subscribers end once they have read everything.
             end = M.NoticeEnd(self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples)
-            self._xpub.send(self._topic + M.encode(end), _NOBLOCK)
+            self._notices.send_end(end)
             self._nseq += 1
         self._closed = True
         self._kick.set()  # let the flusher thread end
@@ -584,7 +553,7 @@ class Publisher:
                         break
         with self._lock:
             self._conn.close()
-            self._xpub.close()  # lingers up to 0.5 s for subscribers still reading
+            self._notices.close()
         with contextlib.suppress(OSError):
             os.unlink(self._notice_path)
         with contextlib.suppress(OSError):
