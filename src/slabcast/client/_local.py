@@ -407,13 +407,13 @@ class LocalReceiver:
 
     def _step(self) -> None:
         """Cut the chunks of the next unread frame (one at a time: a drop subscriber's max_inflight counts
-        the chunks it holds, not those a long notice batch would cut at once)."""
+        the chunks it holds, not those a long notice batch would cut at once); frames of a batch that
+        complete no chunk are cut in the same call."""
         entry = self._frames[0]
-        if type(entry) is _Gap:
+        if isinstance(entry, _Gap):
             self._frames.popleft()
             self._lost(entry.start, entry.stop)
             return
-        assert type(entry) is _Frame
         index, slab, offset, i = entry.index, entry.slab, entry.offset, entry.i
         chunker = self._chunker
         if i == 0:
@@ -433,24 +433,30 @@ class LocalReceiver:
             if slab != self._cur_slab:
                 self._cur_slab = slab
                 self._leases.unlock_idle(slab)
-        ns = entry.ns
-        n = ns[i]
-        chunks = chunker.feed(index, n, entry.t0s[i])
-        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
-            chunker.jumped = False
-            self.jumped = True
-        if chunks:
-            sb = self._sample_bytes
-            gen = entry.gen
-            for cstart, length, ct0 in chunks:
-                self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
-        self._cursor = index + n
-        self._last = (slab, entry.gen, offset + n * self._sample_bytes)
-        if i + 1 < len(ns):
-            entry.index = index + n
-            entry.offset = offset + n * self._sample_bytes
-            entry.i = i + 1
-            return
+        ns, t0s, gen = entry.ns, entry.t0s, entry.gen
+        sb = self._sample_bytes
+        last = len(ns) - 1
+        while True:
+            n = ns[i]
+            chunks = chunker.feed(index, n, t0s[i])
+            if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
+                chunker.jumped = False
+                self.jumped = True
+            if chunks:
+                for cstart, length, ct0 in chunks:
+                    self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+            index += n
+            offset += n * sb
+            self._cursor = index
+            self._last = (slab, gen, offset)
+            if i == last:
+                break
+            i += 1
+            entry.index, entry.offset, entry.i = index, offset, i
+            # The batch's next frame at once, unless this one cut chunks (handed out first) or the
+            # sampler failed (raised first): what recv's loop would do, without going round it.
+            if chunks or self._sampler_error is not None:
+                return
         self._frames.popleft()
         if self._acked[0] != slab:
             self._send_ack()  # the broker may free the slab we left
