@@ -268,7 +268,7 @@ class Subscriber:
         deadline = time.monotonic() + self._reconnect
         old = self._conn
         old.close(bye=False)
-        received, released, dropped = self._totals()
+        received, released, dropped, _ = self._totals()
         self._rx.abandon()
         while True:
             try:
@@ -343,10 +343,11 @@ class Subscriber:
                 raise
             yield chunk
 
-    def _totals(self) -> tuple[int, int, int]:
+    def _totals(self) -> tuple[int, int, int, int]:
+        """Received, released, dropped (under every broker so far), and the last seq (under this one)."""
         counts = self._rx.counts(report=not self._closed)
         received, released, dropped = self._before
-        return received + counts.received, released + counts.released, dropped + counts.dropped
+        return received + counts.received, released + counts.released, dropped + counts.dropped, counts.last_seq
 
     def statistics(self) -> SubscriberStatistics:
         """Return this subscriber's counters (and bring the broker's copy, shown by ``slabcast status``, up to date).
@@ -354,9 +355,9 @@ class Subscriber:
         ``dropped`` counts the chunks cut from every frame notice read so far
         that were not handed out: the newest count once :meth:`recv` has run.
         """
-        received, released, dropped = self._totals()
+        received, released, dropped, last_seq = self._totals()
         return SubscriberStatistics(received=received, released=released, held=received - released,
-                                    dropped=dropped, last_seq=self._rx.counts(report=False).last_seq)  # fmt: skip
+                                    dropped=dropped, last_seq=last_seq)  # fmt: skip
 
     # ------------------------------------------------------------ closing
 
