@@ -44,3 +44,33 @@ def test_a_selectors_loop_on_the_public_seams_gets_every_chunk(broker, stream_na
     assert _drain(sub, 20) == list(range(20))
     pub.close()
     sub.close()
+
+
+def test_counters_span_a_broker_restart_and_the_caller_may_resubscribe_itself(broker, stream_name):
+    # auto_resubscribe=False: recv raises BrokerGoneError and the caller calls resubscribe() (as aio does, in a
+    # thread). The counters add both brokers' chunks: released ones are no longer counted as held (a local
+    # subscriber counted only the new broker's releases against every chunk received).
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, 4, clip=True, address=broker.address, reconnect=10)
+    sub.auto_resubscribe = False
+    assert sub.reconnect == 10
+    for k in range(3):
+        pub.write(np.full(4, k, dtype=np.int32))
+        sub.recv(timeout=5).release()
+    broker.kill()
+    pub.close()
+    with slabcast.BrokerProcess(broker.address) as second:
+        pub2 = slabcast.Publisher(stream_name, dtype="int32", address=second.address)
+        try:
+            sub.recv(timeout=5)
+        except slabcast.BrokerGoneError as exc:
+            sub.resubscribe(exc)
+        else:
+            raise AssertionError("recv resubscribed although auto_resubscribe is False")
+        pub2.write(np.full(4, 9, dtype=np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert chunk.discontinuity and int(chunk.data[0]) == 9
+        stats = sub.statistics()
+        assert (stats.received, stats.released, stats.held, stats.dropped) == (4, 4, 0, 0)
+        pub2.close()
+        sub.close()
