@@ -256,9 +256,10 @@ class Publisher:
                 raise error_for(reply, self._where)
             if not isinstance(reply, M.Opened):
                 raise unexpected(reply, "OPENED", self._where)
-            seg, seg_bytes, header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes = reply[:7]
+            seg, header, self.reserve = reply.segment, reply.header_bytes, reply.reserve
+            self.slab_bytes, self.nslabs, self.sample_bytes = reply.slab_bytes, reply.nslabs, reply.sample_bytes
             endpoint, self._sid, carry, tokens = reply.notice_endpoint, reply.stream_id, reply.carry, reply.tokens
-            self._mm = attach(seg, seg_bytes, writable=True)
+            self._mm = attach(seg, reply.segment_bytes, writable=True)
             # "This stream's publisher is alive", as the broker tells it in any PID namespace.
             self._live_fd = open_locks(seg)
             hold(self._live_fd, PUBLISHER_BYTE)

@@ -195,14 +195,13 @@ class Subscriber:
                 raise error_for(reply, self._where)
             if not isinstance(reply, M.Subscribed):
                 raise unexpected(reply, "SUBSCRIBED", self._where)
-            seg, seg_bytes, dtype, channels, rate, size, start, names = reply[:8]
-            meta = reply.meta or {}
-            info = StreamInfo(self.name, np.dtype(dtype), channels, rate, tuple(names),
+            size, start, meta = reply.size, reply.start, reply.meta or {}
+            info = StreamInfo(self.name, np.dtype(reply.dtype), reply.channels, reply.rate, tuple(reply.channel_names),
                               tuple(meta.get("channel_types") or ()), tuple(meta.get("channel_units") or ()),
                               meta.get("source_id") or "", bool(meta.get("timestamps")))  # fmt: skip
             rx: Receiver
             if local:
-                mm = attach(seg, seg_bytes)  # an older mapping lives on in the views taken from it
+                mm = attach(reply.segment, reply.segment_bytes)  # an older mapping lives on in the views taken from it
                 rx = local_rx = open_local(
                     conn, reply, info, mm, token, self._timeout, clip=self.clip, policy=self.policy,
                     max_inflight=self._max_inflight, partial_tail=self._partial_tail, sampler=self._sampler,
