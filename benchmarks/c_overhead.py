@@ -46,7 +46,7 @@ BENCH = C_DIR / "build" / "slabcast-bench"
 def python_subscriber(address: str, stream: str, size: int, ready: Any, results: Any) -> None:
     """Subscribe; for each chunk time poll-ready -> recv -> release; send the figures back."""
     sub = slabcast.Subscriber(stream, size=size, address=address)
-    sock = sub._conn.sock  # the notice socket, polled so that waiting is not counted as overhead
+    sock = sub.pollables()[0]  # the notice socket, polled so that waiting is not counted as overhead
     ready.put("ready")
     overhead: list[int] = []
     latency: list[int] = []
