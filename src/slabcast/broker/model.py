@@ -9,16 +9,17 @@ from __future__ import annotations
 import fcntl
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
 from .._exceptions import ShmFullError
 from .._info import StreamInfo
+from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
 from ..core.pool import SlabPool
 from ..core.rechunk import Rechunker
-from ..core.shm import GEN_OFFSET, Segment, header_bytes, lock_slab, time_at
+from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
 from ..wire import protocol as P
 from .checks import OpenRequest, Refused
@@ -35,7 +36,6 @@ __all__ = [
     "Stream",
     "Subscription",
     "open_stream",
-    "pool_ranges",
 ]
 
 Role = Literal["pub", "sub", "ctl"]
@@ -226,8 +226,14 @@ class Stream:
         self.ended = False
         self.stats = Statistics(dtype, channels, rate)
 
+    @property
+    def geometry(self) -> Geometry:
+        """Where the parts of this stream's segment lie."""
+        timestamps = bool(self.meta.get("timestamps"))
+        return Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, timestamps)
+
     def slab_start(self, slab: int) -> int:
-        return self.header + slab * self.slab_bytes
+        return self.geometry.slab_start(slab)
 
     @property
     def committed(self) -> int:
@@ -245,8 +251,7 @@ class Stream:
         if need <= self.committed:
             return False
         hi = min(self.reserve, -(-need // self.sample_bytes) * self.sample_bytes)
-        ranges = pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
-                             bool(self.meta.get("timestamps")), self.slab_committed, hi)  # fmt: skip
+        ranges = self.geometry.carried_ranges(self.slab_committed, hi)
         self.segment.commit(ranges, headroom=True)  # other programs keep some of /dev/shm
         self.slab_committed = [max(c, hi) for c in self.slab_committed]
         self.peak = max(self.peak, hi)
@@ -266,10 +271,9 @@ class Stream:
         keep = -(-keep // self.sample_bytes) * self.sample_bytes
         ranges: list[tuple[int, int]] = []
         shrunk = [s for s in slabs if self.slab_committed[s] > keep]
+        geometry = self.geometry
         for slab in shrunk:
-            ranges += pool_ranges(self.header, self.slab_bytes, self.nslabs, self.reserve, self.sample_bytes,
-                                  bool(self.meta.get("timestamps")), keep, self.slab_committed[slab],
-                                  slabs=[slab])  # fmt: skip
+            ranges += geometry.carried_ranges(keep, self.slab_committed[slab], slabs=[slab])
         if not ranges:
             return 0
         if not self.segment.release(ranges):
@@ -439,14 +443,7 @@ class Stream:
         if old is not None and carry < need:
             # A subscription arrived after the publisher last heard how much to carry: copy the
             # missing older part here (the old slab is intact: only we decide when it is reused).
-            data = start + self.reserve
-            self.u8[data - need : data - carry] = self.u8[old_end - need : old_end - carry]
-            if self.meta.get("timestamps"):  # and the times of those samples
-
-                def at(offset: int) -> int:
-                    return time_at(offset, self.header, self.slab_bytes, self.nslabs, self.sample_bytes)
-
-                self.u8[at(data - need) : at(data - carry)] = self.u8[at(old_end - need) : at(old_end - carry)]
+            copy_carry(self.u8, self.geometry, old_end, start + self.reserve, need, carry)
             carry = need
         self.base_index = head
         self.base_offset = start + self.reserve
@@ -476,16 +473,14 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     """
     dtype, nslabs, slab_bytes, reserve = req.dtype, req.nslabs, req.slab_bytes, req.reserve
     sample_bytes = req.sample_bytes
-    header = header_bytes(nslabs)
-    timestamps = bool(req.meta.get("timestamps"))
+    geometry = Geometry(nslabs, slab_bytes, sample_bytes, reserve, bool(req.meta.get("timestamps")))
+    header = geometry.header_bytes
     try:
-        times = 8 * (slab_bytes // sample_bytes) * nslabs if timestamps else 0  # per-sample times, if asked
         # Memory for the frame area and as much carried room as frames; the rest of the carried part
         # stays address space until a subscriber asks for longer chunks.
-        committed = min(reserve, (slab_bytes - reserve) // sample_bytes * sample_bytes)
-        ranges = pool_ranges(header, slab_bytes, nslabs, reserve, sample_bytes, timestamps, 0, committed, frames=True)
-        segment = make_segment(segment_name, header + nslabs * slab_bytes + times, shm_mode,
-                               commit=[(0, header), *ranges])  # fmt: skip
+        committed = min(reserve, geometry.frame_bytes // sample_bytes * sample_bytes)
+        ranges = geometry.carried_ranges(0, committed, frames=True)
+        segment = make_segment(segment_name, geometry.segment_bytes, shm_mode, commit=[(0, header), *ranges])
     except ShmFullError as exc:
         raise Refused(P.ERR_SHM_FULL, str(exc)) from None
     segment.write_header(header_bytes=header, slab_bytes=slab_bytes, nslabs=nslabs, sample_bytes=sample_bytes,
@@ -499,31 +494,6 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:
         stream.stats.configure(req.stats_window)
     return stream
-
-
-def pool_ranges(header: int, slab_bytes: int, nslabs: int, reserve: int, sample_bytes: int, timestamps: bool,
-                lo: int | Sequence[int], hi: int, frames: bool = False,
-                slabs: Iterable[int] | None = None) -> list[tuple[int, int]]:  # fmt: skip
-    """The ``(offset, length)`` ranges of each slab's carried part between ``lo`` (per slab, or one for all)
-    and ``hi`` bytes before its data (and, with ``frames``, of its frame area), with their per-sample times
-    when the stream keeps them; for ``slabs`` (default: all), those whose ``lo`` is below ``hi``.
-
-    A slab is ``reserve`` bytes for the tail carried from the slab before, then its frames; the carried part
-    is committed from its end backwards, as subscribers ask for longer chunks (``Stream.grow``), and given
-    back when none needs it any more (``Stream.shrink``).
-    """
-    out: list[tuple[int, int]] = []
-    for slab in range(nslabs) if slabs is None else slabs:
-        low = lo if isinstance(lo, int) else lo[slab]
-        if low >= hi and not frames:
-            continue
-        data = header + slab * slab_bytes + reserve
-        first, end = data - hi, (header + (slab + 1) * slab_bytes if frames else data - low)
-        out.append((first, end - first))
-        if timestamps:
-            at = time_at(first, header, slab_bytes, nslabs, sample_bytes)
-            out.append((at, time_at(end - 1, header, slab_bytes, nslabs, sample_bytes) + 8 - at))
-    return out
 
 
 class Statistics:

@@ -32,6 +32,7 @@ from typing import Any
 from .._exceptions import BrokerGoneError
 from ..broker.process import BrokerProcess
 from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, pool_layout
+from ..core.geometry import Geometry
 from ..wire.address import normalize
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "run_up"]
@@ -286,8 +287,12 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
         if not info.rate:
             raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")
         pool["nslabs"] = max(4, -(-int(history * info.rate * sample) // frames) + 3)
-    nslabs = pool.setdefault("nslabs", _DEFAULT_NSLABS)
-    return int((frames + carried) * nslabs + 4096 * (1 + nslabs // 1000))
+    nslabs = int(pool.setdefault("nslabs", _DEFAULT_NSLABS))
+    # What the segment commits: its header, each slab's frames and carried room, and their times if kept.
+    geometry = Geometry(nslabs, slab, sample, limit, bool(getattr(info, "timestamps", False)))
+    per_slab = frames + carried
+    times = 8 * (per_slab // sample) * nslabs if geometry.timestamps else 0
+    return geometry.header_bytes + per_slab * nslabs + times
 
 
 def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:

@@ -29,8 +29,9 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
+from ..core.geometry import GEN_OFFSET, Geometry
 from ..core.rechunk import Rechunker
-from ..core.shm import CLIENT_BASE, GEN_OFFSET, hold, lock_slab, open_locks, time_at
+from ..core.shm import CLIENT_BASE, hold, lock_slab, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._transport import Counts
@@ -232,6 +233,8 @@ class LocalReceiver:
         self._partial_tail = partial_tail
         self._sid, self._header, self._slab_bytes = reply.stream_id, reply.header_bytes, reply.slab_bytes
         self._nslabs, self._sample_bytes = reply.nslabs, reply.sample_bytes
+        # (SUBSCRIBED does not say the slabs' reserve: where samples and their times lie does not depend on it.)
+        self._geometry = Geometry(reply.nslabs, reply.slab_bytes, reply.sample_bytes, 0, info.timestamps)
         self._topic = P.stream_topic(info.name)
         self._sampler = sampler
         self._sampler_error: BaseException | None = None
@@ -516,7 +519,7 @@ class LocalReceiver:
         self._last_seq = seq
         data = base.reshape(n, channels) if channels > 1 else base
         if self._timestamps:
-            at = time_at(offset, self._header, self._slab_bytes, self._nslabs, self._sample_bytes)
+            at = self._geometry.time_at(offset)
             return Chunk(data, seq, index, t0, flags, self._info, self._on_release, (self._mm, at))
         return Chunk(data, seq, index, t0, flags, self._info, self._on_release)
 

@@ -23,7 +23,8 @@ import zmq
 from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
-from ..core.shm import GEN_OFFSET, PUBLISHER_BYTE, attach, hold, open_locks, time_at
+from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
+from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._notices import NoticeSocket
@@ -278,6 +279,7 @@ class Publisher:
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
         self.timestamps = bool(timestamps)
+        self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
         # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
         self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
         self._slab = -1
@@ -285,7 +287,7 @@ class Publisher:
         self._floor = 0  # lowest stream index readable contiguously in the current slab
         self._nseq = 0  # notices published
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
-        self._frame_limit = self.slab_bytes - self.reserve
+        self._frame_limit = self._geometry.frame_bytes
         self._next_check = 0.0
         self._sync_token = 0
         self._synced = 0  # the highest SYNC token the broker answered
@@ -370,7 +372,7 @@ class Publisher:
         offset = self._next_slab() if state.needs_slab(nbytes) else state.offset
         self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
         if stamps is not None:
-            at = time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
+            at = self._geometry.time_at(offset)
             self._u8[at : at + 8 * n] = stamps.view(np.uint8)
         t0 = float(t0)
         index = self.samples
@@ -477,21 +479,14 @@ class Publisher:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
         self._slab = slab
         self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
-        start = self._header + slab * self.slab_bytes
-        data = start + self.reserve
+        geometry = self._geometry
+        start, data = geometry.slab_start(slab), geometry.data_start(slab)
         old = self._state.offset
         # Copy the tail subscribers may still be accumulating just before the new slab's data,
         # so that every chunk lies contiguously in the slab of the frame that completes it.
         carry = self._state.switch(start, self.slab_bytes)
         if carry:
-            u8 = self._u8
-            u8[data - carry : data] = u8[old - carry : old]
-            if self.timestamps:  # and the times of the carried samples
-
-                def at(offset: int) -> int:
-                    return time_at(offset, self._header, self.slab_bytes, self.nslabs, self.sample_bytes)
-
-                u8[at(data - carry) : at(data)] = u8[at(old - carry) : at(old)]
+            copy_carry(self._u8, geometry, old, data, carry)
         self._floor = self.samples - carry // self.sample_bytes
         return int(data)
 

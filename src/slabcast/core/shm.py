@@ -20,6 +20,9 @@ One segment per stream.  Its layout (all integers little-endian)::
                                    hands the slab to the publisher to be written again
     ...     ...   zero up to header_bytes = 4096 * ceil((256 + 4 * nslabs) / 4096)
     header_bytes + i * slab_bytes  slab i
+    after the slabs               per-sample time tables (streams with timestamps)
+
+Where each part lies is :class:`slabcast.core.geometry.Geometry`'s to say.
 
 Within a slab, the first ``reserve`` bytes receive the tail of the previous slab
 (``carry`` bytes, copied by the publisher when it moves on), so every chunk lies
@@ -68,6 +71,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import ShmFullError
+from .geometry import GEN_OFFSET, PAGE, header_bytes
 
 log = logging.getLogger("slabcast.shm")
 
@@ -85,14 +89,11 @@ __all__ = [
     "pid_alive",
     "reap_stale",
     "segment_prefix",
-    "time_at",
-    "times_offset",
 ]
 
 MAGIC = b"SLABCAST"
 LAYOUT = 2
-HEADER_BYTES = 4096  # the smallest header; see header_bytes()
-GEN_OFFSET = 256
+HEADER_BYTES = PAGE  # the smallest header; see header_bytes()
 LOCK_BASE = 1 << 40  # lock byte of slab i: LOCK_BASE + i
 OWNER_BYTE = 1 << 41  # held (exclusive) by the broker that created the segment, for its lifetime
 PUBLISHER_BYTE = OWNER_BYTE + 1  # held (shared) by the stream's publisher
@@ -104,27 +105,6 @@ _FLOCK = struct.Struct("hhqqi4x")
 _HEADER = struct.Struct("<8sIIQIIIId16sQ64s")
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"slabcast\.(\d+)\.[0-9a-f]+\.\d+")
-
-
-def times_offset(header: int, slab_bytes: int, nslabs: int) -> int:
-    """Where the per-sample time table of a stream with ``timestamps`` starts: right after the slabs.
-
-    Sample slot ``k`` of slab ``i`` (the sample at byte ``header + i * slab_bytes + k * sample_bytes``)
-    has its time, an ``f64`` (seconds, the publisher's clock), at ``times_offset + 8 * (i * slots + k)``
-    with ``slots = slab_bytes // sample_bytes``.
-    """
-    return header + nslabs * slab_bytes
-
-
-def time_at(offset: int, header: int, slab_bytes: int, nslabs: int, sample_bytes: int) -> int:
-    """The byte where the time of the sample at segment byte ``offset`` is kept (see :func:`times_offset`)."""
-    slab, within = divmod(offset - header, slab_bytes)
-    return times_offset(header, slab_bytes, nslabs) + 8 * (slab * (slab_bytes // sample_bytes) + within // sample_bytes)
-
-
-def header_bytes(nslabs: int) -> int:
-    """Bytes before slab 0 for a pool of ``nslabs`` slabs (room for the generation table)."""
-    return -(-(GEN_OFFSET + 4 * nslabs) // HEADER_BYTES) * HEADER_BYTES
 
 
 def lock_slab(fd: int, slab: int, kind: int) -> bool:
