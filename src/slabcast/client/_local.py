@@ -15,7 +15,6 @@ import fcntl
 import functools
 import logging
 import os
-import struct
 import threading
 import time
 import weakref
@@ -29,7 +28,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
-from ..core.geometry import GEN_OFFSET, Geometry
+from ..core.geometry import Geometry, generation
 from ..core.rechunk import Rechunker
 from ..core.shm import CLIENT_BASE, hold, lock_slab, open_locks
 from ..wire import messages as M
@@ -44,7 +43,6 @@ log = logging.getLogger("slabcast.subscriber")
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_GEN = struct.Struct("<I")
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
 _END_GRACE = 0.5  # once the stream's end is known: seconds without a notice before the rest counts as lost
 _LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
@@ -81,7 +79,7 @@ class _Leases:
                 return True
             if not lock_slab(self.fd, slab, fcntl.F_RDLCK):
                 return False  # the broker is handing it to the publisher right now
-            if _GEN.unpack_from(self.mm, GEN_OFFSET + 4 * slab)[0] != gen:
+            if generation(self.mm, slab) != gen:
                 lock_slab(self.fd, slab, fcntl.F_UNLCK)
                 return False
             self.locks[slab] = [gen, 1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import struct
 import threading
 import time
 import weakref
@@ -23,7 +22,7 @@ import zmq
 from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
-from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
+from ..core.geometry import Geometry, copy_carry, generation
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -37,7 +36,6 @@ DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
-_GEN = struct.Struct("<I")
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: threading.Event) -> None:
@@ -478,7 +476,7 @@ class Publisher:
     def _switch_to(self, slab: int) -> int:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
         self._slab = slab
-        self._gen = _GEN.unpack_from(self._mm, GEN_OFFSET + 4 * slab)[0]  # bumped before GRANT was sent
+        self._gen = generation(self._mm, slab)  # bumped before GRANT was sent
         geometry = self._geometry
         start, data = geometry.slab_start(slab), geometry.data_start(slab)
         old = self._state.offset

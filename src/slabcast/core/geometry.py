@@ -18,14 +18,24 @@ subscribers ask for longer chunks, and given back when none needs it
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GEN_OFFSET", "PAGE", "Geometry", "copy_carry", "header_bytes"]
+__all__ = ["GEN_OFFSET", "PAGE", "Geometry", "copy_carry", "generation", "header_bytes"]
 
 PAGE = 4096  # the smallest header; header and slabs are whole pages
 GEN_OFFSET = 256  # u32 gen[nslabs]: the slab generation table
+
+
+_GEN = struct.Struct("<I")
+
+
+def generation(buf: Any, slab: int) -> int:
+    """The generation of ``slab`` in a mapped segment ``buf`` (bumped by the broker at each grant)."""
+    value: int = _GEN.unpack_from(buf, GEN_OFFSET + 4 * slab)[0]
+    return value
 
 
 def header_bytes(nslabs: int) -> int:
