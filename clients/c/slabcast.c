@@ -1643,6 +1643,10 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
         c->end_head = head;
         c->have_end = true;
         c->end_seen = c->last_notice;
+        /* The end, in order, with no frame notice since we joined: the frames up to `head` were all noticed
+         * before (a FRAME may reach the broker after our ATTACH): not ours, not lost. */
+        if (first && head > c->cursor)
+            c->cursor = head;
         return SC_OK;
     }
     if (m.kind != SCW_NOTICE)

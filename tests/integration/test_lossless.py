@@ -73,9 +73,12 @@ def _tiles(events: list[tuple], total: int) -> list[tuple[int, int]]:
     return holes
 
 
+@pytest.mark.parametrize("size", [4096, 200_000])
 def test_paused_block_subscriber_holds_the_publisher_and_gets_every_sample(
-    broker, workers, queue, stream_name, one_notice_per_write
+    broker, workers, queue, stream_name, one_notice_per_write, size
 ):
+    # size 200,000: a carry longer than the first slab's frames (the cap once waited for the slab to hold
+    # the whole carry: 200,000 notices went out unchecked and 50,001 were lost; review finding 1).
     # 300,000 notices: more than a subscriber's notice queues hold (P.NOTICE_BACKLOG + P.NOTICE_HWM); before
     # the fix it received about half and then ended clean.
     total = 300_000
@@ -85,7 +88,7 @@ def test_paused_block_subscriber_holds_the_publisher_and_gets_every_sample(
     pub = slabcast.Publisher(stream_name, dtype="uint8", rate=16_000, address=broker.address, timeout=60)
     try:
         workers.spawn(W.read_paused, broker.address, stream_name,
-                      {"size": 4096, "policy": "block", "partial_tail": True}, queue, go, results)  # fmt: skip
+                      {"size": size, "policy": "block", "partial_tail": True}, queue, go, results)  # fmt: skip
         assert queue.get(timeout=30)[0] == "sub-ready"
         held = threading.Event()
         # The reader starts once the publisher is held back (what a paused block subscriber must cause).
@@ -167,6 +170,36 @@ def test_c_client_names_the_lost_samples_and_exits_non_zero(
         got = [(index, n) for _seq, index, n, _t0, _crc in c.chunks()]
         assert got == [(i, 1) for i in range(len(got))], "the C client skipped samples without a word"
         assert re.search(rf"samples {len(got)}\.\.\d+ \(\d+ samples\) .*were lost", c.stderr), c.stderr
+    finally:
+        pub.close()
+        c.close()
+
+
+def test_a_slab_change_never_carries_bytes_that_are_not_the_streams(c_sub, broker, stream_name):  # noqa: F811
+    # 3 MiB chunks in 4 MiB slabs: the first slab holds 1 MiB of frames, less than the carry.  The publisher
+    # copied the whole carry anyway (bytes of nothing) and published a negative floor, which the C client
+    # refuses as a malformed NOTICE (review finding 2).
+    n = 3 * (1 << 20) // 4
+    pub = slabcast.Publisher(stream_name, dtype="float32", rate=48_000, address=broker.address,
+                             slab_bytes=4 << 20, max_chunk_bytes=3 << 20, nslabs=16)  # fmt: skip
+    c = CSub(c_sub, broker.address, stream_name, "--size", str(n), "--clip")
+    try:
+        c.wait_ready()
+        sub = slabcast.Subscriber(stream_name, n, clip=True, address=broker.address)
+        frames = [np.arange(k * 150_000, (k + 1) * 150_000, dtype=np.float32) for k in range(12)]
+        for frame in frames:
+            pub.write(frame)
+        pub.close()
+        whole = np.concatenate(frames)
+        got = []
+        for chunk in sub:
+            with chunk:
+                got.append(chunk.index)
+                assert np.array_equal(chunk.data, whole[chunk.index : chunk.index + n])
+        sub.close()
+        assert got == [0, n]
+        assert c.finish(60) == 0, c.stderr
+        assert [(index, size) for _seq, index, size, _t0, _crc in c.chunks()] == [(0, n), (n, n)]
     finally:
         pub.close()
         c.close()

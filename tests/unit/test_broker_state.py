@@ -373,3 +373,25 @@ def test_a_client_gets_error_internal_as_a_slabcast_error_not_as_its_own_refused
     exc = error_for(M.Error(P.ERR_INTERNAL, "the broker failed on this request: KeyError: 3"), "broker at x")
     assert type(exc) is SlabcastError and not isinstance(exc, RequestError)
     assert "KeyError: 3" in str(exc) and "broker at x" in str(exc)
+
+
+def test_a_broker_cut_sampler_restarted_by_a_clock_step_back_flags_its_next_chunk(h: Harness) -> None:
+    # Without a rate the sampler's pause is frame time; a step back restarts it, and the chunk after says so
+    # (the local subscriber and the C client did; the broker-cut ones, TCP and version 1, did not).
+    h.hello(PUB, "pub", pid=4242)
+    out = h.send(PUB, M.Open("s", "<i4", 1, None, SLAB, 4, 12288, None, 0, None))
+    h.reserve = to(PUB, out, M.Opened)[0].reserve
+    h.hello(SUB, "sub")
+    assert to(SUB, h.send(SUB, M.Subscribe("s", 10, None, True, "drop", 64, 0.5, "broker")), M.Subscribed)
+    chunks = []
+    for k in range(10):  # a frame every 0.1 s; the clock steps back an hour at frame 5
+        t0 = 1000.0 + k * 0.1 - (3600.0 if k >= 5 else 0.0)
+        if h.offset < 0 or h.offset + 40 > h.slab_end:
+            slab = h.grants.pop(0)
+            h.offset = 4096 + slab * SLAB + h.reserve
+            h.slab_end = 4096 + (slab + 1) * SLAB
+        out = h.send(PUB, (P.FRAME, h.offset, 10, t0, 0, 0))
+        h.offset += 40
+        chunks += [(decoded(m).index, decoded(m).flags) for m in to(SUB, out) if isinstance(decoded(m), M.Chunk)]
+    assert [i for i, _ in chunks] == [0, 50]  # every 0.5 s of frame time, restarted at the step
+    assert chunks[1][1] & P.FLAG_DISCONTINUITY

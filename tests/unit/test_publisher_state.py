@@ -62,6 +62,7 @@ def test_the_first_slab_carries_nothing_and_later_ones_the_carry_of_their_change
     assert st.switch(HEADER, SLAB) == 0
     assert (st.slab_carry, st.slab_data, st.end) == (0, HEADER + RESERVE, HEADER + SLAB)
     st.on_carry(8192)
+    st.offset = st.slab_data + 10_000  # more written than the carry
     assert st.switch(HEADER + SLAB, SLAB) == 8192
     assert st.slab_carry == 8192
 
@@ -87,30 +88,34 @@ def test_a_frame_that_does_not_fit_needs_a_new_slab():
     assert st.needs_slab(2 * SAMPLE)
 
 
-def test_the_notice_cap_moves_to_a_new_slab_only_once_the_tail_to_carry_is_written():
+def test_the_notice_cap_is_a_hard_bound_and_a_slab_change_carries_only_what_is_contiguous():
+    # An early move once waited until the slab held the whole carry: in the first slab, or one whose carry
+    # was raised, that could take a notice per sample, past any queue (review finding 1).
     st = state(carry=4096, cap=3)
     data = start(st, 0)
     st.slab_notices = 3
     st.offset = data + 4096 - SAMPLE
-    assert not st.needs_slab(SAMPLE)  # moving now would carry less than a full slab would
-    st.offset = data + 4096
-    assert st.needs_slab(SAMPLE)
-    start(st, 1)
+    assert st.needs_slab(SAMPLE)  # the cap, whatever the carry
+    assert st.switch(HEADER + SLAB, SLAB) == 4096 - SAMPLE  # all there is: nothing of another slab, or of nothing
     assert st.slab_notices == 0
 
 
-def test_the_tail_carried_into_a_slab_counts_towards_the_next_carry():
+def test_what_is_carried_grows_slab_by_slab_until_the_carry_then_stays_full():
     st = state(carry=4096, cap=1)
-    start(st, 0)
-    st.offset += 4096
-    data = start(st, 1)  # it carried 4096 bytes: already enough for the next slab
-    st.slab_notices = 1
-    assert st.carried_enough()
-    assert st.needs_slab(SAMPLE)
-    st.on_carry(8192)
-    assert not st.carried_enough()
+    data = start(st, 0)
+    st.offset = data + 1024
+    data = start(st, 1)
+    assert st.slab_carry == 1024
+    st.offset = data + 1024
+    data = start(st, 2)
+    assert st.slab_carry == 2048  # the same first index on: the carried tail and what came after it
     st.offset = data + 4096
-    assert st.carried_enough()
+    start(st, 3)
+    assert st.slab_carry == 4096  # full: the carry
+    st.on_carry(8192)  # a raise: grows again from where it is
+    st.offset = st.slab_data + 1024
+    start(st, 0)
+    assert st.slab_carry == 4096 + 1024
 
 
 # ------------------------------------------------------------ batching
@@ -155,6 +160,7 @@ def test_a_batch_of_one_frame_is_a_plain_notice_and_frame_with_the_slab_carry():
     st = state(carry=4096)
     start(st, 0)
     st.on_carry(4096)
+    st.offset += 8192  # written in slab 0: more than the carry
     start(st, 1)
     st.last_send = 1.0
     assert st.place(10, 500, 3, 3 * SAMPLE, 2.5, now=1.0) == OPENED

@@ -32,7 +32,11 @@ def cut(stream: Stream, n: int, t0: float, jump: int, ns: tuple[int, ...] | None
         index = stream.head
         stream.head = index + k
         for sub in broker_cut:
-            for start, length, ct0 in sub.chunker.feed(index, k, t):
+            chunks = sub.chunker.feed(index, k, t)
+            if sub.chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
+                sub.chunker.jumped = False
+                sub.jumped = True
+            for start, length, ct0 in chunks:
                 _emit(stream, sub, start, length, ct0, now, out)
 
 

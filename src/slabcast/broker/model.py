@@ -439,7 +439,9 @@ class Stream:
         old_end = self.next_offset
         old = self.pool.switch(slab, head)
         start = self.slab_start(slab)
-        need = self.needed_carry()
+        # What lies contiguously in the old slab before its write position (what it carried in, then its
+        # frames): never copy more, or bytes of another slab (or of nothing) would pass for samples.
+        need = min(self.needed_carry(), (head - self.floor) * self.sample_bytes)
         if old is not None and carry < need:
             # A subscription arrived after the publisher last heard how much to carry: copy the
             # missing older part here (the old slab is intact: only we decide when it is reused).

@@ -385,6 +385,10 @@ class LocalReceiver:
         if isinstance(msg, M.NoticeEnd):
             self._stream_end = M.End(msg.code, msg.message, 0, msg.head)
             self._end_seen = time.monotonic()
+            if not self._noticed_any:
+                # The end, in order, and no frame notice since we joined: the frames up to `head` were all
+                # noticed before (a FRAME may reach the broker after our ATTACH): not ours, not lost.
+                self._cursor = self._noticed = max(self._cursor, msg.head)
             return
         if not isinstance(msg, M.Notice):
             raise unexpected(msg, "NOTICE or NOTICE_END on the notice socket", self._where)

@@ -74,19 +74,26 @@ class PublisherState:
 
     # ------------------------------------------------------------ slabs
 
-    def carried_enough(self) -> bool:
-        """Whether the slab being written holds the whole tail the next slab must carry (an early move to a
-        new slab, for the notice cap, must not carry less than a full slab would)."""
-        return self.offset - (self.slab_data - self.slab_carry) >= self.carry
+    def contiguous(self) -> int:
+        """Bytes of stream that lie contiguously just before the write position in the slab being written:
+        what it carried in, then what was written since."""
+        return max(0, self.offset - (self.slab_data - self.slab_carry)) if self.end else 0
 
     def needs_slab(self, nbytes: int) -> bool:
-        """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its notices."""
-        return self.offset + nbytes > self.end or (self.slab_notices >= self.notice_cap and self.carried_enough())
+        """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its notices
+        (a hard bound, whatever the carry: a subscriber's notice queue holds a whole pool's notices)."""
+        return self.offset + nbytes > self.end or self.slab_notices >= self.notice_cap
 
     def switch(self, start: int, slab_bytes: int) -> int:
         """Start writing the slab at byte ``start``; return the bytes of the old slab's tail to carry into it
-        (0 for the first slab), which the caller copies to just before the returned data start."""
-        carry = self.carry if self.end else 0
+        (0 for the first slab), which the caller copies to just before the returned data start.
+
+        At most what lies contiguously before the write position: never bytes of another slab or of
+        nothing (the first slab, a slab left early, a carry raised since the slab began).  What is carried
+        grows slab by slab until it reaches ``carry``, from the same first index on, so every chunk a
+        subscriber can be cutting still lies in one slab (the NOTICE's ``floor`` says where it starts).
+        """
+        carry = min(self.carry, self.contiguous())
         self.slab_carry = carry
         self.slab_notices = 0
         self.switch_unsent = bool(self.end)  # its first FRAME tells the broker of the change
