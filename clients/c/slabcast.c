@@ -57,7 +57,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
  * does not carry; checked by tests/integration/test_c_client.py). */
 #define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE (1..32 bytes allowed); its topic is 0x01 + token */
 #define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
-#define END_GRACE_MS 500         /* once the end is known: wait this long for notices still on their way */
+#define END_GRACE_MS 1000        /* once the end is known: wait this long for notices still on their way */
 #define LOOK_MS 100              /* while waiting, look at the broker connection at least this often */
 #define RECHUNK_EPS 1e-9         /* a sample within this of the pause end counts as after it */
 #define GEN_OFFSET 256           /* u32 gen[nslabs] in the segment header */

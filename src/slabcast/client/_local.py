@@ -44,7 +44,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
-_END_GRACE = 0.5  # once the stream's end is known: seconds without a notice before the rest counts as lost
+_END_GRACE = 1.0  # once the end is known: seconds without a notice before the rest counts as lost (a busy machine)
 _LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
 
 
