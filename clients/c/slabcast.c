@@ -276,6 +276,7 @@ static const char *kind_name(uint64_t kind)
     case SCW_NOTICE: return "NOTICE";
     case SCW_NOTICE_END: return "NOTICE_END";
     case SCW_JOINED: return "JOINED";
+    case SCW_HISTORY: return "HISTORY";
     default: return "an unknown kind";
     }
 }
@@ -1108,9 +1109,10 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
                    SCW_SUBSCRIBE_CLIP == 4 && SCW_SUBSCRIBE_POLICY == 5 && SCW_SUBSCRIBE_MAX_INFLIGHT == 6 &&
                    SCW_SUBSCRIBE_SAMPLER == 7 && SCW_SUBSCRIBE_REQUIRED == SCW_SUBSCRIBE_SAMPLER &&
                    SCW_SUBSCRIBE_CUT == 8 && SCW_SUBSCRIBE_WAIT == 9 && SCW_SUBSCRIBE_TOKEN == 10 &&
-                   SCW_SUBSCRIBE_FIELDS == 10, "SUBSCRIBE is packed in this order");
+                   SCW_SUBSCRIBE_HISTORY == 11 && SCW_SUBSCRIBE_FIELDS == 11, "SUBSCRIBE is packed in this order");
+    /* It stops before `history` (optional): this client starts at the head and is never sent HISTORY. */
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 1 + (c->local ? SCW_SUBSCRIBE_FIELDS : SCW_SUBSCRIBE_REQUIRED));
+    msgpack_pack_array(&c->pk, 1 + (c->local ? SCW_SUBSCRIBE_TOKEN : SCW_SUBSCRIBE_REQUIRED));
     msgpack_pack_uint64(&c->pk, SCW_SUBSCRIBE);
     pack_str(c, stream);
     if (by_size) {

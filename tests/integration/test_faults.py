@@ -200,7 +200,7 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
     assert msgpack.unpackb(s.recv())[0] == P.WELCOME
     for raw, code, expect in [
         (msgpack.packb([99]), P.ERR_MALFORMED, "unknown message kind 99"),
-        (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 to 10 fields, got 1"),
+        (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 to 11 fields, got 1"),
         (
             msgpack.packb([P.SUBSCRIBE, stream_name, -5, None, True, "block", 8, None]),
             P.ERR_BAD_REQUEST,

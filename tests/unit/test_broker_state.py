@@ -395,3 +395,86 @@ def test_a_broker_cut_sampler_restarted_by_a_clock_step_back_flags_its_next_chun
         chunks += [(decoded(m).index, decoded(m).flags) for m in to(SUB, out) if isinstance(decoded(m), M.Chunk)]
     assert [i for i, _ in chunks] == [0, 50]  # every 0.5 s of frame time, restarted at the step
     assert chunks[1][1] & P.FLAG_DISCONTINUITY
+
+
+# -------------------------------------------------------------- history (issue 23, item 4)
+
+
+def _history(h: Harness, size: int, history: float, policy: str = "block") -> tuple[list[M.History], int]:
+    """A local subscriber asking for ``history`` joins: the HISTORY messages it gets, and ATTACHED's start."""
+    h.hello(SUB, "sub")
+    out = h.send(SUB, M.Subscribe("s", size, None, True, policy, 8, None, "local", False, b"tok", history))
+    for carry in to(PUB, out, M.Carry):
+        h.send(PUB, M.Carried(carry.nbytes))
+    out = h.send(SUB, M.Attach(0))
+    messages = [decoded(m) for m in to(SUB, out)]
+    assert isinstance(messages[-1], M.Attached), messages
+    return messages[:-1], messages[-1].start
+
+
+def test_history_describes_the_frames_the_pool_holds_from_exactly_that_far_back_and_holds_their_slabs(
+    h: Harness,
+) -> None:
+    h.open()  # 1000 Hz, 1024 samples of frames per slab
+    for _ in range(15):
+        h.write(100)  # 10 frames in the first slab, 5 in the second
+    stream = h.state.streams["s"]
+    first, second = next(iter(stream.kept)), stream.pool.current
+    history, start = _history(h, 64, 1.25)  # 1250 samples back from the head (1500): sample 250, mid-frame
+    assert start == 250
+    assert all(isinstance(m, M.History) for m in history)
+    a, b = history
+    base = 4096 + first * SLAB + h.reserve
+    assert (a.index, a.slab, a.offset, a.ns, a.flags) == (250, first, base + 250 * 4, (50, *[100] * 7), 0)
+    assert a.t0s[0] == pytest.approx(0.05) and a.t0s[1:] == (0.0,) * 7  # the cut frame's first time moves on
+    assert (b.index, b.slab, b.ns, b.flags) == (1000, second, (100,) * 5, 0)
+    assert b.floor == 1000 - 64  # the broker carried one chunk into the second slab (the publisher carried none)
+    assert b.gen == stream.gens[second]
+    # The first slab is held for the subscriber (its cursor is 250) until it read past it.
+    for _ in range(20):  # into the third and fourth slabs: the publisher is granted no other
+        h.write(100)
+    assert stream.pool.state[first] == "retired"
+    assert first not in h.grants
+    h.send(SUB, M.Ack(1000, 0, 0, 0))
+    assert stream.pool.state[first] == "granted"
+    assert first in h.grants
+
+
+def test_history_longer_than_the_pool_holds_starts_at_its_oldest_frame_flagged(h: Harness) -> None:
+    h.open()
+    for _ in range(60):  # 6000 samples: the 4 slabs went round, the oldest were granted again
+        h.write(100)
+    history, start = _history(h, 10, 100.0, policy="drop")
+    assert history[0].flags & P.FLAG_DISCONTINUITY
+    assert not any(m.flags for m in history[1:])
+    assert start == history[0].index > 0
+    assert [m.index for m in history[1:]] == [m.index + sum(m.ns) for m in history[:-1]]  # no gap
+    assert history[-1].index + sum(history[-1].ns) == 6000
+    # Held even for a drop subscriber until it read its history: the publisher gets no slab of it back.
+    held = {m.slab for m in history[:-1]}
+    granted = set()
+    for _ in range(30):  # until the publisher has no slab left to write
+        if not h.grants and h.offset + 400 > h.slab_end:
+            break
+        granted |= set(h.grants)
+        h.write(100)
+    assert held and not held & (granted | set(h.grants))
+    assert stream_pool_states(h, held) == {"retired"}
+
+
+def stream_pool_states(h: Harness, slabs: set[int]) -> set[str]:
+    return {h.state.streams["s"].pool.state[slab] for slab in slabs}
+
+
+def test_history_with_nothing_written_starts_at_the_head_unflagged(h: Harness) -> None:
+    h.open()
+    assert _history(h, 10, 5.0) == ([], 0)
+
+
+def test_history_for_a_broker_cut_subscriber_or_not_positive_is_refused(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    (error,) = to(SUB, h.send(SUB, M.Subscribe("s", 10, None, True, "block", 8, None, "broker", False, None, 2.0)))
+    assert error.code == P.ERR_BAD_REQUEST and "history is for a local subscriber" in error.message
+    (error,) = to(SUB, h.send(SUB, M.Subscribe("s", 10, None, True, "block", 8, None, "local", False, b"t", -1)))
+    assert error.code == P.ERR_BAD_REQUEST and "history must be a finite number > 0" in error.message

@@ -45,6 +45,7 @@ SAMPLES = [
     M.Notice(1, 0, 0, 0, 1, 4096, (3, 6), (1.5, 2.0), 0, 0),
     M.NoticeEnd(1, 5, P.END_CLOSED, "closed", 9),
     M.Joined(),
+    M.History(5, 1, 2, 4096, (3, 4), (0.5, 0.503), 0, 2),
 ]
 
 
@@ -65,7 +66,7 @@ def test_round_trip_is_the_positional_array_of_the_protocol(msg):
     [
         ([P.HELLO, 2, "pid", "sub", "x"], "HELLO field 2 (pid) must be int, got 'pid'"),
         ([P.HELLO, True, 1, "sub", "x"], "HELLO field 1 (version) must be int, got True"),
-        ([P.SUBSCRIBE, "mic"], "SUBSCRIBE takes 7 to 10 fields, got 1"),
+        ([P.SUBSCRIBE, "mic"], "SUBSCRIBE takes 7 to 11 fields, got 1"),
         ([P.SYNC, 1, 2], "SYNC takes 1 fields, got 2"),
         ([P.RELEASE, (1, "x"), ()], "RELEASE field 1 (seqs) must be array, got (1, 'x')"),
         ([P.OPEN, "m", "<f4", 1, "fast", 4096, 2, 2048, None, 1.0], "OPEN field 4 (rate) must be int or float or nil"),

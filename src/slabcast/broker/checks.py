@@ -121,13 +121,20 @@ def check_open(msg: M.Open) -> OpenRequest:
 
 def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
     """Check a SUBSCRIBE's fields by themselves (``remote``: it came over TCP)."""
-    _, size, seconds, _, policy, max_inflight, sampler, cut, _, token = msg
+    _, size, seconds, _, policy, max_inflight, sampler, cut, _, token, history = msg
     if cut == "local" and (token is None or not 1 <= len(token) <= 32):
         raise Refused(P.ERR_BAD_REQUEST, "a local subscription needs a token of 1..32 bytes")
     if cut not in P.CUTS:
         raise Refused(P.ERR_BAD_REQUEST, f"cut must be 'local' or 'broker', got {cut!r}")
     if cut == "local" and remote:
         raise Refused(P.ERR_BAD_REQUEST, "a TCP subscriber shares no memory: it must ask for cut='broker'")
+    if history is not None:
+        if isinstance(history, bool) or not (history > 0 and history < float("inf")):
+            raise Refused(P.ERR_BAD_REQUEST, f"history must be a finite number > 0 (seconds; samples for a stream "
+                                             f"without a rate) or nil, got {history!r}")  # fmt: skip
+        if cut != "local":
+            raise Refused(P.ERR_BAD_REQUEST, "history is for a local subscriber (cut='local', on the broker's "
+                                             "host): a TCP or version-1 subscriber starts at the head")  # fmt: skip
     if policy not in P.POLICIES:
         raise Refused(P.ERR_BAD_REQUEST, f"policy must be 'block' or 'drop', got {policy!r}")
     if not 1 <= max_inflight <= MAX_INFLIGHT:

@@ -7,6 +7,7 @@ that change them are :class:`slabcast.broker.state.BrokerState`'s.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import numpy as np
 from .._exceptions import ShmFullError
 from .._info import StreamInfo
 from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
-from ..core.pool import SlabPool
+from ..core.pool import FREE, SlabPool
 from ..core.rechunk import Rechunker
 from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
@@ -105,7 +106,7 @@ class LocalSub(Subscription):
     ``block``) and its counters as reported by ACK."""
 
     cut: ClassVar[Cut] = "local"
-    __slots__ = ("cursor", "held", "stalled_since", "token")
+    __slots__ = ("cursor", "gate", "held", "history", "stalled_since", "token")
 
     def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
                  token: bytes) -> None:  # fmt: skip
@@ -114,6 +115,8 @@ class LocalSub(Subscription):
         self.stalled_since: float | None = None  # since when its cursor gates the publisher
         self.token = token  # the token topic it waits to see JOINED on
         self.held = 0  # chunks it holds, as last reported
+        self.history: float | None = None  # SUBSCRIBE's history (seconds; samples for a stream without a rate)
+        self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
 
 
 class BrokerCutSub(Subscription):
@@ -225,6 +228,9 @@ class Stream:
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
         self.stats = Statistics(dtype, channels, rate)
+        # Per slab not granted again since it was written: its floor and its frames (index, offset, n, t0,
+        # flags), in order; what a subscription asking for history is told (bounded: a slab's frames).
+        self.kept: dict[int, tuple[list[int], list[tuple[int, int, int, float, int]]]] = {}
 
     @property
     def geometry(self) -> Geometry:
@@ -285,14 +291,104 @@ class Stream:
         return sum(n for _, n in ranges)
 
     def floor_index(self) -> int | None:
-        """The lowest cursor of the lossless local subscribers, or None if there are none."""
-        cursors = [u.cursor for u in self.subs if isinstance(u, LocalSub) and u.policy == "block"]
+        """The lowest cursor of the lossless local subscribers (and of those still reading their history), or
+        None if there are none."""
+        subs = [u for u in self.subs if isinstance(u, LocalSub)]
+        cursors = [u.cursor for u in subs if u.policy == "block" or u.cursor < u.gate]
         return min(cursors) if cursors else None
 
     def needed_carry(self) -> int:
         """Bytes of tail every subscriber's chunks may need carried into a new slab."""
         size = max((u.size for u in [*self.subs, *self.waiting, *self.joining]), default=0)
         return min(self.reserve, size * self.sample_bytes)
+
+    def remember(self, index: int, offset: int, ns: tuple[int, ...], t0s: tuple[float, ...], jump: int) -> None:
+        """Keep the descriptors of frames just written in the current slab, for subscriptions asking for history."""
+        kept = self.kept.get(self.pool.current)  # type: ignore[arg-type]
+        if kept is None:
+            return
+        frames = kept[1]
+        sample_bytes = self.sample_bytes
+        for n, t0 in zip(ns, t0s, strict=True):
+            frames.append((index, offset, n, t0, jump))
+            jump = 0
+            index += n
+            offset += n * sample_bytes
+
+    def history(self, back: int, size: int) -> tuple[int, list[M.History]]:
+        """What a local subscription asking for ``back`` samples of history (in chunks of ``size``) starts with:
+        its start index and the HISTORY messages describing the frames from there to the head, oldest first.
+
+        The start is ``back`` samples before the head, or the oldest sample of the newest unbroken run of slabs
+        not granted again since they were written, whichever is later (exactly: a frame is cut in two where
+        the stream has a rate; without one, history starts at the frame holding that sample).  When it is
+        later than asked, the first message has ``FLAG_DISCONTINUITY``.  The slabs it lies in are kept
+        from reuse (a free one goes back to retired; the subscription's cursor gates them), and each slab
+        change in it carries chunks of ``size``: the broker copies the older part of a carry a slab lacks,
+        as at a slab change (nobody reads a carried part below its floor).
+        """
+        head, sample_bytes = self.head, self.sample_bytes
+        want = max(0, head - back)
+        order = sorted((frames[0][0], slab) for slab, (_, frames) in self.kept.items() if frames)
+        chain: list[int] = []
+        end = head
+        for first, slab in reversed(order):
+            last = self.kept[slab][1][-1]
+            if last[0] + last[2] != end or end <= want:
+                break
+            chain.append(slab)
+            end = first
+        chain.reverse()
+        runs: list[tuple[int, list[tuple[int, int, int, float, int]]]] = []  # (slab, frames)
+        start = head
+        for slab in chain:
+            frames = [f for f in self.kept[slab][1] if f[0] + f[2] > want]
+            if frames and not runs and frames[0][0] < want:
+                index, offset, n, t0, jump = frames[0]
+                if self.rate:  # cut the frame: history starts exactly `back` samples back
+                    k = want - index
+                    frames[0] = (want, offset + k * sample_bytes, n - k, t0 + k / self.rate, jump)
+            if frames:
+                runs.append((slab, frames))
+                start = min(start, frames[0][0])
+        # Chunks may span each slab change of the history: carry enough (the older slab is intact).
+        need_max = min(self.committed, size * sample_bytes) // sample_bytes * sample_bytes
+        geometry = self.geometry
+        for (old_slab, older), (slab, frames) in itertools.pairwise(runs):
+            floors = self.kept[slab][0]
+            first, data = frames[0][0], frames[0][1]
+            old_floor = self.kept[old_slab][0][0]
+            last = older[-1]
+            old_end = last[1] + last[2] * sample_bytes
+            need = min(need_max, (first - old_floor) * sample_bytes)
+            carried = (first - floors[0]) * sample_bytes
+            if need > carried:
+                copy_carry(self.u8, geometry, old_end, data, need, carried)
+                floors[0] = first - need // sample_bytes
+                if slab == self.pool.current:
+                    self.floor = floors[0]
+        for slab, frames in runs:
+            if self.pool.state[slab] == FREE:
+                last = frames[-1]
+                self.pool.retain(slab, last[0] + last[2])
+        out: list[M.History] = []
+        short = P.FLAG_DISCONTINUITY if start > want else 0
+        if not runs and short:
+            out.append(M.History(head, 0, 0, 0, (), (), short, head))
+        for slab, frames in runs:
+            gen, floor = int(self.gens[slab]), self.kept[slab][0][0]
+            i = 0
+            while i < len(frames):
+                # One message per run of frames that starts a slab or follows a jump, at most MAX_BATCH long.
+                j = i + 1
+                while j < len(frames) and j - i < P.MAX_BATCH and not frames[j][4]:
+                    j += 1
+                part = frames[i:j]
+                out.append(M.History(part[0][0], slab, gen, part[0][1], tuple(f[2] for f in part),
+                                     tuple(f[3] for f in part), part[0][4] | short, floor))  # fmt: skip
+                short = 0
+                i = j
+        return start, out
 
     def chunk_size(self, size: int | None, seconds: float | None, max_subscribers: int) -> int:
         """The chunk size, in samples, of a new subscription asking for ``size`` samples or ``seconds``; its
@@ -453,6 +549,7 @@ class Stream:
         # The publisher copied the last `carry` bytes before this slab's data: chunks may start there.
         floor = head - carry // self.sample_bytes if old is not None else head
         self.floor = floor
+        self.kept[slab] = ([floor], [])
         for sub in self.broker_cut:
             chunker = sub.chunker
             if chunker.start is not None and chunker.start < floor:

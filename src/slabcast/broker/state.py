@@ -330,6 +330,7 @@ class BrokerState:
             if freed:
                 log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)
         for slab in granted:
+            stream.kept.pop(slab, None)  # written again: its frames are gone
             self._send(publisher.ident, M.Grant(slab))
 
     def _on_frame(self, client: Client, msg: tuple[Any, ...]) -> None:
@@ -360,6 +361,7 @@ class BrokerState:
         if stream.place(offset, n, carry) and not stream.ended:
             self._grant(stream)
         stream.fill(offset, n)
+        stream.remember(stream.head, offset, ns or (n,), t0s or (t0,), jump)
         if stream.broker_cut:
             delivery.cut(stream, n, t0, jump, ns, t0s, self._now, self._out)
         else:
@@ -395,7 +397,7 @@ class BrokerState:
         if client.role != "sub" or client.sub is not None:
             raise Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
         check_subscribe(msg, client.remote)
-        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token = msg
+        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token, history = msg
         stream = self.streams.get(name)
         if stream is None:
             if wait:
@@ -412,6 +414,7 @@ class BrokerState:
             return
         assert token is not None  # checked: a local subscription has one
         local = LocalSub(client, stream, size, clip, policy, max_inflight, P.token_topic(token))  # type: ignore[arg-type]
+        local.history = history
         client.sub = local
         if opening:
             stream.tokens.append(local.token)
@@ -452,6 +455,14 @@ class BrokerState:
         if sub in stream.joining:
             stream.joining.remove(sub)
             stream.start(sub)
+            if sub.history:
+                # It starts back in the pool: the frames from there to the head come first, as HISTORY, and its
+                # cursor holds their slabs (whatever its policy) until it has read them.
+                back = round(sub.history * stream.rate) if stream.rate else int(sub.history)
+                start, history = stream.history(back, sub.size)
+                sub.cursor, sub.gate = start, stream.head
+                for message in history:
+                    self._send(client.ident, message)
         self._send(client.ident, M.Attached(sub.cursor))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:

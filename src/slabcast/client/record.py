@@ -416,7 +416,7 @@ class _Progress:
 
 
 def record(stream: str | Sequence[str], out: str, seconds: float | None = None, address: str | None = None,
-           progress: bool = True, clock: str = "auto") -> int:  # fmt: skip
+           progress: bool = True, clock: str = "auto", pre_buffer: float | None = None) -> int:  # fmt: skip
     """Record ``stream`` (or several, into an ``.xdf`` or ``.zarr``) into ``out`` until it ends, ``seconds``
     of it are written, or Ctrl-C.
 
@@ -427,6 +427,10 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     (offsets 0), ``"lsl"`` (LSL's ``local_clock``, measured every 5 s; needs pylsl), or
     ``"auto"``: ``"lsl"`` when a recorded stream comes from a hosted ``lsl`` source and pylsl
     is installed, else ``"wall"``.
+
+    ``pre_buffer`` (seconds; samples for a stream without a rate): start that far back, from what the
+    stream's pool still holds (``Subscriber(history=)``); ``seconds`` counts it too.  A recording whose
+    pool held less starts at its oldest sample.
 
     Raises
     ------
@@ -440,13 +444,16 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     from ..client.subscriber import Subscriber
 
     streams = [stream] if isinstance(stream, str) else list(stream)
+    if pre_buffer is not None and (isinstance(pre_buffer, bool) or not isinstance(pre_buffer, int | float)
+                                   or not 0 < pre_buffer < float("inf")):  # fmt: skip
+        raise ValueError(f"pre_buffer (--pre-buffer) must be a positive number of seconds, got {pre_buffer!r}")
     if not streams or not all(isinstance(s, str) and s for s in streams):
         raise ValueError(f"expected one or more stream names, got {stream!r}")
     if len(set(streams)) != len(streams):
         raise ValueError(f"a stream named twice: {streams}")
     low = out.rstrip("/").lower()
     if low.endswith(".xdf") or (low.endswith(".zarr") and len(streams) > 1):
-        return _record_session(streams, out, seconds, address, progress, clock)
+        return _record_session(streams, out, seconds, address, progress, clock, pre_buffer)
     if len(streams) > 1:
         raise ValueError(f"{out!r} takes one stream; record several streams into one .xdf or .zarr "
                          f"(or run one recorder per stream)")  # fmt: skip
@@ -455,7 +462,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     say = _Progress(progress)
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
     say.say(f"recording {stream}: waiting for the stream{others}")
-    sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}")
+    sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
+                     history=pre_buffer)  # fmt: skip
     written = 0
     writer: _Writer | None = None
     try:
@@ -520,10 +528,11 @@ class _StreamRecorder(threading.Thread):
     """One stream of a session (XDF or Zarr): its own block subscriber, writing each chunk as it comes."""
 
     def __init__(self, name: str, session: Any, out: str, seconds: float | None, address: str | None,
-                 stop: threading.Event) -> None:  # fmt: skip
+                 stop: threading.Event, pre_buffer: float | None = None) -> None:  # fmt: skip
         super().__init__(name=f"record-{name}", daemon=True)
         self.stream, self.session, self.out, self.seconds, self.address = name, session, out, seconds, address
         self.stop = stop
+        self.pre_buffer = pre_buffer
         self.written = 0
         self.rate: float | None = None
         self.error: BaseException | None = None
@@ -544,7 +553,7 @@ class _StreamRecorder(threading.Thread):
         while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
             try:
                 return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
-                                  label=f"record:{self.stream}")  # fmt: skip
+                                  label=f"record:{self.stream}", history=self.pre_buffer)  # fmt: skip
             except StreamNotFoundError:
                 continue
         return None
@@ -642,7 +651,7 @@ def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
 
 
 def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
-                    clock: str) -> int:  # fmt: skip
+                    clock: str, pre_buffer: float | None = None) -> int:  # fmt: skip
     """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
     low = out.rstrip("/").lower()
     if os.path.exists(out):
@@ -659,7 +668,7 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     names = ", ".join(streams)
     say.say(f"recording {names}: waiting for the streams{hints}")
     stop = threading.Event()
-    recorders = [_StreamRecorder(s, session, out, seconds, address, stop) for s in streams]
+    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, pre_buffer) for s in streams]
     last_report = time.monotonic()
     try:
         for r in recorders:

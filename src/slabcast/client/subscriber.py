@@ -84,6 +84,13 @@ class Subscriber:
         When the stream ends, hand out the samples accumulated towards an
         unfinished chunk as one last, shorter chunk with ``partial`` set (a
         recorder loses nothing).  Local (``ipc://``) subscribers only.
+    history : float, optional
+        Start this many seconds (samples, for a stream without a rate) before
+        the newest sample, from what the stream's pool still holds: ``start_index``
+        is where it starts, and the samples come exactly as a subscriber that was
+        there would have had them.  When the pool holds less, it starts at its
+        oldest sample and the first chunk has ``discontinuity`` set.  Size the
+        pool with the publisher's ``history=``.  Local (``ipc://``) subscribers only.
     reconnect : bool or float
         When the broker goes away, wait up to this many seconds (``True``: 60)
         for a broker at the same address with this stream and subscribe again
@@ -122,8 +129,13 @@ class Subscriber:
         wait: float | None = None,
         label: str | None = None,
         partial_tail: bool = False,
+        history: float | None = None,
     ) -> None:
         P.check_stream_name(stream)
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int | float)
+                                    or not 0 < history < math.inf):  # fmt: skip
+            raise ValueError(f"history must be a positive finite number of seconds (samples for a stream without "
+                             f"a rate) or None, got {history!r}")  # fmt: skip
         if (size is None) == (seconds is None):
             raise TypeError(f"give exactly one of size= (samples) and seconds=, got size={size!r} seconds={seconds!r}")
         if size is not None:
@@ -154,7 +166,8 @@ class Subscriber:
         self._before = (0, 0, 0)
         self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
         # The settings of SUBSCRIBE (the rest is filled per connection: local or remote).
-        self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler)
+        self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler,
+                                    history=history)  # fmt: skip
         self._max_inflight = max_inflight
         self._partial_tail = bool(partial_tail)
         self._curve = curve
@@ -178,6 +191,9 @@ class Subscriber:
             local = not conn.remote
             if self._partial_tail and not local:
                 raise ValueError(f"partial_tail=True needs a local (ipc://) broker, got {conn.address}")
+            if self._request.history is not None and not local:
+                raise ValueError(f"history= needs a local (ipc://) broker (the pool is in its shared memory), "
+                                 f"got {conn.address}")  # fmt: skip
             token = os.urandom(8)
             wire_sampler = None if local else self._request.sampler
             if not local and self._prefetch:
@@ -220,6 +236,7 @@ class Subscriber:
             raise
         self._conn = conn
         self._rx = rx
+        self._request = self._request._replace(history=None)  # a broker come back has another pool: no history
         self.size = size
         self.start_index = start
         self.address = conn.address

@@ -123,6 +123,14 @@ class SlabPool:
             out.append(slab)
         return out
 
+    def retain(self, slab: int, end: int) -> None:
+        """A free ``slab`` (not granted again since it was written up to stream index ``end``) is read again (a
+        subscription's history): it goes back to RETIRED, in order, until :meth:`advance` frees it again."""
+        self.free.remove(slab)
+        self.state[slab] = RETIRED
+        self.retired[slab] = end
+        self.retired = dict(sorted(self.retired.items(), key=lambda item: item[1]))
+
     def pin(self, slab: int) -> None:
         """A chunk in ``slab`` was handed out by the broker (version-1/TCP subscribers)."""
         self.pins[slab] += 1

@@ -39,6 +39,7 @@ __all__ = [
     "Frames",
     "Grant",
     "Hello",
+    "History",
     "Joined",
     "Notice",
     "NoticeEnd",
@@ -138,6 +139,7 @@ class Subscribe(NamedTuple):
     cut: str = "broker"  # version 2: "local" (the subscriber cuts) or "broker"
     wait: bool = False  # version 2: hold the request until the stream opens
     token: bytes | None = None  # version 2, cut="local": the token topic it listens on for JOINED
+    history: Number | None = None  # cut="local": start this far back (seconds; samples without a rate)
 
 
 @_kind(P.RELEASE)
@@ -336,6 +338,21 @@ class Attached(NamedTuple):
     start: int
 
 
+@_kind(P.HISTORY)
+class History(NamedTuple):
+    """Before ATTACHED, to a local subscriber that asked for history: frames already written, back to back from
+    ``offset`` in one slab, described as a NOTICE would (oldest first)."""
+
+    index: int  # type: ignore[assignment]
+    slab: int
+    gen: int
+    offset: int
+    ns: tuple[int, ...]
+    t0s: tuple[Number, ...]
+    flags: int
+    floor: int
+
+
 # ------------------------------------------------------------ the notice socket
 
 
@@ -375,7 +392,7 @@ class Joined(NamedTuple):
 Message: TypeAlias = Union[  # noqa: UP007
     Hello, Open, Frame, Close, Subscribe, Release, Bye, Status, Unsubscribe, Sync, Stats, Frames, Ack, Carried,
     Attach, Welcome, Opened, Grant, Subscribed, Chunk, End, Error, StatusReply, Synced, StatsReply, Carry,
-    Attached, Notice, NoticeEnd, Joined,
+    Attached, Notice, NoticeEnd, Joined, History,
 ]  # fmt: skip
 
 MESSAGES: dict[int, type[Any]] = {_KIND_OF[cls]: cls for cls in typing.get_args(Message)}

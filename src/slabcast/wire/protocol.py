@@ -55,6 +55,7 @@ CARRY = 111  # [CARRY, bytes]  to a publisher: copy this much of the old slab's 
 NOTICE = 120  # [NOTICE, stream_id, notice_seq, index, slab, gen, offset, n|[n...], t0|[t0...], flags, floor]
 NOTICE_END = 121  # [NOTICE_END, stream_id, notice_seq, code, message, head]
 ATTACHED = 112  # [ATTACHED, start]  the answer to ATTACH: the stream index this subscriber starts at
+HISTORY = 113  # [HISTORY, index, slab, gen, offset, [n...], [t0...], flags, floor]  frames already written (history)
 JOINED = 122  # [JOINED]  published on a token topic as soon as the publisher sees its subscription
 
 NAMES = {
@@ -88,6 +89,7 @@ NAMES = {
     NOTICE: "NOTICE",
     NOTICE_END: "NOTICE_END",
     JOINED: "JOINED",
+    HISTORY: "HISTORY",
 }
 
 # CHUNK flags.
