@@ -228,9 +228,10 @@ class Stream:
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
         self.stats = Statistics(dtype, channels, rate)
-        # Per slab not granted again since it was written: its floor and its frames (index, offset, n, t0,
-        # flags), in order; what a subscription asking for history is told (bounded: a slab's frames).
-        self.kept: dict[int, tuple[list[int], list[tuple[int, int, int, float, int]]]] = {}
+        # Per slab not granted again since it was written: its floor and its FRAME/FRAMES as they came (index,
+        # offset, samples per frame, t0 per frame, flags), in order; what a subscription asking for history is
+        # told.  Bounded by the notice cap: at most notices_per_slab messages per slab.
+        self.kept: dict[int, tuple[list[int], list[tuple[int, int, tuple[int, ...], tuple[float, ...], int]]]] = {}
 
     @property
     def geometry(self) -> Geometry:
@@ -305,15 +306,20 @@ class Stream:
     def remember(self, index: int, offset: int, ns: tuple[int, ...], t0s: tuple[float, ...], jump: int) -> None:
         """Keep the descriptors of frames just written in the current slab, for subscriptions asking for history."""
         kept = self.kept.get(self.pool.current)  # type: ignore[arg-type]
-        if kept is None:
-            return
-        frames = kept[1]
+        if kept is not None:
+            kept[1].append((index, offset, ns, t0s, jump))
+
+    def _kept_frames(self, slab: int) -> list[tuple[int, int, int, float, int]]:
+        """The frames kept of ``slab``, one by one: (index, offset, n, t0, flags)."""
+        frames = []
         sample_bytes = self.sample_bytes
-        for n, t0 in zip(ns, t0s, strict=True):
-            frames.append((index, offset, n, t0, jump))
-            jump = 0
-            index += n
-            offset += n * sample_bytes
+        for index, offset, ns, t0s, jump in self.kept[slab][1]:
+            for n, t0 in zip(ns, t0s, strict=True):
+                frames.append((index, offset, n, t0, jump))
+                jump = 0
+                index += n
+                offset += n * sample_bytes
+        return frames
 
     def history(self, back: int, size: int) -> tuple[int, list[M.History]]:
         """What a local subscription asking for ``back`` samples of history (in chunks of ``size``) starts with:
@@ -334,7 +340,7 @@ class Stream:
         end = head
         for first, slab in reversed(order):
             last = self.kept[slab][1][-1]
-            if last[0] + last[2] != end or end <= want:
+            if last[0] + sum(last[2]) != end or end <= want:
                 break
             chain.append(slab)
             end = first
@@ -342,7 +348,7 @@ class Stream:
         runs: list[tuple[int, list[tuple[int, int, int, float, int]]]] = []  # (slab, frames)
         start = head
         for slab in chain:
-            frames = [f for f in self.kept[slab][1] if f[0] + f[2] > want]
+            frames = [f for f in self._kept_frames(slab) if f[0] + f[2] > want]
             if frames and not runs and frames[0][0] < want:
                 index, offset, n, t0, jump = frames[0]
                 if self.rate:  # cut the frame: history starts exactly `back` samples back
@@ -358,8 +364,8 @@ class Stream:
             floors = self.kept[slab][0]
             first, data = frames[0][0], frames[0][1]
             old_floor = self.kept[old_slab][0][0]
-            last = older[-1]
-            old_end = last[1] + last[2] * sample_bytes
+            newest = older[-1]
+            old_end = newest[1] + newest[2] * sample_bytes
             need = min(need_max, (first - old_floor) * sample_bytes)
             carried = (first - floors[0]) * sample_bytes
             if need > carried:
@@ -369,8 +375,8 @@ class Stream:
                     self.floor = floors[0]
         for slab, frames in runs:
             if self.pool.state[slab] == FREE:
-                last = frames[-1]
-                self.pool.retain(slab, last[0] + last[2])
+                newest = frames[-1]
+                self.pool.retain(slab, newest[0] + newest[2])
         out: list[M.History] = []
         short = P.FLAG_DISCONTINUITY if start > want else 0
         if not runs and short:
