@@ -22,7 +22,14 @@ from slabcast.core import shm as _shm
 from slabcast.emit import emit as _emit
 from slabcast.emit.emit import BufferEmit, WorkerDiedError
 from tests.reference import expected_chunks
-from tests.unit.test_emit import fail_on_bad, flatten, ocycle_values, pid_of
+from tests.unit.test_emit import (  # noqa: F401  (no_own_segment_left: the autouse guard, shared)
+    fail_on_bad,
+    flatten,
+    no_own_segment_left,
+    ocycle_values,
+    own_segments,
+    pid_of,
+)
 
 MODES = ["serial", "thread", "process"]
 
@@ -54,19 +61,6 @@ def die_on_marker(value, t0):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def own_segments():
-    prefix = f"slabcast.{os.getpid()}."
-    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-
-
-@pytest.fixture(autouse=True)
-def no_own_segment_left():
-    """Process mode names its segments after this process: none may outlive its test."""
-    before = own_segments()
-    yield
-    assert own_segments() <= before
 
 
 def emitter_processes():

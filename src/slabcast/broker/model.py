@@ -171,12 +171,9 @@ class Stream:
         dtype: np.dtype[Any],
         channels: int,
         rate: float | None,
-        slab_bytes: int,
-        nslabs: int,
-        reserve: int,
+        geometry: Geometry,
         channel_names: list[str],
         segment: Segment,
-        header: int,
         notice_path: str,
         committed: int,
     ) -> None:
@@ -186,17 +183,18 @@ class Stream:
         self.dtype = dtype
         self.channels = channels
         self.rate = rate
-        self.sample_bytes = dtype.itemsize * channels
-        self.slab_bytes = slab_bytes
-        self.nslabs = nslabs
-        self.reserve = reserve  # the carried part of each slab: the largest chunk any subscriber may ask for
+        self.geometry = geometry  # where its slabs, carried parts and time tables lie
+        self.sample_bytes = geometry.sample_bytes
+        self.slab_bytes = geometry.slab_bytes
+        self.nslabs = nslabs = geometry.nslabs
+        self.reserve = geometry.reserve  # the carried part of each slab: the longest chunk a subscriber may ask
         # How much of it is in memory, per slab: grown for all as subscribers ask, given back slab by slab as
         # slabs are granted again; never below what the stream opened with.
         self.first_committed = committed
         self.slab_committed = [committed] * nslabs
         self.peak = committed  # the most any slab has (looked at on every grant)
         self.give_back = True  # False where holes cannot be punched
-        self.header = header
+        self.header = geometry.header_bytes
         self.channel_names = channel_names
         self.segment = segment
         self.u8 = np.frombuffer(segment.buf, dtype=np.uint8)
@@ -232,12 +230,6 @@ class Stream:
         # offset, samples per frame, t0 per frame, flags), in order; what a subscription asking for history is
         # told.  Bounded by the notice cap: at most notices_per_slab messages per slab.
         self.kept: dict[int, tuple[list[int], list[tuple[int, int, tuple[int, ...], tuple[float, ...], int]]]] = {}
-
-    @property
-    def geometry(self) -> Geometry:
-        """Where the parts of this stream's segment lie."""
-        timestamps = bool(self.meta.get("timestamps"))
-        return Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, timestamps)
 
     def slab_start(self, slab: int) -> int:
         return self.geometry.slab_start(slab)
@@ -591,8 +583,8 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     segment.write_header(header_bytes=header, slab_bytes=slab_bytes, nslabs=nslabs, sample_bytes=sample_bytes,
                          channels=req.channels, broker_pid=broker_pid, rate=req.rate, dtype=dtype.str, epoch=epoch,
                          name=req.name)  # fmt: skip
-    stream = Stream(req.name, sid, dtype, req.channels, req.rate, slab_bytes, nslabs, reserve,
-                    list(req.channel_names), segment, header, notice_path, committed)  # fmt: skip
+    stream = Stream(req.name, sid, dtype, req.channels, req.rate, geometry, list(req.channel_names), segment,
+                    notice_path, committed)  # fmt: skip
     stream.meta = req.meta
     # Raw byte streams have no sample values to summarise.
     byte_stream = dtype == np.uint8 and req.channels == 1

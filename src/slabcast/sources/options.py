@@ -79,25 +79,13 @@ def _typed(what: str, key: str, value: Any, kinds: set[Any], text: bool) -> Any:
                     pass
         if str in kinds:
             return value
-    elif value is None:
-        if None in kinds:
-            return None
-    elif isinstance(value, bool):
-        if bool in kinds:
-            return value
-    elif isinstance(value, int):
-        if int in kinds:
-            return value
-        if float in kinds:
-            return float(value)
-    elif isinstance(value, float):
-        if float in kinds:
-            return value
-    elif isinstance(value, str):
-        if str in kinds:
-            return value
-    elif isinstance(value, list | tuple) and list in kinds:
-        return [_typed(what, key, v, {float}, False) for v in value]
+    elif isinstance(value, list | tuple):
+        if list in kinds:
+            return [_typed(what, key, v, {float}, False) for v in value]
+    elif (None if value is None else type(value)) in kinds:  # exactly the type: a bool is no int
+        return value
+    elif type(value) is int and float in kinds:
+        return float(value)
     got = f"{value!r} (a {type(value).__name__})" if text or isinstance(value, str) else repr(value)
     raise SourceOptionError(f"{what}'s option {key!r} must be {_want(kinds)}, got {got}")
 
