@@ -40,7 +40,8 @@
 #include "slabcast_wire.h"
 
 /* What the public header promises is what the wire says. */
-_Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is the wire version");
+/* The client speaks version 2 (it cuts chunks from notices) to a version-3 broker, which serves it as before. */
+_Static_assert(SC_PROTOCOL_VERSION <= SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is one the broker serves");
 _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC_FLAG_DISCONTINUITY is the wire's");
 
 /* A message field as (position, name) for the field_* readers: AT(SUBSCRIBED, RATE) is
@@ -63,7 +64,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define GEN_OFFSET 256           /* u32 gen[nslabs] in the segment header */
 #define LOCK_BASE (1ull << 40)   /* lease lock byte of slab i: LOCK_BASE + i */
 #define CLIENT_BASE (1ull << 42) /* liveness lock byte of a local subscriber: CLIENT_BASE + its ATTACH slot */
-#define SEG_LAYOUT 2             /* segment layout with the generation table */
+#define SEG_LAYOUT 3             /* segment layout: 2 added the generation table, 3 the descriptor ring */
 
 /* Segment header (docs/protocol.md 7.2), little-endian; only what we check is read. */
 #define HDR_MAGIC 0              /* 8 bytes "SLABCAST" */
@@ -248,7 +249,7 @@ static const char *kind_name(uint64_t kind)
     switch (kind) {
     case SCW_HELLO: return "HELLO";
     case SCW_OPEN: return "OPEN";
-    case SCW_FRAME: return "FRAME";
+    case SCW_PUBLISHED: return "PUBLISHED";
     case SCW_CLOSE: return "CLOSE";
     case SCW_SUBSCRIBE: return "SUBSCRIBE";
     case SCW_RELEASE: return "RELEASE";
@@ -257,7 +258,6 @@ static const char *kind_name(uint64_t kind)
     case SCW_UNSUBSCRIBE: return "UNSUBSCRIBE";
     case SCW_SYNC: return "SYNC";
     case SCW_STATS: return "STATS";
-    case SCW_FRAMES: return "FRAMES";
     case SCW_ACK: return "ACK";
     case SCW_CARRIED: return "CARRIED";
     case SCW_ATTACH: return "ATTACH";
@@ -897,8 +897,8 @@ static int map_segment(sc_client *c, size_t nbytes)
     const unsigned char *h = c->map;
     uint32_t layout = read_u32le(h + HDR_LAYOUT), header = read_u32le(h + HDR_HEADER_BYTES);
     uint32_t sample_bytes = read_u32le(h + HDR_SAMPLE_BYTES);
-    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || (layout != 1 && layout != SEG_LAYOUT))
-        return fail(c, SC_EPROTO, "segment %s does not start with magic SLABCAST and layout 1 or 2 (%s)", shm_name,
+    if (memcmp(h + HDR_MAGIC, "SLABCAST", 8) != 0 || layout < 1 || layout > SEG_LAYOUT)
+        return fail(c, SC_EPROTO, "segment %s does not start with magic SLABCAST and layout 1 to 3 (%s)", shm_name,
                     c->where);
     if (sample_bytes != c->info.sample_bytes || header < HDR_MIN_BYTES || header > nbytes)
         return fail(c, SC_EPROTO,
@@ -908,9 +908,9 @@ static int map_segment(sc_client *c, size_t nbytes)
     if (c->local) {
         uint64_t slab_bytes = read_u64le(h + HDR_SLAB_BYTES);
         uint32_t nslabs = read_u32le(h + HDR_NSLABS);
-        if (layout != SEG_LAYOUT)
-            return fail(c, SC_EPROTO, "segment %s has layout %u; version 2 needs layout %d (the generation table) (%s)",
-                        shm_name, layout, SEG_LAYOUT, c->where);
+        if (layout < 2)
+            return fail(c, SC_EPROTO, "segment %s has layout %u; version 2 needs layout 2 or later (the generation "
+                        "table) (%s)", shm_name, layout, c->where);
         if (header != c->header_bytes || slab_bytes != c->slab_bytes || nslabs != c->nslabs ||
             (uint64_t)GEN_OFFSET + 4ull * nslabs > header || (uint64_t)header + (uint64_t)nslabs * slab_bytes > nbytes)
             return fail(c, SC_EPROTO,
@@ -1109,8 +1109,10 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
                    SCW_SUBSCRIBE_CLIP == 4 && SCW_SUBSCRIBE_POLICY == 5 && SCW_SUBSCRIBE_MAX_INFLIGHT == 6 &&
                    SCW_SUBSCRIBE_SAMPLER == 7 && SCW_SUBSCRIBE_REQUIRED == SCW_SUBSCRIBE_SAMPLER &&
                    SCW_SUBSCRIBE_CUT == 8 && SCW_SUBSCRIBE_WAIT == 9 && SCW_SUBSCRIBE_TOKEN == 10 &&
-                   SCW_SUBSCRIBE_HISTORY == 11 && SCW_SUBSCRIBE_FIELDS == 11, "SUBSCRIBE is packed in this order");
-    /* It stops before `history` (optional): this client starts at the head and is never sent HISTORY. */
+                   SCW_SUBSCRIBE_HISTORY == 11 && SCW_SUBSCRIBE_WAKE == 12 && SCW_SUBSCRIBE_FIELDS == 12,
+                   "SUBSCRIBE is packed in this order");
+    /* It stops before `history` (optional): this client starts at the head and is never sent HISTORY, and
+       reads notices (version 2), not the ring, so it needs no `wake`. */
     msgpack_sbuffer_clear(&c->sbuf);
     msgpack_pack_array(&c->pk, 1 + (c->local ? SCW_SUBSCRIBE_TOKEN : SCW_SUBSCRIBE_REQUIRED));
     msgpack_pack_uint64(&c->pk, SCW_SUBSCRIBE);

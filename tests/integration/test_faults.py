@@ -154,8 +154,8 @@ def test_signals_stop_the_broker_cleanly(tmp_path, sig, stream_name):
 
 
 def test_version_mismatch_names_both_versions(broker, stream_name, monkeypatch):
-    monkeypatch.setattr(P, "VERSION", 3)
-    with pytest.raises(slabcast.ProtocolError, match="broker speaks version 2, client speaks version 3"):
+    monkeypatch.setattr(P, "VERSION", 4)
+    with pytest.raises(slabcast.ProtocolError, match="broker speaks version 3, client speaks version 4"):
         slabcast.Subscriber(stream_name, size=1, address=broker.address)
 
 
@@ -174,7 +174,7 @@ MALFORMED = [
     (msgpack.packb({"a": 1}), "starting with an integer kind"),
     (msgpack.packb([]), "starting with an integer kind"),
     (msgpack.packb(["HELLO"]), "starting with an integer kind"),
-    (msgpack.packb([P.FRAME, 0, 1, 0.0]), "expected HELLO as the first message"),
+    (msgpack.packb([P.PUBLISHED, 1]), "expected HELLO as the first message"),
     (msgpack.packb([P.HELLO]), "HELLO must start"),
     (msgpack.packb([P.HELLO, 1, "pid", "sub", "x"]), "HELLO field 2 (pid) must be int, got 'pid'"),
     (msgpack.packb([P.HELLO, 1, 1, "boss", "x"]), "role must be"),
@@ -200,7 +200,7 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
     assert msgpack.unpackb(s.recv())[0] == P.WELCOME
     for raw, code, expect in [
         (msgpack.packb([99]), P.ERR_MALFORMED, "unknown message kind 99"),
-        (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 to 11 fields, got 1"),
+        (msgpack.packb([P.SUBSCRIBE, stream_name]), P.ERR_MALFORMED, "SUBSCRIBE takes 7 to 12 fields, got 1"),
         (
             msgpack.packb([P.SUBSCRIBE, stream_name, -5, None, True, "block", 8, None]),
             P.ERR_BAD_REQUEST,
@@ -211,7 +211,7 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
             P.ERR_UNKNOWN_STREAM,
             "no stream named 'nope'",
         ),
-        (msgpack.packb([P.FRAME, 0, 1, 0.0]), P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream"),
+        (msgpack.packb([P.PUBLISHED, 1]), P.ERR_BAD_REQUEST, "PUBLISHED from a connection that publishes no stream"),
         (msgpack.packb([P.RELEASE, [1, 2], []]), P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription"),
         (
             msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None, 0.0]),

@@ -283,7 +283,7 @@ def test_an_old_publisher_closing_after_a_broker_restart_leaves_the_new_stream_a
         new.close()
 
 
-def test_carried_is_confirmed_only_after_the_frame_of_a_slab_change_made_with_the_old_carry(broker, stream_name):
+def test_carried_is_confirmed_only_after_the_published_of_a_slab_change_made_with_the_old_carry(broker, stream_name):
     # A subscriber the broker starts on CARRIED must never meet a slab change that carried less than it needs.
     # The rule is PublisherState's (tests/unit/test_publisher_state.py); here, that the publisher sends in its order.
     from slabcast.wire import messages as M
@@ -291,14 +291,14 @@ def test_carried_is_confirmed_only_after_the_frame_of_a_slab_change_made_with_th
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
     sent = []
     real_send = pub._conn.send
-    # Record what goes out; only CARRIED reaches the broker (the FRAME below names no frame written).
+    # Record what goes out; only CARRIED reaches the broker.
     pub._conn.send = lambda msg: (sent.append(msg), isinstance(msg, M.Carried) and real_send(msg))
-    frame = M.Frame(0, 1, 0.0, 0, 0)
+    frame = M.Published(0)
     with pub._lock:
-        pub._state.switch_unsent = True  # a slab change whose FRAME has not gone out yet
+        pub._state.switch_unsent = True  # a slab change whose PUBLISHED has not gone out yet
         pub._on_carry(M.Carry(4096))
         assert not any(isinstance(m, M.Carried) for m in sent)
-        pub._send_frame(frame)
+        pub._published()
         assert sent == [frame, M.Carried(4096)]
         pub._on_carry(M.Carry(8192))  # no change in flight: at once
         assert sent == [frame, M.Carried(4096), M.Carried(8192)]

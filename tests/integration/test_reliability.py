@@ -42,15 +42,17 @@ def _fuzz_messages(rng: np.random.Generator, name: str, n: int):
     """Yield (raw bytes, expects_reply) for malformed, truncated, wrong-typed and out-of-order messages."""
     good = [
         [P.OPEN, name, "<f4", 1, None, 4096, 2, 2048, None],
-        [P.FRAME, 4096, 10, 1.0],
+        [P.PUBLISHED, 10],
         [P.SUBSCRIBE, name, 10, None, True, "block", 8, None],
         [P.RELEASE, [1, 2, 3], []],
         [P.CLOSE],
         [P.SYNC, 1],
         [P.UNSUBSCRIBE],
-        # Protocol v2.
-        [P.FRAME, 4096, 10, 1.0, 0, 0],
-        [P.FRAMES, 4096, [10, 20], [1.0, 2.0], 0],
+        # Protocol v2 and v3.
+        [P.PUBLISHED, 2**40],
+        [3, 4096, 10, 1.0, 0, 0],  # version 2's FRAME and FRAMES, retired
+        [12, 4096, [10, 20], [1.0, 2.0], 0],
+        [P.SUBSCRIBE, name, 10, None, True, "drop", 8, None, "local", False, b"token123", None, "futex"],
         [P.SUBSCRIBE, name, 10, None, True, "drop", 8, None, "local", False, b"token123"],
         [P.ACK, 100, 3, 0, 1],
         [P.ATTACH, 12345],

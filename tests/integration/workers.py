@@ -132,3 +132,79 @@ def read_paused(address, name, kwargs, ready_q, go_event, result_q, drained_even
     except BaseException as exc:
         result_q.put(("sub-error", repr(exc)))
         raise
+
+
+def stress_expected(index, n, channels):
+    """The samples ``index .. index + n`` of the stress stream: each value names its sample and channel."""
+    base = np.arange(index, index + n, dtype=np.int64)[:, None] * 8 + np.arange(channels, dtype=np.int64)
+    return base if channels > 1 else base[:, 0]
+
+
+def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event, result_q):
+    """Write frames of random sizes (1 .. 3000 samples, some single samples in bursts) at full speed for
+    ``seconds``, each sample's value naming it (stress_expected) and a time per sample; then close."""
+    try:
+        rng = np.random.default_rng(seed)
+        pub = slabcast.Publisher(name, dtype="int64", channels=channels, rate=rate, address=address,
+                                 timestamps=True, slab_bytes=2 << 20, max_chunk_bytes=1 << 20)
+        ready_q.put(("pub-ready", os.getpid()))
+        go_event.wait(60)
+        index = 0
+        import time
+
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            n = int(rng.integers(1, 3000)) if rng.random() < 0.7 else 1
+            frame = stress_expected(index, n, channels)
+            times = 1000.0 + np.arange(index, index + n, dtype=np.float64) / rate
+            pub.write(frame, times=times)
+            index += n
+        pub.close()
+        result_q.put(("pub-done", index, pub.frames))
+    except BaseException as exc:
+        result_q.put(("pub-error", repr(exc)))
+        raise
+
+
+def stress_read(address, name, kwargs, ready_q, result_q):
+    """Subscribe and check every byte of every chunk against the sample it claims to start at: its values,
+    its per-sample times, its t0; and that chunks follow each other (a drop subscriber may skip forward).
+    Report (chunks, samples, gaps, problems)."""
+    try:
+        sub = slabcast.Subscriber(name, address=address, wait=30, **kwargs)
+        ready_q.put(("sub-ready", os.getpid()))
+        channels = sub.info.channels
+        rate = sub.info.rate
+        chunks = samples = gaps = 0
+        problems = []
+        at = sub.start_index
+        while True:
+            try:
+                chunk = sub.recv(timeout=60)
+            except slabcast.EndOfStream:
+                break
+            with chunk:
+                n = len(chunk.data)
+                if chunk.index != at:
+                    # A drop subscriber skips the chunks it could not take (counted in `dropped`): forward only.
+                    if chunk.index < at or kwargs.get("policy") != "drop":
+                        problems.append(f"chunk at {chunk.index}, expected {at} (discontinuity={chunk.discontinuity})")
+                    gaps += 1
+                if not np.array_equal(chunk.data, stress_expected(chunk.index, n, channels)):
+                    bad = np.flatnonzero((np.asarray(chunk.data).reshape(n, -1)
+                                          != stress_expected(chunk.index, n, channels).reshape(n, -1)).any(axis=1))
+                    problems.append(f"chunk at {chunk.index}: samples {bad[:5].tolist()} hold other values")
+                want_t = 1000.0 + np.arange(chunk.index, chunk.index + n, dtype=np.float64) / rate
+                if not np.array_equal(chunk.times, want_t) or abs(chunk.t0 - want_t[0]) > 1e-6:
+                    problems.append(f"chunk at {chunk.index}: times differ")
+                at = chunk.index + n
+                chunks += 1
+                samples += n
+            if len(problems) > 20:
+                break
+        stats = sub.statistics()
+        sub.close()
+        result_q.put(("sub-done", kwargs, chunks, samples, gaps, stats.dropped, at, problems))
+    except BaseException as exc:
+        result_q.put(("sub-error", kwargs, repr(exc)))
+        raise

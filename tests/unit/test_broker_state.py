@@ -45,6 +45,10 @@ class Harness:
         self.offset = -1
         self.slab_end = 0
         self.reserve = 0
+        self.slab = -1
+        self.floor = 0
+        self.index = 0  # the publisher's next sample
+        self.position = 0  # descriptors published
 
     def send(self, ident: bytes, msg: Any, peer_pid: int = 0) -> list[Out]:
         out = self.state.handle(ident, msg, self.now, peer_pid)
@@ -74,14 +78,22 @@ class Harness:
         self.reserve = opened[0].reserve
         return opened[0]
 
-    def write(self, n: int, carry: int = 0) -> list[Out]:
-        """The publisher writes a frame of ``n`` int32 samples (moving to its next granted slab when full)."""
+    def write(self, n: int, t0: float = 0.0, flags: int = 0, name: str = "s") -> list[Out]:
+        """The publisher writes a frame of ``n`` int32 samples (moving to its next granted slab when full, carrying
+        nothing): its descriptor into the ring, then PUBLISHED."""
         if self.offset < 0 or self.offset + 4 * n > self.slab_end:
-            slab = self.grants.pop(0)
-            self.offset = 4096 + slab * SLAB + self.reserve  # header_bytes(4) is one page
-            self.slab_end = 4096 + (slab + 1) * SLAB
-        out = self.send(PUB, (P.FRAME, self.offset, n, 0.0, 0, carry))
+            self.slab = self.grants.pop(0)
+            self.offset = 4096 + self.slab * SLAB + self.reserve  # header_bytes(4) is one page
+            self.slab_end = 4096 + (self.slab + 1) * SLAB
+            self.floor = self.index
+        ring = self.state.streams[name].ring
+        gen = int(self.state.streams[name].gens[self.slab])
+        ring.write(self.position, self.index, t0, self.offset, self.floor, n, self.slab, gen, flags)
+        self.position += 1
+        ring.publish(self.position)
+        out = self.send(PUB, M.Published(self.position))
         self.offset += 4 * n
+        self.index += n
         return out
 
 
@@ -159,7 +171,7 @@ def test_a_subscriber_before_its_stream_is_held_then_started_at_index_0_when_it_
     assert opened.tokens == (P.token_topic(b"tok"),)
     assert h.state.streams["s"].subs[0].client.ident == SUB
     h.write(10)
-    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(0)]  # from the first sample
+    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(0, 0)]  # from the first sample
 
 
 def test_the_subscription_held_for_a_stream_is_answered_in_order_before_opened(h: Harness) -> None:
@@ -196,7 +208,7 @@ def test_a_longer_chunk_waits_for_carried_and_carry_goes_out_before_it(h: Harnes
     assert to(SUB, h.send(PUB, M.Carried(400))) == []  # not enough yet
     (subscribed,) = to(SUB, h.send(PUB, M.Carried(800)))
     assert decoded(subscribed).size == 200
-    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(10)]  # starts at the head
+    assert to(SUB, h.send(SUB, M.Attach(0)), M.Attached) == [M.Attached(10, 1)]  # starts at the head: the frame after the first
 
 
 def test_carried_from_a_connection_with_no_stream_is_refused(h: Harness) -> None:
@@ -289,7 +301,7 @@ def test_a_tcp_client_silent_too_long_is_dropped(h: Harness) -> None:
         (SUB, "sub", M.Open("t", "<i4", 1, None, SLAB, 4, 4096, None, 0, None), P.ERR_BAD_REQUEST, "OPEN is for"),
         (SUB, "sub", M.Ack(0, 0, 0, 0), P.ERR_BAD_REQUEST, "ACK from"),
         (SUB, "sub", M.Release((1,), ()), P.ERR_BAD_REQUEST, "RELEASE from"),
-        (SUB, "sub", (P.FRAME, 0, 1, 0.0, 0, 0), P.ERR_BAD_REQUEST, "FRAME from"),
+        (SUB, "sub", M.Published(1), P.ERR_BAD_REQUEST, "PUBLISHED from"),
         (SUB, "sub", (P.SUBSCRIBE, "s", 1), P.ERR_MALFORMED, "SUBSCRIBE takes"),
         (SUB, "sub", (250,), P.ERR_MALFORMED, "unknown message kind 250"),
         (SUB, "sub", M.Subscribe("s", 0, None, True, "block", 8, None, "broker"), P.ERR_BAD_REQUEST, "size must"),
@@ -314,12 +326,18 @@ def test_malformed_and_out_of_role_messages_are_answered_with_an_error(
     assert after == M.Synced(7) if role else after.code == P.ERR_MALFORMED
 
 
-def test_a_frame_with_a_wrong_field_names_the_field(h: Harness) -> None:
+def test_a_wrong_descriptor_is_named_to_its_publisher_and_ends_the_stream(h: Harness) -> None:
     h.open()
-    (error,) = to(PUB, h.send(PUB, (P.FRAME, 4096 + h.reserve, "ten", 0.0, 0, 0)), M.Error)
-    assert error.code == P.ERR_MALFORMED and "field 2 (n)" in error.message
-    (error,) = to(PUB, h.send(PUB, (P.FRAME, 12, 10, 0.0, 0, 0)), M.Error)
+    (error,) = to(PUB, h.send(PUB, (P.PUBLISHED, "ten")), M.Error)
+    assert error.code == P.ERR_MALFORMED and "field 1 (position)" in error.message
+    h.write(10)
+    ring = h.state.streams["s"].ring
+    ring.write(1, 10, 0.0, 12, 10, 10, 0, 0, 0)  # at byte 12: in the header, not the next offset
+    ring.publish(2)
+    out = h.send(PUB, M.Published(2))
+    (error,) = to(PUB, out, M.Error)
     assert error.code == P.ERR_FRAME and "neither the next offset" in error.message
+    assert "s" not in h.state.streams  # ended: its subscribers are told the publisher is gone
 
 
 def test_release_of_a_chunk_not_held_is_malformed(h: Harness) -> None:
@@ -385,13 +403,7 @@ def test_a_broker_cut_sampler_restarted_by_a_clock_step_back_flags_its_next_chun
     assert to(SUB, h.send(SUB, M.Subscribe("s", 10, None, True, "drop", 64, 0.5, "broker")), M.Subscribed)
     chunks = []
     for k in range(10):  # a frame every 0.1 s; the clock steps back an hour at frame 5
-        t0 = 1000.0 + k * 0.1 - (3600.0 if k >= 5 else 0.0)
-        if h.offset < 0 or h.offset + 40 > h.slab_end:
-            slab = h.grants.pop(0)
-            h.offset = 4096 + slab * SLAB + h.reserve
-            h.slab_end = 4096 + (slab + 1) * SLAB
-        out = h.send(PUB, (P.FRAME, h.offset, 10, t0, 0, 0))
-        h.offset += 40
+        out = h.write(10, t0=1000.0 + k * 0.1 - (3600.0 if k >= 5 else 0.0))
         chunks += [(decoded(m).index, decoded(m).flags) for m in to(SUB, out) if isinstance(decoded(m), M.Chunk)]
     assert [i for i, _ in chunks] == [0, 50]  # every 0.5 s of frame time, restarted at the step
     assert chunks[1][1] & P.FLAG_DISCONTINUITY

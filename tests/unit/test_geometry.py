@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from slabcast.core.geometry import GEN_OFFSET, Geometry, copy_carry, header_bytes
+from slabcast.core.ring import DESCRIPTOR_BYTES, RING_SLOTS
 
 
 @pytest.mark.parametrize("nslabs", [2, 8, 960, 961, 999, 1000, 1023, 1024, 4096])
@@ -22,8 +23,9 @@ def test_slabs_frames_and_times_lie_where_the_protocol_says():
     assert g.times_offset == 4096 + 4 * 8192
     slots = 8192 // 8
     assert g.time_at(g.slab_start(2) + 3 * 8) == g.times_offset + 8 * (2 * slots + 3)
-    assert g.segment_bytes == g.times_offset + 8 * slots * 4
-    assert Geometry(4, 8192, 8, 2048).segment_bytes == g.times_offset  # no times: the slabs end it
+    assert g.ring_offset == g.times_offset + 8 * slots * 4  # the descriptor ring after the time tables
+    assert g.segment_bytes == g.ring_offset + RING_SLOTS * DESCRIPTOR_BYTES
+    assert Geometry(4, 8192, 8, 2048).ring_offset == g.times_offset  # no times: the ring follows the slabs
 
 
 def test_carried_ranges_cover_the_carried_part_from_its_end_backwards_with_their_times():

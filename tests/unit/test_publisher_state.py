@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from slabcast.client._pubstate import AT_ONCE, BATCH, BATCHED, FULL, OPENED, SPORADIC, Batch, PublisherState
-from slabcast.wire import messages as M
 
 HEADER = 4096
 SLAB = 65536
@@ -36,7 +35,7 @@ def test_carried_waits_for_the_frame_of_a_slab_change_made_with_the_old_carry():
     assert st.switch_unsent
     assert st.on_carry(8192) is None  # not yet: the change in flight carried 4096
     assert st.carry == 8192  # but the next slab carries the new amount
-    assert st.frame_sent() == 8192  # right after the FRAME that announced the change
+    assert st.frame_sent() == 8192  # right after the PUBLISHED that announced the change
     assert st.frame_sent() is None  # once
     assert st.on_carry(2048) == 2048  # no change in flight: confirmed at once
 
@@ -142,21 +141,20 @@ def test_a_frame_joins_an_open_batch_whatever_the_time_and_a_jump_sends_the_batc
     assert st.offset == 124
 
 
-def test_a_batch_is_full_at_its_size_and_goes_as_one_notice_and_one_frames():
+def test_a_batch_is_full_at_its_size_and_goes_as_one_notice():
     st = state()
     st.last_send = 1.0
     for i in range(BATCH - 1):
         assert st.place(i, 1000 + SAMPLE * i, 1, SAMPLE, float(i), now=1.0) == (OPENED if i == 0 else BATCHED)
     assert st.place(BATCH - 1, 1000 + SAMPLE * (BATCH - 1), 1, SAMPLE, float(BATCH - 1), now=1.0) == FULL
     batch = st.take_batch(now=7.0)
-    assert batch == Batch((0, 1000, (1,) * BATCH, tuple(float(i) for i in range(BATCH))),
-                          M.Frames(1000, (1,) * BATCH, tuple(float(i) for i in range(BATCH)), 0))  # fmt: skip
+    assert batch == Batch((0, 1000, (1,) * BATCH, tuple(float(i) for i in range(BATCH))))
     assert st.last_send == 7.0
     assert st.take_batch(now=8.0) is None
     assert st.place(0, 0, 1, SAMPLE, 0.0, now=7.0) == OPENED  # a new batch
 
 
-def test_a_batch_of_one_frame_is_a_plain_notice_and_frame_with_the_slab_carry():
+def test_a_batch_of_one_frame_is_a_plain_notice():
     st = state(carry=4096)
     start(st, 0)
     st.on_carry(4096)
@@ -164,7 +162,7 @@ def test_a_batch_of_one_frame_is_a_plain_notice_and_frame_with_the_slab_carry():
     start(st, 1)
     st.last_send = 1.0
     assert st.place(10, 500, 3, 3 * SAMPLE, 2.5, now=1.0) == OPENED
-    assert st.take_batch(now=1.0) == Batch((10, 500, 3, 2.5), M.Frame(500, 3, 2.5, 0, 4096))
+    assert st.take_batch(now=1.0) == Batch((10, 500, 3, 2.5))
 
 
 def test_an_empty_batch_sends_nothing_and_keeps_the_last_send_time():

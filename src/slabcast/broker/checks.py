@@ -25,8 +25,6 @@ __all__ = [
     "DescriptorGuard",
     "OpenRequest",
     "Refused",
-    "check_frame",
-    "check_frames",
     "check_hello",
     "check_open",
     "check_subscribe",
@@ -121,7 +119,9 @@ def check_open(msg: M.Open) -> OpenRequest:
 
 def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
     """Check a SUBSCRIBE's fields by themselves (``remote``: it came over TCP)."""
-    _, size, seconds, _, policy, max_inflight, sampler, cut, _, token, history = msg
+    _, size, seconds, _, policy, max_inflight, sampler, cut, _, token, history, wake = msg
+    if wake is not None and wake not in P.WAKES:
+        raise Refused(P.ERR_BAD_REQUEST, f"wake must be one of {', '.join(P.WAKES)} or nil, got {wake!r}")
     if cut == "local" and (token is None or not 1 <= len(token) <= 32):
         raise Refused(P.ERR_BAD_REQUEST, "a local subscription needs a token of 1..32 bytes")
     if cut not in P.CUTS:
@@ -199,32 +199,3 @@ class DescriptorGuard:
             f"runs out) with {clients} clients; raise the limit where the broker starts: LimitNOFILE=N in its "
             f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
         )
-
-
-def check_frame(msg: tuple[Any, ...]) -> tuple[int, int, float, int, int]:
-    """A FRAME's fields ``(offset, n, t0, flags, carry)``, from its unpacked array: the fast path of the one
-    message sent per frame (version-2 publishers always send all five fields)."""
-    if (
-        len(msg) != 6
-        or type(msg[1]) is not int
-        or type(msg[2]) is not int
-        or type(msg[3]) not in (float, int)
-        or type(msg[4]) is not int
-        or type(msg[5]) is not int
-    ):
-        M.decode(msg)  # raises, naming the field
-        if len(msg) != 6:
-            raise ProtocolError(f"FRAME takes 5 fields in protocol version {P.VERSION}, got {len(msg) - 1}")
-    _, offset, n, t0, flags, carry = msg
-    return offset, n, float(t0), flags, carry
-
-
-def check_frames(msg: M.Frames) -> tuple[float, ...]:
-    """Check a FRAMES' sizes and times (frames packed back to back in one slab); return the times."""
-    _, ns, t0s, _ = msg
-    if len(ns) != len(t0s) or not 1 <= len(ns) <= P.MAX_BATCH:
-        raise ProtocolError(f"FRAMES needs 1..{P.MAX_BATCH} sizes and as many times, got {len(ns)} and {len(t0s)}")
-    for n, t0 in zip(ns, t0s, strict=True):
-        if type(n) is not int or type(t0) not in (float, int) or n <= 0:
-            raise ProtocolError(f"FRAMES sizes must be positive ints and times numbers, got {n!r} and {t0!r}")
-    return tuple(float(t) for t in t0s)

@@ -20,6 +20,7 @@ from .._info import StreamInfo
 from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
 from ..core.pool import FREE, SlabPool
 from ..core.rechunk import Rechunker
+from ..core.ring import Ring, futex_wake
 from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -106,7 +107,7 @@ class LocalSub(Subscription):
     ``block``) and its counters as reported by ACK."""
 
     cut: ClassVar[Cut] = "local"
-    __slots__ = ("cursor", "gate", "held", "history", "stalled_since", "token")
+    __slots__ = ("cursor", "gate", "held", "history", "ring_seq", "stalled_since", "token", "wake")
 
     def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
                  token: bytes) -> None:  # fmt: skip
@@ -117,6 +118,8 @@ class LocalSub(Subscription):
         self.held = 0  # chunks it holds, as last reported
         self.history: float | None = None  # SUBSCRIBE's history (seconds; samples for a stream without a rate)
         self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
+        self.ring_seq = 0  # the descriptor of the frame at its start (its first to read from the ring)
+        self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a doorbell, or a version-2 client)
 
 
 class BrokerCutSub(Subscription):
@@ -199,6 +202,7 @@ class Stream:
         self.segment = segment
         self.u8 = np.frombuffer(segment.buf, dtype=np.uint8)
         self.gens = np.frombuffer(segment.buf, dtype="<u4", count=nslabs, offset=GEN_OFFSET)
+        self.ring = Ring(segment.buf, geometry.ring_offset)  # where the publisher describes every frame
         fd = segment.fd
 
         def take(slab: int) -> bool:
@@ -216,7 +220,8 @@ class Stream:
         self.carry = 0  # bytes of each slab's tail the publisher copies into the next (asked)
         self.carried = 0  # ... (confirmed by the publisher: new subscriptions are admitted against this)
         self.head = 0  # index of the next sample
-        self.frames = 0
+        self.frames = 0  # frames read from the ring: the next descriptor to read
+        self.reading = False  # reading the ring right now
         self.publisher: Client | None = None
         self.subs: list[LocalSub | BrokerCutSub] = []
         self.broker_cut: list[BrokerCutSub] = []  # subs whose chunks the broker cuts: kept, not searched per frame
@@ -425,9 +430,11 @@ class Stream:
         """A subscription starts: it gets what comes from now on."""
         if isinstance(sub, LocalSub):
             sub.cursor = self.head
+            sub.ring_seq = self.frames  # one descriptor per frame: the frame at the head has this one
         else:
             self.broker_cut.append(sub)
         self.subs.append(sub)
+        self.tell_publisher()
         log.info("%s subscribed to %r: size=%d clip=%s policy=%s cut=%s", sub.client.label, self.name, sub.size,
                  sub.clip, sub.policy, sub.cut)  # fmt: skip
 
@@ -445,10 +452,23 @@ class Stream:
                     pending.remove(sub)
         if sub in self.subs:
             self.subs.remove(sub)
+        self.tell_publisher()
+
+    def tell_publisher(self) -> None:
+        """Say in the ring's header words how subscribers wait, which the publisher reads at each write: how many
+        need a notice (doorbells, and version-2 subscribers, which cut from them), how many a FUTEX_WAKE, and
+        whether the broker cuts chunks itself (then it wants to hear of every frame)."""
+        if self.ended:
+            return
+        local = [u for u in (*self.subs, *self.joining, *self.waiting) if isinstance(u, LocalSub)]
+        futex = sum(1 for u in local if u.wake == "futex")
+        doorbells = sum(1 for u in local if u.wake in (None, "doorbell"))
+        self.ring.set_counts(doorbells, futex, bool(self.broker_cut))
 
     def end(self, code: str, message: str) -> list[Out]:
         """The stream ends: the ENDs to send (a broker-cut subscriber with a backlog gets its END after it)."""
         self.ended = True
+        futex_wake(self.ring.futex_address)  # subscribers asleep on the ring look at their connection (END)
         log.info("stream %r ended (%s) after %d samples", self.name, code, self.head)
         if self.publisher is not None:
             self.publisher.stream = None
@@ -475,6 +495,7 @@ class Stream:
         """Unmap and unlink the segment (the stream's last views of it go first)."""
         del self.u8
         del self.gens
+        self.ring.release()
         self.pool.gens = []  # the last view of the segment: it can be unmapped
         self.segment.destroy()
         log.info("stream %r: segment %s unlinked", self.name, self.segment.name)
@@ -577,7 +598,8 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
         # stays address space until a subscriber asks for longer chunks.
         committed = min(reserve, geometry.frame_bytes // sample_bytes * sample_bytes)
         ranges = geometry.carried_ranges(0, committed, frames=True)
-        segment = make_segment(segment_name, geometry.segment_bytes, shm_mode, commit=[(0, header), *ranges])
+        ring = (geometry.ring_offset, geometry.segment_bytes - geometry.ring_offset)
+        segment = make_segment(segment_name, geometry.segment_bytes, shm_mode, commit=[(0, header), *ranges, ring])
     except ShmFullError as exc:
         raise Refused(P.ERR_SHM_FULL, str(exc)) from None
     segment.write_header(header_bytes=header, slab_bytes=slab_bytes, nslabs=nslabs, sample_bytes=sample_bytes,
@@ -586,6 +608,7 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     stream = Stream(req.name, sid, dtype, req.channels, req.rate, geometry, list(req.channel_names), segment,
                     notice_path, committed)  # fmt: skip
     stream.meta = req.meta
+    stream.ring.format()
     # Raw byte streams have no sample values to summarise.
     byte_stream = dtype == np.uint8 and req.channels == 1
     if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:

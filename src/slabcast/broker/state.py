@@ -25,6 +25,7 @@ from typing import Any
 
 from .._exceptions import ProtocolError
 from .._version import __version__
+from ..core.ring import Descriptor
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -33,8 +34,6 @@ from . import delivery
 from .checks import (
     DescriptorGuard,
     Refused,
-    check_frame,
-    check_frames,
     check_hello,
     check_open,
     check_subscribe,
@@ -49,6 +48,7 @@ __all__ = ["BrokerState", "Out", "System", "open_fds"]
 log = logging.getLogger("slabcast.broker")
 
 GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
+_READ = 4096  # descriptors read from a ring at a time
 MAX_SUBSCRIBERS = 256  # per stream
 REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
 _TYPED = frozenset(M.MESSAGES.values())
@@ -95,8 +95,7 @@ class BrokerState:
         self._out: list[Out] = []
         self._handlers: dict[int, Callable[[Client, Any], None]] = {
             P.OPEN: self._on_open,
-            P.FRAME: self._on_frame,
-            P.FRAMES: self._on_frames,
+            P.PUBLISHED: self._on_published,
             P.CLOSE: self._on_close,
             P.SUBSCRIBE: self._on_subscribe,
             P.RELEASE: self._on_release,
@@ -137,12 +136,12 @@ class BrokerState:
                 else:
                     self._on_hello(ident, msg, peer_pid)
                 return out
+            if client.stream is not None:
+                self._catch_up(client.stream)  # whatever a publisher says comes after the frames it described
             handler = self._handlers.get(msg[0])
             if handler is None:
                 raise ProtocolError(f"unknown message kind {msg[0]}")
-            # FRAME, one per frame, checks its own fields on a fast path; every other message is decoded
-            # and checked by its type (wire/messages.py).
-            handler(client, msg if msg[0] == P.FRAME else M.decode(msg))
+            handler(client, M.decode(msg))  # decoded and checked by its type (wire/messages.py)
         except Exception as exc:
             self._answer_error(ident, exc)
         return out
@@ -157,6 +156,9 @@ class BrokerState:
         out = self._out = []
         self._now = now
         for stream in list(self.streams.values()):
+            self._catch_up(stream)
+            if stream.ended:
+                continue
             self._grant(stream)
             if self.lease_timeout > 0:
                 timeout = f"lease_timeout ({self.lease_timeout:g} s)"
@@ -333,23 +335,62 @@ class BrokerState:
             stream.kept.pop(slab, None)  # written again: its frames are gone
             self._send(publisher.ident, M.Grant(slab))
 
-    def _on_frame(self, client: Client, msg: tuple[Any, ...]) -> None:
-        # The one message per frame: its unpacked array, checked on a fast path.
-        stream = client.stream
-        if stream is None:
-            raise Refused(P.ERR_BAD_REQUEST, "FRAME from a connection that publishes no stream")
-        offset, n, t0, flags, carry = check_frame(msg)
-        self._frame(stream, offset, n, t0, flags & P.FLAG_DISCONTINUITY, carry)
-        stream.account(self._now, offset, (n,))
+    def _on_published(self, client: Client, msg: M.Published) -> None:
+        # The frames themselves were read from the ring before this handler ran (handle: _catch_up).
+        if client.role != "pub":
+            raise Refused(P.ERR_BAD_REQUEST, "PUBLISHED from a connection that publishes no stream")
 
-    def _on_frames(self, client: Client, msg: M.Frames) -> None:
-        # Frames packed back to back from offset, in one slab.
-        stream = client.stream
-        if stream is None:
-            raise Refused(P.ERR_BAD_REQUEST, "FRAMES from a connection that publishes no stream")
-        t0s = check_frames(msg)
-        self._frame(stream, msg.offset, sum(msg.sizes), t0s[0], 0, msg.carry, msg.sizes, t0s)
-        stream.account(self._now, msg.offset, msg.sizes)
+    def _catch_up(self, stream: Stream) -> None:
+        """Take the frames the publisher described in the ring since we last looked: the head, the pool's
+        slab changes, statistics, history and broker-cut chunks, in order.  Runs before every message of
+        the publisher, before a subscription starts, before a status, and at every sweep: the broker is on
+        no frame's path, and always up to date when it decides."""
+        if stream.ended or stream.reading:
+            return
+        ring = stream.ring
+        position = ring.position
+        stream.reading = True  # (ending it on a wrong descriptor comes back here)
+        try:
+            while stream.frames < position:
+                start = stream.frames
+                descriptors = ring.read(start, min(position, start + _READ))
+                if descriptors is None:
+                    raise Refused(P.ERR_FRAME, f"the ring was lapped past descriptor {start}: the publisher "
+                                               f"wrote more than the pool lets it")  # fmt: skip
+                self._take(stream, descriptors)
+        except Refused as exc:
+            # A publisher that describes its frames wrongly (not this one: Python's checks them) ends its stream.
+            log.error("stream %r: %s", stream.name, exc)
+            if stream.publisher is not None:
+                self._send(stream.publisher.ident, M.Error(exc.code, str(exc)))
+            self._end_stream(stream, P.END_PUBLISHER_GONE, f"the publisher's frame descriptors are wrong: {exc}")
+        finally:
+            stream.reading = False
+
+    def _take(self, stream: Stream, descriptors: list[Descriptor]) -> None:
+        """Account for descriptors read from the ring, a run of frames back to back in one slab at a time."""
+        sample_bytes = stream.sample_bytes
+        i, count = 0, len(descriptors)
+        while i < count:
+            seq, index, t0, offset, floor, n, _slab, _gen, flags = descriptors[i]
+            if seq != stream.frames or index != stream.head or n < 1:
+                raise Refused(P.ERR_FRAME, f"descriptor {stream.frames} says seq {seq}, index {index}, n {n}; "
+                                           f"expected seq {stream.frames}, index {stream.head}, n >= 1")  # fmt: skip
+            ns, t0s = [n], [t0]
+            end = offset + n * sample_bytes
+            j = i + 1
+            while j < count:
+                nseq, nindex, nt0, noffset, _, nn, _, _, nflags = descriptors[j]
+                if nflags or noffset != end or nseq != seq + len(ns) or nindex != index + sum(ns) or nn < 1:
+                    break
+                ns.append(nn)
+                t0s.append(nt0)
+                end += nn * sample_bytes
+                j += 1
+            self._frame(stream, offset, sum(ns), t0,
+                        flags & P.FLAG_DISCONTINUITY, (index - floor) * sample_bytes, tuple(ns), tuple(t0s))
+            stream.account(self._now, offset, tuple(ns))
+            i = j
 
     def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
                ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip
@@ -378,6 +419,7 @@ class BrokerState:
     def _end_stream(self, stream: Stream, code: str, message: str) -> None:
         if stream.ended:
             return
+        self._catch_up(stream)  # what it published before it closed or died is the stream's
         self.streams.pop(stream.name, None)
         self._out += stream.end(code, message)
         self.system.unlink(stream.notice_path)  # the publisher removes its notice socket's file; not if it died
@@ -397,7 +439,7 @@ class BrokerState:
         if client.role != "sub" or client.sub is not None:
             raise Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
         check_subscribe(msg, client.remote)
-        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token, history = msg
+        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token, history, wake = msg
         stream = self.streams.get(name)
         if stream is None:
             if wait:
@@ -407,6 +449,7 @@ class BrokerState:
                 return
             known = ", ".join(sorted(self.streams)) or "none"
             raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
+        self._catch_up(stream)  # it starts at the head: the newest frame described
         size = stream.chunk_size(size, seconds, MAX_SUBSCRIBERS)
         if cut != "local":
             client.sub = sub = BrokerCutSub(client, stream, size, clip, policy, max_inflight, sampler)  # type: ignore[arg-type]
@@ -415,6 +458,7 @@ class BrokerState:
         assert token is not None  # checked: a local subscription has one
         local = LocalSub(client, stream, size, clip, policy, max_inflight, P.token_topic(token))  # type: ignore[arg-type]
         local.history = history
+        local.wake = wake
         client.sub = local
         if opening:
             stream.tokens.append(local.token)
@@ -422,6 +466,7 @@ class BrokerState:
         elif size * stream.sample_bytes > stream.carried and stream.publisher is not None:
             # Its chunks need a longer carry than the publisher makes: offer it once it confirms.
             stream.waiting.append(local)
+            stream.tell_publisher()
             self._update_carry(stream)
         else:
             self._activate(stream, local, offer_only=True)
@@ -432,11 +477,12 @@ class BrokerState:
         if offer_only:
             assert isinstance(sub, LocalSub)
             stream.joining.append(sub)  # until ATTACH: its notice socket is not proven connected yet
+            stream.tell_publisher()  # a doorbell from now on: the frames after its start wake it
         else:
             stream.start(sub)
         reply = stream.subscribed(sub.size)
         # A version-1 client gets the fields it knows.
-        self._send(client.ident, reply if client.version == P.VERSION else M.encode(reply, 8))
+        self._send(client.ident, reply if client.version >= 2 else M.encode(reply, 8))
         self._update_carry(stream)
 
     def _on_attach(self, client: Client, msg: M.Attach) -> None:
@@ -448,6 +494,7 @@ class BrokerState:
         stream = sub.stream
         if sub in stream.waiting:
             raise Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
+        self._catch_up(stream)
         if msg.slot is not None:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
@@ -463,7 +510,7 @@ class BrokerState:
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)
-        self._send(client.ident, M.Attached(sub.cursor))
+        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:
         # Cumulative counters, so a late one costs nothing.
@@ -513,12 +560,15 @@ class BrokerState:
         if stream is None:
             known = ", ".join(sorted(self.streams)) or "none"
             raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg.name!r} on this broker (streams: {known})")
+        self._catch_up(stream)
         self._send(client.ident, M.StatsReply(stats_reply(stream)))
 
     def _on_sync(self, client: Client, msg: M.Sync) -> None:
         self._send(client.ident, M.Synced(msg.token))
 
     def _on_status(self, client: Client, msg: M.Status) -> None:
+        for stream in list(self.streams.values()):
+            self._catch_up(stream)
         self._send(client.ident, M.StatusReply(self.status(self._now)))
 
     def status(self, now: float) -> dict[str, Any]:

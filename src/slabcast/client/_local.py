@@ -30,6 +30,7 @@ from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, Slab
 from .._info import StreamInfo
 from ..core.geometry import Geometry, generation
 from ..core.rechunk import Rechunker
+from ..core.ring import Ring, futex_wait
 from ..core.shm import CLIENT_BASE, hold, lock_slab, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -44,8 +45,9 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
-_END_GRACE = 1.0  # once the end is known: seconds without a notice before the rest counts as lost (a busy machine)
-_LOOK_MS = 100  # while waiting for notices, look at the broker connection this often
+_LOOK = 0.1  # while waiting for frames, look at the broker connection this often (seconds)
+_READ = 4096  # the most descriptors taken from the ring at a time
+_NOTICE_END_KIND = bytes([P.NOTICE_END])  # the kind byte of a notice message (after its array header)
 
 
 class _Leases:
@@ -152,21 +154,22 @@ class _Leases:
 
 @dataclass(slots=True)
 class _Frame:
-    """A noticed frame (or batch of frames) not yet cut: where its samples are, and how far cutting got."""
+    """A run of frames (back to back in one slab) not yet cut: where its samples are, and how far cutting got."""
 
     index: int  # stream index of the next sample to cut
     slab: int
     gen: int  # the slab's generation when the notice was sent
     offset: int  # byte of the sample at ``index``
-    ns: tuple[int, ...]  # samples per frame of the batch
-    t0s: tuple[float, ...]  # time of each frame's first sample
-    i: int  # the next frame of the batch to cut
-    flags: int  # FLAG_DISCONTINUITY: the stream jumped (or notices were lost) before this one
+    ns: list[int] | tuple[int, ...]  # samples per frame of the run
+    t0s: list[float] | tuple[float, ...]  # time of each frame's first sample
+    i: int  # the next frame of the run to cut
+    flags: int  # FLAG_DISCONTINUITY: the stream jumped (or samples were lost) before this one
     floor: int  # the lowest stream index contiguous in the slab (its carried part starts there)
+    end: int = 0  # byte just past the run
 
 
 class _Gap(NamedTuple):
-    """Samples whose notices never came (this subscriber's notice queue overflowed)."""
+    """Samples this subscriber never saw (a drop subscriber lapped by the publisher)."""
 
     start: int
     stop: int
@@ -205,6 +208,9 @@ class LocalReceiver:
         start: int,
         early_end: M.End | None,
         *,
+        ring_seq: int = 0,
+        wake: str = "doorbell",
+        spin: float = 0.0,
         clip: bool,
         policy: str,
         max_inflight: int,
@@ -244,29 +250,27 @@ class LocalReceiver:
         self._received = 0
         self._last_seq = -1
         self._dropped = 0
-        self._nseq = -1  # the next notice seq expected; -1: none seen yet
-        self._noticed = start  # the stream index just past the last sample a notice announced
-        self._last_notice = time.monotonic()
-        self._noticed_any = False
+        self._noticed = start  # the stream index just past the last sample read from the ring (or history)
+        self._ring = Ring(mm, self._geometry.ring_offset)
+        self._rseq = ring_seq  # the next descriptor to read
+        self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
+        self._futex = wake == "futex"
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
         self._acked_at = 0.0
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
-        self._end_seen = time.monotonic()
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
         self._rcvtimeo = -1
         self._on_dead = self._leases.on_dead
         self._on_release = self.on_release
         # History (frames written before we joined, as the broker described them): cut first, like notices.
-        self._hist_floor = (-1, 0, 0)  # (slab, gen, floor) of its newest slab: live notices there may say less
-        self._after_history = False
+        self._hist_floor = (-1, 0, 0)  # (slab, gen, floor) of its newest slab: the ring there may say less
         for h in history or ():
             if h.ns:
                 self._frames.append(_Frame(h.index, h.slab, h.gen, h.offset, h.ns, h.t0s, 0, h.flags, h.floor))
                 self._noticed = h.index + sum(h.ns)
                 self._hist_floor = (h.slab, h.gen, h.floor)
-                self._after_history = True
             elif h.flags & P.FLAG_DISCONTINUITY:
                 self.jumped = True  # none of the history asked for is left: the first chunk says so
 
@@ -286,7 +290,6 @@ class LocalReceiver:
         if self.end is not None:
             raise self.end
         deadline = None if timeout is None else time.monotonic() + timeout
-        notices = self._notices
         conn = self._conn
         while True:
             if self._sampler_error is not None:
@@ -297,35 +300,20 @@ class LocalReceiver:
             if self._frames:
                 self._step()
                 continue
-            try:
-                raw = notices.recv(_NOBLOCK)
-            except zmq.Again:
-                pass
-            else:
-                self._on_notice(raw)
+            if self._read_ring():
                 continue
+            if self._drain_notices():
+                continue  # (a notice only says the position moved: look at the ring again)
             end = self._stream_end
-            if end is not None and self._cursor < end.head:
-                # Notices already with us come first: only when none came for _END_GRACE (since the end
-                # was known and since the last one) is the rest lost.
-                if time.monotonic() - max(self._end_seen, self._last_notice) > _END_GRACE:
-                    if conn.poll_gone():
-                        raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
-                    if self._partial_tail and self._cut_tail():
-                        continue
-                    start = self._cursor
-                    if end.code == P.END_CLOSED:
-                        self._lost(start, end.head)
-                    else:  # the publisher died with notices unsent: its error names the range
-                        self._cursor = end.head
-                        self._stream_end = end._replace(
-                            message=f"{end.message}; samples {start}..{end.head} never reached this subscriber"
-                        )
-                    continue
-            elif end is not None:
-                # Everything the stream held is cut.
+            if end is not None:
+                # Everything published is read: the ring is the whole stream.
                 if conn.poll_gone():
                     raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                if self._cursor < end.head:
+                    if self._partial_tail and self._cut_tail():
+                        continue
+                    self._lost(self._cursor, end.head)  # (only a drop subscriber lapped by the publisher)
+                    continue
                 if self._partial_tail and self._cut_tail():
                     continue
                 self._send_ack(force=True)
@@ -341,22 +329,54 @@ class LocalReceiver:
             self._leases.unlock_idle(-1, self._cur_slab)
             self._send_ack()
             if deadline is None:
-                wait = -1
+                left = _LOOK
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                wait = max(1, int(left * 1000))
-            # Wait in the notice socket itself (what a plain SUB does: the lowest latency), looking
-            # at our own connection (END, eviction, the broker's death) at least every _LOOK seconds.
-            wait = _LOOK_MS if wait < 0 else min(wait, _LOOK_MS)
-            if wait != self._rcvtimeo:
-                notices.setsockopt(zmq.RCVTIMEO, wait)
-                self._rcvtimeo = wait
+            self._idle(min(left, _LOOK))
+
+    def _idle(self, wait: float) -> int:
+        """Wait up to ``wait`` seconds for the ring's position to move, by this subscriber's wait strategy;
+        return the position (moved or not: the caller looks at everything again)."""
+        ring = self._ring
+        seen = self._rseq
+        if self._spin:
+            until = time.monotonic() + (wait if self._spin < 0 else min(wait, self._spin))
+            while (position := ring.position) == seen:
+                if time.monotonic() >= until:
+                    break
+            else:
+                return position
+            if self._spin < 0:
+                return position  # busy: never sleeps (the caller looks at the broker every _LOOK seconds)
+        if self._futex and not ring.closed:
+            # The kernel compares the word and sleeps in one step: a publish after our look wakes us.
+            futex_wait(ring.futex_address, seen, wait)
+            return ring.position
+        # The doorbell: every publish stores the position, then sends a notice.  We drained the notices,
+        # then looked at the position: a publish we did not see has its notice still to come.
+        ms = max(1, int(wait * 1000))
+        if ms != self._rcvtimeo:
+            self._notices.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            raw = self._notices.recv()
+        except zmq.Again:
+            return ring.position
+        self._on_notice(raw)
+        return ring.position
+
+    def _drain_notices(self) -> bool:
+        """Read every notice waiting (they only wake us; NOTICE_END says the stream ended); True if any."""
+        notices = self._notices
+        any_ = False
+        while True:
             try:
-                raw = notices.recv()
+                raw = notices.recv(_NOBLOCK)
             except zmq.Again:
-                continue
+                return any_
+            any_ = True
             self._on_notice(raw)
 
     def _on_direct(self, msg: M.Message | None) -> None:
@@ -364,10 +384,9 @@ class LocalReceiver:
         if msg is None or isinstance(msg, M.Synced):
             return
         if isinstance(msg, M.End) and msg.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
-            # The stream ended: finish what its notices hold first (they may still be on their way).
+            # The stream ended: everything it published is in the ring; we finish reading it first.
             if self._stream_end is None:
                 self._stream_end = msg
-                self._end_seen = time.monotonic()
             return
         if isinstance(msg, M.End | M.Error):
             exc = error_for(msg, self._where)
@@ -379,56 +398,55 @@ class LocalReceiver:
         raise unexpected(msg, "END or ERROR", self._where)
 
     def _on_notice(self, raw: bytes) -> None:
+        """A message on the notice socket: a doorbell (its fields are the ring's, read there), or the end."""
         topic = self._topic
-        if not raw.startswith(topic):
-            return  # a JOINED of another subscriber's token
+        if not raw.startswith(topic) or raw[len(topic) + 1 : len(topic) + 2] != _NOTICE_END_KIND:
+            return  # a NOTICE (the position moved), or a JOINED of another subscriber's token
         raw_msg = P.unpack(raw[len(topic) :])
         if len(raw_msg) < 3 or raw_msg[1] != self._sid:
             return  # an earlier stream of the same name
-        # One per frame or batch: the field count is checked, the values by the cutting that uses them.
         msg = M.decode(raw_msg, strict=False, check=False)
-        seq = raw_msg[2]
-        if seq < self._nseq:
-            return  # duplicate or stale
-        # Notices lost on the way (this subscriber's queue overflowed): never cut across the hole.
-        flags = P.FLAG_DISCONTINUITY if 0 <= self._nseq < seq else 0
-        self._nseq = seq + 1
-        self._last_notice = time.monotonic()
-        if isinstance(msg, M.NoticeEnd):
+        if isinstance(msg, M.NoticeEnd) and self._stream_end is None:
             self._stream_end = M.End(msg.code, msg.message, 0, msg.head)
-            self._end_seen = time.monotonic()
-            if not self._noticed_any:
-                # The end, in order, and no frame notice since we joined: the frames up to `head` were all
-                # noticed before (a FRAME may reach the broker after our ATTACH): not ours, not lost.
-                self._cursor = self._noticed = max(self._cursor, msg.head)
-            return
-        if not isinstance(msg, M.Notice):
-            raise unexpected(msg, "NOTICE or NOTICE_END on the notice socket", self._where)
-        _, _, index, slab, gen, offset, n, t0, jump, floor = msg
-        ns: tuple[int, ...] = (n,) if type(n) is int else n  # type: ignore[assignment]
-        t0s: tuple[float, ...] = (t0,) if type(n) is int else t0  # type: ignore[assignment]
-        if index < self._noticed:
-            return  # written before this subscription started (or told of in its history)
-        flags |= jump
-        if index > self._noticed and self._noticed_any:
-            # The samples of the lost notices: named by _lost (a block subscriber raises).
-            self._frames.append(_Gap(self._noticed, index))
-            flags |= P.FLAG_DISCONTINUITY
-        elif index > self._noticed and self._after_history:
-            # A frame noticed before our notice socket joined whose FRAME reached the broker after our ATTACH:
-            # in neither the history nor the notices (rare): flagged, not cut across.
-            log.warning("%s: samples %d..%d between the history and the first notice were skipped", self._where,
-                        self._noticed, index)  # fmt: skip
-            flags |= P.FLAG_DISCONTINUITY
-        self._after_history = False
+
+    def _read_ring(self) -> bool:
+        """Take the frames published since we last looked (at most _READ descriptors); True if any."""
+        ring = self._ring
+        start = self._rseq
+        position = ring.position
+        if position == start:
+            return False
+        stop = min(position, start + _READ)
+        descriptors = ring.read(start, stop)
+        if descriptors is None:
+            # Lapped: only a drop subscriber (a block subscriber holds back the slabs it has not read, and so
+            # the descriptors).  Go on with the newest half of the ring; the samples in between are counted.
+            self._rseq = ring.position - ring.slots // 2
+            return True
+        self._rseq = stop
+        frames = self._frames
+        noticed = self._noticed
         hist_slab, hist_gen, hist_floor = self._hist_floor
-        if slab == hist_slab and gen == hist_gen and hist_floor < floor:
-            floor = hist_floor  # the broker carried more into this slab for our history than its publisher did
-        self._frames.append(_Frame(index, slab, gen, offset, ns, t0s, 0, flags, floor))
-        self._noticed = index + sum(ns)
-        # (A gap before the first notice is no loss: a frame noticed just before our notice socket
-        # joined may reach the broker after our ATTACH; we start at the first frame we are told of.)
-        self._noticed_any = True
+        last: _Frame | None = None
+        for _seq, index, t0, offset, floor, n, slab, gen, flags in descriptors:
+            if index < noticed:
+                continue  # before this subscription's start (told of in its history)
+            if index > noticed:
+                frames.append(_Gap(noticed, index))  # lapped: the samples we never saw (named by _lost)
+                flags |= P.FLAG_DISCONTINUITY
+                last = None
+            if slab == hist_slab and gen == hist_gen and hist_floor < floor:
+                floor = hist_floor  # the broker carried more into this slab for our history than its publisher did
+            if last is not None and not flags and slab == last.slab and gen == last.gen and offset == last.end:
+                last.ns.append(n)  # type: ignore[union-attr]  # the next frame of a run in one slab: one step
+                last.t0s.append(t0)  # type: ignore[union-attr]  # (a run from the ring: lists)
+                last.end = offset + n * self._sample_bytes
+            else:
+                last = _Frame(index, slab, gen, offset, [n], [t0], 0, flags, floor, offset + n * self._sample_bytes)
+                frames.append(last)
+            noticed = index + n
+        self._noticed = noticed
+        return True
 
     # ------------------------------------------------------------ cutting
 
@@ -664,8 +682,11 @@ def open_local(
         if lock_fd >= 0:
             os.close(lock_fd)  # else it would keep the (soon unlinked) segment's memory alive
         raise
+    if answer.seq is None:
+        raise ProtocolError(f"ATTACHED names no ring descriptor to start from: the broker speaks protocol version 2, "
+                            f"this subscriber version 3 ({where})")  # fmt: skip
     return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
-                         **settings)  # fmt: skip
+                         ring_seq=answer.seq, **settings)  # fmt: skip
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:

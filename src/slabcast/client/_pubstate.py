@@ -1,8 +1,8 @@
-"""The publisher's rules as a state object with no socket, thread or clock: grants, the carry, batching.
+"""The publisher's rules as a state object with no socket, thread or clock: grants, the carry, batching notices.
 
 :class:`~slabcast.Publisher` copies frames into shared memory and sends what this
 object says to send; every decision about *when* is taken here, from the events it is
-given (a GRANT or CARRY came, a frame was placed, a FRAME went out) and the ``now`` it
+given (a GRANT or CARRY came, a frame was placed, a PUBLISHED went out) and the ``now`` it
 is handed, so that ``tests/unit/test_publisher_state.py`` checks them in microseconds.
 """
 
@@ -11,29 +11,26 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from ..wire import messages as M
-
 __all__ = ["AT_ONCE", "BATCH", "BATCHED", "BATCH_DELAY", "FULL", "OPENED", "SPORADIC", "Batch", "PublisherState"]
 
 # Notice batching: a write less than SPORADIC seconds after the previous notice joins a
-# batch (one FRAMES message) sent when it holds BATCH frames or is BATCH_DELAY old.
-# Sporadic writers (every frame later than that) keep one immediate FRAME each: no delay.
+# batch (one NOTICE) sent when it holds BATCH frames or is BATCH_DELAY old.
+# Sporadic writers (every frame later than that) keep one immediate NOTICE each: no delay.
 SPORADIC = 50e-6
 BATCH = 64
 BATCH_DELAY = 0.5e-3
 
 # What to do with a frame just placed (PublisherState.place):
-AT_ONCE = 0  # send the batch if any, then this frame's NOTICE and FRAME
+AT_ONCE = 0  # send the batch if any, then this frame's NOTICE (and PUBLISHED when the broker wants it)
 OPENED = 1  # it opened a batch: wake the flusher, which sends it within BATCH_DELAY if no write fills it
 BATCHED = 2  # it joined the batch
 FULL = 3  # it filled the batch: send it now
 
 
 class Batch(NamedTuple):
-    """What to send for the batched frames: their NOTICE's fields (if not sent yet), then their FRAME(S)."""
+    """What to send for the batched frames: their NOTICE's fields (if not sent yet), then a PUBLISHED."""
 
     notice: tuple[int, int, int | tuple[int, ...], float | tuple[float, ...]] | None  # (index, offset, ns, t0s)
-    frame: M.Frame | M.Frames
 
 
 class PublisherState:
@@ -62,10 +59,10 @@ class PublisherState:
         self.offset = 0  # byte where the next frame goes
         self.end = 0  # byte just past the slab being written; 0: no slab yet
         self.slab_notices = 0  # notices about the slab being written
-        self.switch_unsent = False  # a slab change whose FRAME has not gone to the broker yet
-        self.carried_due: int | None = None  # a CARRIED to send right after that FRAME
+        self.switch_unsent = False  # a slab change whose PUBLISHED has not gone to the broker yet
+        self.carried_due: int | None = None  # a CARRIED to send right after that PUBLISHED
         self.last_send = 0.0  # when the last notice went out
-        # The batch: frames placed whose FRAME (and, for `unnoticed` of them, NOTICE) is not sent yet.
+        # The batch: frames placed whose NOTICE (for `unnoticed` of them) is not sent yet.
         self.pend_index = 0
         self.pend_offset = 0
         self.pend_n: list[int] = []
@@ -96,7 +93,7 @@ class PublisherState:
         carry = min(self.carry, self.contiguous())
         self.slab_carry = carry
         self.slab_notices = 0
-        self.switch_unsent = bool(self.end)  # its first FRAME tells the broker of the change
+        self.switch_unsent = bool(self.end)  # its first PUBLISHED tells the broker of the change
         self.slab_data = start + self.reserve
         self.end = start + slab_bytes
         return carry
@@ -125,7 +122,7 @@ class PublisherState:
         """The broker asked for a new carry (from the next slab on): the CARRIED to send now, or None.
 
         Confirmed at once, unless a slab change made with the old carry has not reached the broker
-        yet: then right after its FRAME (see :meth:`frame_sent`), so that a subscriber the broker
+        yet: then right after its PUBLISHED (see :meth:`frame_sent`), so that a subscriber the broker
         starts on this confirmation never meets a slab change that carried less than it needs.
         """
         self.carry = min(nbytes, self.reserve)
@@ -135,7 +132,7 @@ class PublisherState:
         return self.carry
 
     def frame_sent(self) -> int | None:
-        """A FRAME(S) went to the broker: a slab change it announced is known there.  The CARRIED now due,
+        """A PUBLISHED went to the broker: a slab change before it is known there.  The CARRIED now due,
         if any, to send right after it."""
         self.switch_unsent = False
         due = self.carried_due
@@ -160,11 +157,6 @@ class PublisherState:
                 notice = (index, offset, tuple(ns[k:]), tuple(ts[k:]))
             self.unnoticed = 0
             self.last_send = now
-        frame: M.Frame | M.Frames
-        if len(ns) == 1:
-            frame = M.Frame(self.pend_offset, ns[0], ts[0], 0, self.slab_carry)
-        else:
-            frame = M.Frames(self.pend_offset, tuple(ns), tuple(ts), self.slab_carry)
         self.pend_n = []
         self.pend_t = []
-        return Batch(notice, frame)
+        return Batch(notice)

@@ -23,6 +23,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
+from ..core.ring import Ring, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -278,6 +279,9 @@ class Publisher:
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
+        # Where every frame is described, in order: readers need nothing else (core/ring.py).
+        self._ring = Ring(self._mm, self._geometry.ring_offset)
+        self._position = 0  # descriptors published
         # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
         self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
         self._slab = -1
@@ -374,20 +378,31 @@ class Publisher:
             self._u8[at : at + 8 * n] = stamps.view(np.uint8)
         t0 = float(t0)
         index = self.samples
-        with self._lock:
-            # The notice is what subscribers wait for: at once for a sporadic writer, batched (with the
-            # broker's FRAME, which nobody waits on) for a fast one.
-            action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
-            if action == AT_ONCE:
-                flags = P.FLAG_DISCONTINUITY if discontinuity else 0
-                self._flush_pending()  # (a jump: the frames batched before it go first)
-                self._notice(index, offset, n, t0, flags)
-                self._send_frame(M.Frame(offset, n, t0, flags, state.slab_carry))
-                state.last_send = now
-            elif action == OPENED:
-                self._kick.set()  # the flusher sends this batch if no write fills it
-            elif action == FULL:
-                self._flush_pending()
+        ring = self._ring
+        position = self._position
+        flags = P.FLAG_DISCONTINUITY if discontinuity else 0
+        ring.write(position, index, t0, offset, self._floor, n, self._slab, self._gen, flags)
+        self._position = position = position + 1
+        ring.publish(position)  # samples, descriptor, then position: the order readers load them in
+        state.slab_notices += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
+        if ring.futex_waiters:
+            futex_wake(ring.futex_address)  # (a syscall, a full barrier: no waiter misses this position)
+        # What else to send: a NOTICE to wake doorbell subscribers (batched for a fast writer), a PUBLISHED
+        # when the broker must know at once (a slab change; broker-cut subscribers).  Often nothing.
+        if ring.doorbells or ring.frames_wanted or state.switch_unsent or state.pend_n:
+            with self._lock:
+                action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
+                if action == AT_ONCE:
+                    self._flush_pending()  # (a jump: the frames batched before it go first)
+                    self._notice(index, offset, n, t0, flags)
+                    self._published()
+                    state.last_send = now
+                elif action == OPENED:
+                    self._kick.set()  # the flusher sends this batch if no write fills it
+                elif action == FULL:
+                    self._flush_pending()
+        else:
+            state.offset = offset + nbytes
         self.frames += 1
         self.samples += n
 
@@ -422,21 +437,22 @@ class Publisher:
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
     def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int) -> None:
-        """Publish one NOTICE to every local subscriber (caller holds the lock)."""
+        """Publish one NOTICE to every local subscriber (caller holds the lock), if any waits for one."""
+        if not self._ring.doorbells:
+            return
         seq = self._nseq
         self._nseq = seq + 1
-        self._state.slab_notices += 1
         self._notices.send(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
 
     def _flush_pending(self) -> None:
-        """Send the batched notices, then the batch's FRAME(S) to the broker (caller holds the lock)."""
+        """Send the batched notices, then a PUBLISHED if the broker wants it (caller holds the lock)."""
         if not self._state.pend_n:
             return
         batch = self._state.take_batch(time.monotonic())
         assert batch is not None
         if batch.notice is not None:
             self._notice(*batch.notice, 0)
-        self._send_frame(batch.frame)
+        self._published()
 
     def _service(self) -> bool:
         """One turn of the background thread; False when it should end."""
@@ -512,9 +528,12 @@ class Publisher:
         if carried is not None:
             self._conn.send(M.Carried(carried))
 
-    def _send_frame(self, frame: M.Frame | M.Frames) -> None:
-        """Send a FRAME(S) to the broker, then a CARRIED that waited for it (caller holds the lock)."""
-        self._conn.send(frame)
+    def _published(self) -> None:
+        """Tell the broker the ring's position, when it must know now: a slab change (it grants the next), or it
+        cuts chunks itself; then a CARRIED that waited for the slab change (caller holds the lock)."""
+        if not (self._state.switch_unsent or self._ring.frames_wanted):
+            return
+        self._conn.send(M.Published(self._position))
         carried = self._state.frame_sent()
         if carried is not None:
             self._conn.send(M.Carried(carried))
@@ -534,6 +553,8 @@ class Publisher:
             end = M.NoticeEnd(self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples)
             self._notices.send_end(end)
             self._nseq += 1
+            self._ring.close()
+            futex_wake(self._ring.futex_address)
         self._closed = True
         self._kick.set()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
@@ -553,6 +574,7 @@ class Publisher:
         with contextlib.suppress(OSError):
             os.close(self._live_fd)
         self._u8 = None  # type: ignore[assignment]
+        self._ring.release()
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()

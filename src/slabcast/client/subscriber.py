@@ -33,8 +33,7 @@ from ..core.shm import attach
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._local import _ACK_INTERVAL as _ACK_INTERVAL  # the C client's test compares these with its own
-from ._local import _END_GRACE as _END_GRACE
-from ._local import _LOOK_MS as _LOOK_MS
+from ._local import _LOOK as _LOOK
 from ._local import open_local
 from ._remote import RemoteReceiver, pauses
 from ._transport import Receiver
@@ -91,6 +90,18 @@ class Subscriber:
         there would have had them.  When the pool holds less, it starts at its
         oldest sample and the first chunk has ``discontinuity`` set.  Size the
         pool with the publisher's ``history=``.  Local (``ipc://``) subscribers only.
+    wake : {"doorbell", "futex", "busy"}
+        How this subscriber waits for frames when it has read everything (a local one
+        reads frame descriptors from shared memory; this only says how it sleeps):
+        ``"doorbell"`` (default) a ZeroMQ notice the publisher sends after each write,
+        pollable by event loops; ``"futex"`` a futex word in the segment, woken by the
+        publisher's ``FUTEX_WAKE`` (lower latency, not pollable); ``"busy"`` spins on the
+        position and never sleeps (the lowest latency, a whole core).  Remote (``tcp://``)
+        subscribers wait for the broker's messages whatever this says.
+    spin : float
+        Seconds to spin on the position before sleeping (``"doorbell"`` and ``"futex"``;
+        0 to 0.01): a frame within that time is taken without a wake-up, at the cost of
+        that much CPU per wait.
     reconnect : bool or float
         When the broker goes away, wait up to this many seconds (``True``: 60)
         for a broker at the same address with this stream and subscribe again
@@ -130,8 +141,16 @@ class Subscriber:
         label: str | None = None,
         partial_tail: bool = False,
         history: float | None = None,
+        wake: str = "doorbell",
+        spin: float = 0.0,
     ) -> None:
         P.check_stream_name(stream)
+        if wake not in P.WAKES:
+            raise ValueError(f"wake must be one of {', '.join(map(repr, P.WAKES))}, got {wake!r}")
+        if isinstance(spin, bool) or not isinstance(spin, int | float) or not 0 <= spin <= P.MAX_SPIN:
+            raise ValueError(f"spin must be seconds from 0 to {P.MAX_SPIN:g}, got {spin!r}")
+        self._wake = wake
+        self._spin = -1.0 if wake == "busy" else float(spin)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int | float)
                                     or not 0 < history < math.inf):  # fmt: skip
             raise ValueError(f"history must be a positive finite number of seconds (samples for a stream without "
@@ -167,7 +186,7 @@ class Subscriber:
         self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
         # The settings of SUBSCRIBE (the rest is filled per connection: local or remote).
         self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler,
-                                    history=history)  # fmt: skip
+                                    history=history, wake=wake)  # fmt: skip
         self._max_inflight = max_inflight
         self._partial_tail = bool(partial_tail)
         self._curve = curve
@@ -221,7 +240,7 @@ class Subscriber:
                 rx = local_rx = open_local(
                     conn, reply, info, mm, token, self._timeout, clip=self.clip, policy=self.policy,
                     max_inflight=self._max_inflight, partial_tail=self._partial_tail, sampler=self._sampler,
-                    where=self._where,
+                    where=self._where, wake=self._wake, spin=self._spin,
                 )  # fmt: skip
                 start = local_rx.start
             else:

@@ -7,6 +7,7 @@ A segment (see :mod:`slabcast.core.shm` for the header's fields) is::
     header_bytes + slab_bytes slab 1
     ...
     times_offset              (streams with per-sample times) one f64 per sample slot of every slab
+    ring_offset               the frame descriptor ring (:mod:`slabcast.core.ring`), on a page
 
 The **carried part** of a slab is its first ``reserve`` bytes (the ``max_chunk_bytes`` a stream
 opens with): when the publisher moves to a new slab it copies there the tail that subscribers may
@@ -23,10 +24,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .ring import RING_SLOTS, ring_bytes
+
 __all__ = ["GEN_OFFSET", "PAGE", "Geometry", "copy_carry", "generation", "header_bytes"]
 
 PAGE = 4096  # the smallest header; header and slabs are whole pages
 GEN_OFFSET = 256  # u32 gen[nslabs]: the slab generation table
+RING_BYTES = ring_bytes(RING_SLOTS)
 
 
 _GEN = struct.Struct("<I")
@@ -84,10 +88,15 @@ class Geometry:
         return self.header_bytes + self.nslabs * self.slab_bytes
 
     @property
-    def segment_bytes(self) -> int:
-        """The whole segment: header, slabs, and the time tables when the stream keeps per-sample times."""
+    def ring_offset(self) -> int:
+        """Where the frame descriptor ring starts (after the time tables, on a page)."""
         times = 8 * (self.slab_bytes // self.sample_bytes) * self.nslabs if self.timestamps else 0
-        return self.times_offset + times
+        return -(-(self.times_offset + times) // PAGE) * PAGE
+
+    @property
+    def segment_bytes(self) -> int:
+        """The whole segment: header, slabs, the time tables when the stream keeps per-sample times, the ring."""
+        return self.ring_offset + RING_BYTES
 
     def slab_start(self, slab: int) -> int:
         """The segment byte where ``slab`` starts (its carried part first)."""

@@ -4,7 +4,7 @@ One segment per stream.  Its layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic            b"SLABCAST"
-    8       4     u32 layout       2
+    8       4     u32 layout       3 (2: no frame descriptor ring; 1: no generation table)
     12      4     u32 header_bytes where slab 0 starts: header_bytes(nslabs), a multiple of 4096
     16      8     u64 slab_bytes   size of one slab, a multiple of 4096
     24      4     u32 nslabs       number of slabs
@@ -15,12 +15,14 @@ One segment per stream.  Its layout (all integers little-endian)::
     48      16    dtype            numpy dtype string ("<f4", "|u1"), NUL padded
     64      8     u64 epoch        random number chosen at broker start
     72      64    stream name      UTF-8, NUL padded
-    136     120   zero
+    136     120   the ring's words: slots, descriptor size, offset, position, wake counts, closed
+                                   (:mod:`slabcast.core.ring`); zero in layout 2
     256     4*n   u32 gen[nslabs]  generation of each slab, bumped by the broker each time it
                                    hands the slab to the publisher to be written again
     ...     ...   zero up to header_bytes = 4096 * ceil((256 + 4 * nslabs) / 4096)
     header_bytes + i * slab_bytes  slab i
     after the slabs               per-sample time tables (streams with timestamps)
+    ring_offset                   the frame descriptor ring, RING_SLOTS descriptors of 64 bytes
 
 Where each part lies is :class:`slabcast.core.geometry.Geometry`'s to say.
 
@@ -92,7 +94,7 @@ __all__ = [
 ]
 
 MAGIC = b"SLABCAST"
-LAYOUT = 2
+LAYOUT = 3
 HEADER_BYTES = PAGE  # the smallest header; see header_bytes()
 LOCK_BASE = 1 << 40  # lock byte of slab i: LOCK_BASE + i
 OWNER_BYTE = 1 << 41  # held (exclusive) by the broker that created the segment, for its lifetime

@@ -35,8 +35,6 @@ __all__ = [
     "Close",
     "End",
     "Error",
-    "Frame",
-    "Frames",
     "Grant",
     "Hello",
     "History",
@@ -45,6 +43,7 @@ __all__ = [
     "NoticeEnd",
     "Open",
     "Opened",
+    "Published",
     "Release",
     "Stats",
     "StatsReply",
@@ -108,15 +107,15 @@ class Open(NamedTuple):
     meta: dict[str, Any] | None = None  # version 2: channel_types, channel_units, source_id, timestamps
 
 
-@_kind(P.FRAME)
-class Frame(NamedTuple):
-    """A publisher wrote one frame (the broker's head, grants and statistics)."""
+@_kind(P.PUBLISHED)
+class Published(NamedTuple):
+    """A publisher moved the ring's position (version 3): the broker reads the new frames' descriptors there.
 
-    offset: int
-    n: int
-    t0: Number
-    flags: int
-    carry: int  # bytes carried before this slab's data (read on a slab's first frame)
+    Sent when the publisher starts a slab (the broker grants the next), while the broker cuts chunks itself
+    (TCP and version-1 subscribers), and before CARRIED; never needed for anything else.
+    """
+
+    position: int
 
 
 @_kind(P.CLOSE)
@@ -140,6 +139,7 @@ class Subscribe(NamedTuple):
     wait: bool = False  # version 2: hold the request until the stream opens
     token: bytes | None = None  # version 2, cut="local": the token topic it listens on for JOINED
     history: Number | None = None  # cut="local": start this far back (seconds; samples without a rate)
+    wake: str | None = None  # version 3, cut="local": how it waits ("doorbell", "futex", "busy"; None: doorbell)
 
 
 @_kind(P.RELEASE)
@@ -181,15 +181,6 @@ class Stats(NamedTuple):
 
     name: str
 
-
-@_kind(P.FRAMES)
-class Frames(NamedTuple):
-    """A publisher wrote several frames back to back from ``offset``."""
-
-    offset: int
-    sizes: tuple[int, ...]
-    t0s: tuple[Number, ...]
-    carry: int
 
 
 @_kind(P.ACK)
@@ -333,9 +324,11 @@ class Carry(NamedTuple):
 
 @_kind(P.ATTACHED)
 class Attached(NamedTuple):
-    """The answer to ATTACH: the stream index this subscriber starts at."""
+    """The answer to ATTACH: the stream index this subscriber starts at, and (version 3) the ring descriptor
+    of the frame there: the first it reads."""
 
     start: int
+    seq: int | None = None
 
 
 @_kind(P.HISTORY)
@@ -390,7 +383,7 @@ class Joined(NamedTuple):
 
 
 Message: TypeAlias = Union[  # noqa: UP007
-    Hello, Open, Frame, Close, Subscribe, Release, Bye, Status, Unsubscribe, Sync, Stats, Frames, Ack, Carried,
+    Hello, Open, Published, Close, Subscribe, Release, Bye, Status, Unsubscribe, Sync, Stats, Ack, Carried,
     Attach, Welcome, Opened, Grant, Subscribed, Chunk, End, Error, StatusReply, Synced, StatsReply, Carry,
     Attached, Notice, NoticeEnd, Joined, History,
 ]  # fmt: skip

@@ -1,7 +1,8 @@
-"""Wire protocol version 2: message kinds, field order and checked decoding (see docs/protocol.md).
+"""Wire protocol version 3: message kinds, field order and checked decoding (see docs/protocol.md).
 
-Version 1 clients (the C client before its port, older Python clients) are still served:
-they get broker-cut CHUNK notices, exactly as version 1 specified.
+Version 3 describes every frame in the segment's ring (core/ring.py): notices only wake subscribers.
+Version 2 subscribers (the C client) are still served with notices that name the frames, and
+version 1 clients with broker-cut CHUNK notices, exactly as those versions specified.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 
-VERSION = 2
-LEGACY_VERSIONS = (1,)  # served with broker-cut chunks
+VERSION = 3
+LEGACY_VERSIONS = (1, 2)  # 1: served with broker-cut chunks; 2: local subscribers cutting from notices
 
 # Client -> broker.  Every message is a msgpack array whose first element is its kind.
 HELLO = 1  # [HELLO, version, pid, role, label]
 OPEN = 2  # [OPEN, name, dtype, channels, rate|nil, slab_bytes, nslabs, max_chunk_bytes, channel_names|nil, stats_s]
-FRAME = 3  # [FRAME, offset, n, t0]
+# 3 (FRAME) and 12 (FRAMES): version 2's message per frame, retired; the broker reads the ring (PUBLISHED).
 CLOSE = 4  # [CLOSE]
 SUBSCRIBE = 5  # [SUBSCRIBE, name, size|nil, seconds|nil, clip, policy, max_inflight, sampler, cut, wait, token|nil]
 RELEASE = 6  # [RELEASE, [seq, ...], [pause, ...]]
@@ -30,7 +31,7 @@ STATUS = 8  # [STATUS]
 UNSUBSCRIBE = 9  # [UNSUBSCRIBE]
 SYNC = 10  # [SYNC, token]
 STATS = 11  # [STATS, name]
-FRAMES = 12  # [FRAMES, offset, [n, ...], [t0, ...], carry]
+PUBLISHED = 16  # [PUBLISHED, position]  the publisher moved the ring's position (a slab change, or frames wanted)
 ATTACH = 15  # [ATTACH, slot]  a local subscriber's notice socket is connected (it got JOINED): start it;
 #              it holds a shared lock on byte CLIENT_BASE + slot of the segment while it lives
 CARRIED = 14  # [CARRIED, bytes]  a publisher confirms it now carries that much at every slab change
@@ -54,14 +55,13 @@ CARRY = 111  # [CARRY, bytes]  to a publisher: copy this much of the old slab's 
 # Published by the publisher on its notice socket (XPUB), one message part: topic + msgpack array.
 NOTICE = 120  # [NOTICE, stream_id, notice_seq, index, slab, gen, offset, n|[n...], t0|[t0...], flags, floor]
 NOTICE_END = 121  # [NOTICE_END, stream_id, notice_seq, code, message, head]
-ATTACHED = 112  # [ATTACHED, start]  the answer to ATTACH: the stream index this subscriber starts at
+ATTACHED = 112  # [ATTACHED, start, seq]  the answer to ATTACH: the stream index it starts at, its first descriptor
 HISTORY = 113  # [HISTORY, index, slab, gen, offset, [n...], [t0...], flags, floor]  frames already written (history)
 JOINED = 122  # [JOINED]  published on a token topic as soon as the publisher sees its subscription
 
 NAMES = {
     HELLO: "HELLO",
     OPEN: "OPEN",
-    FRAME: "FRAME",
     CLOSE: "CLOSE",
     SUBSCRIBE: "SUBSCRIBE",
     RELEASE: "RELEASE",
@@ -71,7 +71,7 @@ NAMES = {
     SYNC: "SYNC",
     SYNCED: "SYNCED",
     STATS: "STATS",
-    FRAMES: "FRAMES",
+    PUBLISHED: "PUBLISHED",
     STATS_REPLY: "STATS_REPLY",
     WELCOME: "WELCOME",
     OPENED: "OPENED",
@@ -126,6 +126,8 @@ MAX_BATCH = 4096  # frames in one FRAMES message
 # so the notices of a whole pool fit in one subscriber's backlog: a block subscriber, which gates the
 # reuse of every slab it has not read, holds the publisher back before its queue could overflow.
 NOTICE_BACKLOG = 50_000
+WAKES = ("doorbell", "futex", "busy")  # how a local subscriber waits for frames (SUBSCRIBE's wake)
+MAX_SPIN = 0.01  # seconds a subscriber may spin before it sleeps
 NOTICE_HWM = 100_000
 
 

@@ -1,0 +1,241 @@
+"""The frame descriptor ring of a stream's segment (data path version 3): where every frame lies, in order.
+
+The publisher copies a frame into its slab, writes the frame's **descriptor** into slot
+``seq % slots`` of the ring, then stores the ring's **position** (``seq + 1``, the number of
+descriptors published).  Readers (local subscribers, the broker) load the position, then the
+descriptors below it, then the samples they name: no message per frame to anyone.  The ZeroMQ
+notices that remain only wake readers that sleep (:mod:`slabcast.client._local`).
+
+Header words (bytes 136..256 of the segment header, little-endian; see :mod:`slabcast.core.shm`)::
+
+    136  u32  ring_slots        descriptors in the ring (a power of two), written by the broker at creation
+    140  u32  descriptor_bytes  64
+    144  u64  ring_offset       where the ring starts in the segment (after the slabs and time tables)
+    152  u64  position          descriptors published; single writer: the publisher.  Its low 32 bits
+                                (bytes 152..156) are the futex word the futex wait strategy sleeps on
+    160  u32  doorbells         local subscribers woken by a ZeroMQ notice; single writer: the broker
+    164  u32  futex_waiters     local subscribers sleeping on the futex word; single writer: the broker
+    168  u32  frames_wanted     1 while the broker cuts chunks itself (TCP and version-1 subscribers):
+                                it wants a message per frame, not per slab; single writer: the broker
+    172  u32  closed            1 once the publisher wrote its last descriptor (then position is final)
+
+A descriptor (64 bytes, every field aligned)::
+
+    0   u64  seq     the descriptor's number (the ring position it was published at)
+    8   u64  index   stream index of the frame's first sample
+    16  f64  t0      time of the frame's first sample, seconds (the publisher's clock, as written)
+    24  u64  offset  segment byte of the frame's first sample
+    32  u64  floor   the lowest stream index readable contiguously in the frame's slab (its carried part)
+    40  u32  n       samples in the frame (>= 1)
+    44  u32  slab
+    48  u32  gen     the slab's generation when the frame was written
+    52  u32  flags   FLAG_DISCONTINUITY: the stream jumps before this frame
+    56  u64  zero
+
+**Order.** The publisher's stores go samples, descriptor, position, each a plain store; every load
+of a reader goes position, descriptors, samples.  On x86-64 (TSO: stores are seen in the order
+they were made, loads are made in order) that is all it takes; the position is one aligned 8-byte
+store and load (a numpy element, never ``struct``, which writes byte by byte).  A reader that copied
+descriptors ``a..b`` checks that the position it loads *after* the copy is below ``a + slots``: the
+publisher stores position ``a + slots`` before it starts overwriting slot ``a``, so a copy that
+passed the check saw no descriptor of a later lap (Aeron's log buffer check).  A ``block``
+subscriber is never lapped: it keeps every slab it has not read from being reused, and a publisher
+writes at most ``notices_per_slab(nslabs)`` descriptors into one slab, so at most
+``nslabs * notices_per_slab(nslabs) < slots`` descriptors lie ahead of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import struct
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DESCRIPTOR",
+    "DESCRIPTOR_BYTES",
+    "RING_SLOTS",
+    "Descriptor",
+    "Ring",
+    "futex_wait",
+    "futex_wake",
+    "ring_bytes",
+]
+
+RING_SLOTS = 1 << 16  # descriptors per stream: more than nslabs * notices_per_slab(nslabs) for any nslabs
+DESCRIPTOR_BYTES = 64
+DESCRIPTOR = np.dtype(
+    [("seq", "<u8"), ("index", "<u8"), ("t0", "<f8"), ("offset", "<u8"), ("floor", "<u8"),
+     ("n", "<u4"), ("slab", "<u4"), ("gen", "<u4"), ("flags", "<u4"), ("zero", "<u8")]
+)  # fmt: skip
+_DESC = struct.Struct("<QQdQQIIII8x")
+assert DESCRIPTOR.itemsize == DESCRIPTOR_BYTES == _DESC.size
+_LITTLE = sys.byteorder == "little"
+
+
+# One descriptor as read: (seq, index, t0, offset, floor, n, slab, gen, flags), the order of its fields.
+Descriptor = tuple[int, int, float, int, int, int, int, int, int]
+
+# Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
+SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, DOORBELLS_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT = \
+    136, 140, 144, 152, 160, 164, 168, 172  # fmt: skip
+
+
+def ring_bytes(slots: int = RING_SLOTS) -> int:
+    """Bytes of a ring of ``slots`` descriptors (whole pages)."""
+    return -(-slots * DESCRIPTOR_BYTES // 4096) * 4096
+
+
+class Ring:
+    """A mapped segment's ring: the publisher's writes, a reader's loads, the header words around them.
+
+    Parameters
+    ----------
+    buf : buffer
+        The whole segment (``mmap`` or ``memoryview``), writable for the publisher and the broker.
+    offset : int
+        Where the ring starts (``Geometry.ring_offset``).
+    slots : int
+        Descriptors in the ring (a power of two).
+    """
+
+    def __init__(self, buf: Any, offset: int, slots: int = RING_SLOTS) -> None:
+        if slots & (slots - 1) or slots < 2:
+            raise ValueError(f"ring slots must be a power of two >= 2, got {slots}")
+        self.slots = slots
+        self.mask = slots - 1
+        self.offset = offset
+        self.descriptors = np.frombuffer(buf, dtype=DESCRIPTOR, count=slots, offset=offset)
+        whole = memoryview(buf).cast("B")
+        self._bytes = whole[offset : offset + slots * DESCRIPTOR_BYTES]
+        # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
+        self.q = whole[:256].cast("Q")  # the header's first 256 bytes as u64
+        self.w = whole[:256].cast("I")  # ... and as u32
+        whole.release()
+        self.futex_address = np.frombuffer(buf, dtype=np.uint8, count=256).ctypes.data + POSITION_AT
+        if not _LITTLE:
+            raise OSError("the segment's words are little-endian; this host is not")
+
+    def release(self) -> None:
+        """Let go of the mapping (before it is unmapped); the ring is unusable after."""
+        for view in (self._bytes, self.q, self.w):
+            view.release()
+        del self.descriptors
+
+    # ------------------------------------------------------------ the broker
+
+    def format(self) -> None:
+        """Write the ring's header words (the broker, creating the segment)."""
+        self.w[SLOTS_AT // 4] = self.slots
+        self.w[DESC_AT // 4] = DESCRIPTOR_BYTES
+        self.q[RING_AT // 8] = self.offset
+        self.q[POSITION_AT // 8] = 0
+
+    def set_counts(self, doorbells: int, futex: int, frames: bool) -> None:
+        """What the publisher must do after each publish (the broker, as subscriptions come and go)."""
+        self.w[DOORBELLS_AT // 4] = doorbells
+        self.w[FUTEX_AT // 4] = futex
+        self.w[FRAMES_AT // 4] = int(frames)
+
+    # ------------------------------------------------------------ the publisher
+
+    def write(self, seq: int, index: int, t0: float, offset: int, floor: int, n: int, slab: int, gen: int,
+              flags: int) -> None:  # fmt: skip
+        """Write descriptor ``seq`` (not visible until :meth:`publish`: byte order within it does not matter)."""
+        _DESC.pack_into(self._bytes, (seq & self.mask) * DESCRIPTOR_BYTES, seq, index, t0, offset, floor, n, slab,
+                        gen, flags)  # fmt: skip
+
+    def publish(self, position: int) -> None:
+        """Make every descriptor below ``position`` visible (one aligned 8-byte store)."""
+        self.q[POSITION_AT // 8] = position
+
+    def close(self) -> None:
+        """No descriptor follows: the position is final."""
+        self.w[CLOSED_AT // 4] = 1
+
+    @property
+    def doorbells(self) -> int:
+        count: int = self.w[DOORBELLS_AT // 4]
+        return count
+
+    @property
+    def futex_waiters(self) -> int:
+        count: int = self.w[FUTEX_AT // 4]
+        return count
+
+    @property
+    def frames_wanted(self) -> bool:
+        return bool(self.w[FRAMES_AT // 4])
+
+    # ------------------------------------------------------------ readers
+
+    @property
+    def position(self) -> int:
+        """Descriptors published so far."""
+        position: int = self.q[POSITION_AT // 8]
+        return position
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.w[CLOSED_AT // 4])
+
+    def read(self, start: int, stop: int) -> list[Descriptor] | None:
+        """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
+        (a slot may already hold a later descriptor)."""
+        if stop - start > self.slots:
+            return None
+        a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
+        raw = self._bytes[a:b].tobytes() if a < b else self._bytes[a:].tobytes() + self._bytes[:b].tobytes()
+        # Loaded after the copy: below start + slots, no slot copied was being overwritten.
+        if self.q[POSITION_AT // 8] - start >= self.slots:
+            return None
+        return list(_DESC.iter_unpack(raw))
+
+
+# ---------------------------------------------------------------- futex (Linux)
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE_FLAG): waiters in other processes
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc: Any = None
+
+
+def _syscall() -> Any:
+    global _libc
+    if _libc is None:
+        if _SYS_FUTEX is None:
+            raise OSError(f"futex waits are not known on {platform.machine()}")
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        _libc = libc
+    return _libc.syscall
+
+
+def futex_wait(address: int, expected: int, timeout: float) -> bool:
+    """Sleep while the u32 at ``address`` (in a shared mapping) holds ``expected``, at most ``timeout`` seconds.
+
+    The kernel compares and sleeps atomically with respect to :func:`futex_wake`, so a wake after the
+    word changed is never lost.  Returns False on a timeout, True otherwise (woken, the word had
+    changed, or a signal: the caller looks again either way).
+    """
+    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+    r = _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected & 0xFFFFFFFF),
+                   ctypes.byref(ts), None, 0)  # fmt: skip
+    return r == 0 or ctypes.get_errno() != 110  # ETIMEDOUT
+
+
+def futex_wake(address: int) -> int:
+    """Wake every process sleeping on the u32 at ``address``; return how many were woken.
+
+    The kernel's ``futex_wake`` issues a full memory barrier before it looks for waiters, which is
+    what orders the caller's earlier stores (the position) before any waiter's check.
+    """
+    return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0))
