@@ -24,7 +24,7 @@ def test_slabs_frames_and_times_lie_where_the_protocol_says():
     slots = 8192 // 8
     assert g.time_at(g.slab_start(2) + 3 * 8) == g.times_offset + 8 * (2 * slots + 3)
     assert g.ring_offset == g.times_offset + 8 * slots * 4  # the descriptor ring after the time tables
-    assert g.segment_bytes == g.ring_offset + RING_SLOTS * DESCRIPTOR_BYTES
+    assert g.segment_bytes == g.ring_offset + RING_SLOTS * DESCRIPTOR_BYTES + 4096  # and the sleeper table
     assert Geometry(4, 8192, 8, 2048).ring_offset == g.times_offset  # no times: the ring follows the slabs
 
 

@@ -20,7 +20,7 @@ from .._info import StreamInfo
 from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
 from ..core.pool import FREE, SlabPool
 from ..core.rechunk import Rechunker
-from ..core.ring import Ring, futex_wake
+from ..core.ring import SLEEPERS, Ring, futex_wake
 from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -107,7 +107,7 @@ class LocalSub(Subscription):
     ``block``) and its counters as reported by ACK."""
 
     cut: ClassVar[Cut] = "local"
-    __slots__ = ("cursor", "gate", "held", "history", "ring_seq", "stalled_since", "token", "wake")
+    __slots__ = ("cursor", "gate", "held", "history", "ring_seq", "sleeper", "stalled_since", "token", "wake")
 
     def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
                  token: bytes) -> None:  # fmt: skip
@@ -119,7 +119,8 @@ class LocalSub(Subscription):
         self.history: float | None = None  # SUBSCRIBE's history (seconds; samples for a stream without a rate)
         self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
         self.ring_seq = 0  # the descriptor of the frame at its start (its first to read from the ring)
-        self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a doorbell, or a version-2 client)
+        self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a version-2 client, every notice)
+        self.sleeper: int | None = None  # its byte in the ring's sleeper table (a doorbell subscriber)
 
 
 class BrokerCutSub(Subscription):
@@ -222,6 +223,7 @@ class Stream:
         self.head = 0  # index of the next sample
         self.frames = 0  # frames read from the ring: the next descriptor to read
         self.reading = False  # reading the ring right now
+        self.free_sleepers = list(range(SLEEPERS - 1, -1, -1))  # bytes of the sleeper table not assigned
         self.publisher: Client | None = None
         self.subs: list[LocalSub | BrokerCutSub] = []
         self.broker_cut: list[BrokerCutSub] = []  # subs whose chunks the broker cuts: kept, not searched per frame
@@ -431,6 +433,8 @@ class Stream:
         if isinstance(sub, LocalSub):
             sub.cursor = self.head
             sub.ring_seq = self.frames  # one descriptor per frame: the frame at the head has this one
+            if sub.wake == "doorbell" and self.free_sleepers:
+                sub.sleeper = self.free_sleepers.pop()
         else:
             self.broker_cut.append(sub)
         self.subs.append(sub)
@@ -452,7 +456,18 @@ class Stream:
                     pending.remove(sub)
         if sub in self.subs:
             self.subs.remove(sub)
+        if isinstance(sub, LocalSub):
+            self.remove_sleeper(sub)
         self.tell_publisher()
+
+    def remove_sleeper(self, sub: LocalSub) -> None:
+        """Take back a subscription's byte of the sleeper table (it may have died asleep: the byte is cleared)."""
+        if sub.sleeper is not None:
+            if not self.ended:
+                self.ring.sleepers[sub.sleeper] = 0
+            self.free_sleepers.append(sub.sleeper)
+            sub.sleeper = None
+            self.tell_publisher()
 
     def tell_publisher(self) -> None:
         """Say in the ring's header words how subscribers wait, which the publisher reads at each write: how many
@@ -462,8 +477,10 @@ class Stream:
             return
         local = [u for u in (*self.subs, *self.joining, *self.waiting) if isinstance(u, LocalSub)]
         futex = sum(1 for u in local if u.wake == "futex")
-        doorbells = sum(1 for u in local if u.wake in (None, "doorbell"))
-        self.ring.set_counts(doorbells, futex, bool(self.broker_cut))
+        doorbells = sum(1 for u in local if u.wake == "doorbell" and u.sleeper is not None)
+        # Version 2 (it cuts from every notice), and a doorbell subscriber without its sleeper byte yet.
+        notices = sum(1 for u in local if u.wake is None or (u.wake == "doorbell" and u.sleeper is None))
+        self.ring.set_counts(notices, doorbells, futex, bool(self.broker_cut))
 
     def end(self, code: str, message: str) -> list[Out]:
         """The stream ends: the ENDs to send (a broker-cut subscriber with a backlog gets its END after it)."""

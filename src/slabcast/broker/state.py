@@ -495,6 +495,9 @@ class BrokerState:
         if sub in stream.waiting:
             raise Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
         self._catch_up(stream)
+        if sub.wake == "doorbell" and not msg.sleeper:
+            sub.wake = None  # it cannot write its sleeper byte: a notice for every frame, as version 2
+            stream.remove_sleeper(sub)
         if msg.slot is not None:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
@@ -510,7 +513,7 @@ class BrokerState:
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)
-        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq))
+        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq, sub.sleeper))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:
         # Cumulative counters, so a late one costs nothing.

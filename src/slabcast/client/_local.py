@@ -30,8 +30,8 @@ from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, Slab
 from .._info import StreamInfo
 from ..core.geometry import Geometry, generation
 from ..core.rechunk import Rechunker
-from ..core.ring import Ring, futex_wait
-from ..core.shm import CLIENT_BASE, hold, lock_slab, open_locks
+from ..core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, futex_wait, futex_wake
+from ..core.shm import CLIENT_BASE, attach_page, hold, lock_slab, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._transport import Counts
@@ -209,6 +209,8 @@ class LocalReceiver:
         early_end: M.End | None,
         *,
         ring_seq: int = 0,
+        sleeper: int | None = None,
+        page: Any = None,
         wake: str = "doorbell",
         spin: float = 0.0,
         clip: bool,
@@ -251,10 +253,13 @@ class LocalReceiver:
         self._last_seq = -1
         self._dropped = 0
         self._noticed = start  # the stream index just past the last sample read from the ring (or history)
-        self._ring = Ring(mm, self._geometry.ring_offset)
+        self._ring = Ring(mm, self._geometry.ring_offset, sleepers=page)
+        self._page = page
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
         self._futex = wake == "futex"
+        self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
+        self._sleeper_address = 0 if sleeper is None else self._ring.sleepers_address + sleeper
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -354,8 +359,16 @@ class LocalReceiver:
             # The kernel compares the word and sleeps in one step: a publish after our look wakes us.
             futex_wait(ring.futex_address, seen, wait)
             return ring.position
-        # The doorbell: every publish stores the position, then sends a notice.  We drained the notices,
-        # then looked at the position: a publish we did not see has its notice still to come.
+        # The doorbell.  Our sleeper byte, a barrier, the position again (core/ring.py): a publish we do not
+        # see here sees our byte after its own barrier and sends a notice, which wakes the recv below.
+        sleeper = self._sleeper
+        if sleeper is not None:
+            ring.sleepers[sleeper] = 1
+            futex_wake(self._sleeper_address)  # a system call that is a full barrier
+            position = ring.position
+            if position != seen:
+                ring.sleepers[sleeper] = 0
+                return position
         ms = max(1, int(wait * 1000))
         if ms != self._rcvtimeo:
             self._notices.setsockopt(zmq.RCVTIMEO, ms)
@@ -363,8 +376,11 @@ class LocalReceiver:
         try:
             raw = self._notices.recv()
         except zmq.Again:
-            return ring.position
-        self._on_notice(raw)
+            raw = None
+        if sleeper is not None:
+            ring.sleepers[sleeper] = 0
+        if raw is not None:
+            self._on_notice(raw)
         return ring.position
 
     def _drain_notices(self) -> bool:
@@ -621,6 +637,10 @@ class LocalReceiver:
             leases.unclaim(item.slab)
         self._ready.clear()
         self._notices.close(linger=0)
+        self._ring.release()  # (the mapping stays while chunks' views live)
+        if self._page is not None:
+            with contextlib.suppress(BufferError):
+                self._page.close()
 
     def close(self) -> None:
         self._drop_ready()
@@ -649,17 +669,23 @@ def open_local(
         raise ProtocolError(f"SUBSCRIBED for a local subscriber names no notice endpoint ({where})")
     notices = None
     lock_fd = -1
+    page = None
     early_end: M.End | None = None
     history: list[M.History] = []
     try:
         lock_fd = open_locks(reply.segment)
+        if settings.get("wake", "doorbell") == "doorbell":
+            # Our byte of the sleeper table is in a page we map writable (None: we may only read the segment,
+            # and the publisher sends us a notice for every frame instead).
+            geometry = Geometry(reply.nslabs, reply.slab_bytes, reply.sample_bytes, 0, info.timestamps)
+            page = attach_page(reply.segment, geometry.ring_offset + RING_SLOTS * DESCRIPTOR_BYTES)
         notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
         # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
         # a subscription made before the stream existed).
         # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
         slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
         hold(lock_fd, CLIENT_BASE + slot)
-        conn.send(M.Attach(slot))
+        conn.send(M.Attach(slot, page is not None))
         while True:
             answer = conn.recv(timeout)
             if answer is None:
@@ -681,12 +707,15 @@ def open_local(
             notices.close(linger=0)
         if lock_fd >= 0:
             os.close(lock_fd)  # else it would keep the (soon unlinked) segment's memory alive
+        if page is not None:
+            page.close()
         raise
     if answer.seq is None:
         raise ProtocolError(f"ATTACHED names no ring descriptor to start from: the broker speaks protocol version 2, "
                             f"this subscriber version 3 ({where})")  # fmt: skip
     return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
-                         ring_seq=answer.seq, **settings)  # fmt: skip
+                         ring_seq=answer.seq, sleeper=answer.sleeper if page is not None else None, page=page,
+                         **settings)  # fmt: skip
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:

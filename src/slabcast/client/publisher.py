@@ -385,11 +385,17 @@ class Publisher:
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
         state.slab_notices += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
-        if ring.futex_waiters:
-            futex_wake(ring.futex_address)  # (a syscall, a full barrier: no waiter misses this position)
-        # What else to send: a NOTICE to wake doorbell subscribers (batched for a fast writer), a PUBLISHED
-        # when the broker must know at once (a slab change; broker-cut subscribers).  Often nothing.
-        if ring.doorbells or ring.frames_wanted or state.switch_unsent or state.pend_n:
+        notify = ring.notices_wanted
+        if ring.futex_waiters or ring.doorbells:
+            # A system call that is a full barrier (the kernel's futex_wake), then the sleeper table: a
+            # doorbell subscriber either sees this position or we see its byte (core/ring.py); futex
+            # subscribers asleep on the position are woken by the same call.
+            futex_wake(ring.futex_address)
+            notify = notify or (ring.doorbells and ring.sleeping())
+        # What else to send: a NOTICE when a subscriber sleeps on its notice socket (or cuts from notices:
+        # version 2), batched for a fast writer; a PUBLISHED when the broker must know at once (a slab
+        # change; broker-cut subscribers).  Often nothing.
+        if notify or ring.frames_wanted or state.switch_unsent or state.pend_n:
             with self._lock:
                 action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
                 if action == AT_ONCE:
@@ -438,7 +444,7 @@ class Publisher:
 
     def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int) -> None:
         """Publish one NOTICE to every local subscriber (caller holds the lock), if any waits for one."""
-        if not self._ring.doorbells:
+        if not (self._ring.notices_wanted or self._ring.doorbells):
             return
         seq = self._nseq
         self._nseq = seq + 1

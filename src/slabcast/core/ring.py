@@ -13,11 +13,25 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
     144  u64  ring_offset       where the ring starts in the segment (after the slabs and time tables)
     152  u64  position          descriptors published; single writer: the publisher.  Its low 32 bits
                                 (bytes 152..156) are the futex word the futex wait strategy sleeps on
-    160  u32  doorbells         local subscribers woken by a ZeroMQ notice; single writer: the broker
-    164  u32  futex_waiters     local subscribers sleeping on the futex word; single writer: the broker
+    160  u32  notices_wanted    version-2 subscribers, which cut from the notices: the publisher sends one
+                                for every frame (batched) while this is not 0; single writer: the broker
+    164  u32  futex_waiters     local subscribers that sleep on the futex word; single writer: the broker
     168  u32  frames_wanted     1 while the broker cuts chunks itself (TCP and version-1 subscribers):
                                 it wants a message per frame, not per slab; single writer: the broker
     172  u32  closed            1 once the publisher wrote its last descriptor (then position is final)
+    176  u32  doorbells         local subscribers woken by a ZeroMQ notice (the sleeper table below);
+                                single writer: the broker
+
+After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
+broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to 1, makes a
+full barrier, loads the position again, and sleeps on its notice socket only if it did not move;
+awake, it sets its byte to 0.  The publisher, after it stores the position, makes a full barrier
+and sends a notice only if some byte is 1.  Each side's barrier orders its store before its load
+(Dekker's handshake): either the subscriber sees the new position or the publisher sees the byte,
+so no wake-up is lost, and a subscriber that is busy reading costs the publisher no message.  From
+Python the barrier is a ``FUTEX_WAKE`` system call (the kernel's ``futex_wake`` executes
+``smp_mb()`` before it looks for waiters: kernel/futex/waitwake.c, barrier B), which also wakes the
+futex subscribers.
 
 A descriptor (64 bytes, every field aligned)::
 
@@ -66,6 +80,8 @@ __all__ = [
 ]
 
 RING_SLOTS = 1 << 16  # descriptors per stream: more than nslabs * notices_per_slab(nslabs) for any nslabs
+SLEEPERS = 256  # doorbell subscribers per stream (the broker's limit of subscribers per stream)
+_NOBODY = bytes(SLEEPERS)
 DESCRIPTOR_BYTES = 64
 DESCRIPTOR = np.dtype(
     [("seq", "<u8"), ("index", "<u8"), ("t0", "<f8"), ("offset", "<u8"), ("floor", "<u8"),
@@ -80,13 +96,13 @@ _LITTLE = sys.byteorder == "little"
 Descriptor = tuple[int, int, float, int, int, int, int, int, int]
 
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
-SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, DOORBELLS_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT = \
-    136, 140, 144, 152, 160, 164, 168, 172  # fmt: skip
+SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT = \
+    136, 140, 144, 152, 160, 164, 168, 172, 176  # fmt: skip
 
 
 def ring_bytes(slots: int = RING_SLOTS) -> int:
-    """Bytes of a ring of ``slots`` descriptors (whole pages)."""
-    return -(-slots * DESCRIPTOR_BYTES // 4096) * 4096
+    """Bytes of a ring of ``slots`` descriptors and its sleeper table (whole pages)."""
+    return -(-slots * DESCRIPTOR_BYTES // 4096) * 4096 + 4096
 
 
 class Ring:
@@ -100,9 +116,12 @@ class Ring:
         Where the ring starts (``Geometry.ring_offset``).
     slots : int
         Descriptors in the ring (a power of two).
+    sleepers : buffer, optional
+        The sleeper table's page mapped writable, for a subscriber that maps the rest read-only
+        (default: in ``buf``).
     """
 
-    def __init__(self, buf: Any, offset: int, slots: int = RING_SLOTS) -> None:
+    def __init__(self, buf: Any, offset: int, slots: int = RING_SLOTS, sleepers: Any = None) -> None:
         if slots & (slots - 1) or slots < 2:
             raise ValueError(f"ring slots must be a power of two >= 2, got {slots}")
         self.slots = slots
@@ -111,6 +130,12 @@ class Ring:
         self.descriptors = np.frombuffer(buf, dtype=DESCRIPTOR, count=slots, offset=offset)
         whole = memoryview(buf).cast("B")
         self._bytes = whole[offset : offset + slots * DESCRIPTOR_BYTES]
+        at = offset + slots * DESCRIPTOR_BYTES
+        if sleepers is not None:
+            buf, at = sleepers, 0
+        # The sleeper table: one byte per doorbell subscriber.
+        self.sleepers = memoryview(buf).cast("B")[at : at + SLEEPERS]
+        self.sleepers_address = np.frombuffer(buf, dtype=np.uint8, count=1, offset=at).ctypes.data
         # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
         self.q = whole[:256].cast("Q")  # the header's first 256 bytes as u64
         self.w = whole[:256].cast("I")  # ... and as u32
@@ -121,9 +146,14 @@ class Ring:
 
     def release(self) -> None:
         """Let go of the mapping (before it is unmapped); the ring is unusable after."""
-        for view in (self._bytes, self.q, self.w):
+        for view in (self._bytes, self.q, self.w, self.sleepers):
             view.release()
         del self.descriptors
+
+    @property
+    def sleepers_offset(self) -> int:
+        """Where the sleeper table's page starts in the segment."""
+        return self.offset + self.slots * DESCRIPTOR_BYTES
 
     # ------------------------------------------------------------ the broker
 
@@ -134,8 +164,9 @@ class Ring:
         self.q[RING_AT // 8] = self.offset
         self.q[POSITION_AT // 8] = 0
 
-    def set_counts(self, doorbells: int, futex: int, frames: bool) -> None:
+    def set_counts(self, notices: int, doorbells: int, futex: int, frames: bool) -> None:
         """What the publisher must do after each publish (the broker, as subscriptions come and go)."""
+        self.w[NOTICES_AT // 4] = notices
         self.w[DOORBELLS_AT // 4] = doorbells
         self.w[FUTEX_AT // 4] = futex
         self.w[FRAMES_AT // 4] = int(frames)
@@ -157,9 +188,18 @@ class Ring:
         self.w[CLOSED_AT // 4] = 1
 
     @property
+    def notices_wanted(self) -> int:
+        count: int = self.w[NOTICES_AT // 4]
+        return count
+
+    @property
     def doorbells(self) -> int:
         count: int = self.w[DOORBELLS_AT // 4]
         return count
+
+    def sleeping(self) -> bool:
+        """Whether some doorbell subscriber set its sleeper byte (after a barrier: see the module's docstring)."""
+        return self.sleepers.tobytes() != _NOBODY
 
     @property
     def futex_waiters(self) -> int:

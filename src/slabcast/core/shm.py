@@ -82,6 +82,7 @@ __all__ = [
     "HEADER_BYTES",
     "Segment",
     "attach",
+    "attach_page",
     "broker_segments",
     "header_bytes",
     "hold",
@@ -314,6 +315,19 @@ def attach(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
             raise ValueError(f"segment {name!r} has {size} bytes, expected at least {nbytes}")
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         return mmap.mmap(fd, nbytes, access=access)
+    finally:
+        os.close(fd)
+
+
+def attach_page(name: str, offset: int) -> mmap.mmap | None:
+    """Map one page of a segment read-write (a subscriber's sleeper byte lies there), or None when this
+    process may only read the segment (group sharing with a read-only mode)."""
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0)
+    except PermissionError:
+        return None
+    try:
+        return mmap.mmap(fd, mmap.PAGESIZE, offset=offset)
     finally:
         os.close(fd)
 

@@ -205,6 +205,7 @@ class Attach(NamedTuple):
     """A local subscriber's notice socket is connected (it got JOINED): start it."""
 
     slot: int | None  # its liveness lock is byte CLIENT_BASE + slot of the segment's lock file
+    sleeper: bool | None = None  # version 3, a doorbell subscriber: it can set its byte of the sleeper table
 
 
 # ---------------------------------------------------------------- broker -> client
@@ -325,10 +326,11 @@ class Carry(NamedTuple):
 @_kind(P.ATTACHED)
 class Attached(NamedTuple):
     """The answer to ATTACH: the stream index this subscriber starts at, and (version 3) the ring descriptor
-    of the frame there: the first it reads."""
+    of the frame there, the first it reads, and its byte in the sleeper table (a doorbell subscriber)."""
 
     start: int
     seq: int | None = None
+    sleeper: int | None = None
 
 
 @_kind(P.HISTORY)
