@@ -48,7 +48,8 @@ A descriptor (64 bytes, every field aligned)::
 
 **Order.** The publisher's stores go samples, descriptor, position, each a plain store; every load
 of a reader goes position, descriptors, samples.  On x86-64 (TSO: stores are seen in the order
-they were made, loads are made in order) that is all it takes; the position is one aligned 8-byte
+they were made, loads are made in order) that is all it takes (elsewhere, ARM64, each side adds a full
+:func:`barrier`: before the position's store, after its load); the position is one aligned 8-byte
 store and load (a numpy element, never ``struct``, which writes byte by byte).  A reader that copied
 descriptors ``a..b`` checks that the position it loads *after* the copy is below ``a + slots``: the
 publisher stores position ``a + slots`` before it starts overwriting slot ``a``, so a copy that
@@ -74,6 +75,7 @@ __all__ = [
     "RING_SLOTS",
     "Descriptor",
     "Ring",
+    "barrier",
     "futex_wait",
     "futex_wake",
     "ring_bytes",
@@ -181,6 +183,8 @@ class Ring:
 
     def publish(self, position: int) -> None:
         """Make every descriptor below ``position`` visible (one aligned 8-byte store)."""
+        if not TSO:
+            barrier()  # a release: the samples and descriptor before the position
         self.q[POSITION_AT // 8] = position
 
     def close(self) -> None:
@@ -216,6 +220,8 @@ class Ring:
     def position(self) -> int:
         """Descriptors published so far."""
         position: int = self.q[POSITION_AT // 8]
+        if not TSO:
+            barrier()  # an acquire: the descriptors and samples after the position
         return position
 
     @property
@@ -230,6 +236,8 @@ class Ring:
         a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
         raw = self._bytes[a:b].tobytes() if a < b else self._bytes[a:].tobytes() + self._bytes[:b].tobytes()
         # Loaded after the copy: below start + slots, no slot copied was being overwritten.
+        if not TSO:
+            barrier()
         if self.q[POSITION_AT // 8] - start >= self.slots:
             return None
         return list(_DESC.iter_unpack(raw))
@@ -238,6 +246,10 @@ class Ring:
 # ---------------------------------------------------------------- futex (Linux)
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
+# x86-64 keeps stores in order and loads in order (TSO): the ring needs no barrier there.  Elsewhere (ARM64
+# reorders both) each side makes a full barrier where the order matters, by a system call (below).
+TSO = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+_BARRIER_WORD = ctypes.c_uint32(0)
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE_FLAG): waiters in other processes
 
 
@@ -270,6 +282,12 @@ def futex_wait(address: int, expected: int, timeout: float) -> bool:
     r = _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected & 0xFFFFFFFF),
                    ctypes.byref(ts), None, 0)  # fmt: skip
     return r == 0 or ctypes.get_errno() != 110  # ETIMEDOUT
+
+
+def barrier() -> None:
+    """A full memory barrier from Python: ``FUTEX_WAKE`` on a private word nobody waits on (the kernel's
+    ``futex_wake`` executes ``smp_mb()`` before it looks for waiters); about 1 us."""
+    futex_wake(ctypes.addressof(_BARRIER_WORD))
 
 
 def futex_wake(address: int) -> int:
