@@ -35,6 +35,9 @@ class Subscriber:
     """
 
     def __init__(self, stream: str, size: int | None = None, **options: Any) -> None:
+        if options.get("wake", "doorbell") != "doorbell":
+            raise ValueError(f"slabcast.aio.Subscriber waits on sockets the event loop polls: wake must be 'doorbell', "
+                             f"got {options['wake']!r} (a futex or a spin would block the loop)")  # fmt: skip
         self._sub = _BlockingSubscriber(stream, size, **options)
         self._sub.auto_resubscribe = False  # we resubscribe in a worker thread (reconnect=)
         self.info = self._sub.info

@@ -260,6 +260,7 @@ class LocalReceiver:
         self._futex = wake == "futex"
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
         self._sleeper_address = 0 if sleeper is None else self._ring.sleepers_address + sleeper
+        self._armed = False  # our sleeper byte is set
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -290,6 +291,7 @@ class LocalReceiver:
     # ------------------------------------------------------------ receiving
 
     def recv(self, timeout: float | None) -> Chunk | None:
+        self._disarm()
         if self._leases.dead:
             self._leases.reap()
         if self.end is not None:
@@ -338,6 +340,11 @@ class LocalReceiver:
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    # Nothing yet: whoever waits on our notice socket now (an event loop, through pollables)
+                    # is woken by the next publish, since our sleeper byte stays set until the next recv.
+                    if self._arm() != self._rseq:
+                        self._disarm()
+                        continue
                     return None
             self._idle(min(left, _LOOK))
 
@@ -361,14 +368,10 @@ class LocalReceiver:
             return ring.position
         # The doorbell.  Our sleeper byte, a barrier, the position again (core/ring.py): a publish we do not
         # see here sees our byte after its own barrier and sends a notice, which wakes the recv below.
-        sleeper = self._sleeper
-        if sleeper is not None:
-            ring.sleepers[sleeper] = 1
-            futex_wake(self._sleeper_address)  # a system call that is a full barrier
-            position = ring.position
-            if position != seen:
-                ring.sleepers[sleeper] = 0
-                return position
+        position = self._arm()
+        if position != seen:
+            self._disarm()
+            return position
         ms = max(1, int(wait * 1000))
         if ms != self._rcvtimeo:
             self._notices.setsockopt(zmq.RCVTIMEO, ms)
@@ -377,11 +380,26 @@ class LocalReceiver:
             raw = self._notices.recv()
         except zmq.Again:
             raw = None
-        if sleeper is not None:
-            ring.sleepers[sleeper] = 0
+        self._disarm()
         if raw is not None:
             self._on_notice(raw)
         return ring.position
+
+    def _arm(self) -> int:
+        """Set our sleeper byte, make a full barrier, and return the position (see core/ring.py): from now on a
+        publish either was seen in what this returns, or sends us a notice."""
+        ring = self._ring
+        if self._sleeper is not None and not self._armed:
+            ring.sleepers[self._sleeper] = 1
+            self._armed = True
+            futex_wake(self._sleeper_address)  # a system call that is a full barrier
+        return ring.position
+
+    def _disarm(self) -> None:
+        """We are awake: publishes need not ring for us."""
+        if self._armed:
+            self._ring.sleepers[self._sleeper] = 0  # type: ignore[index]
+            self._armed = False
 
     def _drain_notices(self) -> bool:
         """Read every notice waiting (they only wake us; NOTICE_END says the stream ended); True if any."""
@@ -637,6 +655,7 @@ class LocalReceiver:
             leases.unclaim(item.slab)
         self._ready.clear()
         self._notices.close(linger=0)
+        self._disarm()
         self._ring.release()  # (the mapping stays while chunks' views live)
         if self._page is not None:
             with contextlib.suppress(BufferError):
