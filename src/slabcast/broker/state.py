@@ -25,7 +25,7 @@ from typing import Any
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import Descriptor
+from ..core.ring import Descriptor, futex_wake
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -172,6 +172,7 @@ class BrokerState:
 
     def _evict(self, sub: LocalSub | BrokerCutSub, message: str) -> None:
         self._detach(sub)
+        futex_wake(sub.stream.ring.futex_address)  # a futex subscriber asleep looks at its connection now
         self._send(sub.client.ident, M.End(P.END_EVICTED, message, sub.seq))
 
     def dead(self, now: float) -> list[Client]:
