@@ -44,7 +44,9 @@ def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers,
     (pub,) = [r for r in got if r[0] == "pub-done"]
     _, total, frames = pub
     assert frames > 1000, "the writer wrote too little to prove anything"
+    print(f"\nwriter: {frames} frames, {total} samples ({total * 3 * 8 / 1e9:.2f} GB) in {SECONDS:g} s")
     for _, kwargs, chunks, samples, gaps, dropped, at, problems in (r for r in got if r[0] == "sub-done"):
+        print(f"reader {kwargs}: {chunks} chunks, {samples} samples checked, {gaps} gaps, {dropped} dropped")
         assert problems == [], (kwargs, problems)
         size = kwargs["size"]
         if kwargs["policy"] == "block":
