@@ -13,7 +13,8 @@
 static const char USAGE[] =
     "usage: slabcast-sub --address ADDR --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
-    "                    [--timeout-ms MS] [--protocol-version V] [--show-flags]\n"
+    "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
+    "                    [--show-flags]\n"
     "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
@@ -21,9 +22,12 @@ static const char USAGE[] =
     "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk).\n"
     "Exit status: 0 at the end of the stream (or after --count chunks), 2 usage, 3 broker gone,\n"
     "4 publisher gone, 5 protocol version mismatch, 6 unknown stream,\n"
-    "7 samples lost (policy block: their notices never came; the message names them), 1 any other error.\n"
-    "--protocol-version: 2 (default) cuts the chunks in this program from the publisher's notices;\n"
-    "1 lets the broker cut them (CHUNK/RELEASE); other values test version negotiation.\n";
+    "7 samples lost (policy block; the message names them), 1 any other error.\n"
+    "--protocol-version: 3 (default) cuts the chunks in this program from the stream's descriptor ring;\n"
+    "2 cuts them from the publisher's notices; 1 lets the broker cut them (CHUNK/RELEASE); other values\n"
+    "test version negotiation.\n"
+    "--wake (version 3): how it waits for the next frame: doorbell (default: the publisher's notice),\n"
+    "futex (FUTEX_WAIT on the ring's position) or busy (spinning on it).\n";
 
 static volatile sig_atomic_t stop_signal = 0;
 
@@ -134,6 +138,8 @@ int main(int argc, char **argv)
                 return usage_error("--seconds must be a positive number, got '%s'", v);
         } else if (strcmp(a, "--policy") == 0) {
             opts.policy = v;
+        } else if (strcmp(a, "--wake") == 0) {
+            opts.wake = v;  /* checked by sc_subscribe */
         } else if (strcmp(a, "--max-inflight") == 0) {
             if (parse_u64(v, &max_inflight) || max_inflight < 1 || max_inflight > 1024)
                 return usage_error("--max-inflight must be 1..1024, got '%s'", v);

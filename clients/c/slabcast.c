@@ -1,14 +1,16 @@
 /*
  * slabcast.c: a subscriber of the slabcast wire protocol over libzmq and msgpack-c.
  *
- * Version 2 (the default, docs/protocol.md sections 6 and 10): the client cuts its own chunks from the
- * publisher's NOTICEs (rechunk_feed is a port of src/slabcast/core/rechunk.py's Rechunker.feed), leases
- * them with OFD record locks checked against the segment's generation table, and reports how far it
- * has read with ACK.  The receive loop (pump) mirrors Subscriber._recv_local in
- * src/slabcast/client/subscriber.py.  Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks
- * (CHUNK) and the client gives each back (RELEASE).
+ * Version 3 (the default, docs/protocol.md sections 6 and 10): the client reads the frame descriptors the
+ * publisher writes into the segment's descriptor ring (src/slabcast/core/ring.py), cuts its own chunks from
+ * them (rechunk_feed is a port of src/slabcast/core/rechunk.py's Rechunker.feed), leases them with OFD
+ * record locks checked against the segment's generation table, and reports how far it has read with ACK.
+ * The publisher's NOTICEs only wake it.  The receive loop (pump_ring) mirrors LocalReceiver.recv in
+ * src/slabcast/client/_local.py.  Version 2 (sc_set_protocol_version(c, 2)): the same, cut from the
+ * contents of the NOTICEs (pump_notices).  Version 1: the broker cuts the chunks (CHUNK) and the client
+ * gives each back (RELEASE).
  */
-#define _GNU_SOURCE             /* F_OFD_SETLK, getrandom */
+#define _GNU_SOURCE             /* F_OFD_SETLK, getrandom, syscall */
 #define _FILE_OFFSET_BITS 64    /* lock offsets past 2^40 in struct flock */
 
 #include "slabcast.h"
@@ -25,8 +27,11 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <linux/futex.h>
 
 #include <msgpack.h>
 #include <zmq.h>
@@ -40,8 +45,7 @@
 #include "slabcast_wire.h"
 
 /* What the public header promises is what the wire says. */
-/* The client speaks version 2 (it cuts chunks from notices) to a version-3 broker, which serves it as before. */
-_Static_assert(SC_PROTOCOL_VERSION <= SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is one the broker serves");
+_Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is the wire version");
 _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC_FLAG_DISCONTINUITY is the wire's");
 
 /* A message field as (position, name) for the field_* readers: AT(SUBSCRIBED, RATE) is
@@ -54,11 +58,11 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 
-/* Version 2 (values of src/slabcast/client/subscriber.py, core/shm.py and core/rechunk.py, which the wire header
- * does not carry; checked by tests/integration/test_c_client.py). */
+/* Versions 2 and 3 (values of src/slabcast/client/_local.py, core/shm.py, core/ring.py and core/rechunk.py, which
+ * the wire header does not carry; checked by tests/integration/test_c_client.py). */
 #define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE (1..32 bytes allowed); its topic is 0x01 + token */
 #define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
-#define END_GRACE_MS 1000        /* once the end is known: wait this long for notices still on their way */
+#define END_GRACE_MS 1000        /* version 2: once the end is known, wait this long for notices still on their way */
 #define LOOK_MS 100              /* while waiting, look at the broker connection at least this often */
 #define RECHUNK_EPS 1e-9         /* a sample within this of the pause end counts as after it */
 #define GEN_OFFSET 256           /* u32 gen[nslabs] in the segment header */
@@ -68,12 +72,53 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 
 /* Segment header (docs/protocol.md 7.2), little-endian; only what we check is read. */
 #define HDR_MAGIC 0              /* 8 bytes "SLABCAST" */
-#define HDR_LAYOUT 8             /* u32, 2 (1 before the generation table; same fields for version 1) */
+#define HDR_LAYOUT 8             /* u32, 3 (1 before the generation table, 2 before the ring; same fields) */
 #define HDR_HEADER_BYTES 12      /* u32, where slab 0 starts */
 #define HDR_SLAB_BYTES 16        /* u64 */
 #define HDR_NSLABS 24            /* u32 */
 #define HDR_SAMPLE_BYTES 28      /* u32, dtype size * channels */
 #define HDR_MIN_BYTES 136
+/* Version 3: the descriptor ring's header words (src/slabcast/core/ring.py).  The publisher is their only
+ * writer but for the counts the broker writes; we only read them. */
+#define HDR_RING_SLOTS 136       /* u32, descriptors in the ring (a power of two) */
+#define HDR_DESC_BYTES 140       /* u32, bytes per descriptor: DESC_BYTES */
+#define HDR_RING_OFFSET 144      /* u64, where the ring starts in the segment (after the slabs and time tables) */
+#define HDR_POSITION 152         /* u64, descriptors published; its low 32 bits are the futex word */
+#define HDR_CLOSED 172           /* u32, 1 once the publisher wrote its last descriptor */
+#define RING_READ 1024           /* the most descriptors copied from the ring at a time */
+#define SLEEPERS 256             /* bytes of the sleeper table, just after the ring: one per doorbell subscriber */
+
+/* One descriptor of the ring as the publisher writes it (64 bytes, little-endian, every field aligned). */
+#define DESC_BYTES 64
+#define DESC_SEQ 0               /* u64, the ring position it was published at */
+#define DESC_INDEX 8             /* u64, stream index of the frame's first sample */
+#define DESC_T0 16               /* f64, time of the frame's first sample */
+#define DESC_OFFSET 24           /* u64, segment byte of the frame's first sample */
+#define DESC_FLOOR 32            /* u64, the lowest stream index readable contiguously in the frame's slab */
+#define DESC_N 40                /* u32, samples in the frame (>= 1) */
+#define DESC_SLAB 44             /* u32 */
+#define DESC_GEN 48              /* u32, the slab's generation when the frame was written */
+#define DESC_FLAGS 52            /* u32, FLAG_DISCONTINUITY: the stream jumps before this frame */
+typedef struct ring_desc {
+    uint64_t seq, index;
+    double t0;
+    uint64_t offset, floor;
+    uint32_t n, slab, gen, flags;
+    uint64_t zero;
+} ring_desc;
+_Static_assert(sizeof(ring_desc) == DESC_BYTES && offsetof(ring_desc, seq) == DESC_SEQ &&
+               offsetof(ring_desc, index) == DESC_INDEX && offsetof(ring_desc, t0) == DESC_T0 &&
+               offsetof(ring_desc, offset) == DESC_OFFSET && offsetof(ring_desc, floor) == DESC_FLOOR &&
+               offsetof(ring_desc, n) == DESC_N && offsetof(ring_desc, slab) == DESC_SLAB &&
+               offsetof(ring_desc, gen) == DESC_GEN && offsetof(ring_desc, flags) == DESC_FLAGS,
+               "ring_desc is the descriptor as core/ring.py lays it out");
+/* The segment's words are little-endian and read in place (the ring, the generation table, the position). */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the C client reads the segment's little-endian words "
+               "in place: a little-endian host (x86-64, aarch64) is required");
+
+/* How a version-3 subscriber waits for the next frame (sc_sub_options.wake; SUBSCRIBE's wake). */
+typedef enum wake_kind { WAKE_DOORBELL, WAKE_FUTEX, WAKE_BUSY } wake_kind;
+static const char *const WAKE_NAMES[] = {"doorbell", "futex", "busy"};
 
 /* A chunk handed out and not yet released. */
 typedef struct held_chunk {
@@ -124,7 +169,8 @@ struct sc_client {
     msgpack_sbuffer sbuf;
     msgpack_packer pk;
     unsigned version;
-    bool local;                  /* version 2: this client cuts its own chunks from the notices */
+    bool local;                  /* versions 2 and 3: this client cuts its own chunks */
+    bool ring;                   /* version 3: ... from the segment's descriptor ring (version 2: the notices) */
     int timeout_ms;
     bool connected;              /* WELCOME received */
     bool gone;                   /* the connection dropped (monitor) or END broker-shutdown */
@@ -148,7 +194,7 @@ struct sc_client {
     bool drop;                   /* policy "drop" */
     sc_stats stats;
 
-    /* Version 2. */
+    /* Versions 2 and 3. */
     void *notices;               /* SUB connected to the publisher's notice socket */
     msgpack_unpacked nunp;       /* the last notice decoded */
     int lock_fd;                 /* the segment opened O_RDONLY: holds our lease locks */
@@ -189,6 +235,21 @@ struct sc_client {
     uint64_t end_head;
     int64_t end_seen;            /* ms when the end became known */
     int64_t last_notice;         /* ms when the last notice of the stream was read */
+
+    /* Version 3: the descriptor ring. */
+    wake_kind wake;
+    const unsigned char *ring_base;  /* descriptor 0 */
+    const uint64_t *position;    /* the header's position word (its low 32 bits: the futex word) */
+    const uint32_t *closed;      /* the header's closed word */
+    uint64_t ring_slots;
+    uint64_t rseq;               /* the next descriptor to copy from the ring */
+    ring_desc *rd;               /* descriptors copied, not yet cut: rd[rd_head..rd_count) */
+    uint64_t rd_seq;             /* the seq of rd[0] */
+    uint32_t rd_head, rd_count, rd_cap;
+    uint64_t sleepers_at;        /* where the sleeper table starts in the segment */
+    unsigned char *sleeper_map;  /* doorbell: the page(s) holding the sleeper table, mapped writable (or NULL) */
+    size_t sleeper_map_bytes;
+    unsigned char *sleeper;      /* our byte of the table (ATTACHED's sleeper), or NULL: a notice for every frame */
 
     char err[1024];
     char end_msg[1024];
@@ -580,7 +641,8 @@ _Static_assert(SC_ABI_VERSION == SC_VERSION_MAJOR, "SC_ABI_VERSION (the SONAME's
 _Static_assert(offsetof(sc_sub_options, struct_size) == 0 && offsetof(sc_chunk, struct_size) == 0 &&
                offsetof(sc_stats, struct_size) == 0 && offsetof(sc_stream_info, struct_size) == 0,
                "struct_size comes first in every public struct");
-_Static_assert(offsetof(sc_sub_options, reserved) + sizeof(unsigned) == sizeof(sc_sub_options) &&
+_Static_assert(offsetof(sc_sub_options, wake) + sizeof(const char *) == sizeof(sc_sub_options) &&
+               offsetof(sc_sub_options, wake) == offsetof(sc_sub_options, reserved) + sizeof(unsigned) &&
                offsetof(sc_chunk, reserved) + sizeof(unsigned) == sizeof(sc_chunk) &&
                offsetof(sc_stats, dropped) + sizeof(uint64_t) == sizeof(sc_stats) &&
                offsetof(sc_stream_info, segment_bytes) + sizeof(size_t) == sizeof(sc_stream_info),
@@ -750,6 +812,7 @@ int sc_connect(sc_client *c, const char *address)
         (rc = field_uint(c, &m, AT(WELCOME, EPOCH), &c->epoch)))
         return rc;
     c->local = c->version >= 2;  /* version 1: the broker cuts our chunks */
+    c->ring = c->version >= 3;   /* version 2: we cut them from the notices */
     c->connected = true;
     return SC_OK;
 }
@@ -919,8 +982,60 @@ static int map_segment(sc_client *c, size_t nbytes)
                         (unsigned long long)slab_bytes, nslabs, c->header_bytes, (unsigned long long)c->slab_bytes,
                         c->nslabs, nbytes, c->where);
     }
+    if (c->ring) {
+        uint32_t slots = read_u32le(h + HDR_RING_SLOTS), desc_bytes = read_u32le(h + HDR_DESC_BYTES);
+        uint64_t at = read_u64le(h + HDR_RING_OFFSET);
+        if (layout < 3)
+            return fail(c, SC_EPROTO, "segment %s has layout %u; version 3 needs layout 3 (the descriptor ring) (%s)",
+                        shm_name, layout, c->where);
+        if (slots < 2 || (slots & (slots - 1)) != 0 || desc_bytes != DESC_BYTES || at % 8 != 0 ||
+            at < (uint64_t)header + (uint64_t)c->nslabs * c->slab_bytes || at > nbytes ||
+            (uint64_t)slots * DESC_BYTES > nbytes - at)
+            return fail(c, SC_EPROTO,
+                        "segment %s header says its ring has %u descriptors of %u bytes at byte %llu: not a ring "
+                        "(a power of two of %d-byte descriptors after the slabs, inside the %zu bytes) (%s)",
+                        shm_name, slots, desc_bytes, (unsigned long long)at, DESC_BYTES, nbytes, c->where);
+        c->ring_slots = slots;
+        c->ring_base = h + at;
+        c->sleepers_at = at + (uint64_t)slots * DESC_BYTES;
+        c->position = (const uint64_t *)(h + HDR_POSITION);  /* (the mapping is page aligned: so is the word) */
+        c->closed = (const uint32_t *)(h + HDR_CLOSED);
+    }
     c->header_bytes = header;
     return SC_OK;
+}
+
+static void unmap_sleepers(sc_client *c)
+{
+    if (c->sleeper_map != NULL)
+        munmap(c->sleeper_map, c->sleeper_map_bytes);
+    c->sleeper_map = NULL;
+    c->sleeper = NULL;
+}
+
+/* Version 3, doorbell: map the page of the sleeper table writable, so that we can say there that we sleep
+ * (docs/protocol.md 7.8).  A segment this process may only read (group sharing with a read-only mode) or
+ * without the table leaves it unmapped, and ATTACH says so: the publisher then sends a notice for every
+ * frame instead.  Never an error. */
+static void map_sleepers(sc_client *c)
+{
+    unmap_sleepers(c);
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = c->sleepers_at & ~(page - 1);
+    size_t bytes = (size_t)((c->sleepers_at + SLEEPERS - start + page - 1) & ~(page - 1));
+    char shm_name[sizeof c->segment + 1];
+    snprintf(shm_name, sizeof shm_name, "/%s", c->segment);
+    int fd = shm_open(shm_name, O_RDWR, 0);
+    if (fd < 0)
+        return;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= c->sleepers_at + SLEEPERS) {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)start);
+        if (p != MAP_FAILED) {
+            c->sleeper_map = p;
+            c->sleeper_map_bytes = bytes;
+        }
+    }
+    close(fd);
 }
 
 /* TOKEN_BYTES random bytes (the kernel's; a clock-and-pid mix if it refuses). */
@@ -1020,7 +1135,8 @@ static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
     return SC_OK;
 }
 
-static int attach(sc_client *c, uint64_t *start)
+/* ATTACH, then ATTACHED: `start` (the stream index we start at) and, version 3, `seq` (its ring descriptor). */
+static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
 {
     /* Our liveness mark, which the broker tests in any PID namespace (docs/protocol.md section 3): a shared
      * lock on CLIENT_BASE + slot of the segment, held while lock_fd is open (gone when we die). */
@@ -1036,23 +1152,67 @@ static int attach(sc_client *c, uint64_t *start)
     fl.l_len = 1;
     if (fcntl(c->lock_fd, F_OFD_SETLK, &fl) != 0)
         return fail(c, SC_ESYS, "cannot take the liveness lock: %s (%s)", strerror(errno), c->where);
-    _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_FIELDS == 1, "ATTACH is packed in this order");
+    /* `sleeper` true: a doorbell subscriber that mapped the sleeper table writable; otherwise it is left out
+     * (nil: the publisher sends us a notice for every frame). */
+    _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_SLEEPER == 2, "ATTACH is packed in this order");
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 1 + SCW_ATTACH_FIELDS);
+    msgpack_pack_array(&c->pk, 1 + (c->sleeper_map != NULL ? SCW_ATTACH_SLEEPER : SCW_ATTACH_SLOT));
     msgpack_pack_uint64(&c->pk, SCW_ATTACH);
     msgpack_pack_uint32(&c->pk, slot);
+    if (c->sleeper_map != NULL)
+        msgpack_pack_true(&c->pk);
     msgview m;
     int rc = request(c, "ATTACH", SCW_ATTACHED, &m);
     if (rc)
         return rc;
     if ((rc = need_fields(c, &m, SCW_ATTACHED_START)) || (rc = field_uint(c, &m, AT(ATTACHED, START), start)))
         return rc;
+    if (c->ring) {
+        if (m.nf < SCW_ATTACHED_SEQ || m.a[SCW_ATTACHED_SEQ].type == MSGPACK_OBJECT_NIL)
+            return fail(c, SC_EPROTO, "ATTACHED names no ring descriptor to start from (field %d, seq, is %s): "
+                        "version 3 reads the ring from there (%s)", SCW_ATTACHED_SEQ,
+                        m.nf >= SCW_ATTACHED_SEQ ? "nil" : "absent", c->where);
+        if ((rc = field_uint(c, &m, AT(ATTACHED, SEQ), seq)))
+            return rc;
+    }
+    if (c->sleeper_map != NULL) {
+        uint64_t byte;
+        if (m.nf < SCW_ATTACHED_SLEEPER || m.a[SCW_ATTACHED_SLEEPER].type == MSGPACK_OBJECT_NIL) {
+            unmap_sleepers(c);  /* none for us (the table is full): a notice for every frame */
+            return SC_OK;
+        }
+        if ((rc = field_uint(c, &m, AT(ATTACHED, SLEEPER), &byte)))
+            return rc;
+        if (byte >= SLEEPERS)
+            return bad_field(c, m.kind, AT(ATTACHED, SLEEPER), "must be below %d (the bytes of the sleeper table), "
+                             "got %llu", SLEEPERS, (unsigned long long)byte);
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        c->sleeper = c->sleeper_map + (c->sleepers_at & (page - 1)) + byte;
+    }
+    return SC_OK;
+}
+
+/* Room for a run (version 2: a notice batch) of `count` frames in fr_n / fr_t0. */
+static int grow_frames(sc_client *c, uint32_t count)
+{
+    if (count <= c->fr_cap)
+        return SC_OK;
+    uint64_t *pn = realloc(c->fr_n, count * sizeof *pn);
+    if (pn == NULL)
+        return fail(c, SC_ENOMEM, "out of memory");
+    c->fr_n = pn;
+    double *pt = realloc(c->fr_t0, count * sizeof *pt);
+    if (pt == NULL)
+        return fail(c, SC_ENOMEM, "out of memory");
+    c->fr_t0 = pt;
+    c->fr_cap = count;
     return SC_OK;
 }
 
 /* Forget what a failed earlier sc_subscribe left (it may be retried). */
 static void reset_subscription(sc_client *c)
 {
+    unmap_sleepers(c);
     if (c->notices != NULL) {
         zmq_close(c->notices);
         c->notices = NULL;
@@ -1093,28 +1253,41 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         return fail(c, SC_EINVAL, "policy must be 'block' or 'drop', got '%s'", policy);
     if (opts->max_inflight < 1 || opts->max_inflight > MAX_INFLIGHT)
         return fail(c, SC_EINVAL, "max_inflight must be 1..%d, got %u", MAX_INFLIGHT, opts->max_inflight);
+    wake_kind wake = WAKE_DOORBELL;
+    if (opts->wake != NULL) {
+        while (wake <= WAKE_BUSY && strcmp(opts->wake, WAKE_NAMES[wake]) != 0)
+            wake++;
+        if (wake > WAKE_BUSY)
+            return fail(c, SC_EINVAL, "wake must be 'doorbell', 'futex' or 'busy' (or NULL: doorbell), got '%s'",
+                        opts->wake);
+        if (wake != WAKE_DOORBELL && !c->ring)
+            return fail(c, SC_EINVAL, "wake '%s' needs protocol version 3 (it waits on the segment's descriptor "
+                        "ring); this client speaks version %u", opts->wake, c->version);
+    }
     snprintf(c->stream, sizeof c->stream, "%s", stream);
     snprintf(c->where, sizeof c->where, "subscriber of stream '%s' at %s", stream, c->address);
     reset_subscription(c);
     c->end_code = 0;
     c->max_held = opts->max_inflight;
     c->drop = strcmp(policy, "drop") == 0;
+    c->wake = wake;
     c->topic_len = strlen(stream) + 1;  /* the NUL keeps "mic" from matching "mic2" */
     memcpy(c->topic, stream, c->topic_len);
     c->token[0] = 0x01;
     make_token(c->token + 1);
 
-    /* Version 1 stops after the sampler (SCW_SUBSCRIBE_REQUIRED fields); version 2 sends them all. */
+    /* Version 1 stops after the sampler (SCW_SUBSCRIBE_REQUIRED fields), version 2 after the token; version 3
+     * sends them all. */
     _Static_assert(SCW_SUBSCRIBE_NAME == 1 && SCW_SUBSCRIBE_SIZE == 2 && SCW_SUBSCRIBE_SECONDS == 3 &&
                    SCW_SUBSCRIBE_CLIP == 4 && SCW_SUBSCRIBE_POLICY == 5 && SCW_SUBSCRIBE_MAX_INFLIGHT == 6 &&
                    SCW_SUBSCRIBE_SAMPLER == 7 && SCW_SUBSCRIBE_REQUIRED == SCW_SUBSCRIBE_SAMPLER &&
                    SCW_SUBSCRIBE_CUT == 8 && SCW_SUBSCRIBE_WAIT == 9 && SCW_SUBSCRIBE_TOKEN == 10 &&
                    SCW_SUBSCRIBE_HISTORY == 11 && SCW_SUBSCRIBE_WAKE == 12 && SCW_SUBSCRIBE_FIELDS == 12,
                    "SUBSCRIBE is packed in this order");
-    /* It stops before `history` (optional): this client starts at the head and is never sent HISTORY, and
-       reads notices (version 2), not the ring, so it needs no `wake`. */
+    /* `history` is nil: this client starts at the head and is never sent HISTORY. */
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 1 + (c->local ? SCW_SUBSCRIBE_TOKEN : SCW_SUBSCRIBE_REQUIRED));
+    msgpack_pack_array(&c->pk,
+                       1 + (c->ring ? SCW_SUBSCRIBE_WAKE : c->local ? SCW_SUBSCRIBE_TOKEN : SCW_SUBSCRIBE_REQUIRED));
     msgpack_pack_uint64(&c->pk, SCW_SUBSCRIBE);
     pack_str(c, stream);
     if (by_size) {
@@ -1136,6 +1309,10 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_false(&c->pk);  /* wait: an unknown stream is an error at once */
         msgpack_pack_bin(&c->pk, TOKEN_BYTES);
         msgpack_pack_bin_body(&c->pk, c->token + 1, TOKEN_BYTES);
+    }
+    if (c->ring) {
+        msgpack_pack_nil(&c->pk);      /* history: none */
+        pack_str(c, WAKE_NAMES[wake]); /* how it waits: the broker tells the publisher (futex: FUTEX_WAKE) */
     }
     msgview m;
     int rc = request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
@@ -1198,8 +1375,26 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->locked = calloc(c->nslabs, sizeof *c->locked);
         if (c->leases == NULL || c->locked == NULL)
             return fail(c, SC_ENOMEM, "out of memory");
-        if ((rc = join_notices(c)) || (rc = attach(c, &start)))
+        if (c->ring) {
+            /* Room for RING_READ descriptors and a run of as many frames (the version-2 batch arrays). */
+            uint32_t cap = c->ring_slots < RING_READ ? (uint32_t)c->ring_slots : RING_READ;
+            if (c->rd_cap < cap) {
+                ring_desc *rd = realloc(c->rd, cap * sizeof *rd);
+                if (rd == NULL)
+                    return fail(c, SC_ENOMEM, "out of memory");
+                c->rd = rd;
+                c->rd_cap = cap;
+            }
+            if ((rc = grow_frames(c, cap)))
+                return rc;
+            c->rd_head = c->rd_count = 0;
+        }
+        if (c->ring && wake == WAKE_DOORBELL)
+            map_sleepers(c);
+        uint64_t seq = 0;
+        if ((rc = join_notices(c)) || (rc = attach(c, &start, &seq)))
             return rc;
+        c->rseq = seq;
         c->info.start = start;
         c->rk = (rechunker){.size = size, .clip = opts->clip != 0, .rate = rate};
         c->have_frames = false;
@@ -1522,10 +1717,11 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
         c->dropped++;
         if (c->cut_rc == SC_OK)
             c->cut_rc = fail(c, SC_EPROTO,
-                             "chunk seq=%llu (samples %llu..%llu) does not lie in slab %llu of the segment: the notice "
+                             "chunk seq=%llu (samples %llu..%llu) does not lie in slab %llu of the segment: the %s "
                              "of the frame at index %llu, offset %llu, floor %llu is wrong (%s)",
                              (unsigned long long)seq, (unsigned long long)start,
                              (unsigned long long)(start + length - 1), (unsigned long long)c->fr_slab,
+                             c->ring ? "ring descriptor" : "notice",
                              (unsigned long long)c->fr_index, (unsigned long long)c->fr_offset,
                              (unsigned long long)c->fr_floor, c->where);
         return SC_OK;
@@ -1564,8 +1760,8 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
     return SC_OK;
 }
 
-/* Cut the chunks of the next frame of the current notice (Subscriber._step): one frame at a time, so
- * that a drop subscriber's max_inflight counts the chunks it holds, not those of a whole batch. */
+/* Cut the chunks of the next frame of the current run (version 2: notice) (LocalReceiver._step): one frame
+ * at a time, so that a drop subscriber's max_inflight counts the chunks it holds, not those of a whole run. */
 static int step(sc_client *c)
 {
     if (c->fr_i == 0) {
@@ -1605,13 +1801,35 @@ static int step(sc_client *c)
     return rc;
 }
 
-/* One message from the notice socket (Subscriber._on_notice): a NOTICE becomes the frames to cut,
- * a NOTICE_END the stream's end. */
+/* A NOTICE_END: the stream ended after `head` samples (its last notice before it). */
+static int notice_end(sc_client *c, const msgview *m)
+{
+    uint64_t head = 0;
+    int rc;
+    if ((rc = need_fields(c, m, SCW_NOTICE_END_REQUIRED)) ||
+        (rc = field_text(c, m, AT(NOTICE_END, CODE), c->end_code_s, sizeof c->end_code_s)) ||
+        (rc = field_text(c, m, AT(NOTICE_END, MESSAGE), c->end_text, sizeof c->end_text)) ||
+        (rc = field_uint(c, m, AT(NOTICE_END, HEAD), &head)))
+        return rc;
+    c->end_head = head;
+    c->have_end = true;
+    c->end_seen = now_ms();
+    return SC_OK;
+}
+
+/* One message from the notice socket (LocalReceiver._on_notice).  Version 3: a NOTICE only says the ring's
+ * position moved (its contents are not read: the ring has them), a NOTICE_END that the stream ended.
+ * Version 2: a NOTICE becomes the frames to cut, a NOTICE_END the stream's end. */
 static int on_notice(sc_client *c, const unsigned char *data, size_t len)
 {
     if (len < c->topic_len || memcmp(data, c->topic, c->topic_len) != 0)
         return SC_OK;  /* a JOINED of another subscriber's token */
     size_t off = 0, body = len - c->topic_len;
+    const unsigned char *raw = data + c->topic_len;
+    /* Version 3: a NOTICE (a msgpack fixarray whose first element, the kind, is a one-byte uint) is a
+     * doorbell: skipped undecoded. */
+    if (c->ring && body >= 2 && (raw[0] & 0xf0) == 0x90 && raw[1] == SCW_NOTICE)
+        return SC_OK;
     msgpack_unpack_return r = msgpack_unpack_next(&c->nunp, (const char *)data + c->topic_len, body, &off);
     if (r == MSGPACK_UNPACK_NOMEM_ERROR)
         return fail(c, SC_ENOMEM, "out of memory decoding a %zu-byte notice (%s)", body, c->where);
@@ -1625,6 +1843,14 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
                    "NOTICE and NOTICE_END start alike");
     if (!field_is(&m, SCW_NOTICE_STREAM_ID, MSGPACK_OBJECT_POSITIVE_INTEGER) || m.a[SCW_NOTICE_STREAM_ID].via.u64 != c->sid)
         return SC_OK;  /* an earlier stream of the same name */
+    if (c->ring) {
+        if (m.kind == SCW_NOTICE_END)
+            return c->have_end ? SC_OK : notice_end(c, &m);  /* (END from the broker may have said it first) */
+        if (m.kind == SCW_NOTICE)
+            return SC_OK;
+        return fail(c, SC_EPROTO, "unexpected %s (kind %llu) on the notice socket %s (%s)", kind_name(m.kind),
+                    (unsigned long long)m.kind, c->endpoint, c->where);
+    }
     uint64_t seq = 0;
     int rc;
     if ((rc = need_fields(c, &m, SCW_NOTICE_NOTICE_SEQ)) || (rc = field_uint(c, &m, AT(NOTICE, NOTICE_SEQ), &seq)))
@@ -1638,19 +1864,12 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
     c->nseq = (int64_t)seq + 1;
     c->last_notice = now_ms();
     if (m.kind == SCW_NOTICE_END) {
-        uint64_t head = 0;
-        if ((rc = need_fields(c, &m, SCW_NOTICE_END_REQUIRED)) ||
-            (rc = field_text(c, &m, AT(NOTICE_END, CODE), c->end_code_s, sizeof c->end_code_s)) ||
-            (rc = field_text(c, &m, AT(NOTICE_END, MESSAGE), c->end_text, sizeof c->end_text)) ||
-            (rc = field_uint(c, &m, AT(NOTICE_END, HEAD), &head)))
+        if ((rc = notice_end(c, &m)))
             return rc;
-        c->end_head = head;
-        c->have_end = true;
-        c->end_seen = c->last_notice;
         /* The end, in order, with no frame notice since we joined: the frames up to `head` were all noticed
          * before (a FRAME may reach the broker after our ATTACH): not ours, not lost. */
-        if (first && head > c->cursor)
-            c->cursor = head;
+        if (first && c->end_head > c->cursor)
+            c->cursor = c->end_head;
         return SC_OK;
     }
     if (m.kind != SCW_NOTICE)
@@ -1673,17 +1892,8 @@ static int on_notice(sc_client *c, const unsigned char *data, size_t len)
             return fail(c, SC_EPROTO, "NOTICE fields %d and %d (n, t0) must be arrays of the same non-zero length, "
                         "or a uint and a number (%s)", SCW_NOTICE_N, SCW_NOTICE_T0, c->where);
     }
-    if (count > c->fr_cap) {
-        uint64_t *pn = realloc(c->fr_n, count * sizeof *pn);
-        if (pn == NULL)
-            return fail(c, SC_ENOMEM, "out of memory");
-        c->fr_n = pn;
-        double *pt = realloc(c->fr_t0, count * sizeof *pt);
-        if (pt == NULL)
-            return fail(c, SC_ENOMEM, "out of memory");
-        c->fr_t0 = pt;
-        c->fr_cap = count;
-    }
+    if ((rc = grow_frames(c, count)))
+        return rc;
     uint64_t total = 0;
     size_t sb = c->info.sample_bytes;
     for (uint32_t i = 0; i < count; i++) {
@@ -1792,12 +2002,302 @@ static int finish_end(sc_client *c)
     return end_from(c, c->end_code_s, c->end_text);
 }
 
+/* ......................................... version 3: the descriptor ring */
+
+/*
+ * Memory order (core/ring.py's "Order", for C on any architecture).  The publisher stores a frame's samples,
+ * then its descriptor, then the position (seq + 1).  We load the position with __ATOMIC_ACQUIRE, then the
+ * descriptors below it, then the samples they name.  An acquire load is ordered before every later load
+ * of this thread on every architecture: on ARM64 it is an LDAR, which no later load may pass; on x86-64
+ * loads are never reordered with each other, and the acquire only stops the compiler.  So a descriptor or
+ * sample we read is the one stored before the position we loaded, given a publisher whose position store
+ * is a release store (on x86-64 any store is: TSO keeps stores in order; the Python publisher relies on
+ * that, and so, on ARM64, would need a release store there).  The Python reader's plain loads are correct
+ * on x86-64 only: ARM64 may satisfy a later load (a descriptor) before an earlier one (the position).
+ *
+ * Lapping (a drop subscriber that fell a whole ring behind): we copy descriptors a..b with relaxed loads
+ * (they may be being overwritten meanwhile), make an acquire fence (on ARM64 a DMB ISHLD: no later load
+ * passes the copy's loads), then load the position again.  The publisher stores position a + slots
+ * before it starts writing slot a again, so a copy followed by a position below a + slots holds no byte
+ * of a later lap (Aeron's check), given a publisher that orders that position store before its next
+ * descriptor stores (x86-64's TSO does; on ARM64 a release fence between them).
+ */
+
+/* Copy descriptors a..b of the ring into `out` (relaxed 8-byte loads: a racing writer is detected after). */
+static void copy_descriptors(const sc_client *c, uint64_t a, uint64_t b, ring_desc *out)
+{
+    uint64_t mask = c->ring_slots - 1;
+    for (uint64_t s = a; s < b; s++) {
+        const uint64_t *slot = (const uint64_t *)(c->ring_base + (s & mask) * DESC_BYTES);
+        uint64_t w[DESC_BYTES / 8];
+        for (size_t k = 0; k < DESC_BYTES / 8; k++)
+            w[k] = __atomic_load_n(slot + k, __ATOMIC_RELAXED);
+        memcpy(out++, w, sizeof w);
+    }
+}
+
+/* Copy the descriptors published since we last looked (at most rd_cap) into rd (LocalReceiver._read_ring):
+ * 1 if the ring moved on (descriptors copied, or lapped), 0 if not, or an error. */
+static int read_ring(sc_client *c)
+{
+    uint64_t a = c->rseq, position = __atomic_load_n(c->position, __ATOMIC_ACQUIRE);
+    if (position == a)
+        return 0;
+    if (position < a)
+        return fail(c, SC_EPROTO, "the ring's position is %llu, below descriptor %llu, which this subscriber "
+                    "was told to start at or has read (%s)", (unsigned long long)position, (unsigned long long)a,
+                    c->where);
+    if (position - a < c->ring_slots) {
+        uint64_t b = position - a > c->rd_cap ? a + c->rd_cap : position;
+        copy_descriptors(c, a, b, c->rd);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        position = __atomic_load_n(c->position, __ATOMIC_RELAXED);
+        if (position - a < c->ring_slots) {
+            c->rd_seq = a;
+            c->rd_head = 0;
+            c->rd_count = (uint32_t)(b - a);
+            c->rseq = b;
+            return 1;
+        }
+    }
+    /* Lapped: only a drop subscriber (a block subscriber holds back the slabs it has not read, and so their
+     * descriptors).  Go on with the newest half of the ring; take_run names the samples in between. */
+    c->rseq = position - c->ring_slots / 2;
+    return 1;
+}
+
+/* Check descriptor rd[i] as copied: a wrong one comes from a broken publisher, never from a race. */
+static int check_descriptor(sc_client *c, uint32_t i)
+{
+    const ring_desc *d = &c->rd[i];
+    uint64_t seq = c->rd_seq + i;
+    if (d->seq != seq)
+        return fail(c, SC_EPROTO, "ring descriptor %llu says it is descriptor %llu: the publisher did not write it "
+                    "where its position says (%s)", (unsigned long long)seq, (unsigned long long)d->seq, c->where);
+    size_t sb = c->info.sample_bytes;
+    uint64_t slab_start = c->header_bytes + (uint64_t)d->slab * c->slab_bytes;
+    if (d->slab >= c->nslabs || d->n < 1 || d->floor > d->index || d->offset < slab_start ||
+        d->offset > slab_start + c->slab_bytes || d->n > (slab_start + c->slab_bytes - d->offset) / sb)
+        return fail(c, SC_EPROTO,
+                    "ring descriptor %llu of %u samples at index %llu, slab %u (gen %u), offset %llu, floor %llu "
+                    "does not lie in the segment's %u slabs of %llu bytes (%s)", (unsigned long long)seq, d->n,
+                    (unsigned long long)d->index, d->slab, d->gen, (unsigned long long)d->offset,
+                    (unsigned long long)d->floor, c->nslabs, (unsigned long long)c->slab_bytes, c->where);
+    return SC_OK;
+}
+
+/* Samples start..stop will never come: a drop subscriber counts their chunks (rounded up) as dropped,
+ * a block subscriber is told (SC_ELOST; the next sc_recv goes on after them).  The next chunk is flagged. */
+static int lost(sc_client *c, uint64_t start, uint64_t stop, const char *why)
+{
+    c->jumped = true;
+    if (c->drop) {
+        c->dropped += (stop - start + c->info.size - 1) / c->info.size;
+        return SC_OK;
+    }
+    return fail(c, SC_ELOST, "samples %llu..%llu (%llu samples) were lost before this subscriber read them: %s (%s)",
+                (unsigned long long)start, (unsigned long long)stop, (unsigned long long)(stop - start), why,
+                c->where);
+}
+
+/* Make the next run of copied descriptors the frames to cut (fr_*): frames back to back in one slab of one
+ * generation, none but the first flagged, cut as one notice batch was (version 2). */
+static int take_run(sc_client *c)
+{
+    int rc = check_descriptor(c, c->rd_head);
+    if (rc)
+        return rc;
+    const ring_desc *d = &c->rd[c->rd_head++];
+    if (d->index < c->cursor)
+        return SC_OK;  /* before this subscription's start */
+    size_t sb = c->info.sample_bytes;
+    uint64_t index = d->index + d->n, end = d->offset + (uint64_t)d->n * sb;
+    uint32_t count = 1;
+    c->fr_n[0] = d->n;
+    c->fr_t0[0] = d->t0;
+    while (c->rd_head < c->rd_count) {
+        const ring_desc *e = &c->rd[c->rd_head];
+        if ((e->flags & SC_FLAG_DISCONTINUITY) || e->slab != d->slab || e->gen != d->gen || e->offset != end ||
+            e->index != index)
+            break;
+        if ((rc = check_descriptor(c, c->rd_head)))
+            return rc;
+        c->rd_head++;
+        c->fr_n[count] = e->n;
+        c->fr_t0[count++] = e->t0;
+        index += e->n;
+        end += (uint64_t)e->n * sb;
+    }
+    c->have_frames = true;
+    c->fr_index = d->index;
+    c->fr_slab = d->slab;
+    c->fr_gen = d->gen;
+    c->fr_offset = d->offset;
+    c->fr_floor = d->floor;
+    c->fr_i = 0;
+    c->fr_count = count;
+    c->fr_flags = d->flags & SC_FLAG_DISCONTINUITY;
+    if (d->index > c->cursor) {  /* lapped: the frames in between were written over before we read them */
+        uint64_t start = c->cursor;
+        c->cursor = d->index;
+        c->fr_flags |= SC_FLAG_DISCONTINUITY;
+        return lost(c, start, d->index, "the publisher wrote over their ring descriptors first");
+    }
+    return SC_OK;
+}
+
+/* Read every message waiting on the notice socket: how many, or an error. */
+static int drain_notices(sc_client *c)
+{
+    for (int n = 0;; n++) {
+        int rc = recv_notice(c);
+        if (rc == SC_ETIMEOUT)
+            return n;
+        if (rc)
+            return rc;
+    }
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait up to `wait_ms` for the ring's position to move past rseq, by this subscriber's wake strategy, or for
+ * a message; the caller looks at everything again either way. */
+static int wait_ring(sc_client *c, long wait_ms)
+{
+    /* A closed ring (or a known end) will not move: then only a message can come (NOTICE_END, END). */
+    bool may_move = !c->have_end && __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0;
+    if (c->wake == WAKE_FUTEX && may_move) {
+        /* The kernel compares the position's low word with what we read and sleeps in one step, with respect
+         * to the publisher's FUTEX_WAKE after each store of the position: a publish after our look wakes us
+         * (or the word differs and we do not sleep).  Shared, not FUTEX_PRIVATE_FLAG: the waker is another
+         * process.  The broker's FUTEX_WAKE at the stream's end wakes us too; anything else (eviction, the
+         * broker gone) is seen when the wait times out. */
+        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
+        if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) != 0 &&
+            errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
+            return fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
+        return SC_OK;
+    }
+    if (c->wake == WAKE_BUSY && may_move) {
+        int64_t until = now_ms() + wait_ms;
+        for (unsigned k = 1;; k++) {
+            if (__atomic_load_n(c->position, __ATOMIC_RELAXED) != c->rseq)
+                return SC_OK;  /* (read_ring loads it again, with acquire) */
+            cpu_relax();
+            if ((k & 1023) == 0 && now_ms() >= until)
+                return SC_OK;
+        }
+    }
+    /* The doorbell.  With a byte in the sleeper table (docs/protocol.md 7.8): set it, a full barrier, load the
+     * position again; the publisher stores the position, makes a full barrier and looks at the table: either we
+     * see its position here or it sees our byte and sends a notice, which ends the poll (Dekker's handshake;
+     * each barrier orders its side's store before its load, which no weaker order does, on x86-64 either).
+     * Without one, every publish is followed by a notice.  We drained the notices, then loaded the position:
+     * a publish we did not see has its notice still to come.  (NOTICE_END and the broker's END are messages
+     * too.) */
+    unsigned char *sleeper = c->sleeper;
+    if (sleeper != NULL) {
+        __atomic_store_n(sleeper, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) != c->rseq) {
+            __atomic_store_n(sleeper, 0, __ATOMIC_RELAXED);
+            return SC_OK;
+        }
+    }
+    zmq_pollitem_t items[3] = {
+        {c->notices, 0, ZMQ_POLLIN, 0}, {c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
+    int polled = zmq_poll(items, 3, wait_ms);
+    if (sleeper != NULL)
+        __atomic_store_n(sleeper, 0, __ATOMIC_RELAXED);
+    if (polled < 0 && zmq_errno() != EINTR)
+        return fail(c, SC_ESYS, "cannot poll the sockets of %s: %s", c->where, zmq_strerror(zmq_errno()));
+    return SC_OK;
+}
+
+/*
+ * Version 3: run until a chunk is ready (SC_OK), the subscription ends (its sticky code), `deadline` passes
+ * (SC_ETIMEOUT) or an error comes.  LocalReceiver.recv: cut what was copied, copy what the ring holds beyond
+ * it, read the notices (they only wake us), look at the broker connection; before waiting, give back idle
+ * slab locks and send ACK.  Once the end is known and the ring is read to its position, the ring held the
+ * whole stream: samples short of the end's head are lost (only a lapped drop subscriber), no grace needed.
+ */
+static int pump_ring(sc_client *c, int64_t deadline)
+{
+    for (;;) {
+        int rc;
+        if (c->rcount > 0)
+            return SC_OK;
+        if (c->have_frames) {
+            if ((rc = step(c)))
+                return rc;
+            continue;
+        }
+        if (c->rd_head < c->rd_count) {
+            if ((rc = take_run(c)))
+                return rc;
+            continue;
+        }
+        /* The notices first (they only say the position moved; a NOTICE_END, that the stream ended), then the
+         * position: a publish after this load has its notice still to come, which ends the doorbell's wait. */
+        if ((rc = drain_notices(c)) < 0)
+            return rc;
+        if ((rc = read_ring(c)) != 0) {
+            if (rc < 0)
+                return rc;
+            continue;
+        }
+        if (c->have_end) {
+            if (c->cursor < c->end_head) {
+                uint64_t start = c->cursor;
+                c->cursor = c->end_head;
+                if ((rc = lost(c, start, c->end_head, "the stream ended and the ring did not hold them")))
+                    return rc;
+                continue;
+            }
+            return finish_end(c);
+        }
+        msgview m;
+        rc = recv_direct(c, &m);
+        if (rc == SC_OK) {
+            if ((rc = on_direct(c, &m)))
+                return rc;
+            continue;
+        }
+        if (rc != SC_ETIMEOUT)
+            return rc;
+        read_monitor(c);
+        if (c->gone)
+            return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
+                                    c->address, c->where));
+        /* About to wait: give back every slab no chunk of ours is in, tell the broker where we are. */
+        unlock_idle(c, c->cur_slab);
+        send_ack(c, false);
+        long wait = LOOK_MS;
+        if (deadline >= 0) {
+            int64_t left = deadline - now_ms();
+            if (left <= 0)
+                return SC_ETIMEOUT;
+            if (left < wait)
+                wait = (long)left;
+        }
+        if ((rc = wait_ring(c, wait)))
+            return rc;
+    }
+}
+
 /*
  * Version 2: run until a chunk is ready (SC_OK), the subscription ends (its sticky code), `deadline`
  * passes (SC_ETIMEOUT) or an error comes.  Subscriber._recv_local: cut what was read, read notices, look
  * at the broker connection; before waiting, give back idle slab locks and send ACK.
  */
-static int pump(sc_client *c, int64_t deadline)
+static int pump_notices(sc_client *c, int64_t deadline)
 {
     for (;;) {
         if (c->rcount > 0)
@@ -1863,6 +2363,12 @@ static int pump(sc_client *c, int64_t deadline)
         if (zmq_poll(items, 3, wait) < 0 && zmq_errno() != EINTR)
             return fail(c, SC_ESYS, "cannot poll the sockets of %s: %s", c->where, zmq_strerror(zmq_errno()));
     }
+}
+
+/* Versions 2 and 3: cut chunks until one is ready, the subscription ends or `deadline` passes. */
+static int pump(sc_client *c, int64_t deadline)
+{
+    return c->ring ? pump_ring(c, deadline) : pump_notices(c, deadline);
 }
 
 /* Hand out the oldest chunk cut (Subscriber._hand_out). */
@@ -2058,6 +2564,7 @@ void sc_close(sc_client *c)
         zmq_ctx_term(c->ctx);
     if (c->map != NULL)
         munmap((void *)c->map, c->map_bytes);
+    unmap_sleepers(c);
     msgpack_unpacked_destroy(&c->unp);
     msgpack_unpacked_destroy(&c->nunp);
     msgpack_sbuffer_destroy(&c->sbuf);
@@ -2067,5 +2574,6 @@ void sc_close(sc_client *c)
     free(c->fr_n);
     free(c->fr_t0);
     free(c->ready);
+    free(c->rd);
     free(c);
 }

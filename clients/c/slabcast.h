@@ -1,13 +1,15 @@
 /*
- * slabcast.h: C subscriber of a slabcast broker (wire protocol version 2, docs/protocol.md; version 1 on request).
+ * slabcast.h: C subscriber of a slabcast broker (wire protocol version 3, docs/protocol.md; 2 and 1 on request).
  *
- * Version 2 (the default): the broker grants the subscription; the client reads the publisher's frame
- * notices on the stream's notice socket and cuts its own chunks with the rechunking rules of
- * docs/protocol.md section 8 (the same rules as slabcast's Python Rechunker).  Its leases are kernel
- * record locks on the segment (one per slab, not per chunk) checked against the slab generation table;
- * it tells the broker how far it has read with a cumulative ACK, never a message per chunk.
- * Version 1 (sc_set_protocol_version(c, 1)): the broker cuts the chunks, sends one CHUNK notice each and
- * the client answers each release with RELEASE.  A version-2 broker serves both.
+ * Version 3 (the default): the broker grants the subscription; the client reads the frame descriptors the
+ * publisher writes into the stream segment's descriptor ring and cuts its own chunks with the rechunking
+ * rules of docs/protocol.md section 8 (the same rules as slabcast's Python Rechunker).  The publisher's
+ * notices only wake it (sc_sub_options.wake says how it waits: a notice, a futex, or spinning).  Its
+ * leases are kernel record locks on the segment (one per slab, not per chunk) checked against the slab
+ * generation table; it tells the broker how far it has read with a cumulative ACK, never a message per chunk.
+ * Version 2 (sc_set_protocol_version(c, 2)): the same, but the chunks are cut from the contents of the
+ * publisher's notices (a notice lost is samples lost).  Version 1: the broker cuts the chunks, sends one
+ * CHUNK notice each and the client answers each release with RELEASE.  A version-3 broker serves all three.
  *
  * Installing and linking: `make -C clients/c install PREFIX=<dir>` installs this header, libslabcast.so.N
  * (SONAME libslabcast.so.N), libslabcast.a, slabcast-sub and <dir>/lib/pkgconfig/slabcast.pc; build with
@@ -68,14 +70,14 @@ extern "C" {
 
 /* The wire protocol version this library speaks by default (see sc_set_protocol_version).  Not the
  * library's version: see SC_VERSION_* and SC_ABI_VERSION below. */
-#define SC_PROTOCOL_VERSION 2
+#define SC_PROTOCOL_VERSION 3
 
 /* The version of this header and of the library built from it (semantic versioning, see the ABI rules
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
-#define SC_VERSION_MINOR 0
+#define SC_VERSION_MINOR 1
 #define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.0.0"
+#define SC_VERSION_STRING "1.1.0"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -101,8 +103,10 @@ typedef enum sc_status {
     SC_EINVAL = -11,      /* an invalid argument, or a call in the wrong state */
     SC_ESYS = -12,        /* a system or ZeroMQ call failed (shm_open, mmap, zmq_*) */
     SC_ENOMEM = -13,      /* out of memory */
-    SC_ELOST = -14        /* policy "block": samples were lost before this client read them (their notices
-                           * never reached it); sc_errmsg names the range; the next sc_recv goes on after it */
+    SC_ELOST = -14        /* policy "block": samples were lost before this client read them (version 3: the
+                           * publisher wrote over their descriptors first, which the broker's flow control
+                           * prevents; version 2: their notices never reached it); sc_errmsg names the range;
+                           * the next sc_recv goes on after it */
 } sc_status;
 
 /* One client connection, opaque.  Not thread-safe (see "Threads" above): one thread at a time. */
@@ -116,10 +120,20 @@ typedef struct sc_sub_options {
     int clip;               /* 1: every chunk has exactly `size` samples; 0: whole frames, n >= size */
     const char *policy;     /* "block" (lossless, the publisher waits) or "drop" (gaps in seq) */
     unsigned max_inflight;  /* chunks held (received, not released) before the policy applies, 1..1024.
-                             * Version 2: only "drop" uses it (a chunk cut while this many are held, or
-                             * waiting to be received, is dropped); "block" holds the publisher back by
+                             * Versions 2 and 3: only "drop" uses it (a chunk cut while this many are held,
+                             * or waiting to be received, is dropped); "block" holds the publisher back by
                              * this subscriber's read position instead. */
     unsigned reserved;      /* 0 (sc_sub_options_init sets it); fills what would be tail padding */
+    /* Since 1.1.0. */
+    const char *wake;       /* version 3: how sc_recv waits for the publisher's next frame.  NULL or "doorbell"
+                             * (the default): on the publisher's notice socket, one poll() with the broker
+                             * connection (the publisher sends a notice only while it sleeps, when the
+                             * segment's sleeper table can be mapped writable; else after every frame);
+                             * "futex": FUTEX_WAIT on the ring's position (the publisher wakes it with
+                             * FUTEX_WAKE: no ZeroMQ message per frame); "busy": spin on the position (a core
+                             * at 100 % while it waits; no system call).  Every wait is bounded (100 ms) so
+                             * that the end of the subscription is seen.  Versions 1 and 2 accept only NULL
+                             * and "doorbell". */
 } sc_sub_options;
 
 /* What SUBSCRIBED said about the stream; owned by the client, valid and unchanged until sc_close. */
@@ -133,14 +147,14 @@ typedef struct sc_stream_info {
     double rate;            /* samples per second, 0.0 when the stream has none */
     uint64_t size;          /* samples per chunk (computed by the broker when seconds were given) */
     uint64_t start;         /* stream index of the first sample this subscriber can receive
-                             * (version 2: as ATTACHED said) */
+                             * (versions 2 and 3: as ATTACHED said) */
     const char *segment;    /* shared-memory segment name (no leading slash) */
     size_t segment_bytes;   /* bytes mapped */
 } sc_stream_info;
 
 /* One chunk.  `data` points into the read-only shared mapping and stays valid until
  * sc_release() of this chunk or sc_close(); the bytes never change while it is held
- * (version 2: this client's shared lock on the chunk's slab keeps the broker from handing
+ * (versions 2 and 3: this client's shared lock on the chunk's slab keeps the broker from handing
  * the slab back to the publisher). */
 typedef struct sc_chunk {
     size_t struct_size;     /* bytes of this struct the library filled (see sc_recv_sized) */
@@ -152,8 +166,8 @@ typedef struct sc_chunk {
     double t0;              /* time of the chunk's first sample, seconds */
     uint64_t seq;           /* this subscriber's chunk counter from 0; a gap means dropped chunks */
     uint64_t index;         /* stream index of the first sample */
-    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or,
-                             * version 2, notices were lost on the way: no chunk spans the hole) */
+    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or samples
+                             * were lost before it: no chunk spans the hole) */
     unsigned reserved;      /* 0; fills what would be tail padding */
 } sc_chunk;
 
@@ -165,13 +179,15 @@ typedef struct sc_stats {
     uint64_t received;      /* chunks returned by sc_recv */
     uint64_t released;      /* chunks given back */
     uint64_t cut;           /* chunks cut for us in all, delivered or dropped: version 1, as told by END
-                             * (0 before END); version 2, counted by this client (set at the end) */
+                             * (0 before END); versions 2 and 3, counted by this client (set at the end) */
     int64_t last_seq;       /* seq of the last chunk received, -1 before the first */
     uint64_t dropped;       /* chunks cut for us and never received (policy "drop", or a slab already
-                             * written again); version 1 knows of drops only up to the last seq seen */
+                             * written again; version 3 also counts the chunks of samples a "drop"
+                             * subscriber lost, rounded up); version 1 knows of drops only up to the
+                             * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.0.0" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.1.0" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 
@@ -186,13 +202,14 @@ sc_client *sc_new(void);
 /* Set the label the broker shows in logs and `slabcast status` (before sc_connect). */
 int sc_set_label(sc_client *c, const char *label);
 
-/* Milliseconds to wait for the broker's answers to HELLO and SUBSCRIBE, and (version 2) for the
+/* Milliseconds to wait for the broker's answers to HELLO and SUBSCRIBE, and (versions 2 and 3) for the
  * publisher's notice socket to confirm that it reaches this client (JOINED); default 5000. */
 int sc_set_timeout(sc_client *c, int timeout_ms);
 
-/* Speak protocol version `version` (before sc_connect): 2 (the default) cuts chunks in this client,
- * 1 lets the broker cut them (CHUNK/RELEASE).  Other values are sent as they are, for tests of
- * version negotiation: the broker refuses them with SC_EVERSION. */
+/* Speak protocol version `version` (before sc_connect): 3 (the default) cuts chunks in this client from
+ * the segment's descriptor ring, 2 cuts them from the publisher's notices, 1 lets the broker cut them
+ * (CHUNK/RELEASE).  Other values are sent as they are, for tests of version negotiation: the broker
+ * refuses them with SC_EVERSION. */
 int sc_set_protocol_version(sc_client *c, unsigned version);
 
 /* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path)
@@ -200,17 +217,18 @@ int sc_set_protocol_version(sc_client *c, unsigned version);
 int sc_connect(sc_client *c, const char *address);
 
 /* Fill the first `struct_size` bytes of `opts` with the defaults (size 0, seconds 0, clip 0, policy
- * "block", max_inflight 8) and set opts->struct_size = struct_size (pass sizeof *opts; at least
+ * "block", max_inflight 8, wake NULL) and set opts->struct_size = struct_size (pass sizeof *opts; at least
  * sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
 void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
 #define sc_sub_options_init(opts) sc_sub_options_init_sized((opts), sizeof *(opts))
 
 /* Subscribe to `stream` (give exactly one of opts->size and opts->seconds; opts NULL: the defaults,
  * which name neither, so SC_EINVAL) and map its segment read-only.  opts->struct_size must be set (see
- * sc_sub_options_init) and reach at least past `size`: fields past it take their defaults.  Version 2
- * also connects to the stream's notice socket, waits (up to the timeout of sc_set_timeout) until the
- * publisher confirms it reaches this client (JOINED), then sends ATTACH; the broker's ATTACHED gives
- * sc_info()->start, from which every sample is received.  One subscription per client. */
+ * sc_sub_options_init) and reach at least past `size`: fields past it take their defaults.  Versions 2
+ * and 3 also connect to the stream's notice socket, wait (up to the timeout of sc_set_timeout) until the
+ * publisher confirms it reaches this client (JOINED), then send ATTACH; the broker's ATTACHED gives
+ * sc_info()->start, from which every sample is received (version 3: and the ring descriptor of the frame
+ * there, the first this client reads).  One subscription per client. */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */
@@ -219,8 +237,8 @@ const sc_stream_info *sc_info(const sc_client *c);
 /* sc_recv(c, &chunk, timeout_ms): wait up to `timeout_ms` (-1: forever, 0: do not wait) for the
  * next chunk.  SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
  * complete chunk received); SC_EBROKERGONE, SC_EPUBGONE, ... when the subscription broke.
- * Version 2 cuts chunks from the notices here, gives back the locks of slabs it no longer
- * holds a chunk of and sends ACK before it waits. */
+ * Versions 2 and 3 cut chunks here (from the ring, or from the notices), give back the locks of slabs
+ * they no longer hold a chunk of and send ACK before they wait. */
 int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_ms);
 /* `chunk_size`: sizeof *chunk as the caller was compiled (at least sizeof(size_t)); the library fills at
  * most that many bytes and sets chunk->struct_size to the bytes it filled.  C callers use the macro: */
@@ -228,12 +246,12 @@ int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_
 
 /* Wait up to `timeout_ms` until sc_recv(c, ..., 0) has something to return without
  * waiting (a chunk, or the end of the subscription): SC_OK, or SC_ETIMEOUT.  For event loops
- * and measurements.  Version 2 cuts chunks from the notices that arrive meanwhile, so it may
- * also return an error that sc_recv would have returned (SC_EPROTO, SC_EREQUEST, ...). */
+ * and measurements.  Versions 2 and 3 cut the chunks of the frames published meanwhile, so it may
+ * also return an error that sc_recv would have returned (SC_EPROTO, SC_ELOST, ...). */
 int sc_wait(sc_client *c, int timeout_ms);
 
 /* Give a chunk back (only its seq is read); its memory may be reused by the publisher afterwards.
- * Version 1 sends RELEASE; version 2 sends nothing: the slab's lock goes once no chunk of it is held
+ * Version 1 sends RELEASE; versions 2 and 3 send nothing: the slab's lock goes once no chunk of it is held
  * (at the latest before sc_recv waits) and the next ACK says so. */
 int sc_release(sc_client *c, const sc_chunk *chunk);
 
@@ -247,7 +265,7 @@ void sc_get_stats_sized(const sc_client *c, sc_stats *out, size_t out_size);
 
 /* Say BYE (unless the broker is gone), wait a bounded time for its answer, close the
  * sockets (linger 200 ms), unmap the segment (never unlink it) and free the client.
- * Accepts NULL.  Chunks still held are given back: version 2 closes the descriptor that
+ * Accepts NULL.  Chunks still held are given back: versions 2 and 3 close the descriptor that
  * holds the lease locks (before BYE), version 1 by the BYE. */
 void sc_close(sc_client *c);
 

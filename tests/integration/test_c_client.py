@@ -1,7 +1,8 @@
 """The C subscriber (clients/c): built with make, run as real processes beside the Python client, checked chunk for chunk.
 
-The C client speaks protocol version 2 by default (it cuts its own chunks from the publisher's notices);
-one conformance case and the scripted-broker tests of CHUNK/RELEASE run it with ``--protocol-version 1``.
+The C client speaks protocol version 3 by default (it cuts its own chunks from the segment's descriptor ring,
+woken by a notice, a futex or spinning); conformance cases and scripted-broker tests also run it with
+``--protocol-version 2`` (chunks cut from the notices) and ``1`` (the broker cuts them: CHUNK/RELEASE).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import zmq
 import slabcast
 from slabcast.client import subscriber as _subscriber
 from slabcast.core import rechunk as _rechunk
+from slabcast.core import ring as _ring
 from slabcast.core import shm as _shm
 from slabcast.core.rechunk import Rechunker
 from slabcast.wire import messages as M
@@ -227,14 +229,62 @@ CASES = {
 }  # fmt: skip
 
 
-# Every case with the C client on protocol version 2 (it cuts its own chunks), and one on version 1
-# (the broker cuts them), so that both paths of the C client stay checked against the same rules.
-CONFORMANCE = [(name, 2) for name in CASES] + [("bytes-small-slabs", 1)]
+# Every case with the C client on protocol version 3 (it cuts its own chunks from the ring), woken by the
+# publisher's notices and by FUTEX_WAKE; one spinning on the ring's position; one on version 2 (it cuts them from
+# the notices) and one on version 1 (the broker cuts them), so that every path of the C client stays checked
+# against the same rules.
+CONFORMANCE = [
+    *[(name, 3, wake) for wake in ("doorbell", "futex") for name in CASES],
+    ("int16-mono-small-slabs", 3, "busy"),
+    ("float32-stereo", 2, None),
+    ("bytes-small-slabs", 1, None),
+]
 
 
-@pytest.mark.parametrize(("case_name", "version"), CONFORMANCE, ids=[f"{n}-v{v}" for n, v in CONFORMANCE])
+def _mapped_segment(pid: int) -> tuple[str, int]:
+    """The slabcast segment process ``pid`` maps, and the address it is mapped at there (its /proc maps)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/dev/shm/") and fields[2] == "00000000":
+            return fields[5][len("/dev/shm/") :], int(fields[0].split("-")[0], 16)
+    raise AssertionError(f"process {pid} maps no shared-memory segment")
+
+
+def _futex_wait_address(pid: int) -> int | None:
+    """The address process ``pid``'s main thread sleeps on in a shared FUTEX_WAIT (not FUTEX_PRIVATE_FLAG), if it
+    is in one now (its /proc syscall: number, then the arguments)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return None
+    if len(fields) < 3 or fields[0] != str(_FUTEX_SYSCALL) or int(fields[2], 16) != 0:  # op FUTEX_WAIT
+        return None
+    return int(fields[1], 16)
+
+
+_FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine, -1)
+
+
+def _wait_for(pred: Any, c: CSub, what: str) -> None:
+    """Block until ``pred()`` holds (bounded), while the C client runs."""
+    deadline = time.monotonic() + 10
+    while not pred():
+        assert time.monotonic() < deadline, f"never saw {what}; stderr: {c.stderr!r}"
+        assert c.proc.poll() is None, c.stderr
+        time.sleep(0.005)
+
+
+def _wait_until_asleep_on_the_position(c: CSub) -> None:
+    """Block until the C client sleeps in FUTEX_WAIT on its segment's position word (bounded)."""
+    _, base = _mapped_segment(c.proc.pid)
+    _wait_for(lambda: _futex_wait_address(c.proc.pid) == base + _ring.POSITION_AT, c, "it asleep on the position")
+
+
+@pytest.mark.parametrize(
+    ("case_name", "version", "wake"), CONFORMANCE, ids=[f"{n}-v{v}" + (f"-{w}" if w else "") for n, v, w in CONFORMANCE]
+)
 def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
-    c_sub, broker, workers, queue, stream_name, case_name, version
+    c_sub, broker, workers, queue, stream_name, case_name, version, wake
 ):
     case = CASES[case_name]
     frames, data = make_frames(case)
@@ -253,7 +303,7 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
         for how, value, clip in case["subs"]:  # a C and a Python subscriber with each setting
             csubs.append(
                 CSub(c_sub, broker.address, stream_name, f"--{how}", str(value), *(["--clip"] * clip),
-                     "--protocol-version", str(version))
+                     "--protocol-version", str(version), *(["--wake", wake] if wake else []))
             )  # fmt: skip
             kwargs = {how: value, "clip": clip}
             workers.spawn(W.subscribe, broker.address, stream_name, kwargs, (how, value, clip), queue, queue)
@@ -264,7 +314,25 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
             assert msg[0] == "sub-ready", msg
         subs = slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
         cuts = [u["cut"] for u in subs if u["label"] == "slabcast-sub"]
-        assert cuts == ["local" if version == 2 else "broker"] * len(csubs), subs
+        assert cuts == ["local" if version >= 2 else "broker"] * len(csubs), subs
+        if version >= 2:
+            # How they wait reached the broker, which counts them in the ring's header for the publisher: futex
+            # subscribers get a FUTEX_WAKE, version-2 ones every notice, doorbell ones (with a byte of the sleeper
+            # table, as the Python subscribers here) a notice when asleep.
+            name, _ = _mapped_segment(csubs[0].proc.pid)
+            seg = _shm.attach(name, 4096)
+            try:
+                notices, futex, doorbells = (struct.unpack_from("<I", seg, at)[0]
+                                             for at in (_ring.NOTICES_AT, _ring.FUTEX_AT, _ring.DOORBELLS_AT))  # fmt: skip
+            finally:
+                seg.close()
+            c_count, py_count = len(csubs), len(case["subs"])
+            want = {2: (c_count, 0, py_count), "doorbell": (0, 0, c_count + py_count), "futex": (0, c_count, py_count),
+                    "busy": (0, 0, py_count)}[wake or version]  # fmt: skip
+            assert (notices, futex, doorbells) == want, (wake, version)
+        if wake == "futex":
+            for c in csubs:  # they do sleep on the position word
+                _wait_until_asleep_on_the_position(c)
         for frame, t0 in frames:  # every subscriber exists before the first write
             pub.write(frame, t0=t0)
         pub.close()
@@ -411,7 +479,7 @@ def test_publisher_killed_is_its_own_error(c_sub, broker, workers, queue, stream
 
 
 def test_count_stops_early_and_bye_gives_the_leases_back(c_sub, broker, stream_name):
-    # Version 2: the C client's leases are lock records on its own descriptor of the segment (closed by
+    # Versions 2 and 3: the C client's leases are lock records on its own descriptor of the segment (closed by
     # sc_close, before BYE) and its read position holds the publisher back until BYE removes it;
     # --max-inflight 1 limits only a "drop" subscriber.  The pool must come free all the same.
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=8192, nslabs=2, timeout=5.0)
@@ -461,7 +529,7 @@ class ScriptedBroker:
         self.sock.send_multipart([self.ident, msgpack.packb(msg, use_bin_type=True)])
 
     def bind_notices(self) -> None:
-        """Play the publisher's notice socket (version 2): an XPUB that sees each subscription."""
+        """Play the publisher's notice socket (versions 2 and 3): an XPUB that sees each subscription."""
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.LINGER, 0)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -488,16 +556,18 @@ def scripted(tmp_path: Path) -> Any:
 
 
 class ScriptedSegment:
-    """A shared-memory segment laid out as docs/protocol.md 7.2 and 7.4 say (layout 2: generation table),
-    made without the resource tracker."""
+    """A shared-memory segment laid out as docs/protocol.md 7.2 and 7.4 say (layout 3: generation table, and a
+    descriptor ring of ``slots`` descriptors after the slabs), made without the resource tracker; the test
+    plays its publisher (:meth:`publish`)."""
 
-    def __init__(self, nslabs: int = 2, slab_bytes: int = 8192) -> None:
+    def __init__(self, nslabs: int = 2, slab_bytes: int = 8192, slots: int = 8) -> None:
         epoch = int.from_bytes(os.urandom(4), "little")
         # Not "slabcast.<pid>.<epoch>.<n>": a broker that starts meanwhile (another test's) reaps those
         # when no live broker owns them.  The client maps whatever name SUBSCRIBED gives.
         self.name = f"slabcast-scripted.{os.getpid()}.{epoch:08x}"
-        self.nslabs, self.slab_bytes = nslabs, slab_bytes
-        self.nbytes = HEADER + nslabs * slab_bytes
+        self.nslabs, self.slab_bytes, self.slots = nslabs, slab_bytes, slots
+        self.ring_offset = HEADER + nslabs * slab_bytes
+        self.nbytes = self.ring_offset + _ring.ring_bytes(slots)
         fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)
@@ -512,7 +582,27 @@ class ScriptedSegment:
         for slab in range(nslabs):  # every slab granted once: generation 1
             struct.pack_into("<I", self.mm, _shm.GEN_OFFSET + 4 * slab, 1)
         self.data = np.arange(nslabs * slab_bytes // 2, dtype=np.int16).tobytes()
-        self.mm[HEADER:] = self.data
+        self.mm[HEADER : self.ring_offset] = self.data
+        self.ring = _ring.Ring(self.mm, self.ring_offset, slots)
+        self.ring.format()
+        self.position = 0
+
+    def write(self, seq: int, index: int, t0: float, offset: int, floor: int, n: int, slab: int, gen: int = 1,
+              flags: int = 0) -> None:  # fmt: skip
+        """Write descriptor ``seq`` into its slot (not visible before :meth:`publish_to`)."""
+        self.ring.write(seq, index, t0, offset, floor, n, slab, gen, flags)
+
+    def publish_to(self, position: int) -> None:
+        """Store the ring's position (every descriptor below it is visible), and wake a futex waiter."""
+        self.position = position
+        self.ring.publish(position)
+        _ring.futex_wake(self.ring.futex_address)
+
+    def publish(self, index: int, t0: float, offset: int, floor: int, n: int, slab: int, gen: int = 1,
+                flags: int = 0) -> None:  # fmt: skip
+        """Write the next descriptor and publish it, as a publisher does."""
+        self.write(self.position, index, t0, offset, floor, n, slab, gen, flags)
+        self.publish_to(self.position + 1)
 
     def slab(self, i: int) -> int:
         """Byte offset of slab ``i``."""
@@ -522,13 +612,15 @@ class ScriptedSegment:
         return zlib.crc32(self.data[offset - HEADER : offset - HEADER + nbytes])
 
     def destroy(self) -> None:
+        self.ring.release()
         self.mm.close()
         _posixshmem.shm_unlink("/" + self.name)
 
 
 @pytest.fixture
 def segment() -> Any:
-    """A real int16 segment (header, generation table and two slabs of known values), as the broker would make it."""
+    """A real int16 segment (header, generation table, two slabs of known values and a ring of 8 descriptors), as
+    the broker would make it."""
     seg = ScriptedSegment()
     try:
         yield seg
@@ -545,17 +637,23 @@ def handshake(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, welcome: lis
     c.wait_ready()
 
 
-def handshake_v2(b: ScriptedBroker, c: CSub, segment: ScriptedSegment) -> bytes:
-    """Version 2: check HELLO and the 10 fields of SUBSCRIBE; answer WELCOME and SUBSCRIBED (with appended
-    fields), then play the publisher (see the stream and token subscriptions, say JOINED) and the broker
-    (ATTACH, ATTACHED).  Returns the token."""
-    assert b.recv() == [1, 2, c.proc.pid, "sub", "slabcast-sub"]
-    b.send([101, 2, os.getpid(), 1234, "appended"])
+SLEEPER = 5  # the byte of the sleeper table the scripted broker gives a version-3 doorbell subscriber
+
+
+def handshake_local(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, version: int = 2, wake: str = "doorbell",
+                    attached: list[Any] | None = None) -> bytes:  # fmt: skip
+    """Versions 2 and 3: check HELLO and the 10 fields of SUBSCRIBE (version 3: 12, the last ``wake``); answer
+    WELCOME and SUBSCRIBED (with appended fields), then play the publisher (see the stream and token subscriptions,
+    say JOINED) and the broker (ATTACH, then ``attached``: by default ATTACHED start 0, version 3 at ring descriptor
+    0 and, for a doorbell subscriber, byte SLEEPER of the sleeper table).  Returns the token."""
+    assert b.recv() == [1, version, c.proc.pid, "sub", "slabcast-sub"]
+    b.send([101, version, os.getpid(), 1234, "appended"])
     sub = b.recv()
-    # name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token
+    # name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token (version 3: history, wake)
     assert sub[:10] == [5, "scripted", 4, None, True, "drop", 3, None, "local", False], sub
     token = sub[10]
     assert isinstance(token, bytes) and len(token) == 8, sub
+    assert sub[11:] == ([None, wake] if version >= 3 else []), sub
     b.bind_notices()
     b.send([104, segment.name, segment.nbytes, "<i2", 1, None, 4, 0, ["ch_0"],
             7, HEADER, segment.slab_bytes, segment.nslabs, 2, b.notice_endpoint, "appended"])  # fmt: skip
@@ -566,8 +664,16 @@ def handshake_v2(b: ScriptedBroker, c: CSub, segment: ScriptedSegment) -> bytes:
         seen.add(b.xpub.recv())
     b.xpub.send(P.token_topic(token) + msgpack.packb([P.JOINED]))
     attach = b.recv()  # once JOINED proved its notice socket connected, with its liveness slot
-    assert attach[0] == P.ATTACH and len(attach) == 2 and 0 <= attach[1] < 2**31
-    b.send([P.ATTACHED, 0, "appended"])  # its start index
+    assert attach[0] == P.ATTACH and 0 <= attach[1] < 2**31, attach
+    # A version-3 doorbell subscriber mapped the sleeper table writable and says so.
+    assert attach[2:] == ([True] if version >= 3 and wake == "doorbell" else []), attach
+    if attached is not None:
+        b.send(attached)
+        return token
+    # Its start index (version 3: the ring descriptor there, and its sleeper byte; later fields are another
+    # version's).
+    sleeper = SLEEPER if attach[2:] else None
+    b.send([P.ATTACHED, 0, "appended"] if version < 3 else [P.ATTACHED, 0, 0, sleeper, "appended"])
     c.wait_ready()
     # Before it first waits it reports its counters, as the Python subscriber does:
     # [ACK, cursor (its start), delivered, dropped, held].
@@ -602,11 +708,11 @@ def test_client_follows_the_protocol_version_1(c_sub, scripted, segment):
 def test_client_follows_the_protocol_version_2(c_sub, scripted, segment):
     """Notices cut locally, one lease lock per slab checked against the generation table, ACKs, drops."""
     c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3",
-             "--show-flags")  # fmt: skip
+             "--show-flags", "--protocol-version", "2")  # fmt: skip
     locks = _posixshmem.shm_open("/" + segment.name, os.O_RDWR, 0)  # the broker's exclusive locks need write access
     s0, s1 = segment.slab(0), segment.slab(1)
     try:
-        handshake_v2(scripted, c, segment)
+        handshake_local(scripted, c, segment)
         # A batch notice of two frames (3 + 6 samples, no rate): chunks [0, 4) and [4, 8); sample 8 pends.
         # Notices of another stream_id, and appended fields, are ignored.
         scripted.notice([120, 6, 0, 0, 0, 1, s0, 5, 1.0, 0, 0])
@@ -648,13 +754,164 @@ def test_client_follows_the_protocol_version_2(c_sub, scripted, segment):
         c.close()
 
 
+def test_client_follows_the_protocol_version_3(c_sub, scripted, segment):
+    """Frames read from the descriptor ring, cut in runs; a notice only wakes; a lapped drop subscriber counts
+    the samples it lost and flags the next chunk; leases, generations and ACKs as in version 2."""
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3",
+             "--show-flags")  # fmt: skip
+    locks = _posixshmem.shm_open("/" + segment.name, os.O_RDWR, 0)  # the broker's exclusive locks need write access
+    s0, s1 = segment.slab(0), segment.slab(1)
+    try:
+        handshake_local(scripted, c, segment, version=3)
+        # Two frames back to back in slab 0 (3 + 6 samples, no rate), one run: chunks [0, 4) and [4, 8); sample 8
+        # pends.  The doorbell's contents are not read (a version-2 client would refuse this one).
+        segment.publish(0, 1.5, s0, 0, 3, 0)
+        segment.publish(3, 2.0, s0 + 6, 0, 6, 0)
+        scripted.notice([P.NOTICE, "anything"])
+        # [ACK, cursor, delivered, dropped, held]: once the frames of a new slab are cut (before hand-out).
+        assert scripted.recv() == [13, 9, 0, 0, 0]
+        c.wait_lines(2)
+        # Released, but slab 0 is the one it reads: it keeps its shared lock.
+        assert not _shm.lock_slab(locks, 0, fcntl.F_WRLCK)
+        # Twelve frames of 2 samples in slab 1 published at once: the ring (8 descriptors) holds the last 8, and
+        # a reader 12 behind is lapped.  It goes on with the newest half (descriptors 10..13: samples 25..33),
+        # counts samples 9..25 as 4 chunks dropped, and flags the first chunk after them.
+        for k in range(2, 14):
+            segment.write(k, 9 + 2 * (k - 2), 3.0 + k, s1 + 4 * (k - 2), 9, 2, 1)
+        segment.publish_to(14)
+        scripted.notice([P.NOTICE])
+        # It left slab 0 (lock given back) for slab 1: ACK once the run is cut (the run's first chunk was
+        # handed out meanwhile: frames are cut one at a time).
+        assert scripted.recv() == [13, 33, 3, 4, 0]
+        # Waiting for the next frame, it says so in its byte of the sleeper table (a publisher sends a notice
+        # only then); awake, it clears it.
+        _wait_for(lambda: segment.ring.sleepers[SLEEPER] == 1, c, "its sleeper byte set")
+        assert bytes(segment.ring.sleepers).count(0) == _ring.SLEEPERS - 1, "it wrote another byte than its own"
+        assert _shm.lock_slab(locks, 0, fcntl.F_WRLCK), "the C client still holds slab 0"
+        _shm.lock_slab(locks, 0, fcntl.F_UNLCK)
+        c.wait_lines(4)
+        # A descriptor naming generation 5 of slab 0 when the table says 1: the slab was written again; dropped.
+        segment.publish(33, 4.0, s0 + 32, 29, 4, 0, gen=5)
+        scripted.notice([P.NOTICE])
+        assert scripted.recv() == [13, 37, 4, 5, 0]
+        segment.publish(37, 5.0, s0 + 40, 29, 4, 0)
+        scripted.notice([121, 7, 5, "closed", "the publisher closed the stream", 41])
+        assert scripted.recv() == [13, 41, 5, 5, 0]  # the last ACK, forced, at the end
+        assert scripted.recv() == [7]  # BYE; no RELEASE was ever sent
+        scripted.send([106, "bye", "goodbye", 9])
+        assert c.finish(10) == 0, c.stderr
+        assert c.chunks() == [
+            (0, 0, 4, "1.500000000", segment.crc(s0, 8)),
+            (1, 4, 4, "2.000000000", segment.crc(s0 + 8, 8)),
+            (2, 25, 4, "13.000000000", segment.crc(s1 + 32, 8)),
+            (3, 29, 4, "15.000000000", segment.crc(s1 + 40, 8)),
+            (5, 37, 4, "5.000000000", segment.crc(s0 + 40, 8)),
+        ]
+        assert c.flags() == [0, 0, P.FLAG_DISCONTINUITY, 0, 0]
+    finally:
+        os.close(locks)
+        c.close()
+
+
+def test_futex_subscriber_sleeps_on_the_position_and_needs_no_notice(c_sub, scripted, segment):
+    """--wake futex: SUBSCRIBE says so; the client sleeps in FUTEX_WAIT on the ring's position word, and a
+    publish with FUTEX_WAKE and no notice at all reaches it; a closed ring sends it to its sockets for the end."""
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3",
+             "--wake", "futex")  # fmt: skip
+    s0 = segment.slab(0)
+    try:
+        handshake_local(scripted, c, segment, version=3, wake="futex")
+        for k in range(3):
+            _wait_until_asleep_on_the_position(c)
+            # The word is the same page in both processes: our FUTEX_WAKE finds it asleep there.
+            segment.publish(4 * k, 1.0 + k, s0 + 8 * k, 0, 4, 0)
+            c.wait_lines(k + 1, timeout=5)
+        segment.ring.close()
+        _ring.futex_wake(segment.ring.futex_address)
+        scripted.notice([121, 7, 0, "closed", "the publisher closed the stream", 12])
+        said = [scripted.recv()]
+        while said[-1] != [P.BYE]:
+            said.append(scripted.recv())
+        assert said[-2] == [13, 12, 3, 0, 0], said  # the last ACK, forced, at the end: ACKs only, then BYE
+        assert {m[0] for m in said[:-1]} == {P.ACK}, said
+        scripted.send([106, "bye", "goodbye", 3])
+        assert c.finish(10) == 0, c.stderr
+        assert [(i, n, t0) for _, i, n, t0, _ in c.chunks()] == [(0, 4, "1.000000000"), (4, 4, "2.000000000"),
+                                                                  (8, 4, "3.000000000")]  # fmt: skip
+    finally:
+        c.close()
+
+
+def test_version_3_refuses_what_no_publisher_writes(c_sub, scripted, segment):
+    """A descriptor outside the slabs, one in the wrong slot, an ATTACHED without a ring descriptor or with a byte
+    past the sleeper table, a wake the client does not know: each a clear error, never a read or write outside
+    the segment."""
+    args = ("--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    cases = [
+        ("runs past slab 1's end", lambda: segment.publish(0, 1.0, segment.slab(2) - 4, 0, 4, 1),
+         "ring descriptor 0 of 4 samples at index 0, slab 1 (gen 1), offset"),
+        ("a later lap's seq", lambda: (segment.write(8, 0, 1.0, segment.slab(0), 0, 4, 0), segment.publish_to(1)),
+         "ring descriptor 0 says it is descriptor 8"),  # (slot 0 of 8)
+    ]  # fmt: skip
+    for what, publish, said in cases:
+        segment.position = 0
+        segment.publish_to(0)
+        c = CSub(c_sub, scripted.address, "scripted", *args)
+        try:
+            handshake_local(scripted, c, segment, version=3)
+            publish()
+            assert scripted.recv() == [P.BYE]  # (a protocol error still ends with BYE)
+            scripted.send([P.END, "bye", "goodbye", 0])
+            assert c.finish(10) == 1, what
+            assert said in c.stderr and "[SC_EPROTO]" in c.stderr, (what, c.stderr)
+        finally:
+            c.close()
+            scripted.xpub.close(linger=0)
+            scripted.xpub = None
+    c = CSub(c_sub, scripted.address, "scripted", *args)
+    try:
+        handshake_local(scripted, c, segment, version=3, attached=[P.ATTACHED, 0])  # a version-2 broker's answer
+        assert scripted.recv() == [P.BYE]
+        scripted.send([P.END, "bye", "goodbye", 0])
+        assert c.finish(10) == 1
+        assert "ATTACHED names no ring descriptor to start from" in c.stderr, c.stderr
+    finally:
+        c.close()
+        scripted.xpub.close(linger=0)
+        scripted.xpub = None
+    c = CSub(c_sub, scripted.address, "scripted", *args)
+    try:
+        handshake_local(scripted, c, segment, version=3, attached=[P.ATTACHED, 0, 0, _ring.SLEEPERS])
+        assert scripted.recv() == [P.BYE]
+        scripted.send([P.END, "bye", "goodbye", 0])
+        assert c.finish(10) == 1
+        at = _pos(M.Attached, "sleeper")
+        assert f"ATTACHED field {at} (sleeper) must be below {_ring.SLEEPERS}" in c.stderr, c.stderr
+    finally:
+        c.close()
+        scripted.xpub.close(linger=0)
+        scripted.xpub = None
+    for wake, version, said in (("spin", "3", "wake must be 'doorbell', 'futex' or 'busy'"),
+                                ("futex", "2", "wake 'futex' needs protocol version 3")):  # fmt: skip
+        c = CSub(c_sub, scripted.address, "scripted", *args, "--wake", wake, "--protocol-version", version)
+        try:
+            assert scripted.recv()[:2] == [P.HELLO, int(version)]
+            scripted.send([P.WELCOME, int(version), os.getpid(), 1234])
+            assert scripted.recv() == [P.BYE]  # (no SUBSCRIBE)
+            scripted.send([P.END, "bye", "goodbye", 0])
+            assert c.finish(10) == 1
+            assert said in c.stderr and "[SC_EINVAL]" in c.stderr, c.stderr
+        finally:
+            c.close()
+
+
 def test_welcome_of_another_version_names_both_versions(c_sub, scripted):
     c = CSub(c_sub, scripted.address, "scripted", "--size", "4")
     try:
-        assert scripted.recv()[:2] == [1, 2]
-        scripted.send([101, 1, os.getpid(), 1234])
+        assert scripted.recv()[:2] == [1, 3]
+        scripted.send([101, 2, os.getpid(), 1234])
         assert c.finish(10) == 5, c.stderr
-        assert "broker speaks version 1, client speaks version 2" in c.stderr
+        assert "broker speaks version 2, client speaks version 3" in c.stderr
     finally:
         c.close()
 
@@ -671,10 +928,10 @@ def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
     finally:
         c.close()
     scripted.xpub = None
-    c = CSub(c_sub, scripted.address, "scripted", *args)
+    c = CSub(c_sub, scripted.address, "scripted", *args, "--protocol-version", "2")
     try:
-        handshake_v2(scripted, c, segment)
-        scripted.notice([120, 7, 0, 0, 1, 1, segment.nbytes - 4, 4, 1.0, 0, 0])  # runs past slab 1's end
+        handshake_local(scripted, c, segment)
+        scripted.notice([120, 7, 0, 0, 1, 1, segment.slab(2) - 4, 4, 1.0, 0, 0])  # runs past slab 1's end
         assert c.finish(10) == 1
         assert "does not lie in the segment" in c.stderr and "[SC_EPROTO]" in c.stderr
         assert scripted.recv() == [7]
@@ -684,7 +941,7 @@ def test_broker_shutdown_and_malformed_notices(c_sub, scripted, segment):
     scripted.xpub = None
     c = CSub(c_sub, scripted.address, "scripted", *args)
     try:
-        handshake_v2(scripted, c, segment)
+        handshake_local(scripted, c, segment, version=3)
         scripted.send([106, "broker-shutdown", "the broker shut down", 0])
         assert c.finish(10) == 3
         assert "the broker is gone: the broker shut down" in c.stderr
@@ -714,14 +971,26 @@ def test_a_field_of_the_wrong_type_is_named_by_its_position_in_the_table(c_sub, 
         assert scripted.recv() == [P.BYE]
     finally:
         c.close()
-    c = CSub(c_sub, scripted.address, "scripted", *args)
+    c = CSub(c_sub, scripted.address, "scripted", *args, "--protocol-version", "2")
     try:
-        handshake_v2(scripted, c, segment)
+        handshake_local(scripted, c, segment)
         notice = [7, 0, 0, 1, 1, segment.slab(1), 4, 1.0, 0, 0]
         notice[_pos(M.Notice, "floor") - 1] = "low"
         scripted.notice([P.NOTICE, *notice])
         assert c.finish(10) == 1
         assert f"NOTICE field {_pos(M.Notice, 'floor')} (floor) must be a uint, got str" in c.stderr, c.stderr
+        assert scripted.recv() == [P.BYE]
+    finally:
+        c.close()
+        scripted.xpub.close(linger=0)
+    scripted.xpub = None
+    c = CSub(c_sub, scripted.address, "scripted", *args)
+    try:
+        attached = [P.ATTACHED, 0, 0]
+        attached[_pos(M.Attached, "seq")] = "next"
+        handshake_local(scripted, c, segment, version=3, attached=attached)
+        assert c.finish(10) == 1
+        assert f"ATTACHED field {_pos(M.Attached, 'seq')} (seq) must be a uint, got str" in c.stderr, c.stderr
         assert scripted.recv() == [P.BYE]
     finally:
         c.close()
@@ -787,9 +1056,9 @@ def test_c_constants_match_the_protocol_table():
 
     # Public constants of slabcast.h (installed alone, so written there; slabcast.c asserts them equal to
     # the wire header's at compile time too).
-    assert const("SC_PROTOCOL_VERSION") in (P.VERSION, *P.LEGACY_VERSIONS)  # (2: it cuts from notices, served as such)
-    assert "_Static_assert(SC_PROTOCOL_VERSION <= SCW_VERSION" in code
-    assert 1 in P.LEGACY_VERSIONS  # what --protocol-version 1 relies on
+    assert const("SC_PROTOCOL_VERSION") == P.VERSION
+    assert "_Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION" in code
+    assert {1, 2} <= set(P.LEGACY_VERSIONS)  # what --protocol-version 1 and 2 rely on
     assert const("SC_FLAG_DISCONTINUITY") == P.FLAG_DISCONTINUITY
     assert "_Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY" in code
     assert const("GEN_OFFSET") == _shm.GEN_OFFSET
@@ -803,14 +1072,22 @@ def test_c_constants_match_the_protocol_table():
                          ("HDR_SAMPLE_BYTES", 5)):  # fmt: skip
         prefix = "<" + "".join(re.findall(r"\d*[a-zA-Z]", fmt.lstrip("<"))[:fields])
         assert const(name) == struct.calcsize(prefix), name
+    # The descriptor ring (version 3): its header words and the descriptor's fields, where core/ring.py has them.
+    for name, at in (("HDR_RING_SLOTS", _ring.SLOTS_AT), ("HDR_DESC_BYTES", _ring.DESC_AT), ("HDR_RING_OFFSET", _ring.RING_AT),
+                     ("HDR_POSITION", _ring.POSITION_AT), ("HDR_CLOSED", _ring.CLOSED_AT),
+                     ("DESC_BYTES", _ring.DESCRIPTOR_BYTES), ("SLEEPERS", _ring.SLEEPERS)):  # fmt: skip
+        assert const(name) == at, name
+    for field in ("seq", "index", "t0", "offset", "floor", "n", "slab", "gen", "flags"):
+        assert const(f"DESC_{field.upper()}") == _ring.DESCRIPTOR.fields[field][1], field
+    assert re.search(r"__atomic_load_n\(c->position, __ATOMIC_ACQUIRE\)", code), "the position is loaded with acquire"
     # The local-cut subscriber's rules: the Rechunker's epsilon, the ACK interval and how often it looks at the
-    # broker while it waits, as _subscriber has them.  (The end grace is the C client's alone: it still cuts
-    # from notices, which can be late; the Python one reads the ring, which is never late.)
+    # broker while it waits, as _local has them.  (The end grace is version 2's alone: it cuts from notices,
+    # which can be late; version 3 reads the ring, which is never late.)
     assert const("RECHUNK_EPS") == _rechunk._EPS
     assert const("ACK_INTERVAL_MS") == round(_subscriber._ACK_INTERVAL * 1000)
     assert const("END_GRACE_MS") == 1000
     assert const("LOOK_MS") == round(_subscriber._LOOK * 1000)
     # Settings the C client sends, spelt as the protocol spells them (the table has no constants for them).
-    for word in (*P.POLICIES, "local"):
+    for word in (*P.POLICIES, *P.WAKES, "local"):
         assert f'"{word}"' in source, word
     assert "local" in P.CUTS
