@@ -1,0 +1,222 @@
+"""The frame descriptor ring (core/ring.py) over an anonymous shared mapping: no broker, no processes."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from slabcast.core import ring as R
+from slabcast.core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, futex_wait, futex_wake, ring_bytes
+
+OFFSET = 4096  # the ring starts a page into the mapping, as it does after a segment's slabs
+
+
+def _mapping(slots: int) -> mmap.mmap:
+    # A shared anonymous mapping (mmap's default flags on Linux: MAP_SHARED): a futex on it is a shared one,
+    # as on a /dev/shm segment.  Room for the header page, the ring and whatever ring_bytes says follows it.
+    return mmap.mmap(-1, OFFSET + ring_bytes(slots) + 4096)
+
+
+@pytest.fixture
+def mm() -> Iterator[mmap.mmap]:
+    """The mapping of a ring of 8 slots."""
+    mapping = _mapping(8)
+    yield mapping
+    mapping.close()
+
+
+@pytest.fixture
+def small(mm: mmap.mmap) -> Iterator[Ring]:
+    """A formatted ring of 8 slots over ``mm`` (laps come after 8 descriptors)."""
+    ring = Ring(mm, OFFSET, slots=8)
+    ring.format()
+    yield ring
+    ring.release()
+
+
+def _desc(seq: int) -> tuple[int, int, float, int, int, int, int, int, int]:
+    """Descriptor ``seq`` of a made-up stream: every field derived from seq, so a wrong slot shows."""
+    return (seq, 10 * seq, 0.5 + seq, 4096 + 64 * seq, 7 * seq, 1 + seq % 5, seq % 3, 100 + seq, seq & 1)
+
+
+def _publish(ring: Ring, seqs: range) -> None:
+    for seq in seqs:
+        ring.write(*_desc(seq))
+    ring.publish(seqs.stop)
+
+
+def test_format_writes_the_header_words_at_their_documented_offsets():
+    mm = _mapping(RING_SLOTS)
+    ring = Ring(mm, OFFSET)
+    try:
+        mm[:256] = b"\xff" * 256  # whatever a reused page held
+        ring.format()
+        slots, desc, at, position = struct.unpack_from("<IIQQ", mm, 136)
+        assert (slots, desc, at, position) == (RING_SLOTS, DESCRIPTOR_BYTES, OFFSET, 0)
+        assert ring.position == 0 and ring.slots == RING_SLOTS and ring.mask == RING_SLOTS - 1
+        assert ring_bytes() % 4096 == 0 and ring_bytes() >= RING_SLOTS * DESCRIPTOR_BYTES
+    finally:
+        ring.release()
+        mm.close()
+
+
+def test_slots_must_be_a_power_of_two():
+    mm = _mapping(8)
+    try:
+        for slots in (0, 1, 6, 12):  # (0 and 1: no ring at all)
+            with pytest.raises(ValueError, match=f"ring slots must be a power of two >= 2, got {slots}"):
+                Ring(mm, OFFSET, slots=slots)
+    finally:
+        mm.close()
+
+
+def test_write_publish_read_round_trip(small):
+    ring = small
+    ring.write(*_desc(0))
+    assert ring.position == 0, "a descriptor written is not published until the position moves"
+    ring.publish(1)
+    assert ring.position == 1
+    assert struct.unpack_from("<Q", ring._bytes, 0)[0] == 0  # slot 0, 64 bytes each
+    assert ring.read(0, 1) == [_desc(0)]
+    _publish(ring, range(1, 5))
+    assert ring.read(0, 5) == [_desc(s) for s in range(5)]
+    assert ring.read(2, 4) == [_desc(2), _desc(3)]
+    # The numpy view of the same bytes names the same fields (readers may use either).
+    row = ring.descriptors[3]
+    fields = (int(row["seq"]), int(row["index"]), float(row["t0"]), int(row["n"]), int(row["gen"]))
+    assert fields == (3, 30, 3.5, 4, 103)
+    assert int(row["zero"]) == 0
+
+
+def test_read_of_a_wrapped_range(small):
+    ring = small
+    _publish(ring, range(12))  # slots 0..3 hold descriptors 8..11 now
+    assert ring.read(6, 12) == [_desc(s) for s in range(6, 12)]  # slots 6, 7, then 0..3
+    assert ring.read(8, 11) == [_desc(s) for s in range(8, 11)]  # inside the second lap, not wrapped
+    assert ring.read(7, 9) == [_desc(7), _desc(8)]  # the last slot, then the first
+
+
+def test_read_returns_none_when_the_publisher_lapped_the_start(small):
+    ring = small
+    _publish(ring, range(12))
+    # Position 12: the publisher may be writing descriptor 12 into slot 4 already (it stores the position
+    # start + slots before it overwrites slot start), so 4 counts as lapped; 5 is the oldest it holds for sure.
+    assert ring.read(5, 7) == [_desc(5), _desc(6)]
+    assert ring.read(5, 12) == [_desc(s) for s in range(5, 12)]
+    assert ring.read(4, 6) is None
+    assert ring.read(3, 5) is None  # slot 3 holds descriptor 11
+    assert ring.read(0, 2) is None
+    _publish(ring, range(12, 13))  # one more: 5 is the one the publisher may be overwriting now
+    assert ring.read(5, 7) is None
+    assert ring.read(6, 13) == [_desc(s) for s in range(6, 13)]
+
+
+def test_read_returns_none_for_a_range_longer_than_the_ring(small):
+    ring = small
+    _publish(ring, range(20))
+    assert ring.read(11, 20) is None  # 9 descriptors: more than 8 slots, whatever the position says
+    ring.publish(9)  # (even with a position that would not lap the start)
+    assert ring.read(0, 9) is None
+
+
+@pytest.mark.xfail(strict=True, reason="core/ring.py Ring.read: an empty range (start == stop) copies the whole "
+                                       "ring (a == b takes the wrapped branch) and returns `slots` descriptors; "
+                                       "no caller asks for one today (both guard position == start)")  # fmt: skip
+def test_read_of_an_empty_range_is_empty(small):
+    ring = small
+    _publish(ring, range(5))
+    assert ring.read(5, 5) == []
+
+
+def test_header_words_for_the_publisher(small, mm):
+    ring = small
+    assert (ring.notices_wanted, ring.doorbells, ring.futex_waiters, ring.frames_wanted, ring.closed) == \
+        (0, 0, 0, False, False)  # fmt: skip
+    ring.set_counts(notices=4, doorbells=3, futex=2, frames=True)
+    assert (ring.notices_wanted, ring.doorbells, ring.futex_waiters, ring.frames_wanted) == (4, 3, 2, True)
+    # notices_wanted, futex_waiters, frames_wanted, closed, doorbells: u32 words from byte 160 (core/ring.py)
+    assert struct.unpack_from("<IIIII", mm, 160) == (4, 2, 1, 0, 3)
+    ring.set_counts(notices=0, doorbells=0, futex=0, frames=False)
+    assert (ring.notices_wanted, ring.doorbells, ring.futex_waiters, ring.frames_wanted) == (0, 0, 0, False)
+    _publish(ring, range(3))
+    ring.close()
+    assert ring.closed and struct.unpack_from("<I", mm, 172) == (1,)
+    assert ring.position == 3, "close() leaves the position (final) alone"
+
+
+def test_the_sleeper_table_says_whether_a_doorbell_subscriber_sleeps(small, mm):
+    ring = small
+    assert ring.sleepers_offset == OFFSET + 8 * DESCRIPTOR_BYTES  # just after the ring
+    assert not ring.sleeping()
+    for byte in (0, 77, R.SLEEPERS - 1):
+        ring.sleepers[byte] = 1
+        assert mm[ring.sleepers_offset + byte] == 1 and ring.sleeping()
+        ring.sleepers[byte] = 0
+        assert not ring.sleeping()
+
+
+def test_the_position_is_one_aligned_word_and_its_low_half_the_futex_word(small, mm):
+    ring = small
+    ring.publish((5 << 32) + 7)
+    assert ring.position == (5 << 32) + 7
+    assert struct.unpack_from("<QI", mm, 152)[0] == (5 << 32) + 7
+    assert ring.futex_address % 8 == 0  # 8-byte aligned: one store, one load, never torn
+    assert ring.futex_address == np.frombuffer(mm, np.uint8).ctypes.data + 152
+
+
+def test_futex_wake_on_a_word_nobody_waits_on_wakes_nobody(small):
+    assert futex_wake(small.futex_address) == 0
+
+
+def test_futex_wake_on_an_unaligned_address_fails_before_the_kernels_barrier(mm):
+    # get_futex_key refuses an address not 4-byte aligned (EINVAL) before futex_wake reaches its smp_mb(): such
+    # a call is no barrier.  A barrier made by FUTEX_WAKE needs an aligned word.
+    base = np.frombuffer(mm, np.uint8).ctypes.data + OFFSET
+    assert [futex_wake(base + i) for i in range(6)] == [0, -1, -1, -1, 0, -1]
+
+
+def test_futex_wait_times_out_while_the_word_is_unchanged(small):
+    ring = small
+    ring.publish(3)
+    t = time.monotonic()
+    assert futex_wait(ring.futex_address, 3, 0.05) is False
+    assert time.monotonic() - t >= 0.04
+    # Only the low 32 bits are the futex word: a position 2**32 further looks unchanged to it.
+    ring.publish((1 << 32) + 3)
+    t = time.monotonic()
+    assert futex_wait(ring.futex_address, 3, 0.02) is False
+    assert time.monotonic() - t >= 0.015
+
+
+def test_futex_wait_returns_at_once_when_the_word_differs(small):
+    ring = small
+    ring.publish(4)
+    t = time.monotonic()
+    assert futex_wait(ring.futex_address, 3, 5.0) is True  # the position moved past what the waiter saw
+    assert time.monotonic() - t < 1.0
+
+
+def test_futex_wake_wakes_a_waiter_on_the_same_word(small):
+    ring = small
+    ring.publish(9)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(futex_wait(ring.futex_address, 9, 10.0)))
+    waiter.start()
+    try:
+        # Until the waiter sleeps on the word, a wake finds nobody (0); then it wakes exactly that one.
+        deadline = time.monotonic() + 5
+        woken = 0
+        while not woken and time.monotonic() < deadline:
+            woken = futex_wake(ring.futex_address)
+        assert woken == 1
+    finally:
+        ring.publish(10)
+        futex_wake(ring.futex_address)
+        waiter.join(5)
+    assert woke == [True]
