@@ -717,6 +717,8 @@ def open_local(
                 history.append(answer)
                 continue
             break
+        if isinstance(answer, M.Error) and early_end is not None:
+            raise error_for(early_end, where)  # the stream ended before it started us: nothing after our start
         if isinstance(answer, M.Error | M.End):
             raise error_for(answer, where)
         if not isinstance(answer, M.Attached):

@@ -186,6 +186,8 @@ class Ring:
         if not TSO:
             barrier()  # a release: the samples and descriptor before the position
         self.q[POSITION_AT // 8] = position
+        if not TSO:
+            barrier()  # and the position before the next descriptor's stores (a reader's lap check needs it)
 
     def close(self) -> None:
         """No descriptor follows: the position is final."""
