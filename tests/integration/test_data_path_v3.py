@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 import slabcast
-from slabcast.client import _local
+from slabcast.core import ring as ring_module
 from slabcast.core.ring import RING_SLOTS
 from slabcast.wire import protocol as P
 from tests.integration import workers_v3 as W3
@@ -110,27 +110,20 @@ def test_a_sleeping_subscriber_is_woken_within_one_publish(broker, workers, queu
     assert not [text for silence, text in late if silence >= LONG], late
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/_local.py LocalReceiver._arm makes its barrier with futex_wake(sleepers_address + sleeper): one "
-    "byte per subscriber, so for sleeper bytes 1, 2, 3, 5, ... the address is not 4-byte aligned, the kernel returns "
-    "EINVAL from get_futex_key before futex_wake's smp_mb(), and the Dekker handshake has no barrier on the "
-    "subscriber's side (this host: AMD EPYC, Meltdown 'Not affected', so no page-table switch on system call "
-    "entry either); the store of the byte may then pass the load of the position and a wake-up be lost",
-)
 def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker, stream_name, monkeypatch):
     # A doorbell subscriber sets its sleeper byte, makes a full barrier, then loads the position (core/ring.py).
     # From Python that barrier is a FUTEX_WAKE system call, which is one only when the kernel gets as far as
     # futex_wake's smp_mb(): it must not fail.  Five subscribers hold sleeper bytes 0..4.
+    # (Found by this test: the barrier was once a FUTEX_WAKE on the subscriber's own, unaligned, byte.)
     calls: list[tuple[int, int]] = []
-    real = _local.futex_wake
+    real = ring_module.futex_wake
 
     def recording(address: int) -> int:
         woken = real(address)
         calls.append((address, woken))
         return woken
 
-    monkeypatch.setattr(_local, "futex_wake", recording)
+    monkeypatch.setattr(ring_module, "futex_wake", recording)
     with slabcast.Publisher(stream_name, dtype="uint8", address=broker.address):
         subs = [slabcast.Subscriber(stream_name, size=1, address=broker.address) for _ in range(5)]
         try:
@@ -140,9 +133,9 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
         finally:
             for sub in subs:
                 sub.close()
-    assert len({address for address, _ in calls}) == 5, calls
-    failed = sorted({address % 4096 for address, woken in calls if woken < 0})
-    assert not failed, f"barriers that failed (EINVAL) at sleeper bytes {failed}: no barrier at all"
+    assert len(calls) >= 5, calls  # one barrier (at least) per subscriber that armed its byte
+    failed = [(address, woken) for address, woken in calls if woken < 0 or address % 4]
+    assert not failed, f"barriers that failed (EINVAL: an unaligned word): no barrier at all: {failed}"
 
 
 # ---------------------------------------------------------------- a drop subscriber lapped by the ring

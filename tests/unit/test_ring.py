@@ -125,9 +125,6 @@ def test_read_returns_none_for_a_range_longer_than_the_ring(small):
     assert ring.read(0, 9) is None
 
 
-@pytest.mark.xfail(strict=True, reason="core/ring.py Ring.read: an empty range (start == stop) copies the whole "
-                                       "ring (a == b takes the wrapped branch) and returns `slots` descriptors; "
-                                       "no caller asks for one today (both guard position == start)")  # fmt: skip
 def test_read_of_an_empty_range_is_empty(small):
     ring = small
     _publish(ring, range(5))

@@ -30,7 +30,7 @@ from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, Slab
 from .._info import StreamInfo
 from ..core.geometry import Geometry, generation
 from ..core.rechunk import Rechunker
-from ..core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, futex_wait, futex_wake
+from ..core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, barrier, futex_wait
 from ..core.shm import CLIENT_BASE, attach_page, hold, lock_slab, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -259,7 +259,6 @@ class LocalReceiver:
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
         self._futex = wake == "futex"
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
-        self._sleeper_address = 0 if sleeper is None else self._ring.sleepers_address + sleeper
         self._armed = False  # our sleeper byte is set
         self._cursor = start
         self._cur_slab = -1
@@ -392,7 +391,7 @@ class LocalReceiver:
         if self._sleeper is not None and not self._armed:
             ring.sleepers[self._sleeper] = 1
             self._armed = True
-            futex_wake(self._sleeper_address)  # a system call that is a full barrier
+            barrier()  # (a FUTEX_WAKE on an aligned word: on our unaligned sleeper byte the kernel stops early)
         return ring.position
 
     def _disarm(self) -> None:

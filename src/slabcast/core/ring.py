@@ -233,6 +233,8 @@ class Ring:
     def read(self, start: int, stop: int) -> list[Descriptor] | None:
         """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
         (a slot may already hold a later descriptor)."""
+        if stop <= start:
+            return []
         if stop - start > self.slots:
             return None
         a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
@@ -296,6 +298,7 @@ def futex_wake(address: int) -> int:
     """Wake every process sleeping on the u32 at ``address``; return how many were woken.
 
     The kernel's ``futex_wake`` issues a full memory barrier before it looks for waiters, which is
-    what orders the caller's earlier stores (the position) before any waiter's check.
+    what orders the caller's earlier stores (the position) before any waiter's check.  ``address`` must
+    be 4-byte aligned: on another the kernel fails with EINVAL before that barrier.
     """
     return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0))
