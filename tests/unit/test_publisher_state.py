@@ -13,7 +13,7 @@ SAMPLE = 4
 
 
 def state(carry: int = 4096, cap: int = 1000) -> PublisherState:
-    return PublisherState(reserve=RESERVE, carry=carry, notice_cap=cap, sample_bytes=SAMPLE)
+    return PublisherState(reserve=RESERVE, carry=carry, frame_cap=cap, sample_bytes=SAMPLE)
 
 
 def start(st: PublisherState, slab: int) -> int:
@@ -87,16 +87,16 @@ def test_a_frame_that_does_not_fit_needs_a_new_slab():
     assert st.needs_slab(2 * SAMPLE)
 
 
-def test_the_notice_cap_is_a_hard_bound_and_a_slab_change_carries_only_what_is_contiguous():
+def test_the_frame_cap_is_a_hard_bound_and_a_slab_change_carries_only_what_is_contiguous():
     # An early move once waited until the slab held the whole carry: in the first slab, or one whose carry
     # was raised, that could take a notice per sample, past any queue (review finding 1).
     st = state(carry=4096, cap=3)
     data = start(st, 0)
-    st.slab_notices = 3
+    st.slab_frames = 3
     st.offset = data + 4096 - SAMPLE
     assert st.needs_slab(SAMPLE)  # the cap, whatever the carry
     assert st.switch(HEADER + SLAB, SLAB) == 4096 - SAMPLE  # all there is: nothing of another slab, or of nothing
-    assert st.slab_notices == 0
+    assert st.slab_frames == 0
 
 
 def test_what_is_carried_grows_slab_by_slab_until_the_carry_then_stays_full():

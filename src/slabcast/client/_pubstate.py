@@ -42,23 +42,24 @@ class PublisherState:
         Bytes at the start of each slab for the carried part (the most that can be carried).
     carry : int
         Bytes of the old slab's tail to copy into each new slab, as the broker said in OPENED.
-    notice_cap : int
-        The most notices about one slab (a subscriber's notice backlog is bounded).
+    frame_cap : int
+        The most frames written into one slab (``notices_per_slab``: then at most a pool's worth of
+        descriptors lie ahead of a block subscriber, fewer than the ring holds).
     sample_bytes : int
         Bytes per sample (all channels).
     """
 
-    def __init__(self, reserve: int, carry: int, notice_cap: int, sample_bytes: int) -> None:
+    def __init__(self, reserve: int, carry: int, frame_cap: int, sample_bytes: int) -> None:
         self.reserve = reserve
         self.sample_bytes = sample_bytes
-        self.notice_cap = notice_cap
+        self.frame_cap = frame_cap
         self.grants: deque[int] = deque()  # slabs granted and not written yet, in the broker's order
         self.carry = min(int(carry), reserve)  # bytes of the old slab's tail to copy into each new one
         self.slab_carry = 0  # what was carried into the slab being written
         self.slab_data = 0  # byte where the slab being written starts its frames (after the carried part)
         self.offset = 0  # byte where the next frame goes
         self.end = 0  # byte just past the slab being written; 0: no slab yet
-        self.slab_notices = 0  # notices about the slab being written
+        self.slab_frames = 0  # frames written into the slab being written
         self.switch_unsent = False  # a slab change whose PUBLISHED has not gone to the broker yet
         self.carried_due: int | None = None  # a CARRIED to send right after that PUBLISHED
         self.last_send = 0.0  # when the last notice went out
@@ -77,9 +78,10 @@ class PublisherState:
         return max(0, self.offset - (self.slab_data - self.slab_carry)) if self.end else 0
 
     def needs_slab(self, nbytes: int) -> bool:
-        """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its notices
-        (a hard bound, whatever the carry: a subscriber's notice queue holds a whole pool's notices)."""
-        return self.offset + nbytes > self.end or self.slab_notices >= self.notice_cap
+        """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its frames
+        (a hard bound, whatever the carry: a block subscriber is never lapped in the ring, and a version-2
+        subscriber's notice queue holds a whole pool's notices)."""
+        return self.offset + nbytes > self.end or self.slab_frames >= self.frame_cap
 
     def switch(self, start: int, slab_bytes: int) -> int:
         """Start writing the slab at byte ``start``; return the bytes of the old slab's tail to carry into it
@@ -92,7 +94,7 @@ class PublisherState:
         """
         carry = min(self.carry, self.contiguous())
         self.slab_carry = carry
-        self.slab_notices = 0
+        self.slab_frames = 0
         self.switch_unsent = bool(self.end)  # its first PUBLISHED tells the broker of the change
         self.slab_data = start + self.reserve
         self.end = start + slab_bytes

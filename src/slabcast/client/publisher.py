@@ -384,7 +384,7 @@ class Publisher:
         ring.write(position, index, t0, offset, self._floor, n, self._slab, self._gen, flags)
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
-        state.slab_notices += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
+        state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
         notify = ring.notices_wanted
         if ring.futex_waiters or ring.doorbells:
             # A system call that is a full barrier (the kernel's futex_wake), then the sleeper table: a

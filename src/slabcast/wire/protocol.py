@@ -119,12 +119,12 @@ POLICIES = ("block", "drop")
 CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber itself (v2) or the broker (v1, TCP)
 MAX_SAMPLER_SECONDS = 1e9  # a pause longer than ~31 years is a mistake, not a setting
 MAX_MESSAGE_BYTES = 1 << 20
-MAX_BATCH = 4096  # frames in one FRAMES message
-# Notice queues.  A local subscriber's SUB socket queues NOTICE_BACKLOG notices, the publisher's XPUB
-# NOTICE_HWM more per subscriber; past both, ZeroMQ drops notices for that subscriber alone.  A publisher
-# moves to a new slab after notices_per_slab(nslabs) notices (once the slab holds what it must carry),
-# so the notices of a whole pool fit in one subscriber's backlog: a block subscriber, which gates the
-# reuse of every slab it has not read, holds the publisher back before its queue could overflow.
+MAX_BATCH = 4096  # frames in one HISTORY message
+# A publisher moves to a new slab after notices_per_slab(nslabs) frames, so a pool's frames (at most
+# 50,000) fit in the ring (65,536 descriptors: a block subscriber, which gates the reuse of every slab it
+# has not read, is never lapped) and, as notices, in one version-2 subscriber's queue: its SUB socket
+# queues NOTICE_BACKLOG notices, the publisher's XPUB NOTICE_HWM more; past both, ZeroMQ drops notices
+# for that subscriber alone.
 NOTICE_BACKLOG = 50_000
 WAKES = ("doorbell", "futex", "busy")  # how a local subscriber waits for frames (SUBSCRIBE's wake)
 MAX_SPIN = 0.01  # seconds a subscriber may spin before it sleeps
@@ -132,7 +132,7 @@ NOTICE_HWM = 100_000
 
 
 def notices_per_slab(nslabs: int) -> int:
-    """The most notices a publisher sends about one slab (see NOTICE_BACKLOG)."""
+    """The most frames a publisher writes into one slab (see NOTICE_BACKLOG)."""
     return max(1, NOTICE_BACKLOG // max(1, nslabs))
 
 STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
