@@ -1,9 +1,10 @@
-"""The publisher: validates each frame, copies it once into a granted slab, tells subscribers and the broker.
+"""The publisher: validates each frame, copies it once into a granted slab, describes it in the ring.
 
-Each write publishes one NOTICE on the publisher's own notice socket (a ZeroMQ
-XPUB that every local subscriber of the stream reads: one hop, one send whatever
-their number) and one FRAME to the broker, which keeps the head, the slab pool
-and the statistics.  Fast writers batch both.
+Each write copies the frame, writes its descriptor and stores the ring's position
+(core/ring.py): subscribers and the broker read the ring.  Messages go only to
+whom must hear now: a FUTEX_WAKE for futex subscribers, a NOTICE on the notice
+socket (a ZeroMQ XPUB) when a doorbell subscriber sleeps or a version-2 one cuts
+from notices, a PUBLISHED to the broker when the publisher starts a slab.
 """
 
 from __future__ import annotations
@@ -385,17 +386,17 @@ class Publisher:
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
-        notify = ring.notices_wanted
+        ring_now = False
         if ring.futex_waiters or ring.doorbells:
             # A system call that is a full barrier (the kernel's futex_wake), then the sleeper table: a
             # doorbell subscriber either sees this position or we see its byte (core/ring.py); futex
             # subscribers asleep on the position are woken by the same call.
             futex_wake(ring.futex_address)
-            notify = notify or (ring.doorbells and ring.sleeping())
-        # What else to send: a NOTICE when a subscriber sleeps on its notice socket (or cuts from notices:
-        # version 2), batched for a fast writer; a PUBLISHED when the broker must know at once (a slab
-        # change; broker-cut subscribers).  Often nothing.
-        if notify or ring.frames_wanted or state.switch_unsent or state.pend_n:
+            ring_now = ring.doorbells > 0 and ring.sleeping()
+        # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
+        # writer); a PUBLISHED when the broker must know (a slab change; broker-cut subscribers: batched
+        # likewise); one NOTICE at once when a doorbell subscriber sleeps.  Often nothing.
+        if ring.notices_wanted or ring.frames_wanted or state.switch_unsent or state.pend_n:
             with self._lock:
                 action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
                 if action == AT_ONCE:
@@ -403,21 +404,24 @@ class Publisher:
                     self._notice(index, offset, n, t0, flags)
                     self._published()
                     state.last_send = now
+                elif action == FULL or ring_now:
+                    self._flush_pending()  # (a sleeper is not kept waiting for a batch)
                 elif action == OPENED:
                     self._kick.set()  # the flusher sends this batch if no write fills it
-                elif action == FULL:
-                    self._flush_pending()
         else:
             state.offset = offset + nbytes
+            if ring_now:
+                with self._lock:
+                    self._notice(index, offset, n, t0, flags)
         self.frames += 1
         self.samples += n
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until the broker has handled every frame written so far.
+        """Wait until the broker has read every frame written so far.
 
-        ``write`` returns once the frame is in shared memory and its notice is
-        queued; a process killed right after may lose notices still queued in its
-        socket.  After ``flush`` they are with the broker.
+        ``write`` returns once the frame is in shared memory and described in the
+        ring, where subscribers read it; the broker reads the ring lazily (its head,
+        statistics and history).  After ``flush`` it has read them.
 
         Raises
         ------
