@@ -10,7 +10,8 @@
 #               address: the default address, endpoint forms and ipc path limits, for clients and broker alike;
 #               bridge: the Zenoh frame header and stream info, for both ends of a bridge
 #   client/     connection (handshake, broker death, error mapping), publisher (one copy, one notice),
-#               subscriber (cuts its own chunks, zero-copy read-only views), window, control, record, lsl;
+#               subscriber (cuts its own chunks, zero-copy read-only views), window, control, record, lsl,
+#               markers (MarkerPublisher: a stream of UTF-8 events);
 #               aio (the asyncio subscriber) and examples (task callables) stand on the client alone
 #   broker/     server (the control plane: streams, grants, cursors, liveness), process (BrokerProcess),
 #               lock (one broker per address)
@@ -62,6 +63,7 @@ from ._version import __version__ as __version__
 from .broker.process import BrokerProcess as BrokerProcess
 from .client.control import broker_status as broker_status
 from .client.control import stream_statistics as stream_statistics
+from .client.markers import MarkerPublisher as MarkerPublisher
 from .client.publisher import Publisher as Publisher
 from .client.record import Recording as Recording
 from .client.record import open_recording as open_recording
@@ -85,6 +87,7 @@ __all__ = [
     "EndOfStream",
     "EvictedError",
     "LimitError",
+    "MarkerPublisher",
     "ProtocolError",
     "Publisher",
     "PublisherGoneError",

@@ -98,9 +98,10 @@ def test_an_outlet_started_10_s_after_the_broker_then_gone_is_followed_with_a_di
         sub.close()
 
 
-def test_a_marker_stream_is_refused_in_one_clear_line(tmp_path, stream_name):
+def test_strings_in_several_channels_are_refused_in_one_clear_line(tmp_path, stream_name):
+    # (One channel of strings is a marker stream: tests/integration/test_markers.py.)
     lsl_name = f"sc-{stream_name}"
-    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(lsl_name, "Markers", 1, 0, "string", lsl_name))
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(lsl_name, "Markers", 2, 0, "string", lsl_name))
     spec = f"lsl:name={stream_name},stream={lsl_name},timeout=2"
     with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
         deadline = time.monotonic() + 15
@@ -109,7 +110,7 @@ def test_a_marker_stream_is_refused_in_one_clear_line(tmp_path, stream_name):
             time.sleep(0.1)  # polling the broker's status: no event says a source gave up
         assert slabcast.broker_status(broker.address)["pid"] == broker.pid  # the broker is unharmed
     err = broker.stderr()
-    assert "carries strings (a marker stream); slabcast streams numbers" in err and "Traceback" not in err
+    assert "carries strings in 2 channels; a slabcast marker stream has one" in err and "Traceback" not in err
     del outlet
 
 

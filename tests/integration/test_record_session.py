@@ -7,6 +7,7 @@ import pytest
 
 import slabcast
 from slabcast.client import record as record_module
+from slabcast.client import record_session
 from tests.integration.test_record_xdf import Lab, by_name, record_cli, wait_recorders
 
 xarray = pytest.importorskip("xarray")
@@ -64,9 +65,9 @@ def test_an_xdf_on_the_lsl_clock_carries_the_measured_offsets(broker, stream_nam
 
 def test_auto_clock_is_lsl_only_for_a_stream_an_lsl_source_feeds(monkeypatch):
     pytest.importorskip("pylsl")
-    monkeypatch.setattr(record_module, "_lsl_fed", lambda streams, address: "eeg" in streams)
-    assert record_module._session_clock("auto", ["eeg", "acc"], None) == "lsl"
-    assert record_module._session_clock("auto", ["acc"], None) == "wall"
-    assert record_module._session_clock("wall", ["eeg"], None) == "wall"
+    monkeypatch.setattr(record_session, "_lsl_fed", lambda streams, address: "eeg" in streams)
+    assert record_session._session_clock("auto", ["eeg", "acc"], None) == "lsl"
+    assert record_session._session_clock("auto", ["acc"], None) == "wall"
+    assert record_session._session_clock("wall", ["eeg"], None) == "wall"
     with pytest.raises(ValueError, match="clock must be"):
-        record_module._session_clock("gps", ["eeg"], None)
+        record_session._session_clock("gps", ["eeg"], None)

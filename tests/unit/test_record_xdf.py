@@ -1,5 +1,5 @@
-"""The XDF writer alone (issue 23, items 1 and 5): ClockOffset chunks every 5 s, Boundary chunks every 10 s,
-strings refused by name, a file cut anywhere read up to its last whole chunk."""
+"""The XDF writer alone (issue 23, items 1, 2 and 5): ClockOffset chunks every 5 s, Boundary chunks every 10 s,
+what XDF cannot hold refused by name, a file cut anywhere read up to its last whole chunk."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def test_a_file_cut_anywhere_reads_up_to_its_last_whole_chunk(tmp_path):
 
 
 def test_what_xdf_cannot_hold_is_refused_naming_it(tmp_path):
-    with pytest.raises(ValueError, match=r"carries strings.*numeric streams only"):
+    with pytest.raises(ValueError, match=r"has dtype <U8; .*and markers \(S<N>: strings\)"):
         channel_format(info(dtype="<U8"))
+    assert channel_format(info(dtype="S64", channels=1, rate=None)) == ("string", np.dtype("S64"))
     with pytest.raises(ValueError, match="has dtype complex64"):
         channel_format(info(dtype="complex64"))
     assert channel_format(info(dtype="uint8")) == ("int16", np.dtype("<i2"))

@@ -10,6 +10,7 @@ import numpy as np
 from .._exceptions import ClosedError
 from .._info import StreamInfo
 from ..wire import protocol as P
+from .markers import decode_markers
 
 __all__ = ["Chunk"]
 
@@ -30,6 +31,8 @@ class Chunk:
         This subscriber's chunk counter; a gap means chunks were dropped.
     discontinuity : bool
         The stream jumped before this chunk (source swap, broker restart).
+    markers : list of str
+        A marker stream's events as strings (``data`` holds them as UTF-8 bytes).
 
     Notes
     -----
@@ -68,6 +71,17 @@ class Chunk:
         if self._data is None:
             raise ClosedError(f"chunk seq={self.seq} was released; keep a view or copy before releasing")
         return self._data
+
+    @property
+    def markers(self) -> list[str]:
+        """A marker stream's samples as Python strings, one per sample (UTF-8 decoded, the NUL padding gone).
+
+        Raises
+        ------
+        TypeError
+            If the stream is not a marker stream (one channel of ``S<N>``: :class:`slabcast.MarkerPublisher`).
+        """
+        return decode_markers(self.data)
 
     @property
     def discontinuity(self) -> bool:

@@ -50,8 +50,12 @@ class LslOutlet:
         device's own.  The outlet's ``desc`` has ``<slabcast_outlet>`` (the
         stream's name): slabcast's ``lsl`` source resolves it only by LSL name.
 
-    Timestamps: a chunk's ``t0`` (``time.time()`` clock) is put on LSL's clock
-    (``local_clock()``), so LSL inlets and LabRecorder see the samples' own times.
+    Timestamps: a chunk's ``t0`` (``time.time()`` clock), or each sample's own time when
+    ``push`` is given ``times``, is put on LSL's clock (``local_clock()``), so LSL inlets and
+    LabRecorder see the samples' own times.
+
+    A marker stream (``S<N>``, :class:`slabcast.MarkerPublisher`) goes out as an LSL string
+    outlet (``channel_format`` string, nominal rate 0), one marker per sample with its own stamp.
 
     Raises
     ------
@@ -62,11 +66,13 @@ class LslOutlet:
     def __init__(self, info: StreamInfo, name: str | None = None, type: str | None = None,
                  source_id: str | None = None) -> None:  # fmt: skip
         lsl = _pylsl()
-        fmt = _FORMATS.get(info.dtype.name)
+        self._strings = info.dtype.kind == "S"
+        fmt = "string" if self._strings else _FORMATS.get(info.dtype.name)
         if fmt is None:
-            raise ValueError(f"LSL carries float, int and uint samples; stream {info.name!r} is {info.dtype}")
+            raise ValueError(f"LSL carries float, int and uint samples and markers (S<N>); stream {info.name!r} "
+                             f"is {info.dtype}")  # fmt: skip
         self.info = info
-        self._dtype = np.dtype("float64" if fmt == "double64" else fmt)
+        self._dtype = info.dtype if self._strings else np.dtype("float64" if fmt == "double64" else fmt)
         kind = type or (info.channel_types[0] if info.channel_types else "slabcast")
         # Never the device's own source_id: an inlet of the device (slabcast's lsl source, liblsl recovering
         # a lost inlet, LabRecorder) must not mistake this copy for the device.
@@ -87,15 +93,22 @@ class LslOutlet:
         self._offset = time.time() - lsl.local_clock()
         self.pushed = 0
 
-    def push(self, data: np.ndarray[Any, Any], t0: float) -> None:
-        """Send ``(n,)`` or ``(n, channels)`` samples whose first was taken at ``t0`` (``time.time()`` clock)."""
+    def push(self, data: np.ndarray[Any, Any], t0: float, times: np.ndarray[Any, Any] | None = None) -> None:
+        """Send ``(n,)`` or ``(n, channels)`` samples whose first was taken at ``t0`` (``time.time()`` clock).
+
+        ``times``: each sample's own time (``chunk.times``), used for a stream without a rate
+        (markers); without them every sample of such a chunk is stamped ``t0``.
+        """
         block = np.asarray(data, dtype=self._dtype).reshape(len(data), self.info.channels)
-        if self.info.rate:
+        if self.info.rate and not self._strings:
             # LSL stamps the last sample and derives the others from the nominal rate.
             self._outlet.push_chunk(block, timestamp=t0 + (len(block) - 1) / self.info.rate - self._offset)
         else:
-            for row in block:
-                self._outlet.push_sample(row, timestamp=t0 - self._offset)
+            stamps = np.full(len(block), t0) if times is None else np.asarray(times, dtype=np.float64)
+            for row, stamp in zip(block, stamps.tolist(), strict=True):
+                # A marker goes out as str, which every pylsl takes (numpy's bytes leave the NUL padding out).
+                sample = [raw.decode("utf-8", "replace") for raw in row.tolist()] if self._strings else row
+                self._outlet.push_sample(sample, timestamp=stamp - self._offset)
         self.pushed += len(block)
 
     def have_consumers(self) -> bool:
@@ -128,7 +141,7 @@ def run_outlet(stream: str, address: str | None = None, name: str | None = None,
                 except TimeoutError:
                     continue
                 with chunk:
-                    outlet.push(chunk.data, chunk.t0)
+                    outlet.push(chunk.data, chunk.t0, chunk.times if sub.info.timestamps else None)
         except EndOfStream:
             pass
         finally:
@@ -145,4 +158,4 @@ def lsl_outlet(chunk: Any, name: str | None = None, type: str | None = None) -> 
     outlet = _OUTLETS.get(info.name)
     if outlet is None:
         outlet = _OUTLETS[info.name] = LslOutlet(info, name, type)
-    outlet.push(chunk.data, chunk.t0)
+    outlet.push(chunk.data, chunk.t0, chunk.times if info.timestamps else None)

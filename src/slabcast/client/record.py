@@ -11,12 +11,12 @@
   ``samples`` ``(sample, channel)``, ``channel`` (the names) and ``frames/index``, ``frames/n``,
   ``frames/t0`` ``(frame,)``, the stream info in the group's attributes (``slabcast``); several
   streams: one such group per stream (``record_zarr.py``);
-- ``*.xdf``: XDF 1.0 as LabRecorder writes it, any number of numeric streams in one file, every
-  sample with its stamp, ClockOffset chunks every 5 s (``record_xdf.py``);
+- ``*.xdf``: XDF 1.0 as LabRecorder writes it, any number of numeric and marker streams in one file,
+  every sample with its stamp, ClockOffset chunks every 5 s (``record_xdf.py``);
 - anything else: the directory format below.
 
 ``.xdf`` and ``.zarr`` take several streams (``slabcast record --out s.xdf A B``), each on its own
-subscriber and thread; the other formats take one stream per recorder.
+subscriber and thread (``record_session.py``); the other formats take one stream per recorder.
 
 What a ``kill -9`` of the recorder leaves: a directory, a Zarr group and a WAV hold
 everything up to the last flush (every 0.5 s; a WAV's header is rewritten at each,
@@ -45,7 +45,6 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -453,6 +452,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
         raise ValueError(f"a stream named twice: {streams}")
     low = out.rstrip("/").lower()
     if low.endswith(".xdf") or (low.endswith(".zarr") and len(streams) > 1):
+        from .record_session import _record_session
+
         return _record_session(streams, out, seconds, address, progress, clock, pre_buffer)
     if len(streams) > 1:
         raise ValueError(f"{out!r} takes one stream; record several streams into one .xdf or .zarr "
@@ -470,6 +471,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
         writer = _writer(out, sub.info)
         rate = sub.info.rate
         limit = None if seconds is None else (round(seconds * rate) if rate else None)
+        # Without a rate (markers, which may stay silent): --seconds of stamps, or of wall time, whichever first.
+        deadline = None if rate or seconds is None else time.monotonic() + seconds
         t_first: float | None = None
         expected: int | None = None  # the index the next chunk must start at
         last_report = last_flush = time.monotonic()
@@ -479,6 +482,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
                     chunk = sub.recv(timeout=_FLUSH)
                 except TimeoutError:
                     writer.flush()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
                     continue
                 with chunk:
                     if expected is not None and (chunk.index != expected or chunk.discontinuity):
@@ -522,182 +527,3 @@ def repair(path: str) -> int:
     from .record_audio import repair as repair_audio
 
     return repair_audio(path)
-
-
-class _StreamRecorder(threading.Thread):
-    """One stream of a session (XDF or Zarr): its own block subscriber, writing each chunk as it comes."""
-
-    def __init__(self, name: str, session: Any, out: str, seconds: float | None, address: str | None,
-                 stop: threading.Event, pre_buffer: float | None = None) -> None:  # fmt: skip
-        super().__init__(name=f"record-{name}", daemon=True)
-        self.stream, self.session, self.out, self.seconds, self.address = name, session, out, seconds, address
-        self.stop = stop
-        self.pre_buffer = pre_buffer
-        self.written = 0
-        self.rate: float | None = None
-        self.error: BaseException | None = None
-        self.started_at: float | None = None
-        self.span = 0.0  # stream seconds written (from the stamps, for a stream without a rate)
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # told by the main thread, which stops the others
-            self.error = exc
-            self.stop.set()
-
-    def _subscribe(self) -> Any:
-        from .._exceptions import StreamNotFoundError
-        from ..client.subscriber import Subscriber
-
-        while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
-            try:
-                return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
-                                  label=f"record:{self.stream}", history=self.pre_buffer)  # fmt: skip
-            except StreamNotFoundError:
-                continue
-        return None
-
-    def _run(self) -> None:
-        from .._exceptions import EndOfStream
-
-        sub = self._subscribe()
-        if sub is None:
-            return
-        try:
-            sid = self.session.add_stream(sub.info)
-            self.rate = rate = sub.info.rate
-            seconds = self.seconds
-            limit = None if seconds is None else (round(seconds * rate) if rate else None)
-            expected: int | None = None
-            last_flush = time.monotonic()
-            while not self.stop.is_set() and (limit is None or self.written < limit):
-                try:
-                    chunk = sub.recv(timeout=_FLUSH)
-                except TimeoutError:
-                    self.session.flush(sid)
-                    continue
-                except EndOfStream:
-                    break
-                with chunk:
-                    if expected is not None and (chunk.index != expected or chunk.discontinuity):
-                        raise RecordingHoleError(self.stream, self.out, expected, chunk.index, self.written)
-                    n = len(chunk.data) if limit is None else min(len(chunk.data), limit - self.written)
-                    times = chunk.times[:n]
-                    self.session.write(sid, chunk.data[:n], times, chunk.index, chunk.t0)
-                    expected = chunk.index + len(chunk.data)
-                self.written += n
-                self.started_at = float(times[0]) if self.started_at is None else self.started_at
-                self.span = float(times[-1]) - self.started_at if n else self.span
-                if not rate and seconds is not None and self.span >= seconds:
-                    break
-                now = time.monotonic()
-                if now - last_flush >= _FLUSH:
-                    last_flush = now
-                    self.session.flush(sid)
-            self.session.flush(sid)
-        finally:
-            sub.close()
-
-
-class _XdfSession:
-    """The XDF writer behind the session interface (its chunks go out as they come: nothing to flush)."""
-
-    def __init__(self, out: str, clock: str) -> None:
-        from .record_xdf import XdfWriter
-
-        self.writer = XdfWriter(out, clock)
-
-    def add_stream(self, info: StreamInfo) -> int:
-        return self.writer.add_stream(info)
-
-    def write(self, sid: int, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], index: int,
-              t0: float) -> None:  # fmt: skip
-        self.writer.write(sid, data, times)
-
-    def flush(self, sid: int) -> None:
-        pass
-
-    def tick(self) -> None:
-        self.writer.tick()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _lsl_fed(streams: list[str], address: str | None) -> bool:
-    """Whether one of ``streams`` is fed by an ``lsl`` source the broker hosts (its status says so)."""
-    from .control import broker_status
-
-    try:
-        sources = broker_status(address, timeout=2.0).get("sources") or []
-    except Exception:  # no broker yet, or busy: nothing says LSL
-        return False
-    return any(s.get("kind") == "LslSource" and s.get("name") in streams for s in sources)
-
-
-def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
-    if clock not in ("auto", "wall", "lsl"):
-        raise ValueError(f"clock must be 'auto', 'wall' or 'lsl', got {clock!r}")
-    if clock != "auto":
-        return clock
-    if not _lsl_fed(streams, address):
-        return "wall"
-    try:
-        import pylsl  # noqa: F401
-    except ImportError:
-        return "wall"
-    return "lsl"
-
-
-def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
-                    clock: str, pre_buffer: float | None = None) -> int:  # fmt: skip
-    """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
-    low = out.rstrip("/").lower()
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; choose another --out")
-    say = _Progress(progress)
-    hints = "".join(_others(s, out, address) for s in streams)
-    session: Any
-    if low.endswith(".xdf"):
-        session = _XdfSession(out, _session_clock(clock, streams, address))
-    else:
-        from .record_zarr import ZarrSession
-
-        session = ZarrSession(out, _meta)
-    names = ", ".join(streams)
-    say.say(f"recording {names}: waiting for the streams{hints}")
-    stop = threading.Event()
-    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, pre_buffer) for s in streams]
-    last_report = time.monotonic()
-    try:
-        for r in recorders:
-            r.start()
-        try:
-            while any(r.is_alive() for r in recorders):
-                for r in recorders:
-                    r.join(0.1)
-                session.tick()
-                now = time.monotonic()
-                if now - last_report >= 0.5:
-                    last_report = now
-                    parts = ", ".join(f"{r.stream} {r.written}" for r in recorders)
-                    say.say(f"\rrecording: {max(r.span for r in recorders):8.1f} s, samples: {parts} ")
-        except KeyboardInterrupt:
-            pass
-        stop.set()
-        for r in recorders:
-            r.join()
-    except BaseException:
-        say.say("", end="\n")
-        raise
-    finally:
-        stop.set()
-        session.close()
-    for r in recorders:
-        if r.error is not None:
-            say.say("", end="\n")
-            raise r.error
-    written = sum(r.written for r in recorders)
-    say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
-    return written

@@ -174,6 +174,9 @@ def _audio_format(path: str) -> str:
 
 def _audio_subtype(fmt: str, dtype: np.dtype[Any], rate: float | None) -> str:
     """The libsndfile subtype holding such samples losslessly in ``fmt``, or a ValueError saying why not."""
+    if dtype.kind == "S":
+        raise ValueError(f"{fmt} holds audio; this is a marker stream ({dtype}: strings, no rate): record it to "
+                         f".xdf (beside the signals), .zarr or a directory")  # fmt: skip
     subtype = _SUBTYPES.get((fmt, dtype.name))
     if fmt == "OGG" and dtype.kind == "f":
         subtype = "VORBIS"  # lossy by design: the user asked for Ogg

@@ -1,4 +1,5 @@
-"""XDF 1.0 (LabRecorder's format): a writer for several numeric streams in one file, crash-safe per chunk, and a reader.
+"""XDF 1.0 (LabRecorder's format): a writer for several streams (numeric and marker) in one file, crash-safe per
+chunk, and a reader.
 
 The layout, from the XDF 1.0 specification (github.com/sccn/xdf/wiki/Specifications) and what
 pyxdf reads; every number little-endian::
@@ -13,7 +14,9 @@ pyxdf reads; every number little-endian::
                           label, unit, type; desc/slabcast: the stream's own dtype, timestamps, clock)
       3 Samples           u32 stream id; NumSampleBytes + NumSamples (a varlen int, as Length);
                           per sample: u8 TimeStampBytes (8 here; 0: deduced from the previous one),
-                          f64 stamp, then the channels' values
+                          f64 stamp, then the channels' values; in a string stream (channel_format
+                          string: a marker stream) each value is a varlen int byte count, then the
+                          UTF-8 bytes (slabcast's NUL padding left out)
       4 ClockOffset       u32 stream id; f64 collection time (on the stream's clock); f64 offset
                           (add it to the stream's stamps to put them on the recorder's clock)
       5 Boundary          the 16-byte UUID 43A546DC-CBF5-410F-B30E-D5467383CBE4 (readers resynchronise on it)
@@ -28,6 +31,7 @@ of the kernel's copy of one chunk).
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import socket
@@ -81,21 +85,21 @@ def _element(parent: ET.Element, tag: str, text: Any = None) -> ET.Element:
 
 
 def channel_format(info: StreamInfo) -> tuple[str, np.dtype[Any]]:
-    """The XDF ``channel_format`` a stream is written in and the little-endian dtype of its values.
+    """The XDF ``channel_format`` a stream is written in and the little-endian dtype of its values
+    (``"string"`` and the stream's own ``S<N>`` for a marker stream).
 
     Raises
     ------
     ValueError
-        For a dtype XDF cannot hold losslessly (strings: marker streams come with issue 23's item 2).
+        For a dtype XDF cannot hold losslessly.
     """
     dt = np.dtype(info.dtype)
-    if dt.kind in "USO":
-        raise ValueError(f"stream {info.name!r} carries strings ({dt}); XDF recordings take numeric streams only "
-                         f"for now (string marker streams are not supported yet)")  # fmt: skip
+    if dt.kind == "S":
+        return "string", dt
     fmt = _FORMATS.get(dt.name)
     if fmt is None:
         raise ValueError(f"stream {info.name!r} has dtype {dt}; XDF holds float32, float64, int8, int16, int32, "
-                         f"int64 (uint8, uint16, uint32 widened losslessly)")  # fmt: skip
+                         f"int64 (uint8, uint16, uint32 widened losslessly) and markers (S<N>: strings)")  # fmt: skip
     return fmt, np.dtype(_WIDER.get(dt.name, _DTYPES[fmt]))
 
 
@@ -118,6 +122,18 @@ def lsl_offset() -> tuple[float, float]:
             best = (t2 - t1, (t1 + t2) / 2, lsl)
     assert best is not None
     return best[1], best[2] - best[1]
+
+
+def _string_samples(data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], channels: int) -> bytes:
+    """Samples of a string stream as XDF writes them: per sample 8, the f64 stamp, then per channel a varlen
+    byte count and the bytes (``S<N>`` values: numpy leaves the NUL padding out)."""
+    parts: list[bytes] = []
+    rows = np.asarray(data).reshape(len(data), channels).tolist()
+    for row, stamp in zip(rows, np.asarray(times, dtype=np.float64).tolist(), strict=True):
+        parts.append(b"\x08" + struct.pack("<d", stamp))
+        for raw in row:
+            parts += (_varlen(len(raw)), raw)
+    return b"".join(parts)
 
 
 class _Stream:
@@ -212,11 +228,14 @@ class XdfWriter:
         n = len(data)
         if n == 0:
             return
-        rows = np.empty(n, dtype=stream.record)
-        rows["flag"] = 8
-        rows["stamp"] = times
-        rows["values"] = data.reshape(n, stream.info.channels)
-        content = struct.pack("<I", sid) + _varlen(n) + rows.tobytes()
+        if stream.fmt == "string":
+            content = struct.pack("<I", sid) + _varlen(n) + _string_samples(data, times, stream.info.channels)
+        else:
+            rows = np.empty(n, dtype=stream.record)
+            rows["flag"] = 8
+            rows["stamp"] = times
+            rows["values"] = data.reshape(n, stream.info.channels)
+            content = struct.pack("<I", sid) + _varlen(n) + rows.tobytes()
         with self._lock:
             self._write(_chunk(SAMPLES, content))
             stream.first = float(times[0]) if stream.first is None else stream.first
@@ -306,9 +325,10 @@ class _Reading:
             return el.text or default if el is not None else default
 
         fmt = text("channel_format")
-        if fmt not in _DTYPES:
-            raise ValueError(f"{path}: stream {text('name')!r} has channel_format {fmt!r}; slabcast reads "
-                             f"numeric XDF streams ({', '.join(_DTYPES)}), not strings yet")  # fmt: skip
+        if fmt not in _DTYPES and fmt != "string":
+            raise ValueError(f"{path}: stream {text('name')!r} has channel_format {fmt!r}; XDF streams are "
+                             f"{', '.join(_DTYPES)} or string")  # fmt: skip
+        self.strings = fmt == "string"  # a marker stream: S<N> samples, N the longest (at least what slabcast wrote)
         n = int(text("channel_count", "0"))
         labels: list[str] = []
         types: list[str] = []
@@ -319,13 +339,16 @@ class _Reading:
             units.append(ch.findtext("unit") or "")
         labels = (labels + [f"ch_{i}" for i in range(len(labels), n)])[:n]
         own = header.find("desc/slabcast")
-        dtype = np.dtype(own.findtext("dtype") if own is not None and own.findtext("dtype") else _DTYPES[fmt])
+        wire = "S1" if self.strings else _DTYPES[fmt]
+        dtype = np.dtype(own.findtext("dtype") if own is not None and own.findtext("dtype") else wire)
+        if self.strings and dtype.kind != "S":
+            dtype = np.dtype(wire)
         rate = float(text("nominal_srate", "0") or 0)
-        self.wire = np.dtype(_DTYPES[fmt])
+        self.wire = np.dtype(wire)
         self.info = StreamInfo(text("name"), dtype, n, rate or None, tuple(labels),
                                tuple(types[:n]) if any(types) else (), tuple(units[:n]) if any(units) else (),
                                text("source_id"),
-                               own is not None and own.findtext("timestamps") == "true")  # fmt: skip
+                               self.strings or (own is not None and own.findtext("timestamps") == "true"))  # fmt: skip
         self.record = np.dtype([("flag", "u1"), ("stamp", "<f8"), ("values", self.wire, (n,))])
         self.values: list[np.ndarray[Any, Any]] = []
         self.stamps: list[np.ndarray[Any, Any]] = []
@@ -334,6 +357,9 @@ class _Reading:
 
     def samples(self, buf: Any, pos: int, end: int) -> None:
         n, pos = _read_varlen(buf, pos)
+        if self.strings:
+            self._strings(buf, pos, end, n)
+            return
         record = self.record
         if end - pos == n * record.itemsize:  # every sample with its stamp (what slabcast and LabRecorder write)
             rows = np.frombuffer(buf, dtype=record, count=n, offset=pos)
@@ -360,19 +386,45 @@ class _Reading:
         self.values.append(values)
         self.stamps.append(stamps)
 
+    def _strings(self, buf: Any, pos: int, end: int, n: int) -> None:
+        """A string stream's samples, one by one: stamp, then per channel a varlen byte count and the bytes."""
+        rows: list[list[bytes]] = []
+        stamps = np.empty(n)
+        for k in range(n):
+            if buf[pos] == 8:
+                self.last = struct.unpack_from("<d", buf, pos + 1)[0]
+                pos += 9
+            else:
+                self.last += self.tdiff
+                pos += 1
+            stamps[k] = self.last
+            row = []
+            for _ in range(self.info.channels):
+                length, pos = _read_varlen(buf, pos)
+                row.append(bytes(buf[pos : pos + length]))
+                pos += length
+            rows.append(row)
+        if pos > end:
+            raise ValueError("a Samples chunk longer than its length")
+        self.values.append(np.array(rows, dtype=bytes).reshape(n, self.info.channels) if n else
+                           np.zeros((0, self.info.channels), dtype=self.wire))  # fmt: skip
+        self.stamps.append(stamps)
+
 
 def read_xdf(path: str) -> dict[str, Any]:
-    """Read every numeric stream of an XDF file: ``{name: Recording}`` in the order of the file.
+    """Read every stream of an XDF file: ``{name: Recording}`` in the order of the file.
 
     Each :class:`~slabcast.client.record.Recording` has the stream's info (channel labels, types and
     units from ``desc``, the dtype slabcast recorded), its samples, one frame per Samples chunk, and
     ``times``: the per-sample stamps as written (not clock-synchronised; ``clock_offsets`` beside them).
+    A string (marker) stream's samples are ``S<N>`` bytes, UTF-8 (``decode_markers`` makes them
+    strings), ``N`` the stream's own width or the longest string if that is longer.
     A file cut short (a recorder killed) reads up to its last whole chunk.
 
     Raises
     ------
     ValueError
-        Not an XDF file, or a stream of strings.
+        Not an XDF file, or a stream of a channel format XDF does not define.
     """
     from .record import FRAME_RECORD, Recording
 
@@ -400,6 +452,8 @@ def read_xdf(path: str) -> dict[str, Any]:
     for s in streams.values():
         info = s.info
         values = np.concatenate(s.values) if s.values else np.zeros((0, info.channels), s.wire)
+        if s.strings and values.dtype.itemsize > info.dtype.itemsize:  # a string longer than the header said
+            info = dataclasses.replace(info, dtype=values.dtype)
         times = np.concatenate(s.stamps) if s.stamps else np.zeros(0)
         frames = np.zeros(len(s.values), dtype=FRAME_RECORD)
         counts = np.array([len(v) for v in s.values], dtype=np.uint64)

@@ -5,6 +5,8 @@ A stream's group (docs/recording.md, "Zarr layout"): ``samples`` ``(sample, chan
 stream with per-sample stamps, ``frames/index``, ``frames/n``, ``frames/t0`` ``(frame,)``, and the
 stream info in the attribute ``slabcast``. Every array has ``dimension_names``, so
 ``xarray.open_zarr(PATH, group=NAME, consolidated=False)`` opens a stream as a labelled Dataset.
+A marker stream's ``samples`` are Zarr strings (variable-length UTF-8, Zarr v3's ``string``: its
+``S<N>`` bytes have no Zarr v3 specification yet); they read back as the stream's ``S<N>``.
 
 A session (``slabcast record --out s.zarr A B``) is a root group whose attribute ``slabcast`` is
 ``{"format": "slabcast-session", "version": 1, "streams": [names]}`` with one such group per stream.
@@ -51,9 +53,10 @@ class ZarrWriter(_Writer):
         self.group = group
         group.attrs["slabcast"] = meta
         block = max(4096, int(info.rate or 4096))  # about a second of samples per Zarr chunk
+        self.strings = info.dtype.kind == "S"  # markers: stored as Zarr strings (see the module's docstring)
         # dimension_names: xarray.open_zarr takes the group as a Dataset (samples: sample x channel).
-        self.samples = group.create_array("samples", shape=(0, info.channels), dtype=info.dtype,
-                                          chunks=(block, info.channels),
+        self.samples = group.create_array("samples", shape=(0, info.channels), dtype=str if self.strings
+                                          else info.dtype, chunks=(block, info.channels),
                                           dimension_names=("sample", "channel"))  # fmt: skip
         # The channel names as the `channel` dimension's coordinate: xarray labels the channels with them.
         names = group.create_array("channel", shape=(info.channels,), dtype=str, dimension_names=("channel",))
@@ -73,7 +76,8 @@ class ZarrWriter(_Writer):
         self.pending_times.append(np.array(times, dtype="<f8"))
 
     def write(self, data: np.ndarray[Any, Any], index: int, t0: float) -> None:
-        self.pending.append(np.array(data if data.ndim == 2 else data[:, None]))
+        block = np.array(data if data.ndim == 2 else data[:, None])
+        self.pending.append(np.char.decode(block, "utf-8", "replace") if self.strings else block)
         self.pending_frames.append((index, len(data), t0))
 
     def flush(self) -> None:
@@ -190,4 +194,18 @@ def open_zarr(path: str, stream: str | None = None) -> Recording:
         raise ValueError(f"{where}: 'samples' is shorter than its frames say ({samples.shape[0]} < {total})")
     times_array: Any = group.get("times", None)
     times = np.asarray(times_array[:total]) if times_array is not None else None
-    return Recording(info, _ZarrSamples(samples, total), frames, times)  # type: ignore[arg-type]
+    reader = _MarkerSamples(samples, total, info.dtype) if info.dtype.kind == "S" else _ZarrSamples(samples, total)
+    return Recording(info, reader, frames, times)  # type: ignore[arg-type]
+
+
+class _MarkerSamples(_ZarrSamples):
+    """A marker stream's samples, kept as Zarr strings, read back as the stream's ``S<N>`` (UTF-8) bytes."""
+
+    def __init__(self, array: Any, n: int, dtype: np.dtype[Any]) -> None:
+        super().__init__(array, n)
+        self.dtype = dtype
+
+    def _read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        text = np.asarray(self.array[start:stop])
+        raw = [str(value).encode("utf-8") for value in text.reshape(-1).tolist()]
+        return np.array(raw, dtype=self.dtype).reshape(text.shape) if raw else np.zeros(text.shape, self.dtype)

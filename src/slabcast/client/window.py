@@ -312,6 +312,9 @@ class Window:
             raise ValueError(f"n_pixels must be a positive integer, got {n_pixels!r}")
         if method not in ("numpy", "tsdownsample"):
             raise ValueError(f"method must be 'numpy' or 'tsdownsample', got {method!r}")
+        if self.dtype.kind == "S":
+            raise TypeError(f"{self.info.name!r} is a marker stream ({self.dtype}): strings have no min/max "
+                            f"envelope; get() returns its newest markers and their times")  # fmt: skip
         data, times = self.get()
         if method == "tsdownsample":
             return envelope_tsdownsample(data, times, n_pixels)

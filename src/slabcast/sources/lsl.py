@@ -10,6 +10,7 @@ import numpy as np
 
 from .._info import StreamInfo
 from ..client.lsl import SLABCAST_OUTLET
+from ..client.markers import marker_dtype
 from ..wire.protocol import check_stream_name
 
 __all__ = ["LslSource"]
@@ -37,20 +38,26 @@ class LslSource:
     lost_after : float
         Seconds of silence from a regular-rate outlet after which it is resolved
         again (an outlet replaced by a new one with another source_id).
+    max_bytes : int
+        For a string (marker) outlet: the longest marker kept whole, in UTF-8 bytes (the
+        stream's dtype is ``S<max_bytes>``); a longer one is cut there (at a character's
+        boundary) and logged.
 
     The stream keeps what the outlet says: channel labels, types and units (from
     its ``desc``), ``source_id``, nominal rate (irregular rate: no rate).  Time
     stamps are LSL's, clock-corrected (``proc_clocksync``: an outlet on another
     host is put on this host's LSL clock), then mapped to ``time.time()``.  After
     a restart or a replacement of the outlet, the first chunk says
-    ``discontinuity``.  String (marker) streams are refused: slabcast streams numbers.
+    ``discontinuity``.  A string (marker) outlet of one channel becomes a marker stream
+    (:class:`slabcast.MarkerPublisher`'s kind: ``S<max_bytes>``, no rate, every marker with its
+    own stamp); one of several string channels is refused.
     """
 
     _FORMATS: ClassVar[dict[int, str]] = {1: "float32", 2: "float64", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
 
     def __init__(self, name: str, stream: str | None = None, type: str | None = None,
                  source_id: str | None = None, predicate: str | None = None, timeout: float = 2.0,
-                 max_samples: int = 4096, lost_after: float = 2.0) -> None:  # fmt: skip
+                 max_samples: int = 4096, lost_after: float = 2.0, max_bytes: int = 64) -> None:  # fmt: skip
         try:
             import pylsl
         except ImportError as exc:
@@ -75,6 +82,9 @@ class LslSource:
         self.timeout = float(timeout)
         self.max_samples = int(max_samples)
         self.lost_after = float(lost_after)
+        self.max_bytes = int(marker_dtype(max_bytes).itemsize)
+        self._strings = False
+        self._cut = 0  # markers longer than max_bytes, cut
         self._inlet: Any = None
         self._offset = 0.0
         self._last_data = 0.0
@@ -82,19 +92,23 @@ class LslSource:
         self._jump = False
 
     def connect(self) -> StreamInfo:
-        """Resolve the outlet and open an inlet (``OSError`` while none is there; ``ValueError`` for strings)."""
+        """Resolve the outlet and open an inlet (``OSError`` while none is there; ``ValueError`` for a format
+        slabcast does not stream: several string channels, an unknown format)."""
         lsl = self._lsl
         found = lsl.resolve_bypred(self.predicate, 1, self.timeout)
         if not found:
             raise OSError(f"no LSL outlet matches {self.predicate!r} (yet)")
         info = found[0]
-        fmt = self._FORMATS.get(info.channel_format())
-        if fmt is None:
-            what = "strings (a marker stream)" if info.channel_format() == lsl.cf_string else "an unknown format"
+        self._strings = info.channel_format() == lsl.cf_string
+        dtype = marker_dtype(self.max_bytes) if self._strings else self._FORMATS.get(info.channel_format())
+        if self._strings and info.channel_count() != 1:
             raise ValueError(
-                f"LSL stream {info.name()!r} carries {what}; slabcast streams numbers: read markers with pylsl "
-                f"(or an LSL recorder) beside it"
+                f"LSL stream {info.name()!r} carries strings in {info.channel_count()} channels; a slabcast marker "
+                f"stream has one (as LSL marker streams do): send each kind of marker on an outlet of its own"
             )
+        if dtype is None:
+            raise ValueError(f"LSL stream {info.name()!r} has channel format {info.channel_format()}, which is "
+                             f"none of float32, double64, int8, int16, int32, int64, string")  # fmt: skip
         self._inlet = lsl.StreamInlet(info, max_chunklen=self.max_samples, recover=True,
                                       processing_flags=lsl.proc_clocksync)  # fmt: skip
         full = self._inlet.info(timeout=max(self.timeout, 1.0))  # with its desc: channel labels, types, units
@@ -108,17 +122,20 @@ class LslSource:
             types.append(channel.child_value("type"))
             units.append(channel.child_value("unit"))
             channel = channel.next_sibling()
-        labels += [f"ch_{i}" for i in range(len(labels), n)]
+        labels += ["marker" if self._strings else f"ch_{i}" for i in range(len(labels), n)]
+        if self._strings and not any(types):
+            types = [full.type()]  # LSL's stream type ("Markers"): what recorders and LSL tools look for
         types += [""] * (n - len(types))
         units += [""] * (n - len(units))
         rate = full.nominal_srate() or None
         self._offset = time.time() - lsl.local_clock()
         self._last_data = time.monotonic()
-        self.info = StreamInfo(self.name, np.dtype(fmt), n, rate, tuple(labels),
+        # timestamps: each sample keeps its LSL stamp.
+        self.info = StreamInfo(self.name, np.dtype(dtype), n, rate, tuple(labels),
                                tuple(types) if any(types) else (), tuple(units) if any(units) else (),
-                               full.source_id(), timestamps=True)  # each sample keeps its LSL stamp
+                               full.source_id(), timestamps=True)  # fmt: skip
         log.info("LSL outlet %r (source_id %r, %d x %s @ %s Hz) feeds stream %r", full.name(), full.source_id(), n,
-                 fmt, rate, self.name)  # fmt: skip
+                 self.info.dtype, rate, self.name)  # fmt: skip
         return self.info
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
@@ -138,8 +155,26 @@ class LslSource:
                         times[0] - self._last_stamp)  # fmt: skip
             self._jump = True
         self._last_stamp = float(times[-1])
+        if self._strings:
+            return self._markers(samples), times
         data = np.asarray(samples, dtype=self.info.dtype).reshape(len(stamps), self.info.channels)
         return (data if self.info.channels > 1 else data[:, 0]), times
+
+    def _markers(self, samples: list[list[str]]) -> np.ndarray[Any, Any]:
+        """One marker per sample as UTF-8 bytes; one longer than ``max_bytes`` is cut (at a character's boundary)
+        and logged: an outlet cannot be refused a marker, and dropping it would lose the event."""
+        out = []
+        for sample in samples:
+            raw = sample[0].encode("utf-8", "replace")
+            if len(raw) > self.max_bytes:
+                self._cut += 1
+                if self._cut & (self._cut - 1) == 0:  # the 1st, 2nd, 4th ... said
+                    log.warning("LSL stream %r: a marker of %d bytes is longer than max_bytes=%d, cut there (%d so "
+                                "far; give the lsl source max_bytes=N for longer markers): %r", self.name, len(raw),
+                                self.max_bytes, self._cut, sample[0][:60])  # fmt: skip
+                raw = raw[: self.max_bytes].decode("utf-8", "ignore").encode("utf-8")
+            out.append(raw)
+        return np.array(out, dtype=self.info.dtype)
 
     def take_jump(self) -> bool:
         """Whether the next frame follows a hole (cleared by asking)."""

@@ -39,7 +39,7 @@ from .._exceptions import SlabcastError
 from .._version import __version__
 from ..client.control import broker_status
 from ..client.window import Window
-from .frames import StreamEnvelope, StreamList, is_audio, pack_frame, stream_envelope
+from .frames import MARKERS_SHOWN, StreamEnvelope, StreamList, is_audio, marker_list, pack_frame, stream_envelope
 
 __all__ = ["POLL", "Hub", "ViewConfig", "create_app"]
 
@@ -166,7 +166,7 @@ class Hub:
             except TypeError:
                 audio = False
             subscribers = [{**u, "ours": u.get("pid") == self._pid} for u in s.get("subscribers", [])]
-            streams.append({**s, "subscribers": subscribers, "audio": audio,
+            streams.append({**s, "subscribers": subscribers, "audio": audio, "markers": _is_markers(s),
                             "view_error": entry.error if entry else None})  # fmt: skip
         msg: dict[str, Any] = _jsonable({"type": "status", "broker": self.broker, "error": self.error,
                                          "streams": streams, "time": time.time()})  # fmt: skip
@@ -211,8 +211,11 @@ class Hub:
 
     async def _open(self, name: str, entry: _Entry) -> None:
         cfg = self.config
+        listed = next((s for s in self.listed if s["name"] == name), {})
+        # A marker stream (no rate): its newest markers, listed in its panel and drawn over the other plots.
+        length: dict[str, Any] = {"samples": MARKERS_SHOWN} if _is_markers(listed) else {"seconds": cfg.seconds}
         try:
-            window = await asyncio.to_thread(Window, name, cfg.seconds, address=cfg.address, curve=cfg.curve)
+            window = await asyncio.to_thread(Window, name, **length, address=cfg.address, curve=cfg.curve)
         except ValueError as exc:  # no rate: cannot be drawn against time
             entry.error, entry.permanent = str(exc), True
         except SlabcastError as exc:  # it ended or went away meanwhile: the next poll decides
@@ -234,6 +237,11 @@ class Hub:
         if window is None or window.samples == 0:
             return None
         info = window.info
+        if info.dtype.kind == "S":
+            data, times = window.get()
+            part = marker_list(name, data, times, min(seconds, self.config.seconds), time.time())
+            part.header.update(samples=window.samples, live=bool(entry and entry.live), rate=None, names=[])
+            return part
         assert info.rate is not None
         names = list(info.channel_names)
         picked = list(range(info.channels)) if channels is None else [names.index(c) for c in channels if c in names]
@@ -252,6 +260,14 @@ class Hub:
             if entry.window is not None:
                 await asyncio.to_thread(entry.window.close)
         self._entries.clear()
+
+
+def _is_markers(listed: dict[str, Any]) -> bool:
+    """Whether a listed stream is a marker stream (dtype ``S<N>``: strings, drawn as a list and as lines)."""
+    try:
+        return bool(np.dtype(listed.get("dtype", "f4")).kind == "S")
+    except TypeError:
+        return False
 
 
 class _Page:

@@ -14,7 +14,8 @@ A display frame is one websocket binary message, little-endian::
 
 The header is ``{"type": "frame", "seq": n, "streams": [{"name", "columns", "channels"
 (indices), "offset" (of the stream's x in the payload, in float32 elements),
-"samples", "span", "levels": [{"rms", "peak", "dbfs"}], ...}]}``.
+"samples", "span", "levels": [{"rms", "peak", "dbfs"}], ...}]}``. A marker stream has no
+payload (``columns`` 0, no channels) and ``"markers": [[time, text], ...]``, oldest first.
 """
 
 from __future__ import annotations
@@ -30,10 +31,22 @@ import numpy as np
 from ..client.window import envelope, envelope_tsdownsample
 from ..examples import full_scale
 
-__all__ = ["LEVEL_SECONDS", "StreamList", "is_audio", "levels", "pack_frame", "stream_envelope"]
+__all__ = [
+    "LEVEL_SECONDS",
+    "MARKERS_SHOWN",
+    "StreamList",
+    "is_audio",
+    "levels",
+    "marker_list",
+    "pack_frame",
+    "stream_envelope",
+]
 
 LEVEL_SECONDS = 0.3
 """Stream time the level and RMS figures cover (a VU meter's integration time)."""
+
+MARKERS_SHOWN = 100
+"""The newest markers a marker stream's window keeps (its panel lists those of the span shown)."""
 
 
 def is_audio(dtype: np.dtype[Any], channel_types: list[str] | tuple[str, ...],
@@ -117,6 +130,18 @@ def stream_envelope(name: str, data: np.ndarray[Any, Any], times: np.ndarray[Any
         for i in range(len(channels)):
             arrays += [mins[i].astype(np.float32, copy=False), maxs[i].astype(np.float32, copy=False)]
     return StreamEnvelope(header, arrays)
+
+
+def marker_list(name: str, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], seconds: float,
+                now: float) -> StreamEnvelope:  # fmt: skip
+    """A marker stream's part of a display frame: its markers (``data``: ``(1, n)`` ``S<N>``, ``times``
+    their stamps) of the last ``seconds`` before ``now``, as ``[time, text]``, oldest first."""
+    texts = [raw.decode("utf-8", "replace") for raw in data.reshape(-1).tolist()]
+    shown = [[float(t), text] for t, text in zip(times.tolist(), texts, strict=True)
+             if math.isfinite(t) and t >= now - seconds]  # fmt: skip
+    header = {"name": name, "columns": 0, "channels": [], "samples_shown": len(shown), "span": float(seconds),
+              "t_newest": _finite(times[-1]) if len(times) else None, "levels": [], "markers": shown}  # fmt: skip
+    return StreamEnvelope(header, [])
 
 
 def pack_frame(seq: int, parts: list[StreamEnvelope], extra: dict[str, Any] | None = None) -> bytes:

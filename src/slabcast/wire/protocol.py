@@ -135,9 +135,9 @@ def notices_per_slab(nslabs: int) -> int:
     """The most frames a publisher writes into one slab (see NOTICE_BACKLOG)."""
     return max(1, NOTICE_BACKLOG // max(1, nslabs))
 
-STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-DTYPE_KINDS = "biufc"
 
+STREAM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+DTYPE_KINDS = "biufcS"  # S: fixed-width bytes, a marker stream's UTF-8 strings
 
 
 # BufferEmit's process mode (in-process API, emit/emit.py): fixed binary records over a pipe per
@@ -239,19 +239,24 @@ def need(msg: tuple[Any, ...], fields: int) -> None:
 
 
 def check_dtype(dtype: Any) -> np.dtype[Any]:
-    """Return ``dtype`` as a numpy dtype if it is a plain numeric one.
+    """Return ``dtype`` as a numpy dtype if it is a plain numeric one, or fixed-width bytes (a marker stream).
+
+    ``S<N>`` (``N`` >= 1) is a stream of events: each sample is ``N`` bytes, a UTF-8 string padded
+    with NULs (:class:`slabcast.MarkerPublisher`, docs/lsl.md "Markers").
 
     Raises
     ------
     TypeError
-        If it is not a boolean, integer, float or complex dtype.
+        If it is not a boolean, integer, float, complex or ``S<N>`` dtype.
     """
     try:
         dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(f"dtype must be a numeric numpy dtype, got {dtype!r}") from exc
-    if dt.kind not in DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None:
-        raise TypeError(f"dtype must be a numeric numpy dtype (bool, int, uint, float, complex), got {dt}")
+        raise TypeError(f"dtype must be a numeric numpy dtype or S<N> (markers), got {dtype!r}") from exc
+    if dt.kind not in DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None or dt.itemsize < 1:
+        hint = "; text goes in S<N>: UTF-8 bytes, NUL padded" if dt.kind in "UO" else ""
+        raise TypeError(f"dtype must be a numeric numpy dtype (bool, int, uint, float, complex) or fixed-width "
+                        f"bytes S<N> with N >= 1 (a marker stream), got {dt}{hint}")  # fmt: skip
     return dt
 
 

@@ -5,8 +5,11 @@
 "use strict";
 (() => {
   const COLORS = ["#1f6fb4", "#c7372f", "#2a9d3c", "#8a55c0", "#e07b10", "#11a3b8", "#8c564b", "#d6529f"];
-  // Debug and test hook: the last frame drawn per stream (x, per channel min/max), the last status.
-  const view = (window.slabcastView = { last: {}, status: null, hello: null, frames: 0, selected: {}, auto: true });
+  // Debug and test hook: the last frame drawn per stream (x, per channel min/max), the last status, and per
+  // plotted stream the marker lines drawn over it in its last frame.
+  const view = (window.slabcastView = { last: {}, status: null, hello: null, frames: 0, selected: {}, auto: true,
+    lines: {} });
+  const markers = new Map(); // marker stream name -> [[time, text], ...] of its last frame
   const token = new URLSearchParams(location.search).get("token");
   const $ = (id) => document.getElementById(id);
   const panels = new Map(); // stream name -> {el, head, rows, details, key, plots: [{plot, meter}]}
@@ -113,7 +116,8 @@
       const frame = { ...s, x, channels, seq: head.seq, received: performance.now() };
       if (view.selected[s.name] !== undefined) {
         view.last[s.name] = frame;
-        draw(frame);
+        if (s.markers) drawMarkers(frame);
+        else draw(frame);
       }
     }
     for (const name of head.pending) {
@@ -161,6 +165,7 @@
   }
 
   function removePanel(name) {
+    markers.delete(name);
     const p = panels.get(name);
     if (!p) return;
     for (const q of p.plots) q.plot.destroy();
@@ -214,6 +219,7 @@
             { stroke: color, width: 1, points: { show: false } },
           ],
           bands: [{ series: [2, 1], fill: color + "66" }],
+          hooks: { draw: [(u) => drawMarkerLines(u, p, i === 0)] },
         },
         [[], [], []],
         plotEl,
@@ -223,8 +229,57 @@
     p.key = frame.channels.map((c) => c.name).join("\u0000");
   }
 
+  // A marker stream: its markers of the span shown, newest first, in its panel.
+  function drawMarkers(frame) {
+    const p = panelFor(frame.name);
+    markers.set(frame.name, frame.markers);
+    p.note.textContent = frame.live ? "" : "ended: the last markers received";
+    p.note.style.display = frame.live ? "none" : "";
+    const key = JSON.stringify(frame.markers);
+    if (p.key === key) return;
+    p.key = key;
+    p.rows.textContent = "";
+    const list = el("ol", "markers");
+    for (const [t, text] of [...frame.markers].reverse()) {
+      const li = el("li");
+      li.append(el("time", null, new Date(t * 1000).toLocaleTimeString([], { hour12: false }) +
+        "." + String(Math.floor((t % 1) * 1000)).padStart(3, "0")), el("span", null, text));
+      list.append(li);
+    }
+    if (!frame.markers.length) list.append(el("li", "none", `no marker in the last ${fmt(seconds, 1)} s`));
+    p.rows.append(list);
+  }
+
+  // Every marker stream's markers as dashed vertical lines over a plot (labelled on the panel's first row), at
+  // x = marker time - the newest sample's time of the plotted stream.
+  function drawMarkerLines(u, p, labelled) {
+    let drawn = 0;
+    const ctx = u.ctx;
+    ctx.save();
+    ctx.strokeStyle = "#e07b10";
+    ctx.fillStyle = "#b05a00";
+    ctx.setLineDash([4, 3]);
+    ctx.font = `${Math.round(10 * (window.devicePixelRatio || 1))}px system-ui, sans-serif`;
+    for (const list of markers.values()) {
+      for (const [t, text] of list) {
+        const x = t - p.tNewest;
+        if (!(x >= -seconds && x <= 0)) continue;
+        const px = u.valToPos(x, "x", true);
+        ctx.beginPath();
+        ctx.moveTo(px, u.bbox.top);
+        ctx.lineTo(px, u.bbox.top + u.bbox.height);
+        ctx.stroke();
+        if (labelled) ctx.fillText(text, px + 3, u.bbox.top + 11);
+        drawn += 1;
+      }
+    }
+    ctx.restore();
+    if (labelled) view.lines[p.el.dataset.name] = drawn;
+  }
+
   function draw(frame) {
     const p = panelFor(frame.name);
+    p.tNewest = frame.t_newest;
     const key = frame.channels.map((c) => c.name).join("\u0000");
     if (p.key !== key) buildRows(p, frame);
     p.note.textContent = frame.live ? "" : "ended: the last data received";

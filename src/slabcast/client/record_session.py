@@ -1,0 +1,298 @@
+"""Sessions: several streams recorded into one XDF file or Zarr group, a subscriber and a thread per stream.
+
+``slabcast record A B --out s.xdf`` (and ``s.zarr``) runs one :class:`_StreamRecorder` per stream,
+each writing its chunks into the shared session as they come (docs/recording.md).
+
+With ``--seconds``, the streams with a rate record exactly that many seconds of samples; a stream
+without one (markers, which may stay silent for ever) records the span they cover: each of its
+samples is held until the streams with a rate have written up to its stamp, and the session ends
+at their last stamp. Without a stream with a rate, ``--seconds`` is the span of its stamps or
+the wall time since every stream was subscribed, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .._info import StreamInfo
+from .record import _FLUSH, RecordingHoleError, _meta, _others, _Progress
+
+__all__: list[str] = []
+
+_HOLD = 0.05  # seconds between looks at the streams with a rate, while samples wait for them
+
+
+class _StreamRecorder(threading.Thread):
+    """One stream of a session (XDF or Zarr): its own block subscriber, writing each chunk as it comes (a stream
+    without a rate, under ``--seconds``: once the session's streams with a rate have reached its stamps)."""
+
+    def __init__(self, name: str, session: Any, out: str, seconds: float | None, address: str | None,
+                 stop: threading.Event, pre_buffer: float | None = None) -> None:  # fmt: skip
+        super().__init__(name=f"record-{name}", daemon=True)
+        self.stream, self.session, self.out, self.seconds, self.address = name, session, out, seconds, address
+        self.stop = stop
+        self.pre_buffer = pre_buffer
+        self.written = 0
+        self.rate: float | None = None
+        self.error: BaseException | None = None
+        self.started_at: float | None = None
+        self.span = 0.0  # stream seconds written (from the stamps, for a stream without a rate)
+        self.last_stamp: float | None = None  # the newest sample's stamp written
+        self.subscribed = threading.Event()  # it knows its stream's rate (or gave up)
+        self.peers: list[_StreamRecorder] = []  # the session's recorders (set before start)
+        # Received, not yet written: (samples, stamps, first index, t0) waiting for the streams with a rate.
+        self.held: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, float]] = []
+        self.until: float | None = None  # the session's end (its last stamp), set by finish()
+        self.finishing = threading.Event()
+
+    def finish(self, until: float) -> None:
+        """Write what is pending up to stamp ``until`` (a stream without a rate), then end."""
+        self.until = until
+        self.finishing.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # told by the main thread, which stops the others
+            self.error = exc
+            self.stop.set()
+        finally:
+            self.subscribed.set()
+
+    def _subscribe(self) -> Any:
+        from .._exceptions import StreamNotFoundError
+        from ..client.subscriber import Subscriber
+
+        while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
+            try:
+                return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
+                                  label=f"record:{self.stream}", history=self.pre_buffer)  # fmt: skip
+            except StreamNotFoundError:
+                continue
+        return None
+
+    def _gate(self) -> float:
+        """The latest stamp this stream may write now: the session's end once known; for a stream without a
+        rate under ``--seconds``, the least progress of the streams with a rate still recording."""
+        if self.until is not None:
+            return self.until
+        if self.seconds is None or self.rate:
+            return math.inf
+        if not all(p.subscribed.is_set() for p in self.peers):
+            return -math.inf  # (a stream of the session may still turn out to have a rate)
+        rated = [p for p in self.peers if p.rate]
+        if not rated:
+            return math.inf
+        going = [-math.inf if p.last_stamp is None else p.last_stamp for p in rated if p.is_alive()]
+        return min(going) if going else -math.inf  # all done: the session's end comes at once (finish)
+
+    def _release(self, sid: int) -> bool:
+        """Write the held samples the gate lets through, in order; True once past the session's end."""
+        gate = self._gate()
+        while self.held:
+            data, times, index, t0 = self.held[0]
+            later = np.flatnonzero(times > gate)
+            n = int(later[0]) if len(later) else len(times)
+            if n:
+                self.session.write(sid, data[:n], times[:n], index, t0)
+                self.written += n
+                self.started_at = float(times[0]) if self.started_at is None else self.started_at
+                self.last_stamp = float(times[n - 1])
+                self.span = self.last_stamp - self.started_at
+            if n < len(times):
+                self.held[0] = (data[n:], times[n:], index + n, float(times[n]))
+                return self.until is not None  # what is left is past the end: it goes unwritten
+            self.held.pop(0)
+        return False
+
+    def _run(self) -> None:
+        from .._exceptions import EndOfStream
+
+        sub = self._subscribe()
+        if sub is None:
+            return
+        try:
+            self.rate = rate = sub.info.rate
+            self.subscribed.set()
+            sid = self.session.add_stream(sub.info)
+            seconds = self.seconds
+            limit = None if seconds is None else (round(seconds * rate) if rate else None)
+            expected: int | None = None
+            ended = False
+            last_flush = time.monotonic()
+            while not self.stop.is_set() and (limit is None or self.written < limit):
+                chunk = None
+                if ended:
+                    self.finishing.wait(_HOLD)  # the stream is over; its held samples wait for the others
+                else:
+                    try:
+                        chunk = sub.recv(timeout=_HOLD if self.held else _FLUSH)
+                    except TimeoutError:
+                        pass
+                    except EndOfStream:
+                        ended = True
+                if chunk is not None:
+                    with chunk:
+                        if expected is not None and (chunk.index != expected or chunk.discontinuity):
+                            raise RecordingHoleError(self.stream, self.out, expected, chunk.index, self.written)
+                        n = len(chunk.data) if limit is None else min(len(chunk.data), limit - self.written)
+                        # A copy only if it must wait (the chunk's memory goes back to the pool on release).
+                        data, times = chunk.data[:n], chunk.times[:n]
+                        self.held.append((data, times, chunk.index, chunk.t0))
+                        past = self._release(sid)
+                        if self.held:
+                            self.held[-1] = (np.array(self.held[-1][0]), *self.held[-1][1:])
+                        expected = chunk.index + len(chunk.data)
+                else:
+                    past = self._release(sid)
+                    self.session.flush(sid)
+                    if self.finishing.is_set() and not self.held:  # nothing pending: all up to the end is in
+                        break
+                if past or (ended and not self.held):
+                    break
+                if not rate and seconds is not None and self.span >= seconds:
+                    break
+                now = time.monotonic()
+                if now - last_flush >= _FLUSH:
+                    last_flush = now
+                    self.session.flush(sid)
+            self.session.flush(sid)
+        finally:
+            sub.close()
+
+
+class _XdfSession:
+    """The XDF writer behind the session interface (its chunks go out as they come: nothing to flush)."""
+
+    def __init__(self, out: str, clock: str) -> None:
+        from .record_xdf import XdfWriter
+
+        self.writer = XdfWriter(out, clock)
+
+    def add_stream(self, info: StreamInfo) -> int:
+        return self.writer.add_stream(info)
+
+    def write(self, sid: int, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any], index: int,
+              t0: float) -> None:  # fmt: skip
+        self.writer.write(sid, data, times)
+
+    def flush(self, sid: int) -> None:
+        pass
+
+    def tick(self) -> None:
+        self.writer.tick()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _end_unrated(recorders: list[_StreamRecorder], seconds: float, since: float) -> None:
+    """With ``--seconds``, end the streams without a rate (markers: they may stay silent for ever) where the
+    session ends: at the last stamp the streams with a rate wrote, once they are all done; without any such
+    stream, ``seconds`` after every stream was subscribed (wall clock)."""
+    unrated = [r for r in recorders if not r.rate and r.is_alive() and not r.finishing.is_set()]
+    if not unrated:
+        return
+    rated = [r for r in recorders if r.rate]
+    if rated:
+        if any(r.is_alive() for r in rated):
+            return
+        until = max((r.last_stamp for r in rated if r.last_stamp is not None), default=time.time())
+    elif time.monotonic() - since >= seconds:
+        until = time.time()
+    else:
+        return
+    for r in unrated:
+        r.finish(until)
+
+
+def _lsl_fed(streams: list[str], address: str | None) -> bool:
+    """Whether one of ``streams`` is fed by an ``lsl`` source the broker hosts (its status says so)."""
+    from .control import broker_status
+
+    try:
+        sources = broker_status(address, timeout=2.0).get("sources") or []
+    except Exception:  # no broker yet, or busy: nothing says LSL
+        return False
+    return any(s.get("kind") == "LslSource" and s.get("name") in streams for s in sources)
+
+
+def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
+    if clock not in ("auto", "wall", "lsl"):
+        raise ValueError(f"clock must be 'auto', 'wall' or 'lsl', got {clock!r}")
+    if clock != "auto":
+        return clock
+    if not _lsl_fed(streams, address):
+        return "wall"
+    try:
+        import pylsl  # noqa: F401
+    except ImportError:
+        return "wall"
+    return "lsl"
+
+
+def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
+                    clock: str, pre_buffer: float | None = None) -> int:  # fmt: skip
+    """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
+    low = out.rstrip("/").lower()
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; choose another --out")
+    say = _Progress(progress)
+    hints = "".join(_others(s, out, address) for s in streams)
+    session: Any
+    if low.endswith(".xdf"):
+        session = _XdfSession(out, _session_clock(clock, streams, address))
+    else:
+        from .record_zarr import ZarrSession
+
+        session = ZarrSession(out, _meta)
+    names = ", ".join(streams)
+    say.say(f"recording {names}: waiting for the streams{hints}")
+    stop = threading.Event()
+    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, pre_buffer) for s in streams]
+    for r in recorders:
+        r.peers = recorders
+    last_report = time.monotonic()
+    all_subscribed: float | None = None
+    try:
+        for r in recorders:
+            r.start()
+        try:
+            while any(r.is_alive() for r in recorders):
+                for r in recorders:
+                    r.join(0.1)
+                session.tick()
+                if seconds is not None:
+                    if all_subscribed is None and all(r.subscribed.is_set() for r in recorders):
+                        all_subscribed = time.monotonic()
+                    if all_subscribed is not None:
+                        _end_unrated(recorders, seconds, all_subscribed)
+                now = time.monotonic()
+                if now - last_report >= 0.5:
+                    last_report = now
+                    parts = ", ".join(f"{r.stream} {r.written}" for r in recorders)
+                    say.say(f"\rrecording: {max(r.span for r in recorders):8.1f} s, samples: {parts} ")
+        except KeyboardInterrupt:
+            pass
+        stop.set()
+        for r in recorders:
+            r.join()
+    except BaseException:
+        say.say("", end="\n")
+        raise
+    finally:
+        stop.set()
+        session.close()
+    for r in recorders:
+        if r.error is not None:
+            say.say("", end="\n")
+            raise r.error
+    written = sum(r.written for r in recorders)
+    say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
+    return written
