@@ -43,6 +43,7 @@
  * message (tests/unit/test_messages.py keeps it equal); internal: slabcast.h does not include it.
  */
 #include "slabcast_wire.h"
+#include "internal.h"        /* msgview, and the sci_ helpers lent to publisher.c (at the end of this file) */
 
 /* What the public header promises is what the wire says. */
 _Static_assert(SC_PROTOCOL_VERSION == SCW_VERSION, "slabcast.h's SC_PROTOCOL_VERSION is the wire version");
@@ -301,6 +302,9 @@ const char *sc_strerror(int code)
     case SC_EINVAL: return "SC_EINVAL";
     case SC_ESYS: return "SC_ESYS";
     case SC_ENOMEM: return "SC_ENOMEM";
+    case SC_EWRITETIMEOUT: return "SC_EWRITETIMEOUT";
+    case SC_EEXISTS: return "SC_EEXISTS";
+    case SC_ESHMFULL: return "SC_ESHMFULL";
     default: return "unknown slabcast status";
     }
 }
@@ -362,12 +366,7 @@ static const char *type_name(const msgpack_object *o)
 
 /* ---------------------------------------------------------- field decoding */
 
-/* A received message: the whole array, kind first, so that `a[SCW_<MESSAGE>_<FIELD>]` is that field. */
-typedef struct msgview {
-    uint64_t kind;
-    const msgpack_object *a;     /* a[0] is the kind, a[1] the first field */
-    uint32_t nf;                 /* fields after the kind */
-} msgview;
+/* msgview (a received message: the whole array, kind first) is in internal.h. */
 
 /* Check that `m` has fields up to position `need` (later versions may append more, which we ignore). */
 static int need_fields(sc_client *c, const msgview *m, uint32_t need)
@@ -740,6 +739,11 @@ static int normalize_address(sc_client *c, const char *address, char *path, size
 
 int sc_connect(sc_client *c, const char *address)
 {
+    return sci_connect(c, address, "sub");
+}
+
+int sci_connect(sc_client *c, const char *address, const char *role)
+{
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "this client is already connected to %s", c->address);
     char path[IPC_PATH_MAX + 2];
@@ -783,7 +787,7 @@ int sc_connect(sc_client *c, const char *address)
     msgpack_pack_uint64(&c->pk, SCW_HELLO);
     msgpack_pack_uint64(&c->pk, c->version);
     msgpack_pack_int64(&c->pk, (int64_t)getpid());
-    pack_str(c, "sub");
+    pack_str(c, role);
     pack_str(c, c->label);
     if ((rc = send_packed(c, "HELLO")))
         return rc;
@@ -2576,4 +2580,51 @@ void sc_close(sc_client *c)
     free(c->ready);
     free(c->rd);
     free(c);
+}
+
+/* ------------------------------------------- lent to publisher.c (internal.h) */
+
+void *sci_context(sc_client *c) { return c->ctx; }
+void *sci_socket(sc_client *c) { return c->sock; }
+void *sci_monitor(sc_client *c) { return c->mon; }
+const char *sci_address(const sc_client *c) { return c->address; }
+int64_t sci_now_ms(void) { return now_ms(); }
+const char *sci_kind_name(uint64_t kind) { return kind_name(kind); }
+bool sci_valid_stream_name(const char *s) { return valid_stream_name(s); }
+int sci_send_packed(sc_client *c, const char *what) { return send_packed(c, what); }
+int sci_next_msg(sc_client *c, int64_t deadline_ms, msgview *m) { return next_msg(c, deadline_ms, m); }
+int sci_broker_error(sc_client *c, const msgview *m) { return broker_error(c, m); }
+int sci_need_fields(sc_client *c, const msgview *m, uint32_t need) { return need_fields(c, m, need); }
+
+bool sci_gone(sc_client *c)
+{
+    if (!c->gone && c->mon != NULL)
+        read_monitor(c);
+    return c->gone;
+}
+
+void sci_set_where(sc_client *c, const char *where)
+{
+    snprintf(c->where, sizeof c->where, "%s", where);
+}
+
+msgpack_packer *sci_packer(sc_client *c)
+{
+    msgpack_sbuffer_clear(&c->sbuf);
+    return &c->pk;
+}
+
+int sci_field_uint(sc_client *c, const msgview *m, unsigned pos, const char *name, uint64_t *out)
+{
+    return field_uint(c, m, pos, name, out);
+}
+
+int sci_field_str(sc_client *c, const msgview *m, unsigned pos, const char *name, char *buf, size_t cap)
+{
+    return field_str(c, m, pos, name, buf, cap);
+}
+
+int sci_field_text(sc_client *c, const msgview *m, unsigned pos, const char *name, char *buf, size_t cap)
+{
+    return field_text(c, m, pos, name, buf, cap);
 }

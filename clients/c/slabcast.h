@@ -1,5 +1,6 @@
 /*
- * slabcast.h: C subscriber of a slabcast broker (wire protocol version 3, docs/protocol.md; 2 and 1 on request).
+ * slabcast.h: C subscriber of a slabcast broker (wire protocol version 3, docs/protocol.md; 2 and 1 on request),
+ * and, since 1.2.0, C publisher (sc_pub_*: the section "Publishing" at the end).
  *
  * Version 3 (the default): the broker grants the subscription; the client reads the frame descriptors the
  * publisher writes into the stream segment's descriptor ring and cuts its own chunks with the rechunking
@@ -75,9 +76,9 @@ extern "C" {
 /* The version of this header and of the library built from it (semantic versioning, see the ABI rules
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
-#define SC_VERSION_MINOR 1
+#define SC_VERSION_MINOR 2
 #define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.1.0"
+#define SC_VERSION_STRING "1.2.0"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -103,10 +104,16 @@ typedef enum sc_status {
     SC_EINVAL = -11,      /* an invalid argument, or a call in the wrong state */
     SC_ESYS = -12,        /* a system or ZeroMQ call failed (shm_open, mmap, zmq_*) */
     SC_ENOMEM = -13,      /* out of memory */
-    SC_ELOST = -14        /* policy "block": samples were lost before this client read them (version 3: the
+    SC_ELOST = -14,       /* policy "block": samples were lost before this client read them (version 3: the
                            * publisher wrote over their descriptors first, which the broker's flow control
                            * prevents; version 2: their notices never reached it); sc_errmsg names the range;
                            * the next sc_recv goes on after it */
+    /* Since 1.2.0, the publisher's (sc_pub_*): */
+    SC_EWRITETIMEOUT = -15, /* no free slab within the publisher's timeout (a "block" subscriber is behind, or
+                             * subscribers hold chunks in every slab), or sc_pub_flush not confirmed in time;
+                             * nothing of the frame was written: the call may be repeated */
+    SC_EEXISTS = -16,       /* ERROR "stream-exists": the stream already has a publisher */
+    SC_ESHMFULL = -17       /* ERROR "shm-full": /dev/shm has no room for the stream's pool */
 } sc_status;
 
 /* One client connection, opaque.  Not thread-safe (see "Threads" above): one thread at a time. */
@@ -187,7 +194,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.1.0" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.2.0" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 
@@ -274,6 +281,185 @@ const char *sc_errmsg(const sc_client *c);
 
 /* The name of a return code, e.g. "SC_EBROKERGONE". */
 const char *sc_strerror(int code);
+
+
+/* ================================================================================ Publishing (since 1.2.0)
+ *
+ * A publisher writes frames (runs of samples, sample-major: channels interleaved) into a stream that any number
+ * of subscribers read, Python or C, local or remote.  It makes the stream slabcast.Publisher makes
+ * (docs/protocol.md section 9), with the same defaults, rules and errors: no subscriber can tell them apart.
+ *
+ *   sc_pub *pub;
+ *   sc_pub_options o;
+ *   sc_pub_options_init(&o);
+ *   o.dtype = "float32"; o.channels = 8; o.rate = 1000.0;
+ *   if (sc_pub_open(address, "emg", &o, &pub) != SC_OK) { fprintf(stderr, "%s\n", sc_pub_errmsg(NULL)); ... }
+ *   sc_pub_write(pub, samples, n, NAN, 0, NULL);      // copied once into the stream's shared memory
+ *   void *room;                                        // or write in place:
+ *   sc_pub_loan(pub, n, &room); fill(room); sc_pub_commit(pub, n, t0, 0);
+ *   sc_pub_close(pub);
+ *
+ * A write copies the frame into the slab the broker granted, describes it in the segment's descriptor ring and
+ * publishes it (one store); then it wakes subscribers that sleep (FUTEX_WAKE, or a NOTICE on its notice socket
+ * to those asleep there and to version-2 subscribers, one per write: the C publisher does not batch them) and
+ * tells the broker only what it must know at once (PUBLISHED when a slab starts, or per frame while the broker
+ * cuts chunks for TCP or version-1 subscribers).  Most writes send no message at all.
+ *
+ * Between writes.  The publisher answers subscribers joining its notice socket (JOINED), and the broker's
+ * GRANT and CARRY, only inside its calls: sc_pub_write, sc_pub_loan, sc_pub_commit and sc_pub_flush do it (at
+ * most every 5 ms, and whenever they wait).  A publisher that may go 20 ms without any of them (one that writes
+ * rarely, or waits for its device) MUST call sc_pub_service at least every 20 ms meanwhile, from its own loop
+ * or from a thread of its own: otherwise a subscriber that joins waits for JOINED until its timeout (then fails:
+ * 5 s for the C subscriber, 10 s for Python's) and one that asks for longer chunks waits for the carry.  The
+ * Python publisher runs the same service from a background thread every 20 ms.
+ *
+ * Threads.  A publisher (sc_pub) belongs to one thread at a time, as a client does (see "Threads" at the top),
+ * with one exception: sc_pub_service may run on another thread at the same time as any call on the publisher
+ * but sc_pub_close (the publisher orders them with a mutex; stop that thread before sc_pub_close).  The memory a
+ * loan gives may be filled from any thread until sc_pub_commit.  sc_pub_errmsg(pub) gives the message of the
+ * last call on `pub` that failed on the calling thread.  Publishers share nothing: different publishers may be
+ * used on different threads at the same time.  After fork() the child must not use a publisher made before it
+ * (sc_pub_write and the others return SC_EINVAL there; sc_pub_close only frees the child's memory).
+ *
+ * Errors.  Arguments that do not fit the stream are SC_EINVAL and write nothing (a frame larger than a slab's
+ * frame room, n = 0, a non-finite t0 or time, times for a stream opened without timestamps, unknown flags);
+ * a dtype the stream cannot carry is refused by sc_pub_open.  No free slab within the timeout is
+ * SC_EWRITETIMEOUT (nothing written; the call may be repeated).  The broker's death (SC_EBROKERGONE), its
+ * ERROR (SC_EREQUEST, SC_EPROTO) or END are sticky: every later call returns them again.  Each message says what
+ * was expected and what came.
+ */
+
+/* One publisher: a stream opened at a broker.  Opaque. */
+typedef struct sc_pub sc_pub;
+
+/* How to open a stream (sc_pub_options_init gives the defaults, those of slabcast.Publisher). */
+typedef struct sc_pub_options {
+    size_t struct_size;     /* sizeof(sc_pub_options) as the caller was compiled: set by sc_pub_options_init */
+    const char *dtype;      /* sample type: a numpy dtype string ("<f4", "<i2", "|u1", ">f8", "<c8", "|b1") or
+                             * name ("float32", "int16", "uint8", "float64", "complex64", "bool"...); default
+                             * "float32".  Numeric kinds only (b i u f c), as Python's. */
+    unsigned channels;      /* values per sample, 1..65535; default 1 */
+    unsigned nslabs;        /* slabs in the stream's pool, 2..4096; default 8 */
+    double rate;            /* samples per second (> 0); 0.0: the stream has none (default) */
+    uint64_t slab_bytes;    /* bytes per slab, a multiple of 4096 up to 2^30; 0 (default): 4 MiB, or twice
+                             * max_chunk_bytes (at least 4 MiB) when that is given.  Each slab is a carried part
+                             * (max_chunk_bytes) followed by room for frames. */
+    uint64_t max_chunk_bytes;  /* the longest chunk a subscriber may ask for, in bytes; 0 (default): frames get
+                             * slab_bytes / 2 and chunks up to 64 MiB (or slab_bytes / 2 if more): the slabs are
+                             * then that much longer in address space (sc_pub_get_info()->slab_bytes), with
+                             * slab_bytes of each in memory until a subscriber asks for longer chunks */
+    int timeout_ms;         /* how long a write or loan waits for a free slab (then SC_EWRITETIMEOUT), and the
+                             * broker's answers; default 10000 */
+    int timestamps;         /* 1: keep a time per sample (sc_pub_write's `times`; subscribers read them beside
+                             * the samples); costs 8 bytes of shared memory per sample slot.  Default 0. */
+    double statistics;      /* seconds of stream time over which the broker keeps rolling per-channel
+                             * statistics, 0..3600; 0: none; default 10.0 */
+    const char *const *channel_names;  /* NULL (ch_0, ch_1, ...) or `channels` strings */
+    const char *const *channel_types;  /* NULL or `channels` strings of at most 64 characters ("EEG", "EMG") */
+    const char *const *channel_units;  /* NULL or `channels` strings of at most 64 characters ("microvolts") */
+    const char *source_id;  /* NULL or a unique id of the data's origin (a device serial), at most 256 characters */
+    const char *label;      /* NULL: "publisher:<stream>", as the broker's logs and `slabcast status` show it */
+} sc_pub_options;
+
+/* What the stream is, as the broker made it; owned by the publisher, valid and unchanged until sc_pub_close. */
+typedef struct sc_pub_info {
+    size_t struct_size;     /* sizeof(sc_pub_info) of the library: read no field that ends past it */
+    const char *name;       /* stream name */
+    const char *dtype;      /* numpy dtype string as sent, e.g. "<f4", "|u1" */
+    unsigned itemsize;      /* bytes per value */
+    unsigned channels;
+    size_t sample_bytes;    /* itemsize * channels */
+    double rate;            /* 0.0 when none */
+    uint64_t slab_bytes;    /* bytes per slab, carried part included */
+    uint64_t reserve;       /* bytes of each slab's carried part: max_chunk_bytes rounded down to whole samples */
+    uint64_t max_frame;     /* the most samples one write takes: (slab_bytes - reserve) / sample_bytes */
+    const char *segment;    /* the shared-memory segment's name (no leading slash) */
+    size_t segment_bytes;
+    unsigned nslabs;
+    int timestamps;         /* 1 when the stream keeps a time per sample */
+    const char *address;    /* the broker, "ipc:///path/broker.sock" */
+} sc_pub_info;
+
+/* A publisher's counters. */
+typedef struct sc_pub_stats {
+    size_t struct_size;     /* bytes of this struct the library filled (see sc_pub_get_stats_sized) */
+    uint64_t frames;        /* frames published */
+    uint64_t samples;       /* samples published: the stream's head */
+    uint64_t notices;       /* NOTICEs sent on the notice socket (to subscribers asleep there, or cutting from
+                             * notices: version 2) */
+    uint64_t published;     /* PUBLISHED messages sent to the broker */
+    uint64_t slabs;         /* slabs started */
+    uint64_t wakes;         /* FUTEX_WAKE calls (futex subscribers) */
+} sc_pub_stats;
+
+/* Fill the first `struct_size` bytes of `opts` with the defaults (dtype "float32", channels 1, nslabs 8, rate 0,
+ * slab_bytes 0, max_chunk_bytes 0, timeout_ms 10000, timestamps 0, statistics 10.0, the rest NULL) and set
+ * opts->struct_size.  C callers use the macro sc_pub_options_init(&opts).  Any thread. */
+void sc_pub_options_init_sized(sc_pub_options *opts, size_t struct_size);
+#define sc_pub_options_init(opts) sc_pub_options_init_sized((opts), sizeof *(opts))
+
+/* Open `stream` (1 to 64 characters from A-Z a-z 0-9 _ . : -) at the broker at `address` ("ipc:///path" or a
+ * socket path; NULL: $SLABCAST_ADDRESS, else $XDG_RUNTIME_DIR/slabcast/broker.sock, else
+ * <tmp>/slabcast-<uid>/slabcast/broker.sock, as Python's default).  opts NULL: the defaults; fields past
+ * opts->struct_size take their defaults, and a larger struct is refused when the bytes this library does not
+ * know are not zero.  Maps the stream's segment, takes the publisher's liveness lock, binds the notice socket
+ * and waits (bounded: the timeout, at most 5 s) for the subscribers that waited for the stream.  On SC_OK
+ * *out is the publisher; otherwise *out is NULL and sc_pub_errmsg(NULL) says why (SC_EEXISTS, SC_ESHMFULL,
+ * SC_EREQUEST: refused; SC_EBROKERGONE: no broker; SC_EINVAL: bad options, e.g. a dtype that is not numeric). */
+int sc_pub_open(const char *address, const char *stream, const sc_pub_options *opts, sc_pub **out);
+
+/* Append one frame: `n` samples (n * sample_bytes bytes at `data`), the first at time `t0` (seconds on any clock
+ * the stream agrees on; NAN: times[0] when times are given, else the wall clock now, as Python's time.time()).
+ * `flags`: 0, or SC_FLAG_DISCONTINUITY (the stream jumps before this frame: no chunk spans it and each
+ * subscriber's next chunk is flagged).  `times`: NULL, or n seconds, one per sample, for a stream opened with
+ * timestamps (NULL there: t0 + k / rate, or t0 without a rate).  Copies the frame once into shared memory.
+ * Waits (the timeout) for a free slab when the pool is full: SC_EWRITETIMEOUT, nothing written. */
+int sc_pub_write(sc_pub *pub, const void *data, uint64_t n, double t0, unsigned flags, const double *times);
+
+/* Write in place: lend room for up to `n` samples in the slab being written (moving to the next granted slab,
+ * and waiting for one, as a write of n samples would) and store its address in *data.  Fill it, then
+ * sc_pub_commit.  No other write or loan until then.  The room stays the caller's until sc_pub_commit (nobody
+ * reads it: nothing describes it yet). */
+int sc_pub_loan(sc_pub *pub, uint64_t n, void **data);
+
+/* For a stream opened with timestamps: where the open loan's per-sample times go (room for the n loaned, in the
+ * stream's shared memory), in *times.  Calling it says the caller writes them: sc_pub_commit then publishes
+ * them as they are (without this call it writes t0 + k / rate there). */
+int sc_pub_loan_times(sc_pub *pub, double **times);
+
+/* Publish the first `n` samples of the loan (1 .. the n loaned) as one frame, as sc_pub_write would (t0 and
+ * flags as there: NAN is the first time written through sc_pub_loan_times, else the wall clock now; a stream with
+ * timestamps whose times the caller did not write gets t0 + k / rate).  n = 0 gives the loan back, publishing
+ * nothing.  An invalid t0, time or flags leaves the loan open. */
+int sc_pub_commit(sc_pub *pub, uint64_t n, double t0, unsigned flags);
+
+/* Wait until the broker has read every frame published so far (SYNC/SYNCED): a process killed afterwards
+ * loses none of them.  timeout_ms < 0: the publisher's timeout.  SC_EWRITETIMEOUT if not confirmed in time. */
+int sc_pub_flush(sc_pub *pub, int timeout_ms);
+
+/* Answer subscribers joining the notice socket and the broker's messages, without waiting: call it at least
+ * every 20 ms while no write, loan, commit or flush runs (see "Between writes"), on any thread (see
+ * "Threads").  Returns SC_OK, or the sticky error the publisher met (the next write returns it too). */
+int sc_pub_service(sc_pub *pub);
+
+/* The stream as opened (never NULL for an open publisher). */
+const sc_pub_info *sc_pub_get_info(const sc_pub *pub);
+
+/* The publisher's counters: sc_pub_get_stats(pub, &stats).  `out_size` is sizeof *out as the caller was compiled;
+ * the library fills at most that many bytes and sets out->struct_size to the bytes it filled. */
+void sc_pub_get_stats_sized(const sc_pub *pub, sc_pub_stats *out, size_t out_size);
+#define sc_pub_get_stats(pub, out) sc_pub_get_stats_sized((pub), (out), sizeof *(out))
+
+/* End the stream: give back an open loan, mark the ring closed, wake sleeping subscribers, send NOTICE_END and
+ * CLOSE, wait (the timeout) for the broker's END, close the notice socket (lingering up to 0.5 s for
+ * subscribers still reading) and remove its file, say BYE, unmap, free.  Subscribers get every complete chunk,
+ * then the end.  Accepts NULL.  Returns SC_OK when the broker confirmed the end, else why not (the publisher is
+ * freed either way; sc_pub_errmsg(NULL) has the message). */
+int sc_pub_close(sc_pub *pub);
+
+/* The message of the last call on `pub` that failed on this thread ("no error" if none); with NULL, of the last
+ * sc_pub_open or sc_pub_close that failed on this thread.  Valid until the next failing call on this thread. */
+const char *sc_pub_errmsg(const sc_pub *pub);
 
 #ifdef __cplusplus
 }
