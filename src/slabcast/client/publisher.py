@@ -400,19 +400,19 @@ class Publisher:
             with self._lock:
                 action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
                 if action == AT_ONCE:
-                    self._flush_pending()  # (a jump: the frames batched before it go first)
-                    self._notice(index, offset, n, t0, flags)
+                    self._flush_pending(ring_now)  # (a jump: the frames batched before it go first)
+                    self._notice(index, offset, n, t0, flags, ring_now)
                     self._published()
                     state.last_send = now
                 elif action == FULL or ring_now:
-                    self._flush_pending()  # (a sleeper is not kept waiting for a batch)
+                    self._flush_pending(ring_now)  # (a sleeper is not kept waiting for a batch)
                 elif action == OPENED:
                     self._kick.set()  # the flusher sends this batch if no write fills it
         else:
             state.offset = offset + nbytes
             if ring_now:
                 with self._lock:
-                    self._notice(index, offset, n, t0, flags)
+                    self._notice(index, offset, n, t0, flags, True)
         self.frames += 1
         self.samples += n
 
@@ -446,22 +446,24 @@ class Publisher:
             return
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
 
-    def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int) -> None:
-        """Publish one NOTICE to every local subscriber (caller holds the lock), if any waits for one."""
-        if not (self._ring.notices_wanted or self._ring.doorbells):
+    def _notice(self, index: int, offset: int, ns: Any, t0s: Any, flags: int, sleeper: bool = False) -> None:
+        """Publish one NOTICE to every local subscriber (caller holds the lock), if a version-2 subscriber cuts
+        from notices or (``sleeper``) a doorbell subscriber sleeps."""
+        if not (sleeper or self._ring.notices_wanted):
             return
         seq = self._nseq
         self._nseq = seq + 1
         self._notices.send(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
 
-    def _flush_pending(self) -> None:
-        """Send the batched notices, then a PUBLISHED if the broker wants it (caller holds the lock)."""
+    def _flush_pending(self, sleeper: bool = False) -> None:
+        """Send the batched notices (to version-2 subscribers, or ``sleeper``: a doorbell subscriber sleeps),
+        then a PUBLISHED if the broker wants it (caller holds the lock)."""
         if not self._state.pend_n:
             return
         batch = self._state.take_batch(time.monotonic())
         assert batch is not None
         if batch.notice is not None:
-            self._notice(*batch.notice, 0)
+            self._notice(*batch.notice, 0, sleeper)
         self._published()
 
     def _service(self) -> bool:
@@ -555,6 +557,9 @@ class Publisher:
         if os.getpid() != self._pid:  # inherited through fork(): the parent's to close, not ours
             self._closed = True
             return
+        # The ring says it first (whatever becomes of the messages below): no descriptor follows.
+        self._ring.close()
+        futex_wake(self._ring.futex_address)
         with self._lock, contextlib.suppress(SlabcastError, zmq.ZMQError):
             self._flush_pending()
             if self._conn.poll_gone():
@@ -563,8 +568,6 @@ class Publisher:
             end = M.NoticeEnd(self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples)
             self._notices.send_end(end)
             self._nseq += 1
-            self._ring.close()
-            futex_wake(self._ring.futex_address)
         self._closed = True
         self._kick.set()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
