@@ -1,25 +1,40 @@
-/* slabcast-sub.c: example subscriber that prints one line per chunk (seq, index, n, t0, crc32 of the bytes). */
+/* slabcast-sub.c: example subscriber that prints one line per chunk (seq, index, n, t0, crc32 of the bytes); with
+ * --poll it waits in a poll(2) event loop on sc_fd, as slabcast.h's "waiting in an event loop" says. */
 #define _POSIX_C_SOURCE 200809L
 
 #include "slabcast.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const char USAGE[] =
     "usage: slabcast-sub --address ADDR --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
-    "                    [--show-flags]\n"
+    "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS]\n"
+    "                    [--poll [--tick-ms T] [--poll-max-ms P]]\n"
     "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
     "  seq=<seq> index=<index> n=<samples> t0=<seconds> crc=<crc32 of the chunk's bytes>\n"
-    "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk).\n"
+    "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk; --show-times appends\n"
+    "` times=<crc32 of the chunk's per-sample times, n little-endian f64>`, or ` times=-` for a stream without them).\n"
+    "--info prints, before `ready`, `info <JSON>`: the stream's name, dtype, channels, rate (null: none), size,\n"
+    "start, channel_names, channel_types, channel_units, source_id and timestamps.\n"
+    "--sampler S: skip S seconds of stream time after each chunk (Python's sampler=S).\n"
+    "--wait-ms MS: wait up to MS ms for a stream that does not exist yet (default 0: exit 6 at once; -1: the\n"
+    "timeout).\n"
+    "--poll: wait in a poll(2) loop on sc_fd (wake doorbell) that also does other work every --tick-ms (default 10;\n"
+    "1 ms of computing each), looking at the client at least every --poll-max-ms (default SC_FD_WAIT_MS, 100);\n"
+    "each chunk line ends with ` at=<wall-clock seconds when the loop got it>`, and a last line says\n"
+    "`loop ticks=<T> late_ms=<the latest a tick ran> fd_wakeups=<W> idle_wakeups=<I> max_drain_us=<D>`.\n"
     "Exit status: 0 at the end of the stream (or after --count chunks), 2 usage, 3 broker gone,\n"
     "4 publisher gone, 5 protocol version mismatch, 6 unknown stream,\n"
     "7 samples lost (policy block; the message names them), 1 any other error.\n"
@@ -73,6 +88,186 @@ static int exit_status(int rc)
     }
 }
 
+/* ------------------------------------------------------------------ --info */
+
+/* `s` as a JSON string (UTF-8 passes through; quotes, backslashes and control characters escaped). */
+static void print_json_string(const char *s)
+{
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            printf("\\%c", *p);
+        else if (*p < 0x20)
+            printf("\\u%04x", *p);
+        else
+            putchar(*p);
+    }
+    putchar('"');
+}
+
+/* A JSON array of the stream's `channels` strings, or [] when the publisher gave none (list NULL). */
+static void print_json_list(const char *const *list, unsigned channels)
+{
+    putchar('[');
+    for (unsigned i = 0; list != NULL && i < channels; i++) {
+        if (i)
+            fputs(", ", stdout);
+        print_json_string(list[i]);
+    }
+    putchar(']');
+}
+
+/* `info {...}`: what SUBSCRIBED said about the stream (sc_info; the channel strings as sc_channel_name reads them). */
+static void print_info(const sc_client *c)
+{
+    const sc_stream_info *in = sc_info(c);
+    printf("info {\"name\": ");
+    print_json_string(in->name);
+    printf(", \"dtype\": ");
+    print_json_string(in->dtype);
+    printf(", \"channels\": %u, \"rate\": ", in->channels);
+    if (in->rate > 0)
+        printf("%.17g", in->rate);
+    else
+        printf("null");
+    printf(", \"size\": %" PRIu64 ", \"start\": %" PRIu64 ", \"channel_names\": [", in->size, in->start);
+    for (unsigned i = 0; i < in->channels; i++) {
+        if (i)
+            fputs(", ", stdout);
+        print_json_string(sc_channel_name(c, i));
+    }
+    printf("], \"channel_types\": ");
+    print_json_list(in->channel_types, in->channels);
+    printf(", \"channel_units\": ");
+    print_json_list(in->channel_units, in->channels);
+    printf(", \"source_id\": ");
+    print_json_string(in->source_id);
+    printf(", \"timestamps\": %s}\n", in->timestamps ? "true" : "false");
+}
+
+/* ------------------------------------------------------------- chunk lines */
+
+typedef struct show {
+    int flags, times;
+} show;
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+/* One chunk's line (without its newline). */
+static void print_chunk(const sc_chunk *ch, show sh)
+{
+    uint32_t crc = crc32_of(ch->data, ch->nbytes);
+    printf("seq=%" PRIu64 " index=%" PRIu64 " n=%" PRIu64 " t0=%.9f crc=%08" PRIx32, ch->seq, ch->index, ch->n,
+           ch->t0, crc);
+    if (sh.flags)
+        printf(" flags=%u", ch->flags);
+    if (sh.times) {
+        if (ch->times != NULL)
+            printf(" times=%08" PRIx32, crc32_of((const unsigned char *)ch->times, ch->n * sizeof *ch->times));
+        else
+            printf(" times=-");
+    }
+}
+
+/* ------------------------------------------------------------------ --poll */
+
+/* The loop's other work: 1 ms of computing (what an application does between chunks). */
+static volatile double work_sink;
+
+static void other_work(void)
+{
+    double until = mono_ms() + 1.0, x = 0;
+    while (mono_ms() < until)
+        for (int i = 0; i < 1000; i++)
+            x += sqrt((double)i);
+    work_sink = x;
+}
+
+/*
+ * A poll(2) event loop, as slabcast.h's "waiting in an event loop" says: drain with sc_recv(c, &chunk, 0) until
+ * SC_ETIMEOUT, then sleep in poll on sc_fd and on the loop's own timer (other work every `tick_ms`), never longer
+ * than `max_ms`.  Returns the code that ended it (SC_OK: --count chunks, or a signal).
+ */
+static int poll_loop(sc_client *c, show sh, uint64_t count, int have_count, double tick_ms, double max_ms)
+{
+    int fd = sc_fd(c);
+    if (fd < 0)
+        return fd;
+    uint64_t got = 0, ticks = 0, fd_wakeups = 0, idle_wakeups = 0;
+    double late = 0, max_drain = 0, now = mono_ms(), next_tick = now + tick_ms, next_look = now + max_ms;
+    int rc = SC_OK, woke_by_fd = 0, first = 1;
+    for (;;) {
+        if (stop_signal || (have_count && got >= count)) {
+            rc = SC_OK;
+            break;
+        }
+        now = mono_ms();
+        if (now >= next_tick) {
+            ticks++;
+            if (now - next_tick > late)
+                late = now - next_tick;
+            other_work();
+            next_tick += tick_ms;
+            if (next_tick < mono_ms())
+                next_tick = mono_ms() + tick_ms;  /* (behind by more than a tick: start again from now) */
+            continue;
+        }
+        if (first || woke_by_fd || now >= next_look) {
+            /* Drain: every chunk ready now, until SC_ETIMEOUT (which leaves the client armed for the fd). */
+            double t = mono_ms();
+            int drained = 0;
+            sc_chunk ch;
+            while (!(have_count && got >= count) && (rc = sc_recv(c, &ch, 0)) == SC_OK) {
+                print_chunk(&ch, sh);
+                printf(" at=%.6f\n", wall_now());
+                fflush(stdout);
+                got++;
+                drained++;
+                if ((rc = sc_release(c, &ch)) != SC_OK)
+                    break;
+            }
+            if (mono_ms() - t > max_drain)
+                max_drain = mono_ms() - t;
+            if (!first) {
+                if (woke_by_fd)
+                    fd_wakeups++;
+                else
+                    idle_wakeups++;
+            }
+            first = woke_by_fd = 0;
+            next_look = mono_ms() + max_ms;
+            if (rc != SC_ETIMEOUT && rc != SC_OK)
+                break;
+            (void)drained;
+            continue;
+        }
+        double until = next_tick < next_look ? next_tick : next_look;
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int n = poll(&p, 1, (int)ceil(until - now));
+        if (n < 0 && errno != EINTR) {
+            fprintf(stderr, "slabcast-sub: poll failed: %s\n", strerror(errno));
+            return SC_ESYS;
+        }
+        woke_by_fd = n > 0 && (p.revents & POLLIN);
+    }
+    printf("loop ticks=%" PRIu64 " late_ms=%.3f fd_wakeups=%" PRIu64 " idle_wakeups=%" PRIu64 " max_drain_us=%.0f\n",
+           ticks, late, fd_wakeups, idle_wakeups, max_drain * 1e3);
+    fflush(stdout);
+    return rc;
+}
+
 static int usage_error(const char *fmt, const char *arg)
 {
     fprintf(stderr, "slabcast-sub: ");
@@ -101,7 +296,10 @@ int main(int argc, char **argv)
     sc_sub_options opts;
     sc_sub_options_init(&opts);
     uint64_t count = 0, version = SC_PROTOCOL_VERSION, max_inflight = opts.max_inflight, timeout_ms = 5000;
-    int have_count = 0, show_flags = 0;
+    int have_count = 0, info = 0, poll_mode = 0;
+    double tick_ms = 10, poll_max_ms = SC_FD_WAIT_MS;
+    show sh = {0, 0};
+    opts.wait_ms = 0;  /* an unknown stream is exit status 6 at once, unless --wait-ms */
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -118,7 +316,16 @@ int main(int argc, char **argv)
             opts.clip = 1;
             continue;
         } else if (strcmp(a, "--show-flags") == 0) {
-            show_flags = 1;
+            sh.flags = 1;
+            continue;
+        } else if (strcmp(a, "--show-times") == 0) {
+            sh.times = 1;
+            continue;
+        } else if (strcmp(a, "--info") == 0) {
+            info = 1;
+            continue;
+        } else if (strcmp(a, "--poll") == 0) {
+            poll_mode = 1;
             continue;
         }
         if (v == NULL)
@@ -136,6 +343,23 @@ int main(int argc, char **argv)
             opts.seconds = strtod(v, &end);
             if (*end || !(opts.seconds > 0))
                 return usage_error("--seconds must be a positive number, got '%s'", v);
+        } else if (strcmp(a, "--sampler") == 0) {
+            char *end;
+            opts.sampler = strtod(v, &end);
+            if (*end || !(opts.sampler >= 0))
+                return usage_error("--sampler must be seconds >= 0, got '%s'", v);
+        } else if (strcmp(a, "--wait-ms") == 0) {
+            char *end;
+            long w = strtol(v, &end, 10);
+            if (*end || *v == '\0' || w < -1 || w > 86400000)
+                return usage_error("--wait-ms must be -1 (the timeout) or 0..86400000, got '%s'", v);
+            opts.wait_ms = (int)w;
+        } else if (strcmp(a, "--tick-ms") == 0 || strcmp(a, "--poll-max-ms") == 0) {
+            char *end;
+            double ms = strtod(v, &end);
+            if (*end || !(ms >= 1 && ms <= 60000))
+                return usage_error("--tick-ms and --poll-max-ms must be 1..60000 milliseconds, got '%s'", v);
+            *(strcmp(a, "--tick-ms") == 0 ? &tick_ms : &poll_max_ms) = ms;
         } else if (strcmp(a, "--policy") == 0) {
             opts.policy = v;
         } else if (strcmp(a, "--wake") == 0) {
@@ -188,11 +412,15 @@ int main(int argc, char **argv)
         sc_close(c);
         return exit_status(rc);
     }
+    if (info)
+        print_info(c);
     printf("ready\n");
     fflush(stdout);
 
     uint64_t got = 0;
-    for (;;) {
+    if (poll_mode)
+        rc = poll_loop(c, sh, count, have_count, tick_ms, poll_max_ms);
+    for (; !poll_mode;) {
         if (stop_signal) {
             rc = SC_OK;
             break;
@@ -207,11 +435,7 @@ int main(int argc, char **argv)
             continue;
         if (rc != SC_OK)
             break;
-        uint32_t crc = crc32_of(ch.data, ch.nbytes);
-        printf("seq=%" PRIu64 " index=%" PRIu64 " n=%" PRIu64 " t0=%.9f crc=%08" PRIx32, ch.seq, ch.index, ch.n, ch.t0,
-               crc);
-        if (show_flags)
-            printf(" flags=%u", ch.flags);
+        print_chunk(&ch, sh);
         putchar('\n');
         fflush(stdout);
         got++;

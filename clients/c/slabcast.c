@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -55,6 +56,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 
 #define IPC_PATH_MAX 107         /* sun_path holds 108 bytes with the NUL */
 #define MAX_INFLIGHT 1024
+#define MAX_SAMPLER_SECONDS 1e9  /* src/slabcast/wire/protocol.py's MAX_SAMPLER_SECONDS */
 #define BYE_TIMEOUT_MS 1000      /* how long sc_close waits for END bye */
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
@@ -147,7 +149,7 @@ typedef struct rechunker {
     uint64_t size;
     bool clip;
     double rate;                 /* 0.0: the stream has none */
-    bool sampler;                /* a constant pause after each chunk (no C option sets it yet) */
+    bool sampler;                /* a constant pause after each chunk (sc_sub_options.sampler) */
     double pause;
     bool has_start;              /* Rechunker.start is not None */
     uint64_t start;              /* index of the first pending sample */
@@ -251,6 +253,15 @@ struct sc_client {
     unsigned char *sleeper_map;  /* doorbell: the page(s) holding the sleeper table, mapped writable (or NULL) */
     size_t sleeper_map_bytes;
     unsigned char *sleeper;      /* our byte of the table (ATTACHED's sleeper), or NULL: a notice for every frame */
+    bool armed;                  /* our sleeper byte is set (until the next sc_recv, after one that found nothing) */
+
+    /* Since 1.3.0. */
+    bool held_request;           /* a SUBSCRIBE with wait the broker may still hold (its wait expired) */
+    int epfd;                    /* sc_fd's epoll instance, or -1 */
+    char *meta_text;             /* every string of the stream's metadata, NUL-terminated, back to back */
+    const char **meta_ptrs;      /* channel names, then types and units if given (pointers into meta_text) */
+    bool timestamps;             /* the stream keeps a time per sample (SUBSCRIBED's meta) */
+    uint64_t times_offset;       /* where the per-sample time tables start (docs/protocol.md 7.5) */
 
     char err[1024];
     char end_msg[1024];
@@ -640,11 +651,14 @@ _Static_assert(SC_ABI_VERSION == SC_VERSION_MAJOR, "SC_ABI_VERSION (the SONAME's
 _Static_assert(offsetof(sc_sub_options, struct_size) == 0 && offsetof(sc_chunk, struct_size) == 0 &&
                offsetof(sc_stats, struct_size) == 0 && offsetof(sc_stream_info, struct_size) == 0,
                "struct_size comes first in every public struct");
-_Static_assert(offsetof(sc_sub_options, wake) + sizeof(const char *) == sizeof(sc_sub_options) &&
+_Static_assert(offsetof(sc_sub_options, reserved2) + sizeof(unsigned) == sizeof(sc_sub_options) &&
                offsetof(sc_sub_options, wake) == offsetof(sc_sub_options, reserved) + sizeof(unsigned) &&
-               offsetof(sc_chunk, reserved) + sizeof(unsigned) == sizeof(sc_chunk) &&
+               offsetof(sc_sub_options, sampler) == offsetof(sc_sub_options, wake) + sizeof(const char *) &&
+               offsetof(sc_chunk, times) + sizeof(const double *) == sizeof(sc_chunk) &&
+               offsetof(sc_chunk, times) == offsetof(sc_chunk, reserved) + sizeof(unsigned) &&
                offsetof(sc_stats, dropped) + sizeof(uint64_t) == sizeof(sc_stats) &&
-               offsetof(sc_stream_info, segment_bytes) + sizeof(size_t) == sizeof(sc_stream_info),
+               offsetof(sc_stream_info, reserved) + sizeof(unsigned) == sizeof(sc_stream_info) &&
+               offsetof(sc_stream_info, channel_names) == offsetof(sc_stream_info, segment_bytes) + sizeof(size_t),
                "a public struct has tail padding: fill it with a reserved field");
 
 const char *sc_library_version(int *major, int *minor, int *patch)
@@ -674,6 +688,7 @@ sc_client *sc_new(void)
     c->timeout_ms = DEFAULT_TIMEOUT_MS;
     c->stats.last_seq = -1;
     c->lock_fd = -1;
+    c->epfd = -1;
     snprintf(c->label, sizeof c->label, "c-subscriber");
     snprintf(c->where, sizeof c->where, "not connected");
     msgpack_unpacked_init(&c->unp);
@@ -829,6 +844,7 @@ static void sub_options_defaults(sc_sub_options *o)
     o->struct_size = sizeof *o;
     o->policy = "block";
     o->max_inflight = 8;
+    o->wait_ms = -1;  /* the client's timeout */
 }
 
 void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size)
@@ -889,13 +905,14 @@ static bool valid_stream_name(const char *s)
     return true;
 }
 
-/* Item size of a numpy dtype string: byte order, kind (b i u f c), size in bytes; 0 if invalid. */
+/* Item size of a numpy dtype string: byte order, kind (b i u f c, or S: fixed-width bytes, a marker stream's
+ * NUL-padded UTF-8 strings), size in bytes; 0 if invalid. */
 static unsigned dtype_itemsize(const char *dtype)
 {
     const char *p = dtype;
     if (*p == '<' || *p == '>' || *p == '|' || *p == '=')
         p++;
-    if (*p == '\0' || strchr("biufc", *p) == NULL)
+    if (*p == '\0' || strchr("biufcS", *p) == NULL)
         return 0;
     p++;
     if (*p < '1' || *p > '9')
@@ -1009,8 +1026,32 @@ static int map_segment(sc_client *c, size_t nbytes)
     return SC_OK;
 }
 
+/* Set our sleeper byte (docs/protocol.md 7.8: about to sleep), make a full barrier, load the ring's position
+ * again: true if it moved past what we read (then do not sleep).  From here until disarm, a publish we did not
+ * see sends us a notice (Dekker's handshake with the publisher's store, barrier, look at the table).  Without a
+ * byte every publish sends one anyway: only the position is looked at. */
+static bool arm(sc_client *c)
+{
+    if (c->sleeper != NULL && !c->armed) {
+        __atomic_store_n(c->sleeper, 1, __ATOMIC_RELAXED);
+        c->armed = true;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    return __atomic_load_n(c->position, __ATOMIC_RELAXED) != c->rseq;
+}
+
+/* We are awake: publishes need not ring for us. */
+static void disarm(sc_client *c)
+{
+    if (c->armed) {
+        __atomic_store_n(c->sleeper, 0, __ATOMIC_RELAXED);
+        c->armed = false;
+    }
+}
+
 static void unmap_sleepers(sc_client *c)
 {
+    disarm(c);
     if (c->sleeper_map != NULL)
         munmap(c->sleeper_map, c->sleeper_map_bytes);
     c->sleeper_map = NULL;
@@ -1116,19 +1157,16 @@ static int take_end(sc_client *c, const msgview *m);
 
 /* JOINED came: send ATTACH; the broker starts us at its head (0 for a subscription made before the
  * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */
-/* Send the packed request `what` and wait (the client's timeout) for its answer of kind `want`:
- * ERROR and END (e.g. the stream ended while the broker held the request) become their errors. */
-static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
+/* Send the packed request `what` and wait up to `timeout_ms` for its answer of kind `want` (SC_ETIMEOUT if none
+ * came): ERROR and END (e.g. the stream ended while the broker held the request) become their errors. */
+static int request_within(sc_client *c, const char *what, uint64_t want, msgview *m, int timeout_ms)
 {
     int rc = send_packed(c, what);
     if (rc)
         return rc;
-    rc = next_msg(c, deadline_for(c->timeout_ms), m);
-    if (rc == SC_ETIMEOUT)
-        return fail(c, SC_EBROKERGONE, "no answer to %s from the broker within %d ms (%s)", what, c->timeout_ms,
-                    c->where);
+    rc = next_msg(c, deadline_for(timeout_ms), m);
     if (rc)
-        return rc;
+        return rc;  /* (SC_ETIMEOUT: no answer within timeout_ms) */
     if (m->kind == SCW_ERROR)
         return broker_error(c, m);
     if (m->kind == SCW_END)
@@ -1137,6 +1175,16 @@ static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
         return fail(c, SC_EPROTO, "expected %s, got %s (kind %llu) (%s)", kind_name(want), kind_name(m->kind),
                     (unsigned long long)m->kind, c->where);
     return SC_OK;
+}
+
+/* request_within the client's timeout: no answer means the broker is gone. */
+static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
+{
+    int rc = request_within(c, what, want, m, c->timeout_ms);
+    if (rc == SC_ETIMEOUT)
+        return fail(c, SC_EBROKERGONE, "no answer to %s from the broker within %d ms (%s)", what, c->timeout_ms,
+                    c->where);
+    return rc;
 }
 
 /* ATTACH, then ATTACHED: `start` (the stream index we start at) and, version 3, `seq` (its ring descriptor). */
@@ -1231,6 +1279,124 @@ static void reset_subscription(sc_client *c)
     c->nlocked = 0;
 }
 
+/* ................................................. the stream's metadata */
+
+/* Forget the metadata of an earlier SUBSCRIBED. */
+static void free_metadata(sc_client *c)
+{
+    free(c->meta_text);
+    free(c->meta_ptrs);
+    c->meta_text = NULL;
+    c->meta_ptrs = NULL;
+    c->info.channel_names = c->info.channel_types = c->info.channel_units = NULL;
+    c->info.source_id = "";
+    c->info.timestamps = 0;
+    c->timestamps = false;
+}
+
+/* `o`, in SUBSCRIBED field `pos` (`name`, and `what` inside it), must be an array of `channels` strs (or, when
+ * `optional`, an empty one: none given); add its strings' bytes, NULs included, to *bytes. */
+static int meta_strings(sc_client *c, const msgpack_object *o, unsigned pos, const char *name, const char *what,
+                        unsigned channels, bool optional, size_t *bytes)
+{
+    if (o->type != MSGPACK_OBJECT_ARRAY)
+        return bad_field(c, SCW_SUBSCRIBED, pos, name, "%s must be an array of str, got %s", what, type_name(o));
+    uint32_t n = o->via.array.size;
+    if (n != channels && !(optional && n == 0))
+        return bad_field(c, SCW_SUBSCRIBED, pos, name, "%s must have one str per channel (%u), got %u", what,
+                         channels, n);
+    for (uint32_t i = 0; i < n; i++) {
+        const msgpack_object *e = &o->via.array.ptr[i];
+        if (e->type != MSGPACK_OBJECT_STR)
+            return bad_field(c, SCW_SUBSCRIBED, pos, name, "%s[%u] must be a str, got %s", what, i, type_name(e));
+        *bytes += e->via.str.size + 1;
+    }
+    return SC_OK;
+}
+
+/* Copy the strs of array `o` (checked by meta_strings) to *text, pointing ptrs[i] at each. */
+static void copy_strings(const msgpack_object *o, char **text, const char **ptrs)
+{
+    for (uint32_t i = 0; i < o->via.array.size; i++) {
+        const msgpack_object_str *e = &o->via.array.ptr[i].via.str;
+        memcpy(*text, e->ptr, e->size);
+        (*text)[e->size] = '\0';
+        ptrs[i] = *text;
+        *text += e->size + 1;
+    }
+}
+
+/* The stream's metadata from SUBSCRIBED, into one allocation the client owns (sc_info, sc_channel_name...):
+ * channel_names (field 8) and, from version 2 on, meta (field 15, a map: channel_types and channel_units, arrays
+ * of str, empty when not given; source_id, str; timestamps, bool).  A meta that is not a map says nothing (nil,
+ * or a field another version put there); its other keys are ignored. */
+static int take_metadata(sc_client *c, const msgview *m, unsigned channels)
+{
+    free_metadata(c);
+    const msgpack_object *names = &m->a[SCW_SUBSCRIBED_CHANNEL_NAMES], *types = NULL, *units = NULL,
+                         *source = NULL;
+    bool timestamps = false;
+    if (field_is(m, SCW_SUBSCRIBED_META, MSGPACK_OBJECT_MAP)) {
+        const msgpack_object_map *map = &m->a[SCW_SUBSCRIBED_META].via.map;
+        for (uint32_t i = 0; i < map->size; i++) {
+            const msgpack_object *k = &map->ptr[i].key, *v = &map->ptr[i].val;
+            if (k->type != MSGPACK_OBJECT_STR || v->type == MSGPACK_OBJECT_NIL)
+                continue;
+            const char *key = k->via.str.ptr;
+            size_t klen = k->via.str.size;
+#define KEY_IS(s) (klen == sizeof(s) - 1 && memcmp(key, s, klen) == 0)
+            if (KEY_IS("channel_types"))
+                types = v;
+            else if (KEY_IS("channel_units"))
+                units = v;
+            else if (KEY_IS("source_id"))
+                source = v;
+            else if (KEY_IS("timestamps")) {
+                if (v->type != MSGPACK_OBJECT_BOOLEAN)
+                    return bad_field(c, m->kind, AT(SUBSCRIBED, META), "timestamps must be a bool, got %s",
+                                     type_name(v));
+                timestamps = v->via.boolean;
+            }
+#undef KEY_IS
+        }
+    }
+    size_t bytes = 1;  /* the "" of what was not given */
+    int rc;
+    if ((rc = meta_strings(c, names, AT(SUBSCRIBED, CHANNEL_NAMES), "the array", channels, false, &bytes)) ||
+        (types && (rc = meta_strings(c, types, AT(SUBSCRIBED, META), "channel_types", channels, true, &bytes))) ||
+        (units && (rc = meta_strings(c, units, AT(SUBSCRIBED, META), "channel_units", channels, true, &bytes))))
+        return rc;
+    if (source != NULL) {
+        if (source->type != MSGPACK_OBJECT_STR)
+            return bad_field(c, m->kind, AT(SUBSCRIBED, META), "source_id must be a str, got %s", type_name(source));
+        bytes += source->via.str.size + 1;
+    }
+    uint32_t ntypes = types ? types->via.array.size : 0, nunits = units ? units->via.array.size : 0;
+    char *text = c->meta_text = malloc(bytes);
+    const char **ptrs = c->meta_ptrs = malloc(((size_t)channels + ntypes + nunits) * sizeof *ptrs);
+    if (text == NULL || ptrs == NULL)
+        return fail(c, SC_ENOMEM, "out of memory");
+    *text++ = '\0';
+    copy_strings(names, &text, ptrs);
+    c->info.channel_names = ptrs;
+    if (ntypes) {
+        copy_strings(types, &text, ptrs + channels);
+        c->info.channel_types = ptrs + channels;
+    }
+    if (nunits) {
+        copy_strings(units, &text, ptrs + channels + ntypes);
+        c->info.channel_units = ptrs + channels + ntypes;
+    }
+    c->info.source_id = c->meta_text;
+    if (source != NULL) {
+        memcpy(text, source->via.str.ptr, source->via.str.size);
+        text[source->via.str.size] = '\0';
+        c->info.source_id = text;
+    }
+    c->info.timestamps = timestamps;
+    return SC_OK;
+}
+
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
 {
     if (!c->connected)
@@ -1238,6 +1404,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (c->subscribed)
         return fail(c, SC_EINVAL, "this client already subscribed to stream '%s'; use one client per subscription",
                     c->stream);
+    if (c->held_request)
+        return fail(c, SC_EINVAL, "this client waited for stream '%s' in vain and the broker may still hold that "
+                    "SUBSCRIBE: sc_close it and subscribe with a new client", c->stream);
     if (stream == NULL || !valid_stream_name(stream))
         return fail(c, SC_EINVAL, "stream name must be 1 to 64 characters from A-Z a-z 0-9 _ . : -, got '%s'",
                     stream ? stream : "(null)");
@@ -1268,6 +1437,13 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
             return fail(c, SC_EINVAL, "wake '%s' needs protocol version 3 (it waits on the segment's descriptor "
                         "ring); this client speaks version %u", opts->wake, c->version);
     }
+    if (!(opts->sampler >= 0 && opts->sampler <= MAX_SAMPLER_SECONDS))  /* (NaN too) */
+        return fail(c, SC_EINVAL, "sampler must be seconds in 0..%g (0: none), got %g", MAX_SAMPLER_SECONDS,
+                    opts->sampler);
+    if (opts->wait_ms < -1)
+        return fail(c, SC_EINVAL, "wait_ms must be milliseconds >= 0, or -1 for the client's timeout, got %d",
+                    opts->wait_ms);
+    int wait_ms = !c->local ? 0 : opts->wait_ms < 0 ? c->timeout_ms : opts->wait_ms;  /* (version 1 cannot wait) */
     snprintf(c->stream, sizeof c->stream, "%s", stream);
     snprintf(c->where, sizeof c->where, "subscriber of stream '%s' at %s", stream, c->address);
     reset_subscription(c);
@@ -1307,10 +1483,16 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_false(&c->pk);
     pack_str(c, policy);
     msgpack_pack_uint64(&c->pk, opts->max_inflight);
-    msgpack_pack_nil(&c->pk);  /* sampler: none (version 2: a local subscriber's sampler stays with it) */
+    if (!c->local && opts->sampler > 0)
+        msgpack_pack_double(&c->pk, opts->sampler);  /* version 1: the broker applies it */
+    else
+        msgpack_pack_nil(&c->pk);  /* sampler: versions 2 and 3 apply it here (a local subscriber's stays with it) */
     if (c->local) {
         pack_str(c, "local");      /* cut: this client cuts its own chunks */
-        msgpack_pack_false(&c->pk);  /* wait: an unknown stream is an error at once */
+        if (wait_ms > 0)           /* wait: the broker holds the request until the stream opens */
+            msgpack_pack_true(&c->pk);
+        else
+            msgpack_pack_false(&c->pk);
         msgpack_pack_bin(&c->pk, TOKEN_BYTES);
         msgpack_pack_bin_body(&c->pk, c->token + 1, TOKEN_BYTES);
     }
@@ -1319,7 +1501,14 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         pack_str(c, WAKE_NAMES[wake]); /* how it waits: the broker tells the publisher (futex: FUTEX_WAKE) */
     }
     msgview m;
-    int rc = request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
+    int rc = wait_ms > 0 ? request_within(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m, wait_ms)
+                         : request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
+    if (rc == SC_ETIMEOUT) {
+        c->held_request = true;
+        return fail(c, SC_ENOSTREAM, "no stream named '%s' appeared within wait_ms=%d (the broker holds a SUBSCRIBE "
+                    "that waits until the stream opens; without a wait it answers ERROR unknown-stream at once) (%s)",
+                    stream, wait_ms, c->where);
+    }
     if (rc)
         return rc;
     uint64_t seg_bytes, channels, size, start;
@@ -1341,6 +1530,8 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (itemsize == 0 || channels < 1 || channels > 65535 || size < 1 || seg_bytes > SIZE_MAX)
         return fail(c, SC_EPROTO, "SUBSCRIBED announced dtype '%s', %llu channels, size %llu: not a valid stream (%s)",
                     c->dtype, (unsigned long long)channels, (unsigned long long)size, c->where);
+    if ((rc = take_metadata(c, &m, (unsigned)channels)))
+        return rc;
     if (c->local) {
         uint64_t header, slab_bytes, nslabs, sample_bytes;
         if ((rc = field_uint(c, &m, AT(SUBSCRIBED, STREAM_ID), &c->sid)) ||
@@ -1374,6 +1565,17 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     c->info.segment_bytes = (size_t)seg_bytes;
     if ((rc = map_segment(c, (size_t)seg_bytes)))
         return rc;
+    if (c->local && c->info.timestamps) {
+        /* Per-sample times: one f64 per sample slot of every slab, after the slabs (docs/protocol.md 7.5). */
+        uint64_t end = (uint64_t)c->header_bytes + (uint64_t)c->nslabs * c->slab_bytes;
+        c->times_offset = end;
+        end += 8 * (c->slab_bytes / c->info.sample_bytes) * c->nslabs;
+        if (end > (c->ring ? (uint64_t)(c->ring_base - c->map) : (uint64_t)c->map_bytes))
+            return fail(c, SC_EPROTO, "segment %s has no room for the per-sample times SUBSCRIBED announced: "
+                        "their tables would end at byte %llu, past the %s (%s)", c->segment, (unsigned long long)end,
+                        c->ring ? "descriptor ring" : "segment", c->where);
+        c->timestamps = true;
+    }
     if (c->local) {
         c->leases = calloc(c->nslabs, sizeof *c->leases);
         c->locked = calloc(c->nslabs, sizeof *c->locked);
@@ -1400,7 +1602,8 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
             return rc;
         c->rseq = seq;
         c->info.start = start;
-        c->rk = (rechunker){.size = size, .clip = opts->clip != 0, .rate = rate};
+        c->rk = (rechunker){.size = size, .clip = opts->clip != 0, .rate = rate, .sampler = opts->sampler > 0,
+                            .pause = opts->sampler};
         c->have_frames = false;
         c->rhead = c->rcount = 0;
         c->next_seq = c->dropped = 0;
@@ -1421,6 +1624,25 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
 const sc_stream_info *sc_info(const sc_client *c)
 {
     return c->subscribed ? &c->info : NULL;
+}
+
+const char *sc_channel_name(const sc_client *c, unsigned i)
+{
+    return c != NULL && c->subscribed && i < c->info.channels ? c->info.channel_names[i] : NULL;
+}
+
+const char *sc_channel_type(const sc_client *c, unsigned i)
+{
+    if (c == NULL || !c->subscribed || i >= c->info.channels)
+        return NULL;
+    return c->info.channel_types ? c->info.channel_types[i] : "";
+}
+
+const char *sc_channel_unit(const sc_client *c, unsigned i)
+{
+    if (c == NULL || !c->subscribed || i >= c->info.channels)
+        return NULL;
+    return c->info.channel_units ? c->info.channel_units[i] : "";
 }
 
 /* -------------------------------------------------------------- receiving */
@@ -1517,6 +1739,25 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
     return SC_OK;
 }
 
+/* Nothing is queued on our sockets, and the broker connection stands: what sc_recv looks at last before it
+ * returns SC_ETIMEOUT.  Asking each socket's ZMQ_EVENTS also makes ZeroMQ process what it was signalled, so that
+ * the edge-triggered ZMQ_FD in sc_fd's epoll set fires for whatever comes next (a send, such as an ACK, may take a
+ * signal without reading the message it announced). */
+static bool sockets_quiet(sc_client *c)
+{
+    read_monitor(c);
+    if (c->gone)
+        return false;
+    void *socks[3] = {c->notices, c->sock, c->mon};
+    for (int i = 0; i < 3; i++) {
+        int events = 0;
+        size_t len = sizeof events;
+        if (socks[i] != NULL && zmq_getsockopt(socks[i], ZMQ_EVENTS, &events, &len) == 0 && (events & ZMQ_POLLIN))
+            return false;
+    }
+    return true;
+}
+
 static int recv_v1(sc_client *c, sc_chunk *chunk, int64_t deadline)
 {
     for (;;) {
@@ -1524,6 +1765,8 @@ static int recv_v1(sc_client *c, sc_chunk *chunk, int64_t deadline)
         int rc = next_msg(c, deadline, &m);
         if (rc == SC_EBROKERGONE)
             return end_with(c, rc);
+        if (rc == SC_ETIMEOUT && !sockets_quiet(c))
+            continue;  /* (the next look takes it; a connection gone is SC_EBROKERGONE there) */
         if (rc)
             return rc;
         switch (m.kind) {
@@ -2206,20 +2449,14 @@ static int wait_ring(sc_client *c, long wait_ms)
      * Without one, every publish is followed by a notice.  We drained the notices, then loaded the position:
      * a publish we did not see has its notice still to come.  (NOTICE_END and the broker's END are messages
      * too.) */
-    unsigned char *sleeper = c->sleeper;
-    if (sleeper != NULL) {
-        __atomic_store_n(sleeper, 1, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) != c->rseq) {
-            __atomic_store_n(sleeper, 0, __ATOMIC_RELAXED);
-            return SC_OK;
-        }
+    if (arm(c)) {
+        disarm(c);
+        return SC_OK;
     }
     zmq_pollitem_t items[3] = {
         {c->notices, 0, ZMQ_POLLIN, 0}, {c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
     int polled = zmq_poll(items, 3, wait_ms);
-    if (sleeper != NULL)
-        __atomic_store_n(sleeper, 0, __ATOMIC_RELAXED);
+    disarm(c);
     if (polled < 0 && zmq_errno() != EINTR)
         return fail(c, SC_ESYS, "cannot poll the sockets of %s: %s", c->where, zmq_strerror(zmq_errno()));
     return SC_OK;
@@ -2234,6 +2471,7 @@ static int wait_ring(sc_client *c, long wait_ms)
  */
 static int pump_ring(sc_client *c, int64_t deadline)
 {
+    disarm(c);  /* (set by the last call that found nothing: an event loop slept on sc_fd) */
     for (;;) {
         int rc;
         if (c->rcount > 0)
@@ -2286,8 +2524,15 @@ static int pump_ring(sc_client *c, int64_t deadline)
         long wait = LOOK_MS;
         if (deadline >= 0) {
             int64_t left = deadline - now_ms();
-            if (left <= 0)
+            if (left <= 0) {
+                /* Nothing now.  Whoever waits next (an event loop, on sc_fd) is woken by the next publish: our
+                 * sleeper byte stays set until the next call (LocalReceiver.recv's _arm). */
+                if (arm(c) || !sockets_quiet(c)) {
+                    disarm(c);
+                    continue;
+                }
                 return SC_ETIMEOUT;
+            }
             if (left < wait)
                 wait = (long)left;
         }
@@ -2357,8 +2602,11 @@ static int pump_notices(sc_client *c, int64_t deadline)
         long wait = LOOK_MS;
         if (deadline >= 0) {
             int64_t left = deadline - now;
-            if (left <= 0)
+            if (left <= 0) {
+                if (!sockets_quiet(c))
+                    continue;  /* (a message came meanwhile: take it; see sc_fd) */
                 return SC_ETIMEOUT;
+            }
             if (left < wait)
                 wait = (long)left;
         }
@@ -2373,6 +2621,15 @@ static int pump_notices(sc_client *c, int64_t deadline)
 static int pump(sc_client *c, int64_t deadline)
 {
     return c->ring ? pump_ring(c, deadline) : pump_notices(c, deadline);
+}
+
+/* The time of the sample at segment byte `offset` (docs/protocol.md 7.5): that of sample slot k of slab i is
+ * at times_offset + 8 * (i * (slab_bytes / sample_bytes) + k); a chunk's are consecutive (one slab). */
+static const double *time_of(const sc_client *c, uint64_t offset)
+{
+    uint64_t sb = c->info.sample_bytes, within = offset - c->header_bytes;
+    uint64_t slab = within / c->slab_bytes, k = within % c->slab_bytes / sb;
+    return (const double *)(c->map + c->times_offset + 8 * (slab * (c->slab_bytes / sb) + k));
 }
 
 /* Hand out the oldest chunk cut (Subscriber._hand_out). */
@@ -2394,6 +2651,7 @@ static int hand_out(sc_client *c, sc_chunk *chunk)
     chunk->seq = r.seq;
     chunk->index = r.index;
     chunk->flags = r.flags;
+    chunk->times = c->timestamps ? time_of(c, r.offset) : NULL;
     c->stats.received++;
     c->stats.last_seq = (int64_t)r.seq;
     return SC_OK;
@@ -2470,6 +2728,46 @@ int sc_wait(sc_client *c, int timeout_ms)
     }
 }
 
+/* An epoll instance holding the ZMQ_FD of our sockets: readable when one of them was signalled (slabcast.h, "waiting
+ * in an event loop"). */
+int sc_fd(sc_client *c)
+{
+    if (c == NULL)
+        return SC_EINVAL;
+    if (!c->subscribed)
+        return fail(c, SC_EINVAL, "sc_fd needs a subscription (call sc_subscribe first)");
+    if (c->ring && c->wake != WAKE_DOORBELL)
+        return fail(c, SC_EINVAL, "sc_fd: a subscriber with wake '%s' sleeps on no descriptor (%s); subscribe with "
+                    "wake \"doorbell\" (the default) to wait in an event loop (%s)", WAKE_NAMES[c->wake],
+                    c->wake == WAKE_FUTEX ? "FUTEX_WAIT on the ring's position" : "it spins", c->where);
+    if (c->epfd >= 0)
+        return c->epfd;
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0)
+        return fail(c, SC_ESYS, "sc_fd: epoll_create1 failed: %s (%s)", strerror(errno), c->where);
+    void *socks[3] = {c->notices, c->sock, c->mon};
+    for (unsigned i = 0; i < 3; i++) {
+        int fd = -1;
+        size_t len = sizeof fd;
+        if (socks[i] == NULL)
+            continue;
+        if (zmq_getsockopt(socks[i], ZMQ_FD, &fd, &len) != 0) {
+            close(ep);
+            return fail(c, SC_ESYS, "sc_fd: cannot get a socket's ZMQ_FD: %s (%s)", zmq_strerror(zmq_errno()),
+                        c->where);
+        }
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+            int e = errno;
+            close(ep);
+            return fail(c, SC_ESYS, "sc_fd: cannot add a socket's descriptor to epoll: %s (%s)", strerror(e),
+                        c->where);
+        }
+    }
+    c->epfd = ep;
+    return ep;
+}
+
 int sc_release_seq(sc_client *c, uint64_t seq)
 {
     if (!c->subscribed)
@@ -2532,6 +2830,7 @@ void sc_close(sc_client *c)
 {
     if (c == NULL)
         return;
+    disarm(c);  /* before BYE: the broker may give our sleeper byte to another subscriber once we left */
     if (c->notices != NULL)
         zmq_close(c->notices);  /* linger 0 */
     if (c->lock_fd >= 0)
@@ -2566,9 +2865,13 @@ void sc_close(sc_client *c)
     }
     if (c->ctx != NULL)
         zmq_ctx_term(c->ctx);
+    if (c->epfd >= 0)
+        close(c->epfd);
     if (c->map != NULL)
         munmap((void *)c->map, c->map_bytes);
     unmap_sleepers(c);
+    free(c->meta_text);
+    free(c->meta_ptrs);
     msgpack_unpacked_destroy(&c->unp);
     msgpack_unpacked_destroy(&c->nunp);
     msgpack_sbuffer_destroy(&c->sbuf);

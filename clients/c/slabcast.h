@@ -12,6 +12,13 @@
  * publisher's notices (a notice lost is samples lost).  Version 1: the broker cuts the chunks, sends one
  * CHUNK notice each and the client answers each release with RELEASE.  A version-3 broker serves all three.
  *
+ * What slabcast.Subscriber does, this client does too (since 1.3.0): wait for a stream that does not exist yet
+ * (sc_sub_options.wait_ms), the stream's metadata (sc_stream_info's channel names, types, units, source_id;
+ * sc_channel_name), per-sample times (sc_chunk.times), a sampler (sc_sub_options.sampler, a constant pause), and
+ * waiting in an event loop (sc_fd).  Not yet: a callable sampler, history, partial_tail, reconnect, and remote
+ * subscriptions: a tcp:// broker (docs/protocol.md 11: CURVE-encrypted, chunks by value in the messages, SYNC
+ * every second) is refused with SC_EINVAL; use the Python client there.
+ *
  * Installing and linking: `make -C clients/c install PREFIX=<dir>` installs this header, libslabcast.so.N
  * (SONAME libslabcast.so.N), libslabcast.a, slabcast-sub and <dir>/lib/pkgconfig/slabcast.pc; build with
  * `cc prog.c $(pkg-config --cflags --libs slabcast)` (PKG_CONFIG_PATH=<dir>/lib/pkgconfig for a prefix
@@ -76,9 +83,9 @@ extern "C" {
 /* The version of this header and of the library built from it (semantic versioning, see the ABI rules
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
-#define SC_VERSION_MINOR 2
+#define SC_VERSION_MINOR 3
 #define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.2.0"
+#define SC_VERSION_STRING "1.3.0"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -141,6 +148,23 @@ typedef struct sc_sub_options {
                              * at 100 % while it waits; no system call).  Every wait is bounded (100 ms) so
                              * that the end of the subscription is seen.  Versions 1 and 2 accept only NULL
                              * and "doorbell". */
+    /* Since 1.3.0. */
+    double sampler;         /* seconds of stream time to skip after each chunk (0: none, the default; at most
+                             * 1e9), slabcast.Subscriber's sampler= as a number: the rest of the chunk's frame
+                             * is dropped, never carried.  With a rate the pause is counted in samples
+                             * (accumulation restarts at index stop + ceil(sampler * rate - 1e-9), `stop` just
+                             * past the chunk); without one it lasts until the first frame whose t0 is at least
+                             * the completing frame's t0 + sampler, and a frame older than the one before (the
+                             * clock stepped back) ends it at once and flags the next chunk
+                             * (docs/protocol.md section 8, rule 5).  Versions 2 and 3 apply it in this
+                             * client; version 1 sends it to the broker. */
+    int wait_ms;            /* how long sc_subscribe waits for a stream that does not exist yet (SUBSCRIBE's
+                             * `wait`: the broker holds the request until the stream opens, and the
+                             * subscription then starts at index 0, every sample received); -1 (the default):
+                             * the client's timeout (sc_set_timeout), as Python's wait= defaults to its
+                             * timeout; 0: SC_ENOSTREAM at once.  SC_ENOSTREAM once it expires (the client may
+                             * then not subscribe again: sc_close it).  Version 1 cannot wait (0). */
+    unsigned reserved2;     /* 0; fills what would be tail padding */
 } sc_sub_options;
 
 /* What SUBSCRIBED said about the stream; owned by the client, valid and unchanged until sc_close. */
@@ -157,6 +181,15 @@ typedef struct sc_stream_info {
                              * (versions 2 and 3: as ATTACHED said) */
     const char *segment;    /* shared-memory segment name (no leading slash) */
     size_t segment_bytes;   /* bytes mapped */
+    /* Since 1.3.0: the stream's metadata, as SUBSCRIBED gave it (sc_channel_name and the others read the same
+     * strings without this struct). */
+    const char *const *channel_names;  /* `channels` names ("ch_0", "ch_1", ... unless the publisher named them) */
+    const char *const *channel_types;  /* `channels` types ("EEG", "EMG": LSL's type), or NULL when none given */
+    const char *const *channel_units;  /* `channels` units ("microvolts"), or NULL when none given */
+    const char *source_id;  /* a unique id of the data's origin (a device serial), "" when none */
+    int timestamps;         /* 1: every sample has a time of its own, which sc_chunk.times points to
+                             * (versions 2 and 3); 0: sample k of a chunk is at t0 + k / rate (t0 without a rate) */
+    unsigned reserved;      /* 0; fills what would be tail padding */
 } sc_stream_info;
 
 /* One chunk.  `data` points into the read-only shared mapping and stays valid until
@@ -176,6 +209,12 @@ typedef struct sc_chunk {
     unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or samples
                              * were lost before it: no chunk spans the hole) */
     unsigned reserved;      /* 0; fills what would be tail padding */
+    /* Since 1.3.0. */
+    const double *times;    /* a stream with per-sample times (sc_stream_info.timestamps): n seconds, one per
+                             * sample, in the read-only shared mapping beside the samples, under the same lease
+                             * (valid, and unchanged, until sc_release of this chunk; copy them to keep them).
+                             * NULL for a stream without them (sample k is at t0 + k / rate, or
+                             * t0 without a rate) and for version 1 (broker-cut chunks carry none). */
 } sc_chunk;
 
 #define SC_FLAG_DISCONTINUITY 1u
@@ -194,7 +233,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.2.0" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.3.0" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 
@@ -224,7 +263,7 @@ int sc_set_protocol_version(sc_client *c, unsigned version);
 int sc_connect(sc_client *c, const char *address);
 
 /* Fill the first `struct_size` bytes of `opts` with the defaults (size 0, seconds 0, clip 0, policy
- * "block", max_inflight 8, wake NULL) and set opts->struct_size = struct_size (pass sizeof *opts; at least
+ * "block", max_inflight 8, wake NULL, sampler 0, wait_ms -1) and set opts->struct_size = struct_size (pass sizeof *opts; at least
  * sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
 void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
 #define sc_sub_options_init(opts) sc_sub_options_init_sized((opts), sizeof *(opts))
@@ -235,11 +274,20 @@ void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
  * and 3 also connect to the stream's notice socket, wait (up to the timeout of sc_set_timeout) until the
  * publisher confirms it reaches this client (JOINED), then send ATTACH; the broker's ATTACHED gives
  * sc_info()->start, from which every sample is received (version 3: and the ring descriptor of the frame
- * there, the first this client reads).  One subscription per client. */
+ * there, the first this client reads).  One subscription per client.  A stream that does not exist yet is
+ * waited for (opts->wait_ms; SC_ENOSTREAM when the wait is 0 or expires). */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */
 const sc_stream_info *sc_info(const sc_client *c);
+
+/* Since 1.3.0: channel `i`'s name, type and unit as the publisher gave them (sc_info()->channel_names[i] and
+ * the others, for bindings that would rather not mirror sc_stream_info): "" for a type or unit the publisher
+ * did not give; NULL before sc_subscribe succeeded or for i >= channels.  Owned by the client, valid and
+ * unchanged until sc_close. */
+const char *sc_channel_name(const sc_client *c, unsigned i);
+const char *sc_channel_type(const sc_client *c, unsigned i);
+const char *sc_channel_unit(const sc_client *c, unsigned i);
 
 /* sc_recv(c, &chunk, timeout_ms): wait up to `timeout_ms` (-1: forever, 0: do not wait) for the
  * next chunk.  SC_OK fills `chunk`; SC_ETIMEOUT when none came; SC_EOF at the end of the stream (every
@@ -256,6 +304,53 @@ int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_
  * and measurements.  Versions 2 and 3 cut the chunks of the frames published meanwhile, so it may
  * also return an error that sc_recv would have returned (SC_EPROTO, SC_ELOST, ...). */
 int sc_wait(sc_client *c, int timeout_ms);
+
+/*
+ * Since 1.3.0: waiting in an event loop (libuv, asyncio, tokio, GLib, epoll or poll(2)) without blocking it.
+ *
+ * sc_fd(c) gives a file descriptor that becomes readable when the client may have something for sc_recv: a
+ * publisher's notice, a message from the broker, the broker's connection dropping.  The loop watches it for
+ * readability (POLLIN, EPOLLIN, libuv's UV_READABLE, asyncio's add_reader, tokio's AsyncFd::readable) and never
+ * reads, writes or closes it (sc_close does).  The rule, in a loop:
+ *
+ *   1. Drain: call sc_recv(c, &chunk, 0) until it returns something other than SC_OK.  SC_ETIMEOUT: nothing
+ *      more now, go to 2; any other code means what it means for sc_recv (SC_EOF: the end, stop watching).
+ *   2. Sleep until sc_fd(c) is readable or SC_FD_WAIT_MS (100 ms) have passed, whichever comes first; then 1.
+ *
+ * Why that is enough.  An sc_recv(c, &chunk, 0) that returns SC_ETIMEOUT has, last of all, set this subscriber's
+ * byte of the stream's sleeper table (docs/protocol.md 7.8: "about to sleep"), made a full barrier, seen the
+ * ring's position unchanged, and seen nothing queued on its ZeroMQ sockets (their ZMQ_EVENTS, which also re-arms
+ * their edge-triggered ZMQ_FD).  So a frame published after that call makes the publisher send this subscriber a
+ * notice, and that, like any message from the broker or the connection dropping, makes the descriptor readable.
+ * The byte stays set until the next sc_recv (a subscriber busy with its chunks costs the publisher no message).
+ * The descriptor is an epoll instance holding the ZMQ_FD of the client's sockets: readable until sc_recv takes
+ * what woke it (level-triggered; an edge-triggered watch works too, since step 1 takes everything), and it may be
+ * readable with nothing to return (sc_recv then returns SC_ETIMEOUT: sleep again).  The 100 ms of step 2 is the
+ * blocking sc_recv's own bound: within it the client gives back the lease locks of chunks released since its last
+ * sc_recv (a lossless publisher may be waiting for that slab), sends the ACK it owes the broker (at most every
+ * 100 ms: docs/protocol.md 10.3) and ends a version-2 subscription whose last notices never came.  A loop that
+ * sleeps longer delays those; it loses no chunk.
+ *
+ * Only wake "doorbell" (the default) can be waited on so: a "futex" or "busy" subscriber sleeps in the kernel or
+ * spins, on no descriptor, and sc_fd refuses it.  Versions 1 and 2 can (their chunks come as messages).
+ * Threads: sc_fd and sc_recv are calls on the client (one thread at a time); the descriptor may be watched from
+ * any thread.
+ *
+ *   libuv:   uv_poll_init(loop, &p, sc_fd(c)); uv_poll_start(&p, UV_READABLE, on_ready);
+ *            uv_timer_start(&t, on_timer, SC_FD_WAIT_MS, SC_FD_WAIT_MS);   // on_timer drains too
+ *            on_ready: while ((rc = sc_recv(c, &ch, 0)) == SC_OK) { use(&ch); sc_release(c, &ch); }
+ *                      if (rc != SC_ETIMEOUT) { uv_poll_stop(&p); uv_timer_stop(&t); ...the end or an error... }
+ *   asyncio: loop.add_reader(sc_fd(c), drain), and drain again every 0.1 s (loop.call_later) until the end.
+ *   tokio:   let afd = AsyncFd::new(BorrowedFd)?; loop { drain; select! { g = afd.readable() => g?.clear_ready(),
+ *            _ = sleep(Duration::from_millis(100)) => {} } } (clear_ready only after a drain saw SC_ETIMEOUT).
+ */
+#define SC_FD_WAIT_MS 100
+
+/* The descriptor an event loop waits on (above), after a successful sc_subscribe; otherwise a negative sc_status
+ * (SC_EINVAL: no subscription, or wake "futex" or "busy"; SC_ESYS: epoll or ZeroMQ refused) with sc_errmsg.
+ * Made at the first call (the same descriptor afterwards), closed by sc_close.  Does not arm the sleeper byte:
+ * drain with sc_recv(c, &chunk, 0) first (step 1). */
+int sc_fd(sc_client *c);
 
 /* Give a chunk back (only its seq is read); its memory may be reused by the publisher afterwards.
  * Version 1 sends RELEASE; versions 2 and 3 send nothing: the slab's lock goes once no chunk of it is held
