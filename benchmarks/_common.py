@@ -62,8 +62,12 @@ def machine_info() -> dict[str, Any]:
         dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
     except OSError:
         head, dirty = "?", ""
+    src = str(Path(slabcast.__file__).resolve().parent)
+    if not src.startswith(str(root)):  # PYTHONPATH=<an exported tree>/src: the repo's HEAD says nothing
+        head, dirty = f"slabcast imported from {src}", ""
     return {
         "git_head": head + (" (src/ modified)" if dirty else ""),
+        "slabcast_src": src,
         "cpu_model": model,
         "cores": os.cpu_count(),
         "mem_gib": round(mem_gib, 1),
@@ -153,6 +157,28 @@ def wait_quiet(max_wait: float, cores: float = 0.3, window: float = 0.5) -> dict
             return {"waited_s": waited, "load_before_cores": load}
 
 
+def least_loaded(
+    attempt: Any, limit: float, retries: int, quiet_wait: float = 0.0
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Run ``attempt(k)`` (k = 0, 1, ...: a group of records measured together, each with
+    ``cpu.foreign_cores``) until no record of it saw more than ``limit`` cores of other programs,
+    at most ``1 + retries`` times.
+
+    Returns the least loaded group and the groups set aside.  A whole group is redone, never one system
+    of it, so that ratios between the systems of a group stay ratios of one machine state.
+    """
+    tried: list[list[dict[str, Any]]] = []
+    for k in range(1 + max(0, retries)):
+        if quiet_wait > 0:
+            wait_quiet(quiet_wait)
+        group = attempt(k)
+        tried.append(group)
+        if max((r["cpu"]["foreign_cores"] for r in group), default=0.0) <= limit:
+            break
+    best = min(tried, key=lambda g: max((r["cpu"]["foreign_cores"] for r in g), default=0.0))
+    return best, [g for g in tried if g is not best]
+
+
 def _machine_busy() -> float:
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -166,7 +192,23 @@ def _self_cpu() -> float:
 
 
 def pid_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by a live process, 0.0 if it is gone."""
+    """CPU seconds (user + system) used so far by a live process, 0.0 if it is gone.
+
+    The sum of its threads' run time in ``/proc/<pid>/task/*/schedstat`` (nanoseconds) where the kernel
+    keeps it, else ``/proc/<pid>/stat`` (clock ticks, 10 ms: too coarse for microseconds per frame over
+    a few seconds).  Threads that already exited are not in the sum: the broker's threads live as long
+    as it does.
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+    if total:
+        return total / 1e9
     try:
         with open(f"/proc/{pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
@@ -176,8 +218,8 @@ def pid_cpu(pid: int) -> float:
 
 
 def worker_cpu() -> float:
-    """This process's CPU seconds so far (for a worker to report)."""
-    return _self_cpu()
+    """This process's CPU seconds so far, all its threads (for a worker to report; nanosecond clock)."""
+    return time.process_time()
 
 
 # ----------------------------------------------------------------------------- processes
