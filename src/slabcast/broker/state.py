@@ -379,16 +379,18 @@ class BrokerState:
                                            f"expected seq {stream.frames}, index {stream.head}, n >= 1")  # fmt: skip
             ns, t0s = [n], [t0]
             end = offset + n * sample_bytes
+            total = n  # samples in the run so far
             j = i + 1
             while j < count:
                 nseq, nindex, nt0, noffset, _, nn, _, _, nflags = descriptors[j]
-                if nflags or noffset != end or nseq != seq + len(ns) or nindex != index + sum(ns) or nn < 1:
+                if nflags or noffset != end or nseq != seq + j - i or nindex != index + total or nn < 1:
                     break
                 ns.append(nn)
                 t0s.append(nt0)
                 end += nn * sample_bytes
+                total += nn
                 j += 1
-            self._frame(stream, offset, sum(ns), t0,
+            self._frame(stream, offset, total, t0,
                         flags & P.FLAG_DISCONTINUITY, (index - floor) * sample_bytes, tuple(ns), tuple(t0s))
             stream.account(self._now, offset, tuple(ns))
             i = j
