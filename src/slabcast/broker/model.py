@@ -551,18 +551,33 @@ class Stream:
         self.next_offset = offset + nbytes
 
     def account(self, now: float, offset: int, ns: tuple[int, ...]) -> None:
-        """Statistics of frames written from ``offset``, after the notices are out: off the latency path, and
-        never able to stop it (an error turns them off for this stream)."""
+        """Keep where frames written from ``offset`` in the current slab lie, for statistics computed when asked
+        (never able to stop the stream: an error turns them off for it)."""
         stats = self.stats
         if not stats.window:
             return
         try:
+            slab = self.pool.current
+            assert slab is not None
+            gen = int(self.gens[slab])
+            sample_bytes = self.sample_bytes
             for n in ns:
-                stats.account(now, self.u8, offset, n)
-                offset += n * self.sample_bytes
+                stats.account(now, n, slab, gen, offset)
+                offset += n * sample_bytes
         except Exception:
             log.exception("statistics of stream %r failed; turning them off for this stream", self.name)
             stats.window = 0.0
+
+    def statistics(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Add the rolling statistics to ``out`` (none once the segment is gone, or after an error)."""
+        if not self.stats.window or self.segment is None or not hasattr(self, "u8"):
+            return out
+        try:
+            return self.stats.summary(out, self.u8, self.gens)
+        except Exception:
+            log.exception("statistics of stream %r failed; turning them off for this stream", self.name)
+            self.stats.window = 0.0
+            return out
 
     def switch_slab(self, slab: int, carry: int) -> bool:
         """The publisher's first frame in ``slab``, with ``carry`` bytes carried before its data; True when it
@@ -634,13 +649,16 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
 
 
 class Statistics:
-    """Rolling per-channel statistics over the last ``window`` seconds of stream time.
+    """Rolling per-channel statistics over the last ``window`` seconds of stream time, computed when asked.
 
-    Bounded whatever the frames' ``t0`` (constant, NaN, backwards, longer than the
-    window): frames are kept by *sample count* (``window * rate`` samples, at
-    least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.
-    Nothing here is on the notice path: the broker calls :meth:`account` after the
-    notices are out, and an error in it is logged and switches statistics off.
+    The broker reads each frame's descriptor from the ring and keeps where it lies (its slab, generation,
+    offset, size): a tuple per frame, no sample read.  :meth:`summary` (STATS, ``slabcast status``)
+    reduces the samples of the frames in the window that are still in the pool, a block of contiguous
+    frames at a time, so the cost is per request, not per frame.  Bounded whatever the frames' ``t0``
+    (constant, NaN, backwards, longer than the window): frames are kept by *sample count* (``window *
+    rate`` samples, at least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.  Frames
+    whose slab was granted again (a window longer than the pool holds) are left out: ``window_samples``
+    says how many samples the figures are of.
     """
 
     def __init__(self, dtype: np.dtype[Any], channels: int, rate: float | None) -> None:
@@ -650,31 +668,17 @@ class Statistics:
         self.window = 0.0
         self.limit = 0  # samples kept
         self.kept = 0
-        # Per frame: (arrival, n, sum, sum of squares, min, max), the last four per channel.
-        self.frames: deque[tuple[float, int, Any, Any, Any, Any]] = deque()
+        # Per frame: (arrival, n, slab, generation, offset).
+        self.frames: deque[tuple[float, int, int, int, int]] = deque()
 
     def configure(self, window: float) -> None:
         self.window = window
         self.limit = max(1, round(window * self.rate)) if self.rate else 0
 
-    def account(self, now: float, u8: np.ndarray[Any, Any], offset: int, n: int) -> None:
-        """Add a frame that arrived at ``now``: a few vectorised reductions, no per-sample Python."""
-        sample_bytes = self.dtype.itemsize * self.channels
-        v = u8[offset : offset + n * sample_bytes].view(self.dtype).reshape(n, self.channels)
-        # Reductions down the strided sample axis are several times slower than along
-        # contiguous rows: one channels-first copy pays for itself.
-        w = np.ascontiguousarray(v.T)
+    def account(self, now: float, n: int, slab: int, gen: int, offset: int) -> None:
+        """A frame of ``n`` samples at ``offset`` of ``slab`` (generation ``gen``) was read from the ring at ``now``."""
         frames = self.frames
-        frames.append(
-            (
-                now,
-                n,
-                w.sum(axis=1, dtype=np.float64),
-                np.einsum("ij,ij->i", w, w, dtype=np.float64),
-                w.min(axis=1),
-                w.max(axis=1),
-            )
-        )
+        frames.append((now, n, slab, gen, offset))
         self.kept += n
         if self.rate:
             # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
@@ -682,16 +686,58 @@ class Statistics:
                 self.kept -= frames.popleft()[1]
         else:
             # No rate: the window is arrival time, which only moves forward.
-            horizon = frames[-1][0] - self.window
+            horizon = now - self.window
             while len(frames) > 1 and frames[0][0] < horizon:
                 self.kept -= frames.popleft()[1]
-        while len(frames) > _MAX_STAT_FRAMES:
+        if len(frames) > _MAX_STAT_FRAMES:
             self.kept -= frames.popleft()[1]
 
-    def summary(self, out: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, out: dict[str, Any], u8: np.ndarray[Any, Any] | None = None,
+                gens: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Add the window's figures to ``out``, reduced from the samples of the segment ``u8`` still in the pool
+        (``gens``: each slab's generation now)."""
         frames = self.frames
-        if not frames:
+        if not frames or u8 is None or gens is None:
             return out
+        sample_bytes = self.dtype.itemsize * self.channels
+        blocks: list[list[int]] = []  # [offset, bytes] of contiguous frames still in the pool
+        n = 0
+        for _, count, slab, gen, offset in frames:
+            if gens[slab] != gen:
+                continue  # written again since: not in the pool any more
+            nbytes = count * sample_bytes
+            if blocks and blocks[-1][0] + blocks[-1][1] == offset:
+                blocks[-1][1] += nbytes
+            else:
+                blocks.append([offset, nbytes])
+            n += count
+        if not n:
+            return out
+        parts = []
+        for offset, nbytes in blocks:
+            v = u8[offset : offset + nbytes].view(self.dtype).reshape(-1, self.channels)
+            # Reductions down the strided sample axis are several times slower than along
+            # contiguous rows: one channels-first copy pays for itself.
+            w = np.ascontiguousarray(v.T)
+            parts.append((w.sum(axis=1, dtype=np.float64), np.einsum("ij,ij->i", w, w, dtype=np.float64),
+                          w.min(axis=1), w.max(axis=1)))  # fmt: skip
+        total = np.sum([p[0] for p in parts], axis=0)
+        squares = np.sum([p[1] for p in parts], axis=0)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+        lo = np.min([p[2] for p in parts], axis=0)
+        hi = np.max([p[3] for p in parts], axis=0)
+        span = frames[-1][0] - frames[0][0]
+        out.update(
+            window_samples=n,
+            observed_rate=(self.kept - frames[0][1]) / span if span > 0 else None,
+            mean=mean.tolist(),
+            std=std.tolist(),
+            min=lo.tolist(),
+            max=hi.tolist(),
+            ptp=(hi.astype(np.float64) - lo).tolist(),
+        )
+        return out
         n = sum(f[1] for f in frames)
         total = np.sum([f[2] for f in frames], axis=0)
         squares = np.sum([f[3] for f in frames], axis=0)

@@ -13,7 +13,7 @@ def statistics(stream: Stream) -> dict[str, Any]:
     """A stream's counters and rolling statistics (STATS_REPLY, and the status' ``statistics``)."""
     out: dict[str, Any] = {"name": stream.name, "samples": stream.head, "frames": stream.frames,
                            "window_seconds": stream.stats.window}  # fmt: skip
-    return stream.stats.summary(out)
+    return stream.statistics(out)
 
 
 def stats_reply(stream: Stream) -> dict[str, Any]:
