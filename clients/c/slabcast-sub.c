@@ -19,7 +19,7 @@ static const char USAGE[] =
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
     "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS]\n"
-    "                    [--poll [--tick-ms T] [--poll-max-ms P]]\n"
+    "                    [--poll [--tick-ms T] [--poll-max-ms P]] [--curve SECRET PUBLIC]\n"
     "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
@@ -35,9 +35,11 @@ static const char USAGE[] =
     "1 ms of computing each), looking at the client at least every --poll-max-ms (default SC_FD_WAIT_MS, 100);\n"
     "each chunk line ends with ` at=<wall-clock seconds when the loop got it>`, and a last line says\n"
     "`loop ticks=<T> late_ms=<the latest a tick ran> fd_wakeups=<W> idle_wakeups=<I> max_drain_us=<D>`.\n"
+    "--curve SECRET PUBLIC: for a tcp://HOST:PORT address, this client's secret key file and the broker's public\n"
+    "key file (`slabcast keygen`); exit status 8 when the broker refuses the key or the server key is wrong.\n"
     "Exit status: 0 at the end of the stream (or after --count chunks), 2 usage, 3 broker gone,\n"
     "4 publisher gone, 5 protocol version mismatch, 6 unknown stream,\n"
-    "7 samples lost (policy block; the message names them), 1 any other error.\n"
+    "7 samples lost (policy block; the message names them), 8 CURVE key refused (tcp://), 1 any other error.\n"
     "--protocol-version: 3 (default) cuts the chunks in this program from the stream's descriptor ring;\n"
     "2 cuts them from the publisher's notices; 1 lets the broker cut them (CHUNK/RELEASE); other values\n"
     "test version negotiation.\n"
@@ -84,6 +86,7 @@ static int exit_status(int rc)
     case SC_EVERSION: return 5;
     case SC_ENOSTREAM: return 6;
     case SC_ELOST: return 7;
+    case SC_EDENIED: return 8;
     default: return 1;
     }
 }
@@ -292,7 +295,7 @@ static int parse_u64(const char *s, uint64_t *out)
 
 int main(int argc, char **argv)
 {
-    const char *address = NULL, *stream = NULL, *label = "slabcast-sub";
+    const char *address = NULL, *stream = NULL, *label = "slabcast-sub", *curve_secret = NULL, *curve_public = NULL;
     sc_sub_options opts;
     sc_sub_options_init(&opts);
     uint64_t count = 0, version = SC_PROTOCOL_VERSION, max_inflight = opts.max_inflight, timeout_ms = 5000;
@@ -360,6 +363,11 @@ int main(int argc, char **argv)
             if (*end || !(ms >= 1 && ms <= 60000))
                 return usage_error("--tick-ms and --poll-max-ms must be 1..60000 milliseconds, got '%s'", v);
             *(strcmp(a, "--tick-ms") == 0 ? &tick_ms : &poll_max_ms) = ms;
+        } else if (strcmp(a, "--curve") == 0) {
+            if (i + 1 >= argc)
+                return usage_error("%s needs two files: this client's secret key and the broker's public key", a);
+            curve_secret = v;
+            curve_public = argv[++i];
         } else if (strcmp(a, "--policy") == 0) {
             opts.policy = v;
         } else if (strcmp(a, "--wake") == 0) {
@@ -406,7 +414,8 @@ int main(int argc, char **argv)
     }
     int rc;
     if ((rc = sc_set_label(c, label)) || (rc = sc_set_timeout(c, (int)timeout_ms)) ||
-        (rc = sc_set_protocol_version(c, (unsigned)version)) || (rc = sc_connect(c, address)) ||
+        (rc = sc_set_protocol_version(c, (unsigned)version)) ||
+        (curve_secret != NULL && (rc = sc_set_curve(c, curve_secret, curve_public))) || (rc = sc_connect(c, address)) ||
         (rc = sc_subscribe(c, stream, &opts))) {
         fprintf(stderr, "slabcast-sub: %s [%s]\n", sc_errmsg(c), sc_strerror(rc));
         sc_close(c);

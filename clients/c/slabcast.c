@@ -60,6 +60,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define BYE_TIMEOUT_MS 1000      /* how long sc_close waits for END bye */
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
+#define KEEPALIVE_MS 1000        /* tcp://: a SYNC after this long without sending (the broker drops 10 s of silence) */
 
 /* Versions 2 and 3 (values of src/slabcast/client/_local.py, core/shm.py, core/ring.py and core/rechunk.py, which
  * the wire header does not carry; checked by tests/integration/test_c_client.py). */
@@ -127,6 +128,7 @@ static const char *const WAKE_NAMES[] = {"doorbell", "futex", "busy"};
 typedef struct held_chunk {
     uint64_t seq;
     uint32_t slab;               /* version 2: the slab whose lease it counts in */
+    zmq_msg_t *payload;          /* tcp://: the message part holding its bytes (freed at its release), or NULL */
 } held_chunk;
 
 /* A chunk cut (version 2) and leased, not yet handed out by sc_recv. */
@@ -262,6 +264,14 @@ struct sc_client {
     const char **meta_ptrs;      /* channel names, then types and units if given (pointers into meta_text) */
     bool timestamps;             /* the stream keeps a time per sample (SUBSCRIBED's meta) */
     uint64_t times_offset;       /* where the per-sample time tables start (docs/protocol.md 7.5) */
+    /* tcp:// (docs/protocol.md 11): broker-cut chunks by value, over CURVE. */
+    bool remote;
+    bool handshaken;             /* the CURVE handshake succeeded (monitor) */
+    bool denied;                 /* the broker refused our CURVE key (monitor: a failed handshake) */
+    char curve_public[41], curve_secret[41], curve_server[41];  /* Z85 keys (sc_set_curve), "" if none */
+    char curve_server_file[256];
+    zmq_msg_t *payload;          /* the data part of the last CHUNK received, until take_chunk takes it */
+    int64_t sent_at;             /* ms when we last sent anything: a remote client talks at least every second */
 
     char err[1024];
     char end_msg[1024];
@@ -316,6 +326,7 @@ const char *sc_strerror(int code)
     case SC_EWRITETIMEOUT: return "SC_EWRITETIMEOUT";
     case SC_EEXISTS: return "SC_EEXISTS";
     case SC_ESHMFULL: return "SC_ESHMFULL";
+    case SC_EDENIED: return "SC_EDENIED";
     default: return "unknown slabcast status";
     }
 }
@@ -515,6 +526,10 @@ static void read_monitor(sc_client *c)
             memcpy(&event, zmq_msg_data(&ev), sizeof event);
             if (event == ZMQ_EVENT_DISCONNECTED)
                 c->gone = true;
+            else if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED)
+                c->handshaken = true;
+            else if (event & (ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL))
+                c->denied = c->gone = true;  /* (tcp://: our key refused, or the broker's key is not the one we hold) */
         }
         int more = zmq_msg_more(&ev);
         zmq_msg_close(&ev);
@@ -528,6 +543,7 @@ static int send_packed(sc_client *c, const char *what)
     if (zmq_send(c->sock, c->sbuf.data, c->sbuf.size, ZMQ_DONTWAIT) < 0)
         return fail(c, SC_EBROKERGONE, "cannot send %s to the broker at %s: %s", what, c->address,
                     zmq_strerror(zmq_errno()));
+    c->sent_at = now_ms();
     return SC_OK;
 }
 
@@ -571,7 +587,21 @@ static int recv_direct(sc_client *c, msgview *m)
     zmq_msg_init(&c->msg);
     c->msg_live = true;
     if (zmq_msg_recv(&c->msg, c->sock, ZMQ_DONTWAIT) >= 0) {
-        if (zmq_msg_more(&c->msg)) {
+        if (c->payload != NULL) {  /* a data part no CHUNK took */
+            zmq_msg_close(c->payload);
+            free(c->payload);
+            c->payload = NULL;
+        }
+        if (zmq_msg_more(&c->msg) && c->remote && (c->payload = malloc(sizeof *c->payload)) != NULL) {
+            /* tcp://: an inline CHUNK's bytes, its second part (take_chunk checks it and keeps it while held). */
+            zmq_msg_init(c->payload);
+            if (zmq_msg_recv(c->payload, c->sock, 0) < 0 || zmq_msg_more(c->payload)) {
+                skip_parts(c->sock, zmq_msg_more(c->payload));
+                zmq_msg_close(c->payload);
+                free(c->payload);
+                c->payload = NULL;
+            }
+        } else if (zmq_msg_more(&c->msg)) {
             /* Only inline CHUNKs (TCP) have a second frame: drop it; take_chunk refuses the flag. */
             zmq_msg_t extra;
             int more = 1;
@@ -593,6 +623,14 @@ static int recv_direct(sc_client *c, msgview *m)
     return fail(c, SC_ESYS, "cannot receive from the broker at %s: %s", c->address, zmq_strerror(e));
 }
 
+/* tcp://: the CURVE handshake failed (`when`), or never completed. */
+static int no_handshake(sc_client *c, const char *when)
+{
+    return fail(c, SC_EDENIED, "no CURVE handshake with %s (%s): wrong server key (%s), or this client's key is not "
+                "authorized (its public key must be in the broker's --curve-clients directory)", c->address, when,
+                c->curve_server_file);
+}
+
 /* Wait until `deadline` (ms on the monotonic clock, -1: forever) for the next message.
  * Messages the broker sent before it died are returned first; then SC_EBROKERGONE. */
 static int next_msg(sc_client *c, int64_t deadline, msgview *m)
@@ -601,6 +639,8 @@ static int next_msg(sc_client *c, int64_t deadline, msgview *m)
         int rc = recv_direct(c, m);
         if (rc != SC_ETIMEOUT)
             return rc;
+        if (c->gone && c->remote && (c->denied || !c->handshaken))
+            return no_handshake(c, "the broker closed the connection during it");
         if (c->gone)
             return fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped)", c->address);
         long wait = -1;
@@ -724,15 +764,11 @@ int sc_set_protocol_version(sc_client *c, unsigned version)
     return SC_OK;
 }
 
-/* Accept "ipc://path" or a bare socket path; refuse other transports with the reason. */
+/* Accept "ipc://path" or a bare socket path; refuse other transports with the reason (tcp:// is remote_address's). */
 static int normalize_address(sc_client *c, const char *address, char *path, size_t cap)
 {
     if (address == NULL || address[0] == '\0')
         return fail(c, SC_EINVAL, "address must be an ipc:// endpoint or a socket path, got an empty string");
-    if (strncmp(address, "tcp://", 6) == 0)
-        return fail(c, SC_EINVAL,
-                    "the C client reads shared memory and supports ipc:// only, got %s (remote tcp:// "
-                    "subscribers need CURVE and chunks by value: use the Python client)", address);
     const char *p = address;
     if (strncmp(address, "ipc://", 6) == 0)
         p = address + 6;
@@ -752,6 +788,77 @@ static int normalize_address(sc_client *c, const char *address, char *path, size
     return SC_OK;
 }
 
+/* One key of a ZeroMQ certificate file (`slabcast keygen`'s, zmq_cert's: `    public-key = "<40 Z85 chars>"`). */
+static int read_key(sc_client *c, const char *file, const char *name, char out[41])
+{
+    FILE *f = fopen(file, "r");
+    if (f == NULL)
+        return fail(c, SC_EINVAL, "cannot read the CURVE key file %s: %s", file, strerror(errno));
+    char line[512];
+    size_t nlen = strlen(name);
+    out[0] = '\0';
+    while (fgets(line, sizeof line, f) != NULL) {
+        const char *p = line + strspn(line, " \t");
+        if (strncmp(p, name, nlen) != 0)
+            continue;
+        p += nlen + strspn(p + nlen, " \t=");
+        const char *end = *p == '"' ? strchr(p + 1, '"') : NULL;
+        if (end != NULL && end - p - 1 == 40) {
+            memcpy(out, p + 1, 40);
+            out[40] = '\0';
+        }
+        break;
+    }
+    fclose(f);
+    if (out[0] == '\0')
+        return fail(c, SC_EINVAL, "%s holds no %s (a ZeroMQ certificate as `slabcast keygen` writes it: %s = \"<40 "
+                    "Z85 characters>\")%s", file, name, name,
+                    strcmp(name, "secret-key") == 0 ? "; pass the *.key_secret file" : "");
+    return SC_OK;
+}
+
+int sc_set_curve(sc_client *c, const char *secret_key_file, const char *server_public_key_file)
+{
+    if (c->sock != NULL)
+        return fail(c, SC_EINVAL, "sc_set_curve must come before sc_connect");
+    if (secret_key_file == NULL || server_public_key_file == NULL)
+        return fail(c, SC_EINVAL, "sc_set_curve needs this client's secret key file and the broker's public key file");
+    if (!zmq_has("curve"))
+        return fail(c, SC_ESYS, "this libzmq was built without CURVE (zmq_has(\"curve\") is 0): it cannot reach a "
+                    "tcp:// broker");
+    int rc;
+    if ((rc = read_key(c, secret_key_file, "public-key", c->curve_public)) ||
+        (rc = read_key(c, secret_key_file, "secret-key", c->curve_secret)) ||
+        (rc = read_key(c, server_public_key_file, "public-key", c->curve_server))) {
+        c->curve_public[0] = c->curve_secret[0] = c->curve_server[0] = '\0';
+        return rc;
+    }
+    snprintf(c->curve_server_file, sizeof c->curve_server_file, "%s", server_public_key_file);
+    return SC_OK;
+}
+
+/* A tcp:// address: only a subscriber, with CURVE keys, speaking version 3 (docs/protocol.md 2 and 11). */
+static int remote_address(sc_client *c, const char *address, const char *role)
+{
+    if (strcmp(role, "sub") != 0)
+        return fail(c, SC_EINVAL, "a %s connects to an ipc:// broker only (it writes the stream's shared memory); "
+                    "tcp:// serves subscribers, got %s", role, address);
+    if (strlen(address) >= sizeof c->address || strchr(address + 6, ':') == NULL)
+        return fail(c, SC_EINVAL, "a tcp:// address is tcp://HOST:PORT of at most %zu characters, got %s",
+                    sizeof c->address - 1, address);
+    if (c->curve_secret[0] == '\0')
+        return fail(c, SC_EINVAL, "a tcp:// broker requires CURVE keys: this client's secret key file and the broker's "
+                    "public key file, made by `slabcast keygen` (sc_set_curve before sc_connect; slabcast-sub "
+                    "--curve SECRET PUBLIC; address %s)", address);
+    if (c->version != SC_PROTOCOL_VERSION)
+        return fail(c, SC_EINVAL, "a tcp:// subscriber speaks protocol version %d, got sc_set_protocol_version(%u)",
+                    SC_PROTOCOL_VERSION, c->version);
+    snprintf(c->address, sizeof c->address, "%s", address);
+    snprintf(c->where, sizeof c->where, "broker at %s", c->address);
+    c->remote = true;
+    return SC_OK;
+}
+
 int sc_connect(sc_client *c, const char *address)
 {
     return sci_connect(c, address, "sub");
@@ -761,16 +868,21 @@ int sci_connect(sc_client *c, const char *address, const char *role)
 {
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "this client is already connected to %s", c->address);
-    char path[IPC_PATH_MAX + 2];
-    int rc = normalize_address(c, address, path, sizeof path);
-    if (rc)
-        return rc;
-    snprintf(c->address, sizeof c->address, "ipc://%s", path);
-    snprintf(c->where, sizeof c->where, "broker at %s", c->address);
-    struct stat st;
-    if (stat(path, &st) != 0)
-        return fail(c, SC_EBROKERGONE, "no broker at %s (%s: %s); start one with `slabcast broker`", c->address,
-                    path, strerror(errno));
+    int rc;
+    if (address != NULL && strncmp(address, "tcp://", 6) == 0) {
+        if ((rc = remote_address(c, address, role)))
+            return rc;
+    } else {
+        char path[IPC_PATH_MAX + 2];
+        if ((rc = normalize_address(c, address, path, sizeof path)))
+            return rc;
+        snprintf(c->address, sizeof c->address, "ipc://%s", path);
+        snprintf(c->where, sizeof c->where, "broker at %s", c->address);
+        struct stat st;
+        if (stat(path, &st) != 0)
+            return fail(c, SC_EBROKERGONE, "no broker at %s (%s: %s); start one with `slabcast broker`", c->address,
+                        path, strerror(errno));
+    }
 
     c->ctx = zmq_ctx_new();
     if (c->ctx == NULL)
@@ -786,7 +898,20 @@ int sci_connect(sc_client *c, const char *address, const char *role)
     /* The monitor must be listening before connect, or an early disconnection is missed. */
     char monitor_ep[96];
     snprintf(monitor_ep, sizeof monitor_ep, "inproc://slabcast-monitor-%p", (void *)c);
-    if (zmq_socket_monitor(c->sock, monitor_ep, ZMQ_EVENT_DISCONNECTED) != 0)
+    int events = ZMQ_EVENT_DISCONNECTED;
+    if (c->remote) {
+        events |= ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
+        int server = 0, ivl = 1000, hb_timeout = 5000;  /* (Python's: a dead TCP peer is seen within 5 s) */
+        if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &server, sizeof server) != 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->curve_public, 41) != 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, c->curve_secret, 41) != 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, c->curve_server, 41) != 0)
+            return fail(c, SC_ESYS, "cannot set the CURVE keys of the connection to %s: %s", c->address,
+                        zmq_strerror(zmq_errno()));
+        zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_IVL, &ivl, sizeof ivl);
+        zmq_setsockopt(c->sock, ZMQ_HEARTBEAT_TIMEOUT, &hb_timeout, sizeof hb_timeout);
+    }
+    if (zmq_socket_monitor(c->sock, monitor_ep, events) != 0)
         return fail(c, SC_ESYS, "cannot monitor the socket: %s", zmq_strerror(zmq_errno()));
     c->mon = zmq_socket(c->ctx, ZMQ_PAIR);
     if (c->mon == NULL || zmq_connect(c->mon, monitor_ep) != 0)
@@ -809,6 +934,11 @@ int sci_connect(sc_client *c, const char *address, const char *role)
 
     msgview m;
     rc = next_msg(c, deadline_for(c->timeout_ms), &m);
+    if (rc == SC_ETIMEOUT && c->remote && !c->handshaken) {
+        char within[64];
+        snprintf(within, sizeof within, "none within %d ms", c->timeout_ms);
+        return no_handshake(c, within);
+    }
     if (rc == SC_ETIMEOUT)
         return fail(c, SC_EBROKERGONE, "no answer to HELLO from the broker at %s within %d ms", c->address,
                     c->timeout_ms);
@@ -830,8 +960,8 @@ int sci_connect(sc_client *c, const char *address, const char *role)
         (rc = field_uint(c, &m, AT(WELCOME, BROKER_PID), &c->broker_pid)) ||
         (rc = field_uint(c, &m, AT(WELCOME, EPOCH), &c->epoch)))
         return rc;
-    c->local = c->version >= 2;  /* version 1: the broker cuts our chunks */
-    c->ring = c->version >= 3;   /* version 2: we cut them from the notices */
+    c->local = c->version >= 2 && !c->remote;  /* version 1 and tcp://: the broker cuts our chunks */
+    c->ring = c->local && c->version >= 3;     /* version 2: we cut them from the notices */
     c->connected = true;
     return SC_OK;
 }
@@ -1443,7 +1573,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (opts->wait_ms < -1)
         return fail(c, SC_EINVAL, "wait_ms must be milliseconds >= 0, or -1 for the client's timeout, got %d",
                     opts->wait_ms);
-    int wait_ms = !c->local ? 0 : opts->wait_ms < 0 ? c->timeout_ms : opts->wait_ms;  /* (version 1 cannot wait) */
+    int wait_ms = opts->wait_ms < 0 ? c->timeout_ms : opts->wait_ms;
+    if (!c->local && !c->remote)
+        wait_ms = 0;  /* version 1 cannot wait */
     snprintf(c->stream, sizeof c->stream, "%s", stream);
     snprintf(c->where, sizeof c->where, "subscriber of stream '%s' at %s", stream, c->address);
     reset_subscription(c);
@@ -1467,7 +1599,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     /* `history` is nil: this client starts at the head and is never sent HISTORY. */
     msgpack_sbuffer_clear(&c->sbuf);
     msgpack_pack_array(&c->pk,
-                       1 + (c->ring ? SCW_SUBSCRIBE_WAKE : c->local ? SCW_SUBSCRIBE_TOKEN : SCW_SUBSCRIBE_REQUIRED));
+                       1 + (c->ring || c->remote ? SCW_SUBSCRIBE_WAKE
+                            : c->local         ? SCW_SUBSCRIBE_TOKEN
+                                               : SCW_SUBSCRIBE_REQUIRED));
     msgpack_pack_uint64(&c->pk, SCW_SUBSCRIBE);
     pack_str(c, stream);
     if (by_size) {
@@ -1499,6 +1633,16 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (c->ring) {
         msgpack_pack_nil(&c->pk);      /* history: none */
         pack_str(c, WAKE_NAMES[wake]); /* how it waits: the broker tells the publisher (futex: FUTEX_WAKE) */
+    }
+    if (c->remote) {
+        pack_str(c, "broker");  /* cut: the broker cuts our chunks and sends them by value (docs/protocol.md 11) */
+        if (wait_ms > 0)
+            msgpack_pack_true(&c->pk);
+        else
+            msgpack_pack_false(&c->pk);
+        msgpack_pack_nil(&c->pk);  /* token: none (no notice socket) */
+        msgpack_pack_nil(&c->pk);  /* history: none */
+        msgpack_pack_nil(&c->pk);  /* wake: the broker's messages wake it */
     }
     msgview m;
     int rc = wait_ms > 0 ? request_within(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m, wait_ms)
@@ -1562,8 +1706,8 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     c->info.size = size;
     c->info.start = start;
     c->info.segment = c->segment;
-    c->info.segment_bytes = (size_t)seg_bytes;
-    if ((rc = map_segment(c, (size_t)seg_bytes)))
+    c->info.segment_bytes = c->remote ? 0 : (size_t)seg_bytes;
+    if (!c->remote && (rc = map_segment(c, (size_t)seg_bytes)))  /* (tcp://: the chunks come by value) */
         return rc;
     if (c->local && c->info.timestamps) {
         /* Per-sample times: one f64 per sample slot of every slab, after the slabs (docs/protocol.md 7.5). */
@@ -1708,12 +1852,19 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
         (rc = field_num(c, m, AT(CHUNK, T0), &t0)) || (rc = field_uint(c, m, AT(CHUNK, OFFSET), &offset)) ||
         (rc = field_uint(c, m, AT(CHUNK, FLAGS), &flags)))
         return rc;
-    if (flags & SCW_FLAG_INLINE)
+    size_t sb = c->info.sample_bytes;
+    if (c->remote) {
+        /* tcp://: the bytes are the message's second part (recv_direct kept it), held until the release. */
+        size_t got = c->payload != NULL ? zmq_msg_size(c->payload) : 0;
+        if (!(flags & SCW_FLAG_INLINE) || c->payload == NULL || n < 1 || n > SIZE_MAX / sb || got != n * sb)
+            return fail(c, SC_EPROTO, "CHUNK seq=%llu announced %llu samples inline (%zu bytes), got %s%zu bytes "
+                        "(%s)", (unsigned long long)seq, (unsigned long long)n, (size_t)n * sb,
+                        flags & SCW_FLAG_INLINE ? "" : "no inline flag and ", got, c->where);
+    } else if (flags & SCW_FLAG_INLINE)
         return fail(c, SC_EPROTO,
                     "CHUNK seq=%llu has the inline flag (%d), which is for tcp:// clients; this ipc client reads "
                     "shared memory (%s)", (unsigned long long)seq, SCW_FLAG_INLINE, c->where);
-    size_t sb = c->info.sample_bytes;
-    if (n < 1 || n > (c->map_bytes / sb) || offset < c->header_bytes || offset > c->map_bytes ||
+    else if (n < 1 || n > (c->map_bytes / sb) || offset < c->header_bytes || offset > c->map_bytes ||
         n * sb > c->map_bytes - offset)
         return fail(c, SC_EPROTO,
                     "CHUNK seq=%llu of %llu samples (%zu bytes each) at offset %llu lies outside the %zu-byte "
@@ -1724,8 +1875,9 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
                     (unsigned long long)seq, c->max_held, c->where);
     if ((rc = grow_held(c)))
         return rc;
-    c->held[c->nheld++] = (held_chunk){.seq = seq};
-    chunk->data = c->map + offset;
+    c->held[c->nheld++] = (held_chunk){.seq = seq, .payload = c->payload};
+    chunk->data = c->payload != NULL ? zmq_msg_data(c->payload) : c->map + offset;
+    c->payload = NULL;
     chunk->n = n;
     chunk->nbytes = (size_t)n * sb;
     chunk->dtype = c->dtype;
@@ -1758,12 +1910,33 @@ static bool sockets_quiet(sc_client *c)
     return true;
 }
 
+/* tcp://: a remote client proves it lives by talking (the broker drops one silent for 10 s): a SYNC when nothing
+ * was sent for KEEPALIVE_MS (answered by a SYNCED, which recv_v1 skips). */
+static void keepalive(sc_client *c)
+{
+    if (!c->remote || c->gone || now_ms() - c->sent_at < KEEPALIVE_MS)
+        return;
+    _Static_assert(SCW_SYNC_TOKEN == 1 && SCW_SYNC_FIELDS == 1, "SYNC is packed in this order");
+    msgpack_sbuffer_clear(&c->sbuf);
+    msgpack_pack_array(&c->pk, 1 + SCW_SYNC_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_SYNC);
+    msgpack_pack_int64(&c->pk, 0);
+    send_packed(c, "SYNC");  /* (a broker gone is noticed by the monitor) */
+}
+
+/* Version 1 and tcp://: the broker's CHUNKs, until one comes (SC_OK), `deadline` passes or the subscription ends. */
 static int recv_v1(sc_client *c, sc_chunk *chunk, int64_t deadline)
 {
     for (;;) {
         msgview m;
-        int rc = next_msg(c, deadline, &m);
-        if (rc == SC_EBROKERGONE)
+        int64_t until = deadline;
+        if (c->remote && (until < 0 || c->sent_at + KEEPALIVE_MS < until))
+            until = c->sent_at + KEEPALIVE_MS;  /* wake to say we live */
+        keepalive(c);
+        int rc = next_msg(c, until, &m);
+        if (rc == SC_ETIMEOUT && until != deadline && (deadline < 0 || now_ms() < deadline))
+            continue;
+        if (rc == SC_EBROKERGONE || rc == SC_EDENIED)
             return end_with(c, rc);
         if (rc == SC_ETIMEOUT && !sockets_quiet(c))
             continue;  /* (the next look takes it; a connection gone is SC_EBROKERGONE there) */
@@ -2716,6 +2889,9 @@ int sc_wait(sc_client *c, int timeout_ms)
             int64_t left = deadline - now_ms();
             wait = left > 0 ? (long)left : 0;
         }
+        keepalive(c);  /* (tcp://: say we live at least every second) */
+        if (c->remote && (wait < 0 || wait > KEEPALIVE_MS))
+            wait = KEEPALIVE_MS;
         int n = zmq_poll(items, 2, wait);
         if (n < 0 && zmq_errno() != EINTR)
             return fail(c, SC_ESYS, "cannot poll the connection to %s: %s", c->address, zmq_strerror(zmq_errno()));
@@ -2779,6 +2955,10 @@ int sc_release_seq(sc_client *c, uint64_t seq)
         return fail(c, SC_EINVAL, "chunk seq=%llu is not held (never received, or released twice) (%s)",
                     (unsigned long long)seq, c->where);
     uint32_t slab = c->held[i].slab;
+    if (c->held[i].payload != NULL) {  /* tcp://: the chunk's bytes */
+        zmq_msg_close(c->held[i].payload);
+        free(c->held[i].payload);
+    }
     c->held[i] = c->held[--c->nheld];
     c->stats.released++;
     if (c->local) {
@@ -2854,6 +3034,15 @@ void sc_close(sc_client *c)
     }
     if (c->msg_live)
         zmq_msg_close(&c->msg);
+    for (size_t i = 0; i < c->nheld; i++)  /* tcp://: the bytes of chunks still held */
+        if (c->held[i].payload != NULL) {
+            zmq_msg_close(c->held[i].payload);
+            free(c->held[i].payload);
+        }
+    if (c->payload != NULL) {
+        zmq_msg_close(c->payload);
+        free(c->payload);
+    }
     if (c->sock != NULL)
         zmq_socket_monitor(c->sock, NULL, 0);
     if (c->mon != NULL)

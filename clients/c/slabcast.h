@@ -15,9 +15,9 @@
  * What slabcast.Subscriber does, this client does too (since 1.3.0): wait for a stream that does not exist yet
  * (sc_sub_options.wait_ms), the stream's metadata (sc_stream_info's channel names, types, units, source_id;
  * sc_channel_name), per-sample times (sc_chunk.times), a sampler (sc_sub_options.sampler, a constant pause), and
- * waiting in an event loop (sc_fd).  Not yet: a callable sampler, history, partial_tail, reconnect, and remote
- * subscriptions: a tcp:// broker (docs/protocol.md 11: CURVE-encrypted, chunks by value in the messages, SYNC
- * every second) is refused with SC_EINVAL; use the Python client there.
+ * waiting in an event loop (sc_fd), and subscribing to a remote broker: tcp://HOST:PORT with CURVE keys
+ * (sc_set_curve; docs/protocol.md 11: the broker cuts the chunks and sends each by value, the client releases it
+ * and says it lives with a SYNC every second).  Not yet: a callable sampler, history, partial_tail, reconnect.
  *
  * Installing and linking: `make -C clients/c install PREFIX=<dir>` installs this header, libslabcast.so.N
  * (SONAME libslabcast.so.N), libslabcast.a, slabcast-sub and <dir>/lib/pkgconfig/slabcast.pc; build with
@@ -120,7 +120,10 @@ typedef enum sc_status {
                              * subscribers hold chunks in every slab), or sc_pub_flush not confirmed in time;
                              * nothing of the frame was written: the call may be repeated */
     SC_EEXISTS = -16,       /* ERROR "stream-exists": the stream already has a publisher */
-    SC_ESHMFULL = -17       /* ERROR "shm-full": /dev/shm has no room for the stream's pool */
+    SC_ESHMFULL = -17,      /* ERROR "shm-full": /dev/shm has no room for the stream's pool */
+    /* Since 1.3.0: */
+    SC_EDENIED = -18        /* tcp://: no CURVE handshake: the broker refused this client's key, or the server key is
+                             * not the broker's (Python's AccessDeniedError) */
 } sc_status;
 
 /* One client connection, opaque.  Not thread-safe (see "Threads" above): one thread at a time. */
@@ -180,7 +183,7 @@ typedef struct sc_stream_info {
     uint64_t start;         /* stream index of the first sample this subscriber can receive
                              * (versions 2 and 3: as ATTACHED said) */
     const char *segment;    /* shared-memory segment name (no leading slash) */
-    size_t segment_bytes;   /* bytes mapped */
+    size_t segment_bytes;   /* bytes mapped (0 over tcp://: nothing is) */
     /* Since 1.3.0: the stream's metadata, as SUBSCRIBED gave it (sc_channel_name and the others read the same
      * strings without this struct). */
     const char *const *channel_names;  /* `channels` names ("ch_0", "ch_1", ... unless the publisher named them) */
@@ -192,8 +195,8 @@ typedef struct sc_stream_info {
     unsigned reserved;      /* 0; fills what would be tail padding */
 } sc_stream_info;
 
-/* One chunk.  `data` points into the read-only shared mapping and stays valid until
- * sc_release() of this chunk or sc_close(); the bytes never change while it is held
+/* One chunk.  `data` points into the read-only shared mapping (tcp://: into the message that carried it) and
+ * stays valid until sc_release() of this chunk or sc_close(); the bytes never change while it is held
  * (versions 2 and 3: this client's shared lock on the chunk's slab keeps the broker from handing
  * the slab back to the publisher). */
 typedef struct sc_chunk {
@@ -258,13 +261,24 @@ int sc_set_timeout(sc_client *c, int timeout_ms);
  * refuses them with SC_EVERSION. */
 int sc_set_protocol_version(sc_client *c, unsigned version);
 
-/* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path)
- * and complete the HELLO/WELCOME handshake as a subscriber. */
+/* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path; since 1.3.0 also
+ * "tcp://HOST:PORT", a broker's --tcp endpoint, after sc_set_curve) and complete the HELLO/WELCOME handshake as a
+ * subscriber.  tcp:// (protocol version 3 only): the chunks are cut by the broker and come by value (sc_chunk.data
+ * points into the message, held by the client until sc_release); sc_info()->segment_bytes is 0 (nothing mapped)
+ * and sc_chunk.times NULL; the client sends SYNC when it has said nothing for a second, from sc_recv and sc_wait,
+ * so a subscriber that calls neither for 10 s is dropped by the broker.  A refused key, or a server key that is not
+ * the broker's: SC_EDENIED. */
 int sc_connect(sc_client *c, const char *address);
 
+/* Since 1.3.0: the CURVE keys of a tcp:// connection (before sc_connect): this client's secret key file (its
+ * public key must be in the broker's --curve-clients directory) and the broker's public key file, as
+ * `slabcast keygen` writes them (ZeroMQ certificates: `public-key = "..."`, `secret-key = "..."`, Z85).
+ * SC_EINVAL naming the file that cannot be read or holds no such key; SC_ESYS if libzmq has no CURVE. */
+int sc_set_curve(sc_client *c, const char *secret_key_file, const char *server_public_key_file);
+
 /* Fill the first `struct_size` bytes of `opts` with the defaults (size 0, seconds 0, clip 0, policy
- * "block", max_inflight 8, wake NULL, sampler 0, wait_ms -1) and set opts->struct_size = struct_size (pass sizeof *opts; at least
- * sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
+ * "block", max_inflight 8, wake NULL, sampler 0, wait_ms -1) and set opts->struct_size = struct_size (pass
+ * sizeof *opts; at least sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
 void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
 #define sc_sub_options_init(opts) sc_sub_options_init_sized((opts), sizeof *(opts))
 
@@ -332,7 +346,8 @@ int sc_wait(sc_client *c, int timeout_ms);
  * sleeps longer delays those; it loses no chunk.
  *
  * Only wake "doorbell" (the default) can be waited on so: a "futex" or "busy" subscriber sleeps in the kernel or
- * spins, on no descriptor, and sc_fd refuses it.  Versions 1 and 2 can (their chunks come as messages).
+ * spins, on no descriptor, and sc_fd refuses it.  Versions 1 and 2 and tcp:// can (their chunks come as
+ * messages; tcp://: the 100 ms bound also lets the client send its SYNC every second).
  * Threads: sc_fd and sc_recv are calls on the client (one thread at a time); the descriptor may be watched from
  * any thread.
  *

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import slabcast
 from slabcast.client import publisher as _publisher
 from slabcast.core.rechunk import Rechunker
 from tests.integration import test_c_client as _c_client
+from tests.integration import test_remote as _remote
 from tests.integration.test_c_client import C_DIR, CSub
 
 c_sub = _c_client.c_sub  # the session fixture that builds clients/c
@@ -126,12 +128,20 @@ def clients(address: str) -> int:
     return int(slabcast.broker_status(address)["clients"]) - 1
 
 
-def wait_for_clients(address: str, count: int) -> None:
-    """Block (bounded) until the broker has ``count`` clients: the subscribers' HELLO and (right after it) their
-    SUBSCRIBE were sent before anything this test does next."""
+@pytest.fixture
+def info_broker(tmp_path: Path) -> Any:
+    """A broker that logs at INFO, so a test can see the SUBSCRIBEs it holds (``<label> waits for stream``)."""
+    proc = slabcast.BrokerProcess(tmp_path / "b.sock", args=("--log-level", "INFO"))
+    proc.start()
+    yield proc
+    assert proc.stop() == 0
+
+
+def wait_until_held(broker: Any, stream: str, count: int) -> None:
+    """Block (bounded) until the broker logged that it holds ``count`` SUBSCRIBEs waiting for ``stream``."""
     deadline = time.monotonic() + 15
-    while clients(address) < count:
-        assert time.monotonic() < deadline, "the subscribers never reached the broker"
+    while broker.stderr().count(f"waits for stream {stream!r}") < count:
+        assert time.monotonic() < deadline, broker.stderr()
         time.sleep(0.005)
 
 
@@ -152,13 +162,14 @@ SHOW = ("--show-flags", "--show-times")
 
 
 def test_a_c_subscriber_started_before_its_stream_waits_and_gets_it_from_index_0(
-    c_sub, broker, stream_name, waited_for
+    c_sub, info_broker, stream_name, waited_for
 ):
+    broker = info_broker
     c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip", "--wait-ms", "20000", *SHOW)
     py = PySub(broker.address, stream_name, size=100, clip=True, wait=20)
     pub = None
     try:
-        wait_for_clients(broker.address, 2)
+        wait_until_held(broker, stream_name, 2)
         assert not c.saw_ready  # held by the broker: no SUBSCRIBED yet
         pub = slabcast.Publisher(stream_name, dtype="int16", channels=2, rate=1000.0, address=broker.address)
         # The broker held both SUBSCRIBEs and told the publisher of them (OPENED's tokens): it waited until they
@@ -259,8 +270,8 @@ def _lib() -> Any:
     return lib
 
 
-OPTIONS_BYTES = 72  # sizeof(sc_sub_options) in libslabcast 1.3 (size at byte 8, clip at 24, wake at 48)
-CHUNK = struct.Struct("<QQQQQIxxxxdQQIIQ")  # sc_chunk 1.3 on x86-64/aarch64: 88 bytes, `times` last
+OPTIONS_BYTES = 72  # sizeof(sc_sub_options) in libslabcast 1.2 (size at byte 8, clip at 24, wake at 48)
+CHUNK = struct.Struct("<QQQQQIxxxxdQQIIQ")  # sc_chunk 1.2 on x86-64/aarch64: 80 bytes, `times` last
 
 
 def _options(lib: Any, size: int, sampler: float = 0.0, wait_ms: int = -1) -> Any:
@@ -306,7 +317,7 @@ def test_the_1_3_api_is_exported_under_the_version_node_of_its_release(c_sub):
     header = (C_DIR / "slabcast.h").read_text()
     minor, patch = (int(re.search(rf"^#define SC_VERSION_{k} (\d+)$", header, re.M)[1]) for k in ("MINOR", "PATCH"))
     assert minor >= 3
-    added = {"sc_fd", "sc_channel_name", "sc_channel_type", "sc_channel_unit"}
+    added = {"sc_fd", "sc_channel_name", "sc_channel_type", "sc_channel_unit", "sc_set_curve"}
     assert added <= set(re.findall(r"^[a-z][\w \*]*?\b(sc_\w+)\(", header, flags=re.MULTILINE))
     node = re.search(r"SLABCAST_1\.3 \{\s*global:(.*?)\} SLABCAST_1\.2;", (C_DIR / "libslabcast.map").read_text(), re.S)
     assert node and set(re.findall(r"(sc_\w+);", node[1])) == added
@@ -566,3 +577,89 @@ def test_a_python_selectors_loop_on_sc_fd_through_ctypes(broker, stream_name, c_
         sel.close()
         lib.sc_close(c)
         pub.close()
+
+
+# ------------------------------------------------------------------- tcp://
+
+keys = _remote.keys  # `slabcast keygen` key pairs: the broker, an accepted client, a stranger
+tcp_broker = _remote.tcp_broker  # a broker with --tcp 127.0.0.1:0 and CURVE
+
+
+def test_a_c_subscriber_over_tcp_with_curve_gets_what_python_gets(c_sub, tcp_broker, keys, stream_name):
+    secret, public = str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")
+    address = tcp_broker.tcp_address
+    pub = slabcast.Publisher(stream_name, dtype="int16", channels=2, rate=1000.0, address=tcp_broker.address,
+                             channel_names=["a", "b"], channel_units=["uV", "uV"], slab_bytes=16384, nslabs=8)  # fmt: skip
+    runs = {  # C arguments -> Python's subscriber with the same settings
+        ("--size", "300", "--clip", "--info"): {"size": 300, "clip": True},
+        ("--size", "100", "--clip", "--sampler", "0.2"): {"size": 100, "clip": True, "sampler": 0.2},
+        ("--size", "250", "--poll", "--poll-max-ms", "2000"): {"size": 250},  # an event loop on sc_fd
+    }
+    cs = [CSub(c_sub, address, stream_name, *args, "--curve", secret, public, *SHOW) for args in runs]
+    pys = [PySub(address, stream_name, curve=(secret, public), **kwargs) for kwargs in runs.values()]
+    try:
+        for c, py in zip(cs, pys, strict=True):
+            c.wait_ready()
+            py.wait_subscribed()
+        rng = np.random.default_rng(3)
+        for _ in range(60):
+            n = int(rng.integers(1, 400))
+            pub.write(rng.integers(-1000, 1000, (n, 2)).astype(np.int16))
+        pub.close()
+        for c, py in zip(cs, pys, strict=True):
+            assert c.finish(30) == 0, c.stderr
+            got, want = c_chunks(c), py.join()
+            assert len(got) > 10 and all(g[5] & 2 for g in got)  # (flag bit 1: the bytes came inline)
+            assert [g[:6] for g in got] == [w[:6] for w in want]
+            assert all(g[6] is None for g in got)  # (no per-sample times: the stream keeps none)
+        info = c_info(cs[0])
+        assert (info["channel_names"], info["channel_units"], info["size"]) == (["a", "b"], ["uV", "uV"], 300)
+        loop = LOOP.fullmatch(cs[2].lines[-1])
+        assert loop and int(loop[3]) >= 1, cs[2].lines[-1]  # woken by the descriptor, not the 2 s look
+    finally:
+        for c in cs:
+            c.close()
+        pub.close()
+
+
+def test_a_tcp_subscriber_idle_for_12_s_is_kept_by_its_sync(c_sub, tcp_broker, keys, stream_name):
+    # The broker drops a remote client silent for 10 s; the C subscriber says SYNC every second while it waits,
+    # in sc_recv (here an event loop on sc_fd that drains every 100 ms).
+    secret, public = str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")
+    with slabcast.Publisher(stream_name, dtype="float32", address=tcp_broker.address) as pub:
+        c = CSub(c_sub, tcp_broker.tcp_address, stream_name, "--size", "5", "--clip", "--poll", "--count", "1",
+                 "--curve", secret, public, *SHOW)  # fmt: skip
+        try:
+            c.wait_ready()
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline:  # (idle on purpose: the 10 s silence the broker would punish)
+                assert c.proc.poll() is None, c.stderr
+                time.sleep(0.5)
+            pub.write(np.arange(5, dtype=np.float32), t0=1.0)
+            assert c.finish(10) == 0, c.stderr
+            assert [g[1:3] for g in c_chunks(c)] == [(0, 5)]
+        finally:
+            c.close()
+
+
+def test_tcp_without_an_accepted_key_is_refused_clearly(c_sub, tcp_broker, keys, stream_name, tmp_path):
+    client, broker_key = str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")
+    stranger = str(keys / "other" / "stranger.key_secret")
+    address = tcp_broker.tcp_address
+    with slabcast.Publisher(stream_name, address=tcp_broker.address):
+        cases = [  # (C arguments, exit status, words)
+            (("--curve", stranger, broker_key), 8, "no CURVE handshake with " + address),
+            (("--curve", client, str(keys / "other" / "stranger.key")), 8, "wrong server key"),
+            ((), 1, "a tcp:// broker requires CURVE keys"),
+            (("--curve", str(tmp_path / "none"), broker_key), 1, "cannot read the CURVE key file"),
+            (("--curve", str(keys / "broker.key"), broker_key), 1, "holds no secret-key"),
+        ]
+        for args, status, words in cases:
+            t = time.monotonic()
+            c = CSub(c_sub, address, stream_name, "--size", "10", "--timeout-ms", "3000", *args)
+            try:
+                assert c.finish(15) == status, (args, c.stderr)
+                assert words in c.stderr, (args, c.stderr)
+                assert time.monotonic() - t < 5.0
+            finally:
+                c.close()
