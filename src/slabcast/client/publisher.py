@@ -38,6 +38,7 @@ DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
+_W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: threading.Event) -> None:
@@ -278,6 +279,7 @@ class Publisher:
         self.segment = seg
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+        self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
         # Where every frame is described, in order: readers need nothing else (core/ring.py).
@@ -372,8 +374,10 @@ class Publisher:
             if self._conn.poll_gone():
                 raise BrokerGoneError(f"the {self._conn.where} went away ({self._where})")
         state = self._state
-        offset = self._next_slab() if state.needs_slab(nbytes) else state.offset
-        self._u8[offset : offset + nbytes] = arr.reshape(-1).view(np.uint8)
+        offset = state.offset
+        if offset + nbytes > state.end or state.slab_frames >= state.frame_cap:  # (state.needs_slab, inlined)
+            offset = self._next_slab()
+        self._bytes[offset : offset + nbytes] = arr.data.cast("B")  # the frame's one copy (a memcpy)
         if stamps is not None:
             at = self._geometry.time_at(offset)
             self._u8[at : at + 8 * n] = stamps.view(np.uint8)
@@ -387,6 +391,15 @@ class Publisher:
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
         ring_now = False
+        # The header words the broker keeps, two to a load: (notices_wanted, futex_waiters), (frames_wanted,
+        # closed), (doorbells, 0).
+        words = ring.q
+        if not (words[_W_NOTICES_FUTEX] or words[_W_FRAMES] & 0xFFFFFFFF or words[_W_DOORBELLS] or state.pend_n
+                or state.switch_unsent):  # fmt: skip
+            state.offset = offset + nbytes  # the common case: nobody to tell
+            self.frames += 1
+            self.samples += n
+            return
         if ring.futex_waiters or ring.doorbells:
             # A system call that is a full barrier (the kernel's futex_wake), then the sleeper table: a
             # doorbell subscriber either sees this position or we see its byte (core/ring.py); futex
@@ -587,6 +600,7 @@ class Publisher:
         with contextlib.suppress(OSError):
             os.close(self._live_fd)
         self._u8 = None  # type: ignore[assignment]
+        self._bytes.release()
         self._ring.release()
         if self._mm is not None:
             with contextlib.suppress(BufferError):
