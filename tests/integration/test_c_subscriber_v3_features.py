@@ -517,11 +517,13 @@ def test_a_poll_loop_on_sc_fd_sees_each_chunk_at_once_while_it_works(c_sub, brok
         print(f"v{version}: delay p50 {statistics.median(delays) * 1e3:.2f} ms, max {max(delays) * 1e3:.2f} ms; "
               f"{ticks:.0f} ticks in {elapsed:.2f} s (latest {late:.2f} ms late); {fd_wakeups:.0f} fd wake-ups, "
               f"{idle:.0f} idle; longest drain {max_drain:.0f} us")  # fmt: skip
+        # Woken by the descriptor, the loop sees a chunk within a millisecond or so; without it, after up to 2 s
+        # (uniformly: a median near 1 s).  The bounds leave room for this shared machine's stalls (300 ms seen).
         assert statistics.median(delays) < 0.010, delays
-        assert max(delays) < 0.5, delays  # far below the 2 s the loop would otherwise sleep
+        assert sorted(delays)[int(0.9 * len(delays))] < 0.1, delays
         assert fd_wakeups >= 0.8 * frames, (fd_wakeups, frames)  # (two frames may come before one drain)
-        assert ticks >= 0.7 * elapsed * 100, (ticks, elapsed)  # the other work went on (1 tick per 10 ms)
-        assert max_drain < 50_000, max_drain  # sc_recv(c, &chunk, 0) never waited
+        assert ticks >= 0.5 * elapsed * 100, (ticks, elapsed)  # the other work went on (1 tick per 10 ms)
+        assert max_drain < 100_000, max_drain  # sc_recv(c, &chunk, 0) never waited (its own wait would be 100 ms)
     finally:
         c.close()
         pub.close()
