@@ -47,6 +47,7 @@ _POLLIN = int(zmq.POLLIN)
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
 _LOOK = 0.1  # while waiting for frames, look at the broker connection this often (seconds)
 _READ = 4096  # the most descriptors taken from the ring at a time
+_LOOK_GONE = 0.01  # between waits, look whether the broker connection dropped at most this often (seconds)
 _NOTICE_END_KIND = bytes([P.NOTICE_END])  # the kind byte of a notice message (after its array header)
 
 
@@ -260,6 +261,7 @@ class LocalReceiver:
         self._futex = wake == "futex"
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
         self._armed = False  # our sleeper byte is set
+        self._next_look = 0.0  # when to look again whether the broker connection dropped
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -328,11 +330,14 @@ class LocalReceiver:
             if conn.sock.getsockopt(_EVENTS) & _POLLIN:
                 self._on_direct(conn.recv(0))
                 continue
-            if conn.gone or conn.poll_gone():
+            now = time.monotonic()
+            if conn.gone or (now >= self._next_look and conn.poll_gone()):
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
-            # About to wait: give back every slab no chunk of ours is in (a paused subscriber must
-            # not hold any), tell the broker where we are.
-            self._leases.unlock_idle(-1, self._cur_slab)
+            self._next_look = now + _LOOK_GONE
+            # About to wait: give back every slab no chunk of ours is in (a paused drop subscriber must
+            # not hold any), tell the broker where we are.  A block subscriber keeps the slab it reads:
+            # its cursor holds that slab back anyway, and the next chunk needs no lock again.
+            self._leases.unlock_idle(self._cur_slab if self.policy == "block" else -1, self._cur_slab)
             self._send_ack()
             if deadline is None:
                 left = _LOOK
@@ -404,13 +409,14 @@ class LocalReceiver:
         """Read every notice waiting (they only wake us; NOTICE_END says the stream ended); True if any."""
         notices = self._notices
         any_ = False
-        while True:
+        while notices.getsockopt(_EVENTS) & _POLLIN:  # (cheaper than the exception of an empty recv)
             try:
                 raw = notices.recv(_NOBLOCK)
             except zmq.Again:
                 return any_
             any_ = True
             self._on_notice(raw)
+        return any_
 
     def _on_direct(self, msg: M.Message | None) -> None:
         """A message from the broker on our own connection: an END (evicted, shutdown) or an ERROR."""
