@@ -256,6 +256,8 @@ struct sc_client {
     size_t sleeper_map_bytes;
     unsigned char *sleeper;      /* our byte of the table (ATTACHED's sleeper), or NULL: a notice for every frame */
     bool armed;                  /* our sleeper byte is set (until the next sc_recv, after one that found nothing) */
+    unsigned char arm_value;     /* what we set it to, 1..255: changed only after we read (docs/protocol.md 7.8) */
+    uint64_t armed_rseq;         /* the ring descriptor we had read up to when we chose it */
 
     /* Since 1.3.0. */
     bool held_request;           /* a SUBSCRIBE with wait the broker may still hold (its wait expired) */
@@ -1163,7 +1165,11 @@ static int map_segment(sc_client *c, size_t nbytes)
 static bool arm(sc_client *c)
 {
     if (c->sleeper != NULL && !c->armed) {
-        __atomic_store_n(c->sleeper, 1, __ATOMIC_RELAXED);
+        if (c->arm_value == 0 || c->rseq != c->armed_rseq) {  /* a new value (1..255) once we read something since the last one */
+            c->arm_value = (unsigned char)(c->arm_value % 255 + 1);
+            c->armed_rseq = c->rseq;
+        }
+        __atomic_store_n(c->sleeper, c->arm_value, __ATOMIC_RELAXED);
         c->armed = true;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
     }

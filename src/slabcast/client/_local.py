@@ -261,6 +261,8 @@ class LocalReceiver:
         self._futex = wake == "futex"
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
         self._armed = False  # our sleeper byte is set
+        self._arm_value = 0  # what we set it to (1..255): changed only after we read (core/ring.py)
+        self._armed_rseq = -1  # the ring descriptor we had read up to when we chose it
         self._next_look = 0.0  # when to look again whether the broker connection dropped
         self._cursor = start
         self._cur_slab = -1
@@ -394,7 +396,11 @@ class LocalReceiver:
         publish either was seen in what this returns, or sends us a notice."""
         ring = self._ring
         if self._sleeper is not None and not self._armed:
-            ring.sleepers[self._sleeper] = 1
+            # A new value once we read something since we chose the last one (core/ring.py).
+            if self._arm_value == 0 or self._rseq != self._armed_rseq:
+                self._arm_value = self._arm_value % 255 + 1
+                self._armed_rseq = self._rseq
+            ring.sleepers[self._sleeper] = self._arm_value
             self._armed = True
             barrier()  # (a FUTEX_WAKE on an aligned word: on our unaligned sleeper byte the kernel stops early)
         return ring.position

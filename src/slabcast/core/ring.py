@@ -23,12 +23,17 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
                                 single writer: the broker
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
-broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to 1, makes a
+broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
+1..255 (the next one, cycling, if it read anything since it last chose one; else the same), makes a
 full barrier, loads the position again, and sleeps on its notice socket only if it did not move;
 awake, it sets its byte to 0.  The publisher, after it stores the position, makes a full barrier
-and sends a notice only if some byte is 1.  Each side's barrier orders its store before its load
-(Dekker's handshake): either the subscriber sees the new position or the publisher sees the byte,
-so no wake-up is lost, and a subscriber that is busy reading costs the publisher no message.  From
+and sends a notice only if some byte is set and the table differs from what it saw at its previous
+write (a subscriber that it already rang for and that is not awake yet needs no second notice: the
+notices do not pile up while one is unread).  A value changes at most once between two writes, so
+an unchanged table means nobody went to sleep again since the last look.  Each side's barrier orders
+its store before its load (Dekker's handshake): either the subscriber sees the new position or the
+publisher sees the byte, so no wake-up is lost, and a subscriber that is busy reading costs the
+publisher no message.  From
 Python the barrier is a ``FUTEX_WAKE`` system call (the kernel's ``futex_wake`` executes
 ``smp_mb()`` before it looks for waiters: kernel/futex/waitwake.c, barrier B), which also wakes the
 futex subscribers.
@@ -137,6 +142,7 @@ class Ring:
             buf, at = sleepers, 0
         # The sleeper table: one byte per doorbell subscriber.
         self.sleepers = memoryview(buf).cast("B")[at : at + SLEEPERS]
+        self._seen = _NOBODY  # the sleeper table at the publisher's previous look
         self.sleepers_address = np.frombuffer(buf, dtype=np.uint8, count=1, offset=at).ctypes.data
         # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
         self.q = whole[:256].cast("Q")  # the header's first 256 bytes as u64
@@ -204,8 +210,11 @@ class Ring:
         return count
 
     def sleeping(self) -> bool:
-        """Whether some doorbell subscriber set its sleeper byte (after a barrier: see the module's docstring)."""
-        return self.sleepers.tobytes() != _NOBODY
+        """Whether a doorbell subscriber went to sleep since the previous call and wants a notice (after a
+        barrier: see the module's docstring)."""
+        table = self.sleepers.tobytes()
+        seen, self._seen = self._seen, table
+        return table != _NOBODY and table != seen
 
     @property
     def futex_waiters(self) -> int:
