@@ -158,6 +158,14 @@ def test_slabcast_lsl_out_serves_a_stream_to_a_pylsl_inlet_exactly(broker, strea
         proc.stderr.close()
 
 
+def _subscribers(address: str, name: str) -> list:
+    """The subscribers the broker lists for stream ``name`` (its status)."""
+    for stream in slabcast.broker_status(address)["streams"]:
+        if stream["name"] == name:
+            return list(stream.get("subscribers", []))
+    return []
+
+
 def test_each_samples_own_lsl_time_reaches_chunk_times_and_a_recording(tmp_path, stream_name):
     lsl_name = f"sc-{stream_name}"
     outlet = emg_outlet(lsl_name, f"dev-{stream_name}", channels=2, rate=100.0)
@@ -170,6 +178,12 @@ def test_each_samples_own_lsl_time_reaches_chunk_times_and_a_recording(tmp_path,
                                 "--address", broker.address, "--seconds", "1.0"],
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert outlet.wait_for_consumers(10)
+        # The recorder must be there before the samples (a slow start under load missed them all, and a
+        # recording of 1 s of stream time then waited for samples that never came).
+        deadline = time.monotonic() + 30
+        while len(_subscribers(broker.address, stream_name)) < 2:
+            assert time.monotonic() < deadline and rec.poll() is None, "the recorder did not subscribe"
+            time.sleep(0.05)
         # Jittered stamps, as a real device's are: each sample keeps its own.
         base = pylsl.local_clock()
         stamps = base + np.arange(100) / 100.0 + np.random.default_rng(1).uniform(0, 0.003, 100)
