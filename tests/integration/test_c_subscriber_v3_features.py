@@ -520,7 +520,7 @@ def test_a_poll_loop_on_sc_fd_sees_each_chunk_at_once_while_it_works(c_sub, brok
         # Woken by the descriptor, the loop sees a chunk within a millisecond or so; without it, after up to 2 s
         # (uniformly: a median near 1 s).  The bounds leave room for this shared machine's stalls (300 ms seen).
         assert statistics.median(delays) < 0.010, delays
-        assert sorted(delays)[int(0.9 * len(delays))] < 0.1, delays
+        assert sorted(delays)[int(0.9 * len(delays))] < 0.5, delays  # (without the descriptor: median near 1 s)
         assert fd_wakeups >= 0.8 * frames, (fd_wakeups, frames)  # (two frames may come before one drain)
         assert ticks >= 0.5 * elapsed * 100, (ticks, elapsed)  # the other work went on (1 tick per 10 ms)
         assert max_drain < 100_000, max_drain  # sc_recv(c, &chunk, 0) never waited (its own wait would be 100 ms)
