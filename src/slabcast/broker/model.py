@@ -738,21 +738,3 @@ class Statistics:
             ptp=(hi.astype(np.float64) - lo).tolist(),
         )
         return out
-        n = sum(f[1] for f in frames)
-        total = np.sum([f[2] for f in frames], axis=0)
-        squares = np.sum([f[3] for f in frames], axis=0)
-        mean = total / n
-        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-        lo = np.min([f[4] for f in frames], axis=0)
-        hi = np.max([f[5] for f in frames], axis=0)
-        span = frames[-1][0] - frames[0][0]
-        out.update(
-            window_samples=n,
-            observed_rate=(n - frames[0][1]) / span if span > 0 else None,
-            mean=mean.tolist(),
-            std=std.tolist(),
-            min=lo.tolist(),
-            max=hi.tolist(),
-            ptp=(hi.astype(np.float64) - lo).tolist(),
-        )
-        return out
