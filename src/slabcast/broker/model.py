@@ -25,6 +25,7 @@ from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
 from ..wire import protocol as P
 from .checks import OpenRequest, Refused
+from .statistics import Statistics
 
 __all__ = [
     "BrokerCutSub",
@@ -47,7 +48,6 @@ Cut = Literal["local", "broker"]
 log = logging.getLogger("slabcast.broker")
 
 TCP_PREFIX = b"T"  # routing ids of TCP clients get this prefix (ZeroMQ's own ids start with 0x00)
-_MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
 
 
 class Out(NamedTuple):
@@ -646,95 +646,3 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:
         stream.stats.configure(req.stats_window)
     return stream
-
-
-class Statistics:
-    """Rolling per-channel statistics over the last ``window`` seconds of stream time, computed when asked.
-
-    The broker reads each frame's descriptor from the ring and keeps where it lies (its slab, generation,
-    offset, size): a tuple per frame, no sample read.  :meth:`summary` (STATS, ``slabcast status``)
-    reduces the samples of the frames in the window that are still in the pool, a block of contiguous
-    frames at a time, so the cost is per request, not per frame.  Bounded whatever the frames' ``t0``
-    (constant, NaN, backwards, longer than the window): frames are kept by *sample count* (``window *
-    rate`` samples, at least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.  Frames
-    whose slab was granted again (a window longer than the pool holds) are left out: ``window_samples``
-    says how many samples the figures are of.
-    """
-
-    def __init__(self, dtype: np.dtype[Any], channels: int, rate: float | None) -> None:
-        self.dtype = dtype
-        self.channels = channels
-        self.rate = rate
-        self.window = 0.0
-        self.limit = 0  # samples kept
-        self.kept = 0
-        # Per frame: (arrival, n, slab, generation, offset).
-        self.frames: deque[tuple[float, int, int, int, int]] = deque()
-
-    def configure(self, window: float) -> None:
-        self.window = window
-        self.limit = max(1, round(window * self.rate)) if self.rate else 0
-
-    def account(self, now: float, n: int, slab: int, gen: int, offset: int) -> None:
-        """A frame of ``n`` samples at ``offset`` of ``slab`` (generation ``gen``) was read from the ring at ``now``."""
-        frames = self.frames
-        frames.append((now, n, slab, gen, offset))
-        self.kept += n
-        if self.rate:
-            # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
-            while len(frames) > 1 and self.kept - frames[0][1] >= self.limit:
-                self.kept -= frames.popleft()[1]
-        else:
-            # No rate: the window is arrival time, which only moves forward.
-            horizon = now - self.window
-            while len(frames) > 1 and frames[0][0] < horizon:
-                self.kept -= frames.popleft()[1]
-        if len(frames) > _MAX_STAT_FRAMES:
-            self.kept -= frames.popleft()[1]
-
-    def summary(self, out: dict[str, Any], u8: np.ndarray[Any, Any] | None = None,
-                gens: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """Add the window's figures to ``out``, reduced from the samples of the segment ``u8`` still in the pool
-        (``gens``: each slab's generation now)."""
-        frames = self.frames
-        if not frames or u8 is None or gens is None:
-            return out
-        sample_bytes = self.dtype.itemsize * self.channels
-        blocks: list[list[int]] = []  # [offset, bytes] of contiguous frames still in the pool
-        n = 0
-        for _, count, slab, gen, offset in frames:
-            if gens[slab] != gen:
-                continue  # written again since: not in the pool any more
-            nbytes = count * sample_bytes
-            if blocks and blocks[-1][0] + blocks[-1][1] == offset:
-                blocks[-1][1] += nbytes
-            else:
-                blocks.append([offset, nbytes])
-            n += count
-        if not n:
-            return out
-        parts = []
-        for offset, nbytes in blocks:
-            v = u8[offset : offset + nbytes].view(self.dtype).reshape(-1, self.channels)
-            # Reductions down the strided sample axis are several times slower than along
-            # contiguous rows: one channels-first copy pays for itself.
-            w = np.ascontiguousarray(v.T)
-            parts.append((w.sum(axis=1, dtype=np.float64), np.einsum("ij,ij->i", w, w, dtype=np.float64),
-                          w.min(axis=1), w.max(axis=1)))  # fmt: skip
-        total = np.sum([p[0] for p in parts], axis=0)
-        squares = np.sum([p[1] for p in parts], axis=0)
-        mean = total / n
-        std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-        lo = np.min([p[2] for p in parts], axis=0)
-        hi = np.max([p[3] for p in parts], axis=0)
-        span = frames[-1][0] - frames[0][0]
-        out.update(
-            window_samples=n,
-            observed_rate=(self.kept - frames[0][1]) / span if span > 0 else None,
-            mean=mean.tolist(),
-            std=std.tolist(),
-            min=lo.tolist(),
-            max=hi.tolist(),
-            ptp=(hi.astype(np.float64) - lo).tolist(),
-        )
-        return out
