@@ -54,11 +54,13 @@ def _zconf(listen: str | None = None, connect: str | None = None) -> Any:
     return zenoh_config("peer", connect, listen, multicast=False)
 
 
-def _send_loop(send: Any, count: int, rate: float | None, go: Any) -> None:
-    """After ``go``, send ``count`` frames stamped with their number and the monotonic clock (paced if ``rate``)."""
+def _send_loop(send: Any, count: int, rate: float | None, go: Any) -> float:
+    """After ``go``, send ``count`` frames stamped with their number and the monotonic clock (paced if ``rate``);
+    return the CPU seconds this process used meanwhile (every thread: Zenoh's too)."""
     frame = C.frame_pattern(FRAME, 1)[0]
     words = frame.view(np.uint64)
     go.wait()
+    cpu = C.worker_cpu()
     period = 1.0 / rate if rate else 0.0
     t_next = time.monotonic() + period
     for k in range(count):
@@ -69,6 +71,7 @@ def _send_loop(send: Any, count: int, rate: float | None, go: Any) -> None:
         words[0] = k
         words[1] = time.monotonic_ns()
         send(frame)
+    return C.worker_cpu() - cpu
 
 
 # ----------------------------------------------------------------------------- plain Zenoh
@@ -85,13 +88,14 @@ def _zenoh_pub(endpoint: str, key: str, count: int, rate: float | None, ready: A
             raise TimeoutError("no Zenoh subscriber matched within 30 s")
         time.sleep(0.01)
     ready.put("ready")
-    _send_loop(lambda f: pub.put(f.tobytes()), count, rate, go)
+    ready.put(_send_loop(lambda f: pub.put(f.tobytes()), count, rate, go))
     done.wait(120)
     session.close()
 
 
-def run_zenoh(count: int, rate: float | None) -> tuple[np.ndarray, float]:
-    """Return each frame's latency (ns; -1: not received) and the seconds from first to last frame received."""
+def run_zenoh(count: int, rate: float | None) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Return each frame's latency (ns; -1: not received), the seconds from first to last frame received and
+    the CPU load of the measure (``C.CpuMeter``: ours and other programs')."""
     import zenoh
 
     endpoint, key = f"tcp/127.0.0.1:{_free_port()}", f"bench/plain/{os.getpid()}"
@@ -117,12 +121,14 @@ def run_zenoh(count: int, rate: float | None) -> tuple[np.ndarray, float]:
         try:
             session.declare_subscriber(key, on_sample)
             C.get(ready, 60, [proc])
+            meter = C.CpuMeter()
             go.set()
             finished.wait(60 + (count / rate if rate else 0))
+            load = meter.stop(C.get(ready, 60, [proc]))
         finally:
             done.set()
             session.close()
-    return lat, (got[2] - got[1]) / 1e9
+    return lat, (got[2] - got[1]) / 1e9, load
 
 
 # ----------------------------------------------------------------------------- through the bridge
@@ -133,8 +139,9 @@ def _slab_pub(address: str, stream: str, count: int, rate: float | None, ready: 
 
     pub = slabcast.Publisher(stream, dtype="uint8", channels=1, address=address, timeout=60, **POOL)
     ready.put("ready")
-    _send_loop(pub.write, count, rate, go)
+    cpu = _send_loop(pub.write, count, rate, go)
     pub.close()
+    ready.put(cpu)
 
 
 def _expect(proc: subprocess.Popen[str], start: str, timeout: float = 30) -> str:
@@ -155,8 +162,22 @@ def _expect(proc: subprocess.Popen[str], start: str, timeout: float = 30) -> str
     return lines[-1]
 
 
-def run_bridge(count: int, rate: float | None) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """The same through broker A, the bridge, Zenoh, broker B; also returns the chain's CPU seconds per process."""
+def _source_alone(spec: str, address: str, stop: Any) -> None:
+    """The ``zenoh`` source as the broker hosts it (a SourceThread), but in a process of its own."""
+    from slabcast.sources import SourceThread, parse_source
+
+    thread = SourceThread(parse_source(spec), address)
+    thread.start()
+    stop.wait(600)
+    thread.stopping.set()
+    thread.join(15)
+
+
+def run_bridge(count: int, rate: float | None, wake: str = "doorbell", source_process: bool = False) -> tuple[
+        np.ndarray, float, dict[str, Any], dict[str, float]]:  # fmt: skip
+    """The same through broker A, the bridge, Zenoh, broker B (the subscriber waits with ``wake``); also returns
+    the chain's CPU seconds per process and the load of the measure.  ``source_process``: the ``zenoh`` source
+    runs in a process of its own beside broker B, not hosted by it (outside the broker's GIL)."""
     import slabcast
 
     endpoint, prefix, stream = f"tcp/127.0.0.1:{_free_port()}", f"bench/{os.getpid()}", "zb"
@@ -170,14 +191,19 @@ def run_bridge(count: int, rate: float | None) -> tuple[np.ndarray, float, dict[
         b = None
         try:
             _expect(bridge, "bridge: ready")
-            b = slabcast.BrokerProcess(d / "b.sock", args=("--source", spec)).start()
+            b = slabcast.BrokerProcess(d / "b.sock", args=() if source_process else ("--source", spec)).start()
+            pids = {"broker A": a.pid, "bridge": bridge.pid, "broker B": b.pid}
+            if source_process:
+                stop = C.CTX.Event()
+                pids["source"] = w.spawn(_source_alone, spec, b.address, stop).pid
             ready, go = C.CTX.Queue(), C.CTX.Event()
             proc = w.spawn(_slab_pub, a.address, stream, count, rate, ready, go)
             C.get(ready, 60, [proc])
             _expect(bridge, f"bridge: {stream} ->")
-            sub = slabcast.Subscriber(stream, size=FRAME, clip=True, address=b.address, wait=30, max_inflight=16)
-            pids = {"broker A": a.pid, "bridge": bridge.pid, "broker B": b.pid}
+            sub = slabcast.Subscriber(stream, size=FRAME, clip=True, address=b.address, wait=30, max_inflight=16,
+                                      wake=wake)  # fmt: skip
             cpu0 = {k: C.pid_cpu(p) for k, p in pids.items()}
+            meter = C.CpuMeter(list(pids.values()))
             go.set()
             first = last = 0
             for n in range(count):
@@ -191,7 +217,10 @@ def run_bridge(count: int, rate: float | None) -> tuple[np.ndarray, float, dict[
                 if n == count - 1:
                     break
             cpu = {k: C.pid_cpu(p) - cpu0[k] for k, p in pids.items()}
+            load = meter.stop(C.get(ready, 60, [proc]))
             sub.close()
+            if source_process:
+                stop.set()
         finally:
             bridge.terminate()
             try:
@@ -203,7 +232,7 @@ def run_bridge(count: int, rate: float | None) -> tuple[np.ndarray, float, dict[
                 bridge.stdout.close()
             if b is not None:
                 b.stop()
-    return lat, (last - first) / 1e9, cpu
+    return lat, (last - first) / 1e9, cpu, load
 
 
 # ----------------------------------------------------------------------------- report
@@ -225,44 +254,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=500.0, help="frames per second in the latency measure (500)")
     ap.add_argument("--warmup", type=int, default=None, help="latency frames not counted (default 200, quick 100)")
     ap.add_argument("--trials", type=int, default=1, help="repeat both measures (median over trials reported)")
+    ap.add_argument("--wake", choices=("doorbell", "futex"), default="doorbell",
+                    help="how the subscriber on broker B waits (default doorbell, slabcast's default)")  # fmt: skip
+    ap.add_argument("--source-process", action="store_true",
+                    help="the zenoh source in a process of its own beside broker B, outside its GIL")  # fmt: skip
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help=C.WAIT_QUIET_HELP)
     args = ap.parse_args(argv)
     frames = args.frames or (1000 if args.quick else 10_000)
     warmup = args.warmup if args.warmup is not None else (100 if args.quick else 200)
-    out: dict[str, Any] = {"machine": C.machine_info(), "frames": frames, "rate": args.rate, "trials": []}
+    out: dict[str, Any] = {"machine": C.machine_info(), "frames": frames, "rate": args.rate, "wake": args.wake,
+                           "source_process": args.source_process, "trials": []}  # fmt: skip
     for trial in range(args.trials):
-        res: dict[str, Any] = {}
-        lat_z, _ = run_zenoh(frames + warmup, args.rate)
-        lat_b, _, _ = run_bridge(frames + warmup, args.rate)
-        _, secs_z = run_zenoh(frames, None)
-        lat_tb, secs_b, cpu_thr = run_bridge(frames, None)
+        res: dict[str, Any] = {"quiet": C.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None,
+                               "loadavg": os.getloadavg()[0]}  # fmt: skip
+        lat_z, _, load_lz = run_zenoh(frames + warmup, args.rate)
+        lat_b, _, _, load_lb = run_bridge(frames + warmup, args.rate, args.wake, args.source_process)
+        _, secs_z, load_tz = run_zenoh(frames, None)
+        lat_tb, secs_b, cpu_thr, load_tb = run_bridge(frames, None, args.wake, args.source_process)
         res["latency"] = [_latency_row("zenoh", lat_z, warmup), _latency_row("bridge", lat_b, warmup)]
+        # CPU per frame of every process on the path (publisher, brokers, bridge, subscriber): on a machine
+        # the path saturates, what bounds its throughput, and steadier than frames/s under others' load.
         res["throughput"] = [
-            {"path": "zenoh", "frames_s": frames / secs_z, "MB_s": frames * FRAME / secs_z / 1e6},
+            {"path": "zenoh", "frames_s": frames / secs_z, "MB_s": frames * FRAME / secs_z / 1e6,
+             "cpu_us": load_tz["our_cpu_s"] / frames * 1e6},
             {"path": "bridge", "frames_s": frames / secs_b, "MB_s": frames * FRAME / secs_b / 1e6,
-             "lost": int((lat_tb < 0).sum())},
+             "cpu_us": load_tb["our_cpu_s"] / frames * 1e6, "lost": int((lat_tb < 0).sum())},
         ]  # fmt: skip
+        res["cpu"] = {"latency zenoh": load_lz, "latency bridge": load_lb, "throughput zenoh": load_tz,
+                      "throughput bridge": load_tb}  # fmt: skip
         res["cpu_s_per_frame_us"] = {k: v / frames * 1e6 for k, v in cpu_thr.items()}
         out["trials"].append(res)
         print(f"trial {trial + 1}/{args.trials} done", file=sys.stderr)
 
+    def value(t: dict[str, Any], part: str, path: str, field: str) -> float:
+        return float(next(r for r in t[part] if r["path"] == path)[field])
+
     def med(part: str, path: str, field: str) -> float:
-        return float(np.median([next(r for r in t[part] if r["path"] == path)[field] for t in out["trials"]]))
+        return float(np.median([value(t, part, path, field) for t in out["trials"]]))
+
+    def trial_ratio(t: dict[str, Any], part: str, field: str) -> float:
+        return value(t, part, "bridge", field) / value(t, part, "zenoh", field)
+
+    def ratio(part: str, field: str) -> float:  # the median of each trial's ratio: one machine state each
+        return float(np.median([trial_ratio(t, part, field) for t in out["trials"]]))
 
     def lost(path: str) -> int:
         return sum(next(r for r in t["latency"] if r["path"] == path)["lost"] for t in out["trials"])
 
     lat_rows: list[list[Any]] = [[p, *(f"{med('latency', p, f'p{q}_us'):.0f}" for q in PCTS), lost(p)]
                                  for p in ("zenoh", "bridge")]  # fmt: skip
-    ratio = [f"{med('latency', 'bridge', f'p{q}_us') / med('latency', 'zenoh', f'p{q}_us'):.1f}x" for q in PCTS]
-    lat_rows.append(["bridge / zenoh", *ratio, ""])
-    print(f"\nLatency, 64 KiB frames at {args.rate:g}/s, {frames} frames after {warmup} warm-up (µs)\n")
+    lat_rows.append(["bridge / zenoh", *(f"{ratio('latency', f'p{q}_us'):.2f}x" for q in PCTS), ""])
+    print(f"\nLatency, 64 KiB frames at {args.rate:g}/s, {frames} frames after {warmup} warm-up (µs; subscriber "
+          f"wake={args.wake})\n")  # fmt: skip
     print(C.table(["path", *(f"p{q}" for q in PCTS), "lost"], lat_rows))
-    thr_rows = [[p, f"{med('throughput', p, 'frames_s'):.0f}", f"{med('throughput', p, 'MB_s'):.0f}"]
-                for p in ("zenoh", "bridge")]  # fmt: skip
-    speed = med("throughput", "bridge", "frames_s") / med("throughput", "zenoh", "frames_s")
-    thr_rows.append(["bridge / zenoh", f"{speed:.2f}x", ""])
-    print(f"\nThroughput, 64 KiB frames written flat out, {frames} frames, lossless on both paths\n")
-    print(C.table(["path", "frames/s", "MB/s"], thr_rows))
+    thr_rows = [[p, f"{med('throughput', p, 'frames_s'):.0f}", f"{med('throughput', p, 'MB_s'):.0f}",
+                 f"{med('throughput', p, 'cpu_us'):.0f}"] for p in ("zenoh", "bridge")]  # fmt: skip
+    thr_rows.append(["bridge / zenoh", f"{ratio('throughput', 'frames_s'):.2f}x", "",
+                     f"{ratio('throughput', 'cpu_us'):.2f}x"])  # fmt: skip
+    print(f"\nThroughput, 64 KiB frames written flat out, {frames} frames, lossless on both paths; CPU: of every "
+          f"process on the path, per frame\n")  # fmt: skip
+    print(C.table(["path", "frames/s", "MB/s", "CPU µs/frame"], thr_rows))
+    trial_rows = []
+    for k, t in enumerate(out["trials"], 1):
+        foreign = max(m["foreign_cores"] for m in t["cpu"].values())
+        trial_rows.append([k, *(f"{trial_ratio(t, 'latency', f'p{q}_us'):.2f}x" for q in PCTS),
+                           f"{trial_ratio(t, 'throughput', 'frames_s'):.2f}x", f"{t['loadavg']:.1f}",
+                           f"{foreign:.2f}"])  # fmt: skip
+    print("\nEach trial, bridge / zenoh in the same trial; the load: 1-minute load average at its start, the most "
+          "cores other programs took during one of its measures\n")  # fmt: skip
+    print(C.table(["trial", *(f"p{q}" for q in PCTS), "throughput", "loadavg", "foreign cores"], trial_rows))
     cpu = out["trials"][-1]["cpu_s_per_frame_us"]
     print("\nCPU per frame in the throughput run (µs): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
     path = C.write_json(f"zenoh-bridge-{C.timestamp()}", out)

@@ -260,7 +260,7 @@ def test_a_bridge_killed_and_restarted_is_followed_with_a_discontinuity(tmp_path
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)
     far = slabcast.BrokerProcess(tmp_path / "far.sock",
-                                 args=("--source", source_spec(stream_name, prefix, endpoint, "lost_after=0.3")))
+                                 args=("--source", source_spec(stream_name, prefix, endpoint, "lost_after=0.3")))  # fmt: skip
     writer = None
     try:
         far.start()
@@ -448,8 +448,9 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
         pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
                                  timeout=2.0)  # fmt: skip
         lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
-        # A lossless subscriber on the far broker that does not read: its pool, the source's queue, Zenoh's
-        # and TCP's buffers fill up; the bridge drops; the origin's publisher must never wait.
+        # A lossless subscriber on the far broker that does not read: its pool fills up, the source's write on
+        # Zenoh's thread waits, Zenoh's and TCP's buffers fill up; the bridge drops; the origin's publisher must
+        # never wait.
         sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)
         writer = Writer(pub, n=1000, pause=0.0002)
         writer.start()
@@ -476,6 +477,93 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
         err = stop(bridge)
         far.stop()
     assert "Traceback" not in err
+
+
+def test_block_end_to_end_holds_the_origin_back_and_loses_nothing(tmp_path, broker, stream_name):
+    # --policy block and the source's policy=block: a far subscriber that stops reading holds the source's write
+    # (on Zenoh's thread), then Zenoh, the bridge and the origin's publisher back; every sample arrives.
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, "--policy", "block")
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    writer = None
+    try:
+        far.start()
+        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
+                                 timeout=60.0)  # fmt: skip
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)  # not reading
+        writer = Writer(pub, n=1000, pause=0.0)
+        writer.start()
+        deadline = time.monotonic() + 30
+        seen = -1
+        while writer.index != seen:  # until it stops: held back by the far subscriber, 2 hosts away
+            seen = writer.index
+            assert writer.is_alive() and writer.error is None, writer.error
+            assert time.monotonic() < deadline and seen < 40_000_000 // 8, f"not held back ({seen * 8} bytes)"
+            writer.stopping.wait(0.5)
+        writer.stopping.set()  # (it leaves after the write it is held in)
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        while True:
+            try:
+                with sub.recv(timeout=3.0) as c:
+                    chunks.append((c.index, c.t0, c.discontinuity, c.data.copy()))
+            except TimeoutError:
+                break
+        writer.join(10)
+        assert writer.error is None, writer.error
+        assert seen > 0 and len(chunks) * 1000 == writer.index  # everything written, and nothing else
+        assert check_exact(chunks, n=1000) == 0
+        assert [c[0] for c in chunks] == [int(c[3][0]) for c in chunks]  # nothing lost: the origin's indices
+        sub.close()
+        pub.close()
+    finally:
+        if writer is not None:
+            writer.stop()
+        err = stop(bridge)
+        far.stop()
+    assert "Traceback" not in err
+
+
+def test_the_sources_policy_drop_drops_there_and_never_holds_the_origin_back(tmp_path, broker, stream_name):
+    # The bridge in --policy block, the source in policy=drop: a stalled far subscriber makes the source drop
+    # (no free slab at once: no wait on Zenoh's thread), so nothing holds Zenoh, the bridge or the origin back.
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, "--policy", "block")
+    far = slabcast.BrokerProcess(tmp_path / "far.sock",
+                                 args=("--source", source_spec(stream_name, prefix, endpoint, "policy=drop")))  # fmt: skip
+    writer = None
+    try:
+        far.start()
+        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
+                                 timeout=2.0)  # fmt: skip
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)  # not reading
+        writer = Writer(pub, n=1000, pause=0.0002)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while writer.index < 40_000_000 // 8:  # far more than the far pool and every buffer on the way
+            assert writer.is_alive() and writer.error is None, writer.error
+            assert time.monotonic() < deadline, f"the origin wrote only {writer.index * 8} bytes in 30 s"
+            writer.stopping.wait(0.05)
+        writer.pause = 0.005
+        chunks: list[tuple[int, float, bool, np.ndarray]] = []
+        deadline = time.monotonic() + 20
+        while not any(c[2] for c in chunks):
+            assert time.monotonic() < deadline, "no discontinuity on the far side"
+            receive(sub, chunks, 1)
+        receive(sub, chunks, 3)
+        writer.stop()
+        assert writer.error is None, writer.error
+        assert check_exact(chunks, n=1000) >= 1
+        sub.close()
+        pub.close()
+    finally:
+        if writer is not None:
+            writer.stop()
+        err = stop(bridge)
+        far.stop()
+    assert "Traceback" not in err
+    assert "dropped (policy='drop')" in far.stderr() and "writing again after" in far.stderr()
 
 
 def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_path, stream_name):
@@ -525,6 +613,48 @@ def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_pat
             (source,) = slabcast.broker_status(broker.address)["sources"]
             assert source["state"] == "running" and source["error"] is None
             sub.close()
+    finally:
+        session.close()
+
+
+def test_a_key_that_comes_back_with_another_kind_of_samples_ends_the_source(tmp_path, stream_name):
+    # A frame of another kind from a stray peer is refused and the source goes on; once the stream behind the
+    # key is int16 x 1 (its info says so), the source stops: the local stream cannot change its kind.
+    from slabcast._info import StreamInfo
+    from slabcast.bridge.zenoh import open_session, zenoh_config
+
+    port = free_port()
+    key = f"test/{stream_name}/x"
+    address = f"ipc://{tmp_path}/b.sock"
+    spec = f"zenoh:key={key},name={stream_name},listen=tcp/127.0.0.1:{port},multicast=false,timeout=0.5"
+    infos = [StreamInfo("x", np.dtype("<f4"), 2, 100.0, ("a", "b"))]
+    session = open_session(zenoh_config("peer", connect=f"tcp/127.0.0.1:{port}", multicast=False))
+    try:
+        session.declare_queryable(f"{key}/@info",
+                                  lambda query: query.reply(f"{key}/@info", encode_info(infos[-1], 1, "peer")))  # fmt: skip
+        put = session.declare_publisher(key).put
+        with slabcast.BrokerProcess(address, args=("--source", spec)) as broker:
+            sub = slabcast.Subscriber(stream_name, size=50, clip=True, address=broker.address, wait=30)
+            data = np.arange(100, dtype="<f4").reshape(50, 2)
+            put(data.tobytes(), attachment=FrameHeader(0, 2, np.dtype("<f4"), 1, 0, 5.0, 50).encode())
+            put(np.arange(50, dtype="<i2").tobytes(), attachment=FrameHeader(0, 1, np.dtype("<i2"), 1, 50, 5.5, 50)
+                .encode())  # fmt: skip
+            put((data + 100).tobytes(), attachment=FrameHeader(0, 2, np.dtype("<f4"), 1, 50, 5.5, 50).encode())
+            for k in range(2):
+                with sub.recv(timeout=15) as chunk:
+                    assert np.array_equal(chunk.data, data + 100 * k) and chunk.t0 == 5.0 + k / 2
+                    assert chunk.index == 50 * k and not chunk.discontinuity
+            assert slabcast.broker_status(broker.address)["sources"][0]["state"] == "running"
+            infos.append(StreamInfo("x", np.dtype("<i2"), 1, 100.0, ("a",)))
+            put(np.arange(50, dtype="<i2").tobytes(), attachment=FrameHeader(0, 1, np.dtype("<i2"), 2, 0, 6.0, 50)
+                .encode())  # fmt: skip
+            deadline = time.monotonic() + 15
+            while (source := slabcast.broker_status(broker.address)["sources"][0])["state"] != "failed":
+                assert time.monotonic() < deadline, source
+                time.sleep(0.05)
+            assert "came back as int16 x 1, was float32 x 2" in source["error"]
+            sub.close()
+        assert "a frame of int16 x 1 on" in broker.stderr() and "the bridge still serves float32 x 2" in broker.stderr()
     finally:
         session.close()
 

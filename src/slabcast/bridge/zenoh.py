@@ -59,7 +59,11 @@ class _Forwarder(threading.Thread):
         zenoh = import_zenoh()
         congestion = zenoh.CongestionControl.BLOCK if b.policy == "block" else zenoh.CongestionControl.DROP
         publisher = b.session.declare_publisher(self.key, congestion_control=congestion)
-        queryable = b.session.declare_queryable(f"{self.key}/@info", self._on_query)
+        # A direct callback (on Zenoh's thread): an indirect one runs on a Python thread made from this daemon
+        # thread, hence a daemon too, which interpreter exit may stop inside Zenoh's code: the process aborted
+        # ("FATAL: exception not rethrown") after printing its totals.
+        queryable = b.session.declare_queryable(f"{self.key}/@info",
+                                                zenoh.handlers.Callback(self._on_query, indirect=False))  # fmt: skip
         try:
             while not (b.stopping.is_set() or self.retire.is_set()):
                 self._serve_once(publisher)
@@ -81,8 +85,10 @@ class _Forwarder(threading.Thread):
         b = self.bridge
         try:
             # A subscription made before the stream exists starts at its index 0.
+            # Woken by the publisher's FUTEX_WAKE, not a ZeroMQ notice: no I/O thread hop before each put
+            # (this loop needs no pollable socket).
             sub = Subscriber(self.stream, 1, policy=b.policy, max_inflight=64, address=b.address, wait=1.0,
-                             label=f"bridge:{self.stream}")  # fmt: skip
+                             label=f"bridge:{self.stream}", wake="futex")  # fmt: skip
         except StreamNotFoundError:
             return
         except (BrokerGoneError, EndOfStream) as exc:
@@ -107,8 +113,10 @@ class _Forwarder(threading.Thread):
                     head = FrameHeader(FLAG_DISCONTINUITY if chunk.discontinuity else 0, channels, dtype, epoch,
                                        chunk.index, chunk.t0, n)  # fmt: skip
                     attachment = head.encode(chunk.times if timestamps else None)
-                    payload = data.tobytes()  # Zenoh takes bytes: the one copy out of shared memory
-                publisher.put(payload, attachment=attachment)
+                    # Zenoh's Python API takes bytes (no buffer: its wheel is built for the stable ABI of Python
+                    # 3.9), and copies them into its own message: a view cannot be put; this is our one copy.
+                    payload = data.tobytes()
+                publisher.put(payload, attachment=attachment)  # after the release: the slab is free meanwhile
                 self.frames += 1
                 self.bytes += len(payload)
         except EndOfStream as exc:

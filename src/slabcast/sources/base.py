@@ -29,7 +29,13 @@ class Source(Protocol):
     The thread also uses, when a source has them: ``wait()`` (seconds until more is
     due), ``take_jump()`` (the next frame follows a hole), ``waiting`` (held until
     ``wait_for`` subscribers are there), ``publisher_options`` (its stream's pool),
-    ``address`` and ``count_subscribers`` (how it asks for its subscribers).
+    ``address`` and ``count_subscribers`` (how it asks for its subscribers), and
+    ``attach(write)``: a source whose frames arrive on another thread's callback
+    (``zenoh``) is handed ``write(data, timestamps, discontinuity, wait) -> bool``
+    once its stream is open (False: the stream refused the frame; with ``wait``
+    false, :class:`~slabcast.WriteTimeout` when no slab is free at once), and writes
+    each frame there, with no queue and no thread between; its ``read`` then only
+    watches (errors, silence) and returns ``None``.
     """
 
     def connect(self) -> StreamInfo:

@@ -7,6 +7,7 @@ FRAME notice crosses the (in-host) socket.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -93,6 +94,11 @@ class SourceThread(threading.Thread):
         log.info("source %r started", info.name)
         self.state = "running"
         self.opened.set()
+        attach = getattr(self.source, "attach", None)
+        if attach is not None:
+            # A source whose frames arrive on another thread's callback (Zenoh's) writes them there itself,
+            # through this, with no queue and thread hop; its read() only watches (errors, silence).
+            attach(functools.partial(self._write_frame, pub, info))
         jumped = False
         try:
             while not self.stopping.is_set():
@@ -121,15 +127,7 @@ class SourceThread(threading.Thread):
                 take_jump = getattr(self.source, "take_jump", None)
                 if take_jump is not None and take_jump():
                     jumped = True
-                try:
-                    self._write(pub, info.name, data, float(stamps[0]), jumped, stamps if info.timestamps else None)
-                except (ValueError, TypeError) as exc:  # a frame the stream refuses: it is lost, the source goes on
-                    self.refused += 1
-                    if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... said
-                        log.warning("source %r: a frame was refused (%d so far): %s", info.name, self.refused, exc)
-                    jumped = True
-                    continue
-                jumped = False
+                jumped = not self._write_frame(pub, info, data, stamps, jumped)
             self.state = "ended"
         except SlabcastError as exc:  # the broker is shutting down under us
             self.state = "stopped"
@@ -142,9 +140,28 @@ class SourceThread(threading.Thread):
             self.source.disconnect()
             pub.close()
 
-    def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool, times: Any = None) -> None:
+    def _write_frame(self, pub: Publisher, info: StreamInfo, data: Any, stamps: Any, jumped: bool,
+                     wait: bool = True) -> bool:  # fmt: skip
+        """Write one frame the source read (or pushed, from its own thread); False when the stream refused it
+        (it is lost: counted, said).  With ``wait`` false, ``WriteTimeout`` when no slab is free at once."""
+        timeout = pub.timeout
+        try:
+            if not wait:
+                pub.timeout = 0.0  # only the slabs granted already: the source drops what they cannot take
+            self._write(pub, info.name, data, float(stamps[0]), jumped, stamps if info.timestamps else None, wait)
+        except (ValueError, TypeError) as exc:  # a frame the stream refuses: it is lost, the source goes on
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ... said
+                log.warning("source %r: a frame was refused (%d so far): %s", info.name, self.refused, exc)
+            return False
+        finally:
+            pub.timeout = timeout
+        return True
+
+    def _write(self, pub: Publisher, name: str, data: Any, t0: float, jumped: bool, times: Any = None,
+               wait: bool = True) -> None:  # fmt: skip
         """Write one frame (in pieces the stream's slabs hold, if it is longer); while a ``block`` subscriber
-        holds every slab, wait (nothing is dropped) and say so."""
+        holds every slab, wait (nothing is dropped) and say so, unless not ``wait``."""
         most = pub.max_frame
         n = len(data)
         if self.subscribers is not None and self.subscribers(name) == 0:
@@ -159,14 +176,14 @@ class SourceThread(threading.Thread):
             for start in range(0, n, most):
                 piece_t0 = float(times[start]) if times is not None else t0 + (start / rate if rate else 0.0)
                 piece_times = times[start : start + most] if times is not None else None
-                self._write(pub, name, data[start : start + most], piece_t0, jumped and start == 0, piece_times)
+                self._write(pub, name, data[start : start + most], piece_t0, jumped and start == 0, piece_times, wait)
             return
         since = 0.0
         while True:
             try:
                 pub.write(data, t0=t0, discontinuity=jumped, times=times)
             except WriteTimeout:
-                if self.stopping.is_set():
+                if self.stopping.is_set() or not wait:
                     raise
                 if not since:
                     since = time.monotonic()

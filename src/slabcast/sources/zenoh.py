@@ -13,14 +13,15 @@ import contextlib
 import json
 import logging
 import os
-import queue as _queue
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .._exceptions import WriteTimeout
 from .._info import StreamInfo
 from ..wire.bridge import FLAG_DISCONTINUITY, FrameHeader, decode_info
 from ..wire.protocol import check_stream_name
@@ -141,15 +142,21 @@ class ZenohSource:
         Seconds each query for the stream info waits.  A bridge that is not there
         yet is waited for (the queries repeat, logged), never a failure.
     policy : {"block", "drop"}
-        When ``queue`` frames wait for the local publisher (a ``block`` subscriber
-        here holds it back): ``block`` holds Zenoh's delivery back (with a bridge
-        in ``--policy block``, back to the origin: lossless end to end); ``drop``
-        drops frames here, seen as gaps.
+        When the local pool has no free slab (a ``block`` subscriber here holds the
+        publisher back): ``block`` waits, holding Zenoh's delivery back (with a
+        bridge in ``--policy block``, back to the origin: lossless end to end);
+        ``drop`` drops the frame here, seen as a gap.
     queue : int
-        Frames received and not yet written locally, at most.
+        Frames kept, at most, while the local stream is being opened (between the
+        subscription and the stream's publisher); beyond, the oldest go and the
+        local stream starts later, as a late joiner's does.
     lost_after : float
         Seconds without a frame after which the broker's log says the key went
         silent (a killed bridge or a cut network sends nothing to say so).
+
+    Each frame is decoded and written into shared memory on Zenoh's receiving
+    thread, in the subscriber's callback (:meth:`attach`): no queue and no thread
+    between the network and the stream.
 
     What is exact: samples (bit for bit), ``t0`` of every frame, per-sample times
     of a stream that has them, channel names, types, units, rate and source_id.
@@ -176,108 +183,149 @@ class ZenohSource:
         self._conf_args = {"mode": mode, "connect": connect, "listen": listen, "config": config,
                            "multicast": multicast, "cfg": cfg}  # fmt: skip
         zenoh_config(**self._conf_args)  # bad settings fail here, where the broker reports them
-        self._frames: _queue.Queue[tuple[bytes, bytes]] = _queue.Queue(max(1, int(queue)))
+        # Frames are written by Zenoh's thread in the callback; this lock keeps them one at a time and in
+        # order (Zenoh may call from several threads), and lets disconnect() wait for the one in flight.
+        self._lock = threading.Lock()
+        self._write: Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any], bool, bool], bool] | None = None
+        self._early: deque[tuple[bytes, bytes]] = deque(maxlen=max(1, int(queue)))  # before attach()
         self._session: Any = None
         self._subscriber: Any = None
         self._closing = threading.Event()
+        self._news = threading.Event()  # something for the source's thread: an error, a new epoch
+        self._failure: BaseException | None = None  # raised by read(), on the source's thread
+        self._requery = False  # a new epoch: read() asks for the info again (a query never runs in the callback)
+        self._other: str | None = None  # a frame of another dtype or channel count came: read() asks why
         self._info: StreamInfo | None = None
         self._epoch = 0
         self._next: int | None = None  # the origin index expected next
         self._local = 0  # samples this source has written (the local index of the next one)
         self._jump = False
-        self.dropped = 0  # frames dropped here (policy="drop"), or refused (malformed)
+        self.dropped = 0  # frames dropped here (policy="drop", before the stream opened), refused or malformed
+        self._dropping = 0  # frames dropped in a row for want of a slab (policy="drop")
         self.gaps = 0
         self.lost_after = float(lost_after)
         self._last_frame = 0.0  # time.monotonic() of the last frame received
         self._silent = False
 
-    def _on_sample(self, sample: Any) -> None:
-        # On Zenoh's thread: copy out and queue; never touch numpy or the publisher here.
-        attachment = sample.attachment
-        item = (sample.payload.to_bytes(), attachment.to_bytes() if attachment is not None else b"")
-        if self.policy == "drop":
-            try:
-                self._frames.put_nowait(item)
-            except _queue.Full:
-                self.dropped += 1
-            return
-        while not self._closing.is_set():
-            try:
-                self._frames.put(item, timeout=0.1)
-                return
-            except _queue.Full:
-                continue
-
     def connect(self) -> StreamInfo:
         """Open the session, subscribe, ask the bridge for the stream info (``OSError`` while none answers)."""
         if self._session is None:
+            zenoh = import_zenoh()
             self._closing.clear()
+            self._failure = None
             self._session = open_session(zenoh_config(**self._conf_args))
-            self._subscriber = self._session.declare_subscriber(self.key, self._on_sample)
+            # A direct callback: run on Zenoh's receiving thread, not handed to a Python thread through a channel.
+            callback = zenoh.handlers.Callback(self._on_sample, indirect=False)
+            self._subscriber = self._session.declare_subscriber(self.key, callback)
         info, epoch = self._query_info()
-        self._info, self._epoch = info, epoch
-        self._next = None  # the local stream goes on (its index with it); the first frame is not a gap
+        with self._lock:
+            self._info, self._epoch = info, epoch
+            self._next = None  # the local stream goes on (its index with it); the first frame is not a gap
+            self._other = None
+            if self._write is not None:  # connected again (the stream is open): its next frame follows a hole
+                self._jump = True
         log.info("zenoh key %r (epoch %x: %d x %s @ %s Hz) feeds stream %r", self.key, epoch, info.channels,
                  info.dtype, info.rate, self.name)  # fmt: skip
         return info
 
-    def _query_info(self) -> tuple[StreamInfo, int]:
-        zenoh = import_zenoh()
-        try:
-            replies = list(self._session.get(f"{self.key}/@info", timeout=self.timeout))
-        except zenoh.ZError as exc:
-            raise OSError(f"query of {self.key}/@info failed: {exc}") from exc
-        for reply in replies:
-            if reply.ok is not None:
-                try:
-                    return decode_info(reply.ok.payload.to_bytes(), self.name)
-                except ValueError as exc:
-                    raise OSError(f"{self.key}/@info: {exc}") from exc
-        raise OSError(f"no slabcast bridge answers at {self.key}/@info (yet)")
+    def attach(self, write: Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any], bool, bool], bool]) -> None:
+        """From now on, write each frame on arrival with ``write(data, times, discontinuity, wait)``.
 
-    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
-        """Return the next frame received (waiting up to 50 ms), or ``None``.
-
-        Raises
-        ------
-        OSError
-            When the bridge serves another kind of samples under the key (the
-            broker reconnects, then refuses a changed dtype or channel count).
+        The source's thread (:class:`~slabcast.sources.SourceThread`) calls this once
+        the local stream is open; ``write`` returns False for a frame the stream
+        refused, and with ``wait`` false (``policy="drop"``) raises
+        :class:`~slabcast.WriteTimeout` when no slab is free at once.  Frames that
+        came before are written first, in order.
         """
         try:
-            payload, attachment = self._frames.get(timeout=0.05)
-        except _queue.Empty:
-            silent = time.monotonic() - self._last_frame
-            if self._last_frame and not self._silent and silent > self.lost_after:
-                self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
-                log.warning("stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, or the "
-                            "network is cut); waiting", self.name, self.key, silent)  # fmt: skip
-            return None
-        if self._silent:
-            self._silent = False
-            log.warning("stream %r: frames on %r again after %.1f s", self.name, self.key,
-                        time.monotonic() - self._last_frame)  # fmt: skip
-        self._last_frame = time.monotonic()
+            with self._lock:
+                self._write = write
+                while self._early and not self._closing.is_set():
+                    self._write_locked(*self._early.popleft())
+        except BaseException as exc:  # said by read(), on the source's thread, as a callback's would be
+            self._fail(exc)
+
+    def _on_sample(self, sample: Any) -> None:
+        # On Zenoh's receiving thread. Zenoh's payload exposes no buffer in the Python API: to_bytes() is the
+        # one copy out of it (numpy views it); the publisher's write is the copy into shared memory.
+        payload = sample.payload.to_bytes()
+        attachment = sample.attachment
+        raw = attachment.to_bytes() if attachment is not None else b""
+        try:
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                now = time.monotonic()
+                if self._silent:
+                    self._silent = False
+                    log.warning("stream %r: frames on %r again after %.1f s", self.name, self.key,
+                                now - self._last_frame)  # fmt: skip
+                self._last_frame = now
+                if self._write is None or self._info is None:  # the local stream is being opened
+                    if len(self._early) == self._early.maxlen:
+                        self.dropped += 1
+                    self._early.append((payload, raw))
+                    return
+                self._write_locked(payload, raw)
+        except BaseException as exc:  # the broker closing under us: the source's thread ends on it (read)
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None and not self._closing.is_set():
+            self._failure = exc
+            self._news.set()
+
+    def _write_locked(self, payload: bytes, raw: bytes) -> None:
+        """Decode a frame and write it (caller holds the lock, ``_write`` and ``_info`` are set)."""
+        got = self._decode(payload, raw)
+        if got is None:
+            return
+        data, times = got
+        jump, self._jump = self._jump, False
+        assert self._write is not None
+        try:
+            written = self._write(data, times, jump, self.policy == "block")
+        except WriteTimeout:
+            if self.policy == "block":  # it waits for a slab as long as the source's thread is not stopping
+                raise
+            if not self._dropping:
+                log.warning("stream %r: no free slab here (a policy='block' subscriber is behind); frames on %r are "
+                            "dropped (policy='drop') until one is free", self.name, self.key)  # fmt: skip
+            self._dropping += 1
+            written = False
+        else:
+            if written and self._dropping:
+                log.warning("stream %r: writing again after %d frames dropped", self.name, self._dropping)
+                self._dropping = 0
+        if not written:  # dropped, or refused by the stream (the source's thread said so): the next follows a hole
+            self.dropped += 1
+            self._jump = True
+
+    def _decode(self, payload: bytes, raw: bytes) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """A frame's samples and times, the index bookkeeping done; None for a frame not to write."""
         info = self._info
         assert info is not None
+        if self._failure is not None:  # the source's thread is ending on it
+            return None
         try:
-            head, times = FrameHeader.decode(attachment, len(payload))
+            head, times = FrameHeader.decode(raw, len(payload))
         except ValueError as exc:
             self.dropped += 1
             log.warning("stream %r: a frame on %r was refused: %s", self.name, self.key, exc)
             return None
         if (head.dtype, head.channels) != (info.dtype, info.channels):
-            raise OSError(f"{self.key} now carries {head.channels} x {head.dtype}, was {info.channels} x {info.dtype}")
+            # Another kind of samples: a new stream behind the key, or a stray peer. The source's thread asks
+            # the bridge (read); meanwhile such frames are not written.
+            self.dropped += 1
+            if self._other is None:
+                self._other = f"{head.dtype} x {head.channels}"
+                self._news.set()
+            return None
         if head.epoch != self._epoch:
             log.info("stream %r: the bridge of %r (re)subscribed (epoch %x)", self.name, self.key, head.epoch)
             self._epoch = head.epoch
-            with contextlib.suppress(OSError):  # no answer now: the frames say enough to go on
-                new, _ = self._query_info()
-                if new != info:
-                    # The local stream keeps its format (dtype and channels are checked per frame); times
-                    # are made up from t0 and the rate when the origin stopped sending them.
-                    log.warning("stream %r: the stream info on %r changed (%s); the local stream keeps %s",
-                                self.name, self.key, new, info)  # fmt: skip
+            self._requery = True
+            self._news.set()
         if self._next is None:
             self._next = head.index
             if head.index:
@@ -302,17 +350,72 @@ class ZenohSource:
             times = head.t0 + np.arange(head.n) / rate if rate else np.full(head.n, head.t0)
         return data, times
 
+    def _query_info(self) -> tuple[StreamInfo, int]:
+        zenoh = import_zenoh()
+        try:
+            replies = list(self._session.get(f"{self.key}/@info", timeout=self.timeout))
+        except zenoh.ZError as exc:
+            raise OSError(f"query of {self.key}/@info failed: {exc}") from exc
+        for reply in replies:
+            if reply.ok is not None:
+                try:
+                    return decode_info(reply.ok.payload.to_bytes(), self.name)
+                except ValueError as exc:
+                    raise OSError(f"{self.key}/@info: {exc}") from exc
+        raise OSError(f"no slabcast bridge answers at {self.key}/@info (yet)")
+
+    def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Watch, for up to 50 ms: frames are written on arrival (:meth:`attach`); return ``None``.
+
+        Raises
+        ------
+        ValueError
+            When the bridge serves another kind of samples under the key (the local
+            stream cannot change its dtype or channel count: the source ends).
+        SlabcastError
+            What a write on Zenoh's thread met (the broker closing).
+        """
+        self._news.wait(0.05)
+        self._news.clear()
+        if self._failure is not None:
+            raise self._failure
+        info = self._info
+        if self._other is not None and info is not None:
+            # Asked on the session that is up (a reconnection would drop the peers that found it).
+            try:
+                new, _ = self._query_info()
+            except OSError as exc:  # no answer now: such frames keep being refused; asked again at the next
+                log.warning("stream %r: a frame of %s on %r, not %s x %s, was refused; %s", self.name, self._other,
+                            self.key, info.dtype, info.channels, exc)  # fmt: skip
+            else:
+                if (new.dtype, new.channels) != (info.dtype, info.channels):
+                    raise ValueError(f"source {self.name!r} came back as {new.dtype} x {new.channels}, was "
+                                     f"{info.dtype} x {info.channels}")  # fmt: skip
+                log.warning("stream %r: a frame of %s on %r was refused (the bridge still serves %s x %s: a stray "
+                            "peer?)", self.name, self._other, self.key, info.dtype, info.channels)  # fmt: skip
+            self._other = None
+        if self._requery:
+            self._requery = False
+            with contextlib.suppress(OSError):  # no answer now: the frames say enough to go on
+                new, _ = self._query_info()
+                if new != info:
+                    # The local stream keeps its format (dtype and channels are checked per frame); times
+                    # are made up from t0 and the rate when the origin stopped sending them.
+                    log.warning("stream %r: the stream info on %r changed (%s); the local stream keeps %s",
+                                self.name, self.key, new, info)  # fmt: skip
+        silent = time.monotonic() - self._last_frame
+        if self._last_frame and not self._silent and silent > self.lost_after:
+            self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
+            log.warning("stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, or the "
+                        "network is cut); waiting", self.name, self.key, silent)  # fmt: skip
+        return None
+
     def wait(self) -> float:
         """``read`` waits by itself: no pause between reads."""
         return 0.0
 
-    def take_jump(self) -> bool:
-        """Whether the next frame follows a hole (cleared by asking)."""
-        jump, self._jump = self._jump, False
-        return jump
-
     def disconnect(self) -> None:
-        """Undeclare the subscription and close the session."""
+        """Close the session; return once no frame is being written (the stream's publisher may close)."""
         self._closing.set()
         if self._session is not None:
             try:
@@ -320,5 +423,5 @@ class ZenohSource:
             except Exception as exc:  # zenoh.ZError: closing is best effort
                 log.debug("closing the Zenoh session: %s", exc)
             self._session = self._subscriber = None
-        while not self._frames.empty():
-            self._frames.get_nowait()
+        with self._lock:  # a frame being written when closing began is written (or refused) by now
+            self._early.clear()
