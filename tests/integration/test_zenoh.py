@@ -448,8 +448,8 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
         pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
                                  timeout=2.0)  # fmt: skip
         lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
-        # A lossless subscriber on the far broker that does not read: its pool fills up, the source's write on
-        # Zenoh's thread waits, Zenoh's and TCP's buffers fill up; the bridge drops; the origin's publisher must
+        # A lossless subscriber on the far broker that does not read: its pool fills up, the source's write in
+        # Zenoh's callback waits, Zenoh's and TCP's buffers fill up; the bridge drops; the origin's publisher must
         # never wait.
         sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)
         writer = Writer(pub, n=1000, pause=0.0002)
@@ -481,7 +481,7 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
 
 def test_block_end_to_end_holds_the_origin_back_and_loses_nothing(tmp_path, broker, stream_name):
     # --policy block and the source's policy=block: a far subscriber that stops reading holds the source's write
-    # (on Zenoh's thread), then Zenoh, the bridge and the origin's publisher back; every sample arrives.
+    # (in Zenoh's callback), then Zenoh, the bridge and the origin's publisher back; every sample arrives.
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, "--policy", "block")
     far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
@@ -526,7 +526,7 @@ def test_block_end_to_end_holds_the_origin_back_and_loses_nothing(tmp_path, brok
 
 def test_the_sources_policy_drop_drops_there_and_never_holds_the_origin_back(tmp_path, broker, stream_name):
     # The bridge in --policy block, the source in policy=drop: a stalled far subscriber makes the source drop
-    # (no free slab at once: no wait on Zenoh's thread), so nothing holds Zenoh, the bridge or the origin back.
+    # (no free slab at once: no wait in Zenoh's callback), so nothing holds Zenoh, the bridge or the origin back.
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, "--policy", "block")
     far = slabcast.BrokerProcess(tmp_path / "far.sock",
