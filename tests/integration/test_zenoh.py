@@ -438,27 +438,30 @@ def test_a_far_broker_that_joins_late_starts_where_it_joined(tmp_path, broker, s
         assert index == origin - first and not disc
 
 
-def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_path, broker, stream_name):
+def stall_the_far_side(tmp_path, broker, stream_name, bridge_args: tuple[str, ...] = (),
+                       source_extra: tuple[str, ...] = ()) -> tuple[str, str]:  # fmt: skip
+    """A lossless subscriber on the far broker that does not read while the origin writes 40 MB through the
+    bridge, far more than every buffer on the way: the origin's publisher must never wait.  Then the far side
+    keeps up and must see the gap as a discontinuity, with exact samples.  Returns the bridge's and the far
+    broker's standard error."""
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
-    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint)  # --policy drop: the default
-    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, *bridge_args)
+    far = slabcast.BrokerProcess(tmp_path / "far.sock",
+                                 args=("--source", source_spec(stream_name, prefix, endpoint, *source_extra)))  # fmt: skip
     writer = None
     try:
         far.start()
         pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
                                  timeout=2.0)  # fmt: skip
         lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
-        # A lossless subscriber on the far broker that does not read: its pool fills up, the source's write in
-        # Zenoh's callback waits, Zenoh's and TCP's buffers fill up; the bridge drops; the origin's publisher must
-        # never wait.
-        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)
+        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)  # not reading
         writer = Writer(pub, n=1000, pause=0.0002)
         writer.start()
         deadline = time.monotonic() + 30
-        while writer.index < 40_000_000 // 8:  # 40 MB through the bridge: far more than every buffer on the way
+        while writer.index < 40_000_000 // 8:
             assert writer.is_alive() and writer.error is None, writer.error
             assert time.monotonic() < deadline, f"the origin wrote only {writer.index * 8} bytes in 30 s"
-            time.sleep(0.05)
+            writer.stopping.wait(0.05)
         writer.pause = 0.005  # from now on the far side keeps up: it sees the gap when frames come again
         chunks: list[tuple[int, float, bool, np.ndarray]] = []
         deadline = time.monotonic() + 20
@@ -476,6 +479,13 @@ def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_pa
             writer.stop()
         err = stop(bridge)
         far.stop()
+    return err, far.stderr()
+
+
+def test_a_stalled_far_side_never_holds_the_origin_back_under_policy_drop(tmp_path, broker, stream_name):
+    # The bridge in --policy drop (the default): the source's write in Zenoh's callback waits, Zenoh's and TCP's
+    # buffers fill up, the bridge drops.
+    err, _ = stall_the_far_side(tmp_path, broker, stream_name)
     assert "Traceback" not in err
 
 
@@ -527,43 +537,9 @@ def test_block_end_to_end_holds_the_origin_back_and_loses_nothing(tmp_path, brok
 def test_the_sources_policy_drop_drops_there_and_never_holds_the_origin_back(tmp_path, broker, stream_name):
     # The bridge in --policy block, the source in policy=drop: a stalled far subscriber makes the source drop
     # (no free slab at once: no wait in Zenoh's callback), so nothing holds Zenoh, the bridge or the origin back.
-    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
-    bridge, lines = start_bridge(broker.address, [stream_name], prefix, endpoint, "--policy", "block")
-    far = slabcast.BrokerProcess(tmp_path / "far.sock",
-                                 args=("--source", source_spec(stream_name, prefix, endpoint, "policy=drop")))  # fmt: skip
-    writer = None
-    try:
-        far.start()
-        pub = slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address, slab_bytes=65536,
-                                 timeout=2.0)  # fmt: skip
-        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
-        sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=far.address, wait=20)  # not reading
-        writer = Writer(pub, n=1000, pause=0.0002)
-        writer.start()
-        deadline = time.monotonic() + 30
-        while writer.index < 40_000_000 // 8:  # far more than the far pool and every buffer on the way
-            assert writer.is_alive() and writer.error is None, writer.error
-            assert time.monotonic() < deadline, f"the origin wrote only {writer.index * 8} bytes in 30 s"
-            writer.stopping.wait(0.05)
-        writer.pause = 0.005
-        chunks: list[tuple[int, float, bool, np.ndarray]] = []
-        deadline = time.monotonic() + 20
-        while not any(c[2] for c in chunks):
-            assert time.monotonic() < deadline, "no discontinuity on the far side"
-            receive(sub, chunks, 1)
-        receive(sub, chunks, 3)
-        writer.stop()
-        assert writer.error is None, writer.error
-        assert check_exact(chunks, n=1000) >= 1
-        sub.close()
-        pub.close()
-    finally:
-        if writer is not None:
-            writer.stop()
-        err = stop(bridge)
-        far.stop()
+    err, far_err = stall_the_far_side(tmp_path, broker, stream_name, ("--policy", "block"), ("policy=drop",))
     assert "Traceback" not in err
-    assert "dropped (policy='drop')" in far.stderr() and "writing again after" in far.stderr()
+    assert "dropped (policy='drop')" in far_err and "writing again after" in far_err
 
 
 def test_malformed_and_oversized_frames_from_a_peer_never_end_the_source(tmp_path, stream_name):
