@@ -2648,6 +2648,26 @@ static int wait_ring(sc_client *c, long wait_ms)
  * slab locks and send ACK.  Once the end is known and the ring is read to its position, the ring held the
  * whole stream: samples short of the end's head are lost (only a lapped drop subscriber), no grace needed.
  */
+
+/* Before a wait: handle one message from the broker on our connection (`*took`: the caller looks at
+ * everything again), or find that the broker is gone.  Returns an error code, or SC_OK. */
+static int look_at_broker(sc_client *c, bool *took)
+{
+    msgview m;
+    int rc = recv_direct(c, &m);
+    if (rc == SC_OK) {
+        *took = true;
+        return on_direct(c, &m);
+    }
+    if (rc != SC_ETIMEOUT)
+        return rc;
+    read_monitor(c);
+    if (c->gone)
+        return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
+                                c->address, c->where));
+    return SC_OK;
+}
+
 static int pump_ring(sc_client *c, int64_t deadline)
 {
     disarm(c);  /* (set by the last call that found nothing: an event loop slept on sc_fd) */
@@ -2684,19 +2704,11 @@ static int pump_ring(sc_client *c, int64_t deadline)
             }
             return finish_end(c);
         }
-        msgview m;
-        rc = recv_direct(c, &m);
-        if (rc == SC_OK) {
-            if ((rc = on_direct(c, &m)))
-                return rc;
-            continue;
-        }
-        if (rc != SC_ETIMEOUT)
+        bool took = false;
+        if ((rc = look_at_broker(c, &took)))
             return rc;
-        read_monitor(c);
-        if (c->gone)
-            return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
-                                    c->address, c->where));
+        if (took)
+            continue;
         /* About to wait: give back every slab no chunk of ours is in, tell the broker where we are. */
         unlock_idle(c, c->cur_slab);
         send_ack(c, false);
@@ -2744,19 +2756,11 @@ static int pump_notices(sc_client *c, int64_t deadline)
                 return rc;
             continue;
         }
-        msgview m;
-        rc = recv_direct(c, &m);
-        if (rc == SC_OK) {
-            if ((rc = on_direct(c, &m)))
-                return rc;
-            continue;
-        }
-        if (rc != SC_ETIMEOUT)
+        bool took = false;
+        if ((rc = look_at_broker(c, &took)))
             return rc;
-        read_monitor(c);
-        if (c->gone)
-            return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
-                                    c->address, c->where));
+        if (took)
+            continue;
         int64_t now = now_ms();
         if (c->have_end) {
             /* No notice is waiting: end once none came for END_GRACE_MS (a publisher that died may
