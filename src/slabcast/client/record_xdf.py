@@ -372,12 +372,7 @@ class _Reading:
         stamps = np.empty(n)
         width = self.wire.itemsize * self.info.channels
         for k in range(n):  # stamps deduced for some samples: one by one
-            if buf[pos] == 8:
-                self.last = struct.unpack_from("<d", buf, pos + 1)[0]
-                pos += 9
-            else:
-                self.last += self.tdiff
-                pos += 1
+            pos = self._stamp(buf, pos)
             stamps[k] = self.last
             values[k] = np.frombuffer(buf, dtype=self.wire, count=self.info.channels, offset=pos)
             pos += width
@@ -386,17 +381,21 @@ class _Reading:
         self.values.append(values)
         self.stamps.append(stamps)
 
+    def _stamp(self, buf: Any, pos: int) -> int:
+        """A sample's stamp at ``pos`` (8 bytes given, or none: the last plus the nominal interval), into
+        ``self.last``; return where its values start."""
+        if buf[pos] == 8:
+            self.last = struct.unpack_from("<d", buf, pos + 1)[0]
+            return pos + 9
+        self.last += self.tdiff
+        return pos + 1
+
     def _strings(self, buf: Any, pos: int, end: int, n: int) -> None:
         """A string stream's samples, one by one: stamp, then per channel a varlen byte count and the bytes."""
         rows: list[list[bytes]] = []
         stamps = np.empty(n)
         for k in range(n):
-            if buf[pos] == 8:
-                self.last = struct.unpack_from("<d", buf, pos + 1)[0]
-                pos += 9
-            else:
-                self.last += self.tdiff
-                pos += 1
+            pos = self._stamp(buf, pos)
             stamps[k] = self.last
             row = []
             for _ in range(self.info.channels):
