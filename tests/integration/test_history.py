@@ -149,16 +149,55 @@ def test_a_recorder_with_pre_buffer_holds_the_lead_in(broker, stream_name, tmp_p
     np.testing.assert_array_equal(samples, data)
 
 
-def test_history_of_a_stream_without_a_rate_counts_samples_from_a_frames_start(broker, stream_name):
+def test_history_of_a_stream_without_a_rate_goes_back_by_its_frames_times(broker, stream_name):
     pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
     try:
-        _write(pub, 0, 1000)
-        sub = slabcast.Subscriber(stream_name, 10, address=broker.address, history=55)
-        assert sub.start_index == 940  # sample 945 is in the frame 940..949: the whole frame
+        _write(pub, 0, 1000)  # frames of 10 samples, t0 = first index / 1000: the newest frame's t0 is 0.990
+        sub = slabcast.Subscriber(stream_name, 10, address=broker.address, history=0.055)
+        assert sub.start_index == 930  # 0.935 lies in the frame whose t0 is 0.930: the whole frame
         with sub:
             chunk = sub.recv(timeout=10)
             with chunk:
-                assert (chunk.index, chunk.discontinuity) == (940, False)
-                np.testing.assert_array_equal(chunk.data, np.arange(940, 950, dtype=np.int32))
+                assert (chunk.index, chunk.discontinuity, chunk.t0) == (930, False, pytest.approx(0.930))
+                np.testing.assert_array_equal(chunk.data, np.arange(930, 940, dtype=np.int32))
+    finally:
+        pub.close()
+
+
+def test_history_of_a_marker_stream_holds_the_markers_of_the_last_seconds(broker, stream_name):
+    # A marker stream has no rate, and its markers come in frames of several at uneven times: history goes
+    # back by each marker's own time from the newest marker's, cutting a frame where it must.
+    pub = slabcast.MarkerPublisher(stream_name, address=broker.address)
+    try:
+        times = 100.0 + np.cumsum(np.tile([0.25, 0.75, 1.0], 20))  # 60 markers, 100.25 .. 140.0
+        for k in range(0, 60, 3):
+            pub.write([f"m{i}" for i in range(k, k + 3)], times=times[k : k + 3])
+        cutoff = times[-1] - 10.2  # 129.8: the first marker at or after it is m44 (130.0); m43 is at 129.0
+        first = int(np.flatnonzero(times >= cutoff)[0])
+        assert first == 44 and first % 3 != 0  # (inside a frame of three: the frame is cut)
+        sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address, history=10.2)
+        assert sub.start_index == first
+        got = []
+        with sub:
+            while len(got) < 60 - first:
+                with sub.recv(timeout=10) as chunk:
+                    assert not chunk.discontinuity
+                    got.append((chunk.index, chunk.markers[0], float(chunk.times[0])))
+        assert got == [(i, f"m{i}", times[i]) for i in range(first, 60)]
+    finally:
+        pub.close()
+
+
+def test_history_of_a_marker_stream_older_than_the_pool_starts_at_its_oldest_marker_unflagged(broker, stream_name):
+    # Nothing was lost: every marker the stream ever had is still in the pool, so the first chunk is not flagged.
+    pub = slabcast.MarkerPublisher(stream_name, address=broker.address)
+    try:
+        pub.write(["a", "b"], times=[10.0, 11.0])
+        pub.write(["c"], times=[12.0])
+        sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address, history=3600)
+        assert sub.start_index == 0
+        with sub:
+            with sub.recv(timeout=10) as chunk:
+                assert (chunk.markers, chunk.discontinuity) == (["a"], False)
     finally:
         pub.close()

@@ -130,8 +130,8 @@ def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
         raise Refused(P.ERR_BAD_REQUEST, "a TCP subscriber shares no memory: it must ask for cut='broker'")
     if history is not None:
         if isinstance(history, bool) or not (history > 0 and history < float("inf")):
-            raise Refused(P.ERR_BAD_REQUEST, f"history must be a finite number > 0 (seconds; samples for a stream "
-                                             f"without a rate) or nil, got {history!r}")  # fmt: skip
+            raise Refused(P.ERR_BAD_REQUEST, f"history must be a finite number > 0 (seconds) or nil, "
+                                             f"got {history!r}")  # fmt: skip
         if cut != "local":
             raise Refused(P.ERR_BAD_REQUEST, "history is for a local subscriber (cut='local', on the broker's "
                                              "host): a TCP or version-1 subscriber starts at the head")  # fmt: skip

@@ -116,7 +116,7 @@ class LocalSub(Subscription):
         self.stalled_since: float | None = None  # since when its cursor gates the publisher
         self.token = token  # the token topic it waits to see JOINED on
         self.held = 0  # chunks it holds, as last reported
-        self.history: float | None = None  # SUBSCRIBE's history (seconds; samples for a stream without a rate)
+        self.history: float | None = None  # SUBSCRIBE's history (seconds)
         self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
         self.ring_seq = 0  # the descriptor of the frame at its start (its first to read from the ring)
         self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a version-2 client, every notice)
@@ -320,20 +320,46 @@ class Stream:
                 offset += n * sample_bytes
         return frames
 
-    def history(self, back: int, size: int) -> tuple[int, list[M.History]]:
-        """What a local subscription asking for ``back`` samples of history (in chunks of ``size``) starts with:
+    def _times(self, offset: int, n: int) -> Any:
+        """The per-sample times (float64, the publisher's clock) of the ``n`` samples from segment byte ``offset``."""
+        at = self.geometry.time_at(offset)
+        return self.u8[at : at + 8 * n].view("<f8")
+
+    def _since(self, seconds: float) -> int:
+        """The index history ``seconds`` back starts at on a stream without a rate (see :meth:`history`), or 0
+        when the pool holds nothing that old."""
+        frames = sorted(f for slab in self.kept for f in self._kept_frames(slab))
+        if not frames:
+            return self.head
+        index, offset, n, t0, _ = frames[-1]
+        timed = self.geometry.timestamps
+        cutoff = (self._times(offset, n)[-1] if timed else t0) - seconds
+        for index, offset, n, t0, _ in reversed(frames):
+            if not timed:
+                if t0 <= cutoff:
+                    return index
+                continue
+            earlier = np.flatnonzero(self._times(offset, n) < cutoff)
+            if len(earlier):
+                return index + int(earlier[-1]) + 1
+        return 0
+
+    def history(self, seconds: float, size: int) -> tuple[int, list[M.History]]:
+        """What a local subscription asking for ``seconds`` of history (in chunks of ``size``) starts with:
         its start index and the HISTORY messages describing the frames from there to the head, oldest first.
 
-        The start is ``back`` samples before the head, or the oldest sample of the newest unbroken run of slabs
-        not granted again since they were written, whichever is later (exactly: a frame is cut in two where
-        the stream has a rate; without one, history starts at the frame holding that sample).  When it is
-        later than asked, the first message has ``FLAG_DISCONTINUITY``.  The slabs it lies in are kept
-        from reuse (a free one goes back to retired; the subscription's cursor gates them), and each slab
-        change in it carries chunks of ``size``: the broker copies the older part of a carry a slab lacks,
-        as at a slab change (nobody reads a carried part below its floor).
+        The start is ``round(seconds * rate)`` samples before the head on a stream with a rate (a frame is
+        cut in two there).  Without a rate it is by the samples' own times, ``seconds`` before the newest
+        sample's: the first sample at or after that time where the stream keeps per-sample times (a frame
+        is cut there), else the frame holding that time (the newest frame whose t0 is at or before it).
+        It is the oldest sample of the newest unbroken run of slabs not granted again since they were
+        written when that is later: then the first message has ``FLAG_DISCONTINUITY``.  The slabs it lies
+        in are kept from reuse (a free one goes back to retired; the subscription's cursor gates them), and
+        each slab change in it carries chunks of ``size``: the broker copies the older part of a carry a
+        slab lacks, as at a slab change (nobody reads a carried part below its floor).
         """
         head, sample_bytes = self.head, self.sample_bytes
-        want = max(0, head - back)
+        want = max(0, head - round(seconds * self.rate)) if self.rate else self._since(seconds)
         order = sorted((frames[0][0], slab) for slab, (_, frames) in self.kept.items() if frames)
         chain: list[int] = []
         end = head
@@ -350,9 +376,9 @@ class Stream:
             frames = [f for f in self._kept_frames(slab) if f[0] + f[2] > want]
             if frames and not runs and frames[0][0] < want:
                 index, offset, n, t0, jump = frames[0]
-                if self.rate:  # cut the frame: history starts exactly `back` samples back
-                    k = want - index
-                    frames[0] = (want, offset + k * sample_bytes, n - k, t0 + k / self.rate, jump)
+                k = want - index  # cut the frame: history starts exactly there
+                at = offset + k * sample_bytes
+                frames[0] = (want, at, n - k, t0 + k / self.rate if self.rate else self._times(at, 1)[0], jump)
             if frames:
                 runs.append((slab, frames))
                 start = min(start, frames[0][0])

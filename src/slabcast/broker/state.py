@@ -511,8 +511,7 @@ class BrokerState:
             if sub.history:
                 # It starts back in the pool: the frames from there to the head come first, as HISTORY, and its
                 # cursor holds their slabs (whatever its policy) until it has read them.
-                back = round(sub.history * stream.rate) if stream.rate else int(sub.history)
-                start, history = stream.history(back, sub.size)
+                start, history = stream.history(sub.history, sub.size)
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)

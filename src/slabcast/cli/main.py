@@ -311,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="XDF: the clock the ClockOffset chunks map the streams onto (auto: lsl when a stream "
                    "comes from an lsl source and pylsl is installed, else wall)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
-    p.add_argument("--pre-buffer", type=float, default=None, metavar="S", help="start S seconds back (samples for "
-                   "a stream without a rate), from what the stream's pool still holds (size it with up's "
-                   "history); less if it holds less")  # fmt: skip
+    p.add_argument("--pre-buffer", type=float, default=None, metavar="S", help="start S seconds back (a stream "
+                   "without a rate: by its samples' times), from what the stream's pool still holds (size it with "
+                   "up's history); less if it holds less")  # fmt: skip
     p.add_argument("--address", default=None)
     p.add_argument("--repair", default=None, metavar="FILE", help="make a FLAC/WAV whose recorder was killed "
                    "readable whole again (every complete block; sidecars cut to match), then exit")  # fmt: skip

@@ -427,9 +427,9 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     ``"auto"``: ``"lsl"`` when a recorded stream comes from a hosted ``lsl`` source and pylsl
     is installed, else ``"wall"``.
 
-    ``pre_buffer`` (seconds; samples for a stream without a rate): start that far back, from what the
-    stream's pool still holds (``Subscriber(history=)``); ``seconds`` counts it too.  A recording whose
-    pool held less starts at its oldest sample.
+    ``pre_buffer`` (seconds; a stream without a rate, a marker stream say, by its samples' times): start
+    that far back, from what the stream's pool still holds (``Subscriber(history=)``); ``seconds`` counts
+    it too.  A recording whose pool held less starts at its oldest sample.
 
     Raises
     ------

@@ -84,8 +84,9 @@ class Subscriber:
         unfinished chunk as one last, shorter chunk with ``partial`` set (a
         recorder loses nothing).  Local (``ipc://``) subscribers only.
     history : float, optional
-        Start this many seconds (samples, for a stream without a rate) before
-        the newest sample, from what the stream's pool still holds: ``start_index``
+        Start this many seconds before the newest sample, from what the stream's
+        pool still holds (a stream without a rate: by the samples' times, the
+        per-sample times if it keeps them, else the frames' t0): ``start_index``
         is where it starts, and the samples come exactly as a subscriber that was
         there would have had them.  When the pool holds less, it starts at its
         oldest sample and the first chunk has ``discontinuity`` set.  Size the
@@ -153,8 +154,7 @@ class Subscriber:
         self._spin = -1.0 if wake == "busy" else float(spin)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int | float)
                                     or not 0 < history < math.inf):  # fmt: skip
-            raise ValueError(f"history must be a positive finite number of seconds (samples for a stream without "
-                             f"a rate) or None, got {history!r}")  # fmt: skip
+            raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
         if (size is None) == (seconds is None):
             raise TypeError(f"give exactly one of size= (samples) and seconds=, got size={size!r} seconds={seconds!r}")
         if size is not None:

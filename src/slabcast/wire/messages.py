@@ -138,7 +138,7 @@ class Subscribe(NamedTuple):
     cut: str = "broker"  # version 2: "local" (the subscriber cuts) or "broker"
     wait: bool = False  # version 2: hold the request until the stream opens
     token: bytes | None = None  # version 2, cut="local": the token topic it listens on for JOINED
-    history: Number | None = None  # cut="local": start this far back (seconds; samples without a rate)
+    history: Number | None = None  # cut="local": start this far back (seconds)
     wake: str | None = None  # version 3, cut="local": how it waits ("doorbell", "futex", "busy"; None: doorbell)
 
 
