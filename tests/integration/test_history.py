@@ -196,8 +196,20 @@ def test_history_of_a_marker_stream_older_than_the_pool_starts_at_its_oldest_mar
         pub.write(["c"], times=[12.0])
         sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address, history=3600)
         assert sub.start_index == 0
-        with sub:
-            with sub.recv(timeout=10) as chunk:
-                assert (chunk.markers, chunk.discontinuity) == (["a"], False)
+        with sub, sub.recv(timeout=10) as chunk:
+            assert (chunk.markers, chunk.discontinuity) == (["a"], False)
     finally:
         pub.close()
+
+
+def test_a_publishers_history_raises_its_slabs_to_hold_that_many_seconds(broker, stream_name):
+    # 1000 Hz int32 over 32 KiB of frames per slab (slab_bytes 64 KiB): 60 s is 240,000 bytes, 8 slabs + 3.
+    pub = slabcast.Publisher(stream_name, dtype="int32", rate=RATE, address=broker.address, slab_bytes=65536,
+                             history=60)  # fmt: skip
+    try:
+        assert pub.nslabs == 11
+    finally:
+        pub.close()
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "10"):
+        with pytest.raises(ValueError, match=r"history must be a positive finite number of seconds or None, got"):
+            slabcast.Publisher(stream_name, dtype="int32", rate=RATE, address=broker.address, history=bad)

@@ -279,3 +279,28 @@ def test_status_tells_a_lost_outlet_from_a_running_one(tmp_path, stream_name):
         assert f"source {stream_name} (LslSource): reconnecting, reconnects 1" in human, human
         assert "observed" not in human and re.search(r"none for [\d.]+ s", human), human
         sub.close()
+
+
+def test_history_sizes_the_pool_of_an_lsl_source_once_its_outlet_gives_the_rate(tmp_path, stream_name):
+    # `history = S` in `up` or `--source`: the rate is the outlet's, known only when the source connects, so
+    # the pool is sized then. 40 s of 4 x float32 at 512 Hz over 32 KiB of frames per slab: 13 slabs, where
+    # the default 8 hold 16 s: a subscriber starting 35 s back gets them all, unflagged.
+    lsl_name = f"sc-{stream_name}"
+    outlet = emg_outlet(lsl_name, f"dev-{stream_name}")
+    spec = f"lsl:name={stream_name},stream={lsl_name},timeout=2,slab_bytes=65536,history=40"
+    total = 40 * 512
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec), startup_timeout=30) as broker:
+        with slabcast.Subscriber(stream_name, 512, clip=True, policy="drop", address=broker.address, wait=20) as sub:
+            assert outlet.wait_for_consumers(10)
+            for k in range(0, total, 256):
+                push(outlet, k, 256)
+            while True:  # until the broker's source has written every sample
+                with sub.recv(timeout=10) as chunk:
+                    if chunk.index + len(chunk.data) == total:
+                        break
+        late = slabcast.Subscriber(stream_name, 512, clip=True, address=broker.address, history=35)
+        with late:
+            assert late.start_index == total - 35 * 512
+            with late.recv(timeout=10) as chunk:
+                assert not chunk.discontinuity
+                np.testing.assert_array_equal(chunk.data[:, 0], np.arange(total - 35 * 512, total - 34 * 512))

@@ -99,3 +99,22 @@ def test_the_shipped_configs_load(tmp_path, monkeypatch):
     file = load_config(str(tmp_path / "file.toml"))
     assert file.sources[0]["options"]["path"] == str(tmp_path / "speech.wav")
     devnull.close()
+
+
+def test_history_of_an_lsl_source_goes_to_the_broker_which_sizes_the_pool_when_the_outlet_gives_the_rate(tmp_path):
+    # Its rate is the outlet's, unknown until the source connects: `history` was refused here ("needs a stream
+    # with a rate"); now it rides with the pool options (test_lsl.py checks the sizing).
+    __import__("pytest").importorskip("pylsl")
+    from slabcast.cli.up import ConfigError, load_config
+
+    cfg = tmp_path / "lsl.toml"
+    cfg.write_text(
+        "[[sources]]\nkind = 'lsl'\nname = 'eeg'\nstream = 'EEG'\nhistory = 10\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'eeg'\nsize = 500\n"
+        "options = { out = 'takes' }\n"
+    )
+    (source,) = load_config(str(cfg)).sources
+    assert source["options"]["history"] == 10 and "nslabs" not in source["options"]
+    cfg.write_text(cfg.read_text().replace("history = 10", "history = -1"))
+    with __import__("pytest").raises(ConfigError, match=r"'history' must be a number > 0, got -1"):
+        load_config(str(cfg))

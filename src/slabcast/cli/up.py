@@ -31,7 +31,7 @@ from typing import Any
 
 from .._exceptions import BrokerGoneError
 from ..broker.process import BrokerProcess
-from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, pool_layout
+from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, history_nslabs, pool_layout
 from ..core.geometry import Geometry
 from ..wire.address import normalize
 
@@ -171,13 +171,10 @@ def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str,
     kind = _choice(where, "kind", raw.get("kind"), source_kinds())
     given = {k: v for k, v in raw.items() if k != "kind"}
     _beside_config(path, given, ("path",))
-    history = given.pop("history", None)
     try:
         opts, pool = source_options(kind, given)
     except SourceOptionError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if history is not None:
-        pool["history"] = _number(where, "history", history)
     for key, value in pool.items():
         _number(where, key, value, integer=key not in ("write_timeout", "history"))
     try:
@@ -286,7 +283,7 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
         # so block tasks may fall that far behind before the source waits.
         if not info.rate:
             raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")
-        pool["nslabs"] = max(4, -(-int(history * info.rate * sample) // frames) + 3)
+        pool["nslabs"] = history_nslabs(history, info.rate, sample, frames)
     nslabs = int(pool.setdefault("nslabs", _DEFAULT_NSLABS))
     # What the segment commits: its header, each slab's frames and carried room, and their times if kept.
     geometry = Geometry(nslabs, slab, sample, limit, bool(getattr(info, "timestamps", False)))

@@ -10,6 +10,7 @@ from notices, a PUBLISHED to the broker when the publisher starts a slab.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import threading
@@ -124,6 +125,8 @@ def check_times(
     return stamps
 
 
+log = logging.getLogger(__name__)
+
 def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[int, int]:
     """The slabs a publisher asks for: ``(slab bytes, carried part)``, from its ``slab_bytes`` and
     ``max_chunk_bytes`` arguments (see :class:`Publisher`); frames get the rest of each slab.
@@ -146,6 +149,12 @@ def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[in
     # Frames up to half the slab, chunks up to the limit: address space, memory on demand.
     layout = -(-(slab_bytes // 2 + max(DEFAULT_CHUNK_LIMIT, slab_bytes // 2)) // 4096) * 4096
     return layout, layout - slab_bytes // 2
+
+
+def history_nslabs(history: float, rate: float, sample_bytes: int, frame_bytes: int) -> int:
+    """Slabs a pool needs so that ``history`` seconds of a stream at ``rate`` stay behind the slab being
+    written (plus the two the broker grants ahead): ``frame_bytes`` of frames per slab, at least 4."""
+    return max(4, -(-int(history * rate * sample_bytes) // frame_bytes) + 3)
 
 
 class Publisher:
@@ -179,6 +188,12 @@ class Publisher:
         64 MiB (or ``slab_bytes // 2`` if more): the slabs are then that much
         longer (``self.slab_bytes``), in address space, with ``slab_bytes`` of
         each in memory until a subscriber asks for longer chunks.
+    history : float, optional
+        Seconds of the stream the pool should hold for subscribers that start back
+        in it (``Subscriber(history=)``, ``slabcast record --pre-buffer``): raises
+        ``nslabs`` to hold that much behind the slab being written (needs a rate to
+        know how much; a stream without one keeps what ``nslabs`` slabs hold, said in
+        the log).  Finite and > 0.
     timeout : float
         Seconds a ``write`` waits for a free slab before :class:`WriteTimeout`.
     channel_names : list of str, optional
@@ -223,6 +238,7 @@ class Publisher:
         channel_units: list[str] | None = None,
         source_id: str | None = None,
         timestamps: bool = False,
+        history: float | None = None,
     ) -> None:
         P.check_stream_name(stream)
         self.dtype = P.check_dtype(dtype)
@@ -241,6 +257,15 @@ class Publisher:
         self._closed = False
         self._mm: Any = None
         layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
+        if history is not None:
+            if isinstance(history, bool) or not isinstance(history, int | float) or not 0 < history < math.inf:
+                raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
+            if self.rate is None:
+                log.warning("stream %r: history=%g s sizes no pool for a stream without a rate: it keeps what %d "
+                            "slabs hold", stream, history, nslabs)  # fmt: skip
+            else:
+                sample_bytes = self.dtype.itemsize * channels
+                nslabs = max(nslabs, history_nslabs(history, self.rate, sample_bytes, layout - carried))
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             meta = StreamInfo.check_metadata(

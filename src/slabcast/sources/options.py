@@ -21,7 +21,8 @@ from .kinds import _KINDS
 
 __all__ = ["SourceOptionError", "build_source", "parse_source", "source_options", "sources_from_json"]
 
-_POOL_TYPES: dict[str, type] = {"slab_bytes": int, "nslabs": int, "max_chunk_bytes": int, "write_timeout": float}
+_POOL_TYPES: dict[str, type] = {"slab_bytes": int, "nslabs": int, "max_chunk_bytes": int, "write_timeout": float,
+                                "history": float}
 _POOL_KEYS = set(_POOL_TYPES)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
