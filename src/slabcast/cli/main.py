@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from .._exceptions import SlabcastError
@@ -99,6 +100,16 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
     return (args.curve[0], args.curve[1]) if args.curve else None
+
+
+def _process_age() -> float:
+    """Seconds since this process started (its /proc start time on the boot clock), 0 if unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rpartition(")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _term_as_interrupt() -> None:
@@ -200,7 +211,7 @@ def _record(args: argparse.Namespace) -> int:
     _term_as_interrupt()
     try:
         record(args.stream, args.out, seconds=args.seconds, address=args.address, clock=args.clock,
-               pre_buffer=args.pre_buffer)  # fmt: skip
+               pre_buffer=args.pre_buffer, asked_at=time.monotonic() - _process_age())  # fmt: skip
     except (FileExistsError, ValueError, ImportError) as exc:
         print(f"slabcast record: {exc}", file=sys.stderr)
         return 2
@@ -311,9 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="XDF: the clock the ClockOffset chunks map the streams onto (auto: lsl when a stream "
                    "comes from an lsl source and pylsl is installed, else wall)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
-    p.add_argument("--pre-buffer", type=float, default=None, metavar="S", help="start S seconds back (a stream "
-                   "without a rate: by its samples' times), from what the stream's pool still holds (size it with "
-                   "up's history); less if it holds less")  # fmt: skip
+    p.add_argument("--pre-buffer", type=float, default=None, metavar="S", help="start S seconds before the command "
+                   "was started (a stream without a rate: by its samples' times), from what the stream's pool still "
+                   "holds (size it with up's history); less if it holds less")  # fmt: skip
     p.add_argument("--address", default=None)
     p.add_argument("--repair", default=None, metavar="FILE", help="make a FLAC/WAV whose recorder was killed "
                    "readable whole again (every complete block; sidecars cut to match), then exit")  # fmt: skip

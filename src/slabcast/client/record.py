@@ -414,8 +414,22 @@ class _Progress:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
+class _LeadIn:
+    """The history a recorder's subscription asks for: ``pre_buffer`` seconds before ``asked_at``
+    (``time.monotonic()``), so the time spent starting and waiting for a stream is not lost from it."""
+
+    def __init__(self, pre_buffer: float | None, asked_at: float) -> None:
+        self.pre_buffer, self.asked_at = pre_buffer, asked_at
+
+    def __call__(self) -> float | None:
+        if self.pre_buffer is None:
+            return None
+        return self.pre_buffer + max(0.0, time.monotonic() - self.asked_at)
+
+
 def record(stream: str | Sequence[str], out: str, seconds: float | None = None, address: str | None = None,
-           progress: bool = True, clock: str = "auto", pre_buffer: float | None = None) -> int:  # fmt: skip
+           progress: bool = True, clock: str = "auto", pre_buffer: float | None = None,
+           asked_at: float | None = None) -> int:  # fmt: skip
     """Record ``stream`` (or several, into an ``.xdf`` or ``.zarr``) into ``out`` until it ends, ``seconds``
     of it are written, or Ctrl-C.
 
@@ -428,8 +442,11 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     is installed, else ``"wall"``.
 
     ``pre_buffer`` (seconds; a stream without a rate, a marker stream say, by its samples' times): start
-    that far back, from what the stream's pool still holds (``Subscriber(history=)``); ``seconds`` counts
-    it too.  A recording whose pool held less starts at its oldest sample.
+    that far before the recording was asked for, ``asked_at`` (a ``time.monotonic()`` value; default the
+    call; `slabcast record` gives its process's start, so the interpreter's start-up costs no lead-in),
+    from what the stream's pool still holds (``Subscriber(history=)``, asked for that much more as each
+    stream is subscribed); ``seconds`` counts it too.  A recording whose pool held less starts at its
+    oldest sample.
 
     Raises
     ------
@@ -446,6 +463,7 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     if pre_buffer is not None and (isinstance(pre_buffer, bool) or not isinstance(pre_buffer, int | float)
                                    or not 0 < pre_buffer < float("inf")):  # fmt: skip
         raise ValueError(f"pre_buffer (--pre-buffer) must be a positive number of seconds, got {pre_buffer!r}")
+    lead_in = _LeadIn(pre_buffer, time.monotonic() if asked_at is None else asked_at)
     if not streams or not all(isinstance(s, str) and s for s in streams):
         raise ValueError(f"expected one or more stream names, got {stream!r}")
     if len(set(streams)) != len(streams):
@@ -454,7 +472,7 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     if low.endswith(".xdf") or (low.endswith(".zarr") and len(streams) > 1):
         from .record_session import _record_session
 
-        return _record_session(streams, out, seconds, address, progress, clock, pre_buffer)
+        return _record_session(streams, out, seconds, address, progress, clock, lead_in)
     if len(streams) > 1:
         raise ValueError(f"{out!r} takes one stream; record several streams into one .xdf or .zarr "
                          f"(or run one recorder per stream)")  # fmt: skip
@@ -464,7 +482,7 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
     say.say(f"recording {stream}: waiting for the stream{others}")
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
-                     history=pre_buffer)  # fmt: skip
+                     history=lead_in())  # fmt: skip
     written = 0
     writer: _Writer | None = None
     try:

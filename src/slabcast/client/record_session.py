@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,11 @@ class _StreamRecorder(threading.Thread):
     without a rate, under ``--seconds``: once the session's streams with a rate have reached its stamps)."""
 
     def __init__(self, name: str, session: Any, out: str, seconds: float | None, address: str | None,
-                 stop: threading.Event, pre_buffer: float | None = None) -> None:  # fmt: skip
+                 stop: threading.Event, lead_in: Callable[[], float | None] = lambda: None) -> None:  # fmt: skip
         super().__init__(name=f"record-{name}", daemon=True)
         self.stream, self.session, self.out, self.seconds, self.address = name, session, out, seconds, address
         self.stop = stop
-        self.pre_buffer = pre_buffer
+        self.lead_in = lead_in  # the history to ask for, when it subscribes
         self.written = 0
         self.rate: float | None = None
         self.error: BaseException | None = None
@@ -72,7 +73,7 @@ class _StreamRecorder(threading.Thread):
         while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
             try:
                 return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
-                                  label=f"record:{self.stream}", history=self.pre_buffer)  # fmt: skip
+                                  label=f"record:{self.stream}", history=self.lead_in())  # fmt: skip
             except StreamNotFoundError:
                 continue
         return None
@@ -238,7 +239,7 @@ def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
 
 
 def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
-                    clock: str, pre_buffer: float | None = None) -> int:  # fmt: skip
+                    clock: str, lead_in: Callable[[], float | None] = lambda: None) -> int:  # fmt: skip
     """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
     low = out.rstrip("/").lower()
     if os.path.exists(out):
@@ -255,7 +256,7 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     names = ", ".join(streams)
     say.say(f"recording {names}: waiting for the streams{hints}")
     stop = threading.Event()
-    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, pre_buffer) for s in streams]
+    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, lead_in) for s in streams]
     for r in recorders:
         r.peers = recorders
     last_report = time.monotonic()
