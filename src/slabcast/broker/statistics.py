@@ -91,10 +91,16 @@ class Statistics:
         std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
         lo = np.min([p[2] for p in parts], axis=0)
         hi = np.max([p[3] for p in parts], axis=0)
-        span = frames[-1][0] - frames[0][0]
+        # The broker reads the ring lazily, in batches: a frame's arrival is when its batch was read, and
+        # every frame of a later batch was written after the first batch's read. So the samples of the
+        # later batches came in the time from the first batch's read to the last's (not "all but the
+        # first frame", which a batch of many frames made 2-10% high).
+        first = frames[0][0]
+        later = sum(f[1] for f in frames if f[0] > first)
+        span = frames[-1][0] - first
         out.update(
             window_samples=n,
-            observed_rate=(self.kept - frames[0][1]) / span if span > 0 else None,
+            observed_rate=later / span if span > 0 else None,
             mean=mean.tolist(),
             std=std.tolist(),
             min=lo.tolist(),

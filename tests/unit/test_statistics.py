@@ -1,0 +1,30 @@
+"""The broker's rolling statistics (broker/statistics.py), without a broker: fed frames as the broker reads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slabcast.broker.statistics import Statistics
+
+
+def _segment_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A segment holding ``values`` (float32) from byte 0, all in slab 0 of generation 1."""
+    return values.astype(np.float32).view(np.uint8), np.array([1])
+
+
+@pytest.mark.parametrize("batch", [1, 50, 250])  # frames per read of the ring: the broker reads lazily
+def test_the_observed_rate_is_exact_however_the_broker_batches_its_reads(batch):
+    # 500 Hz in frames of 10 samples (one every 20 ms); the broker reads the ring every `batch` frames, so
+    # every frame of a batch arrives at the time of the read. The window keeps 10 s of samples.
+    stats = Statistics(np.dtype(np.float32), 1, 500.0)
+    stats.configure(10.0)
+    frames = 1500  # 30 s
+    for k in range(frames):
+        read_at = ((k // batch) + 1) * batch * 0.02  # when the batch holding frame k is read
+        stats.account(read_at, 10, 0, 1, k * 40)
+    u8, gens = _segment_of(np.arange(frames * 10))
+    out = stats.summary({}, u8, gens)
+    assert out["window_samples"] == 5000
+    assert out["observed_rate"] == pytest.approx(500.0)  # (was 500, 554 and 998: all but the first frame counted)
+    np.testing.assert_allclose(out["mean"], [np.arange(10000, 15000).mean()])
