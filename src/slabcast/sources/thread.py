@@ -48,7 +48,7 @@ class SourceThread(threading.Thread):
         self.reconnects = 0  # times the source was lost and reconnection began
         self.blocked_episodes = 0
         self.refused = 0  # frames the stream refused (malformed), each lost
-        self.discarded = 0  # samples written while the stream had no subscriber: nobody will ever see them
+        self.discarded = 0  # samples written while the stream had no subscriber (only history may read them)
         self.last_sample = 0.0  # time.time() of the last write
         self.state = "starting"
         self.error: BaseException | None = None
@@ -168,8 +168,9 @@ class SourceThread(threading.Thread):
             # Nobody subscribes: the samples go into the pool and out of it unseen. A live source may do so
             # (nobody asked yet); it is never silent: counted, and said once.
             if not self.discarded:
-                log.warning("source %r: no subscriber; what it writes meanwhile is discarded (counted in "
-                            "`slabcast status`: discarded); said once", name)  # fmt: skip
+                log.warning("source %r: no subscriber; what it writes meanwhile is discarded once its slab is "
+                            "written again, unless read by history (counted in `slabcast status`: discarded); "
+                            "said once", name)  # fmt: skip
             self.discarded += n
         if n > most:
             rate = pub.rate
