@@ -57,8 +57,9 @@
  *   (a mutex, a thread join or a queue: anything that makes one call happen before the next).  Use one
  *   client per thread for parallel subscriptions: clients share no state (each has its own ZeroMQ
  *   context), so calls on different clients may run at the same time on different threads.
- * - sc_errmsg(c) describes the last failed call on `c`; read it on the thread that made that call,
- *   before the next call on `c` (which may overwrite it).
+ * - sc_errmsg(c) describes the last failed call on `c` (it is kept in the client): read it after that
+ *   call and before the next call on `c` (which may overwrite it), from any thread ordered after the
+ *   failed call as above (a binding that runs sc_recv on a worker thread may read it on its own thread).
  * - A chunk's `data` may be read from any thread while it is held (it is read-only shared memory that
  *   does not change until released); sc_release of it is a call on the client, so the rule above applies.
  *   The strings of sc_info() and chunk->dtype stay valid and unchanged until sc_close.
