@@ -9,7 +9,8 @@ the JSON too, and CPU per frame of the publisher, the broker and the subscriber
 (each process's CPU time, all threads, over the trial / frames).  Variants (the
 subscriber's ``wake=``): ``doorbell`` (the library's defaults: the publisher sends
 ZeroMQ notices while a doorbell subscriber exists), ``futex``, ``busy``; and
-``statistics=0`` (doorbell, ``Publisher(statistics=0)``).  Issue 21's target:
+``statistics=0`` (doorbell, ``Publisher(statistics=0)``); and ``c-publisher`` (doorbell, the frames written by
+libslabcast's ``sc_pub_write`` from ``small_frames_pub.c``, built against ``clients/c/build``).  Issue 21's target:
 >= 600,000 frames/s (issue 7's was 300,000).  Every trial runs each variant once,
 back to back; with ``--max-foreign X`` a trial whose foreign load passed X cores is
 run again (``--retries``), the least loaded kept.
@@ -49,7 +50,10 @@ VARIANTS: dict[str, tuple[float | None, str]] = {
     "futex": (None, "futex"),
     "busy": (None, "busy"),
     "statistics=0": (0.0, "doorbell"),
+    "c-publisher": (None, "doorbell"),  # libslabcast's sc_pub_write (small_frames_pub.c) instead of Python's write
 }
+C_SOURCE = Path(__file__).resolve().parent / "small_frames_pub.c"
+C_DIR = Path(__file__).resolve().parents[1] / "clients" / "c"
 POOL = {"slab_bytes": 4 * C.MiB, "nslabs": 8, "max_chunk_bytes": 1 * C.MiB}
 
 
@@ -86,6 +90,37 @@ def _pub(address: str, stream: str, seconds: float, stats: float | None, ready, 
             },
         )
     )
+
+
+def _c_program() -> Path:
+    """small_frames_pub.c built against the tree's libslabcast (clients/c/build), once per run."""
+    subprocess.run(["make", "-s", "-C", str(C_DIR)], check=True, stdout=subprocess.DEVNULL)
+    exe = C.RESULTS / "small_frames_pub"
+    C.RESULTS.mkdir(exist_ok=True)
+    build = C_DIR / "build"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(C_SOURCE), f"-I{C_DIR}", f"-L{build}", "-lslabcast",
+                    f"-Wl,-rpath,{build}"], check=True)  # fmt: skip
+    return exe
+
+
+def _c_pub(address: str, stream: str, seconds: float, stats: float | None, ready, go, results, exe: str) -> None:
+    """The C publisher, as _pub: its lines relayed to the trial's queues."""
+    stat = "10" if stats is None else repr(stats)
+    proc = subprocess.Popen([exe, address, stream, repr(seconds), stat], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"small_frames_pub did not open its stream (exit {proc.wait()})")
+    ready.put(("pub-ready", proc.pid))
+    go.wait()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    frames, first, written, closed, cpu = proc.stdout.readline().split()
+    if proc.wait() != 0:
+        raise RuntimeError(f"small_frames_pub failed (exit {proc.returncode})")
+    results.put(("pub", {"t_first": float(first), "t_written": float(written), "t_closed": float(closed),
+                         "frames": int(frames), "cpu": float(cpu)}))  # fmt: skip
 
 
 def _sub(address: str, stream: str, wake: str, ready, results) -> None:
@@ -134,14 +169,23 @@ def _spy_exe() -> str | None:
 
 
 def trial(
-    broker: Any, tag: str, seconds: float, stats: float | None, wake: str = "doorbell", profile: Path | None = None
+    broker: Any,
+    tag: str,
+    seconds: float,
+    stats: float | None,
+    wake: str = "doorbell",
+    profile: Path | None = None,
+    c_exe: Path | None = None,
 ) -> dict[str, Any]:
     stream = f"small{tag}"
     spies: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     dumps: dict[str, str] = {}
     with C.Workers() as w:
         ready, results, go = C.CTX.Queue(), C.CTX.Queue(), C.CTX.Event()
-        pub = w.spawn(_pub, broker.address, stream, seconds, stats, ready, go, results)
+        if c_exe is None:
+            pub = w.spawn(_pub, broker.address, stream, seconds, stats, ready, go, results)
+        else:
+            pub = w.spawn(_c_pub, broker.address, stream, seconds, stats, ready, go, results, str(c_exe))
         _, pub_pid = C.get(ready, 60, [pub])
         sub = w.spawn(_sub, broker.address, stream, wake, ready, results)
         C.get(ready, 60, w.procs)
@@ -261,7 +305,7 @@ def run(
     seconds: float = 3.0,
     profile: bool = True,
     verbose: bool = True,
-    variants: tuple[str, ...] = ("doorbell", "futex", "statistics=0"),
+    variants: tuple[str, ...] = ("doorbell", "futex", "statistics=0", "c-publisher"),
     max_foreign: float = 99.0,
     retries: int = 2,
 ) -> dict[str, Any]:
@@ -271,13 +315,15 @@ def run(
     prof = None
     ts = C.timestamp()
     t0 = time.monotonic()
+    c_exe = _c_program() if "c-publisher" in variants else None
     with C.scratch_dir() as tmp, C.broker_at(tmp / "broker.sock") as broker:
 
         def group(t: int, attempt: int) -> list[dict[str, Any]]:
             recs = []
             for i, label in enumerate(variants):
                 stats, wake = VARIANTS[label]
-                rec = trial(broker, f"{t}v{i}a{attempt}", seconds, stats, wake)
+                exe = c_exe if label == "c-publisher" else None
+                rec = trial(broker, f"{t}v{i}a{attempt}", seconds, stats, wake, c_exe=exe)
                 rec["variant"], rec["trial"], rec["attempt"] = label, t, attempt
                 recs.append(rec)
                 if verbose:
@@ -409,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true", help="1 trial of 1.5 s")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--variants", default="doorbell,futex,statistics=0", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="doorbell,futex,statistics=0,c-publisher",
+                    help=f"any of {', '.join(VARIANTS)}")  # fmt: skip
     ap.add_argument("--max-foreign", type=float, default=99.0, metavar="CORES", help="run a trial again above this")
     ap.add_argument("--retries", type=int, default=2)
     a = ap.parse_args(argv)
