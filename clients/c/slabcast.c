@@ -232,6 +232,7 @@ struct sc_client {
     bool jumped;                 /* the next chunk handed out is flagged as a discontinuity */
     int64_t nseq;                /* the next notice_seq expected, -1 before the first */
     int64_t acked_slab, acked_dropped, acked_held;  /* state at the last ACK */
+    uint64_t acked_cursor, acked_received;
     int64_t acked_at;
     int cut_rc;                  /* an error met while cutting a frame, returned once it is done */
     bool have_end;               /* the stream's end is known (NOTICE_END, or END with head) */
@@ -1762,6 +1763,7 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->jumped = false;
         c->nseq = -1;
         c->acked_slab = c->acked_dropped = c->acked_held = -1;
+        c->acked_cursor = c->acked_received = UINT64_MAX;
         c->acked_at = 0;
         c->cut_rc = SC_OK;
         c->have_end = false;
@@ -2104,11 +2106,17 @@ static void send_ack(sc_client *c, bool force)
     int64_t held = (int64_t)c->nheld, dropped = (int64_t)c->dropped;
     bool urgent = force || c->unlocked || c->cur_slab != c->acked_slab;
     int64_t now = now_ms();
-    if (!urgent && ((dropped == c->acked_dropped && held == c->acked_held) || now - c->acked_at < ACK_INTERVAL_MS))
+    /* Any counter's change is sent within ACK_INTERVAL_MS (protocol 10.3): the cursor frees slabs, the others
+     * are what `slabcast status` shows. */
+    bool changed = dropped != c->acked_dropped || held != c->acked_held || c->cursor != c->acked_cursor ||
+                   c->stats.received != c->acked_received;
+    if (!urgent && (!changed || now - c->acked_at < ACK_INTERVAL_MS))
         return;
     c->acked_slab = c->cur_slab;
     c->acked_dropped = dropped;
     c->acked_held = held;
+    c->acked_cursor = c->cursor;
+    c->acked_received = c->stats.received;
     c->acked_at = now;
     c->unlocked = false;
     _Static_assert(SCW_ACK_CURSOR == 1 && SCW_ACK_DELIVERED == 2 && SCW_ACK_DROPPED == 3 && SCW_ACK_HELD == 4 &&
