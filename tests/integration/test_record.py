@@ -220,3 +220,35 @@ def test_record_into_a_pipe_writes_lines_not_carriage_returns_and_repair_names_a
     bad = subprocess.run([sys.executable, "-m", "slabcast", "record", "--repair", str(tmp_path / "nothere.flac")],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "nothere.flac: no such file" in bad.stderr, bad.stderr
+
+
+def test_a_recorder_started_with_sigint_ignored_still_stops_on_it(broker, stream_name, tmp_path):
+    # `slabcast record ... &` from a script: the shell ignores SIGINT for it, and Python then installs no
+    # handler; `kill -INT` did nothing (a hung job). Both SIGINT and SIGTERM stop it, file complete, exit 0.
+    pub = slabcast.Publisher(stream_name, dtype="int16", rate=1000.0, address=broker.address)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            out = tmp_path / f"take-{sig.name}"
+            rec = subprocess.Popen(
+                [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address",
+                 broker.address], stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 20
+                while not any(u["label"] == f"record:{stream_name}" for s in slabcast.broker_status(broker.address)
+                              ["streams"] for u in s["subscribers"]):  # fmt: skip
+                    assert time.monotonic() < deadline and rec.poll() is None, "the recorder never subscribed"
+                    time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+                pub.write(np.arange(100, dtype=np.int16), t0=1.0)
+                pub.flush()
+                rec.send_signal(sig)
+                assert rec.wait(20) == 0, rec.stderr.read()
+            finally:
+                if rec.poll() is None:
+                    rec.kill()
+                    rec.wait()
+                rec.stderr.close()
+            assert (out / "info.json").exists()
+    finally:
+        pub.close()

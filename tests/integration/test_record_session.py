@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,34 @@ def test_auto_clock_is_lsl_only_for_a_stream_an_lsl_source_feeds(monkeypatch):
     assert record_session._session_clock("wall", ["eeg"], None) == "wall"
     with pytest.raises(ValueError, match="clock must be"):
         record_session._session_clock("gps", ["eeg"], None)
+
+
+def test_a_session_naming_a_stream_that_never_appears_ends_in_an_error_naming_it(broker, stream_name, tmp_path):
+    # A typo in one name (`slabcast record eg acc --out s.xdf`) recorded the others and exited 0: a session with
+    # no EEG that looked like a success. It records the others and ends with exit 1, naming the missing stream.
+    import signal
+
+    pyxdf = pytest.importorskip("pyxdf")
+    out = tmp_path / "s.xdf"
+    pub = slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address)
+    typo = stream_name[:-1]
+    rec = record_cli(broker.address, [typo, stream_name], out)
+    try:
+        wait_recorders(broker.address, [stream_name])
+        pub.write(np.arange(50, dtype=np.float32), t0=10.0)
+        pub.close()  # its stream ends: its recorder reads it to the end and leaves; the typo's waits until told
+        deadline = time.monotonic() + 20
+        while any(s["name"] == stream_name for s in slabcast.broker_status(broker.address)["streams"]):
+            assert time.monotonic() < deadline, "the recorder never read the stream to its end"
+            time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+        rec.send_signal(signal.SIGINT)
+        assert rec.wait(30) == 1
+        err = rec.stderr.read()
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+        rec.stderr.close()
+    assert f"{typo!r} never appeared on the broker" in err and f"did you mean {stream_name!r}?" in err, err
+    (got,) = pyxdf.load_xdf(str(out))[0]
+    assert got["info"]["name"] == [stream_name] and np.array_equal(got["time_series"][:, 0], np.arange(50))

@@ -284,8 +284,15 @@ class BrokerState:
         stream = open_stream(req, sid, seg_name, notice_path, self.pid, self.epoch, self.shm_mode, self.system.segment)
         client.stream = stream
         self.streams[name] = stream
-        log.info("stream %r opened by %s: %s x %d @ %s Hz, %d slabs of %d bytes", name, client.label, req.dtype,
-                 req.channels, req.rate, req.nslabs, req.slab_bytes)  # fmt: skip
+        # What the pool holds for late joiners (history=, record --pre-buffer): its slabs' room for frames,
+        # all but the two the broker grants ahead of the one being written.
+        g = stream.geometry
+        frames = (g.nslabs - 2) * g.frame_bytes // g.sample_bytes
+        holds = f"{frames / req.rate:.1f} s" if req.rate else f"{frames} samples"
+        log.info("stream %r opened by %s: %s x %d @ %s, %d slabs of %d bytes (%d for frames); the pool holds "
+                 "about %s behind the slab being written", name, client.label, req.dtype, req.channels,
+                 f"{req.rate:g} Hz" if req.rate else "no rate", g.nslabs, g.slab_bytes, g.frame_bytes,
+                 holds)  # fmt: skip
         # Subscribers that came first start at index 0: the publisher waits (bounded) until
         # each has joined its notice socket before it writes.  No CARRY before OPENED (publisher still
         # None): OPENED itself says how much to carry.

@@ -113,20 +113,27 @@ def _process_age() -> float:
 
 
 def _term_as_interrupt() -> None:
-    """SIGTERM (a supervisor, `kill`) ends a client command as Ctrl-C does: it leaves with a goodbye."""
+    """SIGTERM (a supervisor, `kill`) ends a client command as Ctrl-C does: it leaves with a goodbye.  SIGINT
+    too, even where it came ignored (a command started with `&` from a script: the shell ignores SIGINT for
+    it, and Python then installs no handler)."""
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _lsl_out(args: argparse.Namespace) -> int:
     from ..client.lsl import run_outlet
 
     _term_as_interrupt()
-    sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type, source_id=args.source_id,
-                      curve=_curve(args))  # fmt: skip
+    try:
+        sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type,
+                          source_id=args.source_id, curve=_curve(args))  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a service manager stops it, not a failure
+        print(f"lsl-out: stopped serving {args.stream}", file=sys.stderr)
+        return 0
     print(f"lsl-out: {sent} samples of {args.stream} sent", file=sys.stderr)
     return 0
 
@@ -286,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="KIND:OPTIONS",
         help="host a source, e.g. synthetic:name=mic,rate=48000,channels=2 or "
-        "stdin:name=mic,dtype=int16,channels=2,rate=48000 or replay:path=REC,speed=1,loop=0 (repeatable)",
+        "stdin:name=mic,dtype=int16,channels=2,rate=48000 or replay:path=REC,speed=1,loop=0 (repeatable); "
+        "every kind also takes its stream's pool options: slab_bytes, nslabs, max_chunk_bytes, write_timeout, "
+        "history=S (seconds the pool holds for late joiners and record --pre-buffer)",
     )
     p.add_argument("--sources-json", default=None, metavar="JSON",
                    help='sources as JSON, typed: [{"kind": "file", "options": {"path": "a.wav", "loop": false}}] '

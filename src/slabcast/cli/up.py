@@ -346,7 +346,9 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
         sys.path.insert(0, directory)
     tasks = [_task(path, i, t) for i, t in enumerate(raw.get("tasks", []))]
     if not tasks:
-        raise ConfigError(f"{path}: no [[tasks]]: nothing to run")
+        raise ConfigError(f"{path}: no [[tasks]]: nothing to run (to host sources alone, for `slabcast record` or "
+                          f"other programs: slabcast broker --source kind:key=value,... , pool options such as "
+                          f"history=S included)")  # fmt: skip
     sources = [_source(path, i, s) for i, s in enumerate(raw.get("sources", []))]
     names = [(getattr(src, "info", None) and src.info.name) or opts.get("name") for _, opts, _, src in sources]
     for t in tasks:

@@ -247,7 +247,9 @@ class Connection:
         if path is not None:
             check_ipc_access(path, "broker socket")
             if not os.path.exists(path):
-                raise BrokerGoneError(f"no broker at {self.address} (no socket file); start one with `slabcast broker`")
+                raise BrokerGoneError(f"no broker at {self.address} (no socket file); start one with `slabcast "
+                                      f"broker`, or give the address of the one running (--address or "
+                                      f"$SLABCAST_ADDRESS)")  # fmt: skip
         self.closed = False
         self.gone = False
         self._handshaken = False  # a CURVE handshake completed (TCP)

@@ -317,8 +317,6 @@ def _others(stream: str, out: str, address: str | None) -> str:
     """What the broker has now, when it does not have ``stream`` (a typo waits for nothing); when it has it,
     refuse an audio ``out`` that cannot hold its samples before subscribing (a source that waits for its
     first subscriber would start for nothing)."""
-    import difflib
-
     from .control import broker_status
 
     try:
@@ -338,9 +336,29 @@ def _others(stream: str, out: str, address: str | None) -> str:
             s = streams[names.index(stream)]
             channel_format(StreamInfo(stream, np.dtype(s["dtype"]), 1, None, ("ch_0",)))
         return ""
+    listed = ", ".join(map(repr, names)) or "no streams"
+    return f" (the broker has {listed} now{_close(stream, names)}; Ctrl-C to give up)"
+
+
+def _close(stream: str, names: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` for the name in ``names`` closest to ``stream``, or nothing."""
+    import difflib
+
     close = difflib.get_close_matches(stream, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f" (the broker has {', '.join(map(repr, names)) or 'no streams'} now{hint}; Ctrl-C to give up)"
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _missing(streams: Sequence[str], address: str | None) -> str:
+    """Why a recording of ``streams`` that never appeared is not a success, with what the broker has now."""
+    from .control import broker_status
+
+    try:
+        names = [s["name"] for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
+    except Exception:
+        names = []
+    hints = "".join(_close(s, names) for s in streams)
+    return (f"{', '.join(map(repr, streams))} never appeared on the broker (it has "
+            f"{', '.join(map(repr, names)) or 'no streams'} now{hints})")  # fmt: skip
 
 
 def _check_out(out: str) -> None:
@@ -441,12 +459,13 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     ``"auto"``: ``"lsl"`` when a recorded stream comes from a hosted ``lsl`` source and pylsl
     is installed, else ``"wall"``.
 
-    ``pre_buffer`` (seconds; a stream without a rate, a marker stream say, by its samples' times): start
-    that far before the recording was asked for, ``asked_at`` (a ``time.monotonic()`` value; default the
-    call; `slabcast record` gives its process's start, so the interpreter's start-up costs no lead-in),
-    from what the stream's pool still holds (``Subscriber(history=)``, asked for that much more as each
-    stream is subscribed); ``seconds`` counts it too.  A recording whose pool held less starts at its
-    oldest sample.
+    ``pre_buffer`` (seconds, 0 or None for none; a stream without a rate, a marker stream say, by its
+    samples' times): start that far before the recording was asked for, ``asked_at`` (a
+    ``time.monotonic()`` value; default the call; `slabcast record` gives its process's start, so the
+    interpreter's start-up costs no lead-in), from what the stream's pool still holds
+    (``Subscriber(history=)``, asked for that much more as each stream is subscribed; counted back from
+    the newest sample the pool holds: a stream that stopped goes back from where it stopped);
+    ``seconds`` counts it too.  A recording whose pool held less starts at its oldest sample.
 
     Raises
     ------
@@ -461,8 +480,11 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
 
     streams = [stream] if isinstance(stream, str) else list(stream)
     if pre_buffer is not None and (isinstance(pre_buffer, bool) or not isinstance(pre_buffer, int | float)
-                                   or not 0 < pre_buffer < float("inf")):  # fmt: skip
-        raise ValueError(f"pre_buffer (--pre-buffer) must be a positive number of seconds, got {pre_buffer!r}")
+                                   or not 0 <= pre_buffer < float("inf")):  # fmt: skip
+        raise ValueError(f"pre_buffer (--pre-buffer) must be a finite number of seconds >= 0 (0: none), "
+                         f"got {pre_buffer!r}")  # fmt: skip
+    if pre_buffer == 0:
+        pre_buffer = None  # (no lead-in, as without it)
     lead_in = _LeadIn(pre_buffer, time.monotonic() if asked_at is None else asked_at)
     if not streams or not all(isinstance(s, str) and s for s in streams):
         raise ValueError(f"expected one or more stream names, got {stream!r}")

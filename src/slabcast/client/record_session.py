@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
-from .record import _FLUSH, RecordingHoleError, _meta, _others, _Progress
+from .record import _FLUSH, RecordingHoleError, _meta, _missing, _others, _Progress
 
 __all__: list[str] = []
 
@@ -46,6 +46,7 @@ class _StreamRecorder(threading.Thread):
         self.span = 0.0  # stream seconds written (from the stamps, for a stream without a rate)
         self.last_stamp: float | None = None  # the newest sample's stamp written
         self.subscribed = threading.Event()  # it knows its stream's rate (or gave up)
+        self.found = False  # its stream appeared (else the session ends without it, which it says)
         self.peers: list[_StreamRecorder] = []  # the session's recorders (set before start)
         # Received, not yet written: (samples, stamps, first index, t0) waiting for the streams with a rate.
         self.held: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, float]] = []
@@ -118,6 +119,7 @@ class _StreamRecorder(threading.Thread):
         sub = self._subscribe()
         if sub is None:
             return
+        self.found = True
         try:
             self.rate = rate = sub.info.rate
             self.subscribed.set()
@@ -296,4 +298,10 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
             raise r.error
     written = sum(r.written for r in recorders)
     say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
+    missing = [r.stream for r in recorders if not r.found]
+    if missing:
+        from .._exceptions import StreamNotFoundError
+
+        # A session without one of its streams is not a success (a typo in a name): the file holds the others.
+        raise StreamNotFoundError(f"{_missing(missing, address)}: {out} holds only the other streams")
     return written

@@ -134,8 +134,8 @@ class LslSource:
         self.info = StreamInfo(self.name, np.dtype(dtype), n, rate, tuple(labels),
                                tuple(types) if any(types) else (), tuple(units) if any(units) else (),
                                full.source_id(), timestamps=True)  # fmt: skip
-        log.info("LSL outlet %r (source_id %r, %d x %s @ %s Hz) feeds stream %r", full.name(), full.source_id(), n,
-                 self.info.dtype, rate, self.name)  # fmt: skip
+        log.info("LSL outlet %r (source_id %r, %d x %s @ %s) feeds stream %r", full.name(), full.source_id(), n,
+                 self.info.dtype, f"{rate:g} Hz" if rate else "no rate", self.name)  # fmt: skip
         return self.info
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:

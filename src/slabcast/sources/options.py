@@ -110,7 +110,7 @@ def source_options(kind: str, options: dict[str, Any], *, text: bool = False) ->
         close = difflib.get_close_matches(str(kind), _KINDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise SourceOptionError(f"unknown source kind {kind!r}; known: {', '.join(sorted(_KINDS))}{hint}")
-    what = f"a {kind} source"
+    what = f"{'an' if kind[:1] in 'aeiou' or kind == 'lsl' else 'a'} {kind} source"
     sig = _signature(cls)
     opts: dict[str, Any] = {}
     pool: dict[str, Any] = {}
@@ -121,7 +121,8 @@ def source_options(kind: str, options: dict[str, Any], *, text: bool = False) ->
         if key not in sig or key == "address":
             known = [k for k in sig if k != "address"]
             close = difflib.get_close_matches(key, [*known, *_POOL_TYPES], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known))}"
+            hint = (f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known))}, and "
+                    f"every source's pool options: {', '.join(_POOL_TYPES)}")  # fmt: skip
             raise SourceOptionError(f"{what} has no option {key!r}{hint}")
         opts[key] = _typed(what, key, value, sig[key][0], text)
     missing = [k for k, (_, required) in sig.items() if required and k not in opts]
