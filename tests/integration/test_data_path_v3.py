@@ -110,10 +110,26 @@ def test_a_sleeping_subscriber_is_woken_within_one_publish(broker, workers, queu
     assert not [text for silence, text in late if silence >= LONG], late
 
 
-def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker, stream_name, monkeypatch):
+class _RecordingLock:
+    """barrier()'s lock on x86-64, counting the locked acquires it makes."""
+
+    def __init__(self) -> None:
+        self.real, self.acquired = threading.Lock(), 0
+
+    def acquire(self) -> bool:
+        self.acquired += 1
+        return self.real.acquire()
+
+    def release(self) -> None:
+        self.real.release()
+
+
+@pytest.mark.parametrize("kind", ["lock", "futex"])
+def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker, stream_name, monkeypatch, kind):
     # A doorbell subscriber sets its sleeper byte, makes a full barrier, then loads the position (core/ring.py).
-    # From Python that barrier is a FUTEX_WAKE system call, which is one only when the kernel gets as far as
-    # futex_wake's smp_mb(): it must not fail.  Five subscribers hold sleeper bytes 0..4.
+    # On x86-64 the barrier is a lock's acquire (a locked instruction); elsewhere a FUTEX_WAKE system call, which
+    # is one only when the kernel gets as far as futex_wake's smp_mb(): it must not fail. Both are run here
+    # (the second as on ARM64). Five subscribers hold sleeper bytes 0..4.
     # (Found by this test: the barrier was once a FUTEX_WAKE on the subscriber's own, unaligned, byte.)
     calls: list[tuple[int, int]] = []
     real = ring_module.futex_wake
@@ -123,7 +139,10 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
         calls.append((address, woken))
         return woken
 
+    fence = _RecordingLock()
     monkeypatch.setattr(ring_module, "futex_wake", recording)
+    monkeypatch.setattr(ring_module, "_FENCE", fence)
+    monkeypatch.setattr(ring_module, "TSO", kind == "lock")
     with slabcast.Publisher(stream_name, dtype="uint8", address=broker.address):
         subs = [slabcast.Subscriber(stream_name, size=1, address=broker.address) for _ in range(5)]
         try:
@@ -133,7 +152,8 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
         finally:
             for sub in subs:
                 sub.close()
-    assert len(calls) >= 5, calls  # one barrier (at least) per subscriber that armed its byte
+    barriers = fence.acquired if kind == "lock" else len(calls)
+    assert barriers >= 5, (fence.acquired, calls)  # one barrier (at least) per subscriber that armed its byte
     failed = [(address, woken) for address, woken in calls if woken < 0 or address % 4]
     assert not failed, f"barriers that failed (EINVAL: an unaligned word): no barrier at all: {failed}"
 

@@ -299,7 +299,7 @@ class LocalReceiver:
                 self._armed_rseq = self._rseq
             ring.sleepers[self._sleeper] = self._arm_value
             self._armed = True
-            barrier()  # (a FUTEX_WAKE on an aligned word: on our unaligned sleeper byte the kernel stops early)
+            barrier()  # (core/ring.py: a locked instruction on x86-64, else FUTEX_WAKE on an aligned word)
         return ring.position
 
     def _disarm(self) -> None:

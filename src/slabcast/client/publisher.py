@@ -25,7 +25,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
-from ..core.ring import Ring, futex_wake
+from ..core.ring import Ring, barrier, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -425,11 +425,15 @@ class Publisher:
             self.frames += 1
             self.samples += n
             return
-        if ring.futex_waiters or ring.doorbells:
-            # A system call that is a full barrier (the kernel's futex_wake), then the sleeper table: a
-            # doorbell subscriber either sees this position or we see its byte (core/ring.py); futex
-            # subscribers asleep on the position are woken by the same call.
-            futex_wake(ring.futex_address)
+        futex = ring.futex_waiters
+        if futex or ring.doorbells:
+            # A full barrier, then the sleeper table: a doorbell subscriber either sees this position or we see
+            # its byte (core/ring.py).  With futex subscribers, the FUTEX_WAKE that wakes those asleep on the
+            # position is the barrier (the kernel's futex_wake); else a lock's locked instruction (x86-64).
+            if futex:
+                futex_wake(ring.futex_address)
+            else:
+                barrier()
             ring_now = ring.doorbells > 0 and ring.sleeping()
         # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
         # writer); a PUBLISHED when the broker must know (a slab change; broker-cut subscribers: batched
