@@ -326,3 +326,18 @@ def test_lsl_out_stopped_by_sigterm_exits_0(broker, stream_name):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_an_lsl_source_with_a_mistyped_name_says_which_outlets_it_sees(stream_name):
+    # A typo in `stream=` only said "no LSL outlet matches ... (yet); waiting for it", forever.
+    from slabcast.sources.lsl import LslSource
+
+    outlet = emg_outlet(f"sc-{stream_name}", f"dev-{stream_name}")
+    source = LslSource(name="x", stream=f"sc-{stream_name[:-1]}x", timeout=1.0)  # (a stream name is hex)
+    with pytest.raises(OSError, match=r"no LSL outlet matches") as first:
+        source.connect()
+    assert f"closest: sc-{stream_name} (EMG)" in str(first.value), first.value
+    with pytest.raises(OSError) as again:  # said once: the retries that follow do not look again
+        source.connect()
+    assert "outlets visible" not in str(again.value)
+    del outlet

@@ -90,6 +90,24 @@ class LslSource:
         self._last_data = 0.0
         self._last_stamp: float | None = None
         self._jump = False
+        self._looked = False  # the outlets visible were listed once (connect's first failure)
+
+    def _seen_instead(self) -> str:
+        """The outlets the network has instead, the first time none matches (a typo in a name waits forever)."""
+        if self._looked:
+            return ""
+        self._looked = True
+        import difflib
+
+        try:
+            seen = sorted({f"{i.name()} ({i.type()})" for i in self._lsl.resolve_streams(wait_time=0.5)})
+        except Exception:  # (only a hint)
+            return ""
+        if not seen:
+            return "; no LSL outlet is visible at all"
+        close = difflib.get_close_matches(self.predicate, seen, n=1, cutoff=0.3)
+        hint = f"; closest: {close[0]}" if close else ""
+        return f"; outlets visible now: {', '.join(seen[:20])}{hint}"
 
     def connect(self) -> StreamInfo:
         """Resolve the outlet and open an inlet (``OSError`` while none is there; ``ValueError`` for a format
@@ -97,7 +115,7 @@ class LslSource:
         lsl = self._lsl
         found = lsl.resolve_bypred(self.predicate, 1, self.timeout)
         if not found:
-            raise OSError(f"no LSL outlet matches {self.predicate!r} (yet)")
+            raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){self._seen_instead()}")
         info = found[0]
         self._strings = info.channel_format() == lsl.cf_string
         dtype = marker_dtype(self.max_bytes) if self._strings else self._FORMATS.get(info.channel_format())
