@@ -104,3 +104,17 @@ def test_a_session_naming_a_stream_that_never_appears_ends_in_an_error_naming_it
     assert f"{typo!r} never appeared on the broker" in err and f"did you mean {stream_name!r}?" in err, err
     (got,) = pyxdf.load_xdf(str(out))[0]
     assert got["info"]["name"] == [stream_name] and np.array_equal(got["time_series"][:, 0], np.arange(50))
+
+
+def test_under_seconds_a_session_ends_without_a_stream_that_never_appears(broker, stream_name, tmp_path):
+    # With --seconds, the recorder of a mistyped name waited for its stream forever and the session never
+    # ended; it ends once every stream there is has its --seconds, with the error naming the missing one.
+    pyxdf = pytest.importorskip("pyxdf")
+    out = tmp_path / "s.xdf"
+    with slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address) as pub:
+        pub.write(np.arange(100, dtype=np.float32), t0=10.0)  # 1 s, taken from the pool by the pre-buffer
+        with pytest.raises(slabcast.StreamNotFoundError, match=rf"'{stream_name}x' never appeared on the broker"):
+            record_module.record([stream_name, stream_name + "x"], str(out), seconds=0.5, address=broker.address,
+                                 progress=False, pre_buffer=5)  # fmt: skip
+    (got,) = pyxdf.load_xdf(str(out))[0]
+    assert np.array_equal(got["time_series"][:, 0], np.arange(50))

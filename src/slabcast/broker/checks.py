@@ -93,8 +93,8 @@ def check_open(msg: M.Open) -> OpenRequest:
         raise Refused(P.ERR_BAD_REQUEST, f"rate must be a positive number of Hz or nil, got {rate!r}")
     if slab_bytes < 4096 or slab_bytes % 4096 or slab_bytes > 1 << 30:
         raise Refused(P.ERR_BAD_REQUEST, f"slab_bytes must be a multiple of 4096 in 4096..2**30, got {slab_bytes}")
-    if not 2 <= nslabs <= 4096:
-        raise Refused(P.ERR_BAD_REQUEST, f"nslabs must be 2..4096, got {nslabs}")
+    if not 2 <= nslabs <= P.MAX_NSLABS:
+        raise Refused(P.ERR_BAD_REQUEST, f"nslabs must be 2..{P.MAX_NSLABS}, got {nslabs}")
     sample_bytes = dtype.itemsize * channels
     reserve = max_chunk_bytes // sample_bytes * sample_bytes
     if reserve < sample_bytes or slab_bytes - reserve < sample_bytes:

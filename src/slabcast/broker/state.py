@@ -284,13 +284,13 @@ class BrokerState:
         stream = open_stream(req, sid, seg_name, notice_path, self.pid, self.epoch, self.shm_mode, self.system.segment)
         client.stream = stream
         self.streams[name] = stream
-        # What the pool holds for late joiners (history=, record --pre-buffer): its slabs' room for frames,
-        # all but the two the broker grants ahead of the one being written.
+        # What the pool holds for late joiners (history=, record --pre-buffer) at least: the room for frames of
+        # its slabs but the one being written and the two the broker grants ahead (history_nslabs' + 3).
         g = stream.geometry
-        frames = (g.nslabs - 2) * g.frame_bytes // g.sample_bytes
+        frames = max(0, g.nslabs - 3) * g.frame_bytes // g.sample_bytes
         holds = f"{frames / req.rate:.1f} s" if req.rate else f"{frames} samples"
         log.info("stream %r opened by %s: %s x %d @ %s, %d slabs of %d bytes (%d for frames); the pool holds "
-                 "about %s behind the slab being written", name, client.label, req.dtype, req.channels,
+                 "at least about %s behind the slab being written", name, client.label, req.dtype, req.channels,
                  f"{req.rate:g} Hz" if req.rate else "no rate", g.nslabs, g.slab_bytes, g.frame_bytes,
                  holds)  # fmt: skip
         # Subscribers that came first start at index 0: the publisher waits (bounded) until

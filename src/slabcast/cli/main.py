@@ -103,11 +103,13 @@ def _curve(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _process_age() -> float:
-    """Seconds since this process started (its /proc start time on the boot clock), 0 if unknown."""
+    """Seconds since this process started (its /proc start time on the boot clock), 0 if unknown; at most
+    5 s: exec() keeps the start time, so a launcher that ran first (`wait-for-it ...; exec slabcast ...`)
+    would count as our start-up."""
     try:
         with open("/proc/self/stat") as f:
             started = int(f.read().rpartition(")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+        return min(5.0, max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started))
     except (OSError, ValueError, IndexError):
         return 0.0
 

@@ -127,6 +127,7 @@ def check_times(
 
 log = logging.getLogger(__name__)
 
+
 def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[int, int]:
     """The slabs a publisher asks for: ``(slab bytes, carried part)``, from its ``slab_bytes`` and
     ``max_chunk_bytes`` arguments (see :class:`Publisher`); frames get the rest of each slab.
@@ -265,7 +266,11 @@ class Publisher:
                             "slabs hold", stream, history, nslabs)  # fmt: skip
             else:
                 sample_bytes = self.dtype.itemsize * channels
-                nslabs = max(nslabs, history_nslabs(history, self.rate, sample_bytes, layout - carried))
+                needed = history_nslabs(history, self.rate, sample_bytes, layout - carried)
+                if needed > P.MAX_NSLABS:
+                    raise ValueError(f"history={history:g} s needs {needed} slabs of {layout - carried} bytes of "
+                                     f"frames, more than {P.MAX_NSLABS}: give larger slab_bytes")  # fmt: skip
+                nslabs = max(nslabs, needed)
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             meta = StreamInfo.check_metadata(

@@ -276,6 +276,9 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
                         all_subscribed = time.monotonic()
                     if all_subscribed is not None:
                         _end_unrated(recorders, seconds, all_subscribed)
+                    found = [r for r in recorders if r.found]
+                    if found and not any(r.is_alive() for r in found):
+                        break  # --seconds of every stream there is: those never seen end the session (below)
                 now = time.monotonic()
                 if now - last_report >= 0.5:
                     last_report = now

@@ -120,6 +120,7 @@ CUTS = ("local", "broker")  # who cuts a subscriber's chunks: the subscriber its
 MAX_SAMPLER_SECONDS = 1e9  # a pause longer than ~31 years is a mistake, not a setting
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_BATCH = 4096  # frames in one HISTORY message
+MAX_NSLABS = 4096  # slabs in one stream's pool (OPEN's nslabs: 2..MAX_NSLABS)
 # A publisher moves to a new slab after notices_per_slab(nslabs) frames, so a pool's frames (at most
 # 50,000) fit in the ring (65,536 descriptors: a block subscriber, which gates the reuse of every slab it
 # has not read, is never lapped) and, as notices, in one version-2 subscriber's queue: its SUB socket
