@@ -307,16 +307,14 @@ def test_history_sizes_the_pool_of_an_lsl_source_once_its_outlet_gives_the_rate(
 
 
 def test_lsl_out_stopped_by_sigterm_exits_0(broker, stream_name):
+    from tests.integration.test_record import wait_subscribed
+
     # A service manager stops it with SIGTERM: that is its normal end, not a failure (it exited 130).
     pub = slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address)
     proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", stream_name, "--name", f"sc-{stream_name}",
                              "--address", broker.address], stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not any(u["label"] == f"lsl-out:{stream_name}" for s in slabcast.broker_status(broker.address)
-                      ["streams"] for u in s["subscribers"]):  # fmt: skip
-            assert time.monotonic() < deadline and proc.poll() is None, "lsl-out never subscribed"
-            time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+        wait_subscribed(broker.address, stream_name, label="lsl-out:")
         proc.terminate()
         assert proc.wait(20) == 0
         assert f"stopped serving {stream_name}" in proc.stderr.read()

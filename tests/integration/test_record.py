@@ -235,11 +235,7 @@ def test_a_recorder_started_with_sigint_ignored_still_stops_on_it(broker, stream
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
             )  # fmt: skip
             try:
-                deadline = time.monotonic() + 20
-                while not any(u["label"] == f"record:{stream_name}" for s in slabcast.broker_status(broker.address)
-                              ["streams"] for u in s["subscribers"]):  # fmt: skip
-                    assert time.monotonic() < deadline and rec.poll() is None, "the recorder never subscribed"
-                    time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
+                wait_subscribed(broker.address, stream_name)
                 pub.write(np.arange(100, dtype=np.int16), t0=1.0)
                 pub.flush()
                 rec.send_signal(sig)
