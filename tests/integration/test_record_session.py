@@ -118,3 +118,18 @@ def test_under_seconds_a_session_ends_without_a_stream_that_never_appears(broker
                                  progress=False, pre_buffer=5)  # fmt: skip
     (got,) = pyxdf.load_xdf(str(out))[0]
     assert np.array_equal(got["time_series"][:, 0], np.arange(50))
+
+
+def test_under_seconds_a_session_of_markers_and_a_missing_stream_ends_with_the_markers(broker, stream_name, tmp_path):
+    # Streams without a rate wait for every stream of the session (one may turn out to have a rate): a
+    # mistyped one held the markers back for ever. --seconds after the session began recording, it is not
+    # coming: the markers are written and the error names it.
+    pyxdf = pytest.importorskip("pyxdf")
+    out = tmp_path / "m.xdf"
+    with slabcast.MarkerPublisher(stream_name, address=broker.address) as pub:
+        pub.write(["a", "b"], times=[10.0, 11.0])
+        with pytest.raises(slabcast.StreamNotFoundError, match=rf"'{stream_name}x' never appeared on the broker"):
+            record_module.record([stream_name, stream_name + "x"], str(out), seconds=0.5, address=broker.address,
+                                 progress=False, pre_buffer=5)  # fmt: skip
+    (got,) = pyxdf.load_xdf(str(out))[0]
+    assert got["time_series"] == [["a"], ["b"]] and list(got["time_stamps"]) == [10.0, 11.0]

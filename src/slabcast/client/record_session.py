@@ -47,6 +47,7 @@ class _StreamRecorder(threading.Thread):
         self.last_stamp: float | None = None  # the newest sample's stamp written
         self.subscribed = threading.Event()  # it knows its stream's rate (or gave up)
         self.found = False  # its stream appeared (else the session ends without it, which it says)
+        self.give_up = threading.Event()  # stop waiting for the stream (under --seconds, it never came)
         self.peers: list[_StreamRecorder] = []  # the session's recorders (set before start)
         # Received, not yet written: (samples, stamps, first index, t0) waiting for the streams with a rate.
         self.held: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, float]] = []
@@ -71,7 +72,7 @@ class _StreamRecorder(threading.Thread):
         from .._exceptions import StreamNotFoundError
         from ..client.subscriber import Subscriber
 
-        while not self.stop.is_set():  # wait for the stream a second at a time: Ctrl-C is not held up
+        while not self.stop.is_set() and not self.give_up.is_set():  # a second at a time: Ctrl-C is not held up
             try:
                 return Subscriber(self.stream, 1, policy="block", address=self.address, wait=1.0,
                                   label=f"record:{self.stream}", history=self.lead_in())  # fmt: skip
@@ -263,6 +264,7 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
         r.peers = recorders
     last_report = time.monotonic()
     all_subscribed: float | None = None
+    first_found: float | None = None  # when the first stream of the session appeared
     try:
         for r in recorders:
             r.start()
@@ -272,6 +274,12 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
                     r.join(0.1)
                 session.tick()
                 if seconds is not None:
+                    if first_found is None and any(r.found for r in recorders):
+                        first_found = time.monotonic()
+                    if all_subscribed is None and first_found is not None and time.monotonic() - first_found >= seconds:
+                        for r in recorders:  # --seconds since the session began recording: it is not coming
+                            if not r.subscribed.is_set():
+                                r.give_up.set()
                     if all_subscribed is None and all(r.subscribed.is_set() for r in recorders):
                         all_subscribed = time.monotonic()
                     if all_subscribed is not None:
