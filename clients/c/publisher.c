@@ -705,9 +705,12 @@ static int bind_notices(sc_pub *p, const msgpack_object *tokens, int timeout_ms)
             const unsigned char *d = zmq_msg_data(&ev);
             size_t n = zmq_msg_size(&ev);
             answer_join(p, d, n);
+            /* OPENED's tokens are token *topics* (0x01 + token, protocol 6): the event is 0x01 (subscribe)
+             * then the topic.  (Compared against the bare token, none matched: sc_pub_open waited out its
+             * 5 s whenever a subscriber was waiting for the stream.) */
             for (uint32_t i = 0; n > 2 && d[0] == 1 && i < waiting; i++) {
                 const msgpack_object *t = &tokens->via.array.ptr[i];
-                if (!seen[i] && t->via.bin.size == n - 2 && memcmp(t->via.bin.ptr, d + 2, n - 2) == 0) {
+                if (!seen[i] && t->via.bin.size == n - 1 && memcmp(t->via.bin.ptr, d + 1, n - 1) == 0) {
                     seen[i] = true;
                     left--;
                 }

@@ -881,7 +881,7 @@ def test_a_frame_that_does_not_fit_the_stream_is_refused_with_pythons_message(c_
 def test_a_stream_that_has_a_publisher_and_no_broker_are_their_own_errors(c_pub, broker, stream_name, tmp_path):
     pub = slabcast.Publisher(stream_name, dtype="int16", address=broker.address, slab_bytes=8192, nslabs=2)
     try:
-        cpub = CPub(c_pub, broker.address, stream_name, "--dtype", "int16")
+        cpub = CPub(c_pub, broker.address, stream_name, "--dtype", "int16", "--framed")
         try:
             assert cpub.finish(20) == 9, cpub.stderr
             assert "stream-exists" in cpub.stderr and "[SC_EEXISTS]" in cpub.stderr
@@ -1112,3 +1112,40 @@ def test_the_publisher_api_is_exported_under_the_version_node_of_its_release(c_s
     assert {name for name, node in exported.items() if node == "SLABCAST_1.2"} == api
     later = {f"SLABCAST_1.{k}" for k in range(3, minor + 1)}  # the nodes of releases after 1.2
     assert {node for name, node in exported.items() if name not in api} - later == {"SLABCAST_1.0"}
+
+
+def test_a_c_publisher_opens_as_soon_as_the_subscribers_that_waited_have_joined(c_pub, broker, stream_name):
+    # OPENED names the token topics of the subscribers waiting for the stream; the publisher waits until each has
+    # joined its notice socket (bounded by 5 s), so they get index 0. The C publisher compared the events with
+    # the bare tokens, recognized none, and always waited the whole 5 s (a Go binder found it). Two subscribers
+    # wait here; the open must end on their joins, well inside that bound (the timeout path, not a speed figure).
+    made: list[Any] = []
+
+    def subscribe() -> None:
+        made.append(slabcast.Subscriber(stream_name, 4, clip=True, address=broker.address, wait=30))
+
+    threads = [threading.Thread(target=subscribe, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while slabcast.broker_status(broker.address)["waiting"].get(stream_name, 0) < 2:
+        assert time.monotonic() < deadline, "the subscribers never waited for the stream"
+        time.sleep(0.02)  # polling the broker's status: the subscriptions it holds are its own
+    started = time.monotonic()
+    cpub = CPub(c_pub, broker.address, stream_name, "--dtype", "int16", "--framed")
+    try:
+        cpub.ready()
+        opened_in = time.monotonic() - started
+        for t in threads:
+            t.join(20)
+        assert len(made) == 2
+        assert opened_in < 2.5, f"sc_pub_open took {opened_in:.2f} s: it waited out its 5 s for joins it missed"
+        cpub.feed(record(np.arange(8, dtype=np.int16).tobytes(), 8, 1.0))
+        assert cpub.finish(20) == 0, cpub.stderr
+        for sub in made:  # both from index 0
+            with sub.recv(timeout=10) as chunk:
+                assert (chunk.index, chunk.data.tolist()) == (0, [0, 1, 2, 3])
+    finally:
+        cpub.close()
+        for sub in made:
+            sub.close()

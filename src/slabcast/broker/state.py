@@ -593,6 +593,7 @@ class BrokerState:
             "tcp_address": self.tcp_address,
             "uptime": now - self.started,
             "clients": len(self.clients),
+            "waiting": {name: len(subs) for name, subs in self.pending.items() if subs},  # subscribed before OPEN
             "streams": [stream_status(s) for s in [*self.streams.values(), *self.draining]],
             "sources": self.sources() if self.sources is not None else [],
         }
