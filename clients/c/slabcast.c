@@ -258,7 +258,8 @@ struct sc_client {
     unsigned char *sleeper;      /* our byte of the table (ATTACHED's sleeper), or NULL: a notice for every frame */
     bool armed;                  /* our sleeper byte is set (until the next sc_recv, after one that found nothing) */
     unsigned char arm_value;     /* what we set it to, 1..255: changed only after we read (docs/protocol.md 7.8) */
-    uint64_t armed_rseq;         /* the ring descriptor we had read up to when we chose it */
+    uint64_t armed_rseq;         /* the ring descriptor we had read up to when we chose it (UINT64_MAX: a
+                                  * notice came since: choose another) */
 
     /* Since 1.3.0. */
     bool held_request;           /* a SUBSCRIBE with wait the broker may still hold (its wait expired) */
@@ -1166,7 +1167,7 @@ static int map_segment(sc_client *c, size_t nbytes)
 static bool arm(sc_client *c)
 {
     if (c->sleeper != NULL && !c->armed) {
-        if (c->arm_value == 0 || c->rseq != c->armed_rseq) {  /* a new value (1..255) once we read something since the last one */
+        if (c->arm_value == 0 || c->rseq != c->armed_rseq) {  /* a new value (1..255) once we read or took a notice */
             c->arm_value = (unsigned char)(c->arm_value % 255 + 1);
             c->armed_rseq = c->rseq;
         }
@@ -2256,6 +2257,9 @@ static int notice_end(sc_client *c, const msgview *m)
  * Version 2: a NOTICE becomes the frames to cut, a NOTICE_END the stream's end. */
 static int on_notice(sc_client *c, const unsigned char *data, size_t len)
 {
+    /* A doorbell we take means the publisher saw our sleeper byte's value: the next value must differ, or its
+     * next look, seeing the value it already rang for, would not ring again (docs/protocol.md 7.8). */
+    c->armed_rseq = UINT64_MAX;
     if (len < c->topic_len || memcmp(data, c->topic, c->topic_len) != 0)
         return SC_OK;  /* a JOINED of another subscriber's token */
     size_t off = 0, body = len - c->topic_len;

@@ -470,3 +470,50 @@ def test_writes_go_on_after_signals_interrupt_their_barrier(broker, stream_name)
     proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_WRITER, broker.address, stream_name],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("ok 300"), proc.stderr[-2000:]
+
+
+def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, stream_name, monkeypatch):
+    # The publisher rings only when the sleeper table differs from its previous look (coalescing). A subscriber
+    # kept its byte's value when it had read nothing since choosing it; but it may have read the frame *before*
+    # choosing it, between the publisher's position store and its look: then the publisher rings for a frame
+    # already read, the subscriber takes that doorbell with nothing new, sets the same value again and sleeps,
+    # and the next write sees the value it already rang for: no doorbell, a lost wake-up (CI saw one: a chunk
+    # 1 s late). Here that interleaving is made to happen, from inside the publisher's barrier.
+    from slabcast.client import publisher as publisher_module
+
+    pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address)
+    try:
+        pub.write(np.array([0]))
+        with sub.recv(timeout=10) as chunk:  # read up to the head: nothing unread
+            assert chunk.index == 0
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=0)  # armed (an event loop's look leaves the byte set)
+        notices = sub.pollables()[0]
+        real_barrier = publisher_module.barrier
+        interleaved: list[int] = []
+
+        def barrier_after_the_subscriber_read() -> None:
+            # Between the publisher's position store and its look at the table: the subscriber reads the frame
+            # and sets its byte again (with the value of its next wait).
+            real_barrier()
+            if not interleaved:
+                with sub.recv(timeout=10) as chunk:
+                    interleaved.append(chunk.index)
+                with pytest.raises(TimeoutError):
+                    sub.recv(timeout=0)
+
+        monkeypatch.setattr(publisher_module, "barrier", barrier_after_the_subscriber_read)
+        pub.write(np.array([1]))  # its look sees the byte set: a doorbell for frame 1, already read
+        assert interleaved == [1]
+        assert notices.poll(5000), "no doorbell for frame 1"
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=0)  # takes the doorbell: nothing new; armed again
+        assert not notices.poll(0)
+        pub.write(np.array([2]))  # the subscriber sleeps on its notice socket: it must be rung
+        assert notices.poll(5000), "a subscriber asleep on its notice socket was never rung for frame 2"
+        with sub.recv(timeout=10) as chunk:
+            assert chunk.index == 2
+    finally:
+        sub.close()
+        pub.close()

@@ -158,8 +158,8 @@ class LocalReceiver:
         self._futex = wake == "futex"
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
         self._armed = False  # our sleeper byte is set
-        self._arm_value = 0  # what we set it to (1..255): changed only after we read (core/ring.py)
-        self._armed_rseq = -1  # the ring descriptor we had read up to when we chose it
+        self._arm_value = 0  # what we set it to (1..255): changed after we read or took a notice (core/ring.py)
+        self._armed_rseq = -1  # the ring descriptor we had read up to when we chose it (-1: choose another)
         self._next_look = 0.0  # when to look again whether the broker connection dropped
         self._cursor = start
         self._cur_slab = -1
@@ -293,7 +293,7 @@ class LocalReceiver:
         publish either was seen in what this returns, or sends us a notice."""
         ring = self._ring
         if self._sleeper is not None and not self._armed:
-            # A new value once we read something since we chose the last one (core/ring.py).
+            # A new value once we read something or took a notice since we chose the last one (core/ring.py).
             if self._arm_value == 0 or self._rseq != self._armed_rseq:
                 self._arm_value = self._arm_value % 255 + 1
                 self._armed_rseq = self._rseq
@@ -341,6 +341,9 @@ class LocalReceiver:
 
     def _on_notice(self, raw: bytes) -> None:
         """A message on the notice socket: a doorbell (its fields are the ring's, read there), or the end."""
+        # A doorbell we take means the publisher saw our sleeper byte's value: the next value must differ, or
+        # its next look, seeing the value it already rang for, would not ring again (core/ring.py).
+        self._armed_rseq = -1
         topic = self._topic
         if not raw.startswith(topic) or raw[len(topic) + 1 : len(topic) + 2] != _NOTICE_END_KIND:
             return  # a NOTICE (the position moved), or a JOINED of another subscriber's token

@@ -24,13 +24,18 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
-1..255 (the next one, cycling, if it read anything since it last chose one; else the same), makes a
+1..255 (the next one, cycling, if it read anything or took a notice since it last chose one; else the
+same: a wait that timed out), makes a
 full barrier, loads the position again, and sleeps on its notice socket only if it did not move;
 awake, it sets its byte to 0.  The publisher, after it stores the position, makes a full barrier
 and sends a notice only if some byte is set and the table differs from what it saw at its previous
 write (a subscriber that it already rang for and that is not awake yet needs no second notice: the
-notices do not pile up while one is unread).  A value changes at most once between two writes, so
-an unchanged table means nobody went to sleep again since the last look.  Each side's barrier orders
+notices do not pile up while one is unread).  A value changes only after something only a write
+makes (a descriptor to read, or the notice of a look), at most twice between two writes, so an
+unchanged table means nobody went to sleep again since the last look.  (Keeping the value after a
+notice with nothing new lost wake-ups: the subscriber may read a frame between the publisher's store
+and its look, so the look rings for a frame already read, and the next look, seeing the value it rang
+for, would not ring for the next frame.)  Each side's barrier orders
 its store before its load (Dekker's handshake): either the subscriber sees the new position or the
 publisher sees the byte, so no wake-up is lost, and a subscriber that is busy reading costs the
 publisher no message.  From
