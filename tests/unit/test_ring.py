@@ -217,3 +217,20 @@ def test_futex_wake_wakes_a_waiter_on_the_same_word(small):
         futex_wake(ring.futex_address)
         waiter.join(5)
     assert woke == [True]
+
+
+def test_a_reader_takes_the_ring_where_the_header_says_and_checks_it():
+    # Protocol 7.7: readers SHOULD take ring_slots and ring_offset from the header (the broker writes 65,536;
+    # a conformance case may carry a smaller ring).
+    from slabcast.core.ring import DESC_AT, RING_AT, SLOTS_AT, ring_layout
+
+    buf = bytearray(4096 * 4)
+    buf[SLOTS_AT : SLOTS_AT + 4] = (64).to_bytes(4, "little")
+    buf[DESC_AT : DESC_AT + 4] = (64).to_bytes(4, "little")
+    buf[RING_AT : RING_AT + 8] = (8192).to_bytes(8, "little")
+    assert ring_layout(buf) == (8192, 64)  # 64 descriptors (one page) and the sleeper page: 16 KiB in all
+    for at, value, width in ((SLOTS_AT, 48, 4), (DESC_AT, 32, 4), (RING_AT, 8000, 8), (RING_AT, 12288, 8)):
+        bad = bytearray(buf)
+        bad[at : at + width] = value.to_bytes(width, "little")
+        with pytest.raises(ValueError, match=r"the segment's header names no ring: expected ring_slots"):
+            ring_layout(bad)

@@ -28,7 +28,7 @@ from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, Slab
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, barrier, futex_wait
+from ..core.ring import DESCRIPTOR_BYTES, Ring, barrier, futex_wait, ring_layout
 from ..core.shm import CLIENT_BASE, attach_page, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -151,7 +151,8 @@ class LocalReceiver:
         self._last_seq = -1
         self._dropped = 0
         self._noticed = start  # the stream index just past the last sample read from the ring (or history)
-        self._ring = Ring(mm, self._geometry.ring_offset, sleepers=page)
+        offset, slots = ring_layout(mm)  # (protocol 7.7: the header says where the ring lies)
+        self._ring = Ring(mm, offset, slots, sleepers=page)
         self._page = page
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
@@ -607,8 +608,11 @@ def open_local(
         if settings.get("wake", "doorbell") == "doorbell":
             # Our byte of the sleeper table is in a page we map writable (None: we may only read the segment,
             # and the publisher sends us a notice for every frame instead).
-            geometry = Geometry(reply.nslabs, reply.slab_bytes, reply.sample_bytes, 0, info.timestamps)
-            page = attach_page(reply.segment, geometry.ring_offset + RING_SLOTS * DESCRIPTOR_BYTES)
+            try:
+                offset, slots = ring_layout(mm)
+            except ValueError as exc:
+                raise ProtocolError(f"{exc} ({where})") from None
+            page = attach_page(reply.segment, offset + slots * DESCRIPTOR_BYTES)
         notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
         # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
         # a subscription made before the stream existed).

@@ -91,6 +91,7 @@ __all__ = [
     "futex_wait",
     "futex_wake",
     "ring_bytes",
+    "ring_layout",
 ]
 
 RING_SLOTS = 1 << 16  # descriptors per stream: more than nslabs * notices_per_slab(nslabs) for any nslabs
@@ -117,6 +118,28 @@ SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED
 def ring_bytes(slots: int = RING_SLOTS) -> int:
     """Bytes of a ring of ``slots`` descriptors and its sleeper table (whole pages)."""
     return -(-slots * DESCRIPTOR_BYTES // 4096) * 4096 + 4096
+
+
+def ring_layout(buf: Any) -> tuple[int, int]:
+    """Where a mapped segment's ring lies, as its header says (``ring_offset``, ``ring_slots``): what a reader
+    takes (protocol 7.7), checked against the segment's size.
+
+    Raises
+    ------
+    ValueError
+        A header whose ring is not one (slots not a power of two, descriptors not 64 bytes, an offset off a
+        page, or a ring and sleeper page past the segment's end).
+    """
+    words = memoryview(buf).cast("B")[SLOTS_AT : RING_AT + 8]
+    slots = int.from_bytes(words[0:4], "little")
+    size = int.from_bytes(words[DESC_AT - SLOTS_AT : DESC_AT - SLOTS_AT + 4], "little")
+    offset = int.from_bytes(words[RING_AT - SLOTS_AT : RING_AT - SLOTS_AT + 8], "little")
+    end = offset + slots * DESCRIPTOR_BYTES + 4096
+    if slots < 2 or slots & (slots - 1) or size != DESCRIPTOR_BYTES or offset % 4096 or end > len(buf):
+        raise ValueError(f"the segment's header names no ring: expected ring_slots a power of two >= 2, "
+                         f"descriptor_bytes {DESCRIPTOR_BYTES} and a page-aligned ring_offset whose ring and sleeper "
+                         f"page end within the segment's {len(buf)} bytes, got {slots}, {size} and {offset}")
+    return offset, slots
 
 
 class Ring:
