@@ -47,14 +47,10 @@ static const char USAGE[] =
     "8 no free slab within the timeout (SC_EWRITETIMEOUT), 9 the stream exists, 10 invalid argument or\n"
     "frame (SC_EINVAL), 1 any other error.\n";
 
+#define PROGRAM "slabcast-pub"
+#include "programs.h"
+
 #define SERVICE_NS 20000000L  /* the service thread's period, as Python's publisher thread */
-
-static volatile sig_atomic_t stop_signal = 0;
-
-static void on_signal(int sig)
-{
-    stop_signal = sig;
-}
 
 static int exit_status(int rc)
 {
@@ -66,27 +62,6 @@ static int exit_status(int rc)
     case SC_EINVAL: return 10;
     default: return 1;
     }
-}
-
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "slabcast-pub: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n%s", USAGE);
-    return 2;
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    if (s == NULL || *s == '\0' || *s == '-')
-        return -1;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end)
-        return -1;
-    *out = v;
-    return 0;
 }
 
 /* "a,b,c" as `count` strings (NULL when the count differs). */
@@ -282,12 +257,7 @@ int main(int argc, char **argv)
         return usage_error("--channel-names, --channel-types and --channel-units need one value per channel (%s)",
                            "comma-separated");
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_stop_signals();
 
     sc_pub *pub;
     int rc = sc_pub_open(address, stream, &o, &pub);

@@ -46,13 +46,9 @@ static const char USAGE[] =
     "--wake (version 3): how it waits for the next frame: doorbell (default: the publisher's notice),\n"
     "futex (FUTEX_WAIT on the ring's position) or busy (spinning on it).\n";
 
-static volatile sig_atomic_t stop_signal = 0;
+#define PROGRAM "slabcast-sub"
+#include "programs.h"
 
-/* SIGINT/SIGTERM: leave the receive loop and close cleanly (BYE). */
-static void on_signal(int sig)
-{
-    stop_signal = sig;
-}
 
 /* CRC-32 as in zlib (reflected polynomial 0xEDB88320), so Python's zlib.crc32 gives the same value. */
 static uint32_t crc_table[256];
@@ -271,28 +267,6 @@ static int poll_loop(sc_client *c, show sh, uint64_t count, int have_count, doub
     return rc;
 }
 
-static int usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "slabcast-sub: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n%s", USAGE);
-    return 2;
-}
-
-/* Parse a non-negative integer argument; return 0 on success. */
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    if (s == NULL || *s == '\0' || *s == '-')
-        return -1;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end)
-        return -1;
-    *out = v;
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     const char *address = NULL, *stream = NULL, *label = "slabcast-sub", *curve_secret = NULL, *curve_public = NULL;
@@ -399,12 +373,7 @@ int main(int argc, char **argv)
         return usage_error("%s", "give exactly one of --size and --seconds");
     opts.max_inflight = (unsigned)max_inflight;
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_stop_signals();
     crc32_init();
 
     sc_client *c = sc_new();

@@ -176,10 +176,11 @@ class CSub:
 # ----------------------------------------------------------- conformance
 
 
-def make_frames(case: dict[str, Any]) -> tuple[list[tuple[Any, float]], bytes]:
-    """Frames of varying sizes with known content and explicit t0; also all their bytes, in order."""
+def case_samples(case: dict[str, Any]) -> tuple[Any, list[int], np.ndarray[Any, Any]]:
+    """A case's frame sizes and all its samples, with known content; and its random generator, to draw more
+    from in the same order (the sizes and samples come first)."""
     rng = np.random.default_rng(case["seed"])
-    dtype, channels, rate = np.dtype(case["dtype"]), case["channels"], case["rate"]
+    dtype, channels = np.dtype(case["dtype"]), case["channels"]
     sizes = [int(x) for x in rng.integers(1, case["max_frame"] + 1, case["frames"])]
     total = sum(sizes)
     if dtype == np.uint8:
@@ -187,12 +188,21 @@ def make_frames(case: dict[str, Any]) -> tuple[list[tuple[Any, float]], bytes]:
     else:
         whole = (np.arange(total * channels, dtype=np.int64) * 7919 % 30011 - 15000).astype(dtype)
         whole = whole.reshape(total, channels) if channels > 1 else whole
+    return rng, sizes, whole
+
+
+def frame_t0(index: int, k: int, rate: float | None) -> float:
+    """Frame ``k``'s explicit t0 (it starts at sample ``index``), with jitter a rate-less stream keeps as given."""
+    return 1000.0 + index / rate + k * 1e-4 if rate else 50.0 + k * 0.013 + (k % 3) * 1e-6
+
+
+def make_frames(case: dict[str, Any]) -> tuple[list[tuple[Any, float]], bytes]:
+    """Frames of varying sizes with known content and explicit t0; also all their bytes, in order."""
+    _, sizes, whole = case_samples(case)
     frames, index = [], 0
     for k, n in enumerate(sizes):
         part = whole[index : index + n]
-        # Explicit t0 values, with jitter a rate-less stream keeps as given.
-        t0 = 1000.0 + index / rate + k * 1e-4 if rate else 50.0 + k * 0.013 + (k % 3) * 1e-6
-        frames.append((part.tobytes() if case.get("as_bytes") else part, t0))
+        frames.append((part.tobytes() if case.get("as_bytes") else part, frame_t0(index, k, case["rate"])))
         index += n
     return frames, whole.tobytes()
 

@@ -259,19 +259,12 @@ RUNS = [(name, run) for name, case in CASES.items() for run in case["runs"]]
 
 def frames_of(case: dict[str, Any]) -> list[tuple[Any, int, float, int, Any]]:
     """The case's frames: (samples as the Python publisher takes them, n, t0, flags, times or None)."""
-    rng = np.random.default_rng(case["seed"])
-    dtype, channels, rate = np.dtype(case["dtype"]), case["channels"], case["rate"]
-    sizes = [int(x) for x in rng.integers(1, case["max_frame"] + 1, case["frames"])]
-    total = sum(sizes)
-    if dtype == np.uint8:
-        whole = rng.integers(0, 256, total, dtype=np.uint8)
-    else:
-        whole = (np.arange(total * channels, dtype=np.int64) * 7919 % 30011 - 15000).astype(dtype)
-        whole = whole.reshape(total, channels) if channels > 1 else whole
+    rng, sizes, whole = _c_client.case_samples(case)
+    rate = case["rate"]
     out, index = [], 0
     for k, n in enumerate(sizes):
         part = whole[index : index + n]
-        t0 = 1000.0 + index / rate + k * 1e-4 if rate else 50.0 + k * 0.013 + (k % 3) * 1e-6
+        t0 = _c_client.frame_t0(index, k, rate)
         flags = P.FLAG_DISCONTINUITY if case["jump_every"] and k % case["jump_every"] == 5 else 0
         times = None
         if case.get("timestamps") and k % 2 == 0:  # jittered clock readings; odd frames get t0 + k / rate
