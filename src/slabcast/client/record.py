@@ -317,11 +317,8 @@ def _others(stream: str, out: str, address: str | None) -> str:
     """What the broker has now, when it does not have ``stream`` (a typo waits for nothing); when it has it,
     refuse an audio ``out`` that cannot hold its samples before subscribing (a source that waits for its
     first subscriber would start for nothing)."""
-    from .control import broker_status
-
-    try:
-        streams = [s for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
-    except Exception:  # no broker yet, or busy: the subscription says what it must
+    streams = _live_streams(address)
+    if streams is None:  # no broker yet, or busy: the subscription says what it must
         return ""
     names = [s["name"] for s in streams]
     if stream in names:
@@ -336,8 +333,21 @@ def _others(stream: str, out: str, address: str | None) -> str:
             s = streams[names.index(stream)]
             channel_format(StreamInfo(stream, np.dtype(s["dtype"]), 1, None, ("ch_0",)))
         return ""
-    listed = ", ".join(map(repr, names)) or "no streams"
-    return f" (the broker has {listed} now{_close(stream, names)}; Ctrl-C to give up)"
+    return f" (the broker has {_listed(names)} now{_close(stream, names)}; Ctrl-C to give up)"
+
+
+def _live_streams(address: str | None) -> list[dict[str, Any]] | None:
+    """The streams the broker has now and that have not ended (its status), or None if it does not answer."""
+    from .control import broker_status
+
+    try:
+        return [s for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
+    except Exception:
+        return None
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(map(repr, names)) or "no streams"
 
 
 def _close(stream: str, names: Sequence[str]) -> str:
@@ -350,15 +360,9 @@ def _close(stream: str, names: Sequence[str]) -> str:
 
 def _missing(streams: Sequence[str], address: str | None) -> str:
     """Why a recording of ``streams`` that never appeared is not a success, with what the broker has now."""
-    from .control import broker_status
-
-    try:
-        names = [s["name"] for s in broker_status(address, timeout=2.0)["streams"] if not s["ended"]]
-    except Exception:
-        names = []
+    names = [s["name"] for s in _live_streams(address) or ()]
     hints = "".join(_close(s, names) for s in streams)
-    return (f"{', '.join(map(repr, streams))} never appeared on the broker (it has "
-            f"{', '.join(map(repr, names)) or 'no streams'} now{hints})")  # fmt: skip
+    return f"{', '.join(map(repr, streams))} never appeared on the broker (it has {_listed(names)} now{hints})"
 
 
 def _check_out(out: str) -> None:
