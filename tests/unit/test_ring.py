@@ -125,6 +125,37 @@ def test_read_returns_none_for_a_range_longer_than_the_ring(small):
     assert ring.read(0, 9) is None
 
 
+def test_read_one_takes_the_only_new_descriptor_and_leaves_the_rest_to_read(small):
+    ring = small
+    assert ring.read_one(0) is None, "nothing published"
+    _publish(ring, range(1))
+    assert ring.read_one(0) == _desc(0)
+    _publish(ring, range(1, 3))
+    assert ring.read_one(1) is None, "two are new: a batch, for read()"
+    assert ring.read_one(2) == _desc(2)
+    _publish(ring, range(3, 12))
+    assert ring.read_one(11) == _desc(11), "wrapped: slot 3"
+    assert ring.read_one(3) is None  # (position 12: not the one after 3)
+
+
+def test_read_one_returns_none_when_the_publisher_laps_during_the_copy(small, monkeypatch):
+    ring = small
+    _publish(ring, range(5))
+    loads = iter([5, 5 + ring.slots])  # the position before the copy, then after it: the publisher lapped
+    monkeypatch.setattr(ring, "q", _Words(ring.q, loads))
+    assert ring.read_one(4) is None
+
+
+class _Words:
+    """The header's u64 words, with the position's loads scripted (what another process stored between them)."""
+
+    def __init__(self, q, positions):
+        self._q, self._positions = q, positions
+
+    def __getitem__(self, i):
+        return next(self._positions) if i == R.POSITION_AT // 8 else self._q[i]
+
+
 def test_read_of_an_empty_range_is_empty(small):
     ring = small
     _publish(ring, range(5))

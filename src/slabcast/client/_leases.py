@@ -55,9 +55,10 @@ class Leases:
         with self.guard:
             self.locks[slab][1] -= 1
 
-    def on_dead(self, seq: int, _ref: object) -> None:
-        # Runs when the last view of a chunk dies, in whatever thread dropped it.
-        self.dead.append(seq)
+    def on_dead(self, ref: Any) -> None:
+        # Runs when the last view of a chunk dies, in whatever thread dropped it: ``ref`` is the weak reference
+        # to that view, which carries the chunk's ``seq``.
+        self.dead.append(ref.seq)
         if self.closed:
             self.reap()
 

@@ -11,7 +11,6 @@ can slow the broker's loop for the others.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -83,6 +82,13 @@ class _Ready(NamedTuple):
     offset: int  # byte of its first sample in the segment
     slab: int
     flags: int
+
+
+class _ViewRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a chunk's base view that knows the chunk's seq (for :meth:`Leases.on_dead`)."""
+
+    __slots__ = ("seq",)
+    seq: int
 
 
 _new_ready = tuple.__new__  # _Ready(...) without NamedTuple's Python-level __new__: this is per chunk
@@ -161,7 +167,8 @@ class LocalReceiver:
         self._armed = False  # our sleeper byte is set
         self._arm_value = 0  # what we set it to (1..255): changed after we read or took a notice (core/ring.py)
         self._armed_rseq = -1  # the ring descriptor we had read up to when we chose it (-1: choose another)
-        self._next_look = 0.0  # when to look again whether the broker connection dropped
+        self._next_look = 0.0  # when to look at our sockets again, and whether the broker connection dropped
+        self._look_now = True  # look at our sockets before the next wait (see recv)
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -208,9 +215,15 @@ class LocalReceiver:
             if self._frames:
                 self._step()
                 continue
-            if self._read_ring():
+            if self._take_one() or self._read_ring():
                 continue
-            if self._drain_notices():
+            # Look at the sockets (notices to take, the broker's END or ERROR, its death) when recv must not
+            # wait (an event loop polls them), after a wait that brought nothing (the broker wakes us to look),
+            # and every _LOOK_GONE seconds; not before every wait (two system calls each): a wait in between
+            # is cut short to the next look.
+            now = time.monotonic()
+            look = timeout == 0 or self._look_now or now >= self._next_look
+            if look and self._drain_notices():
                 continue  # (a notice only says the position moved: look at the ring again)
             end = self._stream_end
             if end is not None:
@@ -227,13 +240,16 @@ class LocalReceiver:
                 self._send_ack(force=True)
                 self.end = error_for(end, self._where)
                 raise self.end
-            if conn.sock.getsockopt(_EVENTS) & _POLLIN:
-                self._on_direct(conn.recv(0))
-                continue
-            now = time.monotonic()
-            if conn.gone or (now >= self._next_look and conn.poll_gone()):
+            if look:
+                if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+                    self._on_direct(conn.recv(0))
+                    continue
+                if conn.gone or (now >= self._next_look and conn.poll_gone()):
+                    raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                self._next_look = now + _LOOK_GONE
+                self._look_now = False
+            elif conn.gone:
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
-            self._next_look = now + _LOOK_GONE
             # About to wait: give back every slab no chunk of ours is in (a paused drop subscriber must
             # not hold any), tell the broker where we are.  A block subscriber keeps the slab it reads:
             # its cursor holds that slab back anyway, and the next chunk needs no lock again.
@@ -250,7 +266,8 @@ class LocalReceiver:
                         self._disarm()
                         continue
                     return None
-            self._idle(min(left, _LOOK))
+            if self._idle(min(left, _LOOK, self._next_look - now if not look else _LOOK)) == self._rseq:
+                self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
 
     def _idle(self, wait: float) -> int:
         """Wait up to ``wait`` seconds for the ring's position to move, by this subscriber's wait strategy;
@@ -354,6 +371,34 @@ class LocalReceiver:
         msg = M.decode(raw_msg, strict=False, check=False)
         if isinstance(msg, M.NoticeEnd) and self._stream_end is None:
             self._stream_end = M.End(msg.code, msg.message, 0, msg.head)
+
+    def _take_one(self) -> bool:
+        """A subscriber that keeps up, in one step: the one frame published since we last looked, when it
+        continues the slab being read without a flag, cut at once (no batch, no :class:`_Frame`).  False when
+        that is not the case; nothing changed then, and :meth:`_read_ring` takes what there is."""
+        start = self._rseq
+        descriptor = self._ring.read_one(start)
+        if descriptor is None:
+            return False
+        _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
+        chunker = self._chunker
+        pending = chunker.start
+        if flags or index != self._noticed or slab != self._cur_slab or (pending is not None and pending < floor):
+            return False
+        self._rseq = start + 1
+        self._noticed = index + n
+        sb = self._sample_bytes
+        chunks = chunker.feed(index, n, t0)
+        if chunker.jumped:  # (as in _step)
+            chunker.jumped = False
+            self.jumped = True
+        for cstart, length, ct0 in chunks:
+            self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+        self._cursor = index + n
+        self._last = (slab, gen, offset + n * sb)
+        if self._acked[0] != slab:
+            self._send_ack()
+        return True
 
     def _read_ring(self) -> bool:
         """Take the frames published since we last looked (at most _READ descriptors); True if any."""
@@ -501,7 +546,9 @@ class LocalReceiver:
         # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
         leases = self._leases
         leases.slab_of[seq] = slab
-        leases.refs[seq] = weakref.ref(base, functools.partial(self._on_dead, seq))
+        ref = _ViewRef(base, self._on_dead)
+        ref.seq = seq
+        leases.refs[seq] = ref
         leases.handed += 1
         self._received += 1
         self._last_seq = seq

@@ -371,12 +371,13 @@ class Subscriber:
         """Yield chunks until the publisher closes the stream."""
         while True:
             try:
-                chunk = self.recv()
+                chunk = self._recv(None)  # (recv without its timeout's check: one call less per chunk)
             except EndOfStream as exc:
                 if type(exc) is EndOfStream:
                     return
                 raise
-            yield chunk
+            if chunk is not None:  # (always: no timeout)
+                yield chunk
 
     def _totals(self) -> tuple[int, int, int, int]:
         """Received, released, dropped (under every broker so far), and the last seq (under this one)."""

@@ -269,6 +269,21 @@ class Ring:
     def closed(self) -> bool:
         return bool(self.w[CLOSED_AT // 4])
 
+    def read_one(self, start: int) -> Descriptor | None:
+        """Descriptor ``start`` when it is the only one published past ``start`` (a reader that keeps up); None
+        when there are none, several (:meth:`read` takes a batch), or the publisher lapped ``start``."""
+        q = self.q
+        if q[POSITION_AT // 8] != start + 1:
+            return None
+        if not TSO:
+            barrier()  # an acquire: the descriptor after the position
+        descriptor: Descriptor = _DESC.unpack_from(self._bytes, (start & self.mask) * DESCRIPTOR_BYTES)
+        if not TSO:
+            barrier()
+        if q[POSITION_AT // 8] - start >= self.slots:  # (loaded after the copy, as in read)
+            return None
+        return descriptor
+
     def read(self, start: int, stop: int) -> list[Descriptor] | None:
         """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
         (a slot may already hold a later descriptor)."""
