@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,6 +122,33 @@ def test_kill9_broker_raises_broker_gone_and_a_new_broker_takes_over(broker, str
         assert not segments & slabcast_segments(), "the new broker did not reap the dead broker's segments"
         with slabcast.Publisher(stream_name, address=second.address) as p2:
             p2.write(np.zeros(3, dtype=np.float32))
+    sub.close()
+    pub.close()
+
+
+def test_a_caller_polling_faster_than_the_gone_check_still_sees_the_broker_die(broker, stream_name):
+    """An event loop that calls recv_nowait every 2 ms (more often than the subscriber's 10 ms look at its broker
+    connection): each look used to put the next one off, so the broker's death was never seen and the loop spun."""
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=FRAME, address=broker.address)
+    pub.write(np.zeros(FRAME, dtype=np.int32))
+    sub.recv(timeout=5).release()
+
+    def poll_once() -> None:
+        with contextlib.suppress(slabcast.WouldBlock):
+            sub.recv_nowait().release()
+        time.sleep(0.002)  # the event loop's own pace, woken by something else
+
+    for _ in range(10):
+        poll_once()
+    broker.kill()
+    calls = 0
+    with pytest.raises(slabcast.BrokerGoneError):
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            calls += 1
+            poll_once()
+    assert calls < 250, f"seen only after {calls} calls"
     sub.close()
     pub.close()
 

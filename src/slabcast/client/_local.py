@@ -222,7 +222,7 @@ class LocalReceiver:
             # and every _LOOK_GONE seconds; not before every wait (two system calls each): a wait in between
             # is cut short to the next look.
             now = time.monotonic()
-            look = timeout == 0 or self._look_now or now >= self._next_look
+            look = (timeout is not None and timeout <= 0) or self._look_now or now >= self._next_look
             if look and self._drain_notices():
                 continue  # (a notice only says the position moved: look at the ring again)
             end = self._stream_end
@@ -244,9 +244,14 @@ class LocalReceiver:
                 if conn.sock.getsockopt(_EVENTS) & _POLLIN:
                     self._on_direct(conn.recv(0))
                     continue
-                if conn.gone or (now >= self._next_look and conn.poll_gone()):
+                if now >= self._next_look:
+                    # (Only a look that asked puts the next one off: a caller polling faster than _LOOK_GONE,
+                    # an event loop, would otherwise never ask.)
+                    if conn.poll_gone():
+                        raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                    self._next_look = now + _LOOK_GONE
+                elif conn.gone:
                     raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
-                self._next_look = now + _LOOK_GONE
                 self._look_now = False
             elif conn.gone:
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
@@ -274,15 +279,16 @@ class LocalReceiver:
         return the position (moved or not: the caller looks at everything again)."""
         ring = self._ring
         seen = self._rseq
-        if self._spin:
+        if self._spin and not ring.closed:
             until = time.monotonic() + (wait if self._spin < 0 else min(wait, self._spin))
             while (position := ring.position) == seen:
-                if time.monotonic() >= until:
+                if time.monotonic() >= until or ring.closed:
                     break
             else:
                 return position
-            if self._spin < 0:
+            if self._spin < 0 and not ring.closed:
                 return position  # busy: never sleeps (the caller looks at the broker every _LOOK seconds)
+        # (Once the ring is closed every subscriber waits on its notice socket, where NOTICE_END comes.)
         if self._futex and not ring.closed:
             # The kernel compares the word and sleeps in one step: a publish after our look wakes us.
             futex_wait(ring.futex_address, seen, wait)
