@@ -219,8 +219,9 @@ class LocalReceiver:
                 continue
             # Look at the sockets (notices to take, the broker's END or ERROR, its death) when recv must not
             # wait (an event loop polls them), after a wait that brought nothing (the broker wakes us to look),
-            # and every _LOOK_GONE seconds; not before every wait (two system calls each): a wait in between
-            # is cut short to the next look.
+            # and every _LOOK_GONE seconds while frames come; not before every wait (two system calls each).
+            # The broker wakes a futex subscriber when it ends the stream or evicts it; a wait lasts at most
+            # _LOOK seconds.
             now = time.monotonic()
             look = (timeout is not None and timeout <= 0) or self._look_now or now >= self._next_look
             if look and self._drain_notices():
@@ -271,7 +272,7 @@ class LocalReceiver:
                         self._disarm()
                         continue
                     return None
-            if self._idle(min(left, _LOOK, self._next_look - now if not look else _LOOK)) == self._rseq:
+            if self._idle(min(left, _LOOK)) == self._rseq:
                 self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
 
     def _idle(self, wait: float) -> int:
