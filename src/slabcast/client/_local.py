@@ -46,6 +46,7 @@ _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters
 _LOOK = 0.1  # while waiting for frames, look at the broker connection this often (seconds)
 _READ = 4096  # the most descriptors taken from the ring at a time
 _LOOK_GONE = 0.01  # between waits, look whether the broker connection dropped at most this often (seconds)
+_yield = os.sched_yield
 _NOTICE_END_KIND = bytes([P.NOTICE_END])  # the kind byte of a notice message (after its array header)
 
 
@@ -285,6 +286,7 @@ class LocalReceiver:
             while (position := ring.position) == seen:
                 if time.monotonic() >= until or ring.closed:
                     break
+                _yield()  # (the publisher may wait for a CPU: more spinners than cores)
             else:
                 return position
             if self._spin < 0 and not ring.closed:
