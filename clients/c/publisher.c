@@ -78,7 +78,9 @@
 #define HDR_FRAMES 168                     /* u32 frames_wanted (the broker's) */
 #define HDR_CLOSED 172                     /* u32 closed; the publisher's */
 #define HDR_DOORBELLS 176                  /* u32 doorbells (the broker's) */
-#define SLEEPERS 256                       /* bytes of the sleeper table, just after the ring */
+#define HDR_SLEEP_FUTEX 180                /* u32 sleep_futex; the publisher's: 1, it wakes futex sleepers */
+#define SLEEPERS 256                       /* bytes of the sleeper table, just after the ring; then as many of the
+                                              futex sleeper table (docs/protocol.md 7.8) */
 #define DESC_BYTES 64
 
 /* One descriptor of the ring (64 bytes, little-endian, every field aligned: core/ring.py DESCRIPTOR). */
@@ -124,7 +126,7 @@ struct sc_pub {
     uint64_t *position;          /* the header's position word */
     const uint32_t *notices_wanted, *futex_waiters, *frames_wanted, *doorbells;
     uint32_t *closed;
-    const uint64_t *sleepers;    /* the sleeper table, 32 words */
+    const uint64_t *sleepers;    /* the sleeper table, 32 words, then the futex sleeper table, 32 more */
 
     /* The notice socket. */
     void *notices;               /* XPUB bound at `endpoint` */
@@ -654,6 +656,8 @@ static int map_segment(sc_pub *p, uint64_t nbytes)
     p->doorbells = (const uint32_t *)(h + HDR_DOORBELLS);
     p->closed = (uint32_t *)(h + HDR_CLOSED);
     p->sleepers = (const uint64_t *)(h + at + (uint64_t)slots * DESC_BYTES);
+    /* We wake doorbell subscribers asleep on the futex word (7.8): they may sleep there from now on. */
+    __atomic_store_n((uint32_t *)(h + HDR_SLEEP_FUTEX), 1, __ATOMIC_RELAXED);
     p->pos = __atomic_load_n(p->position, __ATOMIC_ACQUIRE);  /* 0 for a new stream */
     /* "This stream's publisher is alive", as the broker tells it in any PID namespace (docs/protocol.md 3). */
     struct flock fl;
@@ -1088,15 +1092,22 @@ static int publish(sc_pub *p, uint64_t offset, uint64_t n, double t0, unsigned f
         syscall(SYS_futex, (void *)p->position, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
         p->stats.wakes++;
     }
-    if (doorbells && !notify) {
-        /* The sleeper handshake (7.8): position stored, a full barrier, then the table: either a subscriber about
+    if (doorbells) {
+        /* The sleeper handshake (7.8): position stored, a full barrier, then the tables: either a subscriber about
          * to sleep sees the new position, or we see its byte. */
         if (!futex)
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        uint64_t any = 0;
-        for (int i = 0; i < SLEEPERS / 8; i++)
+        uint64_t any = 0, on_futex = 0;
+        for (int i = 0; i < SLEEPERS / 8; i++) {
             any |= __atomic_load_n(&p->sleepers[i], __ATOMIC_RELAXED);
-        notify = any != 0;
+            on_futex |= __atomic_load_n(&p->sleepers[SLEEPERS / 8 + i], __ATOMIC_RELAXED);
+        }
+        notify = notify || any != 0;
+        if (on_futex) {
+            /* Asleep on the futex word: wake them after this look (a wake above may have come before they slept). */
+            syscall(SYS_futex, (void *)p->position, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+            p->stats.wakes++;
+        }
     }
     if (notify) {
         _Static_assert(SCW_NOTICE_STREAM_ID == 1 && SCW_NOTICE_NOTICE_SEQ == 2 && SCW_NOTICE_INDEX == 3 &&

@@ -35,6 +35,7 @@ from slabcast.core.geometry import Geometry, header_bytes
 from slabcast.core.rechunk import Rechunker
 from slabcast.wire import protocol as P
 from tests.integration import test_c_client as _c_client
+from tests.integration import workers_v3 as W3
 from tests.integration.test_c_client import C_DIR, CSub, ScriptedBroker, _c_value
 
 c_sub = _c_client.c_sub  # the session fixture that builds clients/c (slabcast-pub with it)
@@ -774,6 +775,29 @@ def test_a_c_publisher_killed_leaves_every_published_frame_then_publisher_gone(
         cpub.close()
         q.close()
         q.join_thread()
+
+
+def test_a_c_publisher_wakes_a_doorbell_subscriber_asleep_in_recv_on_the_futex_word(
+    c_pub, broker, stream_name, monkeypatch
+):
+    from slabcast.client import _local
+
+    monkeypatch.setattr(_local, "_LOOK", 60.0)  # its bounded wait: a lost wake-up would last a minute
+    cpub = CPub(c_pub, broker.address, stream_name, "--dtype", "int64", "--frame", "1")
+    try:
+        cpub.ready()
+        sub = slabcast.Subscriber(stream_name, 1, address=broker.address)
+        for k in range(5):
+            frame = np.array([k], np.int64).tobytes()
+            with W3.recv_woken_from_the_futex_word(sub, lambda f=frame: cpub.feed(f, close=False)) as chunk:
+                assert (chunk.index, int(chunk.data[0])) == (k, k)
+        assert not sub.pollables()[0].poll(200), "a notice was sent to a subscriber asleep on the futex word"
+        cpub.feed(b"")
+        assert cpub.finish(10) == 0, cpub.stderr
+        assert cpub.done()["frames"] == 5
+        sub.close()
+    finally:
+        cpub.close()
 
 
 @pytest.mark.parametrize("wake", ["doorbell", "futex"])

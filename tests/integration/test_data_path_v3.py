@@ -472,6 +472,26 @@ def test_writes_go_on_after_signals_interrupt_their_barrier(broker, stream_name)
     assert proc.returncode == 0 and proc.stdout.startswith("ok 300"), proc.stderr[-2000:]
 
 
+def test_a_doorbell_subscriber_waiting_in_recv_sleeps_on_the_futex_word_and_gets_no_notice(
+    broker, stream_name, monkeypatch
+):
+    # Nobody polls its notice socket: the publisher's FUTEX_WAKE wakes it (no ZeroMQ hop), every time.
+    from slabcast.client import _local
+
+    monkeypatch.setattr(_local, "_LOOK", 60.0)  # its bounded wait: a lost wake-up would last a minute
+    pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address)
+    try:
+        for k in range(5):
+            with W3.recv_woken_from_the_futex_word(sub, lambda k=k: pub.write(np.array([k]))) as chunk:
+                assert (chunk.index, int(chunk.data[0])) == (k, k)
+        assert not sub.pollables()[0].poll(200), "a notice was sent to a subscriber asleep on the futex word"
+        assert not any(sub._rx._ring.futex_sleepers), "a byte left set: every later write would FUTEX_WAKE"
+    finally:
+        sub.close()
+        pub.close()
+
+
 def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, stream_name, monkeypatch):
     # The publisher rings only when the sleeper table differs from its previous look (coalescing). A subscriber
     # kept its byte's value when it had read nothing since choosing it; but it may have read the frame *before*

@@ -125,3 +125,23 @@ def write_until_killed(address, name, seed, ready_q, go_event, written, die_at=N
         pub.write(np.arange(index, index + n, dtype=np.int64), t0=float(index))
         index += n
         written.value = index
+
+
+def recv_woken_from_the_futex_word(sub: slabcast.Subscriber, write, timeout: float = 10.0):
+    """One chunk, taken by a thread blocked in ``sub.recv`` that ``write()`` wakes once the subscriber sleeps on
+    the futex word (its byte of the futex sleeper table set: protocol 7.8).  Make ``_LOOK`` long (the
+    subscriber's bounded wait): a lost wake-up then shows as no chunk within ``timeout`` seconds."""
+    import threading
+
+    rx = sub._rx
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(sub.recv(timeout=60)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not rx._ring.futex_sleepers[rx._sleeper]:  # (its store, seen through the same mapping)
+        assert thread.is_alive() and time.monotonic() < deadline, "the subscriber never slept on the futex word"
+        time.sleep(0.001)
+    write()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"not woken within {timeout} s: a lost wake-up"
+    return got[0]

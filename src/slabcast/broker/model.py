@@ -491,6 +491,7 @@ class Stream:
         if sub.sleeper is not None:
             if not self.ended:
                 self.ring.sleepers[sub.sleeper] = 0
+                self.ring.futex_sleepers[sub.sleeper] = 0
             self.free_sleepers.append(sub.sleeper)
             sub.sleeper = None
             self.tell_publisher()

@@ -296,8 +296,24 @@ class LocalReceiver:
             # The kernel compares the word and sleeps in one step: a publish after our look wakes us.
             futex_wait(ring.futex_address, seen, wait)
             return ring.position
-        # The doorbell.  Our sleeper byte, a barrier, the position again (core/ring.py): a publish we do not
-        # see here sees our byte after its own barrier and sends a notice, which wakes the recv below.
+        if self._sleeper is not None and not ring.closed and ring.futex_sleepers_woken:
+            # The doorbell, waiting in recv (nobody polls our notice socket): our byte in the futex sleeper table,
+            # a barrier, the position again, asleep on the futex word (core/ring.py).  A publish we do not see
+            # here sees our byte after its own barrier and makes a FUTEX_WAKE: no ZeroMQ hop on the way.
+            table = ring.futex_sleepers
+            table[self._sleeper] = 1
+            try:
+                barrier()
+                position = ring.position
+                if position == seen:
+                    futex_wait(ring.futex_address, seen, wait)
+                    position = ring.position
+            finally:
+                table[self._sleeper] = 0
+            return position
+        # The doorbell on our notice socket.  Our sleeper byte, a barrier, the position again (core/ring.py): a
+        # publish we do not see here sees our byte after its own barrier and sends a notice, which wakes the
+        # recv below.
         position = self._arm()
         if position != seen:
             self._disarm()

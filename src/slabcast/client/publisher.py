@@ -314,6 +314,7 @@ class Publisher:
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
         # Where every frame is described, in order: readers need nothing else (core/ring.py).
         self._ring = Ring(self._mm, self._geometry.ring_offset)
+        self._ring.wake_futex_sleepers()  # (our write wakes a doorbell subscriber asleep on the futex word)
         self._position = 0  # descriptors published
         # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
         self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
@@ -428,10 +429,10 @@ class Publisher:
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
         ring_now = False
         # The header words the broker keeps, two to a load: (notices_wanted, futex_waiters), (frames_wanted,
-        # closed), (doorbells, 0).
+        # closed), (doorbells, sleep_futex).
         words = ring.q
-        if not (words[_W_NOTICES_FUTEX] or words[_W_FRAMES] & 0xFFFFFFFF or words[_W_DOORBELLS] or state.pend_n
-                or state.switch_unsent):  # fmt: skip
+        if not (words[_W_NOTICES_FUTEX] or words[_W_FRAMES] & 0xFFFFFFFF or words[_W_DOORBELLS] & 0xFFFFFFFF
+                or state.pend_n or state.switch_unsent):  # fmt: skip
             state.offset = offset + nbytes  # the common case: nobody to tell
             self.frames += 1
             self.samples += n
@@ -445,7 +446,10 @@ class Publisher:
                 futex_wake(ring.futex_address)
             else:
                 barrier()
-            ring_now = ring.doorbells > 0 and ring.sleeping()
+            if ring.doorbells:
+                ring_now = ring.sleeping()
+                if ring.futex_sleeping():
+                    futex_wake(ring.futex_address)  # (after the look: the one above may precede their sleep)
         # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
         # writer); a PUBLISHED when the broker must know (a slab change; broker-cut subscribers: batched
         # likewise); one NOTICE at once when a doorbell subscriber sleeps.  Often nothing.

@@ -94,9 +94,11 @@ class Subscriber:
     wake : {"doorbell", "futex", "busy"}
         How this subscriber waits for frames when it has read everything (a local one
         reads frame descriptors from shared memory; this only says how it sleeps):
-        ``"doorbell"`` (default) a ZeroMQ notice the publisher sends after each write,
-        pollable by event loops; ``"futex"`` a futex word in the segment, woken by the
-        publisher's ``FUTEX_WAKE`` (lower latency, not pollable); ``"busy"`` spins on the
+        ``"doorbell"`` (default): in a blocking ``recv``, the ring's futex word, which the
+        publisher wakes only while this subscriber sleeps there; under an event loop
+        (``recv_nowait``, then a poll of :meth:`pollables`), a ZeroMQ notice the publisher
+        sends only while it sleeps.  ``"futex"``: always the futex word, woken by the
+        publisher's ``FUTEX_WAKE`` after every write (not pollable); ``"busy"`` spins on the
         position and never sleeps (the lowest latency, a whole core).  Remote (``tcp://``)
         subscribers wait for the broker's messages whatever this says.
     spin : float

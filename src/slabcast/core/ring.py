@@ -21,6 +21,8 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
     172  u32  closed            1 once the publisher wrote its last descriptor (then position is final)
     176  u32  doorbells         local subscribers woken by a ZeroMQ notice (the sleeper table below);
                                 single writer: the broker
+    180  u32  sleep_futex       1: the publisher also wakes doorbell subscribers asleep on the futex word
+                                (the futex sleeper table below); single writer: the publisher, at open
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
@@ -43,6 +45,15 @@ Python the barrier is :func:`barrier` (on x86-64 a lock's locked instruction; el
 ``FUTEX_WAKE`` system call, whose kernel side executes ``smp_mb()`` before it looks for waiters:
 kernel/futex/waitwake.c, barrier B); a publisher with futex subscribers makes its ``FUTEX_WAKE``,
 which wakes them and is a full barrier too.
+
+The next ``SLEEPERS`` bytes of that page are the **futex sleeper table**, the same byte for each doorbell
+subscriber.  One that waits in a blocking ``recv`` (nobody polls its notice socket) and sees ``sleep_futex``
+set sleeps on the futex word instead, no ZeroMQ hop on the way: it sets its byte there (any value but 0),
+makes the barrier, loads the position and calls ``FUTEX_WAIT`` with what it loaded; awake, it clears the
+byte.  The publisher, after the same barrier, makes a ``FUTEX_WAKE`` whenever a byte of it is set (never
+skipped: a futex keeps no wake-up for later, as a queued notice does).  The kernel compares and sleeps
+atomically, so the handshake is Dekker's again.  An event loop (``recv`` without waiting, then a poll on
+the notice socket) keeps the notice.
 
 A descriptor (64 bytes, every field aligned)::
 
@@ -111,8 +122,8 @@ _LITTLE = sys.byteorder == "little"
 Descriptor = tuple[int, int, float, int, int, int, int, int, int]
 
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
-SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT = \
-    136, 140, 144, 152, 160, 164, 168, 172, 176  # fmt: skip
+SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
+    136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
 
 
 def ring_bytes(slots: int = RING_SLOTS) -> int:
@@ -167,24 +178,27 @@ class Ring:
         self.descriptors = np.frombuffer(buf, dtype=DESCRIPTOR, count=slots, offset=offset)
         whole = memoryview(buf).cast("B")
         self._bytes = whole[offset : offset + slots * DESCRIPTOR_BYTES]
+        # The futex word: the position's low half, in the segment (not in a sleeper page mapped apart).
+        self.futex_address = np.frombuffer(buf, dtype=np.uint8, count=256).ctypes.data + POSITION_AT
         at = offset + slots * DESCRIPTOR_BYTES
         if sleepers is not None:
             buf, at = sleepers, 0
-        # The sleeper table: one byte per doorbell subscriber.
+        # The sleeper table: one byte per doorbell subscriber; then the futex sleeper table, the same bytes for one
+        # asleep on the futex word instead of its notice socket.
         self.sleepers = memoryview(buf).cast("B")[at : at + SLEEPERS]
+        self.futex_sleepers = memoryview(buf).cast("B")[at + SLEEPERS : at + 2 * SLEEPERS]
         self._seen = _NOBODY  # the sleeper table at the publisher's previous look
         self.sleepers_address = np.frombuffer(buf, dtype=np.uint8, count=1, offset=at).ctypes.data
         # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
         self.q = whole[:256].cast("Q")  # the header's first 256 bytes as u64
         self.w = whole[:256].cast("I")  # ... and as u32
         whole.release()
-        self.futex_address = np.frombuffer(buf, dtype=np.uint8, count=256).ctypes.data + POSITION_AT
         if not _LITTLE:
             raise OSError("the segment's words are little-endian; this host is not")
 
     def release(self) -> None:
         """Let go of the mapping (before it is unmapped); the ring is unusable after."""
-        for view in (self._bytes, self.q, self.w, self.sleepers):
+        for view in (self._bytes, self.q, self.w, self.sleepers, self.futex_sleepers):
             view.release()
         del self.descriptors
 
@@ -225,6 +239,10 @@ class Ring:
         if not TSO:
             barrier()  # and the position before the next descriptor's stores (a reader's lap check needs it)
 
+    def wake_futex_sleepers(self) -> None:
+        """Say that this publisher wakes doorbell subscribers asleep on the futex word (the publisher, at open)."""
+        self.w[SLEEP_FUTEX_AT // 4] = 1
+
     def close(self) -> None:
         """No descriptor follows: the position is final."""
         self.w[CLOSED_AT // 4] = 1
@@ -245,6 +263,16 @@ class Ring:
         table = self.sleepers.tobytes()
         seen, self._seen = self._seen, table
         return table != _NOBODY and table != seen
+
+    def futex_sleeping(self) -> bool:
+        """Whether a doorbell subscriber sleeps on the futex word (after the same barrier): wake it, every time
+        (a futex keeps no wake-up for later, as a queued notice does)."""
+        return self.futex_sleepers.tobytes() != _NOBODY
+
+    @property
+    def futex_sleepers_woken(self) -> bool:
+        """Whether the publisher wakes doorbell subscribers asleep on the futex word (it said so at open)."""
+        return bool(self.w[SLEEP_FUTEX_AT // 4])
 
     @property
     def futex_waiters(self) -> int:
