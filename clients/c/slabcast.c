@@ -89,6 +89,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define HDR_RING_OFFSET 144      /* u64, where the ring starts in the segment (after the slabs and time tables) */
 #define HDR_POSITION 152         /* u64, descriptors published; its low 32 bits are the futex word */
 #define HDR_CLOSED 172           /* u32, 1 once the publisher wrote its last descriptor */
+#define HDR_SLEEP_FUTEX 180      /* u32, 1 once the publisher wakes doorbell subscribers asleep on the futex word */
 #define RING_READ 1024           /* the most descriptors copied from the ring at a time */
 #define SLEEPERS 256             /* bytes of the sleeper table, just after the ring: one per doorbell subscriber */
 
@@ -247,6 +248,7 @@ struct sc_client {
     const unsigned char *ring_base;  /* descriptor 0 */
     const uint64_t *position;    /* the header's position word (its low 32 bits: the futex word) */
     const uint32_t *closed;      /* the header's closed word */
+    const uint32_t *sleep_futex; /* the header's sleep_futex word (docs/protocol.md 7.8) */
     uint64_t ring_slots;
     uint64_t rseq;               /* the next descriptor to copy from the ring */
     ring_desc *rd;               /* descriptors copied, not yet cut: rd[rd_head..rd_count) */
@@ -1155,6 +1157,7 @@ static int map_segment(sc_client *c, size_t nbytes)
         c->sleepers_at = at + (uint64_t)slots * DESC_BYTES;
         c->position = (const uint64_t *)(h + HDR_POSITION);  /* (the mapping is page aligned: so is the word) */
         c->closed = (const uint32_t *)(h + HDR_CLOSED);
+        c->sleep_futex = (const uint32_t *)(h + HDR_SLEEP_FUTEX);
     }
     c->header_bytes = header;
     return SC_OK;
@@ -1204,14 +1207,15 @@ static void map_sleepers(sc_client *c)
 {
     unmap_sleepers(c);
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = c->sleepers_at & ~(page - 1);
-    size_t bytes = (size_t)((c->sleepers_at + SLEEPERS - start + page - 1) & ~(page - 1));
+    /* (Both tables: the sleeper table and, after it, the futex sleeper table.) */
+    size_t bytes = (size_t)((c->sleepers_at + 2 * SLEEPERS - start + page - 1) & ~(page - 1));
     char shm_name[sizeof c->segment + 1];
     snprintf(shm_name, sizeof shm_name, "/%s", c->segment);
     int fd = shm_open(shm_name, O_RDWR, 0);
     if (fd < 0)
         return;
     struct stat st;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= c->sleepers_at + SLEEPERS) {
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= c->sleepers_at + 2 * SLEEPERS) {
         void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)start);
         if (p != MAP_FAILED) {
             c->sleeper_map = p;
@@ -2632,6 +2636,26 @@ static int wait_ring(sc_client *c, long wait_ms)
             if ((k & 1023) == 0 && now_ms() >= until)
                 return SC_OK;
         }
+    }
+    if (c->sleeper != NULL && may_move && __atomic_load_n(c->sleep_futex, __ATOMIC_RELAXED) == 1) {
+        /* The doorbell in a blocking call, once the publisher wakes futex sleepers (docs/protocol.md 7.8): our
+         * byte in the futex sleeper table, a full barrier, the position again, then FUTEX_WAIT on its low word
+         * (as the futex strategy does): a publish we did not see here sees our byte after its own barrier and
+         * makes a FUTEX_WAKE, with no ZeroMQ hop on the way.  (sc_recv without waiting, for an event loop on
+         * sc_fd, keeps the notice: it never comes here.)  The broker's END and eviction wake us too; its death
+         * is seen when the wait times out. */
+        unsigned char *mine = c->sleeper + SLEEPERS;
+        int rc = SC_OK;
+        __atomic_store_n(mine, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq) {
+            struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
+            if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) !=
+                    0 && errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
+                rc = fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
+        }
+        __atomic_store_n(mine, 0, __ATOMIC_RELAXED);
+        return rc;
     }
     /* The doorbell.  With a byte in the sleeper table (docs/protocol.md 7.8): set it, a full barrier, load the
      * position again; the publisher stores the position, makes a full barrier and looks at the table: either we

@@ -665,3 +665,27 @@ def test_tcp_without_an_accepted_key_is_refused_clearly(c_sub, tcp_broker, keys,
                 assert time.monotonic() - t < 5.0
             finally:
                 c.close()
+
+
+def test_a_c_doorbell_subscriber_sleeps_on_the_futex_word_and_is_sent_no_notice(c_sub, broker, stream_name):
+    # protocol 7.8: once the publisher sets sleep_futex, a doorbell subscriber in a blocking call (slabcast-sub)
+    # sleeps on the futex word with its byte in the futex sleeper table; the publisher wakes it, no notice.
+    pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
+    sub = CSub(c_sub, broker.address, stream_name, "--size", "1")
+    try:
+        sub.wait_ready()
+        table = pub._ring.futex_sleepers
+        for k in range(5):
+            deadline = time.monotonic() + 10
+            while not any(table):  # (the C client's byte, seen through the publisher's mapping)
+                assert time.monotonic() < deadline, f"the C subscriber never slept on the futex word ({sub.stderr})"
+                time.sleep(0.001)
+            pub.write(np.array([k]))
+            sub.wait_lines(k + 1)
+        assert [c[1] for c in sub.chunks()] == [0, 1, 2, 3, 4]
+        assert pub._nseq == 0, "the publisher sent notices to a subscriber asleep on the futex word"
+        pub.close()
+        assert sub.finish() == 0, sub.stderr
+    finally:
+        pub.close()
+        sub.close()
