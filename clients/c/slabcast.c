@@ -249,6 +249,8 @@ struct sc_client {
     const uint64_t *position;    /* the header's position word (its low 32 bits: the futex word) */
     const uint32_t *closed;      /* the header's closed word */
     const uint32_t *sleep_futex; /* the header's sleep_futex word (docs/protocol.md 7.8) */
+    bool woken_idle;             /* the last futex wait was woken with nothing to read: the broker (its END, an
+                                  * eviction) may wake us before its message arrives, so the next wait polls */
     uint64_t ring_slots;
     uint64_t rseq;               /* the next descriptor to copy from the ring */
     ring_desc *rd;               /* descriptors copied, not yet cut: rd[rd_head..rd_count) */
@@ -2637,21 +2639,26 @@ static int wait_ring(sc_client *c, long wait_ms)
                 return SC_OK;
         }
     }
-    if (c->sleeper != NULL && may_move && __atomic_load_n(c->sleep_futex, __ATOMIC_RELAXED) == 1) {
+    bool poll_sockets = c->woken_idle;
+    c->woken_idle = false;
+    if (c->sleeper != NULL && may_move && !poll_sockets && __atomic_load_n(c->sleep_futex, __ATOMIC_RELAXED) == 1) {
         /* The doorbell in a blocking call, once the publisher wakes futex sleepers (docs/protocol.md 7.8): our
          * byte in the futex sleeper table, a full barrier, the position again, then FUTEX_WAIT on its low word
          * (as the futex strategy does): a publish we did not see here sees our byte after its own barrier and
          * makes a FUTEX_WAKE, with no ZeroMQ hop on the way.  (sc_recv without waiting, for an event loop on
-         * sc_fd, keeps the notice: it never comes here.)  The broker's END and eviction wake us too; its death
-         * is seen when the wait times out. */
+         * sc_fd, keeps the notice: it never comes here.)  The broker wakes us when it ends the stream, evicts
+         * us or shuts down, maybe before its END arrives: woken with nothing to read, the next wait polls the
+         * sockets.  Its death (kill -9) is seen when the wait times out (LOOK_MS), as with wake=futex. */
         unsigned char *mine = c->sleeper + SLEEPERS;
         int rc = SC_OK;
         __atomic_store_n(mine, 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq) {
+        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq &&
+            __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0) {
             struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
-            if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) !=
-                    0 && errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
+            if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) == 0)
+                c->woken_idle = __atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq;
+            else if (errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
                 rc = fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
         }
         __atomic_store_n(mine, 0, __ATOMIC_RELAXED);

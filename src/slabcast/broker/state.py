@@ -195,6 +195,7 @@ class BrokerState:
             seq = client.sub.seq if client.sub is not None else 0
             self._send(ident, M.End(P.END_BROKER_SHUTDOWN, "the broker shut down", seq))
         for stream in [*self.streams.values(), *self.draining]:
+            futex_wake(stream.ring.futex_address)  # a subscriber asleep on the ring looks at its connection (END)
             self._destroy(stream)
         self.streams.clear()
         return out

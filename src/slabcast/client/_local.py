@@ -305,7 +305,7 @@ class LocalReceiver:
             try:
                 barrier()
                 position = ring.position
-                if position == seen:
+                if position == seen and not ring.closed:  # (closed since our first look: NOTICE_END comes)
                     futex_wait(ring.futex_address, seen, wait)
                     position = ring.position
             finally:
