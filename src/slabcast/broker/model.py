@@ -492,7 +492,8 @@ class Stream:
             if not self.ended:
                 self.ring.sleepers[sub.sleeper] = 0
                 self.ring.futex_sleepers[sub.sleeper] = 0
-            self.free_sleepers.append(sub.sleeper)
+            # Reused last: a previous owner that wakes late (evicted) clears its byte, which must not be a new one's.
+            self.free_sleepers.insert(0, sub.sleeper)
             sub.sleeper = None
             self.tell_publisher()
 
