@@ -249,13 +249,10 @@ class LocalReceiver:
                 if now >= self._next_look:
                     # (Only a look that asked puts the next one off: a caller polling faster than _LOOK_GONE,
                     # an event loop, would otherwise never ask.)
-                    if conn.poll_gone():
-                        raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
+                    conn.poll_gone()  # (sets conn.gone)
                     self._next_look = now + _LOOK_GONE
-                elif conn.gone:
-                    raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
                 self._look_now = False
-            elif conn.gone:
+            if conn.gone:
                 raise BrokerGoneError(f"the {conn.where} went away ({self._where})")
             # About to wait: give back every slab no chunk of ours is in (a paused drop subscriber must
             # not hold any), tell the broker where we are.  A block subscriber keeps the slab it reads:
@@ -406,24 +403,30 @@ class LocalReceiver:
         if descriptor is None:
             return False
         _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
-        chunker = self._chunker
-        pending = chunker.start
+        pending = self._chunker.start
         if flags or index != self._noticed or slab != self._cur_slab or (pending is not None and pending < floor):
             return False
         self._rseq = start + 1
         self._noticed = index + n
-        sb = self._sample_bytes
+        self._cut_frame(index, n, t0, offset, slab, gen)
+        if self._acked[0] != slab:
+            self._send_ack()
+        return True
+
+    def _cut_frame(self, index: int, n: int, t0: float, offset: int, slab: int, gen: int) -> bool:
+        """Feed one frame (``n`` samples from stream index ``index``, at byte ``offset`` of ``slab``) to the
+        chunker and cut the chunks it completes; True if any."""
+        chunker = self._chunker
         chunks = chunker.feed(index, n, t0)
-        if chunker.jumped:  # (as in _step)
+        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
             chunker.jumped = False
             self.jumped = True
+        sb = self._sample_bytes
         for cstart, length, ct0 in chunks:
             self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
         self._cursor = index + n
         self._last = (slab, gen, offset + n * sb)
-        if self._acked[0] != slab:
-            self._send_ack()
-        return True
+        return bool(chunks)
 
     def _read_ring(self) -> bool:
         """Take the frames published since we last looked (at most _READ descriptors); True if any."""
@@ -499,24 +502,16 @@ class LocalReceiver:
         last = len(ns) - 1
         while True:
             n = ns[i]
-            chunks = chunker.feed(index, n, t0s[i])
-            if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
-                chunker.jumped = False
-                self.jumped = True
-            if chunks:
-                for cstart, length, ct0 in chunks:
-                    self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+            cut = self._cut_frame(index, n, t0s[i], offset, slab, gen)
             index += n
             offset += n * sb
-            self._cursor = index
-            self._last = (slab, gen, offset)
             if i == last:
                 break
             i += 1
             entry.index, entry.offset, entry.i = index, offset, i
             # The batch's next frame at once, unless this one cut chunks (handed out first) or the
             # sampler failed (raised first): what recv's loop would do, without going round it.
-            if chunks or self._sampler_error is not None:
+            if cut or self._sampler_error is not None:
                 return
         self._frames.popleft()
         if self._acked[0] != slab:

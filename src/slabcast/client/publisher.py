@@ -54,6 +54,9 @@ def _flusher_main(ref: weakref.ref[Publisher], kick: threading.Event) -> None:
         del pub  # between turns, only the weak reference
 
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> np.ndarray[Any, Any]:
     """Return ``data`` as a C-contiguous ``(n,)`` or ``(n, channels)`` array of ``dtype``, n >= 1.
 
@@ -67,7 +70,11 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
     ValueError
         Wrong shape, channel count, or an empty frame.
     """
-    if isinstance(data, bytes | bytearray | memoryview):
+    if type(data) is np.ndarray and data.dtype is dtype and data.flags.c_contiguous and (
+        (data.ndim == 2 and data.shape[1] == channels) or (channels == 1 and data.ndim == 1)
+    ) and data.shape[0]:
+        return data  # a frame exactly as the stream wants it (per write): the checks below, in one step
+    if isinstance(data, _BYTES_LIKE):
         if dtype != np.uint8 or channels != 1:
             raise TypeError(
                 f"bytes are accepted only on a byte stream (dtype=uint8, channels=1); {where} carries "
@@ -324,7 +331,6 @@ class Publisher:
         self._nseq = 0  # notices published
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._frame_limit = self._geometry.frame_bytes
-        self._sample_shape = (self.channels,)  # a 2-D frame's shape after its first axis
         self._next_check = 0.0
         self._sync_token = 0
         self._synced = 0  # the highest SYNC token the broker answered
@@ -379,12 +385,7 @@ class Publisher:
                 f"the publisher of {self._where} was created in process {self._pid}; its ZeroMQ sockets do not "
                 "survive fork(): create the Publisher in the process that writes"
             )
-        if type(data) is np.ndarray and data.dtype is self.dtype and data.flags.c_contiguous and (
-            data.shape[1:] == self._sample_shape or (self.channels == 1 and data.ndim == 1)
-        ) and data.shape[0]:
-            arr = data  # a frame as the stream wants it: the checks below, in one step
-        else:
-            arr = check_frame(data, self.dtype, self.channels, self._where)
+        arr = check_frame(data, self.dtype, self.channels, self._where)
         n = arr.shape[0]
         nbytes = n * self.sample_bytes
         if nbytes > self._frame_limit:
