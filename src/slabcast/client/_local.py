@@ -1,11 +1,9 @@
-"""The local (``ipc://``) transport of a subscriber: it cuts its own chunks from the publisher's frame notices.
-
-A local subscriber reads one notice per publisher message from the publisher's notice
-socket (a ZeroMQ XPUB every local subscriber of the stream joins), runs its own
-:class:`~slabcast.core.rechunk.Rechunker` (sampler included, in this process), takes a
-kernel lease lock on the slab of each chunk (once per slab, not per chunk) and tells the
-broker how far it has read with one cumulative ACK per slab.  Nothing any subscriber does
-can slow the broker's loop for the others.
+"""The local (``ipc://``) transport of a subscriber, once attached (:mod:`slabcast.client._attach`): it reads the
+frame descriptors the publisher writes into the segment's ring, cuts its own chunks with its own
+:class:`~slabcast.core.rechunk.Rechunker` (sampler included, in this process), takes a kernel lease lock on the
+slab of each chunk (once per slab, not per chunk), tells the broker how far it has read with one cumulative ACK
+per slab, and waits for the ring's position by its strategy (doorbell, futex, spin).  Nothing any subscriber
+does can slow the broker's loop for the others.
 """
 
 from __future__ import annotations
@@ -23,20 +21,19 @@ from typing import Any, NamedTuple
 import numpy as np
 import zmq
 
-from .._exceptions import BrokerGoneError, ProtocolError, SamplesLostError, SlabcastError
+from .._exceptions import BrokerGoneError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import DESCRIPTOR_BYTES, Ring, barrier, futex_wait, ring_layout
-from ..core.shm import CLIENT_BASE, attach_page, hold, open_locks
+from ..core.ring import Ring, barrier, futex_wait, ring_layout
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
 from ._transport import Counts
 from .chunk import Chunk
-from .connection import Connection, _context, error_for, unexpected
+from .connection import Connection, error_for, unexpected
 
-__all__ = ["LocalReceiver", "open_local"]
+__all__ = ["LocalReceiver"]
 
 log = logging.getLogger("slabcast.subscriber")
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -652,107 +649,3 @@ class LocalReceiver:
     def abandon(self) -> None:
         self._drop_ready()
         self._leases.close()  # the old segment is gone with its broker; views keep their mapping
-
-
-def open_local(
-    conn: Connection, reply: M.Subscribed, info: StreamInfo, mm: Any, token: bytes, timeout: float, **settings: Any
-) -> LocalReceiver:
-    """Join the publisher's notice socket and ATTACH (``reply`` answered a local SUBSCRIBE with ``token``).
-
-    The receiver's ``start`` is the stream index the subscription starts at.  On an error,
-    what this opened is closed (the connection and the mapping are the caller's).
-    """
-    where = settings["where"]
-    if not reply.notice_endpoint:
-        raise ProtocolError(f"SUBSCRIBED for a local subscriber names no notice endpoint ({where})")
-    notices = None
-    lock_fd = -1
-    page = None
-    early_end: M.End | None = None
-    history: list[M.History] = []
-    try:
-        lock_fd = open_locks(reply.segment)
-        if settings.get("wake", "doorbell") == "doorbell":
-            # Our byte of the sleeper table is in a page we map writable (None: we may only read the segment,
-            # and the publisher sends us a notice for every frame instead).
-            try:
-                offset, slots = ring_layout(mm)
-            except ValueError as exc:
-                raise ProtocolError(f"{exc} ({where})") from None
-            page = attach_page(reply.segment, offset + slots * DESCRIPTOR_BYTES)
-        notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
-        # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
-        # a subscription made before the stream existed).
-        # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
-        slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        hold(lock_fd, CLIENT_BASE + slot)
-        conn.send(M.Attach(slot, page is not None))
-        while True:
-            answer = conn.recv(timeout)
-            if answer is None:
-                raise BrokerGoneError(f"no answer to ATTACH from the {conn.where} within {timeout} s")
-            if isinstance(answer, M.End) and answer.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
-                # A short stream may end before our ATTACH is answered: its notices are with us.
-                early_end = answer
-                continue
-            if isinstance(answer, M.History):  # the history it asked for, before ATTACHED
-                history.append(answer)
-                continue
-            break
-        if isinstance(answer, M.Error) and early_end is not None:
-            raise error_for(early_end, where)  # the stream ended before it started us: nothing after our start
-        if isinstance(answer, M.Error | M.End):
-            raise error_for(answer, where)
-        if not isinstance(answer, M.Attached):
-            raise unexpected(answer, "ATTACHED", where)
-    except BaseException:
-        if notices is not None:
-            notices.close(linger=0)
-        if lock_fd >= 0:
-            os.close(lock_fd)  # else it would keep the (soon unlinked) segment's memory alive
-        if page is not None:
-            page.close()
-        raise
-    if answer.seq is None:
-        raise ProtocolError(f"ATTACHED names no ring descriptor to start from: the broker speaks protocol version 2, "
-                            f"this subscriber version 3 ({where})")  # fmt: skip
-    return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
-                         ring_seq=answer.seq, sleeper=answer.sleeper if page is not None else None, page=page,
-                         **settings)  # fmt: skip
-
-
-def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:
-    """Connect a SUB socket to the publisher's notice socket; wait until it proves it reaches us."""
-    sock = _context().socket(zmq.SUB)
-    try:
-        sock.setsockopt(zmq.LINGER, 0)
-        # A paused subscriber's backlog is bounded: past it the publisher's socket drops notices for
-        # it alone, and it sees the gap (a discontinuity) when it comes back.
-        sock.setsockopt(zmq.RCVHWM, P.NOTICE_BACKLOG)
-        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the publisher may bind a moment after we connect
-        sock.connect(endpoint)
-        sock.setsockopt(zmq.SUBSCRIBE, P.stream_topic(name))
-        sock.setsockopt(zmq.SUBSCRIBE, token)
-        deadline = time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(conn.sock, zmq.POLLIN)  # the stream may end, or the broker go, meanwhile
-        while True:
-            left = deadline - time.monotonic()
-            events = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
-            if not events:
-                raise BrokerGoneError(
-                    f"the publisher of stream {name!r} did not answer on its notice socket "
-                    f"{endpoint} within {timeout} s"
-                )
-            if conn.sock in events:
-                msg = conn.recv(0)
-                if isinstance(msg, M.End | M.Error):
-                    raise error_for(msg, where)
-            if sock in events and sock.recv().startswith(token):
-                break
-        sock.setsockopt(zmq.UNSUBSCRIBE, token)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    return sock

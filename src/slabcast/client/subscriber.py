@@ -32,9 +32,9 @@ from ..core.rechunk import check_sampler, check_size
 from ..core.shm import attach
 from ..wire import messages as M
 from ..wire import protocol as P
+from ._attach import open_local
 from ._local import _ACK_INTERVAL as _ACK_INTERVAL  # the C client's test compares these with its own
 from ._local import _LOOK as _LOOK
-from ._local import open_local
 from ._remote import RemoteReceiver, pauses
 from ._transport import Receiver
 from .chunk import Chunk
