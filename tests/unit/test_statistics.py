@@ -20,9 +20,9 @@ def test_the_observed_rate_is_exact_however_the_broker_batches_its_reads(batch):
     stats = Statistics(np.dtype(np.float32), 1, 500.0)
     stats.configure(10.0)
     frames = 1500  # 30 s
-    for k in range(frames):
+    for k in range(0, frames, batch):  # a batch is one run of frames back to back, as the broker accounts it
         read_at = ((k // batch) + 1) * batch * 0.02  # when the batch holding frame k is read
-        stats.account(read_at, 10, 0, 1, k * 40)
+        stats.account(read_at, [10] * min(batch, frames - k), 0, 1, k * 40)
     u8, gens = _segment_of(np.arange(frames * 10))
     out = stats.summary({}, u8, gens)
     assert out["window_samples"] == 5000

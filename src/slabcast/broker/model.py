@@ -587,11 +587,7 @@ class Stream:
         try:
             slab = self.pool.current
             assert slab is not None
-            gen = int(self.gens[slab])
-            sample_bytes = self.sample_bytes
-            for n in ns:
-                stats.account(now, n, slab, gen, offset)
-                offset += n * sample_bytes
+            stats.account(now, ns, slab, int(self.gens[slab]), offset)
         except Exception:
             log.exception("statistics of stream %r failed; turning them off for this stream", self.name)
             stats.window = 0.0

@@ -19,13 +19,16 @@ Everything that affects the broker's state lives here and in :mod:`.model`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import Descriptor, futex_wake
+from ..core.ring import futex_wake
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -362,7 +365,7 @@ class BrokerState:
         try:
             while stream.frames < position:
                 start = stream.frames
-                descriptors = ring.read(start, min(position, start + _READ))
+                descriptors = ring.read_array(start, min(position, start + _READ))
                 if descriptors is None:
                     raise Refused(P.ERR_FRAME, f"the ring was lapped past descriptor {start}: the publisher "
                                                f"wrote more than the pool lets it")  # fmt: skip
@@ -376,32 +379,34 @@ class BrokerState:
         finally:
             stream.reading = False
 
-    def _take(self, stream: Stream, descriptors: list[Descriptor]) -> None:
-        """Account for descriptors read from the ring, a run of frames back to back in one slab at a time."""
+    def _take(self, stream: Stream, d: np.ndarray[Any, Any]) -> None:
+        """Account for descriptors read from the ring (a ``DESCRIPTOR`` array), a run of frames back to back in
+        one slab at a time: checked column by column, so the Python work is per run, not per frame."""
+        count = len(d)
         sample_bytes = stream.sample_bytes
-        i, count = 0, len(descriptors)
-        while i < count:
-            seq, index, t0, offset, floor, n, _slab, _gen, flags = descriptors[i]
-            if seq != stream.frames or index != stream.head or n < 1:
-                raise Refused(P.ERR_FRAME, f"descriptor {stream.frames} says seq {seq}, index {index}, n {n}; "
-                                           f"expected seq {stream.frames}, index {stream.head}, n >= 1")  # fmt: skip
-            ns, t0s = [n], [t0]
-            end = offset + n * sample_bytes
-            total = n  # samples in the run so far
-            j = i + 1
-            while j < count:
-                nseq, nindex, nt0, noffset, _, nn, _, _, nflags = descriptors[j]
-                if nflags or noffset != end or nseq != seq + j - i or nindex != index + total or nn < 1:
-                    break
-                ns.append(nn)
-                t0s.append(nt0)
-                end += nn * sample_bytes
-                total += nn
-                j += 1
-            self._frame(stream, offset, total, t0,
-                        flags & P.FLAG_DISCONTINUITY, (index - floor) * sample_bytes, tuple(ns), tuple(t0s))
-            stream.account(self._now, offset, tuple(ns))
-            i = j
+        n = d["n"].astype(np.uint64)
+        ends = np.cumsum(n)  # samples up to the end of each frame
+        index = d["index"]
+        expect = stream.head + ends - n
+        bad = (d["seq"] != np.arange(stream.frames, stream.frames + count, dtype=np.uint64)) | (index != expect) \
+            | (n < 1)  # fmt: skip
+        if bad.any():
+            i = int(np.argmax(bad))
+            seq, first, size = int(d["seq"][i]), int(index[i]), int(n[i])
+            raise Refused(P.ERR_FRAME, f"descriptor {stream.frames + i} says seq {seq}, index {first}, n {size}; "
+                                       f"expected seq {stream.frames + i}, index {int(expect[i])}, n >= 1")  # fmt: skip
+        offset, flags, t0 = d["offset"], d["flags"], d["t0"]
+        # A run ends before a jump or where a frame does not follow the previous one's bytes (a new slab).
+        starts = [0, *(np.flatnonzero((flags[1:] != 0) | (offset[1:] != offset[:-1] + n[:-1] * sample_bytes)) + 1)
+                  .tolist(), count]  # fmt: skip
+        floors = d["floor"]
+        for a, b in itertools.pairwise(starts):
+            first = int(index[a])
+            ns = tuple(d["n"][a:b].tolist())
+            self._frame(stream, int(offset[a]), int(ends[b - 1] - ends[a] + n[a]), float(t0[a]),
+                        int(flags[a]) & P.FLAG_DISCONTINUITY, (first - int(floors[a])) * sample_bytes, ns,
+                        tuple(t0[a:b].tolist()))  # fmt: skip
+            stream.account(self._now, int(offset[a]), ns)
 
     def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
                ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,22 +41,31 @@ class Statistics:
         self.window = window
         self.limit = max(1, round(window * self.rate)) if self.rate else 0
 
-    def account(self, now: float, n: int, slab: int, gen: int, offset: int) -> None:
-        """A frame of ``n`` samples at ``offset`` of ``slab`` (generation ``gen``) was read from the ring at ``now``."""
+    def account(self, now: float, ns: Sequence[int], slab: int, gen: int, offset: int) -> None:
+        """Frames of ``ns`` samples each, back to back from ``offset`` of ``slab`` (generation ``gen``), were read
+        from the ring at ``now`` (the broker's monotonic clock)."""
         frames = self.frames
-        frames.append((now, n, slab, gen, offset))
-        self.kept += n
+        if len(ns) == 1:
+            frames.append((now, ns[0], slab, gen, offset))
+        else:
+            sample_bytes = self.dtype.itemsize * self.channels
+            starts = itertools.accumulate(ns[:-1], lambda at, n: at + n * sample_bytes, initial=offset)
+            frames.extend(zip(itertools.repeat(now), ns, itertools.repeat(slab), itertools.repeat(gen), starts))
+        self.kept += sum(ns)
+        kept, popleft = self.kept, frames.popleft
         if self.rate:
             # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
-            while len(frames) > 1 and self.kept - frames[0][1] >= self.limit:
-                self.kept -= frames.popleft()[1]
+            limit = self.limit
+            while len(frames) > 1 and kept - frames[0][1] >= limit:
+                kept -= popleft()[1]
         else:
             # No rate: the window is arrival time, which only moves forward.
             horizon = now - self.window
             while len(frames) > 1 and frames[0][0] < horizon:
-                self.kept -= frames.popleft()[1]
-        if len(frames) > _MAX_STAT_FRAMES:
-            self.kept -= frames.popleft()[1]
+                kept -= popleft()[1]
+        while len(frames) > _MAX_STAT_FRAMES:
+            kept -= popleft()[1]
+        self.kept = kept
 
     def summary(self, out: dict[str, Any], u8: np.ndarray[Any, Any] | None = None,
                 gens: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip

@@ -328,6 +328,20 @@ class Ring:
             return None
         return list(_DESC.iter_unpack(raw))
 
+    def read_array(self, start: int, stop: int) -> np.ndarray[Any, Any] | None:
+        """Descriptors ``start..stop`` (all published) as a copied ``DESCRIPTOR`` array (the broker's batches,
+        taken column by column), or None when the publisher lapped ``start``, as :meth:`read`."""
+        if stop - start > self.slots:
+            return None
+        a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
+        wrapped = a >= b and stop > start
+        raw = self._bytes[a:].tobytes() + self._bytes[:b].tobytes() if wrapped else self._bytes[a:b].tobytes()
+        if not TSO:
+            barrier()
+        if self.q[POSITION_AT // 8] - start >= self.slots:
+            return None
+        return np.frombuffer(raw, DESCRIPTOR)
+
 
 # ---------------------------------------------------------------- futex (Linux)
 
