@@ -537,3 +537,34 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
     finally:
         sub.close()
         pub.close()
+
+
+# ---------------------------------------------------------------- cursors in the ring, not ACKs
+
+
+@pytest.mark.parametrize("wake", ["doorbell", "futex", "busy"])
+def test_a_subscriber_that_keeps_up_posts_its_cursor_in_the_ring_and_the_broker_asks_no_ack(
+    broker, stream_name, wake
+):
+    # Protocol 7.9: a version-3 subscriber tells the broker where it is by its cursor table entry; the broker
+    # frees the slabs behind it from there, so a block subscriber that keeps up never makes the publisher short.
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=4,
+                             max_chunk_bytes=4096, timeout=10)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=4096, policy="block", wake=wake, address=broker.address, timeout=10)
+    rx = sub._rx
+    try:
+        assert rx._entry is not None
+        ring = pub._ring
+        for k in range(4 * 16 * 4):  # four pools' worth of slabs
+            pub.write(np.full(4096, k % 251, np.uint8))
+            chunk = sub.recv(timeout=10)
+            assert chunk is not None and chunk.data[0] == k % 251
+            chunk.release()
+            assert not ring.acks_wanted, f"the publisher ran short at frame {k}"
+        value = int(ring.cursors[rx._entry])
+        assert value >> ring_module.CURSOR_TAG_SHIFT == rx._tag >> ring_module.CURSOR_TAG_SHIFT != 0
+        # Its cursor when it last left a slab or gave a lease back: within a slab of all it read.
+        assert 0 <= pub.samples - (value & (ring_module.CURSOR_SPAN - 1)) <= 65536
+    finally:
+        sub.close()
+        pub.close()

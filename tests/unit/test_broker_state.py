@@ -15,6 +15,7 @@ import pytest
 
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
+from slabcast.core.ring import CURSOR_TAG_SHIFT, cursor_tag
 from slabcast.core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment
 from slabcast.wire import messages as M
 from slabcast.wire import protocol as P
@@ -490,3 +491,53 @@ def test_history_for_a_broker_cut_subscriber_or_not_positive_is_refused(h: Harne
     assert error.code == P.ERR_BAD_REQUEST and "history is for a local subscriber" in error.message
     (error,) = to(SUB, h.send(SUB, M.Subscribe("s", 10, None, True, "block", 8, None, "local", False, b"t", -1)))
     assert error.code == P.ERR_BAD_REQUEST and "history must be a finite number > 0" in error.message
+
+
+# -------------------------------------------------------------- cursor table
+
+
+def join_v3(h: Harness, slot: int, page: bool) -> M.Attached:
+    """A version-3 futex subscriber of 100-sample chunks joins; ``page``: it maps the sleeper page writable."""
+    out = h.send(SUB, M.Subscribe("s", 100, None, True, "block", 8, None, "local", False, b"tok", None, "futex"))
+    for carry in to(PUB, out, M.Carry):
+        out = h.send(PUB, M.Carried(carry.nbytes))
+    (attached,) = to(SUB, h.send(SUB, M.Attach(slot, page)), M.Attached)
+    return attached
+
+
+def test_a_subscriber_posting_its_cursor_in_the_ring_keeps_the_publisher_supplied_without_acks(h: Harness) -> None:
+    # Protocol 7.9: the cursor in the ring's cursor table instead of an ACK per slab.  The broker reads it when it
+    # grants; acks_wanted goes up only when the publisher is short of slabs.
+    h.open()
+    h.hello(SUB, "sub")
+    attached = join_v3(h, 7, page=True)
+    entry, tag, start = attached.sleeper, cursor_tag(7) << CURSOR_TAG_SHIFT, attached.start
+    assert entry is not None
+    ring = h.state.streams["s"].ring
+    for _ in range(5 * 4 * SLAB // 400):  # five pools' worth of 100-sample frames, read as they come
+        h.write(100)
+        ring.cursors[entry] = tag | (h.index - start)
+        assert not ring.acks_wanted
+    # It stops reading: the publisher runs short, and the broker asks for ACKs.
+    while h.grants or h.offset + 400 <= h.slab_end:
+        h.write(100)
+    assert ring.acks_wanted
+    # A value under another tag (a previous owner of the entry, late) is not its cursor.
+    ring.cursors[entry] = (cursor_tag(8) << CURSOR_TAG_SHIFT) | (h.index - start)
+    assert not to(PUB, h.tick(0.5), M.Grant)
+    # Its own value is, read at the next decision (here the sweep); the flag goes down with the publisher supplied.
+    ring.cursors[entry] = tag | (h.index - start)
+    assert len(to(PUB, h.tick(0.5), M.Grant)) == 2
+    h.write(100)
+    assert not ring.acks_wanted
+
+
+def test_a_subscriber_that_cannot_write_the_sleeper_page_gets_no_cursor_entry_and_acks(h: Harness) -> None:
+    h.open()
+    h.hello(SUB, "sub")
+    attached = join_v3(h, 7, page=False)
+    assert attached.sleeper is None
+    while h.grants or h.offset + 400 <= h.slab_end:
+        h.write(100)
+    assert not h.state.streams["s"].pool.granted
+    assert to(PUB, h.send(SUB, M.Ack(h.index, 0, 0, 0)), M.Grant)  # its ACK frees the slabs

@@ -20,7 +20,7 @@ from .._info import StreamInfo
 from ..core.geometry import GEN_OFFSET, Geometry, copy_carry
 from ..core.pool import FREE, SlabPool
 from ..core.rechunk import Rechunker
-from ..core.ring import SLEEPERS, Ring, futex_wake
+from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, SLEEPERS, Ring, futex_wake
 from ..core.shm import Segment, lock_slab
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -107,7 +107,8 @@ class LocalSub(Subscription):
     ``block``) and its counters as reported by ACK."""
 
     cut: ClassVar[Cut] = "local"
-    __slots__ = ("cursor", "gate", "held", "history", "ring_seq", "sleeper", "stalled_since", "token", "wake")
+    __slots__ = ("base", "cursor", "gate", "held", "history", "page", "ring_seq", "sleeper", "stalled_since", "tag",
+                 "token", "wake")  # fmt: skip
 
     def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
                  token: bytes) -> None:  # fmt: skip
@@ -120,7 +121,10 @@ class LocalSub(Subscription):
         self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
         self.ring_seq = 0  # the descriptor of the frame at its start (its first to read from the ring)
         self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a version-2 client, every notice)
-        self.sleeper: int | None = None  # its byte in the ring's sleeper table (a doorbell subscriber)
+        self.sleeper: int | None = None  # its byte in the ring's sleeper tables, and its cursor table entry
+        self.page = True  # it maps the sleeper page writable (ATTACH's sleeper)
+        self.tag = 0  # its cursor table entry's tag (core/ring.py: cursor_tag of its ATTACH slot; 0: none)
+        self.base = 0  # the stream index its cursor table entry counts from (ATTACHED's start)
 
 
 class BrokerCutSub(Subscription):
@@ -224,6 +228,7 @@ class Stream:
         self.frames = 0  # frames read from the ring: the next descriptor to read
         self.reading = False  # reading the ring right now
         self.free_sleepers = list(range(SLEEPERS - 1, -1, -1))  # bytes of the sleeper table not assigned
+        self.entry_tags = [0] * SLEEPERS  # the tag of each cursor table entry's last owner
         self.publisher: Client | None = None
         self.subs: list[LocalSub | BrokerCutSub] = []
         self.broker_cut: list[BrokerCutSub] = []  # subs whose chunks the broker cuts: kept, not searched per frame
@@ -290,10 +295,33 @@ class Stream:
         self.peak = max(self.slab_committed)
         return sum(n for _, n in ranges)
 
+    def read_cursors(self) -> list[LocalSub]:
+        """The local subscribers, their cursors brought up to what they posted in the ring's cursor table."""
+        subs = [u for u in self.subs if isinstance(u, LocalSub)]
+        if self.ended:
+            return subs
+        table = self.ring.cursors
+        for sub in subs:
+            if sub.sleeper is None or not sub.tag:
+                continue
+            value = table[sub.sleeper]
+            if value >> CURSOR_TAG_SHIFT == sub.tag:
+                cursor = sub.base + (value & (CURSOR_SPAN - 1))
+                if cursor > sub.cursor:
+                    sub.cursor = cursor
+                    sub.stalled_since = None
+        return subs
+
+    def post_start(self, sub: LocalSub) -> None:
+        """A subscriber is told where it starts (ATTACHED): its cursor table entry counts from there, empty."""
+        sub.base = sub.cursor
+        if sub.sleeper is not None and not self.ended:
+            self.ring.cursors[sub.sleeper] = 0
+
     def floor_index(self) -> int | None:
         """The lowest cursor of the lossless local subscribers (and of those still reading their history), or
         None if there are none."""
-        subs = [u for u in self.subs if isinstance(u, LocalSub)]
+        subs = self.read_cursors()
         cursors = [u.cursor for u in subs if u.policy == "block" or u.cursor < u.gate]
         return min(cursors) if cursors else None
 
@@ -459,8 +487,15 @@ class Stream:
         if isinstance(sub, LocalSub):
             sub.cursor = self.head
             sub.ring_seq = self.frames  # one descriptor per frame: the frame at the head has this one
-            if sub.wake == "doorbell" and self.free_sleepers:
-                sub.sleeper = self.free_sleepers.pop()
+            free = self.free_sleepers
+            if sub.wake is not None and sub.page and free:
+                # The entry handed back longest ago; another if its last owner had this tag (a late store of
+                # that owner's would pass for this one's cursor).
+                i = len(free) - 1 if self.entry_tags[free[-1]] != sub.tag or len(free) == 1 else len(free) - 2
+                sub.sleeper = free.pop(i)
+                if self.entry_tags[sub.sleeper] == sub.tag:
+                    sub.tag = 0  # (the only entry left: its cursor comes by ACK alone)
+                self.entry_tags[sub.sleeper] = sub.tag
         else:
             self.broker_cut.append(sub)
         self.subs.append(sub)

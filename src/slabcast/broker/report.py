@@ -59,6 +59,7 @@ def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str,
 
 def stream_status(s: Stream) -> dict[str, Any]:
     """One stream's row of the status."""
+    s.read_cursors()  # (posted in the ring's cursor table since the last decision)
     return {
         "name": s.name,
         "dtype": s.dtype.str,

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import futex_wake
+from ..core.ring import barrier, cursor_tag, futex_wake
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -339,6 +339,17 @@ class BrokerState:
         pool = stream.pool
         pool.advance(stream.floor_index())
         granted = pool.grant(GRANT_AHEAD)
+        short = len(pool.granted) < GRANT_AHEAD
+        ring = stream.ring
+        if short != ring.acks_wanted:
+            # Short of slabs: subscribers that post their cursor in the ring send ACK too when they move, until
+            # the publisher holds its slabs again.  The flag, a barrier, the cursors again (core/ring.py): a
+            # subscriber either saw the flag or posted a cursor read here.
+            ring.want_acks(short)
+            if short:
+                barrier()
+                pool.advance(stream.floor_index())
+                granted += pool.grant(GRANT_AHEAD)
         if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
             freed = stream.shrink(granted)
             if freed:
@@ -511,13 +522,18 @@ class BrokerState:
         if sub in stream.waiting:
             raise Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
         self._catch_up(stream)
-        if sub.wake == "doorbell" and not msg.sleeper:
-            sub.wake = None  # it cannot write its sleeper byte: a notice for every frame, as version 2
+        if not msg.sleeper:
+            # It cannot write the sleeper page: no cursor table entry (ACKs), and a doorbell subscriber gets a
+            # notice for every frame, as version 2.
+            sub.page = False
+            if sub.wake == "doorbell":
+                sub.wake = None
             stream.remove_sleeper(sub)
         if msg.slot is not None:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
             client.live = (stream, CLIENT_BASE + msg.slot)
+            sub.tag = cursor_tag(msg.slot)
         if sub in stream.joining:
             stream.joining.remove(sub)
             stream.start(sub)
@@ -528,6 +544,7 @@ class BrokerState:
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)
+        stream.post_start(sub)
         self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq, sub.sleeper))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:

@@ -12,7 +12,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ProtocolError
 from .._info import StreamInfo
-from ..core.ring import DESCRIPTOR_BYTES, ring_layout
+from ..core.ring import DESCRIPTOR_BYTES, cursor_tag, ring_layout
 from ..core.shm import CLIENT_BASE, attach_page, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -40,14 +40,14 @@ def open_local(
     history: list[M.History] = []
     try:
         lock_fd = open_locks(reply.segment)
-        if settings.get("wake", "doorbell") == "doorbell":
-            # Our byte of the sleeper table is in a page we map writable (None: we may only read the segment,
-            # and the publisher sends us a notice for every frame instead).
-            try:
-                offset, slots = ring_layout(mm)
-            except ValueError as exc:
-                raise ProtocolError(f"{exc} ({where})") from None
-            page = attach_page(reply.segment, offset + slots * DESCRIPTOR_BYTES)
+        # Our byte of the sleeper table (a doorbell) and our cursor table entry are in a page we map writable
+        # (None: we may only read the segment; then the publisher sends a doorbell subscriber a notice for every
+        # frame, and we send an ACK for every slab).
+        try:
+            offset, slots = ring_layout(mm)
+        except ValueError as exc:
+            raise ProtocolError(f"{exc} ({where})") from None
+        page = attach_page(reply.segment, offset + slots * DESCRIPTOR_BYTES)
         notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
         # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
         # a subscription made before the stream existed).
@@ -85,8 +85,9 @@ def open_local(
         raise ProtocolError(f"ATTACHED names no ring descriptor to start from: the broker speaks protocol version 2, "
                             f"this subscriber version 3 ({where})")  # fmt: skip
     return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
-                         ring_seq=answer.seq, sleeper=answer.sleeper if page is not None else None, page=page,
-                         **settings)  # fmt: skip
+                         ring_seq=answer.seq, page=page, entry=answer.sleeper if page is not None else None,
+                         sleeper=answer.sleeper if page is not None and settings.get("wake", "doorbell") == "doorbell"
+                         else None, tag=cursor_tag(slot), **settings)  # fmt: skip
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:

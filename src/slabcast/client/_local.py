@@ -25,7 +25,7 @@ from .._exceptions import BrokerGoneError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import Ring, barrier, futex_wait, ring_layout
+from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, Ring, barrier, futex_wait, ring_layout
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
@@ -112,6 +112,8 @@ class LocalReceiver:
         *,
         ring_seq: int = 0,
         sleeper: int | None = None,
+        entry: int | None = None,
+        tag: int = 0,
         page: Any = None,
         wake: str = "doorbell",
         spin: float = 0.0,
@@ -170,6 +172,10 @@ class LocalReceiver:
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
+        # Our cursor table entry (core/ring.py), where we post our cursor instead of an ACK per slab; None: ACKs.
+        self._entry = entry if tag else None
+        self._tag = tag << CURSOR_TAG_SHIFT
+        self._posted = -1  # the slab we were reading when we last told the broker our cursor (posted or ACK)
         self._acked_at = 0.0
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
@@ -406,7 +412,7 @@ class LocalReceiver:
         self._rseq = start + 1
         self._noticed = index + n
         self._cut_frame(index, n, t0, offset, slab, gen)
-        if self._acked[0] != slab:
+        if self._posted != slab:
             self._send_ack()
         return True
 
@@ -511,7 +517,7 @@ class LocalReceiver:
             if cut or self._sampler_error is not None:
                 return
         self._frames.popleft()
-        if self._acked[0] != slab:
+        if self._posted != slab:
             self._send_ack()  # the broker may free the slab we left
 
     def _lost(self, start: int, stop: int) -> None:
@@ -600,20 +606,38 @@ class LocalReceiver:
             leases.reap()
 
     def _send_ack(self, force: bool = False) -> None:
-        """Tell the broker how far we have read: at once when we left a slab or gave one back, otherwise
-        (counters for ``slabcast status``) at most every ``_ACK_INTERVAL`` seconds."""
-        state = (self._cur_slab, self._dropped, self._leases.handed - self._leases.released, self._received)
+        """Tell the broker how far we have read when we left a slab or gave one back: in our cursor table entry
+        (an ACK too while the broker asks for them), or by ACK at once; otherwise (counters for ``slabcast
+        status``) by ACK at most every ``_ACK_INTERVAL`` seconds."""
+        leases = self._leases
+        state = (self._cur_slab, self._dropped, leases.handed - leases.released, self._received)
         acked = self._acked
         if self._conn.closed:
             return
-        urgent = force or self._leases.unlocked or state[0] != acked[0]
+        urgent = force or leases.unlocked or state[0] != self._posted
+        if urgent and not force and self._entry is not None:
+            self._posted = state[0]
+            leases.unlocked = False
+            urgent = self._post_cursor()
         if not urgent and (state == acked or time.monotonic() - self._acked_at < _ACK_INTERVAL):
             return
         self._acked = state
+        self._posted = state[0]
         self._acked_at = time.monotonic()
-        self._leases.unlocked = False
+        leases.unlocked = False
         with contextlib.suppress(BrokerGoneError):
             self._conn.send(M.Ack(self._cursor, self._received, self._dropped, state[2]))
+
+    def _post_cursor(self) -> bool:
+        """Store our cursor in our cursor table entry, make a full barrier, and say whether the broker wants an
+        ACK anyway (it is short of slabs; core/ring.py), or the cursor is too far from our start to post."""
+        delta = self._cursor - self.start
+        if not 0 <= delta < CURSOR_SPAN:
+            return True
+        ring = self._ring
+        ring.cursors[self._entry] = self._tag | delta  # type: ignore[index]
+        barrier()
+        return ring.acks_wanted
 
     def counts(self, report: bool = True) -> Counts:
         leases = self._leases

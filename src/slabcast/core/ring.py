@@ -23,6 +23,8 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
                                 single writer: the broker
     180  u32  sleep_futex       1: the publisher also wakes doorbell subscribers asleep on the futex word
                                 (the futex sleeper table below); single writer: the publisher, at open
+    184  u32  acks_wanted       1 while the publisher is short of slabs: a subscriber that posts its cursor in
+                                the cursor table (below) sends ACK when it leaves a slab; single writer: the broker
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
@@ -54,6 +56,18 @@ byte.  The publisher, after the same barrier, makes a ``FUTEX_WAKE`` whenever a 
 skipped: a futex keeps no wake-up for later, as a queued notice does).  The kernel compares and sleeps
 atomically, so the handshake is Dekker's again.  An event loop (``recv`` without waiting, then a poll on
 the notice socket) keeps the notice.
+
+Then, at byte ``2 * SLEEPERS`` of that page, the **cursor table**: a u64 per subscriber, at its byte's index
+(every version-3 local subscriber that maps the page gets one, whatever its wait).  The subscriber stores
+``(tag << 48) | (cursor - start)`` there when it leaves a slab or gives a chunk's lease back (``tag``: its
+ATTACH slot mod 65535, plus 1; ``start``: ATTACHED's start; ``cursor``: the stream index just past what it
+has read), one aligned store, then makes a full barrier and loads ``acks_wanted``: only if that is set does it
+send the ACK it sent for every slab before.  The broker reads the table whenever it decides (a grant, a sweep,
+a status), and ignores a value whose tag is not its subscriber's (a previous owner of the entry).  When it
+cannot keep the publisher's slabs granted ahead, it sets ``acks_wanted``, makes the barrier, and reads the
+table once more before it waits for an ACK: either it sees the subscriber's new cursor or the subscriber sees
+the flag (Dekker's handshake again), so no slab stays held by a cursor the broker did not read.  A subscriber
+that never writes the table (the C client, a read-only mapping) sends ACK for every slab, as before.
 
 A descriptor (64 bytes, every field aligned)::
 
@@ -124,6 +138,14 @@ Descriptor = tuple[int, int, float, int, int, int, int, int, int]
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
 SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
     136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
+ACKS_WANTED_AT = 184
+CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
+CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
+
+
+def cursor_tag(attach_slot: int) -> int:
+    """The tag of a subscriber's cursor table entry, from the slot it sent in ATTACH (1..65535; 0: nobody)."""
+    return attach_slot % 0xFFFF + 1
 
 
 def ring_bytes(slots: int = RING_SLOTS) -> int:
@@ -187,6 +209,8 @@ class Ring:
         # asleep on the futex word instead of its notice socket.
         self.sleepers = memoryview(buf).cast("B")[at : at + SLEEPERS]
         self.futex_sleepers = memoryview(buf).cast("B")[at + SLEEPERS : at + 2 * SLEEPERS]
+        # The cursor table: a u64 per subscriber, after the two byte tables.
+        self.cursors = memoryview(buf).cast("B")[at + 2 * SLEEPERS : at + 2 * SLEEPERS + 8 * SLEEPERS].cast("Q")
         self._seen = _NOBODY  # the sleeper table at the publisher's previous look
         self.sleepers_address = np.frombuffer(buf, dtype=np.uint8, count=1, offset=at).ctypes.data
         # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
@@ -198,7 +222,7 @@ class Ring:
 
     def release(self) -> None:
         """Let go of the mapping (before it is unmapped); the ring is unusable after."""
-        for view in (self._bytes, self.q, self.w, self.sleepers, self.futex_sleepers):
+        for view in (self._bytes, self.q, self.w, self.sleepers, self.futex_sleepers, self.cursors):
             view.release()
         del self.descriptors
 
@@ -222,6 +246,15 @@ class Ring:
         self.w[DOORBELLS_AT // 4] = doorbells
         self.w[FUTEX_AT // 4] = futex
         self.w[FRAMES_AT // 4] = int(frames)
+
+    def want_acks(self, wanted: bool) -> None:
+        """Ask subscribers that post their cursor in the cursor table to send ACK too (the broker, while the
+        publisher is short of slabs; a :func:`barrier` and a read of the table follow a set)."""
+        self.w[ACKS_WANTED_AT // 4] = int(wanted)
+
+    @property
+    def acks_wanted(self) -> bool:
+        return bool(self.w[ACKS_WANTED_AT // 4])
 
     # ------------------------------------------------------------ the publisher
 

@@ -205,7 +205,8 @@ class Attach(NamedTuple):
     """A local subscriber's notice socket is connected (it got JOINED): start it."""
 
     slot: int | None  # its liveness lock is byte CLIENT_BASE + slot of the segment's lock file
-    sleeper: bool | None = None  # version 3, a doorbell subscriber: it can set its byte of the sleeper table
+    sleeper: bool | None = None  # version 3: it maps the sleeper page writable (its sleeper byte, if a doorbell
+    # subscriber, and its cursor table entry)
 
 
 # ---------------------------------------------------------------- broker -> client
@@ -326,7 +327,8 @@ class Carry(NamedTuple):
 @_kind(P.ATTACHED)
 class Attached(NamedTuple):
     """The answer to ATTACH: the stream index this subscriber starts at, and (version 3) the ring descriptor
-    of the frame there, the first it reads, and its byte in the sleeper table (a doorbell subscriber)."""
+    of the frame there, the first it reads, and its byte in the sleeper tables (a doorbell subscriber) and entry
+    in the cursor table (any that said ATTACH sleeper): one index for both."""
 
     start: int
     seq: int | None = None
