@@ -15,7 +15,7 @@ import pytest
 
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
-from slabcast.core.ring import CURSOR_TAG_SHIFT, cursor_tag
+from slabcast.core.ring import CURSOR_TAG_SHIFT
 from slabcast.core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment
 from slabcast.wire import messages as M
 from slabcast.wire import protocol as P
@@ -511,8 +511,9 @@ def test_a_subscriber_posting_its_cursor_in_the_ring_keeps_the_publisher_supplie
     h.open()
     h.hello(SUB, "sub")
     attached = join_v3(h, 7, page=True)
-    entry, tag, start = attached.sleeper, cursor_tag(7) << CURSOR_TAG_SHIFT, attached.start
-    assert entry is not None
+    entry, start = attached.sleeper, attached.start
+    assert entry is not None and attached.cursor_tag is not None
+    tag = attached.cursor_tag << CURSOR_TAG_SHIFT
     ring = h.state.streams["s"].ring
     for _ in range(5 * 4 * SLAB // 400):  # five pools' worth of 100-sample frames, read as they come
         h.write(100)
@@ -523,7 +524,7 @@ def test_a_subscriber_posting_its_cursor_in_the_ring_keeps_the_publisher_supplie
         h.write(100)
     assert ring.acks_wanted
     # A value under another tag (a previous owner of the entry, late) is not its cursor.
-    ring.cursors[entry] = (cursor_tag(8) << CURSOR_TAG_SHIFT) | (h.index - start)
+    ring.cursors[entry] = ((attached.cursor_tag % 0xFFFF + 1) << CURSOR_TAG_SHIFT) | (h.index - start)
     assert not to(PUB, h.tick(0.5), M.Grant)
     # Its own value is, read at the next decision (here the sweep); the flag goes down with the publisher supplied.
     ring.cursors[entry] = tag | (h.index - start)
@@ -536,8 +537,31 @@ def test_a_subscriber_that_cannot_write_the_sleeper_page_gets_no_cursor_entry_an
     h.open()
     h.hello(SUB, "sub")
     attached = join_v3(h, 7, page=False)
-    assert attached.sleeper is None
+    assert attached.sleeper is None and attached.cursor_tag is None
     while h.grants or h.offset + 400 <= h.slab_end:
         h.write(100)
     assert not h.state.streams["s"].pool.granted
     assert to(PUB, h.send(SUB, M.Ack(h.index, 0, 0, 0)), M.Grant)  # its ACK frees the slabs
+
+
+def test_a_cursor_entry_handed_to_a_new_owner_gets_a_new_tag_and_a_repeated_attach_keeps_its_start(
+    h: Harness,
+) -> None:
+    h.open()
+    stream = h.state.streams["s"]
+    stream.free_sleepers[:] = [5]  # one entry: every subscriber gets it, in turn
+    h.hello(SUB, "sub")
+    first = join_v3(h, 7, page=True)
+    assert first.sleeper == 5
+    for _ in range(30):
+        h.write(100)
+    again = to(SUB, h.send(SUB, M.Attach(7, True)), M.Attached)[0]
+    assert (again.start, again.cursor_tag) == (first.start, first.cursor_tag)  # not moved to the new head
+    h.send(SUB, M.Bye())
+    h.hello(SUB2, "sub")
+    out = h.send(SUB2, M.Subscribe("s", 100, None, True, "block", 8, None, "local", False, b"tok", None, "futex"))
+    for carry in to(PUB, out, M.Carry):
+        h.send(PUB, M.Carried(carry.nbytes))
+    (second,) = to(SUB2, h.send(SUB2, M.Attach(9, True)), M.Attached)
+    # The same entry under another tag: the first owner's late store is not the new one's cursor.
+    assert second.sleeper == 5 and second.cursor_tag not in (None, first.cursor_tag)

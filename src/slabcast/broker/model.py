@@ -123,7 +123,7 @@ class LocalSub(Subscription):
         self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a version-2 client, every notice)
         self.sleeper: int | None = None  # its byte in the ring's sleeper tables, and its cursor table entry
         self.page = True  # it maps the sleeper page writable (ATTACH's sleeper)
-        self.tag = 0  # its cursor table entry's tag (core/ring.py: cursor_tag of its ATTACH slot; 0: none)
+        self.tag = 0  # its cursor table entry's tag, given in ATTACHED (0: none yet)
         self.base = 0  # the stream index its cursor table entry counts from (ATTACHED's start)
 
 
@@ -228,7 +228,7 @@ class Stream:
         self.frames = 0  # frames read from the ring: the next descriptor to read
         self.reading = False  # reading the ring right now
         self.free_sleepers = list(range(SLEEPERS - 1, -1, -1))  # bytes of the sleeper table not assigned
-        self.entry_tags = [0] * SLEEPERS  # the tag of each cursor table entry's last owner
+        self.entry_tags = [0] * SLEEPERS  # each cursor table entry's generation: its owner's tag (0: never had one)
         self.publisher: Client | None = None
         self.subs: list[LocalSub | BrokerCutSub] = []
         self.broker_cut: list[BrokerCutSub] = []  # subs whose chunks the broker cuts: kept, not searched per frame
@@ -312,11 +312,19 @@ class Stream:
                     sub.stalled_since = None
         return subs
 
-    def post_start(self, sub: LocalSub) -> None:
-        """A subscriber is told where it starts (ATTACHED): its cursor table entry counts from there, empty."""
+    def post_start(self, sub: LocalSub) -> int | None:
+        """A subscriber is told where it starts (ATTACHED, once): its cursor table entry counts from there, empty,
+        under a new tag (the entry's next generation, never its previous owner's); return the tag (None: no
+        entry)."""
+        if sub.tag:
+            return sub.tag  # (a repeated ATTACH: the entry keeps its start)
+        if sub.sleeper is None or self.ended:
+            return None
+        entry = sub.sleeper
+        sub.tag = self.entry_tags[entry] = self.entry_tags[entry] % 0xFFFF + 1
         sub.base = sub.cursor
-        if sub.sleeper is not None and not self.ended:
-            self.ring.cursors[sub.sleeper] = 0
+        self.ring.cursors[entry] = 0
+        return sub.tag
 
     def floor_index(self) -> int | None:
         """The lowest cursor of the lossless local subscribers (and of those still reading their history), or
@@ -487,15 +495,8 @@ class Stream:
         if isinstance(sub, LocalSub):
             sub.cursor = self.head
             sub.ring_seq = self.frames  # one descriptor per frame: the frame at the head has this one
-            free = self.free_sleepers
-            if sub.wake is not None and sub.page and free:
-                # The entry handed back longest ago; another if its last owner had this tag (a late store of
-                # that owner's would pass for this one's cursor).
-                i = len(free) - 1 if self.entry_tags[free[-1]] != sub.tag or len(free) == 1 else len(free) - 2
-                sub.sleeper = free.pop(i)
-                if self.entry_tags[sub.sleeper] == sub.tag:
-                    sub.tag = 0  # (the only entry left: its cursor comes by ACK alone)
-                self.entry_tags[sub.sleeper] = sub.tag
+            if sub.wake is not None and sub.page and self.free_sleepers:
+                sub.sleeper = self.free_sleepers.pop()
         else:
             self.broker_cut.append(sub)
         self.subs.append(sub)

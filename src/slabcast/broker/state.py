@@ -28,7 +28,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import barrier, cursor_tag, futex_wake
+from ..core.ring import barrier, futex_wake
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -533,7 +533,6 @@ class BrokerState:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
             client.live = (stream, CLIENT_BASE + msg.slot)
-            sub.tag = cursor_tag(msg.slot)
         if sub in stream.joining:
             stream.joining.remove(sub)
             stream.start(sub)
@@ -544,8 +543,8 @@ class BrokerState:
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)
-        stream.post_start(sub)
-        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq, sub.sleeper))
+        tag = stream.post_start(sub)
+        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq, sub.sleeper, tag))
 
     def _on_ack(self, client: Client, msg: M.Ack) -> None:
         # Cumulative counters, so a late one costs nothing.

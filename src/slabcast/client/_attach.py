@@ -12,7 +12,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ProtocolError
 from .._info import StreamInfo
-from ..core.ring import DESCRIPTOR_BYTES, cursor_tag, ring_layout
+from ..core.ring import DESCRIPTOR_BYTES, ring_layout
 from ..core.shm import CLIENT_BASE, attach_page, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -81,13 +81,15 @@ def open_local(
         if page is not None:
             page.close()
         raise
+    if answer.cursor_tag is not None and not 0 < answer.cursor_tag <= 0xFFFF:
+        raise ProtocolError(f"ATTACHED cursor_tag must be 1..65535 or nil, got {answer.cursor_tag} ({where})")
     if answer.seq is None:
         raise ProtocolError(f"ATTACHED names no ring descriptor to start from: the broker speaks protocol version 2, "
                             f"this subscriber version 3 ({where})")  # fmt: skip
     return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
                          ring_seq=answer.seq, page=page, entry=answer.sleeper if page is not None else None,
                          sleeper=answer.sleeper if page is not None and settings.get("wake", "doorbell") == "doorbell"
-                         else None, tag=cursor_tag(slot), **settings)  # fmt: skip
+                         else None, tag=answer.cursor_tag or 0, **settings)  # fmt: skip
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:

@@ -59,15 +59,16 @@ the notice socket) keeps the notice.
 
 Then, at byte ``2 * SLEEPERS`` of that page, the **cursor table**: a u64 per subscriber, at its byte's index
 (every version-3 local subscriber that maps the page gets one, whatever its wait).  The subscriber stores
-``(tag << 48) | (cursor - start)`` there when it leaves a slab or gives a chunk's lease back (``tag``: its
-ATTACH slot mod 65535, plus 1; ``start``: ATTACHED's start; ``cursor``: the stream index just past what it
-has read), one aligned store, then makes a full barrier and loads ``acks_wanted``: only if that is set does it
-send the ACK it sent for every slab before.  The broker reads the table whenever it decides (a grant, a sweep,
-a status), and ignores a value whose tag is not its subscriber's (a previous owner of the entry).  When it
-cannot keep the publisher's slabs granted ahead, it sets ``acks_wanted``, makes the barrier, and reads the
-table once more before it waits for an ACK: either it sees the subscriber's new cursor or the subscriber sees
-the flag (Dekker's handshake again), so no slab stays held by a cursor the broker did not read.  A subscriber
-that never writes the table (the C client, a read-only mapping) sends ACK for every slab, as before.
+``(tag << 48) | (cursor - start)`` there when it leaves a slab or gives a chunk's lease back, one aligned
+store (``tag``: ATTACHED's ``cursor_tag``, the entry's generation, which the broker bumps for each new owner;
+``start``: ATTACHED's start; ``cursor``: the stream index just past what it has read), then makes a full
+barrier and loads ``acks_wanted``: only if that is set does it send the ACK it sent for every slab before.
+The broker reads the table whenever it decides (a grant, a sweep, a status), and ignores a value whose tag
+is not its subscriber's (a previous owner of the entry).  When it cannot keep the publisher's slabs granted
+ahead, it sets ``acks_wanted``, makes the barrier, and reads the table once more before it waits for an ACK:
+either it sees the subscriber's new cursor or the subscriber sees the flag (Dekker's handshake again), so no
+slab stays held by a cursor the broker did not read.  A subscriber given no tag (a broker that does not read
+the table), or that never writes it (the C client, a read-only mapping), sends ACK for every slab, as before.
 
 A descriptor (64 bytes, every field aligned)::
 
@@ -142,10 +143,6 @@ ACKS_WANTED_AT = 184
 CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
 CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
 
-
-def cursor_tag(attach_slot: int) -> int:
-    """The tag of a subscriber's cursor table entry, from the slot it sent in ATTACH (1..65535; 0: nobody)."""
-    return attach_slot % 0xFFFF + 1
 
 
 def ring_bytes(slots: int = RING_SLOTS) -> int:

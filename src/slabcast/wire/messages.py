@@ -328,11 +328,13 @@ class Carry(NamedTuple):
 class Attached(NamedTuple):
     """The answer to ATTACH: the stream index this subscriber starts at, and (version 3) the ring descriptor
     of the frame there, the first it reads, and its byte in the sleeper tables (a doorbell subscriber) and entry
-    in the cursor table (any that said ATTACH sleeper): one index for both."""
+    in the cursor table (any that said ATTACH sleeper): one index for both, and the tag it posts its cursor under
+    there (a broker that reads the table says one; none: ACK every slab)."""
 
     start: int
     seq: int | None = None
     sleeper: int | None = None
+    cursor_tag: int | None = None  # its cursor table entry's tag (1..65535); nil: it reports by ACK alone
 
 
 @_kind(P.HISTORY)
