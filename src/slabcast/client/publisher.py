@@ -452,9 +452,9 @@ class Publisher:
                 if ring.futex_sleeping():
                     futex_wake(ring.futex_address)  # (after the look: the one above may precede their sleep)
         # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
-        # writer); a PUBLISHED when the broker must know (a slab change; broker-cut subscribers: batched
-        # likewise); one NOTICE at once when a doorbell subscriber sleeps.  Often nothing.
-        if ring.notices_wanted or ring.frames_wanted or state.switch_unsent or state.pend_n:
+        # writer); a PUBLISHED when the broker cuts chunks itself (batched likewise); one NOTICE at once when a
+        # doorbell subscriber sleeps; a slab change's PUBLISHED from the background thread.  Often nothing.
+        if ring.notices_wanted or ring.frames_wanted or state.pend_n:
             with self._lock:
                 action = state.place(index, offset, n, nbytes, t0, now, discontinuity)
                 if action == AT_ONCE:
@@ -471,6 +471,11 @@ class Publisher:
             if ring_now:
                 with self._lock:
                     self._notice(index, offset, n, t0, flags, True)
+            if state.switch_unsent:
+                # The broker grants the next slab when it hears of this change; the publisher holds another
+                # (GRANT_AHEAD), so it hears BATCH_DELAY later, from the background thread: its work on it
+                # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).
+                self._kick.set()
         self.frames += 1
         self.samples += n
 
@@ -492,6 +497,7 @@ class Publisher:
         self._sync_token += 1
         with self._lock:
             self._flush_pending()
+            self._published()
             self._conn.send(M.Sync(self._sync_token))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         token = self._sync_token
@@ -532,6 +538,8 @@ class Publisher:
                 return False
             try:
                 self._flush_pending()
+                if self._state.switch_unsent:
+                    self._published()  # (a slab change left to us)
                 self._notices.serve_joins()
                 self._take_locked(0)
             except SlabcastError as exc:
@@ -544,6 +552,7 @@ class Publisher:
     def _next_slab(self) -> int:
         with self._lock:
             self._flush_pending()  # subscribers may wait for these before they free a slab
+            self._published()  # the last slab change, if the background thread has not told it yet
         self._take_messages(0)
         grants = self._state.grants
         if not grants:
