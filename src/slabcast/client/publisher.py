@@ -550,11 +550,16 @@ class Publisher:
         return True
 
     def _next_slab(self) -> int:
+        grants = self._state.grants
         with self._lock:
             self._flush_pending()  # subscribers may wait for these before they free a slab
             self._published()  # the last slab change, if the background thread has not told it yet
+            if grants:
+                # Granted ahead: no socket on this frame's path (a look at it took 150-200 us of a paced
+                # writer's cold process, the p99 of 64 KiB frames); the background thread takes the broker's
+                # messages every _SERVICE seconds, and a CARRY taken later applies from the next slab on.
+                return self._switch_to(grants.popleft())
         self._take_messages(0)
-        grants = self._state.grants
         if not grants:
             deadline = time.monotonic() + self.timeout
             while not grants:
