@@ -399,16 +399,23 @@ class LocalReceiver:
 
     def _take_one(self) -> bool:
         """A subscriber that keeps up, in one step: the one frame published since we last looked, when it
-        continues the slab being read without a flag, cut at once (no batch, no :class:`_Frame`).  False when
-        that is not the case; nothing changed then, and :meth:`_read_ring` takes what there is."""
+        continues what we read without a flag (in the same slab, or the first of the next with what we
+        accumulated in its carried part), cut at once (no batch, no :class:`_Frame`).  False when that is not
+        the case; nothing changed then, and :meth:`_read_ring` takes what there is."""
         start = self._rseq
         descriptor = self._ring.read_one(start)
         if descriptor is None:
             return False
         _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
         pending = self._chunker.start
-        if flags or index != self._noticed or slab != self._cur_slab or (pending is not None and pending < floor):
+        if flags or index != self._noticed or (pending is not None and pending < floor):
             return False
+        if slab != self._cur_slab:
+            # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
+            if slab == self._hist_floor[0]:
+                return False  # (the slab our history ends in: its floor may be the broker's)
+            self._cur_slab = slab
+            self._leases.unlock_idle(slab)
         self._rseq = start + 1
         self._noticed = index + n
         self._cut_frame(index, n, t0, offset, slab, gen)
