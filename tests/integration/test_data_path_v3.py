@@ -568,3 +568,41 @@ def test_a_subscriber_that_keeps_up_posts_its_cursor_in_the_ring_and_the_broker_
     finally:
         sub.close()
         pub.close()
+
+
+def test_a_subscriber_keeping_up_cuts_chunks_across_slab_changes_from_the_carried_part(broker, stream_name):
+    # The one-step path (_take_one) also takes the first frame of a new slab: a chunk begun in the old slab is
+    # completed from the new slab's carried part.  Chunks of 1000 samples over frames of 1500 (every other frame
+    # leaves 500 accumulated), read after each write, through 40 slab changes; every sample checked.
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, slab_bytes=65536, nslabs=4,
+                             max_chunk_bytes=8192, timeout=10)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=1000, clip=True, address=broker.address, timeout=10)
+    taken, stepped = [0], [0]
+    rx = sub._rx
+    take_one, step = rx._take_one, rx._step
+
+    def counted_take_one() -> bool:
+        took = take_one()
+        taken[0] += took
+        return took
+
+    def counted_step() -> None:
+        stepped[0] += 1
+        step()
+
+    rx._take_one, rx._step = counted_take_one, counted_step
+    try:
+        frames = 40 * (65536 - 8192) // 6000 + 1
+        expect = 0
+        for k in range(frames):
+            pub.write(np.arange(k * 1500, (k + 1) * 1500, dtype=np.int32))
+            while expect + 1000 <= (k + 1) * 1500:  # the chunks this frame completes
+                with sub.recv(timeout=10) as chunk:
+                    assert chunk.index == expect
+                    assert (chunk.data == np.arange(expect, expect + 1000)).all(), f"chunk at {expect}"
+                    expect += 1000
+        assert pub._state.end and expect == frames * 1500 // 1000 * 1000
+        assert taken[0] == frames and stepped[0] == 0  # every frame, slab changes included, in one step
+    finally:
+        sub.close()
+        pub.close()
