@@ -60,7 +60,8 @@ class PublisherState:
         self.offset = 0  # byte where the next frame goes
         self.end = 0  # byte just past the slab being written; 0: no slab yet
         self.slab_frames = 0  # frames written into the slab being written
-        self.switch_unsent = False  # a slab change whose PUBLISHED has not gone to the broker yet
+        self.switch_unsent = False  # a slab change in the ring whose PUBLISHED has not gone to the broker yet
+        self.fresh = False  # a slab change whose first frame is not in the ring yet (nothing to announce)
         self.carried_due: int | None = None  # a CARRIED to send right after that PUBLISHED
         self.last_send = 0.0  # when the last notice went out
         # The batch: frames placed whose NOTICE (for `unnoticed` of them) is not sent yet.
@@ -95,10 +96,17 @@ class PublisherState:
         carry = min(self.carry, self.contiguous())
         self.slab_carry = carry
         self.slab_frames = 0
-        self.switch_unsent = bool(self.end)  # its first PUBLISHED tells the broker of the change
+        self.fresh = bool(self.end)  # (the first slab is no change); announced once its first frame is published
         self.slab_data = start + self.reserve
         self.end = start + slab_bytes
         return carry
+
+    def first_frame(self) -> None:
+        """The first frame of the slab started last is in the ring (its position stored): the change is due to
+        the broker now.  Not before: the broker reads the ring, and a PUBLISHED sent between the switch and that
+        store (the background thread may take the GIL there) would announce nothing."""
+        self.fresh = False
+        self.switch_unsent = True
 
     def place(self, index: int, offset: int, n: int, nbytes: int, t0: float, now: float, jump: bool = False) -> int:
         """A frame of ``n`` samples (``nbytes``) starting at stream ``index`` was written at byte ``offset``
@@ -128,7 +136,7 @@ class PublisherState:
         starts on this confirmation never meets a slab change that carried less than it needs.
         """
         self.carry = min(nbytes, self.reserve)
-        if self.switch_unsent:
+        if self.switch_unsent or self.fresh:
             self.carried_due = self.carry
             return None
         return self.carry
@@ -137,6 +145,8 @@ class PublisherState:
         """A PUBLISHED went to the broker: a slab change before it is known there.  The CARRIED now due,
         if any, to send right after it."""
         self.switch_unsent = False
+        if self.fresh:
+            return None  # (a change not in the ring yet: the CARRIED waits for the PUBLISHED after its frame)
         due = self.carried_due
         self.carried_due = None
         return due

@@ -427,6 +427,8 @@ class Publisher:
         ring.write(position, index, t0, offset, self._floor, n, self._slab, self._gen, flags)
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
+        if state.fresh:
+            state.first_frame()  # (its slab change is due to the broker from now on)
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
         ring_now = False
         # The header words the broker keeps, two to a load: (notices_wanted, futex_waiters), (frames_wanted,
