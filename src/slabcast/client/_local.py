@@ -614,8 +614,10 @@ class LocalReceiver:
 
     def _send_ack(self, force: bool = False) -> None:
         """Tell the broker how far we have read when we left a slab or gave one back: in our cursor table entry
-        (an ACK too while the broker asks for them, or when the chunks held or dropped changed), or by ACK at
-        once; otherwise (counters for ``slabcast status``) by ACK at most every ``_ACK_INTERVAL`` seconds."""
+        (an ACK too while the broker asks for them), or by ACK at once; the counters ``slabcast status`` shows by
+        ACK when the chunks held or dropped changed, else at most every ``_ACK_INTERVAL`` seconds.  Called at
+        those moments and before every wait: a subscriber that stops calling ``recv`` is as fresh as its last
+        call."""
         leases = self._leases
         state = (self._cur_slab, self._dropped, leases.handed - leases.released, self._received)
         acked = self._acked
@@ -625,10 +627,11 @@ class LocalReceiver:
         if urgent and not force and self._entry is not None:
             self._posted = state[0]
             leases.unlocked = False
-            # An ACK still when the broker asks, or when the chunks held or dropped changed (what `slabcast
-            # status` shows of a subscriber that keeps up: steady there, so rarely).
-            urgent = self._post_cursor() or state[1:3] != acked[1:3]
-        if not urgent and (state == acked or time.monotonic() - self._acked_at < _ACK_INTERVAL):
+            urgent = self._post_cursor()  # (an ACK too while the broker asks)
+        # Counters for `slabcast status`: the chunks held or dropped at once when they changed (steady for a
+        # subscriber that keeps up, so rarely), what it delivered at most every _ACK_INTERVAL.
+        if not urgent and (state == acked or (state[1:3] == acked[1:3]
+                                              and time.monotonic() - self._acked_at < _ACK_INTERVAL)):  # fmt: skip
             return
         self._acked = state
         self._posted = state[0]
