@@ -606,3 +606,44 @@ def test_a_subscriber_keeping_up_cuts_chunks_across_slab_changes_from_the_carrie
     finally:
         sub.close()
         pub.close()
+
+
+def test_no_slab_change_is_told_to_the_broker_before_its_first_frame_is_in_the_ring(
+    broker, stream_name, monkeypatch
+):
+    # The background thread sends a slab change's PUBLISHED; the broker reads only the ring, so one sent between
+    # the switch and the store of the new slab's first frame announces nothing (and a CARRIED waiting for it
+    # would go early).  A 10 us GIL switch interval shuffles the two threads: a review saw 413 such in 11,124
+    # changes before PublisherState.first_frame.
+    from slabcast.client import publisher as pubmod
+
+    old = sys.getswitchinterval()
+    switch_at, premature, told = [0], [], [0]
+    switch_to, published = pubmod.Publisher._switch_to, pubmod.Publisher._published
+
+    def recording_switch_to(self, slab):
+        switch_at[0] = self._position  # the first descriptor of the new slab will have this number
+        return switch_to(self, slab)
+
+    def checking_published(self):
+        if self._state.switch_unsent:
+            told[0] += 1
+            if self._ring.position <= switch_at[0]:
+                premature.append((self._ring.position, switch_at[0]))
+        return published(self)
+
+    monkeypatch.setattr(pubmod.Publisher, "_switch_to", recording_switch_to)
+    monkeypatch.setattr(pubmod.Publisher, "_published", checking_published)
+    pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=(1 << 20) + 4096, max_chunk_bytes=4096, nslabs=8,
+                             address=broker.address, timeout=10)  # fmt: skip
+    data = np.zeros(1 << 20, np.uint8)  # one frame per slab: every write changes slab
+    sys.setswitchinterval(1e-5)
+    try:
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            pub.write(data)
+    finally:
+        sys.setswitchinterval(old)
+        pub.close()
+    assert told[0] > 100, "too few slab changes told to test anything"
+    assert not premature, f"{len(premature)} slab changes told before their first frame was in the ring"
