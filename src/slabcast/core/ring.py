@@ -345,8 +345,18 @@ class Ring:
     def read(self, start: int, stop: int) -> list[Descriptor] | None:
         """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
         (a slot may already hold a later descriptor)."""
+        raw = self._copy(start, stop)
+        return None if raw is None else list(_DESC.iter_unpack(raw))
+
+    def read_array(self, start: int, stop: int) -> np.ndarray[Any, Any] | None:
+        """The same as a copied ``DESCRIPTOR`` array (the broker's batches, taken column by column)."""
+        raw = self._copy(start, stop)
+        return None if raw is None else np.frombuffer(raw, DESCRIPTOR)
+
+    def _copy(self, start: int, stop: int) -> bytes | None:
+        """The bytes of descriptors ``start..stop``, or None when the publisher lapped ``start``."""
         if stop <= start:
-            return []
+            return b""
         if stop - start > self.slots:
             return None
         a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
@@ -356,21 +366,7 @@ class Ring:
             barrier()
         if self.q[POSITION_AT // 8] - start >= self.slots:
             return None
-        return list(_DESC.iter_unpack(raw))
-
-    def read_array(self, start: int, stop: int) -> np.ndarray[Any, Any] | None:
-        """Descriptors ``start..stop`` (all published) as a copied ``DESCRIPTOR`` array (the broker's batches,
-        taken column by column), or None when the publisher lapped ``start``, as :meth:`read`."""
-        if stop - start > self.slots:
-            return None
-        a, b = (start & self.mask) * DESCRIPTOR_BYTES, (stop & self.mask) * DESCRIPTOR_BYTES
-        wrapped = a >= b and stop > start
-        raw = self._bytes[a:].tobytes() + self._bytes[:b].tobytes() if wrapped else self._bytes[a:b].tobytes()
-        if not TSO:
-            barrier()
-        if self.q[POSITION_AT // 8] - start >= self.slots:
-            return None
-        return np.frombuffer(raw, DESCRIPTOR)
+        return raw
 
 
 # ---------------------------------------------------------------- futex (Linux)
