@@ -15,6 +15,7 @@ import pytest
 
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
+from slabcast.core import ring as R
 from slabcast.core.ring import CURSOR_TAG_SHIFT
 from slabcast.core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment
 from slabcast.wire import messages as M
@@ -79,9 +80,9 @@ class Harness:
         self.reserve = opened[0].reserve
         return opened[0]
 
-    def write(self, n: int, t0: float = 0.0, flags: int = 0, name: str = "s") -> list[Out]:
+    def write(self, n: int, t0: float = 0.0, flags: int = 0, name: str = "s", tell: bool = True) -> list[Out]:
         """The publisher writes a frame of ``n`` int32 samples (moving to its next granted slab when full, carrying
-        nothing): its descriptor into the ring, then PUBLISHED."""
+        nothing): its descriptor into the ring, then PUBLISHED (unless not ``tell``: a later one covers it)."""
         if self.offset < 0 or self.offset + 4 * n > self.slab_end:
             self.slab = self.grants.pop(0)
             self.offset = 4096 + self.slab * SLAB + self.reserve  # header_bytes(4) is one page
@@ -92,7 +93,7 @@ class Harness:
         ring.write(self.position, self.index, t0, self.offset, self.floor, n, self.slab, gen, flags)
         self.position += 1
         ring.publish(self.position)
-        out = self.send(PUB, M.Published(self.position))
+        out = self.send(PUB, M.Published(self.position)) if tell else []
         self.offset += 4 * n
         self.index += n
         return out
@@ -339,6 +340,57 @@ def test_a_wrong_descriptor_is_named_to_its_publisher_and_ends_the_stream(h: Har
     (error,) = to(PUB, out, M.Error)
     assert error.code == P.ERR_FRAME and "neither the next offset" in error.message
     assert "s" not in h.state.streams  # ended: its subscribers are told the publisher is gone
+
+
+@pytest.mark.parametrize("batch", [5, 40], ids=["short batch, as tuples", "long batch, by column"])
+@pytest.mark.parametrize("wrong", ["seq", "index", "n"])
+def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(h: Harness, batch: int, wrong: str) -> None:
+    h.open()
+    for _ in range(batch - 1):
+        h.write(10, tell=False)
+    ring = h.state.streams["s"].ring
+    k = batch - 1  # the last descriptor of the batch is the wrong one
+    seq, index, n = k + (wrong == "seq"), h.index + 3 * (wrong == "index"), 0 if wrong == "n" else 10
+    # (Ring.write puts a descriptor in the slot of its seq: into slot k by hand, for a wrong seq)
+    R._DESC.pack_into(ring._bytes, (k & ring.mask) * R.DESCRIPTOR_BYTES, seq, index, 0.0, h.offset, h.floor, n,
+                      h.slab, int(h.state.streams["s"].gens[h.slab]), 0)  # fmt: skip
+    ring.publish(batch)
+    (error,) = to(PUB, h.send(PUB, M.Published(batch)), M.Error)
+    assert error.code == P.ERR_FRAME
+    assert error.message == (f"descriptor {k} says seq {seq}, index {index}, n {n}; expected seq {k}, "
+                             f"index {10 * k}, n >= 1")  # fmt: skip
+    assert "s" not in h.state.streams
+
+
+def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any) -> None:
+    """The same frames (runs in two slabs, a jump), told in batches of 4 (tuples) and in one batch of 40 (by
+    column): the broker cuts the same chunks and keeps the same frames for history, and the same head."""
+    cuts = []
+    for every in (4, 40):
+        h = Harness(tmp_path)
+        try:
+            h.open(max_chunk=1024)
+            h.hello(SUB, "sub")
+            h.send(SUB, subscribe(64, cut="broker"))
+            chunks = []
+            for k in range(40):  # 40 frames of 480 bytes: two slabs
+                out = h.write(120, t0=k * 0.12, flags=P.FLAG_DISCONTINUITY * (k == 23), tell=(k + 1) % every == 0)
+                while cut := to(SUB, out, M.Chunk):  # (it holds at most 8: released, the next come)
+                    chunks += [(m.index, m.n, m.t0, m.offset, m.flags) for m in cut]
+                    out = h.send(SUB, M.Release(tuple(m.seq for m in cut), ()))
+            stream = h.state.streams["s"]
+            kept = []  # the history, frame by frame (its runs are grouped as they came)
+            for slab, (floors, runs) in sorted(stream.kept.items()):
+                for index, offset, ns, t0s, flags in runs:
+                    for n, t0 in zip(ns, t0s, strict=True):
+                        kept.append((slab, index, offset, n, t0, flags if index == runs[0][0] else flags & ~1))
+                        index, offset = index + n, offset + 4 * n
+                kept.append(tuple(floors))
+            cuts.append((chunks, stream.head, stream.frames, kept))
+        finally:
+            h.state.shutdown()
+    assert len({offset // SLAB for _, _, _, offset, _ in cuts[0][0]}) >= 2  # chunks in more than one slab
+    assert cuts[0] == cuts[1]
 
 
 def test_release_of_a_chunk_not_held_is_malformed(h: Harness) -> None:
