@@ -91,6 +91,16 @@ def test_statistics_stay_bounded_when_t0_never_advances(broker, stream_name):
     pub.close()
 
 
+def wait_held(address: str, name: str, made: threading.Event) -> None:
+    """Wait until the broker holds a subscription to ``name`` made before the stream (its SUBSCRIBE, not only its
+    connection: a publisher writing first would start it at the head); ``made``: the subscriber failed early."""
+    for _ in range(500):
+        if slabcast.broker_status(address)["waiting"].get(name) or made.is_set():
+            return
+        made.wait(0.01)
+    pytest.fail(f"the broker never held the subscription to {name!r} made before its stream")
+
+
 def test_a_subscriber_created_before_its_stream_gets_index_0(broker, stream_name):
     box: dict = {}
     made = threading.Event()
@@ -101,11 +111,7 @@ def test_a_subscriber_created_before_its_stream_gets_index_0(broker, stream_name
 
     t = threading.Thread(target=subscribe)
     t.start()
-    # The subscription is held by the broker, not polled for: wait until the broker has it.
-    for _ in range(200):
-        if slabcast.broker_status(broker.address)["clients"] >= 1:
-            break
-        made.wait(0.01)
+    wait_held(broker.address, stream_name, made)
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
     pub.write(np.arange(20, dtype=np.int32))
     t.join(10)
@@ -254,10 +260,7 @@ def test_a_short_stream_that_ends_before_a_waiting_subscriber_attaches_is_all_re
 
         t = threading.Thread(target=subscribe)
         t.start()
-        for _ in range(200):  # the broker holds the subscription before the stream exists
-            if slabcast.broker_status(broker.address)["clients"] >= 1:
-                break
-            made.wait(0.01)
+        wait_held(broker.address, name, made)
         pub = slabcast.Publisher(name, "uint8", address=broker.address)
         for i in range(20):
             pub.write(bytes([i]))
