@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from slabcast.broker import state as state_module
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
 from slabcast.core import ring as R
@@ -344,7 +345,10 @@ def test_a_wrong_descriptor_is_named_to_its_publisher_and_ends_the_stream(h: Har
 
 @pytest.mark.parametrize("batch", [5, 40], ids=["short batch, as tuples", "long batch, by column"])
 @pytest.mark.parametrize("wrong", ["seq", "index", "n"])
-def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(h: Harness, batch: int, wrong: str) -> None:
+def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(
+    h: Harness, batch: int, wrong: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "_ROWS", 8)  # (a batch of more goes by column)
     h.open()
     for _ in range(batch - 1):
         h.write(10, tell=False)
@@ -362,9 +366,10 @@ def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(h: Har
     assert "s" not in h.state.streams
 
 
-def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any) -> None:
+def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same frames (runs in two slabs, a jump), told in batches of 4 (tuples) and in one batch of 40 (by
     column): the broker cuts the same chunks and keeps the same frames for history, and the same head."""
+    monkeypatch.setattr(state_module, "_ROWS", 8)  # (a batch of more goes by column)
     cuts = []
     for every in (4, 40):
         h = Harness(tmp_path)
