@@ -33,7 +33,7 @@ def test_carried_waits_for_the_frame_of_a_slab_change_made_with_the_old_carry():
     assert not st.switch_unsent and not st.fresh  # the first slab is no change the broker must hear of
     start(st, 1)
     assert st.fresh and not st.switch_unsent  # due once its first frame is in the ring
-    st.first_frame()
+    st.first_frame(0.0)
     assert st.switch_unsent
     assert st.on_carry(8192) is None  # not yet: the change in flight carried 4096
     assert st.carry == 8192  # but the next slab carries the new amount
@@ -48,7 +48,7 @@ def test_only_the_last_carry_asked_during_a_change_is_confirmed():
     start(st, 1)
     assert st.on_carry(8192) is None
     assert st.on_carry(1024) is None
-    st.first_frame()
+    st.first_frame(0.0)
     assert st.frame_sent() == 1024
 
 
@@ -185,6 +185,6 @@ def test_a_slab_change_is_due_only_once_its_first_frame_is_in_the_ring_and_so_is
     assert st.on_carry(8192) is None  # a change made with the old carry is in flight
     assert st.frame_sent() is None  # a PUBLISHED before its first frame: the CARRIED still waits
     assert st.fresh and not st.switch_unsent
-    st.first_frame()
+    st.first_frame(0.0)
     assert st.switch_unsent
     assert st.frame_sent() == 8192

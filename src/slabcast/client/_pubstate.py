@@ -61,6 +61,7 @@ class PublisherState:
         self.end = 0  # byte just past the slab being written; 0: no slab yet
         self.slab_frames = 0  # frames written into the slab being written
         self.switch_unsent = False  # a slab change in the ring whose PUBLISHED has not gone to the broker yet
+        self.unsent_since = 0.0  # when that slab change's first frame went into the ring (time.monotonic)
         self.fresh = False  # a slab change whose first frame is not in the ring yet (nothing to announce)
         self.carried_due: int | None = None  # a CARRIED to send right after that PUBLISHED
         self.last_send = 0.0  # when the last notice went out
@@ -101,12 +102,13 @@ class PublisherState:
         self.end = start + slab_bytes
         return carry
 
-    def first_frame(self) -> None:
-        """The first frame of the slab started last is in the ring (its position stored): the change is due to
-        the broker now.  Not before: the broker reads the ring, and a PUBLISHED sent between the switch and that
-        store (the background thread may take the GIL there) would announce nothing."""
+    def first_frame(self, now: float) -> None:
+        """The first frame of the slab started last is in the ring (its position stored) at ``now``: the change
+        is due to the broker now.  Not before: the broker reads the ring, and a PUBLISHED sent between the
+        switch and that store (the background thread may take the GIL there) would announce nothing."""
         self.fresh = False
         self.switch_unsent = True
+        self.unsent_since = now
 
     def place(self, index: int, offset: int, n: int, nbytes: int, t0: float, now: float, jump: bool = False) -> int:
         """A frame of ``n`` samples (``nbytes``) starting at stream ``index`` was written at byte ``offset``

@@ -435,8 +435,9 @@ class Publisher:
         ring.write(position, index, t0, offset, self._floor, n, self._slab, self._gen, flags)
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
-        if state.fresh:
-            state.first_frame()  # (its slab change is due to the broker from now on)
+        first = state.fresh
+        if first:
+            state.first_frame(time.monotonic())  # (its slab change is due to the broker from now on)
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
         ring_now = False
         # The header words the broker keeps, two to a load: (notices_wanted, futex_waiters), (frames_wanted,
@@ -485,8 +486,13 @@ class Publisher:
             if state.switch_unsent:
                 # The broker grants the next slab when it hears of this change; the publisher holds another
                 # (GRANT_AHEAD), so it hears BATCH_DELAY later, from the background thread: its work on it
-                # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).
-                _kick(self._kick)
+                # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).  A writer that
+                # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
+                if first:
+                    _kick(self._kick)
+                elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
+                    with self._lock:
+                        self._published()
         self.frames += 1
         self.samples += n
 
