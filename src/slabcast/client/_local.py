@@ -89,6 +89,7 @@ class _ViewRef(weakref.ref):  # type: ignore[type-arg]
     seq: int
 
 
+_frombuffer = np.frombuffer
 _new_ready = tuple.__new__  # _Ready(...) without NamedTuple's Python-level __new__: this is per chunk
 
 
@@ -572,7 +573,7 @@ class LocalReceiver:
     def _hand_out(self) -> Chunk:
         seq, index, n, t0, offset, slab, flags = self._ready.popleft()
         channels = self._channels
-        base = np.frombuffer(self._mm, dtype=self._dtype, count=n * channels, offset=offset)
+        base = _frombuffer(self._mm, self._dtype, n * channels, offset)  # (keywords: 0.5 us more, 3 cold)
         # Every view derived from `data` keeps `base` alive, so this fires when the last view dies.
         leases = self._leases
         leases.slab_of[seq] = slab
