@@ -112,6 +112,88 @@ def test_a_sleeping_subscriber_is_woken_within_one_publish(broker, workers, queu
     assert not [text for silence, text in late if silence >= LONG], late
 
 
+@pytest.mark.parametrize("kwargs", [pytest.param({"wake": "futex"}, id="futex"),
+                                    pytest.param({"wake": "doorbell"}, id="doorbell")])  # fmt: skip
+def test_a_frame_larger_than_any_before_wakes_a_subscriber_whose_chunk_it_completes(
+    broker, workers, queue, stream_name, kwargs
+):
+    # Wake targets (core/ring.py): asleep on the futex word, a subscriber is woken only by the first publish that
+    # can complete its next chunk, reckoned with frame_max (the most samples in one frame so far).  Here each time
+    # it sleeps needing frame_max + 1 samples (so, two frames at least), and the next frame is one sample larger
+    # than any before: it completes the chunk, and the publisher, seeing frame_max grow, wakes every waiter.
+    # Without that the chunk would wait for the next burst, 0.3 s later (or the subscriber's bounded wait).
+    size = 64
+    results = workers.queue()
+    pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
+    ends = []  # (stream index where a burst's chunk completes, time it was written, time the next burst began)
+    index = 0
+    try:
+        workers.spawn(W3.record_arrivals, broker.address, stream_name, {"size": size, "clip": True, **kwargs}, queue,
+                      results, LOOK)  # fmt: skip
+        assert queue.get(timeout=30)[0] == "sub-ready"
+        for largest in range(1, 13):  # frame_max before the burst's last frame
+            if ends:
+                ends[-1] = (*ends[-1][:2], time.monotonic())
+            while size - index % size != largest + 1:  # one-sample frames up to where the chunk lacks largest + 1
+                pub.write(np.arange(index, index + 1, dtype=np.int64))
+                index += 1
+            time.sleep(0.003)  # (the subscriber goes to sleep, its target two frames ahead)
+            pub.write(np.arange(index, index + largest + 1, dtype=np.int64))  # completes the chunk, raises frame_max
+            index += largest + 1
+            ends.append((index, time.monotonic(), None))
+            time.sleep(0.3)
+        ends[-1] = (*ends[-1][:2], time.monotonic())
+    finally:
+        pub.close()
+    got = results.get(timeout=60)
+    assert got[0] == "sub-done", got
+    _, chunks, _t0, arrived, bad, end, dropped = got
+    assert (end, dropped, bad) == ("EndOfStream", 0, [])
+    assert chunks.tolist() == list(range(0, index - size + 1, size)), "a chunk never arrived, or came wrong"
+    assert len(ends) >= 10
+    late = [(stop, float(arrived[chunks == stop - size][0] - written)) for stop, written, next_start in ends
+            if arrived[chunks == stop - size][0] >= next_start]  # fmt: skip
+    assert not late, f"chunks that came only after the next burst began (index, seconds late): {late}"
+
+
+@pytest.mark.parametrize("wake", ["futex", "doorbell"])
+def test_a_subscriber_of_chunks_of_eight_frames_sleeps_through_the_frames_that_cannot_complete_one(
+    broker, stream_name, monkeypatch, wake
+):
+    # Wake targets (core/ring.py): 400 frames of 8 samples, 0.3 ms apart (the subscriber sleeps between two), in
+    # chunks of 64: it is woken about once per chunk, not per frame.
+    from slabcast.client import _local
+
+    waits = [0]
+    futex_wait = _local.futex_wait
+
+    def counted(*args):
+        waits[0] += 1
+        return futex_wait(*args)
+
+    monkeypatch.setattr(_local, "futex_wait", counted)
+    pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=64, clip=True, wake=wake, address=broker.address, timeout=10)
+    frames = 400
+
+    def write() -> None:
+        for k in range(frames):
+            pub.write(np.arange(8 * k, 8 * k + 8, dtype=np.int64))
+            time.sleep(0.0003)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for j in range(frames * 8 // 64):
+            with sub.recv(timeout=10) as chunk:
+                assert np.array_equal(chunk.data, np.arange(64 * j, 64 * j + 64))
+    finally:
+        writer.join(30)
+        sub.close()
+        pub.close()
+    assert 0 < waits[0] <= frames // 3, f"{waits[0]} futex waits for {frames} frames in {frames // 8} chunks"
+
+
 class _RecordingLocks:
     """barrier()'s new lock on x86-64, counting the locked acquires made."""
 

@@ -149,3 +149,30 @@ def test_sampler_skips_are_exact_in_samples_whatever_the_frame_times():
         index += 1024
     assert len(chunks) > 10
     assert set(_gaps(chunks)) == {96_000}
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_needed_is_what_the_next_chunk_lacks_and_never_more(clip):
+    # What a subscriber's wake target is computed from (core/ring.py): the samples past what was fed that the next
+    # chunk needs.  Never more than the samples after which it is cut: checked by feeding one sample at a time.
+    r = Rechunker(10, clip=clip)
+    end = 0
+    assert r.needed(end) == 10
+    for frame in (3, 4, 12, 1, 9, 20):
+        r.feed(end, frame, 0.0)
+        end += frame
+        need = r.needed(end)
+        assert need is not None and need >= 1
+        probe = Rechunker(10, clip=clip)
+        probe.start, probe.t0 = r.start, r.t0
+        cut = [probe.feed(end + k, 1, 0.0) for k in range(need)]
+        assert cut[-1] and not any(cut[:-1]), (frame, need)
+
+
+def test_needed_counts_a_pause_in_samples_and_knows_nothing_of_a_pause_in_seconds():
+    with_rate = Rechunker(10, clip=True, rate=100.0, sampler=lambda: 0.5)  # 50 samples skipped after each chunk
+    with_rate.feed(0, 12, 0.0)  # a chunk 0..10, the pause until 60
+    assert with_rate.needed(12) == 60 + 10 - 12
+    without = Rechunker(10, clip=True, sampler=lambda: 0.5)  # a pause in frame time
+    without.feed(0, 12, 0.0)
+    assert without.needed(12) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import threading
 import time
@@ -248,6 +249,75 @@ def test_futex_wake_wakes_a_waiter_on_the_same_word(small):
         futex_wake(ring.futex_address)
         waiter.join(5)
     assert woke == [True]
+
+
+def _asleep_in_futex(thread: threading.Thread) -> None:
+    """Wait until ``thread`` is blocked in the futex system call (Linux: /proc/self/task/<tid>/syscall)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+            if f.read().split()[0] == str(R._SYS_FUTEX):
+                return
+        assert time.monotonic() < deadline, "the waiter never slept on the futex"
+        os.sched_yield()
+
+
+@pytest.mark.parametrize("mask", ["target", "all"])
+def test_a_masked_wake_reaches_only_waiters_whose_mask_it_shares(small, mask):
+    # Wake targets (core/ring.py): a waiter with the mask of position 12 sleeps through the publishes of 10 and 11
+    # (their masks miss it) and wakes at 12's; a waiter with every bit (FUTEX_WAIT: the C client) wakes at any.
+    ring = small
+    ring.publish(9)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(futex_wait(
+        ring.futex_address, 9, 10.0, R.wake_mask(12) if mask == "target" else R.WAKE_ALL)))  # fmt: skip
+    waiter.start()
+    try:
+        _asleep_in_futex(waiter)
+        if mask == "all":
+            assert futex_wake(ring.futex_address, R.wake_mask(10)) == 1
+        else:
+            assert futex_wake(ring.futex_address, R.wake_mask(10) | R.wake_mask(11)) == 0
+            assert not woke
+            ring.publish(12)
+            assert futex_wake(ring.futex_address, R.wake_mask(12)) == 1
+    finally:
+        ring.publish(13)
+        futex_wake(ring.futex_address)
+        waiter.join(5)
+    assert woke == [True]
+
+
+def test_futex_wait_with_a_mask_times_out_after_its_relative_timeout(small):
+    # FUTEX_WAIT_BITSET's timeout is absolute (CLOCK_MONOTONIC); futex_wait takes seconds from now either way.
+    small.publish(3)
+    t = time.monotonic()
+    assert futex_wait(small.futex_address, 3, 0.05, R.wake_mask(7)) is False
+    assert 0.04 <= time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize(
+    ("position", "need", "frame_max", "expect"),
+    [
+        (100, 64, 16, 1 << (104 % 32)),  # 4 frames of at most 16 samples at least
+        (100, 65, 16, 1 << (105 % 32)),  # (rounded up)
+        (100, 16, 16, R.WAKE_ALL),  # the next frame may complete it: every publish
+        (100, 1, 16, R.WAKE_ALL),
+        (100, 10_000, 1, 1 << (132 % 32)),  # at most 32 frames ahead (the masks of 32 positions are all distinct)
+        (100, 64, 0, R.WAKE_ALL),  # no frame_max kept (a publisher that does not keep it)
+        (100, None, 16, R.WAKE_ALL),  # not known (a sampler's pause in seconds)
+        ((1 << 40) + 30, 64, 16, 1 << 2),  # the futex word is the position's low half; masks go by position
+    ],
+)
+def test_the_wake_target_is_the_first_publish_that_can_complete_the_next_chunk(position, need, frame_max, expect):
+    assert R.wake_target(position, need, frame_max) == expect
+
+
+def test_frame_max_is_its_own_header_word(small, mm):
+    assert small.frame_max == 0
+    small.set_frame_max(480)
+    assert small.frame_max == 480
+    assert int.from_bytes(mm[188:192], "little") == 480  # core/ring.py: u32 frame_max at byte 188
 
 
 def test_a_reader_takes_the_ring_where_the_header_says_and_checks_it():

@@ -25,7 +25,7 @@ from .._exceptions import BrokerGoneError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, Ring, barrier, futex_wait, ring_layout
+from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, TSO, Ring, barrier, futex_wait, ring_layout, wake_target
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
@@ -294,8 +294,9 @@ class LocalReceiver:
                 return position  # busy: never sleeps (the caller looks at the broker every _LOOK seconds)
         # (Once the ring is closed every subscriber waits on its notice socket, where NOTICE_END comes.)
         if self._futex and not ring.closed:
-            # The kernel compares the word and sleeps in one step: a publish after our look wakes us.
-            futex_wait(ring.futex_address, seen, wait)
+            # The kernel compares the word and sleeps in one step: a publish after our look wakes us (the first
+            # that can complete our next chunk: core/ring.py, wake targets).
+            futex_wait(ring.futex_address, seen, wait, self._wake_target(seen))
             return ring.position
         if self._sleeper is not None and not ring.closed and ring.futex_sleepers_woken:
             # The doorbell, waiting in recv (nobody polls our notice socket): our byte in the futex sleeper table,
@@ -307,7 +308,7 @@ class LocalReceiver:
                 barrier()
                 position = ring.position
                 if position == seen and not ring.closed:  # (closed since our first look: NOTICE_END comes)
-                    futex_wait(ring.futex_address, seen, wait)
+                    futex_wait(ring.futex_address, seen, wait, self._wake_target(seen))
                     position = ring.position
             finally:
                 table[self._sleeper] = 0
@@ -331,6 +332,13 @@ class LocalReceiver:
         if raw is not None:
             self._on_notice(raw)
         return ring.position
+
+    def _wake_target(self, seen: int) -> int:
+        """The futex mask to sleep with, having read everything up to position ``seen`` (and loaded it): that
+        of the first publish that can complete our next chunk (core/ring.py, wake targets)."""
+        if not TSO:
+            barrier()  # (frame_max after the position)
+        return wake_target(seen, self._chunker.needed(self._noticed), self._ring.frame_max)
 
     def _arm(self) -> int:
         """Set our sleeper byte, make a full barrier, and return the position (see core/ring.py): from now on a

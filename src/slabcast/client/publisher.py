@@ -26,7 +26,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
-from ..core.ring import Ring, barrier, futex_wake
+from ..core.ring import WAKE_ALL, Ring, barrier, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -334,6 +334,7 @@ class Publisher:
         self._ring = Ring(self._mm, self._geometry.ring_offset)
         self._ring.wake_futex_sleepers()  # (our write wakes a doorbell subscriber asleep on the futex word)
         self._position = 0  # descriptors published
+        self._frame_max = 0  # the most samples in one frame so far (the ring's frame_max)
         # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
         self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
         self._slab = -1
@@ -433,6 +434,10 @@ class Publisher:
         position = self._position
         flags = P.FLAG_DISCONTINUITY if discontinuity else 0
         ring.write(position, index, t0, offset, self._floor, n, self._slab, self._gen, flags)
+        grew = n > self._frame_max
+        if grew:  # (before the position: a subscriber's wake target counts frames of at most frame_max)
+            self._frame_max = n
+            ring.set_frame_max(n)
         self._position = position = position + 1
         ring.publish(position)  # samples, descriptor, then position: the order readers load them in
         first = state.fresh
@@ -454,14 +459,17 @@ class Publisher:
             # A full barrier, then the sleeper table: a doorbell subscriber either sees this position or we see
             # its byte (core/ring.py).  With futex subscribers, the FUTEX_WAKE that wakes those asleep on the
             # position is the barrier (the kernel's futex_wake); else a lock's locked instruction (x86-64).
+            # It wakes those whose next chunk this frame can complete (core/ring.py, wake targets): every one
+            # when the frame is larger than any before.
+            mask = WAKE_ALL if grew else 1 << (position & 31)
             if futex:
-                futex_wake(ring.futex_address)
+                futex_wake(ring.futex_address, mask)
             else:
                 barrier()
             if ring.doorbells:
                 ring_now = ring.sleeping()
                 if ring.futex_sleeping():
-                    futex_wake(ring.futex_address)  # (after the look: the one above may precede their sleep)
+                    futex_wake(ring.futex_address, mask)  # (after the look: the one above may precede their sleep)
         # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
         # writer); a PUBLISHED when the broker cuts chunks itself (batched likewise); one NOTICE at once when a
         # doorbell subscriber sleeps; a slab change's PUBLISHED from the background thread.  Often nothing.

@@ -97,6 +97,16 @@ class Rechunker:
         self.last_t0 = -math.inf  # the previous frame's time (no rate: a clock step back restarts the pause)
         self.jumped = False  # the schedule restarted on a clock step back (no rate); the caller clears it
 
+    def needed(self, end: int) -> int | None:
+        """Samples past stream index ``end`` (where everything fed so far ends) that the next chunk needs before it
+        can be cut, at least; None when that depends on the frames' times (a sampler's pause without a rate)."""
+        if self.pause_until is not None:
+            return None
+        start = self.start
+        if start is None:
+            start = end if self.pause_at is None else max(end, self.pause_at)
+        return start + self.size - end
+
     def feed(self, index: int, n: int, t0: float) -> list[tuple[int, int, float]]:
         """Account for a frame of ``n`` samples starting at stream index ``index`` at time ``t0``.
 

@@ -25,6 +25,8 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
                                 (the futex sleeper table below); single writer: the publisher, at open
     184  u32  acks_wanted       1 while the publisher is short of slabs: a subscriber that posts its cursor in
                                 the cursor table (below) sends ACK when it leaves a slab; single writer: the broker
+    188  u32  frame_max         the most samples in one frame written so far (0: not kept); single writer: the
+                                publisher, which stores it before the position of the frame that raised it
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
@@ -70,6 +72,18 @@ either it sees the subscriber's new cursor or the subscriber sees the flag (Dekk
 slab stays held by a cursor the broker did not read.  A subscriber given no tag (a broker that does not read
 the table), or that never writes it (the C client, a read-only mapping), sends ACK for every slab, as before.
 
+**Wake targets.** A subscriber asleep on the futex word (either table's, or ``wake="futex"``) whose next chunk
+needs ``need`` more samples than it has read (at position ``s``) needs at least ``k = ceil(need / frame_max)``
+more frames, as long as no frame is larger than ``frame_max``.  It may sleep with ``FUTEX_WAIT_BITSET`` and the
+mask ``1 << ((s + k) % 32)`` (``k`` at most 32), loading ``frame_max`` after the position (an acquire: it
+covers every frame up to ``s``).  The publisher wakes with ``FUTEX_WAKE_BITSET`` and the mask ``1 << (p % 32)``
+of the position ``p`` it just stored, and with every bit (``FUTEX_WAKE``) when the frame raised ``frame_max``;
+the broker's wakes (the end, an eviction) have every bit.  So a subscriber of chunks of many frames is woken at
+the publish that can complete its chunk, not at every one, and none is late: until ``s + k`` no chunk of its
+completes, and a larger frame wakes everyone.  A subscriber that sleeps with ``FUTEX_WAIT`` (every bit: the C
+client, or ``k`` = 1) is woken by every publish; a publisher that keeps no ``frame_max`` (0) or wakes with
+``FUTEX_WAKE`` loses nothing either.
+
 A descriptor (64 bytes, every field aligned)::
 
     0   u64  seq     the descriptor's number (the ring position it was published at)
@@ -103,6 +117,7 @@ import ctypes
 import platform
 import struct
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -118,6 +133,8 @@ __all__ = [
     "futex_wake",
     "ring_bytes",
     "ring_layout",
+    "wake_mask",
+    "wake_target",
 ]
 
 RING_SLOTS = 1 << 16  # descriptors per stream: more than nslabs * notices_per_slab(nslabs) for any nslabs
@@ -139,7 +156,8 @@ Descriptor = tuple[int, int, float, int, int, int, int, int, int]
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
 SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
     136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
-ACKS_WANTED_AT = 184
+ACKS_WANTED_AT, FRAME_MAX_AT = 184, 188
+WAKE_ALL = 0xFFFFFFFF  # a futex bitset matching every waiter (FUTEX_BITSET_MATCH_ANY)
 CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
 CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
 
@@ -313,7 +331,17 @@ class Ring:
     def frames_wanted(self) -> bool:
         return bool(self.w[FRAMES_AT // 4])
 
+    def set_frame_max(self, n: int) -> None:
+        """The most samples in one frame so far (the publisher, before the position of the frame that raised it)."""
+        self.w[FRAME_MAX_AT // 4] = n
+
     # ------------------------------------------------------------ readers
+
+    @property
+    def frame_max(self) -> int:
+        """The most samples in one frame written so far, or 0 (load it after the position: see Wake targets)."""
+        n: int = self.w[FRAME_MAX_AT // 4]
+        return n
 
     @property
     def position(self) -> int:
@@ -377,7 +405,7 @@ _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
 TSO = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
 _BARRIER_WORD = ctypes.c_uint32(0)
 _new_lock = _thread.allocate_lock  # barrier()'s on x86-64
-_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE_FLAG): waiters in other processes
+_FUTEX_WAIT, _FUTEX_WAKE, _FUTEX_WAIT_BITSET, _FUTEX_WAKE_BITSET = 0, 1, 9, 10  # shared (not FUTEX_PRIVATE_FLAG)
 
 
 class _Timespec(ctypes.Structure):
@@ -398,16 +426,23 @@ def _syscall() -> Any:
     return _libc.syscall
 
 
-def futex_wait(address: int, expected: int, timeout: float) -> bool:
-    """Sleep while the u32 at ``address`` (in a shared mapping) holds ``expected``, at most ``timeout`` seconds.
+def futex_wait(address: int, expected: int, timeout: float, mask: int = WAKE_ALL) -> bool:
+    """Sleep while the u32 at ``address`` (in a shared mapping) holds ``expected``, at most ``timeout`` seconds,
+    until a :func:`futex_wake` whose mask shares a bit with ``mask`` (every wake, by default).
 
     The kernel compares and sleeps atomically with respect to :func:`futex_wake`, so a wake after the
     word changed is never lost.  Returns False on a timeout, True otherwise (woken, the word had
     changed, or a signal: the caller looks again either way).
     """
-    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
-    r = _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected & 0xFFFFFFFF),
-                   ctypes.byref(ts), None, 0)  # fmt: skip
+    if mask == WAKE_ALL:
+        ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+        op = _FUTEX_WAIT
+    else:  # (FUTEX_WAIT_BITSET's timeout is absolute, on CLOCK_MONOTONIC: time.monotonic's clock on Linux)
+        until = time.monotonic() + timeout
+        ts = _Timespec(int(until), int((until % 1.0) * 1e9))
+        op = _FUTEX_WAIT_BITSET
+    r = _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), op, ctypes.c_uint32(expected & 0xFFFFFFFF),
+                   ctypes.byref(ts), None, ctypes.c_uint32(mask))  # fmt: skip
     return r == 0 or ctypes.get_errno() != 110  # ETIMEDOUT
 
 
@@ -432,11 +467,32 @@ def barrier() -> None:
         futex_wake(ctypes.addressof(_BARRIER_WORD))
 
 
-def futex_wake(address: int) -> int:
-    """Wake every process sleeping on the u32 at ``address``; return how many were woken.
+def futex_wake(address: int, mask: int = WAKE_ALL) -> int:
+    """Wake every process sleeping on the u32 at ``address`` whose wait mask shares a bit with ``mask``
+    (every one, by default); return how many were woken.
 
-    The kernel's ``futex_wake`` issues a full memory barrier before it looks for waiters, which is
-    what orders the caller's earlier stores (the position) before any waiter's check.  ``address`` must
-    be 4-byte aligned: on another the kernel fails with EINVAL before that barrier.
+    The kernel's ``futex_wake`` (``FUTEX_WAKE`` and ``FUTEX_WAKE_BITSET`` alike) issues a full memory barrier
+    before it looks for waiters, which is what orders the caller's earlier stores (the position) before any
+    waiter's check.  ``address`` must be 4-byte aligned: on another the kernel fails with EINVAL before that
+    barrier.
     """
-    return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0))
+    if mask == WAKE_ALL:
+        return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0))
+    return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE_BITSET, 0x7FFFFFFF, None, None,
+                          ctypes.c_uint32(mask)))  # fmt: skip
+
+
+def wake_mask(position: int) -> int:
+    """The futex mask of position ``position``: what a publish that stored it wakes, and what a subscriber that
+    needs it to complete its next chunk waits with (see Wake targets in the module's docstring)."""
+    return 1 << (position & 31)
+
+
+def wake_target(position: int, need: int | None, frame_max: int) -> int:
+    """The futex mask a subscriber that read everything up to ``position`` waits with: that of ``position + k``,
+    ``k = ceil(need / frame_max)`` frames at least before its next chunk can complete (at most 32), or every bit
+    when the next publish may complete it, ``need`` is not known (None: a sampler's pause in seconds) or
+    ``frame_max`` is not kept (0)."""
+    if need is None or frame_max <= 0 or need <= frame_max:
+        return WAKE_ALL
+    return wake_mask(position + min(32, -(-need // frame_max)))
