@@ -1,7 +1,8 @@
 """Data path v3 (issue 21): frames described in the segment's ring, subscribers woken by a doorbell, a futex
 or their own spinning.
 
-What it must keep: a sleeping subscriber is woken within one publish whatever its wait strategy; a
+What it must keep: a sleeping subscriber is woken within one publish that can complete its next chunk
+(every publish, for chunks of one frame or less) whatever its wait strategy; a
 ``drop`` subscriber lapped by the ring counts exactly the chunks it never got; a paused ``block``
 subscriber is never lapped (it holds the publisher back instead); a publisher killed between any two
 of its stores leaves its subscribers every frame it published and then the end, never a wrong chunk;
@@ -192,6 +193,43 @@ def test_a_subscriber_of_chunks_of_eight_frames_sleeps_through_the_frames_that_c
         sub.close()
         pub.close()
     assert 0 < waits[0] <= frames // 3, f"{waits[0]} futex waits for {frames} frames in {frames // 8} chunks"
+
+
+def test_a_block_subscriber_asleep_toward_a_far_chunk_still_gives_back_the_slabs_it_holds(
+    broker, stream_name, monkeypatch
+):
+    # Wake targets (core/ring.py): a block subscriber of 1 MiB chunks over 64 KiB frames sleeps toward the 16th
+    # frame; with one frame per slab and 8 slabs, the publisher needs the slabs behind it back long before.  The
+    # publisher wakes every waiter at each slab's first frame, so the subscriber posts its cursor once a slab.  Its
+    # bounded wait raised to 60 s: without that wake the writer times out (a review found the stall).
+    from slabcast.client import _local
+
+    monkeypatch.setattr(_local, "_LOOK", 60.0)
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=(1 << 20) + 65536,
+                             max_chunk_bytes=1 << 20, nslabs=8, timeout=5)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=1 << 20, clip=True, wake="futex", address=broker.address, timeout=10)
+    frames = 48
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for k in range(frames):
+                pub.write(np.full(65536, k % 251, np.uint8))
+                time.sleep(0.0005)  # (paced: the subscriber goes to sleep between frames)
+        except BaseException as exc:
+            failure.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for j in range(frames // 16):
+            with sub.recv(timeout=30) as chunk:
+                assert [int(chunk.data[65536 * i]) for i in range(16)] == [(16 * j + i) % 251 for i in range(16)]
+    finally:
+        writer.join(60)
+        sub.close()
+        pub.close()
+    assert not failure, failure
 
 
 class _RecordingLocks:
@@ -745,9 +783,10 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
         while not state.switch_unsent:  # up to the first frame of the second slab
             pub.write(frame)
         first = pub.frames
+        state.unsent_since = time.monotonic() + 10  # (as if the change were new: a preempted test waits no matter)
         pub.write(frame)
         assert state.switch_unsent, "told before BATCH_DELAY passed: the deferral this keeps is gone"
-        state.unsent_since -= 1.0  # (as if the writer had held the GIL for a second)
+        state.unsent_since -= 20.0  # (as if the writer had held the GIL for ten seconds)
         pub.write(frame)
         assert not state.switch_unsent and pub.frames == first + 2
         pub.flush()  # the broker heard of the change and granted the next slab: the publisher holds two again
@@ -755,3 +794,59 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
         assert len(state.grants) == 2
     finally:
         pub.close()
+
+
+def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_stale_copy_is_redone(
+    broker, stream_name, monkeypatch
+):
+    # When another frame of the size just written will not fit, the background thread copies the carried part
+    # into the next granted slab (Publisher._prepare_switch), and the write that switches finds it there.  A
+    # frame written after that copy (it still fitted) makes the copy stale: the switch copies again.  Every byte
+    # is checked by a subscriber whose chunks straddle each slab change (the carried part).
+    from slabcast.client import publisher as pubmod
+
+    copies = []
+    copy_carry = pubmod.copy_carry
+
+    def recording(*args):
+        copies.append(threading.current_thread() is threading.main_thread())
+        return copy_carry(*args)
+
+    monkeypatch.setattr(pubmod, "copy_carry", recording)
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
+                             max_chunk_bytes=4096, timeout=10)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=3000, clip=True, address=broker.address, timeout=10)
+    index, got = 0, []
+
+    def write(n: int) -> None:
+        nonlocal index
+        pub.write((np.arange(index, index + n) % 251).astype(np.uint8))
+        index += n
+
+    def prepared() -> None:
+        deadline = time.monotonic() + 10
+        while pub._prepared is None:  # (kicked by the write before: copied within BATCH_DELAY and a GIL switch)
+            assert time.monotonic() < deadline, "the background thread never prepared the slab change"
+            time.sleep(0.001)
+
+    try:
+        write(18_000)
+        for change in range(6):
+            for _ in range(2):  # three frames of 18,000 bytes in the slab: a fourth does not fit (it holds 61,440)
+                write(18_000)
+            prepared()
+            copies_before = len(copies)
+            if change % 2:
+                write(100)  # it still fits: the prepared copy is stale
+            write(18_000)  # the slab change: the first frame of the next slab
+            assert copies[copies_before:] == ([True] if change % 2 else []), change  # (True: the writer copied)
+            while index - len(got) * 3000 >= 3000 and (chunk := sub.recv(timeout=10)):
+                with chunk:
+                    assert chunk.index == len(got) * 3000
+                    assert np.array_equal(chunk.data, (np.arange(chunk.index, chunk.index + 3000) % 251))
+                    got.append(chunk.index)
+    finally:
+        sub.close()
+        pub.close()
+    assert copies.count(False) >= 6  # the background thread copied for every change
+    assert len(got) == index // 3000

@@ -93,7 +93,8 @@ def test_statistics_stay_bounded_when_t0_never_advances(broker, stream_name):
 
 def wait_held(address: str, name: str, made: threading.Event) -> None:
     """Wait until the broker holds a subscription to ``name`` made before the stream (its SUBSCRIBE, not only its
-    connection: a publisher writing first would start it at the head); ``made``: the subscriber failed early."""
+    connection: a publisher writing first would start it at the head); ``made``: the subscriber is already made
+    (it stopped waiting: no use looking further)."""
     for _ in range(500):
         if slabcast.broker_status(address)["waiting"].get(name) or made.is_set():
             return

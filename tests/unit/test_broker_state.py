@@ -378,8 +378,8 @@ def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any, monkeypat
             h.hello(SUB, "sub")
             h.send(SUB, subscribe(64, cut="broker"))
             chunks = []
-            for k in range(40):  # 40 frames of 480 bytes: two slabs
-                out = h.write(120, t0=k * 0.12, flags=P.FLAG_DISCONTINUITY * (k == 23), tell=(k + 1) % every == 0)
+            for k in range(40):  # 40 frames of 500 bytes: two slabs, the change inside a batch of 4 (frame 30)
+                out = h.write(125, t0=k * 0.125, flags=P.FLAG_DISCONTINUITY * (k == 23), tell=(k + 1) % every == 0)
                 while cut := to(SUB, out, M.Chunk):  # (it holds at most 8: released, the next come)
                     chunks += [(m.index, m.n, m.t0, m.offset, m.flags) for m in cut]
                     out = h.send(SUB, M.Release(tuple(m.seq for m in cut), ()))

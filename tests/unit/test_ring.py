@@ -251,13 +251,15 @@ def test_futex_wake_wakes_a_waiter_on_the_same_word(small):
     assert woke == [True]
 
 
-def _asleep_in_futex(thread: threading.Thread) -> None:
-    """Wait until ``thread`` is blocked in the futex system call (Linux: /proc/self/task/<tid>/syscall)."""
+def _asleep_in_futex(thread: threading.Thread, address: int) -> None:
+    """Wait until ``thread`` is blocked in the futex system call on ``address`` (Linux:
+    /proc/self/task/<tid>/syscall; a thread waiting for the GIL is in a futex call too, on another word)."""
     deadline = time.monotonic() + 5
     while True:
         with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
-            if f.read().split()[0] == str(R._SYS_FUTEX):
-                return
+            fields = f.read().split()
+        if fields[0] == str(R._SYS_FUTEX) and int(fields[1], 16) == address:
+            return
         assert time.monotonic() < deadline, "the waiter never slept on the futex"
         os.sched_yield()
 
@@ -273,7 +275,7 @@ def test_a_masked_wake_reaches_only_waiters_whose_mask_it_shares(small, mask):
         ring.futex_address, 9, 10.0, R.wake_mask(12) if mask == "target" else R.WAKE_ALL)))  # fmt: skip
     waiter.start()
     try:
-        _asleep_in_futex(waiter)
+        _asleep_in_futex(waiter, ring.futex_address)
         if mask == "all":
             assert futex_wake(ring.futex_address, R.wake_mask(10)) == 1
         else:

@@ -74,10 +74,11 @@ class PublisherState:
 
     # ------------------------------------------------------------ slabs
 
-    def contiguous(self) -> int:
-        """Bytes of stream that lie contiguously just before the write position in the slab being written:
-        what it carried in, then what was written since."""
-        return max(0, self.offset - (self.slab_data - self.slab_carry)) if self.end else 0
+    def contiguous(self, offset: int | None = None) -> int:
+        """Bytes of stream that lie contiguously just before the write position (or ``offset`` in the slab
+        being written): what it carried in, then what was written since."""
+        at = self.offset if offset is None else offset
+        return max(0, at - (self.slab_data - self.slab_carry)) if self.end else 0
 
     def needs_slab(self, nbytes: int) -> bool:
         """Whether a frame of ``nbytes`` must go to a new slab: it does not fit, or this slab had its frames

@@ -77,12 +77,14 @@ needs ``need`` more samples than it has read (at position ``s``) needs at least 
 more frames, as long as no frame is larger than ``frame_max``.  It may sleep with ``FUTEX_WAIT_BITSET`` and the
 mask ``1 << ((s + k) % 32)`` (``k`` at most 32), loading ``frame_max`` after the position (an acquire: it
 covers every frame up to ``s``).  The publisher wakes with ``FUTEX_WAKE_BITSET`` and the mask ``1 << (p % 32)``
-of the position ``p`` it just stored, and with every bit (``FUTEX_WAKE``) when the frame raised ``frame_max``;
-the broker's wakes (the end, an eviction) have every bit.  So a subscriber of chunks of many frames is woken at
-the publish that can complete its chunk, not at every one, and none is late: until ``s + k`` no chunk of its
-completes, and a larger frame wakes everyone.  A subscriber that sleeps with ``FUTEX_WAIT`` (every bit: the C
-client, or ``k`` = 1) is woken by every publish; a publisher that keeps no ``frame_max`` (0) or wakes with
-``FUTEX_WAKE`` loses nothing either.
+of the position ``p`` it just stored, and with every bit (``FUTEX_WAKE``) when the frame raised ``frame_max`` or
+is the first of a slab; the broker's wakes (the end, an eviction) have every bit.  So a subscriber of chunks of
+many frames is woken at the publish that can complete its chunk, not at every one, and none is late: until
+``s + k`` no chunk of its completes, and a larger frame wakes everyone.  A ``block`` subscriber asleep toward a
+later position still wakes once a slab and posts its cursor, so the slabs it holds back come back to the pool
+(else a publisher short of slabs would wait for its bounded wait).  A subscriber that sleeps with
+``FUTEX_WAIT`` (every bit: the C client, or ``k`` = 1) is woken by every publish; a publisher that keeps no
+``frame_max`` (0) or wakes with ``FUTEX_WAKE`` loses nothing either.
 
 A descriptor (64 bytes, every field aligned)::
 
