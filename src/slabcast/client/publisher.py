@@ -455,9 +455,9 @@ class Publisher:
             state.offset = offset + nbytes  # the common case: nobody to tell
             self.frames += 1
             self.samples += n
-            if state.end - offset < 2 * nbytes and not self._prep_asked:
-                self._prep_asked = True  # another frame of this size will not fit: the background thread
-                _kick(self._kick)  # copies the carry into the next slab meanwhile (_prepare_switch)
+            if state.end - offset < 2 * nbytes and not self._prep_asked:  # (as at the end; here no wake to wait for)
+                self._prep_asked = True
+                _kick(self._kick)
             return
         futex = ring.futex_waiters
         if futex or ring.doorbells:
@@ -467,7 +467,7 @@ class Publisher:
             # It wakes those whose next chunk this frame can complete (core/ring.py, wake targets): every one
             # when the frame is larger than any before, and at each slab's first frame (a block subscriber asleep
             # toward a later position still reads and posts its cursor once a slab: the slabs it holds come back).
-            mask = WAKE_ALL if grew or first else 1 << (position & 31)
+            mask = WAKE_ALL if grew or first else 1 << (position & 31)  # (wake_mask, inlined)
             if futex:
                 futex_wake(ring.futex_address, mask)
             else:
@@ -510,7 +510,9 @@ class Publisher:
         self.frames += 1
         self.samples += n
         if state.end - offset < 2 * nbytes and not self._prep_asked:
-            self._prep_asked = True  # (as above)
+            # Another frame of this size will not fit: the background thread copies the carry into the next slab
+            # meanwhile (_prepare_switch), after this frame's wake.
+            self._prep_asked = True
             _kick(self._kick)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -619,18 +621,18 @@ class Publisher:
         state = self._state
         prepared, self._prepared = self._prepared, None
         self._prep_asked = False
-        # Prepared by the background thread for this slab, at this write position and carry: the carry is there.
-        ready = prepared is not None and prepared[:3] == (slab, state.offset, state.carry)
+        if prepared is not None and prepared[:3] != (slab, state.offset, state.carry):
+            prepared = None  # (made for another slab, write position or carry: stale)
         self._slab = slab
-        self._gen = prepared[3] if prepared is not None and ready else generation(self._mm, slab)  # (bumped before
-        # GRANT was sent)
+        # (bumped before GRANT was sent)
+        self._gen = generation(self._mm, slab) if prepared is None else prepared[3]
         geometry = self._geometry
         start, data = geometry.slab_start(slab), geometry.data_start(slab)
         old = state.offset
         # Copy the tail subscribers may still be accumulating just before the new slab's data,
         # so that every chunk lies contiguously in the slab of the frame that completes it.
         carry = state.switch(start, self.slab_bytes)
-        if carry and not ready:
+        if carry and prepared is None:  # (else the background thread copied it: _prepare_switch)
             copy_carry(self._u8, geometry, old, data, carry)
         self._floor = self.samples - carry // self.sample_bytes
         return int(data)

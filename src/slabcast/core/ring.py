@@ -164,7 +164,6 @@ CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
 CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
 
 
-
 def ring_bytes(slots: int = RING_SLOTS) -> int:
     """Bytes of a ring of ``slots`` descriptors and its sleeper table (whole pages)."""
     return -(-slots * DESCRIPTOR_BYTES // 4096) * 4096 + 4096
