@@ -27,6 +27,7 @@ import pytest
 import zmq
 
 import slabcast
+from slabcast.client import _local as local_module
 from slabcast.core import ring as ring_module
 from slabcast.core.ring import RING_SLOTS
 from slabcast.wire import protocol as P
@@ -246,25 +247,38 @@ class _RecordingLocks:
         return True
 
 
-@pytest.mark.parametrize("kind", ["lock", "futex"])
+@pytest.mark.parametrize("kind", ["lock", "futex", "compiled"])
 def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker, stream_name, monkeypatch, kind):
     # A doorbell subscriber sets its sleeper byte, makes a full barrier, then loads the position (core/ring.py).
-    # On x86-64 the barrier is a lock's acquire (a locked instruction); elsewhere a FUTEX_WAKE system call, which
-    # is one only when the kernel gets as far as futex_wake's smp_mb(): it must not fail. Both are run here
-    # (the second as on ARM64). Five subscribers hold sleeper bytes 0..4.
+    # From Python on x86-64 the barrier is a lock's acquire (a locked instruction); elsewhere a FUTEX_WAKE system
+    # call, which is one only when the kernel gets as far as futex_wake's smp_mb(): it must not fail. Both are run
+    # here (the second as on ARM64), and the compiled one (an __atomic fence) when built. Five subscribers hold
+    # sleeper bytes 0..4.
     # (Found by this test: the barrier was once a FUTEX_WAKE on the subscriber's own, unaligned, byte.)
     calls: list[tuple[int, int]] = []
-    real = ring_module.futex_wake
-
-    def recording(address: int) -> int:
-        woken = real(address)
-        calls.append((address, woken))
-        return woken
-
     fence = _RecordingLocks()
-    monkeypatch.setattr(ring_module, "futex_wake", recording)
-    monkeypatch.setattr(ring_module, "_new_lock", fence)
-    monkeypatch.setattr(ring_module, "TSO", kind == "lock")
+    if kind == "compiled":
+        if ring_module.HOT is None:
+            pytest.skip("the compiled module (core/_hot.c) is not built")
+        real_barrier = ring_module.HOT.barrier
+
+        def counting() -> None:
+            fence.acquired += 1
+            real_barrier()
+
+        monkeypatch.setattr(local_module, "barrier", counting)
+    else:
+        real = ring_module._py_futex_wake
+
+        def recording(address: int) -> int:
+            woken = real(address)
+            calls.append((address, woken))
+            return woken
+
+        monkeypatch.setattr(ring_module, "_py_futex_wake", recording)
+        monkeypatch.setattr(ring_module, "_new_lock", fence)
+        monkeypatch.setattr(ring_module, "TSO", kind == "lock")
+        monkeypatch.setattr(local_module, "barrier", ring_module._py_barrier)
     with slabcast.Publisher(stream_name, dtype="uint8", address=broker.address):
         subs = [slabcast.Subscriber(stream_name, size=1, address=broker.address) for _ in range(5)]
         try:
@@ -274,7 +288,7 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
         finally:
             for sub in subs:
                 sub.close()
-    barriers = fence.acquired if kind == "lock" else len(calls)
+    barriers = len(calls) if kind == "futex" else fence.acquired
     assert barriers >= 5, (fence.acquired, calls)  # one barrier (at least) per subscriber that armed its byte
     failed = [(address, woken) for address, woken in calls if woken < 0 or address % 4]
     assert not failed, f"barriers that failed (EINVAL: an unaligned word): no barrier at all: {failed}"

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -26,7 +27,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
-from ..core.ring import WAKE_ALL, Ring, barrier, futex_wake
+from ..core.ring import HOT, WAKE_ALL, Ring, barrier, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -66,6 +67,13 @@ def _kick(lock: _thread.LockType) -> None:
 
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _element_format(dtype: np.dtype[Any]) -> str:
+    """The buffer format numpy gives an array of ``dtype`` (``"h"``, ``"f"``, ``"B"``...), without a byte order
+    mark for the native order: what the compiled path compares a frame's with."""
+    fmt: str = np.empty(1, dtype).data.format
+    return fmt[1:] if fmt[:1] in "@=<" and (fmt[:1] != "<" or sys.byteorder == "little") else fmt
 
 
 def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> np.ndarray[Any, Any]:
@@ -345,6 +353,10 @@ class Publisher:
         self._nseq = 0  # notices published
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._frame_limit = self._geometry.frame_bytes
+        # The compiled frame path (core/_hot.c), when built; a stream with per-sample times keeps the Python one.
+        self._writer = None if HOT is None or self.timestamps else HOT.Writer(
+            self._mm, self._geometry.ring_offset, self._ring.slots, _element_format(self.dtype),
+            self.dtype.itemsize, self.channels, self._frame_limit)  # fmt: skip
         self._sync_token = 0
         self._synced = 0  # the highest SYNC token the broker answered
         # One lock for the socket: the writer and the batch flusher both send on it.
@@ -399,6 +411,39 @@ class Publisher:
                 f"the publisher of {self._where} was created in process {self._pid}; its ZeroMQ sockets do not "
                 "survive fork(): create the Publisher in the process that writes"
             )
+        writer = self._writer
+        state = self._state
+        if writer is not None and times is None and not (state.fresh or state.pend_n or state.switch_unsent):
+            # The compiled path (core/_hot.c): the same steps as below in one call, which in a cold process
+            # (a paced writer after its sleep) cost 3 us against 13.  It declines (0) whatever is not plain
+            # (a frame to check, a slab change, a t0 to refuse): the Python steps below take it then.
+            if self._failure is not None:
+                raise self._failure
+            offset = state.offset
+            position = self._position
+            index = self.samples
+            n = writer.put(data, t0, P.FLAG_DISCONTINUITY if discontinuity else 0, offset,
+                           state.end if state.slab_frames < state.frame_cap else 0, position, index, self._floor,
+                           self._slab, self._gen, self._frame_max)  # fmt: skip
+            if n:
+                told = n > 0  # (else the frame is published and the tell part is ours)
+                n = n if told else -n
+                nbytes = n * self.sample_bytes
+                state.offset = offset + nbytes
+                state.slab_frames += 1
+                self._position = position + 1
+                self.frames += 1
+                self.samples = index + n
+                grew = n > self._frame_max
+                if grew:
+                    self._frame_max = n
+                if not told:
+                    flags = P.FLAG_DISCONTINUITY if discontinuity else 0
+                    self._tell(index, offset, n, nbytes, self._ring.t0_of(position), flags, grew, False, position + 1)
+                if state.end - offset < 2 * nbytes and not self._prep_asked:
+                    self._prep_asked = True
+                    _kick(self._kick)
+                return
         arr = check_frame(data, self.dtype, self.channels, self._where)
         n = arr.shape[0]
         nbytes = n * self.sample_bytes
@@ -422,7 +467,6 @@ class Publisher:
             # seconds, off the frame's path (doing it here every 50 ms cost 2% of a paced writer's frames
             # 150-200 us: its p99).
             raise self._failure
-        state = self._state
         offset = state.offset
         if offset + nbytes > state.end or state.slab_frames >= state.frame_cap:  # (state.needs_slab, inlined)
             offset = self._next_slab()
@@ -446,7 +490,6 @@ class Publisher:
         if first:
             state.first_frame(time.monotonic())  # (its slab change is due to the broker from now on)
         state.slab_frames += 1  # (descriptors per slab are bounded: a block subscriber is never lapped)
-        ring_now = False
         # The header words the broker keeps, two to a load: (notices_wanted, futex_waiters), (frames_wanted,
         # closed), (doorbells, sleep_futex).
         words = ring.q
@@ -459,6 +502,24 @@ class Publisher:
                 self._prep_asked = True
                 _kick(self._kick)
             return
+        self._tell(index, offset, n, nbytes, t0, flags, grew, first, position)
+        self.frames += 1
+        self.samples += n
+        if state.end - offset < 2 * nbytes and not self._prep_asked:
+            # Another frame of this size will not fit: the background thread copies the carry into the next slab
+            # meanwhile (_prepare_switch), after this frame's wake.
+            self._prep_asked = True
+            _kick(self._kick)
+
+
+    def _tell(self, index: int, offset: int, n: int, nbytes: int, t0: float, flags: int, grew: bool, first: bool,
+              position: int) -> None:  # fmt: skip
+        """After a frame's publish (ring position ``position``), tell whom it concerns: futex waiters, doorbell
+        subscribers asleep, version-2 subscribers (NOTICEs), the broker (PUBLISHED), as the ring's words say."""
+        ring = self._ring
+        state = self._state
+        discontinuity = bool(flags)
+        ring_now = False
         futex = ring.futex_waiters
         if futex or ring.doorbells:
             # A full barrier, then the sleeper table: a doorbell subscriber either sees this position or we see
@@ -507,13 +568,6 @@ class Publisher:
                 elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
                     with self._lock:
                         self._published()
-        self.frames += 1
-        self.samples += n
-        if state.end - offset < 2 * nbytes and not self._prep_asked:
-            # Another frame of this size will not fit: the background thread copies the carry into the next slab
-            # meanwhile (_prepare_switch), after this frame's wake.
-            self._prep_asked = True
-            _kick(self._kick)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has read every frame written so far.
@@ -726,6 +780,8 @@ class Publisher:
         with contextlib.suppress(OSError):
             os.close(self._live_fd)
         self._u8 = None  # type: ignore[assignment]
+        if self._writer is not None:
+            self._writer.close()
         self._bytes.release()
         self._ring.release()
         if self._mm is not None:

@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import os
 import platform
 import struct
 import sys
@@ -123,6 +124,15 @@ import time
 from typing import Any
 
 import numpy as np
+
+_hot: Any  # the compiled module, or None (HOT, below)
+if os.environ.get("SLABCAST_PURE_PYTHON") == "1":
+    _hot = None
+else:
+    try:
+        from slabcast.core import _hot
+    except ImportError:  # (installed without a C compiler)
+        _hot = None
 
 __all__ = [
     "DESCRIPTOR",
@@ -280,6 +290,11 @@ class Ring:
         _DESC.pack_into(self._bytes, (seq & self.mask) * DESCRIPTOR_BYTES, seq, index, t0, offset, floor, n, slab,
                         gen, flags)  # fmt: skip
 
+    def t0_of(self, seq: int) -> float:
+        """The ``t0`` of descriptor ``seq`` as written (the writer's own, before the ring laps it)."""
+        t0: float = _DESC.unpack_from(self._bytes, (seq & self.mask) * DESCRIPTOR_BYTES)[2]
+        return t0
+
     def publish(self, position: int) -> None:
         """Make every descriptor below ``position`` visible (one aligned 8-byte store)."""
         if not TSO:
@@ -427,7 +442,7 @@ def _syscall() -> Any:
     return _libc.syscall
 
 
-def futex_wait(address: int, expected: int, timeout: float, mask: int = WAKE_ALL) -> bool:
+def _py_futex_wait(address: int, expected: int, timeout: float, mask: int = WAKE_ALL) -> bool:
     """Sleep while the u32 at ``address`` (in a shared mapping) holds ``expected``, at most ``timeout`` seconds,
     until a :func:`futex_wake` whose mask shares a bit with ``mask`` (every wake, by default).
 
@@ -447,7 +462,7 @@ def futex_wait(address: int, expected: int, timeout: float, mask: int = WAKE_ALL
     return r == 0 or ctypes.get_errno() != 110  # ETIMEDOUT
 
 
-def barrier() -> None:
+def _py_barrier() -> None:
     """A full memory barrier from Python: every store before it is visible to other cores before any load
     after it is made (the Dekker handshake of the sleeper table needs exactly that, on both sides).
 
@@ -465,10 +480,10 @@ def barrier() -> None:
         # fork could copy held.  Dropped while held, it is released and freed.
         _new_lock().acquire()
     else:
-        futex_wake(ctypes.addressof(_BARRIER_WORD))
+        _py_futex_wake(ctypes.addressof(_BARRIER_WORD))
 
 
-def futex_wake(address: int, mask: int = WAKE_ALL) -> int:
+def _py_futex_wake(address: int, mask: int = WAKE_ALL) -> int:
     """Wake every process sleeping on the u32 at ``address`` whose wait mask shares a bit with ``mask``
     (every one, by default); return how many were woken.
 
@@ -481,6 +496,15 @@ def futex_wake(address: int, mask: int = WAKE_ALL) -> int:
         return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0))
     return int(_syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE_BITSET, 0x7FFFFFFF, None, None,
                           ctypes.c_uint32(mask)))  # fmt: skip
+
+
+# The compiled twins (core/_hot.c), when the C extension was built; SLABCAST_PURE_PYTHON=1 keeps these.  A cold
+# process (a paced writer after its sleep) spends 7.7 us in a ctypes FUTEX_WAKE, under 1 in the compiled one.
+HOT = _hot
+if _hot is not None:
+    futex_wait, futex_wake, barrier = _hot.futex_wait, _hot.futex_wake, _hot.barrier
+else:
+    futex_wait, futex_wake, barrier = _py_futex_wait, _py_futex_wake, _py_barrier
 
 
 def wake_mask(position: int) -> int:

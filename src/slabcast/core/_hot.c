@@ -1,0 +1,399 @@
+/* slabcast.core._hot: the frame's path in C (optional; core/ring.py falls back to ctypes and Python).
+ *
+ * What a paced frame spends is mostly a cold interpreter: after a 1 ms sleep a ctypes FUTEX_WAKE costs
+ * 7.7 us on the 2-vCPU test machine against under 1 us for the system call itself, and the publisher's
+ * copy, descriptor and position 10 us in Python.  These functions do the same steps as their Python
+ * twins in core/ring.py, in one call each; the protocol (docs/protocol.md) does not change.
+ *
+ *   futex_wait(address, expected, timeout, mask=WAKE_ALL) -> bool
+ *   futex_wake(address, mask=WAKE_ALL) -> int
+ *   barrier() -> None
+ *   Writer(segment, ring_offset, slots, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
+ *       end, position, index, floor, slab, gen, frame_max) -> int
+ *
+ * Linux only (futex(2)); any architecture the compiler's __atomic builtins cover.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WAKE_ALL 0xFFFFFFFFu
+
+/* docs/protocol.md, the ring: a 256-byte header, then descriptors of 64 bytes. */
+#define POSITION_AT 152
+#define NOTICES_AT 160
+#define FUTEX_AT 164
+#define FRAMES_AT 168
+#define DOORBELLS_AT 176
+#define FRAME_MAX_AT 188
+#define HEADER_BYTES 256
+#define DESCRIPTOR_BYTES 64
+
+static int
+as_address(PyObject *obj, char **out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (char *)(uintptr_t)v;
+    return 0;
+}
+
+static int
+as_u32(PyObject *obj, uint32_t *out)
+{
+    /* The low 32 bits, as the Python versions take them (expected & 0xFFFFFFFF). */
+    unsigned long long v = PyLong_AsUnsignedLongLongMask(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int
+as_i64(PyObject *obj, int64_t *out)
+{
+    long long v = PyLong_AsLongLong(obj);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+PyDoc_STRVAR(futex_wait_doc,
+"futex_wait(address, expected, timeout, mask=WAKE_ALL) -> bool\n\n"
+"Sleep while the u32 at address holds expected, at most timeout seconds, until a futex_wake whose mask\n"
+"shares a bit with mask.  False on a timeout, True otherwise (woken, changed, or a signal).  The GIL is\n"
+"released while asleep.");
+
+static PyObject *
+hot_futex_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    char *address;
+    uint32_t expected, mask = WAKE_ALL;
+    double timeout;
+    if (nargs < 3 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError, "futex_wait takes 3 or 4 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (as_address(args[0], &address) < 0 || as_u32(args[1], &expected) < 0)
+        return NULL;
+    timeout = PyFloat_AsDouble(args[2]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (nargs == 4 && as_u32(args[3], &mask) < 0)
+        return NULL;
+    if (!(timeout >= 0.0))  /* (NaN too) */
+        timeout = 0.0;
+    struct timespec ts;
+    long r;
+    int err;
+    if (mask == WAKE_ALL) {
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        Py_BEGIN_ALLOW_THREADS
+        r = syscall(SYS_futex, address, FUTEX_WAIT, expected, &ts, NULL, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    } else {
+        /* FUTEX_WAIT_BITSET's timeout is absolute, on CLOCK_MONOTONIC. */
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double until = (double)now.tv_sec + (double)now.tv_nsec * 1e-9 + timeout;
+        ts.tv_sec = (time_t)until;
+        ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+        Py_BEGIN_ALLOW_THREADS
+        r = syscall(SYS_futex, address, FUTEX_WAIT_BITSET, expected, &ts, NULL, mask);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    if (r == 0 || err != ETIMEDOUT)
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+PyDoc_STRVAR(futex_wake_doc,
+"futex_wake(address, mask=WAKE_ALL) -> int\n\n"
+"Wake every process asleep on the u32 at address whose wait mask shares a bit with mask; return how many\n"
+"were woken (-1 on an error, as the system call).  The kernel makes a full barrier before it looks.");
+
+static PyObject *
+hot_futex_wake(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    char *address;
+    uint32_t mask = WAKE_ALL;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "futex_wake takes 1 or 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (as_address(args[0], &address) < 0 || (nargs == 2 && as_u32(args[1], &mask) < 0))
+        return NULL;
+    long r;
+    if (mask == WAKE_ALL)
+        r = syscall(SYS_futex, address, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
+    else
+        r = syscall(SYS_futex, address, FUTEX_WAKE_BITSET, 0x7FFFFFFF, NULL, NULL, mask);
+    return PyLong_FromLong(r);
+}
+
+PyDoc_STRVAR(barrier_doc,
+"barrier() -> None\n\n"
+"A full memory barrier: every store before it is visible to other cores before any load after it.");
+
+static PyObject *
+hot_barrier(PyObject *self, PyObject *unused)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+
+/* ------------------------------------------------------------------ the publisher's frame */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer segment;      /* the stream's segment, writable; released by close() */
+    int held;
+    char *base;
+    Py_ssize_t size;
+    char *ring;             /* the first descriptor */
+    uint64_t mask;          /* slots - 1 */
+    char fmt[16];           /* the buffer format of one sample's element ("h", "f", "B", ...) */
+    Py_ssize_t itemsize;
+    Py_ssize_t channels;
+    Py_ssize_t sample_bytes;
+    Py_ssize_t frame_limit;
+} Writer;
+
+static void
+writer_release(Writer *w)
+{
+    if (w->held) {
+        PyBuffer_Release(&w->segment);
+        w->held = 0;
+        w->base = NULL;
+    }
+}
+
+static int
+writer_init(Writer *w, PyObject *args, PyObject *kwargs)
+{
+    PyObject *segment;
+    Py_ssize_t ring_offset, slots, itemsize, channels, frame_limit;
+    const char *fmt;
+    static char *kw[] = {"segment", "ring_offset", "slots", "fmt", "itemsize", "channels", "frame_limit", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnsnnn:Writer", kw, &segment, &ring_offset, &slots, &fmt,
+                                     &itemsize, &channels, &frame_limit))
+        return -1;
+    writer_release(w);
+    if (slots < 2 || (slots & (slots - 1)) || itemsize < 1 || channels < 1 || frame_limit < 0
+        || strlen(fmt) >= sizeof w->fmt) {
+        PyErr_Format(PyExc_ValueError, "Writer: slots must be a power of two >= 2 (got %zd), itemsize and "
+                     "channels >= 1 (got %zd, %zd), a format under 16 characters (got '%s')",
+                     slots, itemsize, channels, fmt);
+        return -1;
+    }
+    if (PyObject_GetBuffer(segment, &w->segment, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    w->held = 1;
+    w->base = (char *)w->segment.buf;
+    w->size = w->segment.len;
+    if (((uintptr_t)w->base & 7) || ring_offset < HEADER_BYTES || (ring_offset & 7)
+        || ring_offset + slots * DESCRIPTOR_BYTES > w->size) {
+        writer_release(w);
+        PyErr_Format(PyExc_ValueError, "Writer: a ring of %zd slots at byte %zd does not lie in the segment's "
+                     "%zd bytes past its header, 8-byte aligned", slots, ring_offset, w->size);
+        return -1;
+    }
+    w->ring = w->base + ring_offset;
+    w->mask = (uint64_t)(slots - 1);
+    strcpy(w->fmt, fmt);
+    w->itemsize = itemsize;
+    w->channels = channels;
+    w->sample_bytes = itemsize * channels;
+    w->frame_limit = frame_limit;
+    return 0;
+}
+
+static void
+writer_dealloc(Writer *w)
+{
+    writer_release(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static int
+same_format(const char *got, const char *want)
+{
+    if (got == NULL)
+        got = "B";
+    if (got[0] == '@' || (got[0] == '<' && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
+        || (got[0] == '>' && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) || got[0] == '=')
+        got++;
+    return strcmp(got, want) == 0;
+}
+
+PyDoc_STRVAR(put_doc,
+"put(data, t0, flags, offset, end, position, index, floor, slab, gen, frame_max) -> int\n\n"
+"Publish one frame, as Publisher.write's Python steps do: copy data (C-contiguous, the stream's element\n"
+"format, (n,) or (n, channels), n >= 1) to segment byte offset, write descriptor `position` (t0: seconds,\n"
+"None for CLOCK_REALTIME now), store frame_max if n raised it, then position + 1 (a release store).  Then\n"
+"the header's words: with nobody but futex waiters to tell, wake them (every bit if n raised frame_max,\n"
+"else the bit of position + 1) and return n; with anyone else (doorbell subscribers, version-2 notices, the\n"
+"broker cutting chunks), return -n: the caller tells them.  Return 0, having written nothing, when the frame\n"
+"is not such a buffer, t0 not a finite number or None, or it does not fit below end or frame_limit: the\n"
+"caller's Python path takes it (and says what was wrong).");
+
+static PyObject *
+writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "put takes 11 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (!w->held) {
+        PyErr_SetString(PyExc_ValueError, "put on a closed Writer");
+        return NULL;
+    }
+    double t0;
+    PyObject *t0_obj = args[1];
+    if (t0_obj == Py_None) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        t0 = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    } else if (PyFloat_CheckExact(t0_obj)) {
+        t0 = PyFloat_AS_DOUBLE(t0_obj);
+    } else if (PyLong_CheckExact(t0_obj)) {
+        t0 = PyLong_AsDouble(t0_obj);
+        if (t0 == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PyLong_FromLong(0);
+        }
+    } else {
+        return PyLong_FromLong(0);  /* (a bool, a numpy scalar, anything else: the Python path says) */
+    }
+    if (!isfinite(t0))
+        return PyLong_FromLong(0);
+    int64_t flags, offset, end, position, index, floor_, slab, gen, frame_max;
+    if (as_i64(args[2], &flags) < 0 || as_i64(args[3], &offset) < 0 || as_i64(args[4], &end) < 0
+        || as_i64(args[5], &position) < 0 || as_i64(args[6], &index) < 0 || as_i64(args[7], &floor_) < 0
+        || as_i64(args[8], &slab) < 0 || as_i64(args[9], &gen) < 0 || as_i64(args[10], &frame_max) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return PyLong_FromLong(0);
+    }
+    Py_ssize_t n = view.ndim >= 1 ? view.shape[0] : 0;
+    int fits = view.itemsize == w->itemsize && same_format(view.format, w->fmt) && n >= 1
+        && ((view.ndim == 1 && w->channels == 1) || (view.ndim == 2 && view.shape[1] == w->channels))
+        && view.len == n * w->sample_bytes && view.len <= w->frame_limit
+        && offset >= HEADER_BYTES && end <= (int64_t)(w->ring - w->base) && offset + view.len <= end
+        && n <= 0xFFFFFFFFLL;
+    if (!fits) {
+        PyBuffer_Release(&view);
+        return PyLong_FromLong(0);
+    }
+    memcpy(w->base + offset, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    /* The descriptor (docs/protocol.md): not visible until the position, so its own order does not matter. */
+    char *d = w->ring + ((uint64_t)position & w->mask) * DESCRIPTOR_BYTES;
+    uint64_t u;
+    u = (uint64_t)position; memcpy(d + 0, &u, 8);
+    u = (uint64_t)index; memcpy(d + 8, &u, 8);
+    memcpy(d + 16, &t0, 8);
+    u = (uint64_t)offset; memcpy(d + 24, &u, 8);
+    u = (uint64_t)floor_; memcpy(d + 32, &u, 8);
+    uint32_t v;
+    v = (uint32_t)n; memcpy(d + 40, &v, 4);
+    v = (uint32_t)slab; memcpy(d + 44, &v, 4);
+    v = (uint32_t)gen; memcpy(d + 48, &v, 4);
+    v = (uint32_t)flags; memcpy(d + 52, &v, 4);
+    u = 0; memcpy(d + 56, &u, 8);
+    int grew = n > frame_max;
+    if (grew)  /* (before the position: a subscriber's wake target counts frames of at most frame_max) */
+        __atomic_store_n((uint32_t *)(w->base + FRAME_MAX_AT), (uint32_t)n, __ATOMIC_RELAXED);
+    uint64_t next = (uint64_t)position + 1;
+    /* Samples, descriptor, then the position (a release), and the position before the next frame's stores. */
+    __atomic_store_n((uint64_t *)(w->base + POSITION_AT), next, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    uint32_t notices = __atomic_load_n((uint32_t *)(w->base + NOTICES_AT), __ATOMIC_RELAXED);
+    uint32_t waiters = __atomic_load_n((uint32_t *)(w->base + FUTEX_AT), __ATOMIC_RELAXED);
+    uint32_t frames = __atomic_load_n((uint32_t *)(w->base + FRAMES_AT), __ATOMIC_RELAXED);
+    uint32_t doorbells = __atomic_load_n((uint32_t *)(w->base + DOORBELLS_AT), __ATOMIC_RELAXED);
+    if (notices || frames || doorbells)
+        return PyLong_FromSsize_t(-n);
+    if (waiters) {
+        /* The wake is the full barrier before the waiters' check (the kernel's futex_wake). */
+        if (grew)
+            syscall(SYS_futex, w->base + POSITION_AT, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
+        else
+            syscall(SYS_futex, w->base + POSITION_AT, FUTEX_WAKE_BITSET, 0x7FFFFFFF, NULL, NULL,
+                    (uint32_t)1 << (next & 31));
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+writer_close(Writer *w, PyObject *unused)
+{
+    writer_release(w);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef writer_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))writer_put, METH_FASTCALL, put_doc},
+    {"close", (PyCFunction)writer_close, METH_NOARGS, "Release the segment (put refuses from then on)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "slabcast.core._hot.Writer",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Writer(segment, ring_offset, slots, fmt, itemsize, channels, frame_limit): a publisher's frames "
+              "into its stream's segment (a writable buffer it holds until close()).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)writer_init,
+    .tp_dealloc = (destructor)writer_dealloc,
+    .tp_methods = writer_methods,
+};
+
+static PyMethodDef hot_methods[] = {
+    {"futex_wait", (PyCFunction)(void (*)(void))hot_futex_wait, METH_FASTCALL, futex_wait_doc},
+    {"futex_wake", (PyCFunction)(void (*)(void))hot_futex_wake, METH_FASTCALL, futex_wake_doc},
+    {"barrier", hot_barrier, METH_NOARGS, barrier_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef hot_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_hot",
+    .m_doc = "The frame's path in C: futex waits and wakes, a full barrier, a publisher's frame (core/ring.py).",
+    .m_size = 0,
+    .m_methods = hot_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__hot(void)
+{
+    if (PyType_Ready(&WriterType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&hot_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
