@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from slabcast.core import ring as ring_module
 from tests.integration import workers as W
 
 SECONDS = float(os.environ.get("SLABCAST_STRESS_SECONDS", "8"))
@@ -28,10 +29,14 @@ READERS = [
 
 
 @pytest.mark.slow
-def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers, queue, stream_name):
+@pytest.mark.parametrize("timestamps", [True, False], ids=["times-python-path", "t0-compiled-path"])
+def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers, queue, stream_name, timestamps):
+    # Per-sample times keep the publisher's Python steps; a t0 per frame takes the compiled ones (core/_hot.c)
+    # where they are built.
     results = workers.queue()
     go = workers._ctx.Event()
-    workers.spawn(W.stress_write, broker.address, stream_name, 3, 48_000.0, SECONDS, 7, queue, go, results)
+    workers.spawn(W.stress_write, broker.address, stream_name, 3, 48_000.0, SECONDS, 7, queue, go, results,
+                  timestamps)  # fmt: skip
     assert queue.get(timeout=30)[0] == "pub-ready"
     for kwargs in READERS:
         workers.spawn(W.stress_read, broker.address, stream_name, kwargs, queue, results)
@@ -42,8 +47,9 @@ def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers,
     errors = [r for r in got if r[0].endswith("-error")]
     assert not errors, errors
     (pub,) = [r for r in got if r[0] == "pub-done"]
-    _, total, frames = pub
+    _, total, frames, compiled = pub
     assert frames > 1000, "the writer wrote too little to prove anything"
+    assert compiled == (not timestamps and ring_module.HOT is not None)
     print(f"\nwriter: {frames} frames, {total} samples ({total * 3 * 8 / 1e9:.2f} GB) in {SECONDS:g} s")
     for _, kwargs, chunks, samples, gaps, dropped, at, problems in (r for r in got if r[0] == "sub-done"):
         print(f"reader {kwargs}: {chunks} chunks, {samples} samples checked, {gaps} gaps, {dropped} dropped")

@@ -7,13 +7,14 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 from slabcast.core import ring as R
-from slabcast.core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, futex_wait, futex_wake, ring_bytes
+from slabcast.core.ring import DESCRIPTOR_BYTES, RING_SLOTS, Ring, ring_bytes
 
 OFFSET = 4096  # the ring starts a page into the mapping, as it does after a segment's slabs
 
@@ -199,54 +200,75 @@ def test_the_position_is_one_aligned_word_and_its_low_half_the_futex_word(small,
     assert ring.futex_address == np.frombuffer(mm, np.uint8).ctypes.data + 152
 
 
-def test_futex_wake_on_a_word_nobody_waits_on_wakes_nobody(small):
-    assert futex_wake(small.futex_address) == 0
+class _Futex(NamedTuple):
+    wait: Callable[..., bool]
+    wake: Callable[..., int]
 
 
-def test_futex_wake_on_an_unaligned_address_fails_before_the_kernels_barrier(mm):
+# Both implementations: ctypes (the fallback) and core/_hot.c (when built; SLABCAST_REQUIRE_C=1 requires it).
+_FUTEXES = {"ctypes": _Futex(R._py_futex_wait, R._py_futex_wake)}
+if R.HOT is not None:
+    _FUTEXES["compiled"] = _Futex(R.HOT.futex_wait, R.HOT.futex_wake)
+
+
+@pytest.fixture(params=["ctypes", "compiled"])
+def fx(request: pytest.FixtureRequest) -> _Futex:
+    """futex_wait and futex_wake of one implementation."""
+    if request.param not in _FUTEXES:
+        if os.environ.get("SLABCAST_REQUIRE_C") == "1":
+            pytest.fail("the compiled module (core/_hot.c) is not built (SLABCAST_REQUIRE_C=1)", pytrace=False)
+        pytest.skip("the compiled module (core/_hot.c) is not built")
+    return _FUTEXES[request.param]
+
+
+def test_futex_wake_on_a_word_nobody_waits_on_wakes_nobody(small, fx):
+    assert fx.wake(small.futex_address) == 0
+
+
+def test_futex_wake_on_an_unaligned_address_fails_before_the_kernels_barrier(mm, fx):
     # get_futex_key refuses an address not 4-byte aligned (EINVAL) before futex_wake reaches its smp_mb(): such
     # a call is no barrier.  A barrier made by FUTEX_WAKE needs an aligned word.
     base = np.frombuffer(mm, np.uint8).ctypes.data + OFFSET
-    assert [futex_wake(base + i) for i in range(6)] == [0, -1, -1, -1, 0, -1]
+    assert [fx.wake(base + i) for i in range(6)] == [0, -1, -1, -1, 0, -1]
 
 
-def test_futex_wait_times_out_while_the_word_is_unchanged(small):
+def test_futex_wait_times_out_while_the_word_is_unchanged(small, fx):
     ring = small
     ring.publish(3)
     t = time.monotonic()
-    assert futex_wait(ring.futex_address, 3, 0.05) is False
+    assert fx.wait(ring.futex_address, 3, 0.05) is False
     assert time.monotonic() - t >= 0.04
     # Only the low 32 bits are the futex word: a position 2**32 further looks unchanged to it.
     ring.publish((1 << 32) + 3)
     t = time.monotonic()
-    assert futex_wait(ring.futex_address, 3, 0.02) is False
+    assert fx.wait(ring.futex_address, 3, 0.02) is False
     assert time.monotonic() - t >= 0.015
 
 
-def test_futex_wait_returns_at_once_when_the_word_differs(small):
+def test_futex_wait_returns_at_once_when_the_word_differs(small, fx):
     ring = small
     ring.publish(4)
     t = time.monotonic()
-    assert futex_wait(ring.futex_address, 3, 5.0) is True  # the position moved past what the waiter saw
+    assert fx.wait(ring.futex_address, 3, 5.0) is True  # the position moved past what the waiter saw
     assert time.monotonic() - t < 1.0
 
 
-def test_futex_wake_wakes_a_waiter_on_the_same_word(small):
+def test_futex_wake_wakes_a_waiter_on_the_same_word(small, fx):
     ring = small
     ring.publish(9)
     woke: list[bool] = []
-    waiter = threading.Thread(target=lambda: woke.append(futex_wait(ring.futex_address, 9, 10.0)))
+    waiter = threading.Thread(target=lambda: woke.append(fx.wait(ring.futex_address, 9, 10.0)))
     waiter.start()
     try:
         # Until the waiter sleeps on the word, a wake finds nobody (0); then it wakes exactly that one.
         deadline = time.monotonic() + 5
         woken = 0
         while not woken and time.monotonic() < deadline:
-            woken = futex_wake(ring.futex_address)
+            woken = fx.wake(ring.futex_address)
         assert woken == 1
     finally:
         ring.publish(10)
-        futex_wake(ring.futex_address)
+        fx.wake(ring.futex_address)
         waiter.join(5)
     assert woke == [True]
 
@@ -265,36 +287,36 @@ def _asleep_in_futex(thread: threading.Thread, address: int) -> None:
 
 
 @pytest.mark.parametrize("mask", ["target", "all"])
-def test_a_masked_wake_reaches_only_waiters_whose_mask_it_shares(small, mask):
+def test_a_masked_wake_reaches_only_waiters_whose_mask_it_shares(small, mask, fx):
     # Wake targets (core/ring.py): a waiter with the mask of position 12 sleeps through the publishes of 10 and 11
     # (their masks miss it) and wakes at 12's; a waiter with every bit (FUTEX_WAIT: the C client) wakes at any.
     ring = small
     ring.publish(9)
     woke: list[bool] = []
-    waiter = threading.Thread(target=lambda: woke.append(futex_wait(
+    waiter = threading.Thread(target=lambda: woke.append(fx.wait(
         ring.futex_address, 9, 10.0, R.wake_mask(12) if mask == "target" else R.WAKE_ALL)))  # fmt: skip
     waiter.start()
     try:
         _asleep_in_futex(waiter, ring.futex_address)
         if mask == "all":
-            assert futex_wake(ring.futex_address, R.wake_mask(10)) == 1
+            assert fx.wake(ring.futex_address, R.wake_mask(10)) == 1
         else:
-            assert futex_wake(ring.futex_address, R.wake_mask(10) | R.wake_mask(11)) == 0
+            assert fx.wake(ring.futex_address, R.wake_mask(10) | R.wake_mask(11)) == 0
             assert not woke
             ring.publish(12)
-            assert futex_wake(ring.futex_address, R.wake_mask(12)) == 1
+            assert fx.wake(ring.futex_address, R.wake_mask(12)) == 1
     finally:
         ring.publish(13)
-        futex_wake(ring.futex_address)
+        fx.wake(ring.futex_address)
         waiter.join(5)
     assert woke == [True]
 
 
-def test_futex_wait_with_a_mask_times_out_after_its_relative_timeout(small):
+def test_futex_wait_with_a_mask_times_out_after_its_relative_timeout(small, fx):
     # FUTEX_WAIT_BITSET's timeout is absolute (CLOCK_MONOTONIC); futex_wait takes seconds from now either way.
     small.publish(3)
     t = time.monotonic()
-    assert futex_wait(small.futex_address, 3, 0.05, R.wake_mask(7)) is False
+    assert fx.wait(small.futex_address, 3, 0.05, R.wake_mask(7)) is False
     assert 0.04 <= time.monotonic() - t < 5
 
 

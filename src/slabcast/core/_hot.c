@@ -269,7 +269,7 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
         t0 = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
-    } else if (PyFloat_CheckExact(t0_obj)) {
+    } else if (PyFloat_Check(t0_obj)) {  /* (numpy's float64 too) */
         t0 = PyFloat_AS_DOUBLE(t0_obj);
     } else if (PyLong_CheckExact(t0_obj)) {
         t0 = PyLong_AsDouble(t0_obj);

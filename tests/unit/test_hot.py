@@ -1,0 +1,230 @@
+"""The compiled frame path (core/_hot.c, ``Writer.put``) against the publisher's Python steps, byte for byte, over
+an anonymous shared mapping: no broker, no processes."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from slabcast.client.publisher import _element_format
+from slabcast.core import ring as R
+from slabcast.core.ring import DESCRIPTOR_BYTES, Ring, ring_bytes
+from tests.unit.test_ring import _asleep_in_futex
+
+if R.HOT is None:
+    if os.environ.get("SLABCAST_REQUIRE_C") == "1":
+        pytest.fail("the compiled module (core/_hot.c) is not built (SLABCAST_REQUIRE_C=1)", pytrace=False)
+    pytest.skip("the compiled module (core/_hot.c) is not built", allow_module_level=True)
+
+SLOTS = 8
+RING_AT = 16 * 4096  # the segment: header page, slabs up to here, then the ring
+DTYPE = np.dtype(np.int16)
+CHANNELS = 2
+SB = DTYPE.itemsize * CHANNELS
+LIMIT = 4096  # frame_limit, bytes
+END = RING_AT  # a slab that ends where the ring starts
+
+
+@pytest.fixture
+def seg() -> Iterator[mmap.mmap]:
+    mapping = mmap.mmap(-1, RING_AT + ring_bytes(SLOTS))
+    yield mapping
+    mapping.close()
+
+
+@pytest.fixture
+def ring(seg: mmap.mmap) -> Iterator[Ring]:
+    r = Ring(seg, RING_AT, slots=SLOTS)
+    r.format()
+    yield r
+    r.release()
+
+
+@pytest.fixture
+def writer(seg: mmap.mmap, ring: Ring) -> Iterator[Any]:
+    assert R.HOT is not None
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, _element_format(DTYPE), DTYPE.itemsize, CHANNELS, LIMIT)
+    yield w
+    w.close()
+
+
+def _frame(n: int, start: int = 0) -> np.ndarray:
+    return (np.arange(start, start + n * CHANNELS) % 30000).astype(DTYPE).reshape(n, CHANNELS)
+
+
+def _python_put(seg: mmap.mmap, ring: Ring, frame: np.ndarray, t0: float, flags: int, offset: int, position: int,
+                index: int, floor: int, slab: int, gen: int, frame_max: int) -> None:  # fmt: skip
+    """What Publisher.write's Python steps store for the same frame."""
+    seg[offset : offset + frame.nbytes] = frame.tobytes()
+    ring.write(position, index, t0, offset, floor, len(frame), slab, gen, flags)
+    if len(frame) > frame_max:
+        ring.set_frame_max(len(frame))
+    ring.publish(position + 1)
+
+
+def test_put_stores_what_the_python_steps_store_byte_for_byte(seg, ring, writer):
+    other = mmap.mmap(-1, len(seg))
+    ring2 = Ring(other, RING_AT, slots=SLOTS)
+    ring2.format()
+    try:
+        offset, index, frame_max = 4096, 0, 0
+        for position, n in enumerate([3, 1, 7, 7, 2, 11, 1, 5, 9, 4, 6]):  # past a lap of the 8 slots
+            frame = _frame(n, index)
+            t0 = 1000.0 + index / 48000
+            flags = 1 if position == 4 else 0
+            got = writer.put(frame, t0, flags, offset, END, position, index, 77, 3, 5, frame_max)
+            assert got == n
+            _python_put(other, ring2, frame, t0, flags, offset, position, index, 77, 3, 5, frame_max)
+            frame_max = max(frame_max, n)
+            offset += n * SB
+            index += n
+        assert seg[:] == other[:]
+        assert ring.position == 11 and ring.frame_max == 11
+        got_back = ring.read(4, 11)
+        assert got_back is not None and got_back == ring2.read(4, 11)
+    finally:
+        ring2.release()
+        other.close()
+
+
+def test_put_without_t0_stamps_the_wall_clock(ring, writer):
+    before = time.time()
+    assert writer.put(_frame(2), None, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 2
+    after = time.time()
+    assert before <= ring.t0_of(0) <= after
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(np.zeros((4, CHANNELS), np.float32), id="other-dtype"),
+        pytest.param(np.zeros((4, 3), DTYPE), id="other-channels"),
+        pytest.param(np.zeros(8, DTYPE), id="one-dimensional-with-two-channels"),
+        pytest.param(np.zeros((2, 2, CHANNELS), DTYPE), id="three-dimensions"),
+        pytest.param(np.zeros((0, CHANNELS), DTYPE), id="empty"),
+        pytest.param(np.zeros((8, CHANNELS), DTYPE)[::2], id="strided"),
+        pytest.param(np.zeros((4, CHANNELS), DTYPE).T, id="fortran-order"),
+        pytest.param(np.zeros((4, CHANNELS), DTYPE).tolist(), id="a-list"),
+        pytest.param(b"\x00" * 16, id="bytes-on-an-int16-stream"),
+        pytest.param(np.zeros((LIMIT // SB + 1, CHANNELS), DTYPE), id="over-frame-limit"),
+    ],
+)
+def test_put_declines_a_frame_the_python_path_must_judge_and_writes_nothing(seg, ring, writer, data):
+    before = seg[:]
+    assert writer.put(data, 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 0
+    assert seg[:] == before  # (Publisher.write then checks it in Python and says what was wrong)
+
+
+@pytest.mark.parametrize("t0", [math.nan, math.inf, -math.inf, True, "1.0", np.int64(5), 10**400])
+def test_put_declines_a_t0_that_is_not_a_finite_float_int_or_none(seg, ring, writer, t0):
+    before = seg[:]
+    assert writer.put(_frame(2), t0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 0
+    assert seg[:] == before
+
+
+def test_put_takes_a_float_subclass_and_an_int_t0(ring, writer):
+    assert writer.put(_frame(1), np.float64(2.5), 0, 4096, END, 0, 0, 0, 0, 1, 0) == 1
+    assert writer.put(_frame(1), 7, 0, 4096 + SB, END, 1, 1, 0, 0, 1, 1) == 1
+    assert (ring.t0_of(0), ring.t0_of(1)) == (2.5, 7.0)
+
+
+def test_put_declines_a_frame_that_does_not_fit_before_end(seg, ring, writer):
+    before = seg[:]
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB - 1, 0, 0, 0, 0, 1, 0) == 0
+    assert writer.put(_frame(4), 1.0, 0, 8192, 0, 0, 0, 0, 0, 1, 0) == 0  # end 0: no slab, or the slab is full
+    assert writer.put(_frame(4), 1.0, 0, 8192, RING_AT + 64, 0, 0, 0, 0, 1, 0) == 0  # (into the ring: never)
+    assert writer.put(_frame(4), 1.0, 0, 100, END, 0, 0, 0, 0, 1, 0) == 0  # (into the header: never)
+    assert seg[:] == before
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB, 0, 0, 0, 0, 1, 0) == 4  # exactly to end
+
+
+def test_a_bytes_frame_on_a_byte_stream(seg, ring):
+    assert R.HOT is not None
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, _element_format(np.dtype(np.uint8)), 1, 1, LIMIT)
+    try:
+        assert w.put(b"abc", 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 3
+        assert w.put(bytearray(b"de"), 1.0, 0, 4099, END, 1, 3, 0, 0, 1, 3) == 2
+        assert seg[4096:4101] == b"abcde"
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("word", [R.NOTICES_AT, R.FRAMES_AT, R.DOORBELLS_AT])
+def test_put_leaves_the_telling_to_the_caller_when_anyone_but_futex_waiters_must_hear(seg, ring, writer, word):
+    # Version-2 subscribers (NOTICEs), the broker cutting chunks (PUBLISHED), doorbell subscribers: Python's.
+    ring.w[word // 4] = 1
+    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == -3
+    assert ring.position == 1  # published all the same
+
+
+def test_put_wakes_futex_waiters_with_the_mask_of_the_new_position_or_every_bit_when_frame_max_grew(ring, writer):
+    ring.w[R.FUTEX_AT // 4] = 1  # the broker's count of futex subscribers
+    ring.publish(0)
+    results: list[bool] = []
+
+    def sleep(expected: int, mask: int) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.append(R.HOT.futex_wait(ring.futex_address, expected, 10.0, mask)))
+        t.start()
+        _asleep_in_futex(t, ring.futex_address)
+        return t
+
+    # Position 0 -> 1, frame_max 0 -> 3: every bit, so a waiter for position 5's mask wakes.
+    t = sleep(0, R.wake_mask(5))
+    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 3
+    t.join(5)
+    assert results == [True]
+    # Position 1 -> 2, no growth: only position 2's mask; a waiter for 5 sleeps through it, one for 2 wakes.
+    far, near = sleep(1, R.wake_mask(5)), sleep(1, R.wake_mask(2))
+    assert writer.put(_frame(2), 1.0, 0, 4096 + 3 * SB, END, 1, 3, 0, 0, 1, 3) == 2
+    near.join(5)
+    assert not near.is_alive() and far.is_alive()
+    ring.publish(5)
+    R.futex_wake(ring.futex_address)
+    far.join(5)
+    assert results == [True, True, True]
+
+
+def test_a_closed_writer_refuses_and_releases_the_segment(seg, ring):
+    assert R.HOT is not None
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, "h", 2, 2, LIMIT)
+    w.close()
+    with pytest.raises(ValueError, match="closed Writer"):
+        w.put(_frame(1), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0)
+    w.close()  # (idempotent)
+
+
+def test_the_writer_holds_the_segment_until_closed(ring):
+    assert R.HOT is not None
+    other = mmap.mmap(-1, RING_AT + ring_bytes(SLOTS))
+    w = R.HOT.Writer(other, RING_AT, SLOTS, "h", 2, 2, LIMIT)
+    with pytest.raises(BufferError):
+        other.close()  # (no write into an unmapped segment: the mapping stays while the writer holds it)
+    w.close()
+    other.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((RING_AT, 6, "h", 2, 2, LIMIT), "power of two"),
+        ((RING_AT, SLOTS, "h", 0, 2, LIMIT), "itemsize"),
+        ((100, SLOTS, "h", 2, 2, LIMIT), "does not lie in the segment"),
+        ((RING_AT + 4096, 1 << 20, "h", 2, 2, LIMIT), "does not lie in the segment"),
+    ],
+)
+def test_a_writer_over_a_ring_outside_its_segment_is_refused(seg, args, match):
+    assert R.HOT is not None
+    with pytest.raises(ValueError, match=match):
+        R.HOT.Writer(seg, *args)
+
+
+def test_descriptor_bytes_match_the_c_layout():
+    assert DESCRIPTOR_BYTES == 64 and (R.POSITION_AT, R.FRAME_MAX_AT) == (152, 188)  # (core/_hot.c's defines)
