@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,8 @@ def test_the_sdist_holds_the_license_docs_tests_broker_and_c_client(tmp_path):
         "LICENSE", "README.md", "docs/protocol.md", "docs/reliability.md", "tests/conftest.py",
         "tests/integration/test_aio.py", "tests/plugin_project/test_pipeline.py", "broker/slabcast-broker.service",
         "broker/slabcast.toml", "clients/c/slabcast.h", "clients/c/slabcast.c", "clients/c/Makefile",
-        "benchmarks/run_all.py", "src/slabcast/__init__.py",
+        "benchmarks/run_all.py", "src/slabcast/__init__.py", "setup.py", "src/slabcast/core/_hot.c",
+        "src/slabcast/core/_hot.pyi",
     ):  # fmt: skip
         assert path in names, f"{path} is not in the sdist"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
@@ -48,3 +51,20 @@ def test_the_sdist_holds_the_license_docs_tests_broker_and_c_client(tmp_path):
     assert "License-File: LICENSE" in pkg_info.splitlines()
     assert "Classifier: Operating System :: POSIX :: Linux" in pkg_info.splitlines()
     assert license_text.startswith("MIT License") and "the slabcast developers" in license_text
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs the source tree")
+def test_without_a_c_compiler_the_wheel_builds_without_the_compiled_module(tmp_path):
+    # core/_hot.c is optional (setup.py): a machine with no compiler still installs slabcast, which then runs the
+    # same steps in Python and ctypes (core/ring.py).
+    env = {**os.environ, "CC": "/bin/false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("slabcast-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+    assert "slabcast/core/ring.py" in names and "slabcast/core/_hot.pyi" in names
+    assert not [n for n in names if n.startswith("slabcast/core/_hot") and n.endswith(".so")], names
