@@ -658,6 +658,9 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
                     sub.recv(timeout=0)
 
         monkeypatch.setattr(publisher_module, "barrier", barrier_after_the_subscriber_read)
+        # (Injected into the Python steps' barrier; the compiled put makes the same look, from the same Ring.seen:
+        # tests/unit/test_hot.py.)
+        monkeypatch.setattr(pub, "_writer", None)
         pub.write(np.array([1]))  # its look sees the byte set: a doorbell for frame 1, already read
         assert interleaved == [1]
         assert notices.poll(5000), "no doorbell for frame 1"

@@ -51,7 +51,7 @@ def ring(seg: mmap.mmap) -> Iterator[Ring]:
 @pytest.fixture
 def writer(seg: mmap.mmap, ring: Ring) -> Iterator[Any]:
     assert R.HOT is not None
-    w = R.HOT.Writer(seg, RING_AT, SLOTS, _element_format(DTYPE), DTYPE.itemsize, CHANNELS, LIMIT)
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, ring.seen, _element_format(DTYPE), DTYPE.itemsize, CHANNELS, LIMIT)
     yield w
     w.close()
 
@@ -148,7 +148,7 @@ def test_put_declines_a_frame_that_does_not_fit_before_end(seg, ring, writer):
 
 def test_a_bytes_frame_on_a_byte_stream(seg, ring):
     assert R.HOT is not None
-    w = R.HOT.Writer(seg, RING_AT, SLOTS, _element_format(np.dtype(np.uint8)), 1, 1, LIMIT)
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, ring.seen, _element_format(np.dtype(np.uint8)), 1, 1, LIMIT)
     try:
         assert w.put(b"abc", 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 3
         assert w.put(bytearray(b"de"), 1.0, 0, 4099, END, 1, 3, 0, 0, 1, 3) == 2
@@ -157,12 +157,57 @@ def test_a_bytes_frame_on_a_byte_stream(seg, ring):
         w.close()
 
 
-@pytest.mark.parametrize("word", [R.NOTICES_AT, R.FRAMES_AT, R.DOORBELLS_AT])
-def test_put_leaves_the_telling_to_the_caller_when_anyone_but_futex_waiters_must_hear(seg, ring, writer, word):
-    # Version-2 subscribers (NOTICEs), the broker cutting chunks (PUBLISHED), doorbell subscribers: Python's.
+@pytest.mark.parametrize("word", [R.NOTICES_AT, R.FRAMES_AT])
+def test_put_leaves_the_telling_to_the_caller_when_version_2_or_broker_cut_subscribers_must_hear(ring, writer, word):
+    # Version-2 subscribers (NOTICEs) and the broker cutting chunks (PUBLISHED): Python's, after the position.
     ring.w[word // 4] = 1
     assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == -3
     assert ring.position == 1  # published all the same
+
+
+def test_put_looks_at_the_sleeper_table_as_ring_sleeping_does_and_asks_for_the_doorbell(ring, writer):
+    # Doorbell subscribers (core/ring.py): a notice is due when a byte is set and the table differs from the
+    # previous look's, which Ring.seen keeps for both looks, the compiled one and Ring.sleeping.
+    ring.w[R.DOORBELLS_AT // 4] = 1
+    offset = [4096]
+
+    def put(position: int) -> int:
+        got = writer.put(_frame(1), 1.0, 0, offset[0], END, position, position, 0, 0, 1, 1)
+        offset[0] += SB
+        return got
+
+    assert put(0) == 1  # nobody asleep
+    ring.sleepers[3] = 7
+    assert put(1) == R.HOT.RING_NOW + 1  # subscriber 3 went to sleep: ring
+    assert put(2) == 1  # rung for already (the same table)
+    assert not ring.sleeping()  # Ring.sleeping's look agrees: nothing new since the compiled one
+    ring.sleepers[3] = 0
+    assert put(3) == 1
+    ring.sleepers[3] = 7  # asleep again with the same value after a look that saw it awake: ring again
+    assert put(4) == R.HOT.RING_NOW + 1
+    ring.sleepers[3] = 8
+    assert ring.sleeping()  # and Ring.sleeping's look is seen by the compiled one
+    assert put(5) == 1
+    assert ring.position == 6
+
+
+def test_put_wakes_a_doorbell_subscriber_asleep_on_the_futex_word(ring, writer):
+    ring.w[R.DOORBELLS_AT // 4] = 1
+    ring.publish(0)
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(R.HOT.futex_wait(ring.futex_address, 0, 10.0)))
+    ring.futex_sleepers[5] = 1
+    t.start()
+    try:
+        _asleep_in_futex(t, ring.futex_address)
+        assert writer.put(_frame(2), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 2  # (no notice: its futex byte)
+        t.join(5)
+        assert woke == [True]
+    finally:
+        ring.futex_sleepers[5] = 0
+        ring.publish(9)
+        R.futex_wake(ring.futex_address)
+        t.join(5)
 
 
 def test_put_wakes_futex_waiters_with_the_mask_of_the_new_position_or_every_bit_when_frame_max_grew(ring, writer):
@@ -194,7 +239,7 @@ def test_put_wakes_futex_waiters_with_the_mask_of_the_new_position_or_every_bit_
 
 def test_a_closed_writer_refuses_and_releases_the_segment(seg, ring):
     assert R.HOT is not None
-    w = R.HOT.Writer(seg, RING_AT, SLOTS, "h", 2, 2, LIMIT)
+    w = R.HOT.Writer(seg, RING_AT, SLOTS, ring.seen, "h", 2, 2, LIMIT)
     w.close()
     with pytest.raises(ValueError, match="closed Writer"):
         w.put(_frame(1), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0)
@@ -204,7 +249,7 @@ def test_a_closed_writer_refuses_and_releases_the_segment(seg, ring):
 def test_the_writer_holds_the_segment_until_closed(ring):
     assert R.HOT is not None
     other = mmap.mmap(-1, RING_AT + ring_bytes(SLOTS))
-    w = R.HOT.Writer(other, RING_AT, SLOTS, "h", 2, 2, LIMIT)
+    w = R.HOT.Writer(other, RING_AT, SLOTS, bytearray(256), "h", 2, 2, LIMIT)
     with pytest.raises(BufferError):
         other.close()  # (no write into an unmapped segment: the mapping stays while the writer holds it)
     w.close()
@@ -223,7 +268,7 @@ def test_the_writer_holds_the_segment_until_closed(ring):
 def test_a_writer_over_a_ring_outside_its_segment_is_refused(seg, args, match):
     assert R.HOT is not None
     with pytest.raises(ValueError, match=match):
-        R.HOT.Writer(seg, *args)
+        R.HOT.Writer(seg, args[0], args[1], bytearray(256), *args[2:])
 
 
 def test_descriptor_bytes_match_the_c_layout():

@@ -42,6 +42,7 @@ DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a defau
 _SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
+_RING_NOW = 1 << 32  # the compiled put's result: a doorbell notice is due (core/_hot.c)
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
@@ -355,7 +356,7 @@ class Publisher:
         self._frame_limit = self._geometry.frame_bytes
         # The compiled frame path (core/_hot.c), when built; a stream with per-sample times keeps the Python one.
         self._writer = None if HOT is None or self.timestamps else HOT.Writer(
-            self._mm, self._geometry.ring_offset, self._ring.slots, _element_format(self.dtype),
+            self._mm, self._geometry.ring_offset, self._ring.slots, self._ring.seen, _element_format(self.dtype),
             self.dtype.itemsize, self.channels, self._frame_limit)  # fmt: skip
         self._sync_token = 0
         self._synced = 0  # the highest SYNC token the broker answered
@@ -428,6 +429,9 @@ class Publisher:
             if n:
                 told = n > 0  # (else the frame is published and the tell part is ours)
                 n = n if told else -n
+                ring_now = n > _RING_NOW  # (and a doorbell subscriber sleeps: its notice is ours to send)
+                if ring_now:
+                    n -= _RING_NOW
                 nbytes = n * self.sample_bytes
                 state.offset = offset + nbytes
                 state.slab_frames += 1
@@ -437,9 +441,14 @@ class Publisher:
                 grew = n > self._frame_max
                 if grew:
                     self._frame_max = n
-                if not told:
+                if not told or ring_now:
                     flags = P.FLAG_DISCONTINUITY if discontinuity else 0
-                    self._tell(index, offset, n, nbytes, self._ring.t0_of(position), flags, grew, False, position + 1)
+                    t0 = self._ring.t0_of(position)
+                    if ring_now:
+                        with self._lock:
+                            self._notice(index, offset, n, t0, flags, True)
+                    else:
+                        self._tell(index, offset, n, nbytes, t0, flags, grew, False, position + 1)
                 if state.end - offset < 2 * nbytes and not self._prep_asked:
                     self._prep_asked = True
                     _kick(self._kick)

@@ -8,7 +8,7 @@
  *   futex_wait(address, expected, timeout, mask=WAKE_ALL) -> bool
  *   futex_wake(address, mask=WAKE_ALL) -> int
  *   barrier() -> None
- *   Writer(segment, ring_offset, slots, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
+ *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
  *       end, position, index, floor, slab, gen, frame_max) -> int
  *
  * Linux only (futex(2)); any architecture the compiler's __atomic builtins cover.
@@ -36,6 +36,8 @@
 #define FRAME_MAX_AT 188
 #define HEADER_BYTES 256
 #define DESCRIPTOR_BYTES 64
+#define SLEEPERS 256
+#define RING_NOW (1LL << 32)  /* put's result: send the doorbell notice (a sleeper byte changed) */
 
 static int
 as_address(PyObject *obj, char **out)
@@ -165,6 +167,8 @@ typedef struct {
     char *base;
     Py_ssize_t size;
     char *ring;             /* the first descriptor */
+    char *sleepers;         /* the sleeper table (SLEEPERS bytes), then the futex sleeper table */
+    Py_buffer seen;         /* the sleeper table at the previous look: Ring.seen, shared with Python's look */
     uint64_t mask;          /* slots - 1 */
     char fmt[16];           /* the buffer format of one sample's element ("h", "f", "B", ...) */
     Py_ssize_t itemsize;
@@ -177,6 +181,7 @@ static void
 writer_release(Writer *w)
 {
     if (w->held) {
+        PyBuffer_Release(&w->seen);
         PyBuffer_Release(&w->segment);
         w->held = 0;
         w->base = NULL;
@@ -186,12 +191,13 @@ writer_release(Writer *w)
 static int
 writer_init(Writer *w, PyObject *args, PyObject *kwargs)
 {
-    PyObject *segment;
+    PyObject *segment, *seen;
     Py_ssize_t ring_offset, slots, itemsize, channels, frame_limit;
     const char *fmt;
-    static char *kw[] = {"segment", "ring_offset", "slots", "fmt", "itemsize", "channels", "frame_limit", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnsnnn:Writer", kw, &segment, &ring_offset, &slots, &fmt,
-                                     &itemsize, &channels, &frame_limit))
+    static char *kw[] = {"segment", "ring_offset", "slots", "seen", "fmt", "itemsize", "channels", "frame_limit",
+                         NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOsnnn:Writer", kw, &segment, &ring_offset, &slots, &seen,
+                                     &fmt, &itemsize, &channels, &frame_limit))
         return -1;
     writer_release(w);
     if (slots < 2 || (slots & (slots - 1)) || itemsize < 1 || channels < 1 || frame_limit < 0
@@ -203,17 +209,28 @@ writer_init(Writer *w, PyObject *args, PyObject *kwargs)
     }
     if (PyObject_GetBuffer(segment, &w->segment, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
+    if (PyObject_GetBuffer(seen, &w->seen, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&w->segment);
+        return -1;
+    }
+    if (w->seen.len != SLEEPERS) {
+        PyBuffer_Release(&w->seen);
+        PyBuffer_Release(&w->segment);
+        PyErr_Format(PyExc_ValueError, "Writer: seen must be %d bytes, got %zd", SLEEPERS, w->seen.len);
+        return -1;
+    }
     w->held = 1;
     w->base = (char *)w->segment.buf;
     w->size = w->segment.len;
     if (((uintptr_t)w->base & 7) || ring_offset < HEADER_BYTES || (ring_offset & 7)
-        || ring_offset + slots * DESCRIPTOR_BYTES > w->size) {
+        || ring_offset + slots * DESCRIPTOR_BYTES + 2 * SLEEPERS > w->size) {
         writer_release(w);
         PyErr_Format(PyExc_ValueError, "Writer: a ring of %zd slots at byte %zd does not lie in the segment's "
                      "%zd bytes past its header, 8-byte aligned", slots, ring_offset, w->size);
         return -1;
     }
     w->ring = w->base + ring_offset;
+    w->sleepers = w->ring + slots * DESCRIPTOR_BYTES;
     w->mask = (uint64_t)(slots - 1);
     strcpy(w->fmt, fmt);
     w->itemsize = itemsize;
@@ -246,11 +263,31 @@ PyDoc_STRVAR(put_doc,
 "Publish one frame, as Publisher.write's Python steps do: copy data (C-contiguous, the stream's element\n"
 "format, (n,) or (n, channels), n >= 1) to segment byte offset, write descriptor `position` (t0: seconds,\n"
 "None for CLOCK_REALTIME now), store frame_max if n raised it, then position + 1 (a release store).  Then\n"
-"the header's words: with nobody but futex waiters to tell, wake them (every bit if n raised frame_max,\n"
-"else the bit of position + 1) and return n; with anyone else (doorbell subscribers, version-2 notices, the\n"
-"broker cutting chunks), return -n: the caller tells them.  Return 0, having written nothing, when the frame\n"
+"the header's words: wake futex waiters (every bit if n raised frame_max, else the bit of position + 1),\n"
+"look at the doorbell subscribers' sleeper tables as Ring.sleeping does (waking those asleep on the futex\n"
+"word) and return n, or n + 2**32 when a doorbell notice is due (the caller sends it).  With version-2\n"
+"notices or the broker cutting chunks, return -n: the caller tells them.  Return 0, having written nothing,\n"
+"when the frame\n"
 "is not such a buffer, t0 not a finite number or None, or it does not fit below end or frame_limit: the\n"
 "caller's Python path takes it (and says what was wrong).");
+
+static void
+wake(char *word, uint32_t mask)
+{
+    if (mask == WAKE_ALL)
+        syscall(SYS_futex, word, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
+    else
+        syscall(SYS_futex, word, FUTEX_WAKE_BITSET, 0x7FFFFFFF, NULL, NULL, mask);
+}
+
+static int
+all_zero(const unsigned char *table)
+{
+    for (int i = 0; i < SLEEPERS; i++)
+        if (table[i])
+            return 0;
+    return 1;
+}
 
 static PyObject *
 writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
@@ -329,17 +366,27 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     uint32_t waiters = __atomic_load_n((uint32_t *)(w->base + FUTEX_AT), __ATOMIC_RELAXED);
     uint32_t frames = __atomic_load_n((uint32_t *)(w->base + FRAMES_AT), __ATOMIC_RELAXED);
     uint32_t doorbells = __atomic_load_n((uint32_t *)(w->base + DOORBELLS_AT), __ATOMIC_RELAXED);
-    if (notices || frames || doorbells)
+    if (notices || frames)
         return PyLong_FromSsize_t(-n);
-    if (waiters) {
-        /* The wake is the full barrier before the waiters' check (the kernel's futex_wake). */
-        if (grew)
-            syscall(SYS_futex, w->base + POSITION_AT, FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
-        else
-            syscall(SYS_futex, w->base + POSITION_AT, FUTEX_WAKE_BITSET, 0x7FFFFFFF, NULL, NULL,
-                    (uint32_t)1 << (next & 31));
-    }
-    return PyLong_FromSsize_t(n);
+    /* Wake those whose next chunk this frame can complete (wake targets); every one when it raised frame_max. */
+    uint32_t mask = grew ? WAKE_ALL : (uint32_t)1 << (next & 31);
+    if (waiters)
+        wake(w->base + POSITION_AT, mask);  /* (the kernel's futex_wake is a full barrier before it looks) */
+    if (!doorbells)
+        return PyLong_FromSsize_t(n);
+    /* Doorbell subscribers: a full barrier (the wake's, else a fence), then the sleeper tables (core/ring.py:
+     * Dekker's handshake).  The notice is the caller's to send (RING_NOW): only when a byte is set and the table
+     * differs from the previous look's, which is kept in Ring.seen (Ring.sleeping does the same look). */
+    if (!waiters)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    unsigned char table[SLEEPERS];
+    memcpy(table, w->sleepers, SLEEPERS);
+    int ring_now = !all_zero(table) && memcmp(table, w->seen.buf, SLEEPERS) != 0;
+    memcpy(w->seen.buf, table, SLEEPERS);
+    memcpy(table, w->sleepers + SLEEPERS, SLEEPERS);
+    if (!all_zero(table))
+        wake(w->base + POSITION_AT, mask);  /* (after the look: the one above may precede their sleep) */
+    return PyLong_FromLongLong(ring_now ? RING_NOW + n : (long long)n);
 }
 
 static PyObject *
@@ -360,8 +407,8 @@ static PyTypeObject WriterType = {
     .tp_name = "slabcast.core._hot.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Writer(segment, ring_offset, slots, fmt, itemsize, channels, frame_limit): a publisher's frames "
-              "into its stream's segment (a writable buffer it holds until close()).",
+    .tp_doc = "Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit): a publisher's "
+              "frames into its stream's segment (a writable buffer it holds until close(); seen: Ring.seen).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
     .tp_dealloc = (destructor)writer_dealloc,
@@ -391,7 +438,8 @@ PyInit__hot(void)
     PyObject *m = PyModule_Create(&hot_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0) {
+    if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0
+        || PyModule_AddObject(m, "RING_NOW", PyLong_FromLongLong(RING_NOW)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -4,10 +4,13 @@ def barrier() -> None: ...
 
 class Writer:
     def __init__(
-        self, segment: object, ring_offset: int, slots: int, fmt: str, itemsize: int, channels: int, frame_limit: int
+        self, segment: object, ring_offset: int, slots: int, seen: bytearray, fmt: str, itemsize: int, channels: int,
+        frame_limit: int,
     ) -> None: ...
     def put(
         self, data: object, t0: object, flags: int, offset: int, end: int, position: int, index: int, floor: int,
         slab: int, gen: int, frame_max: int, /,
     ) -> int: ...
     def close(self) -> None: ...
+
+RING_NOW: int

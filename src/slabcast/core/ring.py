@@ -237,7 +237,8 @@ class Ring:
         self.futex_sleepers = memoryview(buf).cast("B")[at + SLEEPERS : at + 2 * SLEEPERS]
         # The cursor table: a u64 per subscriber, after the two byte tables.
         self.cursors = memoryview(buf).cast("B")[at + 2 * SLEEPERS : at + 2 * SLEEPERS + 8 * SLEEPERS].cast("Q")
-        self._seen = _NOBODY  # the sleeper table at the publisher's previous look
+        # The sleeper table at the publisher's previous look (kept in place: the compiled writer looks too).
+        self.seen = bytearray(SLEEPERS)
         self.sleepers_address = np.frombuffer(buf, dtype=np.uint8, count=1, offset=at).ctypes.data
         # One aligned element each (memoryview.cast: a single native load or store, the cheapest from Python).
         self.q = whole[:256].cast("Q")  # the header's first 256 bytes as u64
@@ -325,8 +326,10 @@ class Ring:
         """Whether a doorbell subscriber went to sleep since the previous call and wants a notice (after a
         barrier: see the module's docstring)."""
         table = self.sleepers.tobytes()
-        seen, self._seen = self._seen, table
-        return table != _NOBODY and table != seen
+        seen = self.seen
+        rang = table != _NOBODY and table != seen
+        seen[:] = table
+        return rang
 
     def futex_sleeping(self) -> bool:
         """Whether a doorbell subscriber sleeps on the futex word (after the same barrier): wake it, every time
