@@ -43,3 +43,44 @@ def test_committing_past_what_dev_shm_has_is_refused_before_any_page_is_taken(se
     with pytest.raises(shm.ShmFullError, match=r"no room for \d+ more bytes"):
         segment.commit([(0, free + (1 << 30))], headroom=True)
     assert segment.allocated == 4096
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_populate_maps_committed_pages_ahead_and_allocates_no_hole(segment):
+    # A publisher populates its slabs' frame areas at open (Publisher): then its first lap of the pool writes
+    # without a page fault per page.  Only committed ranges are given: populating a hole would allocate it.
+    segment.commit([(1 << 20, 4 << 20)])
+    allocated = segment.allocated
+    mm = shm.attach(segment.name, 64 << 20, writable=True)
+    try:
+        assert shm.populate(mm, [(1 << 20, 5 << 20), (100, 200)])  # (a range inside one page: nothing to do)
+        assert segment.allocated == allocated  # no hole was allocated
+        before = _minor_faults()
+        for at in range(1 << 20, 5 << 20, 4096):
+            mm[at] = 1
+        faults = _minor_faults() - before
+        assert faults < 1024 // 10, f"{faults} page faults writing 1024 populated pages"  # (unpopulated: ~1024)
+        before = _minor_faults()
+        for at in range(8 << 20, 12 << 20, 4096):  # a range not populated: a fault per page (this test's control)
+            mm[at] = 1
+        assert _minor_faults() - before > 1024 // 2
+    finally:
+        mm.close()
+
+
+def test_populate_rounds_inward_to_whole_pages_and_says_when_the_kernel_cannot():
+    calls = []
+
+    class Recording:
+        def madvise(self, option, start, length):
+            calls.append((option, start, length))
+            if start >= 8192:
+                raise OSError(22, "Invalid argument")  # a kernel before 5.14
+
+    assert not shm.populate(Recording(), [(1, 8191), (4095, 8193), (8192, 16384), (0, 4096)])  # type: ignore[arg-type]
+    assert calls == [(23, 4096, 4096), (23, 8192, 8192)]  # (1, 8191) holds no whole page; stopped at EINVAL

@@ -28,7 +28,7 @@ from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
 from ..core.ring import HOT, WAKE_ALL, Ring, barrier, futex_wake
-from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks
+from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._notices import NoticeSocket
@@ -339,6 +339,7 @@ class Publisher:
         self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
+        populate(self._mm, self._geometry.data_ranges())  # (no page fault per page on the first lap: core/shm.py)
         # Where every frame is described, in order: readers need nothing else (core/ring.py).
         self._ring = Ring(self._mm, self._geometry.ring_offset)
         self._ring.wake_futex_sleepers()  # (our write wakes a doorbell subscriber asleep on the futex word)

@@ -106,6 +106,11 @@ class Geometry:
         """The segment byte where ``slab``'s frames start (just after its carried part)."""
         return self.slab_start(slab) + self.reserve
 
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Every slab's frame area, ``[data_start, slab end)``: memory always committed (its carried part before it
+        is committed as far as subscribers ask)."""
+        return [(self.data_start(s), self.slab_start(s) + self.slab_bytes) for s in range(self.nslabs)]
+
     def slab_of(self, offset: int) -> int:
         """The slab holding segment byte ``offset``."""
         return (offset - self.header_bytes) // self.slab_bytes

@@ -90,6 +90,7 @@ __all__ = [
     "lock_slab",
     "open_locks",
     "pid_alive",
+    "populate",
     "reap_stale",
     "segment_prefix",
 ]
@@ -317,6 +318,29 @@ def attach(name: str, nbytes: int, writable: bool = False) -> mmap.mmap:
         return mmap.mmap(fd, nbytes, access=access)
     finally:
         os.close(fd)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14 (not in Python 3.11's mmap module)
+
+
+def populate(mm: mmap.mmap, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Make the page tables of ``ranges`` (segment bytes ``[start, stop)``, committed memory only: a hole would
+    be allocated) of a writable mapping now, in one system call each, instead of a page fault at the first
+    touch of each page on the frame's path (1.8 us each in a VM; a 4 KiB writer took one per frame on its
+    first lap of the pool).  False where the kernel lacks ``MADV_POPULATE_WRITE`` (before 5.14): the pages then
+    fault in as they are first written, as before."""
+    for start, stop in ranges:
+        start = -(-start // PAGE) * PAGE
+        stop = stop // PAGE * PAGE
+        if stop <= start:
+            continue
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE, start, stop - start)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                return False
+            raise
+    return True
 
 
 def attach_page(name: str, offset: int) -> mmap.mmap | None:
