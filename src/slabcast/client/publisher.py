@@ -339,7 +339,9 @@ class Publisher:
         self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
-        populate(self._mm, self._geometry.data_ranges())  # (no page fault per page on the first lap: core/shm.py)
+        # No page fault per page on the first lap of the pool (core/shm.py): the frame areas and the carried parts.
+        self._populated = min(carry, self.reserve)  # (bytes of each carried part, before its data start)
+        populate(self._mm, self._geometry.data_ranges(self._populated))
         # Where every frame is described, in order: readers need nothing else (core/ring.py).
         self._ring = Ring(self._mm, self._geometry.ring_offset)
         self._ring.wake_futex_sleepers()  # (our write wakes a doorbell subscriber asleep on the futex word)
@@ -742,6 +744,10 @@ class Publisher:
         carried = self._state.on_carry(msg.nbytes)
         if carried is not None:
             self._conn.send(M.Carried(carried))
+        nbytes = min(msg.nbytes, self.reserve)
+        if nbytes > self._populated:  # (the broker committed it before it asked: populating allocates nothing)
+            populate(self._mm, self._geometry.data_ranges(nbytes, self._populated))
+        self._populated = nbytes
 
     def _published(self) -> None:
         """Tell the broker the ring's position, when it must know now: a slab change (it grants the next), or it
