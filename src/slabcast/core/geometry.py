@@ -110,8 +110,11 @@ class Geometry:
         """In every slab, the bytes ``lo`` before its data start up to ``hi`` before it (default: to the slab's
         end), as segment ranges ``[start, stop)``: ``data_ranges(carry)`` is the memory always committed (the
         frame area) and the carried part as far as subscribers asked for it."""
-        ends = [self.slab_start(s) + self.slab_bytes if hi is None else self.data_start(s) - hi for s in range(self.nslabs)]
-        return [(self.data_start(s) - lo, end) for s, end in enumerate(ends)]
+        ranges = []
+        for s in range(self.nslabs):
+            data = self.data_start(s)
+            ranges.append((data - lo, self.slab_start(s) + self.slab_bytes if hi is None else data - hi))
+        return ranges
 
     def slab_of(self, offset: int) -> int:
         """The slab holding segment byte ``offset``."""
