@@ -660,8 +660,9 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
         monkeypatch.setattr(publisher_module, "barrier", barrier_after_the_subscriber_read)
         # (Injected into the Python steps' barrier; the compiled put makes the same look, from the same Ring.seen:
         # tests/unit/test_hot.py.)
-        monkeypatch.setattr(pub, "_writer", None)
-        pub.write(np.array([1]))  # its look sees the byte set: a doorbell for frame 1, already read
+        writer, pub._writer = pub._writer, None
+        pub.write(np.array([1]))
+        pub._writer = writer  # its look sees the byte set: a doorbell for frame 1, already read
         assert interleaved == [1]
         assert notices.poll(5000), "no doorbell for frame 1"
         with pytest.raises(TimeoutError):
@@ -877,6 +878,8 @@ def test_a_publishers_first_lap_of_the_pool_takes_no_page_fault_per_frame(broker
     pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=1 << 20, nslabs=8, max_chunk_bytes=4096,
                              address=broker.address)  # fmt: skip
     try:
+        if not _populate_works(pub._mm):
+            pytest.skip("MADV_POPULATE_WRITE is not known here (Linux before 5.14)")
         frame = np.ones(4096, np.uint8)
         frames = 8 * ((1 << 20) - 4096) // 4096  # one lap: every slab's frame area once
         pub.write(frame)  # (the first slab change and anything lazy in the first write)
@@ -888,3 +891,28 @@ def test_a_publishers_first_lap_of_the_pool_takes_no_page_fault_per_frame(broker
         assert faults < frames // 10, f"{faults} page faults in {frames} frames of 4 KiB"
     finally:
         pub.close()
+
+
+def _populate_works(mm) -> bool:
+    """Whether this kernel takes MADV_POPULATE_WRITE (Linux 5.14): on one page of the segment's header."""
+    try:
+        mm.madvise(23, 0, 4096)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_frame_the_python_steps_refuse_is_refused_on_every_write_not_only_the_first(broker, stream_name):
+    # The compiled path (core/_hot.c) takes any buffer of the stream's layout; Publisher.write gives it only what
+    # check_frame accepts (a numpy array, bytes-like on a byte stream), so a memoryview or an array.array of the
+    # right layout is refused alike on the first write (the Python steps) and on later ones.
+    import array
+
+    with slabcast.Publisher(stream_name, dtype="int16", channels=2, address=broker.address) as pub:
+        good = np.zeros((4, 2), np.int16)
+        for k in range(3):
+            pub.write(good)
+            for bad in (memoryview(good), array.array("h", [0] * 8)):
+                with pytest.raises(TypeError, match="numpy array"):
+                    pub.write(bad)
+            assert pub.frames == k + 1

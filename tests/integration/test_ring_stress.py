@@ -49,7 +49,10 @@ def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers,
     (pub,) = [r for r in got if r[0] == "pub-done"]
     _, total, frames, compiled = pub
     assert frames > 1000, "the writer wrote too little to prove anything"
-    assert compiled == (not timestamps and ring_module.HOT is not None)
+    if timestamps or ring_module.HOT is None:
+        assert compiled == 0
+    else:  # (all but the first frame of each slab, and those a batch or a doorbell sent to the Python steps)
+        assert compiled > frames // 2, (compiled, frames)
     print(f"\nwriter: {frames} frames, {total} samples ({total * 3 * 8 / 1e9:.2f} GB) in {SECONDS:g} s")
     for _, kwargs, chunks, samples, gaps, dropped, at, problems in (r for r in got if r[0] == "sub-done"):
         print(f"reader {kwargs}: {chunks} chunks, {samples} samples checked, {gaps} gaps, {dropped} dropped")

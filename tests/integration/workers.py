@@ -162,7 +162,7 @@ def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event
             else:
                 pub.write(frame, t0=1000.0 + index / rate)
             index += n
-        compiled = pub._writer is not None
+        compiled = pub._writer.puts if pub._writer is not None else 0  # (frames the compiled path wrote)
         pub.close()
         result_q.put(("pub-done", index, pub.frames, compiled))
     except BaseException as exc:

@@ -111,7 +111,7 @@ def test_put_without_t0_stamps_the_wall_clock(ring, writer):
         pytest.param(np.zeros((2, 2, CHANNELS), DTYPE), id="three-dimensions"),
         pytest.param(np.zeros((0, CHANNELS), DTYPE), id="empty"),
         pytest.param(np.zeros((8, CHANNELS), DTYPE)[::2], id="strided"),
-        pytest.param(np.zeros((4, CHANNELS), DTYPE).T, id="fortran-order"),
+        pytest.param(np.asfortranarray(np.zeros((4, CHANNELS), DTYPE)), id="fortran-order"),
         pytest.param(np.zeros((4, CHANNELS), DTYPE).tolist(), id="a-list"),
         pytest.param(b"\x00" * 16, id="bytes-on-an-int16-stream"),
         pytest.param(np.zeros((LIMIT // SB + 1, CHANNELS), DTYPE), id="over-frame-limit"),

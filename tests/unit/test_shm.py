@@ -58,7 +58,8 @@ def test_populate_maps_committed_pages_ahead_and_allocates_no_hole(segment):
     allocated = segment.allocated
     mm = shm.attach(segment.name, 64 << 20, writable=True)
     try:
-        assert shm.populate(mm, [(1 << 20, 5 << 20), (100, 200)])  # (a range inside one page: nothing to do)
+        if not shm.populate(mm, [(1 << 20, 5 << 20), (100, 200)]):  # (a range inside one page: nothing to do)
+            pytest.skip("MADV_POPULATE_WRITE is not known here (Linux before 5.14)")
         assert segment.allocated == allocated  # no hole was allocated
         before = _minor_faults()
         for at in range(1 << 20, 5 << 20, 4096):
@@ -80,7 +81,7 @@ def test_populate_rounds_inward_to_whole_pages_and_says_when_the_kernel_cannot()
         def madvise(self, option, start, length):
             calls.append((option, start, length))
             if start >= 8192:
-                raise OSError(22, "Invalid argument")  # a kernel before 5.14
+                raise OSError(22, "Invalid argument")  # a kernel before 5.14 (or ENOMEM, EFAULT: the same)
 
     assert not shm.populate(Recording(), [(1, 8191), (4095, 8193), (8192, 16384), (0, 4096)])  # type: ignore[arg-type]
     assert calls == [(23, 4096, 4096), (23, 8192, 8192)]  # (1, 8191) holds no whole page; stopped at EINVAL

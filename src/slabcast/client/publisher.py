@@ -339,9 +339,10 @@ class Publisher:
         self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
-        # No page fault per page on the first lap of the pool (core/shm.py): the frame areas and the carried parts.
-        self._populated = min(carry, self.reserve)  # (bytes of each carried part, before its data start)
-        populate(self._mm, self._geometry.data_ranges(self._populated))
+        # No page fault per page on the first lap of the pool (core/shm.py): the frame areas now, each carried part
+        # as far as the broker committed it when the slab is granted (_on_grant).
+        populate(self._mm, self._geometry.data_ranges())
+        self._populated = [0] * self.nslabs  # bytes of each slab's carried part populated
         # Where every frame is described, in order: readers need nothing else (core/ring.py).
         self._ring = Ring(self._mm, self._geometry.ring_offset)
         self._ring.wake_futex_sleepers()  # (our write wakes a doorbell subscriber asleep on the futex word)
@@ -358,6 +359,7 @@ class Publisher:
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._frame_limit = self._geometry.frame_bytes
         # The compiled frame path (core/_hot.c), when built; a stream with per-sample times keeps the Python one.
+        self._takes_bytes = self.dtype == np.uint8 and self.channels == 1  # (bytes-like frames: check_frame)
         self._writer = None if HOT is None or self.timestamps else HOT.Writer(
             self._mm, self._geometry.ring_offset, self._ring.slots, self._ring.seen, _element_format(self.dtype),
             self.dtype.itemsize, self.channels, self._frame_limit)  # fmt: skip
@@ -417,7 +419,8 @@ class Publisher:
             )
         writer = self._writer
         state = self._state
-        if writer is not None and times is None and not (state.fresh or state.pend_n or state.switch_unsent):
+        if writer is not None and times is None and not (state.fresh or state.pend_n or state.switch_unsent) and (
+                type(data) is np.ndarray or (self._takes_bytes and type(data) in _BYTES_LIKE)):  # fmt: skip
             # The compiled path (core/_hot.c): the same steps as below in one call, which in a cold process
             # (a paced writer after its sleep) cost 3 us against 13.  It declines (0) whatever is not plain
             # (a frame to check, a slab change, a t0 to refuse): the Python steps below take it then.
@@ -730,7 +733,7 @@ class Publisher:
         msg = self._conn.recv(timeout)
         while msg is not None:
             if isinstance(msg, M.Grant):
-                self._state.grants.append(msg.slab)
+                self._on_grant(msg.slab)
             elif isinstance(msg, M.Carry):
                 self._on_carry(msg)
             elif isinstance(msg, M.Synced):
@@ -744,10 +747,19 @@ class Publisher:
         carried = self._state.on_carry(msg.nbytes)
         if carried is not None:
             self._conn.send(M.Carried(carried))
-        nbytes = min(msg.nbytes, self.reserve)
-        if nbytes > self._populated:  # (the broker committed it before it asked: populating allocates nothing)
-            populate(self._mm, self._geometry.data_ranges(nbytes, self._populated))
-        self._populated = nbytes
+
+    def _on_grant(self, slab: int) -> None:
+        """``slab`` is ours to write next (caller holds the lock): populate its carried part as far as we carry
+        (core/shm.py).  The broker shrank that part, if at all, before it granted the slab, keeping at least the
+        carry it last asked for, which we took before this GRANT (one socket, in order): that much is committed,
+        so populating allocates nothing.  A part given back since our last look is populated again when needed."""
+        state = self._state
+        state.grants.append(slab)
+        carry, done = state.carry, min(self._populated[slab], state.carry)
+        if carry > done:
+            data = self._geometry.data_start(slab)
+            populate(self._mm, [(data - carry, data - done)])
+        self._populated[slab] = carry
 
     def _published(self) -> None:
         """Tell the broker the ring's position, when it must know now: a slab change (it grants the next), or it

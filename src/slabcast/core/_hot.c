@@ -95,6 +95,8 @@ hot_futex_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!(timeout >= 0.0))  /* (NaN too) */
         timeout = 0.0;
+    if (timeout > 1e9)  /* (a time_t and the absolute deadline stay in range; callers' waits are bounded) */
+        timeout = 1e9;
     struct timespec ts;
     long r;
     int err;
@@ -175,6 +177,7 @@ typedef struct {
     Py_ssize_t channels;
     Py_ssize_t sample_bytes;
     Py_ssize_t frame_limit;
+    unsigned long long puts; /* frames this writer published (tests: which path wrote) */
 } Writer;
 
 static void
@@ -341,6 +344,7 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     }
     memcpy(w->base + offset, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
+    w->puts++;
     /* The descriptor (docs/protocol.md): not visible until the position, so its own order does not matter. */
     char *d = w->ring + ((uint64_t)position & w->mask) * DESCRIPTOR_BYTES;
     uint64_t u;
@@ -402,6 +406,17 @@ static PyMethodDef writer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+writer_get_puts(Writer *w, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(w->puts);
+}
+
+static PyGetSetDef writer_getset[] = {
+    {"puts", (getter)writer_get_puts, NULL, "Frames this writer published.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "slabcast.core._hot.Writer",
@@ -413,6 +428,7 @@ static PyTypeObject WriterType = {
     .tp_init = (initproc)writer_init,
     .tp_dealloc = (destructor)writer_dealloc,
     .tp_methods = writer_methods,
+    .tp_getset = writer_getset,
 };
 
 static PyMethodDef hot_methods[] = {

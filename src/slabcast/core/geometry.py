@@ -106,15 +106,10 @@ class Geometry:
         """The segment byte where ``slab``'s frames start (just after its carried part)."""
         return self.slab_start(slab) + self.reserve
 
-    def data_ranges(self, lo: int, hi: int | None = None) -> list[tuple[int, int]]:
-        """In every slab, the bytes ``lo`` before its data start up to ``hi`` before it (default: to the slab's
-        end), as segment ranges ``[start, stop)``: ``data_ranges(carry)`` is the memory always committed (the
-        frame area) and the carried part as far as subscribers asked for it."""
-        ranges = []
-        for s in range(self.nslabs):
-            data = self.data_start(s)
-            ranges.append((data - lo, self.slab_start(s) + self.slab_bytes if hi is None else data - hi))
-        return ranges
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Every slab's frame area, ``[data_start, slab end)``, as segment ranges: memory always committed (the
+        carried part before it is committed as far as subscribers ask)."""
+        return [(self.data_start(s), self.slab_start(s) + self.slab_bytes) for s in range(self.nslabs)]
 
     def slab_of(self, offset: int) -> int:
         """The slab holding segment byte ``offset``."""
