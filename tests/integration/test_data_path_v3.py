@@ -11,6 +11,7 @@ of its stores leaves its subscribers every frame it published and then the end, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -916,3 +917,28 @@ def test_a_frame_the_python_steps_refuse_is_refused_on_every_write_not_only_the_
                 with pytest.raises(TypeError, match="numpy array"):
                     pub.write(bad)
             assert pub.frames == k + 1
+
+
+def test_every_frame_of_a_plain_writer_takes_the_compiled_path_slab_changes_included(broker, stream_name):
+    # A slab's first frame too goes through Writer.put (core/_hot.c) once the Python steps switched slab (FULL):
+    # a futex subscriber of chunks that straddle every slab change gets every byte.
+    if ring_module.HOT is None:
+        pytest.skip("the compiled module (core/_hot.c) is not built")
+    pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=65536, nslabs=8, max_chunk_bytes=8192,
+                             address=broker.address)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=1500, clip=True, address=broker.address, wake="futex")
+    try:
+        sent = np.arange(60_000, dtype=np.int32)
+        got = []
+        for frame in np.split(sent, 120):  # 500 samples (2,000 bytes) a frame: a slab change every ~28 frames
+            pub.write(frame)
+            with contextlib.suppress(slabcast.WouldBlock):
+                while True:
+                    with sub.recv_nowait() as chunk:
+                        got.append(chunk.data.copy())
+        got += [c.data.copy() for c in (sub.recv(timeout=10) for _ in range(40 - len(got)))]
+        assert np.array_equal(np.concatenate(got), sent)
+        assert pub._writer.puts == pub.frames == 120  # (the Python steps wrote none)
+    finally:
+        sub.close()
+        pub.close()

@@ -118,6 +118,11 @@ def write_until_killed(address, name, seed, ready_q, go_event, written, die_at=N
         Ring.publish = unpublished
     pub = slabcast.Publisher(name, dtype="int64", address=address, slab_bytes=64 << 10, max_chunk_bytes=32 << 10,
                              nslabs=8, timeout=60)  # fmt: skip
+    if die_in is not None and pub._writer is not None:
+        # The deterministic deaths are injected into the Python path's Ring.write / Ring.publish; the compiled
+        # path (core/_hot.c) would write every frame without calling them.
+        pub._writer.close()
+        pub._writer = None
     ready_q.put(("pub-ready", os.getpid()))
     go_event.wait(60)
     index = 0

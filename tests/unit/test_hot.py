@@ -80,7 +80,7 @@ def test_put_stores_what_the_python_steps_store_byte_for_byte(seg, ring, writer)
             frame = _frame(n, index)
             t0 = 1000.0 + index / 48000
             flags = 1 if position == 4 else 0
-            got = writer.put(frame, t0, flags, offset, END, position, index, 77, 3, 5, frame_max)
+            got = writer.put(frame, t0, flags, offset, END, position, index, 77, 3, 5, frame_max, False)
             assert got == n
             _python_put(other, ring2, frame, t0, flags, offset, position, index, 77, 3, 5, frame_max)
             frame_max = max(frame_max, n)
@@ -97,7 +97,7 @@ def test_put_stores_what_the_python_steps_store_byte_for_byte(seg, ring, writer)
 
 def test_put_without_t0_stamps_the_wall_clock(ring, writer):
     before = time.time()
-    assert writer.put(_frame(2), None, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 2
+    assert writer.put(_frame(2), None, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 2
     after = time.time()
     assert before <= ring.t0_of(0) <= after
 
@@ -119,39 +119,60 @@ def test_put_without_t0_stamps_the_wall_clock(ring, writer):
 )
 def test_put_declines_a_frame_the_python_path_must_judge_and_writes_nothing(seg, ring, writer, data):
     before = seg[:]
-    assert writer.put(data, 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 0
+    assert writer.put(data, 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 0
     assert seg[:] == before  # (Publisher.write then checks it in Python and says what was wrong)
 
 
 @pytest.mark.parametrize("t0", [math.nan, math.inf, -math.inf, True, "1.0", np.int64(5), 10**400])
 def test_put_declines_a_t0_that_is_not_a_finite_float_int_or_none(seg, ring, writer, t0):
     before = seg[:]
-    assert writer.put(_frame(2), t0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 0
+    assert writer.put(_frame(2), t0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 0
     assert seg[:] == before
 
 
 def test_put_takes_a_float_subclass_and_an_int_t0(ring, writer):
-    assert writer.put(_frame(1), np.float64(2.5), 0, 4096, END, 0, 0, 0, 0, 1, 0) == 1
-    assert writer.put(_frame(1), 7, 0, 4096 + SB, END, 1, 1, 0, 0, 1, 1) == 1
+    assert writer.put(_frame(1), np.float64(2.5), 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 1
+    assert writer.put(_frame(1), 7, 0, 4096 + SB, END, 1, 1, 0, 0, 1, 1, False) == 1
     assert (ring.t0_of(0), ring.t0_of(1)) == (2.5, 7.0)
 
 
-def test_put_declines_a_frame_that_does_not_fit_before_end(seg, ring, writer):
+def test_a_plain_frame_that_does_not_fit_before_end_is_full_and_nothing_is_written(seg, ring, writer):
+    # FULL: the caller starts a new slab and puts the frame again as that slab's first (every waiter woken).
     before = seg[:]
-    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB - 1, 0, 0, 0, 0, 1, 0) == 0
-    assert writer.put(_frame(4), 1.0, 0, 8192, 0, 0, 0, 0, 0, 1, 0) == 0  # end 0: no slab, or the slab is full
-    assert writer.put(_frame(4), 1.0, 0, 8192, RING_AT + 64, 0, 0, 0, 0, 1, 0) == 0  # (into the ring: never)
-    assert writer.put(_frame(4), 1.0, 0, 100, END, 0, 0, 0, 0, 1, 0) == 0  # (into the header: never)
+    full = R.HOT.FULL
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB - 1, 0, 0, 0, 0, 1, 0, False) == full
+    assert writer.put(_frame(4), 1.0, 0, 8192, 0, 0, 0, 0, 0, 1, 0, False) == full  # end 0: no slab, or it is full
+    assert writer.put(_frame(4), 1.0, 0, 8192, RING_AT + 64, 0, 0, 0, 0, 1, 0, False) == 0  # (into the ring: never)
+    assert writer.put(_frame(4), 1.0, 0, 100, END, 0, 0, 0, 0, 1, 0, False) == 0  # (into the header: never)
+    assert writer.put(np.zeros((4, 3), DTYPE), 1.0, 0, 8192, 0, 0, 0, 0, 0, 1, 0, False) == 0  # (not plain: 0)
     assert seg[:] == before
-    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB, 0, 0, 0, 0, 1, 0) == 4  # exactly to end
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB, 0, 0, 0, 0, 1, 0, False) == 4  # exactly to end
+
+
+def test_a_slabs_first_frame_wakes_every_futex_waiter(ring, writer):
+    ring.w[R.FUTEX_AT // 4] = 1
+    ring.publish(0)
+    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 3  # (frame_max 3 from here)
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(R.HOT.futex_wait(ring.futex_address, 1, 10.0, R.wake_mask(7))))
+    t.start()
+    try:
+        _asleep_in_futex(t, ring.futex_address)
+        assert writer.put(_frame(3), 1.0, 0, 8192, END, 1, 3, 0, 1, 1, 3, True) == 3  # position 2, no growth: first
+        t.join(5)
+        assert woke == [True]
+    finally:
+        ring.publish(9)
+        R.futex_wake(ring.futex_address)
+        t.join(5)
 
 
 def test_a_bytes_frame_on_a_byte_stream(seg, ring):
     assert R.HOT is not None
     w = R.HOT.Writer(seg, RING_AT, SLOTS, ring.seen, _element_format(np.dtype(np.uint8)), 1, 1, LIMIT)
     try:
-        assert w.put(b"abc", 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 3
-        assert w.put(bytearray(b"de"), 1.0, 0, 4099, END, 1, 3, 0, 0, 1, 3) == 2
+        assert w.put(b"abc", 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 3
+        assert w.put(bytearray(b"de"), 1.0, 0, 4099, END, 1, 3, 0, 0, 1, 3, False) == 2
         assert seg[4096:4101] == b"abcde"
     finally:
         w.close()
@@ -161,7 +182,7 @@ def test_a_bytes_frame_on_a_byte_stream(seg, ring):
 def test_put_leaves_the_telling_to_the_caller_when_version_2_or_broker_cut_subscribers_must_hear(ring, writer, word):
     # Version-2 subscribers (NOTICEs) and the broker cutting chunks (PUBLISHED): Python's, after the position.
     ring.w[word // 4] = 1
-    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == -3
+    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == -3
     assert ring.position == 1  # published all the same
 
 
@@ -172,7 +193,7 @@ def test_put_looks_at_the_sleeper_table_as_ring_sleeping_does_and_asks_for_the_d
     offset = [4096]
 
     def put(position: int) -> int:
-        got = writer.put(_frame(1), 1.0, 0, offset[0], END, position, position, 0, 0, 1, 1)
+        got = writer.put(_frame(1), 1.0, 0, offset[0], END, position, position, 0, 0, 1, 1, False)
         offset[0] += SB
         return got
 
@@ -200,7 +221,7 @@ def test_put_wakes_a_doorbell_subscriber_asleep_on_the_futex_word(ring, writer):
     t.start()
     try:
         _asleep_in_futex(t, ring.futex_address)
-        assert writer.put(_frame(2), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 2  # (no notice: its futex byte)
+        assert writer.put(_frame(2), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 2  # (no notice: its futex byte)
         t.join(5)
         assert woke == [True]
     finally:
@@ -223,12 +244,12 @@ def test_put_wakes_futex_waiters_with_the_mask_of_the_new_position_or_every_bit_
 
     # Position 0 -> 1, frame_max 0 -> 3: every bit, so a waiter for position 5's mask wakes.
     t = sleep(0, R.wake_mask(5))
-    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0) == 3
+    assert writer.put(_frame(3), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 3
     t.join(5)
     assert results == [True]
     # Position 1 -> 2, no growth: only position 2's mask; a waiter for 5 sleeps through it, one for 2 wakes.
     far, near = sleep(1, R.wake_mask(5)), sleep(1, R.wake_mask(2))
-    assert writer.put(_frame(2), 1.0, 0, 4096 + 3 * SB, END, 1, 3, 0, 0, 1, 3) == 2
+    assert writer.put(_frame(2), 1.0, 0, 4096 + 3 * SB, END, 1, 3, 0, 0, 1, 3, False) == 2
     near.join(5)
     assert not near.is_alive() and far.is_alive()
     ring.publish(5)
@@ -242,7 +263,7 @@ def test_a_closed_writer_refuses_and_releases_the_segment(seg, ring):
     w = R.HOT.Writer(seg, RING_AT, SLOTS, ring.seen, "h", 2, 2, LIMIT)
     w.close()
     with pytest.raises(ValueError, match="closed Writer"):
-        w.put(_frame(1), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0)
+        w.put(_frame(1), 1.0, 0, 4096, END, 0, 0, 0, 0, 1, 0, False)
     w.close()  # (idempotent)
 
 

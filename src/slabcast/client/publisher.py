@@ -43,6 +43,7 @@ _SERVICE = 0.02  # seconds between the background thread's looks at joins and br
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
 _RING_NOW = 1 << 32  # the compiled put's result: a doorbell notice is due (core/_hot.c)
+_FULL = 1 << 33  # ... or: the frame does not fit before the slab's end, nothing written
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
@@ -419,19 +420,28 @@ class Publisher:
             )
         writer = self._writer
         state = self._state
-        if writer is not None and times is None and not (state.fresh or state.pend_n or state.switch_unsent) and (
+        if writer is not None and times is None and not (state.fresh or state.pend_n) and (
                 type(data) is np.ndarray or (self._takes_bytes and type(data) in _BYTES_LIKE)):  # fmt: skip
             # The compiled path (core/_hot.c): the same steps as below in one call, which in a cold process
             # (a paced writer after its sleep) cost 3 us against 13.  It declines (0) whatever is not plain
-            # (a frame to check, a slab change, a t0 to refuse): the Python steps below take it then.
+            # (a frame to check, a t0 to refuse): the Python steps below take it then.  A plain frame that does
+            # not fit (FULL) starts the next slab here, and goes in as its first frame.
             if self._failure is not None:
                 raise self._failure
             offset = state.offset
             position = self._position
             index = self.samples
-            n = writer.put(data, t0, P.FLAG_DISCONTINUITY if discontinuity else 0, offset,
-                           state.end if state.slab_frames < state.frame_cap else 0, position, index, self._floor,
-                           self._slab, self._gen, self._frame_max)  # fmt: skip
+            flags = P.FLAG_DISCONTINUITY if discontinuity else 0
+            first = False
+            n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
+                           position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
+            if n == _FULL:
+                offset = self._next_slab()  # (WriteTimeout if no slab came free: nothing written)
+                first = state.fresh  # (a slab change; the stream's first slab is none)
+                n = writer.put(data, t0, flags, offset, state.end, position, index, self._floor, self._slab,
+                               self._gen, self._frame_max, first)  # fmt: skip
+                if n == _FULL:  # (a frame within frame_limit fits an empty slab: this is a bug, said as one)
+                    raise RuntimeError(f"a frame of {len(data)} samples did not fit a new slab of {self._where}")
             if n:
                 told = n > 0  # (else the frame is published and the tell part is ours)
                 n = n if told else -n
@@ -447,14 +457,20 @@ class Publisher:
                 grew = n > self._frame_max
                 if grew:
                     self._frame_max = n
-                if not told or ring_now:
-                    flags = P.FLAG_DISCONTINUITY if discontinuity else 0
-                    t0 = self._ring.t0_of(position)
+                if first:
+                    state.first_frame(time.monotonic())  # (its slab change is due to the broker from now on)
+                if not told:
+                    self._tell(index, offset, n, nbytes, self._ring.t0_of(position), flags, grew, first, position + 1)
+                else:
                     if ring_now:
                         with self._lock:
-                            self._notice(index, offset, n, t0, flags, True)
-                    else:
-                        self._tell(index, offset, n, nbytes, t0, flags, grew, False, position + 1)
+                            self._notice(index, offset, n, self._ring.t0_of(position), flags, True)
+                    if state.switch_unsent:  # (as _tell: the background thread tells the broker, or we do)
+                        if first:
+                            _kick(self._kick)
+                        elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
+                            with self._lock:
+                                self._published()
                 if state.end - offset < 2 * nbytes and not self._prep_asked:
                     self._prep_asked = True
                     _kick(self._kick)

@@ -9,7 +9,7 @@
  *   futex_wake(address, mask=WAKE_ALL) -> int
  *   barrier() -> None
  *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
- *       end, position, index, floor, slab, gen, frame_max) -> int
+ *       end, position, index, floor, slab, gen, frame_max, first) -> int
  *
  * Linux only (futex(2)); any architecture the compiler's __atomic builtins cover.
  */
@@ -38,6 +38,7 @@
 #define DESCRIPTOR_BYTES 64
 #define SLEEPERS 256
 #define RING_NOW (1LL << 32)  /* put's result: send the doorbell notice (a sleeper byte changed) */
+#define FULL (1LL << 33)      /* put's result: a plain frame that does not fit before end: a new slab first */
 
 static int
 as_address(PyObject *obj, char **out)
@@ -262,17 +263,19 @@ same_format(const char *got, const char *want)
 }
 
 PyDoc_STRVAR(put_doc,
-"put(data, t0, flags, offset, end, position, index, floor, slab, gen, frame_max) -> int\n\n"
+"put(data, t0, flags, offset, end, position, index, floor, slab, gen, frame_max, first) -> int\n\n"
 "Publish one frame, as Publisher.write's Python steps do: copy data (C-contiguous, the stream's element\n"
 "format, (n,) or (n, channels), n >= 1) to segment byte offset, write descriptor `position` (t0: seconds,\n"
 "None for CLOCK_REALTIME now), store frame_max if n raised it, then position + 1 (a release store).  Then\n"
-"the header's words: wake futex waiters (every bit if n raised frame_max, else the bit of position + 1),\n"
+"the header's words: wake futex waiters (every bit if n raised frame_max or `first`: the frame starts a\n"
+"slab; else the bit of position + 1),\n"
 "look at the doorbell subscribers' sleeper tables as Ring.sleeping does (waking those asleep on the futex\n"
 "word) and return n, or n + 2**32 when a doorbell notice is due (the caller sends it).  With version-2\n"
 "notices or the broker cutting chunks, return -n: the caller tells them.  Return 0, having written nothing,\n"
 "when the frame\n"
-"is not such a buffer, t0 not a finite number or None, or it does not fit below end or frame_limit: the\n"
-"caller's Python path takes it (and says what was wrong).");
+"is not such a buffer, t0 not a finite number or None, or over frame_limit: the caller's Python path takes\n"
+"it (and says what was wrong); FULL (2**33), having written nothing, when such a frame does not fit before\n"
+"end (0: no slab, or the slab's frames are all written): the caller starts a new slab and puts it again.");
 
 static void
 wake(char *word, uint32_t mask)
@@ -295,8 +298,8 @@ all_zero(const unsigned char *table)
 static PyObject *
 writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "put takes 11 arguments, got %zd", nargs);
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "put takes 12 arguments, got %zd", nargs);
         return NULL;
     }
     if (!w->held) {
@@ -327,20 +330,22 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         || as_i64(args[5], &position) < 0 || as_i64(args[6], &index) < 0 || as_i64(args[7], &floor_) < 0
         || as_i64(args[8], &slab) < 0 || as_i64(args[9], &gen) < 0 || as_i64(args[10], &frame_max) < 0)
         return NULL;
+    int first = PyObject_IsTrue(args[11]);
+    if (first < 0)
+        return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
         return PyLong_FromLong(0);
     }
     Py_ssize_t n = view.ndim >= 1 ? view.shape[0] : 0;
-    int fits = view.itemsize == w->itemsize && same_format(view.format, w->fmt) && n >= 1
+    int plain = view.itemsize == w->itemsize && same_format(view.format, w->fmt) && n >= 1
         && ((view.ndim == 1 && w->channels == 1) || (view.ndim == 2 && view.shape[1] == w->channels))
-        && view.len == n * w->sample_bytes && view.len <= w->frame_limit
-        && offset >= HEADER_BYTES && end <= (int64_t)(w->ring - w->base) && offset + view.len <= end
-        && n <= 0xFFFFFFFFLL;
-    if (!fits) {
+        && view.len == n * w->sample_bytes && view.len <= w->frame_limit && n <= 0xFFFFFFFFLL;
+    int full = plain && offset + view.len > end;  /* (end 0: no slab yet, or its frames are all written) */
+    if (!plain || full || offset < HEADER_BYTES || end > (int64_t)(w->ring - w->base)) {
         PyBuffer_Release(&view);
-        return PyLong_FromLong(0);
+        return PyLong_FromLongLong(full ? FULL : 0);
     }
     memcpy(w->base + offset, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
@@ -372,8 +377,9 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     uint32_t doorbells = __atomic_load_n((uint32_t *)(w->base + DOORBELLS_AT), __ATOMIC_RELAXED);
     if (notices || frames)
         return PyLong_FromSsize_t(-n);
-    /* Wake those whose next chunk this frame can complete (wake targets); every one when it raised frame_max. */
-    uint32_t mask = grew ? WAKE_ALL : (uint32_t)1 << (next & 31);
+    /* Wake those whose next chunk this frame can complete (wake targets); every one when it raised frame_max or
+     * starts a slab (a block subscriber asleep toward a later position posts its cursor once a slab). */
+    uint32_t mask = grew || first ? WAKE_ALL : (uint32_t)1 << (next & 31);
     if (waiters)
         wake(w->base + POSITION_AT, mask);  /* (the kernel's futex_wake is a full barrier before it looks) */
     if (!doorbells)
@@ -455,7 +461,8 @@ PyInit__hot(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0
-        || PyModule_AddObject(m, "RING_NOW", PyLong_FromLongLong(RING_NOW)) < 0) {
+        || PyModule_AddObject(m, "RING_NOW", PyLong_FromLongLong(RING_NOW)) < 0
+        || PyModule_AddObject(m, "FULL", PyLong_FromLongLong(FULL)) < 0) {
         Py_DECREF(m);
         return NULL;
     }
