@@ -343,12 +343,19 @@ def test_a_wrong_descriptor_is_named_to_its_publisher_and_ends_the_stream(h: Har
     assert "s" not in h.state.streams  # ended: its subscribers are told the publisher is gone
 
 
+LOOKS = [pytest.param("compiled", marks=pytest.mark.skipif(state_module._RUNS is None, reason="core/_hot.c not built")),
+         "python"]  # fmt: skip
+
+
+@pytest.mark.parametrize("look", LOOKS)
 @pytest.mark.parametrize("batch", [5, 40], ids=["short batch, as tuples", "long batch, by column"])
 @pytest.mark.parametrize("wrong", ["seq", "index", "n"])
 def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(
-    h: Harness, batch: int, wrong: str, monkeypatch: pytest.MonkeyPatch
+    h: Harness, batch: int, wrong: str, look: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(state_module, "_ROWS", 8)  # (a batch of more goes by column)
+    monkeypatch.setattr(state_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
+    if look == "python":
+        monkeypatch.setattr(state_module, "_RUNS", None)
     h.open()
     for _ in range(batch - 1):
         h.write(10, tell=False)
@@ -368,10 +375,13 @@ def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(
 
 def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same frames (runs in two slabs, a jump), told in batches of 4 (tuples) and in one batch of 40 (by
-    column): the broker cuts the same chunks and keeps the same frames for history, and the same head."""
-    monkeypatch.setattr(state_module, "_ROWS", 8)  # (a batch of more goes by column)
+    column), and both through the compiled look (core/_hot.c): the broker cuts the same chunks and keeps the same
+    frames for history, and the same head."""
+    monkeypatch.setattr(state_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
+    compiled = state_module._RUNS
     cuts = []
-    for every in (4, 40):
+    for every, runs in [(4, None), (40, None)] + ([] if compiled is None else [(4, compiled), (40, compiled)]):
+        monkeypatch.setattr(state_module, "_RUNS", runs)
         h = Harness(tmp_path)
         try:
             h.open(max_chunk=1024)
@@ -395,7 +405,7 @@ def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any, monkeypat
         finally:
             h.state.shutdown()
     assert len({offset // SLAB for _, _, _, offset, _ in cuts[0][0]}) >= 2  # chunks in more than one slab
-    assert cuts[0] == cuts[1]
+    assert all(cut == cuts[0] for cut in cuts[1:])
 
 
 def test_release_of_a_chunk_not_held_is_malformed(h: Harness) -> None:

@@ -294,3 +294,63 @@ def test_a_writer_over_a_ring_outside_its_segment_is_refused(seg, args, match):
 
 def test_descriptor_bytes_match_the_c_layout():
     assert DESCRIPTOR_BYTES == 64 and (R.POSITION_AT, R.FRAME_MAX_AT) == (152, 188)  # (core/_hot.c's defines)
+
+
+# ---------------------------------------------------------------- the broker's look (runs)
+
+
+def _descriptors(seed: int, count: int, sample_bytes: int) -> tuple[bytes, int, int]:
+    """``count`` descriptors as a publisher writes them (frames of 1-50 samples, back to back in slabs of 4 KiB,
+    now and then a flag), from seq 1000 and index 7000: (raw, seq, index)."""
+    rng = np.random.default_rng(seed)
+    seq, index, offset, floor = 1000, 7000, 256, 7000
+    out = bytearray()
+    for k in range(count):
+        n = int(rng.integers(1, 51))
+        if (offset % 4096) + n * sample_bytes > 4096:  # a new slab (its carry: the previous frame's samples)
+            offset = (offset // 4096 + 1) * 4096 + 128
+            floor = index - 3
+        flags = int(rng.random() < 0.05)
+        out += R._DESC.pack(seq + k, index, 0.25 * k, offset, floor, n, offset // 4096, 7, flags)
+        index += n
+        offset += n * sample_bytes
+    return bytes(out), seq, 7000
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_runs_groups_and_checks_descriptors_as_the_python_twin_does(seed):
+    from slabcast.broker.state import _runs_of
+
+    assert R.HOT is not None
+    raw, seq, head = _descriptors(seed, 300, SB)
+    runs = R.HOT.runs(raw, seq, head, SB)
+    assert isinstance(runs, list) and len(runs) > 5  # slab changes and flags start runs
+    assert runs == _runs_of(R.rows_of(raw), seq, head, SB)
+    assert sum(r[4] for r in runs) == sum(sum(r[5]) for r in runs) == sum(d[5] for d in R.rows_of(raw))
+    assert R.HOT.runs(b"", seq, head, SB) == []
+
+
+@pytest.mark.parametrize("wrong", ["seq", "index", "n"])
+def test_runs_names_the_row_of_a_descriptor_out_of_sequence(wrong):
+    assert R.HOT is not None
+    raw, seq, head = _descriptors(1, 40, SB)
+    rows = R.rows_of(raw)
+    k = 23
+    d = list(rows[k])
+    if wrong == "seq":
+        d[0] += 1
+    elif wrong == "index":
+        d[1] += 3
+    else:
+        d[5] = 0
+    bad = raw[: k * DESCRIPTOR_BYTES] + R._DESC.pack(*d) + raw[(k + 1) * DESCRIPTOR_BYTES :]
+    assert R.HOT.runs(bad, seq, head, SB) == k
+    assert R.HOT.runs(raw, seq + 1, head, SB) == 0  # (the first row, against the caller's next seq)
+
+
+def test_runs_refuses_what_is_not_whole_descriptors():
+    assert R.HOT is not None
+    with pytest.raises(ValueError, match="whole descriptors of 64 bytes, got 65 bytes"):
+        R.HOT.runs(bytes(65), 0, 0, SB)
+    with pytest.raises(ValueError, match="sample_bytes must be >= 1, got 0"):
+        R.HOT.runs(b"", 0, 0, 0)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import Descriptor, barrier, futex_wake
+from ..core.ring import HOT, Descriptor, barrier, futex_wake, rows_of
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -52,10 +52,50 @@ log = logging.getLogger("slabcast.broker")
 
 GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
 _READ = 4096  # descriptors read from a ring at a time
-_ROWS = 256  # up to this many, taken as tuples (BrokerState._take_rows), else by column (BrokerState._take)
+_ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (BrokerState._take)
+# The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
+_RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
 REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
 _TYPED = frozenset(M.MESSAGES.values())
+
+
+# A run of frames back to back in one slab: its first frame's byte, index, floor and flags, its samples in all,
+# and each frame's samples and t0.
+Run = tuple[int, int, int, int, int, tuple[int, ...], tuple[float, ...]]
+
+
+def _runs_of(rows: list[Descriptor], seq_next: int, head: int, sample_bytes: int) -> list[Run]:
+    """Descriptors read from the ring (``Ring.read``), checked and grouped into runs, a new run at a flag or where a
+    frame does not start at the previous one's end byte (a new slab): what a broker woken once per slab reads.
+    (Numpy's cost per call, some 50 calls, 170-250 us cold, outweighs this loop there: 15 frames of a paced
+    publisher about 40 us, 128 of a flat-out one 130-210 us against 210-310; core/_hot.c's ``runs`` is its
+    compiled twin.)
+
+    Raises
+    ------
+    Refused
+        A descriptor out of sequence: its seq not ``seq_next`` and on, its index not where the previous frame
+        ended (``head`` first), or no samples.
+    """
+    runs: list[list[Any]] = []  # [offset, first index, floor, flags, ns, t0s]
+    end = -1  # the byte after the current run's last frame
+    ns: list[int] = []
+    t0s: list[float] = []
+    for seq, index, t0, offset, floor, n, _slab, _gen, flags in rows:
+        if seq != seq_next or index != head or n < 1:
+            raise _wrong_descriptor(seq_next, seq, index, n, head)
+        if flags or offset != end:  # a jump, or not the previous frame's next bytes (a new slab): a new run
+            ns, t0s = [n], [t0]
+            runs.append([offset, index, floor, flags, ns, t0s])
+        else:
+            ns.append(n)
+            t0s.append(t0)
+        end = offset + n * sample_bytes
+        seq_next += 1
+        head += n
+    return [(offset, first, floor, flags, sum(run_ns), tuple(run_ns), tuple(run_t0s))
+            for offset, first, floor, flags, run_ns, run_t0s in runs]  # fmt: skip
 
 
 def _wrong_descriptor(at: int, seq: int, index: int, n: int, expect: int) -> Refused:
@@ -384,13 +424,24 @@ class BrokerState:
             while stream.frames < position:
                 start = stream.frames
                 stop = min(position, start + _READ)
-                # A batch of a slab or less (a broker woken per slab) as tuples, a longer one by column.
-                descriptors = ring.read(start, stop) if stop - start <= _ROWS else ring.read_array(start, stop)
+                # Compiled: checked and grouped into runs in one call.  Else a batch of a slab or less (a broker
+                # woken per slab) as tuples, a longer one by column.
+                if _RUNS is not None:
+                    descriptors: Any = ring.read_bytes(start, stop)
+                elif stop - start <= _ROWS:
+                    descriptors = ring.read(start, stop)
+                else:
+                    descriptors = ring.read_array(start, stop)
                 if descriptors is None:
                     raise Refused(P.ERR_FRAME, f"the ring was lapped past descriptor {start}: the publisher "
                                                f"wrote more than the pool lets it")  # fmt: skip
                 if isinstance(descriptors, list):
-                    self._take_rows(stream, descriptors)
+                    self._take_runs(stream, _runs_of(descriptors, stream.frames, stream.head, stream.sample_bytes))
+                elif isinstance(descriptors, bytes):
+                    runs = _RUNS(descriptors, stream.frames, stream.head, stream.sample_bytes)  # type: ignore[misc]
+                    if isinstance(runs, int):  # (a descriptor out of sequence: Python's twin says which, how)
+                        runs = _runs_of(rows_of(descriptors), stream.frames, stream.head, stream.sample_bytes)
+                    self._take_runs(stream, runs)
                 else:
                     self._take(stream, descriptors)
         except Refused as exc:
@@ -429,34 +480,13 @@ class BrokerState:
                         tuple(t0[a:b].tolist()))  # fmt: skip
             stream.account(self._now, int(offset[a]), ns)
 
-    def _take_rows(self, stream: Stream, rows: list[Descriptor]) -> None:
-        """The same for a batch of up to _ROWS descriptors as tuples (``Ring.read``), what a broker woken once
-        per slab reads: there numpy's cost per call (some 50 calls, 170-250 us cold) outweighs a loop (15 frames
-        of a paced publisher: about 40 us; 128 of a flat-out one: 130-210 us, against 210-310).  A broker that
-        lags reads thousands at a time, warm: by column, 0.2 us per frame."""
+    def _take_runs(self, stream: Stream, runs: list[Run]) -> None:
+        """Account for runs of frames (:func:`_runs_of`), in order."""
         sample_bytes = stream.sample_bytes
-        seq_next, head = stream.frames, stream.head
-        runs: list[list[Any]] = []  # [offset, first index, floor, flags, ns, t0s]
-        end = -1  # the byte after the current run's last frame
-        ns: list[int] = []
-        t0s: list[float] = []
-        for seq, index, t0, offset, floor, n, _slab, _gen, flags in rows:
-            if seq != seq_next or index != head or n < 1:
-                raise _wrong_descriptor(seq_next, seq, index, n, head)
-            if flags or offset != end:  # a jump, or not the previous frame's next bytes (a new slab): a new run
-                ns, t0s = [n], [t0]
-                runs.append([offset, index, floor, flags, ns, t0s])
-            else:
-                ns.append(n)
-                t0s.append(t0)
-            end = offset + n * sample_bytes
-            seq_next += 1
-            head += n
-        for offset, first, floor, flags, run_ns, run_t0s in runs:
-            counts = tuple(run_ns)
-            self._frame(stream, offset, sum(counts), run_t0s[0], flags & P.FLAG_DISCONTINUITY,
-                        (first - floor) * sample_bytes, counts, tuple(run_t0s))  # fmt: skip
-            stream.account(self._now, offset, counts)
+        for offset, first, floor, flags, n, ns, t0s in runs:
+            self._frame(stream, offset, n, t0s[0], flags & P.FLAG_DISCONTINUITY, (first - floor) * sample_bytes,
+                        ns, t0s)  # fmt: skip
+            stream.account(self._now, offset, ns)
 
     def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
                ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip

@@ -8,6 +8,7 @@
  *   futex_wait(address, expected, timeout, mask=WAKE_ALL) -> bool
  *   futex_wake(address, mask=WAKE_ALL) -> int
  *   barrier() -> None
+ *   runs(raw, seq, head, sample_bytes) -> list | int
  *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
  *       end, position, index, floor, slab, gen, frame_max, first) -> int
  *
@@ -24,6 +25,10 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the ring is little-endian (docs/protocol.md) and these functions read and write it natively"
+#endif
 
 #define WAKE_ALL 0xFFFFFFFFu
 
@@ -158,6 +163,139 @@ hot_barrier(PyObject *self, PyObject *unused)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
+}
+
+
+/* ------------------------------------------------------------------ the broker's look at the ring */
+
+PyDoc_STRVAR(runs_doc,
+"runs(raw, seq, head, sample_bytes) -> list | int\n\n"
+"The frames described by descriptors copied from the ring (raw: 64 bytes each, descriptor seq first; the\n"
+"stream's next sample is index head), checked and grouped as the broker accounts for them: runs of frames\n"
+"back to back in one slab, a new run at a flag or where a frame does not start at the previous one's end\n"
+"byte.  Each run is (offset, index, floor, flags, n, ns, t0s): its first frame's byte, stream index, floor\n"
+"and flags, its samples in all, and its frames' samples and t0 (seconds) as tuples.  A descriptor out of\n"
+"sequence (seq not the next, index not where the previous frame ended, no samples): its row, an int; the\n"
+"caller's Python twin (broker/state.py) names what is wrong.");
+
+static PyObject *
+hot_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "runs takes 4 arguments, got %zd", nargs);
+        return NULL;
+    }
+    unsigned long long seq0 = PyLong_AsUnsignedLongLong(args[1]);
+    if (seq0 == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long head0 = PyLong_AsUnsignedLongLong(args[2]);
+    if (head0 == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t sample_bytes = PyLong_AsSsize_t(args[3]);
+    if (sample_bytes == -1 && PyErr_Occurred())
+        return NULL;
+    if (sample_bytes < 1) {
+        PyErr_Format(PyExc_ValueError, "runs: sample_bytes must be >= 1, got %zd", sample_bytes);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (view.len % DESCRIPTOR_BYTES) {
+        PyErr_Format(PyExc_ValueError, "runs: raw must be whole descriptors of %d bytes, got %zd bytes",
+                     DESCRIPTOR_BYTES, view.len);
+        goto done;
+    }
+    const char *raw = (const char *)view.buf;
+    Py_ssize_t count = view.len / DESCRIPTOR_BYTES;
+    /* A descriptor: u64 seq, u64 index, f64 t0, u64 offset, u64 floor, u32 n, slab, gen, flags (little-endian). */
+    uint64_t seq = seq0, head = head0, end = 0;
+    Py_ssize_t nruns = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *d = raw + i * DESCRIPTOR_BYTES;
+        uint64_t dseq, index, offset;
+        uint32_t n, flags;
+        memcpy(&dseq, d, 8);
+        memcpy(&index, d + 8, 8);
+        memcpy(&offset, d + 24, 8);
+        memcpy(&n, d + 40, 4);
+        memcpy(&flags, d + 52, 4);
+        if (dseq != seq || index != head || n < 1) {
+            result = PyLong_FromSsize_t(i);
+            goto done;
+        }
+        if (i == 0 || flags || offset != end)
+            nruns++;
+        end = offset + (uint64_t)n * (uint64_t)sample_bytes;
+        seq++;
+        head += n;
+    }
+    PyObject *list = PyList_New(nruns);
+    if (list == NULL)
+        goto done;
+    Py_ssize_t i = 0;
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        /* The run's frames: from row i up to the next that starts a run. */
+        Py_ssize_t k = i + 1;
+        for (; k < count; k++) {
+            const char *d = raw + k * DESCRIPTOR_BYTES, *p = d - DESCRIPTOR_BYTES;
+            uint64_t offset, prev;
+            uint32_t n, flags;
+            memcpy(&offset, d + 24, 8);
+            memcpy(&flags, d + 52, 4);
+            memcpy(&prev, p + 24, 8);
+            memcpy(&n, p + 40, 4);
+            if (flags || offset != prev + (uint64_t)n * (uint64_t)sample_bytes)
+                break;
+        }
+        PyObject *ns = PyTuple_New(k - i), *t0s = PyTuple_New(k - i);
+        if (ns == NULL || t0s == NULL) {
+            Py_XDECREF(ns);
+            Py_XDECREF(t0s);
+            Py_DECREF(list);
+            goto done;
+        }
+        unsigned long long total = 0;
+        for (Py_ssize_t j = i; j < k; j++) {
+            const char *d = raw + j * DESCRIPTOR_BYTES;
+            uint32_t n;
+            double t0;
+            memcpy(&n, d + 40, 4);
+            memcpy(&t0, d + 16, 8);
+            total += n;
+            PyObject *a = PyLong_FromUnsignedLong(n), *b = PyFloat_FromDouble(t0);
+            if (a == NULL || b == NULL) {
+                Py_XDECREF(a);
+                Py_XDECREF(b);
+                Py_DECREF(ns);
+                Py_DECREF(t0s);
+                Py_DECREF(list);
+                goto done;
+            }
+            PyTuple_SET_ITEM(ns, j - i, a);
+            PyTuple_SET_ITEM(t0s, j - i, b);
+        }
+        const char *d = raw + i * DESCRIPTOR_BYTES;
+        uint64_t index, offset, floor;
+        uint32_t flags;
+        memcpy(&index, d + 8, 8);
+        memcpy(&offset, d + 24, 8);
+        memcpy(&floor, d + 32, 8);
+        memcpy(&flags, d + 52, 4);
+        PyObject *run = Py_BuildValue("(KKKIKNN)", (unsigned long long)offset, (unsigned long long)index,
+                                      (unsigned long long)floor, (unsigned int)flags, total, ns, t0s);
+        if (run == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, r, run);
+        i = k;
+    }
+    result = list;
+done:
+    PyBuffer_Release(&view);
+    return result;
 }
 
 
@@ -441,13 +579,15 @@ static PyMethodDef hot_methods[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))hot_futex_wait, METH_FASTCALL, futex_wait_doc},
     {"futex_wake", (PyCFunction)(void (*)(void))hot_futex_wake, METH_FASTCALL, futex_wake_doc},
     {"barrier", hot_barrier, METH_NOARGS, barrier_doc},
+    {"runs", (PyCFunction)(void (*)(void))hot_runs, METH_FASTCALL, runs_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef hot_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_hot",
-    .m_doc = "The frame's path in C: futex waits and wakes, a full barrier, a publisher's frame (core/ring.py).",
+    .m_doc = "The frame's path in C: futex waits and wakes, a full barrier, a publisher's frame (core/ring.py), "
+              "the broker's look at the ring's descriptors (broker/state.py).",
     .m_size = 0,
     .m_methods = hot_methods,
 };

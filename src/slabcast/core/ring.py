@@ -165,6 +165,11 @@ _LITTLE = sys.byteorder == "little"
 # One descriptor as read: (seq, index, t0, offset, floor, n, slab, gen, flags), the order of its fields.
 Descriptor = tuple[int, int, float, int, int, int, int, int, int]
 
+def rows_of(raw: bytes) -> list[Descriptor]:
+    """Descriptors copied from the ring (64 bytes each), as tuples."""
+    return list(_DESC.iter_unpack(raw))
+
+
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
 SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
     136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
@@ -393,7 +398,11 @@ class Ring:
         """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
         (a slot may already hold a later descriptor)."""
         raw = self._copy(start, stop)
-        return None if raw is None else list(_DESC.iter_unpack(raw))
+        return None if raw is None else rows_of(raw)
+
+    def read_bytes(self, start: int, stop: int) -> bytes | None:
+        """The same as the descriptors' bytes, copied (the broker's compiled look, core/_hot.c ``runs``)."""
+        return self._copy(start, stop)
 
     def read_array(self, start: int, stop: int) -> np.ndarray[Any, Any] | None:
         """The same as a copied ``DESCRIPTOR`` array (the broker's batches, taken column by column)."""
