@@ -31,6 +31,7 @@ import slabcast
 from slabcast.client import _local as local_module
 from slabcast.core import ring as ring_module
 from slabcast.core.ring import RING_SLOTS
+from slabcast.wire import messages as M
 from slabcast.wire import protocol as P
 from tests.integration import workers_v3 as W3
 
@@ -705,6 +706,47 @@ def test_a_subscriber_that_keeps_up_posts_its_cursor_in_the_ring_and_the_broker_
         # Its cursor when it last left a slab or gave a lease back: within a slab of all it read.
         assert 0 <= pub.samples - (value & (ring_module.CURSOR_SPAN - 1)) <= 65536
     finally:
+        sub.close()
+        pub.close()
+
+
+def test_counter_acks_of_a_subscriber_whose_cursor_is_in_the_table_go_at_most_every_half_second(broker, stream_name):
+    # Each ACK wakes the broker.  A subscriber whose cursor is in the ring's table frees no slab by its counter
+    # ACKs (delivered, held, dropped for `slabcast status`): it sends them every _COUNTS_INTERVAL (0.5 s, `slabcast
+    # top`'s refresh), not every _ACK_INTERVAL (0.1 s) as one whose ACK is its cursor.  Time is moved by hand.
+    assert (local_module._ACK_INTERVAL, local_module._COUNTS_INTERVAL) == (0.1, 0.5)
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=4,
+                             max_chunk_bytes=4096, timeout=10)  # fmt: skip
+    sub = slabcast.Subscriber(stream_name, size=1024, policy="block", address=broker.address, timeout=10)
+    rx = sub._rx
+    sent: list[M.Ack] = []
+    real_send = rx._conn.send
+    rx._conn.send = lambda msg: (isinstance(msg, M.Ack) and sent.append(msg), real_send(msg))[1]
+    entry = rx._entry
+    assert entry is not None
+
+    def one_chunk_then_a_look(ago: float) -> list[M.Ack]:
+        """A chunk (delivered + 1), then a recv that finds nothing, ``ago`` seconds after the last ACK."""
+        pub.write(np.zeros(1024, np.uint8))
+        with sub.recv(timeout=10):
+            pass
+        sent.clear()
+        rx._acked_at = time.monotonic() - ago
+        with pytest.raises(TimeoutError):  # (it reports, if due, before it would wait)
+            sub.recv(timeout=0)
+        return list(sent)
+
+    try:
+        one_chunk_then_a_look(10.0)  # (the first chunk's held count changes: reported at once)
+        assert one_chunk_then_a_look(0.2) == []
+        (ack,) = one_chunk_then_a_look(0.6)
+        assert (ack.delivered, ack.dropped, ack.held) == (3, 0, 0)
+        rx._entry = None  # (as a subscriber with no table entry: its ACK carries its cursor)
+        (ack,) = one_chunk_then_a_look(0.2)
+        assert (ack.cursor, ack.delivered) == (4 * 1024, 4)
+    finally:
+        rx._entry = entry
+        rx._conn.send = real_send
         sub.close()
         pub.close()
 
