@@ -348,7 +348,7 @@ LOOKS = [pytest.param("compiled", marks=pytest.mark.skipif(state_module._RUNS is
 
 
 @pytest.mark.parametrize("look", LOOKS)
-@pytest.mark.parametrize("batch", [5, 40], ids=["short batch, as tuples", "long batch, by column"])
+@pytest.mark.parametrize("batch", [5, 40], ids=["short batch (as tuples in Python)", "long batch (by column)"])
 @pytest.mark.parametrize("wrong", ["seq", "index", "n"])
 def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(
     h: Harness, batch: int, wrong: str, look: str, monkeypatch: pytest.MonkeyPatch

@@ -40,10 +40,11 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _ACK_INTERVAL = 0.1  # seconds between ACKs that only refresh counters (a subscriber whose ACK is its cursor)
-# ... for a subscriber that posts its cursor in the ring's table, whose counter ACKs free no slab: `slabcast top`'s
-# refresh.  Each ACK wakes the broker (some 270 us of its CPU in this VM): at 0.1 s, eight paced subscribers woke it
-# 80 times a second.
-_COUNTS_INTERVAL = 0.5
+# ... for a subscriber that posts its cursor in the ring's table, while the publisher is not short of slabs (then
+# its ACKs' cursors keep its stall timer from running out: --lease-timeout): within `slabcast top`'s refresh (0.5 s)
+# with the wait before it (_LOOK).  Each ACK wakes the broker (some 270 us of its CPU in this VM): at 0.1 s, eight
+# paced subscribers woke it 80 times a second.
+_COUNTS_INTERVAL = 0.4
 _LOOK = 0.1  # while waiting for frames, look at the broker connection this often (seconds)
 _READ = 4096  # the most descriptors taken from the ring at a time
 _LOOK_GONE = 0.01  # between waits, look whether the broker connection dropped at most this often (seconds)
@@ -643,8 +644,8 @@ class LocalReceiver:
             urgent = self._post_cursor()  # (an ACK too while the broker asks)
         # Counters for `slabcast status`: the chunks held or dropped at once when they changed (steady for a
         # subscriber that keeps up, so rarely), what it delivered at most every _ACK_INTERVAL (_COUNTS_INTERVAL
-        # when our cursor is in the table: no slab waits for this ACK).
-        interval = _ACK_INTERVAL if self._entry is None else _COUNTS_INTERVAL
+        # when our cursor is in the table and the publisher is not short of slabs).
+        interval = _ACK_INTERVAL if self._entry is None or self._ring.acks_wanted else _COUNTS_INTERVAL
         if not urgent and (state == acked or (state[1:3] == acked[1:3]
                                               and time.monotonic() - self._acked_at < interval)):  # fmt: skip
             return

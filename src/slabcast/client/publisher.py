@@ -436,6 +436,8 @@ class Publisher:
             n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
                            position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
             if n == _FULL:
+                if t0 is None:
+                    t0 = time.time()  # (stamped when write was called, as below: the slab change may wait)
                 offset = self._next_slab()  # (WriteTimeout if no slab came free: nothing written)
                 first = state.fresh  # (a slab change; the stream's first slab is none)
                 n = writer.put(data, t0, flags, offset, state.end, position, index, self._floor, self._slab,

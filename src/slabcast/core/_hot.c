@@ -600,9 +600,12 @@ PyInit__hot(void)
     PyObject *m = PyModule_Create(&hot_module);
     if (m == NULL)
         return NULL;
+    /* ABI: what core/ring.py checks before it takes this module (a module built from an older source is not
+       used); raise it with any change of a function's arguments or results. */
     if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0
-        || PyModule_AddObject(m, "RING_NOW", PyLong_FromLongLong(RING_NOW)) < 0
-        || PyModule_AddObject(m, "FULL", PyLong_FromLongLong(FULL)) < 0) {
+        || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
+        || PyModule_AddIntConstant(m, "FULL", FULL) < 0
+        || PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,3 +20,4 @@ class Writer:
 
 RING_NOW: int
 FULL: int
+ABI: int
