@@ -28,7 +28,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import HOT, Descriptor, barrier, futex_wake, rows_of
+from ..core.ring import DESCRIPTOR, HOT, Descriptor, barrier, futex_wake, rows_of
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -424,26 +424,20 @@ class BrokerState:
             while stream.frames < position:
                 start = stream.frames
                 stop = min(position, start + _READ)
-                # Compiled: checked and grouped into runs in one call.  Else a batch of a slab or less (a broker
-                # woken per slab) as tuples, a longer one by column.
-                if _RUNS is not None:
-                    descriptors: Any = ring.read_bytes(start, stop)
-                elif stop - start <= _ROWS:
-                    descriptors = ring.read(start, stop)
-                else:
-                    descriptors = ring.read_array(start, stop)
-                if descriptors is None:
+                raw = ring.read_bytes(start, stop)
+                if raw is None:
                     raise Refused(P.ERR_FRAME, f"the ring was lapped past descriptor {start}: the publisher "
                                                f"wrote more than the pool lets it")  # fmt: skip
-                if isinstance(descriptors, list):
-                    self._take_runs(stream, _runs_of(descriptors, stream.frames, stream.head, stream.sample_bytes))
-                elif isinstance(descriptors, bytes):
-                    runs = _RUNS(descriptors, stream.frames, stream.head, stream.sample_bytes)  # type: ignore[misc]
-                    if isinstance(runs, int):  # (a descriptor out of sequence: Python's twin says which, how)
-                        runs = _runs_of(rows_of(descriptors), stream.frames, stream.head, stream.sample_bytes)
-                    self._take_runs(stream, runs)
+                # Compiled: checked and grouped into runs in one call.  Else a batch of a slab or less (a broker
+                # woken per slab) as tuples, a longer one by column.
+                frames, head, sample_bytes = stream.frames, stream.head, stream.sample_bytes
+                runs = None if _RUNS is None else _RUNS(raw, frames, head, sample_bytes)
+                if runs is None and stop - start > _ROWS:
+                    self._take(stream, np.frombuffer(raw, DESCRIPTOR))
                 else:
-                    self._take(stream, descriptors)
+                    if not isinstance(runs, list):  # (or one out of sequence: Python's twin says which, how)
+                        runs = _runs_of(rows_of(raw), frames, head, sample_bytes)
+                    self._take_runs(stream, runs)
         except Refused as exc:
             # A publisher that describes its frames wrongly (not this one: Python's checks them) ends its stream.
             log.error("stream %r: %s", stream.name, exc)

@@ -463,16 +463,8 @@ class Publisher:
                     state.first_frame(time.monotonic())  # (its slab change is due to the broker from now on)
                 if not told:
                     self._tell(index, offset, n, nbytes, self._ring.t0_of(position), flags, grew, first, position + 1)
-                else:
-                    if ring_now:
-                        with self._lock:
-                            self._notice(index, offset, n, self._ring.t0_of(position), flags, True)
-                    if state.switch_unsent:  # (as _tell: the background thread tells the broker, or we do)
-                        if first:
-                            _kick(self._kick)
-                        elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
-                            with self._lock:
-                                self._published()
+                elif ring_now or state.switch_unsent:  # (the wakes and the doorbell look were put's)
+                    self._tell_rest(index, offset, n, self._ring.t0_of(position), flags, ring_now, first)
                 if state.end - offset < 2 * nbytes and not self._prep_asked:
                     self._prep_asked = True
                     _kick(self._kick)
@@ -544,7 +536,6 @@ class Publisher:
             self._prep_asked = True
             _kick(self._kick)
 
-
     def _tell(self, index: int, offset: int, n: int, nbytes: int, t0: float, flags: int, grew: bool, first: bool,
               position: int) -> None:  # fmt: skip
         """After a frame's publish (ring position ``position``), tell whom it concerns: futex waiters, doorbell
@@ -588,19 +579,25 @@ class Publisher:
                     _kick(self._kick)  # the flusher sends this batch if no write fills it
         else:
             state.offset = offset + nbytes
-            if ring_now:
+            self._tell_rest(index, offset, n, t0, flags, ring_now, first)
+
+    def _tell_rest(self, index: int, offset: int, n: int, t0: float, flags: int, ring_now: bool, first: bool) -> None:
+        """What is left to tell when no version-2 or broker-cut subscriber must hear of the frame: a doorbell
+        subscriber's notice (``ring_now``), and a slab change's PUBLISHED when it is ours to send."""
+        state = self._state
+        if ring_now:
+            with self._lock:
+                self._notice(index, offset, n, t0, flags, True)
+        if state.switch_unsent:
+            # The broker grants the next slab when it hears of this change; the publisher holds another
+            # (GRANT_AHEAD), so it hears BATCH_DELAY later, from the background thread: its work on it
+            # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).  A writer that
+            # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
+            if first:
+                _kick(self._kick)
+            elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
                 with self._lock:
-                    self._notice(index, offset, n, t0, flags, True)
-            if state.switch_unsent:
-                # The broker grants the next slab when it hears of this change; the publisher holds another
-                # (GRANT_AHEAD), so it hears BATCH_DELAY later, from the background thread: its work on it
-                # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).  A writer that
-                # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
-                if first:
-                    _kick(self._kick)
-                elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
-                    with self._lock:
-                        self._published()
+                    self._published()
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has read every frame written so far.

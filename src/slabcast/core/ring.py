@@ -399,20 +399,12 @@ class Ring:
     def read(self, start: int, stop: int) -> list[Descriptor] | None:
         """Descriptors ``start..stop`` (all published), copied, or None when the publisher lapped ``start``
         (a slot may already hold a later descriptor)."""
-        raw = self._copy(start, stop)
+        raw = self.read_bytes(start, stop)
         return None if raw is None else rows_of(raw)
 
     def read_bytes(self, start: int, stop: int) -> bytes | None:
-        """The same as the descriptors' bytes, copied (the broker's compiled look, core/_hot.c ``runs``)."""
-        return self._copy(start, stop)
-
-    def read_array(self, start: int, stop: int) -> np.ndarray[Any, Any] | None:
-        """The same as a copied ``DESCRIPTOR`` array (the broker's batches, taken column by column)."""
-        raw = self._copy(start, stop)
-        return None if raw is None else np.frombuffer(raw, DESCRIPTOR)
-
-    def _copy(self, start: int, stop: int) -> bytes | None:
-        """The bytes of descriptors ``start..stop``, or None when the publisher lapped ``start``."""
+        """The bytes of descriptors ``start..stop``, copied, or None when the publisher lapped ``start`` (the
+        broker's look: core/_hot.c ``runs``, :func:`rows_of` or a ``DESCRIPTOR`` array take them)."""
         if stop <= start:
             return b""
         if stop - start > self.slots:
