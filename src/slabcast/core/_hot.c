@@ -168,6 +168,47 @@ hot_barrier(PyObject *self, PyObject *unused)
 
 /* ------------------------------------------------------------------ the broker's look at the ring */
 
+/* The run of rows a..b-1 (descriptors back to back in one slab): (offset, index, floor, flags, n, ns, t0s) of
+ * runs() below; a new reference, or NULL with an exception set. */
+static PyObject *
+run_of(const char *raw, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *ns = PyTuple_New(b - a), *t0s = PyTuple_New(b - a);
+    if (ns == NULL || t0s == NULL)
+        goto fail;
+    unsigned long long total = 0;
+    for (Py_ssize_t j = a; j < b; j++) {
+        const char *d = raw + j * DESCRIPTOR_BYTES;
+        uint32_t n;
+        double t0;
+        memcpy(&n, d + 40, 4);
+        memcpy(&t0, d + 16, 8);
+        total += n;
+        PyObject *k = PyLong_FromUnsignedLong(n);
+        if (k == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(ns, j - a, k);
+        PyObject *t = PyFloat_FromDouble(t0);
+        if (t == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(t0s, j - a, t);
+    }
+    const char *d = raw + a * DESCRIPTOR_BYTES;
+    uint64_t index, offset, floor;
+    uint32_t flags;
+    memcpy(&index, d + 8, 8);
+    memcpy(&offset, d + 24, 8);
+    memcpy(&floor, d + 32, 8);
+    memcpy(&flags, d + 52, 4);
+    /* ("N" takes the tuples' references, also when it fails) */
+    return Py_BuildValue("(KKKIKNN)", (unsigned long long)offset, (unsigned long long)index,
+                         (unsigned long long)floor, (unsigned int)flags, total, ns, t0s);
+fail:
+    Py_XDECREF(ns);
+    Py_XDECREF(t0s);
+    return NULL;
+}
+
 PyDoc_STRVAR(runs_doc,
 "runs(raw, seq, head, sample_bytes) -> list | int\n\n"
 "The frames described by descriptors copied from the ring (raw: 64 bytes each, descriptor seq first; the\n"
@@ -211,86 +252,40 @@ hot_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t count = view.len / DESCRIPTOR_BYTES;
     /* A descriptor: u64 seq, u64 index, f64 t0, u64 offset, u64 floor, u32 n, slab, gen, flags (little-endian). */
     uint64_t seq = seq0, head = head0, end = 0;
-    Py_ssize_t nruns = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        const char *d = raw + i * DESCRIPTOR_BYTES;
-        uint64_t dseq, index, offset;
-        uint32_t n, flags;
-        memcpy(&dseq, d, 8);
-        memcpy(&index, d + 8, 8);
-        memcpy(&offset, d + 24, 8);
-        memcpy(&n, d + 40, 4);
-        memcpy(&flags, d + 52, 4);
-        if (dseq != seq || index != head || n < 1) {
-            result = PyLong_FromSsize_t(i);
-            goto done;
-        }
-        if (i == 0 || flags || offset != end)
-            nruns++;
-        end = offset + (uint64_t)n * (uint64_t)sample_bytes;
-        seq++;
-        head += n;
-    }
-    PyObject *list = PyList_New(nruns);
+    PyObject *list = PyList_New(0);
     if (list == NULL)
         goto done;
-    Py_ssize_t i = 0;
-    for (Py_ssize_t r = 0; r < nruns; r++) {
-        /* The run's frames: from row i up to the next that starts a run. */
-        Py_ssize_t k = i + 1;
-        for (; k < count; k++) {
-            const char *d = raw + k * DESCRIPTOR_BYTES, *p = d - DESCRIPTOR_BYTES;
-            uint64_t offset, prev;
-            uint32_t n, flags;
+    Py_ssize_t first = 0;  /* the row that starts the current run */
+    for (Py_ssize_t i = 0; i <= count; i++) {
+        const char *d = raw + i * DESCRIPTOR_BYTES;
+        uint64_t dseq = 0, index = 0, offset = 0;
+        uint32_t n = 0, flags = 0;
+        if (i < count) {
+            memcpy(&dseq, d, 8);
+            memcpy(&index, d + 8, 8);
             memcpy(&offset, d + 24, 8);
-            memcpy(&flags, d + 52, 4);
-            memcpy(&prev, p + 24, 8);
-            memcpy(&n, p + 40, 4);
-            if (flags || offset != prev + (uint64_t)n * (uint64_t)sample_bytes)
-                break;
-        }
-        PyObject *ns = PyTuple_New(k - i), *t0s = PyTuple_New(k - i);
-        if (ns == NULL || t0s == NULL) {
-            Py_XDECREF(ns);
-            Py_XDECREF(t0s);
-            Py_DECREF(list);
-            goto done;
-        }
-        unsigned long long total = 0;
-        for (Py_ssize_t j = i; j < k; j++) {
-            const char *d = raw + j * DESCRIPTOR_BYTES;
-            uint32_t n;
-            double t0;
             memcpy(&n, d + 40, 4);
-            memcpy(&t0, d + 16, 8);
-            total += n;
-            PyObject *a = PyLong_FromUnsignedLong(n), *b = PyFloat_FromDouble(t0);
-            if (a == NULL || b == NULL) {
-                Py_XDECREF(a);
-                Py_XDECREF(b);
-                Py_DECREF(ns);
-                Py_DECREF(t0s);
+            memcpy(&flags, d + 52, 4);
+            if (dseq != seq || index != head || n < 1) {
+                Py_DECREF(list);
+                result = PyLong_FromSsize_t(i);
+                goto done;
+            }
+        }
+        /* A run ends before a flag, where a frame does not start at the previous one's end byte, and at the end. */
+        if (i > 0 && (i == count || flags || offset != end)) {
+            PyObject *run = run_of(raw, first, i);
+            if (run == NULL || PyList_Append(list, run) < 0) {
+                Py_XDECREF(run);
                 Py_DECREF(list);
                 goto done;
             }
-            PyTuple_SET_ITEM(ns, j - i, a);
-            PyTuple_SET_ITEM(t0s, j - i, b);
+            Py_DECREF(run);
+            first = i;
         }
-        const char *d = raw + i * DESCRIPTOR_BYTES;
-        uint64_t index, offset, floor;
-        uint32_t flags;
-        memcpy(&index, d + 8, 8);
-        memcpy(&offset, d + 24, 8);
-        memcpy(&floor, d + 32, 8);
-        memcpy(&flags, d + 52, 4);
-        PyObject *run = Py_BuildValue("(KKKIKNN)", (unsigned long long)offset, (unsigned long long)index,
-                                      (unsigned long long)floor, (unsigned int)flags, total, ns, t0s);
-        if (run == NULL) {
-            Py_DECREF(list);
-            goto done;
-        }
-        PyList_SET_ITEM(list, r, run);
-        i = k;
+        end = offset + (uint64_t)n * (uint64_t)sample_bytes;
+        seq++;
+        head += n;
     }
     result = list;
 done:
