@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import slabcast
 from slabcast.client.record import Recording
@@ -93,6 +94,21 @@ def test_a_recording_directory_is_never_overwritten(broker, stream_name, tmp_pat
         )  # fmt: skip
     assert result.returncode == 2
     assert "already holds a recording" in result.stderr
+
+
+@pytest.mark.parametrize("side", [".json", ".frames"])
+def test_an_audio_files_sidecars_are_never_overwritten_and_nothing_is_created(broker, stream_name, tmp_path, side):
+    out = tmp_path / "rec.flac"
+    left = tmp_path / f"rec.flac{side}"
+    left.write_text("{}")
+    with slabcast.Publisher(stream_name, address=broker.address):
+        result = subprocess.run(
+            [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address", broker.address],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"{left} already exists (left by an earlier recording to {out})" in result.stderr
+    assert not out.exists() and left.read_text() == "{}"
 
 
 def test_record_of_a_stream_the_broker_lacks_says_what_it_has(broker, stream_name, tmp_path):

@@ -376,6 +376,10 @@ def _check_out(out: str) -> None:
         raise FileExistsError(f"{out} already holds a recording; choose another --out")
     if ext and os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose another --out")
+    for side in (".json", ".frames") if ext in _AUDIO else ():  # (an audio file's sidecars: record_audio.py)
+        if os.path.exists(out + side):
+            raise FileExistsError(f"{out + side} already exists (left by an earlier recording to {out}); choose "
+                                  f"another --out or remove it")  # fmt: skip
 
 
 def _writer(out: str, info: StreamInfo) -> _Writer:
