@@ -441,6 +441,62 @@ def test_a_stopped_block_subscriber_holds_the_publisher_back_and_gets_every_samp
     assert not disc.any(), "a discontinuity in a stream without holes"
 
 
+def test_only_the_stopped_subscriber_is_asked_for_acks_and_every_subscriber_gets_every_sample(
+    broker, workers, queue, stream_name
+):
+    # Protocol 7.9, ack_target: with the publisher short of slabs, the broker asks for ACKs only the subscriber
+    # whose cursor holds the oldest slab back (the stopped one), not the two that keep up; continued, it frees
+    # the publisher, and all three get every sample.
+    frames, frame = 400, 1000
+    results = workers.queue()
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=4,
+                             max_chunk_bytes=4096, timeout=60)  # fmt: skip
+    ring = pub._ring
+    procs = [workers.spawn(W3.read_all, broker.address, stream_name, {"size": 4096, "policy": "block"}, queue,
+                           results) for _ in range(3)]  # fmt: skip
+    for _ in procs:
+        assert queue.get(timeout=30)[0] == "sub-ready"
+    stopped = procs[1]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    progress, failure = [0], []
+
+    def write() -> None:
+        try:
+            for k in range(frames):
+                pub.write(np.arange(k * frame, (k + 1) * frame).astype(np.uint8))
+                progress[0] = k + 1
+        except BaseException as exc:
+            failure.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        writer.start()
+        # Held back: no write for a while, with frames left to write.
+        last = -1
+        while progress[0] != last and not failure:
+            last = progress[0]
+            writer.join(0.5)
+        assert not failure and progress[0] < frames, (failure, progress)
+        assert ring.acks_wanted and ring.ack_target is not None, "every subscriber asked, not the one behind"
+        # The two that keep up posted cursors at the head; the one asked is neither (stopped before its first
+        # chunk, it never posted one).
+        posted = {e: int(v) & (ring_module.CURSOR_SPAN - 1) for e, v in enumerate(ring.cursors) if v}
+        assert len(posted) == 2 and min(posted.values()) > 0, posted
+        assert ring.ack_target not in posted and int(ring.cursors[ring.ack_target]) == 0, (ring.ack_target, posted)
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    writer.join(60)
+    assert not failure and progress[0] == frames, (failure, progress)
+    pub.close()
+    for _ in procs:
+        got = results.get(timeout=60)
+        assert got[0] == "sub-done", got
+        _, _seq, index, length, ok, _disc, end, dropped, start = got
+        assert (end, dropped, start) == ("EndOfStream", 0, 0)
+        assert ok.all() and index[0] == 0 and (index[1:] == (index + length)[:-1]).all()
+        assert index[-1] + length[-1] == frames * frame
+
+
 # ---------------------------------------------------------------- kill -9 of a publisher mid-write
 
 
@@ -745,8 +801,8 @@ def test_counter_acks_of_a_subscriber_whose_cursor_is_in_the_table_go_at_most_ev
     # Each ACK wakes the broker.  A subscriber whose cursor is in the ring's table frees no slab by its counter
     # ACKs (delivered, held, dropped for `slabcast status`): it sends them every _COUNTS_INTERVAL (0.4 s: within
     # `slabcast top`'s refresh with the 0.1 s wait before it), not every _ACK_INTERVAL (0.1 s) as one whose ACK is
-    # its cursor, nor while the publisher is short of slabs (acks_wanted: then the cursor in its ACKs keeps its
-    # stall timer from running out).  Time is moved by hand.
+    # its cursor, nor while the publisher is short of slabs and the broker asks this one (acks_wanted and
+    # ack_target: then the cursor in its ACKs keeps its stall timer from running out).  Time is moved by hand.
     assert (local_module._ACK_INTERVAL, local_module._COUNTS_INTERVAL) == (0.1, 0.4)
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=4,
                              max_chunk_bytes=4096, timeout=10)  # fmt: skip
@@ -774,15 +830,20 @@ def test_counter_acks_of_a_subscriber_whose_cursor_is_in_the_table_go_at_most_ev
         assert one_chunk_then_a_look(0.2) == []
         (ack,) = one_chunk_then_a_look(0.45)
         assert (ack.delivered, ack.dropped, ack.held) == (3, 0, 0)
-        # As if the broker had set acks_wanted (the publisher short of slabs): seen by this process alone, so the
-        # broker, which stores it at each grant, cannot take it back meanwhile.
+        # As if the broker asked another subscriber for ACKs (the publisher short of slabs, another cursor holding
+        # the oldest slab back): the counters still wait for the longer interval.  Then as if it asked this one,
+        # or every one.  Seen by this process alone, so the broker, which stores them at each grant, cannot take
+        # them back meanwhile.
         with monkeypatch.context() as m:
-            m.setattr(ring_module.Ring, "acks_wanted", property(lambda self: True))
+            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e: e is None or e == entry + 1)
+            assert one_chunk_then_a_look(0.2) == []
+        with monkeypatch.context() as m:
+            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e: e in (None, entry))
             (ack,) = one_chunk_then_a_look(0.2)
-        assert (ack.cursor, ack.delivered) == (4 * 1024, 4)
+        assert (ack.cursor, ack.delivered) == (5 * 1024, 5)
         rx._entry = None  # (as a subscriber with no table entry: its ACK carries its cursor)
         (ack,) = one_chunk_then_a_look(0.2)
-        assert (ack.cursor, ack.delivered) == (5 * 1024, 5)
+        assert (ack.cursor, ack.delivered) == (6 * 1024, 6)
     finally:
         rx._entry = entry
         rx._conn.send = real_send

@@ -6,6 +6,7 @@ test's.  Every test runs in milliseconds.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from slabcast.broker import state as state_module
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
 from slabcast.core import ring as R
+from slabcast.core import shm
 from slabcast.core.ring import CURSOR_TAG_SHIFT
 from slabcast.core.shm import CLIENT_BASE, PUBLISHER_BYTE, Segment
 from slabcast.wire import messages as M
@@ -598,6 +600,95 @@ def test_a_subscriber_posting_its_cursor_in_the_ring_keeps_the_publisher_supplie
     assert len(to(PUB, h.tick(0.5), M.Grant)) == 2
     h.write(100)
     assert not ring.acks_wanted
+
+
+def join_v3_as(h: Harness, ident: bytes, slot: int, size: int = 100) -> tuple[int, int, int]:
+    """Another version-3 subscriber joins (``size``-sample chunks); return its entry, its start and its tag bits."""
+    h.hello(ident, "sub")
+    out = h.send(ident, M.Subscribe("s", size, None, True, "block", 8, None, "local", False, b"tok", None, "futex"))
+    for carry in to(PUB, out, M.Carry):
+        h.send(PUB, M.Carried(carry.nbytes))
+    (attached,) = to(ident, h.send(ident, M.Attach(slot, True)), M.Attached)
+    assert attached.sleeper is not None and attached.cursor_tag is not None
+    return attached.sleeper, attached.start, attached.cursor_tag << CURSOR_TAG_SHIFT
+
+
+def fill_pool(h: Harness) -> None:
+    """The publisher writes until it holds no granted slab and its slab is full."""
+    while h.grants or h.offset + 400 <= h.slab_end:
+        h.write(100)
+
+
+def test_only_the_subscriber_holding_the_oldest_slab_is_asked_for_acks(h: Harness) -> None:
+    # Protocol 7.9, ack_target: the one whose cursor holds the publisher back is asked, not every subscriber.
+    h.open()
+    (a, a_start, a_tag), (b, b_start, b_tag) = join_v3_as(h, SUB, 7), join_v3_as(h, SUB2, 8)
+    ring = h.state.streams["s"].ring
+    for _ in range(30):  # both read a while
+        h.write(100)
+        ring.cursors[a], ring.cursors[b] = a_tag | (h.index - a_start), b_tag | (h.index - b_start)
+    for _ in range(5):  # b reads a little further (in the same slab), then stops too
+        h.write(100)
+        ring.cursors[b] = b_tag | (h.index - b_start)
+    fill_pool(h)
+    assert ring.acks_wanted and ring.ack_target == a
+    assert ring.acks_wanted_from(a) and not ring.acks_wanted_from(b)
+    # a reads everything: now b holds the oldest slab back, and it is asked instead.
+    ring.cursors[a] = a_tag | (h.index - a_start)
+    assert not to(PUB, h.tick(0.5), M.Grant)
+    assert ring.acks_wanted and ring.ack_target == b
+    ring.cursors[b] = b_tag | (h.index - b_start)
+    assert len(to(PUB, h.tick(0.5), M.Grant)) == 2
+    h.write(100)
+    assert not ring.acks_wanted
+
+
+def test_asking_one_subscriber_reads_the_table_again_and_asks_the_next_holder_at_once(h: Harness) -> None:
+    # Dekker's handshake for each subscriber asked: between the target's store and the wait, the table is read
+    # again; a first holder already past (it posted before it could see itself asked) hands over to the next.
+    h.open()
+    (a, a_start, a_tag), (b, _, b_tag) = join_v3_as(h, SUB, 7), join_v3_as(h, SUB2, 8)
+    stream = h.state.streams["s"]
+    ring = stream.ring
+    for _ in range(10):
+        h.write(100)
+    seen: list[int | None] = []
+    want = ring.want_acks
+
+    def watch(wanted: bool, entry: int | None = None) -> None:
+        want(wanted, entry)
+        seen.append(entry if wanted else -1)
+        if entry == a:  # a posts its cursor right after the store: the read after the barrier sees it
+            ring.cursors[a] = a_tag | (h.index - a_start)
+
+    ring.want_acks = watch  # type: ignore[method-assign]
+    ring.cursors[a] = a_tag | 0
+    ring.cursors[b] = b_tag | 500
+    fill_pool(h)
+    assert ring.acks_wanted and ring.ack_target == b
+    assert seen[-2:] == [a, b]
+
+
+def test_a_free_slab_a_reader_still_locks_asks_every_subscriber(h: Harness) -> None:
+    # A lease lock (a chunk held) is not a cursor: whoever holds it must say when it lets go.
+    h.open()
+    (a, a_start, a_tag), (b, b_start, b_tag) = join_v3_as(h, SUB, 7), join_v3_as(h, SUB2, 8)
+    stream = h.state.streams["s"]
+    ring = stream.ring
+    h.write(100)
+    first = h.slab
+    fd = shm.open_locks(stream.segment.name)
+    try:
+        assert shm.lock_slab(fd, first, fcntl.F_RDLCK)  # a reader holds a chunk of the first slab
+        for _ in range(15):  # both read the first slab and a half
+            h.write(100)
+            ring.cursors[a], ring.cursors[b] = a_tag | (h.index - a_start), b_tag | (h.index - b_start)
+        fill_pool(h)  # then b stops: its cursor holds a slab, and the lock the first one
+        assert stream.pool.free and ring.acks_wanted and ring.ack_target is None
+        assert ring.acks_wanted_from(a) and ring.acks_wanted_from(b)
+    finally:
+        os.close(fd)  # it lets go: the slab is granted at the next decision
+    assert first in [m.slab for m in to(PUB, h.tick(0.5), M.Grant)]
 
 
 def test_a_subscriber_that_cannot_write_the_sleeper_page_gets_no_cursor_entry_and_acks(h: Harness) -> None:

@@ -180,6 +180,22 @@ def test_header_words_for_the_publisher(small, mm):
     assert ring.position == 3, "close() leaves the position (final) alone"
 
 
+def test_acks_are_asked_of_every_subscriber_or_of_one_cursor_table_entry(small, mm):
+    # acks_wanted (byte 184) and ack_target (byte 192: 0 every subscriber, 1 + entry one): protocol.md 7.2, 7.9.
+    ring = small
+    assert not ring.acks_wanted and ring.ack_target is None
+    assert not any(ring.acks_wanted_from(e) for e in (None, 0, 5, R.SLEEPERS - 1))
+    ring.want_acks(True)
+    assert struct.unpack_from("<II", mm, 184)[0] == 1 and struct.unpack_from("<I", mm, 192) == (0,)
+    assert all(ring.acks_wanted_from(e) for e in (None, 0, 5, R.SLEEPERS - 1))
+    ring.want_acks(True, 5)
+    assert struct.unpack_from("<I", mm, 192) == (6,) and ring.ack_target == 5
+    assert ring.acks_wanted_from(5) and not ring.acks_wanted_from(0) and not ring.acks_wanted_from(6)
+    assert ring.acks_wanted_from(None), "a subscriber with no entry reports by ACK whoever is asked"
+    ring.want_acks(False)
+    assert not ring.acks_wanted and not ring.acks_wanted_from(5)
+
+
 def test_the_sleeper_table_says_whether_a_doorbell_subscriber_sleeps(small, mm):
     ring = small
     assert ring.sleepers_offset == OFFSET + 8 * DESCRIPTOR_BYTES  # just after the ring

@@ -51,6 +51,7 @@ __all__ = ["BrokerState", "Out", "System", "open_fds"]
 log = logging.getLogger("slabcast.broker")
 
 GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
+_RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision, before everyone is
 _READ = 4096  # descriptors read from a ring at a time
 _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (BrokerState._take)
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
@@ -96,6 +97,23 @@ def _runs_of(rows: list[Descriptor], seq_next: int, head: int, sample_bytes: int
         head += n
     return [(offset, first, floor, flags, sum(run_ns), tuple(run_ns), tuple(run_t0s))
             for offset, first, floor, flags, run_ns, run_t0s in runs]  # fmt: skip
+
+
+def _ack_target(stream: Stream) -> int | None:
+    """The cursor table entry of the subscriber whose cursor holds the oldest slab back (the lowest of the lossless
+    ones and of those still reading their history), when that is what keeps the publisher short of slabs (the
+    cursors as just read); None: ask every subscriber (a free slab a reader's lease still locks, or a holder with
+    no entry, which ACKs anyway)."""
+    if stream.pool.free:
+        return None
+    low: LocalSub | None = None
+    for sub in stream.subs:
+        if isinstance(sub, LocalSub) and (sub.policy == "block" or sub.cursor < sub.gate) \
+                and (low is None or sub.cursor < low.cursor):  # fmt: skip
+            low = sub
+    if low is None or low.sleeper is None or not low.tag:
+        return None
+    return low.sleeper
 
 
 def _wrong_descriptor(at: int, seq: int, index: int, n: int, expect: int) -> Refused:
@@ -388,15 +406,24 @@ class BrokerState:
         granted = pool.grant(GRANT_AHEAD)
         short = len(pool.granted) < GRANT_AHEAD
         ring = stream.ring
-        if short != ring.acks_wanted:
-            # Short of slabs: subscribers that post their cursor in the ring send ACK too when they move, until
-            # the publisher holds its slabs again.  The flag, a barrier, the cursors again (core/ring.py): a
-            # subscriber either saw the flag or posted a cursor read here.
-            ring.want_acks(short)
-            if short:
+        target = _ack_target(stream) if short else None
+        if short != ring.acks_wanted or (short and target != ring.ack_target):
+            # Short of slabs: the subscriber whose cursor holds the oldest slab back (or every subscriber that
+            # posts its cursor in the ring) sends ACK too when it moves, until the publisher holds its slabs
+            # again.  Whom we ask, the flag, a barrier, the cursors again (core/ring.py): the subscriber asked
+            # either saw it or posted a cursor read here.  If that shows another one holding the slab back, ask
+            # that one the same way; after a few, everyone.
+            for turn in range(_RETARGETS + 1):
+                ring.want_acks(short, target)
+                if not short:
+                    break
                 barrier()
                 pool.advance(stream.floor_index())
                 granted += pool.grant(GRANT_AHEAD)
+                short = len(pool.granted) < GRANT_AHEAD
+                asked, target = target, (_ack_target(stream) if short and turn < _RETARGETS - 1 else None)
+                if short and target == asked:
+                    break
         if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
             freed = stream.shrink(granted)
             if freed:

@@ -645,7 +645,8 @@ class LocalReceiver:
         # Counters for `slabcast status`: the chunks held or dropped at once when they changed (steady for a
         # subscriber that keeps up, so rarely), what it delivered at most every _ACK_INTERVAL (_COUNTS_INTERVAL
         # when our cursor is in the table and the publisher is not short of slabs).
-        interval = _ACK_INTERVAL if self._entry is None or self._ring.acks_wanted else _COUNTS_INTERVAL
+        entry = self._entry
+        interval = _ACK_INTERVAL if entry is None or self._ring.acks_wanted_from(entry) else _COUNTS_INTERVAL
         if not urgent and (state == acked or (state[1:3] == acked[1:3]
                                               and time.monotonic() - self._acked_at < interval)):  # fmt: skip
             return
@@ -658,14 +659,15 @@ class LocalReceiver:
 
     def _post_cursor(self) -> bool:
         """Store our cursor in our cursor table entry, make a full barrier, and say whether the broker wants an
-        ACK anyway (it is short of slabs; core/ring.py), or the cursor is too far from our start to post."""
+        ACK anyway (it is short of slabs and asks everyone or us; core/ring.py), or the cursor is too far from
+        our start to post."""
         delta = self._cursor - self.start
         if not 0 <= delta < CURSOR_SPAN:
             return True
         ring = self._ring
         ring.cursors[self._entry] = self._tag | delta  # type: ignore[index]
         barrier()
-        return ring.acks_wanted
+        return ring.acks_wanted_from(self._entry)
 
     def counts(self, report: bool = True) -> Counts:
         leases = self._leases

@@ -24,9 +24,12 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
     180  u32  sleep_futex       1: the publisher also wakes doorbell subscribers asleep on the futex word
                                 (the futex sleeper table below); single writer: the publisher, at open
     184  u32  acks_wanted       1 while the publisher is short of slabs: a subscriber that posts its cursor in
-                                the cursor table (below) sends ACK when it leaves a slab; single writer: the broker
+                                the cursor table (below) sends ACK when it leaves a slab, if ack_target names
+                                it or nobody; single writer: the broker
     188  u32  frame_max         the most samples in one frame written so far (0: not kept); single writer: the
                                 publisher, which stores it before the position of the frame that raised it
+    192  u32  ack_target        0: acks_wanted asks every subscriber; 1 + e: only the one at cursor table entry
+                                e (the one whose cursor holds the oldest slab back); single writer: the broker
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
@@ -64,12 +67,16 @@ Then, at byte ``2 * SLEEPERS`` of that page, the **cursor table**: a u64 per sub
 ``(tag << 48) | (cursor - start)`` there when it leaves a slab or gives a chunk's lease back, one aligned
 store (``tag``: ATTACHED's ``cursor_tag``, the entry's generation, which the broker bumps for each new owner;
 ``start``: ATTACHED's start; ``cursor``: the stream index just past what it has read), then makes a full
-barrier and loads ``acks_wanted``: only if that is set does it send the ACK it sent for every slab before.
-The broker reads the table whenever it decides (a grant, a sweep, a status), and ignores a value whose tag
-is not its subscriber's (a previous owner of the entry).  When it cannot keep the publisher's slabs granted
-ahead, it sets ``acks_wanted``, makes the barrier, and reads the table once more before it waits for an ACK:
-either it sees the subscriber's new cursor or the subscriber sees the flag (Dekker's handshake again), so no
-slab stays held by a cursor the broker did not read.  A subscriber given no tag (a broker that does not read
+barrier and loads ``acks_wanted`` and ``ack_target``: only if the broker asks (``acks_wanted`` set, and
+``ack_target`` 0 or its entry + 1) does it send the ACK it sent for every slab before.  The broker reads the
+table whenever it decides (a grant, a sweep, a status), and ignores a value whose tag is not its
+subscriber's (a previous owner of the entry).  When it cannot keep the publisher's slabs granted ahead, it
+stores whom it asks (the subscriber whose cursor holds the oldest slab back, or everyone when a reader's
+lock may be what holds a slab), sets ``acks_wanted``, makes the barrier, and reads the table once more
+before it waits for an ACK: either it sees the subscriber's new cursor or the subscriber sees itself asked
+(Dekker's handshake again, on ``ack_target`` when only that changes), so no slab stays held by a cursor the
+broker did not read.  If the table then shows another subscriber holding the slab back, it asks that one,
+the same way.  A subscriber given no tag (a broker that does not read
 the table), or that never writes it (the C client, a read-only mapping), sends ACK for every slab, as before.
 
 **Wake targets.** A subscriber asleep on the futex word (either table's, or ``wake="futex"``) whose next chunk
@@ -175,7 +182,7 @@ def rows_of(raw: bytes) -> list[Descriptor]:
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
 SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
     136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
-ACKS_WANTED_AT, FRAME_MAX_AT = 184, 188
+ACKS_WANTED_AT, FRAME_MAX_AT, ACK_TARGET_AT = 184, 188, 192
 WAKE_ALL = 0xFFFFFFFF  # a futex bitset matching every waiter (FUTEX_BITSET_MATCH_ANY)
 CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
 CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
@@ -281,14 +288,33 @@ class Ring:
         self.w[FUTEX_AT // 4] = futex
         self.w[FRAMES_AT // 4] = int(frames)
 
-    def want_acks(self, wanted: bool) -> None:
+    def want_acks(self, wanted: bool, entry: int | None = None) -> None:
         """Ask subscribers that post their cursor in the cursor table to send ACK too (the broker, while the
-        publisher is short of slabs; a :func:`barrier` and a read of the table follow a set)."""
-        self.w[ACKS_WANTED_AT // 4] = int(wanted)
+        publisher is short of slabs; a :func:`barrier` and a read of the table follow a set): the one at cursor
+        table ``entry`` alone, or (None) every one.  The target is stored first."""
+        w = self.w
+        w[ACK_TARGET_AT // 4] = 0 if entry is None else entry + 1
+        w[ACKS_WANTED_AT // 4] = int(wanted)
 
     @property
     def acks_wanted(self) -> bool:
+        """The broker asks for ACKs (from someone: :meth:`acks_wanted_from` says whether from a given entry)."""
         return bool(self.w[ACKS_WANTED_AT // 4])
+
+    @property
+    def ack_target(self) -> int | None:
+        """The cursor table entry the broker asks ACKs of, or None: every subscriber's (while it asks)."""
+        target: int = self.w[ACK_TARGET_AT // 4]
+        return target - 1 if target else None
+
+    def acks_wanted_from(self, entry: int | None) -> bool:
+        """Whether the subscriber at cursor table ``entry`` must send ACK too (after it posted its cursor and made
+        a :func:`barrier`): the broker asks for them, from every subscriber or from this entry."""
+        w = self.w
+        if not w[ACKS_WANTED_AT // 4]:
+            return False
+        target = w[ACK_TARGET_AT // 4]
+        return not target or entry is None or target == entry + 1
 
     # ------------------------------------------------------------ the publisher
 
