@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = ["Statistics"]
 
-_MAX_STAT_FRAMES = 65536  # frames kept for statistics, whatever their t0
+_MAX_STAT_RUNS = 65536  # runs of frames kept for statistics, whatever their t0
 
 
 class Statistics:
     """Rolling per-channel statistics over the last ``window`` seconds of stream time, computed when asked.
 
-    The broker reads each frame's descriptor from the ring and keeps where it lies (its slab, generation,
-    offset, size): a tuple per frame, no sample read.  :meth:`summary` (STATS, ``slabcast status``)
-    reduces the samples of the frames in the window that are still in the pool, a block of contiguous
-    frames at a time, so the cost is per request, not per frame.  Bounded whatever the frames' ``t0``
-    (constant, NaN, backwards, longer than the window): frames are kept by *sample count* (``window *
-    rate`` samples, at least the newest frame) and by number (``_MAX_STAT_FRAMES``), never by time.  Frames
-    whose slab was granted again (a window longer than the pool holds) are left out: ``window_samples``
-    says how many samples the figures are of.
+    The broker reads the frames' descriptors from the ring in runs (frames back to back in one slab, read
+    together) and keeps where each run lies (its slab, generation, offset, size): a list per run, no sample
+    read, nothing per frame.  :meth:`summary` (STATS, ``slabcast status``) reduces the samples in the window
+    that are still in the pool, a block of contiguous runs at a time, so the cost is per request, not per
+    frame.  Bounded whatever the frames' ``t0`` (constant, NaN, backwards, longer than the window): samples
+    are kept by *count* (the newest ``window * rate``, or the newest frame if it is longer) and runs by
+    number (``_MAX_STAT_RUNS``), never by time.  Samples whose slab was granted again (a window longer than
+    the pool holds) are left out: ``window_samples`` says how many samples the figures are of.
     """
 
     def __init__(self, dtype: np.dtype[Any], channels: int, rate: float | None) -> None:
@@ -34,36 +32,37 @@ class Statistics:
         self.window = 0.0
         self.limit = 0  # samples kept
         self.kept = 0
-        # Per frame: (arrival, n, slab, generation, offset).
-        self.frames: deque[tuple[float, int, int, int, int]] = deque()
+        self.sample_bytes = dtype.itemsize * channels
+        # Per run of frames read together: [arrival, n, slab, generation, offset].
+        self.runs: deque[list[Any]] = deque()
 
     def configure(self, window: float) -> None:
         self.window = window
         self.limit = max(1, round(window * self.rate)) if self.rate else 0
 
-    def account(self, now: float, ns: Sequence[int], slab: int, gen: int, offset: int) -> None:
-        """Frames of ``ns`` samples each, back to back from ``offset`` of ``slab`` (generation ``gen``), were read
-        from the ring at ``now`` (the broker's monotonic clock)."""
-        frames = self.frames
-        if len(ns) == 1:
-            frames.append((now, ns[0], slab, gen, offset))
-        else:
-            sample_bytes = self.dtype.itemsize * self.channels
-            starts = itertools.accumulate(ns[:-1], lambda at, n: at + n * sample_bytes, initial=offset)
-            frames.extend(zip(itertools.repeat(now), ns, itertools.repeat(slab), itertools.repeat(gen), starts))
-        self.kept += sum(ns)
-        kept, popleft = self.kept, frames.popleft
+    def account(self, now: float, n: int, last: int, slab: int, gen: int, offset: int) -> None:
+        """A run of frames, ``n`` samples back to back from ``offset`` of ``slab`` (generation ``gen``), the newest
+        of them ``last`` samples long, was read from the ring at ``now`` (the broker's monotonic clock)."""
+        runs = self.runs
+        runs.append([now, n, slab, gen, offset])
+        kept = self.kept + n
+        popleft = runs.popleft
         if self.rate:
-            # Keep the newest frames that cover `limit` samples (by count: t0 may be anything).
-            limit = self.limit
-            while len(frames) > 1 and kept - frames[0][1] >= limit:
+            # Keep the newest `limit` samples (by count: t0 may be anything), or the newest frame if longer.
+            keep = max(self.limit, last)
+            while len(runs) > 1 and kept - runs[0][1] >= keep:
                 kept -= popleft()[1]
+            if kept > keep:  # the oldest run kept begins before the window: cut its front off
+                first, cut = runs[0], kept - keep
+                first[1] -= cut
+                first[4] += cut * self.sample_bytes
+                kept = keep
         else:
             # No rate: the window is arrival time, which only moves forward.
             horizon = now - self.window
-            while len(frames) > 1 and frames[0][0] < horizon:
+            while len(runs) > 1 and runs[0][0] < horizon:
                 kept -= popleft()[1]
-        while len(frames) > _MAX_STAT_FRAMES:
+        while len(runs) > _MAX_STAT_RUNS:
             kept -= popleft()[1]
         self.kept = kept
 
@@ -71,13 +70,13 @@ class Statistics:
                 gens: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         """Add the window's figures to ``out``, reduced from the samples of the segment ``u8`` still in the pool
         (``gens``: each slab's generation now)."""
-        frames = self.frames
-        if not frames or u8 is None or gens is None:
+        runs = self.runs
+        if not runs or u8 is None or gens is None:
             return out
-        sample_bytes = self.dtype.itemsize * self.channels
+        sample_bytes = self.sample_bytes
         blocks: list[list[int]] = []  # [offset, bytes] of contiguous frames still in the pool
         n = 0
-        for _, count, slab, gen, offset in frames:
+        for _, count, slab, gen, offset in runs:
             if gens[slab] != gen:
                 continue  # written again since: not in the pool any more
             nbytes = count * sample_bytes
@@ -106,9 +105,9 @@ class Statistics:
         # every frame of a later batch was written after the first batch's read. So the samples of the
         # later batches came in the time from the first batch's read to the last's (not "all but the
         # first frame", which a batch of many frames made 2-10% high).
-        first = frames[0][0]
-        later = sum(f[1] for f in frames if f[0] > first)
-        span = frames[-1][0] - first
+        first = runs[0][0]
+        later = sum(r[1] for r in runs if r[0] > first)
+        span = runs[-1][0] - first
         out.update(
             window_samples=n,
             observed_rate=later / span if span > 0 else None,
