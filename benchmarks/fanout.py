@@ -177,7 +177,7 @@ def run_slabcast(
     """One trial through the broker (``stats``: the publisher's ``statistics=``, None for the default;
     ``wake``: the subscribers' way of waiting).
 
-    ``profile`` maps ``"broker"`` or ``"sub0"`` (the first subscriber) to a path:
+    ``profile`` maps ``"broker"``, ``"pub"`` or ``"sub0"`` (the first subscriber) to a path:
     py-spy records that process into it (raw, collapsed stacks) during the trial.
     """
     stream = f"fan{trial}"
@@ -191,7 +191,8 @@ def run_slabcast(
         for _ in specs:
             C.get(ready, 60, w.procs)
         for target, path in (profile or {}).items():
-            spies.append(_start_spy(broker.pid if target == "broker" else w.procs[1].pid, path))
+            pid = {"broker": broker.pid, "pub": w.procs[0].pid}.get(target, w.procs[1].pid)
+            spies.append(_start_spy(pid, path))
         meter = C.CpuMeter([broker.pid])
         b_cpu0 = C.pid_cpu(broker.pid)
         go.set()
@@ -787,7 +788,7 @@ def report(res: dict[str, Any]) -> str:
             f"{tr['cpu']['subscribers_cpu_s']:.2f}, publisher {tr['cpu']['publisher_cpu_s']:.2f}, "
             f"other programs {tr['cpu']['foreign_cpu_s']:.2f}",
         ]
-        for target in ("broker", "sub0"):
+        for target in ("broker", "pub", "sub0"):
             if target not in p:
                 continue
             sm = p[target]["summary"]
@@ -832,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         choices=("python", "native"),
         default=None,
-        help="one more slabcast x8 trial with py-spy on the broker and the first subscriber",
+        help="one more slabcast x8 trial with py-spy on the broker, the publisher and the first subscriber",
     )
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help=C.WAIT_QUIET_HELP)
     ap.add_argument("--mib", action="append", default=[], metavar="KEY=MIB", help="stream size, e.g. slabcast-8=2048")
@@ -843,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     prof = None
     if args.profile:
         C.RESULTS.mkdir(exist_ok=True)
-        prof = {t: str(C.RESULTS / f"profile-{stamp}-{t}-{args.profile}.txt") for t in ("broker", "sub0")}
+        prof = {t: str(C.RESULTS / f"profile-{stamp}-{t}-{args.profile}.txt") for t in ("broker", "pub", "sub0")}
         global SPY_NATIVE
         SPY_NATIVE = args.profile == "native"
     info = C.machine_info()
