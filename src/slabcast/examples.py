@@ -180,7 +180,8 @@ frame = 480                 # 10 ms per frame
 freqs = [440.0, 1000.0]     # one tone per channel, plus noise
 nslabs = 6                  # the pool: 6 slabs of 2 MiB for frames, each carrying the longest chunk a
                             # subscriber asks for (the 10 s recorder's 3.84 MB): 34 MiB of /dev/shm
-                            # once it subscribes; see docs/up.md, "Sizing"
+                            # once it subscribes, 38 MiB with the ring of frame descriptors (4 MiB);
+                            # see docs/up.md, "Sizing"
 
 # Each task names a callable `module:function` called as function(chunk, **options)
 # for every chunk, in its worker process. chunk.data is a read-only numpy view of

@@ -43,6 +43,7 @@ def test_standalone_broker_status_and_default_address(tmp_path, stream_name):
         assert (s["size"], s["clip"], s["policy"], s["pid"]) == (50, True, "drop", os.getpid())
         text = run_cli("status", env=env).stdout
         assert f"stream {stream_name}: <i2 x 3, 100 Hz, 60 samples" in text
+        assert s["lag_samples"] == 60 and "delivered 0 dropped 0 leases 0 lag 60 samples (0.6 s)" in text  # (read none)
         assert sub.info.channel_names == ("ch_0", "ch_1", "ch_2")
         sub.close()
         pub.close()

@@ -96,3 +96,28 @@ def test_a_subscriber_started_before_its_publisher_waits_for_it_by_default(broke
         sub.close()
     with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.3 s"):
         slabcast.Subscriber(stream_name + "x", 10, address=broker.address, timeout=0.3)
+
+
+def test_a_window_with_history_has_the_latest_seconds_at_once(broker, stream_name):
+    # The README's "latest 5 s": without history a window fills from its creation on (MNE-LSL's connect); with
+    # history=True it starts with what the pool holds, exactly the newest `seconds`.
+    rate = 1000.0
+    pub = slabcast.Publisher(stream_name, dtype="float32", channels=2, rate=rate, address=broker.address)
+    written = np.random.default_rng(5).standard_normal((3000, 2)).astype(np.float32)
+    for start in range(0, 3000, 100):
+        pub.write(written[start : start + 100], t0=start / rate)
+    pub.flush()
+    win = slabcast.Window(stream_name, 2.0, address=broker.address, history=True)
+    fresh = slabcast.Window(stream_name, 2.0, address=broker.address)
+    try:
+        assert win.wait(2000, timeout=5)
+        data, times = win.get()
+        np.testing.assert_array_equal(data, written[-2000:].T)
+        np.testing.assert_allclose(times, np.arange(1000, 3000) / rate, atol=1e-9)
+        assert fresh.get()[0].shape == (2, 0)  # (nothing written since it was made)
+        with pytest.raises(ValueError, match="history=True fills the window's seconds"):
+            slabcast.Window(stream_name, samples=100, address=broker.address, history=True)
+    finally:
+        win.close()
+        fresh.close()
+        pub.close()

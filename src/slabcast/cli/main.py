@@ -174,9 +174,11 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"      {name}: mean {st['mean'][i]:.6g} std {st['std'][i]:.6g} "
                       f"min {st['min'][i]:.6g} max {st['max'][i]:.6g} ptp {st['ptp'][i]:.6g}")  # fmt: skip
         for u in s["subscribers"]:
+            seconds = u.get("lag_seconds")
+            lag = f"lag {u['lag_samples']} samples" + ("" if seconds is None else f" ({seconds:.3g} s)")
             print(
                 f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
-                f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']}"
+                f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']} {lag}"
             )
     return 0
 
@@ -326,9 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("stream", nargs="*", default=[], help="the streams (several only into .xdf or .zarr)")
     p.add_argument("--out", default=None, help="file.xdf (XDF 1.0, LabRecorder's format; several streams), "
-                   "dir.zarr (Zarr v3; several streams: a group each), file.wav (RF64 once past 4 GiB, a plain "
-                   "WAV until then), file.flac (soundfile), or a new directory (info.json, samples.bin, "
-                   "frames.bin)")  # fmt: skip
+                   "dir.zarr (Zarr v3, the zarr extra; several streams: a group each), file.wav (RF64 once past 4 GiB, "
+                   "a plain WAV until then) or file.flac (integer samples only), both through soundfile (pip install "
+                   "'slabcast[files]'), or a new directory (info.json, samples.bin, frames.bin)")  # fmt: skip
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "lsl"],
                    help="XDF: the clock the ClockOffset chunks map the streams onto (auto: lsl when a stream "
                    "comes from an lsl source and pylsl is installed, else wall)")  # fmt: skip

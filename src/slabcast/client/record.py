@@ -111,6 +111,14 @@ class Recording:
     times: Any = None  # (n,) float64 per sample, for a stream with per-sample timestamps
     clock_offsets: Any = None  # XDF: ClockOffset chunks (time, value)
 
+    def __repr__(self) -> str:
+        # (the arrays' own repr printed every frame: hundreds of lines for a few seconds)
+        shape = getattr(self.samples, "shape", None)
+        extra = "" if self.times is None else ", times"
+        extra += "" if self.clock_offsets is None else f", {len(self.clock_offsets)} clock offsets"
+        return (f"Recording({self.info.name!r}, {self.info.dtype} x {self.info.channels}, rate={self.info.rate}, "
+                f"samples {shape}, {len(self.frames)} frames{extra})")  # fmt: skip
+
     @classmethod
     def open(cls, path: str) -> Recording:
         """Read a recording directory.
@@ -510,7 +518,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     _check_out(out)
     say = _Progress(progress)
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
-    say.say(f"recording {stream}: waiting for the stream{others}")
+    # (others is empty when the broker has the stream live, or did not answer: the subscription then says why)
+    say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
                      history=lead_in())  # fmt: skip
     written = 0

@@ -62,6 +62,12 @@ class Window:
     address : str, optional
     wait : float, optional
         Seconds to wait for the stream to appear (default: the subscriber's timeout, 10 s; 0: not at all).
+    history : bool
+        Fill the window at once from what the stream's pool still holds, up to its ``seconds`` (the newest
+        ones; a subscriber's ``history=``): :meth:`get` then has the latest ``seconds`` straight away, when the
+        pool holds them (size it with the publisher's ``history=``).  By default (False) the window fills from
+        its creation on, as MNE-LSL's ``StreamLSL`` from ``connect``.  Needs ``seconds=`` and a local (``ipc://``)
+        broker.
     curve : (str, str), optional
         For a ``tcp://`` address: this client's secret key file and the broker's
         public key file (``slabcast keygen``).
@@ -70,12 +76,13 @@ class Window:
     ------
     ValueError
         If the stream has no rate and ``samples`` is not given; neither or both of ``seconds``
-        and ``samples``; a ``dtype`` the stream's samples do not convert to.
+        and ``samples``; a ``dtype`` the stream's samples do not convert to; ``history`` without ``seconds``
+        or with a ``tcp://`` address.
     """
 
     def __init__(self, stream: str, seconds: float | None = None, *, samples: int | None = None, dtype: Any = None,
                  address: str | None = None, wait: float | None = None,
-                 curve: tuple[str, str] | None = None) -> None:  # fmt: skip
+                 curve: tuple[str, str] | None = None, history: bool = False) -> None:  # fmt: skip
         if (seconds is None) == (samples is None):
             raise ValueError(f"give the window's length as seconds or as samples, not both nor neither "
                              f"(got seconds={seconds!r}, samples={samples!r})")  # fmt: skip
@@ -84,9 +91,13 @@ class Window:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if history and seconds is None:
+            raise ValueError(f"history=True fills the window's seconds from the pool: give seconds=, not samples= "
+                             f"(got samples={samples!r})")  # fmt: skip
         want = None if dtype is None else np.dtype(dtype)
         self._sub = Subscriber(stream, 1, policy="drop", max_inflight=256, address=address, wait=wait,
-                               curve=curve, label=f"window:{stream}")  # fmt: skip
+                               curve=curve, label=f"window:{stream}",
+                               history=float(seconds) if history and seconds is not None else None)  # fmt: skip
         info = self._sub.info
         if samples is None and info.rate is None:
             self._sub.close()
