@@ -233,6 +233,7 @@ def test_record_into_a_pipe_writes_lines_not_carriage_returns_and_repair_names_a
     err = rec.communicate(timeout=60)[1]
     assert rec.returncode == 0, err
     assert "\r" not in err and "recorded" in err, err
+    assert f"recording {stream_name}\n" in err and "waiting for the stream" not in err, err  # (it was live)
     bad = subprocess.run([sys.executable, "-m", "slabcast", "record", "--repair", str(tmp_path / "nothere.flac")],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "nothere.flac: no such file" in bad.stderr, bad.stderr
