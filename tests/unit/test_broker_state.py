@@ -669,6 +669,38 @@ def test_asking_one_subscriber_reads_the_table_again_and_asks_the_next_holder_at
     assert seen[-2:] == [a, b]
 
 
+def test_three_subscribers_at_most_are_asked_in_one_decision_then_every_one_and_the_flag_goes_down_supplied(
+    h: Harness,
+) -> None:
+    # Each one asked posts its cursor at once (past everything), so the next one holds the slab back: three are
+    # asked in turn, then every subscriber; that last read supplies the publisher, and the flag goes down in the
+    # same decision (a review found it left up until the next one).
+    h.open()
+    subs = [join_v3_as(h, ident, slot) for ident, slot in ((SUB, 7), (SUB2, 8), (b"\x00sub3", 9), (b"\x00sub4", 10))]
+    stream = h.state.streams["s"]
+    ring = stream.ring
+    for _ in range(10):
+        h.write(100)
+    for k, (entry, _, tag) in enumerate(subs):
+        ring.cursors[entry] = tag | (100 * k)
+    by_entry = {entry: (entry, start, tag) for entry, start, tag in subs}
+    seen: list[int | None] = []
+    want = ring.want_acks
+
+    def watch(wanted: bool, entry: int | None = None) -> None:
+        want(wanted, entry)
+        seen.append(entry if wanted else -1)
+        if wanted:
+            for e, start, tag in [by_entry[entry]] if entry is not None else subs:
+                ring.cursors[e] = tag | (h.index - start)  # the one asked posts at once
+
+    ring.want_acks = watch  # type: ignore[method-assign]
+    while not seen:
+        h.write(100)
+    assert seen == [subs[0][0], subs[1][0], subs[2][0], None, -1]
+    assert len(stream.pool.granted) == 2 and not ring.acks_wanted
+
+
 def test_a_free_slab_a_reader_still_locks_asks_every_subscriber(h: Harness) -> None:
     # A lease lock (a chunk held) is not a cursor: whoever holds it must say when it lets go.
     h.open()

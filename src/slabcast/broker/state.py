@@ -51,7 +51,7 @@ __all__ = ["BrokerState", "Out", "System", "open_fds"]
 log = logging.getLogger("slabcast.broker")
 
 GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
-_RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision, before everyone is
+_RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision at most, then everyone
 _READ = 4096  # descriptors read from a ring at a time
 _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (BrokerState._take)
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
@@ -420,9 +420,11 @@ class BrokerState:
                 barrier()
                 pool.advance(stream.floor_index())
                 granted += pool.grant(GRANT_AHEAD)
-                short = len(pool.granted) < GRANT_AHEAD
-                asked, target = target, (_ack_target(stream) if short and turn < _RETARGETS - 1 else None)
-                if short and target == asked:
+                if len(pool.granted) >= GRANT_AHEAD:
+                    ring.want_acks(False)  # supplied again by this read: nobody need ACK
+                    break
+                asked, target = target, (_ack_target(stream) if turn < _RETARGETS - 1 else None)
+                if target == asked:
                     break
         if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
             freed = stream.shrink(granted)
