@@ -644,7 +644,7 @@ class LocalReceiver:
             urgent = self._post_cursor()  # (an ACK too while the broker asks)
         # Counters for `slabcast status`: the chunks held or dropped at once when they changed (steady for a
         # subscriber that keeps up, so rarely), what it delivered at most every _ACK_INTERVAL (_COUNTS_INTERVAL
-        # when our cursor is in the table and the publisher is not short of slabs).
+        # when our cursor is in the table and the broker does not ask us for ACKs: protocol 7.9).
         entry = self._entry
         interval = _ACK_INTERVAL if entry is None or self._ring.acks_wanted_from(entry) else _COUNTS_INTERVAL
         if not urgent and (state == acked or (state[1:3] == acked[1:3]
