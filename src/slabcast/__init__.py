@@ -67,6 +67,7 @@ from .client.markers import MarkerPublisher as MarkerPublisher
 from .client.publisher import Publisher as Publisher
 from .client.record import Recording as Recording
 from .client.record import open_recording as open_recording
+from .client.record import recording_streams as recording_streams
 from .client.subscriber import Chunk as Chunk
 from .client.subscriber import Subscriber as Subscriber
 from .client.window import Window as Window
@@ -109,6 +110,7 @@ __all__ = [
     "broker_status",
     "default_address",
     "open_recording",
+    "recording_streams",
     "stream_statistics",
 ]
 

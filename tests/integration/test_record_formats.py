@@ -188,6 +188,8 @@ def test_24_bit_samples_record_to_flac(broker, stream_name, tmp_path):
     wide = tmp_path / "wide.flac"
     code, said = record_all(broker, stream_name + "w", wide, "int32", 2, data + 1)
     assert code == 2 and "sample 0 of" in said and "32 significant bits" in said, said
+    # Refused at its first sample: nothing is left (it left an empty wide.flac no tool reads, and its sidecars).
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("wide")) == []
 
 
 def test_a_zarr_recording_opens_in_xarray(broker, stream_name, tmp_path):

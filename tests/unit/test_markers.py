@@ -40,6 +40,7 @@ def test_strings_in_utf8_bytes_stored_strings_out():
     assert data.dtype == S64 and data.shape == (4,)
     assert data.tobytes()[64:128] == "réponse ✓".encode() + b"\0" * (64 - len("réponse ✓".encode()))  # NUL padded
     assert decode_markers(data) == TEXTS and decode_markers(data[:, None]) == TEXTS
+    assert decode_markers(data[None, :]) == TEXTS  # a Window's get() / get_data(): channels first, (1, n)
     assert decode_markers(encode_markers("one", S64, "s")) == ["one"]  # a str is one marker, not its letters
     assert decode_markers(encode_markers([b"bytes \xc3\xa9"], S64, "s")) == ["bytes é"]
     assert decode_markers(np.array([b"\xff\xfe"], dtype="S4")) == ["\ufffd\ufffd"]  # raw bytes never raise

@@ -77,7 +77,8 @@ def encode_markers(markers: Any, dtype: np.dtype[Any], where: str) -> np.ndarray
 
 
 def decode_markers(data: Any) -> list[str]:
-    """The markers of ``data`` (a marker stream's ``(n,)`` or ``(n, 1)`` ``S<N>`` samples) as Python strings.
+    """The markers of ``data`` (a marker stream's ``(n,)`` or ``(n, 1)`` ``S<N>`` samples, or a ``Window``'s
+    channels-first ``(1, n)``) as Python strings.
 
     The NUL padding goes; bytes that are not UTF-8 (a stream written as raw bytes) come back with
     U+FFFD in their place, never an error.
@@ -88,7 +89,7 @@ def decode_markers(data: Any) -> list[str]:
         If ``data`` is not one channel of ``S<N>`` samples.
     """
     arr = np.asarray(data)
-    if arr.dtype.kind != "S" or not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
+    if arr.dtype.kind != "S" or not (arr.ndim == 1 or (arr.ndim == 2 and 1 in arr.shape)):
         raise TypeError(f"markers are one channel of S<N> samples (a marker stream), got {arr.dtype} of shape "
                         f"{arr.shape}; for several channels of bytes use np.char.decode(data, 'utf-8')")  # fmt: skip
     return [raw.decode("utf-8", "replace") for raw in arr.reshape(-1).tolist()]

@@ -567,6 +567,10 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
             pass
     except BaseException:
         say.say("", end="\n")  # end the progress line before the error is told
+        if writer is not None and written == 0 and hasattr(writer, "discard"):
+            writer.close()
+            writer.discard()  # (refused at its first chunk: nothing to keep, no unreadable file left)
+            writer = None
         raise
     finally:
         if writer is not None:

@@ -6,6 +6,7 @@ docs/recording.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -95,7 +96,7 @@ class _AudioSamples(_LazySamples):
 def _clip_frames(frames: np.ndarray[Any, Any], n: int) -> np.ndarray[Any, Any]:
     """The frame records that describe the first ``n`` samples (the last one cut to fit)."""
     ends = np.cumsum(frames["n"].astype(np.int64))
-    keep = int(np.searchsorted(ends, n, side="left")) + 1 if len(frames) else 0
+    keep = min(int(np.searchsorted(ends, n, side="left")) + 1, len(frames))  # (all of them when they cover less)
     out = frames[:keep].copy()
     if len(out):
         out["n"][-1] -= max(0, int(ends[keep - 1]) - n)
@@ -182,9 +183,11 @@ def _audio_subtype(fmt: str, dtype: np.dtype[Any], rate: float | None) -> str:
         subtype = "VORBIS"  # lossy by design: the user asked for Ogg
     if subtype is None or not rate:
         fits = sorted({d for f, d in _SUBTYPES if f == fmt})
+        wav = rate and fmt != "WAV" and (_SUBTYPES.get(("WAV", dtype.name)) is not None)
         raise ValueError(
             f"{fmt} cannot hold {dtype} samples{'' if rate else ' of a stream without a rate'} "
-            f"losslessly (it takes {', '.join(fits)} with a rate); record to a .zarr or a directory instead"
+            f"losslessly (it takes {', '.join(fits)} with a rate); record to {'a .wav, ' if wav else ''}a .zarr "
+            f"or a directory instead"
         )
     return subtype
 
@@ -253,6 +256,13 @@ class _AudioWriter(_Writer):
         if self.times is not None:
             self.times.close()
 
+    def discard(self) -> None:
+        """Remove the files of a recording refused before its first sample (closed first): an empty FLAC is a
+        file no tool reads, and the sidecars would describe nothing."""
+        for suffix in ("", ".json", ".frames", ".times"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
+
 
 def repair(path: str) -> int:
     """Make a recorder's audio file whole after it was killed; return the samples it now holds.
@@ -260,8 +270,11 @@ def repair(path: str) -> int:
     A FLAC says how long it is only once its recorder closes it: after a ``kill -9`` soundfile reports
     2**63-1 frames and cannot read it whole. This decodes every complete FLAC block (all samples but the
     up to 4096 the encoder had not written out yet), writes them to a new file of the same format beside
-    it, and renames it over ``path``; the ``.frames`` and ``.times`` sidecars are cut to match. A WAV
-    needs it only if data was written after its last flush. Bit-exact: the codecs are lossless.
+    it, and renames it over ``path``; the ``.frames`` and ``.times`` sidecars are cut to match. Samples past
+    the last frame record (the encoder may write a block out before the recorder's flush of the records) are
+    left out, as :func:`~slabcast.open_recording` leaves them out before the repair: the repaired file holds
+    what the recording held.  A WAV needs it only if data was written after its last flush. Bit-exact: the
+    codecs are lossless.
 
     Raises
     ------
@@ -282,12 +295,15 @@ def repair(path: str) -> int:
         raise ValueError(f"{path}: a {meta.subtype} file is not one slabcast record writes; nothing to repair")
     fmt = {"WAVEX": "WAV", "RF64": "WAV"}.get(meta.format, meta.format)
     tmp = path + ".repair" + os.path.splitext(path)[1]
+    records = np.fromfile(path + ".frames", dtype=FRAME_RECORD) if os.path.exists(path + ".frames") else None
+    limit = None if records is None else int(records["n"].astype(np.int64).sum())  # (the reader's rule)
     reader = _Unseekable(path)
     try:
         with _open_sound_file(tmp, fmt, meta.subtype, meta.samplerate, meta.channels) as out:
-            while True:
+            while limit is None or reader.position < limit:
+                want = 1 << 16 if limit is None else min(1 << 16, limit - reader.position)
                 try:
-                    block = reader.read(1 << 16, read_as)
+                    block = reader.read(want, read_as)
                 except RuntimeError:  # LibsndfileError: a block cut by the kill; everything before it is kept
                     break
                 if not len(block):
@@ -302,8 +318,8 @@ def repair(path: str) -> int:
         os.close(fd)
     os.replace(tmp, path)
     n = reader.position
-    if os.path.exists(path + ".frames"):
-        frames = _clip_frames(np.fromfile(path + ".frames", dtype=FRAME_RECORD), n)
+    if records is not None:
+        frames = _clip_frames(records, n)
         with open(path + ".frames", "wb") as f:
             f.write(frames.tobytes())
     if os.path.exists(path + ".times"):

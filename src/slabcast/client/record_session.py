@@ -248,7 +248,7 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose another --out")
     say = _Progress(progress)
-    hints = "".join(_others(s, out, address) for s in streams)
+    hints = "".join(dict.fromkeys(_others(s, out, address) for s in streams))  # (each different hint once)
     session: Any
     if low.endswith(".xdf"):
         session = _XdfSession(out, _session_clock(clock, streams, address))
@@ -257,7 +257,7 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
 
         session = ZarrSession(out, _meta)
     names = ", ".join(streams)
-    say.say(f"recording {names}: waiting for the streams{hints}")
+    say.say(f"recording {names}: waiting for the streams{hints}" if hints else f"recording {names}")
     stop = threading.Event()
     recorders = [_StreamRecorder(s, session, out, seconds, address, stop, lead_in) for s in streams]
     for r in recorders:
