@@ -18,6 +18,7 @@ from .._version import __version__
 __all__ = ["main"]
 
 log = logging.getLogger("slabcast.broker")
+_SOURCES_WAIT = 3.0  # seconds a broker waits for its sources' first look before it says it is ready anyway
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -47,12 +48,25 @@ def _broker(args: argparse.Namespace) -> int:
     # Read on a source's thread: a count one message stale at worst (the sources only ask "is anybody there").
     threads += [SourceThread(src, broker.address, broker.subscribers) for src in sources]
 
+    started = [0.0]
+
     def start() -> None:
+        started[0] = time.monotonic()
         for t in threads:
             t.start()
 
     def sources_open() -> bool:
-        return all(t.opened.is_set() or not t.is_alive() for t in threads)
+        # Ready once every source opened its stream or is waiting for its device, or after _SOURCES_WAIT
+        # whatever a source's first look is doing (liblsl's first resolve took 11 s once on a 2-vCPU VM): its
+        # stream appears when it does, and `slabcast status` says it is starting meanwhile.
+        if all(t.opened.is_set() or not t.is_alive() for t in threads):
+            return True
+        if time.monotonic() - started[0] < _SOURCES_WAIT:
+            return False
+        slow = [t.stream_name for t in threads if t.is_alive() and not t.opened.is_set()]
+        log.warning("serving while source(s) %s still start (more than %g s)", ", ".join(map(repr, slow)),
+                    _SOURCES_WAIT)  # fmt: skip
+        return True
 
     def ready() -> None:
         where = broker.address + (f" and {broker.tcp_address}" if broker.tcp_address else "")
