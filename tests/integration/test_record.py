@@ -253,6 +253,13 @@ def test_a_recorder_started_with_sigint_ignored_still_stops_on_it(broker, stream
             )  # fmt: skip
             try:
                 wait_subscribed(broker.address, stream_name)
+                # Its subscription shows in the broker before its Subscriber returns: a signal then interrupts
+                # the set-up (exit 130, nothing recorded yet; CI caught it once). The recording exists once
+                # info.json does (polled: the recorder sends no signal).
+                deadline = time.monotonic() + 20
+                while not (out / "info.json").exists():
+                    assert time.monotonic() < deadline and rec.poll() is None, "the recording never began"
+                    time.sleep(0.02)
                 pub.write(np.arange(100, dtype=np.int16), t0=1.0)
                 pub.flush()
                 rec.send_signal(sig)
