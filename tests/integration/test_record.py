@@ -83,15 +83,20 @@ def test_record_replay_record_is_bit_exact_and_replay_keeps_time(broker, stream_
     assert abs((t_last - t_first) - span) <= 0.05 * span + 0.02, (t_last - t_first, span)
 
 
+def record_beside_publisher(broker, stream_name, out):
+    """``slabcast record`` of a live stream into ``out``, run to its end (a refusal here)."""
+    with slabcast.Publisher(stream_name, address=broker.address):
+        return subprocess.run(
+            [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address", broker.address],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+
 def test_a_recording_directory_is_never_overwritten(broker, stream_name, tmp_path):
     out = tmp_path / "rec"
     out.mkdir()
     (out / "info.json").write_text("{}")
-    with slabcast.Publisher(stream_name, address=broker.address):
-        result = subprocess.run(
-            [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address", broker.address],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+    result = record_beside_publisher(broker, stream_name, out)
     assert result.returncode == 2
     assert "already holds a recording" in result.stderr
 
@@ -101,11 +106,7 @@ def test_an_audio_files_sidecars_are_never_overwritten_and_nothing_is_created(br
     out = tmp_path / "rec.flac"
     left = tmp_path / f"rec.flac{side}"
     left.write_text("{}")
-    with slabcast.Publisher(stream_name, address=broker.address):
-        result = subprocess.run(
-            [sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out), "--address", broker.address],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+    result = record_beside_publisher(broker, stream_name, out)
     assert result.returncode == 2
     assert f"{left} already exists (left by an earlier recording to {out})" in result.stderr
     assert not out.exists() and left.read_text() == "{}"

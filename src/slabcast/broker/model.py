@@ -326,12 +326,17 @@ class Stream:
         self.ring.cursors[entry] = 0
         return sub.tag
 
+    def floor_sub(self) -> LocalSub | None:
+        """The lossless local subscriber (or one still reading its history) with the lowest cursor, the first
+        of them on a tie, cursors as posted now; None if there is none."""
+        subs = [u for u in self.read_cursors() if u.policy == "block" or u.cursor < u.gate]
+        return min(subs, key=_cursor_of, default=None)
+
     def floor_index(self) -> int | None:
         """The lowest cursor of the lossless local subscribers (and of those still reading their history), or
         None if there are none."""
-        subs = self.read_cursors()
-        cursors = [u.cursor for u in subs if u.policy == "block" or u.cursor < u.gate]
-        return min(cursors) if cursors else None
+        sub = self.floor_sub()
+        return None if sub is None else sub.cursor
 
     def needed_carry(self) -> int:
         """Bytes of tail every subscriber's chunks may need carried into a new slab."""
@@ -707,3 +712,7 @@ def open_stream(req: OpenRequest, sid: int, segment_name: str, notice_path: str,
     if dtype.kind in "iuf" and not byte_stream and req.stats_window > 0:
         stream.stats.configure(req.stats_window)
     return stream
+
+
+def _cursor_of(sub: LocalSub) -> int:
+    return sub.cursor

@@ -102,15 +102,11 @@ def _runs_of(rows: list[Descriptor], seq_next: int, head: int, sample_bytes: int
 def _ack_target(stream: Stream) -> int | None:
     """The cursor table entry of the subscriber whose cursor holds the oldest slab back (the lowest of the lossless
     ones and of those still reading their history), when that is what keeps the publisher short of slabs (the
-    cursors as just read); None: ask every subscriber (a free slab a reader's lease still locks, or a holder with
+    cursors as posted now); None: ask every subscriber (a free slab a reader's lease still locks, or a holder with
     no entry, which ACKs anyway)."""
     if stream.pool.free:
         return None
-    low: LocalSub | None = None
-    for sub in stream.subs:
-        if isinstance(sub, LocalSub) and (sub.policy == "block" or sub.cursor < sub.gate) \
-                and (low is None or sub.cursor < low.cursor):  # fmt: skip
-            low = sub
+    low = stream.floor_sub()
     if low is None or low.sleeper is None or not low.tag:
         return None
     return low.sleeper
@@ -404,19 +400,20 @@ class BrokerState:
         pool = stream.pool
         pool.advance(stream.floor_index())
         granted = pool.grant(GRANT_AHEAD)
-        short = len(pool.granted) < GRANT_AHEAD
         ring = stream.ring
+        short = len(pool.granted) < GRANT_AHEAD
         target = _ack_target(stream) if short else None
-        if short != ring.acks_wanted or (short and target != ring.ack_target):
+        if not short:
+            if ring.acks_wanted:
+                ring.want_acks(False)  # supplied: nobody need ACK
+        elif not ring.acks_wanted or target != ring.ack_target:
             # Short of slabs: the subscriber whose cursor holds the oldest slab back (or every subscriber that
             # posts its cursor in the ring) sends ACK too when it moves, until the publisher holds its slabs
             # again.  Whom we ask, the flag, a barrier, the cursors again (core/ring.py): the subscriber asked
             # either saw it or posted a cursor read here.  If that shows another one holding the slab back, ask
             # that one the same way; after a few, everyone.
             for turn in range(_RETARGETS + 1):
-                ring.want_acks(short, target)
-                if not short:
-                    break
+                ring.want_acks(True, target)
                 barrier()
                 pool.advance(stream.floor_index())
                 granted += pool.grant(GRANT_AHEAD)

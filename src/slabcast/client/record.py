@@ -295,6 +295,10 @@ class _Writer:
     def close(self) -> None:
         raise NotImplementedError
 
+    def discard(self) -> None:
+        """Remove what a recording refused before its first sample left, once closed (what an empty one of
+        this kind is good for: kept by default)."""
+
 
 class _DirWriter(_Writer):
     def __init__(self, path: str, info: StreamInfo) -> None:
@@ -567,7 +571,7 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
             pass
     except BaseException:
         say.say("", end="\n")  # end the progress line before the error is told
-        if writer is not None and written == 0 and hasattr(writer, "discard"):
+        if writer is not None and written == 0:
             writer.close()
             writer.discard()  # (refused at its first chunk: nothing to keep, no unreadable file left)
             writer = None
