@@ -64,7 +64,7 @@ def _broker(args: argparse.Namespace) -> int:
         if time.monotonic() - started[0] < _SOURCES_WAIT:
             return False
         slow = [t.stream_name for t in threads if t.is_alive() and not t.opened.is_set()]
-        log.warning("serving while source(s) %s still start (more than %g s)", ", ".join(map(repr, slow)),
+        log.warning("serving now; source(s) %s still starting after %g s", ", ".join(map(repr, slow)),
                     _SOURCES_WAIT)  # fmt: skip
         return True
 
