@@ -7,7 +7,7 @@ setup(
         Extension(
             "slabcast.core._hot",
             ["src/slabcast/core/_hot.c"],
-            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-ffp-contract=off"],
             optional=True,
         )
     ]

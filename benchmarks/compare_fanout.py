@@ -8,7 +8,7 @@ touches each chunk cheaply but really (one byte per 4 KiB page) and counts
 bytes.  Systems, every cell measured with all of them, trials interleaved:
 
 - ``slabcast``: ``Publisher(dtype="uint8", slab_bytes=4 MiB, nslabs=24,
-  max_chunk_bytes=1 MiB)``, ``Subscriber(size=chunk, clip=True, max_inflight=8)``.
+  max_chunk_bytes=1 MiB)`` (``--nslabs`` for another pool), ``Subscriber(size=chunk, clip=True, max_inflight=8)``.
 - ``mpq``: ``multiprocessing.Queue(maxsize=8)`` per consumer; the publisher cuts
   each consumer's chunks and puts ``bytes`` into its queue (pickled, piped).
 - ``zmq``: pyzmq PUB/SUB over ipc carrying the frames (handshake first, HWM 0
@@ -84,6 +84,7 @@ CHUNKS = [
 ]
 VOLUME = {256: 16 * MiB, 4 * KiB: 64 * MiB, 64 * KiB: 512 * MiB, 1 * MiB: 1024 * MiB}
 POOL = {"slab_bytes": 4 * MiB, "nslabs": 24, "max_chunk_bytes": 1 * MiB}
+_NSLABS_ENV = "COMPARE_FANOUT_NSLABS"  # --nslabs, for the spawned publishers
 SYSTEMS = ("slabcast", "zmq", "mpq", "ppe", "iox2")
 INFLIGHT = 8
 
@@ -139,7 +140,8 @@ def _publish_loop(write: Any, frame: int, nframes: int, cap: float) -> tuple[flo
 def _pub_slabcast(address: str, stream: str, frame: int, nframes: int, cap: float, n: int, ready, go, results):
     import slabcast
 
-    pub = slabcast.Publisher(stream, dtype="uint8", address=address, timeout=120, **POOL)
+    pool = {**POOL, "nslabs": int(os.environ.get(_NSLABS_ENV, POOL["nslabs"]))}
+    pub = slabcast.Publisher(stream, dtype="uint8", address=address, timeout=120, **pool)
     ready.put(("pub-ready", os.getpid()))
     go.wait()
     cpu0 = C.worker_cpu()
@@ -762,7 +764,10 @@ def main(argv: list[str] | None = None) -> int:
         help="measure a cell again (all systems) when other programs took more than this (default: never)",
     )  # fmt: skip
     ap.add_argument("--retries", type=int, default=2, help="attempts beyond the first for a loaded cell")
+    ap.add_argument("--nslabs", type=int, default=POOL["nslabs"],
+                    help=f"slabcast's pool: this many 4 MiB slabs (default {POOL['nslabs']}; the library's own is 8)")
     a = ap.parse_args(argv)
+    os.environ[_NSLABS_ENV] = str(a.nslabs)  # (inherited by the spawned publishers)
     res = run(
         a.quick,
         a.trials,
@@ -773,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         max_foreign=a.max_foreign,
         retries=a.retries,
     )
+    res["pool"] = {**POOL, "nslabs": a.nslabs}
     ts = C.timestamp()
     res["png"] = plot(res, a.png or str(C.RESULTS / f"compare-fanout-{ts}.png"))
     path = C.write_json(f"compare-fanout-{ts}", res)

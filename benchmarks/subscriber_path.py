@@ -11,6 +11,9 @@ wait strategy in ``--wakes`` takes them.  The subscriber reports, over the frame
 - ``wake_to_chunk``: wall time from the wait's return to the chunk in the caller's hands (``perf_counter``);
 - ``latency``: the publisher's stamp (just before ``write``) to the chunk in hand (CLOCK_MONOTONIC).
 
+A wait strategy written ``futex/py`` (or ``doorbell/py``) runs the subscriber with its compiled look at the ring
+off (``Reader.take_one``, core/_hot.c): the Python steps it replaces, as a baseline in the same run.
+
 Warm: the publisher and subscriber in this process, a ``write`` then ``recv`` and release, back to back: the
 median of ``recv`` + release per chunk, every cache hot (nothing waits).
 
@@ -53,8 +56,11 @@ def _pub(address: str, stream: str, nbytes: int, count: int, rate: float, ready:
 def _sub(address: str, stream: str, nbytes: int, count: int, wake: str, warmup: int, ready: Any, out: Any) -> None:
     import slabcast
 
+    wake, _, variant = wake.partition("/")
     sub = slabcast.Subscriber(stream, size=nbytes, clip=True, address=address, wake=wake)
     rx = sub._rx
+    if variant == "py":
+        rx._reader = None  # the Python steps (_take_one's other branch)
     idle = rx._idle
     waits: list[int] = []
     woke = [0]
@@ -115,7 +121,8 @@ def warm(address: str, nbytes: int, count: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--wakes", default="futex,doorbell", help="comma-separated wait strategies")
+    ap.add_argument("--wakes", default="futex,doorbell",
+                    help="comma-separated wait strategies; WAKE/py: the compiled look at the ring off")
     ap.add_argument("--frame", type=int, default=64, help="bytes per frame (at least 16)")
     ap.add_argument("--count", type=int, default=3000)
     ap.add_argument("--warmup", type=int, default=500)
@@ -129,7 +136,7 @@ def main() -> None:
             for wake in wakes:
                 with C.Workers() as w:
                     ready, out, go = C.CTX.Queue(), C.CTX.Queue(), C.CTX.Event()
-                    stream = f"sp{trial}{wake}"
+                    stream = f"sp{trial}{wake.replace('/', '')}"
                     w.spawn(_pub, broker.address, stream, args.frame, args.count, args.rate, ready, go)
                     C.get(ready, 60, w.procs)
                     w.spawn(_sub, broker.address, stream, args.frame, args.count, wake, args.warmup, ready, out)

@@ -25,7 +25,7 @@ from .._exceptions import BrokerGoneError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, TSO, Ring, barrier, futex_wait, ring_layout, wake_target
+from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, HOT, TSO, Ring, barrier, futex_wait, ring_layout, wake_target
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
@@ -165,6 +165,9 @@ class LocalReceiver:
         self._noticed = start  # the stream index just past the last sample read from the ring (or history)
         offset, slots = ring_layout(mm)  # (protocol 7.7: the header says where the ring lies)
         self._ring = Ring(mm, offset, slots, sleepers=page)
+        # The compiled look at the ring (core/_hot.c), for a subscriber that keeps up: _take_one in one call.
+        self._reader = HOT.Reader(mm, offset, slots) if HOT is not None and isinstance(self._chunker, HOT.Rechunker) \
+            else None  # fmt: skip
         self._page = page
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
@@ -417,22 +420,42 @@ class LocalReceiver:
         accumulated in its carried part), cut at once (no batch, no :class:`_Frame`).  False when that is not
         the case; nothing changed then, and :meth:`_read_ring` takes what there is."""
         start = self._rseq
-        descriptor = self._ring.read_one(start)
-        if descriptor is None:
-            return False
-        _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
-        pending = self._chunker.start
-        if flags or index != self._noticed or (pending is not None and pending < floor):
-            return False
-        if slab != self._cur_slab:
-            # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
-            if slab == self._hist_floor[0]:
-                return False  # (the slab our history ends in: its floor may be the broker's)
-            self._cur_slab = slab
-            self._leases.unlock_idle(slab)
+        chunker = self._chunker
+        reader = self._reader
+        if reader is not None:
+            # The checks below and the chunker's feed in one compiled call (core/_hot.c, Reader.take_one).
+            got = reader.take_one(start, self._noticed, self._cur_slab, self._hist_floor[0], chunker)
+            if got is None:
+                return False
+            index, n, t0, offset, slab, gen, chunks = got
+            if slab != self._cur_slab:
+                self._cur_slab = slab
+                self._leases.unlock_idle(slab)
+        else:
+            descriptor = self._ring.read_one(start)
+            if descriptor is None:
+                return False
+            _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
+            pending = chunker.start
+            if flags or index != self._noticed or (pending is not None and pending < floor):
+                return False
+            if slab != self._cur_slab:
+                # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
+                if slab == self._hist_floor[0]:
+                    return False  # (the slab our history ends in: its floor may be the broker's)
+                self._cur_slab = slab
+                self._leases.unlock_idle(slab)
+            chunks = chunker.feed(index, n, t0)
         self._rseq = start + 1
-        self._noticed = index + n
-        self._cut_frame(index, n, t0, offset, slab, gen)
+        self._noticed = end = index + n
+        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
+            chunker.jumped = False
+            self.jumped = True
+        sb = self._sample_bytes
+        for cstart, length, ct0 in chunks:
+            self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
+        self._cursor = end
+        self._last = (slab, gen, offset + n * sb)
         if self._posted != slab:
             self._send_ack()
         return True
@@ -686,6 +709,8 @@ class LocalReceiver:
         self._ready.clear()
         self._notices.close(linger=0)
         self._disarm()
+        if self._reader is not None:
+            self._reader.close()
         self._ring.release()  # (the mapping stays while chunks' views live)
         if self._page is not None:
             with contextlib.suppress(BufferError):

@@ -11,6 +11,8 @@
  *   runs(raw, seq, head, sample_bytes) -> list | int
  *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
  *       end, position, index, floor, slab, gen, frame_max, first) -> int
+ *   Rechunker(size, clip, rate, sampler): core/rechunk.py's rules (.feed, .needed)
+ *   Reader(segment, ring_offset, slots).take_one(start, noticed, cur_slab, hist_slab, chunker) -> tuple | None
  *
  * Linux only (futex(2)); any architecture the compiler's __atomic builtins cover.
  */
@@ -570,6 +572,528 @@ static PyTypeObject WriterType = {
     .tp_getset = writer_getset,
 };
 
+/* ------------------------------------------------------------------ a subscriber's chunks */
+
+/* core/rechunk.py's rules, the same steps in the same order and the same double arithmetic (setup.py builds with
+ * -ffp-contract=off: no fused multiply-add where Python rounds twice).  tests/unit/test_rechunk_compiled.py feeds
+ * both the same random frames and compares every chunk, bit for bit. */
+#define RECHUNK_EPS 1e-9
+
+typedef struct {
+    PyObject_HEAD
+    int64_t size;
+    int clip;
+    int has_rate;
+    double rate;
+    PyObject *sampler;      /* None or a callable */
+    int has_start;
+    int64_t start;          /* index of the first pending sample */
+    double t0;              /* time of the first pending sample */
+    int has_pause_until;
+    double pause_until;     /* no rate: the sampler's pause ends at this frame time */
+    int has_pause_at;
+    int64_t pause_at;       /* with a rate: the pause ends at this stream index */
+    double last_t0;
+    int jumped;
+} Rechunker;
+
+static int
+rechunker_init(Rechunker *r, PyObject *args, PyObject *kwargs)
+{
+    long long size;
+    int clip = 0;
+    PyObject *rate = Py_None, *sampler = Py_None;
+    static char *kw[] = {"size", "clip", "rate", "sampler", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|pOO:Rechunker", kw, &size, &clip, &rate, &sampler))
+        return -1;
+    if (size <= 0) {
+        PyErr_Format(PyExc_ValueError, "size must be a positive integer number of samples, got %lld", size);
+        return -1;
+    }
+    double v = 0.0;
+    if (rate != Py_None) {
+        v = PyFloat_AsDouble(rate);
+        if (v == -1.0 && PyErr_Occurred())
+            return -1;
+    }
+    r->size = size;
+    r->clip = clip;
+    r->has_rate = v != 0.0;  /* (Python: float(rate) if rate else None) */
+    r->rate = v;
+    Py_INCREF(sampler);
+    Py_XSETREF(r->sampler, sampler);
+    r->has_start = 0;
+    r->start = 0;
+    r->t0 = 0.0;
+    r->has_pause_until = 0;
+    r->has_pause_at = 0;
+    r->last_t0 = -INFINITY;
+    r->jumped = 0;
+    return 0;
+}
+
+static int
+rechunker_traverse(Rechunker *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->sampler);
+    return 0;
+}
+
+static int
+rechunker_clear(Rechunker *r)
+{
+    Py_CLEAR(r->sampler);
+    return 0;
+}
+
+static void
+rechunker_dealloc(Rechunker *r)
+{
+    PyObject_GC_UnTrack(r);
+    rechunker_clear(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* Append (start, length, t0) to out; -1 with an exception set. */
+static int
+append_chunk(PyObject *out, int64_t start, int64_t length, double t0)
+{
+    PyObject *item = Py_BuildValue("(LLd)", (long long)start, (long long)length, t0);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(out, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* Rechunker.feed's steps: the chunks frame (index, n, t0) completes appended to out; -1 with an exception set (a
+ * sampler that raised or returned a bad value: what was cut so far stays cut, as in Python). */
+static int
+rechunk_feed(Rechunker *r, int64_t index, int64_t n, double t0, PyObject *out)
+{
+    int64_t end = index + n;
+    if (!r->has_pause_until && !r->has_pause_at && r->has_start && end - r->start < r->size)
+        return 0;
+    if (!r->has_rate) {
+        if (t0 < r->last_t0 && r->has_pause_until) {
+            r->has_pause_until = 0;
+            r->jumped = 1;
+        }
+        r->last_t0 = t0;
+    }
+    int64_t pos = index;
+    for (;;) {
+        if (r->has_pause_until) {
+            if (pos != index || t0 < r->pause_until)
+                break;
+            r->has_pause_until = 0;
+        }
+        else if (r->has_pause_at) {
+            if (r->pause_at >= end)
+                break;
+            if (r->pause_at > pos)
+                pos = r->pause_at;
+            r->has_pause_at = 0;
+        }
+        if (!r->has_start) {
+            r->has_start = 1;
+            r->start = pos;
+            r->t0 = r->has_rate ? t0 + (double)(pos - index) / r->rate : t0;
+        }
+        int64_t start = r->start;
+        if (end - start < r->size)
+            break;
+        int64_t length = r->clip ? r->size : end - start;
+        if (append_chunk(out, start, length, r->t0) < 0)
+            return -1;
+        int64_t stop = start + length;
+        if (r->sampler != Py_None) {
+            PyObject *got = PyObject_CallNoArgs(r->sampler);
+            if (got == NULL)
+                return -1;
+            PyObject *f = PyNumber_Float(got);
+            Py_DECREF(got);
+            if (f == NULL)
+                return -1;
+            double pause = PyFloat_AS_DOUBLE(f);
+            if (!(pause >= 0)) {  /* (also NaN) */
+                PyErr_Format(PyExc_ValueError, "sampler must return seconds >= 0, got %R", f);
+                Py_DECREF(f);
+                return -1;
+            }
+            if (r->has_rate) {
+                double at = ceil(pause * r->rate - RECHUNK_EPS);
+                if (!(at < 9.2e18)) {  /* (Python's ints would hold it; an index never gets there) */
+                    PyErr_Format(PyExc_OverflowError, "sampler pause of %R s at %g Hz is out of range", f, r->rate);
+                    Py_DECREF(f);
+                    return -1;
+                }
+                Py_DECREF(f);
+                r->has_pause_at = 1;
+                r->pause_at = stop + (int64_t)at;
+            }
+            else {
+                Py_DECREF(f);
+                r->has_pause_until = 1;
+                r->pause_until = t0 + pause;
+            }
+            r->has_start = 0;
+            pos = stop;
+            continue;
+        }
+        if (stop >= end) {
+            r->has_start = 0;
+            break;
+        }
+        r->start = pos = stop;
+        r->t0 = r->has_rate ? t0 + (double)(stop - index) / r->rate : t0;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(feed_doc,
+"feed(index, n, t0) -> list\n\n"
+"core/rechunk.py's Rechunker.feed: the chunks a frame of n samples from stream index `index` at time t0\n"
+"(seconds) completes, as (start_index, length, t0), oldest first.");
+
+static PyObject *
+rechunker_feed(Rechunker *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "feed takes 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long index = PyLong_AsLongLong(args[0]);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    long long n = PyLong_AsLongLong(args[1]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    double t0 = PyFloat_AsDouble(args[2]);
+    if (t0 == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (rechunk_feed(r, index, n, t0, out) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+PyDoc_STRVAR(needed_doc,
+"needed(end) -> int | None\n\n"
+"core/rechunk.py's Rechunker.needed: samples past stream index `end` the next chunk needs, at least; None\n"
+"when that depends on the frames' times (a sampler's pause without a rate).");
+
+static PyObject *
+rechunker_needed(Rechunker *r, PyObject *arg)
+{
+    long long end = PyLong_AsLongLong(arg);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    if (r->has_pause_until)
+        Py_RETURN_NONE;
+    int64_t start;
+    if (r->has_start)
+        start = r->start;
+    else if (!r->has_pause_at)
+        start = end;
+    else
+        start = r->pause_at > end ? r->pause_at : end;
+    return PyLong_FromLongLong(start + r->size - end);
+}
+
+/* Optional attributes: None or a value. */
+static PyObject *
+opt_int(int has, int64_t v)
+{
+    if (!has)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(v);
+}
+
+static int
+set_opt_int(PyObject *value, int *has, int64_t *v, const char *what)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", what);
+        return -1;
+    }
+    if (value == Py_None) {
+        *has = 0;
+        return 0;
+    }
+    long long x = PyLong_AsLongLong(value);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    *v = x;
+    *has = 1;
+    return 0;
+}
+
+static int
+set_double(PyObject *value, double *v, const char *what)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", what);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(value);
+    if (x == -1.0 && PyErr_Occurred())
+        return -1;
+    *v = x;
+    return 0;
+}
+
+static PyObject *get_start(Rechunker *r, void *c) { return opt_int(r->has_start, r->start); }
+static int set_start(Rechunker *r, PyObject *v, void *c) { return set_opt_int(v, &r->has_start, &r->start, "start"); }
+static PyObject *get_pause_at(Rechunker *r, void *c) { return opt_int(r->has_pause_at, r->pause_at); }
+static int set_pause_at(Rechunker *r, PyObject *v, void *c)
+{
+    return set_opt_int(v, &r->has_pause_at, &r->pause_at, "pause_at");
+}
+static PyObject *get_pause_until(Rechunker *r, void *c)
+{
+    if (!r->has_pause_until)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(r->pause_until);
+}
+static int set_pause_until(Rechunker *r, PyObject *v, void *c)
+{
+    if (v == Py_None) {
+        r->has_pause_until = 0;
+        return 0;
+    }
+    if (set_double(v, &r->pause_until, "pause_until") < 0)
+        return -1;
+    r->has_pause_until = 1;
+    return 0;
+}
+static PyObject *get_t0(Rechunker *r, void *c) { return PyFloat_FromDouble(r->t0); }
+static int set_t0(Rechunker *r, PyObject *v, void *c) { return set_double(v, &r->t0, "t0"); }
+static PyObject *get_last_t0(Rechunker *r, void *c) { return PyFloat_FromDouble(r->last_t0); }
+static int set_last_t0(Rechunker *r, PyObject *v, void *c) { return set_double(v, &r->last_t0, "last_t0"); }
+static PyObject *get_jumped(Rechunker *r, void *c) { return PyBool_FromLong(r->jumped); }
+static int set_jumped(Rechunker *r, PyObject *v, void *c)
+{
+    int x = v == NULL ? -1 : PyObject_IsTrue(v);
+    if (x < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "jumped cannot be deleted");
+        return -1;
+    }
+    r->jumped = x;
+    return 0;
+}
+static PyObject *get_size(Rechunker *r, void *c) { return PyLong_FromLongLong(r->size); }
+static PyObject *get_clip(Rechunker *r, void *c) { return PyBool_FromLong(r->clip); }
+static PyObject *get_rate(Rechunker *r, void *c)
+{
+    if (!r->has_rate)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(r->rate);
+}
+static PyObject *get_sampler(Rechunker *r, void *c) { return Py_NewRef(r->sampler); }
+
+static PyGetSetDef rechunker_getset[] = {
+    {"size", (getter)get_size, NULL, "Chunk size in samples.", NULL},
+    {"clip", (getter)get_clip, NULL, "Every chunk exactly size samples, the remainder carried.", NULL},
+    {"rate", (getter)get_rate, NULL, "Samples per second, or None.", NULL},
+    {"sampler", (getter)get_sampler, NULL, "Seconds to skip after each chunk (a callable), or None.", NULL},
+    {"start", (getter)get_start, (setter)set_start, "Index of the first pending sample, or None.", NULL},
+    {"t0", (getter)get_t0, (setter)set_t0, "Time of the first pending sample.", NULL},
+    {"pause_until", (getter)get_pause_until, (setter)set_pause_until, "No rate: the pause ends at this frame time.",
+     NULL},
+    {"pause_at", (getter)get_pause_at, (setter)set_pause_at, "With a rate: the pause ends at this index.", NULL},
+    {"last_t0", (getter)get_last_t0, (setter)set_last_t0, "The previous frame's time.", NULL},
+    {"jumped", (getter)get_jumped, (setter)set_jumped, "The schedule restarted on a clock step back.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef rechunker_methods[] = {
+    {"feed", (PyCFunction)(void (*)(void))rechunker_feed, METH_FASTCALL, feed_doc},
+    {"needed", (PyCFunction)rechunker_needed, METH_O, needed_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RechunkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "slabcast.core._hot.Rechunker",
+    .tp_basicsize = sizeof(Rechunker),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Rechunker(size, clip=False, rate=None, sampler=None): core/rechunk.py's rules, compiled.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rechunker_init,
+    .tp_dealloc = (destructor)rechunker_dealloc,
+    .tp_traverse = (traverseproc)rechunker_traverse,
+    .tp_clear = (inquiry)rechunker_clear,
+    .tp_methods = rechunker_methods,
+    .tp_getset = rechunker_getset,
+};
+
+
+/* ------------------------------------------------------------------ a subscriber's look at the ring */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer segment;      /* the stream's segment (read-only is enough); released by close() */
+    int held;
+    const char *header;     /* the segment's first byte: the position at POSITION_AT */
+    const char *ring;       /* the first descriptor */
+    uint64_t mask;          /* slots - 1 */
+    uint64_t slots;
+} Reader;
+
+static void
+reader_release(Reader *r)
+{
+    if (r->held) {
+        PyBuffer_Release(&r->segment);
+        r->held = 0;
+        r->header = r->ring = NULL;
+    }
+}
+
+static int
+reader_init(Reader *r, PyObject *args, PyObject *kwargs)
+{
+    PyObject *segment;
+    Py_ssize_t ring_offset, slots;
+    static char *kw[] = {"segment", "ring_offset", "slots", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn:Reader", kw, &segment, &ring_offset, &slots))
+        return -1;
+    reader_release(r);
+    if (slots < 2 || (slots & (slots - 1))) {
+        PyErr_Format(PyExc_ValueError, "Reader: slots must be a power of two >= 2, got %zd", slots);
+        return -1;
+    }
+    if (PyObject_GetBuffer(segment, &r->segment, PyBUF_SIMPLE) < 0)
+        return -1;
+    r->held = 1;
+    if (((uintptr_t)r->segment.buf & 7) || ring_offset < HEADER_BYTES || (ring_offset & 7)
+        || ring_offset + slots * DESCRIPTOR_BYTES > r->segment.len) {
+        Py_ssize_t len = r->segment.len;
+        reader_release(r);
+        PyErr_Format(PyExc_ValueError, "Reader: a ring of %zd slots at byte %zd does not lie in the segment's "
+                     "%zd bytes past its header, 8-byte aligned", slots, ring_offset, len);
+        return -1;
+    }
+    r->header = (const char *)r->segment.buf;
+    r->ring = r->header + ring_offset;
+    r->mask = (uint64_t)(slots - 1);
+    r->slots = (uint64_t)slots;
+    return 0;
+}
+
+static void
+reader_dealloc(Reader *r)
+{
+    reader_release(r);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+PyDoc_STRVAR(take_one_doc,
+"take_one(start, noticed, cur_slab, hist_slab, chunker) -> tuple | None\n\n"
+"A subscriber that keeps up, in one call (client/_local.py, LocalReceiver._take_one): descriptor `start`\n"
+"when it is the only one published past `start` (as Ring.read_one), continues what was read (index ==\n"
+"noticed, no flags, the pending chunk's first sample not before the slab's floor) and is not the first frame\n"
+"of slab hist_slab (the slab a history ends in) unless that is cur_slab: fed to chunker (a compiled\n"
+"Rechunker).  Returns (index, n, t0, offset, slab, gen, chunks), chunks as feed returns them; None, having\n"
+"changed nothing, otherwise (the caller's Python steps take it).");
+
+static PyObject *
+reader_take_one(Reader *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "take_one takes 5 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (!r->held) {
+        PyErr_SetString(PyExc_ValueError, "take_one on a closed Reader");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(args[4], &RechunkerType)) {
+        PyErr_Format(PyExc_TypeError, "take_one: chunker must be a compiled Rechunker, got %R", Py_TYPE(args[4]));
+        return NULL;
+    }
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[0]);
+    if (start == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    long long noticed = PyLong_AsLongLong(args[1]);
+    if (noticed == -1 && PyErr_Occurred())
+        return NULL;
+    long cur_slab = PyLong_AsLong(args[2]);
+    if (cur_slab == -1 && PyErr_Occurred())
+        return NULL;
+    long hist_slab = PyLong_AsLong(args[3]);
+    if (hist_slab == -1 && PyErr_Occurred())
+        return NULL;
+    Rechunker *chunker = (Rechunker *)args[4];
+    const uint64_t *position = (const uint64_t *)(r->header + POSITION_AT);
+    /* The position (an acquire: the descriptor it publishes is visible after it), the descriptor copied, then
+     * the position again after an acquire fence: below start + slots, no slot copied was being overwritten. */
+    if (__atomic_load_n(position, __ATOMIC_ACQUIRE) != start + 1)
+        Py_RETURN_NONE;
+    char d[DESCRIPTOR_BYTES];
+    memcpy(d, r->ring + (start & r->mask) * DESCRIPTOR_BYTES, DESCRIPTOR_BYTES);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(position, __ATOMIC_RELAXED) - start >= r->slots)
+        Py_RETURN_NONE;
+    /* u64 seq, u64 index, f64 t0, u64 offset, u64 floor, u32 n, slab, gen, flags */
+    uint64_t index, offset, floor;
+    uint32_t n, slab, gen, flags;
+    double t0;
+    memcpy(&index, d + 8, 8);
+    memcpy(&t0, d + 16, 8);
+    memcpy(&offset, d + 24, 8);
+    memcpy(&floor, d + 32, 8);
+    memcpy(&n, d + 40, 4);
+    memcpy(&slab, d + 44, 4);
+    memcpy(&gen, d + 48, 4);
+    memcpy(&flags, d + 52, 4);
+    if (flags || (long long)index != noticed || (chunker->has_start && (uint64_t)chunker->start < floor))
+        Py_RETURN_NONE;
+    if ((long)slab != cur_slab && (long)slab == hist_slab)
+        Py_RETURN_NONE;  /* (the slab a history ends in: its floor may be the broker's) */
+    PyObject *chunks = PyList_New(0);
+    if (chunks == NULL)
+        return NULL;
+    if (rechunk_feed(chunker, (int64_t)index, (int64_t)n, t0, chunks) < 0) {
+        Py_DECREF(chunks);
+        return NULL;
+    }
+    return Py_BuildValue("(KIdKIIN)", (unsigned long long)index, (unsigned int)n, t0, (unsigned long long)offset,
+                         (unsigned int)slab, (unsigned int)gen, chunks);
+}
+
+static PyObject *
+reader_close(Reader *r, PyObject *unused)
+{
+    reader_release(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef reader_methods[] = {
+    {"take_one", (PyCFunction)(void (*)(void))reader_take_one, METH_FASTCALL, take_one_doc},
+    {"close", (PyCFunction)reader_close, METH_NOARGS, "Release the segment (take_one refuses from then on)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "slabcast.core._hot.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Reader(segment, ring_offset, slots): a subscriber's look at its stream's ring (a buffer of the "
+              "segment, read-only is enough, held until close()).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_methods = reader_methods,
+};
+
 static PyMethodDef hot_methods[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))hot_futex_wait, METH_FASTCALL, futex_wait_doc},
     {"futex_wake", (PyCFunction)(void (*)(void))hot_futex_wake, METH_FASTCALL, futex_wake_doc},
@@ -582,7 +1106,8 @@ static struct PyModuleDef hot_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_hot",
     .m_doc = "The frame's path in C: futex waits and wakes, a full barrier, a publisher's frame (core/ring.py), "
-              "the broker's look at the ring's descriptors (broker/state.py).",
+              "the broker's look at the ring's descriptors (broker/state.py), a subscriber's chunks "
+              "(core/rechunk.py, client/_local.py).",
     .m_size = 0,
     .m_methods = hot_methods,
 };
@@ -590,7 +1115,7 @@ static struct PyModuleDef hot_module = {
 PyMODINIT_FUNC
 PyInit__hot(void)
 {
-    if (PyType_Ready(&WriterType) < 0)
+    if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&RechunkerType) < 0 || PyType_Ready(&ReaderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hot_module);
     if (m == NULL)
@@ -598,9 +1123,11 @@ PyInit__hot(void)
     /* ABI: what core/ring.py checks before it takes this module (a module built from an older source is not
        used); raise it with any change of a function's arguments or results. */
     if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0
+        || PyModule_AddObjectRef(m, "Rechunker", (PyObject *)&RechunkerType) < 0
+        || PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
-        || PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -5,6 +5,10 @@ frame (absolute index of its first sample, its length, its timestamp) and answer
 with the chunks that frame completes, as ``(start_index, length, t0)``.  The broker
 runs one per subscriber over shared memory; :class:`slabcast.BufferEmit` runs one
 over its in-process buffers.  Both therefore cut exactly the same chunks.
+
+:class:`Rechunker` is the compiled twin (core/_hot.c) when the C extension was built, else
+:class:`PyRechunker`: the same steps in the same order with the same float arithmetic
+(tests/unit/test_rechunk_compiled.py compares every chunk of both, bit for bit).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Rechunker", "check_sampler", "check_size"]
+from .ring import HOT
+
+__all__ = ["PyRechunker", "Rechunker", "check_sampler", "check_size"]
 
 # Timestamps are floats; a sample whose time is within this of the pause end counts as after it.
 _EPS = 1e-9
@@ -56,8 +62,9 @@ def check_sampler(sampler: Any) -> Callable[[], float] | None:
     return lambda: value
 
 
-class Rechunker:
-    """Cut one subscriber's chunks out of a stream of frames.
+class PyRechunker:
+    """Cut one subscriber's chunks out of a stream of frames (the rules in Python; :class:`Rechunker` is the one
+    to use: compiled when it can be).
 
     Parameters
     ----------
@@ -169,3 +176,19 @@ class Rechunker:
             self.start = pos = stop
             self.t0 = t0 + (stop - index) / rate if rate else t0
         return out
+
+
+if TYPE_CHECKING or HOT is None:
+    Rechunker = PyRechunker
+else:
+
+    class Rechunker(HOT.Rechunker):  # type: ignore[misc,name-defined]
+        __doc__ = PyRechunker.__doc__.replace(" (the rules in Python; :class:`Rechunker` is the one\n    to use: "
+                                              "compiled when it can be)", " (compiled: core/_hot.c)")  # fmt: skip
+        __slots__ = ()
+
+        def __init__(
+            self, size: int, clip: bool = False, rate: float | None = None,
+            sampler: Callable[[], float] | None = None,
+        ) -> None:  # fmt: skip
+            super().__init__(check_size(size), bool(clip), float(rate) if rate else None, sampler)
