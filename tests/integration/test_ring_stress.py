@@ -24,7 +24,9 @@ READERS = [
     {"size": 1000, "policy": "block", "wake": "doorbell"},
     {"size": 4801, "clip": True, "policy": "block", "wake": "futex"},
     {"size": 333, "policy": "drop", "max_inflight": 2, "wake": "busy"},
-    {"size": 20000, "clip": True, "policy": "block", "wake": "doorbell", "spin": 0.001},
+    # (python_look: this one reads the ring by LocalReceiver._take_one's Python steps, the others by the compiled
+    # Reader.take_one where it is built)
+    {"size": 20000, "clip": True, "policy": "block", "wake": "doorbell", "spin": 0.001, "python_look": True},
 ]
 
 

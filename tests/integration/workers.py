@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 
 import slabcast
+from slabcast.core import ring as _ring
 
 
 def frames_for(spec, dtype="float32", channels=2, rate=1000.0, t_start=100.0):
@@ -175,7 +176,12 @@ def stress_read(address, name, kwargs, ready_q, result_q):
     its per-sample times, its t0; and that chunks follow each other (a drop subscriber may skip forward).
     Report (chunks, samples, gaps, problems)."""
     try:
-        sub = slabcast.Subscriber(name, address=address, wait=30, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k != "python_look"}
+        sub = slabcast.Subscriber(name, address=address, wait=30, **options)
+        if kwargs.get("python_look"):
+            sub._rx._reader = None  # the Python steps of LocalReceiver._take_one, not the compiled Reader.take_one
+        elif getattr(sub._rx, "_reader", 0) is None and _ring.HOT is not None:
+            raise AssertionError("the compiled module is built but this subscriber does not read the ring with it")
         ready_q.put(("sub-ready", os.getpid()))
         channels = sub.info.channels
         rate = sub.info.rate
