@@ -94,6 +94,30 @@ def test_a_sampler_that_raises_propagates_from_feed() -> None:
         Rechunker(2, True, None, boom).feed(0, 4, 0.0)
 
 
+@pytest.mark.parametrize("pause", [1e9, 9.19e18, 1e300, math.inf])
+@pytest.mark.parametrize("rate", [1e10, 1.0, math.nan])
+def test_a_pause_longer_than_any_stream_is_never_over_in_both(pause: float, rate: float) -> None:
+    # Python's ints hold stop + ceil(pause * rate); the compiled one saturates at "never" (an index never gets
+    # there) instead of overflowing; where math.ceil refuses (inf, NaN) both raise the same error.
+    outcomes = []
+    for cls in (PyRechunker, Rechunker):
+        r = cls(4, True, rate, lambda: pause)
+        try:
+            outcomes.append([r.feed(index, 8, index / 8) for index in range(0, 64, 8)])
+            assert r.start is None and r.pause_at > 60
+        except (OverflowError, ValueError) as exc:
+            outcomes.append([type(exc), str(exc)])
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_compiled_rechunker_made_without_init_is_usable() -> None:
+    assert R.HOT is not None
+    for cls in (R.HOT.Rechunker, Rechunker):
+        r = cls.__new__(cls)
+        assert (r.size, r.sampler, r.start) == (1, None, None)
+        assert r.feed(0, 2, 0.0) == [(0, 2, 0.0)]
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
 def test_the_compiled_rechunker_refuses_bad_sizes_as_the_python_one(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError)) as c_info:

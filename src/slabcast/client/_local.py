@@ -166,8 +166,8 @@ class LocalReceiver:
         offset, slots = ring_layout(mm)  # (protocol 7.7: the header says where the ring lies)
         self._ring = Ring(mm, offset, slots, sleepers=page)
         # The compiled look at the ring (core/_hot.c), for a subscriber that keeps up: _take_one in one call.
-        self._reader = HOT.Reader(mm, offset, slots) if HOT is not None and isinstance(self._chunker, HOT.Rechunker) \
-            else None  # fmt: skip
+        self._reader = HOT.Reader(mm, offset, slots, Chunk, _ViewRef, _frombuffer) \
+            if HOT is not None and isinstance(self._chunker, HOT.Rechunker) else None  # fmt: skip
         self._page = page
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
@@ -228,7 +228,20 @@ class LocalReceiver:
             if self._frames:
                 self._step()
                 continue
-            if self._take_one() or self._read_ring():
+            reader = self._reader
+            if reader is not None:
+                # The next frame, when it is the only one and continues what we read, in one compiled call: the
+                # chunk it completes in hand (the steps of _take_one, _cut_chunk and _hand_out), or what the
+                # steps after the chunker's feed are to finish (_took), or nothing (core/_hot.c, take_chunk).
+                got = reader.take_chunk(self)
+                if got is not None:
+                    if type(got) is not tuple:
+                        return got  # type: ignore[no-any-return]
+                    self._took(*got)
+                    continue
+            elif self._take_one():
+                continue
+            if self._read_ring():
                 continue
             # Look at the sockets (notices to take, the broker's END or ERROR, its death) when recv must not
             # wait (an event loop polls them), after a wait that brought nothing (the broker wakes us to look),
@@ -418,36 +431,31 @@ class LocalReceiver:
         """A subscriber that keeps up, in one step: the one frame published since we last looked, when it
         continues what we read without a flag (in the same slab, or the first of the next with what we
         accumulated in its carried part), cut at once (no batch, no :class:`_Frame`).  False when that is not
-        the case; nothing changed then, and :meth:`_read_ring` takes what there is."""
-        start = self._rseq
-        chunker = self._chunker
-        reader = self._reader
-        if reader is not None:
-            # The checks below and the chunker's feed in one compiled call (core/_hot.c, Reader.take_one).
-            got = reader.take_one(start, self._noticed, self._cur_slab, self._hist_floor[0], chunker)
-            if got is None:
-                return False
-            index, n, t0, offset, slab, gen, chunks = got
-            if slab != self._cur_slab:
-                self._cur_slab = slab
-                self._leases.unlock_idle(slab)
-        else:
-            descriptor = self._ring.read_one(start)
-            if descriptor is None:
-                return False
-            _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
-            pending = chunker.start
-            if flags or index != self._noticed or (pending is not None and pending < floor):
-                return False
-            if slab != self._cur_slab:
-                # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
-                if slab == self._hist_floor[0]:
-                    return False  # (the slab our history ends in: its floor may be the broker's)
-                self._cur_slab = slab
-                self._leases.unlock_idle(slab)
-            chunks = chunker.feed(index, n, t0)
-        self._rseq = start + 1
+        the case; nothing changed then, and :meth:`_read_ring` takes what there is.  (Without the compiled
+        module; with it, ``Reader.take_chunk`` does this in one call.)"""
+        descriptor = self._ring.read_one(self._rseq)
+        if descriptor is None:
+            return False
+        _seq, index, t0, offset, floor, n, slab, gen, flags = descriptor
+        pending = self._chunker.start
+        if flags or index != self._noticed or (pending is not None and pending < floor):
+            return False
+        if slab != self._cur_slab and slab == self._hist_floor[0]:
+            return False  # (the first frame of the slab our history ends in: its floor may be the broker's)
+        self._took(index, n, t0, offset, slab, gen, self._chunker.feed(index, n, t0))
+        return True
+
+    def _took(self, index: int, n: int, t0: float, offset: int, slab: int, gen: int,
+              chunks: list[tuple[int, int, float]]) -> None:  # fmt: skip
+        """The rest of taking descriptor ``_rseq`` (the frame ``n`` samples from ``index`` at byte ``offset`` of
+        ``slab``), once the chunker was fed it: ``chunks`` are what it completed."""
+        if slab != self._cur_slab:
+            # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
+            self._cur_slab = slab
+            self._leases.unlock_idle(slab)
+        self._rseq += 1
         self._noticed = end = index + n
+        chunker = self._chunker
         if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
             chunker.jumped = False
             self.jumped = True
@@ -458,7 +466,6 @@ class LocalReceiver:
         self._last = (slab, gen, offset + n * sb)
         if self._posted != slab:
             self._send_ack()
-        return True
 
     def _cut_frame(self, index: int, n: int, t0: float, offset: int, slab: int, gen: int) -> bool:
         """Feed one frame (``n`` samples from stream index ``index``, at byte ``offset`` of ``slab``) to the

@@ -12,7 +12,8 @@
  *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
  *       end, position, index, floor, slab, gen, frame_max, first) -> int
  *   Rechunker(size, clip, rate, sampler): core/rechunk.py's rules (.feed, .needed)
- *   Reader(segment, ring_offset, slots).take_one(start, noticed, cur_slab, hist_slab, chunker) -> tuple | None
+ *   Reader(segment, ring_offset, slots[, chunk, view_ref, frombuffer]).take_one(start, noticed, cur_slab, hist_slab,
+ *       chunker) -> tuple | None;  .take_chunk(receiver) -> Chunk | tuple | None
  *
  * Linux only (futex(2)); any architecture the compiler's __atomic builtins cover.
  */
@@ -632,6 +633,19 @@ rechunker_init(Rechunker *r, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+static PyObject *
+rechunker_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    /* A valid rechunker before __init__ (a subclass's __init__ may never call ours): size 1, no sampler. */
+    Rechunker *r = (Rechunker *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    r->size = 1;
+    r->sampler = Py_NewRef(Py_None);
+    r->last_t0 = -INFINITY;
+    return (PyObject *)r;
+}
+
 static int
 rechunker_traverse(Rechunker *r, visitproc visit, void *arg)
 {
@@ -707,8 +721,10 @@ rechunk_feed(Rechunker *r, int64_t index, int64_t n, double t0, PyObject *out)
         if (append_chunk(out, start, length, r->t0) < 0)
             return -1;
         int64_t stop = start + length;
-        if (r->sampler != Py_None) {
-            PyObject *got = PyObject_CallNoArgs(r->sampler);
+        if (r->sampler != NULL && r->sampler != Py_None) {  /* (NULL: cleared by the collector) */
+            PyObject *sampler = Py_NewRef(r->sampler);  /* (held across the call: it may reset this rechunker) */
+            PyObject *got = PyObject_CallNoArgs(sampler);
+            Py_DECREF(sampler);
             if (got == NULL)
                 return -1;
             PyObject *f = PyNumber_Float(got);
@@ -722,15 +738,22 @@ rechunk_feed(Rechunker *r, int64_t index, int64_t n, double t0, PyObject *out)
                 return -1;
             }
             if (r->has_rate) {
+                Py_DECREF(f);
                 double at = ceil(pause * r->rate - RECHUNK_EPS);
-                if (!(at < 9.2e18)) {  /* (Python's ints would hold it; an index never gets there) */
-                    PyErr_Format(PyExc_OverflowError, "sampler pause of %R s at %g Hz is out of range", f, r->rate);
-                    Py_DECREF(f);
+                if (isinf(at) || isnan(at)) {  /* (Python: math.ceil says so) */
+                    PyErr_SetString(isnan(at) ? PyExc_ValueError : PyExc_OverflowError,
+                                    isnan(at) ? "cannot convert float NaN to integer"
+                                              : "cannot convert float infinity to integer");
                     return -1;
                 }
-                Py_DECREF(f);
+                /* Python's ints hold any pause; an index never reaches INT64_MAX, so that is "never" here. */
+                int64_t pause_at;
+                if (!(at > -9.2e18))
+                    pause_at = INT64_MIN;  /* (a negative rate, refused everywhere: over at once, as in Python) */
+                else if (!(at < 9.2e18) || __builtin_add_overflow(stop, (int64_t)at, &pause_at))
+                    pause_at = INT64_MAX;
                 r->has_pause_at = 1;
-                r->pause_at = stop + (int64_t)at;
+                r->pause_at = pause_at;
             }
             else {
                 Py_DECREF(f);
@@ -895,7 +918,7 @@ static PyObject *get_rate(Rechunker *r, void *c)
         Py_RETURN_NONE;
     return PyFloat_FromDouble(r->rate);
 }
-static PyObject *get_sampler(Rechunker *r, void *c) { return Py_NewRef(r->sampler); }
+static PyObject *get_sampler(Rechunker *r, void *c) { return Py_NewRef(r->sampler ? r->sampler : Py_None); }
 
 static PyGetSetDef rechunker_getset[] = {
     {"size", (getter)get_size, NULL, "Chunk size in samples.", NULL},
@@ -924,7 +947,7 @@ static PyTypeObject RechunkerType = {
     .tp_basicsize = sizeof(Rechunker),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Rechunker(size, clip=False, rate=None, sampler=None): core/rechunk.py's rules, compiled.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = rechunker_new,
     .tp_init = (initproc)rechunker_init,
     .tp_dealloc = (destructor)rechunker_dealloc,
     .tp_traverse = (traverseproc)rechunker_traverse,
@@ -944,6 +967,9 @@ typedef struct {
     const char *ring;       /* the first descriptor */
     uint64_t mask;          /* slots - 1 */
     uint64_t slots;
+    PyObject *chunk_type;   /* take_chunk's: the Chunk class, the view's weak reference class, numpy.frombuffer */
+    PyObject *view_ref;
+    PyObject *frombuffer;
 } Reader;
 
 static void
@@ -959,12 +985,25 @@ reader_release(Reader *r)
 static int
 reader_init(Reader *r, PyObject *args, PyObject *kwargs)
 {
-    PyObject *segment;
+    PyObject *segment, *chunk_type = NULL, *view_ref = NULL, *frombuffer = NULL;
     Py_ssize_t ring_offset, slots;
-    static char *kw[] = {"segment", "ring_offset", "slots", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn:Reader", kw, &segment, &ring_offset, &slots))
+    static char *kw[] = {"segment", "ring_offset", "slots", "chunk", "view_ref", "frombuffer", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn|OOO:Reader", kw, &segment, &ring_offset, &slots, &chunk_type,
+                                     &view_ref, &frombuffer))
         return -1;
     reader_release(r);
+    if ((chunk_type != NULL || view_ref != NULL || frombuffer != NULL)
+        && !(chunk_type != NULL && view_ref != NULL && frombuffer != NULL && PyCallable_Check(chunk_type)
+             && PyCallable_Check(view_ref) && PyCallable_Check(frombuffer))) {
+        PyErr_SetString(PyExc_TypeError, "Reader: chunk, view_ref and frombuffer go together, each a callable");
+        return -1;
+    }
+    Py_XINCREF(chunk_type);
+    Py_XINCREF(view_ref);
+    Py_XINCREF(frombuffer);
+    Py_XSETREF(r->chunk_type, chunk_type);
+    Py_XSETREF(r->view_ref, view_ref);
+    Py_XSETREF(r->frombuffer, frombuffer);
     if (slots < 2 || (slots & (slots - 1))) {
         PyErr_Format(PyExc_ValueError, "Reader: slots must be a power of two >= 2, got %zd", slots);
         return -1;
@@ -991,6 +1030,9 @@ static void
 reader_dealloc(Reader *r)
 {
     reader_release(r);
+    Py_CLEAR(r->chunk_type);
+    Py_CLEAR(r->view_ref);
+    Py_CLEAR(r->frombuffer);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
@@ -1068,6 +1110,364 @@ reader_take_one(Reader *r, PyObject *const *args, Py_ssize_t nargs)
                          (unsigned int)slab, (unsigned int)gen, chunks);
 }
 
+/* Attribute names take_chunk reads and writes (interned at import). */
+static PyObject *A_rseq, *A_noticed, *A_cur_slab, *A_hist_floor, *A_chunker, *A_sampler_error, *A_jumped, *A_policy,
+    *A_ready, *A_max_inflight, *A_leases, *A_seq, *A_cursor, *A_last, *A_posted, *A_mm, *A_dtype, *A_channels,
+    *A_on_dead, *A_received, *A_last_seq, *A_timestamps, *A_geometry, *A_info, *A_on_release, *A_sample_bytes,
+    *A_handed, *A_released, *A_guard, *A_locks, *A_slab_of, *A_refs, *A_acquire, *A_release, *A_time_at, *A_reshape,
+    *A_seq_field, *S_drop;
+
+static int
+intern_names(void)
+{
+#define NAME(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    NAME(A_rseq, "_rseq"); NAME(A_noticed, "_noticed"); NAME(A_cur_slab, "_cur_slab");
+    NAME(A_hist_floor, "_hist_floor"); NAME(A_chunker, "_chunker"); NAME(A_sampler_error, "_sampler_error");
+    NAME(A_jumped, "jumped"); NAME(A_policy, "policy"); NAME(A_ready, "_ready"); NAME(A_max_inflight, "_max_inflight");
+    NAME(A_leases, "_leases"); NAME(A_seq, "_seq"); NAME(A_cursor, "_cursor"); NAME(A_last, "_last");
+    NAME(A_posted, "_posted"); NAME(A_mm, "_mm"); NAME(A_dtype, "_dtype"); NAME(A_channels, "_channels");
+    NAME(A_on_dead, "_on_dead"); NAME(A_received, "_received"); NAME(A_last_seq, "_last_seq");
+    NAME(A_timestamps, "_timestamps"); NAME(A_geometry, "_geometry"); NAME(A_info, "_info");
+    NAME(A_on_release, "_on_release"); NAME(A_sample_bytes, "_sample_bytes"); NAME(A_handed, "handed");
+    NAME(A_released, "released"); NAME(A_guard, "guard"); NAME(A_locks, "locks"); NAME(A_slab_of, "slab_of");
+    NAME(A_refs, "refs"); NAME(A_acquire, "acquire"); NAME(A_release, "release"); NAME(A_time_at, "time_at");
+    NAME(A_reshape, "reshape"); NAME(A_seq_field, "seq"); NAME(S_drop, "drop");
+#undef NAME
+    return 0;
+}
+
+/* getattr(obj, name) as a C long long; -1 with an exception set on failure (*ok = 0). */
+static long long
+attr_ll(PyObject *obj, PyObject *name, int *ok)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        *ok = 0;
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred())
+        *ok = 0;
+    return x;
+}
+
+static int
+set_ll(PyObject *obj, PyObject *name, long long value)
+{
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+PyDoc_STRVAR(take_chunk_doc,
+"take_chunk(rx) -> Chunk | tuple | None\n\n"
+"LocalReceiver.recv's step for a subscriber that keeps up (client/_local.py), in one call: take_one with the\n"
+"receiver's own _rseq, _noticed, _cur_slab, _hist_floor and _chunker; then, when the frame completes exactly one\n"
+"chunk in the slab being read (its lease held with the descriptor's generation, under the leases' guard), the\n"
+"cursor posted for that slab, no sampler error, and a drop subscriber with room, what _take_one, _cut_chunk and\n"
+"_hand_out do for it: the receiver's state, the lease, the chunk's view, and the Chunk (built with the chunk,\n"
+"view_ref and frombuffer this Reader was made with).  Otherwise take_one's tuple, the receiver unchanged but its\n"
+"chunker fed (the caller finishes as for take_one), or None with nothing changed.  Needs a Reader made with\n"
+"chunk, view_ref and frombuffer.");
+
+static PyObject *
+reader_take_chunk(Reader *r, PyObject *rx)
+{
+    if (r->chunk_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "take_chunk needs a Reader made with chunk, view_ref and frombuffer");
+        return NULL;
+    }
+    int ok = 1;
+    long long rseq = attr_ll(rx, A_rseq, &ok);
+    long long noticed = ok ? attr_ll(rx, A_noticed, &ok) : 0;
+    long long cur_slab = ok ? attr_ll(rx, A_cur_slab, &ok) : 0;
+    if (!ok)
+        return NULL;
+    PyObject *hist = PyObject_GetAttr(rx, A_hist_floor);
+    if (hist == NULL)
+        return NULL;
+    PyObject *hist0 = PySequence_GetItem(hist, 0);
+    Py_DECREF(hist);
+    if (hist0 == NULL)
+        return NULL;
+    PyObject *chunker = PyObject_GetAttr(rx, A_chunker);
+    if (chunker == NULL) {
+        Py_DECREF(hist0);
+        return NULL;
+    }
+    PyObject *rseq_o = PyLong_FromLongLong(rseq), *noticed_o = PyLong_FromLongLong(noticed);
+    PyObject *cur_o = PyLong_FromLongLong(cur_slab);
+    PyObject *got = NULL;
+    if (rseq_o != NULL && noticed_o != NULL && cur_o != NULL) {
+        PyObject *args[5] = {rseq_o, noticed_o, cur_o, hist0, chunker};
+        got = reader_take_one(r, args, 5);
+    }
+    Py_XDECREF(rseq_o);
+    Py_XDECREF(noticed_o);
+    Py_XDECREF(cur_o);
+    Py_DECREF(hist0);
+    if (got == NULL || got == Py_None) {
+        Py_DECREF(chunker);
+        return got;
+    }
+    /* (index, n, t0, offset, slab, gen, chunks) */
+    PyObject *chunks = PyTuple_GET_ITEM(got, 6);
+    long long slab = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 4));
+    if (PyList_GET_SIZE(chunks) != 1 || slab != cur_slab)
+        goto slow;
+    /* What _cut_chunk would refuse or count (and the ACK _take_one would send) is the Python steps' own. */
+    PyObject *v = PyObject_GetAttr(rx, A_sampler_error);
+    if (v == NULL)
+        goto fail;
+    int clean = v == Py_None;
+    Py_DECREF(v);
+    if (!clean)
+        goto slow;
+    long long posted = attr_ll(rx, A_posted, &ok);
+    if (!ok)
+        goto fail;
+    if (posted != slab)
+        goto slow;
+    PyObject *leases = PyObject_GetAttr(rx, A_leases);
+    if (leases == NULL)
+        goto fail;
+    PyObject *policy = PyObject_GetAttr(rx, A_policy);
+    if (policy == NULL) {
+        Py_DECREF(leases);
+        goto fail;
+    }
+    int drop = PyUnicode_Check(policy) && PyUnicode_Compare(policy, S_drop) == 0;
+    Py_DECREF(policy);
+    if (drop) {
+        PyObject *ready = PyObject_GetAttr(rx, A_ready);
+        Py_ssize_t queued = ready == NULL ? -1 : PyObject_Length(ready);
+        Py_XDECREF(ready);
+        long long handed = queued < 0 ? 0 : attr_ll(leases, A_handed, &ok);
+        long long released = queued < 0 || !ok ? 0 : attr_ll(leases, A_released, &ok);
+        long long most = queued < 0 || !ok ? 0 : attr_ll(rx, A_max_inflight, &ok);
+        if (queued < 0 || !ok) {
+            Py_DECREF(leases);
+            goto fail;
+        }
+        if (queued + handed - released >= most) {
+            Py_DECREF(leases);
+            goto slow;  /* (dropped: counted by _cut_chunk) */
+        }
+    }
+    /* The lease: the slab's entry [generation, chunks], one more chunk, under the guard (leases.claim's fast case). */
+    long long gen = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 5));
+    PyObject *guard = PyObject_GetAttr(leases, A_guard);
+    if (guard == NULL) {
+        Py_DECREF(leases);
+        goto fail;
+    }
+    PyObject *res = PyObject_CallMethodNoArgs(guard, A_acquire);
+    if (res == NULL) {
+        Py_DECREF(guard);
+        Py_DECREF(leases);
+        goto fail;
+    }
+    Py_DECREF(res);
+    int claimed = 0;
+    PyObject *locks = PyObject_GetAttr(leases, A_locks);
+    PyObject *slab_o = PyTuple_GET_ITEM(got, 4);
+    if (locks != NULL && PyDict_Check(locks)) {
+        PyObject *entry = PyDict_GetItemWithError(locks, slab_o);  /* (borrowed) */
+        if (entry != NULL && PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2) {
+            long long held_gen = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0));
+            long long count = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
+            if (!PyErr_Occurred() && held_gen == gen) {
+                PyObject *more = PyLong_FromLongLong(count + 1);
+                if (more != NULL) {
+                    PyList_SetItem(entry, 1, more);  /* (steals more) */
+                    claimed = 1;
+                }
+            }
+        }
+    }
+    Py_XDECREF(locks);
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    int failed = PyErr_Occurred() != NULL;
+    if (failed)
+        PyErr_Fetch(&et, &ev, &tb);
+    res = PyObject_CallMethodNoArgs(guard, A_release);
+    Py_DECREF(guard);
+    if (failed) {
+        Py_XDECREF(res);
+        PyErr_Restore(et, ev, tb);  /* (the first error wins) */
+    }
+    if (failed || res == NULL) {
+        Py_DECREF(leases);
+        goto fail;
+    }
+    Py_DECREF(res);
+    if (!claimed) {
+        Py_DECREF(leases);
+        goto slow;  /* (no lease yet, or another generation: leases.claim says) */
+    }
+    /* From here on the chunk is ours: the receiver's state as _take_one, _cut_chunk and _hand_out leave it. */
+    {
+        long long index = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 0));
+        long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 1));
+        long long offset = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 3));
+        PyObject *item = PyList_GET_ITEM(chunks, 0);
+        long long cstart = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+        long long length = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
+        PyObject *ct0 = PyTuple_GET_ITEM(item, 2);
+        long long sb = attr_ll(rx, A_sample_bytes, &ok);
+        long long seq = ok ? attr_ll(rx, A_seq, &ok) : 0;
+        long long end = index + n;
+        long long coffset = offset - (index - cstart) * sb;
+        long long flags = 0;
+        PyObject *base = NULL, *ref = NULL, *data = NULL, *chunk = NULL, *times_at = NULL;
+        PyObject *mm = NULL, *dtype = NULL, *seq_o = NULL, *last = NULL, *info = NULL, *on_release = NULL;
+        long long channels = 0;
+        if (!ok || set_ll(rx, A_rseq, rseq + 1) < 0 || set_ll(rx, A_noticed, end) < 0)
+            goto out;
+        if (((Rechunker *)chunker)->jumped) {  /* the clock stepped back (no rate): the sampler's schedule restarted */
+            ((Rechunker *)chunker)->jumped = 0;
+            if (PyObject_SetAttr(rx, A_jumped, Py_True) < 0)
+                goto out;
+        }
+        if (set_ll(rx, A_seq, seq + 1) < 0)
+            goto out;
+        PyObject *jumped = PyObject_GetAttr(rx, A_jumped);
+        if (jumped == NULL)
+            goto out;
+        int j = PyObject_IsTrue(jumped);
+        Py_DECREF(jumped);
+        if (j < 0)
+            goto out;
+        if (j) {
+            if (PyObject_SetAttr(rx, A_jumped, Py_False) < 0)
+                goto out;
+            flags |= 1;  /* FLAG_DISCONTINUITY */
+        }
+        if (set_ll(rx, A_cursor, end) < 0)
+            goto out;
+        last = Py_BuildValue("(LLL)", slab, gen, offset + n * sb);
+        if (last == NULL || PyObject_SetAttr(rx, A_last, last) < 0)
+            goto out;
+        /* _hand_out */
+        mm = PyObject_GetAttr(rx, A_mm);
+        dtype = mm == NULL ? NULL : PyObject_GetAttr(rx, A_dtype);
+        channels = dtype == NULL ? 0 : attr_ll(rx, A_channels, &ok);
+        if (dtype == NULL || !ok)
+            goto out;
+        {
+            PyObject *count = PyLong_FromLongLong(length * channels), *at = PyLong_FromLongLong(coffset);
+            if (count != NULL && at != NULL) {
+                PyObject *fargs[4] = {mm, dtype, count, at};
+                base = PyObject_Vectorcall(r->frombuffer, fargs, 4, NULL);
+            }
+            Py_XDECREF(count);
+            Py_XDECREF(at);
+            if (base == NULL)
+                goto out;
+        }
+        seq_o = PyLong_FromLongLong(seq);
+        if (seq_o == NULL)
+            goto out;
+        {
+            PyObject *slab_of = PyObject_GetAttr(leases, A_slab_of);
+            int rc = slab_of == NULL ? -1 : PyObject_SetItem(slab_of, seq_o, slab_o);
+            Py_XDECREF(slab_of);
+            if (rc < 0)
+                goto out;
+            PyObject *on_dead = PyObject_GetAttr(rx, A_on_dead);
+            if (on_dead == NULL)
+                goto out;
+            PyObject *rargs[2] = {base, on_dead};
+            ref = PyObject_Vectorcall(r->view_ref, rargs, 2, NULL);
+            Py_DECREF(on_dead);
+            if (ref == NULL || PyObject_SetAttr(ref, A_seq_field, seq_o) < 0)
+                goto out;
+            PyObject *refs = PyObject_GetAttr(leases, A_refs);
+            rc = refs == NULL ? -1 : PyObject_SetItem(refs, seq_o, ref);
+            Py_XDECREF(refs);
+            if (rc < 0)
+                goto out;
+        }
+        {
+            long long handed = attr_ll(leases, A_handed, &ok);
+            long long received = ok ? attr_ll(rx, A_received, &ok) : 0;
+            if (!ok || set_ll(leases, A_handed, handed + 1) < 0 || set_ll(rx, A_received, received + 1) < 0
+                || PyObject_SetAttr(rx, A_last_seq, seq_o) < 0)
+                goto out;
+        }
+        if (channels > 1) {
+            PyObject *shape = Py_BuildValue("(LL)", length, channels);
+            if (shape == NULL)
+                goto out;
+            data = PyObject_CallMethodOneArg(base, A_reshape, shape);
+            Py_DECREF(shape);
+            if (data == NULL)
+                goto out;
+        }
+        else
+            data = Py_NewRef(base);
+        info = PyObject_GetAttr(rx, A_info);
+        on_release = info == NULL ? NULL : PyObject_GetAttr(rx, A_on_release);
+        if (on_release == NULL)
+            goto out;
+        PyObject *stamps = PyObject_GetAttr(rx, A_timestamps);
+        if (stamps == NULL)
+            goto out;
+        int timed = PyObject_IsTrue(stamps);
+        Py_DECREF(stamps);
+        if (timed < 0)
+            goto out;
+        if (timed) {
+            PyObject *geometry = PyObject_GetAttr(rx, A_geometry);
+            PyObject *at_o = PyLong_FromLongLong(coffset);
+            PyObject *at = geometry == NULL || at_o == NULL ? NULL : PyObject_CallMethodOneArg(geometry, A_time_at, at_o);
+            Py_XDECREF(geometry);
+            Py_XDECREF(at_o);
+            if (at == NULL)
+                goto out;
+            times_at = PyTuple_Pack(2, mm, at);
+            Py_DECREF(at);
+            if (times_at == NULL)
+                goto out;
+        }
+        {
+            PyObject *start_o = PyLong_FromLongLong(cstart), *flags_o = PyLong_FromLongLong(flags);
+            if (start_o != NULL && flags_o != NULL) {
+                PyObject *cargs[8] = {data, seq_o, start_o, ct0, flags_o, info, on_release, times_at};
+                chunk = PyObject_Vectorcall(r->chunk_type, cargs, timed ? 8 : 7, NULL);
+            }
+            Py_XDECREF(start_o);
+            Py_XDECREF(flags_o);
+        }
+    out:
+        Py_XDECREF(base);
+        Py_XDECREF(ref);
+        Py_XDECREF(data);
+        Py_XDECREF(times_at);
+        Py_XDECREF(mm);
+        Py_XDECREF(dtype);
+        Py_XDECREF(seq_o);
+        Py_XDECREF(last);
+        Py_XDECREF(info);
+        Py_XDECREF(on_release);
+        Py_DECREF(leases);
+        Py_DECREF(chunker);
+        Py_DECREF(got);
+        return chunk;
+    }
+slow:
+    Py_DECREF(chunker);
+    return got;
+fail:
+    Py_DECREF(chunker);
+    Py_DECREF(got);
+    return NULL;
+}
+
 static PyObject *
 reader_close(Reader *r, PyObject *unused)
 {
@@ -1077,6 +1477,7 @@ reader_close(Reader *r, PyObject *unused)
 
 static PyMethodDef reader_methods[] = {
     {"take_one", (PyCFunction)(void (*)(void))reader_take_one, METH_FASTCALL, take_one_doc},
+    {"take_chunk", (PyCFunction)reader_take_chunk, METH_O, take_chunk_doc},
     {"close", (PyCFunction)reader_close, METH_NOARGS, "Release the segment (take_one refuses from then on)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1115,7 +1516,8 @@ static struct PyModuleDef hot_module = {
 PyMODINIT_FUNC
 PyInit__hot(void)
 {
-    if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&RechunkerType) < 0 || PyType_Ready(&ReaderType) < 0)
+    if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&RechunkerType) < 0 || PyType_Ready(&ReaderType) < 0
+        || intern_names() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hot_module);
     if (m == NULL)
