@@ -39,33 +39,36 @@ def _state(sub: slabcast.Subscriber) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize(
-    ("options", "channels", "timestamps"),
+    ("options", "channels", "timestamps", "rate"),
     [
-        ({"size": 1000, "clip": True}, 1, False),
-        ({"size": 700, "clip": False}, 2, True),
-        ({"size": 333, "clip": True, "policy": "drop", "max_inflight": 2}, 1, False),
-        ({"seconds": 0.25, "clip": True, "sampler": 0.5}, 2, False),
+        ({"size": 1000, "clip": True}, 1, False, 1000.0),
+        ({"size": 700, "clip": False}, 2, True, 1000.0),
+        ({"size": 333, "clip": True, "policy": "drop", "max_inflight": 2}, 1, False, 1000.0),
+        ({"seconds": 0.25, "clip": True, "sampler": 0.5}, 2, False, 1000.0),
+        ({"size": 500, "clip": True, "sampler": 0.02}, 1, False, None),  # (frame times stepping back: jumped)
     ],
-    ids=["clip", "whole-frames-times-2ch", "drop-held", "sampler"],
+    ids=["clip", "whole-frames-times-2ch", "drop-held", "sampler", "no-rate-clock-steps-back"],
 )
 def test_the_compiled_look_leaves_every_chunk_and_the_receiver_as_the_python_steps_do(
-    broker: slabcast.BrokerProcess, stream_name: str, options: dict[str, Any], channels: int, timestamps: bool
-) -> None:
+    broker: slabcast.BrokerProcess, stream_name: str, options: dict[str, Any], channels: int, timestamps: bool,
+    rate: float | None,
+) -> None:  # fmt: skip
     rng = random.Random(f"{stream_name}{options}")
-    pub = slabcast.Publisher(stream_name, dtype="int32", channels=channels, rate=1000.0, address=broker.address,
+    pub = slabcast.Publisher(stream_name, dtype="int32", channels=channels, rate=rate, address=broker.address,
                              slab_bytes=65536, nslabs=6, max_chunk_bytes=16384, timestamps=timestamps,
                              timeout=10)  # fmt: skip
     compiled = slabcast.Subscriber(stream_name, address=broker.address, timeout=10, **options)
     python = slabcast.Subscriber(stream_name, address=broker.address, timeout=10, **options)
     python._rx._reader = None  # (the Python steps)
     assert compiled._rx._reader is not None
-    taken = [0]
+    taken, flagged = [0], [0]
     reader = compiled._rx._reader
 
     class Counted:  # how many chunks the compiled call handed out whole
         def take_chunk(self, receiver: Any) -> Any:
             got = reader.take_chunk(receiver)
             taken[0] += got is not None and type(got) is not tuple
+            flagged[0] += got is not None and type(got) is not tuple and got.discontinuity
             return got
 
         def close(self) -> None:
@@ -80,7 +83,8 @@ def test_the_compiled_look_leaves_every_chunk_and_the_receiver_as_the_python_ste
             data = np.arange(index * channels, (index + n) * channels, dtype=np.int32).reshape(n, channels)
             jump = k % 97 == 96
             times = 100.0 + (index + np.arange(n)) / 1000.0 if timestamps else None
-            pub.write(data if channels > 1 else data[:, 0], times=times, discontinuity=jump)
+            t0 = None if rate else 100.0 + k * 0.01 - (0.5 if k % 50 == 49 else 0.0)  # (a step back now and then)
+            pub.write(data if channels > 1 else data[:, 0], t0=t0, times=times, discontinuity=jump)
             index += n
             while True:
                 a, b = _take(compiled), _take(python)
@@ -101,6 +105,8 @@ def test_the_compiled_look_leaves_every_chunk_and_the_receiver_as_the_python_ste
                         x.release()
                 assert _state(compiled) == _state(python), k
         assert taken[0] > 50, "the compiled call handed out too few chunks to prove anything"
+        if rate is None:  # a clock step back restarted the sampler's schedule: flagged on a chunk handed out in one call
+            assert flagged[0] > 0
     finally:
         for pair in held:
             for x in pair:

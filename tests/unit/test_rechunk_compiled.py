@@ -191,6 +191,12 @@ def test_a_reader_refuses_a_ring_outside_its_segment() -> None:
             R.HOT.Reader(seg, RING_AT, SLOTS * 16)
         with pytest.raises(ValueError, match="power of two"):
             R.HOT.Reader(seg, RING_AT, 6)
+        reader = R.HOT.Reader(seg, RING_AT, 2)
+        with pytest.raises(TypeError, match="already made"):  # (take_chunk relies on what it was made with)
+            reader.__init__(seg, RING_AT, 2)
+        reader.close()
+        with pytest.raises(TypeError, match="go together"):
+            R.HOT.Reader(seg, RING_AT, 2, chunk=object)
     finally:
         seg.close()
 

@@ -165,9 +165,11 @@ class LocalReceiver:
         self._noticed = start  # the stream index just past the last sample read from the ring (or history)
         offset, slots = ring_layout(mm)  # (protocol 7.7: the header says where the ring lies)
         self._ring = Ring(mm, offset, slots, sleepers=page)
-        # The compiled look at the ring (core/_hot.c), for a subscriber that keeps up: _take_one in one call.
+        # The compiled look at the ring (core/_hot.c), for a subscriber that keeps up: recv's steps for a chunk in one
+        # call. It does what this class's and Leases' methods do, not a subclass' own.
         self._reader = HOT.Reader(mm, offset, slots, Chunk, _ViewRef, _frombuffer) \
-            if HOT is not None and isinstance(self._chunker, HOT.Rechunker) else None  # fmt: skip
+            if HOT is not None and isinstance(self._chunker, HOT.Rechunker) and type(self) is LocalReceiver \
+            and type(self._leases) is Leases else None  # fmt: skip
         self._page = page
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
@@ -454,24 +456,21 @@ class LocalReceiver:
             self._cur_slab = slab
             self._leases.unlock_idle(slab)
         self._rseq += 1
-        self._noticed = end = index + n
-        chunker = self._chunker
-        if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
-            chunker.jumped = False
-            self.jumped = True
-        sb = self._sample_bytes
-        for cstart, length, ct0 in chunks:
-            self._cut_chunk(cstart, length, ct0, offset - (index - cstart) * sb, slab, gen)
-        self._cursor = end
-        self._last = (slab, gen, offset + n * sb)
+        self._noticed = index + n
+        self._cut_fed(index, n, offset, slab, gen, chunks)
         if self._posted != slab:
             self._send_ack()
 
     def _cut_frame(self, index: int, n: int, t0: float, offset: int, slab: int, gen: int) -> bool:
         """Feed one frame (``n`` samples from stream index ``index``, at byte ``offset`` of ``slab``) to the
         chunker and cut the chunks it completes; True if any."""
+        return self._cut_fed(index, n, offset, slab, gen, self._chunker.feed(index, n, t0))
+
+    def _cut_fed(self, index: int, n: int, offset: int, slab: int, gen: int,
+                 chunks: list[tuple[int, int, float]]) -> bool:  # fmt: skip
+        """Cut ``chunks``, what the chunker completed with the frame of ``n`` samples from ``index`` at byte
+        ``offset`` of ``slab``; True if any."""
         chunker = self._chunker
-        chunks = chunker.feed(index, n, t0)
         if chunker.jumped:  # the clock stepped back (no rate): the sampler's schedule restarted
             chunker.jumped = False
             self.jumped = True

@@ -991,7 +991,10 @@ reader_init(Reader *r, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn|OOO:Reader", kw, &segment, &ring_offset, &slots, &chunk_type,
                                      &view_ref, &frombuffer))
         return -1;
-    reader_release(r);
+    if (r->held || r->chunk_type != NULL) {  /* (take_chunk uses what it was made with while it calls Python code) */
+        PyErr_SetString(PyExc_TypeError, "Reader: already made; make another");
+        return -1;
+    }
     if ((chunk_type != NULL || view_ref != NULL || frombuffer != NULL)
         && !(chunk_type != NULL && view_ref != NULL && frombuffer != NULL && PyCallable_Check(chunk_type)
              && PyCallable_Check(view_ref) && PyCallable_Check(frombuffer))) {
@@ -1171,8 +1174,10 @@ PyDoc_STRVAR(take_chunk_doc,
 "cursor posted for that slab, no sampler error, and a drop subscriber with room, what _take_one, _cut_chunk and\n"
 "_hand_out do for it: the receiver's state, the lease, the chunk's view, and the Chunk (built with the chunk,\n"
 "view_ref and frombuffer this Reader was made with).  Otherwise take_one's tuple, the receiver unchanged but its\n"
-"chunker fed (the caller finishes as for take_one), or None with nothing changed.  Needs a Reader made with\n"
-"chunk, view_ref and frombuffer.");
+"chunker fed (the caller finishes as for take_one), or None with nothing changed.  An exception after the feed\n"
+"(the leases' guard interrupted, no memory) leaves the frame unread: the next call feeds it again.  Needs a\n"
+"Reader made with chunk, view_ref and frombuffer, for a LocalReceiver and its Leases themselves (a subclass'\n"
+"methods are not called).");
 
 static PyObject *
 reader_take_chunk(Reader *r, PyObject *rx)
@@ -1487,7 +1492,8 @@ static PyTypeObject ReaderType = {
     .tp_name = "slabcast.core._hot.Reader",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Reader(segment, ring_offset, slots): a subscriber's look at its stream's ring (a buffer of the "
+    .tp_doc = "Reader(segment, ring_offset, slots, chunk=None, view_ref=None, frombuffer=None): a subscriber's look at "
+              "its stream's ring (a buffer of the "
               "segment, read-only is enough, held until close()).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)reader_init,
