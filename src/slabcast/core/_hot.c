@@ -1048,34 +1048,14 @@ PyDoc_STRVAR(take_one_doc,
 "Rechunker).  Returns (index, n, t0, offset, slab, gen, chunks), chunks as feed returns them; None, having\n"
 "changed nothing, otherwise (the caller's Python steps take it).");
 
+/* take_one's steps, given C values (take_one and take_chunk): the tuple, None, or NULL with an exception set. */
 static PyObject *
-reader_take_one(Reader *r, PyObject *const *args, Py_ssize_t nargs)
+take_one_at(Reader *r, uint64_t start, long long noticed, long cur_slab, long hist_slab, Rechunker *chunker)
 {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "take_one takes 5 arguments, got %zd", nargs);
-        return NULL;
-    }
     if (!r->held) {
         PyErr_SetString(PyExc_ValueError, "take_one on a closed Reader");
         return NULL;
     }
-    if (!PyObject_TypeCheck(args[4], &RechunkerType)) {
-        PyErr_Format(PyExc_TypeError, "take_one: chunker must be a compiled Rechunker, got %R", Py_TYPE(args[4]));
-        return NULL;
-    }
-    unsigned long long start = PyLong_AsUnsignedLongLong(args[0]);
-    if (start == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    long long noticed = PyLong_AsLongLong(args[1]);
-    if (noticed == -1 && PyErr_Occurred())
-        return NULL;
-    long cur_slab = PyLong_AsLong(args[2]);
-    if (cur_slab == -1 && PyErr_Occurred())
-        return NULL;
-    long hist_slab = PyLong_AsLong(args[3]);
-    if (hist_slab == -1 && PyErr_Occurred())
-        return NULL;
-    Rechunker *chunker = (Rechunker *)args[4];
     const uint64_t *position = (const uint64_t *)(r->header + POSITION_AT);
     /* The position (an acquire: the descriptor it publishes is visible after it), the descriptor copied, then
      * the position again after an acquire fence: below start + slots, no slot copied was being overwritten. */
@@ -1111,6 +1091,32 @@ reader_take_one(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     }
     return Py_BuildValue("(KIdKIIN)", (unsigned long long)index, (unsigned int)n, t0, (unsigned long long)offset,
                          (unsigned int)slab, (unsigned int)gen, chunks);
+}
+
+static PyObject *
+reader_take_one(Reader *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "take_one takes 5 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(args[4], &RechunkerType)) {
+        PyErr_Format(PyExc_TypeError, "take_one: chunker must be a compiled Rechunker, got %R", Py_TYPE(args[4]));
+        return NULL;
+    }
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[0]);
+    if (start == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    long long noticed = PyLong_AsLongLong(args[1]);
+    if (noticed == -1 && PyErr_Occurred())
+        return NULL;
+    long cur_slab = PyLong_AsLong(args[2]);
+    if (cur_slab == -1 && PyErr_Occurred())
+        return NULL;
+    long hist_slab = PyLong_AsLong(args[3]);
+    if (hist_slab == -1 && PyErr_Occurred())
+        return NULL;
+    return take_one_at(r, start, noticed, cur_slab, hist_slab, (Rechunker *)args[4]);
 }
 
 /* Attribute names take_chunk reads and writes (interned at import). */
@@ -1199,22 +1205,19 @@ reader_take_chunk(Reader *r, PyObject *rx)
     Py_DECREF(hist);
     if (hist0 == NULL)
         return NULL;
+    long hist_slab = PyLong_AsLong(hist0);
+    Py_DECREF(hist0);
+    if (hist_slab == -1 && PyErr_Occurred())
+        return NULL;
     PyObject *chunker = PyObject_GetAttr(rx, A_chunker);
-    if (chunker == NULL) {
-        Py_DECREF(hist0);
+    if (chunker == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(chunker, &RechunkerType)) {
+        PyErr_Format(PyExc_TypeError, "take_chunk: the chunker must be a compiled Rechunker, got %R", Py_TYPE(chunker));
+        Py_DECREF(chunker);
         return NULL;
     }
-    PyObject *rseq_o = PyLong_FromLongLong(rseq), *noticed_o = PyLong_FromLongLong(noticed);
-    PyObject *cur_o = PyLong_FromLongLong(cur_slab);
-    PyObject *got = NULL;
-    if (rseq_o != NULL && noticed_o != NULL && cur_o != NULL) {
-        PyObject *args[5] = {rseq_o, noticed_o, cur_o, hist0, chunker};
-        got = reader_take_one(r, args, 5);
-    }
-    Py_XDECREF(rseq_o);
-    Py_XDECREF(noticed_o);
-    Py_XDECREF(cur_o);
-    Py_DECREF(hist0);
+    PyObject *got = take_one_at(r, (uint64_t)rseq, noticed, (long)cur_slab, hist_slab, (Rechunker *)chunker);
     if (got == NULL || got == Py_None) {
         Py_DECREF(chunker);
         return got;
