@@ -945,11 +945,11 @@ def test_no_slab_change_is_told_to_the_broker_before_its_first_frame_is_in_the_r
 
 def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itself(broker, stream_name, monkeypatch):
     # A slab change's PUBLISHED (the broker grants the next slab when it hears it) goes from the background thread
-    # BATCH_DELAY later.  A writer flat out holds the GIL up to the switch interval (5 ms), and a 4 KiB writer kept
-    # it waiting for most of every slab; past BATCH_DELAY the writer tells the change itself, on its next write.
+    # SWITCH_DELAY later.  A writer flat out holds the GIL up to the switch interval (5 ms), and a 4 KiB writer kept
+    # it waiting for most of every slab; past SWITCH_DELAY the writer tells the change itself, on its next write.
     from slabcast.client import publisher as pubmod
 
-    monkeypatch.setattr(pubmod.Publisher, "_service", lambda self: True)  # a background thread that never gets in
+    monkeypatch.setattr(pubmod.Publisher, "_service", lambda self: 0.02)  # a background thread that never gets in
     pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=65536, max_chunk_bytes=4096, nslabs=8,
                              address=broker.address, timeout=10)  # fmt: skip
     try:
@@ -959,7 +959,7 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
         first = pub.frames
         state.unsent_since = time.monotonic() + 10  # (as if the change were new: a preempted test waits no matter)
         pub.write(frame)
-        assert state.switch_unsent, "told before BATCH_DELAY passed: the deferral this keeps is gone"
+        assert state.switch_unsent, "told before SWITCH_DELAY passed: the deferral this keeps is gone"
         state.unsent_since -= 20.0  # (as if the writer had held the GIL for ten seconds)
         pub.write(frame)
         assert not state.switch_unsent and pub.frames == first + 2

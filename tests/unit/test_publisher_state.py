@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from slabcast.client._pubstate import AT_ONCE, BATCH, BATCHED, FULL, OPENED, SPORADIC, Batch, PublisherState
+from slabcast.client._pubstate import (
+    AT_ONCE,
+    BATCH,
+    BATCHED,
+    FULL,
+    OPENED,
+    SPORADIC,
+    SWITCH_DELAY,
+    Batch,
+    PublisherState,
+)
 
 HEADER = 4096
 SLAB = 65536
@@ -188,3 +198,17 @@ def test_a_slab_change_is_due_only_once_its_first_frame_is_in_the_ring_and_so_is
     st.first_frame(0.0)
     assert st.switch_unsent
     assert st.frame_sent() == 8192
+
+
+def test_a_slab_change_is_told_switch_delay_after_its_first_frame_and_not_again_once_sent():
+    # The broker's turn on a slab change is kept SWITCH_DELAY away from the frames around it; the publisher holds
+    # another granted slab meanwhile.  Not due before its first frame, due from SWITCH_DELAY on, never once told.
+    st = state()
+    start(st, 0)
+    start(st, 1)
+    assert not st.switch_due(100.0)  # switched, first frame not in the ring yet
+    st.first_frame(10.0)
+    assert not st.switch_due(10.0) and not st.switch_due(10.0 + SWITCH_DELAY / 2)
+    assert st.switch_due(10.0 + SWITCH_DELAY) and st.switch_due(11.0)
+    st.frame_sent()
+    assert not st.switch_due(11.0)

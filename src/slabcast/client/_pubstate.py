@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-__all__ = ["AT_ONCE", "BATCH", "BATCHED", "BATCH_DELAY", "FULL", "OPENED", "SPORADIC", "Batch", "PublisherState"]
+__all__ = ["AT_ONCE", "BATCH", "BATCHED", "BATCH_DELAY", "FULL", "OPENED", "SPORADIC", "SWITCH_DELAY", "Batch",
+           "PublisherState"]
 
 # Notice batching: a write less than SPORADIC seconds after the previous notice joins a
 # batch (one NOTICE) sent when it holds BATCH frames or is BATCH_DELAY old.
@@ -19,6 +20,12 @@ __all__ = ["AT_ONCE", "BATCH", "BATCHED", "BATCH_DELAY", "FULL", "OPENED", "SPOR
 SPORADIC = 50e-6
 BATCH = 64
 BATCH_DELAY = 0.5e-3
+# A slab change's PUBLISHED (the broker grants the next slab when it hears it; the publisher holds another) goes
+# SWITCH_DELAY after the slab's first frame, unless something else is sent first or the next slab change comes
+# sooner.  The broker's turn and the GRANT back wake three threads on two CPUs: kept off the frames around a slab
+# change, whose subscribers are busy with their own slab change (docs/benchmarks.md: 0.5 ms after it, the two frames
+# that followed at 1 kHz took 55-100 us instead of 33-37; 2 ms after, neither).
+SWITCH_DELAY = 2e-3
 
 # What to do with a frame just placed (PublisherState.place):
 AT_ONCE = 0  # send the batch if any, then this frame's NOTICE (and PUBLISHED when the broker wants it)
@@ -102,6 +109,10 @@ class PublisherState:
         self.slab_data = start + self.reserve
         self.end = start + slab_bytes
         return carry
+
+    def switch_due(self, now: float) -> bool:
+        """Whether a slab change waits to be told to the broker and is SWITCH_DELAY old at ``now``."""
+        return self.switch_unsent and now - self.unsent_since >= SWITCH_DELAY
 
     def first_frame(self, now: float) -> None:
         """The first frame of the slab started last is in the ring (its position stored) at ``now``: the change

@@ -32,7 +32,7 @@ from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._notices import NoticeSocket
-from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
+from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, SWITCH_DELAY, PublisherState
 
 __all__ = ["Publisher", "check_frame", "check_times"]
 
@@ -47,14 +47,26 @@ _FULL = 1 << 33  # ... or: the frame does not fit before the slab's end, nothing
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
-    """The publisher's background thread: sends a batch no later write filled (within BATCH_DELAY), and
-    every _SERVICE seconds answers joining subscribers and the broker's CARRY, even while no one writes."""
+    """The publisher's background thread: sends a batch no later write filled (within BATCH_DELAY), a slab
+    change SWITCH_DELAY after its first frame, and every _SERVICE seconds answers joining subscribers and the
+    broker's CARRY, even while no one writes."""
+    timeout = _SERVICE
     while True:
-        if kick.acquire(timeout=_SERVICE):
-            time.sleep(BATCH_DELAY)
+        kicked = kick.acquire(timeout=timeout)
         pub = ref()
-        if pub is None or not pub._service():
+        if pub is None:
             return
+        if kicked:
+            delay = pub._kick_delay()
+            del pub  # (asleep, only the weak reference)
+            time.sleep(delay)
+            pub = ref()
+            if pub is None:
+                return
+        turn = pub._service()
+        if turn is None:
+            return
+        timeout = turn
         del pub  # between turns, only the weak reference
 
 
@@ -590,12 +602,12 @@ class Publisher:
                 self._notice(index, offset, n, t0, flags, True)
         if state.switch_unsent:
             # The broker grants the next slab when it hears of this change; the publisher holds another
-            # (GRANT_AHEAD), so it hears BATCH_DELAY later, from the background thread: its work on it
-            # then competes for a CPU with no subscriber waking to this frame (64 KiB p99).  A writer that
-            # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
+            # (GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it
+            # then competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A
+            # writer that held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
             if first:
                 _kick(self._kick)
-            elif time.monotonic() - state.unsent_since >= BATCH_DELAY:
+            elif state.switch_due(time.monotonic()):
                 with self._lock:
                     self._published()
 
@@ -650,15 +662,28 @@ class Publisher:
             self._notice(*batch.notice, 0, sleeper)
         self._published()
 
-    def _service(self) -> bool:
-        """One turn of the background thread; False when it should end."""
+    def _kick_delay(self) -> float:
+        """How long the background thread, kicked, waits before its turn: SWITCH_DELAY when all there is to do
+        is tell a slab change, else BATCH_DELAY (a batch of notices, the carry of the next slab change)."""
+        state = self._state
+        ring = self._ring
+        if state.switch_unsent and not (state.pend_n or self._prep_asked or ring.notices_wanted
+                                        or ring.frames_wanted):  # fmt: skip
+            return max(0.0, state.unsent_since + SWITCH_DELAY - time.monotonic())
+        return BATCH_DELAY
+
+    def _service(self) -> float | None:
+        """One turn of the background thread; return the seconds until its next turn, or None when it should
+        end."""
         with self._lock:
             self._kick.acquire(False)  # (a kick before this turn is served by it)
             if self._closed or self._conn.closed:
-                return False
+                return None
+            state = self._state
             try:
                 self._flush_pending()
-                if self._state.switch_unsent:
+                now = time.monotonic()
+                if state.switch_due(now):
                     self._published()  # (a slab change left to us)
                 self._notices.serve_joins()
                 self._take_locked(0)
@@ -668,13 +693,15 @@ class Publisher:
                     raise BrokerGoneError(f"the {self._conn.where} went away ({self._where})")
             except SlabcastError as exc:
                 self._failure = exc
-                return False
+                return None
             except zmq.ZMQError as exc:
                 # (the sockets failed under an open publisher: nothing watches the broker any more; write says so)
                 self._failure = BrokerGoneError(f"the connection to the {self._conn.where} failed: {exc} "
                                                 f"({self._where})")  # fmt: skip
-                return False
-        return True
+                return None
+            if state.switch_unsent:  # (not due yet: our next turn is when it is)
+                return min(_SERVICE, max(0.0, state.unsent_since + SWITCH_DELAY - now))
+        return _SERVICE
 
     def _next_slab(self) -> int:
         grants = self._state.grants
