@@ -189,6 +189,7 @@ class LocalReceiver:
         self._entry = entry if tag else None
         self._tag = tag << CURSOR_TAG_SHIFT
         self._posted = -1  # the slab we were reading when we last told the broker our cursor (posted or ACK)
+        self._give_back = False  # the slab we left: its lease goes at the next recv (_took)
         self._acked_at = 0.0
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
@@ -217,6 +218,10 @@ class LocalReceiver:
 
     def recv(self, timeout: float | None) -> Chunk | None:
         self._disarm()
+        if self._give_back:
+            self._give_back = False
+            self._leases.unlock_idle(self._cur_slab)  # the slab left with the last chunk handed out (_took)
+            self._send_ack()
         if self._leases.dead:
             self._leases.reap()
         if self.end is not None:
@@ -287,6 +292,7 @@ class LocalReceiver:
             # not hold any), tell the broker where we are.  A block subscriber keeps the slab it reads:
             # its cursor holds that slab back anyway, and the next chunk needs no lock again.
             self._leases.unlock_idle(self._cur_slab if self.policy == "block" else -1, self._cur_slab)
+            self._give_back = False
             self._send_ack()
             if deadline is None:
                 left = _LOOK
@@ -455,8 +461,14 @@ class LocalReceiver:
         ``slab``), once the chunker was fed it: ``chunks`` are what it completed."""
         if slab != self._cur_slab:
             # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
+            # The lease of the slab we left goes at the next recv, off this chunk's way (a system call of 13 us
+            # in a subscriber just woken), unless the broker is short of slabs: then at once.  Else the
+            # publisher holds granted slabs ahead, and the broker grants the slabs freed longest ago first.
             self._cur_slab = slab
-            self._leases.unlock_idle(slab)
+            if self._ring.acks_wanted:
+                self._leases.unlock_idle(slab)
+            else:
+                self._give_back = True
         self._rseq += 1
         self._noticed = index + n
         self._cut_fed(index, n, offset, slab, gen, chunks)
