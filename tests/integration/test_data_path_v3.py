@@ -987,6 +987,16 @@ def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_st
         return copy_carry(*args)
 
     monkeypatch.setattr(pubmod, "copy_carry", recording)
+    # A change that finds its copy there is made by the compiled put itself (_put_prepared: the frame into the
+    # prepared slab, the Python steps after its wake); a stale one by _switch_to before the put.
+    python_switches = []
+    switch_to = pubmod.Publisher._switch_to
+
+    def switching(self: Any, slab: int) -> int:
+        python_switches.append(slab)
+        return switch_to(self, slab)
+
+    monkeypatch.setattr(pubmod.Publisher, "_switch_to", switching)
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
                              max_chunk_bytes=4096, timeout=10)  # fmt: skip
     sub = slabcast.Subscriber(stream_name, size=3000, clip=True, address=broker.address, timeout=10)
@@ -1009,11 +1019,13 @@ def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_st
             for _ in range(2):  # three frames of 18,000 bytes in the slab: a fourth does not fit (it holds 61,440)
                 write(18_000)
             prepared()
-            copies_before = len(copies)
+            copies_before, switches_before, slab = len(copies), len(python_switches), pub._slab
             if change % 2:
                 write(100)  # it still fits: the prepared copy is stale
             write(18_000)  # the slab change: the first frame of the next slab
             assert copies[copies_before:] == ([True] if change % 2 else []), change  # (True: the writer copied)
+            assert pub._slab != slab and pub._state.slab_frames == 1
+            assert len(python_switches) - switches_before == change % 2, change
             while index - len(got) * 3000 >= 3000 and (chunk := sub.recv(timeout=10)):
                 with chunk:
                     assert chunk.index == len(got) * 3000

@@ -354,3 +354,25 @@ def test_runs_refuses_what_is_not_whole_descriptors():
         R.HOT.runs(bytes(65), 0, 0, SB)
     with pytest.raises(ValueError, match="sample_bytes must be >= 1, got 0"):
         R.HOT.runs(b"", 0, 0, 0)
+
+
+def test_a_frame_that_does_not_fit_goes_into_the_prepared_slab_as_its_first_and_says_so(seg, ring, writer):
+    # switch: the next slab the publisher's background thread prepared, (offset, end, floor, slab, gen).  Used only
+    # when the frame does not fit before end: then the frame, its descriptor and every waiter's wake are the next
+    # slab's first frame's, and SWITCHED is added to the result; a frame that fits ignores it, and one that fits
+    # neither is FULL, nothing written.
+    switched, full = R.HOT.SWITCHED, R.HOT.FULL
+    prepared = (12288, 12288 + 8 * SB, 40, 2, 9)
+    before = seg[:]
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB - 1, 0, 50, 48, 1, 7, 0, False, (12288, 12288 + 3 * SB, 40, 2, 9)) == full
+    assert seg[:] == before
+    assert writer.put(_frame(4), 1.0, 0, 8192, 8192 + 4 * SB, 0, 50, 48, 1, 7, 0, False, prepared) == 4  # it fits
+    assert ring.read_one(0)[3:] == (8192, 48, 4, 1, 7, 0)
+    assert writer.put(_frame(4, 8), 2.0, 0, 8192 + 4 * SB, 8192 + 4 * SB, 1, 54, 48, 1, 7, 4, False, prepared) == (
+        switched + 4
+    )
+    assert ring.position == 2
+    assert ring.read_one(1)[1:] == (54, 2.0, 12288, 40, 4, 2, 9, 0)
+    assert seg[12288 : 12288 + 4 * SB] == _frame(4, 8).tobytes()
+    with pytest.raises(TypeError, match="switch must be None or"):
+        writer.put(_frame(4), 1.0, 0, 8192, 0, 2, 58, 48, 1, 7, 4, False, (1, 2))

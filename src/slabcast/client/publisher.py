@@ -44,6 +44,7 @@ _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the ba
 _W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
 _RING_NOW = 1 << 32  # the compiled put's result: a doorbell notice is due (core/_hot.c)
 _FULL = 1 << 33  # ... or: the frame does not fit before the slab's end, nothing written
+_SWITCHED = 1 << 34  # ... plus this: it went into the next slab, prepared (_put_prepared)
 
 
 def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
@@ -352,6 +353,8 @@ class Publisher:
         self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
+        geometry = self._geometry
+        self._bounds = [(geometry.slab_start(s), geometry.data_start(s)) for s in range(self.nslabs)]  # (start, data)
         # No page fault per page on the first lap of the pool (core/shm.py): the frame areas now, each carried part
         # as far as the broker committed it when the slab is granted (_on_grant).
         populate(self._mm, self._geometry.data_ranges())
@@ -362,7 +365,7 @@ class Publisher:
         self._position = 0  # descriptors published
         self._frame_max = 0  # the most samples in one frame so far (the ring's frame_max)
         self._prep_asked = False  # the background thread was asked to prepare the next slab change
-        self._prepared: tuple[int, int, int, int] | None = None  # (slab, offset, carry, gen) it was prepared for
+        self._prepared: tuple[int, int, int, int, int] | None = None  # (slab, offset, carry asked, gen, carried)
         # Grants, the carry, the write position and the batch: the rules, with no socket (see _pubstate).
         self._state = PublisherState(self.reserve, carry, P.notices_per_slab(self.nslabs), self.sample_bytes)
         self._slab = -1
@@ -445,8 +448,15 @@ class Publisher:
             index = self.samples
             flags = P.FLAG_DISCONTINUITY if discontinuity else 0
             first = False
-            n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
-                           position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
+            if self._prepared is None:
+                n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
+                               position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
+            else:  # (the background thread prepared the next slab: a frame that does not fit goes there at once)
+                n = self._put_prepared(data, t0, flags, offset, position, index)
+                if n >= _SWITCHED:
+                    n -= _SWITCHED
+                    offset = state.slab_data
+                    first = state.fresh  # (False: told to the broker already, with the change before it)
             if n == _FULL:
                 if t0 is None:
                     t0 = time.time()  # (stamped when write was called, as below: the slab change may wait)
@@ -727,6 +737,40 @@ class Publisher:
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
             return self._switch_to(grants.popleft())
 
+    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, position: int, index: int) -> int:
+        """The compiled put of a frame once the background thread prepared the next slab (_prepare_switch): a
+        frame that does not fit goes there in the same call, and the slab change's steps (_switch_to's, with what
+        was prepared) follow the frame's wake instead of preceding it (20-26 us of Python in a writer just
+        woken).  Under the lock, as _switch_to: the background thread's CARRY cannot come between the check of
+        what was prepared and its use.  Returns put's result (_SWITCHED added when the frame went there)."""
+        state = self._state
+        ring = self._ring
+        with self._lock:
+            prepared = self._prepared
+            switch = None
+            grants = state.grants
+            if prepared is not None and grants and not (state.pend_n or ring.notices_wanted or ring.frames_wanted):
+                # (else notices are due before a switch (_next_slab): the Python path takes the change)
+                slab, at, carry_wanted, gen, carry = prepared
+                if slab == grants[0] and at == offset and carry_wanted == state.carry:
+                    start, at = self._bounds[slab]
+                    switch = (at, start + self.slab_bytes, index - carry // self.sample_bytes, slab, gen)
+            n: int = self._writer.put(  # type: ignore[union-attr]
+                data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0, position, index,
+                self._floor, self._slab, self._gen, self._frame_max, False, switch)  # fmt: skip
+            if switch is not None and n >= _SWITCHED:
+                unsent = state.switch_unsent  # (the change before this one, not told yet: a slab shorter than
+                grants.popleft()  # SWITCH_DELAY; the broker grants again when it hears of it: now, both at once)
+                self._prepared = None
+                self._prep_asked = False
+                self._slab, self._gen, self._floor = switch[3], switch[4], switch[2]
+                if state.switch(start, self.slab_bytes) != carry:  # (the carry prepared was the switch's)
+                    raise RuntimeError(f"the slab change of {self._where} carried other bytes than prepared")
+                if unsent:
+                    state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
+                    self._published()
+            return n
+
     def _switch_to(self, slab: int) -> int:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
         state = self._state
@@ -738,7 +782,7 @@ class Publisher:
         # (bumped before GRANT was sent)
         self._gen = generation(self._mm, slab) if prepared is None else prepared[3]
         geometry = self._geometry
-        start, data = geometry.slab_start(slab), geometry.data_start(slab)
+        start, data = self._bounds[slab]
         old = state.offset
         # Copy the tail subscribers may still be accumulating just before the new slab's data,
         # so that every chunk lies contiguously in the slab of the frame that completes it.
@@ -764,7 +808,7 @@ class Publisher:
         carry = min(carry_wanted, state.contiguous(offset))  # (what state.switch will carry from there)
         if carry:
             copy_carry(self._u8, self._geometry, offset, self._geometry.data_start(slab), carry)
-        self._prepared = (slab, offset, carry_wanted, generation(self._mm, slab))
+        self._prepared = (slab, offset, carry_wanted, generation(self._mm, slab), carry)
 
     def _take_messages(self, timeout: float) -> None:
         with self._lock:

@@ -47,6 +47,7 @@
 #define SLEEPERS 256
 #define RING_NOW (1LL << 32)  /* put's result: send the doorbell notice (a sleeper byte changed) */
 #define FULL (1LL << 33)      /* put's result: a plain frame that does not fit before end: a new slab first */
+#define SWITCHED (1LL << 34)  /* put's result: ... so it went into the next slab the caller prepared */
 
 static int
 as_address(PyObject *obj, char **out)
@@ -411,7 +412,10 @@ PyDoc_STRVAR(put_doc,
 "when the frame\n"
 "is not such a buffer, t0 not a finite number or None, or over frame_limit: the caller's Python path takes\n"
 "it (and says what was wrong); FULL (2**33), having written nothing, when such a frame does not fit before\n"
-"end (0: no slab, or the slab's frames are all written): the caller starts a new slab and puts it again.");
+"end (0: no slab, or the slab's frames are all written): the caller starts a new slab and puts it again.\n\n"
+"switch (optional; None: none): the next slab, prepared, as (offset, end, floor, slab, gen): a plain frame that\n"
+"does not fit before end goes there instead, as that slab's first frame, and SWITCHED (2**34) is added to\n"
+"the result (the caller then makes the slab change its own); FULL if it does not fit there either.");
 
 static void
 wake(char *word, uint32_t mask)
@@ -434,8 +438,8 @@ all_zero(const unsigned char *table)
 static PyObject *
 writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 12) {
-        PyErr_Format(PyExc_TypeError, "put takes 12 arguments, got %zd", nargs);
+    if (nargs != 12 && nargs != 13) {
+        PyErr_Format(PyExc_TypeError, "put takes 12 or 13 arguments, got %zd", nargs);
         return NULL;
     }
     if (!w->held) {
@@ -469,6 +473,17 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     int first = PyObject_IsTrue(args[11]);
     if (first < 0)
         return NULL;
+    int64_t next_at[5];  /* the prepared next slab: offset, end, floor, slab, gen */
+    int prepared = nargs == 13 && args[12] != Py_None;
+    if (prepared) {
+        if (!PyTuple_Check(args[12]) || PyTuple_GET_SIZE(args[12]) != 5) {
+            PyErr_SetString(PyExc_TypeError, "put's switch must be None or (offset, end, floor, slab, gen)");
+            return NULL;
+        }
+        for (int i = 0; i < 5; i++)
+            if (as_i64(PyTuple_GET_ITEM(args[12], i), &next_at[i]) < 0)
+                return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
@@ -479,6 +494,18 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         && ((view.ndim == 1 && w->channels == 1) || (view.ndim == 2 && view.shape[1] == w->channels))
         && view.len == n * w->sample_bytes && view.len <= w->frame_limit && n <= 0xFFFFFFFFLL;
     int full = plain && offset + view.len > end;  /* (end 0: no slab yet, or its frames are all written) */
+    long long switched = 0;
+    if (full && prepared && next_at[0] + view.len <= next_at[1]) {
+        /* Into the next slab, as its first frame: what the caller's slab change would have put us to. */
+        offset = next_at[0];
+        end = next_at[1];
+        floor_ = next_at[2];
+        slab = next_at[3];
+        gen = next_at[4];
+        first = 1;
+        full = 0;
+        switched = SWITCHED;
+    }
     if (!plain || full || offset < HEADER_BYTES || end > (int64_t)(w->ring - w->base)) {
         PyBuffer_Release(&view);
         return PyLong_FromLongLong(full ? FULL : 0);
@@ -512,14 +539,14 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     uint32_t frames = __atomic_load_n((uint32_t *)(w->base + FRAMES_AT), __ATOMIC_RELAXED);
     uint32_t doorbells = __atomic_load_n((uint32_t *)(w->base + DOORBELLS_AT), __ATOMIC_RELAXED);
     if (notices || frames)
-        return PyLong_FromSsize_t(-n);
+        return PyLong_FromLongLong(-(switched + n));
     /* Wake those whose next chunk this frame can complete (wake targets); every one when it raised frame_max or
      * starts a slab (a block subscriber asleep toward a later position posts its cursor once a slab). */
     uint32_t mask = grew || first ? WAKE_ALL : (uint32_t)1 << (next & 31);
     if (waiters)
         wake(w->base + POSITION_AT, mask);  /* (the kernel's futex_wake is a full barrier before it looks) */
     if (!doorbells)
-        return PyLong_FromSsize_t(n);
+        return PyLong_FromLongLong(switched + n);
     /* Doorbell subscribers: a full barrier (the wake's, else a fence), then the sleeper tables (core/ring.py:
      * Dekker's handshake).  The notice is the caller's to send (RING_NOW): only when a byte is set and the table
      * differs from the previous look's, which is kept in Ring.seen (Ring.sleeping does the same look). */
@@ -532,7 +559,7 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     memcpy(table, w->sleepers + SLEEPERS, SLEEPERS);
     if (!all_zero(table))
         wake(w->base + POSITION_AT, mask);  /* (after the look: the one above may precede their sleep) */
-    return PyLong_FromLongLong(ring_now ? RING_NOW + n : (long long)n);
+    return PyLong_FromLongLong(switched + (ring_now ? RING_NOW + n : (long long)n));
 }
 
 static PyObject *
@@ -1538,7 +1565,8 @@ PyInit__hot(void)
         || PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
-        || PyModule_AddIntConstant(m, "ABI", 3) < 0) {
+        || PyModule_AddIntConstant(m, "SWITCHED", SWITCHED) < 0
+        || PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

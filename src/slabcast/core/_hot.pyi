@@ -14,7 +14,7 @@ class Writer:
     ) -> None: ...
     def put(
         self, data: object, t0: object, flags: int, offset: int, end: int, position: int, index: int, floor: int,
-        slab: int, gen: int, frame_max: int, first: bool, /,
+        slab: int, gen: int, frame_max: int, first: bool, switch: tuple[int, int, int, int, int] | None = None, /,
     ) -> int: ...
     def close(self) -> None: ...
     @property
@@ -22,6 +22,7 @@ class Writer:
 
 RING_NOW: int
 FULL: int
+SWITCHED: int
 ABI: int
 
 class Rechunker:
