@@ -376,3 +376,12 @@ def test_a_frame_that_does_not_fit_goes_into_the_prepared_slab_as_its_first_and_
     assert seg[12288 : 12288 + 4 * SB] == _frame(4, 8).tobytes()
     with pytest.raises(TypeError, match="switch must be None or"):
         writer.put(_frame(4), 1.0, 0, 8192, 0, 2, 58, 48, 1, 7, 4, False, (1, 2))
+
+
+def test_a_switched_frame_that_version_2_notices_or_the_broker_must_hear_of_is_negative_and_switched(seg, ring, writer):
+    # The broker sets those words from its own process at any time: a frame that went into the prepared slab
+    # then comes back as -(SWITCHED + n), for the caller to tell them and to make the slab change its own.
+    ring.set_counts(0, 0, 0, True)
+    got = writer.put(_frame(4), 1.0, 0, 8192, 8192 + 3 * SB, 0, 50, 48, 1, 7, 0, False, (12288, 12288 + 8 * SB, 40, 2, 9))
+    assert got == -(R.HOT.SWITCHED + 4)
+    assert ring.read_one(0)[3:] == (12288, 40, 4, 2, 9, 0)

@@ -204,11 +204,15 @@ def test_a_slab_change_is_told_switch_delay_after_its_first_frame_and_not_again_
     # The broker's turn on a slab change is kept SWITCH_DELAY away from the frames around it; the publisher holds
     # another granted slab meanwhile.  Not due before its first frame, due from SWITCH_DELAY on, never once told.
     st = state()
+    st.grants.extend([2, 3])
     start(st, 0)
-    start(st, 1)
+    start(st, st.grants.popleft())
     assert not st.switch_due(100.0)  # switched, first frame not in the ring yet
     st.first_frame(10.0)
     assert not st.switch_due(10.0) and not st.switch_due(10.0 + SWITCH_DELAY / 2)
     assert st.switch_due(10.0 + SWITCH_DELAY) and st.switch_due(11.0)
     st.frame_sent()
     assert not st.switch_due(11.0)
+    start(st, st.grants.popleft())  # the last granted slab: the publisher would wait for the GRANT it brings
+    st.first_frame(20.0)
+    assert st.switch_due(20.0)

@@ -48,6 +48,7 @@ _COUNTS_INTERVAL = 0.4
 _LOOK = 0.1  # while waiting for frames, look at the broker connection this often (seconds)
 _READ = 4096  # the most descriptors taken from the ring at a time
 _LOOK_GONE = 0.05  # between waits, look whether the broker connection dropped at most this often (seconds)
+_LAZY_GIVE_BACK = 6  # pools of this many slabs or more: the lease of a slab left goes after its next chunk (_took)
 # (each look is 20-40 us of a cold subscriber's CPU: its notice socket, its broker connection and the connection's
 # monitor; at 10 ms, 1 kHz chunks cost 4-5 us more CPU each on average: subscriber_path.py, cpu_mean)
 _yield = os.sched_yield
@@ -189,7 +190,9 @@ class LocalReceiver:
         self._entry = entry if tag else None
         self._tag = tag << CURSOR_TAG_SHIFT
         self._posted = -1  # the slab we were reading when we last told the broker our cursor (posted or ACK)
-        self._give_back = False  # the slab we left: its lease goes at the next recv (_took)
+        self._give_back = False  # the slab we left: its lease goes when the chunk is released or at the next recv
+        # (_took; pools of fewer slabs give it back at once: a consumer stalled on its chunk holds two slabs)
+        self._lazy_give_back = self._nslabs >= _LAZY_GIVE_BACK
         self._acked_at = 0.0
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
@@ -221,7 +224,6 @@ class LocalReceiver:
         if self._give_back:
             self._give_back = False
             self._leases.unlock_idle(self._cur_slab)  # the slab left with the last chunk handed out (_took)
-            self._send_ack()
         if self._leases.dead:
             self._leases.reap()
         if self.end is not None:
@@ -461,14 +463,15 @@ class LocalReceiver:
         ``slab``), once the chunker was fed it: ``chunks`` are what it completed."""
         if slab != self._cur_slab:
             # The first frame of a slab: what _step does there (what we accumulated lies in its carried part).
-            # The lease of the slab we left goes at the next recv, off this chunk's way (a system call of 13 us
-            # in a subscriber just woken), unless the broker is short of slabs: then at once.  Else the
-            # publisher holds granted slabs ahead, and the broker grants the slabs freed longest ago first.
+            # The lease of the slab we left goes when this chunk is released or at the next recv, off the chunk's
+            # way (a system call of 13 us in a subscriber just woken), unless the broker is short of slabs or the
+            # pool small: then at once.  Else the publisher holds granted slabs ahead, and the broker grants the
+            # slabs freed longest ago first.
             self._cur_slab = slab
-            if self._ring.acks_wanted:
-                self._leases.unlock_idle(slab)
-            else:
+            if self._lazy_give_back and not self._ring.acks_wanted:
                 self._give_back = True
+            else:
+                self._leases.unlock_idle(slab)
         self._rseq += 1
         self._noticed = index + n
         self._cut_fed(index, n, offset, slab, gen, chunks)
@@ -668,6 +671,9 @@ class LocalReceiver:
         leases = self._leases
         if leases.dead:
             leases.reap()
+        if self._give_back:  # (the slab left before this chunk's: in whatever thread released it, under the guard)
+            self._give_back = False
+            leases.unlock_idle(self._cur_slab)
 
     def _send_ack(self, force: bool = False) -> None:
         """Tell the broker how far we have read when we left a slab or gave one back: in our cursor table entry

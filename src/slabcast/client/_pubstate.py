@@ -111,16 +111,17 @@ class PublisherState:
         return carry
 
     def switch_due(self, now: float) -> bool:
-        """Whether a slab change waits to be told to the broker and is SWITCH_DELAY old at ``now``."""
-        return self.switch_unsent and now - self.unsent_since >= SWITCH_DELAY
+        """Whether a slab change waits to be told to the broker and is SWITCH_DELAY old at ``now``, or no granted
+        slab is left (the publisher would wait for the GRANT it brings)."""
+        return self.switch_unsent and (not self.grants or now - self.unsent_since >= SWITCH_DELAY)
 
     def first_frame(self, now: float) -> None:
         """The first frame of the slab started last is in the ring (its position stored) at ``now``: the change
         is due to the broker now.  Not before: the broker reads the ring, and a PUBLISHED sent between the
         switch and that store (the background thread may take the GIL there) would announce nothing."""
         self.fresh = False
+        self.unsent_since = now  # (first: the background thread may look between the two, without the lock)
         self.switch_unsent = True
-        self.unsent_since = now
 
     def place(self, index: int, offset: int, n: int, nbytes: int, t0: float, now: float, jump: bool = False) -> int:
         """A frame of ``n`` samples (``nbytes``) starting at stream ``index`` was written at byte ``offset``

@@ -60,7 +60,7 @@ def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
         if kicked:
             delay = pub._kick_delay()
             del pub  # (asleep, only the weak reference)
-            time.sleep(delay)
+            kick.acquire(timeout=delay)  # (kicked meanwhile: a batch, or the next slab's carry to copy, ends it)
             pub = ref()
             if pub is None:
                 return
@@ -452,9 +452,8 @@ class Publisher:
                 n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
                                position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
             else:  # (the background thread prepared the next slab: a frame that does not fit goes there at once)
-                n = self._put_prepared(data, t0, flags, offset, position, index)
-                if n >= _SWITCHED:
-                    n -= _SWITCHED
+                n, switched = self._put_prepared(data, t0, flags, offset, position, index)
+                if switched:
                     offset = state.slab_data
                     first = state.fresh  # (False: told to the broker already, with the change before it)
             if n == _FULL:
@@ -677,8 +676,8 @@ class Publisher:
         is tell a slab change, else BATCH_DELAY (a batch of notices, the carry of the next slab change)."""
         state = self._state
         ring = self._ring
-        if state.switch_unsent and not (state.pend_n or self._prep_asked or ring.notices_wanted
-                                        or ring.frames_wanted):  # fmt: skip
+        if state.switch_unsent and state.grants and not (state.pend_n or self._prep_asked or ring.notices_wanted
+                                                         or ring.frames_wanted):  # fmt: skip
             return max(0.0, state.unsent_since + SWITCH_DELAY - time.monotonic())
         return BATCH_DELAY
 
@@ -737,12 +736,13 @@ class Publisher:
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
             return self._switch_to(grants.popleft())
 
-    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, position: int, index: int) -> int:
+    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, position: int,
+                      index: int) -> tuple[int, bool]:  # fmt: skip
         """The compiled put of a frame once the background thread prepared the next slab (_prepare_switch): a
         frame that does not fit goes there in the same call, and the slab change's steps (_switch_to's, with what
         was prepared) follow the frame's wake instead of preceding it (20-26 us of Python in a writer just
         woken).  Under the lock, as _switch_to: the background thread's CARRY cannot come between the check of
-        what was prepared and its use.  Returns put's result (_SWITCHED added when the frame went there)."""
+        what was prepared and its use.  Returns put's result without _SWITCHED, and whether the frame went there."""
         state = self._state
         ring = self._ring
         with self._lock:
@@ -758,7 +758,10 @@ class Publisher:
             n: int = self._writer.put(  # type: ignore[union-attr]
                 data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0, position, index,
                 self._floor, self._slab, self._gen, self._frame_max, False, switch)  # fmt: skip
-            if switch is not None and n >= _SWITCHED:
+            # (Negative when a version-2 or broker-cut subscriber came meanwhile: the broker sets those words.)
+            switched = switch is not None and (n if n >= 0 else -n) >= _SWITCHED
+            if switch is not None and switched:
+                n = n - _SWITCHED if n >= 0 else n + _SWITCHED
                 unsent = state.switch_unsent  # (the change before this one, not told yet: a slab shorter than
                 grants.popleft()  # SWITCH_DELAY; the broker grants again when it hears of it: now, both at once)
                 self._prepared = None
@@ -769,7 +772,7 @@ class Publisher:
                 if unsent:
                     state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
                     self._published()
-            return n
+            return n, switched
 
     def _switch_to(self, slab: int) -> int:
         """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
