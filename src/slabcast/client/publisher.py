@@ -771,6 +771,7 @@ class Publisher:
                     raise RuntimeError(f"the slab change of {self._where} carried other bytes than prepared")
                 if unsent:
                     state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
+                    self._position = position + 1  # (what PUBLISHED says: the position after this frame)
                     self._published()
             return n, switched
 
