@@ -990,15 +990,15 @@ def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_st
 
     monkeypatch.setattr(pubmod, "copy_carry", recording)
     # A change that finds its copy there is made by the compiled put itself (_put_prepared: the frame into the
-    # prepared slab, the Python steps after its wake); a stale one by _switch_to before the put.
+    # prepared slab, the Python steps after its wake); a stale one by _next_slab before the put.
     python_switches = []
-    switch_to = pubmod.Publisher._switch_to
+    next_slab = pubmod.Publisher._next_slab
 
-    def switching(self: Any, slab: int) -> int:
-        python_switches.append(slab)
-        return switch_to(self, slab)
+    def switching(self: Any) -> int:
+        python_switches.append(self._slab)
+        return next_slab(self)
 
-    monkeypatch.setattr(pubmod.Publisher, "_switch_to", switching)
+    monkeypatch.setattr(pubmod.Publisher, "_next_slab", switching)
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
                              max_chunk_bytes=4096, timeout=10)  # fmt: skip
     sub = slabcast.Subscriber(stream_name, size=3000, clip=True, address=broker.address, timeout=10)

@@ -110,10 +110,14 @@ class PublisherState:
         self.end = start + slab_bytes
         return carry
 
+    def switch_left(self, now: float) -> float:
+        """Seconds from ``now`` until the last slab change is due to the broker: SWITCH_DELAY after its first
+        frame, at once (0) when no granted slab is left (the publisher would wait for the GRANT it brings)."""
+        return max(0.0, self.unsent_since + SWITCH_DELAY - now) if self.grants else 0.0
+
     def switch_due(self, now: float) -> bool:
-        """Whether a slab change waits to be told to the broker and is SWITCH_DELAY old at ``now``, or no granted
-        slab is left (the publisher would wait for the GRANT it brings)."""
-        return self.switch_unsent and (not self.grants or now - self.unsent_since >= SWITCH_DELAY)
+        """Whether a slab change waits to be told to the broker and is due at ``now`` (:meth:`switch_left`)."""
+        return self.switch_unsent and self.switch_left(now) <= 0.0
 
     def first_frame(self, now: float) -> None:
         """The first frame of the slab started last is in the ring (its position stored) at ``now``: the change

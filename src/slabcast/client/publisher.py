@@ -32,7 +32,7 @@ from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._notices import NoticeSocket
-from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, SWITCH_DELAY, PublisherState
+from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
 
 __all__ = ["Publisher", "check_frame", "check_times"]
 
@@ -448,11 +448,12 @@ class Publisher:
             index = self.samples
             flags = P.FLAG_DISCONTINUITY if discontinuity else 0
             first = False
+            end = state.end if state.slab_frames < state.frame_cap else 0
             if self._prepared is None:
-                n = writer.put(data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0,
-                               position, index, self._floor, self._slab, self._gen, self._frame_max, False)  # fmt: skip
+                n = writer.put(data, t0, flags, offset, end, position, index, self._floor, self._slab, self._gen,
+                               self._frame_max, False)  # fmt: skip
             else:  # (the background thread prepared the next slab: a frame that does not fit goes there at once)
-                n, switched = self._put_prepared(data, t0, flags, offset, position, index)
+                n, switched = self._put_prepared(data, t0, flags, offset, end, position, index)
                 if switched:
                     offset = state.slab_data
                     first = state.fresh  # (False: told to the broker already, with the change before it)
@@ -676,9 +677,9 @@ class Publisher:
         is tell a slab change, else BATCH_DELAY (a batch of notices, the carry of the next slab change)."""
         state = self._state
         ring = self._ring
-        if state.switch_unsent and state.grants and not (state.pend_n or self._prep_asked or ring.notices_wanted
-                                                         or ring.frames_wanted):  # fmt: skip
-            return max(0.0, state.unsent_since + SWITCH_DELAY - time.monotonic())
+        if state.switch_unsent and not (state.pend_n or self._prep_asked or ring.notices_wanted
+                                        or ring.frames_wanted):  # fmt: skip
+            return state.switch_left(time.monotonic())
         return BATCH_DELAY
 
     def _service(self) -> float | None:
@@ -709,7 +710,7 @@ class Publisher:
                                                 f"({self._where})")  # fmt: skip
                 return None
             if state.switch_unsent:  # (not due yet: our next turn is when it is)
-                return min(_SERVICE, max(0.0, state.unsent_since + SWITCH_DELAY - now))
+                return min(_SERVICE, state.switch_left(now))
         return _SERVICE
 
     def _next_slab(self) -> int:
@@ -736,13 +737,14 @@ class Publisher:
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
             return self._switch_to(grants.popleft())
 
-    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, position: int,
+    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, end: int, position: int,
                       index: int) -> tuple[int, bool]:  # fmt: skip
         """The compiled put of a frame once the background thread prepared the next slab (_prepare_switch): a
-        frame that does not fit goes there in the same call, and the slab change's steps (_switch_to's, with what
-        was prepared) follow the frame's wake instead of preceding it (20-26 us of Python in a writer just
-        woken).  Under the lock, as _switch_to: the background thread's CARRY cannot come between the check of
-        what was prepared and its use.  Returns put's result without _SWITCHED, and whether the frame went there."""
+        frame that does not fit goes there in the same call, and the slab change's steps (_switch_to, which finds
+        what was prepared still valid) follow the frame's wake instead of preceding it (20-26 us of Python in a
+        writer just woken).  Under the lock, as _switch_to: the background thread's CARRY cannot come between the
+        check of what was prepared and its use.  Returns put's result without _SWITCHED, and whether the frame
+        went there."""
         state = self._state
         ring = self._ring
         with self._lock:
@@ -753,22 +755,19 @@ class Publisher:
                 # (else notices are due before a switch (_next_slab): the Python path takes the change)
                 slab, at, carry_wanted, gen, carry = prepared
                 if slab == grants[0] and at == offset and carry_wanted == state.carry:
-                    start, at = self._bounds[slab]
-                    switch = (at, start + self.slab_bytes, index - carry // self.sample_bytes, slab, gen)
+                    start, data_start = self._bounds[slab]
+                    switch = (data_start, start + self.slab_bytes, index - carry // self.sample_bytes, slab, gen)
             n: int = self._writer.put(  # type: ignore[union-attr]
-                data, t0, flags, offset, state.end if state.slab_frames < state.frame_cap else 0, position, index,
-                self._floor, self._slab, self._gen, self._frame_max, False, switch)  # fmt: skip
+                data, t0, flags, offset, end, position, index, self._floor, self._slab, self._gen, self._frame_max,
+                False, switch)  # fmt: skip
             # (Negative when a version-2 or broker-cut subscriber came meanwhile: the broker sets those words.)
             switched = switch is not None and (n if n >= 0 else -n) >= _SWITCHED
-            if switch is not None and switched:
+            if switched:
                 n = n - _SWITCHED if n >= 0 else n + _SWITCHED
                 unsent = state.switch_unsent  # (the change before this one, not told yet: a slab shorter than
-                grants.popleft()  # SWITCH_DELAY; the broker grants again when it hears of it: now, both at once)
-                self._prepared = None
-                self._prep_asked = False
-                self._slab, self._gen, self._floor = switch[3], switch[4], switch[2]
-                if state.switch(start, self.slab_bytes) != carry:  # (the carry prepared was the switch's)
-                    raise RuntimeError(f"the slab change of {self._where} carried other bytes than prepared")
+                # SWITCH_DELAY; the broker grants again when it hears of it: now, both at once)
+                self._switch_to(grants.popleft())  # (the same slab, floor and generation: the write position and
+                # the samples are still those before this frame, as the check above saw them)
                 if unsent:
                     state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
                     self._position = position + 1  # (what PUBLISHED says: the position after this frame)
