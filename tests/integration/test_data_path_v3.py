@@ -949,7 +949,7 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
     # it waiting for most of every slab; past SWITCH_DELAY the writer tells the change itself, on its next write.
     from slabcast.client import publisher as pubmod
 
-    monkeypatch.setattr(pubmod.Publisher, "_service", lambda self: 0.02)  # a background thread that never gets in
+    monkeypatch.setattr(pubmod.Publisher, "_service", lambda self: None)  # a background thread that never gets in
     pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=65536, max_chunk_bytes=4096, nslabs=8,
                              address=broker.address, timeout=10)  # fmt: skip
     try:
@@ -968,6 +968,55 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
         pub.flush()  # the broker heard of the change and granted the next slab: the publisher holds two again
         pub._take_messages(0)
         assert len(state.grants) == 2
+    finally:
+        pub.close()
+
+
+def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes_it(broker, stream_name, monkeypatch):
+    # It used to look at its sockets every 20 ms: 50 wake-ups a second, 7 ms of CPU a second for a publisher with
+    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every _SAFETY seconds, is
+    # an hour here), and all it serves still comes: a subscriber's join (the XPUB's descriptor), the broker's
+    # CARRY for a subscriber of long chunks and its GRANTs across many slab changes (the DEALER's), the broker's
+    # death (the monitor's); an idle publisher takes no turn.
+    from slabcast.client import publisher as pubmod
+
+    monkeypatch.setattr(pubmod, "_SAFETY", 3600.0)
+    turns = []
+    service = pubmod.Publisher._service
+
+    def counted(self: Any) -> float | None:
+        turns.append(time.monotonic())
+        return service(self)
+
+    monkeypatch.setattr(pubmod.Publisher, "_service", counted)
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, slab_bytes=65536, nslabs=4,
+                             max_chunk_bytes=32768, timeout=10)  # fmt: skip
+    try:
+        # The chunks (24,000 bytes) are longer than what the pool carries at first: the broker asks for more
+        # (CARRY) and starts the subscriber once the publisher confirms it.
+        carried_before = pub._state.carry
+        sub = slabcast.Subscriber(stream_name, size=6000, clip=True, address=broker.address, timeout=10)
+        with sub:
+            frame, got = np.arange(1000, dtype=np.int32), 0
+            for k in range(200):  # 800 KB: a slab change every 15 frames or so
+                pub.write(frame + k * 1000)
+                while (got + 1) * 6000 <= (k + 1) * 1000:
+                    with sub.recv(timeout=10) as chunk:
+                        assert np.array_equal(chunk.data, np.arange(got * 6000, (got + 1) * 6000, dtype=np.int32))
+                    got += 1
+            assert carried_before < pub._state.carry == 24000
+        pub.flush()
+        threading.Event().wait(0.2)  # (the last slab change's PUBLISHED and GRANT are done by then)
+        quiet = len(turns)
+        threading.Event().wait(0.5)  # (not a wait for readiness: half a second with nothing to do)
+        assert len(turns) == quiet, f"{len(turns) - quiet} turns of an idle publisher's background thread"
+        broker.kill()
+        deadline = time.monotonic() + 5
+        while pub._failure is None:
+            assert time.monotonic() < deadline, "the background thread never saw the broker die"
+            time.sleep(0.005)
+        with pytest.raises(slabcast.BrokerGoneError):
+            pub.write(frame)
     finally:
         pub.close()
 

@@ -44,6 +44,16 @@ class NoticeSocket:
             raise
         self._sock = sock
 
+    @property
+    def fd(self) -> int:
+        """The socket's ``zmq.FD``: readable when a subscriber may be joining (edge-triggered; see
+        :meth:`joining`)."""
+        return int(self._sock.getsockopt(zmq.FD))
+
+    def joining(self) -> bool:
+        """Whether a join waits to be answered (``zmq.EVENTS``; takes ZeroMQ's pending commands)."""
+        return bool(self._sock.getsockopt(_EVENTS) & _POLLIN)
+
     def send(self, msg: M.Notice) -> None:
         """Publish a NOTICE; a subscriber whose queue is full loses this one (it sees the seq gap), nobody waits."""
         try:  # noqa: SIM105  (per doorbell: a try costs nothing in 3.11; suppress() is an object and two calls)

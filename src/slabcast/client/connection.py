@@ -422,6 +422,16 @@ class Connection:
                     # A broker that cannot decrypt our hello (we hold the wrong server key) just hangs up.
                     raise AccessDeniedError(self._no_handshake("(the broker closed the connection during it)"))
 
+    def fds(self) -> tuple[int, int]:
+        """The file descriptors of the socket and of its monitor (``zmq.FD``): readable when either may have
+        something to read (edge-triggered, as ZeroMQ says: what another call on the socket takes first, it
+        does not signal; check ``has_message`` after such a call)."""
+        return int(self.sock.getsockopt(zmq.FD)), int(self._monitor.getsockopt(zmq.FD))
+
+    def has_message(self) -> bool:
+        """Whether a message waits on the socket (``zmq.EVENTS``; takes ZeroMQ's pending commands)."""
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def poll_gone(self) -> bool:
         """Check, without blocking, whether the broker connection dropped."""
         if not self.gone and self._monitor.poll(0):

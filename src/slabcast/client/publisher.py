@@ -9,11 +9,11 @@ from notices, a PUBLISHED to the broker when the publisher starts a slab.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import math
 import os
+import select
 import sys
 import threading
 import time
@@ -39,7 +39,7 @@ __all__ = ["Publisher", "check_frame", "check_times"]
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
-_SERVICE = 0.02  # seconds between the background thread's looks at joins and broker messages
+_SAFETY = 1.0  # seconds between the background thread's turns when nothing wakes it (a wake ZeroMQ did not signal)
 _SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
 _RING_NOW = 1 << 32  # the compiled put's result: a doorbell notice is due (core/_hot.c)
@@ -47,20 +47,31 @@ _FULL = 1 << 33  # ... or: the frame does not fit before the slab's end, nothing
 _SWITCHED = 1 << 34  # ... plus this: it went into the next slab, prepared (_put_prepared)
 
 
-def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
+def _flusher_main(ref: weakref.ref[Publisher], kick: _Kick, fds: tuple[int, ...]) -> None:
     """The publisher's background thread: sends a batch no later write filled (within BATCH_DELAY), a slab
-    change SWITCH_DELAY after its first frame, and every _SERVICE seconds answers joining subscribers and the
-    broker's CARRY, even while no one writes."""
-    timeout = _SERVICE
+    change SWITCH_DELAY after its first frame, answers joining subscribers and the broker's messages (GRANT,
+    CARRY, an error) and sees the broker go.  It sleeps until one of these wakes it: a kick from the writer,
+    or the ZeroMQ descriptors of the broker connection, its monitor and the notice socket; every _SAFETY
+    seconds at the latest.  An idle publisher costs no CPU (a turn every 20 ms cost 7 ms of CPU a second)."""
+    every = select.poll()
+    for fd in (kick.fd, *fds):
+        every.register(fd, select.POLLIN)
+    kicks = select.poll()
+    kicks.register(kick.fd, select.POLLIN)
+    timeout = _SAFETY
     while True:
-        kicked = kick.acquire(timeout=timeout)
-        pub = ref()
+        ready = every.poll(math.ceil(timeout * 1000))
+        kicked = any(fd == kick.fd for fd, _ in ready)
+        pub = ref()  # (alive: its sockets and their descriptors are open; the kick's stays while we hold it)
         if pub is None:
             return
         if kicked:
+            kick.take()
             delay = pub._kick_delay()
             del pub  # (asleep, only the weak reference)
-            kick.acquire(timeout=delay)  # (kicked meanwhile: a batch, or the next slab's carry to copy, ends it)
+            # Kicked again meanwhile (a batch, or the next slab's carry to copy) ends the wait.
+            if delay > 0 and kicks.poll(math.ceil(delay * 1000)):
+                kick.take()
             pub = ref()
             if pub is None:
                 return
@@ -71,14 +82,26 @@ def _flusher_main(ref: weakref.ref[Publisher], kick: _thread.LockType) -> None:
         del pub  # between turns, only the weak reference
 
 
-def _kick(lock: _thread.LockType) -> None:
-    """Wake the background thread.  ``lock`` is held while nobody kicked: releasing it is one C call (a
-    ``threading.Event.set`` took 22-35 us of a paced writer's cold process), and a second kick before the
-    thread took the first is the same kick."""
-    try:  # noqa: SIM105  (not contextlib.suppress: a Python-level context manager, on the frame's path)
-        lock.release()
-    except RuntimeError:
-        pass  # (kicked already)
+class _Kick:
+    """Wakes the background thread: an eventfd, written by the writer, polled and read by the thread.  Closed
+    when the last of the two lets go of it, so that neither ever touches a descriptor number reused."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def __call__(self) -> None:
+        """Kick (one system call; a second kick before the thread took the first is the same kick)."""
+        os.eventfd_write(self.fd, 1)
+
+    def take(self) -> None:
+        """Take the kicks so far (the thread, before the turn that serves them)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
@@ -383,12 +406,12 @@ class Publisher:
         self._synced = 0  # the highest SYNC token the broker answered
         # One lock for the socket: the writer and the batch flusher both send on it.
         self._lock = threading.Lock()
-        self._kick = _thread.allocate_lock()  # held: not kicked (_kick)
-        self._kick.acquire()
+        self._kick = _Kick()
         # The thread holds only a weak reference: a Publisher dropped without close() is still collected
         # (its __del__ closes the stream).
-        threading.Thread(target=_flusher_main, args=(weakref.ref(self), self._kick), daemon=True,
-                         name=f"slabcast-flush-{stream}").start()  # fmt: skip
+        self._flusher = threading.Thread(target=_flusher_main, daemon=True, name=f"slabcast-flush-{stream}",
+                                         args=(weakref.ref(self), self._kick, (*self._conn.fds(), self._notices.fd)))
+        self._flusher.start()
         self.frames = 0
         self.samples = 0
 
@@ -489,7 +512,7 @@ class Publisher:
                     self._tell_rest(index, offset, n, self._ring.t0_of(position), flags, ring_now, first)
                 if state.end - offset < 2 * nbytes and not self._prep_asked:
                     self._prep_asked = True
-                    _kick(self._kick)
+                    self._kick()
                 return
         arr = check_frame(data, self.dtype, self.channels, self._where)
         n = arr.shape[0]
@@ -510,9 +533,8 @@ class Publisher:
                 or not math.isfinite(t0):  # fmt: skip
             raise ValueError(f"t0 must be a finite number of seconds, got {t0!r} ({self._where}); nothing was written")
         if self._failure is not None:
-            # The background thread takes the broker's messages and watches for its death every _SERVICE
-            # seconds, off the frame's path (doing it here every 50 ms cost 2% of a paced writer's frames
-            # 150-200 us: its p99).
+            # The background thread takes the broker's messages and sees its death as they come, off the
+            # frame's path (looking here every 50 ms cost 2% of a paced writer's frames 150-200 us: its p99).
             raise self._failure
         offset = state.offset
         if offset + nbytes > state.end or state.slab_frames >= state.frame_cap:  # (state.needs_slab, inlined)
@@ -547,7 +569,7 @@ class Publisher:
             self.samples += n
             if state.end - offset < 2 * nbytes and not self._prep_asked:  # (as at the end; here no wake to wait for)
                 self._prep_asked = True
-                _kick(self._kick)
+                self._kick()
             return
         self._tell(index, offset, n, nbytes, t0, flags, grew, first, position)
         self.frames += 1
@@ -556,7 +578,7 @@ class Publisher:
             # Another frame of this size will not fit: the background thread copies the carry into the next slab
             # meanwhile (_prepare_switch), after this frame's wake.
             self._prep_asked = True
-            _kick(self._kick)
+            self._kick()
 
     def _tell(self, index: int, offset: int, n: int, nbytes: int, t0: float, flags: int, grew: bool, first: bool,
               position: int) -> None:  # fmt: skip
@@ -598,7 +620,7 @@ class Publisher:
                 elif action == FULL or ring_now:
                     self._flush_pending(ring_now)  # (a sleeper is not kept waiting for a batch)
                 elif action == OPENED:
-                    _kick(self._kick)  # the flusher sends this batch if no write fills it
+                    self._kick()  # the flusher sends this batch if no write fills it
         else:
             state.offset = offset + nbytes
             self._tell_rest(index, offset, n, t0, flags, ring_now, first)
@@ -616,7 +638,7 @@ class Publisher:
             # then competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A
             # writer that held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
             if first:
-                _kick(self._kick)
+                self._kick()
             elif state.switch_due(time.monotonic()):
                 with self._lock:
                     self._published()
@@ -660,6 +682,8 @@ class Publisher:
         seq = self._nseq
         self._nseq = seq + 1
         self._notices.send(M.Notice(self._sid, seq, index, self._slab, self._gen, offset, ns, t0s, flags, self._floor))
+        if self._notices.joining() and threading.get_ident() != self._flusher.ident:
+            self._kick()  # (the send took ZeroMQ's signal of it: the background thread would not wake)
 
     def _flush_pending(self, sleeper: bool = False) -> None:
         """Send the batched notices (to version-2 subscribers, or ``sleeper``: a doorbell subscriber sleeps),
@@ -686,7 +710,7 @@ class Publisher:
         """One turn of the background thread; return the seconds until its next turn, or None when it should
         end."""
         with self._lock:
-            self._kick.acquire(False)  # (a kick before this turn is served by it)
+            self._kick.take()  # (a kick before this turn is served by it)
             if self._closed or self._conn.closed:
                 return None
             state = self._state
@@ -710,8 +734,8 @@ class Publisher:
                                                 f"({self._where})")  # fmt: skip
                 return None
             if state.switch_unsent:  # (not due yet: our next turn is when it is)
-                return min(_SERVICE, state.switch_left(now))
-        return _SERVICE
+                return min(_SAFETY, state.switch_left(now))
+        return _SAFETY
 
     def _next_slab(self) -> int:
         grants = self._state.grants
@@ -721,7 +745,7 @@ class Publisher:
             if grants:
                 # Granted ahead: no socket on this frame's path (a look at it took 150-200 us of a paced
                 # writer's cold process, the p99 of 64 KiB frames); the background thread takes the broker's
-                # messages every _SERVICE seconds, and a CARRY taken later applies from the next slab on.
+                # messages as they come, and a CARRY taken later applies from the next slab on.
                 return self._switch_to(grants.popleft())
         self._take_messages(0)
         if not grants:
@@ -859,6 +883,8 @@ class Publisher:
         carried = self._state.frame_sent()
         if carried is not None:
             self._conn.send(M.Carried(carried))
+        if self._conn.has_message() and threading.get_ident() != self._flusher.ident:
+            self._kick()  # (the send took ZeroMQ's signal of it: the background thread would not wake)
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
@@ -879,7 +905,7 @@ class Publisher:
             self._notices.send_end(end)
             self._nseq += 1
         self._closed = True
-        _kick(self._kick)  # let the flusher thread end
+        self._kick()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
             if not self._conn.gone:
                 # CLOSE is answered by END once every frame sent before it was handled.
