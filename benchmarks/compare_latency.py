@@ -64,7 +64,10 @@ WAKES = {
     "slabcast-busy": ("busy", 0.0),
 }
 SYSTEMS = (*WAKES, "zmq", "iox2")
-POOL = {"slab_bytes": 1 * C.MiB, "nslabs": 8, "max_chunk_bytes": 64 * C.KiB}
+# slabcast's pool: 8 slabs of 1 MiB (a slab change every 15 frames of 64 KiB), or --slab-kib (the library's
+# default slab is 4 MiB); through the environment, so that the spawned workers see it too.
+_SLAB_KIB = "SLABCAST_BENCH_SLAB_KIB"
+POOL = {"slab_bytes": int(os.environ.get(_SLAB_KIB, "1024")) * C.KiB, "nslabs": 8, "max_chunk_bytes": 64 * C.KiB}
 PCTS = (50, 99, 99.9)
 WARMUP = 100
 # Issue 21: (system, peer, percentile, at most this ratio); a peer of None is an absolute bound in us.
@@ -424,6 +427,7 @@ def run(
         "frames": list(frames),
         "nsubs": list(nsubs),
         "max_foreign": max_foreign,
+        "slabcast_pool": dict(POOL),
         "summary": summary,
         "raw": dict(raw),
         "set_aside": set_aside,
@@ -588,12 +592,18 @@ def main(argv: list[str] | None = None) -> int:
         help="measure a cell again (all systems) when other programs took more than this (default: never)",
     )  # fmt: skip
     ap.add_argument("--retries", type=int, default=2, help="attempts beyond the first for a loaded cell")
+    ap.add_argument("--slab-kib", type=int, default=None, help="slabcast's slab size (default 1024 KiB; 8 slabs)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S", help=C.WAIT_QUIET_HELP)
     ap.add_argument(
         "--profile", default=None, metavar="SYSTEM:FRAME:SUBS",
         help="then one more trial of that cell with py-spy on the publisher, subscriber 0 and the broker",
     )  # fmt: skip
     a = ap.parse_args(argv)
+    if a.slab_kib is not None:
+        if a.slab_kib < 128:
+            ap.error(f"--slab-kib must hold two 64 KiB frames (at least 128), got {a.slab_kib}")
+        os.environ[_SLAB_KIB] = str(a.slab_kib)
+        POOL["slab_bytes"] = a.slab_kib * C.KiB
     prof = None
     if a.profile:
         sysname, f, n = a.profile.split(":")

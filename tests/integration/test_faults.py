@@ -144,6 +144,47 @@ def test_a_paced_writer_is_told_of_the_broker_death_by_its_background_thread_bef
     pub.close()
 
 
+@pytest.mark.parametrize("wake", ["doorbell", "futex"])
+def test_an_idle_subscriber_looks_at_its_broker_less_often_and_still_sees_it_die(broker, stream_name, monkeypatch,
+                                                                                 wake):  # fmt: skip
+    # A subscriber waiting in recv looks at its broker connection when each bounded wait ends: every 0.1 s while
+    # frames come, then each empty wait doubles the next up to _LOOK_IDLE (0.8 s); a frame brings it back to
+    # 0.1 s.  A broker killed with kill -9 (nobody rings) is seen when the wait ends.
+    from slabcast.client import _local
+
+    waits: list[float] = []
+    idle = _local.LocalReceiver._idle
+
+    def recorded(self: _local.LocalReceiver, wait: float) -> int:
+        waits.append(wait)
+        return idle(self, wait)
+
+    monkeypatch.setattr(_local.LocalReceiver, "_idle", recorded)
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=4, address=broker.address, wake=wake)
+    try:
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=2.0)  # 0.1, 0.2, 0.4, 0.8, then what is left
+        assert [round(w, 3) for w in waits[:4]] == [0.1, 0.2, 0.4, 0.8], waits
+        pub.write(np.arange(4, dtype=np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert list(chunk.data) == [0, 1, 2, 3]
+        waits.clear()
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=0.35)
+        assert waits[0] == pytest.approx(0.1, abs=0.01), waits  # (a frame came: short waits again)
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout=2.0)  # (long waits again)
+        broker.kill()
+        killed = time.monotonic()
+        with pytest.raises(slabcast.BrokerGoneError):
+            sub.recv(timeout=10)
+        assert time.monotonic() - killed < 2.0  # (the wait under way ends within 0.8 s)
+    finally:
+        sub.close()
+        pub.close()
+
+
 def test_a_caller_polling_faster_than_the_gone_check_still_sees_the_broker_die(broker, stream_name):
     """An event loop that calls recv_nowait every 2 ms (more often than the subscriber's 50 ms look at its broker
     connection): each look used to put the next one off, so the broker's death was never seen and the loop spun."""
