@@ -422,7 +422,7 @@ const char *sc_strerror(int code);
  * rarely, or waits for its device) MUST call sc_pub_service at least every 20 ms meanwhile, from its own loop
  * or from a thread of its own: otherwise a subscriber that joins waits for JOINED until its timeout (then fails:
  * 5 s for the C subscriber, 10 s for Python's) and one that asks for longer chunks waits for the carry.  The
- * Python publisher runs the same service from a background thread every 20 ms.
+ * Python publisher runs the same service from a background thread, woken by a write, a join or a broker message.
  *
  * Threads.  A publisher (sc_pub) belongs to one thread at a time, as a client does (see "Threads" at the top),
  * with one exception: sc_pub_service may run on another thread at the same time as any call on the publisher

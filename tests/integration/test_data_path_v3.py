@@ -1021,6 +1021,57 @@ def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes
         pub.close()
 
 
+def test_a_join_whose_signal_the_writers_notice_took_still_wakes_the_background_thread(broker, stream_name,
+                                                                                      monkeypatch):  # fmt: skip
+    # The writer's thread sends a NOTICE per frame to a subscriber asleep on the notice socket (an event loop's);
+    # each send may process ZeroMQ's pending commands, a join's among them, and the notice socket's descriptor,
+    # on which the background thread sleeps, then says nothing.  The writer looks (Publisher._notice) and kicks
+    # the thread.  With no timer (_SAFETY an hour), a join missed would wait seconds: 150 joins, each answered.
+    from slabcast.client import publisher as pubmod
+
+    monkeypatch.setattr(pubmod, "_SAFETY", 3600.0)
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, timeout=10)
+    polled = slabcast.Subscriber(stream_name, size=50, policy="drop", address=broker.address, timeout=10)
+    stop = threading.Event()
+    woken = [0]
+
+    def event_loop() -> None:  # (zmq.Poller on the subscriber's pollables, recv_nowait: protocol 10.6)
+        poller = zmq.Poller()
+        for sock in polled.pollables():
+            poller.register(sock, zmq.POLLIN)
+        while not stop.is_set():
+            with contextlib.suppress(slabcast.WouldBlock):
+                while True:
+                    polled.recv_nowait().release()
+            poller.poll(100)
+            woken[0] += 1
+
+    def writer() -> None:
+        frame = np.arange(50, dtype=np.int32)
+        while not stop.is_set():
+            pub.write(frame)
+            time.sleep(0.0005)
+
+    threads = [threading.Thread(target=event_loop, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while pub._nseq < 20:  # (notices flow from the writer's thread)
+            assert threads[1].is_alive() and threads[0].is_alive()
+            time.sleep(0.01)
+        for _ in range(150):
+            # (A join missed waits for the next turn something else brings: a GRANT, every 20,000 frames here.)
+            slabcast.Subscriber(stream_name, size=50, policy="drop", address=broker.address, wait=10,
+                                timeout=3).close()  # fmt: skip
+        assert pub._nseq > 150 and woken[0] > 150
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        polled.close()
+        pub.close()
+
+
 def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_stale_copy_is_redone(
     broker, stream_name, monkeypatch
 ):

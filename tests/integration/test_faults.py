@@ -144,6 +144,27 @@ def test_a_paced_writer_is_told_of_the_broker_death_by_its_background_thread_bef
     pub.close()
 
 
+def test_a_flush_that_sees_the_broker_die_makes_the_next_write_raise(broker, stream_name):
+    # flush() waits on the broker connection from the writer's thread: its poll takes the connection monitor's
+    # signal of the death, on which the background thread sleeps.  The next write raises all the same.
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    try:
+        pub.write(np.zeros(FRAME, dtype=np.int32))
+        pub.flush()
+        os.kill(broker.pid, signal.SIGSTOP)  # (the SYNC below stays unanswered)
+        killer = threading.Timer(0.2, os.kill, (broker.pid, signal.SIGKILL))
+        killer.start()
+        with pytest.raises(slabcast.BrokerGoneError):
+            pub.flush(timeout=10)
+        killer.join()
+        position = pub._ring.position
+        with pytest.raises(slabcast.BrokerGoneError):
+            pub.write(np.zeros(FRAME, dtype=np.int32))  # (slabs granted ahead: it would have gone in)
+        assert pub._ring.position == position
+    finally:
+        pub.close()
+
+
 @pytest.mark.parametrize("wake", ["doorbell", "futex"])
 def test_an_idle_subscriber_looks_at_its_broker_less_often_and_still_sees_it_die(broker, stream_name, monkeypatch,
                                                                                  wake):  # fmt: skip

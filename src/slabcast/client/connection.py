@@ -66,7 +66,7 @@ _KEEPALIVE = 1.0  # seconds between pings while a TCP client waits (the broker d
 
 # Descriptors a client needs free before it connects: a Subscriber holds about 9 (its broker connection
 # and monitor, its notice socket, each ZeroMQ socket's mailbox, the segment's lock descriptor), a Publisher
-# about as many; the rest is room for what the program itself opens meanwhile.
+# about as many (and its background thread's eventfd); the rest is room for what the program itself opens meanwhile.
 _CLIENT_FDS = 16
 _FDS_PER_CLIENT = 9
 _SOCKETS_PER_CLIENT = 4  # ZeroMQ sockets of a Subscriber or Publisher (connection, monitor pair, notices)
@@ -425,12 +425,8 @@ class Connection:
     def fds(self) -> tuple[int, int]:
         """The file descriptors of the socket and of its monitor (``zmq.FD``): readable when either may have
         something to read (edge-triggered, as ZeroMQ says: what another call on the socket takes first, it
-        does not signal; check ``has_message`` after such a call)."""
+        does not signal; check ``has_input`` after such a call)."""
         return int(self.sock.getsockopt(zmq.FD)), int(self._monitor.getsockopt(zmq.FD))
-
-    def has_message(self) -> bool:
-        """Whether a message waits on the socket (``zmq.EVENTS``; takes ZeroMQ's pending commands)."""
-        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def poll_gone(self) -> bool:
         """Check, without blocking, whether the broker connection dropped."""
