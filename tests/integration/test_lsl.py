@@ -339,3 +339,32 @@ def test_an_lsl_source_with_a_mistyped_name_says_which_outlets_it_sees(stream_na
         source.connect()
     assert "outlets visible" not in str(again.value)
     del outlet
+
+
+def test_an_lsl_source_waits_in_liblsl_for_its_next_sample_instead_of_looking_every_2_ms(stream_name):
+    # Its source thread looked at the inlet every 2 ms: 500 wake-ups a second per LSL source in the broker, 28 ms
+    # of CPU a second here even for a marker outlet that sends nothing.  Now read() waits in liblsl (the GIL
+    # released) for up to 0.1 s and comes back with the first sample that arrives, and what came with it.
+    from slabcast.sources import LslSource
+
+    outlet = emg_outlet(f"sc-{stream_name}", f"dev-{stream_name}", channels=2, rate=250.0)
+    source = LslSource(name="emg", stream=f"sc-{stream_name}", timeout=10.0)
+    source.connect()
+    try:
+        assert source.wait() == 0.0  # (the thread's pause between reads: none, read waits)
+        reads, until = 0, time.monotonic() + 0.5
+        while time.monotonic() < until:
+            assert source.read() is None  # (nothing sent)
+            reads += 1
+        assert reads <= 8, f"{reads} reads in 0.5 s of silence"
+        sent = push(outlet, 0, 5, channels=2)
+        got, deadline = [], time.monotonic() + 10
+        while sum(len(d) for d in got) < 5:
+            assert time.monotonic() < deadline, "the samples never came"
+            frame = source.read()
+            if frame is not None:
+                got.append(frame[0])
+        assert np.array_equal(np.concatenate(got), sent)
+    finally:
+        source.disconnect()
+        del outlet

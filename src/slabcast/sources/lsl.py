@@ -15,6 +15,10 @@ from ..wire.protocol import check_stream_name
 
 __all__ = ["LslSource"]
 
+_WAIT = 0.1
+"""Seconds a read waits in liblsl for a sample when none is there (the GIL released): a sample that comes is
+taken at once; an outlet with nothing to send costs 10 wake-ups a second, not the 500 of a look every 2 ms."""
+
 log = logging.getLogger("slabcast.source")
 
 
@@ -157,8 +161,20 @@ class LslSource:
         return self.info
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
-        """Pull what has arrived, without waiting; ``OSError`` when a regular outlet fell silent."""
-        samples, stamps = self._inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
+        """Pull what has arrived; when nothing has, wait up to 0.1 s for the next sample (then take it and what
+        came with it).  ``None`` when none came; ``OSError`` when a regular outlet fell silent."""
+        inlet = self._inlet
+        samples, stamps = inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
+        if not stamps:
+            # (pull_chunk with a timeout would wait out the whole timeout for a full chunk: pull_sample returns with
+            # the first sample.)
+            sample, stamp = inlet.pull_sample(timeout=_WAIT)
+            if stamp is not None:
+                samples, stamps = [sample], [stamp]
+                if self.max_samples > 1:
+                    more, more_stamps = inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples - 1)
+                    samples += more
+                    stamps += more_stamps
         now = time.monotonic()
         if not stamps:
             if self.info.rate and now - self._last_data > self.lost_after:
@@ -193,6 +209,10 @@ class LslSource:
                 raw = raw[: self.max_bytes].decode("utf-8", "ignore").encode("utf-8")
             out.append(raw)
         return np.array(out, dtype=self.info.dtype)
+
+    def wait(self) -> float:
+        """``read`` waits by itself: no pause between reads."""
+        return 0.0
 
     def take_jump(self) -> bool:
         """Whether the next frame follows a hole (cleared by asking)."""
