@@ -223,6 +223,33 @@ def test_a_drop_subscriber_keeps_receiving_after_a_broker_restart(tmp_path, stre
         pub.close()
 
 
+def test_a_drop_subscriber_holding_max_inflight_chunks_is_told_why_none_comes(broker, stream_name):
+    # Found by a newcomer: holding its max_inflight chunks, a drop subscriber's recv timed out with "no chunk
+    # within 2 s" while data flowed and `slabcast top` counted its drops.  The timeout now says why.
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, size=4, policy="drop", max_inflight=2, address=broker.address)
+    try:
+        held = []
+        for k in range(2):
+            pub.write(np.arange(4 * k, 4 * k + 4, dtype=np.int32))
+            held.append(sub.recv(timeout=5))
+        pub.write(np.arange(8, 12, dtype=np.int32))
+        pub.write(np.arange(12, 16, dtype=np.int32))
+        with pytest.raises(TimeoutError, match=r"holds 2 chunks \(max_inflight=2\).*dropped \(2 so far\).*release"):
+            sub.recv(timeout=0.3)
+        for chunk in held:
+            chunk.release()
+        pub.write(np.arange(16, 20, dtype=np.int32))
+        with sub.recv(timeout=5) as chunk:
+            assert list(chunk.data) == [16, 17, 18, 19]
+        with pytest.raises(TimeoutError) as info:
+            sub.recv(timeout=0.1)
+        assert "max_inflight" not in str(info.value)  # (holding nothing: a plain timeout)
+    finally:
+        sub.close()
+        pub.close()
+
+
 def test_paused_drop_subscribers_hold_no_slab(broker, stream_name):
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=8192, nslabs=4, timeout=2)
     viewers = [slabcast.Subscriber(stream_name, size=256, policy="drop", address=broker.address) for _ in range(3)]

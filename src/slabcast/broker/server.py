@@ -201,7 +201,8 @@ class Broker:
         self._lock = AddressLock(self.address, shm_mode) if ipc_path(self.address) else None
         reaped = reap_stale()
         if reaped:
-            log.info("removed %d segments of dead brokers: %s", len(reaped), ", ".join(reaped))
+            log.warning("removed %d shared-memory segments left by brokers that died (kill -9, a crash): %s",
+                        len(reaped), ", ".join(reaped))  # fmt: skip
         if self._lock is not None:
             self._remove_stale_notice_sockets()
         self._ctx = zmq.Context()

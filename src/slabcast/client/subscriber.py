@@ -345,8 +345,20 @@ class Subscriber:
         """
         chunk = self._recv(timeout)
         if chunk is None:
-            raise TimeoutError(f"no chunk within {timeout} s ({self._where})")
+            raise TimeoutError(self._no_chunk(timeout))
         return chunk
+
+    def _no_chunk(self, timeout: float | None) -> str:
+        """What a timeout says: for a drop subscriber that holds ``max_inflight`` chunks, why none comes."""
+        said = f"no chunk within {timeout} s ({self._where})"
+        if self.policy == "drop" and self._rx is not None:
+            counts = self._rx.counts(report=False)
+            held = counts.received - counts.released
+            if held >= self._max_inflight:
+                said += (f": this policy='drop' subscriber holds {held} chunks (max_inflight={self._max_inflight}), "
+                         f"so the chunks cut meanwhile were dropped ({counts.dropped} so far); release the chunks "
+                         f"you are done with (chunk.release(), or `with chunk:`)")  # fmt: skip
+        return said
 
     def recv_nowait(self) -> Chunk:
         """Return a chunk that is ready now, else raise :class:`WouldBlock`."""
