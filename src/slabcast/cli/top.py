@@ -56,12 +56,13 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
     sources = {src["name"]: src for src in status.get("sources", [])}
     for s in status["streams"]:
         old = before.get(s["name"])
-        observed = (s["samples"] - old["samples"]) / dt if old and dt > 0 else 0.0
+        # (the first screen has no earlier count to take the rate from: "-", not 0)
+        observed = f"{(s['samples'] - old['samples']) / dt:>10.0f}" if old and dt > 0 else f"{'-':>10}"
         nominal = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
         state = " ENDED" if s["ended"] else ""
         lines.append(
             (
-                f"{s['name']:<16} {s['dtype']} x {s['channels']:<3} {nominal:>10}  observed {observed:>10.0f}/s  "
+                f"{s['name']:<16} {s['dtype']} x {s['channels']:<3} {nominal:>10}  observed {observed}/s  "
                 f"{s['samples']:>12} samples  slabs free {s['slabs_free']}/{s['slabs']}{state}",
                 False,
             )
