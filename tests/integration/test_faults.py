@@ -190,6 +190,22 @@ def test_an_idle_subscriber_looks_at_its_broker_less_often_and_still_sees_it_die
         pub.write(np.arange(4, dtype=np.int32))
         with sub.recv(timeout=5) as chunk:
             assert list(chunk.data) == [0, 1, 2, 3]
+        # The same with no timeout (recv(), `for chunk in sub`), found by review: its waits stayed at 0.1 s.
+        waits.clear()
+        got: list[slabcast.Chunk] = []
+        waiter = threading.Thread(target=lambda: got.append(sub.recv()), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while 0.8 not in [round(w, 3) for w in waits]:  # (0.1 s while the count of the chunk it read is not
+            assert time.monotonic() < deadline, waits  # sent: up to 0.4 s; then 0.1, 0.2, 0.4, 0.8)
+            time.sleep(0.01)
+        pub.write(np.arange(4, 8, dtype=np.int32))
+        waiter.join(5)
+        rounded = [round(w, 3) for w in waits]
+        k = rounded.index(0.2)
+        assert set(rounded[:k]) == {0.1} and rounded[k : k + 3] == [0.2, 0.4, 0.8] and k <= 6, rounded
+        with got[0] as chunk:
+            assert list(chunk.data) == [4, 5, 6, 7]
         waits.clear()
         with pytest.raises(TimeoutError):
             sub.recv(timeout=0.35)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import weakref
@@ -189,6 +190,7 @@ class LocalReceiver:
         self._next_look = 0.0  # when to look at our sockets again, and whether the broker connection dropped
         self._look_now = True  # look at our sockets before the next wait (see recv)
         self._quiet = 0  # waits in a row that brought nothing (the next is longer: _LOOK_IDLE)
+        self._quiet_at = -1  # the descriptor sequence at the last wait (_rseq): frames taken since end the quiet
         self._cursor = start
         self._cur_slab = -1
         self._acked = (-1, -1, -1, -1)  # (slab, dropped, held, delivered) at the last ACK
@@ -303,7 +305,7 @@ class LocalReceiver:
             self._give_back = False
             self._send_ack()
             if deadline is None:
-                left = _LOOK
+                left = math.inf
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -313,15 +315,19 @@ class LocalReceiver:
                         self._disarm()
                         continue
                     return None
+            # How long: _LOOK, longer on a silent stream (each empty wait doubles the next, up to _LOOK_IDLE),
+            # unless an ACK is pending (protocol 10.3) or the subscriber spins (busy: its look is all it waits for).
+            if self._rseq != self._quiet_at:  # frames were taken since the last wait: the stream is not silent
+                self._quiet, self._quiet_at = 0, self._rseq
             bound = _LOOK
-            if self._quiet and (self._cur_slab, self._dropped, self._leases.handed - self._leases.released,
-                                self._received) == self._acked:  # (no ACK pending: protocol 10.3)  # fmt: skip
+            if self._spin >= 0 and (self._cur_slab, self._dropped, self._leases.handed - self._leases.released,
+                                    self._received) == self._acked:  # (nothing for _send_ack to send)  # fmt: skip
                 bound = min(max(_LOOK, _LOOK_IDLE), _LOOK * (1 << min(self._quiet, 10)))
-            if self._idle(min(left, bound)) == self._rseq:
-                self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
-                self._quiet += 1
-            else:
-                self._quiet = 0
+                if self._idle(min(left, bound)) == self._rseq:
+                    self._quiet += 1
+                    self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
+            elif self._idle(min(left, bound)) == self._rseq:
+                self._look_now = True
 
     def _idle(self, wait: float) -> int:
         """Wait up to ``wait`` seconds for the ring's position to move, by this subscriber's wait strategy;

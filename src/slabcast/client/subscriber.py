@@ -355,9 +355,11 @@ class Subscriber:
             counts = self._rx.counts(report=False)
             held = counts.received - counts.released
             if held >= self._max_inflight:
+                # (A remote subscriber learns of its drops from the next chunk's seq: no count to give yet.)
+                so_far = "" if isinstance(self._rx, RemoteReceiver) else f" ({counts.dropped} so far)"
                 said += (f": this policy='drop' subscriber holds {held} chunks (max_inflight={self._max_inflight}), "
-                         f"so the chunks cut meanwhile were dropped ({counts.dropped} so far); release the chunks "
-                         f"you are done with (chunk.release(), or `with chunk:`)")  # fmt: skip
+                         f"so the chunks cut meanwhile were dropped{so_far}; release the chunks you are done with "
+                         f"(chunk.release(), or `with chunk:`)")  # fmt: skip
         return said
 
     def recv_nowait(self) -> Chunk:

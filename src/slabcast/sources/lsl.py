@@ -18,6 +18,9 @@ __all__ = ["LslSource"]
 _WAIT = 0.1
 """Seconds a read waits in liblsl for a sample when none is there (the GIL released): a sample that comes is
 taken at once; an outlet with nothing to send costs 10 wake-ups a second, not the 500 of a look every 2 ms."""
+_GATHER = 0.002
+"""Seconds from one frame to the next while samples flow: what came meanwhile makes one frame (an outlet that
+pushes one sample at a time at 10 kHz gave frames of 1.7 samples when each read took the next one at once)."""
 
 log = logging.getLogger("slabcast.source")
 
@@ -92,6 +95,7 @@ class LslSource:
         self._inlet: Any = None
         self._offset = 0.0
         self._last_data = 0.0
+        self._last_read = 0.0  # time.monotonic() of the last frame read: the next gathers until _GATHER after it
         self._last_stamp: float | None = None
         self._jump = False
         self._looked = False  # the outlets visible were listed once (connect's first failure)
@@ -161,9 +165,12 @@ class LslSource:
         return self.info
 
     def read(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
-        """Pull what has arrived; when nothing has, wait up to 0.1 s for the next sample (then take it and what
-        came with it).  ``None`` when none came; ``OSError`` when a regular outlet fell silent."""
+        """Pull what has arrived (at most every 2 ms while samples flow); when nothing has, wait up to 0.1 s for
+        the next sample, then take it and what came with it.  ``None`` when none came; ``OSError`` when a
+        regular outlet fell silent."""
         inlet = self._inlet
+        if (left := self._last_read + _GATHER - time.monotonic()) > 0:
+            time.sleep(left)  # (a frame a moment ago: what comes until _GATHER after it goes in the next, as one)
         samples, stamps = inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
         if not stamps:
             # (pull_chunk with a timeout would wait out the whole timeout for a full chunk: pull_sample returns with
@@ -180,7 +187,7 @@ class LslSource:
             if self.info.rate and now - self._last_data > self.lost_after:
                 raise OSError(f"LSL outlet silent for {self.lost_after:g} s; resolving {self.predicate!r} again")
             return None
-        self._last_data = now
+        self._last_data = self._last_read = now
         times = np.asarray(stamps, dtype=np.float64) + self._offset
         rate = self.info.rate
         if self._last_stamp is not None and rate and times[0] - self._last_stamp > max(0.25, 10.0 / rate):
