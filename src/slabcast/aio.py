@@ -60,7 +60,7 @@ class Subscriber:
                 continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(sub._no_chunk(timeout).replace("(subscriber of", "(async subscriber of", 1))
+                raise sub.timeout_error(timeout, f"async subscriber of stream {sub.name!r}")
             sub.keepalive(_KEEPALIVE)  # a remote client proves it is alive by talking
             try:
                 await _readable(sub.pollables(), min(left, _KEEPALIVE) if left is not None else _KEEPALIVE)

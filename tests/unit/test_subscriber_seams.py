@@ -54,7 +54,7 @@ def test_both_transports_offer_what_the_subscriber_calls(receiver):
 
 
 def test_the_event_loop_seams_are_public_and_documented():
-    for name in ("pollables", "keepalive", "resubscribe", "recv_nowait", "reconnect"):
+    for name in ("pollables", "keepalive", "resubscribe", "recv_nowait", "reconnect", "timeout_error"):
         assert getattr(slabcast.Subscriber, name).__doc__, name
     assert "auto_resubscribe" in slabcast.Subscriber.__doc__
 

@@ -345,12 +345,15 @@ class Subscriber:
         """
         chunk = self._recv(timeout)
         if chunk is None:
-            raise TimeoutError(self._no_chunk(timeout))
+            raise self.timeout_error(timeout)
         return chunk
 
-    def _no_chunk(self, timeout: float | None) -> str:
-        """What a timeout says: for a drop subscriber that holds ``max_inflight`` chunks, why none comes."""
-        said = f"no chunk within {timeout} s ({self._where})"
+    def timeout_error(self, timeout: float | None, where: str | None = None) -> TimeoutError:
+        """The ``TimeoutError`` :meth:`recv` raises after ``timeout`` seconds without a chunk, for an event loop
+        that waits on :meth:`pollables` itself: it says why none comes when a ``drop`` subscriber holds
+        ``max_inflight`` chunks (and the drops so far, locally).  ``where``: who waited (default: this
+        subscriber)."""
+        said = f"no chunk within {timeout} s ({where or self._where})"
         if self.policy == "drop" and self._rx is not None:
             counts = self._rx.counts(report=False)
             held = counts.received - counts.released
@@ -360,7 +363,7 @@ class Subscriber:
                 said += (f": this policy='drop' subscriber holds {held} chunks (max_inflight={self._max_inflight}), "
                          f"so the chunks cut meanwhile were dropped{so_far}; release the chunks you are done with "
                          f"(chunk.release(), or `with chunk:`)")  # fmt: skip
-        return said
+        return TimeoutError(said)
 
     def recv_nowait(self) -> Chunk:
         """Return a chunk that is ready now, else raise :class:`WouldBlock`."""
