@@ -85,6 +85,7 @@ CHUNKS = [
 VOLUME = {256: 16 * MiB, 4 * KiB: 64 * MiB, 64 * KiB: 512 * MiB, 1 * MiB: 1024 * MiB}
 POOL = {"slab_bytes": 4 * MiB, "nslabs": 24, "max_chunk_bytes": 1 * MiB}
 _NSLABS_ENV = "COMPARE_FANOUT_NSLABS"  # --nslabs, for the spawned publishers
+_SLAB_ENV = "COMPARE_FANOUT_SLAB_MIB"  # --slab-mib, the same way
 SYSTEMS = ("slabcast", "zmq", "mpq", "ppe", "iox2")
 INFLIGHT = 8
 
@@ -140,7 +141,8 @@ def _publish_loop(write: Any, frame: int, nframes: int, cap: float) -> tuple[flo
 def _pub_slabcast(address: str, stream: str, frame: int, nframes: int, cap: float, n: int, ready, go, results):
     import slabcast
 
-    pool = {**POOL, "nslabs": int(os.environ.get(_NSLABS_ENV, POOL["nslabs"]))}
+    pool = {**POOL, "nslabs": int(os.environ.get(_NSLABS_ENV, POOL["nslabs"])),
+            "slab_bytes": int(os.environ.get(_SLAB_ENV, POOL["slab_bytes"] // MiB)) * MiB}
     pub = slabcast.Publisher(stream, dtype="uint8", address=address, timeout=120, **pool)
     ready.put(("pub-ready", os.getpid()))
     go.wait()
@@ -765,9 +767,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--retries", type=int, default=2, help="attempts beyond the first for a loaded cell")
     ap.add_argument("--nslabs", type=int, default=POOL["nslabs"],
-                    help=f"slabcast's pool: this many 4 MiB slabs (default {POOL['nslabs']}; the library's own is 8)")
+                    help=f"slabcast's pool: this many slabs (default {POOL['nslabs']}; the library's own is 8)")
+    ap.add_argument("--slab-mib", type=int, default=POOL["slab_bytes"] // MiB,
+                    help="slabcast's slab size in MiB (default 4: three frames of 1 MiB beside their 1 MiB carry)")
     a = ap.parse_args(argv)
+    if a.slab_mib < 2 or a.nslabs < 2:
+        ap.error(f"--slab-mib must hold the 1 MiB carry and a frame (2 or more), --nslabs 2 or more; got "
+                 f"{a.slab_mib}, {a.nslabs}")
     os.environ[_NSLABS_ENV] = str(a.nslabs)  # (inherited by the spawned publishers)
+    os.environ[_SLAB_ENV] = str(a.slab_mib)
     res = run(
         a.quick,
         a.trials,
@@ -778,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         max_foreign=a.max_foreign,
         retries=a.retries,
     )
-    res["pool"] = {**POOL, "nslabs": a.nslabs}
+    res["pool"] = {**POOL, "nslabs": a.nslabs, "slab_bytes": a.slab_mib * MiB}
     ts = C.timestamp()
     res["png"] = plot(res, a.png or str(C.RESULTS / f"compare-fanout-{ts}.png"))
     path = C.write_json(f"compare-fanout-{ts}", res)
