@@ -252,7 +252,9 @@ class Publisher:
         whose memory the broker allocates only as subscribers ask for longer
         chunks (at first as much as the frames' room).  Given, the slabs are
         ``slab_bytes`` (default: twice ``max_chunk_bytes``, at least 4 MiB) and
-        frames may be up to ``slab_bytes - max_chunk_bytes``.
+        frames may be up to ``slab_bytes - max_chunk_bytes``.  Each slab change
+        copies up to ``max_chunk_bytes`` into the next slab: for chunks of a MiB
+        and more, give ``slab_bytes`` several times that (docs/up.md, Sizing).
         By default frames may be up to ``slab_bytes // 2`` and chunks grow to
         64 MiB (or ``slab_bytes // 2`` if more): the slabs are then that much
         longer (``self.slab_bytes``), in address space, with ``slab_bytes`` of
