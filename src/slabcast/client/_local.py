@@ -319,15 +319,11 @@ class LocalReceiver:
             # unless an ACK is pending (protocol 10.3) or the subscriber spins (busy: its look is all it waits for).
             if self._rseq != self._quiet_at:  # frames were taken since the last wait: the stream is not silent
                 self._quiet, self._quiet_at = 0, self._rseq
-            bound = _LOOK
-            if self._spin >= 0 and (self._cur_slab, self._dropped, self._leases.handed - self._leases.released,
-                                    self._received) == self._acked:  # (nothing for _send_ack to send)  # fmt: skip
-                bound = min(max(_LOOK, _LOOK_IDLE), _LOOK * (1 << min(self._quiet, 10)))
-                if self._idle(min(left, bound)) == self._rseq:
-                    self._quiet += 1
-                    self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
-            elif self._idle(min(left, bound)) == self._rseq:
-                self._look_now = True
+            backs_off = self._spin >= 0 and self._ack_state() == self._acked  # (nothing for _send_ack to send)
+            bound = min(max(_LOOK, _LOOK_IDLE), _LOOK * (1 << min(self._quiet, 10))) if backs_off else _LOOK
+            if self._idle(min(left, bound)) == self._rseq:
+                self._look_now = True  # woken with nothing to read: perhaps by the broker (END), or a timeout
+                self._quiet += backs_off
 
     def _idle(self, wait: float) -> int:
         """Wait up to ``wait`` seconds for the ring's position to move, by this subscriber's wait strategy;
@@ -701,7 +697,7 @@ class LocalReceiver:
         those moments and before every wait: a subscriber that stops calling ``recv`` is as fresh as its last
         call."""
         leases = self._leases
-        state = (self._cur_slab, self._dropped, leases.handed - leases.released, self._received)
+        state = self._ack_state()
         acked = self._acked
         if self._conn.closed:
             return
@@ -724,6 +720,11 @@ class LocalReceiver:
         leases.unlocked = False
         with contextlib.suppress(BrokerGoneError):
             self._conn.send(M.Ack(self._cursor, self._received, self._dropped, state[2]))
+
+    def _ack_state(self) -> tuple[int, int, int, int]:
+        """What an ACK tells (besides the cursor): the slab we read, chunks dropped, held, delivered."""
+        leases = self._leases
+        return (self._cur_slab, self._dropped, leases.handed - leases.released, self._received)
 
     def _post_cursor(self) -> bool:
         """Store our cursor in our cursor table entry, make a full barrier, and say whether the broker wants an

@@ -848,7 +848,7 @@ class Publisher:
         offset, carry_wanted = state.offset, state.carry
         carry = min(carry_wanted, state.contiguous(offset))  # (what state.switch will carry from there)
         if carry:
-            copy_carry(self._u8, self._geometry, offset, self._geometry.data_start(slab), carry)
+            copy_carry(self._u8, self._geometry, offset, self._bounds[slab][1], carry)
         self._prepared = (slab, offset, carry_wanted, generation(self._mm, slab), carry)
 
     def _take_messages(self, timeout: float) -> None:

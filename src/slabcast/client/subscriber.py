@@ -354,7 +354,7 @@ class Subscriber:
         ``max_inflight`` chunks (and the drops so far, locally).  ``where``: who waited (default: this
         subscriber)."""
         said = f"no chunk within {timeout} s ({where or self._where})"
-        if self.policy == "drop" and self._rx is not None:
+        if self.policy == "drop":
             counts = self._rx.counts(report=False)
             held = counts.received - counts.released
             if held >= self._max_inflight:

@@ -94,8 +94,8 @@ class LslSource:
         self._cut = 0  # markers longer than max_bytes, cut
         self._inlet: Any = None
         self._offset = 0.0
-        self._last_data = 0.0
-        self._last_read = 0.0  # time.monotonic() of the last frame read: the next gathers until _GATHER after it
+        self._last_data = 0.0  # time.monotonic() of the last frame read (or the connection): the next gathers
+        # until _GATHER after it; silence is counted from it
         self._last_stamp: float | None = None
         self._jump = False
         self._looked = False  # the outlets visible were listed once (connect's first failure)
@@ -169,7 +169,7 @@ class LslSource:
         the next sample, then take it and what came with it.  ``None`` when none came; ``OSError`` when a
         regular outlet fell silent."""
         inlet = self._inlet
-        if (left := self._last_read + _GATHER - time.monotonic()) > 0:
+        if (left := self._last_data + _GATHER - time.monotonic()) > 0:
             time.sleep(left)  # (a frame a moment ago: what comes until _GATHER after it goes in the next, as one)
         samples, stamps = inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
         if not stamps:
@@ -187,7 +187,7 @@ class LslSource:
             if self.info.rate and now - self._last_data > self.lost_after:
                 raise OSError(f"LSL outlet silent for {self.lost_after:g} s; resolving {self.predicate!r} again")
             return None
-        self._last_data = self._last_read = now
+        self._last_data = now
         times = np.asarray(stamps, dtype=np.float64) + self._offset
         rate = self.info.rate
         if self._last_stamp is not None and rate and times[0] - self._last_stamp > max(0.25, 10.0 / rate):
