@@ -8,7 +8,8 @@ touches each chunk cheaply but really (one byte per 4 KiB page) and counts
 bytes.  Systems, every cell measured with all of them, trials interleaved:
 
 - ``slabcast``: ``Publisher(dtype="uint8", slab_bytes=4 MiB, nslabs=24,
-  max_chunk_bytes=1 MiB)`` (``--nslabs`` for another pool), ``Subscriber(size=chunk, clip=True, max_inflight=8)``.
+  max_chunk_bytes=1 MiB)`` (``--nslabs``, ``--slab-mib`` for another pool), ``Subscriber(size=chunk, clip=True,
+  max_inflight=8)``.
 - ``mpq``: ``multiprocessing.Queue(maxsize=8)`` per consumer; the publisher cuts
   each consumer's chunks and puts ``bytes`` into its queue (pickled, piped).
 - ``zmq``: pyzmq PUB/SUB over ipc carrying the frames (handshake first, HWM 0

@@ -201,8 +201,8 @@ class Broker:
         self._lock = AddressLock(self.address, shm_mode) if ipc_path(self.address) else None
         reaped = reap_stale()
         if reaped:
-            log.warning("removed %d shared-memory segments left by brokers that died (kill -9, a crash): %s",
-                        len(reaped), ", ".join(reaped))  # fmt: skip
+            log.warning("removed %d shared-memory segment%s left by brokers that died (kill -9, a crash): %s",
+                        len(reaped), "s" * (len(reaped) != 1), ", ".join(reaped))  # fmt: skip
         if self._lock is not None:
             self._remove_stale_notice_sockets()
         self._ctx = zmq.Context()

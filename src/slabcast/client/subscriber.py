@@ -360,8 +360,9 @@ class Subscriber:
             if held >= self._max_inflight:
                 # (A remote subscriber learns of its drops from the next chunk's seq: no count to give yet.)
                 so_far = "" if isinstance(self._rx, RemoteReceiver) else f" ({counts.dropped} so far)"
-                said += (f": this policy='drop' subscriber holds {held} chunks (max_inflight={self._max_inflight}), "
-                         f"so the chunks cut meanwhile were dropped{so_far}; release the chunks you are done with "
+                chunks = f"{held} chunk{'s' * (held != 1)}"
+                said += (f": this policy='drop' subscriber holds {chunks} (max_inflight={self._max_inflight}), so the "
+                         f"chunks cut meanwhile were dropped{so_far}; release the chunks you are done with "
                          f"(chunk.release(), or `with chunk:`)")  # fmt: skip
         return TimeoutError(said)
 
