@@ -34,6 +34,9 @@
 #include <unistd.h>
 
 #include <linux/futex.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #include <msgpack.h>
 #include <zmq.h>
@@ -1196,6 +1199,40 @@ static void write_times(sc_pub *p, uint64_t offset, uint64_t n, double t0, const
         at[k] = t0 + (double)k * step;
 }
 
+/* Frames of at least STREAM_MIN bytes go into the slab by streaming (non-temporal) stores on x86-64, which write
+ * whole lines without first reading them: the pool is larger than the caches, so a frame's destination is cold
+ * (src/slabcast/core/_hot.c, copy_frame, has the figures).  The store fence orders them before the descriptor and
+ * the position, which publish() stores after (a release store orders ordinary stores only). */
+#define STREAM_MIN 65536
+
+static void copy_frame(char *to, const char *from, size_t n)
+{
+#if defined(__x86_64__)
+    if (n >= STREAM_MIN) {
+        size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
+        memcpy(to, from, head);
+        to += head;
+        from += head;
+        n -= head;
+        size_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(from + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(from + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(from + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(from + i + 48));
+            _mm_stream_si128((__m128i *)(to + i), a);
+            _mm_stream_si128((__m128i *)(to + i + 16), b);
+            _mm_stream_si128((__m128i *)(to + i + 32), c);
+            _mm_stream_si128((__m128i *)(to + i + 48), d);
+        }
+        memcpy(to + i, from + i, n - i);
+        _mm_sfence();
+        return;
+    }
+#endif
+    memcpy(to, from, n);
+}
+
 static int write_locked(sc_pub *p, const void *data, uint64_t n, double t0, unsigned flags, const double *times)
 {
     int rc;
@@ -1218,7 +1255,7 @@ static int write_locked(sc_pub *p, const void *data, uint64_t n, double t0, unsi
     uint64_t nbytes = n * p->sample_bytes, offset;
     if ((rc = place(p, nbytes, &offset)))
         return rc;
-    memcpy(p->map + offset, data, nbytes);
+    copy_frame((char *)p->map + offset, data, nbytes);
     if (p->info.timestamps)
         write_times(p, offset, n, t0, times);
     p->offset = offset + nbytes;

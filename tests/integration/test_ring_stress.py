@@ -31,14 +31,21 @@ READERS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("timestamps", [True, False], ids=["times-python-path", "t0-compiled-path"])
-def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers, queue, stream_name, timestamps):
+@pytest.mark.parametrize(
+    ("timestamps", "stream_min"),
+    [(True, None), (False, None), (False, 0)],
+    ids=["times-python-path", "t0-compiled-path", "t0-compiled-streaming-stores"],
+)
+def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers, queue, stream_name, timestamps,
+                                                                stream_min):  # fmt: skip
     # Per-sample times keep the publisher's Python steps; a t0 per frame takes the compiled ones (core/_hot.c)
-    # where they are built.
+    # where they are built, which copy frames of 64 KiB and more by streaming stores on x86-64 (the stress
+    # frames are up to 72 KB): stream_min=0 copies every frame so, of every size and alignment, the store
+    # fence before the position their only order.
     results = workers.queue()
     go = workers._ctx.Event()
     workers.spawn(W.stress_write, broker.address, stream_name, 3, 48_000.0, SECONDS, 7, queue, go, results,
-                  timestamps)  # fmt: skip
+                  timestamps, stream_min)  # fmt: skip
     assert queue.get(timeout=30)[0] == "pub-ready"
     for kwargs in READERS:
         workers.spawn(W.stress_read, broker.address, stream_name, kwargs, queue, results)

@@ -141,14 +141,18 @@ def stress_expected(index, n, channels):
     return base if channels > 1 else base[:, 0]
 
 
-def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event, result_q, timestamps=True):
+def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event, result_q, timestamps=True,
+                 stream_min=None):
     """Write frames of random sizes (1 .. 3000 samples, some single samples in bursts) at full speed for
     ``seconds``, each sample's value naming it (stress_expected) and a time per sample (``timestamps``; else
-    each frame's t0, which takes the compiled path where it is built); then close."""
+    each frame's t0, which takes the compiled path where it is built); then close.  ``stream_min``: the
+    compiled writer copies frames of this many bytes and more by streaming stores (0: every frame)."""
     try:
         rng = np.random.default_rng(seed)
         pub = slabcast.Publisher(name, dtype="int64", channels=channels, rate=rate, address=address,
                                  timestamps=timestamps, slab_bytes=2 << 20, max_chunk_bytes=1 << 20)
+        if stream_min is not None and pub._writer is not None:
+            pub._writer.stream_min = stream_min
         ready_q.put(("pub-ready", os.getpid()))
         go_event.wait(60)
         index = 0

@@ -28,6 +28,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the ring is little-endian (docs/protocol.md) and these functions read and write it natively"
@@ -300,6 +303,48 @@ done:
 
 /* ------------------------------------------------------------------ the publisher's frame */
 
+/* Frames of at least this many bytes go into the slab by non-temporal stores (x86-64). */
+#define STREAM_MIN 65536
+
+/* Copy a frame into its slab.  The pool is larger than the caches by design (it keeps history, and the writer
+ * goes round it), so a frame's destination is cold: ordinary stores first read each line they fill.  Streaming
+ * stores write whole lines without that read: on the 2-vCPU test machine 1 MiB into a 96 MiB pool 91-105 us
+ * against 50 (memcpy / these), 64 KiB 3.6-6.6 against 3.0-3.3.  The lines end up in memory, not in the writer's
+ * cache: a subscriber reading all of a frame reads it from there (64 KiB frames read whole: 1-2 us more a frame
+ * in the subscriber, 2-3 us less in the publisher).  Below STREAM_MIN a frame is as often read at once as it is
+ * small: memcpy.  The store fence orders the streaming stores before the descriptor and the position (a release
+ * store orders ordinary stores only). */
+static void
+copy_frame(char *to, const char *from, size_t n, size_t stream_min)
+{
+#if defined(__x86_64__)
+    if (n >= stream_min) {
+        size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
+        memcpy(to, from, head);
+        to += head;
+        from += head;
+        n -= head;
+        size_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(from + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(from + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(from + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(from + i + 48));
+            _mm_stream_si128((__m128i *)(to + i), a);
+            _mm_stream_si128((__m128i *)(to + i + 16), b);
+            _mm_stream_si128((__m128i *)(to + i + 32), c);
+            _mm_stream_si128((__m128i *)(to + i + 48), d);
+        }
+        memcpy(to + i, from + i, n - i);
+        _mm_sfence();
+        return;
+    }
+#else
+    (void)stream_min;
+#endif
+    memcpy(to, from, n);
+}
+
 typedef struct {
     PyObject_HEAD
     Py_buffer segment;      /* the stream's segment, writable; released by close() */
@@ -316,6 +361,7 @@ typedef struct {
     Py_ssize_t sample_bytes;
     Py_ssize_t frame_limit;
     unsigned long long puts; /* frames this writer published (tests: which path wrote) */
+    Py_ssize_t stream_min;  /* frames of this many bytes and more are copied by streaming stores (copy_frame) */
 } Writer;
 
 static void
@@ -378,6 +424,7 @@ writer_init(Writer *w, PyObject *args, PyObject *kwargs)
     w->channels = channels;
     w->sample_bytes = itemsize * channels;
     w->frame_limit = frame_limit;
+    w->stream_min = STREAM_MIN;
     return 0;
 }
 
@@ -510,7 +557,7 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&view);
         return PyLong_FromLongLong(full ? FULL : 0);
     }
-    memcpy(w->base + offset, view.buf, (size_t)view.len);
+    copy_frame(w->base + offset, view.buf, (size_t)view.len, (size_t)w->stream_min);
     PyBuffer_Release(&view);
     w->puts++;
     /* The descriptor (docs/protocol.md): not visible until the position, so its own order does not matter. */
@@ -581,8 +628,30 @@ writer_get_puts(Writer *w, void *closure)
     return PyLong_FromUnsignedLongLong(w->puts);
 }
 
+static PyObject *
+writer_get_stream_min(Writer *w, void *closure)
+{
+    return PyLong_FromSsize_t(w->stream_min);
+}
+
+static int
+writer_set_stream_min(Writer *w, PyObject *value, void *closure)
+{
+    Py_ssize_t v = value == NULL ? -1 : PyLong_AsSsize_t(value);
+    if (v < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "stream_min must be an int >= 0");
+        return -1;
+    }
+    w->stream_min = v;
+    return 0;
+}
+
 static PyGetSetDef writer_getset[] = {
     {"puts", (getter)writer_get_puts, NULL, "Frames this writer published.", NULL},
+    {"stream_min", (getter)writer_get_stream_min, (setter)writer_set_stream_min,
+     "Frames of this many bytes and more are copied by streaming (non-temporal) stores on x86-64 (default 65536; "
+     "0: every frame, as the ordering stress test does).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1566,7 +1635,7 @@ PyInit__hot(void)
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
         || PyModule_AddIntConstant(m, "SWITCHED", SWITCHED) < 0
-        || PyModule_AddIntConstant(m, "ABI", 4) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

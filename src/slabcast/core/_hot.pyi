@@ -19,6 +19,7 @@ class Writer:
     def close(self) -> None: ...
     @property
     def puts(self) -> int: ...
+    stream_min: int
 
 RING_NOW: int
 FULL: int
