@@ -120,6 +120,48 @@ def test_under_seconds_a_session_ends_without_a_stream_that_never_appears(broker
     assert np.array_equal(got["time_series"][:, 0], np.arange(50))
 
 
+@pytest.mark.parametrize("suffix", [".xdf", ".zarr"])
+def test_a_session_none_of_whose_streams_appeared_leaves_no_file(broker, stream_name, tmp_path, suffix):
+    # Stopped while it waited for streams that never came (or with no broker at all), it left an XDF header or
+    # an empty store behind, which the next try refused as existing; and said it had recorded 0 samples there.
+    import signal
+    import threading
+
+    out = tmp_path / f"s{suffix}"
+    rec = record_cli(broker.address, [stream_name + "a", stream_name + "b"], out)
+    seen: list[str] = []
+    waiting = threading.Event()
+
+    def read() -> None:
+        assert rec.stderr is not None
+        while ch := rec.stderr.read(1):
+            seen.append(ch)
+            if "waiting for the streams" in "".join(seen[-40:]):
+                waiting.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert waiting.wait(30), "".join(seen)
+        assert out.exists()  # (made before the streams are waited for)
+        rec.send_signal(signal.SIGINT)
+        code = rec.wait(30)
+        reader.join(10)
+        assert code == 1, "".join(seen)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+        rec.stderr.close()
+    err = "".join(seen)
+    assert f"nothing was recorded ({out} was not kept)" in err and "recorded 0 samples" not in err, err
+    assert not out.exists()
+    with pytest.raises(slabcast.BrokerGoneError, match="no broker"):
+        record_module.record([stream_name + "a", stream_name + "b"], str(out), address=f"ipc://{tmp_path}/no.sock",
+                             progress=False)  # fmt: skip
+    assert not out.exists()
+
+
 def test_under_seconds_a_session_of_markers_and_a_missing_stream_ends_with_the_markers(broker, stream_name, tmp_path):
     # Streams without a rate wait for every stream of the session (one may turn out to have a rate): a
     # mistyped one held the markers back for ever. --seconds after the session began recording, it is not

@@ -325,7 +325,7 @@ class Broker:
             poller.register(self._tcp, zmq.POLLIN)
         if self._tcp_monitor is not None:
             poller.register(self._tcp_monitor, zmq.POLLIN)
-        log.info("broker %d serving %s", self.pid, self.address)
+        log.info("broker %d listening at %s", self.pid, self.address)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.info(
             "open-file limit (RLIMIT_NOFILE) %d (was %d; hard %s): room for about %d more clients (one descriptor "

@@ -325,13 +325,14 @@ class _DirWriter(_Writer):
             self.times.close()
 
 
-def _others(stream: str, out: str, address: str | None) -> str:
+def _others(stream: str, out: str, address: str | None) -> str | None:
     """What the broker has now, when it does not have ``stream`` (a typo waits for nothing); when it has it,
     refuse an audio ``out`` that cannot hold its samples before subscribing (a source that waits for its
-    first subscriber would start for nothing)."""
+    first subscriber would start for nothing).  None when no broker answered (the subscription says why: the
+    recorder says nothing before it)."""
     streams = _live_streams(address)
     if streams is None:  # no broker yet, or busy: the subscription says what it must
-        return ""
+        return None
     names = [s["name"] for s in streams]
     if stream in names:
         if out.rstrip("/").lower().endswith(_AUDIO):
@@ -522,8 +523,10 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     _check_out(out)
     say = _Progress(progress)
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
-    # (others is empty when the broker has the stream live, or did not answer: the subscription then says why)
-    say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
+    # (others is empty when the broker has the stream live, None when it did not answer: the subscription then
+    # says why, or the first progress line that it is recording)
+    if others is not None:
+        say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
     sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
                      history=lead_in())  # fmt: skip
     written = 0

@@ -12,8 +12,10 @@ the wall time since every stream was subscribed, whichever comes first.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -241,6 +243,15 @@ def _session_clock(clock: str, streams: list[str], address: str | None) -> str:
     return "lsl"
 
 
+def _remove(out: str) -> None:
+    """Remove a session's file or store that holds no stream (it did not exist before the session made it)."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        else:
+            os.unlink(out)
+
+
 def _record_session(streams: list[str], out: str, seconds: float | None, address: str | None, progress: bool,
                     clock: str, lead_in: Callable[[], float | None] = lambda: None) -> int:  # fmt: skip
     """Record several streams (or one, to XDF) into one file: a thread and a subscriber per stream."""
@@ -248,7 +259,8 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose another --out")
     say = _Progress(progress)
-    hints = "".join(dict.fromkeys(_others(s, out, address) for s in streams))  # (each different hint once)
+    answers = [_others(s, out, address) for s in streams]  # (None: no broker answered)
+    hints = "".join(dict.fromkeys(a for a in answers if a))  # (each different hint once)
     session: Any
     if low.endswith(".xdf"):
         session = _XdfSession(out, _session_clock(clock, streams, address))
@@ -257,18 +269,20 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
 
         session = ZarrSession(out, _meta)
     names = ", ".join(streams)
-    say.say(f"recording {names}: waiting for the streams{hints}" if hints else f"recording {names}")
     stop = threading.Event()
-    recorders = [_StreamRecorder(s, session, out, seconds, address, stop, lead_in) for s in streams]
-    for r in recorders:
-        r.peers = recorders
+    recorders: list[_StreamRecorder] = []
     last_report = time.monotonic()
     all_subscribed: float | None = None
     first_found: float | None = None  # when the first stream of the session appeared
     try:
-        for r in recorders:
-            r.start()
         try:
+            if any(a is not None for a in answers):  # (else the subscriptions say why, or the progress that it does)
+                say.say(f"recording {names}: waiting for the streams{hints}" if hints else f"recording {names}")
+            recorders += [_StreamRecorder(s, session, out, seconds, address, stop, lead_in) for s in streams]
+            for r in recorders:
+                r.peers = recorders
+            for r in recorders:
+                r.start()
             while any(r.is_alive() for r in recorders):
                 for r in recorders:
                     r.join(0.1)
@@ -292,21 +306,29 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
                     last_report = now
                     parts = ", ".join(f"{r.stream} {r.written}" for r in recorders)
                     say.say(f"\rrecording: {max(r.span for r in recorders):8.1f} s, samples: {parts} ")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # (also while the recorders start: Ctrl-C gives up waiting at any time)
             pass
         stop.set()
         for r in recorders:
-            r.join()
+            if r.ident is not None:
+                r.join()
     except BaseException:
         say.say("", end="\n")
         raise
     finally:
         stop.set()
         session.close()
+        if not any(r.found for r in recorders):
+            _remove(out)  # no stream ever appeared (no broker, a typo, Ctrl-C while waiting): it holds nothing
     for r in recorders:
         if r.error is not None:
             say.say("", end="\n")
             raise r.error
+    if not any(r.found for r in recorders):
+        from .._exceptions import StreamNotFoundError
+
+        say.say("", end="\n")
+        raise StreamNotFoundError(f"{_missing(streams, address)}: nothing was recorded ({out} was not kept)")
     written = sum(r.written for r in recorders)
     say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
     missing = [r.stream for r in recorders if not r.found]
