@@ -1208,7 +1208,7 @@ static void write_times(sc_pub *p, uint64_t offset, uint64_t n, double t0, const
 static void copy_frame(char *to, const char *from, size_t n)
 {
 #if defined(__x86_64__)
-    if (n >= STREAM_MIN) {
+    if (n >= STREAM_MIN) {  /* (>= 64: the head never passes the frame's end) */
         size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
         memcpy(to, from, head);
         to += head;
@@ -1331,6 +1331,9 @@ static int commit_locked(sc_pub *p, uint64_t n, double t0, unsigned flags)
     if (p->info.timestamps && times == NULL)
         write_times(p, p->loan_offset, n, t0, NULL);
     p->offset = p->loan_offset + n * p->sample_bytes;
+#if defined(__x86_64__)
+    _mm_sfence();  /* (the caller may have filled the loan by streaming stores: ordered before the position too) */
+#endif
     if ((rc = publish(p, p->loan_offset, n, t0, flags)))
         return rc;
     return look(p);

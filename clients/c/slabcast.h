@@ -530,7 +530,8 @@ int sc_pub_write(sc_pub *pub, const void *data, uint64_t n, double t0, unsigned 
 /* Write in place: lend room for up to `n` samples in the slab being written (moving to the next granted slab,
  * and waiting for one, as a write of n samples would) and store its address in *data.  Fill it, then
  * sc_pub_commit.  No other write or loan until then.  The room stays the caller's until sc_pub_commit (nobody
- * reads it: nothing describes it yet). */
+ * reads it: nothing describes it yet).  It may be filled by any stores, streaming (non-temporal) ones too:
+ * sc_pub_commit makes a store fence before it publishes the frame. */
 int sc_pub_loan(sc_pub *pub, uint64_t n, void **data);
 
 /* For a stream opened with timestamps: where the open loan's per-sample times go (room for the n loaned, in the

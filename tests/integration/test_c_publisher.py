@@ -245,10 +245,11 @@ CASES: dict[str, dict[str, Any]] = {
         "c": [("c3-100c-futex", ["--size", "100", "--clip", "--wake", "futex"])],
         "runs": ("c", "c-loan"),
     },
-    # Frames up to 192 KB, two thirds of them 64 KiB or more: those the publishers copy by streaming stores on
-    # x86-64 (copy_frame in publisher.c and core/_hot.c), unaligned starts included.
-    "float64-large-frames": {
-        "dtype": "float64", "channels": 2, "rate": 48000.0, "slab_bytes": 1 << 20, "nslabs": 6, "frames": 60,
+    # Frames up to 144 KB, more than half of them 64 KiB or more: those the publishers copy by streaming stores on
+    # x86-64 (copy_frame in publisher.c and core/_hot.c); samples of 12 bytes, so frames start off 16-byte
+    # boundaries (the copy's unaligned head).
+    "float32-x3-large-frames": {
+        "dtype": "float32", "channels": 3, "rate": 48000.0, "slab_bytes": 1 << 20, "nslabs": 6, "frames": 60,
         "max_frame": 12000, "seed": 15, "jump_every": 0,
         "py": [("b20000c-doorbell", {"size": 20000, "clip": True}), ("b4097-futex", {"size": 4097, "wake": "futex"})],
         "c": [("c3-20000c-futex", ["--size", "20000", "--clip", "--wake", "futex"])],

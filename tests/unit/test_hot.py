@@ -95,6 +95,44 @@ def test_put_stores_what_the_python_steps_store_byte_for_byte(seg, ring, writer)
         other.close()
 
 
+@pytest.mark.parametrize("stream_min", [0, 65536], ids=["streaming-from-64-B", "streaming-from-64-KiB"])
+def test_put_copies_a_frame_exactly_at_every_size_and_alignment(stream_min):
+    # Frames of stream_min bytes and more are copied by streaming stores on x86-64: an unaligned head by memcpy,
+    # 64-byte blocks, a tail by memcpy. A 1-byte frame at an odd offset with stream_min 0 ran off the mapping.
+    size = 1 << 20
+    seg = mmap.mmap(-1, size + ring_bytes(SLOTS))
+    ring = Ring(seg, size, slots=SLOTS)
+    ring.format()
+    assert R.HOT is not None
+    w = R.HOT.Writer(seg, size, SLOTS, ring.seen, "B", 1, 1, size)
+    buf = np.frombuffer(seg, np.uint8)
+    try:
+        w.stream_min = stream_min
+        assert w.stream_min == stream_min
+        source = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8)
+        sizes = [*range(1, 200), *range(65536 - 20, 65536 + 90), 131_079, 200_001]
+        position = 0
+        for n in sizes:
+            for at in range(4096, 4096 + 17) if n < 70_000 else (4096, 4097, 4103, 4111, 4129):
+                for src_at in (0, 3) if n < 70_000 else (0, 1, 8, 13):
+                    buf[256:size] = 0xA5
+                    frame = source[src_at : src_at + n]
+                    assert w.put(frame, 1.0, 0, at, size, position, 0, 0, 0, 0, 1 << 31, False) == n
+                    position += 1
+                    assert np.array_equal(buf[at : at + n], frame), (n, at, src_at)
+                    assert (buf[256:at] == 0xA5).all() and (buf[at + n : size] == 0xA5).all(), (n, at, src_at)
+        for bad in (-1, True, "64"):
+            with pytest.raises(ValueError, match="stream_min must be an int >= 0"):
+                w.stream_min = bad
+        with pytest.raises(AttributeError):
+            del w.stream_min
+    finally:
+        del buf
+        w.close()
+        ring.release()
+        seg.close()
+
+
 def test_put_without_t0_stamps_the_wall_clock(ring, writer):
     before = time.time()
     assert writer.put(_frame(2), None, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 2

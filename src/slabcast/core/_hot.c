@@ -318,7 +318,7 @@ static void
 copy_frame(char *to, const char *from, size_t n, size_t stream_min)
 {
 #if defined(__x86_64__)
-    if (n >= stream_min) {
+    if (n >= stream_min && n >= 64) {  /* (a frame shorter than a line: memcpy; the head never passes its end) */
         size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
         memcpy(to, from, head);
         to += head;
@@ -637,10 +637,16 @@ writer_get_stream_min(Writer *w, void *closure)
 static int
 writer_set_stream_min(Writer *w, PyObject *value, void *closure)
 {
-    Py_ssize_t v = value == NULL ? -1 : PyLong_AsSsize_t(value);
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "stream_min cannot be deleted");
+        return -1;
+    }
+    Py_ssize_t v = PyBool_Check(value) ? -1 : PyLong_AsSsize_t(value);
     if (v < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "stream_min must be an int >= 0");
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "stream_min must be an int >= 0 (bytes), got %R", value);
+        }
         return -1;
     }
     w->stream_min = v;
@@ -651,7 +657,7 @@ static PyGetSetDef writer_getset[] = {
     {"puts", (getter)writer_get_puts, NULL, "Frames this writer published.", NULL},
     {"stream_min", (getter)writer_get_stream_min, (setter)writer_set_stream_min,
      "Frames of this many bytes and more are copied by streaming (non-temporal) stores on x86-64 (default 65536; "
-     "0: every frame, as the ordering stress test does).", NULL},
+     "0: every frame of 64 bytes or more, as the ordering stress test does).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
