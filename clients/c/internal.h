@@ -26,6 +26,9 @@ typedef struct msgview {
 
 /* sc_connect for a connection of `role` ("sub" or "pub"): HELLO with the client's version, expect WELCOME. */
 int sci_connect(sc_client *c, const char *address, const char *role);
+/* The default broker address into `out` ($SLABCAST_ADDRESS, else the per-user socket, as Python's); SC_EINVAL with the
+ * reason in `err`. */
+int sci_default_address(char *out, size_t cap, char *err, size_t errcap);
 
 /* The client's ZeroMQ context (for more sockets: they must be closed before sc_close, which ends it), its DEALER
  * and the PAIR that receives the DEALER's monitor events (for zmq_poll). */

@@ -122,6 +122,7 @@ struct sc_pub {
     unsigned char *map;
     size_t map_bytes;
     uint64_t header_bytes, slab_bytes, reserve, sample_bytes, frame_limit, times_offset, slots_per_slab;
+    bool chunk_given;            /* max_chunk_bytes was given (the frame limit's rule, in its message) */
     uint32_t nslabs;
     const uint32_t *gens;
     unsigned char *ring;
@@ -376,39 +377,10 @@ static void pack_strings(msgpack_packer *pk, const char *const *values, unsigned
 
 /* ---------------------------------------------------------------- address */
 
-/* wire/address.py default_address: $SLABCAST_ADDRESS, else the per-user runtime directory's socket. */
+/* The default broker address (slabcast.c, sci_default_address), its refusal as this publisher's error. */
 static int default_address(sc_pub *p, char *out, size_t cap)
 {
-    const char *env = getenv("SLABCAST_ADDRESS");
-    if (env && *env) {
-        snprintf(out, cap, "%s", env);
-        return SC_OK;
-    }
-    const char *runtime = getenv("XDG_RUNTIME_DIR");
-    char dir[PATH_MAX];
-    if (runtime && *runtime) {
-        snprintf(dir, sizeof dir, "%s", runtime);
-    } else {
-        const char *tmp = getenv("TMPDIR");
-        snprintf(dir, sizeof dir, "%s/slabcast-%u", tmp && *tmp ? tmp : "/tmp", (unsigned)getuid());
-        mkdir(dir, 0700);  /* made now, by us, if nobody made it first; then whoever made it must be us */
-        for (int k = 0; k < 2; k++) {
-            char path[PATH_MAX + 16];
-            snprintf(path, sizeof path, k ? "%s/slabcast" : "%s", dir);
-            struct stat st;
-            if (lstat(path, &st) != 0)
-                continue;
-            if (!S_ISDIR(st.st_mode) || st.st_uid != getuid() || (st.st_mode & 022))
-                return pfail(p, SC_EINVAL, "refusing %s: it must be a directory of this user (uid %u) that only it "
-                             "may write, got owner uid %u, mode %04o (another user could hold the address)", path,
-                             (unsigned)getuid(), (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
-        }
-    }
-    int n = snprintf(out, cap, "ipc://%s/slabcast/broker.sock", dir);
-    if (n < 0 || (size_t)n >= cap || n - 6 > 107)
-        return pfail(p, SC_EINVAL, "the default broker address %s/slabcast/broker.sock is longer than an ipc socket "
-                     "path may be (107 bytes): set SLABCAST_ADDRESS to a shorter one", dir);
-    return SC_OK;
+    return sci_default_address(out, cap, p->err, sizeof p->err);
 }
 
 /* ------------------------------------------------------------- the socket */
@@ -900,6 +872,7 @@ int sc_pub_open(const char *address, const char *stream, const sc_pub_options *o
     uint64_t layout = 0, carried = 0;
     if (rc == SC_OK)
         rc = pool_layout(p, o.slab_bytes, o.max_chunk_bytes, &layout, &carried);
+    p->chunk_given = o.max_chunk_bytes != 0;
     char addr[sizeof p->address];
     if (rc == SC_OK && (address == NULL || *address == '\0'))
         rc = default_address(p, addr, sizeof addr);
@@ -1170,9 +1143,12 @@ static int check_frame(sc_pub *p, uint64_t n)
     if (n < 1)
         return pfail(p, SC_EINVAL, "a frame must hold at least one sample, got n=0 (%s)", p->where);
     if (n > p->frame_limit / p->sample_bytes)
-        return pfail(p, SC_EINVAL, "a frame of %llu samples (%llu bytes) is larger than %s allows (%llu bytes: "
-                     "slab_bytes - max_chunk_bytes); split it or use larger slabs", (unsigned long long)n,
-                     (unsigned long long)(n * p->sample_bytes), p->where, (unsigned long long)p->frame_limit);
+        return pfail(p, SC_EINVAL, "a frame of %llu samples (%llu bytes) is larger than %s allows (%llu bytes: a "
+                     "slab's room for frames, %s); split it, or give the Publisher a larger slab_bytes (docs/up.md, "
+                     "Sizing); nothing was written", (unsigned long long)n, (unsigned long long)(n * p->sample_bytes),
+                     p->where, (unsigned long long)p->frame_limit,
+                     p->chunk_given ? "slab_bytes - max_chunk_bytes" : "half of slab_bytes when max_chunk_bytes is not "
+                     "given");
     return SC_OK;
 }
 

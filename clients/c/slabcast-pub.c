@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 static const char USAGE[] =
-    "usage: slabcast-pub --address ADDR --stream NAME [--dtype D] [--channels C] [--rate HZ]\n"
+    "usage: slabcast-pub [--address ADDR] --stream NAME [--dtype D] [--channels C] [--rate HZ]\n"
     "                    [--slab-bytes B] [--nslabs N] [--max-chunk-bytes B] [--timeout-ms MS]\n"
     "                    [--timestamps] [--channel-names A,B,..] [--channel-types A,B,..]\n"
     "                    [--channel-units A,B,..] [--source-id ID] [--statistics S] [--label TEXT]\n"
@@ -24,6 +24,7 @@ static const char USAGE[] =
     "       slabcast-pub --version\n"
     "\n"
     "Opens the stream, prints `ready`, then writes frames until its input ends and closes the stream.\n"
+    "--address: the broker; default $SLABCAST_ADDRESS, else the per-user socket Python's broker uses.\n"
     "Input (samples are sample-major: channels interleaved, in the stream's dtype, native byte order):\n"
     "  default       raw samples from stdin, --frame N samples per write (default 1024; the last write\n"
     "                takes what is left)\n"
@@ -246,8 +247,6 @@ int main(int argc, char **argv)
             return usage_error("unknown option '%s'", a);
         }
     }
-    if (address == NULL)
-        return usage_error("%s", "--address is required");
     if (stream == NULL)
         return usage_error("%s", "--stream is required");
     if (framed && have_pattern)

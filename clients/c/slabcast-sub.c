@@ -15,7 +15,7 @@
 #include <time.h>
 
 static const char USAGE[] =
-    "usage: slabcast-sub --address ADDR --stream NAME (--size N | --seconds S) [--clip]\n"
+    "usage: slabcast-sub [--address ADDR] --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
     "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS]\n"
@@ -28,6 +28,8 @@ static const char USAGE[] =
     "` times=<crc32 of the chunk's per-sample times, n little-endian f64>`, or ` times=-` for a stream without them).\n"
     "--info prints, before `ready`, `info <JSON>`: the stream's name, dtype, channels, rate (null: none), size,\n"
     "start, channel_names, channel_types, channel_units, source_id and timestamps.\n"
+    "--address: the broker (ipc:// endpoint, socket path, or tcp://HOST:PORT); default $SLABCAST_ADDRESS, else\n"
+    "the per-user socket Python's broker uses ($XDG_RUNTIME_DIR/slabcast/broker.sock, else /tmp/slabcast-<uid>/...).\n"
     "--sampler S: skip S seconds of stream time after each chunk (Python's sampler=S).\n"
     "--wait-ms MS: wait up to MS ms for a stream that does not exist yet (default 0: exit 6 at once; -1: the\n"
     "timeout).\n"
@@ -365,8 +367,6 @@ int main(int argc, char **argv)
             return usage_error("unknown option '%s'", a);
         }
     }
-    if (address == NULL)
-        return usage_error("%s", "--address is required");
     if (stream == NULL)
         return usage_error("%s", "--stream is required");
     if ((opts.size > 0) == (opts.seconds > 0))

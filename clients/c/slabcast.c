@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -872,11 +873,57 @@ int sc_connect(sc_client *c, const char *address)
     return sci_connect(c, address, "sub");
 }
 
+/* wire/address.py default_address: $SLABCAST_ADDRESS, else the per-user runtime directory's socket (the
+ * publisher's and, since sc_connect(c, NULL), the subscriber's default).  SC_EINVAL with the reason in `err`. */
+int sci_default_address(char *out, size_t cap, char *err, size_t errcap)
+{
+    const char *env = getenv("SLABCAST_ADDRESS");
+    if (env && *env) {
+        snprintf(out, cap, "%s", env);
+        return SC_OK;
+    }
+    const char *runtime = getenv("XDG_RUNTIME_DIR");
+    char dir[PATH_MAX];
+    if (runtime && *runtime) {
+        snprintf(dir, sizeof dir, "%s", runtime);
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(dir, sizeof dir, "%s/slabcast-%u", tmp && *tmp ? tmp : "/tmp", (unsigned)getuid());
+        mkdir(dir, 0700);  /* made now, by us, if nobody made it first; then whoever made it must be us */
+        for (int k = 0; k < 2; k++) {
+            char path[PATH_MAX + 16];
+            snprintf(path, sizeof path, k ? "%s/slabcast" : "%s", dir);
+            struct stat st;
+            if (lstat(path, &st) != 0)
+                continue;
+            if (!S_ISDIR(st.st_mode) || st.st_uid != getuid() || (st.st_mode & 022)) {
+                snprintf(err, errcap, "refusing %s: it must be a directory of this user (uid %u) that only it may "
+                         "write, got owner uid %u, mode %04o (another user could hold the address)", path,
+                         (unsigned)getuid(), (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
+                return SC_EINVAL;
+            }
+        }
+    }
+    int n = snprintf(out, cap, "ipc://%s/slabcast/broker.sock", dir);
+    if (n < 0 || (size_t)n >= cap || n - 6 > 107) {
+        snprintf(err, errcap, "the default broker address %s/slabcast/broker.sock is longer than an ipc socket path "
+                 "may be (107 bytes): set SLABCAST_ADDRESS to a shorter one", dir);
+        return SC_EINVAL;
+    }
+    return SC_OK;
+}
+
 int sci_connect(sc_client *c, const char *address, const char *role)
 {
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "this client is already connected to %s", c->address);
     int rc;
+    char fallback[IPC_PATH_MAX + 16];
+    if (address == NULL) {  /* (an empty string stays an error: a variable that was meant to be set) */
+        if ((rc = sci_default_address(fallback, sizeof fallback, c->err, sizeof c->err)))
+            return rc;
+        address = fallback;
+    }
     if (address != NULL && strncmp(address, "tcp://", 6) == 0) {
         if ((rc = remote_address(c, address, role)))
             return rc;

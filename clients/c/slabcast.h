@@ -263,8 +263,9 @@ int sc_set_timeout(sc_client *c, int timeout_ms);
 int sc_set_protocol_version(sc_client *c, unsigned version);
 
 /* Connect to the broker at `address` ("ipc:///path/broker.sock", or a socket path; since 1.3.0 also
- * "tcp://HOST:PORT", a broker's --tcp endpoint, after sc_set_curve) and complete the HELLO/WELCOME handshake as a
- * subscriber.  tcp:// (protocol version 3 only): the chunks are cut by the broker and come by value (sc_chunk.data
+ * "tcp://HOST:PORT", a broker's --tcp endpoint, after sc_set_curve; NULL: the default address, as sc_pub_open's:
+ * $SLABCAST_ADDRESS, else $XDG_RUNTIME_DIR/slabcast/broker.sock, else <tmp>/slabcast-<uid>/slabcast/broker.sock)
+ * and complete the HELLO/WELCOME handshake as a subscriber.  tcp:// (protocol version 3 only): the chunks are cut by the broker and come by value (sc_chunk.data
  * points into the message, held by the client until sc_release); sc_info()->segment_bytes is 0 (nothing mapped)
  * and sc_chunk.times NULL; the client sends SYNC when it has said nothing for a second, from sc_recv and sc_wait,
  * so a subscriber that calls neither for 10 s is dropped by the broker.  A refused key, or a server key that is not

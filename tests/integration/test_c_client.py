@@ -447,6 +447,37 @@ def test_no_broker_is_a_clear_error(c_sub, tmp_path):
         c.close()
 
 
+def test_the_programs_find_the_broker_at_the_default_address_without_address(c_sub, broker, stream_name, tmp_path):
+    # The C README had `--address ipc://$XDG_RUNTIME_DIR/...`, which names /slabcast/broker.sock where that variable
+    # is unset (root, containers); the programs insisted on --address although the library has Python's default.
+    env = {**os.environ, "SLABCAST_ADDRESS": broker.address}
+    pub = subprocess.Popen([str(c_sub.parent / "slabcast-pub"), "--stream", stream_name, "--dtype", "int16",
+                            "--pattern", "2000", "--frame", "100", "--go"], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    sub = None
+    try:
+        assert pub.stdout is not None and pub.stdout.readline().startswith("ready"), pub.stderr
+        sub = subprocess.Popen([str(c_sub), "--stream", stream_name, "--size", "100"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert sub.stdout is not None and sub.stdout.readline().startswith("ready"), sub.stderr
+        _, pub_err = pub.communicate("go\n", timeout=60)
+        assert pub.returncode == 0, pub_err
+        out, err = sub.communicate(timeout=60)
+    finally:
+        for proc in (pub, sub):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert sub.returncode == 0, err
+    chunks = [line for line in out.splitlines() if line.startswith("seq=")]
+    assert len(chunks) == 20 and chunks[-1].startswith("seq=19 index=1900 n=100"), out
+    # Unset, the per-user default under XDG_RUNTIME_DIR, named in the error when nobody serves it.
+    env = {k: v for k, v in os.environ.items() if k != "SLABCAST_ADDRESS"} | {"XDG_RUNTIME_DIR": str(tmp_path)}
+    lonely = subprocess.run([str(c_sub), "--stream", "s", "--size", "10"], env=env, capture_output=True, text=True,
+                            timeout=30)  # fmt: skip
+    assert lonely.returncode == 3 and f"no broker at ipc://{tmp_path}/slabcast/broker.sock" in lonely.stderr, lonely
+
+
 def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name):
     pub = slabcast.Publisher(stream_name, dtype="int16", address=broker.address, slab_bytes=8192, nslabs=2)
     try:

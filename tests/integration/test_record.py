@@ -209,6 +209,40 @@ def test_an_evicted_recorder_ends_its_file_at_the_hole_and_exits_non_zero(stream
         assert "evicted" in said, said
 
 
+def test_a_discontinuity_ends_a_recording_with_a_message_that_says_so(broker, stream_name, tmp_path):
+    # A jump the publisher flagged (a file source looping) was told as "a hole in the stream: index went back to
+    # 1000 (the next chunk starts at 1000, 1000 was due)": no sample was missing.
+    pytest.importorskip("soundfile")
+    from slabcast.client import record as record_module
+    from tests.integration.test_record_xdf import wait_recorders
+
+    out = tmp_path / "d.wav"
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            record_module.record(stream_name, str(out), address=broker.address, progress=False)
+        except BaseException as exc:
+            failed.append(exc)
+
+    pub = slabcast.Publisher(stream_name, dtype="int16", rate=1000.0, address=broker.address)
+    recorder = threading.Thread(target=run)
+    recorder.start()
+    try:
+        wait_recorders(broker.address, [stream_name])
+        pub.write(np.arange(1000, dtype=np.int16), t0=0.0)
+        pub.write(np.arange(500, dtype=np.int16), t0=0.0, discontinuity=True)  # (a loop: the same samples again)
+    finally:
+        pub.close()
+        recorder.join(30)
+    assert not recorder.is_alive() and len(failed) == 1 and isinstance(failed[0], record_module.RecordingHoleError)
+    said = str(failed[0])
+    assert "a discontinuity at index 1000" in said and "holds the 1000 samples before it" in said, said
+    assert "hole" not in said and "went back" not in said, said
+    back = slabcast.open_recording(str(out))
+    np.testing.assert_array_equal(np.asarray(back.samples[:])[:, 0], np.arange(1000))
+
+
 def test_record_into_a_pipe_writes_lines_not_carriage_returns_and_repair_names_a_missing_file(broker, stream_name,
                                                                                               tmp_path):
     # A log file got "waiting for the stream^Mrecorded ..."; --repair of a missing file said "System error".

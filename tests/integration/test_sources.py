@@ -251,6 +251,11 @@ def test_a_source_writing_to_nobody_counts_what_it_discarded_and_says_so_once(tm
                          r"last sample [\d.]+ s ago", human), human  # fmt: skip
         lines = render(slabcast.broker_status(broker.address), None, 1.0)
         assert any(line.startswith("  source lonely (SyntheticSource): running") and hot for line, hot in lines)
+        # Said once nobody subscribed for _UNREAD_AFTER (3 s): the tasks `slabcast up` starts beside its sources
+        # subscribe a second or two after their first write, and were told their samples were discarded.
+        while not any("no subscriber for" in line for line in broker.stderr().splitlines()):
+            assert time.monotonic() < deadline, broker.stderr()
+            time.sleep(0.05)  # waiting for the log line itself
         with slabcast.Subscriber("lonely", size=80, address=broker.address) as sub:
             sub.recv(timeout=5).release()
             before = slabcast.broker_status(broker.address)["sources"][0]["discarded_samples"]

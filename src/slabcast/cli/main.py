@@ -168,7 +168,7 @@ def _status(args: argparse.Namespace) -> int:
     for src in sources.values():
         print(f"  source {source_line(src)}")
     for s in status["streams"]:
-        rate = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
+        rate = f"{s['rate']:.12g} Hz" if s["rate"] else "no rate"
         print(
             f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
             f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}"

@@ -58,7 +58,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
         old = before.get(s["name"])
         # (the first screen has no earlier count to take the rate from: "-", not 0)
         observed = f"{(s['samples'] - old['samples']) / dt:>10.0f}" if old and dt > 0 else f"{'-':>10}"
-        nominal = f"{s['rate']:g} Hz" if s["rate"] else "no rate"
+        nominal = f"{s['rate']:.12g} Hz" if s["rate"] else "no rate"
         state = " ENDED" if s["ended"] else ""
         lines.append(
             (

@@ -145,10 +145,11 @@ def _context() -> zmq.Context[Any]:
 
 
 def error_for(msg: M.End | M.Error, where: str) -> SlabcastError:
-    """Turn an ERROR or END message into the exception it stands for."""
+    """Turn an ERROR or END message into the exception it stands for (``where`` added unless it says it)."""
+    text = msg.message if where in msg.message else f"{msg.message} ({where})"
     if isinstance(msg, M.End):
-        return _ENDS.get(msg.code, EndOfStream)(f"{msg.message} ({where})")
-    return _ERRORS.get(msg.code, RequestError)(f"{msg.message} ({where})")
+        return _ENDS.get(msg.code, EndOfStream)(text)
+    return _ERRORS.get(msg.code, RequestError)(text)
 
 
 def unexpected(msg: M.Message, expected: str, where: str) -> ProtocolError:

@@ -409,6 +409,8 @@ class Publisher:
         self._nseq = 0  # notices published
         self._failure: BaseException | None = None  # an error the background thread met, raised by write
         self._frame_limit = self._geometry.frame_bytes
+        self._room_rule = "slab_bytes - max_chunk_bytes" if max_chunk_bytes is not None else \
+            "half of slab_bytes when max_chunk_bytes is not given"  # fmt: skip
         # The compiled frame path (core/_hot.c), when built; a stream with per-sample times keeps the Python one.
         self._takes_bytes = self.dtype == np.uint8 and self.channels == 1  # (bytes-like frames: check_frame)
         self._writer = None if HOT is None or self.timestamps else HOT.Writer(
@@ -531,7 +533,8 @@ class Publisher:
         if nbytes > self._frame_limit:
             raise ValueError(
                 f"a frame of {n} samples ({nbytes} bytes) is larger than {self._where} allows "
-                f"({self._frame_limit} bytes: slab_bytes - max_chunk_bytes); split it or use larger slabs"
+                f"({self._frame_limit} bytes: a slab's room for frames, {self._room_rule}); split it, or give "
+                f"the Publisher a larger slab_bytes (docs/up.md, Sizing); nothing was written"
             )
         stamps = None
         if times is not None or self.timestamps:

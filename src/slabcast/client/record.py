@@ -409,15 +409,22 @@ def _writer(out: str, info: StreamInfo) -> _Writer:
 
 
 class RecordingHoleError(SlabcastError):
-    """The stream skipped samples under the recorder (evicted, notices lost, a restarted source): the
-    recording ends at the hole, so audio that never reached it is never written as if contiguous."""
+    """The stream skipped samples under the recorder (evicted, notices lost) or jumped (a chunk flagged
+    ``discontinuity``: a restarted or reconnected source, a ``file`` source looping, samples lost upstream of
+    the publisher): the recording ends there, so samples that do not follow the ones before it are never
+    written as if they did."""
 
     def __init__(self, stream: str, out: str, expected: int, came: int, written: int) -> None:
-        missing = f"samples {expected} to {came - 1} missing" if came > expected else f"index went back to {came}"
-        super().__init__(
-            f"recording of {stream!r} ended at a hole in the stream: {missing} (the next chunk starts at "
-            f"{came}, {expected} was due); {out} holds the {written} samples before it"
-        )
+        if came > expected:
+            what = (f"a hole in the stream: samples {expected} to {came - 1} missing (the next chunk starts at "
+                    f"{came}, {expected} was due)")  # fmt: skip
+        elif came < expected:
+            what = f"a hole in the stream: the index went back to {came} ({expected} was due)"
+        else:
+            what = (f"a discontinuity at index {came}: the publisher flagged a jump there (a source restarted, "
+                    f"reconnected or looping, or samples lost before it), and a recording holds one contiguous "
+                    f"run")  # fmt: skip
+        super().__init__(f"recording of {stream!r} ended at {what}; {out} holds the {written} samples before it")
         self.expected, self.came, self.written = expected, came, written
 
 

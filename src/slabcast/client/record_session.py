@@ -330,7 +330,8 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
         say.say("", end="\n")
         raise StreamNotFoundError(f"{_missing(streams, address)}: nothing was recorded ({out} was not kept)")
     written = sum(r.written for r in recorders)
-    say.say(f"\rrecorded {names}: {written} samples to {out}" + " " * 20, end="\n")
+    counts = ", ".join(f"{r.stream} {r.written}" for r in recorders if r.found)  # (streams of other rates apart)
+    say.say(f"\rrecorded {counts} samples to {out}" + " " * 20, end="\n")
     missing = [r.stream for r in recorders if not r.found]
     if missing:
         from .._exceptions import StreamNotFoundError

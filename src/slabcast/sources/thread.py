@@ -23,6 +23,8 @@ __all__ = ["SourceThread"]
 
 log = logging.getLogger("slabcast.source")
 
+_UNREAD_AFTER = 3.0  # seconds without a subscriber before a source says what it writes is discarded
+
 
 class SourceThread(threading.Thread):
     """The acquisition thread of one source: read, write, repeat, until stopped or the source ends."""
@@ -49,6 +51,8 @@ class SourceThread(threading.Thread):
         self.blocked_episodes = 0
         self.refused = 0  # frames the stream refused (malformed), each lost
         self.discarded = 0  # samples written while the stream had no subscriber (only history may read them)
+        self._unread_since = 0.0  # time.monotonic() since when the stream has had no subscriber (0: it has one)
+        self._told_unread = False
         self.last_sample = 0.0  # time.time() of the last write
         self.state = "starting"
         self.error: BaseException | None = None
@@ -166,12 +170,19 @@ class SourceThread(threading.Thread):
         n = len(data)
         if self.subscribers is not None and self.subscribers(name) == 0:
             # Nobody subscribes: the samples go into the pool and out of it unseen. A live source may do so
-            # (nobody asked yet); it is never silent: counted, and said once.
-            if not self.discarded:
-                log.warning("source %r: no subscriber; what it writes meanwhile is discarded once its slab is "
-                            "written again, unless read by history (counted in `slabcast status`: discarded); "
-                            "said once", name)  # fmt: skip
+            # (nobody asked yet); it is never silent: counted, and said once when it lasted _UNREAD_AFTER (the
+            # tasks `slabcast up` starts with its sources subscribe a second or two after their first write).
+            now = time.monotonic()
+            if not self._unread_since:
+                self._unread_since = now
+            elif not self._told_unread and now - self._unread_since >= _UNREAD_AFTER:
+                self._told_unread = True
+                log.warning("source %r: no subscriber for %.0f s; what it writes meanwhile is discarded once its "
+                            "slab is written again, unless read by history (counted in `slabcast status`: "
+                            "discarded); said once", name, now - self._unread_since)  # fmt: skip
             self.discarded += n
+        else:
+            self._unread_since = 0.0
         if n > most:
             rate = pub.rate
             for start in range(0, n, most):
