@@ -133,6 +133,28 @@ def test_put_copies_a_frame_exactly_at_every_size_and_alignment(stream_min):
         seg.close()
 
 
+def test_copy_puts_a_buffer_anywhere_in_the_segment_exactly_and_refuses_what_does_not_fit():
+    # The Python steps of a frame and a slab change's carried part copy through it (streaming stores from 64 KiB).
+    assert R.HOT is not None
+    seg = np.full(400_000, 0xA5, np.uint8)
+    source = np.random.default_rng(6).integers(0, 256, 200_001, dtype=np.uint8)
+    for n in (0, 1, 63, 64, 65535, 65536, 65537, 150_001):
+        for at in (0, 1, 15, 4096 + 3):
+            seg[:] = 0xA5
+            R.HOT.copy(seg, at, source[:n])
+            assert np.array_equal(seg[at : at + n], source[:n]), (n, at)
+            assert (seg[:at] == 0xA5).all() and (seg[at + n :] == 0xA5).all(), (n, at)
+    seg[:200_001] = source
+    R.HOT.copy(seg, 3, seg[:150_000])  # overlapping: as memmove
+    assert np.array_equal(seg[3:150_003], source[:150_000])
+    with pytest.raises(ValueError, match="do not fit a buffer of 400000 bytes"):
+        R.HOT.copy(seg, 399_999, source[:2])
+    with pytest.raises(ValueError, match="do not fit"):
+        R.HOT.copy(seg, -1, source[:2])
+    with pytest.raises(BufferError):
+        R.HOT.copy(bytes(10), 0, b"x")  # read-only
+
+
 def test_put_without_t0_stamps_the_wall_clock(ring, writer):
     before = time.time()
     assert writer.put(_frame(2), None, 0, 4096, END, 0, 0, 0, 0, 1, 0, False) == 2

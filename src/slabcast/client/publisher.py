@@ -553,7 +553,10 @@ class Publisher:
         offset = state.offset
         if offset + nbytes > state.end or state.slab_frames >= state.frame_cap:  # (state.needs_slab, inlined)
             offset = self._next_slab()
-        self._bytes[offset : offset + nbytes] = arr.data.cast("B")  # the frame's one copy (a memcpy)
+        if HOT is not None:  # the frame's one copy, as the compiled put makes it (streaming stores from 64 KiB)
+            HOT.copy(self._u8, offset, arr)
+        else:
+            self._bytes[offset : offset + nbytes] = arr.data.cast("B")
         if stamps is not None:
             at = self._geometry.time_at(offset)
             self._u8[at : at + 8 * n] = stamps.view(np.uint8)

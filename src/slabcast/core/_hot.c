@@ -9,6 +9,7 @@
  *   futex_wake(address, mask=WAKE_ALL) -> int
  *   barrier() -> None
  *   runs(raw, seq, head, sample_bytes) -> list | int
+ *   copy(to, at, data) -> None
  *   Writer(segment, ring_offset, slots, seen, fmt, itemsize, channels, frame_limit).put(data, t0, flags, offset,
  *       end, position, index, floor, slab, gen, frame_max, first) -> int
  *   Rechunker(size, clip, rate, sampler): core/rechunk.py's rules (.feed, .needed)
@@ -1606,11 +1607,57 @@ static PyTypeObject ReaderType = {
     .tp_methods = reader_methods,
 };
 
+/* ------------------------------------------------------------------ a copy into the segment */
+
+PyDoc_STRVAR(copy_doc,
+"copy(to, at, data) -> None: data's bytes into the writable buffer `to` from byte `at`, as copy_frame does\n"
+"(streaming stores for 64 KiB and more on x86-64, then a store fence); overlapping regions: memmove.\n"
+"The Python steps of a publisher's frame and a slab change's carried part (core/geometry.py).");
+
+static PyObject *
+hot_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "copy takes (to, at, data), got %zd arguments", nargs);
+        return NULL;
+    }
+    int64_t at;
+    if (as_i64(args[1], &at) < 0)
+        return NULL;
+    Py_buffer to, data;
+    if (PyObject_GetBuffer(args[0], &to, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&to);
+        return NULL;
+    }
+    if (at < 0 || at > to.len || data.len > to.len - at) {
+        PyErr_Format(PyExc_ValueError, "copy: %zd bytes at byte %lld do not fit a buffer of %zd bytes", data.len,
+                     (long long)at, to.len);
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&to);
+        return NULL;
+    }
+    char *dst = (char *)to.buf + at;
+    const char *src = (const char *)data.buf;
+    size_t n = (size_t)data.len;
+    if (n) {
+        if (src < dst + n && dst < src + n)
+            memmove(dst, src, n);
+        else
+            copy_frame(dst, src, n, STREAM_MIN);
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&to);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef hot_methods[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))hot_futex_wait, METH_FASTCALL, futex_wait_doc},
     {"futex_wake", (PyCFunction)(void (*)(void))hot_futex_wake, METH_FASTCALL, futex_wake_doc},
     {"barrier", hot_barrier, METH_NOARGS, barrier_doc},
     {"runs", (PyCFunction)(void (*)(void))hot_runs, METH_FASTCALL, runs_doc},
+    {"copy", (PyCFunction)(void (*)(void))hot_copy, METH_FASTCALL, copy_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1641,7 +1688,7 @@ PyInit__hot(void)
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
         || PyModule_AddIntConstant(m, "SWITCHED", SWITCHED) < 0
-        || PyModule_AddIntConstant(m, "ABI", 5) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 6) < 0) {
         Py_DECREF(m);
         return NULL;
     }
