@@ -44,6 +44,40 @@
 #include "internal.h"
 #include "slabcast_wire.h"
 
+/* Frames of at least STREAM_MIN bytes go into the slab by streaming (non-temporal) stores on x86-64, which write
+ * whole lines without first reading them: the pool is larger than the caches, so a frame's destination is cold
+ * (src/slabcast/core/_hot.c, copy_frame, has the figures).  The store fence orders them before the descriptor and
+ * the position, which publish() stores after (a release store orders ordinary stores only). */
+#define STREAM_MIN 65536
+
+static void copy_frame(char *to, const char *from, size_t n)
+{
+#if defined(__x86_64__)
+    if (n >= STREAM_MIN) {  /* (>= 64: the head never passes the frame's end) */
+        size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
+        memcpy(to, from, head);
+        to += head;
+        from += head;
+        n -= head;
+        size_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(from + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(from + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(from + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(from + i + 48));
+            _mm_stream_si128((__m128i *)(to + i), a);
+            _mm_stream_si128((__m128i *)(to + i + 16), b);
+            _mm_stream_si128((__m128i *)(to + i + 32), c);
+            _mm_stream_si128((__m128i *)(to + i + 48), d);
+        }
+        memcpy(to + i, from + i, n - i);
+        _mm_sfence();
+        return;
+    }
+#endif
+    memcpy(to, from, n);
+}
+
 /* A message field as (position, name) for the sci_field_* readers, as slabcast.c's AT. */
 #define FIELD(msg, field) SCW_##msg##_##field, #field
 
@@ -970,9 +1004,10 @@ static uint64_t switch_slab(sc_pub *p)
     p->slab_data = data;
     p->end = start + p->slab_bytes;
     if (carry) {
-        memcpy(p->map + data - carry, p->map + old - carry, carry);
+        copy_frame((char *)p->map + data - carry, (const char *)p->map + old - carry, carry);  /* (other slabs) */
         if (p->info.timestamps)  /* with their times (copy_carry) */
-            memcpy(time_at(p, data - carry), time_at(p, old - carry), 8 * (carry / p->sample_bytes));
+            copy_frame((char *)time_at(p, data - carry), (const char *)time_at(p, old - carry),
+                       8 * (carry / p->sample_bytes));
     }
     p->floor = p->stats.samples - carry / p->sample_bytes;
     p->offset = data;
@@ -1173,40 +1208,6 @@ static void write_times(sc_pub *p, uint64_t offset, uint64_t n, double t0, const
     double step = p->info.rate > 0 ? 1.0 / p->info.rate : 0.0;
     for (uint64_t k = 0; k < n; k++)
         at[k] = t0 + (double)k * step;
-}
-
-/* Frames of at least STREAM_MIN bytes go into the slab by streaming (non-temporal) stores on x86-64, which write
- * whole lines without first reading them: the pool is larger than the caches, so a frame's destination is cold
- * (src/slabcast/core/_hot.c, copy_frame, has the figures).  The store fence orders them before the descriptor and
- * the position, which publish() stores after (a release store orders ordinary stores only). */
-#define STREAM_MIN 65536
-
-static void copy_frame(char *to, const char *from, size_t n)
-{
-#if defined(__x86_64__)
-    if (n >= STREAM_MIN) {  /* (>= 64: the head never passes the frame's end) */
-        size_t head = (size_t)(-(uintptr_t)to) & 15;  /* to a 16-byte boundary */
-        memcpy(to, from, head);
-        to += head;
-        from += head;
-        n -= head;
-        size_t i = 0;
-        for (; i + 64 <= n; i += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i *)(from + i));
-            __m128i b = _mm_loadu_si128((const __m128i *)(from + i + 16));
-            __m128i c = _mm_loadu_si128((const __m128i *)(from + i + 32));
-            __m128i d = _mm_loadu_si128((const __m128i *)(from + i + 48));
-            _mm_stream_si128((__m128i *)(to + i), a);
-            _mm_stream_si128((__m128i *)(to + i + 16), b);
-            _mm_stream_si128((__m128i *)(to + i + 32), c);
-            _mm_stream_si128((__m128i *)(to + i + 48), d);
-        }
-        memcpy(to + i, from + i, n - i);
-        _mm_sfence();
-        return;
-    }
-#endif
-    memcpy(to, from, n);
 }
 
 static int write_locked(sc_pub *p, const void *data, uint64_t n, double t0, unsigned flags, const double *times)
