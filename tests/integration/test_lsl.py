@@ -279,6 +279,13 @@ def test_status_tells_a_lost_outlet_from_a_running_one(tmp_path, stream_name):
         assert f"source {stream_name} (LslSource): reconnecting, reconnects 1" in human, human
         assert "observed" not in human and re.search(r"none for [\d.]+ s", human), human
         sub.close()
+        # Stopped while it reconnects: its source's thread ends within the broker's 5 s (a reconnection once
+        # listed every outlet, a liblsl call that could outlast them), and the publisher's notice socket file goes.
+        started = time.monotonic()
+        assert broker.stop(10) == 0, broker.stderr()
+        assert time.monotonic() - started < 5, broker.stderr()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("b.sock"))
+    assert left == [], left
 
 
 def test_history_sizes_the_pool_of_an_lsl_source_once_its_outlet_gives_the_rate(tmp_path, stream_name):
@@ -318,6 +325,27 @@ def test_lsl_out_stopped_by_sigterm_exits_0(broker, stream_name):
         proc.terminate()
         assert proc.wait(20) == 0
         assert f"stopped serving {stream_name}" in proc.stderr.read()
+    finally:
+        pub.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_lsl_out_for_a_stream_the_broker_lacks_says_it_waits_and_for_what(broker, stream_name):
+    # A typo waited silently (an hour), and SIGTERM then said "stopped serving" a stream it never served.
+    pub = slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address)
+    typo = stream_name + "x"
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", typo, "--address", broker.address],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        assert f"waiting for stream {typo!r}" in said and f"did you mean {stream_name!r}?" in said, said
+        proc.terminate()
+        assert proc.wait(20) == 0
+        assert f"stopped waiting for {typo}" in proc.stderr.read()
     finally:
         pub.close()
         if proc.poll() is None:

@@ -97,8 +97,12 @@ def _broker(args: argparse.Namespace) -> int:
     finally:
         for t in threads:
             t.stopping.set()
+        deadline = time.monotonic() + 5
         for t in threads:
-            t.join(5)
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():  # (a device call that does not return: its stream's files go with the process)
+                log.warning("source %r did not stop within 5 s (its %s call blocks); exiting without it",
+                            t.stream_name, type(t.source).__name__)  # fmt: skip
     return 0
 
 
@@ -142,13 +146,18 @@ def _term_as_interrupt() -> None:
 
 def _lsl_out(args: argparse.Namespace) -> int:
     from ..client.lsl import run_outlet
+    from ..client.record import absent_hint
 
     _term_as_interrupt()
+    hint = absent_hint(args.stream, args.address)
+    if hint is not None:  # (it waits for the stream, up to an hour: say so, and what there is)
+        print(f"lsl-out: waiting for stream {args.stream!r} ({hint}; Ctrl-C to give up)", file=sys.stderr)
     try:
         sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type,
                           source_id=args.source_id, curve=_curve(args))  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a service manager stops it, not a failure
-        print(f"lsl-out: stopped serving {args.stream}", file=sys.stderr)
+        waited = hint is not None and absent_hint(args.stream, args.address) is not None  # (it never came)
+        print(f"lsl-out: stopped {'waiting for' if waited else 'serving'} {args.stream}", file=sys.stderr)
         return 0
     print(f"lsl-out: {sent} samples of {args.stream} sent", file=sys.stderr)
     return 0

@@ -371,6 +371,16 @@ def _close(stream: str, names: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def absent_hint(stream: str, address: str | None) -> str | None:
+    """For a command about to wait for ``stream``: ``"the broker has 'a', 'b' now; did you mean 'a'?"`` when the
+    broker answers without it, None when it has it live or does not answer (the subscription then says why)."""
+    streams = _live_streams(address)
+    if streams is None:
+        return None
+    names = [s["name"] for s in streams]
+    return None if stream in names else f"the broker has {_listed(names)} now{_close(stream, names)}"
+
+
 def _missing(streams: Sequence[str], address: str | None) -> str:
     """Why a recording of ``streams`` that never appeared is not a success, with what the broker has now."""
     names = [s["name"] for s in _live_streams(address) or ()]

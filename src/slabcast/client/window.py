@@ -125,8 +125,22 @@ class Window:
         self._lock = threading.Condition()
         self._closed = threading.Event()
         self.error: BaseException | None = None
+        if history:
+            self._fill()
         self._thread = threading.Thread(target=self._run, name=f"window-{stream}", daemon=True)
         self._thread.start()
+
+    def _fill(self) -> None:
+        """Take what the pool holds of the window's seconds before the constructor returns (``history=True``:
+        :meth:`get` has them at once), up to a full window; the thread takes the rest as it comes."""
+        while self._count < self.capacity:
+            try:
+                chunk = self._sub.recv(timeout=0)  # (the pool's frames are described already: none waits)
+            except (TimeoutError, EndOfStream):
+                return  # (all the pool held; an end is the thread's to see again)
+            with chunk:
+                data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
+                self._append(data, chunk.times)
 
     def _run(self) -> None:
         try:

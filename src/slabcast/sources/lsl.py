@@ -125,6 +125,8 @@ class LslSource:
         if not found:
             raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){self._seen_instead()}")
         info = found[0]
+        self._looked = True  # (found once: a later failure is a lost outlet, not a typo, and its reconnection
+        # must not spend a blocking look at every outlet, which liblsl may stretch past a broker's stop)
         self._strings = info.channel_format() == lsl.cf_string
         dtype = marker_dtype(self.max_bytes) if self._strings else self._FORMATS.get(info.channel_format())
         if self._strings and info.channel_count() != 1:
