@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -159,6 +161,10 @@ def test_a_session_none_of_whose_streams_appeared_leaves_no_file(broker, stream_
     with pytest.raises(slabcast.BrokerGoneError, match="no broker"):
         record_module.record([stream_name + "a", stream_name + "b"], str(out), address=f"ipc://{tmp_path}/no.sock",
                              progress=False)  # fmt: skip
+    assert not out.exists()
+    cli = subprocess.run([sys.executable, "-m", "slabcast", "record", "a", "b", "--out", str(out), "--address",
+                          f"ipc://{tmp_path}/no.sock"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 1 and cli.stderr.startswith("slabcast: no broker at"), cli.stderr  # (no line before)
     assert not out.exists()
 
 

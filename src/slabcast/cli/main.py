@@ -149,14 +149,17 @@ def _lsl_out(args: argparse.Namespace) -> int:
     from ..client.record import absent_hint
 
     _term_as_interrupt()
-    hint = absent_hint(args.stream, args.address)
-    if hint is not None:  # (it waits for the stream, up to an hour: say so, and what there is)
-        print(f"lsl-out: waiting for stream {args.stream!r} ({hint}; Ctrl-C to give up)", file=sys.stderr)
+    hint = None
     try:
+        hint = absent_hint(args.stream, args.address)
+        if hint is not None:  # (it waits for the stream, up to an hour: say so, and what there is)
+            print(f"lsl-out: waiting for stream {args.stream!r} ({hint}; Ctrl-C to give up)", file=sys.stderr)
         sent = run_outlet(args.stream, address=args.address, name=args.name, type=args.type,
                           source_id=args.source_id, curve=_curve(args))  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a service manager stops it, not a failure
-        waited = hint is not None and absent_hint(args.stream, args.address) is not None  # (it never came)
+        waited = False
+        with contextlib.suppress(KeyboardInterrupt):  # (a second Ctrl-C: the message says serving)
+            waited = hint is not None and absent_hint(args.stream, args.address) is not None  # (it never came)
         print(f"lsl-out: stopped {'waiting for' if waited else 'serving'} {args.stream}", file=sys.stderr)
         return 0
     print(f"lsl-out: {sent} samples of {args.stream} sent", file=sys.stderr)

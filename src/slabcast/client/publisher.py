@@ -934,7 +934,7 @@ class Publisher:
         self._closed = True
         self._kick()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
-            if not self._conn.gone and self._failure is None:  # (a broker that ended us or went away answers none)
+            if not self._conn.gone and not isinstance(self._failure, BrokerGoneError):  # (a dead one answers none)
                 # CLOSE is answered by END once every frame sent before it was handled.
                 self._conn.send(M.Close())
                 deadline = time.monotonic() + self.timeout

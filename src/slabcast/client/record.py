@@ -449,10 +449,13 @@ class _Progress:
         except (AttributeError, ValueError):
             self.tty = False
         self.last = 0.0
+        self.open = False  # a line is on the terminal, not ended yet
 
     def say(self, text: str, end: str = "") -> None:
         if not self.enabled:
             return
+        if not text.strip("\r") and end == "\n" and not self.open:
+            return  # (ending a line nobody began: a blank line before an error)
         if not self.tty:
             # A log file or a pipe: no carriage returns, and a running line at most every 10 s.
             final = end == "\n"
@@ -464,6 +467,7 @@ class _Progress:
             end = "\n"
         try:
             print(text, end=end, file=sys.stderr, flush=True)
+            self.open = end != "\n"
         except (OSError, ValueError):  # EPIPE (Python ignores SIGPIPE), EIO, a closed sys.stderr
             self.enabled = False
             with contextlib.suppress(OSError, ValueError):  # what Python would flush at exit goes nowhere, quietly

@@ -126,7 +126,11 @@ class Window:
         self._closed = threading.Event()
         self.error: BaseException | None = None
         if history:
-            self._fill()
+            try:
+                self._fill()
+            except BaseException:  # (the broker gone, evicted, Ctrl-C: nothing is left open)
+                self._sub.close()
+                raise
         self._thread = threading.Thread(target=self._run, name=f"window-{stream}", daemon=True)
         self._thread.start()
 
