@@ -28,7 +28,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, limit_error, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
-from ..core.ring import HOT, WAKE_ALL, Ring, barrier, futex_wake
+from ..core.ring import HOT, WAKE_ALL, Ring, barrier, copy_into, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -385,7 +385,6 @@ class Publisher:
         self.segment = seg
         self._header = header
         self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
-        self._bytes = memoryview(self._mm)
         self.timestamps = bool(timestamps)
         self._geometry = Geometry(self.nslabs, self.slab_bytes, self.sample_bytes, self.reserve, self.timestamps)
         geometry = self._geometry
@@ -553,10 +552,7 @@ class Publisher:
         offset = state.offset
         if offset + nbytes > state.end or state.slab_frames >= state.frame_cap:  # (state.needs_slab, inlined)
             offset = self._next_slab()
-        if HOT is not None:  # the frame's one copy, as the compiled put makes it (streaming stores from 64 KiB)
-            HOT.copy(self._u8, offset, arr)
-        else:
-            self._bytes[offset : offset + nbytes] = arr.data.cast("B")
+        copy_into(self._u8, offset, arr)  # the frame's one copy, as the compiled put makes it
         if stamps is not None:
             at = self._geometry.time_at(offset)
             self._u8[at : at + 8 * n] = stamps.view(np.uint8)
@@ -952,7 +948,6 @@ class Publisher:
         self._u8 = None  # type: ignore[assignment]
         if self._writer is not None:
             self._writer.close()
-        self._bytes.release()
         self._ring.release()
         if self._mm is not None:
             with contextlib.suppress(BufferError):

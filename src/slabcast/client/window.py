@@ -12,6 +12,7 @@ import numpy as np
 
 from .._exceptions import ClosedError, EndOfStream, SlabcastError
 from .._info import StreamInfo
+from ..client.chunk import Chunk
 from ..client.subscriber import Subscriber
 
 __all__ = ["Window"]
@@ -143,8 +144,7 @@ class Window:
             except (TimeoutError, EndOfStream):
                 return  # (all the pool held; an end is the thread's to see again)
             with chunk:
-                data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
-                self._append(data, chunk.times)
+                self._take(chunk)
 
     def _run(self) -> None:
         try:
@@ -154,15 +154,17 @@ class Window:
                 except TimeoutError:
                     continue
                 with chunk:
-                    data = chunk.data if chunk.data.ndim == 2 else chunk.data[:, None]
-                    # Each sample's own stamp for a stream with per-sample times (an LSL source), else
-                    # t0 + k / rate (t0 for each sample of a stream without a rate).
-                    self._append(data, chunk.times)
+                    self._take(chunk)
         except EndOfStream:
             pass
         except (SlabcastError, ClosedError) as exc:
             if not self._closed.is_set():
                 self.error = exc
+
+    def _take(self, chunk: Chunk) -> None:
+        # Each sample's own stamp for a stream with per-sample times (an LSL source), else t0 + k / rate (t0 for
+        # each sample of a stream without a rate).
+        self._append(chunk.data if chunk.data.ndim == 2 else chunk.data[:, None], chunk.times)
 
     def _append(self, data: np.ndarray[Any, Any], times: np.ndarray[Any, Any]) -> None:
         cap = self.capacity

@@ -24,8 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import ring as _ring
-from .ring import RING_SLOTS, ring_bytes
+from .ring import RING_SLOTS, copy_into, ring_bytes
 
 __all__ = ["GEN_OFFSET", "PAGE", "Geometry", "copy_carry", "generation", "header_bytes"]
 
@@ -153,14 +152,7 @@ def copy_carry(u8: Any, geometry: Geometry, old_end: int, data: int, hi: int, lo
     (``lo = 0``); the broker copies only the older part a subscription asked for after the
     publisher last heard how much to carry.
     """
-    copy = _ring.HOT.copy if _ring.HOT is not None else None  # (streaming stores for 64 KiB and more: ring.py)
-    if copy is not None:
-        copy(u8, data - hi, u8[old_end - hi : old_end - lo])
-    else:
-        u8[data - hi : data - lo] = u8[old_end - hi : old_end - lo]
+    copy_into(u8, data - hi, u8[old_end - hi : old_end - lo])  # (as a frame is copied: core/ring.py)
     if geometry.timestamps:
         at = geometry.time_at
-        if copy is not None:
-            copy(u8, at(data - hi), u8[at(old_end - hi) : at(old_end - lo)])
-        else:
-            u8[at(data - hi) : at(data - lo)] = u8[at(old_end - hi) : at(old_end - lo)]
+        copy_into(u8, at(data - hi), u8[at(old_end - hi) : at(old_end - lo)])

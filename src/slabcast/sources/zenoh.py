@@ -264,9 +264,8 @@ class ZenohSource:
                 now = time.monotonic()
                 if self._silent:
                     self._silent = False
-                    log.log(logging.WARNING if self._info is not None and self._info.rate else logging.INFO,
-                            "stream %r: frames on %r again after %.1f s", self.name, self.key,
-                            now - self._last_frame)  # fmt: skip
+                    log.log(self._silence_level(), "stream %r: frames on %r again after %.1f s", self.name,
+                            self.key, now - self._last_frame)  # fmt: skip
                 self._last_frame = now
                 if self._write is None or self._info is None:  # the local stream is being opened
                     if len(self._early) == self._early.maxlen:
@@ -413,12 +412,14 @@ class ZenohSource:
         silent = time.monotonic() - self._last_frame
         if self._last_frame and not self._silent and silent > self.lost_after:
             self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
-            # (A stream without a rate, markers, is often quiet that long: said, but not as a warning.)
-            log.log(logging.WARNING if info is not None and info.rate else logging.INFO,
-                    "stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, or the network is "
-                    "cut; or nothing happened, for a stream without a rate); waiting", self.name, self.key,
-                    silent)  # fmt: skip
+            log.log(self._silence_level(), "stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, "
+                    "or the network is cut; or nothing happened, for a stream without a rate); waiting", self.name,
+                    self.key, silent)  # fmt: skip
         return None
+
+    def _silence_level(self) -> int:
+        """How a silence is said: a warning, but for a stream without a rate (markers), often quiet that long."""
+        return logging.WARNING if self._info is not None and self._info.rate else logging.INFO
 
     def wait(self) -> float:
         """``read`` waits by itself: no pause between reads."""
