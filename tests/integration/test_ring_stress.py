@@ -48,7 +48,9 @@ def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers,
         pytest.skip("streaming stores are the compiled writer's; core/_hot.c is not built")
     results = workers.queue()
     go = workers._ctx.Event()
-    workers.spawn(W.stress_write, broker.address, stream_name, 3, 48_000.0, SECONDS, 7, queue, go, results,
+    # (480 kHz: a slab holds 0.09 s of stream, so the broker grants this writer three slabs ahead and it tells
+    # about every other slab change: protocol 9.3)
+    workers.spawn(W.stress_write, broker.address, stream_name, 3, 480_000.0, SECONDS, 7, queue, go, results,
                   timestamps, stream_min)  # fmt: skip
     assert queue.get(timeout=30)[0] == "pub-ready"
     for kwargs in READERS:
@@ -60,8 +62,9 @@ def test_every_byte_of_every_chunk_is_where_its_descriptor_says(broker, workers,
     errors = [r for r in got if r[0].endswith("-error")]
     assert not errors, errors
     (pub,) = [r for r in got if r[0] == "pub-done"]
-    _, total, frames, compiled = pub
+    _, total, frames, compiled, held = pub
     assert frames > 1000, "the writer wrote too little to prove anything"
+    assert held == 3, "the broker never granted this fast writer three slabs ahead"
     if timestamps or ring_module.HOT is None:
         assert compiled == 0
     else:  # (all but the first frame of each slab, and those a batch or a doorbell sent to the Python steps)

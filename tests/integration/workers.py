@@ -159,6 +159,8 @@ def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event
         import time
 
         until = time.monotonic() + seconds
+        grants = pub._state.grants
+        held = 0  # the most slabs it held granted ahead
         while time.monotonic() < until:
             n = int(rng.integers(1, 3000)) if rng.random() < 0.7 else 1
             frame = stress_expected(index, n, channels)
@@ -167,9 +169,10 @@ def stress_write(address, name, channels, rate, seconds, seed, ready_q, go_event
             else:
                 pub.write(frame, t0=1000.0 + index / rate)
             index += n
+            held = max(held, len(grants))
         compiled = pub._writer.puts if pub._writer is not None else 0  # (frames the compiled path wrote)
         pub.close()
-        result_q.put(("pub-done", index, pub.frames, compiled))
+        result_q.put(("pub-done", index, pub.frames, compiled, held))
     except BaseException as exc:
         result_q.put(("pub-error", repr(exc)))
         raise

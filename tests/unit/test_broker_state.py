@@ -74,10 +74,11 @@ class Harness:
                              peer_pid=pid)  # fmt: skip
         assert isinstance(reply.message, M.Welcome)
 
-    def open(self, name: str = "s", max_chunk: int = 12288, timestamps: bool = False) -> M.Opened:
+    def open(self, name: str = "s", max_chunk: int = 12288, timestamps: bool = False, nslabs: int = 4,
+             rate: float | None = 1000.0) -> M.Opened:  # fmt: skip
         self.hello(PUB, "pub", pid=4242)
         meta = {"timestamps": True} if timestamps else None
-        out = self.send(PUB, M.Open(name, "<i4", 1, 1000.0, SLAB, 4, max_chunk, None, 0, meta))
+        out = self.send(PUB, M.Open(name, "<i4", 1, rate, SLAB, nslabs, max_chunk, None, 0, meta))
         opened = [m for i, m, _ in out if i == PUB and isinstance(m, M.Opened)]
         assert len(opened) == 1, out
         self.reserve = opened[0].reserve
@@ -542,6 +543,24 @@ def test_history_longer_than_the_pool_holds_starts_at_its_oldest_frame_flagged(h
         h.write(100)
     assert held and not held & (granted | set(h.grants))
     assert stream_pool_states(h, held) == {"retired"}
+
+
+@pytest.mark.parametrize(("nslabs", "rate", "every", "ahead"), [
+    (8, None, 0.01, 3), (8, 1e6, 0.01, 3), (8, None, 0.2, 2), (4, None, 0.01, 2), (8, 1000.0, 0.01, 2)])  # fmt: skip
+def test_a_fast_publisher_with_a_large_pool_is_granted_three_slabs_ahead(h: Harness, nslabs: int,
+                                                                         rate: float | None, every: float,
+                                                                         ahead: int) -> None:  # fmt: skip
+    # Three ahead while slabs change faster than every 0.1 s (by the broker's clock) where a slab holds less than
+    # 0.1 s of stream (at 1000 Hz here 1.02 s; or no rate) in a pool of 8 or more: the publisher then tells about
+    # every other change; else two, as the pool's history (history_nslabs) counts.
+    h.open(nslabs=nslabs, rate=rate)
+    per_slab = (SLAB - h.reserve) // 4 // 100
+    held = []
+    for _ in range(4 * per_slab):
+        h.now += every / per_slab
+        h.write(100)
+        held.append(len(h.grants))
+    assert max(held[2 * per_slab:]) == ahead
 
 
 def stream_pool_states(h: Harness, slabs: set[int]) -> set[str]:

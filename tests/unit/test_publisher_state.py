@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from slabcast.client._pubstate import (
@@ -216,3 +218,43 @@ def test_a_slab_change_is_told_switch_delay_after_its_first_frame_and_not_again_
     start(st, st.grants.popleft())  # the last granted slab: the publisher would wait for the GRANT it brings
     st.first_frame(20.0)
     assert st.switch_due(20.0)
+
+
+def test_a_slab_change_waits_for_the_next_while_two_granted_slabs_are_left():
+    # Granted three ahead (a fast publisher), it tells about every other change: holding two, a change is never
+    # due by time and not told at the next switch; holding one, it is due SWITCH_DELAY after the newest slab's first
+    # frame or at the next switch; holding none, at once.  A CARRIED waiting for the change ends the wait.
+    st = state()
+    st.grants.extend([2, 3, 4])
+    start(st, 0)
+    start(st, st.grants.popleft())  # holds 3, 4
+    st.first_frame(10.0)
+    assert st.deferred() and st.switch_left(10.0) == math.inf and not st.switch_due(1e9)
+    assert not st.tell_at_switch()
+    start(st, st.grants.popleft())  # holds 4: both changes go in one PUBLISHED
+    st.first_frame(20.0)
+    assert not st.deferred() and st.tell_at_switch()
+    assert not st.switch_due(20.0) and st.switch_due(20.0 + SWITCH_DELAY)
+    st.frame_sent()
+    assert not st.tell_at_switch() and not st.switch_due(1e9)
+    st.grants.extend([5, 6])  # the broker's answer: three ahead again
+    start(st, st.grants.popleft())
+    st.first_frame(30.0)
+    assert st.deferred()
+    assert st.on_carry(4096) is None  # a change made with the old carry is not told yet: the CARRIED waits ...
+    assert not st.deferred() and st.tell_at_switch() and st.switch_due(30.0 + SWITCH_DELAY)  # ... not for long
+    assert st.frame_sent() == 4096
+    st.grants.clear()
+    start(st, 7)
+    st.first_frame(40.0)
+    assert st.switch_left(40.0) == 0.0 and st.switch_due(40.0)  # no granted slab left: at once
+
+
+def test_history_counts_the_third_slab_granted_ahead_where_slabs_hold_under_a_tenth_of_a_second():
+    from slabcast.client.publisher import history_nslabs
+
+    # 1 s at 1 MHz x 4 bytes over 64 KiB slabs (16 ms each): 62 behind, the one written, three ahead.
+    assert history_nslabs(1.0, 1e6, 4, 65536) == 62 + 1 + 3
+    # 30 s of 48 kHz stereo float32 over 2 MiB (5.5 s a slab): two ahead (a broker never grants three there).
+    assert history_nslabs(30.0, 48000.0, 8, 2 << 20) == 6 + 1 + 2
+    assert history_nslabs(0.01, 1e6, 4, 65536) == 4  # (at least 4)

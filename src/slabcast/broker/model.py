@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -202,6 +203,11 @@ class Stream:
         self.slab_committed = [committed] * nslabs
         self.peak = committed  # the most any slab has (looked at on every grant)
         self.give_back = True  # False where holes cannot be punched
+        self.switched_at = -math.inf  # when (the broker's clock) it last read a slab change of this stream
+        # Whether a slab holds less than P.FAST_SLAB seconds of stream (or the stream has no rate) in a pool of
+        # P.FAST_POOL slabs or more: then a publisher whose slabs change that fast is granted one more ahead.
+        self.may_be_fast = nslabs >= P.FAST_POOL and (
+            not rate or geometry.frame_bytes < P.FAST_SLAB * rate * geometry.sample_bytes)
         self.header = geometry.header_bytes
         self.channel_names = channel_names
         self.segment = segment

@@ -50,14 +50,18 @@ __all__ = ["BrokerState", "Out", "System", "open_fds"]
 
 log = logging.getLogger("slabcast.broker")
 
-GRANT_AHEAD = 2  # slabs a publisher may hold beyond the one it writes
+# Slabs granted ahead (protocol 9.3): P.GRANT_AHEAD (fewer: the broker asks for ACKs), or one more while a
+# publisher's slabs change faster than every P.FAST_SLAB seconds, where a slab holds less than that of stream, in a
+# pool of P.FAST_POOL slabs or more (Stream.may_be_fast); it then tells about every other change, which halves the
+# broker's wake-ups (each about 70 us of its CPU beyond its handlers, flat out), at the cost of one slab of
+# history and of a lagging drop subscriber's lead: less than P.FAST_SLAB seconds of stream (history_nslabs counts
+# it).
 _RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision at most, then everyone
 _READ = 4096  # descriptors read from a ring at a time
 _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (BrokerState._take)
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
 _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
-REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
 _TYPED = frozenset(M.MESSAGES.values())
 
 
@@ -350,9 +354,10 @@ class BrokerState:
         client.stream = stream
         self.streams[name] = stream
         # What the pool holds for late joiners (history=, record --pre-buffer) at least: the room for frames of
-        # its slabs but the one being written and the two the broker grants ahead (history_nslabs' + 3).
+        # its slabs but the one being written and those the broker grants ahead (history_nslabs counts them).
         g = stream.geometry
-        frames = max(0, g.nslabs - 3) * g.frame_bytes // g.sample_bytes
+        ahead = P.GRANT_AHEAD_FAST if stream.may_be_fast else P.GRANT_AHEAD
+        frames = max(0, g.nslabs - 1 - ahead) * g.frame_bytes // g.sample_bytes
         holds = f"{frames / req.rate:.1f} s" if req.rate else f"{frames} samples"
         log.info("stream %r opened by %s: %s x %d @ %s, %d slabs of %d bytes (%d for frames); the pool holds "
                  "at least about %s behind the slab being written", name, client.label, req.dtype, req.channels,
@@ -399,9 +404,11 @@ class BrokerState:
             return
         pool = stream.pool
         pool.advance(stream.floor_index())
-        granted = pool.grant(GRANT_AHEAD)
+        fast = stream.may_be_fast and self._now - stream.switched_at < P.FAST_SLAB
+        ahead = P.GRANT_AHEAD_FAST if fast else P.GRANT_AHEAD
+        granted = pool.grant(ahead)
         ring = stream.ring
-        short = len(pool.granted) < GRANT_AHEAD
+        short = len(pool.granted) < P.GRANT_AHEAD
         target = _ack_target(stream) if short else None
         if not short:
             if ring.acks_wanted:
@@ -416,8 +423,8 @@ class BrokerState:
                 ring.want_acks(True, target)
                 barrier()
                 pool.advance(stream.floor_index())
-                granted += pool.grant(GRANT_AHEAD)
-                if len(pool.granted) >= GRANT_AHEAD:
+                granted += pool.grant(ahead)
+                if len(pool.granted) >= P.GRANT_AHEAD:
                     ring.want_acks(False)  # supplied again by this read: nobody need ACK
                     break
                 asked, target = target, (_ack_target(stream) if turn < _RETARGETS - 1 else None)
@@ -517,6 +524,7 @@ class BrokerState:
         """
         if stream.place(offset, n, carry) and not stream.ended:
             self._grant(stream)
+            stream.switched_at = self._now
         stream.fill(offset, n)
         stream.remember(stream.head, offset, ns or (n,), t0s or (t0,), jump)
         if stream.broker_cut:

@@ -279,7 +279,7 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
     carried = max(largest, min(limit, frames))
     history = pool.pop("history", None)
     if history is not None and "nslabs" not in pool:
-        # Enough slabs to hold `history` seconds behind the one being written (plus the two granted ahead),
+        # Enough slabs to hold `history` seconds behind the one being written (plus those granted ahead),
         # so block tasks may fall that far behind before the source waits.
         if not info.rate:
             raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")

@@ -8,6 +8,7 @@ is handed, so that ``tests/unit/test_publisher_state.py`` checks them in microse
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import NamedTuple
 
@@ -110,10 +111,27 @@ class PublisherState:
         self.end = start + slab_bytes
         return carry
 
+    def deferred(self) -> bool:
+        """Whether a slab change not told yet may go to the broker with the next one: while two or more granted
+        slabs are left (the broker grants up to three ahead to a publisher whose slabs change fast, and hears of
+        both changes in one message, while the publisher still holds a slab until its GRANT comes) and no CARRIED
+        waits for it."""
+        return len(self.grants) >= 2 and self.carried_due is None
+
     def switch_left(self, now: float) -> float:
         """Seconds from ``now`` until the last slab change is due to the broker: SWITCH_DELAY after its first
-        frame, at once (0) when no granted slab is left (the publisher would wait for the GRANT it brings)."""
-        return max(0.0, self.unsent_since + SWITCH_DELAY - now) if self.grants else 0.0
+        frame, at once (0) when no granted slab is left (the publisher would wait for the GRANT it brings),
+        never (infinity) while it is :meth:`deferred`."""
+        if not self.grants:
+            return 0.0
+        if self.deferred():
+            return math.inf
+        return max(0.0, self.unsent_since + SWITCH_DELAY - now)
+
+    def tell_at_switch(self) -> bool:
+        """Whether a slab change not told yet goes to the broker before the publisher starts the next slab
+        (at the latest then, unless :meth:`deferred`)."""
+        return self.switch_unsent and not self.deferred()
 
     def switch_due(self, now: float) -> bool:
         """Whether a slab change waits to be told to the broker and is due at ``now`` (:meth:`switch_left`)."""

@@ -222,8 +222,12 @@ def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[in
 
 def history_nslabs(history: float, rate: float, sample_bytes: int, frame_bytes: int) -> int:
     """Slabs a pool needs so that ``history`` seconds of a stream at ``rate`` stay behind the slab being
-    written (plus the two the broker grants ahead): ``frame_bytes`` of frames per slab, at least 4."""
-    return max(4, -(-int(history * rate * sample_bytes) // frame_bytes) + 3)
+    written (plus the slabs the broker grants ahead: two, or three where a slab holds less than ``FAST_SLAB``
+    seconds of stream in a pool of ``FAST_POOL`` slabs or more: ``wire.protocol``): ``frame_bytes`` of frames
+    per slab, at least 4."""
+    behind = -(-int(history * rate * sample_bytes) // frame_bytes)
+    fast = behind + 1 + P.GRANT_AHEAD >= P.FAST_POOL and frame_bytes < P.FAST_SLAB * rate * sample_bytes
+    return max(4, behind + 1 + (P.GRANT_AHEAD_FAST if fast else P.GRANT_AHEAD))
 
 
 class Publisher:
@@ -647,11 +651,12 @@ class Publisher:
                 self._notice(index, offset, n, t0, flags, True)
         if state.switch_unsent:
             # The broker grants the next slab when it hears of this change; the publisher holds another
-            # (GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it
+            # (P.GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it
             # then competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A
             # writer that held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
             if first:
-                self._kick()
+                if not state.deferred():
+                    self._kick()
             elif state.switch_due(time.monotonic()):
                 with self._lock:
                     self._published()
@@ -717,9 +722,12 @@ class Publisher:
         is tell a slab change, else BATCH_DELAY (a batch of notices, the carry of the next slab change)."""
         state = self._state
         ring = self._ring
-        if state.switch_unsent and not (state.pend_n or self._prep_asked or ring.notices_wanted
-                                        or ring.frames_wanted):  # fmt: skip
-            return state.switch_left(time.monotonic())
+        with self._lock:  # (close releases the ring under it, once _closed is set)
+            if self._closed:
+                return 0.0
+            if state.switch_unsent and not (state.pend_n or self._prep_asked or ring.notices_wanted
+                                            or ring.frames_wanted):  # fmt: skip
+                return min(_SAFETY, state.switch_left(time.monotonic()))
         return BATCH_DELAY
 
     def _service(self) -> float | None:
@@ -754,10 +762,12 @@ class Publisher:
         return _SAFETY
 
     def _next_slab(self) -> int:
-        grants = self._state.grants
+        state = self._state
+        grants = state.grants
         with self._lock:
             self._flush_pending()  # subscribers may wait for these before they free a slab
-            self._published()  # the last slab change, if the background thread has not told it yet
+            if state.tell_at_switch():
+                self._published()  # the last slab change, if the background thread has not told it yet
             if grants:
                 # Granted ahead: no socket on this frame's path (a look at it took 150-200 us of a paced
                 # writer's cold process, the p99 of 64 KiB frames); the background thread takes the broker's
@@ -804,11 +814,12 @@ class Publisher:
             switched = switch is not None and (n if n >= 0 else -n) >= _SWITCHED
             if switched:
                 n = n - _SWITCHED if n >= 0 else n + _SWITCHED
-                unsent = state.switch_unsent  # (the change before this one, not told yet: a slab shorter than
-                # SWITCH_DELAY; the broker grants again when it hears of it: now, both at once)
+                # The change before this one, not told yet (a slab shorter than SWITCH_DELAY): the broker grants
+                # again when it hears of it, now, both at once, unless it may wait longer still (deferred).
+                tell = state.tell_at_switch()
                 self._switch_to(grants.popleft())  # (the same slab, floor and generation: the write position and
                 # the samples are still those before this frame, as the check above saw them)
-                if unsent:
+                if tell:
                     state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
                     self._position = position + 1  # (what PUBLISHED says: the position after this frame)
                     self._published()
@@ -948,7 +959,8 @@ class Publisher:
         self._u8 = None  # type: ignore[assignment]
         if self._writer is not None:
             self._writer.close()
-        self._ring.release()
+        with self._lock:  # (the background thread, if it still runs, looks at the ring only under it)
+            self._ring.release()
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()

@@ -121,6 +121,12 @@ MAX_SAMPLER_SECONDS = 1e9  # a pause longer than ~31 years is a mistake, not a s
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_BATCH = 4096  # frames in one HISTORY message
 MAX_NSLABS = 4096  # slabs in one stream's pool (OPEN's nslabs: 2..MAX_NSLABS)
+# Slabs the broker grants ahead of the one being written (section 9.3): GRANT_AHEAD, or GRANT_AHEAD_FAST while the
+# publisher's slabs change faster than every FAST_SLAB seconds in a pool of FAST_POOL slabs or more.
+GRANT_AHEAD = 2
+GRANT_AHEAD_FAST = 3
+FAST_SLAB = 0.1
+FAST_POOL = 8
 # A publisher moves to a new slab after notices_per_slab(nslabs) frames, so a pool's frames (at most
 # 50,000) fit in the ring (65,536 descriptors: a block subscriber, which gates the reuse of every slab it
 # has not read, is never lapped) and, as notices, in one version-2 subscriber's queue: its SUB socket
