@@ -943,6 +943,42 @@ def test_no_slab_change_is_told_to_the_broker_before_its_first_frame_is_in_the_r
     assert not premature, f"{len(premature)} slab changes told before their first frame was in the ring"
 
 
+def test_a_fast_publisher_tells_about_every_other_slab_change_and_answers_a_carry_at_once(broker, stream_name):
+    # Granted three slabs ahead (slabs of 15 frames written flat out, 8 of them, no rate), the publisher keeps a
+    # slab change untold while two granted slabs are left: fewer PUBLISHED than slab changes, never a wait for a
+    # grant.  A CARRY that comes meanwhile (a subscriber asking for a longer carry) is answered at once, the
+    # change told before it: its background thread waited on kicks alone for a second before (StreamNotFoundError
+    # for a subscriber with timeout=0.5, 4 times in 4).
+    pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=65536, max_chunk_bytes=4096, nslabs=8,
+                             address=broker.address, timeout=10)  # fmt: skip
+    sent: list[str] = []
+    send = pub._conn.send
+    pub._conn.send = lambda m: (sent.append(type(m).__name__), send(m))[1]  # type: ignore[method-assign]
+    try:
+        state, frame = pub._state, np.zeros(4096, np.uint8)
+        changes, held, slab = 0, 0, pub._slab
+        for _ in range(6000):
+            pub.write(frame)
+            changes += pub._slab != slab
+            slab = pub._slab
+            held = max(held, len(state.grants))
+        print(f"\n{changes} slab changes, {sent.count('Published')} PUBLISHED, held {held}")
+        assert changes >= 390
+        assert sent.count("Published") < 0.8 * changes, (sent.count("Published"), changes)
+        while not (state.switch_unsent and state.deferred()):
+            pub.write(frame)
+        time.sleep(0.05)  # the writer pauses (its background thread, kicked by the last writes, goes to sleep)
+        sub = slabcast.Subscriber(stream_name, 4000, address=broker.address, timeout=0.5)  # a longer carry
+        assert sent[-2:] == ["Published", "Carried"]
+        pub.write(np.arange(4000, dtype=np.uint8))
+        chunk = sub.recv(timeout=5)
+        assert np.array_equal(chunk.data, np.arange(4000, dtype=np.uint8))
+        chunk.release()
+        sub.close()
+    finally:
+        pub.close()
+
+
 def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itself(broker, stream_name, monkeypatch):
     # A slab change's PUBLISHED (the broker grants the next slab when it hears it) goes from the background thread
     # SWITCH_DELAY later.  A writer flat out holds the GIL up to the switch interval (5 ms), and a 4 KiB writer kept

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import itertools
 import logging
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -170,6 +169,9 @@ class BrokerCutSub(Subscription):
         return self.last_pause
 
 
+FAST_CHANGES = 4  # slab changes over which Stream.fast reckons the publisher's pace
+
+
 class Stream:
     """A stream's segment, slab pool, notice counter and the position of its newest sample."""
 
@@ -203,7 +205,9 @@ class Stream:
         self.slab_committed = [committed] * nslabs
         self.peak = committed  # the most any slab has (looked at on every grant)
         self.give_back = True  # False where holes cannot be punched
-        self.switched_at = -math.inf  # when (the broker's clock) it last read a slab change of this stream
+        # When (the broker's clock) it read the last slab changes of this stream, several at one time when one
+        # PUBLISHED told them together: their pace over FAST_CHANGES intervals says whether the publisher is fast.
+        self.switch_times: deque[float] = deque(maxlen=FAST_CHANGES + 1)
         # Whether a slab holds less than P.FAST_SLAB seconds of stream (or the stream has no rate) in a pool of
         # P.FAST_POOL slabs or more: then a publisher whose slabs change that fast is granted one more ahead.
         self.may_be_fast = nslabs >= P.FAST_POOL and (
@@ -617,6 +621,17 @@ class Stream:
         if not 0 <= carry <= self.reserve:
             raise Refused(P.ERR_FRAME, f"FRAME carry must be 0..{self.reserve} bytes, got {carry}")
         return self.switch_slab(granted[0], carry)
+
+    def switched(self, now: float) -> None:
+        """The broker read a slab change at ``now``."""
+        self.switch_times.append(now)
+
+    def fast(self, now: float) -> bool:
+        """Whether the publisher gets P.GRANT_AHEAD_FAST slabs ahead: :attr:`may_be_fast`, and its last
+        FAST_CHANGES slab changes were read, up to ``now``, less than P.FAST_SLAB seconds apart on average (read
+        in twos or threes when it keeps changes for the next, each pair apart by two slabs' time)."""
+        times = self.switch_times
+        return self.may_be_fast and len(times) > FAST_CHANGES and now - times[0] < FAST_CHANGES * P.FAST_SLAB
 
     def fill(self, offset: int, n: int) -> None:
         """A frame of ``n`` samples was written at ``offset`` of the current slab."""

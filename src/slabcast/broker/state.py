@@ -404,8 +404,7 @@ class BrokerState:
             return
         pool = stream.pool
         pool.advance(stream.floor_index())
-        fast = stream.may_be_fast and self._now - stream.switched_at < P.FAST_SLAB
-        ahead = P.GRANT_AHEAD_FAST if fast else P.GRANT_AHEAD
+        ahead = P.GRANT_AHEAD_FAST if stream.fast(self._now) else P.GRANT_AHEAD
         granted = pool.grant(ahead)
         ring = stream.ring
         short = len(pool.granted) < P.GRANT_AHEAD
@@ -523,8 +522,8 @@ class BrokerState:
         from the publisher's notice.
         """
         if stream.place(offset, n, carry) and not stream.ended:
+            stream.switched(self._now)
             self._grant(stream)
-            stream.switched_at = self._now
         stream.fill(offset, n)
         stream.remember(stream.head, offset, ns or (n,), t0s or (t0,), jump)
         if stream.broker_cut:
