@@ -1350,14 +1350,29 @@ static int take_end(sc_client *c, const msgview *m);
  * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */
 /* Send the packed request `what` and wait up to `timeout_ms` for its answer of kind `want` (SC_ETIMEOUT if none
  * came): ERROR and END (e.g. the stream ended while the broker held the request) become their errors. */
+static void keepalive(sc_client *c);
+
 static int request_within(sc_client *c, const char *what, uint64_t want, msgview *m, int timeout_ms)
 {
     int rc = send_packed(c, what);
     if (rc)
         return rc;
-    rc = next_msg(c, deadline_for(timeout_ms), m);
-    if (rc)
-        return rc;  /* (SC_ETIMEOUT: no answer within timeout_ms) */
+    int64_t deadline = deadline_for(timeout_ms);
+    for (;;) {
+        /* tcp://: a long wait (SUBSCRIBE's for a stream not there yet) says SYNC every second, as recv_v1 does: the
+         * broker drops a remote client silent for 10 s; their SYNCEDs are skipped. */
+        int64_t until = deadline;
+        if (c->remote && (until < 0 || c->sent_at + KEEPALIVE_MS < until))
+            until = c->sent_at + KEEPALIVE_MS;
+        keepalive(c);
+        rc = next_msg(c, until, m);
+        if (rc == SC_ETIMEOUT && until != deadline && (deadline < 0 || now_ms() < deadline))
+            continue;
+        if (rc)
+            return rc;  /* (SC_ETIMEOUT: no answer within timeout_ms) */
+        if (!(c->remote && m->kind == SCW_SYNCED))
+            break;
+    }
     if (m->kind == SCW_ERROR)
         return broker_error(c, m);
     if (m->kind == SCW_END)

@@ -626,6 +626,24 @@ def test_a_c_subscriber_over_tcp_with_curve_gets_what_python_gets(c_sub, tcp_bro
         pub.close()
 
 
+def test_a_tcp_subscriber_waiting_for_its_stream_says_sync_and_skips_the_synced(c_sub, tcp_broker, keys, stream_name):
+    # While SUBSCRIBE waits for a stream not there yet, the C subscriber says SYNC every second as in sc_recv (the
+    # broker drops a remote client silent for 10 s; it said nothing there before) and skips the SYNCED answers
+    # (the Python one failed on them with ProtocolError after 1 s).
+    secret, public = str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")
+    c = CSub(c_sub, tcp_broker.tcp_address, stream_name, "--size", "5", "--clip", "--count", "2", "--wait-ms", "30000",
+             "--curve", secret, public, *SHOW)  # fmt: skip
+    try:
+        time.sleep(2.5)  # the stream appears after two keep-alives (a time, not a readiness)
+        assert c.proc.poll() is None, c.stderr
+        with slabcast.Publisher(stream_name, dtype="float32", address=tcp_broker.address) as pub:
+            pub.write(np.arange(10, dtype=np.float32), t0=1.0)
+            assert c.finish(10) == 0, c.stderr
+        assert [g[1:3] for g in c_chunks(c)] == [(0, 5), (5, 5)]
+    finally:
+        c.close()
+
+
 def test_a_tcp_subscriber_idle_for_12_s_is_kept_by_its_sync(c_sub, tcp_broker, keys, stream_name):
     # The broker drops a remote client silent for 10 s; the C subscriber says SYNC every second while it waits,
     # in sc_recv (here an event loop on sc_fd that drains every 100 ms).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -67,6 +69,32 @@ def test_remote_subscriber_gets_the_same_chunks_as_a_local_one(tcp_broker, keys,
     assert len(got_local) > 10
     assert got_remote == got_local
     assert [s[1] for s in got_sampled] == [i for i, _, _ in expected_chunks(frames, 100, True, 1000.0, 0.2)]
+
+
+def test_a_remote_subscriber_waiting_for_its_stream_past_a_keep_alive_gets_it_from_index_0(tcp_broker, keys,
+                                                                                           stream_name):  # fmt: skip
+    # While it waits, a remote subscriber says SYNC every second (the broker drops a client silent for 10 s); the
+    # broker's SYNCED answer came before SUBSCRIBED and failed the subscription with ProtocolError after 1 s.
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    got: list[object] = []
+
+    def subscribe() -> None:
+        try:
+            with slabcast.Subscriber(stream_name, size=10, clip=True, address=tcp_broker.tcp_address, curve=curve,
+                                     wait=20) as sub:  # fmt: skip
+                for chunk in sub:
+                    got.append((chunk.index, chunk.data.tolist()))
+        except Exception as exc:  # (said in the assertion below)
+            got.append(exc)
+
+    thread = threading.Thread(target=subscribe)
+    thread.start()
+    time.sleep(2.5)  # the stream appears after two of the subscriber's keep-alives (a time, not a readiness)
+    with slabcast.Publisher(stream_name, dtype="int32", address=tcp_broker.address) as pub:
+        pub.write(np.arange(30, dtype=np.int32), t0=1.0)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert got == [(0, list(range(10))), (10, list(range(10, 20))), (20, list(range(20, 30)))], got
 
 
 def test_client_without_an_accepted_key_is_refused(tcp_broker, keys, stream_name):

@@ -374,7 +374,10 @@ class Connection:
             except zmq.ZMQError as exc:
                 raise BrokerGoneError(f"cannot receive from the {self.where}: {exc}") from exc
             else:
-                return M.decode(raw, strict=False)
+                msg = M.decode(raw, strict=False)
+                if not (self.remote and isinstance(msg, M.Synced) and msg.token == 0):
+                    return msg
+                continue  # (the answer to our keep-alive: nobody waits for it, a SUBSCRIBE's caller least of all)
             if before_wait is not None:
                 before_wait()
             if self.gone:
