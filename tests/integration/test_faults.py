@@ -403,6 +403,27 @@ def test_bad_arguments_and_unknown_stream(broker, stream_name):
         slabcast.Subscriber(stream_name, size=1, address=str(broker.address) + ".nothing")
 
 
+def test_sizes_and_seconds_computed_with_numpy_are_taken_as_numbers(broker, stream_name):
+    # A size or seconds from numpy arithmetic (np.int64, np.float32) is a number like any other (a newcomer: they
+    # were refused with "must be a positive integer ..., got np.int64(10)"); a numpy bool is not.
+    with slabcast.Publisher(stream_name, "float32", np.int64(2), rate=np.float64(1000.0),
+                            history=np.float32(1.0), address=broker.address) as pub:  # fmt: skip
+        subs = [slabcast.Subscriber(stream_name, size=np.int64(300), clip=True, address=broker.address),
+                slabcast.Subscriber(stream_name, seconds=np.float32(0.25), clip=True, sampler=np.float64(0.25),
+                                    wait=np.float64(5), address=broker.address)]  # fmt: skip
+        pub.write(np.zeros((1000, 2), np.float32), t0=1.0)
+        assert [(c.index, len(c.data)) for c in (subs[0].recv(timeout=5), subs[1].recv(timeout=5))] == \
+            [(0, 300), (0, 250)]  # fmt: skip
+        with subs[1].recv(timeout=5) as chunk:  # (a sampler of 0.25 s: the next chunk 0.25 s later)
+            assert (chunk.index, len(chunk.data)) == (500, 250)
+        for sub in subs:
+            sub.close()
+        with pytest.raises(TypeError, match="got np.True_"):
+            slabcast.Subscriber(stream_name, size=np.bool_(True), address=broker.address)
+        with pytest.raises(ValueError, match="got np.float64\\(nan\\)"):
+            slabcast.Subscriber(stream_name, seconds=np.float64("nan"), address=broker.address)
+
+
 def test_reconnect_resubscribes_after_a_broker_restart(broker, stream_name):
     pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
     sub = slabcast.Subscriber(stream_name, size=FRAME, clip=True, address=broker.address, reconnect=10)

@@ -28,6 +28,7 @@ from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTime
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, limit_error, unexpected
 from ..core.geometry import Geometry, copy_carry, generation
+from ..core.rechunk import is_integer, is_real
 from ..core.ring import HOT, WAKE_ALL, Ring, barrier, copy_into, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
@@ -206,7 +207,7 @@ def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[in
         For sizes that are not positive integers, or ``slab_bytes`` not a multiple of 4096 up to 2**30.
     """
     for key, value in (("slab_bytes", slab_bytes), ("max_chunk_bytes", max_chunk_bytes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_integer(value) or value < 1):
             raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
     if slab_bytes is None:  # 4 MiB, or room for frames as long as the longest chunk asked for
         slab_bytes = DEFAULT_SLAB_BYTES if max_chunk_bytes is None else \
@@ -317,10 +318,10 @@ class Publisher:
     ) -> None:
         P.check_stream_name(stream)
         self.dtype = P.check_dtype(dtype)
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        if not is_integer(channels) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        numeric = isinstance(rate, int | float) and not isinstance(rate, bool)
-        if rate is not None and (not numeric or not 0 < rate < math.inf):
+        channels = int(channels)
+        if rate is not None and (not is_real(rate) or not 0 < rate < math.inf):
             raise ValueError(f"rate must be a positive number of samples per second or None, got {rate!r}")
         self.name = stream
         self._pid = os.getpid()
@@ -333,7 +334,7 @@ class Publisher:
         self._mm: Any = None
         layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
         if history is not None:
-            if isinstance(history, bool) or not isinstance(history, int | float) or not 0 < history < math.inf:
+            if not is_real(history) or not 0 < history < math.inf:
                 raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
             if self.rate is None:
                 log.warning("stream %r: history=%g s sizes no pool for a stream without a rate: it keeps what %d "

@@ -28,7 +28,7 @@ from .._exceptions import (
 )
 from .._info import StreamInfo, SubscriberStatistics
 from ..client.connection import FORKS, Connection, error_for, unexpected
-from ..core.rechunk import check_sampler, check_size
+from ..core.rechunk import check_sampler, check_size, is_real
 from ..core.shm import attach
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -150,20 +150,22 @@ class Subscriber:
         P.check_stream_name(stream)
         if wake not in P.WAKES:
             raise ValueError(f"wake must be one of {', '.join(map(repr, P.WAKES))}, got {wake!r}")
-        if isinstance(spin, bool) or not isinstance(spin, int | float) or not 0 <= spin <= P.MAX_SPIN:
+        if not is_real(spin) or not 0 <= spin <= P.MAX_SPIN:
             raise ValueError(f"spin must be seconds from 0 to {P.MAX_SPIN:g}, got {spin!r}")
         self._wake = wake
         self._spin = -1.0 if wake == "busy" else float(spin)
-        if history is not None and (isinstance(history, bool) or not isinstance(history, int | float)
-                                    or not 0 < history < math.inf):  # fmt: skip
+        if history is not None and (not is_real(history) or not 0 < history < math.inf):
             raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
+        history = None if history is None else float(history)
         if (size is None) == (seconds is None):
             raise TypeError(f"give exactly one of size= (samples) and seconds=, got size={size!r} seconds={seconds!r}")
         if size is not None:
             size = check_size(size)
-        elif isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+        elif not is_real(seconds) or not 0 < seconds < math.inf:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
-        if isinstance(sampler, int | float) and not isinstance(sampler, bool) and sampler > P.MAX_SAMPLER_SECONDS:
+        else:
+            seconds = float(seconds)
+        if is_real(sampler) and sampler > P.MAX_SAMPLER_SECONDS:
             raise ValueError(f"sampler must be a number of seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {sampler!r}")
         if policy not in P.POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
@@ -195,7 +197,7 @@ class Subscriber:
         self._timeout = timeout
         if wait is None:
             wait = timeout
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < math.inf:
+        if not is_real(wait) or not 0 <= wait < math.inf:
             raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
         self._wait = float(wait)
         self._label = label or f"subscriber:{stream}"

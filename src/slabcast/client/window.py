@@ -14,6 +14,7 @@ from .._exceptions import ClosedError, EndOfStream, SlabcastError
 from .._info import StreamInfo
 from ..client.chunk import Chunk
 from ..client.subscriber import Subscriber
+from ..core.rechunk import is_integer, is_real
 
 __all__ = ["Window"]
 
@@ -87,10 +88,9 @@ class Window:
         if (seconds is None) == (samples is None):
             raise ValueError(f"give the window's length as seconds or as samples, not both nor neither "
                              f"(got seconds={seconds!r}, samples={samples!r})")  # fmt: skip
-        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-                                    or not 0 < seconds < float("inf")):  # fmt: skip
+        if seconds is not None and (not is_real(seconds) or not 0 < seconds < float("inf")):
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        if samples is not None and (not is_integer(samples) or samples < 1):
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         if history and seconds is None:
             raise ValueError(f"history=True fills the window's seconds from the pool: give seconds=, not samples= "
@@ -111,7 +111,7 @@ class Window:
                                             info.channel_types, info.channel_units, info.source_id,
                                             info.timestamps)  # fmt: skip
         if samples is not None:
-            self.capacity = samples
+            self.capacity = int(samples)
             self.seconds = samples / info.rate if info.rate else math.nan
         else:
             assert seconds is not None
@@ -293,7 +293,7 @@ class Window:
         rate = self.info.rate
         if winsize is None:
             n = self.capacity
-        elif isinstance(winsize, bool) or not isinstance(winsize, int | float) or not 0 <= winsize < math.inf:
+        elif not is_real(winsize) or not 0 <= winsize < math.inf:
             raise ValueError(f"winsize must be a finite number >= 0 or None, got {winsize!r}")
         elif rate:
             n = math.ceil(winsize * rate - 1e-9)

@@ -15,20 +15,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
-from typing import TYPE_CHECKING, Any
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, TypeGuard
+
+import numpy as np
 
 from .ring import HOT
 
-__all__ = ["PyRechunker", "Rechunker", "check_sampler", "check_size"]
+__all__ = ["PyRechunker", "Rechunker", "check_sampler", "check_size", "is_integer", "is_real"]
 
 # Timestamps are floats; a sample whose time is within this of the pause end counts as after it.
 _EPS = 1e-9
 
 
+def is_real(value: Any) -> TypeGuard[float]:
+    """Whether ``value`` is a real number: an int or a float, numpy's integer and floating scalars too (sizes and
+    seconds computed with numpy), never a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool | np.bool_)
+
+
+def is_integer(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is an integer (numpy's integer scalars too), never a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool | np.bool_)
+
+
 def check_size(size: Any, what: str = "size") -> int:
-    """Return ``size`` if it is a positive integer, else raise a clear error."""
-    if isinstance(size, bool) or not isinstance(size, int | float) or int(size) != size:
+    """Return ``size`` as an int if it is a positive integer (a whole float or a numpy scalar too), else raise a
+    clear error."""
+    if not is_real(size) or not math.isfinite(size) or int(size) != size:
         raise TypeError(f"{what} must be a positive integer number of samples, got {size!r}")
     if size <= 0:
         raise ValueError(f"{what} must be a positive integer number of samples, got {size!r}")
@@ -52,7 +66,7 @@ def check_sampler(sampler: Any) -> Callable[[], float] | None:
         return None
     if callable(sampler):
         return sampler  # type: ignore[no-any-return]
-    if isinstance(sampler, bool) or not isinstance(sampler, Real):
+    if not is_real(sampler):
         raise TypeError(f"sampler must be seconds (a number) or a zero-argument callable, got {sampler!r}")
     value = float(sampler)
     if not math.isfinite(value) or value < 0:
