@@ -406,8 +406,8 @@ def test_bad_arguments_and_unknown_stream(broker, stream_name):
 def test_sizes_and_seconds_computed_with_numpy_are_taken_as_numbers(broker, stream_name):
     # A size or seconds from numpy arithmetic (np.int64, np.float32) is a number like any other (a newcomer: they
     # were refused with "must be a positive integer ..., got np.int64(10)"); a numpy bool is not.
-    with slabcast.Publisher(stream_name, "float32", np.int64(2), rate=np.float64(1000.0),
-                            history=np.float32(1.0), address=broker.address) as pub:  # fmt: skip
+    with slabcast.Publisher(stream_name, "float32", np.int64(2), rate=np.float64(1000.0), history=np.float32(1.0),
+                            slab_bytes=np.int64(65536), nslabs=np.int32(8), address=broker.address) as pub:  # fmt: skip
         subs = [slabcast.Subscriber(stream_name, size=np.int64(300), clip=True, address=broker.address),
                 slabcast.Subscriber(stream_name, seconds=np.float32(0.25), clip=True, sampler=np.float64(0.25),
                                     wait=np.float64(5), address=broker.address)]  # fmt: skip

@@ -209,6 +209,8 @@ def pool_layout(slab_bytes: int | None, max_chunk_bytes: int | None) -> tuple[in
     for key, value in (("slab_bytes", slab_bytes), ("max_chunk_bytes", max_chunk_bytes)):
         if value is not None and (not is_integer(value) or value < 1):
             raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
+    slab_bytes = None if slab_bytes is None else int(slab_bytes)
+    max_chunk_bytes = None if max_chunk_bytes is None else int(max_chunk_bytes)
     if slab_bytes is None:  # 4 MiB, or room for frames as long as the longest chunk asked for
         slab_bytes = DEFAULT_SLAB_BYTES if max_chunk_bytes is None else \
             max(DEFAULT_SLAB_BYTES, -(-2 * max_chunk_bytes // 4096) * 4096)  # fmt: skip
@@ -333,6 +335,9 @@ class Publisher:
         self._closed = False
         self._mm: Any = None
         layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
+        if not is_integer(nslabs) or not 2 <= nslabs <= P.MAX_NSLABS:
+            raise ValueError(f"nslabs must be an integer from 2 to {P.MAX_NSLABS}, got {nslabs!r}")
+        nslabs = int(nslabs)
         if history is not None:
             if not is_real(history) or not 0 < history < math.inf:
                 raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
