@@ -5,6 +5,10 @@ Moved from tests/integration/test_up.py, whose other tests run `slabcast up`.
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 
 def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     from slabcast.cli.up import load_config
@@ -118,3 +122,24 @@ def test_history_of_an_lsl_source_goes_to_the_broker_which_sizes_the_pool_when_t
     cfg.write_text(cfg.read_text().replace("history = 10", "history = -1"))
     with __import__("pytest").raises(ConfigError, match=r"'history' must be a number > 0, got -1"):
         load_config(str(cfg))
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ("rate = 0", "rate must be a positive finite number of samples per second, got 0"),
+    ("rate = -1", "got -1"), ("rate = inf", "got inf"), ("rate = nan", "got nan"),
+    ("channels = 0", "channels must be a positive integer, got 0"), ("frame = 0", "frame must be a positive integer"),
+])  # fmt: skip
+def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_path, options, said):
+    # (a newcomer: rate = 0 started the broker, which refused the stream in its log while the task waited forever;
+    # nan was "cannot convert float NaN to integer")
+    from slabcast.cli.up import ConfigError, load_config
+    from slabcast.sources import parse_source
+
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(f"[[sources]]\nkind = 'synthetic'\nname = 'mic'\n{options}\n[[tasks]]\nname = 'spl'\n"
+                   "call = 'slabcast.examples:wav_file'\nstream = 'mic'\nsize = 100\noptions = { out = 'x' }\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"r\.toml: \[\[sources\]\] #1: .*{re.escape(said)}"):
+        load_config(str(cfg))
+    spec = "synthetic:name=mic," + options.replace(" ", "")
+    with pytest.raises(ValueError, match=f"{re.escape(said)}.*in {re.escape(repr(spec))}"):
+        parse_source(spec)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
-from ..wire.protocol import check_dtype, check_stream_name
+from .base import positive_count, sample_stream
 
 __all__ = ["SoundCardSource"]
 
@@ -30,9 +30,8 @@ class SoundCardSource:
 
         self._sd = sounddevice
         self.device = device
-        self.frame = int(frame)
-        self.info = StreamInfo(check_stream_name(name), check_dtype(dtype), int(channels), float(rate),
-                               tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
+        self.frame = positive_count(frame, "frame")
+        self.info = sample_stream(name, dtype, channels, rate)
         self._blocks: queue.SimpleQueue[tuple[np.ndarray[Any, Any], float]] = queue.SimpleQueue()
         self._stream: Any = None
 

@@ -6,13 +6,43 @@ One module per kind beside it (``synthetic``, ``stdin``, ``file``, ``replay``, `
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import numpy as np
 
 from .._info import StreamInfo
+from ..core.rechunk import is_integer, is_real
+from ..wire.protocol import check_dtype, check_stream_name
 
-__all__ = ["Source"]
+__all__ = ["Source", "positive_count", "sample_stream"]
+
+
+def positive_count(value: Any, what: str) -> int:
+    """``value`` as an int if it is a positive integer, else :class:`ValueError` naming ``what``."""
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def sample_stream(name: str, dtype: str, channels: Any, rate: Any, *, rate_optional: bool = False) -> StreamInfo:
+    """The :class:`StreamInfo` of a source of ``channels`` channels named ``ch_0``..., its options checked where
+    they enter (a ``slabcast up`` file, ``--source kind:...``): ``rate`` positive and finite samples per second
+    (or None where ``rate_optional``), ``channels`` a positive integer.
+
+    Raises
+    ------
+    ValueError
+        Naming the option, what it must be and what came.
+    """
+    channels = positive_count(channels, "channels")
+    if rate is None and rate_optional:
+        pass
+    elif not is_real(rate) or not 0 < rate < math.inf:
+        none = " or none" if rate_optional else ""
+        raise ValueError(f"rate must be a positive finite number of samples per second{none}, got {rate!r}")
+    return StreamInfo(check_stream_name(name), check_dtype(dtype), channels, None if rate is None else float(rate),
+                      tuple(f"ch_{i}" for i in range(channels)))  # fmt: skip
 
 
 class Source(Protocol):

@@ -185,6 +185,8 @@ def parse_source(spec: str) -> Any:
         return build_source(kind, options, text=True)
     except SourceOptionError as exc:
         raise SourceOptionError(f"{exc} (in {spec!r})") from None
+    except ValueError as exc:  # (a value the source itself refused: a rate of 0)
+        raise ValueError(f"{exc} (in {spec!r})") from None
 
 
 def sources_from_json(text: str) -> list[Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
-from ..wire.protocol import check_dtype, check_stream_name
 from ._clock import _Clocked
+from .base import positive_count, sample_stream
 
 __all__ = ["StdinSource"]
 
@@ -41,12 +41,10 @@ class StdinSource(_Clocked):
     def __init__(self, name: str = "stdin", dtype: str = "uint8", channels: int = 1, rate: float | None = None,
                  frame: int = 4096, fd: int | None = None, pace: bool = False, speed: float = 1.0,
                  wait_for: int = 1) -> None:  # fmt: skip
-        dt = check_dtype(dtype)
-        self.info = StreamInfo(check_stream_name(name), dt, int(channels), float(rate) if rate else None,
-                               tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
+        self.info = sample_stream(name, dtype, channels, rate, rate_optional=True)
         self.fd = sys.stdin.fileno() if fd is None else fd
-        self.frame = int(frame)
-        self._sample_bytes = dt.itemsize * int(channels)
+        self.frame = positive_count(frame, "frame")
+        self._sample_bytes = self.info.dtype.itemsize * self.info.channels
         self._pending = b""
         self._eof = False
         self._clock_init(pace, speed, wait_for)

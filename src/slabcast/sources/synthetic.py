@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
-from ..wire.protocol import check_dtype, check_stream_name
+from .base import positive_count, sample_stream
 
 __all__ = ["SyntheticSource"]
 
@@ -37,10 +37,9 @@ class SyntheticSource:
     def __init__(self, name: str = "synthetic", rate: float = 48_000.0, channels: int = 2, frame: int = 480,
                  freqs: list[float] | None = None, noise: float = 0.01, amplitude: float = 0.5,
                  dtype: str = "float32") -> None:  # fmt: skip
-        self.info = StreamInfo(check_stream_name(name), check_dtype(dtype), int(channels), float(rate),
-                               tuple(f"ch_{i}" for i in range(int(channels))))  # fmt: skip
-        self.frame = int(frame)
-        self.freqs = np.resize(np.asarray(freqs or [440.0, 1000.0], dtype=np.float64), int(channels))
+        self.info = sample_stream(name, dtype, channels, rate)
+        self.frame = positive_count(frame, "frame")
+        self.freqs = np.resize(np.asarray(freqs or [440.0, 1000.0], dtype=np.float64), self.info.channels)
         self.noise = float(noise)
         self.amplitude = float(amplitude)
         self._rng = np.random.default_rng()
