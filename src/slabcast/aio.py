@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import zmq
 
-from ._exceptions import BrokerGoneError, EndOfStream, WouldBlock
+from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, StreamNotFoundError, WouldBlock
+from ._info import StreamInfo
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
 
@@ -22,9 +25,16 @@ class Subscriber:
     """An asyncio subscriber; takes the same arguments as :class:`slabcast.Subscriber`.
 
     Waiting never blocks the event loop: the socket's file descriptor is watched
-    by the loop.  Cancelling a task that awaits :meth:`recv` takes nothing from the
-    stream; leaving ``async with`` (or cancelling ``async for``) closes the
-    subscription and releases every chunk no longer viewed.
+    by the loop.  A stream that is already there is subscribed when the
+    constructor returns (``info`` and ``size`` at once), as with the blocking
+    subscriber; one that is not yet there is waited for (``wait=``, default
+    ``timeout``) in a thread, its ``SUBSCRIBE`` sent by the constructor, so the
+    subscriber still receives it from index 0: ``info`` and ``size`` then come
+    with the first ``await`` (``recv``, ``async for`` or ``async with``), which
+    raises :class:`~slabcast.StreamNotFoundError` if it did not appear in time.
+    Cancelling a task that awaits :meth:`recv` takes nothing from the stream;
+    leaving ``async with`` (or cancelling ``async for``) closes the subscription
+    and releases every chunk no longer viewed.
 
     Examples
     --------
@@ -38,15 +48,73 @@ class Subscriber:
         if options.get("wake", "doorbell") != "doorbell":
             raise ValueError(f"slabcast.aio.Subscriber waits on sockets the event loop polls: wake must be 'doorbell', "
                              f"got {options['wake']!r} (a futex or a spin would block the loop)")  # fmt: skip
-        self._sub = _BlockingSubscriber(stream, size, **options)
-        self._sub.auto_resubscribe = False  # we resubscribe in a worker thread (reconnect=)
-        self.info = self._sub.info
-        self.size = self._sub.size
+        self._sub: _BlockingSubscriber | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._waiting: concurrent.futures.Future[_BlockingSubscriber] | None = None
+        wait = options.get("wait")
+        if wait is None:
+            wait = options.get("timeout", 10.0)
+        try:
+            # (no wait: the broker answers at once, SUBSCRIBED or an unknown stream)
+            self._adopt(_BlockingSubscriber(stream, size, **{**options, "wait": 0}))
+        except StreamNotFoundError:
+            if not wait:
+                raise
+            waiting: concurrent.futures.Future[_BlockingSubscriber] = concurrent.futures.Future()
+            self._waiting = waiting
+
+            def subscribe() -> None:  # (the broker holds its SUBSCRIBE until the stream opens)
+                try:
+                    sub = _BlockingSubscriber(stream, size, **options)
+                except BaseException as exc:
+                    waiting.set_exception(exc)
+                    return
+                with self._lock:  # (close() now or before: either it or we close it)
+                    waiting.set_result(sub)
+                    if self._closed:
+                        sub.close()
+
+            threading.Thread(target=subscribe, daemon=True, name=f"slabcast-aio-wait-{stream}").start()
+
+    def _adopt(self, sub: _BlockingSubscriber) -> None:
+        sub.auto_resubscribe = False  # we resubscribe in a worker thread (reconnect=)
+        self._sub = sub
+
+    async def _subscribed(self) -> _BlockingSubscriber:
+        """The blocking subscriber, once its stream is there (waiting for it off the event loop)."""
+        if self._sub is None:
+            if self._closed:
+                raise ClosedError("this subscriber was closed")
+            assert self._waiting is not None
+            self._adopt(await asyncio.wrap_future(self._waiting))
+        assert self._sub is not None
+        return self._sub
+
+    def _ready(self) -> _BlockingSubscriber:
+        if self._sub is None:
+            if self._waiting is not None and self._waiting.done() and not self._closed:
+                self._adopt(self._waiting.result())  # (raises what the subscription raised)
+            else:
+                raise RuntimeError("this subscriber's stream was not there when it was made: its info and size come "
+                                   "with the first await (recv, async for, async with)")  # fmt: skip
+        assert self._sub is not None
+        return self._sub
+
+    @property
+    def info(self) -> StreamInfo:
+        """The stream's :class:`~slabcast.StreamInfo` (see the class docstring for when it is known)."""
+        return self._ready().info
+
+    @property
+    def size(self) -> int:
+        """Samples per chunk (see the class docstring for when it is known)."""
+        return self._ready().size
 
     async def recv(self, timeout: float | None = None) -> Chunk:
         """Wait for the next chunk; raises as :meth:`slabcast.Subscriber.recv` does."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        sub = self._sub
+        sub = await self._subscribed()
         while True:
             try:
                 return sub.recv_nowait()
@@ -86,13 +154,21 @@ class Subscriber:
 
     def statistics(self) -> Any:
         """This subscriber's counters (see :meth:`slabcast.Subscriber.statistics`)."""
-        return self._sub.statistics()
+        return self._ready().statistics()
 
     def close(self) -> None:
-        """Unsubscribe and release every chunk no longer viewed (idempotent)."""
-        self._sub.close()
+        """Unsubscribe and release every chunk no longer viewed (idempotent); a subscription still waiting for its
+        stream is closed when it comes."""
+        with self._lock:
+            self._closed = True
+            sub, waiting = self._sub, self._waiting
+            if sub is None and waiting is not None and waiting.done() and waiting.exception() is None:
+                sub = waiting.result()
+        if sub is not None:
+            sub.close()
 
     async def __aenter__(self) -> Subscriber:
+        await self._subscribed()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

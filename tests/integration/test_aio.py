@@ -147,3 +147,40 @@ def test_reconnect_never_blocks_the_event_loop_and_resumes_with_a_discontinuity(
         for broker in brokers:
             broker.stop()
     assert longest < outage / 2, f"the event loop stalled {longest:.2f} s"
+
+
+def test_subscribers_made_before_their_stream_wait_off_the_loop_and_get_it_from_index_0(broker, stream_name):
+    # A newcomer: the constructor waited for the stream on the event loop (1.5 s of wait=1.5 blocked it), and of
+    # several subscribers gathered before the publisher only the first started at index 0.  Here the publisher is
+    # made after the three constructors returned, in the same coroutine: a constructor that waited would wait for
+    # ever for it (then StreamNotFoundError).
+    async def main():
+        subs = [slabcast.aio.Subscriber(stream_name, 10, clip=True, address=broker.address, wait=20)
+                for _ in range(3)]  # fmt: skip
+        with pytest.raises(RuntimeError, match="info and size come with the first await"):
+            subs[0].info  # noqa: B018
+        pub = await asyncio.to_thread(slabcast.Publisher, stream_name, dtype="int32", address=broker.address)
+        pub.write(np.arange(30, dtype=np.int32), t0=1.0)
+        pub.close()
+
+        async def take(sub):
+            async with sub:
+                assert sub.info.dtype == np.int32 and sub.size == 10
+                return [(c.index, c.data.tolist()) for c in [await sub.recv(timeout=10) for _ in range(3)]]
+
+        return await asyncio.gather(*(take(sub) for sub in subs))
+
+    want = [(0, list(range(10))), (10, list(range(10, 20))), (20, list(range(20, 30)))]
+    assert run(main()) == [want] * 3
+
+
+def test_a_stream_that_never_comes_is_said_at_the_first_await(broker, stream_name):
+    async def main():
+        sub = slabcast.aio.Subscriber(stream_name, 10, address=broker.address, wait=0.3)
+        with pytest.raises(slabcast.StreamNotFoundError, match="did not appear within wait=0.3 s"):
+            await sub.recv()
+        sub.close()
+        with pytest.raises(slabcast.StreamNotFoundError, match="no stream named"):
+            slabcast.aio.Subscriber(stream_name, 10, address=broker.address, wait=0)  # (no wait: at once)
+
+    run(main())
