@@ -177,7 +177,7 @@ def test_subscribers_made_before_their_stream_wait_off_the_loop_and_get_it_from_
 def test_a_stream_that_never_comes_is_said_at_the_first_await(broker, stream_name):
     async def main():
         sub = slabcast.aio.Subscriber(stream_name, 10, address=broker.address, wait=0.3)
-        with pytest.raises(slabcast.StreamNotFoundError, match="did not appear within wait=0.3 s"):
+        with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.3 s"):
             await sub.recv()
         sub.close()
         with pytest.raises(slabcast.StreamNotFoundError, match="no stream named"):

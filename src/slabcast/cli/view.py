@@ -18,6 +18,17 @@ __all__ = ["add_arguments", "run"]
 _CURVE_HELP = "for a tcp:// address: this client's secret key file and the broker's public key file (keygen)"
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: any free one), else a usage error that says so."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 0 to 65535, got {text!r}")
+    return port
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the command's options."""
     p.add_argument("--address", default=None, help="the broker (default: $SLABCAST_ADDRESS or per-user)")
@@ -27,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only)",
     )
-    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
+    p.add_argument("--port", type=_port, default=8765, help="TCP port (default 8765; 0: any free port)")
     p.add_argument("--token", default=None,
                    help="require this token on every request (?token=...; default: a new one, printed in the URL)")
     p.add_argument("--no-token", action="store_true",
@@ -106,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"slabcast view: {exc}", file=sys.stderr)
         return 2
     except SlabcastError as exc:
-        print(f"slabcast view: {exc} (or pass --address)", file=sys.stderr)
+        print(f"slabcast view: {exc}", file=sys.stderr)
         return 1
     loopback = _is_loopback(args.host)
     if args.no_token and (args.token or not loopback):

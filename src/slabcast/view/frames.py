@@ -14,8 +14,12 @@ A display frame is one websocket binary message, little-endian::
 
 The header is ``{"type": "frame", "seq": n, "streams": [{"name", "columns", "channels"
 (indices), "offset" (of the stream's x in the payload, in float32 elements),
-"samples", "span", "levels": [{"rms", "peak", "dbfs"}], ...}]}``. A marker stream has no
-payload (``columns`` 0, no channels) and ``"markers": [[time, text], ...]``, oldest first.
+"samples_shown" (in this envelope), "span" (its seconds), "t_newest" (the newest
+sample's time, seconds, the stream's clock; null if none), "levels": [{"rms", "peak",
+"dbfs"}], and from the view (``view/app.py``) "samples" (the window's samples so far),
+"live" (its stream still runs), "rate", "names" (the drawn channels' names)}, ...]}``.
+A marker stream has no payload (``columns`` 0, no channels) and ``"markers": [[time,
+text], ...]``, oldest first.
 """
 
 from __future__ import annotations
