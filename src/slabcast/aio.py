@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, StreamNotFou
 from ._info import StreamInfo
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
+from .core.rechunk import is_real
 
 __all__ = ["Subscriber"]
 
@@ -24,8 +26,10 @@ _KEEPALIVE = 1.0
 class Subscriber:
     """An asyncio subscriber; takes the same arguments as :class:`slabcast.Subscriber`.
 
-    Waiting never blocks the event loop: the socket's file descriptor is watched
-    by the loop.  A stream that is already there is subscribed when the
+    Waiting for chunks, or for a stream that is not there yet, never blocks the
+    event loop: the socket's file descriptor is watched by the loop (the
+    constructor makes one round trip to the broker, as the blocking subscriber
+    does).  A stream that is already there is subscribed when the
     constructor returns (``info`` and ``size`` at once), as with the blocking
     subscriber; one that is not yet there is waited for (``wait=``, default
     ``timeout``) by a thread the constructor starts, whose ``SUBSCRIBE`` the
@@ -57,6 +61,8 @@ class Subscriber:
         wait = options.get("wait")
         if wait is None:
             wait = options.get("timeout", 10.0)
+        if not is_real(wait) or not 0 <= wait < math.inf:  # (checked here: the first look is made without one)
+            raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
         try:
             # (no wait: the broker answers at once, SUBSCRIBED or an unknown stream)
             self._adopt(_BlockingSubscriber(stream, size, **{**options, "wait": 0}))
@@ -70,12 +76,16 @@ class Subscriber:
                 try:
                     sub = _BlockingSubscriber(stream, size, **options)
                 except BaseException as exc:
-                    waiting.set_exception(exc)
+                    with self._lock:
+                        if not waiting.done():
+                            waiting.set_exception(exc)
                     return
                 with self._lock:  # (close() now or before: either it or we close it)
-                    waiting.set_result(sub)
-                    if self._closed:
-                        sub.close()
+                    closed = waiting.done()  # (closed while it waited: close() said so to whoever awaited it)
+                    if not closed:
+                        waiting.set_result(sub)
+                if closed:
+                    sub.close()
 
             threading.Thread(target=subscribe, daemon=True, name=f"slabcast-aio-wait-{stream}").start()
 
@@ -89,11 +99,16 @@ class Subscriber:
             if self._closed:
                 raise ClosedError("this subscriber was closed")
             assert self._waiting is not None
-            self._adopt(await asyncio.wrap_future(self._waiting))
+            # (shielded: a cancelled await takes nothing, the subscription goes on for the next one)
+            sub = await asyncio.shield(asyncio.wrap_future(self._waiting))
+            if self._sub is None:
+                self._adopt(sub)
         assert self._sub is not None
         return self._sub
 
     def _ready(self) -> _BlockingSubscriber:
+        if self._sub is None and self._closed:
+            raise ClosedError("this subscriber was closed")
         if self._sub is None:
             if self._waiting is not None and self._waiting.done() and not self._closed:
                 self._adopt(self._waiting.result())  # (raises what the subscription raised)
@@ -164,8 +179,11 @@ class Subscriber:
         with self._lock:
             self._closed = True
             sub, waiting = self._sub, self._waiting
-            if sub is None and waiting is not None and waiting.done() and waiting.exception() is None:
-                sub = waiting.result()
+            if sub is None and waiting is not None:
+                if not waiting.done():  # (a recv awaiting the stream raises this at once; the thread closes it)
+                    waiting.set_exception(ClosedError("this subscriber was closed while it waited for its stream"))
+                elif waiting.exception() is None:
+                    sub = waiting.result()
         if sub is not None:
             sub.close()
 

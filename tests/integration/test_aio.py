@@ -184,3 +184,27 @@ def test_a_stream_that_never_comes_is_said_at_the_first_await(broker, stream_nam
             slabcast.aio.Subscriber(stream_name, 10, address=broker.address, wait=0)  # (no wait: at once)
 
     run(main())
+
+
+def test_a_cancelled_await_or_a_close_during_the_wait_for_the_stream(broker, stream_name):
+    # A reviewer: cancelling an await while the stream was not there yet cancelled the subscription itself (every
+    # later recv raised CancelledError), and close() left a recv waiting out its whole wait (then
+    # StreamNotFoundError, not ClosedError).
+    async def main():
+        sub = slabcast.aio.Subscriber(stream_name, 10, clip=True, address=broker.address, wait=20)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sub.recv(), 0.2)  # cancelled: takes nothing
+        pub = await asyncio.to_thread(slabcast.Publisher, stream_name, dtype="int32", address=broker.address)
+        pub.write(np.arange(10, dtype=np.int32), t0=1.0)
+        with await sub.recv(timeout=10) as chunk:
+            assert (chunk.index, chunk.data.tolist()) == (0, list(range(10)))
+        sub.close()
+        pub.close()
+        other = slabcast.aio.Subscriber(stream_name + "x", 10, address=broker.address, wait=20)
+        waiting = asyncio.create_task(other.recv())
+        await asyncio.sleep(0.1)  # (the task awaits the stream)
+        other.close()
+        with pytest.raises(slabcast.ClosedError, match="closed while it waited"):
+            await waiting
+
+    run(main())

@@ -31,12 +31,12 @@ _EPS = 1e-9
 def is_real(value: Any) -> TypeGuard[float]:
     """Whether ``value`` is a real number: an int or a float, numpy's integer and floating scalars too (sizes and
     seconds computed with numpy), never a bool."""
-    return isinstance(value, Real) and not isinstance(value, bool | np.bool_)
+    return isinstance(value, Real) and not isinstance(value, bool | np.bool_ | np.timedelta64)
 
 
 def is_integer(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is an integer (numpy's integer scalars too), never a bool."""
-    return isinstance(value, Integral) and not isinstance(value, bool | np.bool_)
+    return isinstance(value, Integral) and not isinstance(value, bool | np.bool_ | np.timedelta64)
 
 
 def check_size(size: Any, what: str = "size") -> int:
