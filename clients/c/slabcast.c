@@ -1998,7 +1998,8 @@ static void keepalive(sc_client *c)
     msgpack_pack_array(&c->pk, 1 + SCW_SYNC_FIELDS);
     msgpack_pack_uint64(&c->pk, SCW_SYNC);
     msgpack_pack_int64(&c->pk, 0);
-    send_packed(c, "SYNC");  /* (a broker gone is noticed by the monitor) */
+    if (send_packed(c, "SYNC") != SC_OK)
+        c->sent_at = now_ms();  /* (not sent: again in a second, never in a spin; a broker gone is the monitor's) */
 }
 
 /* Version 1 and tcp://: the broker's CHUNKs, until one comes (SC_OK), `deadline` passes or the subscription ends. */
