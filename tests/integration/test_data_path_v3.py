@@ -951,25 +951,31 @@ def test_a_fast_publisher_tells_about_every_other_slab_change_and_answers_a_carr
     # for a subscriber with timeout=0.5, 4 times in 4).
     pub = slabcast.Publisher(stream_name, dtype="uint8", slab_bytes=65536, max_chunk_bytes=4096, nslabs=8,
                              address=broker.address, timeout=10)  # fmt: skip
-    sent: list[str] = []
+    state, frame = pub._state, np.zeros(4096, np.uint8)
+    sent: list[tuple[str, int]] = []  # (message, granted slabs held when it went)
     send = pub._conn.send
-    pub._conn.send = lambda m: (sent.append(type(m).__name__), send(m))[1]  # type: ignore[method-assign]
+    pub._conn.send = lambda m: (sent.append((type(m).__name__, len(state.grants))), send(m))[1]  # type: ignore[method-assign]
     try:
-        state, frame = pub._state, np.zeros(4096, np.uint8)
-        changes, held, slab = 0, 0, pub._slab
+        changes, kept, slab = 0, 0, pub._slab
         for _ in range(6000):
             pub.write(frame)
-            changes += pub._slab != slab
+            if pub._slab != slab:
+                changes += 1
+                kept += state.switch_unsent and state.deferred()  # (a change left for the next)
             slab = pub._slab
-            held = max(held, len(state.grants))
-        print(f"\n{changes} slab changes, {sent.count('Published')} PUBLISHED, held {held}")
-        assert changes >= 390
-        assert sent.count("Published") < 0.8 * changes, (sent.count("Published"), changes)
+            until = time.perf_counter() + 50e-6  # (50 us a frame: slabs still change every 0.75 ms, and a broker
+            while time.perf_counter() < until:  # on a loaded machine answers in time)
+                pass
+        published = [held for kind, held in sent if kind == "Published"]
+        print(f"\n{changes} slab changes, {len(published)} PUBLISHED, {kept} changes kept for the next")
+        assert changes >= 390 and kept >= 10
+        # A change goes only once fewer than two granted slabs are left (nothing else was due here).
+        assert max(published) <= 1, published
         while not (state.switch_unsent and state.deferred()):
             pub.write(frame)
         time.sleep(0.05)  # the writer pauses (its background thread, kicked by the last writes, goes to sleep)
         sub = slabcast.Subscriber(stream_name, 4000, address=broker.address, timeout=0.5)  # a longer carry
-        assert sent[-2:] == ["Published", "Carried"]
+        assert [kind for kind, _ in sent[-2:]] == ["Published", "Carried"]
         pub.write(np.arange(4000, dtype=np.uint8))
         chunk = sub.recv(timeout=5)
         assert np.array_equal(chunk.data, np.arange(4000, dtype=np.uint8))
