@@ -66,3 +66,30 @@ def test_drops_and_overflows_per_subscriber(broker, stream_name):
     drop.close()
     block.close()
     pub.close()
+
+
+def test_a_subscriber_behind_its_stream_shows_what_it_delivered_in_status(broker, stream_name):
+    # A subscriber that is behind never waits: its counters went to the broker only before a wait or at a slab
+    # change, so `slabcast status` showed `delivered 0` for as long as a slab lasted (a newcomer: 11 s).  Now recv
+    # sends them at most every 0.4 s as well.
+    import time
+
+    with slabcast.Publisher(stream_name, dtype="int16", channels=2, rate=48000.0, address=broker.address) as pub:
+        sub = slabcast.Subscriber(stream_name, size=480, clip=True, address=broker.address, label="behind")
+        for _ in range(40):
+            pub.write(np.zeros((480, 2), np.int16))  # all in one slab: the subscriber has 40 chunks to read
+        for _ in range(5):
+            sub.recv(timeout=5).release()
+        time.sleep(0.45)  # the subscriber works on its chunks (a time, not a readiness)
+        sub.recv(timeout=5).release()  # the sixth chunk: not a wait, not a slab change
+
+        def delivered() -> int:
+            (row,) = [u for u in slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
+                      if u["label"] == "behind"]  # fmt: skip
+            return int(row["delivered"])
+
+        deadline = time.monotonic() + 5
+        while delivered() < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the broker's status: no event says it heard an ACK
+        assert delivered() >= 5
+        sub.close()

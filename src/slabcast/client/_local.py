@@ -202,6 +202,7 @@ class LocalReceiver:
         # (_took; pools of fewer slabs give it back at once: a consumer stalled on its chunk holds two slabs)
         self._lazy_give_back = self._nslabs >= _LAZY_GIVE_BACK
         self._acked_at = 0.0
+        self._counts_due = 0.0  # when recv next looks whether counters are due (a subscriber behind never waits)
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
         self._rcvtimeo = -1
@@ -229,6 +230,10 @@ class LocalReceiver:
 
     def recv(self, timeout: float | None) -> Chunk | None:
         self._disarm()
+        if time.monotonic() >= self._counts_due:
+            # Counters and cursor for `slabcast status`, also for a subscriber behind, which never waits (they went
+            # only before a wait or at a slab change: a slab of 11 s showed `delivered 0` for 11 s).
+            self._send_ack()
         if self._give_back:
             self._give_back = False
             self._leases.unlock_idle(self._cur_slab)  # the slab left with the last chunk handed out (_took)
@@ -711,12 +716,14 @@ class LocalReceiver:
         # when our cursor is in the table and the broker does not ask us for ACKs: protocol 7.9).
         entry = self._entry
         interval = _ACK_INTERVAL if entry is None or self._ring.acks_wanted_from(entry) else _COUNTS_INTERVAL
-        if not urgent and (state == acked or (state[1:3] == acked[1:3]
-                                              and time.monotonic() - self._acked_at < interval)):  # fmt: skip
+        now = time.monotonic()
+        if not urgent and (state == acked or (state[1:3] == acked[1:3] and now - self._acked_at < interval)):
+            self._counts_due = now + interval if state == acked else self._acked_at + interval
             return
         self._acked = state
         self._posted = state[0]
-        self._acked_at = time.monotonic()
+        self._acked_at = now
+        self._counts_due = now + interval
         leases.unlocked = False
         with contextlib.suppress(BrokerGoneError):
             self._conn.send(M.Ack(self._cursor, self._received, self._dropped, state[2]))
