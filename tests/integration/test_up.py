@@ -118,6 +118,7 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         proc.send_signal(signal.SIGTERM)
+        lines.expect(r"task rec#0 finished its stream", timeout=30)
         lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
         assert proc.wait(15) == 0
     rows = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
@@ -126,6 +127,28 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
     assert all(rows[k + 1][0] == rows[k][0] + rows[k][1] for k in range(len(rows) - 1)), rows  # contiguous
     _, n, partial = rows[-1]
     assert partial and 0 < n < 8001  # the stream ended on a frame of 80, never on a chunk of 8001 here
+
+
+def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_and_said(tmp_path):
+    # A newcomer: a worker still busy 10 s after the stop was cut off without a word, and up exited 0.  Now up
+    # says where it stopped, and exits 1 (the run did not do all it was asked); stop_timeout sets the wait.
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'slow'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'mic'\nsize = 800\n"
+        f"policy = 'block'\nstop_timeout = 1\noptions = {{ out = '{tally}', delay = 0.5 }}\n"
+    )
+    with running_up(cfg) as (proc, lines):
+        lines.expect(r"^\[tally\] \d+ 800", timeout=30)
+        lines.expect(r"^\[tally\] \d+ 800", timeout=30)  # (a chunk of 0.1 s every 0.5 s: behind)
+        proc.send_signal(signal.SIGTERM)
+        line = lines.expect(r"task slow#0 had not finished its stream 1 s after the stop: stopped at stream index "
+                            r"(\d+); the samples after it", timeout=30)  # fmt: skip
+        assert proc.wait(30) == 1
+    done = [tuple(map(int, row.split())) for row in tally.read_text().splitlines()]
+    assert int(line.group(1)) <= done[-1][0] + 800  # (where it had read to: no further than its last chunk)
 
 
 def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):

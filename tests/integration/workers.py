@@ -102,6 +102,14 @@ def tally(chunk, out: str) -> None:
     print(f"[tally] {chunk.index} {len(chunk)}", flush=True)
 
 
+def slow_tally(chunk, out: str, delay: float) -> None:
+    """An `up` task behind its stream: :func:`tally`, then ``delay`` seconds of work per chunk."""
+    tally(chunk, out)
+    import time
+
+    time.sleep(delay)
+
+
 def read_paused(address, name, kwargs, ready_q, go_event, result_q, drained_event=None):
     """Subscribe, say ready, read nothing until ``go_event``; then report every chunk's (index, n) and every
     SamplesLostError's (start, stop) in order, and how the stream ended.  With ``drained_event``: set it

@@ -46,10 +46,10 @@ _STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted wor
 _TOP_KEYS = {"broker", "sources", "tasks"}
 _BROKER_KEYS = {"address", "lease_timeout", "shm_mode", "log_level"}
 _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "policy", "workers", "options",
-              "max_inflight", "partial_tail", "restart_on_end", "external", "max_failures"}  # fmt: skip
+              "max_inflight", "partial_tail", "restart_on_end", "external", "max_failures", "stop_timeout"}  # fmt: skip
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
-_DRAIN = 10.0  # seconds the tasks get to finish their streams when up stops
+_DRAIN = 10.0  # seconds a task gets to finish its stream when up stops (its stop_timeout by default)
 _SHM = "/dev/shm"
 
 
@@ -76,6 +76,7 @@ class Task:
     restart_on_end: bool = False
     external: bool = False
     max_failures: int = 5  # failures in a row before the task is marked failed and not restarted (0: never)
+    stop_timeout: float = _DRAIN  # seconds its workers get to finish their stream when up stops
 
 
 @dataclass
@@ -213,6 +214,7 @@ def _task(path: str, i: int, raw: Any) -> Task:
         raise ConfigError(f"{where}: 'options' must be a table, got {task.options!r}")
     _beside_config(path, task.options, ("out", "path"))
     _number(where, "max_failures", task.max_failures, integer=True, low_ok=True)
+    _number(where, "stop_timeout", task.stop_timeout, high=86400.0)
     try:
         fn = resolve(task.call)
     except (ImportError, AttributeError) as exc:
@@ -521,6 +523,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         raise BrokerGoneError(f"the broker {how} before serving: {reason}") from None
     os.close(write_fd)
     finished = False
+    cut_off = False  # a task had not finished its stream _DRAIN after the stop (not a second Ctrl-C)
     try:
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
@@ -556,10 +559,12 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(broker.pid, signal.SIGUSR1)
             say("the sources end their streams; the tasks finish them (Ctrl-C again: stop now)")
-            deadline = time.monotonic() + _DRAIN
-            waiting = [s.proc for s in slots if s.proc is not None and not s.task.external]
-            while signals[0] < 2 and time.monotonic() < deadline and any(p.is_alive() for p in waiting):
+            stop = time.monotonic()
+            waiting = [s for s in slots if s.proc is not None and not s.task.external]
+            while signals[0] < 2 and any(s.proc.is_alive() and time.monotonic() < stop + s.task.stop_timeout
+                                         for s in waiting):  # fmt: skip
                 time.sleep(0.05)
+            cut_off = _drained(slots, broker.address, signals[0] >= 2, say)
         for slot in slots:
             if slot.proc is not None and slot.proc.is_alive():
                 slot.proc.terminate()
@@ -574,11 +579,35 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
-    if any(s.failed for s in slots):
-        return 1  # a task gave up: the run did not do all it was asked
+    if any(s.failed for s in slots) or cut_off:
+        return 1  # a task gave up, or did not finish its stream in time: the run did not do all it was asked
     if finished:
         return 0
     return 0 if code in (0, None) else 1
+
+
+def _drained(slots: list[_Slot], address: str, stopped_now: bool, say: Any) -> bool:
+    """After the stop's drain: say which worker finished its stream and which had not (where it had read to),
+    before those are stopped; return whether one had not and no second Ctrl-C asked for it."""
+    try:
+        reached = _subscribed_labels(address)
+    except Exception:  # the broker is stopping: say it without the index
+        reached = {}
+    cut = False
+    for slot in slots:
+        if slot.proc is None or slot.task.external:
+            continue
+        if not slot.proc.is_alive():
+            if slot.proc.exitcode == 0:
+                say(f"task {slot.name} finished its stream")
+            continue
+        at = reached.get((slot.label, slot.proc.pid))
+        where = f" at stream index {at}" if at is not None else ""
+        when = "when Ctrl-C came again" if stopped_now else f"{slot.task.stop_timeout:g} s after the stop"
+        say(f"task {slot.name} had not finished its stream {when}: stopped{where}; the samples after it up to the "
+            f"stream's end were not processed")  # fmt: skip
+        cut = cut or not stopped_now
+    return cut
 
 
 def _pump(fd: int, tail: collections.deque[str]) -> None:
