@@ -131,24 +131,40 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
 
 def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_and_said(tmp_path):
     # A newcomer: a worker still busy 10 s after the stop was cut off without a word, and up exited 0.  Now up
-    # says where it stopped, and exits 1 (the run did not do all it was asked); stop_timeout sets the wait.
-    tally = tmp_path / "tally.txt"
+    # names every worker: one still busy after its own task's stop_timeout is stopped then, with the index it had
+    # read to; one that crashes on its last chunks is named too; and up exits 1 (the run did not do all it was
+    # asked).  A reviewer: a short stop_timeout waited for the longest, and a crash in the drain went unsaid.
+    tallies = {name: tmp_path / f"{name}.txt" for name in ("short", "long", "tail")}
+    task = ("[[tasks]]\nname = '{name}'\ncall = 'tests.integration.workers:{call}'\nstream = 'mic'\nsize = 800\n"
+            "policy = 'block'\n{more}\noptions = {{ out = '{out}'{opt} }}\n")  # fmt: skip
     cfg = tmp_path / "up.toml"
     cfg.write_text(
         f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
         "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
-        "[[tasks]]\nname = 'slow'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'mic'\nsize = 800\n"
-        f"policy = 'block'\nstop_timeout = 1\noptions = {{ out = '{tally}', delay = 0.5 }}\n"
+        + task.format(name="short", call="slow_tally", more="stop_timeout = 1", out=tallies["short"],
+                      opt=", delay = 1.0")
+        + task.format(name="long", call="slow_tally", more="stop_timeout = 3", out=tallies["long"],
+                      opt=", delay = 1.0")
+        + task.format(name="tail", call="fail_on_tail", more="partial_tail = true\nmax_failures = 1",
+                      out=tallies["tail"], opt="")  # fmt: skip
     )
     with running_up(cfg) as (proc, lines):
-        lines.expect(r"^\[tally\] \d+ 800", timeout=30)
-        lines.expect(r"^\[tally\] \d+ 800", timeout=30)  # (a chunk of 0.1 s every 0.5 s: behind)
+        for _ in range(10):  # (the slow two take a second for each 0.1 s chunk: behind)
+            lines.expect(r"^\[tally\] \d+ 800", timeout=30)
         proc.send_signal(signal.SIGTERM)
-        line = lines.expect(r"task slow#0 had not finished its stream 1 s after the stop: stopped at stream index "
-                            r"(\d+); the samples after it", timeout=30)  # fmt: skip
+        said = {}
+        for _ in range(3):
+            m = lines.expect(r"task (\w+)#0 (had not finished its stream (\d) s after the stop: stopped at stream "
+                             r"index (\d+); the samples after it|exited with code 1 before the end of its stream)",
+                             timeout=30)  # fmt: skip
+            said[m.group(1)] = m
         assert proc.wait(30) == 1
-    done = [tuple(map(int, row.split())) for row in tally.read_text().splitlines()]
-    assert int(line.group(1)) <= done[-1][0] + 800  # (where it had read to: no further than its last chunk)
+    assert said["short"].group(3) == "1" and said["long"].group(3) == "3"
+    assert "exited with code 1" in said["tail"].group(2)
+    # In the order they came: the short timeout did not wait for the long one.
+    assert list(said) == ["tail", "short", "long"] or list(said)[1:] == ["short", "long"], list(said)
+    done = [tuple(map(int, row.split())) for row in tallies["short"].read_text().splitlines()]
+    assert int(said["short"].group(4)) <= done[-1][0] + 800  # (where it had read to: no further than its last chunk)
 
 
 def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):

@@ -110,6 +110,13 @@ def slow_tally(chunk, out: str, delay: float) -> None:
     time.sleep(delay)
 
 
+def fail_on_tail(chunk, out: str) -> None:
+    """An `up` task that fails on the stream's last, partial chunk (after :func:`tally`)."""
+    tally(chunk, out)
+    if chunk.partial:
+        raise RuntimeError("failing on the partial tail, as the test asks")
+
+
 def read_paused(address, name, kwargs, ready_q, go_event, result_q, drained_event=None):
     """Subscribe, say ready, read nothing until ``go_event``; then report every chunk's (index, n) and every
     SamplesLostError's (start, stop) in order, and how the stream ended.  With ``drained_event``: set it

@@ -50,6 +50,7 @@ _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "p
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _DRAIN = 10.0  # seconds a task gets to finish its stream when up stops (its stop_timeout by default)
+_STOPPED = 128 + signal.SIGTERM  # a worker's exit code when SIGTERM stopped it (0: it finished its stream)
 _SHM = "/dev/shm"
 
 
@@ -418,7 +419,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
         if busy[0]:
             busy[1] = True  # never in the middle of the callback (a file half written): right after it
             return
-        raise SystemExit(0)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
+        raise SystemExit(_STOPPED)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
 
     signal.signal(signal.SIGTERM, stop)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -441,7 +442,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                 finally:
                     busy[0] = False
             if busy[1]:
-                raise SystemExit(0)
+                raise SystemExit(_STOPPED)
 
 
 @dataclass
@@ -481,7 +482,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     """Run the system described by the config at ``path`` until SIGINT/SIGTERM, or until every task is done.
 
     Returns the exit code: 0 after a clean stop or when every worker finished its
-    stream, 1 if the broker failed.
+    stream; 1 if the broker failed, a task gave up (``max_failures``), or a worker
+    did not finish its stream after the stop (its ``stop_timeout``, or a crash;
+    not after a second Ctrl-C).
     """
     config = load_config(path)
 
@@ -523,7 +526,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         raise BrokerGoneError(f"the broker {how} before serving: {reason}") from None
     os.close(write_fd)
     finished = False
-    cut_off = False  # a task had not finished its stream _DRAIN after the stop (not a second Ctrl-C)
+    cut_off = False  # a task did not finish its stream after the stop (not for a second Ctrl-C)
     try:
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
@@ -555,16 +558,11 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         say("stopping")
         if not finished and broker.process is not None and broker.process.poll() is None:
             # The sources end their streams first, and the tasks on them finish them (every sample, the
-            # last partial chunk too) and exit by themselves; what is still running after _DRAIN is stopped.
+            # last partial chunk too) and exit by themselves; one still busy after its stop_timeout is stopped.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(broker.pid, signal.SIGUSR1)
             say("the sources end their streams; the tasks finish them (Ctrl-C again: stop now)")
-            stop = time.monotonic()
-            waiting = [s for s in slots if s.proc is not None and not s.task.external]
-            while signals[0] < 2 and any(s.proc.is_alive() and time.monotonic() < stop + s.task.stop_timeout
-                                         for s in waiting):  # fmt: skip
-                time.sleep(0.05)
-            cut_off = _drained(slots, broker.address, signals[0] >= 2, say)
+            cut_off = _drain(slots, broker.address, time.monotonic(), signals, say)
         for slot in slots:
             if slot.proc is not None and slot.proc.is_alive():
                 slot.proc.terminate()
@@ -586,27 +584,41 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     return 0 if code in (0, None) else 1
 
 
-def _drained(slots: list[_Slot], address: str, stopped_now: bool, say: Any) -> bool:
-    """After the stop's drain: say which worker finished its stream and which had not (where it had read to),
-    before those are stopped; return whether one had not and no second Ctrl-C asked for it."""
-    try:
-        reached = _subscribed_labels(address)
-    except Exception:  # the broker is stopping: say it without the index
-        reached = {}
+def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], say: Any) -> bool:
+    """After the stop (at ``stop``), while the workers finish their streams: name each one that finished, one
+    that exited otherwise (a crash on its last chunks), and one still busy after its task's ``stop_timeout``,
+    which is stopped then (between two chunks) with the stream index it had read to; a second Ctrl-C stops and
+    names the rest at once.  Return whether a worker did not finish its stream (not counting a second Ctrl-C)."""
+    pending = [s for s in slots if s.proc is not None and not s.task.external]
     cut = False
-    for slot in slots:
-        if slot.proc is None or slot.task.external:
-            continue
-        if not slot.proc.is_alive():
-            if slot.proc.exitcode == 0:
-                say(f"task {slot.name} finished its stream")
-            continue
-        at = reached.get((slot.label, slot.proc.pid))
-        where = f" at stream index {at}" if at is not None else ""
-        when = "when Ctrl-C came again" if stopped_now else f"{slot.task.stop_timeout:g} s after the stop"
-        say(f"task {slot.name} had not finished its stream {when}: stopped{where}; the samples after it up to the "
-            f"stream's end were not processed")  # fmt: skip
-        cut = cut or not stopped_now
+
+    def index_of(slot: _Slot) -> str:
+        try:
+            at = _subscribed_labels(address).get((slot.label, slot.proc.pid))
+        except Exception:  # the broker is stopping: said without the index
+            at = None
+        return f" at stream index {at}" if at is not None else ""
+
+    while pending:
+        now = time.monotonic()
+        for slot in list(pending):
+            late = now >= stop + slot.task.stop_timeout
+            if not slot.proc.is_alive():
+                pending.remove(slot)
+                code = slot.proc.exitcode
+                if code == 0:
+                    say(f"task {slot.name} finished its stream")
+                else:
+                    say(f"task {slot.name} exited with code {code} before the end of its stream")
+                    cut = True
+            elif late or signals[0] >= 2:
+                pending.remove(slot)
+                when = "when Ctrl-C came again" if signals[0] >= 2 else f"{slot.task.stop_timeout:g} s after the stop"
+                say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}; the samples "
+                    f"after it up to the stream's end were not processed")  # fmt: skip
+                slot.proc.terminate()  # (between two chunks: task_main)
+                cut = cut or signals[0] < 2
+        time.sleep(0.05)
     return cut
 
 
