@@ -146,7 +146,7 @@ def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_
         + task.format(name="long", call="slow_tally", more="stop_timeout = 3", out=tallies["long"],
                       opt=", delay = 1.0")
         + task.format(name="tail", call="fail_on_tail", more="partial_tail = true\nmax_failures = 1",
-                      out=tallies["tail"], opt="")  # fmt: skip
+                      out=tallies["tail"], opt="")
     )
     with running_up(cfg) as (proc, lines):
         for _ in range(10):  # (the slow two take a second for each 0.1 s chunk: behind)
