@@ -230,15 +230,15 @@ class LocalReceiver:
 
     def recv(self, timeout: float | None) -> Chunk | None:
         self._disarm()
-        if time.monotonic() >= self._counts_due:
-            # Counters and cursor for `slabcast status`, also for a subscriber behind, which never waits (they went
-            # only before a wait or at a slab change: a slab of 11 s showed `delivered 0` for 11 s).
-            self._send_ack()
         if self._give_back:
             self._give_back = False
             self._leases.unlock_idle(self._cur_slab)  # the slab left with the last chunk handed out (_took)
         if self._leases.dead:
             self._leases.reap()
+        if time.monotonic() >= self._counts_due:
+            # Counters and cursor for `slabcast status`, also for a subscriber behind, which never waits (they went
+            # only before a wait or at a slab change: a slab of 11 s showed `delivered 0` for 11 s).
+            self._send_ack()
         if self.end is not None:
             raise self.end
         deadline = None if timeout is None else time.monotonic() + timeout
