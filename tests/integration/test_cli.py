@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def test_standalone_broker_status_and_default_address(tmp_path, stream_name):
         assert s["lag_samples"] == 60 and "delivered 0 dropped 0 leases 0 lag 60 samples (0.6 s)" in text  # (read none)
         assert sub.info.channel_names == ("ch_0", "ch_1", "ch_2")
         sub.close()
-        pub.close()
+        pub.write(np.zeros((40, 3), dtype=np.int16))
+        pub.close()  # (no subscriber left: the broker lets it go at once, and lists it as it was at its end)
+        text = run_cli("status", env=env).stdout
+        assert re.search(rf"stream {stream_name}: ended \(closed\) [\d.]+ s ago after 100 samples in 2 frames", text), text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
         assert not (tmp_path / "s" / "b.sock").exists()

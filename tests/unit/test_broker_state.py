@@ -455,6 +455,21 @@ def test_status_counts_clients_and_uptime_from_the_clock_it_is_given(h: Harness)
     assert [s["name"] for s in status["streams"]] == ["s"]
 
 
+def test_a_stream_that_ended_is_listed_as_it_was_at_its_end_for_a_minute(h: Harness) -> None:
+    # With no subscriber left it is gone the moment it ends: `slabcast status` (and the view) showed its counts
+    # from the last look before, or nothing.
+    h.open()
+    for _ in range(3):
+        h.write(100)
+    h.send(PUB, M.Close())
+    status = h.state.status(h.now)
+    assert [s["name"] for s in status["streams"]] == []
+    (row,) = status["ended_streams"]
+    assert (row["name"], row["samples"], row["frames"], row["ended"], row["end"]) == ("s", 300, 3, True, "closed")
+    h.now += 61.0
+    assert h.state.status(h.now)["ended_streams"] == []
+
+
 def test_a_client_gets_error_internal_as_a_slabcast_error_not_as_its_own_refused_request() -> None:
     from slabcast import RequestError, SlabcastError
     from slabcast.client.connection import error_for

@@ -28,6 +28,17 @@ def test_stream_list_follows_streams_appearing_ending_and_leaving():
     assert not entry["ended"] and lst.live("a")
 
 
+def test_a_stream_gone_between_two_looks_is_listed_with_its_counts_at_its_end():
+    # A newcomer: a 1 s stream of 48,000 samples showed 26,880 once ended (the last look before its end); the
+    # broker's status now lists the final row of a stream that ended (ended_streams), which the list takes.
+    lst = StreamList(keep_ended=10.0)
+    live = {"name": "a", "ended": False, "samples": 26880, "frames": 56, "subscribers": [{"pid": 1}]}
+    lst.update({"streams": [live]}, 0.0)
+    final = {**live, "ended": True, "samples": 48000, "frames": 100, "subscribers": []}
+    (entry,) = lst.update({"streams": [], "ended_streams": [final]}, 1.0)
+    assert (entry["samples"], entry["frames"], entry["ended"], entry["gone"]) == (48000, 100, True, True)
+
+
 def test_levels_are_dbfs_against_the_dtype_full_scale():
     half = np.full((2, 100), 16384, dtype=np.int16)
     half[1] = 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,7 @@ _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (Brok
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
 _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
+ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
 _TYPED = frozenset(M.MESSAGES.values())
 
 
@@ -155,6 +157,9 @@ class BrokerState:
         self.clients: dict[bytes, Client] = {}
         self.streams: dict[str, Stream] = {}  # open streams by name
         self.draining: list[Stream] = []  # ended streams whose subscribers are still attached
+        # The final status rows of streams that ended, (when, row), listed for ENDED_FOR seconds: a stream with no
+        # subscriber left is gone the moment it ends, and `slabcast status` or the view would never see its end.
+        self.ended_rows: deque[tuple[float, dict[str, Any]]] = deque(maxlen=ENDED_KEPT)
         self.pending: dict[str, list[tuple[Client, M.Subscribe]]] = {}  # SUBSCRIBE before OPEN
         self.forgotten: list[bytes] = []  # clients dropped since the shell last looked (it empties their outbox)
         self._segments = 0
@@ -544,6 +549,12 @@ class BrokerState:
             return
         self._catch_up(stream)  # what it published before it closed or died is the stream's
         self.streams.pop(stream.name, None)
+        try:
+            row = stream_status(stream)
+        except Exception:  # (a status row must never stop a stream's end)
+            log.exception("stream %r: its final status row failed", stream.name)
+        else:
+            self.ended_rows.append((self._now, {**row, "ended": True, "end": code}))
         self._out += stream.end(code, message)
         self.system.unlink(stream.notice_path)  # the publisher removes its notice socket's file; not if it died
         if stream.subs:
@@ -713,5 +724,7 @@ class BrokerState:
             "clients": len(self.clients),
             "waiting": {name: len(subs) for name, subs in self.pending.items() if subs},  # subscribed before OPEN
             "streams": [stream_status(s) for s in [*self.streams.values(), *self.draining]],
+            # Streams that ended in the last ENDED_FOR seconds, as they were when they ended (the newest last).
+            "ended_streams": [{**row, "ended_ago": now - t} for t, row in self.ended_rows if now - t <= ENDED_FOR],
             "sources": self.sources() if self.sources is not None else [],
         }

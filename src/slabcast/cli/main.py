@@ -206,6 +206,9 @@ def _status(args: argparse.Namespace) -> int:
                 f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
                 f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']} {lag}"
             )
+    for s in status.get("ended_streams", []):
+        print(f"  stream {s['name']}: ended ({s['end']}) {s['ended_ago']:.1f} s ago after {s['samples']} samples "
+              f"in {s['frames']} frames")  # fmt: skip
     return 0
 
 

@@ -182,6 +182,7 @@ class StreamList:
     def update(self, status: dict[str, Any], now: float) -> list[dict[str, Any]]:
         """Take a ``broker_status`` reply at time ``now``; return every listed stream, sorted by name."""
         present = {s["name"]: s for s in status.get("streams", [])}
+        final = {s["name"]: s for s in status.get("ended_streams", [])}  # (as each was when it ended; newest last)
         for name, s in present.items():
             known = self._known.get(name)
             entry = {**s, "gone": False}
@@ -197,7 +198,9 @@ class StreamList:
             if known.ended_at is None:
                 known.ended_at = now
             if not known.entry["gone"]:
-                known.entry = {**known.entry, "ended": True, "gone": True, "subscribers": []}
+                last = final.get(name)  # its counts at its end, not at the last look before it
+                counts = {k: last[k] for k in ("samples", "frames", "statistics") if k in last} if last else {}
+                known.entry = {**known.entry, **counts, "ended": True, "gone": True, "subscribers": []}
             if now - known.ended_at > self.keep_ended:
                 del self._known[name]
         return [self._known[n].entry for n in sorted(self._known)]
