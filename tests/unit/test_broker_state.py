@@ -466,6 +466,10 @@ def test_a_stream_that_ended_is_listed_as_it_was_at_its_end_for_a_minute(h: Harn
     assert [s["name"] for s in status["streams"]] == []
     (row,) = status["ended_streams"]
     assert (row["name"], row["samples"], row["frames"], row["ended"], row["end"]) == ("s", 300, 3, True, "closed")
+    from slabcast.cli.top import render
+
+    assert "s                ended (closed) 0 s ago after 300 samples in 3 frames" in [
+        line for line, _ in render(status, None, 0.0)]  # fmt: skip
     h.now += 61.0
     assert h.state.status(h.now)["ended_streams"] == []
 

@@ -89,6 +89,11 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
                 )
             )
         lines.append(("", False))
+    live = {s["name"] for s in status["streams"]}
+    for s in status.get("ended_streams", []):  # (gone from the broker; as each was at its end, for a minute)
+        if s["name"] not in live:
+            lines.append((f"{s['name']:<16} ended ({s['end']}) {s['ended_ago']:.0f} s ago after {s['samples']} samples "
+                          f"in {s['frames']} frames", False))  # fmt: skip
     for src in sources.values():  # no stream yet (waiting for its device) or refused
         lines.append((f"source {source_line(src)}", _troubled(src)))
     if not status["streams"]:
