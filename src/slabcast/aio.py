@@ -34,8 +34,9 @@ class Subscriber:
     subscriber; one that is not yet there is waited for (``wait=``, default
     ``timeout``) by a thread the constructor starts, whose ``SUBSCRIBE`` the
     broker holds until the stream opens, so the subscriber still receives it from
-    index 0 (a stream that opens in the millisecond between the constructor's first
-    look and that ``SUBSCRIBE`` is taken from its head): ``info`` and ``size`` then come
+    index 0 (a stream that opens before that ``SUBSCRIBE`` reaches the broker, a few
+    milliseconds after the constructor returns, is taken from its head): ``info``
+    and ``size`` then come
     with the first ``await`` (``recv``, ``async for`` or ``async with``), which
     raises :class:`~slabcast.StreamNotFoundError` if it did not appear in time.
     Cancelling a task that awaits :meth:`recv` takes nothing from the stream;

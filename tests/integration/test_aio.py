@@ -159,6 +159,12 @@ def test_subscribers_made_before_their_stream_wait_off_the_loop_and_get_it_from_
                 for _ in range(3)]  # fmt: skip
         with pytest.raises(RuntimeError, match="info and size come with the first await"):
             subs[0].info  # noqa: B018
+        # Their SUBSCRIBEs reach the broker a few milliseconds later (a thread's connection): the stream opens after
+        # (a wait on the broker's word, not a sleep; CI once opened it first and one subscriber missed index 0).
+        deadline = time.monotonic() + 10
+        while slabcast.broker_status(broker.address)["waiting"].get(stream_name, 0) < 3:
+            assert time.monotonic() < deadline, "the subscriptions never reached the broker"
+            await asyncio.sleep(0.005)
         pub = await asyncio.to_thread(slabcast.Publisher, stream_name, dtype="int32", address=broker.address)
         pub.write(np.arange(30, dtype=np.int32), t0=1.0)
         pub.close()

@@ -135,22 +135,23 @@ def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_
     # read to; one that crashes on its last chunks is named too; and up exits 1 (the run did not do all it was
     # asked).  A reviewer: a short stop_timeout waited for the longest, and a crash in the drain went unsaid.
     tallies = {name: tmp_path / f"{name}.txt" for name in ("short", "long", "tail")}
-    task = ("[[tasks]]\nname = '{name}'\ncall = 'tests.integration.workers:{call}'\nstream = 'mic'\nsize = 800\n"
+    # (the tail task's chunks of 801: a stream of 80-sample frames ends inside one before 64,080 samples)
+    task = ("[[tasks]]\nname = '{name}'\ncall = 'tests.integration.workers:{call}'\nstream = 'mic'\nsize = {size}\n"
             "policy = 'block'\n{more}\noptions = {{ out = '{out}'{opt} }}\n")  # fmt: skip
     cfg = tmp_path / "up.toml"
     cfg.write_text(
         f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
         "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
-        + task.format(name="short", call="slow_tally", more="stop_timeout = 1", out=tallies["short"],
+        + task.format(name="short", call="slow_tally", size=800, more="stop_timeout = 1", out=tallies["short"],
                       opt=", delay = 1.0")
-        + task.format(name="long", call="slow_tally", more="stop_timeout = 3", out=tallies["long"],
+        + task.format(name="long", call="slow_tally", size=800, more="stop_timeout = 3", out=tallies["long"],
                       opt=", delay = 1.0")
-        + task.format(name="tail", call="fail_on_tail", more="partial_tail = true\nmax_failures = 1",
+        + task.format(name="tail", call="fail_on_tail", size=801, more="partial_tail = true\nmax_failures = 1",
                       out=tallies["tail"], opt="")
     )
     with running_up(cfg) as (proc, lines):
         for _ in range(10):  # (the slow two take a second for each 0.1 s chunk: behind)
-            lines.expect(r"^\[tally\] \d+ 800", timeout=30)
+            lines.expect(r"^\[tally\] \d+ 80[01]", timeout=30)
         proc.send_signal(signal.SIGTERM)
         said = {}
         for _ in range(3):
