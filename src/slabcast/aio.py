@@ -96,16 +96,10 @@ class Subscriber:
 
     async def _subscribed(self) -> _BlockingSubscriber:
         """The blocking subscriber, once its stream is there (waiting for it off the event loop)."""
-        if self._sub is None:
-            if self._closed:
-                raise ClosedError("this subscriber was closed")
-            assert self._waiting is not None
+        if self._sub is None and not self._closed and self._waiting is not None:
             # (shielded: a cancelled await takes nothing, the subscription goes on for the next one)
-            sub = await asyncio.shield(asyncio.wrap_future(self._waiting))
-            if self._sub is None:
-                self._adopt(sub)
-        assert self._sub is not None
-        return self._sub
+            await asyncio.shield(asyncio.wrap_future(self._waiting))
+        return self._ready()
 
     def _ready(self) -> _BlockingSubscriber:
         if self._sub is None and self._closed:

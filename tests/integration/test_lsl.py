@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -312,45 +314,43 @@ def test_history_sizes_the_pool_of_an_lsl_source_once_its_outlet_gives_the_rate(
                 np.testing.assert_array_equal(chunk.data[:, 0], np.arange(total - 35 * 512, total - 34 * 512))
 
 
+
+@contextlib.contextmanager
+def lsl_out(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`slabcast lsl-out ARGS`, its standard error piped; killed if still running after."""
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def test_lsl_out_stopped_by_sigterm_exits_0(broker, stream_name):
     from tests.integration.test_record import wait_subscribed
 
     # A service manager stops it with SIGTERM: that is its normal end, not a failure (it exited 130).
     pub = slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address)
-    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", stream_name, "--name", f"sc-{stream_name}",
-                             "--address", broker.address], stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with pub, lsl_out(stream_name, "--name", f"sc-{stream_name}", "--address", broker.address) as proc:
         wait_subscribed(broker.address, stream_name, label="lsl-out:")
         proc.terminate()
         assert proc.wait(20) == 0
         assert f"stopped serving {stream_name}" in proc.stderr.read()
-    finally:
-        pub.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 def test_lsl_out_for_a_stream_the_broker_lacks_says_it_waits_and_for_what(broker, stream_name):
     # A typo waited silently (an hour), and SIGTERM then said "stopped serving" a stream it never served.
     pub = slabcast.Publisher(stream_name, dtype="float32", rate=100.0, address=broker.address)
     typo = stream_name + "x"
-    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "lsl-out", typo, "--address", broker.address],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stderr is not None
+    with pub, lsl_out(typo, "--address", broker.address) as proc:
         said = proc.stderr.readline()
         assert f"waiting for stream {typo!r}" in said and f"did you mean {stream_name!r}?" in said, said
         proc.terminate()
         assert proc.wait(20) == 0
         assert f"stopped waiting for {typo}" in proc.stderr.read()
-    finally:
-        pub.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 def test_an_lsl_source_with_a_mistyped_name_says_which_outlets_it_sees(stream_name):
