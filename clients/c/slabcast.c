@@ -1121,6 +1121,22 @@ static uint64_t read_u64le(const unsigned char *p)
     return (uint64_t)read_u32le(p) | (uint64_t)read_u32le(p + 4) << 32;
 }
 
+static int take_end(sc_client *c, const msgview *m);
+
+/* SUBSCRIBED named a segment that is gone: the stream ended between SUBSCRIBED and the map (its pool went with
+ * it); the broker's END follows on the connection, and ends the subscription (docs/protocol.md 10.2). */
+static int ended_before_map(sc_client *c, const char *shm_name)
+{
+    msgview m;
+    int rc = next_msg(c, deadline_for(c->timeout_ms), &m);
+    if (rc == SC_OK && m.kind == SCW_END)
+        return take_end(c, &m);
+    if (rc == SC_OK && m.kind == SCW_ERROR)
+        return broker_error(c, &m);
+    return fail(c, SC_ESYS, "cannot open shared-memory segment %s: it is gone, and no END followed (%s)", shm_name,
+                c->where);
+}
+
 /* Map the segment read-only and check its header against SUBSCRIBED.  Never unlinks.
  * Version 2 keeps the descriptor (a read-only open file description of its own) for the
  * lease locks and checks the layout with the generation table. */
@@ -1137,6 +1153,8 @@ static int map_segment(sc_client *c, size_t nbytes)
     char shm_name[sizeof c->segment + 1];
     snprintf(shm_name, sizeof shm_name, "/%s", c->segment);
     int fd = shm_open(shm_name, O_RDONLY, 0);
+    if (fd < 0 && errno == ENOENT)
+        return ended_before_map(c, shm_name);
     if (fd < 0)
         return fail(c, SC_ESYS,
                     "cannot open shared-memory segment %s read-only: %s (segments are mode 0600 unless the broker "
@@ -1343,8 +1361,6 @@ static int join_notices(sc_client *c)
     zmq_setsockopt(c->notices, ZMQ_UNSUBSCRIBE, c->token, sizeof c->token);
     return SC_OK;
 }
-
-static int take_end(sc_client *c, const msgview *m);
 
 /* JOINED came: send ATTACH; the broker starts us at its head (0 for a subscription made before the
  * stream existed) and answers ATTACHED with that start index.  Only from now on do we hold back slabs. */

@@ -854,6 +854,47 @@ def test_client_follows_the_protocol_version_3(c_sub, scripted, segment):
         c.close()
 
 
+@pytest.mark.parametrize("client", ["c", "python"])
+def test_a_stream_that_ends_between_subscribed_and_the_map_ends_the_subscriber_with_its_end(client, c_sub, scripted):
+    """SUBSCRIBED names a segment the broker unlinked an instant later (the stream ended before the subscriber
+    mapped it: CI saw the Zenoh bridge fail on it with FileNotFoundError): the subscriber ends with the END that
+    follows, as docs/protocol.md 10.2 says, not with an error of its own."""
+    gone = f"slabcast-scripted.{os.getpid()}.gone{os.urandom(4).hex()}"  # never made
+    c: CSub | None = None
+    outcome: list[BaseException] = []
+    if client == "c":
+        c = CSub(c_sub, scripted.address, "scripted", "--size", "4")
+    else:
+
+        def subscribe() -> None:
+            try:
+                slabcast.Subscriber("scripted", 4, address=scripted.address, timeout=5).close()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=subscribe, daemon=True)
+        thread.start()
+    try:
+        hello = scripted.recv()
+        assert hello[:2] == [P.HELLO, P.VERSION], hello
+        scripted.send([P.WELCOME, P.VERSION, os.getpid(), 1234])
+        sub = scripted.recv()
+        assert sub[0] == P.SUBSCRIBE and sub[8] == "local", sub
+        scripted.send([P.SUBSCRIBED, gone, 65536, "<i2", 1, None, 4, 0, ["ch_0"],
+                       7, HEADER, 8192, 2, 2, f"ipc://{scripted.address[6:]}.7"])  # fmt: skip
+        scripted.send([P.END, "publisher-gone", "the publisher (scripted) went away", 0, 0])
+        if c is not None:
+            assert c.finish(10) == 4, c.stderr  # SC_EPUBGONE's exit status
+            assert "the publisher is gone" in c.stderr and "cannot open" not in c.stderr, c.stderr
+        else:
+            thread.join(10)
+            assert not thread.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], slabcast.PublisherGoneError), outcome
+    finally:
+        if c is not None:
+            c.close()
+
+
 def test_futex_subscriber_sleeps_on_the_position_and_needs_no_notice(c_sub, scripted, segment):
     """--wake futex: SUBSCRIBE says so; the client sleeps in FUTEX_WAIT on the ring's position word, and a
     publish with FUTEX_WAKE and no notice at all reaches it; a closed ring sends it to its sockets for the end."""

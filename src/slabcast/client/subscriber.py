@@ -240,7 +240,14 @@ class Subscriber:
                               meta.get("source_id") or "", bool(meta.get("timestamps")))  # fmt: skip
             rx: Receiver
             if local:
-                mm = attach(reply.segment, reply.segment_bytes)  # an older mapping lives on in the views taken from it
+                try:
+                    mm = attach(reply.segment, reply.segment_bytes)  # an older mapping lives on in views taken from it
+                except FileNotFoundError:
+                    # The stream ended between SUBSCRIBED and here (its pool is gone): its END follows.
+                    end = conn.recv(self._timeout)
+                    if isinstance(end, M.Error | M.End):
+                        raise error_for(end, self._where) from None
+                    raise
                 rx = local_rx = open_local(
                     conn, reply, info, mm, token, self._timeout, clip=self.clip, policy=self.policy,
                     max_inflight=self._max_inflight, partial_tail=self._partial_tail, sampler=self._sampler,
