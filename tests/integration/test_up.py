@@ -135,7 +135,8 @@ def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_
     # read to; one that crashes on its last chunks is named too; and up exits 1 (the run did not do all it was
     # asked).  A reviewer: a short stop_timeout waited for the longest, and a crash in the drain went unsaid.
     tallies = {name: tmp_path / f"{name}.txt" for name in ("short", "long", "tail")}
-    # (the tail task's chunks of 801: a stream of 80-sample frames ends inside one before 64,080 samples)
+    # (the tail task's exact chunks of 8011 samples: a stream of 80-sample frames ends inside one before 640,880
+    # samples, 80 s; chunks not clipped end on a frame boundary, and one stream in eleven ended on one of 880)
     task = ("[[tasks]]\nname = '{name}'\ncall = 'tests.integration.workers:{call}'\nstream = 'mic'\nsize = {size}\n"
             "policy = 'block'\n{more}\noptions = {{ out = '{out}'{opt} }}\n")  # fmt: skip
     cfg = tmp_path / "up.toml"
@@ -146,12 +147,12 @@ def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_
                       opt=", delay = 1.0")
         + task.format(name="long", call="slow_tally", size=800, more="stop_timeout = 3", out=tallies["long"],
                       opt=", delay = 1.0")
-        + task.format(name="tail", call="fail_on_tail", size=801, more="partial_tail = true\nmax_failures = 1",
+        + task.format(name="tail", call="fail_on_tail", size=8011, more="clip = true\npartial_tail = true\nmax_failures = 1",
                       out=tallies["tail"], opt="")
     )
     with running_up(cfg) as (proc, lines):
         for _ in range(10):  # (the slow two take a second for each 0.1 s chunk: behind)
-            lines.expect(r"^\[tally\] \d+ 80[01]", timeout=30)
+            lines.expect(r"^\[tally\] \d+ (800|8011)$", timeout=30)
         proc.send_signal(signal.SIGTERM)
         said = {}
         for _ in range(3):
