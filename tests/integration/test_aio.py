@@ -200,6 +200,10 @@ def test_a_cancelled_await_or_a_close_during_the_wait_for_the_stream(broker, str
         sub = slabcast.aio.Subscriber(stream_name, 10, clip=True, address=broker.address, wait=20)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(sub.recv(), 0.2)  # cancelled: takes nothing
+        deadline = time.monotonic() + 10  # (its SUBSCRIBE at the broker before the stream opens, as above)
+        while slabcast.broker_status(broker.address)["waiting"].get(stream_name, 0) < 1:
+            assert time.monotonic() < deadline, "the subscription never reached the broker"
+            await asyncio.sleep(0.005)
         pub = await asyncio.to_thread(slabcast.Publisher, stream_name, dtype="int32", address=broker.address)
         pub.write(np.arange(10, dtype=np.int32), t0=1.0)
         with await sub.recv(timeout=10) as chunk:

@@ -30,6 +30,7 @@ import pytest
 import zmq
 
 import slabcast
+from slabcast.client import _attach
 from slabcast.client import subscriber as _subscriber
 from slabcast.core import rechunk as _rechunk
 from slabcast.core import ring as _ring
@@ -854,14 +855,23 @@ def test_client_follows_the_protocol_version_3(c_sub, scripted, segment):
         c.close()
 
 
-@pytest.mark.parametrize("client", ["c", "python"])
-def test_a_stream_that_ends_between_subscribed_and_the_map_ends_the_subscriber_with_its_end(client, c_sub, scripted):
+@pytest.mark.parametrize("client", ["c", "python", "python-mapped"])
+def test_a_stream_that_ends_between_subscribed_and_the_map_ends_the_subscriber_with_its_end(client, c_sub, scripted,
+                                                                                            segment, monkeypatch):  # fmt: skip
     """SUBSCRIBED names a segment the broker unlinked an instant later (the stream ended before the subscriber
     mapped it: CI saw the Zenoh bridge fail on it with FileNotFoundError): the subscriber ends with the END that
-    follows, as docs/protocol.md 10.2 says, not with an error of its own."""
+    follows, as docs/protocol.md 10.2 says, not with an error of its own.  "python-mapped": the segment goes
+    after the map, before the subscriber opens it for its locks."""
     gone = f"slabcast-scripted.{os.getpid()}.gone{os.urandom(4).hex()}"  # never made
     c: CSub | None = None
     outcome: list[BaseException] = []
+    if client == "python-mapped":
+        gone = segment.name
+
+        def open_locks(name: str) -> int:
+            raise FileNotFoundError(2, "No such file or directory", "/" + name)
+
+        monkeypatch.setattr(_attach, "open_locks", open_locks)
     if client == "c":
         c = CSub(c_sub, scripted.address, "scripted", "--size", "4")
     else:
@@ -880,7 +890,7 @@ def test_a_stream_that_ends_between_subscribed_and_the_map_ends_the_subscriber_w
         scripted.send([P.WELCOME, P.VERSION, os.getpid(), 1234])
         sub = scripted.recv()
         assert sub[0] == P.SUBSCRIBE and sub[8] == "local", sub
-        scripted.send([P.SUBSCRIBED, gone, 65536, "<i2", 1, None, 4, 0, ["ch_0"],
+        scripted.send([P.SUBSCRIBED, gone, segment.nbytes, "<i2", 1, None, 4, 0, ["ch_0"],
                        7, HEADER, 8192, 2, 2, f"ipc://{scripted.address[6:]}.7"])  # fmt: skip
         scripted.send([P.END, "publisher-gone", "the publisher (scripted) went away", 0, 0])
         if c is not None:

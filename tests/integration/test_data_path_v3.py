@@ -478,7 +478,13 @@ def test_only_the_stopped_subscriber_is_asked_for_acks_and_every_subscriber_gets
             last = progress[0]
             writer.join(0.5)
         assert not failure and progress[0] < frames, (failure, progress)
+        # (a pause of the loaded machine may look like held back before it is: wait, bounded, for what must come)
+        deadline = time.monotonic() + 30
+        while not (ring.acks_wanted and ring.ack_target is not None and sum(1 for v in ring.cursors if v) >= 2):
+            assert time.monotonic() < deadline and not failure, (failure, progress, ring.acks_wanted)
+            writer.join(0.05)
         assert ring.acks_wanted and ring.ack_target is not None, "every subscriber asked, not the one behind"
+        assert progress[0] < frames, progress
         # The two that keep up posted cursors at the head; the one asked is neither (stopped before its first
         # chunk, it never posted one).
         posted = {e: int(v) & (ring_module.CURSOR_SPAN - 1) for e, v in enumerate(ring.cursors) if v}
@@ -1049,8 +1055,11 @@ def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes
                     got += 1
             assert carried_before < pub._state.carry == 24000
         pub.flush()
-        threading.Event().wait(0.2)  # (the last slab change's PUBLISHED and GRANT are done by then)
-        quiet = len(turns)
+        # The last slab change's PUBLISHED and GRANT take a turn or two: wait (bounded) for 0.2 s without one.
+        deadline = time.monotonic() + 10
+        while (quiet := len(turns)) == 0 or time.monotonic() - turns[-1] < 0.2:
+            assert time.monotonic() < deadline, f"the background thread never went quiet ({len(turns)} turns)"
+            threading.Event().wait(0.05)
         threading.Event().wait(0.5)  # (not a wait for readiness: half a second with nothing to do)
         assert len(turns) == quiet, f"{len(turns) - quiet} turns of an idle publisher's background thread"
         broker.kill()

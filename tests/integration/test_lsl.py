@@ -51,6 +51,11 @@ def test_labels_units_and_source_id_reach_subscribers_windows_and_recordings(tmp
                                 "--address", broker.address, "--seconds", "0.5"],
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert outlet.wait_for_consumers(10)
+        # The recorder must be there before the samples (a slow start under load would miss them).
+        deadline = time.monotonic() + 30
+        while len(_subscribers(broker.address, stream_name)) < 3:  # sub, win and the recorder
+            assert time.monotonic() < deadline and rec.poll() is None, "the recorder did not subscribe"
+            time.sleep(0.05)
         for k in range(0, 1024, 64):
             push(outlet, k, 64)
         with sub.recv(timeout=10) as chunk:

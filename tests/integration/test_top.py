@@ -60,8 +60,8 @@ def test_top_renders_and_quits_with_q(broker, stream_name, tmp_path):
         assert "\x1b[7m" not in next(line for line in styled if "fast-reader" in line)
         tmux("send-keys", "-t", session, "q")
         deadline = time.monotonic() + 10
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)  # the exit code file is written by the shell after top returns
+        while not (done.exists() and done.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the exit code file is written by the shell after top returns (made, then written)
         assert done.read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)

@@ -74,6 +74,18 @@ class Lines:
                 return line
         raise AssertionError(f"no line starting {start!r} within {timeout} s; got {self.seen}")
 
+    def expect_all(self, starts: list[str], timeout: float = 20.0) -> None:
+        """Wait for a line starting with each of ``starts``, in any order (two threads print them)."""
+        deadline = time.monotonic() + timeout
+        left = list(starts)
+        while left:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting {left!r} within {timeout} s; got {self.seen}") from None
+            self.seen.append(line)
+            left = [s for s in left if not line.startswith(s)]
+
 
 def start_bridge(address: str, streams: list[str], prefix: str, listen: str,
                  *extra: str) -> tuple[subprocess.Popen[str], Lines]:  # fmt: skip
@@ -152,8 +164,8 @@ def test_two_streams_cross_exactly_samples_indices_times_and_info(tmp_path, brok
                                    source_id="dev-p", slab_bytes=65536)  # fmt: skip
         pub_s = slabcast.Publisher(stamped, dtype="float64", channels=1, rate=None, address=broker.address,
                                    timestamps=True, channel_types=["EEG"], slab_bytes=65536)  # fmt: skip
-        lines.expect(f"bridge: {plain} -> {prefix}/{plain} from index 0")
-        lines.expect(f"bridge: {stamped} -> {prefix}/{stamped} from index 0")
+        lines.expect_all([f"bridge: {plain} -> {prefix}/{plain} from index 0",
+                          f"bridge: {stamped} -> {prefix}/{stamped} from index 0"])  # fmt: skip
         # The far broker's streams appear once its sources got the info; its subscribers come before any frame.
         far_p = slabcast.Subscriber(plain, size=250, clip=True, address=far.address, wait=20)
         far_p2 = slabcast.Subscriber(plain, size=700, address=far.address, wait=20)  # whole frames, >= 700

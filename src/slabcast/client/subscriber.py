@@ -242,17 +242,18 @@ class Subscriber:
             if local:
                 try:
                     mm = attach(reply.segment, reply.segment_bytes)  # an older mapping lives on in views taken from it
+                    rx = local_rx = open_local(
+                        conn, reply, info, mm, token, self._timeout, clip=self.clip, policy=self.policy,
+                        max_inflight=self._max_inflight, partial_tail=self._partial_tail, sampler=self._sampler,
+                        where=self._where, wake=self._wake, spin=self._spin,
+                    )  # fmt: skip
                 except FileNotFoundError:
-                    # The stream ended between SUBSCRIBED and here (its pool is gone): its END follows.
+                    # The segment went before we opened it (to map, lock or write our page): the stream ended
+                    # after SUBSCRIBED and the broker removed its pool; its END follows (docs/protocol.md 10.2).
                     end = conn.recv(self._timeout)
                     if isinstance(end, M.Error | M.End):
                         raise error_for(end, self._where) from None
                     raise
-                rx = local_rx = open_local(
-                    conn, reply, info, mm, token, self._timeout, clip=self.clip, policy=self.policy,
-                    max_inflight=self._max_inflight, partial_tail=self._partial_tail, sampler=self._sampler,
-                    where=self._where, wake=self._wake, spin=self._spin,
-                )  # fmt: skip
                 start = local_rx.start
             else:
                 rx = RemoteReceiver(conn, info, release_batch=self._release_batch,
