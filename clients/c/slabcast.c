@@ -1122,6 +1122,8 @@ static uint64_t read_u64le(const unsigned char *p)
 }
 
 static int take_end(sc_client *c, const msgview *m);
+static int on_direct(sc_client *c, const msgview *m);
+static int end_from(sc_client *c, const char *code, const char *text);
 
 /* SUBSCRIBED named a segment that is gone: the stream ended between SUBSCRIBED and the map (its pool went with
  * it); the broker's END follows on the connection, and ends the subscription (docs/protocol.md 10.2). */
@@ -1348,13 +1350,27 @@ static int join_notices(sc_client *c)
         if (e != EAGAIN && e != EINTR)
             return fail(c, SC_ESYS, "cannot receive from the notice socket %s: %s (%s)", c->endpoint,
                         zmq_strerror(e), c->where);
+        /* The broker connection too (docs/protocol.md 10.2): a stream that ends meanwhile (END closed or
+         * publisher-gone, kept in have_end) sends no JOINED; its frames are in the ring, so ATTACH at once. */
+        msgview m;
+        int rc = recv_direct(c, &m);
+        if (rc == SC_OK) {
+            if ((rc = on_direct(c, &m)))
+                return rc;
+            if (c->have_end && c->ring)
+                break;  /* (version 2 reads its frames from the notices: it still waits for JOINED) */
+            continue;
+        }
+        if (rc != SC_ETIMEOUT)
+            return rc;
         int64_t left = deadline - now_ms();
         if (left <= 0)
             return fail(c, SC_EBROKERGONE,
-                        "the publisher of stream '%s' did not answer on its notice socket %s within %d ms (%s)",
+                        "the publisher of stream '%s' did not answer on its notice socket %s within %d ms (a C "
+                        "publisher answers in sc_pub_write and sc_pub_service) (%s)",
                         c->stream, c->endpoint, c->timeout_ms, c->where);
-        zmq_pollitem_t item = {c->notices, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&item, 1, (long)left) < 0 && zmq_errno() != EINTR)
+        zmq_pollitem_t items[2] = {{c->notices, 0, ZMQ_POLLIN, 0}, {c->sock, 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(items, 2, (long)left) < 0 && zmq_errno() != EINTR)
             return fail(c, SC_ESYS, "cannot poll the notice socket %s: %s (%s)", c->endpoint,
                         zmq_strerror(zmq_errno()), c->where);
     }
@@ -1435,10 +1451,38 @@ static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
     msgpack_pack_uint32(&c->pk, slot);
     if (c->sleeper_map != NULL)
         msgpack_pack_true(&c->pk);
-    msgview m;
-    int rc = request(c, "ATTACH", SCW_ATTACHED, &m);
+    int rc = send_packed(c, "ATTACH");
     if (rc)
         return rc;
+    msgview m;
+    int64_t deadline = deadline_for(c->timeout_ms);
+    for (;;) {
+        if ((rc = next_msg(c, deadline, &m)) == SC_ETIMEOUT)
+            return fail(c, SC_EBROKERGONE, "no answer to ATTACH from the broker within %d ms (%s)", c->timeout_ms,
+                        c->where);
+        if (rc)
+            return rc;
+        if (m.kind == SCW_SYNCED)
+            continue;
+        /* A short stream may end before our ATTACH is answered (docs/protocol.md 10.2): END closed or
+         * publisher-gone is kept (have_end), its frames are in the ring; other ENDs end us here. */
+        if (m.kind == SCW_END && !c->have_end) {
+            if ((rc = on_direct(c, &m)))
+                return rc;
+            if (c->have_end)
+                continue;
+        }
+        break;
+    }
+    if (m.kind == SCW_ERROR && c->have_end)
+        return end_from(c, c->end_code_s, c->end_text);  /* it ended before the broker started us: nothing after */
+    if (m.kind == SCW_ERROR)
+        return broker_error(c, &m);
+    if (m.kind == SCW_END)
+        return take_end(c, &m);
+    if (m.kind != SCW_ATTACHED)
+        return fail(c, SC_EPROTO, "expected ATTACHED, got %s (kind %llu) (%s)", kind_name(m.kind),
+                    (unsigned long long)m.kind, c->where);
     if ((rc = need_fields(c, &m, SCW_ATTACHED_START)) || (rc = field_uint(c, &m, AT(ATTACHED, START), start)))
         return rc;
     if (c->ring) {
@@ -1834,6 +1878,7 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         if (c->ring && wake == WAKE_DOORBELL)
             map_sleepers(c);
         uint64_t seq = 0;
+        c->have_end = false;  /* (an END before ATTACHED is kept: join_notices, attach) */
         if ((rc = join_notices(c)) || (rc = attach(c, &start, &seq)))
             return rc;
         c->rseq = seq;
@@ -1851,7 +1896,6 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->acked_cursor = c->acked_received = UINT64_MAX;
         c->acked_at = 0;
         c->cut_rc = SC_OK;
-        c->have_end = false;
         c->unlocked = false;
     }
     c->subscribed = true;
@@ -2219,6 +2263,26 @@ static void send_ack(sc_client *c, bool force)
 
 /* ............................................. version 2: cutting chunks */
 
+#define EVICTED_WAIT_MS 1000
+
+/* A block subscriber overrun (samples it did not read are gone): the publisher goes on without it only once the
+ * broker evicted it, whose END evicted is on its way: end with it (SC_EEVICTED, never a clean end).  SC_OK if
+ * none came within EVICTED_WAIT_MS, or the stream ended while we were still its subscriber (the caller says
+ * SC_ELOST). */
+static int evicted(sc_client *c)
+{
+    int64_t deadline = deadline_for(EVICTED_WAIT_MS);
+    msgview m;
+    int rc;
+    while ((rc = next_msg(c, deadline, &m)) == SC_OK) {
+        if ((rc = on_direct(c, &m)))
+            return rc;  /* END evicted, broker-shutdown, ERROR */
+        if (m.kind == SCW_END)
+            return SC_OK;  /* closed or publisher-gone, kept in have_end */
+    }
+    return rc == SC_ETIMEOUT ? SC_OK : rc;
+}
+
 /* A chunk the rechunker completed in the current frame: locate it, lease it, queue it (_cut_chunk). */
 static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
 {
@@ -2250,8 +2314,15 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
     if (got < 0)
         return got;
     if (got == 0) {
-        /* The publisher already reuses this slab: only a drop subscriber that fell a pool behind. */
+        /* The publisher already reuses this slab: a drop subscriber that fell a pool behind, or a block subscriber
+         * the broker evicted (no longer holding the publisher back): that one ends here. */
         c->dropped++;
+        if (!c->drop && c->cut_rc == SC_OK) {
+            int rc = evicted(c);
+            c->cut_rc = rc ? rc : fail(c, SC_ELOST, "samples %llu..%llu of the stream were overwritten before this "
+                                       "subscriber read them, and no END evicted came (%s)", (unsigned long long)start,
+                                       (unsigned long long)(start + length), c->where);
+        }
         return SC_OK;
     }
     if (c->rhead + c->rcount == c->rcap) {
@@ -2618,6 +2689,9 @@ static int lost(sc_client *c, uint64_t start, uint64_t stop, const char *why)
         c->dropped += (stop - start + c->info.size - 1) / c->info.size;
         return SC_OK;
     }
+    int rc = evicted(c);
+    if (rc)
+        return rc;
     return fail(c, SC_ELOST, "samples %llu..%llu (%llu samples) were lost before this subscriber read them: %s (%s)",
                 (unsigned long long)start, (unsigned long long)stop, (unsigned long long)(stop - start), why,
                 c->where);

@@ -546,6 +546,39 @@ def test_count_stops_early_and_bye_gives_the_leases_back(c_sub, broker, stream_n
         pub.close()
 
 
+@pytest.mark.parametrize("then", ["closed", "open"])
+def test_an_evicted_block_c_subscriber_ends_with_sc_eevicted_and_never_a_chunk_past_its_hole(c_sub, tmp_path,
+                                                                                             stream_name, then):  # fmt: skip
+    # A newcomer: evicted, then its stream closed, a block C subscriber took the chunks left after the hole and
+    # ended with SC_EOF; with the stream open it took 654 chunks past the hole before SC_EEVICTED.
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=4, timeout=10,
+                                 address=broker.address)  # fmt: skip
+        c = CSub(c_sub, broker.address, stream_name, "--size", "256", "--clip", "--policy", "block")
+        try:
+            c.wait_ready()
+            pub.write(np.arange(256, dtype=np.int32))
+            c.wait_lines(1)
+            os.kill(c.proc.pid, signal.SIGSTOP)  # it holds its slab past the lease timeout: evicted
+            for k in range(1, 41):  # five slabs of frames: the pool goes round once the broker evicts it
+                pub.write(np.arange(k * 256, (k + 1) * 256, dtype=np.int32))
+            if then == "closed":
+                pub.close()
+            os.kill(c.proc.pid, signal.SIGCONT)
+            assert c.finish(20) == 1, c.stderr
+            assert "SC_EEVICTED" in c.stderr and "lease_timeout" in c.stderr, c.stderr
+            chunks = c.chunks()
+            assert [g[1] for g in chunks] == [256 * k for k in range(len(chunks))]  # no chunk past a hole
+            assert len(chunks) < 41
+            assert all(g[4] == zlib.crc32(np.arange(g[1], g[1] + 256, dtype=np.int32).tobytes()) for g in chunks)
+        finally:
+            if c.proc.poll() is None:
+                os.kill(c.proc.pid, signal.SIGCONT)
+            c.close()
+            if then == "open":
+                pub.close()
+
+
 # ------------------------------------------- the client against a scripted broker
 
 

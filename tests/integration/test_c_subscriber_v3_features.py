@@ -193,6 +193,36 @@ def test_a_c_subscriber_started_before_its_stream_waits_and_gets_it_from_index_0
             pub.close()
 
 
+def test_a_c_subscriber_waiting_for_a_short_stream_gets_every_sample_of_it(c_sub, info_broker, stream_name):
+    broker = info_broker
+    # A newcomer: a C subscriber waiting for a stream that a publisher wrote and closed at once ended with SC_EOF
+    # and no chunk (4 runs in 30): the END reached it before ATTACHED and was taken as the end.  It is kept (as
+    # the Python subscriber keeps it) and the ring read to the stream's head.
+    for k in range(16):
+        name = f"{stream_name}-{k}"
+        c = CSub(c_sub, broker.address, name, "--size", "100", "--policy", "block", "--wait-ms", "20000", *SHOW)
+        pub = None
+        try:
+            wait_until_held(broker, name, 1)
+            if k % 2:  # the C publisher (as the newcomer's), or the Python one
+                run = subprocess.run([str(c_sub.parent / "slabcast-pub"), "--address", broker.address, "--stream",
+                                      name, "--dtype", "int16", "--pattern", "300", "--frame", "100"],
+                                     capture_output=True, text=True, timeout=30)  # fmt: skip
+                assert run.returncode == 0, run.stderr
+            else:
+                pub = slabcast.Publisher(name, dtype="int16", address=broker.address)
+                for j in range(3):
+                    pub.write(np.arange(j * 100, (j + 1) * 100, dtype=np.int16))
+                pub.close()
+            assert c.finish(30) == 0, (k, c.stderr)
+            got = c_chunks(c)
+            assert [g[1] for g in got] == [0, 100, 200], (k, got)
+        finally:
+            c.close()
+            if pub is not None:
+                pub.close()
+
+
 def test_a_wait_that_expires_is_sc_enostream_and_the_client_leaves(c_sub, broker, stream_name, waited_for):
     t = time.monotonic()
     c = CSub(c_sub, broker.address, stream_name, "--size", "10", "--wait-ms", "400")

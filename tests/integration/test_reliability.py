@@ -38,6 +38,37 @@ def test_a_lease_held_past_lease_timeout_evicts_and_never_overwrites(tmp_path, s
         pub.close()
 
 
+@pytest.mark.parametrize("then", ["closed", "open"])
+def test_an_evicted_block_subscriber_ends_with_evicted_error_and_never_a_chunk_past_its_hole(tmp_path, stream_name,
+                                                                                            then):  # fmt: skip
+    # A newcomer: an evicted block subscriber whose stream then closed took the chunks left after the hole and
+    # ended clean (EndOfStream, with 2340 chunks counted dropped); with the stream open it took 654 chunks past
+    # the hole before EvictedError.  Every chunk it gets follows the one before; then EvictedError.
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=4, timeout=5,
+                                 address=broker.address)  # fmt: skip
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, policy="block", address=broker.address)
+        pub.write(np.arange(256, dtype=np.int32))
+        held = sub.recv(timeout=5)
+        for k in range(1, 41):  # five slabs of frames: the pool is lapped once the broker evicts the holder
+            pub.write(np.arange(k * 256, (k + 1) * 256, dtype=np.int32))
+        if then == "closed":
+            pub.close()
+        expect = 256
+        with pytest.raises(slabcast.EvictedError, match=r"lease_timeout \(0.5 s\)"):
+            for _ in range(100):
+                with sub.recv(timeout=5) as chunk:
+                    assert chunk.index == expect and not chunk.discontinuity, (chunk.index, expect)
+                    assert np.array_equal(chunk.data, np.arange(expect, expect + 256, dtype=np.int32))
+                    expect += 256
+        assert expect < 41 * 256  # (the hole: what it had not read when the pool went round)
+        assert np.array_equal(held.data, np.arange(256, dtype=np.int32)), "an evicted subscriber's chunk changed"
+        held.release()
+        sub.close()
+        if then == "open":
+            pub.close()
+
+
 def _fuzz_messages(rng: np.random.Generator, name: str, n: int):
     """Yield (raw bytes, expects_reply) for malformed, truncated, wrong-typed and out-of-order messages."""
     good = [

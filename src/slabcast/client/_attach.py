@@ -48,7 +48,7 @@ def open_local(
         except ValueError as exc:
             raise ProtocolError(f"{exc} ({where})") from None
         page = attach_page(reply.segment, offset + slots * DESCRIPTOR_BYTES)
-        notices = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
+        notices, early_end = _join(conn, reply.notice_endpoint, info.name, P.token_topic(token), timeout, where)
         # Every notice from now on reaches us: the broker starts us at its head (or at 0 for
         # a subscription made before the stream existed).
         # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
@@ -92,8 +92,11 @@ def open_local(
                          else None, tag=answer.cursor_tag or 0, **settings)  # fmt: skip
 
 
-def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float, where: str) -> Any:
-    """Connect a SUB socket to the publisher's notice socket; wait until it proves it reaches us."""
+def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float,
+          where: str) -> tuple[Any, M.End | None]:  # fmt: skip
+    """Connect a SUB socket to the publisher's notice socket; wait until it proves it reaches us, or the stream
+    ends (an END closed or publisher-gone, returned with the socket: no JOINED comes then, and the frames are in
+    the ring)."""
     sock = _context().socket(zmq.SUB)
     try:
         sock.setsockopt(zmq.LINGER, 0)
@@ -118,6 +121,9 @@ def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: flo
                 )
             if conn.sock in events:
                 msg = conn.recv(0)
+                if isinstance(msg, M.End) and msg.code in (P.END_CLOSED, P.END_PUBLISHER_GONE):
+                    sock.setsockopt(zmq.UNSUBSCRIBE, token)
+                    return sock, msg
                 if isinstance(msg, M.End | M.Error):
                     raise error_for(msg, where)
             if sock in events and sock.recv().startswith(token):
@@ -126,4 +132,4 @@ def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: flo
     except BaseException:
         sock.close(linger=0)
         raise
-    return sock
+    return sock, None

@@ -53,6 +53,7 @@ _LOOK = 0.1  # while waiting for frames, look at the broker connection this ofte
 # this long by a subscriber waiting on an idle stream.
 _LOOK_IDLE = 0.8
 _READ = 4096  # the most descriptors taken from the ring at a time
+_EVICTED_WAIT = 1.0  # a block subscriber overrun waits this long (seconds) for the END evicted on its way
 _LOOK_GONE = 0.05  # between waits, look whether the broker connection dropped at most this often (seconds)
 _LAZY_GIVE_BACK = 6  # pools of this many slabs or more: the lease of a slab left goes after its next chunk (_took)
 # (each look is 20-40 us of a cold subscriber's CPU: its notice socket, its broker connection and the connection's
@@ -614,11 +615,25 @@ class LocalReceiver:
         self.jumped = True
         what = f"samples {start}..{stop} ({stop - start} samples) of stream {self._name!r} were lost"
         if self.policy == "block":
+            self._evicted()
             raise SamplesLostError(f"{what} before this subscriber read them: their notices never reached it "
                                    f"(its notice queue overflowed, or the publisher went away first) "
                                    f"({self._where})", start, stop)  # fmt: skip
         self._dropped += -(-(stop - start) // self.size)
         log.warning("%s: %s (notices lost); the next chunk is flagged as a discontinuity", self._where, what)
+
+    def _evicted(self) -> None:
+        """A block subscriber overrun (samples it did not read are gone): the publisher goes on without it only once
+        the broker evicted it, whose END evicted is on its way: raise it (EvictedError), so the end is never a
+        clean one; return if none came within a second (the caller raises SamplesLostError)."""
+        deadline = time.monotonic() + _EVICTED_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._conn.recv(left)
+            if msg is None:
+                return
+            self._on_direct(msg)  # END evicted (or shutdown, ERROR) raises; END closed is kept
+            if isinstance(msg, M.End):
+                return  # the stream ended while we were still its subscriber: not evicted
 
     def _cut_tail(self) -> bool:
         """At the end of the stream: the unfinished chunk, as one partial chunk (once)."""
@@ -641,8 +656,14 @@ class LocalReceiver:
             self._dropped += 1
             return
         if not leases.claim(slab, gen):
-            # The publisher already reuses this slab: only a drop subscriber that fell a pool behind.
+            # The publisher already reuses this slab: a drop subscriber that fell a pool behind, or a block
+            # subscriber the broker evicted (no longer holding the publisher back): that one ends here.
             self._dropped += 1
+            if self.policy == "block":
+                self._evicted()
+                raise SamplesLostError(f"samples {start}..{start + length} of stream {self._name!r} were overwritten "
+                                       f"before this subscriber read them, and no END evicted came ({self._where})",
+                                       start, start + length)  # fmt: skip
             return
         if self.jumped:
             self.jumped = False
