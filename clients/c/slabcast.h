@@ -92,7 +92,8 @@ extern "C" {
 #define SC_ABI_VERSION 1
 
 /*
- * Return codes.  SC_OK is success; every other code comes with a message from
+ * Return codes.  SC_OK is success; every other code but SC_ETIMEOUT (nothing came in
+ * time: not an error, sc_errmsg() is left as it was) comes with a message from
  * sc_errmsg().  A code that ends the subscription (SC_EOF, SC_EBROKERGONE,
  * SC_EPUBGONE, SC_EEVICTED, SC_EEND) is sticky: later sc_recv() calls return it
  * again.  sc_strerror() gives a code's name.
@@ -461,7 +462,8 @@ typedef struct sc_pub_options {
                              * then that much longer in address space (sc_pub_get_info()->slab_bytes), with
                              * slab_bytes of each in memory until a subscriber asks for longer chunks */
     int timeout_ms;         /* how long a write or loan waits for a free slab (then SC_EWRITETIMEOUT), and the
-                             * broker's answers; default 10000 */
+                             * broker's answers (but HELLO's, 5 s whatever this is: a stale socket file of a
+                             * dead broker fails after 5 s); default 10000 */
     int timestamps;         /* 1: keep a time per sample (sc_pub_write's `times`; subscribers read them beside
                              * the samples); costs 8 bytes of shared memory per sample slot.  Default 0. */
     double statistics;      /* seconds of stream time over which the broker keeps rolling per-channel

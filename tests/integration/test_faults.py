@@ -527,6 +527,25 @@ def test_a_client_inherited_through_fork_says_so_instead_of_hanging(broker, stre
     pub.close()
 
 
+def test_a_publisher_that_never_answers_is_named_not_a_missing_stream(broker, workers, queue, stream_name):
+    # A newcomer (a C publisher that never called sc_pub_service): a subscriber of chunks longer than the stream
+    # carried waited for the publisher's CARRIED and was told the stream "did not appear".  Here the publisher's
+    # process is stopped.
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    proc = workers.spawn(W.publish_and_hang, broker.address, stream_name, [10], queue, go, results)
+    assert queue.get(timeout=30)[0] == "pub-ready"
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(slabcast.StreamNotFoundError, match=r"is on the broker, but its publisher did not take "
+                                                               r"this subscription within wait=1 s"):  # fmt: skip
+            slabcast.Subscriber(stream_name, size=4_000_000, wait=1.0, address=broker.address)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # (it would wait for `go`; a stopped process dies of SIGKILL too)
+
+
 def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, tmp_path):
     # Found by a newcomer trying the README: each of these was late, cryptic or silent.
     t = time.monotonic()

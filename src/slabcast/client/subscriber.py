@@ -42,6 +42,16 @@ from .chunk import Chunk
 __all__ = ["Chunk", "Subscriber"]
 
 
+def _listed(address: str, name: str) -> bool:
+    """Whether the (local) broker at ``address`` lists stream ``name`` (for an error's words: False if unsure)."""
+    from .control import broker_status
+
+    try:
+        return any(s["name"] == name for s in broker_status(address, timeout=1.0)["streams"])
+    except Exception:
+        return False
+
+
 class Subscriber:
     """Receive a stream in chunks of this subscriber's own size.
 
@@ -226,6 +236,12 @@ class Subscriber:
             reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
             if reply is None:
                 if self._wait > 0:
+                    if local and _listed(conn.address, self.name):
+                        raise StreamNotFoundError(
+                            f"stream {self.name!r} is on the broker, but its publisher did not take this "
+                            f"subscription within wait={self._wait:g} s (chunks longer than it carries wait for "
+                            f"its CARRIED: a C publisher answers in sc_pub_write and sc_pub_service) ({conn.where})"
+                        )
                     raise StreamNotFoundError(
                         f"stream {self.name!r} did not appear within wait={self._wait:g} s ({conn.where})"
                     )
