@@ -1135,8 +1135,8 @@ static int ended_before_map(sc_client *c, const char *shm_name)
         return take_end(c, &m);
     if (rc == SC_OK && m.kind == SCW_ERROR)
         return broker_error(c, &m);
-    return fail(c, SC_ESYS, "cannot open shared-memory segment %s: it is gone, and no END followed (%s)", shm_name,
-                c->where);
+    return fail(c, SC_ESYS, "cannot open shared-memory segment %s: it is gone and no END followed (does this "
+                "process see the broker's /dev/shm?) (%s)", shm_name, c->where);
 }
 
 /* Map the segment read-only and check its header against SUBSCRIBED.  Never unlinks.
@@ -1358,7 +1358,9 @@ static int join_notices(sc_client *c)
             if ((rc = on_direct(c, &m)))
                 return rc;
             if (c->have_end && c->ring)
-                break;  /* (version 2 reads its frames from the notices: it still waits for JOINED) */
+                break;
+            if (c->have_end)  /* version 2: no JOINED comes from a publisher that left; its notices are lost */
+                return end_from(c, c->end_code_s, c->end_text);
             continue;
         }
         if (rc != SC_ETIMEOUT)
@@ -2317,6 +2319,8 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
         /* The publisher already reuses this slab: a drop subscriber that fell a pool behind, or a block subscriber
          * the broker evicted (no longer holding the publisher back): that one ends here. */
         c->dropped++;
+        if (!c->drop)
+            c->jumped = true;  /* (the next chunk is flagged) */
         if (!c->drop && c->cut_rc == SC_OK) {
             int rc = evicted(c);
             c->cut_rc = rc ? rc : fail(c, SC_ELOST, "samples %llu..%llu of the stream were overwritten before this "

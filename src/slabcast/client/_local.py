@@ -661,9 +661,12 @@ class LocalReceiver:
             self._dropped += 1
             if self.policy == "block":
                 self._evicted()
-                raise SamplesLostError(f"samples {start}..{start + length} of stream {self._name!r} were overwritten "
-                                       f"before this subscriber read them, and no END evicted came ({self._where})",
-                                       start, start + length)  # fmt: skip
+                # Raised by recv before its next chunk, once this frame is cut (the next chunk is flagged).
+                self.jumped = True
+                self._sampler_error = SamplesLostError(
+                    f"samples {start}..{start + length} of stream {self._name!r} were overwritten before this "
+                    f"subscriber read them, and no END evicted came ({self._where})", start, start + length,
+                )  # fmt: skip
             return
         if self.jumped:
             self.jumped = False

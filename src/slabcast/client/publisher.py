@@ -931,6 +931,14 @@ class Publisher:
 
     def close(self) -> None:
         """End the stream: subscribers get their remaining complete chunks, then the end (idempotent)."""
+        self._end(None)
+
+    def abort(self, reason: str) -> None:
+        """End the stream as failed (what feeds it broke): subscribers get everything written, then
+        :class:`PublisherGoneError` with ``reason``, never a clean end; a no-op once closed."""
+        self._end(reason)
+
+    def _end(self, failure: str | None) -> None:
         if self._closed:
             return
         if os.getpid() != self._pid:  # inherited through fork(): the parent's to close, not ours
@@ -944,15 +952,18 @@ class Publisher:
             if self._conn.poll_gone():
                 raise BrokerGoneError("no stream to close: the broker is gone")  # suppressed just above
             # In order after the last notice: subscribers end once they have read everything.
-            end = M.NoticeEnd(self._sid, self._nseq, P.END_CLOSED, f"stream {self.name!r} closed", self.samples)
+            code, text = (P.END_CLOSED, f"stream {self.name!r} closed") if failure is None \
+                else (P.END_PUBLISHER_GONE, failure)  # fmt: skip
+            end = M.NoticeEnd(self._sid, self._nseq, code, text, self.samples)
             self._notices.send_end(end)
             self._nseq += 1
         self._closed = True
         self._kick()  # let the flusher thread end
         with self._lock, contextlib.suppress(SlabcastError):
             if not self._conn.gone and not isinstance(self._failure, BrokerGoneError):  # (a dead one answers none)
-                # CLOSE is answered by END once every frame sent before it was handled.
-                self._conn.send(M.Close())
+                # CLOSE is answered by END once every frame sent before it was handled; BYE without it (a failure)
+                # ends the stream as publisher-gone (docs/protocol.md section 4).
+                self._conn.send(M.Close() if failure is None else M.Bye())
                 deadline = time.monotonic() + self.timeout
                 while (left := deadline - time.monotonic()) > 0:
                     msg = self._conn.recv(left)

@@ -47,7 +47,7 @@ def _listed(address: str, name: str) -> bool:
     from .control import broker_status
 
     try:
-        return any(s["name"] == name for s in broker_status(address, timeout=1.0)["streams"])
+        return any(s["name"] == name and not s.get("ended") for s in broker_status(address, timeout=1.0)["streams"])
     except Exception:
         return False
 
@@ -266,10 +266,13 @@ class Subscriber:
                 except FileNotFoundError:
                     # The segment went before we opened it (to map, lock or write our page): the stream ended
                     # after SUBSCRIBED and the broker removed its pool; its END follows (docs/protocol.md 10.2).
-                    end = conn.recv(self._timeout)
+                    end = conn.recv(min(self._timeout, 2.0))
                     if isinstance(end, M.Error | M.End):
                         raise error_for(end, self._where) from None
-                    raise
+                    raise FileNotFoundError(
+                        f"the segment {reply.segment!r} of stream {self.name!r} is gone and no END followed: does "
+                        f"this process see the broker's /dev/shm? ({self._where})"
+                    ) from None
                 start = local_rx.start
             else:
                 rx = RemoteReceiver(conn, info, release_batch=self._release_batch,

@@ -142,6 +142,8 @@ class SourceThread(threading.Thread):
             log.exception("source %r failed", info.name)
         finally:
             self.source.disconnect()
+            if self.state == "failed":  # never a clean end: its subscribers get PublisherGoneError
+                pub.abort(f"source {info.name!r} failed: {self.error}")
             pub.close()
 
     def _write_frame(self, pub: Publisher, info: StreamInfo, data: Any, stamps: Any, jumped: bool,
