@@ -278,6 +278,11 @@ def test_an_lsl_source_never_takes_slabcasts_own_outlet_unless_asked_by_name(bro
         inlet = pylsl.StreamInlet(found)
         assert inlet.info(10).desc().child_value("slabcast_outlet") == stream_name  # recognizable
         inlet.close_stream()
+        # A lab newcomer: `lsl-out S --name N` under the device's own LSL name, and the source of S asking for N:
+        # while the device was away the source took S's own copy (feeding S its own samples), and missed the
+        # device when it came back.  Never a copy of the stream it feeds, even by name.
+        own = LslSource(name=stream_name, stream=copy, timeout=1.0)
+        assert not pylsl.resolve_bypred(own.predicate, 0, 1.5), own.predicate
         for options in ({"type": "EMG", "source_id": device}, {"type": "EMG"},
                         {"source_id": found.source_id()}, {"predicate": f"name='{copy}'"}):  # fmt: skip
             source = LslSource(name="y", timeout=1.0, **options)
@@ -293,6 +298,22 @@ def test_an_lsl_source_never_takes_slabcasts_own_outlet_unless_asked_by_name(bro
         pub.close()
         assert proc.wait(20) == 0
         proc.stderr.close()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("timeout", 0, "timeout must be a positive, finite number of seconds, got 0"),
+    ("timeout", -1, "timeout must be a positive, finite number of seconds, got -1"),
+    ("lost_after", 0, "lost_after must be a positive, finite number of seconds, got 0"),
+    ("lost_after", float("inf"), "lost_after must be a positive, finite number of seconds, got inf"),
+    ("max_samples", 0, "max_samples must be a positive integer, got 0"),
+])  # fmt: skip
+def test_lsl_source_options_out_of_range_are_refused_where_they_enter(option, value, message):
+    # A lab newcomer: timeout=0 connected 4 s late, timeout=-1 blocked the broker's stop, lost_after <= 0 made
+    # spurious reconnections, max_samples=0 read one sample a frame; all were taken without a word.
+    from slabcast.sources import LslSource
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LslSource(name="x", stream="y", **{option: value})
 
 
 def test_status_tells_a_lost_outlet_from_a_running_one(tmp_path, stream_name):

@@ -15,7 +15,7 @@ from .._info import StreamInfo
 from ..core.rechunk import is_integer, is_real
 from ..wire.protocol import check_dtype, check_stream_name
 
-__all__ = ["Source", "positive_count", "sample_stream"]
+__all__ = ["Source", "positive_count", "positive_seconds", "sample_stream"]
 
 
 def positive_count(value: Any, what: str) -> int:
@@ -23,6 +23,14 @@ def positive_count(value: Any, what: str) -> int:
     if not is_integer(value) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def positive_seconds(value: Any, what: str) -> float:
+    """``value`` as a float if it is a positive, finite number of seconds, else :class:`ValueError` naming
+    ``what``."""
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def sample_stream(name: str, dtype: str, channels: Any, rate: Any, *, rate_optional: bool = False) -> StreamInfo:

@@ -12,6 +12,7 @@ from .._info import StreamInfo
 from ..client.lsl import SLABCAST_OUTLET
 from ..client.markers import marker_dtype
 from ..wire.protocol import check_stream_name
+from .base import positive_count, positive_seconds
 
 __all__ = ["LslSource"]
 
@@ -85,10 +86,14 @@ class LslSource:
             # same channels): resolved only when asked for by their LSL name, never by type, source_id or a
             # predicate, which would latch onto the copy while the device is away.
             predicate = f"({predicate}) and not(desc/{SLABCAST_OUTLET})"
+        else:
+            # Never a copy of the stream this source feeds (lsl-out under the device's own LSL name): it would
+            # feed the stream its own samples while the device is away, and miss the device when it comes back.
+            predicate = f"({predicate}) and not(desc/{SLABCAST_OUTLET}='{self.name}')"
         self.predicate = str(predicate)
-        self.timeout = float(timeout)
-        self.max_samples = int(max_samples)
-        self.lost_after = float(lost_after)
+        self.timeout = positive_seconds(timeout, "timeout")
+        self.max_samples = positive_count(max_samples, "max_samples")
+        self.lost_after = positive_seconds(lost_after, "lost_after")
         self.max_bytes = int(marker_dtype(max_bytes).itemsize)
         self._strings = False
         self._cut = 0  # markers longer than max_bytes, cut
