@@ -549,9 +549,13 @@ def test_a_publisher_that_never_answers_is_named_not_a_missing_stream(broker, wo
 def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, tmp_path):
     # Found by a newcomer trying the README: each of these was late, cryptic or silent.
     t = time.monotonic()
-    with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.5 s"):
+    other = slabcast.Publisher(stream_name + "-other", "int16", address=broker.address)
+    # (the streams there are named, as at wait=0: a lab newcomer's typo waited 10 s for a bare "did not appear")
+    with pytest.raises(slabcast.StreamNotFoundError,
+                       match=rf"did not appear within wait=0\.5 s; streams: {stream_name}-other \("):  # fmt: skip
         slabcast.Subscriber(stream_name, size=1, wait=0.5, timeout=10, address=broker.address)
     assert time.monotonic() - t < 3.0  # wait= bounds it, not wait + timeout (was 10.5 s)
+    other.close()
     with pytest.raises(ValueError, match=r"rate must be a positive number .* got '48000'"):
         slabcast.Publisher(stream_name, "float32", rate="48000", address=broker.address)
     bad = subprocess.run([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(tmp_path / "y.mp3"),

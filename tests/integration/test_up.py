@@ -175,6 +175,32 @@ def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_
     assert int(said["short"].group(4)) <= done[-1][0] + 800  # (where it had read to: no further than its last chunk)
 
 
+def test_a_task_whose_stream_never_appeared_is_stopped_at_once_and_said(tmp_path, stream_name):
+    # A lab newcomer: Ctrl-C before the LSL device appeared waited 10 s, then said the task "had not finished its
+    # stream" and exited 1, of a stream that never existed.
+    pytest.importorskip("pylsl", reason="the lsl extra: pip install 'slabcast[lsl]'")
+    address = f"ipc://{tmp_path}/b.sock"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = '{address}'\n"
+        f"[[sources]]\nkind = 'lsl'\nname = 'eeg'\nstream = 'absent-{stream_name}'\ntimeout = 0.5\n"
+        f"[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'eeg'\nsize = 10\n"
+        f"options = {{ out = '{tmp_path / 'tally.txt'}' }}\n"
+    )
+    with running_up(cfg) as (proc, lines):
+        lines.expect(r"task rec#0 started", timeout=30)
+        deadline = time.monotonic() + 30  # (its SUBSCRIBE waits at the broker: then it is waiting for the stream)
+        while not slabcast.broker_status(address)["waiting"].get("eeg"):
+            assert time.monotonic() < deadline, "the task never subscribed"
+            time.sleep(0.05)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        lines.expect(r"task rec#0 stopped: its stream 'eeg' never appeared", timeout=30)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t < 8.0  # not its stop_timeout of 10 s
+    assert not (tmp_path / "tally.txt").exists()
+
+
 def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):
     # Its handlers once took a lock (Event.set): a second signal inside the first handler hung `up` for good.
     cfg = tmp_path / "up.toml"

@@ -478,6 +478,19 @@ def _subscribed_labels(address: str) -> dict[tuple[str, int], int]:
             for u in s["subscribers"]}  # fmt: skip
 
 
+def _never_appeared(address: str) -> set[str]:
+    """The streams subscribers wait for that the broker neither serves nor ended in the last minute (empty if
+    it cannot say)."""
+    from ..client.control import broker_status
+
+    try:
+        status = broker_status(address, timeout=1.0)
+    except Exception:  # the broker is stopping: nothing said
+        return set()
+    seen = {s["name"] for s in status["streams"]} | {s["name"] for s in status.get("ended_streams", ())}
+    return {name for name, count in status.get("waiting", {}).items() if count and name not in seen}
+
+
 def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     """Run the system described by the config at ``path`` until SIGINT/SIGTERM, or until every task is done.
 
@@ -591,6 +604,14 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
     names the rest at once.  Return whether a worker did not finish its stream (not counting a second Ctrl-C)."""
     pending = [s for s in slots if s.proc is not None and not s.task.external]
     cut = False
+    # A worker still waiting for a stream that never appeared (not served, not ended lately) has nothing to
+    # finish: stopped at once, said so (a lab newcomer's Ctrl-C before the device came waited 10 s, then said
+    # the stream was cut).
+    absent = _never_appeared(address)
+    for slot in [s for s in pending if s.task.stream in absent]:
+        pending.remove(slot)
+        say(f"task {slot.name} stopped: its stream {slot.task.stream!r} never appeared")
+        slot.proc.terminate()
 
     def index_of(slot: _Slot) -> str:
         try:

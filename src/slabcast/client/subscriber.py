@@ -42,14 +42,15 @@ from .chunk import Chunk
 __all__ = ["Chunk", "Subscriber"]
 
 
-def _listed(address: str, name: str) -> bool:
-    """Whether the (local) broker at ``address`` lists stream ``name`` (for an error's words: False if unsure)."""
+def _streams(address: str) -> list[str] | None:
+    """The streams the (local) broker at ``address`` serves now, not ended (for an error's words: None if
+    unsure)."""
     from .control import broker_status
 
     try:
-        return any(s["name"] == name and not s.get("ended") for s in broker_status(address, timeout=1.0)["streams"])
+        return sorted(s["name"] for s in broker_status(address, timeout=1.0)["streams"] if not s.get("ended"))
     except Exception:
-        return False
+        return None
 
 
 class Subscriber:
@@ -236,14 +237,16 @@ class Subscriber:
             reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
             if reply is None:
                 if self._wait > 0:
-                    if local and _listed(conn.address, self.name):
+                    names = _streams(conn.address) if local else None
+                    if names is not None and self.name in names:
                         raise StreamNotFoundError(
                             f"stream {self.name!r} is on the broker, but its publisher did not take this "
                             f"subscription within wait={self._wait:g} s (chunks longer than it carries wait for "
                             f"its CARRIED: a C publisher answers in sc_pub_write and sc_pub_service) ({conn.where})"
                         )
+                    known = "" if names is None else f"; streams: {', '.join(names) or 'none'}"
                     raise StreamNotFoundError(
-                        f"stream {self.name!r} did not appear within wait={self._wait:g} s ({conn.where})"
+                        f"stream {self.name!r} did not appear within wait={self._wait:g} s{known} ({conn.where})"
                     )
                 raise BrokerGoneError(f"no answer to SUBSCRIBE from the {conn.where} within {self._timeout} s")
             if isinstance(reply, M.Error | M.End):  # (END: the stream ended while we waited to start)
