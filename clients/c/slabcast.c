@@ -276,6 +276,7 @@ struct sc_client {
     /* tcp:// (docs/protocol.md 11): broker-cut chunks by value, over CURVE. */
     bool remote;
     bool handshaken;             /* the CURVE handshake succeeded (monitor) */
+    bool tcp_connected;          /* tcp://: a TCP connection was made (monitor): no handshake after it is the keys' */
     bool denied;                 /* the broker refused our CURVE key (monitor: a failed handshake) */
     char curve_public[41], curve_secret[41], curve_server[41];  /* Z85 keys (sc_set_curve), "" if none */
     char curve_server_file[256];
@@ -537,6 +538,8 @@ static void read_monitor(sc_client *c)
                 c->gone = true;
             else if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED)
                 c->handshaken = true;
+            else if (event == ZMQ_EVENT_CONNECTED)
+                c->tcp_connected = true;
             else if (event & (ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL))
                 c->denied = c->gone = true;  /* (tcp://: our key refused, or the broker's key is not the one we hold) */
         }
@@ -955,7 +958,8 @@ int sci_connect(sc_client *c, const char *address, const char *role)
     snprintf(monitor_ep, sizeof monitor_ep, "inproc://slabcast-monitor-%p", (void *)c);
     int events = ZMQ_EVENT_DISCONNECTED;
     if (c->remote) {
-        events |= ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
+        events |= ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                  ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
         int server = 0, ivl = 1000, hb_timeout = 5000;  /* (Python's: a dead TCP peer is seen within 5 s) */
         if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &server, sizeof server) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->curve_public, 41) != 0 ||
@@ -989,6 +993,11 @@ int sci_connect(sc_client *c, const char *address, const char *role)
 
     msgview m;
     rc = next_msg(c, deadline_for(c->timeout_ms), &m);
+    if (rc == SC_ETIMEOUT && c->remote)
+        read_monitor(c);
+    if (rc == SC_ETIMEOUT && c->remote && !c->handshaken && !c->tcp_connected)
+        return fail(c, SC_EBROKERGONE, "no broker reachable at %s within %d ms (nothing accepted the TCP "
+                    "connection: the host, the port, a firewall?)", c->address, c->timeout_ms);
     if (rc == SC_ETIMEOUT && c->remote && !c->handshaken) {
         char within[64];
         snprintf(within, sizeof within, "none within %d ms", c->timeout_ms);

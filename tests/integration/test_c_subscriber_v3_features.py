@@ -15,6 +15,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -698,6 +699,9 @@ def test_tcp_without_an_accepted_key_is_refused_clearly(c_sub, tcp_broker, keys,
     client, broker_key = str(keys / "clients" / "client.key_secret"), str(keys / "broker.key")
     stranger = str(keys / "other" / "stranger.key_secret")
     address = tcp_broker.tcp_address
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     with slabcast.Publisher(stream_name, address=tcp_broker.address):
         cases = [  # (C arguments, exit status, words)
             (("--curve", stranger, broker_key), 8, "no CURVE handshake with " + address),
@@ -705,6 +709,8 @@ def test_tcp_without_an_accepted_key_is_refused_clearly(c_sub, tcp_broker, keys,
             ((), 1, "a tcp:// broker requires CURVE keys"),
             (("--curve", str(tmp_path / "none"), broker_key), 1, "cannot read the CURVE key file"),
             (("--curve", str(keys / "broker.key"), broker_key), 1, "holds no secret-key"),
+            # (nothing listens there: the broker is gone, not a key refused; it was SC_EDENIED, exit 8)
+            (("--curve", client, broker_key, "--address", nowhere), 3, "no broker reachable at " + nowhere),
         ]
         for args, status, words in cases:
             t = time.monotonic()

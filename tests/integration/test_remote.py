@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -104,6 +105,19 @@ def test_client_without_an_accepted_key_is_refused(tcp_broker, keys, stream_name
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
         with pytest.raises(ValueError, match="requires CURVE"):
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address)
+
+
+def test_a_broker_not_reachable_is_said_as_such_not_as_a_key_problem(keys):
+    # A newcomer: a port with nothing listening was reported as "no CURVE handshake: wrong server key, or this
+    # client's key is not authorized", an AccessDeniedError, which `reconnect=` does not retry (a broker down
+    # more than 5 s over TCP ended a reconnecting subscriber).  Nothing accepted the TCP connection: the broker
+    # is not there (BrokerGoneError, retried by reconnect=).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (closed: nothing listens there)
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    with pytest.raises(slabcast.BrokerGoneError, match=rf"no broker reachable at tcp://127\.0\.0\.1:{port} within"):
+        slabcast.broker_status(f"tcp://127.0.0.1:{port}", timeout=1.0, curve=curve)
 
 
 REMOTE_SCRIPT = """

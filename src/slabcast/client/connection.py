@@ -254,6 +254,7 @@ class Connection:
         self.closed = False
         self.gone = False
         self._handshaken = False  # a CURVE handshake completed (TCP)
+        self._tcp_connected = False  # a TCP connection was made (no handshake after it: the keys')
         self._curve = curve
         self._pid = os.getpid()
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -270,7 +271,8 @@ class Connection:
                 self._setup_curve(curve)
             elif curve is not None:
                 raise ValueError("curve= is for tcp:// addresses; ipc connections are protected by file permissions")
-            events = zmq.EVENT_DISCONNECTED | _AUTH_FAILED | (zmq.EVENT_HANDSHAKE_SUCCEEDED if self.remote else 0)
+            events = zmq.EVENT_DISCONNECTED | _AUTH_FAILED | \
+                (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED if self.remote else 0)  # fmt: skip
             self._monitor = self.sock.get_monitor_socket(events)
         except zmq.ZMQError as exc:
             self.sock.close(linger=0)
@@ -291,7 +293,13 @@ class Connection:
             self.close(bye=False)
             raise
         if reply is None:
+            if self.remote and self._monitor.poll(0):
+                with contextlib.suppress(AccessDeniedError):
+                    self._read_monitor()
             self.close(bye=False)
+            if self.remote and not self._handshaken and not self._tcp_connected:
+                raise BrokerGoneError(f"no broker reachable at {self.address} within {timeout} s (nothing accepted "
+                                      f"the TCP connection: the host, the port, a firewall?)")  # fmt: skip
             if self.remote and not self._handshaken:
                 raise AccessDeniedError(self._no_handshake(f"within {timeout} s"))
             raise BrokerGoneError(f"no answer from the {self.where} within {timeout} s")
@@ -415,6 +423,9 @@ class Connection:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._handshaken = True
+                    continue
+                if event == zmq.EVENT_CONNECTED:
+                    self._tcp_connected = True
                     continue
                 self.gone = True
                 if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH:
