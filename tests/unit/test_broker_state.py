@@ -291,6 +291,13 @@ def test_a_tcp_client_silent_too_long_is_dropped(h: Harness) -> None:
     assert tcp in h.state.clients
     h.tick(2.0)
     assert tcp not in h.state.clients
+    # Its next message (a consumer that did not call recv for 11 s) is told why, not "expected HELLO" (a remote
+    # newcomer's ProtocolError pointed nowhere).
+    (out,) = h.send(tcp, M.Release((1,), ()))
+    assert isinstance(out.message, M.End) and out.message.code == P.END_EVICTED, out
+    assert "sent nothing for 10 s" in out.message.message and "keepalive()" in out.message.message
+    (out,) = h.send(b"T\x00never-seen", M.Release((1,), ()))  # one it never knew: as before
+    assert isinstance(out.message, M.Error) and "expected HELLO" in out.message.message
 
 
 # ------------------------------------------------------- errors, by table

@@ -42,7 +42,7 @@ from .checks import (
     check_open,
     check_subscribe,
 )
-from .liveness import alive, stalled
+from .liveness import REMOTE_SILENCE, alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
 from .report import stats_reply, stream_status
 from .system import System, open_fds
@@ -63,6 +63,7 @@ _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (Brok
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
 _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
+SILENT_KEPT = 1024  # remote clients dropped for silence, remembered to tell them why (BrokerState.silent)
 ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
 _TYPED = frozenset(M.MESSAGES.values())
 
@@ -162,6 +163,9 @@ class BrokerState:
         self.ended_rows: deque[tuple[float, dict[str, Any]]] = deque(maxlen=ENDED_KEPT)
         self.pending: dict[str, list[tuple[Client, M.Subscribe]]] = {}  # SUBSCRIBE before OPEN
         self.forgotten: list[bytes] = []  # clients dropped since the shell last looked (it empties their outbox)
+        # Remote clients dropped for their silence (the newest SILENT_KEPT): a message from one is answered with
+        # an END that says why, not "expected HELLO".
+        self.silent: dict[bytes, None] = {}
         self._segments = 0
         self.descriptors = DescriptorGuard(pid, fd_limit, fd_headroom, self.system.open_fds)
         self._now = now
@@ -204,6 +208,11 @@ class BrokerState:
             if client is None:
                 if msg[0] == P.BYE:  # from a client already forgotten (its process looked dead): goodbye
                     self._send(ident, M.End(P.END_BYE, "goodbye"))
+                elif msg[0] != P.HELLO and ident in self.silent:
+                    self._send(ident, M.End(P.END_EVICTED, f"dropped: this remote client sent nothing for "
+                                                          f"{REMOTE_SILENCE:g} s, and looked dead (a tcp:// client "
+                                                          f"calls recv, or keepalive(), at least every few "
+                                                          f"seconds)"))  # fmt: skip
                 elif msg[0] != P.HELLO:
                     raise ProtocolError(f"expected HELLO as the first message, got kind {msg[0]}")
                 else:
@@ -257,7 +266,15 @@ class BrokerState:
         out = self._out = []
         self._now = now
         for client in self.dead(now):
-            log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid, client.role)
+            if client.remote:
+                log.warning("client %s (pid %d, %s) over TCP silent for %g s: dropped as dead; reclaiming its leases",
+                            client.label, client.pid, client.role, REMOTE_SILENCE)  # fmt: skip
+                self.silent[client.ident] = None
+                if len(self.silent) > SILENT_KEPT:
+                    del self.silent[next(iter(self.silent))]
+            else:
+                log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid,
+                            client.role)  # fmt: skip
             self._drop_client(client, gone=True)
         return out
 
