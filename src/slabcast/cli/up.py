@@ -50,7 +50,11 @@ _TASK_KEYS = {"name", "call", "stream", "size", "seconds", "clip", "sampler", "p
 _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their tasks before they start
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _DRAIN = 10.0  # seconds a task gets to finish its stream when up stops (its stop_timeout by default)
-_STOPPED = 128 + signal.SIGTERM  # a worker's exit code when SIGTERM stopped it (0: it finished its stream)
+_STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
+# How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to the whole process group
+# (systemd's KillMode=control-group, timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers
+# itself after they finish their streams; a worker ignores them.
+_STOP_WORKER = signal.SIGUSR2
 _SHM = "/dev/shm"
 
 
@@ -412,8 +416,9 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     if directory and directory not in sys.path:
         sys.path.insert(0, directory)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us with SIGTERM ...
-    busy = [False, False]  # in the task's callback; a SIGTERM came meanwhile
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor's (our group's Ctrl-C) ...
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ... as is a SIGTERM to the group: up stops us with _STOP_WORKER
+    busy = [False, False]  # in the task's callback; a stop came meanwhile
 
     def stop(*_: Any) -> None:
         if busy[0]:
@@ -421,7 +426,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             return
         raise SystemExit(_STOPPED)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(_STOP_WORKER, stop)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fn = resolve(task.call)
     # The broker holds the subscription until the stream exists: a worker may start first.
@@ -443,6 +448,12 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                     busy[0] = False
             if busy[1]:
                 raise SystemExit(_STOPPED)
+
+
+def _stop_worker(proc: Any) -> None:
+    """Stop a worker between two chunks (it exits with _STOPPED)."""
+    with contextlib.suppress(ProcessLookupError, TypeError):  # (gone, or never started: pid None)
+        os.kill(proc.pid, _STOP_WORKER)
 
 
 @dataclass
@@ -578,7 +589,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             cut_off = _drain(slots, broker.address, time.monotonic(), signals, say)
         for slot in slots:
             if slot.proc is not None and slot.proc.is_alive():
-                slot.proc.terminate()
+                _stop_worker(slot.proc)
         for slot in slots:
             if slot.proc is not None:
                 slot.proc.join(5)
@@ -611,7 +622,7 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
     for slot in [s for s in pending if s.task.stream in absent]:
         pending.remove(slot)
         say(f"task {slot.name} stopped: its stream {slot.task.stream!r} never appeared")
-        slot.proc.terminate()
+        _stop_worker(slot.proc)
 
     def index_of(slot: _Slot) -> str:
         try:
@@ -637,7 +648,7 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
                 when = "when Ctrl-C came again" if signals[0] >= 2 else f"{slot.task.stop_timeout:g} s after the stop"
                 say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}; the samples "
                     f"after it up to the stream's end were not processed")  # fmt: skip
-                slot.proc.terminate()  # (between two chunks: task_main)
+                _stop_worker(slot.proc)  # (between two chunks: task_main)
                 cut = cut or signals[0] < 2
         time.sleep(0.05)
     return cut
