@@ -55,6 +55,7 @@ _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: i
 # (systemd's KillMode=control-group, timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers
 # itself after they finish their streams; a worker ignores them.
 _STOP_WORKER = signal.SIGUSR2
+_STOP_WAIT = 5.0  # seconds a stopped worker gets to finish the chunk in its callback before up names where it was
 _SHM = "/dev/shm"
 
 
@@ -403,11 +404,14 @@ def resolve(call: str) -> Any:
     return obj
 
 
-def task_main(task: Task, address: str, index: int, reached: int | None = None, directory: str = "") -> None:
+def task_main(task: Task, address: str, index: int, reached: int | None = None, directory: str = "",
+              progress: Any = None) -> None:  # fmt: skip
     """A worker process: subscribe with the task's settings and call the task on every chunk.
 
-    ``reached``: for a restarted worker, the stream index its predecessor had read up to;
-    the samples between it and this worker's start are reported as missed.  ``directory``
+    ``reached``: for a restarted worker, the stream index its predecessor had processed up to;
+    the samples between it and this worker's start are reported as missed.  ``progress``: a shared
+    integer (``multiprocessing.Value``) this worker sets to the stream index it has processed up to:
+    its start once subscribed, then the end of each chunk whose callback returned.  ``directory``
     (the config's) goes first on the import path.  Returns (exit code 0) when the stream
     ends; any error ends the process with a traceback.
     """
@@ -439,6 +443,8 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             line = (f"task {task.name}#{index} restarted at stream index {sub.start_index}: samples "
                     f"{reached}..{sub.start_index - 1} ({sub.start_index - reached}) were not processed")  # fmt: skip
             logging.getLogger("slabcast.up").warning(line)
+        if progress is not None:
+            progress.value = sub.start_index
         for chunk in sub:
             with chunk:
                 busy[0] = True
@@ -446,6 +452,8 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                     fn(chunk, **task.options)
                 finally:
                     busy[0] = False
+                if progress is not None:
+                    progress.value = chunk.index + len(chunk)  # (its callback returned: processed)
             if busy[1]:
                 raise SystemExit(_STOPPED)
 
@@ -469,7 +477,13 @@ class _Slot:
     failed: bool = False  # gave up after max_failures in a row
     seen: bool = False  # it has been seen subscribed in the broker's status
     missing_since: float = 0.0
-    reached: int | None = None  # the stream index its last worker had read up to (as last seen in status)
+    reached: int | None = None  # the stream index its last worker had processed up to
+    progress: Any = None  # the running worker's: its start, then the end of each chunk processed (-1: none yet)
+
+    def processed(self) -> int | None:
+        """The stream index the running (or last) worker processed up to, or None if it never subscribed."""
+        value = -1 if self.progress is None else int(self.progress.value)
+        return value if value >= 0 else None
 
     @property
     def name(self) -> str:
@@ -560,8 +574,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 if slot.proc is not None and not slot.proc.is_alive():
                     _reap(slot, now, say)
                 if slot.proc is None and not slot.done and now >= slot.due:
+                    slot.progress = ctx.Value("q", -1, lock=False)
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
-                                                                    slot.reached, config.directory),
+                                                                    slot.reached, config.directory, slot.progress),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     slot.proc.start()
                     slot.started, slot.seen, slot.missing_since = now, False, 0.0
@@ -611,8 +626,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
 def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], say: Any) -> bool:
     """After the stop (at ``stop``), while the workers finish their streams: name each one that finished, one
     that exited otherwise (a crash on its last chunks), and one still busy after its task's ``stop_timeout``,
-    which is stopped then (between two chunks) with the stream index it had read to; a second Ctrl-C stops and
-    names the rest at once.  Return whether a worker did not finish its stream (not counting a second Ctrl-C)."""
+    which is stopped then (between two chunks) with the stream index it had processed to (said once it has
+    exited); a second Ctrl-C stops and names the rest at once.  Return whether a worker did not finish its
+    stream (not counting a second Ctrl-C)."""
     pending = [s for s in slots if s.proc is not None and not s.task.external]
     cut = False
     # A worker still waiting for a stream that never appeared (not served, not ended lately) has nothing to
@@ -625,17 +641,24 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
         _stop_worker(slot.proc)
 
     def index_of(slot: _Slot) -> str:
-        try:
-            at = _subscribed_labels(address).get((slot.label, slot.proc.pid))
-        except Exception:  # the broker is stopping: said without the index
-            at = None
+        at = slot.processed()
         return f" at stream index {at}" if at is not None else ""
 
+    stopping: dict[int, tuple[str, float]] = {}  # id(slot) -> (why, when): stopped, said once it is gone
     while pending:
         now = time.monotonic()
         for slot in list(pending):
             late = now >= stop + slot.task.stop_timeout
-            if not slot.proc.is_alive():
+            alive = slot.proc.is_alive()
+            if id(slot) in stopping:
+                # Said once it exited (it finishes the chunk in its callback first): the index is then exact.
+                when, since = stopping[id(slot)]
+                if alive and now - since < _STOP_WAIT and signals[0] < 2:
+                    continue
+                pending.remove(slot)
+                say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}; the samples "
+                    f"after it up to the stream's end were not processed")  # fmt: skip
+            elif not alive:
                 pending.remove(slot)
                 code = slot.proc.exitcode
                 if code == 0:
@@ -644,10 +667,8 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
                     say(f"task {slot.name} exited with code {code} before the end of its stream")
                     cut = True
             elif late or signals[0] >= 2:
-                pending.remove(slot)
                 when = "when Ctrl-C came again" if signals[0] >= 2 else f"{slot.task.stop_timeout:g} s after the stop"
-                say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}; the samples "
-                    f"after it up to the stream's end were not processed")  # fmt: skip
+                stopping[id(slot)] = (when, now)
                 _stop_worker(slot.proc)  # (between two chunks: task_main)
                 cut = cut or signals[0] < 2
         time.sleep(0.05)
@@ -666,6 +687,8 @@ def _pump(fd: int, tail: collections.deque[str]) -> None:
 def _reap(slot: _Slot, now: float, say: Any) -> None:
     """A worker exited: done (code 0, its stream ended) or crashed (restart with back-off)."""
     code = slot.proc.exitcode
+    if (at := slot.processed()) is not None:
+        slot.reached = at  # what its successor reports as missed starts here
     slot.proc.close()
     slot.proc = None
     if code == 0 and not slot.task.restart_on_end:
@@ -697,7 +720,6 @@ def _check_evicted(slots: list[_Slot], address: str, lease_timeout: float, now: 
             continue
         if (slot.label, slot.proc.pid) in present:
             slot.seen, slot.missing_since = True, 0.0
-            slot.reached = present[(slot.label, slot.proc.pid)]
             continue
         if not slot.seen:
             continue  # still starting, or waiting for its stream
