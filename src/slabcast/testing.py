@@ -124,18 +124,26 @@ def slabcast_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     """A broker on a socket under ``tmp_path``; the test fails if it leaves anything behind."""
     proc = BrokerProcess(tmp_path / "broker.sock")
     proc.start()
-    killed = False
+    before = os.environ.get("SLABCAST_ADDRESS")
+    os.environ["SLABCAST_ADDRESS"] = proc.address  # a client or worker given no address= finds this broker
     try:
         yield proc
     finally:
+        if before is None:
+            os.environ.pop("SLABCAST_ADDRESS", None)
+        else:
+            os.environ["SLABCAST_ADDRESS"] = before
+        died = proc.process is not None and proc.process.poll() is not None and not proc.killed
         code = proc.stop()
-        killed = code not in (0, None)
         sock = ipc_path(proc.address)
         leftovers = broker_segments(proc.pid)
-        if killed:
+        if code not in (0, None):
             from .core.shm import reap_stale
 
-            reap_stale()  # the test killed it on purpose; a new broker would clean up the same way
+            reap_stale()  # a new broker would clean up the same way
+            # Killed with BrokerProcess.kill(): on purpose.  Otherwise it died under the test, or failed its stop.
+            what = "died during the test" if died else "did not exit 0 when stopped"
+            assert proc.killed, f"the broker {what} (exit code {code}): {proc.stderr()[-2000:]}"
         else:
             assert not leftovers, f"the broker left shared-memory segments behind: {leftovers}"
             assert sock is None or not os.path.exists(sock), f"the broker left its socket file {sock}"

@@ -158,6 +158,7 @@ def test_a_flush_that_sees_the_broker_die_makes_the_next_write_raise(broker, str
         with pytest.raises(slabcast.BrokerGoneError):
             pub.flush(timeout=10)
         killer.join()
+        broker.kill()  # (reaped: killed on purpose, for the fixture)
         position = pub._ring.position
         with pytest.raises(slabcast.BrokerGoneError):
             pub.write(np.zeros(FRAME, dtype=np.int32))  # (slabs granted ahead: it would have gone in)

@@ -29,6 +29,15 @@ def test_the_plugin_fails_a_test_that_leaves_a_worker_running():
     assert "was still running and had to be killed" in result.stdout
 
 
+def test_the_plugin_fails_a_test_whose_broker_died_and_points_clients_at_its_broker():
+    # A newcomer: a test whose broker was killed under it passed (testing.md: "the test fails if it did not exit
+    # 0"), and a worker given no address= went to the developer's own broker.
+    result = run_project("broker_check.py")
+    assert result.returncode == 1, result.stdout
+    assert "2 passed, 1 error" in result.stdout, result.stdout
+    assert "the broker died during the test (exit code -9)" in result.stdout, result.stdout
+
+
 def test_the_plugin_is_registered_through_its_entry_point():
     from importlib.metadata import entry_points
 
