@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,33 @@ class Workers:
     def queue(self) -> Any:
         """A queue that spawned workers can use to send results or ready signals."""
         return self._ctx.Queue()
+
+    def get(self, queue: Any, timeout: float = 30.0) -> Any:
+        """The next item a worker put on ``queue``: as ``queue.get(timeout=timeout)``, but a checked worker that
+        exits non-zero meanwhile fails the test at once, naming it (its traceback is in the captured stderr),
+        instead of the whole timeout and an empty-queue error.
+
+        Raises
+        ------
+        AssertionError
+            A checked worker exited non-zero first, or nothing came within ``timeout`` seconds.
+        """
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            except queue_module.Empty:
+                pass
+            for proc, check in self.procs:
+                if check and proc.exitcode not in (None, 0):
+                    raise AssertionError(f"worker {proc.pid} ({proc.name}) exited with code {proc.exitcode} "
+                                         f"before the result the test waited for (its traceback: the captured "
+                                         f"stderr)")  # fmt: skip
+            if time.monotonic() >= deadline:
+                alive = [f"{p.pid} ({p.name})" for p, _ in self.procs if p.is_alive()]
+                raise AssertionError(f"no result within {timeout} s; workers still running: {alive or 'none'}")
 
     def close(self) -> list[str]:
         """Join every worker (kill those still running after ``timeout``); return the problems."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ def test_the_plugin_fails_a_test_whose_broker_died_and_points_clients_at_its_bro
     assert result.returncode == 1, result.stdout
     assert "2 passed, 1 error" in result.stdout, result.stdout
     assert "the broker died during the test (exit code -9)" in result.stdout, result.stdout
+
+
+def test_a_worker_that_fails_before_its_result_fails_the_test_at_once_by_name():
+    # A newcomer: a worker that raised left the test waiting out results.get(timeout=...) (then _queue.Empty).
+    result = run_project("failing_check.py")
+    assert result.returncode == 1, result.stdout
+    assert "1 failed" in result.stdout, result.stdout
+    assert re.search(r"worker \d+ \(SpawnProcess-1\) exited with code 1 before the result", result.stdout), result.stdout
+    assert "RuntimeError: this worker fails, as the test asks" in result.stdout  # (its captured stderr)
 
 
 def test_the_plugin_is_registered_through_its_entry_point():

@@ -21,3 +21,8 @@ def stuck_worker():
     import threading
 
     threading.Event().wait()
+
+
+def failing_worker(results):
+    """A worker that raises before it sends anything (to show ``slabcast_workers.get`` failing at once)."""
+    raise RuntimeError("this worker fails, as the test asks")

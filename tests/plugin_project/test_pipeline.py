@@ -15,11 +15,11 @@ def test_spl_worker_reports_the_level_of_each_half_second(
 
     def start_worker():
         slabcast_workers.spawn(spl_worker, slabcast_broker.address, slabcast_stream_name, results)
-        assert results.get(timeout=30) == "ready"
+        assert slabcast_workers.get(results) == "ready"
 
     slabcast_feed(slabcast_stream_name, tone, frame=800, rate=rate, ready=start_worker)
     levels = []
-    while (item := results.get(timeout=30)) != "done":
+    while (item := slabcast_workers.get(results)) != "done":
         levels.append(item)
     assert [round(t0, 6) for t0, _ in levels] == [0.0, 0.5, 1.0, 1.5]
     assert all(level == pytest.approx(-9.03, abs=0.05) for _, level in levels)
