@@ -998,11 +998,9 @@ int sci_connect(sc_client *c, const char *address, const char *role)
     if (rc == SC_ETIMEOUT && c->remote && !c->handshaken && !c->tcp_connected)
         return fail(c, SC_EBROKERGONE, "no broker reachable at %s within %d ms (nothing accepted the TCP "
                     "connection: the host, the port, a firewall?)", c->address, c->timeout_ms);
-    if (rc == SC_ETIMEOUT && c->remote && !c->handshaken) {
-        char within[64];
-        snprintf(within, sizeof within, "none within %d ms", c->timeout_ms);
-        return no_handshake(c, within);
-    }
+    if (rc == SC_ETIMEOUT && c->remote && !c->handshaken)  /* (a broker refusing our keys hangs up: next_msg) */
+        return fail(c, SC_EBROKERGONE, "a TCP connection to %s was accepted, but no broker answered within %d ms",
+                    c->address, c->timeout_ms);
     if (rc == SC_ETIMEOUT)
         return fail(c, SC_EBROKERGONE, "no answer to HELLO from the broker at %s within %d ms", c->address,
                     c->timeout_ms);

@@ -21,6 +21,7 @@ fixtures available in any project (see docs/testing.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -85,6 +86,8 @@ class Workers:
                 pass
             for proc, check in self.procs:
                 if check and proc.exitcode not in (None, 0):
+                    with contextlib.suppress(queue_module.Empty):
+                        return queue.get_nowait()  # (put just before it exited)
                     raise AssertionError(f"worker {proc.pid} ({proc.name}) exited with code {proc.exitcode} "
                                          f"before the result the test waited for (its traceback: the captured "
                                          f"stderr)")  # fmt: skip
@@ -148,19 +151,14 @@ def slabcast_stream_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def slabcast_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+def slabcast_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProcess]:
     """A broker on a socket under ``tmp_path``; the test fails if it leaves anything behind."""
     proc = BrokerProcess(tmp_path / "broker.sock")
     proc.start()
-    before = os.environ.get("SLABCAST_ADDRESS")
-    os.environ["SLABCAST_ADDRESS"] = proc.address  # a client or worker given no address= finds this broker
+    monkeypatch.setenv("SLABCAST_ADDRESS", proc.address)  # a client or worker given no address= finds this broker
     try:
         yield proc
     finally:
-        if before is None:
-            os.environ.pop("SLABCAST_ADDRESS", None)
-        else:
-            os.environ["SLABCAST_ADDRESS"] = before
         died = proc.process is not None and proc.process.poll() is not None and not proc.killed
         code = proc.stop()
         sock = ipc_path(proc.address)

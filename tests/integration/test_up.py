@@ -198,8 +198,8 @@ def test_a_task_whose_stream_never_appeared_is_stopped_at_once_and_said(tmp_path
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         lines.expect(r"task rec#0 stopped: its stream 'eeg' never appeared", timeout=30)
-        assert proc.wait(30) == 0
-        assert time.monotonic() - t < 8.0  # not its stop_timeout of 10 s
+        assert time.monotonic() - t < 8.0  # not after its stop_timeout of 10 s
+        assert proc.wait(30) == 0  # (the broker's stop may wait for liblsl's resolve, up to 5 s more)
     assert not (tmp_path / "tally.txt").exists()
 
 

@@ -87,6 +87,7 @@ class BrokerProcess:
         BrokerGoneError
             If the broker did not start within ``startup_timeout``.
         """
+        self.killed = False
         path = ipc_path(self.address)
         if path is not None and os.path.exists(path + ".lock"):
             AddressLock(self.address).release()  # BrokerRunningError now, rather than a timeout later

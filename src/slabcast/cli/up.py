@@ -51,10 +51,17 @@ _FINITE = {"stdin", "file", "replay"}  # sources that end, and so wait for their
 _DEFAULT_SLAB, _DEFAULT_NSLABS = DEFAULT_SLAB_BYTES, DEFAULT_NSLABS
 _DRAIN = 10.0  # seconds a task gets to finish its stream when up stops (its stop_timeout by default)
 _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
-# How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to the whole process group
-# (systemd's KillMode=control-group, timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers
-# itself after they finish their streams; a worker ignores them.
+# How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to up's whole process group
+# (timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers itself after they finish their
+# streams; a worker drops them.  (The broker has a session of its own: a signal to every process of a cgroup,
+# systemd's KillMode=control-group, reaches it too; docs/up.md says to use KillMode=mixed.)
 _STOP_WORKER = signal.SIGUSR2
+_WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, _STOP_WORKER}  # blocked from a worker's start to its handlers
+
+
+def _dropped(*_: Any) -> None:
+    """A worker's handler of SIGINT and SIGTERM: up's signals (see task_main)."""
+_ABSENT_LOOK = 0.5  # seconds between the drain's looks for streams that never appeared
 _STOP_WAIT = 5.0  # seconds a stopped worker gets to finish the chunk in its callback before up names where it was
 _SHM = "/dev/shm"
 
@@ -420,8 +427,6 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     if directory and directory not in sys.path:
         sys.path.insert(0, directory)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor's (our group's Ctrl-C) ...
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ... as is a SIGTERM to the group: up stops us with _STOP_WORKER
     busy = [False, False]  # in the task's callback; a stop came meanwhile
 
     def stop(*_: Any) -> None:
@@ -430,7 +435,13 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             return
         raise SystemExit(_STOPPED)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
 
+    # SIGINT and SIGTERM to our group (Ctrl-C, systemd, timeout) are up's, which stops us itself: caught and
+    # dropped (not SIG_IGN, which a program the task runs would inherit through exec).  They, and up's stop,
+    # were blocked from before this process started (up's _start): a signal meanwhile waits for its handler.
+    signal.signal(signal.SIGINT, _dropped)
+    signal.signal(signal.SIGTERM, _dropped)
     signal.signal(_STOP_WORKER, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fn = resolve(task.call)
     # The broker holds the subscription until the stream exists: a worker may start first.
@@ -450,10 +461,10 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                 busy[0] = True
                 try:
                     fn(chunk, **task.options)
+                    if progress is not None:
+                        progress.value = chunk.index + len(chunk)  # (its callback returned: processed)
                 finally:
                     busy[0] = False
-                if progress is not None:
-                    progress.value = chunk.index + len(chunk)  # (its callback returned: processed)
             if busy[1]:
                 raise SystemExit(_STOPPED)
 
@@ -503,17 +514,18 @@ def _subscribed_labels(address: str) -> dict[tuple[str, int], int]:
             for u in s["subscribers"]}  # fmt: skip
 
 
-def _never_appeared(address: str) -> set[str]:
-    """The streams subscribers wait for that the broker neither serves nor ended in the last minute (empty if
-    it cannot say)."""
+def _never_appeared(address: str, names: set[str]) -> set[str]:
+    """Those of ``names`` the broker neither serves nor ended in the last minute (empty if it cannot say)."""
     from ..client.control import broker_status
 
+    if not names:
+        return set()
     try:
         status = broker_status(address, timeout=1.0)
     except Exception:  # the broker is stopping: nothing said
         return set()
     seen = {s["name"] for s in status["streams"]} | {s["name"] for s in status.get("ended_streams", ())}
-    return {name for name, count in status.get("waiting", {}).items() if count and name not in seen}
+    return names - seen
 
 
 def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
@@ -578,7 +590,13 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
                                                                     slot.reached, config.directory, slot.progress),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
-                    slot.proc.start()
+                    # Blocked in the child from its first instruction until task_main's handlers (a group
+                    # signal meanwhile would kill it): the mask is inherited, unblocked there.
+                    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+                    try:
+                        slot.proc.start()
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                     slot.started, slot.seen, slot.missing_since = now, False, 0.0
                     say(f"task {slot.name} started, pid {slot.proc.pid}")
             if all(slot.done for slot in slots):
@@ -612,7 +630,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                     slot.proc.kill()
                     slot.proc.join()
                 slot.proc.close()
-        code = broker.stop()
+        code = broker.stop(timeout=8.0)  # (longer than the broker gives its sources' threads to stop: 5 s)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
@@ -634,19 +652,22 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
     # A worker still waiting for a stream that never appeared (not served, not ended lately) has nothing to
     # finish: stopped at once, said so (a lab newcomer's Ctrl-C before the device came waited 10 s, then said
     # the stream was cut).
-    absent = _never_appeared(address)
-    for slot in [s for s in pending if s.task.stream in absent]:
-        pending.remove(slot)
-        say(f"task {slot.name} stopped: its stream {slot.task.stream!r} never appeared")
-        _stop_worker(slot.proc)
+    stopping: dict[int, tuple[str, float]] = {}  # id(slot) -> (why, when): stopped, said once it is gone
+    next_look = 0.0  # (looked at again every _ABSENT_LOOK s: a worker still importing its task subscribes late)
 
     def index_of(slot: _Slot) -> str:
         at = slot.processed()
         return f" at stream index {at}" if at is not None else ""
 
-    stopping: dict[int, tuple[str, float]] = {}  # id(slot) -> (why, when): stopped, said once it is gone
     while pending:
         now = time.monotonic()
+        if now >= next_look:
+            next_look = now + _ABSENT_LOOK
+            absent = _never_appeared(address, {s.task.stream for s in pending if id(s) not in stopping})
+            for slot in [s for s in pending if s.task.stream in absent and id(s) not in stopping]:
+                pending.remove(slot)
+                say(f"task {slot.name} stopped: its stream {slot.task.stream!r} never appeared")
+                _stop_worker(slot.proc)
         for slot in list(pending):
             late = now >= stop + slot.task.stop_timeout
             alive = slot.proc.is_alive()

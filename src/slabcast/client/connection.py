@@ -301,7 +301,10 @@ class Connection:
                 raise BrokerGoneError(f"no broker reachable at {self.address} within {timeout} s (nothing accepted "
                                       f"the TCP connection: the host, the port, a firewall?)")  # fmt: skip
             if self.remote and not self._handshaken:
-                raise AccessDeniedError(self._no_handshake(f"within {timeout} s"))
+                # A broker that refuses the keys hangs up (handled in _read_monitor); one that holds the connection
+                # and answers nothing is there but not serving (stopped, overloaded).
+                raise BrokerGoneError(f"a TCP connection to {self.address} was accepted, but no broker answered "
+                                      f"within {timeout} s")  # fmt: skip
             raise BrokerGoneError(f"no answer from the {self.where} within {timeout} s")
         if isinstance(reply, M.Error):
             self.close(bye=False)
