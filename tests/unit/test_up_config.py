@@ -143,3 +143,30 @@ def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_p
     spec = "synthetic:name=mic," + options.replace(" ", "")
     with pytest.raises(ValueError, match=f"{re.escape(said)}.*in {re.escape(repr(spec))}"):
         parse_source(spec)
+
+
+@pytest.mark.parametrize(
+    ("call", "options", "said"),
+    [
+        ("nochunk", "{}", r"must take the chunk as its first argument \(def f\(chunk, \.\.\.\)\), its signature is \(\)"),
+        ("gain", "{ rate = '48000' }", r"option 'rate' must be a number, as its default 48000 is, got '48000' \(a str\)"),
+        ("gain", "{ loud = 1 }", r"option 'loud' must be true or false, as its default False is, got 1 \(a int\)"),
+        ("gain", "{ label = 3 }", r"option 'label' must be a string, as its default 'x' is, got 3 \(a int\)"),
+    ],
+)  # fmt: skip
+def test_a_task_callable_that_cannot_take_the_chunk_or_an_option_of_the_wrong_kind_is_refused(tmp_path, monkeypatch,
+                                                                                               call, options, said):  # fmt: skip
+    # A newcomer: each was taken, then every worker crash-looped on its first chunk (TypeError).
+    from slabcast.cli.up import ConfigError, load_config
+
+    (tmp_path / "mytasks.py").write_text(
+        "def nochunk():\n    pass\n\n\ndef gain(chunk, rate=48000, loud=False, label='x'):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\n"
+        f"[[tasks]]\nname = 't'\ncall = 'mytasks:{call}'\nstream = 'mic'\nsize = 100\noptions = {options}\n"
+    )
+    with pytest.raises(ConfigError, match=said):
+        load_config(str(cfg))

@@ -146,7 +146,13 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # a builtin without a signature: nothing to check against
-    params = list(sig.parameters.values())[skip:]
+    every = list(sig.parameters.values())
+    takes = [p for p in every if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(takes) < skip and not any(p.kind is p.VAR_POSITIONAL for p in every):
+        # (else each worker fails on its first chunk, "takes 0 positional arguments but 1 was given", restarting)
+        raise ConfigError(f"{where}: {what} must take the chunk as its first argument (def f(chunk, ...)), "
+                          f"its signature is {sig}")  # fmt: skip
+    params = every[skip:]
     missing = [p.name for p in params if p.default is p.empty and p.name not in options
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
     if missing:  # caught here, not by a worker restarting forever on the same TypeError
@@ -172,6 +178,22 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
                               f"(a {type(value).__name__})")  # fmt: skip
         if kinds == {"int"} and isinstance(value, float):
             raise ConfigError(f"{where}: {what}'s option {key!r} must be an integer, got {value!r}")
+        # No annotation: the default's kind says what is wanted ({ rate = "48000" } against rate=48000 failed in
+        # each worker, "unsupported operand type(s) for /: 'int' and 'str'").
+        default = known[key].default
+        if known[key].annotation is inspect.Parameter.empty and default not in (inspect.Parameter.empty, None) \
+                and value is not None:  # fmt: skip
+            if isinstance(default, bool):
+                ok, want = isinstance(value, bool), "true or false"
+            elif isinstance(default, int | float):
+                ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+            elif isinstance(default, str):
+                ok, want = isinstance(value, str), "a string"
+            else:
+                ok, want = True, ""
+            if not ok:
+                raise ConfigError(f"{where}: {what}'s option {key!r} must be {want}, as its default {default!r} "
+                                  f"is, got {value!r} (a {type(value).__name__})")  # fmt: skip
 
 
 def _source(path: str, i: int, raw: Any) -> tuple[str, dict[str, Any], dict[str, Any], Any]:
