@@ -74,7 +74,13 @@ class AccessDeniedError(SlabcastError, PermissionError):
     failed (a wrong broker public key).  Over ipc: file permissions keep this user
     from the broker's socket or its directory (the message names the path, its
     owner and its mode).  Also a :class:`PermissionError`.
+
+    ``hung_up`` is True when the peer closed the connection during the handshake: a broker
+    that cannot decrypt our hello (the wrong broker key), or a proxy or tunnel whose broker is
+    down; a subscriber resubscribing with keys that worked before retries it (``reconnect=``).
     """
+
+    hung_up: bool = False
 
 
 class EvictedError(SlabcastError):

@@ -120,6 +120,35 @@ def test_a_broker_not_reachable_is_said_as_such_not_as_a_key_problem(keys):
         slabcast.broker_status(f"tcp://127.0.0.1:{port}", timeout=1.0, curve=curve)
 
 
+def test_a_peer_that_hangs_up_in_the_handshake_is_marked_so_for_reconnect(keys):
+    # A reviewer: a proxy or `ssh -L` tunnel whose broker is down accepts the TCP connection and closes it, as a
+    # broker that cannot decrypt our hello does; a subscriber resubscribing (reconnect=) with keys that worked
+    # before retries that one (hung_up), not a key the broker refused.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    try:
+        with pytest.raises(slabcast.AccessDeniedError, match="closed the connection during it") as caught:
+            slabcast.broker_status(f"tcp://127.0.0.1:{port}", timeout=2.0, curve=curve)
+        assert caught.value.hung_up
+    finally:
+        server.close()
+        thread.join(5)
+
+
 REMOTE_SCRIPT = """
 import json, sys, zlib
 import slabcast

@@ -437,8 +437,13 @@ class Connection:
                         f"broker's --curve-clients directory)"
                     )
                 if self.remote and not self._handshaken:
-                    # A broker that cannot decrypt our hello (we hold the wrong server key) just hangs up.
-                    raise AccessDeniedError(self._no_handshake("(the broker closed the connection during it)"))
+                    # A broker that cannot decrypt our hello (we hold the wrong server key) just hangs up; so
+                    # does a proxy or tunnel whose broker is down.
+                    err = AccessDeniedError(self._no_handshake("(the peer closed the connection during it: a "
+                                                               "proxy or tunnel with no broker behind it does "
+                                                               "too)"))  # fmt: skip
+                    err.hung_up = True
+                    raise err
 
     def fds(self) -> tuple[int, int]:
         """The file descriptors of the socket and of its monitor (``zmq.FD``): readable when either may have

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import (
+    AccessDeniedError,
     BrokerGoneError,
     ClosedError,
     EndOfStream,
@@ -342,7 +343,11 @@ class Subscriber:
         while True:
             try:
                 self._connect(old.address)
-            except (BrokerGoneError, StreamNotFoundError):
+            except (BrokerGoneError, StreamNotFoundError, AccessDeniedError) as exc:
+                # Hung up during the handshake, with keys that worked before: a proxy or tunnel whose broker is
+                # still down, not a key refused (that one stays final).
+                if isinstance(exc, AccessDeniedError) and not exc.hung_up:
+                    raise
                 if time.monotonic() >= deadline:
                     raise cause from None
                 time.sleep(0.05)  # back off between attempts to reach the new broker
