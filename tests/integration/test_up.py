@@ -108,9 +108,13 @@ def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
         proc.stdout.close()
 
 
-def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(tmp_path):
+@pytest.mark.parametrize("to", ["up", "group"])
+def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(tmp_path, to):
     # Ctrl-C or SIGTERM: the sources end their streams, a lossless task gets every sample up to the end,
-    # the last shorter chunk included, and no callback is cut off in the middle.
+    # the last shorter chunk included, and no callback is cut off in the middle.  "group": SIGTERM to every
+    # process of up's group (timeout(1), `kill -- -PGID`), which the workers died of mid-stream (a newcomer:
+    # "exited with code 143 before the end of its stream", up exit 1, the last partial file lost); they leave
+    # it to up, which stops them after their stream.
     tally = tmp_path / "tally.txt"
     cfg = tmp_path / "up.toml"
     cfg.write_text(
@@ -122,7 +126,10 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
     with running_up(cfg) as (proc, lines):
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
-        proc.send_signal(signal.SIGTERM)
+        if to == "up":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)  # up and its workers alike (the broker has a session of its own)
         lines.expect(r"task rec#0 finished its stream", timeout=30)
         lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
         assert proc.wait(15) == 0
@@ -201,28 +208,6 @@ def test_a_task_whose_stream_never_appeared_is_stopped_at_once_and_said(tmp_path
         assert time.monotonic() - t < 8.0  # not after its stop_timeout of 10 s
         assert proc.wait(30) == 0  # (the broker's stop may wait for liblsl's resolve, up to 5 s more)
     assert not (tmp_path / "tally.txt").exists()
-
-
-def test_sigterm_to_the_whole_process_group_stops_up_as_sigterm_to_up(tmp_path):
-    # A newcomer: systemd (KillMode=control-group), timeout(1) and `kill -- -PGID` send SIGTERM to every process of
-    # the group; the workers died of it mid-stream ("exited with code 143 before the end of its stream", up exit 1,
-    # the recorder's last partial file lost).  They leave SIGTERM to up, which stops them after their stream.
-    out = tmp_path / "tally.txt"
-    cfg = tmp_path / "up.toml"
-    cfg.write_text(
-        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
-        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
-        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'mic'\nsize = 8011\n"
-        f"clip = true\npartial_tail = true\npolicy = 'block'\noptions = {{ out = '{out}' }}\n"
-    )
-    with running_up(cfg) as (proc, lines):
-        lines.expect(r"^\[tally\] \d+ 8011$", timeout=30)
-        os.killpg(proc.pid, signal.SIGTERM)  # up and its broker and workers alike
-        lines.expect(r"task rec#0 finished its stream", timeout=30)
-        assert proc.wait(30) == 0
-    rows = [tuple(map(int, row.split())) for row in out.read_text().splitlines()]
-    assert [r[0] for r in rows] == [rows[0][0] + 8011 * k for k in range(len(rows))]  # contiguous
-    assert rows[-1][2] == 1 and rows[-1][1] < 8011  # its partial tail too: the stream's end was reached
 
 
 def test_signals_in_a_burst_stop_up_at_once_and_never_hang_it(tmp_path):
