@@ -108,13 +108,14 @@ def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
         proc.stdout.close()
 
 
-@pytest.mark.parametrize("to", ["up", "group"])
+@pytest.mark.parametrize("to", ["up", "group", "cgroup"])
 def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(tmp_path, to):
     # Ctrl-C or SIGTERM: the sources end their streams, a lossless task gets every sample up to the end,
     # the last shorter chunk included, and no callback is cut off in the middle.  "group": SIGTERM to every
     # process of up's group (timeout(1), `kill -- -PGID`), which the workers died of mid-stream (a newcomer:
     # "exited with code 143 before the end of its stream", up exit 1, the last partial file lost); they leave
-    # it to up, which stops them after their stream.
+    # it to up, which stops them after their stream.  "cgroup": the broker too, as systemd's default
+    # KillMode=control-group does (a reviewer: it shut down at once); up's broker only ends its sources' streams.
     tally = tmp_path / "tally.txt"
     cfg = tmp_path / "up.toml"
     cfg.write_text(
@@ -124,12 +125,15 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
         f"clip = true\npartial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}' }}\n"
     )
     with running_up(cfg) as (proc, lines):
+        broker_pid = int(lines.expect(r"broker (\d+) serving")[1])
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         lines.expect(r"^\[tally\] \d+ 8001", timeout=30)
         if to == "up":
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGTERM)  # up and its workers alike (the broker has a session of its own)
+            if to == "cgroup":
+                os.kill(broker_pid, signal.SIGTERM)
         lines.expect(r"task rec#0 finished its stream", timeout=30)
         lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
         assert proc.wait(15) == 0

@@ -137,13 +137,14 @@ class BrokerProcess:
             self.tcp_address = words[words.index("and") + 1]
         return self
 
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM the broker, wait ``timeout`` s, SIGKILL it if it must; return its exit code."""
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the broker (``sig``: SIGTERM), wait ``timeout`` s, SIGKILL it if it must; return its exit
+        code."""
         proc = self.process
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

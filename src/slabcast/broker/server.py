@@ -298,8 +298,12 @@ class Broker:
         ready_when: Callable[[], bool] | None = None,
         parent_fd: int | None = None,
         tick: Callable[[], None] | None = None,
+        on_sigterm: Callable[..., None] | None = None,
     ) -> None:
         """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down cleanly.
+
+        ``on_sigterm``: SIGTERM's handler instead of stopping (a broker under ``slabcast up``, which
+        stops it with SIGINT).
 
         ``start()`` runs once the socket is bound, before the loop (start hosted
         sources there); ``ready()`` runs as soon as ``ready_when()`` is true
@@ -313,7 +317,7 @@ class Broker:
         wake_w.setblocking(False)
         old: list[Any] = []
         if handle_signals:
-            old = [signal.signal(signal.SIGTERM, self.stop), signal.signal(signal.SIGINT, self.stop)]
+            old = [signal.signal(signal.SIGTERM, on_sigterm or self.stop), signal.signal(signal.SIGINT, self.stop)]
             old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)

@@ -93,7 +93,11 @@ def _broker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGUSR1, end_sources)
     try:
-        broker.serve(ready, start=start, ready_when=sources_open, parent_fd=args.parent_fd, tick=tick)
+        # Under `slabcast up` (--sigterm-ends-sources): a SIGTERM to every process of up's cgroup (systemd's
+        # KillMode=control-group) ends the sources' streams, as SIGUSR1 does; up stops us with SIGINT after its
+        # workers have finished their streams.
+        broker.serve(ready, start=start, ready_when=sources_open, parent_fd=args.parent_fd, tick=tick,
+                     on_sigterm=end_sources if args.sigterm_ends_sources else None)  # fmt: skip
     finally:
         for t in threads:
             t.stopping.set()
@@ -335,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(what `slabcast up` hands the broker)")  # fmt: skip
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)  # EOF: our starter died
+    p.add_argument("--sigterm-ends-sources", action="store_true", help=argparse.SUPPRESS)  # (slabcast up's broker)
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("keygen", parents=[common], help="make a CURVE key pair for TCP")

@@ -53,8 +53,8 @@ _DRAIN = 10.0  # seconds a task gets to finish its stream when up stops (its sto
 _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
 # How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to up's whole process group
 # (timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers itself after they finish their
-# streams; a worker drops them.  (The broker has a session of its own: a signal to every process of a cgroup,
-# systemd's KillMode=control-group, reaches it too; docs/up.md says to use KillMode=mixed.)
+# streams; a worker drops them.  (The broker has a session of its own; a SIGTERM to every process of up's cgroup,
+# systemd's KillMode=control-group, reaches it too, and ends its sources' streams only: --sigterm-ends-sources.)
 _STOP_WORKER = signal.SIGUSR2
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, _STOP_WORKER}  # blocked from a worker's start to its handlers
 
@@ -574,7 +574,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     old = [signal.signal(signal.SIGTERM, count), signal.signal(signal.SIGINT, count)]
     ctx = mp.get_context("spawn")
     slots = [_Slot(t, i) for t in config.tasks for i in range(t.workers)]
-    args = tuple(config.broker_args)
+    args = (*config.broker_args, "--sigterm-ends-sources")  # (stopped with SIGINT: see below)
     if "--log-level" not in args:
         args += ("--log-level", log_level)
     # The broker's and its sources' log lines go to our standard error, prefixed by component, through a
@@ -652,7 +652,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                     slot.proc.kill()
                     slot.proc.join()
                 slot.proc.close()
-        code = broker.stop(timeout=8.0)  # (longer than the broker gives its sources' threads to stop: 5 s)
+        # SIGINT: its SIGTERM ends the sources' streams only (a SIGTERM to our whole cgroup, systemd's
+        # KillMode=control-group, reaches it too).  8 s: longer than it gives its sources' threads to stop (5 s).
+        code = broker.stop(timeout=8.0, sig=signal.SIGINT)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
