@@ -127,12 +127,16 @@ def test_a_peer_that_hangs_up_in_the_handshake_is_marked_so_for_reconnect(keys):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
+    server.settimeout(0.1)  # (accept returns to see the test end: close() does not wake it)
     port = server.getsockname()[1]
+    done = threading.Event()
 
     def hang_up() -> None:
-        while True:
+        while not done.is_set():
             try:
                 conn, _ = server.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             conn.close()
@@ -145,8 +149,9 @@ def test_a_peer_that_hangs_up_in_the_handshake_is_marked_so_for_reconnect(keys):
             slabcast.broker_status(f"tcp://127.0.0.1:{port}", timeout=2.0, curve=curve)
         assert caught.value.hung_up
     finally:
-        server.close()
+        done.set()
         thread.join(5)
+        server.close()
 
 
 REMOTE_SCRIPT = """

@@ -14,7 +14,7 @@ __all__ = ["broker_status", "stream_statistics"]
 
 def _request(address: str | None, msg: M.Stats | M.Status, expect: type[M.StatsReply | M.StatusReply],
              timeout: float, curve: tuple[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
-    conn = Connection(address, "ctl", "control", curve=curve)
+    conn = Connection(address, "ctl", "control", curve=curve, timeout=timeout)  # (its HELLO too)
     try:
         conn.send(msg)
         reply = conn.recv(timeout)
