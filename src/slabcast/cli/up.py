@@ -527,13 +527,13 @@ class _Slot:
         return f"task:{self.name}"
 
 
-def _subscribed_labels(address: str) -> dict[tuple[str, int], int]:
-    """(label, pid) of every subscriber -> the stream index it has read up to (its cursor)."""
+def _subscribed_labels(address: str) -> set[tuple[str, int]]:
+    """(label, pid) of every subscriber the broker lists.  (Where a worker has processed to is its own word:
+    ``_Slot.progress``.)"""
     from ..client.control import broker_status
 
     status = broker_status(address, timeout=1.0)
-    return {(u["label"], u["pid"]): int(s["samples"] - u["lag_samples"]) for s in status["streams"]
-            for u in s["subscribers"]}  # fmt: skip
+    return {(u["label"], u["pid"]) for s in status["streams"] for u in s["subscribers"]}
 
 
 def _never_appeared(address: str, names: set[str]) -> set[str]:
