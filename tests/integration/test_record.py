@@ -138,6 +138,15 @@ def wait_subscribed(address, name, label="record:"):
         time.sleep(0.05)  # polling the broker's status: the only signal a separate CLI process gives
 
 
+def recorded(address, name):
+    """Samples the recorder released (so wrote): its cursor, from the broker's status."""
+    for s in slabcast.broker_status(address)["streams"]:
+        for u in s["subscribers"] if s["name"] == name else ():
+            if u["label"].startswith("record:"):
+                return s["samples"] - u["lag_samples"]
+    return 0
+
+
 def test_a_closed_stderr_never_stops_a_recording(broker, stream_name, tmp_path):
     # `slabcast record ... 2>&1 | head -1`: the reader of the progress line leaves; the recording goes on to the end.
     out = tmp_path / "piped"
@@ -174,8 +183,10 @@ def test_an_evicted_recorder_ends_its_file_at_the_hole_and_exits_non_zero(stream
         producer = threading.Thread(target=produce)
         producer.start()
         try:
-            while written[0] < 200_000:
-                time.sleep(0.01)  # waiting for the producer's count (the recorder reads as it goes)
+            while written[0] < 200_000 or recorded(broker.address, stream_name) < 16384:
+                # waiting for the producer's count, and for the recorder to have written a frame: stopped
+                # before its first, it would end with nothing written and leave no file
+                time.sleep(0.01)
             rec.send_signal(signal.SIGSTOP)  # mid-stream: it holds chunks
             deadline = time.monotonic() + 20
             while any(u["label"].startswith("record:") for s in slabcast.broker_status(broker.address)["streams"]
