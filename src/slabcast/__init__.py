@@ -37,7 +37,6 @@ if not _sys.platform.startswith("linux"):  # checked first: elsewhere the import
 
 import logging as _logging
 
-from . import aio as aio
 from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
 from ._exceptions import BrokerRunningError as BrokerRunningError
@@ -124,3 +123,13 @@ def _fixup_module_metadata() -> None:
 
 
 _fixup_module_metadata()
+
+
+def __getattr__(name: str) -> object:
+    # slabcast.aio is imported on first use: asyncio, which it needs, costs every process that imports slabcast
+    # (the broker, each worker, each CLI command) 40 ms otherwise.
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'slabcast' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from tests.integration import workers_v3 as W3
 
 # ---------------------------------------------------------------- woken within one publish
 
-BURST_SECONDS = 5.0
+BURST_SECONDS = 3.5
 # The subscriber's bounded wait (client/_local.py _LOOK, 0.1 s), raised in the subscriber's process so that a lost
 # wake-up costs far more than this shared 2-core machine's stalls: a doorbell's notice sent at once was received
 # 51 ms later at load 3 (three threads in two processes must run), and at load 11 a busy subscriber, which never
