@@ -96,3 +96,35 @@ def test_a_stream_without_a_rate_is_windowed_in_samples(broker, stream_name):
         with pytest.raises(ValueError, match="an integer"):
             win.get_data(winsize=2.5)
     pub.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "failed"])
+def test_an_analysis_loop_ends_with_its_stream_after_its_last_samples(broker, stream_name, how):
+    # A newcomer: a Window on a stream that had ended returned its last data again at every get_data, and an
+    # online loop ran on, silently, on the same samples.  Now the call after the end returns what came last, once,
+    # and the next raises: EndOfStream for a stream its publisher closed, the failure for one that failed.
+    pub = slabcast.Publisher(stream_name, "float32", 2, 100.0, address=broker.address)
+    win = slabcast.Window(stream_name, 1.0, address=broker.address)
+    written = np.arange(600, dtype=np.float32).reshape(300, 2)
+    pub.write(written[:200], t0=0.0)
+    assert win.wait(200, timeout=10)
+    assert win.get_data()[0].shape == (2, 100) and not win.ended
+    assert win.get_data()[0].shape == (2, 100)  # nothing new while the stream is live: the same window, no error
+    pub.write(written[200:], t0=2.0)
+    if how == "closed":
+        pub.close()
+    else:
+        pub.abort("the amplifier's cable came off")
+    assert not win.wait(301, timeout=10), "more samples than were written"  # (returns at the end)
+    assert win.ended and not win.connected and win.samples == 300
+    data, _ = win.get_data()  # the last samples, once
+    np.testing.assert_array_equal(data, written[-100:].T)
+    expected = (slabcast.EndOfStream, "ended after 300 samples") if how == "closed" else \
+        (slabcast.PublisherGoneError, "cable came off")  # fmt: skip
+    for _ in range(2):  # and again: never the same data twice
+        with pytest.raises(expected[0], match=expected[1]) as raised:
+            win.get_data()
+        assert (raised.type is slabcast.EndOfStream) == (how == "closed")
+    np.testing.assert_array_equal(win.get()[0], written[-100:].T)  # the display's call still shows the last ones
+    win.close()
+    pub.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import ClosedError, EndOfStream, SlabcastError
+from .._exceptions import ClosedError, EndOfStream, PublisherGoneError, SlabcastError
 from .._info import StreamInfo
 from ..client.chunk import Chunk
 from ..client.subscriber import Subscriber
@@ -126,6 +126,7 @@ class Window:
         self._lock = threading.Condition()
         self._closed = threading.Event()
         self.error: BaseException | None = None
+        self._end: EndOfStream | None = None  # the stream's clean end, once the thread has read it
         if history:
             try:
                 self._fill()
@@ -155,11 +156,16 @@ class Window:
                     continue
                 with chunk:
                     self._take(chunk)
-        except EndOfStream:
-            pass
+        except EndOfStream as exc:
+            if isinstance(exc, PublisherGoneError):  # (an end, but not a clean one: the publisher died)
+                self.error = exc
+            else:
+                self._end = exc
         except (SlabcastError, ClosedError) as exc:
             if not self._closed.is_set():
                 self.error = exc
+        with self._lock:
+            self._lock.notify_all()  # (wait() returns: nothing more comes)
 
     def _take(self, chunk: Chunk) -> None:
         # Each sample's own stamp for a stream with per-sample times (an LSL source), else t0 + k / rate (t0 for
@@ -184,20 +190,38 @@ class Window:
             self._lock.notify_all()
 
     @property
+    def ended(self) -> bool:
+        """Whether the window has stopped taking samples: its stream ended (closed by its publisher), or
+        reading it failed (:attr:`error`: the publisher died, the broker went away, this window was evicted).
+        It holds its last samples; :meth:`get` still returns them, :meth:`get_data` once more."""
+        return self._end is not None or self.error is not None
+
+    def _stopped(self) -> None:
+        """Raise why the window takes no more samples (called under the lock, with none left unread)."""
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        if self._end is not None:
+            raise EndOfStream(f"stream {self.info.name!r} ended after {self._count} samples; the window holds "
+                              f"the newest {min(self._count, self.capacity)} (get() returns them)")  # fmt: skip
+
+    @property
     def samples(self) -> int:
         """Samples received since the window opened."""
         return self._count
 
     def wait(self, samples: int, timeout: float | None = None) -> bool:
-        """Block until at least ``samples`` samples have been received in all; return whether they were."""
+        """Block until at least ``samples`` samples have been received in all, or the stream has ended
+        (:attr:`ended`), or ``timeout`` seconds; return whether they were."""
         with self._lock:
-            return self._lock.wait_for(lambda: self._count >= samples, timeout)
+            self._lock.wait_for(lambda: self._count >= samples or self.ended, timeout)
+            return self._count >= samples
 
     def get(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Return ``(data, timestamps)``: the newest samples, ``(channels, n)`` and ``(n,)``, oldest first.
 
         ``n`` is ``seconds * rate`` once that much has arrived, what there is before.
-        The arrays are copies: they stay valid however the stream moves on.
+        The arrays are copies: they stay valid however the stream moves on.  Once the stream has ended
+        (:attr:`ended`) they are its last samples, at every call (a display keeps showing them).
         """
         with self._lock:
             n = min(self._count, self.capacity)
@@ -289,6 +313,14 @@ class Window:
             ``(n_times,)`` float64 seconds, each sample's own (``time.time()`` clock).
 
         Resets :attr:`n_new_samples`.
+
+        Raises
+        ------
+        EndOfStream
+            The stream ended and every sample of it was returned by an earlier call (the call after the
+            last samples came returns them): an analysis loop ends instead of reading the same data again.
+        PublisherGoneError, BrokerGoneError, EvictedError
+            Reading the stream failed (:attr:`error`), likewise once every sample before it was returned.
         """
         rate = self.info.rate
         if winsize is None:
@@ -305,6 +337,8 @@ class Window:
             raise ValueError(f"winsize {winsize!r} is {n} samples, more than the window holds ({self.capacity})")
         index = self._picks(picks)
         with self._lock:
+            if self._count == self._read and self.ended:
+                self._stopped()
             have = min(self._count, self.capacity, n)
             slots = (self._count - have + np.arange(have)) % self.capacity
             data = self._data[slots][:, index].T.copy()
