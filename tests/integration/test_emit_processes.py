@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 import zlib
 
@@ -58,6 +59,13 @@ def die_on_marker(value, t0):
     if value[:1] == b"X":
         os._exit(3)
     return t0, os.getpid()
+
+
+def hang_on_marker(value, t0):
+    """A callback that never returns on a chunk starting with H (a hung device call, a deadlock)."""
+    if value[:1] == b"H":
+        threading.Event().wait()
+    return t0
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -394,3 +402,33 @@ def test_a_killed_owner_leaves_segments_the_reaper_removes(tmp_path):
     assert worker != proc.pid
     _shm.reap_stale()
     assert not any(n.startswith(prefix) for n in os.listdir("/dev/shm"))
+
+
+def test_close_with_a_timeout_kills_a_hung_process_callback_and_says_so():
+    # A newcomer: close() of a process-mode emitter waited forever on a callback that hung.
+    done = []
+    emit = BufferEmit(hang_on_marker, 8, clip=True, mode="process", npool=2, on_done=done.append)
+    for value in (-1, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="timeout must be None or a finite number of seconds >= 0"):
+            emit.close(timeout=value)
+    emit.write(b"a" * 8, t0=1.0)
+    emit.write(b"H" * 8, t0=2.0)
+    with pytest.raises(TimeoutError, match=r"1 callbacks of .* still running after 0.5 s: their worker processes "
+                                           r"were killed, those chunks lost"):  # fmt: skip
+        emit.close(timeout=0.5)
+    assert done == [1.0]  # the one that returned was delivered
+    assert not emitter_processes()
+    emit.close()  # closed: idempotent
+    with pytest.raises(slabcast.ClosedError):
+        emit.write(b"b" * 8, t0=3.0)
+
+
+def test_close_with_a_timeout_in_thread_mode_leaves_the_emitter_open_to_wait_again():
+    release, done = threading.Event(), []
+    emit = BufferEmit(lambda value, t0: release.wait(30) and t0, 4, mode="thread", npool=1, on_done=done.append)
+    emit.write(b"abcd", t0=1.0)
+    with pytest.raises(TimeoutError, match="threads cannot be stopped: the emitter stays open"):
+        emit.close(timeout=0.2)
+    release.set()
+    emit.close()  # waits for it now
+    assert done == [1.0]

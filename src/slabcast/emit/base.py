@@ -7,6 +7,7 @@ The serial writer uses a slab directly; thread mode (threads.py) and process mod
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -138,17 +139,23 @@ class Pool:
             if slab.leases == 0:
                 self._free(slab)
 
-    def drain(self) -> None:
-        """Wait until every chunk handed out is done (its callback and on_done returned)."""
+    def drain(self, timeout: float | None = None) -> int:
+        """Wait until every chunk handed out is done (its callback and on_done returned), or ``timeout``
+        seconds; return how many are still out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while self.outstanding and self.broken is None:
-                self._wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return self.outstanding
+                self._wait(left)
+            return 0
 
-    def _wait(self) -> None:
+    def _wait(self, timeout: float | None = None) -> None:
         self.waiters += 1
         try:
             self._wake()
-            self.cond.wait()
+            self.cond.wait(timeout)
         finally:
             self.waiters -= 1
 

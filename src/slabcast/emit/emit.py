@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import ClosedError, WorkerDiedError
-from ..core.rechunk import Rechunker, check_sampler, check_size
+from ..core.rechunk import Rechunker, check_sampler, check_size, is_real
 from .base import Callbacks, Pool, Slab, abandon, round_up
 from .frames import FrameFormat
 from .processes import ProcessPool
@@ -245,17 +246,28 @@ class BufferEmit:
         if self._errors:
             self._raise_errors()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Wait for the callbacks in flight, stop the workers, free the buffers.
 
         Idempotent.  The samples of an incomplete chunk are discarded.
 
+        ``timeout`` (seconds, None: as long as they take): how long to wait for the callbacks in flight.
+        In process mode the workers of those still running then are killed (their chunks are lost) and
+        the emitter is closed; threads cannot be stopped, so in thread mode it stays open (``close()``
+        again waits on).  Either way :class:`TimeoutError` says how many were still running.
+
         Raises
         ------
+        TimeoutError
+            Callbacks still ran after ``timeout`` seconds.
+        ValueError
+            ``timeout`` is not None nor a finite number >= 0.
         Exception
             The error of a callback not yet raised (when no ``on_error`` is given),
             or an :class:`ExceptionGroup` of several.
         """
+        if timeout is not None and (not is_real(timeout) or not 0 <= timeout < math.inf):
+            raise ValueError(f"timeout must be None or a finite number of seconds >= 0, got {timeout!r}")
         if self._closed:
             return
         if self._pool is not None and self._pool.owns(threading.current_thread()):
@@ -263,6 +275,10 @@ class BufferEmit:
                 f"close() called from a thread of {self!r} (in on_done, on_error or a thread-mode callback) "
                 "would wait for itself; close it from the thread that writes"
             )
+        running = 0 if self._pool is None or timeout is None else self._pool.drain(timeout)
+        if running and self.mode == "thread":
+            raise TimeoutError(f"{running} callbacks of {self!r} still running after {timeout:g} s; threads "
+                               f"cannot be stopped: the emitter stays open (close() again waits on)")  # fmt: skip
         self._closed = True
         self._fast = False
         self._format = None
@@ -271,10 +287,13 @@ class BufferEmit:
             self._finalizer.detach()
         if self._pool is not None:
             try:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=not running)
             except BaseException:
                 self._pool.shutdown(wait=False)
                 raise
+        if running:
+            raise TimeoutError(f"{running} callbacks of {self!r} still running after {timeout:g} s: their worker "
+                               f"processes were killed, those chunks lost")  # fmt: skip
         if self._calls.errors:
             self._raise_errors()
 
