@@ -33,3 +33,24 @@ def test_frame_header_and_info_round_trip_and_refuse_garbage():
     assert epoch == 42 and back_info == dataclasses.replace(info, name="emg-remote")
     with pytest.raises(ValueError, match="not a slabcast stream info"):
         decode_info(b"[1, 2]", "x")
+
+
+def test_a_forwarder_waiting_for_its_broker_says_so_once_at_info(tmp_path, caplog):
+    # A newcomer: a bridge whose broker was away logged "trying again" at INFO every second.
+    import logging
+    import threading
+    import types
+
+    from slabcast.bridge.zenoh import _Forwarder
+
+    stopping = threading.Event()
+    stopping.set()  # (its pause between two tries returns at once)
+    bridge = types.SimpleNamespace(prefix="slabcast/here", policy="drop", address=f"ipc://{tmp_path}/none.sock",
+                                   stopping=stopping)  # fmt: skip
+    forwarder = _Forwarder(bridge, "mic")  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="slabcast.bridge"):
+        for _ in range(3):
+            forwarder._serve_once(None)
+    tries = [r for r in caplog.records if "trying again" in r.getMessage()]
+    assert [r.levelno for r in tries] == [logging.INFO, logging.DEBUG, logging.DEBUG], tries
+    assert "mic" in tries[0].getMessage()

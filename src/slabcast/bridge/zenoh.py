@@ -48,6 +48,7 @@ class _Forwarder(threading.Thread):
         self.bytes = 0
         self.error: BaseException | None = None
         self.retire = threading.Event()  # the stream is gone for good (every-stream mode): leave
+        self._trying: str | None = None  # why the last subscription failed (said once a spell, at INFO)
 
     def _on_query(self, query: Any) -> None:
         reply = self.info_reply
@@ -92,9 +93,13 @@ class _Forwarder(threading.Thread):
         except StreamNotFoundError:
             return
         except (BrokerGoneError, EndOfStream) as exc:
-            log.info("stream %r: %s; trying again", self.stream, exc)
+            # Once, then at DEBUG while the same reason holds (it logged at INFO every second meanwhile).
+            level = logging.DEBUG if type(exc).__name__ == self._trying else logging.INFO
+            self._trying = type(exc).__name__
+            log.log(level, "stream %r: %s; trying again every second", self.stream, exc)
             b.stopping.wait(1.0)
             return
+        self._trying = None
         epoch = int.from_bytes(os.urandom(8), "little")
         info = sub.info
         timestamps = info.timestamps
