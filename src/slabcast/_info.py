@@ -88,7 +88,8 @@ class SubscriberStatistics:
     received : int
         Chunks handed to the caller.
     released : int
-        Chunks whose memory went back to the broker.
+        Chunks given back: released, or every view of them gone (over ``tcp://`` their RELEASE
+        message may go with the next :meth:`~slabcast.Subscriber.recv`'s).
     held : int
         Chunks received and not yet released (their views are alive).
     dropped : int

@@ -72,6 +72,26 @@ def test_remote_subscriber_gets_the_same_chunks_as_a_local_one(tcp_broker, keys,
     assert [s[1] for s in got_sampled] == [i for i, _, _ in expected_chunks(frames, 100, True, 1000.0, 0.2)]
 
 
+def test_a_remote_subscribers_statistics_count_a_chunk_released_at_once(tcp_broker, keys, stream_name):
+    # A newcomer: statistics().held over TCP still counted chunks given back while more were waiting (their
+    # RELEASE goes out with the next recv's, batched), so a check of held after a release failed.
+    curve = (str(keys / "clients" / "client.key_secret"), str(keys / "broker.key"))
+    with slabcast.Publisher(stream_name, dtype="int32", address=tcp_broker.address) as pub:
+        for address, kwargs in ((tcp_broker.tcp_address, {"curve": curve}), (tcp_broker.address, {})):
+            with slabcast.Subscriber(stream_name, size=4, address=address, wait=10, **kwargs) as sub:
+                for k in range(3):
+                    pub.write(np.arange(4 * k, 4 * k + 4, dtype=np.int32))
+                first = sub.recv(timeout=10)
+                first.release()  # two chunks are waiting: the RELEASE message waits for the next recv
+                stats = sub.statistics()
+                assert (stats.received, stats.released, stats.held) == (1, 1, 0), (address, stats)
+                rest = [sub.recv(timeout=10) for _ in range(2)]
+                assert sub.statistics().held == 2
+                del rest  # every view gone: given back
+                stats = sub.statistics()
+                assert (stats.received, stats.released, stats.held) == (3, 3, 0), (address, stats)
+
+
 def test_a_remote_subscriber_waiting_for_its_stream_past_a_keep_alive_gets_it_from_index_0(tcp_broker, keys,
                                                                                            stream_name):  # fmt: skip
     # While it waits, a remote subscriber says SYNC every second (the broker drops a client silent for 10 s); the

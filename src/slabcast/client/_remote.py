@@ -156,7 +156,8 @@ class RemoteReceiver:
 
     def counts(self, report: bool = True) -> Counts:
         dropped = max(self._last_seq + 1, self._cut) - self._received
-        return Counts(self._received, self._released, dropped, self._last_seq)
+        # Given back: every view gone, whether its RELEASE has gone out yet or waits for the next recv's batch.
+        return Counts(self._received, self._released + len(self._dead), dropped, self._last_seq)
 
     def close(self) -> None:
         conn = self._conn
