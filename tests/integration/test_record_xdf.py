@@ -205,3 +205,35 @@ def test_the_xdf_file_task_callable_writes_a_stream_pyxdf_reads(broker, stream_n
     (eeg,), _ = pyxdf.load_xdf(str(path), synchronize_clocks=False, dejitter_timestamps=False)
     assert np.array_equal(eeg["time_series"], lab.eeg) and np.array_equal(eeg["time_stamps"], lab.eeg_times)
     assert eeg["footer"]["info"]["sample_count"] == [str(len(lab.eeg))]
+
+
+def test_an_xdf_recording_goes_on_across_a_flagged_discontinuity_as_labrecorder_does(broker, stream_name, tmp_path):
+    # A lab newcomer: an LSL outlet restarted (its source flags the next chunk `discontinuity`) and the XDF
+    # recording ended there, exit 1; LabRecorder records across a restart.  Each sample's stamp shows the gap; a
+    # stream with a rate and no per-sample stamps too (t0 per chunk); a `.wav` still ends there.
+    out = tmp_path / "across.xdf"
+    eeg, acc = stream_name + "eeg", stream_name + "acc"
+    eeg_pub = slabcast.Publisher(eeg, "float32", 2, EEG_RATE, address=broker.address, timestamps=True)
+    acc_pub = slabcast.Publisher(acc, "int16", 1, ACC_RATE, address=broker.address)
+    rec = record_cli(broker.address, [eeg, acc], out)
+    wait_recorders(broker.address, [eeg, acc])
+    before, after = np.arange(200, dtype=np.float32).reshape(100, 2), -np.arange(200, dtype=np.float32).reshape(100, 2)
+    stamps = np.concatenate([100.0 + np.arange(100) / EEG_RATE, 130.0 + np.arange(100) / EEG_RATE])  # 30 s away
+    eeg_pub.write(before, times=stamps[:100])
+    acc_pub.write(np.arange(20, dtype=np.int16), t0=100.0)
+    eeg_pub.write(after, times=stamps[100:], discontinuity=True)  # the outlet came back 30 s later
+    acc_pub.write(np.arange(20, 40, dtype=np.int16), t0=130.0, discontinuity=True)
+    eeg_pub.close()
+    acc_pub.close()
+    code = rec.wait(30)
+    said = rec.stderr.read()
+    rec.stderr.close()
+    assert code == 0, said
+    assert f"{eeg}: recorded across 1 discontinuity (its source restarted or reconnected) at index 100" in said
+    got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
+    assert np.array_equal(got[eeg]["time_series"], np.concatenate([before, after]))
+    assert np.array_equal(got[eeg]["time_stamps"], stamps)
+    assert np.array_equal(got[acc]["time_series"][:, 0], np.arange(40))
+    np.testing.assert_allclose(got[acc]["time_stamps"], np.concatenate([100.0 + np.arange(20) / ACC_RATE,
+                                                                       130.0 + np.arange(20) / ACC_RATE]),
+                               rtol=0, atol=1e-9)  # fmt: skip

@@ -55,6 +55,7 @@ class _StreamRecorder(threading.Thread):
         self.held: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, float]] = []
         self.until: float | None = None  # the session's end (its last stamp), set by finish()
         self.finishing = threading.Event()
+        self.jumps: list[int] = []  # indexes of the discontinuities recorded across (XDF)
 
     def finish(self, until: float) -> None:
         """Write what is pending up to stamp ``until`` (a stream without a rate), then end."""
@@ -146,7 +147,12 @@ class _StreamRecorder(threading.Thread):
                 if chunk is not None:
                     with chunk:
                         if expected is not None and (chunk.index != expected or chunk.discontinuity):
-                            raise RecordingHoleError(self.stream, self.out, expected, chunk.index, self.written)
+                            if chunk.index != expected or not self.session.keeps_jumps:
+                                raise RecordingHoleError(self.stream, self.out, expected, chunk.index,
+                                                         self.written)  # fmt: skip
+                            # A jump its source flagged (an LSL outlet restarted, a device reconnected), no
+                            # sample missing: each sample's stamp shows the gap; LabRecorder records across too.
+                            self.jumps.append(chunk.index)
                         n = len(chunk.data) if limit is None else min(len(chunk.data), limit - self.written)
                         # A copy only if it must wait (the chunk's memory goes back to the pool on release).
                         data, times = chunk.data[:n], chunk.times[:n]
@@ -175,6 +181,8 @@ class _StreamRecorder(threading.Thread):
 
 class _XdfSession:
     """The XDF writer behind the session interface (its chunks go out as they come: nothing to flush)."""
+
+    keeps_jumps = True  # each sample has its own stamp: a discontinuity is written as the gap it is
 
     def __init__(self, out: str, clock: str) -> None:
         from .record_xdf import XdfWriter
@@ -332,6 +340,11 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     written = sum(r.written for r in recorders)
     counts = ", ".join(f"{r.stream} {r.written}" for r in recorders if r.found)  # (streams of other rates apart)
     say.say(f"\rrecorded {counts} samples to {out}" + " " * 20, end="\n")
+    for r in recorders:
+        if r.jumps:
+            at = ", ".join(map(str, r.jumps[:5])) + (", ..." if len(r.jumps) > 5 else "")
+            say.say(f"{r.stream}: recorded across {len(r.jumps)} discontinuit{'ies' if len(r.jumps) > 1 else 'y'} "
+                    f"(its source restarted or reconnected) at index {at}; the time stamps show the gaps", end="\n")
     missing = [r.stream for r in recorders if not r.found]
     if missing:
         from .._exceptions import StreamNotFoundError

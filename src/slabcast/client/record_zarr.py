@@ -101,6 +101,8 @@ class ZarrWriter(_Writer):
 class ZarrSession:
     """Several streams into one Zarr v3 group, one sub-group per stream (thread-safe: a thread per stream)."""
 
+    keeps_jumps = False  # (as a one-stream recording: it ends at a discontinuity)
+
     def __init__(self, path: str, meta: Any) -> None:
         self.root = create_root(path)
         self.meta = meta  # StreamInfo -> the stream's attribute (record._meta)
