@@ -114,9 +114,25 @@ def test_a_window_with_history_has_the_latest_seconds_at_once(broker, stream_nam
         np.testing.assert_array_equal(data, written[-2000:].T)
         np.testing.assert_allclose(times, np.arange(1000, 3000) / rate, atol=1e-9)
         assert fresh.get()[0].shape == (2, 0)  # (nothing written since it was made)
-        with pytest.raises(ValueError, match="history=True fills the window's seconds"):
-            slabcast.Window(stream_name, samples=100, address=broker.address, history=True)
     finally:
         win.close()
         fresh.close()
+        pub.close()
+
+
+def test_a_window_of_samples_with_history_has_the_newest_samples_at_once(broker, stream_name):
+    # A lab newcomer: Window(samples=N, history=True) was refused; a marker or irregular stream (no rate) has
+    # only samples to count its window in.  The newest N of what the pool holds, at once.
+    pub = slabcast.Publisher(stream_name, dtype="float64", channels=1, rate=None, address=broker.address,
+                             timestamps=True)  # fmt: skip
+    stamps = np.cumsum(np.random.default_rng(2).uniform(0.01, 0.3, 500))
+    for start in range(0, 500, 7):
+        pub.write(np.arange(start, min(start + 7, 500), dtype=np.float64), times=stamps[start : start + 7])
+    pub.flush()
+    try:
+        with slabcast.Window(stream_name, samples=60, address=broker.address, history=True) as win:
+            data, times = win.get()  # at once
+            np.testing.assert_array_equal(data[0], np.arange(440, 500))
+            np.testing.assert_array_equal(times, stamps[440:])
+    finally:
         pub.close()

@@ -18,6 +18,7 @@ from ..core.rechunk import is_integer, is_real
 
 __all__ = ["Window"]
 
+_ALL = 1e9  # seconds of history: all the pool holds (a window of samples, whose seconds are unknown beforehand)
 _MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 
 
@@ -65,11 +66,10 @@ class Window:
     wait : float, optional
         Seconds to wait for the stream to appear (default: the subscriber's timeout, 10 s; 0: not at all).
     history : bool
-        Fill the window at once from what the stream's pool still holds, up to its ``seconds`` (the newest
-        ones; a subscriber's ``history=``): :meth:`get` then has the latest ``seconds`` straight away, when the
+        Fill the window at once from what the stream's pool still holds, up to its ``seconds`` or ``samples``
+        (the newest ones; a subscriber's ``history=``): :meth:`get` then has them straight away, when the
         pool holds them (size it with the publisher's ``history=``).  By default (False) the window fills from
-        its creation on, as MNE-LSL's ``StreamLSL`` from ``connect``.  Needs ``seconds=`` and a local (``ipc://``)
-        broker.
+        its creation on, as MNE-LSL's ``StreamLSL`` from ``connect``.  Needs a local (``ipc://``) broker.
     curve : (str, str), optional
         For a ``tcp://`` address: this client's secret key file and the broker's
         public key file (``slabcast keygen``).
@@ -78,8 +78,8 @@ class Window:
     ------
     ValueError
         If the stream has no rate and ``samples`` is not given; neither or both of ``seconds``
-        and ``samples``; a ``dtype`` the stream's samples do not convert to; ``history`` without ``seconds``
-        or with a ``tcp://`` address.
+        and ``samples``; a ``dtype`` the stream's samples do not convert to; ``history`` with a ``tcp://``
+        address.
     """
 
     def __init__(self, stream: str, seconds: float | None = None, *, samples: int | None = None, dtype: Any = None,
@@ -92,13 +92,10 @@ class Window:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
         if samples is not None and (not is_integer(samples) or samples < 1):
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        if history and seconds is None:
-            raise ValueError(f"history=True fills the window's seconds from the pool: give seconds=, not samples= "
-                             f"(got samples={samples!r})")  # fmt: skip
         want = None if dtype is None else np.dtype(dtype)
+        back = (float(seconds) if seconds is not None else _ALL) if history else None
         self._sub = Subscriber(stream, 1, policy="drop", max_inflight=256, address=address, wait=wait,
-                               curve=curve, label=f"window:{stream}",
-                               history=float(seconds) if history and seconds is not None else None)  # fmt: skip
+                               curve=curve, label=f"window:{stream}", history=back)  # fmt: skip
         info = self._sub.info
         if samples is None and info.rate is None:
             self._sub.close()
@@ -129,17 +126,19 @@ class Window:
         self._end: EndOfStream | None = None  # the stream's clean end, once the thread has read it
         if history:
             try:
-                self._fill()
+                self._fill(every=samples is not None)
             except BaseException:  # (the broker gone, evicted, Ctrl-C: nothing is left open)
                 self._sub.close()
                 raise
         self._thread = threading.Thread(target=self._run, name=f"window-{stream}", daemon=True)
         self._thread.start()
 
-    def _fill(self) -> None:
+    def _fill(self, every: bool) -> None:
         """Take what the pool holds of the window's seconds before the constructor returns (``history=True``:
-        :meth:`get` has them at once), up to a full window; the thread takes the rest as it comes."""
-        while self._count < self.capacity:
+        :meth:`get` has them at once), up to a full window; the thread takes the rest as it comes.  ``every``
+        (a window of samples, its history in no seconds): all the pool holds, of which the ring keeps the
+        newest."""
+        while every or self._count < self.capacity:
             try:
                 chunk = self._sub.recv(timeout=0)  # (the pool's frames are described already: none waits)
             except (TimeoutError, EndOfStream):
