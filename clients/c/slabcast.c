@@ -1434,6 +1434,43 @@ static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
     return rc;
 }
 
+/* After a SUBSCRIBE's wait expired: what the broker has instead, into `out` as "; streams: a, b" (a misspelled
+ * name shows at once), from its answer to STATS of that name (ERROR unknown-stream, whose message lists them), or
+ * "; the broker has it now" if the stream opened meanwhile; "" when it does not answer within a second.  The held
+ * SUBSCRIBE's late SUBSCRIBED, if any, is skipped: the client is closed after this anyway. */
+static void streams_there(sc_client *c, const char *stream, char *out, size_t cap)
+{
+    out[0] = '\0';
+    _Static_assert(SCW_STATS_NAME == 1 && SCW_STATS_FIELDS == 1, "STATS is packed in this order");
+    msgpack_sbuffer_clear(&c->sbuf);
+    msgpack_pack_array(&c->pk, 1 + SCW_STATS_FIELDS);
+    msgpack_pack_uint64(&c->pk, SCW_STATS);
+    pack_str(c, stream);
+    if (send_packed(c, "STATS") != SC_OK)
+        return;
+    int64_t deadline = deadline_for(1000);
+    msgview m;
+    while (next_msg(c, deadline, &m) == SC_OK) {
+        if (m.kind == SCW_STATS_REPLY) {
+            snprintf(out, cap, "; the broker has it now: it opened as the wait ended");
+            return;
+        }
+        if (m.kind != SCW_ERROR || m.nf < SCW_ERROR_MESSAGE || m.a[SCW_ERROR_MESSAGE].type != MSGPACK_OBJECT_STR)
+            continue;  /* (a SYNCED, the held SUBSCRIBE's answer) */
+        const msgpack_object_str *text = &m.a[SCW_ERROR_MESSAGE].via.str;
+        const char *key = "(streams: ";
+        size_t klen = strlen(key);
+        for (uint32_t i = 0; i + klen <= text->size; i++)
+            if (memcmp(text->ptr + i, key, klen) == 0) {  /* "... (streams: a, b)" -> "; streams: a, b" */
+                size_t n = text->size - i - 1;            /* (the closing parenthesis left out) */
+                int len = n > klen - 1 ? (int)(n - 1) : 0;
+                snprintf(out, cap, "; %.*s", len, text->ptr + i + 1);
+                return;
+            }
+        return;
+    }
+}
+
 /* ATTACH, then ATTACHED: `start` (the stream index we start at) and, version 3, `seq` (its ring descriptor). */
 static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
 {
@@ -1794,9 +1831,11 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
                          : request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
     if (rc == SC_ETIMEOUT) {
         c->held_request = true;
-        return fail(c, SC_ENOSTREAM, "no stream named '%s' appeared within wait_ms=%d (the broker holds a SUBSCRIBE "
-                    "that waits until the stream opens; without a wait it answers ERROR unknown-stream at once) (%s)",
-                    stream, wait_ms, c->where);
+        char there[512];
+        streams_there(c, stream, there, sizeof there);
+        return fail(c, SC_ENOSTREAM, "no stream named '%s' appeared within wait_ms=%d%s (the broker holds a "
+                    "SUBSCRIBE that waits until the stream opens; without a wait it answers ERROR unknown-stream at "
+                    "once) (%s)", stream, wait_ms, there, c->where);
     }
     if (rc)
         return rc;

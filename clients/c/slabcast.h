@@ -292,7 +292,8 @@ void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
  * publisher confirms it reaches this client (JOINED), then send ATTACH; the broker's ATTACHED gives
  * sc_info()->start, from which every sample is received (version 3: and the ring descriptor of the frame
  * there, the first this client reads).  One subscription per client.  A stream that does not exist yet is
- * waited for (opts->wait_ms; SC_ENOSTREAM when the wait is 0 or expires). */
+ * waited for (opts->wait_ms; SC_ENOSTREAM when the wait is 0 or expires, sc_errmsg naming the streams the
+ * broker has: a misspelled name shows at once). */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */

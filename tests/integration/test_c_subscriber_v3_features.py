@@ -225,23 +225,26 @@ def test_a_c_subscriber_waiting_for_a_short_stream_gets_every_sample_of_it(c_sub
 
 
 def test_a_wait_that_expires_is_sc_enostream_and_the_client_leaves(c_sub, broker, stream_name, waited_for):
+    other = slabcast.Publisher(stream_name + "-eeg", address=broker.address)  # what it meant, misspelled
     t = time.monotonic()
     c = CSub(c_sub, broker.address, stream_name, "--size", "10", "--wait-ms", "400")
     try:
         assert c.finish(10) == 6, c.stderr
         took = time.monotonic() - t
         assert 0.4 <= took < 3.0, took  # the wait bounds it (not the wait plus the 5 s timeout)
-        assert f"no stream named '{stream_name}' appeared within wait_ms=400" in c.stderr, c.stderr
+        assert f"no stream named '{stream_name}' appeared within wait_ms=400; streams: " in c.stderr, c.stderr
+        assert f"{stream_name}-eeg" in c.stderr, c.stderr  # what the broker has, as Python's Subscriber says
         assert not c.saw_ready
     finally:
         c.close()
+        other.close()
     # It said BYE: the broker forgot the request it held (a stream opened now has no one waiting for it).
     deadline = time.monotonic() + 5
     while clients(broker.address) != 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     with slabcast.Publisher(stream_name, dtype="int16", address=broker.address):
-        assert waited_for == [0]
+        assert waited_for == [0, 0]  # (the misspelled one's, then this one's: no one waiting for either)
     # Python's subscriber fails the same way, with its own words.
     with pytest.raises(slabcast.StreamNotFoundError, match=r"did not appear within wait=0\.2 s"):
         slabcast.Subscriber(stream_name + "x", size=10, wait=0.2, address=broker.address)
