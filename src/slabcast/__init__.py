@@ -23,7 +23,7 @@
 #   emit/       BufferEmit: ocycle's in-process API on the same rechunking rules
 #   bridge/     ZenohBridge: streams to other hosts (the Zenoh session set-up is the zenoh source's)
 #   view/       the browser viewer
-#   cli/        the `slabcast` command: main, up (supervisor), top, demo, bridge, view;
+#   cli/        the `slabcast` command: main, up (supervisor) and up_config (its config), top, demo, bridge, view;
 #               testing (the pytest plugin) and __main__ beside it
 #   __init__    this file: re-exports the public names of every layer; nothing in the package imports it
 

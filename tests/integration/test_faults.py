@@ -562,7 +562,7 @@ def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, 
     bad = subprocess.run([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(tmp_path / "y.mp3"),
                           "--address", broker.address], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert bad.returncode == 2 and "unknown recording format '.mp3'" in bad.stderr
-    from slabcast.cli.up import resolve
+    from slabcast.cli.up_config import resolve
 
     with pytest.raises(AttributeError, match="did you mean 'spl'"):
         resolve("slabcast.examples:spll")

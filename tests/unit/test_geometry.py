@@ -57,7 +57,7 @@ def test_copy_carry_moves_the_tail_and_its_times_before_the_new_slabs_frames():
 @pytest.mark.parametrize("nslabs", [8, 961, 1000, 2000])
 def test_ups_sizing_counts_the_header_the_broker_makes(nslabs):
     # up estimated the header as 4096 * (1 + nslabs // 1000): a page short for nslabs 961..999 and others.
-    from slabcast.cli.up import _size_pool
+    from slabcast.cli.up_config import _size_pool
 
     class Info:
         dtype = np.dtype("float32")

@@ -11,7 +11,7 @@ import pytest
 
 
 def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
-    from slabcast.cli.up import load_config
+    from slabcast.cli.up_config import load_config
 
     cfg = tmp_path / "h.toml"
     cfg.write_text(
@@ -48,7 +48,7 @@ def test_relative_file_names_in_a_config_are_read_beside_it_whatever_the_working
     soundfile = __import__("pytest").importorskip("soundfile")
     import numpy as np
 
-    from slabcast.cli.up import load_config
+    from slabcast.cli.up_config import load_config
 
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -68,7 +68,7 @@ def test_a_task_writing_files_must_say_where(tmp_path):
     # slabcast.examples:wav_file without `out` wrote into whatever directory up was started from.
     import pytest
 
-    from slabcast.cli.up import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError, load_config
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(
@@ -90,7 +90,7 @@ def test_the_shipped_configs_load(tmp_path, monkeypatch):
     import pytest
 
     soundfile = pytest.importorskip("soundfile")
-    from slabcast.cli.up import load_config
+    from slabcast.cli.up_config import load_config
 
     root = pathlib.Path(__file__).resolve().parents[2] / "broker"
     devnull = open(os.devnull)  # noqa: SIM115  (the stdin source reads the process's standard input)
@@ -109,7 +109,7 @@ def test_history_of_an_lsl_source_goes_to_the_broker_which_sizes_the_pool_when_t
     # Its rate is the outlet's, unknown until the source connects: `history` was refused here ("needs a stream
     # with a rate"); now it rides with the pool options (test_lsl.py checks the sizing).
     __import__("pytest").importorskip("pylsl")
-    from slabcast.cli.up import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError, load_config
 
     cfg = tmp_path / "lsl.toml"
     cfg.write_text(
@@ -132,7 +132,7 @@ def test_history_of_an_lsl_source_goes_to_the_broker_which_sizes_the_pool_when_t
 def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_path, options, said):
     # (a newcomer: rate = 0 started the broker, which refused the stream in its log while the task waited forever;
     # nan was "cannot convert float NaN to integer")
-    from slabcast.cli.up import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError, load_config
     from slabcast.sources import parse_source
 
     cfg = tmp_path / "r.toml"
@@ -157,7 +157,7 @@ def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_p
 def test_a_task_callable_that_cannot_take_the_chunk_or_an_option_of_the_wrong_kind_is_refused(tmp_path, monkeypatch,
                                                                                                call, options, said):  # fmt: skip
     # A newcomer: each was taken, then every worker crash-looped on its first chunk (TypeError).
-    from slabcast.cli.up import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError, load_config
 
     (tmp_path / "mytasks.py").write_text(
         "def nochunk():\n    pass\n\n\ndef gain(chunk, rate=48000, loud=False, label='x'):\n    pass\n"
