@@ -194,6 +194,35 @@ def test_partial_tail_hands_out_the_unfinished_last_chunk(broker, stream_name, p
     plain.close()
 
 
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("policy", ["block", "drop"])
+def test_partial_tail_hands_out_what_came_before_a_discontinuity_too(broker, stream_name, policy, clip):
+    # A newcomer's `up` recorder (partial_tail=true, an LSL outlet that restarted): the samples accumulated before
+    # the jump were dropped (protocol rule 7), 26 samples the file never had.  A subscriber that takes partial
+    # chunks gets them as one, before the chunk after the jump (which says discontinuity).
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address, slab_bytes=8192, nslabs=4)
+    sub = slabcast.Subscriber(stream_name, size=400, clip=clip, partial_tail=True, policy=policy,
+                              address=broker.address)  # fmt: skip
+    plain = slabcast.Subscriber(stream_name, size=400, clip=clip, address=broker.address)
+    for k, n in ((0, 300), (300, 300), (600, 250)):
+        pub.write(np.arange(k, k + n, dtype=np.int32))
+    pub.write(np.arange(850, 1350, dtype=np.int32), discontinuity=True)  # (a source restarted)
+    pub.close()
+    got = [(c.index, len(c), c.partial, c.discontinuity, int(c.data[0]), int(c.data[-1])) for c in sub]
+    if clip:
+        assert got == [(0, 400, False, False, 0, 399), (400, 400, False, False, 400, 799),
+                       (800, 50, True, False, 800, 849), (850, 400, False, True, 850, 1249),
+                       (1250, 100, True, False, 1250, 1349)]  # fmt: skip
+    else:  # (whole frames)
+        assert got == [(0, 600, False, False, 0, 599), (600, 250, True, False, 600, 849),
+                       (850, 500, False, True, 850, 1349)]  # fmt: skip
+    # Without partial chunks, what came before the jump is dropped, as rule 7 says.
+    assert [(c.index, len(c)) for c in plain] == ([(0, 400), (400, 400), (850, 400)] if clip else
+                                                  [(0, 600), (850, 500)])  # fmt: skip
+    sub.close()
+    plain.close()
+
+
 # Found by a review of data path v2: each was reproduced before it was fixed.
 
 

@@ -157,7 +157,8 @@ class LocalReceiver:
         self._timestamps = info.timestamps
         self._where = where
         self._max_inflight = max_inflight
-        self._partial_tail = partial_tail
+        self._partial_tail = partial_tail  # (until the end's partial chunk is cut)
+        self._partial = partial_tail  # partial chunks at a discontinuity too
         self._sid, self._header, self._slab_bytes = reply.stream_id, reply.header_bytes, reply.slab_bytes
         self._nslabs, self._sample_bytes = reply.nslabs, reply.sample_bytes
         # (SUBSCRIBED does not say the slabs' reserve: where samples and their times lie does not depend on it.)
@@ -573,6 +574,9 @@ class LocalReceiver:
         chunker = self._chunker
         if i == 0:
             if entry.flags & P.FLAG_DISCONTINUITY:
+                if self._partial and self._cursor == index:
+                    # What was accumulated before the jump, as a partial chunk (rule 7): nothing is lost.
+                    self._cut_partial()
                 chunker.start = None
                 self.jumped = True
             start = chunker.start
@@ -612,6 +616,7 @@ class LocalReceiver:
         """Samples ``start`` to ``stop`` will never come (their notices were lost): a ``block`` subscriber says
         so with :class:`SamplesLostError`, a ``drop`` subscriber counts and logs them."""
         self._cursor = max(self._cursor, stop)
+        self._chunker.start = None  # (what was accumulated before them is no chunk, not even a partial one)
         self.jumped = True
         what = f"samples {start}..{stop} ({stop - start} samples) of stream {self._name!r} were lost"
         if self.policy == "block":
@@ -638,6 +643,11 @@ class LocalReceiver:
     def _cut_tail(self) -> bool:
         """At the end of the stream: the unfinished chunk, as one partial chunk (once)."""
         self._partial_tail = False
+        return self._cut_partial()
+
+    def _cut_partial(self) -> bool:
+        """The samples accumulated towards the next chunk, up to the last frame read, as one partial chunk; False
+        if there are none."""
         chunker = self._chunker
         start = chunker.start
         if start is None or start >= self._cursor:

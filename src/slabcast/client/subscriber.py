@@ -94,7 +94,9 @@ class Subscriber:
     partial_tail : bool
         When the stream ends, hand out the samples accumulated towards an
         unfinished chunk as one last, shorter chunk with ``partial`` set (a
-        recorder loses nothing).  Local (``ipc://``) subscribers only.
+        recorder loses nothing); likewise before a frame flagged as a
+        discontinuity (a source restarted), whose chunk follows it with
+        ``discontinuity`` set.  Local (``ipc://``) subscribers only.
     history : float, optional
         Start this many seconds before the newest sample, from what the stream's
         pool still holds (a stream without a rate: by the samples' times, the
