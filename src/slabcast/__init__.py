@@ -36,6 +36,7 @@ if not _sys.platform.startswith("linux"):  # checked first: elsewhere the import
     )
 
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._exceptions import AccessDeniedError as AccessDeniedError
 from ._exceptions import BrokerGoneError as BrokerGoneError
@@ -72,6 +73,9 @@ from .client.subscriber import Subscriber as Subscriber
 from .client.window import Window as Window
 from .emit.emit import BufferEmit as BufferEmit
 from .wire.address import default_address as default_address
+
+if _TYPE_CHECKING:  # (imported on first use at run time: __getattr__ below)
+    from . import aio as aio
 
 # Library code is silent unless the application configures logging.
 _logging.getLogger("slabcast").addHandler(_logging.NullHandler())

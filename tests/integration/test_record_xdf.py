@@ -229,7 +229,8 @@ def test_an_xdf_recording_goes_on_across_a_flagged_discontinuity_as_labrecorder_
     said = rec.stderr.read()
     rec.stderr.close()
     assert code == 0, said
-    assert f"{eeg}: recorded across 1 discontinuity (its source restarted or reconnected) at index 100" in said
+    assert (f"{eeg}: recorded across 1 discontinuity with a time gap (its source restarted or reconnected) at "
+            f"stream index 100 (100 in the file)") in said  # fmt: skip
     got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
     assert np.array_equal(got[eeg]["time_series"], np.concatenate([before, after]))
     assert np.array_equal(got[eeg]["time_stamps"], stamps)
@@ -237,3 +238,58 @@ def test_an_xdf_recording_goes_on_across_a_flagged_discontinuity_as_labrecorder_
     np.testing.assert_allclose(got[acc]["time_stamps"], np.concatenate([100.0 + np.arange(20) / ACC_RATE,
                                                                        130.0 + np.arange(20) / ACC_RATE]),
                                rtol=0, atol=1e-9)  # fmt: skip
+
+
+def test_an_xdf_recording_ends_at_a_discontinuity_whose_stamps_go_on_as_if_contiguous(broker, stream_name, tmp_path):
+    # A reviewer: a looping file source flags each lap, its stamps going on without a gap; written across, the
+    # laps read as one contiguous take.  Without a time gap the recording ends there, as every format does.
+    out = tmp_path / "lap.xdf"
+    pub = slabcast.Publisher(stream_name, "int16", 1, 100.0, address=broker.address)
+    rec = record_cli(broker.address, [stream_name], out)
+    wait_recorders(broker.address, [stream_name])
+    pub.write(np.arange(50, dtype=np.int16), t0=10.0)
+    pub.write(np.arange(50, dtype=np.int16), t0=10.5, discontinuity=True)  # the next lap, stamped on
+    pub.close()
+    code = rec.wait(30)
+    said = rec.stderr.read()
+    rec.stderr.close()
+    assert code == 1 and "ended at a discontinuity at index 50" in said, said
+    got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
+    assert np.array_equal(got[stream_name]["time_series"][:, 0], np.arange(50))
+
+
+def test_markers_within_the_signals_span_are_all_recorded_when_the_signal_has_a_gap(broker, stream_name, tmp_path):
+    # A lab newcomer: `record eeg events --seconds 30` with an outlet that was away twice.  The EEG, counted in
+    # samples, recorded past 30 s of stamps; the markers stopped after 30 s of their own, and the last ones
+    # stamped within the EEG's span were missing.  A stream without a rate ends with the session's signals.
+    out = tmp_path / "gap.xdf"
+    eeg, events = stream_name + "eeg", stream_name + "ev"
+    eeg_pub = slabcast.Publisher(eeg, "float32", 1, 100.0, address=broker.address, timestamps=True)
+    ev_pub = slabcast.MarkerPublisher(events, address=broker.address)
+    rec = record_cli(broker.address, [eeg, events], out, "--seconds", "2")
+    wait_recorders(broker.address, [eeg, events])
+    stamps = np.concatenate([100.0 + np.arange(100) / 100.0, 110.0 + np.arange(200) / 100.0])  # away 9 s
+    eeg_pub.write(np.arange(100, dtype=np.float32), times=stamps[:100])
+    ev_pub.write(["a", "b"], times=[100.5, 105.0])  # b: while the outlet was away
+    eeg_pub.write(np.arange(100, 150, dtype=np.float32), times=stamps[100:150], discontinuity=True)
+    deadline = time.monotonic() + 20
+    while True:  # until the recorder has written both (an XDF chunk is written whole as it comes)
+        try:
+            got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
+            if events in got and len(got[events]["time_stamps"]) == 2:
+                break
+        except Exception:  # (a file not yet written whole)
+            pass
+        assert time.monotonic() < deadline, "the recorder never wrote the first markers"
+        time.sleep(0.05)  # polling the file: the only signal a separate CLI process gives
+    ev_pub.write(["c"], times=[110.8])  # within the EEG's span: its 200th sample is at 110.99
+    eeg_pub.write(np.arange(150, 300, dtype=np.float32), times=stamps[150:])
+    eeg_pub.close()
+    ev_pub.close()
+    code = rec.wait(30)
+    said = rec.stderr.read()
+    rec.stderr.close()
+    assert code == 0, said
+    got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
+    assert len(got[eeg]["time_stamps"]) == 200 and got[eeg]["time_stamps"][-1] == stamps[199]
+    assert [m[0] for m in got[events]["time_series"]] == ["a", "b", "c"]

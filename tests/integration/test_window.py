@@ -134,5 +134,6 @@ def test_a_window_of_samples_with_history_has_the_newest_samples_at_once(broker,
             data, times = win.get()  # at once
             np.testing.assert_array_equal(data[0], np.arange(440, 500))
             np.testing.assert_array_equal(times, stamps[440:])
+            assert win.n_new_samples == 60  # (a window's worth: not the 500 the pool held)
     finally:
         pub.close()

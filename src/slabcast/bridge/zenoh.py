@@ -91,6 +91,7 @@ class _Forwarder(threading.Thread):
             sub = Subscriber(self.stream, 1, policy=b.policy, max_inflight=64, address=b.address, wait=1.0,
                              label=f"bridge:{self.stream}", wake="futex")  # fmt: skip
         except StreamNotFoundError:
+            self._trying = None  # (the broker answers: a later outage is said again)
             return
         except (BrokerGoneError, EndOfStream) as exc:
             # Once, then at DEBUG while the same reason holds (it logged at INFO every second meanwhile).

@@ -55,7 +55,7 @@ class _StreamRecorder(threading.Thread):
         self.held: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], int, float]] = []
         self.until: float | None = None  # the session's end (its last stamp), set by finish()
         self.finishing = threading.Event()
-        self.jumps: list[int] = []  # indexes of the discontinuities recorded across (XDF)
+        self.jumps: list[tuple[int, int]] = []  # discontinuities recorded across (XDF): stream index, file sample
 
     def finish(self, until: float) -> None:
         """Write what is pending up to stamp ``until`` (a stream without a rate), then end."""
@@ -82,6 +82,21 @@ class _StreamRecorder(threading.Thread):
             except StreamNotFoundError:
                 continue
         return None
+
+    def _across(self, chunk: Any, expected: int, last_stamp: float) -> bool:
+        """Whether the recording goes on across the discontinuity ``chunk`` starts with: in a format that
+        stamps each sample (XDF), when no sample is missing and its time jumps forward by more than a sample
+        (an LSL outlet that restarted, a device that reconnected: the stamps show the gap, as in LabRecorder's
+        files).  A jump with no such gap (a file source's next lap, a clock stepped back) would read as if
+        contiguous: the recording ends there."""
+        if chunk.index != expected or not self.session.keeps_jumps:
+            return False
+        return bool(chunk.times[0] - last_stamp > (1.5 / self.rate if self.rate else 0.0))
+
+    def _alone(self) -> bool:
+        """Whether no stream of the session has a rate (this one, without, then ends after ``--seconds`` of its own
+        stamps; else at the session's end, the last stamp of those with a rate, which gaps in them push back)."""
+        return all(p.subscribed.is_set() for p in self.peers) and not any(p.rate for p in self.peers)
 
     def _gate(self) -> float:
         """The latest stamp this stream may write now: the session's end once known; for a stream without a
@@ -131,6 +146,7 @@ class _StreamRecorder(threading.Thread):
             seconds = self.seconds
             limit = None if seconds is None else (round(seconds * rate) if rate else None)
             expected: int | None = None
+            last_stamp = -math.inf  # the newest sample's stamp received
             ended = False
             last_flush = time.monotonic()
             while not self.stop.is_set() and (limit is None or self.written < limit):
@@ -147,12 +163,11 @@ class _StreamRecorder(threading.Thread):
                 if chunk is not None:
                     with chunk:
                         if expected is not None and (chunk.index != expected or chunk.discontinuity):
-                            if chunk.index != expected or not self.session.keeps_jumps:
+                            if not self._across(chunk, expected, last_stamp):
                                 raise RecordingHoleError(self.stream, self.out, expected, chunk.index,
                                                          self.written)  # fmt: skip
-                            # A jump its source flagged (an LSL outlet restarted, a device reconnected), no
-                            # sample missing: each sample's stamp shows the gap; LabRecorder records across too.
-                            self.jumps.append(chunk.index)
+                            self.jumps.append((chunk.index, self.written + sum(len(h[0]) for h in self.held)))
+                        last_stamp = float(chunk.times[-1])
                         n = len(chunk.data) if limit is None else min(len(chunk.data), limit - self.written)
                         # A copy only if it must wait (the chunk's memory goes back to the pool on release).
                         data, times = chunk.data[:n], chunk.times[:n]
@@ -168,7 +183,7 @@ class _StreamRecorder(threading.Thread):
                         break
                 if past or (ended and not self.held):
                     break
-                if not rate and seconds is not None and self.span >= seconds:
+                if not rate and seconds is not None and self.span >= seconds and self._alone():
                     break
                 now = time.monotonic()
                 if now - last_flush >= _FLUSH:
@@ -342,9 +357,10 @@ def _record_session(streams: list[str], out: str, seconds: float | None, address
     say.say(f"\rrecorded {counts} samples to {out}" + " " * 20, end="\n")
     for r in recorders:
         if r.jumps:
-            at = ", ".join(map(str, r.jumps[:5])) + (", ..." if len(r.jumps) > 5 else "")
+            at = ", ".join(f"{i} ({k} in the file)" for i, k in r.jumps[:5]) + (", ..." if len(r.jumps) > 5 else "")
             say.say(f"{r.stream}: recorded across {len(r.jumps)} discontinuit{'ies' if len(r.jumps) > 1 else 'y'} "
-                    f"(its source restarted or reconnected) at index {at}; the time stamps show the gaps", end="\n")
+                    f"with a time gap (its source restarted or reconnected) at stream index {at}; the time stamps "
+                    f"show the gaps", end="\n")
     missing = [r.stream for r in recorders if not r.found]
     if missing:
         from .._exceptions import StreamNotFoundError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..core.rechunk import is_integer, is_real
 
 __all__ = ["Window"]
 
+_FILL_FOR = 1.0  # seconds the constructor takes at most reading the pool (history=True); the thread reads on
 _ALL = 1e9  # seconds of history: all the pool holds (a window of samples, whose seconds are unknown beforehand)
 _MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 
@@ -124,6 +126,7 @@ class Window:
         self._closed = threading.Event()
         self.error: BaseException | None = None
         self._end: EndOfStream | None = None  # the stream's clean end, once the thread has read it
+        self._done = False  # the thread has stopped reading (an end, an error, close())
         if history:
             try:
                 self._fill(every=samples is not None)
@@ -138,15 +141,27 @@ class Window:
         :meth:`get` has them at once), up to a full window; the thread takes the rest as it comes.  ``every``
         (a window of samples, its history in no seconds): all the pool holds, of which the ring keeps the
         newest."""
-        while every or self._count < self.capacity:
-            try:
-                chunk = self._sub.recv(timeout=0)  # (the pool's frames are described already: none waits)
-            except (TimeoutError, EndOfStream):
-                return  # (all the pool held; an end is the thread's to see again)
-            with chunk:
-                self._take(chunk)
+        until = time.monotonic() + _FILL_FOR  # (a publisher writing faster than this reads: never caught up)
+        try:
+            while (every or self._count < self.capacity) and time.monotonic() < until:
+                try:
+                    chunk = self._sub.recv(timeout=0)  # (the pool's frames are described already: none waits)
+                except (TimeoutError, EndOfStream):
+                    return  # (all the pool held; an end is the thread's to see again)
+                with chunk:
+                    self._take(chunk)
+        finally:
+            self._read = max(0, self._count - self.capacity)  # n_new_samples: at most a window of what was there
 
     def _run(self) -> None:
+        try:
+            self._read_stream()
+        finally:
+            with self._lock:
+                self._done = True
+                self._lock.notify_all()  # (wait() returns: nothing more comes)
+
+    def _read_stream(self) -> None:
         try:
             while not self._closed.is_set():
                 try:
@@ -163,8 +178,6 @@ class Window:
         except (SlabcastError, ClosedError) as exc:
             if not self._closed.is_set():
                 self.error = exc
-        with self._lock:
-            self._lock.notify_all()  # (wait() returns: nothing more comes)
 
     def _take(self, chunk: Chunk) -> None:
         # Each sample's own stamp for a stream with per-sample times (an LSL source), else t0 + k / rate (t0 for
@@ -209,10 +222,10 @@ class Window:
         return self._count
 
     def wait(self, samples: int, timeout: float | None = None) -> bool:
-        """Block until at least ``samples`` samples have been received in all, or the stream has ended
-        (:attr:`ended`), or ``timeout`` seconds; return whether they were."""
+        """Block until at least ``samples`` samples have been received in all, or the window stopped reading
+        (:attr:`ended`, or closed), or ``timeout`` seconds; return whether they were."""
         with self._lock:
-            self._lock.wait_for(lambda: self._count >= samples or self.ended, timeout)
+            self._lock.wait_for(lambda: self._count >= samples or self._done, timeout)
             return self._count >= samples
 
     def get(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
