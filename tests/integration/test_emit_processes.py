@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import types
 import zlib
 
@@ -62,13 +63,26 @@ def die_on_marker(value, t0):
 
 
 def hang_on_marker(value, t0):
-    """A callback that never returns on a chunk starting with H (a hung device call, a deadlock)."""
+    """A callback that never returns on a chunk starting with H (a hung device call, a deadlock), and raises
+    on one starting with E."""
     if value[:1] == b"H":
         threading.Event().wait()
+    if value[:1] == b"E":
+        raise ValueError(f"bad chunk at {t0}")
     return t0
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def emit_wait(results, n, timeout=30.0):
+    """Wait until ``results`` (an on_done list) holds ``n`` items: what the callbacks returned is the signal."""
+    deadline = time.monotonic() + timeout
+    while len(results) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # (on_done appends from the pool's collector thread)
+    return True
 
 
 def emitter_processes():
@@ -404,31 +418,51 @@ def test_a_killed_owner_leaves_segments_the_reaper_removes(tmp_path):
     assert not any(n.startswith(prefix) for n in os.listdir("/dev/shm"))
 
 
-def test_close_with_a_timeout_kills_a_hung_process_callback_and_says_so():
-    # A newcomer: close() of a process-mode emitter waited forever on a callback that hung.
+def test_close_with_a_timeout_kills_hung_process_callbacks_and_says_what_was_lost():
+    # A newcomer: close() of a process-mode emitter waited forever on a callback that hung.  A reviewer: the first
+    # version started a new worker for the chunks queued behind the hung one, after close() returned.
     done = []
-    emit = BufferEmit(hang_on_marker, 8, clip=True, mode="process", npool=2, on_done=done.append)
+    emit = BufferEmit(hang_on_marker, 8, clip=True, mode="process", npool=1, on_done=done.append)
     for value in (-1, float("nan"), float("inf"), "1"):
         with pytest.raises(ValueError, match="timeout must be None or a finite number of seconds >= 0"):
             emit.close(timeout=value)
     emit.write(b"a" * 8, t0=1.0)
+    assert emit_wait(done, 1)  # (it ran: the worker is up)
     emit.write(b"H" * 8, t0=2.0)
-    with pytest.raises(TimeoutError, match=r"1 callbacks of .* still running after 0.5 s: their worker processes "
-                                           r"were killed, those chunks lost"):  # fmt: skip
+    for k in range(3):  # queued behind the hung one, in its worker or not yet sent
+        emit.write(b"b" * 8, t0=3.0 + k)
+    with pytest.raises(TimeoutError, match=r"4 chunks of .* not done after 0.5 s: their worker processes were "
+                                           r"killed, those chunks lost"):  # fmt: skip
         emit.close(timeout=0.5)
-    assert done == [1.0]  # the one that returned was delivered
-    assert not emitter_processes()
+    assert not emitter_processes()  # none killed lingers, none started after
+    assert done == [1.0]
     emit.close()  # closed: idempotent
     with pytest.raises(slabcast.ClosedError):
-        emit.write(b"b" * 8, t0=3.0)
+        emit.write(b"c" * 8, t0=9.0)
 
 
-def test_close_with_a_timeout_in_thread_mode_leaves_the_emitter_open_to_wait_again():
+def test_close_with_a_timeout_keeps_the_callback_errors_before_it():
+    emit = BufferEmit(hang_on_marker, 8, clip=True, mode="process", npool=2)
+    emit.write(b"H" * 8, t0=2.0)  # (the first worker hangs on it; the next chunk starts a second)
+    emit.write(b"E" * 8, t0=1.0)
+    assert emit_wait(emit._calls.errors, 1)  # (the error came back, not yet raised: the next call would)
+    with pytest.raises(ExceptionGroup) as raised:
+        emit.close(timeout=0.3)
+    errors = raised.value.exceptions
+    assert [type(e) for e in errors] == [TimeoutError, ValueError], errors
+    assert "1 chunks" in str(errors[0]) and "bad chunk at 1.0" in str(errors[1])
+    assert not emitter_processes()
+
+
+def test_close_with_a_timeout_in_thread_mode_closes_and_leaves_the_callback_to_finish():
     release, done = threading.Event(), []
-    emit = BufferEmit(lambda value, t0: release.wait(30) and t0, 4, mode="thread", npool=1, on_done=done.append)
-    emit.write(b"abcd", t0=1.0)
-    with pytest.raises(TimeoutError, match="threads cannot be stopped: the emitter stays open"):
-        emit.close(timeout=0.2)
+    with BufferEmit(lambda value, t0: release.wait(30) and t0, 4, mode="thread", npool=1,
+                    on_done=done.append) as emit:  # fmt: skip
+        emit.write(b"abcd", t0=1.0)
+        with pytest.raises(TimeoutError, match="threads cannot be stopped: their callbacks run on in the background"):
+            emit.close(timeout=0.2)
+    # (the with block's exit did not wait for it: closed)
+    with pytest.raises(slabcast.ClosedError):
+        emit.write(b"efgh", t0=2.0)
     release.set()
-    emit.close()  # waits for it now
-    assert done == [1.0]
+    assert emit_wait(done, 1) and done == [1.0]  # it finished in the background

@@ -252,14 +252,16 @@ class BufferEmit:
         Idempotent.  The samples of an incomplete chunk are discarded.
 
         ``timeout`` (seconds, None: as long as they take): how long to wait for the callbacks in flight.
-        In process mode the workers of those still running then are killed (their chunks are lost) and
-        the emitter is closed; threads cannot be stopped, so in thread mode it stays open (``close()``
-        again waits on).  Either way :class:`TimeoutError` says how many were still running.
+        When it expires the emitter is closed all the same and :class:`TimeoutError` says how many chunks
+        were not done: in process mode every worker is killed at once and those chunks are lost (none
+        reaches ``on_done`` or ``on_error``); threads cannot be stopped, so in thread mode their callbacks
+        run on in the background (daemon threads; results still go to ``on_done``, errors to ``on_error``).
 
         Raises
         ------
         TimeoutError
-            Callbacks still ran after ``timeout`` seconds.
+            Chunks were not done after ``timeout`` seconds (an :class:`ExceptionGroup` with the callbacks'
+            errors not yet raised, if any).
         ValueError
             ``timeout`` is not None nor a finite number >= 0.
         Exception
@@ -276,9 +278,6 @@ class BufferEmit:
                 "would wait for itself; close it from the thread that writes"
             )
         running = 0 if self._pool is None or timeout is None else self._pool.drain(timeout)
-        if running and self.mode == "thread":
-            raise TimeoutError(f"{running} callbacks of {self!r} still running after {timeout:g} s; threads "
-                               f"cannot be stopped: the emitter stays open (close() again waits on)")  # fmt: skip
         self._closed = True
         self._fast = False
         self._format = None
@@ -287,13 +286,24 @@ class BufferEmit:
             self._finalizer.detach()
         if self._pool is not None:
             try:
-                self._pool.shutdown(wait=not running)
+                if not running:
+                    self._pool.shutdown(wait=True)
+                elif isinstance(self._pool, ProcessPool):
+                    running = self._pool.abort()
+                else:
+                    self._pool.shutdown(wait=False)  # (its threads take the rest, then end)
             except BaseException:
                 self._pool.shutdown(wait=False)
                 raise
         if running:
-            raise TimeoutError(f"{running} callbacks of {self!r} still running after {timeout:g} s: their worker "
-                               f"processes were killed, those chunks lost")  # fmt: skip
+            assert timeout is not None
+            what = "their worker processes were killed, those chunks lost" if self.mode == "process" else \
+                "threads cannot be stopped: their callbacks run on in the background"  # fmt: skip
+            late = TimeoutError(f"{running} chunks of {self!r} not done after {float(timeout):g} s: {what}")
+            errors = self._calls.take_errors()
+            if errors:
+                raise ExceptionGroup(f"{self!r} closed after its timeout, with callback errors", [late, *errors])
+            raise late
         if self._calls.errors:
             self._raise_errors()
 

@@ -110,6 +110,7 @@ class ProcessPool(Pool):
         self.nap.register(self.wake_r, select.POLLIN)
         self.collector: threading.Thread | None = None
         self.stop_collector = False
+        self.aborted = False  # close's timeout expired: workers killed, what they had is lost, nothing restarted
 
     def set_format(self, fmt: FrameFormat) -> None:
         self.fmt = fmt
@@ -147,6 +148,8 @@ class ProcessPool(Pool):
         """Give waiting chunks to the least busy workers, starting workers up to ``npool``."""
         pending = self.pending
         workers = self.workers
+        if self.closed:
+            return  # (no worker starts once closed: a worker's chunks put back when it died stay undone)
         while pending:
             best = None
             least = _DEPTH
@@ -271,6 +274,12 @@ class ProcessPool(Pool):
         w.results.close()
         with contextlib.suppress(OSError):
             w.notices.close()
+        if self.aborted:  # killed by abort(), which counted its chunks as lost
+            for task in w.inflight:
+                self._release(task[1])
+            done.append((-4, None, float(len(w.inflight))))
+            w.inflight.clear()
+            return
         if w.stopping and not w.inflight:
             return  # stopped by shutdown
         w.proc.join(_JOIN_TIMEOUT)
@@ -327,6 +336,8 @@ class ProcessPool(Pool):
                 except Exception as failure:
                     error = RuntimeError(f"the callback raised an exception that cannot be unpickled here: {failure!r}")
                 calls.report(error)
+            elif status == -4:  # a worker abort() killed: its chunks are lost, as abort() said
+                finished += int(extra)
             elif status == -1:  # the pool broke: its waiting chunks are dropped
                 finished += int(extra)
                 calls.report(payload)
@@ -344,6 +355,27 @@ class ProcessPool(Pool):
     def owns(self, thread: threading.Thread) -> bool:
         """Whether ``thread`` is this pool's collector."""
         return thread is self.collector
+
+    def abort(self) -> int:
+        """Stop at once (close's timeout expired): kill every worker, drop the chunks not yet done; return how
+        many (running in a worker, queued for one, or not yet sent)."""
+        with self.lock:
+            if self.closed:
+                return 0
+            self.closed = self.aborted = True
+            lost = self.outstanding
+            waiting = list(self.pending)  # (never sent to a worker)
+            self.pending.clear()
+            for task in waiting:
+                self._release(task[1])
+            self.outstanding -= len(waiting)
+            self._closing()
+            for w in self._stopping:
+                with contextlib.suppress(ValueError):  # (a process already closed)
+                    w.proc.kill()
+            self.cond.notify_all()
+        self._stop(False)
+        return lost
 
     def _closing(self) -> None:
         self._stopping = list(self.workers)
