@@ -63,6 +63,11 @@ _ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (Brok
 # The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
 _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
+def _mib(n: int) -> str:
+    """Bytes for a log line: ``"44.0 MiB"``, ``"512 KiB"``."""
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
 SILENT_KEPT = 1024  # remote clients dropped for silence, remembered to tell them why (BrokerState.silent)
 ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
 _TYPED = frozenset(M.MESSAGES.values())
@@ -381,10 +386,11 @@ class BrokerState:
         ahead = P.GRANT_AHEAD_FAST if stream.may_be_fast else P.GRANT_AHEAD
         frames = max(0, g.nslabs - 1 - ahead) * g.frame_bytes // g.sample_bytes
         holds = f"{frames / req.rate:.1f} s" if req.rate else f"{frames} samples"
-        log.info("stream %r opened by %s: %s x %d @ %s, %d slabs of %d bytes (%d for frames); the pool holds "
-                 "at least about %s behind the slab being written", name, client.label, req.dtype, req.channels,
-                 f"{req.rate:g} Hz" if req.rate else "no rate", g.nslabs, g.slab_bytes, g.frame_bytes,
-                 holds)  # fmt: skip
+        log.info("stream %r opened by %s: %s x %d @ %s, %d slabs, each %s for frames (and up to %s of address "
+                 "space for chunks carried over, in memory only as subscribers ask); %s of /dev/shm now; the pool "
+                 "holds at least about %s behind the slab being written", name, client.label, req.dtype, req.channels,
+                 f"{req.rate:g} Hz" if req.rate else "no rate", g.nslabs, _mib(g.frame_bytes),
+                 _mib(g.slab_bytes - g.frame_bytes), _mib(stream.segment.allocated), holds)  # fmt: skip
         # Subscribers that came first start at index 0: the publisher waits (bounded) until
         # each has joined its notice socket before it writes.  No CARRY before OPENED (publisher still
         # None): OPENED itself says how much to carry.
