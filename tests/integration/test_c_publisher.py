@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import slabcast
-from slabcast.client import publisher as _publisher
+from slabcast.client import _pubargs
 from slabcast.core import ring as _ring
 from slabcast.core import shm as _shm
 from slabcast.core.geometry import Geometry, header_bytes
@@ -971,9 +971,9 @@ def test_c_publisher_constants_match_python():
             return _c_value(m[1]) + int(m[2])
         return _c_value(text)
 
-    assert const("DEFAULT_SLAB_BYTES") == _publisher.DEFAULT_SLAB_BYTES
-    assert const("DEFAULT_NSLABS") == _publisher.DEFAULT_NSLABS
-    assert const("DEFAULT_CHUNK_LIMIT") == _publisher.DEFAULT_CHUNK_LIMIT
+    assert const("DEFAULT_SLAB_BYTES") == _pubargs.DEFAULT_SLAB_BYTES
+    assert const("DEFAULT_NSLABS") == _pubargs.DEFAULT_NSLABS
+    assert const("DEFAULT_CHUNK_LIMIT") == _pubargs.DEFAULT_CHUNK_LIMIT
     assert const("PUBLISHER_BYTE") == _shm.PUBLISHER_BYTE
     assert const("GEN_OFFSET") == _shm.GEN_OFFSET
     assert const("SEG_LAYOUT") == _shm.LAYOUT

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from slabcast.client.publisher import _element_format
+from slabcast.client._pubargs import _element_format
 from slabcast.core import ring as R
 from slabcast.core.ring import DESCRIPTOR_BYTES, Ring, ring_bytes
 from tests.unit.test_ring import _asleep_in_futex

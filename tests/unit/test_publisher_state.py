@@ -251,7 +251,7 @@ def test_a_slab_change_waits_for_the_next_while_two_granted_slabs_are_left():
 
 
 def test_history_counts_the_third_slab_granted_ahead_where_slabs_hold_under_a_tenth_of_a_second():
-    from slabcast.client.publisher import history_nslabs
+    from slabcast.client._pubargs import history_nslabs
 
     # 1 s at 1 MHz x 4 bytes over 64 KiB slabs (16 ms each): 62 behind, the one written, three ahead.
     assert history_nslabs(1.0, 1e6, 4, 65536) == 62 + 1 + 3

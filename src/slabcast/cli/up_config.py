@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..client.publisher import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, history_nslabs, pool_layout
+from ..client._pubargs import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, history_nslabs, pool_layout
 from ..core.geometry import Geometry
 from ..wire.address import normalize
 

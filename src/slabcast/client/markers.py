@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .publisher import DEFAULT_NSLABS, Publisher
+from ._pubargs import DEFAULT_NSLABS
+from .publisher import Publisher
 
 __all__ = ["DEFAULT_MAX_BYTES", "MarkerPublisher", "decode_markers", "encode_markers", "marker_dtype"]
 
