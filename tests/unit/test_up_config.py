@@ -170,3 +170,29 @@ def test_a_task_callable_that_cannot_take_the_chunk_or_an_option_of_the_wrong_ki
     )
     with pytest.raises(ConfigError, match=said):
         load_config(str(cfg))
+
+
+def test_every_table_s_mistake_is_told_in_one_run(tmp_path):
+    # A lab newcomer: a config with three mistakes took three runs, one message each.
+    from slabcast.cli.up_config import ConfigError, load_config
+
+    cfg = tmp_path / "three.toml"
+    cfg.write_text(
+        "[broker]\nlease_timout = 5\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\n"
+        "[[tasks]]\nname = 'level'\ncall = 'slabcast.examples:spl'\nstream = 'mic'\nseconds = 0\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'slabcast.examples:wav_file'\nstream = 'mick'\nseconds = 1.0\n"
+        "options = { out = 'takes' }\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(cfg))
+    said = str(raised.value)
+    assert said.startswith(f"{cfg}: 3 problems:\n"), said
+    assert "'lease_timout'" in said and "did you mean 'lease_timeout'?" in said, said
+    assert "\n  [[tasks]] #1 (level): 'seconds' must be a number > 0, got 0\n" in said, said
+    assert "seconds" in said and "reads stream 'mick', which no [[sources]] provides" in said, said
+    assert "did you mean 'mic'?" in said, said
+    # One mistake: its message alone, as before.
+    cfg.write_text(cfg.read_text().replace("lease_timout", "lease_timeout").replace("seconds = 0\n", "seconds = 0.5\n")
+                   .replace("'mick'", "'mic'"))  # fmt: skip
+    assert load_config(str(cfg)).tasks[0].name == "level"

@@ -313,6 +313,21 @@ def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:
         )
 
 
+def _broker(path: str, broker: dict[str, Any], args: list[str]) -> None:
+    """Check the [broker] table; its options go into ``args`` (the broker's command line)."""
+    _unknown(f"{path}: [broker]", broker, _BROKER_KEYS)
+    lease_timeout = float(_number(f"{path}: [broker]", "lease_timeout", broker.get("lease_timeout", 30.0)))
+    args += ["--lease-timeout", str(lease_timeout)]
+    if "shm_mode" in broker:
+        mode = str(broker["shm_mode"])
+        if mode not in ("600", "660", "640", "644", "666"):
+            raise ConfigError(f"{path}: [broker] 'shm_mode' must be an octal mode like \"660\", got {mode!r}")
+        args += ["--shm-mode", mode]
+    if "log_level" in broker:
+        args += ["--log-level", _choice(f"{path}: [broker]", "log_level", str(broker["log_level"]).upper(),
+                                        ("DEBUG", "INFO", "WARNING", "ERROR"))]  # fmt: skip
+
+
 def load_config(path: str, shm_dir: str = _SHM) -> Config:
     """Read and check a TOML config before anything starts.
 
@@ -330,42 +345,51 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
         raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    _unknown(path, raw, _TOP_KEYS)
+    errors: list[ConfigError] = []  # every table's first problem, told together (one run finds them all)
+
+    def checked(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            errors.append(exc)
+            return None
+
+    checked(_unknown, path, raw, _TOP_KEYS)
     broker = raw.get("broker", {})
     if not isinstance(broker, dict):
         raise ConfigError(f"{path}: [broker] must be a table")
-    _unknown(f"{path}: [broker]", broker, _BROKER_KEYS)
     args: list[str] = []
-    lease_timeout = float(_number(f"{path}: [broker]", "lease_timeout", broker.get("lease_timeout", 30.0)))
-    args += ["--lease-timeout", str(lease_timeout)]
-    if "shm_mode" in broker:
-        mode = str(broker["shm_mode"])
-        if mode not in ("600", "660", "640", "644", "666"):
-            raise ConfigError(f"{path}: [broker] 'shm_mode' must be an octal mode like \"660\", got {mode!r}")
-        args += ["--shm-mode", mode]
-    if "log_level" in broker:
-        args += ["--log-level", _choice(f"{path}: [broker]", "log_level", str(broker["log_level"]).upper(),
-                                        ("DEBUG", "INFO", "WARNING", "ERROR"))]  # fmt: skip
+    lease_timeout = 30.0
+    checked(_broker, path, broker, args)
+    if "--lease-timeout" in args:
+        lease_timeout = float(args[args.index("--lease-timeout") + 1])
     # Task modules beside the config import as `python script.py` imports those beside a script.
     directory = os.path.dirname(os.path.abspath(path))
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    tasks = [_task(path, i, t) for i, t in enumerate(raw.get("tasks", []))]
-    if not tasks:
-        raise ConfigError(f"{path}: no [[tasks]]: nothing to run (to host sources alone, for `slabcast record` or "
-                          f"other programs: slabcast broker --source kind:key=value,... , pool options such as "
-                          f"history=S included)")  # fmt: skip
-    sources = [_source(path, i, s) for i, s in enumerate(raw.get("sources", []))]
+    raw_tasks = raw.get("tasks", [])
+    tasks = [t for t in (checked(_task, path, i, t) for i, t in enumerate(raw_tasks)) if t is not None]
+    if not raw_tasks:
+        errors.append(ConfigError(f"{path}: no [[tasks]]: nothing to run (to host sources alone, for `slabcast "
+                                  f"record` or other programs: slabcast broker --source kind:key=value,... , pool "
+                                  f"options such as history=S included)"))  # fmt: skip
+    sources = [s for s in (checked(_source, path, i, s) for i, s in enumerate(raw.get("sources", []))) if s]
     names = [(getattr(src, "info", None) and src.info.name) or opts.get("name") for _, opts, _, src in sources]
-    for t in tasks:
-        if t.stream not in names and not t.external:
-            close = difflib.get_close_matches(t.stream, [n for n in names if n], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{path}: task {t.name!r} reads stream {t.stream!r}, which no [[sources]] provides "
-                f"(sources: {', '.join(map(repr, names)) or 'none'}){hint}; set external = true for a stream "
-                f"another program publishes"
-            )
+    if len(sources) == len(raw.get("sources", [])):  # (a source refused: its tasks' streams are not checked)
+        for t in tasks:
+            if t.stream not in names and not t.external:
+                close = difflib.get_close_matches(t.stream, [n for n in names if n], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                errors.append(ConfigError(
+                    f"{path}: task {t.name!r} reads stream {t.stream!r}, which no [[sources]] provides "
+                    f"(sources: {', '.join(map(repr, names)) or 'none'}){hint}; set external = true for a stream "
+                    f"another program publishes"
+                ))  # fmt: skip
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problems:\n" + "\n".join(f"  {str(e).removeprefix(path + ': ')}"
+                                                                        for e in errors))  # fmt: skip
     shm = 0
     specs: list[dict[str, Any]] = []
     for (kind, opts, pool, src), name in zip(sources, names, strict=True):
