@@ -118,7 +118,7 @@ class StreamStatistics:
     window_seconds : float
         Stream time the rolling figures cover (0: the publisher turned them off).
     window_samples : int
-        Samples in that window.
+        Samples in that window (it starts again at a discontinuity: a source that restarted).
     observed_rate : float or None
         Samples per second actually arriving (wall clock), over the window.
     mean, std, min, max, ptp : tuple of float

@@ -55,3 +55,18 @@ def test_a_newest_frame_longer_than_the_window_is_kept_whole():
     stats.account(0.0, 500, 250, 0, 1, 0)  # two frames of 250 samples: the newest one is kept, whole
     out = stats.summary({}, *_segment_of(np.arange(500)))
     assert out["window_samples"] == 250 and out["min"] == [250.0]
+
+
+def test_the_window_starts_again_at_a_discontinuity():
+    # A lab newcomer: after an LSL outlet's restart (8 s away), status said "observed 33/s" for a 250 Hz stream for
+    # 10 s, and min/max mixed the samples from before the gap.  The figures start again at the jump.
+    stats = Statistics(np.dtype(np.float32), 1, 250.0)
+    stats.configure(10.0)
+    for k in range(20):  # 2 s before, a frame of 25 samples every 0.1 s
+        stats.account(0.1 * (k + 1), 25, 25, 0, 1, k * 100)
+    for k in range(20, 30):  # back 8 s later; its first frame says discontinuity
+        stats.account(8.0 + 0.1 * (k + 1), 25, 25, 0, 1, k * 100, jump=k == 20)
+    values = np.concatenate([np.arange(500), 1000 + np.arange(250)]).astype(np.float32)
+    out = stats.summary({}, *_segment_of(values))
+    assert out["window_samples"] == 250 and out["min"] == [1000.0]
+    assert out["observed_rate"] == pytest.approx(250.0)

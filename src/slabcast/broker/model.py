@@ -640,17 +640,17 @@ class Stream:
             raise Refused(P.ERR_FRAME, f"FRAME of {nbytes} bytes at offset {offset} overruns its slab")
         self.next_offset = offset + nbytes
 
-    def account(self, now: float, offset: int, n: int, last: int) -> None:
+    def account(self, now: float, offset: int, n: int, last: int, jump: bool = False) -> None:
         """Keep where a run of frames written from ``offset`` in the current slab lies (``n`` samples, the newest
-        frame ``last`` long), for statistics computed when asked (never able to stop the stream: an error turns
-        them off for it)."""
+        frame ``last`` long; ``jump``: the first is flagged as a discontinuity), for statistics computed when
+        asked (never able to stop the stream: an error turns them off for it)."""
         stats = self.stats
         if not stats.window:
             return
         try:
             slab = self.pool.current
             assert slab is not None
-            stats.account(now, n, last, slab, int(self.gens[slab]), offset)
+            stats.account(now, n, last, slab, int(self.gens[slab]), offset, jump)
         except Exception:
             log.exception("statistics of stream %r failed; turning them off for this stream", self.name)
             stats.window = 0.0

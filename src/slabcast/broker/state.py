@@ -532,7 +532,7 @@ class BrokerState:
             total = int(ends[b - 1] - ends[a] + n[a])
             self._frame(stream, int(offset[a]), total, float(t0[a]), int(flags[a]) & P.FLAG_DISCONTINUITY,
                         (first - int(floors[a])) * sample_bytes, ns, tuple(t0[a:b].tolist()))  # fmt: skip
-            stream.account(self._now, int(offset[a]), total, ns[-1])
+            stream.account(self._now, int(offset[a]), total, ns[-1], bool(int(flags[a]) & P.FLAG_DISCONTINUITY))
 
     def _take_runs(self, stream: Stream, runs: list[Run]) -> None:
         """Account for runs of frames (:func:`_runs_of`), in order."""
@@ -540,7 +540,7 @@ class BrokerState:
         for offset, first, floor, flags, n, ns, t0s in runs:
             self._frame(stream, offset, n, t0s[0], flags & P.FLAG_DISCONTINUITY, (first - floor) * sample_bytes,
                         ns, t0s)  # fmt: skip
-            stream.account(self._now, offset, n, ns[-1])
+            stream.account(self._now, offset, n, ns[-1], bool(flags & P.FLAG_DISCONTINUITY))
 
     def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
                ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip

@@ -40,10 +40,15 @@ class Statistics:
         self.window = window
         self.limit = max(1, round(window * self.rate)) if self.rate else 0
 
-    def account(self, now: float, n: int, last: int, slab: int, gen: int, offset: int) -> None:
+    def account(self, now: float, n: int, last: int, slab: int, gen: int, offset: int, jump: bool = False) -> None:
         """A run of frames, ``n`` samples back to back from ``offset`` of ``slab`` (generation ``gen``), the newest
-        of them ``last`` samples long, was read from the ring at ``now`` (the broker's monotonic clock)."""
+        of them ``last`` samples long, was read from the ring at ``now`` (the broker's monotonic clock).
+        ``jump``: its first frame is flagged as a discontinuity (a source restarted): the window starts again
+        there, so neither the figures nor the observed rate mix what came before the gap."""
         runs = self.runs
+        if jump:
+            runs.clear()
+            self.kept = 0
         runs.append([now, n, slab, gen, offset])
         kept = self.kept + n
         popleft = runs.popleft
