@@ -26,6 +26,14 @@ def record_cli(address, streams, out, *extra):
                              "--address", address, *extra], stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
+def finished(rec):
+    """Wait for a recorder started by record_cli to exit: (exit code, what it said on stderr)."""
+    code = rec.wait(30)
+    said = rec.stderr.read()
+    rec.stderr.close()
+    return code, said
+
+
 def wait_recorders(address, names):
     deadline = time.monotonic() + 20
     while True:
@@ -225,9 +233,7 @@ def test_an_xdf_recording_goes_on_across_a_flagged_discontinuity_as_labrecorder_
     acc_pub.write(np.arange(20, 40, dtype=np.int16), t0=130.0, discontinuity=True)
     eeg_pub.close()
     acc_pub.close()
-    code = rec.wait(30)
-    said = rec.stderr.read()
-    rec.stderr.close()
+    code, said = finished(rec)
     assert code == 0, said
     assert (f"{eeg}: recorded across 1 discontinuity with a time gap (its source restarted or reconnected) at "
             f"stream index 100 (100 in the file)") in said  # fmt: skip
@@ -250,9 +256,7 @@ def test_an_xdf_recording_ends_at_a_discontinuity_whose_stamps_go_on_as_if_conti
     pub.write(np.arange(50, dtype=np.int16), t0=10.0)
     pub.write(np.arange(50, dtype=np.int16), t0=10.5, discontinuity=True)  # the next lap, stamped on
     pub.close()
-    code = rec.wait(30)
-    said = rec.stderr.read()
-    rec.stderr.close()
+    code, said = finished(rec)
     assert code == 1 and "ended at a discontinuity at index 50" in said, said
     got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
     assert np.array_equal(got[stream_name]["time_series"][:, 0], np.arange(50))
@@ -286,9 +290,7 @@ def test_markers_within_the_signals_span_are_all_recorded_when_the_signal_has_a_
     eeg_pub.write(np.arange(150, 300, dtype=np.float32), times=stamps[150:])
     eeg_pub.close()
     ev_pub.close()
-    code = rec.wait(30)
-    said = rec.stderr.read()
-    rec.stderr.close()
+    code, said = finished(rec)
     assert code == 0, said
     got = by_name(pyxdf.load_xdf(str(out), synchronize_clocks=False, dejitter_timestamps=False)[0])
     assert len(got[eeg]["time_stamps"]) == 200 and got[eeg]["time_stamps"][-1] == stamps[199]
