@@ -81,9 +81,9 @@ static void copy_frame(char *to, const char *from, size_t n)
 /* A message field as (position, name) for the sci_field_* readers, as slabcast.c's AT. */
 #define FIELD(msg, field) SCW_##msg##_##field, #field
 
-/* Values of src/slabcast/client/publisher.py, core/shm.py, core/ring.py and core/geometry.py, which the wire
+/* Values of src/slabcast/client/_pubargs.py, core/shm.py, core/ring.py and core/geometry.py, which the wire
  * header does not carry (checked by tests/integration/test_c_publisher.py). */
-#define DEFAULT_SLAB_BYTES (4ull << 20)    /* publisher.py DEFAULT_SLAB_BYTES */
+#define DEFAULT_SLAB_BYTES (4ull << 20)    /* _pubargs.py DEFAULT_SLAB_BYTES */
 #define DEFAULT_NSLABS 8
 #define DEFAULT_CHUNK_LIMIT (64ull << 20)  /* the largest chunk subscribers may grow a default pool to */
 #define DEFAULT_TIMEOUT_MS 10000
@@ -350,7 +350,7 @@ static bool parse_dtype(const char *s, char out[8], unsigned *itemsize)
     return true;
 }
 
-/* publisher.py pool_layout: the slabs asked for (*layout bytes each) and their carried part (*carried). */
+/* _pubargs.py pool_layout: the slabs asked for (*layout bytes each) and their carried part (*carried). */
 static int pool_layout(sc_pub *p, uint64_t slab_bytes, uint64_t max_chunk, uint64_t *layout, uint64_t *carried)
 {
     if (slab_bytes == 0) {  /* 4 MiB, or room for frames as long as the longest chunk asked for */
@@ -1197,7 +1197,7 @@ static int check_times(sc_pub *p, const double *times, uint64_t n)
     return SC_OK;
 }
 
-/* The times of the frame at `offset`: `times`, or t0 + k / rate (publisher.py check_times: start + k * step). */
+/* The times of the frame at `offset`: `times`, or t0 + k / rate (_pubargs.py check_times: start + k * step). */
 static void write_times(sc_pub *p, uint64_t offset, uint64_t n, double t0, const double *times)
 {
     double *at = time_at(p, offset);

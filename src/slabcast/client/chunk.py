@@ -117,7 +117,8 @@ class Chunk:
 
     @property
     def partial(self) -> bool:
-        """Whether this is the shorter last chunk of an ended stream (``partial_tail=True``)."""
+        """Whether this is a shorter chunk of what was gathered when the stream ended, or before a discontinuity
+        (``partial_tail=True``)."""
         return bool(self.flags & P.FLAG_PARTIAL)
 
     def release(self) -> None:

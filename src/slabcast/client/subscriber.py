@@ -96,7 +96,8 @@ class Subscriber:
         unfinished chunk as one last, shorter chunk with ``partial`` set (a
         recorder loses nothing); likewise before a frame flagged as a
         discontinuity (a source restarted), whose chunk follows it with
-        ``discontinuity`` set.  Local (``ipc://``) subscribers only.
+        ``discontinuity`` set (a ``drop`` subscriber's may be dropped, and
+        counted, as any of its chunks).  Local (``ipc://``) subscribers only.
     history : float, optional
         Start this many seconds before the newest sample, from what the stream's
         pool still holds (a stream without a rate: by the samples' times, the

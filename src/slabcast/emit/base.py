@@ -6,6 +6,7 @@ The serial writer uses a slab directly; thread mode (threads.py) and process mod
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 
 from ..core.shm import Segment
 from .frames import FrameFormat
+
+log = logging.getLogger("slabcast.emit")
 
 _PAGE = 4096
 
@@ -56,9 +59,11 @@ class Callbacks:
         self.on_error = on_error
         self.lock = threading.Lock()
         self.errors: list[Exception] = []
+        self.orphaned = False  # closed with callbacks still running (close's timeout): nobody raises errors now
 
     def report(self, exc: Exception) -> None:
-        """Hand ``exc`` to ``on_error``, or keep it for the next write/close to raise."""
+        """Hand ``exc`` to ``on_error``, or keep it for the next write/close to raise (log it, once the emitter
+        was closed with callbacks still running: no write or close is left to raise it)."""
         if self.on_error is not None:
             try:
                 self.on_error(exc)
@@ -67,6 +72,9 @@ class Callbacks:
                 if failure.__context__ is None:
                     failure.__context__ = exc
                 exc = failure
+        if self.orphaned:
+            log.error("a callback failed after its emitter was closed (close's timeout)", exc_info=exc)
+            return
         with self.lock:
             self.errors.append(exc)
 

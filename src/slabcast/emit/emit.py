@@ -255,7 +255,8 @@ class BufferEmit:
         When it expires the emitter is closed all the same and :class:`TimeoutError` says how many chunks
         were not done: in process mode every worker is killed at once and those chunks are lost (none
         reaches ``on_done`` or ``on_error``); threads cannot be stopped, so in thread mode their callbacks
-        run on in the background (daemon threads; results still go to ``on_done``, errors to ``on_error``).
+        run on in the background (daemon threads; results still go to ``on_done``, errors to ``on_error``,
+        or to the ``slabcast.emit`` log without one).
 
         Raises
         ------
@@ -288,10 +289,12 @@ class BufferEmit:
             try:
                 if not running:
                     self._pool.shutdown(wait=True)
-                elif isinstance(self._pool, ProcessPool):
-                    running = self._pool.abort()
                 else:
-                    self._pool.shutdown(wait=False)  # (its threads take the rest, then end)
+                    self._calls.orphaned = True  # (errors from now on are logged: nothing is left to raise them)
+                    if isinstance(self._pool, ProcessPool):
+                        running = self._pool.abort()
+                    else:
+                        self._pool.shutdown(wait=False)  # (its threads take the rest, then end)
             except BaseException:
                 self._pool.shutdown(wait=False)
                 raise

@@ -111,6 +111,7 @@ class ProcessPool(Pool):
         self.collector: threading.Thread | None = None
         self.stop_collector = False
         self.aborted = False  # close's timeout expired: workers killed, what they had is lost, nothing restarted
+        self.delivering = 0  # chunks whose result the collector is handing on now (counted done, not lost)
 
     def set_format(self, fmt: FrameFormat) -> None:
         self.fmt = fmt
@@ -317,40 +318,44 @@ class ProcessPool(Pool):
             done.append((-3, WorkerDiedError(f"worker process {w.proc.pid} {how} while idle"), 0.0))
 
     def _deliver(self, done: list[tuple[int, Any, float]]) -> None:
-        calls = self.calls
-        finished = 0
+        # One result at a time, counted done once handed on: abort() counts as lost exactly what was not.
         for status, payload, extra in done:
-            if status == _OK:
-                finished += 1
-                if calls.on_done is not None:
-                    try:
-                        result = pickle.loads(payload)
-                    except Exception as exc:
-                        calls.report(exc)
-                    else:
-                        calls.deliver(result)
-            elif status == _ERROR:
-                finished += 1
-                try:
-                    error = pickle.loads(payload)
-                except Exception as failure:
-                    error = RuntimeError(f"the callback raised an exception that cannot be unpickled here: {failure!r}")
-                calls.report(error)
-            elif status == -4:  # a worker abort() killed: its chunks are lost, as abort() said
-                finished += int(extra)
-            elif status == -1:  # the pool broke: its waiting chunks are dropped
-                finished += int(extra)
-                calls.report(payload)
-            elif status == -2:  # a worker died with a chunk
-                finished += 1
-                calls.report(payload)
-            else:  # a worker died idle
-                calls.report(payload)
-        if finished:
+            count = 1 if status in (_OK, _ERROR, -2) else int(extra) if status in (-1, -4) else 0
             with self.lock:
-                self.outstanding -= finished
-                if not self.outstanding:
-                    self.cond.notify_all()
+                if self.aborted:
+                    return  # (close's timeout: what is left was told as lost)
+                self.delivering = count
+            try:
+                self._hand_on(status, payload)
+            finally:
+                with self.lock:
+                    self.delivering = 0
+                    if count:
+                        self.outstanding -= count
+                        if not self.outstanding:
+                            self.cond.notify_all()
+
+    def _hand_on(self, status: int, payload: Any) -> None:
+        """One result to on_done, or an error to on_error (or to raise)."""
+        calls = self.calls
+        if status == _OK:
+            if calls.on_done is not None:
+                try:
+                    result = pickle.loads(payload)
+                except Exception as exc:
+                    calls.report(exc)
+                else:
+                    calls.deliver(result)
+        elif status == _ERROR:
+            try:
+                error = pickle.loads(payload)
+            except Exception as failure:
+                error = RuntimeError(f"the callback raised an exception that cannot be unpickled here: {failure!r}")
+            calls.report(error)
+        elif status == -4:  # a worker abort() killed: its chunks are lost, as abort() said
+            pass
+        else:  # -1: the pool broke (its waiting chunks are dropped); -2: a worker died with a chunk; -3: idle
+            calls.report(payload)
 
     def owns(self, thread: threading.Thread) -> bool:
         """Whether ``thread`` is this pool's collector."""
@@ -363,7 +368,7 @@ class ProcessPool(Pool):
             if self.closed:
                 return 0
             self.closed = self.aborted = True
-            lost = self.outstanding
+            lost = self.outstanding - self.delivering
             waiting = list(self.pending)  # (never sent to a worker)
             self.pending.clear()
             for task in waiting:
@@ -396,7 +401,8 @@ class ProcessPool(Pool):
             self.stop_collector = True
             self._wake()
             if collector is not threading.current_thread():
-                collector.join()
+                # (aborted: it may be stuck in the user's on_done or on_error; it is a daemon)
+                collector.join(1.0 if self.aborted else None)
         with self.lock:
             for w in list(self.workers):
                 self.poller.unregister(w.rfd)

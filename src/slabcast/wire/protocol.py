@@ -95,7 +95,7 @@ NAMES = {
 # CHUNK flags.
 FLAG_DISCONTINUITY = 1
 FLAG_INLINE = 2  # the samples follow in a second message frame (TCP clients); offset is 0
-FLAG_PARTIAL = 4  # (local, partial_tail=True) the last, shorter chunk of a stream that ended
+FLAG_PARTIAL = 4  # (local, partial_tail=True) a shorter chunk: what was gathered at the end, or before a jump
 
 # END codes.
 END_CLOSED = "closed"
