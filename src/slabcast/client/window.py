@@ -178,6 +178,9 @@ class Window:
         except (SlabcastError, ClosedError) as exc:
             if not self._closed.is_set():
                 self.error = exc
+        except Exception as exc:  # (a bug, or a sample the window's dtype cannot take): never a silent stop
+            self.error = exc
+            raise
 
     def _take(self, chunk: Chunk) -> None:
         # Each sample's own stamp for a stream with per-sample times (an LSL source), else t0 + k / rate (t0 for
