@@ -145,6 +145,32 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
     assert partial and 0 < n < 8001  # the stream ended on a frame of 80, never on a chunk of 8001 here
 
 
+def test_one_ctrl_c_relayed_twice_is_one_stop_not_a_second_ctrl_c(tmp_path):
+    # A newcomer: Ctrl-C on `timeout 90 slabcast up ...` in a terminal reaches up twice within milliseconds (the
+    # terminal's SIGINT, then timeout's relay), taken as "Ctrl-C again: stop now" 4 tries in 4: a task behind its
+    # stream was stopped short ("had not finished its stream when Ctrl-C came again").  One stop: it finishes.
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'mic'\nsize = 800\n"
+        f"partial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}', delay = 0.15 }}\n"
+    )
+    with running_up(cfg) as (proc, lines):
+        for _ in range(6):  # (0.15 s of work for each 0.1 s chunk: behind its stream)
+            lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
+        proc.send_signal(signal.SIGINT)  # the terminal's
+        time.sleep(0.02)  # (a relay's delay: two signals sent at once would merge into one pending signal)
+        proc.send_signal(signal.SIGINT)  # timeout's relay of it
+        lines.expect(r"task rec#0 finished its stream", timeout=30)
+        lines.expect(r"stopped \(broker exit code 0, 0 restarts\)", timeout=30)
+        assert proc.wait(15) == 0
+    rows = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
+    assert rows[-1][2] == 1  # the partial tail: the stream was finished
+    assert all(rows[k + 1][0] == rows[k][0] + rows[k][1] for k in range(len(rows) - 1)), rows  # contiguous
+
+
 def test_a_task_behind_its_stream_at_the_stop_is_stopped_after_its_stop_timeout_and_said(tmp_path):
     # A newcomer: a worker still busy 10 s after the stop was cut off without a word, and up exited 0.  Now up
     # names every worker: one still busy after its own task's stop_timeout is stopped then, with the index it had

@@ -34,6 +34,7 @@ _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _HEALTHY = 60.0  # seconds a worker must live for its restart back-off to start again from the first step
 _STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted workers)
+_ECHO = 0.3  # seconds within which a signal after the first is the same stop relayed again, not a second one
 _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
 # How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to up's whole process group
 # (timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers itself after they finish their
@@ -183,8 +184,16 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     # Signals counted, nothing more: a handler that took a lock (Event.set) deadlocked when a second signal
     # came while the first handler held it (Ctrl-C relayed twice). The loop looks every 0.1 s.
     signals = [0]
+    first = [0.0]
 
     def count(*_: Any) -> None:
+        # One Ctrl-C reaches up twice within milliseconds when up runs under a relay in the terminal's process
+        # group (`timeout 90 slabcast up ...`: the terminal's SIGINT, then timeout's): counted once.  A second
+        # Ctrl-C ("stop now") is one that comes later than _ECHO after the first.
+        now = time.monotonic()
+        if signals[0] == 1 and now - first[0] < _ECHO:
+            return
+        first[0] = first[0] or now
         signals[0] += 1
 
     old = [signal.signal(signal.SIGTERM, count), signal.signal(signal.SIGINT, count)]
