@@ -152,6 +152,16 @@ def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_p
         ("gain", "{ rate = '48000' }", r"option 'rate' must be a number, as its default 48000 is, got '48000' \(a str\)"),
         ("gain", "{ loud = 1 }", r"option 'loud' must be true or false, as its default False is, got 1 \(a int\)"),
         ("gain", "{ label = 3 }", r"option 'label' must be a string, as its default 'x' is, got 3 \(a int\)"),
+        # Annotated (a newcomer: annotations written as types, without `from __future__ import annotations`, were
+        # never checked, and `log = 5` opened file descriptor 5); the same under the future import.
+        *[(f"{module}typed", options, said) for module in ("", "future_") for options, said in [
+            ("{ fail_at = '3' }", r"option 'fail_at' must be an integer, got '3' \(a str\)"),
+            ("{ fail_at = 3, log = 5 }", r"option 'log' must be a string, got 5 \(a int\)"),
+            ("{ fail_at = 3, ratio = 'x' }", r"option 'ratio' must be a number, got 'x' \(a str\)"),
+            ("{ fail_at = 3, on = 1 }", r"option 'on' must be true or false, got 1"),
+            # (an unknown key first: the misspelling of the one missing, which alone was said before)
+            ("{ failat = 3 }", r"has no option 'failat'; did you mean 'fail_at'\?"),
+        ]],
     ],
 )  # fmt: skip
 def test_a_task_callable_that_cannot_take_the_chunk_or_an_option_of_the_wrong_kind_is_refused(tmp_path, monkeypatch,
@@ -159,9 +169,12 @@ def test_a_task_callable_that_cannot_take_the_chunk_or_an_option_of_the_wrong_ki
     # A newcomer: each was taken, then every worker crash-looped on its first chunk (TypeError).
     from slabcast.cli.up_config import ConfigError, load_config
 
+    typed = "def {}typed(chunk, fail_at: int, log: str = 'x', ratio: float | None = None, on: bool = False):\n    pass\n"
     (tmp_path / "mytasks.py").write_text(
-        "def nochunk():\n    pass\n\n\ndef gain(chunk, rate=48000, loud=False, label='x'):\n    pass\n"
+        "def nochunk():\n    pass\n\n\ndef gain(chunk, rate=48000, loud=False, label='x'):\n    pass\n\n\n"
+        + typed.format("") + "\n\nfrom mytasks_future import future_typed  # noqa\n"
     )
+    (tmp_path / "mytasks_future.py").write_text("from __future__ import annotations\n\n\n" + typed.format("future_"))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tmp_path / "c.toml"
     cfg.write_text(

@@ -16,6 +16,8 @@ import os
 import sys
 import tomllib
 import traceback
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +111,20 @@ def _choice(where: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+def _kinds(annotation: Any) -> set[str]:
+    """The names of the types an annotation allows (``int | None`` -> ``{"int", "None"}``), whether it is written
+    as types or, under ``from __future__ import annotations``, as a string; empty for none."""
+    if annotation is inspect.Parameter.empty:
+        return set()
+    if isinstance(annotation, str):
+        return {k.strip() for k in annotation.split("|")}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if annotation is None or annotation is type(None):
+        return {"None"}
+    return {getattr(annotation, "__name__", str(annotation))}
+
+
 def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip: int) -> None:
     """Check keyword options against ``fn``'s signature (``skip`` leading positional parameters)."""
     try:
@@ -122,22 +138,32 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
         raise ConfigError(f"{where}: {what} must take the chunk as its first argument (def f(chunk, ...)), "
                           f"its signature is {sig}")  # fmt: skip
     params = every[skip:]
+    known = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    anything = any(p.kind is p.VAR_KEYWORD for p in params)
+    for key in options:  # first: an unknown key is likely the misspelling of a missing one
+        if key not in known and not anything:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known)) or 'none'}"
+            raise ConfigError(f"{where}: {what} has no option {key!r}{hint}")
     missing = [p.name for p in params if p.default is p.empty and p.name not in options
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
     if missing:  # caught here, not by a worker restarting forever on the same TypeError
         given = ", ".join(f"{k} = ..." for k in missing)
         raise ConfigError(f"{where}: {what} needs option {', '.join(map(repr, missing))}: options = {{ {given} }}")
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    known = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     for key, value in options.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(known)) or 'none'}"
-            raise ConfigError(f"{where}: {what} has no option {key!r}{hint}")
-        # Plain annotations say what a value must be ("float", "int | None"): a string for a number is
-        # refused here, naming the key, not by the callable with a message that names none.
-        kinds = {str(k).strip() for k in str(known[key].annotation).split("|")}
+            continue  # (taken by **kwargs)
+        # Annotations say what a value must be (float, int | None, str; as written or as strings under
+        # `from __future__ import annotations`): a string for a number is refused here, naming the key, not by
+        # the callable with a message that names none.
+        kinds = _kinds(known[key].annotation)
+        if kinds == {"str"} or kinds == {"str", "None"}:
+            if not isinstance(value, str) and not (value is None and "None" in kinds):
+                raise ConfigError(f"{where}: {what}'s option {key!r} must be a string, got {value!r} "
+                                  f"(a {type(value).__name__})")  # fmt: skip
+            continue
+        if kinds == {"bool"} and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {what}'s option {key!r} must be true or false, got {value!r}")
         number = "float" in kinds or "int" in kinds
         if number and (isinstance(value, bool) or not isinstance(value, int | float)) and not (
             value is None and "None" in kinds
