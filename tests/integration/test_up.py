@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import slabcast
@@ -145,6 +146,34 @@ def test_stopping_up_lets_the_tasks_finish_their_streams_with_the_partial_tail(t
     assert partial and 0 < n < 8001  # the stream ended on a frame of 80, never on a chunk of 8001 here
 
 
+def test_a_worker_restarted_after_its_file_stream_ended_says_what_it_missed_and_up_ends(tmp_path):
+    # A newcomer: a file source (pace = false) wrote the whole file into the pool at once and ended; the block
+    # recorder, behind, was killed; the stream went with its last reader, and the restarted worker waited for it
+    # for ever, up with it (then said "its stream never appeared"); the samples it missed were named nowhere.
+    soundfile = pytest.importorskip("soundfile")
+    wav = tmp_path / "take.wav"
+    soundfile.write(str(wav), (np.arange(16000) % 1000).astype(np.int16), 8000, subtype="PCM_16")
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        f"[[sources]]\nkind = 'file'\nname = 'take'\npath = '{wav}'\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'take'\nsize = 800\n"
+        f"clip = true\npolicy = 'block'\noptions = {{ out = '{tally}', delay = 0.3 }}\n"
+    )
+    with running_up(cfg) as (proc, lines):
+        pid = int(lines.expect(r"task rec#0 started, pid (\d+)")[1])
+        lines.expect(r"^\[tally\] 0 800$", timeout=30)
+        lines.expect(r"^\[tally\] 800 800$", timeout=30)  # (the file is in the pool: its stream has ended)
+        os.kill(pid, signal.SIGKILL)
+        lines.expect(r"task rec#0 exited with code -9; restart 1", timeout=30)
+        m = lines.expect(r"task rec#0: its stream ended before this restart and is gone: the samples from stream "
+                         r"index (\d+) to its end were not processed", timeout=30)  # fmt: skip
+        assert int(m[1]) >= 800  # (where its predecessor had processed to)
+        lines.expect(r"every task finished its stream", timeout=30)
+        assert proc.wait(30) == 0
+
+
 def test_one_ctrl_c_relayed_twice_is_one_stop_not_a_second_ctrl_c(tmp_path):
     # A newcomer: Ctrl-C on `timeout 90 slabcast up ...` in a terminal reaches up twice within milliseconds (the
     # terminal's SIGINT, then timeout's relay), taken as "Ctrl-C again: stop now" 4 tries in 4: a task behind its
@@ -154,12 +183,12 @@ def test_one_ctrl_c_relayed_twice_is_one_stop_not_a_second_ctrl_c(tmp_path):
     cfg.write_text(
         f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
         "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
-        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'mic'\nsize = 800\n"
-        f"partial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}', delay = 0.15 }}\n"
-    )
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:slow_tally'\nstream = 'mic'\nsize = 801\n"
+        f"clip = true\npartial_tail = true\npolicy = 'block'\noptions = {{ out = '{tally}', delay = 0.15 }}\n"
+    )  # (exact chunks of 801: a stream of 80-sample frames ends inside one, before 64,080 samples)
     with running_up(cfg) as (proc, lines):
         for _ in range(6):  # (0.15 s of work for each 0.1 s chunk: behind its stream)
-            lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
+            lines.expect(r"^\[tally\] \d+ 801$", timeout=30)
         proc.send_signal(signal.SIGINT)  # the terminal's
         time.sleep(0.02)  # (a relay's delay: two signals sent at once would merge into one pending signal)
         proc.send_signal(signal.SIGINT)  # timeout's relay of it

@@ -35,6 +35,7 @@ _BACKOFF_MAX = 30.0
 _HEALTHY = 60.0  # seconds a worker must live for its restart back-off to start again from the first step
 _STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted workers)
 _ECHO = 0.3  # seconds within which a signal after the first is the same stop relayed again, not a second one
+_ENDED = 3  # a restarted worker's exit code: its (finite) stream had ended and was gone (task_main)
 _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
 # How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to up's whole process group
 # (timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers itself after they finish their
@@ -51,16 +52,19 @@ _STOP_WAIT = 5.0  # seconds a stopped worker gets to finish the chunk in its cal
 
 
 def task_main(task: Task, address: str, index: int, reached: int | None = None, directory: str = "",
-              progress: Any = None) -> None:  # fmt: skip
+              progress: Any = None, finite: bool = False) -> None:  # fmt: skip
     """A worker process: subscribe with the task's settings and call the task on every chunk.
 
     ``reached``: for a restarted worker, the stream index its predecessor had processed up to;
     the samples between it and this worker's start are reported as missed.  ``progress``: a shared
     integer (``multiprocessing.Value``) this worker sets to the stream index it has processed up to:
     its start once subscribed, then the end of each chunk whose callback returned.  ``directory``
-    (the config's) goes first on the import path.  Returns (exit code 0) when the stream
-    ends; any error ends the process with a traceback.
+    (the config's) goes first on the import path.  ``finite``: the stream's source ends (a file, a pipe):
+    a restarted worker that finds it gone (it ended, and was unlinked once its last reader left) exits
+    with ``_ENDED`` instead of waiting for a stream that never comes back.  Returns (exit code 0) when the
+    stream ends; any error ends the process with a traceback.
     """
+    from .._exceptions import StreamNotFoundError
     from ..client.subscriber import Subscriber
 
     if directory and directory not in sys.path:
@@ -83,10 +87,18 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fn = resolve(task.call)
-    # The broker holds the subscription until the stream exists: a worker may start first.
-    with Subscriber(task.stream, task.size, seconds=task.seconds, clip=task.clip, sampler=task.sampler,
-                    policy=task.policy, max_inflight=task.max_inflight, address=address, wait=86400.0,
-                    label=f"task:{task.name}#{index}", partial_tail=task.partial_tail) as sub:  # fmt: skip
+    # The broker holds the subscription until the stream exists: a worker may start first.  Not a restarted
+    # worker of a finite stream: it was there, and once gone it has ended.
+    try:
+        sub = Subscriber(task.stream, task.size, seconds=task.seconds, clip=task.clip, sampler=task.sampler,
+                         policy=task.policy, max_inflight=task.max_inflight, address=address,
+                         wait=0 if finite and reached is not None else 86400.0, label=f"task:{task.name}#{index}",
+                         partial_tail=task.partial_tail)  # fmt: skip
+    except StreamNotFoundError:
+        if not (finite and reached is not None):
+            raise
+        sys.exit(_ENDED)
+    with sub:
         if reached is not None and sub.start_index > reached:
             # A restarted worker: what its predecessor did not read is not ours to see (a lossless
             # task must know what it missed).
@@ -235,7 +247,8 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 if slot.proc is None and not slot.done and now >= slot.due:
                     slot.progress = ctx.Value("q", -1, lock=False)
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
-                                                                    slot.reached, config.directory, slot.progress),
+                                                                    slot.reached, config.directory, slot.progress,
+                                                                    slot.task.stream in config.finite),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     # Blocked in the child from its first instruction until task_main's handlers (a group
                     # signal meanwhile would kill it): the mask is inherited, unblocked there.
@@ -364,6 +377,11 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
     if code == 0 and not slot.task.restart_on_end:
         slot.done = True
         say(f"task {slot.name} finished its stream")
+        return
+    if code == _ENDED:
+        slot.done = True  # (a newcomer's restarted recorder waited for ever, and up with it)
+        say(f"task {slot.name}: its stream ended before this restart and is gone: the samples from stream index "
+            f"{slot.reached} to its end were not processed")  # fmt: skip
         return
     if now - slot.started >= _HEALTHY:
         slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again

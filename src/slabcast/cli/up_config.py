@@ -74,6 +74,7 @@ class Config:
     shm_bytes: int = 0  # /dev/shm the sources' pools take
     sources: list[dict[str, Any]] = field(default_factory=list)  # {"kind", "options"}: what the broker gets
     directory: str = ""  # the config's directory: first on the tasks' import path
+    finite: set[str] = field(default_factory=set)  # streams whose source ends (a file read once, a pipe)
 
 
 def _unknown(where: str, got: dict[str, Any], known: set[str]) -> None:
@@ -430,7 +431,9 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
     if specs:
         # The checked values go to the broker as they are (JSON keeps "1234" a string and false false).
         args += ["--sources-json", json.dumps(specs)]
-    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm, specs, directory)
+    finite = {str(name) for (kind, opts, _, _), name in zip(sources, names, strict=True)
+              if kind in _FINITE and not opts.get("loop")}  # fmt: skip
+    return Config(normalize(broker.get("address")), args, tasks, lease_timeout, shm, specs, directory, finite)
 
 
 def resolve(call: str) -> Any:
