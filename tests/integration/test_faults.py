@@ -553,7 +553,8 @@ def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, 
     other = slabcast.Publisher(stream_name + "-other", "int16", address=broker.address)
     # (the streams there are named, as at wait=0: a lab newcomer's typo waited 10 s for a bare "did not appear")
     with pytest.raises(slabcast.StreamNotFoundError,
-                       match=rf"did not appear within wait=0\.5 s; streams: {stream_name}-other \("):  # fmt: skip
+                       match=rf"did not appear within wait=0\.5 s; streams: {stream_name}-other; did you mean "
+                             rf"'{stream_name}-other'\? \("):  # fmt: skip
         slabcast.Subscriber(stream_name, size=1, wait=0.5, timeout=10, address=broker.address)
     assert time.monotonic() - t < 3.0  # wait= bounds it, not wait + timeout (was 10.5 s)
     other.close()

@@ -604,8 +604,8 @@ class BrokerState:
                 self.pending.setdefault(name, []).append((client, msg))
                 log.info("%s waits for stream %r", client.label, name)
                 return
-            known = ", ".join(sorted(self.streams)) or "none"
-            raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker (streams: {known})")
+            raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker "
+                                                f"({P.streams_hint(name, self.streams)})")  # fmt: skip
         self._catch_up(stream)  # it starts at the head: the newest frame described
         size = stream.chunk_size(size, seconds, MAX_SUBSCRIBERS)
         if cut != "local":
@@ -722,8 +722,8 @@ class BrokerState:
     def _on_stats(self, client: Client, msg: M.Stats) -> None:
         stream = self.streams.get(msg.name) or next((s for s in self.draining if s.name == msg.name), None)
         if stream is None:
-            known = ", ".join(sorted(self.streams)) or "none"
-            raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg.name!r} on this broker (streams: {known})")
+            raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {msg.name!r} on this broker "
+                                                f"({P.streams_hint(msg.name, self.streams)})")  # fmt: skip
         self._catch_up(stream)
         self._send(client.ident, M.StatsReply(stats_reply(stream)))
 

@@ -248,7 +248,7 @@ class Subscriber:
                             f"subscription within wait={self._wait:g} s (chunks longer than it carries wait for "
                             f"its CARRIED: a C publisher answers in sc_pub_write and sc_pub_service) ({conn.where})"
                         )
-                    known = "" if names is None else f"; streams: {', '.join(names) or 'none'}"
+                    known = "" if names is None else f"; {P.streams_hint(self.name, names)}"
                     raise StreamNotFoundError(
                         f"stream {self.name!r} did not appear within wait={self._wait:g} s{known} ({conn.where})"
                     )

@@ -7,8 +7,10 @@ version 1 clients with broker-cut CHUNK notices, exactly as those versions speci
 
 from __future__ import annotations
 
+import difflib
 import re
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -280,3 +282,11 @@ def check_stream_name(name: Any) -> str:
     if not STREAM_NAME.fullmatch(name):
         raise ValueError(f"stream name must be 1 to 64 characters from A-Z a-z 0-9 _ . : -, got {name!r}")
     return name
+
+
+def streams_hint(name: str, streams: Iterable[str]) -> str:
+    """``"streams: a, b; did you mean 'a'?"``: what a broker has instead of stream ``name`` (a misspelling
+    shows), for the words of ``ERROR unknown-stream`` and of a client whose wait for a stream expired."""
+    known = sorted(streams)
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"streams: {', '.join(known) or 'none'}" + (f"; did you mean {close[0]!r}?" if close else "")
