@@ -98,6 +98,8 @@ def test_up_runs_tasks_restarts_a_killed_worker_and_stops_cleanly(tmp_path):
 
         proc.send_signal(signal.SIGINT)
         lines.expect(r"stopped \(broker exit code 0, 1 restarts\)")
+        # What the restarted worker missed, summed up at the end (a newcomer: only in a worker's log line).
+        assert int(lines.expect(r"task spl#0 did not process (\d+) samples, across its 1 restarts")[1]) > 0
         assert proc.wait(15) == 0
         for pid in [broker_pid, new_pid, *pids.values()]:
             assert not pid_alive(pid), f"process {pid} was left running"
@@ -171,6 +173,8 @@ def test_a_worker_restarted_after_its_file_stream_ended_says_what_it_missed_and_
                          r"index (\d+) to its end were not processed", timeout=30)  # fmt: skip
         assert int(m[1]) >= 800  # (where its predecessor had processed to)
         lines.expect(r"every task finished its stream", timeout=30)
+        lines.expect(rf"task rec#0 did not process the samples from stream index {m[1]} to its stream's end, "
+                     r"across its 1 restarts", timeout=30)  # fmt: skip
         assert proc.wait(30) == 0
 
 

@@ -52,7 +52,7 @@ _STOP_WAIT = 5.0  # seconds a stopped worker gets to finish the chunk in its cal
 
 
 def task_main(task: Task, address: str, index: int, reached: int | None = None, directory: str = "",
-              progress: Any = None, finite: bool = False) -> None:  # fmt: skip
+              progress: Any = None, finite: bool = False, skipped: Any = None) -> None:  # fmt: skip
     """A worker process: subscribe with the task's settings and call the task on every chunk.
 
     ``reached``: for a restarted worker, the stream index its predecessor had processed up to;
@@ -62,7 +62,8 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     (the config's) goes first on the import path.  ``finite``: the stream's source ends (a file, a pipe):
     a restarted worker that finds it gone (it ended, and was unlinked once its last reader left) exits
     with ``_ENDED`` instead of waiting for a stream that never comes back.  Returns (exit code 0) when the
-    stream ends; any error ends the process with a traceback.
+    stream ends; any error ends the process with a traceback.  ``skipped``: a shared integer this
+    (restarted) worker sets to the samples it reports as missed.
     """
     from .._exceptions import StreamNotFoundError
     from ..client.subscriber import Subscriber
@@ -105,6 +106,8 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             line = (f"task {task.name}#{index} restarted at stream index {sub.start_index}: samples "
                     f"{reached}..{sub.start_index - 1} ({sub.start_index - reached}) were not processed")  # fmt: skip
             logging.getLogger("slabcast.up").warning(line)
+            if skipped is not None:
+                skipped.value = sub.start_index - reached
         if progress is not None:
             progress.value = sub.start_index
         for chunk in sub:
@@ -141,6 +144,9 @@ class _Slot:
     missing_since: float = 0.0
     reached: int | None = None  # the stream index its last worker had processed up to
     progress: Any = None  # the running worker's: its start, then the end of each chunk processed (-1: none yet)
+    skipped: Any = None  # the running worker's: samples between its predecessor's progress and its start
+    missed: int = 0  # samples its restarted workers did not process, all told (said at the end)
+    missed_end: int | None = None  # where the samples up to its ended stream's end went unprocessed (_ENDED)
 
     def processed(self) -> int | None:
         """The stream index the running (or last) worker processed up to, or None if it never subscribed."""
@@ -246,9 +252,11 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                     _reap(slot, now, say)
                 if slot.proc is None and not slot.done and now >= slot.due:
                     slot.progress = ctx.Value("q", -1, lock=False)
+                    slot.skipped = ctx.Value("q", 0, lock=False)
                     slot.proc = ctx.Process(target=task_main, args=(slot.task, broker.address, slot.index,
                                                                     slot.reached, config.directory, slot.progress,
-                                                                    slot.task.stream in config.finite),
+                                                                    slot.task.stream in config.finite,
+                                                                    slot.skipped),
                                             name=f"slabcast-task-{slot.name}")  # fmt: skip
                     # Blocked in the child from its first instruction until task_main's handlers (a group
                     # signal meanwhile would kill it): the mask is inherited, unblocked there.
@@ -296,6 +304,13 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
+    for slot in slots:  # (a newcomer: said only in a worker's log line, easy to miss; up exited 0 all the same)
+        missed = slot.missed + (int(slot.skipped.value) if slot.skipped is not None else 0)
+        parts = [f"{missed} samples"] if missed else []
+        if slot.missed_end is not None:
+            parts.append(f"the samples from stream index {slot.missed_end} to its stream's end")
+        if parts:
+            say(f"task {slot.name} did not process {' and '.join(parts)}, across its {slot.restarts} restarts")
     if any(s.failed for s in slots) or cut_off:
         return 1  # a task gave up, or did not finish its stream in time: the run did not do all it was asked
     if finished:
@@ -372,6 +387,8 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
     code = slot.proc.exitcode
     if (at := slot.processed()) is not None:
         slot.reached = at  # what its successor reports as missed starts here
+    slot.missed += int(slot.skipped.value) if slot.skipped is not None else 0
+    slot.skipped = None
     slot.proc.close()
     slot.proc = None
     if code == 0 and not slot.task.restart_on_end:
@@ -380,6 +397,7 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
         return
     if code == _ENDED:
         slot.done = True  # (a newcomer's restarted recorder waited for ever, and up with it)
+        slot.missed_end = slot.reached
         say(f"task {slot.name}: its stream ended before this restart and is gone: the samples from stream index "
             f"{slot.reached} to its end were not processed")  # fmt: skip
         return
