@@ -209,3 +209,32 @@ def test_every_table_s_mistake_is_told_in_one_run(tmp_path):
     cfg.write_text(cfg.read_text().replace("lease_timout", "lease_timeout").replace("seconds = 0\n", "seconds = 0.5\n")
                    .replace("'mick'", "'mic'"))  # fmt: skip
     assert load_config(str(cfg)).tasks[0].name == "level"
+
+
+def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypatch):
+    # A reviewer: a union with a number refused what its other kinds allow (Union[int, str] given 'abc'); an
+    # Optional[int] took 3.5; a positional-only parameter passed the check and failed in every worker.
+    from slabcast.cli.up_config import ConfigError, load_config
+
+    (tmp_path / "kinds.py").write_text(
+        "import typing\n\n\n"
+        "def mixed(chunk, x: typing.Union[int, str] = 0, y: 'typing.Optional[float]' = None, z: bool | None = None,\n"
+        "          n: typing.Optional[int] = None, many: list[int] | None = None):\n    pass\n\n\n"
+        "def posonly(chunk, gain, /):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "k.toml"
+
+    def load(call, options):
+        cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\n[[tasks]]\nname = 't'\n"
+                       f"call = 'kinds:{call}'\nstream = 'mic'\nsize = 100\noptions = {options}\n")  # fmt: skip
+        return load_config(str(cfg))
+
+    load("mixed", "{ x = 'abc', y = 2, z = true, n = 3, many = [1, 2] }")  # every value of a kind it allows
+    for options, said in [("{ n = 3.5 }", "option 'n' must be an integer, got 3.5"),
+                          ("{ z = 'yes' }", "option 'z' must be true or false, got 'yes'"),
+                          ("{ y = 'x' }", "option 'y' must be a number, got 'x'")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load("mixed", options)
+    with pytest.raises(ConfigError, match=r"takes 'gain' positionally only .*options are passed by name"):
+        load("posonly", "{ gain = 2 }")

@@ -35,7 +35,7 @@ _BACKOFF_MAX = 30.0
 _HEALTHY = 60.0  # seconds a worker must live for its restart back-off to start again from the first step
 _STATUS_EVERY = 1.0  # seconds between looks at the broker's status (evicted workers)
 _ECHO = 0.3  # seconds within which a signal after the first is the same stop relayed again, not a second one
-_ENDED = 3  # a restarted worker's exit code: its (finite) stream had ended and was gone (task_main)
+_GONE = -1  # a restarted worker's `skipped`: its (finite) stream had ended and was gone (task_main); it exits 0
 _STOPPED = 128 + signal.SIGTERM  # a worker's exit code when up stopped it (0: it finished its stream)
 # How up stops a worker (between two chunks).  Not SIGTERM: SIGTERM and SIGINT sent to up's whole process group
 # (timeout(1), `kill -- -PGID`, Ctrl-C) are up's, which stops its workers itself after they finish their
@@ -60,10 +60,10 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     integer (``multiprocessing.Value``) this worker sets to the stream index it has processed up to:
     its start once subscribed, then the end of each chunk whose callback returned.  ``directory``
     (the config's) goes first on the import path.  ``finite``: the stream's source ends (a file, a pipe):
-    a restarted worker that finds it gone (it ended, and was unlinked once its last reader left) exits
-    with ``_ENDED`` instead of waiting for a stream that never comes back.  Returns (exit code 0) when the
-    stream ends; any error ends the process with a traceback.  ``skipped``: a shared integer this
-    (restarted) worker sets to the samples it reports as missed.
+    a restarted worker that finds it gone (it ended, and was unlinked once its last reader left) exits 0
+    having set ``skipped`` to ``_GONE``, instead of waiting for a stream that never comes back.
+    ``skipped``: a shared integer this (restarted) worker sets to the samples it reports as missed.
+    Returns (exit code 0) when the stream ends; any error ends the process with a traceback.
     """
     from .._exceptions import StreamNotFoundError
     from ..client.subscriber import Subscriber
@@ -98,7 +98,9 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     except StreamNotFoundError:
         if not (finite and reached is not None):
             raise
-        sys.exit(_ENDED)
+        if skipped is not None:
+            skipped.value = _GONE  # (up reads it: an exit code could be the task's own)
+        return
     with sub:
         if reached is not None and sub.start_index > reached:
             # A restarted worker: what its predecessor did not read is not ours to see (a lossless
@@ -146,7 +148,8 @@ class _Slot:
     progress: Any = None  # the running worker's: its start, then the end of each chunk processed (-1: none yet)
     skipped: Any = None  # the running worker's: samples between its predecessor's progress and its start
     missed: int = 0  # samples its restarted workers did not process, all told (said at the end)
-    missed_end: int | None = None  # where the samples up to its ended stream's end went unprocessed (_ENDED)
+    missed_end: int | None = None  # where the samples up to its ended stream's end went unprocessed (_GONE)
+    finished: bool = False  # a worker of it finished its stream (exit 0)
 
     def processed(self) -> int | None:
         """The stream index the running (or last) worker processed up to, or None if it never subscribed."""
@@ -202,16 +205,17 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     # Signals counted, nothing more: a handler that took a lock (Event.set) deadlocked when a second signal
     # came while the first handler held it (Ctrl-C relayed twice). The loop looks every 0.1 s.
     signals = [0]
-    first = [0.0]
+    first = [0.0, 0]  # (when, which) the first signal came
 
-    def count(*_: Any) -> None:
+    def count(signum: int, *_: Any) -> None:
         # One Ctrl-C reaches up twice within milliseconds when up runs under a relay in the terminal's process
         # group (`timeout 90 slabcast up ...`: the terminal's SIGINT, then timeout's): counted once.  A second
-        # Ctrl-C ("stop now") is one that comes later than _ECHO after the first.
+        # Ctrl-C ("stop now") is another signal, or the same one later than _ECHO after the first.
         now = time.monotonic()
-        if signals[0] == 1 and now - first[0] < _ECHO:
+        if signals[0] == 1 and signum == first[1] and now - first[0] < _ECHO:
             return
-        first[0] = first[0] or now
+        if not signals[0]:
+            first[0], first[1] = now, signum
         signals[0] += 1
 
     old = [signal.signal(signal.SIGTERM, count), signal.signal(signal.SIGINT, count)]
@@ -305,10 +309,10 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
     for slot in slots:  # (a newcomer: said only in a worker's log line, easy to miss; up exited 0 all the same)
-        missed = slot.missed + (int(slot.skipped.value) if slot.skipped is not None else 0)
+        missed = slot.missed + max(0, int(slot.skipped.value) if slot.skipped is not None else 0)
         parts = [f"{missed} samples"] if missed else []
         if slot.missed_end is not None:
-            parts.append(f"the samples from stream index {slot.missed_end} to its stream's end")
+            parts.append(f"the samples from stream index {slot.missed_end} to its stream's end, if any")
         if parts:
             say(f"task {slot.name} did not process {' and '.join(parts)}, across its {slot.restarts} restarts")
     if any(s.failed for s in slots) or cut_off:
@@ -359,7 +363,9 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
             elif not alive:
                 pending.remove(slot)
                 code = slot.proc.exitcode
-                if code == 0:
+                if _took_skipped(slot) and code == 0:
+                    say(_gone_line(slot))
+                elif code == 0:
                     say(f"task {slot.name} finished its stream")
                 else:
                     say(f"task {slot.name} exited with code {code} before the end of its stream")
@@ -385,21 +391,20 @@ def _pump(fd: int, tail: collections.deque[str]) -> None:
 def _reap(slot: _Slot, now: float, say: Any) -> None:
     """A worker exited: done (code 0, its stream ended) or crashed (restart with back-off)."""
     code = slot.proc.exitcode
-    if (at := slot.processed()) is not None:
-        slot.reached = at  # what its successor reports as missed starts here
-    slot.missed += int(slot.skipped.value) if slot.skipped is not None else 0
-    slot.skipped = None
+    gone = _took_skipped(slot)
     slot.proc.close()
     slot.proc = None
+    if gone and code == 0:
+        slot.done = True  # (a newcomer's restarted recorder waited for ever, and up with it)
+        say(_gone_line(slot))
+        return
+    if (at := slot.processed()) is not None:
+        slot.reached = at  # what its successor reports as missed starts here
+    if code == 0:
+        slot.finished = True
     if code == 0 and not slot.task.restart_on_end:
         slot.done = True
         say(f"task {slot.name} finished its stream")
-        return
-    if code == _ENDED:
-        slot.done = True  # (a newcomer's restarted recorder waited for ever, and up with it)
-        slot.missed_end = slot.reached
-        say(f"task {slot.name}: its stream ended before this restart and is gone: the samples from stream index "
-            f"{slot.reached} to its end were not processed")  # fmt: skip
         return
     if now - slot.started >= _HEALTHY:
         slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again
@@ -413,6 +418,25 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
     delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (slot.streak - 1))
     slot.due = now + delay
     say(f"task {slot.name} exited with code {code}; restart {slot.restarts} in {delay:g} s")
+
+
+def _took_skipped(slot: _Slot) -> bool:
+    """Add what the slot's exited worker reported as missed to its count; True if it found its stream gone."""
+    value = int(slot.skipped.value) if slot.skipped is not None else 0
+    slot.skipped = None
+    if value == _GONE:
+        if not slot.finished:  # (a worker that finished its stream before, restarted on its end: nothing lost)
+            slot.missed_end = slot.reached
+        return True
+    slot.missed += value
+    return False
+
+
+def _gone_line(slot: _Slot) -> str:
+    if slot.missed_end is None:
+        return f"task {slot.name}: its stream ended and is gone: done"
+    return (f"task {slot.name}: its stream ended before this restart and is gone: the samples from stream index "
+            f"{slot.missed_end} to its end, if any, were not processed")  # fmt: skip
 
 
 def _check_evicted(slots: list[_Slot], address: str, lease_timeout: float, now: float, say: Any) -> None:

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 import traceback
@@ -118,6 +119,9 @@ def _kinds(annotation: Any) -> set[str]:
     if annotation is inspect.Parameter.empty:
         return set()
     if isinstance(annotation, str):
+        inner = re.fullmatch(r"(?:typing\.)?Optional\[(.+)\]", annotation.strip())
+        if inner:
+            return _kinds(inner[1]) | {"None"}
         return {k.strip() for k in annotation.split("|")}
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
@@ -139,6 +143,10 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
         raise ConfigError(f"{where}: {what} must take the chunk as its first argument (def f(chunk, ...)), "
                           f"its signature is {sig}")  # fmt: skip
     params = every[skip:]
+    alone = [p.name for p in params if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if alone:  # (options are passed by name: each worker would fail on its first chunk)
+        raise ConfigError(f"{where}: {what} takes {', '.join(map(repr, alone))} positionally only (before a '/' "
+                          f"in its signature {sig}): options are passed by name")  # fmt: skip
     known = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     anything = any(p.kind is p.VAR_KEYWORD for p in params)
     for key in options:  # first: an unknown key is likely the misspelling of a missing one
@@ -158,22 +166,21 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
         # `from __future__ import annotations`): a string for a number is refused here, naming the key, not by
         # the callable with a message that names none.
         kinds = _kinds(known[key].annotation)
-        if kinds == {"str"} or kinds == {"str", "None"}:
-            if not isinstance(value, str) and not (value is None and "None" in kinds):
-                raise ConfigError(f"{where}: {what}'s option {key!r} must be a string, got {value!r} "
-                                  f"(a {type(value).__name__})")  # fmt: skip
+        plain = kinds - {"None"}  # (checked only where every kind it allows is one of these: str, bool, numbers)
+        if value is None and "None" in kinds:
             continue
-        if kinds == {"bool"} and not isinstance(value, bool):
-            raise ConfigError(f"{where}: {what}'s option {key!r} must be true or false, got {value!r}")
-        number = "float" in kinds or "int" in kinds
-        if number and (isinstance(value, bool) or not isinstance(value, int | float)) and not (
-            value is None and "None" in kinds
-        ):
-            want = "a number" if "float" in kinds else "an integer"
-            raise ConfigError(f"{where}: {what}'s option {key!r} must be {want}, got {value!r} "
+        if plain == {"str"} and not isinstance(value, str):
+            raise ConfigError(f"{where}: {what}'s option {key!r} must be a string, got {value!r} "
                               f"(a {type(value).__name__})")  # fmt: skip
-        if kinds == {"int"} and isinstance(value, float):
-            raise ConfigError(f"{where}: {what}'s option {key!r} must be an integer, got {value!r}")
+        if plain == {"bool"} and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {what}'s option {key!r} must be true or false, got {value!r}")
+        if plain and plain <= {"int", "float"}:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                want = "a number" if "float" in plain else "an integer"
+                raise ConfigError(f"{where}: {what}'s option {key!r} must be {want}, got {value!r} "
+                                  f"(a {type(value).__name__})")  # fmt: skip
+            if plain == {"int"} and isinstance(value, float):
+                raise ConfigError(f"{where}: {what}'s option {key!r} must be an integer, got {value!r}")
         # No annotation: the default's kind says what is wanted ({ rate = "48000" } against rate=48000 failed in
         # each worker, "unsupported operand type(s) for /: 'int' and 'str'").
         default = known[key].default
