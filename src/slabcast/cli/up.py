@@ -65,7 +65,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     ``skipped``: a shared integer this (restarted) worker sets to the samples it reports as missed.
     Returns (exit code 0) when the stream ends; any error ends the process with a traceback.
     """
-    from .._exceptions import StreamNotFoundError
+    from .._exceptions import EndOfStream, StreamNotFoundError
     from ..client.subscriber import Subscriber
 
     if directory and directory not in sys.path:
@@ -95,7 +95,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                          policy=task.policy, max_inflight=task.max_inflight, address=address,
                          wait=0 if finite and reached is not None else 86400.0, label=f"task:{task.name}#{index}",
                          partial_tail=task.partial_tail)  # fmt: skip
-    except StreamNotFoundError:
+    except (StreamNotFoundError, EndOfStream):  # (gone, or ending as it answered)
         if not (finite and reached is not None):
             raise
         if skipped is not None:
