@@ -31,7 +31,7 @@ static const char USAGE[] =
     "  --framed      records from stdin, one per frame: u32 n, u32 flags (bit 0: discontinuity before the\n"
     "                frame; bit 8: n f64 per-sample times follow), f64 t0 (NaN: the wall clock now), [times],\n"
     "                then n samples; little-endian\n"
-    "  --pattern N   N samples of a counter: value k of the stream (sample k / C, channel k %% C) is k, cast to\n"
+    "  --pattern N   N samples of a counter: value k of the stream (sample k / C, channel k % C) is k, cast to\n"
     "                the dtype as numpy's astype does from int64; --frame N per write; --repeat: every frame\n"
     "                holds the first frame's values (no work per frame but the write); --go: wait for a line\n"
     "                on stdin before the first write\n"

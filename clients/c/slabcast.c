@@ -1452,8 +1452,9 @@ static void streams_there(sc_client *c, const char *stream, char *out, size_t ca
     msgview m;
     while (next_msg(c, deadline, &m) == SC_OK) {
         if (m.kind == SCW_STATS_REPLY) {
-            snprintf(out, cap, "; the broker has a stream of that name now (opened as the wait ended, or ended "
-                     "and still read by its subscribers)");
+            snprintf(out, cap, "; the broker has a stream of that name: its publisher did not take this "
+                     "subscription (a C publisher takes it in sc_pub_write and sc_pub_service), or the stream "
+                     "opened as the wait ended, or ended and is still read by its subscribers");
             return;
         }
         if (m.kind != SCW_ERROR || m.nf < SCW_ERROR_MESSAGE || m.a[SCW_ERROR_MESSAGE].type != MSGPACK_OBJECT_STR)

@@ -211,8 +211,10 @@ typedef struct sc_chunk {
     double t0;              /* time of the chunk's first sample, seconds */
     uint64_t seq;           /* this subscriber's chunk counter from 0; a gap means dropped chunks */
     uint64_t index;         /* stream index of the first sample */
-    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (or samples
-                             * were lost before it: no chunk spans the hole) */
+    unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (its publisher
+                             * said so, or samples it never saw were lost before it: no chunk spans the hole).
+                             * A "drop" subscriber's own dropped chunks are no jump: they show as a gap in
+                             * seq (sc_sub_stats dropped counts them) */
     unsigned reserved;      /* 0; fills what would be tail padding */
     /* Since 1.3.0. */
     const double *times;    /* a stream with per-sample times (sc_stream_info.timestamps): n seconds, one per
@@ -293,7 +295,7 @@ void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
  * sc_info()->start, from which every sample is received (version 3: and the ring descriptor of the frame
  * there, the first this client reads).  One subscription per client.  A stream that does not exist yet is
  * waited for (opts->wait_ms; SC_ENOSTREAM when the wait is 0 or expires, sc_errmsg naming the streams the
- * broker has: a misspelled name shows at once). */
+ * broker has and the closest: a misspelled name shows, at once with wait_ms 0). */
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts);
 
 /* The stream's description after a successful sc_subscribe (NULL before). */

@@ -240,13 +240,14 @@ class Subscriber:
                                              wait=self._wait > 0, token=token if local else None))  # fmt: skip
             reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
             if reply is None:
-                if self._wait > 0:
-                    names = _streams(conn.address) if local else None
+                names = _streams(conn.address) if local else None
+                if self._wait > 0 or (names is not None and self.name in names):
                     if names is not None and self.name in names:
+                        waited = self._wait if self._wait > 0 else self._timeout
                         raise StreamNotFoundError(
                             f"stream {self.name!r} is on the broker, but its publisher did not take this "
-                            f"subscription within wait={self._wait:g} s (chunks longer than it carries wait for "
-                            f"its CARRIED: a C publisher answers in sc_pub_write and sc_pub_service) ({conn.where})"
+                            f"subscription within {waited:g} s (chunks longer than it carries wait for its "
+                            f"CARRIED: a C publisher answers in sc_pub_write and sc_pub_service) ({conn.where})"
                         )
                     known = "" if names is None else f"; {P.streams_hint(self.name, names)}"
                     raise StreamNotFoundError(
