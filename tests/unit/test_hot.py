@@ -379,7 +379,7 @@ def _descriptors(seed: int, count: int, sample_bytes: int) -> tuple[bytes, int, 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_runs_groups_and_checks_descriptors_as_the_python_twin_does(seed):
-    from slabcast.broker.state import _runs_of
+    from slabcast.broker.descriptors import runs_of as _runs_of
 
     assert R.HOT is not None
     raw, seq, head = _descriptors(seed, 300, SB)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import DESCRIPTOR, HOT, Descriptor, barrier, futex_wake, rows_of
+from ..core.ring import DESCRIPTOR, HOT, barrier, futex_wake, rows_of
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -42,6 +42,7 @@ from .checks import (
     check_open,
     check_subscribe,
 )
+from .descriptors import Run, runs_of, wrong_descriptor
 from .liveness import REMOTE_SILENCE, alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
 from .report import stats_reply, stream_status
@@ -59,56 +60,18 @@ log = logging.getLogger("slabcast.broker")
 # it).
 _RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision at most, then everyone
 _READ = 4096  # descriptors read from a ring at a time
-_ROWS = 256  # up to this many, taken as tuples (_runs_of), else by column (BrokerState._take)
-# The compiled twin of _runs_of (core/_hot.c), for batches of any length; SLABCAST_PURE_PYTHON=1 keeps Python's.
+_ROWS = 256  # up to this many, taken as tuples (descriptors.runs_of), else by column (BrokerState._take)
+# The compiled twin of descriptors.runs_of (core/_hot.c), any batch length; SLABCAST_PURE_PYTHON=1 keeps Python's.
 _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
-def _mib(n: int) -> str:
-    """Bytes for a log line: ``"44.0 MiB"``, ``"512 KiB"``."""
-    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
-
-
 SILENT_KEPT = 1024  # remote clients dropped for silence, remembered to tell them why (BrokerState.silent)
 ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
 _TYPED = frozenset(M.MESSAGES.values())
 
 
-# A run of frames back to back in one slab: its first frame's byte, index, floor and flags, its samples in all,
-# and each frame's samples and t0.
-Run = tuple[int, int, int, int, int, tuple[int, ...], tuple[float, ...]]
-
-
-def _runs_of(rows: list[Descriptor], seq_next: int, head: int, sample_bytes: int) -> list[Run]:
-    """Descriptors read from the ring (``Ring.read``), checked and grouped into runs, a new run at a flag or where a
-    frame does not start at the previous one's end byte (a new slab): what a broker woken once per slab reads.
-    (Numpy's cost per call, some 50 calls, 170-250 us cold, outweighs this loop there: 15 frames of a paced
-    publisher about 40 us, 128 of a flat-out one 130-210 us against 210-310; core/_hot.c's ``runs`` is its
-    compiled twin.)
-
-    Raises
-    ------
-    Refused
-        A descriptor out of sequence: its seq not ``seq_next`` and on, its index not where the previous frame
-        ended (``head`` first), or no samples.
-    """
-    runs: list[list[Any]] = []  # [offset, first index, floor, flags, ns, t0s]
-    end = -1  # the byte after the current run's last frame
-    ns: list[int] = []
-    t0s: list[float] = []
-    for seq, index, t0, offset, floor, n, _slab, _gen, flags in rows:
-        if seq != seq_next or index != head or n < 1:
-            raise _wrong_descriptor(seq_next, seq, index, n, head)
-        if flags or offset != end:  # a jump, or not the previous frame's next bytes (a new slab): a new run
-            ns, t0s = [n], [t0]
-            runs.append([offset, index, floor, flags, ns, t0s])
-        else:
-            ns.append(n)
-            t0s.append(t0)
-        end = offset + n * sample_bytes
-        seq_next += 1
-        head += n
-    return [(offset, first, floor, flags, sum(run_ns), tuple(run_ns), tuple(run_t0s))
-            for offset, first, floor, flags, run_ns, run_t0s in runs]  # fmt: skip
+def _mib(n: int) -> str:
+    """Bytes for a log line: ``"44.0 MiB"``, ``"512 KiB"``."""
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
 def _ack_target(stream: Stream) -> int | None:
@@ -122,12 +85,6 @@ def _ack_target(stream: Stream) -> int | None:
     if low is None or low.sleeper is None or not low.tag:
         return None
     return low.sleeper
-
-
-def _wrong_descriptor(at: int, seq: int, index: int, n: int, expect: int) -> Refused:
-    """The refusal of descriptor ``at`` of a ring, which says ``seq``, ``index``, ``n``."""
-    return Refused(P.ERR_FRAME, f"descriptor {at} says seq {seq}, index {index}, n {n}; expected seq {at}, "
-                                f"index {expect}, n >= 1")  # fmt: skip
 
 
 class BrokerState:
@@ -496,7 +453,7 @@ class BrokerState:
                     self._take(stream, np.frombuffer(raw, DESCRIPTOR))
                 else:
                     if not isinstance(runs, list):  # (or one out of sequence: Python's twin says which, how)
-                        runs = _runs_of(rows_of(raw), frames, head, sample_bytes)
+                        runs = runs_of(rows_of(raw), frames, head, sample_bytes)
                     self._take_runs(stream, runs)
         except Refused as exc:
             # A publisher that describes its frames wrongly (not this one: Python's checks them) ends its stream.
@@ -520,7 +477,7 @@ class BrokerState:
             | (n < 1)  # fmt: skip
         if bad.any():
             i = int(np.argmax(bad))
-            raise _wrong_descriptor(stream.frames + i, int(d["seq"][i]), int(index[i]), int(n[i]), int(expect[i]))
+            raise wrong_descriptor(stream.frames + i, int(d["seq"][i]), int(index[i]), int(n[i]), int(expect[i]))
         offset, flags, t0 = d["offset"], d["flags"], d["t0"]
         # A run ends before a jump or where a frame does not follow the previous one's bytes (a new slab).
         starts = [0, *(np.flatnonzero((flags[1:] != 0) | (offset[1:] != offset[:-1] + n[:-1] * sample_bytes)) + 1)
@@ -535,7 +492,7 @@ class BrokerState:
             stream.account(self._now, int(offset[a]), total, ns[-1], bool(int(flags[a]) & P.FLAG_DISCONTINUITY))
 
     def _take_runs(self, stream: Stream, runs: list[Run]) -> None:
-        """Account for runs of frames (:func:`_runs_of`), in order."""
+        """Account for runs of frames (:func:`.descriptors.runs_of`), in order."""
         sample_bytes = stream.sample_bytes
         for offset, first, floor, flags, n, ns, t0s in runs:
             self._frame(stream, offset, n, t0s[0], flags & P.FLAG_DISCONTINUITY, (first - floor) * sample_bytes,
