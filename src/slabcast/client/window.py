@@ -125,7 +125,7 @@ class Window:
         self._lock = threading.Condition()
         self._closed = threading.Event()
         self.error: BaseException | None = None
-        self._end: EndOfStream | None = None  # the stream's clean end, once the thread has read it
+        self._closed_by_publisher = False  # the stream's clean end, once the thread has read it
         self._done = False  # the thread has stopped reading (an end, an error, close())
         if history:
             try:
@@ -170,11 +170,10 @@ class Window:
                     continue
                 with chunk:
                     self._take(chunk)
-        except EndOfStream as exc:
-            if isinstance(exc, PublisherGoneError):  # (an end, but not a clean one: the publisher died)
-                self.error = exc
-            else:
-                self._end = exc
+        except PublisherGoneError as exc:  # (an end, but not a clean one: the publisher died)
+            self.error = exc
+        except EndOfStream:
+            self._closed_by_publisher = True
         except (SlabcastError, ClosedError) as exc:
             if not self._closed.is_set():
                 self.error = exc
@@ -209,13 +208,13 @@ class Window:
         """Whether the window has stopped taking samples: its stream ended (closed by its publisher), or
         reading it failed (:attr:`error`: the publisher died, the broker went away, this window was evicted).
         It holds its last samples; :meth:`get` still returns them, :meth:`get_data` once more."""
-        return self._end is not None or self.error is not None
+        return self._closed_by_publisher or self.error is not None
 
     def _stopped(self) -> None:
         """Raise why the window takes no more samples (called under the lock, with none left unread)."""
         if self.error is not None:
             raise self.error.with_traceback(None)
-        if self._end is not None:
+        if self._closed_by_publisher:
             raise EndOfStream(f"stream {self.info.name!r} ended after {self._count} samples; the window holds "
                               f"the newest {min(self._count, self.capacity)} (get() returns them)")  # fmt: skip
 

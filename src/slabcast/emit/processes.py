@@ -275,10 +275,9 @@ class ProcessPool(Pool):
         w.results.close()
         with contextlib.suppress(OSError):
             w.notices.close()
-        if self.aborted:  # killed by abort(), which counted its chunks as lost
+        if self.aborted:  # killed by abort(), which counted its chunks as lost (nothing is handed on now)
             for task in w.inflight:
                 self._release(task[1])
-            done.append((-4, None, float(len(w.inflight))))
             w.inflight.clear()
             return
         if w.stopping and not w.inflight:
@@ -320,7 +319,7 @@ class ProcessPool(Pool):
     def _deliver(self, done: list[tuple[int, Any, float]]) -> None:
         # One result at a time, counted done once handed on: abort() counts as lost exactly what was not.
         for status, payload, extra in done:
-            count = 1 if status in (_OK, _ERROR, -2) else int(extra) if status in (-1, -4) else 0
+            count = 1 if status in (_OK, _ERROR, -2) else int(extra) if status == -1 else 0
             with self.lock:
                 if self.aborted:
                     return  # (close's timeout: what is left was told as lost)
@@ -352,8 +351,6 @@ class ProcessPool(Pool):
             except Exception as failure:
                 error = RuntimeError(f"the callback raised an exception that cannot be unpickled here: {failure!r}")
             calls.report(error)
-        elif status == -4:  # a worker abort() killed: its chunks are lost, as abort() said
-            pass
         else:  # -1: the pool broke (its waiting chunks are dropped); -2: a worker died with a chunk; -3: idle
             calls.report(payload)
 
