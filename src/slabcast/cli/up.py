@@ -309,8 +309,8 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
     for slot in slots:  # (a newcomer: said only in a worker's log line, easy to miss; up exited 0 all the same)
-        missed = slot.missed + max(0, int(slot.skipped.value) if slot.skipped is not None else 0)
-        parts = [f"{missed} samples"] if missed else []
+        _took_skipped(slot)  # (a worker still running at the stop)
+        parts = [f"{slot.missed} samples"] if slot.missed else []
         if slot.missed_end is not None:
             parts.append(f"the samples from stream index {slot.missed_end} to its stream's end, if any")
         if parts:

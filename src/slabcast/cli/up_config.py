@@ -347,8 +347,9 @@ def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:
         )
 
 
-def _broker(path: str, broker: dict[str, Any], args: list[str]) -> None:
-    """Check the [broker] table; its options go into ``args`` (the broker's command line)."""
+def _broker(path: str, broker: dict[str, Any], args: list[str]) -> float:
+    """Check the [broker] table; its options go into ``args`` (the broker's command line).  Returns its
+    lease timeout."""
     _unknown(f"{path}: [broker]", broker, _BROKER_KEYS)
     lease_timeout = float(_number(f"{path}: [broker]", "lease_timeout", broker.get("lease_timeout", 30.0)))
     args += ["--lease-timeout", str(lease_timeout)]
@@ -360,6 +361,7 @@ def _broker(path: str, broker: dict[str, Any], args: list[str]) -> None:
     if "log_level" in broker:
         args += ["--log-level", _choice(f"{path}: [broker]", "log_level", str(broker["log_level"]).upper(),
                                         ("DEBUG", "INFO", "WARNING", "ERROR"))]  # fmt: skip
+    return lease_timeout
 
 
 def load_config(path: str, shm_dir: str = _SHM) -> Config:
@@ -393,10 +395,7 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
     if not isinstance(broker, dict):
         raise ConfigError(f"{path}: [broker] must be a table")
     args: list[str] = []
-    lease_timeout = 30.0
-    checked(_broker, path, broker, args)
-    if "--lease-timeout" in args:
-        lease_timeout = float(args[args.index("--lease-timeout") + 1])
+    lease_timeout = checked(_broker, path, broker, args) or 30.0
     # Task modules beside the config import as `python script.py` imports those beside a script.
     directory = os.path.dirname(os.path.abspath(path))
     if directory not in sys.path:
