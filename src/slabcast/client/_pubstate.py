@@ -135,7 +135,10 @@ class PublisherState:
 
     def switch_due(self, now: float) -> bool:
         """Whether a slab change waits to be told to the broker and is due at ``now`` (:meth:`switch_left`)."""
-        return self.switch_unsent and self.switch_left(now) <= 0.0
+        # (switch_left inlined: a fast writer asks at every frame while a change is untold, deferred mostly)
+        grants = self.grants
+        return self.switch_unsent and (not grants or (
+            (len(grants) < 2 or self.carried_due is not None) and now >= self.unsent_since + SWITCH_DELAY))
 
     def first_frame(self, now: float) -> None:
         """The first frame of the slab started last is in the ring (its position stored) at ``now``: the change

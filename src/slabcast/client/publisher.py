@@ -414,8 +414,10 @@ class Publisher:
                     state.first_frame(time.monotonic())  # (its slab change is due to the broker from now on)
                 if not told:
                     self._tell(index, offset, n, nbytes, self._ring.t0_of(position), flags, grew, first, position + 1)
-                elif ring_now or state.switch_unsent:  # (the wakes and the doorbell look were put's)
+                elif ring_now:  # (the wakes and the doorbell look were put's)
                     self._tell_rest(index, offset, n, self._ring.t0_of(position), flags, ring_now, first)
+                elif state.switch_unsent and (first or state.switch_due(time.monotonic())):
+                    self._tell_switch(first)
                 if state.end - offset < 2 * nbytes and not self._prep_asked:
                     self._prep_asked = True
                     self._kick()
@@ -535,21 +537,26 @@ class Publisher:
     def _tell_rest(self, index: int, offset: int, n: int, t0: float, flags: int, ring_now: bool, first: bool) -> None:
         """What is left to tell when no version-2 or broker-cut subscriber must hear of the frame: a doorbell
         subscriber's notice (``ring_now``), and a slab change's PUBLISHED when it is ours to send."""
-        state = self._state
         if ring_now:
             with self._lock:
                 self._notice(index, offset, n, t0, flags, True)
-        if state.switch_unsent:
-            # The broker grants the next slab when it hears of this change; the publisher holds another
-            # (P.GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it
-            # then competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A
-            # writer that held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
-            if first:
-                if not state.deferred():
-                    self._kick()
-            elif state.switch_due(time.monotonic()):
-                with self._lock:
-                    self._published()
+        if self._state.switch_unsent:
+            self._tell_switch(first)
+
+    def _tell_switch(self, first: bool) -> None:
+        """A slab change not told to the broker yet, after a frame: at its ``first`` frame, wake the background
+        thread to tell it later (unless it is deferred); else tell it now if it is due."""
+        # The broker grants the next slab when it hears of this change; the publisher holds another
+        # (P.GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it then
+        # competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A writer that
+        # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
+        state = self._state
+        if first:
+            if not state.deferred():
+                self._kick()
+        elif state.switch_due(time.monotonic()):
+            with self._lock:
+                self._published()
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has read every frame written so far.
