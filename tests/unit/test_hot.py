@@ -390,6 +390,36 @@ def test_runs_groups_and_checks_descriptors_as_the_python_twin_does(seed):
     assert R.HOT.runs(b"", seq, head, SB) == []
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_reader_runs_takes_descriptors_as_the_python_twin_does(seed):
+    # A subscriber's look (client/_local.py): runs in one slab, a run broken by a flag or a slab change,
+    # descriptors before its start skipped, a gap where it was lapped, its history's floor lowered.
+    from slabcast.client._local import _py_reader_runs
+
+    assert R.HOT is not None
+    raw, _seq, head = _descriptors(seed, 300, SB)
+    rows = R.rows_of(raw)
+    if seed % 2:  # lapped: 40 descriptors gone from the middle
+        raw = raw[: 100 * DESCRIPTOR_BYTES] + raw[140 * DESCRIPTOR_BYTES :]
+    noticed = head + (sum(d[5] for d in rows[:5]) if seed >= 2 else 0)  # (its start past the first five)
+    hist = (rows[60][6], 7, rows[60][4] - 2) if seed >= 4 else (-1, 0, 0)
+    got = R.HOT.reader_runs(raw, noticed, *hist, SB)
+    want = _py_reader_runs(raw, noticed, *hist, SB)
+    assert got == want
+    entries, end = got
+    assert end == head + sum(d[5] for d in R.rows_of(raw)) + (sum(d[5] for d in rows[100:140]) if seed % 2 else 0)
+    gaps = [e for e in entries if len(e) == 2]
+    assert len(gaps) == seed % 2
+    runs = [e for e in entries if len(e) == 9]
+    assert len(runs) > 5 and all(len(r[4]) == len(r[5]) for r in runs)
+    assert sum(sum(r[4]) for r in runs) + sum(b - a for a, b in gaps) == end - noticed
+    if seed >= 4:
+        assert any(r[1] == hist[0] and r[7] == hist[2] for r in runs)
+    assert R.HOT.reader_runs(b"", 5, -1, 0, 0, SB) == ([], 5)
+    with pytest.raises(ValueError, match="whole descriptors of 64 bytes, got 65 bytes"):
+        R.HOT.reader_runs(bytes(65), 0, -1, 0, 0, SB)
+
+
 @pytest.mark.parametrize("wrong", ["seq", "index", "n"])
 def test_runs_names_the_row_of_a_descriptor_out_of_sequence(wrong):
     assert R.HOT is not None

@@ -206,3 +206,48 @@ def test_feed_takes_numpy_integers_and_floats_and_gives_python_ones() -> None:
     got = c.feed(np.uint64(0), np.uint32(6), np.float64(1.5))
     assert got == py.feed(np.uint64(0), np.uint32(6), np.float64(1.5)) == [(0, 4, 1.5)]
     assert type(got[0][0]) is int and type(c.start) is int and c.start == py.start == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=frames_st,
+    size=st.integers(1, 50),
+    clip=st.booleans(),
+    rate=st.sampled_from([None, 250.0, 48000.0]),
+    pauses=st.one_of(st.none(), st.lists(st.floats(0.0, 3.0, allow_nan=False), min_size=1, max_size=5)),
+    cut_at=st.integers(0, 59),
+)
+def test_feed_until_stops_where_feeding_frame_by_frame_first_cuts_in_both(
+    frames: list[tuple[int, float]], size: int, clip: bool, rate: float | None, pauses: list[float] | None,
+    cut_at: int,
+) -> None:  # fmt: skip
+    # A subscriber's run of frames fed in one call (client/_local.py, _step): the frame the call stops at, the
+    # chunks of that frame and the state afterwards are what frame-by-frame feeding gives there.
+    ns = [n for n, _ in frames]
+    t0s = (np.cumsum([dt for _, dt in frames]) + 1000.0).tolist()
+    i = min(cut_at, len(ns) - 1)
+    ref = PyRechunker(size, clip, rate, None if pauses is None else _pauses(pauses))
+    index = 7000 + sum(ns[:i])
+    want_j, want_at, want = i, index, []
+    for j in range(i, len(ns)):
+        want_j, want_at, want = j, index, ref.feed(index, ns[j], t0s[j])
+        if want:
+            break
+        index += ns[j]
+    for r in (PyRechunker(size, clip, rate, None if pauses is None else _pauses(pauses)),
+              Rechunker(size, clip, rate, None if pauses is None else _pauses(pauses))):  # fmt: skip
+        j, at, got = r.feed_until(7000 + sum(ns[:i]), ns, tuple(t0s), i)
+        assert (j, at) == (want_j, want_at)
+        assert [tuple(map(repr, x)) for x in got] == [tuple(map(repr, x)) for x in want]
+        assert _state(r) == _state(ref)
+
+
+@pytest.mark.parametrize("make", [PyRechunker, Rechunker])
+def test_feed_until_refuses_a_frame_outside_its_run(make: Any) -> None:
+    r = make(4)
+    with pytest.raises(ValueError, match="frame 3 of a run of 3 frames"):
+        r.feed_until(0, [1, 2, 3], [0.0, 0.1, 0.2], 3)
+    with pytest.raises(ValueError, match=r"frame 0 of a run of 2 frames \(1 times\)"):
+        r.feed_until(0, [1, 2], [0.0], 0)
+    assert r.feed_until(0, [1, 2, 3], [0.0, 0.1, 0.2], 0) == (2, 3, [(0, 6, 0.0)])  # (not clipped: whole frames)
+    assert r.feed_until(6, [1, 2], [0.3, 0.4], 0) == (1, 7, [])  # (the run ends short of a chunk)

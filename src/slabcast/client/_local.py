@@ -26,7 +26,18 @@ from .._exceptions import BrokerGoneError, SamplesLostError, SlabcastError
 from .._info import StreamInfo
 from ..core.geometry import Geometry
 from ..core.rechunk import Rechunker
-from ..core.ring import CURSOR_SPAN, CURSOR_TAG_SHIFT, HOT, TSO, Ring, barrier, futex_wait, ring_layout, wake_target
+from ..core.ring import (
+    CURSOR_SPAN,
+    CURSOR_TAG_SHIFT,
+    HOT,
+    TSO,
+    Ring,
+    barrier,
+    futex_wait,
+    ring_layout,
+    rows_of,
+    wake_target,
+)
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
@@ -76,6 +87,41 @@ class _Frame:
     flags: int  # FLAG_DISCONTINUITY: the stream jumped (or samples were lost) before this one
     floor: int  # the lowest stream index contiguous in the slab (its carried part starts there)
     end: int = 0  # byte just past the run
+
+
+def _py_reader_runs(raw: bytes, noticed: int, hist_slab: int, hist_gen: int, hist_floor: int,
+                    sample_bytes: int) -> tuple[list[Any], int]:  # fmt: skip
+    """Descriptors copied from the ring, as a subscriber takes them: those before stream index ``noticed``
+    skipped, a gap ``(noticed, index)`` before one past it (lapped: that frame is flagged a discontinuity), the
+    floor of slab ``hist_slab``'s generation ``hist_gen`` lowered to ``hist_floor`` (the broker carried more
+    into it for our history than its publisher did), and frames back to back in one slab (same slab, generation
+    and end byte, no flag) grouped into runs ``[index, slab, gen, offset, ns, t0s, flags, floor, end]``.
+    Returns them in order and the stream index past the last frame.  (core/_hot.c's ``reader_runs`` is this,
+    compiled.)"""
+    entries: list[Any] = []
+    last: list[Any] | None = None
+    for _seq, index, t0, offset, floor, n, slab, gen, flags in rows_of(raw):
+        if index < noticed:
+            continue  # before this subscription's start (told of in its history)
+        if index > noticed:
+            entries.append((noticed, index))
+            flags |= P.FLAG_DISCONTINUITY
+            last = None
+        if slab == hist_slab and gen == hist_gen and hist_floor < floor:
+            floor = hist_floor
+        end = offset + n * sample_bytes
+        if last is not None and not flags and slab == last[1] and gen == last[2] and offset == last[8]:
+            last[4].append(n)  # the next frame of a run in one slab
+            last[5].append(t0)
+            last[8] = end
+        else:
+            last = [index, slab, gen, offset, [n], [t0], flags, floor, end]
+            entries.append(last)
+        noticed = index + n
+    return entries, noticed
+
+
+_reader_runs = _py_reader_runs if HOT is None else HOT.reader_runs
 
 
 class _Gap(NamedTuple):
@@ -500,11 +546,6 @@ class LocalReceiver:
         if self._posted != slab:
             self._send_ack()
 
-    def _cut_frame(self, index: int, n: int, t0: float, offset: int, slab: int, gen: int) -> bool:
-        """Feed one frame (``n`` samples from stream index ``index``, at byte ``offset`` of ``slab``) to the
-        chunker and cut the chunks it completes; True if any."""
-        return self._cut_fed(index, n, offset, slab, gen, self._chunker.feed(index, n, t0))
-
     def _cut_fed(self, index: int, n: int, offset: int, slab: int, gen: int,
                  chunks: list[tuple[int, int, float]]) -> bool:  # fmt: skip
         """Cut ``chunks``, what the chunker completed with the frame of ``n`` samples from ``index`` at byte
@@ -528,35 +569,21 @@ class LocalReceiver:
         if position == start:
             return False
         stop = min(position, start + _READ)
-        descriptors = ring.read(start, stop)
-        if descriptors is None:
+        raw = ring.read_bytes(start, stop)
+        if raw is None:
             # Lapped: only a drop subscriber (a block subscriber holds back the slabs it has not read, and so
             # the descriptors).  Go on with the newest half of the ring; the samples in between are counted.
             self._rseq = ring.position - ring.slots // 2
             return True
         self._rseq = stop
+        entries, self._noticed = _reader_runs(raw, self._noticed, *self._hist_floor, self._sample_bytes)
         frames = self._frames
-        noticed = self._noticed
-        hist_slab, hist_gen, hist_floor = self._hist_floor
-        last: _Frame | None = None
-        for _seq, index, t0, offset, floor, n, slab, gen, flags in descriptors:
-            if index < noticed:
-                continue  # before this subscription's start (told of in its history)
-            if index > noticed:
-                frames.append(_Gap(noticed, index))  # lapped: the samples we never saw (named by _lost)
-                flags |= P.FLAG_DISCONTINUITY
-                last = None
-            if slab == hist_slab and gen == hist_gen and hist_floor < floor:
-                floor = hist_floor  # the broker carried more into this slab for our history than its publisher did
-            if last is not None and not flags and slab == last.slab and gen == last.gen and offset == last.end:
-                last.ns.append(n)  # type: ignore[union-attr]  # the next frame of a run in one slab: one step
-                last.t0s.append(t0)  # type: ignore[union-attr]  # (a run from the ring: lists)
-                last.end = offset + n * self._sample_bytes
+        for e in entries:
+            if len(e) == 2:
+                frames.append(_Gap(*e))
             else:
-                last = _Frame(index, slab, gen, offset, [n], [t0], 0, flags, floor, offset + n * self._sample_bytes)
-                frames.append(last)
-            noticed = index + n
-        self._noticed = noticed
+                index, slab, gen, offset, ns, t0s, flags, floor, end = e
+                frames.append(_Frame(index, slab, gen, offset, ns, t0s, 0, flags, floor, end))
         return True
 
     # ------------------------------------------------------------ cutting
@@ -592,22 +619,17 @@ class LocalReceiver:
             if slab != self._cur_slab:
                 self._cur_slab = slab
                 self._leases.unlock_idle(slab)
-        ns, t0s, gen = entry.ns, entry.t0s, entry.gen
-        sb = self._sample_bytes
-        last = len(ns) - 1
-        while True:
-            n = ns[i]
-            cut = self._cut_frame(index, n, t0s[i], offset, slab, gen)
-            index += n
-            offset += n * sb
-            if i == last:
-                break
-            i += 1
-            entry.index, entry.offset, entry.i = index, offset, i
-            # The batch's next frame at once, unless this one cut chunks (handed out first) or the
-            # sampler failed (raised first): what recv's loop would do, without going round it.
-            if cut or self._sampler_error is not None:
-                return
+        # The run's frames up to the first that completes a chunk (handed out first: a drop subscriber's
+        # max_inflight counts what it holds), in one call; the frames before it only accumulate.  (A sampler's
+        # failure comes with a chunk: recv raises it first.)
+        ns = entry.ns
+        j, at, chunks = chunker.feed_until(index, ns, entry.t0s, i)
+        n = ns[j]
+        offset += (at - index) * self._sample_bytes
+        self._cut_fed(at, n, offset, slab, entry.gen, chunks)
+        if j < len(ns) - 1:
+            entry.index, entry.offset, entry.i = at + n, offset + n * self._sample_bytes, j + 1
+            return
         self._frames.popleft()
         if self._posted != slab:
             self._send_ack()  # the broker may free the slab we left

@@ -302,6 +302,144 @@ done:
 }
 
 
+PyDoc_STRVAR(reader_runs_doc,
+"reader_runs(raw, noticed, hist_slab, hist_gen, hist_floor, sample_bytes) -> (entries, noticed)\n\n"
+"A local subscriber's look at descriptors copied from the ring (raw: 64 bytes each), as\n"
+"client/_local.py's _reader_runs does it: descriptors before stream index `noticed` skipped, a gap before\n"
+"one past it as (noticed, index) and that frame flagged a discontinuity, the floor of slab hist_slab's\n"
+"generation hist_gen lowered to hist_floor, and frames grouped into runs back to back in one slab (the\n"
+"same slab, generation and end byte, no flag) as [index, slab, gen, offset, ns, t0s, flags, floor, end]\n"
+"(ns and t0s lists).  Returns them in order and the stream index past the last frame.");
+
+/* A run's entry gets the end byte of its last frame (its item 8 said its first frame's). */
+static int
+close_run(PyObject *run, long long end)
+{
+    PyObject *e = PyLong_FromLongLong(end);
+    return e == NULL ? -1 : PyList_SetItem(run, 8, e);  /* (steals e, also when it fails) */
+}
+
+static PyObject *
+hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "reader_runs takes 6 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long vals[5];
+    for (int k = 0; k < 5; k++) {
+        vals[k] = PyLong_AsLongLong(args[k + 1]);
+        if (vals[k] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    long long noticed = vals[0], hist_slab = vals[1], hist_gen = vals[2], hist_floor = vals[3];
+    long long sample_bytes = vals[4];
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL, *list = NULL;
+    PyObject *ns = NULL, *t0s = NULL, *run = NULL;  /* the open run, its lists (borrowed: the list holds them) */
+    long long run_slab = 0, run_gen = 0, run_end = 0;
+    int open = 0;
+    if (view.len % DESCRIPTOR_BYTES) {
+        PyErr_Format(PyExc_ValueError, "reader_runs: raw must be whole descriptors of %d bytes, got %zd bytes",
+                     DESCRIPTOR_BYTES, view.len);
+        goto done;
+    }
+    list = PyList_New(0);
+    if (list == NULL)
+        goto done;
+    const char *raw = (const char *)view.buf;
+    Py_ssize_t count = view.len / DESCRIPTOR_BYTES;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *d = raw + i * DESCRIPTOR_BYTES;
+        uint64_t index, offset, floor_;
+        uint32_t n, slab, gen, flags;
+        double t0;
+        memcpy(&index, d + 8, 8);
+        memcpy(&t0, d + 16, 8);
+        memcpy(&offset, d + 24, 8);
+        memcpy(&floor_, d + 32, 8);
+        memcpy(&n, d + 40, 4);
+        memcpy(&slab, d + 44, 4);
+        memcpy(&gen, d + 48, 4);
+        memcpy(&flags, d + 52, 4);
+        if ((long long)index < noticed)
+            continue;  /* before this subscription's start (told of in its history) */
+        if ((long long)index > noticed) {  /* lapped: the samples never seen */
+            PyObject *gap = Py_BuildValue("(LL)", noticed, (long long)index);
+            if (gap == NULL || PyList_Append(list, gap) < 0) {
+                Py_XDECREF(gap);
+                goto done;
+            }
+            Py_DECREF(gap);
+            flags |= 1;  /* FLAG_DISCONTINUITY */
+            if (open && close_run(run, run_end) < 0)
+                goto done;
+            open = 0;
+        }
+        if ((long long)slab == hist_slab && (long long)gen == hist_gen && hist_floor < (long long)floor_)
+            floor_ = (uint64_t)hist_floor;
+        long long end = (long long)offset + (long long)n * sample_bytes;
+        PyObject *k = PyLong_FromUnsignedLong(n), *t = PyFloat_FromDouble(t0);
+        if (k == NULL || t == NULL) {
+            Py_XDECREF(k);
+            Py_XDECREF(t);
+            goto done;
+        }
+        if (open && !flags && (long long)slab == run_slab && (long long)gen == run_gen
+            && (long long)offset == run_end) {
+            int rc = PyList_Append(ns, k) < 0 || PyList_Append(t0s, t) < 0 ? -1 : 0;
+            Py_DECREF(k);
+            Py_DECREF(t);
+            if (rc < 0)
+                goto done;
+        }
+        else {
+            if (open && close_run(run, run_end) < 0) {
+                Py_DECREF(k);
+                Py_DECREF(t);
+                goto done;
+            }
+            open = 0;
+            ns = PyList_New(1);
+            t0s = PyList_New(1);
+            if (ns == NULL || t0s == NULL) {
+                Py_XDECREF(ns);
+                Py_XDECREF(t0s);
+                Py_DECREF(k);
+                Py_DECREF(t);
+                goto done;
+            }
+            PyList_SET_ITEM(ns, 0, k);
+            PyList_SET_ITEM(t0s, 0, t);
+            /* ("N" takes the lists' references; the entry keeps them, we borrow them while the run is open) */
+            PyObject *entry = Py_BuildValue("[KIIKNNIKL]", (unsigned long long)index, slab, gen,
+                                            (unsigned long long)offset, ns, t0s, flags,
+                                            (unsigned long long)floor_, end);
+            if (entry == NULL || PyList_Append(list, entry) < 0) {
+                Py_XDECREF(entry);
+                goto done;
+            }
+            Py_DECREF(entry);
+            run = entry;
+            open = 1;
+            run_slab = slab;
+            run_gen = gen;
+        }
+        run_end = end;
+        noticed = (long long)index + n;
+    }
+    if (open && close_run(run, run_end) < 0)
+        goto done;
+    result = Py_BuildValue("(OL)", list, noticed);
+done:
+    Py_XDECREF(list);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+
 /* ------------------------------------------------------------------ the publisher's frame */
 
 /* Frames of at least this many bytes go into the slab by non-temporal stores (x86-64). */
@@ -877,6 +1015,65 @@ rechunk_feed(Rechunker *r, int64_t index, int64_t n, double t0, PyObject *out)
     return 0;
 }
 
+PyDoc_STRVAR(feed_until_doc,
+"feed_until(index, ns, t0s, i) -> (j, index_j, chunks)\n\n"
+"feed() the frames of a run from its frame i on (ns: samples per frame, t0s: their times in seconds; frame i\n"
+"starts at stream index `index`, the next right after it), up to the first one that completes a chunk, or\n"
+"the run's last: that frame's place j in the run, its stream index and what feed() returned for it.");
+
+static PyObject *
+rechunker_feed_until(Rechunker *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "feed_until takes 4 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long index = PyLong_AsLongLong(args[0]);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t i = PyLong_AsSsize_t(args[3]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *ns = PySequence_Fast(args[1], "feed_until: ns must be a sequence");
+    if (ns == NULL)
+        return NULL;
+    PyObject *t0s = PySequence_Fast(args[2], "feed_until: t0s must be a sequence");
+    if (t0s == NULL) {
+        Py_DECREF(ns);
+        return NULL;
+    }
+    PyObject *result = NULL, *out = NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(ns);
+    if (i < 0 || i >= count || PySequence_Fast_GET_SIZE(t0s) != count) {
+        PyErr_Format(PyExc_ValueError, "feed_until: frame %zd of a run of %zd frames (%zd times)", i, count,
+                     PySequence_Fast_GET_SIZE(t0s));
+        goto done;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    PyObject **nv = PySequence_Fast_ITEMS(ns), **tv = PySequence_Fast_ITEMS(t0s);
+    for (;; i++) {
+        long long n = PyLong_AsLongLong(nv[i]);
+        if (n == -1 && PyErr_Occurred())
+            goto done;
+        double t0 = PyFloat_AsDouble(tv[i]);
+        if (t0 == -1.0 && PyErr_Occurred())
+            goto done;
+        if (rechunk_feed(r, index, n, t0, out) < 0)
+            goto done;
+        if (PyList_GET_SIZE(out) || i == count - 1)
+            break;
+        index += n;
+    }
+    result = Py_BuildValue("(nLO)", i, index, out);
+done:
+    Py_XDECREF(out);
+    Py_DECREF(ns);
+    Py_DECREF(t0s);
+    return result;
+}
+
 PyDoc_STRVAR(feed_doc,
 "feed(index, n, t0) -> list\n\n"
 "core/rechunk.py's Rechunker.feed: the chunks a frame of n samples from stream index `index` at time t0\n"
@@ -1040,6 +1237,7 @@ static PyGetSetDef rechunker_getset[] = {
 
 static PyMethodDef rechunker_methods[] = {
     {"feed", (PyCFunction)(void (*)(void))rechunker_feed, METH_FASTCALL, feed_doc},
+    {"feed_until", (PyCFunction)(void (*)(void))rechunker_feed_until, METH_FASTCALL, feed_until_doc},
     {"needed", (PyCFunction)rechunker_needed, METH_O, needed_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1657,6 +1855,7 @@ static PyMethodDef hot_methods[] = {
     {"futex_wake", (PyCFunction)(void (*)(void))hot_futex_wake, METH_FASTCALL, futex_wake_doc},
     {"barrier", hot_barrier, METH_NOARGS, barrier_doc},
     {"runs", (PyCFunction)(void (*)(void))hot_runs, METH_FASTCALL, runs_doc},
+    {"reader_runs", (PyCFunction)(void (*)(void))hot_reader_runs, METH_FASTCALL, reader_runs_doc},
     {"copy", (PyCFunction)(void (*)(void))hot_copy, METH_FASTCALL, copy_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1688,7 +1887,7 @@ PyInit__hot(void)
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
         || PyModule_AddIntConstant(m, "SWITCHED", SWITCHED) < 0
-        || PyModule_AddIntConstant(m, "ABI", 6) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 7) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ over its in-process buffers.  Both therefore cut exactly the same chunks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -127,6 +127,24 @@ class PyRechunker:
         if start is None:
             start = end if self.pause_at is None else max(end, self.pause_at)
         return start + self.size - end
+
+    def feed_until(
+        self, index: int, ns: Sequence[int], t0s: Sequence[float], i: int
+    ) -> tuple[int, int, list[tuple[int, int, float]]]:
+        """:meth:`feed` the frames of a run from its frame ``i`` on (``ns`` samples each, first samples at
+        ``t0s`` seconds; frame ``i`` starts at stream index ``index``, each next one right after), up to the first
+        that completes a chunk, or the run's last: that frame's place in the run, its stream index and what
+        :meth:`feed` returned for it (a subscriber reading many frames at once: one call, not one a frame)."""
+        if not 0 <= i < len(ns) or len(t0s) != len(ns):
+            raise ValueError(f"feed_until: frame {i} of a run of {len(ns)} frames ({len(t0s)} times)")
+        last = len(ns) - 1
+        while True:
+            n = ns[i]
+            chunks = self.feed(index, n, t0s[i])
+            if chunks or i == last:
+                return i, index, chunks
+            index += n
+            i += 1
 
     def feed(self, index: int, n: int, t0: float) -> list[tuple[int, int, float]]:
         """Account for a frame of ``n`` samples starting at stream index ``index`` at time ``t0``.

@@ -140,7 +140,7 @@ else:
         from slabcast.core import _hot
     except ImportError:  # (installed without a C compiler)
         _hot = None
-    if _hot is not None and getattr(_hot, "ABI", 0) != 6:  # (a module built from an older _hot.c: not ours)
+    if _hot is not None and getattr(_hot, "ABI", 0) != 7:  # (a module built from an older _hot.c: not ours)
         _hot = None
 
 __all__ = [
