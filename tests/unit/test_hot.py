@@ -291,6 +291,36 @@ def test_put_wakes_a_doorbell_subscriber_asleep_on_the_futex_word(ring, writer):
         t.join(5)
 
 
+@pytest.mark.parametrize(("byte", "position", "wakes"), [
+    (R.SLEEPER_BIT + 5, 5, True),  # the publish of its wake target
+    (R.SLEEPER_BIT + 5, 6, False),  # another: the kernel would wake nobody asleep with that mask, so no wake
+    (R.SLEEPER_ANY, 6, True),  # every bit: every publish
+    (200, 6, True),  # an unknown value: as every bit
+])  # fmt: skip
+def test_put_wakes_a_futex_sleeper_only_with_a_mask_its_byte_says_it_sleeps_with(ring, writer, byte, position, wakes):
+    # The waiter here sleeps with every bit whatever its byte says: whether it wakes shows whether put made the
+    # FUTEX_WAKE (a subscriber's byte and mask agree: core/ring.py's futex_sleeper_byte).
+    ring.w[R.DOORBELLS_AT // 4] = 1
+    ring.publish(position - 1)
+    woke: list[bool] = []
+    word = (position - 1) & 0xFFFFFFFF
+    t = threading.Thread(target=lambda: woke.append(R.HOT.futex_wait(ring.futex_address, word, 10.0)))
+    ring.futex_sleepers[7] = byte
+    t.start()
+    try:
+        _asleep_in_futex(t, ring.futex_address)
+        assert writer.put(_frame(2), 1.0, 0, 4096, END, position - 1, 0, 0, 0, 1, 2, False) == 2
+        assert R.wakes_a_sleeper(ring.futex_sleepers.tobytes(), R.wake_mask(position)) is wakes  # (the twin)
+        t.join(0.3 if not wakes else 5)
+        assert woke == ([True] if wakes else [])
+    finally:
+        ring.futex_sleepers[7] = 0
+        ring.publish(position + 9)
+        R.futex_wake(ring.futex_address)
+        t.join(5)
+    assert not t.is_alive()
+
+
 def test_put_wakes_futex_waiters_with_the_mask_of_the_new_position_or_every_bit_when_frame_max_grew(ring, writer):
     ring.w[R.FUTEX_AT // 4] = 1  # the broker's count of futex subscribers
     ring.publish(0)

@@ -375,3 +375,29 @@ def test_a_reader_takes_the_ring_where_the_header_says_and_checks_it():
         bad[at : at + width] = value.to_bytes(width, "little")
         with pytest.raises(ValueError, match=r"the segment's header names no ring: expected ring_slots"):
             ring_layout(bad)
+
+
+@pytest.mark.parametrize(("table", "mask", "wakes"), [
+    ({}, R.WAKE_ALL, False),
+    ({3: R.SLEEPER_ANY}, R.wake_mask(9), True),
+    ({3: R.SLEEPER_BIT + 9}, R.wake_mask(9), True),
+    ({3: R.SLEEPER_BIT + 9}, R.wake_mask(41), True),  # (positions 9 and 41 share a bit)
+    ({3: R.SLEEPER_BIT + 9}, R.wake_mask(10), False),
+    ({3: R.SLEEPER_BIT + 9}, R.WAKE_ALL, True),  # a frame larger than any before, a slab's first frame
+    ({3: R.SLEEPER_BIT + 9, 200: R.SLEEPER_BIT + 10}, R.wake_mask(10), True),
+    ({3: R.SLEEPER_BIT + 32}, R.wake_mask(10), True),  # (not a bit: as every bit)
+    ({3: 63}, R.wake_mask(10), True),
+])  # fmt: skip
+def test_a_publish_wakes_a_futex_sleeper_whose_byte_says_its_mask_can_be_woken_by_it(table, mask, wakes):
+    raw = bytearray(R.SLEEPERS)
+    for i, b in table.items():
+        raw[i] = b
+    assert R.wakes_a_sleeper(bytes(raw), mask) is wakes
+
+
+@pytest.mark.parametrize("position", [0, 1, 31, 32, 1000])
+def test_a_futex_sleepers_byte_names_the_bit_of_its_mask(position):
+    mask = R.wake_mask(position)
+    assert R.futex_sleeper_byte(mask) == R.SLEEPER_BIT + position % 32
+    assert R.wakes_a_sleeper(bytes([R.futex_sleeper_byte(mask)]) + bytes(R.SLEEPERS - 1), mask)
+    assert R.futex_sleeper_byte(R.WAKE_ALL) == R.SLEEPER_ANY

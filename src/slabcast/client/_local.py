@@ -33,6 +33,7 @@ from ..core.ring import (
     TSO,
     Ring,
     barrier,
+    futex_sleeper_byte,
     futex_wait,
     ring_layout,
     rows_of,
@@ -402,14 +403,17 @@ class LocalReceiver:
         if self._sleeper is not None and not ring.closed and ring.futex_sleepers_woken:
             # The doorbell, waiting in recv (nobody polls our notice socket): our byte in the futex sleeper table,
             # a barrier, the position again, asleep on the futex word (core/ring.py).  A publish we do not see
-            # here sees our byte after its own barrier and makes a FUTEX_WAKE: no ZeroMQ hop on the way.
+            # here sees our byte after its own barrier and makes a FUTEX_WAKE: no ZeroMQ hop on the way.  The byte
+            # says the mask we sleep with, so that the publishes that cannot complete our chunk make no wake (a
+            # frame that raises frame_max past what the mask assumed wakes every bit).
+            mask = self._wake_target(seen)
             table = ring.futex_sleepers
-            table[self._sleeper] = 1
+            table[self._sleeper] = futex_sleeper_byte(mask)
             try:
                 barrier()
                 position = ring.position
                 if position == seen and not ring.closed:  # (closed since our first look: NOTICE_END comes)
-                    futex_wait(ring.futex_address, seen, wait, self._wake_target(seen))
+                    futex_wait(ring.futex_address, seen, wait, mask)
                     position = ring.position
             finally:
                 table[self._sleeper] = 0

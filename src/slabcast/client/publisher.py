@@ -512,7 +512,7 @@ class Publisher:
                 barrier()
             if ring.doorbells:
                 ring_now = ring.sleeping()
-                if ring.futex_sleeping():
+                if ring.futex_sleeping(mask):
                     futex_wake(ring.futex_address, mask)  # (after the look: the one above may precede their sleep)
         # What else to send: NOTICEs for version-2 subscribers, which cut from them (batched for a fast
         # writer); a PUBLISHED when the broker cuts chunks itself (batched likewise); one NOTICE at once when a

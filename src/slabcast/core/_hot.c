@@ -49,6 +49,7 @@
 #define HEADER_BYTES 256
 #define DESCRIPTOR_BYTES 64
 #define SLEEPERS 256
+#define SLEEPER_BIT 64  /* a futex sleeper table byte SLEEPER_BIT + b: asleep with the mask 1 << b only */
 #define RING_NOW (1LL << 32)  /* put's result: send the doorbell notice (a sleeper byte changed) */
 #define FULL (1LL << 33)      /* put's result: a plain frame that does not fit before end: a new slab first */
 #define SWITCHED (1LL << 34)  /* put's result: ... so it went into the next slab the caller prepared */
@@ -621,6 +622,20 @@ all_zero(const unsigned char *table)
     return 1;
 }
 
+/* Whether a wake with mask can wake a subscriber of the futex sleeper table (core/ring.py, wakes_a_sleeper): a
+ * byte SLEEPER_BIT + b sleeps with the mask 1 << b only, any other one but 0 with every bit. */
+static int
+wakes_a_sleeper(const unsigned char *table, uint32_t mask)
+{
+    int bit = mask == WAKE_ALL ? -1 : __builtin_ctz(mask);
+    for (int i = 0; i < SLEEPERS; i++) {
+        unsigned b = table[i];
+        if (b && (bit < 0 || b == SLEEPER_BIT + (unsigned)bit || b < SLEEPER_BIT || b >= SLEEPER_BIT + 32))
+            return 1;
+    }
+    return 0;
+}
+
 static PyObject *
 writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -743,7 +758,7 @@ writer_put(Writer *w, PyObject *const *args, Py_ssize_t nargs)
     int ring_now = !all_zero(table) && memcmp(table, w->seen.buf, SLEEPERS) != 0;
     memcpy(w->seen.buf, table, SLEEPERS);
     memcpy(table, w->sleepers + SLEEPERS, SLEEPERS);
-    if (!all_zero(table))
+    if (wakes_a_sleeper(table, mask))
         wake(w->base + POSITION_AT, mask);  /* (after the look: the one above may precede their sleep) */
     return PyLong_FromLongLong(switched + (ring_now ? RING_NOW + n : (long long)n));
 }
@@ -1887,7 +1902,7 @@ PyInit__hot(void)
         || PyModule_AddIntConstant(m, "RING_NOW", RING_NOW) < 0
         || PyModule_AddIntConstant(m, "FULL", FULL) < 0
         || PyModule_AddIntConstant(m, "SWITCHED", SWITCHED) < 0
-        || PyModule_AddIntConstant(m, "ABI", 7) < 0) {
+        || PyModule_AddIntConstant(m, "ABI", 8) < 0) {
         Py_DECREF(m);
         return NULL;
     }

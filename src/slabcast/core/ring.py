@@ -55,10 +55,13 @@ which wakes them and is a full barrier too.
 
 The next ``SLEEPERS`` bytes of that page are the **futex sleeper table**, the same byte for each doorbell
 subscriber.  One that waits in a blocking ``recv`` (nobody polls its notice socket) and sees ``sleep_futex``
-set sleeps on the futex word instead, no ZeroMQ hop on the way: it sets its byte there (any value but 0),
-makes the barrier, loads the position and calls ``FUTEX_WAIT`` with what it loaded; awake, it clears the
-byte.  The publisher, after the same barrier, makes a ``FUTEX_WAKE`` whenever a byte of it is set (never
-skipped: a futex keeps no wake-up for later, as a queued notice does).  The kernel compares and sleeps
+set sleeps on the futex word instead, no ZeroMQ hop on the way: it sets its byte there (``SLEEPER_BIT + b``
+when it sleeps with a wake target's mask ``1 << b``, else ``SLEEPER_ANY``), makes the barrier, loads the
+position and calls ``FUTEX_WAIT`` with what it loaded; awake, it clears the byte.  The publisher, after the
+same barrier, makes a ``FUTEX_WAKE`` whenever a byte of it is set that its wake's mask can wake (never
+skipped: a futex keeps no wake-up for later, as a queued notice does; a wake the kernel would not deliver
+to anyone asleep there is skipped: a subscriber asleep over many frames costs the publisher no system call
+for each).  The kernel compares and sleeps
 atomically, so the handshake is Dekker's again.  An event loop (``recv`` without waiting, then a poll on
 the notice socket) keeps the notice.
 
@@ -140,7 +143,7 @@ else:
         from slabcast.core import _hot
     except ImportError:  # (installed without a C compiler)
         _hot = None
-    if _hot is not None and getattr(_hot, "ABI", 0) != 7:  # (a module built from an older _hot.c: not ours)
+    if _hot is not None and getattr(_hot, "ABI", 0) != 8:  # (a module built from an older _hot.c: not ours)
         _hot = None
 
 __all__ = [
@@ -151,6 +154,7 @@ __all__ = [
     "Ring",
     "barrier",
     "copy_into",
+    "futex_sleeper_byte",
     "futex_wait",
     "futex_wake",
     "ring_bytes",
@@ -365,10 +369,10 @@ class Ring:
         seen[:] = table
         return rang
 
-    def futex_sleeping(self) -> bool:
-        """Whether a doorbell subscriber sleeps on the futex word (after the same barrier): wake it, every time
-        (a futex keeps no wake-up for later, as a queued notice does)."""
-        return self.futex_sleepers.tobytes() != _NOBODY
+    def futex_sleeping(self, mask: int = WAKE_ALL) -> bool:
+        """Whether a doorbell subscriber sleeps on the futex word (after the same barrier) that a wake with
+        ``mask`` wakes: wake it, every time (a futex keeps no wake-up for later, as a queued notice does)."""
+        return wakes_a_sleeper(self.futex_sleepers.tobytes(), mask)
 
     @property
     def futex_sleepers_woken(self) -> bool:
@@ -545,6 +549,27 @@ if _hot is not None:
     futex_wait, futex_wake, barrier, copy_into = _hot.futex_wait, _hot.futex_wake, _hot.barrier, _hot.copy
 else:
     futex_wait, futex_wake, barrier, copy_into = _py_futex_wait, _py_futex_wake, _py_barrier, _py_copy_into
+
+
+SLEEPER_ANY = 1  # a futex sleeper table byte: asleep with every bit of the mask (the publisher always wakes it)
+SLEEPER_BIT = 64  # ... 64 + b: asleep with the mask 1 << b only (b = 0..31; the publisher may skip other wakes)
+
+
+def futex_sleeper_byte(mask: int) -> int:
+    """The futex sleeper table byte of a doorbell subscriber asleep on the futex word with ``mask`` (every bit,
+    or a wake target's one bit): what tells the publisher which of its wakes can wake it."""
+    return SLEEPER_ANY if mask == WAKE_ALL else SLEEPER_BIT + mask.bit_length() - 1
+
+
+def wakes_a_sleeper(table: bytes, mask: int) -> bool:
+    """Whether a wake with ``mask`` can wake a subscriber whose byte is in the futex sleeper ``table``: any byte
+    set for every bit of the mask, or ``SLEEPER_BIT + b`` with ``mask`` bit ``b`` set, or any unknown value."""
+    if table == _NOBODY:
+        return False
+    if mask == WAKE_ALL:
+        return True
+    mine = SLEEPER_BIT + mask.bit_length() - 1
+    return any(b and (b == mine or not SLEEPER_BIT <= b < SLEEPER_BIT + 32) for b in table)
 
 
 def wake_mask(position: int) -> int:
