@@ -28,8 +28,10 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -916,6 +918,25 @@ int sci_default_address(char *out, size_t cap, char *err, size_t errcap)
     return SC_OK;
 }
 
+/* Whether a process listens on the socket file at path: false only when a connection is refused (a file left by a
+ * broker that was killed), where ZeroMQ would retry in silence until the HELLO's timeout.  Anything else (a
+ * listener, no permission, a path too long for sockaddr_un) is left to ZeroMQ.  (client/connection.py's twin.) */
+static bool listened_on(const char *path)
+{
+    struct sockaddr_un sa;
+    if (strlen(path) >= sizeof sa.sun_path)
+        return true;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return true;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    strcpy(sa.sun_path, path);
+    int refused = connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 && errno == ECONNREFUSED;
+    close(fd);
+    return !refused;
+}
+
 int sci_connect(sc_client *c, const char *address, const char *role)
 {
     if (c->sock != NULL)
@@ -940,6 +961,10 @@ int sci_connect(sc_client *c, const char *address, const char *role)
         if (stat(path, &st) != 0)
             return fail(c, SC_EBROKERGONE, "no broker at %s (%s: %s); start one with `slabcast broker`", c->address,
                         path, strerror(errno));
+        if (!listened_on(path))
+            return fail(c, SC_EBROKERGONE, "no broker at %s: nothing listens on its socket file, left by a broker "
+                        "that is gone (killed?); start one with `slabcast broker`, which takes the file over",
+                        c->address);
     }
 
     c->ctx = zmq_ctx_new();

@@ -1216,3 +1216,34 @@ def test_c_constants_match_the_protocol_table():
     for word in (*P.POLICIES, *P.WAKES, "local"):
         assert f'"{word}"' in source, word
     assert "local" in P.CUTS
+
+
+def test_both_clients_say_at_once_that_the_socket_file_of_a_killed_broker_has_no_broker_behind_it(tmp_path, c_sub):
+    # kill -9 leaves the broker's socket file; ZeroMQ would retry its connect in silence and the client would
+    # wait out its HELLO's timeout (5 s) to say "no answer".  Both clients try the file first: refused.
+    from slabcast.core.shm import reap_stale
+
+    address = f"ipc://{tmp_path}/b.sock"
+    proc = slabcast.BrokerProcess(address)
+    proc.start()
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()  # (reaped)
+    reap_stale()  # (what a broker killed with kill -9 left in /dev/shm, as the next broker would)
+    assert (tmp_path / "b.sock").exists()
+    said = "nothing listens on its socket file, left by a broker that is gone"
+    with pytest.raises(slabcast.BrokerGoneError, match=said):
+        slabcast.Subscriber("x", size=10, address=address, timeout=30)
+    with pytest.raises(slabcast.BrokerGoneError, match=said):
+        slabcast.Publisher("x", dtype="float32", address=address, timeout=30)
+    run = subprocess.run([str(c_sub), "--address", address, "--stream", "x", "--size", "10", "--timeout-ms", "30000"],
+                         capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert run.returncode != 0 and said in run.stderr and "SC_EBROKERGONE" in run.stderr, run.stderr
+    proc = slabcast.BrokerProcess(address)  # a new broker takes the file over
+    proc.start()
+    try:
+        with pytest.raises(slabcast.StreamNotFoundError, match="streams: none"):  # (it answered)
+            slabcast.Subscriber("x", size=10, address=address, wait=0.1)
+    finally:
+        assert proc.stop() == 0

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import resource
+import socket
 import stat
 import threading
 import time
@@ -205,6 +206,22 @@ def check_ipc_access(path: str, what: str) -> None:
         )
 
 
+def listened_on(path: str) -> bool:
+    """Whether a process listens on the socket file ``path``: False only when a connection is refused (a file
+    left by a broker that was killed), where ZeroMQ would retry in silence until the HELLO's timeout (5 s).
+    Anything else (a listener, no permission, a path too long for a raw socket) is left to ZeroMQ."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    return True
+
+
 def share_socket_file(endpoint: str, like: str) -> None:
     """Give the socket file of a bound ``ipc://`` ``endpoint`` the permission bits of the socket file ``like``.
 
@@ -251,6 +268,10 @@ class Connection:
                 raise BrokerGoneError(f"no broker at {self.address} (no socket file); start one with `slabcast "
                                       f"broker`, or give the address of the one running (--address or "
                                       f"$SLABCAST_ADDRESS)")  # fmt: skip
+            if not listened_on(path):
+                raise BrokerGoneError(f"no broker at {self.address}: nothing listens on its socket file, left by a "
+                                      f"broker that is gone (killed?); start one with `slabcast broker`, which "
+                                      f"takes the file over")  # fmt: skip
         self.closed = False
         self.gone = False
         self._handshaken = False  # a CURVE handshake completed (TCP)
