@@ -1179,8 +1179,8 @@ static int check_frame(sc_pub *p, uint64_t n)
         return pfail(p, SC_EINVAL, "a frame must hold at least one sample, got n=0 (%s)", p->where);
     if (n > p->frame_limit / p->sample_bytes)
         return pfail(p, SC_EINVAL, "a frame of %llu samples (%llu bytes) is larger than %s allows (%llu bytes: a "
-                     "slab's room for frames, %s); split it, or give the Publisher a larger slab_bytes (docs/up.md, "
-                     "Sizing); nothing was written", (unsigned long long)n, (unsigned long long)(n * p->sample_bytes),
+                     "slab's room for frames, %s); split it, or open the stream with a larger sc_pub_options.slab_bytes "
+                     "(slabcast-pub --slab-bytes; docs/up.md, Sizing); nothing was written", (unsigned long long)n, (unsigned long long)(n * p->sample_bytes),
                      p->where, (unsigned long long)p->frame_limit,
                      p->chunk_given ? "slab_bytes - max_chunk_bytes" : "half of slab_bytes when max_chunk_bytes is not "
                      "given");

@@ -897,6 +897,9 @@ def test_a_frame_that_does_not_fit_the_stream_is_refused_with_pythons_message(c_
         if bad == "times-without-timestamps":  # Python names its keyword, C the option
             py = py.replace("times= needs a stream opened with timestamps=True", "times need a stream opened with "
                             "timestamps=1")  # fmt: skip
+        if bad == "too-large":  # Python names the Publisher's argument, C its option and slabcast-pub's
+            py = py.replace("or give the Publisher a larger slab_bytes (", "or open the stream with a larger "
+                            "sc_pub_options.slab_bytes (slabcast-pub --slab-bytes; ")  # fmt: skip
         if bad == "empty":  # Python names the shape, C the count
             py = py.replace("got shape (0,) for ", "got n=0 (") + ")"
         assert c_said == py
