@@ -18,14 +18,16 @@ static const char USAGE[] =
     "usage: slabcast-sub [--address ADDR] --stream NAME (--size N | --seconds S) [--clip]\n"
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
-    "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS]\n"
+    "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS] [--partial-tail]\n"
     "                    [--poll [--tick-ms T] [--poll-max-ms P]] [--curve SECRET PUBLIC]\n"
     "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
     "  seq=<seq> index=<index> n=<samples> t0=<seconds> crc=<crc32 of the chunk's bytes>\n"
-    "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk; --show-times appends\n"
+    "(--show-flags appends ` flags=<chunk flags>`; bit 0: discontinuity before the chunk, bit 2: partial; --show-times\n"
+    "appends "
     "` times=<crc32 of the chunk's per-sample times, n little-endian f64>`, or ` times=-` for a stream without them).\n"
+    "--partial-tail: the samples gathered before the stream's end or a discontinuity as a partial chunk (flag 4).\n"
     "--info prints, before `ready`, `info <JSON>`: the stream's name, dtype, channels, rate (null: none), size,\n"
     "start, channel_names, channel_types, channel_units, source_id and timestamps.\n"
     "--address: the broker (ipc:// endpoint, socket path, or tcp://HOST:PORT); default $SLABCAST_ADDRESS, else\n"
@@ -293,6 +295,9 @@ int main(int argc, char **argv)
             return 0;
         } else if (strcmp(a, "--clip") == 0) {
             opts.clip = 1;
+            continue;
+        } else if (strcmp(a, "--partial-tail") == 0) {
+            opts.partial_tail = 1;
             continue;
         } else if (strcmp(a, "--show-flags") == 0) {
             sh.flags = 1;

@@ -234,6 +234,10 @@ struct sc_client {
     uint64_t cursor;             /* index just past the last frame cut */
     int64_t cur_slab;            /* slab of the frames being cut, -1 before the first */
     bool jumped;                 /* the next chunk handed out is flagged as a discontinuity */
+    bool partial;                /* partial_tail: partial chunks before a discontinuity and at the end */
+    bool tail_cut;               /* the end's partial chunk was looked for (once) */
+    unsigned cut_flags;          /* flags cut_chunk adds (SC_FLAG_PARTIAL while cut_partial cuts) */
+    uint64_t last_slab, last_gen, last_end;  /* the slab, generation and end byte of the last frame cut */
     int64_t nseq;                /* the next notice_seq expected, -1 before the first */
     int64_t acked_slab, acked_dropped, acked_held;  /* state at the last ACK */
     uint64_t acked_cursor, acked_received;
@@ -705,7 +709,8 @@ _Static_assert(SC_ABI_VERSION == SC_VERSION_MAJOR, "SC_ABI_VERSION (the SONAME's
 _Static_assert(offsetof(sc_sub_options, struct_size) == 0 && offsetof(sc_chunk, struct_size) == 0 &&
                offsetof(sc_stats, struct_size) == 0 && offsetof(sc_stream_info, struct_size) == 0,
                "struct_size comes first in every public struct");
-_Static_assert(offsetof(sc_sub_options, reserved2) + sizeof(unsigned) == sizeof(sc_sub_options) &&
+_Static_assert(offsetof(sc_sub_options, reserved3) + sizeof(unsigned) == sizeof(sc_sub_options) &&
+               offsetof(sc_sub_options, partial_tail) == offsetof(sc_sub_options, reserved2) + sizeof(unsigned) &&
                offsetof(sc_sub_options, wake) == offsetof(sc_sub_options, reserved) + sizeof(unsigned) &&
                offsetof(sc_sub_options, sampler) == offsetof(sc_sub_options, wake) + sizeof(const char *) &&
                offsetof(sc_chunk, times) + sizeof(const double *) == sizeof(sc_chunk) &&
@@ -1779,6 +1784,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
     if (!(opts->sampler >= 0 && opts->sampler <= MAX_SAMPLER_SECONDS))  /* (NaN too) */
         return fail(c, SC_EINVAL, "sampler must be seconds in 0..%g (0: none), got %g", MAX_SAMPLER_SECONDS,
                     opts->sampler);
+    if (opts->partial_tail && !c->local)
+        return fail(c, SC_EINVAL, "partial_tail needs a local subscriber (an ipc:// broker, protocol version 2 or "
+                    "3: this client cuts its own chunks); this one is %s", c->remote ? "tcp://" : "version 1");
     if (opts->wait_ms < -1)
         return fail(c, SC_EINVAL, "wait_ms must be milliseconds >= 0, or -1 for the client's timeout, got %d",
                     opts->wait_ms);
@@ -1966,6 +1974,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->cursor = start;
         c->cur_slab = -1;
         c->jumped = false;
+        c->partial = opts->partial_tail != 0;
+        c->tail_cut = false;
+        c->cut_flags = 0;
         c->nseq = -1;
         c->acked_slab = c->acked_dropped = c->acked_held = -1;
         c->acked_cursor = c->acked_received = UINT64_MAX;
@@ -2417,15 +2428,52 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
             c->rcap = cap;
         }
     }
-    unsigned flags = 0;
+    unsigned flags = c->cut_flags;
     if (c->jumped) {
         c->jumped = false;
-        flags = SC_FLAG_DISCONTINUITY;
+        flags |= SC_FLAG_DISCONTINUITY;
     }
     c->ready[c->rhead + c->rcount++] = (ready_chunk){
         .seq = seq, .index = start, .n = length, .offset = (uint64_t)at, .t0 = t0,
         .slab = (uint32_t)c->fr_slab, .flags = flags};
     return SC_OK;
+}
+
+/* The samples gathered towards the next chunk, up to the last frame cut, as one partial chunk (SC_FLAG_PARTIAL)
+ * in that frame's slab (LocalReceiver._cut_partial); nothing if there are none. */
+static int cut_partial(sc_client *c)
+{
+    if (!c->rk.has_start || c->rk.start >= c->cursor)
+        return SC_OK;
+    uint64_t start = c->rk.start, n = c->cursor - start;
+    c->rk.has_start = false;
+    uint64_t index = c->fr_index, slab = c->fr_slab, gen = c->fr_gen, offset = c->fr_offset;
+    c->fr_index = c->cursor;  /* (cut_chunk places a chunk by the frame it is cut from: the last one cut) */
+    c->fr_slab = c->last_slab;
+    c->fr_gen = c->last_gen;
+    c->fr_offset = c->last_end;
+    c->cut_flags = SC_FLAG_PARTIAL;
+    int rc = cut_chunk(c, start, n, c->rk.t0);
+    c->cut_flags = 0;
+    c->fr_index = index;
+    c->fr_slab = slab;
+    c->fr_gen = gen;
+    c->fr_offset = offset;
+    return rc;
+}
+
+/* At the stream's end, with partial_tail: the unfinished chunk as one partial chunk, once (LocalReceiver._cut_tail). */
+static int cut_tail(sc_client *c)
+{
+    if (!c->partial || c->tail_cut)
+        return SC_OK;
+    c->tail_cut = true;
+    int rc = cut_partial(c);
+    if (rc == SC_OK && c->cut_rc != SC_OK) {
+        rc = c->cut_rc;
+        c->cut_rc = SC_OK;
+    }
+    return rc;
 }
 
 /* Cut the chunks of the next frame of the current run (version 2: notice) (LocalReceiver._step): one frame
@@ -2434,6 +2482,12 @@ static int step(sc_client *c)
 {
     if (c->fr_i == 0) {
         if (c->fr_flags & SC_FLAG_DISCONTINUITY) {
+            if (c->partial && c->cursor == c->fr_index) {
+                /* What was gathered before the jump, as a partial chunk (rule 8): nothing is lost. */
+                int rc = cut_partial(c);
+                if (rc)
+                    return rc;
+            }
             c->rk.has_start = false;
             c->jumped = true;
         }
@@ -2453,6 +2507,9 @@ static int step(sc_client *c)
     uint64_t n = c->fr_n[c->fr_i];
     int rc = rechunk_feed(&c->rk, c->fr_index, n, c->fr_t0[c->fr_i], cut_chunk, c);
     c->cursor = c->fr_index + n;
+    c->last_slab = c->fr_slab;
+    c->last_gen = c->fr_gen;
+    c->last_end = c->fr_offset + n * c->info.sample_bytes;
     if (c->fr_i + 1 < c->fr_count) {
         c->fr_index += n;
         c->fr_offset += n * c->info.sample_bytes;
@@ -2968,6 +3025,10 @@ static int pump_ring(sc_client *c, int64_t deadline)
             continue;
         }
         if (c->have_end) {
+            if ((rc = cut_tail(c)))
+                return rc;
+            if (c->rcount > 0)
+                continue;  /* (the end's partial chunk first) */
             if (c->cursor < c->end_head) {
                 uint64_t start = c->cursor;
                 c->cursor = c->end_head;
@@ -3021,8 +3082,14 @@ static int pump_notices(sc_client *c, int64_t deadline)
                 return rc;
             continue;
         }
-        if (c->have_end && c->cursor >= c->end_head)
+        if (c->have_end && c->cursor >= c->end_head) {
+            int rc = cut_tail(c);
+            if (rc)
+                return rc;
+            if (c->rcount > 0)
+                continue;  /* (the end's partial chunk first) */
             return finish_end(c);
+        }
         int rc = recv_notice(c);
         if (rc != SC_ETIMEOUT) {
             if (rc)
@@ -3040,6 +3107,10 @@ static int pump_notices(sc_client *c, int64_t deadline)
              * have taken some with it). */
             int64_t quiet = now - (c->last_notice > c->end_seen ? c->last_notice : c->end_seen);
             if (quiet > END_GRACE_MS) {
+                if ((rc = cut_tail(c)))
+                    return rc;
+                if (c->rcount > 0)
+                    continue;  /* (the end's partial chunk first) */
                 if (c->cursor < c->end_head && !c->drop && strcmp(c->end_code_s, SCW_END_CLOSED) == 0) {
                     /* A clean end after a hole is impossible: name the samples that never came. */
                     uint64_t start = c->cursor;

@@ -17,7 +17,7 @@
  * sc_channel_name), per-sample times (sc_chunk.times), a sampler (sc_sub_options.sampler, a constant pause), and
  * waiting in an event loop (sc_fd), and subscribing to a remote broker: tcp://HOST:PORT with CURVE keys
  * (sc_set_curve; docs/protocol.md 11: the broker cuts the chunks and sends each by value, the client releases it
- * and says it lives with a SYNC every second).  Not yet: a callable sampler, history, partial_tail, reconnect.
+ * and says it lives with a SYNC every second).  Not yet: a callable sampler, history, reconnect.
  *
  * Installing and linking: `make -C clients/c install PREFIX=<dir>` installs this header, libslabcast.so.N
  * (SONAME libslabcast.so.N), libslabcast.a, slabcast-sub and <dir>/lib/pkgconfig/slabcast.pc; build with
@@ -84,9 +84,9 @@ extern "C" {
 /* The version of this header and of the library built from it (semantic versioning, see the ABI rules
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
-#define SC_VERSION_MINOR 3
+#define SC_VERSION_MINOR 4
 #define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.3.0"
+#define SC_VERSION_STRING "1.4.0"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -170,6 +170,16 @@ typedef struct sc_sub_options {
                              * timeout; 0: SC_ENOSTREAM at once.  SC_ENOSTREAM once it expires (the client may
                              * then not subscribe again: sc_close it).  Version 1 cannot wait (0). */
     unsigned reserved2;     /* 0; fills what would be tail padding */
+    /* Since 1.4.0. */
+    int partial_tail;       /* 1: when the stream ends, hand out the samples gathered towards an unfinished chunk
+                             * as one last, shorter chunk with SC_FLAG_PARTIAL set (a recorder loses nothing);
+                             * likewise before a frame flagged as a discontinuity (a source restarted), whose
+                             * chunk follows it with SC_FLAG_DISCONTINUITY (a drop subscriber's may be dropped,
+                             * counted, as any of its chunks).  Python's partial_tail=True (docs/protocol.md
+                             * section 8, rules 7 and 8).  0 (the default): rule 7 as before.  Versions 2 and
+                             * 3 (local subscribers) only: SC_EINVAL for version 1 and tcp://.  (A library
+                             * before 1.4.0 refuses a struct that sets it: SC_EINVAL naming the byte.) */
+    unsigned reserved3;     /* 0; fills what would be tail padding */
 } sc_sub_options;
 
 /* What SUBSCRIBED said about the stream; owned by the client, valid and unchanged until sc_close. */
@@ -225,6 +235,8 @@ typedef struct sc_chunk {
 } sc_chunk;
 
 #define SC_FLAG_DISCONTINUITY 1u
+#define SC_FLAG_PARTIAL 4u  /* (since 1.4.0) a partial chunk: fewer samples than asked, what came before the
+                             * stream's end or a discontinuity (sc_sub_options.partial_tail) */
 
 /* Counters of one subscription. */
 typedef struct sc_stats {
@@ -240,7 +252,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.3.0" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.4.0" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 

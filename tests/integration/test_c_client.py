@@ -1247,3 +1247,35 @@ def test_both_clients_say_at_once_that_the_socket_file_of_a_killed_broker_has_no
             slabcast.Subscriber("x", size=10, address=address, wait=0.1)
     finally:
         assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_a_c_subscriber_with_partial_tail_gets_the_partial_chunks_a_python_one_gets(c_sub, broker, stream_name,
+                                                                                   version):  # fmt: skip
+    # partial_tail (sc_sub_options.partial_tail, slabcast-sub --partial-tail): what was gathered before a frame
+    # flagged as a discontinuity, and before the end, comes as a partial chunk (flag 4), as in Python.
+    pub = slabcast.Publisher(stream_name, dtype="int16", rate=1000.0, address=broker.address)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip", "--partial-tail", "--show-flags",
+             "--protocol-version", str(version))  # fmt: skip
+    try:
+        c.wait_ready()
+        py = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address, partial_tail=True)
+        index = 0
+        for n, jump in [(30, False)] * 7 + [(45, True)] + [(40, False)] * 3:  # 210 samples, a jump, 165 more
+            pub.write(np.arange(index, index + n, dtype=np.int16), t0=1000.0 + index / 1000, discontinuity=jump)
+            index += n
+        pub.close()
+        want = []
+        with pytest.raises(slabcast.EndOfStream):
+            while chunk := py.recv(timeout=10):
+                with chunk:
+                    want.append((chunk.seq, chunk.index, len(chunk), zlib.crc32(chunk.data.tobytes()),
+                                 int(chunk.discontinuity) | (4 if chunk.partial else 0)))  # fmt: skip
+        py.close()
+        assert c.finish(30) == 0, c.stderr
+        got = [(seq, idx, n, crc, flags) for (seq, idx, n, _t0, crc), flags in zip(c.chunks(), c.flags(), strict=True)]
+        assert [(w[1], w[2], w[4]) for w in want] == [(0, 100, 0), (100, 100, 0), (200, 10, 4), (210, 100, 1),
+                                                      (310, 65, 4)]  # fmt: skip
+        assert got == want
+    finally:
+        c.close()

@@ -450,6 +450,18 @@ def test_reader_runs_takes_descriptors_as_the_python_twin_does(seed):
         R.HOT.reader_runs(bytes(65), 0, -1, 0, 0, SB)
 
 
+def test_reader_runs_takes_the_descriptors_u64_fields_whole_as_the_twin_does():
+    # (a reviewer: read as signed, an index past 2**63 was skipped instead of being a gap)
+    from slabcast.client._local import _py_reader_runs
+
+    assert R.HOT is not None
+    raw = R._DESC.pack(0, 2**63 + 5, 0.0, 256, 2**63 + 1, 3, 0, 1, 0) + R._DESC.pack(1, 2**63 + 8, 0.1, 268, 0, 2, 0, 1, 0)
+    for args in [(raw, 10, -1, 0, 0, 4), (raw, 2**63 + 5, 0, 1, 2**62, 4)]:
+        assert R.HOT.reader_runs(*args) == _py_reader_runs(*args)
+    entries, end = R.HOT.reader_runs(raw, 10, -1, 0, 0, 4)
+    assert entries[0] == (10, 2**63 + 5) and end == 2**63 + 10
+
+
 @pytest.mark.parametrize("wrong", ["seq", "index", "n"])
 def test_runs_names_the_row_of_a_descriptor_out_of_sequence(wrong):
     assert R.HOT is not None

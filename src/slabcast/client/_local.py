@@ -625,7 +625,8 @@ class LocalReceiver:
                 self._leases.unlock_idle(slab)
         # The run's frames up to the first that completes a chunk (handed out first: a drop subscriber's
         # max_inflight counts what it holds), in one call; the frames before it only accumulate.  (A sampler's
-        # failure comes with a chunk: recv raises it first.)
+        # failure comes with a chunk: recv raises it first.  A BaseException out of the sampler leaves the
+        # run's place where it was: the frames fed again then only accumulate again, the chunker's fast path.)
         ns = entry.ns
         j, at, chunks = chunker.feed_until(index, ns, entry.t0s, i)
         n = ns[j]

@@ -314,9 +314,9 @@ PyDoc_STRVAR(reader_runs_doc,
 
 /* A run's entry gets the end byte of its last frame (its item 8 said its first frame's). */
 static int
-close_run(PyObject *run, long long end)
+close_run(PyObject *run, uint64_t end)
 {
-    PyObject *e = PyLong_FromLongLong(end);
+    PyObject *e = PyLong_FromUnsignedLongLong(end);
     return e == NULL ? -1 : PyList_SetItem(run, 8, e);  /* (steals e, also when it fails) */
 }
 
@@ -327,20 +327,27 @@ hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "reader_runs takes 6 arguments, got %zd", nargs);
         return NULL;
     }
-    long long vals[5];
-    for (int k = 0; k < 5; k++) {
-        vals[k] = PyLong_AsLongLong(args[k + 1]);
-        if (vals[k] == -1 && PyErr_Occurred())
+    /* Stream indices and bytes are u64, as in the descriptors (Python's twin has no bound): unsigned throughout.
+     * The history's slab, generation and floor are -1 (or any negative) when there is none. */
+    uint64_t noticed = PyLong_AsUnsignedLongLong(args[1]);
+    if (noticed == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    long long hist[3];
+    for (int k = 0; k < 3; k++) {
+        hist[k] = PyLong_AsLongLong(args[k + 2]);
+        if (hist[k] == -1 && PyErr_Occurred())
             return NULL;
     }
-    long long noticed = vals[0], hist_slab = vals[1], hist_gen = vals[2], hist_floor = vals[3];
-    long long sample_bytes = vals[4];
+    long long hist_slab = hist[0], hist_gen = hist[1], hist_floor = hist[2];
+    uint64_t sample_bytes = PyLong_AsUnsignedLongLong(args[5]);
+    if (sample_bytes == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL, *list = NULL;
     PyObject *ns = NULL, *t0s = NULL, *run = NULL;  /* the open run, its lists (borrowed: the list holds them) */
-    long long run_slab = 0, run_gen = 0, run_end = 0;
+    uint64_t run_slab = 0, run_gen = 0, run_end = 0;
     int open = 0;
     if (view.len % DESCRIPTOR_BYTES) {
         PyErr_Format(PyExc_ValueError, "reader_runs: raw must be whole descriptors of %d bytes, got %zd bytes",
@@ -365,10 +372,10 @@ hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         memcpy(&slab, d + 44, 4);
         memcpy(&gen, d + 48, 4);
         memcpy(&flags, d + 52, 4);
-        if ((long long)index < noticed)
+        if (index < noticed)
             continue;  /* before this subscription's start (told of in its history) */
-        if ((long long)index > noticed) {  /* lapped: the samples never seen */
-            PyObject *gap = Py_BuildValue("(LL)", noticed, (long long)index);
+        if (index > noticed) {  /* lapped: the samples never seen */
+            PyObject *gap = Py_BuildValue("(KK)", (unsigned long long)noticed, (unsigned long long)index);
             if (gap == NULL || PyList_Append(list, gap) < 0) {
                 Py_XDECREF(gap);
                 goto done;
@@ -379,17 +386,17 @@ hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             open = 0;
         }
-        if ((long long)slab == hist_slab && (long long)gen == hist_gen && hist_floor < (long long)floor_)
+        if ((long long)slab == hist_slab && (long long)gen == hist_gen && hist_floor >= 0
+            && (uint64_t)hist_floor < floor_)
             floor_ = (uint64_t)hist_floor;
-        long long end = (long long)offset + (long long)n * sample_bytes;
+        uint64_t end = offset + (uint64_t)n * sample_bytes;
         PyObject *k = PyLong_FromUnsignedLong(n), *t = PyFloat_FromDouble(t0);
         if (k == NULL || t == NULL) {
             Py_XDECREF(k);
             Py_XDECREF(t);
             goto done;
         }
-        if (open && !flags && (long long)slab == run_slab && (long long)gen == run_gen
-            && (long long)offset == run_end) {
+        if (open && !flags && slab == run_slab && gen == run_gen && offset == run_end) {
             int rc = PyList_Append(ns, k) < 0 || PyList_Append(t0s, t) < 0 ? -1 : 0;
             Py_DECREF(k);
             Py_DECREF(t);
@@ -415,9 +422,9 @@ hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyList_SET_ITEM(ns, 0, k);
             PyList_SET_ITEM(t0s, 0, t);
             /* ("N" takes the lists' references; the entry keeps them, we borrow them while the run is open) */
-            PyObject *entry = Py_BuildValue("[KIIKNNIKL]", (unsigned long long)index, slab, gen,
+            PyObject *entry = Py_BuildValue("[KIIKNNIKK]", (unsigned long long)index, slab, gen,
                                             (unsigned long long)offset, ns, t0s, flags,
-                                            (unsigned long long)floor_, end);
+                                            (unsigned long long)floor_, (unsigned long long)end);
             if (entry == NULL || PyList_Append(list, entry) < 0) {
                 Py_XDECREF(entry);
                 goto done;
@@ -429,11 +436,11 @@ hot_reader_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             run_gen = gen;
         }
         run_end = end;
-        noticed = (long long)index + n;
+        noticed = index + n;
     }
     if (open && close_run(run, run_end) < 0)
         goto done;
-    result = Py_BuildValue("(OL)", list, noticed);
+    result = Py_BuildValue("(OK)", list, (unsigned long long)noticed);
 done:
     Py_XDECREF(list);
     PyBuffer_Release(&view);

@@ -58,10 +58,10 @@ subscriber.  One that waits in a blocking ``recv`` (nobody polls its notice sock
 set sleeps on the futex word instead, no ZeroMQ hop on the way: it sets its byte there (``SLEEPER_BIT + b``
 when it sleeps with a wake target's mask ``1 << b``, else ``SLEEPER_ANY``), makes the barrier, loads the
 position and calls ``FUTEX_WAIT`` with what it loaded; awake, it clears the byte.  The publisher, after the
-same barrier, makes a ``FUTEX_WAKE`` whenever a byte of it is set that its wake's mask can wake (never
-skipped: a futex keeps no wake-up for later, as a queued notice does; a wake the kernel would not deliver
-to anyone asleep there is skipped: a subscriber asleep over many frames costs the publisher no system call
-for each).  The kernel compares and sleeps
+same barrier, makes a ``FUTEX_WAKE`` whenever a byte of it is set that its wake's mask can wake: a futex
+keeps no wake-up for later, as a queued notice does, so such a wake is never left out; one the kernel would
+deliver to no sleeper of the table is (a subscriber asleep over many frames costs the publisher no system
+call for each).  The kernel compares and sleeps
 atomically, so the handshake is Dekker's again.  An event loop (``recv`` without waiting, then a poll on
 the notice socket) keeps the notice.
 
