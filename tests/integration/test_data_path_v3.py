@@ -1356,3 +1356,41 @@ def test_a_prepared_slab_change_the_broker_asks_to_hear_of_meanwhile_is_still_ma
         pub._writer = writer
         sub.close()
         pub.close()
+
+
+@pytest.mark.parametrize(("size", "clip", "rate", "pause"), [
+    (100, True, 1000.0, None), (100, False, 1000.0, None), (37, True, None, None),
+    (64, True, 1000.0, 0.05), (64, False, None, 0.02),
+])  # fmt: skip
+def test_a_subscriber_that_reads_many_frames_at_once_cuts_what_the_rules_say(broker, stream_name, size, clip, rate,
+                                                                             pause):  # fmt: skip
+    # Everything is written before the subscriber reads: it takes the ring in batches (reader_runs) and feeds runs
+    # to its next chunk in one call each (feed_until); the chunks are the oracle's (tests/reference.py), bytes too.
+    from tests.reference import expected_chunks
+
+    rng = np.random.default_rng(size)
+    sizes = [int(x) for x in rng.integers(1, 40, 3000)]
+    t0s = [1000.0 + k * 0.01 + (k % 3) * 1e-4 for k in range(len(sizes))]  # (no rate: the frames' own times)
+    if rate:
+        t0s = [1000.0 + sum(sizes[:k]) / rate for k in range(len(sizes))]
+    pub = slabcast.Publisher(stream_name, dtype="int32", rate=rate, address=broker.address, slab_bytes=131072,
+                             nslabs=8)  # fmt: skip  (slabs of 64 KiB of frames: runs end at slab changes too)
+    sub = slabcast.Subscriber(stream_name, size=size, clip=clip, address=broker.address,
+                              sampler=(lambda: pause) if pause is not None else None)  # fmt: skip
+    index, got = 0, []
+    try:
+        for n, t0 in zip(sizes, t0s, strict=True):
+            pub.write(np.arange(index, index + n, dtype=np.int32), t0=t0)
+            index += n
+        pub.close()
+        with pytest.raises(slabcast.EndOfStream):
+            while chunk := sub.recv(timeout=10):
+                with chunk:
+                    assert np.array_equal(chunk.data, np.arange(chunk.index, chunk.index + len(chunk)))
+                    got.append((chunk.index, len(chunk), chunk.t0))
+    finally:
+        sub.close()
+    want = expected_chunks(list(zip(sizes, t0s, strict=True)), size, clip, rate, pause)
+    assert len(want) > 50
+    assert [(i, n) for i, n, _ in got] == [(i, n) for i, n, _ in want]
+    assert np.allclose([t for *_, t in got], [t for *_, t in want], rtol=0, atol=1e-9)
