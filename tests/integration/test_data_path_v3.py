@@ -1394,3 +1394,46 @@ def test_a_subscriber_that_reads_many_frames_at_once_cuts_what_the_rules_say(bro
     assert len(want) > 50
     assert [(i, n) for i, n, _ in got] == [(i, n) for i, n, _ in want]
     assert np.allclose([t for *_, t in got], [t for *_, t in want], rtol=0, atol=1e-9)
+
+
+def test_a_futex_subscriber_sleeps_with_its_byte_in_the_table_and_costs_no_wake_at_every_frame(broker, stream_name):
+    # ATTACH futex_sleeper: the broker counts it with the doorbells (the publisher looks at the sleeper tables),
+    # not in futex_waiters (a FUTEX_WAKE after every frame); it is still woken within one publish, with its mask.
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    ring = pub._ring
+
+    def counts(want: tuple[int, int]) -> None:
+        deadline = time.monotonic() + 10
+        while (ring.futex_waiters, ring.doorbells) != want:  # (the broker writes them when ATTACH starts it)
+            assert time.monotonic() < deadline, (ring.futex_waiters, ring.doorbells)
+            time.sleep(0.001)
+
+    try:
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address, wake="futex")
+        counts((0, 1))
+        slept: list[int] = []
+        idle = local_module.LocalReceiver._idle
+
+        def watched(self: Any, wait: float) -> int:
+            byte = self._futex_byte
+            t = threading.Timer(0.05, lambda: slept.append(int(ring.futex_sleepers[byte])))
+            t.start()
+            try:
+                return idle(self, wait)
+            finally:
+                t.cancel()
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(local_module.LocalReceiver, "_idle", watched)
+            pub.write(np.arange(10, dtype=np.int32))  # frame_max 10: a chunk of 100 needs 9 more frames
+            threading.Timer(0.3, lambda: [pub.write(np.arange(10 + 10 * k, 20 + 10 * k, dtype=np.int32))
+                                          for k in range(9)]).start()  # fmt: skip
+            chunk = sub.recv(timeout=10)
+        assert chunk is not None and chunk.index == 0 and len(chunk) == 100
+        chunk.release()
+        # Asleep toward position 10 (1 + 9 frames): its byte named that bit (64 + 10), not every bit (1).
+        assert ring_module.SLEEPER_BIT + 10 in slept, slept
+        sub.close()
+        counts((0, 0))
+    finally:
+        pub.close()

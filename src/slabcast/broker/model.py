@@ -107,8 +107,8 @@ class LocalSub(Subscription):
     ``block``) and its counters as reported by ACK."""
 
     cut: ClassVar[Cut] = "local"
-    __slots__ = ("base", "cursor", "gate", "held", "history", "page", "ring_seq", "sleeper", "stalled_since", "tag",
-                 "token", "wake")  # fmt: skip
+    __slots__ = ("base", "cursor", "futex_sleeper", "gate", "held", "history", "page", "ring_seq", "sleeper",
+                 "stalled_since", "tag", "token", "wake")  # fmt: skip
 
     def __init__(self, client: Client, stream: Stream, size: int, clip: bool, policy: Policy, max_inflight: int,
                  token: bytes) -> None:  # fmt: skip
@@ -121,6 +121,7 @@ class LocalSub(Subscription):
         self.gate = 0  # until its cursor reaches this index it holds slabs back whatever its policy (its history)
         self.ring_seq = 0  # the descriptor of the frame at its start (its first to read from the ring)
         self.wake: str | None = None  # how it waits (SUBSCRIBE's wake; None: a version-2 client, every notice)
+        self.futex_sleeper = False  # a futex one that sleeps with its byte in the futex sleeper table (ATTACH)
         self.sleeper: int | None = None  # its byte in the ring's sleeper tables, and its cursor table entry
         self.page = True  # it maps the sleeper page writable (ATTACH's sleeper)
         self.tag = 0  # its cursor table entry's tag, given in ATTACHED (0: none yet)
@@ -555,8 +556,12 @@ class Stream:
         if self.ended:
             return
         local = [u for u in (*self.subs, *self.joining, *self.waiting) if isinstance(u, LocalSub)]
-        futex = sum(1 for u in local if u.wake == "futex")
-        doorbells = sum(1 for u in local if u.wake == "doorbell" and u.sleeper is not None)
+        # A futex subscriber with its byte in the futex sleeper table (ATTACH futex_sleeper) is woken as a doorbell's
+        # asleep there: counted with the doorbells, whose count makes the publisher look at the tables.
+        tabled = [u.sleeper is not None and (u.wake == "doorbell" or (u.wake == "futex" and u.futex_sleeper))
+                  for u in local]  # fmt: skip
+        futex = sum(1 for u, t in zip(local, tabled, strict=True) if u.wake == "futex" and not t)
+        doorbells = sum(tabled)
         # Version 2 (it cuts from every notice), and a doorbell subscriber without its sleeper byte yet.
         notices = sum(1 for u in local if u.wake is None or (u.wake == "doorbell" and u.sleeper is None))
         self.ring.set_counts(notices, doorbells, futex, bool(self.broker_cut))

@@ -616,6 +616,7 @@ class BrokerState:
             if sub.wake == "doorbell":
                 sub.wake = None
             stream.remove_sleeper(sub)
+        sub.futex_sleeper = bool(msg.futex_sleeper) and sub.wake == "futex" and sub.page
         if msg.slot is not None:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")

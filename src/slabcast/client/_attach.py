@@ -12,7 +12,7 @@ import zmq
 
 from .._exceptions import BrokerGoneError, ProtocolError
 from .._info import StreamInfo
-from ..core.ring import DESCRIPTOR_BYTES, ring_layout
+from ..core.ring import DESCRIPTOR_BYTES, ring_layout, wakes_futex_sleepers
 from ..core.shm import CLIENT_BASE, attach_page, hold, open_locks
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -54,7 +54,10 @@ def open_local(
         # Our liveness mark, which the broker can test in any PID namespace; gone with our files.
         slot = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
         hold(lock_fd, CLIENT_BASE + slot)
-        conn.send(M.Attach(slot, page is not None))
+        # A futex subscriber sleeps with its byte in the futex sleeper table when the publisher looks there
+        # (sleep_futex): the publisher then wakes it only when it sleeps, with its mask, not at every frame.
+        futex_sleeper = settings.get("wake") == "futex" and page is not None and wakes_futex_sleepers(mm)
+        conn.send(M.Attach(slot, page is not None, True) if futex_sleeper else M.Attach(slot, page is not None))
         while True:
             answer = conn.recv(timeout)
             if answer is None:
@@ -89,7 +92,7 @@ def open_local(
     return LocalReceiver(conn, reply, info, mm, notices, lock_fd, answer.start, early_end, history=history,
                          ring_seq=answer.seq, page=page, entry=answer.sleeper if page is not None else None,
                          sleeper=answer.sleeper if page is not None and settings.get("wake", "doorbell") == "doorbell"
-                         else None, tag=answer.cursor_tag or 0, **settings)  # fmt: skip
+                         else None, tag=answer.cursor_tag or 0, futex_sleeper=futex_sleeper, **settings)  # fmt: skip
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float,

@@ -177,6 +177,7 @@ class LocalReceiver:
         sleeper: int | None = None,
         entry: int | None = None,
         tag: int = 0,
+        futex_sleeper: bool = False,
         page: Any = None,
         wake: str = "doorbell",
         spin: float = 0.0,
@@ -232,6 +233,9 @@ class LocalReceiver:
         self._rseq = ring_seq  # the next descriptor to read
         self._spin = spin  # seconds to spin before sleeping; < 0: never sleep
         self._futex = wake == "futex"
+        # A futex subscriber that said ATTACH futex_sleeper sleeps with its byte (its cursor table entry's index) in
+        # the futex sleeper table, as a doorbell's does: the broker does not count it in futex_waiters.
+        self._futex_byte = entry if self._futex and futex_sleeper and tag and page is not None else None
         self._sleeper = sleeper  # our byte in the ring's sleeper table (doorbell); None: notices for every frame
         self._armed = False  # our sleeper byte is set
         self._arm_value = 0  # what we set it to (1..255): changed after we read or took a notice (core/ring.py)
@@ -395,12 +399,13 @@ class LocalReceiver:
             if self._spin < 0 and not ring.closed:
                 return position  # busy: never sleeps (the caller looks at the broker every _LOOK seconds)
         # (Once the ring is closed every subscriber waits on its notice socket, where NOTICE_END comes.)
-        if self._futex and not ring.closed:
+        if self._futex and not ring.closed and self._futex_byte is None:
             # The kernel compares the word and sleeps in one step: a publish after our look wakes us (the first
             # that can complete our next chunk: core/ring.py, wake targets).
             futex_wait(ring.futex_address, seen, wait, self._wake_target(seen))
             return ring.position
-        if self._sleeper is not None and not ring.closed and ring.futex_sleepers_woken:
+        byte = self._futex_byte if self._futex else self._sleeper
+        if byte is not None and not ring.closed and (self._futex or ring.futex_sleepers_woken):
             # The doorbell, waiting in recv (nobody polls our notice socket): our byte in the futex sleeper table,
             # a barrier, the position again, asleep on the futex word (core/ring.py).  A publish we do not see
             # here sees our byte after its own barrier and makes a FUTEX_WAKE: no ZeroMQ hop on the way.  The byte
@@ -408,7 +413,7 @@ class LocalReceiver:
             # frame that raises frame_max past what the mask assumed wakes every bit).
             mask = self._wake_target(seen)
             table = ring.futex_sleepers
-            table[self._sleeper] = futex_sleeper_byte(mask)
+            table[byte] = futex_sleeper_byte(mask)
             try:
                 barrier()
                 position = ring.position
@@ -416,7 +421,7 @@ class LocalReceiver:
                     futex_wait(ring.futex_address, seen, wait, mask)
                     position = ring.position
             finally:
-                table[self._sleeper] = 0
+                table[byte] = 0
             return position
         # The doorbell on our notice socket.  Our sleeper byte, a barrier, the position again (core/ring.py): a
         # publish we do not see here sees our byte after its own barrier and sends a notice, which wakes the

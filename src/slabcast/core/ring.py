@@ -161,6 +161,7 @@ __all__ = [
     "ring_layout",
     "wake_mask",
     "wake_target",
+    "wakes_futex_sleepers",
 ]
 
 RING_SLOTS = 1 << 16  # descriptors per stream: more than nslabs * notices_per_slab(nslabs) for any nslabs
@@ -570,6 +571,12 @@ def wakes_a_sleeper(table: bytes, mask: int) -> bool:
         return True
     mine = SLEEPER_BIT + mask.bit_length() - 1
     return any(b and (b == mine or not SLEEPER_BIT <= b < SLEEPER_BIT + 32) for b in table)
+
+
+def wakes_futex_sleepers(buf: Any) -> bool:
+    """Whether the publisher of the segment mapped in ``buf`` said (``sleep_futex``) that it wakes subscribers
+    asleep on the futex word with their byte in the futex sleeper table."""
+    return bool(int.from_bytes(memoryview(buf)[SLEEP_FUTEX_AT : SLEEP_FUTEX_AT + 4], "little"))
 
 
 def wake_mask(position: int) -> int:

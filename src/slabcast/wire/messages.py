@@ -207,6 +207,8 @@ class Attach(NamedTuple):
     slot: int | None  # its liveness lock is byte CLIENT_BASE + slot of the segment's lock file
     sleeper: bool | None = None  # version 3: it maps the sleeper page writable (its sleeper byte, if a doorbell
     # subscriber, and its cursor table entry)
+    futex_sleeper: bool | None = None  # version 3, optional: a wake="futex" subscriber that sets its byte in the
+    # futex sleeper table before it sleeps (section 7.8): woken as a doorbell's there, not by every frame
 
 
 # ---------------------------------------------------------------- broker -> client
