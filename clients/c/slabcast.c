@@ -256,6 +256,9 @@ struct sc_client {
     const uint64_t *position;    /* the header's position word (its low 32 bits: the futex word) */
     const uint32_t *closed;      /* the header's closed word */
     const uint32_t *sleep_futex; /* the header's sleep_futex word (docs/protocol.md 7.8) */
+    bool broker_futex_table;     /* SUBSCRIBED futex_sleeper: the broker takes ATTACH's futex_sleeper */
+    bool futex_table;            /* wake futex, said ATTACH futex_sleeper: it sleeps with its byte in the futex
+                                  * sleeper table, as the doorbell does in a blocking call (docs/protocol.md 7.8) */
     bool woken_idle;             /* the last futex wait was woken with nothing to read: the broker (its END, an
                                   * eviction) may wake us before its message arrives, so the next wait polls */
     uint64_t ring_slots;
@@ -1275,7 +1278,7 @@ static int map_segment(sc_client *c, size_t nbytes)
  * byte every publish sends one anyway: only the position is looked at. */
 static bool arm(sc_client *c)
 {
-    if (c->sleeper != NULL && !c->armed) {
+    if (c->sleeper != NULL && !c->armed && c->wake == WAKE_DOORBELL) {  /* (a futex one's byte: its futex table's) */
         if (c->arm_value == 0 || c->rseq != c->armed_rseq) {  /* a new value (1..255) once we read or took a notice */
             c->arm_value = (unsigned char)(c->arm_value % 255 + 1);
             c->armed_rseq = c->rseq;
@@ -1520,14 +1523,23 @@ static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
     fl.l_len = 1;
     if (fcntl(c->lock_fd, F_OFD_SETLK, &fl) != 0)
         return fail(c, SC_ESYS, "cannot take the liveness lock: %s (%s)", strerror(errno), c->where);
-    /* `sleeper` true: a doorbell subscriber that mapped the sleeper table writable; otherwise it is left out
-     * (nil: the publisher sends us a notice for every frame). */
-    _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_SLEEPER == 2, "ATTACH is packed in this order");
+    /* `sleeper` true: a doorbell or futex subscriber that mapped the sleeper table writable; otherwise it is left
+     * out (nil: the publisher sends a doorbell subscriber a notice for every frame).  `futex_sleeper` true: a
+     * futex subscriber that will sleep with its byte in the futex sleeper table, once the publisher said it looks
+     * there (sleep_futex); the broker then counts it with the doorbells, not in futex_waiters (a FUTEX_WAKE after
+     * every frame). */
+    _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_SLEEPER == 2 && SCW_ATTACH_FUTEX_SLEEPER == 3,
+                   "ATTACH is packed in this order");
+    c->futex_table = c->wake == WAKE_FUTEX && c->sleeper_map != NULL && c->broker_futex_table &&
+                     __atomic_load_n(c->sleep_futex, __ATOMIC_RELAXED) == 1;
     msgpack_sbuffer_clear(&c->sbuf);
-    msgpack_pack_array(&c->pk, 1 + (c->sleeper_map != NULL ? SCW_ATTACH_SLEEPER : SCW_ATTACH_SLOT));
+    msgpack_pack_array(&c->pk, 1 + (c->futex_table ? SCW_ATTACH_FUTEX_SLEEPER
+                                    : c->sleeper_map != NULL ? SCW_ATTACH_SLEEPER : SCW_ATTACH_SLOT));
     msgpack_pack_uint64(&c->pk, SCW_ATTACH);
     msgpack_pack_uint32(&c->pk, slot);
     if (c->sleeper_map != NULL)
+        msgpack_pack_true(&c->pk);
+    if (c->futex_table)
         msgpack_pack_true(&c->pk);
     int rc = send_packed(c, "ATTACH");
     if (rc)
@@ -1895,6 +1907,9 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
                     c->dtype, (unsigned long long)channels, (unsigned long long)size, c->where);
     if ((rc = take_metadata(c, &m, (unsigned)channels)))
         return rc;
+    /* A broker that takes ATTACH's futex_sleeper says so (an earlier one refuses an ATTACH of three fields). */
+    c->broker_futex_table = field_is(&m, SCW_SUBSCRIBED_FUTEX_SLEEPER, MSGPACK_OBJECT_BOOLEAN) &&
+                            m.a[SCW_SUBSCRIBED_FUTEX_SLEEPER].via.boolean;
     if (c->local) {
         uint64_t header, slab_bytes, nslabs, sample_bytes;
         if ((rc = field_uint(c, &m, AT(SUBSCRIBED, STREAM_ID), &c->sid)) ||
@@ -1958,8 +1973,8 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
                 return rc;
             c->rd_head = c->rd_count = 0;
         }
-        if (c->ring && wake == WAKE_DOORBELL)
-            map_sleepers(c);
+        if (c->ring && (wake == WAKE_DOORBELL || wake == WAKE_FUTEX))
+            map_sleepers(c);  /* (futex: its byte in the futex sleeper table, when the publisher looks there) */
         uint64_t seq = 0;
         c->have_end = false;  /* (an END before ATTACHED is kept: join_notices, attach) */
         if ((rc = join_notices(c)) || (rc = attach(c, &start, &seq)))
@@ -2898,12 +2913,36 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* Asleep on the futex word with our byte in the futex sleeper table (docs/protocol.md 7.8): the byte (1: every bit,
+ * as we wait with FUTEX_WAIT), a full barrier, the position again, then FUTEX_WAIT on its low word: a publish we did
+ * not see here sees our byte after its own barrier and makes a FUTEX_WAKE.  Woken with nothing to read: the broker
+ * (its END, an eviction, a shutdown) may wake us before its message arrives (woken_idle). */
+static int sleep_on_futex_word(sc_client *c, long wait_ms)
+{
+    unsigned char *mine = c->sleeper + SLEEPERS;
+    int rc = SC_OK;
+    __atomic_store_n(mine, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq &&
+        __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0) {
+        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
+        if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) == 0)
+            c->woken_idle = __atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq;
+        else if (errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
+            rc = fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
+    }
+    __atomic_store_n(mine, 0, __ATOMIC_RELAXED);
+    return rc;
+}
+
 /* Wait up to `wait_ms` for the ring's position to move past rseq, by this subscriber's wake strategy, or for
  * a message; the caller looks at everything again either way. */
 static int wait_ring(sc_client *c, long wait_ms)
 {
     /* A closed ring (or a known end) will not move: then only a message can come (NOTICE_END, END). */
     bool may_move = !c->have_end && __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0;
+    if (c->wake == WAKE_FUTEX && may_move && c->futex_table && c->sleeper != NULL)
+        return sleep_on_futex_word(c, wait_ms);  /* (our byte in the futex sleeper table: ATTACH futex_sleeper) */
     if (c->wake == WAKE_FUTEX && may_move) {
         /* The kernel compares the position's low word with what we read and sleeps in one step, with respect
          * to the publisher's FUTEX_WAKE after each store of the position: a publish after our look wakes us
@@ -2936,20 +2975,7 @@ static int wait_ring(sc_client *c, long wait_ms)
          * sc_fd, keeps the notice: it never comes here.)  The broker wakes us when it ends the stream, evicts
          * us or shuts down, maybe before its END arrives: woken with nothing to read, the next wait polls the
          * sockets.  Its death (kill -9) is seen when the wait times out (LOOK_MS), as with wake=futex. */
-        unsigned char *mine = c->sleeper + SLEEPERS;
-        int rc = SC_OK;
-        __atomic_store_n(mine, 1, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq &&
-            __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0) {
-            struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
-            if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) == 0)
-                c->woken_idle = __atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq;
-            else if (errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
-                rc = fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
-        }
-        __atomic_store_n(mine, 0, __ATOMIC_RELAXED);
-        return rc;
+        return sleep_on_futex_word(c, wait_ms);
     }
     /* The doorbell.  With a byte in the sleeper table (docs/protocol.md 7.8): set it, a full barrier, load the
      * position again; the publisher stores the position, makes a full barrier and looks at the table: either we

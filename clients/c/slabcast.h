@@ -149,7 +149,9 @@ typedef struct sc_sub_options {
                              * connection (the publisher sends a notice only while it sleeps, when the
                              * segment's sleeper table can be mapped writable; else after every frame);
                              * "futex": FUTEX_WAIT on the ring's position (the publisher wakes it with
-                             * FUTEX_WAKE: no ZeroMQ message per frame); "busy": spin on the position (a core
+                             * FUTEX_WAKE: no ZeroMQ message per frame; since 1.4.0 with its byte in the
+                             * segment's futex sleeper table when the publisher looks there, so that the
+                             * publisher wakes it only while it sleeps, not after every frame); "busy": spin on the position (a core
                              * at 100 % while it waits; no system call).  Every wait is bounded (100 ms) so
                              * that the end of the subscription is seen.  Versions 1 and 2 accept only NULL
                              * and "doorbell". */
@@ -294,8 +296,8 @@ int sc_connect(sc_client *c, const char *address);
 int sc_set_curve(sc_client *c, const char *secret_key_file, const char *server_public_key_file);
 
 /* Fill the first `struct_size` bytes of `opts` with the defaults (size 0, seconds 0, clip 0, policy
- * "block", max_inflight 8, wake NULL, sampler 0, wait_ms -1) and set opts->struct_size = struct_size (pass
- * sizeof *opts; at least sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
+ * "block", max_inflight 8, wake NULL, sampler 0, wait_ms -1, partial_tail 0) and set opts->struct_size =
+ * struct_size (pass sizeof *opts; at least sizeof(size_t)).  C callers use the macro sc_sub_options_init(&opts). */
 void sc_sub_options_init_sized(sc_sub_options *opts, size_t struct_size);
 #define sc_sub_options_init(opts) sc_sub_options_init_sized((opts), sizeof *(opts))
 

@@ -327,9 +327,10 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
         cuts = [u["cut"] for u in subs if u["label"] == "slabcast-sub"]
         assert cuts == ["local" if version >= 2 else "broker"] * len(csubs), subs
         if version >= 2:
-            # How they wait reached the broker, which counts them in the ring's header for the publisher: futex
-            # subscribers get a FUTEX_WAKE, version-2 ones every notice, doorbell ones (with a byte of the sleeper
-            # table, as the Python subscribers here) a notice when asleep.
+            # How they wait reached the broker, which counts them in the ring's header for the publisher: version-2
+            # subscribers get every notice, doorbell ones (with a byte of the sleeper table, as the Python
+            # subscribers here) a notice or a FUTEX_WAKE when asleep, and so do futex ones with their byte in the
+            # futex sleeper table (ATTACH futex_sleeper: the publisher here says it looks there).
             name, _ = _mapped_segment(csubs[0].proc.pid)
             seg = _shm.attach(name, 4096)
             try:
@@ -338,8 +339,8 @@ def test_c_and_python_subscribers_get_the_chunks_the_rules_promise(
             finally:
                 seg.close()
             c_count, py_count = len(csubs), len(case["subs"])
-            want = {2: (c_count, 0, py_count), "doorbell": (0, 0, c_count + py_count), "futex": (0, c_count, py_count),
-                    "busy": (0, 0, py_count)}[wake or version]  # fmt: skip
+            want = {2: (c_count, 0, py_count), "doorbell": (0, 0, c_count + py_count),
+                    "futex": (0, 0, c_count + py_count), "busy": (0, 0, py_count)}[wake or version]  # fmt: skip
             assert (notices, futex, doorbells) == want, (wake, version)
         if wake == "futex":
             for c in csubs:  # they do sleep on the position word
@@ -740,8 +741,10 @@ def handshake_local(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, versio
     b.xpub.send(P.token_topic(token) + msgpack.packb([P.JOINED]))
     attach = b.recv()  # once JOINED proved its notice socket connected, with its liveness slot
     assert attach[0] == P.ATTACH and 0 <= attach[1] < 2**31, attach
-    # A version-3 doorbell subscriber mapped the sleeper table writable and says so.
-    assert attach[2:] == ([True] if version >= 3 and wake == "doorbell" else []), attach
+    # A version-3 doorbell or futex subscriber mapped the sleeper table writable and says so (a futex one would
+    # add futex_sleeper true if the segment's sleep_futex said the publisher looks at the futex sleeper table:
+    # this one's does not).
+    assert attach[2:] == ([True] if version >= 3 and wake in ("doorbell", "futex") else []), attach
     if attached is not None:
         b.send(attached)
         return token
@@ -1279,3 +1282,27 @@ def test_a_c_subscriber_with_partial_tail_gets_the_partial_chunks_a_python_one_g
         assert got == want
     finally:
         c.close()
+
+
+def test_a_c_futex_subscriber_sleeps_with_its_byte_in_the_table_and_gets_every_chunk(c_sub, broker, stream_name):
+    # ATTACH futex_sleeper from C too: counted with the doorbells, not in futex_waiters (a FUTEX_WAKE after every
+    # frame); woken by the publisher's look at the futex sleeper table, every chunk in order.
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    ring = pub._ring
+    c = CSub(c_sub, broker.address, stream_name, "--size", "64", "--clip", "--wake", "futex", "--count", "50")
+    try:
+        c.wait_ready()
+        deadline = time.monotonic() + 10
+        while (ring.futex_waiters, ring.doorbells) != (0, 1):  # (written by the broker when ATTACH starts it)
+            assert time.monotonic() < deadline, (ring.futex_waiters, ring.doorbells)
+            time.sleep(0.001)
+        for k in range(100):  # paced: it sleeps between frames, and each frame completes half a chunk
+            pub.write(np.arange(32 * k, 32 * k + 32, dtype=np.int32))
+            time.sleep(0.002)
+        assert c.finish(30) == 0, c.stderr
+        chunks = c.chunks()
+        assert [(i, n) for _, i, n, _, _ in chunks] == [(64 * k, 64) for k in range(50)]
+        assert all(crc == zlib.crc32(np.arange(i, i + 64, dtype=np.int32).tobytes()) for _, i, _, _, crc in chunks)
+    finally:
+        c.close()
+        pub.close()

@@ -605,7 +605,8 @@ class Stream:
         """SUBSCRIBED for a subscription of chunks of ``size`` samples."""
         return M.Subscribed(self.segment.name, self.segment.nbytes, self.dtype.str, self.channels, self.rate, size,
                             self.head, tuple(self.channel_names), self.sid, self.header, self.slab_bytes,
-                            self.nslabs, self.sample_bytes, f"ipc://{self.notice_path}", self.meta)  # fmt: skip
+                            self.nslabs, self.sample_bytes, f"ipc://{self.notice_path}", self.meta,
+                            True)  # fmt: skip
 
     def place(self, offset: int, n: int, carry: int) -> bool:
         """Check where a frame of ``n`` samples lands; on a new slab, switch to it (True: the publisher left one,

@@ -297,7 +297,8 @@ class BrokerState:
         for waiting in self.pending.values():
             waiting[:] = [(c, m) for c, m in waiting if c is not client]
         if client.stream is not None:
-            self._end_stream(client.stream, P.END_PUBLISHER_GONE, f"the publisher ({client.label}) went away")
+            self._end_stream(client.stream, P.END_PUBLISHER_GONE, f"{client.label} left without closing the stream "
+                             f"(its process ended or its connection dropped)")  # fmt: skip
         sub = client.sub
         if sub is not None:
             client.sub = None
@@ -617,6 +618,8 @@ class BrokerState:
                 sub.wake = None
             stream.remove_sleeper(sub)
         sub.futex_sleeper = bool(msg.futex_sleeper) and sub.wake == "futex" and sub.page
+        if sub.futex_sleeper:
+            stream.tell_publisher()  # (one started at SUBSCRIBE, its stream opened since, is not started below)
         if msg.slot is not None:
             if not 0 <= msg.slot < 1 << 31:
                 raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")

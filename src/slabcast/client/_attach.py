@@ -56,8 +56,13 @@ def open_local(
         hold(lock_fd, CLIENT_BASE + slot)
         # A futex subscriber sleeps with its byte in the futex sleeper table when the publisher looks there
         # (sleep_futex): the publisher then wakes it only when it sleeps, with its mask, not at every frame.
-        futex_sleeper = settings.get("wake") == "futex" and page is not None and wakes_futex_sleepers(mm)
-        conn.send(M.Attach(slot, page is not None, True) if futex_sleeper else M.Attach(slot, page is not None))
+        # Only to a broker that says (SUBSCRIBED) it takes that field: an earlier one refuses an ATTACH of three.
+        futex_sleeper = reply.futex_sleeper is True and settings.get("wake") == "futex" and page is not None \
+            and wakes_futex_sleepers(mm)  # fmt: skip
+        if futex_sleeper:
+            conn.send(M.Attach(slot, page is not None, True))
+        else:
+            conn.send(M.Attach(slot, page is not None), fields=2)  # (the two fields every broker takes)
         while True:
             answer = conn.recv(timeout)
             if answer is None:

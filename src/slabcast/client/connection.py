@@ -358,12 +358,13 @@ class Connection:
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
 
-    def send(self, msg: M.Message) -> None:
-        """Send one message; raise :class:`BrokerGoneError` if the socket is unusable."""
+    def send(self, msg: M.Message, fields: int | None = None) -> None:
+        """Send one message (only its first ``fields`` fields: for a broker that knows no more); raise
+        :class:`BrokerGoneError` if the socket is unusable."""
         if self.closed:
             raise ClosedError("this connection was closed")
         try:
-            self.sock.send(M.encode(msg), copy=True)
+            self.sock.send(M.encode(msg, fields), copy=True)
             self._last_send = time.monotonic()
         except zmq.ZMQError as exc:
             raise BrokerGoneError(f"cannot send to the {self.where}: {exc}") from exc

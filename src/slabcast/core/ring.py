@@ -15,14 +15,16 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
                                 (bytes 152..156) are the futex word the futex wait strategy sleeps on
     160  u32  notices_wanted    version-2 subscribers, which cut from the notices: the publisher sends one
                                 for every frame (batched) while this is not 0; single writer: the broker
-    164  u32  futex_waiters     local subscribers that sleep on the futex word; single writer: the broker
+    164  u32  futex_waiters     local subscribers that sleep on the futex word without a byte in the futex
+                                sleeper table (wake futex, no ATTACH futex_sleeper); single writer: the broker
     168  u32  frames_wanted     1 while the broker cuts chunks itself (TCP and version-1 subscribers):
                                 it wants a message per frame, not per slab; single writer: the broker
     172  u32  closed            1 once the publisher wrote its last descriptor (then position is final)
-    176  u32  doorbells         local subscribers woken by a ZeroMQ notice (the sleeper table below);
-                                single writer: the broker
-    180  u32  sleep_futex       1: the publisher also wakes doorbell subscribers asleep on the futex word
-                                (the futex sleeper table below); single writer: the publisher, at open
+    176  u32  doorbells         local subscribers with a byte in the sleeper tables below: doorbell ones
+                                (woken by a ZeroMQ notice, or a FUTEX_WAKE asleep on the word) and futex
+                                ones that said ATTACH futex_sleeper; single writer: the broker
+    180  u32  sleep_futex       1: the publisher also wakes subscribers asleep on the futex word with their
+                                byte in the futex sleeper table below; single writer: the publisher, at open
     184  u32  acks_wanted       1 while the publisher is short of slabs: a subscriber that posts its cursor in
                                 the cursor table (below) sends ACK when it leaves a slab, if ack_target names
                                 it or nobody; single writer: the broker

@@ -266,6 +266,7 @@ class Subscribed(NamedTuple):
     sample_bytes: int = 0
     notice_endpoint: str = ""
     meta: dict[str, Any] | None = None
+    futex_sleeper: bool = False  # version 3, optional: this broker takes ATTACH's futex_sleeper (section 7.8)
 
 
 @_kind(P.CHUNK)
