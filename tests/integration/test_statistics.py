@@ -36,6 +36,26 @@ def test_statistics_equal_numpy_over_the_window(broker, stream_name, dtype):
     text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
                           capture_output=True, text=True, timeout=30).stdout  # fmt: skip
     assert f"ch_0: mean {window.mean(axis=0)[0]:.6g}" in text
+    assert "    last 2 s (2000 samples" in text, text
+    pub.close()
+
+
+def test_status_says_how_much_of_the_window_its_figures_are_of_when_the_pool_holds_less(broker, stream_name):
+    # The figures are of what the pool still holds: 10 s asked of a fast stream, a fraction of a second there.
+    # (A newcomer read `last 10 s` over figures of 20 ms.)
+    rate = 100_000.0
+    pub = slabcast.Publisher(stream_name, dtype="int32", rate=rate, statistics=10.0, slab_bytes=65536, nslabs=8,
+                             address=broker.address)  # fmt: skip
+    for k in range(200):
+        pub.write(np.arange(5000 * k, 5000 * (k + 1), dtype=np.int32), t0=k * 5000 / rate)  # 10 s of stream
+    pub.flush()
+    stats = slabcast.stream_statistics(stream_name, address=broker.address)
+    held = stats.window_samples / rate
+    assert 0 < held < 1, stats.window_samples
+    text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    assert f"    last {held:.3g} s (of the 10 s asked: what the pool still holds) ({stats.window_samples} samples" \
+        in text, text  # fmt: skip
     pub.close()
 
 
