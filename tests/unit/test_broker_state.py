@@ -812,3 +812,30 @@ def test_a_cursor_entry_handed_to_a_new_owner_gets_a_new_tag_and_a_repeated_atta
     (second,) = to(SUB2, h.send(SUB2, M.Attach(9, True)), M.Attached)
     # The same entry under another tag: the first owner's late store is not the new one's cursor.
     assert second.sleeper == 5 and second.cursor_tag not in (None, first.cursor_tag)
+
+
+def test_top_draws_a_subscribers_lag_against_the_pool_and_lists_ended_streams_without_no_streams() -> None:
+    # A newcomer: a subscriber keeping up with a fast stream showed a full bar (the lag against two chunks), and
+    # `no streams` came under three ended streams.
+    from slabcast.cli.top import render
+
+    sub = {"label": "fast-reader", "pid": 1, "size": 2048, "clip": True, "policy": "block", "delivered": 10,
+           "dropped": 0, "leases": 1, "lag_samples": 58368, "lag_seconds": None}  # fmt: skip
+    stream = {"name": "s", "dtype": "<i8", "channels": 1, "rate": None, "samples": 10**8, "ended": False,
+              "slabs": 8, "slab_bytes": (4 << 20) + (64 << 20), "max_chunk_bytes": 64 << 20, "slabs_free": 5,
+              "frames": 10**5, "subscribers": [sub]}  # fmt: skip
+    head = {"pid": 7, "address": "ipc://x", "uptime": 1.0, "clients": 2}
+    status = {**head, "streams": [stream], "sources": []}
+
+    def bar() -> str:
+        (line,) = [line for line, _ in render(status, None, 0.0) if "fast-reader" in line]
+        return line[line.index("[") : line.index("]") + 1]
+
+    assert bar().count("#") == 0  # 58,368 of the pool's 4,194,304 samples (8 slabs of 4 MiB of int64)
+    sub["lag_samples"] = 4_194_304 // 2
+    assert bar().count("#") == 8
+    sub["lag_samples"] = 4_194_304
+    assert bar().count("#") == 16  # the pool's worth: a block subscriber holds the publisher back
+    ended = {"name": "e", "end": "closed", "ended_ago": 3.0, "samples": 5, "frames": 1}
+    lines = [line for line, _ in render({**head, "streams": [], "ended_streams": [ended], "sources": []}, None, 0.0)]
+    assert any(line.startswith("e ") and "ended (closed)" in line for line in lines) and "no streams" not in lines

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from .._exceptions import SlabcastError
 from ..client.control import broker_status
 
@@ -77,10 +79,14 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
                 False,
             )
         )
+        # The bar: how much of the pool a subscriber's lag takes; full, a block subscriber holds the publisher
+        # back and a drop one loses chunks (it was the lag against two chunks: always full on a fast stream).
+        room = s["slab_bytes"] - s.get("max_chunk_bytes", 0)
+        pool = s["slabs"] * (room if room > 0 else s["slab_bytes"]) // (np.dtype(s["dtype"]).itemsize * s["channels"])
         for u in s["subscribers"]:
             lag_s = u.get("lag_seconds")
             lag = f"{lag_s:6.2f} s" if lag_s is not None else f"{u['lag_samples']} samples"
-            fraction = u["lag_samples"] / (2 * u["size"]) if u["size"] else 0.0
+            fraction = u["lag_samples"] / pool if pool else 0.0  # (full: the lag fills the pool)
             lines.append(
                 (
                     f"  {u['label'][:22]:<22} {u['pid']:>7} {u['size']:>8} {'yes' if u['clip'] else 'no ':<4} "
@@ -96,7 +102,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
                           f"in {s['frames']} frames", False))  # fmt: skip
     for src in sources.values():  # no stream yet (waiting for its device) or refused
         lines.append((f"source {source_line(src)}", _troubled(src)))
-    if not status["streams"]:
+    if not status["streams"] and not status.get("ended_streams"):
         lines.append(("no streams", False))
     return lines
 
