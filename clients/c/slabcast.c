@@ -92,7 +92,10 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define HDR_RING_OFFSET 144      /* u64, where the ring starts in the segment (after the slabs and time tables) */
 #define HDR_POSITION 152         /* u64, descriptors published; its low 32 bits are the futex word */
 #define HDR_CLOSED 172           /* u32, 1 once the publisher wrote its last descriptor */
-#define HDR_SLEEP_FUTEX 180      /* u32, 1 once the publisher wakes doorbell subscribers asleep on the futex word */
+#define HDR_SLEEP_FUTEX 180      /* u32, 1 once the publisher wakes subscribers asleep on the futex word with a byte */
+#define HDR_FRAME_MAX 188        /* u32, the most samples in one frame so far (0: not kept): wake targets (10.7) */
+#define WAKE_ALL 0xFFFFFFFFu     /* a futex bitset matching every waiter */
+#define SLEEPER_BIT 64           /* a futex sleeper table byte 64 + b: asleep with the mask 1 << b (7.8) */
 #define RING_READ 1024           /* the most descriptors copied from the ring at a time */
 #define SLEEPERS 256             /* bytes of the sleeper table, just after the ring: one per doorbell subscriber */
 
@@ -256,6 +259,7 @@ struct sc_client {
     const uint64_t *position;    /* the header's position word (its low 32 bits: the futex word) */
     const uint32_t *closed;      /* the header's closed word */
     const uint32_t *sleep_futex; /* the header's sleep_futex word (docs/protocol.md 7.8) */
+    const uint32_t *frame_max;   /* the header's frame_max word (docs/protocol.md 10.7, wake targets) */
     bool broker_futex_table;     /* SUBSCRIBED futex_sleeper: the broker takes ATTACH's futex_sleeper */
     bool futex_table;            /* wake futex, said ATTACH futex_sleeper: it sleeps with its byte in the futex
                                   * sleeper table, as the doorbell does in a blocking call (docs/protocol.md 7.8) */
@@ -1267,6 +1271,7 @@ static int map_segment(sc_client *c, size_t nbytes)
         c->position = (const uint64_t *)(h + HDR_POSITION);  /* (the mapping is page aligned: so is the word) */
         c->closed = (const uint32_t *)(h + HDR_CLOSED);
         c->sleep_futex = (const uint32_t *)(h + HDR_SLEEP_FUTEX);
+        c->frame_max = (const uint32_t *)(h + HDR_FRAME_MAX);
     }
     c->header_bytes = header;
     return SC_OK;
@@ -1530,8 +1535,17 @@ static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
      * every frame). */
     _Static_assert(SCW_ATTACH_SLOT == 1 && SCW_ATTACH_SLEEPER == 2 && SCW_ATTACH_FUTEX_SLEEPER == 3,
                    "ATTACH is packed in this order");
-    c->futex_table = c->wake == WAKE_FUTEX && c->sleeper_map != NULL && c->broker_futex_table &&
-                     __atomic_load_n(c->sleep_futex, __ATOMIC_RELAXED) == 1;
+    c->futex_table = c->wake == WAKE_FUTEX && c->sleeper_map != NULL && c->broker_futex_table;
+    /* A subscription that waited for its stream is answered as the stream opens, while its publisher maps the segment:
+     * wait a moment (100 ms at most) for it to say it looks at the futex sleeper table (sleep_futex). */
+    for (int k = 0; c->futex_table && __atomic_load_n(c->sleep_futex, __ATOMIC_ACQUIRE) != 1; k++) {
+        if (k == 100) {
+            c->futex_table = false;  /* (a publisher that never says it: counted in futex_waiters) */
+            break;
+        }
+        struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
+        nanosleep(&ms, NULL);
+    }
     msgpack_sbuffer_clear(&c->sbuf);
     msgpack_pack_array(&c->pk, 1 + (c->futex_table ? SCW_ATTACH_FUTEX_SLEEPER
                                     : c->sleeper_map != NULL ? SCW_ATTACH_SLEEPER : SCW_ATTACH_SLOT));
@@ -2913,20 +2927,59 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* Asleep on the futex word with our byte in the futex sleeper table (docs/protocol.md 7.8): the byte (1: every bit,
- * as we wait with FUTEX_WAIT), a full barrier, the position again, then FUTEX_WAIT on its low word: a publish we did
- * not see here sees our byte after its own barrier and makes a FUTEX_WAKE.  Woken with nothing to read: the broker
+/* The futex mask to sleep with, having read everything below position rseq (docs/protocol.md 10.7, wake targets):
+ * that of the first position whose publish can complete our next chunk, or every bit when the next may, when that
+ * depends on the frames' times (a pause in seconds, no rate) or when the publisher keeps no frame_max. */
+static uint32_t wake_target(const sc_client *c)
+{
+    const rechunker *r = &c->rk;
+    uint32_t frame_max = __atomic_load_n(c->frame_max, __ATOMIC_ACQUIRE);  /* (after the position) */
+    if (r->pausing || frame_max == 0)
+        return WAKE_ALL;
+    uint64_t end = c->cursor;  /* everything read is cut: the index past the last frame */
+    uint64_t start = r->has_start ? r->start : (r->pausing_at && r->pause_at > end ? r->pause_at : end);
+    uint64_t need = start + r->size - end;
+    if (need <= frame_max)
+        return WAKE_ALL;
+    uint64_t k = (need + frame_max - 1) / frame_max;
+    return 1u << ((c->rseq + (k < 32 ? k : 32)) & 31);
+}
+
+/* FUTEX_WAIT on the position's low word as it was at rseq, for up to wait_ms, with `mask` (FUTEX_WAIT_BITSET and an
+ * absolute CLOCK_MONOTONIC timeout) unless it is every bit; the system call's result (errno set). */
+static long futex_sleep(const sc_client *c, uint32_t mask, long wait_ms)
+{
+    void *word = (void *)(uintptr_t)c->position;
+    if (mask == WAKE_ALL) {
+        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
+        return syscall(SYS_futex, word, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0);
+    }
+    struct timespec at;
+    clock_gettime(CLOCK_MONOTONIC, &at);
+    at.tv_sec += wait_ms / 1000;
+    at.tv_nsec += (wait_ms % 1000) * 1000000L;
+    if (at.tv_nsec >= 1000000000L) {
+        at.tv_sec++;
+        at.tv_nsec -= 1000000000L;
+    }
+    return syscall(SYS_futex, word, FUTEX_WAIT_BITSET, (uint32_t)c->rseq, &at, NULL, mask);
+}
+
+/* Asleep on the futex word with our byte in the futex sleeper table (docs/protocol.md 7.8): the byte (64 + b for the
+ * wake target's mask 1 << b, 1 for every bit), a full barrier, the position again, then FUTEX_WAIT[_BITSET] on its low
+ * word with that mask: a publish we did not see here sees our byte after its own barrier and makes a FUTEX_WAKE.  Woken with nothing to read: the broker
  * (its END, an eviction, a shutdown) may wake us before its message arrives (woken_idle). */
 static int sleep_on_futex_word(sc_client *c, long wait_ms)
 {
     unsigned char *mine = c->sleeper + SLEEPERS;
     int rc = SC_OK;
-    __atomic_store_n(mine, 1, __ATOMIC_RELAXED);
+    uint32_t mask = wake_target(c);  /* (frame_max loaded before our byte: a frame that raises it wakes every bit) */
+    __atomic_store_n(mine, mask == WAKE_ALL ? 1 : (unsigned char)(SLEEPER_BIT + __builtin_ctz(mask)),
+                     __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq &&
         __atomic_load_n(c->closed, __ATOMIC_ACQUIRE) == 0) {
-        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
-        if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) == 0)
+        if (futex_sleep(c, mask, wait_ms) == 0)
             c->woken_idle = __atomic_load_n(c->position, __ATOMIC_RELAXED) == c->rseq;
         else if (errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
             rc = fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
@@ -2949,9 +3002,7 @@ static int wait_ring(sc_client *c, long wait_ms)
          * (or the word differs and we do not sleep).  Shared, not FUTEX_PRIVATE_FLAG: the waker is another
          * process.  The broker's FUTEX_WAKE at the stream's end wakes us too; anything else (eviction, the
          * broker gone) is seen when the wait times out. */
-        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
-        if (syscall(SYS_futex, (void *)(uintptr_t)c->position, FUTEX_WAIT, (uint32_t)c->rseq, &ts, NULL, 0) != 0 &&
-            errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
+        if (futex_sleep(c, wake_target(c), wait_ms) != 0 && errno != ETIMEDOUT && errno != EAGAIN && errno != EINTR)
             return fail(c, SC_ESYS, "FUTEX_WAIT on the ring's position failed: %s (%s)", strerror(errno), c->where);
         return SC_OK;
     }

@@ -258,4 +258,6 @@ def test_python_subscribers_get_from_the_binding_what_a_python_publisher_gives(
     counters = got["counters"]
     total = sum(n for _, n, _, _, _ in frames)
     assert (counters["frames"], counters["samples"], counters["filled"]) == (len(frames), total, 56), counters
-    assert counters["slabs"] > case["nslabs"] and counters["wakes"] >= len(frames), counters
+    # (Its futex subscriber sleeps with its byte in the futex sleeper table: woken while it sleeps, not after every
+    # frame; it got every chunk above.)
+    assert counters["slabs"] > case["nslabs"] and counters["wakes"] >= 1, counters

@@ -1306,3 +1306,28 @@ def test_a_c_futex_subscriber_sleeps_with_its_byte_in_the_table_and_gets_every_c
     finally:
         c.close()
         pub.close()
+
+
+@pytest.mark.parametrize("wake", ["futex", "doorbell"])
+def test_a_c_subscriber_sleeps_toward_the_frame_that_completes_its_chunk(c_sub, broker, stream_name, wake):
+    # Wake targets (docs/protocol.md 10.7) in C: with frames of 10 samples and chunks of 100, it sleeps with the mask
+    # of the tenth frame and says so in its futex sleeper table byte (64 + b), and that frame's publish wakes it.
+    pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address)
+    ring = pub._ring
+    c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip", "--wake", wake, "--count", "1")
+    try:
+        c.wait_ready()
+        pub.write(np.arange(10, dtype=np.int32))  # position 1; frame_max 10: the chunk needs 9 more frames
+        deadline, seen = time.monotonic() + 10, set()
+        while _ring.SLEEPER_BIT + 10 not in seen:  # asleep toward position 10 (the byte is set while it sleeps)
+            assert time.monotonic() < deadline, seen
+            seen |= set(ring.futex_sleepers.tobytes()) - {0}
+            time.sleep(0.001)
+        for k in range(1, 10):
+            pub.write(np.arange(10 * k, 10 * k + 10, dtype=np.int32))
+        c.wait_lines(1, timeout=10)  # (a lost wake-up would cost up to its 100 ms bound: not told apart here)
+        assert c.finish(10) == 0, c.stderr
+        assert [(i, n) for _, i, n, _, _ in c.chunks()] == [(0, 100)]
+    finally:
+        c.close()
+        pub.close()

@@ -58,7 +58,7 @@ def open_local(
         # (sleep_futex): the publisher then wakes it only when it sleeps, with its mask, not at every frame.
         # Only to a broker that says (SUBSCRIBED) it takes that field: an earlier one refuses an ATTACH of three.
         futex_sleeper = reply.futex_sleeper is True and settings.get("wake") == "futex" and page is not None \
-            and wakes_futex_sleepers(mm)  # fmt: skip
+            and _table_woken(mm)  # fmt: skip
         if futex_sleeper:
             conn.send(M.Attach(slot, page is not None, True))
         else:
@@ -98,6 +98,21 @@ def open_local(
                          ring_seq=answer.seq, page=page, entry=answer.sleeper if page is not None else None,
                          sleeper=answer.sleeper if page is not None and settings.get("wake", "doorbell") == "doorbell"
                          else None, tag=answer.cursor_tag or 0, futex_sleeper=futex_sleeper, **settings)  # fmt: skip
+
+
+_SLEEP_FUTEX_WAIT = 0.1  # seconds a futex subscriber waits for its publisher to say it looks at the table
+
+
+def _table_woken(mm: Any) -> bool:
+    """Whether the stream's publisher wakes subscribers asleep with a byte in the futex sleeper table (its
+    ``sleep_futex``), waiting a moment for it: a subscription that waited for its stream is answered when the stream
+    opens, as its publisher maps the segment, before or after the publisher says so."""
+    deadline = time.monotonic() + _SLEEP_FUTEX_WAIT
+    while not wakes_futex_sleepers(mm):
+        if time.monotonic() >= deadline:
+            return False  # (a publisher that never says it: counted in futex_waiters, woken after every frame)
+        time.sleep(0.001)
+    return True
 
 
 def _join(conn: Connection, endpoint: str, name: str, token: bytes, timeout: float,
