@@ -239,7 +239,6 @@ struct sc_client {
     bool jumped;                 /* the next chunk handed out is flagged as a discontinuity */
     bool partial;                /* partial_tail: partial chunks before a discontinuity and at the end */
     bool tail_cut;               /* the end's partial chunk was looked for (once) */
-    unsigned cut_flags;          /* flags cut_chunk adds (SC_FLAG_PARTIAL while cut_partial cuts) */
     uint64_t last_slab, last_gen, last_end;  /* the slab, generation and end byte of the last frame cut */
     int64_t nseq;                /* the next notice_seq expected, -1 before the first */
     int64_t acked_slab, acked_dropped, acked_held;  /* state at the last ACK */
@@ -2005,7 +2004,6 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         c->jumped = false;
         c->partial = opts->partial_tail != 0;
         c->tail_cut = false;
-        c->cut_flags = 0;
         c->nseq = -1;
         c->acked_slab = c->acked_dropped = c->acked_held = -1;
         c->acked_cursor = c->acked_received = UINT64_MAX;
@@ -2398,8 +2396,14 @@ static int evicted(sc_client *c)
     return rc == SC_ETIMEOUT ? SC_OK : rc;
 }
 
-/* A chunk the rechunker completed in the current frame: locate it, lease it, queue it (_cut_chunk). */
-static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
+/* Where a frame lies: the stream index of its first sample, that sample's byte, its slab and the slab's generation. */
+typedef struct frame_place {
+    uint64_t index, offset, slab, gen;
+} frame_place;
+
+/* A chunk of the frame at `f`: locate it, lease it, queue it with `flags` (_cut_chunk). */
+static int cut_chunk_of(sc_client *c, const frame_place *f, uint64_t start, uint64_t length, double t0,
+                        unsigned flags)
 {
     uint64_t seq = c->next_seq++;
     if (c->drop && c->rcount + c->nheld >= c->max_held) {
@@ -2409,8 +2413,8 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
     /* At offset - (index - start) * sample_bytes (docs/protocol.md section 8), in this frame's slab, which
      * holds every sample from the notice's floor on; the chunk may also start inside the frame (clip). */
     int64_t sb = (int64_t)c->info.sample_bytes;
-    int64_t slab_start = (int64_t)(c->header_bytes + c->fr_slab * c->slab_bytes);
-    int64_t at = (int64_t)c->fr_offset - ((int64_t)c->fr_index - (int64_t)start) * sb;
+    int64_t slab_start = (int64_t)(c->header_bytes + f->slab * c->slab_bytes);
+    int64_t at = (int64_t)f->offset - ((int64_t)f->index - (int64_t)start) * sb;
     if (at < slab_start || length > c->slab_bytes / (uint64_t)sb ||
         at + (int64_t)length * sb > slab_start + (int64_t)c->slab_bytes) {
         c->dropped++;
@@ -2419,13 +2423,13 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
                              "chunk seq=%llu (samples %llu..%llu) does not lie in slab %llu of the segment: the %s "
                              "of the frame at index %llu, offset %llu, floor %llu is wrong (%s)",
                              (unsigned long long)seq, (unsigned long long)start,
-                             (unsigned long long)(start + length - 1), (unsigned long long)c->fr_slab,
+                             (unsigned long long)(start + length - 1), (unsigned long long)f->slab,
                              c->ring ? "ring descriptor" : "notice",
-                             (unsigned long long)c->fr_index, (unsigned long long)c->fr_offset,
+                             (unsigned long long)f->index, (unsigned long long)f->offset,
                              (unsigned long long)c->fr_floor, c->where);
         return SC_OK;
     }
-    int got = claim(c, (uint32_t)c->fr_slab, (uint32_t)c->fr_gen);
+    int got = claim(c, (uint32_t)f->slab, (uint32_t)f->gen);
     if (got < 0)
         return got;
     if (got == 0) {
@@ -2450,22 +2454,28 @@ static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
             size_t cap = c->rcap ? 2 * c->rcap : 16;
             ready_chunk *p = realloc(c->ready, cap * sizeof *p);
             if (p == NULL) {
-                c->leases[c->fr_slab].count--;
+                c->leases[f->slab].count--;
                 return fail(c, SC_ENOMEM, "out of memory");
             }
             c->ready = p;
             c->rcap = cap;
         }
     }
-    unsigned flags = c->cut_flags;
     if (c->jumped) {
         c->jumped = false;
         flags |= SC_FLAG_DISCONTINUITY;
     }
     c->ready[c->rhead + c->rcount++] = (ready_chunk){
         .seq = seq, .index = start, .n = length, .offset = (uint64_t)at, .t0 = t0,
-        .slab = (uint32_t)c->fr_slab, .flags = flags};
+        .slab = (uint32_t)f->slab, .flags = flags};
     return SC_OK;
+}
+
+/* A chunk the rechunker completed in the current frame (its emit_fn). */
+static int cut_chunk(sc_client *c, uint64_t start, uint64_t length, double t0)
+{
+    frame_place f = {.index = c->fr_index, .offset = c->fr_offset, .slab = c->fr_slab, .gen = c->fr_gen};
+    return cut_chunk_of(c, &f, start, length, t0, 0);
 }
 
 /* The samples gathered towards the next chunk, up to the last frame cut, as one partial chunk (SC_FLAG_PARTIAL)
@@ -2474,21 +2484,11 @@ static int cut_partial(sc_client *c)
 {
     if (!c->rk.has_start || c->rk.start >= c->cursor)
         return SC_OK;
-    uint64_t start = c->rk.start, n = c->cursor - start;
+    uint64_t start = c->rk.start;
     c->rk.has_start = false;
-    uint64_t index = c->fr_index, slab = c->fr_slab, gen = c->fr_gen, offset = c->fr_offset;
-    c->fr_index = c->cursor;  /* (cut_chunk places a chunk by the frame it is cut from: the last one cut) */
-    c->fr_slab = c->last_slab;
-    c->fr_gen = c->last_gen;
-    c->fr_offset = c->last_end;
-    c->cut_flags = SC_FLAG_PARTIAL;
-    int rc = cut_chunk(c, start, n, c->rk.t0);
-    c->cut_flags = 0;
-    c->fr_index = index;
-    c->fr_slab = slab;
-    c->fr_gen = gen;
-    c->fr_offset = offset;
-    return rc;
+    /* (placed by the last frame cut: it ends at stream index cursor, byte last_end) */
+    frame_place last = {.index = c->cursor, .offset = c->last_end, .slab = c->last_slab, .gen = c->last_gen};
+    return cut_chunk_of(c, &last, start, c->cursor - start, c->rk.t0, SC_FLAG_PARTIAL);
 }
 
 /* At the stream's end, with partial_tail: the unfinished chunk as one partial chunk, once (LocalReceiver._cut_tail). */

@@ -127,6 +127,13 @@ class LocalSub(Subscription):
         self.tag = 0  # its cursor table entry's tag, given in ATTACHED (0: none yet)
         self.base = 0  # the stream index its cursor table entry counts from (ATTACHED's start)
 
+    @property
+    def tabled(self) -> bool:
+        """It sets its byte in the sleeper tables before it sleeps (a doorbell subscriber, or a futex one that said
+        ATTACH futex_sleeper): the publisher looks at the tables for it (``doorbells``) instead of waking it at every
+        frame (``futex_waiters``)."""
+        return self.sleeper is not None and (self.wake == "doorbell" or (self.wake == "futex" and self.futex_sleeper))
+
 
 class BrokerCutSub(Subscription):
     """Protocol version 1 and TCP subscribers: the broker runs the rechunker, leases, backlog and credit."""
@@ -556,12 +563,9 @@ class Stream:
         if self.ended:
             return
         local = [u for u in (*self.subs, *self.joining, *self.waiting) if isinstance(u, LocalSub)]
-        # A futex subscriber with its byte in the futex sleeper table (ATTACH futex_sleeper) is woken as a doorbell's
-        # asleep there: counted with the doorbells, whose count makes the publisher look at the tables.
-        tabled = [u.sleeper is not None and (u.wake == "doorbell" or (u.wake == "futex" and u.futex_sleeper))
-                  for u in local]  # fmt: skip
-        futex = sum(1 for u, t in zip(local, tabled, strict=True) if u.wake == "futex" and not t)
-        doorbells = sum(tabled)
+        # A futex subscriber with its byte in the futex sleeper table is counted with the doorbells (tabled).
+        futex = sum(1 for u in local if u.wake == "futex" and not u.tabled)
+        doorbells = sum(1 for u in local if u.tabled)
         # Version 2 (it cuts from every notice), and a doorbell subscriber without its sleeper byte yet.
         notices = sum(1 for u in local if u.wake is None or (u.wake == "doorbell" and u.sleeper is None))
         self.ring.set_counts(notices, doorbells, futex, bool(self.broker_cut))

@@ -540,21 +540,21 @@ class Publisher:
         if ring_now:
             with self._lock:
                 self._notice(index, offset, n, t0, flags, True)
-        if self._state.switch_unsent:
+        state = self._state
+        if state.switch_unsent and (first or state.switch_due(time.monotonic())):
             self._tell_switch(first)
 
     def _tell_switch(self, first: bool) -> None:
-        """A slab change not told to the broker yet, after a frame: at its ``first`` frame, wake the background
-        thread to tell it later (unless it is deferred); else tell it now if it is due."""
+        """A slab change not told to the broker yet, and due (the caller looked): at its ``first`` frame, wake the
+        background thread to tell it later (unless it is deferred); else tell it now."""
         # The broker grants the next slab when it hears of this change; the publisher holds another
         # (P.GRANT_AHEAD), so it hears SWITCH_DELAY later, from the background thread: its work on it then
         # competes for a CPU with no subscriber waking to this frame or the next (64 KiB p99).  A writer that
         # held the GIL meanwhile (flat out: up to the 5 ms switch interval) tells it itself.
-        state = self._state
         if first:
-            if not state.deferred():
+            if not self._state.deferred():
                 self._kick()
-        elif state.switch_due(time.monotonic()):
+        else:
             with self._lock:
                 self._published()
 
