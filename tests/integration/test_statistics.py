@@ -54,7 +54,7 @@ def test_status_says_how_much_of_the_window_its_figures_are_of_when_the_pool_hol
     assert 0 < held < 1, stats.window_samples
     text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
                           capture_output=True, text=True, timeout=30).stdout  # fmt: skip
-    assert f"    last {held:.3g} s (of the 10 s asked: what the pool still holds) ({stats.window_samples} samples" \
+    assert f"    last {held:.3g} s (of the 10 s asked: all the stream and its pool hold) ({stats.window_samples} samples" \
         in text, text  # fmt: skip
     pub.close()
 

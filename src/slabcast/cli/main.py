@@ -199,11 +199,12 @@ def _status(args: argparse.Namespace) -> int:
             rate_seen = f", observed {st['observed_rate']:.0f}/s" if st.get("observed_rate") else ""
             if age is not None and age > 1.0:  # the window is stream time: it stands still when nothing comes
                 rate_seen = f", none for {age:.1f} s"
-            # The figures are of what the pool still holds: on a fast stream less than the window asked for.
+            # The figures are of what the pool still holds: less than the window on a fast stream or a young one.
             rate = s.get("rate") or st.get("observed_rate")
             held = st["window_samples"] / rate if rate else None
-            span = f"last {st['window_seconds']:g} s" if held is None or held >= 0.9 * st["window_seconds"] else \
-                f"last {held:.3g} s (of the {st['window_seconds']:g} s asked: what the pool still holds)"  # fmt: skip
+            window = st["window_seconds"]
+            span = f"last {window:g} s" if held is None or held >= 0.9 * window else \
+                f"last {held:.3g} s (of the {window:g} s asked: all the stream and its pool hold)"  # fmt: skip
             print(f"    {span} ({st['window_samples']} samples{rate_seen}):")
             for i, name in enumerate(s.get("channel_names") or [f"ch_{i}" for i in range(s["channels"])]):
                 print(f"      {name}: mean {st['mean'][i]:.6g} std {st['std'][i]:.6g} "
