@@ -773,6 +773,62 @@ def test_a_subscriber_that_keeps_up_posts_its_cursor_in_the_ring_and_the_broker_
         pub.close()
 
 
+def test_a_subscriber_holding_a_fast_publisher_back_acks_once_a_batch_of_slabs_and_gets_every_sample(
+    broker, stream_name
+):
+    # Protocol 7.9, ack_at: a block subscriber slower than a publisher writing flat out holds it back, and the
+    # broker asks it for ACKs; it sends one when its cursor passes the slab whose freeing gives the publisher three
+    # granted slabs again, not at every slab it leaves (each ACK wakes the broker: 1.5 an 8 MiB slab in fanout.py's
+    # x8 before, 0.5 after).  Every sample still comes, in order.
+    frame, frames_per_slab, slabs = 1024, 60, 240
+    total = frame * frames_per_slab * slabs
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
+                             max_chunk_bytes=4096, timeout=30)  # fmt: skip
+    assert (pub.slab_bytes - 4096) // frame == frames_per_slab
+    sub = slabcast.Subscriber(stream_name, size=4096, policy="block", address=broker.address, timeout=30)
+    rx = sub._rx
+    acks: list[M.Ack] = []
+    real_send = rx._conn.send
+    rx._conn.send = lambda msg, *a, **k: (isinstance(msg, M.Ack) and acks.append(msg), real_send(msg, *a, **k))[1]
+    asked = [0]
+    real_post = rx._post_cursor
+
+    def post() -> bool:
+        asked[0] += bool(rx._ring.acks_wanted)
+        return real_post()
+
+    rx._post_cursor = post
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for k in range(total // frame):
+                pub.write((np.arange(k * frame, (k + 1) * frame) % 251).astype(np.uint8))
+            pub.close()
+        except BaseException as exc:
+            failure.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    got = 0
+    try:
+        while got < total:
+            with sub.recv(timeout=30) as chunk:
+                assert chunk.index == got
+                expect = (np.arange(got, got + len(chunk.data)) % 251).astype(np.uint8)
+                assert np.array_equal(chunk.data, expect), f"wrong samples in the chunk at {got}"
+                got += len(chunk.data)
+            time.sleep(0.0001)  # slower than the publisher: 1.5 ms a slab or more (its slabs change in < 0.1 s)
+        writer.join(30)
+        assert not failure, failure
+    finally:
+        sub.close()
+        if writer.is_alive() or failure:
+            pub.close()
+    assert asked[0] >= slabs // 2, f"the publisher was held back at {asked[0]} of {slabs} slab changes only"
+    assert len(acks) < 0.6 * slabs, f"{len(acks)} ACKs for {slabs} slabs, {asked[0]} of them left while asked"
+
+
 def test_a_slabs_first_frame_on_the_compiled_path_is_stamped_when_write_is_called(broker, stream_name):
     # write(t0=None) stamps the frame with time.time() when it is called; a slab change may wait (for a GRANT, a
     # block subscriber behind), and the compiled path's slab change must not stamp the frame after it.
@@ -842,10 +898,10 @@ def test_counter_acks_of_a_subscriber_whose_cursor_is_in_the_table_go_at_most_ev
         # or every one.  Seen by this process alone, so the broker, which stores them at each grant, cannot take
         # them back meanwhile.
         with monkeypatch.context() as m:
-            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e: e is None or e == entry + 1)
+            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e, c=None: e is None or e == entry + 1)
             assert one_chunk_then_a_look(0.2) == []
         with monkeypatch.context() as m:
-            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e: e in (None, entry))
+            m.setattr(ring_module.Ring, "acks_wanted_from", lambda self, e, c=None: e in (None, entry))
             (ack,) = one_chunk_then_a_look(0.2)
         assert (ack.cursor, ack.delivered) == (5 * 1024, 5)
         rx._entry = None  # (as a subscriber with no table entry: its ACK carries its cursor)

@@ -676,6 +676,41 @@ def fill_pool(h: Harness) -> None:
         h.write(100)
 
 
+@pytest.mark.parametrize(("every", "ahead"), [(0.01, 3), (0.3, 2)])
+def test_the_subscriber_holding_a_fast_publisher_back_is_asked_to_ack_once_for_a_batch_of_slabs(
+        h: Harness, every: float, ahead: int) -> None:  # fmt: skip
+    # Protocol 7.9, ack_at: while the publisher's slabs change fast (granted three ahead), the one asked sends ACK
+    # once its cursor is past the retired slab whose freeing gives the publisher three granted slabs again, not at
+    # every slab it leaves (a broker wake-up each); a slower publisher's, past the oldest (as before).
+    h.open(nslabs=8, rate=None)
+    (a, a_start, a_tag), (b, b_start, b_tag) = join_v3_as(h, SUB, 7), join_v3_as(h, SUB2, 8)
+    stream = h.state.streams["s"]
+    ring, pool = stream.ring, stream.pool
+    per_slab = (SLAB - h.reserve) // 4 // 100
+    for _ in range(12 * per_slab):  # both read along
+        h.now += every / per_slab
+        h.write(100)
+        ring.cursors[a], ring.cursors[b] = a_tag | (h.index - a_start), b_tag | (h.index - b_start)
+    while h.grants or h.offset + 400 <= h.slab_end:  # both stop: the publisher runs short
+        h.now += every / per_slab
+        h.write(100)
+    assert stream.fast(h.now) is (ahead == 3)
+    assert ring.acks_wanted and ring.ack_target in (a, b)
+    ends = list(pool.retired.values())
+    lacking = ahead - len(pool.granted) if ahead == 3 else 1
+    assert len(ends) > lacking and ring.ack_at == ends[lacking - 1]
+    asked = a if ring.ack_target == a else b
+    assert not ring.acks_wanted_from(asked, ring.ack_at - 1) and ring.acks_wanted_from(asked, ring.ack_at)
+    # Past that slab (both), the next decision (here a sweep, at once) grants the batch: the flag goes down with
+    # the publisher holding three; one slab at a time, it asks from the next slab's end.
+    ring.cursors[a], ring.cursors[b] = a_tag | (ring.ack_at - a_start), b_tag | (ring.ack_at - b_start)
+    assert len(to(PUB, h.tick(0.0), M.Grant)) == lacking
+    if ahead == 3:
+        assert len(pool.granted) == 3 and not ring.acks_wanted and ring.ack_at == 0
+    else:
+        assert ring.acks_wanted and ring.ack_at == ends[1]
+
+
 def test_only_the_subscriber_holding_the_oldest_slab_is_asked_for_acks(h: Harness) -> None:
     # Protocol 7.9, ack_target: the one whose cursor holds the publisher back is asked, not every subscriber.
     h.open()
@@ -712,8 +747,8 @@ def test_asking_one_subscriber_reads_the_table_again_and_asks_the_next_holder_at
     seen: list[int | None] = []
     want = ring.want_acks
 
-    def watch(wanted: bool, entry: int | None = None) -> None:
-        want(wanted, entry)
+    def watch(wanted: bool, entry: int | None = None, at: int = 0) -> None:
+        want(wanted, entry, at)
         seen.append(entry if wanted else -1)
         if entry == a:  # a posts its cursor right after the store: the read after the barrier sees it
             ring.cursors[a] = a_tag | (h.index - a_start)
@@ -744,8 +779,8 @@ def test_three_subscribers_at_most_are_asked_in_one_decision_then_every_one_and_
     seen: list[int | None] = []
     want = ring.want_acks
 
-    def watch(wanted: bool, entry: int | None = None) -> None:
-        want(wanted, entry)
+    def watch(wanted: bool, entry: int | None = None, at: int = 0) -> None:
+        want(wanted, entry, at)
         seen.append(entry if wanted else -1)
         if wanted:
             for e, start, tag in [by_entry[entry]] if entry is not None else subs:
@@ -773,7 +808,7 @@ def test_a_free_slab_a_reader_still_locks_asks_every_subscriber(h: Harness) -> N
             h.write(100)
             ring.cursors[a], ring.cursors[b] = a_tag | (h.index - a_start), b_tag | (h.index - b_start)
         fill_pool(h)  # then b stops: its cursor holds a slab, and the lock the first one
-        assert stream.pool.free and ring.acks_wanted and ring.ack_target is None
+        assert stream.pool.free and ring.acks_wanted and ring.ack_target is None and ring.ack_at == 0
         assert ring.acks_wanted_from(a) and ring.acks_wanted_from(b)
     finally:
         os.close(fd)  # it lets go: the slab is granted at the next decision

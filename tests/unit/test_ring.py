@@ -196,6 +196,22 @@ def test_acks_are_asked_of_every_subscriber_or_of_one_cursor_table_entry(small, 
     assert not ring.acks_wanted and not ring.acks_wanted_from(5)
 
 
+def test_an_asked_subscriber_sends_ack_from_the_cursor_ack_at_names(small, mm):
+    # ack_at (u64 at byte 200, protocol.md 7.2, 7.9): the cursor from which the one asked sends ACK; 0: any.
+    ring = small
+    ring.want_acks(True, 5, at=(1 << 40) + 1000)
+    assert struct.unpack_from("<Q", mm, 200) == ((1 << 40) + 1000,) and ring.ack_at == (1 << 40) + 1000
+    assert not ring.acks_wanted_from(5, (1 << 40) + 999)
+    assert ring.acks_wanted_from(5, (1 << 40) + 1000) and ring.acks_wanted_from(5, 1 << 41)
+    assert not ring.acks_wanted_from(4, 1 << 41), "another entry is not asked, whatever its cursor"
+    assert ring.acks_wanted_from(5), "a subscriber that does not say its cursor: asked"
+    ring.want_acks(True)
+    assert ring.ack_at == 0 and ring.acks_wanted_from(4, 0)
+    ring.want_acks(True, 5, at=7)
+    ring.want_acks(False)
+    assert ring.ack_at == 0 and not ring.acks_wanted_from(5, 100)
+
+
 def test_the_sleeper_table_says_whether_a_doorbell_subscriber_sleeps(small, mm):
     ring = small
     assert ring.sleepers_offset == OFFSET + 8 * DESCRIPTOR_BYTES  # just after the ring

@@ -87,6 +87,20 @@ def _ack_target(stream: Stream) -> int | None:
     return low.sleeper
 
 
+def _ack_at(stream: Stream, target: int | None, ahead: int) -> int:
+    """From which cursor (a stream index) the subscriber asked for ACKs (cursor table entry ``target``) sends one:
+    the end of the retired slab whose freeing gives the publisher ``ahead`` granted slabs, of those its cursor holds
+    back, while the publisher's slabs change fast (:meth:`Stream.fast`; else the oldest's).  One ACK then brings a
+    batch of slabs, not one: the broker wakes once for them (a receive window reopened by a good part, not by
+    every byte freed).  0 (at once) when every subscriber is asked: a reader's lease may be what holds a slab."""
+    if target is None:
+        return 0
+    pool = stream.pool
+    lacking = ahead - len(pool.granted) if ahead > P.GRANT_AHEAD else 1
+    ends = [end for slab, end in pool.retired.items() if not pool.pins[slab]]
+    return ends[min(lacking, len(ends)) - 1] if ends and lacking > 0 else 0
+
+
 class BrokerState:
     """Clients, streams and subscriptions, and the rules that move them.
 
@@ -395,25 +409,27 @@ class BrokerState:
         ring = stream.ring
         short = len(pool.granted) < P.GRANT_AHEAD
         target = _ack_target(stream) if short else None
+        at = _ack_at(stream, target, ahead) if short else 0
         if not short:
             if ring.acks_wanted:
                 ring.want_acks(False)  # supplied: nobody need ACK
-        elif not ring.acks_wanted or target != ring.ack_target:
+        elif not ring.acks_wanted or target != ring.ack_target or at != ring.ack_at:
             # Short of slabs: the subscriber whose cursor holds the oldest slab back (or every subscriber that
             # posts its cursor in the ring) sends ACK too when it moves, until the publisher holds its slabs
             # again.  Whom we ask, the flag, a barrier, the cursors again (core/ring.py): the subscriber asked
             # either saw it or posted a cursor read here.  If that shows another one holding the slab back, ask
             # that one the same way; after a few, everyone.
             for turn in range(_RETARGETS + 1):
-                ring.want_acks(True, target)
+                ring.want_acks(True, target, at)
                 barrier()
                 pool.advance(stream.floor_index())
                 granted += pool.grant(ahead)
                 if len(pool.granted) >= P.GRANT_AHEAD:
                     ring.want_acks(False)  # supplied again by this read: nobody need ACK
                     break
-                asked, target = target, (_ack_target(stream) if turn < _RETARGETS - 1 else None)
-                if target == asked:
+                asked, target = (target, at), (_ack_target(stream) if turn < _RETARGETS - 1 else None)
+                at = _ack_at(stream, target, ahead)
+                if (target, at) == asked:
                     break
         if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
             freed = stream.shrink(granted)

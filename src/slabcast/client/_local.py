@@ -781,7 +781,8 @@ class LocalReceiver:
         # subscriber that keeps up, so rarely), what it delivered at most every _ACK_INTERVAL (_COUNTS_INTERVAL
         # when our cursor is in the table and the broker does not ask us for ACKs: protocol 7.9).
         entry = self._entry
-        interval = _ACK_INTERVAL if entry is None or self._ring.acks_wanted_from(entry) else _COUNTS_INTERVAL
+        asked = entry is None or self._ring.acks_wanted_from(entry, self._cursor)
+        interval = _ACK_INTERVAL if asked else _COUNTS_INTERVAL
         now = time.monotonic()
         if not urgent and (state == acked or (state[1:3] == acked[1:3] and now - self._acked_at < interval)):
             self._counts_due = now + interval if state == acked else self._acked_at + interval
@@ -801,15 +802,15 @@ class LocalReceiver:
 
     def _post_cursor(self) -> bool:
         """Store our cursor in our cursor table entry, make a full barrier, and say whether the broker wants an
-        ACK anyway (it is short of slabs and asks everyone or us; core/ring.py), or the cursor is too far from
-        our start to post."""
+        ACK anyway (it is short of slabs and asks everyone or us, from a cursor ours reached; core/ring.py), or
+        the cursor is too far from our start to post."""
         delta = self._cursor - self.start
         if not 0 <= delta < CURSOR_SPAN:
             return True
         ring = self._ring
         ring.cursors[self._entry] = self._tag | delta  # type: ignore[index]
         barrier()
-        return ring.acks_wanted_from(self._entry)
+        return ring.acks_wanted_from(self._entry, self._cursor)
 
     def counts(self, report: bool = True) -> Counts:
         leases = self._leases

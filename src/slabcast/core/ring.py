@@ -32,6 +32,9 @@ Header words (bytes 136..256 of the segment header, little-endian; see :mod:`sla
                                 publisher, which stores it before the position of the frame that raised it
     192  u32  ack_target        0: acks_wanted asks every subscriber; 1 + e: only the one at cursor table entry
                                 e (the one whose cursor holds the oldest slab back); single writer: the broker
+    200  u64  ack_at            the stream index an asked subscriber's cursor must reach before it sends ACK (0:
+                                any): past the retired slabs that, freed, supply the publisher; single writer: the
+                                broker
 
 After the ring, one page: the **sleeper table**, ``SLEEPERS`` bytes, one per doorbell subscriber (the
 broker assigns its byte in ATTACHED).  A doorbell subscriber about to sleep sets its byte to a value
@@ -73,13 +76,17 @@ Then, at byte ``2 * SLEEPERS`` of that page, the **cursor table**: a u64 per sub
 store (``tag``: ATTACHED's ``cursor_tag``, the entry's generation, which the broker bumps for each new owner;
 ``start``: ATTACHED's start; ``cursor``: the stream index just past what it has read), then makes a full
 barrier and loads ``acks_wanted`` and ``ack_target``: only if the broker asks (``acks_wanted`` set, and
-``ack_target`` 0 or its entry + 1) does it send the ACK it sent for every slab before.  The broker reads the
+``ack_target`` 0 or its entry + 1, and its cursor at least ``ack_at``) does it send the ACK it sent for every
+slab before.  The broker reads the
 table whenever it decides (a grant, a sweep, a status), and ignores a value whose tag is not its
 subscriber's (a previous owner of the entry).  When it cannot keep the publisher's slabs granted ahead, it
 stores whom it asks (the subscriber whose cursor holds the oldest slab back, or everyone when a reader's
-lock may be what holds a slab), sets ``acks_wanted``, makes the barrier, and reads the table once more
-before it waits for an ACK: either it sees the subscriber's new cursor or the subscriber sees itself asked
-(Dekker's handshake again, on ``ack_target`` when only that changes), so no slab stays held by a cursor the
+lock may be what holds a slab) and from where (``ack_at``: the end of the retired slab whose freeing supplies
+the publisher, so that one ACK of a subscriber that holds a fast publisher back brings slabs in batches, not
+one by one: a receive window reopened by halves, not by bytes), sets ``acks_wanted``, makes the barrier,
+and reads the table once more before it waits for an ACK: either it sees the subscriber's new cursor or the
+subscriber sees itself asked (Dekker's handshake again, on ``ack_target`` and ``ack_at`` when only they
+change), so no slab stays held by a cursor the
 broker did not read.  If the table then shows another subscriber holding the slab back, it asks that one,
 the same way.  A subscriber given no tag (a broker that does not read
 the table), or that never writes it (the C client, a read-only mapping), sends ACK for every slab, as before.
@@ -190,7 +197,7 @@ def rows_of(raw: bytes) -> list[Descriptor]:
 # Header bytes of the ring's words (u64 at multiples of 8, u32 at multiples of 4).
 SLOTS_AT, DESC_AT, RING_AT, POSITION_AT, NOTICES_AT, FUTEX_AT, FRAMES_AT, CLOSED_AT, DOORBELLS_AT, SLEEP_FUTEX_AT = \
     136, 140, 144, 152, 160, 164, 168, 172, 176, 180  # fmt: skip
-ACKS_WANTED_AT, FRAME_MAX_AT, ACK_TARGET_AT = 184, 188, 192
+ACKS_WANTED_AT, FRAME_MAX_AT, ACK_TARGET_AT, ACK_AT_AT = 184, 188, 192, 200
 WAKE_ALL = 0xFFFFFFFF  # a futex bitset matching every waiter (FUTEX_BITSET_MATCH_ANY)
 CURSOR_TAG_SHIFT = 48  # a cursor table entry: (tag << 48) | (cursor - start)
 CURSOR_SPAN = 1 << CURSOR_TAG_SHIFT  # samples past its start a subscriber can post; beyond, it sends ACK
@@ -296,11 +303,13 @@ class Ring:
         self.w[FUTEX_AT // 4] = futex
         self.w[FRAMES_AT // 4] = int(frames)
 
-    def want_acks(self, wanted: bool, entry: int | None = None) -> None:
+    def want_acks(self, wanted: bool, entry: int | None = None, at: int = 0) -> None:
         """Ask subscribers that post their cursor in the cursor table to send ACK too (the broker, while the
         publisher is short of slabs; a :func:`barrier` and a read of the table follow a set): the one at cursor
-        table ``entry`` alone, or (None) every one.  The target is stored first."""
+        table ``entry`` alone, or (None) every one, once its cursor is at stream index ``at`` or beyond (0: at
+        once).  The target and ``at`` are stored first."""
         w = self.w
+        self.q[ACK_AT_AT // 8] = at
         w[ACK_TARGET_AT // 4] = 0 if entry is None else entry + 1
         w[ACKS_WANTED_AT // 4] = int(wanted)
 
@@ -315,14 +324,23 @@ class Ring:
         target: int = self.w[ACK_TARGET_AT // 4]
         return target - 1 if target else None
 
-    def acks_wanted_from(self, entry: int | None) -> bool:
-        """Whether the subscriber at cursor table ``entry`` must send ACK too (after it posted its cursor and made
-        a :func:`barrier`): the broker asks for them, from every subscriber or from this entry."""
+    @property
+    def ack_at(self) -> int:
+        """The stream index an asked subscriber's cursor must reach before it sends ACK (0: any)."""
+        at: int = self.q[ACK_AT_AT // 8]
+        return at
+
+    def acks_wanted_from(self, entry: int | None, cursor: int | None = None) -> bool:
+        """Whether the subscriber at cursor table ``entry`` with ``cursor`` (a stream index; None: whatever it is)
+        must send ACK too (after it posted its cursor and made a :func:`barrier`): the broker asks for them, from
+        every subscriber or from this entry, and from this cursor on."""
         w = self.w
         if not w[ACKS_WANTED_AT // 4]:
             return False
         target = w[ACK_TARGET_AT // 4]
-        return not target or entry is None or target == entry + 1
+        if target and entry is not None and target != entry + 1:
+            return False
+        return cursor is None or cursor >= self.q[ACK_AT_AT // 8]
 
     # ------------------------------------------------------------ the publisher
 
