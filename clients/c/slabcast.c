@@ -69,6 +69,7 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
  * the wire header does not carry; checked by tests/integration/test_c_client.py). */
 #define TOKEN_BYTES 8            /* random token sent in SUBSCRIBE (1..32 bytes allowed); its topic is 0x01 + token */
 #define ACK_INTERVAL_MS 100      /* ACKs that only refresh counters: at most this often */
+#define COUNTS_INTERVAL_MS 400   /* ... when our cursor is in the ring's cursor table and the broker does not ask */
 #define END_GRACE_MS 1000        /* version 2: once the end is known, wait this long for notices still on their way */
 #define LOOK_MS 100              /* while waiting, look at the broker connection at least this often */
 #define RECHUNK_EPS 1e-9         /* a sample within this of the pause end counts as after it */
@@ -94,6 +95,10 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define HDR_CLOSED 172           /* u32, 1 once the publisher wrote its last descriptor */
 #define HDR_SLEEP_FUTEX 180      /* u32, 1 once the publisher wakes subscribers asleep on the futex word with a byte */
 #define HDR_FRAME_MAX 188        /* u32, the most samples in one frame so far (0: not kept): wake targets (10.7) */
+#define HDR_ACKS_WANTED 184      /* u32, 1 while the broker asks for ACKs (the publisher short of slabs): 7.9 */
+#define HDR_ACK_TARGET 192       /* u32, whom: 0 every subscriber, 1 + e the one at cursor table entry e */
+#define HDR_ACK_AT 200           /* u64, from which cursor the one asked sends ACK (0: any) */
+#define CURSOR_TAG_SHIFT 48      /* a cursor table entry: (tag << 48) | (cursor - start) */
 #define WAKE_ALL 0xFFFFFFFFu     /* a futex bitset matching every waiter */
 #define SLEEPER_BIT 64           /* a futex sleeper table byte 64 + b: asleep with the mask 1 << b (7.8) */
 #define RING_READ 1024           /* the most descriptors copied from the ring at a time */
@@ -274,6 +279,12 @@ struct sc_client {
     size_t sleeper_map_bytes;
     unsigned char *sleeper;      /* our byte of the table (ATTACHED's sleeper), or NULL: a notice for every frame */
     bool armed;                  /* our sleeper byte is set (until the next sc_recv, after one that found nothing) */
+    uint64_t *cursor_entry;      /* our cursor table entry (ATTACHED's cursor_tag and sleeper), or NULL: ACK per slab */
+    uint64_t cursor_bits;        /* its tag << CURSOR_TAG_SHIFT */
+    uint64_t cursor_start;       /* ATTACHED's start: what the entry's low bits count from */
+    uint32_t cursor_index;       /* the entry's index (ack_target 1 + it asks us) */
+    const uint32_t *acks_wanted, *ack_target;
+    const uint64_t *ack_at;
     unsigned char arm_value;     /* what we set it to, 1..255: changed only after we read (docs/protocol.md 7.8) */
     uint64_t armed_rseq;         /* the ring descriptor we had read up to when we chose it (UINT64_MAX: a
                                   * notice came since: choose another) */
@@ -1271,6 +1282,9 @@ static int map_segment(sc_client *c, size_t nbytes)
         c->closed = (const uint32_t *)(h + HDR_CLOSED);
         c->sleep_futex = (const uint32_t *)(h + HDR_SLEEP_FUTEX);
         c->frame_max = (const uint32_t *)(h + HDR_FRAME_MAX);
+        c->acks_wanted = (const uint32_t *)(h + HDR_ACKS_WANTED);
+        c->ack_target = (const uint32_t *)(h + HDR_ACK_TARGET);
+        c->ack_at = (const uint64_t *)(h + HDR_ACK_AT);
     }
     c->header_bytes = header;
     return SC_OK;
@@ -1310,6 +1324,7 @@ static void unmap_sleepers(sc_client *c)
         munmap(c->sleeper_map, c->sleeper_map_bytes);
     c->sleeper_map = NULL;
     c->sleeper = NULL;
+    c->cursor_entry = NULL;
 }
 
 /* Version 3, doorbell: map the page of the sleeper table writable, so that we can say there that we sleep
@@ -1320,15 +1335,16 @@ static void map_sleepers(sc_client *c)
 {
     unmap_sleepers(c);
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = c->sleepers_at & ~(page - 1);
-    /* (Both tables: the sleeper table and, after it, the futex sleeper table.) */
-    size_t bytes = (size_t)((c->sleepers_at + 2 * SLEEPERS - start + page - 1) & ~(page - 1));
+    /* (The three tables: the sleeper table, the futex sleeper table and the cursor table: 7.8, 7.9.) */
+    uint64_t end = c->sleepers_at + 2 * SLEEPERS + 8 * SLEEPERS;
+    size_t bytes = (size_t)((end - start + page - 1) & ~(page - 1));
     char shm_name[sizeof c->segment + 1];
     snprintf(shm_name, sizeof shm_name, "/%s", c->segment);
     int fd = shm_open(shm_name, O_RDWR, 0);
     if (fd < 0)
         return;
     struct stat st;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= c->sleepers_at + 2 * SLEEPERS) {
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= end) {
         void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)start);
         if (p != MAP_FAILED) {
             c->sleeper_map = p;
@@ -1608,7 +1624,22 @@ static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
             return bad_field(c, m.kind, AT(ATTACHED, SLEEPER), "must be below %d (the bytes of the sleeper table), "
                              "got %llu", SLEEPERS, (unsigned long long)byte);
         uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-        c->sleeper = c->sleeper_map + (c->sleepers_at & (page - 1)) + byte;
+        unsigned char *tables = c->sleeper_map + (c->sleepers_at & (page - 1));
+        c->sleeper = tables + byte;
+        /* cursor_tag: post our cursor in the cursor table instead of an ACK per slab (7.9); nil: a broker that
+         * does not read the table, ACK per slab. */
+        uint64_t tag = 0;
+        if (m.nf >= SCW_ATTACHED_CURSOR_TAG && m.a[SCW_ATTACHED_CURSOR_TAG].type != MSGPACK_OBJECT_NIL) {
+            if ((rc = field_uint(c, &m, AT(ATTACHED, CURSOR_TAG), &tag)))
+                return rc;
+            if (tag == 0 || tag > 0xFFFF)
+                return bad_field(c, m.kind, AT(ATTACHED, CURSOR_TAG), "must be 1..65535, got %llu",
+                                 (unsigned long long)tag);
+            c->cursor_entry = (uint64_t *)(void *)(tables + 2 * SLEEPERS + 8 * byte);
+            c->cursor_bits = tag << CURSOR_TAG_SHIFT;
+            c->cursor_start = *start;
+            c->cursor_index = (uint32_t)byte;
+        }
     }
     return SC_OK;
 }
@@ -2339,21 +2370,55 @@ static void unlock_idle(sc_client *c, int64_t keep)
     }
 }
 
+/* Whether the broker asks us for ACKs (docs/protocol.md 7.9): acks_wanted, ack_target every subscriber or our
+ * entry, and our cursor at least ack_at.  A subscriber without an entry is asked whenever anyone is. */
+static bool asked(const sc_client *c)
+{
+    if (__atomic_load_n(c->acks_wanted, __ATOMIC_RELAXED) == 0)
+        return false;
+    if (c->cursor_entry == NULL)
+        return true;
+    uint32_t target = __atomic_load_n(c->ack_target, __ATOMIC_RELAXED);
+    if (target != 0 && target != c->cursor_index + 1)
+        return false;
+    return c->cursor >= __atomic_load_n(c->ack_at, __ATOMIC_RELAXED);
+}
+
+/* Post our cursor in our cursor table entry, make a full barrier, and say whether an ACK must go anyway: the broker
+ * asks us (7.9: Dekker's handshake with its store of the flag, barrier, read of the table), or the cursor is too
+ * far from our start to post. */
+static bool post_cursor(sc_client *c)
+{
+    uint64_t delta = c->cursor - c->cursor_start;
+    if (c->cursor < c->cursor_start || delta >> CURSOR_TAG_SHIFT)
+        return true;
+    __atomic_store_n(c->cursor_entry, c->cursor_bits | delta, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return asked(c);
+}
+
 /* Tell the broker how far we have read (Subscriber._send_ack): at once when we started on another
- * slab, gave a lock back or `force`; otherwise (counters for `slabcast status`) at most every
- * ACK_INTERVAL_MS. */
+ * slab, gave a lock back or `force` (with a cursor table entry: the cursor posted there, and an ACK only while
+ * the broker asks); otherwise (counters for `slabcast status`) at most every ACK_INTERVAL_MS, or
+ * COUNTS_INTERVAL_MS while our cursor is in the table and the broker does not ask us. */
 static void send_ack(sc_client *c, bool force)
 {
     if (c->gone)
         return;
     int64_t held = (int64_t)c->nheld, dropped = (int64_t)c->dropped;
     bool urgent = force || c->unlocked || c->cur_slab != c->acked_slab;
+    if (urgent && !force && c->cursor_entry != NULL) {
+        c->acked_slab = c->cur_slab;
+        c->unlocked = false;
+        urgent = post_cursor(c);  /* (an ACK too while the broker asks) */
+    }
     int64_t now = now_ms();
     /* Any counter's change is sent within ACK_INTERVAL_MS (protocol 10.3): the cursor frees slabs, the others
-     * are what `slabcast status` shows. */
-    bool changed = dropped != c->acked_dropped || held != c->acked_held || c->cursor != c->acked_cursor ||
-                   c->stats.received != c->acked_received;
-    if (!urgent && (!changed || now - c->acked_at < ACK_INTERVAL_MS))
+     * are what `slabcast status` shows; a cursor in the table frees them without an ACK. */
+    bool in_table = c->cursor_entry != NULL && !asked(c);
+    bool changed = dropped != c->acked_dropped || held != c->acked_held ||
+                   (c->cursor != c->acked_cursor && !in_table) || c->stats.received != c->acked_received;
+    if (!urgent && (!changed || now - c->acked_at < (in_table ? COUNTS_INTERVAL_MS : ACK_INTERVAL_MS)))
         return;
     c->acked_slab = c->cur_slab;
     c->acked_dropped = dropped;

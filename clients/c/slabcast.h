@@ -84,9 +84,9 @@ extern "C" {
 /* The version of this header and of the library built from it (semantic versioning, see the ABI rules
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
-#define SC_VERSION_MINOR 4
+#define SC_VERSION_MINOR 5
 #define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.4.0"
+#define SC_VERSION_STRING "1.5.0"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1

@@ -751,7 +751,8 @@ def handshake_local(b: ScriptedBroker, c: CSub, segment: ScriptedSegment, versio
     # Its start index (version 3: the ring descriptor there, and its sleeper byte; later fields are another
     # version's).
     sleeper = SLEEPER if attach[2:] else None
-    b.send([P.ATTACHED, 0, "appended"] if version < 3 else [P.ATTACHED, 0, 0, sleeper, "appended"])
+    # (No cursor_tag: an ACK for every slab, as before the cursor table.)
+    b.send([P.ATTACHED, 0, "appended"] if version < 3 else [P.ATTACHED, 0, 0, sleeper, None, "appended"])
     c.wait_ready()
     # Before it first waits it reports its counters, as the Python subscriber does:
     # [ACK, cursor (its start), delivered, dropped, held].
@@ -1331,3 +1332,104 @@ def test_a_c_subscriber_sleeps_toward_the_frame_that_completes_its_chunk(c_sub, 
     finally:
         c.close()
         pub.close()
+
+
+def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_acks_only_when_asked(c_sub, broker, stream_name):
+    # Protocol 7.9 in C (1.5.0): a block subscriber that keeps up posts its cursor in its cursor table entry (no ACK
+    # per slab: the broker frees the slabs behind it from there), and one stopped while a fast publisher fills the
+    # pool is asked (ack_target, ack_at), sends its ACK once it reads past ack_at, and gets every chunk.
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
+                             max_chunk_bytes=4096, timeout=30)  # fmt: skip
+    ring = pub._ring
+    total = 600
+    c = CSub(c_sub, broker.address, stream_name, "--size", "4096", "--clip", "--policy", "block", "--count",
+             str(total))  # fmt: skip
+    try:
+        c.wait_ready()
+        for k in range(8 * 15 * 2):  # two pools' worth, read as they come
+            pub.write(np.full(4096, k % 251, np.uint8))
+            c.wait_lines(k + 1)
+            assert not ring.acks_wanted, f"the publisher ran short at frame {k}"
+        (value,) = [int(v) for v in ring.cursors if v]
+        assert value >> _ring.CURSOR_TAG_SHIFT != 0, "no tag: not the broker's entry"
+        assert 0 <= pub.samples - (value & (_ring.CURSOR_SPAN - 1)) <= 65536, (pub.samples, value)
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            done = threading.Event()
+            writer = threading.Thread(target=lambda: ([pub.write(np.full(4096, k % 251, np.uint8))
+                                                       for k in range(240, total)], done.set()), daemon=True)  # fmt: skip
+            writer.start()
+            deadline = time.monotonic() + 30
+            while not (ring.acks_wanted and ring.ack_target is not None):  # short of slabs: it is asked
+                assert time.monotonic() < deadline and not done.is_set(), "the stopped subscriber held nothing back"
+                time.sleep(0.001)
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+            went_on = time.monotonic()
+        writer.join(30)
+        took = time.monotonic() - went_on
+        assert done.is_set(), "the publisher stayed held back: the C subscriber never said it moved"
+        # Without its ACKs only the broker's sweep (every 0.5 s) would see the cursor move: 24 slabs, three at a
+        # time, 3.5 s or more; with them, a few hundredths.
+        assert took < 2.0, f"the publisher took {took:.2f} s to write the last 24 slabs: the C subscriber's ACKs?"
+        assert c.finish(30) == 0, c.stderr
+        chunks = c.chunks()
+        assert [i for _, i, _, _, _ in chunks] == [4096 * k for k in range(total)]
+        assert all(crc == zlib.crc32(np.full(4096, k % 251, np.uint8).tobytes()) for k, (*_, crc) in enumerate(chunks))
+    finally:
+        c.close()
+        pub.close()
+
+
+def test_a_c_subscriber_given_a_cursor_tag_posts_its_cursor_and_acks_only_asked_from_ack_at(c_sub, scripted,
+                                                                                          segment):  # fmt: skip
+    """Protocol 7.9 against a scripted broker: ATTACHED's cursor_tag gives the C client its cursor table entry (at its
+    sleeper byte); at a slab change it stores (tag << 48) | (cursor - start) there instead of an ACK; asked
+    (acks_wanted, ack_target its entry + 1), it sends ACK only once its cursor is at ack_at or beyond."""
+    c = CSub(c_sub, scripted.address, "scripted", "--size", "4", "--clip", "--policy", "drop", "--max-inflight", "3")
+    s0, s1 = segment.slab(0), segment.slab(1)
+    ring = segment.ring
+    try:
+        handshake_local(scripted, c, segment, version=3, attached=[P.ATTACHED, 0, 0, SLEEPER, 7, "appended"])
+        c.wait_ready()
+        assert scripted.recv() == [13, 0, 0, 0, 0]  # its counters before it first waits
+        last_ack = time.monotonic()
+        segment.publish(0, 1.5, s0, 0, 3, 0)
+        segment.publish(3, 2.0, s0 + 6, 0, 6, 0)
+        scripted.notice([P.NOTICE])
+        c.wait_lines(2)
+        _wait_for(lambda: int(ring.cursors[SLEEPER]) == (7 << _ring.CURSOR_TAG_SHIFT) | 9, c, "its cursor posted")
+        assert [int(v) for k, v in enumerate(ring.cursors) if v and k != SLEEPER] == [], "another entry written"
+
+        def no_ack_but_counters(seconds: float) -> None:
+            # Nothing but its counters' ACK, which goes at most every 0.4 s (COUNTS_INTERVAL_MS) while not asked.
+            nonlocal last_ack
+            if scripted.sock.poll(int(seconds * 1000)):
+                msg = scripted.recv()
+                now = time.monotonic()
+                assert msg[0] == 13 and now - last_ack > 0.35, ("an ACK while not asked", msg, now - last_ack)
+                last_ack = now
+
+        no_ack_but_counters(0.2)
+        ring.want_acks(True, SLEEPER, at=20)  # asked, from cursor 20
+        segment.publish(9, 3.0, s1 + 64, 8, 2, 1)  # a slab change at cursor 11: below 20, no ACK
+        scripted.notice([P.NOTICE])
+        _wait_for(lambda: int(ring.cursors[SLEEPER]) & (_ring.CURSOR_SPAN - 1) == 11, c, "cursor 11 posted")
+        no_ack_but_counters(0.2)
+        segment.publish(11, 4.0, s0 + 128, 8, 10, 0)  # another, at cursor 21: asked
+        scripted.notice([P.NOTICE])
+        msg = scripted.recv()
+        while msg[1] != 21:  # (its counters' ACK may come first, 0.4 s after the last)
+            assert msg[0] == 13 and time.monotonic() - last_ack > 0.35, msg
+            last_ack = time.monotonic()
+            msg = scripted.recv()
+        assert msg[:2] == [13, 21], msg
+        assert int(ring.cursors[SLEEPER]) == (7 << _ring.CURSOR_TAG_SHIFT) | 21
+        ring.want_acks(False)
+        scripted.notice([121, 7, 5, "closed", "the publisher closed the stream", 21])
+        assert scripted.recv()[:2] == [13, 21]  # the last ACK, forced, at the end
+        assert scripted.recv() == [7]
+        scripted.send([106, "bye", "goodbye", 9])
+        assert c.finish(10) == 0, c.stderr
+    finally:
+        c.close()

@@ -89,7 +89,8 @@ subscriber sees itself asked (Dekker's handshake again, on ``ack_target`` and ``
 change), so no slab stays held by a cursor the
 broker did not read.  If the table then shows another subscriber holding the slab back, it asks that one,
 the same way.  A subscriber given no tag (a broker that does not read
-the table), or that never writes it (the C client, a read-only mapping), sends ACK for every slab, as before.
+the table), or that never writes it (the C client before 1.5.0, a read-only mapping), sends ACK for every slab,
+as before.
 
 **Wake targets.** A subscriber asleep on the futex word (either table's, or ``wake="futex"``) whose next chunk
 needs ``need`` more samples than it has read (at position ``s``) needs at least ``k = ceil(need / frame_max)``
