@@ -1334,10 +1334,12 @@ def test_a_c_subscriber_sleeps_toward_the_frame_that_completes_its_chunk(c_sub, 
         pub.close()
 
 
-def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_acks_only_when_asked(c_sub, broker, stream_name):
+def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_a_stopped_one_holds_the_publisher_back(c_sub, broker,
+                                                                                                 stream_name):  # fmt: skip
     # Protocol 7.9 in C (1.5.0): a block subscriber that keeps up posts its cursor in its cursor table entry (no ACK
     # per slab: the broker frees the slabs behind it from there), and one stopped while a fast publisher fills the
-    # pool is asked (ack_target, ack_at), sends its ACK once it reads past ack_at, and gets every chunk.
+    # pool is asked (ack_target), holds it back, and gets every chunk once it goes on.  (That it ACKs only from
+    # ack_at: the scripted test below; here the publisher's own PUBLISHED would also free it, within 0.5 s.)
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
                              max_chunk_bytes=4096, timeout=30)  # fmt: skip
     ring = pub._ring
@@ -1365,13 +1367,8 @@ def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_acks_only_when_asked(c_
                 time.sleep(0.001)
         finally:
             os.kill(c.proc.pid, signal.SIGCONT)
-            went_on = time.monotonic()
         writer.join(30)
-        took = time.monotonic() - went_on
         assert done.is_set(), "the publisher stayed held back: the C subscriber never said it moved"
-        # Without its ACKs only the broker's sweep (every 0.5 s) would see the cursor move: 24 slabs, three at a
-        # time, 3.5 s or more; with them, a few hundredths.
-        assert took < 2.0, f"the publisher took {took:.2f} s to write the last 24 slabs: the C subscriber's ACKs?"
         assert c.finish(30) == 0, c.stderr
         chunks = c.chunks()
         assert [i for _, i, _, _, _ in chunks] == [4096 * k for k in range(total)]
