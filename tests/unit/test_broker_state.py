@@ -711,6 +711,31 @@ def test_the_subscriber_holding_a_fast_publisher_back_is_asked_to_ack_once_for_a
         assert ring.acks_wanted and ring.ack_at == ends[1]
 
 
+@pytest.mark.parametrize(("granted", "pins", "policy", "gate", "ahead", "expect"), [
+    (0, (), "block", 0, 3, 300),  # three lacking: the third retired slab's end
+    (1, (), "block", 0, 3, 200),  # two lacking
+    (1, (0,), "block", 0, 3, 300),  # the oldest pinned (a broker-cut chunk): not the cursors' to free
+    (0, (0, 1, 2, 3), "block", 0, 3, 0),  # every one pinned: any cursor
+    (0, (), "block", 0, 2, 100),  # not fast: the oldest
+    (0, (), "drop", 150, 3, 150),  # a drop subscriber reading its history holds nothing back past its end
+    (0, (), "drop", 900, 3, 300),
+    (0, (), None, 0, 3, 0),  # every subscriber asked (a lease lock may hold a slab)
+])  # fmt: skip
+def test_ack_at_is_the_end_of_the_retired_slab_whose_freeing_supplies_the_publisher(
+        granted: int, pins: tuple[int, ...], policy: str | None, gate: int, ahead: int, expect: int) -> None:  # fmt: skip
+    from types import SimpleNamespace
+
+    from slabcast.core.pool import SlabPool
+
+    pool = SlabPool(8, [0] * 8, lambda slab: True, lambda slab: None)
+    pool.retired = {0: 100, 1: 200, 2: 300, 3: 400}
+    pool.granted.extend(range(4, 4 + granted))
+    for slab in pins:
+        pool.pin(slab)
+    holder = None if policy is None else SimpleNamespace(policy=policy, gate=gate)
+    assert state_module._ack_at(SimpleNamespace(pool=pool), holder, ahead) == expect  # type: ignore[arg-type]
+
+
 def test_only_the_subscriber_holding_the_oldest_slab_is_asked_for_acks(h: Harness) -> None:
     # Protocol 7.9, ack_target: the one whose cursor holds the publisher back is asked, not every subscriber.
     h.open()

@@ -74,31 +74,36 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-def _ack_target(stream: Stream) -> int | None:
-    """The cursor table entry of the subscriber whose cursor holds the oldest slab back (the lowest of the lossless
-    ones and of those still reading their history), when that is what keeps the publisher short of slabs (the
-    cursors as posted now); None: ask every subscriber (a free slab a reader's lease still locks, or a holder with
-    no entry, which ACKs anyway)."""
+def _ack_holder(stream: Stream) -> LocalSub | None:
+    """The subscriber whose cursor holds the oldest slab back (the lowest of the lossless ones and of those still
+    reading their history), when that is what keeps the publisher short of slabs (the cursors as posted now) and it
+    has a cursor table entry: the one to ask for ACKs; None: ask every subscriber (a free slab a reader's lease
+    still locks, or a holder with no entry, which ACKs anyway)."""
     if stream.pool.free:
         return None
     low = stream.floor_sub()
     if low is None or low.sleeper is None or not low.tag:
         return None
-    return low.sleeper
+    return low
 
 
-def _ack_at(stream: Stream, target: int | None, ahead: int) -> int:
-    """From which cursor (a stream index) the subscriber asked for ACKs (cursor table entry ``target``) sends one:
-    the end of the retired slab whose freeing gives the publisher ``ahead`` granted slabs, of those its cursor holds
-    back, while the publisher's slabs change fast (:meth:`Stream.fast`; else the oldest's).  One ACK then brings a
-    batch of slabs, not one: the broker wakes once for them (a receive window reopened by a good part, not by
-    every byte freed).  0 (at once) when every subscriber is asked: a reader's lease may be what holds a slab."""
-    if target is None:
+def _ack_at(stream: Stream, holder: LocalSub | None, ahead: int) -> int:
+    """From which cursor (an absolute stream index) the subscriber asked for ACKs (``holder``) sends one: the end
+    of the retired slab whose freeing gives the publisher ``ahead`` granted slabs, of those cursors hold back (not
+    pinned), while the publisher's slabs change fast (:meth:`Stream.fast`; else the oldest's); a ``drop`` one
+    reading its history holds nothing back from its history's end (``gate``) on: at most that.  One ACK then
+    brings a batch of slabs, not one: the broker wakes once for them (a receive window reopened by a good part,
+    not by every byte freed).  0 (at once) when every subscriber is asked (a reader's lease may be what holds a
+    slab) or every retired slab is pinned."""
+    if holder is None:
         return 0
     pool = stream.pool
     lacking = ahead - len(pool.granted) if ahead > P.GRANT_AHEAD else 1
     ends = [end for slab, end in pool.retired.items() if not pool.pins[slab]]
-    return ends[min(lacking, len(ends)) - 1] if ends and lacking > 0 else 0
+    if not ends or lacking <= 0:
+        return 0
+    at = ends[min(lacking, len(ends)) - 1]
+    return at if holder.policy == "block" else min(at, holder.gate)
 
 
 class BrokerState:
@@ -408,8 +413,9 @@ class BrokerState:
         granted = pool.grant(ahead)
         ring = stream.ring
         short = len(pool.granted) < P.GRANT_AHEAD
-        target = _ack_target(stream) if short else None
-        at = _ack_at(stream, target, ahead) if short else 0
+        holder = _ack_holder(stream) if short else None
+        target = None if holder is None else holder.sleeper
+        at = _ack_at(stream, holder, ahead)
         if not short:
             if ring.acks_wanted:
                 ring.want_acks(False)  # supplied: nobody need ACK
@@ -427,8 +433,9 @@ class BrokerState:
                 if len(pool.granted) >= P.GRANT_AHEAD:
                     ring.want_acks(False)  # supplied again by this read: nobody need ACK
                     break
-                asked, target = (target, at), (_ack_target(stream) if turn < _RETARGETS - 1 else None)
-                at = _ack_at(stream, target, ahead)
+                holder = _ack_holder(stream) if turn < _RETARGETS - 1 else None
+                asked, target = (target, at), (None if holder is None else holder.sleeper)
+                at = _ack_at(stream, holder, ahead)
                 if (target, at) == asked:
                     break
         if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back

@@ -75,7 +75,7 @@ Then, at byte ``2 * SLEEPERS`` of that page, the **cursor table**: a u64 per sub
 ``(tag << 48) | (cursor - start)`` there when it leaves a slab or gives a chunk's lease back, one aligned
 store (``tag``: ATTACHED's ``cursor_tag``, the entry's generation, which the broker bumps for each new owner;
 ``start``: ATTACHED's start; ``cursor``: the stream index just past what it has read), then makes a full
-barrier and loads ``acks_wanted`` and ``ack_target``: only if the broker asks (``acks_wanted`` set, and
+barrier and loads ``acks_wanted``, ``ack_target`` and ``ack_at``: only if the broker asks (``acks_wanted`` set, and
 ``ack_target`` 0 or its entry + 1, and its cursor at least ``ack_at``) does it send the ACK it sent for every
 slab before.  The broker reads the
 table whenever it decides (a grant, a sweep, a status), and ignores a value whose tag is not its
@@ -310,6 +310,8 @@ class Ring:
         table ``entry`` alone, or (None) every one, once its cursor is at stream index ``at`` or beyond (0: at
         once).  The target and ``at`` are stored first."""
         w = self.w
+        if not wanted:  # (the flag first: nobody reads "every subscriber, any cursor" on its way down)
+            w[ACKS_WANTED_AT // 4] = 0
         self.q[ACK_AT_AT // 8] = at
         w[ACK_TARGET_AT // 4] = 0 if entry is None else entry + 1
         w[ACKS_WANTED_AT // 4] = int(wanted)
