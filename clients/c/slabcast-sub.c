@@ -350,9 +350,11 @@ int main(int argc, char **argv)
             curve_secret = v;
             curve_public = argv[++i];
         } else if (strcmp(a, "--policy") == 0) {
+            if (strcmp(v, "block") != 0 && strcmp(v, "drop") != 0)
+                return usage_error("--policy must be block or drop, got '%s'", v);
             opts.policy = v;
         } else if (strcmp(a, "--wake") == 0) {
-            opts.wake = v;  /* checked by sc_subscribe */
+            opts.wake = v;  /* checked by sc_subscribe (before it subscribes: SC_EINVAL) */
         } else if (strcmp(a, "--max-inflight") == 0) {
             if (parse_u64(v, &max_inflight) || max_inflight < 1 || max_inflight > 1024)
                 return usage_error("--max-inflight must be 1..1024, got '%s'", v);

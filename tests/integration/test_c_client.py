@@ -495,6 +495,13 @@ def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name
             assert "exactly one of --size and --seconds" in usage.stderr
         finally:
             usage.close()
+        # A newcomer's typo: a usage error (2), not a library's refusal after connecting (1).
+        typo = CSub(c_sub, broker.address, stream_name, "--size", "5", "--policy", "blok")
+        try:
+            assert typo.finish(10) == 2
+            assert "--policy must be block or drop, got 'blok'" in typo.stderr
+        finally:
+            typo.close()
     finally:
         pub.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -242,3 +243,27 @@ def test_full_dev_shm_is_a_clear_error_not_sigbus(broker, stream_name):
         slabcast.Publisher(stream_name, slab_bytes=1 << 30, nslabs=4096, address=broker.address)
     with small_stream(broker, stream_name) as pub:  # the broker is unharmed
         pub.write(np.zeros(4, dtype=np.int32))
+
+
+def test_a_write_timeout_names_the_block_subscriber_furthest_behind_and_who_holds_chunks(broker, stream_name):
+    # A newcomer: "no free slab ... a policy='block' subscriber is behind" named nobody, while the broker knew who.
+    with small_stream(broker, stream_name, timeout=1.0) as pub:
+        slow = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address, label="slow-one")
+        keeper = slabcast.Subscriber(stream_name, size=256, clip=True, policy="drop", address=broker.address,
+                                     label="chunk-keeper")  # fmt: skip
+        pub.write(np.zeros(256, dtype=np.int32))
+        held = keeper.recv(timeout=5)  # held: its lease keeps a slab
+        with contextlib.suppress(TimeoutError):  # (its next look reports what it holds)
+            keeper.recv(timeout=0).release()
+        try:
+            with pytest.raises(slabcast.WriteTimeout) as caught:
+                for i in range(1000):
+                    pub.write(np.full(256, i, dtype=np.int32))
+            said = str(caught.value)
+            assert "furthest behind: 'slow-one' (pid " in said and "policy block" in said, said
+            assert f"holding chunks: 'chunk-keeper' (pid {os.getpid()}, 1)" in said, said
+            assert said.endswith("nothing of this frame was written"), said
+        finally:
+            held.release()
+            keeper.close()
+            slow.close()

@@ -874,6 +874,38 @@ def test_a_cursor_entry_handed_to_a_new_owner_gets_a_new_tag_and_a_repeated_atta
     assert second.sleeper == 5 and second.cursor_tag not in (None, first.cursor_tag)
 
 
+def test_a_status_reads_the_cursors_before_the_ring_so_no_lag_is_negative(h: Harness, monkeypatch: Any) -> None:
+    # A newcomer saw `lag -168480 samples (-3.51 s)` for a subscriber keeping up with a fast publisher: the status
+    # read the ring, the publisher wrote on and the subscriber posted a cursor past that head, then the status read
+    # the cursors.  Here the publisher writes 10 frames and the subscriber posts the new head right after the ring
+    # is read: that cursor is the next status's, and lags are never below 0.
+    h.open()
+    entry, start, tag = join_v3_as(h, SUB, 7)
+    state = h.state
+    stream = state.streams["s"]
+    for _ in range(5):
+        h.write(100)
+    stream.ring.cursors[entry] = tag | (h.index - start)
+    catch_up, once = state._catch_up, [True]
+
+    def then_the_publisher_writes_on(s: Any) -> None:
+        catch_up(s)
+        if once:
+            once.clear()
+            for _ in range(10):
+                h.write(100, tell=False)
+            stream.ring.cursors[entry] = tag | (h.index - start)
+
+    monkeypatch.setattr(state, "_catch_up", then_the_publisher_writes_on)
+    h.hello(CTL, "ctl")
+    (reply,) = to(CTL, h.send(CTL, M.Status()), M.StatusReply)
+    (row,) = [u for s in reply.status["streams"] for u in s["subscribers"]]
+    assert row["lag_samples"] == 0  # (its cursor then was the head then)
+    (reply,) = to(CTL, h.send(CTL, M.Status()), M.StatusReply)
+    (row,) = [u for s in reply.status["streams"] for u in s["subscribers"]]
+    assert row["lag_samples"] == 0, "the cursor posted after the last read is read before the ring now"
+
+
 def test_top_draws_a_subscribers_lag_against_the_pool_and_lists_ended_streams_without_no_streams() -> None:
     # A newcomer: a subscriber keeping up with a fast stream showed a full bar (the lag against two chunks), and
     # `no streams` came under three ended streams.

@@ -36,7 +36,10 @@ def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str,
         leases = len(sub.leases)
         backlog = len(sub.backlog)
     else:
-        lag = stream.head - sub.cursor
+        # Its cursor as last posted (in the ring's cursor table at each slab it starts, with its counters every
+        # 0.4 s, in its ACKs): up to a slab or 0.4 s behind what it read.  Read before the ring (_on_status), never
+        # ahead of the head; an ACK's may be (a version-2 subscriber's notices reach it before we read the ring).
+        lag = max(0, stream.head - sub.cursor)
         leases = sub.held
         backlog = 0
     return {
@@ -58,8 +61,8 @@ def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str,
 
 
 def stream_status(s: Stream) -> dict[str, Any]:
-    """One stream's row of the status."""
-    s.read_cursors()  # (posted in the ring's cursor table since the last decision)
+    """One stream's row of the status (its subscribers' cursors as last read: :meth:`Stream.read_cursors`, before the
+    ring, so that no cursor is ahead of the head)."""
     return {
         "name": s.name,
         "dtype": s.dtype.str,

@@ -716,6 +716,10 @@ class BrokerState:
 
     def _on_status(self, client: Client, msg: M.Status) -> None:
         for stream in list(self.streams.values()):
+            # The cursors posted in the ring's table first, then the ring: a subscriber that reads on meanwhile
+            # posts a cursor the head already covers (read after the head, a cursor ran up to a slab ahead of it:
+            # a negative lag, a newcomer found).
+            stream.read_cursors()
             self._catch_up(stream)
         self._send(client.ident, M.StatusReply(self.status(self._now)))
 

@@ -374,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "lsl"],
                    help="XDF: the clock the ClockOffset chunks map the streams onto (auto: lsl when a stream "
                    "comes from an lsl source and pylsl is installed, else wall)")  # fmt: skip
-    p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this much stream time, the pre-buffer "
+                   "included (--seconds 2 --pre-buffer 3: the 2 s that began 3 s before the command)")  # fmt: skip
     p.add_argument("--pre-buffer", type=float, default=None, metavar="S", help="start S seconds before the command "
                    "was started (a stream without a rate: by its samples' times), from what the stream's pool still "
                    "holds (size it with up's history); less if it holds less")  # fmt: skip
