@@ -251,6 +251,7 @@ class LocalReceiver:
         self._entry = entry if tag else None
         self._tag = tag << CURSOR_TAG_SHIFT
         self._posted = -1  # the slab we were reading when we last told the broker our cursor (posted or ACK)
+        self._posted_cursor = -1  # the cursor we last posted in the ring's cursor table
         self._give_back = False  # the slab we left: its lease goes when the chunk is released or at the next recv
         # (_took; pools of fewer slabs give it back at once: a consumer stalled on its chunk holds two slabs)
         self._lazy_give_back = self._nslabs >= _LAZY_GIVE_BACK
@@ -361,7 +362,7 @@ class LocalReceiver:
             # its cursor holds that slab back anyway, and the next chunk needs no lock again.
             self._leases.unlock_idle(self._cur_slab if self.policy == "block" else -1, self._cur_slab)
             self._give_back = False
-            self._send_ack()
+            self._send_ack(waiting=True)
             if deadline is None:
                 left = math.inf
             else:
@@ -761,7 +762,7 @@ class LocalReceiver:
             self._give_back = False
             leases.unlock_idle(self._cur_slab)
 
-    def _send_ack(self, force: bool = False) -> None:
+    def _send_ack(self, force: bool = False, waiting: bool = False) -> None:
         """Tell the broker how far we have read when we left a slab or gave one back: in our cursor table entry
         (an ACK too while the broker asks for them), or by ACK at once; the counters ``slabcast status`` shows by
         ACK when the chunks held or dropped changed, else at most every ``_ACK_INTERVAL`` seconds.  Called at
@@ -773,6 +774,9 @@ class LocalReceiver:
         if self._conn.closed:
             return
         urgent = force or leases.unlocked or state[0] != self._posted
+        # About to wait, our cursor is posted too (`slabcast status` shows a subscriber that keeps up as such, not
+        # a slab behind): a store and a barrier, once a wait at most.
+        urgent = urgent or (waiting and self._entry is not None and self._cursor != self._posted_cursor)
         if urgent and not force and self._entry is not None:
             self._posted = state[0]
             leases.unlocked = False
@@ -809,6 +813,7 @@ class LocalReceiver:
             return True
         ring = self._ring
         ring.cursors[self._entry] = self._tag | delta  # type: ignore[index]
+        self._posted_cursor = self._cursor
         barrier()
         return ring.acks_wanted_from(self._entry, self._cursor)
 
