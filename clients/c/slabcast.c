@@ -282,6 +282,7 @@ struct sc_client {
     uint64_t *cursor_entry;      /* our cursor table entry (ATTACHED's cursor_tag and sleeper), or NULL: ACK per slab */
     uint64_t cursor_bits;        /* its tag << CURSOR_TAG_SHIFT */
     uint64_t cursor_start;       /* ATTACHED's start: what the entry's low bits count from */
+    uint64_t posted_cursor;      /* the cursor we last posted there */
     uint32_t cursor_index;       /* the entry's index (ack_target 1 + it asks us) */
     const uint32_t *acks_wanted, *ack_target;
     const uint64_t *ack_at;
@@ -1639,6 +1640,7 @@ static int attach(sc_client *c, uint64_t *start, uint64_t *seq)
             c->cursor_bits = tag << CURSOR_TAG_SHIFT;
             c->cursor_start = *start;
             c->cursor_index = (uint32_t)byte;
+            c->posted_cursor = UINT64_MAX;  /* (none yet: the first wait posts its start) */
         }
     }
     return SC_OK;
@@ -2393,6 +2395,7 @@ static bool post_cursor(sc_client *c)
     if (c->cursor < c->cursor_start || delta >> CURSOR_TAG_SHIFT)
         return true;
     __atomic_store_n(c->cursor_entry, c->cursor_bits | delta, __ATOMIC_RELAXED);
+    c->posted_cursor = c->cursor;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return asked(c);
 }
@@ -2401,12 +2404,14 @@ static bool post_cursor(sc_client *c)
  * slab, gave a lock back or `force` (with a cursor table entry: the cursor posted there, and an ACK only while
  * the broker asks); otherwise (counters for `slabcast status`) at most every ACK_INTERVAL_MS, or
  * COUNTS_INTERVAL_MS while our cursor is in the table and the broker does not ask us. */
-static void send_ack(sc_client *c, bool force)
+static void send_ack(sc_client *c, bool force, bool waiting)
 {
     if (c->gone)
         return;
     int64_t held = (int64_t)c->nheld, dropped = (int64_t)c->dropped;
     bool urgent = force || c->unlocked || c->cur_slab != c->acked_slab;
+    /* About to wait, our cursor is posted too if it moved (a status then shows us caught up, not a slab behind). */
+    urgent = urgent || (waiting && c->cursor_entry != NULL && c->cursor != c->posted_cursor);
     if (urgent && !force && c->cursor_entry != NULL) {
         c->acked_slab = c->cur_slab;
         c->unlocked = false;
@@ -2611,7 +2616,7 @@ static int step(sc_client *c)
     } else {
         c->have_frames = false;
         if (c->acked_slab != (int64_t)c->fr_slab)
-            send_ack(c, false);  /* the broker may free the slab we left */
+            send_ack(c, false, false);  /* the broker may free the slab we left */
     }
     if (rc == SC_OK && c->cut_rc != SC_OK) {
         rc = c->cut_rc;
@@ -2819,7 +2824,7 @@ static int finish_end(sc_client *c)
     if (c->gone)
         return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
                                 c->address, c->where));
-    send_ack(c, true);
+    send_ack(c, true, false);
     c->stats.cut = c->next_seq;
     return end_from(c, c->end_code_s, c->end_text);
 }
@@ -3187,7 +3192,7 @@ static int pump_ring(sc_client *c, int64_t deadline)
             continue;
         /* About to wait: give back every slab no chunk of ours is in, tell the broker where we are. */
         unlock_idle(c, c->cur_slab);
-        send_ack(c, false);
+        send_ack(c, false, true);
         long wait = LOOK_MS;
         if (deadline >= 0) {
             int64_t left = deadline - now_ms();
@@ -3267,7 +3272,7 @@ static int pump_notices(sc_client *c, int64_t deadline)
         }
         /* About to wait: give back what is no longer needed, tell the broker where we are. */
         unlock_idle(c, c->cur_slab);
-        send_ack(c, false);
+        send_ack(c, false, true);
         long wait = LOOK_MS;
         if (deadline >= 0) {
             int64_t left = deadline - now;

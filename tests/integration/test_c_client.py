@@ -1345,7 +1345,7 @@ def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_a_stopped_one_holds_the
                                                                                                  stream_name):  # fmt: skip
     # Protocol 7.9 in C (1.5.0): a block subscriber that keeps up posts its cursor in its cursor table entry (no ACK
     # per slab: the broker frees the slabs behind it from there), and one stopped while a fast publisher fills the
-    # pool is asked (ack_target), holds it back, and gets every chunk once it goes on.  (That it ACKs only from
+    # pool is asked (ack_target, or everyone: a lock), holds it back, and gets every chunk once it goes on.  (That it ACKs only from
     # ack_at: the scripted test below; here the publisher's own PUBLISHED would also free it, within 0.5 s.)
     pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
                              max_chunk_bytes=4096, timeout=30)  # fmt: skip
@@ -1369,7 +1369,10 @@ def test_a_c_subscriber_posts_its_cursor_in_the_ring_and_a_stopped_one_holds_the
                                                        for k in range(240, total)], done.set()), daemon=True)  # fmt: skip
             writer.start()
             deadline = time.monotonic() + 30
-            while not (ring.acks_wanted and ring.ack_target is not None):  # short of slabs: it is asked
+            # Short of slabs: the broker asks it (its cursor holds the oldest slab back), or every subscriber (the
+            # slab it was reading, freed by its cursor, is still locked by it: it posted its cursor before it
+            # waited, at the head).
+            while not ring.acks_wanted:
                 assert time.monotonic() < deadline and not done.is_set(), "the stopped subscriber held nothing back"
                 time.sleep(0.001)
         finally:
@@ -1437,3 +1440,30 @@ def test_a_c_subscriber_given_a_cursor_tag_posts_its_cursor_and_acks_only_asked_
         assert c.finish(10) == 0, c.stderr
     finally:
         c.close()
+
+
+def test_a_c_subscriber_that_keeps_up_shows_no_lag_once_it_waits(c_sub, broker, stream_name):
+    # As the Python one: its cursor is posted before it waits too, not only at each slab it starts, so the status
+    # shows a subscriber that keeps up as caught up (a newcomer read a slab's lag, 5.44 s, for one).
+    pub = slabcast.Publisher(stream_name, dtype="uint8", address=broker.address, slab_bytes=65536, nslabs=8,
+                             max_chunk_bytes=4096, timeout=10)  # fmt: skip
+    c = CSub(c_sub, broker.address, stream_name, "--size", "1000", "--policy", "block")
+    try:
+        c.wait_ready()
+        done = 0
+        for burst in (130, 20):  # two slabs of 1000-sample frames and a few, then a few more in the same slab
+            for k in range(burst):
+                pub.write(np.full(1000, k % 251, np.uint8))
+            done += burst
+            c.wait_lines(done)
+            deadline = time.monotonic() + 5
+            # (it posts before it waits: right after its last chunk's line, or a moment later; its counters' ACK
+            # does not write the table)
+            while [int(v) & (_ring.CURSOR_SPAN - 1) for v in pub._ring.cursors if v] != [1000 * done]:
+                assert time.monotonic() < deadline, (burst, [int(v) for v in pub._ring.cursors if v])
+                time.sleep(0.01)
+            (row,) = slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
+            assert row["lag_samples"] == 0, (burst, row)
+    finally:
+        c.close()
+        pub.close()
