@@ -489,19 +489,15 @@ def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name
             assert "bad-request" in too_big.stderr and "larger than stream" in too_big.stderr
         finally:
             too_big.close()
-        usage = CSub(c_sub, broker.address, stream_name, "--size", "5", "--seconds", "1")
-        try:
-            assert usage.finish(10) == 2
-            assert "exactly one of --size and --seconds" in usage.stderr
-        finally:
-            usage.close()
-        # A newcomer's typo: a usage error (2), not a library's refusal after connecting (1).
-        typo = CSub(c_sub, broker.address, stream_name, "--size", "5", "--policy", "blok")
-        try:
-            assert typo.finish(10) == 2
-            assert "--policy must be block or drop, got 'blok'" in typo.stderr
-        finally:
-            typo.close()
+        # Usage errors (2); a newcomer's --policy typo was a library's refusal after connecting (1).
+        for args, said in ((("--seconds", "1"), "exactly one of --size and --seconds"),
+                           (("--policy", "blok"), "--policy must be block or drop, got 'blok'")):  # fmt: skip
+            usage = CSub(c_sub, broker.address, stream_name, "--size", "5", *args)
+            try:
+                assert usage.finish(10) == 2
+                assert said in usage.stderr, usage.stderr
+            finally:
+                usage.close()
     finally:
         pub.close()
 
