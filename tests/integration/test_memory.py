@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -267,3 +271,42 @@ def test_a_write_timeout_names_the_block_subscriber_furthest_behind_and_who_hold
             held.release()
             keeper.close()
             slow.close()
+
+
+def test_status_shows_a_publisher_held_back_and_the_subscriber_behind(broker, stream_name):
+    # A newcomer: with a Publisher held back by a stopped block subscriber, `slabcast status` showed no publisher
+    # at all (hosted sources say `blocked`).  Now its row says since when, and by whom (the broker's sweep: 0.5 s).
+    with small_stream(broker, stream_name, timeout=30) as pub:
+        slow = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address, label="slow-one")
+        stop, failure = threading.Event(), []
+
+        def write() -> None:
+            try:
+                while not stop.is_set():
+                    pub.write(np.zeros(256, dtype=np.int32))
+            except BaseException as exc:
+                failure.append(exc)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                (row,) = slabcast.broker_status(broker.address)["streams"]
+                if row["publisher"]["held_back_s"] is not None:
+                    break
+                assert time.monotonic() < deadline and not failure, (row["publisher"], failure)
+                time.sleep(0.05)
+            assert row["publisher"]["label"] == f"publisher:{stream_name}", row["publisher"]
+            assert row["publisher"]["held_back_by"] == "slow-one", row["publisher"]
+            text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                                  capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+            assert f"publisher publisher:{stream_name} pid " in text and "held back" in text, text
+            assert "by slow-one" in text, text
+        finally:
+            stop.set()
+            slow.close()  # (the publisher goes on: nobody holds it back)
+            writer.join(30)
+        assert not failure, failure
+        (row,) = slabcast.broker_status(broker.address)["streams"]
+        assert row["publisher"]["label"] == f"publisher:{stream_name}"

@@ -6,7 +6,7 @@ from typing import Any
 
 from .model import BrokerCutSub, LocalSub, Stream
 
-__all__ = ["statistics", "stats_reply", "stream_status", "subscriber_status"]
+__all__ = ["publisher_status", "statistics", "stats_reply", "stream_status", "subscriber_status"]
 
 
 def statistics(stream: Stream) -> dict[str, Any]:
@@ -60,9 +60,24 @@ def subscriber_status(stream: Stream, sub: LocalSub | BrokerCutSub) -> dict[str,
     }
 
 
-def stream_status(s: Stream) -> dict[str, Any]:
+def publisher_status(s: Stream, now: float | None) -> dict[str, Any] | None:
+    """The stream's publisher: who, and since when (seconds, as of the broker's last sweep: every 0.5 s) no slab was
+    left for it while the cursor of ``held_back_by``, the ``block`` subscriber furthest behind, held the oldest
+    back (None: not held back)."""
+    pub = s.publisher
+    if pub is None:
+        return None
+    stalls = [u for u in s.subs if isinstance(u, LocalSub) and u.stalled_since is not None]
+    first = min(stalls, key=lambda u: u.stalled_since or 0.0, default=None)
+    held = None if first is None or now is None or s.pool.granted else max(0.0, now - (first.stalled_since or now))
+    return {"label": pub.label, "pid": pub.pid, "held_back_s": held,
+            "held_back_by": None if held is None or first is None else first.client.label}  # fmt: skip
+
+
+def stream_status(s: Stream, now: float | None = None) -> dict[str, Any]:
     """One stream's row of the status (its subscribers' cursors as last read: :meth:`Stream.read_cursors`, before the
-    ring, so that no cursor is ahead of the head)."""
+    ring, so that no cursor is ahead of the head); ``now``: the broker's clock, for how long its publisher has been
+    held back."""
     return {
         "name": s.name,
         "dtype": s.dtype.str,
@@ -81,4 +96,5 @@ def stream_status(s: Stream) -> dict[str, Any]:
         "channel_names": s.channel_names,
         **s.meta,
         "subscribers": [subscriber_status(s, u) for u in s.subs],
+        "publisher": publisher_status(s, now),
     }

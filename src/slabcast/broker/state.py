@@ -734,7 +734,7 @@ class BrokerState:
             "uptime": now - self.started,
             "clients": len(self.clients),
             "waiting": {name: len(subs) for name, subs in self.pending.items() if subs},  # subscribed before OPEN
-            "streams": [stream_status(s) for s in [*self.streams.values(), *self.draining]],
+            "streams": [stream_status(s, now) for s in [*self.streams.values(), *self.draining]],
             # Streams that ended in the last ENDED_FOR seconds, as they were when they ended (the newest last).
             "ended_streams": [{**row, "ended_ago": now - t} for t, row in self.ended_rows if now - t <= ENDED_FOR],
             "sources": self.sources() if self.sources is not None else [],

@@ -189,6 +189,12 @@ def _status(args: argparse.Namespace) -> int:
             f"  stream {s['name']}: {s['dtype']} x {s['channels']}, {rate}, {s['samples']} samples in "
             f"{s['frames']} frames, {s['slabs_free']}/{s['slabs']} slabs free{' (ended)' if s['ended'] else ''}"
         )
+        pub = s.get("publisher")
+        if pub:
+            held = pub.get("held_back_s")
+            print(f"    publisher {pub['label']} pid {pub['pid']}" + ("" if held is None else
+                  f": held back {held:.1f} s (no free slab) by {pub['held_back_by']}, a policy=block subscriber "
+                  f"behind"))  # fmt: skip
         if "shm_bytes" in s:
             mib = 1 << 20
             print(f"    pool: {s['shm_bytes'] / mib:.1f} MiB of shared memory; chunks up to "

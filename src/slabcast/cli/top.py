@@ -62,6 +62,9 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
         observed = f"{(s['samples'] - old['samples']) / dt:>10.0f}" if old and dt > 0 else f"{'-':>10}"
         nominal = f"{s['rate']:.12g} Hz" if s["rate"] else "no rate"
         state = " ENDED" if s["ended"] else ""
+        held = (s.get("publisher") or {}).get("held_back_s")
+        if held is not None:
+            state += f"  HELD BACK {held:.1f} s by {s['publisher']['held_back_by']}"
         lines.append(
             (
                 f"{s['name']:<16} {s['dtype']} x {s['channels']:<3} {nominal:>10}  observed {observed}/s  "
