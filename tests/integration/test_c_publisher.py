@@ -302,10 +302,10 @@ def _pub_args(case: dict[str, Any]) -> list[str]:
 
 
 def _stream_status(address: str, name: str) -> dict[str, Any]:
-    """What `slabcast status` says of the stream, without its name and counters."""
+    """What `slabcast status` says of the stream, without its name, counters and publisher (its label and pid)."""
     (stream,) = [s for s in slabcast.broker_status(address)["streams"] if s["name"] == name]
     return {k: v for k, v in stream.items() if k not in ("name", "statistics", "samples", "frames", "subscribers",
-                                                         "slabs_free")}  # fmt: skip
+                                                         "slabs_free", "publisher")}  # fmt: skip
 
 
 def run_case(kind: str, case: dict[str, Any], frames: list[Any], c_pub: Path, sub_exe: Path, broker: Any,
