@@ -67,11 +67,12 @@ def publisher_status(s: Stream, now: float | None) -> dict[str, Any] | None:
     pub = s.publisher
     if pub is None:
         return None
-    stalls = [u for u in s.subs if isinstance(u, LocalSub) and u.stalled_since is not None]
-    first = min(stalls, key=lambda u: u.stalled_since or 0.0, default=None)
-    held = None if first is None or now is None or s.pool.granted else max(0.0, now - (first.stalled_since or now))
-    return {"label": pub.label, "pid": pub.pid, "held_back_s": held,
-            "held_back_by": None if held is None or first is None else first.client.label}  # fmt: skip
+    stalls = [(u.stalled_since, u.client.label) for u in s.subs
+              if isinstance(u, LocalSub) and u.stalled_since is not None]  # fmt: skip
+    if not stalls or now is None or s.pool.granted:
+        return {"label": pub.label, "pid": pub.pid, "held_back_s": None, "held_back_by": None}
+    since, by = min(stalls)
+    return {"label": pub.label, "pid": pub.pid, "held_back_s": max(0.0, now - since), "held_back_by": by}
 
 
 def stream_status(s: Stream, now: float | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from .._info import StreamStatistics
 from ..client.connection import Connection, error_for, unexpected
 from ..wire import messages as M
 
-__all__ = ["broker_status", "stream_statistics"]
+__all__ = ["broker_status", "slab_holders", "stream_statistics"]
 
 
 def _request(address: str | None, msg: M.Stats | M.Status, expect: type[M.StatsReply | M.StatusReply],
@@ -61,3 +61,25 @@ def broker_status(address: str | None = None, timeout: float = 5.0,
         If no broker answers at ``address``.
     """
     return _request(address, M.Status(), M.StatusReply, timeout, curve)
+
+
+def slab_holders(address: str | None, stream: str, timeout: float = 0.5) -> str:
+    """What the broker's status says of who holds a stream's slabs, for a publisher's ``WriteTimeout``:
+    ``"; the broker says furthest behind: ...; holding chunks: ..."`` (the ``block`` subscriber furthest behind, those
+    holding chunks), or "" when no answer comes within ``timeout`` or it names nobody."""
+    try:
+        rows = broker_status(address, timeout=timeout)["streams"]
+    except Exception:  # (best effort: the error says what it knows without it)
+        return ""
+    subs: list[dict[str, Any]] = next((s.get("subscribers", []) for s in rows if s.get("name") == stream), [])
+    said = []
+    behind = max((u for u in subs if u.get("policy") == "block"), key=lambda u: u.get("lag_samples", 0),
+                 default=None)  # fmt: skip
+    if behind is not None and behind.get("lag_samples", 0) > 0:
+        lag = behind.get("lag_seconds")
+        said.append(f"furthest behind: {behind.get('label')!r} (pid {behind.get('pid')}, policy block, "
+                    + (f"{lag:.3g} s" if lag is not None else f"{behind['lag_samples']} samples") + " behind)")
+    holders = [f"{u.get('label')!r} (pid {u.get('pid')}, {u['leases']})" for u in subs if u.get("leases")]
+    if holders:
+        said.append("holding chunks: " + ", ".join(holders[:4]) + (" ..." if len(holders) > 4 else ""))
+    return "; the broker says " + "; ".join(said) if said else ""

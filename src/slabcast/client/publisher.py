@@ -43,6 +43,7 @@ from ._pubargs import (
     pool_layout,
 )
 from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
+from .control import slab_holders
 
 __all__ = ["Publisher"]
 
@@ -558,31 +559,6 @@ class Publisher:
             with self._lock:
                 self._published()
 
-    def _holding_back(self) -> str:
-        """For a WriteTimeout after a wait of a second or more: the broker's word on who holds the slabs (``: ...``,
-        the block subscriber furthest behind, those holding chunks), asked on a connection of its own; "" when a
-        quick answer does not come or says nothing (a drop source times out at once, often: it is not asked)."""
-        if self.timeout < 1.0:
-            return ""
-        from .control import broker_status
-
-        try:
-            rows = broker_status(self.address, timeout=0.5)["streams"]
-        except Exception:  # (best effort: the error says what it knows without it)
-            return ""
-        subs: list[dict[str, Any]] = next((s.get("subscribers", []) for s in rows if s.get("name") == self.name), [])
-        said = []
-        behind = max((u for u in subs if u.get("policy") == "block"), key=lambda u: u.get("lag_samples", 0),
-                     default=None)  # fmt: skip
-        if behind is not None and behind.get("lag_samples", 0) > 0:
-            lag = behind.get("lag_seconds")
-            said.append(f"furthest behind: {behind.get('label')!r} (pid {behind.get('pid')}, policy block, "
-                        + (f"{lag:.3g} s" if lag is not None else f"{behind['lag_samples']} samples") + " behind)")
-        holders = [f"{u.get('label')!r} (pid {u.get('pid')}, {u['leases']})" for u in subs if u.get("leases")]
-        if holders:
-            said.append("holding chunks: " + ", ".join(holders[:4]) + (" ..." if len(holders) > 4 else ""))
-        return "; the broker says " + "; ".join(said) if said else ""
-
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has read every frame written so far.
 
@@ -704,10 +680,12 @@ class Publisher:
             while not grants:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    # After a wait of a second or more, the broker's word on who holds the slabs (a drop source
+                    # times out at once, often: it does not ask).
+                    said = slab_holders(self.address, self.name) if self.timeout >= 1.0 else ""
                     raise WriteTimeout(
                         f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber is "
-                        f"behind, or subscribers hold chunks in every slab{self._holding_back()}; nothing of this "
-                        "frame was written"
+                        f"behind, or subscribers hold chunks in every slab{said}; nothing of this frame was written"
                     )
                 self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
