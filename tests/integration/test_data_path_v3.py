@@ -1102,13 +1102,15 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
 
 def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes_it(broker, stream_name, monkeypatch):
     # It used to look at its sockets every 20 ms: 50 wake-ups a second, 7 ms of CPU a second for a publisher with
-    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every _SAFETY seconds, is
+    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every SAFETY seconds, is
     # an hour here), and all it serves still comes: a subscriber's join (the XPUB's descriptor), the broker's
     # CARRY for a subscriber of long chunks and its GRANTs across many slab changes (the DEALER's), the broker's
     # death (the monitor's); an idle publisher takes no turn.
+    from slabcast.client import _flusher
     from slabcast.client import publisher as pubmod
 
-    monkeypatch.setattr(pubmod, "_SAFETY", 3600.0)
+    monkeypatch.setattr(_flusher, "SAFETY", 3600.0)  # (the thread's first wait)
+    monkeypatch.setattr(pubmod, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
     turns = []
     service = pubmod.Publisher._service
 
@@ -1158,9 +1160,11 @@ def test_a_join_whose_signal_the_writers_notice_took_still_wakes_the_background_
     # each send may process ZeroMQ's pending commands, a join's among them, and the notice socket's descriptor,
     # on which the background thread sleeps, then says nothing.  The writer looks (Publisher._notice) and kicks
     # the thread.  With no timer (_SAFETY an hour), a join missed would wait seconds: 150 joins, each answered.
+    from slabcast.client import _flusher
     from slabcast.client import publisher as pubmod
 
-    monkeypatch.setattr(pubmod, "_SAFETY", 3600.0)
+    monkeypatch.setattr(_flusher, "SAFETY", 3600.0)  # (the thread's first wait)
+    monkeypatch.setattr(pubmod, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
     pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, timeout=10)
     polled = slabcast.Subscriber(stream_name, size=50, policy="drop", address=broker.address, timeout=10)
     stop = threading.Event()
@@ -1212,16 +1216,17 @@ def test_the_background_thread_copies_the_carry_of_the_next_slab_change_and_a_st
     # into the next granted slab (Publisher._prepare_switch), and the write that switches finds it there.  A
     # frame written after that copy (it still fitted) makes the copy stale: the switch copies again.  Every byte
     # is checked by a subscriber whose chunks straddle each slab change (the carried part).
+    from slabcast.client import _pubslabs
     from slabcast.client import publisher as pubmod
 
     copies = []
-    copy_carry = pubmod.copy_carry
+    copy_carry = _pubslabs.copy_carry
 
     def recording(*args):
         copies.append(threading.current_thread() is threading.main_thread())
         return copy_carry(*args)
 
-    monkeypatch.setattr(pubmod, "copy_carry", recording)
+    monkeypatch.setattr(_pubslabs, "copy_carry", recording)
     # A change that finds its copy there is made by the compiled put itself (_put_prepared: the frame into the
     # prepared slab, the Python steps after its wake); a stale one by _next_slab before the put.
     python_switches = []

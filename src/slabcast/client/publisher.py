@@ -14,7 +14,6 @@ import errno
 import logging
 import math
 import os
-import select
 import threading
 import time
 import weakref
@@ -26,12 +25,13 @@ import zmq
 from .._exceptions import BrokerGoneError, ClosedError, SlabcastError, WriteTimeout
 from .._info import StreamInfo
 from ..client.connection import FORKS, Connection, error_for, limit_error, unexpected
-from ..core.geometry import Geometry, copy_carry, generation
+from ..core.geometry import Geometry
 from ..core.rechunk import is_integer, is_real
 from ..core.ring import HOT, WAKE_ALL, Ring, barrier, copy_into, futex_wake
 from ..core.shm import PUBLISHER_BYTE, attach, hold, open_locks, populate
 from ..wire import messages as M
 from ..wire import protocol as P
+from ._flusher import SAFETY, Kick, run_flusher
 from ._notices import NoticeSocket
 from ._pubargs import (
     _BYTES_LIKE,
@@ -42,83 +42,20 @@ from ._pubargs import (
     history_nslabs,
     pool_layout,
 )
+from ._pubslabs import SLICE, SlabSwitching
 from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
-from .control import slab_holders
 
 __all__ = ["Publisher"]
 
-_SAFETY = 1.0  # seconds between the background thread's turns when nothing wakes it (a wake ZeroMQ did not signal)
-_SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the background thread reads it too)
 _W_NOTICES_FUTEX, _W_FRAMES, _W_DOORBELLS = 160 // 8, 168 // 8, 176 // 8  # u64 words of the ring's header
 _RING_NOW = 1 << 32  # the compiled put's result: a doorbell notice is due (core/_hot.c)
 _FULL = 1 << 33  # ... or: the frame does not fit before the slab's end, nothing written
-_SWITCHED = 1 << 34  # ... plus this: it went into the next slab, prepared (_put_prepared)
-
-
-def _flusher_main(ref: weakref.ref[Publisher], kick: _Kick, fds: tuple[int, ...]) -> None:
-    """The publisher's background thread: sends a batch no later write filled (within BATCH_DELAY), a slab
-    change SWITCH_DELAY after its first frame, answers joining subscribers and the broker's messages (GRANT,
-    CARRY, an error) and sees the broker go.  It sleeps until one of these wakes it: a kick from the writer,
-    or the ZeroMQ descriptors of the broker connection, its monitor and the notice socket; every _SAFETY
-    seconds at the latest.  A turn every 20 ms, as before, cost an idle publisher 7-18 ms of CPU a second in this
-    VM (a cold turn is 150-450 us); now about 1.  A turn must make ZeroMQ process each socket's commands (_service
-    receives, looks at EVENTS and polls the monitor), else a descriptor stays readable and this loop spins."""
-    every = select.poll()
-    for fd in (kick.fd, *fds):
-        every.register(fd, select.POLLIN)
-    kicks = select.poll()
-    kicks.register(kick.fd, select.POLLIN)
-    timeout = _SAFETY
-    while True:
-        ready = every.poll(math.ceil(timeout * 1000))
-        kicked = any(fd == kick.fd for fd, _ in ready)
-        pub = ref()  # (alive: its sockets and their descriptors are open; the kick's stays while we hold it)
-        if pub is None:
-            return
-        if kicked:
-            kick.take()
-            delay = pub._kick_delay()
-            del pub  # (asleep, only the weak reference)
-            # Kicked again meanwhile (a batch, or the next slab's carry to copy) ends the wait.
-            if delay > 0 and kicks.poll(math.ceil(delay * 1000)):
-                kick.take()
-            pub = ref()
-            if pub is None:
-                return
-        turn = pub._service()
-        if turn is None:
-            return
-        timeout = turn
-        del pub  # between turns, only the weak reference
-
-
-class _Kick:
-    """Wakes the background thread: an eventfd, written by the writer, polled and read by the thread.  Closed
-    when the last of the two lets go of it, so that neither ever touches a descriptor number reused."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def __call__(self) -> None:
-        """Kick (one system call; a second kick before the thread took the first is the same kick)."""
-        os.eventfd_write(self.fd, 1)
-
-    def take(self) -> None:
-        """Take the kicks so far (the thread, before the turn that serves them)."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.fd)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(AttributeError):  # (no fd: eventfd failed)
-            os.close(self.fd)
 
 
 log = logging.getLogger(__name__)
 
 
-class Publisher:
+class Publisher(SlabSwitching):
     """Write frames into a stream that any number of subscribers read.
 
     Parameters
@@ -239,7 +176,7 @@ class Publisher:
         self._conn = Connection(address, "pub", f"publisher:{stream}")
         try:
             try:
-                self._kick = _Kick()  # (the background thread's: one descriptor more)
+                self._kick = Kick()  # (the background thread's: one descriptor more)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise limit_error(f"a publisher of {self._where}") from exc
@@ -316,7 +253,7 @@ class Publisher:
         self._lock = threading.Lock()
         # The thread holds only a weak reference: a Publisher dropped without close() is still collected
         # (its __del__ closes the stream).
-        self._flusher = threading.Thread(target=_flusher_main, daemon=True, name=f"slabcast-flush-{stream}",
+        self._flusher = threading.Thread(target=run_flusher, daemon=True, name=f"slabcast-flush-{stream}",
                                          args=(weakref.ref(self), self._kick, (*self._conn.fds(), self._notices.fd)))
         self._flusher.start()
         self.frames = 0
@@ -585,7 +522,7 @@ class Publisher:
         # which notes it; wait in short slices so either way it is seen at once.
         while self._synced < token and (left := deadline - time.monotonic()) > 0:
             with self._lock:
-                self._take_locked(min(left, _SLICE))
+                self._take_locked(min(left, SLICE))
         if self._synced >= token:
             return
         raise WriteTimeout(f"the broker did not confirm the frames of {self._where} in time")
@@ -627,7 +564,7 @@ class Publisher:
                                             or ring.frames_wanted):  # fmt: skip
                 left = state.switch_left(time.monotonic())
                 # (A change kept for the next: no wait on kicks alone, which would leave the broker's messages, a
-                # CARRY among them, to wait up to _SAFETY; the turn then sleeps on every descriptor.)
+                # CARRY among them, to wait up to SAFETY; the turn then sleeps on every descriptor.)
                 return 0.0 if left == math.inf else left
         return BATCH_DELAY
 
@@ -659,158 +596,8 @@ class Publisher:
                                                 f"({self._where})")  # fmt: skip
                 return None
             if state.switch_unsent:  # (not due yet: our next turn is when it is)
-                return min(_SAFETY, state.switch_left(now))
-        return _SAFETY
-
-    def _next_slab(self) -> int:
-        state = self._state
-        grants = state.grants
-        with self._lock:
-            self._flush_pending()  # subscribers may wait for these before they free a slab
-            if state.tell_at_switch():
-                self._published()  # the last slab change, if the background thread has not told it yet
-            if grants:
-                # Granted ahead: no socket on this frame's path (a look at it took 150-200 us of a paced
-                # writer's cold process, the p99 of 64 KiB frames); the background thread takes the broker's
-                # messages as they come, and a CARRY taken later applies from the next slab on.
-                return self._switch_to(grants.popleft())
-        self._take_messages(0)
-        if not grants:
-            deadline = time.monotonic() + self.timeout
-            while not grants:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    # After a wait of a second or more, the broker's word on who holds the slabs (a drop source
-                    # times out at once, often: it does not ask).
-                    said = slab_holders(self.address, self.name) if self.timeout >= 1.0 else ""
-                    raise WriteTimeout(
-                        f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber is "
-                        f"behind, or subscribers hold chunks in every slab{said}; nothing of this frame was written"
-                    )
-                self._take_messages(min(left, _SLICE))  # the background thread may take the GRANT
-        with self._lock:  # the carry read here and CARRY answered by the background thread: one order
-            return self._switch_to(grants.popleft())
-
-    def _put_prepared(self, data: Any, t0: Any, flags: int, offset: int, end: int, position: int,
-                      index: int) -> tuple[int, bool]:  # fmt: skip
-        """The compiled put of a frame once the background thread prepared the next slab (_prepare_switch): a
-        frame that does not fit goes there in the same call, and the slab change's steps (_switch_to, which finds
-        what was prepared still valid) follow the frame's wake instead of preceding it (20-26 us of Python in a
-        writer just woken).  Under the lock, as _switch_to: the background thread's CARRY cannot come between the
-        check of what was prepared and its use.  Returns put's result without _SWITCHED, and whether the frame
-        went there."""
-        state = self._state
-        ring = self._ring
-        with self._lock:
-            prepared = self._prepared
-            switch = None
-            grants = state.grants
-            if prepared is not None and grants and not (state.pend_n or ring.notices_wanted or ring.frames_wanted):
-                # (else notices are due before a switch (_next_slab): the Python path takes the change)
-                slab, at, carry_wanted, gen, carry = prepared
-                if slab == grants[0] and at == offset and carry_wanted == state.carry:
-                    start, data_start = self._bounds[slab]
-                    switch = (data_start, start + self.slab_bytes, index - carry // self.sample_bytes, slab, gen)
-            n: int = self._writer.put(  # type: ignore[union-attr]
-                data, t0, flags, offset, end, position, index, self._floor, self._slab, self._gen, self._frame_max,
-                False, switch)  # fmt: skip
-            # (Negative when a version-2 or broker-cut subscriber came meanwhile: the broker sets those words.)
-            switched = switch is not None and (n if n >= 0 else -n) >= _SWITCHED
-            if switched:
-                n = n - _SWITCHED if n >= 0 else n + _SWITCHED
-                # The change before this one, not told yet (a slab shorter than SWITCH_DELAY): the broker grants
-                # again when it hears of it, now, both at once, unless it may wait longer still (deferred).
-                tell = state.tell_at_switch()
-                self._switch_to(grants.popleft())  # (the same slab, floor and generation: the write position and
-                # the samples are still those before this frame, as the check above saw them)
-                if tell:
-                    state.first_frame(time.monotonic())  # (this one's first frame is in the ring: told with it)
-                    self._position = position + 1  # (what PUBLISHED says: the position after this frame)
-                    self._published()
-            return n, switched
-
-    def _switch_to(self, slab: int) -> int:
-        """Start writing ``slab`` (caller holds the lock); return the byte of its data start."""
-        state = self._state
-        prepared, self._prepared = self._prepared, None
-        self._prep_asked = False
-        if prepared is not None and prepared[:3] != (slab, state.offset, state.carry):
-            prepared = None  # (made for another slab, write position or carry: stale)
-        self._slab = slab
-        # (bumped before GRANT was sent)
-        self._gen = generation(self._mm, slab) if prepared is None else prepared[3]
-        geometry = self._geometry
-        start, data = self._bounds[slab]
-        old = state.offset
-        # Copy the tail subscribers may still be accumulating just before the new slab's data,
-        # so that every chunk lies contiguously in the slab of the frame that completes it.
-        carry = state.switch(start, self.slab_bytes)
-        if carry and prepared is None:  # (else the background thread copied it: _prepare_switch)
-            copy_carry(self._u8, geometry, old, data, carry)
-        self._floor = self.samples - carry // self.sample_bytes
-        return int(data)
-
-    def _prepare_switch(self) -> None:
-        """Told that the next frame will not fit (caller holds the lock: the background thread), copy the carried
-        part into the next granted slab now, while no frame is on its way, so that the write that switches to it
-        finds it there (that write copied it before its own frame: 16 us of 50 extra for a 64 KiB carry in a
-        cold process).  A write or a new carry before that switch makes it stale: that switch copies again."""
-        state = self._state
-        if self._prepared is not None or not state.grants or not state.end:
-            return
-        slab = state.grants[0]
-        # One load of the write position: the writer moves it without the lock (a frame that fits), and a copy
-        # from one position recorded as made from a later one would carry the wrong bytes (the stress test
-        # caught it).  The bytes before it are written and stay so.
-        offset, carry_wanted = state.offset, state.carry
-        carry = min(carry_wanted, state.contiguous(offset))  # (what state.switch will carry from there)
-        if carry:
-            copy_carry(self._u8, self._geometry, offset, self._bounds[slab][1], carry)
-        self._prepared = (slab, offset, carry_wanted, generation(self._mm, slab), carry)
-
-    def _take_messages(self, timeout: float) -> None:
-        with self._lock:
-            self._take_locked(timeout)
-            self._notices.serve_joins()
-
-    def _take_locked(self, timeout: float) -> None:
-        try:
-            msg = self._conn.recv(timeout)
-            while msg is not None:
-                if isinstance(msg, M.Grant):
-                    self._on_grant(msg.slab)
-                elif isinstance(msg, M.Carry):
-                    self._on_carry(msg)
-                elif isinstance(msg, M.Synced):
-                    self._synced = max(self._synced, msg.token)
-                elif isinstance(msg, M.Error | M.End):
-                    raise error_for(msg, self._where)
-                msg = self._conn.recv(0)
-        except BrokerGoneError as exc:
-            # (On the writer's thread, whose recv took the monitor's signal, the background thread sleeps on: write
-            # raises it from here.)
-            if self._failure is None:
-                self._failure = exc
-            raise
-
-    def _on_carry(self, msg: M.Carry) -> None:
-        # From the next slab on (caller holds the lock); confirmed when the state says (PublisherState.on_carry).
-        carried = self._state.on_carry(msg.nbytes)
-        if carried is not None:
-            self._conn.send(M.Carried(carried))
-
-    def _on_grant(self, slab: int) -> None:
-        """``slab`` is ours to write next (caller holds the lock): populate its carried part as far as we carry
-        (core/shm.py).  The broker shrank that part, if at all, before it granted the slab, keeping at least the
-        carry it last asked for, which we took before this GRANT (one socket, in order): that much is committed,
-        so populating allocates nothing.  A part given back since our last look is populated again when needed."""
-        state = self._state
-        state.grants.append(slab)
-        carry, done = state.carry, min(self._populated[slab], state.carry)
-        if carry > done:
-            data = self._geometry.data_start(slab)
-            populate(self._mm, [(data - carry, data - done)])
-        self._populated[slab] = carry
+                return min(SAFETY, state.switch_left(now))
+        return SAFETY
 
     def _published(self) -> None:
         """Tell the broker the ring's position, when it must know now: a slab change (it grants the next), or it
