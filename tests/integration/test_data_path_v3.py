@@ -167,16 +167,16 @@ def test_a_subscriber_of_chunks_of_eight_frames_sleeps_through_the_frames_that_c
 ):
     # Wake targets (core/ring.py): 400 frames of 8 samples, 0.3 ms apart (the subscriber sleeps between two), in
     # chunks of 64: it is woken about once per chunk, not per frame.
-    from slabcast.client import _local
+    from slabcast.client import _waiting
 
     waits = [0]
-    futex_wait = _local.futex_wait
+    futex_wait = _waiting.futex_wait
 
     def counted(*args):
         waits[0] += 1
         return futex_wait(*args)
 
-    monkeypatch.setattr(_local, "futex_wait", counted)
+    monkeypatch.setattr(_waiting, "futex_wait", counted)
     pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
     sub = slabcast.Subscriber(stream_name, size=64, clip=True, wake=wake, address=broker.address, timeout=10)
     frames = 400
