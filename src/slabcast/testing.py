@@ -122,23 +122,41 @@ def feed(
     address: str | None = None,
     close: bool = True,
     ready: Callable[[], Any] | None = None,
+    times: Any = None,
     **publisher_options: Any,
 ) -> Publisher:
     """Publish ``array`` (``(n,)`` or ``(n, channels)``) as stream ``name`` in frames of ``frame`` samples.
 
-    Frame ``k`` gets ``t0 + k * frame / rate`` (or ``t0 + k`` without a rate).
+    Frame ``k`` gets ``t0 + k * frame / rate`` (or ``t0 + k`` seconds without a rate).
+    ``times``, ``(n,)`` seconds, one per sample (events, markers): the stream keeps a
+    time per sample (``timestamps=True``) and each frame starts at its first sample's.
     ``ready()``, if given, is called once the stream exists and before the first
     frame: start the workers there and wait until they have subscribed, so they see
     the stream from its first sample.  Returns the publisher (closed unless
     ``close=False``).
+
+    Raises
+    ------
+    ValueError
+        ``times`` not one finite number per sample (the stream is not opened).
     """
     data = np.ascontiguousarray(array)
     channels = 1 if data.ndim == 1 else data.shape[1]
+    stamps = None
+    if times is not None:
+        stamps = np.asarray(times, dtype=np.float64)
+        if stamps.shape != (len(data),) or not np.isfinite(stamps).all():
+            raise ValueError(f"times must be {len(data)} finite seconds, one per sample of the array, got an array "
+                             f"of shape {stamps.shape}")  # fmt: skip
+        publisher_options.setdefault("timestamps", True)
     pub = Publisher(name, dtype=data.dtype, channels=channels, rate=rate, address=address, **publisher_options)
     if ready is not None:
         ready()
     for k, start in enumerate(range(0, len(data), frame)):
-        pub.write(data[start : start + frame], t0=t0 + (start / rate if rate else k))
+        if stamps is not None:
+            pub.write(data[start : start + frame], times=stamps[start : start + frame])
+        else:
+            pub.write(data[start : start + frame], t0=t0 + (start / rate if rate else k))
     if close:
         pub.close()
     return pub

@@ -53,3 +53,31 @@ def test_the_plugin_is_registered_through_its_entry_point():
 
     (ep,) = [ep for ep in entry_points(group="pytest11") if ep.name == "slabcast"]
     assert ep.value == "slabcast.testing"
+
+
+def test_feed_gives_each_sample_the_time_it_is_given_or_each_frame_its_own(broker, stream_name):
+    # A newcomer fed three markers and found them at 0, 1 and 2 s, with no way to give their times: times= now
+    # keeps one per sample (the stream gets timestamps=True); without it, frame k starts at t0 + k (no rate).
+    import numpy as np
+    import pytest
+
+    import slabcast
+    from slabcast.testing import feed
+
+    subs = []
+
+    def subscribe(name, size):
+        return lambda: subs.append(slabcast.Subscriber(name, size, clip=True, address=broker.address))
+
+    stamps = np.array([10.25, 10.5, 12.0, 12.125, 13.0])
+    feed(stream_name, np.arange(5, dtype=np.int32), frame=2, times=stamps, address=broker.address,
+         ready=subscribe(stream_name, 1))  # fmt: skip
+    with subs[0] as sub:
+        got = [(int(c.data[0]), float(c.times[0])) for c in sub]
+    assert got == [(k, stamps[k]) for k in range(5)]  # (chunk.t0 is its frame's, without a rate)
+    feed(stream_name + "b", np.arange(6, dtype=np.int32), frame=2, t0=100.0, address=broker.address,
+         ready=subscribe(stream_name + "b", 2))  # fmt: skip
+    with subs[1] as sub:
+        assert [c.t0 for c in sub] == [100.0, 101.0, 102.0]
+    with pytest.raises(ValueError, match="times must be 3 finite seconds"):
+        feed(stream_name + "c", np.arange(3), times=[0.0, 1.0], address=broker.address)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,30 @@ def test_a_window_of_samples_with_history_has_the_newest_samples_at_once(broker,
             assert win.n_new_samples == 60  # (a window's worth: not the 500 the pool held)
     finally:
         pub.close()
+
+
+def test_a_script_that_exits_without_closing_its_window_leaves_the_broker_cleanly(broker, stream_name):
+    # A newcomer's script ended without disconnect(): its window's reader (a daemon thread) died mid-read and the
+    # broker said "client window:... died; reclaiming its leases".  Open windows are closed at exit now.
+    import subprocess
+    import sys
+
+    pub = slabcast.Publisher(stream_name, "float32", 1, 100.0, address=broker.address)
+    script = (f"import slabcast\nw = slabcast.Window({stream_name!r}, 1.0, address={broker.address!r})\n"
+              "assert w.wait(new=10, timeout=10)\nprint('read', flush=True)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        while not slabcast.broker_status(broker.address)["streams"][0]["subscribers"]:
+            assert proc.poll() is None, "the script ended before it subscribed"
+        pub.write(np.zeros(20, np.float32), t0=0.0)
+        assert proc.stdout.readline() == "read\n"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while slabcast.broker_status(broker.address)["streams"][0]["subscribers"]:  # (gone, either way)
+        assert time.monotonic() < deadline, "the script's subscriber is still there"
+    assert f"window:{stream_name}" not in broker.stderr(), broker.stderr()
+    pub.close()

@@ -128,3 +128,39 @@ def test_an_analysis_loop_ends_with_its_stream_after_its_last_samples(broker, st
     np.testing.assert_array_equal(win.get()[0], written[-100:].T)  # the display's call still shows the last ones
     win.close()
     pub.close()
+
+
+def test_wait_new_waits_for_samples_since_the_last_get_data_and_an_online_loop_on_it_ends_with_the_stream(
+    broker, stream_name
+):
+    # A newcomer wrote `while win.wait(250): data, ts = win.get_data(1.0)`: wait(n) counts samples received in all,
+    # so once 250 had come it returned at once, every time, and the loop ran 69,617 times in 2 s on the same
+    # window.  wait(new=n) waits for n samples since the last get_data (n_new_samples), the online loop's wait.
+    pub = slabcast.Publisher(stream_name, "float32", 2, 100.0, address=broker.address)
+    win = slabcast.Window(stream_name, 1.0, address=broker.address)
+    written = np.arange(1000, dtype=np.float32).reshape(500, 2)
+    pub.write(written[:150], t0=0.0)
+    assert win.wait(new=150, timeout=10)
+    assert win.get_data()[0].shape == (2, 100) and win.n_new_samples == 0
+    assert win.wait(150, timeout=0)  # (in all: still true)
+    assert not win.wait(new=1, timeout=0.2), "nothing new came since get_data"
+    pub.write(written[150:200], t0=1.5)
+    assert win.wait(new=50, timeout=10) and win.n_new_samples == 50
+    rounds, seen = 0, []
+    pub.write(written[200:], t0=2.0)  # 300 more, then the end
+    pub.close()
+    while win.wait(new=100, timeout=10):
+        data, _ = win.get_data(winsize=0.5)
+        rounds += 1
+        seen.append(float(data[0, -1]))
+        assert rounds <= 4, "wait(new=100) returned without 100 new samples"
+    # 350 new samples since the last get_data: at most three rounds of 100 (fewer when they came faster than the
+    # loop), the last full hundred read, and the loop ended with the stream.
+    assert 1 <= rounds <= 3 and win.ended
+    assert seen[-1] >= written[400, 0]
+    for bad, match in (({}, "one of them"), ({"samples": 5, "new": 3}, "one of them"),
+                       ({"new": -1}, "new must be an integer >= 0"), ({"new": 1.5}, "new must be"),
+                       ({"samples": True}, "samples must be an integer")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            win.wait(**bad)
+    win.disconnect()

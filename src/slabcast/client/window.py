@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,16 @@ __all__ = ["Window"]
 
 _FILL_FOR = 1.0  # seconds the constructor takes at most reading the pool (history=True); the thread reads on
 _ALL = 1e9  # seconds of history: all the pool holds (a window of samples, whose seconds are unknown beforehand)
+# Windows not closed yet: closed at the interpreter's exit (a script that ends without disconnect() leaves cleanly;
+# its reader, a daemon thread that keeps the window alive, would be stopped mid-read and the broker would log the
+# subscriber as died, reclaiming its leases).
+_OPEN: weakref.WeakSet[Window] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_windows() -> None:
+    for window in list(_OPEN):
+        window.close()
 _MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 
 
@@ -135,6 +147,7 @@ class Window:
                 raise
         self._thread = threading.Thread(target=self._run, name=f"window-{stream}", daemon=True)
         self._thread.start()
+        _OPEN.add(self)
 
     def _fill(self, every: bool) -> None:
         """Take what the pool holds of the window's seconds before the constructor returns (``history=True``:
@@ -223,12 +236,31 @@ class Window:
         """Samples received since the window opened."""
         return self._count
 
-    def wait(self, samples: int, timeout: float | None = None) -> bool:
-        """Block until at least ``samples`` samples have been received in all, or the window stopped reading
-        (:attr:`ended`, or closed), or ``timeout`` seconds; return whether they were."""
+    def wait(self, samples: int | None = None, timeout: float | None = None, *, new: int | None = None) -> bool:
+        """Block until enough samples came, the window stopped reading (:attr:`ended`, or closed), or
+        ``timeout`` seconds passed; return whether enough came.
+
+        ``samples``: at least that many received in all, since the window opened (:attr:`samples`).
+        ``new``: at least that many since the last :meth:`get_data` (:attr:`n_new_samples`), the
+        online loop's wait: ``while win.wait(new=250): data, ts = win.get_data(winsize=1)`` runs once
+        per 250 samples and ends with the stream (the samples after the last full 250 are not waited for).
+
+        Raises
+        ------
+        ValueError
+            Neither or both of ``samples`` and ``new``, or one that is not an integer >= 0.
+        """
+        if (samples is None) == (new is None):
+            raise ValueError(f"give wait() samples (received in all) or new= (since the last get_data), one of "
+                             f"them (got samples={samples!r}, new={new!r})")  # fmt: skip
+        wanted = samples if new is None else new
+        if not is_integer(wanted) or wanted < 0:
+            which = "samples" if new is None else "new"
+            raise ValueError(f"{which} must be an integer >= 0, got {wanted!r}")
         with self._lock:
-            self._lock.wait_for(lambda: self._count >= samples or self._done, timeout)
-            return self._count >= samples
+            target = int(wanted) + (0 if new is None else self._read)
+            self._lock.wait_for(lambda: self._count >= target or self._done, timeout)
+            return self._count >= target
 
     def get(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Return ``(data, timestamps)``: the newest samples, ``(channels, n)`` and ``(n,)``, oldest first.
@@ -400,10 +432,12 @@ class Window:
         return envelope(data, times, n_pixels)
 
     def close(self) -> None:
-        """Stop the background reader and unsubscribe (idempotent)."""
+        """Stop the background reader and unsubscribe (idempotent; windows still open are closed so at the
+        interpreter's exit)."""
         if self._closed.is_set():
             return
         self._closed.set()
+        _OPEN.discard(self)
         self._thread.join(5)
         self._sub.close()
 
