@@ -191,6 +191,29 @@ def test_a_source_held_back_by_a_block_subscriber_waits_says_so_and_resumes(tmp_
     assert "is held back by a policy='block' subscriber" in broker.stderr()
 
 
+def test_a_source_held_back_says_blocked_at_once_not_after_its_write_timeout(tmp_path, stream_name):
+    # A newcomer saw a hosted source held back by a stopped block subscriber listed as `running`: it said
+    # `blocked` only once a write timed out (10 s by default).  The status now looks at the write waiting.
+    spec = (f"synthetic:name={stream_name},rate=8000,channels=1,frame=256,slab_bytes=8192,nslabs=2,"
+            "max_chunk_bytes=4096")  # fmt: skip  (write_timeout: the default, 10 s)
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", spec)) as broker:
+        sub = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address, wait=10)
+        first = sub.recv(timeout=10)  # held: the two slabs fill and the source has to wait
+        held = time.monotonic()
+        while (source := slabcast.broker_status(broker.address)["sources"][0])["state"] != "blocked":
+            assert time.monotonic() - held < 5, source  # (well within the write's 10 s)
+            time.sleep(0.05)  # polling the broker's status; there is no event to wait on
+        index = first.index + 256
+        first.release()
+        for _ in range(40):
+            with sub.recv(timeout=10) as chunk:
+                assert chunk.index == index
+                index += 256
+        source = slabcast.broker_status(broker.address)["sources"][0]
+        assert source["state"] == "running", source
+        sub.close()
+
+
 # Issue 19, item 6: hosted sources never discard silently.
 
 

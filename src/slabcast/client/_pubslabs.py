@@ -63,6 +63,7 @@ class SlabSwitching:
     _frame_max: int
     _synced: int
     _failure: BaseException | None
+    held_back_since: float | None  # time.monotonic() since a write waits for a granted slab (None: it does not)
 
     def _flush_pending(self, sleeper: bool = False) -> None:
         raise NotImplementedError  # (the Publisher's)
@@ -85,17 +86,22 @@ class SlabSwitching:
         self._take_messages(0)
         if not grants:
             deadline = time.monotonic() + self.timeout
-            while not grants:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    # After a wait of a second or more, the broker's word on who holds the slabs (a drop source
-                    # times out at once, often: it does not ask).
-                    said = slab_holders(self.address, self.name) if self.timeout >= 1.0 else ""
-                    raise WriteTimeout(
-                        f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber is "
-                        f"behind, or subscribers hold chunks in every slab{said}; nothing of this frame was written"
-                    )
-                self._take_messages(min(left, SLICE))  # the background thread may take the GRANT
+            self.held_back_since = deadline - self.timeout
+            try:
+                while not grants:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        # After a wait of a second or more, the broker's word on who holds the slabs (a drop
+                        # source times out at once, often: it does not ask).
+                        said = slab_holders(self.address, self.name) if self.timeout >= 1.0 else ""
+                        raise WriteTimeout(
+                            f"no free slab for {self._where} within {self.timeout} s: a policy='block' subscriber "
+                            f"is behind, or subscribers hold chunks in every slab{said}; nothing of this frame was "
+                            "written"
+                        )
+                    self._take_messages(min(left, SLICE))  # the background thread may take the GRANT
+            finally:
+                self.held_back_since = None
         with self._lock:  # the carry read here and CARRY answered by the background thread: one order
             return self._switch_to(grants.popleft())
 

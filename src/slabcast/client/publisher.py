@@ -110,6 +110,14 @@ class Publisher(SlabSwitching):
         statistics (:func:`slabcast.stream_statistics`); 0 turns them off.  Kept
         for integer and float streams only.
 
+    Attributes
+    ----------
+    frames, samples : int
+        Written so far.
+    held_back_since : float or None
+        ``time.monotonic()`` when the ``write`` in progress began to wait for a free slab (a
+        ``policy="block"`` subscriber is behind); None while no write waits.
+
     Raises
     ------
     StreamExistsError
@@ -258,6 +266,7 @@ class Publisher(SlabSwitching):
         self._flusher.start()
         self.frames = 0
         self.samples = 0
+        self.held_back_since: float | None = None  # (SlabSwitching._next_slab: a write waits for a slab)
 
     @property
     def max_frame(self) -> int:

@@ -24,6 +24,7 @@ __all__ = ["SourceThread"]
 log = logging.getLogger("slabcast.source")
 
 _UNREAD_AFTER = 3.0  # seconds without a subscriber before a source says what it writes is discarded
+_BLOCKED_AFTER = 0.5  # seconds a write waits for a free slab before the status says the source is blocked
 
 
 class SourceThread(threading.Thread):
@@ -56,6 +57,7 @@ class SourceThread(threading.Thread):
         self.last_sample = 0.0  # time.time() of the last write
         self.state = "starting"
         self.error: BaseException | None = None
+        self.publisher: Publisher | None = None  # the stream's, while it is open
 
     def _first_connect(self) -> StreamInfo | None:
         """Connect, waiting (with a log line, backing off up to 2 s) for a device or outlet not there yet."""
@@ -96,6 +98,7 @@ class SourceThread(threading.Thread):
             self.opened.set()
             return
         log.info("source %r started", info.name)
+        self.publisher = pub
         self.state = "running"
         self.opened.set()
         attach = getattr(self.source, "attach", None)
@@ -221,6 +224,10 @@ class SourceThread(threading.Thread):
         state = self.state
         if state == "running" and getattr(self.source, "waiting", False):
             state = "waiting_for_subscribers"
+        pub = self.publisher
+        since = None if pub is None else pub.held_back_since
+        if state == "running" and since is not None and time.monotonic() - since >= _BLOCKED_AFTER:
+            state = "blocked"  # (a write waits for a free slab: its WriteTimeout, which says so too, may be far)
         return {
             "name": self.stream_name,
             "kind": type(self.source).__name__,
