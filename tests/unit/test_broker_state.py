@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from slabcast.broker import grants
 from slabcast.broker import state as state_module
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
@@ -733,7 +734,7 @@ def test_ack_at_is_the_end_of_the_retired_slab_whose_freeing_supplies_the_publis
     for slab in pins:
         pool.pin(slab)
     holder = None if policy is None else SimpleNamespace(policy=policy, gate=gate)
-    assert state_module._ack_at(SimpleNamespace(pool=pool), holder, ahead) == expect  # type: ignore[arg-type]
+    assert grants.ack_at(SimpleNamespace(pool=pool), holder, ahead) == expect  # type: ignore[arg-type]
 
 
 def test_only_the_subscriber_holding_the_oldest_slab_is_asked_for_acks(h: Harness) -> None:

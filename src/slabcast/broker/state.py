@@ -12,8 +12,9 @@ segments, probing a client's liveness, counting descriptors, removing a notice
 socket's file) goes through :class:`System`, whose defaults are the real ones.
 
 Everything that affects the broker's state lives here and in :mod:`.model`
-(the records), :mod:`.checks` (a request's fields by themselves) and
-:mod:`.delivery` (chunks the broker cuts).
+(the records), :mod:`.checks` (a request's fields by themselves),
+:mod:`.grants` (slabs for the publisher, ACKs asked for) and :mod:`.delivery`
+(chunks the broker cuts).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import DESCRIPTOR, HOT, barrier, futex_wake, rows_of
+from ..core.ring import DESCRIPTOR, HOT, futex_wake, rows_of
 from ..core.shm import CLIENT_BASE, segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -43,6 +44,7 @@ from .checks import (
     check_subscribe,
 )
 from .descriptors import Run, runs_of, wrong_descriptor
+from .grants import grant
 from .liveness import REMOTE_SILENCE, alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
 from .report import stats_reply, stream_status
@@ -52,13 +54,6 @@ __all__ = ["BrokerState", "Out", "System", "open_fds"]
 
 log = logging.getLogger("slabcast.broker")
 
-# Slabs granted ahead (protocol 9.3): P.GRANT_AHEAD (fewer: the broker asks for ACKs), or one more while a
-# publisher's slabs change faster than every P.FAST_SLAB seconds, where a slab holds less than that of stream, in a
-# pool of P.FAST_POOL slabs or more (Stream.may_be_fast); it then tells about every other change, which halves the
-# broker's wake-ups (each about 70 us of its CPU beyond its handlers, flat out), at the cost of one slab of
-# history and of a lagging drop subscriber's lead: less than P.FAST_SLAB seconds of stream (history_nslabs counts
-# it).
-_RETARGETS = 3  # subscribers asked for ACKs one after the other in one decision at most, then everyone
 _READ = 4096  # descriptors read from a ring at a time
 _ROWS = 256  # up to this many, taken as tuples (descriptors.runs_of), else by column (BrokerState._take)
 # The compiled twin of descriptors.runs_of (core/_hot.c), any batch length; SLABCAST_PURE_PYTHON=1 keeps Python's.
@@ -72,38 +67,6 @@ _TYPED = frozenset(M.MESSAGES.values())
 def _mib(n: int) -> str:
     """Bytes for a log line: ``"44.0 MiB"``, ``"512 KiB"``."""
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
-
-
-def _ack_holder(stream: Stream) -> LocalSub | None:
-    """The subscriber whose cursor holds the oldest slab back (the lowest of the lossless ones and of those still
-    reading their history), when that is what keeps the publisher short of slabs (the cursors as posted now) and it
-    has a cursor table entry: the one to ask for ACKs; None: ask every subscriber (a free slab a reader's lease
-    still locks, or a holder with no entry, which ACKs anyway)."""
-    if stream.pool.free:
-        return None
-    low = stream.floor_sub()
-    if low is None or low.sleeper is None or not low.tag:
-        return None
-    return low
-
-
-def _ack_at(stream: Stream, holder: LocalSub | None, ahead: int) -> int:
-    """From which cursor (an absolute stream index) the subscriber asked for ACKs (``holder``) sends one: the end
-    of the retired slab whose freeing gives the publisher ``ahead`` granted slabs, of those cursors hold back (not
-    pinned), while the publisher's slabs change fast (:meth:`Stream.fast`; else the oldest's); a ``drop`` one
-    reading its history holds nothing back from its history's end (``gate``) on: at most that.  One ACK then
-    brings a batch of slabs, not one: the broker wakes once for them (a receive window reopened by a good part,
-    not by every byte freed).  0 (at once) when every subscriber is asked (a reader's lease may be what holds a
-    slab) or every retired slab is pinned."""
-    if holder is None:
-        return 0
-    pool = stream.pool
-    lacking = ahead - len(pool.granted) if ahead > P.GRANT_AHEAD else 1
-    ends = [end for slab, end in pool.retired.items() if not pool.pins[slab]]
-    if not ends or lacking <= 0:
-        return 0
-    at = ends[min(lacking, len(ends)) - 1]
-    return at if holder.policy == "block" else min(at, holder.gate)
 
 
 class BrokerState:
@@ -405,46 +368,9 @@ class BrokerState:
 
     def _grant(self, stream: Stream) -> None:
         publisher = stream.publisher
-        if publisher is None:
-            return
-        pool = stream.pool
-        pool.advance(stream.floor_index())
-        ahead = P.GRANT_AHEAD_FAST if stream.fast(self._now) else P.GRANT_AHEAD
-        granted = pool.grant(ahead)
-        ring = stream.ring
-        short = len(pool.granted) < P.GRANT_AHEAD
-        holder = _ack_holder(stream) if short else None
-        target = None if holder is None else holder.sleeper
-        at = _ack_at(stream, holder, ahead)
-        if not short:
-            if ring.acks_wanted:
-                ring.want_acks(False)  # supplied: nobody need ACK
-        elif not ring.acks_wanted or target != ring.ack_target or at != ring.ack_at:
-            # Short of slabs: the subscriber whose cursor holds the oldest slab back (or every subscriber that
-            # posts its cursor in the ring) sends ACK too when it moves, until the publisher holds its slabs
-            # again.  Whom we ask, the flag, a barrier, the cursors again (core/ring.py): the subscriber asked
-            # either saw it or posted a cursor read here.  If that shows another one holding the slab back, ask
-            # that one the same way; after a few, everyone.
-            for turn in range(_RETARGETS + 1):
-                ring.want_acks(True, target, at)
-                barrier()
-                pool.advance(stream.floor_index())
-                granted += pool.grant(ahead)
-                if len(pool.granted) >= P.GRANT_AHEAD:
-                    ring.want_acks(False)  # supplied again by this read: nobody need ACK
-                    break
-                holder = _ack_holder(stream) if turn < _RETARGETS - 1 else None
-                asked, target = (target, at), (None if holder is None else holder.sleeper)
-                at = _ack_at(stream, holder, ahead)
-                if (target, at) == asked:
-                    break
-        if granted and stream.give_back and stream.peak > stream.first_committed:  # room it may give back
-            freed = stream.shrink(granted)
-            if freed:
-                log.debug("stream %r: %d bytes of carried room given back", stream.name, freed)
-        for slab in granted:
-            stream.kept.pop(slab, None)  # written again: its frames are gone
-            self._send(publisher.ident, M.Grant(slab))
+        if publisher is not None:
+            for slab in grant(stream, self._now):
+                self._send(publisher.ident, M.Grant(slab))
 
     def _on_published(self, client: Client, msg: M.Published) -> None:
         # The frames themselves were read from the ring before this handler ran (handle: _catch_up).
