@@ -13,8 +13,9 @@ socket's file) goes through :class:`System`, whose defaults are the real ones.
 
 Everything that affects the broker's state lives here and in :mod:`.model`
 (the records), :mod:`.checks` (a request's fields by themselves),
-:mod:`.grants` (slabs for the publisher, ACKs asked for) and :mod:`.delivery`
-(chunks the broker cuts).
+:mod:`.grants` (slabs for the publisher, ACKs asked for), :mod:`.history`
+(where a subscription back in the stream starts) and :mod:`.delivery` (chunks
+the broker cuts).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .checks import (
 )
 from .descriptors import Run, runs_of, wrong_descriptor
 from .grants import grant
+from .history import history as history_of
 from .liveness import REMOTE_SILENCE, alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
 from .report import stats_reply, stream_status
@@ -579,7 +581,7 @@ class BrokerState:
             if sub.history:
                 # It starts back in the pool: the frames from there to the head come first, as HISTORY, and its
                 # cursor holds their slabs (whatever its policy) until it has read them.
-                start, history = stream.history(sub.history, sub.size)
+                start, history = history_of(stream, sub.history, sub.size)
                 sub.cursor, sub.gate = start, stream.head
                 for message in history:
                     self._send(client.ident, message)
