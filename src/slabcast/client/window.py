@@ -23,6 +23,7 @@ __all__ = ["Window"]
 
 _FILL_FOR = 1.0  # seconds the constructor takes at most reading the pool (history=True); the thread reads on
 _ALL = 1e9  # seconds of history: all the pool holds (a window of samples, whose seconds are unknown beforehand)
+_MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 # Windows not closed yet: closed at the interpreter's exit (a script that ends without disconnect() leaves cleanly;
 # its reader, a daemon thread that keeps the window alive, would be stopped mid-read and the broker would log the
 # subscriber as died, reclaiming its leases).
@@ -33,7 +34,6 @@ _OPEN: weakref.WeakSet[Window] = weakref.WeakSet()
 def _close_open_windows() -> None:
     for window in list(_OPEN):
         window.close()
-_MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 
 
 @dataclass(frozen=True)
