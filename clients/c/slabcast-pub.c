@@ -27,7 +27,7 @@ static const char USAGE[] =
     "--address: the broker; default $SLABCAST_ADDRESS, else the per-user socket Python's broker uses.\n"
     "Input (samples are sample-major: channels interleaved, in the stream's dtype, native byte order):\n"
     "  default       raw samples from stdin, --frame N samples per write (default 1024; the last write\n"
-    "                takes what is left)\n"
+    "                takes what is left; bytes of a sample the input ends inside are dropped, said, exit 10)\n"
     "  --framed      records from stdin, one per frame: u32 n, u32 flags (bit 0: discontinuity before the\n"
     "                frame; bit 8: n f64 per-sample times follow), f64 t0 (NaN: the wall clock now), [times],\n"
     "                then n samples; little-endian\n"
@@ -267,6 +267,7 @@ int main(int argc, char **argv)
     }
     const sc_pub_info *info = sc_pub_get_info(pub);
     size_t sb = info->sample_bytes;
+    size_t left_over = 0;  /* bytes of a sample the input ended inside (not written) */
     printf("ready max_frame=%" PRIu64 " slab_bytes=%" PRIu64 " reserve=%" PRIu64 " segment_bytes=%zu segment=%s\n",
            info->max_frame, info->slab_bytes, info->reserve, info->segment_bytes, info->segment);
     fflush(stdout);
@@ -392,11 +393,7 @@ int main(int argc, char **argv)
                 fill_pattern(dst, info->dtype, info->itemsize, repeat ? 0 : index * info->channels, n * info->channels);
         } else {
             size_t got = read_full(dst, n * sb);
-            if (got % sb) {
-                fprintf(stderr, "slabcast-pub: the input ended inside a sample (%zu bytes left over)\n", got % sb);
-                rc = SC_EINVAL;
-                break;
-            }
+            left_over = got % sb;  /* the input ended inside a sample: its complete ones are written first */
             got_n = got / sb;
         }
         if (got_n == 0) {
@@ -429,7 +426,14 @@ int main(int argc, char **argv)
     if (rc != SC_OK) {
         fprintf(stderr, "slabcast-pub: %s: %s [%s]\n", call, sc_pub_errmsg(pub), sc_strerror(rc));
         status = exit_status(rc);
-    } else if (flush || hang) {
+    } else if (left_over) {
+        /* As the Python stdin source: every complete sample written, the stream closed; the exit status says the
+           input was not whole samples. */
+        fprintf(stderr, "slabcast-pub: the input ended inside a sample: its last %zu bytes were dropped (a sample is "
+                "%zu bytes); every complete sample before them was written\n", left_over, sb);
+        status = exit_status(SC_EINVAL);
+    }
+    if (rc == SC_OK && (flush || hang)) {
         if ((rc = sc_pub_flush(pub, -1)) != SC_OK) {
             fprintf(stderr, "slabcast-pub: sc_pub_flush: %s [%s]\n", sc_pub_errmsg(pub), sc_strerror(rc));
             status = exit_status(rc);

@@ -741,6 +741,32 @@ def test_a_stopped_block_subscriber_holds_the_c_publisher_back_and_gets_every_sa
         cpub.close()
 
 
+@pytest.mark.parametrize("nbytes", [4001, 1001])
+def test_an_input_ending_inside_a_sample_still_publishes_every_complete_sample(c_pub, broker, stream_name, nbytes):
+    # A newcomer piped 4001 bytes of int16 stereo (1000 whole samples and a byte) into slabcast-pub --frame 300:
+    # 900 were published (1001 bytes with the default frame: none), the stream ended clean, and the last error
+    # line said "sc_pub_write: no error".  Every complete sample goes out now, as the Python stdin source does.
+    data = (np.arange(nbytes // 2 + 1, dtype="<i2").tobytes())[:nbytes]
+    whole = nbytes // 4
+    cpub = CPub(c_pub, broker.address, stream_name, "--dtype", "int16", "--channels", "2", "--rate", "48000",
+                "--t0", "0", "--frame", "300")  # fmt: skip
+    try:
+        cpub.ready()
+        sub = slabcast.Subscriber(stream_name, size=whole, clip=True, address=broker.address, timeout=10)
+        with sub:
+            cpub.feed(data)
+            with sub.recv(timeout=20) as chunk:
+                assert chunk.data.tobytes() == data[: whole * 4]
+            with pytest.raises(slabcast.EndOfStream):
+                sub.recv(timeout=20)
+        assert cpub.finish(60) == 10, cpub.stderr
+        assert f"done frames={-(-whole // 300)} samples={whole} " in "\n".join(cpub.lines) + " "
+        assert "its last 1 bytes were dropped (a sample is 4 bytes)" in cpub.stderr
+        assert "no error" not in cpub.stderr
+    finally:
+        cpub.close()
+
+
 # ------------------------------------------------------------------ kill -9 of the C publisher
 
 
