@@ -19,7 +19,7 @@ static const char USAGE[] =
     "                    [--policy block|drop] [--max-inflight M] [--count K] [--label TEXT]\n"
     "                    [--timeout-ms MS] [--protocol-version V] [--wake doorbell|futex|busy]\n"
     "                    [--show-flags] [--show-times] [--info] [--sampler S] [--wait-ms MS] [--partial-tail]\n"
-    "                    [--poll [--tick-ms T] [--poll-max-ms P]] [--curve SECRET PUBLIC]\n"
+    "                    [--poll [--tick-ms T] [--poll-max-ms P]] [--curve SECRET PUBLIC] [--work-ms W]\n"
     "       slabcast-sub --version\n"
     "\n"
     "Prints `ready` once subscribed, then one line per chunk:\n"
@@ -33,6 +33,7 @@ static const char USAGE[] =
     "--address: the broker (ipc:// endpoint, socket path, or tcp://HOST:PORT); default $SLABCAST_ADDRESS, else\n"
     "the per-user socket Python's broker uses ($XDG_RUNTIME_DIR/slabcast/broker.sock, else /tmp/slabcast-<uid>/...).\n"
     "--sampler S: skip S seconds of stream time after each chunk (Python's sampler=S).\n"
+    "--work-ms W: hold each chunk W milliseconds (asleep) before releasing it: a slow consumer.\n"
     "--wait-ms MS: wait up to MS ms for a stream that does not exist yet (default 0: exit 6 at once; -1: the\n"
     "timeout).\n"
     "--poll: wait in a poll(2) loop on sc_fd (wake doorbell) that also does other work every --tick-ms (default 10;\n"
@@ -278,7 +279,7 @@ int main(int argc, char **argv)
     sc_sub_options_init(&opts);
     uint64_t count = 0, version = SC_PROTOCOL_VERSION, max_inflight = opts.max_inflight, timeout_ms = 5000;
     int have_count = 0, info = 0, poll_mode = 0;
-    double tick_ms = 10, poll_max_ms = SC_FD_WAIT_MS;
+    double tick_ms = 10, poll_max_ms = SC_FD_WAIT_MS, work_ms = 0;
     show sh = {0, 0};
     opts.wait_ms = 0;  /* an unknown stream is exit status 6 at once, unless --wait-ms */
 
@@ -312,8 +313,17 @@ int main(int argc, char **argv)
             poll_mode = 1;
             continue;
         }
+        static const char *const VALUED[] = {"--address", "--stream", "--size", "--seconds", "--sampler", "--wait-ms",
+                                             "--tick-ms", "--poll-max-ms", "--curve", "--policy", "--wake",
+                                             "--max-inflight", "--count", "--label", "--timeout-ms",
+                                             "--protocol-version", "--work-ms", NULL};
+        int valued = 0;
+        for (const char *const *o = VALUED; *o != NULL && !valued; o++)
+            valued = strcmp(a, *o) == 0;
+        if (!valued)
+            return usage_error("unknown option '%s'", a);
         if (v == NULL)
-            return usage_error("%s needs a value (or is unknown)", a);
+            return usage_error("%s needs a value", a);
         i++;
         if (strcmp(a, "--address") == 0) {
             address = v;
@@ -354,7 +364,14 @@ int main(int argc, char **argv)
                 return usage_error("--policy must be block or drop, got '%s'", v);
             opts.policy = v;
         } else if (strcmp(a, "--wake") == 0) {
-            opts.wake = v;  /* checked by sc_subscribe (before it subscribes: SC_EINVAL) */
+            if (strcmp(v, "doorbell") != 0 && strcmp(v, "futex") != 0 && strcmp(v, "busy") != 0)
+                return usage_error("--wake must be doorbell, futex or busy, got '%s'", v);
+            opts.wake = v;
+        } else if (strcmp(a, "--work-ms") == 0) {
+            char *end;
+            work_ms = strtod(v, &end);
+            if (*end || !(work_ms >= 0 && work_ms <= 60000))
+                return usage_error("--work-ms must be 0..60000 milliseconds, got '%s'", v);
         } else if (strcmp(a, "--max-inflight") == 0) {
             if (parse_u64(v, &max_inflight) || max_inflight < 1 || max_inflight > 1024)
                 return usage_error("--max-inflight must be 1..1024, got '%s'", v);
@@ -378,6 +395,9 @@ int main(int argc, char **argv)
         return usage_error("%s", "--stream is required");
     if ((opts.size > 0) == (opts.seconds > 0))
         return usage_error("%s", "give exactly one of --size and --seconds");
+    if (poll_mode && opts.wake != NULL && strcmp(opts.wake, "doorbell") != 0)
+        return usage_error("--poll waits on sc_fd, which only --wake doorbell (the default) has; got --wake %s",
+                           opts.wake);
     opts.max_inflight = (unsigned)max_inflight;
 
     catch_stop_signals();
@@ -424,6 +444,11 @@ int main(int argc, char **argv)
         putchar('\n');
         fflush(stdout);
         got++;
+        if (work_ms > 0) {  /* a slow consumer: the chunk is held meanwhile */
+            struct timespec w = {(time_t)(work_ms / 1e3), (long)(fmod(work_ms, 1e3) * 1e6)};
+            while (nanosleep(&w, &w) != 0 && !stop_signal) {
+            }
+        }
         if ((rc = sc_release(c, &ch)) != SC_OK)
             break;
     }

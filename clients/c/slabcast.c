@@ -2168,7 +2168,7 @@ static int take_chunk(sc_client *c, const msgview *m, sc_chunk *chunk)
     chunk->t0 = t0;
     chunk->seq = seq;
     chunk->index = index;
-    chunk->flags = (unsigned)flags;
+    chunk->flags = (unsigned)(flags & ~(uint64_t)SCW_FLAG_INLINE);  /* (how the samples came: the wire's) */
     c->stats.received++;
     c->stats.last_seq = (int64_t)seq;
     return SC_OK;
@@ -3342,6 +3342,12 @@ static int recv_chunk(sc_client *c, sc_chunk *chunk, int timeout_ms)
     int64_t deadline = deadline_for(timeout_ms);
     if (!c->local)
         return recv_v1(c, chunk, deadline);
+    /* Counters and cursor for `slabcast status` (every COUNTS_INTERVAL_MS at most, send_ack decides), also for
+     * a subscriber behind, which never waits: they went only before a wait or at a slab change, and a C
+     * subscriber holding the publisher back showed `delivered 0` meanwhile (Python's recv does the same).  Not a
+     * slab change's or a lock's ACK: that goes once the run is cut (pump). */
+    if (c->cur_slab == c->acked_slab && !c->unlocked)
+        send_ack(c, false, false);
     int rc = pump(c, deadline);
     if (rc)
         return rc;

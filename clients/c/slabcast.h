@@ -85,8 +85,8 @@ extern "C" {
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
 #define SC_VERSION_MINOR 5
-#define SC_VERSION_PATCH 0
-#define SC_VERSION_STRING "1.5.0"
+#define SC_VERSION_PATCH 1
+#define SC_VERSION_STRING "1.5.1"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -226,7 +226,8 @@ typedef struct sc_chunk {
     unsigned flags;         /* bit 0 (SC_FLAG_DISCONTINUITY): the stream jumped before this chunk (its publisher
                              * said so, or samples it never saw were lost before it: no chunk spans the hole).
                              * A "drop" subscriber's own dropped chunks are no jump: they show as a gap in
-                             * seq (sc_sub_stats dropped counts them) */
+                             * seq (sc_sub_stats dropped counts them).  Bit 2: SC_FLAG_PARTIAL.  No other bit
+                             * (before 1.5.1 a tcp:// chunk had bit 1 too, the wire's "inline") */
     unsigned reserved;      /* 0; fills what would be tail padding */
     /* Since 1.3.0. */
     const double *times;    /* a stream with per-sample times (sc_stream_info.timestamps): n seconds, one per
@@ -254,7 +255,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.4.0" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.5.1" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 

@@ -490,8 +490,12 @@ def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name
         finally:
             too_big.close()
         # Usage errors (2); a newcomer's --policy typo was a library's refusal after connecting (1).
+        # --wake typos exited 1 after connecting and --bogus "needs a value (or is unknown)" (a newcomer).
         for args, said in ((("--seconds", "1"), "exactly one of --size and --seconds"),
-                           (("--policy", "blok"), "--policy must be block or drop, got 'blok'")):  # fmt: skip
+                           (("--policy", "blok"), "--policy must be block or drop, got 'blok'"),
+                           (("--wake", "zzz"), "--wake must be doorbell, futex or busy, got 'zzz'"),
+                           (("--bogus",), "unknown option '--bogus'"), (("--label",), "--label needs a value"),
+                           (("--work-ms", "-1"), "--work-ms must be 0..60000")):  # fmt: skip
             usage = CSub(c_sub, broker.address, stream_name, "--size", "5", *args)
             try:
                 assert usage.finish(10) == 2
@@ -1023,8 +1027,9 @@ def test_version_3_refuses_what_no_publisher_writes(c_sub, scripted, segment):
         c.close()
         scripted.xpub.close(linger=0)
         scripted.xpub = None
-    for wake, version, said in (("spin", "3", "wake must be 'doorbell', 'futex' or 'busy'"),
-                                ("futex", "2", "wake 'futex' needs protocol version 3")):  # fmt: skip
+    # (An unknown wake is slabcast-sub's usage error now, before it connects; the library's refusal of one is
+    # test_c_subscriber_v3_features.py::test_sc_fd_refuses_a_futex_subscriber's, through ctypes.)
+    for wake, version, said in (("futex", "2", "wake 'futex' needs protocol version 3"),):
         c = CSub(c_sub, scripted.address, "scripted", *args, "--wake", wake, "--protocol-version", version)
         try:
             assert scripted.recv()[:2] == [P.HELLO, int(version)]
@@ -1460,6 +1465,31 @@ def test_a_c_subscriber_that_keeps_up_shows_no_lag_once_it_waits(c_sub, broker, 
                 time.sleep(0.01)
             (row,) = slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
             assert row["lag_samples"] == 0, (burst, row)
+    finally:
+        c.close()
+        pub.close()
+
+
+def test_a_c_subscriber_behind_its_stream_shows_what_it_delivered_in_status(c_sub, broker, stream_name):
+    # As the Python one (test_statistics.py): a subscriber behind never waits, and the C client sent its counters
+    # only before a wait or at a slab change: a newcomer's C block subscriber holding the publisher back showed
+    # `delivered 0` while it had read 7 chunks.  sc_recv sends them at most every 0.4 s as well now.
+    pub = slabcast.Publisher(stream_name, dtype="int16", channels=2, rate=48000.0, address=broker.address)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "480", "--clip", "--label", "behind", "--work-ms", "100")
+    try:
+        c.wait_ready()
+        for _ in range(40):
+            pub.write(np.zeros((480, 2), np.int16))  # all in one slab: 40 chunks to read, 0.1 s each
+
+        def delivered() -> int:
+            (row,) = [u for u in slabcast.broker_status(broker.address)["streams"][0]["subscribers"]
+                      if u["label"] == "behind"]  # fmt: skip
+            return int(row["delivered"])
+
+        c.wait_lines(8)
+        while delivered() < 5:
+            assert len(c.lines) < 40, "no counters before it caught up"  # (it waits then: its counters go)
+            time.sleep(0.05)  # polling the broker's status: no event says it heard an ACK
     finally:
         c.close()
         pub.close()

@@ -62,7 +62,8 @@ def test_remote_subscriber_gets_the_same_chunks_as_a_local_one(tcp_broker, keys,
     pub.close()
 
     def collect(sub):
-        out = [(c.seq, c.index, c.t0, zlib.crc32(c.data.tobytes())) for c in sub]
+        out = [(c.seq, c.index, c.t0, c.flags, zlib.crc32(c.data.tobytes())) for c in sub]  # (flags: the wire's
+        # FLAG_INLINE, a TCP chunk's transport detail, showed in them)
         sub.close()
         return out
 

@@ -157,8 +157,8 @@ class BrokerState:
                 elif msg[0] != P.HELLO and ident in self.silent:
                     self._send(ident, M.End(P.END_EVICTED, f"dropped: this remote client sent nothing for "
                                                           f"{REMOTE_SILENCE:g} s, and looked dead (a tcp:// client "
-                                                          f"calls recv, or keepalive(), at least every few "
-                                                          f"seconds)"))  # fmt: skip
+                                                          f"calls recv (C: sc_recv) at least every few seconds, "
+                                                          f"or Python's Subscriber.keepalive())"))  # fmt: skip
                 elif msg[0] != P.HELLO:
                     raise ProtocolError(f"expected HELLO as the first message, got kind {msg[0]}")
                 else:

@@ -129,7 +129,8 @@ class RemoteReceiver:
             self.jumped = False
             flags |= P.FLAG_DISCONTINUITY
         data = base.reshape(n, channels) if channels > 1 else base
-        return Chunk(data, seq, index, t0, flags, self._info, self._on_release)
+        # (FLAG_INLINE says how the samples came: the wire's, not the chunk's)
+        return Chunk(data, seq, index, t0, flags & ~P.FLAG_INLINE, self._info, self._on_release)
 
     def on_release(self) -> None:
         """A chunk was given back: send its release now, unless more chunks are already waiting, in which
