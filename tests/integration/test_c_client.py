@@ -495,7 +495,8 @@ def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name
                            (("--policy", "blok"), "--policy must be block or drop, got 'blok'"),
                            (("--wake", "zzz"), "--wake must be doorbell, futex or busy, got 'zzz'"),
                            (("--bogus",), "unknown option '--bogus'"), (("--label",), "--label needs a value"),
-                           (("--work-ms", "-1"), "--work-ms must be 0..60000")):  # fmt: skip
+                           (("--work-ms", "-1"), "--work-ms must be 0..60000"),
+                           (("--partial-tail", "--protocol-version", "1"), "--partial-tail needs a local subscriber")):  # fmt: skip
             usage = CSub(c_sub, broker.address, stream_name, "--size", "5", *args)
             try:
                 assert usage.finish(10) == 2
