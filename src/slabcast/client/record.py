@@ -149,6 +149,23 @@ class Recording:
             samples = np.memmap(sample_path, dtype=dtype, mode="r", shape=(total, info.channels))
         return cls(info, samples, frames, _times_file(os.path.join(path, "times.bin"), total))
 
+    def sample_times(self) -> np.ndarray[Any, Any]:
+        """``(n,)`` float64 seconds, one per sample: :attr:`times` when the stream kept them, else each frame's
+        ``t0`` plus ``k / rate`` for its ``k``-th sample (a stream without a rate: its frame's ``t0`` for every
+        sample).  On the clock of ``frames["t0"]`` (``time.time()`` for hosted sources; XDF: the stream's
+        own, before ``clock_offsets``).  A time axis for plotting or aligning two recordings, whatever the
+        format (an audio file without its ``.frames`` sidecar: one frame per second from its start)."""
+        if self.times is not None:
+            return np.asarray(self.times, dtype=np.float64)
+        n = self.frames["n"].astype(np.int64)
+        total = int(n.sum())
+        base = np.repeat(self.frames["t0"].astype(np.float64), n)
+        if not self.info.rate:
+            return base
+        first = np.repeat(np.cumsum(n) - n, n)  # the row of each sample's frame's first sample
+        times: np.ndarray[Any, Any] = base + (np.arange(total) - first) / self.info.rate
+        return times
+
     @property
     def duration(self) -> float:
         """Seconds of stream time (samples / rate, or the span of frame times without a rate)."""
