@@ -66,6 +66,8 @@ def test_a_recording_opens_in_the_standard_library_and_replays_bit_exact(broker,
     recording = slabcast.open_recording(str(out))
     assert recording.info.channel_names[0] == "emg00" and recording.info.dtype == np.dtype(dtype)
     assert np.array_equal(np.asarray(recording.samples[:]), data)
+    # A time per sample from the frames (no per-sample times kept): frame k's t0 plus its samples at 8 kHz.
+    np.testing.assert_allclose(recording.sample_times(), 50.0 + np.arange(len(data)) / 8000.0, rtol=0, atol=1e-9)
     replay_name = stream_name + "r"
     again = tmp_path / "again"
     spec = f"replay:path={out},name={replay_name},speed=100,wait_for=1"
