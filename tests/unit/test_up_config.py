@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 
@@ -143,6 +144,26 @@ def test_a_source_option_out_of_range_is_refused_naming_the_file_and_table(tmp_p
     spec = "synthetic:name=mic," + options.replace(" ", "")
     with pytest.raises(ValueError, match=f"{re.escape(said)}.*in {re.escape(repr(spec))}"):
         parse_source(spec)
+
+
+@pytest.mark.parametrize("frame", [0, -1])
+def test_a_file_source_of_frames_of_no_samples_is_refused(tmp_path, frame):
+    # A newcomer: `frame = 0` started a file source that read nothing, flat out (the broker at 98 % of a core),
+    # forever, its status `running, no sample yet`; synthetic and stdin refused it.
+    soundfile = pytest.importorskip("soundfile")
+    from slabcast.cli.up_config import ConfigError, load_config
+    from slabcast.sources import parse_source
+
+    wav = tmp_path / "a.wav"
+    soundfile.write(str(wav), np.zeros((480, 2), np.int16), 48000)
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f"[[sources]]\nkind = 'file'\nname = 'mic'\npath = '{wav}'\nframe = {frame}\n[[tasks]]\n"
+                   "name = 'w'\ncall = 'slabcast.examples:wav_file'\nstream = 'mic'\nsize = 100\n"
+                   "options = { out = 'x' }\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"f\.toml: \[\[sources\]\] #1: .*frame must be a positive integer, got {frame}"):
+        load_config(str(cfg))
+    with pytest.raises(ValueError, match=f"frame must be a positive integer, got {frame}"):
+        parse_source(f"file:path={wav},frame={frame}")
 
 
 @pytest.mark.parametrize(

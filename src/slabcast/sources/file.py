@@ -10,7 +10,7 @@ import numpy as np
 from .._info import StreamInfo
 from ..wire.protocol import check_dtype, check_stream_name
 from ._clock import _Clocked
-from .base import _Lap
+from .base import _Lap, positive_count
 
 __all__ = ["FileSource"]
 
@@ -40,6 +40,7 @@ class FileSource(_Clocked):
 
     def __init__(self, path: str, name: str | None = None, dtype: str | None = None, frame: int = 4800,
                  pace: bool = False, speed: float = 1.0, loop: bool = False, wait_for: int = 1) -> None:  # fmt: skip
+        frame = positive_count(frame, "frame")  # (0 or less: a source that reads nothing, flat out, forever)
         try:
             import soundfile
         except ImportError as exc:
@@ -62,7 +63,7 @@ class FileSource(_Clocked):
         default = "".join(c if c.isalnum() or c in "_.:-" else "_" for c in stem)[:64] or "file"
         self.info = StreamInfo(check_stream_name(name or default), dt, int(meta.channels), float(meta.samplerate),
                                tuple(f"ch_{i}" for i in range(int(meta.channels))))  # fmt: skip
-        self.frame = int(frame)
+        self.frame = frame
         self.loop = bool(loop)
         self._file: Any = None
         self._clock_init(pace, speed, wait_for)

@@ -25,6 +25,7 @@ from .._exceptions import WriteTimeout
 from .._info import StreamInfo
 from ..wire.bridge import FLAG_DISCONTINUITY, FrameHeader, decode_info
 from ..wire.protocol import check_stream_name
+from .base import positive_seconds
 
 __all__ = ["ZenohSource", "import_zenoh", "open_session", "zenoh_config"]
 
@@ -179,7 +180,7 @@ class ZenohSource:
         if policy not in ("block", "drop"):
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         self.policy = policy
-        self.timeout = float(timeout)
+        self.timeout = positive_seconds(timeout, "timeout")
         self._conf_args = {"mode": mode, "connect": connect, "listen": listen, "config": config,
                            "multicast": multicast, "cfg": cfg}  # fmt: skip
         zenoh_config(**self._conf_args)  # bad settings fail here, where the broker reports them
@@ -204,7 +205,7 @@ class ZenohSource:
         self.dropped = 0  # frames dropped here (policy="drop", before the stream opened), refused or malformed
         self._dropping = 0  # frames dropped in a row for want of a slab (policy="drop")
         self.gaps = 0
-        self.lost_after = float(lost_after)
+        self.lost_after = positive_seconds(lost_after, "lost_after")
         self._last_frame = 0.0  # time.monotonic() of the last frame received
         self._silent = False
 
