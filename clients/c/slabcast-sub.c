@@ -395,9 +395,10 @@ int main(int argc, char **argv)
         return usage_error("%s", "--stream is required");
     if ((opts.size > 0) == (opts.seconds > 0))
         return usage_error("%s", "give exactly one of --size and --seconds");
-    if (opts.partial_tail && ((address != NULL && strncmp(address, "tcp://", 6) == 0) || version == 1))
+    const char *where = address != NULL ? address : getenv("SLABCAST_ADDRESS");  /* (sc_connect's default) */
+    if (opts.partial_tail && ((where != NULL && strncmp(where, "tcp://", 6) == 0) || version == 1))
         return usage_error("--partial-tail needs a local subscriber (an ipc:// broker, protocol version 2 or 3); got "
-                           "%s", version == 1 ? "--protocol-version 1" : address);
+                           "%s", version == 1 ? "--protocol-version 1" : where);
     if (poll_mode && opts.wake != NULL && strcmp(opts.wake, "doorbell") != 0)
         return usage_error("--poll waits on sc_fd, which only --wake doorbell (the default) has; got --wake %s",
                            opts.wake);

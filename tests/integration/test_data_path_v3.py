@@ -30,6 +30,7 @@ import zmq
 
 import slabcast
 from slabcast.client import _local as local_module
+from slabcast.client import _waiting as waiting_module
 from slabcast.core import ring as ring_module
 from slabcast.core.ring import RING_SLOTS
 from slabcast.wire import messages as M
@@ -269,7 +270,7 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
             fence.acquired += 1
             real_barrier()
 
-        monkeypatch.setattr(local_module, "barrier", counting)
+        monkeypatch.setattr(waiting_module, "barrier", counting)  # (the sleep path's: client/_waiting.py)
     else:
         real = ring_module._py_futex_wake
 
@@ -281,7 +282,7 @@ def test_every_doorbell_subscriber_makes_a_full_barrier_before_it_sleeps(broker,
         monkeypatch.setattr(ring_module, "_py_futex_wake", recording)
         monkeypatch.setattr(ring_module, "_new_lock", fence)
         monkeypatch.setattr(ring_module, "TSO", kind == "lock")
-        monkeypatch.setattr(local_module, "barrier", ring_module._py_barrier)
+        monkeypatch.setattr(waiting_module, "barrier", ring_module._py_barrier)
     with slabcast.Publisher(stream_name, dtype="uint8", address=broker.address):
         subs = [slabcast.Subscriber(stream_name, size=1, address=broker.address) for _ in range(5)]
         try:
@@ -1102,7 +1103,7 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
 
 def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes_it(broker, stream_name, monkeypatch):
     # It used to look at its sockets every 20 ms: 50 wake-ups a second, 7 ms of CPU a second for a publisher with
-    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every SAFETY seconds, is
+    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every SAFETY seconds (_flusher's, and publisher's binding of it), is
     # an hour here), and all it serves still comes: a subscriber's join (the XPUB's descriptor), the broker's
     # CARRY for a subscriber of long chunks and its GRANTs across many slab changes (the DEALER's), the broker's
     # death (the monitor's); an idle publisher takes no turn.
@@ -1159,7 +1160,7 @@ def test_a_join_whose_signal_the_writers_notice_took_still_wakes_the_background_
     # The writer's thread sends a NOTICE per frame to a subscriber asleep on the notice socket (an event loop's);
     # each send may process ZeroMQ's pending commands, a join's among them, and the notice socket's descriptor,
     # on which the background thread sleeps, then says nothing.  The writer looks (Publisher._notice) and kicks
-    # the thread.  With no timer (_SAFETY an hour), a join missed would wait seconds: 150 joins, each answered.
+    # the thread.  With no timer (SAFETY an hour), a join missed would wait seconds: 150 joins, each answered.
     from slabcast.client import _flusher
     from slabcast.client import publisher as pubmod
 

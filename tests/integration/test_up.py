@@ -300,7 +300,7 @@ TASK = ("[[tasks]]\nname = 'spl'\ncall = 'slabcast.examples:spectral_peak'\nstre
         (SOURCE + "[broker]\nlease_timout = 3\n" + TASK, "[broker]: unknown key 'lease_timout'; did you mean 'lease_timeout'?"),
         (SOURCE + TASK.replace("'drop'", "'dorp'"), "'policy' must be one of 'block', 'drop', got 'dorp'; did you mean 'drop'?"),
         (SOURCE + TASK.replace("seconds = 0.5", "seconds = '0.5'"), "'seconds' must be a number, got '0.5' (a str)"),
-        (SOURCE + TASK.replace("seconds = 0.5", "seconds = 0"), "'seconds' must be a number > 0, got 0"),
+        (SOURCE + TASK.replace("seconds = 0.5", "seconds = 0"), "'seconds' must be a finite number > 0, got 0"),
         (SOURCE + TASK.replace("{ rate = 48000 }", "{ rat = 48000 }"), "has no option 'rat'; did you mean 'rate'?"),
         (SOURCE + TASK.replace("stream = 'mic'", "stream = 'mci'"), "no [[sources]] provides (sources: 'mic'); did you mean 'mic'?"),
         (SOURCE + "max_chunk_bytes = 65536\n" + TASK, "asks for chunks of 192000 bytes, larger than its max_chunk_bytes (65536)"),

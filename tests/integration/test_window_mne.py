@@ -3,6 +3,8 @@ picks by index, name or type, streams without a rate sized in samples, float64 o
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -142,7 +144,7 @@ def test_wait_new_waits_for_samples_since_the_last_get_data_and_an_online_loop_o
     pub.write(written[:150], t0=0.0)
     assert win.wait(new=150, timeout=10)
     assert win.get_data()[0].shape == (2, 100) and win.n_new_samples == 0
-    assert win.wait(150, timeout=0)  # (in all: still true)
+    assert win.wait(150, timeout=0) and win.wait(1.5 * 100, timeout=0)  # (in all: still true; 1.5 s at 100 Hz)
     assert not win.wait(new=1, timeout=0.2), "nothing new came since get_data"
     pub.write(written[150:200], t0=1.5)
     assert win.wait(new=50, timeout=10) and win.n_new_samples == 50
@@ -159,8 +161,8 @@ def test_wait_new_waits_for_samples_since_the_last_get_data_and_an_online_loop_o
     assert 1 <= rounds <= 3 and win.ended
     assert seen[-1] >= written[400, 0]
     for bad, match in (({}, "one of them"), ({"samples": 5, "new": 3}, "one of them"),
-                       ({"new": -1}, "new must be an integer >= 0"), ({"new": 1.5}, "new must be"),
-                       ({"samples": True}, "samples must be an integer")):  # fmt: skip
+                       ({"new": -1}, "new must be a finite number of samples >= 0"), ({"new": math.inf}, "new must be"),
+                       ({"samples": True}, "samples must be a finite number"), ({"samples": "5"}, "got '5'")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             win.wait(**bad)
     win.disconnect()

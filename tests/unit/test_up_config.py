@@ -121,7 +121,10 @@ def test_history_of_an_lsl_source_goes_to_the_broker_which_sizes_the_pool_when_t
     (source,) = load_config(str(cfg)).sources
     assert source["options"]["history"] == 10 and "nslabs" not in source["options"]
     cfg.write_text(cfg.read_text().replace("history = 10", "history = -1"))
-    with __import__("pytest").raises(ConfigError, match=r"'history' must be a number > 0, got -1"):
+    with __import__("pytest").raises(ConfigError, match=r"'history' must be a finite number > 0, got -1"):
+        load_config(str(cfg))
+    cfg.write_text(cfg.read_text().replace("history = -1", "history = inf"))  # (a newcomer: "a number > 0, got inf")
+    with __import__("pytest").raises(ConfigError, match=r"'history' must be a finite number > 0, got inf"):
         load_config(str(cfg))
 
 
@@ -223,13 +226,33 @@ def test_every_table_s_mistake_is_told_in_one_run(tmp_path):
     said = str(raised.value)
     assert said.startswith(f"{cfg}: 3 problems:\n"), said
     assert "'lease_timout'" in said and "did you mean 'lease_timeout'?" in said, said
-    assert "\n  [[tasks]] #1 (level): 'seconds' must be a number > 0, got 0\n" in said, said
+    assert "\n  [[tasks]] #1 (level): 'seconds' must be a finite number > 0, got 0\n" in said, said
     assert "seconds" in said and "reads stream 'mick', which no [[sources]] provides" in said, said
     assert "did you mean 'mic'?" in said, said
     # One mistake: its message alone, as before.
     cfg.write_text(cfg.read_text().replace("lease_timout", "lease_timeout").replace("seconds = 0\n", "seconds = 0.5\n")
                    .replace("'mick'", "'mic'"))  # fmt: skip
     assert load_config(str(cfg)).tasks[0].name == "level"
+
+
+def test_two_tasks_of_one_name_and_a_chunk_no_slab_holds_are_refused_as_the_tasks(tmp_path):
+    # A newcomer: two tasks named 'spl' both started as `task spl#0` (after a kill -9, which one restarted?), and
+    # seconds = 1e9 said "slab_bytes must be a multiple of 4096 up to 2**30, got 192000002097152": a key they
+    # never wrote.
+    from slabcast.cli.up_config import ConfigError, load_config
+
+    cfg = tmp_path / "dup.toml"
+    task = "[[tasks]]\nname = 'spl'\ncall = 'slabcast.examples:spl'\nstream = 'mic'\nseconds = 0.5\n"
+    cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 48000\nchannels = 2\n" + task + task)
+    with pytest.raises(ConfigError, match=r"\[\[tasks\]\] #1 and #2 are both named 'spl': each task needs a name"):
+        load_config(str(cfg))
+    cfg.write_text(cfg.read_text().replace("seconds = 0.5", "seconds = 1e9", 1).replace("'spl'", "'big'", 1))
+    with pytest.raises(ConfigError, match=r"task 'big' asks for chunks of 384000000000000 bytes; a chunk must fit in "
+                                          r"one slab \(up to 2\*\*30 bytes, with room for frames\): at most "
+                                          r"1071644672 bytes here \(133955584 samples\)"):
+        load_config(str(cfg))
+    cfg.write_text(cfg.read_text().replace("seconds = 1e9", "seconds = 2.0"))
+    assert [t.name for t in load_config(str(cfg)).tasks] == ["big", "spl"]
 
 
 def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypatch):

@@ -35,10 +35,12 @@ def kept_frames(stream: Stream, slab: int) -> list[tuple[int, int, int, float, i
             offset += n * sample_bytes
     return frames
 
+
 def times_at(stream: Stream, offset: int, n: int) -> Any:
     """The per-sample times (float64, the publisher's clock) of the ``n`` samples from segment byte ``offset``."""
     at = stream.geometry.time_at(offset)
     return stream.u8[at : at + 8 * n].view("<f8")
+
 
 def since(stream: Stream, seconds: float) -> int:
     """The index history ``seconds`` back starts at on a stream without a rate (see :func:`history`), or 0
@@ -58,6 +60,7 @@ def since(stream: Stream, seconds: float) -> int:
         if len(earlier):
             return index + int(earlier[-1]) + 1
     return 0
+
 
 def history(stream: Stream, seconds: float, size: int) -> tuple[int, list[M.History]]:
     """What a local subscription asking for ``seconds`` of history (in chunks of ``size``) starts with:

@@ -95,7 +95,8 @@ def _number(where: str, key: str, value: Any, *, integer: bool = False, low: flo
     if not math.isfinite(value) or value < low or (value == low and not low_ok) or value > high:
         bound = f">= {low:g}" if low_ok else f"> {low:g}"
         limit = f" and <= {high:g}" if high < math.inf else ""
-        raise ConfigError(f"{where}: {key!r} must be {want} {bound}{limit}, got {value!r}")
+        finite = want if integer else "a finite number"  # (inf is > 0, and no length of time)
+        raise ConfigError(f"{where}: {key!r} must be {finite} {bound}{limit}, got {value!r}")
     return value
 
 
@@ -303,7 +304,13 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
     elif largest > DEFAULT_CHUNK_LIMIT:  # past what a default pool grows to: make the carried part that long
         pool["max_chunk_bytes"] = _round_up(largest, sample)
         explicit = True
-        pool["slab_bytes"] = _round_up(pool["max_chunk_bytes"] + pool.get("slab_bytes", _DEFAULT_SLAB) // 2, 4096)
+        room = pool.get("slab_bytes", _DEFAULT_SLAB) // 2  # (for frames)
+        pool["slab_bytes"] = _round_up(pool["max_chunk_bytes"] + room, 4096)
+        if pool["slab_bytes"] > 1 << 30:  # (said as the task's, not as a slab_bytes nobody wrote)
+            most = (1 << 30) - room
+            raise ConfigError(f"{where}: task {who!r} asks for chunks of {largest} bytes; a chunk must fit in one "
+                              f"slab (up to 2**30 bytes, with room for frames): at most {most} bytes here "
+                              f"({most // sample} samples)")  # fmt: skip
     try:
         slab, limit = pool_layout(pool.get("slab_bytes"), pool.get("max_chunk_bytes"))
     except ValueError as exc:
@@ -401,7 +408,16 @@ def load_config(path: str, shm_dir: str = _SHM) -> Config:
     if directory not in sys.path:
         sys.path.insert(0, directory)
     raw_tasks = raw.get("tasks", [])
-    tasks = [t for t in (checked(_task, path, i, t) for i, t in enumerate(raw_tasks)) if t is not None]
+    parsed = [(i, checked(_task, path, i, t)) for i, t in enumerate(raw_tasks)]
+    tasks = [t for _, t in parsed if t is not None]
+    seen: dict[str, int] = {}
+    for i, t in parsed:
+        if t is None:
+            continue
+        if t.name in seen:  # (logs, status and restarts name a task: two of one name could not be told apart)
+            errors.append(ConfigError(f"{path}: [[tasks]] #{seen[t.name] + 1} and #{i + 1} are both named "
+                                      f"{t.name!r}: each task needs a name of its own"))  # fmt: skip
+        seen.setdefault(t.name, i)
     if not raw_tasks:
         errors.append(ConfigError(f"{path}: no [[tasks]]: nothing to run (to host sources alone, for `slabcast "
                                   f"record` or other programs: slabcast broker --source kind:key=value,... , pool "

@@ -48,7 +48,7 @@ class SlabSwitching:
     _conn: Connection
     _notices: NoticeSocket
     _ring: Ring
-    _writer: Any
+    _writer: Any | None  # core/_hot.c's Writer, when built and the stream keeps no per-sample times
     _mm: Any
     _u8: np.ndarray[Any, Any]
     _geometry: Geometry
@@ -125,7 +125,7 @@ class SlabSwitching:
                 if slab == grants[0] and at == offset and carry_wanted == state.carry:
                     start, data_start = self._bounds[slab]
                     switch = (data_start, start + self.slab_bytes, index - carry // self.sample_bytes, slab, gen)
-            n: int = self._writer.put(
+            n: int = self._writer.put(  # type: ignore[union-attr]
                 data, t0, flags, offset, end, position, index, self._floor, self._slab, self._gen, self._frame_max,
                 False, switch)  # fmt: skip
             # (Negative when a version-2 or broker-cut subscriber came meanwhile: the broker sets those words.)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import threading
 import time
@@ -30,10 +31,17 @@ _MNE_KEYS = {"sfreq": "rate", "ch_names": "channel_names", "nchan": "channels"}
 _OPEN: weakref.WeakSet[Window] = weakref.WeakSet()
 
 
+_EXIT_WAIT = 2.0  # seconds the exit hook spends closing windows, at most (each close waits for BYE's answer)
+
+
 @atexit.register
 def _close_open_windows() -> None:
+    deadline = time.monotonic() + _EXIT_WAIT
     for window in list(_OPEN):
-        window.close()
+        if time.monotonic() >= deadline:
+            break  # (a broker that does not answer BYE: the rest go with the process, as they did before)
+        with contextlib.suppress(Exception):
+            window.close()
 
 
 @dataclass(frozen=True)
@@ -248,17 +256,17 @@ class Window:
         Raises
         ------
         ValueError
-            Neither or both of ``samples`` and ``new``, or one that is not an integer >= 0.
+            Neither or both of ``samples`` and ``new``, or one that is not a finite number >= 0.
         """
         if (samples is None) == (new is None):
             raise ValueError(f"give wait() samples (received in all) or new= (since the last get_data), one of "
                              f"them (got samples={samples!r}, new={new!r})")  # fmt: skip
         wanted = samples if new is None else new
-        if not is_integer(wanted) or wanted < 0:
+        if not is_real(wanted) or not 0 <= wanted < math.inf:  # (2 * rate is a float: that many samples)
             which = "samples" if new is None else "new"
-            raise ValueError(f"{which} must be an integer >= 0, got {wanted!r}")
+            raise ValueError(f"{which} must be a finite number of samples >= 0, got {wanted!r}")
         with self._lock:
-            target = int(wanted) + (0 if new is None else self._read)
+            target = math.ceil(wanted) + (0 if new is None else self._read)
             self._lock.wait_for(lambda: self._count >= target or self._done, timeout)
             return self._count >= target
 

@@ -119,7 +119,7 @@ def source_options(kind: str, options: dict[str, Any], *, text: bool = False) ->
         if key in _POOL_TYPES:
             pool[key] = _typed(what, key, value, {_POOL_TYPES[key]}, text)
             if not 0 < pool[key] < math.inf:  # (sizes in range are the publisher's to check)
-                raise SourceOptionError(f"{what}: pool option {key!r} must be a number > 0, got {value!r}")
+                raise SourceOptionError(f"{what}: pool option {key!r} must be a finite number > 0, got {value!r}")
             continue
         if key not in sig or key == "address":
             known = [k for k in sig if k != "address"]

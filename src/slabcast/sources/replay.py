@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from .._info import StreamInfo
-from ..core.rechunk import is_real
 from ..wire.protocol import check_stream_name
 from ._clock import _enough_subscribers
 
@@ -41,8 +40,6 @@ class ReplaySource:
         self.info = StreamInfo(check_stream_name(name or rec.name), rec.dtype, rec.channels, rec.rate,
                                rec.channel_names, rec.channel_types, rec.channel_units, rec.source_id,
                                rec.timestamps and self.recording.times is not None)  # fmt: skip
-        if not is_real(speed) or not speed > 0:
-            raise ValueError(f"speed must be a number > 0 (inf: as fast as it can), got {speed!r}")
         self.speed = float(speed)
         self.loop = bool(loop)
         self.wait_for = int(wait_for)
