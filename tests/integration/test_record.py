@@ -121,11 +121,20 @@ def test_record_of_a_stream_the_broker_lacks_says_what_it_has(broker, stream_nam
             while b"Ctrl-C to give up" not in said and time.monotonic() < deadline:
                 if select.select([proc.stderr], [], [], 1.0)[0]:
                     said += os.read(proc.stderr.fileno(), 4096)
+            # Ctrl-C while it waits: a failure that names the stream (a newcomer: exit 130, nothing said).
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(10)
+            said += proc.stderr.read()
         finally:
-            proc.terminate()
-            proc.wait(10)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
             proc.stderr.close()
     assert f"waiting for the stream (the broker has '{stream_name}' now; did you mean '{stream_name}'?".encode() in said
+    assert code == 1, said
+    assert f"'{stream_name}x' never appeared on the broker (it has '{stream_name}' now; did you mean " \
+           f"'{stream_name}'?): nothing was recorded".encode() in said, said
+    assert not (tmp_path / "r.wav").exists()
 
 
 def wait_subscribed(address, name, label="record:"):
@@ -325,3 +334,34 @@ def test_a_recorder_started_with_sigint_ignored_still_stops_on_it(broker, stream
             assert (out / "info.json").exists()
     finally:
         pub.close()
+
+
+def test_a_pre_buffer_the_pool_cannot_hold_is_said_and_the_recording_starts_at_its_oldest_sample(
+    broker, stream_name, tmp_path
+):
+    # A newcomer asked `record --pre-buffer 10` of a stream whose pool held 0.9 s: the file started 0.9 s back and
+    # nothing said so.  The first chunk of a history cut short is flagged (protocol 8): the recorder says it.
+    rate, frame = 1000.0, 100
+    pub = slabcast.Publisher(stream_name, "float32", 1, rate, address=broker.address, slab_bytes=4096, nslabs=4,
+                             max_chunk_bytes=1024)  # fmt: skip
+    start = time.time() - 3.0
+    for k in range(30):  # 3 s of the stream, on the wall clock, up to now: the pool holds about 1 s of it
+        pub.write(np.full(frame, k, np.float32), t0=start + k * frame / rate)
+    out = tmp_path / "pb.wav"
+    rec = record_cli(broker.address, stream_name, out, "--pre-buffer", "10", "--seconds", "2")
+    try:
+        wait_subscribed(broker.address, stream_name)
+        for k in range(30, 60):
+            pub.write(np.full(frame, k, np.float32), t0=start + k * frame / rate)
+        assert rec.wait(20) == 0, rec.stderr.read()
+        said = rec.stderr.read()
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait(10)
+        rec.stderr.close()
+        pub.close()
+    assert "the pool held less than the 10 s of --pre-buffer (about " in said, said
+    back = slabcast.open_recording(str(out))
+    first = float(back.samples[0, 0])
+    assert 0 < first < 30 and float(back.samples[-1, 0]) >= first  # (from its oldest sample, not from the start)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -52,10 +53,12 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import SlabcastError
+from .._exceptions import SlabcastError, StreamNotFoundError
 from .._info import StreamInfo
 
 __all__ = ["Recording", "RecordingHoleError", "open_recording", "record", "recording_streams", "repair", "write_info"]
+
+log = logging.getLogger("slabcast.record")
 
 _FLUSH = 0.5  # seconds between flushes: what a kill -9 can lose at most
 _AUDIO = (".wav", ".flac", ".aiff", ".aif", ".ogg")
@@ -503,6 +506,15 @@ class _LeadIn:
             return None
         return self.pre_buffer + max(0.0, time.monotonic() - self.asked_at)
 
+    def short(self, stream: str, t0: float) -> str:
+        """What to say when the pool held less than asked (the first chunk is flagged: protocol 8, history), with
+        how much it held when ``t0`` (the first sample's time) is on the wall clock, as hosted sources' are."""
+        asked = self.pre_buffer or 0.0
+        held = time.time() - (time.monotonic() - self.asked_at) - t0
+        about = f" (about {held:.1f} s)" if 0 <= held < asked else ""
+        return (f"recording {stream}: the pool held less than the {asked:g} s of --pre-buffer{about}: the recording "
+                f"starts at its oldest sample (a source's or Publisher's history = S sizes the pool to hold S s)")
+
 
 def record(stream: str | Sequence[str], out: str, seconds: float | None = None, address: str | None = None,
            progress: bool = True, clock: str = "auto", pre_buffer: float | None = None,
@@ -565,8 +577,15 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     # says why, or the first progress line that it is recording)
     if others is not None:
         say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
-    sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
-                     history=lead_in())  # fmt: skip
+    try:
+        sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
+                         history=lead_in())  # fmt: skip
+    except KeyboardInterrupt:
+        if not others:
+            raise
+        # Given up while waiting for a stream that never came (a typo?): not a success, said as such.
+        say.say("", end="\n")
+        raise StreamNotFoundError(f"{_missing([stream], address)}: nothing was recorded") from None
     written = 0
     writer: _Writer | None = None
     try:
@@ -596,6 +615,12 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
                         writer.write_times(chunk.times[:n])
                     expected = chunk.index + len(chunk.data)
                 written += n
+                if t_first is None and lead_in.pre_buffer is not None and chunk.discontinuity:
+                    if say.enabled:  # (a line of its own, whatever the progress line does)
+                        say.say("", end="\n")
+                        say.say(lead_in.short(stream, chunk.t0), end="\n")
+                    else:
+                        log.warning("%s", lead_in.short(stream, chunk.t0))
                 t_first = chunk.t0 if t_first is None else t_first
                 if not rate and seconds is not None and chunk.t0 - t_first >= seconds:
                     break
