@@ -279,6 +279,25 @@ def test_signals_stop_the_broker_cleanly(tmp_path, sig, stream_name):
         proc.stop()
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.02])
+def test_a_signal_repeated_while_the_broker_stops_its_sources_still_stops_it_cleanly(tmp_path, stream_name, gap):
+    # A newcomer's `timeout -s INT 30 slabcast broker --source ... &`, then a kill -INT of timeout: timeout sends
+    # SIGINT to the broker and then to its whole process group, so the broker gets two; the second one, taken
+    # while it shut down (or while its sources stopped), ended it with exit 130 and left its socket's files.
+    proc = slabcast.BrokerProcess(tmp_path / "b.sock", args=("--source", f"synthetic:name={stream_name}")).start()
+    try:
+        with slabcast.Subscriber(stream_name, size=480, address=proc.address, wait=10) as sub:
+            sub.recv(timeout=10).release()  # its source writes
+        proc.process.send_signal(signal.SIGINT)
+        time.sleep(gap)  # (the second signal a moment later: a time, not a readiness, is what is tested)
+        proc.process.send_signal(signal.SIGINT)
+        assert proc.wait_exit(15) == 0, proc.stderr()
+        assert not any(n.startswith(f"slabcast.{proc.pid}.") for n in slabcast_segments())
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        proc.stop()
+
+
 def test_version_mismatch_names_both_versions(broker, stream_name, monkeypatch):
     monkeypatch.setattr(P, "VERSION", 4)
     with pytest.raises(slabcast.ProtocolError, match="broker speaks version 3, client speaks version 4"):

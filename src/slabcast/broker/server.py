@@ -371,13 +371,18 @@ class Broker:
                 if tick is not None:
                     tick()
         finally:
-            if handle_signals:
-                signal.set_wakeup_fd(old_fd)
-                signal.signal(signal.SIGTERM, old[0])
-                signal.signal(signal.SIGINT, old[1])
-            wake_r.close()
-            wake_w.close()
-            self._shutdown()
+            try:
+                # Our handlers stay until the shutdown is done: a second signal meanwhile (`timeout` sends its
+                # SIGINT to the broker, then to its whole process group) only asks again, and never cuts the
+                # shutdown short (its sockets' files and the segments were left, exit 130).
+                self._shutdown()
+            finally:
+                if handle_signals:
+                    signal.set_wakeup_fd(old_fd)
+                    signal.signal(signal.SIGTERM, old[0])
+                    signal.signal(signal.SIGINT, old[1])
+                wake_r.close()
+                wake_w.close()
 
     def _drain(self, sock: zmq.Socket[Any] | None = None, limit: int = 10_000) -> None:
         router = sock if sock is not None else self._router

@@ -101,6 +101,10 @@ def _broker(args: argparse.Namespace) -> int:
     finally:
         for t in threads:
             t.stopping.set()
+        # (A second SIGINT or SIGTERM while the sources stop is the same request: not a KeyboardInterrupt that
+        # would end the process before they closed their streams.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         deadline = time.monotonic() + 5
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
