@@ -313,8 +313,12 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         parts = [f"{slot.missed} samples"] if slot.missed else []
         if slot.missed_end is not None:
             parts.append(f"the samples from stream index {slot.missed_end} to its stream's end, if any")
+        elif slot.failed:  # (no longer restarted: what came after its last worker went unprocessed too)
+            after = "its stream's start" if slot.reached is None else f"stream index {slot.reached}"
+            parts.append(f"the samples from {after} on (it was no longer restarted)")
         if parts:
-            say(f"task {slot.name} did not process {' and '.join(parts)}, across its {slot.restarts} restarts")
+            restarts = f"{slot.restarts} restart{'' if slot.restarts == 1 else 's'}"
+            say(f"task {slot.name} did not process {' and '.join(parts)}, across its {restarts}")
     if any(s.failed for s in slots) or cut_off:
         return 1  # a task gave up, or did not finish its stream in time: the run did not do all it was asked
     if finished:
@@ -411,7 +415,8 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
     slot.streak += 1
     if code != 0 and slot.task.max_failures and slot.streak >= slot.task.max_failures:
         slot.done = slot.failed = True  # the others go on; up exits 1 at the end
-        say(f"task {slot.name} failed: exited with code {code}, {slot.streak} times in a row; not restarted "
+        times = f"{slot.streak} time{'' if slot.streak == 1 else 's'} in a row"
+        say(f"task {slot.name} failed: exited with code {code}, {times}; not restarted "
             f"(max_failures = {slot.task.max_failures})")  # fmt: skip
         return
     slot.restarts += 1
