@@ -365,3 +365,20 @@ def test_a_pre_buffer_the_pool_cannot_hold_is_said_and_the_recording_starts_at_i
     back = slabcast.open_recording(str(out))
     first = float(back.samples[0, 0])
     assert 0 < first < 30 and float(back.samples[-1, 0]) >= first  # (from its oldest sample, not from the start)
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--seconds", "0", "seconds (--seconds) must be a finite number of seconds > 0 (or none: until the stream ends), got 0.0"),
+    ("--seconds", "inf", "got inf"), ("--seconds", "nan", "got nan"),
+    ("--pre-buffer", "-1", "pre_buffer (--pre-buffer) must be a finite number of seconds >= 0 (0: none), got -1.0"),
+])  # fmt: skip
+def test_a_length_of_no_time_is_refused_before_anything_is_written(broker, stream_name, tmp_path, option, value, said):
+    # A newcomer's `record --seconds 0` wrote an empty file and exited 0.
+    out = tmp_path / "zero.wav"
+    with slabcast.Publisher(stream_name, address=broker.address):
+        result = subprocess.run([sys.executable, "-m", "slabcast", "record", stream_name, "--out", str(out),
+                                 "--address", broker.address, option, value],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr, result.stderr
+    assert not out.exists()

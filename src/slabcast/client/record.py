@@ -554,6 +554,11 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
                                    or not 0 <= pre_buffer < float("inf")):  # fmt: skip
         raise ValueError(f"pre_buffer (--pre-buffer) must be a finite number of seconds >= 0 (0: none), "
                          f"got {pre_buffer!r}")  # fmt: skip
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                                or not 0 < seconds < float("inf")):  # fmt: skip
+        # (0 wrote an empty file and exited 0; nan or inf, a recording of no or of endless length)
+        raise ValueError(f"seconds (--seconds) must be a finite number of seconds > 0 (or none: until the stream "
+                         f"ends), got {seconds!r}")  # fmt: skip
     if pre_buffer == 0:
         pre_buffer = None  # (no lead-in, as without it)
     lead_in = _LeadIn(pre_buffer, time.monotonic() if asked_at is None else asked_at)
