@@ -76,3 +76,33 @@ def test_top_without_a_terminal_and_status_into_a_closed_pipe_are_quiet(broker):
         status = subprocess.run(["bash", "-c", "set -o pipefail; \"$0\" -m slabcast status --address \"$1\" | true",
                                  sys.executable, broker.address], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert status.returncode == 0 and status.stderr == ""
+
+
+def test_status_says_who_left_without_goodbye(broker, stream_name):
+    # A newcomer's kill -9 of a subscriber: it vanished from `slabcast status`, and only the broker's log said
+    # "died; reclaiming its leases".  The status lists such departures for a minute.
+    import time
+
+    pub = slabcast.Publisher(stream_name, address=broker.address)
+    script = (f"import slabcast, sys\nsub = slabcast.Subscriber({stream_name!r}, 10, address={broker.address!r}, "
+              "label='doomed')\nprint('ready', flush=True)\nsys.stdin.read()\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        pid = proc.pid
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.stdin.close()
+        proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while not slabcast.broker_status(broker.address).get("departed"):
+        assert time.monotonic() < deadline, "the broker never saw the subscriber die"
+        time.sleep(0.05)  # polling the broker's status: its sweep finds the dead client
+    result = run_cli("status", "--address", broker.address)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"doomed pid {pid} \(sub of '{stream_name}'\) died: its leases reclaimed, [0-9.]+ s ago",
+                     result.stdout), result.stdout  # fmt: skip
+    (row,) = json.loads(run_cli("status", "--json", "--address", broker.address).stdout)["departed"]
+    assert (row["label"], row["pid"], row["how"]) == ("doomed", pid, "died")
+    pub.close()

@@ -285,6 +285,25 @@ def test_a_dead_local_subscriber_is_dropped_by_its_lock_and_releases_the_stream(
     assert SUB not in h.state.clients and h.state.streams["s"].subs == []
 
 
+def test_a_client_that_left_without_bye_is_in_the_status_for_a_minute(h: Harness) -> None:
+    # A newcomer's kill -9 of a subscriber: it vanished from `slabcast status`; only the broker's log said it died.
+    h.open()
+    h.hello(SUB, "sub", pid=77)
+    join(h, SUB, 10, slot=3)
+    h.unlocked.add(CLIENT_BASE + 3)
+    h.tick(1.0)
+    (row,) = h.state.status(h.now)["departed"]
+    assert {k: row[k] for k in ("pid", "role", "stream", "how")} == {"pid": 77, "role": "sub", "stream": "s",
+                                                                     "how": "died"}  # fmt: skip
+    assert row["label"] == SUB.decode() and row["ago"] == 0.0
+    h.dead.add(4242)  # the publisher too
+    h.tick(1.0)
+    assert [(d["role"], d["stream"], d["how"]) for d in h.state.status(h.now)["departed"]] == [
+        ("sub", "s", "died"), ("pub", "s", "died")]  # fmt: skip
+    h.tick(59.5)
+    assert [d["role"] for d in h.state.status(h.now)["departed"]] == ["pub"]  # (each said for 60 s)
+
+
 def test_a_tcp_client_silent_too_long_is_dropped(h: Harness) -> None:
     tcp = b"T\x00remote"
     h.send(tcp, M.Hello(P.VERSION, 5, "sub", "far"))

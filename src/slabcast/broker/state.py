@@ -63,6 +63,7 @@ _RUNS = None if HOT is None else HOT.runs
 MAX_SUBSCRIBERS = 256  # per stream
 SILENT_KEPT = 1024  # remote clients dropped for silence, remembered to tell them why (BrokerState.silent)
 ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
+DEPARTED_KEPT, DEPARTED_FOR = 32, 60.0  # clients that died, went silent or were evicted: how many, how long said
 _TYPED = frozenset(M.MESSAGES.values())
 
 
@@ -107,6 +108,8 @@ class BrokerState:
         # The final status rows of streams that ended, (when, row), listed for ENDED_FOR seconds: a stream with no
         # subscriber left is gone the moment it ends, and `slabcast status` or the view would never see its end.
         self.ended_rows: deque[tuple[float, dict[str, Any]]] = deque(maxlen=ENDED_KEPT)
+        # Who left without saying goodbye, and when (status: `departed`; the log said it, status did not).
+        self.departed: deque[tuple[float, dict[str, Any]]] = deque(maxlen=DEPARTED_KEPT)
         self.pending: dict[str, list[tuple[Client, M.Subscribe]]] = {}  # SUBSCRIBE before OPEN
         self.forgotten: list[bytes] = []  # clients dropped since the shell last looked (it empties their outbox)
         # Remote clients dropped for their silence (the newest SILENT_KEPT): a message from one is answered with
@@ -198,7 +201,15 @@ class BrokerState:
                         self._evict(cut, f"evicted: a chunk was held longer than the broker's {timeout}")
         return out
 
+    def _departed(self, client: Client, how: str) -> None:
+        """Remember a client that left without BYE (``how``: ``died``, ``silent``, ``evicted``) for the status."""
+        sub = client.sub
+        stream = sub.stream.name if sub is not None else (client.stream.name if client.stream is not None else None)
+        self.departed.append((self._now, {"label": client.label, "pid": client.pid, "role": client.role,
+                                          "stream": stream, "how": how}))  # fmt: skip
+
     def _evict(self, sub: LocalSub | BrokerCutSub, message: str) -> None:
+        self._departed(sub.client, "evicted")
         self._detach(sub)
         futex_wake(sub.stream.ring.futex_address)  # a futex subscriber asleep looks at its connection now
         self._send(sub.client.ident, M.End(P.END_EVICTED, message, sub.seq))
@@ -221,6 +232,7 @@ class BrokerState:
             else:
                 log.warning("client %s (pid %d, %s) died; reclaiming its leases", client.label, client.pid,
                             client.role)  # fmt: skip
+            self._departed(client, "silent" if client.remote else "died")
             self._drop_client(client, gone=True)
         return out
 
@@ -665,5 +677,7 @@ class BrokerState:
             "streams": [stream_status(s, now) for s in [*self.streams.values(), *self.draining]],
             # Streams that ended in the last ENDED_FOR seconds, as they were when they ended (the newest last).
             "ended_streams": [{**row, "ended_ago": now - t} for t, row in self.ended_rows if now - t <= ENDED_FOR],
+            # Clients that left without BYE in the last DEPARTED_FOR seconds (the newest last).
+            "departed": [{**row, "ago": now - t} for t, row in self.departed if now - t <= DEPARTED_FOR],
             "sources": self.sources() if self.sources is not None else [],
         }
