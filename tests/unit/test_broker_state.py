@@ -296,6 +296,9 @@ def test_a_client_that_left_without_bye_is_in_the_status_for_a_minute(h: Harness
     assert {k: row[k] for k in ("pid", "role", "stream", "how")} == {"pid": 77, "role": "sub", "stream": "s",
                                                                      "how": "died"}  # fmt: skip
     assert row["label"] == SUB.decode() and row["ago"] == 0.0
+    from slabcast.cli.top import render
+
+    assert (f"{SUB.decode()} pid 77 (sub of s) died 0 s ago", True) in render(h.state.status(h.now), None, 0.0)
     h.dead.add(4242)  # the publisher too
     h.tick(1.0)
     assert [(d["role"], d["stream"], d["how"]) for d in h.state.status(h.now)["departed"]] == [

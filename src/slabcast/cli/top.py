@@ -103,6 +103,9 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
         if s["name"] not in live:
             lines.append((f"{s['name']:<16} ended ({s['end']}) {s['ended_ago']:.0f} s ago after {s['samples']} samples "
                           f"in {s['frames']} frames", False))  # fmt: skip
+    for d in status.get("departed", []):  # (left without BYE in the last minute: highlighted)
+        of = f" of {d['stream']}" if d["stream"] else ""
+        lines.append((f"{d['label'][:22]} pid {d['pid']} ({d['role']}{of}) {d['how']} {d['ago']:.0f} s ago", True))
     for src in sources.values():  # no stream yet (waiting for its device) or refused
         lines.append((f"source {source_line(src)}", _troubled(src)))
     if not status["streams"] and not status.get("ended_streams"):
