@@ -276,22 +276,14 @@ def test_a_publisher_before_its_first_frame_is_judged_by_its_pid(h: Harness) -> 
     assert PUB not in h.state.clients and "s" not in h.state.streams
 
 
-def test_a_dead_local_subscriber_is_dropped_by_its_lock_and_releases_the_stream(h: Harness) -> None:
+def test_a_dead_local_subscriber_is_dropped_by_its_lock_and_is_in_the_status_for_a_minute(h: Harness) -> None:
     h.open()
     h.hello(SUB, "sub", pid=77)
     join(h, SUB, 10, slot=3)
     h.unlocked.add(CLIENT_BASE + 3)
     h.tick(1.0)
     assert SUB not in h.state.clients and h.state.streams["s"].subs == []
-
-
-def test_a_client_that_left_without_bye_is_in_the_status_for_a_minute(h: Harness) -> None:
     # A newcomer's kill -9 of a subscriber: it vanished from `slabcast status`; only the broker's log said it died.
-    h.open()
-    h.hello(SUB, "sub", pid=77)
-    join(h, SUB, 10, slot=3)
-    h.unlocked.add(CLIENT_BASE + 3)
-    h.tick(1.0)
     (row,) = h.state.status(h.now)["departed"]
     assert {k: row[k] for k in ("pid", "role", "stream", "how")} == {"pid": 77, "role": "sub", "stream": "s",
                                                                      "how": "died"}  # fmt: skip
