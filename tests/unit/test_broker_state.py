@@ -290,7 +290,8 @@ def test_a_dead_local_subscriber_is_dropped_by_its_lock_and_is_in_the_status_for
     assert row["label"] == SUB.decode() and row["ago"] == 0.0
     from slabcast.cli.top import render
 
-    assert (f"{SUB.decode()} pid 77 (sub of s) died 0 s ago", True) in render(h.state.status(h.now), None, 0.0)
+    assert (f"{SUB.decode()} pid 77 (sub of 's') died: its leases reclaimed, 0.0 s ago", True) in render(
+        h.state.status(h.now), None, 0.0)  # fmt: skip
     h.dead.add(4242)  # the publisher too
     h.tick(1.0)
     assert [(d["role"], d["stream"], d["how"]) for d in h.state.status(h.now)["departed"]] == [

@@ -175,7 +175,7 @@ def _lsl_out(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ..cli.top import source_line
+    from ..cli.top import departed_line, source_line
     from ..client.control import broker_status
 
     status = broker_status(args.address, curve=_curve(args))
@@ -230,10 +230,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  stream {s['name']}: ended ({s['end']}) {s['ended_ago']:.1f} s ago after {s['samples']} samples "
               f"in {s['frames']} frames")  # fmt: skip
     for d in status.get("departed", []):  # (the broker's log said so; the status did not: a newcomer's kill -9)
-        of = f" of {d['stream']!r}" if d["stream"] else ""
-        what = {"died": "died: its leases reclaimed", "silent": "went silent over TCP: dropped as dead",
-                "evicted": "evicted (it stalled the stream past the lease timeout)"}.get(d["how"], d["how"])
-        print(f"  {d['label']} pid {d['pid']} ({d['role']}{of}) {what}, {d['ago']:.1f} s ago")
+        print(f"  {departed_line(d)}")
     return 0
 
 

@@ -26,6 +26,17 @@ def _bar(fraction: float) -> str:
 _TROUBLE = ("waiting", "reconnecting", "blocked", "failed")
 
 
+_HOW = {"died": "died: its leases reclaimed", "silent": "went silent over TCP: dropped as dead",
+        "evicted": "evicted (it stalled the stream past the lease timeout)"}
+
+
+def departed_line(d: dict[str, Any]) -> str:
+    """A client that left without BYE in the last minute (the status's ``departed``), as ``status`` and ``top``
+    show it: who, of which stream, how, how long ago."""
+    of = f" of {d['stream']!r}" if d["stream"] else ""
+    return f"{d['label']} pid {d['pid']} ({d['role']}{of}) {_HOW.get(d['how'], d['how'])}, {d['ago']:.1f} s ago"
+
+
 def source_line(src: dict[str, Any]) -> str:
     """One hosted source, as ``status`` and ``top`` show it: its state, reconnects, samples discarded
     (written while nobody subscribed) and the age of its last sample."""
@@ -104,8 +115,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -
             lines.append((f"{s['name']:<16} ended ({s['end']}) {s['ended_ago']:.0f} s ago after {s['samples']} samples "
                           f"in {s['frames']} frames", False))  # fmt: skip
     for d in status.get("departed", []):  # (left without BYE in the last minute: highlighted)
-        of = f" of {d['stream']}" if d["stream"] else ""
-        lines.append((f"{d['label'][:22]} pid {d['pid']} ({d['role']}{of}) {d['how']} {d['ago']:.0f} s ago", True))
+        lines.append((departed_line(d), True))
     for src in sources.values():  # no stream yet (waiting for its device) or refused
         lines.append((f"source {source_line(src)}", _troubled(src)))
     if not status["streams"] and not status.get("ended_streams"):
