@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -55,6 +56,7 @@ import numpy as np
 
 from .._exceptions import SlabcastError, StreamNotFoundError
 from .._info import StreamInfo
+from ..core.rechunk import is_real
 
 __all__ = ["Recording", "RecordingHoleError", "open_recording", "record", "recording_streams", "repair", "write_info"]
 
@@ -550,12 +552,10 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     from ..client.subscriber import Subscriber
 
     streams = [stream] if isinstance(stream, str) else list(stream)
-    if pre_buffer is not None and (isinstance(pre_buffer, bool) or not isinstance(pre_buffer, int | float)
-                                   or not 0 <= pre_buffer < float("inf")):  # fmt: skip
+    if pre_buffer is not None and not (is_real(pre_buffer) and 0 <= pre_buffer < math.inf):
         raise ValueError(f"pre_buffer (--pre-buffer) must be a finite number of seconds >= 0 (0: none), "
                          f"got {pre_buffer!r}")  # fmt: skip
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
-                                or not 0 < seconds < float("inf")):  # fmt: skip
+    if seconds is not None and not (is_real(seconds) and 0 < seconds < math.inf):
         # (0 wrote an empty file and exited 0; nan or inf, a recording of no or of endless length)
         raise ValueError(f"seconds (--seconds) must be a finite number of seconds > 0 (or none: until the stream "
                          f"ends), got {seconds!r}")  # fmt: skip
