@@ -317,8 +317,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             after = "its stream's start" if slot.reached is None else f"stream index {slot.reached}"
             parts.append(f"the samples from {after} on (it was no longer restarted)")
         if parts:
-            restarts = f"{slot.restarts} restart{'' if slot.restarts == 1 else 's'}"
-            say(f"task {slot.name} did not process {' and '.join(parts)}, across its {restarts}")
+            n = slot.restarts
+            restarts = f", across its {n} restart{'' if n == 1 else 's'}" if n else ""
+            say(f"task {slot.name} did not process {' and '.join(parts)}{restarts}")
     if any(s.failed for s in slots) or cut_off:
         return 1  # a task gave up, or did not finish its stream in time: the run did not do all it was asked
     if finished:
