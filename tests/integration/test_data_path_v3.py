@@ -700,7 +700,7 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
     # already read, the subscriber takes that doorbell with nothing new, sets the same value again and sleeps,
     # and the next write sees the value it already rang for: no doorbell, a lost wake-up (CI saw one: a chunk
     # 1 s late). Here that interleaving is made to happen, from inside the publisher's barrier.
-    from slabcast.client import publisher as publisher_module
+    from slabcast.client import _telling as telling_module
 
     pub = slabcast.Publisher(stream_name, dtype="int64", address=broker.address)
     sub = slabcast.Subscriber(stream_name, 1, clip=True, address=broker.address)
@@ -711,7 +711,7 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
         with pytest.raises(TimeoutError):
             sub.recv(timeout=0)  # armed (an event loop's look leaves the byte set)
         notices = sub.pollables()[0]
-        real_barrier = publisher_module.barrier
+        real_barrier = telling_module.barrier
         interleaved: list[int] = []
 
         def barrier_after_the_subscriber_read() -> None:
@@ -724,7 +724,7 @@ def test_a_doorbell_taken_with_nothing_new_still_gets_the_next_one(broker, strea
                 with pytest.raises(TimeoutError):
                     sub.recv(timeout=0)
 
-        monkeypatch.setattr(publisher_module, "barrier", barrier_after_the_subscriber_read)
+        monkeypatch.setattr(telling_module, "barrier", barrier_after_the_subscriber_read)
         # (Injected into the Python steps' barrier; the compiled put makes the same look, from the same Ring.seen:
         # tests/unit/test_hot.py.)
         writer, pub._writer = pub._writer, None
@@ -1103,15 +1103,15 @@ def test_a_writer_that_keeps_the_background_thread_out_tells_a_slab_change_itsel
 
 def test_the_publishers_background_thread_sleeps_until_a_socket_or_a_write_wakes_it(broker, stream_name, monkeypatch):
     # It used to look at its sockets every 20 ms: 50 wake-ups a second, 7 ms of CPU a second for a publisher with
-    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every SAFETY seconds (_flusher's, and publisher's binding of it), is
-    # an hour here), and all it serves still comes: a subscriber's join (the XPUB's descriptor), the broker's
-    # CARRY for a subscriber of long chunks and its GRANTs across many slab changes (the DEALER's), the broker's
-    # death (the monitor's); an idle publisher takes no turn.
-    from slabcast.client import _flusher
+    # nothing to write.  Now nothing is looked at on a timer (its safety net, a turn every SAFETY seconds:
+    # _flusher's, and _telling's binding of it, is an hour here), and all it serves still comes: a subscriber's join
+    # (the XPUB's descriptor), the broker's CARRY for a subscriber of long chunks and its GRANTs across many slab
+    # changes (the DEALER's), the broker's death (the monitor's); an idle publisher takes no turn.
+    from slabcast.client import _flusher, _telling
     from slabcast.client import publisher as pubmod
 
     monkeypatch.setattr(_flusher, "SAFETY", 3600.0)  # (the thread's first wait)
-    monkeypatch.setattr(pubmod, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
+    monkeypatch.setattr(_telling, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
     turns = []
     service = pubmod.Publisher._service
 
@@ -1161,11 +1161,10 @@ def test_a_join_whose_signal_the_writers_notice_took_still_wakes_the_background_
     # each send may process ZeroMQ's pending commands, a join's among them, and the notice socket's descriptor,
     # on which the background thread sleeps, then says nothing.  The writer looks (Publisher._notice) and kicks
     # the thread.  With no timer (SAFETY an hour), a join missed would wait seconds: 150 joins, each answered.
-    from slabcast.client import _flusher
-    from slabcast.client import publisher as pubmod
+    from slabcast.client import _flusher, _telling
 
     monkeypatch.setattr(_flusher, "SAFETY", 3600.0)  # (the thread's first wait)
-    monkeypatch.setattr(pubmod, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
+    monkeypatch.setattr(_telling, "SAFETY", 3600.0)  # (the waits the publisher's turns ask for)
     pub = slabcast.Publisher(stream_name, dtype="int32", address=broker.address, timeout=10)
     polled = slabcast.Subscriber(stream_name, size=50, policy="drop", address=broker.address, timeout=10)
     stop = threading.Event()

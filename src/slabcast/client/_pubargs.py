@@ -2,23 +2,65 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from ..core.rechunk import is_integer
+from ..core.rechunk import is_integer, is_real
 from ..wire import protocol as P
 
 __all__ = ["DEFAULT_CHUNK_LIMIT", "DEFAULT_NSLABS", "DEFAULT_SLAB_BYTES", "check_frame", "check_times",
-           "history_nslabs", "pool_layout"]  # fmt: skip
+           "history_nslabs", "open_args", "pool_layout"]  # fmt: skip
 
 DEFAULT_SLAB_BYTES = 4 << 20
 DEFAULT_NSLABS = 8
 DEFAULT_CHUNK_LIMIT = 64 << 20  # the largest chunk subscribers may grow a default pool to
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+
+log = logging.getLogger("slabcast.client.publisher")
+
+
+def open_args(
+    stream: str, dtype: Any, channels: Any, rate: Any, slab_bytes: Any, max_chunk_bytes: Any, nslabs: Any,
+    history: Any,
+) -> tuple[np.dtype[Any], int, float | None, int, int, int]:  # fmt: skip
+    """A :class:`~slabcast.Publisher`'s arguments checked (see its parameters): ``(dtype, channels, rate, slab
+    bytes, carried part, nslabs)``, ``nslabs`` raised to hold ``history`` seconds when the stream has a rate.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Saying which argument, what it must be and what came.
+    """
+    dtype = P.check_dtype(dtype)
+    if not is_integer(channels) or channels < 1:
+        raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    channels = int(channels)
+    if rate is not None and (not is_real(rate) or not 0 < rate < math.inf):
+        raise ValueError(f"rate must be a positive number of samples per second or None, got {rate!r}")
+    rate = None if rate is None else float(rate)
+    layout, carried = pool_layout(slab_bytes, max_chunk_bytes)
+    if not is_integer(nslabs) or not 2 <= nslabs <= P.MAX_NSLABS:
+        raise ValueError(f"nslabs must be an integer from 2 to {P.MAX_NSLABS}, got {nslabs!r}")
+    nslabs = int(nslabs)
+    if history is not None:
+        if not is_real(history) or not 0 < history < math.inf:
+            raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
+        if rate is None:
+            log.warning("stream %r: history=%g s sizes no pool for a stream without a rate: it keeps what %d slabs "
+                        "hold", stream, history, nslabs)  # fmt: skip
+        else:
+            needed = history_nslabs(history, rate, dtype.itemsize * channels, layout - carried)
+            if needed > P.MAX_NSLABS:
+                raise ValueError(f"history={history:g} s needs {needed} slabs of {layout - carried} bytes of "
+                                 f"frames, more than {P.MAX_NSLABS}: give larger slab_bytes")  # fmt: skip
+            nslabs = max(nslabs, needed)
+    return dtype, channels, rate, layout, carried, nslabs
 
 
 def _element_format(dtype: np.dtype[Any]) -> str:

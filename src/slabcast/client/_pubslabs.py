@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,11 +65,11 @@ class SlabSwitching:
     _failure: BaseException | None
     held_back_since: float | None  # time.monotonic() since a write waits for a granted slab (None: it does not)
 
-    def _flush_pending(self, sleeper: bool = False) -> None:
-        raise NotImplementedError  # (the Publisher's)
+    if TYPE_CHECKING:  # (Telling's, the Publisher's other mixin)
 
-    def _published(self) -> None:
-        raise NotImplementedError  # (the Publisher's)
+        def _flush_pending(self, sleeper: bool = False) -> None: ...
+
+        def _published(self) -> None: ...
 
     def _next_slab(self) -> int:
         state = self._state
