@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from slabcast.broker import grants
-from slabcast.broker import state as state_module
+from slabcast.broker import reading as reading_module
 from slabcast.broker.model import BrokerCutSub
 from slabcast.broker.state import BrokerState, Out, System
 from slabcast.core import ring as R
@@ -369,7 +369,7 @@ def test_a_wrong_descriptor_is_named_to_its_publisher_and_ends_the_stream(h: Har
     assert "s" not in h.state.streams  # ended: its subscribers are told the publisher is gone
 
 
-LOOKS = [pytest.param("compiled", marks=pytest.mark.skipif(state_module._RUNS is None, reason="core/_hot.c not built")),
+LOOKS = [pytest.param("compiled", marks=pytest.mark.skipif(reading_module._RUNS is None, reason="core/_hot.c not built")),
          "python"]  # fmt: skip
 
 
@@ -379,9 +379,9 @@ LOOKS = [pytest.param("compiled", marks=pytest.mark.skipif(state_module._RUNS is
 def test_a_descriptor_out_of_sequence_is_refused_in_a_batch_of_any_length(
     h: Harness, batch: int, wrong: str, look: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(state_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
+    monkeypatch.setattr(reading_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
     if look == "python":
-        monkeypatch.setattr(state_module, "_RUNS", None)
+        monkeypatch.setattr(reading_module, "_RUNS", None)
     h.open()
     for _ in range(batch - 1):
         h.write(10, tell=False)
@@ -403,11 +403,11 @@ def test_a_batch_is_taken_alike_as_tuples_and_by_column(tmp_path: Any, monkeypat
     """The same frames (runs in two slabs, a jump), told in batches of 4 (tuples) and in one batch of 40 (by
     column), and both through the compiled look (core/_hot.c): the broker cuts the same chunks and keeps the same
     frames for history, and the same head."""
-    monkeypatch.setattr(state_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
-    compiled = state_module._RUNS
+    monkeypatch.setattr(reading_module, "_ROWS", 8)  # (in Python, a batch of more goes by column)
+    compiled = reading_module._RUNS
     cuts = []
     for every, runs in [(4, None), (40, None)] + ([] if compiled is None else [(4, compiled), (40, compiled)]):
-        monkeypatch.setattr(state_module, "_RUNS", runs)
+        monkeypatch.setattr(reading_module, "_RUNS", runs)
         h = Harness(tmp_path)
         try:
             h.open(max_chunk=1024)

@@ -11,7 +11,9 @@ calls, and sends what comes back.  What touches the operating system (creating
 segments, probing a client's liveness, counting descriptors, removing a notice
 socket's file) goes through :class:`System`, whose defaults are the real ones.
 
-Everything that affects the broker's state lives here and in :mod:`.model`
+Everything that affects the broker's state lives here, in its two mixins
+:mod:`.reading` (the publisher's ring, read lazily) and :mod:`.subscribing`
+(the subscription handlers), and in :mod:`.model`
 (the records), :mod:`.checks` (a request's fields by themselves),
 :mod:`.grants` (slabs for the publisher, ACKs asked for), :mod:`.history`
 (where a subscription back in the stream starts) and :mod:`.delivery` (chunks
@@ -21,18 +23,15 @@ the broker cuts).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .._exceptions import ProtocolError
 from .._version import __version__
-from ..core.ring import DESCRIPTOR, HOT, futex_wake, rows_of
-from ..core.shm import CLIENT_BASE, segment_prefix
+from ..core.ring import futex_wake
+from ..core.shm import segment_prefix
 from ..wire import messages as M
 from ..wire import protocol as P
 from ..wire.address import ipc_path
@@ -42,25 +41,19 @@ from .checks import (
     Refused,
     check_hello,
     check_open,
-    check_subscribe,
 )
-from .descriptors import Run, runs_of, wrong_descriptor
 from .grants import grant
-from .history import history as history_of
 from .liveness import REMOTE_SILENCE, alive, stalled
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream, open_stream
+from .reading import RingReading
 from .report import stats_reply, stream_status
+from .subscribing import Subscribing
 from .system import System, open_fds
 
 __all__ = ["BrokerState", "Out", "System", "open_fds"]
 
 log = logging.getLogger("slabcast.broker")
 
-_READ = 4096  # descriptors read from a ring at a time
-_ROWS = 256  # up to this many, taken as tuples (descriptors.runs_of), else by column (BrokerState._take)
-# The compiled twin of descriptors.runs_of (core/_hot.c), any batch length; SLABCAST_PURE_PYTHON=1 keeps Python's.
-_RUNS = None if HOT is None else HOT.runs
-MAX_SUBSCRIBERS = 256  # per stream
 SILENT_KEPT = 1024  # remote clients dropped for silence, remembered to tell them why (BrokerState.silent)
 ENDED_KEPT, ENDED_FOR = 32, 60.0  # final status rows of ended streams: how many, for how many seconds
 DEPARTED_KEPT, DEPARTED_FOR = 32, 60.0  # clients that died, went silent or were evicted: how many, how long said
@@ -72,7 +65,7 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-class BrokerState:
+class BrokerState(RingReading, Subscribing):
     """Clients, streams and subscriptions, and the rules that move them.
 
     Parameters
@@ -391,96 +384,6 @@ class BrokerState:
         if client.role != "pub":
             raise Refused(P.ERR_BAD_REQUEST, "PUBLISHED from a connection that publishes no stream")
 
-    def _catch_up(self, stream: Stream) -> None:
-        """Take the frames the publisher described in the ring since we last looked: the head, the pool's
-        slab changes, statistics, history and broker-cut chunks, in order.  Runs before every message of
-        the publisher, before a subscription starts, before a status, and at every sweep: the broker is on
-        no frame's path, and always up to date when it decides."""
-        if stream.ended or stream.reading:
-            return
-        ring = stream.ring
-        position = ring.position
-        stream.reading = True  # (ending it on a wrong descriptor comes back here)
-        try:
-            while stream.frames < position:
-                start = stream.frames
-                stop = min(position, start + _READ)
-                raw = ring.read_bytes(start, stop)
-                if raw is None:
-                    raise Refused(P.ERR_FRAME, f"the ring was lapped past descriptor {start}: the publisher "
-                                               f"wrote more than the pool lets it")  # fmt: skip
-                # Compiled: checked and grouped into runs in one call.  Else a batch of a slab or less (a broker
-                # woken per slab) as tuples, a longer one by column.
-                frames, head, sample_bytes = stream.frames, stream.head, stream.sample_bytes
-                runs = None if _RUNS is None else _RUNS(raw, frames, head, sample_bytes)
-                if runs is None and stop - start > _ROWS:
-                    self._take(stream, np.frombuffer(raw, DESCRIPTOR))
-                else:
-                    if not isinstance(runs, list):  # (or one out of sequence: Python's twin says which, how)
-                        runs = runs_of(rows_of(raw), frames, head, sample_bytes)
-                    self._take_runs(stream, runs)
-        except Refused as exc:
-            # A publisher that describes its frames wrongly (not this one: Python's checks them) ends its stream.
-            log.error("stream %r: %s", stream.name, exc)
-            if stream.publisher is not None:
-                self._send(stream.publisher.ident, M.Error(exc.code, str(exc)))
-            self._end_stream(stream, P.END_PUBLISHER_GONE, f"the publisher's frame descriptors are wrong: {exc}")
-        finally:
-            stream.reading = False
-
-    def _take(self, stream: Stream, d: np.ndarray[Any, Any]) -> None:
-        """Account for descriptors read from the ring (a ``DESCRIPTOR`` array), a run of frames back to back in
-        one slab at a time: checked column by column, so the Python work is per run, not per frame."""
-        count = len(d)
-        sample_bytes = stream.sample_bytes
-        n = d["n"].astype(np.uint64)
-        ends = np.cumsum(n)  # samples up to the end of each frame
-        index = d["index"]
-        expect = stream.head + ends - n
-        bad = (d["seq"] != np.arange(stream.frames, stream.frames + count, dtype=np.uint64)) | (index != expect) \
-            | (n < 1)  # fmt: skip
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise wrong_descriptor(stream.frames + i, int(d["seq"][i]), int(index[i]), int(n[i]), int(expect[i]))
-        offset, flags, t0 = d["offset"], d["flags"], d["t0"]
-        # A run ends before a jump or where a frame does not follow the previous one's bytes (a new slab).
-        starts = [0, *(np.flatnonzero((flags[1:] != 0) | (offset[1:] != offset[:-1] + n[:-1] * sample_bytes)) + 1)
-                  .tolist(), count]  # fmt: skip
-        floors = d["floor"]
-        for a, b in itertools.pairwise(starts):
-            first = int(index[a])
-            ns = tuple(d["n"][a:b].tolist())
-            total = int(ends[b - 1] - ends[a] + n[a])
-            self._frame(stream, int(offset[a]), total, float(t0[a]), int(flags[a]) & P.FLAG_DISCONTINUITY,
-                        (first - int(floors[a])) * sample_bytes, ns, tuple(t0[a:b].tolist()))  # fmt: skip
-            stream.account(self._now, int(offset[a]), total, ns[-1], bool(int(flags[a]) & P.FLAG_DISCONTINUITY))
-
-    def _take_runs(self, stream: Stream, runs: list[Run]) -> None:
-        """Account for runs of frames (:func:`.descriptors.runs_of`), in order."""
-        sample_bytes = stream.sample_bytes
-        for offset, first, floor, flags, n, ns, t0s in runs:
-            self._frame(stream, offset, n, t0s[0], flags & P.FLAG_DISCONTINUITY, (first - floor) * sample_bytes,
-                        ns, t0s)  # fmt: skip
-            stream.account(self._now, offset, n, ns[-1], bool(flags & P.FLAG_DISCONTINUITY))
-
-    def _frame(self, stream: Stream, offset: int, n: int, t0: float, jump: int, carry: int,
-               ns: tuple[int, ...] | None = None, t0s: tuple[float, ...] | None = None) -> None:  # fmt: skip
-        """Account for frames (``n`` samples in all) the publisher wrote at ``offset``.
-
-        Broker-cut subscribers get their chunks here; local-cut ones cut their own
-        from the publisher's notice.
-        """
-        if stream.place(offset, n, carry) and not stream.ended:
-            stream.switched(self._now)
-            self._grant(stream)
-        stream.fill(offset, n)
-        stream.remember(stream.head, offset, ns or (n,), t0s or (t0,), jump)
-        if stream.broker_cut:
-            delivery.cut(stream, n, t0, jump, ns, t0s, self._now, self._out)
-        else:
-            stream.head += n
-        stream.frames += len(ns) if ns else 1
-
     def _on_close(self, client: Client, msg: M.Close) -> None:
         if client.stream is None:
             raise Refused(P.ERR_BAD_REQUEST, "CLOSE from a connection that publishes no stream")
@@ -510,136 +413,6 @@ class BrokerState:
         stream.destroy()
         with contextlib.suppress(ValueError):
             self.draining.remove(stream)
-
-    # ------------------------------------------------------ subscriptions
-
-    def _on_subscribe(self, client: Client, msg: M.Subscribe, opening: bool = False) -> None:
-        if client.role != "sub" or client.sub is not None:
-            raise Refused(P.ERR_BAD_REQUEST, "SUBSCRIBE is for a subscriber connection with no subscription yet")
-        check_subscribe(msg, client.remote)
-        name, size, seconds, clip, policy, max_inflight, sampler, cut, wait, token, history, wake = msg
-        stream = self.streams.get(name)
-        if stream is None:
-            if wait:
-                # Held until the stream opens; the subscriber's own timeout bounds the wait.
-                self.pending.setdefault(name, []).append((client, msg))
-                log.info("%s waits for stream %r", client.label, name)
-                return
-            raise Refused(P.ERR_UNKNOWN_STREAM, f"no stream named {name!r} on this broker "
-                                                f"({P.streams_hint(name, self.streams)})")  # fmt: skip
-        self._catch_up(stream)  # it starts at the head: the newest frame described
-        size = stream.chunk_size(size, seconds, MAX_SUBSCRIBERS)
-        if cut != "local":
-            client.sub = sub = BrokerCutSub(client, stream, size, clip, policy, max_inflight, sampler)  # type: ignore[arg-type]
-            self._activate(stream, sub)
-            return
-        assert token is not None  # checked: a local subscription has one
-        local = LocalSub(client, stream, size, clip, policy, max_inflight, P.token_topic(token))  # type: ignore[arg-type]
-        local.history = history
-        local.wake = wake
-        client.sub = local
-        if opening:
-            stream.tokens.append(local.token)
-            self._activate(stream, local)
-        elif size * stream.sample_bytes > stream.carried and stream.publisher is not None:
-            # Its chunks need a longer carry than the publisher makes: offer it once it confirms.
-            stream.waiting.append(local)
-            stream.tell_publisher()
-            self._update_carry(stream)
-        else:
-            self._activate(stream, local, offer_only=True)
-
-    def _activate(self, stream: Stream, sub: LocalSub | BrokerCutSub, offer_only: bool = False) -> None:
-        """Send SUBSCRIBED; a broker-cut (or opening) subscription starts now, a local one at its ATTACH."""
-        client = sub.client
-        if offer_only:
-            assert isinstance(sub, LocalSub)
-            stream.joining.append(sub)  # until ATTACH: its notice socket is not proven connected yet
-            stream.tell_publisher()  # a doorbell from now on: the frames after its start wake it
-        else:
-            stream.start(sub)
-        reply = stream.subscribed(sub.size)
-        # A version-1 client gets the fields it knows.
-        self._send(client.ident, reply if client.version >= 2 else M.encode(reply, 8))
-        self._update_carry(stream)
-
-    def _on_attach(self, client: Client, msg: M.Attach) -> None:
-        # The subscriber's notice socket is connected (JOINED came): it starts at the head.
-        # `slot`: it holds a shared lock on byte CLIENT_BASE + slot of the segment while it lives.
-        sub = client.sub
-        if not isinstance(sub, LocalSub):
-            raise Refused(P.ERR_BAD_REQUEST, "ATTACH from a connection with no local subscription")
-        stream = sub.stream
-        if sub in stream.waiting:
-            raise Refused(P.ERR_BAD_REQUEST, "ATTACH before SUBSCRIBED")
-        self._catch_up(stream)
-        if not msg.sleeper:
-            # It cannot write the sleeper page: no cursor table entry (ACKs), and a doorbell subscriber gets a
-            # notice for every frame, as version 2.
-            sub.page = False
-            if sub.wake == "doorbell":
-                sub.wake = None
-            stream.remove_sleeper(sub)
-        sub.futex_sleeper = bool(msg.futex_sleeper) and sub.wake == "futex" and sub.page
-        if sub.futex_sleeper:
-            stream.tell_publisher()  # (one started at SUBSCRIBE, its stream opened since, is not started below)
-        if msg.slot is not None:
-            if not 0 <= msg.slot < 1 << 31:
-                raise Refused(P.ERR_BAD_REQUEST, f"ATTACH slot must be 0..2**31-1, got {msg.slot}")
-            client.live = (stream, CLIENT_BASE + msg.slot)
-        if sub in stream.joining:
-            stream.joining.remove(sub)
-            stream.start(sub)
-            if sub.history:
-                # It starts back in the pool: the frames from there to the head come first, as HISTORY, and its
-                # cursor holds their slabs (whatever its policy) until it has read them.
-                start, history = history_of(stream, sub.history, sub.size)
-                sub.cursor, sub.gate = start, stream.head
-                for message in history:
-                    self._send(client.ident, message)
-        tag = stream.post_start(sub)
-        self._send(client.ident, M.Attached(sub.cursor, sub.ring_seq, sub.sleeper, tag))
-
-    def _on_ack(self, client: Client, msg: M.Ack) -> None:
-        # Cumulative counters, so a late one costs nothing.
-        sub = client.sub
-        if not isinstance(sub, LocalSub):
-            raise Refused(P.ERR_BAD_REQUEST, "ACK from a connection with no local-cut subscription")
-        # The cursor may run ahead of `head`: notices reach subscribers before FRAME reaches us.
-        if msg.cursor > sub.cursor:
-            sub.cursor = msg.cursor
-            sub.stalled_since = None
-        sub.delivered, sub.dropped, sub.held = msg.delivered, msg.dropped, msg.held
-        sub.seq = sub.delivered + sub.dropped
-        if not sub.stream.ended:
-            self._grant(sub.stream)
-
-    def _on_release(self, client: Client, msg: M.Release) -> None:
-        sub = client.sub
-        if not isinstance(sub, BrokerCutSub):
-            raise Refused(P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription cut by the broker")
-        unknown = delivery.release(sub, msg, self._now, self._out)
-        if not sub.stream.ended:
-            self._grant(sub.stream)
-        if unknown:
-            raise ProtocolError(f"RELEASE of chunks this subscriber does not hold: {unknown[:10]!r}")
-
-    def _on_unsubscribe(self, client: Client, msg: M.Unsubscribe) -> None:
-        # No more chunks; the leases it holds stay until RELEASE, BYE or its death.
-        sub = client.sub
-        if sub is None:
-            raise Refused(P.ERR_BAD_REQUEST, "UNSUBSCRIBE from a connection with no subscription")
-        self._detach(sub)
-
-    def _detach(self, sub: LocalSub | BrokerCutSub) -> None:
-        stream = sub.stream
-        stream.remove(sub)
-        if stream.ended and not stream.subs:
-            if stream in self.draining:
-                self._destroy(stream)
-        elif not stream.ended:
-            self._update_carry(stream)
-            self._grant(stream)
 
     # ------------------------------------------------------------ status
 
