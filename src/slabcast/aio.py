@@ -33,10 +33,10 @@ class Subscriber:
     constructor returns (``info`` and ``size`` at once), as with the blocking
     subscriber; one that is not yet there is waited for (``wait=``, default
     ``timeout``) by a thread the constructor starts, whose ``SUBSCRIBE`` the
-    broker holds until the stream opens, so the subscriber still receives it from
-    index 0 (a stream that opens before that ``SUBSCRIBE`` reaches the broker, a few
-    milliseconds after the constructor returns, is taken from its head): ``info``
-    and ``size`` then come
+    broker holds until the stream opens; the constructor returns once the broker
+    holds it (one round trip), so the subscriber receives from index 0 any stream
+    opened after the constructor returned (``ready=``, if given, is called just
+    before it returns, in its thread): ``info`` and ``size`` then come
     with the first ``await`` (``recv``, ``async for`` or ``async with``), which
     raises :class:`~slabcast.StreamNotFoundError` if it did not appear in time.
     Cancelling a task that awaits :meth:`recv` takes nothing from the stream;
@@ -64,6 +64,9 @@ class Subscriber:
             wait = options.get("timeout", 10.0)
         if not is_real(wait) or not 0 <= wait < math.inf:  # (checked here: the first look is made without one)
             raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
+        ready = options.pop("ready", None)
+        if ready is not None and not callable(ready):
+            raise TypeError(f"ready must be a callable taking no argument or None, got {ready!r}")
         try:
             # (no wait: the broker answers at once, SUBSCRIBED or an unknown stream)
             self._adopt(_BlockingSubscriber(stream, size, **{**options, "wait": 0}))
@@ -72,15 +75,18 @@ class Subscriber:
                 raise
             waiting: concurrent.futures.Future[_BlockingSubscriber] = concurrent.futures.Future()
             self._waiting = waiting
+            held = threading.Event()
 
             def subscribe() -> None:  # (the broker holds its SUBSCRIBE until the stream opens)
                 try:
-                    sub = _BlockingSubscriber(stream, size, **options)
+                    sub = _BlockingSubscriber(stream, size, ready=held.set, **options)
                 except BaseException as exc:
                     with self._lock:
                         if not waiting.done():
                             waiting.set_exception(exc)
                     return
+                finally:
+                    held.set()  # (the constructor waits no longer: subscribed, or failed)
                 with self._lock:  # (close() now or before: either it or we close it)
                     closed = waiting.done()  # (closed while it waited: close() said so to whoever awaited it)
                     if not closed:
@@ -89,6 +95,16 @@ class Subscriber:
                     sub.close()
 
             threading.Thread(target=subscribe, daemon=True, name=f"slabcast-aio-wait-{stream}").start()
+            # Until the broker holds that SUBSCRIBE (a round trip, as the look above; bounded by the broker's
+            # answer time): a stream opened from now on is received from index 0.  An error comes with the
+            # first await.
+            held.wait(options.get("timeout", 10.0))
+        if ready is not None:
+            try:
+                ready()
+            except BaseException:
+                self.close()
+                raise
 
     def _adopt(self, sub: _BlockingSubscriber) -> None:
         sub.auto_resubscribe = False  # we resubscribe in a worker thread (reconnect=)

@@ -55,9 +55,10 @@ class Workers:
         self._ctx = mp.get_context("spawn")
         self.procs: list[tuple[Any, bool]] = []
 
-    def spawn(self, target: Callable[..., Any], *args: Any, check: bool = True) -> Any:
-        """Start ``target(*args)`` in a new process and return the ``multiprocessing.Process``."""
-        proc = self._ctx.Process(target=target, args=args, daemon=True)
+    def spawn(self, target: Callable[..., Any], *args: Any, check: bool = True, **kwargs: Any) -> Any:
+        """Start ``target(*args, **kwargs)`` in a new process and return the ``multiprocessing.Process``;
+        ``check=False``: its exit code is not checked (a worker the test kills)."""
+        proc = self._ctx.Process(target=target, args=args, kwargs=kwargs, daemon=True)
         proc.start()
         self.procs.append((proc, check))
         return proc
@@ -74,16 +75,22 @@ class Workers:
         Raises
         ------
         AssertionError
-            A checked worker exited non-zero first, or nothing came within ``timeout`` seconds.
+            A checked worker exited non-zero first, every worker exited without putting anything, or nothing
+            came within ``timeout`` seconds.
         """
         import queue as queue_module
 
         deadline = time.monotonic() + timeout
         while True:
+            exited = bool(self.procs) and all(proc.exitcode is not None for proc, _ in self.procs)
             try:
-                return queue.get(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+                # (once every worker exited, what one put before it did is in the queue's pipe: a last look)
+                return queue.get(timeout=0.2 if exited else max(0.0, min(0.05, deadline - time.monotonic())))
             except queue_module.Empty:
                 pass
+            if exited and all(proc.exitcode == 0 or not check for proc, check in self.procs):
+                codes = ", ".join(f"{proc.pid} ({proc.name}): {proc.exitcode}" for proc, _ in self.procs)
+                raise AssertionError(f"no result: every worker has exited without putting one (exit codes {codes})")
             for proc, check in self.procs:
                 if check and proc.exitcode not in (None, 0):
                     with contextlib.suppress(queue_module.Empty):
@@ -95,11 +102,14 @@ class Workers:
                 alive = [f"{p.pid} ({p.name})" for p, _ in self.procs if p.is_alive()]
                 raise AssertionError(f"no result within {timeout} s; workers still running: {alive or 'none'}")
 
-    def close(self) -> list[str]:
-        """Join every worker (kill those still running after ``timeout``); return the problems."""
+    def close(self, grace: float | None = None) -> list[str]:
+        """Join every worker, giving them ``grace`` seconds in all (default: ``timeout``), and kill those still
+        running then; return the problems."""
         problems = []
+        deadline = time.monotonic() + (self.timeout if grace is None else grace)
+        for proc, _ in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
         for proc, check in self.procs:
-            proc.join(self.timeout)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
@@ -193,15 +203,34 @@ def slabcast_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
             assert sock is None or not os.path.exists(sock), f"the broker left its socket file {sock}"
 
 
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+_GRACE_AFTER_FAILURE = 1.0  # seconds the workers of a test that failed (or was interrupted) get to exit
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test (``slabcast_workers`` reads whether its body passed)."""
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
 @pytest.fixture
-def slabcast_workers() -> Iterator[Workers]:
-    """Start worker processes with ``slabcast_workers.spawn(fn, *args)``; checked and reaped at the end."""
+def slabcast_workers(request: pytest.FixtureRequest) -> Iterator[Workers]:
+    """Start worker processes with ``slabcast_workers.spawn(fn, *args)``; checked and reaped at the end.
+
+    After a test that passed, each worker has ``timeout`` seconds in all to exit 0, else the test errors.  After
+    one that failed or was interrupted (Ctrl-C), its workers get a second, then are killed, and nothing is added
+    to the test's own report: it says what went wrong (a worker's traceback is in the captured stderr).
+    """
     workers = Workers()
     try:
         yield workers
     finally:
-        problems = workers.close()
-    assert not problems, "; ".join(problems)
+        body = request.node.stash.get(_REPORTS, {}).get("call")
+        passed = body is not None and body.passed
+        problems = workers.close(None if passed else _GRACE_AFTER_FAILURE)
+    assert not passed or not problems, "; ".join(problems)
 
 
 @pytest.fixture

@@ -407,6 +407,8 @@ def test_bad_arguments_and_unknown_stream(broker, stream_name):
         slabcast.Subscriber(stream_name, size=0, address=broker.address)
     with pytest.raises(ValueError, match="got -3"):
         slabcast.Subscriber(stream_name, size=-3, address=broker.address)
+    with pytest.raises(ValueError, match="max_inflight must be a positive integer number of chunks, got 0"):
+        slabcast.Subscriber(stream_name, size=10, max_inflight=0, address=broker.address)
     with pytest.raises(TypeError, match="exactly one of size"):
         slabcast.Subscriber(stream_name, address=broker.address)
     with pytest.raises(ValueError, match="policy must be"):

@@ -126,6 +126,87 @@ def test_a_subscriber_created_before_its_stream_gets_index_0(broker, stream_name
     pub.close()
 
 
+def test_a_worker_that_says_ready_from_its_subscribers_ready_callback_gets_the_stream_from_index_0(
+    broker, stream_name
+):
+    # A newcomer: a spawned worker told its parent "ready" just before (or, aio, just after) making its subscriber
+    # of a stream not there yet, and the parent opened the publisher at that word, wrote 20,000 samples and closed:
+    # 3 runs of 6 ended with nothing received, and aio ones started mid-stream (index 7350) or ended empty.  The
+    # SUBSCRIBE was still on its way.  `ready=` is called once the broker holds it: every run gets every sample.
+    import multiprocessing as mp
+
+    from tests.integration import workers as W
+
+    ctx = mp.get_context("spawn")
+    ready_q, result_q = ctx.Queue(), ctx.Queue()
+    names = [f"{stream_name}{k}" for k in range(4)]
+    procs = [ctx.Process(target=W.subscribe_ready, args=(broker.address, name, {"size": 100, "clip": True,
+                                                                               "wait": 30}, k, ready_q, result_q))
+             for k, name in enumerate(names)]  # fmt: skip
+    procs.append(ctx.Process(target=W.aio_subscribe_then_ready, args=(broker.address, stream_name + "a", 100,
+                                                                      ready_q, result_q)))  # fmt: skip
+    for proc in procs:
+        proc.start()
+    try:
+        data = np.arange(2000, dtype=np.int32)
+        for _ in procs:
+            said = ready_q.get(timeout=60)
+            name = names[said[1]] if isinstance(said, tuple) else stream_name + "a"
+            # The broker holds it already (before the constructor returned, for aio):
+            assert slabcast.broker_status(broker.address)["waiting"].get(name) == 1
+            pub = slabcast.Publisher(name, "int32", address=broker.address)
+            for start in range(0, len(data), 50):
+                pub.write(data[start : start + 50], t0=1.0 + start)
+            pub.close()
+        results = [result_q.get(timeout=60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(20)
+            if proc.is_alive():
+                proc.kill()
+    want = [(i, 100) for i in range(0, 2000, 100)]
+    for got in results:
+        if isinstance(got, tuple):
+            assert got[2] == "end", got
+            assert [(index, n) for _seq, index, n, _t0, _crc in got[1]] == want
+        else:
+            assert got == want
+    assert all(proc.exitcode == 0 for proc in procs)
+
+
+def test_ready_is_called_once_for_a_stream_already_there_and_what_it_raises_comes_out_of_the_constructor(
+    broker, stream_name
+):
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    calls = []
+    sub = slabcast.Subscriber(stream_name, 10, address=broker.address, ready=lambda: calls.append(1))
+    assert calls == [1]
+    pub.write(np.arange(10, dtype=np.int32))
+    with sub.recv(timeout=10) as chunk:  # (the SYNCED after SUBSCRIBED was skipped)
+        assert chunk.data.tolist() == list(range(10))
+    sub.close()
+
+    def refuse():
+        raise RuntimeError("not ready")
+
+    for wait in (0, 5):
+        with pytest.raises(RuntimeError, match="not ready"):
+            slabcast.Subscriber(stream_name, 10, address=broker.address, wait=wait, ready=refuse)
+        with pytest.raises(RuntimeError, match="not ready"):
+            slabcast.Subscriber(stream_name + "w", 10, address=broker.address, wait=5, ready=refuse)
+    with pytest.raises(TypeError, match="ready must be a callable"):
+        slabcast.Subscriber(stream_name, 10, address=broker.address, ready="yes")
+    deadline = time.monotonic() + 5  # (their connections closed: the broker forgets them, a connection of its own)
+    while True:
+        status = slabcast.broker_status(broker.address)
+        subs = [len(s["subscribers"]) for s in status["streams"] if s["name"] == stream_name]
+        if subs == [0] and not status["waiting"].get(stream_name + "w"):
+            break
+        assert time.monotonic() < deadline, f"subscriptions left at the broker: {subs}, {status['waiting']}"
+        time.sleep(0.01)
+    pub.close()
+
+
 @pytest.mark.slow
 def test_sixteen_subscribers_one_stalled_drop_holding_chunks_the_rest_exact(broker, stream_name):
     frames, n = 400, 256

@@ -48,6 +48,20 @@ def test_a_worker_that_fails_before_its_result_fails_the_test_at_once_by_name():
     assert "RuntimeError: this worker fails, as the test asks" in result.stdout  # (its captured stderr)
 
 
+def test_workers_take_keywords_a_get_with_every_worker_gone_fails_at_once_and_a_failed_test_is_not_blamed_twice():
+    # A newcomer: spawn() took no keyword arguments; get() waited out its whole timeout (30 s by default) when every
+    # worker had already exited 0 ("workers still running: none"); after a test that failed (or Ctrl-C) with
+    # workers still running, the fixture waited 10 s for each in turn, then added an error blaming them.
+    result = run_project("teardown_check.py")
+    out = result.stdout
+    assert result.returncode == 1, out
+    assert re.search(r"\b2 failed, 1 passed in", out), out  # (no "error": the failed test is reported once)
+    assert re.search(r"AssertionError: no result: every worker has exited without putting one \(exit codes \d+ "
+                     r"\(SpawnProcess-\d+\): 0\)", out), out  # fmt: skip
+    assert "this test fails, as slabcast's own test asks" in out
+    assert "had to be killed" not in out, out
+
+
 def test_the_plugin_is_registered_through_its_entry_point():
     from importlib.metadata import entry_points
 

@@ -240,3 +240,34 @@ def stress_read(address, name, kwargs, ready_q, result_q):
     except BaseException as exc:
         result_q.put(("sub-error", kwargs, repr(exc)))
         raise
+
+
+def subscribe_ready(address, name, kwargs, tag, ready_q, result_q):
+    """Subscribe to a stream not opened yet, saying ready from ``Subscriber(ready=)`` (the broker holds the
+    subscription then), and report every chunk as ``subscribe`` does."""
+    try:
+        sub = slabcast.Subscriber(name, address=address, ready=lambda: ready_q.put(("sub-ready", tag)), **kwargs)
+        got = [(c.seq, c.index, len(c.data), c.t0, zlib.crc32(c.data.tobytes())) for c in sub]
+        sub.close()
+        result_q.put((tag, got, "end", 0))
+    except BaseException as exc:
+        result_q.put((tag, repr(exc), "crash", -1))
+        raise
+
+
+def aio_subscribe_then_ready(address, name, size, ready_q, result_q):
+    """An asyncio subscriber made before its stream, saying ready once its constructor returned; reports the
+    (index, n) of every chunk."""
+    import asyncio
+
+    async def main():
+        sub = slabcast.aio.Subscriber(name, size, clip=True, address=address, wait=30)
+        ready_q.put("sub-ready")
+        async with sub:
+            return [(c.index, len(c.data)) async for c in sub]
+
+    try:
+        result_q.put(asyncio.run(main()))
+    except BaseException as exc:
+        result_q.put(repr(exc))
+        raise

@@ -26,3 +26,9 @@ def stuck_worker():
 def failing_worker(results):
     """A worker that raises before it sends anything (to show ``slabcast_workers.get`` failing at once)."""
     raise RuntimeError("this worker fails, as the test asks")
+
+
+def silent_worker(results, *, say=None):
+    """A worker that exits 0, putting ``say`` on ``results`` if given (keyword arguments through ``spawn``)."""
+    if say is not None:
+        results.put(say)

@@ -74,6 +74,8 @@ def open_local(
             if isinstance(answer, M.History):  # the history it asked for, before ATTACHED
                 history.append(answer)
                 continue
+            if isinstance(answer, M.Synced):  # (the answer to the SYNC after our SUBSCRIBE: Subscriber(ready=))
+                continue
             break
         if isinstance(answer, M.Error) and early_end is not None:
             raise error_for(early_end, where)  # the stream ended before it started us: nothing after our start

@@ -53,6 +53,8 @@ def _streams(address: str) -> list[str] | None:
     except Exception:
         return None
 
+_HELD = 1  # the token of the SYNC after a SUBSCRIBE that waits: its SYNCED says the broker holds it (ready=)
+
 
 class Subscriber:
     """Receive a stream in chunks of this subscriber's own size.
@@ -89,6 +91,15 @@ class Subscriber:
         Seconds to wait for the stream to appear when it does not exist yet
         (a worker started before its publisher: it then starts at index 0).
         Default: ``timeout``.  0 raises :class:`StreamNotFoundError` at once.
+    ready : callable, optional
+        Called once, with no argument, in this thread, as soon as the broker holds
+        this subscription: for a stream not there yet, while the constructor still
+        waits for it, so that a stream opened after the call is received from
+        index 0; for a stream already there, before the constructor returns.  The
+        place for a worker to tell whoever starts the publisher that it may
+        (``ready=lambda: queue.put("ready")``); telling it before the constructor
+        races with the subscription on its way.  What it raises comes out of the
+        constructor (the subscription closed).
     label : str, optional
         This subscriber's name in logs and ``slabcast status``.
     partial_tail : bool
@@ -156,6 +167,7 @@ class Subscriber:
         timeout: float = 10.0,
         reconnect: bool | float = False,
         wait: float | None = None,
+        ready: Callable[[], Any] | None = None,
         label: str | None = None,
         partial_tail: bool = False,
         history: float | None = None,
@@ -184,7 +196,7 @@ class Subscriber:
             raise ValueError(f"sampler must be a number of seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {sampler!r}")
         if policy not in P.POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
-        max_inflight = check_size(max_inflight, "max_inflight")
+        max_inflight = check_size(max_inflight, "max_inflight", "chunks")
         self._release_batch = max(1, max_inflight // 2)
         self._sampler = check_sampler(sampler)
         self._prefetch = 0
@@ -215,6 +227,9 @@ class Subscriber:
         if not is_real(wait) or not 0 <= wait < math.inf:
             raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
         self._wait = float(wait)
+        if ready is not None and not callable(ready):
+            raise TypeError(f"ready must be a callable taking no argument or None, got {ready!r}")
+        self._ready = ready  # (called once: not again for a subscription to a broker come back)
         self._label = label or f"subscriber:{stream}"
         self._pid = os.getpid()
         self._forks = FORKS[0]
@@ -238,7 +253,19 @@ class Subscriber:
                 wire_sampler = pauses(self._sampler, self._prefetch, self._where)  # type: ignore[arg-type]
             conn.send(self._request._replace(sampler=wire_sampler, cut="local" if local else "broker",
                                              wait=self._wait > 0, token=token if local else None))  # fmt: skip
-            reply = conn.recv(self._wait if self._wait > 0 else self._timeout)
+            held = self._ready is not None and self._wait > 0
+            if held:
+                # Answered once the broker handled our SUBSCRIBE: a SYNCED before SUBSCRIBED says it holds it
+                # (protocol section 4).  A SYNCED after SUBSCRIBED is skipped by whoever receives it.
+                conn.send(M.Sync(_HELD))
+            deadline = time.monotonic() + (self._wait if self._wait > 0 else self._timeout)
+            while True:
+                reply = conn.recv(max(0.0, deadline - time.monotonic()))
+                if not isinstance(reply, M.Synced):
+                    break
+                if held and reply.token == _HELD:
+                    held = False
+                    self._say_ready()
             if reply is None:
                 names = _streams(conn.address) if local else None
                 if self._wait > 0 or (names is not None and self.name in names):
@@ -295,11 +322,23 @@ class Subscriber:
         self._conn = conn
         self._rx = rx
         self._request = self._request._replace(history=None)  # a broker come back has another pool: no history
+        if self._ready is not None:
+            try:
+                self._say_ready()  # (the stream was there: subscribed)
+            except BaseException:
+                self.close()
+                raise
         self.size = size
         self.start_index = start
         self.address = conn.address
         self.epoch = conn.epoch
         self.info = info
+
+    def _say_ready(self) -> None:
+        """Call ``ready`` (once)."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready()
 
     # ------------------------------------------------------------ for event loops
 

@@ -39,13 +39,13 @@ def is_integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, Integral) and not isinstance(value, bool | np.bool_ | np.timedelta64)
 
 
-def check_size(size: Any, what: str = "size") -> int:
+def check_size(size: Any, what: str = "size", unit: str = "samples") -> int:
     """Return ``size`` as an int if it is a positive integer (a whole float or a numpy scalar too), else raise a
-    clear error."""
+    clear error naming ``what`` and its ``unit``."""
     if not is_real(size) or not math.isfinite(size) or int(size) != size:
-        raise TypeError(f"{what} must be a positive integer number of samples, got {size!r}")
+        raise TypeError(f"{what} must be a positive integer number of {unit}, got {size!r}")
     if size <= 0:
-        raise ValueError(f"{what} must be a positive integer number of samples, got {size!r}")
+        raise ValueError(f"{what} must be a positive integer number of {unit}, got {size!r}")
     return int(size)
 
 
