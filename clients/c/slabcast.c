@@ -1008,7 +1008,9 @@ int sci_connect(sc_client *c, const char *address, const char *role)
     if (c->remote) {
         events |= ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                   ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
-        int server = 0, ivl = 1000, hb_timeout = 5000;  /* (Python's: a dead TCP peer is seen within 5 s) */
+        /* Python's: a dead TCP peer is seen within 15 s; a client paused up to the broker's 10 s of silence keeps
+         * its connection (one paused longer is told END evicted, not cut off as if the broker had gone). */
+        int server = 0, ivl = 1000, hb_timeout = 15000;
         if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &server, sizeof server) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->curve_public, 41) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, c->curve_secret, 41) != 0 ||

@@ -85,8 +85,8 @@ extern "C" {
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
 #define SC_VERSION_MINOR 5
-#define SC_VERSION_PATCH 1
-#define SC_VERSION_STRING "1.5.1"
+#define SC_VERSION_PATCH 2
+#define SC_VERSION_STRING "1.5.2"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -255,7 +255,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.5.1" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.5.2" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 

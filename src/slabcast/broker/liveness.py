@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from ..core.shm import PUBLISHER_BYTE
+from ..wire import protocol as P
 from .model import Client, LocalSub, Stream
 from .system import System
 
@@ -13,7 +14,7 @@ __all__ = ["REMOTE_SILENCE", "alive", "stalled"]
 
 log = logging.getLogger("slabcast.broker")
 
-REMOTE_SILENCE = 10.0  # seconds without a message (clients ping every second) before a TCP client is dropped
+REMOTE_SILENCE = P.REMOTE_SILENCE  # seconds without a message (clients ping every second): a TCP client dropped
 
 
 def alive(client: Client, now: float, system: System, draining: list[Stream]) -> bool:

@@ -272,8 +272,8 @@ class Broker:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_IVL * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.HEARTBEAT_TIMEOUT * 1000))  # (> REMOTE_SILENCE)
         sock.curve_server = True
         sock.curve_publickey = public
         sock.curve_secretkey = secret

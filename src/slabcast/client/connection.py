@@ -355,8 +355,8 @@ class Connection:
         self.sock.curve_publickey = public
         self.sock.curve_secretkey = secret
         self.sock.curve_serverkey = server_public
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_IVL * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.HEARTBEAT_TIMEOUT * 1000))  # (> REMOTE_SILENCE)
 
     def send(self, msg: M.Message, fields: int | None = None) -> None:
         """Send one message (only its first ``fields`` fields: for a broker that knows no more); raise

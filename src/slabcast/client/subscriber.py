@@ -24,6 +24,7 @@ from .._exceptions import (
     BrokerGoneError,
     ClosedError,
     EndOfStream,
+    EvictedError,
     StreamNotFoundError,
     WouldBlock,
 )
@@ -395,6 +396,17 @@ class Subscriber:
                     raise cause from None
                 time.sleep(0.05)  # back off between attempts to reach the new broker
                 continue
+            if self.epoch == old.epoch and self.policy == "block":
+                # The same broker, still running: it was our connection that went (the broker dropped a client
+                # silent past its limit: a paused process), while the stream went on.  A lossless subscriber is
+                # not taken on from the head past what it missed.
+                self.close()
+                raise EvictedError(
+                    f"the connection to the {old.where} was lost while the broker went on (a client silent for "
+                    f"{P.REMOTE_SILENCE:g} s is dropped: a process paused or stopped that long?); the samples written "
+                    f"meanwhile were not delivered, and a policy='block' subscriber is not resubscribed past them "
+                    f"({self._where})"
+                ) from cause
             self._rx.jumped = True
             self._before = (received, released, dropped)
             return

@@ -137,6 +137,12 @@ FAST_POOL = 8
 NOTICE_BACKLOG = 50_000
 WAKES = ("doorbell", "futex", "busy")  # how a local subscriber waits for frames (SUBSCRIBE's wake)
 MAX_SPIN = 0.01  # seconds a subscriber may spin before it sleeps
+# A TCP client silent this many seconds (clients send a SYNC every second while they wait) is dropped by the
+# broker (section 2); each side's ZeroMQ heartbeat ends a connection whose peer sent nothing for HEARTBEAT_TIMEOUT,
+# longer, so that a client paused (a debugger, Ctrl-Z, a VM stalled) up to REMOTE_SILENCE keeps its connection,
+# and one paused longer is told END evicted, not cut off as if the broker had gone.
+REMOTE_SILENCE = 10.0
+HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1.0, 15.0
 NOTICE_HWM = 100_000
 
 
