@@ -198,6 +198,44 @@ def test_client_without_an_accepted_key_is_refused(tcp_broker, keys, stream_name
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address)
 
 
+def test_client_keys_are_read_at_each_handshake_and_missing_files_and_ports_are_said(tcp_broker, keys, stream_name,
+                                                                                     tmp_path):  # fmt: skip
+    # A newcomer: a key put in --curve-clients after the start was refused with "is not in <dir>" (keys were read
+    # once); a --curve-clients directory that does not exist started a broker refusing everyone; a TCP port in use
+    # ended in a ZMQError traceback; a missing key file said pyzmq's "Invalid certificate file".
+    import shutil
+
+    stranger = (str(keys / "other" / "stranger.key_secret"), str(keys / "broker.key"))
+    with slabcast.Publisher(stream_name, address=tcp_broker.address):
+        with pytest.raises(slabcast.AccessDeniedError):
+            slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
+        shutil.copy(keys / "other" / "stranger.key", keys / "clients")
+        slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger).close()
+        (keys / "clients" / "stranger.key").unlink()  # (revoked: refused again, no restart)
+        with pytest.raises(slabcast.AccessDeniedError):
+            slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
+        with pytest.raises(FileNotFoundError, match=r"no such key file: .*nope\.key_secret \(this client's secret"):
+            slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address,
+                                curve=(str(keys / "nope.key_secret"), str(keys / "broker.key")))  # fmt: skip
+
+    def broker(tcp, clients):
+        return subprocess.run(
+            [sys.executable, "-m", "slabcast", "broker", "--address", f"ipc://{tmp_path}/other.sock", "--tcp", tcp,
+             "--curve-secret", str(keys / "broker.key_secret"), "--curve-clients", str(clients)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    missing = broker("127.0.0.1:0", keys / "nodir")
+    assert missing.returncode == 2, missing.stderr
+    assert "no such directory" in missing.stderr and "--curve-clients" in missing.stderr, missing.stderr
+    port = tcp_broker.tcp_address.rsplit(":", 1)[1]
+    taken = broker(f"127.0.0.1:{port}", keys / "clients")
+    assert taken.returncode == 2, taken.stderr
+    assert f"cannot listen on tcp://127.0.0.1:{port}: Address already in use" in taken.stderr, taken.stderr
+    assert "Traceback" not in missing.stderr + taken.stderr
+    assert not list(tmp_path.glob("other.sock*")), "a broker that did not start left its socket's files"
+
+
 def test_a_broker_not_reachable_is_said_as_such_not_as_a_key_problem(keys):
     # A newcomer: a port with nothing listening was reported as "no CURVE handshake: wrong server key, or this
     # client's key is not authorized", an AccessDeniedError, which `reconnect=` does not retry (a broker down

@@ -38,7 +38,7 @@ import zmq
 from ..core.shm import reap_stale
 from ..wire import messages as M
 from ..wire import protocol as P
-from ..wire.address import ipc_path, normalize
+from ..wire.address import ipc_path, load_key, normalize
 from .lock import AddressLock
 from .model import TCP_PREFIX as _TCP
 from .model import Out
@@ -123,6 +123,8 @@ def _authenticator(base: Any, ctx: zmq.Context[Any], clients: str) -> Any:
             from zmq.utils import z85
 
             self.key = z85.encode(client_key).decode()
+            # The directory as it is now, at each handshake (rare): a key added or removed counts without a restart.
+            self.configure_curve(domain="*", location=clients)
             return await super()._authenticate_curve(domain, client_key)  # type: ignore[no-any-return]
 
         def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
@@ -228,7 +230,12 @@ class Broker:
         self._tcp_monitor: zmq.Socket[Any] | None = None
         self.tcp_address: str | None = None
         if tcp is not None:
-            self._bind_tcp(tcp, curve_secret, curve_clients)
+            try:
+                self._bind_tcp(tcp, curve_secret, curve_clients)  # (closes the sockets if it fails)
+            except BaseException:
+                if self._lock:
+                    self._lock.release()  # (and our socket's file: no broker serves there)
+                raise
         self.state = BrokerState(
             pid=self.pid, epoch=self.epoch, address=self.address, now=time.monotonic(), shm_mode=shm_mode,
             lease_timeout=lease_timeout, fd_limit=self.fd_limit, fd_headroom=self._fd_headroom,
@@ -253,16 +260,25 @@ class Broker:
 
     def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
         """Listen on TCP for remote subscribers; CURVE encryption and a client allow-list are required."""
-        from zmq.auth import load_certificate
         from zmq.auth.thread import ThreadAuthenticator
 
         if not curve_secret or not curve_clients:
             self._close_sockets()
             raise ValueError("TCP needs CURVE: give the broker's secret key file and a directory of client public keys")
-        public, secret = load_certificate(curve_secret)
-        if secret is None:
+        try:
+            public, secret = load_key(curve_secret, "the broker's secret key file, --curve-secret")
+            if secret is None:
+                raise ValueError(f"{curve_secret} holds no secret key (use the *.key_secret file from `slabcast "
+                                 f"keygen`)")  # fmt: skip
+            if not os.path.isdir(curve_clients):
+                raise FileNotFoundError(f"no such directory: {curve_clients} (--curve-clients: the client public "
+                                        f"key files, *.key, that this broker accepts)")  # fmt: skip
+        except BaseException:
             self._close_sockets()
-            raise ValueError(f"{curve_secret} holds no secret key (use the *.key_secret file from `slabcast keygen`)")
+            raise
+        if not any(name.endswith(".key") for name in os.listdir(curve_clients)):
+            log.warning("no client key (*.key) in %s yet: every TCP client is refused until one is put there (read "
+                        "at each handshake: no restart needed)", curve_clients)  # fmt: skip
         self._auth = _authenticator(ThreadAuthenticator, self._ctx, curve_clients)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=curve_clients)
@@ -278,7 +294,13 @@ class Broker:
         sock.curve_publickey = public
         sock.curve_secretkey = secret
         endpoint = tcp if tcp.startswith("tcp://") else f"tcp://{tcp}"
-        sock.bind(endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._close_sockets()
+            hint = " (another program, or another broker, listens there)" if exc.errno == errno.EADDRINUSE else ""
+            raise OSError(exc.errno, f"cannot listen on {endpoint}: {exc.strerror}{hint}") from None
         self._tcp = sock
         self.tcp_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         # A client that holds the wrong public key for us fails before the authenticator hears of it.

@@ -32,7 +32,7 @@ from .._exceptions import (
 )
 from ..wire import messages as M
 from ..wire import protocol as P
-from ..wire.address import ipc_path, normalize
+from ..wire.address import ipc_path, load_key, normalize
 
 __all__ = ["Connection", "check_ipc_access", "error_for", "limit_error", "share_socket_file"]
 
@@ -338,8 +338,6 @@ class Connection:
         self.epoch: int = reply.epoch
 
     def _setup_curve(self, curve: tuple[str, str] | None) -> None:
-        from zmq.auth import load_certificate
-
         if curve is None:
             self.sock.close(linger=0)
             raise ValueError(
@@ -347,8 +345,12 @@ class Connection:
                 f"file, made by `slabcast keygen` (curve=(secret, public) in Python, --curve SECRET PUBLIC on the "
                 f"command line; address {self.address})"
             )
-        public, secret = load_certificate(curve[0])
-        server_public, _ = load_certificate(curve[1])
+        try:
+            public, secret = load_key(curve[0], "this client's secret key file, curve[0]")
+            server_public, _ = load_key(curve[1], "the broker's public key file, curve[1]")
+        except BaseException:
+            self.sock.close(linger=0)
+            raise
         if secret is None:
             self.sock.close(linger=0)
             raise ValueError(f"{curve[0]} holds no secret key (pass the *.key_secret file)")

@@ -377,7 +377,9 @@ class Subscriber:
         Raises
         ------
         BrokerGoneError
-            ``cause``, if no broker with the stream came back in time.
+            If no broker with the stream came back in time (``cause`` is its ``__cause__``).
+        EvictedError
+            For a ``policy="block"`` subscriber whose connection went while the same broker went on.
         """
         deadline = time.monotonic() + self._reconnect
         old = self._conn
@@ -393,7 +395,8 @@ class Subscriber:
                 if isinstance(exc, AccessDeniedError) and not exc.hung_up:
                     raise
                 if time.monotonic() >= deadline:
-                    raise cause from None
+                    raise BrokerGoneError(f"{cause}; no broker with stream {self.name!r} came back at {old.address} "
+                                          f"within reconnect={self._reconnect:g} s") from cause  # fmt: skip
                 time.sleep(0.05)  # back off between attempts to reach the new broker
                 continue
             if self.epoch == old.epoch and self.policy == "block":

@@ -11,7 +11,7 @@ import tempfile
 
 from .._exceptions import AccessDeniedError
 
-__all__ = ["check_private_dir", "default_address", "dir_mode", "ipc_path", "normalize", "socket_mode"]
+__all__ = ["check_private_dir", "default_address", "dir_mode", "ipc_path", "load_key", "normalize", "socket_mode"]
 
 ENV = "SLABCAST_ADDRESS"
 _IPC_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -136,3 +136,25 @@ def normalize(address: str | os.PathLike[str] | None) -> str:
 def ipc_path(address: str) -> str | None:
     """Return the socket file path of an ``ipc://`` address, ``None`` for other transports."""
     return address[len("ipc://") :] if address.startswith("ipc://") else None
+
+
+def load_key(path: str, what: str) -> tuple[bytes, bytes | None]:
+    """The CURVE key pair in ``path`` (a file ``slabcast keygen`` wrote: ``NAME.key`` holds the public key,
+    ``NAME.key_secret`` both), as ``(public, secret or None)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file, saying which key (``what``) was looked for.
+    ValueError
+        The file holds no key (ZeroMQ's certificate format).
+    """
+    from zmq.auth import load_certificate
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such key file: {path} ({what}; `slabcast keygen NAME` writes NAME.key and "
+                                f"NAME.key_secret)")  # fmt: skip
+    try:
+        return load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} holds no CURVE key ({what}): {exc}") from None
