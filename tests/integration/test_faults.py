@@ -127,6 +127,21 @@ def test_kill9_broker_raises_broker_gone_and_a_new_broker_takes_over(broker, str
     pub.close()
 
 
+def test_a_subscriber_told_of_its_streams_end_before_the_broker_stopped_reads_it_all_and_ends_clean(tmp_path,
+                                                                                                   stream_name):  # fmt: skip
+    # A newcomer: `slabcast record` paused behind a finished stream, whose `up` then stopped the broker, wrote the
+    # whole stream to its file and exited 1 "the broker went away", without its summary.  The stream's END came
+    # first: the ring held the whole stream, and the end is a clean one.
+    with slabcast.BrokerProcess(tmp_path / "b.sock") as broker:
+        pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+        sub = slabcast.Subscriber(stream_name, 100, clip=True, address=broker.address)
+        pub.write(np.arange(1000, dtype=np.int32))
+        pub.close()  # (answered once the broker sent every subscriber the END)
+    assert broker.process.returncode == 0
+    assert [c.index for c in sub] == list(range(0, 1000, 100))  # and no BrokerGoneError
+    sub.close()
+
+
 def test_a_paced_writer_is_told_of_the_broker_death_by_its_background_thread_before_it_writes(broker, stream_name):
     # Publisher.write no longer looks at the broker connection (its background thread does, woken by it): a
     # writer with slabs granted ahead, writing now and then, gets BrokerGoneError on its next write, with

@@ -294,6 +294,41 @@ def test_record_into_a_pipe_writes_lines_not_carriage_returns_and_repair_names_a
     assert bad.returncode != 0 and "nothere.flac: no such file" in bad.stderr, bad.stderr
 
 
+def test_a_recorder_whose_broker_dies_says_what_its_file_holds_before_the_error(broker, stream_name, tmp_path):
+    # A newcomer: a recorder that lost its broker exited 1 with "the broker went away" alone: nothing said its file
+    # held 2,798,400 samples, complete up to where it stopped.
+    import soundfile
+
+    out = tmp_path / "r.wav"
+    pub = slabcast.Publisher(stream_name, dtype="int16", rate=8000, address=broker.address)
+    rec = record_cli(broker.address, stream_name, out)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(s["name"] == stream_name and s["subscribers"]
+                      for s in slabcast.broker_status(broker.address)["streams"]):  # fmt: skip
+            assert time.monotonic() < deadline and rec.poll() is None, "the recorder never subscribed"
+            time.sleep(0.05)  # the broker's status is the only place its subscription shows
+        for k in range(4):
+            pub.write(np.full(100, k, np.int16))
+        while not any(s["name"] == stream_name and s["subscribers"] and s["subscribers"][0]["delivered"] >= 4
+                      for s in slabcast.broker_status(broker.address)["streams"]):  # fmt: skip
+            assert time.monotonic() < deadline and rec.poll() is None, "the recorder never read the 4 frames"
+            time.sleep(0.05)
+        broker.kill()
+        err = rec.communicate(timeout=60)[1]
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait(10)
+        with contextlib.suppress(slabcast.SlabcastError):
+            pub.close()
+    assert rec.returncode == 1, err
+    assert f"recorded {stream_name}: 400 samples to {out}, then stopped by the error below" in err, err
+    assert "went away" in err.rsplit("then stopped", 1)[1], err
+    data, rate = soundfile.read(out, dtype="int16")
+    assert rate == 8000 and data.tolist() == [k for k in range(4) for _ in range(100)]
+
+
 def test_a_recorder_started_with_sigint_ignored_still_stops_on_it(broker, stream_name, tmp_path):
     # `slabcast record ... &` from a script: the shell ignores SIGINT for it, and Python then installs no
     # handler; `kill -INT` did nothing (a hung job). Both SIGINT and SIGTERM stop it, file complete, exit 0.

@@ -646,6 +646,8 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
             writer.close()
             writer.discard()  # (refused at its first chunk: nothing to keep, no unreadable file left)
             writer = None
+        elif writer is not None:  # (what the file holds, whatever ended it: the error follows)
+            say.say(f"recorded {stream}: {written} samples to {out}, then stopped by the error below", end="\n")
         raise
     finally:
         if writer is not None:
