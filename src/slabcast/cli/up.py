@@ -359,12 +359,15 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
             alive = slot.proc.is_alive()
             if id(slot) in stopping:
                 # Said once it exited (it finishes the chunk in its callback first): the index is then exact.
+                # (After a second Ctrl-C too: it finishes its callback first either way, and said before, the
+                # index named the chunk in that callback as not processed.)
                 when, since = stopping[id(slot)]
-                if alive and now - since < _STOP_WAIT and signals[0] < 2:
+                if alive and now - since < _STOP_WAIT:
                     continue
                 pending.remove(slot)
-                say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}; the samples "
-                    f"after it up to the stream's end were not processed")  # fmt: skip
+                busy = " (still in the callback of its next chunk after 5 s)" if alive else ""
+                say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}{busy}; the "
+                    f"samples after it up to the stream's end were not processed")  # fmt: skip
             elif not alive:
                 pending.remove(slot)
                 code = slot.proc.exitcode
