@@ -203,14 +203,33 @@ def test_a_source_held_back_says_blocked_at_once_not_after_its_write_timeout(tmp
         while (source := slabcast.broker_status(broker.address)["sources"][0])["state"] != "blocked":
             assert time.monotonic() - held < 5, source  # (well within the write's 10 s)
             time.sleep(0.05)  # polling the broker's status; there is no event to wait on
+
+        # How long it has been held back counts from the hold, not from the subscriber's last move (a newcomer saw
+        # "held back 3.3 s", then "2.5 s" with no sample written between: a slow subscriber moving within a slab).
+        def held_back() -> float:
+            (row,) = [r for r in slabcast.broker_status(broker.address)["streams"] if r["name"] == stream_name]
+            return row["publisher"]["held_back_s"] or 0.0
+
+        while (before := held_back()) < 1.0:
+            assert time.monotonic() - held < 10, before
+            time.sleep(0.05)  # the broker's sweep times it (every 0.5 s)
         index = first.index + 256
         first.release()
+        with sub.recv(timeout=10) as chunk:  # (within the first slab: nothing freed)
+            assert chunk.index == index
+            index += 256
+        moved = time.monotonic()
+        sub.statistics()  # (its cursor, told to the broker now)
+        while time.monotonic() - moved < 1.2:  # (two sweeps since)
+            time.sleep(0.05)
+        assert held_back() >= before + 1.0, (before, held_back())
         for _ in range(40):
             with sub.recv(timeout=10) as chunk:
                 assert chunk.index == index
                 index += 256
         source = slabcast.broker_status(broker.address)["sources"][0]
         assert source["state"] == "running", source
+        assert source["blocked_episodes"] == 1, source  # (it counted only holds past the write's timeout: 0)
         sub.close()
 
 

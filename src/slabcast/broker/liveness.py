@@ -37,19 +37,24 @@ def alive(client: Client, now: float, system: System, draining: list[Stream]) ->
 
 def stalled(stream: Stream, now: float, lease_timeout: float) -> list[LocalSub]:
     """The lossless local subscribers whose cursor has kept the publisher without a slab longer than
-    ``lease_timeout`` (logged: the caller evicts them); times the others' stalls."""
+    ``lease_timeout`` (logged: the caller evicts them); times the others' stalls, and the stream's hold
+    (``Stream.held_since``) however those cursors move meanwhile."""
     if stream.publisher is None or stream.pool.granted:
         for sub in stream.subs:
             if isinstance(sub, LocalSub):
                 sub.stalled_since = None
+        stream.held_since = None
         return []
     floor = stream.floor_index()
     if floor is None or stream.pool.gated(floor) is None:
+        stream.held_since = None
         return []
     out = []
     for sub in stream.subs:
         if not isinstance(sub, LocalSub) or sub.policy != "block" or sub.cursor != floor:
             continue
+        if stream.held_since is None:
+            stream.held_since = now
         if sub.stalled_since is None:
             sub.stalled_since = now
         elif now - sub.stalled_since > lease_timeout:

@@ -254,6 +254,10 @@ class Stream:
         self.meta: dict[str, Any] = StreamInfo.check_metadata(None, channels)  # channel types, units, source_id
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
+        # Since when (the broker's clock, as of its sweeps) no slab has been left for the publisher while a block
+        # subscriber's cursor holds the oldest back: the status' "held back" (each subscriber's own stall timer,
+        # stalled_since, restarts when its cursor moves: a slow one that moves within a slab is no less a hold).
+        self.held_since: float | None = None
         self.stats = Statistics(dtype, channels, rate)
         # Per slab not granted again since it was written: its floor and its FRAME/FRAMES as they came (index,
         # offset, samples per frame, t0 per frame, flags), in order; what a subscription asking for history is

@@ -72,6 +72,7 @@ def publisher_status(s: Stream, now: float | None) -> dict[str, Any] | None:
     if not stalls or now is None or s.pool.granted:
         return {"label": pub.label, "pid": pub.pid, "held_back_s": None, "held_back_by": None}
     since, by = min(stalls)
+    since = since if s.held_since is None else min(since, s.held_since)  # (the hold, not the cursor's last move)
     return {"label": pub.label, "pid": pub.pid, "held_back_s": max(0.0, now - since), "held_back_by": by}
 
 

@@ -197,6 +197,7 @@ class SourceThread(threading.Thread):
             return
         since = 0.0
         while True:
+            began = time.monotonic()
             try:
                 pub.write(data, t0=t0, discontinuity=jumped, times=times)
             except WriteTimeout:
@@ -212,6 +213,8 @@ class SourceThread(threading.Thread):
                 self.state = "running"
                 log.warning("source %r resumed after %.1f s held back", name, time.monotonic() - since + pub.timeout)
                 self.blocked_episodes += 1
+            elif time.monotonic() - began >= _BLOCKED_AFTER:
+                self.blocked_episodes += 1  # (held back, as its status said, for less than its write's timeout)
             self.last_sample = time.time()
             return
 
