@@ -380,6 +380,38 @@ def test_every_stream_is_bridged_as_it_appears_and_a_restarted_stream_is_followe
     assert "a new stream at origin index 0 (expected 1000; local index 1000)" in far.stderr()
 
 
+def test_a_stream_found_by_a_later_look_of_every_stream_mode_is_bridged_from_its_start(tmp_path, broker,
+                                                                                       stream_name):  # fmt: skip
+    # A newcomer: every-stream mode found a new stream at its next look (every second) and bridged it from the
+    # head: "from index 320", its first 320 samples never crossed.  Found late, it is taken from its start.
+    prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
+    early = slabcast.Publisher(stream_name + "e", dtype="int64", address=broker.address)
+    bridge, lines = start_bridge(broker.address, [], prefix, endpoint)  # no STREAM: all
+    far = slabcast.BrokerProcess(tmp_path / "far.sock", args=("--source", source_spec(stream_name, prefix, endpoint)))
+    try:
+        lines.expect(f"bridge: {stream_name}e -> {prefix}/{stream_name}e from index 0")  # (its first look is done)
+        far.start()
+        pubs = []
+
+        def publish() -> None:  # (once the far broker holds our subscription: the stream comes after)
+            pubs.append(slabcast.Publisher(stream_name, dtype="int64", rate=1000.0, address=broker.address))
+            pubs[0].write(np.arange(1000, dtype=np.int64), t0=5.0)  # (before the bridge can have seen the stream)
+
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=far.address, wait=20, ready=publish)
+        lines.expect(f"bridge: {stream_name} -> {prefix}/{stream_name} from index 0")
+        got: list[tuple[int, float, bool, np.ndarray]] = []
+        receive(sub, got, 10)
+        sub.close()
+        pubs[0].close()
+    finally:
+        err = stop(bridge, signal.SIGINT)
+        far.stop()
+        early.close()
+    assert bridge.returncode == 0 and "Traceback" not in err, err
+    assert np.concatenate([c[3] for c in got]).tolist() == list(range(1000))
+    assert [c[1] for c in got] == [5.0 + i / 1000.0 for i in range(0, 1000, 100)]
+
+
 def test_the_origin_broker_killed_and_restarted_is_followed(tmp_path, stream_name):
     prefix, endpoint = f"slabcast/t-{stream_name}", f"tcp/127.0.0.1:{free_port()}"
     origin = slabcast.BrokerProcess(tmp_path / "a.sock").start()

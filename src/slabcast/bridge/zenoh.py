@@ -38,10 +38,14 @@ def default_prefix() -> str:
 class _Forwarder(threading.Thread):
     """One stream: a slabcast subscriber, each chunk (one frame) put on Zenoh."""
 
-    def __init__(self, bridge: ZenohBridge, stream: str) -> None:
+    def __init__(self, bridge: ZenohBridge, stream: str, found_late: bool = False) -> None:
         super().__init__(name=f"bridge-{stream}", daemon=True)
         self.bridge = bridge
         self.stream = stream
+        # Found by a later look of every-stream mode, so opened since the one before: its first subscription starts
+        # back in the pool that far (FOUND_LATE_HISTORY), from index 0 for a stream opened since (it started at the
+        # head: the first second or so of a new stream never crossed).
+        self.history = FOUND_LATE_HISTORY if found_late else None
         self.key = f"{bridge.prefix}/{stream}"
         self.info_reply: bytes | None = None
         self.frames = 0
@@ -89,7 +93,8 @@ class _Forwarder(threading.Thread):
             # Woken by the publisher's FUTEX_WAKE, not a ZeroMQ notice: no I/O thread hop before each put
             # (this loop needs no pollable socket).
             sub = Subscriber(self.stream, 1, policy=b.policy, max_inflight=64, address=b.address, wait=1.0,
-                             label=f"bridge:{self.stream}", wake="futex")  # fmt: skip
+                             label=f"bridge:{self.stream}", wake="futex", history=self.history)  # fmt: skip
+            self.history = None  # (later subscriptions, to the stream come back, wait for it: index 0)
         except StreamNotFoundError:
             self._trying = None  # (the broker answers: a later outage is said again)
             return
@@ -138,6 +143,7 @@ class _Forwarder(threading.Thread):
 
 
 RETIRE_AFTER = 60.0
+FOUND_LATE_HISTORY = 3.0  # seconds back a stream found by a later look (every second) is bridged from
 """Seconds a stream may be absent from the broker before every-stream mode stops bridging it."""
 
 
@@ -180,9 +186,9 @@ class ZenohBridge:
         self._retired = (0, 0)  # frames and bytes of forwarders retired
         self.retire_after = float(retire_after)
 
-    def _add(self, stream: str) -> None:
+    def _add(self, stream: str, found_late: bool = False) -> None:
         if stream not in self.forwarders:
-            fw = self.forwarders[stream] = _Forwarder(self, stream)
+            fw = self.forwarders[stream] = _Forwarder(self, stream, found_late)
             fw.start()
 
     def run(self) -> None:
@@ -192,6 +198,7 @@ class ZenohBridge:
         for s in self.streams:
             self._add(s)
         seen: dict[str, float] = {}
+        looked = False  # (streams there at the first look are bridged from their head, later ones from their start)
         while not self.stopping.is_set():
             if not self.streams:
                 try:
@@ -201,7 +208,8 @@ class ZenohBridge:
                 now = time.monotonic()
                 for name in names:
                     seen[name] = now
-                    self._add(name)
+                    self._add(name, found_late=looked)
+                looked = True
                 for name, fw in list(self.forwarders.items()):
                     if now - seen.get(name, now) > self.retire_after:
                         # Gone for a while: its key, queryable and subscription attempts go (a broker whose

@@ -410,12 +410,18 @@ class ZenohSource:
                     # are made up from t0 and the rate when the origin stopped sending them.
                     log.warning("stream %r: the stream info on %r changed (%s); the local stream keeps %s",
                                 self.name, self.key, new, info)  # fmt: skip
-        silent = time.monotonic() - self._last_frame
-        if self._last_frame and not self._silent and silent > self.lost_after:
-            self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
-            log.log(self._silence_level(), "stream %r: no frame on %r for %.1f s (the bridge or its stream stopped, "
-                    "or the network is cut; or nothing happened, for a stream without a rate); waiting", self.name,
-                    self.key, silent)  # fmt: skip
+        # Under the callback's lock (a frame coming meanwhile said "again" before this said "no frame"); not waited
+        # for: held, a frame is being written, and the stream is not silent.
+        if self._lock.acquire(blocking=False):
+            try:
+                silent = time.monotonic() - self._last_frame
+                if self._last_frame and not self._silent and silent > self.lost_after:
+                    self._silent = True  # a bridge killed or cut off says nothing: its frames just stop
+                    log.log(self._silence_level(), "stream %r: no frame on %r for %.1f s (the bridge or its stream "
+                            "stopped, or the network is cut; or nothing happened, for a stream without a rate); "
+                            "waiting", self.name, self.key, silent)  # fmt: skip
+            finally:
+                self._lock.release()
         return None
 
     def _silence_level(self) -> int:
