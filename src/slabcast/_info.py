@@ -93,8 +93,9 @@ class SubscriberStatistics:
     held : int
         Chunks received and not yet released (their views are alive).
     dropped : int
-        Chunks the broker cut for this subscriber but did not deliver
-        (``policy="drop"``), exact: the gaps in ``seq``.
+        Chunks cut for this subscriber but not delivered (``policy="drop"``), exact:
+        the gaps in ``seq`` up to ``last_seq``, plus those dropped after the last
+        chunk received (``received + dropped`` is every chunk cut).
     last_seq : int
         ``seq`` of the newest chunk received, -1 before the first.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,3 +114,22 @@ def test_a_subscriber_behind_its_stream_shows_what_it_delivered_in_status(broker
             time.sleep(0.05)  # polling the broker's status: no event says it heard an ACK
         assert delivered() >= 5
         sub.close()
+
+
+def test_an_ended_streams_status_row_keeps_each_subscriber_as_it_left(broker, stream_name):
+    # A newcomer: a stream whose publisher ended right after its frames was listed in `ended_streams` with
+    # `delivered 0` for a subscriber that received every chunk (its counters came after the end).
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    sub = slabcast.Subscriber(stream_name, 100, clip=True, address=broker.address, label="reader")
+    pub.write(np.arange(1000, dtype=np.int32))
+    pub.close()  # (the end, before the subscriber read anything)
+    assert len([c.index for c in sub]) == 10
+    sub.close()  # (its counters, then BYE)
+    deadline = time.monotonic() + 10
+    while True:
+        (row,) = [r for r in slabcast.broker_status(broker.address)["ended_streams"] if r["name"] == stream_name]
+        (reader,) = row["subscribers"]
+        if reader["delivered"] == 10 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # (the broker's status is where it shows)
+    assert (reader["label"], reader["delivered"], reader["dropped"]) == ("reader", 10, 0), reader

@@ -258,6 +258,7 @@ class Stream:
         # subscriber's cursor holds the oldest back: the status' "held back" (each subscriber's own stall timer,
         # stalled_since, restarts when its cursor moves: a slow one that moves within a slab is no less a hold).
         self.held_since: float | None = None
+        self.final_row: dict[str, Any] | None = None  # its status row at its end (status' ended_streams)
         self.stats = Statistics(dtype, channels, rate)
         # Per slab not granted again since it was written: its floor and its FRAME/FRAMES as they came (index,
         # offset, samples per frame, t0 per frame, flags), in order; what a subscription asking for history is

@@ -401,7 +401,8 @@ class BrokerState(RingReading, Subscribing):
         except Exception:  # (a status row must never stop a stream's end)
             log.exception("stream %r: its final status row failed", stream.name)
         else:
-            self.ended_rows.append((self._now, {**row, "ended": True, "end": code}))
+            stream.final_row = {**row, "ended": True, "end": code}  # (its subscribers' counters, as they leave)
+            self.ended_rows.append((self._now, stream.final_row))
         self._out += stream.end(code, message)
         self.system.unlink(stream.notice_path)  # the publisher removes its notice socket's file; not if it died
         if stream.subs:

@@ -18,6 +18,7 @@ from . import delivery
 from .checks import Refused, check_subscribe
 from .history import history as history_of
 from .model import BrokerCutSub, Client, LocalSub, Out, Stream
+from .report import subscriber_status
 
 __all__ = ["MAX_SUBSCRIBERS", "Subscribing"]
 
@@ -168,6 +169,12 @@ class Subscribing:
 
     def _detach(self, sub: LocalSub | BrokerCutSub) -> None:
         stream = sub.stream
+        row = stream.final_row
+        if row is not None:
+            # An ended stream's row keeps each subscriber as it left: what it received after the end (a stream
+            # ended right after its frames showed `delivered 0` for a subscriber that had every chunk).
+            row["subscribers"] = [subscriber_status(stream, sub) if (u["label"], u["pid"]) == (sub.client.label,
+                                  sub.client.pid) else u for u in row["subscribers"]]  # fmt: skip
         stream.remove(sub)
         if stream.ended and not stream.subs:
             if stream in self.draining:
