@@ -61,6 +61,9 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
+_RETRY = {"period_init_ms": 250, "period_max_ms": 1000, "period_increase_factor": 2}  # (Zenoh's: 1000, 4000, 2)
+
+
 def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = None,
                  listen: str | Sequence[str] | None = None, config: str | None = None, multicast: Any = None,
                  cfg: str | Sequence[str] | None = None) -> Any:  # fmt: skip
@@ -73,7 +76,9 @@ def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = 
         Endpoints (``tcp/10.0.0.5:7447``); one string may hold several separated by ``;``.
     config : str, optional
         A Zenoh JSON5 configuration file.  Without one, Zenoh's defaults with its
-        shared-memory transport off (``transport/shared_memory/enabled``).
+        shared-memory transport off (``transport/shared_memory/enabled``) and a peer
+        that went tried again every second at most (``connect/retry``: 0.25 s, then
+        doubling up to 1 s; Zenoh's own goes up to 4 s).
     multicast : bool, optional
         Multicast scouting (Zenoh's default: on); off for explicit endpoints only.
     cfg : str or list of str, optional
@@ -93,6 +98,9 @@ def zenoh_config(mode: str | None = None, connect: str | Sequence[str] | None = 
             # Zenoh's own shared-memory transport is for peers on one host, where slabcast already is; it
             # leaves a <id>.zenoh file in /dev/shm per session, even after a clean close. On by `cfg` or a file.
             conf.insert_json5("transport/shared_memory/enabled", "false")
+            # A peer that went (a bridge restarted) is tried again every second at most, not Zenoh's 1, 2, 4, 4 s:
+            # a bridge back after 3 s was heard from 4 s later, its frames meanwhile lost.
+            conf.insert_json5("connect/retry", json.dumps(_RETRY))
         if mode:
             conf.insert_json5("mode", json.dumps(mode))
         if connect:
