@@ -485,3 +485,33 @@ def test_a_pip_user_gets_the_example_config_from_up_example(tmp_path):
     assert [t.name for t in load_config(str(tmp_path / "up.toml")).tasks] == ["spl", "recorder", "model"]
     bare = subprocess.run([sys.executable, "-m", "slabcast", "up"], capture_output=True, text=True, timeout=30)
     assert bare.returncode == 2 and "slabcast up --example > slabcast.toml" in bare.stderr
+
+
+def test_a_worker_whose_up_was_killed_says_so_in_one_line_not_a_traceback(tmp_path):
+    # A newcomer: after `kill -9` of `up` (its broker goes with it), a worker drained its backlog, then died with a
+    # BrokerGoneError traceback, which reads as a bug of the task.
+    tally = tmp_path / "tally.txt"
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'mic'\nsize = 800\n"
+        f"options = {{ out = '{tally}' }}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "slabcast", "up", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        lines = Lines(proc.stdout)
+        lines.expect(r"task rec#0 started, pid (\d+)")
+        lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
+        proc.kill()  # up alone: its broker follows it; the worker is left
+        err = proc.stderr.read()  # (until the last writer, the worker, has exited)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert re.search(r"task rec#0: the broker (shut down|.* went away).*, having processed its stream up to index \d+",
+                     err), err  # fmt: skip
+    assert "Traceback" not in err, err

@@ -112,17 +112,25 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                 skipped.value = sub.start_index - reached
         if progress is not None:
             progress.value = sub.start_index
-        for chunk in sub:
-            with chunk:
-                busy[0] = True
-                try:
-                    fn(chunk, **task.options)
-                    if progress is not None:
-                        progress.value = chunk.index + len(chunk)  # (its callback returned: processed)
-                finally:
-                    busy[0] = False
-            if busy[1]:
-                raise SystemExit(_STOPPED)
+        done = sub.start_index
+        try:
+            for chunk in sub:
+                with chunk:
+                    busy[0] = True
+                    try:
+                        fn(chunk, **task.options)
+                        done = chunk.index + len(chunk)
+                        if progress is not None:
+                            progress.value = done  # (its callback returned: processed)
+                    finally:
+                        busy[0] = False
+                if busy[1]:
+                    raise SystemExit(_STOPPED)
+        except BrokerGoneError as exc:
+            # (`up` itself killed, its broker with it: one line, not a traceback that reads as the task's bug)
+            logging.getLogger("slabcast.up").error("task %s#%d: %s, having processed its stream up to index %d",
+                                                   task.name, index, exc, done)  # fmt: skip
+            raise SystemExit(1) from None
 
 
 def _stop_worker(proc: Any) -> None:
