@@ -64,6 +64,9 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 #define KEEPALIVE_MS 1000        /* tcp://: a SYNC after this long without sending (the broker drops 10 s of silence) */
+#define HEARTBEAT_IVL_MS 1000    /* tcp://: ZeroMQ's heartbeat (wire/protocol.py HEARTBEAT_IVL, HEARTBEAT_TIMEOUT): a */
+#define HEARTBEAT_TIMEOUT_MS 15000 /* dead peer is seen within 15 s; a client paused up to the broker's 10 s of
+                                    * silence keeps its connection (one paused longer is told END evicted) */
 
 /* Versions 2 and 3 (values of src/slabcast/client/_local.py, core/shm.py, core/ring.py and core/rechunk.py, which
  * the wire header does not carry; checked by tests/integration/test_c_client.py). */
@@ -1008,9 +1011,7 @@ int sci_connect(sc_client *c, const char *address, const char *role)
     if (c->remote) {
         events |= ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                   ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
-        /* Python's: a dead TCP peer is seen within 15 s; a client paused up to the broker's 10 s of silence keeps
-         * its connection (one paused longer is told END evicted, not cut off as if the broker had gone). */
-        int server = 0, ivl = 1000, hb_timeout = 15000;
+        int server = 0, ivl = HEARTBEAT_IVL_MS, hb_timeout = HEARTBEAT_TIMEOUT_MS;
         if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVER, &server, sizeof server) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->curve_public, 41) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, c->curve_secret, 41) != 0 ||

@@ -36,7 +36,8 @@ class Subscriber:
     broker holds until the stream opens; the constructor returns once the broker
     holds it (one round trip), so the subscriber receives from index 0 any stream
     opened after the constructor returned (``ready=``, if given, is called just
-    before it returns, in its thread): ``info`` and ``size`` then come
+    before it returns, in its thread; not when the broker did not answer in time,
+    or refused, which the first ``await`` raises): ``info`` and ``size`` then come
     with the first ``await`` (``recv``, ``async for`` or ``async with``), which
     raises :class:`~slabcast.StreamNotFoundError` if it did not appear in time.
     Cancelling a task that awaits :meth:`recv` takes nothing from the stream;
@@ -75,11 +76,16 @@ class Subscriber:
                 raise
             waiting: concurrent.futures.Future[_BlockingSubscriber] = concurrent.futures.Future()
             self._waiting = waiting
-            held = threading.Event()
+            held = threading.Event()  # (set once the broker holds it, or the subscription came or failed)
+            holds: list[bool] = []  # the broker holds it (or it came)
+
+            def say_held() -> None:
+                holds.append(True)
+                held.set()
 
             def subscribe() -> None:  # (the broker holds its SUBSCRIBE until the stream opens)
                 try:
-                    sub = _BlockingSubscriber(stream, size, ready=held.set, **options)
+                    sub = _BlockingSubscriber(stream, size, ready=say_held, **options)
                 except BaseException as exc:
                     with self._lock:
                         if not waiting.done():
@@ -99,6 +105,8 @@ class Subscriber:
             # answer time): a stream opened from now on is received from index 0.  An error comes with the
             # first await.
             held.wait(options.get("timeout", 10.0))
+            if not holds:
+                ready = None  # (not held in time, or failed: the first await says why; nothing is ready)
         if ready is not None:
             try:
                 ready()

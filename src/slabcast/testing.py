@@ -207,12 +207,12 @@ _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _GRACE_AFTER_FAILURE = 1.0  # seconds the workers of a test that failed (or was interrupted) get to exit
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # (not wrapper=True: pluggy 1.1+ only, and pytest 7 may have 1.0)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Keep each phase's report on the test (``slabcast_workers`` reads whether its body passed)."""
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     item.stash.setdefault(_REPORTS, {})[report.when] = report
-    return report
 
 
 @pytest.fixture

@@ -1225,6 +1225,10 @@ def test_c_constants_match_the_protocol_table():
     assert const("ACK_INTERVAL_MS") == round(_subscriber._ACK_INTERVAL * 1000)
     assert const("END_GRACE_MS") == 1000
     assert const("LOOK_MS") == round(_subscriber._LOOK * 1000)
+    # tcp://: ZeroMQ's heartbeat, as Python's connection sets it (a client paused past the old 5 s was cut off).
+    assert (const("HEARTBEAT_IVL_MS"), const("HEARTBEAT_TIMEOUT_MS")) == (
+        round(P.HEARTBEAT_IVL * 1000), round(P.HEARTBEAT_TIMEOUT * 1000))  # fmt: skip
+    assert P.HEARTBEAT_TIMEOUT > P.REMOTE_SILENCE
     # Settings the C client sends, spelt as the protocol spells them (the table has no constants for them).
     for word in (*P.POLICIES, *P.WAKES, "local"):
         assert f'"{word}"' in source, word

@@ -174,6 +174,51 @@ def test_a_worker_that_says_ready_from_its_subscribers_ready_callback_gets_the_s
     assert all(proc.exitcode == 0 for proc in procs)
 
 
+def test_ready_and_the_aio_constructor_wait_for_a_subscribe_slow_on_its_way(broker, stream_name, monkeypatch):
+    # A reviewer: the test above checks the broker's word after a queue's round trip, by which time a SUBSCRIBE
+    # has nearly always arrived: `ready` called before it was sent, or an aio constructor that did not wait, passed
+    # there.  Here each waiting SUBSCRIBE takes 0.3 s on its way.
+    import asyncio
+
+    from slabcast.client.connection import Connection
+    from slabcast.wire import messages as M
+
+    send = Connection.send
+
+    def slow_send(self, msg, fields=None):
+        if isinstance(msg, M.Subscribe) and msg.wait:
+            time.sleep(0.3)
+        return send(self, msg, fields)
+
+    monkeypatch.setattr(Connection, "send", slow_send)
+    seen: list = []
+    pubs: list = []
+
+    def publish():
+        pubs.append(slabcast.Publisher(stream_name, "int32", address=broker.address))
+        pubs[0].write(np.arange(10, dtype=np.int32))
+
+    def ready():  # (then the stream comes, from another thread: the constructor waits for it)
+        seen.append(slabcast.broker_status(broker.address)["waiting"].get(stream_name))
+        threading.Thread(target=publish).start()
+
+    sub = slabcast.Subscriber(stream_name, 10, address=broker.address, wait=10, ready=ready)
+    assert seen == [1]
+    with sub.recv(timeout=10) as chunk:
+        assert chunk.index == 0
+    sub.close()
+    pubs[0].close()
+
+    async def main():
+        made = slabcast.aio.Subscriber(stream_name + "a", 10, address=broker.address, wait=10,
+                                       ready=lambda: seen.append("aio ready"))  # fmt: skip
+        seen.append(slabcast.broker_status(broker.address)["waiting"].get(stream_name + "a"))
+        made.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert seen[1:] == ["aio ready", 1]
+
+
 def test_ready_is_called_once_for_a_stream_already_there_and_what_it_raises_comes_out_of_the_constructor(
     broker, stream_name
 ):

@@ -214,6 +214,19 @@ def test_client_keys_are_read_at_each_handshake_and_missing_files_and_ports_are_
         (keys / "clients" / "stranger.key").unlink()  # (revoked: refused again, no restart)
         with pytest.raises(slabcast.AccessDeniedError):
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
+        # A reviewer: pyzmq keeps every key it had when one file cannot be read.  A file half copied is refused
+        # alone; a directory gone refuses everyone (a key revoked by removing the directory stays revoked).
+        shutil.copy(keys / "other" / "stranger.key", keys / "clients")
+        (keys / "clients" / "half.key").write_text("curve\n    public-key = \"")
+        slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger).close()
+        (keys / "clients").rename(keys / "moved")
+        try:
+            with pytest.raises(slabcast.AccessDeniedError):
+                slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address, curve=stranger)
+        finally:
+            (keys / "moved").rename(keys / "clients")
+        (keys / "clients" / "stranger.key").unlink()
+        (keys / "clients" / "half.key").unlink()
         with pytest.raises(FileNotFoundError, match=r"no such key file: .*nope\.key_secret \(this client's secret"):
             slabcast.Subscriber(stream_name, size=10, address=tcp_broker.tcp_address,
                                 curve=(str(keys / "nope.key_secret"), str(keys / "broker.key")))  # fmt: skip

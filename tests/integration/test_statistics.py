@@ -119,17 +119,20 @@ def test_a_subscriber_behind_its_stream_shows_what_it_delivered_in_status(broker
 def test_an_ended_streams_status_row_keeps_each_subscriber_as_it_left(broker, stream_name):
     # A newcomer: a stream whose publisher ended right after its frames was listed in `ended_streams` with
     # `delivered 0` for a subscriber that received every chunk (its counters came after the end).
+    # (A reviewer: two subscribers of one process, one label, had each other's counters.)
     pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
-    sub = slabcast.Subscriber(stream_name, 100, clip=True, address=broker.address, label="reader")
+    subs = [slabcast.Subscriber(stream_name, size, clip=True, address=broker.address, label="reader")
+            for size in (100, 250)]  # fmt: skip
     pub.write(np.arange(1000, dtype=np.int32))
-    pub.close()  # (the end, before the subscriber read anything)
-    assert len([c.index for c in sub]) == 10
-    sub.close()  # (its counters, then BYE)
+    pub.close()  # (the end, before the subscribers read anything)
+    for sub, count in zip(subs, (10, 4), strict=True):
+        assert len([c.index for c in sub]) == count
+        sub.close()  # (its counters, then BYE)
     deadline = time.monotonic() + 10
     while True:
         (row,) = [r for r in slabcast.broker_status(broker.address)["ended_streams"] if r["name"] == stream_name]
-        (reader,) = row["subscribers"]
-        if reader["delivered"] == 10 or time.monotonic() > deadline:
+        readers = [(u["label"], u["size"], u["delivered"], u["dropped"]) for u in row["subscribers"]]
+        if [r[2] for r in readers] == [10, 4] or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # (the broker's status is where it shows)
-    assert (reader["label"], reader["delivered"], reader["dropped"]) == ("reader", 10, 0), reader
+    assert readers == [("reader", 100, 10, 0), ("reader", 250, 4, 0)], readers

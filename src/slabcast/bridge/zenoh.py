@@ -143,8 +143,8 @@ class _Forwarder(threading.Thread):
 
 
 RETIRE_AFTER = 60.0
-FOUND_LATE_HISTORY = 3.0  # seconds back a stream found by a later look (every second) is bridged from
 """Seconds a stream may be absent from the broker before every-stream mode stops bridging it."""
+FOUND_LATE_HISTORY = 3.0  # seconds back a stream found by a later look (every second) is bridged from
 
 
 class ZenohBridge:

@@ -259,6 +259,7 @@ class Stream:
         # stalled_since, restarts when its cursor moves: a slow one that moves within a slab is no less a hold).
         self.held_since: float | None = None
         self.final_row: dict[str, Any] | None = None  # its status row at its end (status' ended_streams)
+        self.final_subs: list[LocalSub | BrokerCutSub] = []  # its subscribers then, in that row's order
         self.stats = Statistics(dtype, channels, rate)
         # Per slab not granted again since it was written: its floor and its FRAME/FRAMES as they came (index,
         # offset, samples per frame, t0 per frame, flags), in order; what a subscription asking for history is

@@ -107,6 +107,28 @@ _HANDSHAKE_ERRORS = {
 }
 
 
+def _client_keys(directory: str) -> dict[bytes, bool]:
+    """The public keys of the ``*.key`` files in ``directory`` (ZeroMQ's certificate format), as pyzmq's
+    authenticator holds them; a file or a directory that cannot be read adds none (logged)."""
+    from zmq.auth import load_certificate
+
+    keys: dict[bytes, bool] = {}
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".key"))
+    except OSError as exc:
+        log.warning("cannot read the client keys in %s (%s): every TCP client is refused", directory, exc)
+        return keys
+    for name in names:
+        try:
+            public, _ = load_certificate(os.path.join(directory, name))
+        except (OSError, ValueError) as exc:
+            log.warning("client key file %s refused (%s): it is not accepted", os.path.join(directory, name), exc)
+            continue
+        if public:
+            keys[public] = True
+    return keys
+
+
 def _authenticator(base: Any, ctx: zmq.Context[Any], clients: str) -> Any:
     """pyzmq's ZAP authenticator for the ``clients`` key directory, logging each refused key at WARNING with
     the peer's address (pyzmq logs refusals at DEBUG, so an operator never saw them)."""
@@ -124,7 +146,9 @@ def _authenticator(base: Any, ctx: zmq.Context[Any], clients: str) -> Any:
 
             self.key = z85.encode(client_key).decode()
             # The directory as it is now, at each handshake (rare): a key added or removed counts without a restart.
-            self.configure_curve(domain="*", location=clients)
+            # Read here, not by configure_curve, which keeps every key it had when one file cannot be read (a key
+            # half copied) or the directory is gone: a key that cannot be read is not accepted, said at WARNING.
+            self.certs["*"] = _client_keys(clients)
             return await super()._authenticate_curve(domain, client_key)  # type: ignore[no-any-return]
 
         def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
@@ -273,12 +297,12 @@ class Broker:
             if not os.path.isdir(curve_clients):
                 raise FileNotFoundError(f"no such directory: {curve_clients} (--curve-clients: the client public "
                                         f"key files, *.key, that this broker accepts)")  # fmt: skip
+            if not any(name.endswith(".key") for name in os.listdir(curve_clients)):
+                log.warning("no client key (*.key) in %s yet: every TCP client is refused until one is put there "
+                            "(read at each handshake: no restart needed)", curve_clients)  # fmt: skip
         except BaseException:
             self._close_sockets()
             raise
-        if not any(name.endswith(".key") for name in os.listdir(curve_clients)):
-            log.warning("no client key (*.key) in %s yet: every TCP client is refused until one is put there (read "
-                        "at each handshake: no restart needed)", curve_clients)  # fmt: skip
         self._auth = _authenticator(ThreadAuthenticator, self._ctx, curve_clients)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=curve_clients)

@@ -402,6 +402,7 @@ class BrokerState(RingReading, Subscribing):
             log.exception("stream %r: its final status row failed", stream.name)
         else:
             stream.final_row = {**row, "ended": True, "end": code}  # (its subscribers' counters, as they leave)
+            stream.final_subs = list(stream.subs)  # (in the row's order)
             self.ended_rows.append((self._now, stream.final_row))
         self._out += stream.end(code, message)
         self.system.unlink(stream.notice_path)  # the publisher removes its notice socket's file; not if it died

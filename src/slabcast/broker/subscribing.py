@@ -170,11 +170,13 @@ class Subscribing:
     def _detach(self, sub: LocalSub | BrokerCutSub) -> None:
         stream = sub.stream
         row = stream.final_row
-        if row is not None:
+        if row is not None and sub in stream.final_subs:
             # An ended stream's row keeps each subscriber as it left: what it received after the end (a stream
-            # ended right after its frames showed `delivered 0` for a subscriber that had every chunk).
-            row["subscribers"] = [subscriber_status(stream, sub) if (u["label"], u["pid"]) == (sub.client.label,
-                                  sub.client.pid) else u for u in row["subscribers"]]  # fmt: skip
+            # ended right after its frames showed `delivered 0` for a subscriber that had every chunk).  Its place
+            # in the row is its place in the stream's subscribers at the end (two of one process share a label).
+            rows = list(row["subscribers"])
+            rows[stream.final_subs.index(sub)] = subscriber_status(stream, sub)
+            row["subscribers"] = rows
         stream.remove(sub)
         if stream.ended and not stream.subs:
             if stream in self.draining:

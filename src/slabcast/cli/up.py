@@ -373,7 +373,7 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
                 if alive and now - since < _STOP_WAIT:
                     continue
                 pending.remove(slot)
-                busy = " (still in the callback of its next chunk after 5 s)" if alive else ""
+                busy = f" (still in the callback of its next chunk after {_STOP_WAIT:g} s)" if alive else ""
                 say(f"task {slot.name} had not finished its stream {when}: stopped{index_of(slot)}{busy}; the "
                     f"samples after it up to the stream's end were not processed")  # fmt: skip
             elif not alive:

@@ -99,8 +99,6 @@ def _py_reader_runs(raw: bytes, noticed: int, hist_slab: int, hist_gen: int, his
 _reader_runs = _py_reader_runs if HOT is None else HOT.reader_runs
 
 
-
-
 class LocalReceiver(Cutting, Waiting):
     """Cut this subscriber's chunks from the notices of one publisher, lease them, hand them out.
 

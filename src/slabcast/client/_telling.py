@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .._exceptions import BrokerGoneError, SlabcastError
-from ..client.connection import Connection
 from ..core.ring import WAKE_ALL, Ring, barrier, futex_wake
 from ..wire import messages as M
 from ._flusher import SAFETY, Kick
 from ._notices import NoticeSocket
 from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
+from .connection import Connection
 
 __all__ = ["Telling"]
 

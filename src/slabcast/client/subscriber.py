@@ -54,6 +54,7 @@ def _streams(address: str) -> list[str] | None:
     except Exception:
         return None
 
+
 _HELD = 1  # the token of the SYNC after a SUBSCRIBE that waits: its SYNCED says the broker holds it (ready=)
 
 
@@ -230,7 +231,7 @@ class Subscriber:
         self._wait = float(wait)
         if ready is not None and not callable(ready):
             raise TypeError(f"ready must be a callable taking no argument or None, got {ready!r}")
-        self._ready = ready  # (called once: not again for a subscription to a broker come back)
+        self._ready_call = ready  # (called once: not again for a subscription to a broker come back)
         self._label = label or f"subscriber:{stream}"
         self._pid = os.getpid()
         self._forks = FORKS[0]
@@ -254,7 +255,7 @@ class Subscriber:
                 wire_sampler = pauses(self._sampler, self._prefetch, self._where)  # type: ignore[arg-type]
             conn.send(self._request._replace(sampler=wire_sampler, cut="local" if local else "broker",
                                              wait=self._wait > 0, token=token if local else None))  # fmt: skip
-            held = self._ready is not None and self._wait > 0
+            held = self._ready_call is not None and self._wait > 0
             if held:
                 # Answered once the broker handled our SUBSCRIBE: a SYNCED before SUBSCRIBED says it holds it
                 # (protocol section 4).  A SYNCED after SUBSCRIBED is skipped by whoever receives it.
@@ -323,7 +324,7 @@ class Subscriber:
         self._conn = conn
         self._rx = rx
         self._request = self._request._replace(history=None)  # a broker come back has another pool: no history
-        if self._ready is not None:
+        if self._ready_call is not None:
             try:
                 self._say_ready()  # (the stream was there: subscribed)
             except BaseException:
@@ -337,7 +338,7 @@ class Subscriber:
 
     def _say_ready(self) -> None:
         """Call ``ready`` (once)."""
-        ready, self._ready = self._ready, None
+        ready, self._ready_call = self._ready_call, None
         if ready is not None:
             ready()
 
