@@ -303,13 +303,10 @@ def test_a_recorder_whose_broker_dies_says_what_its_file_holds_before_the_error(
     pub = slabcast.Publisher(stream_name, dtype="int16", rate=8000, address=broker.address)
     rec = record_cli(broker.address, stream_name, out)
     try:
-        deadline = time.monotonic() + 30
-        while not any(s["name"] == stream_name and s["subscribers"]
-                      for s in slabcast.broker_status(broker.address)["streams"]):  # fmt: skip
-            assert time.monotonic() < deadline and rec.poll() is None, "the recorder never subscribed"
-            time.sleep(0.05)  # the broker's status is the only place its subscription shows
+        wait_subscribed(broker.address, stream_name)
         for k in range(4):
             pub.write(np.full(100, k, np.int16))
+        deadline = time.monotonic() + 30
         while not any(s["name"] == stream_name and s["subscribers"] and s["subscribers"][0]["delivered"] >= 4
                       for s in slabcast.broker_status(broker.address)["streams"]):  # fmt: skip
             assert time.monotonic() < deadline and rec.poll() is None, "the recorder never read the 4 frames"

@@ -10,20 +10,15 @@ starts it.  When to tell the broker is :class:`~slabcast.client._pubstate.Publis
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from .._exceptions import BrokerGoneError, WriteTimeout
-from ..client.connection import Connection, error_for
-from ..core.geometry import Geometry, copy_carry, generation
-from ..core.ring import Ring
+from ..client.connection import error_for
+from ..core.geometry import copy_carry, generation
 from ..core.shm import populate
 from ..wire import messages as M
-from ._notices import NoticeSocket
-from ._pubstate import PublisherState
+from ._pubfields import PublisherFields
 from .control import slab_holders
 
 __all__ = ["SLICE", "SWITCHED", "SlabSwitching"]
@@ -32,44 +27,9 @@ SLICE = 0.01  # seconds a waiting caller blocks on the socket at a time (the bac
 SWITCHED = 1 << 34  # the compiled put's result: the frame went into the next slab, prepared (_put_prepared)
 
 
-class SlabSwitching:
-    """Grants and slab changes, for :class:`~slabcast.Publisher` (which sets every field below)."""
+class SlabSwitching(PublisherFields):
+    """Grants and slab changes, for :class:`~slabcast.Publisher` (which sets every field: :class:`PublisherFields`)."""
 
-    # The publisher's fields these methods use (set in Publisher.__init__).
-    name: str
-    address: str
-    timeout: float
-    slab_bytes: int
-    sample_bytes: int
-    samples: int
-    _where: str
-    _state: PublisherState
-    _lock: threading.Lock
-    _conn: Connection
-    _notices: NoticeSocket
-    _ring: Ring
-    _writer: Any | None  # core/_hot.c's Writer, when built and the stream keeps no per-sample times
-    _mm: Any
-    _u8: np.ndarray[Any, Any]
-    _geometry: Geometry
-    _bounds: list[tuple[int, int]]
-    _populated: list[int]
-    _prepared: tuple[int, int, int, int, int] | None
-    _prep_asked: bool
-    _position: int
-    _slab: int
-    _gen: int
-    _floor: int
-    _frame_max: int
-    _synced: int
-    _failure: BaseException | None
-    held_back_since: float | None  # time.monotonic() since a write waits for a granted slab (None: it does not)
-
-    if TYPE_CHECKING:  # (Telling's, the Publisher's other mixin)
-
-        def _flush_pending(self, sleeper: bool = False) -> None: ...
-
-        def _published(self) -> None: ...
 
     def _next_slab(self) -> int:
         state = self._state

@@ -12,49 +12,24 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from .._exceptions import BrokerGoneError, SlabcastError
-from ..core.ring import WAKE_ALL, Ring, barrier, futex_wake
+from ..core.ring import WAKE_ALL, barrier, futex_wake
 from ..wire import messages as M
-from ._flusher import SAFETY, Kick
-from ._notices import NoticeSocket
-from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED, PublisherState
-from .connection import Connection
+from ._flusher import SAFETY
+from ._pubfields import PublisherFields
+from ._pubstate import AT_ONCE, BATCH_DELAY, FULL, OPENED
 
 __all__ = ["Telling"]
 
 
-class Telling:
+class Telling(PublisherFields):
     """Notices, PUBLISHED and the background thread's turn, for :class:`~slabcast.Publisher` (which sets every
-    field below)."""
+    field: :class:`PublisherFields`)."""
 
-    # The publisher's fields these methods use (set in Publisher.__init__).
-    _where: str
-    _state: PublisherState
-    _lock: threading.Lock
-    _conn: Connection
-    _notices: NoticeSocket
-    _ring: Ring
-    _kick: Kick
-    _flusher: threading.Thread
-    _closed: bool
-    _prep_asked: bool
-    _position: int
-    _sid: int
-    _nseq: int
-    _slab: int
-    _gen: int
-    _floor: int
-    _failure: BaseException | None
-
-    if TYPE_CHECKING:  # (SlabSwitching's, the Publisher's other mixin)
-
-        def _take_locked(self, timeout: float) -> None: ...
-
-        def _prepare_switch(self) -> None: ...
 
     def _tell(self, index: int, offset: int, n: int, nbytes: int, t0: float, flags: int, grew: bool, first: bool,
               position: int) -> None:  # fmt: skip
