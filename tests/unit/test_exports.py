@@ -54,3 +54,15 @@ def test_the_core_does_no_input_or_output():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & {"zmq", "socket", "threading", "time", "os", "select", "asyncio"}, (module, imported)
+
+
+def test_every_exception_slabcast_exports_is_in_the_hierarchy_of_docs_exceptions():
+    # A newcomer: SamplesLostError, which the README promises, was missing from the documented hierarchy.
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "exceptions.md").read_text()
+    tree = text.split("```")[1]
+    exported = [name for name in slabcast.__all__
+                if inspect.isclass(getattr(slabcast, name)) and issubclass(getattr(slabcast, name), BaseException)]
+    assert len(exported) > 10
+    assert [name for name in exported if f"\n{name}\n" not in tree and f"─ {name} " not in tree] == []

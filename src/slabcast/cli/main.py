@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .._exceptions import SlabcastError
 from .._version import __version__
@@ -280,12 +281,17 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_dir() -> Path:
+    """Where ``slabcast bench`` finds its harness: the ``benchmarks/`` of the source checkout this package runs from
+    (``src/slabcast/cli/main.py`` -> the checkout's root); a wheel has none."""
+    return Path(__file__).resolve().parents[3] / "benchmarks"
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib.util
-    from pathlib import Path
 
     # The harness lives in the source checkout (benchmarks/, with the `bench` extra), not in the wheel.
-    here = Path(__file__).resolve().parents[2] / "benchmarks"
+    here = bench_dir()
     script = here / ("run_all.py" if args.scenarios == ["core"] else "compare_all.py")
     if not script.exists():
         print(f"slabcast bench: needs the benchmarks/ directory of a source checkout (looked for {script})",
