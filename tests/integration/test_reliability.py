@@ -69,6 +69,40 @@ def test_an_evicted_block_subscriber_ends_with_evicted_error_and_never_a_chunk_p
             pub.close()
 
 
+def test_an_evicted_subscriber_that_still_has_chunks_to_take_stops_and_frees_the_publisher(tmp_path, stream_name):
+    # A newcomer (C and Python alike): a block subscriber of small chunks that held each one 3 s was evicted after
+    # 1 s, but it always had a chunk ready, so it never looked at its connection: it went on taking chunks (its
+    # leases) for 30 s, and the publisher timed out as if nobody had been evicted.  It looks for the broker's word
+    # every 0.1 s now, chunk or not.
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=2, timeout=8,
+                                 address=broker.address)  # fmt: skip
+        sub = slabcast.Subscriber(stream_name, size=100, clip=True, address=broker.address)
+        failure: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                for k in range(0, 20_000, 500):
+                    pub.write(np.arange(k, k + 500, dtype=np.int32))
+            except BaseException as exc:
+                failure.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        taken = 0
+        with pytest.raises(slabcast.EvictedError, match=r"lease_timeout \(0.5 s\)"):
+            for _ in range(10):  # (without the look: a chunk every time, for as long as it asks)
+                with sub.recv(timeout=5) as chunk:
+                    assert chunk.index == 100 * taken
+                    taken += 1
+                    time.sleep(1.0)  # the slow work, holding the chunk (past lease_timeout)
+        sub.close()  # (its leases go: nothing holds the publisher back)
+        writer.join(20)
+        assert not writer.is_alive() and not failure, failure
+        assert taken <= 3, taken
+        pub.close()
+
+
 def _fuzz_messages(rng: np.random.Generator, name: str, n: int):
     """Yield (raw bytes, expects_reply) for malformed, truncated, wrong-typed and out-of-order messages."""
     good = [

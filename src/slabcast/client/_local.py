@@ -201,6 +201,7 @@ class LocalReceiver(Cutting, Waiting):
         self._lazy_give_back = self._nslabs >= _LAZY_GIVE_BACK
         self._acked_at = 0.0
         self._counts_due = 0.0  # when recv next looks whether counters are due (a subscriber behind never waits)
+        self._direct_due = 0.0  # when recv next looks for the broker's messages before handing out a chunk
         self._stream_end: M.End | None = early_end  # its head: the samples in the stream
         self._last = (-1, 0, 0)  # (slab, gen, byte offset just past the last frame cut)
         self._rcvtimeo = -1
@@ -233,10 +234,18 @@ class LocalReceiver(Cutting, Waiting):
             self._leases.unlock_idle(self._cur_slab)  # the slab left with the last chunk handed out (_took)
         if self._leases.dead:
             self._leases.reap()
-        if time.monotonic() >= self._counts_due:
+        now = time.monotonic()
+        if now >= self._counts_due:
             # Counters and cursor for `slabcast status`, also for a subscriber behind, which never waits (they went
             # only before a wait or at a slab change: a slab of 11 s showed `delivered 0` for 11 s).
             self._send_ack()
+        if now >= self._direct_due:
+            # The broker's word (END evicted above all), also for a subscriber behind, which always has a chunk to
+            # hand out and never waits: evicted, one that went on taking chunks kept leasing slabs, and held the
+            # publisher back as before (a newcomer's, 30 s after its eviction).
+            self._direct_due = now + _LOOK
+            if self._conn.has_input():
+                self._on_direct(self._conn.recv(0))
         if self.end is not None:
             raise self.end
         deadline = None if timeout is None else time.monotonic() + timeout
