@@ -252,6 +252,7 @@ struct sc_client {
     int64_t acked_slab, acked_dropped, acked_held;  /* state at the last ACK */
     uint64_t acked_cursor, acked_received;
     int64_t acked_at;
+    int64_t direct_due;           /* when sc_recv next looks for the broker's messages before a chunk (LOOK_MS) */
     int cut_rc;                  /* an error met while cutting a frame, returned once it is done */
     bool have_end;               /* the stream's end is known (NOTICE_END, or END with head) */
     char end_code_s[64];
@@ -330,6 +331,8 @@ static int fail(sc_client *c, int code, const char *fmt, ...)
 /* Make `code` the sticky end of the subscription, with the current message. */
 static int end_with(sc_client *c, int code)
 {
+    if (c->local)
+        c->stats.cut = c->next_seq;  /* (every end says how many chunks were cut for us: broker gone too) */
     c->end_code = code;
     memcpy(c->end_msg, c->err, sizeof c->end_msg);
     return code;
@@ -780,6 +783,8 @@ sc_client *sc_new(void)
 
 int sc_set_label(sc_client *c, const char *label)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_label must come before sc_connect");
     if (label == NULL || strlen(label) >= sizeof c->label)
@@ -790,6 +795,8 @@ int sc_set_label(sc_client *c, const char *label)
 
 int sc_set_timeout(sc_client *c, int timeout_ms)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (timeout_ms < 0)
         return fail(c, SC_EINVAL, "timeout_ms must be >= 0, got %d", timeout_ms);
     c->timeout_ms = timeout_ms;
@@ -798,6 +805,8 @@ int sc_set_timeout(sc_client *c, int timeout_ms)
 
 int sc_set_protocol_version(sc_client *c, unsigned version)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_protocol_version must come before sc_connect");
     c->version = version;
@@ -859,6 +868,8 @@ static int read_key(sc_client *c, const char *file, const char *name, char out[4
 
 int sc_set_curve(sc_client *c, const char *secret_key_file, const char *server_public_key_file)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_curve must come before sc_connect");
     if (secret_key_file == NULL || server_public_key_file == NULL)
@@ -901,6 +912,8 @@ static int remote_address(sc_client *c, const char *address, const char *role)
 
 int sc_connect(sc_client *c, const char *address)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     return sci_connect(c, address, "sub");
 }
 
@@ -1481,16 +1494,6 @@ static int request_within(sc_client *c, const char *what, uint64_t want, msgview
     return SC_OK;
 }
 
-/* request_within the client's timeout: no answer means the broker is gone. */
-static int request(sc_client *c, const char *what, uint64_t want, msgview *m)
-{
-    int rc = request_within(c, what, want, m, c->timeout_ms);
-    if (rc == SC_ETIMEOUT)
-        return fail(c, SC_EBROKERGONE, "no answer to %s from the broker within %d ms (%s)", what, c->timeout_ms,
-                    c->where);
-    return rc;
-}
-
 /* After a SUBSCRIBE's wait expired: what the broker has instead, into `out` as "; streams: a, b" (a misspelled
  * name shows at once), from its answer to STATS of that name (ERROR unknown-stream, whose message lists them), or
  * "; the broker has it now" if the stream opened meanwhile; "" when it does not answer within a second.  The held
@@ -1804,6 +1807,8 @@ static int take_metadata(sc_client *c, const msgview *m, unsigned channels)
 
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (!c->connected)
         return fail(c, SC_EINVAL, "sc_subscribe needs a connected client (call sc_connect first)");
     if (c->subscribed)
@@ -1923,12 +1928,21 @@ int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
         msgpack_pack_nil(&c->pk);  /* wake: the broker's messages wake it */
     }
     msgview m;
-    int rc = wait_ms > 0 ? request_within(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m, wait_ms)
-                         : request(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m);
+    int rc = request_within(c, "SUBSCRIBE", SCW_SUBSCRIBED, &m, wait_ms > 0 ? wait_ms : c->timeout_ms);
     if (rc == SC_ETIMEOUT) {
         c->held_request = true;
         char there[512];
         streams_there(c, stream, there, sizeof there);
+        if (wait_ms <= 0) {
+            /* No wait, and no answer: a broker that answers STATS holds the request for the stream's publisher
+             * (its carry; a C publisher takes it in sc_pub_write and sc_pub_service), as Python's says; else it
+             * is gone (it said SC_EBROKERGONE for a publisher that had not serviced its stream for 5 s). */
+            if (strstr(there, "the broker has a stream of that name") != NULL)
+                return fail(c, SC_ENOSTREAM, "stream '%s' is on the broker, but no SUBSCRIBED came within %d ms%s "
+                            "(%s)", stream, c->timeout_ms, there, c->where);
+            return fail(c, SC_EBROKERGONE, "no answer to SUBSCRIBE from the broker within %d ms (%s)",
+                        c->timeout_ms, c->where);
+        }
         return fail(c, SC_ENOSTREAM, "no stream named '%s' appeared within wait_ms=%d%s (the broker holds a "
                     "SUBSCRIBE that waits until the stream opens; without a wait it answers ERROR unknown-stream at "
                     "once) (%s)", stream, wait_ms, there, c->where);
@@ -2823,10 +2837,8 @@ static int on_direct(sc_client *c, const msgview *m)
 /* Everything the stream held is cut (or its publisher died with notices unsent): report its end. */
 static int finish_end(sc_client *c)
 {
-    read_monitor(c);
-    if (c->gone)
-        return end_with(c, fail(c, SC_EBROKERGONE, "the broker at %s is gone (its connection dropped) (%s)",
-                                c->address, c->where));
+    /* (Its END came before any death of the broker: whatever became of the broker since, the stream is complete
+     * here: a clean end, as Python's.) */
     send_ack(c, true, false);
     c->stats.cut = c->next_seq;
     return end_from(c, c->end_code_s, c->end_text);
@@ -3351,6 +3363,22 @@ static int recv_chunk(sc_client *c, sc_chunk *chunk, int timeout_ms)
      * slab change's or a lock's ACK: that goes once the run is cut (pump). */
     if (c->cur_slab == c->acked_slab && !c->unlocked)
         send_ack(c, false, false);
+    /* The broker's word (END evicted above all), also for a subscriber behind, which always has a chunk to hand
+     * out and never waits: evicted, one that went on taking chunks kept leasing slabs and held the publisher back
+     * as before (Python's recv does the same).  Messages only: the ring, not a dropped connection, says what is
+     * left to read. */
+    int64_t now = now_ms();
+    if (now >= c->direct_due) {
+        c->direct_due = now + LOOK_MS;
+        for (;;) {
+            msgview m;
+            int got = recv_direct(c, &m);
+            if (got == SC_ETIMEOUT)
+                break;
+            if (got || (got = on_direct(c, &m)))
+                return got;
+        }
+    }
     int rc = pump(c, deadline);
     if (rc)
         return rc;
@@ -3370,6 +3398,8 @@ static void copy_out(void *dst, size_t size, const void *full, size_t full_size)
 
 int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_ms)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (chunk == NULL || chunk_size < sizeof chunk->struct_size || chunk_size > 4096)
         return fail(c, SC_EINVAL,
                     "sc_recv needs a chunk and its size (sizeof(sc_chunk) = %zu in this library's header), got %s "
@@ -3383,6 +3413,8 @@ int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_
 
 int sc_wait(sc_client *c, int timeout_ms)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (c->sock == NULL)
         return fail(c, SC_EINVAL, "sc_wait needs a connected client");
     if (c->end_code || c->gone)
@@ -3456,6 +3488,8 @@ int sc_fd(sc_client *c)
 
 int sc_release_seq(sc_client *c, uint64_t seq)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (!c->subscribed)
         return fail(c, SC_EINVAL, "sc_release needs a subscription");
     size_t i = 0;
@@ -3492,6 +3526,8 @@ int sc_release_seq(sc_client *c, uint64_t seq)
 
 int sc_release(sc_client *c, const sc_chunk *chunk)
 {
+    if (c == NULL)
+        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
     if (chunk == NULL)
         return fail(c, SC_EINVAL, "sc_release: chunk is NULL");
     return sc_release_seq(c, chunk->seq);

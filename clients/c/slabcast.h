@@ -264,7 +264,9 @@ const char *sc_library_version(int *major, int *minor, int *patch);
  * Any thread. */
 int sc_abi_version(void);
 
-/* Allocate a client (NULL only when out of memory).  sc_errmsg() works on it from now on. */
+/* Allocate a client (NULL only when out of memory).  sc_errmsg() works on it from now on.  Every function below
+ * given a NULL client returns SC_EINVAL (since 1.5.2; sc_connect and sc_recv crashed), and sc_errmsg(NULL) says
+ * "out of memory (no client)". */
 sc_client *sc_new(void);
 
 /* Set the label the broker shows in logs and `slabcast status` (before sc_connect). */

@@ -588,6 +588,71 @@ def test_an_evicted_block_c_subscriber_ends_with_sc_eevicted_and_never_a_chunk_p
                 pub.close()
 
 
+def test_an_evicted_c_subscriber_that_still_has_chunks_to_take_stops_and_frees_the_publisher(c_sub, tmp_path,
+                                                                                               stream_name):  # fmt: skip
+    # A C newcomer: a block subscriber of small chunks holding each 3 s was evicted after 1 s, but it always had a
+    # chunk ready, so it never looked at its connection: it took chunks (leasing slabs) for 30 s, and the
+    # publisher timed out as if nobody had been evicted.  sc_recv looks for the broker's word every LOOK_MS now.
+    with slabcast.BrokerProcess(tmp_path / "b.sock", args=("--lease-timeout", "0.5")) as broker:
+        pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=2, timeout=8,
+                                 address=broker.address)  # fmt: skip
+        c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip", "--policy", "block", "--work-ms",
+                 "1000")  # fmt: skip
+        try:
+            c.wait_ready()
+            for k in range(0, 20_000, 500):  # (held back by the slow subscriber until the broker evicts it)
+                pub.write(np.arange(k, k + 500, dtype=np.int32))
+            assert c.finish(20) == 1, c.stderr
+            assert "SC_EEVICTED" in c.stderr and "lease_timeout" in c.stderr, c.stderr
+            assert len(c.chunks()) <= 3, c.chunks()
+        finally:
+            c.close()
+            pub.close()
+
+
+def test_a_c_subscriber_told_of_its_streams_end_before_the_broker_stopped_reads_it_all_and_ends_clean(
+    c_sub, tmp_path, stream_name
+):
+    # As Python's (test_faults.py): the stream's END came before the broker stopped; the ring holds the whole
+    # stream, and the end is a clean one (it said SC_EBROKERGONE).
+    broker = slabcast.BrokerProcess(tmp_path / "b.sock").start()
+    pub = slabcast.Publisher(stream_name, "int32", address=broker.address)
+    c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip")
+    try:
+        c.wait_ready()
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        pub.write(np.arange(1000, dtype=np.int32))
+        pub.close()  # (answered once the broker sent every subscriber the END)
+        assert broker.stop() == 0
+        os.kill(c.proc.pid, signal.SIGCONT)
+        assert c.finish(20) == 0, c.stderr
+        assert [g[1] for g in c.chunks()] == list(range(0, 1000, 100))
+    finally:
+        if c.proc.poll() is None:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        c.close()
+        broker.stop()
+
+
+def test_a_c_subscriber_without_a_wait_names_a_publisher_that_does_not_take_it_not_a_broker_gone(
+    c_sub, broker, stream_name, monkeypatch
+):
+    # A C newcomer: with wait_ms = 0, a stream whose C publisher was not writing (nor calling sc_pub_service) gave
+    # SC_EBROKERGONE "no answer to SUBSCRIBE", the broker very much alive; with a wait it named the publisher's
+    # part.  Here a Python publisher whose background thread never takes a turn (it confirms no CARRIED).
+    from slabcast.client import publisher as pubmod
+
+    monkeypatch.setattr(pubmod.Publisher, "_service", lambda self: None)
+    with slabcast.Publisher(stream_name, dtype="int16", address=broker.address):
+        sub = CSub(c_sub, broker.address, stream_name, "--size", "10", "--timeout-ms", "1000")
+        try:
+            assert sub.finish(30) == 6, sub.stderr  # SC_ENOSTREAM, not 3 (SC_EBROKERGONE)
+            assert f"stream '{stream_name}' is on the broker, but no SUBSCRIBED came within 1000 ms" in sub.stderr
+            assert "sc_pub_write and sc_pub_service" in sub.stderr, sub.stderr
+        finally:
+            sub.close()
+
+
 # ------------------------------------------- the client against a scripted broker
 
 
