@@ -580,9 +580,10 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     others = _others(stream, out, address)  # before anything is printed: it may refuse the format
     # (others is empty when the broker has the stream live, None when it did not answer: the subscription then
     # says why, or the first progress line that it is recording)
-    if others is not None:
-        say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
     try:
+        # (The line inside: a Ctrl-C just after it, which the line invites, is the wait given up, not exit 130.)
+        if others is not None:
+            say.say(f"recording {stream}: waiting for the stream{others}" if others else f"recording {stream}")
         sub = Subscriber(stream, 1, policy="block", address=address, wait=3600.0, label=f"record:{stream}",
                          history=lead_in())  # fmt: skip
     except KeyboardInterrupt:
