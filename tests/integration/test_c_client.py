@@ -597,7 +597,7 @@ def test_an_evicted_c_subscriber_that_still_has_chunks_to_take_stops_and_frees_t
         pub = slabcast.Publisher(stream_name, dtype="int32", slab_bytes=8192, nslabs=2, timeout=8,
                                  address=broker.address)  # fmt: skip
         c = CSub(c_sub, broker.address, stream_name, "--size", "100", "--clip", "--policy", "block", "--work-ms",
-                 "1000")  # fmt: skip
+                 "700")  # fmt: skip
         try:
             c.wait_ready()
             for k in range(0, 20_000, 500):  # (held back by the slow subscriber until the broker evicts it)

@@ -95,7 +95,7 @@ def test_an_evicted_subscriber_that_still_has_chunks_to_take_stops_and_frees_the
                 with sub.recv(timeout=5) as chunk:
                     assert chunk.index == 100 * taken
                     taken += 1
-                    time.sleep(1.0)  # the slow work, holding the chunk (past lease_timeout)
+                    time.sleep(0.7)  # the slow work, holding the chunk (past lease_timeout)
         sub.close()  # (its leases go: nothing holds the publisher back)
         writer.join(20)
         assert not writer.is_alive() and not failure, failure
@@ -206,10 +206,10 @@ def test_ten_thousand_malformed_messages_from_several_clients(broker, stream_nam
 
 
 @pytest.mark.slow
-def test_fifty_crash_restart_cycles_leave_no_stale_segments(tmp_path, stream_name):
+def test_thirty_crash_restart_cycles_leave_no_stale_segments(tmp_path, stream_name):
     address = tmp_path / "b.sock"
     pids = []
-    for i in range(50):
+    for i in range(30):
         proc = slabcast.BrokerProcess(address).start()
         pids.append(proc.pid)
         pub = slabcast.Publisher(f"{stream_name}-{i}", slab_bytes=4096, nslabs=2, address=proc.address)

@@ -18,7 +18,7 @@ import pytest
 from slabcast.core import ring as ring_module
 from tests.integration import workers as W
 
-SECONDS = float(os.environ.get("SLABCAST_STRESS_SECONDS", "4"))
+SECONDS = float(os.environ.get("SLABCAST_STRESS_SECONDS", "3"))
 
 READERS = [
     {"size": 1000, "policy": "block", "wake": "doorbell"},
