@@ -28,12 +28,13 @@ static void catch_stop_signals(void)
     sigaction(SIGTERM, &sa, NULL);
 }
 
-/* Say what was wrong with the command line, then the usage; exit status 2. */
+/* Say what was wrong with the command line, and where the options are (the whole usage, 40 lines, buried the
+ * reason); exit status 2. */
 static int usage_error(const char *fmt, const char *arg)
 {
     fprintf(stderr, PROGRAM ": ");
     fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n%s", USAGE);
+    fprintf(stderr, "\n(" PROGRAM " --help lists the options)\n");
     return 2;
 }
 

@@ -501,6 +501,8 @@ def test_refused_subscription_and_bad_usage_are_clear(c_sub, broker, stream_name
             try:
                 assert usage.finish(10) == 2
                 assert said in usage.stderr, usage.stderr
+                # (A newcomer: the reason came with the whole usage, 40 lines, after it.)
+                assert usage.stderr.splitlines()[1:] == ["(slabcast-sub --help lists the options)"], usage.stderr
             finally:
                 usage.close()
     finally:
