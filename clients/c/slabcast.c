@@ -64,6 +64,13 @@ _Static_assert(SC_FLAG_DISCONTINUITY == SCW_FLAG_DISCONTINUITY, "slabcast.h's SC
 #define CLOSE_LINGER_MS 200      /* bounded linger when closing the socket */
 #define DEFAULT_TIMEOUT_MS 5000
 #define KEEPALIVE_MS 1000        /* tcp://: a SYNC after this long without sending (the broker drops 10 s of silence) */
+/* A public function given no client (sc_new() failed: sc_errmsg(NULL) says so) returns SC_EINVAL. */
+#define NEED_CLIENT(c)          \
+    do {                        \
+        if ((c) == NULL)        \
+            return SC_EINVAL;   \
+    } while (0)
+
 #define HEARTBEAT_IVL_MS 1000    /* tcp://: ZeroMQ's heartbeat (wire/protocol.py HEARTBEAT_IVL, HEARTBEAT_TIMEOUT): a */
 #define HEARTBEAT_TIMEOUT_MS 15000 /* dead peer is seen within 15 s; a client paused up to the broker's 10 s of
                                     * silence keeps its connection (one paused longer is told END evicted) */
@@ -783,8 +790,7 @@ sc_client *sc_new(void)
 
 int sc_set_label(sc_client *c, const char *label)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_label must come before sc_connect");
     if (label == NULL || strlen(label) >= sizeof c->label)
@@ -795,8 +801,7 @@ int sc_set_label(sc_client *c, const char *label)
 
 int sc_set_timeout(sc_client *c, int timeout_ms)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (timeout_ms < 0)
         return fail(c, SC_EINVAL, "timeout_ms must be >= 0, got %d", timeout_ms);
     c->timeout_ms = timeout_ms;
@@ -805,8 +810,7 @@ int sc_set_timeout(sc_client *c, int timeout_ms)
 
 int sc_set_protocol_version(sc_client *c, unsigned version)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_protocol_version must come before sc_connect");
     c->version = version;
@@ -868,8 +872,7 @@ static int read_key(sc_client *c, const char *file, const char *name, char out[4
 
 int sc_set_curve(sc_client *c, const char *secret_key_file, const char *server_public_key_file)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (c->sock != NULL)
         return fail(c, SC_EINVAL, "sc_set_curve must come before sc_connect");
     if (secret_key_file == NULL || server_public_key_file == NULL)
@@ -912,8 +915,7 @@ static int remote_address(sc_client *c, const char *address, const char *role)
 
 int sc_connect(sc_client *c, const char *address)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     return sci_connect(c, address, "sub");
 }
 
@@ -1807,8 +1809,7 @@ static int take_metadata(sc_client *c, const msgview *m, unsigned channels)
 
 int sc_subscribe(sc_client *c, const char *stream, const sc_sub_options *opts)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (!c->connected)
         return fail(c, SC_EINVAL, "sc_subscribe needs a connected client (call sc_connect first)");
     if (c->subscribed)
@@ -3398,8 +3399,7 @@ static void copy_out(void *dst, size_t size, const void *full, size_t full_size)
 
 int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_ms)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (chunk == NULL || chunk_size < sizeof chunk->struct_size || chunk_size > 4096)
         return fail(c, SC_EINVAL,
                     "sc_recv needs a chunk and its size (sizeof(sc_chunk) = %zu in this library's header), got %s "
@@ -3413,8 +3413,7 @@ int sc_recv_sized(sc_client *c, sc_chunk *chunk, size_t chunk_size, int timeout_
 
 int sc_wait(sc_client *c, int timeout_ms)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (c->sock == NULL)
         return fail(c, SC_EINVAL, "sc_wait needs a connected client");
     if (c->end_code || c->gone)
@@ -3488,8 +3487,7 @@ int sc_fd(sc_client *c)
 
 int sc_release_seq(sc_client *c, uint64_t seq)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (!c->subscribed)
         return fail(c, SC_EINVAL, "sc_release needs a subscription");
     size_t i = 0;
@@ -3526,8 +3524,7 @@ int sc_release_seq(sc_client *c, uint64_t seq)
 
 int sc_release(sc_client *c, const sc_chunk *chunk)
 {
-    if (c == NULL)
-        return SC_EINVAL;  /* (no client: sc_new() failed; sc_errmsg(NULL) says so) */
+    NEED_CLIENT(c);
     if (chunk == NULL)
         return fail(c, SC_EINVAL, "sc_release: chunk is NULL");
     return sc_release_seq(c, chunk->seq);

@@ -77,15 +77,10 @@ class Subscriber:
             waiting: concurrent.futures.Future[_BlockingSubscriber] = concurrent.futures.Future()
             self._waiting = waiting
             held = threading.Event()  # (set once the broker holds it, or the subscription came or failed)
-            holds: list[bool] = []  # the broker holds it (or it came)
-
-            def say_held() -> None:
-                holds.append(True)
-                held.set()
 
             def subscribe() -> None:  # (the broker holds its SUBSCRIBE until the stream opens)
                 try:
-                    sub = _BlockingSubscriber(stream, size, ready=say_held, **options)
+                    sub = _BlockingSubscriber(stream, size, ready=held.set, **options)
                 except BaseException as exc:
                     with self._lock:
                         if not waiting.done():
@@ -104,8 +99,7 @@ class Subscriber:
             # Until the broker holds that SUBSCRIBE (a round trip, as the look above; bounded by the broker's
             # answer time): a stream opened from now on is received from index 0.  An error comes with the
             # first await.
-            held.wait(options.get("timeout", 10.0))
-            if not holds:
+            if not held.wait(options.get("timeout", 10.0)) or (waiting.done() and waiting.exception() is not None):
                 ready = None  # (not held in time, or failed: the first await says why; nothing is ready)
         if ready is not None:
             try:

@@ -297,7 +297,7 @@ class Broker:
             if not os.path.isdir(curve_clients):
                 raise FileNotFoundError(f"no such directory: {curve_clients} (--curve-clients: the client public "
                                         f"key files, *.key, that this broker accepts)")  # fmt: skip
-            if not any(name.endswith(".key") for name in os.listdir(curve_clients)):
+            if not _client_keys(curve_clients):
                 log.warning("no client key (*.key) in %s yet: every TCP client is refused until one is put there "
                             "(read at each handshake: no restart needed)", curve_clients)  # fmt: skip
         except BaseException:
