@@ -324,7 +324,8 @@ class Broker:
             sock.close(linger=0)
             self._close_sockets()
             hint = " (another program, or another broker, listens there)" if exc.errno == errno.EADDRINUSE else ""
-            raise OSError(f"cannot listen on {endpoint}: {os.strerror(exc.errno)}{hint}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot listen on {endpoint}: {reason}{hint}") from None
         self._tcp = sock
         self.tcp_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         # A client that holds the wrong public key for us fails before the authenticator hears of it.
