@@ -38,11 +38,12 @@ import zmq
 from ..core.shm import reap_stale
 from ..wire import messages as M
 from ..wire import protocol as P
-from ..wire.address import ipc_path, load_key, normalize
+from ..wire.address import ipc_path, normalize
 from .lock import AddressLock
 from .model import TCP_PREFIX as _TCP
 from .model import Out
 from .state import BrokerState, System, open_fds
+from .tcp import TcpListener
 
 __all__ = ["Broker"]
 
@@ -97,70 +98,6 @@ def _warn_unreachable(sock_path: str, shm_mode: int) -> None:
         if parent == directory:
             return
         directory = parent
-
-
-_HANDSHAKE_FAILED = int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_HANDSHAKE_ERRORS = {
-    int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): "its hello could not be decrypted: the client holds another public "
-    "key for this broker (its server key file is not this broker's *.key)",
-    int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "the client does not speak CURVE (no keys given?)",
-}
-
-
-def _client_keys(directory: str) -> dict[bytes, bool]:
-    """The public keys of the ``*.key`` files in ``directory`` (ZeroMQ's certificate format), as pyzmq's
-    authenticator holds them; a file or a directory that cannot be read adds none (logged)."""
-    from zmq.auth import load_certificate
-
-    keys: dict[bytes, bool] = {}
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".key"))
-    except OSError as exc:
-        log.warning("cannot read the client keys in %s (%s): every TCP client is refused", directory, exc)
-        return keys
-    for name in names:
-        try:
-            public, _ = load_certificate(os.path.join(directory, name))
-        except (OSError, ValueError) as exc:
-            log.warning("client key file %s refused (%s): it is not accepted", os.path.join(directory, name), exc)
-            continue
-        if public:
-            keys[public] = True
-    return keys
-
-
-def _authenticator(base: Any, ctx: zmq.Context[Any], clients: str) -> Any:
-    """pyzmq's ZAP authenticator for the ``clients`` key directory, logging each refused key at WARNING with
-    the peer's address (pyzmq logs refusals at DEBUG, so an operator never saw them)."""
-
-    class Authenticator(base):  # type: ignore[misc]
-        peer = "?"
-        key = "?"
-
-        async def handle_zap_message(self, msg: list[bytes]) -> None:
-            self.peer = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
-            await super().handle_zap_message(msg)
-
-        async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-            from zmq.utils import z85
-
-            self.key = z85.encode(client_key).decode()
-            # The directory as it is now, at each handshake (rare): a key added or removed counts without a restart.
-            # Read here, not by configure_curve, which keeps every key it had when one file cannot be read (a key
-            # half copied) or the directory is gone: a key that cannot be read is not accepted, said at WARNING.
-            self.certs["*"] = _client_keys(clients)
-            return await super()._authenticate_curve(domain, client_key)  # type: ignore[no-any-return]
-
-        def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
-                            user_id: str = "anonymous") -> None:  # fmt: skip
-            if status_code != b"200":
-                log.warning(
-                    "refused a CURVE client at %s: %s (public key %s is not in %s)",
-                    self.peer, status_text.decode(errors="replace"), self.key, clients,
-                )  # fmt: skip
-            super()._send_zap_reply(request_id, status_code, status_text, user_id)
-
-    return Authenticator(ctx, log=logging.getLogger("slabcast.broker.auth"))
 
 
 def fd_headroom(limit: int) -> int:
@@ -249,17 +186,19 @@ class Broker:
             self._lock.share()
             _warn_unreachable(self._lock.sock_path, shm_mode)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._listener: TcpListener | None = None
         self._tcp: zmq.Socket[Any] | None = None
-        self._auth: Any = None
-        self._tcp_monitor: zmq.Socket[Any] | None = None
         self.tcp_address: str | None = None
         if tcp is not None:
             try:
-                self._bind_tcp(tcp, curve_secret, curve_clients)  # (closes the sockets if it fails)
+                self._listener = TcpListener(self._ctx, tcp, curve_secret, curve_clients)
             except BaseException:
+                self._close_sockets()
                 if self._lock:
                     self._lock.release()  # (and our socket's file: no broker serves there)
                 raise
+            self._tcp = self._listener.sock
+            self.tcp_address = self._listener.address
         self.state = BrokerState(
             pid=self.pid, epoch=self.epoch, address=self.address, now=time.monotonic(), shm_mode=shm_mode,
             lease_timeout=lease_timeout, fd_limit=self.fd_limit, fd_headroom=self._fd_headroom,
@@ -281,55 +220,6 @@ class Broker:
                 if pattern.fullmatch(name):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(directory, name))
-
-    def _bind_tcp(self, tcp: str, curve_secret: str | None, curve_clients: str | None) -> None:
-        """Listen on TCP for remote subscribers; CURVE encryption and a client allow-list are required."""
-        from zmq.auth.thread import ThreadAuthenticator
-
-        if not curve_secret or not curve_clients:
-            self._close_sockets()
-            raise ValueError("TCP needs CURVE: give the broker's secret key file and a directory of client public keys")
-        try:
-            public, secret = load_key(curve_secret, "the broker's secret key file, --curve-secret")
-            if secret is None:
-                raise ValueError(f"{curve_secret} holds no secret key (use the *.key_secret file from `slabcast "
-                                 f"keygen`)")  # fmt: skip
-            if not os.path.isdir(curve_clients):
-                raise FileNotFoundError(f"no such directory: {curve_clients} (--curve-clients: the client public "
-                                        f"key files, *.key, that this broker accepts)")  # fmt: skip
-            if not _client_keys(curve_clients):
-                log.warning("no client key (*.key) in %s yet: every TCP client is refused until one is put there "
-                            "(read at each handshake: no restart needed)", curve_clients)  # fmt: skip
-        except BaseException:
-            self._close_sockets()
-            raise
-        self._auth = _authenticator(ThreadAuthenticator, self._ctx, curve_clients)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=curve_clients)
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.HEARTBEAT_TIMEOUT * 1000))  # (> REMOTE_SILENCE)
-        sock.curve_server = True
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        endpoint = tcp if tcp.startswith("tcp://") else f"tcp://{tcp}"
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            self._close_sockets()
-            hint = " (another program, or another broker, listens there)" if exc.errno == errno.EADDRINUSE else ""
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OSError(f"cannot listen on {endpoint}: {reason}{hint}") from None
-        self._tcp = sock
-        self.tcp_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        # A client that holds the wrong public key for us fails before the authenticator hears of it.
-        self._tcp_monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
 
     # ------------------------------------------------------------------ loop
 
@@ -372,10 +262,9 @@ class Broker:
         poller.register(wake_r, zmq.POLLIN)
         if parent_fd is not None:
             poller.register(parent_fd, zmq.POLLIN)
-        if self._tcp is not None:
-            poller.register(self._tcp, zmq.POLLIN)
-        if self._tcp_monitor is not None:
-            poller.register(self._tcp_monitor, zmq.POLLIN)
+        if self._listener is not None:
+            poller.register(self._listener.sock, zmq.POLLIN)
+            poller.register(self._listener.monitor, zmq.POLLIN)
         log.info("broker %d listening at %s", self.pid, self.address)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.info(
@@ -403,8 +292,8 @@ class Broker:
                     self._drain(self._tcp)
                 if self._monitor in events:
                     self._drain_monitor()
-                if self._tcp_monitor is not None and self._tcp_monitor in events:
-                    self._log_failed_handshakes(self._tcp_monitor)
+                if self._listener is not None and self._listener.monitor in events:
+                    self._listener.log_failed_handshakes()
                 if wake_r.fileno() in events:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
@@ -560,16 +449,6 @@ class Broker:
         if disconnected:
             self._sweep()
 
-    def _log_failed_handshakes(self, monitor: zmq.Socket[Any]) -> None:
-        from zmq.utils.monitor import parse_monitor_message
-
-        with contextlib.suppress(zmq.Again):
-            while True:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-                code = event["value"]
-                reason = _HANDSHAKE_ERRORS.get(code, f"a malformed handshake (ZMTP error {code:#x})")
-                log.warning("refused a CURVE handshake on %s: %s", self.tcp_address, reason)
-
     # -------------------------------------------------------------- shutdown
 
     def _shutdown(self) -> None:
@@ -586,20 +465,12 @@ class Broker:
             self._lock.release()
 
     def _close_sockets(self) -> None:
-        self._tcp = getattr(self, "_tcp", None)
-        self._auth = getattr(self, "_auth", None)
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             self._router.disable_monitor()
             monitor.close(linger=0)
         self._router.close(linger=1000)
-        tcp_monitor = getattr(self, "_tcp_monitor", None)
-        if self._tcp is not None:
-            if tcp_monitor is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._tcp.disable_monitor()
-                tcp_monitor.close(linger=0)
-            self._tcp.close(linger=1000)
-        if self._auth is not None:
-            self._auth.stop()
+        listener = getattr(self, "_listener", None)
+        if listener is not None:
+            listener.close()
         self._ctx.term()
