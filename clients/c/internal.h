@@ -36,6 +36,11 @@ void *sci_context(sc_client *c);
 void *sci_socket(sc_client *c);
 void *sci_monitor(sc_client *c);
 
+/* In a child of fork(): free the client's own memory, unmap its mappings and close its descriptors (the
+ * parent's locks and sleeper bytes stay as they are), but touch no ZeroMQ object (the parent's I/O threads are not
+ * in this process: the context and its sockets cannot be closed here; their memory stays). */
+void sci_forget(sc_client *c);
+
 /* Read the monitor's pending events; whether the connection to the broker dropped. */
 bool sci_gone(sc_client *c);
 

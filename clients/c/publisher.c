@@ -851,6 +851,8 @@ static void free_pub(sc_pub *p, bool sockets)
         zmq_close(p->notices);  /* before sc_close ends the context: it lingers there (NOTICE_LINGER_MS) */
     if (sockets)
         sc_close(p->conn);  /* BYE, END bye */
+    else
+        sci_forget(p->conn);  /* a forked child: the memory only */
     if (p->bound)
         unlink(p->endpoint + 6);
     if (p->map != NULL)

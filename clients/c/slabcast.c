@@ -3549,6 +3549,30 @@ void sc_get_stats_sized(const sc_client *c, sc_stats *out, size_t out_size)
 
 /* ----------------------------------------------------------------- closing */
 
+/* The memory sc_close frees, after the sockets and the context are gone (or, in a forked child, left alone). */
+static void free_client(sc_client *c)
+{
+    if (c->epfd >= 0)
+        close(c->epfd);
+    if (c->map != NULL)
+        munmap((void *)c->map, c->map_bytes);
+    if (c->sleeper_map != NULL)
+        munmap(c->sleeper_map, c->sleeper_map_bytes);
+    free(c->meta_text);
+    free(c->meta_ptrs);
+    msgpack_unpacked_destroy(&c->unp);
+    msgpack_unpacked_destroy(&c->nunp);
+    msgpack_sbuffer_destroy(&c->sbuf);
+    free(c->held);
+    free(c->leases);
+    free(c->locked);
+    free(c->fr_n);
+    free(c->fr_t0);
+    free(c->ready);
+    free(c->rd);
+    free(c);
+}
+
 void sc_close(sc_client *c)
 {
     if (c == NULL)
@@ -3597,24 +3621,20 @@ void sc_close(sc_client *c)
     }
     if (c->ctx != NULL)
         zmq_ctx_term(c->ctx);
-    if (c->epfd >= 0)
-        close(c->epfd);
-    if (c->map != NULL)
-        munmap((void *)c->map, c->map_bytes);
     unmap_sleepers(c);
-    free(c->meta_text);
-    free(c->meta_ptrs);
-    msgpack_unpacked_destroy(&c->unp);
-    msgpack_unpacked_destroy(&c->nunp);
-    msgpack_sbuffer_destroy(&c->sbuf);
-    free(c->held);
-    free(c->leases);
-    free(c->locked);
-    free(c->fr_n);
-    free(c->fr_t0);
-    free(c->ready);
-    free(c->rd);
-    free(c);
+    free_client(c);
+}
+
+void sci_forget(sc_client *c)
+{
+    if (c == NULL)
+        return;
+    if (c->lock_fd >= 0)
+        close(c->lock_fd);  /* (the parent's descriptor still holds its lease locks) */
+    for (size_t i = 0; i < c->nheld; i++)
+        free(c->held[i].payload);  /* (the zmq_msg_t itself, never closed here) */
+    free(c->payload);
+    free_client(c);
 }
 
 /* ------------------------------------------- lent to publisher.c (internal.h) */

@@ -85,8 +85,8 @@ extern "C" {
  * above); sc_library_version() gives the library's at run time. */
 #define SC_VERSION_MAJOR 1
 #define SC_VERSION_MINOR 5
-#define SC_VERSION_PATCH 2
-#define SC_VERSION_STRING "1.5.2"
+#define SC_VERSION_PATCH 3
+#define SC_VERSION_STRING "1.5.3"
 
 /* The ABI version: the N of libslabcast.so.N (equal to SC_VERSION_MAJOR); sc_abi_version() at run time. */
 #define SC_ABI_VERSION 1
@@ -255,7 +255,7 @@ typedef struct sc_stats {
                              * last seq seen */
 } sc_stats;
 
-/* The library's version, "1.5.2" (SC_VERSION_STRING of the header it was built from); stores the three
+/* The library's version, "1.5.3" (SC_VERSION_STRING of the header it was built from); stores the three
  * numbers in *major, *minor, *patch (each pointer may be NULL).  Any thread. */
 const char *sc_library_version(int *major, int *minor, int *patch);
 
@@ -452,7 +452,8 @@ const char *sc_strerror(int code);
  * loan gives may be filled from any thread until sc_pub_commit.  sc_pub_errmsg(pub) gives the message of the
  * last call on `pub` that failed on the calling thread.  Publishers share nothing: different publishers may be
  * used on different threads at the same time.  After fork() the child must not use a publisher made before it
- * (sc_pub_write and the others return SC_EINVAL there; sc_pub_close only frees the child's memory).
+ * (sc_pub_write and the others return SC_EINVAL there; sc_pub_close only frees the child's memory, but for
+ * libzmq's context, some 150 KB, which only the parent may close).
  *
  * Errors.  Arguments that do not fit the stream are SC_EINVAL and write nothing (a frame larger than a slab's
  * frame room, n = 0, a non-finite t0 or time, times for a stream opened without timestamps, unknown flags);

@@ -1206,3 +1206,78 @@ def test_a_c_publisher_opens_as_soon_as_the_subscribers_that_waited_have_joined(
         cpub.close()
         for sub in made:
             sub.close()
+
+
+FORK_PROGRAM = r"""
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "slabcast.h"
+
+int main(int argc, char **argv)
+{
+    if (argc != 3)
+        return 2;
+    sc_pub_options o;
+    sc_pub_options_init(&o);
+    o.dtype = "int16";
+    sc_pub *pub = NULL;
+    int rc = sc_pub_open(argv[1], argv[2], &o, &pub);
+    if (rc != SC_OK) {
+        printf("open %s %s\n", sc_strerror(rc), sc_pub_errmsg(pub));
+        return 1;
+    }
+    short first[4] = {0, 1, 2, 3}, second[4] = {4, 5, 6, 7};
+    printf("first %s\n", sc_strerror(sc_pub_write(pub, first, 4, 0.0, 0, NULL)));
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int w = sc_pub_write(pub, second, 4, 1.0, 0, NULL);
+        printf("child-write %s %s\n", sc_strerror(w), sc_pub_errmsg(pub));
+        printf("child-close %s\n", sc_strerror(sc_pub_close(pub)));
+        fflush(stdout);
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    printf("child-exit %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    printf("second %s\n", sc_strerror(sc_pub_write(pub, second, 4, 1.0, 0, NULL)));
+    printf("close %s\n", sc_strerror(sc_pub_close(pub)));
+    return 0;
+}
+"""
+
+
+def test_a_forked_child_cannot_write_and_its_close_leaves_the_parents_stream_whole(c_sub, broker, stream_name,
+                                                                                   tmp_path):  # fmt: skip
+    # slabcast.h: after fork() the child's sc_pub_write returns SC_EINVAL and its sc_pub_close only frees the
+    # child's memory (no BYE, no END, the notice socket's file and the liveness lock left to the parent): the
+    # parent's next frame still reaches a subscriber, and the stream then ends "closed", not "publisher-gone".
+    source = tmp_path / "fork.c"
+    source.write_text(FORK_PROGRAM)
+    exe = tmp_path / "fork"
+    cc = subprocess.run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{C_DIR}", "-o", str(exe), str(source),
+                         str(c_sub.parent / "libslabcast.a"), "-lzmq", "-lmsgpackc", "-lm", "-lpthread"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+    held = threading.Event()  # the broker holds the subscription (the stream is not there yet): from index 0
+    made: list[slabcast.Subscriber] = []
+    waiting = threading.Thread(target=lambda: made.append(slabcast.Subscriber(
+        stream_name, 8, clip=True, address=broker.address, wait=30, ready=held.set)), daemon=True)  # fmt: skip
+    waiting.start()
+    assert held.wait(20), "the broker never held the subscription"
+    proc = subprocess.run([str(exe), broker.address, stream_name], capture_output=True, text=True, timeout=60)
+    waiting.join(20)
+    assert made, "the subscriber never got the stream"
+    with made[0] as sub:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        said = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()}
+        assert said["first"] == "SC_OK" and said["second"] == "SC_OK" and said["close"] == "SC_OK"
+        assert said["child-write"].startswith("SC_EINVAL sc_pub_write: the publisher of ")
+        assert "opened before this process forked" in said["child-write"]
+        assert said["child-close"] == "SC_OK" and said["child-exit"] == "0"
+        with sub.recv(timeout=10) as chunk:
+            assert (chunk.index, chunk.data.tolist()) == (0, list(range(8)))
+        with pytest.raises(slabcast.EndOfStream) as end:
+            sub.recv(timeout=10)
+        assert type(end.value) is slabcast.EndOfStream  # "closed" by the parent, not PublisherGoneError
