@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import wave
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def _close_xdf() -> None:
     _XDF.clear()
 
 
-def xdf_file(chunk: Any, out: str = "recording.xdf", clock: str = "wall") -> None:
+def xdf_file(chunk: Any, out: str = "recording.xdf", clock: Literal["wall", "lsl"] = "wall") -> None:
     """Append the chunk to the XDF file ``out`` (one Samples chunk each, written whole: a kill leaves every
     chunk before it); ``{stream}`` and ``{pid}`` in ``out`` are replaced by the stream name and the worker's pid.
 

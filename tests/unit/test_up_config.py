@@ -282,3 +282,40 @@ def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypa
             load("mixed", options)
     with pytest.raises(ConfigError, match=r"takes 'gain' positionally only .*options are passed by name"):
         load("posonly", "{ gain = 2 }")
+
+
+def test_an_option_outside_its_literal_choices_is_refused_with_the_choices(tmp_path, monkeypatch):
+    # A lab newcomer: xdf_file's clock = "lsll" was taken (a string for a string), then every worker died on its
+    # first chunk ("clock must be 'wall' or 'lsl'") and restarted, its recording never written.
+    from slabcast.cli.up_config import ConfigError, load_config
+
+    (tmp_path / "lits.py").write_text(
+        "from typing import Literal, Optional\n\n\n"
+        "def typed(chunk, mode: Literal['fast', 'exact'] = 'fast', n: Optional[Literal[1, 2]] = None):\n    pass\n"
+    )
+    (tmp_path / "lits_future.py").write_text(
+        "from __future__ import annotations\n\nimport typing\n\n\n"
+        "def typed(chunk, mode: typing.Literal['fast', 'exact'] = 'fast', n: Literal[1, 2] | None = None):\n"
+        "    pass\n\n\nfrom typing import Literal  # noqa: E402\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "l.toml"
+
+    def load(call, options):
+        cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 500\nchannels = 8\n[[tasks]]\n"
+                       f"name = 't'\ncall = '{call}'\nstream = 'mic'\nseconds = 0.5\noptions = {options}\n")  # fmt: skip
+        return load_config(str(cfg))
+
+    for module in ("lits", "lits_future"):
+        load(f"{module}:typed", "{ mode = 'exact', n = 2 }")
+        with pytest.raises(ConfigError, match=re.escape("option 'mode' must be one of 'fast', 'exact', got 'exakt'; "
+                                                        "did you mean 'exact'?")):  # fmt: skip
+            load(f"{module}:typed", "{ mode = 'exakt' }")
+        with pytest.raises(ConfigError, match=re.escape("option 'n' must be one of 1, 2, None, got 3")):
+            load(f"{module}:typed", "{ n = 3 }")
+        with pytest.raises(ConfigError, match=re.escape("option 'n' must be one of 1, 2, None, got True")):
+            load(f"{module}:typed", "{ n = true }")
+    with pytest.raises(ConfigError, match=re.escape("xdf_file's option 'clock' must be one of 'wall', 'lsl', got "
+                                                    "'lsll'; did you mean 'lsl'?")):  # fmt: skip
+        load("slabcast.examples:xdf_file", "{ out = 'r.xdf', clock = 'lsll' }")
+    assert load("slabcast.examples:xdf_file", "{ out = 'r.xdf', clock = 'lsl' }").tasks[0].name == "t"

@@ -7,6 +7,7 @@ chunk when the config does not size it, and ``/dev/shm`` is checked for room.  c
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -131,6 +132,28 @@ def _kinds(annotation: Any) -> set[str]:
     return {getattr(annotation, "__name__", str(annotation))}
 
 
+def _literals(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` annotation allows (with None for ``Literal[...] | None``), as a type or, under
+    ``from __future__ import annotations``, as a string; None when it is no literal."""
+    if isinstance(annotation, str):
+        text = re.sub(r"\s*\|\s*None$", "", annotation.strip())
+        inner = re.fullmatch(r"(?:typing\.)?Literal\[(.+)\]", text)
+        if inner is None:
+            return None
+        try:
+            values = ast.literal_eval(f"({inner[1]},)")
+        except (ValueError, SyntaxError):
+            return None
+        return (*values, None) if text != annotation.strip() else tuple(values)
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parts = [_literals(a) if a is not type(None) else (None,) for a in typing.get_args(annotation)]
+        if all(p is not None for p in parts):
+            return tuple(v for p in parts for v in p)  # type: ignore[union-attr]
+    return None
+
+
 def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip: int) -> None:
     """Check keyword options against ``fn``'s signature (``skip`` leading positional parameters)."""
     try:
@@ -166,6 +189,14 @@ def _check_options(where: str, what: str, fn: Any, options: dict[str, Any], skip
         # Annotations say what a value must be (float, int | None, str; as written or as strings under
         # `from __future__ import annotations`): a string for a number is refused here, naming the key, not by
         # the callable with a message that names none.
+        choices = _literals(known[key].annotation)
+        if choices is not None:  # (clock = "lsll" for xdf_file's Literal["wall", "lsl"] failed in every worker)
+            if not any(type(value) is type(c) and value == c for c in choices):  # (True is not Literal[1])
+                close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}: {what}'s option {key!r} must be one of "
+                                  f"{', '.join(map(repr, choices))}, got {value!r}{hint}")  # fmt: skip
+            continue
         kinds = _kinds(known[key].annotation)
         plain = kinds - {"None"}  # (checked only where every kind it allows is one of these: str, bool, numbers)
         if value is None and "None" in kinds:
