@@ -414,3 +414,27 @@ def test_a_length_of_no_time_is_refused_before_anything_is_written(broker, strea
     assert result.returncode == 2, result.stderr
     assert said in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_length_shorter_than_one_sample_records_one_sample(broker, stream_name, tmp_path):
+    # A lab newcomer: `record --seconds 0.001` of a 500 Hz stream (half a sample) wrote an empty file and exited 0,
+    # where `Subscriber(seconds=)` gives at least one sample.
+    pytest.importorskip("soundfile")
+    from slabcast.client import record as record_module
+    from tests.integration.test_record_xdf import wait_recorders
+
+    out = tmp_path / "tiny.wav"
+    written: list[int] = []
+    pub = slabcast.Publisher(stream_name, dtype="int16", rate=500.0, address=broker.address)
+    recorder = threading.Thread(target=lambda: written.append(record_module.record(
+        stream_name, str(out), seconds=0.001, address=broker.address, progress=False)))  # fmt: skip
+    recorder.start()
+    try:
+        wait_recorders(broker.address, [stream_name])
+        pub.write(np.arange(7, 17, dtype=np.int16), t0=0.0)
+        recorder.join(30)
+    finally:
+        pub.close()
+        recorder.join(30)
+    assert written == [1]
+    np.testing.assert_array_equal(np.asarray(slabcast.open_recording(str(out)).samples[:])[:, 0], [7])

@@ -597,7 +597,7 @@ def record(stream: str | Sequence[str], out: str, seconds: float | None = None, 
     try:
         writer = _writer(out, sub.info)
         rate = sub.info.rate
-        limit = None if seconds is None else (round(seconds * rate) if rate else None)
+        limit = None if seconds is None else (max(1, round(seconds * rate)) if rate else None)  # (as chunks: >= 1)
         # Without a rate (markers, which may stay silent): --seconds of stamps, or of wall time, whichever first.
         deadline = None if rate or seconds is None else time.monotonic() + seconds
         t_first: float | None = None

@@ -144,7 +144,7 @@ class _StreamRecorder(threading.Thread):
             self.subscribed.set()
             sid = self.session.add_stream(sub.info)
             seconds = self.seconds
-            limit = None if seconds is None else (round(seconds * rate) if rate else None)
+            limit = None if seconds is None else (max(1, round(seconds * rate)) if rate else None)  # (as chunks: >= 1)
             expected: int | None = None
             last_stamp = -math.inf  # the newest sample's stamp received
             ended = False
