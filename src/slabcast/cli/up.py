@@ -48,6 +48,7 @@ _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, _STOP_WORKER}  # blocked from 
 def _dropped(*_: Any) -> None:
     """A worker's handler of SIGINT and SIGTERM: up's signals (see task_main)."""
 _ABSENT_LOOK = 0.5  # seconds between the drain's looks for streams that never appeared
+_STOP_LOOK = 0.1  # seconds a worker waiting for a chunk goes without looking whether up stopped it
 _STOP_WAIT = 5.0  # seconds a stopped worker gets to finish the chunk in its callback before up names where it was
 
 
@@ -71,13 +72,13 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     if directory and directory not in sys.path:
         sys.path.insert(0, directory)
 
-    busy = [False, False]  # in the task's callback; a stop came meanwhile
+    subscribed = [False]  # the subscriber is made: a stop only asks from then on
+    stopped = [False]
 
     def stop(*_: Any) -> None:
-        if busy[0]:
-            busy[1] = True  # never in the middle of the callback (a file half written): right after it
-            return
-        raise SystemExit(_STOPPED)  # ... and we leave cleanly: the subscription says goodbye, nothing looks dead
+        stopped[0] = True  # seen between two chunks, or by a wait within _STOP_LOOK: never inside the callback (a file
+        if not subscribed[0]:  # half written) nor the client's own code (a multipart message half read)
+            raise SystemExit(_STOPPED)  # (waiting for the stream to appear: nothing of ours to leave half done)
 
     # SIGINT and SIGTERM to our group (Ctrl-C, systemd, timeout) are up's, which stops us itself: caught and
     # dropped (not SIG_IGN, which a program the task runs would inherit through exec).  They, and up's stop,
@@ -101,6 +102,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
         if skipped is not None:
             skipped.value = _GONE  # (up reads it: an exit code could be the task's own)
         return
+    subscribed[0] = True
     with sub:
         if reached is not None and sub.start_index > reached:
             # A restarted worker: what its predecessor did not read is not ours to see (a lossless
@@ -114,23 +116,29 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             progress.value = sub.start_index
         done = sub.start_index
         try:
-            for chunk in sub:
+            while not stopped[0]:
+                try:
+                    chunk = sub.recv(_STOP_LOOK)
+                except TimeoutError:
+                    continue
+                except EndOfStream as exc:
+                    if type(exc) is EndOfStream:
+                        break  # (closed: every chunk taken; a publisher gone is an error)
+                    raise
                 with chunk:
-                    busy[0] = True
-                    try:
-                        fn(chunk, **task.options)
-                        done = chunk.index + len(chunk)
-                        if progress is not None:
-                            progress.value = done  # (its callback returned: processed)
-                    finally:
-                        busy[0] = False
-                if busy[1]:
-                    raise SystemExit(_STOPPED)
+                    if stopped[0]:
+                        break  # (stopped while it waited: not one chunk more)
+                    fn(chunk, **task.options)
+                    done = chunk.index + len(chunk)
+                    if progress is not None:
+                        progress.value = done  # (its callback returned: processed)
         except BrokerGoneError as exc:
             # (`up` itself killed, its broker with it: one line, not a traceback that reads as the task's bug)
             logging.getLogger("slabcast.up").error("task %s#%d: %s, having processed its stream up to index %d",
                                                    task.name, index, exc, done)  # fmt: skip
             raise SystemExit(1) from None
+    if stopped[0]:
+        raise SystemExit(_STOPPED)  # (the subscription said goodbye: nothing looks dead)
 
 
 def _stop_worker(proc: Any) -> None:
@@ -254,6 +262,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     os.close(write_fd)
     finished = False
     cut_off = False  # a task did not finish its stream after the stop (not for a second Ctrl-C)
+    broker_died = False
     try:
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
@@ -286,6 +295,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 break
             if broker.process is not None and broker.process.poll() is not None:
                 say(f"the broker exited with code {broker.process.returncode}; stopping")
+                broker_died = True
                 break
             if now >= next_status:
                 next_status = now + _STATUS_EVERY
@@ -313,9 +323,20 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
         # SIGINT: its SIGTERM ends the sources' streams only (a SIGTERM to our whole cgroup, systemd's
         # KillMode=control-group, reaches it too).  8 s: longer than it gives its sources' threads to stop (5 s).
         code = broker.stop(timeout=8.0, sig=signal.SIGINT)
+        if broker_died:  # (its segments stayed in /dev/shm until the next broker started; a newcomer)
+            from ..core.shm import reap_stale
+
+            reaped = reap_stale()
+            if reaped:
+                say(f"removed the shared memory the broker left: {', '.join(reaped)}")
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
     say(f"stopped (broker exit code {code}, {sum(s.restarts for s in slots)} restarts)")
+    for slot in slots if broker_died else ():  # (its workers' own lines race with their stop: said here, each)
+        if not slot.done:
+            where = slot.processed()
+            say(f"task {slot.name} processed its stream up to index {where} when the broker died" if where is not None
+                else f"task {slot.name} had not subscribed when the broker died")  # fmt: skip
     for slot in slots:  # (a newcomer: said only in a worker's log line, easy to miss; up exited 0 all the same)
         _took_skipped(slot)  # (a worker still running at the stop)
         parts = [f"{slot.missed} samples"] if slot.missed else []
