@@ -164,6 +164,33 @@ def test_a_lossless_local_subscriber_that_keeps_the_publisher_waiting_is_evicted
     assert to(PUB, out, M.Grant)
 
 
+def test_a_publisher_still_writing_its_current_slab_is_not_held_back_and_its_holder_not_evicted(h: Harness) -> None:
+    # An audio newcomer: with no slab granted ahead, status said "held back 2.4 s (no free slab)" of a source still
+    # writing its current slab at 48,000 samples a second; a subscriber could be evicted for a wait that was not.
+    h.open()
+    h.hello(SUB, "sub")
+    join(h, SUB, 100)
+    while h.grants:  # every slab written or being written; no ACK: none is freed
+        h.write(100)
+    stream = h.state.streams["s"]
+    assert not stream.pool.granted and h.offset + 400 <= h.slab_end  # room left in the current slab
+    for _ in range(2 * int(LEASE)):  # a frame between two sweeps, past lease_timeout in all
+        h.write(1)
+        assert not to(SUB, h.tick(1.0)), "evicted while the publisher was still writing"
+        assert stream.held_since is None
+        assert h.state.status(h.now)["streams"][0]["publisher"]["held_back_s"] is None
+    h.write(1)  # (then it stops: its slab full, say)
+    h.tick(0.5)
+    moved = h.now  # the last sweep that saw the head move
+    assert stream.held_since is None
+    h.tick(0.5)
+    assert stream.held_since == moved  # timed from the last move seen, not from the last grant
+    assert h.state.status(h.now + 1.0)["streams"][0]["publisher"]["held_back_s"] == 1.5
+    assert not to(SUB, h.tick(LEASE - 0.5))
+    (end,) = to(SUB, h.tick(1.0), M.End)
+    assert end.code == P.END_EVICTED
+
+
 # ------------------------------------------------------ subscriber first
 
 

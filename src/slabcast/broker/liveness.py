@@ -38,8 +38,13 @@ def alive(client: Client, now: float, system: System, draining: list[Stream]) ->
 def stalled(stream: Stream, now: float, lease_timeout: float) -> list[LocalSub]:
     """The lossless local subscribers whose cursor has kept the publisher without a slab longer than
     ``lease_timeout`` (logged: the caller evicts them); times the others' stalls, and the stream's hold
-    (``Stream.held_since``) however those cursors move meanwhile."""
-    if stream.publisher is None or stream.pool.granted:
+    (``Stream.held_since``) however those cursors move meanwhile.  A publisher is held back only once its head
+    stops: one with no slab granted ahead still writes the room left in its current slab (a newcomer's status said
+    "held back 2.4 s" of a source writing 48,000 samples a second), timed from the head's last move seen."""
+    moved = stream.head != stream.head_seen
+    if moved:
+        stream.head_seen, stream.head_moved = stream.head, now
+    if stream.publisher is None or stream.pool.granted or moved:
         for sub in stream.subs:
             if isinstance(sub, LocalSub):
                 sub.stalled_since = None
@@ -54,9 +59,9 @@ def stalled(stream: Stream, now: float, lease_timeout: float) -> list[LocalSub]:
         if not isinstance(sub, LocalSub) or sub.policy != "block" or sub.cursor != floor:
             continue
         if stream.held_since is None:
-            stream.held_since = now
+            stream.held_since = stream.head_moved
         if sub.stalled_since is None:
-            sub.stalled_since = now
+            sub.stalled_since = stream.head_moved
         elif now - sub.stalled_since > lease_timeout:
             # Chunks it holds stay intact (its lease locks); only its claim on unread frames ends.
             log.warning(

@@ -254,10 +254,14 @@ class Stream:
         self.meta: dict[str, Any] = StreamInfo.check_metadata(None, channels)  # channel types, units, source_id
         self.tokens: list[bytes] = []  # those the publisher must see join before its first frame
         self.ended = False
-        # Since when (the broker's clock, as of its sweeps) no slab has been left for the publisher while a block
+        # Since when (the broker's clock, as of its sweeps) the publisher, with no slab left, has stopped while a block
         # subscriber's cursor holds the oldest back: the status' "held back" (each subscriber's own stall timer,
         # stalled_since, restarts when its cursor moves: a slow one that moves within a slab is no less a hold).
         self.held_since: float | None = None
+        # The head as the last sweep saw it, and when it last moved: a publisher still writing into its current slab
+        # is not held back, granted slab or not (liveness.stalled).
+        self.head_seen = -1
+        self.head_moved = 0.0
         self.final_row: dict[str, Any] | None = None  # its status row at its end (status' ended_streams)
         self.final_subs: list[LocalSub | BrokerCutSub] = []  # its subscribers then, in that row's order
         self.stats = Statistics(dtype, channels, rate)
