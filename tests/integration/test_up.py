@@ -557,3 +557,26 @@ def test_a_broker_killed_under_up_has_each_task_said_with_its_index_and_no_trace
         start, n, _ = map(int, (tmp_path / f"tally{k}.txt").read_text().splitlines()[-1].split())
         assert said[f"rec{k}"] == start + n, said
     assert "Traceback" not in text, text
+
+
+def test_a_worker_stopped_by_hand_with_sigusr2_is_restarted_as_asked_not_as_a_failure(tmp_path):
+    # An audio newcomer found no way to restart one worker: SIGTERM is dropped (it is up's), and SIGUSR2 was
+    # reported as a crash ("exited with code 143"), counting towards max_failures.
+    cfg = tmp_path / "up.toml"
+    cfg.write_text(
+        f"[broker]\naddress = 'ipc://{tmp_path}/b.sock'\n"
+        "[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 8000\nchannels = 1\nframe = 80\n"
+        "[[tasks]]\nname = 'rec'\ncall = 'tests.integration.workers:tally'\nstream = 'mic'\nsize = 800\n"
+        f"max_failures = 1\noptions = {{ out = '{tmp_path}/tally.txt' }}\n"
+    )
+    with running_up(cfg) as (proc, lines):
+        for restart in (1, 2):  # (max_failures = 1: one failure would end the task)
+            pid = int(lines.expect(r"task rec#0 started, pid (\d+)")[1])
+            lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
+            os.kill(pid, signal.SIGUSR2)
+            lines.expect(rf"task rec#0 was stopped by SIGUSR2 between two chunks; restart {restart} in 0.5 s")
+        lines.expect(r"task rec#0 started, pid (\d+)")
+        lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
+        proc.send_signal(signal.SIGINT)
+        lines.expect(r"stopped \(broker exit code 0, 2 restarts\)", timeout=30)
+        assert proc.wait(30) == 0

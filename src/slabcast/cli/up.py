@@ -443,6 +443,12 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
         slot.done = True
         say(f"task {slot.name} finished its stream")
         return
+    if code == _STOPPED:  # (SIGUSR2 to the worker, by hand: a restart asked for, between two chunks; no failure)
+        slot.restarts += 1
+        slot.due = now + _BACKOFF_FIRST
+        say(f"task {slot.name} was stopped by SIGUSR2 between two chunks; restart {slot.restarts} in "
+            f"{_BACKOFF_FIRST:g} s")  # fmt: skip
+        return
     if now - slot.started >= _HEALTHY:
         slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again
     slot.streak += 1
