@@ -128,7 +128,12 @@ class LslSource:
         lsl = self._lsl
         found = lsl.resolve_bypred(self.predicate, 1, self.timeout)
         if not found:
-            raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){self._seen_instead()}")
+            first = not self._looked
+            instead = self._seen_instead()
+            if first and instead.startswith("; outlets visible now"):  # (it may have come while we listed: a
+                found = lsl.resolve_bypred(self.predicate, 1, 0.5)  # newcomer read its own outlet as not matching)
+            if not found:
+                raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){instead}")
         info = found[0]
         self._looked = True  # (found once: a later failure is a lost outlet, not a typo, and its reconnection
         # must not spend a blocking look at every outlet, which liblsl may stretch past a broker's stop)
