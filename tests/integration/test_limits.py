@@ -7,9 +7,11 @@ import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +80,9 @@ def test_running_out_of_descriptors_in_a_client_is_a_clear_slabcast_error(broker
 class _LimitedBroker:
     """``slabcast broker`` started with a hard RLIMIT_NOFILE of ``nofile`` (its soft limit too)."""
 
-    def __init__(self, address: str, nofile: int, log: Path) -> None:
+    def __init__(self, address: str, nofile: int, log: Path, *args: str) -> None:
         self.address = f"ipc://{address}"
+        self.tcp_address: str | None = None
         self.log = log
         read_fd, write_fd = os.pipe()
 
@@ -89,13 +92,15 @@ class _LimitedBroker:
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "slabcast", "broker", "--address", self.address, "--ready-fd", str(write_fd),
-                 "--log-level", "INFO"],
+                 "--log-level", "INFO", *args],
                 pass_fds=(write_fd,), preexec_fn=limit, stderr=err, start_new_session=True,
             )  # fmt: skip
         os.close(write_fd)
         try:
             ready, _, _ = select.select([read_fd], [], [], 20)
-            assert ready and os.read(read_fd, 4096).startswith(b"ready"), self.log.read_text()
+            said = os.read(read_fd, 4096).decode() if ready else ""
+            assert said.startswith("ready"), self.log.read_text()
+            self.tcp_address = said.split(" and ")[1].strip() if " and " in said else None
         finally:
             os.close(read_fd)
 
@@ -157,3 +162,63 @@ def test_a_broker_out_of_descriptors_refuses_one_more_client_and_serves_the_othe
     assert code == 0, log
     assert "open-file limit (RLIMIT_NOFILE) 128" in log
     assert "refused" in log and "LimitNOFILE=" in log, log
+
+
+def test_a_flood_of_tcp_connections_without_a_key_leaves_the_descriptors_local_clients_need(tmp_path, stream_name):
+    # A reliability newcomer: 270 plain TCP connections (no ZMTP, no key) to a CURVE broker at nofile 200 took its
+    # descriptors, and the next local client's connection ended the broker in SIGABRT (libzmq's ipc listener
+    # aborts when accept finds no descriptor; its TCP listener does not). The broker stops accepting TCP
+    # connections while it is within its headroom, and accepts them again once they are gone.
+    for name, where in (("broker", tmp_path), ("client", tmp_path / "clients")):
+        subprocess.run([sys.executable, "-m", "slabcast", "keygen", name, "--dir", str(where)], capture_output=True,
+                       timeout=30, check=True)  # fmt: skip
+    broker = _LimitedBroker(str(tmp_path / "b.sock"), 256, tmp_path / "broker.log", "--tcp", "127.0.0.1:0",
+                            "--curve-secret", str(tmp_path / "broker.key_secret"),
+                            "--curve-clients", str(tmp_path / "clients"))  # fmt: skip
+    assert broker.tcp_address is not None
+    host, port = broker.tcp_address.removeprefix("tcp://").rsplit(":", 1)
+    pub = slabcast.Publisher(stream_name, dtype="int32", channels=1, address=broker.address)
+    flood: list[socket.socket] = []
+    subs: list[slabcast.Subscriber] = []
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{broker.proc.pid}/fd"))
+
+    try:
+        refused = False
+        while len(flood) < 400:
+            before = fds()
+            try:
+                flood.append(socket.create_connection((host, int(port)), timeout=5))
+            except ConnectionRefusedError:
+                refused = True
+                break
+            deadline = time.monotonic() + 5
+            while fds() == before:  # (accepted: one descriptor more; or the listener closed: one less)
+                assert time.monotonic() < deadline, "the broker neither took the connection nor stopped listening"
+        assert refused and len(flood) < 256, len(flood)
+        assert broker.proc.poll() is None, broker.log.read_text()
+        # Local clients still get in and get the stream.
+        subs = [slabcast.Subscriber(stream_name, size=5, address=broker.address) for _ in range(3)]
+        pub.write(np.arange(5, dtype=np.int32).reshape(5, 1))
+        for sub in subs:
+            with sub.recv(timeout=10) as chunk:
+                assert chunk.data.reshape(-1).tolist() == [0, 1, 2, 3, 4]
+        # The flood gone, a client with a key is accepted over TCP again (within the broker's next sweep).
+        for conn in flood:
+            conn.close()
+        flood.clear()
+        curve = (str(tmp_path / "clients" / "client.key_secret"), str(tmp_path / "broker.key"))
+        subs.append(slabcast.Subscriber(stream_name, size=5, address=broker.tcp_address, curve=curve, wait=10))
+        pub.write(np.arange(5, 10, dtype=np.int32).reshape(5, 1))
+        with subs[-1].recv(timeout=10) as chunk:
+            assert chunk.data.reshape(-1).tolist() == [5, 6, 7, 8, 9]
+        log = broker.log.read_text()
+        assert "descriptors left: not accepting TCP connections" in log and "accepting TCP connections" in log, log
+    finally:
+        for conn in flood:
+            conn.close()
+        for sub in subs:
+            sub.close()
+        pub.close()
+        assert broker.stop() == 0, broker.log.read_text()
