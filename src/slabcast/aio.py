@@ -61,8 +61,12 @@ class Subscriber:
         self._lock = threading.Lock()
         self._waiting: concurrent.futures.Future[_BlockingSubscriber] | None = None
         wait = options.get("wait")
+        timeout = options.get("timeout", 10.0)
+        if not is_real(timeout) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive finite number of seconds (the broker's answers), got "
+                             f"{timeout!r}")  # fmt: skip
         if wait is None:
-            wait = options.get("timeout", 10.0)
+            wait = timeout
         if not is_real(wait) or not 0 <= wait < math.inf:  # (checked here: the first look is made without one)
             raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
         ready = options.pop("ready", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -338,6 +339,8 @@ MALFORMED = [
     (msgpack.packb([P.HELLO]), "HELLO must start"),
     (msgpack.packb([P.HELLO, 1, "pid", "sub", "x"]), "HELLO field 2 (pid) must be int, got 'pid'"),
     (msgpack.packb([P.HELLO, 1, 1, "boss", "x"]), "role must be"),
+    # (a reliability newcomer: a version of the wrong type was answered without the field, nor what came)
+    (msgpack.packb([P.HELLO, "3", 0, "sub", "x"]), "HELLO field 1 (version) must be an integer, got '3' (a str)"),
 ]
 
 
@@ -372,6 +375,11 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
             "no stream named 'nope'",
         ),
         (msgpack.packb([P.PUBLISHED, 1]), P.ERR_BAD_REQUEST, "PUBLISHED from a connection that publishes no stream"),
+        # (a reliability newcomer: too many sampler values were said out of range, the whole array echoed back)
+        (msgpack.packb([P.SUBSCRIBE, stream_name, 5, None, True, "block", 8, [1.0] * 100_000]), P.ERR_BAD_REQUEST,
+         "sampler may hold at most 4096 values, got 100000"),
+        (msgpack.packb([P.SUBSCRIBE, stream_name, 5, None, True, "block", 8, [1.0, 2.0, -1.0] + [0.0] * 3000]),
+         P.ERR_BAD_REQUEST, "sampler values must be numbers in 0..1e+09 s, got -1.0 (value 2 of 3003)"),
         (msgpack.packb([P.RELEASE, [1, 2], []]), P.ERR_BAD_REQUEST, "RELEASE from a connection with no subscription"),
         (
             msgpack.packb([P.OPEN, "x", "<f4", 1, None, 4096, 2, 2048, None, 0.0]),
@@ -384,13 +392,14 @@ def test_malformed_messages_get_errors_and_hurt_no_one(broker, stream_name):
         reply = msgpack.unpackb(s.recv())
         assert reply[:2] == [P.ERROR, code], reply
         assert expect in reply[2], reply
+        assert len(reply[2]) < 1000, len(reply[2])  # (no field echoed back whole)
     s.send_multipart([b"two", b"parts"])
     assert "expected one message part" in msgpack.unpackb(s.recv())[2]
     s.close()
     pub.close()
     t.join(10)
     assert healthy[: len(MALFORMED)] == list(range(len(MALFORMED)))
-    assert len(healthy) == len(MALFORMED) + 7 and healthy[-7:] == [0] * 7
+    assert len(healthy) == len(MALFORMED) + 9 and healthy[-9:] == [0] * 9
 
 
 def test_bad_frames_are_refused_and_nothing_is_written(broker, stream_name):
@@ -604,6 +613,36 @@ def test_what_a_newcomer_got_wrong_is_said_where_it_enters(broker, stream_name, 
 
     with pytest.raises(AttributeError, match="did you mean 'spl'"):
         resolve("slabcast.examples:spll")
+
+
+def test_bad_timeouts_and_flags_are_said_where_they_enter_and_nothing_is_made(broker, stream_name):
+    # A reliability newcomer: Publisher(timeout=-1) sent OPEN, then blamed the broker ("no answer ... within -1 s"),
+    # leaving an ended stream behind; nan and inf failed converting to an integer; Subscriber(timeout=nan) named
+    # `wait`; reconnect=-1 passed; recv("1") failed adding a str; write(discontinuity="no") set the flag; a
+    # big-endian frame was said "must be float32, got float32".
+    for bad in (-1, 0, math.nan, math.inf, "10"):
+        with pytest.raises(ValueError, match=rf"timeout must be a positive finite number of seconds .*got {bad!r}"):
+            slabcast.Publisher(stream_name, "float32", timeout=bad, address=broker.address)
+    assert not slabcast.broker_status(broker.address)["streams"], "a refused publisher opened its stream"
+    with slabcast.Publisher(stream_name, "float32", address=broker.address) as pub:
+        for bad in (math.nan, math.inf, -1):
+            with pytest.raises(ValueError, match=rf"^timeout must be a positive finite number .*got {bad!r}"):
+                slabcast.Subscriber(stream_name, 4, timeout=bad, address=broker.address)
+        for bad in (-1, math.nan, "yes"):
+            with pytest.raises(ValueError, match=rf"reconnect must be True, False or a finite number .*got {bad!r}"):
+                slabcast.Subscriber(stream_name, 4, reconnect=bad, address=broker.address)
+        with slabcast.Subscriber(stream_name, 4, clip=True, address=broker.address) as sub:
+            for bad in ("1", -1, math.nan):
+                with pytest.raises(ValueError, match=rf"recv's timeout must be a number of seconds >= 0 or None, "
+                                                     rf"got {bad!r}"):  # fmt: skip
+                    sub.recv(bad)
+            with pytest.raises(TypeError, match=r"discontinuity must be True or False, got 'no' .*nothing was written"):
+                pub.write(np.zeros(4, dtype=np.float32), discontinuity="no")
+            with pytest.raises(TypeError, match=r"must be <f4 for stream .*, got >f4 \(nothing is cast\)"):
+                pub.write(np.zeros(4, dtype=">f4"))
+            pub.write(np.arange(4, dtype=np.float32), discontinuity=np.bool_(False))
+            with sub.recv(math.inf) as chunk:  # (inf: for ever, as None)
+                assert chunk.index == 0 and not chunk.discontinuity and chunk.data.tolist() == [0, 1, 2, 3]
 
 
 def test_the_synthetic_source_writes_whole_frames(tmp_path, stream_name):

@@ -61,10 +61,19 @@ class OpenRequest(NamedTuple):
     meta: dict[str, Any]
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters: an error answer never echoes a large field back."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_hello(msg: tuple[Any, ...]) -> M.Hello:
     """Decode a HELLO from its unpacked array: the version first (a later version may send more fields)."""
-    if len(msg) < 2 or type(msg[1]) is not int:
-        raise ProtocolError("HELLO must start [HELLO, version, ...]")
+    if len(msg) < 2:
+        raise ProtocolError(f"HELLO must start [HELLO, version, ...], got {len(msg) - 1} fields")
+    if type(msg[1]) is not int:
+        raise ProtocolError(f"HELLO field 1 (version) must be an integer, got {_short(msg[1])} "
+                            f"(a {type(msg[1]).__name__})")  # fmt: skip
     if msg[1] != P.VERSION and msg[1] not in P.LEGACY_VERSIONS:
         raise Refused(
             P.ERR_VERSION,
@@ -148,12 +157,12 @@ def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
     if sampler is not None and not isinstance(sampler, int | float | tuple):
         raise ProtocolError(f"SUBSCRIBE sampler must be nil, a number or an array of numbers, got {sampler!r}")
     values = sampler if isinstance(sampler, tuple) else (sampler,) if sampler is not None else ()
-    if len(values) > PAUSE_PREFETCH_MAX or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= P.MAX_SAMPLER_SECONDS for v in values
-    ):
-        raise Refused(
-            P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, got {sampler!r}"
-        )
+    if len(values) > PAUSE_PREFETCH_MAX:
+        raise Refused(P.ERR_BAD_REQUEST, f"sampler may hold at most {PAUSE_PREFETCH_MAX} values, got {len(values)}")
+    for i, v in enumerate(values):  # (the first bad one named, not the whole array echoed: it may be megabytes)
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= P.MAX_SAMPLER_SECONDS):
+            raise Refused(P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, "
+                                             f"got {_short(v)} (value {i} of {len(values)})")  # fmt: skip
 
 
 class DescriptorGuard:

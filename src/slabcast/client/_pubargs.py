@@ -27,7 +27,7 @@ log = logging.getLogger("slabcast.client.publisher")
 
 def open_args(
     stream: str, dtype: Any, channels: Any, rate: Any, slab_bytes: Any, max_chunk_bytes: Any, nslabs: Any,
-    history: Any,
+    history: Any, timeout: Any = 10.0,
 ) -> tuple[np.dtype[Any], int, float | None, int, int, int]:  # fmt: skip
     """A :class:`~slabcast.Publisher`'s arguments checked (see its parameters): ``(dtype, channels, rate, slab
     bytes, carried part, nslabs)``, ``nslabs`` raised to hold ``history`` seconds when the stream has a rate.
@@ -38,6 +38,9 @@ def open_args(
         Saying which argument, what it must be and what came.
     """
     dtype = P.check_dtype(dtype)
+    if not is_real(timeout) or not 0 < timeout < math.inf:  # (checked before OPEN: nothing is made for a bad one)
+        raise ValueError(f"timeout must be a positive finite number of seconds (how long a write waits for a slab), "
+                         f"got {timeout!r}")  # fmt: skip
     if not is_integer(channels) or channels < 1:
         raise ValueError(f"channels must be a positive integer, got {channels!r}")
     channels = int(channels)
@@ -102,7 +105,10 @@ def check_frame(data: Any, dtype: np.dtype[Any], channels: int, where: str) -> n
             ) from None
     elif isinstance(data, np.ndarray):
         if data.dtype != dtype:
-            raise TypeError(f"frame dtype must be {dtype} for {where}, got {data.dtype} (nothing is cast)")
+            want, came = str(dtype), str(data.dtype)
+            if dtype.str[1:] == data.dtype.str[1:]:  # (the byte order alone differs: ">f4" against "float32")
+                want, came = dtype.str, data.dtype.str
+            raise TypeError(f"frame dtype must be {want} for {where}, got {came} (nothing is cast)")
         arr = data
     else:
         raise TypeError(

@@ -94,7 +94,8 @@ class Publisher(SlabSwitching, Telling):
         know how much; a stream without one keeps what ``nslabs`` slabs hold, said in
         the log).  Finite and > 0.
     timeout : float
-        Seconds a ``write`` waits for a free slab before :class:`WriteTimeout`.
+        Seconds a ``write`` waits for a free slab before :class:`WriteTimeout` (finite, > 0),
+        and the open waits for the broker.
     channel_names : list of str, optional
         Defaults to ``ch_0 ... ch_{n-1}``.
     channel_types, channel_units : list of str, optional
@@ -149,13 +150,13 @@ class Publisher(SlabSwitching, Telling):
     ) -> None:
         P.check_stream_name(stream)
         self.dtype, channels, rate, layout, carried, nslabs = open_args(
-            stream, dtype, channels, rate, slab_bytes, max_chunk_bytes, nslabs, history)  # fmt: skip
+            stream, dtype, channels, rate, slab_bytes, max_chunk_bytes, nslabs, history, timeout)  # fmt: skip
         self.name = stream
         self._pid = os.getpid()
         self._forks = FORKS[0]
         self.channels = channels
         self.rate = rate
-        self.timeout = timeout
+        self.timeout = float(timeout)
         self._where = f"stream {stream!r}"
         self._closed = False
         self._mm: Any = None
@@ -287,6 +288,9 @@ class Publisher(SlabSwitching, Telling):
                 f"the publisher of {self._where} was created in process {self._pid}; its ZeroMQ sockets do not "
                 "survive fork(): create the Publisher in the process that writes"
             )
+        if discontinuity is not False and discontinuity is not True and type(discontinuity) is not np.bool_:
+            raise TypeError(f"discontinuity must be True or False, got {discontinuity!r} ({self._where}); nothing "
+                            f"was written")  # fmt: skip  (a string, "no", set the flag)
         writer = self._writer
         state = self._state
         if writer is not None and times is None and not (state.fresh or state.pend_n) and (

@@ -216,6 +216,9 @@ class Subscriber:
         self._closed = False
         # Counters of the subscriptions to earlier brokers (reconnect=): received, released, dropped.
         self._before = (0, 0, 0)
+        if not (isinstance(reconnect, bool) or (is_real(reconnect) and 0 <= reconnect < math.inf)):
+            raise ValueError(f"reconnect must be True, False or a finite number of seconds >= 0 to wait for the "
+                             f"broker to come back, got {reconnect!r}")  # fmt: skip
         self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
         # The settings of SUBSCRIBE (the rest is filled per connection: local or remote).
         self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler,
@@ -223,7 +226,10 @@ class Subscriber:
         self._max_inflight = max_inflight
         self._partial_tail = bool(partial_tail)
         self._curve = curve
-        self._timeout = timeout
+        if not is_real(timeout) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive finite number of seconds (the broker's answers), got "
+                             f"{timeout!r}")  # fmt: skip
+        self._timeout = float(timeout)
         if wait is None:
             wait = timeout
         if not is_real(wait) or not 0 <= wait < math.inf:
@@ -438,8 +444,12 @@ class Subscriber:
             The broker died or shut down.
         TimeoutError
             No chunk within ``timeout`` seconds.
+        ValueError
+            ``timeout`` is neither None (wait for ever, as ``math.inf`` does) nor a number of seconds >= 0.
         """
-        chunk = self._recv(timeout)
+        if timeout is not None and not (is_real(timeout) and timeout >= 0):  # (NaN too)
+            raise ValueError(f"recv's timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        chunk = self._recv(None if timeout == math.inf else timeout)
         if chunk is None:
             raise self.timeout_error(timeout)
         return chunk
