@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import zlib
@@ -434,3 +435,19 @@ def test_every_client_entry_point_works_over_tcp_with_curve(tcp_broker, keys, st
     win.close()
     remote.close()
     pub.close()
+
+
+def test_a_tcp_listener_that_fails_past_its_authenticator_leaves_the_broker_free_to_end(keys, tmp_path):
+    # A reviewer: an address that fails to encode (past the authenticator's start, not in bind) left the
+    # authenticator's sockets open; the broker's context then waited for them for ever, its files left behind.
+    code = textwrap.dedent(f"""
+        from slabcast.broker.server import Broker
+        try:
+            Broker({f"ipc://{tmp_path}/f.sock"!r}, tcp="127.0.0.1:\\udcff",
+                   curve_secret={str(keys / "broker.key_secret")!r}, curve_clients={str(keys / "clients")!r})
+        except UnicodeEncodeError as exc:
+            print("raised", type(exc).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=15)
+    assert out.returncode == 0 and out.stdout.strip() == "raised UnicodeEncodeError", out.stdout + out.stderr
+    assert not (tmp_path / "f.sock").exists() and not (tmp_path / "f.sock.lock").exists()

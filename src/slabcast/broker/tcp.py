@@ -131,33 +131,38 @@ class TcpListener:
                         "(read at each handshake: no restart needed)", curve_clients)  # fmt: skip
         auth = _authenticator(ThreadAuthenticator, ctx, curve_clients)
         auth.start()
-        auth.configure_curve(domain="*", location=curve_clients)
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_IVL * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.HEARTBEAT_TIMEOUT * 1000))  # (> REMOTE_SILENCE)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_IVL * 1000))
-        sock.curve_server = True
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        endpoint = tcp if tcp.startswith("tcp://") else f"tcp://{tcp}"
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
+        sock: zmq.Socket[Any] | None = None
+        try:  # (whatever fails from here closes what it made: the broker's context could not end with them open)
+            auth.configure_curve(domain="*", location=curve_clients)
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_IVL * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.HEARTBEAT_TIMEOUT * 1000))  # (> REMOTE_SILENCE)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_IVL * 1000))
+            sock.curve_server = True
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            endpoint = tcp if tcp.startswith("tcp://") else f"tcp://{tcp}"
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                hint = " (another program, or another broker, listens there)" if exc.errno == errno.EADDRINUSE else ""
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise OSError(f"cannot listen on {endpoint}: {reason}{hint}") from None
+            self.address: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            # A client that holds the wrong public key for us fails before the authenticator hears of it (and each
+            # connection accepted: the broker counts its descriptors then).
+            self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | _ACCEPTED)
+        except BaseException:
+            if sock is not None:
+                sock.close(linger=0)
             auth.stop()
-            hint = " (another program, or another broker, listens there)" if exc.errno == errno.EADDRINUSE else ""
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OSError(f"cannot listen on {endpoint}: {reason}{hint}") from None
+            raise
         self.sock = sock
-        self.address: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        # A client that holds the wrong public key for us fails before the authenticator hears of it.
-        # (and each connection accepted: the broker counts its descriptors then)
-        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | _ACCEPTED)
         self._auth = auth
         self.paused = False
 
