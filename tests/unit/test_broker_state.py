@@ -191,30 +191,6 @@ def test_a_publisher_still_writing_its_current_slab_is_not_held_back_and_its_hol
     assert end.code == P.END_EVICTED
 
 
-def test_an_idle_publisher_with_room_for_its_largest_frame_keeps_nobodys_subscriber_timed(h: Harness) -> None:
-    # A quiet stream (markers, a pause) with every other slab held by a slow recorder: the publisher waits for
-    # nobody while its current slab has room for its largest frame so far, so the recorder is not evicted for it.
-    h.open()
-    h.hello(SUB, "sub")
-    join(h, SUB, 100)
-    stream = h.state.streams["s"]
-    stream.ring.set_frame_max(100)  # (the publisher keeps it in the ring's header)
-    while h.grants:
-        h.write(100)
-    assert not stream.pool.granted and h.offset + 400 <= h.slab_end
-    for _ in range(2 * int(LEASE)):  # idle, past lease_timeout
-        assert not to(SUB, h.tick(1.0)), "evicted while the publisher had room and waited for nobody"
-    assert stream.held_since is None
-    while h.offset + 400 <= h.slab_end:  # then its slab fills: now it waits
-        h.write(100)
-    h.tick(0.5)
-    h.tick(0.5)
-    assert stream.held_since is not None
-    assert not to(SUB, h.tick(LEASE - 0.5))
-    (end,) = to(SUB, h.tick(1.0), M.End)
-    assert end.code == P.END_EVICTED
-
-
 # ------------------------------------------------------ subscriber first
 
 

@@ -40,16 +40,13 @@ def stalled(stream: Stream, now: float, lease_timeout: float) -> list[LocalSub]:
     ``lease_timeout`` (logged: the caller evicts them); times the others' stalls, and the stream's hold
     (``Stream.held_since``) however those cursors move meanwhile.  A publisher is held back only once its head
     stops: one with no slab granted ahead still writes the room left in its current slab (a newcomer's status said
-    "held back 2.4 s" of a source writing 48,000 samples a second), timed from the head's last move seen; one whose
-    current slab has room for its largest frame so far waits for nobody (a quiet stream's slow recorder was evicted
-    for keeping a publisher waiting that was not)."""
+    "held back 2.4 s" of a source writing 48,000 samples a second), timed from the head's last move seen.  (Room
+    left in its slab says nothing: a slab also ends at its frame cap, and a frame may be larger than any before;
+    an idle publisher with no slab granted counts as held, as it may be.)"""
     moved = stream.head != stream.head_seen
     if moved:
         stream.head_seen, stream.head_moved = stream.head, now
-    frame_max = stream.ring.frame_max  # (0: not kept)
-    room = frame_max and stream.pool.current is not None and \
-        stream.slab_end - stream.next_offset >= frame_max * stream.sample_bytes  # fmt: skip
-    if stream.publisher is None or stream.pool.granted or moved or room:  # (room: an idle publisher waits for nobody)
+    if stream.publisher is None or stream.pool.granted or moved:
         for sub in stream.subs:
             if isinstance(sub, LocalSub):
                 sub.stalled_since = None
