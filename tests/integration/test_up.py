@@ -574,9 +574,37 @@ def test_a_worker_stopped_by_hand_with_sigusr2_is_restarted_as_asked_not_as_a_fa
             pid = int(lines.expect(r"task rec#0 started, pid (\d+)")[1])
             lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
             os.kill(pid, signal.SIGUSR2)
-            lines.expect(rf"task rec#0 was stopped by SIGUSR2 between two chunks; restart {restart} in 0.5 s")
+            lines.expect(rf"task rec#0 was stopped by SIGUSR2; restart {restart} in 0.5 s")
         lines.expect(r"task rec#0 started, pid (\d+)")
         lines.expect(r"^\[tally\] \d+ 800$", timeout=30)
         proc.send_signal(signal.SIGINT)
         lines.expect(r"stopped \(broker exit code 0, 2 restarts\)", timeout=30)
         assert proc.wait(30) == 0
+
+
+def test_a_worker_is_never_stopped_inside_its_clients_recv(broker, stream_name, tmp_path):
+    # A newcomer's kill -9 of the broker under up: the worker's stop, raised from the signal handler wherever it
+    # was, cut the client's own reading in half (then "Invalid event message format" from close()). The stop is a
+    # flag now: here the client's recv spends 0.3 s inside itself after each chunk, and the stop comes then.
+    out = tmp_path / "tally.txt"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.integration.workers import "
+                             "task_in_a_slow_client as f; f(*sys.argv[1:])", broker.address, stream_name, str(out)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        with slabcast.Publisher(stream_name, "int16", rate=8000.0, address=broker.address) as pub:
+            lines = Lines(proc.stdout)
+            deadline = time.monotonic() + 20
+            while not slabcast.broker_status(broker.address)["streams"][0]["subscribers"]:
+                assert time.monotonic() < deadline, "the worker never subscribed"
+                time.sleep(0.02)  # (polling the broker's status: the subscription is the broker's to tell)
+            pub.write(np.arange(800, dtype=np.int16))
+            lines.expect(r"^\[tally\] 0 80$", timeout=20)  # (its first recv returned; the next is inside 0.3 s)
+            proc.send_signal(signal.SIGUSR2)
+            assert proc.wait(20) == 143  # (_STOPPED: stopped, not failed)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert set((tmp_path / "tally.txt.close").read_text().split()) == {"clean"}  # (closed by with, then __del__)
+    assert out.read_text().splitlines()[0] == "0 80 0"

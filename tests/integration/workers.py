@@ -271,3 +271,35 @@ def aio_subscribe_then_ready(address, name, size, ready_q, result_q):
     except BaseException as exc:
         result_q.put(repr(exc))
         raise
+
+
+def task_in_a_slow_client(address: str, stream: str, out: str) -> None:
+    """`up`'s worker body (task_main) for a tally task, in a client whose ``recv`` spends 0.3 s inside itself after
+    each chunk (as a multipart read or an import would, briefly): writes ``interrupted`` to ``out + '.close'`` if the
+    subscription is closed while a recv is still inside, ``clean`` otherwise."""
+    import time
+
+    from slabcast.cli.up import task_main
+    from slabcast.cli.up_config import Task
+    from slabcast.client.subscriber import Subscriber
+
+    inside = [False]
+    recv, close = Subscriber.recv, Subscriber.close
+
+    def slow_recv(self, timeout=None):
+        inside[0] = True
+        chunk = recv(self, timeout)
+        time.sleep(0.3)  # (still inside the client)
+        inside[0] = False
+        return chunk
+
+    def watched_close(self):
+        with open(out + ".close", "a") as f:
+            f.write("interrupted\n" if inside[0] else "clean\n")
+        close(self)
+
+    Subscriber.recv = slow_recv
+    Subscriber.close = watched_close
+    task = Task(name="slow", call="tests.integration.workers:tally", stream=stream, size=80, clip=True,
+                options={"out": out})
+    task_main(task, address, 0)

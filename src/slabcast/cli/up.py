@@ -77,8 +77,10 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
 
     def stop(*_: Any) -> None:
         stopped[0] = True  # seen between two chunks, or by a wait within _STOP_LOOK: never inside the callback (a file
-        if not subscribed[0]:  # half written) nor the client's own code (a multipart message half read)
-            raise SystemExit(_STOPPED)  # (waiting for the stream to appear: nothing of ours to leave half done)
+        if not subscribed[0]:  # half written) nor the client's recv (a multipart message half read)
+            # Still in Subscriber(), waiting for the stream to appear (as long as it takes): raised there, the one
+            # place it is; the constructor cleans up after itself (no chunk was had, nothing of the task's is lost).
+            raise SystemExit(_STOPPED)
 
     # SIGINT and SIGTERM to our group (Ctrl-C, systemd, timeout) are up's, which stops us itself: caught and
     # dropped (not SIG_IGN, which a program the task runs would inherit through exec).  They, and up's stop,
@@ -115,6 +117,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
         if progress is not None:
             progress.value = sub.start_index
         done = sub.start_index
+        ended = False
         try:
             while not stopped[0]:
                 try:
@@ -123,7 +126,8 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
                     continue
                 except EndOfStream as exc:
                     if type(exc) is EndOfStream:
-                        break  # (closed: every chunk taken; a publisher gone is an error)
+                        ended = True  # (closed: every chunk taken, done whatever came after; a publisher gone is
+                        break  # an error)
                     raise
                 with chunk:
                     if stopped[0]:
@@ -137,7 +141,7 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
             logging.getLogger("slabcast.up").error("task %s#%d: %s, having processed its stream up to index %d",
                                                    task.name, index, exc, done)  # fmt: skip
             raise SystemExit(1) from None
-    if stopped[0]:
+    if stopped[0] and not ended:
         raise SystemExit(_STOPPED)  # (the subscription said goodbye: nothing looks dead)
 
 
@@ -446,8 +450,7 @@ def _reap(slot: _Slot, now: float, say: Any) -> None:
     if code == _STOPPED:  # (SIGUSR2 to the worker, by hand: a restart asked for, between two chunks; no failure)
         slot.restarts += 1
         slot.due = now + _BACKOFF_FIRST
-        say(f"task {slot.name} was stopped by SIGUSR2 between two chunks; restart {slot.restarts} in "
-            f"{_BACKOFF_FIRST:g} s")  # fmt: skip
+        say(f"task {slot.name} was stopped by SIGUSR2; restart {slot.restarts} in {_BACKOFF_FIRST:g} s")
         return
     if now - slot.started >= _HEALTHY:
         slot.streak = 0  # it ran well for a while: this is a new failure, not the same one again
