@@ -59,8 +59,9 @@ def test_an_outlet_that_appears_while_the_others_are_listed_is_taken_not_said_mi
     with pytest.raises(OSError, match=r"no LSL outlet matches .*; no LSL outlet is visible at all"):
         source.connect()
     assert fake.looks == 1
-    # Others visible, still none matching after the second look: said with them.
+    # Others visible, none of the name asked for: said with them, at once (no second look for a typo).
     source = LslSource(name="eeg", stream="NcFakeEEG", timeout=0.1)
-    source._lsl = _FakeLsl(after=5, listed=["Other"])
+    source._lsl = fake = _FakeLsl(after=1, listed=["Other"])
     with pytest.raises(OSError, match=r"outlets visible now: Other \(EEG\)"):
         source.connect()
+    assert fake.looks == 1

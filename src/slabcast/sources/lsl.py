@@ -72,6 +72,8 @@ class LslSource:
             raise ImportError("the lsl source needs pylsl: pip install 'slabcast[lsl]'") from exc
         self._lsl = pylsl
         self.name = check_stream_name(name)
+        # The LSL name asked for, if any (an outlet of that name seen while none matched is looked for again).
+        self._asked_name = (stream or name) if predicate is None and (stream or not (type or source_id)) else None
         if predicate is None:
             parts = []
             if stream or not (type or source_id):
@@ -104,6 +106,7 @@ class LslSource:
         self._last_stamp: float | None = None
         self._jump = False
         self._looked = False  # the outlets visible were listed once (connect's first failure)
+        self._seen: set[str] = set()  # the names of the outlets that listing saw
 
     def _seen_instead(self) -> str:
         """The outlets the network has instead, the first time none matches (a typo in a name waits forever)."""
@@ -113,7 +116,9 @@ class LslSource:
         import difflib
 
         try:
-            seen = sorted({f"{i.name()} ({i.type()})" for i in self._lsl.resolve_streams(wait_time=0.5)})
+            infos = self._lsl.resolve_streams(wait_time=0.5)
+            seen = sorted({f"{i.name()} ({i.type()})" for i in infos})
+            self._seen = {i.name() for i in infos}
         except Exception:  # (only a hint)
             return ""
         if not seen:
@@ -130,8 +135,8 @@ class LslSource:
         if not found:
             first = not self._looked
             instead = self._seen_instead()
-            if first and instead.startswith("; outlets visible now"):  # (it may have come while we listed: a
-                found = lsl.resolve_bypred(self.predicate, 1, 0.5)  # newcomer read its own outlet as not matching)
+            if first and self._asked_name in self._seen:  # (it came while we listed: a newcomer read its own outlet
+                found = lsl.resolve_bypred(self.predicate, 1, 0.5)  # named as not matching)
             if not found:
                 raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){instead}")
         info = found[0]
