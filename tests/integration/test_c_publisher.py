@@ -52,6 +52,18 @@ def c_pub(c_sub: Path) -> Path:
     return exe
 
 
+def compile_program(c_sub: Path, tmp_path: Path, name: str, text: str) -> Path:
+    """``text`` (a C program against slabcast.h) built with the static libslabcast beside ``c_sub``, with -g."""
+    source = tmp_path / f"{name}.c"
+    source.write_text(text)
+    exe = tmp_path / name
+    cc = subprocess.run(["cc", "-std=c11", "-g", "-Wall", "-Wextra", "-Werror", f"-I{C_DIR}", "-o", str(exe),
+                         str(source), str(c_sub.parent / "libslabcast.a"), "-lzmq", "-lmsgpackc", "-lm", "-lpthread"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+    return exe
+
+
 class CPub:
     """A running slabcast-pub: its stdin takes frames, threads collect its output lines."""
 
@@ -1118,13 +1130,7 @@ int main(int argc, char **argv)
 
 
 def test_the_c_api_keeps_pythons_rules_and_the_abi_rules(c_sub, broker, stream_name, tmp_path):
-    source = tmp_path / "api.c"
-    source.write_text(API_PROGRAM)
-    exe = tmp_path / "api"
-    cc = subprocess.run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{C_DIR}", "-o", str(exe), str(source),
-                         str(c_sub.parent / "libslabcast.a"), "-lzmq", "-lmsgpackc", "-lm", "-lpthread"],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cc.returncode == 0, cc.stderr
+    exe = compile_program(c_sub, tmp_path, "api", API_PROGRAM)
     proc = subprocess.run([str(exe), broker.address, stream_name], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     said = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()}
@@ -1254,13 +1260,7 @@ def test_a_forked_child_cannot_write_and_its_close_leaves_the_parents_stream_who
     # slabcast.h: after fork() the child's sc_pub_write returns SC_EINVAL and its sc_pub_close only frees the
     # child's memory (no BYE, no END, the notice socket's file and the liveness lock left to the parent): the
     # parent's next frame still reaches a subscriber, and the stream then ends "closed", not "publisher-gone".
-    source = tmp_path / "fork.c"
-    source.write_text(FORK_PROGRAM)
-    exe = tmp_path / "fork"
-    cc = subprocess.run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{C_DIR}", "-o", str(exe), str(source),
-                         str(c_sub.parent / "libslabcast.a"), "-lzmq", "-lmsgpackc", "-lm", "-lpthread"],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cc.returncode == 0, cc.stderr
+    exe = compile_program(c_sub, tmp_path, "fork", FORK_PROGRAM)
     held = threading.Event()  # the broker holds the subscription (the stream is not there yet): from index 0
     made: list[slabcast.Subscriber] = []
     waiting = threading.Thread(target=lambda: made.append(slabcast.Subscriber(
@@ -1293,13 +1293,7 @@ def test_a_forked_childs_close_frees_all_but_libzmqs_context(c_sub, broker, stre
         if os.environ.get("SLABCAST_REQUIRE_C"):
             pytest.fail("valgrind is not installed (.ci/run installs it)")
         pytest.skip("valgrind is not installed")
-    source = tmp_path / "fork.c"
-    source.write_text(FORK_PROGRAM)
-    exe = tmp_path / "fork"
-    cc = subprocess.run(["cc", "-std=c11", "-g", "-Wall", "-Wextra", "-Werror", f"-I{C_DIR}", "-o", str(exe),
-                         str(source), str(c_sub.parent / "libslabcast.a"), "-lzmq", "-lmsgpackc", "-lm", "-lpthread"],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cc.returncode == 0, cc.stderr
+    exe = compile_program(c_sub, tmp_path, "fork", FORK_PROGRAM)
     proc = subprocess.run([valgrind, "--leak-check=full", "--show-leak-kinds=definite", "--errors-for-leak-kinds=none",
                            "--error-exitcode=3", str(exe), broker.address, stream_name],
                           capture_output=True, text=True, timeout=120)  # fmt: skip

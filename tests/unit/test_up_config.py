@@ -255,10 +255,19 @@ def test_two_tasks_of_one_name_and_a_chunk_no_slab_holds_are_refused_as_the_task
     assert [t.name for t in load_config(str(cfg)).tasks] == ["big", "spl"]
 
 
+def load_task(cfg, call, options):
+    """Load a config of one synthetic source 'mic' and one task 't' calling ``call`` with ``options`` (TOML)."""
+    from slabcast.cli.up_config import load_config
+
+    cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\n[[tasks]]\nname = 't'\n"
+                   f"call = '{call}'\nstream = 'mic'\nsize = 100\noptions = {options}\n")  # fmt: skip
+    return load_config(str(cfg))
+
+
 def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypatch):
     # A reviewer: a union with a number refused what its other kinds allow (Union[int, str] given 'abc'); an
     # Optional[int] took 3.5; a positional-only parameter passed the check and failed in every worker.
-    from slabcast.cli.up_config import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError
 
     (tmp_path / "kinds.py").write_text(
         "import typing\n\n\n"
@@ -267,12 +276,9 @@ def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypa
         "def posonly(chunk, gain, /):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tmp_path / "k.toml"
 
     def load(call, options):
-        cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\n[[tasks]]\nname = 't'\n"
-                       f"call = 'kinds:{call}'\nstream = 'mic'\nsize = 100\noptions = {options}\n")  # fmt: skip
-        return load_config(str(cfg))
+        return load_task(tmp_path / "k.toml", f"kinds:{call}", options)
 
     load("mixed", "{ x = 'abc', y = 2, z = true, n = 3, many = [1, 2] }")  # every value of a kind it allows
     for options, said in [("{ n = 3.5 }", "option 'n' must be an integer, got 3.5"),
@@ -287,7 +293,7 @@ def test_option_checks_follow_every_kind_an_annotation_allows(tmp_path, monkeypa
 def test_an_option_outside_its_literal_choices_is_refused_with_the_choices(tmp_path, monkeypatch):
     # A lab newcomer: xdf_file's clock = "lsll" was taken (a string for a string), then every worker died on its
     # first chunk ("clock must be 'wall' or 'lsl'") and restarted, its recording never written.
-    from slabcast.cli.up_config import ConfigError, load_config
+    from slabcast.cli.up_config import ConfigError
 
     (tmp_path / "lits.py").write_text(
         "from typing import Literal, Optional\n\n\n"
@@ -299,12 +305,9 @@ def test_an_option_outside_its_literal_choices_is_refused_with_the_choices(tmp_p
         "    pass\n\n\nfrom typing import Literal  # noqa: E402\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = tmp_path / "l.toml"
 
     def load(call, options):
-        cfg.write_text("[[sources]]\nkind = 'synthetic'\nname = 'mic'\nrate = 500\nchannels = 8\n[[tasks]]\n"
-                       f"name = 't'\ncall = '{call}'\nstream = 'mic'\nseconds = 0.5\noptions = {options}\n")  # fmt: skip
-        return load_config(str(cfg))
+        return load_task(tmp_path / "l.toml", call, options)
 
     for module in ("lits", "lits_future"):
         load(f"{module}:typed", "{ mode = 'exact', n = 2 }")
