@@ -175,6 +175,27 @@ def test_readme_configuration_example(tmp_path):
     assert ocycle_values(frames, 15, clip=True) == [b"000011112222333", b"344445555666677", b"778888999900001"]
 
 
+def test_an_unguarded_script_in_process_mode_fails_naming_the_guard_instead_of_hanging(tmp_path):
+    # An ocycle user: the README's snippet as a script without `if __name__ == "__main__":` hung for ever (each
+    # spawned worker re-ran the script and cut chunks for workers of its own, never loading the callback); ocycle
+    # forks, so the same script worked there.
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        import slabcast
+
+        def peak(value, t0):
+            return float(abs(value).max())
+
+        with slabcast.BufferEmit(peak, size=1000, clip=True, mode="process", on_done=print) as emit:
+            emit.write(np.ones((5000, 2), dtype=np.float32))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "WorkerDiedError" in done.stderr and "before loading the callback" in done.stderr, done.stderr
+    assert "guard the script's top-level code with `if __name__ == '__main__':`" in done.stderr, done.stderr
+
+
 # -- numpy frames -------------------------------------------------------------------------------
 
 

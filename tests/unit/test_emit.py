@@ -276,6 +276,20 @@ def test_bad_arguments_are_refused_at_construction(kwargs, error, message):
         BufferEmit(pid_of, **args)
 
 
+@pytest.mark.parametrize("t0", [float("nan"), float("inf"), "1.0"])
+def test_a_frame_time_that_is_no_finite_number_is_refused_and_nothing_written(t0):
+    # An ocycle user: NaN was taken (chunks with t0=nan, and a sampler's skip switched off), inf made a sampler skip
+    # nothing; the Publisher refuses both.
+    chunks: list = []
+    with BufferEmit(lambda value, t: chunks.append((value, t)), 4, clip=True) as emit:
+        emit.write(b"ab", t0=1.0)
+        with pytest.raises(ValueError, match=rf"t0 must be a finite number of seconds, got {t0!r}; nothing was "
+                                             rf"written"):  # fmt: skip
+            emit.write(b"cd", t0=t0)
+        emit.write(b"ef", t0=2.0)
+    assert chunks == [(b"abef", 1.0)]
+
+
 def test_bad_callbacks_are_refused_at_construction():
     with pytest.raises(TypeError, match="callback must be a callable taking \\(value, t0\\), got 5"):
         BufferEmit(5, 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -102,8 +103,13 @@ def test_bad_samplers_are_refused(bad, exc):
 def test_sampler_zero_means_none_and_callable_returning_negative_is_refused():
     assert check_sampler(0) is None
     r = Rechunker(2, True, None, lambda: -1.0)
-    with pytest.raises(ValueError, match="sampler must return seconds >= 0"):
+    with pytest.raises(ValueError, match=r"sampler must return a finite number of seconds >= 0, got -1\.0"):
         list(itertools.chain(r.feed(0, 4, 1.0)))
+    # (an ocycle user: a callable returning inf was taken, then the emitter stayed silent for ever; sampler=inf
+    # itself is refused)
+    r = Rechunker(2, True, None, lambda: math.inf)
+    with pytest.raises(ValueError, match="sampler must return a finite number of seconds >= 0, got inf"):
+        r.feed(0, 4, 1.0)
 
 
 def _gaps(chunks: list[tuple[int, int, float]]) -> list[int]:

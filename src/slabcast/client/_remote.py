@@ -40,8 +40,8 @@ def pauses(sampler: Callable[[], float], n: int, where: str) -> tuple[float, ...
     drawn = []
     for _ in range(n):
         value = float(sampler())
-        if not value >= 0:
-            raise ValueError(f"sampler must return seconds >= 0, got {value!r} ({where})")
+        if not 0 <= value <= P.MAX_SAMPLER_SECONDS:  # (as a local subscriber's: NaN and inf too)
+            raise ValueError(f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({where})")
         drawn.append(value)
     return tuple(drawn)
 

@@ -995,8 +995,8 @@ rechunk_feed(Rechunker *r, int64_t index, int64_t n, double t0, PyObject *out)
             if (f == NULL)
                 return -1;
             double pause = PyFloat_AS_DOUBLE(f);
-            if (!(pause >= 0)) {  /* (also NaN) */
-                PyErr_Format(PyExc_ValueError, "sampler must return seconds >= 0, got %R", f);
+            if (!(pause >= 0 && pause < INFINITY)) {  /* (also NaN; inf: as a constant sampler=inf, refused) */
+                PyErr_Format(PyExc_ValueError, "sampler must return a finite number of seconds >= 0, got %R", f);
                 Py_DECREF(f);
                 return -1;
             }

@@ -193,8 +193,8 @@ class PyRechunker:
             stop = start + length
             if self.sampler is not None:
                 pause = float(self.sampler())
-                if not pause >= 0:  # also catches NaN
-                    raise ValueError(f"sampler must return seconds >= 0, got {pause!r}")
+                if not 0 <= pause < math.inf:  # also catches NaN (inf: as a constant sampler=inf, refused)
+                    raise ValueError(f"sampler must return a finite number of seconds >= 0, got {pause!r}")
                 if rate:
                     self.pause_at = stop + math.ceil(pause * rate - _EPS)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import pickle
 import threading
 import time
@@ -90,7 +91,9 @@ class BufferEmit:
     Chunk buffers are recycled.  The stream is copied once, into a buffer; a chunk
     is cut from it where it lies.  In thread and process mode a buffer holding a
     chunk returns to the pool when the callback is done with it; the writer takes
-    another buffer meanwhile, waiting only when ``2 * npool + 2`` are all in use.
+    another buffer meanwhile, waiting only when ``2 * npool + 2`` are all in use
+    (a buffer holds many chunks: this bounds memory, not the chunks queued for the
+    callbacks, which may be hundreds when each is short).
 
     Differences from ocycle 0.1.0, which cuts the same values:
 
@@ -98,11 +101,15 @@ class BufferEmit:
       ocycle passes the time of its first write for the first chunk, then that of
       the frame that completed the previous chunk (right only when a clipped
       remainder starts the chunk; with ``clip=True`` and no sampler it may be older).
-    - ``t0=0`` is a time, not "now".
+    - ``t0=0`` is a time, not "now"; a non-finite ``t0`` is refused.
+    - ``size`` counts samples: rows of a numpy frame, whose chunks are arrays
+      (ocycle counted a numpy frame's bytes and passed ``bytes``); bytes frames
+      count bytes, as in ocycle.
     - Errors are never lost (see ``on_error``); a worker process that dies is
       reported as :class:`WorkerDiedError` and replaced.
-    - Process workers are spawned, not forked; they read chunks from shared memory
-      instead of receiving pickled copies.  ``on_done`` results come in the order
+    - Process workers are spawned, not forked (a script must guard its top-level
+      code with ``if __name__ == "__main__":``, or its workers fail saying so); they
+      read chunks from shared memory instead of receiving pickled copies.  ``on_done`` results come in the order
       callbacks finish, as in ocycle.
     - When every buffer is in use, :meth:`write` waits for one (ocycle queues
       without bound).
@@ -145,6 +152,15 @@ class BufferEmit:
                 raise TypeError(f"{name} must be a callable or None, got {fn!r}")
         chunker = Rechunker(size, clip, None, check_sampler(sampler))
         if mode == "process":
+            if getattr(mp.current_process(), "_inheriting", False):
+                # A worker re-running an unguarded main script while it starts (spawn imports the main module to
+                # find the callback): said here, so that the worker dies and its parent says why, instead of this
+                # copy cutting chunks for workers of its own while the parent waits for ever.
+                raise RuntimeError(
+                    "BufferEmit(mode='process') made while a spawned process imports its main module: guard the "
+                    "script's top-level code with `if __name__ == '__main__':` (worker processes are spawned, not "
+                    "forked, and import the main module to find the callback)"
+                )
             try:
                 pickle.dumps(callback)
             except Exception as exc:
@@ -207,20 +223,26 @@ class BufferEmit:
             The frame, of any number of samples.  Its type, dtype and channel
             count must match the first frame's.
         t0 : float, optional
-            The frame's time in seconds; default :func:`time.time`.
+            The frame's time in seconds (finite); default :func:`time.time`.
 
         Raises
         ------
         TypeError, ValueError
-            The frame does not match the stream's format; nothing of it is written.
+            The frame does not match the stream's format, or ``t0`` is not finite; nothing of it is
+            written.  A callable ``sampler`` that raises (or returns a negative, infinite or NaN
+            number) has its error come out here too: the chunk it was called for is not lost but
+            cut again, with what came since, at the next ``write``.
         ClosedError
             The emitter is closed.
         Exception
             An error of an earlier callback (when no ``on_error`` is given); the
-            frame was written.
+            frame was written.  (In process mode results come back as the workers
+            finish: an error may come out of a later ``write`` or of :meth:`close`.)
         """
         if t0 is None:
             t0 = _now()
+        elif not (is_real(t0) and math.isfinite(t0)):  # (NaN switched a sampler's skip off; inf made it skip none)
+            raise ValueError(f"t0 must be a finite number of seconds, got {t0!r}; nothing was written")
         if self._fast and type(data) is bytes:
             src: Any = data
             n = nbytes = len(data)
