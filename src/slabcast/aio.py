@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,9 +13,9 @@ import zmq
 
 from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, StreamNotFoundError, WouldBlock
 from ._info import StreamInfo
+from .client._subargs import check_waits
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
-from .core.rechunk import is_real
 
 __all__ = ["Subscriber"]
 
@@ -60,15 +59,7 @@ class Subscriber:
         self._closed = False
         self._lock = threading.Lock()
         self._waiting: concurrent.futures.Future[_BlockingSubscriber] | None = None
-        wait = options.get("wait")
-        timeout = options.get("timeout", 10.0)
-        if not is_real(timeout) or not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive finite number of seconds (the broker's answers), got "
-                             f"{timeout!r}")  # fmt: skip
-        if wait is None:
-            wait = timeout
-        if not is_real(wait) or not 0 <= wait < math.inf:  # (checked here: the first look is made without one)
-            raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
+        _, wait = check_waits(options.get("timeout", 10.0), options.get("wait"))  # (here: the first look has none)
         ready = options.pop("ready", None)
         if ready is not None and not callable(ready):
             raise TypeError(f"ready must be a callable taking no argument or None, got {ready!r}")

@@ -30,7 +30,7 @@ from .._exceptions import (
 )
 from .._info import StreamInfo, SubscriberStatistics
 from ..client.connection import FORKS, Connection, error_for, unexpected
-from ..core.rechunk import check_sampler, check_size, is_real
+from ..core.rechunk import is_real
 from ..core.shm import attach
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -38,6 +38,7 @@ from ._attach import open_local
 from ._local import _ACK_INTERVAL as _ACK_INTERVAL  # the C client's test compares these with its own
 from ._local import _LOOK as _LOOK
 from ._remote import RemoteReceiver, pauses
+from ._subargs import subscribe_args
 from ._transport import Receiver
 from .chunk import Chunk
 
@@ -177,38 +178,14 @@ class Subscriber:
         spin: float = 0.0,
     ) -> None:
         P.check_stream_name(stream)
-        if wake not in P.WAKES:
-            raise ValueError(f"wake must be one of {', '.join(map(repr, P.WAKES))}, got {wake!r}")
-        if not is_real(spin) or not 0 <= spin <= P.MAX_SPIN:
-            raise ValueError(f"spin must be seconds from 0 to {P.MAX_SPIN:g}, got {spin!r}")
+        args = subscribe_args(size, seconds, sampler, policy, max_inflight, timeout, reconnect, wait, history, wake,
+                              spin)  # fmt: skip
         self._wake = wake
-        self._spin = -1.0 if wake == "busy" else float(spin)
-        if history is not None and (not is_real(history) or not 0 < history < math.inf):
-            raise ValueError(f"history must be a positive finite number of seconds or None, got {history!r}")
-        history = None if history is None else float(history)
-        if (size is None) == (seconds is None):
-            raise TypeError(f"give exactly one of size= (samples) and seconds=, got size={size!r} seconds={seconds!r}")
-        if size is not None:
-            size = check_size(size)
-        elif not is_real(seconds) or not 0 < seconds < math.inf:
-            raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
-        else:
-            seconds = float(seconds)
-        if is_real(sampler) and sampler > P.MAX_SAMPLER_SECONDS:
-            raise ValueError(f"sampler must be a number of seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {sampler!r}")
-        if policy not in P.POLICIES:
-            raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
-        max_inflight = check_size(max_inflight, "max_inflight", "chunks")
+        self._spin = args.spin
+        max_inflight = args.max_inflight
         self._release_batch = max(1, max_inflight // 2)
-        self._sampler = check_sampler(sampler)
-        self._prefetch = 0
-        wire_sampler: Any = None
-        if self._sampler is not None:
-            if callable(sampler):
-                # Drawn ahead only for a broker-cut (TCP) subscription; a local one calls it in place.
-                self._prefetch = max_inflight + 4
-            else:
-                wire_sampler = float(sampler)  # type: ignore[arg-type]
+        self._sampler = args.sampler
+        self._prefetch = args.prefetch
         self.name = stream
         self.clip = bool(clip)
         self.policy = policy
@@ -216,25 +193,15 @@ class Subscriber:
         self._closed = False
         # Counters of the subscriptions to earlier brokers (reconnect=): received, released, dropped.
         self._before = (0, 0, 0)
-        if not (isinstance(reconnect, bool) or (is_real(reconnect) and 0 <= reconnect < math.inf)):
-            raise ValueError(f"reconnect must be True, False or a finite number of seconds >= 0 to wait for the "
-                             f"broker to come back, got {reconnect!r}")  # fmt: skip
-        self._reconnect = 60.0 if reconnect is True else float(reconnect or 0)
+        self._reconnect = args.reconnect
         # The settings of SUBSCRIBE (the rest is filled per connection: local or remote).
-        self._request = M.Subscribe(stream, size, seconds, self.clip, policy, max_inflight, wire_sampler,
-                                    history=history, wake=wake)  # fmt: skip
+        self._request = M.Subscribe(stream, args.size, args.seconds, self.clip, policy, max_inflight,
+                                    args.wire_sampler, history=args.history, wake=wake)  # fmt: skip
         self._max_inflight = max_inflight
         self._partial_tail = bool(partial_tail)
         self._curve = curve
-        if not is_real(timeout) or not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive finite number of seconds (the broker's answers), got "
-                             f"{timeout!r}")  # fmt: skip
-        self._timeout = float(timeout)
-        if wait is None:
-            wait = timeout
-        if not is_real(wait) or not 0 <= wait < math.inf:
-            raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
-        self._wait = float(wait)
+        self._timeout = args.timeout
+        self._wait = args.wait
         if ready is not None and not callable(ready):
             raise TypeError(f"ready must be a callable taking no argument or None, got {ready!r}")
         self._ready_call = ready  # (called once: not again for a subscription to a broker come back)
