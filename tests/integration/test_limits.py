@@ -164,61 +164,33 @@ def test_a_broker_out_of_descriptors_refuses_one_more_client_and_serves_the_othe
     assert "refused" in log and "LimitNOFILE=" in log, log
 
 
-def test_a_flood_of_tcp_connections_without_a_key_leaves_the_descriptors_local_clients_need(tmp_path, stream_name):
-    # A reliability newcomer: 270 plain TCP connections (no ZMTP, no key) to a CURVE broker at nofile 200 took its
-    # descriptors, and the next local client's connection ended the broker in SIGABRT (libzmq's ipc listener
-    # aborts when accept finds no descriptor; its TCP listener does not). The broker stops accepting TCP
-    # connections while it is within its headroom, and accepts them again once they are gone.
+def test_a_tcp_peer_that_never_completes_its_handshake_is_closed_within_seconds(tmp_path, stream_name):
+    # A reliability newcomer: 270 plain TCP connections (no ZMTP, no key) held the broker's descriptors (libzmq
+    # waited 30 s for each handshake), and the next local client's connection ended the broker in SIGABRT (libzmq's
+    # ipc listener aborts when accept finds no descriptor). A peer without a key now holds one 5 s at most.
     for name, where in (("broker", tmp_path), ("client", tmp_path / "clients")):
         subprocess.run([sys.executable, "-m", "slabcast", "keygen", name, "--dir", str(where)], capture_output=True,
                        timeout=30, check=True)  # fmt: skip
-    broker = _LimitedBroker(str(tmp_path / "b.sock"), 256, tmp_path / "broker.log", "--tcp", "127.0.0.1:0",
+    broker = _LimitedBroker(str(tmp_path / "b.sock"), 1024, tmp_path / "broker.log", "--tcp", "127.0.0.1:0",
                             "--curve-secret", str(tmp_path / "broker.key_secret"),
                             "--curve-clients", str(tmp_path / "clients"))  # fmt: skip
-    assert broker.tcp_address is not None
-    host, port = broker.tcp_address.removeprefix("tcp://").rsplit(":", 1)
-    pub = slabcast.Publisher(stream_name, dtype="int32", channels=1, address=broker.address)
-    flood: list[socket.socket] = []
-    subs: list[slabcast.Subscriber] = []
-
-    def fds() -> int:
-        return len(os.listdir(f"/proc/{broker.proc.pid}/fd"))
-
     try:
-        refused = False
-        while len(flood) < 400:
-            before = fds()
-            try:
-                flood.append(socket.create_connection((host, int(port)), timeout=5))
-            except ConnectionRefusedError:
-                refused = True
-                break
-            deadline = time.monotonic() + 5
-            while fds() == before:  # (accepted: one descriptor more; or the listener closed: one less)
-                assert time.monotonic() < deadline, "the broker neither took the connection nor stopped listening"
-        assert refused and len(flood) < 256, len(flood)
-        assert broker.proc.poll() is None, broker.log.read_text()
-        # Local clients still get in and get the stream.
-        subs = [slabcast.Subscriber(stream_name, size=5, address=broker.address) for _ in range(3)]
-        pub.write(np.arange(5, dtype=np.int32).reshape(5, 1))
-        for sub in subs:
-            with sub.recv(timeout=10) as chunk:
-                assert chunk.data.reshape(-1).tolist() == [0, 1, 2, 3, 4]
-        # The flood gone, a client with a key is accepted over TCP again (within the broker's next sweep).
-        for conn in flood:
-            conn.close()
-        flood.clear()
+        assert broker.tcp_address is not None
+        host, port = broker.tcp_address.removeprefix("tcp://").rsplit(":", 1)
         curve = (str(tmp_path / "clients" / "client.key_secret"), str(tmp_path / "broker.key"))
-        subs.append(slabcast.Subscriber(stream_name, size=5, address=broker.tcp_address, curve=curve, wait=10))
-        pub.write(np.arange(5, 10, dtype=np.int32).reshape(5, 1))
-        with subs[-1].recv(timeout=10) as chunk:
-            assert chunk.data.reshape(-1).tolist() == [5, 6, 7, 8, 9]
-        log = broker.log.read_text()
-        assert "descriptors left: not accepting TCP connections" in log and "accepting TCP connections" in log, log
+        with slabcast.Publisher(stream_name, dtype="int32", channels=1, address=broker.address) as pub, \
+                slabcast.Subscriber(stream_name, size=5, address=broker.tcp_address, curve=curve) as keyed:  # fmt: skip
+            conns = [socket.create_connection((host, int(port)), timeout=15) for _ in range(5)]
+            started = time.monotonic()
+            for conn in conns:  # (the server's greeting comes, then nothing: EOF once the broker closes it)
+                while conn.recv(4096):
+                    pass
+            closed_in = time.monotonic() - started
+            assert closed_in < 10, f"a peer without a key kept its connection {closed_in:.1f} s (libzmq's 30 s?)"
+            for conn in conns:
+                conn.close()
+            pub.write(np.arange(5, dtype=np.int32))  # the keyed client, connected throughout, is untouched
+            with keyed.recv(timeout=10) as chunk:
+                assert chunk.data.reshape(-1).tolist() == [0, 1, 2, 3, 4]
     finally:
-        for conn in flood:
-            conn.close()
-        for sub in subs:
-            sub.close()
-        pub.close()
         assert broker.stop() == 0, broker.log.read_text()

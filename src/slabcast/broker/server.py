@@ -292,8 +292,8 @@ class Broker:
                     self._drain(self._tcp)
                 if self._monitor in events:
                     self._drain_monitor()
-                if self._listener is not None and self._listener.monitor in events and self._listener.events():
-                    self._pace_tcp()
+                if self._listener is not None and self._listener.monitor in events:
+                    self._listener.log_failed_handshakes()
                 if wake_r.fileno() in events:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
@@ -417,15 +417,8 @@ class Broker:
             if not box:
                 del self._outbox[ident]
 
-    def _pace_tcp(self) -> None:
-        """Stop accepting TCP connections while the broker's descriptors run short (TcpListener.pace)."""
-        assert self._listener is not None
-        self._listener.pace(self.fd_limit - open_fds(), self._fd_headroom)
-
     def _sweep(self) -> None:
         """Evict subscribers that hold leases too long; drop dead clients after handling what they sent."""
-        if self._listener is not None and self._listener.paused:
-            self._pace_tcp()
         now = self._last_sweep = time.monotonic()
         self._send_all(self.state.sweep(now))
         if not self.state.dead(now):

@@ -24,9 +24,9 @@ __all__ = ["TcpListener", "client_keys"]
 log = logging.getLogger("slabcast.broker")
 
 _HANDSHAKE_FAILED = int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_ACCEPTED = int(zmq.EVENT_ACCEPTED)
 # Seconds a TCP peer has to complete its CURVE handshake before libzmq closes the connection (libzmq's default: 30):
-# a peer without a key holds a descriptor of the broker that long at most.
+# a peer without a key holds a descriptor of the broker that long at most.  (Pausing the listener when descriptors
+# run short is no remedy: libzmq's unbind closes every connection it accepted, keyed clients' too.)
 HANDSHAKE_IVL = 5.0
 _HANDSHAKE_ERRORS = {
     int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): "its hello could not be decrypted: the client holds another public "
@@ -154,9 +154,8 @@ class TcpListener:
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise OSError(f"cannot listen on {endpoint}: {reason}{hint}") from None
             self.address: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            # A client that holds the wrong public key for us fails before the authenticator hears of it (and each
-            # connection accepted: the broker counts its descriptors then).
-            self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | _ACCEPTED)
+            # A client that holds the wrong public key for us fails before the authenticator hears of it.
+            self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         except BaseException:
             if sock is not None:
                 sock.close(linger=0)
@@ -164,44 +163,17 @@ class TcpListener:
             raise
         self.sock = sock
         self._auth = auth
-        self.paused = False
 
-    def events(self) -> bool:
-        """Read the monitor's events (without waiting): say at WARNING each handshake that failed, and why;
-        whether a connection was accepted since the last call."""
+    def log_failed_handshakes(self) -> None:
+        """Say at WARNING each handshake the monitor saw fail since the last call, and why (without waiting)."""
         from zmq.utils.monitor import parse_monitor_message
 
-        accepted = False
         with contextlib.suppress(zmq.Again):
             while True:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-                if event["event"] == _ACCEPTED:
-                    accepted = True
-                    continue
                 code = event["value"]
                 reason = _HANDSHAKE_ERRORS.get(code, f"a malformed handshake (ZMTP error {code:#x})")
                 log.warning("refused a CURVE handshake on %s: %s", self.address, reason)
-        return accepted
-
-    def pace(self, free: int, low: int) -> None:
-        """Stop accepting connections while ``free`` descriptors (of the broker's open-file limit) are fewer than
-        ``low``, and accept them again once twice as many are free: connections that never complete a handshake
-        (a port scan, a flood without a key) hold one each until HANDSHAKE_IVL, and libzmq aborts the whole
-        broker when its ipc listener then finds none for a local client.  The connections made stay."""
-        if not self.paused and free < low:
-            self.sock.unbind(self.address)
-            self.paused = True
-            log.warning("only %d descriptors left: not accepting TCP connections on %s until %d are free (connections "
-                        "that do not complete a CURVE handshake are closed after %g s)", free, self.address, 2 * low,
-                        HANDSHAKE_IVL)  # fmt: skip
-        elif self.paused and free >= 2 * low:
-            try:
-                self.sock.bind(self.address)
-            except zmq.ZMQError as exc:  # (the port taken meanwhile: tried again at the next look)
-                log.warning("cannot listen on %s again: %s", self.address, exc)
-                return
-            self.paused = False
-            log.warning("%d descriptors free: accepting TCP connections on %s again", free, self.address)
 
     def close(self) -> None:
         """Close the monitor and the socket (lingering 1 s for what it still sends), stop the authenticator."""
