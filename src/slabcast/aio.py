@@ -13,7 +13,7 @@ import zmq
 
 from ._exceptions import BrokerGoneError, ClosedError, EndOfStream, StreamNotFoundError, WouldBlock
 from ._info import StreamInfo
-from .client._subargs import check_waits
+from .client._subargs import check_waits, recv_timeout
 from .client.subscriber import Chunk
 from .client.subscriber import Subscriber as _BlockingSubscriber
 
@@ -138,6 +138,7 @@ class Subscriber:
 
     async def recv(self, timeout: float | None = None) -> Chunk:
         """Wait for the next chunk; raises as :meth:`slabcast.Subscriber.recv` does."""
+        timeout = recv_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         sub = await self._subscribed()
         while True:

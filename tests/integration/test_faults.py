@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -631,6 +632,16 @@ def test_bad_timeouts_and_flags_are_said_where_they_enter_and_nothing_is_made(br
         for bad in (-1, math.nan, "yes"):
             with pytest.raises(ValueError, match=rf"reconnect must be True, False or a finite number .*got {bad!r}"):
                 slabcast.Subscriber(stream_name, 4, reconnect=bad, address=broker.address)
+        for fine in (None, np.True_, 0.0, 2):  # (as before: None no reconnection, a numpy bool a bool)
+            slabcast.Subscriber(stream_name, 4, reconnect=fine, address=broker.address).close()
+
+        async def aio_recv(bad: object) -> None:
+            async with slabcast.aio.Subscriber(stream_name, 4, address=broker.address) as sub:
+                await sub.recv(bad)  # type: ignore[arg-type]
+
+        for bad in ("1", math.nan):  # (the async recv too: NaN waited for ever)
+            with pytest.raises(ValueError, match=rf"recv's timeout must be a number of seconds >= 0 .*got {bad!r}"):
+                asyncio.run(aio_recv(bad))
         with slabcast.Subscriber(stream_name, 4, clip=True, address=broker.address) as sub:
             for bad in ("1", -1, math.nan):
                 with pytest.raises(ValueError, match=rf"recv's timeout must be a number of seconds >= 0 or None, "

@@ -53,6 +53,11 @@ def test_an_outlet_that_appears_while_the_others_are_listed_is_taken_not_said_mi
     source._lsl = _FakeLsl(after=1, listed=["NcFakeEEG"])
     with pytest.raises(ValueError, match="has channel format -99"):  # (resolved: it went on to open it)
         source.connect()
+    # Asked by type (no name): an outlet seen while listing may be it, looked for again (a reviewer).
+    source = LslSource(name="eeg", type="EEG", timeout=0.1)
+    source._lsl = _FakeLsl(after=1, listed=["NcFakeEEG"])
+    with pytest.raises(ValueError, match="has channel format -99"):
+        source.connect()
     # None visible: said at once, with no second look.
     source = LslSource(name="eeg", stream="NcFakeEEG", timeout=0.1)
     source._lsl = fake = _FakeLsl(after=5, listed=[])

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..core.rechunk import check_sampler, check_size, is_real
 from ..wire import protocol as P
 
-__all__ = ["SubscribeArgs", "check_waits", "subscribe_args"]
+__all__ = ["SubscribeArgs", "check_waits", "recv_timeout", "subscribe_args"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,15 @@ def check_waits(timeout: Any, wait: Any) -> tuple[float, float]:
     return float(timeout), float(wait)
 
 
+def recv_timeout(timeout: Any) -> float | None:
+    """A ``recv``'s ``timeout`` checked: None or ``math.inf`` (for ever: None), else seconds >= 0."""
+    if timeout is None:
+        return None
+    if not (is_real(timeout) and timeout >= 0):  # (NaN too)
+        raise ValueError(f"recv's timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+    return None if timeout == math.inf else float(timeout)
+
+
 def subscribe_args(size: Any, seconds: Any, sampler: Any, policy: Any, max_inflight: Any, timeout: Any,
                    reconnect: Any, wait: Any, history: Any, wake: Any, spin: Any) -> SubscribeArgs:  # fmt: skip
     """A :class:`~slabcast.Subscriber`'s arguments checked.
@@ -70,6 +81,8 @@ def subscribe_args(size: Any, seconds: Any, sampler: Any, policy: Any, max_infli
         raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
     max_inflight = check_size(max_inflight, "max_inflight", "chunks")
     fn = check_sampler(sampler)
+    if isinstance(reconnect, np.bool_) or reconnect is None:
+        reconnect = bool(reconnect)  # (None: no reconnection, as it always was)
     if not (isinstance(reconnect, bool) or (is_real(reconnect) and 0 <= reconnect < math.inf)):
         raise ValueError(f"reconnect must be True, False or a finite number of seconds >= 0 to wait for the "
                          f"broker to come back, got {reconnect!r}")  # fmt: skip

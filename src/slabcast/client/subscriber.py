@@ -11,7 +11,6 @@ iterates, counts across brokers and closes; its receiver does the rest.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,6 @@ from .._exceptions import (
 )
 from .._info import StreamInfo, SubscriberStatistics
 from ..client.connection import FORKS, Connection, error_for, unexpected
-from ..core.rechunk import is_real
 from ..core.shm import attach
 from ..wire import messages as M
 from ..wire import protocol as P
@@ -38,7 +36,7 @@ from ._attach import open_local
 from ._local import _ACK_INTERVAL as _ACK_INTERVAL  # the C client's test compares these with its own
 from ._local import _LOOK as _LOOK
 from ._remote import RemoteReceiver, pauses
-from ._subargs import subscribe_args
+from ._subargs import recv_timeout, subscribe_args
 from ._transport import Receiver
 from .chunk import Chunk
 
@@ -414,9 +412,7 @@ class Subscriber:
         ValueError
             ``timeout`` is neither None (wait for ever, as ``math.inf`` does) nor a number of seconds >= 0.
         """
-        if timeout is not None and not (is_real(timeout) and timeout >= 0):  # (NaN too)
-            raise ValueError(f"recv's timeout must be a number of seconds >= 0 or None, got {timeout!r}")
-        chunk = self._recv(None if timeout == math.inf else timeout)
+        chunk = self._recv(recv_timeout(timeout))
         if chunk is None:
             raise self.timeout_error(timeout)
         return chunk

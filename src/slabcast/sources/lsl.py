@@ -135,8 +135,10 @@ class LslSource:
         if not found:
             first = not self._looked
             instead = self._seen_instead()
-            if first and self._asked_name in self._seen:  # (it came while we listed: a newcomer read its own outlet
-                found = lsl.resolve_bypred(self.predicate, 1, 0.5)  # named as not matching)
+            # An outlet may have come while we listed (a newcomer read its own named as not matching): look once
+            # more when an outlet was seen that may match (any, unless a name was asked for that none has).
+            if first and self._seen and (self._asked_name is None or self._asked_name in self._seen):
+                found = lsl.resolve_bypred(self.predicate, 1, 0.5)
             if not found:
                 raise OSError(f"no LSL outlet matches {self.predicate!r} (yet){instead}")
         info = found[0]
