@@ -78,8 +78,9 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     def stop(*_: Any) -> None:
         stopped[0] = True  # seen between two chunks, or by a wait within _STOP_LOOK: never inside the callback (a file
         if not subscribed[0]:  # half written) nor the client's recv (a multipart message half read)
-            # Still in Subscriber(), waiting for the stream to appear (as long as it takes): raised there, the one
-            # place it is; the constructor cleans up after itself (no chunk was had, nothing of the task's is lost).
+            # Still in Subscriber(), waiting for the stream to appear (as long as it takes): raised there (the
+            # constructor cleans up after itself; nothing of the task's is lost), or just after it returned (its
+            # __del__ closes it then).
             raise SystemExit(_STOPPED)
 
     # SIGINT and SIGTERM to our group (Ctrl-C, systemd, timeout) are up's, which stops us itself: caught and
@@ -88,9 +89,9 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     signal.signal(signal.SIGINT, _dropped)
     signal.signal(signal.SIGTERM, _dropped)
     signal.signal(_STOP_WORKER, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fn = resolve(task.call)
+    fn = resolve(task.call)  # (the signals still blocked: a stop never lands inside the task's import)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     # The broker holds the subscription until the stream exists: a worker may start first.  Not a restarted
     # worker of a finite stream: it was there, and once gone it has ended.
     try:
