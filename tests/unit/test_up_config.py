@@ -13,6 +13,7 @@ import pytest
 
 def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     from slabcast.cli.up_config import load_config
+    from slabcast.core.geometry import RING_BYTES
 
     cfg = tmp_path / "h.toml"
     cfg.write_text(
@@ -28,8 +29,9 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     assert "max_chunk_bytes" not in opts and "slab_bytes" not in opts
     # 30 s of stream (11.52 MB) over 2 MiB of frames per slab: 6 slabs, plus 3.
     assert int(opts["nslabs"]) == 9
-    # /dev/shm: each slab's frames and the 10 s chunk it may carry.
-    assert config.shm_bytes == 9 * ((2 << 20) + chunk) + 4096
+    # /dev/shm: each slab's frames and the 10 s chunk it may carry, the header and the ring of descriptors (4 MiB and a page:
+    # an operator's up said a config of three streams fit /dev/shm when it lacked 11 MiB).
+    assert config.shm_bytes == 9 * ((2 << 20) + chunk) + 4096 + RING_BYTES
 
     huge = tmp_path / "huge.toml"  # 400 s of 48 kHz stereo float32 (153.6 MB) is past that
     huge.write_text(cfg.read_text().replace("seconds = 10.0", "seconds = 400.0"))
@@ -322,3 +324,19 @@ def test_an_option_outside_its_literal_choices_is_refused_with_the_choices(tmp_p
                                                     "'lsll'; did you mean 'lsl'?")):  # fmt: skip
         load("slabcast.examples:xdf_file", "{ out = 'r.xdf', clock = 'lsll' }")
     assert load("slabcast.examples:xdf_file", "{ out = 'r.xdf', clock = 'lsl' }").tasks[0].name == "t"
+
+
+def test_a_failed_source_is_said_once_and_kept_for_the_exit_code():
+    # An operator: a source refused by the broker (no room in /dev/shm) left its tasks waiting, said "its stream
+    # never appeared" at the stop, and up exited 0 under a supervisor.
+    from slabcast.cli.up import _check_sources
+
+    said: list[str] = []
+    failed: dict[str, str] = {}
+    status = {"sources": [{"name": "mic", "state": "running", "error": None},
+                          {"name": "ramp", "state": "failed", "error": "ShmFullError: /dev/shm has no room"}]}  # fmt: skip
+    _check_sources(status, failed, said.append)
+    _check_sources(status, failed, said.append)
+    assert failed == {"ramp": "ShmFullError: /dev/shm has no room"}
+    assert said == ["source 'ramp' failed (ShmFullError: /dev/shm has no room); the tasks on its stream get nothing "
+                    "from it"]  # fmt: skip

@@ -186,13 +186,19 @@ class _Slot:
         return f"task:{self.name}"
 
 
-def _subscribed_labels(address: str) -> set[tuple[str, int]]:
+def _subscribed_labels(status: dict[str, Any]) -> set[tuple[str, int]]:
     """(label, pid) of every subscriber the broker lists.  (Where a worker has processed to is its own word:
     ``_Slot.progress``.)"""
-    from ..client.control import broker_status
-
-    status = broker_status(address, timeout=1.0)
     return {(u["label"], u["pid"]) for s in status["streams"] for u in s["subscribers"]}
+
+
+def _check_sources(status: dict[str, Any], failed: dict[str, str], say: Any) -> None:
+    """Say each hosted source that failed (its stream will not come: no room in /dev/shm, a device gone for good)
+    once, and keep it in ``failed`` (stream -> why): up exits 1 at the end, as for a failed task."""
+    for source in status.get("sources", ()):
+        if source.get("state") == "failed" and source["name"] not in failed:
+            failed[source["name"]] = why = source.get("error") or "no reason given"
+            say(f"source {source['name']!r} failed ({why}); the tasks on its stream get nothing from it")
 
 
 def _never_appeared(address: str, names: set[str]) -> set[str]:
@@ -268,6 +274,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     finished = False
     cut_off = False  # a task did not finish its stream after the stop (not for a second Ctrl-C)
     broker_died = False
+    failed_sources: dict[str, str] = {}  # stream -> why its hosted source failed
+    from ..client.control import broker_status
+
     try:
         say(f"broker {broker.pid} serving {broker.address}")
         next_status = time.monotonic() + _STATUS_EVERY
@@ -304,7 +313,13 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 break
             if now >= next_status:
                 next_status = now + _STATUS_EVERY
-                _check_evicted(slots, broker.address, config.lease_timeout, now, say)
+                try:
+                    status = broker_status(broker.address, timeout=1.0)
+                except Exception:  # the broker is busy or stopping; look again next time
+                    status = None
+                if status is not None:
+                    _check_sources(status, failed_sources, say)
+                    _check_evicted(slots, status, config.lease_timeout, now, say)
             time.sleep(0.1)
     finally:
         say("stopping")
@@ -314,7 +329,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(broker.pid, signal.SIGUSR1)
             say("the sources end their streams; the tasks finish them (Ctrl-C again: stop now)")
-            cut_off = _drain(slots, broker.address, time.monotonic(), signals, say)
+            cut_off = _drain(slots, broker.address, time.monotonic(), signals, say, failed_sources)
         for slot in slots:
             if slot.proc is not None and slot.proc.is_alive():
                 _stop_worker(slot.proc)
@@ -354,14 +369,17 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
             n = slot.restarts
             restarts = f", across its {n} restart{'' if n == 1 else 's'}" if n else ""
             say(f"task {slot.name} did not process {' and '.join(parts)}{restarts}")
-    if any(s.failed for s in slots) or cut_off:
-        return 1  # a task gave up, or did not finish its stream in time: the run did not do all it was asked
+    if failed_sources:
+        say(f"failed: source{'s' * (len(failed_sources) > 1)} {', '.join(map(repr, failed_sources))}")
+    if any(s.failed for s in slots) or cut_off or failed_sources:
+        return 1  # a task or a source gave up, or a task did not finish its stream in time: not all was done
     if finished:
         return 0
     return 0 if code in (0, None) else 1
 
 
-def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], say: Any) -> bool:
+def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], say: Any,
+           failed: dict[str, str] | None = None) -> bool:
     """After the stop (at ``stop``), while the workers finish their streams: name each one that finished, one
     that exited otherwise (a crash on its last chunks), and one still busy after its task's ``stop_timeout``,
     which is stopped then (between two chunks) with the stream index it had processed to (said once it has
@@ -386,7 +404,8 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
             absent = _never_appeared(address, {s.task.stream for s in pending if id(s) not in stopping})
             for slot in [s for s in pending if s.task.stream in absent and id(s) not in stopping]:
                 pending.remove(slot)
-                say(f"task {slot.name} stopped: its stream {slot.task.stream!r} never appeared")
+                why = "its source failed" if slot.task.stream in (failed or {}) else "never appeared"
+                say(f"task {slot.name} stopped: its stream {slot.task.stream!r} {why}")
                 _stop_worker(slot.proc)
         for slot in list(pending):
             late = now >= stop + slot.task.stop_timeout
@@ -487,12 +506,9 @@ def _gone_line(slot: _Slot) -> str:
             f"{slot.missed_end} to its end, if any, were not processed")  # fmt: skip
 
 
-def _check_evicted(slots: list[_Slot], address: str, lease_timeout: float, now: float, say: Any) -> None:
+def _check_evicted(slots: list[_Slot], status: dict[str, Any], lease_timeout: float, now: float, say: Any) -> None:
     """A live worker that the broker no longer lists (evicted: stuck past its lease) is killed and restarted."""
-    try:
-        present = _subscribed_labels(address)
-    except Exception:  # the broker is busy or stopping; look again next time
-        return
+    present = _subscribed_labels(status)
     for slot in slots:
         if slot.proc is None or not slot.proc.is_alive():
             continue

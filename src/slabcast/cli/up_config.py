@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client._pubargs import DEFAULT_CHUNK_LIMIT, DEFAULT_NSLABS, DEFAULT_SLAB_BYTES, history_nslabs, pool_layout
-from ..core.geometry import Geometry
+from ..core.geometry import RING_BYTES, Geometry
 from ..wire.address import normalize
 
 __all__ = ["Config", "ConfigError", "Task", "load_config", "resolve"]
@@ -363,11 +363,12 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
             raise ConfigError(f"{where}: 'history' (seconds) needs a stream with a rate")
         pool["nslabs"] = history_nslabs(history, info.rate, sample, frames)
     nslabs = int(pool.setdefault("nslabs", _DEFAULT_NSLABS))
-    # What the segment commits: its header, each slab's frames and carried room, and their times if kept.
+    # What the segment commits: its header, each slab's frames and carried room, their times if kept, and the ring
+    # describing the frames (4 MiB: an operator's up said a config fit that did not by 4 MiB a stream).
     geometry = Geometry(nslabs, slab, sample, limit, bool(getattr(info, "timestamps", False)))
     per_slab = frames + carried
     times = 8 * (per_slab // sample) * nslabs if geometry.timestamps else 0
-    return geometry.header_bytes + per_slab * nslabs + times
+    return geometry.header_bytes + per_slab * nslabs + times + RING_BYTES
 
 
 def _check_shm(path: str, needed: int, shm_dir: str = _SHM) -> None:
