@@ -334,3 +334,32 @@ def test_a_stream_with_nan_samples_does_not_stop_the_page(broker, stream_name):
         sensor.close()
 
 
+
+
+@needs_browser
+def test_a_stream_held_back_says_so_on_its_panel(broker, stream_name):
+    # An operator: a stream whose publisher a stopped block task held back showed LIVE, its last observed rate and
+    # "waiting for data", while `status` said "held back 10.0 s by task:rec#0".
+    pub = slabcast.Publisher(stream_name, "int32", rate=1000.0, slab_bytes=8192, nslabs=2, max_chunk_bytes=4096,
+                             timeout=60, address=broker.address)  # fmt: skip
+    slow = slabcast.Subscriber(stream_name, size=256, clip=True, address=broker.address, label="slow-one")
+    stop = threading.Event()
+
+    def write() -> None:
+        with contextlib.suppress(slabcast.SlabcastError):
+            while not stop.is_set():
+                pub.write(np.zeros(256, dtype=np.int32))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        with view_server("--address", broker.address) as (url, _proc), browser_page(url) as page:
+            fig = page.locator(f'section.panel[data-name="{stream_name}"] [data-key="held back"]')
+            fig.wait_for(timeout=TIMEOUT_MS)
+            assert re.fullmatch(r"held back \d+\.\d s \(no free slab\) by slow-one", fig.inner_text()), fig.inner_text()
+            assert "bad" in fig.get_attribute("class")
+    finally:
+        stop.set()
+        slow.close()  # (the writer goes on, then stops)
+        writer.join(30)
+        pub.close()

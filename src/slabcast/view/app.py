@@ -121,6 +121,7 @@ class Hub:
         self.failed: dict[str, str] = {}  # the last error drawing each stream (logged once per message)
         self.listed: list[dict[str, Any]] = []
         self.broker: dict[str, Any] | None = None
+        self.sources: dict[str, dict[str, Any]] = {}  # hosted sources by stream name, as the last status said
         self.error: str | None = None
         self.version = 0
         self.changed = asyncio.Condition()
@@ -153,6 +154,7 @@ class Hub:
             self.error = None
             keys = ("pid", "version", "address", "tcp_address", "uptime", "clients")
             self.broker = {k: status.get(k) for k in keys}
+            self.sources = {src["name"]: src for src in status.get("sources", ())}
             self.listed = self.streams.update(status, time.time())
         await self._sync_windows()
 
@@ -166,8 +168,10 @@ class Hub:
             except TypeError:
                 audio = False
             subscribers = [{**u, "ours": u.get("pid") == self._pid} for u in s.get("subscribers", [])]
+            # (its hosted source's state and last sample's age: a stalled stream says so, as `slabcast status` does)
             streams.append({**s, "subscribers": subscribers, "audio": audio, "markers": _is_markers(s),
-                            "view_error": entry.error if entry else None})  # fmt: skip
+                            "view_error": entry.error if entry else None,
+                            "source": self.sources.get(s["name"])})  # fmt: skip
         msg: dict[str, Any] = _jsonable({"type": "status", "broker": self.broker, "error": self.error,
                                          "streams": streams, "time": time.time()})  # fmt: skip
         return msg

@@ -417,17 +417,27 @@
     const figs = [
       ["dtype", `${s.dtype} × ${s.channels}`],
       ["rate", s.rate ? `${s.rate} Hz` : "no rate"],
-      ["observed", st.observed_rate ? `${Math.round(st.observed_rate)}/s` : "–"],
+      // (the statistics' window is stream time: it stands still when nothing comes, so a stall says so instead)
+      ["observed", s.source && s.source.last_sample_age > 1 && !s.ended
+        ? `none for ${s.source.last_sample_age.toFixed(1)} s`
+        : st.observed_rate ? `${Math.round(st.observed_rate)}/s` : "–"],
       ["samples", String(s.samples)],
       ["frames", String(s.frames)],
       ["slabs free", `${s.slabs_free}/${s.slabs}`],
       ["view drops", String(viewDrops)],
       ["drops (all subscribers)", String(allDrops)],
     ];
+    const pub = s.publisher;
+    if (pub && pub.held_back_s != null && !s.ended) {
+      figs.push(["held back", `${pub.held_back_s.toFixed(1)} s (no free slab) by ${pub.held_back_by}`]);
+    }
+    if (s.source && !["running", "ended"].includes(s.source.state)) figs.push(["source", s.source.state]);
     for (const [k, v] of figs) {
       const f = el("span", "fig", `${k} ${v}`);
       f.dataset.key = k;
       if ((k === "view drops" || k.startsWith("drops")) && v !== "0") f.classList.add("bad");
+      if (k === "held back" || (k === "observed" && v.startsWith("none")) ||
+          (k === "source" && ["blocked", "failed"].includes(v))) f.classList.add("bad");
       p.head.append(f);
     }
     if (s.view_error) {
