@@ -136,3 +136,9 @@ def test_an_ended_streams_status_row_keeps_each_subscriber_as_it_left(broker, st
             break
         time.sleep(0.05)  # (the broker's status is where it shows)
     assert readers == [("reader", 100, 10, 0), ("reader", 250, 4, 0)], readers
+    # And in the text of `slabcast status` (an operator saw them only in --json).
+    text = subprocess.run([sys.executable, "-m", "slabcast", "status", "--address", broker.address],
+                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    ended = text[text.index(f"stream {stream_name}: ended"):]
+    assert "reader pid" in ended and "size 100 clip=True policy=block delivered 10 dropped 0" in ended, text
+    assert "size 250 clip=True policy=block delivered 4 dropped 0" in ended, text

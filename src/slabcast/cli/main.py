@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .._exceptions import SlabcastError
 from .._version import __version__
@@ -221,18 +222,23 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"      {name}: mean {st['mean'][i]:.6g} std {st['std'][i]:.6g} "
                       f"min {st['min'][i]:.6g} max {st['max'][i]:.6g} ptp {st['ptp'][i]:.6g}")  # fmt: skip
         for u in s["subscribers"]:
-            seconds = u.get("lag_seconds")
-            lag = f"lag {u['lag_samples']} samples" + ("" if seconds is None else f" ({seconds:.3g} s)")
-            print(
-                f"    {u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
-                f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']} {lag}"
-            )
+            print(f"    {_subscriber_line(u)}")
     for s in status.get("ended_streams", []):
         print(f"  stream {s['name']}: ended ({s['end']}) {s['ended_ago']:.1f} s ago after {s['samples']} samples "
               f"in {s['frames']} frames")  # fmt: skip
+        for u in s.get("subscribers", []):  # (as each left: an operator saw them only in --json)
+            print(f"    {_subscriber_line(u)}")
     for d in status.get("departed", []):  # (the broker's log said so; the status did not: a newcomer's kill -9)
         print(f"  {departed_line(d)}")
     return 0
+
+
+def _subscriber_line(u: dict[str, Any]) -> str:
+    """One subscriber of a status row, as `slabcast status` prints it."""
+    seconds = u.get("lag_seconds")
+    lag = f"lag {u['lag_samples']} samples" + ("" if seconds is None else f" ({seconds:.3g} s)")
+    return (f"{u['label']} pid {u['pid']}: size {u['size']} clip={u['clip']} policy={u['policy']} "
+            f"delivered {u['delivered']} dropped {u['dropped']} leases {u['leases']} {lag}")  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:
