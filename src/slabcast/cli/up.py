@@ -308,7 +308,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
                 finished = True
                 break
             if broker.process is not None and broker.process.poll() is not None:
-                say(f"the broker exited with code {broker.process.returncode}; stopping")
+                say(f"the broker exited with code {broker.process.returncode}")  # ("stopping" follows)
                 broker_died = True
                 break
             if now >= next_status:
