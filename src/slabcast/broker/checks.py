@@ -206,5 +206,6 @@ class DescriptorGuard:
             f"the broker (pid {self.pid}) cannot take another client: {used} of its {self.limit} descriptors "
             f"are in use (its open-file limit, RLIMIT_NOFILE; {self.headroom} are kept free so that it never "
             f"runs out) with {clients} clients; raise the limit where the broker starts: LimitNOFILE=N in its "
-            f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker`",
+            f"systemd unit, or `ulimit -n N` (and the hard limit) in the shell that starts `slabcast broker` "
+            f"(or `slabcast up`)",
         )
