@@ -334,8 +334,6 @@ def test_a_stream_with_nan_samples_does_not_stop_the_page(broker, stream_name):
         sensor.close()
 
 
-
-
 @needs_browser
 def test_a_stream_held_back_says_so_on_its_panel(broker, stream_name):
     # An operator: a stream whose publisher a stopped block task held back showed LIVE, its last observed rate and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slabcast.core.geometry import GEN_OFFSET, Geometry, copy_carry, header_bytes
+from slabcast.core.geometry import GEN_OFFSET, RING_BYTES, Geometry, copy_carry, header_bytes
 from slabcast.core.ring import DESCRIPTOR_BYTES, RING_SLOTS
 
 
@@ -67,4 +67,4 @@ def test_ups_sizing_counts_the_header_the_broker_makes(nslabs):
 
     pool = {"nslabs": nslabs}
     got = _size_pool("c.toml", "s", Info(), pool, [])
-    assert (got - header_bytes(nslabs)) % nslabs == 0, (got, header_bytes(nslabs))
+    assert (got - header_bytes(nslabs) - RING_BYTES) % nslabs == 0, (got, header_bytes(nslabs))  # (and the ring)

@@ -31,7 +31,7 @@ def test_the_pool_is_sized_from_the_largest_chunk_and_the_history(tmp_path):
     assert int(opts["nslabs"]) == 9
     # /dev/shm: each slab's frames and the 10 s chunk it may carry, the header and the ring of descriptors (4 MiB and a page:
     # an operator's up said a config of three streams fit /dev/shm when it lacked 11 MiB).
-    assert config.shm_bytes == 9 * ((2 << 20) + chunk) + 4096 + RING_BYTES
+    assert config.shm_bytes == 9 * ((2 << 20) + -(-chunk // 4096) * 4096) + 4096 + RING_BYTES  # (carried: pages)
 
     huge = tmp_path / "huge.toml"  # 400 s of 48 kHz stereo float32 (153.6 MB) is past that
     huge.write_text(cfg.read_text().replace("seconds = 10.0", "seconds = 400.0"))

@@ -72,12 +72,14 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     if directory and directory not in sys.path:
         sys.path.insert(0, directory)
 
+    importing = [True]  # the task's module is imported: a stop meanwhile is acted on once it is done
     subscribed = [False]  # the subscriber is made: a stop only asks from then on
     stopped = [False]
 
     def stop(*_: Any) -> None:
         stopped[0] = True  # seen between two chunks, or by a wait within _STOP_LOOK: never inside the callback (a file
-        if not subscribed[0]:  # half written) nor the client's recv (a multipart message half read)
+        if not subscribed[0] and not importing[0]:  # half written), the client's recv (a multipart message half
+            # read) nor the task's import (which may start programs: they inherit no blocked signal of ours).
             # Still in Subscriber(), waiting for the stream to appear (as long as it takes): raised there (the
             # constructor cleans up after itself; nothing of the task's is lost), or just after it returned (its
             # __del__ closes it then).
@@ -89,9 +91,12 @@ def task_main(task: Task, address: str, index: int, reached: int | None = None, 
     signal.signal(signal.SIGINT, _dropped)
     signal.signal(signal.SIGTERM, _dropped)
     signal.signal(_STOP_WORKER, stop)
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fn = resolve(task.call)  # (the signals still blocked: a stop never lands inside the task's import)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fn = resolve(task.call)
+    importing[0] = False
+    if stopped[0]:
+        raise SystemExit(_STOPPED)  # (stopped while it imported)
     # The broker holds the subscription until the stream exists: a worker may start first.  Not a restarted
     # worker of a finite stream: it was there, and once gone it has ended.
     try:
@@ -219,9 +224,9 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
     """Run the system described by the config at ``path`` until SIGINT/SIGTERM, or until every task is done.
 
     Returns the exit code: 0 after a clean stop or when every worker finished its
-    stream; 1 if the broker failed, a task gave up (``max_failures``), or a worker
-    did not finish its stream after the stop (its ``stop_timeout``, or a crash;
-    not after a second Ctrl-C).
+    stream; 1 if the broker failed, a task gave up (``max_failures``), a hosted
+    source failed, or a worker did not finish its stream after the stop (its
+    ``stop_timeout``, or a crash; not after a second Ctrl-C).
     """
     config = load_config(path)
 
@@ -247,6 +252,12 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
 
     old = [signal.signal(signal.SIGTERM, count), signal.signal(signal.SIGINT, count)]
     ctx = mp.get_context("spawn")
+    # Spawn's resource tracker started now, not inside the first worker's start(): its launch unblocks SIGINT and
+    # SIGTERM in this thread, undoing the block a worker must start under (a reviewer: the first worker died of a
+    # group Ctrl-C in its import).
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     slots = [_Slot(t, i) for t in config.tasks for i in range(t.workers)]
     args = (*config.broker_args, "--sigterm-ends-sources")  # (stopped with SIGINT: see below)
     if "--log-level" not in args:

@@ -366,8 +366,8 @@ def _size_pool(path: str, name: str, info: Any, pool: dict[str, Any], tasks: lis
     # What the segment commits: its header, each slab's frames and carried room, their times if kept, and the ring
     # describing the frames (4 MiB: an operator's up said a config fit that did not by 4 MiB a stream).
     geometry = Geometry(nslabs, slab, sample, limit, bool(getattr(info, "timestamps", False)))
-    per_slab = frames + carried
-    times = 8 * (per_slab // sample) * nslabs if geometry.timestamps else 0
+    per_slab = frames + _round_up(carried, 4096)  # (the carried room is committed in whole pages)
+    times = 8 * ((frames + carried) // sample) * nslabs if geometry.timestamps else 0
     return geometry.header_bytes + per_slab * nslabs + times + RING_BYTES
 
 

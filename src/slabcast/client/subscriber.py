@@ -132,8 +132,8 @@ class Subscriber:
         Seconds to spin on the position before sleeping (``"doorbell"`` and ``"futex"``;
         0 to 0.01): a frame within that time is taken without a wake-up, at the cost of
         that much CPU per wait.
-    reconnect : bool or float
-        When the broker goes away, wait up to this many seconds (``True``: 60)
+    reconnect : bool or float or None
+        When the broker goes away, wait up to this many seconds (``True``: 60; ``False``, 0 or None: not)
         for a broker at the same address with this stream and subscribe again
         with the same settings.  The first chunk after that has
         ``discontinuity`` set; ``seq`` and ``index`` restart with the new broker.
@@ -166,7 +166,7 @@ class Subscriber:
         address: str | None = None,
         curve: tuple[str, str] | None = None,
         timeout: float = 10.0,
-        reconnect: bool | float = False,
+        reconnect: bool | float | None = False,
         wait: float | None = None,
         ready: Callable[[], Any] | None = None,
         label: str | None = None,

@@ -406,6 +406,13 @@
     }
   }
 
+  function stalled(s) {
+    const src = s.source;
+    if (!src || s.ended || !s.rate || src.last_sample_age == null) return false;
+    const spacing = s.frames ? s.samples / s.frames / s.rate : 0;
+    return src.last_sample_age > Math.max(1, 2 * spacing);
+  }
+
   function renderPanelStatus(p, s) {
     p.el.classList.toggle("ended", !!s.ended);
     const st = s.statistics || {};
@@ -418,8 +425,8 @@
       ["dtype", `${s.dtype} × ${s.channels}`],
       ["rate", s.rate ? `${s.rate} Hz` : "no rate"],
       // (the statistics' window is stream time: it stands still when nothing comes, so a stall says so instead)
-      ["observed", s.source && s.source.last_sample_age > 1 && !s.ended
-        ? `none for ${s.source.last_sample_age.toFixed(1)} s`
+      // (past twice its frames' spacing, and a second: a slow source's frames are far apart; none for markers)
+      ["observed", stalled(s) ? `none for ${s.source.last_sample_age.toFixed(1)} s`
         : st.observed_rate ? `${Math.round(st.observed_rate)}/s` : "–"],
       ["samples", String(s.samples)],
       ["frames", String(s.frames)],
@@ -436,8 +443,7 @@
       const f = el("span", "fig", `${k} ${v}`);
       f.dataset.key = k;
       if ((k === "view drops" || k.startsWith("drops")) && v !== "0") f.classList.add("bad");
-      if (k === "held back" || (k === "observed" && v.startsWith("none")) ||
-          (k === "source" && ["blocked", "failed"].includes(v))) f.classList.add("bad");
+      if (k === "held back" || k === "source" || (k === "observed" && v.startsWith("none"))) f.classList.add("bad");
       p.head.append(f);
     }
     if (s.view_error) {
