@@ -85,7 +85,7 @@ def test_a_pool_that_does_not_fit_dev_shm_is_refused_with_how_to_fix_it(tmp_path
     result = subprocess.run([sys.executable, "-m", "slabcast", "up", str(cfg)], capture_output=True, text=True,
                             timeout=30)  # fmt: skip
     assert result.returncode == 2
-    assert "need 4194305 MiB of /dev/shm" in result.stderr and "docker run --shm-size=" in result.stderr
+    assert "need 4194309 MiB of /dev/shm" in result.stderr and "docker run --shm-size=" in result.stderr  # (and the ring)
 
 
 def test_a_restarted_lossless_task_is_told_what_it_missed(tmp_path):
