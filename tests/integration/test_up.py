@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -609,3 +610,38 @@ def test_a_worker_is_never_stopped_inside_its_clients_recv(broker, stream_name, 
         proc.stdout.close()
     assert set((tmp_path / "tally.txt.close").read_text().split()) == {"clean"}  # (closed by with, then __del__)
     assert out.read_text().splitlines()[0] == "0 80 0"
+
+
+def test_a_task_imported_at_start_runs_programs_with_no_signal_blocked_and_a_stop_meanwhile_waits_for_it(
+        broker, stream_name, tmp_path):  # fmt: skip
+    # A reviewer: a worker that unblocked its signals only after the task's import gave the programs the import
+    # started SIGINT and SIGTERM blocked (a helper outlived `systemctl stop` until SIGKILL). A stop that comes
+    # during the import is acted on once the import is done: exit 143, no traceback of the import.
+    (tmp_path / "slowimport.py").write_text(textwrap.dedent(f"""
+        import pathlib, subprocess, time
+        blocked = subprocess.run(["grep", "SigBlk", "/proc/self/status"], capture_output=True, text=True).stdout
+        pathlib.Path({str(tmp_path / "blocked.txt")!r}).write_text(blocked)
+        pathlib.Path({str(tmp_path / "importing")!r}).touch()
+        time.sleep(1.0)  # (the stop comes meanwhile)
+
+        def task(chunk):
+            pass
+    """))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.integration.workers import "
+                             "task_main_as_up_starts_it as f; f(*sys.argv[1:])", broker.address, stream_name,
+                             "slowimport:task", str(tmp_path)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "importing").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the task's module was never imported"
+            time.sleep(0.02)  # (the file is the import's own signal that it runs)
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(20) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err = proc.stderr.read()
+        proc.stderr.close()
+    assert "Traceback" not in err, err
+    assert re.fullmatch(r"SigBlk:\s+0+\n", (tmp_path / "blocked.txt").read_text()), (tmp_path / "blocked.txt").read_text()

@@ -303,3 +303,15 @@ def task_in_a_slow_client(address: str, stream: str, out: str) -> None:
     task = Task(name="slow", call="tests.integration.workers:tally", stream=stream, size=80, clip=True,
                 options={"out": out})
     task_main(task, address, 0)
+
+
+def task_main_as_up_starts_it(address: str, stream: str, call: str, directory: str) -> None:
+    """`up`'s worker body (task_main) for ``call`` (imported from ``directory``), started as `up` starts a worker: with
+    SIGINT, SIGTERM and its stop signal blocked until task_main's handlers."""
+    import signal
+
+    from slabcast.cli.up import _WORKER_SIGNALS, task_main
+    from slabcast.cli.up_config import Task
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    task_main(Task(name="imp", call=call, stream=stream, size=80), address, 0, directory=directory)
