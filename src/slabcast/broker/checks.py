@@ -61,18 +61,12 @@ class OpenRequest(NamedTuple):
     meta: dict[str, Any]
 
 
-def _short(value: Any) -> str:
-    """``repr(value)``, cut to 60 characters: an error answer never echoes a large field back."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_hello(msg: tuple[Any, ...]) -> M.Hello:
     """Decode a HELLO from its unpacked array: the version first (a later version may send more fields)."""
     if len(msg) < 2:
         raise ProtocolError(f"HELLO must start [HELLO, version, ...], got {len(msg) - 1} fields")
     if type(msg[1]) is not int:
-        raise ProtocolError(f"HELLO field 1 (version) must be an integer, got {_short(msg[1])} "
+        raise ProtocolError(f"HELLO field 1 (version) must be an integer, got {P.brief(msg[1])} "
                             f"(a {type(msg[1]).__name__})")  # fmt: skip
     if msg[1] != P.VERSION and msg[1] not in P.LEGACY_VERSIONS:
         raise Refused(
@@ -162,7 +156,7 @@ def check_subscribe(msg: M.Subscribe, remote: bool) -> None:
     for i, v in enumerate(values):  # (the first bad one named, not the whole array echoed: it may be megabytes)
         if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= P.MAX_SAMPLER_SECONDS):
             raise Refused(P.ERR_BAD_REQUEST, f"sampler values must be numbers in 0..{P.MAX_SAMPLER_SECONDS:g} s, "
-                                             f"got {_short(v)} (value {i} of {len(values)})")  # fmt: skip
+                                             f"got {P.brief(v)} (value {i} of {len(values)})")  # fmt: skip
 
 
 class DescriptorGuard:

@@ -390,7 +390,7 @@ def run_up(path: str, output: Any = print, log_level: str = "WARNING") -> int:
 
 
 def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], say: Any,
-           failed: dict[str, str] | None = None) -> bool:
+           failed: dict[str, str]) -> bool:
     """After the stop (at ``stop``), while the workers finish their streams: name each one that finished, one
     that exited otherwise (a crash on its last chunks), and one still busy after its task's ``stop_timeout``,
     which is stopped then (between two chunks) with the stream index it had processed to (said once it has
@@ -415,7 +415,7 @@ def _drain(slots: list[_Slot], address: str, stop: float, signals: list[int], sa
             absent = _never_appeared(address, {s.task.stream for s in pending if id(s) not in stopping})
             for slot in [s for s in pending if s.task.stream in absent and id(s) not in stopping]:
                 pending.remove(slot)
-                why = "its source failed" if slot.task.stream in (failed or {}) else "never appeared"
+                why = "its source failed" if slot.task.stream in failed else "never appeared"
                 say(f"task {slot.name} stopped: its stream {slot.task.stream!r} {why}")
                 _stop_worker(slot.proc)
         for slot in list(pending):

@@ -26,6 +26,7 @@ from ..core.rechunk import Rechunker
 from ..wire import messages as M
 from ..wire import protocol as P
 from ._leases import Leases
+from ._subargs import pause_error
 from .chunk import Chunk
 from .connection import Connection
 
@@ -287,9 +288,8 @@ class Cutting:
         except Exception as exc:
             self._sampler_error = exc
             return 0.0
-        if not 0 <= value <= P.MAX_SAMPLER_SECONDS:
-            self._sampler_error = ValueError(
-                f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({self._where})"
-            )
+        error = pause_error(value, self._where)
+        if error is not None:
+            self._sampler_error = error
             return 0.0
         return value

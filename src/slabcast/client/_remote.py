@@ -21,6 +21,7 @@ from .._exceptions import BrokerGoneError, ProtocolError, SlabcastError
 from .._info import StreamInfo
 from ..wire import messages as M
 from ..wire import protocol as P
+from ._subargs import pause_error
 from ._transport import Counts
 from .chunk import Chunk
 from .connection import Connection, error_for, unexpected
@@ -40,8 +41,9 @@ def pauses(sampler: Callable[[], float], n: int, where: str) -> tuple[float, ...
     drawn = []
     for _ in range(n):
         value = float(sampler())
-        if not 0 <= value <= P.MAX_SAMPLER_SECONDS:  # (as a local subscriber's: NaN and inf too)
-            raise ValueError(f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({where})")
+        error = pause_error(value, where)  # (as a local subscriber's: NaN and inf too)
+        if error is not None:
+            raise error
         drawn.append(value)
     return tuple(drawn)
 

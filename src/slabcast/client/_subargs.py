@@ -12,7 +12,7 @@ import numpy as np
 from ..core.rechunk import check_sampler, check_size, is_real
 from ..wire import protocol as P
 
-__all__ = ["SubscribeArgs", "check_waits", "recv_timeout", "subscribe_args"]
+__all__ = ["SubscribeArgs", "check_waits", "pause_error", "recv_timeout", "subscribe_args"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ def check_waits(timeout: Any, wait: Any) -> tuple[float, float]:
     if not is_real(wait) or not 0 <= wait < math.inf:
         raise ValueError(f"wait must be a finite number of seconds >= 0 or None, got {wait!r}")
     return float(timeout), float(wait)
+
+
+def pause_error(value: float, where: str) -> ValueError | None:
+    """The error for a pause a callable sampler returned (seconds), or None when it is one (0..MAX_SAMPLER_SECONDS;
+    NaN and inf are not)."""
+    if 0 <= value <= P.MAX_SAMPLER_SECONDS:
+        return None
+    return ValueError(f"sampler must return seconds in 0..{P.MAX_SAMPLER_SECONDS:g}, got {value!r} ({where})")
 
 
 def recv_timeout(timeout: Any) -> float | None:
